@@ -1,0 +1,68 @@
+"""Embedded data shipped with the package: tokenizers and text corpora (see assets/NOTICE.md)."""
+
+from __future__ import annotations
+
+import lzma
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_PREFIX = "embedded:"
+SHIPPED_TOKENIZERS = ("gpt2", "gpt-neox-20b")
+EMBEDDED_DOMAINS = ("general", "biomed", "law")
+SPLITS = ("train", "valid", "test")
+
+
+def load_tokenizer(name_or_path: str):
+    """A Hugging Face tokenizer from a local directory, a shipped name (gpt2, gpt-neox-20b), or the hub."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path)
+    if path.exists():
+        return AutoTokenizer.from_pretrained(str(path))
+    if name_or_path in SHIPPED_TOKENIZERS:
+        return AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / name_or_path))
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as err:  # hub errors vary by version; name what the user can do instead
+        raise ValueError(
+            f"cannot load tokenizer {name_or_path!r}: it is neither a directory, a shipped tokenizer "
+            f"{SHIPPED_TOKENIZERS}, nor reachable on the Hugging Face hub ({err})."
+        ) from err
+
+
+def embedded_text(domain: str, split: str) -> Path:
+    path = ASSETS / "corpora" / domain / f"{split}.txt.xz"
+    if not path.is_file():
+        raise ValueError(f"no embedded corpus {domain}/{split}; choose a domain in {EMBEDDED_DOMAINS} and split in {SPLITS}.")
+    return path
+
+
+def resolve_text(spec: str | Path) -> Path:
+    """A text path, or ``embedded:<domain>/<split>`` for a shipped corpus."""
+    spec = str(spec)
+    if spec.startswith(EMBEDDED_PREFIX):
+        domain, _, split = spec[len(EMBEDDED_PREFIX):].partition("/")
+        return embedded_text(domain, split)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist (use a path or embedded:<domain>/<split>).")
+    return path
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if path.suffix == ".xz":
+        with lzma.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8")
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents are separated by blank lines; surrounding whitespace is dropped, empty ones skipped."""
+    text = read_text(path).replace("\r\n", "\n")
+    docs = []
+    for block in text.split("\n\n"):
+        block = block.strip("\n")
+        if block.strip():
+            docs.append(block)
+    return docs
