@@ -1,0 +1,262 @@
+"""Build a kNN-LM datastore: a base LM's hidden state (key) and the next token (value) for every position.
+
+Entry ``i`` is position ``i`` of the corpus. Keys are computed over sliding windows so every entry has at
+least ``window - stride + 1`` tokens of context; batches of windows are the resumable chunks, spread over
+devices by :mod:`lightning_memdec.sharded`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from numpy.lib.format import open_memmap
+
+from lightning_memdec.artifacts import (
+    ArtifactError,
+    base_meta,
+    check_same_tokenizer,
+    open_checked,
+    publish,
+    read_meta,
+    start_work_dir,
+    tokenizer_info,
+)
+from lightning_memdec.corpus import Corpus, position_windows
+from lightning_memdec.keys import KeyCapture, body, load_causal_lm, load_model_tokenizer
+from lightning_memdec.sharded import chunk_loader, mark_done, progress_dir, run_sharded_predict
+
+KEYS = "keys.npy"
+VALUES = "values.npy"
+
+
+class Datastore:
+    """A finished datastore directory: ``keys.npy`` [N, d] fp16, ``values.npy`` [N] int32, ``meta.json``."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.meta = read_meta(self.dir, kind="datastore")
+        n, d = self.meta["num_entries"], self.meta["dim"]
+        self.keys = open_checked(self.dir, KEYS, (n, d), "float16")
+        self.values = open_checked(self.dir, VALUES, (n,), "int32")
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.meta["tokenizer"]
+
+    @property
+    def dim(self) -> int:
+        return self.meta["dim"]
+
+    def __len__(self) -> int:
+        return self.meta["num_entries"]
+
+    def identity(self) -> dict:
+        """What makes two datastores the same entries: corpus content, model and key layer."""
+        return {k: self.meta[k] for k in ("corpus_sha256", "model", "layer", "window", "stride", "num_entries")}
+
+
+class KeyExtractor(L.LightningModule):
+    """Runs the base LM body over batches of windows and returns the hooked layer's output."""
+
+    def __init__(self, model: str, layer: str | None, corpus_dir: str, window: int, stride: int, batch_windows: int, work: str):
+        super().__init__()
+        self.model_path, self.layer_path = model, layer
+        self.corpus_dir, self.work = corpus_dir, Path(work)
+        self.window, self.stride, self.batch_windows = window, stride, batch_windows
+        self.lm = None
+
+    def configure_model(self) -> None:
+        if self.lm is None:
+            self.lm = load_causal_lm(self.model_path).eval()
+            self.capture = KeyCapture(self.lm, self.layer_path)
+
+    @torch.inference_mode()
+    def key_dim(self) -> int:
+        """Width of the hooked layer's output, from a two-token forward pass."""
+        with self.capture.capturing() as cap:
+            body(self.lm)(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device), use_cache=False)
+        return int(cap.value.shape[-1])
+
+    def predict_dataloader(self):
+        corpus = Corpus(self.corpus_dir)
+        windows = position_windows(corpus.num_positions, self.window, self.stride)
+        num_chunks = -(-len(windows) // self.batch_windows)
+
+        def make_item(chunk: int) -> dict:
+            sel = slice(chunk * self.batch_windows, (chunk + 1) * self.batch_windows)
+            starts = windows.starts[sel]
+            ids = np.stack([corpus.window_ids(s, self.window) for s in starts])
+            return {"input_ids": torch.from_numpy(ids), "starts": torch.from_numpy(starts), "score_from": torch.from_numpy(windows.score_from[sel])}
+
+        return chunk_loader(self, num_chunks, self.work, make_item)
+
+    @torch.inference_mode()
+    def predict_step(self, batch, batch_idx):
+        with self.capture.capturing() as cap:
+            body(self.lm)(input_ids=batch["input_ids"], use_cache=False)
+        batch["keys"] = cap.value.to(torch.float16).cpu().numpy()
+        return batch
+
+
+class KeyWriter(BasePredictionWriter):
+    """Writes each chunk's scored keys at their global positions of a shared memmap, then marks it done."""
+
+    def __init__(self, work: Path, num_entries: int):
+        super().__init__(write_interval="batch")
+        self.work, self.num_entries = work, num_entries
+        self.keys = None
+
+    def on_predict_start(self, trainer, pl_module):
+        path = self.work / KEYS
+        if trainer.is_global_zero and not path.exists():
+            tmp = self.work / ("tmp-" + KEYS)
+            shape = (self.num_entries, pl_module.key_dim())
+            open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()
+            tmp.rename(path)
+        trainer.strategy.barrier()
+        self.keys = open_memmap(path, mode="r+")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        keys = prediction["keys"]
+        for row, (start, score_from) in enumerate(zip(prediction["starts"].tolist(), prediction["score_from"].tolist())):
+            first = start + score_from
+            self.keys[first : first + keys.shape[1] - score_from] = keys[row, score_from:]
+        self.keys.flush()
+        mark_done(self.work, int(prediction["chunk"]))
+
+
+def build_datastore(
+    corpus: Path,
+    model: str,
+    out: Path,
+    layer: str | None = None,
+    window: int = 1024,
+    stride: int = 512,
+    batch_windows: int = 8,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    overwrite: bool = False,
+    callbacks: Sequence[L.Callback] = (),
+) -> Path:
+    """Run a base causal LM over a corpus and store (key, next token) for every position.
+
+    Args:
+        corpus: corpus directory from `memdec tokenize`.
+        model: base causal LM, Hugging Face name or local directory.
+        out: output datastore directory.
+        layer: module path whose output is the key (integers index layer lists, -1 = last); default:
+            the input of the last block's MLP for GPT-2, GPT-NeoX, Llama, Qwen2/3 and Mistral.
+        window: tokens per window (context length).
+        stride: new positions per window; each position gets >= window - stride + 1 tokens of context.
+        batch_windows: windows per forward pass; also the resumable chunk size.
+        accelerator: Lightning accelerator (cpu, gpu, auto).
+        devices: devices per node.
+        strategy: Lightning strategy (e.g. ddp for several devices).
+        num_nodes: nodes.
+        overwrite: replace an existing output / discard an unfinished run with other settings.
+    """
+    data = Corpus(corpus)
+    lm_config = _model_config(model)
+    layer = layer or _default_layer_for(lm_config, model)
+    _check_model_vocab(data, model, lm_config)
+    _check_layer(lm_config, layer)
+    windows = position_windows(data.num_positions, window, stride)
+    run_config = {
+        "corpus": data.meta["content_sha256"],
+        "model": str(model),
+        "layer": layer,
+        "window": window,
+        "stride": stride,
+        "batch_windows": batch_windows,
+    }
+    work = start_work_dir(out, run_config, overwrite)
+    extractor = KeyExtractor(str(model), layer, str(corpus), window, stride, batch_windows, str(work))
+    writer = KeyWriter(work, data.num_positions)
+    trainer = run_sharded_predict(extractor, writer, accelerator, devices, strategy, num_nodes, callbacks)
+    if not trainer.is_global_zero:
+        return Path(out)
+    num_chunks = -(-len(windows) // batch_windows)
+    missing = num_chunks - len(list(progress_dir(work).glob("*")))
+    if missing:
+        raise RuntimeError(f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume.")
+    dim = int(np.load(work / KEYS, mmap_mode="r").shape[1])
+    np.save(work / VALUES, data.next_tokens())
+    for p in progress_dir(work).iterdir():
+        p.unlink()
+    progress_dir(work).rmdir()
+    meta = base_meta(
+        "datastore",
+        model=str(model),
+        model_type=lm_config.model_type,
+        layer=layer,
+        dim=dim,
+        key_dtype="float16",
+        num_entries=data.num_positions,
+        window=window,
+        stride=stride,
+        corpus=str(Path(corpus).resolve()),
+        corpus_sha256=data.meta["content_sha256"],
+        tokenizer=data.tokenizer,
+    )
+    return publish(work, out, meta)
+
+
+def _model_config(model: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load base LM {str(model)!r}: not a model directory or hub name ({err}).") from err
+
+
+def _default_layer_for(config, model: str) -> str:
+    from lightning_memdec.keys import DEFAULT_KEY_LAYERS
+
+    if config.model_type not in DEFAULT_KEY_LAYERS:
+        raise ValueError(
+            f"no default key layer for {model!r} (model type {config.model_type!r}); pass --layer with a module path."
+        )
+    return DEFAULT_KEY_LAYERS[config.model_type]
+
+
+def _check_model_vocab(data: Corpus, model: str, config) -> None:
+    """The corpus's tokenizer must be the model's: same ids (when the model ships a tokenizer), ids in range."""
+    tok = load_model_tokenizer(model)
+    if tok is not None:
+        check_same_tokenizer(data.tokenizer, f"corpus {data.dir}", tokenizer_info(tok, str(model)), f"base LM {model}")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and vocab < data.tokenizer["vocab_size"]:
+        raise ArtifactError(
+            f"base LM {model} has a vocabulary of {vocab} ids, but corpus {data.dir} was tokenized with "
+            f"{data.tokenizer['name']} (vocab {data.tokenizer['vocab_size']}); use a base LM of that tokenizer."
+        )
+
+
+def _check_layer(config, layer: str) -> None:
+    """Resolve the layer path on a weightless (meta-device) copy, so a typo fails before any work starts."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_memdec.keys import resolve_layer
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    resolve_layer(skeleton, layer)
+
+
+def check_compatible(queries: Datastore, store: Datastore) -> None:
+    """Queries and store must share tokenizer and key space; the message names both sides."""
+    check_same_tokenizer(queries.tokenizer, f"query datastore {queries.dir}", store.tokenizer, f"datastore {store.dir}")
+    for field in ("dim", "model", "layer"):
+        if queries.meta[field] != store.meta[field]:
+            raise ArtifactError(
+                f"query datastore {queries.dir} has {field}={queries.meta[field]!r} but datastore {store.dir} has "
+                f"{field}={store.meta[field]!r}; build both with the same base LM and key layer."
+            )

@@ -1,0 +1,91 @@
+"""Resumable, multi-device chunked jobs on top of Lightning's ``Trainer.predict``.
+
+A long stage (datastore keys, kNN targets) is cut into numbered chunks whose content depends on the
+chunk number alone, never on which rank computes it or how many ranks there are, so a run on N devices,
+a run on one, and a killed-then-resumed run all produce the same bytes. Each finished chunk leaves a
+marker file in ``<work>/progress``; a resumed run (with any number of ranks) skips the marked chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+PROGRESS = "progress"
+# Chunks carry their own ids, so Lightning's batch-index bookkeeping is not needed.
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+
+
+def progress_dir(work: Path) -> Path:
+    return Path(work) / PROGRESS
+
+
+def done_chunks(work: Path) -> set[int]:
+    directory = progress_dir(work)
+    if not directory.is_dir():
+        return set()
+    return {int(name) for name in os.listdir(directory) if name.isdigit()}
+
+
+def mark_done(work: Path, chunk: int) -> None:
+    directory = progress_dir(work)
+    directory.mkdir(exist_ok=True)
+    (directory / f"{chunk:09d}").touch()
+
+
+def pending_for_rank(num_chunks: int, work: Path, rank: int, world_size: int) -> list[int]:
+    """Chunks this rank still has to do: a round-robin share of the unfinished ones."""
+    done = done_chunks(work)
+    todo = [c for c in range(num_chunks) if c not in done]
+    return todo[rank::world_size]
+
+
+class ChunkDataset(Dataset):
+    """One item per chunk; ``make_item`` builds the whole chunk (batching is the chunk itself)."""
+
+    def __init__(self, chunks: Sequence[int], make_item: Callable[[int], dict[str, Any]]):
+        self.chunks = list(chunks)
+        self.make_item = make_item
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"chunk": self.chunks[i], **self.make_item(self.chunks[i])}
+
+
+def chunk_loader(module: L.LightningModule, num_chunks: int, work: Path, make_item, num_workers: int = 0) -> DataLoader:
+    trainer = module.trainer
+    chunks = pending_for_rank(num_chunks, work, trainer.global_rank, trainer.world_size)
+    return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, shuffle=False, num_workers=num_workers)
+
+
+def run_sharded_predict(
+    module: L.LightningModule,
+    writer: L.Callback,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    callbacks: Sequence[L.Callback] = (),
+) -> L.Trainer:
+    """Run ``module`` over its chunks on the given devices; returns the trainer after all ranks finished."""
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[writer, *callbacks],
+    )
+    trainer.predict(module, return_predictions=False)
+    trainer.strategy.barrier()
+    return trainer

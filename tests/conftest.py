@@ -1,0 +1,65 @@
+"""Tiny models and real-text corpora shared by the tests (built once per session, loaded by path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def save_tiny(path: Path, arch: str = "gpt2", n_embd: int = 32, n_layer: int = 2, vocab: int = 50257,
+              tokenizer: str | None = "gpt2", seed: int = 0) -> Path:
+    """A randomly initialised causal LM built from a config and saved like a hub model."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                              LlamaConfig, LlamaForCausalLM)
+
+    from lightning_memdec.assets import load_tokenizer
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=vocab, n_positions=512))
+    elif arch == "gpt_neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=n_layer, hidden_size=n_embd, num_attention_heads=2,
+                                                 intermediate_size=2 * n_embd, vocab_size=vocab, max_position_embeddings=512))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=n_layer, hidden_size=n_embd, num_attention_heads=2,
+                                             num_key_value_heads=2, intermediate_size=2 * n_embd, vocab_size=vocab,
+                                             max_position_embeddings=512))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        load_tokenizer(tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("models") / "gpt2-tiny")
+
+
+@pytest.fixture(scope="session")
+def biomed_corpus(tmp_path_factory) -> Path:
+    from lightning_memdec.corpus import tokenize
+
+    return tokenize(["embedded:biomed/valid"], tmp_path_factory.mktemp("corpora") / "biomed", "gpt2", max_tokens=3000)
+
+
+@pytest.fixture(scope="session")
+def biomed_datastore(tmp_path_factory, biomed_corpus, tiny_gpt2) -> Path:
+    from lightning_memdec.datastore import build_datastore
+
+    out = tmp_path_factory.mktemp("stores") / "ds"
+    return build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, batch_windows=4, accelerator="cpu")
+
+
+@pytest.fixture(scope="session")
+def biomed_index(tmp_path_factory, biomed_datastore) -> Path:
+    from lightning_memdec.index import build_index
+
+    return build_index(biomed_datastore, tmp_path_factory.mktemp("indexes") / "flat", factory="Flat")

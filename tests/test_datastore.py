@@ -1,0 +1,118 @@
+import subprocess
+import sys
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_memdec.artifacts import ArtifactError, partial_dir
+from lightning_memdec.corpus import Corpus, position_windows, tokenize
+from lightning_memdec.datastore import Datastore, build_datastore
+from lightning_memdec.keys import DEFAULT_KEY_LAYERS, resolve_layer
+
+from conftest import save_tiny
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+class Interrupt(L.Callback):
+    """Simulates a kill after a chosen number of chunks."""
+
+    def __init__(self, after: int):
+        self.after, self.seen = after, 0
+
+    def on_predict_batch_end(self, *args, **kwargs):
+        self.seen += 1
+        if self.seen == self.after:
+            raise SimulatedKill(f"killed after chunk {self.seen}")
+
+
+def mlp_inputs(model_dir, arch_path, ids):
+    """The last block's MLP input, captured independently with a pre-hook on the full LM."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    seen = {}
+    mlp = resolve_layer(model, arch_path)
+    handle = mlp.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(torch.as_tensor(ids)[None])
+    handle.remove()
+    return seen["x"][0].numpy()
+
+
+def test_keys_equal_the_last_mlp_input_and_values_are_next_tokens(biomed_datastore, biomed_corpus, tiny_gpt2):
+    store, corpus = Datastore(biomed_datastore), Corpus(biomed_corpus)
+    assert len(store) == corpus.num_tokens - 1 and store.dim == 32
+    np.testing.assert_array_equal(store.values, np.asarray(corpus.tokens[1:], dtype=np.int32))
+    win = position_windows(corpus.num_positions, 64, 32)
+    for j in [0, 1, len(win) // 2, len(win) - 1]:
+        expected = mlp_inputs(tiny_gpt2, "transformer.h.-1.mlp", corpus.window_ids(win.starts[j], 64))
+        pos = win.scored_positions(j)
+        got = np.asarray(store.keys[pos], dtype=np.float32)
+        np.testing.assert_allclose(got, expected[pos - win.starts[j]], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("arch,mlp", [("gpt_neox", "gpt_neox.layers.-1.mlp"), ("llama", "model.layers.-1.mlp")])
+def test_default_layer_for_other_architectures(tmp_path, biomed_corpus, arch, mlp):
+    model = save_tiny(tmp_path / arch, arch=arch)
+    out = build_datastore(biomed_corpus, str(model), tmp_path / "ds", window=64, stride=64, batch_windows=8, accelerator="cpu")
+    store = Datastore(out)
+    assert store.meta["layer"] == DEFAULT_KEY_LAYERS[arch]
+    ids = Corpus(biomed_corpus).window_ids(0, 64)
+    np.testing.assert_allclose(np.asarray(store.keys[:64], dtype=np.float32), mlp_inputs(model, mlp, ids), rtol=2e-3, atol=2e-3)
+
+
+def test_custom_layer_path_and_unknown_layer(tmp_path, biomed_corpus, tiny_gpt2):
+    out = build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "ds", layer="transformer.h.0.ln_1",
+                          window=64, stride=64, accelerator="cpu")
+    assert Datastore(out).meta["layer"] == "transformer.h.0.ln_1"
+    with pytest.raises(ValueError, match="unknown layer path 'transformer.h.0.nope'"):
+        build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "bad", layer="transformer.h.0.nope", window=64, stride=64)
+    assert not (tmp_path / "bad").exists() and not partial_dir(tmp_path / "bad").exists()
+
+
+def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
+    out = tmp_path / "ds"
+    kwargs = dict(window=64, stride=32, batch_windows=4, accelerator="cpu")
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Interrupt(after=5)], **kwargs)
+    assert not out.exists() and partial_dir(out).exists()
+    assert len(list((partial_dir(out) / "progress").iterdir())) == 5
+    build_datastore(biomed_corpus, str(tiny_gpt2), out, **kwargs)
+    for name in ("keys.npy", "values.npy"):
+        assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()
+    assert not partial_dir(out).exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, biomed_corpus, tiny_gpt2):
+    out = tmp_path / "ds"
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, accelerator="cpu", callbacks=[Interrupt(1)])
+    with pytest.raises(ArtifactError, match="different settings"):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=16, accelerator="cpu")
+
+
+def test_tokenizer_mismatch_and_small_corpus_are_refused(tmp_path, tiny_gpt2):
+    text = tmp_path / "a.txt"
+    text.write_text("A short text about proteins and cells.\n\nAnother short one.")
+    neox = tokenize([str(text)], tmp_path / "neox", "gpt-neox-20b")
+    with pytest.raises(ArtifactError, match="gpt-neox-20b .*gpt2tiny|tokenizer gpt-neox-20b"):
+        build_datastore(neox, str(tiny_gpt2), tmp_path / "ds", window=4, stride=2)
+    small = tokenize([str(text)], tmp_path / "gpt2", "gpt2")
+    with pytest.raises(ArtifactError, match="fewer than one window"):
+        build_datastore(small, str(tiny_gpt2), tmp_path / "ds", window=64, stride=32)
+    assert not (tmp_path / "ds").exists() and not partial_dir(tmp_path / "ds").exists()
+
+
+def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "lightning_memdec", "build-datastore", "--corpus", str(biomed_corpus),
+           "--model", str(tiny_gpt2), "--out", str(out), "--window", "64", "--stride", "32", "--batch_windows", "4",
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+    for name in ("keys.npy", "values.npy"):
+        assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()
