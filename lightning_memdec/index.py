@@ -1,0 +1,141 @@
+"""FAISS indexes over datastore keys: build from a factory string, load, search; GPU when asked for.
+
+Exact ``Flat`` search suits small stores; ``IVF<nlist>,PQ<m>`` compresses large ones (the paper's
+setting). ``auto`` picks by store size. Distances are squared L2 throughout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
+from lightning_memdec.datastore import Datastore
+
+INDEX = "index.faiss"
+FLAT_MAX_ENTRIES = 200_000
+log = logging.getLogger(__name__)
+
+
+def auto_factory(num_entries: int, dim: int) -> str:
+    """Flat below 200k entries; else IVF with ~4·sqrt(N) lists and PQ with the largest m ≤ 64 dividing d."""
+    if num_entries < FLAT_MAX_ENTRIES:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(num_entries)))
+    m = max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    if not gpu_available():
+        raise RuntimeError("use_gpu was asked for, but this faiss has no GPU support; install lightning_memdec[gpu].")
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
+    if nprobe is None:
+        return
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:
+        pass  # not an IVF index: nothing to probe
+    try:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    except (AttributeError, RuntimeError):
+        pass
+
+
+def build_index(
+    datastore: Path,
+    out: Path,
+    factory: str = "auto",
+    train_size: int = 262_144,
+    add_batch: int = 65_536,
+    nprobe: int = 32,
+    use_gpu: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Build a FAISS index over a datastore's keys.
+
+    Args:
+        datastore: datastore directory from `memdec build-datastore`.
+        out: output index directory.
+        factory: FAISS index factory string ("Flat", "IVF1024,PQ32", ...) or "auto" (by store size).
+        train_size: keys sampled (seeded) to train a trainable index.
+        add_batch: keys added per step.
+        nprobe: IVF lists visited per query; stored in meta.json and applied on load.
+        use_gpu: train and add on all visible GPUs (needs faiss-gpu); the saved index is a CPU index.
+        seed: sampling seed for training keys.
+        overwrite: replace an existing output.
+    """
+    store = Datastore(datastore)
+    n, d = len(store), store.dim
+    factory = auto_factory(n, d) if factory == "auto" else factory
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_L2)
+    except RuntimeError as err:
+        raise ValueError(f"invalid FAISS factory string {factory!r} for dimension {d}: {err}") from err
+    if nprobe <= 0:
+        raise ValueError(f"nprobe must be positive, got {nprobe}.")
+    work = start_work_dir(out, {"datastore": store.identity(), "factory": factory, "train_size": train_size, "seed": seed}, overwrite)
+    if use_gpu:
+        index = to_gpu(index)
+    if not index.is_trained:
+        size = min(n, train_size)
+        sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+        log.info("training %s on %d keys", factory, size)
+        index.train(np.ascontiguousarray(store.keys[sample], dtype=np.float32))
+    for start in tqdm(range(0, n, add_batch), desc="build-index", unit="batch"):
+        index.add(np.ascontiguousarray(store.keys[start : start + add_batch], dtype=np.float32))
+    if use_gpu:
+        index = faiss.index_gpu_to_cpu(index)
+    faiss.write_index(index, str(work / INDEX))
+    meta = base_meta(
+        "index",
+        factory=factory,
+        dim=d,
+        ntotal=int(index.ntotal),
+        metric="squared_l2",
+        nprobe=nprobe,
+        datastore=str(Path(datastore).resolve()),
+        datastore_identity=store.identity(),
+        tokenizer=store.tokenizer,
+    )
+    return publish(work, out, meta)
+
+
+class KeyIndex:
+    """A built index directory, loaded for search (optionally moved to the GPUs)."""
+
+    def __init__(self, directory: str | Path, use_gpu: bool = False, nprobe: int | None = None):
+        self.dir = Path(directory)
+        self.meta = read_meta(self.dir, kind="index")
+        path = self.dir / INDEX
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; rebuild the index.")
+        index = faiss.read_index(str(path))
+        if index.ntotal != self.meta["ntotal"] or index.d != self.meta["dim"]:
+            raise ArtifactError(f"{path} holds {index.ntotal}×{index.d} keys but meta.json says {self.meta['ntotal']}×{self.meta['dim']}; rebuild it.")
+        self.index = to_gpu(index) if use_gpu else index
+        set_nprobe(self.index, nprobe or self.meta["nprobe"])
+
+    def check_datastore(self, store: Datastore) -> None:
+        if self.meta["datastore_identity"] != store.identity():
+            raise ArtifactError(
+                f"index {self.dir} was built over datastore {self.meta['datastore']}, not over {store.dir} "
+                f"(their corpus/model/layer/size differ); rebuild the index or pass the matching datastore."
+            )
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared-L2 distances [n, k] float32 and ids [n, k] int64 (-1 where fewer than k exist)."""
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)

@@ -1,0 +1,280 @@
+"""Vectorised kNN search results -> sparse next-token distributions (the Memory Decoder's targets).
+
+The paper's code builds each target by scattering neighbour weights into a dense vocabulary row and
+calling ``nonzero()``: O(V) work per query, in a Python loop. Here a chunk of rows is processed at
+once in O(k log k) per row: one batched sort groups equal tokens, a segmented sum merges them, and a
+second sort orders each row by probability.
+
+Both sorts run on packed uint64 keys (numpy's SIMD sort is several times faster than an argsort, and
+the payload rides along for free): the first key is ``token << 32 | weight bits``, the second
+``row | inverted prob bits | token``. Positive float32 bit patterns order like the floats they encode.
+Chunks are small enough to stay in cache and are handed to a few threads (numpy releases the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+__all__ = ["knn_distributions", "csr_offsets"]
+
+# Elements (rows * neighbours) per chunk: ~128k keeps a chunk's temporaries in cache. A block (the
+# unit handed to a thread) gathers its tokens in one go.
+_CHUNK_ELEMENTS = 1 << 17
+_BLOCK_ELEMENTS = 1 << 20
+_U32 = np.uint64(0xFFFFFFFF)
+_P_INV = 0x7FFFFFFF  # inverted prob bits: larger prob -> smaller key; prob 0 -> largest
+
+
+def csr_offsets(counts: np.ndarray) -> np.ndarray:
+    """Row start offsets (length n+1, int64) into the flat token/prob arrays for per-row `counts`."""
+    counts = np.asarray(counts)
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be 1-D, got shape {counts.shape}")
+    if counts.size and counts.min() < 0:
+        raise ValueError("counts must be non-negative")
+    offsets = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _halves(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) uint32 halves of a uint64 array as zero-copy views (little-endian layout)."""
+    pairs = key.view(np.uint32).reshape(*key.shape, 2)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def _nearest(d: np.ndarray, tok: np.ndarray, k: int):
+    """Keep the k smallest distances per row (invalid ones are +inf); ties: earlier column first."""
+    bits = d.view(np.uint32)
+    # Order-preserving float32 -> uint32 map, so the distance can lead a packed uint64 sort key.
+    ordered = np.where(bits >> np.uint32(31) == 1, ~bits, bits | np.uint32(0x80000000))
+    key = (ordered.astype(np.uint64) << np.uint64(32)) | np.arange(d.shape[1], dtype=np.uint64)
+    key.sort(axis=1)
+    pick = (key[:, :k] & _U32).astype(np.intp)
+    return np.take_along_axis(d, pick, 1), np.take_along_axis(tok, pick, 1)
+
+
+def _block(d, ids, qids, values, temperature, k, row0):
+    """Rows [row0, row0 + len(d)): gather their tokens in one pass, then process cache-sized chunks.
+
+    The random gather from `values` runs several times faster back to back than interleaved with
+    the other work, which evicts `values` from the cache.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    id_min, id_max = int(ids.min()), int(ids.max())
+    if id_min < -1:
+        raise ValueError(f"neighbor_ids must be >= -1 (-1 = missing), found {id_min}")
+    if id_max >= values.shape[0]:
+        raise ValueError(f"neighbor id {id_max} is out of range for a datastore of {values.shape[0]} entries")
+    tok = np.take(values, ids, mode="clip")  # -1 clips to entry 0; masked out in _chunk
+    # Token ids are returned as int32 (and packed into 31 bits of a sort key).
+    if tok.dtype.kind == "i" and tok.min() < 0 or tok.dtype.itemsize >= 4 and tok.dtype != np.int32 and (
+        tok.max() > np.iinfo(np.int32).max
+    ):
+        raise ValueError("values holds a token id outside [0, 2**31)")
+    step = max(1, _CHUNK_ELEMENTS // ids.shape[1])
+    return [
+        _chunk(d[a:a + step], ids[a:a + step], None if qids is None else qids[a:a + step],
+               tok[a:a + step], temperature, k, row0 + a, id_min < 0)
+        for a in range(0, len(ids), step)
+    ]
+
+
+def _chunk(d, ids, qids, tok, temperature, k, row0, padded):
+    """One chunk of rows -> (counts, token ids, probs): untruncated CSR, rows sorted by prob."""
+    d = np.asarray(d, dtype=np.float32)
+    if padded or qids is not None:
+        valid = ids >= 0
+        if qids is not None:
+            valid &= ids != np.asarray(qids, dtype=np.int64)[:, None]
+        if not valid.all():
+            empty = ~valid.any(axis=1)
+            if empty.any():
+                raise ValueError(
+                    f"row {row0 + int(np.flatnonzero(empty)[0])} has no valid neighbour "
+                    "(all ids are -1 or the query itself)"
+                )
+            d = np.where(valid, d, np.float32(np.inf))  # weight exp(-inf) = 0
+    if k is not None and k < d.shape[1]:
+        if np.isnan(d).any():  # checked here, as the nearest k might leave the NaN out
+            raise ValueError(f"row {row0 + int(np.flatnonzero(np.isnan(d).any(axis=1))[0])} has a NaN distance")
+        d, tok = _nearest(d, tok, k)
+    rows, width = d.shape
+    d_min = d.min(axis=1, keepdims=True)  # NaN and -inf propagate here, so this also validates d
+    if not np.isfinite(d_min).all():
+        row = int(np.flatnonzero(~np.isfinite(d_min[:, 0]))[0])
+        raise ValueError(f"row {row0 + row} has a NaN or -inf distance (or no finite one)")
+
+    # Key = token << 32 | float32 bits of the weight exp(-(d - d_min) / T) (positive floats order
+    # like their bits), written through uint32 views. Dropped neighbours weigh exactly 0, so they
+    # add nothing to their token's sum, and a run of only them is dropped as zero-probability below.
+    key = np.empty((rows, width), dtype=np.uint64)
+    lo, hi = _halves(key)
+    w = np.subtract(d_min, d)  # contiguous: numpy's SIMD exp does not vectorise a strided output
+    w /= np.float32(temperature)
+    np.exp(w, out=w)
+    np.copyto(lo, w.view(np.uint32))
+    np.copyto(hi, tok, casting="unsafe")
+    key.sort(axis=1)
+
+    # Runs of equal tokens in each sorted row are that token's neighbours: sum their weights.
+    start = np.empty((rows, width), dtype=bool)
+    start[:, 0] = True
+    np.not_equal(hi[:, 1:], hi[:, :-1], out=start[:, 1:])
+    flat_start = start.ravel()
+    seg = np.cumsum(flat_start, dtype=np.intp)
+    seg -= 1
+    starts = np.flatnonzero(flat_start)
+    sums = np.bincount(seg, weights=lo.view(np.float32).ravel(), minlength=starts.size)  # float64
+    seg_row = starts // width
+    row_start = np.searchsorted(seg_row, np.arange(rows + 1))
+    seg_tok = key.ravel()[starts] >> np.uint64(32)
+    probs = (sums / np.repeat(np.add.reduceat(sums, row_start[:-1]), np.diff(row_start))).astype(np.float32)
+    # Zero-probability runs (only dropped neighbours, or underflowed weights) go, as nonzero() does.
+    nonzero = probs > 0
+    if not nonzero.all():
+        probs, seg_row, seg_tok = probs[nonzero], seg_row[nonzero], seg_tok[nonzero]
+        row_start = np.searchsorted(seg_row, np.arange(rows + 1))
+    counts = np.diff(row_start)
+
+    # Order each row by prob descending, ties by smaller token: one flat sort of packed
+    # row | (0x7FFFFFFF - prob bits) | token; in blocks of rows if the bits do not fit in 64.
+    tok_bits = max(1, int(seg_tok.max()).bit_length())
+    block = 1 << (64 - 31 - tok_bits)
+    out_tok = np.empty(probs.size, dtype=np.int32)
+    out_prob = np.empty(probs.size, dtype=np.float32)
+    for r0 in range(0, rows, block):
+        a, b = row_start[r0], row_start[min(rows, r0 + block)]
+        k2 = seg_row[a:b].astype(np.uint64)
+        if r0:
+            k2 -= np.uint64(r0)
+        k2 <<= np.uint64(31)
+        k2 |= np.uint32(_P_INV) - probs[a:b].view(np.uint32)
+        k2 <<= np.uint64(tok_bits)
+        k2 |= seg_tok[a:b]
+        k2.sort()
+        np.bitwise_and(k2, np.uint64((1 << tok_bits) - 1), out=out_tok[a:b], casting="unsafe")
+        k2 >>= np.uint64(tok_bits)
+        inv = out_prob[a:b].view(np.uint32)
+        np.bitwise_and(k2, np.uint64(_P_INV), out=inv, casting="unsafe")
+        np.subtract(np.uint32(_P_INV), inv, out=inv)
+    return counts, out_tok, out_prob
+
+
+def _truncate(counts, toks, probs, max_support, min_prob):
+    """Apply max_support then min_prob (each followed by renormalisation) to sorted CSR rows."""
+    offsets = csr_offsets(counts)
+    row = np.repeat(np.arange(counts.size), counts)
+    rank = np.arange(probs.size) - offsets[row]
+    keep_n = counts.copy()
+    if max_support is not None:
+        keep_n = np.minimum(keep_n, max_support)
+    if min_prob is not None:
+        kept = np.where(rank < keep_n[row], probs, np.float32(0))
+        renorm = kept / np.add.reduceat(kept, offsets[:-1])[row]
+        # Rows are sorted descending, so the tokens passing the threshold form a prefix.
+        passing = np.bincount(row, weights=(renorm >= min_prob) & (rank < keep_n[row]), minlength=counts.size)
+        keep_n = np.maximum(passing.astype(np.int64), 1)
+    keep = rank < keep_n[row]
+    toks, probs = toks[keep], probs[keep]
+    probs /= np.repeat(np.add.reduceat(probs, csr_offsets(keep_n)[:-1]), keep_n)
+    return keep_n, toks, probs
+
+
+def knn_distributions(
+    distances: np.ndarray,
+    neighbor_ids: np.ndarray,
+    values: np.ndarray,
+    temperature: float,
+    query_ids: np.ndarray | None = None,
+    k: int | None = None,
+    max_support: int | None = None,
+    min_prob: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse kNN next-token distributions p(y) = sum_{j: values[id_j] = y} softmax_j(-d_j / T).
+
+    Inputs: `distances` [n, k] squared L2 (rows in any order), `neighbor_ids` [n, k] with -1 for
+    missing neighbours, `values` [N] token id per datastore entry (a memmap is fine: only the
+    needed entries are read). `query_ids` drops a neighbour whose id equals the query's own datastore
+    id (self-exclusion by id, wherever it sits in the row). `k` keeps the nearest k remaining
+    neighbours (distance ties: earlier column first). Truncation, applied in this order, each followed
+    by renormalisation: `max_support` keeps the top tokens; `min_prob` drops tokens whose
+    (renormalised) prob is below it but always keeps the top token. Tokens whose weight underflows
+    to exactly 0 in float32 are dropped, as the dense ``nonzero()`` reference does.
+
+    Returns CSR arrays (counts [n] int64, token_ids [sum(counts)] int32, probs [sum(counts)]
+    float32); each row sorted by prob descending (ties: smaller token id first) and summing to 1
+    (up to float32 rounding). Raises ValueError for bad arguments, a NaN or -inf distance of a
+    kept neighbour (+inf just weighs 0), token ids outside [0, 2**31), or a row left without
+    neighbours (naming the row).
+    """
+    distances = np.asarray(distances)
+    neighbor_ids = np.asarray(neighbor_ids)
+    if not isinstance(values, np.ndarray):
+        values = np.asarray(values)
+    if query_ids is not None:
+        query_ids = np.asarray(query_ids)
+    _validate(distances, neighbor_ids, values, temperature, query_ids, k, max_support, min_prob)
+
+    if sys.byteorder != "little":
+        raise NotImplementedError("knn_distributions packs sort keys through little-endian views")
+    n, width = distances.shape
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    step = max(1, _BLOCK_ELEMENTS // width)
+
+    def work(lo: int):
+        hi = min(n, lo + step)
+        qids = None if query_ids is None else query_ids[lo:hi]
+        return _block(distances[lo:hi], neighbor_ids[lo:hi], qids, values, temperature, k, lo)
+
+    starts = range(0, n, step)
+    threads = min(_threads(), len(starts))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = [part for block in pool.map(work, starts) for part in block]
+    else:
+        parts = [part for lo in starts for part in work(lo)]
+    counts = np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False)
+    toks = np.concatenate([p[1] for p in parts])
+    probs = np.concatenate([p[2] for p in parts])
+    if max_support is not None or min_prob is not None:
+        counts, toks, probs = _truncate(counts, toks, probs, max_support, min_prob)
+    return counts, toks, probs
+
+
+def _validate(distances, neighbor_ids, values, temperature, query_ids, k, max_support, min_prob):
+    if distances.ndim != 2 or neighbor_ids.shape != distances.shape:
+        raise ValueError(
+            f"distances and neighbor_ids must both be [n, k]; got {distances.shape} and {neighbor_ids.shape}"
+        )
+    if distances.shape[0] and distances.shape[1] == 0:
+        raise ValueError("row 0 has no valid neighbour (zero neighbour columns)")
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D (one token id per datastore entry), got shape {values.shape}")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"values must hold integer token ids, got dtype {values.dtype}")
+    if not np.issubdtype(neighbor_ids.dtype, np.integer):
+        raise ValueError(f"neighbor_ids must be integers, got dtype {neighbor_ids.dtype}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
+        raise ValueError(f"temperature must be a number, got {temperature!r}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    for name, v in (("k", k), ("max_support", max_support)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0):
+            raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+    if min_prob is not None and not (0.0 <= min_prob <= 1.0):
+        raise ValueError(f"min_prob must lie in [0, 1], got {min_prob!r}")
+    if query_ids is not None and query_ids.shape != (distances.shape[0],):
+        raise ValueError(f"query_ids must have shape ({distances.shape[0]},), got {query_ids.shape}")

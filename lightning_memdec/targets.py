@@ -1,0 +1,264 @@
+"""kNN training targets: for every query position, the sparse next-token distribution of its neighbours.
+
+p_kNN(y | x) = Σ_{j ∈ N(x), v_j = y} softmax_j(−d(x, k_j) / T), with d the squared L2 distance. Stored
+as CSR, position-aligned with the query corpus: row ``i`` is ``ids[offsets[i]:offsets[i+1]]`` with
+``probs`` (fp16) sorted by probability. Query chunks are spread over ranks like the datastore's windows;
+each rank searches a replica of the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from lightning_memdec.artifacts import ArtifactError, base_meta, open_checked, publish, read_meta, start_work_dir
+from lightning_memdec.datastore import Datastore, check_compatible
+from lightning_memdec.index import KeyIndex
+from lightning_memdec.sharded import chunk_loader, done_chunks, run_sharded_predict
+from lightning_memdec.sparse import knn_distributions
+
+OFFSETS, IDS, PROBS = "offsets.npy", "ids.npy", "probs.npy"
+CHUNKS = "chunks"
+log = logging.getLogger(__name__)
+
+
+class Targets:
+    """A finished targets directory (CSR: offsets [N+1] int64, ids int32, probs fp16)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.meta = read_meta(self.dir, kind="targets")
+        n, nnz = self.meta["num_positions"], self.meta["nnz"]
+        self.offsets = open_checked(self.dir, OFFSETS, (n + 1,), "int64")
+        self.ids = open_checked(self.dir, IDS, (nnz,), "int32")
+        self.probs = open_checked(self.dir, PROBS, (nnz,), "float16")
+
+    def __len__(self) -> int:
+        return self.meta["num_positions"]
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return np.asarray(self.ids[lo:hi]), np.asarray(self.probs[lo:hi])
+
+
+def exact_squared_l2(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Recompute ||q − k_id||² in fp32 from the stored keys (IVF-PQ distances are approximate)."""
+    flat = ids.reshape(-1)
+    valid = flat >= 0
+    uniq, inverse = np.unique(flat[valid], return_inverse=True)
+    gathered = np.zeros((flat.size, keys.shape[1]), dtype=np.float32)
+    gathered[valid] = np.asarray(keys[uniq], dtype=np.float32)[inverse]
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    k = torch.from_numpy(gathered).view(*ids.shape, -1)
+    dist = ((k - q[:, None, :]) ** 2).sum(-1).numpy()
+    return np.where(ids >= 0, dist, np.inf).astype(np.float32)
+
+
+class KNNTargetSearcher(L.LightningModule):
+    """Searches one chunk of query positions and turns the neighbours into sparse distributions."""
+
+    def __init__(self, queries: str, datastore: str, index: str, work: str, k: int, temperature: float,
+                 self_exclude: bool, exact_distances: bool, max_support: int | None, min_prob: float | None,
+                 chunk_size: int, nprobe: int | None, use_gpu: bool):
+        super().__init__()
+        self.queries_dir, self.store_dir, self.index_dir, self.work = queries, datastore, index, Path(work)
+        self.k, self.temperature, self.self_exclude = k, temperature, self_exclude
+        self.exact, self.max_support, self.min_prob = exact_distances, max_support, min_prob
+        self.chunk_size, self.nprobe, self.use_gpu = chunk_size, nprobe, use_gpu
+
+    def setup(self, stage: str) -> None:
+        self.query_store = Datastore(self.queries_dir)
+        self.store = Datastore(self.store_dir)
+        self.index = KeyIndex(self.index_dir, use_gpu=self.use_gpu, nprobe=self.nprobe)
+
+    def predict_dataloader(self):
+        n = len(self.query_store)
+
+        def make_item(chunk: int) -> dict:
+            rows = np.arange(chunk * self.chunk_size, min(n, (chunk + 1) * self.chunk_size))
+            return {"rows": rows}
+
+        return chunk_loader(self, -(-n // self.chunk_size), self.work, make_item)
+
+    def predict_step(self, batch, batch_idx):
+        rows = batch["rows"].cpu().numpy()
+        queries = np.asarray(self.query_store.keys[rows[0] : rows[-1] + 1], dtype=np.float32)
+        search_k = self.k + 1 if self.self_exclude else self.k
+        dist, ids = self.index.search(queries, search_k)
+        if self.exact:
+            dist = exact_squared_l2(queries, self.store.keys, ids)
+        counts, tok, prob = knn_distributions(
+            dist, ids, self.store.values, self.temperature,
+            query_ids=rows.astype(np.int64) if self.self_exclude else None,
+            k=self.k, max_support=self.max_support, min_prob=self.min_prob,
+        )
+        return {"chunk": batch["chunk"], "counts": counts, "ids": tok.astype(np.int32), "probs": prob.astype(np.float16)}
+
+
+class ChunkFileWriter(BasePredictionWriter):
+    """Saves each chunk's CSR pieces atomically, then marks the chunk done."""
+
+    def __init__(self, work: Path):
+        super().__init__(write_interval="batch")
+        self.dir = work / CHUNKS
+
+    def on_predict_start(self, trainer, pl_module):
+        self.dir.mkdir(exist_ok=True)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        from lightning_memdec.sharded import mark_done
+
+        chunk = int(prediction["chunk"])
+        for name in ("counts", "ids", "probs"):
+            tmp = self.dir / f"{chunk:09d}.{name}.tmp.npy"
+            np.save(tmp, prediction[name])
+            os.replace(tmp, self.dir / f"{chunk:09d}.{name}.npy")
+        mark_done(pl_module.work, chunk)
+
+
+def merge_chunks(work: Path, num_chunks: int) -> tuple[int, int]:
+    """Concatenate the chunk files into offsets/ids/probs memmaps; returns (positions, nnz)."""
+    chunk_dir = work / CHUNKS
+    counts = np.concatenate([np.load(chunk_dir / f"{c:09d}.counts.npy") for c in range(num_chunks)])
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    nnz = int(offsets[-1])
+    np.save(work / OFFSETS, offsets)
+    ids = open_memmap(work / IDS, mode="w+", dtype=np.int32, shape=(nnz,))
+    probs = open_memmap(work / PROBS, mode="w+", dtype=np.float16, shape=(nnz,))
+    pos = 0
+    for c in tqdm(range(num_chunks), desc="merge targets", unit="chunk"):
+        chunk_ids = np.load(chunk_dir / f"{c:09d}.ids.npy")
+        ids[pos : pos + len(chunk_ids)] = chunk_ids
+        probs[pos : pos + len(chunk_ids)] = np.load(chunk_dir / f"{c:09d}.probs.npy")
+        pos += len(chunk_ids)
+    ids.flush()
+    probs.flush()
+    return len(counts), nnz
+
+
+def build_targets(
+    datastore: Path,
+    index: Path,
+    out: Path,
+    queries: Path | None = None,
+    k: int = 1024,
+    temperature: float = 16.0,
+    exact_distances: bool = False,
+    max_support: int | None = None,
+    min_prob: float | None = None,
+    chunk_size: int = 4096,
+    nprobe: int | None = None,
+    use_gpu: bool = False,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    overwrite: bool = False,
+    callbacks: Sequence[L.Callback] = (),
+) -> Path:
+    """Build sparse kNN next-token distributions for every position of a corpus.
+
+    Args:
+        datastore: the datastore searched (its values are the predicted tokens).
+        index: FAISS index over that datastore, from `memdec build-index`.
+        out: output targets directory.
+        queries: datastore of the positions to build targets for (its keys are the queries); default: the
+            searched datastore itself, with each position's own entry excluded by id. Use a datastore of
+            the validation split to build validation targets.
+        k: neighbours per position (paper: 1024); capped at the store size with a warning.
+        temperature: T in softmax(−d/T) over squared L2 distances (paper: 16).
+        exact_distances: recompute exact fp32 distances from the stored keys (for IVF-PQ indexes).
+        max_support: keep at most this many tokens per position, then renormalise.
+        min_prob: drop tokens below this probability, then renormalise.
+        chunk_size: query positions per search call; also the resumable chunk.
+        nprobe: IVF lists visited per query (default: the index's meta.json).
+        use_gpu: search on GPU (faiss-gpu); under several devices each rank uses its own GPU.
+        accelerator: Lightning accelerator for spreading chunks over ranks.
+        devices: devices (ranks) per node.
+        strategy: Lightning strategy (e.g. ddp).
+        num_nodes: nodes.
+        overwrite: replace an existing output / discard an unfinished run with other settings.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}.")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if max_support is not None and max_support <= 0:
+        raise ValueError(f"max_support must be positive, got {max_support}.")
+    if min_prob is not None and not 0 <= min_prob < 1:
+        raise ValueError(f"min_prob must be in [0, 1), got {min_prob}.")
+    store = Datastore(datastore)
+    query_store = Datastore(queries) if queries is not None else store
+    check_compatible(query_store, store)
+    key_index = KeyIndex(index)
+    key_index.check_datastore(store)
+    self_exclude = query_store.identity() == store.identity()
+    available = len(store) - (1 if self_exclude else 0)
+    if k > available:
+        log.warning("k=%d exceeds the %d entries available; using k=%d.", k, available, available)
+        k = available
+    run_config = {
+        "queries": query_store.identity(), "datastore": store.identity(), "index": key_index.meta["factory"],
+        "k": k, "temperature": temperature, "exact_distances": exact_distances, "max_support": max_support,
+        "min_prob": min_prob, "chunk_size": chunk_size, "nprobe": nprobe,
+    }
+    work = start_work_dir(out, run_config, overwrite)
+    searcher = KNNTargetSearcher(
+        str(query_store.dir), str(store.dir), str(index), str(work), k, temperature, self_exclude,
+        exact_distances, max_support, min_prob, chunk_size, nprobe, use_gpu,
+    )
+    trainer = run_sharded_predict(searcher, ChunkFileWriter(work), accelerator, devices, strategy, num_nodes, callbacks)
+    if not trainer.is_global_zero:
+        return Path(out)
+    num_chunks = -(-len(query_store) // chunk_size)
+    missing = num_chunks - len(done_chunks(work))
+    if missing:
+        raise RuntimeError(f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume.")
+    num_positions, nnz = merge_chunks(work, num_chunks)
+    shutil.rmtree(work / CHUNKS)
+    shutil.rmtree(work / "progress")
+    meta = base_meta(
+        "targets",
+        num_positions=num_positions,
+        nnz=nnz,
+        k=k,
+        temperature=temperature,
+        self_excluded=self_exclude,
+        exact_distances=exact_distances,
+        max_support=max_support,
+        min_prob=min_prob,
+        index_factory=key_index.meta["factory"],
+        nprobe=nprobe or key_index.meta["nprobe"],
+        datastore=str(store.dir.resolve()),
+        queries=query_store.identity(),
+        corpus=query_store.meta["corpus"],
+        corpus_sha256=query_store.meta["corpus_sha256"],
+        model=store.meta["model"],
+        layer=store.meta["layer"],
+        tokenizer=store.tokenizer,
+    )
+    return publish(work, out, meta)
+
+
+def check_targets_match_corpus(targets: Targets, corpus) -> None:
+    """Targets must be for exactly this corpus: same token content, tokenizer and position count."""
+    if targets.meta["tokenizer"]["fingerprint"] != corpus.tokenizer["fingerprint"]:
+        from lightning_memdec.artifacts import check_same_tokenizer
+
+        check_same_tokenizer(targets.meta["tokenizer"], f"targets {targets.dir}", corpus.tokenizer, f"corpus {corpus.dir}")
+    if targets.meta["corpus_sha256"] != corpus.meta["content_sha256"] or len(targets) != corpus.num_positions:
+        raise ArtifactError(
+            f"targets {targets.dir} were built for a corpus of {len(targets) + 1} tokens "
+            f"(content {targets.meta['corpus_sha256']}), but corpus {corpus.dir} has {corpus.num_tokens} tokens "
+            f"(content {corpus.meta['content_sha256']}); build targets for this corpus."
+        )

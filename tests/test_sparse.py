@@ -1,0 +1,256 @@
+"""`knn_distributions` against a plainly written per-row reference (float64, dicts, no tricks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lightning_memdec.sparse as sparse
+from lightning_memdec.sparse import csr_offsets, knn_distributions
+
+
+def reference(distances, ids, values, temperature, query_ids=None, k=None, max_support=None, min_prob=None):
+    """One row at a time, straight from the formula: a list of [(token, prob)] sorted like the kernel."""
+    rows = []
+    for i in range(len(distances)):
+        cols = [c for c in range(ids.shape[1]) if ids[i, c] >= 0]
+        if query_ids is not None:
+            cols = [c for c in cols if ids[i, c] != query_ids[i]]
+        cols.sort(key=lambda c: (float(distances[i, c]), c))  # nearest first, ties by column
+        if k is not None:
+            cols = cols[:k]
+        d = np.array([float(distances[i, c]) for c in cols])
+        w = np.exp(-(d - d.min()) / temperature)
+        w /= w.sum()
+        p: dict[int, float] = {}
+        for weight, c in zip(w, cols):
+            token = int(values[ids[i, c]])
+            p[token] = p.get(token, 0.0) + weight
+        items = sorted(((t, q) for t, q in p.items() if q > 0), key=lambda tq: (-tq[1], tq[0]))
+        if max_support is not None:
+            items = items[:max_support]
+            total = sum(q for _, q in items)
+            items = [(t, q / total) for t, q in items]
+        if min_prob is not None:
+            items = [items[0]] + [(t, q) for t, q in items[1:] if q >= min_prob]
+            total = sum(q for _, q in items)
+            items = [(t, q / total) for t, q in items]
+        rows.append(items)
+    return rows
+
+
+def split_rows(counts, toks, probs):
+    offsets = csr_offsets(counts)
+    return [list(zip(toks[a:b].tolist(), probs[a:b].tolist())) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def assert_matches(got, want):
+    counts, toks, probs = got
+    assert counts.dtype == np.int64 and toks.dtype == np.int32 and probs.dtype == np.float32
+    assert counts.sum() == toks.size == probs.size
+    rows = split_rows(counts, toks, probs)
+    assert len(rows) == len(want)
+    for i, (row, ref) in enumerate(zip(rows, want)):
+        assert sorted(t for t, _ in row) == sorted(t for t, _ in ref), f"row {i}: different support"
+        ref_p = dict(ref)
+        np.testing.assert_allclose([q for _, q in row], [ref_p[t] for t, _ in row], rtol=2e-5, atol=1e-7)
+        # Sorted by prob descending, ties by smaller token id, and summing to 1.
+        for (t1, q1), (t2, q2) in zip(row, row[1:]):
+            assert q1 > q2 or (q1 == q2 and t1 < t2), f"row {i}: not sorted"
+        assert abs(sum(q for _, q in row) - 1.0) < 1e-5
+
+
+def make_data(rng, n=40, k=24, datastore=500, vocab=30, pad_rows=8, self_rows=True):
+    """Unsorted distance rows, duplicate tokens, -1 padding and self-matches in random columns."""
+    values = rng.integers(0, vocab, size=datastore).astype(np.int32)
+    ids = np.stack([rng.choice(datastore, size=k, replace=False) for _ in range(n)]).astype(np.int64)
+    distances = rng.uniform(0.0, 30.0, size=(n, k)).astype(np.float32)
+    query_ids = rng.integers(0, datastore, size=n).astype(np.int64)
+    query_ids[query_ids == datastore - 1] = 0
+    ids[ids == query_ids[:, None]] = datastore - 1  # no accidental self-matches...
+    if self_rows:  # ...then every other row holds its own query, nearest, never in column 0
+        for i in range(0, n, 2):
+            c = int(rng.integers(1, k))
+            ids[i, c] = query_ids[i]
+            distances[i, c] = 0.0
+    for i in rng.choice(n, size=pad_rows, replace=False):
+        cols = rng.choice(k, size=int(rng.integers(1, k // 2)), replace=False)
+        ids[i, cols] = -1
+        distances[i, cols] = rng.choice([np.inf, np.nan, 3.4e38, -5.0])  # garbage must be ignored
+    return distances, ids, values, query_ids
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 7.0, 100.0])
+def test_matches_reference(temperature):
+    rng = np.random.default_rng(0)
+    distances, ids, values, query_ids = make_data(rng)
+    got = knn_distributions(distances, ids, values, temperature, query_ids=query_ids)
+    assert_matches(got, reference(distances, ids, values, temperature, query_ids=query_ids))
+    # Rows really contain duplicates, padding and self-matches (so the test covers them).
+    assert (got[0] < (ids >= 0).sum(1)).all()
+
+
+def test_self_exclusion_is_by_id_not_column():
+    rng = np.random.default_rng(1)
+    distances, ids, values, query_ids = make_data(rng, pad_rows=0)
+    with_self = knn_distributions(distances, ids, values, 2.0)
+    without = knn_distributions(distances, ids, values, 2.0, query_ids=query_ids)
+    assert_matches(with_self, reference(distances, ids, values, 2.0))
+    assert_matches(without, reference(distances, ids, values, 2.0, query_ids=query_ids))
+    # Same as physically deleting the self column; rows without their query are untouched.
+    rows = split_rows(*without)
+    for i in range(len(ids)):
+        keep = ids[i] != query_ids[i]
+        alone = knn_distributions(distances[i:i + 1, keep], ids[i:i + 1, keep], values, 2.0)
+        assert split_rows(*alone)[0] == rows[i]
+    assert split_rows(*with_self)[1] == rows[1]  # odd rows hold no self-match
+
+
+def test_nearest_k_after_self_exclusion():
+    rng = np.random.default_rng(2)
+    distances, ids, values, query_ids = make_data(rng)
+    for k in (1, 5, 23, 24, 100):
+        got = knn_distributions(distances, ids, values, 3.0, query_ids=query_ids, k=k)
+        assert_matches(got, reference(distances, ids, values, 3.0, query_ids=query_ids, k=k))
+    # k=1: the single nearest remaining neighbour's token, with prob 1.
+    counts, toks, probs = knn_distributions(distances, ids, values, 3.0, query_ids=query_ids, k=1)
+    assert (counts == 1).all() and np.all(probs == 1.0)
+    masked = np.where((ids >= 0) & (ids != query_ids[:, None]), distances, np.inf)
+    nearest = ids[np.arange(len(ids)), np.argmin(masked, axis=1)]
+    np.testing.assert_array_equal(toks, values[nearest])
+
+
+def test_temperature_follows_the_formula():
+    # Token 7 from two neighbours at distance 1, token 3 from one at distance 2.
+    distances = np.array([[2.0, 1.0, 1.0]], dtype=np.float32)
+    ids = np.array([[0, 1, 2]])
+    values = np.array([3, 7, 7], dtype=np.int32)
+    for temperature in (0.5, 1.0, 4.0):
+        counts, toks, probs = knn_distributions(distances, ids, values, temperature)
+        w3, w7 = np.exp(-2.0 / temperature), 2 * np.exp(-1.0 / temperature)
+        assert counts.tolist() == [2] and toks.tolist() == [7, 3]
+        np.testing.assert_allclose(probs, [w7 / (w3 + w7), w3 / (w3 + w7)], rtol=1e-6)
+    # Higher temperature flattens, lower sharpens.
+    p_cold = knn_distributions(distances, ids, values, 0.1)[2][0]
+    p_hot = knn_distributions(distances, ids, values, 100.0)[2][0]
+    assert p_cold > 0.999 and abs(p_hot - 2 / 3) < 1e-2
+
+
+def test_ties_put_smaller_token_first_and_underflow_is_dropped():
+    distances = np.array([[1.0, 1.0, 1.0, 1.0, 1.0, 1e4, np.inf]], dtype=np.float32)
+    ids = np.array([[0, 1, 2, 3, 4, 5, 6]])
+    values = np.array([9, 5, 3, 5, 12, 1, 2], dtype=np.int32)
+    counts, toks, probs = knn_distributions(distances, ids, values, 1.0)
+    # Token 1 is 1e4 away: its weight underflows to exactly 0, so it is not in the support;
+    # likewise token 2 at +inf.
+    assert counts.tolist() == [4] and toks.tolist() == [5, 3, 9, 12]
+    np.testing.assert_allclose(probs, [0.4, 0.2, 0.2, 0.2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_support,min_prob", [(1, None), (3, None), (None, 0.08), (None, 1.0), (4, 0.2), (None, 0.0)])
+def test_truncation_renormalises(max_support, min_prob):
+    rng = np.random.default_rng(3)
+    distances, ids, values, query_ids = make_data(rng, vocab=12)
+    got = knn_distributions(distances, ids, values, 5.0, query_ids=query_ids, max_support=max_support, min_prob=min_prob)
+    want = reference(distances, ids, values, 5.0, query_ids=query_ids, max_support=max_support, min_prob=min_prob)
+    assert_matches(got, want)
+    counts = got[0]
+    full = knn_distributions(distances, ids, values, 5.0, query_ids=query_ids)[0]
+    assert (counts >= 1).all() and (counts <= full).all()
+    if max_support is not None:
+        assert (counts <= max_support).all() and (counts < full).any()
+    if min_prob == 1.0:
+        assert (counts == 1).all() and np.all(got[2] == 1.0)
+
+
+def test_chunks_blocks_and_threads_agree(monkeypatch):
+    rng = np.random.default_rng(4)
+    distances, ids, values, query_ids = make_data(rng, n=50)
+    whole = knn_distributions(distances, ids, values, 2.0, query_ids=query_ids, k=20)
+    monkeypatch.setattr(sparse, "_CHUNK_ELEMENTS", 3 * 24)
+    monkeypatch.setattr(sparse, "_BLOCK_ELEMENTS", 7 * 24)
+    monkeypatch.setattr(sparse, "_threads", lambda: 3)
+    pieces = knn_distributions(distances, ids, values, 2.0, query_ids=query_ids, k=20)
+    for a, b in zip(whole, pieces):
+        np.testing.assert_array_equal(a, b)
+    # Errors name the global row, not the row within a chunk.
+    ids[37] = -1
+    with pytest.raises(ValueError, match="row 37 "):
+        knn_distributions(distances, ids, values, 2.0)
+
+
+def test_large_token_ids_and_memmap_values(tmp_path):
+    # Token ids near 2**31 leave few bits for the row in the second sort key: rows go in blocks.
+    rng = np.random.default_rng(5)
+    distances, ids, values, query_ids = make_data(rng, n=30)
+    big = (values.astype(np.int64) * 70_000_000 + 11).astype(np.int32)
+    assert big.max() > 2**30
+    path = tmp_path / "values.i32"
+    big.tofile(path)
+    mm = np.memmap(path, dtype=np.int32, mode="r")
+    got = knn_distributions(distances, ids, mm, 1.5, query_ids=query_ids)
+    assert_matches(got, reference(distances, ids, big, 1.5, query_ids=query_ids))
+    # Narrow and wide integer dtypes give the same answer.
+    base = knn_distributions(distances, ids, values, 1.5)
+    for dtype in (np.uint16, np.int64, np.uint32, np.uint64):
+        other = knn_distributions(distances, ids, values.astype(dtype), 1.5)
+        for a, b in zip(base, other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_empty_input_and_csr_offsets():
+    counts, toks, probs = knn_distributions(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.int64),
+                                            np.arange(3, dtype=np.int32), 1.0)
+    assert counts.shape == toks.shape == probs.shape == (0,)
+    np.testing.assert_array_equal(csr_offsets(np.array([2, 0, 3])), [0, 2, 2, 5])
+    assert csr_offsets(np.array([], dtype=np.int64)).tolist() == [0]
+    with pytest.raises(ValueError):
+        csr_offsets(np.array([1, -1]))
+
+
+def test_errors():
+    d = np.array([[1.0, 2.0], [3.0, 4.0], [0.5, 0.1]], dtype=np.float32)
+    ids = np.array([[0, 1], [2, 3], [1, 2]])
+    v = np.arange(5, dtype=np.int32)
+    ok = dict(distances=d, neighbor_ids=ids, values=v, temperature=1.0)
+
+    def call(**kw):
+        return knn_distributions(**{**ok, **kw})
+
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            call(temperature=bad)
+    with pytest.raises(ValueError, match="k must"):
+        call(k=0)
+    with pytest.raises(ValueError, match="max_support"):
+        call(max_support=0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="min_prob"):
+            call(min_prob=bad)
+    with pytest.raises(ValueError, match=r"\[n, k\]"):
+        call(neighbor_ids=ids[:, :1])
+    with pytest.raises(ValueError, match="query_ids"):
+        call(query_ids=np.array([0, 1]))
+    with pytest.raises(ValueError, match=">= -1"):
+        call(neighbor_ids=np.array([[0, -2], [2, 3], [1, 2]]))
+    with pytest.raises(ValueError, match="out of range"):
+        call(neighbor_ids=np.array([[0, 5], [2, 3], [1, 2]]))
+    with pytest.raises(ValueError, match="integer"):
+        call(values=v.astype(np.float32))
+    with pytest.raises(ValueError, match="1-D"):
+        call(values=v[None])
+    with pytest.raises(ValueError, match="token id outside"):
+        call(values=np.array([0, 1, -4, 3, 4], dtype=np.int32))
+    with pytest.raises(ValueError, match="token id outside"):
+        call(values=np.array([0, 1, 2**31, 3, 4], dtype=np.uint32))
+    # A row left without neighbours: all padding, or only itself after self-exclusion.
+    with pytest.raises(ValueError, match="row 1 has no valid neighbour"):
+        call(neighbor_ids=np.array([[0, 1], [-1, -1], [1, 2]]))
+    with pytest.raises(ValueError, match="row 2 has no valid neighbour"):
+        call(neighbor_ids=np.array([[0, 1], [2, 3], [4, 4]]), query_ids=np.array([2, 0, 4]))
+    # A NaN / -inf distance of a valid neighbour is an error (padding may hold anything).
+    for bad in (np.nan, -np.inf):
+        with pytest.raises(ValueError, match="row 1 has a NaN"):
+            call(distances=np.array([[1.0, 2.0], [bad, 4.0], [0.5, 0.1]], dtype=np.float32))
+    with pytest.raises(ValueError, match="row 1 has a NaN"):  # even where k would drop it
+        call(distances=np.array([[1.0, 2.0], [3.0, np.nan], [0.5, 0.1]], dtype=np.float32), k=1)

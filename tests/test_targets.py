@@ -1,0 +1,127 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lightning_memdec.artifacts import ArtifactError, partial_dir
+from lightning_memdec.corpus import tokenize
+from lightning_memdec.datastore import Datastore, build_datastore
+from lightning_memdec.index import build_index
+from lightning_memdec.targets import Targets, build_targets
+
+from conftest import save_tiny
+from test_datastore import Interrupt, SimulatedKill
+
+
+def brute_force_row(keys, values, q, k, temperature, exclude):
+    """The paper's maths, written plainly for one query."""
+    d = ((keys - keys[q]) ** 2).sum(-1).astype(np.float64)
+    d[exclude] = np.inf
+    nn = np.argsort(d, kind="stable")[:k]
+    w = np.exp(-(d[nn] - d[nn].min()) / temperature)
+    w /= w.sum()
+    dist = {}
+    for j, wj in zip(nn, w):
+        dist[int(values[j])] = dist.get(int(values[j]), 0.0) + wj
+    return dist
+
+
+@pytest.fixture(scope="module")
+def biomed_targets(tmp_path_factory, biomed_datastore, biomed_index):
+    out = tmp_path_factory.mktemp("targets") / "t"
+    return build_targets(biomed_datastore, biomed_index, out, k=16, temperature=4.0, chunk_size=512)
+
+
+@pytest.mark.parametrize("temperature", [4.0, 50.0])
+def test_targets_equal_brute_force_with_self_exclusion(tmp_path, biomed_datastore, biomed_index, biomed_targets, temperature):
+    path = biomed_targets if temperature == 4.0 else build_targets(
+        biomed_datastore, biomed_index, tmp_path / "t", k=16, temperature=temperature, chunk_size=512)
+    store, targets = Datastore(biomed_datastore), Targets(path)
+    keys = np.asarray(store.keys, dtype=np.float32)
+    assert len(targets) == len(store) and targets.meta["self_excluded"]
+    for q in [0, 1, 500, 1234, len(store) - 1]:
+        ids, probs = targets.row(q)
+        ref = brute_force_row(keys, store.values, q, 16, temperature, exclude=q)
+        got = dict(zip(ids.tolist(), probs.astype(np.float64).tolist()))
+        assert set(got) == set(ref), (q, got, ref)
+        for tok in ref:
+            assert got[tok] == pytest.approx(ref[tok], abs=2e-3)
+        assert np.all(np.diff(probs.astype(np.float32)) <= 0)
+    sums = np.add.reduceat(np.asarray(targets.probs, dtype=np.float64), np.asarray(targets.offsets[:-1]))
+    np.testing.assert_allclose(sums, 1.0, atol=2e-3)
+
+
+def test_temperature_changes_sharpness(tmp_path, biomed_datastore, biomed_index, biomed_targets):
+    hot = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "hot", k=16, temperature=1000.0))
+    cold = Targets(biomed_targets)
+    top = lambda t: np.mean([t.row(i)[1][0] for i in range(0, len(t), 50)], dtype=np.float64)
+    assert top(cold) > top(hot)
+
+
+def test_truncation_renormalises(tmp_path, biomed_datastore, biomed_index):
+    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=16, temperature=50.0, max_support=3))
+    counts = np.diff(t.offsets)
+    assert counts.max() <= 3 and counts.min() >= 1
+    sums = np.add.reduceat(np.asarray(t.probs, dtype=np.float64), np.asarray(t.offsets[:-1]))
+    np.testing.assert_allclose(sums, 1.0, atol=2e-3)
+
+
+def test_validation_queries_are_not_self_excluded(tmp_path, biomed_datastore, biomed_index, tiny_gpt2):
+    valid = tokenize(["embedded:biomed/test"], tmp_path / "vc", "gpt2", max_tokens=700)
+    vstore = build_datastore(valid, str(tiny_gpt2), tmp_path / "vds", window=64, stride=32, accelerator="cpu")
+    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=vstore, k=8, temperature=4.0))
+    assert len(t) == 699 and not t.meta["self_excluded"]
+    store, q = Datastore(biomed_datastore), Datastore(vstore)
+    keys = np.asarray(store.keys, dtype=np.float32)
+    d = ((keys - np.asarray(q.keys[3], dtype=np.float32)) ** 2).sum(-1)
+    nearest = np.argsort(d, kind="stable")[:8]
+    assert set(t.row(3)[0].tolist()) == set(store.values[nearest].tolist())
+
+
+def test_k_is_capped_at_store_size(tmp_path, biomed_datastore, biomed_index, caplog):
+    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=10**6, temperature=16.0, chunk_size=2048))
+    assert t.meta["k"] == len(Datastore(biomed_datastore)) - 1
+    assert "exceeds" in caplog.text
+
+
+def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, biomed_index, biomed_targets):
+    out = tmp_path / "t"
+    kwargs = dict(k=16, temperature=4.0, chunk_size=512)
+    with pytest.raises(SimulatedKill):
+        build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=2)], **kwargs)
+    assert partial_dir(out).exists() and not out.exists()
+    build_targets(biomed_datastore, biomed_index, out, **kwargs)
+    for name in ("offsets.npy", "ids.npy", "probs.npy"):
+        assert (out / name).read_bytes() == (biomed_targets / name).read_bytes()
+
+
+def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_datastore, biomed_index, biomed_targets):
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "lightning_memdec", "build-targets", "--datastore", str(biomed_datastore),
+           "--index", str(biomed_index), "--out", str(out), "--k", "16", "--temperature", "4.0", "--chunk_size", "512",
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+    for name in ("offsets.npy", "ids.npy", "probs.npy"):
+        assert (out / name).read_bytes() == (biomed_targets / name).read_bytes()
+
+
+def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_index, biomed_corpus):
+    for kwargs, msg in [({"k": 0}, "k must be positive"), ({"temperature": 0.0}, "temperature must be positive"),
+                        ({"temperature": -1.0}, "temperature must be positive")]:
+        with pytest.raises(ValueError, match=msg):
+            build_targets(biomed_datastore, biomed_index, tmp_path / "t", **kwargs)
+    wide = save_tiny(tmp_path / "wide", n_embd=64)
+    wide_store = build_datastore(biomed_corpus, str(wide), tmp_path / "wds", window=64, stride=64, accelerator="cpu")
+    with pytest.raises(ArtifactError, match="dim=64 .*dim=32"):
+        build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=wide_store)
+    with pytest.raises(ArtifactError, match="index .* was built over datastore"):
+        build_targets(wide_store, biomed_index, tmp_path / "t")
+    text = tmp_path / "a.txt"
+    text.write_text(" ".join(["Proteins fold into shapes that decide their function."] * 30))
+    neox_corpus = tokenize([str(text)], tmp_path / "nc", "gpt-neox-20b")
+    neox_model = save_tiny(tmp_path / "neox", arch="gpt_neox", tokenizer="gpt-neox-20b", vocab=50277)
+    neox_store = build_datastore(neox_corpus, str(neox_model), tmp_path / "nds", window=64, stride=64, accelerator="cpu")
+    with pytest.raises(ArtifactError, match="tokenizer gpt-neox-20b .* but datastore .* uses gpt2"):
+        build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=neox_store)
+    assert not (tmp_path / "t").exists() and not partial_dir(tmp_path / "t").exists()
