@@ -99,7 +99,7 @@ class Corpus:
 
 
 def tokenize(
-    text: list[str],
+    text: str | list[str],
     out: Path,
     tokenizer: str = "gpt2",
     max_tokens: int | None = None,
@@ -117,6 +117,7 @@ def tokenize(
         batch_documents: documents tokenized per call of the fast tokenizer.
         overwrite: replace an existing output.
     """
+    text = [text] if isinstance(text, str) else list(text)
     if not text:
         raise ValueError("no input text given; pass --text FILE (or embedded:<domain>/<split>).")
     if max_tokens is not None and max_tokens < 2:

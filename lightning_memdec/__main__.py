@@ -1,0 +1,3 @@
+from lightning_memdec.cli import main
+
+main()

@@ -1,0 +1,215 @@
+"""`MemDecDataModule`: token windows with their position-aligned sparse kNN targets.
+
+A window of ``W`` positions starting at ``s`` holds input ids ``tokens[s:s+W]``, labels
+``tokens[s+1:s+W+1]`` and the CSR target rows ``s..s+W-1``; only its new positions (``loss_mask``)
+carry loss. Batches pad the support to the largest row in the batch (capped by ``max_support``), so the
+dense ``[B, W, V]`` target tensor is never built.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_memdec.corpus import Corpus, position_windows
+from lightning_memdec.targets import Targets, check_targets_match_corpus
+
+PAD_WINDOW = -1
+
+
+class WindowTargetsDataset(Dataset):
+    """Windows of a corpus with their targets; index ``-1`` is a fully masked filler window (see sampler).
+
+    Without ``targets`` the windows carry an empty support (plain language-model data, for CE-only
+    training such as pretraining a base or the paper's CE-only ablation).
+    """
+
+    def __init__(self, corpus: str | Path, targets: str | Path | None, window: int, stride: int, max_support: int | None = None):
+        self.corpus_dir = Path(corpus)
+        self.targets_dir = None if targets is None else Path(targets)
+        corpus_ = Corpus(corpus)
+        targets_meta = None
+        if targets is not None:
+            targets_ = Targets(targets)
+            check_targets_match_corpus(targets_, corpus_)
+            targets_meta = targets_.meta
+        self.windows = position_windows(corpus_.num_positions, window, stride)
+        self.window, self.max_support = window, max_support
+        self.meta = {"corpus": corpus_.meta, "targets": targets_meta}
+        self._corpus: Corpus | None = None
+        self._targets: Targets | None = None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _open(self) -> tuple[Corpus, Targets | None]:
+        # memmaps are opened lazily so each dataloader worker maps the files itself
+        if self._corpus is None:
+            self._corpus = Corpus(self.corpus_dir)
+            self._targets = None if self.targets_dir is None else Targets(self.targets_dir)
+        return self._corpus, self._targets
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        corpus, targets = self._open()
+        filler = j == PAD_WINDOW
+        j = 0 if filler else j
+        start, w = int(self.windows.starts[j]), self.window
+        tokens = np.asarray(corpus.tokens[start : start + w + 1], dtype=np.int64)
+        mask = np.arange(w) >= self.windows.score_from[j]
+        item = {
+            "input_ids": torch.from_numpy(tokens[:-1]),
+            "labels": torch.from_numpy(tokens[1:]),
+            "loss_mask": torch.from_numpy(mask & (not filler)),
+            "start": torch.tensor(-1 if filler else start),
+        }
+        if targets is None:
+            return {**item, "target_ids": torch.zeros(w, 1, dtype=torch.long), "target_probs": torch.zeros(w, 1)}
+        ids, probs = self._target_rows(targets, start)
+        return {**item, "target_ids": torch.from_numpy(ids), "target_probs": torch.from_numpy(probs)}
+
+    def _target_rows(self, targets: Targets, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """CSR rows of positions [start, start + W) as padded [W, support] arrays."""
+        w = self.window
+        offsets = np.asarray(targets.offsets[start : start + w + 1])
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        counts = np.diff(offsets)
+        rows = np.repeat(np.arange(w), counts)
+        cols = np.arange(hi - lo) - np.repeat(offsets[:-1] - lo, counts)
+        support = int(counts.max())
+        if self.max_support is not None:
+            support = min(support, self.max_support)
+        keep = cols < support
+        ids = np.zeros((w, support), dtype=np.int64)
+        probs = np.zeros((w, support), dtype=np.float32)
+        ids[rows[keep], cols[keep]] = targets.ids[lo:hi][keep]
+        probs[rows[keep], cols[keep]] = targets.probs[lo:hi][keep]
+        if self.max_support is not None and support < counts.max():
+            probs /= probs.sum(1, keepdims=True)  # rows are sorted by prob: the cap keeps the top tokens
+        return ids, probs
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack windows, padding the support dimension with probability-0 entries."""
+    support = max(item["target_ids"].shape[1] for item in items)
+    pad = lambda t: torch.nn.functional.pad(t, (0, support - t.shape[1]))
+    return {
+        "input_ids": torch.stack([i["input_ids"] for i in items]),
+        "labels": torch.stack([i["labels"] for i in items]),
+        "target_ids": torch.stack([pad(i["target_ids"]) for i in items]),
+        "target_probs": torch.stack([pad(i["target_probs"]) for i in items]),
+        "loss_mask": torch.stack([i["loss_mask"] for i in items]),
+        "start": torch.stack([i["start"] for i in items]),
+    }
+
+
+class EvenShardSampler(DistributedSampler):
+    """Each rank gets a disjoint share of the windows, padded with masked filler windows (index -1).
+
+    Every window is seen exactly once per epoch, and every rank runs the same number of steps, which
+    DDP/FSDP need (the standard sampler repeats windows instead, counting them twice).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.num_samples = math.ceil(len(dataset) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(n))
+        order += [PAD_WINDOW] * (self.total_size - n)
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+class MemDecDataModule(L.LightningDataModule):
+    """Streams token windows and sparse kNN targets from memmapped corpus and targets directories.
+
+    Args:
+        train_corpus: corpus directory of the training split (`memdec tokenize`).
+        train_targets: targets directory built for it (`memdec build-targets`); None trains on next
+            tokens alone (requires model.beta=0).
+        val_corpus: corpus directory of the validation split.
+        val_targets: targets for the validation split (queries = a datastore of that split).
+        window: positions per training window (the decoder's context length).
+        stride: new positions per window (= window: non-overlapping blocks, every position trained once).
+        batch_size: windows per batch and device.
+        max_support: cap on target tokens per position (the top ones, renormalised); None keeps all.
+        num_workers: dataloader worker processes.
+        seed: shuffling seed (the epoch is added each epoch).
+    """
+
+    def __init__(
+        self,
+        train_corpus: str,
+        train_targets: str | None = None,
+        val_corpus: str | None = None,
+        val_targets: str | None = None,
+        window: int = 1024,
+        stride: int | None = None,
+        batch_size: int = 8,
+        max_support: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if val_targets is not None and val_corpus is None:
+            raise ValueError("val_targets needs val_corpus.")
+        if (train_targets is None) != (val_targets is None) and val_corpus is not None:
+            raise ValueError("give targets for both train and validation splits, or for neither.")
+        self.save_hyperparameters()
+        self.stride = stride or window
+        self.train: WindowTargetsDataset | None = None
+        self.val: WindowTargetsDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        if self.train is None:
+            self.train = WindowTargetsDataset(h.train_corpus, h.train_targets, h.window, self.stride, h.max_support)
+        if self.val is None and h.val_corpus is not None:
+            self.val = WindowTargetsDataset(h.val_corpus, h.val_targets, h.window, self.stride, h.max_support)
+            if self.val.meta["corpus"]["tokenizer"]["fingerprint"] != self.train.meta["corpus"]["tokenizer"]["fingerprint"]:
+                raise ValueError(f"validation corpus {h.val_corpus} uses another tokenizer than training corpus {h.train_corpus}.")
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.train.meta["corpus"]["tokenizer"]["name"]
+
+    def provenance(self) -> dict:
+        """What the decoder was trained on, for the exported model's meta.json."""
+        t = self.train.meta["targets"] or {}
+        keys = ("model", "layer", "k", "temperature", "index_factory", "corpus", "corpus_sha256", "datastore", "tokenizer")
+        return {"train_targets": self.hparams.train_targets, **{k: t.get(k) for k in keys},
+                "tokenizer": self.train.meta["corpus"]["tokenizer"]}
+
+    def _loader(self, dataset: WindowTargetsDataset, shuffle: bool) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EvenShardSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=trainer is not None and trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val is None:
+            return []
+        return self._loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

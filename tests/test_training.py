@@ -1,0 +1,178 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_memdec.artifacts import ArtifactError
+from lightning_memdec.cli import lightning_cli
+from lightning_memdec.corpus import Corpus, position_windows, tokenize
+from lightning_memdec.data import PAD_WINDOW, EvenShardSampler, MemDecDataModule, WindowTargetsDataset, collate
+from lightning_memdec.module import MemoryDecoderModule, lr_lambda
+from lightning_memdec.targets import Targets
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DECODER = ["--model.config", '{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}']
+
+
+def data_args(pair, window=64, batch_size=2):
+    args = []
+    for key, value in pair.items():
+        args += [f"--data.{key}", value]
+    return args + ["--data.window", str(window), "--data.batch_size", str(batch_size), "--data.max_support", "16"]
+
+
+def test_dataset_aligns_tokens_targets_and_mask(biomed_targets_pair):
+    pair = biomed_targets_pair
+    ds = WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], window=64, stride=48)
+    corpus, targets = Corpus(pair["train_corpus"]), Targets(pair["train_targets"])
+    win = position_windows(corpus.num_positions, 64, 48)
+    assert len(ds) == len(win)
+    for j in [0, 1, len(ds) - 1]:
+        item, s = ds[j], int(win.starts[j])
+        np.testing.assert_array_equal(item["input_ids"], corpus.tokens[s : s + 64])
+        np.testing.assert_array_equal(item["labels"], corpus.tokens[s + 1 : s + 65])
+        np.testing.assert_array_equal(item["loss_mask"], np.arange(64) >= win.score_from[j])
+        for t in [0, 17, 63]:
+            ids, probs = targets.row(s + t)
+            n = len(ids)
+            np.testing.assert_array_equal(item["target_ids"][t, :n], ids)
+            np.testing.assert_allclose(item["target_probs"][t, :n], probs.astype(np.float32))
+            assert float(item["target_probs"][t, n:].sum()) == 0.0
+    filler = ds[PAD_WINDOW]
+    assert not filler["loss_mask"].any() and int(filler["start"]) == -1
+
+
+def test_support_cap_keeps_top_tokens_renormalised(biomed_targets_pair):
+    pair = biomed_targets_pair
+    ds = WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], window=64, stride=64, max_support=2)
+    item = ds[3]
+    assert item["target_ids"].shape[1] <= 2
+    np.testing.assert_allclose(item["target_probs"].sum(-1).numpy(), 1.0, atol=1e-5)
+    ids, probs = Targets(pair["train_targets"]).row(3 * 64 + 5)
+    assert item["target_ids"][5, 0] == ids[0]
+    batch = collate([ds[0], ds[1]])
+    assert batch["target_ids"].shape[:2] == (2, 64) and batch["input_ids"].dtype == torch.long
+
+
+def test_even_shard_sampler_covers_each_window_once():
+    dataset = list(range(11))
+    shards = [list(EvenShardSampler(dataset, num_replicas=3, rank=r, seed=1)) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    real = sorted(i for s in shards for i in s if i != PAD_WINDOW)
+    assert real == list(range(11))
+    sampler = EvenShardSampler(dataset, num_replicas=1, rank=0, seed=1)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert sorted(list(sampler)) == sorted(first) and list(sampler) != first
+
+
+def test_mismatched_targets_are_refused(tmp_path, biomed_targets_pair):
+    other = tokenize(["embedded:law/valid"], tmp_path / "law", "gpt2", max_tokens=3000)
+    with pytest.raises(ArtifactError, match="targets .* were built for a corpus"):
+        WindowTargetsDataset(other, biomed_targets_pair["train_targets"], window=64, stride=64)
+
+
+def test_without_targets_windows_carry_no_support(biomed_targets_pair):
+    ds = WindowTargetsDataset(biomed_targets_pair["train_corpus"], None, window=64, stride=64)
+    item = ds[1]
+    assert float(item["target_probs"].sum()) == 0.0 and item["loss_mask"].all()
+    np.testing.assert_array_equal(item["labels"][:-1], item["input_ids"][1:])
+
+
+def test_lr_schedule_shapes():
+    f = lr_lambda(total=100, warmup=10, schedule="cosine", min_ratio=0.1)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    g = lr_lambda(total=100, warmup=0, schedule="linear", min_ratio=0.0)
+    assert g(50) == pytest.approx(0.5)
+
+
+def test_fast_dev_run_fit_and_export(tmp_path, biomed_targets_pair):
+    root = tmp_path / "run"
+    cli = lightning_cli(["fit", *TINY_DECODER, *data_args(biomed_targets_pair),
+                         "--trainer.accelerator", "cpu", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2",
+                         "--trainer.val_check_interval", "3", "--trainer.default_root_dir", str(root),
+                         "--trainer.enable_progress_bar", "false", "--export.dirpath", str(root / "hf")])
+    metrics = cli.trainer.callback_metrics
+    for name in ["train/loss", "train/kl", "train/ce", "val/loss", "val/ppl"]:
+        assert name in metrics and torch.isfinite(metrics[name])
+    assert metrics["val/ppl"] == pytest.approx(torch.exp(metrics["val/ce"]), rel=1e-5)
+    exported = AutoModelForCausalLM.from_pretrained(root / "hf")
+    meta = json.loads((root / "hf" / "meta.json").read_text())
+    assert meta["global_step"] == 3 and meta["k"] == 32 and meta["tokenizer"]["name"] == "gpt2"
+    assert (root / "hf" / "tokenizer.json").is_file()
+    ids = torch.as_tensor(Corpus(biomed_targets_pair["val_corpus"]).window_ids(0, 32))[None]
+    module = cli.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, module(ids))
+    events = list(root.rglob("events.out.tfevents*"))
+    assert events, "TensorBoard logs are written by default"
+
+
+def test_resume_continues_step_count(tmp_path, biomed_targets_pair):
+    root = tmp_path / "run"
+    common = [*TINY_DECODER, *data_args(biomed_targets_pair), "--trainer.accelerator", "cpu",
+              "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+              "--trainer.limit_val_batches", "0", "--checkpoint.dirpath", str(root / "ckpt")]
+    lightning_cli(["fit", *common, "--trainer.max_steps", "2"])
+    assert (root / "ckpt" / "last.ckpt").is_file()
+    cli = lightning_cli(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 4
+    ckpt = torch.load(root / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 4
+
+
+def test_nan_loss_fails_fast_with_batch_position(biomed_targets_pair):
+    module = MemoryDecoderModule(config={"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2})
+    module.configure_model()
+    with torch.no_grad():
+        module.decoder.lm_head.weight.fill_(float("nan"))
+    ds = WindowTargetsDataset(biomed_targets_pair["train_corpus"], biomed_targets_pair["train_targets"], 64, 64)
+    batch = collate([ds[2], ds[5]])
+    with pytest.raises(FloatingPointError, match=r"positions \[128, 320\]"):
+        module.training_step(batch, 7)
+
+
+def test_module_argument_errors():
+    with pytest.raises(ValueError, match="exactly one of model"):
+        MemoryDecoderModule()
+    with pytest.raises(ValueError, match="beta must be in"):
+        MemoryDecoderModule(model="gpt2", beta=1.5)
+    with pytest.raises(ValueError, match="targets for both train and validation"):
+        MemDecDataModule("a", "b", val_corpus="c")
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "conf").rglob("*.yaml")))
+def test_every_config_parses(config, capsys, biomed_targets_pair):
+    args = ["--config", str(REPO / config)]
+    if "/model/" not in config and "/experiments/" not in config:
+        args += TINY_DECODER
+    if "/data/" not in config and "/experiments/" not in config:
+        args += data_args(biomed_targets_pair)
+    with pytest.raises(SystemExit) as exit_:
+        lightning_cli(args + ["--print_config"], run=False)
+    assert exit_.value.code in (0, None)
+    assert "trainer:" in capsys.readouterr().out
+
+
+def test_ddp_two_processes_see_each_window_once(tmp_path, biomed_targets_pair):
+    record = tmp_path / "record"
+    cmd = [sys.executable, "-m", "lightning_memdec", "fit", "--config", str(REPO / "conf/trainer/ddp_cpu.yaml"),
+           *TINY_DECODER, *data_args(biomed_targets_pair, batch_size=4), "--trainer.max_epochs", "1",
+           "--trainer.max_steps", "-1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+           "--trainer.default_root_dir", str(tmp_path / "run"),
+           "--trainer.callbacks+=recording.RecordWindows", f"--trainer.callbacks.path={record}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(seen[0]) == len(seen[1])
+    real = sorted(s for rank in seen for s in rank if s != -1)
+    corpus = Corpus(biomed_targets_pair["train_corpus"])
+    assert real == sorted(position_windows(corpus.num_positions, 64, 64).starts.tolist())
