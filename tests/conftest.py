@@ -63,3 +63,21 @@ def biomed_index(tmp_path_factory, biomed_datastore) -> Path:
     from lightning_memdec.index import build_index
 
     return build_index(biomed_datastore, tmp_path_factory.mktemp("indexes") / "flat", factory="Flat")
+
+
+@pytest.fixture(scope="session")
+def biomed_targets_pair(tmp_path_factory, biomed_corpus, biomed_datastore, biomed_index, tiny_gpt2) -> dict:
+    """Train and validation corpora with their kNN targets: what `memdec fit` consumes."""
+    from lightning_memdec.corpus import tokenize
+    from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.targets import build_targets
+
+    root = tmp_path_factory.mktemp("pair")
+    valid = tokenize(["embedded:biomed/test"], root / "corpus-valid", "gpt2", max_tokens=1200)
+    vstore = build_datastore(valid, str(tiny_gpt2), root / "ds-valid", window=64, stride=32, accelerator="cpu")
+    return {
+        "train_corpus": str(biomed_corpus),
+        "train_targets": str(build_targets(biomed_datastore, biomed_index, root / "t-train", k=32, temperature=4.0)),
+        "val_corpus": str(valid),
+        "val_targets": str(build_targets(biomed_datastore, biomed_index, root / "t-valid", queries=vstore, k=32, temperature=4.0)),
+    }
