@@ -64,7 +64,8 @@ class MemoryDecoderModule(L.LightningModule):
 
         h = self.hparams
         if h.model is not None:
-            self.decoder = AutoModelForCausalLM.from_pretrained(h.model)
+            # from_pretrained returns eval mode; Lightning keeps sub-module modes, so switch dropout back on
+            self.decoder = AutoModelForCausalLM.from_pretrained(h.model).train()
         else:
             if isinstance(h.config, str):
                 cfg = AutoConfig.from_pretrained(h.config)
