@@ -8,7 +8,7 @@ second sort orders each row by probability.
 Both sorts run on packed uint64 keys (numpy's SIMD sort is several times faster than an argsort, and
 the payload rides along for free): the first key is ``token << 32 | weight bits``, the second
 ``row | inverted prob bits | token``. Positive float32 bit patterns order like the floats they encode.
-Chunks are small enough to stay in cache and are handed to a few threads (numpy releases the GIL).
+Rows go in blocks to a few threads (numpy releases the GIL), each block in cache-sized chunks.
 """
 
 from __future__ import annotations
@@ -133,42 +133,44 @@ def _chunk(d, ids, qids, tok, temperature, k, row0, padded):
     start[:, 0] = True
     np.not_equal(hi[:, 1:], hi[:, :-1], out=start[:, 1:])
     flat_start = start.ravel()
-    seg = np.cumsum(flat_start, dtype=np.intp)
+    seg = np.cumsum(flat_start, dtype=np.intp)  # run number of every element, counted from 1
     seg -= 1
+    row_start = np.append(seg[::width], seg[-1] + 1)  # first run of each row, then the run count
+    counts = np.diff(row_start)
     starts = np.flatnonzero(flat_start)
-    sums = np.bincount(seg, weights=lo.view(np.float32).ravel(), minlength=starts.size)  # float64
-    seg_row = starts // width
-    row_start = np.searchsorted(seg_row, np.arange(rows + 1))
+    sums = np.zeros(starts.size)  # float64: exact enough to renormalise and threshold against
+    np.add.at(sums, seg, lo.view(np.float32).ravel().astype(np.float64))
     seg_tok = key.ravel()[starts] >> np.uint64(32)
-    probs = (sums / np.repeat(np.add.reduceat(sums, row_start[:-1]), np.diff(row_start))).astype(np.float32)
+    probs = (sums / np.repeat(np.add.reduceat(sums, row_start[:-1]), counts)).astype(np.float32)
+    seg_row = np.repeat(np.arange(rows), counts)
     # Zero-probability runs (only dropped neighbours, or underflowed weights) go, as nonzero() does.
     nonzero = probs > 0
     if not nonzero.all():
         probs, seg_row, seg_tok = probs[nonzero], seg_row[nonzero], seg_tok[nonzero]
         row_start = np.searchsorted(seg_row, np.arange(rows + 1))
-    counts = np.diff(row_start)
+        counts = np.diff(row_start)
 
-    # Order each row by prob descending, ties by smaller token: one flat sort of packed
-    # row | (0x7FFFFFFF - prob bits) | token; in blocks of rows if the bits do not fit in 64.
-    tok_bits = max(1, int(seg_tok.max()).bit_length())
-    block = 1 << (64 - 31 - tok_bits)
-    out_tok = np.empty(probs.size, dtype=np.int32)
-    out_prob = np.empty(probs.size, dtype=np.float32)
-    for r0 in range(0, rows, block):
-        a, b = row_start[r0], row_start[min(rows, r0 + block)]
-        k2 = seg_row[a:b].astype(np.uint64)
-        if r0:
-            k2 -= np.uint64(r0)
-        k2 <<= np.uint64(31)
-        k2 |= np.uint32(_P_INV) - probs[a:b].view(np.uint32)
-        k2 <<= np.uint64(tok_bits)
-        k2 |= seg_tok[a:b]
-        k2.sort()
-        np.bitwise_and(k2, np.uint64((1 << tok_bits) - 1), out=out_tok[a:b], casting="unsafe")
-        k2 >>= np.uint64(tok_bits)
-        inv = out_prob[a:b].view(np.uint32)
-        np.bitwise_and(k2, np.uint64(_P_INV), out=inv, casting="unsafe")
-        np.subtract(np.uint32(_P_INV), inv, out=inv)
+    # Order each row by prob descending, ties by smaller token: sort packed keys
+    # row | (0x7FFFFFFF - prob bits) | token, a few rows at a time (sorting is n log n, and the runs
+    # are already grouped by row), so the row needs only a few bits of the key.
+    tok_bits = max(1, int(seg_tok.max()).bit_length())  # <= 31, checked in _block
+    group = 1 << min(4, 64 - 31 - tok_bits)
+    k2 = seg_row.astype(np.uint64)
+    k2 &= np.uint64(group - 1)
+    k2 <<= np.uint64(31)
+    k2 |= np.uint32(_P_INV) - probs.view(np.uint32)
+    k2 <<= np.uint64(tok_bits)
+    k2 |= seg_tok
+    bounds = row_start[::group].tolist() + [len(k2)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        k2[a:b].sort()
+    out_tok = np.empty(len(k2), dtype=np.int32)
+    np.bitwise_and(k2, np.uint64((1 << tok_bits) - 1), out=out_tok, casting="unsafe")
+    k2 >>= np.uint64(tok_bits)
+    out_prob = np.empty(len(k2), dtype=np.float32)
+    inv = out_prob.view(np.uint32)
+    np.bitwise_and(k2, np.uint64(_P_INV), out=inv, casting="unsafe")
+    np.subtract(np.uint32(_P_INV), inv, out=inv)
     return counts, out_tok, out_prob
 
 
