@@ -1,4 +1,4 @@
-"""Lightning callbacks: export the trained decoder as a Hugging Face model directory."""
+"""Lightning callbacks: export the trained decoder as a Hugging Face model directory; cross-model validation."""
 
 from __future__ import annotations
 
@@ -50,3 +50,128 @@ class ExportHuggingFace(L.Callback):
             **provenance,
         )
         write_json_atomic(out / "meta.json", meta)
+
+
+class CrossModelEval(L.Callback):
+    """During validation, the perplexity of each configured base LM alone and mixed with the decoder being trained.
+
+    The Memory Decoder is meant to plug into any base LM of its tokenizer, so this tracks the quantity that matters
+    (base + decoder at λ) for several bases while training. The first ``max_batches`` validation batches of each
+    epoch (per rank) are run through every base; sums are reduced over ranks before logging:
+    ``val/ppl_base/<base>``, ``val/ppl_mix/<base>`` (at the first λ) and, with several λ, ``val/ppl_mix/<base>@<λ>``.
+
+    Args:
+        bases: base LMs (names or directories), loaded once onto the training device (eval mode, no gradients).
+        lambdas: the decoder's weight(s) λ in the mixture.
+        max_batches: validation batches per epoch and rank used for these metrics.
+    """
+
+    def __init__(self, bases: list[str], lambdas: list[float] | float = 0.25, max_batches: int = 8):
+        from lightning_memdec.interpolate import check_lmbda
+
+        bases = [bases] if isinstance(bases, str) else list(bases)
+        if not bases:
+            raise ValueError("CrossModelEval needs at least one base LM in bases.")
+        self.names = [Path(str(b).rstrip("/")).name or str(b) for b in bases]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"CrossModelEval bases must have distinct names (last path components), got {self.names}.")
+        lambdas = [lambdas] if isinstance(lambdas, (int, float)) else list(lambdas)
+        if not lambdas:
+            raise ValueError("CrossModelEval needs at least one λ in lambdas.")
+        if max_batches <= 0:
+            raise ValueError(f"max_batches must be positive, got {max_batches}.")
+        self.bases, self.lambdas, self.max_batches = bases, [check_lmbda(x) for x in lambdas], max_batches
+        self.models = None
+        self.vocab = None
+        self._nll = self._count = None
+
+    # -- models ------------------------------------------------------------------------------------------------
+    def load_bases(self, decoder, data_tokenizer: dict | None) -> None:
+        """Load every base once; refuse one whose tokenizer (or vocabulary) is not the decoder's."""
+        from lightning_memdec.artifacts import describe_tokenizer, tokenizer_info
+        from lightning_memdec.interpolate import _find_tokenizer, _output_rows
+        from lightning_memdec.keys import load_causal_lm
+
+        decoder_rows = _output_rows(decoder)
+        vocab = data_tokenizer["vocab_size"] if data_tokenizer is not None else decoder_rows
+        models = []
+        for ref in self.bases:
+            model = load_causal_lm(ref).eval().requires_grad_(False)
+            tok = _find_tokenizer(ref, model)
+            if tok is not None and data_tokenizer is not None:
+                info = tokenizer_info(tok, Path(str(ref).rstrip("/")).name or str(ref))
+                if info["fingerprint"] != data_tokenizer["fingerprint"]:
+                    raise ValueError(
+                        f"base LM {ref} uses tokenizer {describe_tokenizer(info)}, but the decoder is trained on "
+                        f"{describe_tokenizer(data_tokenizer)}; CrossModelEval needs bases of the decoder's tokenizer."
+                    )
+            rows = _output_rows(model)
+            if rows < vocab or (data_tokenizer is None and rows != decoder_rows):
+                raise ValueError(
+                    f"base LM {ref} has {rows} output ids but the decoder has {decoder_rows} (data vocabulary {vocab}); "
+                    "CrossModelEval needs bases of the decoder's tokenizer."
+                )
+            models.append(model)
+        self.models, self.vocab = models, vocab
+
+    def _ensure_loaded(self, trainer, pl_module) -> None:
+        if self.models is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            train = getattr(datamodule, "train", None)
+            meta = getattr(train, "meta", None) or {}
+            self.load_bases(pl_module.decoder, meta.get("corpus", {}).get("tokenizer"))
+        for i, model in enumerate(self.models):
+            if model.device != pl_module.device:
+                self.models[i] = model.to(pl_module.device)
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._ensure_loaded(trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        import torch
+
+        self._nll = torch.zeros(len(self.bases), 1 + len(self.lambdas), dtype=torch.float64, device=pl_module.device)
+        self._count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        import torch
+
+        from lightning_memdec.interpolate import interpolate_log_probs
+
+        if trainer.sanity_checking or dataloader_idx != 0 or batch_idx >= self.max_batches:
+            return
+        mask = batch["loss_mask"].bool()
+        if not mask.any():
+            return
+        gold = batch["labels"][mask]
+
+        def gold_log_probs(model):
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits[mask][:, : self.vocab].float()
+            return (logits.gather(-1, gold[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).double()
+
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            decoder = gold_log_probs(pl_module.decoder)
+            for i, model in enumerate(self.models):
+                base = gold_log_probs(model)
+                self._nll[i, 0] -= base.sum()
+                for j, lmbda in enumerate(self.lambdas, start=1):
+                    self._nll[i, j] -= interpolate_log_probs(base, decoder, lmbda).sum()
+        self._count += mask.sum()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self._nll is None:
+            return
+        nll = trainer.strategy.reduce(self._nll, reduce_op="sum")
+        count = trainer.strategy.reduce(self._count, reduce_op="sum")
+        if count <= 0:
+            return
+        ppl = (nll / count).exp().float()
+        metrics = {}
+        for i, name in enumerate(self.names):
+            metrics[f"val/ppl_base/{name}"] = ppl[i, 0]
+            metrics[f"val/ppl_mix/{name}"] = ppl[i, 1]
+            if len(self.lambdas) > 1:
+                for j, lmbda in enumerate(self.lambdas, start=1):
+                    metrics[f"val/ppl_mix/{name}@{lmbda:g}"] = ppl[i, j]
+        pl_module.log_dict(metrics, sync_dist=False)

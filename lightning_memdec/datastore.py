@@ -29,35 +29,8 @@ from lightning_memdec.artifacts import (
 from lightning_memdec.corpus import Corpus, position_windows
 from lightning_memdec.keys import KeyCapture, body, load_causal_lm, load_model_tokenizer
 from lightning_memdec.sharded import chunk_loader, mark_done, progress_dir, run_sharded_predict
+from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
 
-KEYS = "keys.npy"
-VALUES = "values.npy"
-
-
-class Datastore:
-    """A finished datastore directory: ``keys.npy`` [N, d] fp16, ``values.npy`` [N] int32, ``meta.json``."""
-
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        self.meta = read_meta(self.dir, kind="datastore")
-        n, d = self.meta["num_entries"], self.meta["dim"]
-        self.keys = open_checked(self.dir, KEYS, (n, d), "float16")
-        self.values = open_checked(self.dir, VALUES, (n,), "int32")
-
-    @property
-    def tokenizer(self) -> dict:
-        return self.meta["tokenizer"]
-
-    @property
-    def dim(self) -> int:
-        return self.meta["dim"]
-
-    def __len__(self) -> int:
-        return self.meta["num_entries"]
-
-    def identity(self) -> dict:
-        """What makes two datastores the same entries: corpus content, model and key layer."""
-        return {k: self.meta[k] for k in ("corpus_sha256", "model", "layer", "window", "stride", "num_entries")}
 
 
 class KeyExtractor(L.LightningModule):
@@ -249,14 +222,3 @@ def _check_layer(config, layer: str) -> None:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     resolve_layer(skeleton, layer)
-
-
-def check_compatible(queries: Datastore, store: Datastore) -> None:
-    """Queries and store must share tokenizer and key space; the message names both sides."""
-    check_same_tokenizer(queries.tokenizer, f"query datastore {queries.dir}", store.tokenizer, f"datastore {store.dir}")
-    for field in ("dim", "model", "layer"):
-        if queries.meta[field] != store.meta[field]:
-            raise ArtifactError(
-                f"query datastore {queries.dir} has {field}={queries.meta[field]!r} but datastore {store.dir} has "
-                f"{field}={store.meta[field]!r}; build both with the same base LM and key layer."
-            )

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
-from lightning_memdec.datastore import Datastore
+from lightning_memdec.store import Datastore
 
 INDEX = "index.faiss"
 FLAT_MAX_ENTRIES = 200_000
@@ -139,3 +139,15 @@ class KeyIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared-L2 distances [n, k] float32 and ids [n, k] int64 (-1 where fewer than k exist)."""
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def exact_squared_l2(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Recompute ||q − k_id||² in fp32 from the stored keys (IVF-PQ distances are approximate); +inf where an id
+    is missing (-1). Each distinct key is read from the memmap once."""
+    flat = ids.reshape(-1)
+    valid = flat >= 0
+    uniq, inverse = np.unique(flat[valid], return_inverse=True)
+    gathered = np.zeros((flat.size, keys.shape[1]), dtype=np.float32)
+    gathered[valid] = np.asarray(keys[uniq], dtype=np.float32)[inverse]
+    dist = ((gathered.reshape(*ids.shape, -1) - np.asarray(queries, dtype=np.float32)[:, None, :]) ** 2).sum(-1)
+    return np.where(ids >= 0, dist, np.inf).astype(np.float32)

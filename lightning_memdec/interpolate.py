@@ -9,6 +9,9 @@ computed in log space. :class:`InterpolatedLM` is a Hugging Face ``PreTrainedMod
 whose ``logits`` are these mixed log-probabilities, so ``generate()`` (greedy, sampling, beam search) works
 unchanged: ``log_softmax`` of a log-distribution is the identity. Each model keeps its own KV cache inside a
 :class:`PairCache`, which beam search reorders as one. This module deliberately does not import Lightning.
+
+:class:`KNNLM` is the paper's baseline: the same mixture with p_kNN from live datastore retrieval in place of the
+decoder.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
@@ -28,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lightning_memdec.artifacts import describe_tokenizer, tokenizer_info
 
-__all__ = ["InterpolatedLM", "InterpolatedLMConfig", "PairCache", "interpolate_log_probs", "check_lmbda"]
+__all__ = ["InterpolatedLM", "InterpolatedLMConfig", "KNNLM", "PairCache", "interpolate_log_probs", "check_lmbda"]
 
 
 def check_lmbda(lmbda: float) -> float:
@@ -56,7 +60,15 @@ def interpolate_log_probs(base_log_probs: torch.Tensor, memdec_log_probs: torch.
         return base_log_probs
     if lmbda == 1.0:
         return memdec_log_probs
-    return torch.logaddexp(base_log_probs + math.log1p(-lmbda), memdec_log_probs + math.log(lmbda))
+    log_base_w, log_mem_w = math.log1p(-lmbda), math.log(lmbda)
+    needs_grad = torch.is_grad_enabled() and (base_log_probs.requires_grad or memdec_log_probs.requires_grad)
+    if needs_grad or base_log_probs.shape != memdec_log_probs.shape or base_log_probs.dtype != memdec_log_probs.dtype:
+        return torch.logaddexp(base_log_probs + log_base_w, memdec_log_probs + log_mem_w)
+    # Same value, one [.., V] allocation instead of three: logaddexp(a + c1, b + c2) = c1 + logaddexp(a, b + c2 - c1).
+    # At vocabulary width, allocating (page-faulting) fresh tensors costs more than the arithmetic.
+    out = memdec_log_probs + (log_mem_w - log_base_w)
+    torch.logaddexp(base_log_probs, out, out=out)
+    return out.add_(log_base_w)
 
 
 class InterpolatedLMConfig(PreTrainedConfig):
@@ -464,3 +476,249 @@ def _cache_arg_name(model) -> str:
     """transformers 5 calls the cache ``cache``; older/remote-code models still say ``past_key_values``."""
     params = _forward_params(model)
     return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
+
+
+# -- kNN-LM baseline ---------------------------------------------------------------------------------------------------
+
+def _key_dim(model: PreTrainedModel, capture) -> int:
+    """Width of the key layer's output, from a two-token forward pass of the transformer body."""
+    from lightning_memdec.keys import body
+
+    with torch.no_grad(), capture.capturing() as cap:
+        body(model)(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), use_cache=False)
+    return int(cap.value.shape[-1])
+
+
+def _positions(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """Position ids counted over real tokens, so left-padded rows are scored as if unpadded (as InterpolatedLM)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 0)[:, -length:]
+
+
+class KNNLM(torch.nn.Module):
+    """The kNN-LM baseline (Khandelwal et al., 2020) as the paper evaluates it: base LM + live datastore retrieval.
+
+    p(y | x) = (1 − λ)·p_base(y | x) + λ·p_kNN(y | x), with p_kNN(y) = Σ_{j: v_j = y} softmax_j(−d_j / T) over the
+    k nearest datastore keys (squared L2), queried with the base's own hidden state at the datastore's key layer.
+
+    Args:
+        base: the base LM that built the datastore (``PreTrainedModel`` or name/path).
+        datastore: datastore directory (or an opened ``Datastore``).
+        index: index directory over that datastore (or an opened ``KeyIndex``).
+        k: neighbours per query (paper: 1024); capped at the datastore size.
+        temperature: T of the softmax over −distances (paper: 16).
+        lmbda: the kNN weight λ ∈ [0, 1].
+        exact_distances: recompute fp32 distances from the stored keys (IVF-PQ distances are approximate).
+        tokenizer: the base's tokenizer, when its directory has none (checked against the datastore's).
+        nprobe: IVF lists visited per query (default: the index's meta.json).
+        **load_kwargs: ``from_pretrained`` arguments for a base given by name/path.
+    """
+
+    def __init__(
+        self,
+        base: PreTrainedModel | str | Path,
+        datastore,
+        index,
+        k: int = 1024,
+        temperature: float = 16.0,
+        lmbda: float = 0.25,
+        exact_distances: bool = False,
+        tokenizer=None,
+        nprobe: int | None = None,
+        **load_kwargs,
+    ):
+        super().__init__()
+        from lightning_memdec.keys import KeyCapture
+
+        self._lmbda = check_lmbda(lmbda)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k (neighbours per query) must be a positive integer, got {k!r}.")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        base_ref = base
+        base = _load_model(base_ref, "base", **load_kwargs)
+        from lightning_memdec.index import KeyIndex
+        from lightning_memdec.store import Datastore
+
+        self.store = Datastore(datastore) if isinstance(datastore, (str, Path)) else datastore
+        self.key_index = KeyIndex(index, nprobe=nprobe) if isinstance(index, (str, Path)) else index
+        meta = self.store.meta
+        where = f"datastore {self.store.dir}"
+        if self.key_index.meta.get("datastore_identity") != self.store.identity():
+            raise ValueError(
+                f"index {self.key_index.dir} was built over datastore {self.key_index.meta.get('datastore')}, not over "
+                f"{self.store.dir} (their corpus/model/layer/size differ); pass the index built for this datastore."
+            )
+        self.vocab = self._check_tokenizer(base_ref, base, tokenizer, meta, where)
+        base_type = getattr(base.config, "model_type", None)
+        if meta.get("model_type") is not None and base_type != meta["model_type"]:
+            raise ValueError(
+                f"{where} was built with a {meta['model_type']!r} model ({meta['model']}), but the base LM "
+                f"{base.name_or_path or type(base).__name__} is a {base_type!r}; kNN-LM queries must come from the "
+                "model that built the datastore."
+            )
+        self.capture = KeyCapture(base, meta["layer"])
+        dim = _key_dim(base, self.capture)
+        if dim != meta["dim"]:
+            raise ValueError(
+                f"{where} holds {meta['dim']}-dim keys from layer {meta['layer']} of {meta['model']}, but that layer of "
+                f"the base LM {base.name_or_path or type(base).__name__} gives {dim}-dim keys; use the base that "
+                "built the datastore (or build a datastore with this base)."
+            )
+        name = str(getattr(base, "name_or_path", "") or "")
+        if name and Path(name).name != Path(str(meta["model"])).name:
+            warnings.warn(
+                f"{where} was built with {meta['model']}, but the base LM is {name}: keys only match when the weights do.",
+                stacklevel=2,
+            )
+        self.base = base.eval()
+        self.k = int(min(k, meta["num_entries"]))
+        self.temperature = float(temperature)
+        self.exact_distances = bool(exact_distances)
+        self.values = np.asarray(self.store.values)  # int32, 4 bytes an entry: read once, gathered per query
+
+    @staticmethod
+    def _check_tokenizer(base_ref, base, tokenizer, meta: dict, where: str) -> int:
+        """The base must number tokens like the datastore's values do; returns the shared vocabulary size."""
+        expected = meta["tokenizer"]
+        tok = tokenizer if tokenizer is not None else _find_tokenizer(base_ref, base)
+        rows = _output_rows(base)
+        if tok is not None:
+            info = tokenizer_info(tok, _tokenizer_name(tok, "base"))
+            if info["fingerprint"] != expected["fingerprint"]:
+                raise ValueError(
+                    f"{where} was built with tokenizer {describe_tokenizer(expected)}, but the base LM uses "
+                    f"{describe_tokenizer(info)}; use the base (and tokenizer) that built the datastore."
+                )
+        else:
+            warnings.warn(
+                f"the base LM has no tokenizer to check against {where}'s ({describe_tokenizer(expected)}); "
+                "pass tokenizer= to verify.",
+                stacklevel=3,
+            )
+        if rows < expected["vocab_size"]:
+            raise ValueError(
+                f"the base LM's head has {rows} rows, but {where} uses tokenizer {describe_tokenizer(expected)}."
+            )
+        return int(expected["vocab_size"])
+
+    @property
+    def lmbda(self) -> float:
+        return self._lmbda
+
+    @lmbda.setter
+    def lmbda(self, value: float) -> None:
+        self._lmbda = check_lmbda(value)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    # -- pieces ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def base_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Base logits ``[B, T, V]`` (sliced to the shared vocabulary) and query keys ``[B, T, d]`` in one pass."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        with self.capture.capturing() as cap:
+            out = self.base(
+                input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=_positions(attention_mask, input_ids.shape[1]), use_cache=False, return_dict=True,
+            )
+        return out.logits[..., : self.vocab].float(), cap.value
+
+    def neighbours(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-weights ``log softmax_j(−d_j/T)`` ``[n, k]`` float64 (−inf for missing) and their tokens ``[n, k]``."""
+        queries = keys.detach().reshape(-1, keys.shape[-1]).float().cpu().numpy()
+        dist, ids = self.key_index.search(queries, self.k)
+        if self.exact_distances:
+            from lightning_memdec.index import exact_squared_l2
+
+            dist = exact_squared_l2(queries, self.store.keys, ids)
+        dist = np.where(ids >= 0, dist, np.inf)
+        tokens = np.take(self.values, ids, mode="clip").astype(np.int64)
+        scores = torch.from_numpy(-dist.astype(np.float64) / self.temperature)
+        return torch.log_softmax(scores, dim=-1), torch.from_numpy(tokens)
+
+    def knn_gold_log_probs(self, keys: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        """log p_kNN(gold) ``[n]`` float64: the weight of the neighbours whose value is the gold token (no [n, V])."""
+        log_w, tokens = self.neighbours(keys)
+        match = tokens == gold.reshape(-1, 1).cpu().long()
+        return torch.logsumexp(log_w.masked_fill(~match, -math.inf), dim=-1)
+
+    def knn_log_probs(self, keys: torch.Tensor) -> torch.Tensor:
+        """Dense log p_kNN ``[n, V]`` float32 (−inf off the neighbours' tokens)."""
+        log_w, tokens = self.neighbours(keys)
+        probs = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.float32)
+        probs.scatter_add_(1, tokens, log_w.exp().float())
+        return probs.log_()
+
+    # -- the mixture -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixed next-token log-probabilities ``[B, T, V]`` (float32); padded positions keep the base's."""
+        logits, keys = self.base_forward(input_ids, attention_mask)
+        base_lp = F.log_softmax(logits, dim=-1)
+        if self.lmbda == 0.0:
+            return base_lp
+        if attention_mask is None:  # every position is real: no masked copies of [B, T, V] tensors
+            knn = self.knn_log_probs(keys.reshape(-1, keys.shape[-1])).to(base_lp.device)
+            return interpolate_log_probs(base_lp, knn.view_as(base_lp), self.lmbda)
+        real = attention_mask.to(base_lp.device).bool()
+        knn = self.knn_log_probs(keys[real]).to(base_lp.device)
+        out = base_lp.clone()
+        out[real] = interpolate_log_probs(base_lp[real], knn, self.lmbda)
+        return out
+
+    forward = log_probs
+
+    @torch.no_grad()
+    def generate_greedy(self, input_ids: torch.LongTensor, max_new_tokens: int) -> torch.LongTensor:
+        """Greedy decoding from the mixture with the base's KV cache: one base step and one retrieval per token.
+
+        Rows are continued independently (no padding, no early stop), as a latency baseline; λ = 0 skips retrieval.
+        """
+        cache_arg = _cache_arg_name(self.base)
+        ids = input_ids.to(self.device)
+        step, cache = ids, None
+        for _ in range(max_new_tokens):
+            with self.capture.capturing() as cap:
+                out = self.base(input_ids=step, use_cache=True, return_dict=True, **{cache_arg: cache})
+            cache = getattr(out, cache_arg)
+            log_probs = F.log_softmax(out.logits[:, -1, : self.vocab].float(), dim=-1)
+            if self.lmbda > 0.0:
+                knn = self.knn_log_probs(cap.value[:, -1]).to(log_probs.device)
+                log_probs = interpolate_log_probs(log_probs, knn, self.lmbda)
+            step = log_probs.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step], dim=1)
+        return ids
+
+    @torch.no_grad()
+    def gold_log_probs(
+        self, input_ids: torch.LongTensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-position log-probabilities of the gold next tokens, for perplexity, without any dense kNN tensor.
+
+        ``labels[b, t]`` is the token that follows position ``t`` (already shifted); −100 (or a padded position)
+        skips it: no retrieval, 0 in every output. Returns float64 ``[B, T]`` tensors on the CPU: ``base``,
+        ``knn`` (p_kNN alone, may be −inf) and ``mix`` (at the current λ).
+        """
+        logits, keys = self.base_forward(input_ids, attention_mask)
+        labels = labels.to(logits.device)
+        scored = labels != -100
+        if attention_mask is not None:
+            scored &= attention_mask.to(logits.device).bool()
+        gold = labels.clamp(min=0)
+        base = (logits.gather(-1, gold[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)).double().cpu()
+        scored = scored.cpu()
+        knn = torch.zeros_like(base)
+        if scored.any():
+            knn[scored] = self.knn_gold_log_probs(keys[scored.to(keys.device)], gold.cpu()[scored])
+        base = base.masked_fill(~scored, 0.0)
+        mix = interpolate_log_probs(base, knn, self.lmbda).masked_fill(~scored, 0.0)
+        return {"base": base, "knn": knn, "mix": mix}

@@ -22,8 +22,8 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, open_checked, publish, read_meta, start_work_dir
-from lightning_memdec.datastore import Datastore, check_compatible
-from lightning_memdec.index import KeyIndex
+from lightning_memdec.store import Datastore, check_compatible
+from lightning_memdec.index import KeyIndex, exact_squared_l2
 from lightning_memdec.sharded import chunk_loader, done_chunks, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions
 
@@ -49,19 +49,6 @@ class Targets:
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.offsets[i], self.offsets[i + 1]
         return np.asarray(self.ids[lo:hi]), np.asarray(self.probs[lo:hi])
-
-
-def exact_squared_l2(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Recompute ||q − k_id||² in fp32 from the stored keys (IVF-PQ distances are approximate)."""
-    flat = ids.reshape(-1)
-    valid = flat >= 0
-    uniq, inverse = np.unique(flat[valid], return_inverse=True)
-    gathered = np.zeros((flat.size, keys.shape[1]), dtype=np.float32)
-    gathered[valid] = np.asarray(keys[uniq], dtype=np.float32)[inverse]
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    k = torch.from_numpy(gathered).view(*ids.shape, -1)
-    dist = ((k - q[:, None, :]) ** 2).sum(-1).numpy()
-    return np.where(ids >= 0, dist, np.inf).astype(np.float32)
 
 
 class KNNTargetSearcher(L.LightningModule):

@@ -1,0 +1,292 @@
+"""Evaluation: KNNLM against brute force, sliding-window perplexity against a token loop, λ sweeps, the
+`memdec evaluate` report, and the CrossModelEval callback in a short fit. Tiny random models, real text."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from conftest import save_tiny
+from lightning_memdec.assets import load_tokenizer
+from lightning_memdec.callbacks import CrossModelEval
+from lightning_memdec.cli import lightning_cli, main
+from lightning_memdec.corpus import position_windows
+from lightning_memdec.datastore import Datastore
+from lightning_memdec.evaluate import (
+    evaluate, generation_throughput, knnlm_scorer, lm_scorer, mix_log_probs, model_latency, perplexity,
+    sliding_gold_log_probs,
+    sweep_lambda, text_tokens,
+)
+from lightning_memdec.interpolate import KNNLM
+
+V = 50257
+TINY_DECODER = ["--model.config", '{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}']
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A decoder and a second (cross-architecture) base of the GPT-2 tokenizer; a base of another tokenizer."""
+    root = tmp_path_factory.mktemp("eval-models")
+    return {
+        "memdec": save_tiny(root / "memdec", n_embd=32, seed=1),
+        "llama": save_tiny(root / "llama-base", arch="llama", n_embd=32, seed=2),
+        "wide": save_tiny(root / "gpt2-wide", n_embd=48, seed=3),
+        "neox": save_tiny(root / "neox", arch="gpt_neox", vocab=50277, tokenizer="gpt-neox-20b", seed=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def knnlm(tiny_gpt2, biomed_datastore, biomed_index):
+    return KNNLM(tiny_gpt2, biomed_datastore, biomed_index, k=16, temperature=4.0, lmbda=0.3)
+
+
+@pytest.fixture(scope="module")
+def test_tokens(tiny_gpt2):
+    return text_tokens("embedded:biomed/test", load_tokenizer(str(tiny_gpt2)), max_tokens=160)
+
+
+def brute_force_knn(store: Datastore, queries: np.ndarray, k: int, temperature: float) -> np.ndarray:
+    """Dense p_kNN [n, V] in float64: all distances, the k smallest, softmax(−d/T), summed per token."""
+    keys = np.asarray(store.keys, dtype=np.float64)
+    values = np.asarray(store.values)
+    out = np.zeros((len(queries), V))
+    for row, q in enumerate(queries.astype(np.float64)):
+        d = ((keys - q) ** 2).sum(1)
+        near = np.argsort(d, kind="stable")[:k]
+        w = np.exp(-(d[near] - d[near].min()) / temperature)
+        np.add.at(out[row], values[near], w / w.sum())
+    return out
+
+
+# -- KNNLM ------------------------------------------------------------------------------------------------------
+
+
+def test_knnlm_endpoints_and_rows_sum_to_one(knnlm, test_tokens):
+    ids = torch.as_tensor(test_tokens[:40])[None]
+    with torch.no_grad():
+        base = F.log_softmax(knnlm.base(ids).logits.float(), -1)
+    lp = knnlm.log_probs(ids)
+    torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(1, 40, dtype=torch.float64), atol=1e-5, rtol=0)
+    _, keys = knnlm.base_forward(ids)
+    knn = knnlm.knn_log_probs(keys[0])
+    torch.testing.assert_close(lp[0].double(), torch.logaddexp(base[0].double() + math.log(0.7), knn.double() + math.log(0.3)),
+                               atol=1e-5, rtol=1e-5)
+    knnlm.lmbda = 0.0
+    assert torch.equal(knnlm.log_probs(ids), base)
+    knnlm.lmbda = 1.0
+    assert torch.equal(knnlm.log_probs(ids)[0], knn)
+    knnlm.lmbda = 0.3
+    assert (knn.exp() > 0).sum(-1).max() <= 16  # support: at most the k neighbours' tokens
+
+
+@pytest.mark.parametrize("k, exact", [(8, False), (2999, True)])
+def test_knn_distribution_equals_brute_force(tiny_gpt2, biomed_datastore, biomed_index, test_tokens, k, exact):
+    lm = KNNLM(tiny_gpt2, biomed_datastore, biomed_index, k=k, temperature=4.0, lmbda=0.5, exact_distances=exact)
+    ids = torch.as_tensor(test_tokens[:24])[None]
+    _, keys = lm.base_forward(ids)
+    queries = keys[0].numpy()
+    expected = brute_force_knn(Datastore(biomed_datastore), queries, k, 4.0)
+    got = lm.knn_log_probs(keys[0]).double().exp().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    # the gold-token path: the weight of the neighbours holding the gold token, no dense tensor
+    gold = torch.as_tensor(test_tokens[1:25])
+    gold_lp = lm.knn_gold_log_probs(keys[0], gold).numpy()
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(np.exp(gold_lp), expected[np.arange(24), gold.numpy()], rtol=1e-4, atol=1e-9)
+    out = lm.gold_log_probs(ids, gold[None])
+    dense = lm.log_probs(ids)[0].gather(-1, gold[:, None])[:, 0].double()
+    torch.testing.assert_close(out["mix"][0], dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["mix"][0].numpy(), mix_log_probs(out["base"][0].numpy(), gold_lp, 0.5))
+
+
+# -- perplexity ---------------------------------------------------------------------------------------------------
+
+
+def test_sliding_perplexity_equals_token_loop(tiny_gpt2, models, knnlm, test_tokens):
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    decoder = AutoModelForCausalLM.from_pretrained(models["memdec"]).eval()
+    window, stride = 64, 24
+    got = sliding_gold_log_probs(test_tokens, window, stride, 3, lm_scorer(decoder, V, "memdec"))["memdec"]
+    with_knn = sliding_gold_log_probs(test_tokens, window, stride, 2, knnlm_scorer(knnlm))
+    n = len(test_tokens) - 1
+    wins = position_windows(n, window, stride)
+    loop_base, loop_dec, loop_mix = np.zeros(n), np.zeros(n), np.zeros(n)
+    with torch.no_grad():
+        for j in range(len(wins)):
+            s = int(wins.starts[j])
+            for i in wins.scored_positions(j):
+                context = torch.as_tensor(test_tokens[s : i + 1])[None]
+                assert j == 0 or context.shape[1] >= window - stride + 1
+                gold = int(test_tokens[i + 1])
+                loop_base[i] = F.log_softmax(base(context).logits[0, -1].double(), -1)[gold]
+                loop_dec[i] = F.log_softmax(decoder(context).logits[0, -1].double(), -1)[gold]
+                loop_mix[i] = knnlm.log_probs(context)[0, -1, gold]
+    np.testing.assert_allclose(got, loop_dec, atol=1e-4)
+    np.testing.assert_allclose(with_knn["base"], loop_base, atol=1e-4)
+    np.testing.assert_allclose(mix_log_probs(with_knn["base"], with_knn["knn"], 0.3), loop_mix, atol=1e-4)
+    assert perplexity(got) == pytest.approx(math.exp(-loop_dec.mean()), rel=1e-5)
+    # λ = 0 is the base and λ = 1 the decoder, exactly
+    assert np.array_equal(mix_log_probs(with_knn["base"], got, 0.0), with_knn["base"])
+    assert np.array_equal(mix_log_probs(with_knn["base"], got, 1.0), got)
+
+
+def test_lambda_sweep_picks_the_argmin():
+    rng = np.random.default_rng(0)
+    base = np.log(rng.uniform(0.01, 0.5, 500))
+    other = np.log(rng.uniform(0.01, 0.9, 500))
+    grid = [0.1, 0.3, 0.5, 0.7, 0.9]
+    best, ppls = sweep_lambda(base, other, grid)
+    direct = [math.exp(-np.mean(np.log((1 - x) * np.exp(base) + x * np.exp(other)))) for x in grid]
+    np.testing.assert_allclose(ppls, direct, rtol=1e-10)
+    assert best == grid[int(np.argmin(direct))]
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, biomed_index):
+    with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
+        KNNLM(tiny_gpt2, biomed_datastore, biomed_index, lmbda=1.5)
+    with pytest.raises(ValueError, match="k .* positive integer"):
+        KNNLM(tiny_gpt2, biomed_datastore, biomed_index, k=0)
+    with pytest.raises(ValueError, match=r"datastore .* tokenizer gpt2 \(vocab 50257.*base LM uses neox \(vocab 50277"):
+        KNNLM(models["neox"], biomed_datastore, biomed_index)
+    with pytest.raises(ValueError, match="32-dim keys .* gives 48-dim keys"):
+        KNNLM(models["wide"], biomed_datastore, biomed_index)
+    with pytest.raises(ValueError, match="built with a 'gpt2' model .* is a 'llama'"):
+        KNNLM(models["llama"], biomed_datastore, biomed_index)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no text"):
+        text_tokens(empty, load_tokenizer("gpt2"))
+    common = dict(bases=[str(tiny_gpt2)], test="embedded:biomed/test", out=tmp_path / "r", max_tokens=200, window=32, stride=16)
+    with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
+        evaluate(**common, memdec=str(models["memdec"]), lmbda=-0.1)
+    with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
+        evaluate(**common, memdec=str(models["memdec"]), valid="embedded:biomed/valid", lambda_grid=[0.5, 1.2])
+    with pytest.raises(ValueError, match="pass --lmbda .* or --valid"):
+        evaluate(**common, memdec=str(models["memdec"]))
+    with pytest.raises(ValueError, match="must use the base model's tokenizer"):
+        evaluate(**common, memdec=str(models["neox"]), lmbda=0.5)
+    with pytest.raises(ValueError, match="was built with .*gpt2-tiny, which is none of the bases"):
+        evaluate(**{**common, "bases": [str(models["llama"])]}, datastore=str(biomed_datastore), index=str(biomed_index), lmbda=0.3)
+    with pytest.raises(ValueError, match=r"window 1024 exceeds the 512 positions"):
+        evaluate(**{**common, "window": 1024}, lmbda=0.3)
+    with pytest.raises(ValueError, match=r"neox uses tokenizer neox \(vocab 50277.*trained on gpt2 \(vocab 50257"):
+        decoder = AutoModelForCausalLM.from_pretrained(models["memdec"])
+        CrossModelEval([str(models["neox"])]).load_bases(decoder, Datastore(biomed_datastore).tokenizer)
+    with pytest.raises(ValueError, match="distinct names"):
+        CrossModelEval(["a/gpt2", "b/gpt2"])
+
+
+# -- the stage ------------------------------------------------------------------------------------------------------
+
+
+def test_memdec_evaluate_writes_report(tmp_path, tiny_gpt2, models, biomed_corpus, biomed_datastore, biomed_index):
+    out = tmp_path / "report"
+    grid = [0.1, 0.5, 0.9]
+    # valid is the datastore's own corpus here: allowed, but flagged (every position would retrieve itself)
+    with pytest.warns(UserWarning, match="valid text .* is \\(the start of\\) the corpus the datastore was built from"):
+        main(["evaluate", "--bases", json.dumps([str(tiny_gpt2), str(models["llama"])]), "--memdec", str(models["memdec"]),
+              "--test", "embedded:biomed/test", "--valid", str(biomed_corpus), "--datastore", str(biomed_datastore),
+              "--index", str(biomed_index), "--k", "16", "--temperature", "4", "--lambda_grid", json.dumps(grid),
+              "--window", "64", "--stride", "32", "--batch_size", "4", "--max_tokens", "300", "--out", str(out),
+              "--latency", "true", "--latency_repeats", "1"])
+    for name in ("report.md", "report.json", "lambda_curve.png"):
+        assert (out / name).stat().st_size > 0
+    def strict(const):
+        raise ValueError(f"report.json is not strict JSON: {const}")
+
+    report = json.loads((out / "report.json").read_text(), parse_constant=strict)
+    assert report["positions"] == {"test": 299, "valid": 299}
+    gpt2_row, llama_row = report["rows"]
+    assert gpt2_row["base"] == "gpt2-tiny" and llama_row["base"] == "llama-base"
+    assert gpt2_row["memdec_alone_ppl"] == llama_row["memdec_alone_ppl"]  # one decoder array serves both bases
+    assert llama_row["knnlm_ppl"] is None and gpt2_row["knnlm_ppl"] is not None
+    for row in report["rows"]:
+        curve = report["curves"][row["base"]]
+        assert curve["split"] == "valid"
+        on_grid = [curve["memdec"][curve["lambda"].index(x)] for x in grid]
+        assert row["memdec_lambda"] == grid[int(np.argmin(on_grid))] and row["memdec_lambda_from"] == "valid"
+        if "knnlm" in curve:  # λ = 0: both mixtures are the base alone
+            assert curve["memdec"][0] == curve["knnlm"][0]
+    # the report's numbers are the direct computation on the test split
+    tok = load_tokenizer("gpt2")
+    tokens = text_tokens("embedded:biomed/test", tok, max_tokens=300)
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    decoder = AutoModelForCausalLM.from_pretrained(models["memdec"]).eval()
+    b = sliding_gold_log_probs(tokens, 64, 32, 4, lm_scorer(base, V))["lm"]
+    d = sliding_gold_log_probs(tokens, 64, 32, 4, lm_scorer(decoder, V))["lm"]
+    assert gpt2_row["base_ppl"] == pytest.approx(perplexity(b), rel=1e-6)
+    assert gpt2_row["memdec_ppl"] == pytest.approx(perplexity(mix_log_probs(b, d, gpt2_row["memdec_lambda"])), rel=1e-6)
+    md = (out / "report.md").read_text()
+    assert "| base | base ppl | +kNN-LM | +MemDec | MemDec alone |" in md and "| llama-base |" in md
+    assert set(report["latency"]["seconds"]) == {"base", "base+memdec", "base+knnlm"}
+
+
+def test_knnlm_greedy_generation_equals_argmax_loop(knnlm, test_tokens):
+    ids = torch.as_tensor(test_tokens[:12].reshape(2, 6))
+    out = knnlm.generate_greedy(ids, 4)
+    expected = ids
+    for _ in range(4):
+        expected = torch.cat([expected, knnlm.log_probs(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_latency_helpers_report_every_variant(tiny_gpt2, knnlm, test_tokens):
+    from lightning_memdec.interpolate import InterpolatedLM
+
+    ids = torch.as_tensor(test_tokens[:32])[None]
+    mixed = InterpolatedLM.from_pretrained(tiny_gpt2, tiny_gpt2, 0.5)
+    out = model_latency(knnlm.base, ids, V, mixed, knnlm, repeats=1, warmup=0)
+    assert out["overhead"]["base"] == 1.0 and all(s > 0 for s in out["seconds"].values())
+    tps = generation_throughput({"base": knnlm.base, "mixed": mixed, "knnlm": knnlm}, ids[:, :8], 2, repeats=1, warmup=0)
+    assert set(tps) == {"base", "mixed", "knnlm"} and all(v > 0 for v in tps.values())
+
+
+# -- the callback ----------------------------------------------------------------------------------------------------
+
+
+def test_cross_model_eval_logs_mixture_perplexities(tmp_path, tiny_gpt2, biomed_targets_pair):
+    config = tmp_path / "cross.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_memdec.callbacks.CrossModelEval\n      init_args:\n"
+        f"        bases: [{tiny_gpt2}]\n        lambdas: [0.5, 0.0, 1.0]\n        max_batches: 100\n"
+    )
+    data = []
+    for key, value in biomed_targets_pair.items():
+        data += [f"--data.{key}", value]
+    cli = lightning_cli(["fit", "--config", str(config), *TINY_DECODER, *data, "--data.window", "64",
+                         "--data.batch_size", "2", "--data.max_support", "16", "--trainer.accelerator", "cpu",
+                         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "2",
+                         "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+                         "--trainer.default_root_dir", str(tmp_path / "run"), "--export.dirpath", str(tmp_path / "hf")])
+    m = cli.trainer.callback_metrics
+    names = ["val/ppl_base/gpt2-tiny", "val/ppl_mix/gpt2-tiny", "val/ppl_mix/gpt2-tiny@0.5",
+             "val/ppl_mix/gpt2-tiny@0", "val/ppl_mix/gpt2-tiny@1"]
+    for name in names:
+        assert name in m and torch.isfinite(m[name])
+    assert m["val/ppl_mix/gpt2-tiny"] == m["val/ppl_mix/gpt2-tiny@0.5"]
+    assert m["val/ppl_mix/gpt2-tiny@0"] == pytest.approx(float(m["val/ppl_base/gpt2-tiny"]), rel=1e-6)
+    assert m["val/ppl_mix/gpt2-tiny@1"] == pytest.approx(float(m["val/ppl"]), rel=1e-4)  # the decoder alone
+    # the base's perplexity, directly over the same two validation batches
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(cli.datamodule.val_dataloader()):
+            if i == 2:
+                break
+            lp = F.log_softmax(base(batch["input_ids"]).logits.double(), -1)
+            gold = lp.gather(-1, batch["labels"][..., None])[..., 0]
+            nll -= float(gold[batch["loss_mask"]].sum())
+            count += int(batch["loss_mask"].sum())
+    assert float(m["val/ppl_base/gpt2-tiny"]) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    # convexity of −log: the mixture is never worse than the geometric mean of its sides
+    mix = float(m["val/ppl_mix/gpt2-tiny@0.5"])
+    assert mix <= math.sqrt(float(m["val/ppl_base/gpt2-tiny"]) * float(m["val/ppl"])) * (1 + 1e-6)
