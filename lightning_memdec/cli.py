@@ -15,18 +15,24 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 def stage_functions() -> dict:
     from lightning_memdec.corpus import tokenize
     from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.evaluate import evaluate
     from lightning_memdec.index import build_index
+    from lightning_memdec.quickstart import quickstart
     from lightning_memdec.targets import build_targets
+    from lightning_memdec.vocab import transfer_vocab
 
     return {
         "tokenize": tokenize,
         "build-datastore": build_datastore,
         "build-index": build_index,
         "build-targets": build_targets,
+        "quickstart": quickstart,
+        "evaluate": evaluate,
+        "transfer-vocab": transfer_vocab,
     }
 
 
-def lightning_cli(args: list[str], run: bool = True):
+def lightning_cli(args: list[str] | None = None, run: bool = True):
     """LightningCLI for the Memory Decoder, with checkpointing and Hugging Face export built in."""
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -42,6 +48,21 @@ def lightning_cli(args: list[str], run: bool = True):
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step}", "checkpoint.auto_insert_metric_name": False})
             parser.add_lightning_class_args(ExportHuggingFace, "export")
             parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+            parser.add_argument("--budget_fraction", type=float, default=0.1,
+                                help="a decoder from `memdec transfer-vocab` trains this fraction of its source run's "
+                                     "steps when trainer.max_steps is unset (-1)")
+
+        def before_instantiate_classes(self):
+            from lightning.pytorch.utilities import rank_zero_info
+
+            from lightning_memdec.vocab import budget_steps
+
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if self.subcommand in (None, "fit") and cfg.trainer.max_steps == -1:
+                steps = budget_steps(cfg.model.model, cfg.budget_fraction)
+                if steps is not None:
+                    rank_zero_info(f"transferred decoder: trainer.max_steps = {steps} ({cfg.budget_fraction} of its source run)")
+                    cfg.trainer.max_steps = steps
 
     # configs say ${data.window}; under the fit/validate/test subcommands that path is relative
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -57,13 +78,13 @@ def lightning_cli(args: list[str], run: bool = True):
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else list(args)
-    if args and args[0] in LIGHTNING_COMMANDS:
-        lightning_cli(args)
+    raw = sys.argv[1:] if args is None else list(args)
+    if raw and raw[0] in LIGHTNING_COMMANDS:
+        lightning_cli(args)  # None: LightningCLI reads sys.argv itself
         return
     from jsonargparse import CLI
 
-    CLI(stage_functions(), args=args, as_positional=False)
+    CLI(stage_functions(), args=raw, as_positional=False)
 
 
 if __name__ == "__main__":

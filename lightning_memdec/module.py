@@ -122,7 +122,8 @@ class MemoryDecoderModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         ce = self.val_ce.compute()
-        self.log_dict({"val/loss": self.val_loss.compute(), "val/ce": ce, "val/ppl": torch.exp(ce)}, prog_bar=True, sync_dist=False)
+        # the metrics are already reduced over ranks; sync_dist only averages equal values (and tells Lightning so)
+        self.log_dict({"val/loss": self.val_loss.compute(), "val/ce": ce, "val/ppl": torch.exp(ce)}, prog_bar=True, sync_dist=True)
         self.val_ce.reset()
         self.val_loss.reset()
 
