@@ -10,6 +10,14 @@ from __future__ import annotations
 import sys
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+# list-valued flags users repeat (`--base a --base b`); jsonargparse appends with `--base+ a`
+REPEATABLE_FLAGS = ("--base", "--bases")
+
+
+def repeatable(args: list[str]) -> list[str]:
+    """Turn each `--flag value` of a repeatable list flag into jsonargparse's append form `--flag+ value`."""
+    return [f"{a}+" if a in REPEATABLE_FLAGS and i + 1 < len(args) and not args[i + 1].startswith("[") else a
+            for i, a in enumerate(args)]
 
 
 def stage_functions() -> dict:
@@ -84,7 +92,7 @@ def main(args: list[str] | None = None) -> None:
         return
     from jsonargparse import CLI
 
-    CLI(stage_functions(), args=raw, as_positional=False)
+    CLI(stage_functions(), args=repeatable(raw), as_positional=False)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,24 @@ def mix_log_probs(base, other, lmbda):
     return mix(base, other, lmbda)
 
 
+def _check_same_settings(out: Path, settings: dict) -> None:
+    """Finished stages are reused by name, so a rerun must have the settings that produced them."""
+    from lightning_memdec.artifacts import ArtifactError
+
+    path = out / "quickstart_settings.json"
+    settings = json.loads(json.dumps(settings))
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise ArtifactError(
+                f"{out} holds a quickstart run with other settings ({', '.join(changed)} differ); "
+                f"use another --out, or delete {out} to start afresh."
+            )
+    else:
+        write_json_atomic(path, settings)
+
+
 def _done(path: Path) -> bool:
     return (path / META).is_file()
 
@@ -98,7 +116,13 @@ def _fit(name: str, out: Path, train: Path, valid: Path, budget: Budget, steps: 
     export = out / "models" / name
     if _done(export):
         return export
-    model = ["--model.model", start] if isinstance(start, str) else ["--model.config", json.dumps({**start, "n_positions": budget.window})]
+    if isinstance(start, str):
+        model = ["--model.model", start]
+    else:  # from scratch: the vocabulary is the corpus tokenizer's (gpt2: 50257, gpt-neox-20b: 50277)
+        from lightning_memdec.corpus import Corpus
+
+        vocab = Corpus(train).tokenizer["vocab_size"]
+        model = ["--model.config", json.dumps({**start, "n_positions": budget.window, "vocab_size": vocab})]
     data = ["--data.train_corpus", str(train), "--data.val_corpus", str(valid)]
     if train_targets is not None:
         data += ["--data.train_targets", str(train_targets), "--data.val_targets", str(val_targets)]
@@ -220,6 +244,7 @@ def quickstart(
     clock = StageClock()
     budget = Budget(general_tokens, domain_tokens, eval_tokens, window, batch_size, small_base_steps,
                     large_base_steps, teacher_steps, memdec_steps, k)
+    _check_same_settings(out, {"domain": domain, "base": base, "tokenizer": tokenizer, "beta": beta, **budget.__dict__})
     c = out / "corpora"
     with clock("tokenize"):
         corpora = {

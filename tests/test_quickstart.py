@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from lightning_memdec.artifacts import ArtifactError
 from lightning_memdec.assets import read_documents, resolve_text
 from lightning_memdec.quickstart import quickstart
 
@@ -42,6 +43,8 @@ def test_rerun_reuses_finished_stages(micro_run):
     again = quickstart(out=out, **MICRO)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["results"] == report["results"]
+    with pytest.raises(ArtifactError, match="other settings .*memdec_steps"):
+        quickstart(out=out, **{**MICRO, "memdec_steps": 21})
 
 
 def test_custom_domain_with_given_bases(tmp_path):

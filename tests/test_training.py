@@ -176,3 +176,10 @@ def test_ddp_two_processes_see_each_window_once(tmp_path, biomed_targets_pair):
     real = sorted(s for rank in seen for s in rank if s != -1)
     corpus = Corpus(biomed_targets_pair["train_corpus"])
     assert real == sorted(position_windows(corpus.num_positions, 64, 64).starts.tolist())
+
+
+def test_repeatable_list_flags():
+    from lightning_memdec.cli import repeatable
+
+    assert repeatable(["quickstart", "--base", "a", "--base", "b", "--k", "3"]) == ["quickstart", "--base+", "a", "--base+", "b", "--k", "3"]
+    assert repeatable(["evaluate", "--bases", "[a,b]"]) == ["evaluate", "--bases", "[a,b]"]
