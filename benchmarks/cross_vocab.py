@@ -36,22 +36,8 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
-from lightning_memdec.assets import EMBEDDED_PREFIX
-from lightning_memdec.quickstart import LARGE_BASE, SMALL_BASE, Budget, _corpus, _fit, _gold, quickstart
+from lightning_memdec.quickstart import SMALL_BASE, Budget, _fit, _gold, quickstart
 from lightning_memdec.vocab import transfer_vocab
-
-
-def _b_bases(out: Path, tokenizer: str, budget: Budget, beta: float) -> list[str]:
-    """Small and large base LMs of the quickstart's shapes with ``tokenizer``'s vocabulary, pretrained like its bases."""
-    from lightning_memdec.assets import load_tokenizer
-
-    vocab = len(load_tokenizer(tokenizer))
-    c = out / "corpora"
-    gt = _corpus(c / "general-train", f"{EMBEDDED_PREFIX}general/train", tokenizer, budget.general_tokens)
-    gv = _corpus(c / "general-valid", f"{EMBEDDED_PREFIX}general/valid", tokenizer, budget.eval_tokens)
-    return [str(_fit(name, out, gt, gv, budget, steps, {**shape, "vocab_size": vocab}, beta=0.0))
-            for name, shape, steps in (("base-small", SMALL_BASE, budget.small_base_steps),
-                                       ("base-large", LARGE_BASE, budget.large_base_steps))]
 
 
 def _recovery(base: float, x: float, full: float) -> float:
@@ -107,16 +93,14 @@ def main(
     a, b = workdir / "a", workdir / "b"
     quickstart(out=a, tokenizer=tokenizer_a, **sizes)
     a_seconds = time.perf_counter() - t0
-    # The quickstart's own base pretraining leaves vocab_size at GPT-2's 50257 (< gpt-neox-20b's 50277 ids),
-    # so the B bases are pretrained here (same shapes, B's vocabulary) and handed to the quickstart as --base.
-    report_b = quickstart(out=b, tokenizer=tokenizer_b, base=_b_bases(b, tokenizer_b, budget, beta), **sizes)
+    quickstart(out=b, tokenizer=tokenizer_b, **sizes)
     b_seconds = time.perf_counter() - t0 - a_seconds
 
     a_decoder = a / "models" / "memdec"
     a_steps = json.loads((a_decoder / "meta.json").read_text())["global_step"]
     transfer_steps = max(1, round(budget_fraction * a_steps))
     c = b / "corpora"
-    dt, dv, dtest = c / "domain-train", c / "domain-valid", c / "domain-test"
+    dt, dv = c / "domain-train", c / "domain-valid"
     tt, tv = b / "targets" / "train", b / "targets" / "valid"
     x = workdir / "x"
 

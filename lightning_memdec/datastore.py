@@ -20,15 +20,13 @@ from lightning_memdec.artifacts import (
     ArtifactError,
     base_meta,
     check_same_tokenizer,
-    open_checked,
     publish,
-    read_meta,
     start_work_dir,
     tokenizer_info,
 )
 from lightning_memdec.corpus import Corpus, position_windows
 from lightning_memdec.keys import KeyCapture, body, load_causal_lm, load_model_tokenizer
-from lightning_memdec.sharded import chunk_loader, mark_done, progress_dir, run_sharded_predict
+from lightning_memdec.sharded import chunk_loader, finish_chunks, mark_done, run_sharded_predict
 from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
 
 
@@ -156,14 +154,9 @@ def build_datastore(
     if not trainer.is_global_zero:
         return Path(out)
     num_chunks = -(-len(windows) // batch_windows)
-    missing = num_chunks - len(list(progress_dir(work).glob("*")))
-    if missing:
-        raise RuntimeError(f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume.")
+    finish_chunks(work, num_chunks)
     dim = int(np.load(work / KEYS, mmap_mode="r").shape[1])
     np.save(work / VALUES, data.next_tokens())
-    for p in progress_dir(work).iterdir():
-        p.unlink()
-    progress_dir(work).rmdir()
     meta = base_meta(
         "datastore",
         model=str(model),

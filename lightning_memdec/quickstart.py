@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lightning_memdec.artifacts import META, write_json_atomic
 from lightning_memdec.assets import EMBEDDED_PREFIX
@@ -266,7 +265,7 @@ def quickstart(
                 "base-large": str(_fit("base-large", out, gt, gv, budget, large_base_steps, LARGE_BASE, beta=0.0)),
             }
     start, largest = list(bases.values())[0], list(bases.values())[-1]
-    dt, dv, dtest = corpora["domain-train"], corpora["domain-valid"], corpora["domain-test"]
+    dt, dv = corpora["domain-train"], corpora["domain-valid"]
     # 2. teacher: the largest base fine-tuned on the domain; its datastore gives the training targets
     with clock("teacher"):
         teacher = _fit("teacher", out, dt, dv, budget, teacher_steps, largest, beta=0.0, lr=1e-3)

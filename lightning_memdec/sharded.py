@@ -9,6 +9,7 @@ marker file in ``<work>/progress``; a resumed run (with any number of ranks) ski
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,6 +37,14 @@ def mark_done(work: Path, chunk: int) -> None:
     directory = progress_dir(work)
     directory.mkdir(exist_ok=True)
     (directory / f"{chunk:09d}").touch()
+
+
+def finish_chunks(work: Path, num_chunks: int) -> None:
+    """Check every chunk is done, then drop the progress markers (the artefact is about to be published)."""
+    missing = num_chunks - len(done_chunks(work))
+    if missing:
+        raise RuntimeError(f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume.")
+    shutil.rmtree(progress_dir(work), ignore_errors=True)
 
 
 def pending_for_rank(num_chunks: int, work: Path, rank: int, world_size: int) -> list[int]:

@@ -16,7 +16,6 @@ from typing import Sequence
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from lightning_memdec.artifacts import ArtifactError, base_meta, open_checked, publish, read_meta, start_work_dir
 from lightning_memdec.store import Datastore, check_compatible
 from lightning_memdec.index import KeyIndex, exact_squared_l2
-from lightning_memdec.sharded import chunk_loader, done_chunks, run_sharded_predict
+from lightning_memdec.sharded import chunk_loader, finish_chunks, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions
 
 OFFSETS, IDS, PROBS = "offsets.npy", "ids.npy", "probs.npy"
@@ -208,12 +207,9 @@ def build_targets(
     if not trainer.is_global_zero:
         return Path(out)
     num_chunks = -(-len(query_store) // chunk_size)
-    missing = num_chunks - len(done_chunks(work))
-    if missing:
-        raise RuntimeError(f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume.")
+    finish_chunks(work, num_chunks)
     num_positions, nnz = merge_chunks(work, num_chunks)
     shutil.rmtree(work / CHUNKS)
-    shutil.rmtree(work / "progress")
     meta = base_meta(
         "targets",
         num_positions=num_positions,
