@@ -131,24 +131,11 @@ def tokenize(
     work = start_work_dir(out, run_config, overwrite)
 
     dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    pieces: list[np.ndarray] = []
-    lengths: list[int] = []
-    total = 0
     docs = [d for p in paths for d in read_documents(p)]
     if not docs:
         raise ArtifactError(f"the input text {[str(p) for p in paths]} holds no documents; give non-empty files.")
-    for i in tqdm(range(0, len(docs), batch_documents), desc="tokenize", unit="batch"):
-        for ids in tok(docs[i : i + batch_documents], add_special_tokens=False)["input_ids"]:
-            ids = np.asarray(ids + [tok.eos_token_id], dtype=dtype)
-            if max_tokens is not None:
-                ids = ids[: max_tokens - total]
-            if len(ids) == 0:
-                break
-            pieces.append(ids)
-            lengths.append(len(ids))
-            total += len(ids)
-        if max_tokens is not None and total >= max_tokens:
-            break
+    pieces = encode_documents(docs, tok, max_tokens, batch_documents, dtype)
+    lengths = [len(piece) for piece in pieces]
     tokens = np.concatenate(pieces)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     np.save(work / TOKENS, tokens)
@@ -164,6 +151,23 @@ def tokenize(
         content_sha256=_array_sha(tokens),
     )
     return publish(work, out, meta)
+
+
+def encode_documents(docs: list[str], tok, max_tokens: int | None = None, batch_documents: int = 256,
+                     dtype=np.int64) -> list[np.ndarray]:
+    """Token ids of each document followed by EOS, the last one cut so the total is at most ``max_tokens``."""
+    pieces: list[np.ndarray] = []
+    total = 0
+    for i in tqdm(range(0, len(docs), batch_documents), desc="tokenize", unit="batch", leave=False):
+        for ids in tok(docs[i : i + batch_documents], add_special_tokens=False)["input_ids"]:
+            ids = np.asarray(ids + [tok.eos_token_id], dtype=dtype)
+            if max_tokens is not None:
+                ids = ids[: max_tokens - total]
+            if len(ids) == 0:
+                return pieces
+            pieces.append(ids)
+            total += len(ids)
+    return pieces
 
 
 def _array_sha(arr: np.ndarray) -> str:

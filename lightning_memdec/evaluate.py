@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import check_same_tokenizer, describe_tokenizer, tokenizer_info, write_json_atomic
 from lightning_memdec.assets import load_tokenizer, read_documents, resolve_text
-from lightning_memdec.corpus import Corpus, position_windows
+from lightning_memdec.corpus import Corpus, encode_documents, position_windows
 from lightning_memdec.interpolate import KNNLM, InterpolatedLM, _find_tokenizer, check_lmbda
 from lightning_memdec.keys import load_causal_lm
 
@@ -94,14 +94,8 @@ def text_tokens(spec: str | Path, tokenizer, max_tokens: int | None = None, batc
         docs = read_documents(resolve_text(spec))
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {describe_tokenizer(info)} has no EOS token to separate documents.")
-        pieces, total = [], 0
-        for i in range(0, len(docs), batch_documents):
-            for ids in tokenizer(docs[i : i + batch_documents], add_special_tokens=False)["input_ids"]:
-                pieces.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int64))
-                total += len(pieces[-1])
-            if max_tokens is not None and total >= max_tokens:
-                break
-        tokens = np.concatenate(pieces)[:max_tokens] if pieces else np.zeros(0, dtype=np.int64)
+        pieces = encode_documents(docs, tokenizer, max_tokens, batch_documents)
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     if len(tokens) < 2:
         raise ValueError(f"{spec} holds no text to score (fewer than 2 tokens); give a non-empty text or corpus.")
     return tokens
