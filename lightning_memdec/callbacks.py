@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
+import torch
 
 from lightning_memdec.artifacts import base_meta, write_json_atomic
 from lightning_memdec.assets import load_tokenizer
@@ -18,10 +20,13 @@ class ExportHuggingFace(L.Callback):
 
     Args:
         dirpath: output directory; default ``<log_dir>/hf_model``.
+        dtype: store the weights in this dtype (``float16`` halves a shipped model); config.json keeps the
+            training dtype, so ``from_pretrained`` still loads float32 weights by default.
     """
 
-    def __init__(self, dirpath: str | None = None):
+    def __init__(self, dirpath: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] | None = None):
         self.dirpath = dirpath
+        self.dtype = dtype
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         if self.dirpath is not None:
@@ -35,7 +40,9 @@ class ExportHuggingFace(L.Callback):
         if not trainer.is_global_zero:
             return
         prefix = "decoder."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if self.dtype is not None:
+            state = cast_state_dict(state, getattr(torch, self.dtype))
         out.mkdir(parents=True, exist_ok=True)
         pl_module.decoder.save_pretrained(out, state_dict=state)
         datamodule = trainer.datamodule
@@ -45,11 +52,32 @@ class ExportHuggingFace(L.Callback):
         meta = base_meta(
             "memory_decoder",
             global_step=trainer.global_step,
+            tokens_seen=self.tokens_seen(trainer),
             beta=pl_module.hparams.beta,
             initialised_from=pl_module.hparams.model or "config",
             **provenance,
         )
         write_json_atomic(out / "meta.json", meta)
+
+    @staticmethod
+    def tokens_seen(trainer: L.Trainer) -> int | None:
+        """Input tokens of every optimiser step so far, over all ranks (windows × window × steps)."""
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "hparams") or "window" not in dm.hparams:
+            return None
+        per_step = dm.hparams.batch_size * dm.hparams.window * trainer.world_size * trainer.accumulate_grad_batches
+        return int(per_step * trainer.global_step)
+
+
+def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype``; tensors shared in memory (tied embeddings) stay shared, so saved once."""
+    cast: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            tensor = cast.setdefault(tensor.data_ptr(), tensor.to(dtype))
+        out[name] = tensor
+    return out
 
 
 class CrossModelEval(L.Callback):

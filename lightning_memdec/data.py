@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_memdec.corpus import Corpus, position_windows
-from lightning_memdec.targets import Targets, check_targets_match_corpus
+from lightning_memdec.store import Targets, check_targets_match_corpus
 
 PAD_WINDOW = -1
 

@@ -65,7 +65,8 @@ class MemoryDecoderModule(L.LightningModule):
         h = self.hparams
         if h.model is not None:
             # from_pretrained returns eval mode; Lightning keeps sub-module modes, so switch dropout back on
-            self.decoder = AutoModelForCausalLM.from_pretrained(h.model).train()
+            # float32 master weights whatever dtype the checkpoint was saved in (mixed precision casts per op)
+            self.decoder = AutoModelForCausalLM.from_pretrained(h.model, dtype=torch.float32).train()
         else:
             if isinstance(h.config, str):
                 cfg = AutoConfig.from_pretrained(h.config)

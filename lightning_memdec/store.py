@@ -1,17 +1,20 @@
-"""Reading finished datastores (keys [N, d] fp16, values [N] int32), without the Lightning stack.
+"""Reading finished datastores (keys [N, d] fp16, values [N] int32) and kNN targets (CSR), without Lightning.
 
 Kept apart from :mod:`lightning_memdec.datastore` (which builds them with Lightning) so that inference-time
-users such as kNN-LM import only numpy and FAISS.
+users such as kNN-LM import only numpy and FAISS, and training (which reads targets) needs no FAISS.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from lightning_memdec.artifacts import ArtifactError, check_same_tokenizer, open_checked, read_meta
 
 KEYS = "keys.npy"
 VALUES = "values.npy"
+OFFSETS, IDS, PROBS = "offsets.npy", "ids.npy", "probs.npy"
 
 
 class Datastore:
@@ -49,3 +52,34 @@ def check_compatible(queries: Datastore, store: Datastore) -> None:
                 f"query datastore {queries.dir} has {field}={queries.meta[field]!r} but datastore {store.dir} has "
                 f"{field}={store.meta[field]!r}; build both with the same base LM and key layer."
             )
+
+
+class Targets:
+    """A finished targets directory (CSR: offsets [N+1] int64, ids int32, probs fp16)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.meta = read_meta(self.dir, kind="targets")
+        n, nnz = self.meta["num_positions"], self.meta["nnz"]
+        self.offsets = open_checked(self.dir, OFFSETS, (n + 1,), "int64")
+        self.ids = open_checked(self.dir, IDS, (nnz,), "int32")
+        self.probs = open_checked(self.dir, PROBS, (nnz,), "float16")
+
+    def __len__(self) -> int:
+        return self.meta["num_positions"]
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return np.asarray(self.ids[lo:hi]), np.asarray(self.probs[lo:hi])
+
+
+def check_targets_match_corpus(targets: Targets, corpus) -> None:
+    """Targets must be for exactly this corpus: same token content, tokenizer and position count."""
+    if targets.meta["tokenizer"]["fingerprint"] != corpus.tokenizer["fingerprint"]:
+        check_same_tokenizer(targets.meta["tokenizer"], f"targets {targets.dir}", corpus.tokenizer, f"corpus {corpus.dir}")
+    if targets.meta["corpus_sha256"] != corpus.meta["content_sha256"] or len(targets) != corpus.num_positions:
+        raise ArtifactError(
+            f"targets {targets.dir} were built for a corpus of {len(targets) + 1} tokens "
+            f"(content {targets.meta['corpus_sha256']}), but corpus {corpus.dir} has {corpus.num_tokens} tokens "
+            f"(content {corpus.meta['content_sha256']}); build targets for this corpus."
+        )

@@ -21,33 +21,13 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, open_checked, publish, read_meta, start_work_dir
-from lightning_memdec.store import Datastore, check_compatible
+from lightning_memdec.store import IDS, OFFSETS, PROBS, Datastore, Targets, check_compatible
 from lightning_memdec.index import KeyIndex, exact_squared_l2
 from lightning_memdec.sharded import chunk_loader, finish_chunks, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions
 
-OFFSETS, IDS, PROBS = "offsets.npy", "ids.npy", "probs.npy"
 CHUNKS = "chunks"
 log = logging.getLogger(__name__)
-
-
-class Targets:
-    """A finished targets directory (CSR: offsets [N+1] int64, ids int32, probs fp16)."""
-
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        self.meta = read_meta(self.dir, kind="targets")
-        n, nnz = self.meta["num_positions"], self.meta["nnz"]
-        self.offsets = open_checked(self.dir, OFFSETS, (n + 1,), "int64")
-        self.ids = open_checked(self.dir, IDS, (nnz,), "int32")
-        self.probs = open_checked(self.dir, PROBS, (nnz,), "float16")
-
-    def __len__(self) -> int:
-        return self.meta["num_positions"]
-
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.offsets[i], self.offsets[i + 1]
-        return np.asarray(self.ids[lo:hi]), np.asarray(self.probs[lo:hi])
 
 
 class KNNTargetSearcher(L.LightningModule):
@@ -231,17 +211,3 @@ def build_targets(
         tokenizer=store.tokenizer,
     )
     return publish(work, out, meta)
-
-
-def check_targets_match_corpus(targets: Targets, corpus) -> None:
-    """Targets must be for exactly this corpus: same token content, tokenizer and position count."""
-    if targets.meta["tokenizer"]["fingerprint"] != corpus.tokenizer["fingerprint"]:
-        from lightning_memdec.artifacts import check_same_tokenizer
-
-        check_same_tokenizer(targets.meta["tokenizer"], f"targets {targets.dir}", corpus.tokenizer, f"corpus {corpus.dir}")
-    if targets.meta["corpus_sha256"] != corpus.meta["content_sha256"] or len(targets) != corpus.num_positions:
-        raise ArtifactError(
-            f"targets {targets.dir} were built for a corpus of {len(targets) + 1} tokens "
-            f"(content {targets.meta['corpus_sha256']}), but corpus {corpus.dir} has {corpus.num_tokens} tokens "
-            f"(content {corpus.meta['content_sha256']}); build targets for this corpus."
-        )

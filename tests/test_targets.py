@@ -7,7 +7,8 @@ import pytest
 from lightning_memdec.artifacts import ArtifactError, partial_dir
 from lightning_memdec.corpus import tokenize
 from lightning_memdec.datastore import Datastore, build_datastore
-from lightning_memdec.targets import Targets, build_targets
+from lightning_memdec.store import Targets
+from lightning_memdec.targets import build_targets
 
 from conftest import save_tiny
 from test_datastore import Interrupt, SimulatedKill

@@ -14,7 +14,7 @@ from lightning_memdec.cli import lightning_cli
 from lightning_memdec.corpus import Corpus, position_windows, tokenize
 from lightning_memdec.data import PAD_WINDOW, EvenShardSampler, MemDecDataModule, WindowTargetsDataset, collate
 from lightning_memdec.module import MemoryDecoderModule, lr_lambda
-from lightning_memdec.targets import Targets
+from lightning_memdec.store import Targets
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DECODER = ["--model.config", '{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}']
