@@ -23,8 +23,8 @@ from lightning_memdec.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.models import find_tokenizer, load_causal_lm, tokenizer_name
 from lightning_memdec.report import write_report
 from lightning_memdec.scoring import (
-    DEFAULT_LAMBDA_GRID, check_lambda_grid, check_lmbda, lm_scorer, mixed_perplexity, perplexity, sliding_gold_log_probs,
-    sweep_lambda,
+    DEFAULT_LAMBDA_GRID, check_lambda_grid, check_lmbda, lm_scorer, mixed_perplexity, perplexity,
+    sliding_gold_log_probs, sweep_lambda,
 )
 from lightning_memdec.timing import model_latency
 
@@ -98,6 +98,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
 
+    Long mostly by its signature and Args (one per ``memdec evaluate`` flag); the body is the loop over bases.
+
     Args:
         bases: base LMs (names or directories); several = cross-model evaluation of one decoder.
         test: test text: a corpus directory, a text file, or embedded:<domain>/<split>.
@@ -123,20 +125,9 @@ def evaluate(
         latency_repeats: timed repeats (median reported).
     """
     bases = [bases] if isinstance(bases, str) else list(bases)
-    if not bases:
-        raise ValueError("no base LM given; pass --bases NAME_OR_DIR (several for cross-model evaluation).")
-    names = [_short_name(b) for b in bases]
-    if len(set(names)) != len(names):
-        raise ValueError(f"bases must have distinct names (last path components), got {names}.")
-    if (datastore is None) != (index is None):
-        raise ValueError("kNN-LM needs both --datastore and --index (or neither).")
-    lmbda = None if lmbda is None else check_lmbda(lmbda)
-    knn_lmbda = None if knn_lmbda is None else check_lmbda(knn_lmbda)
-    if knn_lmbda is None and valid is None:
-        knn_lmbda = lmbda
+    names = _base_names(bases)
+    lmbda, knn_lmbda = _checked_lambdas(memdec, valid, datastore, index, lmbda, knn_lmbda)
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
-    if valid is None and ((memdec is not None and lmbda is None) or (datastore is not None and knn_lmbda is None)):
-        raise ValueError("λ is neither given nor choosable: pass --lmbda (and --knn_lmbda), or --valid to sweep λ on it.")
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -186,16 +177,8 @@ def evaluate(
         rows.append(_row(name, base_ref, lp, lmbda, knn_lmbda, grid))
         curves[name] = _curve(lp, grid)
         if latency and latency_report is None:
-            first = token_cache[fp, "test"]
-            w = min(window, len(first) - 1)
-            n_rows = max(1, min(batch_size, (len(first) - 1) // w))
-            ids = torch.as_tensor(first[: n_rows * w].reshape(n_rows, w))
-            if mixed is not None:
-                mixed.lmbda = rows[-1]["memdec_lambda"]
-            if knnlm is not None:
-                knnlm.lmbda = rows[-1]["knnlm_lambda"]
-            latency_report = {"base": name, "input_shape": list(ids.shape), "device": str(dev),
-                              **model_latency(base, ids, vocab, mixed, knnlm, repeats=latency_repeats)}
+            latency_report = _first_batch_latency(name, base, token_cache[fp, "test"], window, batch_size, vocab,
+                                                  mixed, knnlm, rows[-1], latency_repeats, dev)
         del base, mixed, knnlm
     report = {
         "bases": bases, "memdec": memdec, "test": test, "valid": valid, "datastore": datastore, "index": index,
@@ -206,6 +189,42 @@ def evaluate(
     }
     write_report(report, Path(out))
     return report
+
+
+def _base_names(bases: list[str]) -> list[str]:
+    """Report names of the bases (last path components), which must tell them apart."""
+    if not bases:
+        raise ValueError("no base LM given; pass --bases NAME_OR_DIR (several for cross-model evaluation).")
+    names = [_short_name(b) for b in bases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bases must have distinct names (last path components), got {names}.")
+    return names
+
+
+def _checked_lambdas(memdec, valid, datastore, index, lmbda, knn_lmbda) -> tuple[float | None, float | None]:
+    """The decoder's and kNN-LM's λ (None: swept on valid); refuses settings that leave a λ unknowable."""
+    if (datastore is None) != (index is None):
+        raise ValueError("kNN-LM needs both --datastore and --index (or neither).")
+    lmbda = None if lmbda is None else check_lmbda(lmbda)
+    knn_lmbda = None if knn_lmbda is None else check_lmbda(knn_lmbda)
+    if knn_lmbda is None and valid is None:
+        knn_lmbda = lmbda
+    if valid is None and ((memdec is not None and lmbda is None) or (datastore is not None and knn_lmbda is None)):
+        raise ValueError("λ is neither given nor choosable: pass --lmbda (and --knn_lmbda), or --valid to sweep λ on it.")
+    return lmbda, knn_lmbda
+
+
+def _first_batch_latency(name, base, tokens, window, batch_size, vocab, mixed, knnlm, row, repeats, device):
+    """Forward-pass latency of base / + MemDec / + kNN-LM on the first test batch, each mixture at its chosen λ."""
+    w = min(window, len(tokens) - 1)
+    n_rows = max(1, min(batch_size, (len(tokens) - 1) // w))
+    ids = torch.as_tensor(tokens[: n_rows * w].reshape(n_rows, w))
+    if mixed is not None:
+        mixed.lmbda = row["memdec_lambda"]
+    if knnlm is not None:
+        knnlm.lmbda = row["knnlm_lambda"]
+    return {"base": name, "input_shape": list(ids.shape), "device": str(device),
+            **model_latency(base, ids, vocab, mixed, knnlm, repeats=repeats)}
 
 
 def _warn_if_datastore_text(tokens: np.ndarray, meta: dict, split: str, spec: str) -> None:

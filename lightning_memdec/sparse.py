@@ -95,7 +95,11 @@ def _block(d, ids, qids, values, temperature, k, row0):
 
 
 def _chunk(d, ids, qids, tok, temperature, k, row0, padded):
-    """One chunk of rows -> (counts, token ids, probs): untruncated CSR, rows sorted by prob."""
+    """One chunk of rows -> (counts, token ids, probs): untruncated CSR, rows sorted by prob.
+
+    One function on purpose: it is the hot loop of target building, and its steps share chunk-sized temporaries
+    (views into the packed sort keys) that stay in cache only while they are used back to back.
+    """
     d = np.asarray(d, dtype=np.float32)
     if padded or qids is not None:
         valid = ids >= 0
