@@ -36,7 +36,8 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
-from lightning_memdec.quickstart import SMALL_BASE, Budget, _fit, _gold, quickstart
+from lightning_memdec.quickstart import SMALL_BASE, Budget, _fit, quickstart
+from lightning_memdec.scoring import corpus_gold_log_probs
 from lightning_memdec.vocab import transfer_vocab
 
 
@@ -81,7 +82,7 @@ def main(
         lr: learning rate of the three B decoders (the quickstart's memdec rate).
         budget_fraction: steps of the transferred decoders as a fraction of S.
     """
-    from lightning_memdec.evaluate import mix_log_probs, perplexity, sweep_lambda
+    from lightning_memdec.scoring import mixed_perplexity, perplexity, sweep_lambda
 
     t0 = time.perf_counter()
     workdir = Path(workdir)
@@ -127,18 +128,21 @@ def main(
     steps_done = {n: json.loads((d / "meta.json").read_text())["global_step"] for n, d in decoders.items()}
 
     sc = x / "scores"
-    gold = {n: {s: _gold(d, c / s, budget, sc / f"{n}-{s}.npy") for s in ("domain-valid", "domain-test")}
+    splits = ("domain-valid", "domain-test")
+    gold = {n: {s: corpus_gold_log_probs(d, c / s, window, cache=sc / f"{n}-{s}.npy") for s in splits}
             for n, d in decoders.items()}
-    gold["b_memdec_from_base"] = {s: _gold(b / "models" / "memdec", c / s, budget, b / "scores" / f"memdec-{s}.npy")
-                                  for s in ("domain-valid", "domain-test")}
+    b_memdec = b / "models" / "memdec"
+    gold["b_memdec_from_base"] = {
+        s: corpus_gold_log_probs(b_memdec, c / s, window, cache=b / "scores" / f"memdec-{s}.npy") for s in splits
+    }
     results = {}
     for base in ("base-small", "base-large"):
         ref = b / "models" / base
-        bl = {s: _gold(ref, c / s, budget, b / "scores" / f"{base}-{s}.npy") for s in ("domain-valid", "domain-test")}
+        bl = {s: corpus_gold_log_probs(ref, c / s, window, cache=b / "scores" / f"{base}-{s}.npy") for s in splits}
         row = {"base": perplexity(bl["domain-test"])}
         for n, g in gold.items():
             lam, _ = sweep_lambda(bl["domain-valid"], g["domain-valid"])
-            row[n] = perplexity(mix_log_probs(bl["domain-test"], g["domain-test"], lam))
+            row[n] = mixed_perplexity(bl["domain-test"], g["domain-test"], lam)
             row[f"{n}_lambda"] = lam
         results[base] = row
 

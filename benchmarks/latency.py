@@ -122,10 +122,12 @@ def main(
     from lightning_memdec.assets import load_tokenizer
     from lightning_memdec.corpus import tokenize
     from lightning_memdec.datastore import build_datastore
-    from lightning_memdec.evaluate import generation_throughput, model_latency, text_tokens
+    from lightning_memdec.evaluate import text_tokens
     from lightning_memdec.index import build_index
-    from lightning_memdec.interpolate import KNNLM, InterpolatedLM
-    from lightning_memdec.keys import load_causal_lm
+    from lightning_memdec.interpolate import InterpolatedLM
+    from lightning_memdec.knnlm import KNNLM
+    from lightning_memdec.models import load_causal_lm
+    from lightning_memdec.timing import generation_throughput, model_latency
 
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"threads: torch {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}", flush=True)

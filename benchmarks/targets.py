@@ -114,7 +114,7 @@ def main(
     print(f"neighbours: {k}")
     print(f"datastore: {datastore}")
     print(f"torch_threads: {threads}")
-    print(f"sparse_threads: {sparse._threads()}")
+    print(f"sparse_threads: {sparse.worker_threads()}")
     print(f"mean_support: {counts.mean():.1f}")
     print(f"# row-by-row reference timed on the first {m} rows, its time scaled per row to all {n_queries}")
     print(f"rowwise_timed_rows: {m}")

@@ -95,7 +95,7 @@ class CrossModelEval(L.Callback):
     """
 
     def __init__(self, bases: list[str], lambdas: list[float] | float = 0.25, max_batches: int = 8):
-        from lightning_memdec.interpolate import check_lmbda
+        from lightning_memdec.scoring import check_lmbda
 
         bases = [bases] if isinstance(bases, str) else list(bases)
         if not bases:
@@ -117,15 +117,14 @@ class CrossModelEval(L.Callback):
     def load_bases(self, decoder, data_tokenizer: dict | None) -> None:
         """Load every base once; refuse one whose tokenizer (or vocabulary) is not the decoder's."""
         from lightning_memdec.artifacts import describe_tokenizer, tokenizer_info
-        from lightning_memdec.interpolate import _find_tokenizer, _output_rows
-        from lightning_memdec.keys import load_causal_lm
+        from lightning_memdec.models import find_tokenizer, load_causal_lm, output_rows
 
-        decoder_rows = _output_rows(decoder)
+        decoder_rows = output_rows(decoder)
         vocab = data_tokenizer["vocab_size"] if data_tokenizer is not None else decoder_rows
         models = []
         for ref in self.bases:
             model = load_causal_lm(ref).eval().requires_grad_(False)
-            tok = _find_tokenizer(ref, model)
+            tok = find_tokenizer(ref, model)
             if tok is not None and data_tokenizer is not None:
                 info = tokenizer_info(tok, Path(str(ref).rstrip("/")).name or str(ref))
                 if info["fingerprint"] != data_tokenizer["fingerprint"]:
@@ -133,7 +132,7 @@ class CrossModelEval(L.Callback):
                         f"base LM {ref} uses tokenizer {describe_tokenizer(info)}, but the decoder is trained on "
                         f"{describe_tokenizer(data_tokenizer)}; CrossModelEval needs bases of the decoder's tokenizer."
                     )
-            rows = _output_rows(model)
+            rows = output_rows(model)
             if rows < vocab or (data_tokenizer is None and rows != decoder_rows):
                 raise ValueError(
                     f"base LM {ref} has {rows} output ids but the decoder has {decoder_rows} (data vocabulary {vocab}); "
@@ -165,7 +164,7 @@ class CrossModelEval(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         import torch
 
-        from lightning_memdec.interpolate import interpolate_log_probs
+        from lightning_memdec.scoring import gold_log_probs, mix_log_probs
 
         if trainer.sanity_checking or dataloader_idx != 0 or batch_idx >= self.max_batches:
             return
@@ -174,17 +173,17 @@ class CrossModelEval(L.Callback):
             return
         gold = batch["labels"][mask]
 
-        def gold_log_probs(model):
-            logits = model(input_ids=batch["input_ids"], use_cache=False).logits[mask][:, : self.vocab].float()
-            return (logits.gather(-1, gold[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).double()
+        def scored(model):  # [n] float64 at the loss-masked positions
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits[mask]
+            return gold_log_probs(logits, gold, self.vocab).double()
 
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            decoder = gold_log_probs(pl_module.decoder)
+            decoder = scored(pl_module.decoder)
             for i, model in enumerate(self.models):
-                base = gold_log_probs(model)
+                base = scored(model)
                 self._nll[i, 0] -= base.sum()
                 for j, lmbda in enumerate(self.lambdas, start=1):
-                    self._nll[i, j] -= interpolate_log_probs(base, decoder, lmbda).sum()
+                    self._nll[i, j] -= mix_log_probs(base, decoder, lmbda).sum()
         self._count += mask.sum()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

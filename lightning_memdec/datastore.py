@@ -25,7 +25,8 @@ from lightning_memdec.artifacts import (
     tokenizer_info,
 )
 from lightning_memdec.corpus import Corpus, position_windows
-from lightning_memdec.keys import KeyCapture, body, load_causal_lm, load_model_tokenizer
+from lightning_memdec.keys import KeyCapture, body
+from lightning_memdec.models import find_tokenizer, load_causal_lm
 from lightning_memdec.sharded import chunk_loader, finish_chunks, mark_done, run_sharded_predict
 from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
 
@@ -195,7 +196,7 @@ def _default_layer_for(config, model: str) -> str:
 
 def _check_model_vocab(data: Corpus, model: str, config) -> None:
     """The corpus's tokenizer must be the model's: same ids (when the model ships a tokenizer), ids in range."""
-    tok = load_model_tokenizer(model)
+    tok = find_tokenizer(model)
     if tok is not None:
         check_same_tokenizer(data.tokenizer, f"corpus {data.dir}", tokenizer_info(tok, str(model)), f"base LM {model}")
     vocab = getattr(config, "vocab_size", None)

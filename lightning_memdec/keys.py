@@ -9,7 +9,6 @@ queries, so both go through :class:`KeyCapture`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -79,22 +78,3 @@ class KeyCapture:
 def body(model: nn.Module) -> nn.Module:
     """The transformer without its LM head: computing keys needs no vocabulary projection."""
     return getattr(model, "base_model", model)
-
-
-def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype | None = None):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
-    except OSError as err:
-        raise ValueError(f"cannot load causal LM {str(name_or_path)!r}: not a model directory or hub name ({err}).") from err
-
-
-def load_model_tokenizer(name_or_path: str | Path):
-    """The tokenizer saved with a model, or None when the model directory has none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError, TypeError):
-        return None

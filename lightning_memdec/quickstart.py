@@ -66,12 +66,6 @@ class StageClock:
         log.warning("quickstart stage %s: %.1f s", name, self.seconds[name])
 
 
-def mix_log_probs(base, other, lmbda):
-    from lightning_memdec.evaluate import mix_log_probs as mix
-
-    return mix(base, other, lmbda)
-
-
 def _check_same_settings(out: Path, settings: dict) -> None:
     """Finished stages are reused by name, so a rerun must have the settings that produced them."""
     from lightning_memdec.artifacts import ArtifactError
@@ -150,43 +144,24 @@ def knn_gold_probs(store: Path, index: Path, queries: Path, k: int) -> tuple[np.
     return dist, match
 
 
-def knn_log_probs(dist: np.ndarray, match: np.ndarray, temperature: float) -> np.ndarray:
-    """log p_kNN(gold) = log Σ_{j: v_j = gold} softmax_j(−d_j / T); −inf where no neighbour has the gold token."""
-    logits = -(dist - dist.min(1, keepdims=True)) / temperature
-    w = np.exp(logits)
-    w /= w.sum(1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        return np.log((w * match).sum(1))
-
-
 def choose_temperature(dist: np.ndarray, match: np.ndarray, base_valid: np.ndarray, grid=TEMPERATURES) -> dict:
     """The kNN temperature (and λ) with the lowest kNN-LM perplexity on the valid split."""
-    from lightning_memdec.evaluate import perplexity, sweep_lambda
+    from lightning_memdec.scoring import knn_gold_log_probs, mixed_perplexity, sweep_lambda
 
     scores = {}
     for t in grid:
-        lmbda, _ = sweep_lambda(base_valid, knn_log_probs(dist, match, t))
-        scores[t] = (perplexity(mix_log_probs(base_valid, knn_log_probs(dist, match, t), lmbda)), lmbda)
+        knn = knn_gold_log_probs(dist, match, t)
+        lmbda, _ = sweep_lambda(base_valid, knn)
+        scores[t] = (mixed_perplexity(base_valid, knn, lmbda), lmbda)
     best = min(scores, key=lambda t: scores[t][0])
     return {"temperature": best, "lambda": scores[best][1], "valid_ppl_by_temperature": {str(t): v[0] for t, v in scores.items()}}
 
 
 def _gold(model_dir: Path | str, corpus: Path, budget: Budget, cache: Path) -> np.ndarray:
-    """Sliding-window gold-token log-probs of one LM over a corpus, cached as .npy (reruns reuse them)."""
-    from lightning_memdec.corpus import Corpus
-    from lightning_memdec.evaluate import lm_scorer, sliding_gold_log_probs
-    from lightning_memdec.keys import load_causal_lm
+    """Sliding-window gold-token log-probs of one LM over a corpus at the budget's window, cached as .npy."""
+    from lightning_memdec.scoring import corpus_gold_log_probs
 
-    if cache.is_file():
-        return np.load(cache)
-    model = load_causal_lm(model_dir).eval()
-    tokens = np.asarray(Corpus(corpus).tokens)
-    vocab = Corpus(corpus).tokenizer["vocab_size"]
-    lp = sliding_gold_log_probs(tokens, budget.window, budget.window // 2, 8, lm_scorer(model, vocab, "lm"),
-                                desc=f"score {Path(model_dir).name} on {corpus.name}")["lm"]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, lp)
-    return lp
+    return corpus_gold_log_probs(model_dir, corpus, budget.window, cache=cache)
 
 
 def _store(model: Path | str, corpus: Path, out: Path, budget: Budget) -> Path:
@@ -299,8 +274,9 @@ def quickstart(
 
 def evaluate_all(out: Path, bases: dict[str, str], corpora: dict[str, Path], memdec: Path, ce_only: Path, budget: Budget) -> dict:
     from lightning_memdec.corpus import Corpus
-    from lightning_memdec.evaluate import knnlm_scorer, perplexity, sliding_gold_log_probs, sweep_lambda
-    from lightning_memdec.interpolate import KNNLM
+    from lightning_memdec.knnlm import KNNLM, knnlm_scorer
+    from lightning_memdec.scoring import DEFAULT_LAMBDA_GRID, mixed_perplexity, perplexity, sliding_gold_log_probs
+    from lightning_memdec.scoring import sweep_lambda
 
     sc = out / "scores"
     gold = lambda model, split, name: _gold(model, corpora[split], budget, sc / f"{name}-{split}.npy")
@@ -327,16 +303,16 @@ def evaluate_all(out: Path, bases: dict[str, str], corpora: dict[str, Path], mem
         results.append({
             "base": name,
             "base_ppl": perplexity(base["domain-test"]),
-            "knnlm_ppl": perplexity(mix_log_probs(base["domain-test"], knn_test, knn["lambda"])),
-            "memdec_ppl": perplexity(mix_log_probs(base["domain-test"], mem["domain-test"], lam)),
-            "ce_only_ppl": perplexity(mix_log_probs(base["domain-test"], ce["domain-test"], ce_lam)),
+            "knnlm_ppl": mixed_perplexity(base["domain-test"], knn_test, knn["lambda"]),
+            "memdec_ppl": mixed_perplexity(base["domain-test"], mem["domain-test"], lam),
+            "ce_only_ppl": mixed_perplexity(base["domain-test"], ce["domain-test"], ce_lam),
             "lambda": lam,
             "ce_only_lambda": ce_lam,
             "knnlm_lambda": knn["lambda"],
             "knnlm_temperature": knn["temperature"],
             "general_base_ppl": perplexity(base["general-test"]),
-            "general_memdec_ppl": perplexity(mix_log_probs(base["general-test"], mem["general-test"], lam)),
-            "valid_ppl_by_lambda": dict(zip([str(x) for x in _grid()], curve)),
+            "general_memdec_ppl": mixed_perplexity(base["general-test"], mem["general-test"], lam),
+            "valid_ppl_by_lambda": dict(zip([str(x) for x in DEFAULT_LAMBDA_GRID], curve)),
         })
     return {
         "results": results,
@@ -344,12 +320,6 @@ def evaluate_all(out: Path, bases: dict[str, str], corpora: dict[str, Path], mem
         "ce_only_alone_ppl": perplexity(ce["domain-test"]),
         "test_positions": int(len(mem["domain-test"])),
     }
-
-
-def _grid():
-    from lightning_memdec.evaluate import DEFAULT_LAMBDA_GRID
-
-    return DEFAULT_LAMBDA_GRID
 
 
 def write_markdown(report: dict, path: Path) -> None:

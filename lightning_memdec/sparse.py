@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["knn_distributions", "csr_offsets"]
+from lightning_memdec.scoring import knn_scores
+
+__all__ = ["knn_distributions", "csr_offsets", "worker_threads"]
 
 # Elements (rows * neighbours) per chunk: ~128k keeps a chunk's temporaries in cache. A block (the
 # unit handed to a thread) gathers its tokens in one go.
@@ -41,7 +43,8 @@ def csr_offsets(counts: np.ndarray) -> np.ndarray:
     return offsets
 
 
-def _threads() -> int:
+def worker_threads() -> int:
+    """CPUs this process may run on: how many threads share the row blocks."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -92,7 +95,11 @@ def _block(d, ids, qids, values, temperature, k, row0):
 
 
 def _chunk(d, ids, qids, tok, temperature, k, row0, padded):
-    """One chunk of rows -> (counts, token ids, probs): untruncated CSR, rows sorted by prob."""
+    """One chunk of rows -> (counts, token ids, probs): untruncated CSR, rows sorted by prob.
+
+    One function on purpose: it is the hot loop of target building, and its steps share chunk-sized temporaries
+    (views into the packed sort keys) that stay in cache only while they are used back to back.
+    """
     d = np.asarray(d, dtype=np.float32)
     if padded or qids is not None:
         valid = ids >= 0
@@ -121,8 +128,7 @@ def _chunk(d, ids, qids, tok, temperature, k, row0, padded):
     # add nothing to their token's sum, and a run of only them is dropped as zero-probability below.
     key = np.empty((rows, width), dtype=np.uint64)
     lo, hi = _halves(key)
-    w = np.subtract(d_min, d)  # contiguous: numpy's SIMD exp does not vectorise a strided output
-    w /= np.float32(temperature)
+    w = knn_scores(d, temperature, nearest=d_min)  # contiguous: numpy's SIMD exp does not vectorise a strided output
     np.exp(w, out=w)
     np.copyto(lo, w.view(np.uint32))
     np.copyto(hi, tok, casting="unsafe")
@@ -206,6 +212,8 @@ def knn_distributions(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse kNN next-token distributions p(y) = sum_{j: values[id_j] = y} softmax_j(-d_j / T).
 
+    The softmax's logits are :func:`lightning_memdec.scoring.knn_scores` (as for kNN-LM's log p_kNN(gold)).
+
     Inputs: `distances` [n, k] squared L2 (rows in any order), `neighbor_ids` [n, k] with -1 for
     missing neighbours, `values` [N] token id per datastore entry (a memmap is fine: only the
     needed entries are read). `query_ids` drops a neighbour whose id equals the query's own datastore
@@ -242,7 +250,7 @@ def knn_distributions(
         return _block(distances[lo:hi], neighbor_ids[lo:hi], qids, values, temperature, k, lo)
 
     starts = range(0, n, step)
-    threads = min(_threads(), len(starts))
+    threads = min(worker_threads(), len(starts))
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             parts = [part for block in pool.map(work, starts) for part in block]

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from lightning_memdec.artifacts import tokenizer_fingerprint
 from lightning_memdec.assets import load_tokenizer
-from lightning_memdec.interpolate import InterpolatedLM, PairCache, interpolate_log_probs
+from lightning_memdec.interpolate import InterpolatedLM, PairCache
 
 VOCAB = 50257
 PROMPTS = ["The patient was given a dose of", "Law"]
@@ -125,16 +125,6 @@ def test_mixture_matches_direct_formula_and_normalises(mixed, prompt_ids):
     torch.testing.assert_close(lp.double(), _direct(mixed, prompt_ids, 0.3), atol=1e-5, rtol=1e-5)
     # the logits are already log-probabilities: log_softmax leaves them alone, so generate() can use them as is
     torch.testing.assert_close(F.log_softmax(lp, -1), lp, atol=1e-5, rtol=0)
-
-
-def test_interpolate_log_probs_handles_minus_inf_without_nan():
-    base = torch.log(torch.tensor([0.5, 0.5, 0.0]))
-    mem = torch.log(torch.tensor([0.0, 0.25, 0.75]))
-    for lmbda in (0.0, 0.3, 1.0):
-        out = interpolate_log_probs(base, mem, lmbda)
-        assert not torch.isnan(out).any()
-        expected = torch.log((1 - lmbda) * base.exp() + lmbda * mem.exp())
-        torch.testing.assert_close(out, expected)
 
 
 def test_labels_give_the_mixture_nll(cross, prompt_ids):

@@ -169,7 +169,7 @@ def test_chunks_blocks_and_threads_agree(monkeypatch):
     whole = knn_distributions(distances, ids, values, 2.0, query_ids=query_ids, k=20)
     monkeypatch.setattr(sparse, "_CHUNK_ELEMENTS", 3 * 24)
     monkeypatch.setattr(sparse, "_BLOCK_ELEMENTS", 7 * 24)
-    monkeypatch.setattr(sparse, "_threads", lambda: 3)
+    monkeypatch.setattr(sparse, "worker_threads", lambda: 3)
     pieces = knn_distributions(distances, ids, values, 2.0, query_ids=query_ids, k=20)
     for a, b in zip(whole, pieces):
         np.testing.assert_array_equal(a, b)

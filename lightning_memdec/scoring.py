@@ -1,0 +1,220 @@
+"""The scoring maths, defined once: kNN distributions, gold-token log-probs, the λ mixture, perplexity.
+
+Everything that scores text (kNN targets, the kNN-LM, InterpolatedLM, CrossModelEval, ``memdec evaluate``, the
+quickstart) calls these. Most of it needs only the gold token's probability: a mixture at any λ is
+
+    log p_mix(gold) = log((1 − λ)·p_base(gold) + λ·p_other(gold))
+
+of two per-position arrays, so a λ sweep costs no extra model call. No Lightning, faiss or transformers here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lightning_memdec.corpus import Corpus, position_windows
+
+__all__ = [
+    "DEFAULT_LAMBDA_GRID", "ScoreFn", "check_lmbda", "check_lambda_grid", "knn_scores", "knn_gold_log_probs",
+    "gold_log_probs", "mix_log_probs", "perplexity", "mixed_perplexity", "sweep_lambda", "sliding_gold_log_probs",
+    "lm_scorer",
+    "corpus_gold_log_probs",
+]
+
+DEFAULT_LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
+# score(input_ids [B, W], labels [B, W]) -> {name: log p(gold) [B, W]}; labels are −100 where not scored
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+# -- p_kNN -------------------------------------------------------------------------------------------------------------
+
+
+def knn_scores(distances: np.ndarray, temperature: float, nearest: np.ndarray | None = None) -> np.ndarray:
+    """The kNN-LM's neighbour logits ``(min_k d_k − d_j) / T`` ``[n, k]``: p(neighbour j) = softmax_j of them.
+
+    ``distances`` are squared L2 (+inf for a missing neighbour, which scores −inf). Shifting by the row's nearest
+    distance leaves the softmax unchanged but keeps exp() of a score in (0, 1]. The dtype is kept (the sparse
+    target builder works in float32); ``nearest`` [n, 1] passes row minima a caller already has.
+    """
+    if nearest is None:
+        nearest = distances.min(axis=1, keepdims=True)
+    scores = np.subtract(nearest, distances)
+    scores /= scores.dtype.type(temperature)
+    return scores
+
+
+def knn_gold_log_probs(distances: np.ndarray, is_gold: np.ndarray | torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p_kNN(gold) ``[n]`` float64 = log Σ_{j: v_j = gold} softmax_j(−d_j / T), without any ``[n, V]`` row.
+
+    ``is_gold`` ``[n, k]`` marks the neighbours whose value is the gold token; −inf where none is.
+    """
+    scores = torch.from_numpy(knn_scores(np.asarray(distances, dtype=np.float64), temperature))
+    gold_scores = scores.masked_fill(~torch.as_tensor(is_gold, dtype=torch.bool), -math.inf)
+    return torch.logsumexp(gold_scores, dim=-1) - torch.logsumexp(scores, dim=-1)
+
+
+# -- base LMs ----------------------------------------------------------------------------------------------------------
+
+
+def gold_log_probs(logits: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """log p(label) ``[...]`` float32 from logits ``[..., R]``, normalised over the first ``vocab`` ids only.
+
+    An LM head padded beyond the tokenizer (R > vocab, as Qwen's) is sliced before normalising, so padding rows
+    get no mass. Labels of −100 (not scored) give 0.
+    """
+    logits = logits[..., :vocab].float()
+    labels = labels.to(logits.device)
+    lp = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    return lp.masked_fill(labels == -100, 0.0)
+
+
+# -- the mixture -------------------------------------------------------------------------------------------------------
+
+
+def check_lmbda(lmbda: float) -> float:
+    """λ is a mixture weight; anything outside [0, 1] (or NaN) is not a distribution, so refuse it early."""
+    try:
+        value = float(lmbda)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lmbda must be a number in [0, 1] (the Memory Decoder's weight), got {lmbda!r}.") from err
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"lmbda must be in [0, 1] (the Memory Decoder's weight in the mixture; 0 = base only, 1 = decoder only), "
+            f"got {lmbda!r}."
+        )
+    return value
+
+
+def mix_log_probs(base: torch.Tensor, other: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """``log((1 − λ)·p_base + λ·p_other)`` elementwise from two log-probability tensors (numpy: torch.from_numpy).
+
+    λ = 0 and λ = 1 return the corresponding input itself: going through ``log(0) = −inf`` would be exact in
+    principle but is special-cased so the endpoints are bit-identical to the single models.
+    """
+    lmbda = check_lmbda(lmbda)
+    if lmbda == 0.0:
+        return base
+    if lmbda == 1.0:
+        return other
+    log_base_w, log_other_w = math.log1p(-lmbda), math.log(lmbda)
+    needs_grad = torch.is_grad_enabled() and (base.requires_grad or other.requires_grad)
+    if needs_grad or base.shape != other.shape or base.dtype != other.dtype:
+        return torch.logaddexp(base + log_base_w, other + log_other_w)
+    # Same value, one [.., V] allocation instead of three: logaddexp(a + c1, b + c2) = c1 + logaddexp(a, b + c2 - c1).
+    # At vocabulary width, allocating (page-faulting) fresh tensors costs more than the arithmetic.
+    out = other + (log_other_w - log_base_w)
+    torch.logaddexp(base, out, out=out)
+    return out.add_(log_base_w)
+
+
+def perplexity(log_probs: np.ndarray | torch.Tensor) -> float:
+    """exp(−mean log p(gold)); the mean is over positions, so every scored token weighs the same."""
+    log_probs = np.asarray(log_probs, dtype=np.float64)
+    if log_probs.size == 0:
+        raise ValueError("no scored positions: perplexity of an empty text is undefined.")
+    return float(np.exp(-log_probs.mean()))
+
+
+def mixed_perplexity(base, other, lmbda: float) -> float:
+    """Perplexity of the λ mixture of two per-position gold log-prob arrays (numpy arrays or tensors)."""
+    base, other = torch.as_tensor(base, dtype=torch.float64), torch.as_tensor(other, dtype=torch.float64)
+    return perplexity(mix_log_probs(base, other, lmbda))
+
+
+def check_lambda_grid(grid) -> list[float]:
+    """Every λ of a sweep grid checked; an empty grid has no best λ."""
+    grid = [check_lmbda(g) for g in grid]
+    if not grid:
+        raise ValueError("lambda_grid is empty; give at least one λ in [0, 1] (e.g. 0.05 … 0.95).")
+    return grid
+
+
+def sweep_lambda(base, other, grid=DEFAULT_LAMBDA_GRID) -> tuple[float, list[float]]:
+    """The λ of ``grid`` with the lowest mixed perplexity (first on ties), and the perplexity at every λ.
+
+    ``base`` and ``other`` are per-position gold log-probs (numpy arrays or tensors).
+    """
+    grid = check_lambda_grid(grid)
+    ppls = [mixed_perplexity(base, other, lmbda) for lmbda in grid]
+    return grid[int(np.argmin(ppls))], ppls
+
+
+# -- sliding windows -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sliding_gold_log_probs(
+    tokens: np.ndarray, window: int, stride: int, batch_size: int, score: ScoreFn, desc: str = "score"
+) -> dict[str, np.ndarray]:
+    """Run ``score`` over sliding windows; returns, per output name, log p(gold) for every position (float64).
+
+    Windows are :func:`~lightning_memdec.corpus.position_windows`, as in datastore building. ``score`` gets the
+    shifted gold tokens with −100 at positions that an earlier window already scored. Texts shorter than
+    ``window`` are scored in one window.
+    """
+    if window <= 0 or stride <= 0 or stride > window:
+        raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    num_positions = len(tokens) - 1
+    window = min(window, num_positions)
+    windows = position_windows(num_positions, window, min(stride, window))
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    local = torch.arange(window)
+    out: dict[str, np.ndarray] = {}
+    for b0 in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
+        starts = windows.starts[b0 : b0 + batch_size]
+        score_from = windows.score_from[b0 : b0 + batch_size]
+        block = ids[torch.as_tensor(starts)[:, None] + torch.arange(window + 1)]  # [B, W + 1]
+        labels = block[:, 1:].clone()
+        labels[local[None, :] < torch.as_tensor(score_from)[:, None]] = -100
+        for name, lp in score(block[:, :-1], labels).items():
+            arr = out.setdefault(name, np.full(num_positions, np.nan))
+            lp = lp.double().cpu().numpy()
+            for row, (s, f) in enumerate(zip(starts.tolist(), score_from.tolist())):
+                arr[s + f : s + window] = lp[row, f:]
+    for name, arr in out.items():
+        if np.isnan(arr).any():  # position_windows promises full coverage; guard it anyway
+            raise RuntimeError(f"{name}: {int(np.isnan(arr).sum())} positions were not scored.")
+    return out
+
+
+def lm_scorer(model, vocab: int, name: str = "lm") -> ScoreFn:
+    """Gold log-probs of one causal LM over the first ``vocab`` ids (a padded head is renormalised over them)."""
+
+    def score(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = model(input_ids=input_ids.to(model.device), use_cache=False).logits
+        return {name: gold_log_probs(logits, labels, vocab)}
+
+    return score
+
+
+def corpus_gold_log_probs(
+    model, corpus: Path, window: int, stride: int | None = None, batch_size: int = 8, cache: Path | None = None
+) -> np.ndarray:
+    """Sliding-window gold log-probs ``[positions]`` of one LM (directory, name or model) over a tokenized corpus.
+
+    ``stride`` defaults to half the window. With ``cache``, the array is saved there as .npy and a rerun loads it.
+    """
+    from lightning_memdec.models import load_causal_lm
+
+    if cache is not None and Path(cache).is_file():
+        return np.load(cache)
+    name = Path(str(getattr(model, "name_or_path", model))).name
+    if isinstance(model, (str, Path)):
+        model = load_causal_lm(model)
+    data = Corpus(corpus)
+    scorer = lm_scorer(model.eval(), data.tokenizer["vocab_size"], "lm")
+    stride = window // 2 if stride is None else stride
+    lp = sliding_gold_log_probs(np.asarray(data.tokens), window, stride, batch_size, scorer,
+                                desc=f"score {name} on {Path(corpus).name}")["lm"]
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, lp)
+    return lp
