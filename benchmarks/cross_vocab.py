@@ -36,7 +36,7 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
-from lightning_memdec.quickstart import SMALL_BASE, Budget, _fit, quickstart
+from lightning_memdec.quickstart import SMALL_BASE, Budget, quickstart, train_model
 from lightning_memdec.scoring import corpus_gold_log_probs
 from lightning_memdec.vocab import transfer_vocab
 
@@ -118,10 +118,10 @@ def main(
 
     t_train = time.perf_counter()
     decoders = {
-        "full": _fit("full", x, dt, dv, budget, a_steps, full_cfg, beta=beta, train_targets=tt, val_targets=tv, lr=lr),
-        "overlap": _fit("overlap", x, dt, dv, budget, transfer_steps, str(moved["overlap"]), beta=beta,
+        "full": train_model("full", x, dt, dv, budget, a_steps, full_cfg, beta=beta, train_targets=tt, val_targets=tv, lr=lr),
+        "overlap": train_model("overlap", x, dt, dv, budget, transfer_steps, str(moved["overlap"]), beta=beta,
                         train_targets=tt, val_targets=tv, lr=lr),
-        "random": _fit("random", x, dt, dv, budget, transfer_steps, str(moved["random"]), beta=beta,
+        "random": train_model("random", x, dt, dv, budget, transfer_steps, str(moved["random"]), beta=beta,
                        train_targets=tt, val_targets=tv, lr=lr),
     }
     train_seconds = time.perf_counter() - t_train

@@ -1,4 +1,4 @@
-"""Embedded data shipped with the package: tokenizers and text corpora (see assets/NOTICE.md)."""
+"""Embedded data shipped with the package: tokenizers, text corpora and two small base LMs (see assets/NOTICE.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ EMBEDDED_PREFIX = "embedded:"
 SHIPPED_TOKENIZERS = ("gpt2", "gpt-neox-20b")
 EMBEDDED_DOMAINS = ("general", "biomed", "law")
 SPLITS = ("train", "valid", "test")
+SHIPPED_MODELS = ("base-small", "base-large")
 
 
 def load_tokenizer(name_or_path: str):
@@ -66,3 +67,15 @@ def read_documents(path: str | Path) -> list[str]:
         if block.strip():
             docs.append(block)
     return docs
+
+
+def resolve_model(ref: str | Path) -> str:
+    """``embedded:base-small`` / ``embedded:base-large`` → the shipped model's directory; anything else unchanged."""
+    ref = str(ref)
+    if not ref.startswith(EMBEDDED_PREFIX):
+        return ref
+    name = ref[len(EMBEDDED_PREFIX) :]
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"no shipped model {name!r}; shipped ones are {[EMBEDDED_PREFIX + m for m in SHIPPED_MODELS]}.")
+    return str(ASSETS / "models" / name)
+

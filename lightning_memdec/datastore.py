@@ -26,7 +26,7 @@ from lightning_memdec.artifacts import (
 )
 from lightning_memdec.corpus import Corpus, position_windows
 from lightning_memdec.keys import KeyCapture, body
-from lightning_memdec.models import find_tokenizer, load_causal_lm
+from lightning_memdec.models import find_tokenizer, load_causal_lm, resolve_model
 from lightning_memdec.sharded import chunk_loader, finish_chunks, mark_done, run_sharded_predict
 from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
 
@@ -179,7 +179,7 @@ def _model_config(model: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(model))
+        return AutoConfig.from_pretrained(resolve_model(model))
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load base LM {str(model)!r}: not a model directory or hub name ({err}).") from err
 

@@ -9,22 +9,26 @@ Transformers is imported inside the functions: importing this module stays cheap
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
+
+from lightning_memdec.assets import SHIPPED_TOKENIZERS, load_tokenizer, resolve_model
 
 __all__ = [
     "load_causal_lm", "causal_lm", "find_tokenizer", "tokenizer_name", "output_rows", "forward_params",
-    "cache_arg_name", "position_ids_from_mask",
+    "cache_arg_name", "position_ids_from_mask", "resolve_model",
 ]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
 def load_causal_lm(name_or_path: str | Path, **from_pretrained_kwargs):
-    """``AutoModelForCausalLM.from_pretrained``, with an error naming what was asked for when it is no model."""
+    """``AutoModelForCausalLM.from_pretrained`` (``embedded:base-small`` etc. for the shipped bases), with an error
+    naming what was asked for when it is no model."""
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **from_pretrained_kwargs)
+        return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **from_pretrained_kwargs)
     except OSError as err:
         raise ValueError(
             f"cannot load causal LM {str(name_or_path)!r}: not a model directory or hub name ({err})."
@@ -36,7 +40,7 @@ def causal_lm(ref, what: str, **from_pretrained_kwargs):
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     if isinstance(ref, (str, Path)):
-        return AutoModelForCausalLM.from_pretrained(str(ref), **from_pretrained_kwargs)
+        return AutoModelForCausalLM.from_pretrained(resolve_model(ref), **from_pretrained_kwargs)
     if not isinstance(ref, PreTrainedModel):
         raise TypeError(
             f"{what} must be a Hugging Face causal LM (PreTrainedModel) or a name/path, got {type(ref).__name__}."
@@ -54,7 +58,7 @@ def find_tokenizer(ref, model=None):
 
     candidates = []
     if isinstance(ref, (str, Path)):
-        candidates.append(str(ref))
+        candidates.append(resolve_model(ref))
     name = getattr(model, "name_or_path", None) or ""
     if name and Path(name).is_dir() and name not in candidates:
         candidates.append(name)
@@ -69,7 +73,19 @@ def find_tokenizer(ref, model=None):
             continue
         if len(tokenizer) > 1:
             return tokenizer
+    for candidate in candidates:  # a package export without tokenizer files names a shipped tokenizer in meta.json
+        shipped = _meta_tokenizer(Path(candidate))
+        if shipped is not None:
+            return load_tokenizer(shipped)
     return None
+
+
+def _meta_tokenizer(directory: Path) -> str | None:
+    meta = directory / "meta.json"
+    if not meta.is_file():
+        return None
+    name = (json.loads(meta.read_text()).get("tokenizer") or {}).get("name")
+    return name if name in SHIPPED_TOKENIZERS else None
 
 
 def tokenizer_name(tokenizer, fallback: str = "tokenizer") -> str:

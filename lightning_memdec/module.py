@@ -22,7 +22,8 @@ class MemoryDecoderModule(L.LightningModule):
     """The Memory Decoder and its training objective.
 
     Args:
-        model: Hugging Face causal LM to continue training from (name or local directory).
+        model: Hugging Face causal LM to continue training from (name, local directory, or a shipped base such
+            as ``embedded:base-small``).
         config: instead of ``model``, a Hugging Face config to train from scratch: a ``config.json`` path,
             or a mapping with ``model_type`` and its fields (e.g. ``{model_type: gpt2, n_layer: 6}``).
         beta: weight of the KL term (1 − beta weights the next-token cross-entropy); paper: 0.5.
@@ -62,11 +63,13 @@ class MemoryDecoderModule(L.LightningModule):
             return
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from lightning_memdec.models import load_causal_lm
+
         h = self.hparams
         if h.model is not None:
             # from_pretrained returns eval mode; Lightning keeps sub-module modes, so switch dropout back on
             # float32 master weights whatever dtype the checkpoint was saved in (mixed precision casts per op)
-            self.decoder = AutoModelForCausalLM.from_pretrained(h.model, dtype=torch.float32).train()
+            self.decoder = load_causal_lm(h.model, dtype=torch.float32).train()
         else:
             if isinstance(h.config, str):
                 cfg = AutoConfig.from_pretrained(h.config)

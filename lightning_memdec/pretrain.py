@@ -16,12 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from lightning_memdec.artifacts import read_meta, write_json_atomic
 from lightning_memdec.assets import EMBEDDED_PREFIX, resolve_text
 from lightning_memdec.configs import load_config
-from lightning_memdec.corpus import Corpus, tokenize
+from lightning_memdec.corpus import tokenize
 
 log = logging.getLogger(__name__)
 BASE_SIZES = ("small", "large")
@@ -68,17 +66,14 @@ def base_config(size: str, corpora: dict[str, Path], out: Path, overrides: dict[
 
 
 def general_perplexity(model_dir: Path, corpus: Path, window: int, batch_size: int = 16) -> float:
-    """Sliding-window perplexity (stride window / 2) of a causal LM over a tokenized corpus."""
-    from lightning_memdec.evaluate import lm_scorer, perplexity, sliding_gold_log_probs
-    from lightning_memdec.keys import load_causal_lm
-
+    """Sliding-window perplexity (stride window / 2) of a causal LM over a tokenized corpus, on the GPU if there is one."""
     import torch
 
-    model = load_causal_lm(model_dir).eval().to("cuda" if torch.cuda.is_available() else "cpu")
-    c = Corpus(corpus)
-    scorer = lm_scorer(model, c.tokenizer["vocab_size"], "lm")
-    lp = sliding_gold_log_probs(np.asarray(c.tokens), window, window // 2, batch_size, scorer, desc=f"{model_dir.name}")
-    return perplexity(lp["lm"])
+    from lightning_memdec.models import load_causal_lm
+    from lightning_memdec.scoring import corpus_gold_log_probs, perplexity
+
+    model = load_causal_lm(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+    return perplexity(corpus_gold_log_probs(model, corpus, window, batch_size=batch_size))
 
 
 def pretrain_bases(
@@ -146,13 +141,16 @@ def record_base(export: Path, config: dict[str, Any], corpora: dict[str, Path]) 
 
 
 def install_base(export: Path, size: str) -> Path:
-    """Copy a finished base into ``lightning_memdec/assets/models/base-<size>`` (weights, config, tokenizer, meta)."""
+    """Copy a finished base into ``lightning_memdec/assets/models/base-<size>`` (``embedded:base-<size>``).
+
+    Weights, config and meta.json only: the tokenizer is the shipped gpt2 one, which meta.json names.
+    """
     from lightning_memdec.assets import ASSETS
 
     target = ASSETS / "models" / f"base-{size}"
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(export, tmp, ignore=shutil.ignore_patterns("general_perplexity.json"))
+    shutil.copytree(export, tmp, ignore=shutil.ignore_patterns("general_perplexity.json", "tokenizer*"))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

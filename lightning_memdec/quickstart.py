@@ -24,10 +24,12 @@ import numpy as np
 
 from lightning_memdec.artifacts import META, write_json_atomic
 from lightning_memdec.assets import EMBEDDED_PREFIX
-from lightning_memdec.corpus import tokenize
+from lightning_memdec.configs import load_config
+from lightning_memdec.corpus import Corpus, tokenize
 from lightning_memdec.datastore import Datastore, build_datastore
 from lightning_memdec.index import KeyIndex, build_index
 from lightning_memdec.targets import build_targets
+from lightning_memdec.train import fit
 
 log = logging.getLogger(__name__)
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -101,39 +103,38 @@ def _corpus(out: Path, text: str, tokenizer: str, max_tokens: int) -> Path:
     return out if _done(out) else tokenize([text], out, tokenizer, max_tokens=max_tokens)
 
 
-def _fit(name: str, out: Path, train: Path, valid: Path, budget: Budget, steps: int, start: dict | str,
-         beta: float, train_targets: Path | None = None, val_targets: Path | None = None, lr: float = 2e-3) -> Path:
-    """Train through `memdec fit` (LightningCLI), exporting the model to ``out/models/<name>``."""
-    from lightning_memdec.cli import lightning_cli
+def train_model(name: str, out: Path, train: Path, valid: Path, budget: Budget, steps: int, start: dict | str,
+                beta: float, train_targets: Path | None = None, val_targets: Path | None = None, lr: float = 2e-3) -> Path:
+    """Train one model with :func:`lightning_memdec.train.fit` (what `memdec fit` runs) into ``out/models/<name>``.
 
+    ``start`` is a model to continue (name or directory) or a GPT-2 config dict to train from scratch.
+    """
     export = out / "models" / name
     if _done(export):
         return export
     if isinstance(start, str):
-        model = ["--model.model", start]
+        model = {"model": start}
     else:  # from scratch: the vocabulary is the corpus tokenizer's (gpt2: 50257, gpt-neox-20b: 50277)
-        from lightning_memdec.corpus import Corpus
-
         vocab = Corpus(train).tokenizer["vocab_size"]
-        model = ["--model.config", json.dumps({**start, "n_positions": budget.window, "vocab_size": vocab})]
-    data = ["--data.train_corpus", str(train), "--data.val_corpus", str(valid)]
+        model = {"config": {**start, "n_positions": budget.window, "vocab_size": vocab}}
+    data = {"train_corpus": str(train), "val_corpus": str(valid), "window": budget.window, "batch_size": budget.batch_size}
     if train_targets is not None:
-        data += ["--data.train_targets", str(train_targets), "--data.val_targets", str(val_targets)]
-    args = [
-        "fit", *model, "--model.beta", str(beta), "--model.learning_rate", str(lr), "--model.warmup_steps", "0.05",
-        *data, "--data.window", str(budget.window), "--data.batch_size", str(budget.batch_size),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(max(1, steps // 2)), "--trainer.limit_val_batches", "4",
-        "--trainer.check_val_every_n_epoch", "null", "--trainer.log_every_n_steps", "10",
-        "--trainer.gradient_clip_val", "1.0", "--trainer.default_root_dir", str(out / "runs" / name),
-        "--trainer.enable_model_summary", "false", "--checkpoint.dirpath", str(out / "runs" / name / "checkpoints"),
-        "--export.dirpath", str(export),
-        # tqdm rather than rich bars: rich's console proxy recurses when driven from a Jupyter kernel
-        "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar",
-    ]
+        data.update(train_targets=str(train_targets), val_targets=str(val_targets))
+    run = out / "runs" / name
+    config = load_config("trainer/cpu.yaml", {
+        "model": {**model, "beta": beta, "learning_rate": lr, "warmup_steps": 0.05},
+        "data": data,
+        "trainer": {
+            "max_steps": steps, "val_check_interval": max(1, steps // 2), "limit_val_batches": 4,
+            "check_val_every_n_epoch": None, "default_root_dir": str(run), "enable_model_summary": False,
+            # tqdm rather than rich bars: rich's console proxy recurses when driven from a Jupyter kernel
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}],
+        },
+        "checkpoint": {"dirpath": str(run / "checkpoints")},
+        "export": {"dirpath": str(export)},
+    })
     log.info("training %s for %d steps", name, steps)
-    lightning_cli(args)
-    return export
+    return fit(config)
 
 
 def knn_gold_probs(store: Path, index: Path, queries: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,14 +237,14 @@ def quickstart(
         gt, gv = corpora["general-train"], corpora["general-valid"]
         with clock("pretrain bases"):
             bases = {
-                "base-small": str(_fit("base-small", out, gt, gv, budget, small_base_steps, SMALL_BASE, beta=0.0)),
-                "base-large": str(_fit("base-large", out, gt, gv, budget, large_base_steps, LARGE_BASE, beta=0.0)),
+                "base-small": str(train_model("base-small", out, gt, gv, budget, small_base_steps, SMALL_BASE, beta=0.0)),
+                "base-large": str(train_model("base-large", out, gt, gv, budget, large_base_steps, LARGE_BASE, beta=0.0)),
             }
     start, largest = list(bases.values())[0], list(bases.values())[-1]
     dt, dv = corpora["domain-train"], corpora["domain-valid"]
     # 2. teacher: the largest base fine-tuned on the domain; its datastore gives the training targets
     with clock("teacher"):
-        teacher = _fit("teacher", out, dt, dv, budget, teacher_steps, largest, beta=0.0, lr=1e-3)
+        teacher = train_model("teacher", out, dt, dv, budget, teacher_steps, largest, beta=0.0, lr=1e-3)
     s = out / "stores"
     with clock("teacher datastore + index"):
         t_store, t_valid = _store(teacher, dt, s / "teacher-train", budget), _store(teacher, dv, s / "teacher-valid", budget)
@@ -258,9 +259,9 @@ def quickstart(
             build_targets(t_store, t_index, targets_valid, queries=t_valid, k=k, temperature=temperature, overwrite=True)
     # 3. the Memory Decoder and the CE-only ablation: same start, same budget, through `memdec fit`
     with clock("train memdec"):
-        memdec = _fit("memdec", out, dt, dv, budget, memdec_steps, start, beta=beta, train_targets=targets_train, val_targets=targets_valid, lr=1e-3)
+        memdec = train_model("memdec", out, dt, dv, budget, memdec_steps, start, beta=beta, train_targets=targets_train, val_targets=targets_valid, lr=1e-3)
     with clock("train ce-only"):
-        ce_only = _fit("ce-only", out, dt, dv, budget, memdec_steps, start, beta=0.0, lr=1e-3)
+        ce_only = train_model("ce-only", out, dt, dv, budget, memdec_steps, start, beta=0.0, lr=1e-3)
     # 4. evaluation: λ (and the kNN temperature) chosen on the domain valid split, applied to test
     with clock("evaluate"):
         report = evaluate_all(out, bases, corpora, memdec, ce_only, budget)

@@ -233,7 +233,7 @@ def transfer_vocab(
         seed: seed of the random initialisation (``init=random``).
         overwrite: replace an existing ``out``.
     """
-    from transformers import AutoModelForCausalLM
+    from lightning_memdec.models import load_causal_lm
 
     if init not in ("overlap", "random"):
         raise ValueError(f"init must be 'overlap' or 'random', got {init!r}.")
@@ -259,7 +259,7 @@ def transfer_vocab(
     if Path(out).exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
 
-    model = AutoModelForCausalLM.from_pretrained(decoder, dtype="auto")
+    model = load_causal_lm(decoder, dtype="auto")
     inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
     tied = outp is not None and outp.weight is inp.weight
     if inp.weight.shape[0] < len(tok_a):

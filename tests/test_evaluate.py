@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from conftest import save_tiny
 from lightning_memdec.assets import load_tokenizer
 from lightning_memdec.callbacks import CrossModelEval
-from lightning_memdec.cli import lightning_cli, main
+from lightning_memdec.cli import main
+from lightning_memdec.train import lightning_cli
 from lightning_memdec.corpus import position_windows
 from lightning_memdec.datastore import Datastore
 from lightning_memdec.evaluate import evaluate, text_tokens

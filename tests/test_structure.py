@@ -9,10 +9,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_memdec"
 MAX_LINES = 450
-# `quickstart._fit` (which drives the CLI) goes when the public training API lands; until then benchmarks/cross_vocab.py
-# imports it and quickstart imports the CLI inside it. Both exemptions go with it.
-PRIVATE_EXEMPT = {("lightning_memdec.quickstart", "_fit")}
-CLI_EXEMPT = {"lightning_memdec.quickstart"}
 ENTRY_POINT = "lightning_memdec.__main__"  # `python -m lightning_memdec` runs the CLI: above it, not below
 
 
@@ -21,10 +17,7 @@ def _modules() -> dict[str, ast.Module]:
 
 
 def _import_graph() -> dict[str, set[str]]:
-    graph = {name: _imported(tree, name) for name, tree in _modules().items() if name != ENTRY_POINT}
-    for name in CLI_EXEMPT:
-        graph[name].discard("lightning_memdec.cli")
-    return graph
+    return {name: _imported(tree, name) for name, tree in _modules().items() if name != ENTRY_POINT}
 
 
 def _sources() -> dict[Path, ast.Module]:
@@ -65,7 +58,7 @@ def test_no_private_names_across_modules():
                 for a in node.names:
                     if node.module == "lightning_memdec":
                         aliases[a.asname or a.name] = f"lightning_memdec.{a.name}"
-                    elif a.name.startswith("_") and (node.module, a.name) not in PRIVATE_EXEMPT:
+                    elif a.name.startswith("_"):
                         bad.append(f"{path.name}:{node.lineno} imports {node.module}.{a.name}")
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
@@ -73,7 +66,7 @@ def test_no_private_names_across_modules():
                 module = aliases.get(target.id) if isinstance(target, ast.Name) else None
                 if module is None and isinstance(target, ast.Attribute):
                     module = ast.unparse(target) if ast.unparse(target).startswith("lightning_memdec.") else None
-                if module is not None and (module, node.attr) not in PRIVATE_EXEMPT:
+                if module is not None:
                     bad.append(f"{path.name}:{node.lineno} uses {module}.{node.attr}")
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_memdec.artifacts import ArtifactError
-from lightning_memdec.cli import lightning_cli
+from lightning_memdec.train import lightning_cli
 from lightning_memdec.corpus import Corpus, position_windows, tokenize
 from lightning_memdec.data import PAD_WINDOW, EvenShardSampler, MemDecDataModule, WindowTargetsDataset, collate
 from lightning_memdec.module import MemoryDecoderModule, lr_lambda

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, tokenizer_info, write_json_atomic
 from lightning_memdec.assets import load_tokenizer
-from lightning_memdec.cli import lightning_cli, stage_functions
+from lightning_memdec.cli import stage_functions
+from lightning_memdec.train import lightning_cli
 from lightning_memdec.vocab import budget_steps, transfer_vocab, vocab_mapping
 
 from conftest import save_tiny
