@@ -86,11 +86,31 @@ def main(
 
     t0 = time.perf_counter()
     workdir = Path(workdir)
-    sizes = dict(general_tokens=general_tokens, domain_tokens=domain_tokens, eval_tokens=eval_tokens, window=window,
-                 batch_size=batch_size, small_base_steps=base_steps, large_base_steps=base_steps,
-                 teacher_steps=teacher_steps, memdec_steps=memdec_steps, k=k, beta=beta)
-    budget = Budget(general_tokens, domain_tokens, eval_tokens, window, batch_size, base_steps, base_steps,
-                    teacher_steps, memdec_steps, k)
+    sizes = dict(
+        general_tokens=general_tokens,
+        domain_tokens=domain_tokens,
+        eval_tokens=eval_tokens,
+        window=window,
+        batch_size=batch_size,
+        small_base_steps=base_steps,
+        large_base_steps=base_steps,
+        teacher_steps=teacher_steps,
+        memdec_steps=memdec_steps,
+        k=k,
+        beta=beta,
+    )
+    budget = Budget(
+        general_tokens,
+        domain_tokens,
+        eval_tokens,
+        window,
+        batch_size,
+        base_steps,
+        base_steps,
+        teacher_steps,
+        memdec_steps,
+        k,
+    )
     a, b = workdir / "a", workdir / "b"
     quickstart(out=a, tokenizer=tokenizer_a, **sizes)
     a_seconds = time.perf_counter() - t0
@@ -118,19 +138,45 @@ def main(
 
     t_train = time.perf_counter()
     decoders = {
-        "full": train_model("full", x, dt, dv, budget, a_steps, full_cfg, beta=beta, train_targets=tt, val_targets=tv, lr=lr),
-        "overlap": train_model("overlap", x, dt, dv, budget, transfer_steps, str(moved["overlap"]), beta=beta,
-                        train_targets=tt, val_targets=tv, lr=lr),
-        "random": train_model("random", x, dt, dv, budget, transfer_steps, str(moved["random"]), beta=beta,
-                       train_targets=tt, val_targets=tv, lr=lr),
+        "full": train_model(
+            "full", x, dt, dv, budget, a_steps, full_cfg, beta=beta, train_targets=tt, val_targets=tv, lr=lr
+        ),
+        "overlap": train_model(
+            "overlap",
+            x,
+            dt,
+            dv,
+            budget,
+            transfer_steps,
+            str(moved["overlap"]),
+            beta=beta,
+            train_targets=tt,
+            val_targets=tv,
+            lr=lr,
+        ),
+        "random": train_model(
+            "random",
+            x,
+            dt,
+            dv,
+            budget,
+            transfer_steps,
+            str(moved["random"]),
+            beta=beta,
+            train_targets=tt,
+            val_targets=tv,
+            lr=lr,
+        ),
     }
     train_seconds = time.perf_counter() - t_train
     steps_done = {n: json.loads((d / "meta.json").read_text())["global_step"] for n, d in decoders.items()}
 
     sc = x / "scores"
     splits = ("domain-valid", "domain-test")
-    gold = {n: {s: corpus_gold_log_probs(d, c / s, window, cache=sc / f"{n}-{s}.npy") for s in splits}
-            for n, d in decoders.items()}
+    gold = {
+        n: {s: corpus_gold_log_probs(d, c / s, window, cache=sc / f"{n}-{s}.npy") for s in splits}
+        for n, d in decoders.items()
+    }
     b_memdec = b / "models" / "memdec"
     gold["b_memdec_from_base"] = {
         s: corpus_gold_log_probs(b_memdec, c / s, window, cache=b / "scores" / f"memdec-{s}.npy") for s in splits

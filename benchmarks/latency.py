@@ -133,15 +133,33 @@ def main(
     print(f"threads: torch {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}", flush=True)
     base_dir = save_gpt2(workdir / f"base-{n_embd}x{n_layer}", n_embd, n_layer, 8, seed)
     dec_dir = save_gpt2(workdir / f"memdec-{decoder_embd}x{decoder_layers}", decoder_embd, decoder_layers, 4, seed + 1)
-    corpus = stage("corpus", workdir / f"corpus-{datastore_tokens}", lambda: tokenize(
-        ["embedded:general/train"], workdir / f"corpus-{datastore_tokens}", "gpt2", max_tokens=datastore_tokens))
+    corpus = stage(
+        "corpus",
+        workdir / f"corpus-{datastore_tokens}",
+        lambda: tokenize(
+            ["embedded:general/train"], workdir / f"corpus-{datastore_tokens}", "gpt2", max_tokens=datastore_tokens
+        ),
+    )
     ds_dir = workdir / f"datastore-{base_dir.name}-{datastore_tokens}-{datastore_window}-{datastore_stride}"
-    datastore = stage("datastore", ds_dir, lambda: build_datastore(
-        corpus, str(base_dir), ds_dir, window=datastore_window, stride=datastore_stride, batch_windows=8,
-        accelerator="cpu"))
+    datastore = stage(
+        "datastore",
+        ds_dir,
+        lambda: build_datastore(
+            corpus,
+            str(base_dir),
+            ds_dir,
+            window=datastore_window,
+            stride=datastore_stride,
+            batch_windows=8,
+            accelerator="cpu",
+        ),
+    )
     ix_dir = workdir / f"index-{ds_dir.name}-{factory.replace(',', '_')}"
-    index = stage("index", ix_dir, lambda: build_index(datastore, ix_dir, factory=factory, train_size=train_size,
-                                                        nprobe=nprobe, seed=seed))
+    index = stage(
+        "index",
+        ix_dir,
+        lambda: build_index(datastore, ix_dir, factory=factory, train_size=train_size, nprobe=nprobe, seed=seed),
+    )
 
     base = load_causal_lm(base_dir).eval()
     decoder = load_causal_lm(dec_dir).eval()
@@ -155,30 +173,51 @@ def main(
 
     base_flops, dec_flops = flops_per_token(base), flops_per_token(decoder)
     print(f"base: GPT-2 {n_embd}d x {n_layer} layers, {base_flops / 2e6:.1f}M params per token", flush=True)
-    print(f"decoder: GPT-2 {decoder_embd}d x {decoder_layers} layers, {dec_flops / 2e6:.2f}M params per token", flush=True)
-    print(f"datastore: {len(knnlm.values)} entries x {knnlm.store.meta['dim']} dims (fp16), index {factory}, "
-          f"nprobe {nprobe}, k {k}, T {temperature}", flush=True)
-    print(f"timing: embedded:general/test, median of interleaved repeats ({repeats}; large batch {max(1, repeats // 2)}; "
-          f"generate {gen_repeats})", flush=True)
+    print(
+        f"decoder: GPT-2 {decoder_embd}d x {decoder_layers} layers, {dec_flops / 2e6:.2f}M params per token", flush=True
+    )
+    print(
+        f"datastore: {len(knnlm.values)} entries x {knnlm.store.meta['dim']} dims (fp16), index {factory}, "
+        f"nprobe {nprobe}, k {k}, T {temperature}",
+        flush=True,
+    )
+    print(
+        f"timing: embedded:general/test, median of interleaved repeats ({repeats}; large batch {max(1, repeats // 2)}; "
+        f"generate {gen_repeats})",
+        flush=True,
+    )
 
     flops_ratio = dec_flops / base_flops
     big_ids = torch.as_tensor(tokens[: large_batch * large_seq].reshape(large_batch, large_seq))
     big = model_latency(base, big_ids, len(tok), mixed, knnlm, repeats=max(1, repeats // 2), warmup=1)
-    print(f"large_batch: {large_batch} x {large_seq} tokens: seconds " + ", ".join(
-        f"{key} {sec:.3f}" for key, sec in big["seconds"].items()), flush=True)
+    print(
+        f"large_batch: {large_batch} x {large_seq} tokens: seconds "
+        + ", ".join(f"{key} {sec:.3f}" for key, sec in big["seconds"].items()),
+        flush=True,
+    )
     print(f"large_batch_memdec_overhead: {big['overhead']['base+memdec']:.3f}", flush=True)
     print(f"large_batch_knnlm_overhead: {big['overhead']['base+knnlm']:.3f}", flush=True)
 
     knn_base = KNNLM(base, knnlm.store, knnlm.key_index, k=k, temperature=temperature, lmbda=0.0, tokenizer=tok)
-    gen = generation_throughput({"base": base, "base+memdec": mixed, "base_loop": knn_base, "base+knnlm_loop": knnlm},
-                                prompts, new_tokens, gen_repeats)
-    print(f"generate: {gen_batch} prompts x {prompt_tokens} tokens, {new_tokens} new, greedy, KV cache; tokens/s "
-          + ", ".join(f"{key} {tps:.1f}" for key, tps in gen.items()), flush=True)
+    gen = generation_throughput(
+        {"base": base, "base+memdec": mixed, "base_loop": knn_base, "base+knnlm_loop": knnlm},
+        prompts,
+        new_tokens,
+        gen_repeats,
+    )
+    print(
+        f"generate: {gen_batch} prompts x {prompt_tokens} tokens, {new_tokens} new, greedy, KV cache; tokens/s "
+        + ", ".join(f"{key} {tps:.1f}" for key, tps in gen.items()),
+        flush=True,
+    )
     print(f"knnlm_generate_ratio: {gen['base+knnlm_loop'] / gen['base_loop']:.3f}", flush=True)
 
     latency = model_latency(base, ids, len(tok), mixed, knnlm, repeats=repeats, warmup=1)
-    print(f"batch: {batch} x {seq} tokens: seconds " + ", ".join(
-        f"{key} {sec:.4f}" for key, sec in latency["seconds"].items()), flush=True)
+    print(
+        f"batch: {batch} x {seq} tokens: seconds "
+        + ", ".join(f"{key} {sec:.4f}" for key, sec in latency["seconds"].items()),
+        flush=True,
+    )
     memdec = latency["overhead"]["base+memdec"]
     knn = latency["overhead"]["base+knnlm"]
     goal_a = memdec <= 1 + flops_ratio + 0.10
@@ -189,6 +228,7 @@ def main(
     print(f"memdec_overhead: {memdec:.3f}")
     print(f"knnlm_overhead: {knn:.3f}")
     print(f"generate_ratio: {gen['base+memdec'] / gen['base']:.3f}")
+
 
 if __name__ == "__main__":
     CLI(main, as_positional=False)

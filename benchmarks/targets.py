@@ -24,7 +24,7 @@ def synthetic(n_queries: int, k: int, vocab: int, datastore: int, seed: int):
     values = rng.choice(vocab, size=datastore, p=freq / freq.sum()).astype(np.int32)
     ids = rng.integers(0, datastore, size=(n_queries, k), dtype=np.int64)
     # Squared L2 distances: a per-query offset plus a spread of a few temperatures, in random order.
-    distances = (rng.uniform(50, 500, size=(n_queries, 1)) + rng.exponential(20.0, size=(n_queries, k)))
+    distances = rng.uniform(50, 500, size=(n_queries, 1)) + rng.exponential(20.0, size=(n_queries, k))
     return distances.astype(np.float32), ids, values
 
 

@@ -89,7 +89,9 @@ def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
         raise ArtifactError(f"{directory} has no {META}: it is not a finished lightning_memdec artefact.{hint}")
     meta = json.loads(path.read_text())
     if kind is not None and meta.get("kind") != kind:
-        raise ArtifactError(f"{directory} holds a {meta.get('kind')!r} artefact, but a {kind!r} artefact is needed here.")
+        raise ArtifactError(
+            f"{directory} holds a {meta.get('kind')!r} artefact, but a {kind!r} artefact is needed here."
+        )
     return meta
 
 

@@ -34,7 +34,9 @@ def load_tokenizer(name_or_path: str):
 def embedded_text(domain: str, split: str) -> Path:
     path = ASSETS / "corpora" / domain / f"{split}.txt.xz"
     if not path.is_file():
-        raise ValueError(f"no embedded corpus {domain}/{split}; choose a domain in {EMBEDDED_DOMAINS} and split in {SPLITS}.")
+        raise ValueError(
+            f"no embedded corpus {domain}/{split}; choose a domain in {EMBEDDED_DOMAINS} and split in {SPLITS}."
+        )
     return path
 
 
@@ -42,7 +44,7 @@ def resolve_text(spec: str | Path) -> Path:
     """A text path, or ``embedded:<domain>/<split>`` for a shipped corpus."""
     spec = str(spec)
     if spec.startswith(EMBEDDED_PREFIX):
-        domain, _, split = spec[len(EMBEDDED_PREFIX):].partition("/")
+        domain, _, split = spec[len(EMBEDDED_PREFIX) :].partition("/")
         return embedded_text(domain, split)
     path = Path(spec)
     if not path.is_file():
@@ -76,6 +78,7 @@ def resolve_model(ref: str | Path) -> str:
         return ref
     name = ref[len(EMBEDDED_PREFIX) :]
     if name not in SHIPPED_MODELS:
-        raise ValueError(f"no shipped model {name!r}; shipped ones are {[EMBEDDED_PREFIX + m for m in SHIPPED_MODELS]}.")
+        raise ValueError(
+            f"no shipped model {name!r}; shipped ones are {[EMBEDDED_PREFIX + m for m in SHIPPED_MODELS]}."
+        )
     return str(ASSETS / "models" / name)
-

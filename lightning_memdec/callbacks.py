@@ -135,7 +135,8 @@ class CrossModelEval(L.Callback):
             rows = output_rows(model)
             if rows < vocab or (data_tokenizer is None and rows != decoder_rows):
                 raise ValueError(
-                    f"base LM {ref} has {rows} output ids but the decoder has {decoder_rows} (data vocabulary {vocab}); "
+                    f"base LM {ref} has {rows} output ids but the decoder has {decoder_rows} (data "
+                    f"vocabulary {vocab}); "
                     "CrossModelEval needs bases of the decoder's tokenizer."
                 )
             models.append(model)

@@ -153,8 +153,9 @@ def tokenize(
     return publish(work, out, meta)
 
 
-def encode_documents(docs: list[str], tok, max_tokens: int | None = None, batch_documents: int = 256,
-                     dtype=np.int64) -> list[np.ndarray]:
+def encode_documents(
+    docs: list[str], tok, max_tokens: int | None = None, batch_documents: int = 256, dtype=np.int64
+) -> list[np.ndarray]:
     """Token ids of each document followed by EOS, the last one cut so the total is at most ``max_tokens``."""
     pieces: list[np.ndarray] = []
     total = 0

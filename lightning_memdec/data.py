@@ -29,7 +29,9 @@ class WindowTargetsDataset(Dataset):
     training such as pretraining a base or the paper's CE-only ablation).
     """
 
-    def __init__(self, corpus: str | Path, targets: str | Path | None, window: int, stride: int, max_support: int | None = None):
+    def __init__(
+        self, corpus: str | Path, targets: str | Path | None, window: int, stride: int, max_support: int | None = None
+    ):
         self.corpus_dir = Path(corpus)
         self.targets_dir = None if targets is None else Path(targets)
         corpus_ = Corpus(corpus)
@@ -175,8 +177,13 @@ class MemDecDataModule(L.LightningDataModule):
             self.train = WindowTargetsDataset(h.train_corpus, h.train_targets, h.window, self.stride, h.max_support)
         if self.val is None and h.val_corpus is not None:
             self.val = WindowTargetsDataset(h.val_corpus, h.val_targets, h.window, self.stride, h.max_support)
-            if self.val.meta["corpus"]["tokenizer"]["fingerprint"] != self.train.meta["corpus"]["tokenizer"]["fingerprint"]:
-                raise ValueError(f"validation corpus {h.val_corpus} uses another tokenizer than training corpus {h.train_corpus}.")
+            if (
+                self.val.meta["corpus"]["tokenizer"]["fingerprint"]
+                != self.train.meta["corpus"]["tokenizer"]["fingerprint"]
+            ):
+                raise ValueError(
+                    f"validation corpus {h.val_corpus} uses another tokenizer than training corpus {h.train_corpus}."
+                )
 
     @property
     def tokenizer_name(self) -> str:
@@ -185,9 +192,22 @@ class MemDecDataModule(L.LightningDataModule):
     def provenance(self) -> dict:
         """What the decoder was trained on, for the exported model's meta.json."""
         t = self.train.meta["targets"] or {}
-        keys = ("model", "layer", "k", "temperature", "index_factory", "corpus", "corpus_sha256", "datastore", "tokenizer")
-        return {"train_targets": self.hparams.train_targets, **{k: t.get(k) for k in keys},
-                "tokenizer": self.train.meta["corpus"]["tokenizer"]}
+        keys = (
+            "model",
+            "layer",
+            "k",
+            "temperature",
+            "index_factory",
+            "corpus",
+            "corpus_sha256",
+            "datastore",
+            "tokenizer",
+        )
+        return {
+            "train_targets": self.hparams.train_targets,
+            **{k: t.get(k) for k in keys},
+            "tokenizer": self.train.meta["corpus"]["tokenizer"],
+        }
 
     def _loader(self, dataset: WindowTargetsDataset, shuffle: bool) -> DataLoader:
         trainer = self.trainer

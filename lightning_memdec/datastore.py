@@ -7,8 +7,8 @@ devices by :mod:`lightning_memdec.sharded`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -31,11 +31,12 @@ from lightning_memdec.sharded import chunk_loader, finish_chunks, mark_done, run
 from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
 
 
-
 class KeyExtractor(L.LightningModule):
     """Runs the base LM body over batches of windows and returns the hooked layer's output."""
 
-    def __init__(self, model: str, layer: str | None, corpus_dir: str, window: int, stride: int, batch_windows: int, work: str):
+    def __init__(
+        self, model: str, layer: str | None, corpus_dir: str, window: int, stride: int, batch_windows: int, work: str
+    ):
         super().__init__()
         self.model_path, self.layer_path = model, layer
         self.corpus_dir, self.work = corpus_dir, Path(work)
@@ -63,7 +64,11 @@ class KeyExtractor(L.LightningModule):
             sel = slice(chunk * self.batch_windows, (chunk + 1) * self.batch_windows)
             starts = windows.starts[sel]
             ids = np.stack([corpus.window_ids(s, self.window) for s in starts])
-            return {"input_ids": torch.from_numpy(ids), "starts": torch.from_numpy(starts), "score_from": torch.from_numpy(windows.score_from[sel])}
+            return {
+                "input_ids": torch.from_numpy(ids),
+                "starts": torch.from_numpy(starts),
+                "score_from": torch.from_numpy(windows.score_from[sel]),
+            }
 
         return chunk_loader(self, num_chunks, self.work, make_item)
 
@@ -95,7 +100,9 @@ class KeyWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         keys = prediction["keys"]
-        for row, (start, score_from) in enumerate(zip(prediction["starts"].tolist(), prediction["score_from"].tolist())):
+        for row, (start, score_from) in enumerate(
+            zip(prediction["starts"].tolist(), prediction["score_from"].tolist())
+        ):
             first = start + score_from
             self.keys[first : first + keys.shape[1] - score_from] = keys[row, score_from:]
         self.keys.flush()

@@ -23,8 +23,14 @@ from lightning_memdec.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.models import find_tokenizer, load_causal_lm, tokenizer_name
 from lightning_memdec.report import write_report
 from lightning_memdec.scoring import (
-    DEFAULT_LAMBDA_GRID, check_lambda_grid, check_lmbda, lm_scorer, mixed_perplexity, perplexity,
-    sliding_gold_log_probs, sweep_lambda,
+    DEFAULT_LAMBDA_GRID,
+    check_lambda_grid,
+    check_lmbda,
+    lm_scorer,
+    mixed_perplexity,
+    perplexity,
+    sliding_gold_log_probs,
+    sweep_lambda,
 )
 from lightning_memdec.timing import model_latency
 
@@ -130,7 +136,9 @@ def evaluate(
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     knn_base = _datastore_base(datastore, bases) if datastore is not None else None
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
 
@@ -152,12 +160,22 @@ def evaluate(
         vocab = len(tok)
         mixed = None
         if decoder is not None:  # refuses a decoder of another tokenizer, naming both
-            mixed = InterpolatedLM(base, decoder, 0.5 if lmbda is None else lmbda, base_tokenizer=tok,
-                                   memdec_tokenizer=decoder_tok or tok)
+            mixed = InterpolatedLM(
+                base, decoder, 0.5 if lmbda is None else lmbda, base_tokenizer=tok, memdec_tokenizer=decoder_tok or tok
+            )
         knnlm = None
         if base_ref == knn_base:
-            knnlm = KNNLM(base, datastore, index, k=k, temperature=temperature, lmbda=0.25 if knn_lmbda is None else knn_lmbda,
-                          exact_distances=exact_distances, tokenizer=tok, nprobe=nprobe)
+            knnlm = KNNLM(
+                base,
+                datastore,
+                index,
+                k=k,
+                temperature=temperature,
+                lmbda=0.25 if knn_lmbda is None else knn_lmbda,
+                exact_distances=exact_distances,
+                tokenizer=tok,
+                nprobe=nprobe,
+            )
         lp: dict[str, dict[str, np.ndarray]] = {}
         for split, spec in splits.items():
             if (fp, split) not in token_cache:
@@ -177,15 +195,37 @@ def evaluate(
         rows.append(_row(name, base_ref, lp, lmbda, knn_lmbda, grid))
         curves[name] = _curve(lp, grid)
         if latency and latency_report is None:
-            latency_report = _first_batch_latency(name, base, token_cache[fp, "test"], window, batch_size, vocab,
-                                                  mixed, knnlm, rows[-1], latency_repeats, dev)
+            latency_report = _first_batch_latency(
+                name,
+                base,
+                token_cache[fp, "test"],
+                window,
+                batch_size,
+                vocab,
+                mixed,
+                knnlm,
+                rows[-1],
+                latency_repeats,
+                dev,
+            )
         del base, mixed, knnlm
     report = {
-        "bases": bases, "memdec": memdec, "test": test, "valid": valid, "datastore": datastore, "index": index,
-        "k": k if datastore else None, "temperature": temperature if datastore else None,
-        "window": window, "stride": stride, "max_tokens": max_tokens,
+        "bases": bases,
+        "memdec": memdec,
+        "test": test,
+        "valid": valid,
+        "datastore": datastore,
+        "index": index,
+        "k": k if datastore else None,
+        "temperature": temperature if datastore else None,
+        "window": window,
+        "stride": stride,
+        "max_tokens": max_tokens,
         "positions": positions,
-        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
+        "lambda_grid": grid,
+        "rows": rows,
+        "curves": curves,
+        "latency": latency_report,
     }
     write_report(report, Path(out))
     return report
@@ -210,7 +250,9 @@ def _checked_lambdas(memdec, valid, datastore, index, lmbda, knn_lmbda) -> tuple
     if knn_lmbda is None and valid is None:
         knn_lmbda = lmbda
     if valid is None and ((memdec is not None and lmbda is None) or (datastore is not None and knn_lmbda is None)):
-        raise ValueError("λ is neither given nor choosable: pass --lmbda (and --knn_lmbda), or --valid to sweep λ on it.")
+        raise ValueError(
+            "λ is neither given nor choosable: pass --lmbda (and --knn_lmbda), or --valid to sweep λ on it."
+        )
     return lmbda, knn_lmbda
 
 
@@ -223,8 +265,12 @@ def _first_batch_latency(name, base, tokens, window, batch_size, vocab, mixed, k
         mixed.lmbda = row["memdec_lambda"]
     if knnlm is not None:
         knnlm.lmbda = row["knnlm_lambda"]
-    return {"base": name, "input_shape": list(ids.shape), "device": str(device),
-            **model_latency(base, ids, vocab, mixed, knnlm, repeats=repeats)}
+    return {
+        "base": name,
+        "input_shape": list(ids.shape),
+        "device": str(device),
+        **model_latency(base, ids, vocab, mixed, knnlm, repeats=repeats),
+    }
 
 
 def _warn_if_datastore_text(tokens: np.ndarray, meta: dict, split: str, spec: str) -> None:

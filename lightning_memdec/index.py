@@ -87,7 +87,9 @@ def build_index(
         raise ValueError(f"invalid FAISS factory string {factory!r} for dimension {d}: {err}") from err
     if nprobe <= 0:
         raise ValueError(f"nprobe must be positive, got {nprobe}.")
-    work = start_work_dir(out, {"datastore": store.identity(), "factory": factory, "train_size": train_size, "seed": seed}, overwrite)
+    work = start_work_dir(
+        out, {"datastore": store.identity(), "factory": factory, "train_size": train_size, "seed": seed}, overwrite
+    )
     if use_gpu:
         index = to_gpu(index)
     if not index.is_trained:
@@ -125,7 +127,10 @@ class KeyIndex:
             raise ArtifactError(f"{path} is missing; rebuild the index.")
         index = faiss.read_index(str(path))
         if index.ntotal != self.meta["ntotal"] or index.d != self.meta["dim"]:
-            raise ArtifactError(f"{path} holds {index.ntotal}×{index.d} keys but meta.json says {self.meta['ntotal']}×{self.meta['dim']}; rebuild it.")
+            raise ArtifactError(
+                f"{path} holds {index.ntotal}×{index.d} keys but meta.json says "
+                f"{self.meta['ntotal']}×{self.meta['dim']}; rebuild it."
+            )
         self.index = to_gpu(index) if use_gpu else index
         set_nprobe(self.index, nprobe or self.meta["nprobe"])
 

@@ -28,8 +28,15 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lightning_memdec.artifacts import describe_tokenizer, tokenizer_info
-from lightning_memdec.models import cache_arg_name, causal_lm, find_tokenizer, forward_params, output_rows
-from lightning_memdec.models import position_ids_from_mask, tokenizer_name
+from lightning_memdec.models import (
+    cache_arg_name,
+    causal_lm,
+    find_tokenizer,
+    forward_params,
+    output_rows,
+    position_ids_from_mask,
+    tokenizer_name,
+)
 from lightning_memdec.scoring import check_lmbda, mix_log_probs
 
 __all__ = ["InterpolatedLM", "InterpolatedLMConfig", "PairCache"]
@@ -214,7 +221,7 @@ class InterpolatedLM(PreTrainedModel, GenerationMixin):
         lmbda: float,
         tokenizer=None,
         **kwargs,
-    ) -> "InterpolatedLM":
+    ) -> InterpolatedLM:
         """Load both models (names or paths) and mix them; see the class docstring for the arguments."""
         return cls(base, memdec, lmbda, tokenizer, **kwargs)
 

@@ -8,8 +8,8 @@ queries, so both go through :class:`KeyCapture`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ class KeyCapture:
         self.value = output[0] if isinstance(output, tuple) else output
 
     @contextmanager
-    def capturing(self) -> Iterator["KeyCapture"]:
+    def capturing(self) -> Iterator[KeyCapture]:
         handle = self.module.register_forward_hook(self._hook)
         try:
             yield self

@@ -19,10 +19,15 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from lightning_memdec.artifacts import describe_tokenizer, tokenizer_info
-from lightning_memdec.models import cache_arg_name, causal_lm, find_tokenizer, output_rows, position_ids_from_mask
-from lightning_memdec.models import tokenizer_name
-from lightning_memdec.scoring import ScoreFn, check_lmbda, gold_log_probs, knn_gold_log_probs, knn_scores
-from lightning_memdec.scoring import mix_log_probs
+from lightning_memdec.models import (
+    cache_arg_name,
+    causal_lm,
+    find_tokenizer,
+    output_rows,
+    position_ids_from_mask,
+    tokenizer_name,
+)
+from lightning_memdec.scoring import ScoreFn, check_lmbda, gold_log_probs, knn_gold_log_probs, knn_scores, mix_log_probs
 
 __all__ = ["KNNLM", "knnlm_scorer"]
 
@@ -102,14 +107,16 @@ class KNNLM(torch.nn.Module):
         dim = _key_dim(base, self.capture)
         if dim != meta["dim"]:
             raise ValueError(
-                f"{where} holds {meta['dim']}-dim keys from layer {meta['layer']} of {meta['model']}, but that layer of "
+                f"{where} holds {meta['dim']}-dim keys from layer {meta['layer']} of "
+                f"{meta['model']}, but that layer of "
                 f"the base LM {base.name_or_path or type(base).__name__} gives {dim}-dim keys; use the base that "
                 "built the datastore (or build a datastore with this base)."
             )
         name = str(getattr(base, "name_or_path", "") or "")
         if name and Path(name).name != Path(str(meta["model"])).name:
             warnings.warn(
-                f"{where} was built with {meta['model']}, but the base LM is {name}: keys only match when the weights do.",
+                f"{where} was built with {meta['model']}, but the base LM is {name}: keys only match "
+                "when the weights do.",
                 stacklevel=2,
             )
         self.base = base.eval()
@@ -165,8 +172,11 @@ class KNNLM(torch.nn.Module):
             attention_mask = attention_mask.to(self.device)
         with self.capture.capturing() as cap:
             out = self.base(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask, input_ids.shape[1]), use_cache=False, return_dict=True,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask, input_ids.shape[1]),
+                use_cache=False,
+                return_dict=True,
             )
         return out.logits[..., : self.vocab].float(), cap.value
 

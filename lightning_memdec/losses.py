@@ -272,9 +272,7 @@ def memdec_loss(
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     mask = _check(logits, target_ids, target_probs, labels, mask)
-    kl, ce = _SparseMemDecLoss.apply(
-        logits, mask, target_ids, target_probs, labels, chunk_elements, _want_grad(logits)
-    )
+    kl, ce = _SparseMemDecLoss.apply(logits, mask, target_ids, target_probs, labels, chunk_elements, _want_grad(logits))
     return LossOutput(beta * kl + (1.0 - beta) * ce, kl, ce)
 
 
@@ -291,9 +289,7 @@ def sparse_kl(
     :func:`memdec_loss`.
     """
     mask = _check(logits, target_ids, target_probs, None, mask)
-    kl, _ = _SparseMemDecLoss.apply(
-        logits, mask, target_ids, target_probs, None, chunk_elements, _want_grad(logits)
-    )
+    kl, _ = _SparseMemDecLoss.apply(logits, mask, target_ids, target_probs, None, chunk_elements, _want_grad(logits))
     return kl
 
 
@@ -302,7 +298,5 @@ def next_token_ce(
 ) -> Tensor:
     """Mean over masked positions of −log softmax(z)_y = logsumexp(z) − z_y (``F.cross_entropy`` on them)."""
     mask = _check(logits, None, None, labels, mask)
-    _, ce = _SparseMemDecLoss.apply(
-        logits, mask, None, None, labels, chunk_elements, _want_grad(logits)
-    )
+    _, ce = _SparseMemDecLoss.apply(logits, mask, None, None, labels, chunk_elements, _want_grad(logits))
     return ce

@@ -15,8 +15,15 @@ from pathlib import Path
 from lightning_memdec.assets import SHIPPED_TOKENIZERS, load_tokenizer, resolve_model
 
 __all__ = [
-    "load_causal_lm", "causal_lm", "find_tokenizer", "tokenizer_name", "output_rows", "forward_params",
-    "cache_arg_name", "position_ids_from_mask", "resolve_model",
+    "load_causal_lm",
+    "causal_lm",
+    "find_tokenizer",
+    "tokenizer_name",
+    "output_rows",
+    "forward_params",
+    "cache_arg_name",
+    "position_ids_from_mask",
+    "resolve_model",
 ]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")

@@ -49,7 +49,9 @@ class MemoryDecoderModule(L.LightningModule):
     ):
         super().__init__()
         if (model is None) == (config is None):
-            raise ValueError("give exactly one of model (a name/path to continue from) or config (to train from scratch).")
+            raise ValueError(
+                "give exactly one of model (a name/path to continue from) or config (to train from scratch)."
+            )
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}.")
         self.save_hyperparameters()
@@ -84,16 +86,23 @@ class MemoryDecoderModule(L.LightningModule):
         if datamodule is None or getattr(datamodule, "train", None) is None:
             return
         if datamodule.train.meta["targets"] is None and self.hparams.beta > 0:
-            raise ValueError(f"beta={self.hparams.beta} needs kNN targets; set data.train_targets or use beta 0 (next-token loss only).")
+            raise ValueError(
+                f"beta={self.hparams.beta} needs kNN targets; set data.train_targets or use beta 0 "
+                "(next-token loss only)."
+            )
         vocab = datamodule.train.meta["corpus"]["tokenizer"]["vocab_size"]
         if self.decoder.config.vocab_size < vocab:
             raise ValueError(
                 f"the decoder has {self.decoder.config.vocab_size} output ids, but the data uses tokenizer "
                 f"{datamodule.tokenizer_name} with {vocab}; use a decoder of the same tokenizer."
             )
-        max_pos = getattr(self.decoder.config, "max_position_embeddings", None) or getattr(self.decoder.config, "n_positions", None)
+        max_pos = getattr(self.decoder.config, "max_position_embeddings", None) or getattr(
+            self.decoder.config, "n_positions", None
+        )
         if max_pos is not None and datamodule.hparams.window > max_pos:
-            raise ValueError(f"data window {datamodule.hparams.window} exceeds the decoder's {max_pos} positions; lower data.window.")
+            raise ValueError(
+                f"data window {datamodule.hparams.window} exceeds the decoder's {max_pos} positions; lower data.window."
+            )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder(input_ids=input_ids, use_cache=False).logits
@@ -102,7 +111,12 @@ class MemoryDecoderModule(L.LightningModule):
     def _loss(self, batch: dict[str, torch.Tensor]):
         logits = self(batch["input_ids"])
         return memdec_loss(
-            logits, batch["labels"], batch["target_ids"], batch["target_probs"], batch["loss_mask"], beta=self.hparams.beta
+            logits,
+            batch["labels"],
+            batch["target_ids"],
+            batch["target_probs"],
+            batch["loss_mask"],
+            beta=self.hparams.beta,
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -110,7 +124,8 @@ class MemoryDecoderModule(L.LightningModule):
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"non-finite training loss ({out.loss.item()}: kl={out.kl.item()}, ce={out.ce.item()}) at global step "
-                f"{self.global_step}, batch {batch_idx}, windows starting at corpus positions {batch['start'].tolist()}; "
+                f"{self.global_step}, batch {batch_idx}, windows starting at corpus positions "
+                f"{batch['start'].tolist()}; "
                 f"lower the learning rate or check the targets there."
             )
         n = batch["input_ids"].shape[0]
@@ -127,7 +142,9 @@ class MemoryDecoderModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         ce = self.val_ce.compute()
         # the metrics are already reduced over ranks; sync_dist only averages equal values (and tells Lightning so)
-        self.log_dict({"val/loss": self.val_loss.compute(), "val/ce": ce, "val/ppl": torch.exp(ce)}, prog_bar=True, sync_dist=True)
+        self.log_dict(
+            {"val/loss": self.val_loss.compute(), "val/ce": ce, "val/ppl": torch.exp(ce)}, prog_bar=True, sync_dist=True
+        )
         self.val_ce.reset()
         self.val_loss.reset()
 

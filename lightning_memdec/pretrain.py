@@ -66,7 +66,7 @@ def base_config(size: str, corpora: dict[str, Path], out: Path, overrides: dict[
 
 
 def general_perplexity(model_dir: Path, corpus: Path, window: int, batch_size: int = 16) -> float:
-    """Sliding-window perplexity (stride window / 2) of a causal LM over a tokenized corpus, on the GPU if there is one."""
+    """Sliding-window perplexity (stride window / 2) of a causal LM over a tokenized corpus (on a GPU if any)."""
     import torch
 
     from lightning_memdec.models import load_causal_lm

@@ -103,8 +103,19 @@ def _corpus(out: Path, text: str, tokenizer: str, max_tokens: int) -> Path:
     return out if _done(out) else tokenize([text], out, tokenizer, max_tokens=max_tokens)
 
 
-def train_model(name: str, out: Path, train: Path, valid: Path, budget: Budget, steps: int, start: dict | str,
-                beta: float, train_targets: Path | None = None, val_targets: Path | None = None, lr: float = 2e-3) -> Path:
+def train_model(
+    name: str,
+    out: Path,
+    train: Path,
+    valid: Path,
+    budget: Budget,
+    steps: int,
+    start: dict | str,
+    beta: float,
+    train_targets: Path | None = None,
+    val_targets: Path | None = None,
+    lr: float = 2e-3,
+) -> Path:
     """Train one model with :func:`lightning_memdec.train.fit` (what `memdec fit` runs) into ``out/models/<name>``.
 
     ``start`` is a model to continue (name or directory) or a GPT-2 config dict to train from scratch.
@@ -117,22 +128,34 @@ def train_model(name: str, out: Path, train: Path, valid: Path, budget: Budget, 
     else:  # from scratch: the vocabulary is the corpus tokenizer's (gpt2: 50257, gpt-neox-20b: 50277)
         vocab = Corpus(train).tokenizer["vocab_size"]
         model = {"config": {**start, "n_positions": budget.window, "vocab_size": vocab}}
-    data = {"train_corpus": str(train), "val_corpus": str(valid), "window": budget.window, "batch_size": budget.batch_size}
+    data = {
+        "train_corpus": str(train),
+        "val_corpus": str(valid),
+        "window": budget.window,
+        "batch_size": budget.batch_size,
+    }
     if train_targets is not None:
         data.update(train_targets=str(train_targets), val_targets=str(val_targets))
     run = out / "runs" / name
-    config = load_config("trainer/cpu.yaml", {
-        "model": {**model, "beta": beta, "learning_rate": lr, "warmup_steps": 0.05},
-        "data": data,
-        "trainer": {
-            "max_steps": steps, "val_check_interval": max(1, steps // 2), "limit_val_batches": 4,
-            "check_val_every_n_epoch": None, "default_root_dir": str(run), "enable_model_summary": False,
-            # tqdm rather than rich bars: rich's console proxy recurses when driven from a Jupyter kernel
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}],
+    config = load_config(
+        "trainer/cpu.yaml",
+        {
+            "model": {**model, "beta": beta, "learning_rate": lr, "warmup_steps": 0.05},
+            "data": data,
+            "trainer": {
+                "max_steps": steps,
+                "val_check_interval": max(1, steps // 2),
+                "limit_val_batches": 4,
+                "check_val_every_n_epoch": None,
+                "default_root_dir": str(run),
+                "enable_model_summary": False,
+                # tqdm rather than rich bars: rich's console proxy recurses when driven from a Jupyter kernel
+                "callbacks": [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}],
+            },
+            "checkpoint": {"dirpath": str(run / "checkpoints")},
+            "export": {"dirpath": str(export)},
         },
-        "checkpoint": {"dirpath": str(run / "checkpoints")},
-        "export": {"dirpath": str(export)},
-    })
+    )
     log.info("training %s for %d steps", name, steps)
     return fit(config)
 
@@ -155,7 +178,11 @@ def choose_temperature(dist: np.ndarray, match: np.ndarray, base_valid: np.ndarr
         lmbda, _ = sweep_lambda(base_valid, knn)
         scores[t] = (mixed_perplexity(base_valid, knn, lmbda), lmbda)
     best = min(scores, key=lambda t: scores[t][0])
-    return {"temperature": best, "lambda": scores[best][1], "valid_ppl_by_temperature": {str(t): v[0] for t, v in scores.items()}}
+    return {
+        "temperature": best,
+        "lambda": scores[best][1],
+        "valid_ppl_by_temperature": {str(t): v[0] for t, v in scores.items()},
+    }
 
 
 def _gold(model_dir: Path | str, corpus: Path, budget: Budget, cache: Path) -> np.ndarray:
@@ -168,8 +195,16 @@ def _gold(model_dir: Path | str, corpus: Path, budget: Budget, cache: Path) -> n
 def _store(model: Path | str, corpus: Path, out: Path, budget: Budget) -> Path:
     if _done(out):
         return out
-    return build_datastore(corpus, str(model), out, window=budget.window, stride=budget.window // 2,
-                           batch_windows=16, accelerator="cpu", overwrite=True)
+    return build_datastore(
+        corpus,
+        str(model),
+        out,
+        window=budget.window,
+        stride=budget.window // 2,
+        batch_windows=16,
+        accelerator="cpu",
+        overwrite=True,
+    )
 
 
 def _index(store: Path, out: Path) -> Path:
@@ -217,8 +252,18 @@ def quickstart(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
-    budget = Budget(general_tokens, domain_tokens, eval_tokens, window, batch_size, small_base_steps,
-                    large_base_steps, teacher_steps, memdec_steps, k)
+    budget = Budget(
+        general_tokens,
+        domain_tokens,
+        eval_tokens,
+        window,
+        batch_size,
+        small_base_steps,
+        large_base_steps,
+        teacher_steps,
+        memdec_steps,
+        k,
+    )
     _check_same_settings(out, {"domain": domain, "base": base, "tokenizer": tokenizer, "beta": beta, **budget.__dict__})
     c = out / "corpora"
     with clock("tokenize"):
@@ -237,8 +282,12 @@ def quickstart(
         gt, gv = corpora["general-train"], corpora["general-valid"]
         with clock("pretrain bases"):
             bases = {
-                "base-small": str(train_model("base-small", out, gt, gv, budget, small_base_steps, SMALL_BASE, beta=0.0)),
-                "base-large": str(train_model("base-large", out, gt, gv, budget, large_base_steps, LARGE_BASE, beta=0.0)),
+                "base-small": str(
+                    train_model("base-small", out, gt, gv, budget, small_base_steps, SMALL_BASE, beta=0.0)
+                ),
+                "base-large": str(
+                    train_model("base-large", out, gt, gv, budget, large_base_steps, LARGE_BASE, beta=0.0)
+                ),
             }
     start, largest = list(bases.values())[0], list(bases.values())[-1]
     dt, dv = corpora["domain-train"], corpora["domain-valid"]
@@ -247,37 +296,72 @@ def quickstart(
         teacher = train_model("teacher", out, dt, dv, budget, teacher_steps, largest, beta=0.0, lr=1e-3)
     s = out / "stores"
     with clock("teacher datastore + index"):
-        t_store, t_valid = _store(teacher, dt, s / "teacher-train", budget), _store(teacher, dv, s / "teacher-valid", budget)
+        t_store, t_valid = (
+            _store(teacher, dt, s / "teacher-train", budget),
+            _store(teacher, dv, s / "teacher-valid", budget),
+        )
         t_index = _index(t_store, s / "teacher-index")
     with clock("targets"):
-        t_choice = choose_temperature(*knn_gold_probs(t_store, t_index, t_valid, k), _gold(teacher, dv, budget, out / "scores" / "teacher-valid.npy"))
+        t_choice = choose_temperature(
+            *knn_gold_probs(t_store, t_index, t_valid, k),
+            _gold(teacher, dv, budget, out / "scores" / "teacher-valid.npy"),
+        )
         temperature = t_choice["temperature"]
         targets_train, targets_valid = out / "targets" / "train", out / "targets" / "valid"
         if not _done(targets_train):
             build_targets(t_store, t_index, targets_train, k=k, temperature=temperature, overwrite=True)
         if not _done(targets_valid):
-            build_targets(t_store, t_index, targets_valid, queries=t_valid, k=k, temperature=temperature, overwrite=True)
+            build_targets(
+                t_store, t_index, targets_valid, queries=t_valid, k=k, temperature=temperature, overwrite=True
+            )
     # 3. the Memory Decoder and the CE-only ablation: same start, same budget, through `memdec fit`
     with clock("train memdec"):
-        memdec = train_model("memdec", out, dt, dv, budget, memdec_steps, start, beta=beta, train_targets=targets_train, val_targets=targets_valid, lr=1e-3)
+        memdec = train_model(
+            "memdec",
+            out,
+            dt,
+            dv,
+            budget,
+            memdec_steps,
+            start,
+            beta=beta,
+            train_targets=targets_train,
+            val_targets=targets_valid,
+            lr=1e-3,
+        )
     with clock("train ce-only"):
         ce_only = train_model("ce-only", out, dt, dv, budget, memdec_steps, start, beta=0.0, lr=1e-3)
     # 4. evaluation: λ (and the kNN temperature) chosen on the domain valid split, applied to test
     with clock("evaluate"):
         report = evaluate_all(out, bases, corpora, memdec, ce_only, budget)
-    report.update({"seconds": clock.seconds, "teacher": str(teacher), "teacher_temperature": t_choice, "budget": budget.__dict__,
-                   "domain": domain or "embedded:biomed", "tokenizer": tokenizer})
+    report.update(
+        {
+            "seconds": clock.seconds,
+            "teacher": str(teacher),
+            "teacher_temperature": t_choice,
+            "budget": budget.__dict__,
+            "domain": domain or "embedded:biomed",
+            "tokenizer": tokenizer,
+        }
+    )
     write_json_atomic(out / "report.json", report)
     write_markdown(report, out / "report.md")
     plot_report(report, out / "report.png")
     return report
 
 
-def evaluate_all(out: Path, bases: dict[str, str], corpora: dict[str, Path], memdec: Path, ce_only: Path, budget: Budget) -> dict:
+def evaluate_all(
+    out: Path, bases: dict[str, str], corpora: dict[str, Path], memdec: Path, ce_only: Path, budget: Budget
+) -> dict:
     from lightning_memdec.corpus import Corpus
     from lightning_memdec.knnlm import KNNLM, knnlm_scorer
-    from lightning_memdec.scoring import DEFAULT_LAMBDA_GRID, mixed_perplexity, perplexity, sliding_gold_log_probs
-    from lightning_memdec.scoring import sweep_lambda
+    from lightning_memdec.scoring import (
+        DEFAULT_LAMBDA_GRID,
+        mixed_perplexity,
+        perplexity,
+        sliding_gold_log_probs,
+        sweep_lambda,
+    )
 
     sc = out / "scores"
     gold = lambda model, split, name: _gold(model, corpora[split], budget, sc / f"{name}-{split}.npy")
@@ -296,25 +380,28 @@ def evaluate_all(out: Path, bases: dict[str, str], corpora: dict[str, Path], mem
         else:
             model = KNNLM(ref, store, index, k=budget.k, temperature=knn["temperature"], lmbda=knn["lambda"])
             tokens = np.asarray(Corpus(corpora["domain-test"]).tokens)
-            knn_test = sliding_gold_log_probs(tokens, budget.window, budget.window // 2, 8, knnlm_scorer(model),
-                                              desc=f"kNN-LM {name} test")["knn"]
+            knn_test = sliding_gold_log_probs(
+                tokens, budget.window, budget.window // 2, 8, knnlm_scorer(model), desc=f"kNN-LM {name} test"
+            )["knn"]
             np.save(knn_test_cache, knn_test)
         lam, curve = sweep_lambda(base["domain-valid"], mem["domain-valid"])
         ce_lam, _ = sweep_lambda(base["domain-valid"], ce["domain-valid"])
-        results.append({
-            "base": name,
-            "base_ppl": perplexity(base["domain-test"]),
-            "knnlm_ppl": mixed_perplexity(base["domain-test"], knn_test, knn["lambda"]),
-            "memdec_ppl": mixed_perplexity(base["domain-test"], mem["domain-test"], lam),
-            "ce_only_ppl": mixed_perplexity(base["domain-test"], ce["domain-test"], ce_lam),
-            "lambda": lam,
-            "ce_only_lambda": ce_lam,
-            "knnlm_lambda": knn["lambda"],
-            "knnlm_temperature": knn["temperature"],
-            "general_base_ppl": perplexity(base["general-test"]),
-            "general_memdec_ppl": mixed_perplexity(base["general-test"], mem["general-test"], lam),
-            "valid_ppl_by_lambda": dict(zip([str(x) for x in DEFAULT_LAMBDA_GRID], curve)),
-        })
+        results.append(
+            {
+                "base": name,
+                "base_ppl": perplexity(base["domain-test"]),
+                "knnlm_ppl": mixed_perplexity(base["domain-test"], knn_test, knn["lambda"]),
+                "memdec_ppl": mixed_perplexity(base["domain-test"], mem["domain-test"], lam),
+                "ce_only_ppl": mixed_perplexity(base["domain-test"], ce["domain-test"], ce_lam),
+                "lambda": lam,
+                "ce_only_lambda": ce_lam,
+                "knnlm_lambda": knn["lambda"],
+                "knnlm_temperature": knn["temperature"],
+                "general_base_ppl": perplexity(base["general-test"]),
+                "general_memdec_ppl": mixed_perplexity(base["general-test"], mem["general-test"], lam),
+                "valid_ppl_by_lambda": dict(zip([str(x) for x in DEFAULT_LAMBDA_GRID], curve)),
+            }
+        )
     return {
         "results": results,
         "memdec_alone_ppl": perplexity(mem["domain-test"]),
@@ -325,17 +412,23 @@ def evaluate_all(out: Path, bases: dict[str, str], corpora: dict[str, Path], mem
 
 def write_markdown(report: dict, path: Path) -> None:
     lines = [
-        f"Domain test perplexity ({report['test_positions']} positions of {report['domain']}); λ chosen on the domain valid split.",
+        f"Domain test perplexity ({report['test_positions']} positions of {report['domain']}); λ chosen "
+        "on the domain valid split.",
         "",
         "| base | base | + kNN-LM | + MemDec | + CE-only decoder | λ | general: base | general: + MemDec |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['base']} | {r['base_ppl']:.2f} | {r['knnlm_ppl']:.2f} | {r['memdec_ppl']:.2f} | {r['ce_only_ppl']:.2f} "
+            f"| {r['base']} | {r['base_ppl']:.2f} | {r['knnlm_ppl']:.2f} | {r['memdec_ppl']:.2f} | "
+            f"{r['ce_only_ppl']:.2f} "
             f"| {r['lambda']:.2f} | {r['general_base_ppl']:.2f} | {r['general_memdec_ppl']:.2f} |"
         )
-    lines += ["", f"MemDec alone: {report['memdec_alone_ppl']:.2f}; CE-only decoder alone: {report['ce_only_alone_ppl']:.2f}.", ""]
+    lines += [
+        "",
+        f"MemDec alone: {report['memdec_alone_ppl']:.2f}; CE-only decoder alone: {report['ce_only_alone_ppl']:.2f}.",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -348,7 +441,9 @@ def plot_report(report: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["base"] for r in report["results"]]
     x = np.arange(len(names))
-    for i, (key, label) in enumerate([("base_ppl", "base"), ("knnlm_ppl", "+ kNN-LM"), ("ce_only_ppl", "+ CE-only"), ("memdec_ppl", "+ MemDec")]):
+    for i, (key, label) in enumerate(
+        [("base_ppl", "base"), ("knnlm_ppl", "+ kNN-LM"), ("ce_only_ppl", "+ CE-only"), ("memdec_ppl", "+ MemDec")]
+    ):
         left.bar(x + (i - 1.5) * 0.2, [r[key] for r in report["results"]], 0.2, label=label)
     left.set_xticks(x, names)
     left.set_ylabel("domain test perplexity")

@@ -37,22 +37,30 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         "# Memory Decoder evaluation",
         "",
         f"- test: `{report['test']}` ({report['positions'].get('test')} positions), valid: `{report['valid']}`",
-        f"- memdec: `{report['memdec']}`; datastore: `{report['datastore']}` (k={report['k']}, T={report['temperature']})",
+        f"- memdec: `{report['memdec']}`; datastore: `{report['datastore']}` (k={report['k']}, "
+        f"T={report['temperature']})",
         f"- sliding windows: {report['window']} tokens, stride {report['stride']}; perplexity = exp(−mean log p(gold))",
         "",
         "| base | base ppl | +kNN-LM | +MemDec | MemDec alone | λ MemDec | λ kNN-LM |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        lam = lambda key: "—" if r[f"{key}_lambda"] is None else f"{r[f'{key}_lambda']:g} ({r[f'{key}_lambda_from']})"
+        lam = lambda key, r=r: (
+            "—" if r[f"{key}_lambda"] is None else f"{r[f'{key}_lambda']:g} ({r[f'{key}_lambda_from']})"
+        )
         lines.append(
             f"| {r['base']} | {_fmt(r['base_ppl'])} | {_fmt(r['knnlm_ppl'])} | {_fmt(r['memdec_ppl'])} | "
             f"{_fmt(r['memdec_alone_ppl'])} | {lam('memdec')} | {lam('knnlm')} |"
         )
     lat = report.get("latency")
     if lat:
-        lines += ["", f"## Latency (median of {lat['repeats']}, batch {lat['input_shape']}, {lat['device']})", "",
-                  "| model | seconds | × base |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Latency (median of {lat['repeats']}, batch {lat['input_shape']}, {lat['device']})",
+            "",
+            "| model | seconds | × base |",
+            "|---|---|---|",
+        ]
         for key, seconds in lat["seconds"].items():
             lines.append(f"| {key} | {seconds:.4f} | {lat['overhead'][key]:.3f} |")
     lines += ["", "![perplexity against λ](lambda_curve.png)", ""]

@@ -11,8 +11,8 @@ of two per-position arrays, so a λ sweep costs no extra model call. No Lightnin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,8 +21,18 @@ from tqdm.auto import tqdm
 from lightning_memdec.corpus import Corpus, position_windows
 
 __all__ = [
-    "DEFAULT_LAMBDA_GRID", "ScoreFn", "check_lmbda", "check_lambda_grid", "knn_scores", "knn_gold_log_probs",
-    "gold_log_probs", "mix_log_probs", "perplexity", "mixed_perplexity", "sweep_lambda", "sliding_gold_log_probs",
+    "DEFAULT_LAMBDA_GRID",
+    "ScoreFn",
+    "check_lmbda",
+    "check_lambda_grid",
+    "knn_scores",
+    "knn_gold_log_probs",
+    "gold_log_probs",
+    "mix_log_probs",
+    "perplexity",
+    "mixed_perplexity",
+    "sweep_lambda",
+    "sliding_gold_log_probs",
     "lm_scorer",
     "corpus_gold_log_probs",
 ]
@@ -212,8 +222,9 @@ def corpus_gold_log_probs(
     data = Corpus(corpus)
     scorer = lm_scorer(model.eval(), data.tokenizer["vocab_size"], "lm")
     stride = window // 2 if stride is None else stride
-    lp = sliding_gold_log_probs(np.asarray(data.tokens), window, stride, batch_size, scorer,
-                                desc=f"score {name} on {Path(corpus).name}")["lm"]
+    lp = sliding_gold_log_probs(
+        np.asarray(data.tokens), window, stride, batch_size, scorer, desc=f"score {name} on {Path(corpus).name}"
+    )["lm"]
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, lp)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -43,7 +44,9 @@ def finish_chunks(work: Path, num_chunks: int) -> None:
     """Check every chunk is done, then drop the progress markers (the artefact is about to be published)."""
     missing = num_chunks - len(done_chunks(work))
     if missing:
-        raise RuntimeError(f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume.")
+        raise RuntimeError(
+            f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume."
+        )
     shutil.rmtree(progress_dir(work), ignore_errors=True)
 
 

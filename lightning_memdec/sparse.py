@@ -82,14 +82,26 @@ def _block(d, ids, qids, values, temperature, k, row0):
         raise ValueError(f"neighbor id {id_max} is out of range for a datastore of {values.shape[0]} entries")
     tok = np.take(values, ids, mode="clip")  # -1 clips to entry 0; masked out in _chunk
     # Token ids are returned as int32 (and packed into 31 bits of a sort key).
-    if tok.dtype.kind == "i" and tok.min() < 0 or tok.dtype.itemsize >= 4 and tok.dtype != np.int32 and (
-        tok.max() > np.iinfo(np.int32).max
+    if (
+        tok.dtype.kind == "i"
+        and tok.min() < 0
+        or tok.dtype.itemsize >= 4
+        and tok.dtype != np.int32
+        and (tok.max() > np.iinfo(np.int32).max)
     ):
         raise ValueError("values holds a token id outside [0, 2**31)")
     step = max(1, _CHUNK_ELEMENTS // ids.shape[1])
     return [
-        _chunk(d[a:a + step], ids[a:a + step], None if qids is None else qids[a:a + step],
-               tok[a:a + step], temperature, k, row0 + a, id_min < 0)
+        _chunk(
+            d[a : a + step],
+            ids[a : a + step],
+            None if qids is None else qids[a : a + step],
+            tok[a : a + step],
+            temperature,
+            k,
+            row0 + a,
+            id_min < 0,
+        )
         for a in range(0, len(ids), step)
     ]
 

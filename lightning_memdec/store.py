@@ -76,7 +76,9 @@ class Targets:
 def check_targets_match_corpus(targets: Targets, corpus) -> None:
     """Targets must be for exactly this corpus: same token content, tokenizer and position count."""
     if targets.meta["tokenizer"]["fingerprint"] != corpus.tokenizer["fingerprint"]:
-        check_same_tokenizer(targets.meta["tokenizer"], f"targets {targets.dir}", corpus.tokenizer, f"corpus {corpus.dir}")
+        check_same_tokenizer(
+            targets.meta["tokenizer"], f"targets {targets.dir}", corpus.tokenizer, f"corpus {corpus.dir}"
+        )
     if targets.meta["corpus_sha256"] != corpus.meta["content_sha256"] or len(targets) != corpus.num_positions:
         raise ArtifactError(
             f"targets {targets.dir} were built for a corpus of {len(targets) + 1} tokens "

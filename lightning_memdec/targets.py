@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -20,11 +20,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from lightning_memdec.artifacts import ArtifactError, base_meta, open_checked, publish, read_meta, start_work_dir
-from lightning_memdec.store import IDS, OFFSETS, PROBS, Datastore, Targets, check_compatible
+from lightning_memdec.artifacts import base_meta, publish, start_work_dir
 from lightning_memdec.index import KeyIndex, exact_squared_l2
 from lightning_memdec.sharded import chunk_loader, finish_chunks, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions
+from lightning_memdec.store import IDS, OFFSETS, PROBS, Datastore, check_compatible
 
 CHUNKS = "chunks"
 log = logging.getLogger(__name__)
@@ -33,9 +33,22 @@ log = logging.getLogger(__name__)
 class KNNTargetSearcher(L.LightningModule):
     """Searches one chunk of query positions and turns the neighbours into sparse distributions."""
 
-    def __init__(self, queries: str, datastore: str, index: str, work: str, k: int, temperature: float,
-                 self_exclude: bool, exact_distances: bool, max_support: int | None, min_prob: float | None,
-                 chunk_size: int, nprobe: int | None, use_gpu: bool):
+    def __init__(
+        self,
+        queries: str,
+        datastore: str,
+        index: str,
+        work: str,
+        k: int,
+        temperature: float,
+        self_exclude: bool,
+        exact_distances: bool,
+        max_support: int | None,
+        min_prob: float | None,
+        chunk_size: int,
+        nprobe: int | None,
+        use_gpu: bool,
+    ):
         super().__init__()
         self.queries_dir, self.store_dir, self.index_dir, self.work = queries, datastore, index, Path(work)
         self.k, self.temperature, self.self_exclude = k, temperature, self_exclude
@@ -64,11 +77,21 @@ class KNNTargetSearcher(L.LightningModule):
         if self.exact:
             dist = exact_squared_l2(queries, self.store.keys, ids)
         counts, tok, prob = knn_distributions(
-            dist, ids, self.store.values, self.temperature,
+            dist,
+            ids,
+            self.store.values,
+            self.temperature,
             query_ids=rows.astype(np.int64) if self.self_exclude else None,
-            k=self.k, max_support=self.max_support, min_prob=self.min_prob,
+            k=self.k,
+            max_support=self.max_support,
+            min_prob=self.min_prob,
         )
-        return {"chunk": batch["chunk"], "counts": counts, "ids": tok.astype(np.int32), "probs": prob.astype(np.float16)}
+        return {
+            "chunk": batch["chunk"],
+            "counts": counts,
+            "ids": tok.astype(np.int32),
+            "probs": prob.astype(np.float16),
+        }
 
 
 class ChunkFileWriter(BasePredictionWriter):
@@ -174,14 +197,32 @@ def build_targets(
         log.warning("k=%d exceeds the %d entries available; using k=%d.", k, available, available)
         k = available
     run_config = {
-        "queries": query_store.identity(), "datastore": store.identity(), "index": key_index.meta["factory"],
-        "k": k, "temperature": temperature, "exact_distances": exact_distances, "max_support": max_support,
-        "min_prob": min_prob, "chunk_size": chunk_size, "nprobe": nprobe,
+        "queries": query_store.identity(),
+        "datastore": store.identity(),
+        "index": key_index.meta["factory"],
+        "k": k,
+        "temperature": temperature,
+        "exact_distances": exact_distances,
+        "max_support": max_support,
+        "min_prob": min_prob,
+        "chunk_size": chunk_size,
+        "nprobe": nprobe,
     }
     work = start_work_dir(out, run_config, overwrite)
     searcher = KNNTargetSearcher(
-        str(query_store.dir), str(store.dir), str(index), str(work), k, temperature, self_exclude,
-        exact_distances, max_support, min_prob, chunk_size, nprobe, use_gpu,
+        str(query_store.dir),
+        str(store.dir),
+        str(index),
+        str(work),
+        k,
+        temperature,
+        self_exclude,
+        exact_distances,
+        max_support,
+        min_prob,
+        chunk_size,
+        nprobe,
+        use_gpu,
     )
     trainer = run_sharded_predict(searcher, ChunkFileWriter(work), accelerator, devices, strategy, num_nodes, callbacks)
     if not trainer.is_global_zero:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -18,8 +19,9 @@ from lightning_memdec.knnlm import KNNLM
 __all__ = ["median_times", "model_latency", "generation_throughput"]
 
 
-def median_times(runners: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1,
-                 device: torch.device | str | None = None) -> dict[str, float]:
+def median_times(
+    runners: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1, device: torch.device | str | None = None
+) -> dict[str, float]:
     """Median wall time in seconds of each runner, interleaved (A, B, C, A, B, C, …) so that a change in machine
     load during the measurement hits every runner alike; CUDA is synchronised around each call."""
     if repeats <= 0:
@@ -41,8 +43,13 @@ def median_times(runners: dict[str, Callable[[], Any]], repeats: int = 5, warmup
 
 @torch.no_grad()
 def model_latency(
-    base, input_ids: torch.Tensor, vocab: int, mixed: InterpolatedLM | None = None, knnlm: KNNLM | None = None,
-    repeats: int = 5, warmup: int = 1,
+    base,
+    input_ids: torch.Tensor,
+    vocab: int,
+    mixed: InterpolatedLM | None = None,
+    knnlm: KNNLM | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
 ) -> dict[str, Any]:
     """Median time of one forward pass giving next-token log-probs ``[B, T, V]``: base, base+MemDec, base+kNN-LM.
 
@@ -56,23 +63,35 @@ def model_latency(
     if knnlm is not None:
         runners["base+knnlm"] = lambda: knnlm.log_probs(ids)
     seconds = median_times(runners, repeats, warmup, base.device)
-    return {"repeats": repeats, "seconds": seconds, "overhead": {key: s / seconds["base"] for key, s in seconds.items()}}
+    return {
+        "repeats": repeats,
+        "seconds": seconds,
+        "overhead": {key: s / seconds["base"] for key, s in seconds.items()},
+    }
 
 
 @torch.no_grad()
-def generation_throughput(models: dict[str, Any], input_ids: torch.Tensor, max_new_tokens: int = 32, repeats: int = 3,
-                          warmup: int = 1) -> dict[str, float]:
+def generation_throughput(
+    models: dict[str, Any], input_ids: torch.Tensor, max_new_tokens: int = 32, repeats: int = 3, warmup: int = 1
+) -> dict[str, float]:
     """Greedy decoding speed (generated tokens per second, median, interleaved) of each model, KV caches on.
 
     ``models`` maps a name to a Hugging Face generator (``generate``; no early stop) or a :class:`KNNLM`
     (its ``generate_greedy`` loop).
     """
+
     def runner(model):
         ids = input_ids.to(model.device)
         if isinstance(model, KNNLM):
             return lambda: model.generate_greedy(ids, max_new_tokens)
-        kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                      eos_token_id=None, pad_token_id=0)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         return lambda: model.generate(ids, **kwargs)
 
     device = next(iter(models.values())).device

@@ -27,7 +27,11 @@ class MemDecCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
-            {"checkpoint.save_last": True, "checkpoint.filename": "step{step}", "checkpoint.auto_insert_metric_name": False}
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
         )
         parser.add_lightning_class_args(ExportHuggingFace, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -44,7 +48,9 @@ class MemDecCLI(LightningCLI):
         if self.subcommand in (None, "fit") and cfg.trainer.max_steps == -1:
             steps = budget_steps(cfg.model.model, cfg.budget_fraction)
             if steps is not None:
-                rank_zero_info(f"transferred decoder: trainer.max_steps = {steps} ({cfg.budget_fraction} of its source run)")
+                rank_zero_info(
+                    f"transferred decoder: trainer.max_steps = {steps} ({cfg.budget_fraction} of its source run)"
+                )
                 cfg.trainer.max_steps = steps
 
     def export_dir(self) -> Path:

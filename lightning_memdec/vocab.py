@@ -56,6 +56,7 @@ class VocabMapping:
 
 # -- token strings → bytes ---------------------------------------------------------------------------------------
 
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte ↔ printable-character table used by every byte-level BPE vocabulary."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -108,7 +109,10 @@ def token_bytes(tokenizer) -> list[bytes | None]:
         elif "Metaspace" in types:
             m = _BYTE_FALLBACK.fullmatch(tok) if "ByteFallback" in types else None
             out[i] = bytes([int(m.group(1), 16)]) if m else tok.replace("▁", " ").encode("utf-8")
-        elif getattr(tokenizer, "backend_tokenizer", None) is not None and tokenizer.backend_tokenizer.decoder is not None:
+        elif (
+            getattr(tokenizer, "backend_tokenizer", None) is not None
+            and tokenizer.backend_tokenizer.decoder is not None
+        ):
             out[i] = tokenizer.backend_tokenizer.decoder.decode([tok]).encode("utf-8")
         elif getattr(tokenizer, "backend_tokenizer", None) is not None:
             out[i] = tok.encode("utf-8")
@@ -123,6 +127,7 @@ def special_ids(tokenizer) -> set[int]:
 
 
 # -- the mapping ---------------------------------------------------------------------------------------------------
+
 
 def vocab_mapping(source_tokenizer, target_tokenizer) -> VocabMapping:
     """Map every id of the target tokenizer to one source id (same token) or a list of source pieces."""
@@ -211,6 +216,7 @@ def map_rows(source_rows: torch.Tensor, mapping: VocabMapping, num_source: int) 
 
 # -- the stage -----------------------------------------------------------------------------------------------------
 
+
 def transfer_vocab(
     decoder: str,
     tokenizer: str,
@@ -247,7 +253,9 @@ def transfer_vocab(
     # a transferred decoder not trained since (global_step 0) passes its source's budget on
     source_step = src_meta.get("global_step") or src_meta.get("source_global_step")
     if source_step is None:
-        raise ArtifactError(f"{decoder}/meta.json records no global_step: it is not a trained decoder (train it with `memdec fit`).")
+        raise ArtifactError(
+            f"{decoder}/meta.json records no global_step: it is not a trained decoder (train it with `memdec fit`)."
+        )
     tok_a, name_a = _source_tokenizer(Path(decoder), src_meta)
     try:
         tok_b = load_tokenizer(tokenizer)
@@ -282,7 +290,10 @@ def transfer_vocab(
     else:
         gen = torch.Generator().manual_seed(seed)
         std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
-        new = {k: (torch.zeros(n_b) if k == "bias" else torch.randn(n_b, v.shape[1], generator=gen) * std) for k, v in old.items()}
+        new = {
+            k: (torch.zeros(n_b) if k == "bias" else torch.randn(n_b, v.shape[1], generator=gen) * std)
+            for k, v in old.items()
+        }
 
     model.resize_token_embeddings(n_b, mean_resizing=False)
     with torch.no_grad():
@@ -326,7 +337,9 @@ def _source_tokenizer(decoder: Path, meta: dict):
     elif recorded.get("name"):
         tok, name = load_tokenizer(recorded["name"]), recorded["name"]
     else:
-        raise ArtifactError(f"{decoder} holds no tokenizer and its meta.json names none; save the decoder's tokenizer into it.")
+        raise ArtifactError(
+            f"{decoder} holds no tokenizer and its meta.json names none; save the decoder's tokenizer into it."
+        )
     fp = recorded.get("fingerprint")
     if fp is not None and tokenizer_info(tok, name)["fingerprint"] != fp:
         raise ArtifactError(

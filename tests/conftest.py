@@ -12,11 +12,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def save_tiny(path: Path, arch: str = "gpt2", n_embd: int = 32, n_layer: int = 2, vocab: int = 50257,
-              tokenizer: str | None = "gpt2", seed: int = 0) -> Path:
+def save_tiny(
+    path: Path,
+    arch: str = "gpt2",
+    n_embd: int = 32,
+    n_layer: int = 2,
+    vocab: int = 50257,
+    tokenizer: str | None = "gpt2",
+    seed: int = 0,
+) -> Path:
     """A randomly initialised causal LM built from a config and saved like a hub model."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from lightning_memdec.assets import load_tokenizer
 
@@ -24,12 +37,28 @@ def save_tiny(path: Path, arch: str = "gpt2", n_embd: int = 32, n_layer: int = 2
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=vocab, n_positions=512))
     elif arch == "gpt_neox":
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=n_layer, hidden_size=n_embd, num_attention_heads=2,
-                                                 intermediate_size=2 * n_embd, vocab_size=vocab, max_position_embeddings=512))
+        model = GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                num_hidden_layers=n_layer,
+                hidden_size=n_embd,
+                num_attention_heads=2,
+                intermediate_size=2 * n_embd,
+                vocab_size=vocab,
+                max_position_embeddings=512,
+            )
+        )
     elif arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=n_layer, hidden_size=n_embd, num_attention_heads=2,
-                                             num_key_value_heads=2, intermediate_size=2 * n_embd, vocab_size=vocab,
-                                             max_position_embeddings=512))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=n_layer,
+                hidden_size=n_embd,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=2 * n_embd,
+                vocab_size=vocab,
+                max_position_embeddings=512,
+            )
+        )
     else:
         raise ValueError(arch)
     model.save_pretrained(path)
@@ -79,5 +108,7 @@ def biomed_targets_pair(tmp_path_factory, biomed_corpus, biomed_datastore, biome
         "train_corpus": str(biomed_corpus),
         "train_targets": str(build_targets(biomed_datastore, biomed_index, root / "t-train", k=32, temperature=4.0)),
         "val_corpus": str(valid),
-        "val_targets": str(build_targets(biomed_datastore, biomed_index, root / "t-valid", queries=vstore, k=32, temperature=4.0)),
+        "val_targets": str(
+            build_targets(biomed_datastore, biomed_index, root / "t-valid", queries=vstore, k=32, temperature=4.0)
+        ),
     }

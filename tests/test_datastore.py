@@ -5,13 +5,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny
 
 from lightning_memdec.artifacts import ArtifactError, partial_dir
 from lightning_memdec.corpus import Corpus, position_windows, tokenize
 from lightning_memdec.datastore import Datastore, build_datastore
 from lightning_memdec.keys import DEFAULT_KEY_LAYERS, resolve_layer
-
-from conftest import save_tiny
 
 
 class SimulatedKill(Exception):
@@ -59,19 +58,32 @@ def test_keys_equal_the_last_mlp_input_and_values_are_next_tokens(biomed_datasto
 @pytest.mark.parametrize("arch,mlp", [("gpt_neox", "gpt_neox.layers.-1.mlp"), ("llama", "model.layers.-1.mlp")])
 def test_default_layer_for_other_architectures(tmp_path, biomed_corpus, arch, mlp):
     model = save_tiny(tmp_path / arch, arch=arch)
-    out = build_datastore(biomed_corpus, str(model), tmp_path / "ds", window=64, stride=64, batch_windows=8, accelerator="cpu")
+    out = build_datastore(
+        biomed_corpus, str(model), tmp_path / "ds", window=64, stride=64, batch_windows=8, accelerator="cpu"
+    )
     store = Datastore(out)
     assert store.meta["layer"] == DEFAULT_KEY_LAYERS[arch]
     ids = Corpus(biomed_corpus).window_ids(0, 64)
-    np.testing.assert_allclose(np.asarray(store.keys[:64], dtype=np.float32), mlp_inputs(model, mlp, ids), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        np.asarray(store.keys[:64], dtype=np.float32), mlp_inputs(model, mlp, ids), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_custom_layer_path_and_unknown_layer(tmp_path, biomed_corpus, tiny_gpt2):
-    out = build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "ds", layer="transformer.h.0.ln_1",
-                          window=64, stride=64, accelerator="cpu")
+    out = build_datastore(
+        biomed_corpus,
+        str(tiny_gpt2),
+        tmp_path / "ds",
+        layer="transformer.h.0.ln_1",
+        window=64,
+        stride=64,
+        accelerator="cpu",
+    )
     assert Datastore(out).meta["layer"] == "transformer.h.0.ln_1"
     with pytest.raises(ValueError, match="unknown layer path 'transformer.h.0.nope'"):
-        build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "bad", layer="transformer.h.0.nope", window=64, stride=64)
+        build_datastore(
+            biomed_corpus, str(tiny_gpt2), tmp_path / "bad", layer="transformer.h.0.nope", window=64, stride=64
+        )
     assert not (tmp_path / "bad").exists() and not partial_dir(tmp_path / "bad").exists()
 
 
@@ -91,7 +103,9 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_corpus, tiny_g
 def test_resume_with_other_settings_is_refused(tmp_path, biomed_corpus, tiny_gpt2):
     out = tmp_path / "ds"
     with pytest.raises(SimulatedKill):
-        build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, accelerator="cpu", callbacks=[Interrupt(1)])
+        build_datastore(
+            biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, accelerator="cpu", callbacks=[Interrupt(1)]
+        )
     with pytest.raises(ArtifactError, match="different settings"):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=16, accelerator="cpu")
 
@@ -110,9 +124,30 @@ def test_tokenizer_mismatch_and_small_corpus_are_refused(tmp_path, tiny_gpt2):
 
 def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
     out = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "lightning_memdec", "build-datastore", "--corpus", str(biomed_corpus),
-           "--model", str(tiny_gpt2), "--out", str(out), "--window", "64", "--stride", "32", "--batch_windows", "4",
-           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_memdec",
+        "build-datastore",
+        "--corpus",
+        str(biomed_corpus),
+        "--model",
+        str(tiny_gpt2),
+        "--out",
+        str(out),
+        "--window",
+        "64",
+        "--stride",
+        "32",
+        "--batch_windows",
+        "4",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+    ]
     subprocess.run(cmd, check=True, timeout=300, capture_output=True)
     for name in ("keys.npy", "values.npy"):
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()

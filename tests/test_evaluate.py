@@ -10,22 +10,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import save_tiny
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny
 from lightning_memdec.assets import load_tokenizer
 from lightning_memdec.callbacks import CrossModelEval
 from lightning_memdec.cli import main
-from lightning_memdec.train import lightning_cli
 from lightning_memdec.corpus import position_windows
 from lightning_memdec.datastore import Datastore
 from lightning_memdec.evaluate import evaluate, text_tokens
 from lightning_memdec.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.scoring import lm_scorer, mix_log_probs, mixed_perplexity, perplexity, sliding_gold_log_probs
 from lightning_memdec.timing import generation_throughput, model_latency
+from lightning_memdec.train import lightning_cli
 
 V = 50257
-TINY_DECODER = ["--model.config", '{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}']
+TINY_DECODER = [
+    "--model.config",
+    '{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}',
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +77,12 @@ def test_knnlm_endpoints_and_rows_sum_to_one(knnlm, test_tokens):
     torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(1, 40, dtype=torch.float64), atol=1e-5, rtol=0)
     _, keys = knnlm.base_forward(ids)
     knn = knnlm.knn_log_probs(keys[0])
-    torch.testing.assert_close(lp[0].double(), torch.logaddexp(base[0].double() + math.log(0.7), knn.double() + math.log(0.3)),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        lp[0].double(),
+        torch.logaddexp(base[0].double() + math.log(0.7), knn.double() + math.log(0.3)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     knnlm.lmbda = 0.0
     assert torch.equal(knnlm.log_probs(ids), base)
     knnlm.lmbda = 1.0
@@ -151,7 +158,9 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="holds no text"):
         text_tokens(empty, load_tokenizer("gpt2"))
-    common = dict(bases=[str(tiny_gpt2)], test="embedded:biomed/test", out=tmp_path / "r", max_tokens=200, window=32, stride=16)
+    common = dict(
+        bases=[str(tiny_gpt2)], test="embedded:biomed/test", out=tmp_path / "r", max_tokens=200, window=32, stride=16
+    )
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
         evaluate(**common, memdec=str(models["memdec"]), lmbda=-0.1)
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
@@ -161,7 +170,12 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
     with pytest.raises(ValueError, match="must use the base model's tokenizer"):
         evaluate(**common, memdec=str(models["neox"]), lmbda=0.5)
     with pytest.raises(ValueError, match="was built with .*gpt2-tiny, which is none of the bases"):
-        evaluate(**{**common, "bases": [str(models["llama"])]}, datastore=str(biomed_datastore), index=str(biomed_index), lmbda=0.3)
+        evaluate(
+            **{**common, "bases": [str(models["llama"])]},
+            datastore=str(biomed_datastore),
+            index=str(biomed_index),
+            lmbda=0.3,
+        )
     with pytest.raises(ValueError, match=r"window 1024 exceeds the 512 positions"):
         evaluate(**{**common, "window": 1024}, lmbda=0.3)
     with pytest.raises(ValueError, match=r"neox uses tokenizer neox \(vocab 50277.*trained on gpt2 \(vocab 50257"):
@@ -179,13 +193,46 @@ def test_memdec_evaluate_writes_report(tmp_path, tiny_gpt2, models, biomed_corpu
     grid = [0.1, 0.5, 0.9]
     # valid is the datastore's own corpus here: allowed, but flagged (every position would retrieve itself)
     with pytest.warns(UserWarning, match="valid text .* is \\(the start of\\) the corpus the datastore was built from"):
-        main(["evaluate", "--bases", json.dumps([str(tiny_gpt2), str(models["llama"])]), "--memdec", str(models["memdec"]),
-              "--test", "embedded:biomed/test", "--valid", str(biomed_corpus), "--datastore", str(biomed_datastore),
-              "--index", str(biomed_index), "--k", "16", "--temperature", "4", "--lambda_grid", json.dumps(grid),
-              "--window", "64", "--stride", "32", "--batch_size", "4", "--max_tokens", "300", "--out", str(out),
-              "--latency", "true", "--latency_repeats", "1"])
+        main(
+            [
+                "evaluate",
+                "--bases",
+                json.dumps([str(tiny_gpt2), str(models["llama"])]),
+                "--memdec",
+                str(models["memdec"]),
+                "--test",
+                "embedded:biomed/test",
+                "--valid",
+                str(biomed_corpus),
+                "--datastore",
+                str(biomed_datastore),
+                "--index",
+                str(biomed_index),
+                "--k",
+                "16",
+                "--temperature",
+                "4",
+                "--lambda_grid",
+                json.dumps(grid),
+                "--window",
+                "64",
+                "--stride",
+                "32",
+                "--batch_size",
+                "4",
+                "--max_tokens",
+                "300",
+                "--out",
+                str(out),
+                "--latency",
+                "true",
+                "--latency_repeats",
+                "1",
+            ]
+        )
     for name in ("report.md", "report.json", "lambda_curve.png"):
         assert (out / name).stat().st_size > 0
+
     def strict(const):
         raise ValueError(f"report.json is not strict JSON: {const}")
 
@@ -232,7 +279,9 @@ def test_latency_helpers_report_every_variant(tiny_gpt2, knnlm, test_tokens):
     mixed = InterpolatedLM.from_pretrained(tiny_gpt2, tiny_gpt2, 0.5)
     out = model_latency(knnlm.base, ids, V, mixed, knnlm, repeats=1, warmup=0)
     assert out["overhead"]["base"] == 1.0 and all(s > 0 for s in out["seconds"].values())
-    tps = generation_throughput({"base": knnlm.base, "mixed": mixed, "knnlm": knnlm}, ids[:, :8], 2, repeats=1, warmup=0)
+    tps = generation_throughput(
+        {"base": knnlm.base, "mixed": mixed, "knnlm": knnlm}, ids[:, :8], 2, repeats=1, warmup=0
+    )
     assert set(tps) == {"base", "mixed", "knnlm"} and all(v > 0 for v in tps.values())
 
 
@@ -248,14 +297,45 @@ def test_cross_model_eval_logs_mixture_perplexities(tmp_path, tiny_gpt2, biomed_
     data = []
     for key, value in biomed_targets_pair.items():
         data += [f"--data.{key}", value]
-    cli = lightning_cli(["fit", "--config", str(config), *TINY_DECODER, *data, "--data.window", "64",
-                         "--data.batch_size", "2", "--data.max_support", "16", "--trainer.accelerator", "cpu",
-                         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "2",
-                         "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
-                         "--trainer.default_root_dir", str(tmp_path / "run"), "--export.dirpath", str(tmp_path / "hf")])
+    cli = lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *TINY_DECODER,
+            *data,
+            "--data.window",
+            "64",
+            "--data.batch_size",
+            "2",
+            "--data.max_support",
+            "16",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--export.dirpath",
+            str(tmp_path / "hf"),
+        ]
+    )
     m = cli.trainer.callback_metrics
-    names = ["val/ppl_base/gpt2-tiny", "val/ppl_mix/gpt2-tiny", "val/ppl_mix/gpt2-tiny@0.5",
-             "val/ppl_mix/gpt2-tiny@0", "val/ppl_mix/gpt2-tiny@1"]
+    names = [
+        "val/ppl_base/gpt2-tiny",
+        "val/ppl_mix/gpt2-tiny",
+        "val/ppl_mix/gpt2-tiny@0.5",
+        "val/ppl_mix/gpt2-tiny@0",
+        "val/ppl_mix/gpt2-tiny@1",
+    ]
     for name in names:
         assert name in m and torch.isfinite(m[name])
     assert m["val/ppl_mix/gpt2-tiny"] == m["val/ppl_mix/gpt2-tiny@0.5"]

@@ -30,8 +30,15 @@ def _gpt2(seed: int, n_embd: int, vocab: int = VOCAB) -> GPT2LMHeadModel:
 def _llama(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=50256, eos_token_id=50256,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=50256,
+        eos_token_id=50256,
     )
     return LlamaForCausalLM(cfg)
 
@@ -157,14 +164,14 @@ def test_left_padding_leaves_real_positions_unchanged(mixed, gpt2_tok):
     lp = mixed.log_probs(batch.input_ids, batch.attention_mask)
     for row, prompt in enumerate(PROMPTS):
         alone = mixed.log_probs(gpt2_tok([prompt], return_tensors="pt").input_ids)[0]
-        torch.testing.assert_close(lp[row, -alone.shape[0]:], alone, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lp[row, -alone.shape[0] :], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_generate_equals_argmax_loop(mixed, prompt_ids):
     out = mixed.generate(prompt_ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert out.shape == (1, prompt_ids.shape[1] + 12)
     assert torch.equal(out, _greedy_loop(mixed, prompt_ids, 12))
-    assert len(set(out[0, prompt_ids.shape[1]:].tolist())) > 1  # a non-degenerate continuation
+    assert len(set(out[0, prompt_ids.shape[1] :].tolist())) > 1  # a non-degenerate continuation
 
 
 def test_left_padded_batch_matches_each_prompt_alone(mixed, gpt2_tok):
@@ -197,21 +204,28 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(cross, prompt_ids):
 
 def test_beam_search_scores_match_recomputed_mixture(cross, prompt_ids):
     out = cross.generate(
-        prompt_ids, max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False, eos_token_id=None,
-        length_penalty=0.0, output_scores=True, return_dict_in_generate=True,
+        prompt_ids,
+        max_new_tokens=8,
+        num_beams=3,
+        num_return_sequences=3,
+        do_sample=False,
+        eos_token_id=None,
+        length_penalty=0.0,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
     assert out.sequences.shape == (3, prompt_ids.shape[1] + 8)
     assert torch.all(out.sequences_scores[:-1] >= out.sequences_scores[1:])
     n = prompt_ids.shape[1]
     # recomputed without a cache: only right if beam search reordered *both* models' caches consistently
     lp = cross.log_probs(out.sequences)
-    totals = lp[:, n - 1:-1].gather(-1, out.sequences[:, n:, None]).squeeze(-1).sum(-1)
+    totals = lp[:, n - 1 : -1].gather(-1, out.sequences[:, n:, None]).squeeze(-1).sum(-1)
     torch.testing.assert_close(out.sequences_scores, totals, atol=1e-3, rtol=1e-4)
     assert len({tuple(s.tolist()) for s in out.sequences}) == 3
 
 
 def test_eos_stops_generation(cross, prompt_ids, gpt2_tok):
-    free = cross.generate(prompt_ids, max_new_tokens=10, do_sample=False, eos_token_id=None)[0, prompt_ids.shape[1]:]
+    free = cross.generate(prompt_ids, max_new_tokens=10, do_sample=False, eos_token_id=None)[0, prompt_ids.shape[1] :]
     eos = int(free[3])
     k = free.tolist().index(eos)  # first time it is produced
     out = cross.generate(
@@ -273,6 +287,8 @@ def test_module_does_not_import_lightning():
     import lightning_memdec.interpolate as mod
 
     tree = ast.parse(open(mod.__file__, encoding="utf-8").read())
-    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    roots = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not roots & {"lightning", "pytorch_lightning"}

@@ -136,9 +136,7 @@ def test_stored_dtypes_chunking_and_noncontiguous_logits():
     logits, labels, ids, probs, mask = make_batch(seed=7)
     full = torch.cat([logits, torch.randn(B, 1, V)], dim=1)  # [B, T+1, V]; drop the last step like a shift
     probs16 = probs.half()
-    ref, g_ref = loss_and_grad(
-        lambda x: dense_reference(x[:, :-1], labels, ids, probs16.float(), mask, 0.5), full
-    )
+    ref, g_ref = loss_and_grad(lambda x: dense_reference(x[:, :-1], labels, ids, probs16.float(), mask, 0.5), full)
     x = full.clone().requires_grad_(True)
     assert not x[:, :-1].is_contiguous()
     out = memdec_loss(x[:, :-1], labels, ids.int(), probs16, mask, chunk_elements=2 * V)

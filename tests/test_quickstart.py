@@ -3,16 +3,33 @@
 import json
 
 import pytest
+from conftest import save_tiny
 
 from lightning_memdec.artifacts import ArtifactError
 from lightning_memdec.assets import read_documents, resolve_text
 from lightning_memdec.quickstart import quickstart
 
-from conftest import save_tiny
-
-MICRO = dict(general_tokens=20_000, domain_tokens=12_000, eval_tokens=2_000, window=64,
-             small_base_steps=20, large_base_steps=20, teacher_steps=10, memdec_steps=20, k=16)
-KEYS = {"base", "base_ppl", "knnlm_ppl", "memdec_ppl", "ce_only_ppl", "lambda", "general_base_ppl", "general_memdec_ppl"}
+MICRO = dict(
+    general_tokens=20_000,
+    domain_tokens=12_000,
+    eval_tokens=2_000,
+    window=64,
+    small_base_steps=20,
+    large_base_steps=20,
+    teacher_steps=10,
+    memdec_steps=20,
+    k=16,
+)
+KEYS = {
+    "base",
+    "base_ppl",
+    "knnlm_ppl",
+    "memdec_ppl",
+    "ce_only_ppl",
+    "lambda",
+    "general_base_ppl",
+    "general_memdec_ppl",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +54,14 @@ def test_micro_quickstart_lowers_domain_perplexity(micro_run):
 
 def test_rerun_reuses_finished_stages(micro_run):
     out, report = micro_run
-    stamps = {p: p.stat().st_mtime_ns for p in [out / "models" / "memdec" / "model.safetensors",
-                                                 out / "targets" / "train" / "probs.npy",
-                                                 out / "stores" / "teacher-train" / "keys.npy"]}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for p in [
+            out / "models" / "memdec" / "model.safetensors",
+            out / "targets" / "train" / "probs.npy",
+            out / "stores" / "teacher-train" / "keys.npy",
+        ]
+    }
     again = quickstart(out=out, **MICRO)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["results"] == report["results"]

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from lightning_memdec.scoring import (
-    gold_log_probs, knn_gold_log_probs, knn_scores, mix_log_probs, perplexity, sliding_gold_log_probs, sweep_lambda,
+    gold_log_probs,
+    knn_gold_log_probs,
+    knn_scores,
+    mix_log_probs,
+    perplexity,
+    sliding_gold_log_probs,
+    sweep_lambda,
 )
 
 

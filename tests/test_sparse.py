@@ -101,7 +101,7 @@ def test_self_exclusion_is_by_id_not_column():
     rows = split_rows(*without)
     for i in range(len(ids)):
         keep = ids[i] != query_ids[i]
-        alone = knn_distributions(distances[i:i + 1, keep], ids[i:i + 1, keep], values, 2.0)
+        alone = knn_distributions(distances[i : i + 1, keep], ids[i : i + 1, keep], values, 2.0)
         assert split_rows(*alone)[0] == rows[i]
     assert split_rows(*with_self)[1] == rows[1]  # odd rows hold no self-match
 
@@ -147,11 +147,15 @@ def test_ties_put_smaller_token_first_and_underflow_is_dropped():
     np.testing.assert_allclose(probs, [0.4, 0.2, 0.2, 0.2], rtol=1e-6)
 
 
-@pytest.mark.parametrize("max_support,min_prob", [(1, None), (3, None), (None, 0.08), (None, 1.0), (4, 0.2), (None, 0.0)])
+@pytest.mark.parametrize(
+    "max_support,min_prob", [(1, None), (3, None), (None, 0.08), (None, 1.0), (4, 0.2), (None, 0.0)]
+)
 def test_truncation_renormalises(max_support, min_prob):
     rng = np.random.default_rng(3)
     distances, ids, values, query_ids = make_data(rng, vocab=12)
-    got = knn_distributions(distances, ids, values, 5.0, query_ids=query_ids, max_support=max_support, min_prob=min_prob)
+    got = knn_distributions(
+        distances, ids, values, 5.0, query_ids=query_ids, max_support=max_support, min_prob=min_prob
+    )
     want = reference(distances, ids, values, 5.0, query_ids=query_ids, max_support=max_support, min_prob=min_prob)
     assert_matches(got, want)
     counts = got[0]
@@ -199,8 +203,9 @@ def test_large_token_ids_and_memmap_values(tmp_path):
 
 
 def test_empty_input_and_csr_offsets():
-    counts, toks, probs = knn_distributions(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.int64),
-                                            np.arange(3, dtype=np.int32), 1.0)
+    counts, toks, probs = knn_distributions(
+        np.zeros((0, 4), np.float32), np.zeros((0, 4), np.int64), np.arange(3, dtype=np.int32), 1.0
+    )
     assert counts.shape == toks.shape == probs.shape == (0,)
     np.testing.assert_array_equal(csr_offsets(np.array([2, 0, 3])), [0, 2, 2, 5])
     assert csr_offsets(np.array([], dtype=np.int64)).tolist() == [0]

@@ -3,15 +3,14 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import save_tiny
+from test_datastore import Interrupt, SimulatedKill
 
 from lightning_memdec.artifacts import ArtifactError, partial_dir
 from lightning_memdec.corpus import tokenize
 from lightning_memdec.datastore import Datastore, build_datastore
 from lightning_memdec.store import Targets
 from lightning_memdec.targets import build_targets
-
-from conftest import save_tiny
-from test_datastore import Interrupt, SimulatedKill
 
 
 def brute_force_row(keys, values, q, k, temperature, exclude):
@@ -34,9 +33,16 @@ def biomed_targets(tmp_path_factory, biomed_datastore, biomed_index):
 
 
 @pytest.mark.parametrize("temperature", [4.0, 50.0])
-def test_targets_equal_brute_force_with_self_exclusion(tmp_path, biomed_datastore, biomed_index, biomed_targets, temperature):
-    path = biomed_targets if temperature == 4.0 else build_targets(
-        biomed_datastore, biomed_index, tmp_path / "t", k=16, temperature=temperature, chunk_size=512)
+def test_targets_equal_brute_force_with_self_exclusion(
+    tmp_path, biomed_datastore, biomed_index, biomed_targets, temperature
+):
+    path = (
+        biomed_targets
+        if temperature == 4.0
+        else build_targets(
+            biomed_datastore, biomed_index, tmp_path / "t", k=16, temperature=temperature, chunk_size=512
+        )
+    )
     store, targets = Datastore(biomed_datastore), Targets(path)
     keys = np.asarray(store.keys, dtype=np.float32)
     assert len(targets) == len(store) and targets.meta["self_excluded"]
@@ -80,7 +86,9 @@ def test_validation_queries_are_not_self_excluded(tmp_path, biomed_datastore, bi
 
 
 def test_k_is_capped_at_store_size(tmp_path, biomed_datastore, biomed_index, caplog):
-    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=10**6, temperature=16.0, chunk_size=2048))
+    t = Targets(
+        build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=10**6, temperature=16.0, chunk_size=2048)
+    )
     assert t.meta["k"] == len(Datastore(biomed_datastore)) - 1
     assert "exceeds" in caplog.text
 
@@ -98,17 +106,41 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, bio
 
 def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_datastore, biomed_index, biomed_targets):
     out = tmp_path / "t"
-    cmd = [sys.executable, "-m", "lightning_memdec", "build-targets", "--datastore", str(biomed_datastore),
-           "--index", str(biomed_index), "--out", str(out), "--k", "16", "--temperature", "4.0", "--chunk_size", "512",
-           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_memdec",
+        "build-targets",
+        "--datastore",
+        str(biomed_datastore),
+        "--index",
+        str(biomed_index),
+        "--out",
+        str(out),
+        "--k",
+        "16",
+        "--temperature",
+        "4.0",
+        "--chunk_size",
+        "512",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+    ]
     subprocess.run(cmd, check=True, timeout=300, capture_output=True)
     for name in ("offsets.npy", "ids.npy", "probs.npy"):
         assert (out / name).read_bytes() == (biomed_targets / name).read_bytes()
 
 
 def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_index, biomed_corpus):
-    for kwargs, msg in [({"k": 0}, "k must be positive"), ({"temperature": 0.0}, "temperature must be positive"),
-                        ({"temperature": -1.0}, "temperature must be positive")]:
+    for kwargs, msg in [
+        ({"k": 0}, "k must be positive"),
+        ({"temperature": 0.0}, "temperature must be positive"),
+        ({"temperature": -1.0}, "temperature must be positive"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             build_targets(biomed_datastore, biomed_index, tmp_path / "t", **kwargs)
     wide = save_tiny(tmp_path / "wide", n_embd=64)
@@ -121,7 +153,9 @@ def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_
     text.write_text(" ".join(["Proteins fold into shapes that decide their function."] * 30))
     neox_corpus = tokenize([str(text)], tmp_path / "nc", "gpt-neox-20b")
     neox_model = save_tiny(tmp_path / "neox", arch="gpt_neox", tokenizer="gpt-neox-20b", vocab=50277)
-    neox_store = build_datastore(neox_corpus, str(neox_model), tmp_path / "nds", window=64, stride=64, accelerator="cpu")
+    neox_store = build_datastore(
+        neox_corpus, str(neox_model), tmp_path / "nds", window=64, stride=64, accelerator="cpu"
+    )
     with pytest.raises(ArtifactError, match="tokenizer gpt-neox-20b .* but datastore .* uses gpt2"):
         build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=neox_store)
     assert not (tmp_path / "t").exists() and not partial_dir(tmp_path / "t").exists()

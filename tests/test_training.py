@@ -10,14 +10,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_memdec.artifacts import ArtifactError
-from lightning_memdec.train import lightning_cli
 from lightning_memdec.corpus import Corpus, position_windows, tokenize
 from lightning_memdec.data import PAD_WINDOW, EvenShardSampler, MemDecDataModule, WindowTargetsDataset, collate
 from lightning_memdec.module import MemoryDecoderModule, lr_lambda
 from lightning_memdec.store import Targets
+from lightning_memdec.train import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_DECODER = ["--model.config", '{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}']
+TINY_DECODER = [
+    "--model.config",
+    '{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2}',
+]
 
 
 def data_args(pair, window=64, batch_size=2):
@@ -95,10 +98,27 @@ def test_lr_schedule_shapes():
 
 def test_fast_dev_run_fit_and_export(tmp_path, biomed_targets_pair):
     root = tmp_path / "run"
-    cli = lightning_cli(["fit", *TINY_DECODER, *data_args(biomed_targets_pair),
-                         "--trainer.accelerator", "cpu", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2",
-                         "--trainer.val_check_interval", "3", "--trainer.default_root_dir", str(root),
-                         "--trainer.enable_progress_bar", "false", "--export.dirpath", str(root / "hf")])
+    cli = lightning_cli(
+        [
+            "fit",
+            *TINY_DECODER,
+            *data_args(biomed_targets_pair),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.limit_val_batches",
+            "2",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--export.dirpath",
+            str(root / "hf"),
+        ]
+    )
     metrics = cli.trainer.callback_metrics
     for name in ["train/loss", "train/kl", "train/ce", "val/loss", "val/ppl"]:
         assert name in metrics and torch.isfinite(metrics[name])
@@ -117,9 +137,20 @@ def test_fast_dev_run_fit_and_export(tmp_path, biomed_targets_pair):
 
 def test_resume_continues_step_count(tmp_path, biomed_targets_pair):
     root = tmp_path / "run"
-    common = [*TINY_DECODER, *data_args(biomed_targets_pair), "--trainer.accelerator", "cpu",
-              "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-              "--trainer.limit_val_batches", "0", "--checkpoint.dirpath", str(root / "ckpt")]
+    common = [
+        *TINY_DECODER,
+        *data_args(biomed_targets_pair),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--checkpoint.dirpath",
+        str(root / "ckpt"),
+    ]
     lightning_cli(["fit", *common, "--trainer.max_steps", "2"])
     assert (root / "ckpt" / "last.ckpt").is_file()
     cli = lightning_cli(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", "last"])
@@ -129,7 +160,9 @@ def test_resume_continues_step_count(tmp_path, biomed_targets_pair):
 
 
 def test_nan_loss_fails_fast_with_batch_position(biomed_targets_pair):
-    module = MemoryDecoderModule(config={"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2})
+    module = MemoryDecoderModule(
+        config={"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2}
+    )
     module.configure_model()
     with torch.no_grad():
         module.decoder.lm_head.weight.fill_(float("nan"))
@@ -163,11 +196,28 @@ def test_every_config_parses(config, capsys, biomed_targets_pair):
 
 def test_ddp_two_processes_see_each_window_once(tmp_path, biomed_targets_pair):
     record = tmp_path / "record"
-    cmd = [sys.executable, "-m", "lightning_memdec", "fit", "--config", str(REPO / "conf/trainer/ddp_cpu.yaml"),
-           *TINY_DECODER, *data_args(biomed_targets_pair, batch_size=4), "--trainer.max_epochs", "1",
-           "--trainer.max_steps", "-1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-           "--trainer.default_root_dir", str(tmp_path / "run"),
-           "--trainer.callbacks+=recording.RecordWindows", f"--trainer.callbacks.path={record}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_memdec",
+        "fit",
+        "--config",
+        str(REPO / "conf/trainer/ddp_cpu.yaml"),
+        *TINY_DECODER,
+        *data_args(biomed_targets_pair, batch_size=4),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.max_steps",
+        "-1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.callbacks+=recording.RecordWindows",
+        f"--trainer.callbacks.path={record}",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -181,5 +231,13 @@ def test_ddp_two_processes_see_each_window_once(tmp_path, biomed_targets_pair):
 def test_repeatable_list_flags():
     from lightning_memdec.cli import repeatable
 
-    assert repeatable(["quickstart", "--base", "a", "--base", "b", "--k", "3"]) == ["quickstart", "--base+", "a", "--base+", "b", "--k", "3"]
+    assert repeatable(["quickstart", "--base", "a", "--base", "b", "--k", "3"]) == [
+        "quickstart",
+        "--base+",
+        "a",
+        "--base+",
+        "b",
+        "--k",
+        "3",
+    ]
     assert repeatable(["evaluate", "--bases", "[a,b]"]) == ["evaluate", "--bases", "[a,b]"]

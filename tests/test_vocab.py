@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, tokenizer_info, write_json_atomic
@@ -10,8 +11,6 @@ from lightning_memdec.assets import load_tokenizer
 from lightning_memdec.cli import stage_functions
 from lightning_memdec.train import lightning_cli
 from lightning_memdec.vocab import budget_steps, transfer_vocab, vocab_mapping
-
-from conftest import save_tiny
 
 A_VOCAB = ["[UNK]", "<eos>", "the", "cat", "sat", "-", "on"]
 # by hand: copied <|endoftext|> (eos↔eos), cat, the, sat, <unk> (unk↔unk) = 5;
@@ -35,7 +34,9 @@ def trained_decoder(path: Path, global_step: int = 120, **kwargs) -> Path:
     """A tiny decoder directory as `memdec fit` exports it: model, tokenizer, meta.json."""
     save_tiny(path, **kwargs)
     tok = load_tokenizer(str(path))
-    write_json_atomic(path / "meta.json", base_meta("memory_decoder", global_step=global_step, tokenizer=tokenizer_info(tok, "A")))
+    write_json_atomic(
+        path / "meta.json", base_meta("memory_decoder", global_step=global_step, tokenizer=tokenizer_info(tok, "A"))
+    )
     return path
 
 
@@ -66,8 +67,15 @@ def handmade(tmp_path_factory):
 
 def test_handmade_coverage_counted_by_hand(handmade):
     meta = json.loads((handmade["out"] / "meta.json").read_text())
-    assert meta["coverage"] == {"total": 10, "copied": 5, "copied_fraction": 0.5, "averaged": 3,
-                                "averaged_fraction": 0.3, "fallback": 2, "fallback_fraction": 0.2}
+    assert meta["coverage"] == {
+        "total": 10,
+        "copied": 5,
+        "copied_fraction": 0.5,
+        "averaged": 3,
+        "averaged_fraction": 0.3,
+        "fallback": 2,
+        "fallback_fraction": 0.2,
+    }
     mapping = vocab_mapping(load_tokenizer(str(handmade["src"])), load_tokenizer(str(handmade["tok_b"])))
     kinds = dict(zip(B_VOCAB, mapping.kinds))
     assert [w for w in B_VOCAB if kinds[w] == "copied"] == ["<|endoftext|>", "cat", "the", "sat", "<unk>"]
@@ -99,7 +107,9 @@ def test_handmade_rows_copied_averaged_and_fallback(handmade):
 
 
 def test_random_init_differs_from_overlap(handmade):
-    out = transfer_vocab(str(handmade["src"]), str(handmade["tok_b"]), handmade["root"] / "random", init="random", seed=3)
+    out = transfer_vocab(
+        str(handmade["src"]), str(handmade["tok_b"]), handmade["root"] / "random", init="random", seed=3
+    )
     src = AutoModelForCausalLM.from_pretrained(handmade["src"])
     rand = AutoModelForCausalLM.from_pretrained(out)
     over = AutoModelForCausalLM.from_pretrained(handmade["out"])
@@ -182,8 +192,17 @@ def test_budget_is_a_fraction_of_the_source_run(gpt2_to_neox):
         budget_steps(str(out), 0.0)
 
     def max_steps(*extra):
-        args = ["--model.model", str(out), "--data.train_corpus", "unused", "--trainer.accelerator", "cpu",
-                "--trainer.logger", "false", *extra]
+        args = [
+            "--model.model",
+            str(out),
+            "--data.train_corpus",
+            "unused",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger",
+            "false",
+            *extra,
+        ]
         return lightning_cli(args, run=False).trainer.max_steps
 
     assert max_steps() == 6
@@ -194,12 +213,30 @@ def test_budget_is_a_fraction_of_the_source_run(gpt2_to_neox):
 
 def test_fit_continues_a_transferred_decoder_for_its_budget(tmp_path, biomed_targets_pair):
     """neox decoder (source run: 30 steps) → gpt2 vocabulary → `memdec fit` trains 0.1 × 30 = 3 steps."""
-    src = trained_decoder(tmp_path / "src", global_step=30, arch="gpt_neox", n_layer=1, vocab=50277, tokenizer="gpt-neox-20b")
+    src = trained_decoder(
+        tmp_path / "src", global_step=30, arch="gpt_neox", n_layer=1, vocab=50277, tokenizer="gpt-neox-20b"
+    )
     out = transfer_vocab(str(src), "gpt2", tmp_path / "out")
     root = tmp_path / "run"
-    args = ["fit", "--model.model", str(out), "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-            "--export.dirpath", str(root / "hf"), "--data.window", "64", "--data.batch_size", "2"]
+    args = [
+        "fit",
+        "--model.model",
+        str(out),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        "--export.dirpath",
+        str(root / "hf"),
+        "--data.window",
+        "64",
+        "--data.batch_size",
+        "2",
+    ]
     for key, value in biomed_targets_pair.items():
         args += [f"--data.{key}", value]
     cli = lightning_cli(args)
@@ -217,7 +254,9 @@ def test_sentencepiece_style_tokens_compare_by_bytes(tmp_path):
     vocab = {"<unk>": 0, "<0x0A>": 1, "▁the": 2, "▁": 3, "the": 4, "▁cat": 5}
     tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path / "sp")
     sp = load_tokenizer(str(tmp_path / "sp"))
     assert token_bytes(sp) == [b"<unk>", b"\n", b" the", b" ", b"the", b" cat"]
