@@ -140,6 +140,8 @@ class MemDecDataModule(L.LightningDataModule):
             tokens alone (requires model.beta=0).
         val_corpus: corpus directory of the validation split.
         val_targets: targets for the validation split (queries = a datastore of that split).
+        test_corpus: corpus directory of the test split (`memdec test`); without it the test stage refuses to run.
+        test_targets: targets for the test split (then test/loss includes the KL term).
         window: positions per training window (the decoder's context length).
         stride: new positions per window (= window: non-overlapping blocks, every position trained once).
         batch_size: windows per batch and device.
@@ -154,6 +156,8 @@ class MemDecDataModule(L.LightningDataModule):
         train_targets: str | None = None,
         val_corpus: str | None = None,
         val_targets: str | None = None,
+        test_corpus: str | None = None,
+        test_targets: str | None = None,
         window: int = 1024,
         stride: int | None = None,
         batch_size: int = 8,
@@ -164,26 +168,34 @@ class MemDecDataModule(L.LightningDataModule):
         super().__init__()
         if val_targets is not None and val_corpus is None:
             raise ValueError("val_targets needs val_corpus.")
+        if test_targets is not None and test_corpus is None:
+            raise ValueError("test_targets needs test_corpus.")
         if (train_targets is None) != (val_targets is None) and val_corpus is not None:
             raise ValueError("give targets for both train and validation splits, or for neither.")
         self.save_hyperparameters()
         self.stride = stride or window
         self.train: WindowTargetsDataset | None = None
         self.val: WindowTargetsDataset | None = None
+        self.test: WindowTargetsDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         if self.train is None:
             self.train = WindowTargetsDataset(h.train_corpus, h.train_targets, h.window, self.stride, h.max_support)
         if self.val is None and h.val_corpus is not None:
-            self.val = WindowTargetsDataset(h.val_corpus, h.val_targets, h.window, self.stride, h.max_support)
-            if (
-                self.val.meta["corpus"]["tokenizer"]["fingerprint"]
-                != self.train.meta["corpus"]["tokenizer"]["fingerprint"]
-            ):
-                raise ValueError(
-                    f"validation corpus {h.val_corpus} uses another tokenizer than training corpus {h.train_corpus}."
-                )
+            self.val = self._split("validation", h.val_corpus, h.val_targets)
+        if stage == "test" and self.test is None:
+            if h.test_corpus is None:
+                raise ValueError("`memdec test` needs data.test_corpus (a corpus directory of the test split).")
+            self.test = self._split("test", h.test_corpus, h.test_targets)
+
+    def _split(self, what: str, corpus: str, targets: str | None) -> WindowTargetsDataset:
+        """An evaluation split, refused when its tokenizer is not the training corpus's."""
+        h = self.hparams
+        dataset = WindowTargetsDataset(corpus, targets, h.window, self.stride, h.max_support)
+        if dataset.meta["corpus"]["tokenizer"]["fingerprint"] != self.train.meta["corpus"]["tokenizer"]["fingerprint"]:
+            raise ValueError(f"{what} corpus {corpus} uses another tokenizer than training corpus {h.train_corpus}.")
+        return dataset
 
     @property
     def tokenizer_name(self) -> str:
@@ -232,4 +244,4 @@ class MemDecDataModule(L.LightningDataModule):
         return self._loader(self.val, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._loader(self.test, shuffle=False)

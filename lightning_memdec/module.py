@@ -56,8 +56,10 @@ class MemoryDecoderModule(L.LightningModule):
             raise ValueError(f"beta must be in [0, 1], got {beta}.")
         self.save_hyperparameters()
         self.decoder = None
-        self.val_ce = MeanMetric()
-        self.val_loss = MeanMetric()
+        # one set per evaluation stage, so `memdec test` never mixes with validation during fit
+        self.eval_metrics = torch.nn.ModuleDict(
+            {split: torch.nn.ModuleDict({"ce": MeanMetric(), "loss": MeanMetric()}) for split in ("val", "test")}
+        )
 
     # -- model -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -133,29 +135,32 @@ class MemoryDecoderModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self._loss(batch)
-        tokens = batch["loss_mask"].sum()
-        if tokens > 0:
-            self.val_ce.update(out.ce, weight=tokens)
-            self.val_loss.update(out.loss, weight=tokens)
+        self._evaluation_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
-        ce = self.val_ce.compute()
-        # the metrics are already reduced over ranks; sync_dist only averages equal values (and tells Lightning so)
-        self.log_dict(
-            {"val/loss": self.val_loss.compute(), "val/ce": ce, "val/ppl": torch.exp(ce)}, prog_bar=True, sync_dist=True
-        )
-        self.val_ce.reset()
-        self.val_loss.reset()
+        self._log_evaluation("val", prog_bar=True)
 
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step("test", batch)
 
     def on_test_epoch_end(self) -> None:
-        ce = self.val_ce.compute()
-        self.log_dict({"test/loss": self.val_loss.compute(), "test/ce": ce, "test/ppl": torch.exp(ce)})
-        self.val_ce.reset()
-        self.val_loss.reset()
+        self._log_evaluation("test", prog_bar=False)
+
+    def _evaluation_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        out = self._loss(batch)
+        tokens = batch["loss_mask"].sum()
+        if tokens > 0:  # token-weighted means, so ranks and batches of different sizes count what they hold
+            self.eval_metrics[split]["ce"].update(out.ce, weight=tokens)
+            self.eval_metrics[split]["loss"].update(out.loss, weight=tokens)
+
+    def _log_evaluation(self, split: str, prog_bar: bool) -> None:
+        metrics = self.eval_metrics[split]
+        ce = metrics["ce"].compute()
+        # the metrics are already reduced over ranks; sync_dist only averages equal values (and tells Lightning so)
+        values = {f"{split}/loss": metrics["loss"].compute(), f"{split}/ce": ce, f"{split}/ppl": torch.exp(ce)}
+        self.log_dict(values, prog_bar=prog_bar, sync_dist=True)
+        for metric in metrics.values():
+            metric.reset()
 
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self):

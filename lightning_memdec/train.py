@@ -8,6 +8,7 @@ started from YAML on the command line are the same run.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +66,18 @@ def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
 
     # configs say ${data.window}; under the fit/validate/test subcommands that path is relative
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return MemDecCLI(
-        MemoryDecoderModule,
-        MemDecDataModule,
-        args=args,
-        run=run,
-        parser_kwargs={"parser_mode": "omegaconf+"} if run else {"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    with warnings.catch_warnings():
+        # args are passed on purpose (packaged configs resolved, or a dict from Python), not by mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return MemDecCLI(
+            MemoryDecoderModule,
+            MemDecDataModule,
+            args=args,
+            run=run,
+            parser_kwargs={"parser_mode": "omegaconf+"} if run else {"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
 
 
 def fit(config: dict[str, Any], ckpt_path: str | Path | None = None) -> Path:

@@ -10,11 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_memdec.artifacts import ArtifactError
+from lightning_memdec.configs import load_config
 from lightning_memdec.corpus import Corpus, position_windows, tokenize
 from lightning_memdec.data import PAD_WINDOW, EvenShardSampler, MemDecDataModule, WindowTargetsDataset, collate
+from lightning_memdec.models import load_causal_lm
 from lightning_memdec.module import MemoryDecoderModule, lr_lambda
+from lightning_memdec.scoring import corpus_gold_log_probs, perplexity
 from lightning_memdec.store import Targets
-from lightning_memdec.train import lightning_cli
+from lightning_memdec.train import fit, lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DECODER = [
@@ -241,3 +244,37 @@ def test_repeatable_list_flags():
         "3",
     ]
     assert repeatable(["evaluate", "--bases", "[a,b]"]) == ["evaluate", "--bases", "[a,b]"]
+
+
+TINY_CONFIG = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2}
+
+
+def test_fit_from_python_and_separate_test_metrics(tmp_path, biomed_targets_pair):
+    """train.fit(config) trains and exports; `memdec test` scores data.test_corpus as a direct computation does."""
+    pair = biomed_targets_pair
+    data = {"train_corpus": pair["train_corpus"], "val_corpus": pair["val_corpus"], "window": 64, "batch_size": 2}
+    config = load_config(
+        "trainer/cpu.yaml",
+        {
+            "model": {"config": TINY_CONFIG, "beta": 0.0},
+            "data": data,
+            "trainer": {"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 2, "enable_progress_bar": False},
+            "export": {"dirpath": str(tmp_path / "hf")},
+        },
+        {"trainer": {"default_root_dir": str(tmp_path / "run")}},
+    )
+    export = fit(config)
+    assert export == tmp_path / "hf" and json.loads((export / "meta.json").read_text())["global_step"] == 2
+
+    test_args = ["test", "--model.model", str(export), "--model.beta", "0", "--data.train_corpus", pair["train_corpus"]]
+    test_args += ["--data.window", "64", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    test_args += ["--trainer.default_root_dir", str(tmp_path / "test")]
+    with pytest.raises(ValueError, match="needs data.test_corpus"):
+        lightning_cli(test_args)
+    cli = lightning_cli([*test_args, "--data.test_corpus", pair["val_corpus"]])
+    metrics = cli.trainer.callback_metrics
+    assert not any(name.startswith("val/") for name in metrics)
+    # reference: non-overlapping 64-token windows of the test corpus, every position scored once
+    want = perplexity(corpus_gold_log_probs(load_causal_lm(export), Path(pair["val_corpus"]), 64, stride=64))
+    assert float(metrics["test/ppl"]) == pytest.approx(want, rel=1e-4)
+    assert float(metrics["test/loss"]) == pytest.approx(float(metrics["test/ce"]), rel=1e-6)
