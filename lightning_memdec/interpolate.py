@@ -24,10 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lightning_memdec.artifacts import describe_tokenizer, tokenizer_info
+from lightning_memdec.hf_generation import PairCache, PairCacheGeneration
 from lightning_memdec.models import (
     cache_arg_name,
     causal_lm,
@@ -53,93 +53,7 @@ class InterpolatedLMConfig(PreTrainedConfig):
     memdec_name_or_path: str | None = None
 
 
-class PairCache(Cache):
-    """The base model's and the Memory Decoder's KV caches, moved together.
-
-    ``generate()`` only sees one cache object; beam search calls :meth:`reorder_cache` on it, which must reorder
-    both models' states identically or the decoder would condition on another beam's prefix.
-    """
-
-    def __init__(self, base: Cache | None = None, memdec: Cache | None = None):
-        # Cache.__init__ wants per-layer objects; the layers belong to the two sub-caches instead.
-        self.base = base if base is not None else DynamicCache()
-        self.memdec = memdec if memdec is not None else DynamicCache()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(base={self.base!r}, memdec={self.memdec!r})"
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    @property
-    def caches(self) -> tuple[Cache, Cache]:
-        return self.base, self.memdec
-
-    @property
-    def layers(self) -> list:
-        return list(self.base.layers) + list(self.memdec.layers)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.base.get_seq_length(layer_idx)
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.base.get_max_length(layer_idx)
-
-    def reset(self) -> None:
-        for cache in self.caches:
-            cache.reset()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for cache in self.caches:
-            cache.reorder_cache(beam_idx)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        for cache in self.caches:
-            cache.crop(tokens_to_remove)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        for cache in self.caches:
-            cache.batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for cache in self.caches:
-            cache.batch_select_indices(indices)
-
-    def activate_past_recording(self) -> None:
-        for cache in self.caches:
-            cache.activate_past_recording()
-
-    @property
-    def batch_size(self) -> int:
-        return self.base.batch_size
-
-    @property
-    def is_compileable(self) -> bool:
-        return False  # keeps generate() from building a static 4-D mask meant for a single model
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.base.is_initialized and self.memdec.is_initialized
-
-    @property
-    def is_croppable(self) -> bool:
-        return self.base.is_croppable and self.memdec.is_croppable
-
-    # Per-layer flags cover both models' layers, in the same order as `layers`.
-    @property
-    def is_sliding(self) -> list[bool]:
-        return self.base.is_sliding + self.memdec.is_sliding
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return self.base.is_linear + self.memdec.is_linear
-
-    @property
-    def is_dummy(self) -> list[bool]:
-        return self.base.is_dummy + self.memdec.is_dummy
-
-
-class InterpolatedLM(PreTrainedModel, GenerationMixin):
+class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
     """A base causal LM mixed with a Memory Decoder that shares its tokenizer: ``logits`` are mixed log-probs.
 
     Args:
@@ -351,30 +265,6 @@ class InterpolatedLM(PreTrainedModel, GenerationMixin):
     def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mixed next-token log-probabilities ``[B, T, V]`` for every position (no cache, no gradients)."""
         return self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    # -- generation ----------------------------------------------------------------------------------------------
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """One dynamic cache per model, wrapped so generate() (and beam reordering) treats them as one."""
-        user_cache = model_kwargs.get("cache")
-        if user_cache is not None:
-            if not isinstance(user_cache, PairCache):
-                raise TypeError(f"pass a PairCache to InterpolatedLM.generate, got {type(user_cache).__name__}.")
-            user_cache._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(
-                f"InterpolatedLM supports only the dynamic cache, got cache_implementation="
-                f"{generation_config.cache_implementation!r}."
-            )
-        model_kwargs["cache"] = PairCache(
-            DynamicCache(config=self.base.config), DynamicCache(config=self.memdec.config)
-        )
-
-    def _valid_auto_compile_criteria(self, *args, **kwargs) -> bool:
-        return False  # two models and a composite cache: nothing for generate()'s auto-compile to gain
 
 
 def _first_not_none(*items):

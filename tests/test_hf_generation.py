@@ -1,0 +1,48 @@
+"""Guards on the transformers internals that InterpolatedLM's generation relies on (lightning_memdec.hf_generation).
+
+These fail loudly, naming what changed, when a transformers release renames a generate() hook or adds a Cache
+method that PairCache would silently inherit instead of forwarding to both sub-caches.
+"""
+
+import inspect
+
+import torch
+from transformers import GenerationMixin
+from transformers.cache_utils import Cache, DynamicCache
+
+from lightning_memdec.hf_generation import GENERATION_HOOKS, PairCache
+
+# Per-layer operations: each model calls them on its own sub-cache (InterpolatedLM hands the sub-caches to the
+# models), never on the PairCache; and offloading/static-cache set-up, which PairCache refuses (dynamic only).
+NOT_FORWARDED = {
+    "update", "get_mask_sizes", "get_query_offset", "update_conv_state", "update_recurrent_state", "update_indexer",
+    "get_conv_state", "get_recurrent_state", "has_previous_state", "is_recording_past",
+    "offload", "prefetch", "early_initialization",
+}  # fmt: skip
+
+
+def test_generation_hooks_still_exist_with_the_same_leading_parameters():
+    for name, leading in GENERATION_HOOKS.items():
+        hook = getattr(GenerationMixin, name, None)
+        assert hook is not None, f"transformers' GenerationMixin no longer has {name}: update hf_generation.py"
+        params = tuple(inspect.signature(hook).parameters)[: len(leading)]
+        assert params == leading, f"GenerationMixin.{name} now takes {params}, hf_generation expects {leading}"
+
+
+def test_pair_cache_forwards_every_cache_method_generate_may_call():
+    public = {name for name in dir(Cache) if not name.startswith("_")}
+    unhandled = public - set(PairCache.__dict__) - NOT_FORWARDED
+    assert not unhandled, f"Cache gained {sorted(unhandled)}: forward them in PairCache or list them as per-layer"
+
+
+def test_pair_cache_moves_both_caches_together():
+    pair = PairCache(DynamicCache(), DynamicCache())
+    for cache, heads in ((pair.base, 2), (pair.memdec, 3)):
+        keys = torch.arange(3.0)[:, None, None, None].expand(3, heads, 4, 5).contiguous()
+        cache.update(keys, keys.clone(), layer_idx=0)
+    pair.reorder_cache(torch.tensor([2, 0, 1]))
+    for cache in pair.caches:
+        assert cache.layers[0].keys[:, 0, 0, 0].tolist() == [2.0, 0.0, 1.0]
+    pair.crop(-1)  # drop the last position of both
+    assert pair.get_seq_length() == 3 and pair.memdec.get_seq_length() == 3
+    assert not pair.is_compileable and len(pair.layers) == 2
