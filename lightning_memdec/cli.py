@@ -15,7 +15,7 @@ LIGHTNING_COMMANDS = {
     "test": "test loss/perplexity (data.test_corpus) of a decoder checkpoint",
 }
 # list-valued flags users repeat (`--base a --base b`); jsonargparse appends with `--base+ a`
-REPEATABLE_FLAGS = ("--base", "--bases", "--extra_text", "--sizes")
+REPEATABLE_FLAGS = ("--base", "--bases", "--extra_text", "--sizes", "--datastore", "--index")
 
 
 def repeatable(args: list[str]) -> list[str]:

@@ -83,9 +83,12 @@ def evaluate(
     test: str,
     out: Path,
     memdec: str | None = None,
+    ce_only: str | None = None,
+    teacher: str | None = None,
     valid: str | None = None,
-    datastore: str | None = None,
-    index: str | None = None,
+    datastore: list[str] | None = None,
+    index: list[str] | None = None,
+    knn_corpus: str | None = None,
     k: int = 1024,
     temperature: float = 16.0,
     exact_distances: bool = False,
@@ -104,23 +107,30 @@ def evaluate(
 ) -> dict[str, Any]:
     """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
 
-    Long mostly by its signature and Args (one per ``memdec evaluate`` flag); the body is the loop over bases.
+    Long by its signature and Args (one per ``memdec evaluate`` flag); the work is in the helpers it calls.
 
     Args:
         bases: base LMs (names or directories); several = cross-model evaluation of one decoder.
         test: test text: a corpus directory, a text file, or embedded:<domain>/<split>.
         out: output directory for report.md, report.json and lambda_curve.png.
         memdec: the Memory Decoder (directory or name); omitted: no MemDec columns.
+        ce_only: a decoder trained with the next-token loss alone from the same start and budget (the paper's
+            ablation), reported beside MemDec with λ chosen the same way.
+        teacher: the LM whose datastore the decoder imitated (e.g. the domain-fine-tuned large base): reported
+            alone and + kNN-LM over its own datastore, the ceiling MemDec approximates without retrieval.
         valid: validation text (same forms as test), for choosing λ by a sweep when it is not given.
-        datastore: datastore directory for the kNN-LM rows (with index); used with the base that built it.
-        index: index directory over that datastore.
+        datastore: datastore directories for kNN-LM rows (with index, in the same order); each is used with the
+            base (or teacher) that built it.
+        index: index directories over those datastores.
+        knn_corpus: a tokenized domain corpus (``memdec tokenize``): every base and the teacher without a given
+            datastore gets one built from it under ``out/stores`` (keys from that model), so each has a kNN-LM row.
         k: kNN-LM neighbours per query (paper: 1024).
         temperature: kNN-LM softmax temperature over squared L2 distances (paper: 16).
         exact_distances: recompute exact distances from the stored keys (IVF-PQ distances are approximate).
         nprobe: IVF lists visited per query (default: the index's).
-        lmbda: the decoder's weight λ; omitted: chosen per base on valid by a sweep over lambda_grid.
+        lmbda: the decoders' weight λ; omitted: chosen per base on valid by a sweep over lambda_grid.
         knn_lmbda: kNN-LM's λ; omitted: chosen on valid, or lmbda when there is no valid split.
-        lambda_grid: candidate λs for the sweep (default 0.05, 0.10, …, 0.95).
+        lambda_grid: candidate λs for the sweep (default: 0 … 1; a choice at either end is flagged in the report).
         window: tokens of context per window (paper: 1024).
         stride: new positions scored per window (paper: 512); each has >= window - stride + 1 tokens of context.
         batch_size: windows per forward pass.
@@ -130,105 +140,114 @@ def evaluate(
         latency: also time one forward pass of base / +MemDec / +kNN-LM on the first test batch (first base).
         latency_repeats: timed repeats (median reported).
     """
-    bases = [bases] if isinstance(bases, str) else list(bases)
-    names = _base_names(bases)
-    lmbda, knn_lmbda = _checked_lambdas(memdec, valid, datastore, index, lmbda, knn_lmbda)
+    models = _models_to_score(bases, teacher)
+    lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda)
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    knn_base = _datastore_base(datastore, bases) if datastore is not None else None
+    stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
+    if knn_corpus is not None:
+        stores = _build_missing_stores(stores, models, knn_corpus, Path(out) / "stores", window, stride)
+    decoders = {key: _load_decoder(ref, dev, window) for key, ref in (("memdec", memdec), ("ce_only", ce_only)) if ref}
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
-
-    decoder = decoder_tok = None
-    if memdec is not None:
-        decoder = load_causal_lm(memdec).to(dev).eval()
-        decoder_tok = find_tokenizer(memdec, decoder)
-        _check_context(decoder, window, f"the Memory Decoder {memdec}")
-    token_cache: dict[tuple[str, str], np.ndarray] = {}
-    decoder_cache: dict[tuple[str, str], np.ndarray] = {}
-    rows, curves, positions, latency_report = [], {}, {}, None
-    for base_ref, name in zip(bases, names):
-        base = load_causal_lm(base_ref).to(dev).eval()
-        _check_context(base, window, f"base {base_ref}")
-        tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(base_ref, base)
-        if tok is None:
-            raise ValueError(f"base {base_ref} has no tokenizer in its directory; pass --tokenizer NAME_OR_DIR.")
-        fp = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
-        vocab = len(tok)
-        mixed = None
-        if decoder is not None:  # refuses a decoder of another tokenizer, naming both
-            mixed = InterpolatedLM(
-                base, decoder, 0.5 if lmbda is None else lmbda, base_tokenizer=tok, memdec_tokenizer=decoder_tok or tok
-            )
+    knn = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
+    scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev)
+    rows, curves, latency_report = [], {}, None
+    for base_ref, name, role in models:
+        base, tok = scorer.load(base_ref)
         knnlm = None
-        if base_ref == knn_base:
-            knnlm = KNNLM(
-                base,
-                datastore,
-                index,
-                k=k,
-                temperature=temperature,
-                lmbda=0.25 if knn_lmbda is None else knn_lmbda,
-                exact_distances=exact_distances,
-                tokenizer=tok,
-                nprobe=nprobe,
-            )
-        lp: dict[str, dict[str, np.ndarray]] = {}
-        for split, spec in splits.items():
-            if (fp, split) not in token_cache:
-                token_cache[fp, split] = text_tokens(spec, tok, max_tokens)
-            tokens = token_cache[fp, split]
-            positions.setdefault(split, int(len(tokens) - 1))
-            if knnlm is not None:
-                _warn_if_datastore_text(tokens, knnlm.store.meta, split, spec)
-            score = knnlm_scorer(knnlm) if knnlm is not None else lm_scorer(base, vocab, "base")
-            lp[split] = sliding_gold_log_probs(tokens, window, stride, batch_size, score, desc=f"{name} {split}")
-            if decoder is not None:
-                if (fp, split) not in decoder_cache:
-                    decoder_cache[fp, split] = sliding_gold_log_probs(
-                        tokens, window, stride, batch_size, lm_scorer(decoder, vocab, "memdec"), desc=f"memdec {split}"
-                    )["memdec"]
-                lp[split]["memdec"] = decoder_cache[fp, split]
-        rows.append(_row(name, base_ref, lp, lmbda, knn_lmbda, grid))
+        if base_ref in stores:
+            store_dir, index_dir = stores[base_ref]
+            knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
+                          **knn)  # fmt: skip
+        lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
+        rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid))
         curves[name] = _curve(lp, grid)
         if latency and latency_report is None:
-            latency_report = _first_batch_latency(
-                name,
-                base,
-                token_cache[fp, "test"],
-                window,
-                batch_size,
-                vocab,
-                mixed,
-                knnlm,
-                rows[-1],
-                latency_repeats,
-                dev,
+            mixed = (
+                InterpolatedLM(base, decoders["memdec"][0], 0.5, base_tokenizer=tok) if "memdec" in decoders else None
             )
-        del base, mixed, knnlm
+            latency_report = _first_batch_latency(name, base, scorer.tokens(tok, "test"), window, batch_size,
+                                                  len(tok), mixed, knnlm, rows[-1], latency_repeats, dev)  # fmt: skip
+        del base, knnlm
     report = {
-        "bases": bases,
-        "memdec": memdec,
-        "test": test,
-        "valid": valid,
-        "datastore": datastore,
-        "index": index,
-        "k": k if datastore else None,
-        "temperature": temperature if datastore else None,
-        "window": window,
-        "stride": stride,
-        "max_tokens": max_tokens,
-        "positions": positions,
-        "lambda_grid": grid,
-        "rows": rows,
-        "curves": curves,
-        "latency": latency_report,
-    }
+        "bases": list(bases), "teacher": teacher, "memdec": memdec, "ce_only": ce_only, "test": test, "valid": valid,
+        "datastores": {_short_name(m): str(s) for m, (s, _) in stores.items()},
+        "k": k if stores else None, "temperature": temperature if stores else None,
+        "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
+        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
+    }  # fmt: skip
     write_report(report, Path(out))
     return report
+
+
+class _Scorer:
+    """Tokenizes each split once per tokenizer and scores models on it; a decoder's arrays are shared by the bases."""
+
+    def __init__(self, splits, window, stride, batch_size, max_tokens, tokenizer, device):
+        self.splits, self.window, self.stride, self.batch_size = splits, window, stride, batch_size
+        self.max_tokens, self.tokenizer, self.device = max_tokens, tokenizer, device
+        self.positions: dict[str, int] = {}
+        self._tokens: dict[tuple[str, str], np.ndarray] = {}
+        self._decoded: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def load(self, ref: str):
+        model = load_causal_lm(ref).to(self.device).eval()
+        _check_context(model, self.window, f"{ref}")
+        tok = load_tokenizer(self.tokenizer) if self.tokenizer is not None else find_tokenizer(ref, model)
+        if tok is None:
+            raise ValueError(f"{ref} has no tokenizer in its directory; pass --tokenizer NAME_OR_DIR.")
+        return model, tok
+
+    def tokens(self, tok, split: str) -> np.ndarray:
+        key = (tokenizer_info(tok, tokenizer_name(tok))["fingerprint"], split)
+        if key not in self._tokens:
+            self._tokens[key] = text_tokens(self.splits[split], tok, self.max_tokens)
+            self.positions.setdefault(split, int(len(self._tokens[key]) - 1))
+        return self._tokens[key]
+
+    def score(self, name, model, tok, knnlm, decoders) -> dict[str, dict[str, np.ndarray]]:
+        """Per split: log p(gold) of the model ("base"), its kNN-LM ("knn") and each decoder, [positions] each."""
+        for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
+            InterpolatedLM(model, decoder, 0.5, base_tokenizer=tok, memdec_tokenizer=decoder_tok or tok)
+        fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
+        lp: dict[str, dict[str, np.ndarray]] = {}
+        for split, spec in self.splits.items():
+            tokens = self.tokens(tok, split)
+            if knnlm is not None:
+                _warn_if_datastore_text(tokens, knnlm.store.meta, split, spec)
+            score = knnlm_scorer(knnlm) if knnlm is not None else lm_scorer(model, len(tok), "base")
+            lp[split] = self._sliding(tokens, score, f"{name} {split}")
+            for key, (decoder, _) in decoders.items():
+                if (fingerprint, split, key) not in self._decoded:
+                    scored = self._sliding(tokens, lm_scorer(decoder, len(tok), key), f"{key} {split}")
+                    self._decoded[fingerprint, split, key] = scored[key]
+                lp[split][key] = self._decoded[fingerprint, split, key]
+        return lp
+
+    def _sliding(self, tokens, score, desc):
+        return sliding_gold_log_probs(tokens, self.window, self.stride, self.batch_size, score, desc=desc)
+
+
+def _models_to_score(bases: list[str], teacher: str | None) -> list[tuple[str, str, str]]:
+    """(reference, report name, role) of every model scored: the bases, then the teacher."""
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    names = _base_names(bases)
+    models = [(ref, name, "base") for ref, name in zip(bases, names)]
+    if teacher is not None:
+        if _short_name(teacher) in names:
+            raise ValueError(f"the teacher {teacher} has the name of a base; give it a distinct directory name.")
+        models.append((teacher, _short_name(teacher), "teacher"))
+    return models
+
+
+def _load_decoder(ref: str, device, window: int):
+    decoder = load_causal_lm(ref).to(device).eval()
+    _check_context(decoder, window, f"the decoder {ref}")
+    return decoder, find_tokenizer(ref, decoder)
 
 
 def _base_names(bases: list[str]) -> list[str]:
@@ -241,19 +260,54 @@ def _base_names(bases: list[str]) -> list[str]:
     return names
 
 
-def _checked_lambdas(memdec, valid, datastore, index, lmbda, knn_lmbda) -> tuple[float | None, float | None]:
-    """The decoder's and kNN-LM's λ (None: swept on valid); refuses settings that leave a λ unknowable."""
-    if (datastore is None) != (index is None):
-        raise ValueError("kNN-LM needs both --datastore and --index (or neither).")
+def _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda):
+    """The decoders' and kNN-LM's λ (None: swept on valid); refuses settings that leave a λ unknowable."""
+    if (datastore is None) != (index is None) or len(_as_list(datastore)) != len(_as_list(index)):
+        raise ValueError("kNN-LM needs one --index per --datastore (in the same order), or neither.")
     lmbda = None if lmbda is None else check_lmbda(lmbda)
     knn_lmbda = None if knn_lmbda is None else check_lmbda(knn_lmbda)
     if knn_lmbda is None and valid is None:
         knn_lmbda = lmbda
-    if valid is None and ((memdec is not None and lmbda is None) or (datastore is not None and knn_lmbda is None)):
+    decoders = memdec is not None or ce_only is not None
+    knn = datastore is not None or knn_corpus is not None
+    if valid is None and ((decoders and lmbda is None) or (knn and knn_lmbda is None)):
         raise ValueError(
             "λ is neither given nor choosable: pass --lmbda (and --knn_lmbda), or --valid to sweep λ on it."
         )
     return lmbda, knn_lmbda
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, (str, Path)) else list(value)
+
+
+def _datastores_by_model(datastore, index, refs: list[str]) -> dict[str, tuple[str, str]]:
+    """Each given datastore (with its index) keyed by the model that built it, which must be among ``refs``."""
+    stores: dict[str, tuple[str, str]] = {}
+    for store, idx in zip(_as_list(datastore), _as_list(index)):
+        ref = _datastore_base(str(store), refs)
+        if ref in stores:
+            raise ValueError(f"two datastores ({stores[ref][0]}, {store}) were built with {ref}; give one per model.")
+        stores[ref] = (str(store), str(idx))
+    return stores
+
+
+def _build_missing_stores(stores, models, corpus: str, root: Path, window: int, stride: int):
+    """A datastore + auto index from ``corpus`` for every model without one (reused when already built)."""
+    from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.index import build_index
+
+    stores = dict(stores)
+    for ref, name, _ in models:
+        if ref in stores:
+            continue
+        store_dir, index_dir = root / f"{name}-datastore", root / f"{name}-index"
+        if not (store_dir / "meta.json").is_file():
+            build_datastore(Path(corpus), ref, store_dir, window=window, stride=stride, accelerator="auto")
+        if not (index_dir / "meta.json").is_file():
+            build_index(store_dir, index_dir, factory="auto")
+        stores[ref] = (str(store_dir), str(index_dir))
+    return stores
 
 
 def _first_batch_latency(name, base, tokens, window, batch_size, vocab, mixed, knnlm, row, repeats, device):
@@ -313,10 +367,15 @@ def _datastore_base(datastore: str, bases: list[str]) -> str:
     return matches[0]
 
 
-def _row(name, base_ref, lp, lmbda, knn_lmbda, grid) -> dict[str, Any]:
+MIXTURES = (("memdec", "memdec"), ("ce_only", "ce_only"), ("knnlm", "knn"))  # (report key, log-prob array)
+
+
+def _row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) -> dict[str, Any]:
+    """One report row: the model alone and each mixture, λ chosen on valid (or given), flagged at a grid edge."""
     test = lp["test"]
-    row: dict[str, Any] = {"base": name, "base_path": str(base_ref), "base_ppl": perplexity(test["base"])}
-    for key, other, given in (("memdec", "memdec", lmbda), ("knnlm", "knn", knn_lmbda)):
+    row: dict[str, Any] = {"base": name, "role": role, "base_path": str(base_ref), "base_ppl": perplexity(test["base"])}
+    for key, other in MIXTURES:
+        given = knn_lmbda if key == "knnlm" else lmbda
         if other not in test:
             row.update({f"{key}_ppl": None, f"{key}_lambda": None, f"{key}_lambda_from": None})
             continue
@@ -324,13 +383,14 @@ def _row(name, base_ref, lp, lmbda, knn_lmbda, grid) -> dict[str, Any]:
             chosen, _ = sweep_lambda(lp["valid"]["base"], lp["valid"][other], grid)
             row[f"{key}_lambda_from"] = "valid"
             row[f"{key}_valid_ppl"] = mixed_perplexity(lp["valid"]["base"], lp["valid"][other], chosen)
+            row[f"{key}_lambda_at_edge"] = chosen in (min(grid), max(grid))
         else:
             chosen = given
             row[f"{key}_lambda_from"] = "given"
         row[f"{key}_lambda"] = chosen
         row[f"{key}_ppl"] = mixed_perplexity(test["base"], test[other], chosen)
-    row["memdec_alone_ppl"] = perplexity(test["memdec"]) if "memdec" in test else None
-    row["knn_alone_ppl"] = perplexity(test["knn"]) if "knn" in test else None
+    for key, other in MIXTURES:
+        row[f"{'knn' if key == 'knnlm' else key}_alone_ppl"] = perplexity(test[other]) if other in test else None
     return row
 
 
@@ -339,7 +399,7 @@ def _curve(lp, grid) -> dict[str, Any]:
     split = "valid" if "valid" in lp else "test"
     lambdas = sorted({0.0, 1.0, *grid})
     curve: dict[str, Any] = {"split": split, "lambda": lambdas}
-    for key, other in (("memdec", "memdec"), ("knnlm", "knn")):
+    for key, other in MIXTURES:
         if other in lp[split]:
             curve[key] = [mixed_perplexity(lp[split]["base"], lp[split][other], x) for x in lambdas]
     return curve

@@ -178,14 +178,7 @@ def build_targets(
         num_nodes: nodes.
         overwrite: replace an existing output / discard an unfinished run with other settings.
     """
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}.")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
-    if max_support is not None and max_support <= 0:
-        raise ValueError(f"max_support must be positive, got {max_support}.")
-    if min_prob is not None and not 0 <= min_prob < 1:
-        raise ValueError(f"min_prob must be in [0, 1), got {min_prob}.")
+    check_target_settings(k, temperature, max_support, min_prob)
     store = Datastore(datastore)
     query_store = Datastore(queries) if queries is not None else store
     check_compatible(query_store, store)
@@ -209,21 +202,9 @@ def build_targets(
         "nprobe": nprobe,
     }
     work = start_work_dir(out, run_config, overwrite)
-    searcher = KNNTargetSearcher(
-        str(query_store.dir),
-        str(store.dir),
-        str(index),
-        str(work),
-        k,
-        temperature,
-        self_exclude,
-        exact_distances,
-        max_support,
-        min_prob,
-        chunk_size,
-        nprobe,
-        use_gpu,
-    )
+    paths = (str(query_store.dir), str(store.dir), str(index), str(work))
+    settings = (k, temperature, self_exclude, exact_distances, max_support, min_prob, chunk_size, nprobe, use_gpu)
+    searcher = KNNTargetSearcher(*paths, *settings)
     trainer = run_sharded_predict(searcher, ChunkFileWriter(work), accelerator, devices, strategy, num_nodes, callbacks)
     if not trainer.is_global_zero:
         return Path(out)
@@ -231,24 +212,39 @@ def build_targets(
     finish_chunks(work, num_chunks)
     num_positions, nnz = merge_chunks(work, num_chunks)
     shutil.rmtree(work / CHUNKS)
-    meta = base_meta(
+    settings = {k_: run_config[k_] for k_ in ("k", "temperature", "exact_distances", "max_support", "min_prob")}
+    settings["nprobe"] = nprobe or key_index.meta["nprobe"]
+    return publish(work, out, targets_meta(store, query_store, key_index, num_positions, nnz, self_exclude, settings))
+
+
+def check_target_settings(k: int, temperature: float, max_support: int | None, min_prob: float | None) -> None:
+    """Refuse settings that cannot give distributions, before any search (``not x > 0`` also refuses NaN)."""
+    if not k > 0:
+        raise ValueError(f"k must be positive, got {k}.")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}.")
+    if max_support is not None and not max_support > 0:
+        raise ValueError(f"max_support must be positive, got {max_support}.")
+    if min_prob is not None and not 0 <= min_prob < 1:
+        raise ValueError(f"min_prob must be in [0, 1), got {min_prob}.")
+
+
+def targets_meta(
+    store: Datastore, queries: Datastore, index: KeyIndex, num_positions: int, nnz: int, self_excluded: bool, settings
+) -> dict:
+    """meta.json of a targets directory: what was searched, with which settings, for which corpus and tokenizer."""
+    return base_meta(
         "targets",
         num_positions=num_positions,
         nnz=nnz,
-        k=k,
-        temperature=temperature,
-        self_excluded=self_exclude,
-        exact_distances=exact_distances,
-        max_support=max_support,
-        min_prob=min_prob,
-        index_factory=key_index.meta["factory"],
-        nprobe=nprobe or key_index.meta["nprobe"],
+        self_excluded=self_excluded,
+        index_factory=index.meta["factory"],
         datastore=str(store.dir.resolve()),
-        queries=query_store.identity(),
-        corpus=query_store.meta["corpus"],
-        corpus_sha256=query_store.meta["corpus_sha256"],
+        queries=queries.identity(),
+        corpus=queries.meta["corpus"],
+        corpus_sha256=queries.meta["corpus_sha256"],
         model=store.meta["model"],
         layer=store.meta["layer"],
         tokenizer=store.tokenizer,
+        **settings,
     )
-    return publish(work, out, meta)

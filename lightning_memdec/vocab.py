@@ -268,46 +268,10 @@ def transfer_vocab(
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
 
     model = load_causal_lm(decoder, dtype="auto")
-    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = outp is not None and outp.weight is inp.weight
-    if inp.weight.shape[0] < len(tok_a):
-        raise ArtifactError(
-            f"{decoder} has {inp.weight.shape[0]} embedding rows but its tokenizer {name_a} has {len(tok_a)} tokens; "
-            "the directory's tokenizer does not belong to its model."
-        )
-    old = {"in": inp.weight.detach().clone()}
-    if outp is not None and not tied:
-        old["out"] = outp.weight.detach().clone()
-    if outp is not None and getattr(outp, "bias", None) is not None:
-        old["bias"] = outp.bias.detach().clone()
-
     mapping = vocab_mapping(tok_a, tok_b)
-    n_b = len(tok_b)
-    if init == "overlap":
-        new = {k: map_rows(v if k != "bias" else v[:, None], mapping, len(tok_a)) for k, v in old.items()}
-        if "bias" in new:
-            new["bias"] = new["bias"][:, 0]
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
-        new = {
-            k: (torch.zeros(n_b) if k == "bias" else torch.randn(n_b, v.shape[1], generator=gen) * std)
-            for k, v in old.items()
-        }
-
-    model.resize_token_embeddings(n_b, mean_resizing=False)
-    with torch.no_grad():
-        inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
-        inp.weight.copy_(new["in"])
-        if "out" in new:
-            outp.weight.copy_(new["out"])
-        if "bias" in new:
-            outp.bias.copy_(new["bias"])
-    if tied and outp.weight is not inp.weight:
-        raise RuntimeError("resizing untied the embeddings of a tied model; please report this architecture.")
+    tied = retarget_embeddings(model, mapping, tok_a, tok_b, init, seed, f"{decoder} (tokenizer {name_a})")
     _retarget_special_ids(model, tok_b)
 
-    coverage = mapping.coverage()
     meta = base_meta(
         "memory_decoder",
         global_step=0,
@@ -320,13 +284,55 @@ def transfer_vocab(
         seed=seed,
         fallback_init=FALLBACK_INIT,
         tied_embeddings=tied,
-        coverage=coverage,
+        coverage=mapping.coverage(),
     )
     run_config = {"decoder": str(Path(decoder).resolve()), "tokenizer": tokenizer, "init": init, "seed": seed}
     work = start_work_dir(out, run_config, overwrite)
     model.save_pretrained(work)
     tok_b.save_pretrained(work)
     return publish(work, out, meta)
+
+
+def retarget_embeddings(model, mapping: VocabMapping, tok_a, tok_b, init: str, seed: int, what: str) -> bool:
+    """Resize ``model`` to B's vocabulary and fill its embedding / LM-head rows (``overlap`` or ``random``), in place.
+
+    Returns whether input and output embeddings are tied (they stay tied).
+    """
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = outp is not None and outp.weight is inp.weight
+    if inp.weight.shape[0] < len(tok_a):
+        raise ArtifactError(
+            f"{what} has {inp.weight.shape[0]} embedding rows but {len(tok_a)} tokens; "
+            "the directory's tokenizer does not belong to its model."
+        )
+    old = {"in": inp.weight.detach().clone()}
+    if outp is not None and not tied:
+        old["out"] = outp.weight.detach().clone()
+    if outp is not None and getattr(outp, "bias", None) is not None:
+        old["bias"] = outp.bias.detach().clone()
+    n_b = len(tok_b)
+    if init == "overlap":
+        new = {k: map_rows(v if k != "bias" else v[:, None], mapping, len(tok_a)) for k, v in old.items()}
+        if "bias" in new:
+            new["bias"] = new["bias"][:, 0]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+        new = {
+            k: (torch.zeros(n_b) if k == "bias" else torch.randn(n_b, v.shape[1], generator=gen) * std)
+            for k, v in old.items()
+        }
+    model.resize_token_embeddings(n_b, mean_resizing=False)
+    with torch.no_grad():
+        inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+        inp.weight.copy_(new["in"])
+        if "out" in new:
+            outp.weight.copy_(new["out"])
+        if "bias" in new:
+            outp.bias.copy_(new["bias"])
+    if tied and outp.weight is not inp.weight:
+        raise RuntimeError("resizing untied the embeddings of a tied model; please report this architecture.")
+    return tied
 
 
 def _source_tokenizer(decoder: Path, meta: dict):

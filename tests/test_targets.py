@@ -138,8 +138,9 @@ def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_datastore, biome
 def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_index, biomed_corpus):
     for kwargs, msg in [
         ({"k": 0}, "k must be positive"),
-        ({"temperature": 0.0}, "temperature must be positive"),
-        ({"temperature": -1.0}, "temperature must be positive"),
+        ({"temperature": 0.0}, "temperature must be a positive finite number"),
+        ({"temperature": -1.0}, "temperature must be a positive finite number"),
+        ({"temperature": float("nan")}, "temperature must be a positive finite number"),
     ]:
         with pytest.raises(ValueError, match=msg):
             build_targets(biomed_datastore, biomed_index, tmp_path / "t", **kwargs)
