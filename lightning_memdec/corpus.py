@@ -126,14 +126,14 @@ def tokenize(
     tok = load_tokenizer(tokenizer)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS token to separate documents; set tokenizer.eos_token.")
+    docs = [d for p in paths for d in read_documents(p)]
+    if not docs:  # before the work directory exists, so the corrected rerun starts clean
+        raise ArtifactError(f"the input text {[str(p) for p in paths]} holds no documents; give non-empty files.")
     sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
     run_config = {"sources": sources, "tokenizer": tokenizer, "max_tokens": max_tokens}
     work = start_work_dir(out, run_config, overwrite)
 
     dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    docs = [d for p in paths for d in read_documents(p)]
-    if not docs:
-        raise ArtifactError(f"the input text {[str(p) for p in paths]} holds no documents; give non-empty files.")
     pieces = encode_documents(docs, tok, max_tokens, batch_documents, dtype)
     lengths = [len(piece) for piece in pieces]
     tokens = np.concatenate(pieces)

@@ -211,7 +211,8 @@ class _SparseMemDecLoss(torch.autograd.Function):
             else:
                 z = rows.read(logits, start, stop)
                 out = grad.view(-1, vocab)[start:stop] if direct else None
-                out = torch.sub(z, lse[start:stop, None], out=out) if direct else z - lse[start:stop, None]
+                # fp32 whatever the logits' dtype (bf16 and float64 alike), as in the forward pass
+                out = torch.sub(z, lse[start:stop, None], out=out) if direct else z.float() - lse[start:stop, None]
                 out.exp_()
             out.mul_(coef[start:stop, None])
             if g_kl is not None:

@@ -51,7 +51,9 @@ def test_input_errors(tmp_path):
         tokenize([str(empty)], tmp_path / "c")
     with pytest.raises(ValueError, match="no input text"):
         tokenize([], tmp_path / "c")
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+    empty.write_text("now there is text.")  # the corrected rerun is not blocked by the failed one
+    assert Corpus(tokenize([str(empty)], tmp_path / "c")).num_tokens > 1
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path):

@@ -208,3 +208,17 @@ def test_no_grad_forward_keeps_no_buffer_and_gives_same_values():
         without = memdec_loss(x, labels, ids, probs)
     assert without.loss.grad_fn is None
     assert torch.equal(torch.stack(with_grad).detach(), torch.stack(without))
+
+
+def test_float64_logits_value_and_gradient_match_dense():
+    """float64 logits (e.g. a model run in double for a gradient check) once crashed the backward's scatter."""
+    logits, labels, ids, probs, mask = make_batch(seed=5, dtype=torch.float64)
+    logits.requires_grad_(True)
+    out = memdec_loss(logits, labels, ids, probs, mask, beta=0.5)
+    out.loss.backward()
+    assert logits.grad.dtype == torch.float64
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    want, _, _ = dense_reference(ref_logits, labels, ids, probs, mask, 0.5)
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-6)
