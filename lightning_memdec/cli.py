@@ -14,14 +14,19 @@ LIGHTNING_COMMANDS = {
     "validate": "validation loss/perplexity of a decoder checkpoint",
     "test": "test loss/perplexity (data.test_corpus) of a decoder checkpoint",
 }
-# list-valued flags users repeat (`--base a --base b`); jsonargparse appends with `--base+ a`
-REPEATABLE_FLAGS = ("--base", "--bases", "--extra_text", "--sizes", "--datastore", "--index")
+# list-valued flags users repeat (`--base a --base b`), per command; jsonargparse appends with `--base+ a`
+REPEATABLE_FLAGS = {
+    "quickstart": ("--base",),
+    "evaluate": ("--bases", "--datastore", "--index"),
+    "pretrain-bases": ("--extra_text", "--sizes"),
+}
 
 
 def repeatable(args: list[str]) -> list[str]:
-    """Turn each `--flag value` of a repeatable list flag into jsonargparse's append form `--flag+ value`."""
+    """Turn each `--flag value` of the command's repeatable list flags into jsonargparse's `--flag+ value`."""
+    flags = REPEATABLE_FLAGS.get(args[0], ()) if args else ()
     return [
-        f"{a}+" if a in REPEATABLE_FLAGS and i + 1 < len(args) and not args[i + 1].startswith("[") else a
+        f"{a}+" if a in flags and i + 1 < len(args) and not args[i + 1].startswith("[") else a
         for i, a in enumerate(args)
     ]
 

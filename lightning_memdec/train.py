@@ -74,7 +74,7 @@ def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
             MemDecDataModule,
             args=args,
             run=run,
-            parser_kwargs={"parser_mode": "omegaconf+"} if run else {"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
