@@ -151,3 +151,15 @@ def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_corpus, tiny_gpt
     subprocess.run(cmd, check=True, timeout=300, capture_output=True)
     for name in ("keys.npy", "values.npy"):
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()
+
+
+def test_bf16_precision_keys_close_to_fp32_and_recorded(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
+    out = build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "bf16", window=64, stride=32, precision="bf16")
+    store, ref = Datastore(out), Datastore(biomed_datastore)
+    assert store.meta["precision"] == "bf16" and store.keys.dtype == np.float16
+    np.testing.assert_array_equal(store.values, ref.values)
+    keys, want = np.asarray(store.keys, dtype=np.float32), np.asarray(ref.keys, dtype=np.float32)
+    assert not np.array_equal(keys, want)  # the forward pass really ran in bf16
+    np.testing.assert_allclose(keys, want, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "bad", precision="fp8")
