@@ -135,20 +135,28 @@ def tokenize(
 
     dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max + 1 else np.uint32
     pieces = encode_documents(docs, tok, max_tokens, batch_documents, dtype)
-    lengths = [len(piece) for piece in pieces]
-    tokens = np.concatenate(pieces)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return write_corpus(work, out, pieces, tokenizer_info(tok, tokenizer), sources=sources, max_tokens=max_tokens)
+
+
+def write_corpus(work: Path, out: Path, documents: list[np.ndarray], tokenizer: dict, **provenance) -> Path:
+    """Save token documents (each ending in EOS) as a corpus in ``work`` and publish it at ``out``.
+
+    The one writer of the corpus format: ``tokenize`` and synthetic corpora (benchmarks) go through it.
+    ``tokenizer`` is :func:`artifacts.tokenizer_info` of the tokenizer the ids belong to.
+    """
+    dtype = np.uint16 if tokenizer["vocab_size"] <= np.iinfo(np.uint16).max + 1 else np.uint32
+    tokens = np.concatenate(documents).astype(dtype, copy=False)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in documents])]).astype(np.int64)
     np.save(work / TOKENS, tokens)
     np.save(work / DOC_OFFSETS, offsets)
     meta = base_meta(
         "corpus",
-        tokenizer=tokenizer_info(tok, tokenizer),
+        tokenizer=tokenizer,
         num_tokens=int(len(tokens)),
-        num_documents=int(len(lengths)),
+        num_documents=int(len(documents)),
         dtype=np.dtype(dtype).name,
-        sources=sources,
-        max_tokens=max_tokens,
         content_sha256=_array_sha(tokens),
+        **provenance,
     )
     return publish(work, out, meta)
 

@@ -1,0 +1,254 @@
+"""Benchmark: the pipeline at GPU scale, each stage through the package's own code, on one accelerator.
+
+Run: ``python benchmarks/gpu.py --workdir DIR`` (defaults sized for one H100, ≤ 8 minutes), or ``--tiny true`` for a
+minute-long CPU run that keeps the script working in CI. Random-init weights and random-token text: throughput
+depends on shapes, not on what the model knows.
+
+1. **datastore**: a GPT-2-small-architecture base (124 M parameters) over ``--tokens`` tokens, weights and forward in
+   bf16 (``build_datastore(precision="bf16")``): entries/s.
+2. **exact targets**: ``build_targets(search="exact")`` for the positions of a second, smaller corpus against that
+   datastore (k = ``--k``, exact squared L2 from bf16 matrix products, top-k merged on the device): queries/s, and the
+   same search on the host cores (torch exact on a few queries; FAISS ``Flat`` when faiss is installed) for scale.
+3. **fit**: ``train.fit`` of a GPT-2-small decoder on those targets in bf16-mixed: tokens/s and model FLOPs
+   utilisation (6 × parameters × tokens/s ÷ the card's dense bf16 peak).
+4. **generation**: greedy decoding with a GPT2-large-shaped base (774 M) alone, + the GPT-2-small decoder
+   (``InterpolatedLM.generate``), and + kNN-LM (``KNNLM.generate_greedy`` over a datastore keyed by that base, FAISS
+   ``Flat`` on the host cores, as a user without faiss-gpu runs it): seconds per token and the overheads, MemDec
+   against ``base.generate`` and kNN-LM against its own cached loop without retrieval (paper: 1.28×, 2.17×).
+
+Prints ``name: value`` lines; the headline ``knnlm_to_memdec_generation_overhead`` last. A section that fails prints
+``<section>_error: …`` and the rest still run.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from jsonargparse import CLI
+
+# dense bf16 tensor-core peak (no sparsity), for MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12}
+GPT2_LARGE = {"n_embd": 1280, "n_layer": 36, "n_head": 20}
+TINY = {"n_embd": 64, "n_layer": 2, "n_head": 2}
+
+
+def report(name: str, value) -> None:
+    print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}", flush=True)
+
+
+def save_gpt2(path: Path, shape: dict, seed: int, n_positions: int = 1024) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_memdec.assets import load_tokenizer
+
+    if not (path / "config.json").is_file():
+        torch.manual_seed(seed)
+        GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=n_positions, **shape)).save_pretrained(path)
+        load_tokenizer("gpt2").save_pretrained(path)
+    return path
+
+
+def random_corpus(out: Path, num_tokens: int, seed: int, document: int = 1000) -> Path:
+    """Random GPT-2 token ids in documents of ``document`` tokens (the last one EOS), as a corpus directory."""
+    from lightning_memdec.artifacts import start_work_dir, tokenizer_info
+    from lightning_memdec.assets import load_tokenizer
+    from lightning_memdec.corpus import write_corpus
+
+    if (out / "meta.json").is_file():
+        return out
+    tok = load_tokenizer("gpt2")
+    rng = np.random.default_rng(seed)
+    docs = [
+        rng.integers(0, tok.eos_token_id, size=min(document, num_tokens - s)) for s in range(0, num_tokens, document)
+    ]
+    for d in docs:
+        d[-1] = tok.eos_token_id
+    work = start_work_dir(out, {"random_tokens": num_tokens, "seed": seed}, overwrite=True)
+    return write_corpus(work, out, docs, tokenizer_info(tok, "gpt2"), sources=[f"random:{seed}"])
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def section(name: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as err:  # report and go on: one broken stage should not hide the others' numbers
+        traceback.print_exc()
+        report(f"{name}_error", f"{type(err).__name__}: {err}".replace("\n", " ")[:300])
+        return None
+
+
+def datastore_stage(w: Path, shape: dict, tokens: int, window: int, accelerator: str):
+    from lightning_memdec.datastore import build_datastore
+
+    base = save_gpt2(w / "gpt2-small-base", shape, seed=0)
+    corpus = random_corpus(w / "corpus-keys", tokens, seed=0)
+    out = w / "ds-keys"
+    _, seconds = timed(lambda: build_datastore(corpus, str(base), out, window=window, stride=window // 2,
+                                               batch_windows=32, accelerator=accelerator, precision="bf16",
+                                               overwrite=True))  # fmt: skip
+    report("datastore_entries", tokens - 1)
+    report("datastore_entries_per_s", (tokens - 1) / seconds)
+    return base, out
+
+
+def targets_stage(w: Path, base: Path, store: Path, queries: int, window: int, k: int, accelerator: str):
+    from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.targets import build_targets
+
+    corpus = random_corpus(w / "corpus-queries", queries, seed=1)
+    qstore = build_datastore(corpus, str(base), w / "ds-queries", window=window, stride=window // 2,
+                             batch_windows=32, accelerator=accelerator, precision="bf16", overwrite=True)  # fmt: skip
+    out = w / "targets"
+    _, seconds = timed(lambda: build_targets(store, None, out, queries=qstore, k=k, temperature=16.0, search="exact",
+                                             accelerator=accelerator, overwrite=True))  # fmt: skip
+    report("targets_queries", queries - 1)
+    report("targets_k", k)
+    report("targets_exact_queries_per_s", (queries - 1) / seconds)
+    host_search_rate(store, qstore, k)
+    return corpus, out
+
+
+def host_search_rate(store_dir: Path, qstore_dir: Path, k: int, n: int = 256) -> None:
+    """The same exact search on the host cores, on the first ``n`` queries: FAISS Flat when installed."""
+    from lightning_memdec.store import Datastore
+
+    store, qstore = Datastore(store_dir), Datastore(qstore_dir)
+    queries = np.asarray(qstore.keys[:n], dtype=np.float32)
+    try:
+        import faiss
+    except ImportError:
+        report("host_faiss", "not installed")
+        return
+    keys = np.asarray(store.keys, dtype=np.float32)
+    index = faiss.IndexFlatL2(keys.shape[1])
+    index.add(keys)
+    _, seconds = timed(lambda: index.search(queries, k))
+    report("host_faiss_flat_threads", faiss.omp_get_max_threads())
+    report("host_faiss_flat_queries_per_s", n / seconds)
+
+
+def fit_stage(w: Path, shape: dict, corpus: Path, targets: Path, window: int, steps: int, batch: int, accelerator):
+    from lightning_memdec.configs import load_config
+    from lightning_memdec.train import fit
+
+    config = load_config(
+        {
+            "model": {"config": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": window, **shape}},
+            "data": {"train_corpus": str(corpus), "train_targets": str(targets), "window": window,
+                     "batch_size": batch, "num_workers": 4},
+            "trainer": {"accelerator": accelerator, "devices": 1, "precision": "bf16-mixed", "max_steps": steps,
+                        "limit_val_batches": 0, "enable_progress_bar": False,
+                        "default_root_dir": str(w / "fit"), "enable_checkpointing": True},
+            "checkpoint": {"dirpath": str(w / "fit" / "ckpt")},
+            "export": {"dirpath": str(w / "fit" / "hf")},
+        }
+    )  # fmt: skip
+    warm = dict(config, trainer={**config["trainer"], "max_steps": 3}, export={"dirpath": str(w / "fit" / "hf0")})
+    fit(warm)  # compile kernels, allocator warm-up, dataloader workers
+    export, seconds = timed(lambda: fit(config))
+    tokens = steps * batch * window
+    params = sum(p.numel() for p in load_decoder(export).parameters())
+    report("fit_decoder_params", params)
+    report("fit_tokens_per_s", tokens / seconds)
+    peak = next((v for name, v in PEAK_BF16_FLOPS.items() if name in device_name()), None)
+    if peak is not None:
+        report("fit_mfu", 6 * params * tokens / seconds / peak)
+
+
+def load_decoder(path: Path):
+    from lightning_memdec.models import load_causal_lm
+
+    return load_causal_lm(path)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def generation_stage(w: Path, large: dict, small: dict, tokens: int, window: int, new_tokens: int, accelerator):
+    from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.index import build_index
+    from lightning_memdec.interpolate import InterpolatedLM
+    from lightning_memdec.knnlm import KNNLM
+    from lightning_memdec.models import load_causal_lm
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base_dir = save_gpt2(w / "gpt2-large-base", large, seed=2)
+    decoder_dir = save_gpt2(w / "gpt2-small-decoder", small, seed=3)
+    corpus = random_corpus(w / "corpus-knn", tokens, seed=2)
+    store = build_datastore(corpus, str(base_dir), w / "ds-large", window=window, stride=window // 2,
+                            batch_windows=16, accelerator=accelerator, precision="bf16", overwrite=True)  # fmt: skip
+    index = build_index(store, w / "index-large", factory="Flat", overwrite=True)
+    base = load_causal_lm(base_dir, dtype=dtype).to(dev).eval()
+    decoder = load_causal_lm(decoder_dir, dtype=dtype).to(dev).eval()
+    mixed = InterpolatedLM(base, decoder, 0.25)
+    knnlm = KNNLM(base, store, index, k=1024, temperature=16.0, lmbda=0.25)
+    prompt = torch.randint(0, 50256, (1, 32), device=dev)
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+
+    def knn_loop(lmbda: float):
+        knnlm.lmbda = lmbda  # λ = 0: the same cached loop without retrieval, kNN-LM's own baseline
+        return knnlm.generate_greedy(prompt, new_tokens)
+
+    runs = {
+        "base": lambda: base.generate(prompt, **kwargs),
+        "memdec": lambda: mixed.generate(prompt, **kwargs),
+        "base_loop": lambda: knn_loop(0.0),
+        "knnlm": lambda: knn_loop(0.25),
+    }
+    seconds = {}
+    for name, run in runs.items():
+        run()  # warm-up: kernels, caches
+        seconds[name] = min(timed(run)[1] for _ in range(2)) / new_tokens
+        report(f"generate_{name}_ms_per_token", 1000 * seconds[name])
+    memdec, knn = seconds["memdec"] / seconds["base"], seconds["knnlm"] / seconds["base_loop"]
+    report("memdec_generation_overhead", memdec)
+    report("knnlm_generation_overhead", knn)
+    report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
+
+
+def main(
+    workdir: Path = Path("runs/bench-gpu"),
+    tiny: bool = False,
+    tokens: int = 2_000_000,
+    queries: int = 100_000,
+    k: int = 1024,
+    window: int = 1024,
+    fit_steps: int = 60,
+    fit_batch: int = 8,
+    knn_tokens: int = 500_000,
+    new_tokens: int = 64,
+) -> None:
+    """Run the four GPU stages and print their rates (``--tiny true``: small shapes on CPU, for CI)."""
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    small, large = (TINY, TINY) if tiny else (GPT2_SMALL, GPT2_LARGE)
+    if tiny:
+        tokens, queries, k, window, fit_steps, fit_batch, knn_tokens, new_tokens = 4000, 600, 16, 64, 2, 2, 3000, 4
+    w = Path(workdir)
+    w.mkdir(parents=True, exist_ok=True)
+    report("device", device_name())
+    report("torch", torch.__version__)
+    built = section("datastore", datastore_stage, w, small, tokens, window, accelerator)
+    made = built and section("targets", targets_stage, w, *built, queries, window, k, accelerator)
+    if made:
+        section("fit", fit_stage, w, small, *made, window, fit_steps, fit_batch, accelerator)
+    section("generation", generation_stage, w, large, small, knn_tokens, window, new_tokens, accelerator)
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
