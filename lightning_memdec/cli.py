@@ -7,6 +7,7 @@ subcommand is a pipeline stage whose flags come from its function signature.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 LIGHTNING_COMMANDS = {
@@ -18,10 +19,20 @@ LIGHTNING_COMMANDS = {
 REPEATABLE_FLAGS = ("--base", "--bases", "--extra_text", "--sizes", "--datastore", "--index")
 
 
+def list_flags(command: str) -> tuple[str, ...]:
+    """The repeatable flags that are lists for this stage (`--datastore` is a list for evaluate, a path elsewhere)."""
+    fn = stage_functions().get(command)
+    if fn is None:
+        return REPEATABLE_FLAGS
+    params = inspect.signature(fn).parameters
+    return tuple(f for f in REPEATABLE_FLAGS if f[2:] in params and "list" in str(params[f[2:]].annotation))
+
+
 def repeatable(args: list[str]) -> list[str]:
     """Turn each `--flag value` of a repeatable list flag into jsonargparse's append form `--flag+ value`."""
+    flags = list_flags(args[0]) if args else ()
     return [
-        f"{a}+" if a in REPEATABLE_FLAGS and i + 1 < len(args) and not args[i + 1].startswith("[") else a
+        f"{a}+" if a in flags and i + 1 < len(args) and not args[i + 1].startswith("[") else a
         for i, a in enumerate(args)
     ]
 
