@@ -52,7 +52,7 @@ def choose_search(num_entries: int, dim: int, device_type: str, have_index: bool
     - a CUDA device → exact: a dense fp16/bf16 product over the whole store runs at tensor-core speed, is exact,
       and needs no faiss-gpu;
     - on the CPU → exact when N·d ≤ :data:`EXACT_CPU_MAX_ELEMENTS` (2^25): a query then costs ≤ 2^26 flops
-      (milliseconds per thousand queries at BLAS speed), less than training and probing an IVF index would save,
+      (under a second per thousand queries at ~100 GFLOP/s), less than training and probing an IVF index would save,
       and the same work as a FAISS Flat index;
     - otherwise faiss (the given index: IVF-PQ visits a small fraction of the store per query).
     """
