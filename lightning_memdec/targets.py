@@ -19,12 +19,12 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_memdec.artifacts import base_meta, publish, start_work_dir
+from lightning_memdec.artifacts import base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.exact_search import SEARCH_BACKENDS, choose_search, exact_search
 from lightning_memdec.sharded import chunk_loader, finish_chunks, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions
 from lightning_memdec.sparse_torch import knn_distributions_torch
-from lightning_memdec.store import Datastore, check_compatible
+from lightning_memdec.store import Datastore, check_compatible, check_index_matches
 from lightning_memdec.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
 
 log = logging.getLogger(__name__)
@@ -190,13 +190,14 @@ def build_targets(
     store = Datastore(datastore)
     query_store = Datastore(queries) if queries is not None else store
     check_compatible(query_store, store)
+    if index is not None:  # checked whichever backend runs: an index over another store is a mistake
+        check_index_matches(index, read_meta(index, kind="index"), store)
     search = pick_search(search, index, store, accelerator)
     factory, index_nprobe = None, None
     if search == "faiss":
         from lightning_memdec.index import KeyIndex
 
         key_index = KeyIndex(index)
-        key_index.check_datastore(store)
         factory, index_nprobe = key_index.meta["factory"], key_index.meta["nprobe"]
     self_exclude = query_store.identity() == store.identity()
     available = len(store) - (1 if self_exclude else 0)
