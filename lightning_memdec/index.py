@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
-from lightning_memdec.store import Datastore
+from lightning_memdec.store import Datastore, check_index_matches
 
 INDEX = "index.faiss"
 FLAT_MAX_ENTRIES = 200_000
@@ -135,11 +135,7 @@ class KeyIndex:
         set_nprobe(self.index, nprobe or self.meta["nprobe"])
 
     def check_datastore(self, store: Datastore) -> None:
-        if self.meta["datastore_identity"] != store.identity():
-            raise ArtifactError(
-                f"index {self.dir} was built over datastore {self.meta['datastore']}, not over {store.dir} "
-                f"(their corpus/model/layer/size differ); rebuild the index or pass the matching datastore."
-            )
+        check_index_matches(self.dir, self.meta, store)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared-L2 distances [n, k] float32 and ids [n, k] int64 (-1 where fewer than k exist)."""

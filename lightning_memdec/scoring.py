@@ -45,13 +45,19 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 # -- p_kNN -------------------------------------------------------------------------------------------------------------
 
 
-def knn_scores(distances: np.ndarray, temperature: float, nearest: np.ndarray | None = None) -> np.ndarray:
+def knn_scores(distances: np.ndarray | torch.Tensor, temperature: float, nearest=None) -> np.ndarray | torch.Tensor:
     """The kNN-LM's neighbour logits ``(min_k d_k − d_j) / T`` ``[n, k]``: p(neighbour j) = softmax_j of them.
 
     ``distances`` are squared L2 (+inf for a missing neighbour, which scores −inf). Shifting by the row's nearest
     distance leaves the softmax unchanged but keeps exp() of a score in (0, 1]. The dtype is kept (the sparse
-    target builder works in float32); ``nearest`` [n, 1] passes row minima a caller already has.
+    target builder works in float32); ``nearest`` [n, 1] passes row minima a caller already has. A torch tensor
+    gives a tensor on its device, by the same arithmetic (a true division by T, as numpy's).
     """
+    if isinstance(distances, torch.Tensor):
+        if nearest is None:
+            nearest = distances.amin(dim=1, keepdim=True)
+        divisor = torch.tensor(temperature, dtype=distances.dtype, device=distances.device)
+        return (nearest - distances).div_(divisor)
     if nearest is None:
         nearest = distances.min(axis=1, keepdims=True)
     scores = np.subtract(nearest, distances)

@@ -54,6 +54,15 @@ def check_compatible(queries: Datastore, store: Datastore) -> None:
             )
 
 
+def check_index_matches(index_dir: str | Path, index_meta: dict, store: Datastore) -> None:
+    """An index (its meta.json; reading it needs no FAISS) must have been built over exactly this datastore."""
+    if index_meta["datastore_identity"] != store.identity():
+        raise ArtifactError(
+            f"index {index_dir} was built over datastore {index_meta['datastore']}, not over {store.dir} "
+            f"(their corpus/model/layer/size differ); rebuild the index or pass the matching datastore."
+        )
+
+
 class Targets:
     """A finished targets directory (CSR: offsets [N+1] int64, ids int32, probs fp16)."""
 

@@ -3,35 +3,41 @@
 p_kNN(y | x) = Σ_{j ∈ N(x), v_j = y} softmax_j(−d(x, k_j) / T), with d the squared L2 distance. Stored
 as CSR, position-aligned with the query corpus: row ``i`` is ``ids[offsets[i]:offsets[i+1]]`` with
 ``probs`` (fp16) sorted by probability. Query chunks are spread over ranks like the datastore's windows;
-each rank searches a replica of the index.
+each rank searches a replica of the FAISS index, or (``search="exact"``) all keys by blocked matrix products on its
+own device (:mod:`lightning_memdec.exact_search`), building the sparse rows there too. Only the FAISS backend
+imports faiss.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import BasePredictionWriter
-from numpy.lib.format import open_memmap
-from tqdm.auto import tqdm
+import torch
 
-from lightning_memdec.artifacts import base_meta, publish, start_work_dir
-from lightning_memdec.index import KeyIndex, exact_squared_l2
+from lightning_memdec.artifacts import base_meta, publish, read_meta, start_work_dir
+from lightning_memdec.exact_search import SEARCH_BACKENDS, choose_search, exact_search
 from lightning_memdec.sharded import chunk_loader, finish_chunks, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions
-from lightning_memdec.store import IDS, OFFSETS, PROBS, Datastore, check_compatible
+from lightning_memdec.sparse_torch import knn_distributions_torch
+from lightning_memdec.store import Datastore, check_compatible, check_index_matches
+from lightning_memdec.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
 
-CHUNKS = "chunks"
 log = logging.getLogger(__name__)
 
 
 class KNNTargetSearcher(L.LightningModule):
-    """Searches one chunk of query positions and turns the neighbours into sparse distributions."""
+    """Searches one chunk of query positions and turns the neighbours into sparse distributions.
+
+    ``search="faiss"``: the FAISS index (k + 1 neighbours when self-excluding), then the numpy kernel on the host.
+    ``search="exact"``: :func:`~lightning_memdec.exact_search.exact_search` on this rank's device (the own id masked
+    inside its key block), then on a GPU :func:`~lightning_memdec.sparse_torch.knn_distributions_torch` there, so
+    only the CSR pieces move to the host (on the CPU the numpy kernel).
+    """
 
     def __init__(
         self,
@@ -48,17 +54,23 @@ class KNNTargetSearcher(L.LightningModule):
         chunk_size: int,
         nprobe: int | None,
         use_gpu: bool,
+        search: str = "faiss",
+        search_memory: int | None = None,
     ):
         super().__init__()
         self.queries_dir, self.store_dir, self.index_dir, self.work = queries, datastore, index, Path(work)
         self.k, self.temperature, self.self_exclude = k, temperature, self_exclude
         self.exact, self.max_support, self.min_prob = exact_distances, max_support, min_prob
         self.chunk_size, self.nprobe, self.use_gpu = chunk_size, nprobe, use_gpu
+        self.search, self.search_memory, self.device_values = search, search_memory, None
 
     def setup(self, stage: str) -> None:
         self.query_store = Datastore(self.queries_dir)
         self.store = Datastore(self.store_dir)
-        self.index = KeyIndex(self.index_dir, use_gpu=self.use_gpu, nprobe=self.nprobe)
+        if self.search == "faiss":
+            from lightning_memdec.index import KeyIndex
+
+            self.index = KeyIndex(self.index_dir, use_gpu=self.use_gpu, nprobe=self.nprobe)
 
     def predict_dataloader(self):
         n = len(self.query_store)
@@ -71,12 +83,44 @@ class KNNTargetSearcher(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         rows = batch["rows"].cpu().numpy()
-        queries = np.asarray(self.query_store.keys[rows[0] : rows[-1] + 1], dtype=np.float32)
+        queries = np.asarray(self.query_store.keys[rows[0] : rows[-1] + 1])
+        search = self.exact_rows if self.search == "exact" else self.faiss_rows
+        counts, tok, prob = search(queries, rows)
+        return {
+            "chunk": batch["chunk"],
+            "counts": counts,
+            "ids": tok.astype(np.int32),
+            "probs": prob.astype(np.float16),
+        }
+
+    def exact_rows(self, queries: np.ndarray, rows: np.ndarray):
+        own = rows.astype(np.int64) if self.self_exclude else None
+        dist, ids = exact_search(queries, self.store.keys, self.k, own, self.device, self.search_memory)
+        if dist.device.type == "cpu":
+            return knn_distributions(
+                dist.numpy(),
+                ids.numpy(),
+                self.store.values,
+                self.temperature,
+                None,
+                None,
+                self.max_support,
+                self.min_prob,
+            )
+        if self.device_values is None or self.device_values.device != dist.device:
+            self.device_values = torch.from_numpy(np.array(self.store.values)).to(dist.device)
+        tokens = self.device_values[ids]
+        return knn_distributions_torch(dist, tokens, self.temperature, self.max_support, self.min_prob)
+
+    def faiss_rows(self, queries: np.ndarray, rows: np.ndarray):
+        from lightning_memdec.index import exact_squared_l2
+
+        queries = queries.astype(np.float32)
         search_k = self.k + 1 if self.self_exclude else self.k
         dist, ids = self.index.search(queries, search_k)
         if self.exact:
             dist = exact_squared_l2(queries, self.store.keys, ids)
-        counts, tok, prob = knn_distributions(
+        return knn_distributions(
             dist,
             ids,
             self.store.values,
@@ -86,59 +130,12 @@ class KNNTargetSearcher(L.LightningModule):
             max_support=self.max_support,
             min_prob=self.min_prob,
         )
-        return {
-            "chunk": batch["chunk"],
-            "counts": counts,
-            "ids": tok.astype(np.int32),
-            "probs": prob.astype(np.float16),
-        }
-
-
-class ChunkFileWriter(BasePredictionWriter):
-    """Saves each chunk's CSR pieces atomically, then marks the chunk done."""
-
-    def __init__(self, work: Path):
-        super().__init__(write_interval="batch")
-        self.dir = work / CHUNKS
-
-    def on_predict_start(self, trainer, pl_module):
-        self.dir.mkdir(exist_ok=True)
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        from lightning_memdec.sharded import mark_done
-
-        chunk = int(prediction["chunk"])
-        for name in ("counts", "ids", "probs"):
-            tmp = self.dir / f"{chunk:09d}.{name}.tmp.npy"
-            np.save(tmp, prediction[name])
-            os.replace(tmp, self.dir / f"{chunk:09d}.{name}.npy")
-        mark_done(pl_module.work, chunk)
-
-
-def merge_chunks(work: Path, num_chunks: int) -> tuple[int, int]:
-    """Concatenate the chunk files into offsets/ids/probs memmaps; returns (positions, nnz)."""
-    chunk_dir = work / CHUNKS
-    counts = np.concatenate([np.load(chunk_dir / f"{c:09d}.counts.npy") for c in range(num_chunks)])
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    nnz = int(offsets[-1])
-    np.save(work / OFFSETS, offsets)
-    ids = open_memmap(work / IDS, mode="w+", dtype=np.int32, shape=(nnz,))
-    probs = open_memmap(work / PROBS, mode="w+", dtype=np.float16, shape=(nnz,))
-    pos = 0
-    for c in tqdm(range(num_chunks), desc="merge targets", unit="chunk"):
-        chunk_ids = np.load(chunk_dir / f"{c:09d}.ids.npy")
-        ids[pos : pos + len(chunk_ids)] = chunk_ids
-        probs[pos : pos + len(chunk_ids)] = np.load(chunk_dir / f"{c:09d}.probs.npy")
-        pos += len(chunk_ids)
-    ids.flush()
-    probs.flush()
-    return len(counts), nnz
 
 
 def build_targets(
     datastore: Path,
-    index: Path,
-    out: Path,
+    index: Path | None = None,
+    out: Path | None = None,
     queries: Path | None = None,
     k: int = 1024,
     temperature: float = 16.0,
@@ -148,6 +145,8 @@ def build_targets(
     chunk_size: int = 4096,
     nprobe: int | None = None,
     use_gpu: bool = False,
+    search: str = "auto",
+    search_memory_gb: float | None = None,
     accelerator: str = "cpu",
     devices: int | str = 1,
     strategy: str = "auto",
@@ -159,8 +158,9 @@ def build_targets(
 
     Args:
         datastore: the datastore searched (its values are the predicted tokens).
-        index: FAISS index over that datastore, from `memdec build-index`.
-        out: output targets directory.
+        index: FAISS index over that datastore, from `memdec build-index`; not needed (and not read) with
+            ``search="exact"``.
+        out: output targets directory (required).
         queries: datastore of the positions to build targets for (its keys are the queries); default: the
             searched datastore itself, with each position's own entry excluded by id. Use a datastore of
             the validation split to build validation targets.
@@ -171,7 +171,13 @@ def build_targets(
         min_prob: drop tokens below this probability, then renormalise.
         chunk_size: query positions per search call; also the resumable chunk.
         nprobe: IVF lists visited per query (default: the index's meta.json).
-        use_gpu: search on GPU (faiss-gpu); under several devices each rank uses its own GPU.
+        use_gpu: FAISS search on GPU (faiss-gpu); under several devices each rank uses its own GPU.
+        search: "exact" (blocked matrix products over all keys on each rank's device, exact fp32 distances, no
+            FAISS), "faiss" (the index), or "auto": the rule of
+            :func:`~lightning_memdec.exact_search.choose_search` (exact on a GPU, without an index, or when
+            N·d ≤ 2^25; else faiss).
+        search_memory_gb: memory one exact search may use per rank (default: half the free GPU memory; 1 GiB of
+            RAM on the CPU); sets the key block size, not the result.
         accelerator: Lightning accelerator for spreading chunks over ranks.
         devices: devices (ranks) per node.
         strategy: Lightning strategy (e.g. ddp).
@@ -179,11 +185,20 @@ def build_targets(
         overwrite: replace an existing output / discard an unfinished run with other settings.
     """
     check_target_settings(k, temperature, max_support, min_prob)
+    if out is None:
+        raise ValueError("out (the targets directory to write) is required.")
     store = Datastore(datastore)
     query_store = Datastore(queries) if queries is not None else store
     check_compatible(query_store, store)
-    key_index = KeyIndex(index)
-    key_index.check_datastore(store)
+    if index is not None:  # checked whichever backend runs: an index over another store is a mistake
+        check_index_matches(index, read_meta(index, kind="index"), store)
+    search = pick_search(search, index, store, accelerator)
+    factory, index_nprobe = None, None
+    if search == "faiss":
+        from lightning_memdec.index import KeyIndex
+
+        key_index = KeyIndex(index)
+        factory, index_nprobe = key_index.meta["factory"], key_index.meta["nprobe"]
     self_exclude = query_store.identity() == store.identity()
     available = len(store) - (1 if self_exclude else 0)
     if k > available:
@@ -192,7 +207,8 @@ def build_targets(
     run_config = {
         "queries": query_store.identity(),
         "datastore": store.identity(),
-        "index": key_index.meta["factory"],
+        "search": search,
+        "index": factory,
         "k": k,
         "temperature": temperature,
         "exact_distances": exact_distances,
@@ -204,7 +220,8 @@ def build_targets(
     work = start_work_dir(out, run_config, overwrite)
     paths = (str(query_store.dir), str(store.dir), str(index), str(work))
     settings = (k, temperature, self_exclude, exact_distances, max_support, min_prob, chunk_size, nprobe, use_gpu)
-    searcher = KNNTargetSearcher(*paths, *settings)
+    memory = None if search_memory_gb is None else int(search_memory_gb * 2**30)
+    searcher = KNNTargetSearcher(*paths, *settings, search, memory)
     trainer = run_sharded_predict(searcher, ChunkFileWriter(work), accelerator, devices, strategy, num_nodes, callbacks)
     if not trainer.is_global_zero:
         return Path(out)
@@ -212,9 +229,24 @@ def build_targets(
     finish_chunks(work, num_chunks)
     num_positions, nnz = merge_chunks(work, num_chunks)
     shutil.rmtree(work / CHUNKS)
-    settings = {k_: run_config[k_] for k_ in ("k", "temperature", "exact_distances", "max_support", "min_prob")}
-    settings["nprobe"] = nprobe or key_index.meta["nprobe"]
-    return publish(work, out, targets_meta(store, query_store, key_index, num_positions, nnz, self_exclude, settings))
+    settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob")}
+    settings["exact_distances"] = exact_distances or search == "exact"
+    settings["nprobe"] = None if search == "exact" else nprobe or index_nprobe
+    return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
+
+
+def pick_search(search: str, index: Path | None, store: Datastore, accelerator: str) -> str:
+    """The backend for ``build_targets(search=...)``; ``auto`` follows :func:`choose_search` for this accelerator."""
+    if search not in SEARCH_BACKENDS:
+        raise ValueError(f"search must be one of {SEARCH_BACKENDS}, got {search!r}.")
+    if search == "faiss" and index is None:
+        raise ValueError("search='faiss' needs an index (memdec build-index); or use search='exact', which needs none.")
+    if search == "exact" and index is not None:
+        log.info("search='exact' searches all keys directly; the index %s is not used.", index)
+    if search != "auto":
+        return search
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return choose_search(len(store), store.dim, "cuda" if cuda else "cpu", have_index=index is not None)
 
 
 def check_target_settings(k: int, temperature: float, max_support: int | None, min_prob: float | None) -> None:
@@ -230,7 +262,13 @@ def check_target_settings(k: int, temperature: float, max_support: int | None, m
 
 
 def targets_meta(
-    store: Datastore, queries: Datastore, index: KeyIndex, num_positions: int, nnz: int, self_excluded: bool, settings
+    store: Datastore,
+    queries: Datastore,
+    index_factory: str | None,
+    num_positions: int,
+    nnz: int,
+    self_excluded: bool,
+    settings: dict,
 ) -> dict:
     """meta.json of a targets directory: what was searched, with which settings, for which corpus and tokenizer."""
     return base_meta(
@@ -238,7 +276,7 @@ def targets_meta(
         num_positions=num_positions,
         nnz=nnz,
         self_excluded=self_excluded,
-        index_factory=index.meta["factory"],
+        index_factory=index_factory,
         datastore=str(store.dir.resolve()),
         queries=queries.identity(),
         corpus=queries.meta["corpus"],

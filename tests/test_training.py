@@ -245,8 +245,13 @@ def test_repeatable_list_flags():
     ]
     assert repeatable(["evaluate", "--bases", "[a,b]"]) == ["evaluate", "--bases", "[a,b]"]
     assert repeatable(["evaluate", "--datastore", "d"]) == ["evaluate", "--datastore+", "d"]
-    # flags are repeatable per command: build-targets takes one --datastore
-    assert repeatable(["build-targets", "--datastore", "d"]) == ["build-targets", "--datastore", "d"]
+    assert repeatable(["build-targets", "--datastore", "d", "--index", "i"]) == [  # paths there, not lists
+        "build-targets",
+        "--datastore",
+        "d",
+        "--index",
+        "i",
+    ]
 
 
 TINY_CONFIG = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2}

@@ -1,0 +1,186 @@
+"""The exact search backend against float64 brute force, the torch sparse-row builder against the numpy kernel,
+and `build_targets(search="exact")` against the FAISS Flat path, its resume and the auto rule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_datastore import Interrupt, SimulatedKill
+
+from lightning_memdec.artifacts import ArtifactError, partial_dir
+from lightning_memdec.exact_search import (
+    EXACT_CPU_MAX_ELEMENTS,
+    block_rows,
+    choose_search,
+    exact_search,
+)
+from lightning_memdec.sparse import knn_distributions
+from lightning_memdec.sparse_torch import knn_distributions_torch
+from lightning_memdec.store import Datastore, Targets
+from lightning_memdec.targets import build_targets
+
+
+def brute_force(queries, keys, k, exclude=None):
+    """float64 squared L2 to every key; the own id +inf; (distances, ids) of the k nearest, ties by id."""
+    d = ((keys.astype(np.float64)[None] - queries.astype(np.float64)[:, None]) ** 2).sum(-1)
+    if exclude is not None:
+        d[np.arange(len(queries)), exclude] = np.inf
+    ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, ids, 1), ids
+
+
+def assert_same_neighbours(got, want, rtol=1e-5):
+    (dist, ids), (ref_d, ref_i) = got, want
+    dist, ids = dist.numpy(), ids.numpy()
+    assert dist.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == ref_i.shape
+    np.testing.assert_allclose(dist, ref_d, rtol=rtol, atol=1e-5)
+    assert np.all(np.diff(dist, axis=1) >= 0), "rows are not sorted by distance"
+    # ids equal up to ties: where a distance is unique in its row (and not at a tie across the k boundary)
+    for row in range(len(ids)):
+        if set(ids[row].tolist()) != set(ref_i[row].tolist()):
+            boundary = ref_d[row, -1]
+            differ = set(ids[row].tolist()) ^ set(ref_i[row].tolist())
+            assert np.allclose(dist[row][np.isin(ids[row], list(differ))], boundary, rtol=1e-5), row
+
+
+@pytest.fixture(scope="module")
+def keys():
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((403, 24)).astype(np.float16)
+    keys[7] = keys[3]  # an exact tie
+    return keys
+
+
+@pytest.mark.parametrize("block_size", [None, 50, 64, 7])
+@pytest.mark.parametrize("self_exclude", [False, True])
+def test_exact_equals_brute_force(keys, block_size, self_exclude):
+    queries = keys[:60]
+    own = np.arange(60) if self_exclude else None
+    for k in (1, 12, 90):  # 90 > every block size but None
+        got = exact_search(queries, keys, k, query_ids=own, block_size=block_size)
+        assert_same_neighbours(got, brute_force(queries, keys, k, exclude=own))
+        if self_exclude:
+            assert not np.any(got[1].numpy() == own[:, None])
+
+
+def test_exact_with_foreign_queries_torch_keys_and_a_margin_of_zero(keys):
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((33, 24)).astype(np.float32)
+    want = brute_force(queries, keys, 20)
+    assert_same_neighbours(exact_search(queries, keys, 20, block_size=13, margin=0), want)
+    assert_same_neighbours(exact_search(torch.from_numpy(queries), torch.from_numpy(keys), 20, block_size=100), want)
+
+
+def test_k_up_to_the_store_and_no_further(keys):
+    queries = keys[:5]
+    own = np.arange(5)
+    got = exact_search(queries, keys, len(keys) - 1, query_ids=own, block_size=64)
+    assert_same_neighbours(got, brute_force(queries, keys, len(keys) - 1, exclude=own))
+    assert_same_neighbours(exact_search(queries, keys, len(keys), block_size=64), brute_force(queries, keys, len(keys)))
+    with pytest.raises(ValueError, match="k must be in"):
+        exact_search(queries, keys, len(keys), query_ids=own)
+
+
+def test_memory_budget_sets_the_block_size(keys):
+    assert block_rows(60, 24, 20, 1 << 40, torch.float32) > len(keys)
+    assert block_rows(60, 24, 20, 1, torch.float32) == 1
+    small = exact_search(keys[:10], keys, 5, query_ids=np.arange(10), memory_bytes=20_000)
+    assert_same_neighbours(small, brute_force(keys[:10], keys, 5, exclude=np.arange(10)))
+
+
+@pytest.mark.parametrize(
+    "truncation", [{}, {"max_support": 3}, {"min_prob": 0.05}, {"max_support": 5, "min_prob": 0.1}]
+)
+@pytest.mark.parametrize("temperature", [1.0, 16.0])
+def test_torch_rows_equal_the_numpy_kernel(truncation, temperature):
+    rng = np.random.default_rng(2)
+    n, k, vocab = 200, 48, 40
+    dist = np.sort(rng.gamma(2.0, 10.0, size=(n, k)).astype(np.float32), axis=1)
+    dist[:, 5] = dist[:, 4]  # tied distances
+    dist[3, 10:] = np.inf  # ignored neighbours
+    dist[4, 1:] = 1e4  # weights that underflow to 0
+    ids = rng.integers(0, 500, size=(n, k))
+    values = rng.integers(0, vocab, size=500).astype(np.int32)
+    want = knn_distributions(dist, ids, values, temperature, **truncation)
+    got = knn_distributions_torch(torch.from_numpy(dist), torch.from_numpy(values)[ids], temperature, **truncation)
+    assert [g.dtype for g in got] == [np.int64, np.int32, np.float32]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-7)  # well inside fp16 rounding
+    with pytest.raises(ValueError, match="row 1 has a NaN"):
+        bad = torch.from_numpy(dist).clone()
+        bad[1, 0] = float("nan")
+        knn_distributions_torch(bad, torch.from_numpy(values)[ids], temperature)
+
+
+def test_auto_rule():
+    assert choose_search(10**9, 4096, "cuda") == "exact"
+    assert choose_search(10**6, 1024, "cpu", have_index=False) == "exact"
+    assert choose_search(EXACT_CPU_MAX_ELEMENTS // 32, 32, "cpu") == "exact"
+    assert choose_search(EXACT_CPU_MAX_ELEMENTS // 32 + 1, 32, "cpu") == "faiss"
+    assert choose_search(10**6, 1024, "cpu") == "faiss"
+
+
+def rows(path):
+    t = Targets(path)
+    return [dict(zip(*(a.tolist() for a in t.row(i)))) for i in range(len(t))]
+
+
+@pytest.fixture(scope="module")
+def exact_targets(tmp_path_factory, biomed_datastore):
+    out = tmp_path_factory.mktemp("exact") / "t"
+    return build_targets(biomed_datastore, None, out, k=16, temperature=4.0, chunk_size=512, search="exact")
+
+
+def test_exact_targets_equal_faiss_flat_targets(tmp_path, biomed_datastore, biomed_index, exact_targets):
+    flat = build_targets(biomed_datastore, biomed_index, tmp_path / "f", k=16, temperature=4.0, search="faiss")
+    meta_e, meta_f = Targets(exact_targets).meta, Targets(flat).meta
+    assert (meta_e["search"], meta_e["index_factory"], meta_e["nprobe"]) == ("exact", None, None)
+    assert (meta_f["search"], meta_f["index_factory"]) == ("faiss", "Flat")
+    assert meta_e["num_positions"] == meta_f["num_positions"] and meta_e["self_excluded"]
+    got, want = rows(exact_targets), rows(flat)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.keys() == w.keys(), i
+        assert max(abs(g[t] - w[t]) for t in g) <= 1e-3, i  # fp16 rounding of probs from fp32 distances
+
+
+def test_auto_picks_exact_here_and_faiss_without_index_is_refused(tmp_path, biomed_datastore, biomed_index):
+    out = build_targets(biomed_datastore, biomed_index, tmp_path / "a", k=4, temperature=4.0, chunk_size=2048)
+    assert Targets(out).meta["search"] == "exact"  # a tiny store on the CPU: N·d ≤ 2^25
+    with pytest.raises(ValueError, match="needs an index"):
+        build_targets(biomed_datastore, None, tmp_path / "b", search="faiss")
+    with pytest.raises(ValueError, match="search must be one of"):
+        build_targets(biomed_datastore, biomed_index, tmp_path / "b", search="ivf")
+
+
+def test_exact_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, biomed_index, exact_targets):
+    out = tmp_path / "t"
+    kwargs = dict(k=16, temperature=4.0, chunk_size=512, search="exact")
+    with pytest.raises(SimulatedKill):
+        build_targets(biomed_datastore, None, out, callbacks=[Interrupt(after=2)], **kwargs)
+    assert partial_dir(out).exists() and not out.exists()
+    assert json.loads((partial_dir(out) / "run_config.json").read_text())["search"] == "exact"
+    with pytest.raises(ArtifactError, match="different settings"):  # another backend does not resume this run
+        build_targets(biomed_datastore, biomed_index, out, **{**kwargs, "search": "faiss"})
+    build_targets(biomed_datastore, None, out, search_memory_gb=1e-4, **kwargs)  # other blocks, same result
+    for name in ("offsets.npy", "ids.npy", "probs.npy"):
+        assert (out / name).read_bytes() == (exact_targets / name).read_bytes()
+
+
+def test_exact_backend_runs_without_faiss(tmp_path, biomed_datastore, exact_targets):
+    out = tmp_path / "t"
+    script = (
+        "import sys; sys.modules['faiss'] = None\n"  # any `import faiss` now fails
+        "from lightning_memdec.targets import build_targets\n"
+        f"build_targets({str(biomed_datastore)!r}, out={str(out)!r}, k=16, temperature=4.0, chunk_size=512)\n"
+        "assert 'lightning_memdec.index' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300, capture_output=True)
+    for name in ("offsets.npy", "ids.npy", "probs.npy"):
+        assert (out / name).read_bytes() == (exact_targets / name).read_bytes()
+    assert Datastore(biomed_datastore).dim == 32
