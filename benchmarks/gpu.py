@@ -9,8 +9,9 @@ depends on shapes, not on what the model knows.
 2. **exact targets**: ``build_targets(search="exact")`` for the positions of a second, smaller corpus against that
    datastore (k = ``--k``, exact squared L2 from bf16 matrix products, top-k merged on the device): queries/s, and the
    same search on the host cores (torch exact on a few queries; FAISS ``Flat`` when faiss is installed) for scale.
-3. **fit**: ``train.fit`` of a GPT-2-small decoder on those targets in bf16-mixed: tokens/s and model FLOPs
-   utilisation (6 × parameters × tokens/s ÷ the card's dense bf16 peak).
+3. **fit**: ``train.fit`` of a GPT-2-small decoder on those targets in bf16-mixed: tokens/s of steady-state training
+   (a run of 2S steps minus a run of S steps, so set-up cancels) and model FLOPs utilisation (6 × parameters ×
+   tokens/s ÷ the card's dense bf16 peak).
 4. **generation**: greedy decoding with a GPT2-large-shaped base (774 M) alone, + the GPT-2-small decoder
    (``InterpolatedLM.generate``), and + kNN-LM (``KNNLM.generate_greedy`` over a datastore keyed by that base, FAISS
    ``Flat`` on the host cores, as a user without faiss-gpu runs it): seconds per token and the overheads, MemDec
@@ -152,21 +153,26 @@ def fit_stage(w: Path, shape: dict, corpus: Path, targets: Path, window: int, st
                      "batch_size": batch, "num_workers": 4},
             "trainer": {"accelerator": accelerator, "devices": 1, "precision": "bf16-mixed", "max_steps": steps,
                         "limit_val_batches": 0, "enable_progress_bar": False,
-                        "default_root_dir": str(w / "fit"), "enable_checkpointing": True},
-            "checkpoint": {"dirpath": str(w / "fit" / "ckpt")},
-            "export": {"dirpath": str(w / "fit" / "hf")},
+                        },
         }
     )  # fmt: skip
-    warm = dict(config, trainer={**config["trainer"], "max_steps": 3}, export={"dirpath": str(w / "fit" / "hf0")})
-    fit(warm)  # compile kernels, allocator warm-up, dataloader workers
-    export, seconds = timed(lambda: fit(config))
-    tokens = steps * batch * window
+
+    def run(max_steps: int, name: str):
+        cfg = dict(config, trainer={**config["trainer"], "max_steps": max_steps, "default_root_dir": str(w / name)})
+        cfg.update(export={"dirpath": str(w / name / "hf")}, checkpoint={"dirpath": str(w / name / "ckpt")})
+        return timed(lambda: fit(cfg))
+
+    run(3, "fit-warmup")  # kernels, allocator, dataloader workers
+    # set-up (trainer, model, workers) costs the same in both runs: the difference is steady-state training
+    export, short = run(steps, "fit-short")
+    _, long = run(2 * steps, "fit-long")
+    tokens_per_s = steps * batch * window / (long - short)
     params = sum(p.numel() for p in load_decoder(export).parameters())
     report("fit_decoder_params", params)
-    report("fit_tokens_per_s", tokens / seconds)
+    report("fit_tokens_per_s", tokens_per_s)
     peak = next((v for name, v in PEAK_BF16_FLOPS.items() if name in device_name()), None)
     if peak is not None:
-        report("fit_mfu", 6 * params * tokens / seconds / peak)
+        report("fit_mfu", 6 * params * tokens_per_s / peak)
 
 
 def load_decoder(path: Path):

@@ -46,3 +46,10 @@ def test_pair_cache_moves_both_caches_together():
     pair.crop(-1)  # drop the last position of both
     assert pair.get_seq_length() == 3 and pair.memdec.get_seq_length() == 3
     assert not pair.is_compileable and len(pair.layers) == 2
+
+
+def test_model_outputs_carry_the_cache_under_the_name_interpolated_lm_uses():
+    """transformers 5.17 (seen on a GPU machine) still called this field past_key_values; InterpolatedLM needs cache."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    assert "cache" in CausalLMOutputWithPast.__dataclass_fields__, "transformers renamed the output's cache field"
