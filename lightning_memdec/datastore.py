@@ -28,7 +28,7 @@ from lightning_memdec.artifacts import (
 from lightning_memdec.corpus import Corpus, position_windows
 from lightning_memdec.keys import KeyCapture, body
 from lightning_memdec.models import find_tokenizer, load_causal_lm, resolve_model
-from lightning_memdec.sharded import chunk_loader, finish_chunks, mark_done, run_sharded_predict
+from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
 from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -85,6 +85,8 @@ class KeyExtractor(L.LightningModule):
 
     @torch.inference_mode()
     def predict_step(self, batch, batch_idx):
+        if is_idle(batch):
+            return None
         with self.capture.capturing() as cap:
             body(self.lm)(input_ids=batch["input_ids"], use_cache=False)
         batch["keys"] = cap.value.to(torch.float16).cpu().numpy()
@@ -110,6 +112,8 @@ class KeyWriter(BasePredictionWriter):
         self.keys = open_memmap(path, mode="r+")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if prediction is None:  # an idle rank's placeholder step
+            return
         keys = prediction["keys"]
         for row, (start, score_from) in enumerate(
             zip(prediction["starts"].tolist(), prediction["score_from"].tolist())

@@ -19,6 +19,9 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 PROGRESS = "progress"
+# A rank with no chunk left (fewer unfinished chunks than ranks) still runs one step, on this placeholder:
+# Lightning refuses a zero-length loader on one rank, and the collective start-up needs every rank anyway.
+IDLE_CHUNK = -1
 # Chunks carry their own ids, so Lightning's batch-index bookkeeping is not needed.
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
 
@@ -68,12 +71,19 @@ class ChunkDataset(Dataset):
         return len(self.chunks)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.chunks[i] == IDLE_CHUNK:
+            return {"chunk": IDLE_CHUNK}
         return {"chunk": self.chunks[i], **self.make_item(self.chunks[i])}
+
+
+def is_idle(batch: dict[str, Any]) -> bool:
+    """True for the placeholder step of a rank with nothing to do: predict_step returns None, writers skip it."""
+    return int(batch["chunk"]) == IDLE_CHUNK
 
 
 def chunk_loader(module: L.LightningModule, num_chunks: int, work: Path, make_item, num_workers: int = 0) -> DataLoader:
     trainer = module.trainer
-    chunks = pending_for_rank(num_chunks, work, trainer.global_rank, trainer.world_size)
+    chunks = pending_for_rank(num_chunks, work, trainer.global_rank, trainer.world_size) or [IDLE_CHUNK]
     return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, shuffle=False, num_workers=num_workers)
 
 

@@ -28,6 +28,8 @@ class ChunkFileWriter(BasePredictionWriter):
         self.dir.mkdir(exist_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if prediction is None:  # an idle rank's placeholder step
+            return
         chunk = int(prediction["chunk"])
         for name in ("counts", "ids", "probs"):
             tmp = self.dir / f"{chunk:09d}.{name}.tmp.npy"

@@ -21,7 +21,7 @@ import torch
 
 from lightning_memdec.artifacts import base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.exact_search import SEARCH_BACKENDS, choose_search, exact_search
-from lightning_memdec.sharded import chunk_loader, finish_chunks, run_sharded_predict
+from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions
 from lightning_memdec.sparse_torch import knn_distributions_torch
 from lightning_memdec.store import Datastore, check_compatible, check_index_matches
@@ -82,6 +82,8 @@ class KNNTargetSearcher(L.LightningModule):
         return chunk_loader(self, -(-n // self.chunk_size), self.work, make_item)
 
     def predict_step(self, batch, batch_idx):
+        if is_idle(batch):
+            return None
         rows = batch["rows"].cpu().numpy()
         queries = np.asarray(self.query_store.keys[rows[0] : rows[-1] + 1])
         search = self.exact_rows if self.search == "exact" else self.faiss_rows
