@@ -35,10 +35,16 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def to_gpu(index: faiss.Index) -> faiss.Index:
+def to_gpu(index: faiss.Index, device: int | None = None) -> faiss.Index:
+    """The index on one GPU (``device``: this rank's), or sharded over all visible GPUs when ``device`` is None.
+
+    Under several ranks each must pass its own device: cloning to all GPUs on every rank makes N² copies.
+    """
     if not gpu_available():
         raise RuntimeError("use_gpu was asked for, but this faiss has no GPU support; install lightning_memdec[gpu].")
-    return faiss.index_cpu_to_all_gpus(index)
+    if device is None:
+        return faiss.index_cpu_to_all_gpus(index)
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index)
 
 
 def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
@@ -117,9 +123,11 @@ def build_index(
 
 
 class KeyIndex:
-    """A built index directory, loaded for search (optionally moved to the GPUs)."""
+    """A built index directory, loaded for search (optionally moved to one GPU, ``device``, or to all of them)."""
 
-    def __init__(self, directory: str | Path, use_gpu: bool = False, nprobe: int | None = None):
+    def __init__(
+        self, directory: str | Path, use_gpu: bool = False, nprobe: int | None = None, device: int | None = None
+    ):
         self.dir = Path(directory)
         self.meta = read_meta(self.dir, kind="index")
         path = self.dir / INDEX
@@ -131,7 +139,7 @@ class KeyIndex:
                 f"{path} holds {index.ntotal}×{index.d} keys but meta.json says "
                 f"{self.meta['ntotal']}×{self.meta['dim']}; rebuild it."
             )
-        self.index = to_gpu(index) if use_gpu else index
+        self.index = to_gpu(index, device) if use_gpu else index
         set_nprobe(self.index, nprobe or self.meta["nprobe"])
 
     def check_datastore(self, store: Datastore) -> None:

@@ -70,7 +70,8 @@ class KNNTargetSearcher(L.LightningModule):
         if self.search == "faiss":
             from lightning_memdec.index import KeyIndex
 
-            self.index = KeyIndex(self.index_dir, use_gpu=self.use_gpu, nprobe=self.nprobe)
+            gpu = faiss_gpu_for_rank(self.trainer) if self.use_gpu else None
+            self.index = KeyIndex(self.index_dir, use_gpu=self.use_gpu, nprobe=self.nprobe, device=gpu)
 
     def predict_dataloader(self):
         n = len(self.query_store)
@@ -249,6 +250,15 @@ def pick_search(search: str, index: Path | None, store: Datastore, accelerator: 
         return search
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return choose_search(len(store), store.dim, "cuda" if cuda else "cpu", have_index=index is not None)
+
+
+def faiss_gpu_for_rank(trainer) -> int | None:
+    """The GPU a rank's FAISS index goes on: its own (the strategy's root device, else its local rank when several
+    ranks share the machine), so N ranks make N copies, not N²; None for one CPU process (the index may shard)."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return device.index or 0
+    return trainer.local_rank if trainer.world_size > 1 else None
 
 
 def check_target_settings(k: int, temperature: float, max_support: int | None, min_prob: float | None) -> None:

@@ -3,6 +3,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import save_tiny
 from test_datastore import Interrupt, SimulatedKill
 
@@ -161,3 +162,18 @@ def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_
     with pytest.raises(ArtifactError, match="tokenizer gpt-neox-20b .* but datastore .* uses gpt2"):
         build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=neox_store)
     assert not (tmp_path / "t").exists() and not partial_dir(tmp_path / "t").exists()
+
+
+def test_each_rank_puts_its_faiss_index_on_its_own_gpu():
+    from types import SimpleNamespace
+
+    from lightning_memdec.targets import faiss_gpu_for_rank
+
+    def trainer(device: str, local_rank: int, world_size: int):
+        strategy = SimpleNamespace(root_device=torch.device(device))
+        return SimpleNamespace(strategy=strategy, local_rank=local_rank, world_size=world_size)
+
+    assert faiss_gpu_for_rank(trainer("cuda:3", 3, 8)) == 3
+    assert faiss_gpu_for_rank(trainer("cuda:0", 0, 8)) == 0
+    assert faiss_gpu_for_rank(trainer("cpu", 1, 2)) == 1  # CPU ranks sharing a GPU machine: one GPU each
+    assert faiss_gpu_for_rank(trainer("cpu", 0, 1)) is None  # a single process may shard over all GPUs
