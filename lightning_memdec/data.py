@@ -9,6 +9,7 @@ dense ``[B, W, V]`` target tensor is never built.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -113,13 +114,18 @@ class EvenShardSampler(DistributedSampler):
     """Each rank gets a disjoint share of the windows, padded with masked filler windows (index -1).
 
     Every window is seen exactly once per epoch, and every rank runs the same number of steps, which
-    DDP/FSDP need (the standard sampler repeats windows instead, counting them twice).
+    DDP/FSDP need (the standard sampler repeats windows instead, counting them twice). After a mid-epoch
+    resume the first epoch iterated skips the windows this rank already trained on (:meth:`resume`).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.num_samples = math.ceil(len(dataset) / num_replicas)
         self.total_size = self.num_samples * num_replicas
+        self._resume: tuple[int, int] | None = None  # (epoch, windows of this rank already done)
+
+    def resume(self, epoch: int, done: int) -> None:
+        self._resume = (epoch, done)
 
     def __iter__(self):
         n = len(self.dataset)
@@ -128,7 +134,38 @@ class EvenShardSampler(DistributedSampler):
         else:
             order = list(range(n))
         order += [PAD_WINDOW] * (self.total_size - n)
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            mine = mine[self._resume[1] :]
+        self._resume = None
+        return iter(mine)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose checkpointed state lets a run killed mid-epoch continue with the very next windows.
+
+    Lightning stores ``state_dict()`` in the checkpoint and hands it back on resume. The state is the epoch and
+    the number of this rank's batches the training loop has processed (``progress()``, read from the trainer
+    when the checkpoint is written), so prefetched-but-unused batches are not counted as trained.
+    """
+
+    def __init__(self, *args, progress: Callable[[], tuple[int, int]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress() if self.progress is not None else (0, 0)
+        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "ranks": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["ranks"] != self.sampler.num_replicas or state["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"the checkpoint was written with {state['ranks']} ranks × batch size {state['batch_size']}, this "
+                f"run has {self.sampler.num_replicas} × {self.batch_size}; resume with the same devices and "
+                "data.batch_size (or start the epoch afresh from an end-of-epoch checkpoint)."
+            )
+        if state["batches"] * self.batch_size < self.sampler.num_samples:  # an epoch-end state skips nothing
+            self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
 
 
 class MemDecDataModule(L.LightningDataModule):
@@ -221,11 +258,12 @@ class MemDecDataModule(L.LightningDataModule):
             "tokenizer": self.train.meta["corpus"]["tokenizer"],
         }
 
-    def _loader(self, dataset: WindowTargetsDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: WindowTargetsDataset, shuffle: bool, resumable: bool = False) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EvenShardSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed)
-        return DataLoader(
+        extra = {"progress": self._training_progress} if resumable else {}
+        return (ResumableLoader if resumable else DataLoader)(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
@@ -233,10 +271,15 @@ class MemDecDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             pin_memory=trainer is not None and trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+            **extra,
         )
 
+    def _training_progress(self) -> tuple[int, int]:
+        """(epoch, training batches this rank has processed in it): what a checkpoint written now has trained on."""
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        return self._loader(self.train, shuffle=True, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
         if self.val is None:

@@ -286,3 +286,26 @@ def test_fit_from_python_and_separate_test_metrics(tmp_path, biomed_targets_pair
     want = perplexity(corpus_gold_log_probs(load_causal_lm(export), Path(pair["val_corpus"]), 64, stride=64))
     assert float(metrics["test/ppl"]) == pytest.approx(want, rel=1e-4)
     assert float(metrics["test/loss"]) == pytest.approx(float(metrics["test/ce"]), rel=1e-6)
+
+
+def test_mid_epoch_resume_sees_exactly_the_windows_of_an_uninterrupted_run(tmp_path, biomed_targets_pair):
+    """Killed after 3 steps of the first epoch (checkpoint every step), resumed: the same windows, in order."""
+    pair = biomed_targets_pair
+
+    def run(root: Path, steps: int, resume: bool = False) -> list[int]:
+        args = [
+            "fit", *TINY_DECODER, *data_args(pair, window=32, batch_size=2), "--data.stride", "32",
+            "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+            "--checkpoint.dirpath", str(root / "ckpt"), "--checkpoint.every_n_train_steps", "1",
+            "--trainer.callbacks+=recording.RecordWindows", f"--trainer.callbacks.init_args.path={root / 'seen'}",
+        ]  # fmt: skip
+        lightning_cli(args + (["--ckpt_path", "last"] if resume else []))
+        return json.loads((root / "seen" / "rank0.json").read_text())
+
+    epoch = len(WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], 32, 32)) // 2
+    assert epoch > 6, "the test needs a resume point inside the first epoch"
+    straight = run(tmp_path / "straight", 6)
+    first = run(tmp_path / "killed", 3)
+    rest = run(tmp_path / "killed", 6, resume=True)
+    assert first + rest == straight and len(straight) == 12
