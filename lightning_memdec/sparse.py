@@ -21,7 +21,7 @@ import numpy as np
 
 from lightning_memdec.scoring import knn_scores
 
-__all__ = ["knn_distributions", "csr_offsets", "worker_threads"]
+__all__ = ["knn_distributions", "csr_offsets", "stored_rows", "worker_threads"]
 
 # Elements (rows * neighbours) per chunk: ~128k keeps a chunk's temporaries in cache. A block (the
 # unit handed to a thread) gathers its tokens in one go.
@@ -300,3 +300,21 @@ def _validate(distances, neighbor_ids, values, temperature, query_ids, k, max_su
         raise ValueError(f"min_prob must lie in [0, 1], got {min_prob!r}")
     if query_ids is not None and query_ids.shape != (distances.shape[0],):
         raise ValueError(f"query_ids must have shape ({distances.shape[0]},), got {query_ids.shape}")
+
+
+def stored_rows(counts: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR rows as stored on disk: int32 ids, fp16 probabilities with no entry rounded to 0, rows renormalised.
+
+    fp16 cannot hold a probability below ~6e-8: such tail entries would be kept as zeros (wasted support that
+    says "this token is impossible"). They are dropped, and each row's remaining mass is renormalised in fp32
+    before the cast, so rows still sum to 1 up to fp16 rounding.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    keep = probs.astype(np.float16) > 0
+    if keep.all():
+        return counts, ids.astype(np.int32), probs.astype(np.float16)
+    row = np.repeat(np.arange(len(counts)), counts)
+    counts = np.bincount(row[keep], minlength=len(counts)).astype(counts.dtype)
+    kept = probs[keep]
+    kept /= np.bincount(row[keep], weights=kept, minlength=len(counts))[row[keep]].astype(np.float32)
+    return counts, ids[keep].astype(np.int32), kept.astype(np.float16)

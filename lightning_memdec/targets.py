@@ -22,7 +22,7 @@ import torch
 from lightning_memdec.artifacts import base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.exact_search import SEARCH_BACKENDS, choose_search, exact_search
 from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, run_sharded_predict
-from lightning_memdec.sparse import knn_distributions
+from lightning_memdec.sparse import knn_distributions, stored_rows
 from lightning_memdec.sparse_torch import knn_distributions_torch
 from lightning_memdec.store import Datastore, check_compatible, check_index_matches
 from lightning_memdec.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
@@ -88,13 +88,8 @@ class KNNTargetSearcher(L.LightningModule):
         rows = batch["rows"].cpu().numpy()
         queries = np.asarray(self.query_store.keys[rows[0] : rows[-1] + 1])
         search = self.exact_rows if self.search == "exact" else self.faiss_rows
-        counts, tok, prob = search(queries, rows)
-        return {
-            "chunk": batch["chunk"],
-            "counts": counts,
-            "ids": tok.astype(np.int32),
-            "probs": prob.astype(np.float16),
-        }
+        counts, tok, prob = stored_rows(*search(queries, rows))
+        return {"chunk": batch["chunk"], "counts": counts, "ids": tok, "probs": prob}
 
     def exact_rows(self, queries: np.ndarray, rows: np.ndarray):
         own = rows.astype(np.int64) if self.self_exclude else None

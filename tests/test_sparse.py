@@ -259,3 +259,20 @@ def test_errors():
             call(distances=np.array([[1.0, 2.0], [bad, 4.0], [0.5, 0.1]], dtype=np.float32))
     with pytest.raises(ValueError, match="row 1 has a NaN"):  # even where k would drop it
         call(distances=np.array([[1.0, 2.0], [3.0, np.nan], [0.5, 0.1]], dtype=np.float32), k=1)
+
+
+def test_stored_rows_drop_fp16_zeros_and_renormalise():
+    """A row whose tail rounds to 0 in fp16 loses those entries and is renormalised; other rows are untouched."""
+    from lightning_memdec.sparse import stored_rows
+
+    counts = np.array([3, 2])
+    ids = np.array([5, 7, 9, 1, 2])
+    probs = np.array([0.9, 0.1 - 2e-9, 2e-9, 0.6, 0.4], dtype=np.float32)
+    c, i, p = stored_rows(counts, ids, probs)
+    assert c.tolist() == [2, 2] and i.tolist() == [5, 7, 1, 2] and i.dtype == np.int32 and p.dtype == np.float16
+    want = np.array([0.9, 0.1 - 2e-9], dtype=np.float32) / np.float32(1 - 2e-9)
+    np.testing.assert_array_equal(p[:2], want.astype(np.float16))
+    np.testing.assert_array_equal(p[2:], np.array([0.6, 0.4], dtype=np.float16))
+    # nothing to drop: the same arrays, cast
+    c2, i2, p2 = stored_rows(np.array([2]), np.array([3, 4]), np.array([0.5, 0.5], dtype=np.float32))
+    assert c2.tolist() == [2] and p2.tolist() == [0.5, 0.5]

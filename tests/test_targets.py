@@ -177,3 +177,13 @@ def test_each_rank_puts_its_faiss_index_on_its_own_gpu():
     assert faiss_gpu_for_rank(trainer("cuda:0", 0, 8)) == 0
     assert faiss_gpu_for_rank(trainer("cpu", 1, 2)) == 1  # CPU ranks sharing a GPU machine: one GPU each
     assert faiss_gpu_for_rank(trainer("cpu", 0, 1)) is None  # a single process may shard over all GPUs
+
+
+def test_stored_rows_hold_no_zero_probabilities(tmp_path, biomed_datastore, biomed_index):
+    """A sharp temperature puts tail weights below fp16's smallest value: they are dropped, rows renormalised."""
+    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=16, temperature=0.05))
+    probs = np.asarray(t.probs, dtype=np.float32)
+    assert (probs > 0).all()
+    sums = np.add.reduceat(probs, np.asarray(t.offsets[:-1]))
+    np.testing.assert_allclose(sums, 1.0, atol=2e-3)
+    assert t.meta["nnz"] < 16 * len(t)  # some tails were dropped
