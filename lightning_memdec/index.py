@@ -150,9 +150,26 @@ class KeyIndex:
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def exact_squared_l2(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def exact_squared_l2(
+    queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, memory_bytes: int = 256 * 2**20
+) -> np.ndarray:
     """Recompute ||q − k_id||² in fp32 from the stored keys (IVF-PQ distances are approximate); +inf where an id
-    is missing (-1). Each distinct key is read from the memmap once."""
+    is missing (-1).
+
+    Blocks of queries are processed so the gathered ``[rows, k, d]`` keys stay under ``memory_bytes`` (the whole
+    chunk at once would be queries × k × d × 4 bytes: 32 GiB for 4,096 × 1,024 × 2,048-dim keys). Within a block
+    each distinct key is read from the memmap once.
+    """
+    n, k = ids.shape
+    d = keys.shape[1]
+    rows = max(1, memory_bytes // max(1, 2 * k * d * 4))  # gathered keys and their differences
+    out = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, rows):
+        out[start : start + rows] = _exact_block(queries[start : start + rows], keys, ids[start : start + rows])
+    return out
+
+
+def _exact_block(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     flat = ids.reshape(-1)
     valid = flat >= 0
     uniq, inverse = np.unique(flat[valid], return_inverse=True)
