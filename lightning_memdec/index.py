@@ -7,7 +7,6 @@ setting). ``auto`` picks by store size. Distances are squared L2 throughout.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import faiss
@@ -15,20 +14,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
+from lightning_memdec.index_plan import IndexPlan, plan_index
 from lightning_memdec.store import Datastore, check_index_matches
 
 INDEX = "index.faiss"
-FLAT_MAX_ENTRIES = 200_000
 log = logging.getLogger(__name__)
 
 
 def auto_factory(num_entries: int, dim: int) -> str:
     """Flat below 200k entries; else IVF with ~4·sqrt(N) lists and PQ with the largest m ≤ 64 dividing d."""
-    if num_entries < FLAT_MAX_ENTRIES:
-        return "Flat"
-    nlist = 2 ** round(math.log2(4 * math.sqrt(num_entries)))
-    m = max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
-    return f"IVF{nlist},PQ{m}"
+    return plan_index(num_entries, dim).factory
 
 
 def gpu_available() -> bool:
@@ -64,62 +59,97 @@ def build_index(
     datastore: Path,
     out: Path,
     factory: str = "auto",
-    train_size: int = 262_144,
+    train_size: int | None = None,
+    memory_gb: float = 8.0,
     add_batch: int = 65_536,
     nprobe: int = 32,
     use_gpu: bool = False,
     seed: int = 0,
+    recall_queries: int = 256,
+    recall_k: int = 64,
+    plan_only: bool = False,
     overwrite: bool = False,
-) -> Path:
-    """Build a FAISS index over a datastore's keys.
+) -> Path | IndexPlan:
+    """Build a FAISS index over a datastore's keys; prints its plan first and records its measured recall.
 
     Args:
         datastore: datastore directory from `memdec build-datastore`.
         out: output index directory.
-        factory: FAISS index factory string ("Flat", "IVF1024,PQ32", ...) or "auto" (by store size).
-        train_size: keys sampled (seeded) to train a trainable index.
+        factory: FAISS index factory string ("Flat", "IVF1024,PQ32", ...) or "auto" (planned from N, d and the
+            memory budget: see :mod:`lightning_memdec.index_plan`).
+        train_size: keys sampled (seeded, across the whole store) to train an IVF index; default: the plan's
+            39–256 per list within ``memory_gb``.
+        memory_gb: RAM budget for the training sample.
         add_batch: keys added per step.
         nprobe: IVF lists visited per query; stored in meta.json and applied on load.
         use_gpu: train and add on all visible GPUs (needs faiss-gpu); the saved index is a CPU index.
-        seed: sampling seed for training keys.
+        seed: sampling seed for training keys and recall queries.
+        recall_queries: stored keys used as queries to measure recall@k against exact search (0: skip).
+        recall_k: the k of that recall.
+        plan_only: print the plan (index size, memory, training sample, search cost) and stop.
         overwrite: replace an existing output.
     """
     store = Datastore(datastore)
     n, d = len(store), store.dim
-    factory = auto_factory(n, d) if factory == "auto" else factory
+    plan = plan_index(n, d, memory_gb=memory_gb, gpu=use_gpu, nprobe=nprobe, factory=factory)
+    print(plan.describe(), flush=True)
+    if plan_only:
+        return plan
+    train_size = plan.train_size if train_size is None else train_size
     try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_L2)
+        index = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
     except RuntimeError as err:
-        raise ValueError(f"invalid FAISS factory string {factory!r} for dimension {d}: {err}") from err
+        raise ValueError(f"invalid FAISS factory string {plan.factory!r} for dimension {d}: {err}") from err
     if nprobe <= 0:
         raise ValueError(f"nprobe must be positive, got {nprobe}.")
-    work = start_work_dir(
-        out, {"datastore": store.identity(), "factory": factory, "train_size": train_size, "seed": seed}, overwrite
-    )
+    run = {"datastore": store.identity(), "factory": plan.factory, "train_size": train_size, "seed": seed}
+    work = start_work_dir(out, run, overwrite)
     if use_gpu:
         index = to_gpu(index)
     if not index.is_trained:
         size = min(n, train_size)
         sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-        log.info("training %s on %d keys", factory, size)
+        log.info("training %s on %d keys", plan.factory, size)
         index.train(np.ascontiguousarray(store.keys[sample], dtype=np.float32))
     for start in tqdm(range(0, n, add_batch), desc="build-index", unit="batch"):
         index.add(np.ascontiguousarray(store.keys[start : start + add_batch], dtype=np.float32))
     if use_gpu:
         index = faiss.index_gpu_to_cpu(index)
+    set_nprobe(index, nprobe)
+    recall = measured_recall(index, store, recall_queries, recall_k, seed) if recall_queries > 0 else None
+    if recall is not None:
+        print(f"recall@{recall['k']} against exact search on {recall['queries']} stored keys: {recall['recall']:.4f}")
     faiss.write_index(index, str(work / INDEX))
     meta = base_meta(
         "index",
-        factory=factory,
+        factory=plan.factory,
         dim=d,
         ntotal=int(index.ntotal),
         metric="squared_l2",
         nprobe=nprobe,
+        train_size=int(min(n, train_size)) if plan.nlist else 0,
+        plan={"index_bytes": plan.index_bytes, "flops_per_query": plan.flops_per_query, "notes": plan.notes},
+        recall=recall,
         datastore=str(Path(datastore).resolve()),
         datastore_identity=store.identity(),
         tokenizer=store.tokenizer,
     )
     return publish(work, out, meta)
+
+
+def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) -> dict:
+    """recall@k of ``index`` against exact search (torch, blocked) for ``queries`` stored keys drawn at random."""
+    from lightning_memdec.exact_search import exact_search
+
+    n = len(store)
+    k = min(k, n)
+    rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(queries, n), replace=False))
+    q = np.asarray(store.keys[rows], dtype=np.float32)
+    _, found = index.search(q, k)
+    _, truth = exact_search(q, store.keys, k)
+    truth = truth.numpy()
+    hits = sum(len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, truth))
+    return {"k": k, "queries": len(rows), "recall": hits / (len(rows) * k)}
 
 
 class KeyIndex:

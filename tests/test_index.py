@@ -68,3 +68,32 @@ def test_exact_distances_in_bounded_blocks_equal_one_pass():
     np.testing.assert_array_equal(whole, blocked)
     want = ((keys.astype(np.float32)[np.maximum(ids, 0)] - queries[:, None]) ** 2).sum(-1)
     np.testing.assert_allclose(whole, np.where(ids >= 0, want, np.inf), rtol=1e-6)
+
+
+def test_plan_respects_faiss_constraints():
+    from lightning_memdec.index_plan import GPU_PQ_SIZES, check_gpu_k, plan_index
+
+    big = plan_index(103_000_000, 1600, memory_gb=64)  # the paper's WikiText-103 / GPT2-xl store
+    assert big.factory == "IVF32768,PQ64" and 1600 % big.pq_m == 0
+    assert 39 * big.nlist <= big.train_size <= 256 * big.nlist  # not the old fixed 262,144 (8 per list)
+    assert big.train_bytes <= 64 * 2**30
+    tight = plan_index(103_000_000, 1600, memory_gb=1)  # 39 keys per list must fit the budget: fewer lists
+    assert tight.nlist < big.nlist and 39 * tight.nlist * 1600 * 4 <= 2**30 and tight.notes
+    gpu = plan_index(1_000_000, 1000, gpu=True)
+    assert gpu.pq_m in GPU_PQ_SIZES and 1000 % gpu.pq_m == 0
+    assert plan_index(10_000, 64).factory == "Flat" and plan_index(10_000, 64).train_size == 0
+    explicit = plan_index(1_000_000, 64, factory="IVF1024,Flat")
+    assert explicit.factory == "IVF1024,Flat" and explicit.train_size == 256 * 1024
+    assert "index size" in big.describe()
+    with pytest.raises(ValueError, match="k=4096 exceeds faiss-gpu's limit of 2048"):
+        check_gpu_k(4096)
+
+
+def test_build_index_records_measured_recall_and_plan_only(tmp_path, biomed_datastore):
+    plan = build_index(biomed_datastore, tmp_path / "p", factory="IVF8,Flat", plan_only=True)
+    assert plan.factory == "IVF8,Flat" and not (tmp_path / "p").exists()
+    flat = KeyIndex(build_index(biomed_datastore, tmp_path / "flat", factory="Flat", recall_queries=50, recall_k=8))
+    assert flat.meta["recall"] == {"k": 8, "queries": 50, "recall": 1.0}  # exact search against exact search
+    ivf = KeyIndex(build_index(biomed_datastore, tmp_path / "ivf", factory="IVF8,Flat", nprobe=1, recall_queries=50))
+    assert 0 < ivf.meta["recall"]["recall"] < 1.0  # one of eight lists probed misses some true neighbours
+    assert ivf.meta["train_size"] == min(len(Datastore(biomed_datastore)), 256 * 8)

@@ -1,0 +1,107 @@
+"""Index planning: which FAISS index a datastore of N keys × d dims gets, and what it will cost, before building.
+
+The rules are FAISS's own constraints made explicit, so a paper-scale store (103 M × 1,600) does not silently get
+an index whose training sample is too small for its lists or whose PQ layout a GPU cannot run:
+
+- **Flat** below 200 k keys: exact search, nothing to train.
+- **IVF<nlist>,PQ<m>** above: nlist ≈ 4·√N (a power of two); m the largest PQ size ≤ 64 that divides d and is a
+  code size the GPU kernels accept; 8-bit codes. Training takes 39–256 keys per list (FAISS warns below 39 and
+  ignores more than 256), sampled across the whole store, within the stated memory budget; when even 39 per list
+  does not fit, nlist is halved until it does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+FLAT_MAX_ENTRIES = 200_000
+MIN_TRAIN_PER_LIST, MAX_TRAIN_PER_LIST = 39, 256
+GPU_PQ_SIZES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # code bytes faiss-gpu implements
+GPU_MAX_K = 2048
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """A chosen index and its costs (bytes, training sample, float operations per query)."""
+
+    factory: str
+    num_entries: int
+    dim: int
+    nlist: int | None
+    pq_m: int | None
+    train_size: int
+    index_bytes: int
+    train_bytes: int
+    flops_per_query: float
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [
+            f"index plan for {self.num_entries:,} keys × {self.dim} dims: {self.factory}",
+            f"  index size      {self.index_bytes / 2**30:.2f} GiB (RAM, or GPU memory when searched there)",
+            f"  training sample {self.train_size:,} keys ({self.train_bytes / 2**30:.2f} GiB float32)"
+            + (f", {self.train_size / self.nlist:.0f} per list" if self.nlist else ""),
+            f"  search cost     {self.flops_per_query / 1e6:.1f} Mflop per query",
+        ]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def pq_size(dim: int, gpu: bool = False, max_m: int = 64) -> int:
+    """Largest m ≤ max_m dividing d (one sub-vector per code byte), restricted to GPU-legal code sizes if asked."""
+    legal = [m for m in range(1, min(max_m, dim) + 1) if dim % m == 0 and (not gpu or m in GPU_PQ_SIZES)]
+    if not legal:
+        raise ValueError(f"no PQ code size ≤ {max_m} divides d={dim}{' among the GPU sizes' if gpu else ''}.")
+    return max(legal)
+
+
+def plan_index(
+    num_entries: int, dim: int, memory_gb: float = 8.0, gpu: bool = False, nprobe: int = 32, factory: str = "auto"
+) -> IndexPlan:
+    """The index for ``num_entries`` keys of ``dim`` dims under a ``memory_gb`` budget for the training sample.
+
+    ``factory`` other than ``auto`` is kept as given (its IVF list count, if any, still sets the training sample).
+    """
+    if num_entries <= 0 or dim <= 0:
+        raise ValueError(f"need a non-empty datastore, got {num_entries} keys × {dim} dims.")
+    if factory == "auto" and num_entries < FLAT_MAX_ENTRIES:
+        factory = "Flat"
+    if factory == "Flat":
+        size = num_entries * dim * FLOAT32
+        return IndexPlan("Flat", num_entries, dim, None, None, 0, size, 0, 2.0 * num_entries * dim)
+    notes: list[str] = []
+    budget = int(memory_gb * 2**30)
+    if factory == "auto":
+        nlist = 2 ** round(math.log2(4 * math.sqrt(num_entries)))
+        while nlist > 1 and MIN_TRAIN_PER_LIST * nlist * dim * FLOAT32 > budget:
+            nlist //= 2
+            notes.append(f"nlist halved to {nlist} so that {MIN_TRAIN_PER_LIST} training keys per list fit")
+        m = pq_size(dim, gpu)
+        factory = f"IVF{nlist},PQ{m}"
+        if gpu and m > 48:
+            notes.append("PQ with more than 48 code bytes needs float16 lookup tables on the GPU (useFloat16)")
+    found = re.match(r"IVF(\d+)", factory)
+    nlist = int(found.group(1)) if found else None
+    pq = re.search(r"PQ(\d+)", factory)
+    m = int(pq.group(1)) if pq else None
+    train = 0
+    if nlist is not None:
+        train = min(num_entries, MAX_TRAIN_PER_LIST * nlist, max(MIN_TRAIN_PER_LIST * nlist, budget // (dim * FLOAT32)))
+        if train < MIN_TRAIN_PER_LIST * nlist:
+            notes.append(f"only {train} training keys for {nlist} lists (FAISS wants ≥ {MIN_TRAIN_PER_LIST} each)")
+    code = m if m is not None else dim * FLOAT32
+    index_bytes = num_entries * (code + 8) + (nlist or 0) * dim * FLOAT32 + (256 * dim * FLOAT32 if m else 0)
+    per_list = num_entries / nlist if nlist else num_entries
+    flops = 2.0 * (nlist or 0) * dim + min(nprobe, nlist or 1) * per_list * (m or 2 * dim)
+    return IndexPlan(factory, num_entries, dim, nlist, m, train, index_bytes, train * dim * FLOAT32, flops, notes)
+
+
+def check_gpu_k(k: int) -> None:
+    """faiss-gpu returns at most 2,048 neighbours: refuse a larger k before any work, naming what fits."""
+    if k > GPU_MAX_K:
+        raise ValueError(
+            f"k={k} exceeds faiss-gpu's limit of {GPU_MAX_K} neighbours; use k ≤ {GPU_MAX_K}, search on the CPU "
+            "(use_gpu false), or the exact backend (build-targets --search exact), which has no such limit."
+        )
