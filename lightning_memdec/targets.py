@@ -21,6 +21,7 @@ import torch
 
 from lightning_memdec.artifacts import base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.exact_search import SEARCH_BACKENDS, choose_search, exact_search
+from lightning_memdec.index_plan import check_gpu_k
 from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions, stored_rows
 from lightning_memdec.sparse_torch import knn_distributions_torch
@@ -191,6 +192,8 @@ def build_targets(
     if index is not None:  # checked whichever backend runs: an index over another store is a mistake
         check_index_matches(index, read_meta(index, kind="index"), store)
     search = pick_search(search, index, store, accelerator)
+    if search == "faiss" and use_gpu:
+        check_gpu_k(k + 1)  # + 1: the self-match searched for and dropped
     factory, index_nprobe = None, None
     if search == "faiss":
         from lightning_memdec.index import KeyIndex

@@ -187,3 +187,9 @@ def test_stored_rows_hold_no_zero_probabilities(tmp_path, biomed_datastore, biom
     sums = np.add.reduceat(probs, np.asarray(t.offsets[:-1]))
     np.testing.assert_allclose(sums, 1.0, atol=2e-3)
     assert t.meta["nnz"] < 16 * len(t)  # some tails were dropped
+
+
+def test_faiss_gpu_k_limit_refused_before_any_work(tmp_path, biomed_datastore, biomed_index):
+    with pytest.raises(ValueError, match="exceeds faiss-gpu's limit of 2048"):
+        build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=2048, search="faiss", use_gpu=True)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()
