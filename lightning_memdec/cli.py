@@ -18,6 +18,7 @@ LIGHTNING_COMMANDS = {
 REPEATABLE_FLAGS = {
     "quickstart": ("--base",),
     "evaluate": ("--bases", "--datastore", "--index"),
+    "downstream": ("--tasks", "--bases", "--datastore", "--index", "--task_names"),
     "pretrain-bases": ("--extra_text", "--sizes"),
 }
 
@@ -48,6 +49,7 @@ def stage_functions() -> dict:
     from lightning_memdec.configs import configs
     from lightning_memdec.corpus import tokenize
     from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.downstream import downstream
     from lightning_memdec.evaluate import evaluate
     from lightning_memdec.index import build_index
     from lightning_memdec.pretrain import pretrain_bases
@@ -62,6 +64,7 @@ def stage_functions() -> dict:
         "build-targets": build_targets,
         "quickstart": quickstart,
         "evaluate": evaluate,
+        "downstream": downstream,
         "transfer-vocab": transfer_vocab,
         "pretrain-bases": pretrain_bases,
         "configs": configs,

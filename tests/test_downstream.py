@@ -1,0 +1,236 @@
+"""`memdec downstream`: kNN-Prompt's DCPMI on tiny random models, task validation, bootstrap, report, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import save_tiny
+
+import lightning_memdec.downstream as ds
+from lightning_memdec.assets import load_tokenizer
+from lightning_memdec.cli import main
+from lightning_memdec.downstream import choose_lambda, dcpmi_scores, downstream
+from lightning_memdec.downstream_report import bootstrap_interval
+from lightning_memdec.downstream_tasks import TaskError, load_tasks, single_token_verbalizers
+from lightning_memdec.knnlm import KNNLM
+from lightning_memdec.models import load_causal_lm
+
+pytestmark = pytest.mark.filterwarnings("ignore:task .* multi-token verbalizers dropped")
+ENTRY = {
+    "template": "{text} It was",
+    "domain_premise": " It was",
+    "labels": ["negative", "positive"],
+    "primary_verbalizers": [" terrible", " great"],
+    "verbalizers": [[" terrible", " bad", " unfaithful"], [" great", " good"]],  # " unfaithful": 3 GPT-2 tokens
+}
+TEXTS = [
+    "A dull, tired film.",
+    "One of the best performances of the year, and a script that never lets go",
+    "Fine.",
+    "The plot wanders and the jokes fall flat for nearly two hours of screen time",
+    "Warm and funny",
+]
+
+
+def write_task_folder(root: Path, entry=ENTRY, records=None, dev=True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tasks.json").write_text(json.dumps({"toy": entry}))
+    (root / "toy").mkdir(exist_ok=True)
+    records = (
+        records
+        if records is not None
+        else [{"id": i, "input": {"text": t}, "label": i % 2} for i, t in enumerate(TEXTS)]
+    )
+    (root / "toy" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if dev:
+        (root / "toy" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[::-1]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("decoder") / "dec", seed=1)
+
+
+def read_predictions(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def direct_next_token_probs(model, tok, text: str) -> torch.Tensor:
+    """softmax by hand over the last logits of one unpadded prompt."""
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1].double()
+    e = torch.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def direct_dcpmi(p_x: torch.Tensor, p_d: torch.Tensor, classes: list[list[int]]) -> list[float]:
+    return [sum(math.log(p_x[v] + 1e-10) - math.log(p_d[v] + 1e-10) for v in cls) for cls in classes]
+
+
+def test_dcpmi_matches_a_direct_computation_and_lambda_zero_is_the_base(tmp_path, tiny_gpt2, tiny_decoder):
+    tasks = write_task_folder(tmp_path / "tasks")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="unfaithful"):
+        downstream([str(tasks)], [str(tiny_gpt2)], out, memdec=str(tiny_decoder), lmbda=0.3, batch_size=2,
+                   device="cpu", bootstrap=50)  # fmt: skip
+    preds = read_predictions(out)
+    tok = load_tokenizer("gpt2")
+    base, dec = load_causal_lm(tiny_gpt2).eval(), load_causal_lm(tiny_decoder).eval()
+    classes = [[tok(w)["input_ids"][0] for w in ENTRY["verbalizers"][0][:2]], [tok(" great")["input_ids"][0],
+               tok(" good")["input_ids"][0]]]  # fmt: skip
+    pb_d, pm_d = direct_next_token_probs(base, tok, " It was"), direct_next_token_probs(dec, tok, " It was")
+    by_key = {(p["system"], p["id"]): p for p in preds}
+    for i, text in enumerate(TEXTS):
+        prompt = text + " It was"
+        pb, pm = direct_next_token_probs(base, tok, prompt), direct_next_token_probs(dec, tok, prompt)
+        want_base = direct_dcpmi(pb, pb_d, classes)
+        want_mix = direct_dcpmi(0.7 * pb + 0.3 * pm, 0.7 * pb_d + 0.3 * pm_d, classes)
+        got_base = by_key[(str(tiny_gpt2), i)]["scores"]
+        got_mix = by_key[(f"{tiny_gpt2} + MemDec", i)]["scores"]
+        np.testing.assert_allclose([got_base["negative"], got_base["positive"]], want_base, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose([got_mix["negative"], got_mix["positive"]], want_mix, rtol=1e-4, atol=1e-4)
+    # λ = 0 is the base bit for bit, on the arrays the stage keeps
+    x, d = np.random.default_rng(0).normal(size=(4, 5)), np.random.default_rng(1).normal(size=5)
+    cols = [[0, 1], [2, 3, 4]]
+    base_only = dcpmi_scores(x - 3, d - 3, cols)
+    np.testing.assert_array_equal(dcpmi_scores(x - 3, d - 3, cols, x - 1, d - 1, 0.0), base_only)
+
+
+def test_outputs_and_predictions_format(tmp_path, tiny_gpt2, tiny_decoder):
+    tasks = write_task_folder(tmp_path / "tasks")
+    out = tmp_path / "out"
+    report = downstream([str(tasks)], [str(tiny_gpt2)], out, memdec=str(tiny_decoder), lambda_grid=[0.1, 0.5, 0.9],
+                        batch_size=3, device="cpu", bootstrap=100)  # fmt: skip
+    preds = read_predictions(out)
+    assert len(preds) == 2 * len(TEXTS)  # 1 task × 2 systems × 5 examples
+    for p in preds:
+        assert set(p) == {"task", "id", "system", "scores", "pred", "label"}
+        assert set(p["scores"]) == {"negative", "positive"}
+        assert p["pred"] == int(np.argmax([p["scores"]["negative"], p["scores"]["positive"]]))
+    cell = report["accuracy"]["toy"][f"{tiny_gpt2} + MemDec"]
+    assert cell["lmbda_from"] == "dev" and cell["lmbda"] in (0.1, 0.5, 0.9)
+    assert len(cell["dev_accuracy_by_lambda"]) == 3
+    mine = [p for p in preds if p["system"] == f"{tiny_gpt2} + MemDec"]
+    assert cell["accuracy"] == pytest.approx(np.mean([p["pred"] == p["label"] for p in mine]))
+    assert json.loads((out / "report.json").read_text())["mean_accuracy"][str(tiny_gpt2)] == pytest.approx(
+        report["accuracy"]["toy"][str(tiny_gpt2)]["accuracy"]
+    )
+    assert "| toy | 5 |" in (out / "report.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_choose_lambda_takes_the_best_dev_accuracy_first_on_ties():
+    # two examples, one column per class: the other model flips example 1 to the right class once λ > 0.2
+    base_x, base_d = np.log([[0.6, 0.4], [0.6, 0.4]]), np.log([0.5, 0.5])
+    other_x, other_d = np.log([[0.6, 0.4], [0.1, 0.9]]), np.log([0.5, 0.5])
+    dev = {"base_x": base_x, "base_d": base_d, "other_x": other_x, "other_d": other_d}
+    lmbda, accs = choose_lambda(dev, [[0], [1]], np.array([0, 1]), [0.1, 0.15, 0.3, 0.9])
+    assert accs == [0.5, 0.5, 1.0, 1.0] and lmbda == 0.3
+
+
+def test_bootstrap_interval_matches_numpy():
+    correct = np.random.default_rng(3).random(57) < 0.7
+    rng = np.random.default_rng(11)
+    idx = rng.integers(0, 57, size=(400, 57))
+    means = correct.astype(float)[idx].mean(axis=1)
+    want = np.percentile(means, [2.5, 97.5])
+    assert bootstrap_interval(correct, 400, seed=11) == pytest.approx(tuple(want))
+    low, high = bootstrap_interval(correct, 400, seed=11)
+    assert low <= correct.mean() <= high
+
+
+def test_verbalizer_filtering_names_dropped_words_and_refuses_an_empty_class(tmp_path):
+    tok = load_tokenizer("gpt2")
+    [task] = load_tasks(write_task_folder(tmp_path / "a"))
+    with pytest.warns(UserWarning, match="' unfaithful'"):
+        ids = single_token_verbalizers(task, tok, "gpt2")
+    assert ids == [[tok(" terrible")["input_ids"][0], tok(" bad")["input_ids"][0]],
+                   [tok(" great")["input_ids"][0], tok(" good")["input_ids"][0]]]  # fmt: skip
+    [primary] = load_tasks(write_task_folder(tmp_path / "a"), verbalizer_set="primary")
+    assert primary.verbalizers == [[" terrible"], [" great"]]
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_label", r"test\.jsonl:2: record has no 'label'"),
+        ("label_range", r"test\.jsonl:1: field 'label' is 2, not a class index in 0\.\.1"),
+        ("template_field", r"test\.jsonl:1: field 'input' lacks 'text'"),
+        ("entry_field", r"tasks\.json: task 'toy' has no 'domain_premise'"),
+        ("multi_token_class", r"class 1 \(positive\) has no single-token verbalizer"),
+        ("bad_json", r"test\.jsonl:1: not a JSON object"),
+    ],
+)
+def test_bad_task_files_fail_before_any_model_is_loaded(tmp_path, monkeypatch, tiny_gpt2, case, match):
+    entry, records = dict(ENTRY), [{"id": 0, "input": {"text": "ok"}, "label": 0}, {"id": 1, "input": {"text": "x"}}]
+    if case != "missing_label":
+        records = [{"id": 0, "input": {"text": "ok"}, "label": 2 if case == "label_range" else 0}]
+    if case == "template_field":
+        records = [{"id": 0, "input": {"body": "ok"}, "label": 0}]
+    if case == "entry_field":
+        del entry["domain_premise"]
+    if case == "multi_token_class":
+        entry["verbalizers"] = [[" bad"], [" unfaithful", " unremarkable"]]
+    root = write_task_folder(tmp_path / "t", entry, records, dev=False)
+    if case == "bad_json":
+        (root / "toy" / "test.jsonl").write_text("{not json\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the task files were checked")
+
+    monkeypatch.setattr(ds, "load_causal_lm", no_model)
+    with pytest.raises(TaskError, match=match):
+        downstream([str(root)], [str(tiny_gpt2)], tmp_path / "out", device="cpu")
+
+
+def test_yaml_tasks_and_knnlm_system(tmp_path, tiny_gpt2, biomed_datastore, biomed_index):
+    data = tmp_path / "mine"
+    data.mkdir()
+    (data / "test.jsonl").write_text(
+        "".join(json.dumps({"id": 10 + i, "input": {"text": t}, "label": i % 2}) + "\n" for i, t in enumerate(TEXTS))
+    )
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text(
+        yaml.safe_dump({"mine": {**ENTRY, "verbalizers": [[" bad"], [" good"]], "test": "mine/test.jsonl"}})
+    )
+    out = tmp_path / "out"
+    report = downstream([str(spec)], [str(tiny_gpt2)], out, datastore=[str(biomed_datastore)],
+                        index=[str(biomed_index)], k=8, temperature=4.0, fallback_lmbda=0.4, batch_size=2,
+                        device="cpu", bootstrap=20)  # fmt: skip
+    cell = report["accuracy"]["mine"][f"{tiny_gpt2} + kNN-LM"]
+    assert cell["lmbda"] == 0.4 and cell["lmbda_from"].startswith("fallback")
+    # against the kNN-LM's own mixed distribution on one unpadded prompt
+    tok = load_tokenizer("gpt2")
+    knnlm = KNNLM(str(tiny_gpt2), biomed_datastore, biomed_index, k=8, temperature=4.0, lmbda=0.4)
+    bad, good = tok(" bad")["input_ids"][0], tok(" good")["input_ids"][0]
+
+    def probs(text):
+        return knnlm.log_probs(torch.tensor([tok(text)["input_ids"]]))[0, -1].double().exp()
+
+    p_d = probs(" It was")
+    preds = {p["id"]: p for p in read_predictions(out) if p["system"].endswith("kNN-LM")}
+    for i, text in enumerate(TEXTS[:2]):
+        want = direct_dcpmi(probs(text + " It was"), p_d, [[bad], [good]])
+        got = preds[10 + i]["scores"]
+        np.testing.assert_allclose([got["negative"], got["positive"]], want, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_stage_end_to_end(tmp_path, tiny_gpt2, tiny_decoder):
+    tasks = write_task_folder(tmp_path / "tasks")
+    out = tmp_path / "cli"
+    main(["downstream", "--tasks", str(tasks), "--bases", str(tiny_gpt2), "--memdec", str(tiny_decoder),
+          "--out", str(out), "--lmbda", "0.25", "--n_sample", "3", "--device", "cpu", "--bootstrap", "30"])  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["systems"] == [str(tiny_gpt2), f"{tiny_gpt2} + MemDec"]
+    assert report["accuracy"]["toy"][f"{tiny_gpt2} + MemDec"]["lmbda"] == 0.25
+    assert report["accuracy"]["toy"][str(tiny_gpt2)]["n"] == 3
+    assert len(read_predictions(out)) == 6

@@ -1,0 +1,103 @@
+"""The lm-evaluation-harness bridge: an offline lm_eval task on base + MemDec equals the package's own scorer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the task's data are local files; never ask the hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("lm_eval")
+
+from conftest import save_tiny  # noqa: E402
+
+from lightning_memdec.assets import load_tokenizer  # noqa: E402
+from lightning_memdec.corpus import position_windows  # noqa: E402
+from lightning_memdec.lm_eval_bridge import MemDecLM, run_lm_eval  # noqa: E402
+from lightning_memdec.models import load_causal_lm  # noqa: E402
+from lightning_memdec.scoring import gold_log_probs, mix_log_probs  # noqa: E402
+
+TEXTS = ["A dull, tired film.", "Warm and funny, with a cast that clearly enjoys itself", "Fine."]
+LMBDA = 0.3
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lm_eval_models")
+    return save_tiny(root / "base", seed=0), save_tiny(root / "dec", n_embd=16, seed=2)
+
+
+def own_log_likelihood(base, dec, tok, context, continuation) -> float:
+    """The package's scorer: each model's gold log-probs (scoring.gold_log_probs), mixed by scoring.mix_log_probs."""
+    ctx = tok(context)["input_ids"] if isinstance(context, str) else context
+    cont = tok(continuation)["input_ids"] if isinstance(continuation, str) else continuation
+    ids = torch.tensor([ctx + cont])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(ctx) - 1 : -1] = torch.tensor(cont)
+    with torch.no_grad():
+        lp = [gold_log_probs(m(input_ids=ids).logits, labels, len(tok)).double() for m in (base, dec)]
+    return float(mix_log_probs(lp[0], lp[1], LMBDA)[labels != -100].sum())
+
+
+class Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_harness_loglikelihoods_equal_the_package_scorer(tmp_path, pair):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(TEXTS)))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "toy.yaml").write_text(
+        "task: memdec_toy\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n  cache_dir: {tmp_path / 'hf_cache'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{text}} It was"\n'
+        'doc_to_choice: ["bad", "good"]\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    base_dir, dec_dir = pair
+    out = run_lm_eval(str(base_dir), str(dec_dir), ["memdec_toy"], lmbda=LMBDA, include_path=tasks, batch_size=2,
+                      log_samples=True, bootstrap_iters=0)  # fmt: skip
+    samples = out["samples"]["memdec_toy"]
+    assert len(samples) == len(TEXTS)
+    tok = load_tokenizer("gpt2")
+    base, dec = load_causal_lm(base_dir).eval(), load_causal_lm(dec_dir).eval()
+    for s in samples:
+        text = s["doc"]["text"]
+        got = [r[0] for r in s["filtered_resps"]]
+        want = [own_log_likelihood(base, dec, tok, f"{text} It was", f" {c}") for c in ("bad", "good")]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert "acc,none" in out["results"]["memdec_toy"]
+
+
+def test_rolling_and_generation(pair):
+    base_dir, dec_dir = pair
+    lm = MemDecLM(str(base_dir), str(dec_dir), lmbda=LMBDA, max_length=8, batch_size=3)
+    tok = lm.tokenizer
+    text = TEXTS[1] + " " + TEXTS[0]
+    [rolling] = lm.loglikelihood_rolling([Request(text)])
+    ids = tok(text)["input_ids"]
+    base, dec = load_causal_lm(base_dir).eval(), load_causal_lm(dec_dir).eval()
+    # every token after EOS scored once, with the context of its window (corpus.position_windows, 8 positions)
+    tokens = [tok.eos_token_id] + ids
+    windows = position_windows(len(tokens) - 1, 8, 8)
+    want, scored = 0.0, []
+    for s, f in zip(windows.starts.tolist(), windows.score_from.tolist()):
+        want += own_log_likelihood(base, dec, tok, tokens[s : s + f + 1], tokens[s + f + 1 : s + 9])
+        scored += list(range(s + f, s + 8))
+    assert len(ids) > 16 and scored == list(range(len(ids)))
+    assert rolling == pytest.approx(want, rel=1e-4, abs=1e-4)
+    first = own_log_likelihood(base, dec, tok, tok.eos_token, tok.decode(ids[:8]))
+    [(ll, _)] = lm.loglikelihood([Request("", tok.decode(ids[:8]))])
+    assert ll == pytest.approx(first, rel=1e-4, abs=1e-4)
+    [gen] = lm.generate_until([Request("The film", {"until": ["\n"], "max_gen_toks": 3})])
+    assert isinstance(gen, str)
