@@ -109,7 +109,7 @@ def quickstart(
         raise ValueError("--teacher needs given bases; with --pretrain_bases the teacher is the large one.")
     tokenizer = tokenizer or "gpt2"
     train_split, valid_split, test_split = (split_path(domain, s) for s in ("train", "valid", "test"))
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
@@ -190,6 +190,8 @@ def quickstart(
     report.update(
         {
             "seconds": clock.seconds,
+            "cpu_seconds": clock.cpu_seconds,
+            "total_cpu_seconds": round(time.process_time() - started_cpu, 1),
             "total_seconds": round(time.perf_counter() - started, 1),
             "teacher": {**report["teacher"], "start": teacher_start, "steps": teacher_steps},
             "teacher_temperature": t_choice,

@@ -74,8 +74,15 @@ def write_markdown(report: dict, path: Path) -> None:
     for base, checks in report.get("goals", {}).items():
         marks = ", ".join(f"{'✓' if ok else '✗'} {name}" for name, ok in checks.items())
         lines.append(f"- goals for {base}: {marks}")
-    seconds = ", ".join(f"{k} {v:.0f}" for k, v in report.get("seconds", {}).items())
-    lines += ["", f"Seconds per stage: {seconds}; total {report.get('total_seconds', 0):.0f} s.", ""]
+    cpu = report.get("cpu_seconds", {})
+    seconds = ", ".join(f"{k} {v:.0f} (CPU {cpu.get(k, 0):.0f})" for k, v in report.get("seconds", {}).items())
+    lines += [
+        "",
+        f"Seconds per stage (wall clock; CPU time of all threads in brackets; ~0 for stages reused from an earlier "
+        f"run): {seconds}; total {report.get('total_seconds', 0):.0f} s "
+        f"(CPU {report.get('total_cpu_seconds', 0):.0f}).",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 

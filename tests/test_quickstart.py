@@ -11,8 +11,8 @@ from lightning_memdec.quickstart import quickstart
 from lightning_memdec.quickstart_report import LAMBDA_GRID
 
 # the shipped bases at a few thousand tokens: mechanics only, the numbers mean nothing
-MICRO = dict(domain_tokens=6_000, eval_tokens=1_200, window=64, batch_size=4, teacher_steps=3, memdec_steps=6, k=16)
-TINY = dict(general_tokens=8_000, small_base_steps=4, large_base_steps=4, **MICRO)
+MICRO = dict(domain_tokens=3_000, eval_tokens=600, window=32, batch_size=4, teacher_steps=2, memdec_steps=4, k=8)
+TINY = dict(general_tokens=4_000, small_base_steps=2, large_base_steps=2, **MICRO)
 BASE_KEYS = {
     "base",
     "base_ppl",
@@ -87,7 +87,7 @@ def test_rerun_reuses_finished_stages(micro_run):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["results"] == report["results"]
     with pytest.raises(ArtifactError, match="other settings .*memdec_steps"):
-        quickstart(out=out, **{**MICRO, "memdec_steps": 7})
+        quickstart(out=out, **{**MICRO, "memdec_steps": 5})
 
 
 def test_mismatched_base_tokenizers_are_refused_before_any_work(tmp_path):
