@@ -29,11 +29,14 @@ FLAT_BELOW = 20_000  # datastores smaller than this are searched exactly
 
 @dataclass
 class Budget:
-    """Token and step budgets; the defaults fit the whole quickstart in about 15 minutes on 2 CPU cores.
+    """Token and step budgets of the default quickstart, sized from measured CPU cost.
 
-    Measured on 2 CPU cores (float32): training runs at ~1-2 k tokens/s for both shipped bases (their
-    50,257-row LM head dominates), forward-only bodies (datastore keys) are several times faster. So the domain
-    budget is what one epoch of each decoder (MemDec and CE-only) affords; the teacher sees a subset of it.
+    Measured (float32, the shipped bases; CPU seconds of all threads): the teacher (base-large) trains at ~200
+    tokens per CPU-second and the small decoders at ~500-550, their 50,257-row LM head dominating; forward-only
+    datastore keys are several times cheaper. A default run costs ~1,750-1,850 CPU-seconds (biomed, law): about
+    15-16 minutes on 2 dedicated cores. The domain budget is one epoch of each decoder (MemDec and CE-only); the
+    teacher is fine-tuned on the first 82k of those tokens (40 steps of 8 x 256) at half the bases' peak
+    pretraining learning rate, which already lowers its domain perplexity by ~50-60 %.
     """
 
     general_tokens: int = 520_000
