@@ -33,8 +33,9 @@ class Budget:
 
     Measured (float32, the shipped bases; CPU seconds of all threads): the teacher (base-large) trains at ~200
     tokens per CPU-second and the small decoders at ~500-550, their 50,257-row LM head dominating; forward-only
-    datastore keys are several times cheaper. A default run costs ~1,750-1,850 CPU-seconds (biomed, law): about
-    15-16 minutes on 2 dedicated cores. The domain budget is one epoch of each decoder (MemDec and CE-only); the
+    datastore keys are several times cheaper. A default run costs ~1,750-1,850 CPU-seconds (biomed, law): at
+    least 15 minutes on 2 dedicated cores (CPU time / 2), so these defaults are at, or a little over, that target.
+    The domain budget is one epoch of each decoder (MemDec and CE-only); the
     teacher is fine-tuned on the first 82k of those tokens (40 steps of 8 x 256) at half the bases' peak
     pretraining learning rate, which already lowers its domain perplexity by ~50-60 %.
     """
