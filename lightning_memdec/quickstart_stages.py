@@ -36,7 +36,7 @@ class Budget:
     datastore keys are several times cheaper. A default run costs ~1,750-1,850 CPU-seconds (biomed, law): at
     least 15 minutes on 2 dedicated cores (CPU time / 2), so these defaults are at, or a little over, that target.
     The domain budget is one epoch of each decoder (MemDec and CE-only); the
-    teacher is fine-tuned on the first 82k of those tokens (40 steps of 8 x 256) at half the bases' peak
+    teacher is fine-tuned on 82k of those tokens (40 steps of 8 x 256) at half the bases' peak
     pretraining learning rate, which already lowers its domain perplexity by ~50-60 %.
     """
 
