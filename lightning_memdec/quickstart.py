@@ -99,59 +99,22 @@ def quickstart(
         decoder_lr: peak learning rate of both decoders.
         beta: KL weight of the Memory Decoder loss.
     """
-    # everything that can be refused is checked before any work
-    if pretrain_bases and base:
-        raise ValueError("give either --base or --pretrain_bases true, not both.")
-    refs = [] if pretrain_bases else [str(b) for b in (base or SHIPPED_BASES)]
-    if not pretrain_bases:
-        tokenizer = base_tokenizers(refs + ([teacher] if teacher else []), tokenizer)
-    elif teacher:
-        raise ValueError("--teacher needs given bases; with --pretrain_bases the teacher is the large one.")
-    tokenizer = tokenizer or "gpt2"
-    train_split, valid_split, test_split = (split_path(domain, s) for s in ("train", "valid", "test"))
+    refs, tokenizer = checked_bases(base, teacher, pretrain_bases, tokenizer)  # refused before any work
+    splits = [split_path(domain, s) for s in ("train", "valid", "test")]
     started, started_cpu = time.perf_counter(), time.process_time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
-    budget = Budget(
-        general_tokens,
-        domain_tokens,
-        eval_tokens,
-        window,
-        batch_size,
-        small_base_steps,
-        large_base_steps,
-        teacher_steps,
-        memdec_steps,
-        k,
-        teacher_lr,
-        decoder_lr,
-    )
+    budget = Budget(general_tokens, domain_tokens, eval_tokens, window, batch_size, small_base_steps,
+                    large_base_steps, teacher_steps, memdec_steps, k, teacher_lr, decoder_lr)  # fmt: skip
     settings = {"domain": domain, "base": refs, "teacher": teacher, "pretrain_bases": pretrain_bases}
     check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget)})
-    c = out / "corpora"
     with clock("tokenize"):
-        corpora = {
-            "general-test": corpus_dir(c / "general-test", f"{EMBEDDED_PREFIX}general/test", tokenizer, eval_tokens),
-            "domain-train": corpus_dir(c / "domain-train", train_split, tokenizer, domain_tokens),
-            "domain-valid": corpus_dir(c / "domain-valid", valid_split, tokenizer, eval_tokens),
-            "domain-test": corpus_dir(c / "domain-test", test_split, tokenizer, eval_tokens),
-        }
-        if pretrain_bases:
-            for split, n in (("train", general_tokens), ("valid", eval_tokens)):
-                text = f"{EMBEDDED_PREFIX}general/{split}"
-                corpora[f"general-{split}"] = corpus_dir(c / f"general-{split}", text, tokenizer, n)
+        corpora = tokenized_corpora(out / "corpora", splits, tokenizer, budget, pretrain_bases)
     # 1. base LMs: given (default: the shipped ones), or pretrained on the general corpus
     if pretrain_bases:
-        gt, gv = corpora["general-train"], corpora["general-valid"]
         with clock("pretrain bases"):
-            bases = {
-                name: str(train_model(name, out, gt, gv, budget, steps, cfg, beta=0.0))
-                for name, steps, cfg in [
-                    ("base-small", small_base_steps, SMALL_BASE),
-                    ("base-large", large_base_steps, LARGE_BASE),
-                ]
-            }
+            bases = pretrained_bases(out, corpora, budget)
     else:
         bases = {Path(b.removeprefix(EMBEDDED_PREFIX)).name or b: b for b in refs}
     sizes = {name: parameters(ref) for name, ref in bases.items()}
@@ -163,22 +126,7 @@ def quickstart(
     # 2. teacher: the largest base fine-tuned on the domain; its datastore gives the training targets
     with clock("teacher fine-tune"):
         t_model = train_model("teacher", out, dt, dv, budget, teacher_steps, teacher_start, 0.0, lr=teacher_lr)
-    s = out / "stores"
-    with clock("teacher datastore + index"):
-        t_store = datastore(t_model, dt, s / "teacher-train", budget, stride=budget.window)
-        t_valid = datastore(t_model, dv, s / "teacher-valid", budget)
-        t_index = build_or_reuse_index(t_store, s / "teacher-index")
-    with clock("targets"):
-        t_gold_valid = gold_log_probs(t_model, dv, budget, out / "scores" / "teacher-domain-valid.npy")
-        t_choice = choose_temperature(*knn_gold_probs(t_store, t_index, t_valid, k), t_gold_valid)
-        temperature = t_choice["temperature"]
-        targets_train, targets_valid = out / "targets" / "train", out / "targets" / "valid"
-        if not done(targets_train):
-            build_targets(t_store, t_index, targets_train, k=k, temperature=temperature, overwrite=True)
-        if not done(targets_valid):
-            build_targets(
-                t_store, t_index, targets_valid, queries=t_valid, k=k, temperature=temperature, overwrite=True
-            )
+    (targets_train, targets_valid), t_choice = teacher_targets(out, t_model, dt, dv, budget, clock)
     # 3. the Memory Decoder and the CE-only ablation: same start, same budget, through `memdec fit`
     tt = {"train_targets": targets_train, "val_targets": targets_valid}
     with clock("train memdec"):
@@ -210,6 +158,61 @@ def quickstart(
     plot_report(report, out / "report.png")
     print((out / "report.md").read_text())
     return report
+
+
+def teacher_targets(out: Path, t_model: Path, dt: Path, dv: Path, budget: Budget, clock: StageClock):
+    """The teacher's datastore and index, its kNN temperature chosen on valid, and the train/valid sparse targets."""
+    s, k = out / "stores", budget.k
+    with clock("teacher datastore + index"):
+        t_store = datastore(t_model, dt, s / "teacher-train", budget, stride=budget.window)
+        t_valid = datastore(t_model, dv, s / "teacher-valid", budget)
+        t_index = build_or_reuse_index(t_store, s / "teacher-index")
+    with clock("targets"):
+        t_gold_valid = gold_log_probs(t_model, dv, budget, out / "scores" / "teacher-domain-valid.npy")
+        t_choice = choose_temperature(*knn_gold_probs(t_store, t_index, t_valid, k), t_gold_valid)
+        temperature = t_choice["temperature"]
+        targets_train, targets_valid = out / "targets" / "train", out / "targets" / "valid"
+        if not done(targets_train):
+            build_targets(t_store, t_index, targets_train, k=k, temperature=temperature, overwrite=True)
+        if not done(targets_valid):
+            build_targets(t_store, t_index, targets_valid, queries=t_valid, k=k, temperature=temperature,
+                          overwrite=True)  # fmt: skip
+    return (targets_train, targets_valid), t_choice
+
+
+def checked_bases(base, teacher, pretrain_bases: bool, tokenizer: str | None) -> tuple[list[str], str]:
+    """The base references and the corpora's tokenizer, refusing contradictory or mismatched settings."""
+    if pretrain_bases and base:
+        raise ValueError("give either --base or --pretrain_bases true, not both.")
+    refs = [] if pretrain_bases else [str(b) for b in (base or SHIPPED_BASES)]
+    if not pretrain_bases:
+        tokenizer = base_tokenizers(refs + ([teacher] if teacher else []), tokenizer)
+    elif teacher:
+        raise ValueError("--teacher needs given bases; with --pretrain_bases the teacher is the large one.")
+    return refs, tokenizer or "gpt2"
+
+
+def tokenized_corpora(c: Path, splits: list[str], tokenizer: str, budget: Budget, general: bool) -> dict[str, Path]:
+    """The domain splits and general test (plus general train/valid to pretrain bases), reused when done."""
+    train, valid, test = splits
+    corpora = {
+        "general-test": corpus_dir(c / "general-test", f"{EMBEDDED_PREFIX}general/test", tokenizer, budget.eval_tokens),
+        "domain-train": corpus_dir(c / "domain-train", train, tokenizer, budget.domain_tokens),
+        "domain-valid": corpus_dir(c / "domain-valid", valid, tokenizer, budget.eval_tokens),
+        "domain-test": corpus_dir(c / "domain-test", test, tokenizer, budget.eval_tokens),
+    }
+    if general:
+        for split, n in (("train", budget.general_tokens), ("valid", budget.eval_tokens)):
+            corpora[f"general-{split}"] = corpus_dir(c / f"general-{split}", f"{EMBEDDED_PREFIX}general/{split}",
+                                                     tokenizer, n)  # fmt: skip
+    return corpora
+
+
+def pretrained_bases(out: Path, corpora: dict[str, Path], budget: Budget) -> dict[str, str]:
+    """Two tiny bases pretrained from scratch on the general corpus (--pretrain_bases)."""
+    gt, gv = corpora["general-train"], corpora["general-valid"]
+    plan = [("base-small", budget.small_base_steps, SMALL_BASE), ("base-large", budget.large_base_steps, LARGE_BASE)]
+    return {name: str(train_model(name, out, gt, gv, budget, steps, cfg, beta=0.0)) for name, steps, cfg in plan}
 
 
 def evaluate_all(

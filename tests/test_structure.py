@@ -98,3 +98,21 @@ def test_no_import_cycles():
     for name in sorted(graph):
         if name not in state:
             visit(name)
+
+
+MAX_FUNCTION_LINES = 60
+REASONS = ("on purpose", "long by", "long because")  # a long function says why in its docstring
+
+
+def test_no_long_function_without_a_reason():
+    long = []
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node) or ""
+            first = node.body[1] if doc and len(node.body) > 1 else node.body[0]
+            lines = node.end_lineno - first.lineno + 1  # the body, docstring excluded
+            if lines > MAX_FUNCTION_LINES and not any(r in doc.lower() for r in REASONS):
+                long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over 60 lines without a reason in their docstring:\n" + "\n".join(long)
