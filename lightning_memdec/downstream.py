@@ -32,7 +32,14 @@ from lightning_memdec.downstream_report import accuracy_summary, write_downstrea
 from lightning_memdec.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
 from lightning_memdec.interpolate import InterpolatedLM
 from lightning_memdec.knnlm import KNNLM
-from lightning_memdec.models import find_tokenizer, forward_params, load_causal_lm, position_ids_from_mask
+from lightning_memdec.models import (
+    context_length,
+    find_tokenizer,
+    forward_params,
+    load_causal_lm,
+    position_ids_from_mask,
+    torch_device,
+)
 from lightning_memdec.scoring import DEFAULT_LAMBDA_GRID, check_lambda_grid, check_lmbda, mix_log_probs
 
 __all__ = ["downstream", "next_token_log_probs", "dcpmi_scores", "choose_lambda", "PromptScorer"]
@@ -143,17 +150,6 @@ def _knn_side(knnlm: KNNLM):
     return sides
 
 
-def _context_limit(model) -> int | None:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # -- the stage ---------------------------------------------------------------------------------------------------------
 
 
@@ -178,7 +174,7 @@ class _Run:
         """Every task with one base: alone, + MemDec, + kNN-LM."""
         pair = InterpolatedLM(model, self.decoder, 0.0, base_tokenizer=tok) if self.decoder is not None else None
         vocab = pair.config.vocab_size if pair is not None else len(tok)
-        limits = [self.max_length, _context_limit(model)] + ([_context_limit(self.decoder)] if pair else [])
+        limits = [self.max_length, context_length(model)] + ([context_length(self.decoder)] if pair else [])
         scorer = PromptScorer(tok, min(x for x in limits if x), self.batch_size)
         fingerprint = tokenizer_info(tok, "base")["fingerprint"]
         base_side = _knn_side(knnlm) if knnlm is not None else _lm_side(model, vocab, "base")
@@ -329,7 +325,7 @@ def downstream(
         ref: {t.name: single_token_verbalizers(t, tok, f"{ref}'s tokenizer") for t in task_list}
         for ref, tok in tokenizers.items()
     }
-    dev = _device(device)
+    dev = torch_device(device)
     decoder = load_causal_lm(memdec).to(dev).eval() if memdec is not None else None
     run = _Run(task_list, verbalizer_ids, lambdas, grid, decoder, max_length, batch_size)
     knn_args = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}

@@ -20,7 +20,7 @@ from lightning_memdec.assets import load_tokenizer, read_documents, resolve_text
 from lightning_memdec.corpus import Corpus, encode_documents
 from lightning_memdec.interpolate import InterpolatedLM
 from lightning_memdec.knnlm import KNNLM, knnlm_scorer
-from lightning_memdec.models import find_tokenizer, load_causal_lm, tokenizer_name
+from lightning_memdec.models import context_length, find_tokenizer, load_causal_lm, tokenizer_name, torch_device
 from lightning_memdec.report import write_report
 from lightning_memdec.scoring import (
     DEFAULT_LAMBDA_GRID,
@@ -69,8 +69,7 @@ def text_tokens(spec: str | Path, tokenizer, max_tokens: int | None = None, batc
 
 
 def _check_context(model, window: int, what: str) -> None:
-    cfg = model.config
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    max_pos = context_length(model)
     if max_pos is not None and window > max_pos:
         raise ValueError(f"window {window} exceeds the {max_pos} positions of {what}; lower --window (and --stride).")
 
@@ -145,9 +144,7 @@ def evaluate(
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = torch_device(device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
         stores = _build_missing_stores(stores, models, knn_corpus, Path(out) / "stores", window, stride)

@@ -131,3 +131,18 @@ def position_ids_from_mask(attention_mask, length: int):
         return None
     position_ids = attention_mask.long().cumsum(-1) - 1
     return position_ids.masked_fill(attention_mask == 0, 0)[:, -length:]
+
+
+def context_length(model) -> int | None:
+    """Positions the model attends over (``max_position_embeddings`` or GPT-2's ``n_positions``); None: unbounded."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def torch_device(device: str = "auto"):
+    """``auto``: the GPU when there is one, else the CPU; anything else as torch names it (``cuda:1``, ``cpu``)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -67,12 +67,10 @@ def base_config(size: str, corpora: dict[str, Path], out: Path, overrides: dict[
 
 def general_perplexity(model_dir: Path, corpus: Path, window: int, batch_size: int = 16) -> float:
     """Sliding-window perplexity (stride window / 2) of a causal LM over a tokenized corpus (on a GPU if any)."""
-    import torch
-
-    from lightning_memdec.models import load_causal_lm
+    from lightning_memdec.models import load_causal_lm, torch_device
     from lightning_memdec.scoring import corpus_gold_log_probs, perplexity
 
-    model = load_causal_lm(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(model_dir).to(torch_device("auto"))
     return perplexity(corpus_gold_log_probs(model, corpus, window, batch_size=batch_size))
 
 
