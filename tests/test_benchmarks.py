@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RATES = ["datastore_entries_per_s", "targets_exact_queries_per_s", "fit_tokens_per_s"]
-RATIOS = ["memdec_generation_overhead", "knnlm_generation_overhead", "knnlm_to_memdec_generation_overhead"]
+RATES = ["datastore_entries_per_s", "targets_exact_queries_per_s"]  # count ÷ elapsed time: positive by construction
+# differences and ratios of timings are noise in a tiny CPU run (fit's rate is a difference of two runs' times)
+TIMED = ["fit_tokens_per_s", "memdec_generation_overhead", "knnlm_generation_overhead",
+         "knnlm_to_memdec_generation_overhead"]  # fmt: skip
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
@@ -18,6 +20,6 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert not [k for k in lines if k.endswith("_error")], result.stdout
     for name in RATES:
         assert float(lines[name]) > 0, name
-    for name in RATIOS:  # timing ratios of a tiny CPU run are noise: present and finite is what CI can check
+    for name in TIMED:  # present and finite is what CI can check without asserting on wall-clock time
         assert math.isfinite(float(lines[name])), name
     assert list(lines)[-1] == "knnlm_to_memdec_generation_overhead"  # the headline is last
