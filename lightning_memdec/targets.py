@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lightning_memdec.artifacts import base_meta, publish, read_meta, start_work_dir
-from lightning_memdec.exact_search import SEARCH_BACKENDS, choose_search, exact_search
+from lightning_memdec.exact_search import SEARCH_BACKENDS, choose_search, exact_search, resident_keys
 from lightning_memdec.index_plan import check_gpu_k
 from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions, stored_rows
@@ -64,6 +64,7 @@ class KNNTargetSearcher(L.LightningModule):
         self.exact, self.max_support, self.min_prob = exact_distances, max_support, min_prob
         self.chunk_size, self.nprobe, self.use_gpu = chunk_size, nprobe, use_gpu
         self.search, self.search_memory, self.device_values = search, search_memory, None
+        self.device_keys = None
 
     def setup(self, stage: str) -> None:
         self.query_store = Datastore(self.queries_dir)
@@ -94,7 +95,11 @@ class KNNTargetSearcher(L.LightningModule):
 
     def exact_rows(self, queries: np.ndarray, rows: np.ndarray):
         own = rows.astype(np.int64) if self.self_exclude else None
-        dist, ids = exact_search(queries, self.store.keys, self.k, own, self.device, self.search_memory)
+        if self.device.type == "cuda" and self.device_keys is None:  # once per rank, when the store fits its GPU
+            self.device_keys = resident_keys(self.store.keys, self.device)
+            log.info("keys %s on %s", "resident" if self.device_keys is not None else "streamed per chunk", self.device)
+        keys = self.store.keys if self.device_keys is None else self.device_keys
+        dist, ids = exact_search(queries, keys, self.k, own, self.device, self.search_memory)
         if dist.device.type == "cpu":
             return knn_distributions(
                 dist.numpy(),

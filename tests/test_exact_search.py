@@ -18,6 +18,7 @@ from lightning_memdec.exact_search import (
     block_rows,
     choose_search,
     exact_search,
+    resident_keys,
 )
 from lightning_memdec.sparse import knn_distributions
 from lightning_memdec.sparse_torch import knn_distributions_torch
@@ -91,6 +92,17 @@ def test_memory_budget_sets_the_block_size(keys):
     assert block_rows(60, 24, 20, 1, torch.float32) == 1
     small = exact_search(keys[:10], keys, 5, query_ids=np.arange(10), memory_bytes=20_000)
     assert_same_neighbours(small, brute_force(keys[:10], keys, 5, exclude=np.arange(10)))
+
+
+def test_resident_keys_copy_in_blocks_and_only_when_they_fit(keys, tmp_path):
+    stored = np.lib.format.open_memmap(tmp_path / "keys.npy", mode="w+", dtype=keys.dtype, shape=keys.shape)
+    stored[:] = keys
+    copy = resident_keys(stored, "cpu", max_bytes=keys.nbytes, block=7)  # 403 rows: 57 full blocks and a partial one
+    assert copy.dtype == torch.float16 and np.array_equal(copy.numpy(), keys)
+    assert resident_keys(stored, "cpu", max_bytes=keys.nbytes - 1) is None
+    own = np.arange(20)
+    got = exact_search(keys[:20], copy, 9, query_ids=own, block_size=50)
+    assert_same_neighbours(got, brute_force(keys[:20], keys, 9, exclude=own))
 
 
 @pytest.mark.parametrize(
