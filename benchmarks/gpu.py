@@ -173,6 +173,51 @@ def fit_stage(w: Path, shape: dict, corpus: Path, targets: Path, window: int, st
     peak = next((v for name, v in PEAK_BF16_FLOPS.items() if name in device_name()), None)
     if peak is not None:
         report("fit_mfu", 6 * params * tokens_per_s / peak)
+    section("fit_breakdown", fit_breakdown, config, accelerator)
+
+
+def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int = 8) -> None:
+    """Where fit's time goes, side by side: the train loader alone (its workers, no model) and the training step alone
+    on one resident batch, with the Memory Decoder loss and with plain cross-entropy (no targets)."""
+    from lightning_memdec.data import MemDecDataModule
+    from lightning_memdec.losses import memdec_loss
+    from lightning_memdec.module import MemoryDecoderModule
+
+    data = MemDecDataModule(**config["data"])
+    data.setup("fit")
+    epochs = data.train_dataloader()
+    loader = (b for _ in range(batches + 1) for b in epochs)  # epoch after epoch: a tiny split has few batches
+    batch = next(loader)  # workers started
+    _, seconds = timed(lambda: [next(loader) for _ in range(batches)])
+    tokens = batch["input_ids"].numel()
+    report("fit_loader_tokens_per_s", batches * tokens / seconds)
+    report("fit_batch_mbytes", sum(t.numel() * t.element_size() for t in batch.values()) / 1e6)
+
+    dev = "cuda" if accelerator == "gpu" else "cpu"
+    module = MemoryDecoderModule(config=config["model"]["config"])
+    module.configure_model()
+    model = module.decoder.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = {k: v.to(dev) for k, v in batch.items()}
+
+    def losses(logits, objective: str):
+        if objective == "ce":
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+        mask = batch["loss_mask"]
+        return memdec_loss(logits, batch["labels"], batch["target_ids"], batch["target_probs"], mask).loss
+
+    def train_steps(objective: str):
+        for _ in range(steps):
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+                logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+            losses(logits, objective).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for objective in ("memdec", "ce"):
+        train_steps(objective)  # warm-up
+        _, seconds = timed(lambda objective=objective: train_steps(objective))
+        report(f"fit_step_{objective}_loss_tokens_per_s", steps * tokens / seconds)
 
 
 def load_decoder(path: Path):
