@@ -159,7 +159,9 @@ def fit_stage(w: Path, shape: dict, corpus: Path, targets: Path, window: int, st
 
     def run(max_steps: int, name: str):
         cfg = dict(config, trainer={**config["trainer"], "max_steps": max_steps, "default_root_dir": str(w / name)})
-        cfg.update(export={"dirpath": str(w / name / "hf")}, checkpoint={"dirpath": str(w / name / "ckpt")})
+        # no checkpoints: with a split of a few batches, the default one per epoch (1.5 GB with AdamW's state) would be
+        # timed instead of training
+        cfg.update(export={"dirpath": str(w / name / "hf")}, checkpoint={"save_top_k": 0, "save_last": False})
         return timed(lambda: fit(cfg))
 
     run(3, "fit-warmup")  # kernels, allocator, dataloader workers
