@@ -14,8 +14,9 @@ depends on shapes, not on what the model knows.
    tokens/s ÷ the card's dense bf16 peak).
 4. **generation**: greedy decoding with a GPT2-large-shaped base (774 M) alone, + the GPT-2-small decoder
    (``InterpolatedLM.generate``), and + kNN-LM (``KNNLM.generate_greedy`` over a datastore keyed by that base, FAISS
-   ``Flat`` on the host cores, as a user without faiss-gpu runs it): seconds per token and the overheads, MemDec
-   against ``base.generate`` and kNN-LM against its own cached loop without retrieval (paper: 1.28×, 2.17×).
+   ``Flat`` on the host cores, and ``search="exact"``: the keys resident on the accelerator, searched by matrix
+   products): seconds per token and the overheads, MemDec against ``base.generate`` and kNN-LM against its own cached
+   loop without retrieval (paper: 1.28×, 2.17×); the headline uses the faster of the two kNN-LM searches.
 
 Prints ``name: value`` lines; the headline ``knnlm_to_memdec_generation_overhead`` last. A section that fails prints
 ``<section>_error: …`` and the rest still run.
@@ -251,26 +252,32 @@ def generation_stage(w: Path, large: dict, small: dict, tokens: int, window: int
     decoder = load_causal_lm(decoder_dir, dtype=dtype).to(dev).eval()
     mixed = InterpolatedLM(base, decoder, 0.25)
     knnlm = KNNLM(base, store, index, k=1024, temperature=16.0, lmbda=0.25)
+    knnlm_exact = KNNLM(base, store, k=1024, temperature=16.0, lmbda=0.25, search="exact")  # keys on the base's device
     prompt = torch.randint(0, 50256, (1, 32), device=dev)
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
 
-    def knn_loop(lmbda: float):
-        knnlm.lmbda = lmbda  # λ = 0: the same cached loop without retrieval, kNN-LM's own baseline
-        return knnlm.generate_greedy(prompt, new_tokens)
+    def knn_loop(lm: KNNLM, lmbda: float):
+        lm.lmbda = lmbda  # λ = 0: the same cached loop without retrieval, kNN-LM's own baseline
+        return lm.generate_greedy(prompt, new_tokens)
 
     runs = {
         "base": lambda: base.generate(prompt, **kwargs),
         "memdec": lambda: mixed.generate(prompt, **kwargs),
-        "base_loop": lambda: knn_loop(0.0),
-        "knnlm": lambda: knn_loop(0.25),
+        "base_loop": lambda: knn_loop(knnlm, 0.0),
+        "knnlm_faiss": lambda: knn_loop(knnlm, 0.25),
+        "knnlm_exact": lambda: knn_loop(knnlm_exact, 0.25),
     }
     seconds = {}
     for name, run in runs.items():
         run()  # warm-up: kernels, caches
         seconds[name] = min(timed(run)[1] for _ in range(2)) / new_tokens
         report(f"generate_{name}_ms_per_token", 1000 * seconds[name])
-    memdec, knn = seconds["memdec"] / seconds["base"], seconds["knnlm"] / seconds["base_loop"]
+    memdec = seconds["memdec"] / seconds["base"]
     report("memdec_generation_overhead", memdec)
+    for search in ("faiss", "exact"):
+        report(f"knnlm_{search}_generation_overhead", seconds[f"knnlm_{search}"] / seconds["base_loop"])
+    # the headline compares with the faster kNN-LM search: the strongest baseline this machine allows
+    knn = min(seconds["knnlm_faiss"], seconds["knnlm_exact"]) / seconds["base_loop"]
     report("knnlm_generation_overhead", knn)
     report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
 

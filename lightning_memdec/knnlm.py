@@ -50,13 +50,16 @@ class KNNLM(torch.nn.Module):
     Args:
         base: the base LM that built the datastore (``PreTrainedModel`` or name/path).
         datastore: datastore directory (or an opened ``Datastore``).
-        index: index directory over that datastore (or an opened ``KeyIndex``).
+        index: index directory over that datastore (or an opened ``KeyIndex``); not needed with ``search="exact"``.
         k: neighbours per query (paper: 1024); capped at the datastore size.
         temperature: T of the softmax over −distances (paper: 16).
         lmbda: the kNN weight λ ∈ [0, 1].
         exact_distances: recompute fp32 distances from the stored keys (IVF-PQ distances are approximate).
         tokenizer: the base's tokenizer, when its directory has none (checked against the datastore's).
         nprobe: IVF lists visited per query (default: the index's meta.json).
+        search: ``"faiss"`` (the index, on the host) or ``"exact"``: every key by blocked matrix products on the
+            base's device (:func:`~lightning_memdec.exact_search.exact_search`), the keys resident there when they fit
+            (on a GPU the fast kNN-LM without faiss-gpu; on a CPU only for small stores); distances are exact.
         **load_kwargs: ``from_pretrained`` arguments for a base given by name/path.
     """
 
@@ -64,13 +67,14 @@ class KNNLM(torch.nn.Module):
         self,
         base: PreTrainedModel | str | Path,
         datastore,
-        index,
+        index=None,
         k: int = 1024,
         temperature: float = 16.0,
         lmbda: float = 0.25,
         exact_distances: bool = False,
         tokenizer=None,
         nprobe: int | None = None,
+        search: str = "faiss",
         **load_kwargs,
     ):
         super().__init__()
@@ -86,11 +90,18 @@ class KNNLM(torch.nn.Module):
         from lightning_memdec.index import KeyIndex
         from lightning_memdec.store import Datastore
 
+        if search not in ("faiss", "exact"):
+            raise ValueError(f"search must be 'faiss' or 'exact', got {search!r}.")
+        if search == "faiss" and index is None:
+            raise ValueError("search='faiss' needs index= (an index over the datastore); or use search='exact'.")
+        self.search = search
         self.store = Datastore(datastore) if isinstance(datastore, (str, Path)) else datastore
-        self.key_index = KeyIndex(index, nprobe=nprobe) if isinstance(index, (str, Path)) else index
+        self.key_index = None
+        if search == "faiss":
+            self.key_index = KeyIndex(index, nprobe=nprobe) if isinstance(index, (str, Path)) else index
         meta = self.store.meta
         where = f"datastore {self.store.dir}"
-        if self.key_index.meta.get("datastore_identity") != self.store.identity():
+        if self.key_index is not None and self.key_index.meta.get("datastore_identity") != self.store.identity():
             raise ValueError(
                 f"index {self.key_index.dir} was built over datastore {self.key_index.meta.get('datastore')}, not over "
                 f"{self.store.dir} (their corpus/model/layer/size differ); pass the index built for this datastore."
@@ -124,6 +135,7 @@ class KNNLM(torch.nn.Module):
         self.temperature = float(temperature)
         self.exact_distances = bool(exact_distances)
         self.values = np.asarray(self.store.values)  # int32, 4 bytes an entry: read once, gathered per query
+        self.device_keys: torch.Tensor | None = None  # search="exact": the keys on the base's device, once
 
     @staticmethod
     def _check_tokenizer(base_ref, base, tokenizer, meta: dict, where: str) -> int:
@@ -182,6 +194,8 @@ class KNNLM(torch.nn.Module):
 
     def neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances ``[n, k]`` float64 (+inf for a missing neighbour) and their tokens ``[n, k]``."""
+        if self.search == "exact":
+            return self._exact_neighbours(keys)
         queries = keys.detach().reshape(-1, keys.shape[-1]).float().cpu().numpy()
         dist, ids = self.key_index.search(queries, self.k)
         if self.exact_distances:
@@ -190,6 +204,16 @@ class KNNLM(torch.nn.Module):
             dist = exact_squared_l2(queries, self.store.keys, ids)
         dist = np.where(ids >= 0, dist.astype(np.float64), np.inf)
         return dist, np.take(self.values, ids, mode="clip").astype(np.int64)
+
+    def _exact_neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        from lightning_memdec.exact_search import exact_search, resident_keys
+
+        if self.device_keys is None or self.device_keys.device != keys.device:
+            self.device_keys = resident_keys(self.store.keys, keys.device)
+        stored = self.store.keys if self.device_keys is None else self.device_keys
+        dist, ids = exact_search(keys.detach().reshape(-1, keys.shape[-1]), stored, self.k, device=keys.device)
+        ids = ids.cpu().numpy()
+        return dist.double().cpu().numpy(), np.take(self.values, ids).astype(np.int64)
 
     def knn_gold_log_probs(self, keys: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         """log p_kNN(gold) ``[n]`` float64: the weight of the neighbours whose value is the gold token (no [n, V])."""

@@ -92,9 +92,11 @@ def test_knnlm_endpoints_and_rows_sum_to_one(knnlm, test_tokens):
     assert (knn.exp() > 0).sum(-1).max() <= 16  # support: at most the k neighbours' tokens
 
 
-@pytest.mark.parametrize("k, exact", [(8, False), (2999, True)])
-def test_knn_distribution_equals_brute_force(tiny_gpt2, biomed_datastore, biomed_index, test_tokens, k, exact):
-    lm = KNNLM(tiny_gpt2, biomed_datastore, biomed_index, k=k, temperature=4.0, lmbda=0.5, exact_distances=exact)
+@pytest.mark.parametrize("k, exact, search", [(8, False, "faiss"), (2999, True, "faiss"), (40, False, "exact")])
+def test_knn_distribution_equals_brute_force(tiny_gpt2, biomed_datastore, biomed_index, test_tokens, k, exact, search):
+    index = biomed_index if search == "faiss" else None  # exact search needs no index
+    kwargs = {"exact_distances": exact, "search": search}
+    lm = KNNLM(tiny_gpt2, biomed_datastore, index, k=k, temperature=4.0, lmbda=0.5, **kwargs)
     ids = torch.as_tensor(test_tokens[:24])[None]
     _, keys = lm.base_forward(ids)
     queries = keys[0].numpy()
@@ -149,6 +151,10 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
         KNNLM(tiny_gpt2, biomed_datastore, biomed_index, lmbda=1.5)
     with pytest.raises(ValueError, match="k .* positive integer"):
         KNNLM(tiny_gpt2, biomed_datastore, biomed_index, k=0)
+    with pytest.raises(ValueError, match="search='faiss' needs index="):
+        KNNLM(tiny_gpt2, biomed_datastore)
+    with pytest.raises(ValueError, match="search must be 'faiss' or 'exact'"):
+        KNNLM(tiny_gpt2, biomed_datastore, biomed_index, search="flat")
     with pytest.raises(ValueError, match=r"datastore .* tokenizer gpt2 \(vocab 50257.*base LM uses neox \(vocab 50277"):
         KNNLM(models["neox"], biomed_datastore, biomed_index)
     with pytest.raises(ValueError, match="32-dim keys .* gives 48-dim keys"):
