@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -29,6 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 WINDOW, BATCH, STEPS = 32, 2, 4  # 5 windows / (2 ranks × 2) = 2 steps per epoch: 4 steps are 2 epochs
 DECODER = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2}
 DECODER.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: both runs compute the same function
+#: Max |Δ| of a weight after 4 AdamW steps (lr 3e-3) between 1 and 2 processes. The runs add the same per-position
+#: gradients in another order (two partial sums, then gloo's all-reduce, with other thread counts), so gradients
+#: differ by fp32 rounding δ (~1e-7 relative); Adam's update lr·m / (sqrt(v) + eps) turns that into about
+#: lr·δ / max(|g|, eps), large only for the few gradients near zero. Measured: 4e-6 in a handful of elements (the
+#: weights moved 9e-3 over steps 2-4); averaging the ranks' means instead of weighing positions gave 1.8e-2.
+WEIGHT_ATOL = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +118,7 @@ def test_a_split_smaller_than_ranks_times_batch_leaves_no_rank_without_batches(s
     module.log_dict = lambda *args, **kwargs: None  # no Trainer to log to
     loss = module.training_step(batches[2], 0)
     loss.backward()
-    assert float(loss) == 0.0 and all(float(p.grad.abs().max()) == 0.0 for p in module.parameters())
+    assert loss.item() == 0.0 and all(float(p.grad.abs().max()) == 0.0 for p in module.parameters())
 
 
 def test_two_processes_train_on_the_windows_of_one_process_with_twice_the_batch(runs, small_pair):
@@ -124,6 +131,23 @@ def test_two_processes_train_on_the_windows_of_one_process_with_twice_the_batch(
     assert sorted(two[0] + two[1]) == sorted(two[2] + two[3]) == starts, "each epoch trains each window once"
     assert two[0] != two[2] and len(two[1]) == len(two[3]) == 1, "the epochs are shuffled and end on one window"
     assert ranks[1]["starts"][1] == ranks[1]["starts"][3] == [-1], "rank 1 gets no window at the end of an epoch"
+
+
+def test_two_processes_give_the_weights_and_losses_of_one_process(runs):
+    w1, w2 = weights(runs[1]), weights(runs[2])
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    print(f"max |Δw| 1 vs 2 processes: {diff:.3g}")
+    assert diff < WEIGHT_ATOL
+    (one,), (rank0, rank1) = records(runs[1], 1), records(runs[2], 2)
+    for key in ("train/loss", "train/kl", "train/ce"):
+        losses = [np.array([step[key] for step in r["train"]]) for r in (one, rank0, rank1)]
+        print(key, "1 process:", losses[0], "max |Δ| 2 processes:", np.abs(losses[1] - losses[0]).max())
+        np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5, err_msg=f"{key}: the loss of all windows")
+        np.testing.assert_array_equal(losses[2], losses[1], err_msg=f"{key}: both ranks log the same value")
+    assert len(one["val"]) == 2  # after each epoch
+    for key in ("val/loss", "val/ce", "val/ppl"):
+        np.testing.assert_allclose([v[key] for v in rank0["val"]], [v[key] for v in one["val"]], rtol=1e-5)
+        np.testing.assert_array_equal([v[key] for v in rank1["val"]], [v[key] for v in rank0["val"]])
 
 
 def test_test_metrics_of_two_processes_are_those_of_one(runs, small_pair, tmp_path):
