@@ -119,8 +119,10 @@ class EvenShardSampler(DistributedSampler):
     """Each rank gets a disjoint share of the windows, padded with masked filler windows (index -1).
 
     Every window is seen exactly once per epoch, and every rank runs the same number of steps, which
-    DDP/FSDP need (the standard sampler repeats windows instead, counting them twice). After a mid-epoch
-    resume the first epoch iterated skips the windows this rank already trained on (:meth:`resume`).
+    DDP/FSDP need (the standard sampler repeats windows instead, counting them twice). Windows are dealt
+    round-robin, so the ranks' batches of a step together are the batch of one process with ``num_replicas``
+    times the batch size. After a mid-epoch resume the first epoch iterated skips the windows this rank already
+    trained on (:meth:`resume`).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
@@ -186,7 +188,7 @@ class MemDecDataModule(L.LightningDataModule):
         test_targets: targets for the test split (then test/loss includes the KL term).
         window: positions per training window (the decoder's context length).
         stride: new positions per window (= window: non-overlapping blocks, every position trained once).
-        batch_size: windows per batch and device.
+        batch_size: windows per batch and device (R devices × b train like one device with R·b).
         max_support: cap on target tokens per position (the top ones, renormalised); None keeps all.
         num_workers: dataloader worker processes.
         seed: shuffling seed (the epoch is added each epoch).

