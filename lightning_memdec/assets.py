@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lzma
+from collections.abc import Iterator
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -52,23 +53,47 @@ def resolve_text(spec: str | Path) -> Path:
     return path
 
 
-def read_text(path: str | Path) -> str:
+def open_text(path: str | Path):
+    """A text file (``.xz`` compressed or not) opened for reading in universal-newline text mode."""
     path = Path(path)
     if path.suffix == ".xz":
-        with lzma.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+        return lzma.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_text(path: str | Path) -> str:
+    with open_text(path) as f:
+        return f.read()
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Documents are separated by blank lines; surrounding newlines are dropped, blank ones skipped.
+
+    Read line by line, so a file of any size costs the memory of one document.
+    """
+    with open_text(path) as f:
+        lines: list[str] = []
+        for line in f:
+            line = line.removesuffix("\n")
+            if line:
+                lines.append(line)
+                continue
+            if lines:
+                yield from non_blank("\n".join(lines))
+            lines = []
+        if lines:
+            yield from non_blank("\n".join(lines))
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """Documents are separated by blank lines; surrounding whitespace is dropped, empty ones skipped."""
-    text = read_text(path).replace("\r\n", "\n")
-    docs = []
-    for block in text.split("\n\n"):
-        block = block.strip("\n")
-        if block.strip():
-            docs.append(block)
-    return docs
+    """All documents of a text file (see :func:`iter_documents`)."""
+    return list(iter_documents(path))
+
+
+def non_blank(document: str) -> Iterator[str]:
+    """The document without surrounding newlines, unless it is blank: the one rule for what counts as text."""
+    if document.strip():
+        yield document.strip("\n")
 
 
 def resolve_model(ref: str | Path) -> str:

@@ -14,8 +14,10 @@ LIGHTNING_COMMANDS = {
     "validate": "validation loss/perplexity of a decoder checkpoint",
     "test": "test loss/perplexity (data.test_corpus) of a decoder checkpoint",
 }
-# list-valued flags users repeat (`--base a --base b`), per command; jsonargparse appends with `--base+ a`
+# list-valued flags users repeat (`--base a --base b`) or give several values (`--data_files a b`), per command;
+# jsonargparse appends with `--base+ a`
 REPEATABLE_FLAGS = {
+    "tokenize": ("--text", "--data_files"),
     "quickstart": ("--base",),
     "evaluate": ("--bases", "--datastore", "--index"),
     "downstream": ("--tasks", "--bases", "--datastore", "--index", "--task_names"),
@@ -24,12 +26,19 @@ REPEATABLE_FLAGS = {
 
 
 def repeatable(args: list[str]) -> list[str]:
-    """Turn each `--flag value` of the command's repeatable list flags into jsonargparse's `--flag+ value`."""
+    """Turn each `--flag v1 [v2 …]` of the command's repeatable list flags into jsonargparse's `--flag+ v1 --flag+ v2`
+    (the first value is always the flag's; more follow up to the next `-…` argument; a JSON list `[a,b]` is kept)."""
     flags = REPEATABLE_FLAGS.get(args[0], ()) if args else ()
-    return [
-        f"{a}+" if a in flags and i + 1 < len(args) and not args[i + 1].startswith("[") else a
-        for i, a in enumerate(args)
-    ]
+    out, i = [], 0
+    while i < len(args):
+        flag, i = args[i], i + 1
+        values = []
+        if flag in flags and i < len(args) and not args[i].startswith("["):
+            values, i = [args[i]], i + 1
+            while i < len(args) and not args[i].startswith("-"):
+                values, i = values + [args[i]], i + 1
+        out += [x for v in values for x in (f"{flag}+", v)] or [flag]
+    return out
 
 
 def packaged_config_args(args: list[str]) -> list[str]:

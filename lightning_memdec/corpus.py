@@ -7,6 +7,14 @@ indexed by position, so stages align by index with no lookup table.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,15 +23,16 @@ from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import (
     ArtifactError,
+    NpyAppender,
     base_meta,
     open_checked,
     publish,
     read_meta,
-    sha256_file,
     start_work_dir,
     tokenizer_info,
 )
-from lightning_memdec.assets import load_tokenizer, read_documents, resolve_text
+from lightning_memdec.assets import load_tokenizer
+from lightning_memdec.corpus_sources import open_documents
 
 TOKENS = "tokens.npy"
 DOC_OFFSETS = "doc_offsets.npy"
@@ -99,87 +108,175 @@ class Corpus:
 
 
 def tokenize(
-    text: str | list[str],
-    out: Path,
+    text: str | list[str] | None = None,
+    out: Path | None = None,
     tokenizer: str = "gpt2",
     max_tokens: int | None = None,
     batch_documents: int = 256,
     overwrite: bool = False,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    data_files: list[str] | None = None,
+    text_field: str = "text",
+    document_start: str | None = None,
+    num_proc: int = 1,
 ) -> Path:
-    """Tokenize text files into a corpus directory.
+    """Tokenize text files or a Hugging Face dataset into a corpus directory, streaming.
+
+    Documents are read, encoded in batches and appended to the output as they come, so memory stays that of a few
+    batches whatever the corpus size; the output is the same for any ``num_proc``.
 
     Args:
         text: text files (documents separated by blank lines, ``.txt`` or ``.txt.xz``), or
             ``embedded:<domain>/<split>`` for a shipped corpus (domains general, biomed, law).
         out: output corpus directory.
         tokenizer: Hugging Face tokenizer name or path, or a shipped one (gpt2, gpt-neox-20b).
-        max_tokens: keep only the first this many tokens (for quick experiments).
+        max_tokens: keep only the first this many tokens (for quick experiments; reading stops there).
         batch_documents: documents tokenized per call of the fast tokenizer.
         overwrite: replace an existing output.
+        dataset: a Hugging Face hub dataset (e.g. wikitext), read with streaming=True; instead of ``text``.
+        dataset_config: the hub dataset's configuration (e.g. wikitext-103-raw-v1).
+        split: the hub dataset's split.
+        data_files: local dataset files instead of ``text`` (.parquet, .json, .jsonl, .arrow, .csv, .txt: one row
+            per line), read with streaming=True.
+        text_field: the dataset column holding the text.
+        document_start: dataset rows only: a regular expression; a document runs from a row matching it to the next
+            one, rows joined by newlines (WikiText articles: '^ = [^=].* = $'). Without it, each non-blank row is
+            a document.
+        num_proc: processes that encode batches (the output does not depend on it).
     """
-    text = [text] if isinstance(text, str) else list(text)
-    if not text:
-        raise ValueError("no input text given; pass --text FILE (or embedded:<domain>/<split>).")
+    if out is None:
+        raise ValueError("give the output corpus directory with --out DIR.")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}.")
-    paths = [resolve_text(t) for t in text]
+    if num_proc < 1 or batch_documents < 1:
+        raise ValueError(f"num_proc and batch_documents must be at least 1, got {num_proc} and {batch_documents}.")
+    text = [text] if isinstance(text, str) else text
+    documents, sources = open_documents(text, dataset, dataset_config, split, data_files, text_field, document_start)
     tok = load_tokenizer(tokenizer)
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS token to separate documents; set tokenizer.eos_token.")
-    docs = [d for p in paths for d in read_documents(p)]
-    if not docs:  # before the work directory exists, so the corrected rerun starts clean
-        raise ArtifactError(f"the input text {[str(p) for p in paths]} holds no documents; give non-empty files.")
-    sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
     run_config = {"sources": sources, "tokenizer": tokenizer, "max_tokens": max_tokens}
     work = start_work_dir(out, run_config, overwrite)
 
-    dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    pieces = encode_documents(docs, tok, max_tokens, batch_documents, dtype)
-    return write_corpus(work, out, pieces, tokenizer_info(tok, tokenizer), sources=sources, max_tokens=max_tokens)
+    info = tokenizer_info(tok, tokenizer)
+    start = time.perf_counter()
+    pieces = encode_stream(documents, tok, max_tokens, batch_documents, num_proc, token_dtype(info["vocab_size"]))
+    out = write_corpus(work, out, pieces, info, sources=sources, max_tokens=max_tokens)
+    meta, seconds = read_meta(out), time.perf_counter() - start
+    print(
+        f"tokenized {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {seconds:.1f} s: "
+        f"{meta['num_tokens'] / seconds:,.0f} tokens/s ({num_proc} process{'es' if num_proc > 1 else ''})",
+        flush=True,
+    )
+    return out
 
 
-def write_corpus(work: Path, out: Path, documents: list[np.ndarray], tokenizer: dict, **provenance) -> Path:
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+
+def write_corpus(work: Path, out: Path, documents: Iterable[np.ndarray], tokenizer: dict, **provenance) -> Path:
     """Save token documents (each ending in EOS) as a corpus in ``work`` and publish it at ``out``.
 
     The one writer of the corpus format: ``tokenize`` and synthetic corpora (benchmarks) go through it.
+    ``documents`` may be any iterable; each is appended to the files as it comes, so memory holds one at a time.
     ``tokenizer`` is :func:`artifacts.tokenizer_info` of the tokenizer the ids belong to.
     """
-    dtype = np.uint16 if tokenizer["vocab_size"] <= np.iinfo(np.uint16).max + 1 else np.uint32
-    tokens = np.concatenate(documents).astype(dtype, copy=False)
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in documents])]).astype(np.int64)
-    np.save(work / TOKENS, tokens)
-    np.save(work / DOC_OFFSETS, offsets)
+    digest, num_documents = hashlib.sha256(), 0
+    with NpyAppender(work / TOKENS, token_dtype(tokenizer["vocab_size"])) as tokens:
+        with NpyAppender(work / DOC_OFFSETS, np.int64) as offsets:
+            offsets.append([0])
+            for document in documents:
+                digest.update(tokens.append(document))
+                offsets.append([tokens.count])
+                num_documents += 1
+    if tokens.count == 0:
+        raise ArtifactError(f"no tokens to write to {out}; give non-empty documents.")
     meta = base_meta(
         "corpus",
         tokenizer=tokenizer,
-        num_tokens=int(len(tokens)),
-        num_documents=int(len(documents)),
-        dtype=np.dtype(dtype).name,
-        content_sha256=_array_sha(tokens),
+        num_tokens=tokens.count,
+        num_documents=num_documents,
+        dtype=tokens.dtype.name,
+        content_sha256=digest.hexdigest()[:16],
         **provenance,
     )
     return publish(work, out, meta)
 
 
+def encode_stream(
+    documents: Iterable[str],
+    tok,
+    max_tokens: int | None = None,
+    batch_documents: int = 256,
+    num_proc: int = 1,
+    dtype=np.int64,
+) -> Iterator[np.ndarray]:
+    """Token ids of each document followed by EOS, lazily and in order, the last one cut so the total is at most
+    ``max_tokens`` (documents are then read no further than a few batches past it)."""
+    total = 0
+    progress = tqdm(total=max_tokens, desc="tokenize", unit="tok", unit_scale=True, leave=False)
+    with progress, contextlib.closing(encoded_batches(documents, tok, batch_documents, num_proc, dtype)) as batches:
+        for batch in batches:
+            for ids in batch:
+                if max_tokens is not None:
+                    ids = ids[: max_tokens - total]
+                if len(ids) == 0:
+                    return
+                total += len(ids)
+                progress.update(len(ids))
+                yield ids
+
+
 def encode_documents(
     docs: list[str], tok, max_tokens: int | None = None, batch_documents: int = 256, dtype=np.int64
 ) -> list[np.ndarray]:
-    """Token ids of each document followed by EOS, the last one cut so the total is at most ``max_tokens``."""
-    pieces: list[np.ndarray] = []
-    total = 0
-    for i in tqdm(range(0, len(docs), batch_documents), desc="tokenize", unit="batch", leave=False):
-        for ids in tok(docs[i : i + batch_documents], add_special_tokens=False)["input_ids"]:
-            ids = np.asarray(ids + [tok.eos_token_id], dtype=dtype)
-            if max_tokens is not None:
-                ids = ids[: max_tokens - total]
-            if len(ids) == 0:
-                return pieces
-            pieces.append(ids)
-            total += len(ids)
-    return pieces
+    """:func:`encode_stream` of documents in memory, as a list."""
+    return list(encode_stream(docs, tok, max_tokens, batch_documents, dtype=dtype))
 
 
-def _array_sha(arr: np.ndarray) -> str:
-    import hashlib
+def encoded_batches(
+    documents: Iterable[str], tok, batch_documents: int, num_proc: int, dtype
+) -> Iterator[list[np.ndarray]]:
+    """Encoded batches of ``batch_documents`` documents, in order; with ``num_proc`` > 1 encoded by worker processes,
+    at most two batches per worker in flight, so reading runs only that far ahead of writing."""
+    documents = iter(documents)
+    batches = iter(lambda: list(itertools.islice(documents, batch_documents)), [])
+    if num_proc == 1:
+        for batch in batches:
+            yield encode_batch(tok, batch, dtype)
+        return
+    # fork where there is one: callers' scripts need no `if __name__ == "__main__"` guard and no tokenizer is pickled
+    # per worker (if this process already encoded in parallel, the tokenizers library turns its threads off in the
+    # children, with a warning: slower, same ids)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(num_proc, mp_context=context, initializer=_set_worker_tokenizer, initargs=(tok,))
+    try:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(_encode_in_worker, batch, dtype))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
+
+def encode_batch(tok, documents: list[str], dtype) -> list[np.ndarray]:
+    eos = tok.eos_token_id
+    return [np.asarray(ids + [eos], dtype=dtype) for ids in tok(documents, add_special_tokens=False)["input_ids"]]
+
+
+_worker_tokenizer = None  # each worker process's copy, set once by the pool's initializer
+
+
+def _set_worker_tokenizer(tok) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tok
+
+
+def _encode_in_worker(documents: list[str], dtype) -> list[np.ndarray]:
+    return encode_batch(_worker_tokenizer, documents, dtype)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -49,7 +51,7 @@ def test_input_errors(tmp_path):
     empty.write_text("\n\n  \n")
     with pytest.raises(ArtifactError, match="no documents"):
         tokenize([str(empty)], tmp_path / "c")
-    with pytest.raises(ValueError, match="no input text"):
+    with pytest.raises(ValueError, match="exactly one source"):
         tokenize([], tmp_path / "c")
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
     empty.write_text("now there is text.")  # the corrected rerun is not blocked by the failed one
@@ -78,3 +80,273 @@ def test_truncated_memmap_is_refused(tmp_path):
     (out / "tokens.npy").write_bytes(data[:-4])
     with pytest.raises(ArtifactError, match="truncated or corrupt|meta.json says"):
         Corpus(out)
+
+
+# -- streaming, Hugging Face datasets, several processes -----------------------------------------------------------
+
+BIOMED_DOCS = 40
+
+
+def reference_tokens(docs: list[str], tok) -> np.ndarray:
+    """What a corpus of ``docs`` must hold: each document's ids (no special tokens) followed by EOS."""
+    return np.asarray([i for d in docs for i in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+
+
+def write_data_file(path, docs: list[str]):
+    """``docs`` as rows of a ``text`` column (plus an ``id`` column) in the format the extension names."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    table = pa.table({"id": list(range(len(docs))), "text": docs}, schema=schema)
+    if path.suffix == ".parquet":
+        pyarrow.parquet.write_table(table, path, row_group_size=7)  # several row groups, read one at a time
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+    elif path.suffix == ".arrow":  # the IPC stream format `datasets` itself writes
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=7)
+    elif path.suffix == ".csv":
+        pyarrow.csv.write_csv(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def biomed_docs() -> list[str]:
+    return read_documents(resolve_text("embedded:biomed/valid"))[:BIOMED_DOCS]
+
+
+def test_text_files_stream_documents_by_the_blank_line_rule(tmp_path):
+    def reference(text: str) -> list[str]:  # the rule as the whole-file reader applied it
+        blocks = text.replace("\r\n", "\n").replace("\r", "\n").split("\n\n")
+        return [b.strip("\n") for b in blocks if b.strip()]
+
+    rng = np.random.default_rng(0)
+    pieces = ["word", "b ", "\n", "\n", " ", "\r\n", "\r", "\t"]
+    for _ in range(500):
+        text = "".join(rng.choice(pieces, size=rng.integers(0, 30)))
+        (tmp_path / "a.txt").write_bytes(text.encode())
+        assert read_documents(tmp_path / "a.txt") == reference(text), repr(text)
+    law = resolve_text("embedded:law/valid")
+    import lzma
+
+    assert read_documents(law) == reference(lzma.open(law, "rt", encoding="utf-8").read())
+
+
+def test_write_corpus_streams_to_disk_with_np_save_bytes(tmp_path):
+    import hashlib
+    import io
+    import tracemalloc
+
+    from lightning_memdec.artifacts import start_work_dir
+    from lightning_memdec.corpus import write_corpus
+
+    def documents(seed):  # 3M uint16 tokens (6 MB, 24 MB as int64) in 3000 documents, made on the fly
+        rng = np.random.default_rng(seed)
+        for _ in range(3000):
+            yield rng.integers(0, 50256, size=1000).astype(np.int64)
+
+    info = {"name": "gpt2", "vocab_size": 50257, "fingerprint": "x", "eos_token_id": 50256}
+    work = start_work_dir(tmp_path / "c", {"test": 1}, overwrite=False)
+    tracemalloc.start()
+    out = write_corpus(work, tmp_path / "c", documents(0), info, sources=["random"])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1_000_000, f"writing held {peak} bytes at once"
+
+    tokens = np.concatenate(list(documents(0))).astype(np.uint16)
+    expected = io.BytesIO()
+    np.save(expected, tokens)
+    assert (out / "tokens.npy").read_bytes() == expected.getvalue()
+    expected = io.BytesIO()
+    np.save(expected, np.arange(0, 3_000_001, 1000, dtype=np.int64))
+    assert (out / "doc_offsets.npy").read_bytes() == expected.getvalue()
+    corpus = Corpus(out)
+    assert corpus.meta["content_sha256"] == hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
+    assert (corpus.num_tokens, corpus.meta["num_documents"]) == (3_000_000, 3000)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".arrow", ".csv"])
+def test_data_files_give_the_text_paths_corpus(tmp_path, biomed_docs, suffix, capsys):
+    tok = load_tokenizer("gpt2")
+    data = write_data_file(tmp_path / f"docs{suffix}", biomed_docs)
+    out = tokenize(data_files=[str(data)], out=tmp_path / "from-data", batch_documents=8)
+    corpus = Corpus(out)
+    np.testing.assert_array_equal(corpus.tokens, reference_tokens(biomed_docs, tok))
+    assert corpus.meta["num_documents"] == BIOMED_DOCS
+    assert corpus.meta["sources"][0]["path"] == str(data) and corpus.meta["sources"][0]["text_field"] == "text"
+    printed = capsys.readouterr().out
+    assert f"tokenized {BIOMED_DOCS} documents, {corpus.num_tokens:,} tokens in " in printed and "tokens/s" in printed
+
+    text = tmp_path / "docs.txt"  # the same documents through the text-file path: the same bytes
+    text.write_text("\n\n".join(biomed_docs))
+    from_text = tokenize(str(text), tmp_path / "from-text", batch_documents=8)
+    for name in ("tokens.npy", "doc_offsets.npy"):
+        assert (out / name).read_bytes() == (from_text / name).read_bytes()
+    assert corpus.meta["content_sha256"] == Corpus(from_text).meta["content_sha256"]
+
+
+def test_txt_data_files_are_one_row_per_line_and_max_tokens_cuts(tmp_path, biomed_docs):
+    tok = load_tokenizer("gpt2")
+    text = tmp_path / "lines.txt"
+    text.write_text("\n\n".join(biomed_docs))
+    lines = [line for line in text.read_text().split("\n") if line.strip()]
+    out = tokenize(data_files=[str(text)], out=tmp_path / "c", max_tokens=2500)
+    np.testing.assert_array_equal(Corpus(out).tokens, reference_tokens(lines, tok)[:2500])
+    assert Corpus(out).meta["max_tokens"] == 2500
+
+
+def test_mixed_formats_are_read_in_order(tmp_path, biomed_docs):
+    tok = load_tokenizer("gpt2")
+    first = write_data_file(tmp_path / "a.parquet", biomed_docs[:10])
+    second = write_data_file(tmp_path / "b.jsonl", biomed_docs[10:25])
+    out = tokenize(data_files=[str(first), str(second)], out=tmp_path / "c")
+    np.testing.assert_array_equal(Corpus(out).tokens, reference_tokens(biomed_docs[:25], tok))
+    assert [s["path"] for s in Corpus(out).meta["sources"]] == [str(first), str(second)]
+
+
+def test_document_start_joins_wikitext_rows_into_articles(tmp_path):
+    # WikiText-2 test as Hugging Face rows (one per line); articles begin at a level-1 heading ` = Title = `
+    raw = Path(__file__).resolve().parents[2] / "shared" / "data" / "general" / "wikitext2_test.raw"
+    if not raw.is_file():
+        pytest.skip("needs shared/data/general/wikitext2_test.raw")
+    rows = raw.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = [r.replace("\r\n", "\n") for r in rows[:400]]
+    rows = [""] + [r for row in rows for r in (row, "")]  # the hub's blank rows between lines
+    data = write_data_file(tmp_path / "wiki.parquet", rows)
+    out = tokenize(data_files=[str(data)], out=tmp_path / "c", document_start="^ = [^=].* = $")
+
+    starts = [i for i, r in enumerate(rows) if r.startswith(" = ") and not r.startswith(" = = ")]
+    articles = ["\n".join(r.removesuffix("\n") for r in rows[a:b]).strip("\n") for a, b in zip(starts, starts[1:])]
+    articles.append("\n".join(r.removesuffix("\n") for r in rows[starts[-1] :]).strip("\n"))
+    assert len(articles) == 9 and articles[1].startswith(" = Du Fu = \n\n Du Fu ( Wade – Giles : Tu Fu ;")
+    corpus = Corpus(out)
+    assert corpus.meta["num_documents"] == len(articles)
+    np.testing.assert_array_equal(corpus.tokens, reference_tokens(articles, load_tokenizer("gpt2")))
+
+
+def test_num_proc_gives_identical_bytes(tmp_path, biomed_docs):
+    data = write_data_file(tmp_path / "docs.parquet", biomed_docs)
+    runs = {}
+    for num_proc, max_tokens in [(1, None), (2, None), (1, 4000), (2, 4000)]:
+        out = tmp_path / f"c{num_proc}-{max_tokens}"
+        tokenize(data_files=[str(data)], out=out, batch_documents=3, num_proc=num_proc, max_tokens=max_tokens)
+        runs[num_proc, max_tokens] = [(out / n).read_bytes() for n in ("tokens.npy", "doc_offsets.npy", "meta.json")]
+    assert runs[1, None] == runs[2, None] and runs[1, 4000] == runs[2, 4000]
+    assert Corpus(tmp_path / "c2-4000").num_tokens == 4000
+    text = tokenize("embedded:law/test", tmp_path / "law2", num_proc=2, batch_documents=16, max_tokens=20000)
+    law = read_documents(resolve_text("embedded:law/test"))
+    np.testing.assert_array_equal(Corpus(text).tokens, reference_tokens(law[:30], load_tokenizer("gpt2"))[:20000])
+
+
+def test_reading_stops_a_few_batches_past_max_tokens(tmp_path, biomed_docs):
+    import itertools
+
+    from lightning_memdec.artifacts import start_work_dir, tokenizer_info
+    from lightning_memdec.corpus import encode_stream, write_corpus
+    from lightning_memdec.corpus_sources import row_documents
+
+    tok, rows_per_batch, max_tokens = load_tokenizer("gpt2"), 4, 3000
+    docs = [biomed_docs[i % BIOMED_DOCS] for i in range(400)]
+    needed = int(np.searchsorted(np.cumsum([len(tok(d)["input_ids"]) + 1 for d in docs]), max_tokens)) + 1
+
+    def rows(limit, pulled):  # an endless dataset: reading it whole would never end, so it raises past `limit` batches
+        for i in itertools.count():
+            if i >= limit:
+                raise AssertionError(f"read {i} batches of rows for {needed} documents")
+            pulled.append(i)
+            yield {"text": [docs[(i * rows_per_batch + j) % len(docs)] for j in range(rows_per_batch)]}
+
+    for num_proc in (1, 2):
+        # one batch at a time, or two per worker in flight, plus the one being cut
+        limit = -(-needed // rows_per_batch) + (1 if num_proc == 1 else 2 * num_proc + 1)
+        pulled = []
+        documents = row_documents([(rows(limit, pulled), {"path": "fake.parquet"})], "text", None)
+        pieces = encode_stream(documents, tok, max_tokens, batch_documents=rows_per_batch, num_proc=num_proc)
+        out = tmp_path / f"c{num_proc}"
+        write_corpus(start_work_dir(out, {}, False), out, pieces, tokenizer_info(tok, "gpt2"))
+        np.testing.assert_array_equal(Corpus(out).tokens, reference_tokens(docs[:needed], tok)[:max_tokens])
+        assert len(pulled) <= limit
+
+
+def test_dataset_input_errors_come_before_any_work(tmp_path, biomed_docs, monkeypatch):
+    import sys
+
+    good = write_data_file(tmp_path / "a.parquet", biomed_docs[:3])
+    out = tmp_path / "c"
+    with pytest.raises(FileNotFoundError, match="missing.parquet does not exist"):
+        tokenize(data_files=[str(good), str(tmp_path / "missing.parquet")], out=out)
+    (tmp_path / "a.xlsx").write_text("x")
+    with pytest.raises(ValueError, match=r"unknown format '.xlsx'.*'.parquet'"):
+        tokenize(data_files=[str(tmp_path / "a.xlsx")], out=out)
+    with pytest.raises(ValueError, match=r"no column 'body'; its columns are \['id', 'text'\]"):
+        tokenize(data_files=[str(good)], out=out, text_field="body")
+    with pytest.raises(ValueError, match="column 'id' of data file .* holds int64, not text"):
+        tokenize(data_files=[str(good)], out=out, text_field="id")
+    for name, rows in (("empty.parquet", []), ("empty.jsonl", []), ("blank.jsonl", ["", "  \n", "\n\n"])):
+        with pytest.raises(ArtifactError, match="holds no documents"):
+            tokenize(data_files=[str(write_data_file(tmp_path / name, rows))], out=out)
+    with pytest.raises(ValueError, match=r"exactly one source.*\['--text', '--data_files'\]"):
+        tokenize("embedded:biomed/valid", out, data_files=[str(good)])
+    with pytest.raises(ValueError, match="exactly one source"):
+        tokenize(out=out)
+    with pytest.raises(ValueError, match="--out DIR"):
+        tokenize(data_files=[str(good)])
+    with pytest.raises(ValueError, match="hold rows, not blank-line separated text: give them with --data_files"):
+        tokenize(str(good), out)
+    with pytest.raises(ValueError, match="--document_start splits dataset rows"):
+        tokenize("embedded:biomed/valid", out, document_start="^ = ")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        tokenize(data_files=[str(good)], out=out, document_start="(")
+    with pytest.raises(ValueError, match="num_proc"):
+        tokenize(data_files=[str(good)], out=out, num_proc=0)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'lightning_memdec\[datasets\]'"):
+        tokenize(data_files=[str(good)], out=out)
+    assert not out.exists() and not (tmp_path / "c.partial").exists()
+
+
+def test_a_row_that_is_not_text_is_named(tmp_path):
+    from lightning_memdec.corpus_sources import row_documents
+
+    rows = [{"text": ["fine", None, "also fine"]}, {"text": [3]}]
+    documents = row_documents([(rows, {"path": "x.jsonl"})], "text", None)
+    assert [next(documents), next(documents)] == ["fine", "also fine"]  # a null row is a blank one
+    with pytest.raises(ValueError, match="column 'text' of data file x.jsonl holds int, not text"):
+        next(documents)
+    with pytest.raises(ValueError, match=r"no column 'text'; its columns are \['body'\]"):
+        next(row_documents([([{"body": ["a"]}], {"path": "x.jsonl"})], "text", None))
+
+
+def test_cli_tokenizes_data_files_in_several_processes(tmp_path, biomed_docs):
+    import os
+    import subprocess
+    import sys
+
+    first = write_data_file(tmp_path / "a.parquet", biomed_docs[:20])
+    second = write_data_file(tmp_path / "b.jsonl", biomed_docs[20:])
+    flags = ["--data_files", str(first), str(second), "--max_tokens", "6000", "--batch_documents", "4"]
+    flags += [
+        "--document_start",
+        "^ = [^=].* = $",
+        "--num_proc",
+        "2",
+    ]  # no row matches: both files' rows are one document
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "lightning_memdec", "tokenize"]
+    result = subprocess.run([*cli, *flags, "--out", str(tmp_path / "cli")], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokenized 1 documents, 6,000 tokens in" in result.stdout and "tokens/s (2 processes)" in result.stdout
+    python = tokenize(
+        data_files=[str(first), str(second)], out=tmp_path / "py", max_tokens=6000, document_start="^ = [^=].* = $"
+    )
+    for name in ("tokens.npy", "doc_offsets.npy", "meta.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (python / name).read_bytes()
+
+    hub = [*cli, "--dataset", "wikitext", "--dataset_config", "wikitext-103-raw-v1", "--out", str(tmp_path / "hub")]
+    result = subprocess.run(hub, capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and "offline, give local files with --data_files" in result.stderr
+    assert not (tmp_path / "hub").exists() and not (tmp_path / "hub.partial").exists()

@@ -212,6 +212,18 @@ def test_repeatable_list_flags():
     ]
     assert repeatable(["evaluate", "--bases", "[a,b]"]) == ["evaluate", "--bases", "[a,b]"]
     assert repeatable(["evaluate", "--datastore", "d"]) == ["evaluate", "--datastore+", "d"]
+    # several values after one flag; the next flag ends them
+    assert repeatable(["tokenize", "--data_files", "a.parquet", "b.jsonl", "--out", "c", "--text", "t"]) == [
+        "tokenize",
+        "--data_files+",
+        "a.parquet",
+        "--data_files+",
+        "b.jsonl",
+        "--out",
+        "c",
+        "--text+",
+        "t",
+    ]
     assert repeatable(["build-targets", "--datastore", "d", "--index", "i"]) == [  # paths there, not lists
         "build-targets",
         "--datastore",
