@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from lightning_memdec.npy_rows import gather_rows, read_rows
+
 __all__ = [
     "DEFAULT_CPU_MEMORY",
     "EXACT_CPU_MAX_ELEMENTS",
@@ -128,7 +130,7 @@ def _host_blocks(keys, size: int):
         return
 
     def read(b0: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(keys[b0 : b0 + size]))  # a copy: the page reads happen here
+        return torch.from_numpy(read_rows(keys, b0, b0 + size))  # read, not mapped: RSS stays one block
 
     with ThreadPoolExecutor(1) as pool:
         ahead = pool.submit(read, 0)
@@ -142,8 +144,8 @@ def _host_blocks(keys, size: int):
 def exact_distances(queries: torch.Tensor, keys, ids: torch.Tensor, memory_bytes: int) -> torch.Tensor:
     """Σ (q − k_id)² in fp32 [n, m] for ids [n, m] (all valid), on the queries' device, computed directly.
 
-    Keys are gathered from ``keys`` (a numpy memmap: each distinct row read once per query batch, in order; or a
-    torch tensor) in query batches sized to ``memory_bytes``.
+    Keys are gathered from ``keys`` (a numpy memmap: each distinct row read once per query batch, in order, without
+    leaving the file mapped; or a torch tensor) in query batches sized to ``memory_bytes``.
     """
     n, m = ids.shape
     d = queries.shape[1]
@@ -156,7 +158,7 @@ def exact_distances(queries: torch.Tensor, keys, ids: torch.Tensor, memory_bytes
         else:
             flat = sub.reshape(-1).cpu().numpy()
             uniq, inverse = np.unique(flat, return_inverse=True)
-            block = torch.from_numpy(np.ascontiguousarray(keys[uniq])).to(queries.device)
+            block = torch.from_numpy(gather_rows(keys, uniq)).to(queries.device)
             gathered = block.float()[torch.from_numpy(inverse.reshape(-1)).to(queries.device)]
         diff = gathered.view(len(sub), m, d) - queries[a : a + rows, None, :]
         out[a : a + rows] = diff.square_().sum(-1)

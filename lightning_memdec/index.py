@@ -15,9 +15,11 @@ from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.index_plan import IndexPlan, plan_index
+from lightning_memdec.npy_rows import gather_rows, read_rows
 from lightning_memdec.store import Datastore, check_index_matches
 
 INDEX = "index.faiss"
+
 log = logging.getLogger(__name__)
 
 
@@ -79,8 +81,8 @@ def build_index(
             memory budget: see :mod:`lightning_memdec.index_plan`).
         train_size: keys sampled (seeded, across the whole store) to train an IVF index; default: the plan's
             39–256 per list within ``memory_gb``.
-        memory_gb: RAM budget for the training sample.
-        add_batch: keys added per step.
+        memory_gb: RAM budget for the training sample (read across the store, one bounded window at a time).
+        add_batch: keys read and added per step (read from the file, not mapped: resident memory stays one batch).
         nprobe: IVF lists visited per query; stored in meta.json and applied on load.
         use_gpu: train and add on all visible GPUs (needs faiss-gpu); the saved index is a CPU index.
         seed: sampling seed for training keys and recall queries.
@@ -110,9 +112,9 @@ def build_index(
         size = min(n, train_size)
         sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
         log.info("training %s on %d keys", plan.factory, size)
-        index.train(np.ascontiguousarray(store.keys[sample], dtype=np.float32))
+        index.train(np.ascontiguousarray(gather_rows(store.keys, sample), dtype=np.float32))
     for start in tqdm(range(0, n, add_batch), desc="build-index", unit="batch"):
-        index.add(np.ascontiguousarray(store.keys[start : start + add_batch], dtype=np.float32))
+        index.add(np.ascontiguousarray(read_rows(store.keys, start, start + add_batch), dtype=np.float32))
     if use_gpu:
         index = faiss.index_gpu_to_cpu(index)
     set_nprobe(index, nprobe)
@@ -144,7 +146,7 @@ def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) ->
     n = len(store)
     k = min(k, n)
     rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(queries, n), replace=False))
-    q = np.asarray(store.keys[rows], dtype=np.float32)
+    q = np.asarray(gather_rows(store.keys, rows), dtype=np.float32)
     _, found = index.search(q, k)
     _, truth = exact_search(q, store.keys, k)
     truth = truth.numpy()
@@ -188,7 +190,7 @@ def exact_squared_l2(
 
     Blocks of queries are processed so the gathered ``[rows, k, d]`` keys stay under ``memory_bytes`` (the whole
     chunk at once would be queries × k × d × 4 bytes: 32 GiB for 4,096 × 1,024 × 2,048-dim keys). Within a block
-    each distinct key is read from the memmap once.
+    each distinct key is read once, and the keys file is not left mapped (``npy_rows.gather_rows``).
     """
     n, k = ids.shape
     d = keys.shape[1]
@@ -202,8 +204,7 @@ def exact_squared_l2(
 def _exact_block(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     flat = ids.reshape(-1)
     valid = flat >= 0
-    uniq, inverse = np.unique(flat[valid], return_inverse=True)
     gathered = np.zeros((flat.size, keys.shape[1]), dtype=np.float32)
-    gathered[valid] = np.asarray(keys[uniq], dtype=np.float32)[inverse]
+    gathered[valid] = gather_rows(keys, flat[valid])
     dist = ((gathered.reshape(*ids.shape, -1) - np.asarray(queries, dtype=np.float32)[:, None, :]) ** 2).sum(-1)
     return np.where(ids >= 0, dist, np.inf).astype(np.float32)
