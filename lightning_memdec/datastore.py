@@ -21,6 +21,7 @@ from lightning_memdec.artifacts import (
     ArtifactError,
     base_meta,
     check_same_tokenizer,
+    partial_dir,
     publish,
     start_work_dir,
     tokenizer_info,
@@ -29,6 +30,7 @@ from lightning_memdec.corpus import Corpus, position_windows
 from lightning_memdec.keys import KeyCapture, body
 from lightning_memdec.models import find_tokenizer, load_causal_lm, resolve_model
 from lightning_memdec.npy_rows import NpyStream, create_npy, data_offset, read_rows, write_rows
+from lightning_memdec.resources import allocated_bytes, check_fits, free_disk
 from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
 from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
 
@@ -182,6 +184,7 @@ def build_datastore(
     _check_model_vocab(data, model, lm_config)
     _check_layer(lm_config, layer)
     windows = position_windows(data.num_positions, window, stride)
+    check_disk(Path(out), data.num_positions, lm_config)
     run_config = {
         "corpus": data.meta["content_sha256"],
         "model": str(model),
@@ -225,6 +228,22 @@ def write_values(path: Path, data: Corpus, block: int = VALUES_BLOCK) -> None:
     for lo in range(1, data.num_tokens, block):
         out.write(read_rows(data.tokens, lo, lo + block))
     out.close()
+
+
+def check_disk(out: Path, num_entries: int, config) -> None:
+    """Keys (fp16, one row of the model's hidden size per position) and values (int32) must fit the disk before a
+    forward pass runs: the keys file is sparse, and a write into it on a full disk kills the run (SIGBUS)."""
+    dim = getattr(config, "hidden_size", None)
+    if not dim:
+        return
+    work = partial_dir(out)
+    needed = num_entries * (2 * dim + 4) - allocated_bytes(work / KEYS) - allocated_bytes(work / VALUES)
+    check_fits(
+        needed,
+        free_disk(out),
+        f"the datastore for {num_entries:,} positions × {dim} dims (keys fp16 + values int32) in {out}",
+        "free disk space or choose an --out on a larger file system; keys take N × d × 2 bytes.",
+    )
 
 
 def _model_config(model: str):

@@ -35,6 +35,7 @@ __all__ = [
     "memory_budget",
     "rerank_margin",
     "block_rows",
+    "check_search_budget",
     "exact_search",
     "exact_distances",
 ]
@@ -109,16 +110,40 @@ def rerank_margin(k: int, compute_dtype: torch.dtype) -> int:
     return 16 + k // 4 if compute_dtype == torch.bfloat16 else 8 + k // 16
 
 
+def _block_bytes(num_queries: int, dim: int, candidates: int, compute_dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes per key row of a block, fixed bytes) of one search's working set: see :func:`block_rows`."""
+    c = torch.tensor([], dtype=compute_dtype).element_size()
+    per_row = dim * (2 + 2 + c + 4) + 12 * num_queries
+    fixed = num_queries * dim * (2 + 4 + c) + 48 * num_queries * candidates
+    return per_row, fixed
+
+
 def block_rows(num_queries: int, dim: int, candidates: int, memory_bytes: int, compute_dtype: torch.dtype) -> int:
     """Keys per block so that one block's working set fits ``memory_bytes`` (at least 1).
 
     Per key row: the fp16 block and its compute-dtype copy, an fp32 temporary for ‖k‖², and the fp32 distance
     column [n] with its top-k workspace; fixed: the queries (fp32 + compute copy) and the running top-k.
     """
-    c = torch.tensor([], dtype=compute_dtype).element_size()
-    per_row = dim * (2 + 2 + c + 4) + 12 * num_queries
-    fixed = num_queries * dim * (2 + 4 + c) + 48 * num_queries * candidates
+    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
     return max(1, (memory_bytes - fixed) // per_row)
+
+
+def check_search_budget(
+    num_queries: int, dim: int, candidates: int, memory_bytes: int, compute_dtype: torch.dtype
+) -> None:
+    """Refuse, before any key is read, a budget that cannot hold the queries, the running top-``candidates`` and one
+    key row: :func:`block_rows` would otherwise exceed it silently. The message gives the chunk size that fits."""
+    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
+    if fixed + per_row <= memory_bytes:
+        return
+    per_query = _block_bytes(1, dim, candidates, compute_dtype)[1] + 12  # what each query adds to fixed + per_row
+    fits = (memory_bytes - _block_bytes(0, dim, candidates, compute_dtype)[0]) // per_query
+    raise ValueError(
+        f"exact search of {num_queries:,} queries × {candidates} candidates (k + re-ranking margin) × d={dim} needs "
+        f"{(fixed + per_row) / 2**20:.1f} MiB before its first key block, over the {memory_bytes / 2**20:.1f} MiB "
+        f"budget; use chunk_size ≤ {max(0, fits):,} or search_memory_gb ≥ {(fixed + per_row) / 2**30:.4f}"
+        + (" (not even one query fits: lower k)." if fits < 1 else ".")
+    )
 
 
 def _host_blocks(keys, size: int):
@@ -207,6 +232,8 @@ def exact_search(
         raise ValueError(f"queries must be [n, {dim}], got {tuple(q32.shape)}.")
     candidates = min(available, k + (rerank_margin(k, compute_dtype) if margin is None else margin))
     budget = memory_budget(device, memory_bytes)
+    if block_size is None:  # the budget sets the blocks: it must hold their fixed part
+        check_search_budget(n, dim, candidates, budget, compute_dtype)
     size = block_size or block_rows(n, dim, candidates, budget, compute_dtype)
     qc = q32.to(compute_dtype)
     q_norm = q32.square().sum(1, keepdim=True)

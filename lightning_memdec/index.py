@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.index_plan import IndexPlan, plan_index
 from lightning_memdec.npy_rows import gather_rows, read_rows
-from lightning_memdec.store import Datastore, check_index_matches
-
-INDEX = "index.faiss"
+from lightning_memdec.resources import available_ram, check_fits
+from lightning_memdec.store import INDEX, Datastore, check_index_matches
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +97,7 @@ def build_index(
     if plan_only:
         return plan
     train_size = plan.train_size if train_size is None else train_size
+    check_build_fits(plan, min(n, train_size) if plan.nlist else 0, use_gpu)
     try:
         index = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
     except RuntimeError as err:
@@ -137,6 +137,18 @@ def build_index(
         tokenizer=store.tokenizer,
     )
     return publish(work, out, meta)
+
+
+def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:
+    """The index being built and its float32 training sample are held in RAM together (on the host even when
+    ``use_gpu``, where the built index comes back): refuse before training when they exceed the available RAM."""
+    needed = plan.index_bytes + train_size * plan.dim * 4
+    fix = (
+        "pass --memory_gb lower (a smaller training sample, fewer lists) or --train_size, or a factory with fewer "
+        "PQ bytes per key (IVF…,PQ<m> with smaller m); a Flat index holds N × d × 4 bytes."
+    )
+    where = "GPU build, index copied back" if use_gpu else "in RAM"
+    check_fits(needed, available_ram(), f"building {plan.factory} ({where}: index + training sample)", fix)
 
 
 def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) -> dict:

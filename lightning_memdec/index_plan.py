@@ -98,10 +98,14 @@ def plan_index(
     return IndexPlan(factory, num_entries, dim, nlist, m, train, index_bytes, train * dim * FLOAT32, flops, notes)
 
 
-def check_gpu_k(k: int) -> None:
-    """faiss-gpu returns at most 2,048 neighbours: refuse a larger k before any work, naming what fits."""
-    if k > GPU_MAX_K:
+def check_gpu_k(k: int, self_match: bool = False) -> None:
+    """faiss-gpu returns at most 2,048 neighbours: refuse a larger k before any work, naming what fits (one fewer
+    when the query's own entry is searched for and dropped)."""
+    searched = k + (1 if self_match else 0)
+    if searched > GPU_MAX_K:
+        extra = " (+ 1 for the query's own entry, searched for and dropped)" if self_match else ""
         raise ValueError(
-            f"k={k} exceeds faiss-gpu's limit of {GPU_MAX_K} neighbours; use k ≤ {GPU_MAX_K}, search on the CPU "
-            "(use_gpu false), or the exact backend (build-targets --search exact), which has no such limit."
+            f"k={k}{extra} exceeds faiss-gpu's limit of {GPU_MAX_K} neighbours; use k ≤ {GPU_MAX_K - searched + k}, "
+            "search on the CPU (use_gpu false), or the exact backend (build-targets --search exact), which has no "
+            "such limit."
         )
