@@ -21,6 +21,8 @@ MIN_TRAIN_PER_LIST, MAX_TRAIN_PER_LIST = 39, 256
 GPU_PQ_SIZES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # code bytes faiss-gpu implements
 GPU_MAX_K = 2048
 FLOAT32 = 4
+PQ_CENTROIDS = 256  # 8-bit codes
+PRECOMPUTED_TABLE_MAX_BYTES = 2**31  # faiss's precomputed_table_max_bytes: larger IVF-PQ tables are not built
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,23 @@ def plan_index(
         if train < MIN_TRAIN_PER_LIST * nlist:
             notes.append(f"only {train} training keys for {nlist} lists (FAISS wants ≥ {MIN_TRAIN_PER_LIST} each)")
     code = m if m is not None else dim * FLOAT32
-    index_bytes = num_entries * (code + 8) + (nlist or 0) * dim * FLOAT32 + (256 * dim * FLOAT32 if m else 0)
+    index_bytes = num_entries * (code + 8) + (nlist or 0) * dim * FLOAT32 + (PQ_CENTROIDS * dim * FLOAT32 if m else 0)
+    table = precomputed_table_bytes(nlist, m)
+    if table:
+        notes.append(f"{table / 2**30:.2f} GiB of the index size is IVF-PQ's precomputed table, built when loaded")
+    index_bytes += table
     per_list = num_entries / nlist if nlist else num_entries
     flops = 2.0 * (nlist or 0) * dim + min(nprobe, nlist or 1) * per_list * (m or 2 * dim)
     return IndexPlan(factory, num_entries, dim, nlist, m, train, index_bytes, train * dim * FLOAT32, flops, notes)
+
+
+def precomputed_table_bytes(nlist: int | None, m: int | None) -> int:
+    """The table an IVF-PQ index (L2, by residual) precomputes when loaded or trained: nlist × m × 256 floats, held in
+    RAM (or on the GPU) beside the codes; faiss skips it above :data:`PRECOMPUTED_TABLE_MAX_BYTES`."""
+    if not nlist or not m:
+        return 0
+    size = nlist * m * PQ_CENTROIDS * FLOAT32
+    return size if size <= PRECOMPUTED_TABLE_MAX_BYTES else 0
 
 
 def check_gpu_k(k: int, self_match: bool = False) -> None:

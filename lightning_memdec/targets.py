@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_memdec.artifacts import base_meta, publish, read_meta, start_work_dir
+from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.exact_search import (
     SEARCH_BACKENDS,
     check_search_budget,
@@ -29,7 +29,7 @@ from lightning_memdec.exact_search import (
     memory_budget,
     rerank_margin,
 )
-from lightning_memdec.index_plan import check_gpu_k
+from lightning_memdec.index_plan import check_gpu_k, plan_index
 from lightning_memdec.npy_rows import read_rows
 from lightning_memdec.resources import available_ram, check_fits
 from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, run_sharded_predict
@@ -216,11 +216,9 @@ def build_targets(
     if search == "faiss" and use_gpu:
         check_gpu_k(k, self_match=self_exclude)
     factory, index_nprobe = None, None
-    if search == "faiss":
-        from lightning_memdec.index import KeyIndex
-
-        key_index = KeyIndex(index)
-        factory, index_nprobe = key_index.meta["factory"], key_index.meta["nprobe"]
+    if search == "faiss":  # its meta.json only: the ranks load the index (a copy here would stay for the whole run)
+        index_meta = read_meta(index, kind="index")
+        factory, index_nprobe = index_meta["factory"], index_meta["nprobe"]
     available = len(store) - (1 if self_exclude else 0)
     if k > available:
         log.warning("k=%d exceeds the %d entries available; using k=%d.", k, available, available)
@@ -296,7 +294,10 @@ def check_ranks_fit(
             fix = "pass --devices lower or --search_memory_gb lower (smaller key blocks, same result)."
             check_fits(ranks * budget, available_ram(), f"{ranks} ranks' exact-search blocks on this host", fix)
     if search == "faiss" and not use_gpu:
-        replica = (Path(index) / INDEX).stat().st_size
+        path, meta = Path(index) / INDEX, read_meta(index, kind="index")
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; rebuild the index.")
+        replica = plan_index(meta["ntotal"], meta["dim"], factory=meta["factory"]).index_bytes  # loaded, with tables
         fix = (
             "pass --devices lower (fewer ranks per node), search on GPUs (--use_gpu true, or --search exact on a "
             "GPU), or build an index with fewer bytes per key (a smaller PQ m)."
