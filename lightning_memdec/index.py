@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
-from lightning_memdec.index_plan import IndexPlan, plan_index
+from lightning_memdec.index_plan import IndexPlan, gpu_pq_options, plan_index
 from lightning_memdec.npy_rows import gather_rows, read_rows
 from lightning_memdec.resources import available_ram, check_fits
 from lightning_memdec.store import INDEX, Datastore, check_index_matches
@@ -34,13 +34,25 @@ def gpu_available() -> bool:
 def to_gpu(index: faiss.Index, device: int | None = None) -> faiss.Index:
     """The index on one GPU (``device``: this rank's), or sharded over all visible GPUs when ``device`` is None.
 
-    Under several ranks each must pass its own device: cloning to all GPUs on every rank makes N² copies.
+    Under several ranks each must pass its own device: cloning to all GPUs on every rank makes N² copies. An IVF-PQ
+    gets the cloner options faiss-gpu needs for its shape (:func:`~lightning_memdec.index_plan.gpu_pq_options`).
     """
     if not gpu_available():
         raise RuntimeError("use_gpu was asked for, but this faiss has no GPU support; install lightning_memdec[gpu].")
+    options = faiss.GpuMultipleClonerOptions() if device is None else faiss.GpuClonerOptions()
+    options.usePrecomputed, options.useFloat16 = gpu_pq_options(index.d, pq_bytes(index))
     if device is None:
-        return faiss.index_cpu_to_all_gpus(index)
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index)
+        return faiss.index_cpu_to_all_gpus(index, options)
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index, options)
+
+
+def pq_bytes(index: faiss.Index) -> int | None:
+    """Code bytes per key of an IVF-PQ index; None for any other index."""
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return None
+    return int(ivf.pq.M) if isinstance(ivf, faiss.IndexIVFPQ) else None
 
 
 def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:

@@ -20,6 +20,8 @@ FLAT_MAX_ENTRIES = 200_000
 MIN_TRAIN_PER_LIST, MAX_TRAIN_PER_LIST = 39, 256
 GPU_PQ_SIZES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # code bytes faiss-gpu implements
 GPU_MAX_K = 2048
+# dims per PQ sub-quantizer faiss-gpu's IVF-PQ scans without precomputed tables (its isSupportedNoPrecomputedSubDimSize)
+GPU_NO_PRECOMPUTED_SUBDIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 FLOAT32 = 4
 PQ_CENTROIDS = 256  # 8-bit codes
 PRECOMPUTED_TABLE_MAX_BYTES = 2**31  # faiss's precomputed_table_max_bytes: larger IVF-PQ tables are not built
@@ -82,8 +84,11 @@ def plan_index(
             notes.append(f"nlist halved to {nlist} so that {MIN_TRAIN_PER_LIST} training keys per list fit")
         m = pq_size(dim, gpu)
         factory = f"IVF{nlist},PQ{m}"
-        if gpu and m > 48:
+        precomputed, half = gpu_pq_options(dim, m)
+        if gpu and half:
             notes.append("PQ with more than 48 code bytes needs float16 lookup tables on the GPU (useFloat16)")
+        if gpu and precomputed:
+            notes.append(f"{dim // m} dims per PQ sub-quantizer need precomputed tables on the GPU (usePrecomputed)")
     found = re.match(r"IVF(\d+)", factory)
     nlist = int(found.group(1)) if found else None
     pq = re.search(r"PQ(\d+)", factory)
@@ -111,6 +116,15 @@ def precomputed_table_bytes(nlist: int | None, m: int | None) -> int:
         return 0
     size = nlist * m * PQ_CENTROIDS * FLOAT32
     return size if size <= PRECOMPUTED_TABLE_MAX_BYTES else 0
+
+
+def gpu_pq_options(dim: int, m: int | None) -> tuple[bool, bool]:
+    """(usePrecomputed, useFloat16) an IVF-PQ of ``m`` code bytes over ``dim`` dims needs when cloned to faiss-gpu:
+    precomputed tables when d/m is not a sub-dimension its kernels scan without them (the paper's 1600/64 = 25 is
+    not: faiss-gpu would refuse the index), float16 lookup tables above 48 code bytes (shared memory)."""
+    if not m:
+        return False, False
+    return dim // m not in GPU_NO_PRECOMPUTED_SUBDIMS, m > 48
 
 
 def check_gpu_k(k: int, self_match: bool = False) -> None:
