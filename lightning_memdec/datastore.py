@@ -7,6 +7,7 @@ devices by :mod:`lightning_memdec.sharded`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -15,12 +16,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from numpy.lib.format import open_memmap
 
 from lightning_memdec.artifacts import (
     ArtifactError,
     base_meta,
     check_same_tokenizer,
+    partial_dir,
     publish,
     start_work_dir,
     tokenizer_info,
@@ -28,10 +29,13 @@ from lightning_memdec.artifacts import (
 from lightning_memdec.corpus import Corpus, position_windows
 from lightning_memdec.keys import KeyCapture, body
 from lightning_memdec.models import find_tokenizer, load_causal_lm, resolve_model
+from lightning_memdec.npy_rows import NpyStream, create_npy, data_offset, read_rows, write_rows
+from lightning_memdec.resources import allocated_bytes, check_fits, free_disk
 from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
 from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
+VALUES_BLOCK = 1 << 22  # tokens copied into values.npy at a time (16 MiB of int32)
 
 
 class KeyExtractor(L.LightningModule):
@@ -74,7 +78,8 @@ class KeyExtractor(L.LightningModule):
         def make_item(chunk: int) -> dict:
             sel = slice(chunk * self.batch_windows, (chunk + 1) * self.batch_windows)
             starts = windows.starts[sel]
-            ids = np.stack([corpus.window_ids(s, self.window) for s in starts])
+            # read, not mapped: a rank's resident set would otherwise grow to the whole token file
+            ids = np.stack([read_rows(corpus.tokens, s, s + self.window).astype(np.int64) for s in starts])
             return {
                 "input_ids": torch.from_numpy(ids),
                 "starts": torch.from_numpy(starts),
@@ -94,22 +99,34 @@ class KeyExtractor(L.LightningModule):
 
 
 class KeyWriter(BasePredictionWriter):
-    """Writes each chunk's scored keys at their global positions of a shared memmap, then marks it done."""
+    """Writes each chunk's scored keys at their global rows of the keys file, then marks it done.
+
+    Rank 0 creates the file (a sparse ``.npy`` of the final size); every rank then writes its rows with ``pwrite``
+    rather than through a memory map, whose written pages would stay in the rank's resident set until the end
+    (the whole keys file, 330 GB for the paper's store). ``fdatasync`` before the marker keeps a resumed run exact.
+    """
 
     def __init__(self, work: Path, num_entries: int):
         super().__init__(write_interval="batch")
         self.work, self.num_entries = work, num_entries
-        self.keys = None
+        self.fd = None
 
     def on_predict_start(self, trainer, pl_module):
         path = self.work / KEYS
         if trainer.is_global_zero and not path.exists():
             tmp = self.work / ("tmp-" + KEYS)
             shape = (self.num_entries, pl_module.key_dim())
-            open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()
+            create_npy(tmp, np.float16, shape)
             tmp.rename(path)
         trainer.strategy.barrier()
-        self.keys = open_memmap(path, mode="r+")
+        dim = np.load(path, mmap_mode="r").shape[1]
+        self.offset, self.row_bytes = data_offset(path), dim * 2
+        self.fd = os.open(path, os.O_RDWR)
+
+    def on_predict_end(self, trainer, pl_module):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if prediction is None:  # an idle rank's placeholder step
@@ -118,9 +135,8 @@ class KeyWriter(BasePredictionWriter):
         for row, (start, score_from) in enumerate(
             zip(prediction["starts"].tolist(), prediction["score_from"].tolist())
         ):
-            first = start + score_from
-            self.keys[first : first + keys.shape[1] - score_from] = keys[row, score_from:]
-        self.keys.flush()
+            write_rows(self.fd, self.offset, self.row_bytes, start + score_from, keys[row, score_from:])
+        os.fdatasync(self.fd)
         mark_done(self.work, int(prediction["chunk"]))
 
 
@@ -168,6 +184,7 @@ def build_datastore(
     _check_model_vocab(data, model, lm_config)
     _check_layer(lm_config, layer)
     windows = position_windows(data.num_positions, window, stride)
+    check_disk(Path(out), data.num_positions, lm_config)
     run_config = {
         "corpus": data.meta["content_sha256"],
         "model": str(model),
@@ -186,7 +203,7 @@ def build_datastore(
     num_chunks = -(-len(windows) // batch_windows)
     finish_chunks(work, num_chunks)
     dim = int(np.load(work / KEYS, mmap_mode="r").shape[1])
-    np.save(work / VALUES, data.next_tokens())
+    write_values(work / VALUES, data)
     meta = base_meta(
         "datastore",
         model=str(model),
@@ -203,6 +220,30 @@ def build_datastore(
         tokenizer=data.tokenizer,
     )
     return publish(work, out, meta)
+
+
+def write_values(path: Path, data: Corpus, block: int = VALUES_BLOCK) -> None:
+    """values.npy: the next token of every position (tokens[1:] as int32), copied ``block`` tokens at a time."""
+    out = NpyStream(path, np.int32, (data.num_positions,))
+    for lo in range(1, data.num_tokens, block):
+        out.write(read_rows(data.tokens, lo, lo + block))
+    out.close()
+
+
+def check_disk(out: Path, num_entries: int, config) -> None:
+    """Keys (fp16, one row of the model's hidden size per position) and values (int32) must fit the disk before a
+    forward pass runs: the keys file is sparse, and a write into it on a full disk kills the run (SIGBUS)."""
+    dim = getattr(config, "hidden_size", None)
+    if not dim:
+        return
+    work = partial_dir(out)
+    needed = num_entries * (2 * dim + 4) - allocated_bytes(work / KEYS) - allocated_bytes(work / VALUES)
+    check_fits(
+        needed,
+        free_disk(out),
+        f"the datastore for {num_entries:,} positions × {dim} dims (keys fp16 + values int32) in {out}",
+        "free disk space or choose an --out on a larger file system; keys take N × d × 2 bytes.",
+    )
 
 
 def _model_config(model: str):

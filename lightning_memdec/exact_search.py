@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from lightning_memdec.npy_rows import gather_rows, read_rows
+
 __all__ = [
     "DEFAULT_CPU_MEMORY",
     "EXACT_CPU_MAX_ELEMENTS",
@@ -33,6 +35,7 @@ __all__ = [
     "memory_budget",
     "rerank_margin",
     "block_rows",
+    "check_search_budget",
     "exact_search",
     "exact_distances",
     "resident_keys",
@@ -109,16 +112,40 @@ def rerank_margin(k: int, compute_dtype: torch.dtype) -> int:
     return 16 + k // 4 if compute_dtype == torch.bfloat16 else 8 + k // 16
 
 
+def _block_bytes(num_queries: int, dim: int, candidates: int, compute_dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes per key row of a block, fixed bytes) of one search's working set: see :func:`block_rows`."""
+    c = torch.tensor([], dtype=compute_dtype).element_size()
+    per_row = dim * (2 + 2 + c + 4) + 12 * num_queries
+    fixed = num_queries * dim * (2 + 4 + c) + 48 * num_queries * candidates
+    return per_row, fixed
+
+
 def block_rows(num_queries: int, dim: int, candidates: int, memory_bytes: int, compute_dtype: torch.dtype) -> int:
     """Keys per block so that one block's working set fits ``memory_bytes`` (at least 1).
 
     Per key row: the fp16 block and its compute-dtype copy, an fp32 temporary for ‖k‖², and the fp32 distance
     column [n] with its top-k workspace; fixed: the queries (fp32 + compute copy) and the running top-k.
     """
-    c = torch.tensor([], dtype=compute_dtype).element_size()
-    per_row = dim * (2 + 2 + c + 4) + 12 * num_queries
-    fixed = num_queries * dim * (2 + 4 + c) + 48 * num_queries * candidates
+    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
     return max(1, (memory_bytes - fixed) // per_row)
+
+
+def check_search_budget(
+    num_queries: int, dim: int, candidates: int, memory_bytes: int, compute_dtype: torch.dtype
+) -> None:
+    """Refuse, before any key is read, a budget that cannot hold the queries, the running top-``candidates`` and one
+    key row: :func:`block_rows` would otherwise exceed it silently. The message gives the chunk size that fits."""
+    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
+    if fixed + per_row <= memory_bytes:
+        return
+    per_query = _block_bytes(1, dim, candidates, compute_dtype)[1] + 12  # what each query adds to fixed + per_row
+    fits = (memory_bytes - _block_bytes(0, dim, candidates, compute_dtype)[0]) // per_query
+    raise ValueError(
+        f"exact search of {num_queries:,} queries × {candidates} candidates (k + re-ranking margin) × d={dim} needs "
+        f"{(fixed + per_row) / 2**20:.1f} MiB before its first key block, over the {memory_bytes / 2**20:.1f} MiB "
+        f"budget; use chunk_size ≤ {max(0, fits):,} or search_memory_gb ≥ {(fixed + per_row) / 2**30:.4f}"
+        + (" (not even one query fits: lower k)." if fits < 1 else ".")
+    )
 
 
 def _host_blocks(keys, size: int):
@@ -130,7 +157,7 @@ def _host_blocks(keys, size: int):
         return
 
     def read(b0: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(keys[b0 : b0 + size]))  # a copy: the page reads happen here
+        return torch.from_numpy(read_rows(keys, b0, b0 + size))  # read, not mapped: RSS stays one block
 
     with ThreadPoolExecutor(1) as pool:
         ahead = pool.submit(read, 0)
@@ -167,8 +194,8 @@ def resident_keys(keys, device: torch.device | str, max_bytes: int | None = None
 def exact_distances(queries: torch.Tensor, keys, ids: torch.Tensor, memory_bytes: int) -> torch.Tensor:
     """Σ (q − k_id)² in fp32 [n, m] for ids [n, m] (all valid), on the queries' device, computed directly.
 
-    Keys are gathered from ``keys`` (a numpy memmap: each distinct row read once per query batch, in order; or a
-    torch tensor) in query batches sized to ``memory_bytes``.
+    Keys are gathered from ``keys`` (a numpy memmap: each distinct row read once per query batch, in order, without
+    leaving the file mapped; or a torch tensor) in query batches sized to ``memory_bytes``.
     """
     n, m = ids.shape
     d = queries.shape[1]
@@ -181,7 +208,7 @@ def exact_distances(queries: torch.Tensor, keys, ids: torch.Tensor, memory_bytes
         else:
             flat = sub.reshape(-1).cpu().numpy()
             uniq, inverse = np.unique(flat, return_inverse=True)
-            block = torch.from_numpy(np.ascontiguousarray(keys[uniq])).to(queries.device)
+            block = torch.from_numpy(gather_rows(keys, uniq)).to(queries.device)
             gathered = block.float()[torch.from_numpy(inverse.reshape(-1)).to(queries.device)]
         diff = gathered.view(len(sub), m, d) - queries[a : a + rows, None, :]
         out[a : a + rows] = diff.square_().sum(-1)
@@ -230,6 +257,8 @@ def exact_search(
         raise ValueError(f"queries must be [n, {dim}], got {tuple(q32.shape)}.")
     candidates = min(available, k + (rerank_margin(k, compute_dtype) if margin is None else margin))
     budget = memory_budget(device, memory_bytes)
+    if block_size is None:  # the budget sets the blocks: it must hold their fixed part
+        check_search_budget(n, dim, candidates, budget, compute_dtype)
     size = block_size or block_rows(n, dim, candidates, budget, compute_dtype)
     qc = q32.to(compute_dtype)
     q_norm = q32.square().sum(1, keepdim=True)

@@ -14,10 +14,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
-from lightning_memdec.index_plan import IndexPlan, plan_index
-from lightning_memdec.store import Datastore, check_index_matches
+from lightning_memdec.index_plan import IndexPlan, gpu_pq_options, plan_index
+from lightning_memdec.npy_rows import gather_rows, read_rows
+from lightning_memdec.resources import available_ram, check_fits
+from lightning_memdec.store import INDEX, Datastore, check_index_matches
 
-INDEX = "index.faiss"
 log = logging.getLogger(__name__)
 
 
@@ -33,13 +34,25 @@ def gpu_available() -> bool:
 def to_gpu(index: faiss.Index, device: int | None = None) -> faiss.Index:
     """The index on one GPU (``device``: this rank's), or sharded over all visible GPUs when ``device`` is None.
 
-    Under several ranks each must pass its own device: cloning to all GPUs on every rank makes N² copies.
+    Under several ranks each must pass its own device: cloning to all GPUs on every rank makes N² copies. An IVF-PQ
+    gets the cloner options faiss-gpu needs for its shape (:func:`~lightning_memdec.index_plan.gpu_pq_options`).
     """
     if not gpu_available():
         raise RuntimeError("use_gpu was asked for, but this faiss has no GPU support; install lightning_memdec[gpu].")
+    options = faiss.GpuMultipleClonerOptions() if device is None else faiss.GpuClonerOptions()
+    options.usePrecomputed, options.useFloat16 = gpu_pq_options(index.d, pq_bytes(index))
     if device is None:
-        return faiss.index_cpu_to_all_gpus(index)
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index)
+        return faiss.index_cpu_to_all_gpus(index, options)
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index, options)
+
+
+def pq_bytes(index: faiss.Index) -> int | None:
+    """Code bytes per key of an IVF-PQ index; None for any other index."""
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return None
+    return int(ivf.pq.M) if isinstance(ivf, faiss.IndexIVFPQ) else None
 
 
 def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
@@ -79,8 +92,8 @@ def build_index(
             memory budget: see :mod:`lightning_memdec.index_plan`).
         train_size: keys sampled (seeded, across the whole store) to train an IVF index; default: the plan's
             39–256 per list within ``memory_gb``.
-        memory_gb: RAM budget for the training sample.
-        add_batch: keys added per step.
+        memory_gb: RAM budget for the training sample (read across the store, one bounded window at a time).
+        add_batch: keys read and added per step (read from the file, not mapped: resident memory stays one batch).
         nprobe: IVF lists visited per query; stored in meta.json and applied on load.
         use_gpu: train and add on all visible GPUs (needs faiss-gpu); the saved index is a CPU index.
         seed: sampling seed for training keys and recall queries.
@@ -96,6 +109,7 @@ def build_index(
     if plan_only:
         return plan
     train_size = plan.train_size if train_size is None else train_size
+    check_build_fits(plan, min(n, train_size) if plan.nlist else 0, use_gpu)
     try:
         index = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
     except RuntimeError as err:
@@ -110,9 +124,9 @@ def build_index(
         size = min(n, train_size)
         sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
         log.info("training %s on %d keys", plan.factory, size)
-        index.train(np.ascontiguousarray(store.keys[sample], dtype=np.float32))
+        index.train(np.ascontiguousarray(gather_rows(store.keys, sample), dtype=np.float32))
     for start in tqdm(range(0, n, add_batch), desc="build-index", unit="batch"):
-        index.add(np.ascontiguousarray(store.keys[start : start + add_batch], dtype=np.float32))
+        index.add(np.ascontiguousarray(read_rows(store.keys, start, start + add_batch), dtype=np.float32))
     if use_gpu:
         index = faiss.index_gpu_to_cpu(index)
     set_nprobe(index, nprobe)
@@ -137,6 +151,18 @@ def build_index(
     return publish(work, out, meta)
 
 
+def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:
+    """The index being built and its float32 training sample are held in RAM together (on the host even when
+    ``use_gpu``, where the built index comes back): refuse before training when they exceed the available RAM."""
+    needed = plan.index_bytes + train_size * plan.dim * 4
+    fix = (
+        "pass --memory_gb lower (a smaller training sample, fewer lists) or --train_size, or a factory with fewer "
+        "PQ bytes per key (IVF…,PQ<m> with smaller m); a Flat index holds N × d × 4 bytes."
+    )
+    where = "GPU build, index copied back" if use_gpu else "in RAM"
+    check_fits(needed, available_ram(), f"building {plan.factory} ({where}: index + training sample)", fix)
+
+
 def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) -> dict:
     """recall@k of ``index`` against exact search (torch, blocked) for ``queries`` stored keys drawn at random."""
     from lightning_memdec.exact_search import exact_search
@@ -144,7 +170,7 @@ def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) ->
     n = len(store)
     k = min(k, n)
     rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(queries, n), replace=False))
-    q = np.asarray(store.keys[rows], dtype=np.float32)
+    q = np.asarray(gather_rows(store.keys, rows), dtype=np.float32)
     _, found = index.search(q, k)
     _, truth = exact_search(q, store.keys, k)
     truth = truth.numpy()
@@ -188,7 +214,7 @@ def exact_squared_l2(
 
     Blocks of queries are processed so the gathered ``[rows, k, d]`` keys stay under ``memory_bytes`` (the whole
     chunk at once would be queries × k × d × 4 bytes: 32 GiB for 4,096 × 1,024 × 2,048-dim keys). Within a block
-    each distinct key is read from the memmap once.
+    each distinct key is read once, and the keys file is not left mapped (``npy_rows.gather_rows``).
     """
     n, k = ids.shape
     d = keys.shape[1]
@@ -202,8 +228,7 @@ def exact_squared_l2(
 def _exact_block(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     flat = ids.reshape(-1)
     valid = flat >= 0
-    uniq, inverse = np.unique(flat[valid], return_inverse=True)
     gathered = np.zeros((flat.size, keys.shape[1]), dtype=np.float32)
-    gathered[valid] = np.asarray(keys[uniq], dtype=np.float32)[inverse]
+    gathered[valid] = gather_rows(keys, flat[valid])
     dist = ((gathered.reshape(*ids.shape, -1) - np.asarray(queries, dtype=np.float32)[:, None, :]) ** 2).sum(-1)
     return np.where(ids >= 0, dist, np.inf).astype(np.float32)

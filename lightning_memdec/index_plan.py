@@ -20,7 +20,11 @@ FLAT_MAX_ENTRIES = 200_000
 MIN_TRAIN_PER_LIST, MAX_TRAIN_PER_LIST = 39, 256
 GPU_PQ_SIZES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)  # code bytes faiss-gpu implements
 GPU_MAX_K = 2048
+# dims per PQ sub-quantizer faiss-gpu's IVF-PQ scans without precomputed tables (its isSupportedNoPrecomputedSubDimSize)
+GPU_NO_PRECOMPUTED_SUBDIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 FLOAT32 = 4
+PQ_CENTROIDS = 256  # 8-bit codes
+PRECOMPUTED_TABLE_MAX_BYTES = 2**31  # faiss's precomputed_table_max_bytes: larger IVF-PQ tables are not built
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,11 @@ def plan_index(
             notes.append(f"nlist halved to {nlist} so that {MIN_TRAIN_PER_LIST} training keys per list fit")
         m = pq_size(dim, gpu)
         factory = f"IVF{nlist},PQ{m}"
-        if gpu and m > 48:
+        precomputed, half = gpu_pq_options(dim, m)
+        if gpu and half:
             notes.append("PQ with more than 48 code bytes needs float16 lookup tables on the GPU (useFloat16)")
+        if gpu and precomputed:
+            notes.append(f"{dim // m} dims per PQ sub-quantizer need precomputed tables on the GPU (usePrecomputed)")
     found = re.match(r"IVF(\d+)", factory)
     nlist = int(found.group(1)) if found else None
     pq = re.search(r"PQ(\d+)", factory)
@@ -92,16 +99,42 @@ def plan_index(
         if train < MIN_TRAIN_PER_LIST * nlist:
             notes.append(f"only {train} training keys for {nlist} lists (FAISS wants ≥ {MIN_TRAIN_PER_LIST} each)")
     code = m if m is not None else dim * FLOAT32
-    index_bytes = num_entries * (code + 8) + (nlist or 0) * dim * FLOAT32 + (256 * dim * FLOAT32 if m else 0)
+    index_bytes = num_entries * (code + 8) + (nlist or 0) * dim * FLOAT32 + (PQ_CENTROIDS * dim * FLOAT32 if m else 0)
+    table = precomputed_table_bytes(nlist, m)
+    if table:
+        notes.append(f"{table / 2**30:.2f} GiB of the index size is IVF-PQ's precomputed table, built when loaded")
+    index_bytes += table
     per_list = num_entries / nlist if nlist else num_entries
     flops = 2.0 * (nlist or 0) * dim + min(nprobe, nlist or 1) * per_list * (m or 2 * dim)
     return IndexPlan(factory, num_entries, dim, nlist, m, train, index_bytes, train * dim * FLOAT32, flops, notes)
 
 
-def check_gpu_k(k: int) -> None:
-    """faiss-gpu returns at most 2,048 neighbours: refuse a larger k before any work, naming what fits."""
-    if k > GPU_MAX_K:
+def precomputed_table_bytes(nlist: int | None, m: int | None) -> int:
+    """The table an IVF-PQ index (L2, by residual) precomputes when loaded or trained: nlist × m × 256 floats, held in
+    RAM (or on the GPU) beside the codes; faiss skips it above :data:`PRECOMPUTED_TABLE_MAX_BYTES`."""
+    if not nlist or not m:
+        return 0
+    size = nlist * m * PQ_CENTROIDS * FLOAT32
+    return size if size <= PRECOMPUTED_TABLE_MAX_BYTES else 0
+
+
+def gpu_pq_options(dim: int, m: int | None) -> tuple[bool, bool]:
+    """(usePrecomputed, useFloat16) an IVF-PQ of ``m`` code bytes over ``dim`` dims needs when cloned to faiss-gpu:
+    precomputed tables when d/m is not a sub-dimension its kernels scan without them (the paper's 1600/64 = 25 is
+    not: faiss-gpu would refuse the index), float16 lookup tables above 48 code bytes (shared memory)."""
+    if not m:
+        return False, False
+    return dim // m not in GPU_NO_PRECOMPUTED_SUBDIMS, m > 48
+
+
+def check_gpu_k(k: int, self_match: bool = False) -> None:
+    """faiss-gpu returns at most 2,048 neighbours: refuse a larger k before any work, naming what fits (one fewer
+    when the query's own entry is searched for and dropped)."""
+    searched = k + (1 if self_match else 0)
+    if searched > GPU_MAX_K:
+        extra = " (+ 1 for the query's own entry, searched for and dropped)" if self_match else ""
         raise ValueError(
-            f"k={k} exceeds faiss-gpu's limit of {GPU_MAX_K} neighbours; use k ≤ {GPU_MAX_K}, search on the CPU "
-            "(use_gpu false), or the exact backend (build-targets --search exact), which has no such limit."
+            f"k={k}{extra} exceeds faiss-gpu's limit of {GPU_MAX_K} neighbours; use k ≤ {GPU_MAX_K - searched + k}, "
+            "search on the CPU (use_gpu false), or the exact backend (build-targets --search exact), which has no "
+            "such limit."
         )

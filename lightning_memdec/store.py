@@ -15,6 +15,7 @@ from lightning_memdec.artifacts import ArtifactError, check_same_tokenizer, open
 KEYS = "keys.npy"
 VALUES = "values.npy"
 OFFSETS, IDS, PROBS = "offsets.npy", "ids.npy", "probs.npy"
+INDEX = "index.faiss"  # in an index directory, beside its meta.json
 
 
 class Datastore:

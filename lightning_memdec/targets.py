@@ -19,16 +19,28 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_memdec.artifacts import base_meta, publish, read_meta, start_work_dir
-from lightning_memdec.exact_search import SEARCH_BACKENDS, choose_search, exact_search, resident_keys
-from lightning_memdec.index_plan import check_gpu_k
+from lightning_memdec.artifacts import ArtifactError, base_meta, publish, read_meta, start_work_dir
+from lightning_memdec.exact_search import (
+    SEARCH_BACKENDS,
+    check_search_budget,
+    choose_search,
+    default_compute_dtype,
+    exact_search,
+    memory_budget,
+    rerank_margin,
+    resident_keys,
+)
+from lightning_memdec.index_plan import check_gpu_k, plan_index
+from lightning_memdec.npy_rows import read_rows
+from lightning_memdec.resources import available_ram, check_fits
 from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, run_sharded_predict
 from lightning_memdec.sparse import knn_distributions, stored_rows
 from lightning_memdec.sparse_torch import knn_distributions_torch
-from lightning_memdec.store import Datastore, check_compatible, check_index_matches
+from lightning_memdec.store import INDEX, Datastore, check_compatible, check_index_matches
 from lightning_memdec.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
 
 log = logging.getLogger(__name__)
+VALUES_BLOCK = 1 << 22  # values copied to the search device at a time (16 MiB of int32)
 
 
 class KNNTargetSearcher(L.LightningModule):
@@ -88,7 +100,7 @@ class KNNTargetSearcher(L.LightningModule):
         if is_idle(batch):
             return None
         rows = batch["rows"].cpu().numpy()
-        queries = np.asarray(self.query_store.keys[rows[0] : rows[-1] + 1])
+        queries = read_rows(self.query_store.keys, rows[0], rows[-1] + 1)  # not mapped: RSS stays one chunk
         search = self.exact_rows if self.search == "exact" else self.faiss_rows
         counts, tok, prob = stored_rows(*search(queries, rows))
         return {"chunk": batch["chunk"], "counts": counts, "ids": tok, "probs": prob}
@@ -112,7 +124,7 @@ class KNNTargetSearcher(L.LightningModule):
                 self.min_prob,
             )
         if self.device_values is None or self.device_values.device != dist.device:
-            self.device_values = torch.from_numpy(np.array(self.store.values)).to(dist.device)
+            self.device_values = values_on(self.store.values, dist.device)
         tokens = self.device_values[ids]
         return knn_distributions_torch(dist, tokens, self.temperature, self.max_support, self.min_prob)
 
@@ -134,6 +146,15 @@ class KNNTargetSearcher(L.LightningModule):
             max_support=self.max_support,
             min_prob=self.min_prob,
         )
+
+
+def values_on(values: np.ndarray, device: torch.device, block: int = VALUES_BLOCK) -> torch.Tensor:
+    """The datastore's values [N] int32 on ``device`` (4 bytes per entry there), copied ``block`` at a time so the
+    host never holds more than one block (a whole copy would be 412 MB for the paper's 103 M entries)."""
+    out = torch.empty(len(values), dtype=torch.int32, device=device)
+    for lo in range(0, len(values), block):
+        out[lo : lo + block] = torch.from_numpy(read_rows(values, lo, lo + block))
+    return out
 
 
 def build_targets(
@@ -194,22 +215,23 @@ def build_targets(
     store = Datastore(datastore)
     query_store = Datastore(queries) if queries is not None else store
     check_compatible(query_store, store)
+    self_exclude = query_store.identity() == store.identity()
     if index is not None:  # checked whichever backend runs: an index over another store is a mistake
         check_index_matches(index, read_meta(index, kind="index"), store)
     search = pick_search(search, index, store, accelerator)
     if search == "faiss" and use_gpu:
-        check_gpu_k(k + 1)  # + 1: the self-match searched for and dropped
+        check_gpu_k(k, self_match=self_exclude)
     factory, index_nprobe = None, None
-    if search == "faiss":
-        from lightning_memdec.index import KeyIndex
-
-        key_index = KeyIndex(index)
-        factory, index_nprobe = key_index.meta["factory"], key_index.meta["nprobe"]
-    self_exclude = query_store.identity() == store.identity()
+    if search == "faiss":  # its meta.json only: the ranks load the index (a copy here would stay for the whole run)
+        index_meta = read_meta(index, kind="index")
+        factory, index_nprobe = index_meta["factory"], index_meta["nprobe"]
     available = len(store) - (1 if self_exclude else 0)
     if k > available:
         log.warning("k=%d exceeds the %d entries available; using k=%d.", k, available, available)
         k = available
+    memory = None if search_memory_gb is None else int(search_memory_gb * 2**30)
+    check_ranks_fit(search, index, store.dim, min(chunk_size, len(query_store)), k, available, memory,
+                    accelerator, devices, use_gpu)  # fmt: skip
     run_config = {
         "queries": query_store.identity(),
         "datastore": store.identity(),
@@ -226,7 +248,6 @@ def build_targets(
     work = start_work_dir(out, run_config, overwrite)
     paths = (str(query_store.dir), str(store.dir), str(index), str(work))
     settings = (k, temperature, self_exclude, exact_distances, max_support, min_prob, chunk_size, nprobe, use_gpu)
-    memory = None if search_memory_gb is None else int(search_memory_gb * 2**30)
     searcher = KNNTargetSearcher(*paths, *settings, search, memory)
     trainer = run_sharded_predict(searcher, ChunkFileWriter(work), accelerator, devices, strategy, num_nodes, callbacks)
     if not trainer.is_global_zero:
@@ -253,6 +274,41 @@ def pick_search(search: str, index: Path | None, store: Datastore, accelerator: 
         return search
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return choose_search(len(store), store.dim, "cuda" if cuda else "cpu", have_index=index is not None)
+
+
+def check_ranks_fit(
+    search: str,
+    index: Path | None,
+    dim: int,
+    chunk: int,
+    k: int,
+    available: int,
+    memory: int | None,
+    accelerator: str,
+    devices: int | str,
+    use_gpu: bool,
+) -> None:
+    """Before any search: each rank's exact-search budget must hold a chunk's queries and top-k, and on the host the
+    ranks of this node together must fit the RAM (each holds its own FAISS index replica, or its exact budget)."""
+    on_host = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    ranks = int(devices) if str(devices).isdigit() else 1
+    if search == "exact" and (on_host or memory is not None):
+        dtype = default_compute_dtype("cpu") if on_host else torch.bfloat16  # bf16: the widest margin on a GPU
+        budget = memory_budget("cpu", memory)
+        check_search_budget(chunk, dim, min(available, k + rerank_margin(k, dtype)), budget, dtype)
+        if on_host:
+            fix = "pass --devices lower or --search_memory_gb lower (smaller key blocks, same result)."
+            check_fits(ranks * budget, available_ram(), f"{ranks} ranks' exact-search blocks on this host", fix)
+    if search == "faiss" and not use_gpu:
+        path, meta = Path(index) / INDEX, read_meta(index, kind="index")
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; rebuild the index.")
+        replica = plan_index(meta["ntotal"], meta["dim"], factory=meta["factory"]).index_bytes  # loaded, with tables
+        fix = (
+            "pass --devices lower (fewer ranks per node), search on GPUs (--use_gpu true, or --search exact on a "
+            "GPU), or build an index with fewer bytes per key (a smaller PQ m)."
+        )
+        check_fits(ranks * replica, available_ram(), f"{ranks} ranks' FAISS index replicas in RAM", fix)
 
 
 def faiss_gpu_for_rank(trainer) -> int | None:

@@ -23,3 +23,20 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     for name in TIMED:  # present and finite is what CI can check without asserting on wall-clock time
         assert math.isfinite(float(lines[name])), name
     assert list(lines)[-1] == "knnlm_to_memdec_generation_overhead"  # the headline is last
+
+
+def test_scale_benchmark_runs_tiny(tmp_path):
+    """benchmarks/scale.py at n = 20,000 (Flat indexes): every figure present and finite, the ratio last."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--n", "20000", "--queries", "2000", "--workdir",
+           str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line and line[0] != "#")
+    for size in (20000, 80000):
+        for name in ("index_entries_per_s", "recall_at_64", "targets_queries_per_s"):
+            assert float(lines[f"n{size}_{name}"]) > 0, (size, name)
+        for r in (0, 1):
+            for name in ("peak_rss_mb", "peak_rss_ex_index_mb", "peak_anon_mb", "peak_file_mb", "baseline_mb"):
+                assert math.isfinite(float(lines[f"n{size}_targets_rank{r}_{name}"])), (size, r, name)
+    assert float(lines["n20000_recall_at_64"]) == 1.0  # Flat below 200k keys: exact
+    assert math.isfinite(float(lines["peak_rss_ratio"])) and list(lines)[-1] == "peak_rss_ratio"

@@ -1,3 +1,4 @@
+import faiss
 import numpy as np
 import pytest
 
@@ -97,3 +98,29 @@ def test_build_index_records_measured_recall_and_plan_only(tmp_path, biomed_data
     ivf = KeyIndex(build_index(biomed_datastore, tmp_path / "ivf", factory="IVF8,Flat", nprobe=1, recall_queries=50))
     assert 0 < ivf.meta["recall"]["recall"] < 1.0  # one of eight lists probed misses some true neighbours
     assert ivf.meta["train_size"] == min(len(Datastore(biomed_datastore)), 256 * 8)
+
+
+def test_plan_counts_the_ivfpq_precomputed_table_faiss_builds(tmp_path, biomed_datastore):
+    from lightning_memdec.index_plan import PRECOMPUTED_TABLE_MAX_BYTES, plan_index, precomputed_table_bytes
+
+    built = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", factory="IVF16,PQ8", recall_queries=0))
+    table = faiss.downcast_index(built.index).precomputed_table.size() * 4  # what faiss holds beside the codes
+    assert table == precomputed_table_bytes(16, 8) == 16 * 8 * 256 * 4
+    n, d = len(Datastore(biomed_datastore)), Datastore(biomed_datastore).dim
+    plan = plan_index(n, d, factory="IVF16,PQ8")
+    assert plan.index_bytes == n * (8 + 8) + 16 * d * 4 + 256 * d * 4 + table
+    paper = plan_index(103_000_000, 1600)  # 32768 × 64 × 256 floats = 2 GiB: at faiss's limit, still built
+    assert precomputed_table_bytes(paper.nlist, paper.pq_m) == PRECOMPUTED_TABLE_MAX_BYTES
+    assert precomputed_table_bytes(65536, 64) == 0  # above the limit faiss computes the terms per query instead
+
+
+def test_gpu_clone_options_follow_faiss_gpu_constraints(tmp_path, biomed_datastore):
+    from lightning_memdec.index import pq_bytes
+    from lightning_memdec.index_plan import gpu_pq_options, plan_index
+
+    assert gpu_pq_options(1600, 64) == (True, True)  # the paper's d = 1600, PQ64: 25 dims per sub-quantizer
+    assert gpu_pq_options(768, 48) == (False, False) and gpu_pq_options(1024, 64) == (False, True)
+    assert gpu_pq_options(256, None) == (False, False)
+    assert any("usePrecomputed" in note for note in plan_index(103_000_000, 1600, gpu=True).notes)
+    pq = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", factory="IVF16,PQ8", recall_queries=0))
+    assert pq_bytes(pq.index) == 8 and pq_bytes(faiss.IndexFlatL2(4)) is None

@@ -1,0 +1,75 @@
+"""Runs that would not fit this machine (RAM, disk, search budget, faiss-gpu's k) are refused before any work, with
+an error that names the bytes and the setting that fits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_memdec.artifacts import partial_dir
+from lightning_memdec.exact_search import block_rows, check_search_budget
+from lightning_memdec.index_plan import check_gpu_k
+from lightning_memdec.resources import ResourceError, check_fits
+
+
+def test_check_fits_names_bytes_and_fix():
+    check_fits(2**30, 2**30, "x", "fix")
+    with pytest.raises(ResourceError, match=r"x needs 2.00 GiB but only 1.00 GiB is available; do less"):
+        check_fits(2 * 2**30, 2**30, "x", "do less")
+
+
+def test_search_budget_error_gives_a_chunk_size_that_fits():
+    budget, dim, candidates = 64 * 2**20, 1600, 1024 + 8 + 1024 // 16  # the paper's k and d on the CPU (fp32)
+    with pytest.raises(ValueError, match=r"use chunk_size ≤ ([\d,]+) or search_memory_gb ≥") as err:
+        check_search_budget(4096, dim, candidates, budget, torch.float32)
+    fits = int(err.value.args[0].split("chunk_size ≤ ")[1].split(" ")[0].replace(",", ""))
+    check_search_budget(fits, dim, candidates, budget, torch.float32)  # the suggestion fits …
+    assert block_rows(fits, dim, candidates, budget, torch.float32) >= 1
+    with pytest.raises(ValueError):  # … and is the largest that does
+        check_search_budget(fits + 1, dim, candidates, budget, torch.float32)
+    with pytest.raises(ValueError, match="not even one query fits: lower k"):
+        check_search_budget(1, dim, 2 * 10**6, budget, torch.float32)  # 96 MB of top-k for one query
+
+
+def test_build_targets_refuses_a_budget_too_small_before_work(tmp_path, biomed_datastore):
+    from lightning_memdec.targets import build_targets
+
+    with pytest.raises(ValueError, match="use chunk_size ≤"):
+        build_targets(biomed_datastore, None, tmp_path / "t", k=16, search="exact", search_memory_gb=1e-5)
+    assert not partial_dir(tmp_path / "t").exists()
+
+
+def test_build_targets_refuses_replicas_beyond_ram(tmp_path, biomed_datastore, biomed_index, monkeypatch):
+    import lightning_memdec.targets as targets
+
+    monkeypatch.setattr(targets, "available_ram", lambda: 1000)
+    with pytest.raises(ResourceError, match="2 ranks' FAISS index replicas in RAM.*--devices lower"):
+        targets.build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=8, search="faiss", devices=2)
+    with pytest.raises(ResourceError, match="2 ranks' exact-search blocks"):
+        targets.build_targets(biomed_datastore, None, tmp_path / "t", k=8, search="exact", devices=2)
+    assert not partial_dir(tmp_path / "t").exists()
+
+
+def test_build_index_refuses_an_index_beyond_ram(tmp_path, biomed_datastore, monkeypatch):
+    import lightning_memdec.index as index
+
+    monkeypatch.setattr(index, "available_ram", lambda: 1000)
+    with pytest.raises(ResourceError, match=r"building IVF8,Flat \(in RAM: index \+ training sample\).*--memory_gb"):
+        index.build_index(biomed_datastore, tmp_path / "i", factory="IVF8,Flat")
+    assert not partial_dir(tmp_path / "i").exists()
+
+
+def test_build_datastore_refuses_a_full_disk(tmp_path, biomed_corpus, tiny_gpt2, monkeypatch):
+    import lightning_memdec.datastore as datastore
+
+    monkeypatch.setattr(datastore, "free_disk", lambda path: 10_000)
+    with pytest.raises(ResourceError, match=r"positions × 32 dims \(keys fp16 \+ values int32\).*larger file system"):
+        datastore.build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "ds", window=64, stride=32)
+    assert not partial_dir(tmp_path / "ds").exists()
+
+
+def test_gpu_k_limit_counts_the_self_match():
+    check_gpu_k(2048)
+    check_gpu_k(2047, self_match=True)
+    with pytest.raises(ValueError, match=r"k=2048 \(\+ 1 for the query's own entry.*use k ≤ 2047"):
+        check_gpu_k(2048, self_match=True)
