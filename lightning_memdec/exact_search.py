@@ -29,6 +29,7 @@ from lightning_memdec.npy_rows import gather_rows, read_rows
 __all__ = [
     "DEFAULT_CPU_MEMORY",
     "EXACT_CPU_MAX_ELEMENTS",
+    "EXACT_GPU_MAX_ELEMENTS",
     "SEARCH_BACKENDS",
     "choose_search",
     "default_compute_dtype",
@@ -47,6 +48,9 @@ GPU_MEMORY_FRACTION = 0.5  # of the device's free memory at the start of a searc
 RESIDENT_FRACTION = 0.4  # of the device's free memory the whole key matrix may take to stay there between searches
 # N·d up to which exact CPU search is chosen by `auto` (e.g. 131k keys of d = 256, 32k of d = 1024).
 EXACT_CPU_MAX_ELEMENTS = 1 << 25
+# N·d up to which exact GPU search is chosen by `auto` (e.g. 11 M keys of d = 768, 5.4 M of d = 1600): 17 GB of fp16
+# keys, resident on an 80 GB card, 17 GFLOP a query (~1,100 queries/s at the H100's measured rate).
+EXACT_GPU_MAX_ELEMENTS = 1 << 33
 _mm_out_dtype_ok: dict[str, bool] = {}
 
 
@@ -54,16 +58,20 @@ def choose_search(num_entries: int, dim: int, device_type: str, have_index: bool
     """The ``auto`` rule of ``build_targets(search=...)``: ``"exact"`` or ``"faiss"``.
 
     - no index given → exact (the only backend that needs none);
-    - a CUDA device → exact: a dense fp16/bf16 product over the whole store runs at tensor-core speed, is exact,
-      and needs no faiss-gpu;
+    - a CUDA device → exact when N·d ≤ :data:`EXACT_GPU_MAX_ELEMENTS` (2^33): a dense fp16 product over the whole
+      store runs at tensor-core speed, is exact, needs no faiss-gpu, and the keys stay resident on the device. The
+      cost per query grows with N·d, so the work of a store's targets grows with N²·d: measured on an H100, 6,249
+      queries/s at 2 M × 768; at the paper's 103 M × 1,600 it would be ~58 queries/s, 20 GPU-days (docs/scaling.md),
+      where IVF-PQ does ~3,000× less work per query;
     - on the CPU → exact when N·d ≤ :data:`EXACT_CPU_MAX_ELEMENTS` (2^25): a query then costs ≤ 2^26 flops
       (under a second per thousand queries at ~100 GFLOP/s), less than training and probing an IVF index would save,
       and the same work as a FAISS Flat index;
     - otherwise faiss (the given index: IVF-PQ visits a small fraction of the store per query).
     """
-    if not have_index or device_type == "cuda":
+    if not have_index:
         return "exact"
-    return "exact" if num_entries * dim <= EXACT_CPU_MAX_ELEMENTS else "faiss"
+    limit = EXACT_GPU_MAX_ELEMENTS if device_type == "cuda" else EXACT_CPU_MAX_ELEMENTS
+    return "exact" if num_entries * dim <= limit else "faiss"
 
 
 def default_compute_dtype(device: torch.device | str) -> torch.dtype:

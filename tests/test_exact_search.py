@@ -15,6 +15,7 @@ from test_datastore import Interrupt, SimulatedKill
 from lightning_memdec.artifacts import ArtifactError, partial_dir
 from lightning_memdec.exact_search import (
     EXACT_CPU_MAX_ELEMENTS,
+    EXACT_GPU_MAX_ELEMENTS,
     block_rows,
     choose_search,
     exact_search,
@@ -131,7 +132,11 @@ def test_torch_rows_equal_the_numpy_kernel(truncation, temperature):
 
 
 def test_auto_rule():
-    assert choose_search(10**9, 4096, "cuda") == "exact"
+    assert choose_search(2 * 10**6, 768, "cuda") == "exact"  # the GPU benchmark's store
+    assert choose_search(EXACT_GPU_MAX_ELEMENTS // 1024, 1024, "cuda") == "exact"
+    assert choose_search(EXACT_GPU_MAX_ELEMENTS // 1024 + 1, 1024, "cuda") == "faiss"
+    assert choose_search(103 * 10**6, 1600, "cuda") == "faiss"  # the paper's WikiText-103 / GPT2-xl store
+    assert choose_search(103 * 10**6, 1600, "cuda", have_index=False) == "exact"
     assert choose_search(10**6, 1024, "cpu", have_index=False) == "exact"
     assert choose_search(EXACT_CPU_MAX_ELEMENTS // 32, 32, "cpu") == "exact"
     assert choose_search(EXACT_CPU_MAX_ELEMENTS // 32 + 1, 32, "cpu") == "faiss"
