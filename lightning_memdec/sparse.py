@@ -15,7 +15,6 @@ releases the GIL), each block in cache-sized chunks.
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -149,8 +148,8 @@ def _token_runs(w, tok, tok_max):
     key <<= kt(col_bits)
     key |= np.arange(width, dtype=kt)
     key.sort(axis=1)
-    flat = (key & kt((1 << col_bits) - 1)).astype(np.intp)  # [rows, width] column of each sorted neighbour...
-    flat += np.arange(0, rows * width, width)[:, None]  # ...as a flat index into w
+    flat = key & kt((1 << col_bits) - 1)  # [rows, width] column of each sorted neighbour...
+    flat += np.arange(0, rows * width, width, dtype=kt)[:, None]  # ...as a flat index into w
     weight = np.take(w, flat).ravel().astype(np.float64)  # [rows * width] sorted like the keys
     key >>= kt(col_bits)  # [rows, width] token ids, ascending within each row
     start = np.empty((rows, width), dtype=bool)  # first neighbour of a run of equal tokens
@@ -158,10 +157,11 @@ def _token_runs(w, tok, tok_max):
     np.not_equal(key[:, 1:], key[:, :-1], out=start[:, 1:])
     start = start.ravel()
     starts = np.flatnonzero(start)  # [m] flat index of each run's first neighbour
-    run = np.cumsum(start, dtype=np.int32)  # [rows * width] run number of every neighbour, counted from 1
-    run -= 1
-    sums = np.zeros(starts.size)  # float64: exact enough to renormalise and threshold against
+    run = start.astype(np.intp)  # [rows * width] run number of every neighbour, from 1 (intp: add.at's fast path)
+    np.cumsum(run, out=run)
+    sums = np.zeros(starts.size + 1)  # float64: exact enough to renormalise and threshold against
     np.add.at(sums, run, weight)
+    sums = sums[1:]
     row_start = np.searchsorted(starts, np.arange(0, rows * width + 1, width))  # every row starts a run
     return key.ravel()[starts], sums, row_start
 
@@ -183,7 +183,7 @@ def _by_prob(run_tok, sums, row_start, tok_bits):
         probs, run_row, run_tok = probs[nonzero], run_row[nonzero], run_tok[nonzero]
         row_start = np.searchsorted(run_row, np.arange(rows + 1))
         counts = np.diff(row_start)
-    group = 1 << min(4, 64 - 31 - tok_bits)  # tok_bits <= 31, checked in _block
+    group = 1 << min(1, 64 - 31 - tok_bits)  # tok_bits <= 31, checked in _block
     k2 = run_row.astype(np.uint64)
     k2 &= np.uint64(group - 1)
     k2 <<= np.uint64(31)
@@ -259,9 +259,6 @@ def knn_distributions(
     if query_ids is not None:
         query_ids = np.asarray(query_ids)
     _validate(distances, neighbor_ids, values, temperature, query_ids, k, max_support, min_prob)
-
-    if sys.byteorder != "little":
-        raise NotImplementedError("knn_distributions packs sort keys through little-endian views")
     n, width = distances.shape
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
