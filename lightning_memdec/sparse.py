@@ -57,15 +57,36 @@ def sort_key_dtype(max_token: int, width: int) -> type[np.unsignedinteger]:
     return np.uint32 if max(1, max_token.bit_length()) + col_bits <= 32 else np.uint64
 
 
-def _nearest(d: np.ndarray, tok: np.ndarray, k: int):
-    """Keep the k smallest distances per row (invalid ones are +inf); ties: earlier column first."""
+def _nearest_keys(d: np.ndarray) -> np.ndarray:
+    """uint64 keys ``ordered distance bits << 32 | column`` [rows, width]: ascending = nearest first, ties by column."""
     bits = d.view(np.uint32)
     # Order-preserving float32 -> uint32 map, so the distance can lead a packed uint64 sort key.
     ordered = np.where(bits >> np.uint32(31) == 1, ~bits, bits | np.uint32(0x80000000))
-    key = (ordered.astype(np.uint64) << np.uint64(32)) | np.arange(d.shape[1], dtype=np.uint64)
-    key.sort(axis=1)
-    pick = (key[:, :k] & np.uint64(0xFFFFFFFF)).astype(np.intp)
-    return np.take_along_axis(d, pick, 1), np.take_along_axis(tok, pick, 1)
+    return (ordered.astype(np.uint64) << np.uint64(32)) | np.arange(d.shape[1], dtype=np.uint64)
+
+
+def _nearest(d: np.ndarray, tok: np.ndarray, k: int):
+    """Keep the k nearest neighbours of each row (invalid ones are +inf), as [rows, k] arrays.
+
+    When k is close to the width (FAISS's k + 1 with self-exclusion), most rows already have at most k finite
+    distances: only the others are touched, their extra neighbours set to +inf (weight 0) in place. For a much
+    smaller k, every row is cut down to its k nearest, so later steps work on k columns.
+    """
+    if 2 * k < d.shape[1]:
+        pick = _nearest_keys(d)
+        pick.sort(axis=1)
+        pick = (pick[:, :k] & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        return np.take_along_axis(d, pick, 1), np.take_along_axis(tok, pick, 1)
+    over = np.flatnonzero(np.count_nonzero(d < np.inf, axis=1) > k)  # rows with more than k to choose from
+    if over.size:
+        sub = d[over]
+        key = _nearest_keys(sub)
+        key.partition(k, axis=1)  # keys are distinct: the k smallest are exactly the k nearest
+        beyond = (key[:, k:] & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        np.put_along_axis(sub, beyond, np.float32(np.inf), axis=1)
+        d = d.copy()
+        d[over] = sub
+    return d, tok
 
 
 def _block(d, ids, qids, values, temperature, k, row0):
