@@ -15,6 +15,7 @@ releases the GIL), each block in cache-sized chunks.
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = ["knn_distributions", "csr_offsets", "sort_key_dtype", "stored_rows", 
 _CHUNK_ELEMENTS = 1 << 17
 _BLOCK_ELEMENTS = 1 << 20
 _P_INV = 0x7FFFFFFF  # inverted prob bits: larger prob -> smaller key; prob 0 -> largest
+_LOW = 0 if sys.byteorder == "little" else 1  # index of the low uint32 half of a uint64
 
 
 def csr_offsets(counts: np.ndarray) -> np.ndarray:
@@ -151,7 +153,7 @@ def _chunk(d, ids, qids, tok, temperature, k, row0, padded, tok_max):
     w = knn_scores(d, temperature, nearest=d_min)  # contiguous: numpy's SIMD exp does not vectorise a strided output
     np.exp(w, out=w)
     run_tok, sums, row_start = _token_runs(w, tok, tok_max)
-    return _by_prob(run_tok, sums, row_start, max(1, tok_max.bit_length()))
+    return _by_prob(run_tok, sums, row_start)
 
 
 def _token_runs(w, tok, tok_max):
@@ -187,41 +189,34 @@ def _token_runs(w, tok, tok_max):
     return key.ravel()[starts], sums, row_start
 
 
-def _by_prob(run_tok, sums, row_start, tok_bits):
+def _by_prob(run_tok, sums, row_start):
     """Runs -> CSR (counts [rows], token ids [m] int32, probs [m] float32), each row sorted by prob descending.
 
-    Ties go to the smaller token. The sort runs on packed uint64 keys ``row | (0x7FFFFFFF - prob bits) | token``,
-    a few rows at a time (sorting is n log n, and the runs are already grouped by row), so the row needs only a
-    few bits of the key.
+    Ties go to the smaller token. The sort runs on packed uint64 keys ``(row parity | 0x7FFFFFFF - prob bits) << 32
+    | token``, two rows at a time (sorting is n log n, and the runs are already grouped by row).
     """
     rows = row_start.size - 1
     counts = np.diff(row_start)
     probs = (sums / np.repeat(np.add.reduceat(sums, row_start[:-1]), counts)).astype(np.float32)
-    run_row = np.repeat(np.arange(rows), counts)
     # Zero-probability runs (only dropped neighbours, or underflowed weights) go, as nonzero() does.
     nonzero = probs > 0
     if not nonzero.all():
-        probs, run_row, run_tok = probs[nonzero], run_row[nonzero], run_tok[nonzero]
+        run_row = np.repeat(np.arange(rows), counts)[nonzero]
+        probs, run_tok = probs[nonzero], run_tok[nonzero]
         row_start = np.searchsorted(run_row, np.arange(rows + 1))
         counts = np.diff(row_start)
-    group = 1 << min(1, 64 - 31 - tok_bits)  # tok_bits <= 31, checked in _block
-    k2 = run_row.astype(np.uint64)
-    k2 &= np.uint64(group - 1)
-    k2 <<= np.uint64(31)
-    k2 |= np.uint32(_P_INV) - probs.view(np.uint32)
-    k2 <<= np.uint64(tok_bits)
-    k2 |= run_tok
-    bounds = row_start[::group].tolist() + [len(k2)]
+    key = np.empty(probs.size, dtype=np.uint64)  # [m], written through its uint32 halves
+    halves = key.view(np.uint32).reshape(-1, 2)
+    low, high = halves[:, _LOW], halves[:, 1 - _LOW]
+    np.subtract(np.uint32(_P_INV), probs.view(np.uint32), out=high)
+    high |= np.repeat(np.arange(rows, dtype=np.uint32) << np.uint32(31), counts)  # row parity in the top bit
+    np.copyto(low, run_tok, casting="unsafe")
+    bounds = row_start[::2].tolist() + [key.size]
     for a, b in zip(bounds[:-1], bounds[1:]):
-        k2[a:b].sort()
-    out_tok = np.empty(len(k2), dtype=np.int32)
-    np.bitwise_and(k2, np.uint64((1 << tok_bits) - 1), out=out_tok, casting="unsafe")
-    k2 >>= np.uint64(tok_bits)
-    out_prob = np.empty(len(k2), dtype=np.float32)
-    inv = out_prob.view(np.uint32)
-    np.bitwise_and(k2, np.uint64(_P_INV), out=inv, casting="unsafe")
+        key[a:b].sort()
+    inv = high & np.uint32(_P_INV)
     np.subtract(np.uint32(_P_INV), inv, out=inv)
-    return counts, out_tok, out_prob
+    return counts, low.astype(np.int32), inv.view(np.float32)
 
 
 def _truncate(counts, toks, probs, max_support, min_prob):
