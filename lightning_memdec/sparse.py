@@ -7,9 +7,11 @@ second sort orders each row by probability.
 
 Both sorts run on packed integer keys (numpy's SIMD sort is several times faster than an argsort, and the
 payload rides along for free): the first key is ``token << c | column`` (uint32 when it fits, see
-:func:`sort_key_dtype`; the column gathers the weights), the second ``row | inverted prob bits | token``.
-Positive float32 bit patterns order like the floats they encode. Rows go in blocks to a few threads (numpy
-releases the GIL), each block in cache-sized chunks.
+:func:`sort_key_dtype`; the column gathers the weights), the second ``(row parity | inverted prob bits) << 32 |
+token``. Positive float32 bit patterns order like the floats they encode. Rows stay sorted by prob because the
+training data path reads a prefix of each row for ``max_support`` at every epoch; the sort is paid once here.
+Rows go in blocks to a few threads (numpy releases the GIL), each block in cache-sized chunks; the random
+gather of the neighbours' tokens, the main memory cost, reads a uint16 copy of a short enough table.
 """
 
 from __future__ import annotations
@@ -89,6 +91,20 @@ def _nearest(d: np.ndarray, tok: np.ndarray, k: int):
         d = d.copy()
         d[over] = sub
     return d, tok
+
+
+def _lookup_table(values: np.ndarray, gathers: int) -> np.ndarray:
+    """`values` as a uint16 copy when every token id fits and the table has no more entries than the gathers from it.
+
+    The random gathers of the neighbours' tokens are the kernel's main memory cost; a table of half the bytes stays
+    in cache far better, and reading it once (three sequential passes) costs less than those gathers save. A large
+    datastore (a memmap, or more entries than neighbours looked up) is left alone: only the entries needed are read.
+    """
+    if values.dtype.itemsize <= 2 or values.size > gathers or values.size == 0:
+        return values
+    if values.min() < 0 or values.max() > np.iinfo(np.uint16).max:
+        return values
+    return values.astype(np.uint16)
 
 
 def _block(d, ids, qids, values, temperature, k, row0):
@@ -219,6 +235,27 @@ def _by_prob(run_tok, sums, row_start):
     return counts, low.astype(np.int32), inv.view(np.float32)
 
 
+def _concatenate(parts, pool=None, threads=1):
+    """The chunks' CSR pieces as one (counts int64, token ids, probs); a pool copies them in `threads` slices."""
+    counts = np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False)
+    ends = np.cumsum([p[1].size for p in parts])
+    toks, probs = np.empty(ends[-1], np.int32), np.empty(ends[-1], np.float32)
+    cut = np.linspace(0, len(parts), threads + 1).astype(int)  # part i goes to [ends[i-1], ends[i])
+
+    def copy(i):
+        a, b = cut[i], cut[i + 1]
+        lo, hi = (ends[a - 1] if a else 0), (ends[b - 1] if b else 0)
+        if b > a:
+            np.concatenate([p[1] for p in parts[a:b]], out=toks[lo:hi])
+            np.concatenate([p[2] for p in parts[a:b]], out=probs[lo:hi])
+
+    if pool is None:
+        copy(0)
+    else:
+        list(pool.map(copy, range(threads)))
+    return counts, toks, probs
+
+
 def _truncate(counts, toks, probs, max_support, min_prob):
     """Apply max_support then min_prob (each followed by renormalisation) to sorted CSR rows."""
     offsets = csr_offsets(counts)
@@ -278,6 +315,7 @@ def knn_distributions(
     n, width = distances.shape
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    values = _lookup_table(values, neighbor_ids.size)
     step = max(1, _BLOCK_ELEMENTS // width)
 
     def work(lo: int):
@@ -290,11 +328,9 @@ def knn_distributions(
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             parts = [part for block in pool.map(work, starts) for part in block]
+            counts, toks, probs = _concatenate(parts, pool, threads)
     else:
-        parts = [part for lo in starts for part in work(lo)]
-    counts = np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False)
-    toks = np.concatenate([p[1] for p in parts])
-    probs = np.concatenate([p[2] for p in parts])
+        counts, toks, probs = _concatenate([part for lo in starts for part in work(lo)])
     if max_support is not None or min_prob is not None:
         counts, toks, probs = _truncate(counts, toks, probs, max_support, min_prob)
     return counts, toks, probs

@@ -376,3 +376,20 @@ def test_underflowed_weights_drop_only_their_own_token():
     want = dense_reference(distances, ids, values, 1.0)
     assert_matches((counts, toks, probs), want)
     assert toks.tolist() == [9, 6] and probs[0] == np.float32(1 / (1 + np.exp(np.float32(-1))))
+
+
+@pytest.mark.parametrize("top", [65535, 65536])  # the largest token a uint16 lookup table holds, and one more
+def test_short_and_long_lookup_tables_agree(top):
+    """A table with no more entries than lookups may be gathered from a narrower copy: same bytes as a long one."""
+    distances, ids, values, query_ids = make_data(np.random.default_rng(7), n=30)
+    values = values.astype(np.int64)
+    values[values == 3] = top
+    short = knn_distributions(distances, ids, values, 1.5, query_ids=query_ids)
+    long = knn_distributions(
+        distances, ids, np.concatenate([values, np.zeros(10**4, values.dtype)]), 1.5, query_ids=query_ids
+    )
+    assert values.size <= ids.size < values.size + 10**4
+    for a, b in zip(short, long):
+        np.testing.assert_array_equal(a, b)
+    assert top in short[1]
+    assert_matches(short, reference(distances, ids, values, 1.5, query_ids=query_ids))
