@@ -70,11 +70,11 @@ def _nearest_keys(d: np.ndarray) -> np.ndarray:
 
 
 def _nearest(d: np.ndarray, tok: np.ndarray, k: int):
-    """Keep the k nearest neighbours of each row (invalid ones are +inf), as [rows, k] arrays.
+    """Keep the k nearest neighbours of each row (invalid ones are +inf); ties: earlier column first.
 
     When k is close to the width (FAISS's k + 1 with self-exclusion), most rows already have at most k finite
-    distances: only the others are touched, their extra neighbours set to +inf (weight 0) in place. For a much
-    smaller k, every row is cut down to its k nearest, so later steps work on k columns.
+    distances: only the others are touched, their extra neighbours set to +inf (weight 0), and the arrays keep their
+    width. For a much smaller k, every row is cut down to its k nearest ([rows, k]), so later steps work on k columns.
     """
     if 2 * k < d.shape[1]:
         pick = _nearest_keys(d)
@@ -97,8 +97,8 @@ def _lookup_table(values: np.ndarray, gathers: int) -> np.ndarray:
     """`values` as a uint16 copy when every token id fits and the table has no more entries than the gathers from it.
 
     The random gathers of the neighbours' tokens are the kernel's main memory cost; a table of half the bytes stays
-    in cache far better, and reading it once (three sequential passes) costs less than those gathers save. A large
-    datastore (a memmap, or more entries than neighbours looked up) is left alone: only the entries needed are read.
+    in cache far better, and reading it once (three sequential passes) costs less than those gathers save. A table
+    with more entries than lookups (a large datastore's memmap) is left alone: only the entries needed are read.
     """
     if values.dtype.itemsize <= 2 or values.size > gathers or values.size == 0:
         return values
