@@ -5,10 +5,13 @@ calling ``nonzero()``: O(V) work per query, in a Python loop. Here a chunk of ro
 once in O(k log k) per row: one batched sort groups equal tokens, a segmented sum merges them, and a
 second sort orders each row by probability.
 
-Both sorts run on packed uint64 keys (numpy's SIMD sort is several times faster than an argsort, and
-the payload rides along for free): the first key is ``token << 32 | weight bits``, the second
-``row | inverted prob bits | token``. Positive float32 bit patterns order like the floats they encode.
-Rows go in blocks to a few threads (numpy releases the GIL), each block in cache-sized chunks.
+Both sorts run on packed integer keys (numpy's SIMD sort is several times faster than an argsort, and the
+payload rides along for free): the first key is ``token << c | column`` (uint32 when it fits, see
+:func:`sort_key_dtype`; the column gathers the weights), the second ``(row parity | inverted prob bits) << 32 |
+token``. Positive float32 bit patterns order like the floats they encode. Rows stay sorted by prob because the
+training data path reads a prefix of each row for ``max_support`` at every epoch; the sort is paid once here.
+Rows go in blocks to a few threads (numpy releases the GIL), each block in cache-sized chunks; the random
+gather of the neighbours' tokens, the main memory cost, reads a uint16 copy of a short enough table.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ import numpy as np
 
 from lightning_memdec.scoring import knn_scores
 
-__all__ = ["knn_distributions", "csr_offsets", "stored_rows", "worker_threads"]
+__all__ = ["knn_distributions", "csr_offsets", "sort_key_dtype", "stored_rows", "worker_threads"]
 
 # Elements (rows * neighbours) per chunk: ~128k keeps a chunk's temporaries in cache. A block (the
 # unit handed to a thread) gathers its tokens in one go.
 _CHUNK_ELEMENTS = 1 << 17
 _BLOCK_ELEMENTS = 1 << 20
-_U32 = np.uint64(0xFFFFFFFF)
 _P_INV = 0x7FFFFFFF  # inverted prob bits: larger prob -> smaller key; prob 0 -> largest
+_LOW = 0 if sys.byteorder == "little" else 1  # index of the low uint32 half of a uint64
 
 
 def csr_offsets(counts: np.ndarray) -> np.ndarray:
@@ -51,21 +54,57 @@ def worker_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _halves(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high) uint32 halves of a uint64 array as zero-copy views (little-endian layout)."""
-    pairs = key.view(np.uint32).reshape(*key.shape, 2)
-    return pairs[..., 0], pairs[..., 1]
+def sort_key_dtype(max_token: int, width: int) -> type[np.unsignedinteger]:
+    """The dtype of the packed ``token << c | column`` sort keys for token ids up to `max_token` in rows of
+    `width` neighbours (c = bits of a column index): uint32 when they fit in 32 bits, else uint64."""
+    col_bits = max(1, (width - 1).bit_length())
+    return np.uint32 if max(1, max_token.bit_length()) + col_bits <= 32 else np.uint64
 
 
-def _nearest(d: np.ndarray, tok: np.ndarray, k: int):
-    """Keep the k smallest distances per row (invalid ones are +inf); ties: earlier column first."""
+def _nearest_keys(d: np.ndarray) -> np.ndarray:
+    """uint64 keys ``ordered distance bits << 32 | column`` [rows, width]: ascending = nearest first, ties by column."""
     bits = d.view(np.uint32)
     # Order-preserving float32 -> uint32 map, so the distance can lead a packed uint64 sort key.
     ordered = np.where(bits >> np.uint32(31) == 1, ~bits, bits | np.uint32(0x80000000))
-    key = (ordered.astype(np.uint64) << np.uint64(32)) | np.arange(d.shape[1], dtype=np.uint64)
-    key.sort(axis=1)
-    pick = (key[:, :k] & _U32).astype(np.intp)
-    return np.take_along_axis(d, pick, 1), np.take_along_axis(tok, pick, 1)
+    return (ordered.astype(np.uint64) << np.uint64(32)) | np.arange(d.shape[1], dtype=np.uint64)
+
+
+def _nearest(d: np.ndarray, tok: np.ndarray, k: int):
+    """Keep the k nearest neighbours of each row (invalid ones are +inf); ties: earlier column first.
+
+    When k is close to the width (FAISS's k + 1 with self-exclusion), most rows already have at most k finite
+    distances: only the others are touched, their extra neighbours set to +inf (weight 0), and the arrays keep their
+    width. For a much smaller k, every row is cut down to its k nearest ([rows, k]), so later steps work on k columns.
+    """
+    if 2 * k < d.shape[1]:
+        pick = _nearest_keys(d)
+        pick.sort(axis=1)
+        pick = (pick[:, :k] & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        return np.take_along_axis(d, pick, 1), np.take_along_axis(tok, pick, 1)
+    over = np.flatnonzero(np.count_nonzero(d < np.inf, axis=1) > k)  # rows with more than k to choose from
+    if over.size:
+        sub = d[over]
+        key = _nearest_keys(sub)
+        key.partition(k, axis=1)  # keys are distinct: the k smallest are exactly the k nearest
+        beyond = (key[:, k:] & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        np.put_along_axis(sub, beyond, np.float32(np.inf), axis=1)
+        d = d.copy()
+        d[over] = sub
+    return d, tok
+
+
+def _lookup_table(values: np.ndarray, gathers: int) -> np.ndarray:
+    """`values` as a uint16 copy when every token id fits and the table has no more entries than the gathers from it.
+
+    The random gathers of the neighbours' tokens are the kernel's main memory cost; a table of half the bytes stays
+    in cache far better, and reading it once (three sequential passes) costs less than those gathers save. A table
+    with more entries than lookups (a large datastore's memmap) is left alone: only the entries needed are read.
+    """
+    if values.dtype.itemsize <= 2 or values.size > gathers or values.size == 0:
+        return values
+    if values.min() < 0 or values.max() > np.iinfo(np.uint16).max:
+        return values
+    return values.astype(np.uint16)
 
 
 def _block(d, ids, qids, values, temperature, k, row0):
@@ -81,14 +120,9 @@ def _block(d, ids, qids, values, temperature, k, row0):
     if id_max >= values.shape[0]:
         raise ValueError(f"neighbor id {id_max} is out of range for a datastore of {values.shape[0]} entries")
     tok = np.take(values, ids, mode="clip")  # -1 clips to entry 0; masked out in _chunk
-    # Token ids are returned as int32 (and packed into 31 bits of a sort key).
-    if (
-        tok.dtype.kind == "i"
-        and tok.min() < 0
-        or tok.dtype.itemsize >= 4
-        and tok.dtype != np.int32
-        and (tok.max() > np.iinfo(np.int32).max)
-    ):
+    # Token ids are returned as int32 (and packed into at most 31 bits of a sort key).
+    tok_min, tok_max = int(tok.min()), int(tok.max())
+    if tok_min < 0 or tok_max > np.iinfo(np.int32).max:
         raise ValueError("values holds a token id outside [0, 2**31)")
     step = max(1, _CHUNK_ELEMENTS // ids.shape[1])
     return [
@@ -101,17 +135,14 @@ def _block(d, ids, qids, values, temperature, k, row0):
             k,
             row0 + a,
             id_min < 0,
+            tok_max,
         )
         for a in range(0, len(ids), step)
     ]
 
 
-def _chunk(d, ids, qids, tok, temperature, k, row0, padded):
-    """One chunk of rows -> (counts, token ids, probs): untruncated CSR, rows sorted by prob.
-
-    One function on purpose: it is the hot loop of target building, and its steps share chunk-sized temporaries
-    (views into the packed sort keys) that stay in cache only while they are used back to back.
-    """
+def _chunk(d, ids, qids, tok, temperature, k, row0, padded, tok_max):
+    """One chunk of rows -> (counts, token ids, probs): untruncated CSR, rows sorted by prob."""
     d = np.asarray(d, dtype=np.float32)
     if padded or qids is not None:
         valid = ids >= 0
@@ -129,67 +160,100 @@ def _chunk(d, ids, qids, tok, temperature, k, row0, padded):
         if np.isnan(d).any():  # checked here, as the nearest k might leave the NaN out
             raise ValueError(f"row {row0 + int(np.flatnonzero(np.isnan(d).any(axis=1))[0])} has a NaN distance")
         d, tok = _nearest(d, tok, k)
-    rows, width = d.shape
     d_min = d.min(axis=1, keepdims=True)  # NaN and -inf propagate here, so this also validates d
     if not np.isfinite(d_min).all():
         row = int(np.flatnonzero(~np.isfinite(d_min[:, 0]))[0])
         raise ValueError(f"row {row0 + row} has a NaN or -inf distance (or no finite one)")
-
-    # Key = token << 32 | float32 bits of the weight exp(-(d - d_min) / T) (positive floats order
-    # like their bits), written through uint32 views. Dropped neighbours weigh exactly 0, so they
-    # add nothing to their token's sum, and a run of only them is dropped as zero-probability below.
-    key = np.empty((rows, width), dtype=np.uint64)
-    lo, hi = _halves(key)
+    # Weights exp(-(d - d_min) / T) in (0, 1]; dropped neighbours weigh exactly 0, so they add nothing to their
+    # token's sum, and a run of only them is dropped as zero-probability below.
     w = knn_scores(d, temperature, nearest=d_min)  # contiguous: numpy's SIMD exp does not vectorise a strided output
     np.exp(w, out=w)
-    np.copyto(lo, w.view(np.uint32))
-    np.copyto(hi, tok, casting="unsafe")
-    key.sort(axis=1)
+    run_tok, sums, row_start = _token_runs(w, tok, tok_max)
+    return _by_prob(run_tok, sums, row_start)
 
-    # Runs of equal tokens in each sorted row are that token's neighbours: sum their weights.
-    start = np.empty((rows, width), dtype=bool)
+
+def _token_runs(w, tok, tok_max):
+    """Group each row's neighbours by token: (run tokens [m], run weight sums [m] float64, row starts [rows + 1]).
+
+    One sort of packed keys ``token << c | column`` (c = bits of a column index) yields both the grouping (equal
+    tokens adjacent, by column within a token) and the permutation (the low c bits) to gather the weights with.
+    The keys are uint32 when they fit (numpy's SIMD sort is fastest on them: a 50k vocabulary needs 16 token bits,
+    k = 1024 10 column bits), uint64 otherwise (token ids up to 2**31 - 1, any k); see :func:`sort_key_dtype`.
+    """
+    rows, width = w.shape
+    col_bits = max(1, (width - 1).bit_length())
+    kt = sort_key_dtype(tok_max, width)
+    key = tok.astype(kt)  # [rows, width]
+    key <<= kt(col_bits)
+    key |= np.arange(width, dtype=kt)
+    key.sort(axis=1)
+    flat = key & kt((1 << col_bits) - 1)  # [rows, width] column of each sorted neighbour...
+    flat += np.arange(0, rows * width, width, dtype=kt)[:, None]  # ...as a flat index into w
+    weight = np.take(w, flat).ravel().astype(np.float64)  # [rows * width] sorted like the keys
+    key >>= kt(col_bits)  # [rows, width] token ids, ascending within each row
+    start = np.empty((rows, width), dtype=bool)  # first neighbour of a run of equal tokens
     start[:, 0] = True
-    np.not_equal(hi[:, 1:], hi[:, :-1], out=start[:, 1:])
-    flat_start = start.ravel()
-    seg = np.cumsum(flat_start, dtype=np.intp)  # run number of every element, counted from 1
-    seg -= 1
-    row_start = np.append(seg[::width], seg[-1] + 1)  # first run of each row, then the run count
+    np.not_equal(key[:, 1:], key[:, :-1], out=start[:, 1:])
+    start = start.ravel()
+    starts = np.flatnonzero(start)  # [m] flat index of each run's first neighbour
+    run = start.astype(np.intp)  # [rows * width] run number of every neighbour, from 1 (intp: add.at's fast path)
+    np.cumsum(run, out=run)
+    sums = np.zeros(starts.size + 1)  # float64: exact enough to renormalise and threshold against
+    np.add.at(sums, run, weight)
+    sums = sums[1:]
+    row_start = np.searchsorted(starts, np.arange(0, rows * width + 1, width))  # every row starts a run
+    return key.ravel()[starts], sums, row_start
+
+
+def _by_prob(run_tok, sums, row_start):
+    """Runs -> CSR (counts [rows], token ids [m] int32, probs [m] float32), each row sorted by prob descending.
+
+    Ties go to the smaller token. The sort runs on packed uint64 keys ``(row parity | 0x7FFFFFFF - prob bits) << 32
+    | token``, two rows at a time (sorting is n log n, and the runs are already grouped by row).
+    """
+    rows = row_start.size - 1
     counts = np.diff(row_start)
-    starts = np.flatnonzero(flat_start)
-    sums = np.zeros(starts.size)  # float64: exact enough to renormalise and threshold against
-    np.add.at(sums, seg, lo.view(np.float32).ravel().astype(np.float64))
-    seg_tok = key.ravel()[starts] >> np.uint64(32)
     probs = (sums / np.repeat(np.add.reduceat(sums, row_start[:-1]), counts)).astype(np.float32)
-    seg_row = np.repeat(np.arange(rows), counts)
     # Zero-probability runs (only dropped neighbours, or underflowed weights) go, as nonzero() does.
     nonzero = probs > 0
     if not nonzero.all():
-        probs, seg_row, seg_tok = probs[nonzero], seg_row[nonzero], seg_tok[nonzero]
-        row_start = np.searchsorted(seg_row, np.arange(rows + 1))
+        run_row = np.repeat(np.arange(rows), counts)[nonzero]
+        probs, run_tok = probs[nonzero], run_tok[nonzero]
+        row_start = np.searchsorted(run_row, np.arange(rows + 1))
         counts = np.diff(row_start)
-
-    # Order each row by prob descending, ties by smaller token: sort packed keys
-    # row | (0x7FFFFFFF - prob bits) | token, a few rows at a time (sorting is n log n, and the runs
-    # are already grouped by row), so the row needs only a few bits of the key.
-    tok_bits = max(1, int(seg_tok.max()).bit_length())  # <= 31, checked in _block
-    group = 1 << min(4, 64 - 31 - tok_bits)
-    k2 = seg_row.astype(np.uint64)
-    k2 &= np.uint64(group - 1)
-    k2 <<= np.uint64(31)
-    k2 |= np.uint32(_P_INV) - probs.view(np.uint32)
-    k2 <<= np.uint64(tok_bits)
-    k2 |= seg_tok
-    bounds = row_start[::group].tolist() + [len(k2)]
+    key = np.empty(probs.size, dtype=np.uint64)  # [m], written through its uint32 halves
+    halves = key.view(np.uint32).reshape(-1, 2)
+    low, high = halves[:, _LOW], halves[:, 1 - _LOW]
+    np.subtract(np.uint32(_P_INV), probs.view(np.uint32), out=high)
+    high |= np.repeat(np.arange(rows, dtype=np.uint32) << np.uint32(31), counts)  # row parity in the top bit
+    np.copyto(low, run_tok, casting="unsafe")
+    bounds = row_start[::2].tolist() + [key.size]
     for a, b in zip(bounds[:-1], bounds[1:]):
-        k2[a:b].sort()
-    out_tok = np.empty(len(k2), dtype=np.int32)
-    np.bitwise_and(k2, np.uint64((1 << tok_bits) - 1), out=out_tok, casting="unsafe")
-    k2 >>= np.uint64(tok_bits)
-    out_prob = np.empty(len(k2), dtype=np.float32)
-    inv = out_prob.view(np.uint32)
-    np.bitwise_and(k2, np.uint64(_P_INV), out=inv, casting="unsafe")
+        key[a:b].sort()
+    inv = high & np.uint32(_P_INV)
     np.subtract(np.uint32(_P_INV), inv, out=inv)
-    return counts, out_tok, out_prob
+    return counts, low.astype(np.int32), inv.view(np.float32)
+
+
+def _concatenate(parts, pool=None, threads=1):
+    """The chunks' CSR pieces as one (counts int64, token ids, probs); a pool copies them in `threads` slices."""
+    counts = np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False)
+    ends = np.cumsum([p[1].size for p in parts])
+    toks, probs = np.empty(ends[-1], np.int32), np.empty(ends[-1], np.float32)
+    cut = np.linspace(0, len(parts), threads + 1).astype(int)  # part i goes to [ends[i-1], ends[i])
+
+    def copy(i):
+        a, b = cut[i], cut[i + 1]
+        lo, hi = (ends[a - 1] if a else 0), (ends[b - 1] if b else 0)
+        if b > a:
+            np.concatenate([p[1] for p in parts[a:b]], out=toks[lo:hi])
+            np.concatenate([p[2] for p in parts[a:b]], out=probs[lo:hi])
+
+    if pool is None:
+        copy(0)
+    else:
+        list(pool.map(copy, range(threads)))
+    return counts, toks, probs
 
 
 def _truncate(counts, toks, probs, max_support, min_prob):
@@ -248,12 +312,10 @@ def knn_distributions(
     if query_ids is not None:
         query_ids = np.asarray(query_ids)
     _validate(distances, neighbor_ids, values, temperature, query_ids, k, max_support, min_prob)
-
-    if sys.byteorder != "little":
-        raise NotImplementedError("knn_distributions packs sort keys through little-endian views")
     n, width = distances.shape
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    values = _lookup_table(values, neighbor_ids.size)
     step = max(1, _BLOCK_ELEMENTS // width)
 
     def work(lo: int):
@@ -266,11 +328,9 @@ def knn_distributions(
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             parts = [part for block in pool.map(work, starts) for part in block]
+            counts, toks, probs = _concatenate(parts, pool, threads)
     else:
-        parts = [part for lo in starts for part in work(lo)]
-    counts = np.concatenate([p[0] for p in parts]).astype(np.int64, copy=False)
-    toks = np.concatenate([p[1] for p in parts])
-    probs = np.concatenate([p[2] for p in parts])
+        counts, toks, probs = _concatenate([part for lo in starts for part in work(lo)])
     if max_support is not None or min_prob is not None:
         counts, toks, probs = _truncate(counts, toks, probs, max_support, min_prob)
     return counts, toks, probs

@@ -276,3 +276,120 @@ def test_stored_rows_drop_fp16_zeros_and_renormalise():
     # nothing to drop: the same arrays, cast
     c2, i2, p2 = stored_rows(np.array([2]), np.array([3, 4]), np.array([0.5, 0.5], dtype=np.float32))
     assert c2.tolist() == [2] and p2.tolist() == [0.5, 0.5]
+
+
+def dense_reference(distances, ids, values, temperature, query_ids=None, k=None, max_support=None, min_prob=None):
+    """The paper's dense scatter, one row at a time: float32 weights exp((d_min - d) / T) (so a weight underflows
+    to 0 exactly where the kernel's does), summed into a dense float64 row over the vocabulary (the distinct token
+    ids, kept in order), nonzero(), then sorted by (-prob, token) and truncated like the kernel."""
+    vocab, local = np.unique(values, return_inverse=True)
+    rows = []
+    for i in range(len(distances)):
+        valid = ids[i] >= 0
+        if query_ids is not None:
+            valid &= ids[i] != query_ids[i]
+        cols = np.flatnonzero(valid)
+        cols = cols[np.lexsort((cols, distances[i, cols]))][:k]  # nearest first, ties by column
+        d = distances[i, cols].astype(np.float32)
+        w = np.exp((d.min() - d) / np.float32(temperature))
+        dense = np.zeros(vocab.size)
+        np.add.at(dense, local[ids[i, cols]], w.astype(np.float64))
+        p = (dense / dense.sum()).astype(np.float32)
+        nz = np.flatnonzero(p > 0)
+        nz = nz[np.lexsort((nz, -p[nz]))]  # prob descending, ties by smaller token
+        toks, q = vocab[nz], p[nz].astype(np.float64)
+        if max_support is not None:
+            toks, q = toks[:max_support], q[:max_support] / q[:max_support].sum()
+        if min_prob is not None:
+            keep = q >= min_prob
+            keep[0] = True
+            toks, q = toks[keep], q[keep] / q[keep].sum()
+        rows.append(list(zip(toks.tolist(), q.tolist())))
+    return rows
+
+
+def test_sort_key_dtype_packs_into_32_bits_when_it_can():
+    assert sparse.sort_key_dtype(50256, 1024) == np.uint32  # GPT-2: 16 token bits + 10 column bits
+    assert sparse.sort_key_dtype(151_645, 2048) == np.uint32  # Qwen: 18 + 11
+    assert sparse.sort_key_dtype(2**22 - 1, 1024) == np.uint32  # exactly 32 bits: the key's top bit is used
+    assert sparse.sort_key_dtype(2**22, 1024) == np.uint64  # 33 bits
+    assert sparse.sort_key_dtype(2**31 - 1, 2) == np.uint32  # 31 + 1
+    assert sparse.sort_key_dtype(2**31 - 1, 3) == np.uint64  # 31 + 2
+    assert sparse.sort_key_dtype(0, 1) == np.uint32
+
+
+def hard_rows(rng, n=64, k=40, vocab=50, offset=0):
+    """Rows with every case at once: -1 padding, self-matches, duplicate tokens, distance ties (within a token,
+    across tokens, and across the nearest-k cut), prob ties between tokens, underflowing weights."""
+    distances, ids, values, query_ids = make_data(rng, n=n, k=k, datastore=400, vocab=vocab)
+    distances = np.round(distances / 3).astype(np.float32)  # few distinct distances: many ties
+    distances[1::5, -3:] = 1e4  # weights that underflow to exactly 0 (at T <= 50)
+    # Row 3: two tokens each with two neighbours at one distance and nothing else: an exact prob tie.
+    values[[10, 11, 12, 13]] = [7, 7, 5, 5]
+    ids[3] = -1
+    ids[3, [4, 9, 17, 30]] = [10, 11, 12, 13]
+    distances[3, [4, 9, 17, 30]] = 2.0
+    return distances, ids, (values.astype(np.int64) + offset).astype(np.int32), query_ids
+
+
+# Token bits + 6 column bits (k = 40): 6 + 6; 26 + 6 = 32 exactly (the top bit used); 27 + 6 and 31 + 6 (uint64).
+@pytest.mark.parametrize("offset", [0, 2**26 - 50, 2**26, 2**30])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"query_ids": True},
+        {"query_ids": True, "k": 35},
+        {"k": 1},
+        {"query_ids": True, "max_support": 3},
+        {"query_ids": True, "min_prob": 0.05},
+        {"k": 36, "max_support": 6, "min_prob": 0.1},
+    ],
+)
+def test_both_key_widths_match_the_dense_scatter(settings, offset, monkeypatch):
+    distances, ids, values, query_ids = hard_rows(np.random.default_rng(6), offset=offset)
+    kw = {**settings, "query_ids": query_ids if settings.get("query_ids") else None}
+    chosen = []
+    real = sparse.sort_key_dtype
+    monkeypatch.setattr(sparse, "sort_key_dtype", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    got = knn_distributions(distances, ids, values, 3.0, **kw)
+    wide = offset >= 2**26 and settings.get("k") != 1  # k > 32 keeps 6 column bits; k = 1 needs 1
+    assert set(chosen) == {np.uint64 if wide else np.uint32}
+    want = dense_reference(distances, ids, values, 3.0, **kw)
+    assert_matches(got, want)
+    if settings.get("k") != 1:  # the exact tie in row 3 is kept, smaller token first
+        row = split_rows(*got)[3]
+        assert [t for t, _ in row] == [offset + 5, offset + 7] and row[0][1] == row[1][1] == 0.5
+    # The other key width gives the same bytes.
+    monkeypatch.setattr(sparse, "sort_key_dtype", lambda *a: np.uint64 if real(*a) == np.uint32 else np.uint32)
+    if not wide:
+        for a, b in zip(got, knn_distributions(distances, ids, values, 3.0, **kw)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_underflowed_weights_drop_only_their_own_token():
+    # Token 4's only neighbour underflows; token 9 has one underflowing and one live neighbour.
+    distances = np.array([[0.0, 200.0, 200.0, 1.0, -1.0]], dtype=np.float32)
+    ids = np.array([[0, 1, 2, 3, -1]])
+    values = np.array([9, 4, 9, 6], dtype=np.int32)
+    counts, toks, probs = knn_distributions(distances, ids, values, 1.0)
+    want = dense_reference(distances, ids, values, 1.0)
+    assert_matches((counts, toks, probs), want)
+    assert toks.tolist() == [9, 6] and probs[0] == np.float32(1 / (1 + np.exp(np.float32(-1))))
+
+
+@pytest.mark.parametrize("top", [65535, 65536])  # the largest token a uint16 lookup table holds, and one more
+def test_short_and_long_lookup_tables_agree(top):
+    """A table with no more entries than lookups may be gathered from a narrower copy: same bytes as a long one."""
+    distances, ids, values, query_ids = make_data(np.random.default_rng(7), n=30)
+    values = values.astype(np.int64)
+    values[values == 3] = top
+    short = knn_distributions(distances, ids, values, 1.5, query_ids=query_ids)
+    long = knn_distributions(
+        distances, ids, np.concatenate([values, np.zeros(10**4, values.dtype)]), 1.5, query_ids=query_ids
+    )
+    assert values.size <= ids.size < values.size + 10**4
+    for a, b in zip(short, long):
+        np.testing.assert_array_equal(a, b)
+    assert top in short[1]
+    assert_matches(short, reference(distances, ids, values, 1.5, query_ids=query_ids))
