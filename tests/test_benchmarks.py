@@ -1,4 +1,4 @@
-"""The GPU benchmark script keeps working: its --tiny CPU run completes every section and prints every rate."""
+"""The GPU and latency benchmark scripts keep working: their --tiny CPU runs complete and print every headline line."""
 
 import math
 import subprocess
