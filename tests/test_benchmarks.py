@@ -1,4 +1,4 @@
-"""The GPU benchmark script keeps working: its --tiny CPU run completes every section and prints every rate."""
+"""The GPU and latency benchmark scripts keep working: their --tiny CPU runs complete and print every headline line."""
 
 import math
 import subprocess
@@ -40,3 +40,31 @@ def test_scale_benchmark_runs_tiny(tmp_path):
                 assert math.isfinite(float(lines[f"n{size}_targets_rank{r}_{name}"])), (size, r, name)
     assert float(lines["n20000_recall_at_64"]) == 1.0  # Flat below 200k keys: exact
     assert math.isfinite(float(lines["peak_rss_ratio"])) and list(lines)[-1] == "peak_rss_ratio"
+
+
+def test_latency_benchmark_runs_tiny_on_cpu(tmp_path):
+    """Two tiny sizes (the second with synthetic keys): every per-size line, the floor, the headline last, the plot."""
+    plot = tmp_path / "latency.png"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--tiny", "true", "--workdir", str(tmp_path),
+           "--plot", str(plot)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    for n in (2000, 8000):
+        for case in ("", "large_batch_"):
+            for what in ("memdec_overhead", "knnlm_overhead", "search_ms"):
+                assert math.isfinite(float(lines[f"size_{n}_{case}{what}"])), (n, case, what)
+        assert lines[f"size_{n}_factory"] == "Flat"  # auto plans Flat below 200k entries
+    assert float(lines["flops_floor"]) > 1
+    for name in ("memdec_to_floor", "knnlm_to_memdec_extra_cost"):  # wall-clock ratios: present and finite
+        assert math.isfinite(float(lines[name])), name
+    assert list(lines)[-1] == "knnlm_to_memdec_extra_cost"  # the headline is last
+    assert plot.stat().st_size > 0
+    # the synthetic store keeps the real entries first and copies real values
+    from lightning_memdec.store import Datastore
+
+    stores = sorted(tmp_path.glob("datastore-*"), key=lambda p: len(p.name))
+    real, synthetic = Datastore(stores[0]), Datastore(stores[1])
+    assert (len(real), len(synthetic)) == (2000, 8000)
+    assert (synthetic.keys[:2000] == real.keys[:]).all() and set(synthetic.values[2000:]) <= set(real.values[:])
+    assert synthetic.meta["synthetic"]["real_entries"] == 2000
