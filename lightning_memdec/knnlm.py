@@ -23,6 +23,7 @@ from lightning_memdec.models import (
     cache_arg_name,
     causal_lm,
     find_tokenizer,
+    forward_params,
     output_rows,
     position_ids_from_mask,
     tokenizer_name,
@@ -255,11 +256,13 @@ class KNNLM(torch.nn.Module):
         Rows are continued independently (no padding, no early stop), as a latency baseline; λ = 0 skips retrieval.
         """
         cache_arg = cache_arg_name(self.base)
+        # only the last position's logits, as generate() does: the prompt's pass would otherwise build [B, T, V]
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(self.base) else {}
         ids = input_ids.to(self.device)
         step, cache = ids, None
         for _ in range(max_new_tokens):
             with self.capture.capturing() as cap:
-                out = self.base(input_ids=step, use_cache=True, return_dict=True, **{cache_arg: cache})
+                out = self.base(input_ids=step, use_cache=True, return_dict=True, **{cache_arg: cache}, **last_only)
             cache = getattr(out, cache_arg)
             log_probs = F.log_softmax(out.logits[:, -1, : self.vocab].float(), dim=-1)
             if self.lmbda > 0.0:
