@@ -53,7 +53,7 @@ from jsonargparse import CLI
 
 from lightning_memdec.artifacts import base_meta, publish, start_work_dir
 from lightning_memdec.index_plan import MIN_TRAIN_PER_LIST, plan_index
-from lightning_memdec.npy_rows import NpyStream
+from lightning_memdec.npy_rows import NpyAppender
 from lightning_memdec.store import INDEX, KEYS, VALUES
 
 HERE = Path(__file__).resolve().parent
@@ -116,13 +116,11 @@ def write_store(out: Path, n: int, dim: int, centres: int, spread: float, seed: 
     means = np.random.default_rng(12345).standard_normal((centres, dim)).astype(np.float32) * spread  # shared
     freq = 1.0 / (np.arange(VOCAB) + 2.7) ** 1.1
     rng = np.random.default_rng(seed)
-    keys, values = NpyStream(work / KEYS, np.float16, (n, dim)), NpyStream(work / VALUES, np.int32, (n,))
-    for lo in range(0, n, block):
-        rows = min(block, n - lo)
-        keys.write(means[rng.integers(0, centres, rows)] + rng.standard_normal((rows, dim), dtype=np.float32))
-        values.write(rng.choice(VOCAB, size=rows, p=freq / freq.sum()))
-    keys.close()
-    values.close()
+    with NpyAppender(work / KEYS, np.float16, (dim,), n) as keys, NpyAppender(work / VALUES, np.int32, (), n) as values:
+        for lo in range(0, n, block):
+            rows = min(block, n - lo)
+            keys.append(means[rng.integers(0, centres, rows)] + rng.standard_normal((rows, dim), dtype=np.float32))
+            values.append(rng.choice(VOCAB, size=rows, p=freq / freq.sum()))
     meta = base_meta(
         "datastore", model="synthetic:gaussian-mixture", model_type="synthetic", layer="none", dim=dim,
         key_dtype="float16", precision="32", num_entries=n, window=1, stride=1, corpus=f"synthetic:{seed}",

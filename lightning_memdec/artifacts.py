@@ -8,7 +8,6 @@ leaves its progress behind for the next run to continue.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -164,52 +163,6 @@ def open_checked(directory: str | Path, name: str, shape: tuple[int, ...], dtype
             f"the file is corrupt or from another run, rebuild {directory}."
         )
     return arr
-
-
-class NpyAppender:
-    """A 1-D ``.npy`` file written by appending, so arrays of unknown length never sit in memory whole.
-
-    numpy pads every header so a shape of up to 21 digits can be rewritten in place; the header is written for
-    length 0 first and for the final length on :meth:`close`, so the file's bytes equal ``np.save``'s.
-    """
-
-    def __init__(self, path: str | Path, dtype):
-        self.path, self.dtype, self.count = Path(path), np.dtype(dtype), 0
-        self.file = open(self.path, "wb")
-        self.header_bytes = self.file.write(self.header(0))
-
-    def header(self, length: int) -> bytes:
-        buf = io.BytesIO()
-        d = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (length,)}
-        np.lib.format.write_array_header_1_0(buf, d)
-        return buf.getvalue()
-
-    def append(self, values) -> np.ndarray:
-        """Append ``values`` (cast to the file's dtype) and return them as written."""
-        arr = np.ascontiguousarray(np.asarray(values).astype(self.dtype, copy=False))
-        self.file.write(memoryview(arr).cast("B"))
-        self.count += len(arr)
-        return arr
-
-    def close(self) -> None:
-        """Write the final header and sync the file to disk."""
-        header = self.header(self.count)
-        if len(header) != self.header_bytes:  # numpy's padding makes this impossible below 10^21 entries
-            raise ArtifactError(f"cannot rewrite the header of {self.path} in place ({len(header)} bytes).")
-        self.file.seek(0)
-        self.file.write(header)
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-
-    def __enter__(self) -> NpyAppender:
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is None:
-            self.close()
-        else:  # an unfinished file keeps its length-0 header, so nobody mistakes it for a whole array
-            self.file.close()
 
 
 def _jsonable(obj: Any) -> Any:

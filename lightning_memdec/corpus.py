@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from lightning_memdec.artifacts import (
     ArtifactError,
-    NpyAppender,
     base_meta,
     open_checked,
     publish,
@@ -33,6 +32,7 @@ from lightning_memdec.artifacts import (
 )
 from lightning_memdec.assets import load_tokenizer
 from lightning_memdec.corpus_sources import open_documents
+from lightning_memdec.npy_rows import NpyAppender
 
 TOKENS = "tokens.npy"
 DOC_OFFSETS = "doc_offsets.npy"

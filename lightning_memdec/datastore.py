@@ -29,7 +29,7 @@ from lightning_memdec.artifacts import (
 from lightning_memdec.corpus import Corpus, position_windows
 from lightning_memdec.keys import KeyCapture, body
 from lightning_memdec.models import find_tokenizer, load_causal_lm, resolve_model
-from lightning_memdec.npy_rows import NpyStream, create_npy, data_offset, read_rows, write_rows
+from lightning_memdec.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
 from lightning_memdec.resources import allocated_bytes, check_fits, free_disk
 from lightning_memdec.sharded import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
 from lightning_memdec.store import KEYS, VALUES, Datastore, check_compatible  # noqa: F401  (re-exported)
@@ -224,10 +224,9 @@ def build_datastore(
 
 def write_values(path: Path, data: Corpus, block: int = VALUES_BLOCK) -> None:
     """values.npy: the next token of every position (tokens[1:] as int32), copied ``block`` tokens at a time."""
-    out = NpyStream(path, np.int32, (data.num_positions,))
-    for lo in range(1, data.num_tokens, block):
-        out.write(read_rows(data.tokens, lo, lo + block))
-    out.close()
+    with NpyAppender(path, np.int32, length=data.num_positions) as out:
+        for lo in range(1, data.num_tokens, block):
+            out.append(read_rows(data.tokens, lo, lo + block))
 
 
 def check_disk(out: Path, num_entries: int, config) -> None:

@@ -11,19 +11,22 @@ block the caller asked for:
   :data:`WINDOW_BYTES` each);
 - :func:`write_rows`: rows at a position of an existing ``.npy`` (``pwrite``; ranks write disjoint rows without
   locks);
-- :class:`NpyStream`: a new ``.npy`` of known shape written front to back in blocks.
+- :class:`NpyAppender`: a new ``.npy`` written front to back in blocks, its length known or not.
 
 Arrays that are not top-level memmaps of a ``.npy`` file (plain arrays in tests, torch tensors) are indexed directly.
 """
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.format import open_memmap
+from numpy.lib.format import dtype_to_descr, open_memmap, write_array_header_1_0
+
+from lightning_memdec.artifacts import ArtifactError
 
 WINDOW_BYTES = 64 << 20  # the largest span of a file one gather maps at a time
 
@@ -100,25 +103,57 @@ def write_rows(fd: int, offset: int, row_bytes: int, lo: int, rows: np.ndarray) 
         view, position = view[written:], position + written
 
 
-class NpyStream:
-    """A new ``.npy`` of ``shape`` and ``dtype``, filled front to back by :meth:`write`; :meth:`close` checks it is
-    full. Only the block being written is ever in memory."""
+class NpyAppender:
+    """A ``.npy`` written front to back by :meth:`append`, so an array never sits in memory whole; its rows have
+    ``row_shape`` (``()`` for 1-D), and ``length`` rows when given (checked on every append and on close).
 
-    def __init__(self, path: str | Path, dtype, shape: tuple[int, ...]):
-        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), tuple(shape)
-        offset = create_npy(self.path, self.dtype, self.shape)
-        self.file = open(self.path, "r+b")  # closed by close()
-        self.file.seek(offset)
-        self.rows, self.row_shape = 0, self.shape[1:]
+    numpy pads every header so the first dimension can grow to 21 digits in place; the header is written for length 0
+    first and for the final length on :meth:`close`, so the file's bytes equal ``np.save``'s. Used as a context
+    manager, a file left unfinished by an error keeps its length-0 header, so nobody mistakes it for a whole array.
+    """
 
-    def write(self, block) -> None:
-        block = np.ascontiguousarray(block, dtype=self.dtype)
-        if block.shape[1:] != self.row_shape or self.rows + len(block) > self.shape[0]:
-            raise ValueError(f"block of shape {block.shape} does not continue {self.path} {self.shape} at {self.rows}.")
-        self.file.write(block.tobytes())
-        self.rows += len(block)
+    def __init__(self, path: str | Path, dtype, row_shape: tuple[int, ...] = (), length: int | None = None):
+        self.path, self.dtype, self.row_shape, self.length = Path(path), np.dtype(dtype), tuple(row_shape), length
+        self.count = 0
+        self.file = open(self.path, "wb")  # closed by close() or __exit__
+        self.header_bytes = self.file.write(self.header(0))
+
+    def header(self, length: int) -> bytes:
+        buf = io.BytesIO()
+        d = {"descr": dtype_to_descr(self.dtype), "fortran_order": False, "shape": (length, *self.row_shape)}
+        write_array_header_1_0(buf, d)
+        return buf.getvalue()
+
+    def append(self, values) -> np.ndarray:
+        """Append rows ``values`` (cast to the file's dtype) and return them as written."""
+        arr = np.ascontiguousarray(np.asarray(values).astype(self.dtype, copy=False))
+        if arr.shape[1:] != self.row_shape or (self.length is not None and self.count + len(arr) > self.length):
+            shape = (self.length, *self.row_shape)
+            raise ValueError(f"block of shape {arr.shape} does not continue {self.path} {shape} at {self.count}.")
+        self.file.write(memoryview(arr).cast("B"))
+        self.count += len(arr)
+        return arr
 
     def close(self) -> None:
+        """Write the final header and sync the file to disk; refuse a file short of its ``length``."""
+        if self.length is not None and self.count != self.length:
+            self.file.close()
+            raise ValueError(f"{self.path} got {self.count} of its {self.length} rows.")
+        header = self.header(self.count)
+        if len(header) != self.header_bytes:  # numpy's padding makes this impossible below 10^21 rows
+            self.file.close()
+            raise ArtifactError(f"cannot rewrite the header of {self.path} in place ({len(header)} bytes).")
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
-        if self.rows != self.shape[0]:
-            raise ValueError(f"{self.path} got {self.rows} of its {self.shape[0]} rows.")
+
+    def __enter__(self) -> NpyAppender:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.file.close()

@@ -10,7 +10,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
-from lightning_memdec.npy_rows import NpyStream
+from lightning_memdec.npy_rows import NpyAppender
 from lightning_memdec.sharded import mark_done
 from lightning_memdec.store import IDS, OFFSETS, PROBS
 
@@ -50,16 +50,17 @@ def merge_chunks(work: Path, num_chunks: int) -> tuple[int, int]:
     for c in range(num_chunks):
         counts = load(c, "counts")
         num_positions, nnz = num_positions + len(counts), nnz + int(counts.sum(dtype=np.int64))
-    offsets = NpyStream(work / OFFSETS, np.int64, (num_positions + 1,))
-    ids, probs = NpyStream(work / IDS, np.int32, (nnz,)), NpyStream(work / PROBS, np.float16, (nnz,))
-    offsets.write(np.zeros(1, dtype=np.int64))
-    end = 0
-    for c in tqdm(range(num_chunks), desc="merge targets", unit="chunk"):
-        ends = end + np.cumsum(load(c, "counts"), dtype=np.int64)
-        offsets.write(ends)
-        end = int(ends[-1]) if len(ends) else end
-        ids.write(load(c, "ids"))
-        probs.write(load(c, "probs"))
-    for stream in (offsets, ids, probs):
-        stream.close()
+    with (
+        NpyAppender(work / OFFSETS, np.int64, length=num_positions + 1) as offsets,
+        NpyAppender(work / IDS, np.int32, length=nnz) as ids,
+        NpyAppender(work / PROBS, np.float16, length=nnz) as probs,
+    ):
+        offsets.append(np.zeros(1, dtype=np.int64))
+        end = 0
+        for c in tqdm(range(num_chunks), desc="merge targets", unit="chunk"):
+            ends = end + np.cumsum(load(c, "counts"), dtype=np.int64)
+            offsets.append(ends)
+            end = int(ends[-1]) if len(ends) else end
+            ids.append(load(c, "ids"))
+            probs.append(load(c, "probs"))
     return num_positions, nnz

@@ -14,7 +14,7 @@ import torch
 from memory import mapped_rss
 
 from lightning_memdec import npy_rows
-from lightning_memdec.npy_rows import NpyStream, create_npy, gather_rows, read_rows, write_rows
+from lightning_memdec.npy_rows import NpyAppender, create_npy, gather_rows, read_rows, write_rows
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -50,14 +50,14 @@ def test_rows_written_in_pieces_equal_one_save(tmp_path, rows_file):
     with open(tmp_path / "pwrite.npy", "r+b") as f:
         for lo in reversed(range(0, len(data), 777)):  # any order, as ranks write
             write_rows(f.fileno(), offset, 24 * 2, lo, data[lo : lo + 777])
-    stream = NpyStream(tmp_path / "stream.npy", data.dtype, data.shape)
+    stream = NpyAppender(tmp_path / "stream.npy", data.dtype, data.shape[1:], len(data))
     for lo in range(0, len(data), 999):
-        stream.write(data[lo : lo + 999])
+        stream.append(data[lo : lo + 999])
     stream.close()
     whole = (tmp_path / "whole.npy").read_bytes()
     assert (tmp_path / "pwrite.npy").read_bytes() == whole and (tmp_path / "stream.npy").read_bytes() == whole
-    short = NpyStream(tmp_path / "short.npy", data.dtype, data.shape)
-    short.write(data[:10])
+    short = NpyAppender(tmp_path / "short.npy", data.dtype, data.shape[1:], len(data))
+    short.append(data[:10])
     with pytest.raises(ValueError, match="got 10 of its 20000 rows"):
         short.close()
 
