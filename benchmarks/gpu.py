@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from jsonargparse import CLI
+from latency_stores import save_gpt2  # benchmarks/ is the script's directory, first on sys.path
 
 # dense bf16 tensor-core peak (no sparsity), for MFU
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -41,18 +42,6 @@ TINY = {"n_embd": 64, "n_layer": 2, "n_head": 2}
 
 def report(name: str, value) -> None:
     print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}", flush=True)
-
-
-def save_gpt2(path: Path, shape: dict, seed: int, n_positions: int = 1024) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lightning_memdec.assets import load_tokenizer
-
-    if not (path / "config.json").is_file():
-        torch.manual_seed(seed)
-        GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=n_positions, **shape)).save_pretrained(path)
-        load_tokenizer("gpt2").save_pretrained(path)
-    return path
 
 
 def random_corpus(out: Path, num_tokens: int, seed: int, document: int = 1000) -> Path:
@@ -96,7 +85,7 @@ def section(name: str, fn, *args):
 def datastore_stage(w: Path, shape: dict, tokens: int, window: int, accelerator: str):
     from lightning_memdec.datastore import build_datastore
 
-    base = save_gpt2(w / "gpt2-small-base", shape, seed=0)
+    base = save_gpt2(w / "gpt2-small-base", **shape, seed=0)
     corpus = random_corpus(w / "corpus-keys", tokens, seed=0)
     out = w / "ds-keys"
     _, seconds = timed(lambda: build_datastore(corpus, str(base), out, window=window, stride=window // 2,
@@ -242,8 +231,8 @@ def generation_stage(w: Path, large: dict, small: dict, tokens: int, window: int
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    base_dir = save_gpt2(w / "gpt2-large-base", large, seed=2)
-    decoder_dir = save_gpt2(w / "gpt2-small-decoder", small, seed=3)
+    base_dir = save_gpt2(w / "gpt2-large-base", **large, seed=2)
+    decoder_dir = save_gpt2(w / "gpt2-small-decoder", **small, seed=3)
     corpus = random_corpus(w / "corpus-knn", tokens, seed=2)
     store = build_datastore(corpus, str(base_dir), w / "ds-large", window=window, stride=window // 2,
                             batch_windows=16, accelerator=accelerator, precision="bf16", overwrite=True)  # fmt: skip
