@@ -26,10 +26,10 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
-from lightning_memdec.quickstart import quickstart, train_model
-from lightning_memdec.quickstart_stages import Budget, gold_log_probs
-from lightning_memdec.scoring import mixed_perplexity, perplexity, sweep_lambda
-from lightning_memdec.vocab import transfer_vocab
+from lightning_memdec.apps.quickstart import quickstart, train_model
+from lightning_memdec.apps.quickstart_stages import Budget, gold_log_probs
+from lightning_memdec.kernels.scoring import mixed_perplexity, perplexity, sweep_lambda
+from lightning_memdec.training.vocab_transfer import transfer_vocab
 
 SPLITS = ("domain-valid", "domain-test")
 

@@ -46,9 +46,10 @@ def report(name: str, value) -> None:
 
 def random_corpus(out: Path, num_tokens: int, seed: int, document: int = 1000) -> Path:
     """Random GPT-2 token ids in documents of ``document`` tokens (the last one EOS), as a corpus directory."""
-    from lightning_memdec.artifacts import start_work_dir, tokenizer_info
-    from lightning_memdec.assets import load_tokenizer
-    from lightning_memdec.corpus import write_corpus
+    from lightning_memdec.io.artifact_dirs import start_work_dir
+    from lightning_memdec.io.embedded import load_tokenizer
+    from lightning_memdec.io.token_corpus import write_corpus
+    from lightning_memdec.io.tokenizer_identity import tokenizer_info
 
     if (out / "meta.json").is_file():
         return out
@@ -83,7 +84,7 @@ def section(name: str, fn, *args):
 
 
 def datastore_stage(w: Path, shape: dict, tokens: int, window: int, accelerator: str):
-    from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.stages.datastore import build_datastore
 
     base = save_gpt2(w / "gpt2-small-base", **shape, seed=0)
     corpus = random_corpus(w / "corpus-keys", tokens, seed=0)
@@ -97,8 +98,8 @@ def datastore_stage(w: Path, shape: dict, tokens: int, window: int, accelerator:
 
 
 def targets_stage(w: Path, base: Path, store: Path, queries: int, window: int, k: int, accelerator: str):
-    from lightning_memdec.datastore import build_datastore
-    from lightning_memdec.targets import build_targets
+    from lightning_memdec.stages.datastore import build_datastore
+    from lightning_memdec.stages.targets import build_targets
 
     corpus = random_corpus(w / "corpus-queries", queries, seed=1)
     qstore = build_datastore(corpus, str(base), w / "ds-queries", window=window, stride=window // 2,
@@ -115,7 +116,7 @@ def targets_stage(w: Path, base: Path, store: Path, queries: int, window: int, k
 
 def host_search_rate(store_dir: Path, qstore_dir: Path, k: int, n: int = 256) -> None:
     """The same exact search on the host cores, on the first ``n`` queries: FAISS Flat when installed."""
-    from lightning_memdec.store import Datastore
+    from lightning_memdec.io.readers import Datastore
 
     store, qstore = Datastore(store_dir), Datastore(qstore_dir)
     queries = np.asarray(qstore.keys[:n], dtype=np.float32)
@@ -133,8 +134,8 @@ def host_search_rate(store_dir: Path, qstore_dir: Path, k: int, n: int = 256) ->
 
 
 def fit_stage(w: Path, shape: dict, corpus: Path, targets: Path, window: int, steps: int, batch: int, accelerator):
-    from lightning_memdec.configs import load_config
-    from lightning_memdec.train import fit
+    from lightning_memdec.io.packaged_configs import load_config
+    from lightning_memdec.training.fit import fit
 
     config = load_config(
         {
@@ -171,9 +172,9 @@ def fit_stage(w: Path, shape: dict, corpus: Path, targets: Path, window: int, st
 def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int = 8) -> None:
     """Where fit's time goes, side by side: the train loader alone (its workers, no model) and the training step alone
     on one resident batch, with the Memory Decoder loss and with plain cross-entropy (no targets)."""
-    from lightning_memdec.data import MemDecDataModule
-    from lightning_memdec.losses import memdec_loss
-    from lightning_memdec.module import MemoryDecoderModule
+    from lightning_memdec.kernels.memdec_loss import memdec_loss
+    from lightning_memdec.training.datamodule import MemDecDataModule
+    from lightning_memdec.training.lightning_module import MemoryDecoderModule
 
     data = MemDecDataModule(**config["data"])
     data.setup("fit")
@@ -213,7 +214,7 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
 
 
 def load_decoder(path: Path):
-    from lightning_memdec.models import load_causal_lm
+    from lightning_memdec.hf.loading import load_causal_lm
 
     return load_causal_lm(path)
 
@@ -223,11 +224,11 @@ def device_name() -> str:
 
 
 def generation_stage(w: Path, large: dict, small: dict, tokens: int, window: int, new_tokens: int, accelerator):
-    from lightning_memdec.datastore import build_datastore
-    from lightning_memdec.index import build_index
-    from lightning_memdec.interpolate import InterpolatedLM
-    from lightning_memdec.knnlm import KNNLM
-    from lightning_memdec.models import load_causal_lm
+    from lightning_memdec.hf.loading import load_causal_lm
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+    from lightning_memdec.inference.knnlm import KNNLM
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.stages.datastore import build_datastore
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     dev = "cuda" if torch.cuda.is_available() else "cpu"

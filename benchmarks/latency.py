@@ -91,7 +91,7 @@ def search_ms(knnlm, prompts: torch.Tensor, repeats: int) -> float:
 def decoding_runners(models: dict, ids: torch.Tensor, new_tokens: int) -> dict:
     """Callables generating ``new_tokens`` greedily for every row (no early stop, KV caches on): Hugging Face
     ``generate`` for the base and ``InterpolatedLM``, ``KNNLM.generate_greedy`` for the kNN-LM loop."""
-    from lightning_memdec.knnlm import KNNLM
+    from lightning_memdec.inference.knnlm import KNNLM
 
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                   eos_token_id=None, pad_token_id=0)  # fmt: skip
@@ -109,7 +109,7 @@ def step_ms(models: dict, ids: torch.Tensor, new_tokens: int, repeats: int) -> d
     """Milliseconds per decoding step (one new token for every row), the prompt's processing excluded: the median
     time of generating 1 + ``new_tokens`` tokens minus that of generating 1, over ``new_tokens``. All runs of all
     models are interleaved, so a change in machine load hits each alike."""
-    from lightning_memdec.timing import median_times
+    from lightning_memdec.evaluation.latency import median_times
 
     runners = {f"{name}/long": fn for name, fn in decoding_runners(models, ids, 1 + new_tokens).items()}
     runners.update({f"{name}/short": fn for name, fn in decoding_runners(models, ids, 1).items()})
@@ -119,8 +119,8 @@ def step_ms(models: dict, ids: torch.Tensor, new_tokens: int, repeats: int) -> d
 
 def time_size(n: int, models: dict, store: Path, index: Path, prompts: dict, cfg: dict) -> dict:
     """Decoding overheads of base + MemDec and base + kNN-LM over this store, at batch 1 and the large batch."""
-    from lightning_memdec.index import KeyIndex
-    from lightning_memdec.knnlm import KNNLM
+    from lightning_memdec.inference.knnlm import KNNLM
+    from lightning_memdec.retrieval.faiss_index import KeyIndex
 
     base, mixed, tok = models["base"], models["mixed"], models["tokenizer"]
     key_index = KeyIndex(index)
@@ -239,10 +239,10 @@ def main(
     """
     import faiss
 
-    from lightning_memdec.assets import load_tokenizer
-    from lightning_memdec.evaluate import text_tokens
-    from lightning_memdec.interpolate import InterpolatedLM
-    from lightning_memdec.models import load_causal_lm
+    from lightning_memdec.evaluation.evaluate import text_tokens
+    from lightning_memdec.hf.loading import load_causal_lm
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+    from lightning_memdec.io.embedded import load_tokenizer
 
     cfg = dict(locals(), **(TINY if tiny else {}))
     workdir.mkdir(parents=True, exist_ok=True)

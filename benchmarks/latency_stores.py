@@ -29,7 +29,7 @@ def save_gpt2(path: Path, n_embd: int, n_layer: int, n_head: int, seed: int, n_p
     """A random-init GPT-2-architecture LM with the GPT-2 tokenizer (timing depends on shapes, not on weights)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lightning_memdec.assets import load_tokenizer
+    from lightning_memdec.io.embedded import load_tokenizer
 
     if not (path / "config.json").is_file():
         torch.manual_seed(seed)
@@ -52,8 +52,8 @@ def stage(what: str, out: Path, build) -> Path:
 
 def real_datastore(workdir: Path, base_dir: Path, entries: int, window: int, stride: int) -> Path:
     """``entries`` real positions of embedded:general/train keyed by the base, through the package's stages."""
-    from lightning_memdec.corpus import tokenize
-    from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.io.token_corpus import tokenize
+    from lightning_memdec.stages.datastore import build_datastore
 
     tokens = entries + 1
     corpus = workdir / f"corpus-{tokens}"
@@ -79,8 +79,8 @@ def synthetic_datastore(real_dir: Path, out: Path, entries: int, noise_scale: fl
     """The real store's entries followed by synthetic ones up to ``entries`` (see the module docstring)."""
     from numpy.lib.format import open_memmap
 
-    from lightning_memdec.artifacts import publish, start_work_dir
-    from lightning_memdec.store import KEYS, VALUES, Datastore
+    from lightning_memdec.io.artifact_dirs import publish, start_work_dir
+    from lightning_memdec.io.readers import KEYS, VALUES, Datastore
 
     real = Datastore(real_dir)
     n_real, dim = len(real), real.dim
@@ -126,9 +126,9 @@ def index_for(size: int, store: Path, memory_gb: float, nprobe: int, seed: int) 
     The budget only sizes the k-means sample; a budget so small that the plan would halve nlist is refused, so the
     index searched is the one ``memdec build-index --factory auto`` builds with its default budget.
     """
-    from lightning_memdec.index import build_index
-    from lightning_memdec.index_plan import plan_index
-    from lightning_memdec.store import Datastore
+    from lightning_memdec.io.readers import Datastore
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.retrieval.index_plan import plan_index
 
     dim = Datastore(store).dim
     planned, default = plan_index(size, dim, memory_gb=memory_gb).factory, plan_index(size, dim).factory

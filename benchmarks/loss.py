@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lightning_memdec.losses import memdec_loss
+from lightning_memdec.kernels.memdec_loss import memdec_loss
 
 
 def synthetic(batch: int, seq_len: int, vocab: int, support: int, seed: int):

@@ -51,10 +51,10 @@ import lightning as L
 import numpy as np
 from jsonargparse import CLI
 
-from lightning_memdec.artifacts import base_meta, publish, start_work_dir
-from lightning_memdec.index_plan import MIN_TRAIN_PER_LIST, plan_index
-from lightning_memdec.npy_rows import NpyAppender
-from lightning_memdec.store import INDEX, KEYS, VALUES
+from lightning_memdec.io.artifact_dirs import base_meta, publish, start_work_dir
+from lightning_memdec.io.npy_rows import NpyAppender
+from lightning_memdec.io.readers import INDEX, KEYS, VALUES
+from lightning_memdec.retrieval.index_plan import MIN_TRAIN_PER_LIST, plan_index
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 50257

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from jsonargparse import CLI
 
-from lightning_memdec import sparse
-from lightning_memdec.sparse import csr_offsets, knn_distributions
+from lightning_memdec.kernels import sparse_targets as sparse
+from lightning_memdec.kernels.sparse_targets import csr_offsets, knn_distributions
 
 
 def synthetic(n_queries: int, k: int, vocab: int, datastore: int, seed: int):

@@ -1,3 +1,81 @@
-"""lightning_memdec: the Memory Decoder (Cao et al., 2025) as a PyTorch Lightning package."""
+"""lightning_memdec: the Memory Decoder (Cao et al., 2025) as a PyTorch Lightning package.
+
+The public API is importable from here (``from lightning_memdec import InterpolatedLM, fit``); each name is
+loaded on first use, so ``import lightning_memdec`` stays cheap and the ``memdec`` command starts fast.
+The layers, bottom to top, and what each may import, are in docs/module-map.md (checked by tests/test_structure.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from lightning_memdec import legacy_paths
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+PUBLIC_API = {
+    "InterpolatedLM": "lightning_memdec.inference.interpolated_lm",
+    "KNNLM": "lightning_memdec.inference.knnlm",
+    "MemoryDecoderModule": "lightning_memdec.training.lightning_module",
+    "MemDecDataModule": "lightning_memdec.training.datamodule",
+    "CrossModelEval": "lightning_memdec.training.callbacks",
+    "ExportHuggingFace": "lightning_memdec.training.callbacks",
+    "fit": "lightning_memdec.training.fit",
+    "transfer_vocab": "lightning_memdec.training.vocab_transfer",
+    "tokenize": "lightning_memdec.io.token_corpus",
+    "build_datastore": "lightning_memdec.stages.datastore",
+    "build_index": "lightning_memdec.retrieval.faiss_index",
+    "build_targets": "lightning_memdec.stages.targets",
+    "evaluate": "lightning_memdec.evaluation.evaluate",
+    "downstream": "lightning_memdec.evaluation.downstream",
+    "quickstart": "lightning_memdec.apps.quickstart",
+    "load_causal_lm": "lightning_memdec.hf.loading",
+}
+__all__ = [  # the public API; PUBLIC_API says where each name lives
+    "__version__",
+    "InterpolatedLM",
+    "KNNLM",
+    "MemoryDecoderModule",
+    "MemDecDataModule",
+    "CrossModelEval",
+    "ExportHuggingFace",
+    "fit",
+    "transfer_vocab",
+    "tokenize",
+    "build_datastore",
+    "build_index",
+    "build_targets",
+    "evaluate",
+    "downstream",
+    "quickstart",
+    "load_causal_lm",
+]
+
+legacy_paths.install()
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name loads lazily in __getattr__
+    from lightning_memdec.apps.quickstart import quickstart
+    from lightning_memdec.evaluation.downstream import downstream
+    from lightning_memdec.evaluation.evaluate import evaluate
+    from lightning_memdec.hf.loading import load_causal_lm
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+    from lightning_memdec.inference.knnlm import KNNLM
+    from lightning_memdec.io.token_corpus import tokenize
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.stages.datastore import build_datastore
+    from lightning_memdec.stages.targets import build_targets
+    from lightning_memdec.training.callbacks import CrossModelEval, ExportHuggingFace
+    from lightning_memdec.training.datamodule import MemDecDataModule
+    from lightning_memdec.training.fit import fit
+    from lightning_memdec.training.lightning_module import MemoryDecoderModule
+    from lightning_memdec.training.vocab_transfer import transfer_vocab
+
+
+def __getattr__(name: str):
+    if name in PUBLIC_API:
+        value = getattr(importlib.import_module(PUBLIC_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_memdec' has no attribute {name!r}")

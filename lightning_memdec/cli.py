@@ -1,6 +1,6 @@
 """The ``memdec`` console script: training through LightningCLI, pipeline stages as typed functions.
 
-``memdec fit|validate|test --config …`` is the LightningCLI of :mod:`lightning_memdec.train` (OmegaConf
+``memdec fit|validate|test --config …`` is the LightningCLI of :mod:`lightning_memdec.training.fit` (OmegaConf
 interpolation on, configs composed by repeated ``--config``, packaged configs found by name); every other
 subcommand is a pipeline stage whose flags come from its function signature.
 """
@@ -43,7 +43,7 @@ def repeatable(args: list[str]) -> list[str]:
 
 def packaged_config_args(args: list[str]) -> list[str]:
     """`--config NAME` (or `--config=NAME`) of a packaged config becomes its path when no such local file exists."""
-    from lightning_memdec.configs import resolve_config
+    from lightning_memdec.io.packaged_configs import resolve_config
 
     out = list(args)
     for i, a in enumerate(out):
@@ -55,16 +55,16 @@ def packaged_config_args(args: list[str]) -> list[str]:
 
 
 def stage_functions() -> dict:
-    from lightning_memdec.configs import configs
-    from lightning_memdec.corpus import tokenize
-    from lightning_memdec.datastore import build_datastore
-    from lightning_memdec.downstream import downstream
-    from lightning_memdec.evaluate import evaluate
-    from lightning_memdec.index import build_index
-    from lightning_memdec.pretrain import pretrain_bases
-    from lightning_memdec.quickstart import quickstart
-    from lightning_memdec.targets import build_targets
-    from lightning_memdec.vocab import transfer_vocab
+    from lightning_memdec.apps.pretrain_bases import pretrain_bases
+    from lightning_memdec.apps.quickstart import quickstart
+    from lightning_memdec.evaluation.downstream import downstream
+    from lightning_memdec.evaluation.evaluate import evaluate
+    from lightning_memdec.io.packaged_configs import configs
+    from lightning_memdec.io.token_corpus import tokenize
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.stages.datastore import build_datastore
+    from lightning_memdec.stages.targets import build_targets
+    from lightning_memdec.training.vocab_transfer import transfer_vocab
 
     return {
         "tokenize": tokenize,
@@ -96,7 +96,7 @@ def main(args: list[str] | None = None) -> None:
         print_help()
         return
     if raw[0] in LIGHTNING_COMMANDS:
-        from lightning_memdec.train import lightning_cli
+        from lightning_memdec.training.fit import lightning_cli
 
         lightning_cli(packaged_config_args(raw))
         return

@@ -31,7 +31,7 @@ def save_tiny(
         LlamaForCausalLM,
     )
 
-    from lightning_memdec.assets import load_tokenizer
+    from lightning_memdec.io.embedded import load_tokenizer
 
     torch.manual_seed(seed)
     if arch == "gpt2":
@@ -74,14 +74,14 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def biomed_corpus(tmp_path_factory) -> Path:
-    from lightning_memdec.corpus import tokenize
+    from lightning_memdec.io.token_corpus import tokenize
 
     return tokenize(["embedded:biomed/valid"], tmp_path_factory.mktemp("corpora") / "biomed", "gpt2", max_tokens=3000)
 
 
 @pytest.fixture(scope="session")
 def biomed_datastore(tmp_path_factory, biomed_corpus, tiny_gpt2) -> Path:
-    from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.stages.datastore import build_datastore
 
     out = tmp_path_factory.mktemp("stores") / "ds"
     return build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, batch_windows=4, accelerator="cpu")
@@ -89,7 +89,7 @@ def biomed_datastore(tmp_path_factory, biomed_corpus, tiny_gpt2) -> Path:
 
 @pytest.fixture(scope="session")
 def biomed_index(tmp_path_factory, biomed_datastore) -> Path:
-    from lightning_memdec.index import build_index
+    from lightning_memdec.retrieval.faiss_index import build_index
 
     return build_index(biomed_datastore, tmp_path_factory.mktemp("indexes") / "flat", factory="Flat")
 
@@ -97,9 +97,9 @@ def biomed_index(tmp_path_factory, biomed_datastore) -> Path:
 @pytest.fixture(scope="session")
 def biomed_targets_pair(tmp_path_factory, biomed_corpus, biomed_datastore, biomed_index, tiny_gpt2) -> dict:
     """Train and validation corpora with their kNN targets: what `memdec fit` consumes."""
-    from lightning_memdec.corpus import tokenize
-    from lightning_memdec.datastore import build_datastore
-    from lightning_memdec.targets import build_targets
+    from lightning_memdec.io.token_corpus import tokenize
+    from lightning_memdec.stages.datastore import build_datastore
+    from lightning_memdec.stages.targets import build_targets
 
     root = tmp_path_factory.mktemp("pair")
     valid = tokenize(["embedded:biomed/test"], root / "corpus-valid", "gpt2", max_tokens=1200)

@@ -61,7 +61,7 @@ def test_latency_benchmark_runs_tiny_on_cpu(tmp_path):
     assert list(lines)[-1] == "knnlm_to_memdec_extra_cost"  # the headline is last
     assert plot.stat().st_size > 0
     # the synthetic store keeps the real entries first and copies real values
-    from lightning_memdec.store import Datastore
+    from lightning_memdec.io.readers import Datastore
 
     stores = sorted(tmp_path.glob("datastore-*"), key=lambda p: len(p.name))
     real, synthetic = Datastore(stores[0]), Datastore(stores[1])

@@ -13,8 +13,8 @@ import pytest
 import torch
 from memory import mapped_rss
 
-from lightning_memdec import npy_rows
-from lightning_memdec.npy_rows import NpyAppender, create_npy, gather_rows, read_rows, write_rows
+from lightning_memdec.io import npy_rows
+from lightning_memdec.io.npy_rows import NpyAppender, create_npy, gather_rows, read_rows, write_rows
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -63,8 +63,8 @@ def test_rows_written_in_pieces_equal_one_save(tmp_path, rows_file):
 
 
 def test_merge_streams_chunks_in_memory_of_one_chunk(tmp_path):
-    from lightning_memdec.store import IDS, OFFSETS, PROBS
-    from lightning_memdec.target_chunks import CHUNKS, merge_chunks
+    from lightning_memdec.io.readers import IDS, OFFSETS, PROBS
+    from lightning_memdec.stages.target_chunks import CHUNKS, merge_chunks
 
     rng = np.random.default_rng(0)
     chunks = []
@@ -89,8 +89,8 @@ def test_merge_streams_chunks_in_memory_of_one_chunk(tmp_path):
 
 
 def test_values_copied_in_blocks_equal_a_whole_copy(tmp_path):
-    from lightning_memdec.datastore import write_values
-    from lightning_memdec.targets import values_on
+    from lightning_memdec.stages.datastore import write_values
+    from lightning_memdec.stages.targets import values_on
 
     tokens = np.random.default_rng(0).integers(0, 50_000, 1_000_001).astype(np.uint16)
     np.save(tmp_path / "tokens.npy", tokens)
@@ -120,8 +120,8 @@ class PeakMappedRSS(L.Callback):
 @linux_only
 @pytest.mark.parametrize("search", ["faiss", "exact"])
 def test_targets_leave_no_key_pages_mapped(tmp_path, biomed_datastore, biomed_index, search):
-    from lightning_memdec.store import KEYS, Targets
-    from lightning_memdec.targets import build_targets
+    from lightning_memdec.io.readers import KEYS, Targets
+    from lightning_memdec.stages.targets import build_targets
 
     spy = PeakMappedRSS(biomed_datastore / KEYS)
     kwargs = dict(k=8, temperature=4.0, chunk_size=256, search=search, exact_distances=True)
@@ -132,8 +132,8 @@ def test_targets_leave_no_key_pages_mapped(tmp_path, biomed_datastore, biomed_in
 
 @linux_only
 def test_datastore_keys_written_without_mapping_them(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
-    from lightning_memdec.artifacts import partial_dir
-    from lightning_memdec.datastore import build_datastore
+    from lightning_memdec.io.artifact_dirs import partial_dir
+    from lightning_memdec.stages.datastore import build_datastore
 
     out = tmp_path / "ds"
     spy = PeakMappedRSS(partial_dir(out) / "keys.npy", biomed_corpus / "tokens.npy")
@@ -146,8 +146,8 @@ def test_datastore_keys_written_without_mapping_them(tmp_path, biomed_corpus, ti
 
 @linux_only
 def test_index_reads_keys_in_blocks_without_mapping_them(tmp_path, biomed_datastore, monkeypatch):
-    import lightning_memdec.index as index_module
-    from lightning_memdec.store import KEYS
+    import lightning_memdec.retrieval.faiss_index as index_module
+    from lightning_memdec.io.readers import KEYS
 
     peaks = []
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lightning_memdec.cli import main, packaged_config_args
-from lightning_memdec.configs import CONFIG_ROOT, load_config, packaged_configs, resolve_config
-from lightning_memdec.train import lightning_cli
+from lightning_memdec.io.packaged_configs import CONFIG_ROOT, load_config, packaged_configs, resolve_config
+from lightning_memdec.training.fit import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = [name for name in packaged_configs() if name.startswith("experiments/")]

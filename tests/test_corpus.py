@@ -3,9 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_memdec.artifacts import ArtifactError
-from lightning_memdec.assets import load_tokenizer, read_documents, resolve_text
-from lightning_memdec.corpus import Corpus, position_windows, tokenize
+from lightning_memdec.io.artifact_dirs import ArtifactError
+from lightning_memdec.io.embedded import load_tokenizer, resolve_text
+from lightning_memdec.io.text_sources import read_documents
+from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
 
 
 def test_tokens_are_documents_joined_by_eos(biomed_corpus):
@@ -141,8 +142,8 @@ def test_write_corpus_streams_to_disk_with_np_save_bytes(tmp_path):
     import io
     import tracemalloc
 
-    from lightning_memdec.artifacts import start_work_dir
-    from lightning_memdec.corpus import write_corpus
+    from lightning_memdec.io.artifact_dirs import start_work_dir
+    from lightning_memdec.io.token_corpus import write_corpus
 
     def documents(seed):  # 3M uint16 tokens (6 MB, 24 MB as int64) in 3000 documents, made on the fly
         rng = np.random.default_rng(seed)
@@ -245,9 +246,10 @@ def test_num_proc_gives_identical_bytes(tmp_path, biomed_docs):
 def test_reading_stops_a_few_batches_past_max_tokens(tmp_path, biomed_docs):
     import itertools
 
-    from lightning_memdec.artifacts import start_work_dir, tokenizer_info
-    from lightning_memdec.corpus import encode_stream, write_corpus
-    from lightning_memdec.corpus_sources import row_documents
+    from lightning_memdec.io.artifact_dirs import start_work_dir
+    from lightning_memdec.io.text_sources import row_documents
+    from lightning_memdec.io.token_corpus import encode_stream, write_corpus
+    from lightning_memdec.io.tokenizer_identity import tokenizer_info
 
     tok, rows_per_batch, max_tokens = load_tokenizer("gpt2"), 4, 3000
     docs = [biomed_docs[i % BIOMED_DOCS] for i in range(400)]
@@ -310,7 +312,7 @@ def test_dataset_input_errors_come_before_any_work(tmp_path, biomed_docs, monkey
 
 
 def test_a_row_that_is_not_text_is_named(tmp_path):
-    from lightning_memdec.corpus_sources import row_documents
+    from lightning_memdec.io.text_sources import row_documents
 
     rows = [{"text": ["fine", None, "also fine"]}, {"text": [3]}]
     documents = row_documents([(rows, {"path": "x.jsonl"})], "text", None)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import save_tiny
 
-from lightning_memdec.artifacts import ArtifactError, partial_dir
-from lightning_memdec.corpus import Corpus, position_windows, tokenize
-from lightning_memdec.datastore import Datastore, build_datastore
-from lightning_memdec.keys import DEFAULT_KEY_LAYERS, resolve_layer
+from lightning_memdec.hf.key_capture import DEFAULT_KEY_LAYERS, resolve_layer
+from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
+from lightning_memdec.stages.datastore import Datastore, build_datastore
 
 
 class SimulatedKill(Exception):

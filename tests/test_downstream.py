@@ -12,14 +12,14 @@ import torch
 import yaml
 from conftest import save_tiny
 
-import lightning_memdec.downstream as ds
-from lightning_memdec.assets import load_tokenizer
+import lightning_memdec.evaluation.downstream as ds
 from lightning_memdec.cli import main
-from lightning_memdec.downstream import choose_lambda, dcpmi_scores, downstream
-from lightning_memdec.downstream_report import bootstrap_interval
-from lightning_memdec.downstream_tasks import TaskError, load_tasks, single_token_verbalizers
-from lightning_memdec.knnlm import KNNLM
-from lightning_memdec.models import load_causal_lm
+from lightning_memdec.evaluation.downstream import choose_lambda, dcpmi_scores, downstream
+from lightning_memdec.evaluation.downstream_report import bootstrap_interval
+from lightning_memdec.evaluation.downstream_tasks import TaskError, load_tasks, single_token_verbalizers
+from lightning_memdec.hf.loading import load_causal_lm
+from lightning_memdec.inference.knnlm import KNNLM
+from lightning_memdec.io.embedded import load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:task .* multi-token verbalizers dropped")
 ENTRY = {

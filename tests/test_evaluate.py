@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from conftest import save_tiny
 from transformers import AutoModelForCausalLM
 
-from lightning_memdec.assets import load_tokenizer
-from lightning_memdec.callbacks import CrossModelEval
 from lightning_memdec.cli import main
-from lightning_memdec.corpus import position_windows
-from lightning_memdec.datastore import Datastore
-from lightning_memdec.evaluate import evaluate, text_tokens
-from lightning_memdec.knnlm import KNNLM, knnlm_scorer
-from lightning_memdec.scoring import lm_scorer, mix_log_probs, mixed_perplexity, perplexity, sliding_gold_log_probs
-from lightning_memdec.timing import generation_throughput, model_latency
-from lightning_memdec.train import lightning_cli
+from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
+from lightning_memdec.evaluation.latency import generation_throughput, model_latency
+from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
+from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
+from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.token_corpus import position_windows
+from lightning_memdec.kernels.scoring import mix_log_probs, mixed_perplexity, perplexity
+from lightning_memdec.stages.datastore import Datastore
+from lightning_memdec.training.callbacks import CrossModelEval
+from lightning_memdec.training.fit import lightning_cli
 
 V = 50257
 TINY_DECODER = [
@@ -280,7 +281,7 @@ def test_knnlm_greedy_generation_equals_argmax_loop(knnlm, test_tokens):
 
 
 def test_latency_helpers_report_every_variant(tiny_gpt2, knnlm, test_tokens):
-    from lightning_memdec.interpolate import InterpolatedLM
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 
     ids = torch.as_tensor(test_tokens[:32])[None]
     mixed = InterpolatedLM.from_pretrained(tiny_gpt2, tiny_gpt2, 0.5)
@@ -298,7 +299,8 @@ def test_latency_helpers_report_every_variant(tiny_gpt2, knnlm, test_tokens):
 def test_cross_model_eval_logs_mixture_perplexities(tmp_path, tiny_gpt2, biomed_targets_pair):
     config = tmp_path / "cross.yaml"
     config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: lightning_memdec.callbacks.CrossModelEval\n      init_args:\n"
+        "trainer:\n  callbacks:\n"
+        "    - class_path: lightning_memdec.training.callbacks.CrossModelEval\n      init_args:\n"
         f"        bases: [{tiny_gpt2}]\n        lambdas: [0.5, 0.0, 1.0]\n        max_batches: 100\n"
     )
     data = []

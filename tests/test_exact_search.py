@@ -12,8 +12,11 @@ import pytest
 import torch
 from test_datastore import Interrupt, SimulatedKill
 
-from lightning_memdec.artifacts import ArtifactError, partial_dir
-from lightning_memdec.exact_search import (
+from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.readers import Datastore, Targets
+from lightning_memdec.kernels.sparse_targets import knn_distributions
+from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
+from lightning_memdec.retrieval.exact_search import (
     EXACT_CPU_MAX_ELEMENTS,
     EXACT_GPU_MAX_ELEMENTS,
     block_rows,
@@ -21,10 +24,7 @@ from lightning_memdec.exact_search import (
     exact_search,
     resident_keys,
 )
-from lightning_memdec.sparse import knn_distributions
-from lightning_memdec.sparse_torch import knn_distributions_torch
-from lightning_memdec.store import Datastore, Targets
-from lightning_memdec.targets import build_targets
+from lightning_memdec.stages.targets import build_targets
 
 
 def brute_force(queries, keys, k, exclude=None):
@@ -193,9 +193,9 @@ def test_exact_backend_runs_without_faiss(tmp_path, biomed_datastore, exact_targ
     out = tmp_path / "t"
     script = (
         "import sys; sys.modules['faiss'] = None\n"  # any `import faiss` now fails
-        "from lightning_memdec.targets import build_targets\n"
+        "from lightning_memdec.stages.targets import build_targets\n"
         f"build_targets({str(biomed_datastore)!r}, out={str(out)!r}, k=16, temperature=4.0, chunk_size=512)\n"
-        "assert 'lightning_memdec.index' not in sys.modules\n"
+        "assert 'lightning_memdec.retrieval.faiss_index' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300, capture_output=True)
     for name in ("offsets.npy", "ids.npy", "probs.npy"):

@@ -1,4 +1,4 @@
-"""Guards on the transformers internals that InterpolatedLM's generation relies on (lightning_memdec.hf_generation).
+"""Guards on the transformers internals that InterpolatedLM's generation relies on (hf.paired_generation).
 
 These fail loudly, naming what changed, when a transformers release renames a generate() hook or adds a Cache
 method that PairCache would silently inherit instead of forwarding to both sub-caches.
@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 
-from lightning_memdec.hf_generation import GENERATION_HOOKS, PairCache
+from lightning_memdec.hf.paired_generation import GENERATION_HOOKS, PairCache
 
 # Per-layer operations: each model calls them on its own sub-cache (InterpolatedLM hands the sub-caches to the
 # models), never on the PairCache; and offloading/static-cache set-up, which PairCache refuses (dynamic only).

@@ -2,9 +2,9 @@ import faiss
 import numpy as np
 import pytest
 
-from lightning_memdec.artifacts import ArtifactError
-from lightning_memdec.datastore import Datastore
-from lightning_memdec.index import KeyIndex, auto_factory, build_index
+from lightning_memdec.io.artifact_dirs import ArtifactError
+from lightning_memdec.retrieval.faiss_index import KeyIndex, auto_factory, build_index
+from lightning_memdec.stages.datastore import Datastore
 
 
 def brute_force(keys, queries, k):
@@ -58,7 +58,7 @@ def test_bad_factory_and_existing_output(tmp_path, biomed_datastore, biomed_inde
 
 
 def test_exact_distances_in_bounded_blocks_equal_one_pass():
-    from lightning_memdec.index import exact_squared_l2
+    from lightning_memdec.retrieval.faiss_index import exact_squared_l2
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((50, 8)).astype(np.float16)
@@ -72,7 +72,7 @@ def test_exact_distances_in_bounded_blocks_equal_one_pass():
 
 
 def test_plan_respects_faiss_constraints():
-    from lightning_memdec.index_plan import GPU_PQ_SIZES, check_gpu_k, plan_index
+    from lightning_memdec.retrieval.index_plan import GPU_PQ_SIZES, check_gpu_k, plan_index
 
     big = plan_index(103_000_000, 1600, memory_gb=64)  # the paper's WikiText-103 / GPT2-xl store
     assert big.factory == "IVF32768,PQ64" and 1600 % big.pq_m == 0
@@ -101,7 +101,7 @@ def test_build_index_records_measured_recall_and_plan_only(tmp_path, biomed_data
 
 
 def test_plan_counts_the_ivfpq_precomputed_table_faiss_builds(tmp_path, biomed_datastore):
-    from lightning_memdec.index_plan import PRECOMPUTED_TABLE_MAX_BYTES, plan_index, precomputed_table_bytes
+    from lightning_memdec.retrieval.index_plan import PRECOMPUTED_TABLE_MAX_BYTES, plan_index, precomputed_table_bytes
 
     built = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", factory="IVF16,PQ8", recall_queries=0))
     table = faiss.downcast_index(built.index).precomputed_table.size() * 4  # what faiss holds beside the codes
@@ -115,8 +115,8 @@ def test_plan_counts_the_ivfpq_precomputed_table_faiss_builds(tmp_path, biomed_d
 
 
 def test_gpu_clone_options_follow_faiss_gpu_constraints(tmp_path, biomed_datastore):
-    from lightning_memdec.index import pq_bytes
-    from lightning_memdec.index_plan import gpu_pq_options, plan_index
+    from lightning_memdec.retrieval.faiss_index import pq_bytes
+    from lightning_memdec.retrieval.index_plan import gpu_pq_options, plan_index
 
     assert gpu_pq_options(1600, 64) == (True, True)  # the paper's d = 1600, PQ64: 25 dims per sub-quantizer
     assert gpu_pq_options(768, 48) == (False, False) and gpu_pq_options(1024, 64) == (False, True)

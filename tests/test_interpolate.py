@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lightning_memdec.artifacts import tokenizer_fingerprint
-from lightning_memdec.assets import load_tokenizer
-from lightning_memdec.interpolate import InterpolatedLM, PairCache
+from lightning_memdec.inference.interpolated_lm import InterpolatedLM, PairCache
+from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.tokenizer_identity import tokenizer_fingerprint
 
 VOCAB = 50257
 PROMPTS = ["The patient was given a dose of", "Law"]
@@ -284,7 +284,7 @@ def test_module_does_not_import_lightning():
     """Plug-and-play inference must work without the training stack installed."""
     import ast
 
-    import lightning_memdec.interpolate as mod
+    import lightning_memdec.inference.interpolated_lm as mod
 
     tree = ast.parse(open(mod.__file__, encoding="utf-8").read())
     roots = {

@@ -15,11 +15,11 @@ pytest.importorskip("lm_eval")
 
 from conftest import save_tiny  # noqa: E402
 
-from lightning_memdec.assets import load_tokenizer  # noqa: E402
-from lightning_memdec.corpus import position_windows  # noqa: E402
-from lightning_memdec.lm_eval_bridge import MemDecLM, run_lm_eval  # noqa: E402
-from lightning_memdec.models import load_causal_lm  # noqa: E402
-from lightning_memdec.scoring import gold_log_probs, mix_log_probs  # noqa: E402
+from lightning_memdec.evaluation.lm_eval_bridge import MemDecLM, run_lm_eval
+from lightning_memdec.hf.loading import load_causal_lm
+from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.token_corpus import position_windows
+from lightning_memdec.kernels.scoring import gold_log_probs, mix_log_probs
 
 TEXTS = ["A dull, tired film.", "Warm and funny, with a cast that clearly enjoys itself", "Fine."]
 LMBDA = 0.3

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_memdec.losses import LossOutput, memdec_loss, next_token_ce, sparse_kl
+from lightning_memdec.kernels.memdec_loss import LossOutput, memdec_loss, next_token_ce, sparse_kl
 
 B, T, V, M = 2, 5, 37, 6
 

@@ -5,10 +5,11 @@ import json
 import pytest
 from conftest import save_tiny
 
-from lightning_memdec.artifacts import ArtifactError
-from lightning_memdec.assets import read_documents, resolve_text
-from lightning_memdec.quickstart import quickstart
-from lightning_memdec.quickstart_report import LAMBDA_GRID
+from lightning_memdec.apps.quickstart import quickstart
+from lightning_memdec.apps.quickstart_report import LAMBDA_GRID
+from lightning_memdec.io.artifact_dirs import ArtifactError
+from lightning_memdec.io.embedded import resolve_text
+from lightning_memdec.io.text_sources import read_documents
 
 # the shipped bases at a few thousand tokens: mechanics only, the numbers mean nothing
 MICRO = dict(domain_tokens=3_000, eval_tokens=600, window=32, batch_size=4, teacher_steps=2, memdec_steps=4, k=8)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_memdec.artifacts import partial_dir
-from lightning_memdec.exact_search import block_rows, check_search_budget
-from lightning_memdec.index_plan import check_gpu_k
-from lightning_memdec.resources import ResourceError, check_fits
+from lightning_memdec.io.artifact_dirs import partial_dir
+from lightning_memdec.io.capacity import ResourceError, check_fits
+from lightning_memdec.retrieval.exact_search import block_rows, check_search_budget
+from lightning_memdec.retrieval.index_plan import check_gpu_k
 
 
 def test_check_fits_names_bytes_and_fix():
@@ -32,7 +32,7 @@ def test_search_budget_error_gives_a_chunk_size_that_fits():
 
 
 def test_build_targets_refuses_a_budget_too_small_before_work(tmp_path, biomed_datastore):
-    from lightning_memdec.targets import build_targets
+    from lightning_memdec.stages.targets import build_targets
 
     with pytest.raises(ValueError, match="use chunk_size ≤"):
         build_targets(biomed_datastore, None, tmp_path / "t", k=16, search="exact", search_memory_gb=1e-5)
@@ -40,7 +40,7 @@ def test_build_targets_refuses_a_budget_too_small_before_work(tmp_path, biomed_d
 
 
 def test_build_targets_refuses_replicas_beyond_ram(tmp_path, biomed_datastore, biomed_index, monkeypatch):
-    import lightning_memdec.targets as targets
+    import lightning_memdec.stages.targets as targets
 
     monkeypatch.setattr(targets, "available_ram", lambda: 1000)
     with pytest.raises(ResourceError, match="2 ranks' FAISS index replicas in RAM.*--devices lower"):
@@ -51,7 +51,7 @@ def test_build_targets_refuses_replicas_beyond_ram(tmp_path, biomed_datastore, b
 
 
 def test_build_index_refuses_an_index_beyond_ram(tmp_path, biomed_datastore, monkeypatch):
-    import lightning_memdec.index as index
+    import lightning_memdec.retrieval.faiss_index as index
 
     monkeypatch.setattr(index, "available_ram", lambda: 1000)
     with pytest.raises(ResourceError, match=r"building IVF8,Flat \(in RAM: index \+ training sample\).*--memory_gb"):
@@ -60,7 +60,7 @@ def test_build_index_refuses_an_index_beyond_ram(tmp_path, biomed_datastore, mon
 
 
 def test_build_datastore_refuses_a_full_disk(tmp_path, biomed_corpus, tiny_gpt2, monkeypatch):
-    import lightning_memdec.datastore as datastore
+    import lightning_memdec.stages.datastore as datastore
 
     monkeypatch.setattr(datastore, "free_disk", lambda path: 10_000)
     with pytest.raises(ResourceError, match=r"positions × 32 dims \(keys fp16 \+ values int32\).*larger file system"):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_memdec.scoring import (
+from lightning_memdec.inference.sliding_window import sliding_gold_log_probs
+from lightning_memdec.kernels.scoring import (
     gold_log_probs,
     knn_gold_log_probs,
     knn_scores,
     mix_log_probs,
     perplexity,
-    sliding_gold_log_probs,
     sweep_lambda,
 )
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import lightning_memdec.sparse as sparse
-from lightning_memdec.sparse import csr_offsets, knn_distributions
+import lightning_memdec.kernels.sparse_targets as sparse
+from lightning_memdec.kernels.sparse_targets import csr_offsets, knn_distributions
 
 
 def reference(distances, ids, values, temperature, query_ids=None, k=None, max_support=None, min_prob=None):
@@ -263,7 +263,7 @@ def test_errors():
 
 def test_stored_rows_drop_fp16_zeros_and_renormalise():
     """A row whose tail rounds to 0 in fp16 loses those entries and is renormalised; other rows are untouched."""
-    from lightning_memdec.sparse import stored_rows
+    from lightning_memdec.kernels.sparse_targets import stored_rows
 
     counts = np.array([3, 2])
     ids = np.array([5, 7, 9, 1, 2])

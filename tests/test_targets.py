@@ -7,11 +7,11 @@ import torch
 from conftest import save_tiny
 from test_datastore import Interrupt, SimulatedKill
 
-from lightning_memdec.artifacts import ArtifactError, partial_dir
-from lightning_memdec.corpus import tokenize
-from lightning_memdec.datastore import Datastore, build_datastore
-from lightning_memdec.store import Targets
-from lightning_memdec.targets import build_targets
+from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.readers import Targets
+from lightning_memdec.io.token_corpus import tokenize
+from lightning_memdec.stages.datastore import Datastore, build_datastore
+from lightning_memdec.stages.targets import build_targets
 
 
 def brute_force_row(keys, values, q, k, temperature, exclude):
@@ -167,7 +167,7 @@ def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_
 def test_each_rank_puts_its_faiss_index_on_its_own_gpu():
     from types import SimpleNamespace
 
-    from lightning_memdec.targets import faiss_gpu_for_rank
+    from lightning_memdec.stages.targets import faiss_gpu_for_rank
 
     def trainer(device: str, local_rank: int, world_size: int):
         strategy = SimpleNamespace(root_device=torch.device(device))

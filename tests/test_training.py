@@ -6,15 +6,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_memdec.artifacts import ArtifactError
-from lightning_memdec.configs import load_config
-from lightning_memdec.corpus import Corpus, position_windows, tokenize
-from lightning_memdec.data import PAD_WINDOW, EvenShardSampler, MemDecDataModule, WindowTargetsDataset, collate
-from lightning_memdec.models import load_causal_lm
-from lightning_memdec.module import MemoryDecoderModule, lr_lambda
-from lightning_memdec.scoring import corpus_gold_log_probs, perplexity
-from lightning_memdec.store import Targets
-from lightning_memdec.train import fit, lightning_cli
+from lightning_memdec.hf.loading import load_causal_lm
+from lightning_memdec.inference.sliding_window import corpus_gold_log_probs
+from lightning_memdec.io.artifact_dirs import ArtifactError
+from lightning_memdec.io.packaged_configs import load_config
+from lightning_memdec.io.readers import Targets
+from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
+from lightning_memdec.kernels.scoring import perplexity
+from lightning_memdec.training.datamodule import (
+    PAD_WINDOW,
+    EvenShardSampler,
+    MemDecDataModule,
+    WindowTargetsDataset,
+    collate,
+)
+from lightning_memdec.training.fit import fit, lightning_cli
+from lightning_memdec.training.lightning_module import MemoryDecoderModule, lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DECODER = [

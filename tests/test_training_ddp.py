@@ -21,10 +21,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lightning_memdec.corpus import Corpus, position_windows, tokenize
-from lightning_memdec.data import MemDecDataModule
-from lightning_memdec.module import MemoryDecoderModule
-from lightning_memdec.train import lightning_cli
+from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
+from lightning_memdec.training.datamodule import MemDecDataModule
+from lightning_memdec.training.fit import lightning_cli
+from lightning_memdec.training.lightning_module import MemoryDecoderModule
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW, BATCH, STEPS = 32, 2, 4  # 5 windows / (2 ranks × 2) = 2 steps per epoch: 4 steps are 2 epochs
@@ -41,8 +41,8 @@ WEIGHT_ATOL = 5e-5
 @pytest.fixture(scope="module")
 def small_pair(tmp_path_factory, biomed_datastore, tiny_gpt2) -> dict:
     """A 5-window training split and a 1-window validation split, with kNN targets from the biomed datastore."""
-    from lightning_memdec.datastore import build_datastore
-    from lightning_memdec.targets import build_targets
+    from lightning_memdec.stages.datastore import build_datastore
+    from lightning_memdec.stages.targets import build_targets
 
     root = tmp_path_factory.mktemp("small")
     pair = {}

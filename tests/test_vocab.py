@@ -6,11 +6,12 @@ import torch
 from conftest import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_memdec.artifacts import ArtifactError, base_meta, tokenizer_info, write_json_atomic
-from lightning_memdec.assets import load_tokenizer
 from lightning_memdec.cli import stage_functions
-from lightning_memdec.train import lightning_cli
-from lightning_memdec.vocab import budget_steps, transfer_vocab, vocab_mapping
+from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, write_json_atomic
+from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.tokenizer_identity import tokenizer_info
+from lightning_memdec.training.fit import lightning_cli
+from lightning_memdec.training.vocab_transfer import budget_steps, transfer_vocab, vocab_mapping
 
 A_VOCAB = ["[UNK]", "<eos>", "the", "cat", "sat", "-", "on"]
 # by hand: copied <|endoftext|> (eos↔eos), cat, the, sat, <unk> (unk↔unk) = 5;
@@ -249,7 +250,7 @@ def test_sentencepiece_style_tokens_compare_by_bytes(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lightning_memdec.vocab import token_bytes
+    from lightning_memdec.training.vocab_transfer import token_bytes
 
     vocab = {"<unk>": 0, "<0x0A>": 1, "▁the": 2, "▁": 3, "the": 4, "▁cat": 5}
     tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))

@@ -1,0 +1,275 @@
+"""`memdec quickstart`: the whole method end to end on the embedded corpora, on a laptop CPU.
+
+By default it starts from the two shipped base LMs (``embedded:base-small`` and ``embedded:base-large``, GPT-2
+architecture pretrained on general Wikipedia): the teacher is the larger fine-tuned on the domain (as the paper
+builds its datastore with a fine-tuned GPT2-xl) → teacher datastore → index → kNN temperature chosen on the domain
+valid split → sparse targets → Memory Decoder training (continued from the small base) through the same
+LightningCLI ``fit`` users run → a CE-only decoder with the same start and budget (the paper's ablation) →
+evaluation on the domain test split of every base alone, + kNN-LM over its own datastore, + MemDec and + CE-only
+decoder, of the teacher alone and + kNN-LM over its datastore (the ceiling MemDec imitates), and of both decoders
+alone; every λ and kNN temperature is chosen on the domain valid split. General perplexity is reported too.
+
+``--pretrain_bases true`` pretrains two tiny bases from scratch on the embedded general corpus instead.
+Every stage writes a directory under ``out`` and is skipped when rerun once finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from lightning_memdec.apps.quickstart_report import LAMBDA_GRID, goals, plot_report, write_markdown
+from lightning_memdec.apps.quickstart_stages import (
+    Budget,
+    StageClock,
+    base_tokenizers,
+    build_or_reuse_index,
+    check_same_settings,
+    choose_temperature,
+    corpus_dir,
+    datastore,
+    done,
+    gold_log_probs,
+    knn_gold_probs,
+    knnlm_row,
+    parameters,
+    split_path,
+    train_model,
+)
+from lightning_memdec.io.artifact_dirs import write_json_atomic
+from lightning_memdec.io.embedded import EMBEDDED_PREFIX
+from lightning_memdec.io.token_corpus import Corpus
+from lightning_memdec.stages.targets import build_targets
+
+__all__ = ["SMALL_BASE", "LARGE_BASE", "SHIPPED_BASES", "Budget", "StageClock", "quickstart", "train_model"]
+
+
+# tiny from-scratch bases for --pretrain_bases true (and the cross-vocabulary benchmark)
+SMALL_BASE = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2}
+LARGE_BASE = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4}
+SHIPPED_BASES = [f"{EMBEDDED_PREFIX}base-small", f"{EMBEDDED_PREFIX}base-large"]
+
+
+def quickstart(
+    out: Path = Path("runs/quickstart"),
+    domain: str | None = None,
+    base: list[str] | None = None,
+    teacher: str | None = None,
+    pretrain_bases: bool = False,
+    tokenizer: str | None = None,
+    general_tokens: int = Budget.general_tokens,
+    domain_tokens: int = Budget.domain_tokens,
+    eval_tokens: int = Budget.eval_tokens,
+    window: int = Budget.window,
+    batch_size: int = Budget.batch_size,
+    small_base_steps: int = Budget.small_base_steps,
+    large_base_steps: int = Budget.large_base_steps,
+    teacher_steps: int = Budget.teacher_steps,
+    memdec_steps: int | None = Budget.memdec_steps,
+    k: int = Budget.k,
+    teacher_lr: float = Budget.teacher_lr,
+    decoder_lr: float = Budget.decoder_lr,
+    beta: float = 0.5,
+) -> dict:
+    """Run the Memory Decoder method end to end and report perplexities (report.json, report.md, figure).
+
+    Args:
+        out: run directory; finished stages in it are reused when rerun.
+        domain: directory with train.txt, valid.txt, test.txt (documents separated by blank lines);
+            default: the embedded biomedical corpus.
+        base: base LMs (HF names, directories or embedded:base-small / embedded:base-large), all with the same
+            tokenizer; default: the two shipped bases. The decoder starts from the smallest.
+        teacher: the model fine-tuned on the domain as the teacher; default: the base with the most parameters.
+        pretrain_bases: pretrain two tiny bases from scratch on the embedded general corpus instead of ``base``.
+        tokenizer: tokenizer of the corpora; default: the bases' own (gpt2 with --pretrain_bases).
+        general_tokens: general-corpus tokens for pretraining the bases (--pretrain_bases only).
+        domain_tokens: domain train tokens (datastores, targets, decoder training).
+        eval_tokens: tokens of each valid/test split scored.
+        window: context length of every stage (training windows; scoring and valid/test keys use stride window/2).
+        batch_size: windows per training step.
+        small_base_steps: pretraining steps of the small base (--pretrain_bases only).
+        large_base_steps: pretraining steps of the large base (--pretrain_bases only).
+        teacher_steps: fine-tuning steps of the teacher on the domain.
+        memdec_steps: training steps of the Memory Decoder (and of the CE-only decoder); default: one epoch.
+        k: neighbours per position for targets and every kNN-LM.
+        teacher_lr: peak learning rate of the teacher's fine-tuning.
+        decoder_lr: peak learning rate of both decoders.
+        beta: KL weight of the Memory Decoder loss.
+    """
+    refs, tokenizer = checked_bases(base, teacher, pretrain_bases, tokenizer)  # refused before any work
+    splits = [split_path(domain, s) for s in ("train", "valid", "test")]
+    started, started_cpu = time.perf_counter(), time.process_time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = StageClock()
+    budget = Budget(general_tokens, domain_tokens, eval_tokens, window, batch_size, small_base_steps,
+                    large_base_steps, teacher_steps, memdec_steps, k, teacher_lr, decoder_lr)  # fmt: skip
+    settings = {"domain": domain, "base": refs, "teacher": teacher, "pretrain_bases": pretrain_bases}
+    check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget)})
+    with clock("tokenize"):
+        corpora = tokenized_corpora(out / "corpora", splits, tokenizer, budget, pretrain_bases)
+    # 1. base LMs: given (default: the shipped ones), or pretrained on the general corpus
+    if pretrain_bases:
+        with clock("pretrain bases"):
+            bases = pretrained_bases(out, corpora, budget)
+    else:
+        bases = {Path(b.removeprefix(EMBEDDED_PREFIX)).name or b: b for b in refs}
+    sizes = {name: parameters(ref) for name, ref in bases.items()}
+    start = bases[min(sizes, key=sizes.get)]
+    teacher_start = teacher or bases[max(sizes, key=sizes.get)]
+    dt, dv = corpora["domain-train"], corpora["domain-valid"]
+    epoch = -(-Corpus(dt).num_tokens // (budget.window * budget.batch_size))
+    decoder_steps = memdec_steps or epoch
+    # 2. teacher: the largest base fine-tuned on the domain; its datastore gives the training targets
+    with clock("teacher fine-tune"):
+        t_model = train_model("teacher", out, dt, dv, budget, teacher_steps, teacher_start, 0.0, lr=teacher_lr)
+    (targets_train, targets_valid), t_choice = teacher_targets(out, t_model, dt, dv, budget, clock)
+    # 3. the Memory Decoder and the CE-only ablation: same start, same budget, through `memdec fit`
+    tt = {"train_targets": targets_train, "val_targets": targets_valid}
+    with clock("train memdec"):
+        memdec = train_model("memdec", out, dt, dv, budget, decoder_steps, start, beta, **tt, lr=decoder_lr)
+    with clock("train ce-only"):
+        ce_only = train_model("ce-only", out, dt, dv, budget, decoder_steps, start, 0.0, lr=decoder_lr)
+    # 4. evaluation: λ and every kNN temperature chosen on the domain valid split, applied to test
+    report = evaluate_all(out, bases, {"teacher": str(t_model)}, corpora, memdec, ce_only, budget, clock)
+    report.update(
+        {
+            "seconds": clock.seconds,
+            "cpu_seconds": clock.cpu_seconds,
+            "total_cpu_seconds": round(time.process_time() - started_cpu, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "teacher": {**report["teacher"], "start": teacher_start, "steps": teacher_steps},
+            "teacher_temperature": t_choice,
+            "decoder_start": start,
+            "decoder_steps": decoder_steps,
+            "domain_train_tokens": Corpus(dt).num_tokens,
+            "parameters": sizes,
+            "budget": asdict(budget),
+            "domain": domain or "embedded:biomed",
+            "tokenizer": tokenizer,
+        }
+    )
+    report["goals"] = goals(report)
+    write_json_atomic(out / "report.json", report)
+    write_markdown(report, out / "report.md")
+    plot_report(report, out / "report.png")
+    print((out / "report.md").read_text())
+    return report
+
+
+def teacher_targets(out: Path, t_model: Path, dt: Path, dv: Path, budget: Budget, clock: StageClock):
+    """The teacher's datastore and index, its kNN temperature chosen on valid, and the train/valid sparse targets."""
+    s, k = out / "stores", budget.k
+    with clock("teacher datastore + index"):
+        t_store = datastore(t_model, dt, s / "teacher-train", budget, stride=budget.window)
+        t_valid = datastore(t_model, dv, s / "teacher-valid", budget)
+        t_index = build_or_reuse_index(t_store, s / "teacher-index")
+    with clock("targets"):
+        t_gold_valid = gold_log_probs(t_model, dv, budget, out / "scores" / "teacher-domain-valid.npy")
+        t_choice = choose_temperature(*knn_gold_probs(t_store, t_index, t_valid, k), t_gold_valid)
+        temperature = t_choice["temperature"]
+        targets_train, targets_valid = out / "targets" / "train", out / "targets" / "valid"
+        if not done(targets_train):
+            build_targets(t_store, t_index, targets_train, k=k, temperature=temperature, overwrite=True)
+        if not done(targets_valid):
+            build_targets(t_store, t_index, targets_valid, queries=t_valid, k=k, temperature=temperature,
+                          overwrite=True)  # fmt: skip
+    return (targets_train, targets_valid), t_choice
+
+
+def checked_bases(base, teacher, pretrain_bases: bool, tokenizer: str | None) -> tuple[list[str], str]:
+    """The base references and the corpora's tokenizer, refusing contradictory or mismatched settings."""
+    if pretrain_bases and base:
+        raise ValueError("give either --base or --pretrain_bases true, not both.")
+    refs = [] if pretrain_bases else [str(b) for b in (base or SHIPPED_BASES)]
+    if not pretrain_bases:
+        tokenizer = base_tokenizers(refs + ([teacher] if teacher else []), tokenizer)
+    elif teacher:
+        raise ValueError("--teacher needs given bases; with --pretrain_bases the teacher is the large one.")
+    return refs, tokenizer or "gpt2"
+
+
+def tokenized_corpora(c: Path, splits: list[str], tokenizer: str, budget: Budget, general: bool) -> dict[str, Path]:
+    """The domain splits and general test (plus general train/valid to pretrain bases), reused when done."""
+    train, valid, test = splits
+    corpora = {
+        "general-test": corpus_dir(c / "general-test", f"{EMBEDDED_PREFIX}general/test", tokenizer, budget.eval_tokens),
+        "domain-train": corpus_dir(c / "domain-train", train, tokenizer, budget.domain_tokens),
+        "domain-valid": corpus_dir(c / "domain-valid", valid, tokenizer, budget.eval_tokens),
+        "domain-test": corpus_dir(c / "domain-test", test, tokenizer, budget.eval_tokens),
+    }
+    if general:
+        for split, n in (("train", budget.general_tokens), ("valid", budget.eval_tokens)):
+            corpora[f"general-{split}"] = corpus_dir(c / f"general-{split}", f"{EMBEDDED_PREFIX}general/{split}",
+                                                     tokenizer, n)  # fmt: skip
+    return corpora
+
+
+def pretrained_bases(out: Path, corpora: dict[str, Path], budget: Budget) -> dict[str, str]:
+    """Two tiny bases pretrained from scratch on the general corpus (--pretrain_bases)."""
+    gt, gv = corpora["general-train"], corpora["general-valid"]
+    plan = [("base-small", budget.small_base_steps, SMALL_BASE), ("base-large", budget.large_base_steps, LARGE_BASE)]
+    return {name: str(train_model(name, out, gt, gv, budget, steps, cfg, beta=0.0)) for name, steps, cfg in plan}
+
+
+def evaluate_all(
+    out: Path,
+    bases: dict[str, str],
+    teacher: dict[str, str],
+    corpora: dict[str, Path],
+    memdec: Path,
+    ce_only: Path,
+    budget: Budget,
+    clock: StageClock | None = None,
+) -> dict:
+    from lightning_memdec.kernels.scoring import mixed_perplexity, perplexity, sweep_lambda
+
+    sc = out / "scores"
+    clock = clock or StageClock()
+
+    def gold(model, split: str, name: str) -> np.ndarray:
+        with clock("score models"):
+            return gold_log_probs(model, corpora[split], budget, sc / f"{name}-{split}.npy")
+
+    domain = ("domain-valid", "domain-test")
+    mem = {split: gold(memdec, split, "memdec") for split in (*domain, "general-test")}
+    ce = {split: gold(ce_only, split, "ce-only") for split in domain}
+    ((t_name, t_ref),) = teacher.items()
+    t_gold = {split: gold(t_ref, split, t_name) for split in domain}
+    with clock("kNN-LM datastores + search"):
+        t_knn = knnlm_row(t_ref, t_name, out, corpora, budget, t_gold)
+    results = []
+    for name, ref in bases.items():
+        base = {split: gold(ref, split, name) for split in (*domain, "general-test")}
+        lam, curve = sweep_lambda(base["domain-valid"], mem["domain-valid"], LAMBDA_GRID)
+        ce_lam, ce_curve = sweep_lambda(base["domain-valid"], ce["domain-valid"], LAMBDA_GRID)
+        with clock("kNN-LM datastores + search"):
+            knn = knnlm_row(ref, name, out, corpora, budget, base)
+        results.append(
+            {
+                "base": name,
+                "model": ref,
+                "base_ppl": perplexity(base["domain-test"]),
+                **knn,
+                "memdec_ppl": mixed_perplexity(base["domain-test"], mem["domain-test"], lam),
+                "ce_only_ppl": mixed_perplexity(base["domain-test"], ce["domain-test"], ce_lam),
+                "lambda": lam,
+                "ce_only_lambda": ce_lam,
+                "general_base_ppl": perplexity(base["general-test"]),
+                "general_memdec_ppl": mixed_perplexity(base["general-test"], mem["general-test"], lam),
+                "valid_ppl_by_lambda": dict(zip([str(x) for x in LAMBDA_GRID], curve)),
+                "ce_only_valid_ppl_by_lambda": dict(zip([str(x) for x in LAMBDA_GRID], ce_curve)),
+            }
+        )
+    return {
+        "results": results,
+        "teacher": {"model": t_ref, "ppl": perplexity(t_gold["domain-test"]), **t_knn},
+        "memdec_alone_ppl": perplexity(mem["domain-test"]),
+        "ce_only_alone_ppl": perplexity(ce["domain-test"]),
+        "general_memdec_alone_ppl": perplexity(mem["general-test"]),
+        "test_positions": int(len(mem["domain-test"])),
+        "lambda_grid": list(LAMBDA_GRID),
+    }

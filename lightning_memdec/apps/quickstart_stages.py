@@ -1,0 +1,279 @@
+"""The quickstart's stages, each reused when rerun: budgets, training through `memdec fit`, datastores, indexes,
+kNN-LM rows and the checks made before any work."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lightning_memdec.apps.quickstart_report import LAMBDA_GRID
+from lightning_memdec.io.artifact_dirs import META, write_json_atomic
+from lightning_memdec.io.embedded import EMBEDDED_PREFIX
+from lightning_memdec.io.packaged_configs import load_config
+from lightning_memdec.io.readers import Datastore
+from lightning_memdec.io.token_corpus import Corpus, tokenize
+from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
+from lightning_memdec.stages.datastore import build_datastore
+from lightning_memdec.training.fit import fit
+
+log = logging.getLogger(__name__)
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+FLAT_BELOW = 20_000  # datastores smaller than this are searched exactly
+
+
+@dataclass
+class Budget:
+    """Token and step budgets of the default quickstart, sized from measured CPU cost.
+
+    Measured (float32, the shipped bases; CPU seconds of all threads): the teacher (base-large) trains at ~200
+    tokens per CPU-second and the small decoders at ~500-550, their 50,257-row LM head dominating; forward-only
+    datastore keys are several times cheaper. A default run costs ~1,750-1,850 CPU-seconds (biomed, law): at
+    least 15 minutes on 2 dedicated cores (CPU time / 2), so these defaults are at, or a little over, that target.
+    The domain budget is one epoch of each decoder (MemDec and CE-only); the
+    teacher is fine-tuned on 82k of those tokens (40 steps of 8 x 256) at half the bases' peak
+    pretraining learning rate, which already lowers its domain perplexity by ~50-60 %.
+    """
+
+    general_tokens: int = 520_000
+    domain_tokens: int = 200_000
+    eval_tokens: int = 12_000
+    window: int = 256
+    batch_size: int = 8
+    small_base_steps: int = 500
+    large_base_steps: int = 500
+    teacher_steps: int = 40
+    memdec_steps: int | None = None  # None: one epoch over the domain train tokens
+    k: int = 256
+    teacher_lr: float = 1e-3
+    decoder_lr: float = 1e-3
+
+
+class StageClock:
+    """Wall-clock seconds per quickstart stage, reported so users see where their budget goes.
+
+    ``cpu_seconds`` (this process's CPU time, all threads) is kept too: on a shared machine the wall clock
+    depends on what else runs, the CPU time much less.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 1)
+        self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu, 1)
+        log.warning("quickstart stage %s: %.1f s (CPU %.1f s)", name, self.seconds[name], self.cpu_seconds[name])
+
+
+def check_same_settings(out: Path, settings: dict) -> None:
+    """Finished stages are reused by name, so a rerun must have the settings that produced them."""
+    from lightning_memdec.io.artifact_dirs import ArtifactError
+
+    path = out / "quickstart_settings.json"
+    settings = json.loads(json.dumps(settings))
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise ArtifactError(
+                f"{out} holds a quickstart run with other settings ({', '.join(changed)} differ); "
+                f"use another --out, or delete {out} to start afresh."
+            )
+    else:
+        write_json_atomic(path, settings)
+
+
+def done(path: Path) -> bool:
+    return (path / META).is_file()
+
+
+def split_path(domain: str | None, split: str) -> str:
+    if domain is None:
+        return f"{EMBEDDED_PREFIX}biomed/{split}"
+    path = Path(domain) / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--domain {domain} must hold train.txt, valid.txt and test.txt; {path} is missing.")
+    return str(path)
+
+
+def corpus_dir(out: Path, text: str, tokenizer: str, max_tokens: int) -> Path:
+    return out if done(out) else tokenize([text], out, tokenizer, max_tokens=max_tokens)
+
+
+def train_model(
+    name: str,
+    out: Path,
+    train: Path,
+    valid: Path,
+    budget: Budget,
+    steps: int,
+    start: dict | str,
+    beta: float,
+    train_targets: Path | None = None,
+    val_targets: Path | None = None,
+    lr: float = 2e-3,
+) -> Path:
+    """Train one model with :func:`training.fit.fit` (what `memdec fit` runs) into ``out/models/<name>``.
+
+    ``start`` is a model to continue (name or directory) or a GPT-2 config dict to train from scratch.
+    """
+    export = out / "models" / name
+    if done(export):
+        return export
+    if isinstance(start, str):
+        model = {"model": start}
+    else:  # from scratch: the vocabulary is the corpus tokenizer's (gpt2: 50257, gpt-neox-20b: 50277)
+        vocab = Corpus(train).tokenizer["vocab_size"]
+        model = {"config": {**start, "n_positions": budget.window, "vocab_size": vocab}}
+    data = {
+        "train_corpus": str(train),
+        "val_corpus": str(valid),
+        "window": budget.window,
+        "batch_size": budget.batch_size,
+    }
+    if train_targets is not None:
+        data.update(train_targets=str(train_targets), val_targets=str(val_targets))
+    run = out / "runs" / name
+    config = load_config(
+        "trainer/cpu.yaml",
+        {
+            "model": {**model, "beta": beta, "learning_rate": lr, "warmup_steps": 0.05},
+            "data": data,
+            "trainer": {
+                "max_steps": steps,
+                "val_check_interval": max(1, steps // 2),
+                "limit_val_batches": 4,
+                "check_val_every_n_epoch": None,
+                "default_root_dir": str(run),
+                "enable_model_summary": False,
+                # tqdm rather than rich bars: rich's console proxy recurses when driven from a Jupyter kernel
+                "callbacks": [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}],
+            },
+            "checkpoint": {"dirpath": str(run / "checkpoints")},
+            "export": {"dirpath": str(export)},
+        },
+    )
+    log.info("training %s for %d steps", name, steps)
+    return fit(config)
+
+
+def knn_gold_probs(store: Path, index: Path, queries: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour distances [n, k] and whether each neighbour's value is the gold token, for every query position."""
+    ds, qs = Datastore(store), Datastore(queries)
+    dist, ids = KeyIndex(index).search(np.asarray(qs.keys, dtype=np.float32), k)
+    match = (np.asarray(ds.values)[np.maximum(ids, 0)] == np.asarray(qs.values)[:, None]) & (ids >= 0)
+    return dist, match
+
+
+def choose_temperature(dist: np.ndarray, match: np.ndarray, base_valid: np.ndarray, grid=TEMPERATURES) -> dict:
+    """The kNN temperature (and λ) with the lowest kNN-LM perplexity on the valid split."""
+    from lightning_memdec.kernels.scoring import knn_gold_log_probs, mixed_perplexity, sweep_lambda
+
+    scores = {}
+    for t in grid:
+        knn = knn_gold_log_probs(dist, match, t)
+        lmbda, _ = sweep_lambda(base_valid, knn, LAMBDA_GRID)
+        scores[t] = (mixed_perplexity(base_valid, knn, lmbda), lmbda)
+    best = min(scores, key=lambda t: scores[t][0])
+    return {
+        "temperature": best,
+        "lambda": scores[best][1],
+        "valid_ppl_by_temperature": {str(t): v[0] for t, v in scores.items()},
+    }
+
+
+def gold_log_probs(model_dir: Path | str, corpus: Path, budget: Budget, cache: Path) -> np.ndarray:
+    """Sliding-window gold-token log-probs of one LM over a corpus at the budget's window, cached as .npy."""
+    from lightning_memdec.inference.sliding_window import corpus_gold_log_probs
+
+    return corpus_gold_log_probs(model_dir, corpus, budget.window, cache=cache)
+
+
+def datastore(model: Path | str, corpus: Path, out: Path, budget: Budget, stride: int | None = None) -> Path:
+    """Keys of ``model`` over ``corpus``; stride window/2 (as scoring) unless given (train stores: the window)."""
+    if done(out):
+        return out
+    return build_datastore(
+        corpus,
+        str(model),
+        out,
+        window=budget.window,
+        stride=stride or budget.window // 2,
+        batch_windows=16,
+        accelerator="cpu",
+        overwrite=True,
+    )
+
+
+def build_or_reuse_index(store: Path, out: Path) -> Path:
+    """Exact search for small stores; else IVF (~√N lists, 16 probed) over uncompressed keys: cheap to train on CPU."""
+    if done(out):
+        return out
+    n = len(Datastore(store))
+    if n < FLAT_BELOW:
+        return build_index(store, out, factory="Flat", overwrite=True)
+    nlist = 2 ** round(math.log2(math.sqrt(n)))
+    return build_index(store, out, factory=f"IVF{nlist},Flat", train_size=64 * nlist, nprobe=16, overwrite=True)
+
+
+def knnlm_row(model, name: str, out: Path, corpora: dict, budget: Budget, gold: dict) -> dict:
+    """kNN-LM of ``model`` over its own datastore of the domain train split: T and λ chosen on valid, test ppl."""
+    from lightning_memdec.kernels.scoring import knn_gold_log_probs, mixed_perplexity
+
+    s = out / "stores"
+    store = datastore(model, corpora["domain-train"], s / f"{name}-train", budget, stride=budget.window)
+    idx = build_or_reuse_index(store, s / f"{name}-index")
+    valid = datastore(model, corpora["domain-valid"], s / f"{name}-valid", budget)
+    test = datastore(model, corpora["domain-test"], s / f"{name}-test", budget)
+    choice = choose_temperature(*knn_gold_probs(store, idx, valid, budget.k), gold["domain-valid"])
+    knn_test = knn_gold_log_probs(*knn_gold_probs(store, idx, test, budget.k), choice["temperature"])
+    return {
+        "knnlm_ppl": mixed_perplexity(gold["domain-test"], knn_test, choice["lambda"]),
+        "knnlm_lambda": choice["lambda"],
+        "knnlm_temperature": choice["temperature"],
+        "knnlm_valid_ppl_by_temperature": choice["valid_ppl_by_temperature"],
+    }
+
+
+def base_tokenizers(refs: list[str], tokenizer: str | None) -> str:
+    """The tokenizer all ``refs`` share (and ``tokenizer``, when given); refuses models whose tokenizers differ."""
+    from lightning_memdec.hf.loading import find_tokenizer
+    from lightning_memdec.io.embedded import ASSETS, load_tokenizer
+    from lightning_memdec.io.tokenizer_identity import tokenizer_fingerprint
+
+    found = {}
+    for ref in refs:
+        tok = find_tokenizer(ref)
+        if tok is None:
+            raise ValueError(f"--base {ref} has no tokenizer next to it; save its tokenizer with the model.")
+        found[ref] = tok
+    if tokenizer is not None:
+        found[f"--tokenizer {tokenizer}"] = load_tokenizer(tokenizer)
+    prints = {ref: tokenizer_fingerprint(tok) for ref, tok in found.items()}
+    if len(set(prints.values())) > 1:
+        listed = "; ".join(f"{ref}: {found[ref].name_or_path} (vocab {len(found[ref])})" for ref in found)
+        raise ValueError(
+            f"the quickstart's models must share one tokenizer (a Memory Decoder plugs into bases of the same "
+            f"vocabulary), but they differ: {listed}. Pass bases of one family, or --pretrain_bases true with "
+            f"--tokenizer for a tokenizer of your choice."
+        )
+    if tokenizer is not None:
+        return tokenizer
+    path = Path(found[refs[0]].name_or_path)
+    return path.name if path.parent == ASSETS / "tokenizers" else str(path)
+
+
+def parameters(ref: str) -> int:
+    from lightning_memdec.hf.loading import load_causal_lm
+
+    return sum(p.numel() for p in load_causal_lm(ref).parameters())

@@ -1,0 +1,1 @@
+"""Perplexity, latency and downstream evaluation, and their reports."""

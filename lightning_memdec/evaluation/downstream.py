@@ -1,0 +1,350 @@
+"""``memdec downstream``: zero-shot classification with kNN-Prompt's domain-conditional PMI (Shi et al., 2022).
+
+Each base LM is scored alone, + Memory Decoder and, with a datastore of that base, + kNN-LM (the paper's Table 2).
+For a prompt ``x = template.format(**input)`` and the task's domain premise ``d``, the model's next-token
+distribution after each is the mixture ``P_λ(v | s) = λ·p_other(v | s) + (1 − λ)·p_base(v | s)``
+(:func:`lightning_memdec.kernels.scoring.mix_log_probs`), and, as kNN-Prompt's ``score.py`` does (README of the shared
+task folder, "Scoring: DCPMI as kNN-Prompt's score.py computes it"):
+
+    pmi(v)   = log(P_λ(v | x) + 1e-10) − log(P_λ(v | d) + 1e-10)
+    score(c) = Σ_{v ∈ V_c} pmi(v)        (a sum of log-ratios over the class's single-token verbalizers)
+    pred     = argmax_c score(c)
+
+Only the verbalizer tokens' log-probabilities are kept per prompt (``[N, K]``), so every λ of a sweep is array
+arithmetic, and the decoder's arrays are shared by every base (they share its tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report
+from lightning_memdec.evaluation.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
+from lightning_memdec.hf.loading import (
+    context_length,
+    find_tokenizer,
+    forward_params,
+    load_causal_lm,
+    position_ids_from_mask,
+    torch_device,
+)
+from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+from lightning_memdec.inference.knnlm import KNNLM
+from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.tokenizer_identity import tokenizer_info
+from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, check_lambda_grid, check_lmbda, mix_log_probs
+
+__all__ = ["downstream", "next_token_log_probs", "dcpmi_scores", "choose_lambda", "PromptScorer"]
+
+PMI_EPS = 1e-10  # score.py's log(p + 1e-10)
+
+
+# -- the maths ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def next_token_log_probs(model, vocab: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(next token | row) ``[B, vocab]`` float32 after the last position of left-padded rows.
+
+    Positions count real tokens only (GPT-2 would shift a left-padded row otherwise); the head is sliced to
+    ``vocab`` before normalising, as :class:`~lightning_memdec.inference.interpolated_lm.InterpolatedLM` does.
+    """
+    inputs = {
+        "input_ids": input_ids.to(model.device),
+        "attention_mask": attention_mask.to(model.device),
+        "position_ids": position_ids_from_mask(attention_mask, input_ids.shape[1]).to(model.device),
+        "use_cache": False,
+    }
+    if "logits_to_keep" in forward_params(model):
+        inputs["logits_to_keep"] = 1
+    logits = model(**inputs, return_dict=True).logits[:, -1, :vocab]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def dcpmi_scores(
+    base_x: np.ndarray, base_d: np.ndarray, class_columns: list[list[int]], other_x=None, other_d=None, lmbda=0.0
+) -> np.ndarray:
+    """Class scores ``[N, C]``: Σ over each class's verbalizers of log(P_λ(v|x) + 1e-10) − log(P_λ(v|d) + 1e-10).
+
+    ``base_x`` ``[N, K]`` and ``base_d`` ``[K]`` are log-probs of the K verbalizer tokens after the prompts and
+    after the domain premise; ``other_*`` the same for the decoder / p_kNN, mixed at ``lmbda`` (none: base alone).
+    ``class_columns[c]`` are the columns of class c's verbalizers.
+    """
+    x, d = torch.as_tensor(base_x, dtype=torch.float64), torch.as_tensor(base_d, dtype=torch.float64)
+    if other_x is not None:
+        x = mix_log_probs(x, torch.as_tensor(other_x, dtype=torch.float64), lmbda)
+        d = mix_log_probs(d, torch.as_tensor(other_d, dtype=torch.float64), lmbda)
+    eps = torch.tensor(math.log(PMI_EPS), dtype=torch.float64)
+    pmi = (torch.logaddexp(x, eps) - torch.logaddexp(d, eps)[None, :]).numpy()
+    return np.stack([pmi[:, cols].sum(axis=1) for cols in class_columns], axis=1)
+
+
+def choose_lambda(dev: dict, class_columns, labels: np.ndarray, grid) -> tuple[float, list[float]]:
+    """The λ of ``grid`` with the best dev accuracy (the first on ties) and the accuracy at every λ."""
+    accs = []
+    for lmbda in grid:
+        scores = dcpmi_scores(dev["base_x"], dev["base_d"], class_columns, dev["other_x"], dev["other_d"], lmbda)
+        accs.append(float((scores.argmax(axis=1) == labels).mean()))
+    return grid[int(np.argmax(accs))], accs
+
+
+# -- running models on prompts -----------------------------------------------------------------------------------------
+
+
+class PromptScorer:
+    """Tokenizes prompts (no special tokens, the last ``max_length`` tokens kept) and runs left-padded batches."""
+
+    def __init__(self, tokenizer, max_length: int, batch_size: int):
+        if max_length <= 0 or batch_size <= 0:
+            raise ValueError(f"max_length and batch_size must be positive, got {max_length}, {batch_size}.")
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = 0 if pad is None else int(pad)
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise ValueError(f"prompt {prompts[empty[0]]!r} has no tokens; a next-token score needs a context.")
+        return [row[-self.max_length :] for row in ids]
+
+    def run(self, prompts: list[str], sides, token_ids: list[int], desc: str) -> dict[str, np.ndarray]:
+        """``sides(input_ids, mask) -> {name: log-probs [B, V]}``; returns ``{name: [N, K]}`` at ``token_ids``."""
+        encoded = self.encode(prompts)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+        cols = torch.as_tensor(token_ids, dtype=torch.long)
+        out: dict[str, np.ndarray] = {}
+        for b0 in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
+            rows = order[b0 : b0 + self.batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, width - len(encoded[i]) :] = torch.as_tensor(encoded[i])
+                mask[r, width - len(encoded[i]) :] = 1
+            for name, lp in sides(ids, mask).items():
+                arr = out.setdefault(name, np.zeros((len(encoded), len(token_ids))))
+                arr[rows] = lp[:, cols.to(lp.device)].double().cpu().numpy()
+        return out
+
+
+def _lm_side(model, vocab: int, name: str):
+    return lambda ids, mask: {name: next_token_log_probs(model, vocab, ids, mask)}
+
+
+def _knn_side(knnlm: KNNLM):
+    """Base log-probs and p_kNN after the last position, from one base pass (retrieval at that position only)."""
+
+    def sides(ids, mask):
+        logits, keys = knnlm.base_forward(ids, mask)
+        return {"base": F.log_softmax(logits[:, -1], dim=-1), "knn": knnlm.knn_log_probs(keys[:, -1])}
+
+    return sides
+
+
+# -- the stage ---------------------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """What one ``downstream`` call scores with: tasks, verbalizer ids per base, λ settings, the shared decoder."""
+
+    def __init__(self, tasks, verbalizer_ids, lambdas, grid, decoder, max_length, batch_size):
+        self.tasks, self.verbalizer_ids, self.lambdas, self.grid = tasks, verbalizer_ids, lambdas, grid
+        self.decoder, self.max_length, self.batch_size = decoder, max_length, batch_size
+        self.decoded: dict[tuple, np.ndarray] = {}  # the decoder's arrays, shared by the bases of its tokenizer
+        self.results: list[dict[str, Any]] = []
+
+    def fixed_lambda(self, task: Task, kind: str) -> tuple[float | None, str]:
+        if kind == "memdec" and task.name in self.lambdas["task"]:
+            return check_lmbda(self.lambdas["task"][task.name]), "given for the task"
+        if kind == "memdec" and task.lmbda is not None:
+            return check_lmbda(task.lmbda), "task file"
+        given = self.lambdas["memdec" if kind == "memdec" else "knn"]
+        return (given, "given") if given is not None else (None, "")
+
+    def score_base(self, name: str, model, tok, knnlm: KNNLM | None) -> None:
+        """Every task with one base: alone, + MemDec, + kNN-LM."""
+        pair = InterpolatedLM(model, self.decoder, 0.0, base_tokenizer=tok) if self.decoder is not None else None
+        vocab = pair.config.vocab_size if pair is not None else len(tok)
+        limits = [self.max_length, context_length(model)] + ([context_length(self.decoder)] if pair else [])
+        scorer = PromptScorer(tok, min(x for x in limits if x), self.batch_size)
+        fingerprint = tokenizer_info(tok, "base")["fingerprint"]
+        base_side = _knn_side(knnlm) if knnlm is not None else _lm_side(model, vocab, "base")
+        for task in self.tasks:
+            ids = self.verbalizer_ids[name][task.name]
+            token_ids = sorted({t for cls in ids for t in cls})
+            column = {t: j for j, t in enumerate(token_ids)}
+            columns = [[column[t] for t in cls] for cls in ids]
+            kinds = [None] + (["memdec"] if pair else []) + (["knn"] if knnlm is not None else [])
+            tune = any(k and self.fixed_lambda(task, k)[0] is None for k in kinds) and "dev" in task.splits
+            arrays = {}
+            for split in ["test"] + (["dev"] if tune else []):
+                prompts = [task.prompt(r) for r in task.splits[split]] + [task.domain_premise]
+                arrays[split] = scorer.run(prompts, base_side, token_ids, f"{name} {task.name} {split}")
+                if pair is not None:
+                    key = (fingerprint, scorer.max_length, task.name, split)
+                    if key not in self.decoded:
+                        side = _lm_side(self.decoder, vocab, "memdec")
+                        got = scorer.run(prompts, side, token_ids, f"MemDec {task.name} {split}")
+                        self.decoded[key] = got["memdec"]
+                    arrays[split]["memdec"] = self.decoded[key]
+            for kind in kinds:
+                self.results.append(self._system(name, task, kind, arrays, columns))
+
+    def _system(self, base_name: str, task: Task, kind, arrays: dict, columns) -> dict[str, Any]:
+        """One (task, system): its λ (given, tuned on dev, or the fallback) and its test scores."""
+
+        def view(split):  # the last row of every array is the domain premise
+            a = arrays[split]
+            other = a[kind] if kind else None
+            x = {"base_x": a["base"][:-1], "base_d": a["base"][-1], "other_x": None, "other_d": None}
+            return x if other is None else {**x, "other_x": other[:-1], "other_d": other[-1]}
+
+        lmbda, source, curve = 0.0, "", None
+        if kind is not None:
+            lmbda, source = self.fixed_lambda(task, kind)
+            if lmbda is None and "dev" in arrays:
+                dev_labels = np.array([r["label"] for r in task.splits["dev"]])
+                lmbda, curve = choose_lambda(view("dev"), columns, dev_labels, self.grid)
+                source = "dev"
+            elif lmbda is None:
+                lmbda, source = self.lambdas["fallback"], "fallback (no dev split)"
+        scores = dcpmi_scores(**view("test"), class_columns=columns, lmbda=lmbda)
+        suffix = {None: "", "memdec": " + MemDec", "knn": " + kNN-LM"}[kind]
+        return {"task": task.name, "system": base_name + suffix, "base": base_name, "kind": kind or "base",
+                "lmbda": lmbda if kind else None, "lmbda_from": source or None, "dev_curve": curve,
+                "scores": scores, "labels": np.array([r["label"] for r in task.splits["test"]]),
+                "ids": [r["id"] for r in task.splits["test"]], "class_names": task.labels}  # fmt: skip
+
+
+def _tokenizer_for(ref: str, tokenizer: str | None):
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(ref)
+    if tok is None:
+        raise ValueError(f"{ref} has no tokenizer in its directory; pass --tokenizer NAME_OR_DIR.")
+    return tok
+
+
+def write_predictions(results: list[dict], path: Path) -> None:
+    """predictions.jsonl: one line per task × system × example (task, id, system, scores per class, pred, label)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in results:
+            for i, (ex_id, label) in enumerate(zip(r["ids"], r["labels"].tolist())):
+                row = r["scores"][i]
+                scores = {name: float(s) for name, s in zip(r["class_names"], row)}
+                line = {"task": r["task"], "id": ex_id, "system": r["system"], "scores": scores,
+                        "pred": int(row.argmax()), "label": int(label)}  # fmt: skip
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def downstream(
+    tasks: list[str],
+    bases: list[str],
+    out: Path,
+    memdec: str | None = None,
+    datastore: list[str] | None = None,
+    index: list[str] | None = None,
+    task_names: list[str] | None = None,
+    verbalizers: str = "fuzzy",
+    lmbda: float | None = None,
+    knn_lmbda: float | None = None,
+    task_lmbda: dict[str, float] | None = None,
+    fallback_lmbda: float = 0.3,
+    lambda_grid: list[float] | None = None,
+    n_sample: int | None = None,
+    k: int = 1024,
+    temperature: float = 16.0,
+    exact_distances: bool = False,
+    nprobe: int | None = None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    tokenizer: str | None = None,
+    device: str = "auto",
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Zero-shot classification (kNN-Prompt's DCPMI): each base alone, + MemDec, + kNN-LM; report + predictions.
+
+    Long by its signature and Args (one per ``memdec downstream`` flag); the scoring is in :class:`_Run`.
+    Class score = Σ over the class's single-token verbalizers of log(P(v|x)+1e-10) − log(P(v|domain)+1e-10), a sum
+    of log-ratios, not of probabilities, as kNN-Prompt's score.py; prediction = argmax. Tasks are validated, and
+    verbalizers filtered with each base's tokenizer, before any model is loaded.
+
+    Args:
+        tasks: task folders (tasks.json + <task>/test.jsonl [+ dev.jsonl]) and/or YAML task files.
+        bases: base LMs (names, directories or embedded:base-small); each is scored alone and mixed.
+        out: output directory for predictions.jsonl, report.json, report.md and accuracy.png.
+        memdec: the Memory Decoder (directory or name); omitted: no "+ MemDec" systems.
+        datastore: datastore directories for "+ kNN-LM" systems, one per base in the order of bases.
+        index: index directories over those datastores, in the same order.
+        task_names: score only these tasks (default: every task of every source).
+        verbalizers: fuzzy (kNN-Prompt's word lists, what it reports) or primary (one word per class).
+        lmbda: the decoder's λ for every task; omitted: a task's own (task_lmbda, its YAML `lmbda`), else chosen
+            on its dev split over lambda_grid, else fallback_lmbda.
+        knn_lmbda: kNN-LM's λ for every task; omitted: chosen on dev, else fallback_lmbda.
+        task_lmbda: the decoder's λ per task name, e.g. '{"sst2": 0.2}'.
+        fallback_lmbda: λ for a task without a dev split when none is given (kNN-Prompt's fixed 0.3).
+        lambda_grid: candidate λs for dev tuning (default 0.05 … 0.95); ties go to the first.
+        n_sample: score kNN-Prompt's seeded subsample of this many examples per split (default: all).
+        k: kNN-LM neighbours per query (paper: 1024).
+        temperature: kNN-LM softmax temperature over squared L2 distances.
+        exact_distances: recompute exact distances from the stored keys.
+        nprobe: IVF lists visited per query (default: the index's).
+        max_length: keep the last this many prompt tokens (kNN-Prompt: 1024; capped by the models' positions).
+        batch_size: prompts per forward pass (left padded).
+        tokenizer: tokenizer for bases whose directory has none.
+        device: cpu, cuda, cuda:1, … or auto.
+        bootstrap: resamples for the 95% bootstrap interval of each accuracy.
+        seed: seed of the bootstrap.
+    """
+    grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
+    lambdas = {
+        "memdec": None if lmbda is None else check_lmbda(lmbda),
+        "knn": None if knn_lmbda is None else check_lmbda(knn_lmbda),
+        "task": {name: check_lmbda(v) for name, v in (task_lmbda or {}).items()},
+        "fallback": check_lmbda(fallback_lmbda),
+    }
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    datastore, index = list(datastore or []), list(index or [])
+    if len(datastore) != len(index) or len(datastore) > len(bases):
+        raise ValueError("give one --index per --datastore, and at most one datastore per base (in the bases' order).")
+    task_list = load_tasks(tasks, task_names, verbalizers)
+    for task in task_list:
+        task.splits = {split: knn_prompt_sample(recs, n_sample) for split, recs in task.splits.items()}
+    tokenizers = {ref: _tokenizer_for(ref, tokenizer) for ref in bases}
+    verbalizer_ids = {
+        ref: {t.name: single_token_verbalizers(t, tok, f"{ref}'s tokenizer") for t in task_list}
+        for ref, tok in tokenizers.items()
+    }
+    dev = torch_device(device)
+    decoder = load_causal_lm(memdec).to(dev).eval() if memdec is not None else None
+    run = _Run(task_list, verbalizer_ids, lambdas, grid, decoder, max_length, batch_size)
+    knn_args = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
+    for i, ref in enumerate(bases):
+        model = load_causal_lm(ref).to(dev).eval()
+        knnlm = None
+        if i < len(datastore):
+            knnlm = KNNLM(model, datastore[i], index[i], lmbda=0.5, tokenizer=tokenizers[ref], **knn_args)
+        run.score_base(ref, model, tokenizers[ref], knnlm)
+        del model, knnlm
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(run.results, out / "predictions.jsonl")
+    report = {
+        "tasks": {t.name: {"files": t.files, "n_test": len(t.splits["test"]), "labels": t.labels} for t in task_list},
+        "bases": bases, "memdec": memdec, "datastores": datastore, "verbalizers": verbalizers,
+        "scoring": "DCPMI: sum over single-token verbalizers of log(P(v|x)+1e-10) - log(P(v|domain)+1e-10)",
+        "lambda_grid": grid, "n_sample": n_sample, "max_length": max_length,
+        **accuracy_summary(run.results, bootstrap, seed),
+    }  # fmt: skip
+    write_downstream_report(report, out)
+    return report

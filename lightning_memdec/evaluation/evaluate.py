@@ -1,0 +1,402 @@
+"""Evaluation: sliding-window perplexity of base LMs alone, + Memory Decoder, + kNN-LM; λ sweeps; latency.
+
+Every scorer is run once per split and kept as per-position log-probabilities of the gold next token
+(``log p(x_{i+1} | x_{≤i})`` for each position ``i``; see :mod:`kernels.scoring`). Mixtures at any λ are
+computed from those arrays, so a λ sweep costs no extra model call, and the decoder's array is shared by every base
+of the same tokenizer (cross-model evaluation). The report is written by :mod:`lightning_memdec.evaluation.report`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_memdec.evaluation.latency import model_latency
+from lightning_memdec.evaluation.report import write_report
+from lightning_memdec.hf.loading import context_length, find_tokenizer, load_causal_lm, tokenizer_name, torch_device
+from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
+from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
+from lightning_memdec.io.embedded import load_tokenizer, resolve_text
+from lightning_memdec.io.text_sources import read_documents
+from lightning_memdec.io.token_corpus import Corpus, encode_documents
+from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, describe_tokenizer, tokenizer_info
+from lightning_memdec.kernels.scoring import (
+    DEFAULT_LAMBDA_GRID,
+    check_lambda_grid,
+    check_lmbda,
+    mixed_perplexity,
+    perplexity,
+    sweep_lambda,
+)
+
+__all__ = ["evaluate", "text_tokens"]
+
+
+# -- text -> tokens ----------------------------------------------------------------------------------------------------
+
+
+def text_tokens(spec: str | Path, tokenizer, max_tokens: int | None = None, batch_documents: int = 256) -> np.ndarray:
+    """Token ids of a corpus directory, a text file or ``embedded:<domain>/<split>``, as ``memdec tokenize`` makes them.
+
+    Text is tokenized on the fly: documents (blank-line separated) each followed by EOS, capped at ``max_tokens``.
+    A corpus directory must have been tokenized with ``tokenizer``.
+    """
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2 (one scored position), got {max_tokens}.")
+    info = tokenizer_info(tokenizer, tokenizer_name(tokenizer))
+    path = Path(str(spec))
+    if path.is_dir():
+        corpus = Corpus(path)
+        check_same_tokenizer(corpus.tokenizer, f"corpus {path}", info, "the base LM")
+        tokens = np.asarray(corpus.tokens[:max_tokens], dtype=np.int64)
+    else:
+        docs = read_documents(resolve_text(spec))
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {describe_tokenizer(info)} has no EOS token to separate documents.")
+        pieces = encode_documents(docs, tokenizer, max_tokens, batch_documents)
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    if len(tokens) < 2:
+        raise ValueError(f"{spec} holds no text to score (fewer than 2 tokens); give a non-empty text or corpus.")
+    return tokens
+
+
+# -- scoring helpers ---------------------------------------------------------------------------------------------------
+
+
+def _check_context(model, window: int, what: str) -> None:
+    max_pos = context_length(model)
+    if max_pos is not None and window > max_pos:
+        raise ValueError(f"window {window} exceeds the {max_pos} positions of {what}; lower --window (and --stride).")
+
+
+# -- the stage ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    bases: list[str],
+    test: str,
+    out: Path,
+    memdec: str | None = None,
+    ce_only: str | None = None,
+    teacher: str | None = None,
+    valid: str | None = None,
+    datastore: list[str] | None = None,
+    index: list[str] | None = None,
+    knn_corpus: str | None = None,
+    k: int = 1024,
+    temperature: float = 16.0,
+    exact_distances: bool = False,
+    nprobe: int | None = None,
+    lmbda: float | None = None,
+    knn_lmbda: float | None = None,
+    lambda_grid: list[float] | None = None,
+    window: int = 1024,
+    stride: int = 512,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    tokenizer: str | None = None,
+    device: str = "auto",
+    latency: bool = False,
+    latency_repeats: int = 5,
+) -> dict[str, Any]:
+    """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
+
+    Long by its signature and Args (one per ``memdec evaluate`` flag); the work is in the helpers it calls.
+
+    Args:
+        bases: base LMs (names or directories); several = cross-model evaluation of one decoder.
+        test: test text: a corpus directory, a text file, or embedded:<domain>/<split>.
+        out: output directory for report.md, report.json and lambda_curve.png.
+        memdec: the Memory Decoder (directory or name); omitted: no MemDec columns.
+        ce_only: a decoder trained with the next-token loss alone from the same start and budget (the paper's
+            ablation), reported beside MemDec with λ chosen the same way.
+        teacher: the LM whose datastore the decoder imitated (e.g. the domain-fine-tuned large base): reported
+            alone and + kNN-LM over its own datastore, the ceiling MemDec approximates without retrieval.
+        valid: validation text (same forms as test), for choosing λ by a sweep when it is not given.
+        datastore: datastore directories for kNN-LM rows (with index, in the same order); each is used with the
+            base (or teacher) that built it.
+        index: index directories over those datastores.
+        knn_corpus: a tokenized domain corpus (``memdec tokenize``): every base and the teacher without a given
+            datastore gets one built from it under ``out/stores`` (keys from that model), so each has a kNN-LM row.
+        k: kNN-LM neighbours per query (paper: 1024).
+        temperature: kNN-LM softmax temperature over squared L2 distances (paper: 16).
+        exact_distances: recompute exact distances from the stored keys (IVF-PQ distances are approximate).
+        nprobe: IVF lists visited per query (default: the index's).
+        lmbda: the decoders' weight λ; omitted: chosen per base on valid by a sweep over lambda_grid.
+        knn_lmbda: kNN-LM's λ; omitted: chosen on valid, or lmbda when there is no valid split.
+        lambda_grid: candidate λs for the sweep (default: 0 … 1; a choice at either end is flagged in the report).
+        window: tokens of context per window (paper: 1024).
+        stride: new positions scored per window (paper: 512); each has >= window - stride + 1 tokens of context.
+        batch_size: windows per forward pass.
+        max_tokens: score only the first this many tokens of each split.
+        tokenizer: tokenizer for bases whose directory has none.
+        device: cpu, cuda, cuda:1, … or auto (cuda when available).
+        latency: also time one forward pass of base / +MemDec / +kNN-LM on the first test batch (first base).
+        latency_repeats: timed repeats (median reported).
+    """
+    models = _models_to_score(bases, teacher)
+    lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda)
+    grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
+    if window <= 0 or stride <= 0 or stride > window:
+        raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
+    dev = torch_device(device)
+    stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
+    if knn_corpus is not None:
+        stores = _build_missing_stores(stores, models, knn_corpus, Path(out) / "stores", window, stride)
+    decoders = {key: _load_decoder(ref, dev, window) for key, ref in (("memdec", memdec), ("ce_only", ce_only)) if ref}
+    splits = {"test": test, **({"valid": valid} if valid is not None else {})}
+    knn = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
+    scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev)
+    rows, curves, latency_report = [], {}, None
+    for base_ref, name, role in models:
+        base, tok = scorer.load(base_ref)
+        knnlm = None
+        if base_ref in stores:
+            store_dir, index_dir = stores[base_ref]
+            knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
+                          **knn)  # fmt: skip
+        lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
+        rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid))
+        curves[name] = _curve(lp, grid)
+        if latency and latency_report is None:
+            mixed = (
+                InterpolatedLM(base, decoders["memdec"][0], 0.5, base_tokenizer=tok) if "memdec" in decoders else None
+            )
+            latency_report = _first_batch_latency(name, base, scorer.tokens(tok, "test"), window, batch_size,
+                                                  len(tok), mixed, knnlm, rows[-1], latency_repeats, dev)  # fmt: skip
+        del base, knnlm
+    report = {
+        "bases": list(bases), "teacher": teacher, "memdec": memdec, "ce_only": ce_only, "test": test, "valid": valid,
+        "datastores": {_short_name(m): str(s) for m, (s, _) in stores.items()},
+        "k": k if stores else None, "temperature": temperature if stores else None,
+        "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
+        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
+    }  # fmt: skip
+    write_report(report, Path(out))
+    return report
+
+
+class _Scorer:
+    """Tokenizes each split once per tokenizer and scores models on it; a decoder's arrays are shared by the bases."""
+
+    def __init__(self, splits, window, stride, batch_size, max_tokens, tokenizer, device):
+        self.splits, self.window, self.stride, self.batch_size = splits, window, stride, batch_size
+        self.max_tokens, self.tokenizer, self.device = max_tokens, tokenizer, device
+        self.positions: dict[str, int] = {}
+        self._tokens: dict[tuple[str, str], np.ndarray] = {}
+        self._decoded: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def load(self, ref: str):
+        model = load_causal_lm(ref).to(self.device).eval()
+        _check_context(model, self.window, f"{ref}")
+        tok = load_tokenizer(self.tokenizer) if self.tokenizer is not None else find_tokenizer(ref, model)
+        if tok is None:
+            raise ValueError(f"{ref} has no tokenizer in its directory; pass --tokenizer NAME_OR_DIR.")
+        return model, tok
+
+    def tokens(self, tok, split: str) -> np.ndarray:
+        key = (tokenizer_info(tok, tokenizer_name(tok))["fingerprint"], split)
+        if key not in self._tokens:
+            self._tokens[key] = text_tokens(self.splits[split], tok, self.max_tokens)
+            self.positions.setdefault(split, int(len(self._tokens[key]) - 1))
+        return self._tokens[key]
+
+    def score(self, name, model, tok, knnlm, decoders) -> dict[str, dict[str, np.ndarray]]:
+        """Per split: log p(gold) of the model ("base"), its kNN-LM ("knn") and each decoder, [positions] each."""
+        for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
+            InterpolatedLM(model, decoder, 0.5, base_tokenizer=tok, memdec_tokenizer=decoder_tok or tok)
+        fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
+        lp: dict[str, dict[str, np.ndarray]] = {}
+        for split, spec in self.splits.items():
+            tokens = self.tokens(tok, split)
+            if knnlm is not None:
+                _warn_if_datastore_text(tokens, knnlm.store.meta, split, spec)
+            score = knnlm_scorer(knnlm) if knnlm is not None else lm_scorer(model, len(tok), "base")
+            lp[split] = self._sliding(tokens, score, f"{name} {split}")
+            for key, (decoder, _) in decoders.items():
+                if (fingerprint, split, key) not in self._decoded:
+                    scored = self._sliding(tokens, lm_scorer(decoder, len(tok), key), f"{key} {split}")
+                    self._decoded[fingerprint, split, key] = scored[key]
+                lp[split][key] = self._decoded[fingerprint, split, key]
+        return lp
+
+    def _sliding(self, tokens, score, desc):
+        return sliding_gold_log_probs(tokens, self.window, self.stride, self.batch_size, score, desc=desc)
+
+
+def _models_to_score(bases: list[str], teacher: str | None) -> list[tuple[str, str, str]]:
+    """(reference, report name, role) of every model scored: the bases, then the teacher."""
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    names = _base_names(bases)
+    models = [(ref, name, "base") for ref, name in zip(bases, names)]
+    if teacher is not None:
+        if _short_name(teacher) in names:
+            raise ValueError(f"the teacher {teacher} has the name of a base; give it a distinct directory name.")
+        models.append((teacher, _short_name(teacher), "teacher"))
+    return models
+
+
+def _load_decoder(ref: str, device, window: int):
+    decoder = load_causal_lm(ref).to(device).eval()
+    _check_context(decoder, window, f"the decoder {ref}")
+    return decoder, find_tokenizer(ref, decoder)
+
+
+def _base_names(bases: list[str]) -> list[str]:
+    """Report names of the bases (last path components), which must tell them apart."""
+    if not bases:
+        raise ValueError("no base LM given; pass --bases NAME_OR_DIR (several for cross-model evaluation).")
+    names = [_short_name(b) for b in bases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bases must have distinct names (last path components), got {names}.")
+    return names
+
+
+def _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda):
+    """The decoders' and kNN-LM's λ (None: swept on valid); refuses settings that leave a λ unknowable."""
+    if (datastore is None) != (index is None) or len(_as_list(datastore)) != len(_as_list(index)):
+        raise ValueError("kNN-LM needs one --index per --datastore (in the same order), or neither.")
+    lmbda = None if lmbda is None else check_lmbda(lmbda)
+    knn_lmbda = None if knn_lmbda is None else check_lmbda(knn_lmbda)
+    if knn_lmbda is None and valid is None:
+        knn_lmbda = lmbda
+    decoders = memdec is not None or ce_only is not None
+    knn = datastore is not None or knn_corpus is not None
+    if valid is None and ((decoders and lmbda is None) or (knn and knn_lmbda is None)):
+        raise ValueError(
+            "λ is neither given nor choosable: pass --lmbda (and --knn_lmbda), or --valid to sweep λ on it."
+        )
+    return lmbda, knn_lmbda
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, (str, Path)) else list(value)
+
+
+def _datastores_by_model(datastore, index, refs: list[str]) -> dict[str, tuple[str, str]]:
+    """Each given datastore (with its index) keyed by the model that built it, which must be among ``refs``."""
+    stores: dict[str, tuple[str, str]] = {}
+    for store, idx in zip(_as_list(datastore), _as_list(index)):
+        ref = _datastore_base(str(store), refs)
+        if ref in stores:
+            raise ValueError(f"two datastores ({stores[ref][0]}, {store}) were built with {ref}; give one per model.")
+        stores[ref] = (str(store), str(idx))
+    return stores
+
+
+def _build_missing_stores(stores, models, corpus: str, root: Path, window: int, stride: int):
+    """A datastore + auto index from ``corpus`` for every model without one (reused when already built)."""
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.stages.datastore import build_datastore
+
+    stores = dict(stores)
+    for ref, name, _ in models:
+        if ref in stores:
+            continue
+        store_dir, index_dir = root / f"{name}-datastore", root / f"{name}-index"
+        if not (store_dir / "meta.json").is_file():
+            build_datastore(Path(corpus), ref, store_dir, window=window, stride=stride, accelerator="auto")
+        if not (index_dir / "meta.json").is_file():
+            build_index(store_dir, index_dir, factory="auto")
+        stores[ref] = (str(store_dir), str(index_dir))
+    return stores
+
+
+def _first_batch_latency(name, base, tokens, window, batch_size, vocab, mixed, knnlm, row, repeats, device):
+    """Forward-pass latency of base / + MemDec / + kNN-LM on the first test batch, each mixture at its chosen λ."""
+    w = min(window, len(tokens) - 1)
+    n_rows = max(1, min(batch_size, (len(tokens) - 1) // w))
+    ids = torch.as_tensor(tokens[: n_rows * w].reshape(n_rows, w))
+    if mixed is not None:
+        mixed.lmbda = row["memdec_lambda"]
+    if knnlm is not None:
+        knnlm.lmbda = row["knnlm_lambda"]
+    return {
+        "base": name,
+        "input_shape": list(ids.shape),
+        "device": str(device),
+        **model_latency(base, ids, vocab, mixed, knnlm, repeats=repeats),
+    }
+
+
+def _warn_if_datastore_text(tokens: np.ndarray, meta: dict, split: str, spec: str) -> None:
+    """Scoring the datastore's own text lets every position retrieve itself: p_kNN(gold) ≈ 1, a meaningless λ."""
+    path = Path(str(meta.get("corpus", "")))
+    if not (path / "meta.json").is_file():
+        return
+    stored = Corpus(path).tokens
+    n = min(len(tokens), len(stored))
+    if n >= 2 and np.array_equal(np.asarray(stored[:n], dtype=np.int64), tokens[:n]):
+        warnings.warn(
+            f"the {split} text {spec} is (the start of) the corpus the datastore was built from ({path}): every "
+            "position retrieves its own entry, so kNN-LM perplexity and any λ chosen on it are meaningless; "
+            "evaluate on held-out text.",
+            stacklevel=3,
+        )
+
+
+def _short_name(ref: str) -> str:
+    return Path(str(ref).rstrip("/")).name or str(ref)
+
+
+def _datastore_base(datastore: str, bases: list[str]) -> str:
+    """The base that built the datastore (kNN-LM queries must come from it)."""
+    from lightning_memdec.io.artifact_dirs import read_meta
+
+    built_with = str(read_meta(datastore, kind="datastore")["model"])
+
+    def same(ref: str) -> bool:
+        if Path(ref).exists() and Path(built_with).exists():
+            return Path(ref).resolve() == Path(built_with).resolve()
+        return ref == built_with or _short_name(ref) == _short_name(built_with)
+
+    matches = [b for b in bases if same(b)]
+    if not matches:
+        raise ValueError(
+            f"datastore {datastore} was built with {built_with}, which is none of the bases {bases}; kNN-LM needs the "
+            "base that built its datastore, so add it to --bases (or build a datastore with one of them)."
+        )
+    return matches[0]
+
+
+MIXTURES = (("memdec", "memdec"), ("ce_only", "ce_only"), ("knnlm", "knn"))  # (report key, log-prob array)
+
+
+def _row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) -> dict[str, Any]:
+    """One report row: the model alone and each mixture, λ chosen on valid (or given), flagged at a grid edge."""
+    test = lp["test"]
+    row: dict[str, Any] = {"base": name, "role": role, "base_path": str(base_ref), "base_ppl": perplexity(test["base"])}
+    for key, other in MIXTURES:
+        given = knn_lmbda if key == "knnlm" else lmbda
+        if other not in test:
+            row.update({f"{key}_ppl": None, f"{key}_lambda": None, f"{key}_lambda_from": None})
+            continue
+        if given is None:
+            chosen, _ = sweep_lambda(lp["valid"]["base"], lp["valid"][other], grid)
+            row[f"{key}_lambda_from"] = "valid"
+            row[f"{key}_valid_ppl"] = mixed_perplexity(lp["valid"]["base"], lp["valid"][other], chosen)
+            row[f"{key}_lambda_at_edge"] = chosen in (min(grid), max(grid))
+        else:
+            chosen = given
+            row[f"{key}_lambda_from"] = "given"
+        row[f"{key}_lambda"] = chosen
+        row[f"{key}_ppl"] = mixed_perplexity(test["base"], test[other], chosen)
+    for key, other in MIXTURES:
+        row[f"{'knn' if key == 'knnlm' else key}_alone_ppl"] = perplexity(test[other]) if other in test else None
+    return row
+
+
+def _curve(lp, grid) -> dict[str, Any]:
+    """Mixed perplexity against λ (with the endpoints) on valid when there is one, else on test."""
+    split = "valid" if "valid" in lp else "test"
+    lambdas = sorted({0.0, 1.0, *grid})
+    curve: dict[str, Any] = {"split": split, "lambda": lambdas}
+    for key, other in MIXTURES:
+        if other in lp[split]:
+            curve[key] = [mixed_perplexity(lp[split]["base"], lp[split][other], x) for x in lambdas]
+    return curve

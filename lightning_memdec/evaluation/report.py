@@ -1,0 +1,121 @@
+"""The ``memdec evaluate`` report: report.md (a perplexity table, latency), strict-JSON report.json, λ curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lightning_memdec.io.artifact_dirs import write_json_atomic
+
+__all__ = ["write_report", "perplexity_table", "plot_curves", "finite_or_none"]
+LABELS = {"memdec": "MemDec", "ce_only": "CE-only decoder", "knnlm": "kNN-LM"}
+
+
+def finite_or_none(obj):
+    """report.json stays strict JSON: an infinite perplexity (p_kNN(gold) = 0 somewhere) is written as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return f"{x:.{digits}f}"
+
+
+def _lambda(row: dict, key: str) -> str:
+    if row.get(f"{key}_lambda") is None:
+        return "—"
+    edge = " ⚠ edge" if row.get(f"{key}_lambda_at_edge") else ""
+    return f"{row[f'{key}_lambda']:g} ({row[f'{key}_lambda_from']}){edge}"
+
+
+def perplexity_table(report: dict[str, Any]) -> list[str]:
+    """The fair rows: each base alone / + kNN-LM (own datastore) / + MemDec / + CE-only, then the teacher's."""
+    rows = report["rows"]
+    ce = any(r.get("ce_only_ppl") is not None for r in rows)
+    head = "| model | alone | + kNN-LM | + MemDec |" + (" + CE-only |" if ce else "") + " λ MemDec |"
+    head += (" λ CE-only |" if ce else "") + " λ kNN-LM |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        name = r["base"] if r.get("role", "base") == "base" else f"{r['base']} (teacher)"
+        cells = [name, _fmt(r["base_ppl"]), _fmt(r["knnlm_ppl"]), _fmt(r["memdec_ppl"])]
+        cells += [_fmt(r.get("ce_only_ppl"))] if ce else []
+        cells += [_lambda(r, "memdec")] + ([_lambda(r, "ce_only")] if ce else []) + [_lambda(r, "knnlm")]
+        lines.append("| " + " | ".join(cells) + " |")
+    alone = next((r for r in rows if r.get("memdec_alone_ppl") is not None), None)
+    if alone is not None:
+        text = f"MemDec alone: {_fmt(alone['memdec_alone_ppl'])}"
+        if alone.get("ce_only_alone_ppl") is not None:
+            text += f"; CE-only decoder alone: {_fmt(alone['ce_only_alone_ppl'])}"
+        lines += ["", text + "."]
+    if any(r.get(f"{key}_lambda_at_edge") for r in rows for key in ("memdec", "ce_only", "knnlm")):
+        lines += ["", "⚠ edge: the λ chosen on valid is an end of the grid; the best mixture may lie outside it."]
+    return lines
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """report.md, report.json and lambda_curve.png under ``out``, each written to a temporary name, then moved."""
+    out.mkdir(parents=True, exist_ok=True)
+    stores = ", ".join(f"{m}: `{s}`" for m, s in report.get("datastores", {}).items()) or "none"
+    lines = [
+        "# Memory Decoder evaluation",
+        "",
+        f"- test: `{report['test']}` ({report['positions'].get('test')} positions), valid: `{report['valid']}`",
+        f"- memdec: `{report['memdec']}`; CE-only decoder: `{report.get('ce_only')}`; "
+        f"teacher: `{report.get('teacher')}`",
+        f"- kNN-LM datastores (k={report['k']}, T={report['temperature']}): {stores}",
+        f"- sliding windows: {report['window']} tokens, stride {report['stride']}; perplexity = exp(−mean log p(gold))",
+        "",
+        *perplexity_table(report),
+    ]
+    lat = report.get("latency")
+    if lat:
+        lines += [
+            "",
+            f"## Latency (median of {lat['repeats']}, batch {lat['input_shape']}, {lat['device']})",
+            "",
+            "| model | seconds | × base |",
+            "|---|---|---|",
+        ]
+        for key, seconds in lat["seconds"].items():
+            lines.append(f"| {key} | {seconds:.4f} | {lat['overhead'][key]:.3f} |")
+    lines += ["", "![perplexity against λ](lambda_curve.png)", ""]
+    tmp = out / "report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out / "report.md")
+    write_json_atomic(out / "report.json", finite_or_none(report))
+    plot_curves(report["curves"], out / "lambda_curve.png")
+
+
+def plot_curves(curves: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)  # headless: no pyplot, no global backend switch
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        for key, style in (("memdec", "-o"), ("ce_only", ":^"), ("knnlm", "--s")):
+            if key in curve:
+                label = f"{name} + {LABELS[key]}"
+                ax.plot(curve["lambda"], curve[key], style, markersize=3, label=label)
+    splits = sorted({c["split"] for c in curves.values()})
+    ax.set_xlabel("λ (weight of MemDec / kNN)")
+    ax.set_ylabel(f"perplexity ({', '.join(splits)})")
+    ax.set_yscale("log")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)

@@ -1,0 +1,148 @@
+"""Causal LMs and their tokenizers: load a model, find the tokenizer saved with it, count its output ids.
+
+Every stage that takes a model by name or directory goes through here, so they agree on what a model's
+tokenizer is (none, rather than the empty one transformers 5 builds from a directory without tokenizer files)
+and on its vocabulary width (the LM head's rows, which may exceed the tokenizer's ids when padded).
+Transformers is imported inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from lightning_memdec.io.embedded import SHIPPED_TOKENIZERS, load_tokenizer, resolve_model
+
+__all__ = [
+    "load_causal_lm",
+    "causal_lm",
+    "find_tokenizer",
+    "tokenizer_name",
+    "output_rows",
+    "forward_params",
+    "cache_arg_name",
+    "position_ids_from_mask",
+    "resolve_model",
+]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def load_causal_lm(name_or_path: str | Path, **from_pretrained_kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` (``embedded:base-small`` etc. for the shipped bases), with an error
+    naming what was asked for when it is no model."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **from_pretrained_kwargs)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load causal LM {str(name_or_path)!r}: not a model directory or hub name ({err})."
+        ) from err
+
+
+def causal_lm(ref, what: str, **from_pretrained_kwargs):
+    """A model passed in is used as is; a name/path is loaded (so callers take either form)."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    if isinstance(ref, (str, Path)):
+        return AutoModelForCausalLM.from_pretrained(resolve_model(ref), **from_pretrained_kwargs)
+    if not isinstance(ref, PreTrainedModel):
+        raise TypeError(
+            f"{what} must be a Hugging Face causal LM (PreTrainedModel) or a name/path, got {type(ref).__name__}."
+        )
+    return ref
+
+
+def find_tokenizer(ref, model=None):
+    """The tokenizer stored next to a model (its directory or hub repo), or None when there is none.
+
+    ``ref`` is what the user gave (name, path or model); an in-memory ``model`` loaded from a local directory is
+    looked up there too, never on the hub.
+    """
+    from transformers import AutoTokenizer
+
+    candidates = []
+    if isinstance(ref, (str, Path)):
+        candidates.append(resolve_model(ref))
+    name = getattr(model, "name_or_path", None) or ""
+    if name and Path(name).is_dir() and name not in candidates:
+        candidates.append(name)
+    for candidate in candidates:
+        path = Path(candidate)
+        # transformers 5 builds an empty 1-token tokenizer from a directory without tokenizer files: don't let it in
+        if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            continue
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(candidate)
+        except Exception:  # no tokenizer there; errors differ by version and source
+            continue
+        if len(tokenizer) > 1:
+            return tokenizer
+    for candidate in candidates:  # a package export without tokenizer files names a shipped tokenizer in meta.json
+        shipped = _meta_tokenizer(Path(candidate))
+        if shipped is not None:
+            return load_tokenizer(shipped)
+    return None
+
+
+def _meta_tokenizer(directory: Path) -> str | None:
+    meta = directory / "meta.json"
+    if not meta.is_file():
+        return None
+    name = (json.loads(meta.read_text()).get("tokenizer") or {}).get("name")
+    return name if name in SHIPPED_TOKENIZERS else None
+
+
+def tokenizer_name(tokenizer, fallback: str = "tokenizer") -> str:
+    """A short name for messages and fingerprints: the last path component of ``name_or_path``."""
+    name = getattr(tokenizer, "name_or_path", None) or fallback
+    return Path(name).name or name
+
+
+def output_rows(model) -> int:
+    """Rows of the LM head, i.e. the width of the logits (may exceed the tokenizer when padded, as Qwen's are)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    return int(model.config.get_text_config(decoder=True).vocab_size)
+
+
+def forward_params(model) -> set[str]:
+    """Argument names of ``model.forward`` (architectures differ in what they accept)."""
+    return set(inspect.signature(model.forward).parameters)
+
+
+def cache_arg_name(model) -> str:
+    """transformers 5 calls the cache ``cache``; older/remote-code models still say ``past_key_values``."""
+    params = forward_params(model)
+    return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
+
+
+def position_ids_from_mask(attention_mask, length: int):
+    """Position ids ``[B, length]`` counted over real tokens, so a left-padded row is scored as if unpadded.
+
+    Some architectures (GPT-2) count positions from the start of the row and would otherwise shift left-padded
+    prompts. None when there is no 2-D mask (the model's own default then applies).
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 0)[:, -length:]
+
+
+def context_length(model) -> int | None:
+    """Positions the model attends over (``max_position_embeddings`` or GPT-2's ``n_positions``); None: unbounded."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def torch_device(device: str = "auto"):
+    """``auto``: the GPU when there is one, else the CPU; anything else as torch names it (``cuda:1``, ``cpu``)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,277 @@
+"""Plug-and-play inference: mix a base LM with a Memory Decoder, no retrieval at inference time.
+
+The Memory Decoder was trained to imitate a kNN-LM distribution, so at inference it takes the datastore's
+place in the kNN-LM mixture (Cao et al., 2025):
+
+    p(y | x) = (1 - λ) · p_base(y | x) + λ · p_mem(y | x)
+
+computed in log space. :class:`InterpolatedLM` is a Hugging Face ``PreTrainedModel`` + ``GenerationMixin``
+whose ``logits`` are these mixed log-probabilities, so ``generate()`` (greedy, sampling, beam search) works
+unchanged: ``log_softmax`` of a log-distribution is the identity. Each model keeps its own KV cache inside a
+:class:`PairCache`, which beam search reorders as one. This module deliberately does not import Lightning.
+
+The paper's kNN-LM baseline (the same mixture with live retrieval in place of the decoder) is
+:class:`lightning_memdec.inference.knnlm.KNNLM`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lightning_memdec.hf.loading import (
+    cache_arg_name,
+    causal_lm,
+    find_tokenizer,
+    forward_params,
+    output_rows,
+    position_ids_from_mask,
+    tokenizer_name,
+)
+from lightning_memdec.hf.paired_generation import PairCache, PairCacheGeneration
+from lightning_memdec.io.tokenizer_identity import describe_tokenizer, tokenizer_info
+from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs
+
+__all__ = ["InterpolatedLM", "InterpolatedLMConfig", "PairCache"]
+
+
+class InterpolatedLMConfig(PreTrainedConfig):
+    """Enough of a config for ``generate()``; the real architectures live in ``base.config`` / ``memdec.config``."""
+
+    model_type = "memdec_interpolated"
+
+    vocab_size: int = 0
+    lmbda: float = 0.0
+    base_name_or_path: str | None = None
+    memdec_name_or_path: str | None = None
+
+
+class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
+    """A base causal LM mixed with a Memory Decoder that shares its tokenizer: ``logits`` are mixed log-probs.
+
+    Args:
+        base: the (large) base LM, a ``PreTrainedModel`` or a name/path for ``AutoModelForCausalLM``.
+        memdec: the Memory Decoder, same forms; any architecture, as long as the tokenizer is the same.
+        lmbda: the decoder's weight λ ∈ [0, 1]; settable later through ``.lmbda``.
+        tokenizer: the tokenizer both share; used for both sides unless a side-specific one is given.
+        base_tokenizer / memdec_tokenizer: per-side tokenizers; otherwise looked up in the model directories.
+        **load_kwargs: passed to ``from_pretrained`` for models given as names/paths (``dtype``, ``device_map``…).
+
+    The mixture is taken over the tokenizer's ids only (``len(tokenizer)``): LM heads padded beyond the tokenizer
+    (e.g. Qwen: 151936 rows for 151665 tokens) are sliced, and each side is renormalised over the real ids.
+    """
+
+    config_class = InterpolatedLMConfig
+    base_model_prefix = "interpolated"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def __init__(
+        self,
+        base: PreTrainedModel | str | Path,
+        memdec: PreTrainedModel | str | Path,
+        lmbda: float,
+        tokenizer=None,
+        *,
+        base_tokenizer=None,
+        memdec_tokenizer=None,
+        **load_kwargs,
+    ):
+        lmbda = check_lmbda(lmbda)
+        base_ref, memdec_ref = base, memdec
+        base = causal_lm(base_ref, "base", **load_kwargs)
+        memdec = causal_lm(memdec_ref, "memdec", **load_kwargs)
+        # A side's own tokenizer (given, or found next to the model) wins over the shared one, so that a shared
+        # tokenizer= is checked against what the model directories say rather than trusted blindly.
+        base_tokenizer = _first_not_none(base_tokenizer, find_tokenizer(base_ref, base), tokenizer)
+        memdec_tokenizer = _first_not_none(memdec_tokenizer, find_tokenizer(memdec_ref, memdec), tokenizer)
+        vocab = self._shared_vocab(base, memdec, base_tokenizer, memdec_tokenizer, tokenizer)
+
+        base_gen = getattr(base, "generation_config", None) or GenerationConfig.from_model_config(base.config)
+        generation_config = copy.deepcopy(base_gen)
+        shared_tokenizer = _first_not_none(tokenizer, base_tokenizer, memdec_tokenizer)
+        if generation_config.eos_token_id is None and shared_tokenizer is not None:
+            generation_config.eos_token_id = shared_tokenizer.eos_token_id
+        if generation_config.pad_token_id is None:
+            pad = getattr(shared_tokenizer, "pad_token_id", None)
+            generation_config.pad_token_id = pad if pad is not None else _first_id(generation_config.eos_token_id)
+
+        config = InterpolatedLMConfig(
+            vocab_size=vocab,
+            lmbda=lmbda,
+            base_name_or_path=str(getattr(base, "name_or_path", "") or ""),
+            memdec_name_or_path=str(getattr(memdec, "name_or_path", "") or ""),
+            bos_token_id=generation_config.bos_token_id,
+            eos_token_id=generation_config.eos_token_id,
+            pad_token_id=generation_config.pad_token_id,
+        )
+        super().__init__(config)
+        # No post_init(): it would (re)initialise weights, and the two sub-models arrive trained.
+        self.base = base
+        self.memdec = memdec
+        self.tokenizer = shared_tokenizer
+        self.generation_config = generation_config
+        self._cache_arg = {"base": cache_arg_name(base), "memdec": cache_arg_name(memdec)}
+        self._takes_logits_to_keep = {
+            "base": "logits_to_keep" in forward_params(base),
+            "memdec": "logits_to_keep" in forward_params(memdec),
+        }
+        self.eval()  # an inference-time mixture: dropout in either model would make generation non-deterministic
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]  # two models, not one checkpoint
+        cls,
+        base: PreTrainedModel | str | Path,
+        memdec: PreTrainedModel | str | Path,
+        lmbda: float,
+        tokenizer=None,
+        **kwargs,
+    ) -> InterpolatedLM:
+        """Load both models (names or paths) and mix them; see the class docstring for the arguments."""
+        return cls(base, memdec, lmbda, tokenizer, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        """Not a checkpoint: the two models are released and loaded separately (plug-and-play)."""
+        raise NotImplementedError(
+            "InterpolatedLM is not saved as one checkpoint: save .base and .memdec separately and mix them again "
+            "with InterpolatedLM.from_pretrained(base, memdec, lmbda)."
+        )
+
+    # -- λ -------------------------------------------------------------------------------------------------------
+
+    @property
+    def lmbda(self) -> float:
+        return self.config.lmbda
+
+    @lmbda.setter
+    def lmbda(self, value: float) -> None:
+        self.config.lmbda = check_lmbda(value)
+
+    # -- vocabulary ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _shared_vocab(base, memdec, base_tokenizer, memdec_tokenizer, shared_tokenizer=None) -> int:
+        """Ids the mixture runs over; refuses pairs whose ids mean different tokens."""
+        base_rows, memdec_rows = output_rows(base), output_rows(memdec)
+        if base_tokenizer is not None and memdec_tokenizer is not None:
+            b = tokenizer_info(base_tokenizer, tokenizer_name(base_tokenizer, "base"))
+            m = tokenizer_info(memdec_tokenizer, tokenizer_name(memdec_tokenizer, "memdec"))
+            if b["fingerprint"] != m["fingerprint"]:
+                raise ValueError(
+                    "the Memory Decoder must use the base model's tokenizer, but they differ: "
+                    f"base {describe_tokenizer(b)} vs decoder {describe_tokenizer(m)}; "
+                    "train a Memory Decoder with the base model's tokenizer."
+                )
+            if shared_tokenizer is not None:
+                t = tokenizer_info(shared_tokenizer, tokenizer_name(shared_tokenizer, "tokenizer"))
+                if t["fingerprint"] != b["fingerprint"]:
+                    raise ValueError(
+                        f"tokenizer= is {describe_tokenizer(t)}, but the models use {describe_tokenizer(b)}."
+                    )
+            vocab = b["vocab_size"]
+        elif base_tokenizer is not None or memdec_tokenizer is not None:
+            known = base_tokenizer if base_tokenizer is not None else memdec_tokenizer
+            side, other = ("base", "decoder") if base_tokenizer is not None else ("decoder", "base")
+            warnings.warn(
+                f"only the {side}'s tokenizer is known, so the {other}'s vocabulary cannot be checked against it; "
+                "pass tokenizer= (shared) or base_tokenizer=/memdec_tokenizer= to verify.",
+                stacklevel=3,
+            )
+            vocab = len(known)
+        elif base_rows == memdec_rows:
+            vocab = base_rows
+        else:
+            raise ValueError(
+                f"the base model has {base_rows} output ids and the decoder {memdec_rows}, and no tokenizer was found "
+                "to tell a padded LM head from a different vocabulary; pass tokenizer= (the tokenizer both share)."
+            )
+        for what, rows in (("base", base_rows), ("decoder", memdec_rows)):
+            if rows < vocab:
+                raise ValueError(
+                    f"the {what} model's LM head has {rows} rows but the tokenizer has {vocab} tokens "
+                    f"(base {base_rows}, decoder {memdec_rows}): they cannot share this vocabulary."
+                )
+        return vocab
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def _run(self, side: str, tensors: dict, cache, use_cache, logits_to_keep, kwargs):
+        """One model's forward, as log-probs over the shared ids, and its updated cache."""
+        model = self.base if side == "base" else self.memdec
+        inputs = {name: None if t is None else t.to(model.device) for name, t in tensors.items()}
+        inputs["use_cache"] = use_cache
+        inputs[self._cache_arg[side]] = cache
+        if self._takes_logits_to_keep[side]:
+            inputs["logits_to_keep"] = logits_to_keep
+        out = model(**inputs, **kwargs, return_dict=True)
+        logits = out.logits
+        if not self._takes_logits_to_keep[side] and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        # Slice a padded head to the shared ids *before* normalising, so padding rows get no probability mass.
+        log_probs = F.log_softmax(logits[..., : self.config.vocab_size].float(), dim=-1)
+        return log_probs, getattr(out, self._cache_arg[side], None)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: PairCache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Mixed log-probabilities ``[B, T, V]`` in ``.logits`` (float32); both models see the same inputs.
+
+        Positions are derived from a 2-D ``attention_mask`` when not given, because some architectures (GPT-2)
+        count positions from the start of the row and would otherwise shift left-padded prompts.
+        ``labels`` (shifted inside, -100 ignored) gives ``.loss``, the mixture's mean NLL.
+        """
+        if cache is not None and not isinstance(cache, PairCache):
+            raise TypeError(f"InterpolatedLM needs a PairCache (one cache per model), got {type(cache).__name__}.")
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, input_ids.shape[1])
+        if use_cache is None:
+            use_cache = cache is not None
+        if labels is not None:
+            logits_to_keep = 0
+        base_cache, memdec_cache = (cache.base, cache.memdec) if cache is not None else (None, None)
+        tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        base_lp, base_cache = self._run("base", tensors, base_cache, use_cache, logits_to_keep, kwargs)
+        memdec_lp, memdec_cache = self._run("memdec", tensors, memdec_cache, use_cache, logits_to_keep, kwargs)
+        mixed = mix_log_probs(base_lp, memdec_lp.to(base_lp.device), self.lmbda)
+
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:].reshape(-1).to(mixed.device)
+            loss = F.nll_loss(mixed[:, :-1].reshape(-1, mixed.shape[-1]), targets, ignore_index=-100)
+        new_cache = None
+        if use_cache and base_cache is not None and memdec_cache is not None:
+            new_cache = cache if cache is not None else PairCache(base_cache, memdec_cache)
+        return CausalLMOutputWithPast(loss=loss, logits=mixed, cache=new_cache)
+
+    @torch.no_grad()
+    def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixed next-token log-probabilities ``[B, T, V]`` for every position (no cache, no gradients)."""
+        return self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _first_not_none(*items):
+    return next((item for item in items if item is not None), None)
+
+
+def _first_id(token_id):
+    if isinstance(token_id, (list, tuple)):
+        return token_id[0] if token_id else None
+    return token_id

@@ -1,0 +1,307 @@
+"""The kNN-LM baseline (Khandelwal et al., 2020) as the paper evaluates it: a base LM + live datastore retrieval.
+
+    p(y | x) = (1 − λ)·p_base(y | x) + λ·p_kNN(y | x)
+
+the mixture the Memory Decoder replaces (see :mod:`lightning_memdec.inference.interpolated_lm`). The maths (p_kNN, gold
+log-probs, the mixture) lives in :mod:`lightning_memdec.kernels.scoring`; this module does the retrieval and checks
+that the base LM is the one that built the datastore. Like interpolate.py it does not import Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from lightning_memdec.hf.loading import (
+    cache_arg_name,
+    causal_lm,
+    find_tokenizer,
+    forward_params,
+    output_rows,
+    position_ids_from_mask,
+    tokenizer_name,
+)
+from lightning_memdec.inference.sliding_window import ScoreFn
+from lightning_memdec.io.tokenizer_identity import describe_tokenizer, tokenizer_info
+from lightning_memdec.kernels.scoring import check_lmbda, gold_log_probs, knn_gold_log_probs, knn_scores, mix_log_probs
+
+__all__ = ["KNNLM", "knnlm_scorer"]
+
+
+def _key_dim(model: PreTrainedModel, capture) -> int:
+    """Width of the key layer's output, from a two-token forward pass of the transformer body."""
+    from lightning_memdec.hf.key_capture import body
+
+    with torch.no_grad(), capture.capturing() as cap:
+        body(model)(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), use_cache=False)
+    return int(cap.value.shape[-1])
+
+
+class KNNLM(torch.nn.Module):
+    """The kNN-LM baseline (Khandelwal et al., 2020) as the paper evaluates it: base LM + live datastore retrieval.
+
+    p(y | x) = (1 − λ)·p_base(y | x) + λ·p_kNN(y | x), with p_kNN(y) = Σ_{j: v_j = y} softmax_j(−d_j / T) over the
+    k nearest datastore keys (squared L2), queried with the base's own hidden state at the datastore's key layer.
+
+    Args:
+        base: the base LM that built the datastore (``PreTrainedModel`` or name/path).
+        datastore: datastore directory (or an opened ``Datastore``).
+        index: index directory over that datastore (or an opened ``KeyIndex``); not needed with ``search="exact"``.
+        k: neighbours per query (paper: 1024); capped at the datastore size.
+        temperature: T of the softmax over −distances (paper: 16).
+        lmbda: the kNN weight λ ∈ [0, 1].
+        exact_distances: recompute fp32 distances from the stored keys (IVF-PQ distances are approximate).
+        tokenizer: the base's tokenizer, when its directory has none (checked against the datastore's).
+        nprobe: IVF lists visited per query (default: the index's meta.json).
+        search: ``"faiss"`` (the index, on the host) or ``"exact"``: every key by blocked matrix products on the
+            base's device (:func:`~retrieval.exact_search.exact_search`), the keys resident there when they fit
+            (on a GPU the fast kNN-LM without faiss-gpu; on a CPU only for small stores); distances are exact.
+        **load_kwargs: ``from_pretrained`` arguments for a base given by name/path.
+    """
+
+    def __init__(
+        self,
+        base: PreTrainedModel | str | Path,
+        datastore,
+        index=None,
+        k: int = 1024,
+        temperature: float = 16.0,
+        lmbda: float = 0.25,
+        exact_distances: bool = False,
+        tokenizer=None,
+        nprobe: int | None = None,
+        search: str = "faiss",
+        **load_kwargs,
+    ):
+        super().__init__()
+        from lightning_memdec.hf.key_capture import KeyCapture
+
+        self._lmbda = check_lmbda(lmbda)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k (neighbours per query) must be a positive integer, got {k!r}.")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        base_ref = base
+        base = causal_lm(base_ref, "base", **load_kwargs)
+        from lightning_memdec.io.readers import Datastore
+        from lightning_memdec.retrieval.faiss_index import KeyIndex
+
+        if search not in ("faiss", "exact"):
+            raise ValueError(f"search must be 'faiss' or 'exact', got {search!r}.")
+        if search == "faiss" and index is None:
+            raise ValueError("search='faiss' needs index= (an index over the datastore); or use search='exact'.")
+        self.search = search
+        self.store = Datastore(datastore) if isinstance(datastore, (str, Path)) else datastore
+        self.key_index = None
+        if search == "faiss":
+            self.key_index = KeyIndex(index, nprobe=nprobe) if isinstance(index, (str, Path)) else index
+        meta = self.store.meta
+        where = f"datastore {self.store.dir}"
+        if self.key_index is not None and self.key_index.meta.get("datastore_identity") != self.store.identity():
+            raise ValueError(
+                f"index {self.key_index.dir} was built over datastore {self.key_index.meta.get('datastore')}, not over "
+                f"{self.store.dir} (their corpus/model/layer/size differ); pass the index built for this datastore."
+            )
+        self.vocab = self._check_tokenizer(base_ref, base, tokenizer, meta, where)
+        base_type = getattr(base.config, "model_type", None)
+        if meta.get("model_type") is not None and base_type != meta["model_type"]:
+            raise ValueError(
+                f"{where} was built with a {meta['model_type']!r} model ({meta['model']}), but the base LM "
+                f"{base.name_or_path or type(base).__name__} is a {base_type!r}; kNN-LM queries must come from the "
+                "model that built the datastore."
+            )
+        self.capture = KeyCapture(base, meta["layer"])
+        dim = _key_dim(base, self.capture)
+        if dim != meta["dim"]:
+            raise ValueError(
+                f"{where} holds {meta['dim']}-dim keys from layer {meta['layer']} of "
+                f"{meta['model']}, but that layer of "
+                f"the base LM {base.name_or_path or type(base).__name__} gives {dim}-dim keys; use the base that "
+                "built the datastore (or build a datastore with this base)."
+            )
+        name = str(getattr(base, "name_or_path", "") or "")
+        if name and Path(name).name != Path(str(meta["model"])).name:
+            warnings.warn(
+                f"{where} was built with {meta['model']}, but the base LM is {name}: keys only match "
+                "when the weights do.",
+                stacklevel=2,
+            )
+        self.base = base.eval()
+        self.k = int(min(k, meta["num_entries"]))
+        self.temperature = float(temperature)
+        self.exact_distances = bool(exact_distances)
+        self.values = np.asarray(self.store.values)  # int32, 4 bytes an entry: read once, gathered per query
+        self.device_keys: torch.Tensor | None = None  # search="exact": the keys on the base's device, once
+
+    @staticmethod
+    def _check_tokenizer(base_ref, base, tokenizer, meta: dict, where: str) -> int:
+        """The base must number tokens like the datastore's values do; returns the shared vocabulary size."""
+        expected = meta["tokenizer"]
+        tok = tokenizer if tokenizer is not None else find_tokenizer(base_ref, base)
+        rows = output_rows(base)
+        if tok is not None:
+            info = tokenizer_info(tok, tokenizer_name(tok, "base"))
+            if info["fingerprint"] != expected["fingerprint"]:
+                raise ValueError(
+                    f"{where} was built with tokenizer {describe_tokenizer(expected)}, but the base LM uses "
+                    f"{describe_tokenizer(info)}; use the base (and tokenizer) that built the datastore."
+                )
+        else:
+            warnings.warn(
+                f"the base LM has no tokenizer to check against {where}'s ({describe_tokenizer(expected)}); "
+                "pass tokenizer= to verify.",
+                stacklevel=3,
+            )
+        if rows < expected["vocab_size"]:
+            raise ValueError(
+                f"the base LM's head has {rows} rows, but {where} uses tokenizer {describe_tokenizer(expected)}."
+            )
+        return int(expected["vocab_size"])
+
+    @property
+    def lmbda(self) -> float:
+        return self._lmbda
+
+    @lmbda.setter
+    def lmbda(self, value: float) -> None:
+        self._lmbda = check_lmbda(value)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    # -- pieces ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def base_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Base logits ``[B, T, V]`` (sliced to the shared vocabulary) and query keys ``[B, T, d]`` in one pass."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        with self.capture.capturing() as cap:
+            out = self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask, input_ids.shape[1]),
+                use_cache=False,
+                return_dict=True,
+            )
+        return out.logits[..., : self.vocab].float(), cap.value
+
+    def neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Squared L2 distances ``[n, k]`` float64 (+inf for a missing neighbour) and their tokens ``[n, k]``."""
+        if self.search == "exact":
+            return self._exact_neighbours(keys)
+        queries = keys.detach().reshape(-1, keys.shape[-1]).float().cpu().numpy()
+        dist, ids = self.key_index.search(queries, self.k)
+        if self.exact_distances:
+            from lightning_memdec.retrieval.faiss_index import exact_squared_l2
+
+            dist = exact_squared_l2(queries, self.store.keys, ids)
+        dist = np.where(ids >= 0, dist.astype(np.float64), np.inf)
+        return dist, np.take(self.values, ids, mode="clip").astype(np.int64)
+
+    def _exact_neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        from lightning_memdec.retrieval.exact_search import exact_search, resident_keys
+
+        if self.device_keys is None or self.device_keys.device != keys.device:
+            self.device_keys = resident_keys(self.store.keys, keys.device)
+        stored = self.store.keys if self.device_keys is None else self.device_keys
+        dist, ids = exact_search(keys.detach().reshape(-1, keys.shape[-1]), stored, self.k, device=keys.device)
+        ids = ids.cpu().numpy()
+        return dist.double().cpu().numpy(), np.take(self.values, ids).astype(np.int64)
+
+    def knn_gold_log_probs(self, keys: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        """log p_kNN(gold) ``[n]`` float64: the weight of the neighbours whose value is the gold token (no [n, V])."""
+        dist, tokens = self.neighbours(keys)
+        return knn_gold_log_probs(dist, tokens == gold.reshape(-1, 1).cpu().numpy(), self.temperature)
+
+    def knn_log_probs(self, keys: torch.Tensor) -> torch.Tensor:
+        """Dense log p_kNN ``[n, V]`` float32 (−inf off the neighbours' tokens)."""
+        dist, tokens = self.neighbours(keys)
+        weights = torch.softmax(torch.from_numpy(knn_scores(dist, self.temperature)), dim=-1)  # [n, k]
+        probs = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.float32)
+        probs.scatter_add_(1, torch.from_numpy(tokens), weights.float())
+        return probs.log_()
+
+    # -- the mixture -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixed next-token log-probabilities ``[B, T, V]`` (float32); padded positions keep the base's."""
+        logits, keys = self.base_forward(input_ids, attention_mask)
+        base_lp = F.log_softmax(logits, dim=-1)
+        if self.lmbda == 0.0:
+            return base_lp
+        if attention_mask is None:  # every position is real: no masked copies of [B, T, V] tensors
+            knn = self.knn_log_probs(keys.reshape(-1, keys.shape[-1])).to(base_lp.device)
+            return mix_log_probs(base_lp, knn.view_as(base_lp), self.lmbda)
+        real = attention_mask.to(base_lp.device).bool()
+        knn = self.knn_log_probs(keys[real]).to(base_lp.device)
+        out = base_lp.clone()
+        out[real] = mix_log_probs(base_lp[real], knn, self.lmbda)
+        return out
+
+    forward = log_probs
+
+    @torch.no_grad()
+    def generate_greedy(self, input_ids: torch.LongTensor, max_new_tokens: int) -> torch.LongTensor:
+        """Greedy decoding from the mixture with the base's KV cache: one base step and one retrieval per token.
+
+        Rows are continued independently (no padding, no early stop), as a latency baseline; λ = 0 skips retrieval.
+        """
+        cache_arg = cache_arg_name(self.base)
+        # only the last position's logits, as generate() does: the prompt's pass would otherwise build [B, T, V]
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(self.base) else {}
+        ids = input_ids.to(self.device)
+        step, cache = ids, None
+        for _ in range(max_new_tokens):
+            with self.capture.capturing() as cap:
+                out = self.base(input_ids=step, use_cache=True, return_dict=True, **{cache_arg: cache}, **last_only)
+            cache = getattr(out, cache_arg)
+            log_probs = F.log_softmax(out.logits[:, -1, : self.vocab].float(), dim=-1)
+            if self.lmbda > 0.0:
+                knn = self.knn_log_probs(cap.value[:, -1]).to(log_probs.device)
+                log_probs = mix_log_probs(log_probs, knn, self.lmbda)
+            step = log_probs.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step], dim=1)
+        return ids
+
+    @torch.no_grad()
+    def gold_log_probs(
+        self, input_ids: torch.LongTensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-position log-probabilities of the gold next tokens, for perplexity, without any dense kNN tensor.
+
+        ``labels[b, t]`` is the token that follows position ``t`` (already shifted); −100 (or a padded position)
+        skips it: no retrieval, 0 in every output. Returns float64 ``[B, T]`` tensors on the CPU: ``base``,
+        ``knn`` (p_kNN alone, may be −inf) and ``mix`` (at the current λ).
+        """
+        logits, keys = self.base_forward(input_ids, attention_mask)
+        labels = labels.to(logits.device)
+        scored = labels != -100
+        if attention_mask is not None:
+            scored &= attention_mask.to(logits.device).bool()
+        base = gold_log_probs(logits, labels.masked_fill(~scored, -100), self.vocab).double().cpu()
+        scored = scored.cpu()
+        knn = torch.zeros_like(base)
+        if scored.any():
+            knn[scored] = self.knn_gold_log_probs(keys[scored.to(keys.device)], labels.cpu()[scored])
+        mix = mix_log_probs(base, knn, self.lmbda).masked_fill(~scored, 0.0)
+        return {"base": base, "knn": knn, "mix": mix}
+
+
+def knnlm_scorer(knnlm: KNNLM) -> ScoreFn:
+    """Base and p_kNN gold log-probs from one base forward pass (retrieval only at scored positions)."""
+
+    def score(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = knnlm.gold_log_probs(input_ids, labels)
+        return {"base": out["base"], "knn": out["knn"]}
+
+    return score

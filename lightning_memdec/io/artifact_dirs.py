@@ -1,0 +1,149 @@
+"""Artefact directories: `meta.json`, atomic publication, resumable work directories, checked memmaps.
+
+Every pipeline stage writes one directory. Work happens in ``<out>.partial/`` and the directory is
+renamed into place only once complete, so a reader never sees half an artefact and a killed stage
+leaves its progress behind for the next run to continue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_memdec import __version__
+
+META = "meta.json"
+RUN_CONFIG = "run_config.json"
+
+
+class ArtifactError(ValueError):
+    """An input artefact is missing, inconsistent or corrupt; the message says what to fix."""
+
+
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = limit
+        while chunk := f.read(1 << 20 if remaining is None else min(1 << 20, remaining)):
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    break
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / META
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} does not exist; build it first (see `memdec --help`).")
+    if not path.is_file():
+        partial = partial_dir(directory)
+        hint = f" An unfinished run is in {partial}: run the same command again to resume." if partial.exists() else ""
+        raise ArtifactError(f"{directory} has no {META}: it is not a finished lightning_memdec artefact.{hint}")
+    meta = json.loads(path.read_text())
+    if kind is not None and meta.get("kind") != kind:
+        raise ArtifactError(
+            f"{directory} holds a {meta.get('kind')!r} artefact, but a {kind!r} artefact is needed here."
+        )
+    return meta
+
+
+def base_meta(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"kind": kind, "library_version": __version__, **fields}
+
+
+def partial_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool) -> Path:
+    """Return the ``.partial`` work directory for ``out``, resuming it when its run config matches.
+
+    Refuses to touch a finished ``out`` unless ``overwrite``; refuses to mix progress from a run
+    with different settings (the user must pass ``--overwrite`` to start afresh).
+    """
+    out = Path(out)
+    work = partial_dir(out)
+    if out.exists():
+        if not overwrite:
+            raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
+    if work.exists():
+        previous = work / RUN_CONFIG
+        same = previous.is_file() and json.loads(previous.read_text()) == _jsonable(run_config)
+        if not same:
+            if not overwrite:
+                raise ArtifactError(
+                    f"{work} holds an unfinished run with different settings; pass --overwrite to discard it."
+                )
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / RUN_CONFIG).exists():
+        write_json_atomic(work / RUN_CONFIG, run_config)
+    return work
+
+
+def publish(work: Path, out: str | Path, meta: dict[str, Any]) -> Path:
+    """Write meta.json into ``work`` and rename it to ``out`` (replacing an old ``out`` last)."""
+    out = Path(out)
+    write_json_atomic(work / META, meta)
+    (work / RUN_CONFIG).unlink(missing_ok=True)
+    _fsync_dir(work)
+    if out.exists():
+        trash = out.with_name(out.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        os.replace(work, out)
+        shutil.rmtree(trash)
+    else:
+        os.replace(work, out)
+    _fsync_dir(out.parent)
+    return out
+
+
+def open_checked(directory: str | Path, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """Open ``directory/name`` read-only as a memmap and check it against the shape meta.json promises."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; the artefact in {directory} is incomplete, rebuild it.")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:  # numpy raises ValueError for truncated files
+        raise ArtifactError(f"{path} is truncated or corrupt ({err}); rebuild {directory}.") from err
+    if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+        raise ArtifactError(
+            f"{path} has shape {tuple(arr.shape)} and dtype {arr.dtype}, but meta.json says {tuple(shape)} {dtype}; "
+            f"the file is corrupt or from another run, rebuild {directory}."
+        )
+    return arr
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,159 @@
+"""Row I/O on ``.npy`` files that leaves no file pages mapped, so a stage's resident memory stays O(block).
+
+Every page a process touches through a memory map counts in its resident set (RSS) until the map is closed, and the
+datastore's maps stay open for a whole stage: a run that reads every key once through ``store.keys[a:b]`` ends with
+the whole keys file resident (330 GB for the paper's store), in every rank. These helpers read and write through
+plain file I/O instead, or through a short-lived map of one bounded window of rows, so what stays resident is the
+block the caller asked for:
+
+- :func:`read_rows`: rows ``[lo, hi)`` into a new array (one ``pread``);
+- :func:`gather_rows`: arbitrary rows (sorted, deduplicated, read window by window through temporary maps of at most
+  :data:`WINDOW_BYTES` each);
+- :func:`write_rows`: rows at a position of an existing ``.npy`` (``pwrite``; ranks write disjoint rows without
+  locks);
+- :class:`NpyAppender`: a new ``.npy`` written front to back in blocks, its length known or not.
+
+Arrays that are not top-level memmaps of a ``.npy`` file (plain arrays in tests, torch tensors) are indexed directly.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.format import dtype_to_descr, open_memmap, write_array_header_1_0
+
+from lightning_memdec.io.artifact_dirs import ArtifactError
+
+WINDOW_BYTES = 64 << 20  # the largest span of a file one gather maps at a time
+
+
+def _file_backed(array) -> bool:
+    """True for a memmap of a whole file region (np.load(mmap_mode=...)), not a view or slice of one."""
+    return (
+        isinstance(array, np.memmap)
+        and isinstance(array.base, mmap.mmap)
+        and array.filename is not None
+        and array.flags.c_contiguous
+    )
+
+
+def _row_bytes(array) -> int:
+    return int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
+
+
+def read_rows(array, lo: int, hi: int) -> np.ndarray:
+    """A copy of ``array[lo:hi]``, read from the file without mapping it when ``array`` is a file memmap."""
+    lo, hi = max(0, lo), min(len(array), hi)
+    if not _file_backed(array):
+        return np.array(array[lo:hi])
+    count = max(0, hi - lo) * _row_bytes(array) // array.dtype.itemsize
+    flat = np.fromfile(array.filename, dtype=array.dtype, count=count, offset=array.offset + lo * _row_bytes(array))
+    return flat.reshape((max(0, hi - lo), *array.shape[1:]))
+
+
+def gather_rows(array, ids, window_bytes: int | None = None) -> np.ndarray:
+    """``array[ids]`` (any ids, repeated or not, in any order) with each distinct row read once; a file memmap is read
+    through temporary maps of one window of at most ``window_bytes`` (default :data:`WINDOW_BYTES`) at a time."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if not _file_backed(array):
+        return np.array(array[ids])
+    uniq, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+    if len(uniq) and (uniq[0] < 0 or uniq[-1] >= len(array)):
+        raise IndexError(f"row ids must be in [0, {len(array)}), got {uniq[0]}…{uniq[-1]}.")
+    rows = np.empty((len(uniq), *array.shape[1:]), dtype=array.dtype)
+    span = max(1, (window_bytes or WINDOW_BYTES) // max(1, _row_bytes(array)))
+    i = 0
+    while i < len(uniq):
+        lo = int(uniq[i])
+        j = int(np.searchsorted(uniq, lo + span))
+        hi = int(uniq[j - 1]) + 1
+        window = np.memmap(
+            array.filename, dtype=array.dtype, mode="r", offset=array.offset + lo * _row_bytes(array),
+            shape=(hi - lo, *array.shape[1:]),
+        )  # fmt: skip
+        rows[i:j] = window[uniq[i:j] - lo]
+        del window  # unmapped here: its touched pages leave this process's RSS
+        i = j
+    return rows[inverse].reshape(*ids.shape, *array.shape[1:])
+
+
+def create_npy(path: str | Path, dtype, shape: tuple[int, ...]) -> int:
+    """A new ``.npy`` of ``shape`` (its header written, the file sized, sparse: no row written); its data offset."""
+    created = open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+    offset = int(created.offset)
+    del created  # unmapped before any row is written
+    return offset
+
+
+def data_offset(path: str | Path) -> int:
+    """Byte offset of a ``.npy`` file's data (the length of its header)."""
+    return int(np.load(path, mmap_mode="r").offset)
+
+
+def write_rows(fd: int, offset: int, row_bytes: int, lo: int, rows: np.ndarray) -> None:
+    """Write ``rows`` at row ``lo`` of the ``.npy`` open as ``fd`` (its data at ``offset``, ``row_bytes`` a row)."""
+    data = np.ascontiguousarray(rows).tobytes()
+    position, view = offset + lo * row_bytes, memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, position)
+        view, position = view[written:], position + written
+
+
+class NpyAppender:
+    """A ``.npy`` written front to back by :meth:`append`, so an array never sits in memory whole; its rows have
+    ``row_shape`` (``()`` for 1-D), and ``length`` rows when given (checked on every append and on close).
+
+    numpy pads every header so the first dimension can grow to 21 digits in place; the header is written for length 0
+    first and for the final length on :meth:`close`, so the file's bytes equal ``np.save``'s. Used as a context
+    manager, a file left unfinished by an error keeps its length-0 header, so nobody mistakes it for a whole array.
+    """
+
+    def __init__(self, path: str | Path, dtype, row_shape: tuple[int, ...] = (), length: int | None = None):
+        self.path, self.dtype, self.row_shape, self.length = Path(path), np.dtype(dtype), tuple(row_shape), length
+        self.count = 0
+        self.file = open(self.path, "wb")  # closed by close() or __exit__
+        self.header_bytes = self.file.write(self.header(0))
+
+    def header(self, length: int) -> bytes:
+        buf = io.BytesIO()
+        d = {"descr": dtype_to_descr(self.dtype), "fortran_order": False, "shape": (length, *self.row_shape)}
+        write_array_header_1_0(buf, d)
+        return buf.getvalue()
+
+    def append(self, values) -> np.ndarray:
+        """Append rows ``values`` (cast to the file's dtype) and return them as written."""
+        arr = np.ascontiguousarray(np.asarray(values).astype(self.dtype, copy=False))
+        if arr.shape[1:] != self.row_shape or (self.length is not None and self.count + len(arr) > self.length):
+            shape = (self.length, *self.row_shape)
+            raise ValueError(f"block of shape {arr.shape} does not continue {self.path} {shape} at {self.count}.")
+        self.file.write(memoryview(arr).cast("B"))
+        self.count += len(arr)
+        return arr
+
+    def close(self) -> None:
+        """Write the final header and sync the file to disk; refuse a file short of its ``length``."""
+        if self.length is not None and self.count != self.length:
+            self.file.close()
+            raise ValueError(f"{self.path} got {self.count} of its {self.length} rows.")
+        header = self.header(self.count)
+        if len(header) != self.header_bytes:  # numpy's padding makes this impossible below 10^21 rows
+            self.file.close()
+            raise ArtifactError(f"cannot rewrite the header of {self.path} in place ({len(header)} bytes).")
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def __enter__(self) -> NpyAppender:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.file.close()

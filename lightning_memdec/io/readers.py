@@ -1,0 +1,98 @@
+"""Reading finished datastores (keys [N, d] fp16, values [N] int32) and kNN targets (CSR), without Lightning.
+
+Kept apart from :mod:`lightning_memdec.stages.datastore` (which builds them with Lightning) so that inference-time
+users such as kNN-LM import only numpy and FAISS, and training (which reads targets) needs no FAISS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lightning_memdec.io.artifact_dirs import ArtifactError, open_checked, read_meta
+from lightning_memdec.io.tokenizer_identity import check_same_tokenizer
+
+KEYS = "keys.npy"
+VALUES = "values.npy"
+OFFSETS, IDS, PROBS = "offsets.npy", "ids.npy", "probs.npy"
+INDEX = "index.faiss"  # in an index directory, beside its meta.json
+
+
+class Datastore:
+    """A finished datastore directory: ``keys.npy`` [N, d] fp16, ``values.npy`` [N] int32, ``meta.json``."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.meta = read_meta(self.dir, kind="datastore")
+        n, d = self.meta["num_entries"], self.meta["dim"]
+        self.keys = open_checked(self.dir, KEYS, (n, d), "float16")
+        self.values = open_checked(self.dir, VALUES, (n,), "int32")
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.meta["tokenizer"]
+
+    @property
+    def dim(self) -> int:
+        return self.meta["dim"]
+
+    def __len__(self) -> int:
+        return self.meta["num_entries"]
+
+    def identity(self) -> dict:
+        """What makes two datastores the same entries: corpus content, model and key layer."""
+        return {k: self.meta[k] for k in ("corpus_sha256", "model", "layer", "window", "stride", "num_entries")}
+
+
+def check_compatible(queries: Datastore, store: Datastore) -> None:
+    """Queries and store must share tokenizer and key space; the message names both sides."""
+    check_same_tokenizer(queries.tokenizer, f"query datastore {queries.dir}", store.tokenizer, f"datastore {store.dir}")
+    for field in ("dim", "model", "layer"):
+        if queries.meta[field] != store.meta[field]:
+            raise ArtifactError(
+                f"query datastore {queries.dir} has {field}={queries.meta[field]!r} but datastore {store.dir} has "
+                f"{field}={store.meta[field]!r}; build both with the same base LM and key layer."
+            )
+
+
+def check_index_matches(index_dir: str | Path, index_meta: dict, store: Datastore) -> None:
+    """An index (its meta.json; reading it needs no FAISS) must have been built over exactly this datastore."""
+    if index_meta["datastore_identity"] != store.identity():
+        raise ArtifactError(
+            f"index {index_dir} was built over datastore {index_meta['datastore']}, not over {store.dir} "
+            f"(their corpus/model/layer/size differ); rebuild the index or pass the matching datastore."
+        )
+
+
+class Targets:
+    """A finished targets directory (CSR: offsets [N+1] int64, ids int32, probs fp16)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.meta = read_meta(self.dir, kind="targets")
+        n, nnz = self.meta["num_positions"], self.meta["nnz"]
+        self.offsets = open_checked(self.dir, OFFSETS, (n + 1,), "int64")
+        self.ids = open_checked(self.dir, IDS, (nnz,), "int32")
+        self.probs = open_checked(self.dir, PROBS, (nnz,), "float16")
+
+    def __len__(self) -> int:
+        return self.meta["num_positions"]
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return np.asarray(self.ids[lo:hi]), np.asarray(self.probs[lo:hi])
+
+
+def check_targets_match_corpus(targets: Targets, corpus) -> None:
+    """Targets must be for exactly this corpus: same token content, tokenizer and position count."""
+    if targets.meta["tokenizer"]["fingerprint"] != corpus.tokenizer["fingerprint"]:
+        check_same_tokenizer(
+            targets.meta["tokenizer"], f"targets {targets.dir}", corpus.tokenizer, f"corpus {corpus.dir}"
+        )
+    if targets.meta["corpus_sha256"] != corpus.meta["content_sha256"] or len(targets) != corpus.num_positions:
+        raise ArtifactError(
+            f"targets {targets.dir} were built for a corpus of {len(targets) + 1} tokens "
+            f"(content {targets.meta['corpus_sha256']}), but corpus {corpus.dir} has {corpus.num_tokens} tokens "
+            f"(content {corpus.meta['content_sha256']}); build targets for this corpus."
+        )

@@ -1,0 +1,255 @@
+"""Where a corpus's text comes from, as a stream of documents: text files, or a Hugging Face dataset (a hub name,
+or local parquet/json/jsonl/arrow/csv/txt files) read with ``streaming=True``. Nothing is held whole in memory,
+and everything a user can get wrong (a missing file, an unknown format, a wrong column, no text at all) is found
+here, before any work starts.
+
+What a document is:
+
+- text files (``--text``): documents are separated by blank lines (:func:`iter_documents`);
+- dataset rows: each non-blank row is one document (surrounding newlines dropped), or, with ``document_start``
+  (a regular expression), a document runs from a row that matches it to the next one, its rows joined by newlines
+  (WikiText: one row per line, articles start at a level-1 heading: ``--document_start '^ = [^=].* = $'``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import lzma
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lightning_memdec.io.artifact_dirs import ArtifactError, sha256_file
+from lightning_memdec.io.embedded import resolve_text
+
+# local data files: extension → the `datasets` builder that reads it
+DATA_FILE_FORMATS = {
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".txt": "text",
+}
+ROWS_PER_BATCH = 1000
+INSTALL_HINT = "reading Hugging Face datasets needs the `datasets` package: pip install 'lightning_memdec[datasets]'"
+
+
+def open_documents(
+    text: list[str] | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    data_files: list[str] | None = None,
+    text_field: str = "text",
+    document_start: str | None = None,
+) -> tuple[Iterator[str], list[dict]]:
+    """The documents of exactly one source, lazily, and its provenance (recorded in the corpus's meta.json).
+
+    Raises before returning when the source is unusable or holds no document, so a failed run leaves nothing behind.
+    """
+    given = [flag for flag, value in (("--text", text), ("--dataset", dataset), ("--data_files", data_files)) if value]
+    if len(given) != 1:
+        raise ValueError(
+            f"give exactly one source of text: --text FILE (or embedded:<domain>/<split>), --dataset NAME, or "
+            f"--data_files FILE; got {given or 'none'}."
+        )
+    if text and document_start is not None:
+        raise ValueError("--document_start splits dataset rows; text files' documents are separated by blank lines.")
+    if text:
+        paths = [resolve_text(t) for t in text]
+        tables = [str(p) for p in paths if DATA_FILE_FORMATS.get(data_file_suffix(p), "text") != "text"]
+        if tables:
+            raise ValueError(f"{tables} hold rows, not blank-line separated text: give them with --data_files.")
+        sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
+        documents = (d for p in paths for d in iter_documents(p))
+        what = f"the input text {[str(p) for p in paths]}"
+    else:
+        pattern = compile_document_start(document_start)
+        parts = dataset_parts(dataset, dataset_config, split, data_files, text_field)
+        sources = [
+            {**provenance, "text_field": text_field, "document_start": document_start} for _, provenance in parts
+        ]
+        documents = row_documents(parts, text_field, pattern)
+        what = f"the dataset {dataset!r}" if dataset else f"the data files {data_files}"
+    first = next(documents, None)
+    if first is None:
+        raise ArtifactError(f"{what} holds no documents (every row or block is blank); give non-empty text.")
+    return itertools.chain([first], documents), sources
+
+
+def compile_document_start(document_start: str | None) -> re.Pattern | None:
+    if document_start is None:
+        return None
+    try:
+        return re.compile(document_start)
+    except re.error as err:
+        raise ValueError(f"--document_start {document_start!r} is not a regular expression: {err}.") from err
+
+
+def dataset_parts(
+    dataset: str | None, dataset_config: str | None, split: str, data_files: list[str] | None, text_field: str
+) -> list[tuple[Iterable[dict], dict]]:
+    """(batches of rows, provenance) for a hub dataset, or one per local data file, each checked for ``text_field``."""
+    paths = [check_data_file(f) for f in data_files or []]  # every file checked before any is opened
+    datasets = require_datasets()
+    if not paths:
+        provenance = {"dataset": dataset, "config": dataset_config, "split": split}
+        rows = streamed_rows(datasets, (dataset, dataset_config), {"split": split}, text_field, provenance)
+        return [(rows, provenance)]
+    parts = []
+    for path in paths:
+        provenance = {"path": str(path), "sha256": sha256_file(path)}
+        builder, kwargs = (DATA_FILE_FORMATS[data_file_suffix(path)],), {"data_files": [str(path)], "split": "train"}
+        rows = streamed_rows(datasets, builder, kwargs, text_field, provenance) if has_rows(path) else []
+        parts.append((rows, provenance))
+    return parts
+
+
+def streamed_rows(datasets, args: tuple, kwargs: dict, text_field: str, provenance: dict) -> Iterable[dict]:
+    """Batches of rows of ``datasets.load_dataset(*args, **kwargs, streaming=True)``, only ``text_field`` decoded."""
+    try:
+        rows = datasets.load_dataset(*args, **kwargs, streaming=True)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise ValueError(
+            f"cannot open {describe(provenance)}: {err}. A hub dataset needs a network connection (or the local "
+            f"cache); offline, give local files with --data_files."
+        ) from err
+    if check_text_field(rows.column_names, rows.features, text_field, provenance):
+        rows = rows.select_columns([text_field])  # the other columns are never decoded
+    return rows.iter(batch_size=ROWS_PER_BATCH)
+
+
+def require_datasets():
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(INSTALL_HINT) from err
+    return datasets
+
+
+def has_rows(path: Path) -> bool:
+    """False for an empty file or a parquet file of no rows: they hold no text, and `datasets` fails on them."""
+    if path.stat().st_size == 0:
+        return False
+    if DATA_FILE_FORMATS[data_file_suffix(path)] == "parquet":
+        import pyarrow.parquet  # a dependency of datasets
+
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows > 0
+    return True
+
+
+def data_file_suffix(path: Path) -> str:
+    return path.suffix.lower()
+
+
+def check_data_file(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist.")
+    if data_file_suffix(path) not in DATA_FILE_FORMATS:
+        raise ValueError(
+            f"data file {path}: unknown format {path.suffix!r}; the extension must be one of "
+            f"{sorted(DATA_FILE_FORMATS)} (rename it, or convert it to one of them)."
+        )
+    return path
+
+
+def check_text_field(columns: list[str] | None, features, text_field: str, provenance: dict) -> bool:
+    """The column must exist and hold strings; False when the columns are not known yet (as some streamed datasets'
+    are not), so each batch is checked instead."""
+    if columns is None:
+        return False
+    if text_field not in columns:
+        raise missing_column(text_field, columns, provenance)
+    dtype = getattr(features[text_field], "dtype", None) if features is not None else None
+    if dtype is not None and dtype not in ("string", "large_string"):
+        raise ValueError(
+            f"column {text_field!r} of {describe(provenance)} holds {dtype}, not text; choose another --text_field."
+        )
+    return True
+
+
+def describe(provenance: dict) -> str:
+    if "path" in provenance:
+        return f"data file {provenance['path']}"
+    return f"dataset {provenance['dataset']!r} (config {provenance['config']}, split {provenance['split']})"
+
+
+def missing_column(text_field: str, columns: list[str], provenance: dict) -> ValueError:
+    return ValueError(
+        f"{describe(provenance)} has no column {text_field!r}; its columns are {columns}: choose one with --text_field."
+    )
+
+
+def row_documents(
+    parts: Iterable[tuple[Iterable[dict], dict]], text_field: str, document_start: re.Pattern | None
+) -> Iterator[str]:
+    """Documents from parts' batches of rows (``{column: [values]}``, with the part's provenance), lazily.
+
+    The parts are one sequence of rows, so a document may run on from one data file into the next (a dataset cut
+    into shards reads as it does whole); a null row counts as a blank one.
+    """
+    current: list[str] = []
+    for batches, provenance in parts:
+        for batch in batches:
+            if text_field not in batch:
+                raise missing_column(text_field, list(batch), provenance)
+            for row in batch[text_field]:
+                row = "" if row is None else row
+                if not isinstance(row, str):
+                    raise ValueError(
+                        f"column {text_field!r} of {describe(provenance)} holds {type(row).__name__}, not text."
+                    )
+                if document_start is None:
+                    yield from non_blank(row)
+                elif document_start.search(row) and current:
+                    yield from non_blank("\n".join(current))
+                    current = [row.removesuffix("\n")]
+                else:
+                    current.append(row.removesuffix("\n"))
+    if current:
+        yield from non_blank("\n".join(current))
+
+
+def open_text(path: str | Path):
+    """A text file (``.xz`` compressed or not) opened for reading in universal-newline text mode."""
+    path = Path(path)
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_text(path: str | Path) -> str:
+    with open_text(path) as f:
+        return f.read()
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Documents are separated by blank lines; surrounding newlines are dropped, blank ones skipped.
+
+    Read line by line, so a file of any size costs the memory of one document.
+    """
+    with open_text(path) as f:
+        lines: list[str] = []
+        for line in f:
+            line = line.removesuffix("\n")
+            if line:
+                lines.append(line)
+                continue
+            if lines:
+                yield from non_blank("\n".join(lines))
+            lines = []
+        if lines:
+            yield from non_blank("\n".join(lines))
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """All documents of a text file (see :func:`iter_documents`)."""
+    return list(iter_documents(path))
+
+
+def non_blank(document: str) -> Iterator[str]:
+    """The document without surrounding newlines, unless it is blank: the one rule for what counts as text."""
+    if document.strip():
+        yield document.strip("\n")

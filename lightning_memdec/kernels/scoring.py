@@ -1,0 +1,153 @@
+"""The scoring maths, defined once: kNN distributions, gold-token log-probs, the λ mixture, perplexity.
+
+Everything that scores text (kNN targets, the kNN-LM, InterpolatedLM, CrossModelEval, ``memdec evaluate``, the
+quickstart) calls these. Most of it needs only the gold token's probability: a mixture at any λ is
+
+    log p_mix(gold) = log((1 − λ)·p_base(gold) + λ·p_other(gold))
+
+of two per-position arrays, so a λ sweep costs no extra model call. No Lightning, faiss or transformers here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_LAMBDA_GRID",
+    "check_lmbda",
+    "check_lambda_grid",
+    "knn_scores",
+    "knn_gold_log_probs",
+    "gold_log_probs",
+    "mix_log_probs",
+    "perplexity",
+    "mixed_perplexity",
+    "sweep_lambda",
+]
+
+DEFAULT_LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
+
+
+# -- p_kNN -------------------------------------------------------------------------------------------------------------
+
+
+def knn_scores(distances: np.ndarray | torch.Tensor, temperature: float, nearest=None) -> np.ndarray | torch.Tensor:
+    """The kNN-LM's neighbour logits ``(min_k d_k − d_j) / T`` ``[n, k]``: p(neighbour j) = softmax_j of them.
+
+    ``distances`` are squared L2 (+inf for a missing neighbour, which scores −inf). Shifting by the row's nearest
+    distance leaves the softmax unchanged but keeps exp() of a score in (0, 1]. The dtype is kept (the sparse
+    target builder works in float32); ``nearest`` [n, 1] passes row minima a caller already has. A torch tensor
+    gives a tensor on its device, by the same arithmetic (a true division by T, as numpy's).
+    """
+    if isinstance(distances, torch.Tensor):
+        if nearest is None:
+            nearest = distances.amin(dim=1, keepdim=True)
+        divisor = torch.tensor(temperature, dtype=distances.dtype, device=distances.device)
+        return (nearest - distances).div_(divisor)
+    if nearest is None:
+        nearest = distances.min(axis=1, keepdims=True)
+    scores = np.subtract(nearest, distances)
+    scores /= scores.dtype.type(temperature)
+    return scores
+
+
+def knn_gold_log_probs(distances: np.ndarray, is_gold: np.ndarray | torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p_kNN(gold) ``[n]`` float64 = log Σ_{j: v_j = gold} softmax_j(−d_j / T), without any ``[n, V]`` row.
+
+    ``is_gold`` ``[n, k]`` marks the neighbours whose value is the gold token; −inf where none is.
+    """
+    scores = torch.from_numpy(knn_scores(np.asarray(distances, dtype=np.float64), temperature))
+    gold_scores = scores.masked_fill(~torch.as_tensor(is_gold, dtype=torch.bool), -math.inf)
+    return torch.logsumexp(gold_scores, dim=-1) - torch.logsumexp(scores, dim=-1)
+
+
+# -- base LMs ----------------------------------------------------------------------------------------------------------
+
+
+def gold_log_probs(logits: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """log p(label) ``[...]`` float32 from logits ``[..., R]``, normalised over the first ``vocab`` ids only.
+
+    An LM head padded beyond the tokenizer (R > vocab, as Qwen's) is sliced before normalising, so padding rows
+    get no mass. Labels of −100 (not scored) give 0.
+    """
+    logits = logits[..., :vocab].float()
+    labels = labels.to(logits.device)
+    lp = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    return lp.masked_fill(labels == -100, 0.0)
+
+
+# -- the mixture -------------------------------------------------------------------------------------------------------
+
+
+def check_lmbda(lmbda: float) -> float:
+    """λ is a mixture weight; anything outside [0, 1] (or NaN) is not a distribution, so refuse it early."""
+    try:
+        value = float(lmbda)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lmbda must be a number in [0, 1] (the Memory Decoder's weight), got {lmbda!r}.") from err
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(
+            f"lmbda must be in [0, 1] (the Memory Decoder's weight in the mixture; 0 = base only, 1 = decoder only), "
+            f"got {lmbda!r}."
+        )
+    return value
+
+
+def mix_log_probs(base: torch.Tensor, other: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """``log((1 − λ)·p_base + λ·p_other)`` elementwise from two log-probability tensors (numpy: torch.from_numpy).
+
+    λ = 0 and λ = 1 return the corresponding input itself: going through ``log(0) = −inf`` would be exact in
+    principle but is special-cased so the endpoints are bit-identical to the single models.
+    """
+    lmbda = check_lmbda(lmbda)
+    if lmbda == 0.0:
+        return base
+    if lmbda == 1.0:
+        return other
+    log_base_w, log_other_w = math.log1p(-lmbda), math.log(lmbda)
+    needs_grad = torch.is_grad_enabled() and (base.requires_grad or other.requires_grad)
+    if needs_grad or base.shape != other.shape or base.dtype != other.dtype:
+        return torch.logaddexp(base + log_base_w, other + log_other_w)
+    # Same value, one [.., V] allocation instead of three: logaddexp(a + c1, b + c2) = c1 + logaddexp(a, b + c2 - c1).
+    # At vocabulary width, allocating (page-faulting) fresh tensors costs more than the arithmetic.
+    out = other + (log_other_w - log_base_w)
+    torch.logaddexp(base, out, out=out)
+    return out.add_(log_base_w)
+
+
+def perplexity(log_probs: np.ndarray | torch.Tensor) -> float:
+    """exp(−mean log p(gold)); the mean is over positions, so every scored token weighs the same."""
+    log_probs = np.asarray(log_probs, dtype=np.float64)
+    if log_probs.size == 0:
+        raise ValueError("no scored positions: perplexity of an empty text is undefined.")
+    return float(np.exp(-log_probs.mean()))
+
+
+def mixed_perplexity(base, other, lmbda: float) -> float:
+    """Perplexity of the λ mixture of two per-position gold log-prob arrays (numpy arrays or tensors)."""
+    base, other = torch.as_tensor(base, dtype=torch.float64), torch.as_tensor(other, dtype=torch.float64)
+    return perplexity(mix_log_probs(base, other, lmbda))
+
+
+def check_lambda_grid(grid) -> list[float]:
+    """Every λ of a sweep grid checked; an empty grid has no best λ."""
+    grid = [check_lmbda(g) for g in grid]
+    if not grid:
+        raise ValueError("lambda_grid is empty; give at least one λ in [0, 1] (e.g. 0.05 … 0.95).")
+    return grid
+
+
+def sweep_lambda(base, other, grid=DEFAULT_LAMBDA_GRID) -> tuple[float, list[float]]:
+    """The λ of ``grid`` with the lowest mixed perplexity (first on ties), and the perplexity at every λ.
+
+    ``base`` and ``other`` are per-position gold log-probs (numpy arrays or tensors).
+    """
+    grid = check_lambda_grid(grid)
+    ppls = [mixed_perplexity(base, other, lmbda) for lmbda in grid]
+    return grid[int(np.argmin(ppls))], ppls
+
+
+# -- sliding windows -------------------------------------------------------------------------------------------------

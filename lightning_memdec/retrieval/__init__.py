@@ -1,0 +1,1 @@
+"""Nearest-neighbour search: FAISS indexes and their plan, exact search by blocked matrix products."""

@@ -1,0 +1,295 @@
+"""Exact k-nearest-neighbour search by blocked matrix products (torch + numpy only, no FAISS).
+
+Queries × key blocks go through one matrix product per block, squared L2 distances come from the expansion
+‖q‖² − 2 q·k + ‖k‖² (fp32 accumulation; ‖k‖² in fp32 per block), and a running top-k merges each block's best
+candidates into the best so far. Keys stream from the datastore's fp16 memmap in blocks sized to a memory budget
+(half the free device memory on a GPU, :data:`DEFAULT_CPU_MEMORY` on the CPU), the next block read by a helper
+thread while the current one is searched. On a GPU the products run in fp16 (the keys' own precision) with an fp32
+output where torch offers one, else in bf16; on the CPU in fp32.
+
+Why the matrix-product distances alone are not exact: the expansion subtracts large, nearly equal numbers. For a
+near neighbour ‖q − k‖² is much smaller than ‖q‖² + ‖k‖², so an error relative to the norms (fp32 accumulation
+order; in bf16 also inputs rounded to 8 significant bits, where the stored fp16 keys have 11, and a product
+rounded to bf16 when no fp32 output is available) becomes a large relative error of the distance, and can swap
+near-tied neighbours. So the streamed search keeps ``k + margin`` candidates, their distances are recomputed
+directly as Σ (q − k)² in fp32 from the gathered keys, and the final top-k is taken on those: reported distances
+are exact fp32 ones, ids exact up to candidates that the product form misranked by more than the margin.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from lightning_memdec.io.npy_rows import gather_rows, read_rows
+
+__all__ = [
+    "DEFAULT_CPU_MEMORY",
+    "EXACT_CPU_MAX_ELEMENTS",
+    "EXACT_GPU_MAX_ELEMENTS",
+    "SEARCH_BACKENDS",
+    "choose_search",
+    "default_compute_dtype",
+    "memory_budget",
+    "rerank_margin",
+    "block_rows",
+    "check_search_budget",
+    "exact_search",
+    "exact_distances",
+    "resident_keys",
+]
+
+SEARCH_BACKENDS = ("exact", "faiss", "auto")
+DEFAULT_CPU_MEMORY = 1 << 30  # bytes of RAM one exact search may use on the CPU (per rank)
+GPU_MEMORY_FRACTION = 0.5  # of the device's free memory at the start of a search
+RESIDENT_FRACTION = 0.4  # of the device's free memory the whole key matrix may take to stay there between searches
+# N·d up to which exact CPU search is chosen by `auto` (e.g. 131k keys of d = 256, 32k of d = 1024).
+EXACT_CPU_MAX_ELEMENTS = 1 << 25
+# N·d up to which exact GPU search is chosen by `auto` (e.g. 11 M keys of d = 768, 5.4 M of d = 1600): 17 GB of fp16
+# keys, resident on an 80 GB card, 17 GFLOP a query (~1,100 queries/s at the H100's measured rate).
+EXACT_GPU_MAX_ELEMENTS = 1 << 33
+_mm_out_dtype_ok: dict[str, bool] = {}
+
+
+def choose_search(num_entries: int, dim: int, device_type: str, have_index: bool = True) -> str:
+    """The ``auto`` rule of ``build_targets(search=...)``: ``"exact"`` or ``"faiss"``.
+
+    - no index given → exact (the only backend that needs none);
+    - a CUDA device → exact when N·d ≤ :data:`EXACT_GPU_MAX_ELEMENTS` (2^33): a dense fp16 product over the whole
+      store runs at tensor-core speed, is exact, needs no faiss-gpu, and the keys stay resident on the device. The
+      cost per query grows with N·d, so the work of a store's targets grows with N²·d: measured on an H100, 6,249
+      queries/s at 2 M × 768; at the paper's 103 M × 1,600 it would be ~58 queries/s, 20 GPU-days (docs/scaling.md),
+      where IVF-PQ does ~3,000× less work per query;
+    - on the CPU → exact when N·d ≤ :data:`EXACT_CPU_MAX_ELEMENTS` (2^25): a query then costs ≤ 2^26 flops
+      (under a second per thousand queries at ~100 GFLOP/s), less than training and probing an IVF index would save,
+      and the same work as a FAISS Flat index;
+    - otherwise faiss (the given index: IVF-PQ visits a small fraction of the store per query).
+    """
+    if not have_index:
+        return "exact"
+    limit = EXACT_GPU_MAX_ELEMENTS if device_type == "cuda" else EXACT_CPU_MAX_ELEMENTS
+    return "exact" if num_entries * dim <= limit else "faiss"
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """fp32 on the CPU; on a GPU fp16 when its products can be written in fp32 (no overflow, no rounding of the
+    product), else bf16 (fp16's range is too small for a product written back in fp16)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if _mm_with_fp32_output(device) else torch.bfloat16
+
+
+def _mm_with_fp32_output(device: torch.device) -> bool:
+    key = str(device)
+    if key not in _mm_out_dtype_ok:
+        try:
+            a = torch.ones(2, 2, dtype=torch.float16, device=device)
+            _mm_out_dtype_ok[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _mm_out_dtype_ok[key] = False
+    return _mm_out_dtype_ok[key]
+
+
+def _products(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q @ kᵀ as fp32 [n, B]."""
+    if q.dtype != torch.float32 and _mm_with_fp32_output(q.device):
+        return torch.mm(q, k.T, out_dtype=torch.float32)
+    return torch.mm(q, k.T).float()
+
+
+def memory_budget(device: torch.device | str, memory_bytes: int | None = None) -> int:
+    """Bytes one search may use: ``memory_bytes`` if given, else half the free GPU memory, or
+    :data:`DEFAULT_CPU_MEMORY` on the CPU."""
+    if memory_bytes is not None:
+        if memory_bytes <= 0:
+            raise ValueError(f"memory budget must be positive, got {memory_bytes}.")
+        return int(memory_bytes)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_MEMORY_FRACTION)
+    return DEFAULT_CPU_MEMORY
+
+
+def rerank_margin(k: int, compute_dtype: torch.dtype) -> int:
+    """Extra candidates kept for the exact fp32 re-ranking: more where the products are coarser (bf16)."""
+    return 16 + k // 4 if compute_dtype == torch.bfloat16 else 8 + k // 16
+
+
+def _block_bytes(num_queries: int, dim: int, candidates: int, compute_dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes per key row of a block, fixed bytes) of one search's working set: see :func:`block_rows`."""
+    c = torch.tensor([], dtype=compute_dtype).element_size()
+    per_row = dim * (2 + 2 + c + 4) + 12 * num_queries
+    fixed = num_queries * dim * (2 + 4 + c) + 48 * num_queries * candidates
+    return per_row, fixed
+
+
+def block_rows(num_queries: int, dim: int, candidates: int, memory_bytes: int, compute_dtype: torch.dtype) -> int:
+    """Keys per block so that one block's working set fits ``memory_bytes`` (at least 1).
+
+    Per key row: the fp16 block and its compute-dtype copy, an fp32 temporary for ‖k‖², and the fp32 distance
+    column [n] with its top-k workspace; fixed: the queries (fp32 + compute copy) and the running top-k.
+    """
+    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
+    return max(1, (memory_bytes - fixed) // per_row)
+
+
+def check_search_budget(
+    num_queries: int, dim: int, candidates: int, memory_bytes: int, compute_dtype: torch.dtype
+) -> None:
+    """Refuse, before any key is read, a budget that cannot hold the queries, the running top-``candidates`` and one
+    key row: :func:`block_rows` would otherwise exceed it silently. The message gives the chunk size that fits."""
+    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
+    if fixed + per_row <= memory_bytes:
+        return
+    per_query = _block_bytes(1, dim, candidates, compute_dtype)[1] + 12  # what each query adds to fixed + per_row
+    fits = (memory_bytes - _block_bytes(0, dim, candidates, compute_dtype)[0]) // per_query
+    raise ValueError(
+        f"exact search of {num_queries:,} queries × {candidates} candidates (k + re-ranking margin) × d={dim} needs "
+        f"{(fixed + per_row) / 2**20:.1f} MiB before its first key block, over the {memory_bytes / 2**20:.1f} MiB "
+        f"budget; use chunk_size ≤ {max(0, fits):,} or search_memory_gb ≥ {(fixed + per_row) / 2**30:.4f}"
+        + (" (not even one query fits: lower k)." if fits < 1 else ".")
+    )
+
+
+def _host_blocks(keys, size: int):
+    """(start, block) over ``keys``; a numpy/memmap block is read by a helper thread one block ahead."""
+    n = keys.shape[0]
+    if isinstance(keys, torch.Tensor):
+        for b0 in range(0, n, size):
+            yield b0, keys[b0 : b0 + size]
+        return
+
+    def read(b0: int) -> torch.Tensor:
+        return torch.from_numpy(read_rows(keys, b0, b0 + size))  # read, not mapped: RSS stays one block
+
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, 0)
+        for b0 in range(0, n, size):
+            block = ahead.result()
+            if b0 + size < n:
+                ahead = pool.submit(read, b0 + size)
+            yield b0, block
+
+
+def resident_keys(keys, device: torch.device | str, max_bytes: int | None = None, block: int = 1 << 16):
+    """The whole key matrix copied once onto ``device`` (dtype as stored), or None when it is over ``max_bytes``.
+
+    Why: every search call otherwise streams all keys from the host, so building targets in C query chunks moves
+    the store C times over PCIe (on an H100, 3 GB per 4,096-query chunk was the bottleneck, not the products).
+    The copy goes in blocks of ``block`` rows, so host memory stays O(block). Default ``max_bytes``: a
+    :data:`RESIDENT_FRACTION` of the device's free memory (on the CPU: :data:`DEFAULT_CPU_MEMORY`), leaving the
+    rest to the search's own working set.
+    """
+    device = torch.device(device)
+    if max_bytes is None:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else DEFAULT_CPU_MEMORY
+        max_bytes = int(free * RESIDENT_FRACTION) if device.type == "cuda" else free
+    n, d = keys.shape
+    if n * d * keys.dtype.itemsize > max_bytes:
+        return None
+    dtype = keys.dtype if isinstance(keys, torch.Tensor) else torch.from_numpy(np.zeros(0, keys.dtype)).dtype
+    out = torch.empty((n, d), dtype=dtype, device=device)
+    for b0, part in _host_blocks(keys, block):
+        out[b0 : b0 + len(part)].copy_(part)
+    return out
+
+
+def exact_distances(queries: torch.Tensor, keys, ids: torch.Tensor, memory_bytes: int) -> torch.Tensor:
+    """Σ (q − k_id)² in fp32 [n, m] for ids [n, m] (all valid), on the queries' device, computed directly.
+
+    Keys are gathered from ``keys`` (a numpy memmap: each distinct row read once per query batch, in order, without
+    leaving the file mapped; or a torch tensor) in query batches sized to ``memory_bytes``.
+    """
+    n, m = ids.shape
+    d = queries.shape[1]
+    out = torch.empty(n, m, dtype=torch.float32, device=queries.device)
+    rows = max(1, memory_bytes // max(1, m * d * 10))
+    for a in range(0, n, rows):
+        sub = ids[a : a + rows]
+        if isinstance(keys, torch.Tensor):
+            gathered = keys[sub.to(keys.device).reshape(-1)].to(queries.device, torch.float32)
+        else:
+            flat = sub.reshape(-1).cpu().numpy()
+            uniq, inverse = np.unique(flat, return_inverse=True)
+            block = torch.from_numpy(gather_rows(keys, uniq)).to(queries.device)
+            gathered = block.float()[torch.from_numpy(inverse.reshape(-1)).to(queries.device)]
+        diff = gathered.view(len(sub), m, d) - queries[a : a + rows, None, :]
+        out[a : a + rows] = diff.square_().sum(-1)
+    return out
+
+
+@torch.no_grad()
+def exact_search(
+    queries,
+    keys,
+    k: int,
+    query_ids=None,
+    device: torch.device | str = "cpu",
+    memory_bytes: int | None = None,
+    block_size: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    margin: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact k nearest keys of every query by squared L2.
+
+    Args:
+        queries: [n, d] (numpy or torch, any float dtype; fp16 from a datastore is exact in every compute dtype).
+        keys: [N, d] numpy array / ``np.memmap`` (streamed from the host) or a torch tensor (sliced where it is).
+        k: neighbours per query, ≤ N (≤ N − 1 with ``query_ids``).
+        query_ids: [n] int, the query's own key id to exclude (self-exclusion by id, masked inside its block).
+        device: where the products run (``"cuda:1"``, a ``torch.device``, ``"cpu"``).
+        memory_bytes: budget for one block's working set (default :func:`memory_budget`).
+        block_size: keys per block (default :func:`block_rows` from the budget).
+        compute_dtype: dtype of the products (default :func:`default_compute_dtype`).
+        margin: extra candidates re-ranked exactly (default :func:`rerank_margin`).
+
+    Returns (distances [n, k] float32, ids [n, k] int64) on ``device``, each row sorted by (distance, id);
+    distances are Σ (q − k)² in fp32 over the gathered keys (see the module docstring).
+    """
+    device = torch.device(device)
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    num_keys, dim = keys.shape
+    available = num_keys - (1 if query_ids is not None else 0)
+    if not 0 < k <= available:
+        raise ValueError(f"k must be in [1, {available}] for {num_keys} keys, got {k}.")
+    if not isinstance(queries, torch.Tensor):
+        queries = torch.from_numpy(np.array(queries, dtype=np.float32))  # a copy: memmap slices are read-only
+    q32 = queries.to(device, torch.float32)
+    n = q32.shape[0]
+    if q32.ndim != 2 or q32.shape[1] != dim:
+        raise ValueError(f"queries must be [n, {dim}], got {tuple(q32.shape)}.")
+    candidates = min(available, k + (rerank_margin(k, compute_dtype) if margin is None else margin))
+    budget = memory_budget(device, memory_bytes)
+    if block_size is None:  # the budget sets the blocks: it must hold their fixed part
+        check_search_budget(n, dim, candidates, budget, compute_dtype)
+    size = block_size or block_rows(n, dim, candidates, budget, compute_dtype)
+    qc = q32.to(compute_dtype)
+    q_norm = q32.square().sum(1, keepdim=True)
+    own = None if query_ids is None else torch.as_tensor(query_ids, dtype=torch.int64).to(device)
+    best_d = torch.full((n, candidates), math.inf, device=device)
+    best_i = torch.full((n, candidates), -1, dtype=torch.int64, device=device)
+    for b0, block in _host_blocks(keys, size):
+        kb = block.to(device, non_blocking=True)
+        kc = kb.to(compute_dtype)
+        k32 = kc if kc.dtype == torch.float32 else kb.float()
+        k_norm = (k32 * k32).sum(1)
+        dist = _products(qc, kc).mul_(-2).add_(q_norm).add_(k_norm)
+        if own is not None:  # the query's own key, wherever it falls: +inf (no host sync)
+            local = own - b0
+            inside = (local >= 0) & (local < len(kb))
+            col = local.clamp(0, len(kb) - 1)[:, None]
+            dist.scatter_(1, col, torch.where(inside[:, None], math.inf, dist.gather(1, col)))
+        top_d, top_i = dist.topk(min(candidates, len(kb)), dim=1, largest=False, sorted=False)
+        merged_d, merged_i = torch.cat([best_d, top_d], 1), torch.cat([best_i, top_i + b0], 1)
+        best_d, pick = merged_d.topk(candidates, dim=1, largest=False, sorted=False)
+        best_i = merged_i.gather(1, pick)
+    exact = exact_distances(q32, keys, best_i, budget)
+    by_id = best_i.argsort(dim=1, stable=True)  # then a stable sort by distance: ties by id
+    best_i, exact = best_i.gather(1, by_id), exact.gather(1, by_id)
+    order = exact.argsort(dim=1, stable=True)[:, :k]
+    return exact.gather(1, order), best_i.gather(1, order)

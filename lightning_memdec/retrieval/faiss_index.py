@@ -1,0 +1,234 @@
+"""FAISS indexes over datastore keys: build from a factory string, load, search; GPU when asked for.
+
+Exact ``Flat`` search suits small stores; ``IVF<nlist>,PQ<m>`` compresses large ones (the paper's
+setting). ``auto`` picks by store size. Distances are squared L2 throughout.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
+from lightning_memdec.io.capacity import available_ram, check_fits
+from lightning_memdec.io.npy_rows import gather_rows, read_rows
+from lightning_memdec.io.readers import INDEX, Datastore, check_index_matches
+from lightning_memdec.retrieval.index_plan import IndexPlan, gpu_pq_options, plan_index
+
+log = logging.getLogger(__name__)
+
+
+def auto_factory(num_entries: int, dim: int) -> str:
+    """Flat below 200k entries; else IVF with ~4·sqrt(N) lists and PQ with the largest m ≤ 64 dividing d."""
+    return plan_index(num_entries, dim).factory
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def to_gpu(index: faiss.Index, device: int | None = None) -> faiss.Index:
+    """The index on one GPU (``device``: this rank's), or sharded over all visible GPUs when ``device`` is None.
+
+    Under several ranks each must pass its own device: cloning to all GPUs on every rank makes N² copies. An IVF-PQ
+    gets the cloner options faiss-gpu needs for its shape (:func:`~retrieval.index_plan.gpu_pq_options`).
+    """
+    if not gpu_available():
+        raise RuntimeError("use_gpu was asked for, but this faiss has no GPU support; install lightning_memdec[gpu].")
+    options = faiss.GpuMultipleClonerOptions() if device is None else faiss.GpuClonerOptions()
+    options.usePrecomputed, options.useFloat16 = gpu_pq_options(index.d, pq_bytes(index))
+    if device is None:
+        return faiss.index_cpu_to_all_gpus(index, options)
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index, options)
+
+
+def pq_bytes(index: faiss.Index) -> int | None:
+    """Code bytes per key of an IVF-PQ index; None for any other index."""
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return None
+    return int(ivf.pq.M) if isinstance(ivf, faiss.IndexIVFPQ) else None
+
+
+def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
+    if nprobe is None:
+        return
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:
+        pass  # not an IVF index: nothing to probe
+    try:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    except (AttributeError, RuntimeError):
+        pass
+
+
+def build_index(
+    datastore: Path,
+    out: Path,
+    factory: str = "auto",
+    train_size: int | None = None,
+    memory_gb: float = 8.0,
+    add_batch: int = 65_536,
+    nprobe: int = 32,
+    use_gpu: bool = False,
+    seed: int = 0,
+    recall_queries: int = 256,
+    recall_k: int = 64,
+    plan_only: bool = False,
+    overwrite: bool = False,
+) -> Path | IndexPlan:
+    """Build a FAISS index over a datastore's keys; prints its plan first and records its measured recall.
+
+    Args:
+        datastore: datastore directory from `memdec build-datastore`.
+        out: output index directory.
+        factory: FAISS index factory string ("Flat", "IVF1024,PQ32", ...) or "auto" (planned from N, d and the
+            memory budget: see :mod:`lightning_memdec.retrieval.index_plan`).
+        train_size: keys sampled (seeded, across the whole store) to train an IVF index; default: the plan's
+            39–256 per list within ``memory_gb``.
+        memory_gb: RAM budget for the training sample (read across the store, one bounded window at a time).
+        add_batch: keys read and added per step (read from the file, not mapped: resident memory stays one batch).
+        nprobe: IVF lists visited per query; stored in meta.json and applied on load.
+        use_gpu: train and add on all visible GPUs (needs faiss-gpu); the saved index is a CPU index.
+        seed: sampling seed for training keys and recall queries.
+        recall_queries: stored keys used as queries to measure recall@k against exact search (0: skip).
+        recall_k: the k of that recall.
+        plan_only: print the plan (index size, memory, training sample, search cost) and stop.
+        overwrite: replace an existing output.
+    """
+    store = Datastore(datastore)
+    n, d = len(store), store.dim
+    plan = plan_index(n, d, memory_gb=memory_gb, gpu=use_gpu, nprobe=nprobe, factory=factory)
+    print(plan.describe(), flush=True)
+    if plan_only:
+        return plan
+    train_size = plan.train_size if train_size is None else train_size
+    check_build_fits(plan, min(n, train_size) if plan.nlist else 0, use_gpu)
+    try:
+        index = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
+    except RuntimeError as err:
+        raise ValueError(f"invalid FAISS factory string {plan.factory!r} for dimension {d}: {err}") from err
+    if nprobe <= 0:
+        raise ValueError(f"nprobe must be positive, got {nprobe}.")
+    run = {"datastore": store.identity(), "factory": plan.factory, "train_size": train_size, "seed": seed}
+    work = start_work_dir(out, run, overwrite)
+    if use_gpu:
+        index = to_gpu(index)
+    if not index.is_trained:
+        size = min(n, train_size)
+        sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+        log.info("training %s on %d keys", plan.factory, size)
+        index.train(np.ascontiguousarray(gather_rows(store.keys, sample), dtype=np.float32))
+    for start in tqdm(range(0, n, add_batch), desc="build-index", unit="batch"):
+        index.add(np.ascontiguousarray(read_rows(store.keys, start, start + add_batch), dtype=np.float32))
+    if use_gpu:
+        index = faiss.index_gpu_to_cpu(index)
+    set_nprobe(index, nprobe)
+    recall = measured_recall(index, store, recall_queries, recall_k, seed) if recall_queries > 0 else None
+    if recall is not None:
+        print(f"recall@{recall['k']} against exact search on {recall['queries']} stored keys: {recall['recall']:.4f}")
+    faiss.write_index(index, str(work / INDEX))
+    meta = base_meta(
+        "index",
+        factory=plan.factory,
+        dim=d,
+        ntotal=int(index.ntotal),
+        metric="squared_l2",
+        nprobe=nprobe,
+        train_size=int(min(n, train_size)) if plan.nlist else 0,
+        plan={"index_bytes": plan.index_bytes, "flops_per_query": plan.flops_per_query, "notes": plan.notes},
+        recall=recall,
+        datastore=str(Path(datastore).resolve()),
+        datastore_identity=store.identity(),
+        tokenizer=store.tokenizer,
+    )
+    return publish(work, out, meta)
+
+
+def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:
+    """The index being built and its float32 training sample are held in RAM together (on the host even when
+    ``use_gpu``, where the built index comes back): refuse before training when they exceed the available RAM."""
+    needed = plan.index_bytes + train_size * plan.dim * 4
+    fix = (
+        "pass --memory_gb lower (a smaller training sample, fewer lists) or --train_size, or a factory with fewer "
+        "PQ bytes per key (IVF…,PQ<m> with smaller m); a Flat index holds N × d × 4 bytes."
+    )
+    where = "GPU build, index copied back" if use_gpu else "in RAM"
+    check_fits(needed, available_ram(), f"building {plan.factory} ({where}: index + training sample)", fix)
+
+
+def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) -> dict:
+    """recall@k of ``index`` against exact search (torch, blocked) for ``queries`` stored keys drawn at random."""
+    from lightning_memdec.retrieval.exact_search import exact_search
+
+    n = len(store)
+    k = min(k, n)
+    rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(queries, n), replace=False))
+    q = np.asarray(gather_rows(store.keys, rows), dtype=np.float32)
+    _, found = index.search(q, k)
+    _, truth = exact_search(q, store.keys, k)
+    truth = truth.numpy()
+    hits = sum(len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, truth))
+    return {"k": k, "queries": len(rows), "recall": hits / (len(rows) * k)}
+
+
+class KeyIndex:
+    """A built index directory, loaded for search (optionally moved to one GPU, ``device``, or to all of them)."""
+
+    def __init__(
+        self, directory: str | Path, use_gpu: bool = False, nprobe: int | None = None, device: int | None = None
+    ):
+        self.dir = Path(directory)
+        self.meta = read_meta(self.dir, kind="index")
+        path = self.dir / INDEX
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; rebuild the index.")
+        index = faiss.read_index(str(path))
+        if index.ntotal != self.meta["ntotal"] or index.d != self.meta["dim"]:
+            raise ArtifactError(
+                f"{path} holds {index.ntotal}×{index.d} keys but meta.json says "
+                f"{self.meta['ntotal']}×{self.meta['dim']}; rebuild it."
+            )
+        self.index = to_gpu(index, device) if use_gpu else index
+        set_nprobe(self.index, nprobe or self.meta["nprobe"])
+
+    def check_datastore(self, store: Datastore) -> None:
+        check_index_matches(self.dir, self.meta, store)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared-L2 distances [n, k] float32 and ids [n, k] int64 (-1 where fewer than k exist)."""
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def exact_squared_l2(
+    queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, memory_bytes: int = 256 * 2**20
+) -> np.ndarray:
+    """Recompute ||q − k_id||² in fp32 from the stored keys (IVF-PQ distances are approximate); +inf where an id
+    is missing (-1).
+
+    Blocks of queries are processed so the gathered ``[rows, k, d]`` keys stay under ``memory_bytes`` (the whole
+    chunk at once would be queries × k × d × 4 bytes: 32 GiB for 4,096 × 1,024 × 2,048-dim keys). Within a block
+    each distinct key is read once, and the keys file is not left mapped (``npy_rows.gather_rows``).
+    """
+    n, k = ids.shape
+    d = keys.shape[1]
+    rows = max(1, memory_bytes // max(1, 2 * k * d * 4))  # gathered keys and their differences
+    out = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, rows):
+        out[start : start + rows] = _exact_block(queries[start : start + rows], keys, ids[start : start + rows])
+    return out
+
+
+def _exact_block(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    flat = ids.reshape(-1)
+    valid = flat >= 0
+    gathered = np.zeros((flat.size, keys.shape[1]), dtype=np.float32)
+    gathered[valid] = gather_rows(keys, flat[valid])
+    dist = ((gathered.reshape(*ids.shape, -1) - np.asarray(queries, dtype=np.float32)[:, None, :]) ** 2).sum(-1)
+    return np.where(ids >= 0, dist, np.inf).astype(np.float32)

@@ -1,0 +1,1 @@
+"""The offline pipeline's resumable stages: datastore keys/values and sparse kNN targets."""

@@ -1,0 +1,281 @@
+"""Build a kNN-LM datastore: a base LM's hidden state (key) and the next token (value) for every position.
+
+Entry ``i`` is position ``i`` of the corpus. Keys are computed over sliding windows so every entry has at
+least ``window - stride + 1`` tokens of context; batches of windows are the resumable chunks, spread over
+devices by :mod:`lightning_memdec.stages.chunked_predict`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from lightning_memdec.hf.key_capture import KeyCapture, body
+from lightning_memdec.hf.loading import find_tokenizer, load_causal_lm, resolve_model
+from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, partial_dir, publish, start_work_dir
+from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
+from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
+from lightning_memdec.io.readers import KEYS, VALUES
+from lightning_memdec.io.token_corpus import Corpus, position_windows
+from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
+from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
+
+PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
+VALUES_BLOCK = 1 << 22  # tokens copied into values.npy at a time (16 MiB of int32)
+
+
+class KeyExtractor(L.LightningModule):
+    """Runs the base LM body over batches of windows and returns the hooked layer's output."""
+
+    def __init__(
+        self,
+        model: str,
+        layer: str | None,
+        corpus_dir: str,
+        window: int,
+        stride: int,
+        batch_windows: int,
+        work: str,
+        precision: str = "32",
+    ):
+        super().__init__()
+        self.model_path, self.layer_path, self.precision = model, layer, precision
+        self.corpus_dir, self.work = corpus_dir, Path(work)
+        self.window, self.stride, self.batch_windows = window, stride, batch_windows
+        self.lm = None
+
+    def configure_model(self) -> None:
+        if self.lm is None:
+            self.lm = load_causal_lm(self.model_path, dtype=PRECISIONS[self.precision]).eval()
+            self.capture = KeyCapture(self.lm, self.layer_path)
+
+    @torch.inference_mode()
+    def key_dim(self) -> int:
+        """Width of the hooked layer's output, from a two-token forward pass."""
+        with self.capture.capturing() as cap:
+            body(self.lm)(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device), use_cache=False)
+        return int(cap.value.shape[-1])
+
+    def predict_dataloader(self):
+        corpus = Corpus(self.corpus_dir)
+        windows = position_windows(corpus.num_positions, self.window, self.stride)
+        num_chunks = -(-len(windows) // self.batch_windows)
+
+        def make_item(chunk: int) -> dict:
+            sel = slice(chunk * self.batch_windows, (chunk + 1) * self.batch_windows)
+            starts = windows.starts[sel]
+            # read, not mapped: a rank's resident set would otherwise grow to the whole token file
+            ids = np.stack([read_rows(corpus.tokens, s, s + self.window).astype(np.int64) for s in starts])
+            return {
+                "input_ids": torch.from_numpy(ids),
+                "starts": torch.from_numpy(starts),
+                "score_from": torch.from_numpy(windows.score_from[sel]),
+            }
+
+        return chunk_loader(self, num_chunks, self.work, make_item)
+
+    @torch.inference_mode()
+    def predict_step(self, batch, batch_idx):
+        if is_idle(batch):
+            return None
+        with self.capture.capturing() as cap:
+            body(self.lm)(input_ids=batch["input_ids"], use_cache=False)
+        batch["keys"] = cap.value.to(torch.float16).cpu().numpy()
+        return batch
+
+
+class KeyWriter(BasePredictionWriter):
+    """Writes each chunk's scored keys at their global rows of the keys file, then marks it done.
+
+    Rank 0 creates the file (a sparse ``.npy`` of the final size); every rank then writes its rows with ``pwrite``
+    rather than through a memory map, whose written pages would stay in the rank's resident set until the end
+    (the whole keys file, 330 GB for the paper's store). ``fdatasync`` before the marker keeps a resumed run exact.
+    """
+
+    def __init__(self, work: Path, num_entries: int):
+        super().__init__(write_interval="batch")
+        self.work, self.num_entries = work, num_entries
+        self.fd = None
+
+    def on_predict_start(self, trainer, pl_module):
+        path = self.work / KEYS
+        if trainer.is_global_zero and not path.exists():
+            tmp = self.work / ("tmp-" + KEYS)
+            shape = (self.num_entries, pl_module.key_dim())
+            create_npy(tmp, np.float16, shape)
+            tmp.rename(path)
+        trainer.strategy.barrier()
+        dim = np.load(path, mmap_mode="r").shape[1]
+        self.offset, self.row_bytes = data_offset(path), dim * 2
+        self.fd = os.open(path, os.O_RDWR)
+
+    def on_predict_end(self, trainer, pl_module):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if prediction is None:  # an idle rank's placeholder step
+            return
+        keys = prediction["keys"]
+        for row, (start, score_from) in enumerate(
+            zip(prediction["starts"].tolist(), prediction["score_from"].tolist())
+        ):
+            write_rows(self.fd, self.offset, self.row_bytes, start + score_from, keys[row, score_from:])
+        os.fdatasync(self.fd)
+        mark_done(self.work, int(prediction["chunk"]))
+
+
+def build_datastore(
+    corpus: Path,
+    model: str,
+    out: Path,
+    layer: str | None = None,
+    window: int = 1024,
+    stride: int = 512,
+    batch_windows: int = 8,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    precision: Literal["32", "bf16", "16"] = "32",
+    overwrite: bool = False,
+    callbacks: Sequence[L.Callback] = (),
+) -> Path:
+    """Run a base causal LM over a corpus and store (key, next token) for every position.
+
+    Args:
+        corpus: corpus directory from `memdec tokenize`.
+        model: base causal LM, Hugging Face name or local directory.
+        out: output datastore directory.
+        layer: module path whose output is the key (integers index layer lists, -1 = last); default:
+            the input of the last block's MLP for GPT-2, GPT-NeoX, Llama, Qwen2/3 and Mistral.
+        window: tokens per window (context length).
+        stride: new positions per window; each position gets >= window - stride + 1 tokens of context.
+        batch_windows: windows per forward pass; also the resumable chunk size.
+        accelerator: Lightning accelerator (cpu, gpu, auto).
+        devices: devices per node.
+        strategy: Lightning strategy (e.g. ddp for several devices).
+        num_nodes: nodes.
+        precision: weights and forward pass in float32 (``32``), ``bf16`` or ``16``. Keys are stored in fp16
+            whatever the precision; bf16/fp16 halve the model's memory and run on tensor cores, at a key error of
+            about 1e-2 relative (bf16 keeps 8 mantissa bits), small beside the neighbour distances it ranks.
+        overwrite: replace an existing output / discard an unfinished run with other settings.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
+    data = Corpus(corpus)
+    lm_config = _model_config(model)
+    layer = layer or _default_layer_for(lm_config, model)
+    _check_model_vocab(data, model, lm_config)
+    _check_layer(lm_config, layer)
+    windows = position_windows(data.num_positions, window, stride)
+    check_disk(Path(out), data.num_positions, lm_config)
+    run_config = {
+        "corpus": data.meta["content_sha256"],
+        "model": str(model),
+        "layer": layer,
+        "window": window,
+        "stride": stride,
+        "batch_windows": batch_windows,
+        "precision": precision,
+    }
+    work = start_work_dir(out, run_config, overwrite)
+    extractor = KeyExtractor(str(model), layer, str(corpus), window, stride, batch_windows, str(work), precision)
+    writer = KeyWriter(work, data.num_positions)
+    trainer = run_sharded_predict(extractor, writer, accelerator, devices, strategy, num_nodes, callbacks)
+    if not trainer.is_global_zero:
+        return Path(out)
+    num_chunks = -(-len(windows) // batch_windows)
+    finish_chunks(work, num_chunks)
+    dim = int(np.load(work / KEYS, mmap_mode="r").shape[1])
+    write_values(work / VALUES, data)
+    meta = base_meta(
+        "datastore",
+        model=str(model),
+        model_type=lm_config.model_type,
+        layer=layer,
+        dim=dim,
+        key_dtype="float16",
+        precision=precision,
+        num_entries=data.num_positions,
+        window=window,
+        stride=stride,
+        corpus=str(Path(corpus).resolve()),
+        corpus_sha256=data.meta["content_sha256"],
+        tokenizer=data.tokenizer,
+    )
+    return publish(work, out, meta)
+
+
+def write_values(path: Path, data: Corpus, block: int = VALUES_BLOCK) -> None:
+    """values.npy: the next token of every position (tokens[1:] as int32), copied ``block`` tokens at a time."""
+    with NpyAppender(path, np.int32, length=data.num_positions) as out:
+        for lo in range(1, data.num_tokens, block):
+            out.append(read_rows(data.tokens, lo, lo + block))
+
+
+def check_disk(out: Path, num_entries: int, config) -> None:
+    """Keys (fp16, one row of the model's hidden size per position) and values (int32) must fit the disk before a
+    forward pass runs: the keys file is sparse, and a write into it on a full disk kills the run (SIGBUS)."""
+    dim = getattr(config, "hidden_size", None)
+    if not dim:
+        return
+    work = partial_dir(out)
+    needed = num_entries * (2 * dim + 4) - allocated_bytes(work / KEYS) - allocated_bytes(work / VALUES)
+    check_fits(
+        needed,
+        free_disk(out),
+        f"the datastore for {num_entries:,} positions × {dim} dims (keys fp16 + values int32) in {out}",
+        "free disk space or choose an --out on a larger file system; keys take N × d × 2 bytes.",
+    )
+
+
+def _model_config(model: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(model))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load base LM {str(model)!r}: not a model directory or hub name ({err}).") from err
+
+
+def _default_layer_for(config, model: str) -> str:
+    from lightning_memdec.hf.key_capture import DEFAULT_KEY_LAYERS
+
+    if config.model_type not in DEFAULT_KEY_LAYERS:
+        raise ValueError(
+            f"no default key layer for {model!r} (model type {config.model_type!r}); pass --layer with a module path."
+        )
+    return DEFAULT_KEY_LAYERS[config.model_type]
+
+
+def _check_model_vocab(data: Corpus, model: str, config) -> None:
+    """The corpus's tokenizer must be the model's: same ids (when the model ships a tokenizer), ids in range."""
+    tok = find_tokenizer(model)
+    if tok is not None:
+        check_same_tokenizer(data.tokenizer, f"corpus {data.dir}", tokenizer_info(tok, str(model)), f"base LM {model}")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and vocab < data.tokenizer["vocab_size"]:
+        raise ArtifactError(
+            f"base LM {model} has a vocabulary of {vocab} ids, but corpus {data.dir} was tokenized with "
+            f"{data.tokenizer['name']} (vocab {data.tokenizer['vocab_size']}); use a base LM of that tokenizer."
+        )
+
+
+def _check_layer(config, layer: str) -> None:
+    """Resolve the layer path on a weightless (meta-device) copy, so a typo fails before any work starts."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_memdec.hf.key_capture import resolve_layer
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    resolve_layer(skeleton, layer)

@@ -1,0 +1,359 @@
+"""kNN training targets: for every query position, the sparse next-token distribution of its neighbours.
+
+p_kNN(y | x) = Σ_{j ∈ N(x), v_j = y} softmax_j(−d(x, k_j) / T), with d the squared L2 distance. Stored
+as CSR, position-aligned with the query corpus: row ``i`` is ``ids[offsets[i]:offsets[i+1]]`` with
+``probs`` (fp16) sorted by probability. Query chunks are spread over ranks like the datastore's windows;
+each rank searches a replica of the FAISS index, or (``search="exact"``) all keys by blocked matrix products on its
+own device (:mod:`lightning_memdec.retrieval.exact_search`), building the sparse rows there too. Only the FAISS backend
+imports faiss.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
+from lightning_memdec.io.capacity import available_ram, check_fits
+from lightning_memdec.io.npy_rows import read_rows
+from lightning_memdec.io.readers import INDEX, Datastore, check_compatible, check_index_matches
+from lightning_memdec.kernels.sparse_targets import knn_distributions, stored_rows
+from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
+from lightning_memdec.retrieval.exact_search import (
+    SEARCH_BACKENDS,
+    check_search_budget,
+    choose_search,
+    default_compute_dtype,
+    exact_search,
+    memory_budget,
+    rerank_margin,
+    resident_keys,
+)
+from lightning_memdec.retrieval.index_plan import check_gpu_k, plan_index
+from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, run_sharded_predict
+from lightning_memdec.stages.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
+
+log = logging.getLogger(__name__)
+VALUES_BLOCK = 1 << 22  # values copied to the search device at a time (16 MiB of int32)
+
+
+class KNNTargetSearcher(L.LightningModule):
+    """Searches one chunk of query positions and turns the neighbours into sparse distributions.
+
+    ``search="faiss"``: the FAISS index (k + 1 neighbours when self-excluding), then the numpy kernel on the host.
+    ``search="exact"``: :func:`~retrieval.exact_search.exact_search` on this rank's device (the own id masked
+    inside its key block), then on a GPU :func:`~kernels.sparse_targets_torch.knn_distributions_torch` there, so
+    only the CSR pieces move to the host (on the CPU the numpy kernel).
+    """
+
+    def __init__(
+        self,
+        queries: str,
+        datastore: str,
+        index: str,
+        work: str,
+        k: int,
+        temperature: float,
+        self_exclude: bool,
+        exact_distances: bool,
+        max_support: int | None,
+        min_prob: float | None,
+        chunk_size: int,
+        nprobe: int | None,
+        use_gpu: bool,
+        search: str = "faiss",
+        search_memory: int | None = None,
+    ):
+        super().__init__()
+        self.queries_dir, self.store_dir, self.index_dir, self.work = queries, datastore, index, Path(work)
+        self.k, self.temperature, self.self_exclude = k, temperature, self_exclude
+        self.exact, self.max_support, self.min_prob = exact_distances, max_support, min_prob
+        self.chunk_size, self.nprobe, self.use_gpu = chunk_size, nprobe, use_gpu
+        self.search, self.search_memory, self.device_values = search, search_memory, None
+        self.device_keys = None
+
+    def setup(self, stage: str) -> None:
+        self.query_store = Datastore(self.queries_dir)
+        self.store = Datastore(self.store_dir)
+        if self.search == "faiss":
+            from lightning_memdec.retrieval.faiss_index import KeyIndex
+
+            gpu = faiss_gpu_for_rank(self.trainer) if self.use_gpu else None
+            self.index = KeyIndex(self.index_dir, use_gpu=self.use_gpu, nprobe=self.nprobe, device=gpu)
+
+    def predict_dataloader(self):
+        n = len(self.query_store)
+
+        def make_item(chunk: int) -> dict:
+            rows = np.arange(chunk * self.chunk_size, min(n, (chunk + 1) * self.chunk_size))
+            return {"rows": rows}
+
+        return chunk_loader(self, -(-n // self.chunk_size), self.work, make_item)
+
+    def predict_step(self, batch, batch_idx):
+        if is_idle(batch):
+            return None
+        rows = batch["rows"].cpu().numpy()
+        queries = read_rows(self.query_store.keys, rows[0], rows[-1] + 1)  # not mapped: RSS stays one chunk
+        search = self.exact_rows if self.search == "exact" else self.faiss_rows
+        counts, tok, prob = stored_rows(*search(queries, rows))
+        return {"chunk": batch["chunk"], "counts": counts, "ids": tok, "probs": prob}
+
+    def exact_rows(self, queries: np.ndarray, rows: np.ndarray):
+        own = rows.astype(np.int64) if self.self_exclude else None
+        if self.device.type == "cuda" and self.device_keys is None:  # once per rank, when the store fits its GPU
+            self.device_keys = resident_keys(self.store.keys, self.device)
+            log.info("keys %s on %s", "resident" if self.device_keys is not None else "streamed per chunk", self.device)
+        keys = self.store.keys if self.device_keys is None else self.device_keys
+        dist, ids = exact_search(queries, keys, self.k, own, self.device, self.search_memory)
+        if dist.device.type == "cpu":
+            return knn_distributions(
+                dist.numpy(),
+                ids.numpy(),
+                self.store.values,
+                self.temperature,
+                None,
+                None,
+                self.max_support,
+                self.min_prob,
+            )
+        if self.device_values is None or self.device_values.device != dist.device:
+            self.device_values = values_on(self.store.values, dist.device)
+        tokens = self.device_values[ids]
+        return knn_distributions_torch(dist, tokens, self.temperature, self.max_support, self.min_prob)
+
+    def faiss_rows(self, queries: np.ndarray, rows: np.ndarray):
+        from lightning_memdec.retrieval.faiss_index import exact_squared_l2
+
+        queries = queries.astype(np.float32)
+        search_k = self.k + 1 if self.self_exclude else self.k
+        dist, ids = self.index.search(queries, search_k)
+        if self.exact:
+            dist = exact_squared_l2(queries, self.store.keys, ids)
+        return knn_distributions(
+            dist,
+            ids,
+            self.store.values,
+            self.temperature,
+            query_ids=rows.astype(np.int64) if self.self_exclude else None,
+            k=self.k,
+            max_support=self.max_support,
+            min_prob=self.min_prob,
+        )
+
+
+def values_on(values: np.ndarray, device: torch.device, block: int = VALUES_BLOCK) -> torch.Tensor:
+    """The datastore's values [N] int32 on ``device`` (4 bytes per entry there), copied ``block`` at a time so the
+    host never holds more than one block (a whole copy would be 412 MB for the paper's 103 M entries)."""
+    out = torch.empty(len(values), dtype=torch.int32, device=device)
+    for lo in range(0, len(values), block):
+        out[lo : lo + block] = torch.from_numpy(read_rows(values, lo, lo + block))
+    return out
+
+
+def build_targets(
+    datastore: Path,
+    index: Path | None = None,
+    out: Path | None = None,
+    queries: Path | None = None,
+    k: int = 1024,
+    temperature: float = 16.0,
+    exact_distances: bool = False,
+    max_support: int | None = None,
+    min_prob: float | None = None,
+    chunk_size: int = 4096,
+    nprobe: int | None = None,
+    use_gpu: bool = False,
+    search: str = "auto",
+    search_memory_gb: float | None = None,
+    accelerator: str = "cpu",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    overwrite: bool = False,
+    callbacks: Sequence[L.Callback] = (),
+) -> Path:
+    """Build sparse kNN next-token distributions for every position of a corpus.
+
+    Args:
+        datastore: the datastore searched (its values are the predicted tokens).
+        index: FAISS index over that datastore, from `memdec build-index`; not needed (and not read) with
+            ``search="exact"``.
+        out: output targets directory (required).
+        queries: datastore of the positions to build targets for (its keys are the queries); default: the
+            searched datastore itself, with each position's own entry excluded by id. Use a datastore of
+            the validation split to build validation targets.
+        k: neighbours per position (paper: 1024); capped at the store size with a warning.
+        temperature: T in softmax(−d/T) over squared L2 distances (paper: 16).
+        exact_distances: recompute exact fp32 distances from the stored keys (for IVF-PQ indexes).
+        max_support: keep at most this many tokens per position, then renormalise.
+        min_prob: drop tokens below this probability, then renormalise.
+        chunk_size: query positions per search call; also the resumable chunk.
+        nprobe: IVF lists visited per query (default: the index's meta.json).
+        use_gpu: FAISS search on GPU (faiss-gpu); under several devices each rank uses its own GPU.
+        search: "exact" (blocked matrix products over all keys on each rank's device, exact fp32 distances, no
+            FAISS), "faiss" (the index), or "auto": the rule of
+            :func:`~lightning_memdec.retrieval.exact_search.choose_search` (exact on a GPU, without an index, or when
+            N·d ≤ 2^25; else faiss).
+        search_memory_gb: memory one exact search may use per rank (default: half the free GPU memory; 1 GiB of
+            RAM on the CPU); sets the key block size, not the result.
+        accelerator: Lightning accelerator for spreading chunks over ranks.
+        devices: devices (ranks) per node.
+        strategy: Lightning strategy (e.g. ddp).
+        num_nodes: nodes.
+        overwrite: replace an existing output / discard an unfinished run with other settings.
+    """
+    check_target_settings(k, temperature, max_support, min_prob)
+    if out is None:
+        raise ValueError("out (the targets directory to write) is required.")
+    store = Datastore(datastore)
+    query_store = Datastore(queries) if queries is not None else store
+    check_compatible(query_store, store)
+    self_exclude = query_store.identity() == store.identity()
+    if index is not None:  # checked whichever backend runs: an index over another store is a mistake
+        check_index_matches(index, read_meta(index, kind="index"), store)
+    search = pick_search(search, index, store, accelerator)
+    if search == "faiss" and use_gpu:
+        check_gpu_k(k, self_match=self_exclude)
+    factory, index_nprobe = None, None
+    if search == "faiss":  # its meta.json only: the ranks load the index (a copy here would stay for the whole run)
+        index_meta = read_meta(index, kind="index")
+        factory, index_nprobe = index_meta["factory"], index_meta["nprobe"]
+    available = len(store) - (1 if self_exclude else 0)
+    if k > available:
+        log.warning("k=%d exceeds the %d entries available; using k=%d.", k, available, available)
+        k = available
+    memory = None if search_memory_gb is None else int(search_memory_gb * 2**30)
+    check_ranks_fit(search, index, store.dim, min(chunk_size, len(query_store)), k, available, memory,
+                    accelerator, devices, use_gpu)  # fmt: skip
+    run_config = {
+        "queries": query_store.identity(),
+        "datastore": store.identity(),
+        "search": search,
+        "index": factory,
+        "k": k,
+        "temperature": temperature,
+        "exact_distances": exact_distances,
+        "max_support": max_support,
+        "min_prob": min_prob,
+        "chunk_size": chunk_size,
+        "nprobe": nprobe,
+    }
+    work = start_work_dir(out, run_config, overwrite)
+    paths = (str(query_store.dir), str(store.dir), str(index), str(work))
+    settings = (k, temperature, self_exclude, exact_distances, max_support, min_prob, chunk_size, nprobe, use_gpu)
+    searcher = KNNTargetSearcher(*paths, *settings, search, memory)
+    trainer = run_sharded_predict(searcher, ChunkFileWriter(work), accelerator, devices, strategy, num_nodes, callbacks)
+    if not trainer.is_global_zero:
+        return Path(out)
+    num_chunks = -(-len(query_store) // chunk_size)
+    finish_chunks(work, num_chunks)
+    num_positions, nnz = merge_chunks(work, num_chunks)
+    shutil.rmtree(work / CHUNKS)
+    settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob")}
+    settings["exact_distances"] = exact_distances or search == "exact"
+    settings["nprobe"] = None if search == "exact" else nprobe or index_nprobe
+    return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
+
+
+def pick_search(search: str, index: Path | None, store: Datastore, accelerator: str) -> str:
+    """The backend for ``build_targets(search=...)``; ``auto`` follows :func:`choose_search` for this accelerator."""
+    if search not in SEARCH_BACKENDS:
+        raise ValueError(f"search must be one of {SEARCH_BACKENDS}, got {search!r}.")
+    if search == "faiss" and index is None:
+        raise ValueError("search='faiss' needs an index (memdec build-index); or use search='exact', which needs none.")
+    if search == "exact" and index is not None:
+        log.info("search='exact' searches all keys directly; the index %s is not used.", index)
+    if search != "auto":
+        return search
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return choose_search(len(store), store.dim, "cuda" if cuda else "cpu", have_index=index is not None)
+
+
+def check_ranks_fit(
+    search: str,
+    index: Path | None,
+    dim: int,
+    chunk: int,
+    k: int,
+    available: int,
+    memory: int | None,
+    accelerator: str,
+    devices: int | str,
+    use_gpu: bool,
+) -> None:
+    """Before any search: each rank's exact-search budget must hold a chunk's queries and top-k, and on the host the
+    ranks of this node together must fit the RAM (each holds its own FAISS index replica, or its exact budget)."""
+    on_host = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    ranks = int(devices) if str(devices).isdigit() else 1
+    if search == "exact" and (on_host or memory is not None):
+        dtype = default_compute_dtype("cpu") if on_host else torch.bfloat16  # bf16: the widest margin on a GPU
+        budget = memory_budget("cpu", memory)
+        check_search_budget(chunk, dim, min(available, k + rerank_margin(k, dtype)), budget, dtype)
+        if on_host:
+            fix = "pass --devices lower or --search_memory_gb lower (smaller key blocks, same result)."
+            check_fits(ranks * budget, available_ram(), f"{ranks} ranks' exact-search blocks on this host", fix)
+    if search == "faiss" and not use_gpu:
+        path, meta = Path(index) / INDEX, read_meta(index, kind="index")
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; rebuild the index.")
+        replica = plan_index(meta["ntotal"], meta["dim"], factory=meta["factory"]).index_bytes  # loaded, with tables
+        fix = (
+            "pass --devices lower (fewer ranks per node), search on GPUs (--use_gpu true, or --search exact on a "
+            "GPU), or build an index with fewer bytes per key (a smaller PQ m)."
+        )
+        check_fits(ranks * replica, available_ram(), f"{ranks} ranks' FAISS index replicas in RAM", fix)
+
+
+def faiss_gpu_for_rank(trainer) -> int | None:
+    """The GPU a rank's FAISS index goes on: its own (the strategy's root device, else its local rank when several
+    ranks share the machine), so N ranks make N copies, not N²; None for one CPU process (the index may shard)."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return device.index or 0
+    return trainer.local_rank if trainer.world_size > 1 else None
+
+
+def check_target_settings(k: int, temperature: float, max_support: int | None, min_prob: float | None) -> None:
+    """Refuse settings that cannot give distributions, before any search (``not x > 0`` also refuses NaN)."""
+    if not k > 0:
+        raise ValueError(f"k must be positive, got {k}.")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}.")
+    if max_support is not None and not max_support > 0:
+        raise ValueError(f"max_support must be positive, got {max_support}.")
+    if min_prob is not None and not 0 <= min_prob < 1:
+        raise ValueError(f"min_prob must be in [0, 1), got {min_prob}.")
+
+
+def targets_meta(
+    store: Datastore,
+    queries: Datastore,
+    index_factory: str | None,
+    num_positions: int,
+    nnz: int,
+    self_excluded: bool,
+    settings: dict,
+) -> dict:
+    """meta.json of a targets directory: what was searched, with which settings, for which corpus and tokenizer."""
+    return base_meta(
+        "targets",
+        num_positions=num_positions,
+        nnz=nnz,
+        self_excluded=self_excluded,
+        index_factory=index_factory,
+        datastore=str(store.dir.resolve()),
+        queries=queries.identity(),
+        corpus=queries.meta["corpus"],
+        corpus_sha256=queries.meta["corpus_sha256"],
+        model=store.meta["model"],
+        layer=store.meta["layer"],
+        tokenizer=store.tokenizer,
+        **settings,
+    )

@@ -1,0 +1,1 @@
+"""Training the Memory Decoder: DataModule, LightningModule, callbacks, fit, vocabulary transfer."""

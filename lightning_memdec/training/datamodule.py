@@ -1,0 +1,297 @@
+"""`MemDecDataModule`: token windows with their position-aligned sparse kNN targets.
+
+A window of ``W`` positions starting at ``s`` holds input ids ``tokens[s:s+W]``, labels
+``tokens[s+1:s+W+1]`` and the CSR target rows ``s..s+W-1``; only its new positions (``loss_mask``)
+carry loss. Batches pad the support to the largest row in the batch (capped by ``max_support``), so the
+dense ``[B, W, V]`` target tensor is never built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from lightning_memdec.io.readers import Targets, check_targets_match_corpus
+from lightning_memdec.io.token_corpus import Corpus, position_windows
+
+PAD_WINDOW = -1
+
+
+class WindowTargetsDataset(Dataset):
+    """Windows of a corpus with their targets; index ``-1`` is a fully masked filler window (see sampler).
+
+    Without ``targets`` the windows carry an empty support (plain language-model data, for CE-only
+    training such as pretraining a base or the paper's CE-only ablation).
+    """
+
+    def __init__(
+        self, corpus: str | Path, targets: str | Path | None, window: int, stride: int, max_support: int | None = None
+    ):
+        self.corpus_dir = Path(corpus)
+        self.targets_dir = None if targets is None else Path(targets)
+        corpus_ = Corpus(corpus)
+        targets_meta = None
+        if targets is not None:
+            targets_ = Targets(targets)
+            check_targets_match_corpus(targets_, corpus_)
+            targets_meta = targets_.meta
+        self.windows = position_windows(corpus_.num_positions, window, stride)
+        self.window, self.max_support = window, max_support
+        self.meta = {"corpus": corpus_.meta, "targets": targets_meta}
+        self._corpus: Corpus | None = None
+        self._targets: Targets | None = None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _open(self) -> tuple[Corpus, Targets | None]:
+        # memmaps are opened lazily so each dataloader worker maps the files itself
+        if self._corpus is None:
+            self._corpus = Corpus(self.corpus_dir)
+            self._targets = None if self.targets_dir is None else Targets(self.targets_dir)
+        return self._corpus, self._targets
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        corpus, targets = self._open()
+        filler = j == PAD_WINDOW
+        j = 0 if filler else j
+        start, w = int(self.windows.starts[j]), self.window
+        tokens = np.asarray(corpus.tokens[start : start + w + 1], dtype=np.int64)
+        mask = np.arange(w) >= self.windows.score_from[j]
+        item = {
+            "input_ids": torch.from_numpy(tokens[:-1]),
+            "labels": torch.from_numpy(tokens[1:]),
+            "loss_mask": torch.from_numpy(mask & (not filler)),
+            "start": torch.tensor(-1 if filler else start),
+        }
+        if targets is None:
+            empty = {"target_ids": torch.zeros(w, 1, dtype=torch.int32), "target_probs": torch.zeros(w, 1).half()}
+            return {**item, **empty}
+        ids, probs = self._target_rows(targets, start)
+        return {**item, "target_ids": torch.from_numpy(ids), "target_probs": torch.from_numpy(probs)}
+
+    def _target_rows(self, targets: Targets, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """CSR rows of positions [start, start + W) as padded [W, support] arrays."""
+        w = self.window
+        offsets = np.asarray(targets.offsets[start : start + w + 1])
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        counts = np.diff(offsets)
+        rows = np.repeat(np.arange(w), counts)
+        cols = np.arange(hi - lo) - np.repeat(offsets[:-1] - lo, counts)
+        support = int(counts.max())
+        if self.max_support is not None:
+            support = min(support, self.max_support)
+        keep = cols < support
+        # int32 ids and fp16 probs as stored (the loss upcasts on the device): half the bytes of int64/fp32 through
+        # the workers, pinned memory and the host-to-device copy, with support up to k = 1024 per position.
+        ids = np.zeros((w, support), dtype=np.int32)
+        probs = np.zeros((w, support), dtype=np.float16)
+        ids[rows[keep], cols[keep]] = targets.ids[lo:hi][keep]
+        probs[rows[keep], cols[keep]] = targets.probs[lo:hi][keep]
+        if self.max_support is not None and support < counts.max():
+            # rows are sorted by prob: the cap keeps the top tokens; renormalised in fp32, stored back in fp16
+            p32 = probs.astype(np.float32)
+            probs = (p32 / p32.sum(1, keepdims=True)).astype(np.float16)
+        return ids, probs
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack windows, padding the support dimension with probability-0 entries."""
+    support = max(item["target_ids"].shape[1] for item in items)
+    pad = lambda t: torch.nn.functional.pad(t, (0, support - t.shape[1]))
+    return {
+        "input_ids": torch.stack([i["input_ids"] for i in items]),
+        "labels": torch.stack([i["labels"] for i in items]),
+        "target_ids": torch.stack([pad(i["target_ids"]) for i in items]),
+        "target_probs": torch.stack([pad(i["target_probs"]) for i in items]),
+        "loss_mask": torch.stack([i["loss_mask"] for i in items]),
+        "start": torch.stack([i["start"] for i in items]),
+    }
+
+
+class EvenShardSampler(DistributedSampler):
+    """Each rank gets a disjoint share of the windows, padded with masked filler windows (index -1).
+
+    Every window is seen exactly once per epoch, and every rank runs the same number of steps, which
+    DDP/FSDP need (the standard sampler repeats windows instead, counting them twice). Windows are dealt
+    round-robin, so the ranks' batches of a step together are the batch of one process with ``num_replicas``
+    times the batch size. After a mid-epoch resume the first epoch iterated skips the windows this rank already
+    trained on (:meth:`resume`).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.num_samples = math.ceil(len(dataset) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self._resume: tuple[int, int] | None = None  # (epoch, windows of this rank already done)
+
+    def resume(self, epoch: int, done: int) -> None:
+        self._resume = (epoch, done)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(n))
+        order += [PAD_WINDOW] * (self.total_size - n)
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            mine = mine[self._resume[1] :]
+        self._resume = None
+        return iter(mine)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose checkpointed state lets a run killed mid-epoch continue with the very next windows.
+
+    Lightning stores ``state_dict()`` in the checkpoint and hands it back on resume. The state is the epoch and
+    the number of this rank's batches the training loop has processed (``progress()``, read from the trainer
+    when the checkpoint is written), so prefetched-but-unused batches are not counted as trained.
+    """
+
+    def __init__(self, *args, progress: Callable[[], tuple[int, int]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.progress() if self.progress is not None else (0, 0)
+        return {"epoch": epoch, "batches": batches, "batch_size": self.batch_size, "ranks": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["ranks"] != self.sampler.num_replicas or state["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"the checkpoint was written with {state['ranks']} ranks × batch size {state['batch_size']}, this "
+                f"run has {self.sampler.num_replicas} × {self.batch_size}; resume with the same devices and "
+                "data.batch_size (or start the epoch afresh from an end-of-epoch checkpoint)."
+            )
+        if state["batches"] * self.batch_size < self.sampler.num_samples:  # an epoch-end state skips nothing
+            self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
+
+
+class MemDecDataModule(L.LightningDataModule):
+    """Streams token windows and sparse kNN targets from memmapped corpus and targets directories.
+
+    Args:
+        train_corpus: corpus directory of the training split (`memdec tokenize`).
+        train_targets: targets directory built for it (`memdec build-targets`); None trains on next
+            tokens alone (requires model.beta=0).
+        val_corpus: corpus directory of the validation split.
+        val_targets: targets for the validation split (queries = a datastore of that split).
+        test_corpus: corpus directory of the test split (`memdec test`); without it the test stage refuses to run.
+        test_targets: targets for the test split (then test/loss includes the KL term).
+        window: positions per training window (the decoder's context length).
+        stride: new positions per window (= window: non-overlapping blocks, every position trained once).
+        batch_size: windows per batch and device (R devices × b train like one device with R·b).
+        max_support: cap on target tokens per position (the top ones, renormalised); None keeps all.
+        num_workers: dataloader worker processes.
+        seed: shuffling seed (the epoch is added each epoch).
+    """
+
+    def __init__(
+        self,
+        train_corpus: str,
+        train_targets: str | None = None,
+        val_corpus: str | None = None,
+        val_targets: str | None = None,
+        test_corpus: str | None = None,
+        test_targets: str | None = None,
+        window: int = 1024,
+        stride: int | None = None,
+        batch_size: int = 8,
+        max_support: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if val_targets is not None and val_corpus is None:
+            raise ValueError("val_targets needs val_corpus.")
+        if test_targets is not None and test_corpus is None:
+            raise ValueError("test_targets needs test_corpus.")
+        if (train_targets is None) != (val_targets is None) and val_corpus is not None:
+            raise ValueError("give targets for both train and validation splits, or for neither.")
+        self.save_hyperparameters()
+        self.stride = stride or window
+        self.train: WindowTargetsDataset | None = None
+        self.val: WindowTargetsDataset | None = None
+        self.test: WindowTargetsDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        if self.train is None:
+            self.train = WindowTargetsDataset(h.train_corpus, h.train_targets, h.window, self.stride, h.max_support)
+        if self.val is None and h.val_corpus is not None:
+            self.val = self._split("validation", h.val_corpus, h.val_targets)
+        if stage == "test" and self.test is None:
+            if h.test_corpus is None:
+                raise ValueError("`memdec test` needs data.test_corpus (a corpus directory of the test split).")
+            self.test = self._split("test", h.test_corpus, h.test_targets)
+
+    def _split(self, what: str, corpus: str, targets: str | None) -> WindowTargetsDataset:
+        """An evaluation split, refused when its tokenizer is not the training corpus's."""
+        h = self.hparams
+        dataset = WindowTargetsDataset(corpus, targets, h.window, self.stride, h.max_support)
+        if dataset.meta["corpus"]["tokenizer"]["fingerprint"] != self.train.meta["corpus"]["tokenizer"]["fingerprint"]:
+            raise ValueError(f"{what} corpus {corpus} uses another tokenizer than training corpus {h.train_corpus}.")
+        return dataset
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.train.meta["corpus"]["tokenizer"]["name"]
+
+    def provenance(self) -> dict:
+        """What the decoder was trained on, for the exported model's meta.json."""
+        t = self.train.meta["targets"] or {}
+        keys = (
+            "model",
+            "layer",
+            "k",
+            "temperature",
+            "index_factory",
+            "corpus",
+            "corpus_sha256",
+            "datastore",
+            "tokenizer",
+        )
+        return {
+            "train_targets": self.hparams.train_targets,
+            **{k: t.get(k) for k in keys},
+            "tokenizer": self.train.meta["corpus"]["tokenizer"],
+        }
+
+    def _loader(self, dataset: WindowTargetsDataset, shuffle: bool, resumable: bool = False) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EvenShardSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed)
+        extra = {"progress": self._training_progress} if resumable else {}
+        return (ResumableLoader if resumable else DataLoader)(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=trainer is not None and trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+            **extra,
+        )
+
+    def _training_progress(self) -> tuple[int, int]:
+        """(epoch, training batches this rank has processed in it): what a checkpoint written now has trained on."""
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True, resumable=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val is None:
+            return []
+        return self._loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test, shuffle=False)

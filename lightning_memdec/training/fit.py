@@ -1,0 +1,96 @@
+"""Training entry points: the LightningCLI behind ``memdec fit|validate|test`` and :func:`fit` for Python.
+
+Both build the same :class:`MemDecCLI` — the Memory Decoder module and DataModule, with checkpointing,
+Hugging Face export and a learning-rate monitor always present — so a run started from Python and one
+started from YAML on the command line are the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_memdec.training.callbacks import ExportHuggingFace
+from lightning_memdec.training.datamodule import MemDecDataModule
+from lightning_memdec.training.lightning_module import MemoryDecoderModule
+from lightning_memdec.training.vocab_transfer import budget_steps
+
+
+class MemDecCLI(LightningCLI):
+    """LightningCLI for the Memory Decoder, with checkpointing and Hugging Face export built in."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(ExportHuggingFace, "export")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_argument(
+            "--budget_fraction",
+            type=float,
+            default=0.1,
+            help="a decoder from `memdec transfer-vocab` trains this fraction of its source run's "
+            "steps when trainer.max_steps is unset (-1)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in (None, "fit") and cfg.trainer.max_steps == -1:
+            steps = budget_steps(cfg.model.model, cfg.budget_fraction)
+            if steps is not None:
+                rank_zero_info(
+                    f"transferred decoder: trainer.max_steps = {steps} ({cfg.budget_fraction} of its source run)"
+                )
+                cfg.trainer.max_steps = steps
+
+    def export_dir(self) -> Path:
+        """Where the ExportHuggingFace callback writes the trained model."""
+        export = next(c for c in self.trainer.callbacks if isinstance(c, ExportHuggingFace))
+        return export.resolve_dir(self.trainer)
+
+
+def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> MemDecCLI:
+    """The ``memdec fit|validate|test`` command line (``args`` None: LightningCLI reads ``sys.argv``)."""
+    from jsonargparse import set_parsing_settings
+
+    # configs say ${data.window}; under the fit/validate/test subcommands that path is relative
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    with warnings.catch_warnings():
+        # args are passed on purpose (packaged configs resolved, or a dict from Python), not by mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return MemDecCLI(
+            MemoryDecoderModule,
+            MemDecDataModule,
+            args=args,
+            run=run,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+
+
+def fit(config: dict[str, Any], ckpt_path: str | Path | None = None) -> Path:
+    """Train the Memory Decoder (or any causal LM: ``model.beta: 0``) from a config dict; returns the export dir.
+
+    ``config`` has the sections of a ``memdec fit`` YAML (``model``, ``data``, ``trainer``, and optionally
+    ``checkpoint``, ``export``, ``lr_monitor``, ``budget_fraction``, ``seed_everything``); build it with
+    :func:`lightning_memdec.io.packaged_configs.load_config` to start from shipped YAML files.
+    ``ckpt_path`` resumes (``"last"``: the newest checkpoint of ``checkpoint.dirpath``).
+    """
+    config = copy.deepcopy(config)  # the parser turns nested dicts into Namespaces in place
+    if "model" not in config or "data" not in config:
+        raise ValueError(f"a fit config needs 'model' and 'data' sections, got {sorted(config)}.")
+    cli = lightning_cli(config, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    return cli.export_dir()

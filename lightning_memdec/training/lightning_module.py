@@ -1,0 +1,212 @@
+"""`MemoryDecoderModule`: a small causal LM trained to imitate kNN-LM distributions.
+
+loss = β·KL(p_kNN ‖ p_mem) + (1 − β)·CE(next token), computed sparsely (see :mod:`kernels.memdec_loss`).
+The decoder is any Hugging Face causal LM, continued from a checkpoint (as the paper does from GPT-2
+small / Qwen2.5-0.5B) or built from a config. Works under any Lightning strategy: the model is created
+in ``configure_model`` so FSDP can shard it as it is built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from lightning_memdec.kernels.memdec_loss import memdec_loss
+
+
+class MemoryDecoderModule(L.LightningModule):
+    """The Memory Decoder and its training objective.
+
+    Args:
+        model: Hugging Face causal LM to continue training from (name, local directory, or a shipped base such
+            as ``embedded:base-small``).
+        config: instead of ``model``, a Hugging Face config to train from scratch: a ``config.json`` path,
+            or a mapping with ``model_type`` and its fields (e.g. ``{model_type: gpt2, n_layer: 6}``).
+        beta: weight of the KL term (1 − beta weights the next-token cross-entropy); paper: 0.5.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps (or a fraction of all steps when < 1).
+        lr_schedule: decay after warm-up: cosine, linear or constant.
+        min_lr_ratio: the learning rate decays to this fraction of the peak.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        config: str | dict[str, Any] | None = None,
+        beta: float = 0.5,
+        learning_rate: float = 5e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: float = 0.05,
+        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        min_lr_ratio: float = 0.1,
+    ):
+        super().__init__()
+        if (model is None) == (config is None):
+            raise ValueError(
+                "give exactly one of model (a name/path to continue from) or config (to train from scratch)."
+            )
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}.")
+        self.save_hyperparameters()
+        self.decoder = None
+        # one set per evaluation stage, so `memdec test` never mixes with validation during fit
+        self.eval_metrics = torch.nn.ModuleDict(
+            {split: torch.nn.ModuleDict({"ce": MeanMetric(), "loss": MeanMetric()}) for split in ("val", "test")}
+        )
+
+    # -- model -----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.decoder is not None:
+            return
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from lightning_memdec.hf.loading import load_causal_lm
+
+        h = self.hparams
+        if h.model is not None:
+            # from_pretrained returns eval mode; Lightning keeps sub-module modes, so switch dropout back on
+            # float32 master weights whatever dtype the checkpoint was saved in (mixed precision casts per op)
+            self.decoder = load_causal_lm(h.model, dtype=torch.float32).train()
+        else:
+            if isinstance(h.config, str):
+                cfg = AutoConfig.from_pretrained(h.config)
+            else:
+                fields = dict(h.config)
+                cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            self.decoder = AutoModelForCausalLM.from_config(cfg)
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or getattr(datamodule, "train", None) is None:
+            return
+        if datamodule.train.meta["targets"] is None and self.hparams.beta > 0:
+            raise ValueError(
+                f"beta={self.hparams.beta} needs kNN targets; set data.train_targets or use beta 0 "
+                "(next-token loss only)."
+            )
+        vocab = datamodule.train.meta["corpus"]["tokenizer"]["vocab_size"]
+        if self.decoder.config.vocab_size < vocab:
+            raise ValueError(
+                f"the decoder has {self.decoder.config.vocab_size} output ids, but the data uses tokenizer "
+                f"{datamodule.tokenizer_name} with {vocab}; use a decoder of the same tokenizer."
+            )
+        max_pos = getattr(self.decoder.config, "max_position_embeddings", None) or getattr(
+            self.decoder.config, "n_positions", None
+        )
+        if max_pos is not None and datamodule.hparams.window > max_pos:
+            raise ValueError(
+                f"data window {datamodule.hparams.window} exceeds the decoder's {max_pos} positions; lower data.window."
+            )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder(input_ids=input_ids, use_cache=False).logits
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _loss(self, batch: dict[str, torch.Tensor]):
+        logits = self(batch["input_ids"])
+        return memdec_loss(
+            logits,
+            batch["labels"],
+            batch["target_ids"],
+            batch["target_probs"],
+            batch["loss_mask"],
+            beta=self.hparams.beta,
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The step's loss is the mean over the positions of every rank's batch, as one process with all of them.
+
+        Each rank's loss is a mean over its own positions, and DDP/FSDP average gradients over ranks. Ranks hold
+        different numbers of positions (a filler window has none, a corpus's last window fewer), so the plain
+        average of rank means would weigh a rank's positions by 1 / its count and let a filler-only rank halve the
+        step. One all-reduce of (positions, loss sums) gives the global count N; returning
+        ``loss · n · world / N`` makes the averaged gradient that of the global mean, and the logged values are the
+        global means, the same on every rank.
+        """
+        out = self._loss(batch)
+        tokens = batch["loss_mask"].sum()
+        sums = torch.stack([tokens.float(), *(value.detach() * tokens for value in out)])
+        sums = self._sum_over_ranks(sums)
+        count = sums[0].clamp(min=1)
+        loss, kl, ce = sums[1:] / count
+        if not torch.isfinite(loss):  # the same verdict on every rank, so none is left waiting in an all-reduce
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}: kl={kl.item()}, ce={ce.item()}; this rank's "
+                f"{out.loss.item()}) at global step {self.global_step}, batch {batch_idx}, windows starting at corpus "
+                f"positions {batch['start'].tolist()}; lower the learning rate or check the targets there."
+            )
+        n = batch["input_ids"].shape[0]
+        self.log_dict({"train/loss": loss, "train/kl": kl, "train/ce": ce}, prog_bar=True, batch_size=n)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return out.loss * (tokens * world / count)
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None:  # called outside a Trainer (a test, a script): one process
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val", prog_bar=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluation_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test", prog_bar=False)
+
+    def _evaluation_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        out = self._loss(batch)
+        tokens = batch["loss_mask"].sum()
+        if tokens > 0:  # token-weighted means, so ranks and batches of different sizes count what they hold
+            self.eval_metrics[split]["ce"].update(out.ce, weight=tokens)
+            self.eval_metrics[split]["loss"].update(out.loss, weight=tokens)
+
+    def _log_evaluation(self, split: str, prog_bar: bool) -> None:
+        metrics = self.eval_metrics[split]
+        ce = metrics["ce"].compute()
+        # the metrics are already reduced over ranks; sync_dist only averages equal values (and tells Lightning so)
+        values = {f"{split}/loss": metrics["loss"].compute(), f"{split}/ce": ce, f"{split}/ppl": torch.exp(ce)}
+        self.log_dict(values, prog_bar=prog_bar, sync_dist=True)
+        for metric in metrics.values():
+            metric.reset()
+
+    # -- optimisation ----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        decay, no_decay = [], []
+        for _, p in self.decoder.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(h.warmup_steps * total) if h.warmup_steps < 1 else int(h.warmup_steps)
+        schedule = lr_lambda(total, warmup, h.lr_schedule, h.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
+    """Multiplier of the peak learning rate at a step: linear warm-up, then cosine/linear/constant decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * shape
+
+    return factor
