@@ -1,8 +1,8 @@
 """Where a corpus's text comes from, as a stream of documents: text files or a Hugging Face dataset.
 
-A dataset is a hub name or local parquet/json/jsonl/arrow/csv/txt files, read with ``streaming=True``. Nothing is held whole in memory,
-and everything a user can get wrong (a missing file, an unknown format, a wrong column, no text at all) is found
-here, before any work starts.
+A dataset is a hub name or local parquet/json/jsonl/arrow/csv/txt files, read with ``streaming=True``.
+Nothing is held whole in memory, and everything a user can get wrong (a missing file, an unknown format, a wrong
+column, no text at all) is found here, before any work starts.
 
 What a document is:
 
