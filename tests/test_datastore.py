@@ -9,8 +9,9 @@ from conftest import save_tiny
 
 from lightning_memdec.hf.key_capture import DEFAULT_KEY_LAYERS, resolve_layer
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
-from lightning_memdec.stages.datastore import Datastore, build_datastore
+from lightning_memdec.stages.datastore import build_datastore
 
 
 class SimulatedKill(Exception):

@@ -20,9 +20,9 @@ from lightning_memdec.evaluation.latency import generation_throughput, model_lat
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.token_corpus import position_windows
 from lightning_memdec.kernels.scoring import mix_log_probs, mixed_perplexity, perplexity
-from lightning_memdec.stages.datastore import Datastore
 from lightning_memdec.training.callbacks import CrossModelEval
 from lightning_memdec.training.fit import lightning_cli
 

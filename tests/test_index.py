@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from lightning_memdec.io.artifact_dirs import ArtifactError
+from lightning_memdec.io.readers import Datastore
 from lightning_memdec.retrieval.faiss_index import KeyIndex, auto_factory, build_index
-from lightning_memdec.stages.datastore import Datastore
 
 
 def brute_force(keys, queries, k):

@@ -8,9 +8,9 @@ from conftest import save_tiny
 from test_datastore import Interrupt, SimulatedKill
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
-from lightning_memdec.io.readers import Targets
+from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.io.token_corpus import tokenize
-from lightning_memdec.stages.datastore import Datastore, build_datastore
+from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.stages.targets import build_targets
 
 
