@@ -79,4 +79,4 @@ class LegacyPathFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def install() -> None:
     if not any(isinstance(f, LegacyPathFinder) for f in sys.meta_path):
-        sys.meta_path.append(LegacyPathFinder())
+        sys.meta_path.insert(0, LegacyPathFinder())  # before the path finder: `assets` is also a data folder

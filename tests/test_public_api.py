@@ -1,0 +1,56 @@
+"""The package's public API and the 0.1 module paths kept for one release."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+import lightning_memdec
+from lightning_memdec import legacy_paths
+
+
+def test_every_public_name_resolves_to_its_definition():
+    for name, module in lightning_memdec.PUBLIC_API.items():
+        obj = getattr(lightning_memdec, name)
+        assert obj is getattr(importlib.import_module(module), name)
+    assert set(lightning_memdec.__all__) == {"__version__", *lightning_memdec.PUBLIC_API}
+
+
+def test_unknown_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lightning_memdec.nope  # noqa: B018
+
+
+def test_importing_the_package_loads_no_torch():
+    """`import lightning_memdec` (and so `memdec --help`) stays cheap: the API loads on first use."""
+    code = "import sys, lightning_memdec; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("old", sorted(legacy_paths.OLD_TO_NEW))
+def test_old_module_paths_alias_the_new_modules_with_a_warning(old):
+    new = importlib.import_module(f"lightning_memdec.{legacy_paths.OLD_TO_NEW[old]}")
+    sys.modules.pop(f"lightning_memdec.{old}", None)
+    with pytest.warns(DeprecationWarning, match=f"lightning_memdec.{old} moved to {new.__name__}"):
+        aliased = importlib.import_module(f"lightning_memdec.{old}")
+    assert aliased is new
+
+
+def test_old_class_paths_in_configs_still_resolve():
+    """A 0.1 YAML's `class_path: lightning_memdec.callbacks.CrossModelEval` loads the same class."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_memdec.training.callbacks import CrossModelEval
+
+    parser = ArgumentParser()
+    parser.add_argument("--cb", type=CrossModelEval)
+    sys.modules.pop("lightning_memdec.callbacks", None)
+    with pytest.warns(DeprecationWarning):
+        cfg = parser.parse_args(
+            ["--cb", '{"class_path": "lightning_memdec.callbacks.CrossModelEval", "init_args": {"bases": ["x"]}}']
+        )
+    assert cfg.cb.class_path.endswith("CrossModelEval")
