@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report
@@ -40,7 +39,13 @@ from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
-from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, check_lambda_grid, check_lmbda, mix_log_probs
+from lightning_memdec.kernels.scoring import (
+    DEFAULT_LAMBDA_GRID,
+    check_lambda_grid,
+    check_lmbda,
+    mix_log_probs,
+    vocab_log_probs,
+)
 
 __all__ = ["downstream", "next_token_log_probs", "dcpmi_scores", "choose_lambda", "PromptScorer"]
 
@@ -55,7 +60,7 @@ def next_token_log_probs(model, vocab: int, input_ids: torch.Tensor, attention_m
     """log p(next token | row) ``[B, vocab]`` float32 after the last position of left-padded rows.
 
     Positions count real tokens only (GPT-2 would shift a left-padded row otherwise); the head is sliced to
-    ``vocab`` before normalising, as :class:`~lightning_memdec.inference.interpolated_lm.InterpolatedLM` does.
+    ``vocab`` before normalising (:func:`~lightning_memdec.kernels.scoring.vocab_log_probs`), as everywhere.
     """
     inputs = {
         "input_ids": input_ids.to(model.device),
@@ -65,8 +70,7 @@ def next_token_log_probs(model, vocab: int, input_ids: torch.Tensor, attention_m
     }
     if "logits_to_keep" in forward_params(model):
         inputs["logits_to_keep"] = 1
-    logits = model(**inputs, return_dict=True).logits[:, -1, :vocab]
-    return F.log_softmax(logits.float(), dim=-1)
+    return vocab_log_probs(model(**inputs, return_dict=True).logits[:, -1], vocab)
 
 
 def dcpmi_scores(
@@ -145,7 +149,7 @@ def _knn_side(knnlm: KNNLM):
 
     def sides(ids, mask):
         logits, keys = knnlm.base_forward(ids, mask)
-        return {"base": F.log_softmax(logits[:, -1], dim=-1), "knn": knnlm.knn_log_probs(keys[:, -1])}
+        return {"base": vocab_log_probs(logits[:, -1], knnlm.vocab), "knn": knnlm.knn_log_probs(keys[:, -1])}
 
     return sides
 

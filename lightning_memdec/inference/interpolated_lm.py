@@ -37,7 +37,7 @@ from lightning_memdec.hf.loading import (
 )
 from lightning_memdec.hf.paired_generation import PairCache, PairCacheGeneration
 from lightning_memdec.io.tokenizer_identity import describe_tokenizer, tokenizer_info
-from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs
+from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_log_probs
 
 __all__ = ["InterpolatedLM", "InterpolatedLMConfig", "PairCache"]
 
@@ -216,8 +216,7 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         logits = out.logits
         if not self._takes_logits_to_keep[side] and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
-        # Slice a padded head to the shared ids *before* normalising, so padding rows get no probability mass.
-        log_probs = F.log_softmax(logits[..., : self.config.vocab_size].float(), dim=-1)
+        log_probs = vocab_log_probs(logits, self.config.vocab_size)  # a padded head's extra rows get no mass
         return log_probs, getattr(out, self._cache_arg[side], None)
 
     def forward(

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from lightning_memdec.hf.loading import (
@@ -29,7 +28,15 @@ from lightning_memdec.hf.loading import (
 )
 from lightning_memdec.inference.sliding_window import ScoreFn
 from lightning_memdec.io.tokenizer_identity import describe_tokenizer, tokenizer_info
-from lightning_memdec.kernels.scoring import check_lmbda, gold_log_probs, knn_gold_log_probs, knn_scores, mix_log_probs
+from lightning_memdec.kernels.scoring import (
+    check_lmbda,
+    gold_log_probs,
+    knn_gold_log_probs,
+    knn_scores,
+    mix_log_probs,
+    vocab_log_probs,
+    vocab_logits,
+)
 
 __all__ = ["KNNLM", "knnlm_scorer"]
 
@@ -192,7 +199,7 @@ class KNNLM(torch.nn.Module):
                 use_cache=False,
                 return_dict=True,
             )
-        return out.logits[..., : self.vocab].float(), cap.value
+        return vocab_logits(out.logits, self.vocab), cap.value
 
     def neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances ``[n, k]`` float64 (+inf for a missing neighbour) and their tokens ``[n, k]``."""
@@ -236,7 +243,7 @@ class KNNLM(torch.nn.Module):
     def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mixed next-token log-probabilities ``[B, T, V]`` (float32); padded positions keep the base's."""
         logits, keys = self.base_forward(input_ids, attention_mask)
-        base_lp = F.log_softmax(logits, dim=-1)
+        base_lp = vocab_log_probs(logits, self.vocab)
         if self.lmbda == 0.0:
             return base_lp
         if attention_mask is None:  # every position is real: no masked copies of [B, T, V] tensors
@@ -265,7 +272,7 @@ class KNNLM(torch.nn.Module):
             with self.capture.capturing() as cap:
                 out = self.base(input_ids=step, use_cache=True, return_dict=True, **{cache_arg: cache}, **last_only)
             cache = getattr(out, cache_arg)
-            log_probs = F.log_softmax(out.logits[:, -1, : self.vocab].float(), dim=-1)
+            log_probs = vocab_log_probs(out.logits[:, -1], self.vocab)
             if self.lmbda > 0.0:
                 knn = self.knn_log_probs(cap.value[:, -1]).to(log_probs.device)
                 log_probs = mix_log_probs(log_probs, knn, self.lmbda)
