@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report
 from lightning_memdec.evaluation.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
+from lightning_memdec.hf.left_padding import left_padded_batches
 from lightning_memdec.hf.loading import (
     context_length,
     find_tokenizer,
@@ -123,17 +124,11 @@ class PromptScorer:
     def run(self, prompts: list[str], sides, token_ids: list[int], desc: str) -> dict[str, np.ndarray]:
         """``sides(input_ids, mask) -> {name: log-probs [B, V]}``; returns ``{name: [N, K]}`` at ``token_ids``."""
         encoded = self.encode(prompts)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
         cols = torch.as_tensor(token_ids, dtype=torch.long)
         out: dict[str, np.ndarray] = {}
-        for b0 in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
-            rows = order[b0 : b0 + self.batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(encoded[i]) :] = torch.as_tensor(encoded[i])
-                mask[r, width - len(encoded[i]) :] = 1
+        batches = left_padded_batches(encoded, self.batch_size, self.pad_id)
+        total = math.ceil(len(encoded) / self.batch_size)
+        for rows, ids, mask in tqdm(batches, desc=desc, total=total, unit="batch", leave=False):
             for name, lp in sides(ids, mask).items():
                 arr = out.setdefault(name, np.zeros((len(encoded), len(token_ids))))
                 arr[rows] = lp[:, cols.to(lp.device)].double().cpu().numpy()
