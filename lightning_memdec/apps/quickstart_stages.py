@@ -253,7 +253,7 @@ def base_tokenizers(refs: list[str], tokenizer: str | None) -> str:
     """The tokenizer all ``refs`` share (and ``tokenizer``, when given); refuses models whose tokenizers differ."""
     from lightning_memdec.hf.loading import find_tokenizer
     from lightning_memdec.io.embedded import ASSETS, load_tokenizer
-    from lightning_memdec.io.tokenizer_identity import tokenizer_fingerprint
+    from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
 
     found = {}
     for ref in refs:
@@ -263,14 +263,15 @@ def base_tokenizers(refs: list[str], tokenizer: str | None) -> str:
         found[ref] = tok
     if tokenizer is not None:
         found[f"--tokenizer {tokenizer}"] = load_tokenizer(tokenizer)
-    prints = {ref: tokenizer_fingerprint(tok) for ref, tok in found.items()}
-    if len(set(prints.values())) > 1:
-        listed = "; ".join(f"{ref}: {found[ref].name_or_path} (vocab {len(found[ref])})" for ref in found)
-        raise ValueError(
-            f"the quickstart's models must share one tokenizer (a Memory Decoder plugs into bases of the same "
-            f"vocabulary), but they differ: {listed}. Pass bases of one family, or --pretrain_bases true with "
-            f"--tokenizer for a tokenizer of your choice."
-        )
+    infos = {ref: tokenizer_info(tok, Path(tok.name_or_path).name or ref) for ref, tok in found.items()}
+    first = refs[0]
+    fix = (
+        "the quickstart's models must share one tokenizer (a Memory Decoder plugs into bases of the same "
+        "vocabulary): pass bases of one family, or --pretrain_bases true with --tokenizer for one of your choice"
+    )
+    for ref, info in infos.items():
+        what = ref if ref.startswith("--") else f"--base {ref}"
+        check_same_tokenizer(infos[first], f"--base {first}", info, what, fix)
     if tokenizer is not None:
         return tokenizer
     path = Path(found[refs[0]].name_or_path)

@@ -36,7 +36,7 @@ from lightning_memdec.hf.loading import (
     position_ids_from_mask,
     torch_device,
 )
-from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
@@ -171,9 +171,11 @@ class _Run:
 
     def score_base(self, name: str, model, tok, knnlm: KNNLM | None) -> None:
         """Every task with one base: alone, + MemDec, + kNN-LM."""
-        pair = InterpolatedLM(model, self.decoder, 0.0, base_tokenizer=tok) if self.decoder is not None else None
-        vocab = pair.config.vocab_size if pair is not None else len(tok)
-        limits = [self.max_length, context_length(model)] + ([context_length(self.decoder)] if pair else [])
+        with_decoder = self.decoder is not None
+        vocab = len(tok)
+        if with_decoder:  # refuses a decoder of another tokenizer, naming both
+            vocab = mixture_vocab(model, self.decoder, tok, find_tokenizer(self.decoder, self.decoder))
+        limits = [self.max_length, context_length(model)] + ([context_length(self.decoder)] if with_decoder else [])
         scorer = PromptScorer(tok, min(x for x in limits if x), self.batch_size)
         fingerprint = tokenizer_info(tok, "base")["fingerprint"]
         base_side = _knn_side(knnlm) if knnlm is not None else _lm_side(model, vocab, "base")
@@ -182,13 +184,13 @@ class _Run:
             token_ids = sorted({t for cls in ids for t in cls})
             column = {t: j for j, t in enumerate(token_ids)}
             columns = [[column[t] for t in cls] for cls in ids]
-            kinds = [None] + (["memdec"] if pair else []) + (["knn"] if knnlm is not None else [])
+            kinds = [None] + (["memdec"] if with_decoder else []) + (["knn"] if knnlm is not None else [])
             tune = any(k and self.fixed_lambda(task, k)[0] is None for k in kinds) and "dev" in task.splits
             arrays = {}
             for split in ["test"] + (["dev"] if tune else []):
                 prompts = [task.prompt(r) for r in task.splits[split]] + [task.domain_premise]
                 arrays[split] = scorer.run(prompts, base_side, token_ids, f"{name} {task.name} {split}")
-                if pair is not None:
+                if with_decoder:
                     key = (fingerprint, scorer.max_length, task.name, split)
                     if key not in self.decoded:
                         side = _lm_side(self.decoder, vocab, "memdec")

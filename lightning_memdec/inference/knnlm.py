@@ -27,7 +27,12 @@ from lightning_memdec.hf.loading import (
     tokenizer_name,
 )
 from lightning_memdec.inference.sliding_window import ScoreFn
-from lightning_memdec.io.tokenizer_identity import describe_tokenizer, tokenizer_info
+from lightning_memdec.io.tokenizer_identity import (
+    check_head_covers_vocab,
+    check_same_tokenizer,
+    describe_tokenizer,
+    tokenizer_info,
+)
 from lightning_memdec.kernels.scoring import (
     check_lmbda,
     gold_log_probs,
@@ -154,21 +159,15 @@ class KNNLM(torch.nn.Module):
         rows = output_rows(base)
         if tok is not None:
             info = tokenizer_info(tok, tokenizer_name(tok, "base"))
-            if info["fingerprint"] != expected["fingerprint"]:
-                raise ValueError(
-                    f"{where} was built with tokenizer {describe_tokenizer(expected)}, but the base LM uses "
-                    f"{describe_tokenizer(info)}; use the base (and tokenizer) that built the datastore."
-                )
+            check_same_tokenizer(expected, where, info, "the base LM", "use the base (and tokenizer) that built it")
         else:
             warnings.warn(
                 f"the base LM has no tokenizer to check against {where}'s ({describe_tokenizer(expected)}); "
                 "pass tokenizer= to verify.",
                 stacklevel=3,
             )
-        if rows < expected["vocab_size"]:
-            raise ValueError(
-                f"the base LM's head has {rows} rows, but {where} uses tokenizer {describe_tokenizer(expected)}."
-            )
+        vocab_what = f"{where}'s tokenizer {describe_tokenizer(expected)}"
+        check_head_covers_vocab(rows, "the base LM", expected["vocab_size"], vocab_what, "use a base of that tokenizer")
         return int(expected["vocab_size"])
 
     @property
