@@ -28,6 +28,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from lightning_memdec.hf.left_padding import left_padded_batches
+from lightning_memdec.hf.loading import context_length
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.token_corpus import position_windows
@@ -56,7 +57,7 @@ class MemDecLM(LM):
         self.tokenizer = self.model.tokenizer
         if self.tokenizer is None:
             raise ValueError(f"no tokenizer found for {base} / {decoder}; pass tokenizer=NAME_OR_DIR.")
-        limits = [_positions(self.model.base), _positions(self.model.memdec), max_length]
+        limits = [context_length(self.model.base), context_length(self.model.memdec), max_length]
         self.max_length = int(min(x for x in limits if x))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.eos = self.tokenizer.eos_token_id
@@ -127,11 +128,6 @@ class MemDecLM(LM):
     @property
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", "memdec")).replace("/", "__")
-
-
-def _positions(model) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
 def run_lm_eval(
