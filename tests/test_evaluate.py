@@ -186,7 +186,9 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
         )
     with pytest.raises(ValueError, match=r"window 1024 exceeds the 512 positions"):
         evaluate(**{**common, "window": 1024}, lmbda=0.3)
-    with pytest.raises(ValueError, match=r"neox uses tokenizer neox \(vocab 50277.*trained on gpt2 \(vocab 50257"):
+    with pytest.raises(
+        ValueError, match=r"neox uses tokenizer neox \(vocab 50277.*decoder's training data uses gpt2 \(vocab 50257"
+    ):
         decoder = AutoModelForCausalLM.from_pretrained(models["memdec"])
         CrossModelEval([str(models["neox"])]).load_bases(decoder, Datastore(biomed_datastore).tokenizer)
     with pytest.raises(ValueError, match="distinct names"):

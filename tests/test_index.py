@@ -47,6 +47,25 @@ def test_auto_factory_by_size():
     assert auto_factory(1_000_000, 100) == "IVF4096,PQ50"
 
 
+def test_one_sizing_rule_with_the_quickstarts_numbers():
+    """The quickstart's index, planned by index_plan's rule, is the one its own formula used to give."""
+    import math
+
+    from lightning_memdec.apps.quickstart_stages import INDEX_NPROBE, INDEX_RULE
+    from lightning_memdec.retrieval.index_plan import IndexRule, plan_index
+
+    for n in (19_999, 20_000, 150_000, 199_999, 200_000, 1_000_000):
+        plan = plan_index(n, 256, nprobe=INDEX_NPROBE, rule=INDEX_RULE)
+        if n < 20_000:
+            assert (plan.factory, plan.nlist, plan.train_size) == ("Flat", None, 0)
+            continue
+        nlist = 2 ** round(math.log2(math.sqrt(n)))
+        assert (plan.factory, plan.nlist, plan.train_size) == (f"IVF{nlist},Flat", nlist, 64 * nlist)
+    assert plan_index(1_000_000, 768, rule=IndexRule()) == plan_index(1_000_000, 768)  # the default rule as before
+    with pytest.raises(ValueError, match="train_per_list must be in"):
+        IndexRule(train_per_list=1000)
+
+
 def test_bad_factory_and_existing_output(tmp_path, biomed_datastore, biomed_index):
     with pytest.raises(ValueError, match="invalid FAISS factory string"):
         build_index(biomed_datastore, tmp_path / "x", factory="NotAnIndex")

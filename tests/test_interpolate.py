@@ -259,14 +259,22 @@ def test_tokenizer_mismatch_is_refused(dirs, gpt2_tok):
     neox = load_tokenizer("gpt-neox-20b")
     base = AutoModelForCausalLM.from_pretrained(dirs["gpt2-base"])
     mem = AutoModelForCausalLM.from_pretrained(dirs["neox-memdec"])
-    pattern = r"base gpt2 \(vocab 50257, fp 163dcf7c…\) vs decoder gpt-neox-20b \(vocab 50277, fp aca9f498…\)"
+    pattern = (
+        r"base model uses tokenizer gpt2 \(vocab 50257, fp 163dcf7c…\), "
+        r"but the Memory Decoder uses gpt-neox-20b \(vocab 50277, fp aca9f498…\)"
+    )
     with pytest.raises(ValueError, match=pattern):
         InterpolatedLM(base, mem, 0.3, base_tokenizer=gpt2_tok, memdec_tokenizer=neox)
     # same refusal when the tokenizers come from the model directories
-    with pytest.raises(ValueError, match=r"base gpt2-base \(vocab 50257.*vs decoder neox-memdec \(vocab 50277"):
+    with pytest.raises(
+        ValueError,
+        match=r"base model uses tokenizer gpt2-base \(vocab 50257.*Memory Decoder uses neox-memdec \(vocab 50277",
+    ):
         InterpolatedLM.from_pretrained(dirs["gpt2-base"], dirs["neox-memdec"], lmbda=0.3)
     # a shared tokenizer= is checked against the ones in the model directories, not trusted
-    with pytest.raises(ValueError, match=r"tokenizer= is gpt-neox-20b \(vocab 50277.*models use gpt2-base"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer= uses tokenizer gpt-neox-20b \(vocab 50277.*each model uses gpt2-base"
+    ):
         InterpolatedLM.from_pretrained(dirs["gpt2-base"], dirs["gpt2-memdec"], lmbda=0.3, tokenizer=neox)
 
 

@@ -16,6 +16,7 @@ from lightning_memdec.kernels.scoring import (
     mix_log_probs,
     perplexity,
     sweep_lambda,
+    vocab_log_probs,
 )
 
 
@@ -43,6 +44,22 @@ def test_knn_gold_log_probs_is_log_of_the_gold_neighbours_weight():
         gold = sum(w for w, g in zip(weights, is_gold[i]) if g)
         expected = math.log(gold / sum(weights)) if gold > 0 else -math.inf
         assert float(got[i]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_vocab_log_probs_gives_padding_rows_no_mass():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float16)  # a half-precision head of 7 rows, a 5-token vocabulary
+    got = vocab_log_probs(logits, vocab=5)
+    assert got.shape == (2, 3, 5) and got.dtype == torch.float32
+    for b in range(2):
+        for t in range(3):
+            row = [float(x) for x in logits[b, t, :5]]
+            total = sum(math.exp(x) for x in row)
+            for v in range(5):
+                assert float(got[b, t, v]) == pytest.approx(math.log(math.exp(row[v]) / total), abs=1e-6)
+    labels = torch.tensor([[0, 4, 3], [2, 1, 1]])  # the gold-only path agrees with the dense one
+    gold = got.gather(-1, labels[..., None])[..., 0]
+    assert torch.allclose(gold_log_probs(logits, labels, vocab=5), gold, atol=1e-6)
 
 
 def test_gold_log_probs_renormalises_over_the_tokenizer_ids():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,12 +19,16 @@ from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.token_corpus import Corpus, tokenize
 from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
+from lightning_memdec.retrieval.index_plan import IndexRule, plan_index
 from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.training.fit import fit
 
 log = logging.getLogger(__name__)
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-FLAT_BELOW = 20_000  # datastores smaller than this are searched exactly
+# Small stores on a laptop CPU: exact search below 20k keys; else ~√N lists, 64 training keys each, uncompressed
+# keys (exact distances within the 16 probed lists), cheap to train.
+INDEX_RULE = IndexRule(flat_below=20_000, lists_per_sqrt=1.0, train_per_list=64, compress=False)
+INDEX_NPROBE = 16
 
 
 @dataclass
@@ -216,14 +219,15 @@ def datastore(model: Path | str, corpus: Path, out: Path, budget: Budget, stride
 
 
 def build_or_reuse_index(store: Path, out: Path) -> Path:
-    """Exact search for small stores; else IVF (~√N lists, 16 probed) over uncompressed keys: cheap to train on CPU."""
+    """The index :data:`INDEX_RULE` plans for the store (index_plan's one sizing rule, the quickstart's numbers)."""
     if done(out):
         return out
-    n = len(Datastore(store))
-    if n < FLAT_BELOW:
-        return build_index(store, out, factory="Flat", overwrite=True)
-    nlist = 2 ** round(math.log2(math.sqrt(n)))
-    return build_index(store, out, factory=f"IVF{nlist},Flat", train_size=64 * nlist, nprobe=16, overwrite=True)
+    keys = Datastore(store)
+    plan = plan_index(len(keys), keys.dim, nprobe=INDEX_NPROBE, rule=INDEX_RULE)
+    if plan.nlist is None:  # Flat: nothing to train or probe
+        return build_index(store, out, factory=plan.factory, overwrite=True)
+    ivf = {"train_size": plan.train_size, "nprobe": INDEX_NPROBE}
+    return build_index(store, out, factory=plan.factory, overwrite=True, **ivf)
 
 
 def knnlm_row(model, name: str, out: Path, corpora: dict, budget: Budget, gold: dict) -> dict:
@@ -249,7 +253,7 @@ def base_tokenizers(refs: list[str], tokenizer: str | None) -> str:
     """The tokenizer all ``refs`` share (and ``tokenizer``, when given); refuses models whose tokenizers differ."""
     from lightning_memdec.hf.loading import find_tokenizer
     from lightning_memdec.io.embedded import ASSETS, load_tokenizer
-    from lightning_memdec.io.tokenizer_identity import tokenizer_fingerprint
+    from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
 
     found = {}
     for ref in refs:
@@ -259,14 +263,15 @@ def base_tokenizers(refs: list[str], tokenizer: str | None) -> str:
         found[ref] = tok
     if tokenizer is not None:
         found[f"--tokenizer {tokenizer}"] = load_tokenizer(tokenizer)
-    prints = {ref: tokenizer_fingerprint(tok) for ref, tok in found.items()}
-    if len(set(prints.values())) > 1:
-        listed = "; ".join(f"{ref}: {found[ref].name_or_path} (vocab {len(found[ref])})" for ref in found)
-        raise ValueError(
-            f"the quickstart's models must share one tokenizer (a Memory Decoder plugs into bases of the same "
-            f"vocabulary), but they differ: {listed}. Pass bases of one family, or --pretrain_bases true with "
-            f"--tokenizer for a tokenizer of your choice."
-        )
+    infos = {ref: tokenizer_info(tok, Path(tok.name_or_path).name or ref) for ref, tok in found.items()}
+    first = refs[0]
+    fix = (
+        "the quickstart's models must share one tokenizer (a Memory Decoder plugs into bases of the same "
+        "vocabulary): pass bases of one family, or --pretrain_bases true with --tokenizer for one of your choice"
+    )
+    for ref, info in infos.items():
+        what = ref if ref.startswith("--") else f"--base {ref}"
+        check_same_tokenizer(infos[first], f"--base {first}", info, what, fix)
     if tokenizer is not None:
         return tokenizer
     path = Path(found[refs[0]].name_or_path)

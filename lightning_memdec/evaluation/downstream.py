@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report
 from lightning_memdec.evaluation.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
+from lightning_memdec.hf.left_padding import left_padded_batches
 from lightning_memdec.hf.loading import (
     context_length,
     find_tokenizer,
@@ -36,11 +36,17 @@ from lightning_memdec.hf.loading import (
     position_ids_from_mask,
     torch_device,
 )
-from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
-from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, check_lambda_grid, check_lmbda, mix_log_probs
+from lightning_memdec.kernels.scoring import (
+    DEFAULT_LAMBDA_GRID,
+    check_lambda_grid,
+    check_lmbda,
+    mix_log_probs,
+    vocab_log_probs,
+)
 
 __all__ = ["downstream", "next_token_log_probs", "dcpmi_scores", "choose_lambda", "PromptScorer"]
 
@@ -55,7 +61,7 @@ def next_token_log_probs(model, vocab: int, input_ids: torch.Tensor, attention_m
     """log p(next token | row) ``[B, vocab]`` float32 after the last position of left-padded rows.
 
     Positions count real tokens only (GPT-2 would shift a left-padded row otherwise); the head is sliced to
-    ``vocab`` before normalising, as :class:`~lightning_memdec.inference.interpolated_lm.InterpolatedLM` does.
+    ``vocab`` before normalising (:func:`~lightning_memdec.kernels.scoring.vocab_log_probs`), as everywhere.
     """
     inputs = {
         "input_ids": input_ids.to(model.device),
@@ -65,8 +71,7 @@ def next_token_log_probs(model, vocab: int, input_ids: torch.Tensor, attention_m
     }
     if "logits_to_keep" in forward_params(model):
         inputs["logits_to_keep"] = 1
-    logits = model(**inputs, return_dict=True).logits[:, -1, :vocab]
-    return F.log_softmax(logits.float(), dim=-1)
+    return vocab_log_probs(model(**inputs, return_dict=True).logits[:, -1], vocab)
 
 
 def dcpmi_scores(
@@ -119,17 +124,11 @@ class PromptScorer:
     def run(self, prompts: list[str], sides, token_ids: list[int], desc: str) -> dict[str, np.ndarray]:
         """``sides(input_ids, mask) -> {name: log-probs [B, V]}``; returns ``{name: [N, K]}`` at ``token_ids``."""
         encoded = self.encode(prompts)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
         cols = torch.as_tensor(token_ids, dtype=torch.long)
         out: dict[str, np.ndarray] = {}
-        for b0 in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", leave=False):
-            rows = order[b0 : b0 + self.batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(encoded[i]) :] = torch.as_tensor(encoded[i])
-                mask[r, width - len(encoded[i]) :] = 1
+        batches = left_padded_batches(encoded, self.batch_size, self.pad_id)
+        total = math.ceil(len(encoded) / self.batch_size)
+        for rows, ids, mask in tqdm(batches, desc=desc, total=total, unit="batch", leave=False):
             for name, lp in sides(ids, mask).items():
                 arr = out.setdefault(name, np.zeros((len(encoded), len(token_ids))))
                 arr[rows] = lp[:, cols.to(lp.device)].double().cpu().numpy()
@@ -145,7 +144,7 @@ def _knn_side(knnlm: KNNLM):
 
     def sides(ids, mask):
         logits, keys = knnlm.base_forward(ids, mask)
-        return {"base": F.log_softmax(logits[:, -1], dim=-1), "knn": knnlm.knn_log_probs(keys[:, -1])}
+        return {"base": vocab_log_probs(logits[:, -1], knnlm.vocab), "knn": knnlm.knn_log_probs(keys[:, -1])}
 
     return sides
 
@@ -172,9 +171,11 @@ class _Run:
 
     def score_base(self, name: str, model, tok, knnlm: KNNLM | None) -> None:
         """Every task with one base: alone, + MemDec, + kNN-LM."""
-        pair = InterpolatedLM(model, self.decoder, 0.0, base_tokenizer=tok) if self.decoder is not None else None
-        vocab = pair.config.vocab_size if pair is not None else len(tok)
-        limits = [self.max_length, context_length(model)] + ([context_length(self.decoder)] if pair else [])
+        with_decoder = self.decoder is not None
+        vocab = len(tok)
+        if with_decoder:  # refuses a decoder of another tokenizer, naming both
+            vocab = mixture_vocab(model, self.decoder, tok, find_tokenizer(self.decoder, self.decoder))
+        limits = [self.max_length, context_length(model)] + ([context_length(self.decoder)] if with_decoder else [])
         scorer = PromptScorer(tok, min(x for x in limits if x), self.batch_size)
         fingerprint = tokenizer_info(tok, "base")["fingerprint"]
         base_side = _knn_side(knnlm) if knnlm is not None else _lm_side(model, vocab, "base")
@@ -183,13 +184,13 @@ class _Run:
             token_ids = sorted({t for cls in ids for t in cls})
             column = {t: j for j, t in enumerate(token_ids)}
             columns = [[column[t] for t in cls] for cls in ids]
-            kinds = [None] + (["memdec"] if pair else []) + (["knn"] if knnlm is not None else [])
+            kinds = [None] + (["memdec"] if with_decoder else []) + (["knn"] if knnlm is not None else [])
             tune = any(k and self.fixed_lambda(task, k)[0] is None for k in kinds) and "dev" in task.splits
             arrays = {}
             for split in ["test"] + (["dev"] if tune else []):
                 prompts = [task.prompt(r) for r in task.splits[split]] + [task.domain_premise]
                 arrays[split] = scorer.run(prompts, base_side, token_ids, f"{name} {task.name} {split}")
-                if pair is not None:
+                if with_decoder:
                     key = (fingerprint, scorer.max_length, task.name, split)
                     if key not in self.decoded:
                         side = _lm_side(self.decoder, vocab, "memdec")

@@ -18,7 +18,7 @@ import torch
 from lightning_memdec.evaluation.latency import model_latency
 from lightning_memdec.evaluation.report import write_report
 from lightning_memdec.hf.loading import context_length, find_tokenizer, load_causal_lm, tokenizer_name, torch_device
-from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+from lightning_memdec.inference.interpolated_lm import InterpolatedLM, mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.embedded import load_tokenizer, resolve_text
@@ -209,7 +209,7 @@ class _Scorer:
     def score(self, name, model, tok, knnlm, decoders) -> dict[str, dict[str, np.ndarray]]:
         """Per split: log p(gold) of the model ("base"), its kNN-LM ("knn") and each decoder, [positions] each."""
         for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
-            InterpolatedLM(model, decoder, 0.5, base_tokenizer=tok, memdec_tokenizer=decoder_tok or tok)
+            mixture_vocab(model, decoder, tok, decoder_tok or tok)
         fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
         lp: dict[str, dict[str, np.ndarray]] = {}
         for split, spec in self.splits.items():

@@ -15,6 +15,7 @@ import torch
 
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.knnlm import KNNLM
+from lightning_memdec.kernels.scoring import vocab_log_probs
 
 __all__ = ["median_times", "model_latency", "generation_throughput"]
 
@@ -57,7 +58,7 @@ def model_latency(
     are the inference overheads: the decoder's extra forward + the log-space mix, or retrieval + the mix.
     """
     ids = input_ids.to(base.device)
-    runners = {"base": lambda: torch.log_softmax(base(input_ids=ids, use_cache=False).logits[..., :vocab].float(), -1)}
+    runners = {"base": lambda: vocab_log_probs(base(input_ids=ids, use_cache=False).logits, vocab)}
     if mixed is not None:
         runners["base+memdec"] = lambda: mixed.log_probs(ids)
     if knnlm is not None:

@@ -27,6 +27,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from lightning_memdec.hf.left_padding import left_padded_batches
+from lightning_memdec.hf.loading import context_length
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.token_corpus import position_windows
@@ -55,7 +57,7 @@ class MemDecLM(LM):
         self.tokenizer = self.model.tokenizer
         if self.tokenizer is None:
             raise ValueError(f"no tokenizer found for {base} / {decoder}; pass tokenizer=NAME_OR_DIR.")
-        limits = [_positions(self.model.base), _positions(self.model.memdec), max_length]
+        limits = [context_length(self.model.base), context_length(self.model.memdec), max_length]
         self.max_length = int(min(x for x in limits if x))
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.eos = self.tokenizer.eos_token_id
@@ -69,16 +71,9 @@ class MemDecLM(LM):
     def score_tokens(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Σ log p_mix(continuation | context) and whether it is the greedy continuation, for each (ctx, cont)."""
         out: list[tuple[float, bool] | None] = [None] * len(rows)
-        seqs = [((ctx or [self.eos]) + cont)[-(self.max_length + 1) :] for ctx, cont in rows]
-        order = sorted(range(len(rows)), key=lambda i: -len(seqs[i]))
-        for b0 in range(0, len(order), self.batch_size):
-            batch = order[b0 : b0 + self.batch_size]
-            width = max(len(seqs[i]) for i in batch) - 1
-            ids = torch.full((len(batch), width), self.eos, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, width - len(seqs[i]) + 1 :] = torch.as_tensor(seqs[i][:-1])
-                mask[r, width - len(seqs[i]) + 1 :] = 1
+        inputs = [((ctx or [self.eos]) + cont)[-(self.max_length + 1) : -1] for ctx, cont in rows]
+        for batch, ids, mask in left_padded_batches(inputs, self.batch_size, self.eos):
+            width = ids.shape[1]
             log_probs = self.model.log_probs(ids.to(self.model.device), mask.to(self.model.device)).cpu()
             for r, i in enumerate(batch):
                 n = len(rows[i][1])
@@ -133,11 +128,6 @@ class MemDecLM(LM):
     @property
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", "memdec")).replace("/", "__")
-
-
-def _positions(model) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
 def run_lm_eval(

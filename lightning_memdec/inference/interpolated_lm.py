@@ -36,10 +36,10 @@ from lightning_memdec.hf.loading import (
     tokenizer_name,
 )
 from lightning_memdec.hf.paired_generation import PairCache, PairCacheGeneration
-from lightning_memdec.io.tokenizer_identity import describe_tokenizer, tokenizer_info
-from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs
+from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab, check_same_tokenizer, tokenizer_info
+from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_log_probs
 
-__all__ = ["InterpolatedLM", "InterpolatedLMConfig", "PairCache"]
+__all__ = ["InterpolatedLM", "InterpolatedLMConfig", "PairCache", "mixture_vocab"]
 
 
 class InterpolatedLMConfig(PreTrainedConfig):
@@ -94,7 +94,7 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         # tokenizer= is checked against what the model directories say rather than trusted blindly.
         base_tokenizer = _first_not_none(base_tokenizer, find_tokenizer(base_ref, base), tokenizer)
         memdec_tokenizer = _first_not_none(memdec_tokenizer, find_tokenizer(memdec_ref, memdec), tokenizer)
-        vocab = self._shared_vocab(base, memdec, base_tokenizer, memdec_tokenizer, tokenizer)
+        vocab = mixture_vocab(base, memdec, base_tokenizer, memdec_tokenizer, tokenizer)
 
         base_gen = getattr(base, "generation_config", None) or GenerationConfig.from_model_config(base.config)
         generation_config = copy.deepcopy(base_gen)
@@ -156,52 +156,6 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
     def lmbda(self, value: float) -> None:
         self.config.lmbda = check_lmbda(value)
 
-    # -- vocabulary ----------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _shared_vocab(base, memdec, base_tokenizer, memdec_tokenizer, shared_tokenizer=None) -> int:
-        """Ids the mixture runs over; refuses pairs whose ids mean different tokens."""
-        base_rows, memdec_rows = output_rows(base), output_rows(memdec)
-        if base_tokenizer is not None and memdec_tokenizer is not None:
-            b = tokenizer_info(base_tokenizer, tokenizer_name(base_tokenizer, "base"))
-            m = tokenizer_info(memdec_tokenizer, tokenizer_name(memdec_tokenizer, "memdec"))
-            if b["fingerprint"] != m["fingerprint"]:
-                raise ValueError(
-                    "the Memory Decoder must use the base model's tokenizer, but they differ: "
-                    f"base {describe_tokenizer(b)} vs decoder {describe_tokenizer(m)}; "
-                    "train a Memory Decoder with the base model's tokenizer."
-                )
-            if shared_tokenizer is not None:
-                t = tokenizer_info(shared_tokenizer, tokenizer_name(shared_tokenizer, "tokenizer"))
-                if t["fingerprint"] != b["fingerprint"]:
-                    raise ValueError(
-                        f"tokenizer= is {describe_tokenizer(t)}, but the models use {describe_tokenizer(b)}."
-                    )
-            vocab = b["vocab_size"]
-        elif base_tokenizer is not None or memdec_tokenizer is not None:
-            known = base_tokenizer if base_tokenizer is not None else memdec_tokenizer
-            side, other = ("base", "decoder") if base_tokenizer is not None else ("decoder", "base")
-            warnings.warn(
-                f"only the {side}'s tokenizer is known, so the {other}'s vocabulary cannot be checked against it; "
-                "pass tokenizer= (shared) or base_tokenizer=/memdec_tokenizer= to verify.",
-                stacklevel=3,
-            )
-            vocab = len(known)
-        elif base_rows == memdec_rows:
-            vocab = base_rows
-        else:
-            raise ValueError(
-                f"the base model has {base_rows} output ids and the decoder {memdec_rows}, and no tokenizer was found "
-                "to tell a padded LM head from a different vocabulary; pass tokenizer= (the tokenizer both share)."
-            )
-        for what, rows in (("base", base_rows), ("decoder", memdec_rows)):
-            if rows < vocab:
-                raise ValueError(
-                    f"the {what} model's LM head has {rows} rows but the tokenizer has {vocab} tokens "
-                    f"(base {base_rows}, decoder {memdec_rows}): they cannot share this vocabulary."
-                )
-        return vocab
-
     # -- forward -------------------------------------------------------------------------------------------------
 
     def _run(self, side: str, tensors: dict, cache, use_cache, logits_to_keep, kwargs):
@@ -216,8 +170,7 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         logits = out.logits
         if not self._takes_logits_to_keep[side] and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
-        # Slice a padded head to the shared ids *before* normalising, so padding rows get no probability mass.
-        log_probs = F.log_softmax(logits[..., : self.config.vocab_size].float(), dim=-1)
+        log_probs = vocab_log_probs(logits, self.config.vocab_size)  # a padded head's extra rows get no mass
         return log_probs, getattr(out, self._cache_arg[side], None)
 
     def forward(
@@ -265,6 +218,42 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
     def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mixed next-token log-probabilities ``[B, T, V]`` for every position (no cache, no gradients)."""
         return self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def mixture_vocab(base, memdec, base_tokenizer=None, memdec_tokenizer=None, shared_tokenizer=None) -> int:
+    """The ids a base and a Memory Decoder can be mixed over (the tokenizer's size); refuses pairs whose ids mean
+    different tokens or whose heads are too narrow. Validates a pair without building an :class:`InterpolatedLM`.
+    """
+    base_rows, memdec_rows = output_rows(base), output_rows(memdec)
+    if base_tokenizer is not None and memdec_tokenizer is not None:
+        b = tokenizer_info(base_tokenizer, tokenizer_name(base_tokenizer, "base"))
+        m = tokenizer_info(memdec_tokenizer, tokenizer_name(memdec_tokenizer, "memdec"))
+        fix = "the Memory Decoder must use the base model's tokenizer: train one with it"
+        check_same_tokenizer(b, "the base model", m, "the Memory Decoder", fix)
+        if shared_tokenizer is not None:
+            t = tokenizer_info(shared_tokenizer, tokenizer_name(shared_tokenizer, "tokenizer"))
+            check_same_tokenizer(t, "tokenizer=", b, "each model", "pass the models' tokenizer, or none")
+        vocab = b["vocab_size"]
+    elif base_tokenizer is not None or memdec_tokenizer is not None:
+        known = base_tokenizer if base_tokenizer is not None else memdec_tokenizer
+        side, other = ("base", "decoder") if base_tokenizer is not None else ("decoder", "base")
+        warnings.warn(
+            f"only the {side}'s tokenizer is known, so the {other}'s vocabulary cannot be checked against it; "
+            "pass tokenizer= (shared) or base_tokenizer=/memdec_tokenizer= to verify.",
+            stacklevel=3,
+        )
+        vocab = len(known)
+    elif base_rows == memdec_rows:
+        vocab = base_rows
+    else:
+        raise ValueError(
+            f"the base model has {base_rows} output ids and the decoder {memdec_rows}, and no tokenizer was found "
+            "to tell a padded LM head from a different vocabulary; pass tokenizer= (the tokenizer both share)."
+        )
+    for what, rows in (("the base model", base_rows), ("the decoder model", memdec_rows)):
+        fix = f"they cannot share this vocabulary (base {base_rows} rows, decoder {memdec_rows})"
+        check_head_covers_vocab(rows, what, vocab, "the tokenizer", fix)
+    return vocab
 
 
 def _first_not_none(*items):

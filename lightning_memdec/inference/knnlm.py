@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from lightning_memdec.hf.loading import (
@@ -28,8 +27,21 @@ from lightning_memdec.hf.loading import (
     tokenizer_name,
 )
 from lightning_memdec.inference.sliding_window import ScoreFn
-from lightning_memdec.io.tokenizer_identity import describe_tokenizer, tokenizer_info
-from lightning_memdec.kernels.scoring import check_lmbda, gold_log_probs, knn_gold_log_probs, knn_scores, mix_log_probs
+from lightning_memdec.io.tokenizer_identity import (
+    check_head_covers_vocab,
+    check_same_tokenizer,
+    describe_tokenizer,
+    tokenizer_info,
+)
+from lightning_memdec.kernels.scoring import (
+    check_lmbda,
+    gold_log_probs,
+    knn_gold_log_probs,
+    knn_scores,
+    mix_log_probs,
+    vocab_log_probs,
+    vocab_logits,
+)
 
 __all__ = ["KNNLM", "knnlm_scorer"]
 
@@ -147,21 +159,15 @@ class KNNLM(torch.nn.Module):
         rows = output_rows(base)
         if tok is not None:
             info = tokenizer_info(tok, tokenizer_name(tok, "base"))
-            if info["fingerprint"] != expected["fingerprint"]:
-                raise ValueError(
-                    f"{where} was built with tokenizer {describe_tokenizer(expected)}, but the base LM uses "
-                    f"{describe_tokenizer(info)}; use the base (and tokenizer) that built the datastore."
-                )
+            check_same_tokenizer(expected, where, info, "the base LM", "use the base (and tokenizer) that built it")
         else:
             warnings.warn(
                 f"the base LM has no tokenizer to check against {where}'s ({describe_tokenizer(expected)}); "
                 "pass tokenizer= to verify.",
                 stacklevel=3,
             )
-        if rows < expected["vocab_size"]:
-            raise ValueError(
-                f"the base LM's head has {rows} rows, but {where} uses tokenizer {describe_tokenizer(expected)}."
-            )
+        vocab_what = f"{where}'s tokenizer {describe_tokenizer(expected)}"
+        check_head_covers_vocab(rows, "the base LM", expected["vocab_size"], vocab_what, "use a base of that tokenizer")
         return int(expected["vocab_size"])
 
     @property
@@ -192,7 +198,7 @@ class KNNLM(torch.nn.Module):
                 use_cache=False,
                 return_dict=True,
             )
-        return out.logits[..., : self.vocab].float(), cap.value
+        return vocab_logits(out.logits, self.vocab), cap.value
 
     def neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances ``[n, k]`` float64 (+inf for a missing neighbour) and their tokens ``[n, k]``."""
@@ -236,7 +242,7 @@ class KNNLM(torch.nn.Module):
     def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mixed next-token log-probabilities ``[B, T, V]`` (float32); padded positions keep the base's."""
         logits, keys = self.base_forward(input_ids, attention_mask)
-        base_lp = F.log_softmax(logits, dim=-1)
+        base_lp = vocab_log_probs(logits, self.vocab)
         if self.lmbda == 0.0:
             return base_lp
         if attention_mask is None:  # every position is real: no masked copies of [B, T, V] tensors
@@ -265,7 +271,7 @@ class KNNLM(torch.nn.Module):
             with self.capture.capturing() as cap:
                 out = self.base(input_ids=step, use_cache=True, return_dict=True, **{cache_arg: cache}, **last_only)
             cache = getattr(out, cache_arg)
-            log_probs = F.log_softmax(out.logits[:, -1, : self.vocab].float(), dim=-1)
+            log_probs = vocab_log_probs(out.logits[:, -1], self.vocab)
             if self.lmbda > 0.0:
                 knn = self.knn_log_probs(cap.value[:, -1]).to(log_probs.device)
                 log_probs = mix_log_probs(log_probs, knn, self.lmbda)

@@ -21,6 +21,8 @@ __all__ = [
     "check_lambda_grid",
     "knn_scores",
     "knn_gold_log_probs",
+    "vocab_logits",
+    "vocab_log_probs",
     "gold_log_probs",
     "mix_log_probs",
     "perplexity",
@@ -67,13 +69,27 @@ def knn_gold_log_probs(distances: np.ndarray, is_gold: np.ndarray | torch.Tensor
 # -- base LMs ----------------------------------------------------------------------------------------------------------
 
 
+def vocab_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The first ``vocab`` columns of logits ``[..., R]`` as float32: the tokenizer's ids only.
+
+    An LM head padded beyond the tokenizer (R > vocab, as Qwen's) is sliced *before* normalising, so padding
+    rows get no probability mass; float32 so that half-precision models normalise without overflow.
+    """
+    return logits[..., :vocab].float()
+
+
+def vocab_log_probs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """log p ``[..., vocab]`` float32 over the tokenizer's ids: :func:`vocab_logits`, then log-softmax."""
+    return torch.log_softmax(vocab_logits(logits, vocab), dim=-1)
+
+
 def gold_log_probs(logits: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
     """log p(label) ``[...]`` float32 from logits ``[..., R]``, normalised over the first ``vocab`` ids only.
 
-    An LM head padded beyond the tokenizer (R > vocab, as Qwen's) is sliced before normalising, so padding rows
-    get no mass. Labels of −100 (not scored) give 0.
+    The head is sliced as :func:`vocab_logits` does; the gold entry minus logsumexp avoids a ``[..., vocab]``
+    log-prob tensor. Labels of −100 (not scored) give 0.
     """
-    logits = logits[..., :vocab].float()
+    logits = vocab_logits(logits, vocab)
     labels = labels.to(logits.device)
     lp = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
     return lp.masked_fill(labels == -100, 0.0)

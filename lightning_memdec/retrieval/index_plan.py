@@ -8,6 +8,9 @@ an index whose training sample is too small for its lists or whose PQ layout a G
   code size the GPU kernels accept; 8-bit codes. Training takes 39–256 keys per list (FAISS warns below 39 and
   ignores more than 256), sampled across the whole store, within the stated memory budget; when even 39 per list
   does not fit, nlist is halved until it does.
+
+Those numbers are the default :class:`IndexRule`; a caller with other needs (the quickstart: small stores on a
+laptop CPU, exact distances within the probed lists) passes its own rule's numbers, not its own rule.
 """
 
 from __future__ import annotations
@@ -25,6 +28,26 @@ GPU_NO_PRECOMPUTED_SUBDIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 FLOAT32 = 4
 PQ_CENTROIDS = 256  # 8-bit codes
 PRECOMPUTED_TABLE_MAX_BYTES = 2**31  # faiss's precomputed_table_max_bytes: larger IVF-PQ tables are not built
+
+
+@dataclass(frozen=True)
+class IndexRule:
+    """The sizing rule's numbers: Flat below ``flat_below`` keys; else IVF with 2^round(log2(lists_per_sqrt·√N))
+    lists, trained on up to ``train_per_list`` keys per list, over PQ codes (``compress``) or uncompressed keys."""
+
+    flat_below: int = FLAT_MAX_ENTRIES
+    lists_per_sqrt: float = 4.0
+    train_per_list: int = MAX_TRAIN_PER_LIST
+    compress: bool = True
+
+    def __post_init__(self):
+        if not MIN_TRAIN_PER_LIST <= self.train_per_list <= MAX_TRAIN_PER_LIST:
+            raise ValueError(
+                f"train_per_list must be in [{MIN_TRAIN_PER_LIST}, {MAX_TRAIN_PER_LIST}] (FAISS warns below, ignores "
+                f"above), got {self.train_per_list}."
+            )
+        if self.lists_per_sqrt <= 0 or self.flat_below < 0:
+            raise ValueError(f"lists_per_sqrt must be positive and flat_below ≥ 0, got {self}.")
 
 
 @dataclass(frozen=True)
@@ -62,15 +85,24 @@ def pq_size(dim: int, gpu: bool = False, max_m: int = 64) -> int:
 
 
 def plan_index(
-    num_entries: int, dim: int, memory_gb: float = 8.0, gpu: bool = False, nprobe: int = 32, factory: str = "auto"
+    num_entries: int,
+    dim: int,
+    memory_gb: float = 8.0,
+    gpu: bool = False,
+    nprobe: int = 32,
+    factory: str = "auto",
+    rule: IndexRule = IndexRule(),
 ) -> IndexPlan:
     """The index for ``num_entries`` keys of ``dim`` dims under a ``memory_gb`` budget for the training sample.
+
+    ``factory="auto"`` applies ``rule`` (the default: paper scale, PQ codes); an IVF index's training sample is
+    ``rule.train_per_list`` keys per list at most, 39 at least, within the budget.
 
     ``factory`` other than ``auto`` is kept as given (its IVF list count, if any, still sets the training sample).
     """
     if num_entries <= 0 or dim <= 0:
         raise ValueError(f"need a non-empty datastore, got {num_entries} keys × {dim} dims.")
-    if factory == "auto" and num_entries < FLAT_MAX_ENTRIES:
+    if factory == "auto" and num_entries < rule.flat_below:
         factory = "Flat"
     if factory == "Flat":
         size = num_entries * dim * FLOAT32
@@ -78,12 +110,12 @@ def plan_index(
     notes: list[str] = []
     budget = int(memory_gb * 2**30)
     if factory == "auto":
-        nlist = 2 ** round(math.log2(4 * math.sqrt(num_entries)))
+        nlist = 2 ** round(math.log2(rule.lists_per_sqrt * math.sqrt(num_entries)))
         while nlist > 1 and MIN_TRAIN_PER_LIST * nlist * dim * FLOAT32 > budget:
             nlist //= 2
             notes.append(f"nlist halved to {nlist} so that {MIN_TRAIN_PER_LIST} training keys per list fit")
-        m = pq_size(dim, gpu)
-        factory = f"IVF{nlist},PQ{m}"
+        m = pq_size(dim, gpu) if rule.compress else None
+        factory = f"IVF{nlist},PQ{m}" if rule.compress else f"IVF{nlist},Flat"
         precomputed, half = gpu_pq_options(dim, m)
         if gpu and half:
             notes.append("PQ with more than 48 code bytes needs float16 lookup tables on the GPU (useFloat16)")
@@ -95,7 +127,8 @@ def plan_index(
     m = int(pq.group(1)) if pq else None
     train = 0
     if nlist is not None:
-        train = min(num_entries, MAX_TRAIN_PER_LIST * nlist, max(MIN_TRAIN_PER_LIST * nlist, budget // (dim * FLOAT32)))
+        fits = max(MIN_TRAIN_PER_LIST * nlist, budget // (dim * FLOAT32))
+        train = min(num_entries, rule.train_per_list * nlist, fits)
         if train < MIN_TRAIN_PER_LIST * nlist:
             notes.append(f"only {train} training keys for {nlist} lists (FAISS wants ≥ {MIN_TRAIN_PER_LIST} each)")
     code = m if m is not None else dim * FLOAT32

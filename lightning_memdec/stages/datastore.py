@@ -19,16 +19,17 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_memdec.hf.key_capture import KeyCapture, body
 from lightning_memdec.hf.loading import find_tokenizer, load_causal_lm, resolve_model
-from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, partial_dir, publish, start_work_dir
+from lightning_memdec.io.artifact_dirs import base_meta, partial_dir, publish, start_work_dir
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
 from lightning_memdec.io.readers import KEYS, VALUES
 from lightning_memdec.io.token_corpus import Corpus, position_windows
-from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
+from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab, check_same_tokenizer, tokenizer_info
 from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 VALUES_BLOCK = 1 << 22  # tokens copied into values.npy at a time (16 MiB of int32)
+FIX_BASE = "use a base LM of the corpus's tokenizer, or tokenize the corpus with the base's"
 
 
 class KeyExtractor(L.LightningModule):
@@ -261,13 +262,12 @@ def _check_model_vocab(data: Corpus, model: str, config) -> None:
     """The corpus's tokenizer must be the model's: same ids (when the model ships a tokenizer), ids in range."""
     tok = find_tokenizer(model)
     if tok is not None:
-        check_same_tokenizer(data.tokenizer, f"corpus {data.dir}", tokenizer_info(tok, str(model)), f"base LM {model}")
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is not None and vocab < data.tokenizer["vocab_size"]:
-        raise ArtifactError(
-            f"base LM {model} has a vocabulary of {vocab} ids, but corpus {data.dir} was tokenized with "
-            f"{data.tokenizer['name']} (vocab {data.tokenizer['vocab_size']}); use a base LM of that tokenizer."
-        )
+        info = tokenizer_info(tok, str(model))
+        check_same_tokenizer(data.tokenizer, f"corpus {data.dir}", info, f"base LM {model}", FIX_BASE)
+    rows = getattr(config, "vocab_size", None)
+    if rows is not None:
+        vocab_what = f"corpus {data.dir}'s tokenizer {data.tokenizer['name']}"
+        check_head_covers_vocab(rows, f"base LM {model}", data.tokenizer["vocab_size"], vocab_what, FIX_BASE)
 
 
 def _check_layer(config, layer: str) -> None:

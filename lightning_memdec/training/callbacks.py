@@ -117,9 +117,10 @@ class CrossModelEval(L.Callback):
     def load_bases(self, decoder, data_tokenizer: dict | None) -> None:
         """Load every base once; refuse one whose tokenizer (or vocabulary) is not the decoder's."""
         from lightning_memdec.hf.loading import find_tokenizer, load_causal_lm, output_rows
-        from lightning_memdec.io.tokenizer_identity import describe_tokenizer, tokenizer_info
+        from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab, check_same_tokenizer, tokenizer_info
 
         decoder_rows = output_rows(decoder)
+        fix = "CrossModelEval needs bases of the decoder's tokenizer"
         vocab = data_tokenizer["vocab_size"] if data_tokenizer is not None else decoder_rows
         models = []
         for ref in self.bases:
@@ -127,13 +128,10 @@ class CrossModelEval(L.Callback):
             tok = find_tokenizer(ref, model)
             if tok is not None and data_tokenizer is not None:
                 info = tokenizer_info(tok, Path(str(ref).rstrip("/")).name or str(ref))
-                if info["fingerprint"] != data_tokenizer["fingerprint"]:
-                    raise ValueError(
-                        f"base LM {ref} uses tokenizer {describe_tokenizer(info)}, but the decoder is trained on "
-                        f"{describe_tokenizer(data_tokenizer)}; CrossModelEval needs bases of the decoder's tokenizer."
-                    )
+                check_same_tokenizer(info, f"base LM {ref}", data_tokenizer, "the decoder's training data", fix)
             rows = output_rows(model)
-            if rows < vocab or (data_tokenizer is None and rows != decoder_rows):
+            check_head_covers_vocab(rows, f"base LM {ref}", vocab, "the decoder's vocabulary", fix)
+            if data_tokenizer is None and rows != decoder_rows:  # no tokenizer: a padded head cannot be told apart
                 raise ValueError(
                     f"base LM {ref} has {rows} output ids but the decoder has {decoder_rows} (data "
                     f"vocabulary {vocab}); "

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_memdec.io.readers import Targets, check_targets_match_corpus
 from lightning_memdec.io.token_corpus import Corpus, position_windows
+from lightning_memdec.io.tokenizer_identity import check_same_tokenizer
 
 PAD_WINDOW = -1
 
@@ -237,8 +238,11 @@ class MemDecDataModule(L.LightningDataModule):
         """An evaluation split, refused when its tokenizer is not the training corpus's."""
         h = self.hparams
         dataset = WindowTargetsDataset(corpus, targets, h.window, self.stride, h.max_support)
-        if dataset.meta["corpus"]["tokenizer"]["fingerprint"] != self.train.meta["corpus"]["tokenizer"]["fingerprint"]:
-            raise ValueError(f"{what} corpus {corpus} uses another tokenizer than training corpus {h.train_corpus}.")
+        check_same_tokenizer(
+            dataset.meta["corpus"]["tokenizer"], f"{what} corpus {corpus}",
+            self.train.meta["corpus"]["tokenizer"], f"training corpus {h.train_corpus}",
+            "tokenize every split with the training corpus's tokenizer",
+        )  # fmt: skip
         return dataset
 
     @property

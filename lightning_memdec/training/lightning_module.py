@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
 from lightning_memdec.kernels.memdec_loss import memdec_loss
 
 
@@ -93,11 +94,9 @@ class MemoryDecoderModule(L.LightningModule):
                 "(next-token loss only)."
             )
         vocab = datamodule.train.meta["corpus"]["tokenizer"]["vocab_size"]
-        if self.decoder.config.vocab_size < vocab:
-            raise ValueError(
-                f"the decoder has {self.decoder.config.vocab_size} output ids, but the data uses tokenizer "
-                f"{datamodule.tokenizer_name} with {vocab}; use a decoder of the same tokenizer."
-            )
+        data_what = f"the data's tokenizer {datamodule.tokenizer_name}"
+        fix = "use a decoder of the same tokenizer"
+        check_head_covers_vocab(self.decoder.config.vocab_size, "the decoder", vocab, data_what, fix)
         max_pos = getattr(self.decoder.config, "max_position_embeddings", None) or getattr(
             self.decoder.config, "n_positions", None
         )
