@@ -67,6 +67,12 @@ def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
     return meta
 
 
+def meta_sha256(directory: str | Path) -> str:
+    """A short hash of an artefact's meta.json bytes: what identifies artefacts that carry no content hash."""
+    read_meta(directory)
+    return sha256_file(Path(directory) / META)[:16]
+
+
 def base_meta(kind: str, **fields: Any) -> dict[str, Any]:
     return {"kind": kind, "library_version": __version__, **fields}
 
