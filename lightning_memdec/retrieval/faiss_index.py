@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.io.capacity import available_ram, check_fits
 from lightning_memdec.io.npy_rows import gather_rows, read_rows
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_index_matches
 from lightning_memdec.retrieval.index_plan import IndexPlan, gpu_pq_options, plan_index
 
@@ -68,6 +69,7 @@ def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
         pass
 
 
+@exclusive_output
 def build_index(
     datastore: Path,
     out: Path,

@@ -22,6 +22,7 @@ from lightning_memdec.hf.loading import find_tokenizer, load_causal_lm, resolve_
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, partial_dir, publish, start_work_dir
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import KEYS, VALUES
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
@@ -133,6 +134,7 @@ class KeyWriter(BasePredictionWriter):
         mark_done(self.work, int(prediction["chunk"]))
 
 
+@exclusive_output
 def build_datastore(
     corpus: Path,
     model: str,

@@ -22,6 +22,7 @@ import torch
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.io.capacity import available_ram, check_fits
 from lightning_memdec.io.npy_rows import read_rows
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_compatible, check_index_matches
 from lightning_memdec.kernels.sparse_targets import knn_distributions, stored_rows
 from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
@@ -157,6 +158,7 @@ def values_on(values: np.ndarray, device: torch.device, block: int = VALUES_BLOC
     return out
 
 
+@exclusive_output
 def build_targets(
     datastore: Path,
     index: Path | None = None,

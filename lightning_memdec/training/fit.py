@@ -20,6 +20,7 @@ from lightning_memdec.training.callbacks import ExportHuggingFace
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
 from lightning_memdec.training.resume_state import (
+    ExclusiveRunRoot,
     RandomStateCheckpoint,
     default_checkpoint_dir,
     require_last_checkpoint,
@@ -90,7 +91,7 @@ def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
             parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
-            trainer_defaults={"callbacks": [RandomStateCheckpoint()]},
+            trainer_defaults={"callbacks": [ExclusiveRunRoot(), RandomStateCheckpoint()]},
         )
 
 

@@ -1,4 +1,4 @@
-"""Resuming `memdec fit`: where checkpoints live, the check that `--ckpt_path last` has one, and the RNG state.
+"""A `memdec fit` run root: one run at a time in it, where checkpoints live, and what a resume needs.
 
 A resumed run must continue exactly where the killed one stopped. Weights, optimiser, schedule and the data
 position are Lightning's checkpoint (and :class:`ResumableLoader`'s state); the random streams that dropout draws
@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+
+from lightning_memdec.io.output_lock import OutputLock
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
@@ -83,3 +85,26 @@ class RandomStateCheckpoint(L.Callback):
         if self.pending is not None:
             set_random_state(self.pending)
             self.pending = None
+
+
+class ExclusiveRunRoot(L.Callback):
+    """Holds the lock on ``trainer.default_root_dir`` while fitting: a second run into the same root (which would
+    write into the same checkpoints and log version) is refused with the first one's pid."""
+
+    def __init__(self) -> None:
+        self.lock: OutputLock | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero and self.lock is None:
+            self.lock = OutputLock(trainer.default_root_dir).acquire()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
