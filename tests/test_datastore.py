@@ -165,3 +165,32 @@ def test_bf16_precision_keys_close_to_fp32_and_recorded(tmp_path, biomed_corpus,
     np.testing.assert_allclose(keys, want, rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="precision must be one of"):
         build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "bad", precision="fp8")
+
+
+def test_model_identity_is_its_weights_not_its_path(tmp_path, biomed_corpus):
+    """A model replaced in the same directory: the resumed datastore is refused, and a stale index of the old
+    datastore is refused by build-targets; the recorded hash is the hash of config.json + weights."""
+    import hashlib
+
+    from lightning_memdec.hf.loading import model_fingerprint
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.stages.targets import build_targets
+
+    model = save_tiny(tmp_path / "model", seed=1)
+    files = sorted([model / "config.json", model / "model.safetensors"])
+    lines = "".join(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n" for f in files)
+    assert model_fingerprint(str(model)) == hashlib.sha256(lines.encode()).hexdigest()[:16]
+    kwargs = dict(window=64, stride=32, accelerator="cpu")
+    store = build_datastore(biomed_corpus, str(model), tmp_path / "ds", **kwargs)
+    assert Datastore(store).meta["model_sha256"] == model_fingerprint(str(model))
+    index = build_index(store, tmp_path / "index", factory="Flat")
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(model), tmp_path / "ds2", callbacks=[Interrupt(1)], **kwargs)
+
+    save_tiny(tmp_path / "model", seed=2)  # another model, same path
+    with pytest.raises(ArtifactError, match="different settings"):
+        build_datastore(biomed_corpus, str(model), tmp_path / "ds2", **kwargs)
+    build_datastore(biomed_corpus, str(model), store, overwrite=True, **kwargs)
+    with pytest.raises(ArtifactError, match=f"index {index} was built over"):
+        build_targets(store, index, tmp_path / "targets", k=8)
+    assert not partial_dir(tmp_path / "targets").exists()

@@ -8,10 +8,12 @@ Transformers is imported inside the functions: importing this module stays cheap
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from pathlib import Path
 
+from lightning_memdec.io.artifact_dirs import sha256_file
 from lightning_memdec.io.embedded import SHIPPED_TOKENIZERS, load_tokenizer, resolve_model
 
 __all__ = [
@@ -24,8 +26,10 @@ __all__ = [
     "cache_arg_name",
     "position_ids_from_mask",
     "resolve_model",
+    "model_fingerprint",
 ]
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
@@ -40,6 +44,32 @@ def load_causal_lm(name_or_path: str | Path, **from_pretrained_kwargs):
         raise ValueError(
             f"cannot load causal LM {str(name_or_path)!r}: not a model directory or hub name ({err})."
         ) from err
+
+
+def model_fingerprint(name_or_path: str | Path) -> str:
+    """What a model is, whatever its path: a short hash of its config.json and weight files' bytes.
+
+    Artefacts record it so a model replaced in the same directory is told apart from the old one. A hub name that
+    is not a directory is identified by its repo and the commit of its cached snapshot (the hub's content hash).
+    """
+    ref = resolve_model(name_or_path)
+    directory = Path(ref)
+    digest = hashlib.sha256()
+    if not directory.is_dir():
+        from transformers.utils import cached_file
+
+        try:
+            snapshot = Path(cached_file(ref, "config.json")).parent
+        except OSError as err:
+            raise ValueError(f"cannot find model {ref!r}: not a model directory or hub name ({err}).") from err
+        digest.update(f"{ref}@{snapshot.name}".encode())
+        return digest.hexdigest()[:16]
+    files = sorted(f for f in directory.iterdir() if f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES)
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+        raise ValueError(f"model directory {directory} holds no weights (*.safetensors or *.bin).")
+    for f in files:
+        digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def causal_lm(ref, what: str, **from_pretrained_kwargs):

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_memdec.hf.key_capture import KeyCapture, body
-from lightning_memdec.hf.loading import find_tokenizer, load_causal_lm, resolve_model
+from lightning_memdec.hf.loading import find_tokenizer, load_causal_lm, model_fingerprint, resolve_model
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, partial_dir, publish, start_work_dir
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
@@ -180,9 +180,11 @@ def build_datastore(
     _check_layer(lm_config, layer)
     windows = position_windows(data.num_positions, window, stride)
     check_disk(Path(out), data.num_positions, lm_config)
-    run_config = {
+    model_sha256 = model_fingerprint(model)
+    run_config = {  # a resume with the weights of another model (even at the same path) is refused
         "corpus": data.meta["content_sha256"],
         "model": str(model),
+        "model_sha256": model_sha256,
         "layer": layer,
         "window": window,
         "stride": stride,
@@ -202,6 +204,7 @@ def build_datastore(
     meta = base_meta(
         "datastore",
         model=str(model),
+        model_sha256=model_sha256,
         model_type=lm_config.model_type,
         layer=layer,
         dim=dim,

@@ -355,6 +355,7 @@ def targets_meta(
         corpus=queries.meta["corpus"],
         corpus_sha256=queries.meta["corpus_sha256"],
         model=store.meta["model"],
+        model_sha256=store.meta.get("model_sha256"),
         layer=store.meta["layer"],
         tokenizer=store.tokenizer,
         **settings,
