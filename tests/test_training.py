@@ -352,3 +352,15 @@ def test_resume_with_other_targets_is_refused(tmp_path, biomed_targets_pair, bio
     lightning_cli([*resume_args(pair, root), "--trainer.max_steps", "2"])
     with pytest.raises(ValueError, match="resume with the run's own data"):
         lightning_cli([*resume_args(pair, root, targets=str(other)), "--ckpt_path", "last"])
+
+
+def test_fit_refuses_a_decoder_of_another_tokenizer(tmp_path, biomed_targets_pair):
+    """A decoder saved with GPT-NeoX's tokenizer has enough output ids for GPT-2 data, but other ids: refused."""
+    from conftest import save_tiny
+
+    decoder = save_tiny(tmp_path / "neox-decoder", vocab=50304, tokenizer="gpt-neox-20b")
+    args = resume_args(biomed_targets_pair, tmp_path / "run")
+    args = [a for a in args if a not in TINY_DECODER] + ["--model.model", str(decoder), "--trainer.max_steps", "1"]
+    with pytest.raises(ArtifactError, match=rf"decoder {decoder} was built with tokenizer .*uses gpt2"):
+        lightning_cli(args)
+    assert not (tmp_path / "run" / "checkpoints").exists()
