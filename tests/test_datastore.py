@@ -194,3 +194,10 @@ def test_model_identity_is_its_weights_not_its_path(tmp_path, biomed_corpus):
     with pytest.raises(ArtifactError, match=f"index {index} was built over"):
         build_targets(store, index, tmp_path / "targets", k=8)
     assert not partial_dir(tmp_path / "targets").exists()
+
+
+def test_window_past_the_model_context_is_refused_before_any_work(tmp_path, biomed_corpus, tiny_gpt2):
+    out = tmp_path / "ds"
+    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of base LM .*gpt2-tiny, 512 positions"):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, window=1024, stride=512, accelerator="cpu")
+    assert not partial_dir(out).exists() and not out.exists()

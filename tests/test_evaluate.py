@@ -184,7 +184,7 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
             index=str(biomed_index),
             lmbda=0.3,
         )
-    with pytest.raises(ValueError, match=r"window 1024 exceeds the 512 positions"):
+    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of .*gpt2-tiny, 512 positions"):
         evaluate(**{**common, "window": 1024}, lmbda=0.3)
     with pytest.raises(ValueError, match=r"neox uses tokenizer neox \(vocab 50277.*trained on gpt2 \(vocab 50257"):
         decoder = AutoModelForCausalLM.from_pretrained(models["memdec"])
@@ -405,3 +405,21 @@ def test_evaluate_fair_rows_every_base_its_own_datastore(tmp_path, tiny_gpt2, mo
     evaluate(bases=[str(tiny_gpt2)], knn_corpus=str(biomed_corpus), k=8, window=32, stride=16, max_tokens=200,
              out=out, **splits)  # fmt: skip
     assert (out / "stores" / "gpt2-tiny-datastore" / "meta.json").stat().st_mtime == mtime
+
+
+def test_windows_past_the_context_are_refused_before_any_work(tmp_path, tiny_gpt2, models, biomed_corpus, knnlm):
+    """evaluate --knn_corpus builds no datastore, and generation starts no step, past a model's 512 positions."""
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+
+    out = tmp_path / "report"
+    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of .*gpt2-tiny, 512 positions"):
+        evaluate(bases=[str(tiny_gpt2)], knn_corpus=str(biomed_corpus), test="embedded:biomed/test", out=out,
+                 window=1024, stride=512, lmbda=0.3)  # fmt: skip
+    assert not out.exists()
+    prompt = torch.zeros(1, 500, dtype=torch.long)
+    mixed = InterpolatedLM(str(tiny_gpt2), str(models["memdec"]), 0.5)
+    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 520 exceeds the context of the base LM, 512"):
+        mixed.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert mixed.generate(prompt[:, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
+    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 520 exceeds the context of the base LM, 512"):
+        knnlm.generate_greedy(prompt, max_new_tokens=20)

@@ -17,7 +17,14 @@ import torch
 
 from lightning_memdec.evaluation.latency import model_latency
 from lightning_memdec.evaluation.report import write_report
-from lightning_memdec.hf.loading import context_length, find_tokenizer, load_causal_lm, tokenizer_name, torch_device
+from lightning_memdec.hf.loading import (
+    check_fits_context,
+    find_tokenizer,
+    load_causal_lm,
+    model_config,
+    tokenizer_name,
+    torch_device,
+)
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
@@ -66,12 +73,6 @@ def text_tokens(spec: str | Path, tokenizer, max_tokens: int | None = None, batc
 
 
 # -- scoring helpers ---------------------------------------------------------------------------------------------------
-
-
-def _check_context(model, window: int, what: str) -> None:
-    max_pos = context_length(model)
-    if max_pos is not None and window > max_pos:
-        raise ValueError(f"window {window} exceeds the {max_pos} positions of {what}; lower --window (and --stride).")
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------------
@@ -144,6 +145,8 @@ def evaluate(
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
+    for ref in [ref for ref, _, _ in models] + [ref for ref in (memdec, ce_only) if ref]:
+        check_fits_context(window, model_config(ref), ref)  # before any datastore is built or model scored
     dev = torch_device(device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
@@ -193,7 +196,7 @@ class _Scorer:
 
     def load(self, ref: str):
         model = load_causal_lm(ref).to(self.device).eval()
-        _check_context(model, self.window, f"{ref}")
+        check_fits_context(self.window, model, f"{ref}")
         tok = load_tokenizer(self.tokenizer) if self.tokenizer is not None else find_tokenizer(ref, model)
         if tok is None:
             raise ValueError(f"{ref} has no tokenizer in its directory; pass --tokenizer NAME_OR_DIR.")
@@ -243,7 +246,7 @@ def _models_to_score(bases: list[str], teacher: str | None) -> list[tuple[str, s
 
 def _load_decoder(ref: str, device, window: int):
     decoder = load_causal_lm(ref).to(device).eval()
-    _check_context(decoder, window, f"the decoder {ref}")
+    check_fits_context(window, decoder, f"the decoder {ref}")
     return decoder, find_tokenizer(ref, decoder)
 
 

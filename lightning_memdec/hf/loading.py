@@ -27,6 +27,9 @@ __all__ = [
     "position_ids_from_mask",
     "resolve_model",
     "model_fingerprint",
+    "context_length",
+    "check_fits_context",
+    "model_config",
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -164,9 +167,34 @@ def position_ids_from_mask(attention_mask, length: int):
 
 
 def context_length(model) -> int | None:
-    """Positions the model attends over (``max_position_embeddings`` or GPT-2's ``n_positions``); None: unbounded."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    """Positions the model (or its config) attends over (``max_position_embeddings`` or GPT-2's ``n_positions``);
+    None: unbounded."""
+    cfg = getattr(model, "config", model)
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def check_fits_context(length: int, model, what: str, setting: str = "--window") -> None:
+    """``length`` positions must fit the context of ``model`` (a model or its config); checked before any work,
+    since past it the position embeddings fail with a bare IndexError."""
+    limit = context_length(model)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"{setting} = {length} exceeds the context of {what}, {limit} positions; lower {setting} to at most "
+            f"{limit}."
+        )
+
+
+def model_config(name_or_path: str | Path):
+    """A model's config alone (no weights), with an error naming what was asked for when it is no model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name_or_path))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot load model {str(name_or_path)!r}: not a model directory or hub name ({err})."
+        ) from err
 
 
 def torch_device(device: str = "auto"):

@@ -18,7 +18,13 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_memdec.hf.key_capture import KeyCapture, body
-from lightning_memdec.hf.loading import find_tokenizer, load_causal_lm, model_fingerprint, resolve_model
+from lightning_memdec.hf.loading import (
+    check_fits_context,
+    find_tokenizer,
+    load_causal_lm,
+    model_fingerprint,
+    resolve_model,
+)
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, partial_dir, publish, start_work_dir
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
@@ -175,6 +181,7 @@ def build_datastore(
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
     data = Corpus(corpus)
     lm_config = _model_config(model)
+    check_fits_context(window, lm_config, f"base LM {model}")
     layer = layer or _default_layer_for(lm_config, model)
     _check_model_vocab(data, model, lm_config)
     _check_layer(lm_config, layer)
