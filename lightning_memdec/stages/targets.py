@@ -212,6 +212,8 @@ def build_targets(
         overwrite: replace an existing output / discard an unfinished run with other settings.
     """
     check_target_settings(k, temperature, max_support, min_prob)
+    if chunk_size <= 0:
+        raise ValueError(f"--chunk_size must be a positive number of query positions per search, got {chunk_size}.")
     if out is None:
         raise ValueError("out (the targets directory to write) is required.")
     store = Datastore(datastore)
