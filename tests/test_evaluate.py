@@ -423,3 +423,13 @@ def test_windows_past_the_context_are_refused_before_any_work(tmp_path, tiny_gpt
     assert mixed.generate(prompt[:, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
     with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 520 exceeds the context of the base LM, 512"):
         knnlm.generate_greedy(prompt, max_new_tokens=20)
+
+
+def test_evaluate_reports_the_k_it_used(tmp_path, tiny_gpt2, biomed_datastore, biomed_index):
+    """k beyond the datastore is capped at its size by the kNN-LM; the report says the k used and the k asked."""
+    entries = len(Datastore(biomed_datastore))
+    report = evaluate(bases=[str(tiny_gpt2)], datastore=str(biomed_datastore), index=str(biomed_index),
+                      test="embedded:biomed/test", out=tmp_path / "r", k=entries + 500, knn_lmbda=0.3,
+                      window=32, stride=16, max_tokens=64)  # fmt: skip
+    assert report["k"] == entries and report["k_asked"] == entries + 500
+    assert f"k={entries}," in (tmp_path / "r" / "report.md").read_text()

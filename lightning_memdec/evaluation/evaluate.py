@@ -155,7 +155,7 @@ def evaluate(
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
     knn = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
     scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev)
-    rows, curves, latency_report = [], {}, None
+    rows, curves, latency_report, k_used = [], {}, None, {}
     for base_ref, name, role in models:
         base, tok = scorer.load(base_ref)
         knnlm = None
@@ -163,6 +163,7 @@ def evaluate(
             store_dir, index_dir = stores[base_ref]
             knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
                           **knn)  # fmt: skip
+            k_used[name] = knnlm.k  # k is capped at the datastore's size
         lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
         rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid))
         curves[name] = _curve(lp, grid)
@@ -176,12 +177,18 @@ def evaluate(
     report = {
         "bases": list(bases), "teacher": teacher, "memdec": memdec, "ce_only": ce_only, "test": test, "valid": valid,
         "datastores": {_short_name(m): str(s) for m, (s, _) in stores.items()},
-        "k": k if stores else None, "temperature": temperature if stores else None,
+        "k": _one_or_each(k_used), "k_asked": k if stores else None, "temperature": temperature if stores else None,
         "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
         "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
     }  # fmt: skip
     write_report(report, Path(out))
     return report
+
+
+def _one_or_each(per_model: dict):
+    """One value when every model has the same (the common case), else the value of each; None when there is none."""
+    values = set(per_model.values())
+    return None if not values else values.pop() if len(values) == 1 else per_model
 
 
 class _Scorer:
