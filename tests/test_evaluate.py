@@ -19,6 +19,7 @@ from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
 from lightning_memdec.evaluation.latency import generation_throughput, model_latency
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
+from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.token_corpus import position_windows
@@ -175,7 +176,7 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
         evaluate(**common, memdec=str(models["memdec"]), valid="embedded:biomed/valid", lambda_grid=[0.5, 1.2])
     with pytest.raises(ValueError, match="pass --lmbda .* or --valid"):
         evaluate(**common, memdec=str(models["memdec"]))
-    with pytest.raises(ValueError, match="must use the base model's tokenizer"):
+    with pytest.raises(ValueError, match=r"decoder .*neox was built with tokenizer neox .* but base .*gpt2-tiny uses"):
         evaluate(**common, memdec=str(models["neox"]), lmbda=0.5)
     with pytest.raises(ValueError, match="was built with .*gpt2-tiny, which is none of"):
         evaluate(
@@ -433,3 +434,18 @@ def test_evaluate_reports_the_k_it_used(tmp_path, tiny_gpt2, biomed_datastore, b
                       window=32, stride=16, max_tokens=64)  # fmt: skip
     assert report["k"] == entries and report["k_asked"] == entries + 500
     assert f"k={entries}," in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_evaluate_checks_out_and_every_bases_tokenizer_before_scoring(tmp_path, tiny_gpt2, models):
+    """An --out under a file, or a second base of another tokenizer than the decoder, is refused before any scoring."""
+    common = dict(test="embedded:biomed/test", window=32, stride=16, max_tokens=64, lmbda=0.3)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ArtifactError, match=rf"--out {blocker / 'report'} cannot be written: {blocker} is not a"):
+        evaluate(bases=[str(tiny_gpt2)], out=blocker / "report", **common)
+    with pytest.raises(ArtifactError, match=rf"--out {blocker} is a file, but a directory is needed"):
+        evaluate(bases=[str(tiny_gpt2)], out=blocker, **common)
+    out = tmp_path / "r"
+    with pytest.raises(ArtifactError, match=r"decoder .*memdec was built with tokenizer .* but base .*neox uses neox"):
+        evaluate(bases=[str(tiny_gpt2), str(models["neox"])], memdec=str(models["memdec"]), out=out, **common)
+    assert not out.exists()

@@ -28,6 +28,7 @@ from lightning_memdec.hf.loading import (
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
+from lightning_memdec.io.artifact_dirs import check_writable_dir
 from lightning_memdec.io.embedded import load_tokenizer, resolve_text
 from lightning_memdec.io.text_sources import read_documents
 from lightning_memdec.io.token_corpus import Corpus, encode_documents
@@ -145,8 +146,7 @@ def evaluate(
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
-    for ref in [ref for ref, _, _ in models] + [ref for ref in (memdec, ce_only) if ref]:
-        check_fits_context(window, model_config(ref), ref)  # before any datastore is built or model scored
+    _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, tokenizer)
     dev = torch_device(device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
@@ -249,6 +249,25 @@ def _models_to_score(bases: list[str], teacher: str | None) -> list[tuple[str, s
             raise ValueError(f"the teacher {teacher} has the name of a base; give it a distinct directory name.")
         models.append((teacher, _short_name(teacher), "teacher"))
     return models
+
+
+def _check_before_scoring(models, decoders: list[str], window: int, out, tokenizer: str | None) -> None:
+    """What can be known before any datastore is built or model scored: --out writable, every model's context
+    holds --window, and every base speaks each decoder's tokenizer (from the files next to them)."""
+    check_writable_dir(out, "--out")
+    for ref in [ref for ref, _, _ in models] + decoders:
+        check_fits_context(window, model_config(ref), ref)
+    if tokenizer is not None:  # one tokenizer given for all: nothing to compare
+        return
+    for dec in decoders:
+        dec_tok = find_tokenizer(dec)
+        for ref in [ref for ref, _, role in models if role == "base"]:
+            base_tok = find_tokenizer(ref)
+            if dec_tok is not None and base_tok is not None:
+                check_same_tokenizer(
+                    tokenizer_info(dec_tok, tokenizer_name(dec_tok, dec)), f"decoder {dec}",
+                    tokenizer_info(base_tok, tokenizer_name(base_tok, ref)), f"base {ref}",
+                )  # fmt: skip
 
 
 def _load_decoder(ref: str, device, window: int):

@@ -34,6 +34,18 @@ def wrong_path(path: str | Path, what: str, want_dir: bool) -> str:
     return f"{what} {path} does not exist"
 
 
+def check_writable_dir(path: str | Path, setting: str) -> None:
+    """An output directory must be one this process can create or write: found before the work, not after it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{wrong_path(path, setting, want_dir=True)}; choose another {setting}.")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"{setting} {path} cannot be written: {existing} is not a writable directory; choose another {setting}."
+        )
+
+
 def sha256_file(path: str | Path, limit: int | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
