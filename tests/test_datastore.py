@@ -201,3 +201,31 @@ def test_window_past_the_model_context_is_refused_before_any_work(tmp_path, biom
     with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of base LM .*gpt2-tiny, 512 positions"):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, window=1024, stride=512, accelerator="cpu")
     assert not partial_dir(out).exists() and not out.exists()
+
+
+def test_nan_keys_are_refused_where_they_are_made_and_before_indexing(tmp_path, biomed_corpus, biomed_datastore):
+    """A model whose key layer gives NaN fails the datastore at its first chunk; a datastore holding a NaN key
+    (built before this check) fails build-index naming the datastore and the position, not the search later."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_memdec.retrieval.faiss_index import build_index
+
+    model_dir = save_tiny(tmp_path / "nan-model", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.transformer.h[-1].ln_2.weight.fill_(float("nan"))  # the last MLP's input: the default key layer
+    model.save_pretrained(model_dir)
+    with pytest.raises(ArtifactError, match=rf"base LM {model_dir}: \d+ keys are NaN or inf, the first at position 0"):
+        build_datastore(biomed_corpus, str(model_dir), tmp_path / "ds", window=64, stride=32, accelerator="cpu")
+    assert not (tmp_path / "ds").exists()
+
+    store = tmp_path / "store"
+    shutil.copytree(biomed_datastore, store)
+    keys = np.load(store / "keys.npy", mmap_mode="r+")
+    keys[123, 5] = np.inf
+    keys.flush()
+    del keys
+    with pytest.raises(ArtifactError, match=rf"datastore {store}: 1 keys are NaN or inf, the first at position 123"):
+        build_index(store, tmp_path / "index", factory="Flat")

@@ -70,6 +70,20 @@ def check_index_matches(index_dir: str | Path, index_meta: dict, store: Datastor
         )
 
 
+def check_finite_keys(keys: np.ndarray, first_row: int, source: str) -> None:
+    """Keys must be finite: a NaN/inf key would surface only at search time, as an unrelated row-id error.
+
+    ``keys`` are consecutive rows starting at ``first_row`` ([..., d]; leading axes flattened in order).
+    """
+    bad = ~np.isfinite(keys.reshape(-1, keys.shape[-1])).all(axis=1)
+    if bad.any():
+        raise ArtifactError(
+            f"{source}: {int(bad.sum())} keys are NaN or inf, the first at position {first_row + int(bad.argmax())}; "
+            "the model's activations at the key layer overflow fp16 (|x| > 65504) or are NaN. Check the model's "
+            "weights, or key another --layer."
+        )
+
+
 class Targets:
     """A finished targets directory (CSR: offsets [N+1] int64, ids int32, probs fp16)."""
 

@@ -29,7 +29,7 @@ from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, partial_
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
 from lightning_memdec.io.output_lock import exclusive_output
-from lightning_memdec.io.readers import KEYS, VALUES
+from lightning_memdec.io.readers import KEYS, VALUES, check_finite_keys
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
 from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
@@ -135,6 +135,7 @@ class KeyWriter(BasePredictionWriter):
         for row, (start, score_from) in enumerate(
             zip(prediction["starts"].tolist(), prediction["score_from"].tolist())
         ):
+            check_finite_keys(keys[row, score_from:], start + score_from, f"base LM {pl_module.model_path}")
             write_rows(self.fd, self.offset, self.row_bytes, start + score_from, keys[row, score_from:])
         os.fdatasync(self.fd)
         mark_done(self.work, int(prediction["chunk"]))
