@@ -45,3 +45,11 @@ def test_chunk_size_zero_is_refused_before_any_work(tmp_path, biomed_datastore, 
     with pytest.raises(ValueError, match="--chunk_size must be a positive number .* got 0"):
         build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=8, chunk_size=0)
     assert not partial_dir(tmp_path / "t").exists()
+
+
+def test_out_naming_an_existing_file_is_refused_even_with_overwrite(tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes")
+    with pytest.raises(ArtifactError, match=rf"output {out} is a file, but a directory is needed"):
+        tokenize(["embedded:biomed/valid"], out, "gpt2", max_tokens=100, overwrite=True)
+    assert out.read_text() == "my notes" and not partial_dir(out).exists()

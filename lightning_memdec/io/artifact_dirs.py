@@ -120,6 +120,8 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
     """
     out = Path(out)
     work = partial_dir(out)
+    if out.exists() and not out.is_dir():  # --overwrite replaces artefact directories, never a user's file
+        raise ArtifactError(f"{wrong_path(out, 'output', want_dir=True)}; remove it or choose another --out.")
     if out.exists():
         if not overwrite:
             raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
