@@ -229,3 +229,30 @@ def test_nan_keys_are_refused_where_they_are_made_and_before_indexing(tmp_path, 
     del keys
     with pytest.raises(ArtifactError, match=rf"datastore {store}: 1 keys are NaN or inf, the first at position 123"):
         build_index(store, tmp_path / "index", factory="Flat")
+
+
+class CountComputed(L.Callback):
+    def __init__(self):
+        self.computed = 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.computed += outputs is not None
+
+
+def test_a_kill_after_every_chunk_resumes_without_recomputing_them(
+    tmp_path, monkeypatch, biomed_corpus, tiny_gpt2, biomed_datastore
+):
+    """Killed while writing values (after all keys): the rerun computes no chunk again and gives identical bytes."""
+    import lightning_memdec.stages.datastore as stage
+
+    out = tmp_path / "ds"
+    kwargs = dict(window=64, stride=32, batch_windows=4, accelerator="cpu")
+    monkeypatch.setattr(stage, "write_values", lambda *a: (_ for _ in ()).throw(SimulatedKill("writing values")))
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, **kwargs)
+    monkeypatch.undo()
+    counter = CountComputed()
+    build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[counter], **kwargs)
+    assert counter.computed == 0
+    for name in ("keys.npy", "values.npy"):
+        assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()

@@ -32,7 +32,14 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import KEYS, VALUES, check_finite_keys
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
-from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
+from lightning_memdec.stages.chunked_predict import (
+    chunk_loader,
+    drop_progress,
+    finish_chunks,
+    is_idle,
+    mark_done,
+    run_sharded_predict,
+)
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 VALUES_BLOCK = 1 << 22  # tokens copied into values.npy at a time (16 MiB of int32)
@@ -209,6 +216,7 @@ def build_datastore(
     finish_chunks(work, num_chunks)
     dim = int(np.load(work / KEYS, mmap_mode="r").shape[1])
     write_values(work / VALUES, data)
+    drop_progress(work)
     meta = base_meta(
         "datastore",
         model=str(model),

@@ -37,7 +37,13 @@ from lightning_memdec.retrieval.exact_search import (
     resident_keys,
 )
 from lightning_memdec.retrieval.index_plan import check_gpu_k, plan_index
-from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, run_sharded_predict
+from lightning_memdec.stages.chunked_predict import (
+    chunk_loader,
+    drop_progress,
+    finish_chunks,
+    is_idle,
+    run_sharded_predict,
+)
 from lightning_memdec.stages.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
 
 log = logging.getLogger(__name__)
@@ -259,6 +265,7 @@ def build_targets(
     num_chunks = -(-len(query_store) // chunk_size)
     finish_chunks(work, num_chunks)
     num_positions, nnz = merge_chunks(work, num_chunks)
+    drop_progress(work)  # before the chunk files go: markers without their chunks would resume into nothing
     shutil.rmtree(work / CHUNKS)
     settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob")}
     settings["exact_distances"] = exact_distances or search == "exact"
