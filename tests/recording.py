@@ -38,3 +38,14 @@ class RecordWindows(L.Callback):
     def _write(self, trainer):
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+class KillAtStep(L.Callback):
+    """Stands for a kill: raises before training step ``step`` starts (its checkpoints up to then are written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"killed at step {self.step}")

@@ -165,3 +165,94 @@ def test_bf16_precision_keys_close_to_fp32_and_recorded(tmp_path, biomed_corpus,
     np.testing.assert_allclose(keys, want, rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="precision must be one of"):
         build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "bad", precision="fp8")
+
+
+def test_model_identity_is_its_weights_not_its_path(tmp_path, biomed_corpus):
+    """A model replaced in the same directory: the resumed datastore is refused, and a stale index of the old
+    datastore is refused by build-targets; the recorded hash is the hash of config.json + weights."""
+    import hashlib
+
+    from lightning_memdec.hf.loading import model_fingerprint
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.stages.targets import build_targets
+
+    model = save_tiny(tmp_path / "model", seed=1)
+    files = sorted([model / "config.json", model / "model.safetensors"])
+    lines = "".join(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n" for f in files)
+    assert model_fingerprint(str(model)) == hashlib.sha256(lines.encode()).hexdigest()[:16]
+    kwargs = dict(window=64, stride=32, accelerator="cpu")
+    store = build_datastore(biomed_corpus, str(model), tmp_path / "ds", **kwargs)
+    assert Datastore(store).meta["model_sha256"] == model_fingerprint(str(model))
+    index = build_index(store, tmp_path / "index", factory="Flat")
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(model), tmp_path / "ds2", callbacks=[Interrupt(1)], **kwargs)
+
+    save_tiny(tmp_path / "model", seed=2)  # another model, same path
+    with pytest.raises(ArtifactError, match="different settings"):
+        build_datastore(biomed_corpus, str(model), tmp_path / "ds2", **kwargs)
+    build_datastore(biomed_corpus, str(model), store, overwrite=True, **kwargs)
+    with pytest.raises(ArtifactError, match=f"index {index} was built over"):
+        build_targets(store, index, tmp_path / "targets", k=8)
+    assert not partial_dir(tmp_path / "targets").exists()
+
+
+def test_window_past_the_model_context_is_refused_before_any_work(tmp_path, biomed_corpus, tiny_gpt2):
+    out = tmp_path / "ds"
+    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of base LM .*gpt2-tiny, 512 positions"):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, window=1024, stride=512, accelerator="cpu")
+    assert not partial_dir(out).exists() and not out.exists()
+
+
+def test_nan_keys_are_refused_where_they_are_made_and_before_indexing(tmp_path, biomed_corpus, biomed_datastore):
+    """A model whose key layer gives NaN fails the datastore at its first chunk; a datastore holding a NaN key
+    (built before this check) fails build-index naming the datastore and the position, not the search later."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_memdec.retrieval.faiss_index import build_index
+
+    model_dir = save_tiny(tmp_path / "nan-model", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.transformer.h[-1].ln_2.weight.fill_(float("nan"))  # the last MLP's input: the default key layer
+    model.save_pretrained(model_dir)
+    with pytest.raises(ArtifactError, match=rf"base LM {model_dir}: \d+ keys are NaN or inf, the first at position 0"):
+        build_datastore(biomed_corpus, str(model_dir), tmp_path / "ds", window=64, stride=32, accelerator="cpu")
+    assert not (tmp_path / "ds").exists()
+
+    store = tmp_path / "store"
+    shutil.copytree(biomed_datastore, store)
+    keys = np.load(store / "keys.npy", mmap_mode="r+")
+    keys[123, 5] = np.inf
+    keys.flush()
+    del keys
+    with pytest.raises(ArtifactError, match=rf"datastore {store}: 1 keys are NaN or inf, the first at position 123"):
+        build_index(store, tmp_path / "index", factory="Flat")
+
+
+class CountComputed(L.Callback):
+    def __init__(self):
+        self.computed = 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.computed += outputs is not None
+
+
+def test_a_kill_after_every_chunk_resumes_without_recomputing_them(
+    tmp_path, monkeypatch, biomed_corpus, tiny_gpt2, biomed_datastore
+):
+    """Killed while writing values (after all keys): the rerun computes no chunk again and gives identical bytes."""
+    import lightning_memdec.stages.datastore as stage
+
+    out = tmp_path / "ds"
+    kwargs = dict(window=64, stride=32, batch_windows=4, accelerator="cpu")
+    monkeypatch.setattr(stage, "write_values", lambda *a: (_ for _ in ()).throw(SimulatedKill("writing values")))
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, **kwargs)
+    monkeypatch.undo()
+    counter = CountComputed()
+    build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[counter], **kwargs)
+    assert counter.computed == 0
+    for name in ("keys.npy", "values.npy"):
+        assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()

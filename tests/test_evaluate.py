@@ -19,6 +19,7 @@ from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
 from lightning_memdec.evaluation.latency import generation_throughput, model_latency
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
+from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.token_corpus import position_windows
@@ -175,7 +176,7 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
         evaluate(**common, memdec=str(models["memdec"]), valid="embedded:biomed/valid", lambda_grid=[0.5, 1.2])
     with pytest.raises(ValueError, match="pass --lmbda .* or --valid"):
         evaluate(**common, memdec=str(models["memdec"]))
-    with pytest.raises(ValueError, match="must use the base model's tokenizer"):
+    with pytest.raises(ValueError, match=r"decoder .*neox was built with tokenizer neox .* but base .*gpt2-tiny uses"):
         evaluate(**common, memdec=str(models["neox"]), lmbda=0.5)
     with pytest.raises(ValueError, match="was built with .*gpt2-tiny, which is none of"):
         evaluate(
@@ -184,7 +185,7 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
             index=str(biomed_index),
             lmbda=0.3,
         )
-    with pytest.raises(ValueError, match=r"window 1024 exceeds the 512 positions"):
+    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of .*gpt2-tiny, 512 positions"):
         evaluate(**{**common, "window": 1024}, lmbda=0.3)
     with pytest.raises(
         ValueError, match=r"neox uses tokenizer neox \(vocab 50277.*decoder's training data uses gpt2 \(vocab 50257"
@@ -407,3 +408,46 @@ def test_evaluate_fair_rows_every_base_its_own_datastore(tmp_path, tiny_gpt2, mo
     evaluate(bases=[str(tiny_gpt2)], knn_corpus=str(biomed_corpus), k=8, window=32, stride=16, max_tokens=200,
              out=out, **splits)  # fmt: skip
     assert (out / "stores" / "gpt2-tiny-datastore" / "meta.json").stat().st_mtime == mtime
+
+
+def test_windows_past_the_context_are_refused_before_any_work(tmp_path, tiny_gpt2, models, biomed_corpus, knnlm):
+    """evaluate --knn_corpus builds no datastore, and generation starts no step, past a model's 512 positions."""
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+
+    out = tmp_path / "report"
+    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of .*gpt2-tiny, 512 positions"):
+        evaluate(bases=[str(tiny_gpt2)], knn_corpus=str(biomed_corpus), test="embedded:biomed/test", out=out,
+                 window=1024, stride=512, lmbda=0.3)  # fmt: skip
+    assert not out.exists()
+    prompt = torch.zeros(1, 500, dtype=torch.long)
+    mixed = InterpolatedLM(str(tiny_gpt2), str(models["memdec"]), 0.5)
+    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 520 exceeds the context of the base LM, 512"):
+        mixed.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert mixed.generate(prompt[:, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
+    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 520 exceeds the context of the base LM, 512"):
+        knnlm.generate_greedy(prompt, max_new_tokens=20)
+
+
+def test_evaluate_reports_the_k_it_used(tmp_path, tiny_gpt2, biomed_datastore, biomed_index):
+    """k beyond the datastore is capped at its size by the kNN-LM; the report says the k used and the k asked."""
+    entries = len(Datastore(biomed_datastore))
+    report = evaluate(bases=[str(tiny_gpt2)], datastore=str(biomed_datastore), index=str(biomed_index),
+                      test="embedded:biomed/test", out=tmp_path / "r", k=entries + 500, knn_lmbda=0.3,
+                      window=32, stride=16, max_tokens=64)  # fmt: skip
+    assert report["k"] == entries and report["k_asked"] == entries + 500
+    assert f"k={entries}," in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_evaluate_checks_out_and_every_bases_tokenizer_before_scoring(tmp_path, tiny_gpt2, models):
+    """An --out under a file, or a second base of another tokenizer than the decoder, is refused before any scoring."""
+    common = dict(test="embedded:biomed/test", window=32, stride=16, max_tokens=64, lmbda=0.3)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ArtifactError, match=rf"--out {blocker / 'report'} cannot be written: {blocker} is not a"):
+        evaluate(bases=[str(tiny_gpt2)], out=blocker / "report", **common)
+    with pytest.raises(ArtifactError, match=rf"--out {blocker} is a file, but a directory is needed"):
+        evaluate(bases=[str(tiny_gpt2)], out=blocker, **common)
+    out = tmp_path / "r"
+    with pytest.raises(ArtifactError, match=r"decoder .*memdec was built with tokenizer .* but base .*neox uses neox"):
+        evaluate(bases=[str(tiny_gpt2), str(models["neox"])], memdec=str(models["memdec"]), out=out, **common)
+    assert not out.exists()

@@ -295,3 +295,72 @@ def test_mid_epoch_resume_sees_exactly_the_windows_of_an_uninterrupted_run(tmp_p
     first = run(tmp_path / "killed", 3)
     rest = run(tmp_path / "killed", 6, resume=True)
     assert first + rest == straight and len(straight) == 6
+
+
+def resume_args(pair: dict, root: Path, targets: str | None = None) -> list[str]:
+    """A fit as the README writes it: no checkpoint.dirpath, checkpoints in <root>/checkpoints; dropout on."""
+    pair = {**pair, "train_targets": targets or pair["train_targets"]}
+    return [
+        "fit", *TINY_DECODER, *data_args(pair, window=32, batch_size=2), "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+        "--checkpoint.every_n_train_steps", "1",
+    ]  # fmt: skip
+
+
+def final_weights(root: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 6
+    return ckpt["state_dict"]
+
+
+def test_readme_resume_is_bit_identical_to_an_uninterrupted_run_with_dropout(tmp_path, biomed_targets_pair):
+    """`memdec fit ... --ckpt_path last` after a kill at step 3 ends with the uninterrupted run's exact weights."""
+    pair = biomed_targets_pair
+    assert json.loads(TINY_DECODER[1]).get("resid_pdrop", 0.1) > 0  # GPT-2's default dropout is on
+    straight = tmp_path / "straight"
+    lightning_cli(resume_args(pair, straight))
+    killed = tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="killed at step 3"):
+        lightning_cli(
+            [*resume_args(pair, killed), "--trainer.callbacks+=recording.KillAtStep", "--trainer.callbacks.step=3"]
+        )
+    assert (killed / "checkpoints" / "last.ckpt").is_file(), "checkpoints go where the README says"
+    cli = lightning_cli([*resume_args(pair, killed), "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6
+    want, got = final_weights(straight), final_weights(killed)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, biomed_targets_pair):
+    with pytest.raises(FileNotFoundError, match="no last.ckpt in .*checkpoints"):
+        lightning_cli([*resume_args(biomed_targets_pair, tmp_path / "never-run"), "--ckpt_path", "last"])
+    config = {"model": {"config": json.loads(TINY_DECODER[1])}, "data": {"train_corpus": "x"}}
+    config["trainer"] = {"default_root_dir": str(tmp_path / "never-run")}
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        fit(config, ckpt_path="last")
+
+
+def test_resume_with_other_targets_is_refused(tmp_path, biomed_targets_pair, biomed_datastore, biomed_index):
+    from lightning_memdec.stages.targets import build_targets
+
+    pair = biomed_targets_pair
+    other = build_targets(biomed_datastore, biomed_index, tmp_path / "t-other", k=8, temperature=1.0)
+    root = tmp_path / "run"
+    lightning_cli([*resume_args(pair, root), "--trainer.max_steps", "2"])
+    with pytest.raises(ValueError, match="resume with the run's own data"):
+        lightning_cli([*resume_args(pair, root, targets=str(other)), "--ckpt_path", "last"])
+
+
+def test_fit_refuses_a_decoder_of_another_tokenizer(tmp_path, biomed_targets_pair):
+    """A decoder saved with GPT-NeoX's tokenizer has enough output ids for GPT-2 data, but other ids: refused."""
+    from conftest import save_tiny
+
+    decoder = save_tiny(tmp_path / "neox-decoder", vocab=50304, tokenizer="gpt-neox-20b")
+    args = resume_args(biomed_targets_pair, tmp_path / "run")
+    args = [a for a in args if a not in TINY_DECODER] + ["--model.model", str(decoder), "--trainer.max_steps", "1"]
+    with pytest.raises(ArtifactError, match=rf"decoder {decoder} was built with tokenizer .*uses gpt2"):
+        lightning_cli(args)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_memdec.io.artifact_dirs import wrong_path
+
 __all__ = ["Task", "TaskError", "load_tasks", "single_token_verbalizers", "knn_prompt_sample"]
 
 REQUIRED_KEYS = ("template", "domain_premise", "labels", "verbalizers")
@@ -88,7 +90,7 @@ def _check_entry(name: str, entry, where: str, verbalizer_set: str) -> dict:
 def read_records(path: Path, fields: set[str], n_classes: int) -> list[dict]:
     """Every line of a task JSONL file, checked: JSON object, id/input/label present, label in range, fields there."""
     if not path.is_file():
-        raise TaskError(f"task file {path} does not exist.")
+        raise TaskError(f"{wrong_path(path, 'task file', want_dir=False)}.")
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -17,10 +17,18 @@ import torch
 
 from lightning_memdec.evaluation.latency import model_latency
 from lightning_memdec.evaluation.report import write_report
-from lightning_memdec.hf.loading import context_length, find_tokenizer, load_causal_lm, tokenizer_name, torch_device
+from lightning_memdec.hf.loading import (
+    check_fits_context,
+    find_tokenizer,
+    load_causal_lm,
+    model_config,
+    tokenizer_name,
+    torch_device,
+)
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM, mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
+from lightning_memdec.io.artifact_dirs import check_writable_dir
 from lightning_memdec.io.embedded import load_tokenizer, resolve_text
 from lightning_memdec.io.text_sources import read_documents
 from lightning_memdec.io.token_corpus import Corpus, encode_documents
@@ -66,12 +74,6 @@ def text_tokens(spec: str | Path, tokenizer, max_tokens: int | None = None, batc
 
 
 # -- scoring helpers ---------------------------------------------------------------------------------------------------
-
-
-def _check_context(model, window: int, what: str) -> None:
-    max_pos = context_length(model)
-    if max_pos is not None and window > max_pos:
-        raise ValueError(f"window {window} exceeds the {max_pos} positions of {what}; lower --window (and --stride).")
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------------
@@ -144,6 +146,7 @@ def evaluate(
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
+    _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, tokenizer)
     dev = torch_device(device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
@@ -152,7 +155,7 @@ def evaluate(
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
     knn = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
     scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev)
-    rows, curves, latency_report = [], {}, None
+    rows, curves, latency_report, k_used = [], {}, None, {}
     for base_ref, name, role in models:
         base, tok = scorer.load(base_ref)
         knnlm = None
@@ -160,6 +163,7 @@ def evaluate(
             store_dir, index_dir = stores[base_ref]
             knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
                           **knn)  # fmt: skip
+            k_used[name] = knnlm.k  # k is capped at the datastore's size
         lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
         rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid))
         curves[name] = _curve(lp, grid)
@@ -173,12 +177,18 @@ def evaluate(
     report = {
         "bases": list(bases), "teacher": teacher, "memdec": memdec, "ce_only": ce_only, "test": test, "valid": valid,
         "datastores": {_short_name(m): str(s) for m, (s, _) in stores.items()},
-        "k": k if stores else None, "temperature": temperature if stores else None,
+        "k": _one_or_each(k_used), "k_asked": k if stores else None, "temperature": temperature if stores else None,
         "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
         "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
     }  # fmt: skip
     write_report(report, Path(out))
     return report
+
+
+def _one_or_each(per_model: dict):
+    """One value when every model has the same (the common case), else the value of each; None when there is none."""
+    values = set(per_model.values())
+    return None if not values else values.pop() if len(values) == 1 else per_model
 
 
 class _Scorer:
@@ -193,7 +203,7 @@ class _Scorer:
 
     def load(self, ref: str):
         model = load_causal_lm(ref).to(self.device).eval()
-        _check_context(model, self.window, f"{ref}")
+        check_fits_context(self.window, model, f"{ref}")
         tok = load_tokenizer(self.tokenizer) if self.tokenizer is not None else find_tokenizer(ref, model)
         if tok is None:
             raise ValueError(f"{ref} has no tokenizer in its directory; pass --tokenizer NAME_OR_DIR.")
@@ -241,9 +251,28 @@ def _models_to_score(bases: list[str], teacher: str | None) -> list[tuple[str, s
     return models
 
 
+def _check_before_scoring(models, decoders: list[str], window: int, out, tokenizer: str | None) -> None:
+    """What can be known before any datastore is built or model scored: --out writable, every model's context
+    holds --window, and every base speaks each decoder's tokenizer (from the files next to them)."""
+    check_writable_dir(out, "--out")
+    for ref in [ref for ref, _, _ in models] + decoders:
+        check_fits_context(window, model_config(ref), ref)
+    if tokenizer is not None:  # one tokenizer given for all: nothing to compare
+        return
+    for dec in decoders:
+        dec_tok = find_tokenizer(dec)
+        for ref in [ref for ref, _, role in models if role == "base"]:
+            base_tok = find_tokenizer(ref)
+            if dec_tok is not None and base_tok is not None:
+                check_same_tokenizer(
+                    tokenizer_info(dec_tok, tokenizer_name(dec_tok, dec)), f"decoder {dec}",
+                    tokenizer_info(base_tok, tokenizer_name(base_tok, ref)), f"base {ref}",
+                )  # fmt: skip
+
+
 def _load_decoder(ref: str, device, window: int):
     decoder = load_causal_lm(ref).to(device).eval()
-    _check_context(decoder, window, f"the decoder {ref}")
+    check_fits_context(window, decoder, f"the decoder {ref}")
     return decoder, find_tokenizer(ref, decoder)
 
 

@@ -8,10 +8,12 @@ Transformers is imported inside the functions: importing this module stays cheap
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from pathlib import Path
 
+from lightning_memdec.io.artifact_dirs import sha256_file
 from lightning_memdec.io.embedded import SHIPPED_TOKENIZERS, load_tokenizer, resolve_model
 
 __all__ = [
@@ -24,8 +26,13 @@ __all__ = [
     "cache_arg_name",
     "position_ids_from_mask",
     "resolve_model",
+    "model_fingerprint",
+    "context_length",
+    "check_fits_context",
+    "model_config",
 ]
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
@@ -40,6 +47,32 @@ def load_causal_lm(name_or_path: str | Path, **from_pretrained_kwargs):
         raise ValueError(
             f"cannot load causal LM {str(name_or_path)!r}: not a model directory or hub name ({err})."
         ) from err
+
+
+def model_fingerprint(name_or_path: str | Path) -> str:
+    """What a model is, whatever its path: a short hash of its config.json and weight files' bytes.
+
+    Artefacts record it so a model replaced in the same directory is told apart from the old one. A hub name that
+    is not a directory is identified by its repo and the commit of its cached snapshot (the hub's content hash).
+    """
+    ref = resolve_model(name_or_path)
+    directory = Path(ref)
+    digest = hashlib.sha256()
+    if not directory.is_dir():
+        from transformers.utils import cached_file
+
+        try:
+            snapshot = Path(cached_file(ref, "config.json")).parent
+        except OSError as err:
+            raise ValueError(f"cannot find model {ref!r}: not a model directory or hub name ({err}).") from err
+        digest.update(f"{ref}@{snapshot.name}".encode())
+        return digest.hexdigest()[:16]
+    files = sorted(f for f in directory.iterdir() if f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES)
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+        raise ValueError(f"model directory {directory} holds no weights (*.safetensors or *.bin).")
+    for f in files:
+        digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def causal_lm(ref, what: str, **from_pretrained_kwargs):
@@ -134,9 +167,34 @@ def position_ids_from_mask(attention_mask, length: int):
 
 
 def context_length(model) -> int | None:
-    """Positions the model attends over (``max_position_embeddings`` or GPT-2's ``n_positions``); None: unbounded."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    """Positions the model (or its config) attends over (``max_position_embeddings`` or GPT-2's ``n_positions``);
+    None: unbounded."""
+    cfg = getattr(model, "config", model)
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def check_fits_context(length: int, model, what: str, setting: str = "--window") -> None:
+    """``length`` positions must fit the context of ``model`` (a model or its config); checked before any work,
+    since past it the position embeddings fail with a bare IndexError."""
+    limit = context_length(model)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"{setting} = {length} exceeds the context of {what}, {limit} positions; lower {setting} to at most "
+            f"{limit}."
+        )
+
+
+def model_config(name_or_path: str | Path):
+    """A model's config alone (no weights), with an error naming what was asked for when it is no model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name_or_path))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot load model {str(name_or_path)!r}: not a model directory or hub name ({err})."
+        ) from err
 
 
 def torch_device(device: str = "auto"):

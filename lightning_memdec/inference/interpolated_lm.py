@@ -29,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from lightning_memdec.hf.loading import (
     cache_arg_name,
     causal_lm,
+    check_fits_context,
     find_tokenizer,
     forward_params,
     output_rows,
@@ -145,6 +146,17 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
             "InterpolatedLM is not saved as one checkpoint: save .base and .memdec separately and mix them again "
             "with InterpolatedLM.from_pretrained(base, memdec, lmbda)."
         )
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """``GenerationMixin.generate``, refused up front when prompt + new tokens exceed either model's context."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        config = generation_config or self.generation_config
+        new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        total = kwargs.get("max_length", config.max_length) if new is None else prompt.shape[-1] + new
+        if prompt is not None and total is not None:
+            check_fits_context(total, self.base, "the base LM", "prompt + max_new_tokens")
+            check_fits_context(total, self.memdec, "the Memory Decoder", "prompt + max_new_tokens")
+        return super().generate(inputs, generation_config, **kwargs)
 
     # -- λ -------------------------------------------------------------------------------------------------------
 

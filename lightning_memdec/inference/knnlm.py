@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from lightning_memdec.hf.loading import (
     cache_arg_name,
     causal_lm,
+    check_fits_context,
     find_tokenizer,
     forward_params,
     output_rows,
@@ -262,6 +263,7 @@ class KNNLM(torch.nn.Module):
 
         Rows are continued independently (no padding, no early stop), as a latency baseline; λ = 0 skips retrieval.
         """
+        check_fits_context(input_ids.shape[-1] + max_new_tokens, self.base, "the base LM", "prompt + max_new_tokens")
         cache_arg = cache_arg_name(self.base)
         # only the last position's logits, as generate() does: the prompt's pass would otherwise build [B, T, V]
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(self.base) else {}

@@ -26,6 +26,26 @@ class ArtifactError(ValueError):
     """An input artefact is missing, inconsistent or corrupt; the message says what to fix."""
 
 
+def wrong_path(path: str | Path, what: str, want_dir: bool) -> str:
+    """Why ``path`` is not the file/directory asked for: it is the other kind, or it does not exist."""
+    path, wanted = Path(path), "directory" if want_dir else "file"
+    if path.exists():
+        return f"{what} {path} is a {'directory' if path.is_dir() else 'file'}, but a {wanted} is needed here"
+    return f"{what} {path} does not exist"
+
+
+def check_writable_dir(path: str | Path, setting: str) -> None:
+    """An output directory must be one this process can create or write: found before the work, not after it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{wrong_path(path, setting, want_dir=True)}; choose another {setting}.")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"{setting} {path} cannot be written: {existing} is not a writable directory; choose another {setting}."
+        )
+
+
 def sha256_file(path: str | Path, limit: int | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -54,17 +74,33 @@ def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / META
     if not directory.is_dir():
-        raise ArtifactError(f"{directory} does not exist; build it first (see `memdec --help`).")
+        raise ArtifactError(
+            f"{wrong_path(directory, 'artefact directory', want_dir=True)}; give the directory a stage wrote "
+            "(the one holding meta.json), or build it first (see `memdec --help`)."
+        )
     if not path.is_file():
         partial = partial_dir(directory)
         hint = f" An unfinished run is in {partial}: run the same command again to resume." if partial.exists() else ""
         raise ArtifactError(f"{directory} has no {META}: it is not a finished lightning_memdec artefact.{hint}")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(
+            f"{path} is not valid UTF-8 JSON ({err}); the artefact is corrupt, rebuild {directory}."
+        ) from err
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(meta).__name__}, not an object; rebuild {directory}.")
     if kind is not None and meta.get("kind") != kind:
         raise ArtifactError(
             f"{directory} holds a {meta.get('kind')!r} artefact, but a {kind!r} artefact is needed here."
         )
     return meta
+
+
+def meta_sha256(directory: str | Path) -> str:
+    """A short hash of an artefact's meta.json bytes: what identifies artefacts that carry no content hash."""
+    read_meta(directory)
+    return sha256_file(Path(directory) / META)[:16]
 
 
 def base_meta(kind: str, **fields: Any) -> dict[str, Any]:
@@ -84,6 +120,8 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
     """
     out = Path(out)
     work = partial_dir(out)
+    if out.exists() and not out.is_dir():  # --overwrite replaces artefact directories, never a user's file
+        raise ArtifactError(f"{wrong_path(out, 'output', want_dir=True)}; remove it or choose another --out.")
     if out.exists():
         if not overwrite:
             raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")

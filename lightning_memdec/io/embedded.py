@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning_memdec.io.artifact_dirs import wrong_path
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED_PREFIX = "embedded:"
 SHIPPED_TOKENIZERS = ("gpt2", "gpt-neox-20b")
@@ -47,7 +49,9 @@ def resolve_text(spec: str | Path) -> Path:
         return embedded_text(domain, split)
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist (use a path or embedded:<domain>/<split>).")
+        raise FileNotFoundError(
+            f"{wrong_path(path, 'text file', want_dir=False)} (use a path or embedded:<domain>/<split>)."
+        )
     return path
 
 

@@ -41,14 +41,18 @@ class Datastore:
         return self.meta["num_entries"]
 
     def identity(self) -> dict:
-        """What makes two datastores the same entries: corpus content, model and key layer."""
-        return {k: self.meta[k] for k in ("corpus_sha256", "model", "layer", "window", "stride", "num_entries")}
+        """What makes two datastores the same entries: corpus content, model (path and weights) and key layer."""
+        identity = {k: self.meta[k] for k in ("corpus_sha256", "model", "layer", "window", "stride", "num_entries")}
+        if "model_sha256" in self.meta:  # datastores of 0.1 have none
+            identity["model_sha256"] = self.meta["model_sha256"]
+        return identity
 
 
 def check_compatible(queries: Datastore, store: Datastore) -> None:
     """Queries and store must share tokenizer and key space; the message names both sides."""
     check_same_tokenizer(queries.tokenizer, f"query datastore {queries.dir}", store.tokenizer, f"datastore {store.dir}")
-    for field in ("dim", "model", "layer"):
+    both_hashed = "model_sha256" in queries.meta and "model_sha256" in store.meta  # 0.1 datastores have no hash
+    for field in ("dim", "model", "layer") + (("model_sha256",) if both_hashed else ()):
         if queries.meta[field] != store.meta[field]:
             raise ArtifactError(
                 f"query datastore {queries.dir} has {field}={queries.meta[field]!r} but datastore {store.dir} has "
@@ -58,10 +62,25 @@ def check_compatible(queries: Datastore, store: Datastore) -> None:
 
 def check_index_matches(index_dir: str | Path, index_meta: dict, store: Datastore) -> None:
     """An index (its meta.json; reading it needs no FAISS) must have been built over exactly this datastore."""
-    if index_meta["datastore_identity"] != store.identity():
+    built_over, identity = index_meta["datastore_identity"], store.identity()
+    if any(built_over[k] != identity.get(k) for k in built_over):  # fields an 0.1 index lacks are not compared
         raise ArtifactError(
             f"index {index_dir} was built over datastore {index_meta['datastore']}, not over {store.dir} "
-            f"(their corpus/model/layer/size differ); rebuild the index or pass the matching datastore."
+            f"(their corpus/model weights/layer/size differ); rebuild the index or pass the matching datastore."
+        )
+
+
+def check_finite_keys(keys: np.ndarray, first_row: int, source: str) -> None:
+    """Keys must be finite: a NaN/inf key would surface only at search time, as an unrelated row-id error.
+
+    ``keys`` are consecutive rows starting at ``first_row`` ([..., d]; leading axes flattened in order).
+    """
+    bad = ~np.isfinite(keys.reshape(-1, keys.shape[-1])).all(axis=1)
+    if bad.any():
+        raise ArtifactError(
+            f"{source}: {int(bad.sum())} keys are NaN or inf, the first at position {first_row + int(bad.argmax())}; "
+            "the model's activations at the key layer overflow fp16 (|x| > 65504) or are NaN. Check the model's "
+            "weights, or key another --layer."
         )
 
 

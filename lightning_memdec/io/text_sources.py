@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, sha256_file
+from lightning_memdec.io.artifact_dirs import ArtifactError, sha256_file, wrong_path
 from lightning_memdec.io.embedded import resolve_text
 
 # local data files: extension → the `datasets` builder that reads it
@@ -147,7 +147,7 @@ def data_file_suffix(path: Path) -> str:
 def check_data_file(name: str) -> Path:
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist.")
+        raise FileNotFoundError(f"{wrong_path(path, 'data file', want_dir=False)}.")
     if data_file_suffix(path) not in DATA_FILE_FORMATS:
         raise ValueError(
             f"data file {path}: unknown format {path.suffix!r}; the extension must be one of "
@@ -221,9 +221,16 @@ def open_text(path: str | Path):
     return open(path, encoding="utf-8")
 
 
+def not_utf8(path: str | Path, err: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path} is not UTF-8 text ({err}); convert it, e.g. `iconv -f latin1 -t utf-8`.")
+
+
 def read_text(path: str | Path) -> str:
     with open_text(path) as f:
-        return f.read()
+        try:
+            return f.read()
+        except UnicodeDecodeError as err:
+            raise not_utf8(path, err) from err
 
 
 def iter_documents(path: str | Path) -> Iterator[str]:
@@ -233,14 +240,17 @@ def iter_documents(path: str | Path) -> Iterator[str]:
     """
     with open_text(path) as f:
         lines: list[str] = []
-        for line in f:
-            line = line.removesuffix("\n")
-            if line:
-                lines.append(line)
-                continue
-            if lines:
-                yield from non_blank("\n".join(lines))
-            lines = []
+        try:
+            for line in f:
+                line = line.removesuffix("\n")
+                if line:
+                    lines.append(line)
+                    continue
+                if lines:
+                    yield from non_blank("\n".join(lines))
+                lines = []
+        except UnicodeDecodeError as err:
+            raise not_utf8(path, err) from err
         if lines:
             yield from non_blank("\n".join(lines))
 

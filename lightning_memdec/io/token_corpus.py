@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, open_checked, publish, read_meta, start_work_dir
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.npy_rows import NpyAppender
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.text_sources import open_documents
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 
@@ -100,6 +101,7 @@ class Corpus:
         return np.asarray(self.tokens[1:], dtype=np.int32)
 
 
+@exclusive_output
 def tokenize(
     text: str | list[str] | None = None,
     out: Path | None = None,

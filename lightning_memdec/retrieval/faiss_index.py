@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.io.capacity import available_ram, check_fits
 from lightning_memdec.io.npy_rows import gather_rows, read_rows
-from lightning_memdec.io.readers import INDEX, Datastore, check_index_matches
+from lightning_memdec.io.output_lock import exclusive_output
+from lightning_memdec.io.readers import INDEX, Datastore, check_finite_keys, check_index_matches
 from lightning_memdec.retrieval.index_plan import IndexPlan, gpu_pq_options, plan_index
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
         pass
 
 
+@exclusive_output
 def build_index(
     datastore: Path,
     out: Path,
@@ -126,7 +128,9 @@ def build_index(
         log.info("training %s on %d keys", plan.factory, size)
         index.train(np.ascontiguousarray(gather_rows(store.keys, sample), dtype=np.float32))
     for start in tqdm(range(0, n, add_batch), desc="build-index", unit="batch"):
-        index.add(np.ascontiguousarray(read_rows(store.keys, start, start + add_batch), dtype=np.float32))
+        rows = read_rows(store.keys, start, start + add_batch)
+        check_finite_keys(rows, start, f"datastore {datastore}")
+        index.add(np.ascontiguousarray(rows, dtype=np.float32))
     if use_gpu:
         index = faiss.index_gpu_to_cpu(index)
     set_nprobe(index, nprobe)

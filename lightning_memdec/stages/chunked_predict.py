@@ -44,12 +44,17 @@ def mark_done(work: Path, chunk: int) -> None:
 
 
 def finish_chunks(work: Path, num_chunks: int) -> None:
-    """Check every chunk is done, then drop the progress markers (the artefact is about to be published)."""
+    """Check every chunk is done. The markers stay until :func:`drop_progress`, so a kill in the final steps
+    (merge, values) resumes there instead of recomputing every chunk."""
     missing = num_chunks - len(done_chunks(work))
     if missing:
         raise RuntimeError(
             f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume."
         )
+
+
+def drop_progress(work: Path) -> None:
+    """Remove the progress markers: the last step before the artefact is published."""
     shutil.rmtree(progress_dir(work), ignore_errors=True)
 
 

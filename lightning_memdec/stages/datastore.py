@@ -18,14 +18,28 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_memdec.hf.key_capture import KeyCapture, body
-from lightning_memdec.hf.loading import find_tokenizer, load_causal_lm, resolve_model
+from lightning_memdec.hf.loading import (
+    check_fits_context,
+    find_tokenizer,
+    load_causal_lm,
+    model_fingerprint,
+    resolve_model,
+)
 from lightning_memdec.io.artifact_dirs import base_meta, partial_dir, publish, start_work_dir
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
-from lightning_memdec.io.readers import KEYS, VALUES
+from lightning_memdec.io.output_lock import exclusive_output
+from lightning_memdec.io.readers import KEYS, VALUES, check_finite_keys
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab, check_same_tokenizer, tokenizer_info
-from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, mark_done, run_sharded_predict
+from lightning_memdec.stages.chunked_predict import (
+    chunk_loader,
+    drop_progress,
+    finish_chunks,
+    is_idle,
+    mark_done,
+    run_sharded_predict,
+)
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 VALUES_BLOCK = 1 << 22  # tokens copied into values.npy at a time (16 MiB of int32)
@@ -129,11 +143,13 @@ class KeyWriter(BasePredictionWriter):
         for row, (start, score_from) in enumerate(
             zip(prediction["starts"].tolist(), prediction["score_from"].tolist())
         ):
+            check_finite_keys(keys[row, score_from:], start + score_from, f"base LM {pl_module.model_path}")
             write_rows(self.fd, self.offset, self.row_bytes, start + score_from, keys[row, score_from:])
         os.fdatasync(self.fd)
         mark_done(self.work, int(prediction["chunk"]))
 
 
+@exclusive_output
 def build_datastore(
     corpus: Path,
     model: str,
@@ -174,14 +190,17 @@ def build_datastore(
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
     data = Corpus(corpus)
     lm_config = _model_config(model)
+    check_fits_context(window, lm_config, f"base LM {model}")
     layer = layer or _default_layer_for(lm_config, model)
     _check_model_vocab(data, model, lm_config)
     _check_layer(lm_config, layer)
     windows = position_windows(data.num_positions, window, stride)
     check_disk(Path(out), data.num_positions, lm_config)
-    run_config = {
+    model_sha256 = model_fingerprint(model)
+    run_config = {  # a resume with the weights of another model (even at the same path) is refused
         "corpus": data.meta["content_sha256"],
         "model": str(model),
+        "model_sha256": model_sha256,
         "layer": layer,
         "window": window,
         "stride": stride,
@@ -198,9 +217,11 @@ def build_datastore(
     finish_chunks(work, num_chunks)
     dim = int(np.load(work / KEYS, mmap_mode="r").shape[1])
     write_values(work / VALUES, data)
+    drop_progress(work)
     meta = base_meta(
         "datastore",
         model=str(model),
+        model_sha256=model_sha256,
         model_type=lm_config.model_type,
         layer=layer,
         dim=dim,

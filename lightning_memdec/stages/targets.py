@@ -22,6 +22,7 @@ import torch
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.io.capacity import available_ram, check_fits
 from lightning_memdec.io.npy_rows import read_rows
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_compatible, check_index_matches
 from lightning_memdec.kernels.sparse_targets import knn_distributions, stored_rows
 from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
@@ -36,7 +37,13 @@ from lightning_memdec.retrieval.exact_search import (
     resident_keys,
 )
 from lightning_memdec.retrieval.index_plan import check_gpu_k, plan_index
-from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, run_sharded_predict
+from lightning_memdec.stages.chunked_predict import (
+    chunk_loader,
+    drop_progress,
+    finish_chunks,
+    is_idle,
+    run_sharded_predict,
+)
 from lightning_memdec.stages.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
 
 log = logging.getLogger(__name__)
@@ -157,6 +164,7 @@ def values_on(values: np.ndarray, device: torch.device, block: int = VALUES_BLOC
     return out
 
 
+@exclusive_output
 def build_targets(
     datastore: Path,
     index: Path | None = None,
@@ -210,6 +218,8 @@ def build_targets(
         overwrite: replace an existing output / discard an unfinished run with other settings.
     """
     check_target_settings(k, temperature, max_support, min_prob)
+    if chunk_size <= 0:
+        raise ValueError(f"--chunk_size must be a positive number of query positions per search, got {chunk_size}.")
     if out is None:
         raise ValueError("out (the targets directory to write) is required.")
     store = Datastore(datastore)
@@ -255,6 +265,7 @@ def build_targets(
     num_chunks = -(-len(query_store) // chunk_size)
     finish_chunks(work, num_chunks)
     num_positions, nnz = merge_chunks(work, num_chunks)
+    drop_progress(work)  # before the chunk files go: markers without their chunks would resume into nothing
     shutil.rmtree(work / CHUNKS)
     settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob")}
     settings["exact_distances"] = exact_distances or search == "exact"
@@ -353,6 +364,7 @@ def targets_meta(
         corpus=queries.meta["corpus"],
         corpus_sha256=queries.meta["corpus_sha256"],
         model=store.meta["model"],
+        model_sha256=store.meta.get("model_sha256"),
         layer=store.meta["layer"],
         tokenizer=store.tokenizer,
         **settings,

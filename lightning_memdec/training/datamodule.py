@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_memdec.io.artifact_dirs import meta_sha256
 from lightning_memdec.io.readers import Targets, check_targets_match_corpus
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer
@@ -176,6 +177,15 @@ class ResumableLoader(DataLoader):
             self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
 
 
+def check_resume_data(saved: dict | None, current: dict) -> None:
+    """A resume must train on the data of the checkpoint: the same corpus content and the same targets."""
+    if saved is not None and saved != current:
+        raise ValueError(
+            f"the checkpoint was trained on data {saved}, but this run's data.train_corpus/data.train_targets are "
+            f"{current}; resume with the run's own data, or drop --ckpt_path to start a new run."
+        )
+
+
 class MemDecDataModule(L.LightningDataModule):
     """Streams token windows and sparse kNN targets from memmapped corpus and targets directories.
 
@@ -269,6 +279,17 @@ class MemDecDataModule(L.LightningDataModule):
             "tokenizer": self.train.meta["corpus"]["tokenizer"],
         }
 
+    def data_identity(self) -> dict:
+        """What the run trains on: the training corpus's content hash and the hash of its targets' meta.json."""
+        targets = None if self.hparams.train_targets is None else meta_sha256(self.hparams.train_targets)
+        return {"train_corpus": self.train.meta["corpus"]["content_sha256"], "train_targets": targets}
+
+    def state_dict(self) -> dict:
+        return {"data_identity": self.data_identity()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        check_resume_data(state_dict.get("data_identity"), self.data_identity())
+
     def _loader(self, dataset: WindowTargetsDataset, shuffle: bool, resumable: bool = False) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
@@ -282,6 +303,9 @@ class MemDecDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
             pin_memory=trainer is not None and trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+            # its own generator: starting an epoch's iterator draws no number from the global stream dropout uses,
+            # so a resumed run's dropout masks are the uninterrupted run's
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             **extra,
         )
 

@@ -19,6 +19,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_memdec.training.callbacks import ExportHuggingFace
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
+from lightning_memdec.training.resume_state import (
+    ExclusiveRunRoot,
+    RandomStateCheckpoint,
+    default_checkpoint_dir,
+    require_last_checkpoint,
+)
 from lightning_memdec.training.vocab_transfer import budget_steps
 
 
@@ -46,6 +52,10 @@ class MemDecCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.checkpoint.dirpath is None:  # README: checkpoints in <root>/checkpoints, found again by a resume
+            cfg.checkpoint.dirpath = str(default_checkpoint_dir(cfg.trainer.default_root_dir))
+        if cfg.get("ckpt_path") == "last":
+            require_last_checkpoint(cfg.checkpoint.dirpath)
         if self.subcommand in (None, "fit") and cfg.trainer.max_steps == -1:
             steps = budget_steps(cfg.model.model, cfg.budget_fraction)
             if steps is not None:
@@ -53,6 +63,10 @@ class MemDecCLI(LightningCLI):
                     f"transferred decoder: trainer.max_steps = {steps} ({cfg.budget_fraction} of its source run)"
                 )
                 cfg.trainer.max_steps = steps
+
+    def checkpoint_dir(self) -> Path:
+        """Where ModelCheckpoint writes (``<trainer.default_root_dir>/checkpoints`` unless checkpoint.dirpath)."""
+        return Path(next(c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)).dirpath)
 
     def export_dir(self) -> Path:
         """Where the ExportHuggingFace callback writes the trained model."""
@@ -77,6 +91,7 @@ def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
             parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            trainer_defaults={"callbacks": [ExclusiveRunRoot(), RandomStateCheckpoint()]},
         )
 
 
@@ -86,11 +101,14 @@ def fit(config: dict[str, Any], ckpt_path: str | Path | None = None) -> Path:
     ``config`` has the sections of a ``memdec fit`` YAML (``model``, ``data``, ``trainer``, and optionally
     ``checkpoint``, ``export``, ``lr_monitor``, ``budget_fraction``, ``seed_everything``); build it with
     :func:`lightning_memdec.io.packaged_configs.load_config` to start from shipped YAML files.
-    ``ckpt_path`` resumes (``"last"``: the newest checkpoint of ``checkpoint.dirpath``).
+    ``ckpt_path`` resumes (``"last"``: ``last.ckpt`` of ``checkpoint.dirpath``, default
+    ``<trainer.default_root_dir>/checkpoints``; an error when there is none).
     """
     config = copy.deepcopy(config)  # the parser turns nested dicts into Namespaces in place
     if "model" not in config or "data" not in config:
         raise ValueError(f"a fit config needs 'model' and 'data' sections, got {sorted(config)}.")
     cli = lightning_cli(config, run=False)
+    if ckpt_path == "last":
+        require_last_checkpoint(cli.checkpoint_dir())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path))
     return cli.export_dir()

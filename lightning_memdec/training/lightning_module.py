@@ -83,6 +83,16 @@ class MemoryDecoderModule(L.LightningModule):
                 cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
             self.decoder = AutoModelForCausalLM.from_config(cfg)
 
+    def check_decoder_tokenizer(self, corpus_tokenizer: dict, corpus: str) -> None:
+        """A decoder continued from a model must speak the corpus's tokenizer (same ids, not just as many)."""
+        from lightning_memdec.hf.loading import find_tokenizer
+        from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
+
+        tokenizer = None if self.hparams.model is None else find_tokenizer(self.hparams.model, self.decoder)
+        if tokenizer is not None:
+            decoder = tokenizer_info(tokenizer, str(self.hparams.model))
+            check_same_tokenizer(decoder, f"decoder {self.hparams.model}", corpus_tokenizer, f"corpus {corpus}")
+
     def setup(self, stage: str) -> None:
         self.configure_model()
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -97,6 +107,7 @@ class MemoryDecoderModule(L.LightningModule):
         data_what = f"the data's tokenizer {datamodule.tokenizer_name}"
         fix = "use a decoder of the same tokenizer"
         check_head_covers_vocab(self.decoder.config.vocab_size, "the decoder", vocab, data_what, fix)
+        self.check_decoder_tokenizer(datamodule.train.meta["corpus"]["tokenizer"], datamodule.hparams.train_corpus)
         max_pos = getattr(self.decoder.config, "max_position_embeddings", None) or getattr(
             self.decoder.config, "n_positions", None
         )

@@ -25,6 +25,7 @@ import torch
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 
 SPECIAL_ROLES = ("eos", "bos", "unk", "pad", "sep", "cls", "mask")
@@ -218,6 +219,7 @@ def map_rows(source_rows: torch.Tensor, mapping: VocabMapping, num_source: int) 
 # -- the stage -----------------------------------------------------------------------------------------------------
 
 
+@exclusive_output
 def transfer_vocab(
     decoder: str,
     tokenizer: str,

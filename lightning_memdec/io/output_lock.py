@@ -1,0 +1,88 @@
+"""Exclusive outputs: one process at a time builds an artefact (or trains into a run root), others are refused.
+
+The lock is ``fcntl.flock`` on ``<out>.lock`` beside the output: released when the build ends, and by the OS
+when its process dies, so a killed run never leaves a stale lock behind. The file records the holder's pid
+for the message the second process gets. Only the first process of a distributed job locks: the other ranks
+run the same stage into the same ``.partial`` directory on purpose.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import inspect
+import os
+from pathlib import Path
+
+from lightning_memdec.io.artifact_dirs import ArtifactError
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def lock_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".lock")
+
+
+def is_secondary_rank() -> bool:
+    """True in a process a distributed launcher started as other than global rank 0 (it must not lock)."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in RANK_VARIABLES)
+
+
+class OutputLock:
+    """An exclusive lock on building ``out``; use as ``with OutputLock(out): ...`` or acquire()/release()."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.path = lock_path(out)
+        self.fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        if self.fd is not None or is_secondary_rank():
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ArtifactError(
+                f"{self.out} is being written by another process (pid {holder}, lock {self.path}); wait for it to "
+                "finish, or choose another output."
+            ) from None
+        if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+            os.close(fd)  # the holder released and removed the file between our open and flock: try once more
+            return self.acquire()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still held, so no one locks a file about to vanish
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def exclusive_output(stage):
+    """Decorator: ``stage`` runs holding the lock on its ``out`` argument, from its first check to publication."""
+    signature = inspect.signature(stage)
+
+    @functools.wraps(stage)
+    def locked(*args, **kwargs):
+        out = signature.bind(*args, **kwargs).arguments.get("out")
+        if out is None:
+            return stage(*args, **kwargs)
+        with OutputLock(out):
+            return stage(*args, **kwargs)
+
+    return locked

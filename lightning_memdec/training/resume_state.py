@@ -1,0 +1,110 @@
+"""A `memdec fit` run root: one run at a time in it, where checkpoints live, and what a resume needs.
+
+A resumed run must continue exactly where the killed one stopped. Weights, optimiser, schedule and the data
+position are Lightning's checkpoint (and :class:`ResumableLoader`'s state); the random streams that dropout draws
+from are not, so :class:`RandomStateCheckpoint` stores them and puts them back before the first resumed step.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from lightning_memdec.io.output_lock import OutputLock
+
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+
+
+def default_checkpoint_dir(root_dir: str | Path | None) -> Path:
+    """``<trainer.default_root_dir>/checkpoints``: one place per run root, the same for the run and its resume."""
+    return Path(root_dir if root_dir is not None else Path.cwd()) / CHECKPOINTS
+
+
+def require_last_checkpoint(checkpoint_dir: str | Path) -> Path:
+    """The ``last.ckpt`` that ``--ckpt_path last`` resumes from; an error (not a silent restart) when absent."""
+    last = Path(checkpoint_dir) / LAST
+    if not last.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path last: there is no {LAST} in {checkpoint_dir}, so there is nothing to resume. Give the "
+            "run's trainer.default_root_dir (checkpoints are in <root>/checkpoints) or checkpoint.dirpath, pass "
+            "--ckpt_path <file.ckpt>, or drop --ckpt_path to start afresh."
+        )
+    return last
+
+
+def random_state() -> dict[str, Any]:
+    """The torch (CPU and current CUDA device), numpy and Python RNG states, as tensors and plain lists only
+    (so ``torch.load(weights_only=True)`` reads them back)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), py_gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`random_state`."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RandomStateCheckpoint(L.Callback):
+    """Saves the RNG states in every checkpoint and restores them just before the first training step of a resume.
+
+    Restoring at that step (not when the checkpoint is read) skips whatever drew random numbers in between, such as
+    building the model or the sanity check, so the resumed steps draw the dropout masks of the uninterrupted run.
+    All ranks draw the same stream (one seed), so rank 0's state serves every rank.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return random_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.pending is not None:
+            set_random_state(self.pending)
+            self.pending = None
+
+
+class ExclusiveRunRoot(L.Callback):
+    """Holds the lock on ``trainer.default_root_dir`` while fitting: a second run into the same root (which would
+    write into the same checkpoints and log version) is refused with the first one's pid."""
+
+    def __init__(self) -> None:
+        self.lock: OutputLock | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero and self.lock is None:
+            self.lock = OutputLock(trainer.default_root_dir).acquire()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

@@ -1,0 +1,55 @@
+"""Bad inputs a user types: each refused with an error naming the file or setting, before any output is written."""
+
+import pytest
+
+from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir, read_meta
+from lightning_memdec.io.token_corpus import tokenize
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"{not json", "is not valid UTF-8 JSON"),
+        (b'{"kind": "\xff"}', "is not valid UTF-8 JSON"),
+        (b"[1]", "a JSON list"),
+    ],
+)
+def test_a_corrupt_meta_json_is_named(tmp_path, content, match):
+    (tmp_path / "meta.json").write_bytes(content)
+    with pytest.raises(ArtifactError, match=rf"{tmp_path / 'meta.json'} (is|holds) .*{match[-10:]}"):
+        read_meta(tmp_path)
+
+
+def test_a_file_given_for_a_directory_and_a_directory_for_a_file_say_so(tmp_path):
+    (tmp_path / "keys.npy").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=rf"{tmp_path / 'keys.npy'} is a file, but a directory is needed"):
+        read_meta(tmp_path / "keys.npy")
+    with pytest.raises(ArtifactError, match=rf"{tmp_path / 'absent'} does not exist"):
+        read_meta(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match=rf"text file {tmp_path} is a directory, but a file is needed"):
+        tokenize([str(tmp_path)], tmp_path / "corpus", "gpt2")
+    assert not (tmp_path / "corpus").exists() and not partial_dir(tmp_path / "corpus").exists()
+
+
+def test_non_utf8_text_is_named_with_the_fix(tmp_path):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("café au lait\n\nsecond document\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{text} is not UTF-8 text .*byte 0xe9.*iconv"):
+        tokenize([str(text)], tmp_path / "corpus", "gpt2")
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_chunk_size_zero_is_refused_before_any_work(tmp_path, biomed_datastore, biomed_index):
+    from lightning_memdec.stages.targets import build_targets
+
+    with pytest.raises(ValueError, match="--chunk_size must be a positive number .* got 0"):
+        build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=8, chunk_size=0)
+    assert not partial_dir(tmp_path / "t").exists()
+
+
+def test_out_naming_an_existing_file_is_refused_even_with_overwrite(tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes")
+    with pytest.raises(ArtifactError, match=rf"output {out} is a file, but a directory is needed"):
+        tokenize(["embedded:biomed/valid"], out, "gpt2", max_tokens=100, overwrite=True)
+    assert out.read_text() == "my notes" and not partial_dir(out).exists()

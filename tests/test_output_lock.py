@@ -1,0 +1,75 @@
+"""One process at a time per output: a second build (or fit) into a locked output is refused before any work,
+with the holder's pid; the lock goes when its process ends, even by SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.output_lock import OutputLock, lock_path
+
+HOLD = """
+import sys, time
+from lightning_memdec.io.output_lock import OutputLock
+OutputLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_process_is_refused_with_the_holders_pid_and_a_sigkill_releases(tmp_path):
+    out = tmp_path / "corpus"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ArtifactError, match=rf"pid {holder.pid}, lock {lock_path(out)}"):
+            OutputLock(out).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with OutputLock(out):  # the OS released the dead process's lock
+        assert lock_path(out).read_text().strip() == str(os.getpid())
+    assert not lock_path(out).exists()
+
+
+def test_every_stage_is_refused_before_any_work_while_its_output_is_locked(
+    tmp_path, biomed_corpus, biomed_datastore, biomed_index, tiny_gpt2
+):
+    from lightning_memdec.io.token_corpus import tokenize
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.stages.datastore import build_datastore
+    from lightning_memdec.stages.targets import build_targets
+    from lightning_memdec.training.vocab_transfer import transfer_vocab
+
+    stages = {
+        "tokenize": lambda out: tokenize(["embedded:biomed/valid"], out, "gpt2", max_tokens=100),
+        "datastore": lambda out: build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32),
+        "index": lambda out: build_index(biomed_datastore, out, factory="Flat"),
+        "targets": lambda out: build_targets(biomed_datastore, biomed_index, out, k=8),
+        "transfer-vocab": lambda out: transfer_vocab(str(tiny_gpt2), "gpt2", out),
+    }
+    for name, stage in stages.items():
+        out = tmp_path / name
+        with OutputLock(out):
+            with pytest.raises(ArtifactError, match=rf"{out} is being written by another process \(pid {os.getpid()}"):
+                stage(out)
+        assert not partial_dir(out).exists() and not out.exists(), name
+    tokenize(["embedded:biomed/valid"], tmp_path / "tokenize", "gpt2", max_tokens=100)  # unlocked: it runs
+    assert (tmp_path / "tokenize" / "meta.json").is_file() and not lock_path(tmp_path / "tokenize").exists()
+
+
+def test_a_second_fit_into_a_locked_root_is_refused(tmp_path, biomed_targets_pair):
+    from test_training import resume_args
+
+    from lightning_memdec.training.fit import lightning_cli
+
+    root = tmp_path / "run"
+    with OutputLock(root):
+        with pytest.raises(ArtifactError, match=rf"{root} is being written by another process"):
+            lightning_cli([*resume_args(biomed_targets_pair, root), "--trainer.max_steps", "1"])
+    assert not (root / "checkpoints").exists()
+    lightning_cli([*resume_args(biomed_targets_pair, root), "--trainer.max_steps", "1"])  # released: it runs
+    assert (root / "checkpoints" / "last.ckpt").is_file() and not lock_path(root).exists()
