@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from lightning_memdec.evaluation.latency import model_latency
+from lightning_memdec.evaluation.overlap import NGRAM
 from lightning_memdec.evaluation.report import write_report
+from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
 from lightning_memdec.hf.loading import context_length, find_tokenizer, load_causal_lm, tokenizer_name, torch_device
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
@@ -103,6 +105,8 @@ def evaluate(
     device: str = "auto",
     latency: bool = False,
     latency_repeats: int = 5,
+    overlap_with: list[str] | None = None,
+    overlap_ngram: int = NGRAM,
 ) -> dict[str, Any]:
     """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
 
@@ -138,6 +142,10 @@ def evaluate(
         device: cpu, cuda, cuda:1, … or auto (cuda when available).
         latency: also time one forward pass of base / +MemDec / +kNN-LM on the first test batch (first base).
         latency_repeats: timed repeats (median reported).
+        overlap_with: the text the models trained on or retrieve from (corpus directories, text files,
+            embedded:…), for the overlap audit; default: knn_corpus and the corpora the datastores were built from.
+            Every perplexity is also reported on the test positions outside n-gram spans found in that text.
+        overlap_ngram: tokens of a span that counts as repeated text (see :mod:`evaluation.overlap`).
     """
     models = _models_to_score(bases, teacher)
     lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda)
@@ -152,7 +160,8 @@ def evaluate(
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
     knn = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
     scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev)
-    rows, curves, latency_report = [], {}, None
+    rows, curves, latency_report, audits = [], {}, None, {}
+    overlap_refs = overlap_references(overlap_with, knn_corpus, [s for s, _ in stores.values()])
     for base_ref, name, role in models:
         base, tok = scorer.load(base_ref)
         knnlm = None
@@ -162,6 +171,12 @@ def evaluate(
                           **knn)  # fmt: skip
         lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
         rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid))
+        fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
+        if fingerprint not in audits:
+            split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
+            training = [text_tokens(ref, tok) for ref in overlap_refs]
+            audits[fingerprint] = audit_splits(split_tokens, training, tok.eos_token_id, overlap_ngram, overlap_refs)
+        rows[-1] |= row_figures(rows[-1], lp["test"], audits[fingerprint])
         curves[name] = _curve(lp, grid)
         if latency and latency_report is None:
             mixed = (
@@ -176,6 +191,7 @@ def evaluate(
         "k": k if stores else None, "temperature": temperature if stores else None,
         "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
         "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
+        "overlap": overlap_report(audits, overlap_refs),
     }  # fmt: skip
     write_report(report, Path(out))
     return report
