@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_temperatures_scorer, settle_temperature
 from lightning_memdec.evaluation.latency import model_latency
 from lightning_memdec.evaluation.overlap import NGRAM
 from lightning_memdec.evaluation.report import write_report
 from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
 from lightning_memdec.hf.loading import context_length, find_tokenizer, load_causal_lm, tokenizer_name, torch_device
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
-from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
+from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.embedded import load_tokenizer, resolve_text
 from lightning_memdec.io.text_sources import read_documents
@@ -29,6 +30,7 @@ from lightning_memdec.io.token_corpus import Corpus, encode_documents
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, describe_tokenizer, tokenizer_info
 from lightning_memdec.kernels.scoring import (
     DEFAULT_LAMBDA_GRID,
+    DEFAULT_TEMPERATURE_GRID,
     check_lambda_grid,
     check_lmbda,
     mixed_perplexity,
@@ -107,6 +109,7 @@ def evaluate(
     latency_repeats: int = 5,
     overlap_with: list[str] | None = None,
     overlap_ngram: int = NGRAM,
+    temperature_grid: list[float] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
 
@@ -128,12 +131,14 @@ def evaluate(
         knn_corpus: a tokenized domain corpus (``memdec tokenize``): every base and the teacher without a given
             datastore gets one built from it under ``out/stores`` (keys from that model), so each has a kNN-LM row.
         k: kNN-LM neighbours per query (paper: 1024).
-        temperature: kNN-LM softmax temperature over squared L2 distances (paper: 16).
+        temperature: kNN-LM softmax temperature over squared L2 distances (paper: 16), used when there is no valid
+            split; with one, T is chosen on valid from temperature_grid, as the quickstart does.
         exact_distances: recompute exact distances from the stored keys (IVF-PQ distances are approximate).
         nprobe: IVF lists visited per query (default: the index's).
         lmbda: the decoders' weight λ; omitted: chosen per base on valid by a sweep over lambda_grid.
         knn_lmbda: kNN-LM's λ; omitted: chosen on valid, or lmbda when there is no valid split.
-        lambda_grid: candidate λs for the sweep (default: 0 … 1; a choice at either end is flagged in the report).
+        lambda_grid: candidate λs for the sweep (default: kernels.scoring.DEFAULT_LAMBDA_GRID, 0, 0.05, …, 1, the
+            quickstart's; a choice at either end is flagged in the report).
         window: tokens of context per window (paper: 1024).
         stride: new positions scored per window (paper: 512); each has >= window - stride + 1 tokens of context.
         batch_size: windows per forward pass.
@@ -146,6 +151,8 @@ def evaluate(
             embedded:…), for the overlap audit; default: knn_corpus and the corpora the datastores were built from.
             Every perplexity is also reported on the test positions outside n-gram spans found in that text.
         overlap_ngram: tokens of a span that counts as repeated text (see :mod:`evaluation.overlap`).
+        temperature_grid: kNN temperatures tried on valid, each with its best λ (or knn_lmbda), the lowest kNN-LM
+            valid perplexity wins (default: kernels.scoring.DEFAULT_TEMPERATURE_GRID, 1 … 64); one value fixes T.
     """
     models = _models_to_score(bases, teacher)
     lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda)
@@ -159,7 +166,10 @@ def evaluate(
     decoders = {key: _load_decoder(ref, dev, window) for key, ref in (("memdec", memdec), ("ce_only", ce_only)) if ref}
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
     knn = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
-    scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev)
+    temperatures = check_temperatures(
+        [temperature] if valid is None else DEFAULT_TEMPERATURE_GRID if temperature_grid is None else temperature_grid
+    )
+    scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev, temperatures)
     rows, curves, latency_report, audits = [], {}, None, {}
     overlap_refs = overlap_references(overlap_with, knn_corpus, [s for s, _ in stores.values()])
     for base_ref, name, role in models:
@@ -170,7 +180,10 @@ def evaluate(
             knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
                           **knn)  # fmt: skip
         lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
-        rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid))
+        knn_choice = settle_temperature(lp, temperatures, grid, knn_lmbda) if knnlm is not None else {}
+        if knnlm is not None:
+            knnlm.temperature = knn_choice["knnlm_temperature"]
+        rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) | knn_choice)
         fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
         if fingerprint not in audits:
             split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
@@ -188,7 +201,8 @@ def evaluate(
     report = {
         "bases": list(bases), "teacher": teacher, "memdec": memdec, "ce_only": ce_only, "test": test, "valid": valid,
         "datastores": {_short_name(m): str(s) for m, (s, _) in stores.items()},
-        "k": k if stores else None, "temperature": temperature if stores else None,
+        "k": k if stores else None, "temperature": temperature if stores and valid is None else None,
+        "temperature_grid": temperatures if stores and valid is not None else None,
         "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
         "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
         "overlap": overlap_report(audits, overlap_refs),
@@ -200,8 +214,9 @@ def evaluate(
 class _Scorer:
     """Tokenizes each split once per tokenizer and scores models on it; a decoder's arrays are shared by the bases."""
 
-    def __init__(self, splits, window, stride, batch_size, max_tokens, tokenizer, device):
+    def __init__(self, splits, window, stride, batch_size, max_tokens, tokenizer, device, temperatures):
         self.splits, self.window, self.stride, self.batch_size = splits, window, stride, batch_size
+        self.temperatures = temperatures  # kNN-LM: log p_kNN(gold) at each, from one search
         self.max_tokens, self.tokenizer, self.device = max_tokens, tokenizer, device
         self.positions: dict[str, int] = {}
         self._tokens: dict[tuple[str, str], np.ndarray] = {}
@@ -223,7 +238,7 @@ class _Scorer:
         return self._tokens[key]
 
     def score(self, name, model, tok, knnlm, decoders) -> dict[str, dict[str, np.ndarray]]:
-        """Per split: log p(gold) of the model ("base"), its kNN-LM ("knn") and each decoder, [positions] each."""
+        """Per split: log p(gold) of the model ("base"), its kNN-LM at each temperature and each decoder."""
         for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
             InterpolatedLM(model, decoder, 0.5, base_tokenizer=tok, memdec_tokenizer=decoder_tok or tok)
         fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
@@ -232,7 +247,10 @@ class _Scorer:
             tokens = self.tokens(tok, split)
             if knnlm is not None:
                 _warn_if_datastore_text(tokens, knnlm.store.meta, split, spec)
-            score = knnlm_scorer(knnlm) if knnlm is not None else lm_scorer(model, len(tok), "base")
+            if knnlm is not None:
+                score = knn_temperatures_scorer(knnlm, self.temperatures)
+            else:
+                score = lm_scorer(model, len(tok), "base")
             lp[split] = self._sliding(tokens, score, f"{name} {split}")
             for key, (decoder, _) in decoders.items():
                 if (fingerprint, split, key) not in self._decoded:

@@ -71,6 +71,18 @@ def perplexity_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _temperatures(report: dict[str, Any]) -> str:
+    """The kNN temperature: the given one, or each row's T chosen on valid (edge-flagged) and the grid."""
+    if not report.get("temperature_grid"):
+        return f"T={report['temperature']}"
+    chosen = [
+        f"{r['base']} {r['knnlm_temperature']:g}{' ⚠ edge' if r.get('knnlm_temperature_at_edge') else ''}"
+        for r in report["rows"]
+        if r.get("knnlm_temperature") is not None
+    ]
+    return f"T chosen on valid from {report['temperature_grid']}: {', '.join(chosen)}"
+
+
 def overlap_lines(report: dict[str, Any]) -> list[str]:
     """The overlap audit: per split, documents found verbatim and positions inside repeated n-gram spans."""
     audit = report.get("overlap")
@@ -131,7 +143,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         f"- test: `{report['test']}` ({report['positions'].get('test')} positions), valid: `{report['valid']}`",
         f"- memdec: `{report['memdec']}`; CE-only decoder: `{report.get('ce_only')}`; "
         f"teacher: `{report.get('teacher')}`",
-        f"- kNN-LM datastores (k={report['k']}, T={report['temperature']}): {stores}",
+        f"- kNN-LM datastores (k={report['k']}, {_temperatures(report)}): {stores}",
         f"- sliding windows: {report['window']} tokens, stride {report['stride']}; perplexity = exp(−mean log p(gold))",
         "",
         *perplexity_table(report),
