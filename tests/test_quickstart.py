@@ -6,10 +6,10 @@ import pytest
 from conftest import save_tiny
 
 from lightning_memdec.apps.quickstart import quickstart
-from lightning_memdec.apps.quickstart_report import LAMBDA_GRID
 from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.embedded import resolve_text
 from lightning_memdec.io.text_sources import read_documents
+from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID as LAMBDA_GRID
 
 # the shipped bases at a few thousand tokens: mechanics only, the numbers mean nothing
 MICRO = dict(domain_tokens=3_000, eval_tokens=600, window=32, batch_size=4, teacher_steps=2, memdec_steps=4, k=8)

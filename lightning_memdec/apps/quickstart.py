@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_memdec.apps.quickstart_report import LAMBDA_GRID, goals, plot_report, write_markdown
+from lightning_memdec.apps.quickstart_report import goals, plot_report, write_markdown
 from lightning_memdec.apps.quickstart_stages import (
     Budget,
     StageClock,
@@ -225,7 +225,7 @@ def evaluate_all(
     budget: Budget,
     clock: StageClock | None = None,
 ) -> dict:
-    from lightning_memdec.kernels.scoring import mixed_perplexity, perplexity, sweep_lambda
+    from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, mixed_perplexity, perplexity, sweep_lambda
 
     sc = out / "scores"
     clock = clock or StageClock()
@@ -244,8 +244,8 @@ def evaluate_all(
     results = []
     for name, ref in bases.items():
         base = {split: gold(ref, split, name) for split in (*domain, "general-test")}
-        lam, curve = sweep_lambda(base["domain-valid"], mem["domain-valid"], LAMBDA_GRID)
-        ce_lam, ce_curve = sweep_lambda(base["domain-valid"], ce["domain-valid"], LAMBDA_GRID)
+        lam, curve = sweep_lambda(base["domain-valid"], mem["domain-valid"], DEFAULT_LAMBDA_GRID)
+        ce_lam, ce_curve = sweep_lambda(base["domain-valid"], ce["domain-valid"], DEFAULT_LAMBDA_GRID)
         with clock("kNN-LM datastores + search"):
             knn = knnlm_row(ref, name, out, corpora, budget, base)
         results.append(
@@ -260,8 +260,8 @@ def evaluate_all(
                 "ce_only_lambda": ce_lam,
                 "general_base_ppl": perplexity(base["general-test"]),
                 "general_memdec_ppl": mixed_perplexity(base["general-test"], mem["general-test"], lam),
-                "valid_ppl_by_lambda": dict(zip([str(x) for x in LAMBDA_GRID], curve)),
-                "ce_only_valid_ppl_by_lambda": dict(zip([str(x) for x in LAMBDA_GRID], ce_curve)),
+                "valid_ppl_by_lambda": dict(zip([str(x) for x in DEFAULT_LAMBDA_GRID], curve)),
+                "ce_only_valid_ppl_by_lambda": dict(zip([str(x) for x in DEFAULT_LAMBDA_GRID], ce_curve)),
             }
         )
     return {
@@ -271,5 +271,5 @@ def evaluate_all(
         "ce_only_alone_ppl": perplexity(ce["domain-test"]),
         "general_memdec_alone_ppl": perplexity(mem["general-test"]),
         "test_positions": int(len(mem["domain-test"])),
-        "lambda_grid": list(LAMBDA_GRID),
+        "lambda_grid": list(DEFAULT_LAMBDA_GRID),
     }

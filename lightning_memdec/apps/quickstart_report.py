@@ -6,15 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID
+from lightning_memdec.kernels.scoring import lambda_at_edge
 
-# both ends included: λ = 0 is the base alone, λ = 1 the other model alone; a choice at an end is flagged
-LAMBDA_GRID = (0.0, *DEFAULT_LAMBDA_GRID, 1.0)
 EDGE = " ⚠ at grid edge"
-
-
-def at_edge(lmbda: float, grid=LAMBDA_GRID) -> bool:
-    return lmbda <= min(grid) or lmbda >= max(grid)
 
 
 def goals(report: dict) -> dict:
@@ -26,13 +20,13 @@ def goals(report: dict) -> dict:
             "base + MemDec < MemDec alone": r["memdec_ppl"] < report["memdec_alone_ppl"],
             "base + MemDec <= base + kNN-LM": r["memdec_ppl"] <= r["knnlm_ppl"],
             "base + MemDec < base + CE-only": r["memdec_ppl"] < r["ce_only_ppl"],
-            "MemDec λ strictly inside the grid": not at_edge(r["lambda"]),
+            "MemDec λ strictly inside the grid": not lambda_at_edge(r["lambda"]),
         }
     return out
 
 
 def _lam(x: float) -> str:
-    return f"{x:.2f}{EDGE if at_edge(x) else ''}"
+    return f"{x:.2f}{EDGE if lambda_at_edge(x) else ''}"
 
 
 def write_markdown(report: dict, path: Path) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_memdec.apps.quickstart_report import LAMBDA_GRID
 from lightning_memdec.io.artifact_dirs import META, write_json_atomic
 from lightning_memdec.io.embedded import EMBEDDED_PREFIX
 from lightning_memdec.io.packaged_configs import load_config
@@ -24,7 +23,6 @@ from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.training.fit import fit
 
 log = logging.getLogger(__name__)
-TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 # Small stores on a laptop CPU: exact search below 20k keys; else ~√N lists, 64 training keys each, uncompressed
 # keys (exact distances within the 16 probed lists), cheap to train.
 INDEX_RULE = IndexRule(flat_below=20_000, lists_per_sqrt=1.0, train_per_list=64, compress=False)
@@ -178,20 +176,16 @@ def knn_gold_probs(store: Path, index: Path, queries: Path, k: int) -> tuple[np.
     return dist, match
 
 
-def choose_temperature(dist: np.ndarray, match: np.ndarray, base_valid: np.ndarray, grid=TEMPERATURES) -> dict:
-    """The kNN temperature (and λ) with the lowest kNN-LM perplexity on the valid split."""
-    from lightning_memdec.kernels.scoring import knn_gold_log_probs, mixed_perplexity, sweep_lambda
+def choose_temperature(dist: np.ndarray, match: np.ndarray, base_valid: np.ndarray, grid=None) -> dict:
+    """The kNN temperature (and λ) with the lowest kNN-LM perplexity on the valid split (kernels.scoring's rule)."""
+    from lightning_memdec.kernels.scoring import DEFAULT_TEMPERATURE_GRID, knn_gold_log_probs, sweep_temperature
 
-    scores = {}
-    for t in grid:
-        knn = knn_gold_log_probs(dist, match, t)
-        lmbda, _ = sweep_lambda(base_valid, knn, LAMBDA_GRID)
-        scores[t] = (mixed_perplexity(base_valid, knn, lmbda), lmbda)
-    best = min(scores, key=lambda t: scores[t][0])
+    grid = DEFAULT_TEMPERATURE_GRID if grid is None else grid
+    choice = sweep_temperature(base_valid, {t: knn_gold_log_probs(dist, match, t) for t in grid})
     return {
-        "temperature": best,
-        "lambda": scores[best][1],
-        "valid_ppl_by_temperature": {str(t): v[0] for t, v in scores.items()},
+        "temperature": choice["temperature"],
+        "lambda": choice["lambda"],
+        "valid_ppl_by_temperature": {str(t): v for t, v in choice["ppl_by_temperature"].items()},
     }
 
 

@@ -294,7 +294,7 @@ def downstream(
         knn_lmbda: kNN-LM's λ for every task; omitted: chosen on dev, else fallback_lmbda.
         task_lmbda: the decoder's λ per task name, e.g. '{"sst2": 0.2}'.
         fallback_lmbda: λ for a task without a dev split when none is given (kNN-Prompt's fixed 0.3).
-        lambda_grid: candidate λs for dev tuning (default 0.05 … 0.95); ties go to the first.
+        lambda_grid: candidate λs for dev tuning (default: kernels.scoring.DEFAULT_LAMBDA_GRID, 0 … 1); first on ties.
         n_sample: score kNN-Prompt's seeded subsample of this many examples per split (default: all).
         k: kNN-LM neighbours per query (paper: 1024).
         temperature: kNN-LM softmax temperature over squared L2 distances.

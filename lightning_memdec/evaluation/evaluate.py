@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_temperatures_scorer, settle_temperature
 from lightning_memdec.evaluation.latency import model_latency
+from lightning_memdec.evaluation.overlap import NGRAM
 from lightning_memdec.evaluation.report import write_report
+from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
 from lightning_memdec.hf.loading import (
     check_fits_context,
     find_tokenizer,
@@ -26,7 +29,7 @@ from lightning_memdec.hf.loading import (
     torch_device,
 )
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM, mixture_vocab
-from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
+from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import check_writable_dir
 from lightning_memdec.io.embedded import load_tokenizer, resolve_text
@@ -35,6 +38,7 @@ from lightning_memdec.io.token_corpus import Corpus, encode_documents
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, describe_tokenizer, tokenizer_info
 from lightning_memdec.kernels.scoring import (
     DEFAULT_LAMBDA_GRID,
+    DEFAULT_TEMPERATURE_GRID,
     check_lambda_grid,
     check_lmbda,
     mixed_perplexity,
@@ -105,6 +109,9 @@ def evaluate(
     device: str = "auto",
     latency: bool = False,
     latency_repeats: int = 5,
+    overlap_with: list[str] | None = None,
+    overlap_ngram: int = NGRAM,
+    temperature_grid: list[float] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
 
@@ -126,12 +133,14 @@ def evaluate(
         knn_corpus: a tokenized domain corpus (``memdec tokenize``): every base and the teacher without a given
             datastore gets one built from it under ``out/stores`` (keys from that model), so each has a kNN-LM row.
         k: kNN-LM neighbours per query (paper: 1024).
-        temperature: kNN-LM softmax temperature over squared L2 distances (paper: 16).
+        temperature: kNN-LM softmax temperature over squared L2 distances (paper: 16), used when there is no valid
+            split; with one, T is chosen on valid from temperature_grid, as the quickstart does.
         exact_distances: recompute exact distances from the stored keys (IVF-PQ distances are approximate).
         nprobe: IVF lists visited per query (default: the index's).
         lmbda: the decoders' weight λ; omitted: chosen per base on valid by a sweep over lambda_grid.
         knn_lmbda: kNN-LM's λ; omitted: chosen on valid, or lmbda when there is no valid split.
-        lambda_grid: candidate λs for the sweep (default: 0 … 1; a choice at either end is flagged in the report).
+        lambda_grid: candidate λs for the sweep (default: kernels.scoring.DEFAULT_LAMBDA_GRID, 0, 0.05, …, 1, the
+            quickstart's; a choice at either end is flagged in the report).
         window: tokens of context per window (paper: 1024).
         stride: new positions scored per window (paper: 512); each has >= window - stride + 1 tokens of context.
         batch_size: windows per forward pass.
@@ -140,6 +149,12 @@ def evaluate(
         device: cpu, cuda, cuda:1, … or auto (cuda when available).
         latency: also time one forward pass of base / +MemDec / +kNN-LM on the first test batch (first base).
         latency_repeats: timed repeats (median reported).
+        overlap_with: the text the models trained on or retrieve from (corpus directories, text files,
+            embedded:…), for the overlap audit; default: knn_corpus and the corpora the datastores were built from.
+            Every perplexity is also reported on the test positions outside n-gram spans found in that text.
+        overlap_ngram: tokens of a span that counts as repeated text (see :mod:`evaluation.overlap`).
+        temperature_grid: kNN temperatures tried on valid, each with its best λ (or knn_lmbda), the lowest kNN-LM
+            valid perplexity wins (default: kernels.scoring.DEFAULT_TEMPERATURE_GRID, 1 … 64); one value fixes T.
     """
     models = _models_to_score(bases, teacher)
     lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda)
@@ -154,8 +169,12 @@ def evaluate(
     decoders = {key: _load_decoder(ref, dev, window) for key, ref in (("memdec", memdec), ("ce_only", ce_only)) if ref}
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
     knn = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
-    scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev)
-    rows, curves, latency_report, k_used = [], {}, None, {}
+    temperatures = check_temperatures(
+        [temperature] if valid is None else DEFAULT_TEMPERATURE_GRID if temperature_grid is None else temperature_grid
+    )
+    scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev, temperatures)
+    rows, curves, latency_report, audits, k_used = [], {}, None, {}, {}
+    overlap_refs = overlap_references(overlap_with, knn_corpus, [s for s, _ in stores.values()])
     for base_ref, name, role in models:
         base, tok = scorer.load(base_ref)
         knnlm = None
@@ -165,7 +184,16 @@ def evaluate(
                           **knn)  # fmt: skip
             k_used[name] = knnlm.k  # k is capped at the datastore's size
         lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
-        rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid))
+        knn_choice = settle_temperature(lp, temperatures, grid, knn_lmbda) if knnlm is not None else {}
+        if knnlm is not None:
+            knnlm.temperature = knn_choice["knnlm_temperature"]
+        rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) | knn_choice)
+        fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
+        if fingerprint not in audits:
+            split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
+            training = [text_tokens(ref, tok) for ref in overlap_refs]
+            audits[fingerprint] = audit_splits(split_tokens, training, tok.eos_token_id, overlap_ngram, overlap_refs)
+        rows[-1] |= row_figures(rows[-1], lp["test"], audits[fingerprint])
         curves[name] = _curve(lp, grid)
         if latency and latency_report is None:
             mixed = (
@@ -177,9 +205,12 @@ def evaluate(
     report = {
         "bases": list(bases), "teacher": teacher, "memdec": memdec, "ce_only": ce_only, "test": test, "valid": valid,
         "datastores": {_short_name(m): str(s) for m, (s, _) in stores.items()},
-        "k": _one_or_each(k_used), "k_asked": k if stores else None, "temperature": temperature if stores else None,
+        "k": _one_or_each(k_used), "k_asked": k if stores else None,
+        "temperature": temperature if stores and valid is None else None,
+        "temperature_grid": temperatures if stores and valid is not None else None,
         "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
         "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
+        "overlap": overlap_report(audits, overlap_refs),
     }  # fmt: skip
     write_report(report, Path(out))
     return report
@@ -194,8 +225,9 @@ def _one_or_each(per_model: dict):
 class _Scorer:
     """Tokenizes each split once per tokenizer and scores models on it; a decoder's arrays are shared by the bases."""
 
-    def __init__(self, splits, window, stride, batch_size, max_tokens, tokenizer, device):
+    def __init__(self, splits, window, stride, batch_size, max_tokens, tokenizer, device, temperatures):
         self.splits, self.window, self.stride, self.batch_size = splits, window, stride, batch_size
+        self.temperatures = temperatures  # kNN-LM: log p_kNN(gold) at each, from one search
         self.max_tokens, self.tokenizer, self.device = max_tokens, tokenizer, device
         self.positions: dict[str, int] = {}
         self._tokens: dict[tuple[str, str], np.ndarray] = {}
@@ -217,7 +249,7 @@ class _Scorer:
         return self._tokens[key]
 
     def score(self, name, model, tok, knnlm, decoders) -> dict[str, dict[str, np.ndarray]]:
-        """Per split: log p(gold) of the model ("base"), its kNN-LM ("knn") and each decoder, [positions] each."""
+        """Per split: log p(gold) of the model ("base"), its kNN-LM at each temperature and each decoder."""
         for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
             mixture_vocab(model, decoder, tok, decoder_tok or tok)
         fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
@@ -226,7 +258,10 @@ class _Scorer:
             tokens = self.tokens(tok, split)
             if knnlm is not None:
                 _warn_if_datastore_text(tokens, knnlm.store.meta, split, spec)
-            score = knnlm_scorer(knnlm) if knnlm is not None else lm_scorer(model, len(tok), "base")
+            if knnlm is not None:
+                score = knn_temperatures_scorer(knnlm, self.temperatures)
+            else:
+                score = lm_scorer(model, len(tok), "base")
             lp[split] = self._sliding(tokens, score, f"{name} {split}")
             for key, (decoder, _) in decoders.items():
                 if (fingerprint, split, key) not in self._decoded:

@@ -8,8 +8,17 @@ from typing import Any
 
 from lightning_memdec.io.artifact_dirs import write_json_atomic
 
-__all__ = ["write_report", "perplexity_table", "plot_curves", "finite_or_none"]
+__all__ = ["write_report", "perplexity_table", "overlap_lines", "interval_table", "plot_curves", "finite_or_none"]
 LABELS = {"memdec": "MemDec", "ce_only": "CE-only decoder", "knnlm": "kNN-LM"}
+FIGURES = {
+    "base_ppl": "alone",
+    "knnlm_ppl": "+ kNN-LM",
+    "memdec_ppl": "+ MemDec",
+    "ce_only_ppl": "+ CE-only",
+    "memdec_alone_ppl": "MemDec alone",
+    "ce_only_alone_ppl": "CE-only alone",
+    "knn_alone_ppl": "kNN alone",
+}
 
 
 def finite_or_none(obj):
@@ -62,6 +71,68 @@ def perplexity_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _temperatures(report: dict[str, Any]) -> str:
+    """The kNN temperature: the given one, or each row's T chosen on valid (edge-flagged) and the grid."""
+    if not report.get("temperature_grid"):
+        return f"T={report['temperature']}"
+    chosen = [
+        f"{r['base']} {r['knnlm_temperature']:g}{' ⚠ edge' if r.get('knnlm_temperature_at_edge') else ''}"
+        for r in report["rows"]
+        if r.get("knnlm_temperature") is not None
+    ]
+    return f"T chosen on valid from {report['temperature_grid']}: {', '.join(chosen)}"
+
+
+def overlap_lines(report: dict[str, Any]) -> list[str]:
+    """The overlap audit: per split, documents found verbatim and positions inside repeated n-gram spans."""
+    audit = report.get("overlap")
+    if not audit:
+        return ["## Overlap audit", "", "No training / datastore text was given (--overlap_with): not audited."]
+    lines = ["## Overlap audit", "", f"Against: {', '.join(f'`{a}`' for a in audit['against'])}.", ""]
+    lines += [
+        "| split | documents | verbatim in training | positions | inside repeated spans | share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split, a in audit.items():
+        if split == "against":
+            continue
+        warn = " ⚠" if a["warning"] else ""
+        lines.append(
+            f"| {split} | {a['documents']} | {a['documents_verbatim']} | {a['positions']} | {a['positions_inside']} "
+            f"({a['ngram']}-token spans) | {100 * a['share_inside']:.2f} %{warn} |"
+        )
+    if any(a["warning"] for k, a in audit.items() if k != "against"):
+        lines += [
+            "",
+            "⚠ more than 1 % of positions repeat training text: read the perplexities outside repeated spans.",
+        ]
+    return lines
+
+
+def _with_interval(value, bounds) -> str:
+    return _fmt(value) + (f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]" if bounds else "")
+
+
+def interval_table(report: dict[str, Any]) -> list[str]:
+    """Every perplexity with its 95 % bootstrap interval over documents, on all positions and outside repeated
+    spans, and the paired intervals of the key differences."""
+    head = "| model | figure | all positions | outside repeated spans |"
+    lines = ["## Intervals (95 % bootstrap over documents)", "", head, "|---|---|---|---|"]
+    diffs = ["", "| model | difference | all positions | outside repeated spans |", "|---|---|---|---|"]
+    for r in report["rows"]:
+        every, outside = r.get("all_positions", {}), r.get("outside_overlap", {})
+        for key, label in FIGURES.items():
+            if r.get(key) is None or key not in every.get("intervals", {}):
+                continue
+            out_cell = _with_interval(outside.get("ppl", {}).get(key), outside.get("intervals", {}).get(key))
+            lines.append(f"| {r['base']} | {label} | {_with_interval(r[key], every['intervals'][key])} | {out_cell} |")
+        for name, d in every.get("differences", {}).items():
+            o = outside.get("differences", {}).get(name)
+            o_cell = _with_interval(o["difference"], o["interval"]) if o else "—"
+            diffs.append(f"| {r['base']} | {name} | {_with_interval(d['difference'], d['interval'])} | {o_cell} |")
+    return lines + (diffs if len(diffs) > 3 else [])
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     """report.md, report.json and lambda_curve.png under ``out``, each written to a temporary name, then moved."""
     out.mkdir(parents=True, exist_ok=True)
@@ -72,10 +143,14 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         f"- test: `{report['test']}` ({report['positions'].get('test')} positions), valid: `{report['valid']}`",
         f"- memdec: `{report['memdec']}`; CE-only decoder: `{report.get('ce_only')}`; "
         f"teacher: `{report.get('teacher')}`",
-        f"- kNN-LM datastores (k={report['k']}, T={report['temperature']}): {stores}",
+        f"- kNN-LM datastores (k={report['k']}, {_temperatures(report)}): {stores}",
         f"- sliding windows: {report['window']} tokens, stride {report['stride']}; perplexity = exp(−mean log p(gold))",
         "",
         *perplexity_table(report),
+        "",
+        *overlap_lines(report),
+        "",
+        *interval_table(report),
     ]
     lat = report.get("latency")
     if lat:

@@ -17,6 +17,8 @@ import torch
 
 __all__ = [
     "DEFAULT_LAMBDA_GRID",
+    "DEFAULT_TEMPERATURE_GRID",
+    "lambda_at_edge",
     "check_lmbda",
     "check_lambda_grid",
     "knn_scores",
@@ -28,9 +30,14 @@ __all__ = [
     "perplexity",
     "mixed_perplexity",
     "sweep_lambda",
+    "sweep_temperature",
 ]
 
-DEFAULT_LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
+#: The one λ grid of every sweep (``memdec evaluate``, the quickstart): 0, 0.05, …, 0.95, 1. Both ends are in it:
+#: λ = 0 is the base alone, λ = 1 the other model alone; a choice at an end is flagged (:func:`lambda_at_edge`).
+DEFAULT_LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+#: The kNN-LM temperatures tried on the valid split (the paper's 16 in the middle).
+DEFAULT_TEMPERATURE_GRID = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
 # -- p_kNN -------------------------------------------------------------------------------------------------------------
@@ -152,7 +159,7 @@ def check_lambda_grid(grid) -> list[float]:
     """Every λ of a sweep grid checked; an empty grid has no best λ."""
     grid = [check_lmbda(g) for g in grid]
     if not grid:
-        raise ValueError("lambda_grid is empty; give at least one λ in [0, 1] (e.g. 0.05 … 0.95).")
+        raise ValueError("lambda_grid is empty; give at least one λ in [0, 1] (e.g. 0, 0.05, …, 1).")
     return grid
 
 
@@ -164,6 +171,27 @@ def sweep_lambda(base, other, grid=DEFAULT_LAMBDA_GRID) -> tuple[float, list[flo
     grid = check_lambda_grid(grid)
     ppls = [mixed_perplexity(base, other, lmbda) for lmbda in grid]
     return grid[int(np.argmin(ppls))], ppls
+
+
+def lambda_at_edge(lmbda: float, grid=DEFAULT_LAMBDA_GRID) -> bool:
+    """A λ chosen at an end of its grid: the best mixture may lie outside the grid (or be a single model)."""
+    return lmbda <= min(grid) or lmbda >= max(grid)
+
+
+def sweep_temperature(base, knn_by_temperature: dict, grid=DEFAULT_LAMBDA_GRID, lmbda: float | None = None) -> dict:
+    """The kNN temperature with the lowest kNN-LM perplexity (its λ swept on ``grid``, or ``lmbda`` when given).
+
+    ``knn_by_temperature`` maps each candidate T to log p_kNN(gold) per position at T, ``base`` the base's; all on
+    the split used for choosing (valid). First T on ties.
+    """
+    if not knn_by_temperature:
+        raise ValueError("no kNN temperature to choose from; give at least one (e.g. 1, 2, 4, …, 64).")
+    scores = {}
+    for t, knn in knn_by_temperature.items():
+        lam = sweep_lambda(base, knn, grid)[0] if lmbda is None else lmbda
+        scores[t] = (mixed_perplexity(base, knn, lam), lam)
+    best = min(scores, key=lambda t: scores[t][0])
+    return {"temperature": best, "lambda": scores[best][1], "ppl_by_temperature": {t: v[0] for t, v in scores.items()}}
 
 
 # -- sliding windows -------------------------------------------------------------------------------------------------

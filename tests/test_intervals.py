@@ -1,0 +1,76 @@
+"""Bootstrap intervals over documents against a direct, slow loop over resamples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightning_memdec.evaluation.intervals import (
+    RESAMPLES,
+    SEED,
+    bootstrap_perplexities,
+    document_sums,
+    interval,
+    resample_counts,
+)
+from lightning_memdec.evaluation.row_figures import row_intervals
+
+
+def slow_bootstrap(log_probs: np.ndarray, offsets: np.ndarray, draws: np.ndarray, keep=None) -> np.ndarray:
+    """Per resample: concatenate the drawn documents' positions (position i belongs to token i + 1's document)."""
+    doc_of = [int(np.searchsorted(offsets, i + 1, side="right") - 1) for i in range(len(log_probs))]
+    keep = np.ones(len(log_probs), bool) if keep is None else keep
+    out = []
+    for row in draws:
+        picked = [log_probs[i] for d in row for i in range(len(log_probs)) if doc_of[i] == d and keep[i]]
+        out.append(float(np.exp(-np.mean(picked))))
+    return np.array(out)
+
+
+def same_draws(documents: int) -> np.ndarray:
+    """The document indices resample_counts counts, drawn by the same generator calls."""
+    rng = np.random.default_rng(SEED)
+    return np.concatenate([rng.integers(0, documents, size=(min(100, RESAMPLES - s), documents))
+                           for s in range(0, RESAMPLES, 100)])  # fmt: skip
+
+
+@pytest.fixture
+def small():
+    rng = np.random.default_rng(3)
+    offsets = np.array([0, 5, 9, 20, 26, 33, 40])
+    a = -rng.gamma(2.0, 1.5, size=39)
+    b = a + rng.normal(0.2, 0.3, size=39)
+    return offsets, a, b
+
+
+def test_counts_are_the_drawn_documents():
+    draws = same_draws(7)
+    counts = np.concatenate(list(resample_counts(7)))
+    np.testing.assert_array_equal(counts, np.stack([np.bincount(r, minlength=7) for r in draws]))
+
+
+def test_bootstrap_equals_a_slow_loop_and_pairs_the_draws(small):
+    offsets, a, b = small
+    keep = np.arange(len(a)) % 3 != 0
+    draws = same_draws(len(offsets) - 1)[:60]
+    for mask in (None, keep):
+        fast = bootstrap_perplexities([document_sums(a, offsets, mask), document_sums(b, offsets, mask)])
+        np.testing.assert_allclose(fast[0, :60], slow_bootstrap(a, offsets, draws, mask), rtol=1e-12)
+        np.testing.assert_allclose(fast[1, :60], slow_bootstrap(b, offsets, draws, mask), rtol=1e-12)
+    figures = row_intervals({"memdec_ppl": b, "base_ppl": a}, offsets)
+    full = np.stack([slow_bootstrap(x, offsets, same_draws(len(offsets) - 1)) for x in (b, a)])
+    assert figures["intervals"]["memdec_ppl"] == pytest.approx(list(np.quantile(full[0], [0.025, 0.975])))
+    diff = figures["differences"]["memdec_ppl - base_ppl"]
+    assert diff["interval"] == pytest.approx(list(np.quantile(full[0] - full[1], [0.025, 0.975])))
+    assert diff["difference"] == pytest.approx(np.exp(-b.mean()) - np.exp(-a.mean()))
+    assert diff["interval"][0] <= diff["difference"] <= diff["interval"][1]
+
+
+def test_a_document_with_zero_probability_makes_its_resamples_infinite(small):
+    offsets, a, _ = small
+    a = a.copy()
+    a[6] = -np.inf  # in document 1
+    ppl = bootstrap_perplexities([document_sums(a, offsets)])[0]
+    drawn = same_draws(len(offsets) - 1)
+    np.testing.assert_array_equal(np.isinf(ppl), (drawn == 1).any(axis=1))
+    assert interval(np.array([1.0, 2.0, 3.0]), 0.5) == [1.5, 2.5]

@@ -1,0 +1,100 @@
+"""Overlap audit: repeated n-gram spans and verbatim documents against a direct loop; `memdec evaluate` reports
+every perplexity on all positions and outside the repeated spans, and warns when too many positions repeat."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny
+from transformers import AutoModelForCausalLM
+
+from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
+from lightning_memdec.evaluation.overlap import audit_overlap, document_offsets, ngram_hashes
+from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
+from lightning_memdec.io.embedded import load_tokenizer, resolve_text
+from lightning_memdec.io.text_sources import read_documents
+from lightning_memdec.kernels.scoring import mix_log_probs, perplexity
+
+EOS = 0
+
+
+def reference_inside(tokens: np.ndarray, training: list[np.ndarray], n: int) -> np.ndarray:
+    """Position i is inside when tokens i and i + 1 lie in one n-gram that also occurs in the training text."""
+    grams = {tuple(t[s : s + n]) for t in training for s in range(len(t) - n + 1)}
+    starts = {s for s in range(len(tokens) - n + 1) if tuple(tokens[s : s + n]) in grams}
+    return np.array([any(s in starts for s in range(i - n + 2, i + 1)) for i in range(len(tokens) - 1)])
+
+
+def with_eos(*docs: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.append(d, EOS) for d in docs])
+
+
+def test_audit_equals_a_direct_loop_on_planted_duplicates():
+    rng = np.random.default_rng(0)
+    train_docs = [rng.integers(1, 50, size=int(m)) for m in rng.integers(20, 60, size=8)]
+    fresh = [rng.integers(1, 50, size=30) for _ in range(3)]
+    spliced = np.concatenate([fresh[0][:5], train_docs[2][3:15], fresh[1][:7]])  # a 12-token copied span
+    test_docs = [train_docs[1], fresh[2], spliced, train_docs[5], fresh[0]]
+    tokens, training = with_eos(*test_docs), [with_eos(*train_docs)]
+    for n in (4, 8, 12, 13):
+        audit = audit_overlap(tokens, document_offsets(tokens, EOS), training, EOS, n)
+        np.testing.assert_array_equal(audit.inside, reference_inside(tokens, training, n))
+        assert audit.documents == 5 and audit.documents_verbatim == 2
+    assert audit_overlap(tokens, document_offsets(tokens, EOS), training, EOS, 12).inside.sum() > (
+        audit.inside.sum()  # the 12-token span counts at n = 12, not at 13
+    )
+
+
+def test_ngram_hashes_are_equal_exactly_for_equal_ngrams():
+    tokens = np.array([5, 1, 2, 3, 5, 1, 2, 3, 9, 50000, 0, 1])
+    h = ngram_hashes(tokens, 4)
+    grams = [tuple(tokens[s : s + 4]) for s in range(len(tokens) - 3)]
+    for a in range(len(grams)):
+        for b in range(len(grams)):
+            assert (h[a] == h[b]) == (grams[a] == grams[b])
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        ngram_hashes(tokens, 1)
+
+
+def test_evaluate_reports_overlap_and_perplexities_outside_it(tmp_path, tiny_gpt2, caplog):
+    train_docs = read_documents(resolve_text("embedded:biomed/train"))[:12]
+    test_docs = read_documents(resolve_text("embedded:biomed/test"))[:4]
+    copied = " ".join(train_docs[7].split()[:60])
+    planted = [train_docs[3], test_docs[0], train_docs[9], f"{test_docs[1]} {copied}", test_docs[2], train_docs[0]]
+    (tmp_path / "train.txt").write_text("\n\n".join(train_docs) + "\n")
+    (tmp_path / "test.txt").write_text("\n\n".join(planted) + "\n")
+    decoder = save_tiny(tmp_path / "decoder", seed=7)
+    with caplog.at_level(logging.WARNING, logger="lightning_memdec.evaluation.row_figures"):
+        report = evaluate(
+            bases=[str(tiny_gpt2)],
+            test=str(tmp_path / "test.txt"),
+            memdec=str(decoder),
+            lmbda=0.4,
+            overlap_with=[str(tmp_path / "train.txt")],
+            window=32,
+            stride=16,
+            out=tmp_path / "r",
+        )
+    tok = load_tokenizer("gpt2")
+    tokens = text_tokens(tmp_path / "test.txt", tok)
+    inside = reference_inside(tokens, [text_tokens(tmp_path / "train.txt", tok)], 32)
+    audit = report["overlap"]["test"]
+    assert audit["documents"] == 6 and audit["documents_verbatim"] == 3
+    assert audit["positions_inside"] == inside.sum() and audit["positions"] == len(tokens) - 1
+    assert audit["share_inside"] == pytest.approx(inside.mean()) and audit["warning"] is True
+    assert "repeat 32-token spans" in caplog.text
+    # both perplexities of each row against the direct computation
+    b = sliding_gold_log_probs(tokens, 32, 16, 4, lm_scorer(AutoModelForCausalLM.from_pretrained(tiny_gpt2), 50257))
+    d = sliding_gold_log_probs(tokens, 32, 16, 4, lm_scorer(AutoModelForCausalLM.from_pretrained(decoder), 50257))
+    mixed = mix_log_probs(torch.as_tensor(b["lm"]), torch.as_tensor(d["lm"]), 0.4).numpy()
+    row = report["rows"][0]
+    outside = row["outside_overlap"]["ppl"]
+    assert row["base_ppl"] == pytest.approx(perplexity(b["lm"]), rel=1e-6)
+    assert outside["base_ppl"] == pytest.approx(perplexity(b["lm"][~inside]), rel=1e-6)
+    assert row["memdec_ppl"] == pytest.approx(perplexity(mixed), rel=1e-6)
+    assert outside["memdec_ppl"] == pytest.approx(perplexity(mixed[~inside]), rel=1e-6)
+    assert outside["memdec_alone_ppl"] == pytest.approx(perplexity(d["lm"][~inside]), rel=1e-6)
+    assert "Overlap audit" in (tmp_path / "r" / "report.md").read_text()
