@@ -124,3 +124,17 @@ def test_gpu_clone_options_follow_faiss_gpu_constraints(tmp_path, biomed_datasto
     assert any("usePrecomputed" in note for note in plan_index(103_000_000, 1600, gpu=True).notes)
     pq = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", factory="IVF16,PQ8", recall_queries=0))
     assert pq_bytes(pq.index) == 8 and pq_bytes(faiss.IndexFlatL2(4)) is None
+
+
+def test_gpu_request_without_gpu_faiss_names_an_install_that_exists():
+    """The old message sent users to the removed ``[gpu]`` extra (which installed a second faiss beside faiss-cpu)."""
+    from pathlib import Path
+
+    from lightning_memdec.retrieval.faiss_index import gpu_available, to_gpu
+
+    if gpu_available():
+        pytest.skip("this faiss has GPU support")
+    with pytest.raises(RuntimeError, match="faiss-gpu.*search='exact'") as raised:
+        to_gpu(faiss.IndexFlatL2(4), 0)
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert "[gpu]" not in str(raised.value) and "faiss-gpu" not in pyproject and "\ngpu = " not in pyproject

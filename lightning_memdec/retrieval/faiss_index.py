@@ -38,7 +38,10 @@ def to_gpu(index: faiss.Index, device: int | None = None) -> faiss.Index:
     gets the cloner options faiss-gpu needs for its shape (:func:`~retrieval.index_plan.gpu_pq_options`).
     """
     if not gpu_available():
-        raise RuntimeError("use_gpu was asked for, but this faiss has no GPU support; install lightning_memdec[gpu].")
+        raise RuntimeError(
+            "use_gpu was asked for, but this faiss has no GPU support: replace faiss-cpu by a GPU build "
+            "(pip uninstall -y faiss-cpu && pip install faiss-gpu), or use search='exact' (docs/gpu.md)."
+        )
     options = faiss.GpuMultipleClonerOptions() if device is None else faiss.GpuClonerOptions()
     options.usePrecomputed, options.useFloat16 = gpu_pq_options(index.d, pq_bytes(index))
     if device is None:
