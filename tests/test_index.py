@@ -58,14 +58,19 @@ def test_bad_factory_and_existing_output(tmp_path, biomed_datastore, biomed_inde
 
 
 def test_exact_distances_in_bounded_blocks_equal_one_pass():
-    from lightning_memdec.retrieval.faiss_index import exact_squared_l2
+    import torch
+
+    from lightning_memdec.retrieval.exact_search import exact_distances
+
+    def exact_squared_l2(queries, keys, ids, memory_bytes=256 * 2**20):
+        return exact_distances(torch.from_numpy(queries), keys, torch.from_numpy(ids), memory_bytes).numpy()
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((50, 8)).astype(np.float16)
     queries = rng.standard_normal((13, 8)).astype(np.float32)
     ids = rng.integers(-1, 50, size=(13, 6))
     whole = exact_squared_l2(queries, keys, ids)
-    blocked = exact_squared_l2(queries, keys, ids, memory_bytes=2 * 6 * 8 * 4 * 3)  # 3 queries per block
+    blocked = exact_squared_l2(queries, keys, ids, memory_bytes=6 * 8 * 10 * 3)  # 3 queries per block
     np.testing.assert_array_equal(whole, blocked)
     want = ((keys.astype(np.float32)[np.maximum(ids, 0)] - queries[:, None]) ** 2).sum(-1)
     np.testing.assert_allclose(whole, np.where(ids >= 0, want, np.inf), rtol=1e-6)
