@@ -108,6 +108,14 @@ def test_coarse_bf16_scores_and_cached_norms_equal_brute_force(keys, self_exclud
         exact_search(queries, keys, 3, key_norms=norms[:5])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_without_fp32_output_equal_brute_force(keys, dtype):
+    """A GPU without fp32-output products: the product is rounded, ‖k‖² added in fp32, the re-ranking exact."""
+    own = np.arange(60)
+    got = exact_search(keys[:60], keys, 12, query_ids=own, block_size=64, compute_dtype=dtype)
+    assert_same_neighbours(got, brute_force(keys[:60], keys, 12, exclude=own))
+
+
 def test_coarse_search_falls_back_where_bf16_cannot_vouch_for_the_candidates():
     """Tight clusters far from the origin: bf16 scores (spacing ~256 at ‖k‖² ≈ 6·10⁴) cannot tell the neighbours
     from the next hundred keys, so every row fails the error bound and is searched again in fp32, still exact."""

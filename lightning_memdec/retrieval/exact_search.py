@@ -107,12 +107,15 @@ def _mm_with_fp32_output(device: torch.device) -> bool:
 
 def _scores(q: torch.Tensor, k: torch.Tensor, k_norm: torch.Tensor, coarse: bool) -> torch.Tensor:
     """‖k‖² − 2 q·kᵀ [n, B] from one ``addmm`` (the squared distance minus the row's constant ‖q‖²): fp32 where the
-    inputs are fp32 or an fp32 output is offered, else (and when ``coarse``) in the inputs' dtype."""
+    inputs are fp32 or an fp32 output is offered; in the inputs' dtype when ``coarse``. Without an fp32 output and
+    not coarse, the product alone is rounded and ‖k‖² added in fp32 (two passes, the rounding of the old search)."""
     if q.dtype == torch.float32:
         return torch.addmm(k_norm, q, k.T, alpha=-2)
-    if not coarse and _mm_with_fp32_output(q.device):
+    if coarse:
+        return torch.addmm(k_norm.to(q.dtype), q, k.T, alpha=-2)
+    if _mm_with_fp32_output(q.device):
         return torch.addmm(k_norm, q, k.T, alpha=-2, out_dtype=torch.float32)
-    return torch.addmm(k_norm.to(q.dtype), q, k.T, alpha=-2)
+    return torch.mm(q, k.T).float().mul_(-2).add_(k_norm)
 
 
 def squared_norms(keys: torch.Tensor) -> torch.Tensor:
