@@ -7,18 +7,24 @@ depends on shapes, not on what the model knows.
 1. **datastore**: a GPT-2-small-architecture base (124 M parameters) over ``--tokens`` tokens, weights and forward in
    bf16 (``build_datastore(precision="bf16")``): entries/s.
 2. **exact targets**: ``build_targets(search="exact")`` for the positions of a second, smaller corpus against that
-   datastore (k = ``--k``, exact squared L2 from bf16 matrix products, top-k merged on the device): queries/s, and the
-   same search on the host cores (torch exact on a few queries; FAISS ``Flat`` when faiss is installed) for scale.
+   datastore (k = ``--k``, exact squared L2 from bf16 matrix products, top-k merged on the device): queries/s; then
+   the search alone on resident keys (fp32-ranked and ``coarse`` bf16 scores, the key upload timed apart), and the
+   same search on the host cores (FAISS ``Flat`` when faiss is installed) for scale.
 3. **fit**: ``train.fit`` of a GPT-2-small decoder on those targets in bf16-mixed: tokens/s of steady-state training
-   (a run of 2S steps minus a run of S steps, so set-up cancels) and model FLOPs utilisation (6 × parameters ×
-   tokens/s ÷ the card's dense bf16 peak).
+   (a run of 2S steps minus a run of S steps, so set-up cancels) and model FLOPs utilisation ((6N + 12·L·T·d) ×
+   tokens/s ÷ the card's dense bf16 peak); on a GPU with ``torch.compile``, fused AdamW and the vocabulary padded to
+   64 (``--fast_fit false``: without; each of the three fit runs compiles, from inductor's cache after the first).
 4. **generation**: greedy decoding with a GPT2-large-shaped base (774 M) alone, + the GPT-2-small decoder
    (``InterpolatedLM.generate``), and + kNN-LM (``KNNLM.generate_greedy`` over a datastore keyed by that base, FAISS
    ``Flat`` on the host cores, and ``search="exact"``: the keys resident on the accelerator, searched by matrix
    products): seconds per token and the overheads, MemDec against ``base.generate`` and kNN-LM against its own cached
    loop without retrieval (paper: 1.28×, 2.17×); the headline uses the faster of the two kNN-LM searches.
 
-Prints ``name: value`` lines; the headline ``knnlm_to_memdec_generation_overhead`` last. A section that fails prints
+Each stage also prints its roofline: ``<stage>_bound`` (the rate the card's assumed peak allows: dense bf16 FLOP/s
+for products, HBM bytes/s for batch-1 decoding, printed as ``peak_flops``/``peak_bytes_per_s``) and
+``<stage>_roofline_fraction`` (measured ÷ bound). Fixed costs (key upload, trainer start-up) are printed apart from
+the rates. The last four lines, in this order, are the headline: ``exact_targets_qps``, ``fit_mfu``,
+``memdec_ms_per_token``, ``memdec_generation_overhead`` (nan where a stage failed). A section that fails prints
 ``<section>_error: …`` and the rest still run.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +40,14 @@ import torch
 from jsonargparse import CLI
 from latency_stores import save_gpt2  # benchmarks/ is the script's directory, first on sys.path
 
-# dense bf16 tensor-core peak (no sparsity), for MFU
+from lightning_memdec.io.readers import Datastore
+
+# dense bf16 tensor-core peak (no sparsity) and HBM bandwidth, SXM parts: the rooflines' assumed peaks
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+# for a device not in the tables (the CPU of a --tiny run): nominal figures, printed as assumed
+FALLBACK_PEAKS = (1e12, 1e11)
+HEADLINE = ("exact_targets_qps", "fit_mfu", "memdec_ms_per_token", "memdec_generation_overhead")
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12}
 GPT2_LARGE = {"n_embd": 1280, "n_layer": 36, "n_head": 20}
 TINY = {"n_embd": 64, "n_layer": 2, "n_head": 2}
@@ -64,6 +77,39 @@ def random_corpus(out: Path, num_tokens: int, seed: int, document: int = 1000) -
     return write_corpus(work, out, docs, tokenizer_info(tok, "gpt2"), sources=[f"random:{seed}"])
 
 
+@dataclass
+class Card:
+    """What the rooflines assume of this device, and the headline figures the stages fill in."""
+
+    peak_flops: float
+    peak_bytes_per_s: float
+    headline: dict = field(default_factory=lambda: dict.fromkeys(HEADLINE, float("nan")))
+
+    @classmethod
+    def this_device(cls) -> Card:
+        name = device_name()
+        flops = next((v for card, v in PEAK_BF16_FLOPS.items() if card in name), None)
+        bandwidth = next((v for card, v in PEAK_BYTES_PER_S.items() if card in name), None)
+        if flops is None or bandwidth is None:
+            report("peak_source", "assumed (device not in the tables)")
+            flops, bandwidth = FALLBACK_PEAKS
+        report("peak_flops", flops)
+        report("peak_bytes_per_s", bandwidth)
+        return cls(flops, bandwidth)
+
+
+def roofline(stage: str, rate: float, bound: float) -> float:
+    """Print a stage's bound and the fraction of it measured; return the fraction."""
+    report(f"{stage}_bound", bound)
+    report(f"{stage}_roofline_fraction", rate / bound)
+    return rate / bound
+
+
+def forward_flops_per_token(params: int, layers: int, context: int, width: int) -> float:
+    """2 FLOPs per weight plus attention's 2·L·T·d (scores and their weighted sum over a context of T, causal)."""
+    return 2 * params + 2 * layers * context * width
+
+
 def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -83,7 +129,7 @@ def section(name: str, fn, *args):
         return None
 
 
-def datastore_stage(w: Path, shape: dict, tokens: int, window: int, accelerator: str):
+def datastore_stage(card: Card, w: Path, shape: dict, tokens: int, window: int, accelerator: str):
     from lightning_memdec.stages.datastore import build_datastore
 
     base = save_gpt2(w / "gpt2-small-base", **shape, seed=0)
@@ -94,10 +140,13 @@ def datastore_stage(w: Path, shape: dict, tokens: int, window: int, accelerator:
                                                overwrite=True))  # fmt: skip
     report("datastore_entries", tokens - 1)
     report("datastore_entries_per_s", (tokens - 1) / seconds)
+    params = sum(p.numel() for p in load_decoder(base).parameters())
+    flops = forward_flops_per_token(params, shape["n_layer"], window, shape["n_embd"])
+    roofline("datastore_entries_per_s", (tokens - 1) / seconds, card.peak_flops / flops)
     return base, out
 
 
-def targets_stage(w: Path, base: Path, store: Path, queries: int, window: int, k: int, accelerator: str):
+def targets_stage(card: Card, w: Path, base: Path, store: Path, queries: int, window: int, k: int, accelerator: str):
     from lightning_memdec.stages.datastore import build_datastore
     from lightning_memdec.stages.targets import build_targets
 
@@ -109,15 +158,37 @@ def targets_stage(w: Path, base: Path, store: Path, queries: int, window: int, k
                                              accelerator=accelerator, overwrite=True))  # fmt: skip
     report("targets_queries", queries - 1)
     report("targets_k", k)
-    report("targets_exact_queries_per_s", (queries - 1) / seconds)
+    rate = (queries - 1) / seconds
+    report("targets_exact_queries_per_s", rate)
+    keys = Datastore(store).keys
+    bound = card.peak_flops / (2 * keys.shape[0] * keys.shape[1])  # 2·N·d FLOPs a query
+    roofline("targets_exact_queries_per_s", rate, bound)
+    card.headline["exact_targets_qps"] = rate
+    section("search", search_rates, store, qstore, k, bound)
     host_search_rate(store, qstore, k)
     return corpus, out
 
 
+def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int = 4096) -> None:
+    """The search alone on resident keys (no Trainer, no target rows, no merge), fp32-ranked and bf16-coarse, with
+    the fixed cost of putting the keys and their norms on the device printed apart."""
+    from lightning_memdec.retrieval.exact_search import exact_search, resident_keys, squared_norms
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    store, qstore = Datastore(store_dir), Datastore(qstore_dir)
+    (keys, norms), upload = timed(lambda: (lambda r: (r, squared_norms(r)))(resident_keys(store.keys, dev, 1 << 62)))
+    report("search_key_upload_s", upload)
+    queries = torch.from_numpy(np.asarray(qstore.keys[:n], dtype=np.float32)).to(dev)
+    for name, coarse in (("exact_search", False), ("exact_search_coarse", True)):
+        search = lambda coarse=coarse: exact_search(queries, keys, k, device=dev, coarse=coarse, key_norms=norms)
+        search()  # warm-up
+        _, seconds = timed(search)
+        report(f"{name}_queries_per_s", len(queries) / seconds)
+        roofline(f"{name}_queries_per_s", len(queries) / seconds, bound)
+
+
 def host_search_rate(store_dir: Path, qstore_dir: Path, k: int, n: int = 256) -> None:
     """The same exact search on the host cores, on the first ``n`` queries: FAISS Flat when installed."""
-    from lightning_memdec.io.readers import Datastore
-
     store, qstore = Datastore(store_dir), Datastore(qstore_dir)
     queries = np.asarray(qstore.keys[:n], dtype=np.float32)
     try:
@@ -133,13 +204,16 @@ def host_search_rate(store_dir: Path, qstore_dir: Path, k: int, n: int = 256) ->
     report("host_faiss_flat_queries_per_s", n / seconds)
 
 
-def fit_stage(w: Path, shape: dict, corpus: Path, targets: Path, window: int, steps: int, batch: int, accelerator):
+def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, window: int, steps: int, batch: int,
+              accelerator: str, fast: bool):  # fmt: skip
+    """``fast``: the speed options (torch.compile, fused AdamW, vocabulary padded to 64; on by default on a GPU)."""
     from lightning_memdec.io.packaged_configs import load_config
     from lightning_memdec.training.fit import fit
 
     config = load_config(
         {
-            "model": {"config": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": window, **shape}},
+            "model": {"config": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": window, **shape},
+                      "compile": fast, "fused_adamw": fast, "pad_vocab_multiple": 64 if fast else 1},
             "data": {"train_corpus": str(corpus), "train_targets": str(targets), "window": window,
                      "batch_size": batch, "num_workers": 4},
             "trainer": {"accelerator": accelerator, "devices": 1, "precision": "bf16-mixed", "max_steps": steps,
@@ -163,9 +237,9 @@ def fit_stage(w: Path, shape: dict, corpus: Path, targets: Path, window: int, st
     params = sum(p.numel() for p in load_decoder(export).parameters())
     report("fit_decoder_params", params)
     report("fit_tokens_per_s", tokens_per_s)
-    peak = next((v for name, v in PEAK_BF16_FLOPS.items() if name in device_name()), None)
-    if peak is not None:
-        report("fit_mfu", 6 * params * tokens_per_s / peak)
+    report("fit_options", f"compile={fast} fused_adamw={fast} pad_vocab_multiple={64 if fast else 1}")
+    flops = 6 * params + 12 * shape["n_layer"] * window * shape["n_embd"]  # per token, attention included
+    card.headline["fit_mfu"] = roofline("fit_tokens_per_s", tokens_per_s, card.peak_flops / flops)
     section("fit_breakdown", fit_breakdown, config, accelerator)
 
 
@@ -223,7 +297,8 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def generation_stage(w: Path, large: dict, small: dict, tokens: int, window: int, new_tokens: int, accelerator):
+def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int, window: int, new_tokens: int,
+                     accelerator: str):  # fmt: skip
     from lightning_memdec.hf.loading import load_causal_lm
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
     from lightning_memdec.inference.knnlm import KNNLM
@@ -262,14 +337,29 @@ def generation_stage(w: Path, large: dict, small: dict, tokens: int, window: int
         run()  # warm-up: kernels, caches
         seconds[name] = min(timed(run)[1] for _ in range(2)) / new_tokens
         report(f"generate_{name}_ms_per_token", 1000 * seconds[name])
-    memdec = seconds["memdec"] / seconds["base"]
-    report("memdec_generation_overhead", memdec)
+    memdec = seconds["memdec"] / seconds["base"]  # printed with the headline, last
+    generation_rooflines(card, base, decoder, seconds)
+    card.headline["memdec_ms_per_token"] = 1000 * seconds["memdec"]
+    card.headline["memdec_generation_overhead"] = memdec
     for search in ("faiss", "exact"):
         report(f"knnlm_{search}_generation_overhead", seconds[f"knnlm_{search}"] / seconds["base_loop"])
     # the headline compares with the faster kNN-LM search: the strongest baseline this machine allows
     knn = min(seconds["knnlm_faiss"], seconds["knnlm_exact"]) / seconds["base_loop"]
     report("knnlm_generation_overhead", knn)
     report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
+
+
+def generation_rooflines(card: Card, base, decoder, seconds: dict) -> None:
+    """Batch-1 decoding reads every weight once a token: the bound is the weights' bytes at the card's bandwidth;
+    MemDec's overhead bound is 1 + FLOPs(decoder)/FLOPs(base) (issue 20), compared with the measured ratio."""
+    weights = {name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in (("base", base),
+               ("decoder", decoder))}  # fmt: skip
+    for name, read in (("base", weights["base"]), ("memdec", weights["base"] + weights["decoder"])):
+        bound_ms = 1000 * read / card.peak_bytes_per_s
+        report(f"generate_{name}_ms_per_token_bound", bound_ms)
+        report(f"generate_{name}_roofline_fraction", bound_ms / (1000 * seconds[name]))
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("base", base), ("decoder", decoder))}
+    report("memdec_generation_overhead_bound", 1 + params["decoder"] / params["base"])
 
 
 def main(
@@ -283,8 +373,11 @@ def main(
     fit_batch: int = 8,
     knn_tokens: int = 500_000,
     new_tokens: int = 64,
+    fast_fit: bool | None = None,
 ) -> None:
-    """Run the four GPU stages and print their rates (``--tiny true``: small shapes on CPU, for CI)."""
+    """Run the four GPU stages and print their rates (``--tiny true``: small shapes on CPU, for CI).
+
+    ``fast_fit``: train with torch.compile, fused AdamW and a vocabulary padded to 64 (default: on a GPU)."""
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     small, large = (TINY, TINY) if tiny else (GPT2_SMALL, GPT2_LARGE)
     if tiny:
@@ -293,11 +386,15 @@ def main(
     w.mkdir(parents=True, exist_ok=True)
     report("device", device_name())
     report("torch", torch.__version__)
-    built = section("datastore", datastore_stage, w, small, tokens, window, accelerator)
-    made = built and section("targets", targets_stage, w, *built, queries, window, k, accelerator)
+    card = Card.this_device()
+    fast = torch.cuda.is_available() if fast_fit is None else fast_fit
+    built = section("datastore", datastore_stage, card, w, small, tokens, window, accelerator)
+    made = built and section("targets", targets_stage, card, w, *built, queries, window, k, accelerator)
     if made:
-        section("fit", fit_stage, w, small, *made, window, fit_steps, fit_batch, accelerator)
-    section("generation", generation_stage, w, large, small, knn_tokens, window, new_tokens, accelerator)
+        section("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
+    section("generation", generation_stage, card, w, large, small, knn_tokens, window, new_tokens, accelerator)
+    for name in HEADLINE:  # last, in this order, whatever failed above
+        report(name, float(card.headline[name]))
 
 
 if __name__ == "__main__":

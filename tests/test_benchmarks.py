@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RATES = ["datastore_entries_per_s", "targets_exact_queries_per_s"]  # count ÷ elapsed time: positive by construction
+RATES = ["datastore_entries_per_s", "targets_exact_queries_per_s", "exact_search_queries_per_s",
+         "exact_search_coarse_queries_per_s"]  # count ÷ elapsed time: positive by construction  # fmt: skip
 # differences and ratios of timings are noise in a tiny CPU run (fit's rate is a difference of two runs' times)
 TIMED = ["fit_tokens_per_s", "memdec_generation_overhead", "knnlm_generation_overhead",
          "knnlm_to_memdec_generation_overhead"]  # fmt: skip
+HEADLINE = ["exact_targets_qps", "fit_mfu", "memdec_ms_per_token", "memdec_generation_overhead"]
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
@@ -22,7 +24,26 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         assert float(lines[name]) > 0, name
     for name in TIMED:  # present and finite is what CI can check without asserting on wall-clock time
         assert math.isfinite(float(lines[name])), name
-    assert list(lines)[-1] == "knnlm_to_memdec_generation_overhead"  # the headline is last
+    assert list(lines)[-4:] == HEADLINE  # the headline, last, in this order
+    for name in HEADLINE:
+        assert math.isfinite(float(lines[name])), name
+    assert float(lines["exact_targets_qps"]) == float(lines["targets_exact_queries_per_s"])
+    # every rate has its roofline: bound = the assumed peak ÷ the work per item, fraction = rate ÷ bound
+    peak_flops = float(lines["peak_flops"])
+    bound = float(lines["targets_exact_queries_per_s_bound"])
+    assert math.isclose(bound, peak_flops / (2 * 3999 * 64), rel_tol=3e-3)  # 2·N·d FLOPs a query, tiny store
+    for rate in RATES + ["fit_tokens_per_s"]:
+        fraction = float(lines[f"{rate}_roofline_fraction"])
+        assert math.isclose(fraction, float(lines[rate]) / float(lines[f"{rate}_bound"]), rel_tol=3e-3), rate
+    mfu_flops = 6 * int(lines["fit_decoder_params"]) + 12 * 2 * 64 * 64  # 6N + 12·L·T·d, TINY shapes, window 64
+    assert math.isclose(
+        float(lines["fit_mfu"]), float(lines["fit_tokens_per_s"]) * mfu_flops / peak_flops, rel_tol=3e-3
+    )
+    for name in ("base", "memdec"):
+        assert (
+            0 < float(lines[f"generate_{name}_roofline_fraction"])
+            and float(lines[f"generate_{name}_ms_per_token_bound"]) > 0
+        )
 
 
 def test_scale_benchmark_runs_tiny(tmp_path):

@@ -21,8 +21,11 @@ from lightning_memdec.retrieval.exact_search import (
     EXACT_GPU_MAX_ELEMENTS,
     block_rows,
     choose_search,
+    exact_distances,
     exact_search,
     resident_keys,
+    smallest,
+    squared_norms,
 )
 from lightning_memdec.stages.targets import build_targets
 
@@ -76,6 +79,71 @@ def test_exact_with_foreign_queries_torch_keys_and_a_margin_of_zero(keys):
     want = brute_force(queries, keys, 20)
     assert_same_neighbours(exact_search(queries, keys, 20, block_size=13, margin=0), want)
     assert_same_neighbours(exact_search(torch.from_numpy(queries), torch.from_numpy(keys), 20, block_size=100), want)
+
+
+@pytest.mark.parametrize("width, m", [(10_000, 50), (9_000, 1), (4_000, 300), (300, 300)])
+def test_two_stage_selection_equals_one_topk(width, m):
+    """Several column groups plus a tail (10,000 = 4 × 2,048 + 1,808), one group, and m = the whole row."""
+    scores = torch.randn(5, width)
+    scores[0, 123] = scores[0, width - 7] = -100.0  # a tie, in different groups where there are several
+    values, cols = smallest(scores, m, two_stage=True)  # the GPU's selection, run here on the CPU
+    want = scores.topk(m, dim=1, largest=False).values
+    torch.testing.assert_close(values.sort(1).values, want.sort(1).values, rtol=0, atol=0)
+    torch.testing.assert_close(scores.gather(1, cols), values, rtol=0, atol=0)  # the columns hold those values
+    assert all(len(set(row.tolist())) == m for row in cols)  # no column twice
+
+
+@pytest.mark.parametrize("self_exclude", [False, True])
+def test_coarse_bf16_scores_and_cached_norms_equal_brute_force(keys, self_exclude):
+    """bf16 products and scores (8 significant bits) choose the candidates; the fp32 re-ranking restores brute force."""
+    queries = keys[:60]
+    own = np.arange(60) if self_exclude else None
+    norms = squared_norms(torch.from_numpy(keys))
+    np.testing.assert_allclose(norms.numpy(), (keys.astype(np.float64) ** 2).sum(1), rtol=1e-6)
+    for k in (1, 12, 90):
+        want = brute_force(queries, keys, k, exclude=own)
+        got = exact_search(queries, keys, k, query_ids=own, block_size=64, coarse=True, key_norms=norms)
+        assert_same_neighbours(got, want)
+    with pytest.raises(ValueError, match=r"key_norms must be \[403\]"):
+        exact_search(queries, keys, 3, key_norms=norms[:5])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_without_fp32_output_equal_brute_force(keys, dtype):
+    """A GPU without fp32-output products: the product is rounded, ‖k‖² added in fp32, the re-ranking exact."""
+    own = np.arange(60)
+    got = exact_search(keys[:60], keys, 12, query_ids=own, block_size=64, compute_dtype=dtype)
+    assert_same_neighbours(got, brute_force(keys[:60], keys, 12, exclude=own))
+
+
+def test_coarse_search_falls_back_where_bf16_cannot_vouch_for_the_candidates():
+    """Tight clusters far from the origin: bf16 scores (spacing ~256 at ‖k‖² ≈ 6·10⁴) cannot tell the neighbours
+    from the next hundred keys, so every row fails the error bound and is searched again in fp32, still exact."""
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((20, 64)) * 30
+    keys = (centers[rng.integers(0, 20, 3000)] + rng.standard_normal((3000, 64))).astype(np.float16)
+    own = np.arange(100)
+    want = brute_force(keys[:100], keys, 16, exclude=own)
+    assert_same_neighbours(exact_search(keys[:100], keys, 16, query_ids=own, coarse=True), want)
+
+
+def test_coarse_search_on_real_hidden_states_equals_fp32_search(biomed_datastore):
+    """Keys from a real LM layer: clustered, with large norms, where bf16 scores lose the most."""
+    store = Datastore(biomed_datastore)
+    queries = np.asarray(store.keys[:200], dtype=np.float32)
+    want = brute_force(queries, np.asarray(store.keys), 16, exclude=np.arange(200))
+    got = exact_search(queries, store.keys, 16, query_ids=np.arange(200), coarse=True)
+    assert_same_neighbours(got, want)
+
+
+def test_one_exact_rerank_for_both_backends_marks_missing_ids(keys):
+    """FAISS returns −1 for a neighbour it did not find: +inf there, Σ (q − k)² elsewhere."""
+    queries = torch.randn(4, 24)
+    ids = torch.tensor([[0, 5, -1], [402, -1, -1], [7, 3, 1], [-1, 0, 0]])
+    got = exact_distances(queries, keys, ids)
+    want = ((torch.from_numpy(keys).double()[ids.clamp(min=0)] - queries.double()[:, None]) ** 2).sum(-1)
+    torch.testing.assert_close(got, torch.where(ids >= 0, want, torch.inf).float())
+    torch.testing.assert_close(exact_distances(queries, torch.from_numpy(keys), ids), got, rtol=0, atol=0)
 
 
 def test_k_up_to_the_store_and_no_further(keys):

@@ -77,14 +77,19 @@ def test_bad_factory_and_existing_output(tmp_path, biomed_datastore, biomed_inde
 
 
 def test_exact_distances_in_bounded_blocks_equal_one_pass():
-    from lightning_memdec.retrieval.faiss_index import exact_squared_l2
+    import torch
+
+    from lightning_memdec.retrieval.exact_search import exact_distances
+
+    def exact_squared_l2(queries, keys, ids, memory_bytes=256 * 2**20):
+        return exact_distances(torch.from_numpy(queries), keys, torch.from_numpy(ids), memory_bytes).numpy()
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((50, 8)).astype(np.float16)
     queries = rng.standard_normal((13, 8)).astype(np.float32)
     ids = rng.integers(-1, 50, size=(13, 6))
     whole = exact_squared_l2(queries, keys, ids)
-    blocked = exact_squared_l2(queries, keys, ids, memory_bytes=2 * 6 * 8 * 4 * 3)  # 3 queries per block
+    blocked = exact_squared_l2(queries, keys, ids, memory_bytes=6 * 8 * 10 * 3)  # 3 queries per block
     np.testing.assert_array_equal(whole, blocked)
     want = ((keys.astype(np.float32)[np.maximum(ids, 0)] - queries[:, None]) ** 2).sum(-1)
     np.testing.assert_allclose(whole, np.where(ids >= 0, want, np.inf), rtol=1e-6)
@@ -143,3 +148,17 @@ def test_gpu_clone_options_follow_faiss_gpu_constraints(tmp_path, biomed_datasto
     assert any("usePrecomputed" in note for note in plan_index(103_000_000, 1600, gpu=True).notes)
     pq = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", factory="IVF16,PQ8", recall_queries=0))
     assert pq_bytes(pq.index) == 8 and pq_bytes(faiss.IndexFlatL2(4)) is None
+
+
+def test_gpu_request_without_gpu_faiss_names_an_install_that_exists():
+    """The old message sent users to the removed ``[gpu]`` extra (which installed a second faiss beside faiss-cpu)."""
+    from pathlib import Path
+
+    from lightning_memdec.retrieval.faiss_index import gpu_available, to_gpu
+
+    if gpu_available():
+        pytest.skip("this faiss has GPU support")
+    with pytest.raises(RuntimeError, match="faiss-gpu.*search='exact'") as raised:
+        to_gpu(faiss.IndexFlatL2(4), 0)
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert "[gpu]" not in str(raised.value) and "faiss-gpu" not in pyproject and "\ngpu = " not in pyproject

@@ -107,12 +107,15 @@ def test_lr_schedule_shapes():
     assert g(50) == pytest.approx(0.5)
 
 
-def test_fast_dev_run_fit_and_export(tmp_path, biomed_targets_pair):
+@pytest.mark.parametrize("speed", [[], ["--model.pad_vocab_multiple", "64", "--model.fused_adamw", "true"]])
+def test_fast_dev_run_fit_and_export(tmp_path, biomed_targets_pair, speed):
+    """Also with the speed options a config can set: the export is the tokenizer's 50,257 ids, not the 50,304."""
     root = tmp_path / "run"
     cli = lightning_cli(
         [
             "fit",
             *TINY_DECODER,
+            *speed,
             *data_args(biomed_targets_pair),
             "--trainer.accelerator",
             "cpu",
@@ -135,6 +138,7 @@ def test_fast_dev_run_fit_and_export(tmp_path, biomed_targets_pair):
         assert name in metrics and torch.isfinite(metrics[name])
     assert metrics["val/ppl"] == pytest.approx(torch.exp(metrics["val/ce"]), rel=1e-5)
     exported = AutoModelForCausalLM.from_pretrained(root / "hf")
+    assert exported.config.vocab_size == exported.get_output_embeddings().weight.shape[0] == 50257
     meta = json.loads((root / "hf" / "meta.json").read_text())
     assert meta["global_step"] == 3 and meta["k"] == 32 and meta["tokenizer"]["name"] == "gpt2"
     assert (root / "hf" / "tokenizer.json").is_file()

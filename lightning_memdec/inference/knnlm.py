@@ -151,6 +151,7 @@ class KNNLM(torch.nn.Module):
         self.exact_distances = bool(exact_distances)
         self.values = np.asarray(self.store.values)  # int32, 4 bytes an entry: read once, gathered per query
         self.device_keys: torch.Tensor | None = None  # search="exact": the keys on the base's device, once
+        self.device_norms: torch.Tensor | None = None  # and their ‖k‖²
 
     @staticmethod
     def _check_tokenizer(base_ref, base, tokenizer, meta: dict, where: str) -> int:
@@ -208,19 +209,21 @@ class KNNLM(torch.nn.Module):
         queries = keys.detach().reshape(-1, keys.shape[-1]).float().cpu().numpy()
         dist, ids = self.key_index.search(queries, self.k)
         if self.exact_distances:
-            from lightning_memdec.retrieval.faiss_index import exact_squared_l2
+            from lightning_memdec.retrieval.exact_search import exact_distances
 
-            dist = exact_squared_l2(queries, self.store.keys, ids)
+            dist = exact_distances(torch.from_numpy(queries), self.store.keys, torch.from_numpy(ids)).numpy()
         dist = np.where(ids >= 0, dist.astype(np.float64), np.inf)
         return dist, np.take(self.values, ids, mode="clip").astype(np.int64)
 
     def _exact_neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        from lightning_memdec.retrieval.exact_search import exact_search, resident_keys
+        from lightning_memdec.retrieval.exact_search import exact_search, resident_keys, squared_norms
 
         if self.device_keys is None or self.device_keys.device != keys.device:
             self.device_keys = resident_keys(self.store.keys, keys.device)
+            self.device_norms = None if self.device_keys is None else squared_norms(self.device_keys)
         stored = self.store.keys if self.device_keys is None else self.device_keys
-        dist, ids = exact_search(keys.detach().reshape(-1, keys.shape[-1]), stored, self.k, device=keys.device)
+        queries = keys.detach().reshape(-1, keys.shape[-1])
+        dist, ids = exact_search(queries, stored, self.k, device=keys.device, key_norms=self.device_norms)
         ids = ids.cpu().numpy()
         return dist.double().cpu().numpy(), np.take(self.values, ids).astype(np.int64)
 

@@ -60,11 +60,7 @@ class _Rows:
     """
 
     def __init__(self, logits: Tensor, mask: Tensor):
-        vocab = logits.shape[-1]
-        try:
-            self.flat: Tensor | None = logits.view(-1, vocab)
-        except RuntimeError:
-            self.flat = None
+        self.flat: Tensor | None = _row_view(logits)
         if self.flat is not None:
             self.idx = (mask.reshape(-1).nonzero().squeeze(1),)
             self.all = self.idx[0].numel() == self.flat.shape[0]
@@ -99,6 +95,18 @@ class _Rows:
         else:
             dst = grad.view(-1, grad.shape[-1]) if self.flat is not None else grad
             dst.index_put_(tuple(i[start:stop] for i in self.idx), rows.to(grad.dtype))
+
+
+def _row_view(logits: Tensor) -> Tensor | None:
+    """``logits`` as ``[N, V]`` rows without a copy, or None. Rows may be strided: ``logits[..., :V]`` of a
+    decoder whose vocabulary is padded (to a multiple of 64) is read in place, padding columns never touched."""
+    if logits.stride(-1) != 1:
+        return None
+    lead, strides = logits.shape[:-1], logits.stride()[:-1]
+    if any(strides[i] != lead[i + 1] * strides[i + 1] for i in range(len(lead) - 1)):
+        return None
+    row_stride = strides[-1] if lead else logits.shape[-1]
+    return logits.as_strided((lead.numel(), logits.shape[-1]), (row_stride, 1))
 
 
 def _prepare(logits: Tensor, mask: Tensor):

@@ -39,7 +39,10 @@ def to_gpu(index: faiss.Index, device: int | None = None) -> faiss.Index:
     gets the cloner options faiss-gpu needs for its shape (:func:`~retrieval.index_plan.gpu_pq_options`).
     """
     if not gpu_available():
-        raise RuntimeError("use_gpu was asked for, but this faiss has no GPU support; install lightning_memdec[gpu].")
+        raise RuntimeError(
+            "use_gpu was asked for, but this faiss has no GPU support: replace faiss-cpu by a GPU build "
+            "(pip uninstall -y faiss-cpu && pip install faiss-gpu), or use search='exact' (docs/gpu.md)."
+        )
     options = faiss.GpuMultipleClonerOptions() if device is None else faiss.GpuClonerOptions()
     options.usePrecomputed, options.useFloat16 = gpu_pq_options(index.d, pq_bytes(index))
     if device is None:
@@ -208,31 +211,3 @@ class KeyIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared-L2 distances [n, k] float32 and ids [n, k] int64 (-1 where fewer than k exist)."""
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-def exact_squared_l2(
-    queries: np.ndarray, keys: np.ndarray, ids: np.ndarray, memory_bytes: int = 256 * 2**20
-) -> np.ndarray:
-    """Recompute ||q − k_id||² in fp32 from the stored keys (IVF-PQ distances are approximate); +inf where an id
-    is missing (-1).
-
-    Blocks of queries are processed so the gathered ``[rows, k, d]`` keys stay under ``memory_bytes`` (the whole
-    chunk at once would be queries × k × d × 4 bytes: 32 GiB for 4,096 × 1,024 × 2,048-dim keys). Within a block
-    each distinct key is read once, and the keys file is not left mapped (``npy_rows.gather_rows``).
-    """
-    n, k = ids.shape
-    d = keys.shape[1]
-    rows = max(1, memory_bytes // max(1, 2 * k * d * 4))  # gathered keys and their differences
-    out = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, rows):
-        out[start : start + rows] = _exact_block(queries[start : start + rows], keys, ids[start : start + rows])
-    return out
-
-
-def _exact_block(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    flat = ids.reshape(-1)
-    valid = flat >= 0
-    gathered = np.zeros((flat.size, keys.shape[1]), dtype=np.float32)
-    gathered[valid] = gather_rows(keys, flat[valid])
-    dist = ((gathered.reshape(*ids.shape, -1) - np.asarray(queries, dtype=np.float32)[:, None, :]) ** 2).sum(-1)
-    return np.where(ids >= 0, dist, np.inf).astype(np.float32)

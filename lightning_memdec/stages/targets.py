@@ -31,10 +31,12 @@ from lightning_memdec.retrieval.exact_search import (
     check_search_budget,
     choose_search,
     default_compute_dtype,
+    exact_distances,
     exact_search,
     memory_budget,
     rerank_margin,
     resident_keys,
+    squared_norms,
 )
 from lightning_memdec.retrieval.index_plan import check_gpu_k, plan_index
 from lightning_memdec.stages.chunked_predict import (
@@ -83,7 +85,7 @@ class KNNTargetSearcher(L.LightningModule):
         self.exact, self.max_support, self.min_prob = exact_distances, max_support, min_prob
         self.chunk_size, self.nprobe, self.use_gpu = chunk_size, nprobe, use_gpu
         self.search, self.search_memory, self.device_values = search, search_memory, None
-        self.device_keys = None
+        self.device_keys = self.device_norms = None  # search="exact" on a GPU: the keys and their ‖k‖², once
 
     def setup(self, stage: str) -> None:
         self.query_store = Datastore(self.queries_dir)
@@ -116,9 +118,10 @@ class KNNTargetSearcher(L.LightningModule):
         own = rows.astype(np.int64) if self.self_exclude else None
         if self.device.type == "cuda" and self.device_keys is None:  # once per rank, when the store fits its GPU
             self.device_keys = resident_keys(self.store.keys, self.device)
+            self.device_norms = None if self.device_keys is None else squared_norms(self.device_keys)
             log.info("keys %s on %s", "resident" if self.device_keys is not None else "streamed per chunk", self.device)
-        keys = self.store.keys if self.device_keys is None else self.device_keys
-        dist, ids = exact_search(queries, keys, self.k, own, self.device, self.search_memory)
+        keys, norms = (self.store.keys, None) if self.device_keys is None else (self.device_keys, self.device_norms)
+        dist, ids = exact_search(queries, keys, self.k, own, self.device, self.search_memory, key_norms=norms)
         if dist.device.type == "cpu":
             return knn_distributions(
                 dist.numpy(),
@@ -136,13 +139,11 @@ class KNNTargetSearcher(L.LightningModule):
         return knn_distributions_torch(dist, tokens, self.temperature, self.max_support, self.min_prob)
 
     def faiss_rows(self, queries: np.ndarray, rows: np.ndarray):
-        from lightning_memdec.retrieval.faiss_index import exact_squared_l2
-
         queries = queries.astype(np.float32)
         search_k = self.k + 1 if self.self_exclude else self.k
         dist, ids = self.index.search(queries, search_k)
         if self.exact:
-            dist = exact_squared_l2(queries, self.store.keys, ids)
+            dist = exact_distances(torch.from_numpy(queries), self.store.keys, torch.from_numpy(ids)).numpy()
         return knn_distributions(
             dist,
             ids,

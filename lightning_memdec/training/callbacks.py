@@ -44,7 +44,12 @@ class ExportHuggingFace(L.Callback):
         if self.dtype is not None:
             state = cast_state_dict(state, getattr(torch, self.dtype))
         out.mkdir(parents=True, exist_ok=True)
-        pl_module.decoder.save_pretrained(out, state_dict=state)
+        config = pl_module.decoder.config
+        padded_vocab, config.vocab_size = config.vocab_size, pl_module.vocab_size  # export without the padding ids
+        try:
+            pl_module.decoder.save_pretrained(out, state_dict=pl_module.unpadded(state))
+        finally:
+            config.vocab_size = padded_vocab
         datamodule = trainer.datamodule
         provenance = datamodule.provenance() if hasattr(datamodule, "provenance") else {}
         if hasattr(datamodule, "tokenizer_name"):

@@ -34,6 +34,13 @@ class MemoryDecoderModule(L.LightningModule):
         warmup_steps: linear warm-up steps (or a fraction of all steps when < 1).
         lr_schedule: decay after warm-up: cosine, linear or constant.
         min_lr_ratio: the learning rate decays to this fraction of the peak.
+        fused_adamw: AdamW's fused kernel (one launch for all parameters); ``None``: on when the decoder is on a
+            GPU, where per-parameter launches are a measurable share of a small decoder's step.
+        compile: ``torch.compile`` the decoder in place (``nn.Module.compile``: state-dict keys unchanged, so
+            checkpoints and the exported model are the same); off by default, compilation takes minutes.
+        pad_vocab_multiple: pad the decoder's output ids to a multiple of this (64 on GPUs: tensor-core tiles
+            of the [tokens × vocab] products); the padded ids are sliced off the logits before the loss, so the
+            loss and its gradient are unchanged, and removed again before export. 1: no padding.
     """
 
     def __init__(
@@ -47,6 +54,9 @@ class MemoryDecoderModule(L.LightningModule):
         warmup_steps: float = 0.05,
         lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         min_lr_ratio: float = 0.1,
+        fused_adamw: bool | None = None,
+        compile: bool = False,
+        pad_vocab_multiple: int = 1,
     ):
         super().__init__()
         if (model is None) == (config is None):
@@ -55,7 +65,10 @@ class MemoryDecoderModule(L.LightningModule):
             )
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}.")
+        if pad_vocab_multiple < 1:
+            raise ValueError(f"pad_vocab_multiple must be ≥ 1 (1: no padding), got {pad_vocab_multiple}.")
         self.save_hyperparameters()
+        self.vocab_size: int | None = None  # the decoder's own output ids; the logits beyond are padding
         self.decoder = None
         # one set per evaluation stage, so `memdec test` never mixes with validation during fit
         self.eval_metrics = torch.nn.ModuleDict(
@@ -82,6 +95,11 @@ class MemoryDecoderModule(L.LightningModule):
                 fields = dict(h.config)
                 cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
             self.decoder = AutoModelForCausalLM.from_config(cfg)
+        self.vocab_size = self.decoder.config.vocab_size
+        if h.pad_vocab_multiple > 1 and self.vocab_size % h.pad_vocab_multiple:
+            self.decoder.resize_token_embeddings(self.vocab_size, pad_to_multiple_of=h.pad_vocab_multiple)
+        if h.compile:
+            self.decoder.compile()
 
     def check_decoder_tokenizer(self, corpus_tokenizer: dict, corpus: str) -> None:
         """A decoder continued from a model must speak the corpus's tokenizer (same ids, not just as many)."""
@@ -116,8 +134,18 @@ class MemoryDecoderModule(L.LightningModule):
                 f"data window {datamodule.hparams.window} exceeds the decoder's {max_pos} positions; lower data.window."
             )
 
+    def unpadded(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The decoder's state dict (keys without the ``decoder.`` prefix) with the ``pad_vocab_multiple`` rows cut
+        from its input and output embeddings, as exported: a model of the tokenizer's own vocabulary."""
+        heads = {id(self.decoder.get_input_embeddings()), id(self.decoder.get_output_embeddings())}
+        cut = {
+            f"{name}.{p}" for name, mod in self.decoder.named_modules() if id(mod) in heads for p in ("weight", "bias")
+        }
+        return {k: v[: self.vocab_size] if k in cut and v.shape[0] > self.vocab_size else v for k, v in state.items()}
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder(input_ids=input_ids, use_cache=False).logits
+        """Logits over the decoder's own ids: a view without the padding ids (the loss reads it without a copy)."""
+        return self.decoder(input_ids=input_ids, use_cache=False).logits[..., : self.vocab_size]
 
     # -- steps -----------------------------------------------------------------------------------------
     def _loss(self, batch: dict[str, torch.Tensor]):
@@ -199,7 +227,8 @@ class MemoryDecoderModule(L.LightningModule):
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas))
+        fused = h.fused_adamw if h.fused_adamw is not None else all(p.is_cuda for p in decay + no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(h.warmup_steps * total) if h.warmup_steps < 1 else int(h.warmup_steps)
         schedule = lr_lambda(total, warmup, h.lr_schedule, h.min_lr_ratio)
