@@ -57,8 +57,8 @@ def small_pair(tmp_path_factory, biomed_datastore, tiny_gpt2) -> dict:
 
 
 def memdec(subcommand: str, args: list[str], devices: int) -> None:
-    """`memdec <subcommand>` on the ddp_cpu trainer: in this process for 1 device, else as DDP subprocesses."""
-    args = [subcommand, "--config", str(REPO / "conf/trainer/ddp_cpu.yaml"), *args]
+    """`memdec <subcommand>` on the ddp_cpu hardware: in this process for 1 device, else as DDP subprocesses."""
+    args = [subcommand, "--config", str(REPO / "conf/hardware/ddp_cpu.yaml"), *args]
     if devices == 1:
         lightning_cli([*args, "--trainer.devices", "1", "--trainer.strategy", "auto"])
         return
