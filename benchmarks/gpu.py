@@ -24,24 +24,20 @@ Prints ``name: value`` lines; the headline ``knnlm_to_memdec_generation_overhead
 
 from __future__ import annotations
 
-import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import report, timed  # benchmarks/ is the script's directory, first on sys.path
 from jsonargparse import CLI
-from latency_stores import save_gpt2  # benchmarks/ is the script's directory, first on sys.path
+from latency_stores import save_gpt2
 
 # dense bf16 tensor-core peak (no sparsity), for MFU
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12}
 GPT2_LARGE = {"n_embd": 1280, "n_layer": 36, "n_head": 20}
 TINY = {"n_embd": 64, "n_layer": 2, "n_head": 2}
-
-
-def report(name: str, value) -> None:
-    print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}", flush=True)
 
 
 def random_corpus(out: Path, num_tokens: int, seed: int, document: int = 1000) -> Path:
@@ -62,16 +58,6 @@ def random_corpus(out: Path, num_tokens: int, seed: int, document: int = 1000) -
         d[-1] = tok.eos_token_id
     work = start_work_dir(out, {"random_tokens": num_tokens, "seed": seed}, overwrite=True)
     return write_corpus(work, out, docs, tokenizer_info(tok, "gpt2"), sources=[f"random:{seed}"])
-
-
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def section(name: str, fn, *args):
