@@ -121,6 +121,9 @@ def test_experiments_compose_groups_and_later_configs_win(tmp_path, monkeypatch)
         load_config("a.yaml")
     with pytest.raises(ValueError, match="c.yaml: 'compose' must be a list of config names"):
         load_config("c.yaml")
+    (tmp_path / "d.yaml").write_text("compose: [hardware/nope.yaml]\n")
+    with pytest.raises(FileNotFoundError, match="d.yaml, in its 'compose' list: config hardware/nope.yaml is neither"):
+        load_config("d.yaml")
 
 
 def test_memdec_configs_lists_every_packaged_config(capsys):

@@ -70,7 +70,13 @@ def config_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> list[tuple[P
     groups = own.pop(COMPOSE_KEY)
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
         raise ValueError(f"{file}: '{COMPOSE_KEY}' must be a list of config names, got {groups!r}.")
-    return [*(layer for group in groups for layer in config_layers(group, (*seen, file.resolve()))), (file, own)]
+    layers = []
+    for group in groups:
+        try:
+            layers += config_layers(group, (*seen, file.resolve()))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{file}, in its '{COMPOSE_KEY}' list: {err}") from err
+    return [*layers, (file, own)]
 
 
 def load_config(*sources: str | Path | dict[str, Any]) -> dict[str, Any]:
