@@ -30,15 +30,15 @@ the rates. The last four lines, in this order, are the headline: ``exact_targets
 
 from __future__ import annotations
 
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import report, timed  # benchmarks/ is the script's directory, first on sys.path
 from jsonargparse import CLI
-from latency_stores import save_gpt2  # benchmarks/ is the script's directory, first on sys.path
+from latency_stores import save_gpt2
 
 from lightning_memdec.io.readers import Datastore
 
@@ -51,10 +51,6 @@ HEADLINE = ("exact_targets_qps", "fit_mfu", "memdec_ms_per_token", "memdec_gener
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12}
 GPT2_LARGE = {"n_embd": 1280, "n_layer": 36, "n_head": 20}
 TINY = {"n_embd": 64, "n_layer": 2, "n_head": 2}
-
-
-def report(name: str, value) -> None:
-    print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}", flush=True)
 
 
 def random_corpus(out: Path, num_tokens: int, seed: int, document: int = 1000) -> Path:
@@ -108,16 +104,6 @@ def roofline(stage: str, rate: float, bound: float) -> float:
 def forward_flops_per_token(params: int, layers: int, context: int, width: int) -> float:
     """2 FLOPs per weight plus attention's 2·L·T·d (scores and their weighted sum over a context of T, causal)."""
     return 2 * params + 2 * layers * context * width
-
-
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def section(name: str, fn, *args):

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import report
 from jsonargparse import CLI
 from latency_stores import index_for, save_gpt2, stores_by_size
 
@@ -54,10 +55,6 @@ def flops_per_token(model) -> int:
     params = sum(p.numel() for p in model.parameters())
     lookups = sum(p.numel() for n, p in model.named_parameters() if n.endswith("wpe.weight"))
     return 2 * (params - lookups)
-
-
-def report(name: str, value) -> None:
-    print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}", flush=True)
 
 
 def index_settings(index) -> dict:
@@ -79,13 +76,10 @@ def search_ms(knnlm, prompts: torch.Tensor, repeats: int) -> float:
     """Median milliseconds of one FAISS search of k neighbours for one query per row (the prompts' last keys)."""
     _, keys = knnlm.base_forward(prompts)
     queries = keys[:, -1].float().numpy()
-    knnlm.key_index.search(queries, knnlm.k)  # warm-up
-    times = []
-    for _ in range(max(3, repeats)):
-        start = time.perf_counter()
-        knnlm.key_index.search(queries, knnlm.k)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    from lightning_memdec.evaluation.latency import median_times
+
+    search = {"search": lambda: knnlm.key_index.search(queries, knnlm.k)}
+    return 1000 * median_times(search, repeats=max(3, repeats), warmup=1)["search"]
 
 
 def decoding_runners(models: dict, ids: torch.Tensor, new_tokens: int) -> dict:

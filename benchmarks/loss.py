@@ -16,12 +16,11 @@ it also prints each path's peak allocated memory above the logits and their grad
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
+from common import report  # benchmarks/ is the script's directory, first on sys.path
 
+from lightning_memdec.evaluation.latency import median_times
 from lightning_memdec.kernels.memdec_loss import memdec_loss
 
 
@@ -76,24 +75,23 @@ def timed(steps, logits, *args, repeats: int):
     was allocated before it, or None on other devices).
     """
     cuda = logits.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times = [[] for _ in steps]
-    results = [None] * len(steps)
-    for r in range(repeats + 1):
-        for k, step in enumerate(steps):
+    results = {}
+
+    def runner(k, step):
+        def run():
             logits.grad = None
-            sync()
             if cuda:
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
             loss = step(logits, *args)
-            sync()
-            if r:
-                times[k].append(time.perf_counter() - t0)
             peak = torch.cuda.max_memory_allocated() - base if cuda else None
             results[k] = (loss, logits.grad, peak)
-    return [(statistics.median(t), *res) for t, res in zip(times, results)]
+
+        return run
+
+    runners = {k: runner(k, step) for k, step in enumerate(steps)}
+    seconds = median_times(runners, repeats, warmup=1, device=logits.device)
+    return [(seconds[k], *results[k]) for k in runners]
 
 
 def main(
@@ -153,7 +151,7 @@ def main(
         "loss_speedup": dense_s / sparse_s,
     }
     for name, value in figures.items():
-        print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+        report(name, value, digits=6)
     return figures["loss_speedup"]
 
 

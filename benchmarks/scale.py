@@ -49,6 +49,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from common import report  # benchmarks/ is the script's directory, first on sys.path
 from jsonargparse import CLI
 
 from lightning_memdec.io.artifact_dirs import base_meta, publish, start_work_dir
@@ -60,10 +61,6 @@ HERE = Path(__file__).resolve().parent
 VOCAB = 50257
 TOKENIZER = {"name": "synthetic", "vocab_size": VOCAB, "fingerprint": "synthetic-zipf", "eos_token_id": VOCAB - 1}
 MB = 2**20
-
-
-def report(name: str, value) -> None:
-    print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}", flush=True)
 
 
 def proc_status() -> dict[str, int]:

@@ -41,19 +41,6 @@ def repeatable(args: list[str]) -> list[str]:
     return out
 
 
-def packaged_config_args(args: list[str]) -> list[str]:
-    """`--config NAME` (or `--config=NAME`) of a packaged config becomes its path when no such local file exists."""
-    from lightning_memdec.io.packaged_configs import resolve_config
-
-    out = list(args)
-    for i, a in enumerate(out):
-        if a == "--config" and i + 1 < len(out):
-            out[i + 1] = str(resolve_config(out[i + 1]))
-        elif a.startswith("--config="):
-            out[i] = "--config=" + str(resolve_config(a.split("=", 1)[1]))
-    return out
-
-
 def stage_functions() -> dict:
     from lightning_memdec.apps.pretrain_bases import pretrain_bases
     from lightning_memdec.apps.quickstart import quickstart
@@ -98,7 +85,7 @@ def main(args: list[str] | None = None) -> None:
     if raw[0] in LIGHTNING_COMMANDS:
         from lightning_memdec.training.fit import lightning_cli
 
-        lightning_cli(packaged_config_args(raw))
+        lightning_cli(raw)
         return
     from jsonargparse import CLI
 

@@ -112,3 +112,15 @@ def biomed_targets_pair(tmp_path_factory, biomed_corpus, biomed_datastore, biome
             build_targets(biomed_datastore, biomed_index, root / "t-valid", queries=vstore, k=32, temperature=4.0)
         ),
     }
+
+
+def pytest_collection_modifyitems(config, items):
+    """Notebooks, run end to end by nbmake (``pytest tests notebooks --nbmake``), take a minute or more: slow.
+    Each test records its registered markers as a ``markers`` property, which ``--junitxml`` writes and
+    tests/suite_times.py totals."""
+    registered = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
+        marks = sorted({mark.name for mark in item.iter_markers()} & registered)
+        item.user_properties.append(("markers", ",".join(marks)))

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.benchmark, pytest.mark.slow]  # each runs a benchmark script, tiny: 10-60 s
 REPO = Path(__file__).resolve().parents[1]
 RATES = ["datastore_entries_per_s", "targets_exact_queries_per_s", "exact_search_queries_per_s",
          "exact_search_coarse_queries_per_s"]  # count ÷ elapsed time: positive by construction  # fmt: skip

@@ -6,9 +6,17 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lightning_memdec.cli import main, packaged_config_args
-from lightning_memdec.io.packaged_configs import CONFIG_ROOT, load_config, packaged_configs, resolve_config
+from lightning_memdec.cli import main
+from lightning_memdec.io.packaged_configs import (
+    CONFIG_ROOT,
+    config_args,
+    config_layers,
+    load_config,
+    packaged_configs,
+    resolve_config,
+)
 from lightning_memdec.training.fit import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,22 +50,80 @@ def test_every_yaml_ships_in_the_wheel(tmp_path):
 
 def test_packaged_names_resolve_and_local_files_win(tmp_path, monkeypatch):
     assert (REPO / "conf").resolve() == CONFIG_ROOT  # a clone's conf/ is the packaged folder
-    assert resolve_config("trainer/gpu.yaml") == CONFIG_ROOT / "trainer" / "gpu.yaml"
-    assert resolve_config("conf/trainer/gpu.yaml").read_text() == (CONFIG_ROOT / "trainer" / "gpu.yaml").read_text()
+    assert resolve_config("hardware/gpu.yaml") == CONFIG_ROOT / "hardware" / "gpu.yaml"
+    assert resolve_config("conf/hardware/gpu.yaml").read_text() == (CONFIG_ROOT / "hardware" / "gpu.yaml").read_text()
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "trainer").mkdir()
-    (tmp_path / "trainer" / "gpu.yaml").write_text("trainer:\n  max_steps: 7\n")
-    assert resolve_config("trainer/gpu.yaml") == Path("trainer/gpu.yaml")
-    assert load_config("trainer/gpu.yaml", {"trainer": {"devices": 2}})["trainer"] == {"max_steps": 7, "devices": 2}
-    args = packaged_config_args(["fit", "--config", "model/gpt2-small.yaml", "--config=data/biomed.yaml"])
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "gpu.yaml").write_text("trainer:\n  max_steps: 7\n")
+    assert resolve_config("hardware/gpu.yaml") == Path("hardware/gpu.yaml")
+    assert load_config("hardware/gpu.yaml", {"trainer": {"devices": 2}})["trainer"] == {"max_steps": 7, "devices": 2}
+    args = config_args(["fit", "--config", "model/gpt2-small.yaml", "--config=data/biomed.yaml", "--seed", "1"])
     assert args == [
         "fit",
         "--config",
         str(CONFIG_ROOT / "model/gpt2-small.yaml"),
         f"--config={CONFIG_ROOT}/data/biomed.yaml",
+        "--seed",
+        "1",
     ]
-    with pytest.raises(FileNotFoundError, match="neither a file nor a packaged config.*trainer/cpu.yaml"):
-        resolve_config("trainer/nope.yaml")
+    with pytest.raises(FileNotFoundError, match="neither a file nor a packaged config.*hardware/cpu.yaml"):
+        resolve_config("hardware/nope.yaml")
+    with pytest.raises(FileNotFoundError, match="split by concern; use --config hardware/cpu.yaml --config schedule/s"):
+        resolve_config("trainer/cpu.yaml")
+
+
+def test_groups_split_the_trainer_by_concern():
+    """Hardware, schedule, callbacks and logger each set their own trainer keys and nothing else."""
+    concerns = {
+        "hardware": {"accelerator", "devices", "strategy", "precision", "gradient_clip_val"},
+        "schedule": {"max_steps", "val_check_interval", "log_every_n_steps", "default_root_dir"},
+        "callbacks": {"callbacks"},
+        "logger": {"logger"},
+    }
+    for group, keys in concerns.items():
+        names = [n for n in packaged_configs() if n.startswith(f"{group}/")]
+        assert names, f"no {group}/ configs"
+        for name in names:
+            raw = yaml.safe_load(resolve_config(name).read_text())
+            assert set(raw) == {"trainer"} and set(raw["trainer"]) <= keys, name
+
+
+def test_experiments_compose_groups_and_later_configs_win(tmp_path, monkeypatch):
+    gpt2 = config_layers("experiments/gpt2-wikitext103.yaml")
+    assert [(f.relative_to(CONFIG_ROOT).as_posix(), own is None) for f, own in gpt2] == [
+        ("hardware/ddp.yaml", True),
+        ("schedule/long.yaml", True),
+        ("model/gpt2-small.yaml", True),
+        ("experiments/gpt2-wikitext103.yaml", False),
+    ]
+    assert "compose" not in gpt2[-1][1] and gpt2[-1][1]["model"] == {"warmup_steps": 0.02}
+    composed = load_config("experiments/gpt2-wikitext103.yaml")
+    groups = load_config("hardware/ddp.yaml", "schedule/long.yaml", "model/gpt2-small.yaml")
+    assert composed["trainer"] == {**groups["trainer"], **composed["trainer"]}
+    assert composed["trainer"]["strategy"] == "ddp"
+    assert composed["trainer"]["max_steps"] == 50000 != groups["trainer"]["max_steps"]  # the experiment wins
+    assert composed["model"] == {**groups["model"], "warmup_steps": 0.02}
+    # on the command line the experiment becomes its groups' files, then its own settings as YAML text
+    args = config_args(["--config", "experiments/gpt2-wikitext103.yaml", "--trainer.max_steps", "3"])
+    assert args[:6] == ["--config", str(CONFIG_ROOT / "hardware/ddp.yaml"), "--config"] + [
+        str(CONFIG_ROOT / "schedule/long.yaml"),
+        "--config",
+        str(CONFIG_ROOT / "model/gpt2-small.yaml"),
+    ]
+    assert yaml.safe_load(args[7]) == gpt2[-1][1] and args[8:] == ["--trainer.max_steps", "3"]
+    cli = lightning_cli(["--config", "experiments/gpt2-wikitext103.yaml", *ON_CPU, "--trainer.max_steps=3"], run=False)
+    assert cli.trainer.max_steps == 3 and cli.model.hparams.learning_rate == 1.0e-3  # from model/gpt2-small.yaml
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("compose: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("compose: [a.yaml]\n")
+    (tmp_path / "c.yaml").write_text("compose: x\n")
+    with pytest.raises(ValueError, match="composes itself"):
+        load_config("a.yaml")
+    with pytest.raises(ValueError, match="c.yaml: 'compose' must be a list of config names"):
+        load_config("c.yaml")
+    (tmp_path / "d.yaml").write_text("compose: [hardware/nope.yaml]\n")
+    with pytest.raises(FileNotFoundError, match="d.yaml, in its 'compose' list: config hardware/nope.yaml is neither"):
+        load_config("d.yaml")
 
 
 def test_memdec_configs_lists_every_packaged_config(capsys):
@@ -78,7 +144,7 @@ def test_every_experiment_composes_into_a_fit_run(experiment, tmp_path):
     """The experiment YAML alone (plus CPU devices) instantiates module, datamodule, trainer and callbacks."""
     raw = load_config(experiment)
     root = ["--trainer.default_root_dir", str(tmp_path)]
-    cli = lightning_cli(packaged_config_args(["--config", experiment, *ON_CPU, *root]), run=False)
+    cli = lightning_cli(["--config", experiment, *ON_CPU, *root], run=False)
     for section in ("model", "data", "trainer"):
         assert section in raw, f"{experiment} lacks a {section} section"
     for key, value in raw["model"].items():
@@ -93,3 +159,11 @@ def test_every_experiment_composes_into_a_fit_run(experiment, tmp_path):
     assert {"ModelCheckpoint", "ExportHuggingFace", "LearningRateMonitor"} <= callbacks
     for entry in trainer.get("callbacks", []):
         assert entry["class_path"].rsplit(".", 1)[1] in callbacks
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "csv"])
+def test_logger_groups_write_under_the_run_root(logger, tmp_path):
+    args = ["--config", "experiments/gpt2-wikitext103.yaml", "--config", f"logger/{logger}.yaml", *ON_CPU]
+    cli = lightning_cli([*args, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    expected = {"tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}[logger]
+    assert type(cli.trainer.logger).__name__ == expected and cli.trainer.logger.save_dir == str(tmp_path)

@@ -323,6 +323,8 @@ def test_a_row_that_is_not_text_is_named(tmp_path):
         next(row_documents([([{"body": ["a"]}], {"path": "x.jsonl"})], "text", None))
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_cli_tokenizes_data_files_in_several_processes(tmp_path, biomed_docs):
     import os
     import subprocess

@@ -123,6 +123,8 @@ def test_tokenizer_mismatch_and_small_corpus_are_refused(tmp_path, tiny_gpt2):
     assert not (tmp_path / "ds").exists() and not partial_dir(tmp_path / "ds").exists()
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_windows", [4, 1000])  # 1000: one chunk, so the second rank has no work
 def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore, batch_windows):
     out = tmp_path / "ds"

@@ -370,6 +370,7 @@ def test_cross_model_eval_logs_mixture_perplexities(tmp_path, tiny_gpt2, biomed_
     assert mix <= math.sqrt(float(m["val/ppl_base/gpt2-tiny"]) * float(m["val/ppl"])) * (1 + 1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_fair_rows_every_base_its_own_datastore(tmp_path, tiny_gpt2, models, biomed_corpus):
     """--knn_corpus builds one datastore per model; teacher and CE-only rows appear; λ at a grid end is flagged."""
     out = tmp_path / "fair"

@@ -21,6 +21,7 @@ from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.token_corpus import position_windows
 from lightning_memdec.kernels.scoring import gold_log_probs, mix_log_probs
 
+pytestmark = pytest.mark.slow  # the harness and its tasks load for ~15 s
 TEXTS = ["A dull, tired film.", "Warm and funny, with a cast that clearly enjoys itself", "Fine."]
 LMBDA = 0.3
 

@@ -41,6 +41,7 @@ def micro_run(tmp_path_factory):
     return out, quickstart(out=out, **MICRO)
 
 
+@pytest.mark.slow
 def test_micro_quickstart_reports_every_row(micro_run):
     out, report = micro_run
     assert [r["base"] for r in report["results"]] == ["base-small", "base-large"]
@@ -72,6 +73,7 @@ def test_micro_quickstart_reports_every_row(micro_run):
     assert not (out / "models" / "base-small").exists()  # the shipped bases are used, never retrained
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_stages(micro_run):
     out, report = micro_run
     stamps = {
@@ -103,6 +105,7 @@ def test_mismatched_base_tokenizers_are_refused_before_any_work(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_custom_domain_with_given_bases(tmp_path):
     domain = tmp_path / "contracts"
     domain.mkdir()
@@ -122,6 +125,7 @@ def test_custom_domain_with_given_bases(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_pretrain_bases_flag_trains_tiny_bases_from_scratch(tmp_path):
     report = quickstart(out=tmp_path / "run", pretrain_bases=True, **TINY)
     assert [r["base"] for r in report["results"]] == ["base-small", "base-large"]

@@ -105,6 +105,8 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, bio
         assert (out / name).read_bytes() == (biomed_targets / name).read_bytes()
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", ["512", "100000"])  # 100000: one chunk, so the second rank has no work
 def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_datastore, biomed_index, biomed_targets, chunk_size):
     out = tmp_path / "t"

@@ -252,7 +252,8 @@ def test_fit_from_python_and_separate_test_metrics(tmp_path, biomed_targets_pair
     pair = biomed_targets_pair
     data = {"train_corpus": pair["train_corpus"], "val_corpus": pair["val_corpus"], "window": 64, "batch_size": 2}
     config = load_config(
-        "trainer/cpu.yaml",
+        "hardware/cpu.yaml",
+        "schedule/short.yaml",
         {
             "model": {"config": TINY_CONFIG, "beta": 0.0},
             "data": data,

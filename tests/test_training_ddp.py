@@ -57,8 +57,8 @@ def small_pair(tmp_path_factory, biomed_datastore, tiny_gpt2) -> dict:
 
 
 def memdec(subcommand: str, args: list[str], devices: int) -> None:
-    """`memdec <subcommand>` on the ddp_cpu trainer: in this process for 1 device, else as DDP subprocesses."""
-    args = [subcommand, "--config", str(REPO / "conf/trainer/ddp_cpu.yaml"), *args]
+    """`memdec <subcommand>` on the ddp_cpu hardware: in this process for 1 device, else as DDP subprocesses."""
+    args = [subcommand, "--config", str(REPO / "conf/hardware/ddp_cpu.yaml"), *args]
     if devices == 1:
         lightning_cli([*args, "--trainer.devices", "1", "--trainer.strategy", "auto"])
         return
@@ -121,6 +121,8 @@ def test_a_split_smaller_than_ranks_times_batch_leaves_no_rank_without_batches(s
     assert loss.item() == 0.0 and all(float(p.grad.abs().max()) == 0.0 for p in module.parameters())
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_train_on_the_windows_of_one_process_with_twice_the_batch(runs, small_pair):
     (one,), ranks = records(runs[1], 1), records(runs[2], 2)
     one = one["starts"]
@@ -133,6 +135,8 @@ def test_two_processes_train_on_the_windows_of_one_process_with_twice_the_batch(
     assert ranks[1]["starts"][1] == ranks[1]["starts"][3] == [-1], "rank 1 gets no window at the end of an epoch"
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_give_the_weights_and_losses_of_one_process(runs):
     w1, w2 = weights(runs[1]), weights(runs[2])
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
@@ -150,6 +154,8 @@ def test_two_processes_give_the_weights_and_losses_of_one_process(runs):
         np.testing.assert_array_equal([v[key] for v in rank1["val"]], [v[key] for v in rank0["val"]])
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_test_metrics_of_two_processes_are_those_of_one(runs, small_pair, tmp_path):
     """`memdec test` on the training split: ranks get 86 and 64 positions; the metrics weigh positions, not ranks."""
     pair = {"train_corpus": small_pair["train_corpus"], "train_targets": small_pair["train_targets"]}
@@ -169,6 +175,8 @@ def test_test_metrics_of_two_processes_are_those_of_one(runs, small_pair, tmp_pa
         assert rank0[key] == pytest.approx(one[key], rel=1e-6) and rank1[key] == rank0[key], key
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_mid_epoch_resume_on_two_processes_is_exact(runs, small_pair, tmp_path):
     """Resumed from the 2-rank run's checkpoint after step 1 (mid-epoch; what a run killed then leaves): the rest of
     the straight run's windows, and bit-identical weights."""

@@ -146,7 +146,8 @@ def train_model(
         data.update(train_targets=str(train_targets), val_targets=str(val_targets))
     run = out / "runs" / name
     config = load_config(
-        "trainer/cpu.yaml",
+        "hardware/cpu.yaml",
+        "schedule/short.yaml",
         {
             "model": {**model, "beta": beta, "learning_rate": lr, "warmup_steps": 0.05},
             "data": data,

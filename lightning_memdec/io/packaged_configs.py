@@ -1,7 +1,9 @@
 """The YAML configs shipped inside the package (``lightning_memdec/conf``), addressable after a plain install.
 
-``memdec fit --config trainer/gpu.yaml`` reads ``./trainer/gpu.yaml`` when such a file exists and the
+``memdec fit --config hardware/gpu.yaml`` reads ``./hardware/gpu.yaml`` when such a file exists and the
 packaged one otherwise; ``memdec configs`` lists what ships. A clone also has them at ``conf/``.
+Configs come in groups by concern (hardware, schedule, callbacks, logger, model, data); an experiment
+names the groups it builds on in a top-level ``compose:`` list and states only what differs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,16 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "conf"
+COMPOSE_KEY = "compose"
+# 0.1's trainer/ group, split by concern in 0.2: the configs that now say the same
+SPLIT_TRAINER_CONFIGS = {
+    "trainer/cpu.yaml": ["hardware/cpu.yaml", "schedule/short.yaml"],
+    "trainer/gpu.yaml": ["hardware/gpu.yaml", "schedule/long.yaml"],
+    "trainer/ddp.yaml": ["hardware/ddp.yaml", "schedule/long.yaml"],
+    "trainer/ddp_cpu.yaml": ["hardware/ddp_cpu.yaml", "schedule/short.yaml"],
+    "trainer/fsdp.yaml": ["hardware/fsdp.yaml", "schedule/long.yaml"],
+    "trainer/cross_model_eval.yaml": ["callbacks/cross_model_eval.yaml"],
+}
 
 
 def packaged_configs() -> list[str]:
@@ -26,6 +38,9 @@ def resolve_config(path: str | Path) -> Path:
     packaged = CONFIG_ROOT / name
     if packaged.is_file():
         return packaged
+    if name in SPLIT_TRAINER_CONFIGS:
+        instead = " ".join(f"--config {n}" for n in SPLIT_TRAINER_CONFIGS[name])
+        raise FileNotFoundError(f"config {path} was split by concern; use {instead} (memdec configs lists them).")
     raise FileNotFoundError(
         f"config {path} is neither a file nor a packaged config; packaged ones (memdec configs): "
         f"{', '.join(packaged_configs())}."
@@ -40,16 +55,69 @@ def describe(name: str) -> str:
     return ""
 
 
+def config_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any] | None]]:
+    """What a config stands for, in merge order: the groups its ``compose:`` list names (each expanded the
+    same way), then itself. Each layer is (file, None) for a file to read as it is, or (file, its settings
+    without ``compose``) for a file that composes others."""
+    from omegaconf import OmegaConf
+
+    file = resolve_config(path)
+    if file.resolve() in seen:
+        raise ValueError(f"config {file} composes itself (via {' -> '.join(map(str, seen))}); remove the cycle.")
+    own = OmegaConf.to_container(OmegaConf.load(file)) or {}
+    if not isinstance(own, dict) or COMPOSE_KEY not in own:
+        return [(file, None)]
+    groups = own.pop(COMPOSE_KEY)
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise ValueError(f"{file}: '{COMPOSE_KEY}' must be a list of config names, got {groups!r}.")
+    layers = []
+    for group in groups:
+        try:
+            layers += config_layers(group, (*seen, file.resolve()))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{file}, in its '{COMPOSE_KEY}' list: {err}") from err
+    return [*layers, (file, own)]
+
+
 def load_config(*sources: str | Path | dict[str, Any]) -> dict[str, Any]:
     """Compose YAML configs and dicts (later ones win, nested sections merge), interpolations resolved.
 
-    ``load_config("trainer/cpu.yaml", "model/gpt2-small.yaml", {"data": {"train_corpus": ...}})`` gives the
-    dict that ``memdec fit --config … --config … --data.train_corpus …`` parses, for :func:`train.fit`.
+    ``load_config("hardware/cpu.yaml", "model/gpt2-small.yaml", {"data": {"train_corpus": ...}})`` gives the
+    dict that ``memdec fit --config … --config … --data.train_corpus …`` parses, for :func:`training.fit.fit`.
     """
     from omegaconf import OmegaConf
 
-    parts = [OmegaConf.create(s) if isinstance(s, dict) else OmegaConf.load(resolve_config(s)) for s in sources]
+    layers = [[(None, s)] if isinstance(s, dict) else config_layers(s) for s in sources]
+    parts = [OmegaConf.load(file) if own is None else OmegaConf.create(own) for group in layers for file, own in group]
     return OmegaConf.to_container(OmegaConf.merge(*parts), resolve=True)
+
+
+def config_args(args: list[str]) -> list[str]:
+    """A command line with each ``--config NAME`` (or ``--config=NAME``) replaced by what it stands for.
+
+    A packaged name becomes its path when no such local file exists; a config with a ``compose:`` list
+    becomes one ``--config`` per composed group, then its own settings as YAML text (which the parser takes
+    in place of a path), so the ``--config`` and flags after it still win.
+    """
+    from omegaconf import OmegaConf
+
+    out: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--config":
+            name, joined = next(rest, None), False
+        elif arg.startswith("--config="):
+            name, joined = arg.split("=", 1)[1], True
+        else:
+            out.append(arg)
+            continue
+        if name is None:  # a trailing --config: the parser reports it
+            out.append(arg)
+            break
+        for file, own in config_layers(name):
+            value = str(file) if own is None else OmegaConf.to_yaml(OmegaConf.create(own))
+            out += [f"--config={value}"] if joined else ["--config", value]
+    return out
 
 
 def configs(show_paths: bool = False) -> list[str]:

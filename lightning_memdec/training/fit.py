@@ -8,6 +8,7 @@ started from YAML on the command line are the same run.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_memdec.io.packaged_configs import config_args
 from lightning_memdec.training.callbacks import ExportHuggingFace
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
@@ -75,7 +77,10 @@ class MemDecCLI(LightningCLI):
 
 
 def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> MemDecCLI:
-    """The ``memdec fit|validate|test`` command line (``args`` None: LightningCLI reads ``sys.argv``)."""
+    """The ``memdec fit|validate|test`` command line (``args`` None: LightningCLI reads ``sys.argv``).
+
+    ``--config`` takes files or packaged config names, and expands an experiment's ``compose:`` groups.
+    """
     from jsonargparse import set_parsing_settings
 
     # configs say ${data.window}; under the fit/validate/test subcommands that path is relative
@@ -86,7 +91,7 @@ def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
         return MemDecCLI(
             MemoryDecoderModule,
             MemDecDataModule,
-            args=args,
+            args=args if isinstance(args, dict) else config_args(sys.argv[1:] if args is None else args),
             run=run,
             parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
