@@ -135,7 +135,12 @@ def position_ids_from_mask(attention_mask, length: int):
 
 def context_length(model) -> int | None:
     """Positions the model attends over (``max_position_embeddings`` or GPT-2's ``n_positions``); None: unbounded."""
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return config_context_length(model.config)
+
+
+def config_context_length(config) -> int | None:
+    """:func:`context_length` from a model's config alone (known before loading its weights)."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
