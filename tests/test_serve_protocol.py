@@ -76,3 +76,13 @@ def test_generate_steps_batches_greedy_and_sampled_jobs(tmp_path):
         ref = model.generate(torch.tensor([prompts[row]]), max_new_tokens=jobs[row]["max_tokens"], do_sample=False)
         assert got[row] == ref[0, len(prompts[row]) :].tolist()
     assert 1 <= len(got[1]) <= 6
+
+
+def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
+    from lightning_memdec.apps.serve import serve
+
+    base = save_tiny(tmp_path / "b")
+    with pytest.raises(ValueError, match="--memdec .*nowhere.* not a model directory"):
+        serve(str(base), memdec=str(tmp_path / "nowhere"), port=1)
+    with pytest.raises(ValueError, match="lmbda|λ"):
+        serve(str(base), lmbda=1.5, port=1)

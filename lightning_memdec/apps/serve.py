@@ -19,11 +19,16 @@ def served_model(base: str, memdec: str | None, model_name: str | None) -> Serve
     from lightning_memdec.hf.loading import config_context_length, find_tokenizer
     from lightning_memdec.io.embedded import resolve_model
 
+    contexts = []
+    for flag, ref in (("--base", base), ("--memdec", memdec)):
+        try:
+            contexts += [config_context_length(AutoConfig.from_pretrained(resolve_model(ref)))] if ref else []
+        except OSError as err:
+            raise ValueError(f"{flag} {ref!r} is not a model directory or hub name ({err}).") from err
+    contexts = [c for c in contexts if c]
     tokenizer = find_tokenizer(base)
     if tokenizer is None:
         raise ValueError(f"--base {base!r} has no tokenizer saved with it; save its tokenizer into the directory.")
-    contexts = [config_context_length(AutoConfig.from_pretrained(resolve_model(ref))) for ref in (base, memdec) if ref]
-    contexts = [c for c in contexts if c]
     names = [Path(str(ref).rstrip("/")).name for ref in (base, memdec) if ref]
     return ServedModel(model_name or "+".join(names), tokenizer, min(contexts) if contexts else None)
 
@@ -65,8 +70,6 @@ def serve(
     if max_batch_size < 1 or batch_timeout < 0 or timeout <= batch_timeout:
         raise ValueError(f"need --max_batch_size ≥ 1 (got {max_batch_size}) and 0 ≤ --batch_timeout "
                          f"(got {batch_timeout}) < --timeout (got {timeout}).")  # fmt: skip
-    if memdec is not None and not Path(memdec).is_dir():
-        raise FileNotFoundError(f"--memdec {memdec}: no such directory (a decoder exported by `memdec fit`).")
     spec = OpenAICompletionsSpec(served_model(base, memdec, model_name))
     api = MixtureAPI(base, memdec, lmbda, device, spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
