@@ -223,3 +223,18 @@ def test_malformed_json_gets_400(server):
 
 def test_models_lists_the_served_name(server):
     assert [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]] == ["tiny-mix"]
+
+
+def test_serve_benchmark_prints_every_rate_and_the_overhead_last(models, tmp_path):
+    """benchmarks/serve.py on the tiny models: each rate present and positive, the 8-client overhead last."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
+    cmd = [sys.executable, str(script), "--base", str(models["base"]), "--memdec", str(models["memdec"]),
+           "--max_tokens", "3", "--requests_per_client", "1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    for system in ("base", "memdec"):
+        for n in (1, 8):
+            for rate in ("requests_per_s", "tokens_per_s"):
+                assert float(lines[f"{system}_c{n}_{rate}"]) > 0
+    assert list(lines)[-1] == "memdec_overhead_c8" and float(lines["memdec_overhead_c8"]) > 0

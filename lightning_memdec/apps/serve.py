@@ -51,9 +51,11 @@ def serve(
         base: the base LM (name, path or ``embedded:base-small``); its tokenizer must be saved with it.
         memdec: the trained Memory Decoder directory; omitted, the base is served alone.
         lmbda: the decoder's weight λ in the mixture.
-        port / host: where to listen (``0.0.0.0`` for every interface).
+        port: the port to listen on.
+        host: the interface to listen on (``0.0.0.0`` for every interface).
         device: ``auto`` (the GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``.
-        max_batch_size / batch_timeout: concurrent requests generated together, and how long (s) to wait for them.
+        max_batch_size: at most this many concurrent requests are generated together.
+        batch_timeout: seconds to wait for more requests to fill a batch.
         model_name: the name clients send as ``model`` (default: the models' directory names joined by ``+``).
         timeout: seconds a request may wait in the queue before it is answered 504.
     """
