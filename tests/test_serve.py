@@ -131,6 +131,7 @@ def test_concurrent_requests_each_equal_their_greedy_reference(server, models):
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         replies = list(pool.map(lambda pb: complete(server, prompt=pb[0], max_tokens=pb[1], temperature=0),
                                 zip(PROMPTS, budgets)))  # fmt: skip
+    assert max(int(r.headers["x-batch-size"]) for r in replies) > 1  # the server batched concurrent requests
     for prompt, budget, r in zip(PROMPTS, budgets, replies):
         assert r.status_code == 200, r.text
         ref = greedy(models, tokenizer(prompt).input_ids, budget)

@@ -46,6 +46,7 @@ class Job:
     stream: bool
     chat: bool
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
+    batch_size: int = 0  # rows of the generate() call that served it, once known (the X-Batch-Size header)
 
     def payload(self) -> dict:
         """What the inference worker needs (plain data: it crosses a process boundary)."""

@@ -36,7 +36,7 @@ COMPLETIONS_PATH = "/v1/completions"
 
 class OpenAICompletionsSpec(LitSpec):
     """Completions and chat completions for one served model; per step the worker streams ``{"token": id, "end":
-    is it an end-of-sequence id}`` for each running request and ``{}`` for the others."""
+    is it an end-of-sequence id, "batch": rows generated together}`` for each running request, ``{}`` for the others."""
 
     def __init__(self, served: ServedModel):
         super().__init__()
@@ -79,7 +79,8 @@ class OpenAICompletionsSpec(LitSpec):
             text, (_, finish_reason, count) = "".join(piece for piece, _, _ in pieces), pieces[-1]
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        return JSONResponse(reply(job, self.served.name, text, finish_reason, count))
+        headers = {"X-Batch-Size": str(job.batch_size)}  # how many requests were generated together with this one
+        return JSONResponse(reply(job, self.served.name, text, finish_reason, count), headers=headers)
 
     async def pieces(self, job: Job):
         """Queue the job for the inference workers, then (new text, finish reason, tokens so far) per generated
@@ -101,6 +102,7 @@ class OpenAICompletionsSpec(LitSpec):
             step = json.loads(data) if data else {}
             if "token" not in step:
                 continue
+            job.batch_size = step["batch"]
             count += 1
             if step["end"]:
                 yield detokenizer.flush(), "stop", count

@@ -45,7 +45,8 @@ class MixtureAPI(ls.LitAPI):
 
 
 def generate_steps(model, jobs: list[dict], eos_token_ids: set[int]) -> Iterator[list[dict]]:
-    """Per decoding step, one dict per job: ``{"token": id, "end": bool}`` while it runs, else ``{}``.
+    """Per decoding step, one dict per job: ``{"token": id, "end": bool, "batch": rows in its generate() call}``
+    while it runs, else ``{}``.
 
     Jobs with the same sampling settings share one ``generate()`` call; groups with different settings (greedy
     beside sampled) run one after the other, since one call has one set of settings.
@@ -60,7 +61,7 @@ def generate_steps(model, jobs: list[dict], eos_token_ids: set[int]) -> Iterator
             out: list[dict] = [{} for _ in jobs]
             for row, token in zip(rows, step):
                 if token is not None:
-                    out[row] = {"token": token, "end": token in eos_token_ids}
+                    out[row] = {"token": token, "end": token in eos_token_ids, "batch": len(rows)}
             yield out
 
 
