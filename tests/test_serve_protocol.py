@@ -56,6 +56,7 @@ def test_detokenizer_holds_back_a_split_character():
 def test_generate_steps_batches_greedy_and_sampled_jobs(tmp_path):
     """Each greedy job of a batch equals generate() on its prompt alone; a sampled job gets exactly its budget
     (no end-of-sequence id is possible when the id set is empty)."""
+    pytest.importorskip("litserve")
     from lightning_memdec.apps.serve_worker import generate_steps
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 
@@ -79,6 +80,7 @@ def test_generate_steps_batches_greedy_and_sampled_jobs(tmp_path):
 
 
 def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
+    pytest.importorskip("litserve")
     from lightning_memdec.apps.serve import serve
 
     base = save_tiny(tmp_path / "b")
