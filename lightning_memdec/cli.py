@@ -44,6 +44,7 @@ def repeatable(args: list[str]) -> list[str]:
 def stage_functions() -> dict:
     from lightning_memdec.apps.pretrain_bases import pretrain_bases
     from lightning_memdec.apps.quickstart import quickstart
+    from lightning_memdec.apps.serve import serve
     from lightning_memdec.evaluation.downstream import downstream
     from lightning_memdec.evaluation.evaluate import evaluate
     from lightning_memdec.io.packaged_configs import configs
@@ -63,6 +64,7 @@ def stage_functions() -> dict:
         "downstream": downstream,
         "transfer-vocab": transfer_vocab,
         "pretrain-bases": pretrain_bases,
+        "serve": serve,
         "configs": configs,
     }
 

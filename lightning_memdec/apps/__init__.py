@@ -1,1 +1,1 @@
-"""End-to-end programs built from the layers below: the quickstart and the shipped bases' pretraining."""
+"""End-to-end programs built from the layers below: the quickstart, the shipped bases' pretraining, the server."""

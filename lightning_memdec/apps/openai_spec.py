@@ -1,0 +1,125 @@
+"""The LitServe spec behind ``memdec serve``: OpenAI's ``/v1/completions`` and ``/v1/chat/completions`` endpoints.
+
+LitServe's own ``OpenAISpec`` serves chat only, answers a bad request from inside the inference worker (where one
+bad request fails its whole batch) and streams errors with status 200. This spec checks every request in the HTTP
+process first (:mod:`openai_protocol`: 4xx with an OpenAI error body, nothing queued), queues only token jobs, and
+turns the worker's token stream into text, finish reasons and usage, streamed as server-sent events or whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+from lightning_memdec.apps.openai_protocol import (
+    Detokenizer,
+    Job,
+    RequestError,
+    ServedModel,
+    check_request,
+    chunk,
+    parse_body,
+    reply,
+)
+
+COMPLETIONS_PATH = "/v1/completions"
+
+
+class OpenAICompletionsSpec(LitSpec):
+    """Completions and chat completions for one served model; per step the worker streams ``{"token": id, "end":
+    is it an end-of-sequence id, "batch": rows generated together}`` for each running request, ``{}`` for the others."""
+
+    def __init__(self, served: ServedModel):
+        super().__init__()
+        self.api_path = COMPLETIONS_PATH  # the request queue LitServe keys on; chat shares it (one model, one batch)
+        self.served = served
+
+    @property
+    def stream(self) -> bool:
+        return True
+
+    def pre_setup(self, lit_api) -> None:
+        self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
+        self.add_endpoint("/v1/models", self.models, ["GET"])
+
+    def decode_request(self, request, context_kwargs=None):
+        return request
+
+    def encode_response(self, output, context_kwargs=None):
+        yield from output
+
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.served.name, "object": "model", "owned_by": "memdec"}]}
+
+    async def completions(self, request: Request):
+        return await self.respond(request, chat=False)
+
+    async def chat_completions(self, request: Request):
+        return await self.respond(request, chat=True)
+
+    async def respond(self, request: Request, chat: bool):
+        try:
+            job = check_request(parse_body(await request.body()), self.served, chat)
+        except RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        if job.stream:
+            return StreamingResponse(self.events(job), media_type="text/event-stream")
+        try:
+            pieces = [item async for item in self.pieces(job)]
+            text, (_, finish_reason, count) = "".join(piece for piece, _, _ in pieces), pieces[-1]
+        except RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        headers = {"X-Batch-Size": str(job.batch_size)}  # how many requests were generated together with this one
+        return JSONResponse(reply(job, self.served.name, text, finish_reason, count), headers=headers)
+
+    async def pieces(self, job: Job):
+        """Queue the job for the inference workers, then (new text, finish reason, tokens so far) per generated
+        token; the reason is "stop" at an end-of-sequence id (not part of the text) and "length" at max_tokens."""
+        uid, queue, event = uuid.uuid4(), deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job.payload()))
+        try:
+            async for item in self.token_pieces(job, self.data_streamer(queue, event, send_status=True)):
+                yield item
+        finally:  # the rest of the batch may still send this uid empty steps: they are dropped once it is gone
+            self.response_buffer.pop(uid, None)
+
+    async def token_pieces(self, job: Job, tokens: AsyncIterator):
+        detokenizer, count = Detokenizer(self.served.tokenizer), 0
+        async for data, status in tokens:
+            if status == LitAPIStatus.ERROR:
+                raise RequestError(500, f"generation failed in the inference worker: {data}", code="server_error")
+            step = json.loads(data) if data else {}
+            if "token" not in step:
+                continue
+            job.batch_size = step["batch"]
+            count += 1
+            if step["end"]:
+                yield detokenizer.flush(), "stop", count
+                return
+            piece = detokenizer.add(step["token"])
+            if count == job.max_tokens:
+                yield piece + detokenizer.flush(), "length", count
+                return
+            yield piece, None, count
+        yield detokenizer.flush(), "length", count  # the worker ended the stream early (not expected)
+
+    async def events(self, job: Job):
+        yield chunk(job, self.served.name, "", None, first=True)
+        try:
+            async for piece, finish_reason, _ in self.pieces(job):
+                if piece or finish_reason:
+                    yield chunk(job, self.served.name, piece, finish_reason)
+        except RequestError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
+        yield "data: [DONE]\n\n"

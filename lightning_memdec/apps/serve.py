@@ -1,0 +1,79 @@
+"""`memdec serve`: an OpenAI-compatible HTTP server for a base LM + Memory Decoder (or the base alone), on LitServe.
+
+LitServe runs the HTTP front end and the inference worker and batches concurrent requests (``max_batch_size``,
+``batch_timeout``); :mod:`openai_spec` speaks OpenAI's protocol; :mod:`serve_worker` generates each batch through
+``generate()`` of :class:`InterpolatedLM` (or of the base), streaming every step's tokens back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_memdec.apps.openai_protocol import ServedModel
+
+
+def served_model(base: str, memdec: str | None, model_name: str | None) -> ServedModel:
+    """Name, tokenizer and context of what is served, read before any weights are loaded."""
+    from transformers import AutoConfig
+
+    from lightning_memdec.hf.loading import context_length, find_tokenizer
+    from lightning_memdec.io.embedded import resolve_model
+
+    contexts = []
+    for flag, ref in (("--base", base), ("--memdec", memdec)):
+        try:
+            contexts += [context_length(AutoConfig.from_pretrained(resolve_model(ref)))] if ref else []
+        except OSError as err:
+            raise ValueError(f"{flag} {ref!r} is not a model directory or hub name ({err}).") from err
+    contexts = [c for c in contexts if c]
+    tokenizer = find_tokenizer(base)
+    if tokenizer is None:
+        raise ValueError(f"--base {base!r} has no tokenizer saved with it; save its tokenizer into the directory.")
+    names = [Path(str(ref).rstrip("/")).name for ref in (base, memdec) if ref]
+    return ServedModel(model_name or "+".join(names), tokenizer, min(contexts) if contexts else None)
+
+
+def serve(
+    base: str,
+    memdec: str | None = None,
+    lmbda: float = 0.3,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    device: str = "auto",
+    max_batch_size: int = 8,
+    batch_timeout: float = 0.01,
+    model_name: str | None = None,
+    timeout: float = 300.0,
+) -> None:
+    """Serve base (+ Memory Decoder) over HTTP: OpenAI /v1/completions and /v1/chat/completions, streamed, batched.
+
+    Args:
+        base: the base LM (name, path or ``embedded:base-small``); its tokenizer must be saved with it.
+        memdec: the trained Memory Decoder directory; omitted, the base is served alone.
+        lmbda: the decoder's weight λ in the mixture.
+        port: the port to listen on.
+        host: the interface to listen on (``0.0.0.0`` for every interface).
+        device: ``auto`` (the GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``.
+        max_batch_size: at most this many concurrent requests are generated together.
+        batch_timeout: seconds to wait for more requests to fill a batch.
+        model_name: the name clients send as ``model`` (default: the models' directory names joined by ``+``).
+        timeout: seconds a request may wait in the queue before it is answered 504.
+    """
+    from lightning_memdec.kernels.scoring import check_lmbda
+
+    check_lmbda(lmbda)
+    try:
+        import litserve as ls
+
+        from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+        from lightning_memdec.apps.serve_worker import MixtureAPI
+    except ImportError as err:
+        raise ImportError(f"memdec serve needs LitServe: pip install 'lightning_memdec[serve]' ({err}).") from err
+    if max_batch_size < 1 or batch_timeout < 0 or timeout <= batch_timeout:
+        raise ValueError(f"need --max_batch_size ≥ 1 (got {max_batch_size}) and 0 ≤ --batch_timeout "
+                         f"(got {batch_timeout}) < --timeout (got {timeout}).")  # fmt: skip
+    spec = OpenAICompletionsSpec(served_model(base, memdec, model_name))
+    api = MixtureAPI(base, memdec, lmbda, device, spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=timeout)
+    server.run(host=host, port=port, generate_client_file=False)

@@ -1,0 +1,74 @@
+"""The inference worker of ``memdec serve``: loads the model on its device, streams tokens for batches of jobs.
+
+LitServe starts it in its own process and hands it the batches it collects; each batch is generated through
+``generate()`` of :class:`InterpolatedLM` (or of the base alone) and every step's tokens go back as they come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import litserve as ls
+
+from lightning_memdec.inference.streamed_generation import stream_generate
+
+
+class MixtureAPI(ls.LitAPI):
+    """The inference worker: loads the model on its device and streams tokens for a batch of token jobs."""
+
+    def __init__(self, base: str, memdec: str | None, lmbda: float, device: str, spec, **batching):
+        super().__init__(spec=spec, **batching)
+        self.base, self.memdec, self.lmbda, self.requested_device = base, memdec, lmbda, device
+
+    def setup(self, device: str) -> None:
+        from lightning_memdec.hf.loading import torch_device
+
+        # LitServe picks "cuda:0" for accelerator "cuda"; a device the user named with its index wins
+        chosen = self.requested_device if ":" in self.requested_device or self.requested_device == "cpu" else device
+        self.model = load_generator(self.base, self.memdec, self.lmbda, torch_device(chosen))
+        eos = self.model.generation_config.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+    def decode_request(self, request, **kwargs):
+        return request
+
+    def batch(self, inputs):
+        return list(inputs)
+
+    def predict(self, jobs, **kwargs):
+        batched = isinstance(jobs, list)  # max_batch_size 1: LitServe passes the job itself
+        for step in generate_steps(self.model, jobs if batched else [jobs], self.eos_token_ids):
+            yield step if batched else step[0]
+
+    def encode_response(self, output, **kwargs):
+        yield from output
+
+
+def generate_steps(model, jobs: list[dict], eos_token_ids: set[int]) -> Iterator[list[dict]]:
+    """Per decoding step, one dict per job: ``{"token": id, "end": bool, "batch": rows in its generate() call}``
+    while it runs, else ``{}``.
+
+    Jobs with the same sampling settings share one ``generate()`` call; groups with different settings (greedy
+    beside sampled) run one after the other, since one call has one set of settings.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for row, job in enumerate(jobs):
+        groups.setdefault(tuple(sorted(job["sampling"].items())), []).append(row)
+    for settings, rows in groups.items():
+        prompts = [jobs[row]["prompt_ids"] for row in rows]
+        budgets = [jobs[row]["max_tokens"] for row in rows]
+        for step in stream_generate(model, prompts, budgets, eos_token_ids, **dict(settings)):
+            out: list[dict] = [{} for _ in jobs]
+            for row, token in zip(rows, step):
+                if token is not None:
+                    out[row] = {"token": token, "end": token in eos_token_ids, "batch": len(rows)}
+            yield out
+
+
+def load_generator(base: str, memdec: str | None, lmbda: float, device):
+    """The model requests are generated with: ``InterpolatedLM(base, memdec, lmbda)``, or the base alone."""
+    from lightning_memdec.hf.loading import load_causal_lm
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+
+    model = load_causal_lm(base) if memdec is None else InterpolatedLM(base, memdec, lmbda)
+    return model.to(device).eval()

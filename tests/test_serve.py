@@ -1,0 +1,241 @@
+"""`memdec serve` end to end: a real server on 127.0.0.1 with tiny models, driven by an HTTP client.
+
+Every greedy answer is checked token for token against ``InterpolatedLM.generate`` on the same prompt alone; the
+bad requests each get their 4xx and the server answers the next good request. One server for the module (its start
+is most of the time), shut down at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("litserve")
+
+LMBDA = 0.3
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+PROMPTS = ["Hello there, how are", "The patient was given", "x", "In 1990 the city", "Proteins fold into",
+           "A B C D E F G", "def main():", "She said that the"]  # fmt: skip
+STARTUP_S = 300  # a loaded 2-core CI machine takes ~1 min to import and spawn the workers
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """A tiny base whose tokenizer has a chat template, a tiny decoder sharing its vocabulary, and the reference."""
+    from transformers import AutoTokenizer
+
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+
+    root = tmp_path_factory.mktemp("serve")
+    base = save_tiny(root / "base", seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(base)
+    memdec = save_tiny(root / "memdec", n_embd=16, n_layer=1, seed=1)
+    return {"base": base, "memdec": memdec, "reference": InterpolatedLM(str(base), str(memdec), LMBDA)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    port = free_port()
+    cmd = [sys.executable, "-m", "lightning_memdec", "serve", "--base", str(models["base"]), "--memdec",
+           str(models["memdec"]), "--lmbda", str(LMBDA), "--port", str(port), "--device", "cpu",
+           "--max_batch_size", "8", "--batch_timeout", "0.05", "--model_name", "tiny-mix"]  # fmt: skip
+    log = (tmp_path_factory.mktemp("serve-log") / "server.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"server not up after {STARTUP_S} s: {Path(log.name).read_text()[-3000:]}")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def greedy(models, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """The reference: InterpolatedLM.generate greedy on this prompt alone, end-of-sequence id included if reached."""
+    out = models["reference"].generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False)
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def expected_text(models, tokens: list[int]) -> str:
+    tokenizer = models["reference"].tokenizer
+    return tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id], skip_special_tokens=True)
+
+
+def complete(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
+def test_greedy_completion_equals_interpolated_lm_generate(server, models):
+    tokenizer = models["reference"].tokenizer
+    ids = tokenizer(PROMPTS[0]).input_ids
+    ref = greedy(models, ids, 8)
+    models["reference"].lmbda = 0.0  # the guard: the served λ matters for this prompt (the base alone differs)
+    assert greedy(models, ids, 8) != ref
+    models["reference"].lmbda = LMBDA
+    r = complete(server, model="tiny-mix", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny-mix"
+    assert body["choices"][0]["text"] == expected_text(models, ref)
+    assert body["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": len(ref),
+        "total_tokens": len(ids) + len(ref),
+    }
+    assert body["choices"][0]["finish_reason"] == ("stop" if ref[-1] == tokenizer.eos_token_id else "length")
+
+
+def test_concurrent_requests_each_equal_their_greedy_reference(server, models):
+    tokenizer = models["reference"].tokenizer
+    budgets = [3 + i for i in range(len(PROMPTS))]  # different lengths and budgets in one batch
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        replies = list(pool.map(lambda pb: complete(server, prompt=pb[0], max_tokens=pb[1], temperature=0),
+                                zip(PROMPTS, budgets)))  # fmt: skip
+    assert max(int(r.headers["x-batch-size"]) for r in replies) > 1  # the server batched concurrent requests
+    for prompt, budget, r in zip(PROMPTS, budgets, replies):
+        assert r.status_code == 200, r.text
+        ref = greedy(models, tokenizer(prompt).input_ids, budget)
+        assert r.json()["choices"][0]["text"] == expected_text(models, ref), prompt
+        assert r.json()["usage"]["completion_tokens"] == len(ref)
+
+
+def test_sampled_and_greedy_requests_together(server, models):
+    """A batch mixing sampled and greedy requests: the greedy one is still exact, the sampled one has its budget."""
+    tokenizer = models["reference"].tokenizer
+    with ThreadPoolExecutor(4) as pool:
+        sampled = [
+            pool.submit(complete, server, prompt=p, max_tokens=5, temperature=1.0, top_p=0.9) for p in PROMPTS[:3]
+        ]
+        exact = pool.submit(complete, server, prompt=PROMPTS[3], max_tokens=6, temperature=0)
+    assert exact.result().json()["choices"][0]["text"] == expected_text(
+        models, greedy(models, tokenizer(PROMPTS[3]).input_ids, 6)
+    )
+    for future in sampled:
+        usage = future.result().json()["usage"]
+        assert 1 <= usage["completion_tokens"] <= 5
+
+
+def sse_events(response: httpx.Response) -> list:
+    lines = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streamed_completion_is_the_greedy_text_in_pieces(server, models):
+    tokenizer = models["reference"].tokenizer
+    ref = greedy(models, tokenizer(PROMPTS[1]).input_ids, 10)
+    body = {"prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    pieces = [e["choices"][0]["text"] for e in events]
+    assert "".join(pieces) == expected_text(models, ref)
+    assert len([p for p in pieces if p]) > 1  # streamed, not one piece at the end
+    assert [e["choices"][0]["finish_reason"] for e in events][-1] in ("stop", "length")
+    assert len({e["id"] for e in events}) == 1
+
+
+def test_chat_completion_uses_the_chat_template(server, models):
+    tokenizer = models["reference"].tokenizer
+    messages = [{"role": "user", "content": "What is a protein?"}]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    ref = greedy(models, ids, 6)
+    r = httpx.post(f"{server}/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0},
+                   timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": expected_text(models, ref)}
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    body = {"messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=120) as streamed:
+        events = sse_events(streamed)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == expected_text(models, ref)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+        ({"prompt": [50] * 512, "max_tokens": 4}, 400, "prompt"),  # the context is 512 tokens
+        ({"prompt": [50] * 500, "max_tokens": 20}, 400, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+        ({"prompt": "", "max_tokens": 3}, 400, "prompt"),
+        ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "hi", "n": 2}, 400, "n"),
+        ({"prompt": "hi", "stop": ["\n"]}, 400, "stop"),
+    ],
+)
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, param):
+    r = complete(server, **body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+    assert complete(server, prompt="hi", max_tokens=2, temperature=0).status_code == 200
+
+
+def test_malformed_json_gets_400(server):
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        r = httpx.post(f"{server}/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "malformed_json"
+    assert complete(server, prompt="hi", max_tokens=2, temperature=0).status_code == 200
+
+
+def test_models_lists_the_served_name(server):
+    assert [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]] == ["tiny-mix"]
+
+
+def test_serve_benchmark_prints_every_rate_and_the_overhead_last(models, tmp_path):
+    """benchmarks/serve.py on the tiny models: each rate present and positive, the 8-client overhead last."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
+    cmd = [sys.executable, str(script), "--base", str(models["base"]), "--memdec", str(models["memdec"]),
+           "--max_tokens", "3", "--requests_per_client", "1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    for system in ("base", "memdec"):
+        for n in (1, 8):
+            for rate in ("requests_per_s", "tokens_per_s"):
+                assert float(lines[f"{system}_c{n}_{rate}"]) > 0
+    assert list(lines)[-1] == "memdec_overhead_c8" and float(lines["memdec_overhead_c8"]) > 0

@@ -1,0 +1,90 @@
+"""What `memdec serve` checks and generates, without a server: request checks, detokenizing, batched steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_tiny
+
+from lightning_memdec.apps.openai_protocol import (
+    Detokenizer,
+    RequestError,
+    ServedModel,
+    check_request,
+    parse_body,
+)
+from lightning_memdec.io.embedded import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def served() -> ServedModel:
+    return ServedModel("m", load_tokenizer("gpt2"), context=64)
+
+
+def test_chat_without_a_chat_template_is_a_400_naming_the_fix(served):
+    assert not getattr(served.tokenizer, "chat_template", None)
+    with pytest.raises(RequestError, match="no chat template") as err:
+        check_request({"messages": [{"role": "user", "content": "hi"}]}, served, chat=True)
+    assert err.value.status == 400 and err.value.body()["error"]["code"] == "no_chat_template"
+
+
+def test_a_good_request_becomes_its_token_job(served):
+    job = check_request({"prompt": "Hello world", "max_tokens": 5, "temperature": 0}, served, chat=False)
+    assert job.prompt_ids == served.tokenizer("Hello world").input_ids
+    assert job.payload() == {"prompt_ids": job.prompt_ids, "max_tokens": 5, "sampling": {"do_sample": False}}
+    sampled = check_request({"prompt": [1, 2], "temperature": 0.7, "top_p": 0.5}, served, chat=False)
+    assert sampled.max_tokens == 16 and sampled.sampling == {"do_sample": True, "temperature": 0.7, "top_p": 0.5}
+
+
+@pytest.mark.parametrize("raw", [b"{", b"null", b'"text"', b"\x80"])
+def test_malformed_bodies_are_400(raw):
+    with pytest.raises(RequestError) as err:
+        parse_body(raw)
+    assert err.value.status == 400
+
+
+def test_detokenizer_holds_back_a_split_character():
+    tokenizer = load_tokenizer("gpt2")
+    text = "naïve café ☕ done"
+    ids = tokenizer(text).input_ids
+    detokenizer = Detokenizer(tokenizer)
+    pieces = [detokenizer.add(t) for t in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_generate_steps_batches_greedy_and_sampled_jobs(tmp_path):
+    """Each greedy job of a batch equals generate() on its prompt alone; a sampled job gets exactly its budget
+    (no end-of-sequence id is possible when the id set is empty)."""
+    pytest.importorskip("litserve")
+    from lightning_memdec.apps.serve_worker import generate_steps
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+
+    model = InterpolatedLM(str(save_tiny(tmp_path / "b")), str(save_tiny(tmp_path / "m", n_embd=16, seed=1)), 0.3)
+    prompts = [[15496, 612, 11], [87], [464, 5827, 373, 1813, 257]]
+    jobs = [
+        {"prompt_ids": prompts[0], "max_tokens": 4, "sampling": {"do_sample": False}},
+        {"prompt_ids": prompts[1], "max_tokens": 6, "sampling": {"do_sample": True, "temperature": 1.0}},
+        {"prompt_ids": prompts[2], "max_tokens": 7, "sampling": {"do_sample": False}},
+    ]
+    got: list[list[int]] = [[], [], []]
+    for step in generate_steps(model, jobs, eos_token_ids={model.generation_config.eos_token_id}):
+        assert len(step) == 3
+        for row, out in enumerate(step):
+            if out:
+                got[row].append(out["token"])
+    for row in (0, 2):
+        ref = model.generate(torch.tensor([prompts[row]]), max_new_tokens=jobs[row]["max_tokens"], do_sample=False)
+        assert got[row] == ref[0, len(prompts[row]) :].tolist()
+    assert 1 <= len(got[1]) <= 6
+
+
+def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
+    pytest.importorskip("litserve")
+    from lightning_memdec.apps.serve import serve
+
+    base = save_tiny(tmp_path / "b")
+    with pytest.raises(ValueError, match="--memdec .*nowhere.* not a model directory"):
+        serve(str(base), memdec=str(tmp_path / "nowhere"), port=1)
+    with pytest.raises(ValueError, match="lmbda|λ"):
+        serve(str(base), lmbda=1.5, port=1)
