@@ -366,6 +366,6 @@ def test_fit_refuses_a_decoder_of_another_tokenizer(tmp_path, biomed_targets_pai
     decoder = save_tiny(tmp_path / "neox-decoder", vocab=50304, tokenizer="gpt-neox-20b")
     args = resume_args(biomed_targets_pair, tmp_path / "run")
     args = [a for a in args if a not in TINY_DECODER] + ["--model.model", str(decoder), "--trainer.max_steps", "1"]
-    with pytest.raises(ArtifactError, match=rf"decoder {decoder} was built with tokenizer .*uses gpt2"):
+    with pytest.raises(ArtifactError, match=rf"decoder {decoder} uses tokenizer .*uses gpt2"):
         lightning_cli(args)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -20,6 +20,7 @@ from lightning_memdec.evaluation.latency import model_latency
 from lightning_memdec.evaluation.overlap import NGRAM
 from lightning_memdec.evaluation.report import write_report
 from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
+from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import (
     check_fits_context,
     find_tokenizer,
@@ -32,10 +33,9 @@ from lightning_memdec.inference.interpolated_lm import InterpolatedLM, mixture_v
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import check_writable_dir
-from lightning_memdec.io.embedded import load_tokenizer, resolve_text
-from lightning_memdec.io.text_sources import read_documents
-from lightning_memdec.io.token_corpus import Corpus, encode_documents
-from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, describe_tokenizer, tokenizer_info
+from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.token_corpus import Corpus
+from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
 from lightning_memdec.kernels.scoring import (
     DEFAULT_LAMBDA_GRID,
     DEFAULT_TEMPERATURE_GRID,
@@ -47,34 +47,6 @@ from lightning_memdec.kernels.scoring import (
 )
 
 __all__ = ["evaluate", "text_tokens"]
-
-
-# -- text -> tokens ----------------------------------------------------------------------------------------------------
-
-
-def text_tokens(spec: str | Path, tokenizer, max_tokens: int | None = None, batch_documents: int = 256) -> np.ndarray:
-    """Token ids of a corpus directory, a text file or ``embedded:<domain>/<split>``, as ``memdec tokenize`` makes them.
-
-    Text is tokenized on the fly: documents (blank-line separated) each followed by EOS, capped at ``max_tokens``.
-    A corpus directory must have been tokenized with ``tokenizer``.
-    """
-    if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens must be at least 2 (one scored position), got {max_tokens}.")
-    info = tokenizer_info(tokenizer, tokenizer_name(tokenizer))
-    path = Path(str(spec))
-    if path.is_dir():
-        corpus = Corpus(path)
-        check_same_tokenizer(corpus.tokenizer, f"corpus {path}", info, "the base LM")
-        tokens = np.asarray(corpus.tokens[:max_tokens], dtype=np.int64)
-    else:
-        docs = read_documents(resolve_text(spec))
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {describe_tokenizer(info)} has no EOS token to separate documents.")
-        pieces = encode_documents(docs, tokenizer, max_tokens, batch_documents)
-        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    if len(tokens) < 2:
-        raise ValueError(f"{spec} holds no text to score (fewer than 2 tokens); give a non-empty text or corpus.")
-    return tokens
 
 
 # -- scoring helpers ---------------------------------------------------------------------------------------------------
