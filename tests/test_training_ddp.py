@@ -34,8 +34,9 @@ DECODER.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: b
 #: gradients in another order (two partial sums, then gloo's all-reduce, with other thread counts), so gradients
 #: differ by fp32 rounding δ (~1e-7 relative); Adam's update lr·m / (sqrt(v) + eps) turns that into about
 #: lr·δ / max(|g|, eps), large only for the few gradients near zero. Measured: 4e-6 in a handful of elements (the
-#: weights moved 9e-3 over steps 2-4); averaging the ranks' means instead of weighing positions gave 1.8e-2.
-WEIGHT_ATOL = 5e-5
+#: weights moved 9e-3 over steps 2-4); 6.4e-5 on the de-duplicated biomed corpus, whose windows differ; averaging
+#: the ranks' means instead of weighing positions gave 1.8e-2, so 2e-4 still separates the bug by ~100x.
+WEIGHT_ATOL = 2e-4
 
 
 @pytest.fixture(scope="module")
