@@ -17,6 +17,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from lightning_memdec.hf.left_padding import left_pad
+
 
 class StepStreamer(BaseStreamer):
     """Receives ``generate()``'s new tokens (one per row per step) and queues them for another thread."""
@@ -47,17 +49,6 @@ class RowBudgets(StoppingCriteria):
         return made >= self.budgets.to(input_ids.device)
 
 
-def left_padded(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` ``[B, longest]``, prompts aligned right, where generation goes on."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def stream_generate(
     model, prompts: list[list[int]], budgets: list[int], eos_token_ids: set[int], **generate_kwargs
 ) -> Iterator[list[int | None]]:
@@ -70,7 +61,7 @@ def stream_generate(
         raise ValueError(f"need one non-empty prompt and a budget ≥ 1 per row, got {len(prompts)} and {budgets}.")
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else next(iter(eos_token_ids))
-    input_ids, attention_mask = left_padded(prompts, pad, model.device)
+    input_ids, attention_mask = (t.to(model.device) for t in left_pad(prompts, pad))
     streamer, failure = StepStreamer(), []
 
     def run() -> None:
