@@ -5,18 +5,19 @@ the same fp16 keys in the same blocks and end with the same exact fp32 re-rankin
 (:func:`~lightning_memdec.retrieval.exact_search.exact_distances`), so the difference is the per-block work the
 new search removed: the [queries × block] fp32 passes for −2·, +‖q‖², +‖k‖², and the top-k over a full-width row
 (now two-stage). Prints ``name: number`` lines, the last being ``exact_search_speedup`` (old seconds / new
-seconds, best of ``repeats``); the neighbour sets are checked equal first.
+seconds, the median of ``repeats`` interleaved runs); the neighbour sets are checked equal first.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
+from common import report  # benchmarks/ is the script's directory, first on sys.path
 from jsonargparse import CLI
 
+from lightning_memdec.evaluation.latency import median_times
 from lightning_memdec.retrieval.exact_search import exact_distances, exact_search, rerank_margin
 
 
@@ -41,15 +42,6 @@ def previous_search(queries: np.ndarray, keys: np.ndarray, k: int, block: int):
     return exact.gather(1, order), best_i.gather(1, order)
 
 
-def best_time(fn, repeats: int):
-    result, times = None, []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return result, min(times)
-
-
 def main(
     keys: int = 200_000, dim: int = 256, queries: int = 1024, k: int = 256, block: int = 65_536, repeats: int = 3
 ) -> None:
@@ -57,16 +49,25 @@ def main(
     rng = np.random.default_rng(0)
     store = rng.standard_normal((keys, dim)).astype(np.float16)
     q = (store[:queries].astype(np.float32) + 0.3 * rng.standard_normal((queries, dim))).astype(np.float32)
-    (old_d, old_i), old_s = best_time(lambda: previous_search(q, store, k, block), repeats)
-    (new_d, new_i), new_s = best_time(lambda: exact_search(q, store, k, block_size=block), repeats)
+    old_d, old_i = previous_search(q, store, k, block)  # also the warm-up of each
+    new_d, new_i = exact_search(q, store, k, block_size=block)
     if not (torch.equal(old_i, new_i) and torch.equal(old_d, new_d)):
         raise SystemExit("the two searches disagree: the benchmark would compare different work")
-    flops = 2 * keys * dim * queries
-    print(f"keys: {keys}\ndim: {dim}\nqueries: {queries}\nk: {k}\nblock: {block}\nthreads: {torch.get_num_threads()}")
-    print(f"old_seconds: {old_s:.4f}\nnew_seconds: {new_s:.4f}")
-    print(f"old_queries_per_s: {queries / old_s:.1f}\nnew_queries_per_s: {queries / new_s:.1f}")
-    print(f"new_gflops_per_s: {flops / new_s / 1e9:.1f}")
-    print(f"exact_search_speedup: {old_s / new_s:.3f}")
+    runners = {
+        "old": lambda: previous_search(q, store, k, block),
+        "new": lambda: exact_search(q, store, k, block_size=block),
+    }
+    seconds = median_times(runners, repeats=repeats, warmup=0)
+    old_s, new_s = seconds["old"], seconds["new"]
+    for name, value in (("keys", keys), ("dim", dim), ("queries", queries), ("k", k), ("block", block)):
+        report(name, value)
+    report("threads", torch.get_num_threads())
+    report("old_seconds", old_s)
+    report("new_seconds", new_s)
+    report("old_queries_per_s", queries / old_s)
+    report("new_queries_per_s", queries / new_s)
+    report("new_gflops_per_s", 2 * keys * dim * queries / new_s / 1e9)
+    report("exact_search_speedup", old_s / new_s)
 
 
 if __name__ == "__main__":
