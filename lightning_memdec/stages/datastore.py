@@ -22,8 +22,8 @@ from lightning_memdec.hf.loading import (
     check_fits_context,
     find_tokenizer,
     load_causal_lm,
+    model_config,
     model_fingerprint,
-    resolve_model,
 )
 from lightning_memdec.io.artifact_dirs import base_meta, partial_dir, publish, start_work_dir
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
@@ -189,7 +189,7 @@ def build_datastore(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
     data = Corpus(corpus)
-    lm_config = _model_config(model)
+    lm_config = model_config(model)
     check_fits_context(window, lm_config, f"base LM {model}")
     layer = layer or _default_layer_for(lm_config, model)
     _check_model_vocab(data, model, lm_config)
@@ -258,15 +258,6 @@ def check_disk(out: Path, num_entries: int, config) -> None:
         f"the datastore for {num_entries:,} positions × {dim} dims (keys fp16 + values int32) in {out}",
         "free disk space or choose an --out on a larger file system; keys take N × d × 2 bytes.",
     )
-
-
-def _model_config(model: str):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(resolve_model(model))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load base LM {str(model)!r}: not a model directory or hub name ({err}).") from err
 
 
 def _default_layer_for(config, model: str) -> str:
