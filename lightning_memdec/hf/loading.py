@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from lightning_memdec.io.artifact_dirs import sha256_file
-from lightning_memdec.io.embedded import SHIPPED_TOKENIZERS, load_tokenizer, resolve_model
+from lightning_memdec.io.embedded import SHIPPED_TOKENIZERS, load_tokenizer, resolve_model, tokenizer_from_directory
 
 __all__ = [
     "load_causal_lm",
@@ -108,7 +108,7 @@ def find_tokenizer(ref, model=None):
         if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
             continue
         try:
-            tokenizer = AutoTokenizer.from_pretrained(candidate)
+            tokenizer = tokenizer_from_directory(path) if path.is_dir() else AutoTokenizer.from_pretrained(candidate)
         except Exception:  # no tokenizer there; errors differ by version and source
             continue
         if len(tokenizer) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lightning_memdec.io.artifact_dirs import wrong_path
@@ -12,6 +13,7 @@ SHIPPED_TOKENIZERS = ("gpt2", "gpt-neox-20b")
 EMBEDDED_DOMAINS = ("general", "biomed", "law")
 SPLITS = ("train", "valid", "test")
 SHIPPED_MODELS = ("base-small", "base-large")
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")  # a tokenizer.json and nothing else
 
 
 def load_tokenizer(name_or_path: str):
@@ -20,7 +22,7 @@ def load_tokenizer(name_or_path: str):
 
     path = Path(name_or_path)
     if path.exists():
-        return AutoTokenizer.from_pretrained(str(path))
+        return tokenizer_from_directory(path)
     if name_or_path in SHIPPED_TOKENIZERS:
         return AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / name_or_path))
     try:
@@ -30,6 +32,26 @@ def load_tokenizer(name_or_path: str):
             f"cannot load tokenizer {name_or_path!r}: it is neither a directory, a shipped tokenizer "
             f"{SHIPPED_TOKENIZERS}, nor reachable on the Hugging Face hub ({err})."
         ) from err
+
+
+def tokenizer_from_directory(path: str | Path):
+    """``AutoTokenizer`` of a directory, except where it would add tokens that the saved tokenizer lacks.
+
+    transformers 5 imposes the class of config.json's model type: a Llama-3 tokenizer (saved as a generic fast
+    tokenizer) beside a Qwen2 body, as the paper's cross-family decoders ship, loads as ``Qwen2Tokenizer``, which adds
+    ``<|endoftext|>``, so its ids no longer match the Llama base's. A generic tokenizer is then loaded as saved.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    config = path / "tokenizer_config.json"
+    if not config.is_file() or not (path / "tokenizer.json").is_file():
+        return tokenizer
+    if json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") not in GENERIC_TOKENIZER_CLASSES:
+        return tokenizer
+    as_saved = PreTrainedTokenizerFast.from_pretrained(str(path))
+    return as_saved if len(as_saved) != len(tokenizer) else tokenizer
 
 
 def embedded_text(domain: str, split: str) -> Path:
