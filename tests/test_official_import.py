@@ -96,6 +96,14 @@ def test_datastore_import_from_a_directory_of_shards(tmp_path, biomed_datastore,
     np.testing.assert_array_equal(Datastore(tmp_path / "ds").keys, source.keys)
 
 
+def test_datastore_import_with_the_base_records_its_key_layer(tmp_path, biomed_datastore, biomed_corpus, tiny_gpt2):
+    """The official key (the last MLP's input) is this package's default layer: kNN-LM can hook the base there."""
+    arrow = official_datastore(tmp_path / "dstore.arrow", Datastore(biomed_datastore))
+    store = Datastore(import_official(tmp_path / "ds", datastore=arrow, corpus=biomed_corpus, model=str(tiny_gpt2)))
+    assert store.meta["layer"] == Datastore(biomed_datastore).meta["layer"] == "transformer.h.-1.ln_2"
+    assert store.meta["model_type"] == "gpt2" and store.meta["model"] == str(tiny_gpt2)
+
+
 def test_imported_datastore_gives_the_same_targets(imported, tmp_path, biomed_datastore):
     """build-targets accepts the import, and its targets are the source datastore's, number for number."""
     ours = build_targets(biomed_datastore, None, tmp_path / "t-src", k=16, temperature=4.0, search="exact")

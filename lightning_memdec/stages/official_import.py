@@ -13,6 +13,7 @@ files; the index is copied, not re-serialised) and published atomically under th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from pathlib import Path
@@ -255,7 +256,7 @@ def import_index(index_file: Path, datastore: Path, out: Path, overwrite: bool) 
     if not index_file.is_file():
         raise ArtifactError(f"--index {index_file} is not a file; give the official .index file (build_index.py).")
     try:
-        index = faiss.read_index(str(index_file))
+        index = faiss.read_index(str(index_file), faiss.IO_FLAG_MMAP)  # inverted lists mapped, not read into RAM
     except RuntimeError as err:
         raise ArtifactError(f"--index {index_file} is not a FAISS index ({err}).") from err
     check_official_index(index, store, index_file)
@@ -349,15 +350,11 @@ def index_nprobe(index) -> int:
         return 1
 
 
-class discarded_on_error:
-    """Removes a work directory when its block fails, so a refused import leaves nothing behind."""
-
-    def __init__(self, work: Path):
-        self.work = work
-
-    def __enter__(self) -> Path:
-        return self.work
-
-    def __exit__(self, kind, error, trace) -> None:
-        if kind is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
+@contextlib.contextmanager
+def discarded_on_error(work: Path):
+    """Removes the work directory when the block fails, so a refused import leaves nothing behind."""
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
