@@ -79,6 +79,34 @@ def open_documents(
     return itertools.chain([first], documents), sources
 
 
+def open_rows(
+    dataset: str | None, dataset_config: str | None, split: str, data_files: list[str] | None, text_field: str
+) -> tuple[Iterator[str], list[dict]]:
+    """Every row's text, blank and null rows included (as ""), lazily, and the source's provenance: the rows the
+    official preprocessing tokenizes one by one (:mod:`lightning_memdec.io.official_preprocessing`)."""
+    if not (dataset or data_files):
+        raise ValueError(
+            "--separation official reads dataset rows (WikiText: one line per row), as the official preprocessing "
+            "does: give --dataset or --data_files, not --text."
+        )
+    parts = dataset_parts(dataset, dataset_config, split, data_files, text_field)
+    sources = [{**provenance, "text_field": text_field, "separation": "official"} for _, provenance in parts]
+    return row_texts(parts, text_field), sources
+
+
+def row_texts(parts: Iterable[tuple[Iterable[dict], dict]], text_field: str) -> Iterator[str]:
+    for batches, provenance in parts:
+        for batch in batches:
+            if text_field not in batch:
+                raise missing_column(text_field, list(batch), provenance)
+            for row in batch[text_field]:
+                if row is not None and not isinstance(row, str):
+                    raise ValueError(
+                        f"column {text_field!r} of {describe(provenance)} holds {type(row).__name__}, not text."
+                    )
+                yield row or ""
+
+
 def compile_document_start(document_start: str | None) -> re.Pattern | None:
     if document_start is None:
         return None
@@ -192,23 +220,14 @@ def row_documents(
     into shards reads as it does whole); a null row counts as a blank one.
     """
     current: list[str] = []
-    for batches, provenance in parts:
-        for batch in batches:
-            if text_field not in batch:
-                raise missing_column(text_field, list(batch), provenance)
-            for row in batch[text_field]:
-                row = "" if row is None else row
-                if not isinstance(row, str):
-                    raise ValueError(
-                        f"column {text_field!r} of {describe(provenance)} holds {type(row).__name__}, not text."
-                    )
-                if document_start is None:
-                    yield from non_blank(row)
-                elif document_start.search(row) and current:
-                    yield from non_blank("\n".join(current))
-                    current = [row.removesuffix("\n")]
-                else:
-                    current.append(row.removesuffix("\n"))
+    for row in row_texts(parts, text_field):
+        if document_start is None:
+            yield from non_blank(row)
+        elif document_start.search(row) and current:
+            yield from non_blank("\n".join(current))
+            current = [row.removesuffix("\n")]
+        else:
+            current.append(row.removesuffix("\n"))
     if current:
         yield from non_blank("\n".join(current))
 

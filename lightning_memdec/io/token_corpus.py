@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, open_checked, publish, read_meta, start_work_dir
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.npy_rows import NpyAppender
+from lightning_memdec.io.official_preprocessing import official_groups
 from lightning_memdec.io.output_lock import exclusive_output
-from lightning_memdec.io.text_sources import open_documents
+from lightning_memdec.io.text_sources import open_documents, open_rows
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 
+SEPARATIONS = ("eos", "official")
 TOKENS = "tokens.npy"
 DOC_OFFSETS = "doc_offsets.npy"
 
@@ -116,6 +118,7 @@ def tokenize(
     text_field: str = "text",
     document_start: str | None = None,
     num_proc: int = 1,
+    separation: str = "eos",
 ) -> Path:
     """Tokenize text files or a Hugging Face dataset into a corpus directory, streaming.
 
@@ -140,6 +143,9 @@ def tokenize(
             one, rows joined by newlines (WikiText articles: '^ = [^=].* = $'). Without it, each non-blank row is
             a document.
         num_proc: processes that encode batches (the output does not depend on it).
+        separation: ``eos``: an EOS after each document; ``official``: the paper's preprocessing, whose datastores
+            ``memdec import-official`` reads: every dataset row tokenized alone (with the tokenizer's own special
+            tokens), no EOS, grouped as the official code groups them (see io/official_preprocessing.py).
     """
     if out is None:
         raise ValueError("give the output corpus directory with --out DIR.")
@@ -147,18 +153,34 @@ def tokenize(
         raise ValueError(f"max_tokens must be at least 2, got {max_tokens}.")
     if num_proc < 1 or batch_documents < 1:
         raise ValueError(f"num_proc and batch_documents must be at least 1, got {num_proc} and {batch_documents}.")
+    if separation not in SEPARATIONS:
+        raise ValueError(f"--separation must be one of {SEPARATIONS}, got {separation!r}.")
+    if separation == "official" and (text or document_start is not None):
+        raise ValueError("--separation official tokenizes dataset rows one by one: give --dataset or --data_files, "
+                         "and no --document_start (the official preprocessing splits no documents).")  # fmt: skip
     text = [text] if isinstance(text, str) else text
-    documents, sources = open_documents(text, dataset, dataset_config, split, data_files, text_field, document_start)
+    if separation == "official":
+        documents, sources = open_rows(dataset, dataset_config, split, data_files, text_field)
+    else:
+        documents, sources = open_documents(
+            text, dataset, dataset_config, split, data_files, text_field, document_start
+        )
     tok = load_tokenizer(tokenizer)
-    if tok.eos_token_id is None:
+    if separation == "eos" and tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS token to separate documents; set tokenizer.eos_token.")
     run_config = {"sources": sources, "tokenizer": tokenizer, "max_tokens": max_tokens}
+    run_config.update({"separation": separation} if separation != "eos" else {})
     work = start_work_dir(out, run_config, overwrite)
 
     info = tokenizer_info(tok, tokenizer)
     start = time.perf_counter()
-    pieces = encode_stream(documents, tok, max_tokens, batch_documents, num_proc, token_dtype(info["vocab_size"]))
-    out = write_corpus(work, out, pieces, info, sources=sources, max_tokens=max_tokens)
+    if separation == "official":
+        num_rows = sum(1 for _ in open_rows(dataset, dataset_config, split, data_files, text_field)[0])
+        pieces = at_most(official_groups(encode_rows(documents, tok, batch_documents), num_rows), max_tokens)
+    else:
+        pieces = encode_stream(documents, tok, max_tokens, batch_documents, num_proc, token_dtype(info["vocab_size"]))
+    provenance = {"separation": separation} if separation != "eos" else {}
+    out = write_corpus(work, out, pieces, info, sources=sources, max_tokens=max_tokens, **provenance)
     meta, seconds = read_meta(out), time.perf_counter() - start
     print(
         f"tokenized {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {seconds:.1f} s: "
@@ -173,7 +195,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_corpus(work: Path, out: Path, documents: Iterable[np.ndarray], tokenizer: dict, **provenance) -> Path:
-    """Save token documents (each ending in EOS) as a corpus in ``work`` and publish it at ``out``.
+    """Save token documents (each ending in EOS, or the official preprocessing's groups) as a corpus in ``work``
+    and publish it at ``out``.
 
     The one writer of the corpus format: ``tokenize`` and synthetic corpora (benchmarks) go through it.
     ``documents`` may be any iterable; each is appended to the files as it comes, so memory holds one at a time.
@@ -211,18 +234,30 @@ def encode_stream(
 ) -> Iterator[np.ndarray]:
     """Token ids of each document followed by EOS, lazily and in order, the last one cut so the total is at most
     ``max_tokens`` (documents are then read no further than a few batches past it)."""
-    total = 0
     progress = tqdm(total=max_tokens, desc="tokenize", unit="tok", unit_scale=True, leave=False)
     with progress, contextlib.closing(encoded_batches(documents, tok, batch_documents, num_proc, dtype)) as batches:
-        for batch in batches:
-            for ids in batch:
-                if max_tokens is not None:
-                    ids = ids[: max_tokens - total]
-                if len(ids) == 0:
-                    return
-                total += len(ids)
-                progress.update(len(ids))
-                yield ids
+        for ids in at_most((ids for batch in batches for ids in batch), max_tokens):
+            progress.update(len(ids))
+            yield ids
+
+
+def at_most(pieces: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
+    """``pieces`` in order, the last one cut so the total is at most ``max_tokens``; none is read past it."""
+    total = 0
+    for ids in pieces:
+        if max_tokens is not None:
+            ids = ids[: max_tokens - total]
+        if len(ids) == 0:
+            return
+        total += len(ids)
+        yield ids
+
+
+def encode_rows(rows: Iterable[str], tok, batch_rows: int) -> Iterator[list[int]]:
+    """Each row's ids as the official preprocessing has them: ``tok(rows)``, the tokenizer's special tokens, no EOS."""
+    rows = iter(rows)
+    for batch in iter(lambda: list(itertools.islice(rows, batch_rows)), []):
+        yield from tok(batch)["input_ids"]
 
 
 def encode_documents(
