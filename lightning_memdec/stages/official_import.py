@@ -94,8 +94,8 @@ def import_datastore(
     check_schemas(files, schema)
     data = Corpus(corpus) if corpus is not None else None
     info = data.tokenizer if data is not None else tokenizer_info(load_tokenizer(tokenizer), tokenizer)
+    model_type = model_config(model).model_type if model is not None else None  # a wrong --model fails before the scan
     num_entries, values_sha256 = scan_values(files, schema, data, info["vocab_size"])
-    model_type = model_config(model).model_type if model is not None else None
     run_config = {"files": [str(f.resolve()) for f in files], "corpus": str(corpus), "tokenizer": info}
     work = start_work_dir(out, run_config, overwrite)
     with discarded_on_error(work):
