@@ -317,3 +317,16 @@ def test_malformed_index_is_refused_and_nothing_written(imported, tmp_path, case
     with pytest.raises(ArtifactError, match=match):
         import_official(tmp_path / "idx", datastore=imported / "ds", index=tmp_path / "bad.index")
     assert_nothing_written(tmp_path / "idx")
+
+
+def test_an_import_needs_one_thing_to_import(tmp_path):
+    with pytest.raises(ValueError, match="give --datastore"):
+        import_official(tmp_path / "o", targets=tmp_path / "knn.arrow")
+    with pytest.raises(ValueError, match="give --targets or --index, not both"):
+        import_official(tmp_path / "o", datastore=tmp_path, targets=tmp_path / "k.arrow", index=tmp_path / "i.index")
+    keys = np.zeros((3, 4), dtype=np.float16)
+    arrow = write_stream(tmp_path / "dstore.arrow", datastore_schema(4), {"keys": list(keys), "vals": [1, 2, 3]})
+    (tmp_path / "not-a-model").mkdir()  # a directory without config.json: refused offline, before the scan
+    with pytest.raises(ValueError, match="cannot load model '.*not-a-model'"):
+        import_official(tmp_path / "o", datastore=arrow, tokenizer="gpt2", model=str(tmp_path / "not-a-model"))
+    assert_nothing_written(tmp_path / "o")
