@@ -85,6 +85,7 @@ def trained_decoder(kind: str, epochs: int, ctx: dict) -> tuple[Path, dict]:
     name = f"{kind}-e{epochs}"
     times_path = ctx["out"] / "runs" / name / "train_seconds.json"  # one file per run: runs may go in parallel
     budget, (dt, dv), (tt, tv) = ctx["budget"], ctx["corpora"], ctx["targets"]
+    trained_before = done(ctx["out"] / "models" / name)
     clock = StageClock()
     with clock(name):
         if kind == "memdec":
@@ -93,9 +94,10 @@ def trained_decoder(kind: str, epochs: int, ctx: dict) -> tuple[Path, dict]:
             beta, targets = 0.0, {}
         lr = budget.decoder_lr
         model = train_model(name, ctx["out"], dt, dv, budget, steps, ctx["start"], beta, **targets, lr=lr)
-    if not times_path.is_file():  # a rerun reuses the finished model: keep the time of the run that trained it
+    if not trained_before:  # a rerun reuses the finished model: keep the time of the run that trained it
         write_json_atomic(times_path, {"seconds": clock.seconds[name], "cpu_seconds": clock.cpu_seconds[name]})
-    return model, json.loads(times_path.read_text())
+    unknown = {"seconds": None, "cpu_seconds": None}  # trained by a run that recorded no time
+    return model, json.loads(times_path.read_text()) if times_path.is_file() else unknown
 
 
 def valid_scores(models: dict[str, Path | str], ctx: dict) -> dict[str, np.ndarray]:
@@ -147,7 +149,7 @@ def fmt(bounds: list[float]) -> str:
 def time_lines(times: dict[str, dict], baseline: Path, ctx: dict) -> list[str]:
     """Training time of every decoder, and the baseline quickstart's total projected to each E (CPU seconds: the
     baseline's total plus what both decoders' training adds over one epoch)."""
-    lines = ["## training time (this process; the machine was shared, so wall seconds are inflated)",
+    lines = ["## training time (as its run recorded it; on a shared machine wall seconds are inflated)",
              "| decoder | E | steps | wall s | CPU s |", "|---|---:|---:|---:|---:|"]  # fmt: skip
     for k, t in times.items():
         kind, epochs = k.rsplit("-e", 1)
@@ -156,12 +158,15 @@ def time_lines(times: dict[str, dict], baseline: Path, ctx: dict) -> list[str]:
     if not report.is_file():
         return lines + ["", "(no baseline report.json yet: no projection of the quickstart's total)", ""]
     total = json.loads(report.read_text())["total_cpu_seconds"]
-    lines += ["", f"baseline quickstart total CPU s: {total} (unloaded wall on 2 cores ≈ CPU s / 2)",
-              "| E | projected quickstart CPU s | ≈ unloaded wall min on 2 cores |", "|---:|---:|---:|"]  # fmt: skip
+    lines += ["", f"baseline quickstart total CPU s: {total} (CPU s / 2: a lower bound of the wall clock on 2 "
+              "unloaded cores)", "| E | projected quickstart CPU s | CPU min / 2 |", "|---:|---:|---:|"]  # fmt: skip
     epochs = sorted({int(k.rsplit("-e", 1)[1]) for k in times})
     for e in epochs:
-        extra = sum(times[f"{d}-e{e}"]["cpu_seconds"] - times[f"{d}-e1"]["cpu_seconds"] for d in ctx["decoders"]
-                    if f"{d}-e{e}" in times and f"{d}-e1" in times)  # fmt: skip
+        cpu = {d: (times.get(f"{d}-e{e}", {}).get("cpu_seconds"), times.get(f"{d}-e1", {}).get("cpu_seconds"))
+               for d in ctx["decoders"]}  # fmt: skip
+        if any(None in pair for pair in cpu.values()):
+            continue  # a time not recorded: no projection for this E
+        extra = sum(now - one for now, one in cpu.values())
         lines.append(f"| {e} | {total + extra:.0f} | {(total + extra) / 2 / 60:.1f} |")
     return lines + [""]
 
