@@ -107,6 +107,11 @@ def split_path(domain: str | None, split: str) -> str:
     return str(path)
 
 
+def epoch_steps(train: Path, budget: Budget) -> int:
+    """Training steps of one epoch over a tokenized train corpus: its tokens in windows × batch, rounded up."""
+    return -(-Corpus(train).num_tokens // (budget.window * budget.batch_size))
+
+
 def corpus_dir(out: Path, text: str, tokenizer: str, max_tokens: int) -> Path:
     return out if done(out) else tokenize([text], out, tokenizer, max_tokens=max_tokens)
 
