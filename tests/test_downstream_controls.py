@@ -180,3 +180,18 @@ def test_ce_only_without_memdec_is_refused_before_any_model_is_loaded(tmp_path, 
     with pytest.raises(ValueError, match="--ce_only .* pass --memdec"):
         downstream([str(tasks)], [str(tiny_gpt2)], tmp_path / "out", ce_only=str(tiny_gpt2), device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_general_windows_fit_the_models_context_with_the_default_max_length(tmp_path, tiny_gpt2):
+    """The default --max_length (1024) exceeds the tiny models' 512 positions: the general windows take the models'
+    context (read from their configs before any model loads) instead of failing on the position embeddings."""
+    tasks = write_task_folder(tmp_path / "tasks", dev=False)
+    (tmp_path / "general.txt").write_text(GENERAL * 30)  # > 512 tokens
+    report = downstream([str(tasks)], [str(tiny_gpt2)], tmp_path / "out", memdec=str(tiny_gpt2), lmbda=0.3,
+                        general=str(tmp_path / "general.txt"), device="cpu", bootstrap=20)  # fmt: skip
+    general = report["general"]
+    assert general["tokens"] > 512 and general["window"] == 512 and general["stride"] == 256
+    # the decoder is the base itself here, so every mixture of the two is the base, at any λ
+    base = general["models"][str(tiny_gpt2)]["ppl"]
+    assert general["models"]["MemDec"]["ppl"] == pytest.approx(base)
+    assert general["mixtures"][f"{tiny_gpt2} + MemDec"]["0.3"]["ppl"] == pytest.approx(base)

@@ -34,6 +34,7 @@ from lightning_memdec.hf.loading import (
     find_tokenizer,
     forward_params,
     load_causal_lm,
+    model_config,
     position_ids_from_mask,
     torch_device,
 )
@@ -49,7 +50,15 @@ from lightning_memdec.kernels.scoring import (
     vocab_log_probs,
 )
 
-__all__ = ["downstream", "next_token_log_probs", "dcpmi_scores", "choose_lambda", "PromptScorer"]
+__all__ = [
+    "downstream",
+    "next_token_log_probs",
+    "dcpmi_scores",
+    "choose_lambda",
+    "PromptScorer",
+    "general_text",
+    "general_summary",
+]
 
 PMI_EPS = 1e-10  # score.py's log(p + 1e-10)
 SYSTEM_SUFFIX = {None: "", "memdec": " + MemDec", "knn": " + kNN-LM", "ce_only": " + CE-only"}
@@ -187,12 +196,13 @@ class _Run:
         fingerprint = tokenizer_info(tok, "base")["fingerprint"]
         base_side = _knn_side(knnlm) if knnlm is not None else _lm_side(model, vocab, "base")
         self._score_general(name, model, vocab, knnlm)
+        has_knn = knnlm is not None
         for task in self.tasks:
             ids = self.verbalizer_ids[name][task.name]
             token_ids = sorted({t for cls in ids for t in cls})
             column = {t: j for j, t in enumerate(token_ids)}
             columns = [[column[t] for t in cls] for cls in ids]
-            kinds = [None] + [k for k in ("memdec", "knn", "ce_only") if k in self.decoders or (k == "knn" and knnlm)]
+            kinds = [None] + [k for k in ("memdec", "knn", "ce_only") if k in self.decoders or k == "knn" and has_knn]
             tuned = [k for k in kinds if k in ("memdec", "knn")]  # the controls take MemDec's λ
             tune = any(self.fixed_lambda(task, k)[0] is None for k in tuned) and "dev" in task.splits
             arrays = {}
@@ -214,8 +224,6 @@ class _Run:
         """The general text's log p(gold) of this base (and its p_kNN), and of the decoders once."""
         if self.general is None:
             return
-        if context_length(model) and context_length(model) < self.general.window:
-            raise ValueError(f"{name} has {context_length(model)} positions; pass --max_length at most that.")
         if knnlm is not None:
             self.general.score_knn(name, f"kNN-LM of {name}", knnlm)
         else:
@@ -388,11 +396,12 @@ def downstream(
         ref: {t.name: single_token_verbalizers(t, tok, f"{ref}'s tokenizer") for t in task_list}
         for ref, tok in tokenizers.items()
     }
-    general_text = _general_text(general, general_tokens, tokenizers, max_length, batch_size)
+    models = [m for m in (*bases, memdec, ce_only) if m is not None]
+    general_split = general_text(general, general_tokens, tokenizers, models, max_length, batch_size)
     dev = torch_device(device)
     decoders = {name: load_causal_lm(ref).to(dev).eval() for name, ref in (("memdec", memdec), ("ce_only", ce_only))
                 if ref is not None}  # fmt: skip
-    run = _Run(task_list, verbalizer_ids, lambdas, grid, decoders, (max_length, batch_size), general_text)
+    run = _Run(task_list, verbalizer_ids, lambdas, grid, decoders, (max_length, batch_size), general_split)
     knn_args = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
     for i, ref in enumerate(bases):
         model = load_causal_lm(ref).to(dev).eval()
@@ -412,20 +421,22 @@ def downstream(
         "scoring": "DCPMI: sum over single-token verbalizers of log(P(v|x)+1e-10) - log(P(v|domain)+1e-10)",
         "lambda_grid": grid, "n_sample": n_sample, "max_length": max_length,
         **accuracy_summary(run.results, bootstrap, seed, grid),
-        "general": None if general_text is None else general_summary(general_text, run.results, decoders),
+        "general": None if general_split is None else general_summary(general_split, run.results, decoders),
     }  # fmt: skip
     write_downstream_report(report, out)
     return report
 
 
-def _general_text(spec, max_tokens, tokenizers: dict, max_length: int, batch_size: int) -> GeneralText | None:
-    """The general split, tokenized before any model is loaded; every base must share the first base's tokenizer."""
+def general_text(spec, max_tokens, tokenizers: dict, models: list[str], max_length: int, batch_size: int):
+    """The general split, tokenized before any model is loaded, in windows of ``max_length`` capped by the context of
+    every model (read from their configs); every base must share the first base's tokenizer."""
     if spec is None:
         return None
     fingerprints = {ref: tokenizer_info(tok, ref)["fingerprint"] for ref, tok in tokenizers.items()}
     if len(set(fingerprints.values())) > 1:
         raise ValueError(f"--general needs bases of one tokenizer (fingerprints {fingerprints}); drop --general.")
-    return GeneralText(spec, next(iter(tokenizers.values())), max_tokens, max_length, batch_size)
+    window = min([max_length] + [n for n in (context_length(model_config(m)) for m in models) if n])
+    return GeneralText(spec, next(iter(tokenizers.values())), max_tokens, window, batch_size)
 
 
 def general_summary(general: GeneralText, results: list[dict], decoders: dict) -> dict[str, Any]:
