@@ -186,11 +186,10 @@ class _Run:
 
     def score_base(self, name: str, model, tok, knnlm: KNNLM | None) -> None:
         """Every task with one base: alone, + MemDec, + kNN-LM, + CE-only at MemDec's λ (other bases: later)."""
-        memdec = self.decoders.get("memdec")
-        vocab = len(tok)
-        if memdec is not None:  # refuses a decoder of another tokenizer, naming both
-            vocab = mixture_vocab(model, memdec, tok, find_tokenizer(memdec, memdec))
         decoders = list(self.decoders.values())
+        vocab = len(tok)
+        for decoder in decoders:  # refuses a decoder of another tokenizer, naming both
+            vocab = min(vocab, mixture_vocab(model, decoder, tok, find_tokenizer(decoder, decoder)))
         limits = [self.max_length, context_length(model)] + [context_length(d) for d in decoders]
         scorer = PromptScorer(tok, min(x for x in limits if x), self.batch_size)
         fingerprint = tokenizer_info(tok, "base")["fingerprint"]
@@ -414,6 +413,9 @@ def downstream(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(run.results, out / "predictions.jsonl")
+    general_figures = None
+    if general_split is not None:
+        general_figures = general_summary(general_split, run.results, decoders, bootstrap, seed)
     report = {
         "tasks": {t.name: {"files": t.files, "n_test": len(t.splits["test"]), "labels": t.labels} for t in task_list},
         "bases": bases, "memdec": memdec, "ce_only": ce_only, "datastores": datastore, "verbalizers": verbalizers,
@@ -421,7 +423,7 @@ def downstream(
         "scoring": "DCPMI: sum over single-token verbalizers of log(P(v|x)+1e-10) - log(P(v|domain)+1e-10)",
         "lambda_grid": grid, "n_sample": n_sample, "max_length": max_length,
         **accuracy_summary(run.results, bootstrap, seed, grid),
-        "general": None if general_split is None else general_summary(general_split, run.results, decoders),
+        "general": general_figures,
     }  # fmt: skip
     write_downstream_report(report, out)
     return report
@@ -439,9 +441,9 @@ def general_text(spec, max_tokens, tokenizers: dict, models: list[str], max_leng
     return GeneralText(spec, next(iter(tokenizers.values())), max_tokens, window, batch_size)
 
 
-def general_summary(general: GeneralText, results: list[dict], decoders: dict) -> dict[str, Any]:
+def general_summary(general: GeneralText, results: list[dict], decoders: dict, resamples: int, seed: int):
     """Every model alone (bases, decoders) and every mixture at each λ its tasks used, on the general text."""
     alone = list(dict.fromkeys(r["base"] for r in results))
     alone += [SYSTEM_SUFFIX[kind].removeprefix(" + ") for kind in decoders]
     mixtures = {(r["system"], r["base"], r["other"], r["lmbda"]) for r in results if r["kind"] != "base"}
-    return general.summary(alone, sorted(mixtures, key=lambda m: (m[0], m[3])))
+    return general.summary(alone, sorted(mixtures, key=lambda m: (m[0], m[3])), resamples, seed)

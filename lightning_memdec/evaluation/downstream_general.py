@@ -50,14 +50,15 @@ class GeneralText:
         got = self._run(knnlm_scorer(knnlm), f"general: {base} + kNN")
         self.log_probs[base], self.log_probs[knn] = got["base"], got["knn"]
 
-    def summary(self, alone: list[str], mixtures: list[tuple[str, str, str, float]]) -> dict[str, Any]:
-        """Perplexity and 95 % interval of each model in ``alone`` and each ``(system, base, other, λ)`` mixture."""
+    def summary(self, alone: list[str], mixtures: list[tuple], resamples: int, seed: int) -> dict[str, Any]:
+        """Perplexity and 95 % interval of each model in ``alone`` and each ``(system, base, other, λ)`` mixture,
+        all on the same ``resamples`` draws of documents."""
         arrays = {("model", name): self.log_probs[name] for name in alone}
         for system, base, other, lmbda in mixtures:
             mixed = mix_log_probs(torch.as_tensor(self.log_probs[base]), torch.as_tensor(self.log_probs[other]), lmbda)
             arrays[(system, f"{lmbda:g}")] = mixed.numpy()
         keys = list(arrays)
-        draws = bootstrap_perplexities([document_sums(arrays[k], self.offsets) for k in keys])
+        draws = bootstrap_perplexities([document_sums(arrays[k], self.offsets) for k in keys], resamples, seed)
         figures = {k: {"ppl": perplexity(arrays[k]), "ci95": interval(draws[i])} for i, k in enumerate(keys)}
         out: dict[str, Any] = {
             "split": str(self.spec), "tokens": int(len(self.tokens)), "documents": int(len(self.offsets) - 1),
