@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lightning_memdec.evaluation.downstream_general import GeneralText
 from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report
 from lightning_memdec.evaluation.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
 from lightning_memdec.hf.left_padding import left_padded_batches
@@ -33,6 +34,7 @@ from lightning_memdec.hf.loading import (
     find_tokenizer,
     forward_params,
     load_causal_lm,
+    model_config,
     position_ids_from_mask,
     torch_device,
 )
@@ -48,9 +50,18 @@ from lightning_memdec.kernels.scoring import (
     vocab_log_probs,
 )
 
-__all__ = ["downstream", "next_token_log_probs", "dcpmi_scores", "choose_lambda", "PromptScorer"]
+__all__ = [
+    "downstream",
+    "next_token_log_probs",
+    "dcpmi_scores",
+    "choose_lambda",
+    "PromptScorer",
+    "general_text",
+    "general_summary",
+]
 
 PMI_EPS = 1e-10  # score.py's log(p + 1e-10)
+SYSTEM_SUFFIX = {None: "", "memdec": " + MemDec", "knn": " + kNN-LM", "ce_only": " + CE-only"}
 
 
 # -- the maths ---------------------------------------------------------------------------------------------------------
@@ -153,12 +164,16 @@ def _knn_side(knnlm: KNNLM):
 
 
 class _Run:
-    """What one ``downstream`` call scores with: tasks, verbalizer ids per base, λ settings, the shared decoder."""
+    """What one ``downstream`` call scores with: tasks, verbalizer ids per base, λ settings, the decoders (MemDec and
+    the CE-only control, shared by the bases of their tokenizer) and, optionally, the general text to score."""
 
-    def __init__(self, tasks, verbalizer_ids, lambdas, grid, decoder, max_length, batch_size):
+    def __init__(self, tasks, verbalizer_ids, lambdas, grid, decoders: dict, scorer_args: tuple, general=None):
         self.tasks, self.verbalizer_ids, self.lambdas, self.grid = tasks, verbalizer_ids, lambdas, grid
-        self.decoder, self.max_length, self.batch_size = decoder, max_length, batch_size
-        self.decoded: dict[tuple, np.ndarray] = {}  # the decoder's arrays, shared by the bases of its tokenizer
+        self.decoders = {kind: model for kind, model in decoders.items() if model is not None}
+        self.max_length, self.batch_size = scorer_args
+        self.general: GeneralText | None = general
+        self.decoded: dict[tuple, np.ndarray] = {}  # the decoders' arrays, shared by the bases of their tokenizer
+        self.base_test: dict[tuple[str, str], dict] = {}  # (base, task) -> its test arrays, for the other-base control
         self.results: list[dict[str, Any]] = []
 
     def fixed_lambda(self, task: Task, kind: str) -> tuple[float | None, str]:
@@ -170,38 +185,76 @@ class _Run:
         return (given, "given") if given is not None else (None, "")
 
     def score_base(self, name: str, model, tok, knnlm: KNNLM | None) -> None:
-        """Every task with one base: alone, + MemDec, + kNN-LM."""
-        with_decoder = self.decoder is not None
+        """Every task with one base: alone, + MemDec, + kNN-LM, + CE-only at MemDec's λ (other bases: later)."""
+        decoders = list(self.decoders.values())
         vocab = len(tok)
-        if with_decoder:  # refuses a decoder of another tokenizer, naming both
-            vocab = mixture_vocab(model, self.decoder, tok, find_tokenizer(self.decoder, self.decoder))
-        limits = [self.max_length, context_length(model)] + ([context_length(self.decoder)] if with_decoder else [])
+        for decoder in decoders:  # refuses a decoder of another tokenizer, naming both
+            vocab = min(vocab, mixture_vocab(model, decoder, tok, find_tokenizer(decoder, decoder)))
+        limits = [self.max_length, context_length(model)] + [context_length(d) for d in decoders]
         scorer = PromptScorer(tok, min(x for x in limits if x), self.batch_size)
         fingerprint = tokenizer_info(tok, "base")["fingerprint"]
         base_side = _knn_side(knnlm) if knnlm is not None else _lm_side(model, vocab, "base")
+        self._score_general(name, model, vocab, knnlm)
+        has_knn = knnlm is not None
         for task in self.tasks:
             ids = self.verbalizer_ids[name][task.name]
             token_ids = sorted({t for cls in ids for t in cls})
             column = {t: j for j, t in enumerate(token_ids)}
             columns = [[column[t] for t in cls] for cls in ids]
-            kinds = [None] + (["memdec"] if with_decoder else []) + (["knn"] if knnlm is not None else [])
-            tune = any(k and self.fixed_lambda(task, k)[0] is None for k in kinds) and "dev" in task.splits
+            kinds = [None] + [k for k in ("memdec", "knn", "ce_only") if k in self.decoders or k == "knn" and has_knn]
+            tuned = [k for k in kinds if k in ("memdec", "knn")]  # the controls take MemDec's λ
+            tune = any(self.fixed_lambda(task, k)[0] is None for k in tuned) and "dev" in task.splits
             arrays = {}
             for split in ["test"] + (["dev"] if tune else []):
                 prompts = [task.prompt(r) for r in task.splits[split]] + [task.domain_premise]
                 arrays[split] = scorer.run(prompts, base_side, token_ids, f"{name} {task.name} {split}")
-                if with_decoder:
-                    key = (fingerprint, scorer.max_length, task.name, split)
+                for kind, decoder in self.decoders.items():
+                    key = (kind, fingerprint, scorer.max_length, task.name, split)
                     if key not in self.decoded:
-                        side = _lm_side(self.decoder, vocab, "memdec")
-                        got = scorer.run(prompts, side, token_ids, f"MemDec {task.name} {split}")
-                        self.decoded[key] = got["memdec"]
-                    arrays[split]["memdec"] = self.decoded[key]
+                        side = _lm_side(decoder, vocab, kind)
+                        self.decoded[key] = scorer.run(prompts, side, token_ids, f"{kind} {task.name} {split}")[kind]
+                    arrays[split][kind] = self.decoded[key]
+            self.base_test[(name, task.name)] = {"base": arrays["test"]["base"], "columns": columns, "vocab": vocab}
             for kind in kinds:
-                self.results.append(self._system(name, task, kind, arrays, columns))
+                given = self._memdec_lambda(name, task) if kind == "ce_only" else None
+                self.results.append(self._system(name, task, kind, arrays, columns, given))
 
-    def _system(self, base_name: str, task: Task, kind, arrays: dict, columns) -> dict[str, Any]:
-        """One (task, system): its λ (given, tuned on dev, or the fallback) and its test scores."""
+    def _score_general(self, name: str, model, vocab: int, knnlm: KNNLM | None) -> None:
+        """The general text's log p(gold) of this base (and its p_kNN), and of the decoders once."""
+        if self.general is None:
+            return
+        if knnlm is not None:
+            self.general.score_knn(name, f"kNN-LM of {name}", knnlm)
+        else:
+            self.general.score(name, model, vocab)
+        for kind, decoder in self.decoders.items():
+            self.general.score(SYSTEM_SUFFIX[kind].removeprefix(" + "), decoder, vocab)
+
+    def _memdec_lambda(self, base_name: str, task: Task) -> tuple[float, str]:
+        """MemDec's λ for this base and task, which its controls are mixed at."""
+        got = next(
+            r for r in self.results if r["base"] == base_name and r["task"] == task.name and r["kind"] == "memdec"
+        )
+        return got["lmbda"], f"MemDec's ({got['lmbda_from']})"
+
+    def add_other_base_controls(self, bases: list[str]) -> None:
+        """base + another base at MemDec's λ of the base: does any second general model help as much?"""
+        if "memdec" not in self.decoders:
+            return
+        for name in bases:
+            for other in (b for b in bases if b != name):
+                for task in self.tasks:
+                    mine, theirs = self.base_test[(name, task.name)], self.base_test[(other, task.name)]
+                    if mine["columns"] != theirs["columns"] or mine["vocab"] != theirs["vocab"]:
+                        raise ValueError(f"{name} and {other} score different verbalizer ids or vocabularies; "
+                                         "the other-base control needs bases of one tokenizer.")  # fmt: skip
+                    arrays = {"test": {"base": mine["base"], other: theirs["base"]}}
+                    given = self._memdec_lambda(name, task)
+                    self.results.append(self._system(name, task, other, arrays, mine["columns"], given))
+
+    def _system(self, base_name: str, task: Task, kind, arrays: dict, columns, given=None) -> dict[str, Any]:
+        """One (task, system): its λ (``given`` as (λ, source), else given by flag, tuned on dev, or the fallback)
+        and its test scores. ``kind`` is None (the base alone), memdec, knn, ce_only or another base's name."""
 
         def view(split):  # the last row of every array is the domain premise
             a = arrays[split]
@@ -210,7 +263,9 @@ class _Run:
             return x if other is None else {**x, "other_x": other[:-1], "other_d": other[-1]}
 
         lmbda, source, curve = 0.0, "", None
-        if kind is not None:
+        if given is not None:
+            lmbda, source = given
+        elif kind is not None:
             lmbda, source = self.fixed_lambda(task, kind)
             if lmbda is None and "dev" in arrays:
                 dev_labels = np.array([r["label"] for r in task.splits["dev"]])
@@ -218,10 +273,12 @@ class _Run:
                 source = "dev"
             elif lmbda is None:
                 lmbda, source = self.lambdas["fallback"], "fallback (no dev split)"
+        suffix = SYSTEM_SUFFIX.get(kind, f" + {kind}")
+        other = {None: None, "knn": f"kNN-LM of {base_name}"}.get(kind, suffix.removeprefix(" + "))
         scores = dcpmi_scores(**view("test"), class_columns=columns, lmbda=lmbda)
-        suffix = {None: "", "memdec": " + MemDec", "knn": " + kNN-LM"}[kind]
-        return {"task": task.name, "system": base_name + suffix, "base": base_name, "kind": kind or "base",
-                "lmbda": lmbda if kind else None, "lmbda_from": source or None, "dev_curve": curve,
+        kind_name = "base" if kind is None else kind if kind in SYSTEM_SUFFIX else "other base"
+        return {"task": task.name, "system": base_name + suffix, "base": base_name, "kind": kind_name,
+                "other": other, "lmbda": lmbda if kind else None, "lmbda_from": source or None, "dev_curve": curve,
                 "scores": scores, "labels": np.array([r["label"] for r in task.splits["test"]]),
                 "ids": [r["id"] for r in task.splits["test"]], "class_names": task.labels}  # fmt: skip
 
@@ -252,6 +309,7 @@ def downstream(
     bases: list[str],
     out: Path,
     memdec: str | None = None,
+    ce_only: str | None = None,
     datastore: list[str] | None = None,
     index: list[str] | None = None,
     task_names: list[str] | None = None,
@@ -269,11 +327,14 @@ def downstream(
     max_length: int = 1024,
     batch_size: int = 8,
     tokenizer: str | None = None,
+    general: str | None = None,
+    general_tokens: int | None = None,
     device: str = "auto",
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Zero-shot classification (kNN-Prompt's DCPMI): each base alone, + MemDec, + kNN-LM; report + predictions.
+    """Zero-shot classification (kNN-Prompt's DCPMI): each base alone, + MemDec, + kNN-LM, and the controls mixed at
+    MemDec's λ (+ the other bases, + the CE-only decoder); report with paired differences + predictions.
 
     Long by its signature and Args (one per ``memdec downstream`` flag); the scoring is in :class:`_Run`.
     Class score = Σ over the class's single-token verbalizers of log(P(v|x)+1e-10) − log(P(v|domain)+1e-10), a sum
@@ -282,9 +343,11 @@ def downstream(
 
     Args:
         tasks: task folders (tasks.json + <task>/test.jsonl [+ dev.jsonl]) and/or YAML task files.
-        bases: base LMs (names, directories or embedded:base-small); each is scored alone and mixed.
+        bases: base LMs (names, directories or embedded:base-small); each is scored alone and mixed. With a memdec
+            and two or more bases, each base is also mixed with every other base at MemDec's λ (a control).
         out: output directory for predictions.jsonl, report.json, report.md and accuracy.png.
-        memdec: the Memory Decoder (directory or name); omitted: no "+ MemDec" systems.
+        memdec: the Memory Decoder (directory or name); omitted: no "+ MemDec" systems and no controls.
+        ce_only: the decoder trained with CE only (the paper's ablation), mixed at MemDec's λ (needs memdec).
         datastore: datastore directories for "+ kNN-LM" systems, one per base in the order of bases.
         index: index directories over those datastores, in the same order.
         task_names: score only these tasks (default: every task of every source).
@@ -300,12 +363,16 @@ def downstream(
         temperature: kNN-LM softmax temperature over squared L2 distances.
         exact_distances: recompute exact distances from the stored keys.
         nprobe: IVF lists visited per query (default: the index's).
-        max_length: keep the last this many prompt tokens (kNN-Prompt: 1024; capped by the models' positions).
-        batch_size: prompts per forward pass (left padded).
+        max_length: keep the last this many prompt tokens (kNN-Prompt: 1024; capped by the models' positions);
+            also the window of the general perplexity.
+        batch_size: prompts (or general-text windows) per forward pass.
         tokenizer: tokenizer for bases whose directory has none.
+        general: a general text split (text file, corpus directory or embedded:general/test) on which the
+            perplexity of every model and mixture used is reported; omitted: none.
+        general_tokens: score only the first this many tokens of ``general`` (default: all).
         device: cpu, cuda, cuda:1, … or auto.
-        bootstrap: resamples for the 95% bootstrap interval of each accuracy.
-        seed: seed of the bootstrap.
+        bootstrap: resamples for the 95% bootstrap intervals (accuracy, paired differences, general perplexity).
+        seed: seed of the bootstrap (task i uses seed + i).
     """
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
     lambdas = {
@@ -318,6 +385,8 @@ def downstream(
     datastore, index = list(datastore or []), list(index or [])
     if len(datastore) != len(index) or len(datastore) > len(bases):
         raise ValueError("give one --index per --datastore, and at most one datastore per base (in the bases' order).")
+    if ce_only is not None and memdec is None:
+        raise ValueError("--ce_only is a control mixed at MemDec's λ; pass --memdec too (or drop --ce_only).")
     task_list = load_tasks(tasks, task_names, verbalizers)
     for task in task_list:
         task.splits = {split: knn_prompt_sample(recs, n_sample) for split, recs in task.splits.items()}
@@ -326,9 +395,12 @@ def downstream(
         ref: {t.name: single_token_verbalizers(t, tok, f"{ref}'s tokenizer") for t in task_list}
         for ref, tok in tokenizers.items()
     }
+    models = [m for m in (*bases, memdec, ce_only) if m is not None]
+    general_split = general_text(general, general_tokens, tokenizers, models, max_length, batch_size)
     dev = torch_device(device)
-    decoder = load_causal_lm(memdec).to(dev).eval() if memdec is not None else None
-    run = _Run(task_list, verbalizer_ids, lambdas, grid, decoder, max_length, batch_size)
+    decoders = {name: load_causal_lm(ref).to(dev).eval() for name, ref in (("memdec", memdec), ("ce_only", ce_only))
+                if ref is not None}  # fmt: skip
+    run = _Run(task_list, verbalizer_ids, lambdas, grid, decoders, (max_length, batch_size), general_split)
     knn_args = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
     for i, ref in enumerate(bases):
         model = load_causal_lm(ref).to(dev).eval()
@@ -337,15 +409,41 @@ def downstream(
             knnlm = KNNLM(model, datastore[i], index[i], lmbda=0.5, tokenizer=tokenizers[ref], **knn_args)
         run.score_base(ref, model, tokenizers[ref], knnlm)
         del model, knnlm
+    run.add_other_base_controls(bases)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_predictions(run.results, out / "predictions.jsonl")
+    general_figures = None
+    if general_split is not None:
+        general_figures = general_summary(general_split, run.results, decoders, bootstrap, seed)
     report = {
         "tasks": {t.name: {"files": t.files, "n_test": len(t.splits["test"]), "labels": t.labels} for t in task_list},
-        "bases": bases, "memdec": memdec, "datastores": datastore, "verbalizers": verbalizers,
+        "bases": bases, "memdec": memdec, "ce_only": ce_only, "datastores": datastore, "verbalizers": verbalizers,
+        "controls": sorted({r["system"] for r in run.results if r["kind"] in ("ce_only", "other base")}),
         "scoring": "DCPMI: sum over single-token verbalizers of log(P(v|x)+1e-10) - log(P(v|domain)+1e-10)",
         "lambda_grid": grid, "n_sample": n_sample, "max_length": max_length,
-        **accuracy_summary(run.results, bootstrap, seed),
+        **accuracy_summary(run.results, bootstrap, seed, grid),
+        "general": general_figures,
     }  # fmt: skip
     write_downstream_report(report, out)
     return report
+
+
+def general_text(spec, max_tokens, tokenizers: dict, models: list[str], max_length: int, batch_size: int):
+    """The general split, tokenized before any model is loaded, in windows of ``max_length`` capped by the context of
+    every model (read from their configs); every base must share the first base's tokenizer."""
+    if spec is None:
+        return None
+    fingerprints = {ref: tokenizer_info(tok, ref)["fingerprint"] for ref, tok in tokenizers.items()}
+    if len(set(fingerprints.values())) > 1:
+        raise ValueError(f"--general needs bases of one tokenizer (fingerprints {fingerprints}); drop --general.")
+    window = min([max_length] + [n for n in (context_length(model_config(m)) for m in models) if n])
+    return GeneralText(spec, next(iter(tokenizers.values())), max_tokens, window, batch_size)
+
+
+def general_summary(general: GeneralText, results: list[dict], decoders: dict, resamples: int, seed: int):
+    """Every model alone (bases, decoders) and every mixture at each λ its tasks used, on the general text."""
+    alone = list(dict.fromkeys(r["base"] for r in results))
+    alone += [SYSTEM_SUFFIX[kind].removeprefix(" + ") for kind in decoders]
+    mixtures = {(r["system"], r["base"], r["other"], r["lmbda"]) for r in results if r["kind"] != "base"}
+    return general.summary(alone, sorted(mixtures, key=lambda m: (m[0], m[3])), resamples, seed)

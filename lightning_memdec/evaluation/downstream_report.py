@@ -7,55 +7,69 @@ from typing import Any
 
 import numpy as np
 
+from lightning_memdec.evaluation.downstream_differences import headline, paired_differences, task_draws
+from lightning_memdec.evaluation.intervals import bootstrap_means, interval
 from lightning_memdec.io.artifact_dirs import write_json_atomic
+from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, lambda_at_edge
 
 __all__ = ["bootstrap_interval", "accuracy_summary", "write_downstream_report", "plot_accuracy"]
 
 
 def bootstrap_interval(correct, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of a mean accuracy: ``n_resamples`` resamples of the examples with replacement.
-
-    ``np.random.default_rng(seed).integers(0, n, (n_resamples, n))`` draws the resamples, so every system of a task
-    (same n, same seed) is resampled on the same examples.
-    """
+    """Percentile bootstrap interval of a mean accuracy over examples (:mod:`evaluation.intervals`' bootstrap)."""
     correct = np.asarray(correct, dtype=np.float64)
     if correct.size == 0:
         raise ValueError("no examples: an accuracy over nothing has no interval.")
-    if n_resamples <= 0:
-        raise ValueError(f"n_resamples must be positive, got {n_resamples}.")
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, correct.size, size=(n_resamples, correct.size))].mean(axis=1)
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    low, high = interval(bootstrap_means(correct[:, None], n_resamples, seed)[0], level)
+    return low, high
 
 
-def accuracy_summary(results: list[dict], n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Accuracy, 95% interval and λ per task and system, and each system's mean accuracy over tasks."""
-    systems = list(dict.fromkeys(r["system"] for r in results))
-    per_task: dict[str, dict[str, Any]] = {}
+def accuracy_summary(results: list[dict], n_resamples: int = 1000, seed: int = 0, grid=None) -> dict[str, Any]:
+    """Accuracy, 95% interval and λ (flagged at an end of ``grid``) per task and system, each system's mean over
+    tasks with its interval, the paired differences (:mod:`evaluation.downstream_differences`) and the headline.
+
+    Task ``i`` (in order of appearance) is resampled with ``seed + i``; all systems of a task share its draws.
+    """
+    grid = list(DEFAULT_LAMBDA_GRID if grid is None else grid)
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    draws = {t: task_draws([r for r in results if r["task"] == t], n_resamples, seed + i) for i, t in enumerate(tasks)}
+    per_task: dict[str, dict[str, Any]] = {t: {} for t in tasks}
     for r in results:
-        correct = r["scores"].argmax(axis=1) == r["labels"]
-        low, high = bootstrap_interval(correct, n_resamples, seed)
-        per_task.setdefault(r["task"], {})[r["system"]] = {
-            "accuracy": float(correct.mean()),
-            "ci95": [low, high],
-            "n": int(correct.size),
+        acc, resampled = draws[r["task"]][r["system"]]
+        per_task[r["task"]][r["system"]] = {
+            "accuracy": acc,
+            "ci95": interval(resampled),
+            "n": int(r["labels"].size),
             "lmbda": r["lmbda"],
             "lmbda_from": r["lmbda_from"],
+            "lmbda_at_edge": r["lmbda"] is not None and lambda_at_edge(r["lmbda"], grid),
             "dev_accuracy_by_lambda": r["dev_curve"],
         }
-    mean = {
-        s: float(np.mean([cells[s]["accuracy"] for cells in per_task.values() if s in cells]))
-        for s in systems
-        if any(s in cells for cells in per_task.values())
-    }
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    mean, mean_ci = {}, {}
+    for s in systems:
+        scored = [t for t in tasks if s in draws[t]]
+        mean[s] = float(np.mean([draws[t][s][0] for t in scored]))
+        mean_ci[s] = interval(np.mean([draws[t][s][1] for t in scored], axis=0))
+    differences = paired_differences(draws, results, grid)
     return {
         "systems": systems,
         "accuracy": per_task,
         "mean_accuracy": mean,
-        "bootstrap": {"resamples": n_resamples, "seed": seed, "level": 0.95, "method": "percentile"},
+        "mean_accuracy_ci95": mean_ci,
+        "differences": differences,
+        "headline": headline(differences),
+        "bootstrap": {
+            "resamples": n_resamples,
+            "seed": seed,
+            "seed_of_task_i": "seed + i",
+            "level": 0.95,
+            "method": "percentile, paired over examples",
+        },  # fmt: skip
     }
+
+
+EDGE = " ⚠ at grid edge"
 
 
 def _cell(c: dict | None) -> str:
@@ -64,40 +78,118 @@ def _cell(c: dict | None) -> str:
     return f"{100 * c['accuracy']:.1f} [{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]"
 
 
+def _difference_cell(c: dict | None) -> str:
+    """A difference in points with its paired interval; bold when the interval excludes 0, flagged at a grid edge."""
+    if c is None:
+        return "—"
+    text = f"{100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"
+    return (f"**{text}**" if c["outside"] else text) + (" ⚠" if c["lmbda_at_edge"] else "")
+
+
+def _general_ppl(report: dict, system: str, lmbda) -> str:
+    general = report.get("general")
+    entry = ((general or {}).get("mixtures", {}).get(system) or {}).get(f"{lmbda:g}")
+    return "" if entry is None else f"; general ppl {entry['ppl']:.2f}"
+
+
+def _accuracy_lines(report: dict) -> list[str]:
+    systems, acc = report["systems"], report["accuracy"]
+    lines = ["| task | n | " + " | ".join(systems) + " |", "|---|---|" + "---|" * len(systems)]
+    for task, cells in acc.items():
+        n = next(iter(cells.values()))["n"]
+        lines.append(f"| {task} | {n} | " + " | ".join(_cell(cells.get(s)) for s in systems) + " |")
+    means, ci = report["mean_accuracy"], report["mean_accuracy_ci95"]
+    row = [f"{100 * means[s]:.1f} [{100 * ci[s][0]:.1f}, {100 * ci[s][1]:.1f}]" for s in systems]
+    return lines + ["| **mean** | | " + " | ".join(row) + " |"]
+
+
+def _difference_lines(report: dict) -> list[str]:
+    tasks = list(report["accuracy"])
+    lines = [
+        "Paired differences in accuracy (points, first − second) with their 95 % paired bootstrap intervals over "
+        "examples; **bold**: the interval excludes 0; ⚠: a λ of the pair at an end of the λ grid. Controls and "
+        "MemDec share MemDec's λ of the base and task.",
+        "",
+        "| difference | what | " + " | ".join(tasks) + " | mean |",
+        "|---|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for name, entry in report["differences"].items():
+        cells = [_difference_cell(entry["tasks"].get(t)) for t in tasks] + [_difference_cell(entry["mean"])]
+        lines.append(f"| {name} | {entry['what']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _lambda_lines(report: dict) -> list[str]:
+    systems, acc = report["systems"], report["accuracy"]
+    mixed = [s for s in systems if any((acc[t].get(s) or {}).get("lmbda") is not None for t in acc)]
+    if not mixed:
+        return []
+    where = " and that mixture's general perplexity" if report.get("general") else ""
+    lines = [f"λ per task (where it came from){where}:", "", "| task | " + " | ".join(mixed) + " |"]
+    lines.append("|---|" + "---|" * len(mixed))
+    for task, cells in acc.items():
+        row = [
+            f"{cells[s]['lmbda']:g} ({cells[s]['lmbda_from']}){EDGE if cells[s]['lmbda_at_edge'] else ''}"
+            f"{_general_ppl(report, s, cells[s]['lmbda'])}"
+            if s in cells
+            else "—"
+            for s in mixed
+        ]
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _general_lines(general: dict | None) -> list[str]:
+    if not general:
+        return []
+    lines = [
+        f"General perplexity on `{general['split']}` ({general['tokens']} tokens, {general['documents']} documents; "
+        f"sliding windows of {general['window']}, stride {general['stride']}) with 95 % bootstrap intervals over "
+        "documents; each mixture at every λ its tasks used:",
+        "",
+        "| model or mixture | λ | general ppl [95 % interval] |",
+        "|---|---|---|",
+    ]
+    for name, e in general["models"].items():
+        lines.append(f"| {name} | | {e['ppl']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] |")
+    for system, by_lambda in general["mixtures"].items():
+        for lmbda, e in by_lambda.items():
+            lines.append(f"| {system} | {lmbda} | {e['ppl']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] |")
+    return lines
+
+
 def write_downstream_report(report: dict[str, Any], out: Path) -> None:
     """report.md, report.json and accuracy.png under ``out``, each written to a temporary name, then moved."""
     out.mkdir(parents=True, exist_ok=True)
-    systems, acc = report["systems"], report["accuracy"]
+    controls = ", ".join(f"`{c}`" for c in report.get("controls") or []) or "none"
     lines = [
         "# Zero-shot classification (DCPMI, kNN-Prompt protocol)",
         "",
         f"- bases: {', '.join(f'`{b}`' for b in report['bases'])}; memdec: `{report['memdec']}`; "
-        f"kNN-LM datastores: {', '.join(f'`{d}`' for d in report['datastores']) or 'none'}",
+        f"kNN-LM datastores: {', '.join(f'`{d}`' for d in report['datastores']) or 'none'}; "
+        f"controls mixed at MemDec's λ: {controls}",
         f"- score: {report['scoring']}; {report['verbalizers']} verbalizers",
         f"- accuracy in % with a 95% bootstrap interval ({report['bootstrap']['resamples']} resamples, "
-        f"seed {report['bootstrap']['seed']})",
+        f"seed {report['bootstrap']['seed']} + the task's position); λ chosen on dev over {report['lambda_grid']}",
         "",
-        "| task | n | " + " | ".join(systems) + " |",
-        "|---|---|" + "---|" * len(systems),
+        f"**Headline.** {report['headline']}",
+        "",
+        *_accuracy_lines(report),
+        "",
+        *_difference_lines(report),
+        "",
+        *_lambda_lines(report),
+        "",
+        *_general_lines(report.get("general")),
+        "",
+        "![accuracy per task](accuracy.png)",
+        "",
     ]
-    for task, cells in acc.items():
-        n = next(iter(cells.values()))["n"]
-        lines.append(f"| {task} | {n} | " + " | ".join(_cell(cells.get(s)) for s in systems) + " |")
-    means = report["mean_accuracy"]
-    lines.append("| **mean** | | " + " | ".join(f"{100 * means[s]:.1f}" if s in means else "—" for s in systems) + " |")
-    mixed = [s for s in systems if any((acc[t].get(s) or {}).get("lmbda") is not None for t in acc)]
-    if mixed:
-        lines += ["", "λ per task (where it came from):", "", "| task | " + " | ".join(mixed) + " |"]
-        lines.append("|---|" + "---|" * len(mixed))
-        for task, cells in acc.items():
-            row = [f"{cells[s]['lmbda']:g} ({cells[s]['lmbda_from']})" if s in cells else "—" for s in mixed]
-            lines.append(f"| {task} | " + " | ".join(row) + " |")
-    lines += ["", "![accuracy per task](accuracy.png)", ""]
     tmp = out / "report.md.tmp"
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(out / "report.md")
     write_json_atomic(out / "report.json", report)
-    plot_accuracy(acc, systems, out / "accuracy.png")
+    plot_accuracy(report["accuracy"], report["systems"], out / "accuracy.png")
 
 
 def plot_accuracy(acc: dict[str, dict], systems: list[str], path: Path) -> None:

@@ -1,17 +1,27 @@
-"""Bootstrap intervals of perplexity over documents, alone and paired, defined once.
+"""Bootstrap intervals over units (documents for perplexity, examples for accuracy), alone and paired, defined once.
 
 Positions of one document are not independent (a repeated name, a memorised abstract), so the unit resampled is the
 document: draw the split's documents with replacement, and the resampled perplexity is exp(mean NLL over the drawn
 documents' positions, a document drawn twice counting twice). The interval is the 2.5 … 97.5 % quantile range of
 ``RESAMPLES`` draws with a fixed seed. A paired interval of a difference uses the same draws for both models, so
-what the two share (hard documents) cancels.
+what the two share (hard documents) cancels. A mean over examples (an accuracy) is resampled the same way, with
+the example as the unit (:func:`bootstrap_means`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["RESAMPLES", "SEED", "LEVEL", "document_sums", "resample_counts", "bootstrap_perplexities", "interval"]
+__all__ = [
+    "RESAMPLES",
+    "SEED",
+    "LEVEL",
+    "document_sums",
+    "resample_counts",
+    "bootstrap_perplexities",
+    "bootstrap_means",
+    "interval",
+]
 
 RESAMPLES = 1000
 SEED = 0
@@ -50,6 +60,18 @@ def bootstrap_perplexities(sums: list[tuple[np.ndarray, np.ndarray]], resamples:
     for counts in resample_counts(documents, resamples, seed):
         out.append(np.stack([_perplexities(counts, nll, n) for nll, n in sums]))
     return np.concatenate(out, axis=1)
+
+
+def bootstrap_means(values: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """``[columns, resamples]`` means of each column of ``values`` ``[units, columns]``, every column resampled
+    with the same draws of units (paired: a difference of two rows is the bootstrap of the paired difference)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"need values [units, columns] with at least one unit, got shape {values.shape}.")
+    if resamples <= 0:
+        raise ValueError(f"resamples must be positive, got {resamples}.")
+    blocks = [counts @ values / values.shape[0] for counts in resample_counts(values.shape[0], resamples, seed)]
+    return np.concatenate(blocks, axis=0).T
 
 
 def _perplexities(counts: np.ndarray, nll: np.ndarray, positions: np.ndarray) -> np.ndarray:
