@@ -92,7 +92,8 @@ def quickstart(
             general test split.
         test_tokens: tokens of the domain test split scored (every domain figure of the report), or the whole split
             when it is shorter.
-        window: context length of every stage (training windows; scoring and valid/test keys use stride window/2).
+        window: context length of every stage (training windows; scoring and valid/test keys use stride 3/4 window,
+            see Budget.stride).
         batch_size: windows per training step.
         small_base_steps: pretraining steps of the small base (--pretrain_bases only).
         large_base_steps: pretraining steps of the large base (--pretrain_bases only).

@@ -74,7 +74,7 @@ def evaluate_all(
         "test": str(corpora["domain-test"]), "valid": str(corpora["domain-valid"]),
         "datastores": {name: str(stores / f"{name}-train") for name, _, _ in models},
         "k": budget.k, "k_asked": budget.k, "temperature": None, "temperature_grid": temperatures,
-        "window": budget.window, "stride": budget.window // 2, "max_tokens": None,
+        "window": budget.window, "stride": budget.stride, "max_tokens": None,
         "positions": {s: Corpus(corpora[f"domain-{s}"]).num_positions for s in ("test", "valid")},
         "lambda_grid": grid, "rows": rows, "curves": curves, "latency": None,
         "overlap": overlap_report({"domain": audits}, [str(corpora["domain-train"])]), "general": general,
