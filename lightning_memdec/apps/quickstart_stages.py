@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_memdec.evaluation.knn_temperature import knn_key
 from lightning_memdec.io.artifact_dirs import META, write_json_atomic
 from lightning_memdec.io.embedded import EMBEDDED_PREFIX
 from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.token_corpus import Corpus, tokenize
+from lightning_memdec.kernels.scoring import knn_gold_log_probs
 from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
 from lightning_memdec.retrieval.index_plan import IndexRule, plan_index
 from lightning_memdec.stages.datastore import build_datastore
@@ -242,9 +244,6 @@ def knn_log_probs(model, name: str, out: Path, corpora: dict, budget: Budget, te
     """kNN-LM of ``model`` over its own datastore of the domain train split: log p_kNN(gold) per valid/test position
     at every candidate temperature (``{split: {knn_key(T): array}}``, as ``memdec evaluate``'s scorer gives them;
     one search per split, the temperature only reweights the same distances)."""
-    from lightning_memdec.evaluation.knn_temperature import knn_key
-    from lightning_memdec.kernels.scoring import knn_gold_log_probs
-
     s = out / "stores"
     store = datastore(model, corpora["domain-train"], s / f"{name}-train", budget, stride=budget.window)
     idx = build_or_reuse_index(store, s / f"{name}-index")
