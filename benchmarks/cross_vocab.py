@@ -69,7 +69,7 @@ def main(
         tokenizer_b: tokenizer of the target family.
         general_tokens: general-corpus tokens for pretraining each family's bases.
         domain_tokens: domain train tokens (datastores, targets, decoder training).
-        eval_tokens: tokens of each valid/test split scored.
+        eval_tokens: tokens of each valid/test split scored (the quickstart's valid_tokens and test_tokens).
         window: context length of every model and stage.
         batch_size: windows per training step.
         base_steps: pretraining steps of each base LM.
@@ -80,7 +80,8 @@ def main(
     t0 = time.perf_counter()
     w = Path(workdir)
     sizes = {
-        "general_tokens": general_tokens, "domain_tokens": domain_tokens, "eval_tokens": eval_tokens,
+        "general_tokens": general_tokens, "domain_tokens": domain_tokens, "valid_tokens": eval_tokens,
+        "test_tokens": eval_tokens,
         "window": window, "batch_size": batch_size, "small_base_steps": base_steps, "large_base_steps": base_steps,
         "teacher_steps": teacher_steps, "memdec_steps": memdec_steps, "k": k,
     }  # fmt: skip

@@ -1,38 +1,53 @@
-"""The quickstart end to end at micro scale: the report's rows, reuse, --domain, --base, --pretrain_bases."""
+"""The quickstart end to end at micro scale: its report is `memdec evaluate`'s schema (rows, intervals, overlap audit)
+and equals a direct computation from the per-position arrays; reuse, --domain, --base, --pretrain_bases."""
 
 import json
 
+import numpy as np
 import pytest
 from conftest import save_tiny
+from test_overlap import reference_inside
 
 from lightning_memdec.apps.quickstart import quickstart
+from lightning_memdec.apps.quickstart_report import goals
+from lightning_memdec.evaluation.intervals import LEVEL, RESAMPLES, SEED
 from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.embedded import resolve_text
 from lightning_memdec.io.text_sources import read_documents
+from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID as LAMBDA_GRID
 
 # the shipped bases at a few thousand tokens: mechanics only, the numbers mean nothing
-MICRO = dict(domain_tokens=3_000, eval_tokens=600, window=32, batch_size=4, teacher_steps=2, memdec_steps=4, k=8)
+MICRO = dict(
+    domain_tokens=3_000, valid_tokens=600, test_tokens=900, window=32, batch_size=4, teacher_steps=2, memdec_steps=4,
+    k=8,
+)  # fmt: skip
 TINY = dict(general_tokens=4_000, small_base_steps=2, large_base_steps=2, **MICRO)
-BASE_KEYS = {
+ROW_KEYS = {
     "base",
+    "role",
     "base_ppl",
     "knnlm_ppl",
     "knnlm_lambda",
     "knnlm_temperature",
     "memdec_ppl",
-    "lambda",
+    "memdec_lambda",
     "ce_only_ppl",
     "ce_only_lambda",
-    "general_base_ppl",
-    "general_memdec_ppl",
+    "memdec_alone_ppl",
+    "ce_only_alone_ppl",
+    "all_positions",
+    "outside_overlap",
 }
-MD_ROWS = [
-    "+ kNN-LM (own datastore) |",
-    "+ MemDec |",
-    "+ CE-only decoder |",
-]
-MD_ONCE = ["| teacher (", "| teacher + kNN-LM (teacher datastore", "| MemDec alone |", "| CE-only decoder alone |"]
+GOALS = {
+    "base + MemDec <= 0.7 x base",
+    "base + MemDec < MemDec alone",
+    "base + MemDec < base + CE-only",
+    "base + MemDec <= base + kNN-LM",
+    "paired 95 % interval of MemDec − CE-only below zero",
+    "MemDec λ strictly inside the grid",
+}
+MD_SECTIONS = ["## Goals", "## General text", "## Overlap audit", "## Intervals (95 % bootstrap", "## Run"]
 
 
 @pytest.fixture(scope="module")
@@ -44,31 +59,36 @@ def micro_run(tmp_path_factory):
 @pytest.mark.slow
 def test_micro_quickstart_reports_every_row(micro_run):
     out, report = micro_run
-    assert [r["base"] for r in report["results"]] == ["base-small", "base-large"]
-    assert report["decoder_start"] == "embedded:base-small"
-    assert report["teacher"]["start"] == "embedded:base-large"
-    assert report["tokenizer"] == "gpt2"
+    bases = [r for r in report["rows"] if r["role"] == "base"]
+    assert [r["base"] for r in bases] == ["base-small", "base-large"]
+    assert [r["base"] for r in report["rows"] if r["role"] == "teacher"] == ["teacher"]
+    assert report["run"]["decoder_start"] == "embedded:base-small"
+    assert report["run"]["teacher_start"] == "embedded:base-large"
+    assert report["run"]["tokenizer"] == "gpt2"
     assert report["lambda_grid"][0] == 0.0 and report["lambda_grid"][-1] == 1.0 == LAMBDA_GRID[-1]
-    for row in report["results"]:
-        assert BASE_KEYS <= set(row)
-        assert row["lambda"] in LAMBDA_GRID and row["knnlm_lambda"] in LAMBDA_GRID
-        assert set(report["goals"][row["base"]]) and all(
-            isinstance(v, bool) for v in report["goals"][row["base"]].values()
-        )
-    assert {"ppl", "knnlm_ppl", "knnlm_lambda", "knnlm_temperature"} <= set(report["teacher"])
-    assert report["memdec_alone_ppl"] > 0 and report["ce_only_alone_ppl"] > 0
-    assert {"teacher fine-tune", "targets", "train memdec", "train ce-only", "score models"} <= set(report["seconds"])
+    assert report["positions"] == {"test": 899, "valid": 599}  # test and valid have their own token budgets
+    for row in bases:
+        assert ROW_KEYS <= set(row)
+        assert row["memdec_lambda"] in LAMBDA_GRID and row["knnlm_lambda"] in LAMBDA_GRID
+        assert set(report["goals"][row["base"]]) == GOALS
+        assert all(isinstance(g["met"], bool) and g["figures"] for g in report["goals"][row["base"]].values())
+        assert {"memdec_ppl - knnlm_ppl", "memdec_ppl - ce_only_ppl"} <= set(row["all_positions"]["differences"])
+    assert [g["base"] for g in report["general"]["rows"]] == ["base-small", "base-large"]
+    assert {"valid", "test"} <= set(report["overlap"]) and report["overlap"]["against"] == [
+        str(out / "corpora" / "domain-train")
+    ]
+    assert {"teacher fine-tune", "targets", "train memdec", "train ce-only", "score models"} <= set(
+        report["run"]["seconds"]
+    )
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["results"] == json.loads(json.dumps(report["results"]))
+    assert on_disk["rows"][0]["base_ppl"] == report["rows"][0]["base_ppl"]
     md = (out / "report.md").read_text()
-    for name in ("base-small", "base-large"):
+    assert md.startswith("# Memory Decoder evaluation")  # evaluate's writer
+    for name in ("base-small", "base-large", "teacher"):
         assert f"| {name} |" in md
-        for row in MD_ROWS:
-            assert f"| {name} {row}" in md, row
-    for row in MD_ONCE:
-        assert md.count(row) == 1, row
-    assert "Seconds per stage" in md and "goals for base-small" in md
-    assert (out / "report.png").stat().st_size > 1000
+    for section in MD_SECTIONS:
+        assert md.count(section) == 1, section
+    assert (out / "lambda_curve.png").stat().st_size > 1000
     assert list((out / "runs" / "memdec").rglob("events.out.tfevents*"))
     assert not (out / "models" / "base-small").exists()  # the shipped bases are used, never retrained
 
@@ -88,9 +108,48 @@ def test_rerun_reuses_finished_stages(micro_run):
     }
     again = quickstart(out=out, **MICRO)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert again["results"] == report["results"]
+    assert json.dumps(again["rows"]) == json.dumps(report["rows"])  # NaN bounds (kNN alone: p = 0) compare equal
     with pytest.raises(ArtifactError, match="other settings .*memdec_steps"):
         quickstart(out=out, **{**MICRO, "memdec_steps": 5})
+
+
+def goal_report(**changes) -> dict:
+    """A report in the shared schema whose base row meets every goal, with ``changes`` applied to that row."""
+    diff = {"memdec_ppl - ce_only_ppl": {"difference": -10.0, "interval": changes.pop("interval", [-15.0, -0.5])}}
+    row = {
+        "base": "b", "role": "base", "base_ppl": 100.0, "memdec_ppl": 60.0, "memdec_alone_ppl": 80.0,
+        "ce_only_ppl": 70.0, "knnlm_ppl": 60.0, "memdec_lambda": 0.4, "memdec_lambda_at_edge": False,
+        "all_positions": {"differences": diff},
+    }  # fmt: skip
+    teacher = {"base": "teacher", "role": "teacher", "base_ppl": 50.0, "knnlm_ppl": 40.0, "memdec_ppl": None}
+    return {"rows": [row | changes, teacher], "lambda_grid": [0.0, 0.5, 1.0]}
+
+
+@pytest.mark.parametrize(
+    "changes, missed",
+    [
+        ({}, None),
+        ({"base_ppl": 85.0}, "base + MemDec <= 0.7 x base"),  # 60 > 0.7 × 85
+        ({"memdec_alone_ppl": 60.0}, "base + MemDec < MemDec alone"),  # strictly below
+        ({"ce_only_ppl": 60.0}, "base + MemDec < base + CE-only"),
+        ({"knnlm_ppl": 59.9}, "base + MemDec <= base + kNN-LM"),
+        ({"interval": [-15.0, 0.0]}, "paired 95 % interval of MemDec − CE-only below zero"),
+        ({"interval": [float("nan"), float("nan")]}, "paired 95 % interval of MemDec − CE-only below zero"),
+        ({"memdec_lambda": 1.0, "memdec_lambda_at_edge": True}, "MemDec λ strictly inside the grid"),
+        ({"memdec_ppl": float("inf")}, None),  # checked below: an infinite figure meets nothing it enters
+    ],
+)
+def test_goals_read_the_shared_schema_each_with_its_figures(changes, missed):
+    checked = goals(goal_report(**changes))
+    assert set(checked) == {"b"} and set(checked["b"]) == GOALS  # the teacher row has no goals
+    if changes.get("memdec_ppl") == float("inf"):
+        assert not any(g["met"] for name, g in checked["b"].items() if "memdec_ppl" in g["figures"])
+        return
+    assert {name for name, g in checked["b"].items() if not g["met"]} == ({missed} if missed else set())
+    assert checked["b"]["base + MemDec <= base + kNN-LM"]["figures"] == {
+        "memdec_ppl": 60.0,
+        "knnlm_ppl": changes.get("knnlm_ppl", 60.0),
+    }
 
 
 def test_mismatched_base_tokenizers_are_refused_before_any_work(tmp_path):
@@ -105,31 +164,104 @@ def test_mismatched_base_tokenizers_are_refused_before_any_work(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_custom_domain_with_given_bases(tmp_path):
-    domain = tmp_path / "contracts"
+def mixed(base: np.ndarray, other: np.ndarray, lam: float) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.logaddexp(np.log(1 - lam) + base, np.log(lam) + other)
+
+
+def ppl(log_probs: np.ndarray) -> float:
+    return float(np.exp(-np.mean(log_probs)))
+
+
+def bootstrap(arrays: list[np.ndarray], offsets: np.ndarray) -> np.ndarray:
+    """[len(arrays), RESAMPLES] perplexities: documents drawn with replacement (the same draws for every array)."""
+    doc = np.searchsorted(offsets, np.arange(1, len(arrays[0]) + 1), side="right") - 1  # position i → token i + 1
+    docs = len(offsets) - 1
+    draws = np.random.default_rng(SEED).integers(0, docs, size=(RESAMPLES, docs))
+    out = np.zeros((len(arrays), RESAMPLES))
+    for i, lp in enumerate(arrays):
+        nll = np.array([-lp[doc == d].sum() for d in range(docs)])
+        n = np.array([(doc == d).sum() for d in range(docs)])
+        out[i] = [np.exp(nll[row].sum() / n[row].sum()) for row in draws]
+    return out
+
+
+def quantiles(values: np.ndarray) -> list[float]:
+    return list(np.quantile(values, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]))
+
+
+@pytest.fixture(scope="module")
+def planted_domain_run(tmp_path_factory):
+    """Tiny given bases on a biomedical domain whose test split holds one train abstract verbatim (planted)."""
+    tmp = tmp_path_factory.mktemp("planted")
+    domain = tmp / "abstracts"
     domain.mkdir()
-    docs = read_documents(resolve_text("embedded:law/valid"))
-    for split, part in [("train", docs[:8]), ("valid", docs[8:11]), ("test", docs[11:14])]:
+    docs = read_documents(resolve_text("embedded:biomed/valid"))
+    for split, part in [("train", docs[:20]), ("valid", docs[20:24]), ("test", [docs[30], docs[1], docs[31]])]:
         (domain / f"{split}.txt").write_text("\n\n".join(part))
-    small = save_tiny(tmp_path / "small", n_embd=32, seed=1)
-    large = save_tiny(tmp_path / "large", n_embd=64, seed=2)
+    small = save_tiny(tmp / "small", n_embd=32, seed=1)
+    large = save_tiny(tmp / "large", n_embd=64, seed=2)
     # listed largest first: the decoder still starts from the smallest, the teacher from the largest
-    report = quickstart(out=tmp_path / "run", domain=str(domain), base=[str(large), str(small)], **MICRO)
-    assert [r["base"] for r in report["results"]] == ["large", "small"]
-    assert report["decoder_start"] == str(small) and report["teacher"]["start"] == str(large)
-    assert report["domain"] == str(domain)
-    assert (tmp_path / "run" / "corpora" / "domain-train").is_dir()
+    report = quickstart(out=tmp / "run", domain=str(domain), base=[str(large), str(small)], **MICRO)
+    return tmp, domain, report
+
+
+@pytest.mark.slow
+def test_custom_domain_with_given_bases(planted_domain_run):
+    tmp, domain, report = planted_domain_run
+    assert [r["base"] for r in report["rows"]] == ["large", "small", "teacher"]
+    assert report["run"]["decoder_start"] == str(tmp / "small") and report["run"]["teacher_start"] == str(tmp / "large")
+    assert report["run"]["domain"] == str(domain)
+    assert (tmp / "run" / "corpora" / "domain-train").is_dir()
     with pytest.raises(FileNotFoundError, match="must hold train.txt"):
-        quickstart(out=tmp_path / "bad", domain=str(tmp_path / "small"), base=[str(small)], **MICRO)
-    assert not (tmp_path / "bad").exists()
+        quickstart(out=tmp / "bad", domain=str(tmp / "small"), base=[str(tmp / "small")], **MICRO)
+    assert not (tmp / "bad").exists()
+
+
+@pytest.mark.slow
+def test_report_equals_a_direct_computation_from_the_arrays(planted_domain_run):
+    """Rows, λ, overlap counts, perplexities outside repeated spans and bootstrap intervals (alone and paired),
+    recomputed here from the cached per-position arrays and the tokens, without the package's evaluation code."""
+    tmp, _, report = planted_domain_run
+    run = tmp / "run"
+    lp = {f"{name}-{s}": np.load(run / "scores" / f"{name}-domain-{s}.npy")
+          for name in ("large", "small", "memdec", "ce-only") for s in ("valid", "test")}  # fmt: skip
+    test, train = Corpus(run / "corpora" / "domain-test"), Corpus(run / "corpora" / "domain-train")
+    tokens = np.asarray(test.tokens, dtype=np.int64)
+    offsets = np.asarray(test.doc_offsets)  # [documents + 1], the last = len(tokens)
+    inside = reference_inside(tokens, [np.asarray(train.tokens, dtype=np.int64)], 32)
+    audit = report["overlap"]["test"]
+    assert (audit["documents"], audit["documents_verbatim"]) == (3, 1)  # the planted abstract
+    assert audit["positions_inside"] == inside.sum() > 0 and audit["warning"]
+    for name in ("large", "small"):
+        row = next(r for r in report["rows"] if r["base"] == name)
+        figures = {"base_ppl": lp[f"{name}-test"]}
+        for key, decoder in (("memdec", "memdec"), ("ce_only", "ce-only")):
+            valid = [ppl(mixed(lp[f"{name}-valid"], lp[f"{decoder}-valid"], x)) for x in LAMBDA_GRID]
+            lam = LAMBDA_GRID[int(np.argmin(valid))]
+            assert row[f"{key}_lambda"] == lam
+            figures[f"{key}_ppl"] = mixed(lp[f"{name}-test"], lp[f"{decoder}-test"], lam)
+        for key, values in figures.items():
+            assert row[key] == pytest.approx(ppl(values), rel=1e-9)
+            assert row["outside_overlap"]["ppl"][key] == pytest.approx(ppl(values[~inside]), rel=1e-9)
+        draws = bootstrap([figures["memdec_ppl"], figures["ce_only_ppl"], figures["base_ppl"]], offsets)
+        intervals = row["all_positions"]["intervals"]
+        assert intervals["memdec_ppl"] == pytest.approx(quantiles(draws[0]), rel=1e-9)
+        assert intervals["base_ppl"] == pytest.approx(quantiles(draws[2]), rel=1e-9)
+        paired = row["all_positions"]["differences"]["memdec_ppl - ce_only_ppl"]
+        assert paired["interval"] == pytest.approx(quantiles(draws[0] - draws[1]), rel=1e-9)
+        assert paired["difference"] == pytest.approx(ppl(figures["memdec_ppl"]) - ppl(figures["ce_only_ppl"]))
+        goal = report["goals"][name]["paired 95 % interval of MemDec − CE-only below zero"]
+        assert goal["met"] == (paired["interval"][1] < 0) and goal["figures"]["interval"] == paired["interval"]
+    md = (run / "report.md").read_text()
+    assert "⚠ more than 1 % of positions repeat training text" in md
 
 
 @pytest.mark.slow
 def test_pretrain_bases_flag_trains_tiny_bases_from_scratch(tmp_path):
     report = quickstart(out=tmp_path / "run", pretrain_bases=True, **TINY)
-    assert [r["base"] for r in report["results"]] == ["base-small", "base-large"]
+    assert [r["base"] for r in report["rows"]] == ["base-small", "base-large", "teacher"]
     assert (tmp_path / "run" / "models" / "base-small" / "model.safetensors").is_file()
-    assert report["teacher"]["start"].endswith("base-large")
+    assert report["run"]["teacher_start"].endswith("base-large")
     with pytest.raises(ValueError, match="either --base or --pretrain_bases"):
         quickstart(out=tmp_path / "x", pretrain_bases=True, base=["embedded:base-small"], **TINY)

@@ -7,7 +7,9 @@ valid split → sparse targets → Memory Decoder training (continued from the s
 LightningCLI ``fit`` users run → a CE-only decoder with the same start and budget (the paper's ablation) →
 evaluation on the domain test split of every base alone, + kNN-LM over its own datastore, + MemDec and + CE-only
 decoder, of the teacher alone and + kNN-LM over its datastore (the ceiling MemDec imitates), and of both decoders
-alone; every λ and kNN temperature is chosen on the domain valid split. General perplexity is reported too.
+alone; every λ and kNN temperature is chosen on the domain valid split. General perplexity is reported too. The
+report is ``memdec evaluate``'s (report.json, report.md, lambda_curve.png): intervals over documents, the overlap
+audit of valid and test against the domain train text, plus the goals, the general split and the run's stages.
 
 ``--pretrain_bases true`` pretrains two tiny bases from scratch on the embedded general corpus instead.
 Every stage writes a directory under ``out`` and is skipped when rerun once finished.
@@ -19,9 +21,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
-from lightning_memdec.apps.quickstart_report import goals, plot_report, write_markdown
+from lightning_memdec.apps.quickstart_evaluation import GENERAL_TEST, evaluate_all
+from lightning_memdec.apps.quickstart_report import goals
 from lightning_memdec.apps.quickstart_stages import (
     Budget,
     StageClock,
@@ -34,12 +35,11 @@ from lightning_memdec.apps.quickstart_stages import (
     done,
     gold_log_probs,
     knn_gold_probs,
-    knnlm_row,
     parameters,
     split_path,
     train_model,
 )
-from lightning_memdec.io.artifact_dirs import write_json_atomic
+from lightning_memdec.evaluation.report import write_report
 from lightning_memdec.io.embedded import EMBEDDED_PREFIX
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.stages.targets import build_targets
@@ -62,7 +62,8 @@ def quickstart(
     tokenizer: str | None = None,
     general_tokens: int = Budget.general_tokens,
     domain_tokens: int = Budget.domain_tokens,
-    eval_tokens: int = Budget.eval_tokens,
+    valid_tokens: int = Budget.valid_tokens,
+    test_tokens: int = Budget.test_tokens,
     window: int = Budget.window,
     batch_size: int = Budget.batch_size,
     small_base_steps: int = Budget.small_base_steps,
@@ -87,8 +88,12 @@ def quickstart(
         tokenizer: tokenizer of the corpora; default: the bases' own (gpt2 with --pretrain_bases).
         general_tokens: general-corpus tokens for pretraining the bases (--pretrain_bases only).
         domain_tokens: domain train tokens (datastores, targets, decoder training).
-        eval_tokens: tokens of each valid/test split scored.
-        window: context length of every stage (training windows; scoring and valid/test keys use stride window/2).
+        valid_tokens: tokens of the domain valid split (λ and every kNN temperature are chosen on it) and of the
+            general test split.
+        test_tokens: tokens of the domain test split scored (every domain figure of the report), or the whole split
+            when it is shorter.
+        window: context length of every stage (training windows; scoring and valid/test keys use stride 3/4 window,
+            see Budget.stride).
         batch_size: windows per training step.
         small_base_steps: pretraining steps of the small base (--pretrain_bases only).
         large_base_steps: pretraining steps of the large base (--pretrain_bases only).
@@ -105,8 +110,12 @@ def quickstart(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
-    budget = Budget(general_tokens, domain_tokens, eval_tokens, window, batch_size, small_base_steps,
-                    large_base_steps, teacher_steps, memdec_steps, k, teacher_lr, decoder_lr)  # fmt: skip
+    budget = Budget(
+        general_tokens=general_tokens, domain_tokens=domain_tokens, valid_tokens=valid_tokens,
+        test_tokens=test_tokens, window=window, batch_size=batch_size, small_base_steps=small_base_steps,
+        large_base_steps=large_base_steps, teacher_steps=teacher_steps, memdec_steps=memdec_steps, k=k,
+        teacher_lr=teacher_lr, decoder_lr=decoder_lr,
+    )  # fmt: skip
     settings = {"domain": domain, "base": refs, "teacher": teacher, "pretrain_bases": pretrain_bases}
     check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget)})
     with clock("tokenize"):
@@ -134,28 +143,18 @@ def quickstart(
     with clock("train ce-only"):
         ce_only = train_model("ce-only", out, dt, dv, budget, decoder_steps, start, 0.0, lr=decoder_lr)
     # 4. evaluation: λ and every kNN temperature chosen on the domain valid split, applied to test
-    report = evaluate_all(out, bases, {"teacher": str(t_model)}, corpora, memdec, ce_only, budget, clock)
-    report.update(
-        {
-            "seconds": clock.seconds,
-            "cpu_seconds": clock.cpu_seconds,
-            "total_cpu_seconds": round(time.process_time() - started_cpu, 1),
-            "total_seconds": round(time.perf_counter() - started, 1),
-            "teacher": {**report["teacher"], "start": teacher_start, "steps": teacher_steps},
-            "teacher_temperature": t_choice,
-            "decoder_start": start,
-            "decoder_steps": decoder_steps,
-            "domain_train_tokens": Corpus(dt).num_tokens,
-            "parameters": sizes,
-            "budget": asdict(budget),
-            "domain": domain or "embedded:biomed",
-            "tokenizer": tokenizer,
-        }
-    )
+    decoders = {"memdec": memdec, "ce_only": ce_only}
+    report = evaluate_all(out, bases, {"teacher": str(t_model)}, corpora, decoders, budget, clock)
+    report["run"] = {
+        "seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds,
+        "total_cpu_seconds": round(time.process_time() - started_cpu, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "teacher_start": teacher_start, "teacher_steps": teacher_steps, "targets_temperature": t_choice,
+        "decoder_start": start, "decoder_steps": decoder_steps, "domain_train_tokens": Corpus(dt).num_tokens,
+        "parameters": sizes, "budget": asdict(budget), "domain": domain or "embedded:biomed", "tokenizer": tokenizer,
+    }  # fmt: skip
     report["goals"] = goals(report)
-    write_json_atomic(out / "report.json", report)
-    write_markdown(report, out / "report.md")
-    plot_report(report, out / "report.png")
+    write_report(report, out)
     print((out / "report.md").read_text())
     return report
 
@@ -196,13 +195,13 @@ def tokenized_corpora(c: Path, splits: list[str], tokenizer: str, budget: Budget
     """The domain splits and general test (plus general train/valid to pretrain bases), reused when done."""
     train, valid, test = splits
     corpora = {
-        "general-test": corpus_dir(c / "general-test", f"{EMBEDDED_PREFIX}general/test", tokenizer, budget.eval_tokens),
+        "general-test": corpus_dir(c / "general-test", GENERAL_TEST, tokenizer, budget.valid_tokens),
         "domain-train": corpus_dir(c / "domain-train", train, tokenizer, budget.domain_tokens),
-        "domain-valid": corpus_dir(c / "domain-valid", valid, tokenizer, budget.eval_tokens),
-        "domain-test": corpus_dir(c / "domain-test", test, tokenizer, budget.eval_tokens),
+        "domain-valid": corpus_dir(c / "domain-valid", valid, tokenizer, budget.valid_tokens),
+        "domain-test": corpus_dir(c / "domain-test", test, tokenizer, budget.test_tokens),
     }
     if general:
-        for split, n in (("train", budget.general_tokens), ("valid", budget.eval_tokens)):
+        for split, n in (("train", budget.general_tokens), ("valid", budget.valid_tokens)):
             corpora[f"general-{split}"] = corpus_dir(c / f"general-{split}", f"{EMBEDDED_PREFIX}general/{split}",
                                                      tokenizer, n)  # fmt: skip
     return corpora
@@ -213,63 +212,3 @@ def pretrained_bases(out: Path, corpora: dict[str, Path], budget: Budget) -> dic
     gt, gv = corpora["general-train"], corpora["general-valid"]
     plan = [("base-small", budget.small_base_steps, SMALL_BASE), ("base-large", budget.large_base_steps, LARGE_BASE)]
     return {name: str(train_model(name, out, gt, gv, budget, steps, cfg, beta=0.0)) for name, steps, cfg in plan}
-
-
-def evaluate_all(
-    out: Path,
-    bases: dict[str, str],
-    teacher: dict[str, str],
-    corpora: dict[str, Path],
-    memdec: Path,
-    ce_only: Path,
-    budget: Budget,
-    clock: StageClock | None = None,
-) -> dict:
-    from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, mixed_perplexity, perplexity, sweep_lambda
-
-    sc = out / "scores"
-    clock = clock or StageClock()
-
-    def gold(model, split: str, name: str) -> np.ndarray:
-        with clock("score models"):
-            return gold_log_probs(model, corpora[split], budget, sc / f"{name}-{split}.npy")
-
-    domain = ("domain-valid", "domain-test")
-    mem = {split: gold(memdec, split, "memdec") for split in (*domain, "general-test")}
-    ce = {split: gold(ce_only, split, "ce-only") for split in domain}
-    ((t_name, t_ref),) = teacher.items()
-    t_gold = {split: gold(t_ref, split, t_name) for split in domain}
-    with clock("kNN-LM datastores + search"):
-        t_knn = knnlm_row(t_ref, t_name, out, corpora, budget, t_gold)
-    results = []
-    for name, ref in bases.items():
-        base = {split: gold(ref, split, name) for split in (*domain, "general-test")}
-        lam, curve = sweep_lambda(base["domain-valid"], mem["domain-valid"], DEFAULT_LAMBDA_GRID)
-        ce_lam, ce_curve = sweep_lambda(base["domain-valid"], ce["domain-valid"], DEFAULT_LAMBDA_GRID)
-        with clock("kNN-LM datastores + search"):
-            knn = knnlm_row(ref, name, out, corpora, budget, base)
-        results.append(
-            {
-                "base": name,
-                "model": ref,
-                "base_ppl": perplexity(base["domain-test"]),
-                **knn,
-                "memdec_ppl": mixed_perplexity(base["domain-test"], mem["domain-test"], lam),
-                "ce_only_ppl": mixed_perplexity(base["domain-test"], ce["domain-test"], ce_lam),
-                "lambda": lam,
-                "ce_only_lambda": ce_lam,
-                "general_base_ppl": perplexity(base["general-test"]),
-                "general_memdec_ppl": mixed_perplexity(base["general-test"], mem["general-test"], lam),
-                "valid_ppl_by_lambda": dict(zip([str(x) for x in DEFAULT_LAMBDA_GRID], curve)),
-                "ce_only_valid_ppl_by_lambda": dict(zip([str(x) for x in DEFAULT_LAMBDA_GRID], ce_curve)),
-            }
-        )
-    return {
-        "results": results,
-        "teacher": {"model": t_ref, "ppl": perplexity(t_gold["domain-test"]), **t_knn},
-        "memdec_alone_ppl": perplexity(mem["domain-test"]),
-        "ce_only_alone_ppl": perplexity(ce["domain-test"]),
-        "general_memdec_alone_ppl": perplexity(mem["general-test"]),
-        "test_positions": int(len(mem["domain-test"])),
-        "lambda_grid": list(DEFAULT_LAMBDA_GRID),
-    }

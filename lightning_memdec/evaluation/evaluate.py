@@ -19,6 +19,7 @@ from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_
 from lightning_memdec.evaluation.latency import model_latency
 from lightning_memdec.evaluation.overlap import NGRAM
 from lightning_memdec.evaluation.report import write_report
+from lightning_memdec.evaluation.report_rows import lambda_curve, report_row
 from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import (
@@ -41,18 +42,9 @@ from lightning_memdec.kernels.scoring import (
     DEFAULT_TEMPERATURE_GRID,
     check_lambda_grid,
     check_lmbda,
-    mixed_perplexity,
-    perplexity,
-    sweep_lambda,
 )
 
 __all__ = ["evaluate", "text_tokens"]
-
-
-# -- scoring helpers ---------------------------------------------------------------------------------------------------
-
-
-# -- the stage ---------------------------------------------------------------------------------------------------------
 
 
 def evaluate(
@@ -159,14 +151,14 @@ def evaluate(
         knn_choice = settle_temperature(lp, temperatures, grid, knn_lmbda) if knnlm is not None else {}
         if knnlm is not None:
             knnlm.temperature = knn_choice["knnlm_temperature"]
-        rows.append(_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) | knn_choice)
+        rows.append(report_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) | knn_choice)
         fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
         if fingerprint not in audits:
             split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
             training = [text_tokens(ref, tok) for ref in overlap_refs]
             audits[fingerprint] = audit_splits(split_tokens, training, tok.eos_token_id, overlap_ngram, overlap_refs)
         rows[-1] |= row_figures(rows[-1], lp["test"], audits[fingerprint])
-        curves[name] = _curve(lp, grid)
+        curves[name] = lambda_curve(lp, grid)
         if latency and latency_report is None:
             mixed = (
                 InterpolatedLM(base, decoders["memdec"][0], 0.5, base_tokenizer=tok) if "memdec" in decoders else None
@@ -398,41 +390,3 @@ def _datastore_base(datastore: str, bases: list[str]) -> str:
             "base that built its datastore, so add it to --bases (or build a datastore with one of them)."
         )
     return matches[0]
-
-
-MIXTURES = (("memdec", "memdec"), ("ce_only", "ce_only"), ("knnlm", "knn"))  # (report key, log-prob array)
-
-
-def _row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) -> dict[str, Any]:
-    """One report row: the model alone and each mixture, λ chosen on valid (or given), flagged at a grid edge."""
-    test = lp["test"]
-    row: dict[str, Any] = {"base": name, "role": role, "base_path": str(base_ref), "base_ppl": perplexity(test["base"])}
-    for key, other in MIXTURES:
-        given = knn_lmbda if key == "knnlm" else lmbda
-        if other not in test:
-            row.update({f"{key}_ppl": None, f"{key}_lambda": None, f"{key}_lambda_from": None})
-            continue
-        if given is None:
-            chosen, _ = sweep_lambda(lp["valid"]["base"], lp["valid"][other], grid)
-            row[f"{key}_lambda_from"] = "valid"
-            row[f"{key}_valid_ppl"] = mixed_perplexity(lp["valid"]["base"], lp["valid"][other], chosen)
-            row[f"{key}_lambda_at_edge"] = chosen in (min(grid), max(grid))
-        else:
-            chosen = given
-            row[f"{key}_lambda_from"] = "given"
-        row[f"{key}_lambda"] = chosen
-        row[f"{key}_ppl"] = mixed_perplexity(test["base"], test[other], chosen)
-    for key, other in MIXTURES:
-        row[f"{'knn' if key == 'knnlm' else key}_alone_ppl"] = perplexity(test[other]) if other in test else None
-    return row
-
-
-def _curve(lp, grid) -> dict[str, Any]:
-    """Mixed perplexity against λ (with the endpoints) on valid when there is one, else on test."""
-    split = "valid" if "valid" in lp else "test"
-    lambdas = sorted({0.0, 1.0, *grid})
-    curve: dict[str, Any] = {"split": split, "lambda": lambdas}
-    for key, other in MIXTURES:
-        if other in lp[split]:
-            curve[key] = [mixed_perplexity(lp[split]["base"], lp[split][other], x) for x in lambdas]
-    return curve

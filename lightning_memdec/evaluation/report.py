@@ -8,7 +8,17 @@ from typing import Any
 
 from lightning_memdec.io.artifact_dirs import write_json_atomic
 
-__all__ = ["write_report", "perplexity_table", "overlap_lines", "interval_table", "plot_curves", "finite_or_none"]
+__all__ = [
+    "write_report",
+    "perplexity_table",
+    "overlap_lines",
+    "interval_table",
+    "general_lines",
+    "goal_lines",
+    "run_lines",
+    "plot_curves",
+    "finite_or_none",
+]
 LABELS = {"memdec": "MemDec", "ce_only": "CE-only decoder", "knnlm": "kNN-LM"}
 FIGURES = {
     "base_ppl": "alone",
@@ -55,7 +65,7 @@ def perplexity_table(report: dict[str, Any]) -> list[str]:
     head += (" λ CE-only |" if ce else "") + " λ kNN-LM |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        name = r["base"] if r.get("role", "base") == "base" else f"{r['base']} (teacher)"
+        name = r["base"] if r.get("role", "base") == "base" or r["base"] == "teacher" else f"{r['base']} (teacher)"
         cells = [name, _fmt(r["base_ppl"]), _fmt(r["knnlm_ppl"]), _fmt(r["memdec_ppl"])]
         cells += [_fmt(r.get("ce_only_ppl"))] if ce else []
         cells += [_lambda(r, "memdec")] + ([_lambda(r, "ce_only")] if ce else []) + [_lambda(r, "knnlm")]
@@ -133,6 +143,63 @@ def interval_table(report: dict[str, Any]) -> list[str]:
     return lines + (diffs if len(diffs) > 3 else [])
 
 
+def _figure(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return _fmt(value) if isinstance(value, float) or value is None else str(value)
+
+
+def general_lines(report: dict[str, Any]) -> list[str]:
+    """The general (out-of-domain) split, when scored: each base alone and + MemDec at its domain λ, intervals."""
+    general = report.get("general")
+    if not general:
+        return []
+    lines = [
+        f"## General text (`{general['test']}`, {general['positions']} positions; MemDec at each base's domain λ)",
+        "",
+        "| model | alone | + MemDec | MemDec alone |",
+        "|---|---|---|---|",
+    ]
+    for g in general["rows"]:
+        bounds = g["all_positions"]["intervals"]
+        cells = [_with_interval(g.get(k), bounds.get(k)) for k in ("base_ppl", "memdec_ppl", "memdec_alone_ppl")]
+        lines.append(f"| {g['base']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def goal_lines(report: dict[str, Any]) -> list[str]:
+    """The goals checked, when there are any: met or not, each with the figures it rests on."""
+    if not report.get("goals"):
+        return []
+    lines = ["## Goals (domain test split, all positions)", ""]
+    for model, checks in report["goals"].items():
+        for name, check in checks.items():
+            figures = ", ".join(f"{key} {_figure(value)}" for key, value in check["figures"].items())
+            lines.append(f"- {model}: {'✓ met' if check['met'] else '✗ not met'}: {name} ({figures})")
+    return lines
+
+
+def run_lines(report: dict[str, Any]) -> list[str]:
+    """How the models were made and where the time went, when the report comes from a whole run (the quickstart)."""
+    run = report.get("run")
+    if not run:
+        return []
+    cpu = run.get("cpu_seconds", {})
+    seconds = ", ".join(f"{k} {v:.0f} (CPU {cpu.get(k, 0):.0f})" for k, v in run.get("seconds", {}).items())
+    settings = ", ".join(f"{k}={v}" for k, v in run.get("budget", {}).items())
+    return [
+        "## Run",
+        "",
+        f"- domain: `{run['domain']}` ({run['domain_train_tokens']} train tokens); tokenizer `{run['tokenizer']}`",
+        f"- teacher: `{run['teacher_start']}` fine-tuned {run['teacher_steps']} steps; its kNN targets at "
+        f"T={run['targets_temperature']['temperature']:g} (chosen on valid)",
+        f"- decoders (MemDec and CE-only): from `{run['decoder_start']}`, {run['decoder_steps']} steps each",
+        f"- budget: {settings}",
+        f"- seconds per stage (wall clock; CPU time of all threads in brackets; ~0 for stages reused from an earlier "
+        f"run): {seconds}; total {run.get('total_seconds', 0):.0f} s (CPU {run.get('total_cpu_seconds', 0):.0f})",
+    ]
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     """report.md, report.json and lambda_curve.png under ``out``, each written to a temporary name, then moved."""
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +215,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         "",
         *perplexity_table(report),
         "",
+        *_section(goal_lines(report)),
+        *_section(general_lines(report)),
         *overlap_lines(report),
         "",
         *interval_table(report),
@@ -163,12 +232,17 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         ]
         for key, seconds in lat["seconds"].items():
             lines.append(f"| {key} | {seconds:.4f} | {lat['overhead'][key]:.3f} |")
-    lines += ["", "![perplexity against λ](lambda_curve.png)", ""]
+    lines += ["", *_section(run_lines(report)), "![perplexity against λ](lambda_curve.png)", ""]
     tmp = out / "report.md.tmp"
     tmp.write_text("\n".join(lines))
     tmp.replace(out / "report.md")
     write_json_atomic(out / "report.json", finite_or_none(report))
     plot_curves(report["curves"], out / "lambda_curve.png")
+
+
+def _section(lines: list[str]) -> list[str]:
+    """A section followed by a blank line, or nothing when it is empty."""
+    return [*lines, ""] if lines else []
 
 
 def plot_curves(curves: dict[str, Any], path: Path) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "row_log_probs",
     "outside_overlap",
     "row_intervals",
+    "general_figures",
 ]
 log = logging.getLogger(__name__)
 
@@ -120,3 +121,12 @@ def row_figures(row: dict[str, Any], test: dict[str, np.ndarray], audits: dict[s
             **(row_intervals(arrays, offsets, keep) if keep.any() else {}),
         }
     return figures
+
+
+def general_figures(row: dict[str, Any], lp: dict[str, np.ndarray], offsets: np.ndarray) -> dict[str, Any]:
+    """A base's perplexities on a general (out-of-domain) split: alone, + MemDec at the row's domain λ and MemDec
+    alone, each with its bootstrap interval over documents (what plugging the decoder in costs off its domain)."""
+    arrays = row_log_probs({"memdec_lambda": row.get("memdec_lambda")}, lp)
+    figures: dict[str, Any] = {"base": row["base"], "memdec_lambda": row.get("memdec_lambda")}
+    figures |= {key: perplexity(values) for key, values in arrays.items()}
+    return figures | {"all_positions": row_intervals(arrays, offsets)}
