@@ -33,6 +33,7 @@ from lightning_memdec.apps.quickstart_stages import (
     corpus_dir,
     datastore,
     done,
+    epoch_steps,
     gold_log_probs,
     knn_gold_probs,
     parameters,
@@ -130,8 +131,7 @@ def quickstart(
     start = bases[min(sizes, key=sizes.get)]
     teacher_start = teacher or bases[max(sizes, key=sizes.get)]
     dt, dv = corpora["domain-train"], corpora["domain-valid"]
-    epoch = -(-Corpus(dt).num_tokens // (budget.window * budget.batch_size))
-    decoder_steps = memdec_steps or epoch
+    decoder_steps = memdec_steps or epoch_steps(dt, budget)
     # 2. teacher: the largest base fine-tuned on the domain; its datastore gives the training targets
     with clock("teacher fine-tune"):
         t_model = train_model("teacher", out, dt, dv, budget, teacher_steps, teacher_start, 0.0, lr=teacher_lr)
