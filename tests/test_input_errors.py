@@ -53,3 +53,23 @@ def test_out_naming_an_existing_file_is_refused_even_with_overwrite(tmp_path):
     with pytest.raises(ArtifactError, match=rf"output {out} is a file, but a directory is needed"):
         tokenize(["embedded:biomed/valid"], out, "gpt2", max_tokens=100, overwrite=True)
     assert out.read_text() == "my notes" and not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize("path", [("num_entries",), ("kind",), ("tokenizer", "fingerprint")])
+def test_a_meta_json_missing_a_key_names_the_file_the_key_and_the_fix(tmp_path, biomed_datastore, path):
+    import json
+    import shutil
+
+    from lightning_memdec.stages.targets import build_targets
+
+    store = shutil.copytree(biomed_datastore, tmp_path / "ds")
+    meta = json.loads((store / "meta.json").read_text())
+    *parents, key = path
+    fields = meta
+    for parent in parents:
+        fields = fields[parent]
+    del fields[key]
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=rf"{store / 'meta.json'} has no '{key}' entry: .*rebuild it"):
+        build_targets(store, None, tmp_path / "t", k=8, search="exact")
+    assert not partial_dir(tmp_path / "t").exists() and not (tmp_path / "t").exists()
