@@ -365,6 +365,7 @@ def long_line(rng, words: int) -> str:
 @pytest.mark.parametrize("tokenizer", ["gpt2", "gpt-neox-20b"])
 def test_a_huge_line_is_read_in_bounded_pieces_with_the_tokens_of_the_whole(tmp_path, tokenizer, monkeypatch):
     import lightning_memdec.io.text_sources as text_sources
+    import lightning_memdec.io.token_corpus as token_corpus
 
     rng = np.random.default_rng(0)
     docs = ["a short first document", long_line(rng, 6000) + "\n" + long_line(rng, 300), "a short last one"]
@@ -379,14 +380,15 @@ def test_a_huge_line_is_read_in_bounded_pieces_with_the_tokens_of_the_whole(tmp_
         return original(self, texts, *args, **kwargs)
 
     monkeypatch.setattr(type(tok), "__call__", recording)
-    monkeypatch.setattr(text_sources, "PIECE_CHARS", 500)
+    monkeypatch.setattr(text_sources, "PIECE_CHARS", 500)  # read 500 characters at a time …
+    monkeypatch.setattr(token_corpus, "PIECE_CHARS", 500)  # … and encode a batch once it holds 500
     out = tokenize([str(text)], tmp_path / "c", tokenizer)
     np.testing.assert_array_equal(Corpus(out).tokens, reference_tokens(docs, tok))
     assert Corpus(out).meta["num_documents"] == 3
     encoded = [t for t in seen if t not in docs]  # the reference's own calls encode whole documents
     assert len(encoded) > 20 and max(map(len, encoded)) < 2 * 500, "the tokenizer saw pieces, never the whole line"
     seen.clear()
-    tokenize([str(text)], tmp_path / "c1000", tokenizer, max_tokens=1000, batch_documents=1)
+    tokenize([str(text)], tmp_path / "c1000", tokenizer, max_tokens=1000)
     assert sum(map(len, (t for t in seen if t not in docs))) < len(docs[1]) // 4, "reading stops near max_tokens"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import multiprocessing
 import time
 from collections import deque
@@ -25,7 +24,7 @@ from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, open_che
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.npy_rows import NpyAppender
 from lightning_memdec.io.output_lock import exclusive_output
-from lightning_memdec.io.text_pieces import cuts_are_safe, safe_pieces
+from lightning_memdec.io.text_pieces import PIECE_CHARS, cuts_are_safe, safe_pieces
 from lightning_memdec.io.text_sources import open_documents
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 
@@ -250,8 +249,7 @@ def encoded_batches(
     """``(ids, ends_document)`` of ``batch_documents`` pieces at a time, in order, EOS after a document's last piece;
     with ``num_proc`` > 1 encoded by worker processes, at most two batches per worker in flight, so reading runs only
     that far ahead of writing."""
-    pieces = iter(pieces)
-    batches = iter(lambda: list(itertools.islice(pieces, batch_documents)), [])
+    batches = bounded_batches(pieces, batch_documents, PIECE_CHARS)
     if num_proc == 1:
         for batch in batches:
             yield with_eos(encode_batch(tok, [text for text, _ in batch], dtype), batch, tok.eos_token_id)
@@ -273,6 +271,22 @@ def encoded_batches(
             yield with_eos(future.result(), done, tok.eos_token_id)
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def bounded_batches(
+    pieces: Iterable[tuple[str, bool]], max_pieces: int, max_chars: int
+) -> Iterator[list[tuple[str, bool]]]:
+    """Batches of at most ``max_pieces`` pieces that stop once they hold ``max_chars`` characters, so a tokenizer call
+    never gets more than about a piece's worth of a huge document (and ``max_tokens`` stops reading near it)."""
+    batch, chars = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[0])
+        if len(batch) >= max_pieces or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def encode_batch(tok, texts: list[str], dtype) -> list[np.ndarray]:
