@@ -73,3 +73,24 @@ def test_a_meta_json_missing_a_key_names_the_file_the_key_and_the_fix(tmp_path, 
     with pytest.raises(ArtifactError, match=rf"{store / 'meta.json'} has no '{key}' entry: .*rebuild it"):
         build_targets(store, None, tmp_path / "t", k=8, search="exact")
     assert not partial_dir(tmp_path / "t").exists() and not (tmp_path / "t").exists()
+
+
+def test_the_cli_prints_a_users_mistake_without_a_traceback_and_a_bug_with_one(tmp_path, capsys, monkeypatch):
+    import lightning_memdec.cli as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["build-index", "--datastore", str(tmp_path / "absent"), "--out", str(tmp_path / "i")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"memdec build-index: error: artefact directory {tmp_path / 'absent'} does not exist" in err
+    assert "Traceback" not in err and not (tmp_path / "i").exists()
+
+    def buggy(out: str = "x"):
+        """A stage with a bug."""
+        return {}["missing"] if out else int("not a number")
+
+    monkeypatch.setattr(cli, "stage_functions", lambda: {"buggy": buggy})
+    with pytest.raises(KeyError):
+        cli.main(["buggy"])
+    with pytest.raises(ValueError, match="invalid literal"):  # a ValueError from outside the package's checks
+        cli.main(["buggy", "--out", ""])
