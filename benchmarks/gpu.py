@@ -40,6 +40,7 @@ from common import report, timed  # benchmarks/ is the script's directory, first
 from jsonargparse import CLI
 from latency_stores import save_gpt2
 
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import Datastore
 
 # dense bf16 tensor-core peak (no sparsity) and HBM bandwidth, SXM parts: the rooflines' assumed peaks
@@ -53,6 +54,7 @@ GPT2_LARGE = {"n_embd": 1280, "n_layer": 36, "n_head": 20}
 TINY = {"n_embd": 64, "n_layer": 2, "n_head": 2}
 
 
+@exclusive_output
 def random_corpus(out: Path, num_tokens: int, seed: int, document: int = 1000) -> Path:
     """Random GPT-2 token ids in documents of ``document`` tokens (the last one EOS), as a corpus directory."""
     from lightning_memdec.io.artifact_dirs import start_work_dir

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_memdec.io.output_lock import exclusive_output
+
 BLOCK = 65_536  # synthetic entries made per seeded generator
 
 
@@ -75,6 +77,7 @@ def key_std(keys: np.ndarray, block: int = BLOCK) -> np.ndarray:
     return np.sqrt(np.maximum(square / len(keys) - mean**2, 0.0)).astype(np.float32)
 
 
+@exclusive_output
 def synthetic_datastore(real_dir: Path, out: Path, entries: int, noise_scale: float, seed: int) -> Path:
     """The real store's entries followed by synthetic ones up to ``entries`` (see the module docstring)."""
     from numpy.lib.format import open_memmap

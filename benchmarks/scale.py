@@ -54,6 +54,7 @@ from jsonargparse import CLI
 
 from lightning_memdec.io.artifact_dirs import base_meta, publish, start_work_dir
 from lightning_memdec.io.npy_rows import NpyAppender
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, KEYS, VALUES
 from lightning_memdec.retrieval.index_plan import MIN_TRAIN_PER_LIST, plan_index
 
@@ -105,6 +106,7 @@ class RankMemory(L.Callback):
         (self.out / f"rank{self.rank}.json").write_text(json.dumps({**record, **self.peak}))
 
 
+@exclusive_output
 def write_store(out: Path, n: int, dim: int, centres: int, spread: float, seed: int, block: int = 1 << 16) -> Path:
     """A datastore directory of ``n`` Gaussian-mixture keys and Zipf values, written ``block`` rows at a time."""
     if (out / "meta.json").is_file():

@@ -8,6 +8,11 @@ subcommand is a pipeline stage whose flags come from its function signature.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# what the package raises for a user's mistake, its message saying what to fix
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError)
 
 LIGHTNING_COMMANDS = {
     "fit": "train the Memory Decoder (or a base LM with model.beta 0) with LightningCLI",
@@ -86,6 +91,16 @@ def main(args: list[str] | None = None) -> None:
     if not raw or raw[0] in ("-h", "--help"):
         print_help()
         return
+    try:
+        run_command(raw)
+    except USER_ERRORS as err:
+        if not raised_by_package(err):
+            raise  # a bug, here or in a library: the whole traceback
+        print(f"memdec {raw[0]}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def run_command(raw: list[str]) -> None:
     if raw[0] in LIGHTNING_COMMANDS:
         from lightning_memdec.training.fit import lightning_cli
 
@@ -94,6 +109,15 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     CLI(stage_functions(), args=repeatable(raw), as_positional=False)
+
+
+def raised_by_package(err: BaseException) -> bool:
+    """Whether ``err`` comes from one of the package's own checks (its message names the file or setting and the
+    fix, so the user needs no traceback), not from deeper code."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
 if __name__ == "__main__":

@@ -266,7 +266,7 @@ def test_reading_stops_a_few_batches_past_max_tokens(tmp_path, biomed_docs):
         # one batch at a time, or two per worker in flight, plus the one being cut
         limit = -(-needed // rows_per_batch) + (1 if num_proc == 1 else 2 * num_proc + 1)
         pulled = []
-        documents = row_documents([(rows(limit, pulled), {"path": "fake.parquet"})], "text", None)
+        documents = ((d, True) for d in row_documents([(rows(limit, pulled), {"path": "fake.parquet"})], "text", None))
         pieces = encode_stream(documents, tok, max_tokens, batch_documents=rows_per_batch, num_proc=num_proc)
         out = tmp_path / f"c{num_proc}"
         write_corpus(start_work_dir(out, {}, False), out, pieces, tokenizer_info(tok, "gpt2"))
@@ -354,3 +354,75 @@ def test_cli_tokenizes_data_files_in_several_processes(tmp_path, biomed_docs):
     result = subprocess.run(hub, capture_output=True, text=True, env=env)
     assert result.returncode != 0 and "offline, give local files with --data_files" in result.stderr
     assert not (tmp_path / "hub").exists() and not (tmp_path / "hub.partial").exists()
+
+
+def long_line(rng, words: int) -> str:
+    """One line of words, numbers, punctuation, accents, CJK, double spaces and tabs: the cuts' hard cases."""
+    vocab = ["the", "Cat", "2024", "3.14", "naïve", "東京", ",", ".", "(x)", "don't", "  ", "\t", "'em", "über", "--"]
+    return " ".join(rng.choice(vocab, size=words))
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "gpt-neox-20b"])
+def test_a_huge_line_is_read_in_bounded_pieces_with_the_tokens_of_the_whole(tmp_path, tokenizer, monkeypatch):
+    import lightning_memdec.io.text_sources as text_sources
+    import lightning_memdec.io.token_corpus as token_corpus
+
+    rng = np.random.default_rng(0)
+    docs = ["a short first document", long_line(rng, 6000) + "\n" + long_line(rng, 300), "a short last one"]
+    text = tmp_path / "huge.txt"
+    text.write_text("\n\n".join(docs) + "\n")
+    tok = load_tokenizer(tokenizer)
+    seen = []
+    original = type(tok).__call__
+
+    def recording(self, texts, *args, **kwargs):
+        seen.extend([texts] if isinstance(texts, str) else texts)
+        return original(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", recording)
+    monkeypatch.setattr(text_sources, "PIECE_CHARS", 500)  # read 500 characters at a time …
+    monkeypatch.setattr(token_corpus, "PIECE_CHARS", 500)  # … and encode a batch once it holds 500
+    out = tokenize([str(text)], tmp_path / "c", tokenizer)
+    np.testing.assert_array_equal(Corpus(out).tokens, reference_tokens(docs, tok))
+    assert Corpus(out).meta["num_documents"] == 3
+    encoded = [t for t in seen if t not in docs]  # the reference's own calls encode whole documents
+    assert len(encoded) > 20 and max(map(len, encoded)) < 2 * 500, "the tokenizer saw pieces, never the whole line"
+    seen.clear()
+    tokenize([str(text)], tmp_path / "c1000", tokenizer, max_tokens=1000)
+    assert sum(map(len, (t for t in seen if t not in docs))) < len(docs[1]) // 4, "reading stops near max_tokens"
+
+
+def test_document_pieces_join_to_the_documents_whatever_the_piece_size(tmp_path):
+    from lightning_memdec.io.text_sources import iter_document_pieces
+
+    rng = np.random.default_rng(1)
+    pieces = ["word", "b ", "\n", "\n", " ", "\r\n", "\t", "xxxxxxx"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces, size=rng.integers(0, 40)))
+        (tmp_path / "a.txt").write_bytes(text.encode())
+        want = read_documents(tmp_path / "a.txt")
+        for size in (1, 3, 8):
+            got, parts = [], []
+            for piece, ends in iter_document_pieces(tmp_path / "a.txt", size):
+                parts.append(piece)
+                if ends:
+                    got.append("".join(parts))
+                    parts = []
+            assert got == want and not parts, (repr(text), size)
+
+
+def test_a_tokenizer_whose_cuts_change_ids_gets_whole_documents():
+    from lightning_memdec.io.text_pieces import cuts_are_safe, safe_cut, safe_pieces
+
+    assert safe_cut("ab cd  ef") == 2 and safe_cut("ab  cd") == 0 and safe_cut("abc ") == 0
+    pieces = [("one two thr", False), ("ee four", True)]
+    assert list(safe_pieces(pieces)) == [("one two", False), (" three four", True)]
+    assert list(safe_pieces(pieces, cut=False)) == [("one two three four", True)]
+    assert cuts_are_safe(load_tokenizer("gpt2"))
+
+    def per_character(texts, add_special_tokens=False):  # a "tokenizer" whose ids depend on the text's length
+        texts = [texts] if isinstance(texts, str) else texts
+        ids = [[len(t)] for t in texts]
+        return {"input_ids": ids[0] if len(ids) == 1 and isinstance(texts, str) else ids}
+
+    assert not cuts_are_safe(per_character)

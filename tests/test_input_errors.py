@@ -53,3 +53,44 @@ def test_out_naming_an_existing_file_is_refused_even_with_overwrite(tmp_path):
     with pytest.raises(ArtifactError, match=rf"output {out} is a file, but a directory is needed"):
         tokenize(["embedded:biomed/valid"], out, "gpt2", max_tokens=100, overwrite=True)
     assert out.read_text() == "my notes" and not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize("path", [("num_entries",), ("kind",), ("tokenizer", "fingerprint")])
+def test_a_meta_json_missing_a_key_names_the_file_the_key_and_the_fix(tmp_path, biomed_datastore, path):
+    import json
+    import shutil
+
+    from lightning_memdec.stages.targets import build_targets
+
+    store = shutil.copytree(biomed_datastore, tmp_path / "ds")
+    meta = json.loads((store / "meta.json").read_text())
+    *parents, key = path
+    fields = meta
+    for parent in parents:
+        fields = fields[parent]
+    del fields[key]
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=rf"{store / 'meta.json'} has no '{key}' entry: .*rebuild it"):
+        build_targets(store, None, tmp_path / "t", k=8, search="exact")
+    assert not partial_dir(tmp_path / "t").exists() and not (tmp_path / "t").exists()
+
+
+def test_the_cli_prints_a_users_mistake_without_a_traceback_and_a_bug_with_one(tmp_path, capsys, monkeypatch):
+    import lightning_memdec.cli as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["build-index", "--datastore", str(tmp_path / "absent"), "--out", str(tmp_path / "i")])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"memdec build-index: error: artefact directory {tmp_path / 'absent'} does not exist" in err
+    assert "Traceback" not in err and not (tmp_path / "i").exists()
+
+    def buggy(out: str = "x"):
+        """A stage with a bug."""
+        return {}["missing"] if out else int("not a number")
+
+    monkeypatch.setattr(cli, "stage_functions", lambda: {"buggy": buggy})
+    with pytest.raises(KeyError):
+        cli.main(["buggy"])
+    with pytest.raises(ValueError, match="invalid literal"):  # a ValueError from outside the package's checks
+        cli.main(["buggy", "--out", ""])

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,23 @@ def test_a_second_fit_into_a_locked_root_is_refused(tmp_path, biomed_targets_pai
     assert not (root / "checkpoints").exists()
     lightning_cli([*resume_args(biomed_targets_pair, root), "--trainer.max_steps", "1"])  # released: it runs
     assert (root / "checkpoints" / "last.ckpt").is_file() and not lock_path(root).exists()
+
+
+def test_the_benchmarks_synthetic_artefacts_hold_the_output_lock(tmp_path, monkeypatch):
+    """Synthetic corpora and datastores written by the benchmark scripts are outputs too: one writer at a time."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    scale, gpu = importlib.import_module("scale"), importlib.import_module("gpu")
+    writers = {
+        "store": lambda out: scale.write_store(out, n=64, dim=8, centres=2, spread=1.0, seed=0),
+        "corpus": lambda out: gpu.random_corpus(out, num_tokens=500, seed=0),
+    }
+    for name, write in writers.items():
+        out = tmp_path / name
+        with OutputLock(out):
+            with pytest.raises(ArtifactError, match=rf"{out} is being written by another process \(pid {os.getpid()}"):
+                write(out)
+        assert not partial_dir(out).exists() and not out.exists(), name
+        write(out)
+        assert (out / "meta.json").is_file() and not lock_path(out).exists()

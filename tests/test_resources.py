@@ -73,3 +73,25 @@ def test_gpu_k_limit_counts_the_self_match():
     check_gpu_k(2047, self_match=True)
     with pytest.raises(ValueError, match=r"k=2048 \(\+ 1 for the query's own entry.*use k ≤ 2047"):
         check_gpu_k(2048, self_match=True)
+
+
+def test_build_targets_refuses_a_full_disk_before_work(tmp_path, biomed_datastore, monkeypatch):
+    import lightning_memdec.stages.targets as targets
+    from lightning_memdec.io.readers import Datastore
+
+    n, k = len(Datastore(biomed_datastore)), 8
+    needed = targets_disk_bytes_for(n, k)  # chunk files and the merged CSR side by side, at most
+    assert targets.targets_disk_bytes(n, k) == needed
+    monkeypatch.setattr(targets, "free_disk", lambda path: needed - 1)
+    with pytest.raises(ResourceError, match=rf"targets for {n:,} positions × up to {k} neighbours.*lower --k"):
+        targets.build_targets(biomed_datastore, None, tmp_path / "t", k=k, search="exact")
+    assert not partial_dir(tmp_path / "t").exists()
+    monkeypatch.setattr(targets, "free_disk", lambda path: targets_disk_bytes_for(n, 4) - 1)
+    with pytest.raises(ResourceError, match="up to 4 neighbours"):  # --max_support caps the entries per position
+        targets.build_targets(biomed_datastore, None, tmp_path / "t", k=k, max_support=4, search="exact")
+    monkeypatch.setattr(targets, "free_disk", lambda path: needed)
+    targets.check_disk(tmp_path / "t", n, k)  # exactly enough is enough
+
+
+def targets_disk_bytes_for(n: int, support: int) -> int:
+    return 2 * (n * support * 6 + 8 * (n + 1))

@@ -13,6 +13,7 @@ from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.readers import Targets
 from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
 from lightning_memdec.kernels.scoring import perplexity
+from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO
 from lightning_memdec.training.datamodule import (
     PAD_WINDOW,
     EvenShardSampler,
@@ -369,3 +370,49 @@ def test_fit_refuses_a_decoder_of_another_tokenizer(tmp_path, biomed_targets_pai
     with pytest.raises(ArtifactError, match=rf"decoder {decoder} uses tokenizer .*uses gpt2"):
         lightning_cli(args)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def logged_steps(version_dir: Path, tag: str = "train/loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in sorted(version_dir.glob("events.out.tfevents*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        steps += [event.step for event in accumulator.Scalars(tag)] if tag in accumulator.Tags()["scalars"] else []
+    return sorted(steps)
+
+
+def test_resume_past_a_truncated_last_checkpoint_logs_on_into_the_same_version(tmp_path, biomed_targets_pair, caplog):
+    """A kill while last.ckpt was being written: `--ckpt_path last` resumes from the newest whole checkpoint (the
+    same step here), ends with the uninterrupted run's weights, and its curves continue in version_0."""
+    pair = biomed_targets_pair
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    lightning_cli([*resume_args(pair, straight), "--trainer.log_every_n_steps", "1"])
+    with pytest.raises(RuntimeError, match="killed at step 3"):
+        kill = ["--trainer.callbacks+=recording.KillAtStep", "--trainer.callbacks.step=3"]
+        lightning_cli([*resume_args(pair, killed), "--trainer.log_every_n_steps", "1", *kill])
+    last = killed / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        cli = lightning_cli([*resume_args(pair, killed), "--trainer.log_every_n_steps", "1", "--ckpt_path", "last"])
+    assert f"{last} is not a whole checkpoint" in caplog.text
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO), "checkpoints are saved atomically"
+    assert cli.trainer.global_step == 6
+    want, got = final_weights(straight), final_weights(killed)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+    logs = killed / "lightning_logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0"], "the resume logs into the killed run's version"
+    assert logged_steps(logs / "version_0")[-1] == logged_steps(straight / "lightning_logs" / "version_0")[-1] == 5
+
+
+def test_resume_from_no_whole_checkpoint_is_an_error_before_any_work(tmp_path, biomed_targets_pair):
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match=r"no checkpoint in .*checkpoints is whole \(last.ckpt: not a whole"):
+        lightning_cli([*resume_args(biomed_targets_pair, root), "--ckpt_path", "last"])
+    assert not (root / "lightning_logs").exists()
+    with pytest.raises(ValueError, match=r"--ckpt_path .*last.ckpt is not a whole checkpoint"):
+        lightning_cli([*resume_args(biomed_targets_pair, root), "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 from pathlib import Path
 
-from lightning_memdec.io.artifact_dirs import sha256_file
+from lightning_memdec.io.artifact_dirs import read_meta, sha256_file
 from lightning_memdec.io.embedded import SHIPPED_TOKENIZERS, load_tokenizer, resolve_model, tokenizer_from_directory
 
 __all__ = [
@@ -124,7 +123,7 @@ def _meta_tokenizer(directory: Path) -> str | None:
     meta = directory / "meta.json"
     if not meta.is_file():
         return None
-    name = (json.loads(meta.read_text()).get("tokenizer") or {}).get("name")
+    name = (read_meta(directory).get("tokenizer") or {}).get("name")
     return name if name in SHIPPED_TOKENIZERS else None
 
 

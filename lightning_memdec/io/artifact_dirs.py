@@ -26,6 +26,24 @@ class ArtifactError(ValueError):
     """An input artefact is missing, inconsistent or corrupt; the message says what to fix."""
 
 
+class ArtifactMeta(dict):
+    """A meta.json object whose missing key is an :class:`ArtifactError` naming the file, the key and the fix (an
+    artefact of another version, or edited by hand), not a bare ``KeyError`` deep inside a stage."""
+
+    def __init__(self, fields: dict, source: Path):
+        super().__init__(fields)
+        self.source = source
+
+    def __missing__(self, key):
+        kind = dict.get(self, "kind")
+        what = f"the {kind} artefact" if isinstance(kind, str) else "the artefact"
+        raise ArtifactError(
+            f"{self.source} has no {key!r} entry: {what} in {self.source.parent} was written by another version of "
+            "lightning_memdec or edited by hand; rebuild it with this version (rerun the stage that made it "
+            "with --overwrite)."
+        )
+
+
 def wrong_path(path: str | Path, what: str, want_dir: bool) -> str:
     """Why ``path`` is not the file/directory asked for: it is the other kind, or it does not exist."""
     path, wanted = Path(path), "directory" if want_dir else "file"
@@ -83,7 +101,7 @@ def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
         hint = f" An unfinished run is in {partial}: run the same command again to resume." if partial.exists() else ""
         raise ArtifactError(f"{directory} has no {META}: it is not a finished lightning_memdec artefact.{hint}")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"), object_hook=lambda fields: ArtifactMeta(fields, path))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(
             f"{path} is not valid UTF-8 JSON ({err}); the artefact is corrupt, rebuild {directory}."
@@ -92,7 +110,7 @@ def read_meta(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
         raise ArtifactError(f"{path} holds a JSON {type(meta).__name__}, not an object; rebuild {directory}.")
     if kind is not None and meta.get("kind") != kind:
         raise ArtifactError(
-            f"{directory} holds a {meta.get('kind')!r} artefact, but a {kind!r} artefact is needed here."
+            f"{directory} holds a {meta['kind']!r} artefact, but a {kind!r} artefact is needed here."  # no kind: named
         )
     return meta
 

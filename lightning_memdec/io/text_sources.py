@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, sha256_file, wrong_path
 from lightning_memdec.io.embedded import resolve_text
+from lightning_memdec.io.text_pieces import PIECE_CHARS
 
 # local data files: extension → the `datasets` builder that reads it
 DATA_FILE_FORMATS = {
@@ -44,8 +45,9 @@ def open_documents(
     data_files: list[str] | None = None,
     text_field: str = "text",
     document_start: str | None = None,
-) -> tuple[Iterator[str], list[dict]]:
-    """The documents of exactly one source, lazily, and its provenance (recorded in the corpus's meta.json).
+) -> tuple[Iterator[tuple[str, bool]], list[dict]]:
+    """The documents of exactly one source, lazily, as ``(text, ends_document)`` pieces (a text file's long documents
+    in several, see :mod:`~lightning_memdec.io.text_pieces`), and its provenance (recorded in the corpus's meta.json).
 
     Raises before returning when the source is unusable or holds no document, so a failed run leaves nothing behind.
     """
@@ -63,7 +65,7 @@ def open_documents(
         if tables:
             raise ValueError(f"{tables} hold rows, not blank-line separated text: give them with --data_files.")
         sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
-        documents = (d for p in paths for d in iter_documents(p))
+        documents = (piece for p in paths for piece in iter_document_pieces(p))
         what = f"the input text {[str(p) for p in paths]}"
     else:
         pattern = compile_document_start(document_start)
@@ -71,7 +73,7 @@ def open_documents(
         sources = [
             {**provenance, "text_field": text_field, "document_start": document_start} for _, provenance in parts
         ]
-        documents = row_documents(parts, text_field, pattern)
+        documents = ((document, True) for document in row_documents(parts, text_field, pattern))
         what = f"the dataset {dataset!r}" if dataset else f"the data files {data_files}"
     first = next(documents, None)
     if first is None:
@@ -252,26 +254,47 @@ def read_text(path: str | Path) -> str:
             raise not_utf8(path, err) from err
 
 
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Documents are separated by blank lines; surrounding newlines are dropped, blank ones skipped.
+def iter_document_pieces(path: str | Path, piece_chars: int | None = None) -> Iterator[tuple[str, bool]]:
+    """The documents of a text file as ``(text, ends_document)`` pieces of about ``piece_chars`` characters
+    (default :data:`~lightning_memdec.io.text_pieces.PIECE_CHARS`).
 
-    Read line by line, so a file of any size costs the memory of one document.
+    Documents are separated by blank lines; surrounding newlines are dropped, blank ones skipped. Lines are read at
+    most ``piece_chars`` characters at a time, so even one huge line costs the memory of a piece.
     """
+    piece_chars = piece_chars or PIECE_CHARS
     with open_text(path) as f:
-        lines: list[str] = []
+        parts: list[str] = []  # the current document's text not yet handed on
+        size, started, at_line_start, seen_text = 0, False, True, False
         try:
-            for line in f:
-                line = line.removesuffix("\n")
-                if line:
-                    lines.append(line)
+            while chunk := f.readline(piece_chars):
+                if at_line_start and chunk == "\n":  # a blank line ends the document
+                    if seen_text:
+                        yield "".join(parts), True
+                    parts, size, started, seen_text = [], 0, False, False
                     continue
-                if lines:
-                    yield from non_blank("\n".join(lines))
-                lines = []
+                text = chunk.removesuffix("\n")
+                if at_line_start and started:
+                    parts.append("\n")
+                parts.append(text)
+                size, started, at_line_start = size + len(text) + 1, True, chunk.endswith("\n")
+                seen_text = seen_text or bool(text.strip())
+                if size >= piece_chars and seen_text:  # a blank-looking start is held until text decides it
+                    yield "".join(parts), False
+                    parts, size = [], 0
         except UnicodeDecodeError as err:
             raise not_utf8(path, err) from err
-        if lines:
-            yield from non_blank("\n".join(lines))
+        if seen_text:
+            yield "".join(parts), True
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """The documents of a text file, whole (see :func:`iter_document_pieces`)."""
+    parts: list[str] = []
+    for text, ends in iter_document_pieces(path):
+        parts.append(text)
+        if ends:
+            yield "".join(parts)
+            parts = []
 
 
 def read_documents(path: str | Path) -> list[str]:

@@ -26,6 +26,7 @@ from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.npy_rows import NpyAppender
 from lightning_memdec.io.official_preprocessing import official_groups
 from lightning_memdec.io.output_lock import exclusive_output
+from lightning_memdec.io.text_pieces import PIECE_CHARS, cuts_are_safe, safe_pieces
 from lightning_memdec.io.text_sources import open_documents, open_rows
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 
@@ -225,7 +226,7 @@ def write_corpus(work: Path, out: Path, documents: Iterable[np.ndarray], tokeniz
 
 
 def encode_stream(
-    documents: Iterable[str],
+    documents: Iterable[tuple[str, bool]],
     tok,
     max_tokens: int | None = None,
     batch_documents: int = 256,
@@ -233,12 +234,30 @@ def encode_stream(
     dtype=np.int64,
 ) -> Iterator[np.ndarray]:
     """Token ids of each document followed by EOS, lazily and in order, the last one cut so the total is at most
-    ``max_tokens`` (documents are then read no further than a few batches past it)."""
+    ``max_tokens`` (documents are then read no further than a few batches past it).
+
+    ``documents`` are ``(text, ends_document)`` pieces (:func:`~lightning_memdec.io.text_sources.open_documents`);
+    they are re-cut where the tokenizer gives the ids of the whole (:mod:`~lightning_memdec.io.text_pieces`) and
+    encoded one by one, so a huge document costs the tokenizer one piece at a time, and its ids, not its text.
+    """
+    total, parts = 0, []
+    pieces = safe_pieces(documents, cut=cuts_are_safe(tok))
     progress = tqdm(total=max_tokens, desc="tokenize", unit="tok", unit_scale=True, leave=False)
-    with progress, contextlib.closing(encoded_batches(documents, tok, batch_documents, num_proc, dtype)) as batches:
-        for ids in at_most((ids for batch in batches for ids in batch), max_tokens):
-            progress.update(len(ids))
-            yield ids
+    with progress, contextlib.closing(encoded_batches(pieces, tok, batch_documents, num_proc, dtype)) as batches:
+        for batch in batches:
+            for ids, ends in batch:
+                if max_tokens is not None:
+                    ids = ids[: max_tokens - total]
+                total += len(ids)
+                progress.update(len(ids))
+                parts.append(ids)
+                full = max_tokens is not None and total >= max_tokens
+                if ends or full:
+                    document, parts = np.concatenate(parts), []
+                    if len(document):
+                        yield document
+                if full:
+                    return
 
 
 def at_most(pieces: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np.ndarray]:
@@ -263,20 +282,20 @@ def encode_rows(rows: Iterable[str], tok, batch_rows: int) -> Iterator[list[int]
 def encode_documents(
     docs: list[str], tok, max_tokens: int | None = None, batch_documents: int = 256, dtype=np.int64
 ) -> list[np.ndarray]:
-    """:func:`encode_stream` of documents in memory, as a list."""
-    return list(encode_stream(docs, tok, max_tokens, batch_documents, dtype=dtype))
+    """:func:`encode_stream` of whole documents in memory, as a list."""
+    return list(encode_stream(((doc, True) for doc in docs), tok, max_tokens, batch_documents, dtype=dtype))
 
 
 def encoded_batches(
-    documents: Iterable[str], tok, batch_documents: int, num_proc: int, dtype
-) -> Iterator[list[np.ndarray]]:
-    """Encoded batches of ``batch_documents`` documents, in order; with ``num_proc`` > 1 encoded by worker processes,
-    at most two batches per worker in flight, so reading runs only that far ahead of writing."""
-    documents = iter(documents)
-    batches = iter(lambda: list(itertools.islice(documents, batch_documents)), [])
+    pieces: Iterable[tuple[str, bool]], tok, batch_documents: int, num_proc: int, dtype
+) -> Iterator[list[tuple[np.ndarray, bool]]]:
+    """``(ids, ends_document)`` of ``batch_documents`` pieces at a time, in order, EOS after a document's last piece;
+    with ``num_proc`` > 1 encoded by worker processes, at most two batches per worker in flight, so reading runs only
+    that far ahead of writing."""
+    batches = bounded_batches(pieces, batch_documents, PIECE_CHARS)
     if num_proc == 1:
         for batch in batches:
-            yield encode_batch(tok, batch, dtype)
+            yield with_eos(encode_batch(tok, [text for text, _ in batch], dtype), batch, tok.eos_token_id)
         return
     # fork where there is one: callers' scripts need no `if __name__ == "__main__"` guard and no tokenizer is pickled
     # per worker (if this process already encoded in parallel, the tokenizers library turns its threads off in the
@@ -286,18 +305,40 @@ def encoded_batches(
     try:
         pending: deque = deque()
         for batch in batches:
-            pending.append(pool.submit(_encode_in_worker, batch, dtype))
+            pending.append((pool.submit(_encode_in_worker, [text for text, _ in batch], dtype), batch))
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().result()
+                future, done = pending.popleft()
+                yield with_eos(future.result(), done, tok.eos_token_id)
         while pending:
-            yield pending.popleft().result()
+            future, done = pending.popleft()
+            yield with_eos(future.result(), done, tok.eos_token_id)
     finally:
         pool.shutdown(cancel_futures=True)
 
 
-def encode_batch(tok, documents: list[str], dtype) -> list[np.ndarray]:
-    eos = tok.eos_token_id
-    return [np.asarray(ids + [eos], dtype=dtype) for ids in tok(documents, add_special_tokens=False)["input_ids"]]
+def bounded_batches(
+    pieces: Iterable[tuple[str, bool]], max_pieces: int, max_chars: int
+) -> Iterator[list[tuple[str, bool]]]:
+    """Batches of at most ``max_pieces`` pieces that stop once they hold ``max_chars`` characters, so a tokenizer call
+    never gets more than about a piece's worth of a huge document (and ``max_tokens`` stops reading near it)."""
+    batch, chars = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[0])
+        if len(batch) >= max_pieces or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encode_batch(tok, texts: list[str], dtype) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=dtype) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def with_eos(ids: list[np.ndarray], pieces: list[tuple[str, bool]], eos: int) -> list[tuple[np.ndarray, bool]]:
+    """Each piece's ids, with EOS appended where the piece ends its document."""
+    return [(np.append(x, np.asarray([eos], x.dtype)) if ends else x, ends) for x, (_, ends) in zip(ids, pieces)]
 
 
 _worker_tokenizer = None  # each worker process's copy, set once by the pool's initializer

@@ -19,8 +19,15 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
-from lightning_memdec.io.capacity import available_ram, check_fits
+from lightning_memdec.io.artifact_dirs import (
+    ArtifactError,
+    base_meta,
+    partial_dir,
+    publish,
+    read_meta,
+    start_work_dir,
+)
+from lightning_memdec.io.capacity import allocated_bytes, available_ram, check_fits, free_disk
 from lightning_memdec.io.npy_rows import read_rows
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_compatible, check_index_matches
@@ -243,6 +250,7 @@ def build_targets(
     memory = None if search_memory_gb is None else int(search_memory_gb * 2**30)
     check_ranks_fit(search, index, store.dim, min(chunk_size, len(query_store)), k, available, memory,
                     accelerator, devices, use_gpu)  # fmt: skip
+    check_disk(out, len(query_store), min(k, max_support or k))
     run_config = {
         "queries": query_store.identity(),
         "datastore": store.identity(),
@@ -321,6 +329,28 @@ def check_ranks_fit(
             "GPU), or build an index with fewer bytes per key (a smaller PQ m)."
         )
         check_fits(ranks * replica, available_ram(), f"{ranks} ranks' FAISS index replicas in RAM", fix)
+
+
+def targets_disk_bytes(num_positions: int, support: int) -> int:
+    """Peak bytes on disk of a targets build, at most: every chunk's CSR pieces (ids int32 + probs fp16 per entry,
+    a count per position) are still there when the merge has written the same entries again into ids/probs/offsets."""
+    per_copy = num_positions * support * (4 + 2) + 8 * (num_positions + 1)
+    return 2 * per_copy
+
+
+def check_disk(out: Path, num_positions: int, support: int) -> None:
+    """The targets must fit the disk before any search (else ENOSPC hours in); a resumed run counts what it has."""
+    needed = targets_disk_bytes(num_positions, support)
+    work = partial_dir(out)
+    if work.is_dir():
+        needed -= sum(allocated_bytes(f) for f in work.rglob("*") if f.is_file())
+    check_fits(
+        needed,
+        free_disk(out),
+        f"the targets for {num_positions:,} positions × up to {support} neighbours (chunk files + merged CSR) in {out}",
+        "free disk space, choose an --out on a larger file system, or lower --k or --max_support "
+        "(each entry takes 6 bytes, twice while the chunks are merged).",
+    )
 
 
 def faiss_gpu_for_rank(trainer) -> int | None:

@@ -19,19 +19,29 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_memdec.io.packaged_configs import config_args
 from lightning_memdec.training.callbacks import ExportHuggingFace
+from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO, resolve_resume
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
 from lightning_memdec.training.resume_state import (
     ExclusiveRunRoot,
+    LoggerVersionCheckpoint,
     RandomStateCheckpoint,
     default_checkpoint_dir,
-    require_last_checkpoint,
+    resumed_logger,
 )
 from lightning_memdec.training.vocab_transfer import budget_steps
 
 
 class MemDecCLI(LightningCLI):
-    """LightningCLI for the Memory Decoder, with checkpointing and Hugging Face export built in."""
+    """LightningCLI for the Memory Decoder, with checkpointing and Hugging Face export built in.
+
+    ``ckpt_path``: the checkpoint :func:`fit` resumes from (``--ckpt_path`` exists only under a subcommand); resolved
+    before the classes are built, as ``--ckpt_path`` is, into :attr:`resume_from`.
+    """
+
+    def __init__(self, *args, ckpt_path: str | Path | None = None, **kwargs) -> None:
+        self.resume_from = ckpt_path
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -52,12 +62,24 @@ class MemDecCLI(LightningCLI):
             "steps when trainer.max_steps is unset (-1)",
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        asked = self.config.get(f"{self.config.get('subcommand')}.ckpt_path")
+        if asked is not None and str(asked) != "last":  # before LightningCLI reads the file's hyperparameters
+            resolve_resume(asked, ".")
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.checkpoint.dirpath is None:  # README: checkpoints in <root>/checkpoints, found again by a resume
             cfg.checkpoint.dirpath = str(default_checkpoint_dir(cfg.trainer.default_root_dir))
-        if cfg.get("ckpt_path") == "last":
-            require_last_checkpoint(cfg.checkpoint.dirpath)
+        asked = cfg.get("ckpt_path") if self.subcommand else self.resume_from
+        resume = resolve_resume(asked, cfg.checkpoint.dirpath)  # "last": the newest whole checkpoint, or an error
+        if resume is not None:
+            self.resume_from = str(resume)
+            if self.subcommand:
+                cfg.ckpt_path = self.resume_from
+            if self.subcommand in (None, "fit"):
+                cfg.trainer.logger = resumed_logger(cfg.trainer.logger, resume, cfg.trainer.default_root_dir)
         if self.subcommand in (None, "fit") and cfg.trainer.max_steps == -1:
             steps = budget_steps(cfg.model.model, cfg.budget_fraction)
             if steps is not None:
@@ -76,7 +98,9 @@ class MemDecCLI(LightningCLI):
         return export.resolve_dir(self.trainer)
 
 
-def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> MemDecCLI:
+def lightning_cli(
+    args: list[str] | dict[str, Any] | None = None, run: bool = True, ckpt_path: str | Path | None = None
+) -> MemDecCLI:
     """The ``memdec fit|validate|test`` command line (``args`` None: LightningCLI reads ``sys.argv``).
 
     ``--config`` takes files or packaged config names, and expands an experiment's ``compose:`` groups.
@@ -96,7 +120,11 @@ def lightning_cli(args: list[str] | dict[str, Any] | None = None, run: bool = Tr
             parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
-            trainer_defaults={"callbacks": [ExclusiveRunRoot(), RandomStateCheckpoint()]},
+            trainer_defaults={
+                "callbacks": [ExclusiveRunRoot(), RandomStateCheckpoint(), LoggerVersionCheckpoint()],
+                "plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"}],
+            },
+            ckpt_path=ckpt_path,
         )
 
 
@@ -112,8 +140,6 @@ def fit(config: dict[str, Any], ckpt_path: str | Path | None = None) -> Path:
     config = copy.deepcopy(config)  # the parser turns nested dicts into Namespaces in place
     if "model" not in config or "data" not in config:
         raise ValueError(f"a fit config needs 'model' and 'data' sections, got {sorted(config)}.")
-    cli = lightning_cli(config, run=False)
-    if ckpt_path == "last":
-        require_last_checkpoint(cli.checkpoint_dir())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    cli = lightning_cli(config, run=False, ckpt_path=ckpt_path)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
     return cli.export_dir()

@@ -7,6 +7,7 @@ from are not, so :class:`RandomStateCheckpoint` stores them and puts them back b
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -14,28 +15,17 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse import Namespace
 
 from lightning_memdec.io.output_lock import OutputLock
 
 CHECKPOINTS = "checkpoints"
-LAST = "last.ckpt"
+LOGGER_KEY = "memdec_logger"  # in a checkpoint: the logger class and version its run wrote to
 
 
 def default_checkpoint_dir(root_dir: str | Path | None) -> Path:
     """``<trainer.default_root_dir>/checkpoints``: one place per run root, the same for the run and its resume."""
     return Path(root_dir if root_dir is not None else Path.cwd()) / CHECKPOINTS
-
-
-def require_last_checkpoint(checkpoint_dir: str | Path) -> Path:
-    """The ``last.ckpt`` that ``--ckpt_path last`` resumes from; an error (not a silent restart) when absent."""
-    last = Path(checkpoint_dir) / LAST
-    if not last.is_file():
-        raise FileNotFoundError(
-            f"--ckpt_path last: there is no {LAST} in {checkpoint_dir}, so there is nothing to resume. Give the "
-            "run's trainer.default_root_dir (checkpoints are in <root>/checkpoints) or checkpoint.dirpath, pass "
-            "--ckpt_path <file.ckpt>, or drop --ckpt_path to start afresh."
-        )
-    return last
 
 
 def random_state() -> dict[str, Any]:
@@ -108,3 +98,29 @@ class ExclusiveRunRoot(L.Callback):
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+class LoggerVersionCheckpoint(L.Callback):
+    """Records the logger's class and version in every checkpoint: a resume logs on into the same version directory
+    (see :func:`resumed_logger`), so its curves continue those of the killed run instead of starting a version_N+1."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        logger = trainer.logger
+        if logger is not None:
+            checkpoint[LOGGER_KEY] = {"class_path": f"{type(logger).__module__}.{type(logger).__name__}",
+                                      "version": logger.version}  # fmt: skip
+
+
+def resumed_logger(logger: Any, checkpoint: Path, root_dir: str | None) -> Any:
+    """The ``trainer.logger`` config of a run resumed from ``checkpoint``: the default logger (None/True), or one of
+    the same class given without a version, is pinned to the version the checkpointed run wrote to."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get(LOGGER_KEY)
+    if saved is None:  # a checkpoint of an older version, or of a run without a logger
+        return logger
+    if logger is None or logger is True:  # what Lightning builds by default, in the default place
+        args = Namespace(save_dir=str(root_dir if root_dir is not None else os.getcwd()), version=saved["version"])
+        return Namespace(class_path=saved["class_path"], init_args=args)
+    same_class = isinstance(logger, Namespace) and logger.get("class_path") == saved["class_path"]
+    if same_class and logger.get("init_args.version") is None:
+        logger["init_args.version"] = saved["version"]
+    return logger

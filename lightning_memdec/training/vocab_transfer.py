@@ -378,5 +378,5 @@ def budget_steps(model: str | None, fraction: float) -> int | None:
     path = Path(model) / "meta.json" if model else None
     if path is None or not path.is_file():
         return None
-    step = json.loads(path.read_text()).get("source_global_step")
+    step = read_meta(path.parent).get("source_global_step")
     return None if step is None else max(1, round(fraction * int(step)))

@@ -1,0 +1,118 @@
+"""Checkpoint files a resume can trust: written atomically beside their final name, checked before a resume uses them.
+
+Lightning's own save serialises into memory, writes the bytes to a temporary file in ``$TMPDIR`` and moves it into
+place: a rename only when ``$TMPDIR`` shares the checkpoints' file system (else a copy, which a kill or a full disk
+cuts short), never fsync'd. :class:`AtomicCheckpointIO` writes ``<name>.tmp`` in the same directory, fsyncs it and
+renames it, so ``last.ckpt`` is always a whole checkpoint: the old one or the new one. A checkpoint damaged anyway (a
+copy cut short, an older version's save on a full disk) is found by :func:`checkpoint_problem` before a resume loads
+it, and :func:`resumable_checkpoint` falls back to the newest one that is whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into ``<path>.tmp`` beside ``path``, fsync, rename: a reader (or a resume) never sees half a file,
+    and a failed save (full disk, kill) leaves the previous checkpoint in place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a whole checkpoint (truncated, or bytes that fail their CRC), or None when it is.
+
+    A ``torch.save`` file is a zip archive: its directory sits at the end (a truncated file has none) and every
+    member carries a CRC, so the check reads the bytes without unpickling anything.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"not a whole checkpoint ({type(err).__name__}: {err})"
+    return None if bad is None else f"member {bad} fails its CRC check"
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """A checkpoint given by name must be whole: an error naming the file and the fix, not a traceback from deep in
+    the restore."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(
+            f"--ckpt_path {path} is {problem}: the save was cut short (a kill or a full disk). Pass another "
+            "checkpoint of the run, or --ckpt_path last to take the newest one that is whole."
+        )
+
+
+def resumable_checkpoint(checkpoint_dir: str | Path) -> Path:
+    """What ``--ckpt_path last`` resumes from: ``last.ckpt``, or, when it is damaged, the newest whole checkpoint in
+    ``checkpoint_dir`` (with a warning naming both); an error, never a silent restart, when there is none."""
+    checkpoint_dir = Path(checkpoint_dir)
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("*.ckpt") if p.is_file()),
+        key=lambda p: (p.stat().st_mtime_ns, p.name == LAST),
+        reverse=True,
+    )
+    if not (checkpoint_dir / LAST).is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path last: there is no {LAST} in {checkpoint_dir}, so there is nothing to resume. Give the "
+            "run's trainer.default_root_dir (checkpoints are in <root>/checkpoints) or checkpoint.dirpath, pass "
+            "--ckpt_path <file.ckpt>, or drop --ckpt_path to start afresh."
+        )
+    problems = {}
+    for candidate in candidates:
+        problems[candidate] = checkpoint_problem(candidate)
+        if problems[candidate] is None:
+            if candidate.name != LAST:
+                log.warning(
+                    "--ckpt_path last: %s is %s; resuming from %s, the newest whole checkpoint.",
+                    checkpoint_dir / LAST, problems[checkpoint_dir / LAST], candidate,
+                )  # fmt: skip
+            return candidate
+    listed = "; ".join(f"{p.name}: {why}" for p, why in problems.items())
+    raise ValueError(
+        f"--ckpt_path last: no checkpoint in {checkpoint_dir} is whole ({listed}); the saves were cut short (a kill "
+        "or a full disk). Free disk space and start afresh without --ckpt_path (move the directory away first)."
+    )
+
+
+def resolve_resume(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> Path | None:
+    """The checkpoint file a run resumes from: ``last`` resolved by :func:`resumable_checkpoint`, a file checked by
+    :func:`check_checkpoint`; None when not resuming, or for Lightning's other names (``best``, ``hpc``, ...)."""
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        return resumable_checkpoint(checkpoint_dir)
+    if Path(ckpt_path).is_file():
+        check_checkpoint(ckpt_path)
+        return Path(ckpt_path)
+    return None

@@ -1,0 +1,99 @@
+"""Checkpoints a resume can trust: saved atomically, a damaged last.ckpt skipped for the newest whole one, or an error
+naming the files; never a traceback from deep in the restore, never a silent restart."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+import lightning_memdec.training.checkpoint_files as checkpoint_files
+from lightning_memdec.training.checkpoint_files import (
+    AtomicCheckpointIO,
+    check_checkpoint,
+    checkpoint_problem,
+    resumable_checkpoint,
+)
+
+
+def save(path, value: float) -> None:
+    torch.save({"state_dict": {"w": torch.full((64,), value)}, "global_step": int(value)}, path)
+
+
+def truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(8)}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_files.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(8)}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(8))
+    assert sorted(os.listdir(path.parent)) == ["last.ckpt"], "no temporary file is left behind"
+
+
+def test_checkpoint_problem_finds_truncated_and_flipped_bytes(tmp_path):
+    whole, cut, flipped = tmp_path / "a.ckpt", tmp_path / "b.ckpt", tmp_path / "c.ckpt"
+    for path in (whole, cut, flipped):
+        save(path, 3.0)
+    truncate(cut)
+    data = bytearray(flipped.read_bytes())
+    at = data.index(torch.full((64,), 3.0).numpy().tobytes())  # inside the tensor's bytes
+    data[at + 5] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    assert checkpoint_problem(whole) is None
+    assert "not a whole checkpoint" in checkpoint_problem(cut)
+    assert "fails its CRC check" in checkpoint_problem(flipped)
+    with pytest.raises(ValueError, match=rf"--ckpt_path {cut} is not a whole checkpoint.*--ckpt_path last"):
+        check_checkpoint(cut)
+
+
+def test_resume_falls_back_to_the_newest_whole_checkpoint(tmp_path, caplog):
+    for step in (1, 2, 3):
+        save(tmp_path / f"step{step}.ckpt", float(step))
+        os.utime(tmp_path / f"step{step}.ckpt", ns=(step * 10**9, step * 10**9))
+    save(tmp_path / "last.ckpt", 3.0)
+    os.utime(tmp_path / "last.ckpt", ns=(4 * 10**9, 4 * 10**9))
+    assert resumable_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    truncate(tmp_path / "last.ckpt")
+    truncate(tmp_path / "step3.ckpt", keep=0.9)
+    with caplog.at_level("WARNING"):
+        assert resumable_checkpoint(tmp_path) == tmp_path / "step2.ckpt"
+    assert f"{tmp_path / 'last.ckpt'} is not a whole checkpoint" in caplog.text and "step2.ckpt" in caplog.text
+    for step in (1, 2):
+        truncate(tmp_path / f"step{step}.ckpt")
+    with pytest.raises(ValueError, match=r"no checkpoint in .* is whole \(.*; the saves were cut short") as err:
+        resumable_checkpoint(tmp_path)
+    for name in ("last.ckpt", "step1.ckpt", "step2.ckpt"):
+        assert f"{name}: not a whole checkpoint" in str(err.value)
+
+
+def test_a_resume_pins_the_logger_to_the_checkpointed_version(tmp_path):
+    from jsonargparse import Namespace
+
+    from lightning_memdec.training.resume_state import LOGGER_KEY, resumed_logger
+
+    tensorboard = "lightning.pytorch.loggers.tensorboard.TensorBoardLogger"
+    path = tmp_path / "last.ckpt"
+    torch.save({"global_step": 3, LOGGER_KEY: {"class_path": tensorboard, "version": 2}}, path)
+    for default in (None, True):
+        pinned = resumed_logger(default, path, str(tmp_path))
+        assert pinned.class_path == tensorboard and pinned.init_args == Namespace(save_dir=str(tmp_path), version=2)
+    assert resumed_logger(False, path, None) is False
+    given = Namespace(class_path=tensorboard, init_args=Namespace(save_dir="logs", version=None))
+    assert resumed_logger(given, path, None).init_args.version == 2
+    chosen = Namespace(class_path=tensorboard, init_args=Namespace(save_dir="logs", version=7))
+    assert resumed_logger(chosen, path, None).init_args.version == 7, "a version the user gives wins"
+    other = Namespace(class_path="lightning.pytorch.loggers.csv_logs.CSVLogger", init_args=Namespace(version=None))
+    assert resumed_logger(other, path, None).init_args.version is None
+    torch.save({"global_step": 3}, path)  # a checkpoint of an older version
+    assert resumed_logger(None, path, None) is None
