@@ -74,6 +74,25 @@ def two_nodes(args_of_node, timeout: int = 600) -> list[subprocess.CompletedProc
     return results
 
 
+def srun_like(args: list[str], timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """`memdec <args>` as 4 processes with the environment `srun` gives the tasks of a 2-node job with
+    ``--ntasks-per-node=2`` (no SLURM here: the variables Lightning's SLURMEnvironment reads, set by hand)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env |= {"OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "SLURM_NODELIST": "127.0.0.1"}
+    env |= {"SLURM_JOB_NAME": "memdec", "SLURM_JOB_ID": "1", "SLURM_NNODES": str(NODES)}
+    env |= {"SLURM_NTASKS": str(NODES * PER_NODE), "SLURM_NTASKS_PER_NODE": str(PER_NODE)}
+    procs = []
+    for rank in range(NODES * PER_NODE):
+        task = {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % PER_NODE), "SLURM_NODEID": str(rank // PER_NODE)}
+        cmd = [sys.executable, "-m", "lightning_memdec", *args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env | task))
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
 def assert_ok(results: list[subprocess.CompletedProcess]) -> None:
     for node, result in enumerate(results):
         assert result.returncode == 0, f"node {node}:\n{result.stderr[-4000:]}"
@@ -81,11 +100,12 @@ def assert_ok(results: list[subprocess.CompletedProcess]) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_nodes_build_the_datastore_of_one_process(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_nodes_build_the_datastore_of_one_process(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore, launcher):
     out = tmp_path / "ds"
     args = ["build-datastore", "--corpus", str(biomed_corpus), "--model", str(tiny_gpt2), "--out", str(out)]
     args += ["--window", "64", "--stride", "32", "--batch_windows", "4", *STAGE_HARDWARE]
-    assert_ok(two_nodes(lambda node: args))
+    assert_ok(two_nodes(lambda node: args) if launcher == "torchrun" else srun_like(args))
     for name in ("keys.npy", "values.npy"):
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes(), name
     assert sorted(p.name for p in out.iterdir()) == ["keys.npy", "meta.json", "values.npy"]
@@ -227,3 +247,23 @@ def test_sharded_index_build_equals_the_one_process_build(tmp_path, biomed_datas
     assert (sharded / INDEX).read_bytes() == (one / INDEX).read_bytes()
     assert read_meta(sharded) == read_meta(one)
     assert sorted(p.name for p in sharded.iterdir()) == [INDEX, "meta.json"]
+
+
+def test_other_ranks_leave_the_work_directory_to_rank_0(tmp_path, monkeypatch):
+    """torchrun/srun start all ranks at once: a rank other than 0 that finds rank 0's .partial directory before its
+    run config is written must neither refuse it as "other settings" nor create, clear or record anything."""
+    from lightning_memdec.io.artifact_dirs import start_work_dir
+
+    out = tmp_path / "ds"
+    partial_dir(out).mkdir()  # rank 0 has created it, not yet written its run config
+    monkeypatch.setenv("RANK", "2")
+    assert start_work_dir(out, {"a": 1}, overwrite=True) == partial_dir(out)
+    assert start_work_dir(tmp_path / "other", {"a": 1}, overwrite=False) == partial_dir(tmp_path / "other")
+    assert list(partial_dir(out).iterdir()) == [] and not partial_dir(tmp_path / "other").exists()
+    out.mkdir()
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        start_work_dir(out, {"a": 1}, overwrite=False)  # the read-only checks still run on every rank
+    out.rmdir()
+    monkeypatch.setenv("RANK", "0")  # rank 0 still refuses a work directory it cannot match to these settings
+    with pytest.raises(ArtifactError, match="unfinished run with different settings"):
+        start_work_dir(out, {"a": 1}, overwrite=False)
