@@ -104,4 +104,5 @@ def test_index_build_benchmark_runs_tiny(tmp_path):
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     assert lines["index_files_identical"] == "1" and int(lines["keys"]) == 20000
     assert float(lines["one_process_seconds"]) > 0 and float(lines["two_ranks_seconds"]) > 0
+    assert float(lines["round0_two_ranks_seconds"]) == float(lines["two_ranks_seconds"])
     assert list(lines)[-1] == "index_build_speedup"
