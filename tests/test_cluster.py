@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,44 +35,12 @@ def free_port() -> int:
 def two_nodes(args_of_node, timeout: int = 600) -> list[subprocess.CompletedProcess]:
     """`memdec <args>` as two torchrun launches of 2 processes each (node ranks 0 and 1, one rendezvous on
     127.0.0.1): the commands of docs/cluster.md's torchrun recipe, with ``args_of_node(node)`` each node's args."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                str(NODES),
-                "--nproc_per_node",
-                str(PER_NODE),
-                "--node_rank",
-                str(node),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(port),
-                "-m",
-                "lightning_memdec",
-                *args_of_node(node),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )  # fmt: skip
-        for node in range(NODES)
-    ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+    paths = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc_per_node", str(PER_NODE)]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmds = [[*launch, "--node_rank", str(node), "-m", "lightning_memdec", *args_of_node(node)] for node in range(NODES)]
+    return run_all([(cmd, env) for cmd in cmds], timeout)
 
 
 def srun_like(args: list[str], timeout: int = 600) -> list[subprocess.CompletedProcess]:
@@ -81,16 +50,30 @@ def srun_like(args: list[str], timeout: int = 600) -> list[subprocess.CompletedP
     env |= {"OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "SLURM_NODELIST": "127.0.0.1"}
     env |= {"SLURM_JOB_NAME": "memdec", "SLURM_JOB_ID": "1", "SLURM_NNODES": str(NODES)}
     env |= {"SLURM_NTASKS": str(NODES * PER_NODE), "SLURM_NTASKS_PER_NODE": str(PER_NODE)}
-    procs = []
-    for rank in range(NODES * PER_NODE):
-        task = {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % PER_NODE), "SLURM_NODEID": str(rank // PER_NODE)}
-        cmd = [sys.executable, "-m", "lightning_memdec", *args]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env | task))
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+    cmd = [sys.executable, "-m", "lightning_memdec", *args]
+    tasks = [
+        {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % PER_NODE), "SLURM_NODEID": str(rank // PER_NODE)}
+        for rank in range(NODES * PER_NODE)
+    ]
+    return run_all([(cmd, env | task) for task in tasks], timeout)
+
+
+def run_all(commands: list[tuple[list[str], dict]], timeout: int) -> list[subprocess.CompletedProcess]:
+    """Start every (command, environment) at once, their output in files, not pipes (a rank blocked on a full pipe
+    would hang the others in a collective), and wait for all of them."""
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(open(f"{logs}/{i}.out", "w+"), open(f"{logs}/{i}.err", "w+")) for i in range(len(commands))]
+        procs = [subprocess.Popen(cmd, stdout=o, stderr=e, env=env) for (cmd, env), (o, e) in zip(commands, files)]
+        results = []
+        for proc, (out, err) in zip(procs, files):
+            proc.wait(timeout=timeout)
+            texts = []
+            for f in (out, err):
+                f.seek(0)
+                texts.append(f.read())
+                f.close()
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, *texts))
+        return results
 
 
 def assert_ok(results: list[subprocess.CompletedProcess]) -> None:
