@@ -56,6 +56,7 @@ def stage_functions() -> dict:
     from lightning_memdec.io.token_corpus import tokenize
     from lightning_memdec.retrieval.faiss_index import build_index
     from lightning_memdec.stages.datastore import build_datastore
+    from lightning_memdec.stages.index_shards import build_index_sharded
     from lightning_memdec.stages.official_import import import_official
     from lightning_memdec.stages.targets import build_targets
     from lightning_memdec.training.vocab_transfer import transfer_vocab
@@ -64,6 +65,7 @@ def stage_functions() -> dict:
         "tokenize": tokenize,
         "build-datastore": build_datastore,
         "build-index": build_index,
+        "build-index-sharded": build_index_sharded,
         "build-targets": build_targets,
         "import-official": import_official,
         "quickstart": quickstart,

@@ -92,3 +92,17 @@ def test_latency_benchmark_runs_tiny_on_cpu(tmp_path):
     assert (len(real), len(synthetic)) == (2000, 8000)
     assert (synthetic.keys[:2000] == real.keys[:]).all() and set(synthetic.values[2000:]) <= set(real.values[:])
     assert synthetic.meta["synthetic"]["real_entries"] == 2000
+
+
+@pytest.mark.multiprocess
+def test_index_build_benchmark_runs_tiny(tmp_path):
+    """benchmarks/index_build.py at n = 20,000: the one-process and 2-rank indexes identical, the speed-up last."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "index_build.py"), "--n", "20000", "--dim", "64", "--factory",
+           "IVF64,PQ8", "--train_size", "5000", "--chunk_keys", "4096", "--workdir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert lines["index_files_identical"] == "1" and int(lines["keys"]) == 20000
+    assert float(lines["one_process_seconds"]) > 0 and float(lines["two_ranks_seconds"]) > 0
+    assert float(lines["round0_two_ranks_seconds"]) == float(lines["two_ranks_seconds"])
+    assert list(lines)[-1] == "index_build_speedup"

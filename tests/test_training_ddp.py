@@ -71,9 +71,16 @@ def memdec(subcommand: str, args: list[str], devices: int) -> None:
 
 def fit(pair: dict, root: Path, devices: int, ckpt_path: Path | None = None) -> Path:
     """Train with `devices` ranks × batch BATCH·2/devices (2 × BATCH windows per step either way)."""
+    args = fit_args(pair, root, BATCH * 2 // devices)
+    memdec("fit", args + ([f"--ckpt_path={ckpt_path}"] if ckpt_path else []), devices)
+    return root
+
+
+def fit_args(pair: dict, root: Path, batch_size: int) -> list[str]:
+    """`memdec fit` arguments of the runs compared here (also by tests/test_cluster.py), minus the hardware."""
     data = [f"--data.{k}={v}" for k, v in pair.items()]
-    data += [f"--data.window={WINDOW}", f"--data.batch_size={BATCH * 2 // devices}", "--data.max_support=16"]
-    args = [
+    data += [f"--data.window={WINDOW}", f"--data.batch_size={batch_size}", "--data.max_support=16"]
+    return [
         f"--model.config={json.dumps(DECODER)}", "--model.learning_rate=3e-3", "--model.lr_schedule=constant",
         "--model.warmup_steps=0", *data, "--seed_everything=7", f"--trainer.max_steps={STEPS}",
         "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
@@ -81,8 +88,6 @@ def fit(pair: dict, root: Path, devices: int, ckpt_path: Path | None = None) -> 
         "--checkpoint.save_top_k=-1", f"--export.dirpath={root / 'hf'}",
         "--trainer.callbacks+=recording.RecordWindows", f"--trainer.callbacks.init_args.path={root / 'record'}",
     ]  # fmt: skip
-    memdec("fit", args + ([f"--ckpt_path={ckpt_path}"] if ckpt_path else []), devices)
-    return root
 
 
 def records(root: Path, devices: int) -> list[dict]:

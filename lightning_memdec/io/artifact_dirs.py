@@ -125,6 +125,15 @@ def base_meta(kind: str, **fields: Any) -> dict[str, Any]:
     return {"kind": kind, "library_version": __version__, **fields}
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def is_secondary_rank() -> bool:
+    """True in a process a distributed launcher started as other than global rank 0: it must not lock an output,
+    nor create, clear or record its work directory (rank 0 does, while the others may be starting at the same time)."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in RANK_VARIABLES)
+
+
 def partial_dir(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".partial")
@@ -143,6 +152,8 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
     if out.exists():
         if not overwrite:
             raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
+    if is_secondary_rank():  # under torchrun/srun all ranks start together: rank 0 alone prepares the directory
+        return work
     if work.exists():
         previous = work / RUN_CONFIG
         same = previous.is_file() and json.loads(previous.read_text()) == _jsonable(run_config)

@@ -14,19 +14,12 @@ import inspect
 import os
 from pathlib import Path
 
-from lightning_memdec.io.artifact_dirs import ArtifactError
-
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+from lightning_memdec.io.artifact_dirs import ArtifactError, is_secondary_rank
 
 
 def lock_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".lock")
-
-
-def is_secondary_rank() -> bool:
-    """True in a process a distributed launcher started as other than global rank 0 (it must not lock)."""
-    return any(os.environ.get(name, "0") not in ("", "0") for name in RANK_VARIABLES)
 
 
 class OutputLock:

@@ -125,11 +125,7 @@ def build_index(
     work = start_work_dir(out, run, overwrite)
     if use_gpu:
         index = to_gpu(index)
-    if not index.is_trained:
-        size = min(n, train_size)
-        sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-        log.info("training %s on %d keys", plan.factory, size)
-        index.train(np.ascontiguousarray(gather_rows(store.keys, sample), dtype=np.float32))
+    train_on_sample(index, store, train_size, seed)
     for start in tqdm(range(0, n, add_batch), desc="build-index", unit="batch"):
         rows = read_rows(store.keys, start, start + add_batch)
         check_finite_keys(rows, start, f"datastore {datastore}")
@@ -141,21 +137,36 @@ def build_index(
     if recall is not None:
         print(f"recall@{recall['k']} against exact search on {recall['queries']} stored keys: {recall['recall']:.4f}")
     faiss.write_index(index, str(work / INDEX))
-    meta = base_meta(
+    return publish(work, out, index_meta(index, plan, store, train_size, nprobe, recall))
+
+
+def train_on_sample(index: faiss.Index, store: Datastore, train_size: int, seed: int) -> None:
+    """Train an untrained index (IVF's coarse quantizer, PQ's codebooks) on ``train_size`` keys sampled (seeded)
+    across the whole store; an index that needs no training (Flat) is left as it is."""
+    if index.is_trained:
+        return
+    size = min(len(store), train_size)
+    sample = np.sort(np.random.default_rng(seed).choice(len(store), size=size, replace=False))
+    log.info("training the index on %d keys", size)
+    index.train(np.ascontiguousarray(gather_rows(store.keys, sample), dtype=np.float32))
+
+
+def index_meta(index: faiss.Index, plan: IndexPlan, store: Datastore, train_size: int, nprobe: int, recall) -> dict:
+    """meta.json of an index directory: what it indexes, how it was built, its plan and measured recall."""
+    return base_meta(
         "index",
         factory=plan.factory,
-        dim=d,
+        dim=store.dim,
         ntotal=int(index.ntotal),
         metric="squared_l2",
         nprobe=nprobe,
-        train_size=int(min(n, train_size)) if plan.nlist else 0,
+        train_size=int(min(len(store), train_size)) if plan.nlist else 0,
         plan={"index_bytes": plan.index_bytes, "flops_per_query": plan.flops_per_query, "notes": plan.notes},
         recall=recall,
-        datastore=str(Path(datastore).resolve()),
+        datastore=str(store.dir.resolve()),
         datastore_identity=store.identity(),
         tokenizer=store.tokenizer,
     )
-    return publish(work, out, meta)
 
 
 def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:

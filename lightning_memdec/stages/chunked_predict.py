@@ -18,6 +18,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_memdec.io.shared_filesystem import SharedFilesystemCheck
+
 PROGRESS = "progress"
 # A rank with no chunk left (fewer unfinished chunks than ranks) still runs one step, on this placeholder:
 # Lightning refuses a zero-length loader on one rank, and the collective start-up needs every rank anyway.
@@ -86,22 +88,31 @@ def is_idle(batch: dict[str, Any]) -> bool:
     return int(batch["chunk"]) == IDLE_CHUNK
 
 
-def chunk_loader(module: L.LightningModule, num_chunks: int, work: Path, make_item, num_workers: int = 0) -> DataLoader:
+def chunk_loader(
+    module: L.LightningModule, num_chunks: int, work: Path, make_item, num_workers: int = 0, every_rank: bool = False
+) -> DataLoader:
+    """The unfinished chunks of this rank: a round-robin share, or all of them on ``every_rank`` (for jobs whose
+    ranks each do part of every chunk, such as a search over keys sharded by rank)."""
     trainer = module.trainer
-    chunks = pending_for_rank(num_chunks, work, trainer.global_rank, trainer.world_size) or [IDLE_CHUNK]
+    rank, ranks = (0, 1) if every_rank else (trainer.global_rank, trainer.world_size)
+    chunks = pending_for_rank(num_chunks, work, rank, ranks) or [IDLE_CHUNK]
     return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, shuffle=False, num_workers=num_workers)
 
 
 def run_sharded_predict(
     module: L.LightningModule,
     writer: L.Callback,
+    work: Path,
     accelerator: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
     num_nodes: int = 1,
     callbacks: Sequence[L.Callback] = (),
 ) -> L.Trainer:
-    """Run ``module`` over its chunks on the given devices; returns the trainer after all ranks finished."""
+    """Run ``module`` over its chunks on the given devices; returns the trainer after all ranks finished.
+
+    First (once the ranks are connected) every rank must see ``work``: a multi-node run needs it on a shared
+    filesystem (:mod:`lightning_memdec.io.shared_filesystem`)."""
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -111,7 +122,7 @@ def run_sharded_predict(
         enable_checkpointing=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[writer, *callbacks],
+        callbacks=[SharedFilesystemCheck(progress_dir(work), "--out"), writer, *callbacks],
     )
     trainer.predict(module, return_predictions=False)
     trainer.strategy.barrier()

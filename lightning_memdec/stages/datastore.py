@@ -210,7 +210,7 @@ def build_datastore(
     work = start_work_dir(out, run_config, overwrite)
     extractor = KeyExtractor(str(model), layer, str(corpus), window, stride, batch_windows, str(work), precision)
     writer = KeyWriter(work, data.num_positions)
-    trainer = run_sharded_predict(extractor, writer, accelerator, devices, strategy, num_nodes, callbacks)
+    trainer = run_sharded_predict(extractor, writer, work, accelerator, devices, strategy, num_nodes, callbacks)
     if not trainer.is_global_zero:
         return Path(out)
     num_chunks = -(-len(windows) // batch_windows)

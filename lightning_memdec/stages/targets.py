@@ -46,6 +46,7 @@ from lightning_memdec.retrieval.exact_search import (
     squared_norms,
 )
 from lightning_memdec.retrieval.index_plan import check_gpu_k, plan_index
+from lightning_memdec.retrieval.sharded_search import check_shards_hold_k, key_shard, merge_shards, shard_search
 from lightning_memdec.stages.chunked_predict import (
     chunk_loader,
     drop_progress,
@@ -85,6 +86,7 @@ class KNNTargetSearcher(L.LightningModule):
         use_gpu: bool,
         search: str = "faiss",
         search_memory: int | None = None,
+        shard_keys: bool = False,
     ):
         super().__init__()
         self.queries_dir, self.store_dir, self.index_dir, self.work = queries, datastore, index, Path(work)
@@ -93,10 +95,14 @@ class KNNTargetSearcher(L.LightningModule):
         self.chunk_size, self.nprobe, self.use_gpu = chunk_size, nprobe, use_gpu
         self.search, self.search_memory, self.device_values = search, search_memory, None
         self.device_keys = self.device_norms = None  # search="exact" on a GPU: the keys and their ‖k‖², once
+        self.shard_keys, self.key_shard = shard_keys, None  # key_shard: this rank's [lo, hi) rows when sharded
 
     def setup(self, stage: str) -> None:
         self.query_store = Datastore(self.queries_dir)
         self.store = Datastore(self.store_dir)
+        if self.shard_keys and self.trainer.world_size > 1:
+            check_shards_hold_k(len(self.store), self.trainer.world_size, self.k, self.self_exclude)
+            self.key_shard = key_shard(len(self.store), self.trainer.global_rank, self.trainer.world_size)
         if self.search == "faiss":
             from lightning_memdec.retrieval.faiss_index import KeyIndex
 
@@ -110,25 +116,46 @@ class KNNTargetSearcher(L.LightningModule):
             rows = np.arange(chunk * self.chunk_size, min(n, (chunk + 1) * self.chunk_size))
             return {"rows": rows}
 
-        return chunk_loader(self, -(-n // self.chunk_size), self.work, make_item)
+        # sharded keys: every rank searches every chunk (against its own keys), so every rank gets every chunk
+        every_rank = self.key_shard is not None
+        return chunk_loader(self, -(-n // self.chunk_size), self.work, make_item, every_rank=every_rank)
 
     def predict_step(self, batch, batch_idx):
         if is_idle(batch):
             return None
         rows = batch["rows"].cpu().numpy()
         queries = read_rows(self.query_store.keys, rows[0], rows[-1] + 1)  # not mapped: RSS stays one chunk
-        search = self.exact_rows if self.search == "exact" else self.faiss_rows
-        counts, tok, prob = stored_rows(*search(queries, rows))
+        if self.search == "faiss":
+            found = self.faiss_rows(queries, rows)
+        else:
+            neighbours = self.exact_neighbours(queries, rows)
+            if self.key_shard is not None and int(batch["chunk"]) % self.trainer.world_size != self.global_rank:
+                return None  # every rank found the same neighbours; the chunk's owner writes its rows
+            found = self.distributions(*neighbours)
+        counts, tok, prob = stored_rows(*found)
         return {"chunk": batch["chunk"], "counts": counts, "ids": tok, "probs": prob}
 
-    def exact_rows(self, queries: np.ndarray, rows: np.ndarray):
-        own = rows.astype(np.int64) if self.self_exclude else None
-        if self.device.type == "cuda" and self.device_keys is None:  # once per rank, when the store fits its GPU
-            self.device_keys = resident_keys(self.store.keys, self.device)
+    def search_keys(self):
+        """(keys, their ‖k‖² or None) this rank searches: all keys or its shard; resident on a GPU when they fit."""
+        keys = self.store.keys if self.key_shard is None else self.store.keys[slice(*self.key_shard)]
+        if self.device.type == "cuda" and self.device_keys is None:  # once per rank, when the keys fit its GPU
+            self.device_keys = resident_keys(keys, self.device)
             self.device_norms = None if self.device_keys is None else squared_norms(self.device_keys)
             log.info("keys %s on %s", "resident" if self.device_keys is not None else "streamed per chunk", self.device)
-        keys, norms = (self.store.keys, None) if self.device_keys is None else (self.device_keys, self.device_norms)
-        dist, ids = exact_search(queries, keys, self.k, own, self.device, self.search_memory, key_norms=norms)
+        return (keys, None) if self.device_keys is None else (self.device_keys, self.device_norms)
+
+    def exact_neighbours(self, queries: np.ndarray, rows: np.ndarray):
+        """(distances, ids) of the k nearest: one search over all keys, or each rank's shard then an all-gather."""
+        own = rows.astype(np.int64) if self.self_exclude else None
+        keys, norms = self.search_keys()
+        if self.key_shard is None:
+            return exact_search(queries, keys, self.k, own, self.device, self.search_memory, key_norms=norms)
+        lo = self.key_shard[0]
+        dist, ids = shard_search(queries, keys, lo, self.k, own, self.device, self.search_memory, key_norms=norms)
+        return merge_shards(self.all_gather(dist), self.all_gather(ids), self.k)
+
+    def distributions(self, dist: torch.Tensor, ids: torch.Tensor):
+        """Exact-search neighbours -> sparse rows: the numpy kernel on the host, the torch one on a GPU."""
         if dist.device.type == "cpu":
             return knn_distributions(
                 dist.numpy(),
@@ -188,6 +215,7 @@ def build_targets(
     use_gpu: bool = False,
     search: str = "auto",
     search_memory_gb: float | None = None,
+    shard_keys: bool = False,
     accelerator: str = "cpu",
     devices: int | str = 1,
     strategy: str = "auto",
@@ -219,6 +247,10 @@ def build_targets(
             N·d ≤ 2^25; else faiss).
         search_memory_gb: memory one exact search may use per rank (default: half the free GPU memory; 1 GiB of
             RAM on the CPU); sets the key block size, not the result.
+        shard_keys: with ``search="exact"`` on several ranks, each rank keeps only N/R of the keys (resident on its
+            GPU when they fit there) and searches every query chunk against them; the ranks all-gather their exact
+            top-k and merge (:mod:`lightning_memdec.retrieval.sharded_search`). For stores whose keys do not fit one
+            rank's device; the same targets as without it (ties aside), at R times the queries per rank.
         accelerator: Lightning accelerator for spreading chunks over ranks.
         devices: devices (ranks) per node.
         strategy: Lightning strategy (e.g. ddp).
@@ -237,6 +269,8 @@ def build_targets(
     if index is not None:  # checked whichever backend runs: an index over another store is a mistake
         check_index_matches(index, read_meta(index, kind="index"), store)
     search = pick_search(search, index, store, accelerator)
+    if shard_keys and search != "exact":
+        raise ValueError(f"shard_keys needs search='exact' (the search ran would be {search!r}); pass --search exact.")
     if search == "faiss" and use_gpu:
         check_gpu_k(k, self_match=self_exclude)
     factory, index_nprobe = None, None
@@ -247,6 +281,8 @@ def build_targets(
     if k > available:
         log.warning("k=%d exceeds the %d entries available; using k=%d.", k, available, available)
         k = available
+    if shard_keys and str(devices).isdigit():  # up front where the rank count is known; else in each rank's setup
+        check_shards_hold_k(len(store), int(devices) * num_nodes, k, self_exclude)
     memory = None if search_memory_gb is None else int(search_memory_gb * 2**30)
     check_ranks_fit(search, index, store.dim, min(chunk_size, len(query_store)), k, available, memory,
                     accelerator, devices, use_gpu)  # fmt: skip
@@ -267,8 +303,10 @@ def build_targets(
     work = start_work_dir(out, run_config, overwrite)
     paths = (str(query_store.dir), str(store.dir), str(index), str(work))
     settings = (k, temperature, self_exclude, exact_distances, max_support, min_prob, chunk_size, nprobe, use_gpu)
-    searcher = KNNTargetSearcher(*paths, *settings, search, memory)
-    trainer = run_sharded_predict(searcher, ChunkFileWriter(work), accelerator, devices, strategy, num_nodes, callbacks)
+    searcher = KNNTargetSearcher(*paths, *settings, search, memory, shard_keys)
+    trainer = run_sharded_predict(
+        searcher, ChunkFileWriter(work), work, accelerator, devices, strategy, num_nodes, callbacks
+    )
     if not trainer.is_global_zero:
         return Path(out)
     num_chunks = -(-len(query_store) // chunk_size)
