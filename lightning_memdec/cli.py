@@ -42,6 +42,7 @@ def repeatable(args: list[str]) -> list[str]:
 
 
 def stage_functions() -> dict:
+    from lightning_memdec.apps.fit_router import fit_router
     from lightning_memdec.apps.pretrain_bases import pretrain_bases
     from lightning_memdec.apps.quickstart import quickstart
     from lightning_memdec.apps.serve import serve
@@ -61,6 +62,7 @@ def stage_functions() -> dict:
         "build-targets": build_targets,
         "quickstart": quickstart,
         "evaluate": evaluate,
+        "fit-router": fit_router,
         "downstream": downstream,
         "transfer-vocab": transfer_vocab,
         "pretrain-bases": pretrain_bases,
