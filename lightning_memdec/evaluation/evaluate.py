@@ -31,8 +31,10 @@ from lightning_memdec.hf.loading import (
 )
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM, mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM
+from lightning_memdec.inference.router import router_scorer
+from lightning_memdec.inference.router_artifact import load_router, model_identity
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
-from lightning_memdec.io.artifact_dirs import check_writable_dir
+from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, read_meta
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
@@ -41,6 +43,7 @@ from lightning_memdec.kernels.scoring import (
     DEFAULT_TEMPERATURE_GRID,
     check_lambda_grid,
     check_lmbda,
+    mix_log_probs,
     mixed_perplexity,
     perplexity,
     sweep_lambda,
@@ -84,6 +87,7 @@ def evaluate(
     overlap_with: list[str] | None = None,
     overlap_ngram: int = NGRAM,
     temperature_grid: list[float] | None = None,
+    router: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
 
@@ -127,6 +131,8 @@ def evaluate(
         overlap_ngram: tokens of a span that counts as repeated text (see :mod:`evaluation.overlap`).
         temperature_grid: kNN temperatures tried on valid, each with its best λ (or knn_lmbda), the lowest kNN-LM
             valid perplexity wins (default: kernels.scoring.DEFAULT_TEMPERATURE_GRID, 1 … 64); one value fixes T.
+        router: a router directory (``memdec fit-router``) of one of the bases and this --memdec: that base's row
+            also reports MemDec mixed at the router's per-token λ (``router_ppl``, with intervals).
     """
     models = _models_to_score(bases, teacher)
     lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda)
@@ -134,6 +140,7 @@ def evaluate(
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
     _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, tokenizer)
+    routers = _router_by_base(router, memdec, models)
     dev = torch_device(device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
@@ -155,7 +162,7 @@ def evaluate(
             knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
                           **knn)  # fmt: skip
             k_used[name] = knnlm.k  # k is capped at the datastore's size
-        lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
+        lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {}, routers.get(base_ref))
         knn_choice = settle_temperature(lp, temperatures, grid, knn_lmbda) if knnlm is not None else {}
         if knnlm is not None:
             knnlm.temperature = knn_choice["knnlm_temperature"]
@@ -181,7 +188,7 @@ def evaluate(
         "temperature": temperature if stores and valid is None else None,
         "temperature_grid": temperatures if stores and valid is not None else None,
         "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
-        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
+        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report, "router": router,
         "overlap": overlap_report(audits, overlap_refs),
     }  # fmt: skip
     write_report(report, Path(out))
@@ -220,8 +227,9 @@ class _Scorer:
             self.positions.setdefault(split, int(len(self._tokens[key]) - 1))
         return self._tokens[key]
 
-    def score(self, name, model, tok, knnlm, decoders) -> dict[str, dict[str, np.ndarray]]:
-        """Per split: log p(gold) of the model ("base"), its kNN-LM at each temperature and each decoder."""
+    def score(self, name, model, tok, knnlm, decoders, router=None) -> dict[str, dict[str, np.ndarray]]:
+        """Per split: log p(gold) of the model ("base"), its kNN-LM at each temperature, each decoder and, with a
+        router, its λ per position ("router_lambda", from the same base pass when there is no kNN-LM)."""
         for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
             mixture_vocab(model, decoder, tok, decoder_tok or tok)
         fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
@@ -232,9 +240,14 @@ class _Scorer:
                 _warn_if_datastore_text(tokens, knnlm.store.meta, split, spec)
             if knnlm is not None:
                 score = knn_temperatures_scorer(knnlm, self.temperatures)
+            elif router is not None:
+                score = router_scorer(model, router.to(model.device), len(tok))
             else:
                 score = lm_scorer(model, len(tok), "base")
             lp[split] = self._sliding(tokens, score, f"{name} {split}")
+            if router is not None and knnlm is not None:
+                routed = router_scorer(model, router.to(model.device), len(tok))
+                lp[split]["router_lambda"] = self._sliding(tokens, routed, f"{name} router {split}")["router_lambda"]
             for key, (decoder, _) in decoders.items():
                 if (fingerprint, split, key) not in self._decoded:
                     scored = self._sliding(tokens, lm_scorer(decoder, len(tok), key), f"{key} {split}")
@@ -275,6 +288,38 @@ def _check_before_scoring(models, decoders: list[str], window: int, out, tokeniz
                     tokenizer_info(dec_tok, tokenizer_name(dec_tok, dec)), f"decoder {dec}",
                     tokenizer_info(base_tok, tokenizer_name(base_tok, ref)), f"base {ref}",
                 )  # fmt: skip
+
+
+def _router_by_base(router: str | None, memdec: str | None, models) -> dict:
+    """``{base ref: Router}`` for the one base the router was fitted for, checked against it, --memdec and their
+    tokenizer before any scoring; refused when no base (or no --memdec) is its."""
+    if router is None:
+        return {}
+    if memdec is None:
+        raise ValueError("--router weighs the Memory Decoder per token: pass the --memdec it was fitted for.")
+    recorded = read_meta(router, kind="router")["base"]
+    for ref in (ref for ref, _, role in models if role == "base"):
+        if model_identity(ref)["model_sha256"] == recorded.get("model_sha256"):
+            tok = find_tokenizer(ref)
+            fingerprint = None if tok is None else tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
+            return {ref: load_router(router, ref, memdec, fingerprint)}
+    raise ArtifactError(
+        f"the router {router} was fitted for base {recorded.get('name')} (sha {recorded.get('model_sha256')}), which "
+        "is none of --bases; add that base, or fit a router for these with `memdec fit-router`."
+    )
+
+
+def _router_columns(test: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The decoder mixed at the router's per-position λ: its perplexity, mean λ and the share of skipped positions."""
+    if "router_lambda" not in test or "memdec" not in test:
+        return {}
+    lam = torch.as_tensor(test["router_lambda"], dtype=torch.float64)
+    as64 = lambda key: torch.as_tensor(test[key], dtype=torch.float64)  # noqa: E731
+    return {
+        "router_ppl": perplexity(mix_log_probs(as64("base"), as64("memdec"), lam)),
+        "router_mean_lambda": float(lam.mean()),
+        "router_skip_fraction": float((lam == 0).double().mean()),
+    }
 
 
 def _load_decoder(ref: str, device, window: int):
@@ -424,7 +469,7 @@ def _row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) -> dict[str, Any]:
         row[f"{key}_ppl"] = mixed_perplexity(test["base"], test[other], chosen)
     for key, other in MIXTURES:
         row[f"{'knn' if key == 'knnlm' else key}_alone_ppl"] = perplexity(test[other]) if other in test else None
-    return row
+    return row | _router_columns(test)
 
 
 def _curve(lp, grid) -> dict[str, Any]:
