@@ -21,7 +21,7 @@ from lightning_memdec.kernels.scoring import mix_log_probs
 __all__ = ["HELD_OUT", "RouterData", "RouterModule", "train_router", "mixed_nll"]
 
 HELD_OUT = 0.1
-BATCH = 4096
+BATCH = 512
 MAX_EPOCHS = 40
 PATIENCE = 3
 
@@ -48,7 +48,7 @@ def mixed_nll(base: torch.Tensor, memdec: torch.Tensor, lmbda: torch.Tensor) -> 
 class RouterModule(L.LightningModule):
     """The router and its loss: the weighted mean mixed NLL of a batch."""
 
-    def __init__(self, router: Router, lr: float = 1e-3, weight_decay: float = 1e-2):
+    def __init__(self, router: Router, lr: float = 3e-3, weight_decay: float = 1e-2):
         super().__init__()
         self.router, self.lr, self.weight_decay = router, lr, weight_decay
 
