@@ -194,3 +194,36 @@ def test_fitted_router_beats_the_best_fixed_lambda_on_held_out_planted_text():
     assert routed < fixed - 0.3, (routed, fixed)  # a large margin: a fixed λ pays dearly on one kind or the other
     assert lam[:1000].mean() > 0.8 and lam[1000:].mean() < 0.2
     assert info["epochs"] >= 1
+
+
+def test_served_batches_with_a_router_equal_each_prompt_alone(pair, tmp_path):
+    """`memdec serve --router`'s worker: left-padded batches, skips decided for the whole batch, each row's greedy
+    tokens equal to that prompt generated alone; a router of other models is refused before the server starts."""
+    from lightning_memdec.apps.serve import check_router
+    from lightning_memdec.apps.serve_worker import generate_steps, load_generator
+
+    path = saved_router(tmp_path, pair, spread_router(seed=4, scale=5.0, threshold=0.9))
+    model = load_generator(str(pair["base"]), str(pair["memdec"]), 0.3, torch.device("cpu"), str(path))
+    assert model.router is not None and model.router.threshold == 0.9
+    prompts = [[464, 3290, 373], [40, 588, 257, 1310, 286, 262], [50, 51]]
+    jobs = [{"prompt_ids": p, "max_tokens": 10, "sampling": {"do_sample": False}} for p in prompts]
+    rows: list[list[int]] = [[] for _ in prompts]
+    calls = []
+    hook = model.memdec.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        for step in generate_steps(model, jobs, eos_token_ids=set()):
+            for row, out in enumerate(step):
+                rows[row] += [out["token"]] if out else []
+    finally:
+        hook.remove()
+    assert 1 <= len(calls) < 10, calls  # the batch skipped the decoder at some steps, not at all
+    for prompt, row in zip(prompts, rows):
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :]
+        assert row == alone.tolist()
+    tokenizer = load_tokenizer("gpt2")
+    with pytest.raises(ArtifactError, match="fitted for base"):
+        check_router(str(path), str(pair["other"]), str(pair["memdec"]), tokenizer)
+    with pytest.raises(ValueError, match="--memdec"):
+        check_router(str(path), str(pair["base"]), None, tokenizer)
