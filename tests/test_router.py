@@ -227,3 +227,42 @@ def test_served_batches_with_a_router_equal_each_prompt_alone(pair, tmp_path):
         check_router(str(path), str(pair["other"]), str(pair["memdec"]), tokenizer)
     with pytest.raises(ValueError, match="--memdec"):
         check_router(str(path), str(pair["base"]), None, tokenizer)
+
+
+def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path):
+    """`memdec fit-router` end to end on tiny models, then `memdec evaluate --router`: the router row equals the
+    perplexity of InterpolatedLM(router=...) on the same tokens (one window), with intervals; refusals up front."""
+    from lightning_memdec.cli import main
+    from lightning_memdec.evaluation.evaluate import evaluate
+    from lightning_memdec.evaluation.split_tokens import text_tokens
+
+    out = tmp_path / "router"
+    args = ["fit-router", "--base", str(pair["base"]), "--memdec", str(pair["memdec"]), "--domain",
+            "embedded:biomed/valid", "--general", "embedded:general/valid", "--out", str(out), "--window", "32",
+            "--max_tokens", "300", "--threshold", "0.2", "--device", "cpu"]  # fmt: skip
+    main(args)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["kind"] == "router" and meta["threshold"] == 0.2 and meta["base"]["name"] == str(pair["base"])
+    assert meta["training"]["positions"] == {"domain": 299, "general": 299}
+    assert meta["training"]["domain"] == "embedded:biomed/valid" and (out / "router.safetensors").is_file()
+    assert not (tmp_path / "router.lock").exists() and not (tmp_path / "router.partial").exists()
+    with pytest.raises(ArtifactError, match="already exists"):
+        main(args)
+    with pytest.raises(ValueError, match="lmbda must be in"):
+        main(args[:-6] + ["--threshold", "1.5", "--overwrite", "true"])
+
+    report = evaluate([str(pair["base"])], "embedded:biomed/test", tmp_path / "ev", memdec=str(pair["memdec"]),
+                      lmbda=0.3, window=128, stride=64, max_tokens=100, router=str(out))  # fmt: skip
+    row = report["rows"][0]
+    tokens = torch.as_tensor(text_tokens("embedded:biomed/test", load_tokenizer("gpt2"), 100))[None]
+    lm = InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3, router=out)
+    with torch.no_grad():
+        gold = lm(tokens[:, :-1]).logits.double().gather(-1, tokens[:, 1:, None])[..., 0]
+    assert row["router_ppl"] == pytest.approx(float((-gold).mean().exp()), rel=1e-5)
+    assert row["router_ppl"] != pytest.approx(row["memdec_ppl"], rel=1e-6)
+    low, high = row["all_positions"]["intervals"]["router_ppl"]
+    assert low * (1 - 1e-9) <= row["router_ppl"] <= high * (1 + 1e-9)  # one document here: a point-like interval
+    assert "router_ppl - memdec_ppl" in row["all_positions"]["differences"]
+    with pytest.raises(ArtifactError, match="none of --bases"):
+        evaluate([str(pair["other"])], "embedded:biomed/test", tmp_path / "ev2", memdec=str(pair["memdec"]),
+                 lmbda=0.3, window=128, stride=64, max_tokens=100, router=str(out))  # fmt: skip
