@@ -72,12 +72,12 @@ def fit_router(
     kinds = [_scored(text_tokens(spec, tok, max_tokens), base_model, memdec_model, vocab, window) for spec in
              (domain, general)]  # fmt: skip
     router, training = train_router(kinds, WIDTH, threshold)
-    training |= {"domain": str(domain), "general": str(general), "window": window, "max_tokens": max_tokens,
-                 "positions": {"domain": len(kinds[0].base), "general": len(kinds[1].base)},
-                 "held_out": held_out_summary(router, kinds)}  # fmt: skip
-    meta = router_meta(router, base_model, memdec_model, tokenizer_info(tok, str(base)), training)
-    meta["base"]["name"], meta["memdec"]["name"] = str(base), str(memdec)
-    work = start_work_dir(out, {"base": meta["base"], "memdec": meta["memdec"], **training}, overwrite)
+    settings = {"domain": str(domain), "general": str(general), "window": window, "max_tokens": max_tokens}
+    training |= settings | {"positions": {"domain": len(kinds[0].base), "general": len(kinds[1].base)},
+                            "held_out": held_out_summary(router, kinds)}  # fmt: skip
+    meta = router_meta(router, str(base), str(memdec), tokenizer_info(tok, str(base)), training)
+    work = start_work_dir(out, {"base": meta["base"], "memdec": meta["memdec"], "threshold": threshold, **settings},
+                          overwrite)  # fmt: skip
     save_router_weights(router, work)
     return publish(work, out, meta)
 
@@ -85,9 +85,10 @@ def fit_router(
 def _scored(tokens: np.ndarray, base, memdec, vocab: int, window: int) -> RouterData:
     """One text's router features and both models' gold log-probs, per position."""
     window = min(window, len(tokens) - 1)
-    slide = lambda score, desc: sliding_gold_log_probs(tokens, window, max(1, window // 2), BATCH_WINDOWS, score, desc)  # noqa: E731
-    scored = slide(router_scorer(base, None, vocab, features=True), "base features")
-    decoded = slide(lm_scorer(memdec, vocab, "memdec"), "memdec")
+    stride = max(1, window // 2)
+    features, decoder = router_scorer(base, None, vocab, features=True), lm_scorer(memdec, vocab, "memdec")
+    scored = sliding_gold_log_probs(tokens, window, stride, BATCH_WINDOWS, features, "base features")
+    decoded = sliding_gold_log_probs(tokens, window, stride, BATCH_WINDOWS, decoder, "memdec")
     return RouterData(scored["features"], scored["base"], decoded["memdec"])
 
 
