@@ -19,6 +19,7 @@ from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_
 from lightning_memdec.evaluation.latency import model_latency
 from lightning_memdec.evaluation.overlap import NGRAM
 from lightning_memdec.evaluation.report import write_report
+from lightning_memdec.evaluation.router_rows import router_by_base, router_columns
 from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import (
@@ -32,9 +33,8 @@ from lightning_memdec.hf.loading import (
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM, mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.router import router_scorer
-from lightning_memdec.inference.router_artifact import load_router, model_identity
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
-from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, read_meta
+from lightning_memdec.io.artifact_dirs import check_writable_dir
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
@@ -43,7 +43,6 @@ from lightning_memdec.kernels.scoring import (
     DEFAULT_TEMPERATURE_GRID,
     check_lambda_grid,
     check_lmbda,
-    mix_log_probs,
     mixed_perplexity,
     perplexity,
     sweep_lambda,
@@ -140,7 +139,7 @@ def evaluate(
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
     _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, tokenizer)
-    routers = _router_by_base(router, memdec, models)
+    routers = router_by_base(router, memdec, models)
     dev = torch_device(device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
@@ -290,38 +289,6 @@ def _check_before_scoring(models, decoders: list[str], window: int, out, tokeniz
                 )  # fmt: skip
 
 
-def _router_by_base(router: str | None, memdec: str | None, models) -> dict:
-    """``{base ref: Router}`` for the one base the router was fitted for, checked against it, --memdec and their
-    tokenizer before any scoring; refused when no base (or no --memdec) is its."""
-    if router is None:
-        return {}
-    if memdec is None:
-        raise ValueError("--router weighs the Memory Decoder per token: pass the --memdec it was fitted for.")
-    recorded = read_meta(router, kind="router")["base"]
-    for ref in (ref for ref, _, role in models if role == "base"):
-        if model_identity(ref)["model_sha256"] == recorded.get("model_sha256"):
-            tok = find_tokenizer(ref)
-            fingerprint = None if tok is None else tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
-            return {ref: load_router(router, ref, memdec, fingerprint)}
-    raise ArtifactError(
-        f"the router {router} was fitted for base {recorded.get('name')} (sha {recorded.get('model_sha256')}), which "
-        "is none of --bases; add that base, or fit a router for these with `memdec fit-router`."
-    )
-
-
-def _router_columns(test: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The decoder mixed at the router's per-position λ: its perplexity, mean λ and the share of skipped positions."""
-    if "router_lambda" not in test or "memdec" not in test:
-        return {}
-    lam = torch.as_tensor(test["router_lambda"], dtype=torch.float64)
-    as64 = lambda key: torch.as_tensor(test[key], dtype=torch.float64)  # noqa: E731
-    return {
-        "router_ppl": perplexity(mix_log_probs(as64("base"), as64("memdec"), lam)),
-        "router_mean_lambda": float(lam.mean()),
-        "router_skip_fraction": float((lam == 0).double().mean()),
-    }
-
-
 def _load_decoder(ref: str, device, window: int):
     decoder = load_causal_lm(ref).to(device).eval()
     check_fits_context(window, decoder, f"the decoder {ref}")
@@ -469,7 +436,7 @@ def _row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) -> dict[str, Any]:
         row[f"{key}_ppl"] = mixed_perplexity(test["base"], test[other], chosen)
     for key, other in MIXTURES:
         row[f"{'knn' if key == 'knnlm' else key}_alone_ppl"] = perplexity(test[other]) if other in test else None
-    return row | _router_columns(test)
+    return row | router_columns(test)
 
 
 def _curve(lp, grid) -> dict[str, Any]:
