@@ -47,6 +47,7 @@ def repeatable(args: list[str]) -> list[str]:
 
 
 def stage_functions() -> dict:
+    from lightning_memdec.apps.fit_router import fit_router
     from lightning_memdec.apps.pretrain_bases import pretrain_bases
     from lightning_memdec.apps.quickstart import quickstart
     from lightning_memdec.apps.serve import serve
@@ -70,6 +71,7 @@ def stage_functions() -> dict:
         "import-official": import_official,
         "quickstart": quickstart,
         "evaluate": evaluate,
+        "fit-router": fit_router,
         "downstream": downstream,
         "transfer-vocab": transfer_vocab,
         "pretrain-bases": pretrain_bases,

@@ -106,3 +106,19 @@ def test_index_build_benchmark_runs_tiny(tmp_path):
     assert float(lines["one_process_seconds"]) > 0 and float(lines["two_ranks_seconds"]) > 0
     assert float(lines["round0_two_ranks_seconds"]) == float(lines["two_ranks_seconds"])
     assert list(lines)[-1] == "index_build_speedup"
+
+
+def test_router_skip_benchmark_runs_tiny(tmp_path):
+    """Tiny models, a planted router skipping about half the steps: every line, the headline speed-up last."""
+    from conftest import save_tiny
+
+    base, memdec = save_tiny(tmp_path / "base"), save_tiny(tmp_path / "memdec", n_embd=16, n_layer=1, seed=1)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "router_skip.py"), "--base", str(base), "--memdec", str(memdec),
+           "--prompt_tokens", "16", "--new_tokens", "8", "--repeats", "1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    for name in ("fixed_tokens_per_s", "router_no_skip_tokens_per_s", "router_skip_tokens_per_s"):
+        assert float(lines[name]) > 0, name
+    assert 0 < float(lines["decoder_skipped_share"]) < 1  # the planted threshold skips some steps, not all
+    assert math.isfinite(float(lines["skip_speedup"])) and list(lines)[-1] == "skip_speedup"

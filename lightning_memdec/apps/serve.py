@@ -33,6 +33,21 @@ def served_model(base: str, memdec: str | None, model_name: str | None) -> Serve
     return ServedModel(model_name or "+".join(names), tokenizer, min(contexts) if contexts else None)
 
 
+def check_router(router: str | None, base: str, memdec: str | None, tokenizer) -> None:
+    """Refuse, before the server starts, a router without a decoder or fitted for other models."""
+    if router is None:
+        return
+    if memdec is None:
+        raise ValueError("--router weighs the Memory Decoder per token: pass the --memdec it was fitted for.")
+    from lightning_memdec.hf.loading import tokenizer_name
+    from lightning_memdec.inference.router_artifact import check_router_models
+    from lightning_memdec.io.artifact_dirs import read_meta
+    from lightning_memdec.io.tokenizer_identity import tokenizer_info
+
+    fingerprint = tokenizer_info(tokenizer, tokenizer_name(tokenizer))["fingerprint"]
+    check_router_models(read_meta(router, kind="router"), router, base, memdec, fingerprint)
+
+
 def serve(
     base: str,
     memdec: str | None = None,
@@ -44,6 +59,7 @@ def serve(
     batch_timeout: float = 0.01,
     model_name: str | None = None,
     timeout: float = 300.0,
+    router: str | None = None,
 ) -> None:
     """Serve base (+ Memory Decoder) over HTTP: OpenAI /v1/completions and /v1/chat/completions, streamed, batched.
 
@@ -58,6 +74,8 @@ def serve(
         batch_timeout: seconds to wait for more requests to fill a batch.
         model_name: the name clients send as ``model`` (default: the models' directory names joined by ``+``).
         timeout: seconds a request may wait in the queue before it is answered 504.
+        router: a router directory (``memdec fit-router``) of this base and decoder: λ per token from it instead of
+            --lmbda, the decoder skipped where it routes λ under its threshold.
     """
     from lightning_memdec.kernels.scoring import check_lmbda
 
@@ -72,8 +90,10 @@ def serve(
     if max_batch_size < 1 or batch_timeout < 0 or timeout <= batch_timeout:
         raise ValueError(f"need --max_batch_size ≥ 1 (got {max_batch_size}) and 0 ≤ --batch_timeout "
                          f"(got {batch_timeout}) < --timeout (got {timeout}).")  # fmt: skip
-    spec = OpenAICompletionsSpec(served_model(base, memdec, model_name))
-    api = MixtureAPI(base, memdec, lmbda, device, spec, max_batch_size=max_batch_size, batch_timeout=batch_timeout)
+    model = served_model(base, memdec, model_name)
+    check_router(router, base, memdec, model.tokenizer)
+    api = MixtureAPI(base, memdec, lmbda, device, OpenAICompletionsSpec(model), router=router,
+                     max_batch_size=max_batch_size, batch_timeout=batch_timeout)  # fmt: skip
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
     server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=timeout)
     server.run(host=host, port=port, generate_client_file=False)

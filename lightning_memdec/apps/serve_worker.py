@@ -16,16 +16,17 @@ from lightning_memdec.inference.streamed_generation import stream_generate
 class MixtureAPI(ls.LitAPI):
     """The inference worker: loads the model on its device and streams tokens for a batch of token jobs."""
 
-    def __init__(self, base: str, memdec: str | None, lmbda: float, device: str, spec, **batching):
+    def __init__(self, base: str, memdec: str | None, lmbda: float, device: str, spec, router=None, **batching):
         super().__init__(spec=spec, **batching)
         self.base, self.memdec, self.lmbda, self.requested_device = base, memdec, lmbda, device
+        self.router = router
 
     def setup(self, device: str) -> None:
         from lightning_memdec.hf.loading import torch_device
 
         # LitServe picks "cuda:0" for accelerator "cuda"; a device the user named with its index wins
         chosen = self.requested_device if ":" in self.requested_device or self.requested_device == "cpu" else device
-        self.model = load_generator(self.base, self.memdec, self.lmbda, torch_device(chosen))
+        self.model = load_generator(self.base, self.memdec, self.lmbda, torch_device(chosen), self.router)
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
@@ -65,10 +66,11 @@ def generate_steps(model, jobs: list[dict], eos_token_ids: set[int]) -> Iterator
             yield out
 
 
-def load_generator(base: str, memdec: str | None, lmbda: float, device):
-    """The model requests are generated with: ``InterpolatedLM(base, memdec, lmbda)``, or the base alone."""
+def load_generator(base: str, memdec: str | None, lmbda: float, device, router: str | None = None):
+    """The model requests are generated with: ``InterpolatedLM(base, memdec, lmbda, router=router)``, or the base
+    alone."""
     from lightning_memdec.hf.loading import load_causal_lm
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 
-    model = load_causal_lm(base) if memdec is None else InterpolatedLM(base, memdec, lmbda)
+    model = load_causal_lm(base) if memdec is None else InterpolatedLM(base, memdec, lmbda, router=router)
     return model.to(device).eval()

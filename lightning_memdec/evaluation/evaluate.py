@@ -20,6 +20,7 @@ from lightning_memdec.evaluation.latency import model_latency
 from lightning_memdec.evaluation.overlap import NGRAM
 from lightning_memdec.evaluation.report import write_report
 from lightning_memdec.evaluation.report_rows import lambda_curve, report_row
+from lightning_memdec.evaluation.router_rows import router_by_base, router_columns
 from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import (
@@ -32,6 +33,7 @@ from lightning_memdec.hf.loading import (
 )
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM, mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM
+from lightning_memdec.inference.router import router_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import check_writable_dir
 from lightning_memdec.io.embedded import load_tokenizer
@@ -76,6 +78,7 @@ def evaluate(
     overlap_with: list[str] | None = None,
     overlap_ngram: int = NGRAM,
     temperature_grid: list[float] | None = None,
+    router: str | None = None,
 ) -> dict[str, Any]:
     """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
 
@@ -119,6 +122,8 @@ def evaluate(
         overlap_ngram: tokens of a span that counts as repeated text (see :mod:`evaluation.overlap`).
         temperature_grid: kNN temperatures tried on valid, each with its best λ (or knn_lmbda), the lowest kNN-LM
             valid perplexity wins (default: kernels.scoring.DEFAULT_TEMPERATURE_GRID, 1 … 64); one value fixes T.
+        router: a router directory (``memdec fit-router``) of one of the bases and this --memdec: that base's row
+            also reports MemDec mixed at the router's per-token λ (``router_ppl``, with intervals).
     """
     models = _models_to_score(bases, teacher)
     lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda)
@@ -126,6 +131,7 @@ def evaluate(
     if window <= 0 or stride <= 0 or stride > window:
         raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
     _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, tokenizer)
+    routers = router_by_base(router, memdec, models)
     dev = torch_device(device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
@@ -147,11 +153,13 @@ def evaluate(
             knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
                           **knn)  # fmt: skip
             k_used[name] = knnlm.k  # k is capped at the datastore's size
-        lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {})
+        lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {}, routers.get(base_ref))
         knn_choice = settle_temperature(lp, temperatures, grid, knn_lmbda) if knnlm is not None else {}
         if knnlm is not None:
             knnlm.temperature = knn_choice["knnlm_temperature"]
-        rows.append(report_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) | knn_choice)
+        rows.append(
+            report_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) | router_columns(lp["test"]) | knn_choice
+        )
         fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
         if fingerprint not in audits:
             split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
@@ -173,7 +181,7 @@ def evaluate(
         "temperature": temperature if stores and valid is None else None,
         "temperature_grid": temperatures if stores and valid is not None else None,
         "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
-        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report,
+        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report, "router": router,
         "overlap": overlap_report(audits, overlap_refs),
     }  # fmt: skip
     write_report(report, Path(out))
@@ -212,8 +220,9 @@ class _Scorer:
             self.positions.setdefault(split, int(len(self._tokens[key]) - 1))
         return self._tokens[key]
 
-    def score(self, name, model, tok, knnlm, decoders) -> dict[str, dict[str, np.ndarray]]:
-        """Per split: log p(gold) of the model ("base"), its kNN-LM at each temperature and each decoder."""
+    def score(self, name, model, tok, knnlm, decoders, router=None) -> dict[str, dict[str, np.ndarray]]:
+        """Per split: log p(gold) of the model ("base"), its kNN-LM at each temperature, each decoder and, with a
+        router, its λ per position ("router_lambda", from the same base pass when there is no kNN-LM)."""
         for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
             mixture_vocab(model, decoder, tok, decoder_tok or tok)
         fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
@@ -224,9 +233,14 @@ class _Scorer:
                 _warn_if_datastore_text(tokens, knnlm.store.meta, split, spec)
             if knnlm is not None:
                 score = knn_temperatures_scorer(knnlm, self.temperatures)
+            elif router is not None:
+                score = router_scorer(model, router.to(model.device), len(tok))
             else:
                 score = lm_scorer(model, len(tok), "base")
             lp[split] = self._sliding(tokens, score, f"{name} {split}")
+            if router is not None and knnlm is not None:
+                routed = router_scorer(model, router.to(model.device), len(tok))
+                lp[split]["router_lambda"] = self._sliding(tokens, routed, f"{name} router {split}")["router_lambda"]
             for key, (decoder, _) in decoders.items():
                 if (fingerprint, split, key) not in self._decoded:
                     scored = self._sliding(tokens, lm_scorer(decoder, len(tok), key), f"{key} {split}")

@@ -25,6 +25,7 @@ FIGURES = {
     "knnlm_ppl": "+ kNN-LM",
     "memdec_ppl": "+ MemDec",
     "ce_only_ppl": "+ CE-only",
+    "router_ppl": "+ MemDec, router's λ",
     "memdec_alone_ppl": "MemDec alone",
     "ce_only_alone_ppl": "CE-only alone",
     "knn_alone_ppl": "kNN alone",
@@ -76,6 +77,10 @@ def perplexity_table(report: dict[str, Any]) -> list[str]:
         if alone.get("ce_only_alone_ppl") is not None:
             text += f"; CE-only decoder alone: {_fmt(alone['ce_only_alone_ppl'])}"
         lines += ["", text + "."]
+    for r in (r for r in rows if r.get("router_ppl") is not None):
+        lines += ["", f"{r['base']} + MemDec with the router's per-token λ: {_fmt(r['router_ppl'])} (mean λ "
+                  f"{r['router_mean_lambda']:.3f}; decoder skipped at {100 * r['router_skip_fraction']:.1f} % of "
+                  "positions)."]  # fmt: skip
     if any(r.get(f"{key}_lambda_at_edge") for r in rows for key in ("memdec", "ce_only", "knnlm")):
         lines += ["", "⚠ edge: the λ chosen on valid is an end of the grid; the best mixture may lie outside it."]
     return lines

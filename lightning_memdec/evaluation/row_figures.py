@@ -30,7 +30,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The comparisons a report row states a paired interval for: (row key, row key), difference = first − second.
-KEY_DIFFERENCES = (("memdec_ppl", "knnlm_ppl"), ("memdec_ppl", "ce_only_ppl"), ("memdec_ppl", "base_ppl"))
+KEY_DIFFERENCES = (("memdec_ppl", "knnlm_ppl"), ("memdec_ppl", "ce_only_ppl"), ("memdec_ppl", "base_ppl"),
+                   ("router_ppl", "memdec_ppl"), ("router_ppl", "base_ppl"))  # fmt: skip
 _MIXED = (("memdec_ppl", "memdec_lambda", "memdec"), ("ce_only_ppl", "ce_only_lambda", "ce_only"),
           ("knnlm_ppl", "knnlm_lambda", "knn"))  # fmt: skip
 _ALONE = (("memdec_alone_ppl", "memdec"), ("ce_only_alone_ppl", "ce_only"), ("knn_alone_ppl", "knn"))
@@ -44,6 +45,9 @@ def row_log_probs(row: dict[str, Any], test: dict[str, np.ndarray]) -> dict[str,
         if other in test and row.get(lam) is not None:
             mixed = mix_log_probs(base, torch.as_tensor(test[other], dtype=torch.float64), row[lam])
             arrays[key] = mixed.numpy()
+    if "router_lambda" in test and "memdec" in test:  # the decoder mixed at the router's λ, position by position
+        routed = torch.as_tensor(test["router_lambda"], dtype=torch.float64)
+        arrays["router_ppl"] = mix_log_probs(base, torch.as_tensor(test["memdec"], dtype=torch.float64), routed).numpy()
     arrays |= {key: np.asarray(test[other], dtype=np.float64) for key, other in _ALONE if other in test}
     return arrays
 

@@ -27,12 +27,32 @@ class PairCache(Cache):
 
     ``generate()`` only sees one cache object; beam search calls :meth:`reorder_cache` on it, which must reorder
     both models' states identically or the decoder would condition on another beam's prefix.
+
+    When a router skipped the decoder, the tokens it has not seen wait in ``pending_ids`` (with their
+    ``pending_positions`` when positions were explicit) until the decoder next runs and takes them in one call.
     """
 
     def __init__(self, base: Cache | None = None, memdec: Cache | None = None):
         # Cache.__init__ wants per-layer objects; the layers belong to the two sub-caches instead.
         self.base = base if base is not None else DynamicCache()
         self.memdec = memdec if memdec is not None else DynamicCache()
+        self.pending_ids: torch.Tensor | None = None
+        self.pending_positions: torch.Tensor | None = None
+
+    def defer(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+        """Tokens the base took but the decoder skipped: kept for the decoder's next call."""
+        self.pending_ids = _cat(self.pending_ids, input_ids)
+        self.pending_positions = None if position_ids is None else _cat(self.pending_positions, position_ids)
+
+    def take_pending(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The decoder's skipped tokens (and positions), handed over once: the decoder is about to run on them."""
+        pending = (self.pending_ids, self.pending_positions)
+        self.pending_ids = self.pending_positions = None
+        return pending
+
+    def _pending_apply(self, fn) -> None:
+        self.pending_ids = None if self.pending_ids is None else fn(self.pending_ids)
+        self.pending_positions = None if self.pending_positions is None else fn(self.pending_positions)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={self.base!r}, memdec={self.memdec!r})"
@@ -57,22 +77,28 @@ class PairCache(Cache):
     def reset(self) -> None:
         for cache in self.caches:
             cache.reset()
+        self.take_pending()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for cache in self.caches:
             cache.reorder_cache(beam_idx)
+        self._pending_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
+        if self.pending_ids is not None:
+            raise NotImplementedError("cropping a PairCache whose decoder skipped tokens (a router's) is unsupported.")
         for cache in self.caches:
             cache.crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for cache in self.caches:
             cache.batch_repeat_interleave(repeats)
+        self._pending_apply(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for cache in self.caches:
             cache.batch_select_indices(indices)
+        self._pending_apply(lambda t: t[indices])
 
     def activate_past_recording(self) -> None:
         for cache in self.caches:
@@ -106,6 +132,10 @@ class PairCache(Cache):
     @property
     def is_dummy(self) -> list[bool]:
         return self.base.is_dummy + self.memdec.is_dummy
+
+
+def _cat(first: torch.Tensor | None, second: torch.Tensor) -> torch.Tensor:
+    return second if first is None else torch.cat([first, second.to(first.device)], dim=1)
 
 
 class PairCacheGeneration:

@@ -37,6 +37,8 @@ from lightning_memdec.hf.loading import (
     tokenizer_name,
 )
 from lightning_memdec.hf.paired_generation import PairCache, PairCacheGeneration
+from lightning_memdec.inference.router import Router
+from lightning_memdec.inference.router_artifact import load_router
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab, check_same_tokenizer, tokenizer_info
 from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_log_probs
 
@@ -63,6 +65,9 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         lmbda: the decoder's weight λ ∈ [0, 1]; settable later through ``.lmbda``.
         tokenizer: the tokenizer both share; used for both sides unless a side-specific one is given.
         base_tokenizer / memdec_tokenizer: per-side tokenizers; otherwise looked up in the model directories.
+        router: a learned per-token λ (:class:`Router`, or the directory ``memdec fit-router`` wrote, checked to
+            belong to this base and decoder): λ then comes from it at every position and ``lmbda`` is unused;
+            where it routes λ = 0 (under its threshold) at every row the decoder is not run.
         **load_kwargs: passed to ``from_pretrained`` for models given as names/paths (``dtype``, ``device_map``…).
 
     The mixture is taken over the tokenizer's ids only (``len(tokenizer)``): LM heads padded beyond the tokenizer
@@ -85,6 +90,7 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         *,
         base_tokenizer=None,
         memdec_tokenizer=None,
+        router: Router | str | Path | None = None,
         **load_kwargs,
     ):
         lmbda = check_lmbda(lmbda)
@@ -126,6 +132,7 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
             "base": "logits_to_keep" in forward_params(base),
             "memdec": "logits_to_keep" in forward_params(memdec),
         }
+        self.router = _checked_router(router, base, memdec, shared_tokenizer)
         self.eval()  # an inference-time mixture: dropout in either model would make generation non-deterministic
 
     @classmethod
@@ -170,20 +177,50 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
 
     # -- forward -------------------------------------------------------------------------------------------------
 
-    def _run(self, side: str, tensors: dict, cache, use_cache, logits_to_keep, kwargs):
-        """One model's forward, as log-probs over the shared ids, and its updated cache."""
+    def _run(self, side: str, tensors: dict, cache, use_cache, logits_to_keep, kwargs, hidden: bool = False):
+        """One model's forward, as log-probs over the shared ids, its updated cache and (``hidden``) its last
+        hidden states at the same positions as the log-probs."""
         model = self.base if side == "base" else self.memdec
         inputs = {name: None if t is None else t.to(model.device) for name, t in tensors.items()}
         inputs["use_cache"] = use_cache
         inputs[self._cache_arg[side]] = cache
         if self._takes_logits_to_keep[side]:
             inputs["logits_to_keep"] = logits_to_keep
-        out = model(**inputs, **kwargs, return_dict=True)
+        out = model(**inputs, **kwargs, output_hidden_states=hidden, return_dict=True)
         logits = out.logits
         if not self._takes_logits_to_keep[side] and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
         log_probs = vocab_log_probs(logits, self.config.vocab_size)  # a padded head's extra rows get no mass
-        return log_probs, getattr(out, self._cache_arg[side], None)
+        last_hidden = out.hidden_states[-1][:, -log_probs.shape[1] :] if hidden else None
+        return log_probs, getattr(out, self._cache_arg[side], None), last_hidden
+
+    def _routed(self, tensors: dict, cache: PairCache | None, use_cache, logits_to_keep, kwargs):
+        """The router's mixture: the base first, λ from its state, then the decoder only if some λ is not 0.
+
+        A skipped step leaves its tokens pending in the cache; the decoder's next call takes them all at once, so
+        its KV cache catches up (the attention mask already spans them; positions are cached beside the ids).
+        """
+        base_cache, memdec_cache = (cache.base, cache.memdec) if cache is not None else (None, None)
+        base_lp, base_cache, hidden = self._run("base", tensors, base_cache, use_cache, logits_to_keep, kwargs, True)
+        lmbda = self.router.route(hidden, base_lp).to(base_lp.device)[..., None]
+        cache = cache if cache is not None or not use_cache else PairCache(base_cache, None)
+        if not bool(lmbda.any()):  # every row under the threshold: the decoder is skipped
+            if use_cache:
+                cache.defer(tensors["input_ids"], tensors["position_ids"])
+            return base_lp, cache
+        memdec_tensors = dict(tensors)
+        if cache is not None and cache.pending_ids is not None:
+            pending_ids, pending_positions = cache.take_pending()
+            memdec_tensors["input_ids"] = torch.cat([pending_ids, tensors["input_ids"].to(pending_ids.device)], 1)
+            length = memdec_tensors["input_ids"].shape[1]
+            positions = position_ids_from_mask(tensors["attention_mask"], length)
+            if positions is None and pending_positions is not None:
+                positions = torch.cat([pending_positions, tensors["position_ids"].to(pending_positions.device)], 1)
+            memdec_tensors["position_ids"] = positions
+        memdec_cache = cache.memdec if cache is not None else None
+        memdec_lp = self._run("memdec", memdec_tensors, memdec_cache, use_cache, logits_to_keep, kwargs)[0]
+        mixed = mix_log_probs(base_lp, memdec_lp[:, -base_lp.shape[1] :].to(base_lp.device), lmbda)
+        return mixed, cache
 
     def forward(
         self,
@@ -211,20 +248,19 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
             use_cache = cache is not None
         if labels is not None:
             logits_to_keep = 0
-        base_cache, memdec_cache = (cache.base, cache.memdec) if cache is not None else (None, None)
         tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        base_lp, base_cache = self._run("base", tensors, base_cache, use_cache, logits_to_keep, kwargs)
-        memdec_lp, memdec_cache = self._run("memdec", tensors, memdec_cache, use_cache, logits_to_keep, kwargs)
+        if self.router is not None:
+            mixed, new_cache = self._routed(tensors, cache, use_cache, logits_to_keep, kwargs)
+            return CausalLMOutputWithPast(loss=_mixture_loss(mixed, labels), logits=mixed, cache=new_cache)
+        base_cache, memdec_cache = (cache.base, cache.memdec) if cache is not None else (None, None)
+        base_lp, base_cache, _ = self._run("base", tensors, base_cache, use_cache, logits_to_keep, kwargs)
+        memdec_lp, memdec_cache, _ = self._run("memdec", tensors, memdec_cache, use_cache, logits_to_keep, kwargs)
         mixed = mix_log_probs(base_lp, memdec_lp.to(base_lp.device), self.lmbda)
 
-        loss = None
-        if labels is not None:
-            targets = labels[:, 1:].reshape(-1).to(mixed.device)
-            loss = F.nll_loss(mixed[:, :-1].reshape(-1, mixed.shape[-1]), targets, ignore_index=-100)
         new_cache = None
         if use_cache and base_cache is not None and memdec_cache is not None:
             new_cache = cache if cache is not None else PairCache(base_cache, memdec_cache)
-        return CausalLMOutputWithPast(loss=loss, logits=mixed, cache=new_cache)
+        return CausalLMOutputWithPast(loss=_mixture_loss(mixed, labels), logits=mixed, cache=new_cache)
 
     @torch.no_grad()
     def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,6 +302,30 @@ def mixture_vocab(base, memdec, base_tokenizer=None, memdec_tokenizer=None, shar
         fix = f"they cannot share this vocabulary (base {base_rows} rows, decoder {memdec_rows})"
         check_head_covers_vocab(rows, what, vocab, "the tokenizer", fix)
     return vocab
+
+
+def _mixture_loss(mixed: torch.Tensor, labels: torch.LongTensor | None) -> torch.Tensor | None:
+    """The mixture's mean NLL of the next tokens (``labels`` shifted inside, −100 ignored); None without labels."""
+    if labels is None:
+        return None
+    targets = labels[:, 1:].reshape(-1).to(mixed.device)
+    return F.nll_loss(mixed[:, :-1].reshape(-1, mixed.shape[-1]), targets, ignore_index=-100)
+
+
+def _checked_router(router, base, memdec, tokenizer) -> Router | None:
+    """The router as a module (loaded from its directory), refused when it was fitted for other models."""
+    if router is None:
+        return None
+    fingerprint = None if tokenizer is None else tokenizer_info(tokenizer, tokenizer_name(tokenizer))["fingerprint"]
+    if not isinstance(router, Router):
+        router = load_router(router, base, memdec, fingerprint)
+    hidden = base.config.get_text_config().hidden_size
+    if router.hidden_size != hidden:
+        raise ValueError(
+            f"the router reads hidden states of size {router.hidden_size}, the base's are {hidden}: it was fitted "
+            "for another base; fit one for this base with `memdec fit-router`."
+        )
+    return router.to(base.device).eval()
 
 
 def _first_not_none(*items):

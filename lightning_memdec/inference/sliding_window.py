@@ -23,6 +23,8 @@ def sliding_gold_log_probs(
 ) -> dict[str, np.ndarray]:
     """Run ``score`` over sliding windows; returns, per output name, log p(gold) for every position (float64).
 
+    An output with more dimensions than ``[B, W]`` (``[B, W, F]``) is kept per position too, as float32 ``[N, F]``.
+
     Windows are :func:`~lightning_memdec.io.token_corpus.position_windows`, as in datastore building. ``score`` gets the
     shifted gold tokens with −100 at positions that an earlier window already scored. Texts shorter than
     ``window`` are scored in one window.
@@ -44,8 +46,9 @@ def sliding_gold_log_probs(
         labels = block[:, 1:].clone()
         labels[local[None, :] < torch.as_tensor(score_from)[:, None]] = -100
         for name, lp in score(block[:, :-1], labels).items():
-            arr = out.setdefault(name, np.full(num_positions, np.nan))
-            lp = lp.double().cpu().numpy()
+            # per-position scalars in float64; per-position vectors (a router's features) in float32
+            lp = (lp.double() if lp.dim() == 2 else lp.float()).cpu().numpy()
+            arr = out.setdefault(name, np.full((num_positions, *lp.shape[2:]), np.nan, dtype=lp.dtype))
             for row, (s, f) in enumerate(zip(starts.tolist(), score_from.tolist())):
                 arr[s + f : s + window] = lp[row, f:]
     for name, arr in out.items():

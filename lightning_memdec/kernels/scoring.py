@@ -119,12 +119,16 @@ def check_lmbda(lmbda: float) -> float:
     return value
 
 
-def mix_log_probs(base: torch.Tensor, other: torch.Tensor, lmbda: float) -> torch.Tensor:
+def mix_log_probs(base: torch.Tensor, other: torch.Tensor, lmbda: float | torch.Tensor) -> torch.Tensor:
     """``log((1 − λ)·p_base + λ·p_other)`` elementwise from two log-probability tensors (numpy: torch.from_numpy).
 
     λ = 0 and λ = 1 return the corresponding input itself: going through ``log(0) = −inf`` would be exact in
-    principle but is special-cased so the endpoints are bit-identical to the single models.
+    principle but is special-cased so the endpoints are bit-identical to the single models. A tensor λ (a learned
+    router's, one per position) broadcasts against the inputs (``[B, T, 1]`` for ``[B, T, V]`` log-probs); where it
+    is 0 the result is ``base`` exactly, whatever ``other`` holds there (a decoder that did not run).
     """
+    if isinstance(lmbda, torch.Tensor):
+        return _mix_per_position(base, other, lmbda)
     lmbda = check_lmbda(lmbda)
     if lmbda == 0.0:
         return base
@@ -139,6 +143,17 @@ def mix_log_probs(base: torch.Tensor, other: torch.Tensor, lmbda: float) -> torc
     out = other + (log_other_w - log_base_w)
     torch.logaddexp(base, out, out=out)
     return out.add_(log_base_w)
+
+
+def _mix_per_position(base: torch.Tensor, other: torch.Tensor, lmbda: torch.Tensor) -> torch.Tensor:
+    """The same mixture with λ a tensor (differentiable in λ: a router is trained through it)."""
+    if not torch.is_grad_enabled() or not lmbda.requires_grad:
+        if bool(((lmbda < 0) | (lmbda > 1) | lmbda.isnan()).any()):
+            raise ValueError("a per-position λ must lie in [0, 1] everywhere (the decoder's weight in the mixture).")
+    lmbda = lmbda.to(base.dtype)
+    skipped = lmbda == 0
+    other = torch.where(skipped, base, other)  # where the decoder's weight is 0 its value must not matter (NaN, inf)
+    return torch.where(skipped, base, torch.logaddexp(base + torch.log1p(-lmbda), other + torch.log(lmbda)))
 
 
 def perplexity(log_probs: np.ndarray | torch.Tensor) -> float:

@@ -1,0 +1,112 @@
+"""``memdec fit-router``: fit a per-token λ for one base + Memory Decoder on held-out domain and general text.
+
+The base and the decoder score both texts once over sliding windows (the windows of ``memdec evaluate``); the
+router is then trained on those per-position arrays (:mod:`apps.router_training`) and published atomically as
+a small artefact (:mod:`inference.router_artifact`). Use valid splits, never the test text it will be judged on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_memdec.apps.router_training import RouterData, mixed_nll, train_router
+from lightning_memdec.evaluation.split_tokens import text_tokens
+from lightning_memdec.hf.loading import check_fits_context, find_tokenizer, load_causal_lm, model_config, torch_device
+from lightning_memdec.inference.interpolated_lm import mixture_vocab
+from lightning_memdec.inference.router import Router, router_scorer
+from lightning_memdec.inference.router_artifact import router_meta, save_router_weights
+from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
+from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, publish, start_work_dir
+from lightning_memdec.io.output_lock import exclusive_output
+from lightning_memdec.io.tokenizer_identity import tokenizer_info
+from lightning_memdec.kernels.scoring import check_lmbda, perplexity, sweep_lambda
+
+__all__ = ["fit_router", "held_out_summary"]
+
+WIDTH = 64  # the router's hidden layer: a few thousand weights on a 128-256-dim state, quick to fit on CPU
+BATCH_WINDOWS = 4
+
+
+@exclusive_output
+def fit_router(
+    base: str,
+    memdec: str,
+    domain: str,
+    general: str,
+    out: Path,
+    threshold: float = 0.05,
+    window: int = 1024,
+    max_tokens: int | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Fit a learned per-token λ (a router) for a base + Memory Decoder; writes router.safetensors + meta.json.
+
+    Args:
+        base: the base LM (name, directory or embedded:base-small) whose hidden states the router reads.
+        memdec: the trained Memory Decoder directory.
+        domain: held-out domain text (a corpus directory, text file or embedded:<domain>/valid); not test text.
+        general: held-out general text, same forms (e.g. embedded:general/valid).
+        out: output directory.
+        threshold: λ under this is set to 0 and the decoder skipped (generation saves its forward pass there).
+        window: tokens of context per window (scored with stride window / 2, as ``memdec evaluate``).
+        max_tokens: use only the first this many tokens of each text.
+        device: cpu, cuda, cuda:1, … or auto.
+        overwrite: replace an existing ``out``.
+    """
+    threshold = check_lmbda(threshold)
+    check_writable_dir(out, "--out")
+    if Path(out).exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
+    for ref in (base, memdec):
+        check_fits_context(window, model_config(ref), ref)
+    dev = torch_device(device)
+    base_model, memdec_model = (load_causal_lm(ref).to(dev).eval() for ref in (base, memdec))
+    tok = find_tokenizer(base, base_model)
+    if tok is None:
+        raise ValueError(f"--base {base} has no tokenizer saved with it; save its tokenizer into the directory.")
+    vocab = mixture_vocab(base_model, memdec_model, tok, find_tokenizer(memdec, memdec_model))
+    kinds = [_scored(text_tokens(spec, tok, max_tokens), base_model, memdec_model, vocab, window) for spec in
+             (domain, general)]  # fmt: skip
+    router, training = train_router(kinds, WIDTH, threshold)
+    settings = {"domain": str(domain), "general": str(general), "window": window, "max_tokens": max_tokens}
+    training |= settings | {"positions": {"domain": len(kinds[0].base), "general": len(kinds[1].base)},
+                            "held_out": held_out_summary(router, kinds)}  # fmt: skip
+    meta = router_meta(router, str(base), str(memdec), tokenizer_info(tok, str(base)), training)
+    work = start_work_dir(out, {"base": meta["base"], "memdec": meta["memdec"], "threshold": threshold, **settings},
+                          overwrite)  # fmt: skip
+    save_router_weights(router, work)
+    return publish(work, out, meta)
+
+
+def _scored(tokens: np.ndarray, base, memdec, vocab: int, window: int) -> RouterData:
+    """One text's router features and both models' gold log-probs, per position."""
+    window = min(window, len(tokens) - 1)
+    stride = max(1, window // 2)
+    features, decoder = router_scorer(base, None, vocab, features=True), lm_scorer(memdec, vocab, "memdec")
+    scored = sliding_gold_log_probs(tokens, window, stride, BATCH_WINDOWS, features, "base features")
+    decoded = sliding_gold_log_probs(tokens, window, stride, BATCH_WINDOWS, decoder, "memdec")
+    return RouterData(scored["features"], scored["base"], decoded["memdec"])
+
+
+@torch.no_grad()
+def held_out_summary(router: Router, kinds: list[RouterData]) -> dict:
+    """Per kind, on the held-out positions: perplexity of the base, of the best fixed λ (chosen on both kinds'
+    held-out positions together), of the router, and the share of positions it skips."""
+    held = [kind.split()[1] for kind in kinds]
+    both = lambda attr: np.concatenate([getattr(h, attr) for h in held])  # noqa: E731
+    best_lambda = sweep_lambda(both("base"), both("memdec"))[0]
+    out: dict = {"best_fixed_lambda": best_lambda}
+    for name, h in zip(("domain", "general"), held):
+        base, mem = torch.as_tensor(h.base, dtype=torch.float64), torch.as_tensor(h.memdec, dtype=torch.float64)
+        lmbda = router.routed(torch.as_tensor(h.features)).double()
+        out[name] = {
+            "base_ppl": perplexity(h.base),
+            "fixed_ppl": float(mixed_nll(base, mem, torch.full_like(base, best_lambda)).mean().exp()),
+            "router_ppl": float(mixed_nll(base, mem, lmbda).mean().exp()),
+            "router_skip_fraction": float((lmbda == 0).double().mean()),
+        }
+    return out

@@ -1,0 +1,268 @@
+"""The learned per-token λ: the mixture it gives, generation with the decoder skipped, its artefact and its training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny
+
+from lightning_memdec.apps.router_training import RouterData, train_router
+from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+from lightning_memdec.inference.router import Router
+from lightning_memdec.inference.router_artifact import load_router, router_meta, save_router_weights
+from lightning_memdec.io.artifact_dirs import ArtifactError, publish, start_work_dir
+from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.tokenizer_identity import tokenizer_info
+from lightning_memdec.kernels.scoring import mix_log_probs, sweep_lambda
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_gpt2):
+    root = tmp_path_factory.mktemp("router-models")
+    return {"base": tiny_gpt2, "memdec": save_tiny(root / "memdec", seed=1), "other": save_tiny(root / "other", seed=2)}
+
+
+def spread_router(seed: int = 0, threshold: float = 0.0, hidden: int = 32, scale: float = 20.0) -> Router:
+    """A random router whose λ varies a lot between positions (a freshly initialised one stays near 0.5)."""
+    torch.manual_seed(seed)
+    router = Router(hidden, 8, threshold)
+    with torch.no_grad():
+        router.net[2].weight.mul_(scale)
+    return router.eval()
+
+
+def direct_lambda(router: Router, hidden: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """λ written out: features (hidden, entropy, max log-prob), standardised, the MLP, sigmoid, the threshold."""
+    log_p = torch.log_softmax(base_logits.double(), -1)
+    entropy = -(log_p.exp() * log_p).sum(-1, keepdim=True)
+    feats = torch.cat([hidden.double(), entropy, log_p.max(-1, keepdim=True).values], -1).float()
+    z = (feats - router.feature_mean) / router.feature_std
+    lam = torch.sigmoid(router.net[2](torch.nn.functional.gelu(router.net[0](z))))[..., 0].double()
+    return torch.where(lam < router.threshold, torch.zeros_like(lam), lam)
+
+
+def direct_mixture(base_logits, memdec_logits, lam):
+    p_base = torch.softmax(base_logits.double(), -1)
+    p_mem = torch.softmax(memdec_logits.double(), -1)
+    return torch.log((1 - lam[..., None]) * p_base + lam[..., None] * p_mem)
+
+
+def test_per_position_mixture_equals_direct_computation():
+    torch.manual_seed(0)
+    base, other = torch.log_softmax(torch.randn(2, 5, 7, dtype=torch.float64), -1), torch.randn(2, 5, 7)
+    other = torch.log_softmax(other.double(), -1)
+    lam = torch.rand(2, 5, 1, dtype=torch.float64)
+    lam[0, 1] = 0.0
+    lam[1, 2] = 1.0
+    expected = torch.log((1 - lam) * base.exp() + lam * other.exp())
+    torch.testing.assert_close(mix_log_probs(base, other, lam), expected)
+    nan_other = other.clone()
+    nan_other[0, 1] = float("nan")  # a skipped decoder's value must not leak where λ = 0
+    assert torch.equal(mix_log_probs(base, nan_other, lam)[0, 1], base[0, 1])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mix_log_probs(base, other, lam + 1.0)
+
+
+def test_interpolated_lm_with_router_equals_direct_mixture(pair):
+    router = spread_router()
+    lm = InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3, router=router)
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = lm(ids, use_cache=False).logits
+        b = lm.base(ids, output_hidden_states=True)
+        expected = direct_mixture(b.logits, lm.memdec(ids).logits, direct_lambda(router, b.hidden_states[-1], b.logits))
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def reference_greedy(lm, router, prompt: torch.Tensor, steps: int):
+    """Greedy decoding with full forward passes of both models at every step (no cache, no skipping), λ forced
+    to 0 under the threshold; returns the tokens and each step's λ."""
+    ids, lambdas = prompt, []
+    with torch.no_grad():
+        for _ in range(steps):
+            b = lm.base(ids, output_hidden_states=True)
+            lam = direct_lambda(router, b.hidden_states[-1][:, -1], b.logits[:, -1])
+            mixed = direct_mixture(b.logits[:, -1], lm.memdec(ids).logits[:, -1], lam)
+            ids = torch.cat([ids, mixed.argmax(-1, keepdim=True)], 1)
+            lambdas.append(lam)
+    return ids[:, prompt.shape[1] :], torch.stack(lambdas, 1)
+
+
+def planted_threshold(lm, router, prompt, steps) -> tuple[torch.Tensor, torch.Tensor]:
+    """A threshold under which some steps fall and others not, each skip run followed by a decoder call (so the
+    decoder catches up on pending tokens); returns the reference tokens and λs at it."""
+    _, free = reference_greedy(lm, router, prompt, steps)
+    for quantile in (0.5, 0.3, 0.7, 0.4, 0.6):
+        router.threshold = float(free.quantile(quantile))
+        tokens, lambdas = reference_greedy(lm, router, prompt, steps)
+        zero = (lambdas[0] == 0).tolist()
+        caught_up = any(zero[i] and not zero[i + 1] for i in range(steps - 1))
+        if 2 <= sum(zero) <= steps - 3 and caught_up:
+            return tokens, lambdas
+    raise AssertionError(f"no planted threshold skips some steps and not others: {free}")
+
+
+def test_generation_skipping_the_decoder_equals_full_passes(pair):
+    router = spread_router(seed=4, scale=5.0)
+    lm = InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3, router=router)
+    prompt = torch.randint(0, 50257, (1, 6), generator=torch.Generator().manual_seed(1))
+    steps = 16
+    tokens, lambdas = planted_threshold(lm, router, prompt, steps)
+    calls = []
+    hook = lm.memdec.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        generated = lm.generate(prompt, max_new_tokens=steps, do_sample=False)[:, prompt.shape[1] :]
+    finally:
+        hook.remove()
+    assert torch.equal(generated, tokens)
+    ran = (lambdas[0] != 0).nonzero()[:, 0].tolist()
+    assert len(calls) == len(ran) < steps  # the decoder ran exactly at the steps whose λ is not 0
+    # each call took every token since the previous one (pending ones at once): the decoder's cache caught up
+    assert sum(calls) == prompt.shape[1] + ran[-1] and max(calls[1:]) > 1
+
+
+def saved_router(tmp_path, pair, router: Router, tokenizer="gpt2", name="router"):
+    out = tmp_path / name
+    tok = tokenizer_info(load_tokenizer(tokenizer), tokenizer)
+    work = start_work_dir(out, {"test": name}, overwrite=False)
+    save_router_weights(router, work)
+    return publish(work, out, router_meta(router, str(pair["base"]), str(pair["memdec"]), tok, {"test": True}))
+
+
+def test_router_artefact_round_trip(tmp_path, pair):
+    router = spread_router(threshold=0.4)
+    with torch.no_grad():
+        router.set_standardisation(torch.randn(50, 34) * 3 + 1)
+    path = saved_router(tmp_path, pair, router)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["kind"] == "router" and meta["threshold"] == 0.4 and meta["hidden_size"] == 32
+    assert meta["base"]["model_sha256"] and meta["memdec"]["model_sha256"] != meta["base"]["model_sha256"]
+    loaded = load_router(path, str(pair["base"]), str(pair["memdec"]))
+    features = torch.randn(3, 7, 34)
+    assert torch.equal(loaded.routed(features), router.routed(features))
+    assert loaded.threshold == 0.4
+    lm = InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3, router=path)
+    ids = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(2))
+    direct = InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3, router=router)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, direct(ids).logits)
+
+
+def test_router_of_another_base_decoder_or_tokenizer_is_refused(tmp_path, pair):
+    path = saved_router(tmp_path, pair, spread_router())
+    with pytest.raises(ArtifactError, match="fitted for base .* fit-router"):
+        InterpolatedLM(str(pair["other"]), str(pair["memdec"]), 0.3, router=path)
+    with pytest.raises(ArtifactError, match="fitted for memdec"):
+        InterpolatedLM(str(pair["base"]), str(pair["other"]), 0.3, router=path)
+    neox = saved_router(tmp_path, pair, spread_router(), tokenizer="gpt-neox-20b", name="neox")
+    with pytest.raises(ArtifactError, match="fitted with tokenizer"):
+        load_router(
+            neox, str(pair["base"]), str(pair["memdec"]), tokenizer_info(load_tokenizer("gpt2"), "gpt2")["fingerprint"]
+        )
+    with pytest.raises(ValueError, match="hidden states of size 16"):
+        InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3, router=Router(16))
+
+
+def planted_kind(rng, n: int, flag: float, memdec_better: bool, hidden: int = 8) -> RouterData:
+    """Positions of one kind of document: a feature flags the kind; the decoder is much better on one kind
+    (best λ ≈ 0.9) and worse on the other (best λ ≈ 0.1), as domain and general text."""
+    features = rng.normal(size=(n, hidden + 2)).astype(np.float32)
+    features[:, 0] = flag + 0.3 * rng.normal(size=n)
+    good, bad = np.log(rng.uniform(0.2, 0.6, n)), np.log(rng.uniform(0.005, 0.03, n))
+    base, memdec = (bad, good) if memdec_better else (good, bad)
+    return RouterData(features, base, memdec)
+
+
+def test_fitted_router_beats_the_best_fixed_lambda_on_held_out_planted_text():
+    rng = np.random.default_rng(0)
+    kinds = [planted_kind(rng, 3000, 1.0, True), planted_kind(rng, 3000, -1.0, False)]
+    router, info = train_router(kinds, width=16, threshold=0.0)
+    held = [planted_kind(rng, 1000, 1.0, True), planted_kind(rng, 1000, -1.0, False)]
+    base = np.concatenate([h.base for h in held])
+    memdec = np.concatenate([h.memdec for h in held])
+    best_lambda, ppls = sweep_lambda(base, memdec)
+    with torch.no_grad():
+        lam = router.routed(torch.as_tensor(np.concatenate([h.features for h in held]))).double()
+    routed = -mix_log_probs(torch.as_tensor(base), torch.as_tensor(memdec), lam).mean().item()
+    fixed = float(np.log(min(ppls)))
+    assert 0.2 < best_lambda < 0.8
+    assert routed < fixed - 0.3, (routed, fixed)  # a large margin: a fixed λ pays dearly on one kind or the other
+    assert lam[:1000].mean() > 0.8 and lam[1000:].mean() < 0.2
+    assert info["epochs"] >= 1
+
+
+def test_served_batches_with_a_router_equal_each_prompt_alone(pair, tmp_path):
+    """`memdec serve --router`'s worker: left-padded batches, skips decided for the whole batch, each row's greedy
+    tokens equal to that prompt generated alone; a router of other models is refused before the server starts."""
+    from lightning_memdec.apps.serve import check_router
+    from lightning_memdec.apps.serve_worker import generate_steps, load_generator
+
+    path = saved_router(tmp_path, pair, spread_router(seed=4, scale=5.0, threshold=0.9))
+    model = load_generator(str(pair["base"]), str(pair["memdec"]), 0.3, torch.device("cpu"), str(path))
+    assert model.router is not None and model.router.threshold == 0.9
+    prompts = [[464, 3290, 373], [40, 588, 257, 1310, 286, 262], [50, 51]]
+    jobs = [{"prompt_ids": p, "max_tokens": 10, "sampling": {"do_sample": False}} for p in prompts]
+    rows: list[list[int]] = [[] for _ in prompts]
+    calls = []
+    hook = model.memdec.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        for step in generate_steps(model, jobs, eos_token_ids=set()):
+            for row, out in enumerate(step):
+                rows[row] += [out["token"]] if out else []
+    finally:
+        hook.remove()
+    assert 1 <= len(calls) < 10, calls  # the batch skipped the decoder at some steps, not at all
+    for prompt, row in zip(prompts, rows):
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :]
+        assert row == alone.tolist()
+    tokenizer = load_tokenizer("gpt2")
+    with pytest.raises(ArtifactError, match="fitted for base"):
+        check_router(str(path), str(pair["other"]), str(pair["memdec"]), tokenizer)
+    with pytest.raises(ValueError, match="--memdec"):
+        check_router(str(path), str(pair["base"]), None, tokenizer)
+
+
+def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path):
+    """`memdec fit-router` end to end on tiny models, then `memdec evaluate --router`: the router row equals the
+    perplexity of InterpolatedLM(router=...) on the same tokens (one window), with intervals; refusals up front."""
+    from lightning_memdec.cli import main
+    from lightning_memdec.evaluation.evaluate import evaluate
+    from lightning_memdec.evaluation.split_tokens import text_tokens
+
+    out = tmp_path / "router"
+    args = ["fit-router", "--base", str(pair["base"]), "--memdec", str(pair["memdec"]), "--domain",
+            "embedded:biomed/valid", "--general", "embedded:general/valid", "--out", str(out), "--window", "32",
+            "--max_tokens", "300", "--threshold", "0.2", "--device", "cpu"]  # fmt: skip
+    main(args)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["kind"] == "router" and meta["threshold"] == 0.2 and meta["base"]["name"] == str(pair["base"])
+    assert meta["training"]["positions"] == {"domain": 299, "general": 299}
+    assert meta["training"]["domain"] == "embedded:biomed/valid" and (out / "router.safetensors").is_file()
+    assert not (tmp_path / "router.lock").exists() and not (tmp_path / "router.partial").exists()
+    with pytest.raises(ArtifactError, match="already exists"):
+        main(args)
+    with pytest.raises(ValueError, match="lmbda must be in"):
+        main(args[:-6] + ["--threshold", "1.5", "--overwrite", "true"])
+
+    report = evaluate([str(pair["base"])], "embedded:biomed/test", tmp_path / "ev", memdec=str(pair["memdec"]),
+                      lmbda=0.3, window=128, stride=64, max_tokens=100, router=str(out))  # fmt: skip
+    row = report["rows"][0]
+    tokens = torch.as_tensor(text_tokens("embedded:biomed/test", load_tokenizer("gpt2"), 100))[None]
+    lm = InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3, router=out)
+    with torch.no_grad():
+        gold = lm(tokens[:, :-1]).logits.double().gather(-1, tokens[:, 1:, None])[..., 0]
+    assert row["router_ppl"] == pytest.approx(float((-gold).mean().exp()), rel=1e-5)
+    assert row["router_ppl"] != pytest.approx(row["memdec_ppl"], rel=1e-6)
+    low, high = row["all_positions"]["intervals"]["router_ppl"]
+    assert low * (1 - 1e-9) <= row["router_ppl"] <= high * (1 + 1e-9)  # one document here: a point-like interval
+    assert "router_ppl - memdec_ppl" in row["all_positions"]["differences"]
+    with pytest.raises(ArtifactError, match="none of --bases"):
+        evaluate([str(pair["other"])], "embedded:biomed/test", tmp_path / "ev2", memdec=str(pair["memdec"]),
+                 lmbda=0.3, window=128, stride=64, max_tokens=100, router=str(out))  # fmt: skip
