@@ -229,7 +229,7 @@ def test_served_batches_with_a_router_equal_each_prompt_alone(pair, tmp_path):
         check_router(str(path), str(pair["base"]), None, tokenizer)
 
 
-def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path):
+def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path, capsys):
     """`memdec fit-router` end to end on tiny models, then `memdec evaluate --router`: the router row equals the
     perplexity of InterpolatedLM(router=...) on the same tokens (one window), with intervals; refusals up front."""
     from lightning_memdec.cli import main
@@ -246,10 +246,13 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path)
     assert meta["training"]["positions"] == {"domain": 299, "general": 299}
     assert meta["training"]["domain"] == "embedded:biomed/valid" and (out / "router.safetensors").is_file()
     assert not (tmp_path / "router.lock").exists() and not (tmp_path / "router.partial").exists()
-    with pytest.raises(ArtifactError, match="already exists"):
-        main(args)
-    with pytest.raises(ValueError, match="lmbda must be in"):
-        main(args[:-6] + ["--threshold", "1.5", "--overwrite", "true"])
+    for bad, message in (
+        (args, "already exists"),
+        (args[:-6] + ["--threshold", "1.5", "--overwrite", "true"], "lmbda must be in"),
+    ):
+        with pytest.raises(SystemExit) as exit_:  # the CLI prints a user's mistake, without a traceback
+            main(bad)
+        assert exit_.value.code == 1 and message in capsys.readouterr().err
 
     report = evaluate([str(pair["base"])], "embedded:biomed/test", tmp_path / "ev", memdec=str(pair["memdec"]),
                       lmbda=0.3, window=128, stride=64, max_tokens=100, router=str(out))  # fmt: skip
