@@ -278,9 +278,7 @@ def build_targets(
         index_meta = read_meta(index, kind="index")
         factory, index_nprobe = index_meta["factory"], index_meta["nprobe"]
     available = len(store) - (1 if self_exclude else 0)
-    if k > available:
-        log.warning("k=%d exceeds the %d entries available; using k=%d.", k, available, available)
-        k = available
+    k = capped_k(k, available)
     if shard_keys and str(devices).isdigit():  # up front where the rank count is known; else in each rank's setup
         check_shards_hold_k(len(store), int(devices) * num_nodes, k, self_exclude)
     memory = None if search_memory_gb is None else int(search_memory_gb * 2**30)
@@ -318,6 +316,13 @@ def build_targets(
     settings["exact_distances"] = exact_distances or search == "exact"
     settings["nprobe"] = None if search == "exact" else nprobe or index_nprobe
     return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
+
+
+def capped_k(k: int, available: int) -> int:
+    """k, or the number of entries a query can retrieve when the store holds fewer (with a warning)."""
+    if k > available:
+        log.warning("k=%d exceeds the %d entries available; using k=%d.", k, available, available)
+    return min(k, available)
 
 
 def pick_search(search: str, index: Path | None, store: Datastore, accelerator: str) -> str:
