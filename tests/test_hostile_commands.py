@@ -65,3 +65,18 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, biom
         assert "is (or holds) the --datastore input" in err and "choose another --out" in err
     assert sorted(p.name for p in store.iterdir()) == before
     assert json.loads((store / "meta.json").read_text())["kind"] == "datastore"
+
+
+# -- tokenizers: a directory without tokenizer files is no tokenizer --------------------------------------------------
+
+
+def test_a_directory_named_like_a_shipped_tokenizer_does_not_give_an_empty_one(tmp_path, monkeypatch, capsys):
+    """A model folder named gpt2 (no tokenizer files) in the working directory shadowed the shipped gpt2: `memdec
+    tokenize --tokenizer gpt2` wrote a corpus of end-of-text tokens only (transformers' 1-token tokenizer)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text("{}")
+    args = ["tokenize", "--text", "embedded:biomed/valid", "--out", "c", "--tokenizer", "gpt2", "--max_tokens", "50"]
+    err = refused(args, capsys)
+    assert "'gpt2' is a directory without tokenizer files" in err and "shadows the shipped tokenizer" in err
+    assert not (tmp_path / "c").exists()
