@@ -10,8 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny
 
 from lightning_memdec.cli import main
+from lightning_memdec.io.artifact_dirs import ArtifactError
+from lightning_memdec.io.output_lock import OutputLock
 
 pytestmark = pytest.mark.filterwarnings("ignore:task .* multi-token verbalizers dropped")
 TASK = {
@@ -80,3 +83,65 @@ def test_a_directory_named_like_a_shipped_tokenizer_does_not_give_an_empty_one(t
     err = refused(args, capsys)
     assert "'gpt2' is a directory without tokenizer files" in err and "shadows the shipped tokenizer" in err
     assert not (tmp_path / "c").exists()
+
+
+# -- downstream -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def neox_base(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("neox") / "neox", arch="gpt_neox", vocab=50304, tokenizer="gpt-neox-20b")
+
+
+def test_downstream_refuses_mistakes_before_loading_a_model(
+    tmp_path, monkeypatch, capsys, tiny_gpt2, neox_base, biomed_datastore, biomed_index
+):
+    """Each used to fail after the models were loaded and every prompt scored (--out a file: a FileExistsError
+    traceback at the very end), or to run silently with another setting (--max_length 0: the model's context)."""
+    import lightning_memdec.evaluation.downstream as ds
+
+    no_model_loaded(monkeypatch, ds)
+    tasks, afile = task_folder(tmp_path / "tasks"), tmp_path / "afile"
+    afile.write_text("mine")
+    run = ["downstream", "--tasks", str(tasks), "--device", "cpu"]
+    gpt2 = ["--bases", str(tiny_gpt2)]
+    knn = ["--datastore", str(biomed_datastore), "--index", str(biomed_index)]
+    for args, message in (
+        (gpt2 + ["--out", str(afile)], f"--out {afile} is a file, but a directory is needed"),
+        (gpt2 + ["--out", str(tmp_path / "o"), "--max_length", "0"], "--max_length must be a positive integer"),
+        (gpt2 + ["--out", str(tmp_path / "o"), "--batch_size", "-1"], "--batch_size must be a positive integer"),
+        (gpt2 + knn + ["--out", str(tmp_path / "o"), "--k", "0"], "--k must be a positive integer"),
+        (["--bases", str(tmp_path / "gpt2-typo"), "--out", str(tmp_path / "o")], "gpt2-typo"),
+        (gpt2 + ["--memdec", str(tmp_path / "memdec-typo"), "--out", str(tmp_path / "o")], "--memdec"),
+        (["--bases", str(neox_base)] + knn + ["--out", str(tmp_path / "o")], "give the datastore built with this"),
+    ):
+        err = refused(run + args, capsys)
+        assert message in err, (args, err)
+    assert afile.read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("form", ["json", "yaml", "list"])
+def test_downstream_names_a_task_file_that_does_not_parse(tmp_path, monkeypatch, capsys, tiny_gpt2, form):
+    """A malformed tasks.json (or YAML task file) gave the parser's traceback, naming neither file nor fix."""
+    import lightning_memdec.evaluation.downstream as ds
+
+    no_model_loaded(monkeypatch, ds)
+    spec = task_folder(tmp_path / "tasks")
+    broken = spec / "tasks.json"
+    if form == "yaml":
+        spec = broken = tmp_path / "tasks.yaml"
+    broken.write_text({"json": '{"toy": {"template": 3}', "yaml": "toy: [a\n  b: c", "list": "[1, 2]"}[form])
+    err = refused(["downstream", "--tasks", str(spec), "--bases", str(tiny_gpt2), "--out", str(tmp_path / "o")], capsys)
+    assert str(broken) in err
+    assert ("expected a mapping" if form == "list" else f"is not valid {form.upper()}") in err
+
+
+def test_two_downstream_runs_into_one_output_are_refused(tmp_path, monkeypatch, tiny_gpt2):
+    """downstream took no output lock: two runs into one --out wrote the same predictions.jsonl.tmp at once."""
+    import lightning_memdec.evaluation.downstream as ds
+
+    no_model_loaded(monkeypatch, ds)
+    out = tmp_path / "out"
+    with OutputLock(out):
+        with pytest.raises(ArtifactError, match="is being written by another process"):
+            ds.downstream([str(task_folder(tmp_path / "tasks"))], [str(tiny_gpt2)], out, device="cpu")
