@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,36 @@ def test_two_downstream_runs_into_one_output_are_refused(tmp_path, monkeypatch, 
     with OutputLock(out):
         with pytest.raises(ArtifactError, match="is being written by another process"):
             ds.downstream([str(task_folder(tmp_path / "tasks"))], [str(tiny_gpt2)], out, device="cpu")
+
+
+# -- serve ------------------------------------------------------------------------------------------------------------
+
+
+def test_serve_refuses_a_bad_port_a_busy_port_and_a_decoder_of_another_tokenizer(
+    monkeypatch, capsys, tiny_gpt2, neox_base
+):
+    """--port 70000 gave LitServe's traceback; a busy port stopped the server only after the models were loaded;
+    a decoder of another tokenizer stopped it with "One or more workers failed to start", naming nothing."""
+    pytest.importorskip("litserve")
+    import lightning_memdec.apps.serve_worker as worker
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("the server was started before the mistake was refused")
+
+    monkeypatch.setattr(worker, "MixtureAPI", no_server)
+    base = ["serve", "--base", str(tiny_gpt2), "--device", "cpu"]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        for args, message in (
+            (["--port", "70000"], "--port must be an integer from 1024 to 65535"),
+            (["--port", str(busy)], f"cannot listen on --host 127.0.0.1 --port {busy}"),
+            (["--memdec", str(neox_base), "--port", "0"], "--port must be"),
+        ):
+            assert message in refused(base + args, capsys)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    err = refused(base + ["--memdec", str(neox_base), "--port", str(port)], capsys)
+    assert f"--memdec {neox_base} uses" in err and "trained with the base's tokenizer" in err
