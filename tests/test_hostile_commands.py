@@ -179,3 +179,47 @@ def test_serve_refuses_a_bad_port_a_busy_port_and_a_decoder_of_another_tokenizer
         port = free.getsockname()[1]
     err = refused(base + ["--memdec", str(neox_base), "--port", str(port)], capsys)
     assert f"--memdec {neox_base} uses" in err and "trained with the base's tokenizer" in err
+
+
+# -- quickstart -------------------------------------------------------------------------------------------------------
+
+
+def no_quickstart_work(monkeypatch) -> None:
+    import lightning_memdec.apps.quickstart as qs
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("quickstart started tokenizing before the mistake was refused")
+
+    monkeypatch.setattr(qs, "tokenized_corpora", no_work)
+
+
+def test_quickstart_refuses_bad_settings_before_any_work(tmp_path, monkeypatch, capsys, tiny_gpt2):
+    """--out a file gave a FileExistsError traceback; --k 0 an AssertionError after the teacher was trained;
+    --batch_size 0 a DataLoader traceback; --window past the base's context a corpus-size error mid-run."""
+    no_quickstart_work(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    run = ["quickstart", "--base", str(tiny_gpt2), "--window", "32"]
+    for args, message in (
+        (["--out", str(afile)], f"--out {afile} is a file"),
+        (["--out", str(tmp_path / "q"), "--k", "0"], "--k must be a positive integer"),
+        (["--out", str(tmp_path / "q"), "--batch_size", "0"], "--batch_size must be a positive integer"),
+        (["--out", str(tmp_path / "q"), "--decoder_lr", "-1"], "--decoder_lr must be a finite number > 0"),
+        (["--out", str(tmp_path / "q"), "--window", "100000"], "exceeds the context of"),
+    ):
+        assert message in refused(run + args, capsys)
+    assert afile.read_text() == "mine" and not (tmp_path / "q").exists()
+
+
+def test_two_quickstarts_into_one_run_directory_are_refused(tmp_path, monkeypatch, tiny_gpt2):
+    """quickstart took no lock: a second run into the same --out (or the default runs/quickstart) rebuilt the
+    stages the first was writing, both with overwrite."""
+    from lightning_memdec.apps.quickstart import quickstart
+
+    no_quickstart_work(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for given in ({"out": tmp_path / "q"}, {}):
+        with OutputLock(given.get("out", Path("runs/quickstart"))):
+            with pytest.raises(ArtifactError, match="is being written by another process"):
+                quickstart(base=[str(tiny_gpt2)], window=32, **given)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "runs" / "quickstart").exists()

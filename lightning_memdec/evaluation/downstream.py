@@ -291,7 +291,7 @@ def _tokenizer_for(ref: str, tokenizer: str | None):
     return tok
 
 
-@exclusive_output
+@exclusive_output(replaces_out=False)
 def downstream(
     tasks: list[str],
     bases: list[str],

@@ -66,8 +66,15 @@ class OutputLock:
         self.release()
 
 
-def exclusive_output(stage):
-    """Decorator: ``stage`` runs holding the lock on its ``out`` argument, from its first check to publication."""
+def exclusive_output(stage=None, *, replaces_out: bool = True):
+    """Decorator: ``stage`` runs holding the lock on its ``out`` argument, from its first check to publication.
+
+    ``replaces_out``: the stage publishes ``out`` whole (replacing it under --overwrite), so an ``out`` that is or
+    holds one of its inputs is refused; False for stages that write files into a directory they keep
+    (``@exclusive_output(replaces_out=False)``).
+    """
+    if stage is None:
+        return functools.partial(exclusive_output, replaces_out=replaces_out)
     signature = inspect.signature(stage)
 
     @functools.wraps(stage)
@@ -77,7 +84,8 @@ def exclusive_output(stage):
         out = bound.arguments.get("out")
         if out is None:
             return stage(*args, **kwargs)
-        check_not_an_input(out, {name: v for name, v in bound.arguments.items() if name != "out"})
+        if replaces_out:
+            check_not_an_input(out, {name: v for name, v in bound.arguments.items() if name != "out"})
         with OutputLock(out):
             return stage(*args, **kwargs)
 
