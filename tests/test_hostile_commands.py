@@ -223,3 +223,17 @@ def test_two_quickstarts_into_one_run_directory_are_refused(tmp_path, monkeypatc
             with pytest.raises(ArtifactError, match="is being written by another process"):
                 quickstart(base=[str(tiny_gpt2)], window=32, **given)
     assert not (tmp_path / "q").exists() and not (tmp_path / "runs" / "quickstart").exists()
+
+
+# -- build-index-sharded (and build-index) ----------------------------------------------------------------------------
+
+
+def test_index_settings_that_cannot_work_are_refused_before_the_build(tmp_path, capsys, biomed_datastore):
+    """--train_size under the IVF's list count failed inside FAISS's clustering (a C++ traceback), and
+    --recall_k 0 with an AssertionError once the whole index was built; both left a .partial behind."""
+    for command in ("build-index", "build-index-sharded"):
+        run = [command, "--datastore", str(biomed_datastore), "--out", str(tmp_path / command)]
+        err = refused(run + ["--factory", "IVF4,Flat", "--train_size", "0"], capsys)
+        assert "--train_size gives 0 training keys, fewer than the 4 lists" in err
+        assert "--recall_k must be 1 or more" in refused(run + ["--factory", "Flat", "--recall_k", "0"], capsys)
+    assert sorted(tmp_path.iterdir()) == []
