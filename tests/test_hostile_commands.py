@@ -237,3 +237,19 @@ def test_index_settings_that_cannot_work_are_refused_before_the_build(tmp_path, 
         assert "--train_size gives 0 training keys, fewer than the 4 lists" in err
         assert "--recall_k must be 1 or more" in refused(run + ["--factory", "Flat", "--recall_k", "0"], capsys)
     assert sorted(tmp_path.iterdir()) == []
+
+
+# -- fit-router -------------------------------------------------------------------------------------------------------
+
+
+def test_fit_router_refuses_a_window_under_two_before_loading_a_model(tmp_path, monkeypatch, capsys, tiny_gpt2):
+    """--window 0 was refused only after both models were loaded and the texts tokenized; --window 1 published a
+    router fitted on one-token windows."""
+    import lightning_memdec.apps.fit_router as fr
+
+    no_model_loaded(monkeypatch, fr)
+    for window in ("0", "1"):
+        args = ["fit-router", "--base", str(tiny_gpt2), "--memdec", str(tiny_gpt2), "--domain", "embedded:biomed/valid",
+                "--general", "embedded:general/valid", "--out", str(tmp_path / "r"), "--window", window]  # fmt: skip
+        assert f"--window must be 2 or more tokens, got {window}" in refused(args, capsys)
+    assert not (tmp_path / "r").exists()
