@@ -58,6 +58,8 @@ def fit_router(
         overwrite: replace an existing ``out``.
     """
     threshold = check_lmbda(threshold)
+    if window < 2:  # one context token and one scored: refused before the models load, not after
+        raise ValueError(f"--window must be 2 or more tokens, got {window}.")
     check_writable_dir(out, "--out")
     if Path(out).exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from lightning_memdec.apps.quickstart_checks import check_quickstart_args
 from lightning_memdec.apps.quickstart_evaluation import GENERAL_TEST, evaluate_all
 from lightning_memdec.apps.quickstart_report import goals
 from lightning_memdec.apps.quickstart_stages import (
@@ -42,6 +43,7 @@ from lightning_memdec.apps.quickstart_stages import (
 )
 from lightning_memdec.evaluation.report import write_report
 from lightning_memdec.io.embedded import EMBEDDED_PREFIX
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.stages.targets import build_targets
 
@@ -54,6 +56,7 @@ LARGE_BASE = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4}
 SHIPPED_BASES = [f"{EMBEDDED_PREFIX}base-small", f"{EMBEDDED_PREFIX}base-large"]
 
 
+@exclusive_output(replaces_out=False)
 def quickstart(
     out: Path = Path("runs/quickstart"),
     domain: str | None = None,
@@ -106,6 +109,7 @@ def quickstart(
         beta: KL weight of the Memory Decoder loss.
     """
     refs, tokenizer = checked_bases(base, teacher, pretrain_bases, tokenizer)  # refused before any work
+    check_quickstart_args(locals())  # numbers, --out, --window within the bases' context
     splits = [split_path(domain, s) for s in ("train", "valid", "test")]
     started, started_cpu = time.perf_counter(), time.process_time()
     out = Path(out)

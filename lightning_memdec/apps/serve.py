@@ -29,8 +29,41 @@ def served_model(base: str, memdec: str | None, model_name: str | None) -> Serve
     tokenizer = find_tokenizer(base)
     if tokenizer is None:
         raise ValueError(f"--base {base!r} has no tokenizer saved with it; save its tokenizer into the directory.")
+    check_decoder_tokenizer(memdec, tokenizer, base)
     names = [Path(str(ref).rstrip("/")).name for ref in (base, memdec) if ref]
     return ServedModel(model_name or "+".join(names), tokenizer, min(contexts) if contexts else None)
+
+
+def check_decoder_tokenizer(memdec: str | None, tokenizer, base: str) -> None:
+    """A decoder of another tokenizer is refused here, naming both: in the worker it only stopped the server with
+    "One or more workers failed to start"."""
+    from lightning_memdec.hf.loading import find_tokenizer, tokenizer_name
+    from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
+
+    decoder_tokenizer = find_tokenizer(memdec) if memdec else None
+    if decoder_tokenizer is not None:
+        check_same_tokenizer(
+            tokenizer_info(tokenizer, tokenizer_name(tokenizer, base)), f"--base {base}",
+            tokenizer_info(decoder_tokenizer, tokenizer_name(decoder_tokenizer, memdec)), f"--memdec {memdec}",
+            "serve a Memory Decoder trained with the base's tokenizer",
+        )  # fmt: skip
+
+
+def check_listen(host: str, port: int) -> None:
+    """--port must be one LitServe accepts and free on --host, found before any model is loaded."""
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
+        raise ValueError(f"--port must be an integer from 1024 to 65535 (LitServe's range), got {port!r}.")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ValueError(
+                f"cannot listen on --host {host} --port {port} ({err.strerror}); check --host, choose another "
+                "--port, or stop what holds it."
+            ) from None
 
 
 def check_router(router: str | None, base: str, memdec: str | None, tokenizer) -> None:
@@ -90,6 +123,7 @@ def serve(
     if max_batch_size < 1 or batch_timeout < 0 or timeout <= batch_timeout:
         raise ValueError(f"need --max_batch_size ≥ 1 (got {max_batch_size}) and 0 ≤ --batch_timeout "
                          f"(got {batch_timeout}) < --timeout (got {timeout}).")  # fmt: skip
+    check_listen(host, port)
     model = served_model(base, memdec, model_name)
     check_router(router, base, memdec, model.tokenizer)
     api = MixtureAPI(base, memdec, lmbda, device, OpenAICompletionsSpec(model), router=router,

@@ -16,7 +16,6 @@ arithmetic, and the decoder's arrays are shared by every base (they share its to
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lightning_memdec.evaluation.downstream_checks import check_downstream_args
 from lightning_memdec.evaluation.downstream_general import GeneralText
-from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report
+from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report, write_predictions
 from lightning_memdec.evaluation.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
 from lightning_memdec.hf.left_padding import left_padded_batches
 from lightning_memdec.hf.loading import (
@@ -41,6 +41,7 @@ from lightning_memdec.hf.loading import (
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 from lightning_memdec.kernels.scoring import (
     DEFAULT_LAMBDA_GRID,
@@ -290,20 +291,7 @@ def _tokenizer_for(ref: str, tokenizer: str | None):
     return tok
 
 
-def write_predictions(results: list[dict], path: Path) -> None:
-    """predictions.jsonl: one line per task × system × example (task, id, system, scores per class, pred, label)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in results:
-            for i, (ex_id, label) in enumerate(zip(r["ids"], r["labels"].tolist())):
-                row = r["scores"][i]
-                scores = {name: float(s) for name, s in zip(r["class_names"], row)}
-                line = {"task": r["task"], "id": ex_id, "system": r["system"], "scores": scores,
-                        "pred": int(row.argmax()), "label": int(label)}  # fmt: skip
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
+@exclusive_output(replaces_out=False)
 def downstream(
     tasks: list[str],
     bases: list[str],
@@ -374,6 +362,7 @@ def downstream(
         bootstrap: resamples for the 95% bootstrap intervals (accuracy, paired differences, general perplexity).
         seed: seed of the bootstrap (task i uses seed + i).
     """
+    check_downstream_args(locals())  # numbers, models, datastores, --out: refused before any model loads
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
     lambdas = {
         "memdec": None if lmbda is None else check_lmbda(lmbda),

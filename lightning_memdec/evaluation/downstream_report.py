@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -219,4 +220,18 @@ def plot_accuracy(acc: dict[str, dict], systems: list[str], path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+def write_predictions(results: list[dict], path: Path) -> None:
+    """predictions.jsonl: one line per task × system × example (task, id, system, scores per class, pred, label)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in results:
+            for i, (ex_id, label) in enumerate(zip(r["ids"], r["labels"].tolist())):
+                row = r["scores"][i]
+                scores = {name: float(s) for name, s in zip(r["class_names"], row)}
+                line = {"task": r["task"], "id": ex_id, "system": r["system"], "scores": scores,
+                        "pred": int(row.argmax()), "label": int(label)}  # fmt: skip
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
     tmp.replace(path)

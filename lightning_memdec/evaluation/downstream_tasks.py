@@ -137,7 +137,7 @@ def _from_folder(folder: Path, names, verbalizer_set: str) -> list[Task]:
     spec = folder / "tasks.json"
     if not spec.is_file():
         raise TaskError(f"{folder} has no tasks.json (a task folder holds tasks.json and <task>/test.jsonl).")
-    entries = json.loads(spec.read_text(encoding="utf-8"))
+    entries = _parsed(spec, json.loads, "JSON")
     tasks = []
     for name in [n for n in names if n in entries] if names else list(entries):
         dev = folder / name / "dev.jsonl"
@@ -146,12 +146,24 @@ def _from_folder(folder: Path, names, verbalizer_set: str) -> list[Task]:
     return tasks
 
 
+def _parsed(path: Path, load, form: str) -> dict:
+    """A task file's mapping of task names to entries; a file that does not parse, or holds something else, is
+    refused naming it (not a parser's traceback)."""
+    try:
+        entries = load(path.read_text(encoding="utf-8"))
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError
+        raise TaskError(
+            f"{path} is not valid {form} ({err}); fix the file (a task file maps task names to entries)."
+        ) from None
+    if not isinstance(entries, dict) or not entries:
+        raise TaskError(f"{path}: expected a mapping of task names to task entries.")
+    return entries
+
+
 def _from_yaml(path: Path, names, verbalizer_set: str) -> list[Task]:
     import yaml
 
-    entries = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(entries, dict) or not entries:
-        raise TaskError(f"{path}: expected a mapping of task names to task entries.")
+    entries = _parsed(path, yaml.safe_load, "YAML")
     tasks = []
     for name in [n for n in names if n in entries] if names else list(entries):
         entry = entries[name]

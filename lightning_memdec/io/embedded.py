@@ -22,6 +22,7 @@ def load_tokenizer(name_or_path: str):
 
     path = Path(name_or_path)
     if path.exists():
+        check_tokenizer_files(path, name_or_path)
         return tokenizer_from_directory(path)
     if name_or_path in SHIPPED_TOKENIZERS:
         return AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / name_or_path))
@@ -32,6 +33,27 @@ def load_tokenizer(name_or_path: str):
             f"cannot load tokenizer {name_or_path!r}: it is neither a directory, a shipped tokenizer "
             f"{SHIPPED_TOKENIZERS}, nor reachable on the Hugging Face hub ({err})."
         ) from err
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def check_tokenizer_files(path: Path, given: str) -> None:
+    """A tokenizer path must be a directory holding a saved tokenizer: from any other directory transformers builds
+    an empty one-token tokenizer, which would tokenize every text to nothing but end-of-text tokens."""
+    if path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES):
+        return
+    shadowed = (
+        f" The directory {path} shadows the shipped tokenizer {given!r}: run from another directory, or give the "
+        f"shipped tokenizer's path {ASSETS / 'tokenizers' / given}."
+        if given in SHIPPED_TOKENIZERS
+        else ""
+    )
+    raise ValueError(
+        f"tokenizer {given!r} is {'a directory without tokenizer files' if path.is_dir() else 'a file'} "
+        f"({', '.join(TOKENIZER_FILES)}); give a directory with a saved tokenizer, a shipped name "
+        f"{SHIPPED_TOKENIZERS} or a hub name.{shadowed}"
+    )
 
 
 def tokenizer_from_directory(path: str | Path):

@@ -66,16 +66,44 @@ class OutputLock:
         self.release()
 
 
-def exclusive_output(stage):
-    """Decorator: ``stage`` runs holding the lock on its ``out`` argument, from its first check to publication."""
+def exclusive_output(stage=None, *, replaces_out: bool = True):
+    """Decorator: ``stage`` runs holding the lock on its ``out`` argument, from its first check to publication.
+
+    ``replaces_out``: the stage publishes ``out`` whole (replacing it under --overwrite), so an ``out`` that is or
+    holds one of its inputs is refused; False for stages that write files into a directory they keep
+    (``@exclusive_output(replaces_out=False)``).
+    """
+    if stage is None:
+        return functools.partial(exclusive_output, replaces_out=replaces_out)
     signature = inspect.signature(stage)
 
     @functools.wraps(stage)
     def locked(*args, **kwargs):
-        out = signature.bind(*args, **kwargs).arguments.get("out")
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()  # an ``out`` left at its default (quickstart's runs/quickstart) is locked too
+        out = bound.arguments.get("out")
         if out is None:
             return stage(*args, **kwargs)
+        if replaces_out:
+            check_not_an_input(out, {name: v for name, v in bound.arguments.items() if name != "out"})
         with OutputLock(out):
             return stage(*args, **kwargs)
 
     return locked
+
+
+def check_not_an_input(out: str | Path, inputs: dict) -> None:
+    """Refuse an output that is (or holds) one of the stage's inputs: publishing it (with --overwrite) would delete
+    the input it was built from, and without --overwrite the error would advise exactly that."""
+    out = Path(out).resolve()
+    if not out.exists():
+        return
+    for name, value in inputs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(v, (str, Path)) or not str(v) or not Path(v).exists():
+                continue
+            if Path(v).resolve() == out or Path(v).resolve().is_relative_to(out):
+                raise ArtifactError(
+                    f"--out {out} is (or holds) the --{name} input {v}: writing the output there would replace "
+                    f"the input it is built from; choose another --out."
+                )

@@ -115,6 +115,7 @@ def build_index(
         return plan
     train_size = plan.train_size if train_size is None else train_size
     check_build_fits(plan, min(n, train_size) if plan.nlist else 0, use_gpu)
+    check_recall_k(recall_queries, recall_k)
     try:
         index = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
     except RuntimeError as err:
@@ -171,7 +172,13 @@ def index_meta(index: faiss.Index, plan: IndexPlan, store: Datastore, train_size
 
 def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:
     """The index being built and its float32 training sample are held in RAM together (on the host even when
-    ``use_gpu``, where the built index comes back): refuse before training when they exceed the available RAM."""
+    ``use_gpu``, where the built index comes back): refuse before training when they exceed the available RAM,
+    or when an IVF index gets fewer training keys than it has lists (FAISS's clustering fails on it)."""
+    if plan.nlist and train_size < plan.nlist:
+        raise ValueError(
+            f"--train_size gives {train_size} training keys, fewer than the {plan.nlist} lists of {plan.factory}; "
+            f"give --train_size {plan.nlist} or more (FAISS advises 39 per list), or a factory with fewer lists."
+        )
     needed = plan.index_bytes + train_size * plan.dim * 4
     fix = (
         "pass --memory_gb lower (a smaller training sample, fewer lists) or --train_size, or a factory with fewer "
@@ -179,6 +186,12 @@ def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:
     )
     where = "GPU build, index copied back" if use_gpu else "in RAM"
     check_fits(needed, available_ram(), f"building {plan.factory} ({where}: index + training sample)", fix)
+
+
+def check_recall_k(recall_queries: int, recall_k: int) -> None:
+    """The recall measured after the build needs k ≥ 1; refused before the build, not after it."""
+    if recall_queries > 0 and recall_k < 1:
+        raise ValueError(f"--recall_k must be 1 or more, got {recall_k}; or pass --recall_queries 0 to skip recall.")
 
 
 def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) -> dict:

@@ -27,6 +27,7 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_finite_keys
 from lightning_memdec.retrieval.faiss_index import (
     check_build_fits,
+    check_recall_k,
     index_meta,
     measured_recall,
     set_nprobe,
@@ -157,6 +158,7 @@ def build_index_sharded(
     plan = plan_index(len(store), store.dim, memory_gb=memory_gb, nprobe=nprobe, factory=factory)
     train_size = plan.train_size if train_size is None else train_size
     check_build_fits(plan, min(len(store), train_size) if plan.nlist else 0, use_gpu=False)
+    check_recall_k(recall_queries, recall_k)
     try:
         faiss.index_factory(store.dim, plan.factory, faiss.METRIC_L2)
     except RuntimeError as err:
