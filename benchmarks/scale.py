@@ -16,8 +16,9 @@ What is built, per size S in (N, 4N):
    whole benchmark may on two cores. ``index_entries_per_s`` = S ÷ the subprocess's wall time (start-up, training,
    adding, the recall measurement and writing included). ``recall_at_k`` is what build-index measured and stored in
    the index's meta.json: recall@k of the index at ``--nprobe`` against exact search, 256 stored keys as queries.
-3. **``memdec build-targets --search faiss``** on 2 processes (``--accelerator cpu --devices 2 --strategy ddp``) for
-   the query datastore (targets for ``--queries`` positions against the S-entry store, k = ``--k``, T = 16, the
+3. **``memdec build-targets --search.backend faiss``** on 2 processes (``--hardware.accelerator cpu
+   --hardware.devices 2 --hardware.strategy ddp``) for the query datastore (targets for ``--queries`` positions
+   against the S-entry store, k = ``--k``, T = 16, the
    index's nprobe). A fixed query set, not every stored position: targets for 4 M positions at nprobe 8 take longer
    than this benchmark may, and what grows with the store is each query's search and the store the ranks read, not
    the number of queries. ``targets_queries_per_s`` = queries ÷ the subprocess's wall time (DDP start-up, index
@@ -160,8 +161,9 @@ def targets_stage(store: Path, index: Path, queries: Path, out: Path, k: int, ch
     memory = out.parent / f"{out.name}-memory"
     callback = json.dumps({"class_path": "scale.RankMemory", "init_args": {"out": str(memory)}})
     args = ["build-targets", "--datastore", str(store), "--index", str(index), "--queries", str(queries), "--out",
-            str(out), "--k", str(k), "--temperature", "16", "--search", "faiss", "--chunk_size", str(chunk),
-            "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--overwrite", "true",
+            str(out), "--knn.k", str(k), "--knn.temperature", "16", "--search.backend", "faiss",
+            "--search.chunk_size", str(chunk), "--hardware.accelerator", "cpu", "--hardware.devices", "2",
+            "--hardware.strategy", "ddp", "--overwrite", "true",
             "--callbacks+", callback]  # fmt: skip
     seconds, _, _ = run_stage(args, out.parent / out.name, extra_path=HERE)
     ranks = [json.loads((memory / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -15,6 +15,7 @@ from memory import mapped_rss
 
 from lightning_memdec.io import npy_rows
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, gather_rows, read_rows, write_rows
+from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -124,8 +125,10 @@ def test_targets_leave_no_key_pages_mapped(tmp_path, biomed_datastore, biomed_in
     from lightning_memdec.stages.targets import build_targets
 
     spy = PeakMappedRSS(biomed_datastore / KEYS)
-    kwargs = dict(k=8, temperature=4.0, chunk_size=256, search=search, exact_distances=True)
-    got = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", callbacks=[spy], **kwargs))
+    knn, backend = KNNTargets(k=8, temperature=4.0, exact_distances=True), TargetSearch(backend=search, chunk_size=256)
+    got = Targets(
+        build_targets(biomed_datastore, biomed_index, tmp_path / "t", knn=knn, search=backend, callbacks=[spy])
+    )
     assert spy.peak == 0  # queries read, keys streamed and gathered by file reads or short-lived maps
     assert len(got) == len(np.load(biomed_datastore / KEYS, mmap_mode="r"))
 
@@ -137,8 +140,14 @@ def test_datastore_keys_written_without_mapping_them(tmp_path, biomed_corpus, ti
 
     out = tmp_path / "ds"
     spy = PeakMappedRSS(partial_dir(out) / "keys.npy", biomed_corpus / "tokens.npy")
-    build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, batch_windows=4, accelerator="cpu",
-                    callbacks=[spy])  # fmt: skip
+    build_datastore(
+        biomed_corpus,
+        str(tiny_gpt2),
+        out,
+        callbacks=[spy],
+        windows=Windows(window=64, stride=32, batch_size=4),
+        hardware=Hardware(accelerator="cpu"),
+    )
     assert spy.peak == 0
     for name in ("keys.npy", "values.npy"):  # same bytes as the session's datastore, built with the same settings
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()

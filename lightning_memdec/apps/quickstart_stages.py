@@ -22,6 +22,7 @@ from lightning_memdec.kernels.scoring import knn_gold_log_probs
 from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
 from lightning_memdec.retrieval.index_plan import IndexRule, plan_index
 from lightning_memdec.stages.datastore import build_datastore
+from lightning_memdec.stages.settings import Hardware, Windows
 from lightning_memdec.training.fit import fit
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ INDEX_RULE = IndexRule(flat_below=20_000, lists_per_sqrt=1.0, train_per_list=64,
 INDEX_NPROBE = 16
 
 
-@dataclass
+@dataclass(frozen=True)
 class Budget:
     """Token and step budgets of the default quickstart, sized from measured CPU cost.
 
@@ -48,18 +49,36 @@ class Budget:
     """
 
     general_tokens: int = 520_000
+    """general-corpus tokens for pretraining the bases (--pretrain_bases only)"""
     domain_tokens: int = 200_000
+    """domain train tokens (datastores, targets, decoder training)"""
     valid_tokens: int = 12_000
+    """tokens of the domain valid split (λ and every kNN temperature are chosen on it) and of the general test split"""
     test_tokens: int = 100_000
+    """tokens of the domain test split scored (every domain figure of the report), or the whole split if shorter"""
     window: int = 256
+    """context length of every stage (training windows; scoring and valid/test keys use stride 3/4 window)"""
     batch_size: int = 8
+    """windows per training step"""
     small_base_steps: int = 500
+    """pretraining steps of the small base (--pretrain_bases only)"""
     large_base_steps: int = 500
+    """pretraining steps of the large base (--pretrain_bases only)"""
     teacher_steps: int = 40
-    memdec_steps: int | None = None  # None: one epoch over the domain train tokens
+    """fine-tuning steps of the teacher on the domain"""
+    memdec_steps: int | None = None
+    """training steps of the Memory Decoder (and of the CE-only decoder); default: one epoch over the domain tokens"""
     k: int = 256
+    """neighbours per position for targets and every kNN-LM"""
     teacher_lr: float = 1e-3
+    """peak learning rate of the teacher's fine-tuning"""
     decoder_lr: float = 1e-3
+    """peak learning rate of both decoders"""
+
+    def __post_init__(self):
+        for name in ("domain_tokens", "valid_tokens", "test_tokens", "window", "batch_size", "k"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--budget.{name} must be positive, got {getattr(self, name)}; raise it.")
 
     @property
     def stride(self) -> int:
@@ -140,13 +159,13 @@ def train_model(
     steps: int,
     start: dict | str,
     beta: float,
-    train_targets: Path | None = None,
-    val_targets: Path | None = None,
+    targets: tuple[Path, Path] | None = None,
     lr: float = 2e-3,
 ) -> Path:
     """Train one model with :func:`training.fit.fit` (what `memdec fit` runs) into ``out/models/<name>``.
 
-    ``start`` is a model to continue (name or directory) or a GPT-2 config dict to train from scratch.
+    ``start`` is a model to continue (name or directory) or a GPT-2 config dict to train from scratch; ``targets``
+    the (train, valid) kNN targets of a Memory Decoder (none: the next-token loss alone).
     """
     export = out / "models" / name
     if done(export):
@@ -162,8 +181,8 @@ def train_model(
         "window": budget.window,
         "batch_size": budget.batch_size,
     }
-    if train_targets is not None:
-        data.update(train_targets=str(train_targets), val_targets=str(val_targets))
+    if targets is not None:
+        data.update(train_targets=str(targets[0]), val_targets=str(targets[1]))
     run = out / "runs" / name
     config = load_config(
         "hardware/cpu.yaml",
@@ -225,11 +244,9 @@ def datastore(model: Path | str, corpus: Path, out: Path, budget: Budget, stride
         corpus,
         str(model),
         out,
-        window=budget.window,
-        stride=stride or budget.stride,
-        batch_windows=16,
-        accelerator="cpu",
         overwrite=True,
+        windows=Windows(window=budget.window, stride=stride or budget.stride, batch_size=16),
+        hardware=Hardware(accelerator="cpu"),
     )
 
 

@@ -41,6 +41,7 @@ from lightning_memdec.stages.chunked_predict import (
     mark_done,
     run_sharded_predict,
 )
+from lightning_memdec.stages.settings import Hardware
 
 TRAINED = "trained.faissindex"
 SHARDS = "shards"
@@ -133,10 +134,7 @@ def build_index_sharded(
     seed: int = 0,
     recall_queries: int = 256,
     recall_k: int = 64,
-    accelerator: str = "cpu",
-    devices: int | str = 1,
-    strategy: str = "auto",
-    num_nodes: int = 1,
+    hardware: Hardware = Hardware(),
     overwrite: bool = False,
     callbacks: Sequence[L.Callback] = (),
 ) -> Path:
@@ -147,10 +145,7 @@ def build_index_sharded(
         out: output index directory (the layout and meta.json of `memdec build-index`).
         factory, train_size, memory_gb, nprobe, seed, recall_queries, recall_k: as for `memdec build-index`.
         chunk_keys: consecutive keys per shard; also the resumable chunk.
-        accelerator: Lightning accelerator of the ranks (cpu: FAISS runs on the host either way).
-        devices: ranks per node.
-        strategy: Lightning strategy (ddp for several ranks).
-        num_nodes: nodes.
+        hardware: the ranks the shards are spread over (FAISS runs on the host whatever the accelerator).
         overwrite: replace an existing output / discard an unfinished run with other settings.
     """
     store = Datastore(datastore)
@@ -166,7 +161,10 @@ def build_index_sharded(
     run = {"datastore": store.identity(), "factory": plan.factory, "train_size": train_size, "seed": seed}
     work = start_work_dir(out, run | {"chunk_keys": chunk_keys}, overwrite)
     adder = ShardAdder(str(datastore), str(work), plan.factory, train_size, seed, chunk_keys)
-    trainer = run_sharded_predict(adder, ShardWriter(work), work, accelerator, devices, strategy, num_nodes, callbacks)
+    hw = hardware
+    trainer = run_sharded_predict(
+        adder, ShardWriter(work), work, hw.accelerator, hw.devices, hw.strategy, hw.num_nodes, callbacks
+    )
     if not trainer.is_global_zero:
         return Path(out)
     num_chunks = -(-len(store) // chunk_keys)
