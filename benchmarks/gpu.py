@@ -42,6 +42,7 @@ from latency_stores import save_gpt2
 
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import Datastore
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
 # dense bf16 tensor-core peak (no sparsity) and HBM bandwidth, SXM parts: the rooflines' assumed peaks
@@ -333,7 +334,7 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
         windows=Windows(window=window, stride=window // 2, batch_size=16),
         hardware=Hardware(accelerator=accelerator),
     )
-    index = build_index(store, w / "index-large", factory="Flat", overwrite=True)
+    index = build_index(store, w / "index-large", overwrite=True, plan=IndexSettings(factory="Flat"))
     base = load_causal_lm(base_dir, dtype=dtype).to(dev).eval()
     decoder = load_causal_lm(decoder_dir, dtype=dtype).to(dev).eval()
     mixed = InterpolatedLM(base, decoder, 0.25)

@@ -10,7 +10,7 @@ What is built, per size S in (N, 4N):
    (vocabulary 50,257), independent of the keys. Written in blocks through the package's own format (``keys.npy``,
    ``values.npy``, ``meta.json`` published like ``build-datastore``'s), so the stages accept it. A query datastore of
    ``--queries`` keys from the same mixture (another seed) is the same for both sizes.
-2. **``memdec build-index --factory auto``** in a subprocess: the plan is printed (``#`` lines). Only the training
+2. **``memdec build-index --plan.factory auto``** in a subprocess: the plan is printed (``#`` lines). Only the training
    sample is set by hand (``--train_per_list`` keys per IVF list, FAISS's minimum 39 by default, not the plan's
    39–256 within 8 GiB): at 4 M entries the plan's 2 M-key k-means over 8,192 lists alone takes longer than this
    whole benchmark may on two cores. ``index_entries_per_s`` = S ÷ the subprocess's wall time (start-up, training,
@@ -146,9 +146,25 @@ def run_stage(args: list[str], log: Path, extra_path: Path | None = None) -> tup
 def index_stage(store: Path, out: Path, n: int, dim: int, train_per_list: int, nprobe: int, recall_k: int) -> dict:
     plan = plan_index(n, dim)
     train = min(n, train_per_list * plan.nlist) if plan.nlist else 0
-    args = ["build-index", "--datastore", str(store), "--out", str(out), "--factory", "auto", "--nprobe", str(nprobe),
-            "--recall_queries", "256", "--recall_k", str(recall_k), "--overwrite", "true"]  # fmt: skip
-    seconds, peak, stdout = run_stage(args + (["--train_size", str(train)] if train else []), out.parent / out.name)
+    args = [
+        "build-index",
+        "--datastore",
+        str(store),
+        "--out",
+        str(out),
+        "--plan.factory",
+        "auto",
+        "--plan.nprobe",
+        str(nprobe),
+        "--recall_queries",
+        "256",
+        "--recall_k",
+        str(recall_k),
+        "--overwrite",
+        "true",
+    ]
+    args += ["--plan.train_size", str(train)] if train else []
+    seconds, peak, stdout = run_stage(args, out.parent / out.name)
     for line in stdout.splitlines():
         if line.startswith(("index plan", "  ")):
             print(f"# {line}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, Windows
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -99,7 +100,9 @@ def biomed_datastore(tmp_path_factory, biomed_corpus, tiny_gpt2) -> Path:
 def biomed_index(tmp_path_factory, biomed_datastore) -> Path:
     from lightning_memdec.retrieval.faiss_index import build_index
 
-    return build_index(biomed_datastore, tmp_path_factory.mktemp("indexes") / "flat", factory="Flat")
+    return build_index(
+        biomed_datastore, tmp_path_factory.mktemp("indexes") / "flat", plan=IndexSettings(factory="Flat")
+    )
 
 
 @pytest.fixture(scope="session")

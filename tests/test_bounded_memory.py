@@ -15,6 +15,7 @@ from memory import mapped_rss
 
 from lightning_memdec.io import npy_rows
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, gather_rows, read_rows, write_rows
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
@@ -166,8 +167,12 @@ def test_index_reads_keys_in_blocks_without_mapping_them(tmp_path, biomed_datast
             peaks.append(mapped_rss(biomed_datastore / KEYS))
 
     monkeypatch.setattr(index_module, "tqdm", spying_tqdm)
-    small = index_module.build_index(biomed_datastore, tmp_path / "small", factory="IVF8,Flat", add_batch=100)
+    small = index_module.build_index(
+        biomed_datastore, tmp_path / "small", add_batch=100, plan=IndexSettings(factory="IVF8,Flat")
+    )
     monkeypatch.undo()
-    whole = index_module.build_index(biomed_datastore, tmp_path / "whole", factory="IVF8,Flat", add_batch=10**9)
+    whole = index_module.build_index(
+        biomed_datastore, tmp_path / "whole", add_batch=10**9, plan=IndexSettings(factory="IVF8,Flat")
+    )
     assert len(peaks) > 10 and max(peaks) == 0
     assert (small / "index.faiss").read_bytes() == (whole / "index.faiss").read_bytes()

@@ -19,6 +19,7 @@ from test_training_ddp import REPO, WEIGHT_ATOL, fit, fit_args, small_pair, weig
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.shared_filesystem import check_shared_directory, marker
 from lightning_memdec.retrieval.exact_search import exact_search
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.retrieval.sharded_search import check_shards_hold_k, key_shard, merge_shards, shard_search
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch
 from lightning_memdec.stages.targets import build_targets
@@ -239,7 +240,7 @@ def test_sharded_index_build_equals_the_one_process_build(tmp_path, biomed_datas
     from lightning_memdec.retrieval.faiss_index import build_index
     from lightning_memdec.stages.index_shards import build_index_sharded
 
-    settings = dict(factory=factory, train_size=800, recall_queries=64, recall_k=8)
+    settings = dict(plan=IndexSettings(factory=factory, train_size=800), recall_queries=64, recall_k=8)
     one = build_index(biomed_datastore, tmp_path / "one", **settings)
     sharded = build_index_sharded(biomed_datastore, tmp_path / "sharded", chunk_keys=700, **settings)
     assert (sharded / INDEX).read_bytes() == (one / INDEX).read_bytes()

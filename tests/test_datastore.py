@@ -11,6 +11,7 @@ from lightning_memdec.hf.key_capture import DEFAULT_KEY_LAYERS, resolve_layer
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.stages.settings import Hardware, KNNTargets, Windows
 
@@ -206,7 +207,7 @@ def test_model_identity_is_its_weights_not_its_path(tmp_path, biomed_corpus):
     kwargs = dict(windows=Windows(window=64, stride=32), hardware=Hardware(accelerator="cpu"))
     store = build_datastore(biomed_corpus, str(model), tmp_path / "ds", **kwargs)
     assert Datastore(store).meta["model_sha256"] == model_fingerprint(str(model))
-    index = build_index(store, tmp_path / "index", factory="Flat")
+    index = build_index(store, tmp_path / "index", plan=IndexSettings(factory="Flat"))
     with pytest.raises(SimulatedKill):
         build_datastore(biomed_corpus, str(model), tmp_path / "ds2", callbacks=[Interrupt(1)], **kwargs)
 
@@ -263,7 +264,7 @@ def test_nan_keys_are_refused_where_they_are_made_and_before_indexing(tmp_path, 
     keys.flush()
     del keys
     with pytest.raises(ArtifactError, match=rf"datastore {store}: 1 keys are NaN or inf, the first at position 123"):
-        build_index(store, tmp_path / "index", factory="Flat")
+        build_index(store, tmp_path / "index", plan=IndexSettings(factory="Flat"))
 
 
 class CountComputed(L.Callback):

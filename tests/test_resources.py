@@ -10,6 +10,7 @@ from lightning_memdec.io.artifact_dirs import partial_dir
 from lightning_memdec.io.capacity import ResourceError, check_fits
 from lightning_memdec.retrieval.exact_search import block_rows, check_search_budget
 from lightning_memdec.retrieval.index_plan import check_gpu_k
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
 
@@ -76,7 +77,7 @@ def test_build_index_refuses_an_index_beyond_ram(tmp_path, biomed_datastore, mon
 
     monkeypatch.setattr(index, "available_ram", lambda: 1000)
     with pytest.raises(ResourceError, match=r"building IVF8,Flat \(in RAM: index \+ training sample\).*--memory_gb"):
-        index.build_index(biomed_datastore, tmp_path / "i", factory="IVF8,Flat")
+        index.build_index(biomed_datastore, tmp_path / "i", plan=IndexSettings(factory="IVF8,Flat"))
     assert not partial_dir(tmp_path / "i").exists()
 
 

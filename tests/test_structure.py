@@ -194,8 +194,6 @@ MAX_PARAMETERS = 10
 TOO_MANY_PARAMETERS = {
     "io/token_corpus.py:tokenize",
     "retrieval/exact_search.py:exact_search",
-    "retrieval/faiss_index.py:build_index",
-    "stages/index_shards.py:build_index_sharded",
 }
 
 

@@ -242,3 +242,25 @@ def test_faiss_gpu_k_limit_refused_before_any_work(tmp_path, biomed_datastore, b
             search=TargetSearch(backend="faiss", use_gpu=True),
         )
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()
+
+
+def test_argument_groups_are_nested_flags_with_their_help(tmp_path, biomed_datastore, capsys):
+    """`memdec build-targets --help` lists each group's fields as `--group.field` with the field's docstring; a bad
+    value is refused by the group's check, naming the flag, before any work."""
+    from lightning_memdec.cli import main
+
+    helped = subprocess.run(
+        [sys.executable, "-m", "lightning_memdec", "build-targets", "--help"], capture_output=True, text=True
+    )
+    assert helped.returncode == 0, helped.stderr
+    for flag, text in [
+        ("--knn.k", "neighbours per query"),
+        ("--knn.max_support", "keep at most this many tokens"),
+        ("--search.backend", "blocked matrix products"),
+        ("--hardware.devices", "devices (ranks) per node"),
+    ]:
+        assert flag in helped.stdout and text in " ".join(helped.stdout.split()), flag
+    with pytest.raises(SystemExit) as exit_:
+        main(["build-targets", "--datastore", str(biomed_datastore), "--out", str(tmp_path / "t"), "--knn.k", "0"])
+    assert exit_.value.code == 1 and "--knn.k must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

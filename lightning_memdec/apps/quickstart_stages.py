@@ -21,6 +21,7 @@ from lightning_memdec.io.token_corpus import Corpus, tokenize
 from lightning_memdec.kernels.scoring import knn_gold_log_probs
 from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
 from lightning_memdec.retrieval.index_plan import IndexRule, plan_index
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.stages.settings import Hardware, Windows
 from lightning_memdec.training.fit import fit
@@ -257,9 +258,9 @@ def build_or_reuse_index(store: Path, out: Path) -> Path:
     keys = Datastore(store)
     plan = plan_index(len(keys), keys.dim, nprobe=INDEX_NPROBE, rule=INDEX_RULE)
     if plan.nlist is None:  # Flat: nothing to train or probe
-        return build_index(store, out, factory=plan.factory, overwrite=True)
-    ivf = {"train_size": plan.train_size, "nprobe": INDEX_NPROBE}
-    return build_index(store, out, factory=plan.factory, overwrite=True, **ivf)
+        return build_index(store, out, overwrite=True, plan=IndexSettings(factory=plan.factory))
+    ivf = IndexSettings(factory=plan.factory, train_size=plan.train_size, nprobe=INDEX_NPROBE)
+    return build_index(store, out, overwrite=True, plan=ivf)
 
 
 def knn_log_probs(model, name: str, out: Path, corpora: dict, budget: Budget, temperatures) -> dict:

@@ -45,6 +45,7 @@ from lightning_memdec.kernels.scoring import (
     check_lambda_grid,
     check_lmbda,
 )
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, Windows
 
 __all__ = ["evaluate", "text_tokens"]
@@ -306,7 +307,7 @@ def _build_missing_stores(stores, models, corpus: str, root: Path, scoring: Scor
             windows = Windows(window=scoring.window, stride=scoring.stride)  # batch_size: build_datastore's
             build_datastore(Path(corpus), ref, store_dir, windows=windows, hardware=Hardware(accelerator="auto"))
         if not (index_dir / "meta.json").is_file():
-            build_index(store_dir, index_dir, factory="auto")
+            build_index(store_dir, index_dir, plan=IndexSettings(factory="auto"))
         stores[ref] = (str(store_dir), str(index_dir))
     return stores
 
