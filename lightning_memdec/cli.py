@@ -19,10 +19,10 @@ LIGHTNING_COMMANDS = {
     "validate": "validation loss/perplexity of a decoder checkpoint",
     "test": "test loss/perplexity (data.test_corpus) of a decoder checkpoint",
 }
-# list-valued flags users repeat (`--base a --base b`) or give several values (`--data_files a b`), per command;
+# list-valued flags users repeat (`--base a --base b`) or give several values (`--dataset.files a b`), per command;
 # jsonargparse appends with `--base+ a`
 REPEATABLE_FLAGS = {
-    "tokenize": ("--text", "--data_files"),
+    "tokenize": ("--text", "--dataset.files"),
     "quickstart": ("--base",),
     "evaluate": ("--bases", "--knn.datastore", "--knn.index"),
     "downstream": ("--tasks", "--bases", "--knn.datastore", "--knn.index", "--prompts.task_names"),

@@ -226,11 +226,11 @@ def test_repeatable_list_flags():
     assert repeatable(["evaluate", "--bases", "[a,b]"]) == ["evaluate", "--bases", "[a,b]"]
     assert repeatable(["evaluate", "--knn.datastore", "d"]) == ["evaluate", "--knn.datastore+", "d"]
     # several values after one flag; the next flag ends them
-    assert repeatable(["tokenize", "--data_files", "a.parquet", "b.jsonl", "--out", "c", "--text", "t"]) == [
+    assert repeatable(["tokenize", "--dataset.files", "a.parquet", "b.jsonl", "--out", "c", "--text", "t"]) == [
         "tokenize",
-        "--data_files+",
+        "--dataset.files+",
         "a.parquet",
-        "--data_files+",
+        "--dataset.files+",
         "b.jsonl",
         "--out",
         "c",
