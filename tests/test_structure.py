@@ -190,8 +190,11 @@ def test_no_long_function_without_a_reason():
 
 
 MAX_PARAMETERS = 10
-# Public functions still over MAX_PARAMETERS, each to be grouped like the stages were (issue 17); none may be added.
+# Public functions over MAX_PARAMETERS on purpose; none may be added without a reason here.
 TOO_MANY_PARAMETERS = {
+    # the blocked search kernel, not a stage or a command: k, own ids, device and key norms vary per call site,
+    # and its tuning knobs (block size, dtype, re-ranking margin, coarse pass) are set one at a time by the tests
+    # and benchmarks that measure them; the stages pass it their --search.* group's values
     "retrieval/exact_search.py:exact_search",
 }
 
