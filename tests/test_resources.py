@@ -76,7 +76,8 @@ def test_build_index_refuses_an_index_beyond_ram(tmp_path, biomed_datastore, mon
     import lightning_memdec.retrieval.faiss_index as index
 
     monkeypatch.setattr(index, "available_ram", lambda: 1000)
-    with pytest.raises(ResourceError, match=r"building IVF8,Flat \(in RAM: index \+ training sample\).*--memory_gb"):
+    refused = r"building IVF8,Flat \(in RAM: index \+ training sample\).*--plan.memory_gb"
+    with pytest.raises(ResourceError, match=refused):
         index.build_index(biomed_datastore, tmp_path / "i", plan=IndexSettings(factory="IVF8,Flat"))
     assert not partial_dir(tmp_path / "i").exists()
 
