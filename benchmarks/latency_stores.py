@@ -24,6 +24,7 @@ import torch
 
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.retrieval.settings import IndexSettings
+from lightning_memdec.stages.settings import Hardware, Windows
 
 BLOCK = 65_536  # synthetic entries made per seeded generator
 
@@ -62,8 +63,9 @@ def real_datastore(workdir: Path, base_dir: Path, entries: int, window: int, str
     corpus = workdir / f"corpus-{tokens}"
     stage("corpus", corpus, lambda: tokenize(["embedded:general/train"], corpus, "gpt2", max_tokens=tokens))
     out = workdir / f"datastore-{base_dir.name}-{tokens}-{window}-{stride}"
-    build = partial(build_datastore, corpus, str(base_dir), out, window=window, stride=stride, batch_windows=8)
-    return stage(f"datastore_{entries}", out, partial(build, accelerator="cpu"))
+    windows, cpu = Windows(window=window, stride=stride, batch_size=8), Hardware(accelerator="cpu")
+    build = partial(build_datastore, corpus, str(base_dir), out, windows=windows, hardware=cpu)
+    return stage(f"datastore_{entries}", out, build)
 
 
 def key_std(keys: np.ndarray, block: int = BLOCK) -> np.ndarray:
