@@ -106,10 +106,14 @@ def test_two_nodes_build_the_targets_of_one_process(tmp_path, biomed_datastore, 
     """FAISS over a replica per rank, and exact search over keys sharded 4 ways, against one unsharded process."""
     knn = KNNTargets(k=16, temperature=4.0)
     if search == "faiss":
-        ref = build_targets(biomed_datastore, biomed_index, tmp_path / "ref", knn, TargetSearch(chunk_size=512))
+        ref = build_targets(
+            biomed_datastore, biomed_index, tmp_path / "ref", knn=knn, search=TargetSearch(chunk_size=512)
+        )
         backend = ["--index", str(biomed_index)]
     else:
-        ref = build_targets(biomed_datastore, None, tmp_path / "ref", knn, TargetSearch("exact", chunk_size=512))
+        ref = build_targets(
+            biomed_datastore, None, tmp_path / "ref", knn=knn, search=TargetSearch("exact", chunk_size=512)
+        )
         backend = ["--search.backend", "exact", "--search.shard_keys", "true"]
     out = tmp_path / "t"
     args = ["build-targets", "--datastore", str(biomed_datastore), *backend, "--out", str(out)]
