@@ -9,6 +9,7 @@ the windows :class:`~lightning_memdec.stages.settings.Windows`, shared with the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from lightning_memdec.evaluation.knn_temperature import check_temperatures
 from lightning_memdec.evaluation.overlap import NGRAM
@@ -128,6 +129,7 @@ class Scoring(Windows):
     """tokenizer for models whose directory has none"""
     device: str = "auto"
     """cpu, cuda, cuda:1, … or auto (cuda when available)"""
+    flag: ClassVar[str] = "--scoring"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ once; their checks run when they are made, before any work.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from lightning_memdec.retrieval.exact_search import SEARCH_BACKENDS
 from lightning_memdec.retrieval.settings import KNNSearch
@@ -41,15 +42,16 @@ class Windows:
     """new positions per window (paper: 512); each has >= window - stride + 1 tokens of context"""
     batch_size: int = 8
     """windows per forward pass"""
+    flag: ClassVar[str] = "--windows"  # the flag group's name in messages (a subclass's own where it is another)
 
     def __post_init__(self):
         if not 0 < self.stride <= self.window:
             raise ValueError(
                 f"need 0 < stride <= window, got window={self.window}, stride={self.stride}; "
-                "pass --windows.stride at most --windows.window."
+                f"pass {self.flag}.stride at most {self.flag}.window."
             )
         if not self.batch_size > 0:
-            raise ValueError(f"--windows.batch_size must be positive, got {self.batch_size}.")
+            raise ValueError(f"{self.flag}.batch_size must be positive, got {self.batch_size}.")
 
 
 @dataclass(frozen=True)
