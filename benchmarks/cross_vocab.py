@@ -42,7 +42,7 @@ def recovery(base: float, transferred: float, reference: float) -> float:
 def family(out: Path, tokenizer: str, sizes: dict) -> Path:
     """One family's quickstart run (bases, teacher, targets, its own decoder); reused when finished."""
     if not (out / "report.json").is_file():
-        quickstart(out=out, tokenizer=tokenizer, pretrain_bases=True, **sizes)
+        quickstart(out=out, tokenizer=tokenizer, pretrain_bases=True, budget=Budget(**sizes))
     return out
 
 
@@ -92,7 +92,7 @@ def main(
     transfer_steps = max(1, round(budget_fraction * steps))
     budget = Budget(**{key: v for key, v in sizes.items() if key not in ("small_base_steps", "large_base_steps")})
     corpora = b / "corpora"
-    targets = {"train_targets": b / "targets" / "train", "val_targets": b / "targets" / "valid"}
+    targets = (b / "targets" / "train", b / "targets" / "valid")
     decoders = {"reference": b / "models" / "memdec"}
     x = w / "transfer"
     for init in ("random", "overlap"):
@@ -101,7 +101,7 @@ def main(
             transfer_vocab(str(a_decoder), tokenizer_b, moved, init=init, seed=0)
         data = (corpora / "domain-train", corpora / "domain-valid", budget)
         lr = report_b["budget"]["decoder_lr"]  # the reference decoder's learning rate
-        decoders[init] = train_model(init, x, *data, transfer_steps, str(moved), 0.5, **targets, lr=lr)
+        decoders[init] = train_model(init, x, *data, transfer_steps, str(moved), 0.5, targets, lr=lr)
     coverage = json.loads((x / "moved" / "overlap" / "meta.json").read_text())["coverage"]
 
     def gold(model: Path, split: str, name: str):

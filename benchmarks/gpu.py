@@ -42,6 +42,8 @@ from latency_stores import save_gpt2
 
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import Datastore
+from lightning_memdec.retrieval.settings import IndexSettings
+from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
 # dense bf16 tensor-core peak (no sparsity) and HBM bandwidth, SXM parts: the rooflines' assumed peaks
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -123,9 +125,17 @@ def datastore_stage(card: Card, w: Path, shape: dict, tokens: int, window: int, 
     base = save_gpt2(w / "gpt2-small-base", **shape, seed=0)
     corpus = random_corpus(w / "corpus-keys", tokens, seed=0)
     out = w / "ds-keys"
-    _, seconds = timed(lambda: build_datastore(corpus, str(base), out, window=window, stride=window // 2,
-                                               batch_windows=32, accelerator=accelerator, precision="bf16",
-                                               overwrite=True))  # fmt: skip
+    _, seconds = timed(
+        lambda: build_datastore(
+            corpus,
+            str(base),
+            out,
+            precision="bf16",
+            overwrite=True,
+            windows=Windows(window=window, stride=window // 2, batch_size=32),
+            hardware=Hardware(accelerator=accelerator),
+        )
+    )
     report("datastore_entries", tokens - 1)
     report("datastore_entries_per_s", (tokens - 1) / seconds)
     params = sum(p.numel() for p in load_decoder(base).parameters())
@@ -139,11 +149,28 @@ def targets_stage(card: Card, w: Path, base: Path, store: Path, queries: int, wi
     from lightning_memdec.stages.targets import build_targets
 
     corpus = random_corpus(w / "corpus-queries", queries, seed=1)
-    qstore = build_datastore(corpus, str(base), w / "ds-queries", window=window, stride=window // 2,
-                             batch_windows=32, accelerator=accelerator, precision="bf16", overwrite=True)  # fmt: skip
+    qstore = build_datastore(
+        corpus,
+        str(base),
+        w / "ds-queries",
+        precision="bf16",
+        overwrite=True,
+        windows=Windows(window=window, stride=window // 2, batch_size=32),
+        hardware=Hardware(accelerator=accelerator),
+    )
     out = w / "targets"
-    _, seconds = timed(lambda: build_targets(store, None, out, queries=qstore, k=k, temperature=16.0, search="exact",
-                                             accelerator=accelerator, overwrite=True))  # fmt: skip
+    _, seconds = timed(
+        lambda: build_targets(
+            store,
+            None,
+            out,
+            queries=qstore,
+            overwrite=True,
+            knn=KNNTargets(k=k, temperature=16.0),
+            search=TargetSearch(backend="exact"),
+            hardware=Hardware(accelerator=accelerator),
+        )
+    )
     report("targets_queries", queries - 1)
     report("targets_k", k)
     rate = (queries - 1) / seconds
@@ -298,9 +325,16 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
     base_dir = save_gpt2(w / "gpt2-large-base", **large, seed=2)
     decoder_dir = save_gpt2(w / "gpt2-small-decoder", **small, seed=3)
     corpus = random_corpus(w / "corpus-knn", tokens, seed=2)
-    store = build_datastore(corpus, str(base_dir), w / "ds-large", window=window, stride=window // 2,
-                            batch_windows=16, accelerator=accelerator, precision="bf16", overwrite=True)  # fmt: skip
-    index = build_index(store, w / "index-large", factory="Flat", overwrite=True)
+    store = build_datastore(
+        corpus,
+        str(base_dir),
+        w / "ds-large",
+        precision="bf16",
+        overwrite=True,
+        windows=Windows(window=window, stride=window // 2, batch_size=16),
+        hardware=Hardware(accelerator=accelerator),
+    )
+    index = build_index(store, w / "index-large", overwrite=True, plan=IndexSettings(factory="Flat"))
     base = load_causal_lm(base_dir, dtype=dtype).to(dev).eval()
     decoder = load_causal_lm(decoder_dir, dtype=dtype).to(dev).eval()
     mixed = InterpolatedLM(base, decoder, 0.25)

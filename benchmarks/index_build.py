@@ -34,9 +34,11 @@ def main(
     machine the load drifts: each side then runs early and late); report each run, the medians and the speed-up."""
     root = Path(workdir)
     store = write_store(root / f"store-{n}-{dim}", n, dim, centres=256, spread=0.5, seed=0)
-    common = ["--datastore", str(store), "--factory", factory, "--train_size", str(train_size), "--overwrite", "true"]
+    common = ["--datastore", str(store), "--plan.factory", factory, "--plan.train_size", str(train_size)]
+    common += ["--overwrite", "true"]
     common += ["--recall_queries", "256", "--recall_k", "64"]
-    ranks = ["--chunk_keys", str(chunk_keys), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    ranks = ["--chunk_keys", str(chunk_keys), "--hardware.accelerator", "cpu", "--hardware.devices", "2"]
+    ranks += ["--hardware.strategy", "ddp"]
     commands = {"one_process": ["build-index", *common], "two_ranks": ["build-index-sharded", *common, *ranks]}
     seconds, peaks = {side: [] for side in commands}, {side: [] for side in commands}
     for round_ in range(repeats):

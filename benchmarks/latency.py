@@ -14,7 +14,7 @@ What it builds, cached in ``--workdir`` (a second run skips building):
   entries (a real entry's key + Gaussian noise of ``--noise_scale`` × the real keys' per-dimension std, the entry's
   value copied; see ``latency_stores.py``): search cost depends on N, d and the index plan, not on what keys mean;
 - one index per size from ``build_index(factory="auto")``: IVF with ~4·√N lists, PQ64, nprobe 32, as
-  ``memdec build-index --factory auto`` plans it. Only the k-means training sample is smaller than with the default
+  ``memdec build-index --plan.factory auto`` plans it. Only the k-means training sample is smaller than with the default
   8 GiB budget (``--index_memory_gb`` 0.625: 327k keys, 40 per list at 4M, 80 at 1M, all 200k at 200k) so that
   training fits the time budget; nlist, PQ and nprobe are auto's, and the recall each index reaches is printed.
 
@@ -170,7 +170,7 @@ def plot_overheads(results: dict, floor: float, large_batch: int, path: Path, ti
     ax.set_xscale("log")
     ax.set_xticks(sizes, [f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" for n in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("datastore entries (IVF-PQ planned by build-index --factory auto)")
+    ax.set_xlabel("datastore entries (IVF-PQ planned by build-index --plan.factory auto)")
     ax.set_ylabel("time per generated token ÷ base's")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)

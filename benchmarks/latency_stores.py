@@ -8,7 +8,7 @@ the benchmark's budget on 2 CPU cores, so larger sizes keep those R real entries
 synthetic entries are made in fixed blocks from seeded generators, so a smaller store is a prefix of a larger one.
 
 What this keeps real is what sets search cost: N, d, the index layout (``build_index(factory="auto")`` plans it from
-N and d exactly as ``memdec build-index --factory auto`` does) and keys distributed like the base's hidden states,
+N and d exactly as ``memdec build-index --plan.factory auto`` does) and keys distributed like the base's hidden states,
 so the IVF lists are as (un)balanced as real ones. It does not make the extra entries meaningful: these stores are for
 timing only.
 """
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from lightning_memdec.io.output_lock import exclusive_output
+from lightning_memdec.retrieval.settings import IndexSettings
+from lightning_memdec.stages.settings import Hardware, Windows
 
 BLOCK = 65_536  # synthetic entries made per seeded generator
 
@@ -61,8 +63,9 @@ def real_datastore(workdir: Path, base_dir: Path, entries: int, window: int, str
     corpus = workdir / f"corpus-{tokens}"
     stage("corpus", corpus, lambda: tokenize(["embedded:general/train"], corpus, "gpt2", max_tokens=tokens))
     out = workdir / f"datastore-{base_dir.name}-{tokens}-{window}-{stride}"
-    build = partial(build_datastore, corpus, str(base_dir), out, window=window, stride=stride, batch_windows=8)
-    return stage(f"datastore_{entries}", out, partial(build, accelerator="cpu"))
+    windows, cpu = Windows(window=window, stride=stride, batch_size=8), Hardware(accelerator="cpu")
+    build = partial(build_datastore, corpus, str(base_dir), out, windows=windows, hardware=cpu)
+    return stage(f"datastore_{entries}", out, build)
 
 
 def key_std(keys: np.ndarray, block: int = BLOCK) -> np.ndarray:
@@ -127,7 +130,7 @@ def index_for(size: int, store: Path, memory_gb: float, nprobe: int, seed: int) 
     """``build_index(factory="auto")`` over one store, with the plan's training sample under ``memory_gb``.
 
     The budget only sizes the k-means sample; a budget so small that the plan would halve nlist is refused, so the
-    index searched is the one ``memdec build-index --factory auto`` builds with its default budget.
+    index searched is the one ``memdec build-index --plan.factory auto`` builds with its default budget.
     """
     from lightning_memdec.io.readers import Datastore
     from lightning_memdec.retrieval.faiss_index import build_index
@@ -139,5 +142,5 @@ def index_for(size: int, store: Path, memory_gb: float, nprobe: int, seed: int) 
         raise ValueError(f"--index_memory_gb {memory_gb} changes auto's plan for {size} keys ({planned} instead of "
                          f"{default}): give at least enough for 39 training keys per list.")  # fmt: skip
     out = store.with_name(f"index-{store.name}-auto-mem{memory_gb:g}-nprobe{nprobe}")
-    build = partial(build_index, store, out, factory="auto", memory_gb=memory_gb, nprobe=nprobe, seed=seed)
+    build = partial(build_index, store, out, IndexSettings(memory_gb=memory_gb, nprobe=nprobe, seed=seed))
     return stage(f"index_{size}", out, build)

@@ -10,14 +10,15 @@ What is built, per size S in (N, 4N):
    (vocabulary 50,257), independent of the keys. Written in blocks through the package's own format (``keys.npy``,
    ``values.npy``, ``meta.json`` published like ``build-datastore``'s), so the stages accept it. A query datastore of
    ``--queries`` keys from the same mixture (another seed) is the same for both sizes.
-2. **``memdec build-index --factory auto``** in a subprocess: the plan is printed (``#`` lines). Only the training
+2. **``memdec build-index --plan.factory auto``** in a subprocess: the plan is printed (``#`` lines). Only the training
    sample is set by hand (``--train_per_list`` keys per IVF list, FAISS's minimum 39 by default, not the plan's
    39–256 within 8 GiB): at 4 M entries the plan's 2 M-key k-means over 8,192 lists alone takes longer than this
    whole benchmark may on two cores. ``index_entries_per_s`` = S ÷ the subprocess's wall time (start-up, training,
    adding, the recall measurement and writing included). ``recall_at_k`` is what build-index measured and stored in
    the index's meta.json: recall@k of the index at ``--nprobe`` against exact search, 256 stored keys as queries.
-3. **``memdec build-targets --search faiss``** on 2 processes (``--accelerator cpu --devices 2 --strategy ddp``) for
-   the query datastore (targets for ``--queries`` positions against the S-entry store, k = ``--k``, T = 16, the
+3. **``memdec build-targets --search.backend faiss``** on 2 processes (``--hardware.accelerator cpu
+   --hardware.devices 2 --hardware.strategy ddp``) for the query datastore (targets for ``--queries`` positions
+   against the S-entry store, k = ``--k``, T = 16, the
    index's nprobe). A fixed query set, not every stored position: targets for 4 M positions at nprobe 8 take longer
    than this benchmark may, and what grows with the store is each query's search and the store the ranks read, not
    the number of queries. ``targets_queries_per_s`` = queries ÷ the subprocess's wall time (DDP start-up, index
@@ -145,9 +146,25 @@ def run_stage(args: list[str], log: Path, extra_path: Path | None = None) -> tup
 def index_stage(store: Path, out: Path, n: int, dim: int, train_per_list: int, nprobe: int, recall_k: int) -> dict:
     plan = plan_index(n, dim)
     train = min(n, train_per_list * plan.nlist) if plan.nlist else 0
-    args = ["build-index", "--datastore", str(store), "--out", str(out), "--factory", "auto", "--nprobe", str(nprobe),
-            "--recall_queries", "256", "--recall_k", str(recall_k), "--overwrite", "true"]  # fmt: skip
-    seconds, peak, stdout = run_stage(args + (["--train_size", str(train)] if train else []), out.parent / out.name)
+    args = [
+        "build-index",
+        "--datastore",
+        str(store),
+        "--out",
+        str(out),
+        "--plan.factory",
+        "auto",
+        "--plan.nprobe",
+        str(nprobe),
+        "--recall_queries",
+        "256",
+        "--recall_k",
+        str(recall_k),
+        "--overwrite",
+        "true",
+    ]
+    args += ["--plan.train_size", str(train)] if train else []
+    seconds, peak, stdout = run_stage(args, out.parent / out.name)
     for line in stdout.splitlines():
         if line.startswith(("index plan", "  ")):
             print(f"# {line}")
@@ -160,8 +177,9 @@ def targets_stage(store: Path, index: Path, queries: Path, out: Path, k: int, ch
     memory = out.parent / f"{out.name}-memory"
     callback = json.dumps({"class_path": "scale.RankMemory", "init_args": {"out": str(memory)}})
     args = ["build-targets", "--datastore", str(store), "--index", str(index), "--queries", str(queries), "--out",
-            str(out), "--k", str(k), "--temperature", "16", "--search", "faiss", "--chunk_size", str(chunk),
-            "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--overwrite", "true",
+            str(out), "--knn.k", str(k), "--knn.temperature", "16", "--search.backend", "faiss",
+            "--search.chunk_size", str(chunk), "--hardware.accelerator", "cpu", "--hardware.devices", "2",
+            "--hardware.strategy", "ddp", "--overwrite", "true",
             "--callbacks+", callback]  # fmt: skip
     seconds, _, _ = run_stage(args, out.parent / out.name, extra_path=HERE)
     ranks = [json.loads((memory / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -39,7 +39,7 @@ def free_port() -> int:
 def start_server(base: str, memdec: str | None, max_batch_size: int, startup_s: float):
     port = free_port()
     cmd = [sys.executable, "-m", "lightning_memdec", "serve", "--base", base, "--port", str(port), "--device", "cpu",
-           "--max_batch_size", str(max_batch_size), "--batch_timeout", "0.02"]  # fmt: skip
+           "--queue.max_batch_size", str(max_batch_size), "--queue.batch_timeout", "0.02"]  # fmt: skip
     cmd += ["--memdec", memdec, "--lmbda", "0.3"] if memdec else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + startup_s

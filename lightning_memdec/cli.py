@@ -19,13 +19,13 @@ LIGHTNING_COMMANDS = {
     "validate": "validation loss/perplexity of a decoder checkpoint",
     "test": "test loss/perplexity (data.test_corpus) of a decoder checkpoint",
 }
-# list-valued flags users repeat (`--base a --base b`) or give several values (`--data_files a b`), per command;
+# list-valued flags users repeat (`--base a --base b`) or give several values (`--dataset.files a b`), per command;
 # jsonargparse appends with `--base+ a`
 REPEATABLE_FLAGS = {
-    "tokenize": ("--text", "--data_files"),
+    "tokenize": ("--text", "--dataset.files"),
     "quickstart": ("--base",),
-    "evaluate": ("--bases", "--datastore", "--index"),
-    "downstream": ("--tasks", "--bases", "--datastore", "--index", "--task_names"),
+    "evaluate": ("--bases", "--knn.datastore", "--knn.index"),
+    "downstream": ("--tasks", "--bases", "--knn.datastore", "--knn.index", "--prompts.task_names"),
     "pretrain-bases": ("--extra_text", "--sizes"),
 }
 
@@ -110,8 +110,10 @@ def run_command(raw: list[str]) -> None:
 
         lightning_cli(raw)
         return
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
 
+    # the argument groups' field docstrings (``--knn.k``, ``--hardware.devices``, …) are their flags' help
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     CLI(stage_functions(), args=repeatable(raw), as_positional=False)
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_memdec.retrieval.settings import IndexSettings
+from lightning_memdec.stages.settings import Hardware, KNNTargets, Windows
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -84,14 +87,22 @@ def biomed_datastore(tmp_path_factory, biomed_corpus, tiny_gpt2) -> Path:
     from lightning_memdec.stages.datastore import build_datastore
 
     out = tmp_path_factory.mktemp("stores") / "ds"
-    return build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, batch_windows=4, accelerator="cpu")
+    return build_datastore(
+        biomed_corpus,
+        str(tiny_gpt2),
+        out,
+        windows=Windows(window=64, stride=32, batch_size=4),
+        hardware=Hardware(accelerator="cpu"),
+    )
 
 
 @pytest.fixture(scope="session")
 def biomed_index(tmp_path_factory, biomed_datastore) -> Path:
     from lightning_memdec.retrieval.faiss_index import build_index
 
-    return build_index(biomed_datastore, tmp_path_factory.mktemp("indexes") / "flat", factory="Flat")
+    return build_index(
+        biomed_datastore, tmp_path_factory.mktemp("indexes") / "flat", plan=IndexSettings(factory="Flat")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -103,13 +114,23 @@ def biomed_targets_pair(tmp_path_factory, biomed_corpus, biomed_datastore, biome
 
     root = tmp_path_factory.mktemp("pair")
     valid = tokenize(["embedded:biomed/test"], root / "corpus-valid", "gpt2", max_tokens=1200)
-    vstore = build_datastore(valid, str(tiny_gpt2), root / "ds-valid", window=64, stride=32, accelerator="cpu")
+    vstore = build_datastore(
+        valid,
+        str(tiny_gpt2),
+        root / "ds-valid",
+        windows=Windows(window=64, stride=32),
+        hardware=Hardware(accelerator="cpu"),
+    )
     return {
         "train_corpus": str(biomed_corpus),
-        "train_targets": str(build_targets(biomed_datastore, biomed_index, root / "t-train", k=32, temperature=4.0)),
+        "train_targets": str(
+            build_targets(biomed_datastore, biomed_index, root / "t-train", knn=KNNTargets(k=32, temperature=4.0))
+        ),
         "val_corpus": str(valid),
         "val_targets": str(
-            build_targets(biomed_datastore, biomed_index, root / "t-valid", queries=vstore, k=32, temperature=4.0)
+            build_targets(
+                biomed_datastore, biomed_index, root / "t-valid", queries=vstore, knn=KNNTargets(k=32, temperature=4.0)
+            )
         ),
     }
 

@@ -15,6 +15,8 @@ from memory import mapped_rss
 
 from lightning_memdec.io import npy_rows
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, gather_rows, read_rows, write_rows
+from lightning_memdec.retrieval.settings import IndexSettings
+from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -124,8 +126,10 @@ def test_targets_leave_no_key_pages_mapped(tmp_path, biomed_datastore, biomed_in
     from lightning_memdec.stages.targets import build_targets
 
     spy = PeakMappedRSS(biomed_datastore / KEYS)
-    kwargs = dict(k=8, temperature=4.0, chunk_size=256, search=search, exact_distances=True)
-    got = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", callbacks=[spy], **kwargs))
+    knn, backend = KNNTargets(k=8, temperature=4.0, exact_distances=True), TargetSearch(backend=search, chunk_size=256)
+    got = Targets(
+        build_targets(biomed_datastore, biomed_index, tmp_path / "t", knn=knn, search=backend, callbacks=[spy])
+    )
     assert spy.peak == 0  # queries read, keys streamed and gathered by file reads or short-lived maps
     assert len(got) == len(np.load(biomed_datastore / KEYS, mmap_mode="r"))
 
@@ -137,8 +141,14 @@ def test_datastore_keys_written_without_mapping_them(tmp_path, biomed_corpus, ti
 
     out = tmp_path / "ds"
     spy = PeakMappedRSS(partial_dir(out) / "keys.npy", biomed_corpus / "tokens.npy")
-    build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, batch_windows=4, accelerator="cpu",
-                    callbacks=[spy])  # fmt: skip
+    build_datastore(
+        biomed_corpus,
+        str(tiny_gpt2),
+        out,
+        callbacks=[spy],
+        windows=Windows(window=64, stride=32, batch_size=4),
+        hardware=Hardware(accelerator="cpu"),
+    )
     assert spy.peak == 0
     for name in ("keys.npy", "values.npy"):  # same bytes as the session's datastore, built with the same settings
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()
@@ -157,8 +167,12 @@ def test_index_reads_keys_in_blocks_without_mapping_them(tmp_path, biomed_datast
             peaks.append(mapped_rss(biomed_datastore / KEYS))
 
     monkeypatch.setattr(index_module, "tqdm", spying_tqdm)
-    small = index_module.build_index(biomed_datastore, tmp_path / "small", factory="IVF8,Flat", add_batch=100)
+    small = index_module.build_index(
+        biomed_datastore, tmp_path / "small", add_batch=100, plan=IndexSettings(factory="IVF8,Flat")
+    )
     monkeypatch.undo()
-    whole = index_module.build_index(biomed_datastore, tmp_path / "whole", factory="IVF8,Flat", add_batch=10**9)
+    whole = index_module.build_index(
+        biomed_datastore, tmp_path / "whole", add_batch=10**9, plan=IndexSettings(factory="IVF8,Flat")
+    )
     assert len(peaks) > 10 and max(peaks) == 0
     assert (small / "index.faiss").read_bytes() == (whole / "index.faiss").read_bytes()

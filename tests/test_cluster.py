@@ -19,11 +19,16 @@ from test_training_ddp import REPO, WEIGHT_ATOL, fit, fit_args, small_pair, weig
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.shared_filesystem import check_shared_directory, marker
 from lightning_memdec.retrieval.exact_search import exact_search
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.retrieval.sharded_search import check_shards_hold_k, key_shard, merge_shards, shard_search
+from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch
 from lightning_memdec.stages.targets import build_targets
 
 NODES, PER_NODE = 2, 2
-STAGE_HARDWARE = ["--accelerator", "cpu", "--devices", str(PER_NODE), "--num_nodes", str(NODES), "--strategy", "ddp"]
+STAGE_HARDWARE = [
+    "--hardware.accelerator", "cpu", "--hardware.devices", str(PER_NODE), "--hardware.num_nodes", str(NODES),
+    "--hardware.strategy", "ddp",
+]  # fmt: skip
 
 
 def free_port() -> int:
@@ -87,7 +92,7 @@ def assert_ok(results: list[subprocess.CompletedProcess]) -> None:
 def test_two_nodes_build_the_datastore_of_one_process(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore, launcher):
     out = tmp_path / "ds"
     args = ["build-datastore", "--corpus", str(biomed_corpus), "--model", str(tiny_gpt2), "--out", str(out)]
-    args += ["--window", "64", "--stride", "32", "--batch_windows", "4", *STAGE_HARDWARE]
+    args += ["--windows.window", "64", "--windows.stride", "32", "--windows.batch_size", "4", *STAGE_HARDWARE]
     assert_ok(two_nodes(lambda node: args) if launcher == "torchrun" else srun_like(args))
     for name in ("keys.npy", "values.npy"):
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes(), name
@@ -99,16 +104,20 @@ def test_two_nodes_build_the_datastore_of_one_process(tmp_path, biomed_corpus, t
 @pytest.mark.parametrize("search", ["faiss", "exact-sharded"])
 def test_two_nodes_build_the_targets_of_one_process(tmp_path, biomed_datastore, biomed_index, search):
     """FAISS over a replica per rank, and exact search over keys sharded 4 ways, against one unsharded process."""
-    settings = dict(k=16, temperature=4.0, chunk_size=512)
+    knn = KNNTargets(k=16, temperature=4.0)
     if search == "faiss":
-        ref = build_targets(biomed_datastore, biomed_index, tmp_path / "ref", **settings)
+        ref = build_targets(
+            biomed_datastore, biomed_index, tmp_path / "ref", knn=knn, search=TargetSearch(chunk_size=512)
+        )
         backend = ["--index", str(biomed_index)]
     else:
-        ref = build_targets(biomed_datastore, None, tmp_path / "ref", search="exact", **settings)
-        backend = ["--search", "exact", "--shard_keys", "true"]
+        ref = build_targets(
+            biomed_datastore, None, tmp_path / "ref", knn=knn, search=TargetSearch("exact", chunk_size=512)
+        )
+        backend = ["--search.backend", "exact", "--search.shard_keys", "true"]
     out = tmp_path / "t"
     args = ["build-targets", "--datastore", str(biomed_datastore), *backend, "--out", str(out)]
-    args += ["--k", "16", "--temperature", "4.0", "--chunk_size", "512", *STAGE_HARDWARE]
+    args += ["--knn.k", "16", "--knn.temperature", "4.0", "--search.chunk_size", "512", *STAGE_HARDWARE]
     assert_ok(two_nodes(lambda node: args))
     for name in ("offsets.npy", "ids.npy", "probs.npy"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
@@ -136,7 +145,7 @@ def test_nodes_that_do_not_share_the_output_are_refused_before_any_work(tmp_path
     the ranks connect, before a key is computed, and nothing is published."""
     outs = [tmp_path / f"node{node}" / "ds" for node in range(NODES)]
     args = ["build-datastore", "--corpus", str(biomed_corpus), "--model", str(tiny_gpt2)]
-    args += ["--window", "64", "--stride", "32", *STAGE_HARDWARE]
+    args += ["--windows.window", "64", "--windows.stride", "32", *STAGE_HARDWARE]
     results = two_nodes(lambda node: [*args, "--out", str(outs[node])])
     for node, result in enumerate(results):
         assert result.returncode != 0, f"node {node} succeeded"
@@ -209,9 +218,20 @@ def test_shards_must_hold_k_candidates_checked_before_any_search(biomed_datastor
         check_shards_hold_k(99, 4, 24, self_exclude=True)
     n = int(np.load(biomed_datastore / "values.npy", mmap_mode="r").shape[0])
     with pytest.raises(ValueError, match="smallest shard, fewer than"):
-        build_targets(biomed_datastore, out=tmp_path / "t", search="exact", shard_keys=True, devices=4, k=n // 4)
-    with pytest.raises(ValueError, match="shard_keys needs search='exact'"):
-        build_targets(biomed_datastore, out=tmp_path / "t", search="faiss", index=biomed_index, shard_keys=True)
+        build_targets(
+            biomed_datastore,
+            out=tmp_path / "t",
+            search=TargetSearch(backend="exact", shard_keys=True),
+            hardware=Hardware(devices=4),
+            knn=KNNTargets(k=n // 4),
+        )
+    with pytest.raises(ValueError, match="shard_keys needs the exact backend"):
+        build_targets(
+            biomed_datastore,
+            out=tmp_path / "t",
+            index=biomed_index,
+            search=TargetSearch(backend="faiss", shard_keys=True),
+        )
     assert not (tmp_path / "t").exists() and not partial_dir(tmp_path / "t").exists()
 
 
@@ -224,7 +244,7 @@ def test_sharded_index_build_equals_the_one_process_build(tmp_path, biomed_datas
     from lightning_memdec.retrieval.faiss_index import build_index
     from lightning_memdec.stages.index_shards import build_index_sharded
 
-    settings = dict(factory=factory, train_size=800, recall_queries=64, recall_k=8)
+    settings = dict(plan=IndexSettings(factory=factory, train_size=800), recall_queries=64, recall_k=8)
     one = build_index(biomed_datastore, tmp_path / "one", **settings)
     sharded = build_index_sharded(biomed_datastore, tmp_path / "sharded", chunk_keys=700, **settings)
     assert (sharded / INDEX).read_bytes() == (one / INDEX).read_bytes()

@@ -5,6 +5,7 @@ import pytest
 
 from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.embedded import load_tokenizer, resolve_text
+from lightning_memdec.io.settings import DatasetRows
 from lightning_memdec.io.text_sources import read_documents
 from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
 
@@ -174,7 +175,7 @@ def test_write_corpus_streams_to_disk_with_np_save_bytes(tmp_path):
 def test_data_files_give_the_text_paths_corpus(tmp_path, biomed_docs, suffix, capsys):
     tok = load_tokenizer("gpt2")
     data = write_data_file(tmp_path / f"docs{suffix}", biomed_docs)
-    out = tokenize(data_files=[str(data)], out=tmp_path / "from-data", batch_documents=8)
+    out = tokenize(out=tmp_path / "from-data", batch_documents=8, dataset=DatasetRows(files=[str(data)]))
     corpus = Corpus(out)
     np.testing.assert_array_equal(corpus.tokens, reference_tokens(biomed_docs, tok))
     assert corpus.meta["num_documents"] == BIOMED_DOCS
@@ -195,7 +196,7 @@ def test_txt_data_files_are_one_row_per_line_and_max_tokens_cuts(tmp_path, biome
     text = tmp_path / "lines.txt"
     text.write_text("\n\n".join(biomed_docs))
     lines = [line for line in text.read_text().split("\n") if line.strip()]
-    out = tokenize(data_files=[str(text)], out=tmp_path / "c", max_tokens=2500)
+    out = tokenize(out=tmp_path / "c", max_tokens=2500, dataset=DatasetRows(files=[str(text)]))
     np.testing.assert_array_equal(Corpus(out).tokens, reference_tokens(lines, tok)[:2500])
     assert Corpus(out).meta["max_tokens"] == 2500
 
@@ -204,7 +205,7 @@ def test_mixed_formats_are_read_in_order(tmp_path, biomed_docs):
     tok = load_tokenizer("gpt2")
     first = write_data_file(tmp_path / "a.parquet", biomed_docs[:10])
     second = write_data_file(tmp_path / "b.jsonl", biomed_docs[10:25])
-    out = tokenize(data_files=[str(first), str(second)], out=tmp_path / "c")
+    out = tokenize(out=tmp_path / "c", dataset=DatasetRows(files=[str(first), str(second)]))
     np.testing.assert_array_equal(Corpus(out).tokens, reference_tokens(biomed_docs[:25], tok))
     assert [s["path"] for s in Corpus(out).meta["sources"]] == [str(first), str(second)]
 
@@ -218,7 +219,7 @@ def test_document_start_joins_wikitext_rows_into_articles(tmp_path):
     rows = [r.replace("\r\n", "\n") for r in rows[:400]]
     rows = [""] + [r for row in rows for r in (row, "")]  # the hub's blank rows between lines
     data = write_data_file(tmp_path / "wiki.parquet", rows)
-    out = tokenize(data_files=[str(data)], out=tmp_path / "c", document_start="^ = [^=].* = $")
+    out = tokenize(out=tmp_path / "c", dataset=DatasetRows(files=[str(data)], document_start="^ = [^=].* = $"))
 
     starts = [i for i, r in enumerate(rows) if r.startswith(" = ") and not r.startswith(" = = ")]
     articles = ["\n".join(r.removesuffix("\n") for r in rows[a:b]).strip("\n") for a, b in zip(starts, starts[1:])]
@@ -234,7 +235,9 @@ def test_num_proc_gives_identical_bytes(tmp_path, biomed_docs):
     runs = {}
     for num_proc, max_tokens in [(1, None), (2, None), (1, 4000), (2, 4000)]:
         out = tmp_path / f"c{num_proc}-{max_tokens}"
-        tokenize(data_files=[str(data)], out=out, batch_documents=3, num_proc=num_proc, max_tokens=max_tokens)
+        tokenize(
+            out=out, batch_documents=3, num_proc=num_proc, max_tokens=max_tokens, dataset=DatasetRows(files=[str(data)])
+        )
         runs[num_proc, max_tokens] = [(out / n).read_bytes() for n in ("tokens.npy", "doc_offsets.npy", "meta.json")]
     assert runs[1, None] == runs[2, None] and runs[1, 4000] == runs[2, 4000]
     assert Corpus(tmp_path / "c2-4000").num_tokens == 4000
@@ -280,34 +283,34 @@ def test_dataset_input_errors_come_before_any_work(tmp_path, biomed_docs, monkey
     good = write_data_file(tmp_path / "a.parquet", biomed_docs[:3])
     out = tmp_path / "c"
     with pytest.raises(FileNotFoundError, match="missing.parquet does not exist"):
-        tokenize(data_files=[str(good), str(tmp_path / "missing.parquet")], out=out)
+        tokenize(out=out, dataset=DatasetRows(files=[str(good), str(tmp_path / "missing.parquet")]))
     (tmp_path / "a.xlsx").write_text("x")
     with pytest.raises(ValueError, match=r"unknown format '.xlsx'.*'.parquet'"):
-        tokenize(data_files=[str(tmp_path / "a.xlsx")], out=out)
+        tokenize(out=out, dataset=DatasetRows(files=[str(tmp_path / "a.xlsx")]))
     with pytest.raises(ValueError, match=r"no column 'body'; its columns are \['id', 'text'\]"):
-        tokenize(data_files=[str(good)], out=out, text_field="body")
+        tokenize(out=out, dataset=DatasetRows(files=[str(good)], text_field="body"))
     with pytest.raises(ValueError, match="column 'id' of data file .* holds int64, not text"):
-        tokenize(data_files=[str(good)], out=out, text_field="id")
+        tokenize(out=out, dataset=DatasetRows(files=[str(good)], text_field="id"))
     for name, rows in (("empty.parquet", []), ("empty.jsonl", []), ("blank.jsonl", ["", "  \n", "\n\n"])):
         with pytest.raises(ArtifactError, match="holds no documents"):
-            tokenize(data_files=[str(write_data_file(tmp_path / name, rows))], out=out)
-    with pytest.raises(ValueError, match=r"exactly one source.*\['--text', '--data_files'\]"):
-        tokenize("embedded:biomed/valid", out, data_files=[str(good)])
+            tokenize(out=out, dataset=DatasetRows(files=[str(write_data_file(tmp_path / name, rows))]))
+    with pytest.raises(ValueError, match=r"exactly one source.*\['--text', '--dataset.files'\]"):
+        tokenize("embedded:biomed/valid", out, dataset=DatasetRows(files=[str(good)]))
     with pytest.raises(ValueError, match="exactly one source"):
         tokenize(out=out)
     with pytest.raises(ValueError, match="--out DIR"):
-        tokenize(data_files=[str(good)])
-    with pytest.raises(ValueError, match="hold rows, not blank-line separated text: give them with --data_files"):
+        tokenize(dataset=DatasetRows(files=[str(good)]))
+    with pytest.raises(ValueError, match="hold rows, not blank-line separated text: give them with --dataset.files"):
         tokenize(str(good), out)
-    with pytest.raises(ValueError, match="--document_start splits dataset rows"):
-        tokenize("embedded:biomed/valid", out, document_start="^ = ")
+    with pytest.raises(ValueError, match="--dataset.document_start splits dataset rows"):
+        tokenize("embedded:biomed/valid", out, dataset=DatasetRows(document_start="^ = "))
     with pytest.raises(ValueError, match="not a regular expression"):
-        tokenize(data_files=[str(good)], out=out, document_start="(")
+        tokenize(out=out, dataset=DatasetRows(files=[str(good)], document_start="("))
     with pytest.raises(ValueError, match="num_proc"):
-        tokenize(data_files=[str(good)], out=out, num_proc=0)
+        tokenize(out=out, num_proc=0, dataset=DatasetRows(files=[str(good)]))
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'lightning_memdec\[datasets\]'"):
-        tokenize(data_files=[str(good)], out=out)
+        tokenize(out=out, dataset=DatasetRows(files=[str(good)]))
     assert not out.exists() and not (tmp_path / "c.partial").exists()
 
 
@@ -332,9 +335,9 @@ def test_cli_tokenizes_data_files_in_several_processes(tmp_path, biomed_docs):
 
     first = write_data_file(tmp_path / "a.parquet", biomed_docs[:20])
     second = write_data_file(tmp_path / "b.jsonl", biomed_docs[20:])
-    flags = ["--data_files", str(first), str(second), "--max_tokens", "6000", "--batch_documents", "4"]
+    flags = ["--dataset.files", str(first), str(second), "--max_tokens", "6000", "--batch_documents", "4"]
     flags += [
-        "--document_start",
+        "--dataset.document_start",
         "^ = [^=].* = $",
         "--num_proc",
         "2",
@@ -345,14 +348,24 @@ def test_cli_tokenizes_data_files_in_several_processes(tmp_path, biomed_docs):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenized 1 documents, 6,000 tokens in" in result.stdout and "tokens/s (2 processes)" in result.stdout
     python = tokenize(
-        data_files=[str(first), str(second)], out=tmp_path / "py", max_tokens=6000, document_start="^ = [^=].* = $"
+        out=tmp_path / "py",
+        max_tokens=6000,
+        dataset=DatasetRows(files=[str(first), str(second)], document_start="^ = [^=].* = $"),
     )
     for name in ("tokens.npy", "doc_offsets.npy", "meta.json"):
         assert (tmp_path / "cli" / name).read_bytes() == (python / name).read_bytes()
 
-    hub = [*cli, "--dataset", "wikitext", "--dataset_config", "wikitext-103-raw-v1", "--out", str(tmp_path / "hub")]
+    hub = [
+        *cli,
+        "--dataset.name",
+        "wikitext",
+        "--dataset.config",
+        "wikitext-103-raw-v1",
+        "--out",
+        str(tmp_path / "hub"),
+    ]
     result = subprocess.run(hub, capture_output=True, text=True, env=env)
-    assert result.returncode != 0 and "offline, give local files with --data_files" in result.stderr
+    assert result.returncode != 0 and "offline, give local files with --dataset.files" in result.stderr
     assert not (tmp_path / "hub").exists() and not (tmp_path / "hub.partial").exists()
 
 

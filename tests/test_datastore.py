@@ -11,7 +11,9 @@ from lightning_memdec.hf.key_capture import DEFAULT_KEY_LAYERS, resolve_layer
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.datastore import build_datastore
+from lightning_memdec.stages.settings import Hardware, KNNTargets, Windows
 
 
 class SimulatedKill(Exception):
@@ -60,7 +62,11 @@ def test_keys_equal_the_last_mlp_input_and_values_are_next_tokens(biomed_datasto
 def test_default_layer_for_other_architectures(tmp_path, biomed_corpus, arch, mlp):
     model = save_tiny(tmp_path / arch, arch=arch)
     out = build_datastore(
-        biomed_corpus, str(model), tmp_path / "ds", window=64, stride=64, batch_windows=8, accelerator="cpu"
+        biomed_corpus,
+        str(model),
+        tmp_path / "ds",
+        windows=Windows(window=64, stride=64, batch_size=8),
+        hardware=Hardware(accelerator="cpu"),
     )
     store = Datastore(out)
     assert store.meta["layer"] == DEFAULT_KEY_LAYERS[arch]
@@ -76,21 +82,24 @@ def test_custom_layer_path_and_unknown_layer(tmp_path, biomed_corpus, tiny_gpt2)
         str(tiny_gpt2),
         tmp_path / "ds",
         layer="transformer.h.0.ln_1",
-        window=64,
-        stride=64,
-        accelerator="cpu",
+        windows=Windows(window=64, stride=64),
+        hardware=Hardware(accelerator="cpu"),
     )
     assert Datastore(out).meta["layer"] == "transformer.h.0.ln_1"
     with pytest.raises(ValueError, match="unknown layer path 'transformer.h.0.nope'"):
         build_datastore(
-            biomed_corpus, str(tiny_gpt2), tmp_path / "bad", layer="transformer.h.0.nope", window=64, stride=64
+            biomed_corpus,
+            str(tiny_gpt2),
+            tmp_path / "bad",
+            layer="transformer.h.0.nope",
+            windows=Windows(window=64, stride=64),
         )
     assert not (tmp_path / "bad").exists() and not partial_dir(tmp_path / "bad").exists()
 
 
 def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
     out = tmp_path / "ds"
-    kwargs = dict(window=64, stride=32, batch_windows=4, accelerator="cpu")
+    kwargs = dict(windows=Windows(window=64, stride=32, batch_size=4), hardware=Hardware(accelerator="cpu"))
     with pytest.raises(SimulatedKill):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Interrupt(after=5)], **kwargs)
     assert not out.exists() and partial_dir(out).exists()
@@ -105,10 +114,21 @@ def test_resume_with_other_settings_is_refused(tmp_path, biomed_corpus, tiny_gpt
     out = tmp_path / "ds"
     with pytest.raises(SimulatedKill):
         build_datastore(
-            biomed_corpus, str(tiny_gpt2), out, window=64, stride=32, accelerator="cpu", callbacks=[Interrupt(1)]
+            biomed_corpus,
+            str(tiny_gpt2),
+            out,
+            callbacks=[Interrupt(1)],
+            windows=Windows(window=64, stride=32),
+            hardware=Hardware(accelerator="cpu"),
         )
     with pytest.raises(ArtifactError, match="different settings"):
-        build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=16, accelerator="cpu")
+        build_datastore(
+            biomed_corpus,
+            str(tiny_gpt2),
+            out,
+            windows=Windows(window=64, stride=16),
+            hardware=Hardware(accelerator="cpu"),
+        )
 
 
 def test_tokenizer_mismatch_and_small_corpus_are_refused(tmp_path, tiny_gpt2):
@@ -116,10 +136,10 @@ def test_tokenizer_mismatch_and_small_corpus_are_refused(tmp_path, tiny_gpt2):
     text.write_text("A short text about proteins and cells.\n\nAnother short one.")
     neox = tokenize([str(text)], tmp_path / "neox", "gpt-neox-20b")
     with pytest.raises(ArtifactError, match="gpt-neox-20b .*gpt2tiny|tokenizer gpt-neox-20b"):
-        build_datastore(neox, str(tiny_gpt2), tmp_path / "ds", window=4, stride=2)
+        build_datastore(neox, str(tiny_gpt2), tmp_path / "ds", windows=Windows(window=4, stride=2))
     small = tokenize([str(text)], tmp_path / "gpt2", "gpt2")
     with pytest.raises(ArtifactError, match="fewer than one window"):
-        build_datastore(small, str(tiny_gpt2), tmp_path / "ds", window=64, stride=32)
+        build_datastore(small, str(tiny_gpt2), tmp_path / "ds", windows=Windows(window=64, stride=32))
     assert not (tmp_path / "ds").exists() and not partial_dir(tmp_path / "ds").exists()
 
 
@@ -139,17 +159,17 @@ def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_corpus, tiny_gpt
         str(tiny_gpt2),
         "--out",
         str(out),
-        "--window",
+        "--windows.window",
         "64",
-        "--stride",
+        "--windows.stride",
         "32",
-        "--batch_windows",
+        "--windows.batch_size",
         str(batch_windows),
-        "--accelerator",
+        "--hardware.accelerator",
         "cpu",
-        "--devices",
+        "--hardware.devices",
         "2",
-        "--strategy",
+        "--hardware.strategy",
         "ddp",
     ]
     subprocess.run(cmd, check=True, timeout=300, capture_output=True)
@@ -158,7 +178,9 @@ def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_corpus, tiny_gpt
 
 
 def test_bf16_precision_keys_close_to_fp32_and_recorded(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
-    out = build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "bf16", window=64, stride=32, precision="bf16")
+    out = build_datastore(
+        biomed_corpus, str(tiny_gpt2), tmp_path / "bf16", precision="bf16", windows=Windows(window=64, stride=32)
+    )
     store, ref = Datastore(out), Datastore(biomed_datastore)
     assert store.meta["precision"] == "bf16" and store.keys.dtype == np.float16
     np.testing.assert_array_equal(store.values, ref.values)
@@ -182,10 +204,10 @@ def test_model_identity_is_its_weights_not_its_path(tmp_path, biomed_corpus):
     files = sorted([model / "config.json", model / "model.safetensors"])
     lines = "".join(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n" for f in files)
     assert model_fingerprint(str(model)) == hashlib.sha256(lines.encode()).hexdigest()[:16]
-    kwargs = dict(window=64, stride=32, accelerator="cpu")
+    kwargs = dict(windows=Windows(window=64, stride=32), hardware=Hardware(accelerator="cpu"))
     store = build_datastore(biomed_corpus, str(model), tmp_path / "ds", **kwargs)
     assert Datastore(store).meta["model_sha256"] == model_fingerprint(str(model))
-    index = build_index(store, tmp_path / "index", factory="Flat")
+    index = build_index(store, tmp_path / "index", plan=IndexSettings(factory="Flat"))
     with pytest.raises(SimulatedKill):
         build_datastore(biomed_corpus, str(model), tmp_path / "ds2", callbacks=[Interrupt(1)], **kwargs)
 
@@ -194,14 +216,20 @@ def test_model_identity_is_its_weights_not_its_path(tmp_path, biomed_corpus):
         build_datastore(biomed_corpus, str(model), tmp_path / "ds2", **kwargs)
     build_datastore(biomed_corpus, str(model), store, overwrite=True, **kwargs)
     with pytest.raises(ArtifactError, match=f"index {index} was built over"):
-        build_targets(store, index, tmp_path / "targets", k=8)
+        build_targets(store, index, tmp_path / "targets", knn=KNNTargets(k=8))
     assert not partial_dir(tmp_path / "targets").exists()
 
 
 def test_window_past_the_model_context_is_refused_before_any_work(tmp_path, biomed_corpus, tiny_gpt2):
     out = tmp_path / "ds"
-    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of base LM .*gpt2-tiny, 512 positions"):
-        build_datastore(biomed_corpus, str(tiny_gpt2), out, window=1024, stride=512, accelerator="cpu")
+    with pytest.raises(ValueError, match=r"--windows.window = 1024 exceeds the context of base LM .*gpt2-tiny, 512"):
+        build_datastore(
+            biomed_corpus,
+            str(tiny_gpt2),
+            out,
+            windows=Windows(window=1024, stride=512),
+            hardware=Hardware(accelerator="cpu"),
+        )
     assert not partial_dir(out).exists() and not out.exists()
 
 
@@ -220,7 +248,13 @@ def test_nan_keys_are_refused_where_they_are_made_and_before_indexing(tmp_path, 
         model.transformer.h[-1].ln_2.weight.fill_(float("nan"))  # the last MLP's input: the default key layer
     model.save_pretrained(model_dir)
     with pytest.raises(ArtifactError, match=rf"base LM {model_dir}: \d+ keys are NaN or inf, the first at position 0"):
-        build_datastore(biomed_corpus, str(model_dir), tmp_path / "ds", window=64, stride=32, accelerator="cpu")
+        build_datastore(
+            biomed_corpus,
+            str(model_dir),
+            tmp_path / "ds",
+            windows=Windows(window=64, stride=32),
+            hardware=Hardware(accelerator="cpu"),
+        )
     assert not (tmp_path / "ds").exists()
 
     store = tmp_path / "store"
@@ -230,7 +264,7 @@ def test_nan_keys_are_refused_where_they_are_made_and_before_indexing(tmp_path, 
     keys.flush()
     del keys
     with pytest.raises(ArtifactError, match=rf"datastore {store}: 1 keys are NaN or inf, the first at position 123"):
-        build_index(store, tmp_path / "index", factory="Flat")
+        build_index(store, tmp_path / "index", plan=IndexSettings(factory="Flat"))
 
 
 class CountComputed(L.Callback):
@@ -248,7 +282,7 @@ def test_a_kill_after_every_chunk_resumes_without_recomputing_them(
     import lightning_memdec.stages.datastore as stage
 
     out = tmp_path / "ds"
-    kwargs = dict(window=64, stride=32, batch_windows=4, accelerator="cpu")
+    kwargs = dict(windows=Windows(window=64, stride=32, batch_size=4), hardware=Hardware(accelerator="cpu"))
     monkeypatch.setattr(stage, "write_values", lambda *a: (_ for _ in ()).throw(SimulatedKill("writing values")))
     with pytest.raises(SimulatedKill):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, **kwargs)

@@ -17,6 +17,7 @@ from lightning_memdec.cli import main
 from lightning_memdec.evaluation.downstream import choose_lambda, dcpmi_scores, downstream
 from lightning_memdec.evaluation.downstream_report import bootstrap_interval
 from lightning_memdec.evaluation.downstream_tasks import TaskError, load_tasks, single_token_verbalizers
+from lightning_memdec.evaluation.settings import Bootstrap, DownstreamMixing, KNNLMRows, Prompts
 from lightning_memdec.hf.loading import load_causal_lm
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.io.embedded import load_tokenizer
@@ -79,8 +80,15 @@ def test_dcpmi_matches_a_direct_computation_and_lambda_zero_is_the_base(tmp_path
     tasks = write_task_folder(tmp_path / "tasks")
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="unfaithful"):
-        downstream([str(tasks)], [str(tiny_gpt2)], out, memdec=str(tiny_decoder), lmbda=0.3, batch_size=2,
-                   device="cpu", bootstrap=50)  # fmt: skip
+        downstream(
+            [str(tasks)],
+            [str(tiny_gpt2)],
+            out,
+            memdec=str(tiny_decoder),
+            mix=DownstreamMixing(lmbda=0.3),
+            prompts=Prompts(batch_size=2, device="cpu"),
+            bootstrap=Bootstrap(resamples=50),
+        )
     preds = read_predictions(out)
     tok = load_tokenizer("gpt2")
     base, dec = load_causal_lm(tiny_gpt2).eval(), load_causal_lm(tiny_decoder).eval()
@@ -107,8 +115,15 @@ def test_dcpmi_matches_a_direct_computation_and_lambda_zero_is_the_base(tmp_path
 def test_outputs_and_predictions_format(tmp_path, tiny_gpt2, tiny_decoder):
     tasks = write_task_folder(tmp_path / "tasks")
     out = tmp_path / "out"
-    report = downstream([str(tasks)], [str(tiny_gpt2)], out, memdec=str(tiny_decoder), lambda_grid=[0.1, 0.5, 0.9],
-                        batch_size=3, device="cpu", bootstrap=100)  # fmt: skip
+    report = downstream(
+        [str(tasks)],
+        [str(tiny_gpt2)],
+        out,
+        memdec=str(tiny_decoder),
+        mix=DownstreamMixing(lambda_grid=[0.1, 0.5, 0.9]),
+        prompts=Prompts(batch_size=3, device="cpu"),
+        bootstrap=Bootstrap(resamples=100),
+    )
     preds = read_predictions(out)
     assert len(preds) == 2 * len(TEXTS)  # 1 task × 2 systems × 5 examples
     for p in preds:
@@ -189,7 +204,7 @@ def test_bad_task_files_fail_before_any_model_is_loaded(tmp_path, monkeypatch, t
 
     monkeypatch.setattr(ds, "load_causal_lm", no_model)
     with pytest.raises(TaskError, match=match):
-        downstream([str(root)], [str(tiny_gpt2)], tmp_path / "out", device="cpu")
+        downstream([str(root)], [str(tiny_gpt2)], tmp_path / "out", prompts=Prompts(device="cpu"))
 
 
 def test_yaml_tasks_and_knnlm_system(tmp_path, tiny_gpt2, biomed_datastore, biomed_index):
@@ -203,9 +218,15 @@ def test_yaml_tasks_and_knnlm_system(tmp_path, tiny_gpt2, biomed_datastore, biom
         yaml.safe_dump({"mine": {**ENTRY, "verbalizers": [[" bad"], [" good"]], "test": "mine/test.jsonl"}})
     )
     out = tmp_path / "out"
-    report = downstream([str(spec)], [str(tiny_gpt2)], out, datastore=[str(biomed_datastore)],
-                        index=[str(biomed_index)], k=8, temperature=4.0, fallback_lmbda=0.4, batch_size=2,
-                        device="cpu", bootstrap=20)  # fmt: skip
+    report = downstream(
+        [str(spec)],
+        [str(tiny_gpt2)],
+        out,
+        knn=KNNLMRows(datastore=[str(biomed_datastore)], index=[str(biomed_index)], k=8, temperature=4.0),
+        mix=DownstreamMixing(fallback_lmbda=0.4),
+        prompts=Prompts(batch_size=2, device="cpu"),
+        bootstrap=Bootstrap(resamples=20),
+    )
     cell = report["accuracy"]["mine"][f"{tiny_gpt2} + kNN-LM"]
     assert cell["lmbda"] == 0.4 and cell["lmbda_from"].startswith("fallback")
     # against the kNN-LM's own mixed distribution on one unpadded prompt
@@ -228,7 +249,8 @@ def test_cli_stage_end_to_end(tmp_path, tiny_gpt2, tiny_decoder):
     tasks = write_task_folder(tmp_path / "tasks")
     out = tmp_path / "cli"
     main(["downstream", "--tasks", str(tasks), "--bases", str(tiny_gpt2), "--memdec", str(tiny_decoder),
-          "--out", str(out), "--lmbda", "0.25", "--n_sample", "3", "--device", "cpu", "--bootstrap", "30"])  # fmt: skip
+          "--out", str(out), "--mix.lmbda", "0.25", "--prompts.n_sample", "3", "--prompts.device", "cpu",
+          "--bootstrap.resamples", "30"])  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["systems"] == [str(tiny_gpt2), f"{tiny_gpt2} + MemDec"]
     assert report["accuracy"]["toy"][f"{tiny_gpt2} + MemDec"]["lmbda"] == 0.25

@@ -16,6 +16,7 @@ import lightning_memdec.evaluation.downstream as ds
 from lightning_memdec.evaluation.downstream import downstream
 from lightning_memdec.evaluation.downstream_differences import paired_differences, task_draws
 from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report
+from lightning_memdec.evaluation.settings import Bootstrap, DownstreamMixing, GeneralSplit, Prompts
 from lightning_memdec.hf.loading import load_causal_lm
 from lightning_memdec.io.embedded import load_tokenizer
 
@@ -34,9 +35,17 @@ def controlled(tmp_path_factory):
     records = [{"id": i, "input": {"text": t}, "label": (i + i // 5) % 2} for i, t in enumerate(TEXTS * 3)]
     tasks = write_task_folder(root / "tasks", records=records)
     (root / "general.txt").write_text(GENERAL)
-    report = downstream([str(tasks)], [models["a"], models["b"]], root / "out", memdec=models["mem"],
-                        ce_only=models["ce"], lambda_grid=[0.0, 0.5, 1.0], general=str(root / "general.txt"),
-                        max_length=128, batch_size=4, device="cpu", bootstrap=RESAMPLES, seed=5)  # fmt: skip
+    report = downstream(
+        [str(tasks)],
+        [models["a"], models["b"]],
+        root / "out",
+        memdec=models["mem"],
+        ce_only=models["ce"],
+        mix=DownstreamMixing(lambda_grid=[0.0, 0.5, 1.0]),
+        general=GeneralSplit(text=str(root / "general.txt")),
+        prompts=Prompts(max_length=128, batch_size=4, device="cpu"),
+        bootstrap=Bootstrap(resamples=RESAMPLES, seed=5),
+    )
     return models, records, report, read_predictions(root / "out")
 
 
@@ -178,7 +187,9 @@ def test_ce_only_without_memdec_is_refused_before_any_model_is_loaded(tmp_path, 
     monkeypatch.setattr(ds, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
     tasks = write_task_folder(tmp_path / "tasks")
     with pytest.raises(ValueError, match="--ce_only .* pass --memdec"):
-        downstream([str(tasks)], [str(tiny_gpt2)], tmp_path / "out", ce_only=str(tiny_gpt2), device="cpu")
+        downstream(
+            [str(tasks)], [str(tiny_gpt2)], tmp_path / "out", ce_only=str(tiny_gpt2), prompts=Prompts(device="cpu")
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -187,8 +198,16 @@ def test_general_windows_fit_the_models_context_with_the_default_max_length(tmp_
     context (read from their configs before any model loads) instead of failing on the position embeddings."""
     tasks = write_task_folder(tmp_path / "tasks", dev=False)
     (tmp_path / "general.txt").write_text(GENERAL * 30)  # > 512 tokens
-    report = downstream([str(tasks)], [str(tiny_gpt2)], tmp_path / "out", memdec=str(tiny_gpt2), lmbda=0.3,
-                        general=str(tmp_path / "general.txt"), device="cpu", bootstrap=20)  # fmt: skip
+    report = downstream(
+        [str(tasks)],
+        [str(tiny_gpt2)],
+        tmp_path / "out",
+        memdec=str(tiny_gpt2),
+        mix=DownstreamMixing(lmbda=0.3),
+        general=GeneralSplit(text=str(tmp_path / "general.txt")),
+        prompts=Prompts(device="cpu"),
+        bootstrap=Bootstrap(resamples=20),
+    )
     general = report["general"]
     assert general["tokens"] > 512 and general["window"] == 512 and general["stride"] == 256
     # the decoder is the base itself here, so every mixture of the two is the base, at any λ

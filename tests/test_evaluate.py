@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from lightning_memdec.cli import main
 from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
 from lightning_memdec.evaluation.latency import generation_throughput, model_latency
+from lightning_memdec.evaluation.settings import Controls, EvaluateKNN, EvaluateMixing, Scoring
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import ArtifactError
@@ -167,26 +169,29 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="holds no text"):
         text_tokens(empty, load_tokenizer("gpt2"))
-    common = dict(
-        bases=[str(tiny_gpt2)], test="embedded:biomed/test", out=tmp_path / "r", max_tokens=200, window=32, stride=16
-    )
+    scoring = Scoring(max_tokens=200, window=32, stride=16, batch_size=4)
+    common = dict(bases=[str(tiny_gpt2)], test="embedded:biomed/test", out=tmp_path / "r", scoring=scoring)
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
-        evaluate(**common, memdec=str(models["memdec"]), lmbda=-0.1)
+        evaluate(memdec=str(models["memdec"]), mix=EvaluateMixing(lmbda=-0.1), **common)
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
-        evaluate(**common, memdec=str(models["memdec"]), valid="embedded:biomed/valid", lambda_grid=[0.5, 1.2])
-    with pytest.raises(ValueError, match="pass --lmbda .* or --valid"):
+        evaluate(
+            memdec=str(models["memdec"]),
+            valid="embedded:biomed/valid",
+            mix=EvaluateMixing(lambda_grid=[0.5, 1.2]),
+            **common,
+        )
+    with pytest.raises(ValueError, match="pass --mix.lmbda .* or --valid"):
         evaluate(**common, memdec=str(models["memdec"]))
     with pytest.raises(ValueError, match=r"decoder .*neox uses tokenizer neox .* but base .*gpt2-tiny uses"):
-        evaluate(**common, memdec=str(models["neox"]), lmbda=0.5)
+        evaluate(memdec=str(models["neox"]), mix=EvaluateMixing(lmbda=0.5), **common)
     with pytest.raises(ValueError, match="was built with .*gpt2-tiny, which is none of"):
         evaluate(
+            knn=EvaluateKNN(datastore=str(biomed_datastore), index=str(biomed_index)),
+            mix=EvaluateMixing(lmbda=0.3),
             **{**common, "bases": [str(models["llama"])]},
-            datastore=str(biomed_datastore),
-            index=str(biomed_index),
-            lmbda=0.3,
         )
-    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of .*gpt2-tiny, 512 positions"):
-        evaluate(**{**common, "window": 1024}, lmbda=0.3)
+    with pytest.raises(ValueError, match=r"--scoring.window = 1024 exceeds the context of .*gpt2-tiny, 512 positions"):
+        evaluate(mix=EvaluateMixing(lmbda=0.3), **{**common, "scoring": replace(scoring, window=1024)})
     with pytest.raises(
         ValueError, match=r"neox uses tokenizer neox \(vocab 50277.*decoder's training data uses gpt2 \(vocab 50257"
     ):
@@ -215,29 +220,29 @@ def test_memdec_evaluate_writes_report(tmp_path, tiny_gpt2, models, biomed_corpu
                 "embedded:biomed/test",
                 "--valid",
                 str(biomed_corpus),
-                "--datastore",
+                "--knn.datastore",
                 str(biomed_datastore),
-                "--index",
+                "--knn.index",
                 str(biomed_index),
-                "--k",
+                "--knn.k",
                 "16",
-                "--temperature",
+                "--knn.temperature",
                 "4",
-                "--lambda_grid",
+                "--mix.lambda_grid",
                 json.dumps(grid),
-                "--window",
+                "--scoring.window",
                 "64",
-                "--stride",
+                "--scoring.stride",
                 "32",
-                "--batch_size",
+                "--scoring.batch_size",
                 "4",
-                "--max_tokens",
+                "--scoring.max_tokens",
                 "300",
                 "--out",
                 str(out),
-                "--latency",
+                "--audit.latency",
                 "true",
-                "--latency_repeats",
+                "--audit.latency_repeats",
                 "1",
             ]
         )
@@ -376,19 +381,14 @@ def test_evaluate_fair_rows_every_base_its_own_datastore(tmp_path, tiny_gpt2, mo
     out = tmp_path / "fair"
     report = evaluate(
         bases=[str(tiny_gpt2), str(models["llama"])],
-        teacher=str(models["wide"]),
         memdec=str(models["memdec"]),
-        ce_only=str(tiny_gpt2),  # any decoder of the tokenizer: here the base itself, so λ = 1 ties λ = 0
         test="embedded:biomed/test",
         valid="embedded:biomed/valid",
-        knn_corpus=str(biomed_corpus),
-        k=8,
-        temperature=4.0,
-        lambda_grid=[0.0, 0.5, 1.0],
-        window=32,
-        stride=16,
-        max_tokens=200,
         out=out,
+        controls=Controls(teacher=str(models["wide"]), ce_only=str(tiny_gpt2)),
+        knn=EvaluateKNN(corpus=str(biomed_corpus), k=8, temperature=4.0),
+        mix=EvaluateMixing(lambda_grid=[0.0, 0.5, 1.0]),
+        scoring=Scoring(batch_size=4, window=32, stride=16, max_tokens=200),
     )
     rows = {r["base"]: r for r in report["rows"]}
     assert [r["role"] for r in report["rows"]] == ["base", "base", "teacher"]
@@ -406,8 +406,13 @@ def test_evaluate_fair_rows_every_base_its_own_datastore(tmp_path, tiny_gpt2, mo
     # a rerun reuses the datastores it built
     mtime = (out / "stores" / "gpt2-tiny-datastore" / "meta.json").stat().st_mtime
     splits = {"test": "embedded:biomed/test", "valid": "embedded:biomed/valid"}
-    evaluate(bases=[str(tiny_gpt2)], knn_corpus=str(biomed_corpus), k=8, window=32, stride=16, max_tokens=200,
-             out=out, **splits)  # fmt: skip
+    evaluate(
+        bases=[str(tiny_gpt2)],
+        out=out,
+        knn=EvaluateKNN(corpus=str(biomed_corpus), k=8),
+        scoring=Scoring(batch_size=4, window=32, stride=16, max_tokens=200),
+        **splits,
+    )
     assert (out / "stores" / "gpt2-tiny-datastore" / "meta.json").stat().st_mtime == mtime
 
 
@@ -416,9 +421,15 @@ def test_windows_past_the_context_are_refused_before_any_work(tmp_path, tiny_gpt
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 
     out = tmp_path / "report"
-    with pytest.raises(ValueError, match=r"--window = 1024 exceeds the context of .*gpt2-tiny, 512 positions"):
-        evaluate(bases=[str(tiny_gpt2)], knn_corpus=str(biomed_corpus), test="embedded:biomed/test", out=out,
-                 window=1024, stride=512, lmbda=0.3)  # fmt: skip
+    with pytest.raises(ValueError, match=r"--scoring.window = 1024 exceeds the context of .*gpt2-tiny, 512 positions"):
+        evaluate(
+            bases=[str(tiny_gpt2)],
+            test="embedded:biomed/test",
+            out=out,
+            knn=EvaluateKNN(corpus=str(biomed_corpus)),
+            scoring=Scoring(batch_size=4, window=1024, stride=512),
+            mix=EvaluateMixing(lmbda=0.3),
+        )
     assert not out.exists()
     prompt = torch.zeros(1, 500, dtype=torch.long)
     mixed = InterpolatedLM(str(tiny_gpt2), str(models["memdec"]), 0.5)
@@ -432,16 +443,22 @@ def test_windows_past_the_context_are_refused_before_any_work(tmp_path, tiny_gpt
 def test_evaluate_reports_the_k_it_used(tmp_path, tiny_gpt2, biomed_datastore, biomed_index):
     """k beyond the datastore is capped at its size by the kNN-LM; the report says the k used and the k asked."""
     entries = len(Datastore(biomed_datastore))
-    report = evaluate(bases=[str(tiny_gpt2)], datastore=str(biomed_datastore), index=str(biomed_index),
-                      test="embedded:biomed/test", out=tmp_path / "r", k=entries + 500, knn_lmbda=0.3,
-                      window=32, stride=16, max_tokens=64)  # fmt: skip
+    report = evaluate(
+        bases=[str(tiny_gpt2)],
+        test="embedded:biomed/test",
+        out=tmp_path / "r",
+        knn=EvaluateKNN(datastore=str(biomed_datastore), index=str(biomed_index), k=entries + 500),
+        mix=EvaluateMixing(knn_lmbda=0.3),
+        scoring=Scoring(batch_size=4, window=32, stride=16, max_tokens=64),
+    )
     assert report["k"] == entries and report["k_asked"] == entries + 500
     assert f"k={entries}," in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_evaluate_checks_out_and_every_bases_tokenizer_before_scoring(tmp_path, tiny_gpt2, models):
     """An --out under a file, or a second base of another tokenizer than the decoder, is refused before any scoring."""
-    common = dict(test="embedded:biomed/test", window=32, stride=16, max_tokens=64, lmbda=0.3)
+    scoring = Scoring(window=32, stride=16, max_tokens=64, batch_size=4)
+    common = dict(test="embedded:biomed/test", scoring=scoring, mix=EvaluateMixing(lmbda=0.3))
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(ArtifactError, match=rf"--out {blocker / 'report'} cannot be written: {blocker} is not a"):

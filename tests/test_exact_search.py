@@ -27,6 +27,7 @@ from lightning_memdec.retrieval.exact_search import (
     smallest,
     squared_norms,
 )
+from lightning_memdec.stages.settings import KNNTargets, TargetSearch
 from lightning_memdec.stages.targets import build_targets
 
 
@@ -219,11 +220,23 @@ def rows(path):
 @pytest.fixture(scope="module")
 def exact_targets(tmp_path_factory, biomed_datastore):
     out = tmp_path_factory.mktemp("exact") / "t"
-    return build_targets(biomed_datastore, None, out, k=16, temperature=4.0, chunk_size=512, search="exact")
+    return build_targets(
+        biomed_datastore,
+        None,
+        out,
+        knn=KNNTargets(k=16, temperature=4.0),
+        search=TargetSearch(chunk_size=512, backend="exact"),
+    )
 
 
 def test_exact_targets_equal_faiss_flat_targets(tmp_path, biomed_datastore, biomed_index, exact_targets):
-    flat = build_targets(biomed_datastore, biomed_index, tmp_path / "f", k=16, temperature=4.0, search="faiss")
+    flat = build_targets(
+        biomed_datastore,
+        biomed_index,
+        tmp_path / "f",
+        knn=KNNTargets(k=16, temperature=4.0),
+        search=TargetSearch(backend="faiss"),
+    )
     meta_e, meta_f = Targets(exact_targets).meta, Targets(flat).meta
     assert (meta_e["search"], meta_e["index_factory"], meta_e["nprobe"]) == ("exact", None, None)
     assert (meta_f["search"], meta_f["index_factory"]) == ("faiss", "Flat")
@@ -235,24 +248,33 @@ def test_exact_targets_equal_faiss_flat_targets(tmp_path, biomed_datastore, biom
 
 
 def test_auto_picks_exact_here_and_faiss_without_index_is_refused(tmp_path, biomed_datastore, biomed_index):
-    out = build_targets(biomed_datastore, biomed_index, tmp_path / "a", k=4, temperature=4.0, chunk_size=2048)
+    out = build_targets(
+        biomed_datastore,
+        biomed_index,
+        tmp_path / "a",
+        knn=KNNTargets(k=4, temperature=4.0),
+        search=TargetSearch(chunk_size=2048),
+    )
     assert Targets(out).meta["search"] == "exact"  # a tiny store on the CPU: N·d ≤ 2^25
     with pytest.raises(ValueError, match="needs an index"):
-        build_targets(biomed_datastore, None, tmp_path / "b", search="faiss")
-    with pytest.raises(ValueError, match="search must be one of"):
-        build_targets(biomed_datastore, biomed_index, tmp_path / "b", search="ivf")
+        build_targets(biomed_datastore, None, tmp_path / "b", search=TargetSearch(backend="faiss"))
+    with pytest.raises(ValueError, match="--search.backend must be one of"):
+        build_targets(biomed_datastore, biomed_index, tmp_path / "b", search=TargetSearch(backend="ivf"))
 
 
 def test_exact_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, biomed_index, exact_targets):
     out = tmp_path / "t"
-    kwargs = dict(k=16, temperature=4.0, chunk_size=512, search="exact")
+    kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch("exact", chunk_size=512))
     with pytest.raises(SimulatedKill):
         build_targets(biomed_datastore, None, out, callbacks=[Interrupt(after=2)], **kwargs)
     assert partial_dir(out).exists() and not out.exists()
     assert json.loads((partial_dir(out) / "run_config.json").read_text())["search"] == "exact"
     with pytest.raises(ArtifactError, match="different settings"):  # another backend does not resume this run
-        build_targets(biomed_datastore, biomed_index, out, **{**kwargs, "search": "faiss"})
-    build_targets(biomed_datastore, None, out, search_memory_gb=1e-3, **kwargs)  # ~50-key blocks, same result
+        build_targets(
+            biomed_datastore, biomed_index, out, **{**kwargs, "search": TargetSearch("faiss", chunk_size=512)}
+        )
+    exact = TargetSearch("exact", memory_gb=1e-3, chunk_size=512)  # ~50-key blocks, same result
+    build_targets(biomed_datastore, None, out, knn=kwargs["knn"], search=exact)
     for name in ("offsets.npy", "ids.npy", "probs.npy"):
         assert (out / name).read_bytes() == (exact_targets / name).read_bytes()
 
@@ -262,7 +284,9 @@ def test_exact_backend_runs_without_faiss(tmp_path, biomed_datastore, exact_targ
     script = (
         "import sys; sys.modules['faiss'] = None\n"  # any `import faiss` now fails
         "from lightning_memdec.stages.targets import build_targets\n"
-        f"build_targets({str(biomed_datastore)!r}, out={str(out)!r}, k=16, temperature=4.0, chunk_size=512)\n"
+        "from lightning_memdec.stages.settings import KNNTargets, TargetSearch\n"
+        f"build_targets({str(biomed_datastore)!r}, out={str(out)!r}, knn=KNNTargets(k=16, temperature=4.0),"
+        " search=TargetSearch(chunk_size=512))\n"
         "assert 'lightning_memdec.retrieval.faiss_index' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300, capture_output=True)

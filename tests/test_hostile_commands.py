@@ -61,8 +61,18 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, biom
     shutil.copytree(biomed_datastore, store)
     before = sorted(p.name for p in store.iterdir())
     for args in (
-        ["build-index", "--datastore", str(store), "--out", str(store), "--factory", "Flat", "--overwrite", "true"],
-        ["build-index-sharded", "--datastore", str(store), "--out", str(store), "--factory", "Flat"],
+        [
+            "build-index",
+            "--datastore",
+            str(store),
+            "--out",
+            str(store),
+            "--plan.factory",
+            "Flat",
+            "--overwrite",
+            "true",
+        ],  # noqa: E501
+        ["build-index-sharded", "--datastore", str(store), "--out", str(store), "--plan.factory", "Flat"],
         ["build-index", "--datastore", str(store / "."), "--out", str(tmp_path), "--overwrite", "true"],  # holds it
     ):
         err = refused(args, capsys)
@@ -104,14 +114,14 @@ def test_downstream_refuses_mistakes_before_loading_a_model(
     no_model_loaded(monkeypatch, ds)
     tasks, afile = task_folder(tmp_path / "tasks"), tmp_path / "afile"
     afile.write_text("mine")
-    run = ["downstream", "--tasks", str(tasks), "--device", "cpu"]
+    run = ["downstream", "--tasks", str(tasks), "--prompts.device", "cpu"]
     gpt2 = ["--bases", str(tiny_gpt2)]
-    knn = ["--datastore", str(biomed_datastore), "--index", str(biomed_index)]
+    knn = ["--knn.datastore", str(biomed_datastore), "--knn.index", str(biomed_index)]
     for args, message in (
         (gpt2 + ["--out", str(afile)], f"--out {afile} is a file, but a directory is needed"),
-        (gpt2 + ["--out", str(tmp_path / "o"), "--max_length", "0"], "--max_length must be a positive integer"),
-        (gpt2 + ["--out", str(tmp_path / "o"), "--batch_size", "-1"], "--batch_size must be a positive integer"),
-        (gpt2 + knn + ["--out", str(tmp_path / "o"), "--k", "0"], "--k must be a positive integer"),
+        (gpt2 + ["--out", str(tmp_path / "o"), "--prompts.max_length", "0"], "--prompts.max_length must be a positive"),
+        (gpt2 + ["--out", str(tmp_path / "o"), "--prompts.batch_size", "-1"], "--prompts.batch_size must be a"),
+        (gpt2 + knn + ["--out", str(tmp_path / "o"), "--knn.k", "0"], "--knn.k must be positive"),
         (["--bases", str(tmp_path / "gpt2-typo"), "--out", str(tmp_path / "o")], "gpt2-typo"),
         (gpt2 + ["--memdec", str(tmp_path / "memdec-typo"), "--out", str(tmp_path / "o")], "--memdec"),
         (["--bases", str(neox_base)] + knn + ["--out", str(tmp_path / "o")], "give the datastore built with this"),
@@ -199,13 +209,13 @@ def test_quickstart_refuses_bad_settings_before_any_work(tmp_path, monkeypatch, 
     no_quickstart_work(monkeypatch)
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    run = ["quickstart", "--base", str(tiny_gpt2), "--window", "32"]
+    run = ["quickstart", "--base", str(tiny_gpt2), "--budget.window", "32"]
     for args, message in (
         (["--out", str(afile)], f"--out {afile} is a file"),
-        (["--out", str(tmp_path / "q"), "--k", "0"], "--k must be a positive integer"),
-        (["--out", str(tmp_path / "q"), "--batch_size", "0"], "--batch_size must be a positive integer"),
-        (["--out", str(tmp_path / "q"), "--decoder_lr", "-1"], "--decoder_lr must be a finite number > 0"),
-        (["--out", str(tmp_path / "q"), "--window", "100000"], "exceeds the context of"),
+        (["--out", str(tmp_path / "q"), "--budget.k", "0"], "--budget.k must be a positive number"),
+        (["--out", str(tmp_path / "q"), "--budget.batch_size", "0"], "--budget.batch_size must be a positive number"),
+        (["--out", str(tmp_path / "q"), "--budget.decoder_lr", "-1"], "--budget.decoder_lr must be a positive number"),
+        (["--out", str(tmp_path / "q"), "--budget.window", "100000"], "exceeds the context of"),
     ):
         assert message in refused(run + args, capsys)
     assert afile.read_text() == "mine" and not (tmp_path / "q").exists()
@@ -233,9 +243,9 @@ def test_index_settings_that_cannot_work_are_refused_before_the_build(tmp_path, 
     --recall_k 0 with an AssertionError once the whole index was built; both left a .partial behind."""
     for command in ("build-index", "build-index-sharded"):
         run = [command, "--datastore", str(biomed_datastore), "--out", str(tmp_path / command)]
-        err = refused(run + ["--factory", "IVF4,Flat", "--train_size", "0"], capsys)
-        assert "--train_size gives 0 training keys, fewer than the 4 lists" in err
-        assert "--recall_k must be 1 or more" in refused(run + ["--factory", "Flat", "--recall_k", "0"], capsys)
+        err = refused(run + ["--plan.factory", "IVF4,Flat", "--plan.train_size", "1"], capsys)
+        assert "--plan.train_size gives 1 training keys, fewer than the 4 lists" in err
+        assert "--recall_k must be 1 or more" in refused(run + ["--plan.factory", "Flat", "--recall_k", "0"], capsys)
     assert sorted(tmp_path.iterdir()) == []
 
 

@@ -5,6 +5,7 @@ import pytest
 from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.retrieval.faiss_index import KeyIndex, auto_factory, build_index
+from lightning_memdec.retrieval.settings import IndexSettings
 
 
 def brute_force(keys, queries, k):
@@ -29,11 +30,11 @@ def test_ivf_with_all_lists_probed_is_exact_and_pq_recalls(tmp_path, biomed_data
     keys = np.asarray(Datastore(biomed_datastore).keys, dtype=np.float32)
     queries = keys[::61]
     _, ref_ids = brute_force(keys, queries, 10)
-    ivf = KeyIndex(build_index(biomed_datastore, tmp_path / "ivf", factory="IVF16,Flat", nprobe=16))
+    ivf = KeyIndex(build_index(biomed_datastore, tmp_path / "ivf", plan=IndexSettings(factory="IVF16,Flat", nprobe=16)))
     dist, ids = ivf.search(queries, 10)
     ref_d, _ = brute_force(keys, queries, 10)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
-    pq = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", factory="IVF16,PQ8", nprobe=16))
+    pq = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", plan=IndexSettings(factory="IVF16,PQ8", nprobe=16)))
     _, pq_ids = pq.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(pq_ids, ref_ids)])
     assert recall > 0.5, recall
@@ -68,10 +69,10 @@ def test_one_sizing_rule_with_the_quickstarts_numbers():
 
 def test_bad_factory_and_existing_output(tmp_path, biomed_datastore, biomed_index):
     with pytest.raises(ValueError, match="invalid FAISS factory string"):
-        build_index(biomed_datastore, tmp_path / "x", factory="NotAnIndex")
+        build_index(biomed_datastore, tmp_path / "x", plan=IndexSettings(factory="NotAnIndex"))
     assert not (tmp_path / "x").exists()
     with pytest.raises(ArtifactError, match="already exists"):
-        build_index(biomed_datastore, biomed_index, factory="Flat")
+        build_index(biomed_datastore, biomed_index, plan=IndexSettings(factory="Flat"))
     with pytest.raises(ArtifactError, match="does not exist"):
         build_index(tmp_path / "missing", tmp_path / "y")
 
@@ -115,11 +116,19 @@ def test_plan_respects_faiss_constraints():
 
 
 def test_build_index_records_measured_recall_and_plan_only(tmp_path, biomed_datastore):
-    plan = build_index(biomed_datastore, tmp_path / "p", factory="IVF8,Flat", plan_only=True)
+    plan = build_index(biomed_datastore, tmp_path / "p", plan_only=True, plan=IndexSettings(factory="IVF8,Flat"))
     assert plan.factory == "IVF8,Flat" and not (tmp_path / "p").exists()
-    flat = KeyIndex(build_index(biomed_datastore, tmp_path / "flat", factory="Flat", recall_queries=50, recall_k=8))
+    flat = KeyIndex(
+        build_index(
+            biomed_datastore, tmp_path / "flat", recall_queries=50, recall_k=8, plan=IndexSettings(factory="Flat")
+        )
+    )
     assert flat.meta["recall"] == {"k": 8, "queries": 50, "recall": 1.0}  # exact search against exact search
-    ivf = KeyIndex(build_index(biomed_datastore, tmp_path / "ivf", factory="IVF8,Flat", nprobe=1, recall_queries=50))
+    ivf = KeyIndex(
+        build_index(
+            biomed_datastore, tmp_path / "ivf", recall_queries=50, plan=IndexSettings(factory="IVF8,Flat", nprobe=1)
+        )
+    )
     assert 0 < ivf.meta["recall"]["recall"] < 1.0  # one of eight lists probed misses some true neighbours
     assert ivf.meta["train_size"] == min(len(Datastore(biomed_datastore)), 256 * 8)
 
@@ -127,7 +136,9 @@ def test_build_index_records_measured_recall_and_plan_only(tmp_path, biomed_data
 def test_plan_counts_the_ivfpq_precomputed_table_faiss_builds(tmp_path, biomed_datastore):
     from lightning_memdec.retrieval.index_plan import PRECOMPUTED_TABLE_MAX_BYTES, plan_index, precomputed_table_bytes
 
-    built = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", factory="IVF16,PQ8", recall_queries=0))
+    built = KeyIndex(
+        build_index(biomed_datastore, tmp_path / "pq", recall_queries=0, plan=IndexSettings(factory="IVF16,PQ8"))
+    )
     table = faiss.downcast_index(built.index).precomputed_table.size() * 4  # what faiss holds beside the codes
     assert table == precomputed_table_bytes(16, 8) == 16 * 8 * 256 * 4
     n, d = len(Datastore(biomed_datastore)), Datastore(biomed_datastore).dim
@@ -146,7 +157,9 @@ def test_gpu_clone_options_follow_faiss_gpu_constraints(tmp_path, biomed_datasto
     assert gpu_pq_options(768, 48) == (False, False) and gpu_pq_options(1024, 64) == (False, True)
     assert gpu_pq_options(256, None) == (False, False)
     assert any("usePrecomputed" in note for note in plan_index(103_000_000, 1600, gpu=True).notes)
-    pq = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", factory="IVF16,PQ8", recall_queries=0))
+    pq = KeyIndex(
+        build_index(biomed_datastore, tmp_path / "pq", recall_queries=0, plan=IndexSettings(factory="IVF16,PQ8"))
+    )
     assert pq_bytes(pq.index) == 8 and pq_bytes(faiss.IndexFlatL2(4)) is None
 
 

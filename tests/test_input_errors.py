@@ -4,6 +4,7 @@ import pytest
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir, read_meta
 from lightning_memdec.io.token_corpus import tokenize
+from lightning_memdec.stages.settings import KNNTargets, TargetSearch
 
 
 @pytest.mark.parametrize(
@@ -42,8 +43,10 @@ def test_non_utf8_text_is_named_with_the_fix(tmp_path):
 def test_chunk_size_zero_is_refused_before_any_work(tmp_path, biomed_datastore, biomed_index):
     from lightning_memdec.stages.targets import build_targets
 
-    with pytest.raises(ValueError, match="--chunk_size must be a positive number .* got 0"):
-        build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=8, chunk_size=0)
+    with pytest.raises(ValueError, match="--search.chunk_size must be a positive number .* got 0"):
+        build_targets(
+            biomed_datastore, biomed_index, tmp_path / "t", knn=KNNTargets(k=8), search=TargetSearch(chunk_size=0)
+        )
     assert not partial_dir(tmp_path / "t").exists()
 
 
@@ -71,7 +74,7 @@ def test_a_meta_json_missing_a_key_names_the_file_the_key_and_the_fix(tmp_path, 
     del fields[key]
     (store / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=rf"{store / 'meta.json'} has no '{key}' entry: .*rebuild it"):
-        build_targets(store, None, tmp_path / "t", k=8, search="exact")
+        build_targets(store, None, tmp_path / "t", knn=KNNTargets(k=8), search=TargetSearch(backend="exact"))
     assert not partial_dir(tmp_path / "t").exists() and not (tmp_path / "t").exists()
 
 

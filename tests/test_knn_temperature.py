@@ -8,6 +8,7 @@ import pytest
 
 from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
 from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_key, knn_temperatures_scorer
+from lightning_memdec.evaluation.settings import EvaluateKNN, EvaluateMixing, Scoring
 from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
 from lightning_memdec.inference.sliding_window import sliding_gold_log_probs
 from lightning_memdec.io.embedded import load_tokenizer
@@ -36,9 +37,15 @@ def test_one_pass_scorer_equals_a_knnlm_at_each_temperature(tiny_gpt2, biomed_da
 
 def test_evaluate_chooses_the_temperature_on_valid(tmp_path, tiny_gpt2, biomed_datastore, biomed_index):
     splits = {"test": "embedded:biomed/test", "valid": "embedded:law/valid"}
-    common = {"window": 32, "stride": 16, "batch_size": 4, "max_tokens": 150}
-    report = evaluate(bases=[str(tiny_gpt2)], datastore=[str(biomed_datastore)], index=[str(biomed_index)], k=16,
-                      temperature_grid=TEMPERATURES, out=tmp_path / "r", **splits, **common)  # fmt: skip
+    common = {"scoring": Scoring(window=32, stride=16, batch_size=4, max_tokens=150)}
+    report = evaluate(
+        bases=[str(tiny_gpt2)],
+        out=tmp_path / "r",
+        knn=EvaluateKNN(datastore=[str(biomed_datastore)], index=[str(biomed_index)], k=16),
+        mix=EvaluateMixing(temperature_grid=TEMPERATURES),
+        **splits,
+        **common,
+    )
     assert report["lambda_grid"] == list(DEFAULT_LAMBDA_GRID)
     row = report["rows"][0]
     # direct: a KNNLM per temperature on valid, λ swept on the 0 … 1 grid, the lowest valid perplexity wins
@@ -62,8 +69,14 @@ def test_evaluate_chooses_the_temperature_on_valid(tmp_path, tiny_gpt2, biomed_d
     assert row["knnlm_ppl"] == pytest.approx(mixed_perplexity(test["base"], test["knn"], valid_ppl[best][1]), rel=1e-9)
     assert "T chosen on valid" in (tmp_path / "r" / "report.md").read_text()
     # without a valid split, the given temperature is the one used
-    fixed = evaluate(bases=[str(tiny_gpt2)], datastore=[str(biomed_datastore)], index=[str(biomed_index)], k=16,
-                     temperature=4.0, knn_lmbda=0.3, test=splits["test"], out=tmp_path / "f", **common)  # fmt: skip
+    fixed = evaluate(
+        bases=[str(tiny_gpt2)],
+        test=splits["test"],
+        out=tmp_path / "f",
+        knn=EvaluateKNN(datastore=[str(biomed_datastore)], index=[str(biomed_index)], k=16, temperature=4.0),
+        mix=EvaluateMixing(knn_lmbda=0.3),
+        **common,
+    )
     assert fixed["rows"][0]["knnlm_temperature"] == 4.0 and fixed["rows"][0]["knnlm_temperature_from"] == "given"
     knn = lp["test", 4.0]
     assert fixed["rows"][0]["knnlm_ppl"] == pytest.approx(mixed_perplexity(knn["base"], knn["knn"], 0.3), rel=1e-9)

@@ -17,6 +17,7 @@ from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.retrieval.faiss_index import KeyIndex
 from lightning_memdec.stages.official_import import import_official
+from lightning_memdec.stages.settings import KNNTargets, TargetSearch
 from lightning_memdec.stages.targets import build_targets
 from lightning_memdec.training.datamodule import WindowTargetsDataset
 
@@ -106,8 +107,20 @@ def test_datastore_import_with_the_base_records_its_key_layer(tmp_path, biomed_d
 
 def test_imported_datastore_gives_the_same_targets(imported, tmp_path, biomed_datastore):
     """build-targets accepts the import, and its targets are the source datastore's, number for number."""
-    ours = build_targets(biomed_datastore, None, tmp_path / "t-src", k=16, temperature=4.0, search="exact")
-    theirs = build_targets(imported / "ds", None, tmp_path / "t-imp", k=16, temperature=4.0, search="exact")
+    ours = build_targets(
+        biomed_datastore,
+        None,
+        tmp_path / "t-src",
+        knn=KNNTargets(k=16, temperature=4.0),
+        search=TargetSearch(backend="exact"),
+    )
+    theirs = build_targets(
+        imported / "ds",
+        None,
+        tmp_path / "t-imp",
+        knn=KNNTargets(k=16, temperature=4.0),
+        search=TargetSearch(backend="exact"),
+    )
     for name in ("offsets", "ids", "probs"):
         np.testing.assert_array_equal(getattr(Targets(ours), name), getattr(Targets(theirs), name))
 
@@ -180,7 +193,11 @@ def test_nan_key_discards_the_half_written_import(tmp_path, biomed_datastore, bi
 @pytest.fixture(scope="module")
 def source_targets(tmp_path_factory, biomed_datastore):
     out = tmp_path_factory.mktemp("src-targets") / "t"
-    return Targets(build_targets(biomed_datastore, None, out, k=16, temperature=4.0, search="exact"))
+    return Targets(
+        build_targets(
+            biomed_datastore, None, out, knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(backend="exact")
+        )
+    )
 
 
 def test_targets_import_is_the_same_csr_and_fit_accepts_it(imported, tmp_path, source_targets, biomed_corpus):
@@ -288,7 +305,9 @@ def test_index_import_searches_like_the_official_index(imported, tmp_path):
     loaded = KeyIndex(out)
     loaded.check_datastore(store)
     np.testing.assert_array_equal(loaded.search(keys[:50], 8)[1], index.search(keys[:50], 8)[1])
-    targets = build_targets(imported / "ds", out, tmp_path / "t", k=8, temperature=4.0, search="faiss")
+    targets = build_targets(
+        imported / "ds", out, tmp_path / "t", knn=KNNTargets(k=8, temperature=4.0), search=TargetSearch(backend="faiss")
+    )
     assert Targets(targets).meta["index_factory"] == "IVF8,PQ4"
 
 

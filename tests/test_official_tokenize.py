@@ -14,6 +14,7 @@ from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.official_preprocessing import official_groups, shard_bounds
 from lightning_memdec.io.readers import Datastore
+from lightning_memdec.io.settings import DatasetRows
 from lightning_memdec.io.token_corpus import Corpus, tokenize
 from lightning_memdec.stages.official_import import import_official
 
@@ -79,8 +80,12 @@ def test_tokenize_official_rows_keep_special_tokens_and_no_eos(tmp_path):
     tok = llama3_style_tokenizer()
     tok.save_pretrained(tmp_path / "tok")
     rows = wikitext_rows(40)
-    out = tokenize(data_files=[str(write_jsonl(tmp_path / "train.jsonl", rows))], out=tmp_path / "c",
-                   tokenizer=str(tmp_path / "tok"), separation="official")  # fmt: skip
+    out = tokenize(
+        out=tmp_path / "c",
+        tokenizer=str(tmp_path / "tok"),
+        separation="official",
+        dataset=DatasetRows(files=[str(write_jsonl(tmp_path / "train.jsonl", rows))]),
+    )
     per_row = [tok(r)["input_ids"] for r in rows]
     assert all(ids[0] == tok.bos_token_id for ids in per_row)  # blank rows too: [BOS]
     shards = [per_row[2 * i : 2 * i + 2] for i in range(8)] + [[ids] for ids in per_row[16:]]
@@ -97,10 +102,12 @@ def test_official_separation_refuses_text_files_and_document_start(tmp_path):
     with pytest.raises(ValueError, match="--separation official tokenizes dataset rows"):
         tokenize(text=["embedded:biomed/valid"], out=tmp_path / "c", separation="official")
     data = write_jsonl(tmp_path / "d.jsonl", ["a"])
-    with pytest.raises(ValueError, match="and no --document_start"):
-        tokenize(data_files=[str(data)], out=tmp_path / "c", separation="official", document_start="^ = ")
+    with pytest.raises(ValueError, match="and no --dataset.document_start"):
+        tokenize(
+            out=tmp_path / "c", separation="official", dataset=DatasetRows(files=[str(data)], document_start="^ = ")
+        )
     with pytest.raises(ValueError, match="--separation must be one of"):
-        tokenize(data_files=[str(data)], out=tmp_path / "c", separation="none")
+        tokenize(out=tmp_path / "c", separation="none", dataset=DatasetRows(files=[str(data)]))
     assert not (tmp_path / "c").exists()
 
 
@@ -120,9 +127,9 @@ def test_official_corpus_is_accepted_by_import_and_the_eos_corpus_is_not(tmp_pat
                 [pa.array(list(keys), schema[0].type), pa.array(values, pa.int32())], schema=schema
             )
         )
-    official = tokenize(data_files=[str(data)], out=tmp_path / "official", separation="official")
+    official = tokenize(out=tmp_path / "official", separation="official", dataset=DatasetRows(files=[str(data)]))
     store = Datastore(import_official(tmp_path / "ds", datastore=arrow, corpus=official))
     np.testing.assert_array_equal(store.values, values)
-    eos = tokenize(data_files=[str(data)], out=tmp_path / "eos")
+    eos = tokenize(out=tmp_path / "eos", dataset=DatasetRows(files=[str(data)]))
     with pytest.raises(ArtifactError, match="entry \\d+ has value \\d+ but corpus .* has token"):
         import_official(tmp_path / "ds2", datastore=arrow, corpus=eos)

@@ -11,6 +11,8 @@ import pytest
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.output_lock import OutputLock, lock_path
+from lightning_memdec.retrieval.settings import IndexSettings
+from lightning_memdec.stages.settings import KNNTargets, Windows
 
 HOLD = """
 import sys, time
@@ -47,9 +49,11 @@ def test_every_stage_is_refused_before_any_work_while_its_output_is_locked(
 
     stages = {
         "tokenize": lambda out: tokenize(["embedded:biomed/valid"], out, "gpt2", max_tokens=100),
-        "datastore": lambda out: build_datastore(biomed_corpus, str(tiny_gpt2), out, window=64, stride=32),
-        "index": lambda out: build_index(biomed_datastore, out, factory="Flat"),
-        "targets": lambda out: build_targets(biomed_datastore, biomed_index, out, k=8),
+        "datastore": lambda out: build_datastore(
+            biomed_corpus, str(tiny_gpt2), out, windows=Windows(window=64, stride=32)
+        ),
+        "index": lambda out: build_index(biomed_datastore, out, plan=IndexSettings(factory="Flat")),
+        "targets": lambda out: build_targets(biomed_datastore, biomed_index, out, knn=KNNTargets(k=8)),
         "transfer-vocab": lambda out: transfer_vocab(str(tiny_gpt2), "gpt2", out),
     }
     for name, stage in stages.items():

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
 from lightning_memdec.evaluation.overlap import audit_overlap, document_offsets, ngram_hashes
+from lightning_memdec.evaluation.settings import Audit, EvaluateMixing, Scoring
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.embedded import load_tokenizer, resolve_text
 from lightning_memdec.io.text_sources import read_documents
@@ -72,11 +73,10 @@ def test_evaluate_reports_overlap_and_perplexities_outside_it(tmp_path, tiny_gpt
             bases=[str(tiny_gpt2)],
             test=str(tmp_path / "test.txt"),
             memdec=str(decoder),
-            lmbda=0.4,
-            overlap_with=[str(tmp_path / "train.txt")],
-            window=32,
-            stride=16,
             out=tmp_path / "r",
+            mix=EvaluateMixing(lmbda=0.4),
+            audit=Audit(overlap_with=[str(tmp_path / "train.txt")]),
+            scoring=Scoring(batch_size=4, window=32, stride=16),
         )
     tok = load_tokenizer("gpt2")
     tokens = text_tokens(tmp_path / "test.txt", tok)

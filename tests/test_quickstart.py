@@ -2,13 +2,14 @@
 and equals a direct computation from the per-position arrays; reuse, --domain, --base, --pretrain_bases."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from conftest import save_tiny
 from test_overlap import reference_inside
 
-from lightning_memdec.apps.quickstart import quickstart
+from lightning_memdec.apps.quickstart import Budget, quickstart
 from lightning_memdec.apps.quickstart_report import goals
 from lightning_memdec.evaluation.intervals import LEVEL, RESAMPLES, SEED
 from lightning_memdec.io.artifact_dirs import ArtifactError
@@ -18,11 +19,11 @@ from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID as LAMBDA_GRID
 
 # the shipped bases at a few thousand tokens: mechanics only, the numbers mean nothing
-MICRO = dict(
+MICRO = Budget(
     domain_tokens=3_000, valid_tokens=600, test_tokens=900, window=32, batch_size=4, teacher_steps=2, memdec_steps=4,
     k=8,
 )  # fmt: skip
-TINY = dict(general_tokens=4_000, small_base_steps=2, large_base_steps=2, **MICRO)
+TINY = replace(MICRO, general_tokens=4_000, small_base_steps=2, large_base_steps=2)
 ROW_KEYS = {
     "base",
     "role",
@@ -53,7 +54,7 @@ MD_SECTIONS = ["## Goals", "## General text", "## Overlap audit", "## Intervals 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    return out, quickstart(out=out, **MICRO)
+    return out, quickstart(out=out, budget=MICRO)
 
 
 @pytest.mark.slow
@@ -106,11 +107,11 @@ def test_rerun_reuses_finished_stages(micro_run):
             out / "stores" / "base-large-test" / "keys.npy",
         ]
     }
-    again = quickstart(out=out, **MICRO)
+    again = quickstart(out=out, budget=MICRO)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.dumps(again["rows"]) == json.dumps(report["rows"])  # NaN bounds (kNN alone: p = 0) compare equal
     with pytest.raises(ArtifactError, match="other settings .*memdec_steps"):
-        quickstart(out=out, **{**MICRO, "memdec_steps": 5})
+        quickstart(out=out, budget=replace(MICRO, memdec_steps=5))
 
 
 def goal_report(**changes) -> dict:
@@ -156,11 +157,11 @@ def test_mismatched_base_tokenizers_are_refused_before_any_work(tmp_path):
     neox = save_tiny(tmp_path / "neox", arch="gpt_neox", vocab=50277, tokenizer="gpt-neox-20b")
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="share one tokenizer"):
-        quickstart(out=out, base=["embedded:base-small", str(neox)], **MICRO)
+        quickstart(out=out, base=["embedded:base-small", str(neox)], budget=MICRO)
     with pytest.raises(ValueError, match="share one tokenizer"):
-        quickstart(out=out, teacher=str(neox), **MICRO)
+        quickstart(out=out, teacher=str(neox), budget=MICRO)
     with pytest.raises(ValueError, match="share one tokenizer"):
-        quickstart(out=out, tokenizer="gpt-neox-20b", **MICRO)
+        quickstart(out=out, tokenizer="gpt-neox-20b", budget=MICRO)
     assert not out.exists()
 
 
@@ -202,7 +203,7 @@ def planted_domain_run(tmp_path_factory):
     small = save_tiny(tmp / "small", n_embd=32, seed=1)
     large = save_tiny(tmp / "large", n_embd=64, seed=2)
     # listed largest first: the decoder still starts from the smallest, the teacher from the largest
-    report = quickstart(out=tmp / "run", domain=str(domain), base=[str(large), str(small)], **MICRO)
+    report = quickstart(out=tmp / "run", domain=str(domain), base=[str(large), str(small)], budget=MICRO)
     return tmp, domain, report
 
 
@@ -214,7 +215,7 @@ def test_custom_domain_with_given_bases(planted_domain_run):
     assert report["run"]["domain"] == str(domain)
     assert (tmp / "run" / "corpora" / "domain-train").is_dir()
     with pytest.raises(FileNotFoundError, match="must hold train.txt"):
-        quickstart(out=tmp / "bad", domain=str(tmp / "small"), base=[str(tmp / "small")], **MICRO)
+        quickstart(out=tmp / "bad", domain=str(tmp / "small"), base=[str(tmp / "small")], budget=MICRO)
     assert not (tmp / "bad").exists()
 
 
@@ -259,9 +260,9 @@ def test_report_equals_a_direct_computation_from_the_arrays(planted_domain_run):
 
 @pytest.mark.slow
 def test_pretrain_bases_flag_trains_tiny_bases_from_scratch(tmp_path):
-    report = quickstart(out=tmp_path / "run", pretrain_bases=True, **TINY)
+    report = quickstart(out=tmp_path / "run", pretrain_bases=True, budget=TINY)
     assert [r["base"] for r in report["rows"]] == ["base-small", "base-large", "teacher"]
     assert (tmp_path / "run" / "models" / "base-small" / "model.safetensors").is_file()
     assert report["run"]["teacher_start"].endswith("base-large")
     with pytest.raises(ValueError, match="either --base or --pretrain_bases"):
-        quickstart(out=tmp_path / "x", pretrain_bases=True, base=["embedded:base-small"], **TINY)
+        quickstart(out=tmp_path / "x", pretrain_bases=True, base=["embedded:base-small"], budget=TINY)

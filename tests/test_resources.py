@@ -10,6 +10,8 @@ from lightning_memdec.io.artifact_dirs import partial_dir
 from lightning_memdec.io.capacity import ResourceError, check_fits
 from lightning_memdec.retrieval.exact_search import block_rows, check_search_budget
 from lightning_memdec.retrieval.index_plan import check_gpu_k
+from lightning_memdec.retrieval.settings import IndexSettings
+from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
 
 def test_check_fits_names_bytes_and_fix():
@@ -20,7 +22,7 @@ def test_check_fits_names_bytes_and_fix():
 
 def test_search_budget_error_gives_a_chunk_size_that_fits():
     budget, dim, candidates = 64 * 2**20, 1600, 1024 + 8 + 1024 // 16  # the paper's k and d on the CPU (fp32)
-    with pytest.raises(ValueError, match=r"use chunk_size ≤ ([\d,]+) or search_memory_gb ≥") as err:
+    with pytest.raises(ValueError, match=r"use --search.chunk_size ≤ ([\d,]+) or --search.memory_gb ≥") as err:
         check_search_budget(4096, dim, candidates, budget, torch.float32)
     fits = int(err.value.args[0].split("chunk_size ≤ ")[1].split(" ")[0].replace(",", ""))
     check_search_budget(fits, dim, candidates, budget, torch.float32)  # the suggestion fits …
@@ -34,8 +36,14 @@ def test_search_budget_error_gives_a_chunk_size_that_fits():
 def test_build_targets_refuses_a_budget_too_small_before_work(tmp_path, biomed_datastore):
     from lightning_memdec.stages.targets import build_targets
 
-    with pytest.raises(ValueError, match="use chunk_size ≤"):
-        build_targets(biomed_datastore, None, tmp_path / "t", k=16, search="exact", search_memory_gb=1e-5)
+    with pytest.raises(ValueError, match="use --search.chunk_size ≤"):
+        build_targets(
+            biomed_datastore,
+            None,
+            tmp_path / "t",
+            knn=KNNTargets(k=16),
+            search=TargetSearch(backend="exact", memory_gb=1e-05),
+        )
     assert not partial_dir(tmp_path / "t").exists()
 
 
@@ -43,10 +51,24 @@ def test_build_targets_refuses_replicas_beyond_ram(tmp_path, biomed_datastore, b
     import lightning_memdec.stages.targets as targets
 
     monkeypatch.setattr(targets, "available_ram", lambda: 1000)
-    with pytest.raises(ResourceError, match="2 ranks' FAISS index replicas in RAM.*--devices lower"):
-        targets.build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=8, search="faiss", devices=2)
+    with pytest.raises(ResourceError, match="2 ranks' FAISS index replicas in RAM.*--hardware.devices lower"):
+        targets.build_targets(
+            biomed_datastore,
+            biomed_index,
+            tmp_path / "t",
+            knn=KNNTargets(k=8),
+            search=TargetSearch(backend="faiss"),
+            hardware=Hardware(devices=2),
+        )
     with pytest.raises(ResourceError, match="2 ranks' exact-search blocks"):
-        targets.build_targets(biomed_datastore, None, tmp_path / "t", k=8, search="exact", devices=2)
+        targets.build_targets(
+            biomed_datastore,
+            None,
+            tmp_path / "t",
+            knn=KNNTargets(k=8),
+            search=TargetSearch(backend="exact"),
+            hardware=Hardware(devices=2),
+        )
     assert not partial_dir(tmp_path / "t").exists()
 
 
@@ -54,8 +76,9 @@ def test_build_index_refuses_an_index_beyond_ram(tmp_path, biomed_datastore, mon
     import lightning_memdec.retrieval.faiss_index as index
 
     monkeypatch.setattr(index, "available_ram", lambda: 1000)
-    with pytest.raises(ResourceError, match=r"building IVF8,Flat \(in RAM: index \+ training sample\).*--memory_gb"):
-        index.build_index(biomed_datastore, tmp_path / "i", factory="IVF8,Flat")
+    refused = r"building IVF8,Flat \(in RAM: index \+ training sample\).*--plan.memory_gb"
+    with pytest.raises(ResourceError, match=refused):
+        index.build_index(biomed_datastore, tmp_path / "i", plan=IndexSettings(factory="IVF8,Flat"))
     assert not partial_dir(tmp_path / "i").exists()
 
 
@@ -64,7 +87,7 @@ def test_build_datastore_refuses_a_full_disk(tmp_path, biomed_corpus, tiny_gpt2,
 
     monkeypatch.setattr(datastore, "free_disk", lambda path: 10_000)
     with pytest.raises(ResourceError, match=r"positions × 32 dims \(keys fp16 \+ values int32\).*larger file system"):
-        datastore.build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "ds", window=64, stride=32)
+        datastore.build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "ds", windows=Windows(window=64, stride=32))
     assert not partial_dir(tmp_path / "ds").exists()
 
 
@@ -83,12 +106,20 @@ def test_build_targets_refuses_a_full_disk_before_work(tmp_path, biomed_datastor
     needed = targets_disk_bytes_for(n, k)  # chunk files and the merged CSR side by side, at most
     assert targets.targets_disk_bytes(n, k) == needed
     monkeypatch.setattr(targets, "free_disk", lambda path: needed - 1)
-    with pytest.raises(ResourceError, match=rf"targets for {n:,} positions × up to {k} neighbours.*lower --k"):
-        targets.build_targets(biomed_datastore, None, tmp_path / "t", k=k, search="exact")
+    with pytest.raises(ResourceError, match=rf"targets for {n:,} positions × up to {k} neighbours.*lower --knn.k"):
+        targets.build_targets(
+            biomed_datastore, None, tmp_path / "t", knn=KNNTargets(k=k), search=TargetSearch(backend="exact")
+        )
     assert not partial_dir(tmp_path / "t").exists()
     monkeypatch.setattr(targets, "free_disk", lambda path: targets_disk_bytes_for(n, 4) - 1)
     with pytest.raises(ResourceError, match="up to 4 neighbours"):  # --max_support caps the entries per position
-        targets.build_targets(biomed_datastore, None, tmp_path / "t", k=k, max_support=4, search="exact")
+        targets.build_targets(
+            biomed_datastore,
+            None,
+            tmp_path / "t",
+            knn=KNNTargets(k=k, max_support=4),
+            search=TargetSearch(backend="exact"),
+        )
     monkeypatch.setattr(targets, "free_disk", lambda path: needed)
     targets.check_disk(tmp_path / "t", n, k)  # exactly enough is enough
 

@@ -10,6 +10,7 @@ import torch
 from conftest import save_tiny
 
 from lightning_memdec.apps.router_training import RouterData, train_router
+from lightning_memdec.evaluation.settings import EvaluateMixing, Scoring
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.router import Router
 from lightning_memdec.inference.router_artifact import load_router, router_meta, save_router_weights
@@ -254,8 +255,14 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path,
             main(bad)
         assert exit_.value.code == 1 and message in capsys.readouterr().err
 
-    report = evaluate([str(pair["base"])], "embedded:biomed/test", tmp_path / "ev", memdec=str(pair["memdec"]),
-                      lmbda=0.3, window=128, stride=64, max_tokens=100, router=str(out))  # fmt: skip
+    report = evaluate(
+        [str(pair["base"])],
+        "embedded:biomed/test",
+        tmp_path / "ev",
+        memdec=str(pair["memdec"]),
+        mix=EvaluateMixing(lmbda=0.3, router=str(out)),
+        scoring=Scoring(batch_size=4, window=128, stride=64, max_tokens=100),
+    )
     row = report["rows"][0]
     tokens = torch.as_tensor(text_tokens("embedded:biomed/test", load_tokenizer("gpt2"), 100))[None]
     lm = InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3, router=out)
@@ -267,5 +274,11 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path,
     assert low * (1 - 1e-9) <= row["router_ppl"] <= high * (1 + 1e-9)  # one document here: a point-like interval
     assert "router_ppl - memdec_ppl" in row["all_positions"]["differences"]
     with pytest.raises(ArtifactError, match="none of --bases"):
-        evaluate([str(pair["other"])], "embedded:biomed/test", tmp_path / "ev2", memdec=str(pair["memdec"]),
-                 lmbda=0.3, window=128, stride=64, max_tokens=100, router=str(out))  # fmt: skip
+        evaluate(
+            [str(pair["other"])],
+            "embedded:biomed/test",
+            tmp_path / "ev2",
+            memdec=str(pair["memdec"]),
+            mix=EvaluateMixing(lmbda=0.3, router=str(out)),
+            scoring=Scoring(batch_size=4, window=128, stride=64, max_tokens=100),
+        )

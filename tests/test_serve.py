@@ -63,7 +63,7 @@ def server(models, tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "lightning_memdec", "serve", "--base", str(models["base"]), "--memdec",
            str(models["memdec"]), "--lmbda", str(LMBDA), "--port", str(port), "--device", "cpu",
-           "--max_batch_size", "8", "--batch_timeout", "0.05", "--model_name", "tiny-mix"]  # fmt: skip
+           "--queue.max_batch_size", "8", "--queue.batch_timeout", "0.05", "--model_name", "tiny-mix"]  # fmt: skip
     log = (tmp_path_factory.mktemp("serve-log") / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

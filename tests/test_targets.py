@@ -11,6 +11,7 @@ from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.io.token_corpus import tokenize
 from lightning_memdec.stages.datastore import build_datastore
+from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 from lightning_memdec.stages.targets import build_targets
 
 
@@ -30,7 +31,9 @@ def brute_force_row(keys, values, q, k, temperature, exclude):
 @pytest.fixture(scope="module")
 def biomed_targets(tmp_path_factory, biomed_datastore, biomed_index):
     out = tmp_path_factory.mktemp("targets") / "t"
-    return build_targets(biomed_datastore, biomed_index, out, k=16, temperature=4.0, chunk_size=512)
+    return build_targets(
+        biomed_datastore, biomed_index, out, knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512)
+    )
 
 
 @pytest.mark.parametrize("temperature", [4.0, 50.0])
@@ -41,7 +44,11 @@ def test_targets_equal_brute_force_with_self_exclusion(
         biomed_targets
         if temperature == 4.0
         else build_targets(
-            biomed_datastore, biomed_index, tmp_path / "t", k=16, temperature=temperature, chunk_size=512
+            biomed_datastore,
+            biomed_index,
+            tmp_path / "t",
+            knn=KNNTargets(k=16, temperature=temperature),
+            search=TargetSearch(chunk_size=512),
         )
     )
     store, targets = Datastore(biomed_datastore), Targets(path)
@@ -60,14 +67,20 @@ def test_targets_equal_brute_force_with_self_exclusion(
 
 
 def test_temperature_changes_sharpness(tmp_path, biomed_datastore, biomed_index, biomed_targets):
-    hot = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "hot", k=16, temperature=1000.0))
+    hot = Targets(
+        build_targets(biomed_datastore, biomed_index, tmp_path / "hot", knn=KNNTargets(k=16, temperature=1000.0))
+    )
     cold = Targets(biomed_targets)
     top = lambda t: np.mean([t.row(i)[1][0] for i in range(0, len(t), 50)], dtype=np.float64)
     assert top(cold) > top(hot)
 
 
 def test_truncation_renormalises(tmp_path, biomed_datastore, biomed_index):
-    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=16, temperature=50.0, max_support=3))
+    t = Targets(
+        build_targets(
+            biomed_datastore, biomed_index, tmp_path / "t", knn=KNNTargets(k=16, temperature=50.0, max_support=3)
+        )
+    )
     counts = np.diff(t.offsets)
     assert counts.max() <= 3 and counts.min() >= 1
     sums = np.add.reduceat(np.asarray(t.probs, dtype=np.float64), np.asarray(t.offsets[:-1]))
@@ -76,8 +89,18 @@ def test_truncation_renormalises(tmp_path, biomed_datastore, biomed_index):
 
 def test_validation_queries_are_not_self_excluded(tmp_path, biomed_datastore, biomed_index, tiny_gpt2):
     valid = tokenize(["embedded:biomed/test"], tmp_path / "vc", "gpt2", max_tokens=700)
-    vstore = build_datastore(valid, str(tiny_gpt2), tmp_path / "vds", window=64, stride=32, accelerator="cpu")
-    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=vstore, k=8, temperature=4.0))
+    vstore = build_datastore(
+        valid,
+        str(tiny_gpt2),
+        tmp_path / "vds",
+        windows=Windows(window=64, stride=32),
+        hardware=Hardware(accelerator="cpu"),
+    )
+    t = Targets(
+        build_targets(
+            biomed_datastore, biomed_index, tmp_path / "t", queries=vstore, knn=KNNTargets(k=8, temperature=4.0)
+        )
+    )
     assert len(t) == 699 and not t.meta["self_excluded"]
     store, q = Datastore(biomed_datastore), Datastore(vstore)
     keys = np.asarray(store.keys, dtype=np.float32)
@@ -88,7 +111,13 @@ def test_validation_queries_are_not_self_excluded(tmp_path, biomed_datastore, bi
 
 def test_k_is_capped_at_store_size(tmp_path, biomed_datastore, biomed_index, caplog):
     t = Targets(
-        build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=10**6, temperature=16.0, chunk_size=2048)
+        build_targets(
+            biomed_datastore,
+            biomed_index,
+            tmp_path / "t",
+            knn=KNNTargets(k=10**6, temperature=16.0),
+            search=TargetSearch(chunk_size=2048),
+        )
     )
     assert t.meta["k"] == len(Datastore(biomed_datastore)) - 1
     assert "exceeds" in caplog.text
@@ -96,7 +125,7 @@ def test_k_is_capped_at_store_size(tmp_path, biomed_datastore, biomed_index, cap
 
 def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, biomed_index, biomed_targets):
     out = tmp_path / "t"
-    kwargs = dict(k=16, temperature=4.0, chunk_size=512)
+    kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))
     with pytest.raises(SimulatedKill):
         build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=2)], **kwargs)
     assert partial_dir(out).exists() and not out.exists()
@@ -121,17 +150,17 @@ def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_datastore, biome
         str(biomed_index),
         "--out",
         str(out),
-        "--k",
+        "--knn.k",
         "16",
-        "--temperature",
+        "--knn.temperature",
         "4.0",
-        "--chunk_size",
+        "--search.chunk_size",
         chunk_size,
-        "--accelerator",
+        "--hardware.accelerator",
         "cpu",
-        "--devices",
+        "--hardware.devices",
         "2",
-        "--strategy",
+        "--hardware.strategy",
         "ddp",
     ]
     subprocess.run(cmd, check=True, timeout=300, capture_output=True)
@@ -141,15 +170,23 @@ def test_ddp_two_processes_give_the_same_files(tmp_path, biomed_datastore, biome
 
 def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_index, biomed_corpus):
     for kwargs, msg in [
-        ({"k": 0}, "k must be positive"),
-        ({"temperature": 0.0}, "temperature must be a positive finite number"),
-        ({"temperature": -1.0}, "temperature must be a positive finite number"),
-        ({"temperature": float("nan")}, "temperature must be a positive finite number"),
+        ({"k": 0}, "--knn.k must be positive"),
+        ({"temperature": 0.0}, "--knn.temperature must be a positive finite number"),
+        ({"temperature": -1.0}, "--knn.temperature must be a positive finite number"),
+        ({"temperature": float("nan")}, "--knn.temperature must be a positive finite number"),
+        ({"max_support": 0}, "--knn.max_support must be positive"),
+        ({"min_prob": 1.0}, r"--knn.min_prob must be in \[0, 1\)"),
     ]:
         with pytest.raises(ValueError, match=msg):
-            build_targets(biomed_datastore, biomed_index, tmp_path / "t", **kwargs)
+            build_targets(biomed_datastore, biomed_index, tmp_path / "t", knn=KNNTargets(**kwargs))
     wide = save_tiny(tmp_path / "wide", n_embd=64)
-    wide_store = build_datastore(biomed_corpus, str(wide), tmp_path / "wds", window=64, stride=64, accelerator="cpu")
+    wide_store = build_datastore(
+        biomed_corpus,
+        str(wide),
+        tmp_path / "wds",
+        windows=Windows(window=64, stride=64),
+        hardware=Hardware(accelerator="cpu"),
+    )
     with pytest.raises(ArtifactError, match="dim=64 .*dim=32"):
         build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=wide_store)
     with pytest.raises(ArtifactError, match="index .* was built over datastore"):
@@ -159,7 +196,11 @@ def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_
     neox_corpus = tokenize([str(text)], tmp_path / "nc", "gpt-neox-20b")
     neox_model = save_tiny(tmp_path / "neox", arch="gpt_neox", tokenizer="gpt-neox-20b", vocab=50277)
     neox_store = build_datastore(
-        neox_corpus, str(neox_model), tmp_path / "nds", window=64, stride=64, accelerator="cpu"
+        neox_corpus,
+        str(neox_model),
+        tmp_path / "nds",
+        windows=Windows(window=64, stride=64),
+        hardware=Hardware(accelerator="cpu"),
     )
     with pytest.raises(ArtifactError, match="tokenizer gpt-neox-20b .* but datastore .* uses gpt2"):
         build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=neox_store)
@@ -183,7 +224,7 @@ def test_each_rank_puts_its_faiss_index_on_its_own_gpu():
 
 def test_stored_rows_hold_no_zero_probabilities(tmp_path, biomed_datastore, biomed_index):
     """A sharp temperature puts tail weights below fp16's smallest value: they are dropped, rows renormalised."""
-    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=16, temperature=0.05))
+    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", knn=KNNTargets(k=16, temperature=0.05)))
     probs = np.asarray(t.probs, dtype=np.float32)
     assert (probs > 0).all()
     sums = np.add.reduceat(probs, np.asarray(t.offsets[:-1]))
@@ -193,5 +234,33 @@ def test_stored_rows_hold_no_zero_probabilities(tmp_path, biomed_datastore, biom
 
 def test_faiss_gpu_k_limit_refused_before_any_work(tmp_path, biomed_datastore, biomed_index):
     with pytest.raises(ValueError, match="exceeds faiss-gpu's limit of 2048"):
-        build_targets(biomed_datastore, biomed_index, tmp_path / "t", k=2048, search="faiss", use_gpu=True)
+        build_targets(
+            biomed_datastore,
+            biomed_index,
+            tmp_path / "t",
+            knn=KNNTargets(k=2048),
+            search=TargetSearch(backend="faiss", use_gpu=True),
+        )
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()
+
+
+def test_argument_groups_are_nested_flags_with_their_help(tmp_path, biomed_datastore, capsys):
+    """`memdec build-targets --help` lists each group's fields as `--group.field` with the field's docstring; a bad
+    value is refused by the group's check, naming the flag, before any work."""
+    from lightning_memdec.cli import main
+
+    helped = subprocess.run(
+        [sys.executable, "-m", "lightning_memdec", "build-targets", "--help"], capture_output=True, text=True
+    )
+    assert helped.returncode == 0, helped.stderr
+    for flag, text in [
+        ("--knn.k", "neighbours per query"),
+        ("--knn.max_support", "keep at most this many tokens"),
+        ("--search.backend", "blocked matrix products"),
+        ("--hardware.devices", "devices (ranks) per node"),
+    ]:
+        assert flag in helped.stdout and text in " ".join(helped.stdout.split()), flag
+    with pytest.raises(SystemExit) as exit_:
+        main(["build-targets", "--datastore", str(biomed_datastore), "--out", str(tmp_path / "t"), "--knn.k", "0"])
+    assert exit_.value.code == 1 and "--knn.k must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -13,6 +13,7 @@ from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.readers import Targets
 from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
 from lightning_memdec.kernels.scoring import perplexity
+from lightning_memdec.stages.settings import KNNTargets
 from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO
 from lightning_memdec.training.datamodule import (
     PAD_WINDOW,
@@ -213,23 +214,23 @@ def test_every_config_parses(config, capsys, biomed_targets_pair):
 def test_repeatable_list_flags():
     from lightning_memdec.cli import repeatable
 
-    assert repeatable(["quickstart", "--base", "a", "--base", "b", "--k", "3"]) == [
+    assert repeatable(["quickstart", "--base", "a", "--base", "b", "--budget.k", "3"]) == [
         "quickstart",
         "--base+",
         "a",
         "--base+",
         "b",
-        "--k",
+        "--budget.k",
         "3",
     ]
     assert repeatable(["evaluate", "--bases", "[a,b]"]) == ["evaluate", "--bases", "[a,b]"]
-    assert repeatable(["evaluate", "--datastore", "d"]) == ["evaluate", "--datastore+", "d"]
+    assert repeatable(["evaluate", "--knn.datastore", "d"]) == ["evaluate", "--knn.datastore+", "d"]
     # several values after one flag; the next flag ends them
-    assert repeatable(["tokenize", "--data_files", "a.parquet", "b.jsonl", "--out", "c", "--text", "t"]) == [
+    assert repeatable(["tokenize", "--dataset.files", "a.parquet", "b.jsonl", "--out", "c", "--text", "t"]) == [
         "tokenize",
-        "--data_files+",
+        "--dataset.files+",
         "a.parquet",
-        "--data_files+",
+        "--dataset.files+",
         "b.jsonl",
         "--out",
         "c",
@@ -353,7 +354,7 @@ def test_resume_with_other_targets_is_refused(tmp_path, biomed_targets_pair, bio
     from lightning_memdec.stages.targets import build_targets
 
     pair = biomed_targets_pair
-    other = build_targets(biomed_datastore, biomed_index, tmp_path / "t-other", k=8, temperature=1.0)
+    other = build_targets(biomed_datastore, biomed_index, tmp_path / "t-other", knn=KNNTargets(k=8, temperature=1.0))
     root = tmp_path / "run"
     lightning_cli([*resume_args(pair, root), "--trainer.max_steps", "2"])
     with pytest.raises(ValueError, match="resume with the run's own data"):

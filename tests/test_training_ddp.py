@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
+from lightning_memdec.stages.settings import Hardware, KNNTargets, Windows
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.fit import lightning_cli
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
@@ -49,8 +50,16 @@ def small_pair(tmp_path_factory, biomed_datastore, tiny_gpt2) -> dict:
     pair = {}
     for split, text, tokens in [("train", "embedded:biomed/test", 151), ("val", "embedded:law/valid", 33)]:
         corpus = tokenize([text], root / f"corpus-{split}", "gpt2", max_tokens=tokens)
-        ds = build_datastore(corpus, str(tiny_gpt2), root / f"ds-{split}", window=32, stride=32, accelerator="cpu")
-        targets = build_targets(biomed_datastore, out=root / f"t-{split}", queries=ds, k=32, temperature=4.0)
+        ds = build_datastore(
+            corpus,
+            str(tiny_gpt2),
+            root / f"ds-{split}",
+            windows=Windows(window=32, stride=32),
+            hardware=Hardware(accelerator="cpu"),
+        )
+        targets = build_targets(
+            biomed_datastore, out=root / f"t-{split}", queries=ds, knn=KNNTargets(k=32, temperature=4.0)
+        )
         pair |= {f"{split}_corpus": str(corpus), f"{split}_targets": str(targets)}
     assert len(position_windows(Corpus(pair["train_corpus"]).num_positions, WINDOW, WINDOW).starts) == 5
     assert len(position_windows(Corpus(pair["val_corpus"]).num_positions, WINDOW, WINDOW).starts) == 1

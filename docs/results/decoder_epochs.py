@@ -89,11 +89,11 @@ def trained_decoder(kind: str, epochs: int, ctx: dict) -> tuple[Path, dict]:
     clock = StageClock()
     with clock(name):
         if kind == "memdec":
-            beta, targets = ctx["settings"]["beta"], {"train_targets": tt, "val_targets": tv}
+            beta, targets = ctx["settings"]["beta"], (tt, tv)
         else:
-            beta, targets = 0.0, {}
+            beta, targets = 0.0, None
         lr = budget.decoder_lr
-        model = train_model(name, ctx["out"], dt, dv, budget, steps, ctx["start"], beta, **targets, lr=lr)
+        model = train_model(name, ctx["out"], dt, dv, budget, steps, ctx["start"], beta, targets, lr=lr)
     if not trained_before:  # a rerun reuses the finished model: keep the time of the run that trained it
         write_json_atomic(times_path, {"seconds": clock.seconds[name], "cpu_seconds": clock.cpu_seconds[name]})
     unknown = {"seconds": None, "cpu_seconds": None}  # trained by a run that recorded no time

@@ -1,5 +1,5 @@
 """WikiText-2 raw test, tokenized as the official preprocessing does (--separation official) and as this package
-does by default (an EOS after each article, --document_start): tokens, documents/groups, and how the official
+does by default (an EOS after each article, --dataset.document_start): tokens, documents/groups, and how the official
 stream's groups cut it. Rows are rebuilt as the hub's (a blank row between lines; see docs/official.md)."""
 
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_memdec.io.settings import DatasetRows
 from lightning_memdec.io.token_corpus import Corpus, tokenize
 
 raw, work = Path(sys.argv[1]), Path(sys.argv[2])
@@ -15,8 +16,12 @@ lines = [r.replace("\r\n", "\n") for r in raw.read_text(encoding="utf-8").splitl
 rows = [""] + [r for line in lines for r in (line, "")]
 data = work / "wikitext2_test.jsonl"
 data.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
-official = Corpus(tokenize(data_files=[str(data)], out=work / "official", separation="official", overwrite=True))
-eos = Corpus(tokenize(data_files=[str(data)], out=work / "eos", document_start="^ = [^=].* = $", overwrite=True))
+official = Corpus(
+    tokenize(out=work / "official", separation="official", overwrite=True, dataset=DatasetRows(files=[str(data)]))
+)
+eos = Corpus(
+    tokenize(out=work / "eos", overwrite=True, dataset=DatasetRows(files=[str(data)], document_start="^ = [^=].* = $"))
+)
 print(f"rows: {len(rows):,}")
 for name, corpus in (("official", official), ("eos + document_start", eos)):
     sizes = np.diff(corpus.doc_offsets)

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lightning_memdec.apps.quickstart_checks import check_quickstart_args
+from lightning_memdec.apps.quickstart_checks import check_quickstart_inputs
 from lightning_memdec.apps.quickstart_evaluation import GENERAL_TEST, evaluate_all
 from lightning_memdec.apps.quickstart_report import goals
 from lightning_memdec.apps.quickstart_stages import (
@@ -45,6 +45,7 @@ from lightning_memdec.evaluation.report import write_report
 from lightning_memdec.io.embedded import EMBEDDED_PREFIX
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.token_corpus import Corpus
+from lightning_memdec.stages.settings import KNNTargets
 from lightning_memdec.stages.targets import build_targets
 
 __all__ = ["SMALL_BASE", "LARGE_BASE", "SHIPPED_BASES", "Budget", "StageClock", "quickstart", "train_model"]
@@ -64,19 +65,7 @@ def quickstart(
     teacher: str | None = None,
     pretrain_bases: bool = False,
     tokenizer: str | None = None,
-    general_tokens: int = Budget.general_tokens,
-    domain_tokens: int = Budget.domain_tokens,
-    valid_tokens: int = Budget.valid_tokens,
-    test_tokens: int = Budget.test_tokens,
-    window: int = Budget.window,
-    batch_size: int = Budget.batch_size,
-    small_base_steps: int = Budget.small_base_steps,
-    large_base_steps: int = Budget.large_base_steps,
-    teacher_steps: int = Budget.teacher_steps,
-    memdec_steps: int | None = Budget.memdec_steps,
-    k: int = Budget.k,
-    teacher_lr: float = Budget.teacher_lr,
-    decoder_lr: float = Budget.decoder_lr,
+    budget: Budget = Budget(),
     beta: float = 0.5,
 ) -> dict:
     """Run the Memory Decoder method end to end and report perplexities (report.json, report.md, figure).
@@ -90,37 +79,16 @@ def quickstart(
         teacher: the model fine-tuned on the domain as the teacher; default: the base with the most parameters.
         pretrain_bases: pretrain two tiny bases from scratch on the embedded general corpus instead of ``base``.
         tokenizer: tokenizer of the corpora; default: the bases' own (gpt2 with --pretrain_bases).
-        general_tokens: general-corpus tokens for pretraining the bases (--pretrain_bases only).
-        domain_tokens: domain train tokens (datastores, targets, decoder training).
-        valid_tokens: tokens of the domain valid split (λ and every kNN temperature are chosen on it) and of the
-            general test split.
-        test_tokens: tokens of the domain test split scored (every domain figure of the report), or the whole split
-            when it is shorter.
-        window: context length of every stage (training windows; scoring and valid/test keys use stride 3/4 window,
-            see Budget.stride).
-        batch_size: windows per training step.
-        small_base_steps: pretraining steps of the small base (--pretrain_bases only).
-        large_base_steps: pretraining steps of the large base (--pretrain_bases only).
-        teacher_steps: fine-tuning steps of the teacher on the domain.
-        memdec_steps: training steps of the Memory Decoder (and of the CE-only decoder); default: one epoch.
-        k: neighbours per position for targets and every kNN-LM.
-        teacher_lr: peak learning rate of the teacher's fine-tuning.
-        decoder_lr: peak learning rate of both decoders.
+        budget: token and step budgets of every stage (the defaults take ~15 minutes on 2 CPU cores).
         beta: KL weight of the Memory Decoder loss.
     """
     refs, tokenizer = checked_bases(base, teacher, pretrain_bases, tokenizer)  # refused before any work
-    check_quickstart_args(locals())  # numbers, --out, --window within the bases' context
+    check_quickstart_inputs(out, beta, budget.window, [*refs, *([teacher] if teacher else [])])
     splits = [split_path(domain, s) for s in ("train", "valid", "test")]
     started, started_cpu = time.perf_counter(), time.process_time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
-    budget = Budget(
-        general_tokens=general_tokens, domain_tokens=domain_tokens, valid_tokens=valid_tokens,
-        test_tokens=test_tokens, window=window, batch_size=batch_size, small_base_steps=small_base_steps,
-        large_base_steps=large_base_steps, teacher_steps=teacher_steps, memdec_steps=memdec_steps, k=k,
-        teacher_lr=teacher_lr, decoder_lr=decoder_lr,
-    )  # fmt: skip
     settings = {"domain": domain, "base": refs, "teacher": teacher, "pretrain_bases": pretrain_bases}
     check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget)})
     with clock("tokenize"):
@@ -135,17 +103,19 @@ def quickstart(
     start = bases[min(sizes, key=sizes.get)]
     teacher_start = teacher or bases[max(sizes, key=sizes.get)]
     dt, dv = corpora["domain-train"], corpora["domain-valid"]
-    decoder_steps = memdec_steps or epoch_steps(dt, budget)
+    decoder_steps = budget.memdec_steps or epoch_steps(dt, budget)
     # 2. teacher: the largest base fine-tuned on the domain; its datastore gives the training targets
     with clock("teacher fine-tune"):
-        t_model = train_model("teacher", out, dt, dv, budget, teacher_steps, teacher_start, 0.0, lr=teacher_lr)
+        t_model = train_model(
+            "teacher", out, dt, dv, budget, budget.teacher_steps, teacher_start, 0.0, lr=budget.teacher_lr
+        )
     (targets_train, targets_valid), t_choice = teacher_targets(out, t_model, dt, dv, budget, clock)
     # 3. the Memory Decoder and the CE-only ablation: same start, same budget, through `memdec fit`
-    tt = {"train_targets": targets_train, "val_targets": targets_valid}
+    tt = (targets_train, targets_valid)
     with clock("train memdec"):
-        memdec = train_model("memdec", out, dt, dv, budget, decoder_steps, start, beta, **tt, lr=decoder_lr)
+        memdec = train_model("memdec", out, dt, dv, budget, decoder_steps, start, beta, tt, lr=budget.decoder_lr)
     with clock("train ce-only"):
-        ce_only = train_model("ce-only", out, dt, dv, budget, decoder_steps, start, 0.0, lr=decoder_lr)
+        ce_only = train_model("ce-only", out, dt, dv, budget, decoder_steps, start, 0.0, lr=budget.decoder_lr)
     # 4. evaluation: λ and every kNN temperature chosen on the domain valid split, applied to test
     decoders = {"memdec": memdec, "ce_only": ce_only}
     report = evaluate_all(out, bases, {"teacher": str(t_model)}, corpora, decoders, budget, clock)
@@ -153,7 +123,7 @@ def quickstart(
         "seconds": clock.seconds, "cpu_seconds": clock.cpu_seconds,
         "total_cpu_seconds": round(time.process_time() - started_cpu, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "teacher_start": teacher_start, "teacher_steps": teacher_steps, "targets_temperature": t_choice,
+        "teacher_start": teacher_start, "teacher_steps": budget.teacher_steps, "targets_temperature": t_choice,
         "decoder_start": start, "decoder_steps": decoder_steps, "domain_train_tokens": Corpus(dt).num_tokens,
         "parameters": sizes, "budget": asdict(budget), "domain": domain or "embedded:biomed", "tokenizer": tokenizer,
     }  # fmt: skip
@@ -176,10 +146,16 @@ def teacher_targets(out: Path, t_model: Path, dt: Path, dv: Path, budget: Budget
         temperature = t_choice["temperature"]
         targets_train, targets_valid = out / "targets" / "train", out / "targets" / "valid"
         if not done(targets_train):
-            build_targets(t_store, t_index, targets_train, k=k, temperature=temperature, overwrite=True)
+            build_targets(t_store, t_index, targets_train, overwrite=True, knn=KNNTargets(k=k, temperature=temperature))
         if not done(targets_valid):
-            build_targets(t_store, t_index, targets_valid, queries=t_valid, k=k, temperature=temperature,
-                          overwrite=True)  # fmt: skip
+            build_targets(
+                t_store,
+                t_index,
+                targets_valid,
+                queries=t_valid,
+                overwrite=True,
+                knn=KNNTargets(k=k, temperature=temperature),
+            )
     return (targets_train, targets_valid), t_choice
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ from lightning_memdec.io.token_corpus import Corpus, tokenize
 from lightning_memdec.kernels.scoring import knn_gold_log_probs
 from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
 from lightning_memdec.retrieval.index_plan import IndexRule, plan_index
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.datastore import build_datastore
+from lightning_memdec.stages.settings import Hardware, Windows
 from lightning_memdec.training.fit import fit
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ INDEX_RULE = IndexRule(flat_below=20_000, lists_per_sqrt=1.0, train_per_list=64,
 INDEX_NPROBE = 16
 
 
-@dataclass
+@dataclass(frozen=True)
 class Budget:
     """Token and step budgets of the default quickstart, sized from measured CPU cost.
 
@@ -48,18 +51,41 @@ class Budget:
     """
 
     general_tokens: int = 520_000
+    """general-corpus tokens for pretraining the bases (--pretrain_bases only)"""
     domain_tokens: int = 200_000
+    """domain train tokens (datastores, targets, decoder training)"""
     valid_tokens: int = 12_000
+    """tokens of the domain valid split (λ and every kNN temperature are chosen on it) and of the general test split"""
     test_tokens: int = 100_000
+    """tokens of the domain test split scored (every domain figure of the report), or the whole split if shorter"""
     window: int = 256
+    """context length of every stage (training windows; scoring and valid/test keys use stride 3/4 window)"""
     batch_size: int = 8
+    """windows per training step"""
     small_base_steps: int = 500
+    """pretraining steps of the small base (--pretrain_bases only)"""
     large_base_steps: int = 500
+    """pretraining steps of the large base (--pretrain_bases only)"""
     teacher_steps: int = 40
-    memdec_steps: int | None = None  # None: one epoch over the domain train tokens
+    """fine-tuning steps of the teacher on the domain"""
+    memdec_steps: int | None = None
+    """training steps of the Memory Decoder (and of the CE-only decoder); default: one epoch over the domain tokens"""
     k: int = 256
+    """neighbours per position for targets and every kNN-LM"""
     teacher_lr: float = 1e-3
+    """peak learning rate of the teacher's fine-tuning"""
     decoder_lr: float = 1e-3
+    """peak learning rate of both decoders"""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:  # memdec_steps: one epoch
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"--budget.{f.name} must be a positive number, got {value!r}; raise it.")
+            if f.type in ("int", "int | None") and not isinstance(value, int):
+                raise ValueError(f"--budget.{f.name} must be a whole number, got {value!r}.")
 
     @property
     def stride(self) -> int:
@@ -140,13 +166,13 @@ def train_model(
     steps: int,
     start: dict | str,
     beta: float,
-    train_targets: Path | None = None,
-    val_targets: Path | None = None,
+    targets: tuple[Path, Path] | None = None,
     lr: float = 2e-3,
 ) -> Path:
     """Train one model with :func:`training.fit.fit` (what `memdec fit` runs) into ``out/models/<name>``.
 
-    ``start`` is a model to continue (name or directory) or a GPT-2 config dict to train from scratch.
+    ``start`` is a model to continue (name or directory) or a GPT-2 config dict to train from scratch; ``targets``
+    the (train, valid) kNN targets of a Memory Decoder (none: the next-token loss alone).
     """
     export = out / "models" / name
     if done(export):
@@ -162,8 +188,8 @@ def train_model(
         "window": budget.window,
         "batch_size": budget.batch_size,
     }
-    if train_targets is not None:
-        data.update(train_targets=str(train_targets), val_targets=str(val_targets))
+    if targets is not None:
+        data.update(train_targets=str(targets[0]), val_targets=str(targets[1]))
     run = out / "runs" / name
     config = load_config(
         "hardware/cpu.yaml",
@@ -225,11 +251,9 @@ def datastore(model: Path | str, corpus: Path, out: Path, budget: Budget, stride
         corpus,
         str(model),
         out,
-        window=budget.window,
-        stride=stride or budget.stride,
-        batch_windows=16,
-        accelerator="cpu",
         overwrite=True,
+        windows=Windows(window=budget.window, stride=stride or budget.stride, batch_size=16),
+        hardware=Hardware(accelerator="cpu"),
     )
 
 
@@ -240,9 +264,9 @@ def build_or_reuse_index(store: Path, out: Path) -> Path:
     keys = Datastore(store)
     plan = plan_index(len(keys), keys.dim, nprobe=INDEX_NPROBE, rule=INDEX_RULE)
     if plan.nlist is None:  # Flat: nothing to train or probe
-        return build_index(store, out, factory=plan.factory, overwrite=True)
-    ivf = {"train_size": plan.train_size, "nprobe": INDEX_NPROBE}
-    return build_index(store, out, factory=plan.factory, overwrite=True, **ivf)
+        return build_index(store, out, overwrite=True, plan=IndexSettings(factory=plan.factory))
+    ivf = IndexSettings(factory=plan.factory, train_size=plan.train_size, nprobe=INDEX_NPROBE)
+    return build_index(store, out, overwrite=True, plan=ivf)
 
 
 def knn_log_probs(model, name: str, out: Path, corpora: dict, budget: Budget, temperatures) -> dict:

@@ -1,15 +1,35 @@
 """`memdec serve`: an OpenAI-compatible HTTP server for a base LM + Memory Decoder (or the base alone), on LitServe.
 
-LitServe runs the HTTP front end and the inference worker and batches concurrent requests (``max_batch_size``,
-``batch_timeout``); :mod:`openai_spec` speaks OpenAI's protocol; :mod:`serve_worker` generates each batch through
-``generate()`` of :class:`InterpolatedLM` (or of the base), streaming every step's tokens back.
+LitServe runs the HTTP front end and the inference worker and batches concurrent requests (:class:`RequestQueue`);
+:mod:`openai_spec` speaks OpenAI's protocol; :mod:`serve_worker` generates each batch through ``generate()`` of
+:class:`InterpolatedLM` (or of the base), streaming every step's tokens back.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_memdec.apps.openai_protocol import ServedModel
+
+
+@dataclass(frozen=True)
+class RequestQueue:
+    """How concurrent requests are batched, and how long one may wait for its turn."""
+
+    max_batch_size: int = 8
+    """at most this many concurrent requests are generated together"""
+    batch_timeout: float = 0.01
+    """seconds to wait for more requests to fill a batch"""
+    timeout: float = 300.0
+    """seconds a request may wait in the queue before it is answered 504"""
+
+    def __post_init__(self):
+        if self.max_batch_size < 1 or not 0 <= self.batch_timeout < self.timeout:
+            raise ValueError(
+                f"need --queue.max_batch_size ≥ 1 (got {self.max_batch_size}) and 0 ≤ --queue.batch_timeout "
+                f"(got {self.batch_timeout}) < --queue.timeout (got {self.timeout})."
+            )
 
 
 def served_model(base: str, memdec: str | None, model_name: str | None) -> ServedModel:
@@ -88,10 +108,8 @@ def serve(
     port: int = 8000,
     host: str = "127.0.0.1",
     device: str = "auto",
-    max_batch_size: int = 8,
-    batch_timeout: float = 0.01,
+    queue: RequestQueue = RequestQueue(),
     model_name: str | None = None,
-    timeout: float = 300.0,
     router: str | None = None,
 ) -> None:
     """Serve base (+ Memory Decoder) over HTTP: OpenAI /v1/completions and /v1/chat/completions, streamed, batched.
@@ -103,10 +121,8 @@ def serve(
         port: the port to listen on.
         host: the interface to listen on (``0.0.0.0`` for every interface).
         device: ``auto`` (the GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``.
-        max_batch_size: at most this many concurrent requests are generated together.
-        batch_timeout: seconds to wait for more requests to fill a batch.
+        queue: how concurrent requests are batched, and how long one may wait.
         model_name: the name clients send as ``model`` (default: the models' directory names joined by ``+``).
-        timeout: seconds a request may wait in the queue before it is answered 504.
         router: a router directory (``memdec fit-router``) of this base and decoder: λ per token from it instead of
             --lmbda, the decoder skipped where it routes λ under its threshold.
     """
@@ -120,14 +136,11 @@ def serve(
         from lightning_memdec.apps.serve_worker import MixtureAPI
     except ImportError as err:
         raise ImportError(f"memdec serve needs LitServe: pip install 'lightning_memdec[serve]' ({err}).") from err
-    if max_batch_size < 1 or batch_timeout < 0 or timeout <= batch_timeout:
-        raise ValueError(f"need --max_batch_size ≥ 1 (got {max_batch_size}) and 0 ≤ --batch_timeout "
-                         f"(got {batch_timeout}) < --timeout (got {timeout}).")  # fmt: skip
     check_listen(host, port)
     model = served_model(base, memdec, model_name)
     check_router(router, base, memdec, model.tokenizer)
     api = MixtureAPI(base, memdec, lmbda, device, OpenAICompletionsSpec(model), router=router,
-                     max_batch_size=max_batch_size, batch_timeout=batch_timeout)  # fmt: skip
+                     max_batch_size=queue.max_batch_size, batch_timeout=queue.batch_timeout)  # fmt: skip
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=timeout)
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=queue.timeout)
     server.run(host=host, port=port, generate_client_file=False)

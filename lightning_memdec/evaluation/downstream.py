@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lightning_memdec.evaluation.downstream_checks import check_downstream_args
+from lightning_memdec.evaluation.downstream_checks import check_downstream_inputs
 from lightning_memdec.evaluation.downstream_general import GeneralText
 from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report, write_predictions
 from lightning_memdec.evaluation.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
+from lightning_memdec.evaluation.settings import Bootstrap, DownstreamMixing, GeneralSplit, KNNLMRows, Prompts
 from lightning_memdec.hf.left_padding import left_padded_batches
 from lightning_memdec.hf.loading import (
     context_length,
@@ -287,7 +288,7 @@ class _Run:
 def _tokenizer_for(ref: str, tokenizer: str | None):
     tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(ref)
     if tok is None:
-        raise ValueError(f"{ref} has no tokenizer in its directory; pass --tokenizer NAME_OR_DIR.")
+        raise ValueError(f"{ref} has no tokenizer in its directory; pass --prompts.tokenizer NAME_OR_DIR.")
     return tok
 
 
@@ -298,33 +299,16 @@ def downstream(
     out: Path,
     memdec: str | None = None,
     ce_only: str | None = None,
-    datastore: list[str] | None = None,
-    index: list[str] | None = None,
-    task_names: list[str] | None = None,
-    verbalizers: str = "fuzzy",
-    lmbda: float | None = None,
-    knn_lmbda: float | None = None,
-    task_lmbda: dict[str, float] | None = None,
-    fallback_lmbda: float = 0.3,
-    lambda_grid: list[float] | None = None,
-    n_sample: int | None = None,
-    k: int = 1024,
-    temperature: float = 16.0,
-    exact_distances: bool = False,
-    nprobe: int | None = None,
-    max_length: int = 1024,
-    batch_size: int = 8,
-    tokenizer: str | None = None,
-    general: str | None = None,
-    general_tokens: int | None = None,
-    device: str = "auto",
-    bootstrap: int = 1000,
-    seed: int = 0,
+    knn: KNNLMRows = KNNLMRows(),
+    mix: DownstreamMixing = DownstreamMixing(),
+    prompts: Prompts = Prompts(),
+    general: GeneralSplit = GeneralSplit(),
+    bootstrap: Bootstrap = Bootstrap(),
 ) -> dict[str, Any]:
     """Zero-shot classification (kNN-Prompt's DCPMI): each base alone, + MemDec, + kNN-LM, and the controls mixed at
     MemDec's λ (+ the other bases, + the CE-only decoder); report with paired differences + predictions.
 
-    Long by its signature and Args (one per ``memdec downstream`` flag); the scoring is in :class:`_Run`.
+    Long by its report; the scoring is in :class:`_Run`.
     Class score = Σ over the class's single-token verbalizers of log(P(v|x)+1e-10) − log(P(v|domain)+1e-10), a sum
     of log-ratios, not of probabilities, as kNN-Prompt's score.py; prediction = argmax. Tasks are validated, and
     verbalizers filtered with each base's tokenizer, before any model is loaded.
@@ -336,61 +320,49 @@ def downstream(
         out: output directory for predictions.jsonl, report.json, report.md and accuracy.png.
         memdec: the Memory Decoder (directory or name); omitted: no "+ MemDec" systems and no controls.
         ce_only: the decoder trained with CE only (the paper's ablation), mixed at MemDec's λ (needs memdec).
-        datastore: datastore directories for "+ kNN-LM" systems, one per base in the order of bases.
-        index: index directories over those datastores, in the same order.
-        task_names: score only these tasks (default: every task of every source).
-        verbalizers: fuzzy (kNN-Prompt's word lists, what it reports) or primary (one word per class).
-        lmbda: the decoder's λ for every task; omitted: a task's own (task_lmbda, its YAML `lmbda`), else chosen
-            on its dev split over lambda_grid, else fallback_lmbda.
-        knn_lmbda: kNN-LM's λ for every task; omitted: chosen on dev, else fallback_lmbda.
-        task_lmbda: the decoder's λ per task name, e.g. '{"sst2": 0.2}'.
-        fallback_lmbda: λ for a task without a dev split when none is given (kNN-Prompt's fixed 0.3).
-        lambda_grid: candidate λs for dev tuning (default: kernels.scoring.DEFAULT_LAMBDA_GRID, 0 … 1); first on ties.
-        n_sample: score kNN-Prompt's seeded subsample of this many examples per split (default: all).
-        k: kNN-LM neighbours per query (paper: 1024).
-        temperature: kNN-LM softmax temperature over squared L2 distances.
-        exact_distances: recompute exact distances from the stored keys.
-        nprobe: IVF lists visited per query (default: the index's).
-        max_length: keep the last this many prompt tokens (kNN-Prompt: 1024; capped by the models' positions);
-            also the window of the general perplexity.
-        batch_size: prompts (or general-text windows) per forward pass.
-        tokenizer: tokenizer for bases whose directory has none.
-        general: a general text split (text file, corpus directory or embedded:general/test) on which the
-            perplexity of every model and mixture used is reported; omitted: none.
-        general_tokens: score only the first this many tokens of ``general`` (default: all).
-        device: cpu, cuda, cuda:1, … or auto.
-        bootstrap: resamples for the 95% bootstrap intervals (accuracy, paired differences, general perplexity).
-        seed: seed of the bootstrap (task i uses seed + i).
+        knn: "+ kNN-LM" systems: datastores, one per base in the order of bases, with their indexes; the search.
+        mix: the decoder's λ for every task (else a task's own: mix.task_lmbda, its YAML `lmbda`; else chosen on its
+            dev split over mix.lambda_grid; else mix.fallback_lmbda), and kNN-LM's.
+        prompts: the tasks and examples scored, and how prompts are cut, batched, tokenized and run.
+        general: a general text on which the perplexity of every model and mixture used is reported.
+        bootstrap: the 95% bootstrap intervals' resamples and seed.
     """
-    check_downstream_args(locals())  # numbers, models, datastores, --out: refused before any model loads
-    grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
+    grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if mix.lambda_grid is None else mix.lambda_grid)
     lambdas = {
-        "memdec": None if lmbda is None else check_lmbda(lmbda),
-        "knn": None if knn_lmbda is None else check_lmbda(knn_lmbda),
-        "task": {name: check_lmbda(v) for name, v in (task_lmbda or {}).items()},
-        "fallback": check_lmbda(fallback_lmbda),
+        "memdec": None if mix.lmbda is None else check_lmbda(mix.lmbda),
+        "knn": None if mix.knn_lmbda is None else check_lmbda(mix.knn_lmbda),
+        "task": {name: check_lmbda(v) for name, v in (mix.task_lmbda or {}).items()},
+        "fallback": check_lmbda(mix.fallback_lmbda),
     }
+    max_length, batch_size, tokenizer = prompts.max_length, prompts.batch_size, prompts.tokenizer
     bases = [bases] if isinstance(bases, str) else list(bases)
-    datastore, index = list(datastore or []), list(index or [])
-    if len(datastore) != len(index) or len(datastore) > len(bases):
-        raise ValueError("give one --index per --datastore, and at most one datastore per base (in the bases' order).")
+    datastore, index = list(knn.datastore or []), list(knn.index or [])
+    if len(datastore) > len(bases):
+        raise ValueError("give at most one --knn.datastore per base (in the bases' order).")
     if ce_only is not None and memdec is None:
         raise ValueError("--ce_only is a control mixed at MemDec's λ; pass --memdec too (or drop --ce_only).")
-    task_list = load_tasks(tasks, task_names, verbalizers)
+    models = {"--bases": bases, "--memdec": [memdec] if memdec else [], "--ce_only": [ce_only] if ce_only else []}
+    check_downstream_inputs(out, models, datastore, index, tokenizer)  # before any model loads
+    task_list = load_tasks(tasks, prompts.task_names, prompts.verbalizers)
     for task in task_list:
-        task.splits = {split: knn_prompt_sample(recs, n_sample) for split, recs in task.splits.items()}
+        task.splits = {split: knn_prompt_sample(recs, prompts.n_sample) for split, recs in task.splits.items()}
     tokenizers = {ref: _tokenizer_for(ref, tokenizer) for ref in bases}
     verbalizer_ids = {
         ref: {t.name: single_token_verbalizers(t, tok, f"{ref}'s tokenizer") for t in task_list}
         for ref, tok in tokenizers.items()
     }
     models = [m for m in (*bases, memdec, ce_only) if m is not None]
-    general_split = general_text(general, general_tokens, tokenizers, models, max_length, batch_size)
-    dev = torch_device(device)
+    general_split = general_text(general.text, general.tokens, tokenizers, models, max_length, batch_size)
+    dev = torch_device(prompts.device)
     decoders = {name: load_causal_lm(ref).to(dev).eval() for name, ref in (("memdec", memdec), ("ce_only", ce_only))
                 if ref is not None}  # fmt: skip
     run = _Run(task_list, verbalizer_ids, lambdas, grid, decoders, (max_length, batch_size), general_split)
-    knn_args = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
+    knn_args = {
+        "k": knn.k,
+        "temperature": knn.temperature,
+        "exact_distances": knn.exact_distances,
+        "nprobe": knn.nprobe,
+    }
     for i, ref in enumerate(bases):
         model = load_causal_lm(ref).to(dev).eval()
         knnlm = None
@@ -404,14 +376,15 @@ def downstream(
     write_predictions(run.results, out / "predictions.jsonl")
     general_figures = None
     if general_split is not None:
-        general_figures = general_summary(general_split, run.results, decoders, bootstrap, seed)
+        general_figures = general_summary(general_split, run.results, decoders, bootstrap.resamples, bootstrap.seed)
     report = {
         "tasks": {t.name: {"files": t.files, "n_test": len(t.splits["test"]), "labels": t.labels} for t in task_list},
-        "bases": bases, "memdec": memdec, "ce_only": ce_only, "datastores": datastore, "verbalizers": verbalizers,
+        "bases": bases, "memdec": memdec, "ce_only": ce_only, "datastores": datastore,
+        "verbalizers": prompts.verbalizers,
         "controls": sorted({r["system"] for r in run.results if r["kind"] in ("ce_only", "other base")}),
         "scoring": "DCPMI: sum over single-token verbalizers of log(P(v|x)+1e-10) - log(P(v|domain)+1e-10)",
-        "lambda_grid": grid, "n_sample": n_sample, "max_length": max_length,
-        **accuracy_summary(run.results, bootstrap, seed, grid),
+        "lambda_grid": grid, "n_sample": prompts.n_sample, "max_length": max_length,
+        **accuracy_summary(run.results, bootstrap.resamples, bootstrap.seed, grid),
         "general": general_figures,
     }  # fmt: skip
     write_downstream_report(report, out)
@@ -425,7 +398,9 @@ def general_text(spec, max_tokens, tokenizers: dict, models: list[str], max_leng
         return None
     fingerprints = {ref: tokenizer_info(tok, ref)["fingerprint"] for ref, tok in tokenizers.items()}
     if len(set(fingerprints.values())) > 1:
-        raise ValueError(f"--general needs bases of one tokenizer (fingerprints {fingerprints}); drop --general.")
+        raise ValueError(
+            f"--general.text needs bases of one tokenizer (fingerprints {fingerprints}); drop --general.text."
+        )
     window = min([max_length] + [n for n in (context_length(model_config(m)) for m in models) if n])
     return GeneralText(spec, next(iter(tokenizers.values())), max_tokens, window, batch_size)
 

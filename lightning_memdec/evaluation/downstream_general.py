@@ -29,7 +29,7 @@ class GeneralText:
 
     def __init__(self, spec: str, tokenizer, max_tokens: int | None, window: int, batch_size: int):
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"--general {spec}: the tokenizer has no EOS token to separate its documents.")
+            raise ValueError(f"--general.text {spec}: the tokenizer has no EOS token to separate its documents.")
         self.spec, self.batch_size = spec, batch_size
         self.tokens = text_tokens(spec, tokenizer, max_tokens)
         self.offsets = split_document_offsets(spec, self.tokens, tokenizer.eos_token_id)

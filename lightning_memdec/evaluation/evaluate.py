@@ -17,11 +17,11 @@ import torch
 
 from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_temperatures_scorer, settle_temperature
 from lightning_memdec.evaluation.latency import model_latency
-from lightning_memdec.evaluation.overlap import NGRAM
 from lightning_memdec.evaluation.report import write_report
 from lightning_memdec.evaluation.report_rows import lambda_curve, report_row
 from lightning_memdec.evaluation.router_rows import router_by_base, router_columns
 from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
+from lightning_memdec.evaluation.settings import Audit, Controls, EvaluateKNN, EvaluateMixing, Scoring
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import (
     check_fits_context,
@@ -45,8 +45,11 @@ from lightning_memdec.kernels.scoring import (
     check_lambda_grid,
     check_lmbda,
 )
+from lightning_memdec.retrieval.settings import IndexSettings
+from lightning_memdec.stages.settings import Hardware, Windows
 
 __all__ = ["evaluate", "text_tokens"]
+WINDOW_FLAG = "--scoring.window"  # the flag named when a window exceeds a model's context
 
 
 def evaluate(
@@ -54,104 +57,59 @@ def evaluate(
     test: str,
     out: Path,
     memdec: str | None = None,
-    ce_only: str | None = None,
-    teacher: str | None = None,
     valid: str | None = None,
-    datastore: list[str] | None = None,
-    index: list[str] | None = None,
-    knn_corpus: str | None = None,
-    k: int = 1024,
-    temperature: float = 16.0,
-    exact_distances: bool = False,
-    nprobe: int | None = None,
-    lmbda: float | None = None,
-    knn_lmbda: float | None = None,
-    lambda_grid: list[float] | None = None,
-    window: int = 1024,
-    stride: int = 512,
-    batch_size: int = 4,
-    max_tokens: int | None = None,
-    tokenizer: str | None = None,
-    device: str = "auto",
-    latency: bool = False,
-    latency_repeats: int = 5,
-    overlap_with: list[str] | None = None,
-    overlap_ngram: int = NGRAM,
-    temperature_grid: list[float] | None = None,
-    router: str | None = None,
+    controls: Controls = Controls(),
+    knn: EvaluateKNN = EvaluateKNN(),
+    mix: EvaluateMixing = EvaluateMixing(),
+    scoring: Scoring = Scoring(batch_size=4),
+    audit: Audit = Audit(),
 ) -> dict[str, Any]:
     """Perplexity of each base LM alone, with the Memory Decoder, and with kNN-LM; writes report.md/json and a λ plot.
 
-    Long by its signature and Args (one per ``memdec evaluate`` flag); the work is in the helpers it calls.
+    Long by its report and its loop over the models; the scoring is in :class:`_Scorer` and the helpers.
 
     Args:
         bases: base LMs (names or directories); several = cross-model evaluation of one decoder.
         test: test text: a corpus directory, a text file, or embedded:<domain>/<split>.
         out: output directory for report.md, report.json and lambda_curve.png.
         memdec: the Memory Decoder (directory or name); omitted: no MemDec columns.
-        ce_only: a decoder trained with the next-token loss alone from the same start and budget (the paper's
-            ablation), reported beside MemDec with λ chosen the same way.
-        teacher: the LM whose datastore the decoder imitated (e.g. the domain-fine-tuned large base): reported
-            alone and + kNN-LM over its own datastore, the ceiling MemDec approximates without retrieval.
-        valid: validation text (same forms as test), for choosing λ by a sweep when it is not given.
-        datastore: datastore directories for kNN-LM rows (with index, in the same order); each is used with the
-            base (or teacher) that built it.
-        index: index directories over those datastores.
-        knn_corpus: a tokenized domain corpus (``memdec tokenize``): every base and the teacher without a given
-            datastore gets one built from it under ``out/stores`` (keys from that model), so each has a kNN-LM row.
-        k: kNN-LM neighbours per query (paper: 1024).
-        temperature: kNN-LM softmax temperature over squared L2 distances (paper: 16), used when there is no valid
-            split; with one, T is chosen on valid from temperature_grid, as the quickstart does.
-        exact_distances: recompute exact distances from the stored keys (IVF-PQ distances are approximate).
-        nprobe: IVF lists visited per query (default: the index's).
-        lmbda: the decoders' weight λ; omitted: chosen per base on valid by a sweep over lambda_grid.
-        knn_lmbda: kNN-LM's λ; omitted: chosen on valid, or lmbda when there is no valid split.
-        lambda_grid: candidate λs for the sweep (default: kernels.scoring.DEFAULT_LAMBDA_GRID, 0, 0.05, …, 1, the
-            quickstart's; a choice at either end is flagged in the report).
-        window: tokens of context per window (paper: 1024).
-        stride: new positions scored per window (paper: 512); each has >= window - stride + 1 tokens of context.
-        batch_size: windows per forward pass.
-        max_tokens: score only the first this many tokens of each split.
-        tokenizer: tokenizer for bases whose directory has none.
-        device: cpu, cuda, cuda:1, … or auto (cuda when available).
-        latency: also time one forward pass of base / +MemDec / +kNN-LM on the first test batch (first base).
-        latency_repeats: timed repeats (median reported).
-        overlap_with: the text the models trained on or retrieve from (corpus directories, text files,
-            embedded:…), for the overlap audit; default: knn_corpus and the corpora the datastores were built from.
-            Every perplexity is also reported on the test positions outside n-gram spans found in that text.
-        overlap_ngram: tokens of a span that counts as repeated text (see :mod:`evaluation.overlap`).
-        temperature_grid: kNN temperatures tried on valid, each with its best λ (or knn_lmbda), the lowest kNN-LM
-            valid perplexity wins (default: kernels.scoring.DEFAULT_TEMPERATURE_GRID, 1 … 64); one value fixes T.
-        router: a router directory (``memdec fit-router``) of one of the bases and this --memdec: that base's row
-            also reports MemDec mixed at the router's per-token λ (``router_ppl``, with intervals).
+        valid: validation text (same forms as test), for choosing λ (and the kNN temperature) by a sweep when they
+            are not given.
+        controls: the CE-only decoder and the teacher, reported beside MemDec.
+        knn: kNN-LM rows: datastores, each used with the base (or teacher) that built it, or built from a corpus;
+            and the search. The temperature is used as given without a valid split, else chosen on valid from
+            --mix.temperature_grid.
+        mix: the λs (given, or swept on valid), the kNN temperatures tried, and a router's per-token λ.
+        scoring: sliding windows (paper: 1024 / 512), tokens scored, tokenizer and device.
+        audit: forward-pass latency, and the overlap audit of the test text against the training text.
     """
+    ce_only, teacher = controls.ce_only, controls.teacher
+    datastore, index, knn_corpus = knn.datastore, knn.index, knn.corpus
+    window, stride, batch_size = scoring.window, scoring.stride, scoring.batch_size
     models = _models_to_score(bases, teacher)
-    lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda)
-    grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if lambda_grid is None else lambda_grid)
-    if window <= 0 or stride <= 0 or stride > window:
-        raise ValueError(f"need 0 < stride <= window, got window={window}, stride={stride}.")
-    _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, tokenizer)
-    routers = router_by_base(router, memdec, models)
-    dev = torch_device(device)
+    lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, knn, mix.lmbda, mix.knn_lmbda)
+    grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if mix.lambda_grid is None else mix.lambda_grid)
+    _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, scoring.tokenizer)
+    routers = router_by_base(mix.router, memdec, models)
+    dev = torch_device(scoring.device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
-        stores = _build_missing_stores(stores, models, knn_corpus, Path(out) / "stores", window, stride)
+        stores = _build_missing_stores(stores, models, knn_corpus, Path(out) / "stores", scoring)
     decoders = {key: _load_decoder(ref, dev, window) for key, ref in (("memdec", memdec), ("ce_only", ce_only)) if ref}
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
-    knn = {"k": k, "temperature": temperature, "exact_distances": exact_distances, "nprobe": nprobe}
-    temperatures = check_temperatures(
-        [temperature] if valid is None else DEFAULT_TEMPERATURE_GRID if temperature_grid is None else temperature_grid
-    )
-    scorer = _Scorer(splits, window, stride, batch_size, max_tokens, tokenizer, dev, temperatures)
+    search = {"k": knn.k, "temperature": knn.temperature, "exact_distances": knn.exact_distances, "nprobe": knn.nprobe}
+    tried = DEFAULT_TEMPERATURE_GRID if mix.temperature_grid is None else mix.temperature_grid
+    temperatures = check_temperatures([knn.temperature] if valid is None else tried)
+    scorer = _Scorer(splits, scoring, dev, temperatures)
     rows, curves, latency_report, audits, k_used = [], {}, None, {}, {}
-    overlap_refs = overlap_references(overlap_with, knn_corpus, [s for s, _ in stores.values()])
+    overlap_refs = overlap_references(audit.overlap_with, knn_corpus, [s for s, _ in stores.values()])
     for base_ref, name, role in models:
         base, tok = scorer.load(base_ref)
         knnlm = None
         if base_ref in stores:
             store_dir, index_dir = stores[base_ref]
             knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
-                          **knn)  # fmt: skip
+                          **search)  # fmt: skip
             k_used[name] = knnlm.k  # k is capped at the datastore's size
         lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {}, routers.get(base_ref))
         knn_choice = settle_temperature(lp, temperatures, grid, knn_lmbda) if knnlm is not None else {}
@@ -164,24 +122,25 @@ def evaluate(
         if fingerprint not in audits:
             split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
             training = [text_tokens(ref, tok) for ref in overlap_refs]
-            audits[fingerprint] = audit_splits(split_tokens, training, tok.eos_token_id, overlap_ngram, overlap_refs)
+            ngram = audit.overlap_ngram
+            audits[fingerprint] = audit_splits(split_tokens, training, tok.eos_token_id, ngram, overlap_refs)
         rows[-1] |= row_figures(rows[-1], lp["test"], audits[fingerprint])
         curves[name] = lambda_curve(lp, grid)
-        if latency and latency_report is None:
+        if audit.latency and latency_report is None:
             mixed = (
                 InterpolatedLM(base, decoders["memdec"][0], 0.5, base_tokenizer=tok) if "memdec" in decoders else None
             )
             latency_report = _first_batch_latency(name, base, scorer.tokens(tok, "test"), window, batch_size,
-                                                  len(tok), mixed, knnlm, rows[-1], latency_repeats, dev)  # fmt: skip
+                                                  len(tok), mixed, knnlm, rows[-1], audit, dev)  # fmt: skip
         del base, knnlm
     report = {
         "bases": list(bases), "teacher": teacher, "memdec": memdec, "ce_only": ce_only, "test": test, "valid": valid,
         "datastores": {_short_name(m): str(s) for m, (s, _) in stores.items()},
-        "k": _one_or_each(k_used), "k_asked": k if stores else None,
-        "temperature": temperature if stores and valid is None else None,
+        "k": _one_or_each(k_used), "k_asked": knn.k if stores else None,
+        "temperature": knn.temperature if stores and valid is None else None,
         "temperature_grid": temperatures if stores and valid is not None else None,
-        "window": window, "stride": stride, "max_tokens": max_tokens, "positions": scorer.positions,
-        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report, "router": router,
+        "window": window, "stride": stride, "max_tokens": scoring.max_tokens, "positions": scorer.positions,
+        "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report, "router": mix.router,
         "overlap": overlap_report(audits, overlap_refs),
     }  # fmt: skip
     write_report(report, Path(out))
@@ -197,20 +156,25 @@ def _one_or_each(per_model: dict):
 class _Scorer:
     """Tokenizes each split once per tokenizer and scores models on it; a decoder's arrays are shared by the bases."""
 
-    def __init__(self, splits, window, stride, batch_size, max_tokens, tokenizer, device, temperatures):
-        self.splits, self.window, self.stride, self.batch_size = splits, window, stride, batch_size
+    def __init__(self, splits, scoring: Scoring, device, temperatures):
+        self.splits, self.window, self.stride, self.batch_size = (
+            splits,
+            scoring.window,
+            scoring.stride,
+            scoring.batch_size,
+        )
         self.temperatures = temperatures  # kNN-LM: log p_kNN(gold) at each, from one search
-        self.max_tokens, self.tokenizer, self.device = max_tokens, tokenizer, device
+        self.max_tokens, self.tokenizer, self.device = scoring.max_tokens, scoring.tokenizer, device
         self.positions: dict[str, int] = {}
         self._tokens: dict[tuple[str, str], np.ndarray] = {}
         self._decoded: dict[tuple[str, str, str], np.ndarray] = {}
 
     def load(self, ref: str):
         model = load_causal_lm(ref).to(self.device).eval()
-        check_fits_context(self.window, model, f"{ref}")
+        check_fits_context(self.window, model, f"{ref}", WINDOW_FLAG)
         tok = load_tokenizer(self.tokenizer) if self.tokenizer is not None else find_tokenizer(ref, model)
         if tok is None:
-            raise ValueError(f"{ref} has no tokenizer in its directory; pass --tokenizer NAME_OR_DIR.")
+            raise ValueError(f"{ref} has no tokenizer in its directory; pass --scoring.tokenizer NAME_OR_DIR.")
         return model, tok
 
     def tokens(self, tok, split: str) -> np.ndarray:
@@ -266,10 +230,10 @@ def _models_to_score(bases: list[str], teacher: str | None) -> list[tuple[str, s
 
 def _check_before_scoring(models, decoders: list[str], window: int, out, tokenizer: str | None) -> None:
     """What can be known before any datastore is built or model scored: --out writable, every model's context
-    holds --window, and every base speaks each decoder's tokenizer (from the files next to them)."""
+    holds --scoring.window, and every base speaks each decoder's tokenizer (from the files next to them)."""
     check_writable_dir(out, "--out")
     for ref in [ref for ref, _, _ in models] + decoders:
-        check_fits_context(window, model_config(ref), ref)
+        check_fits_context(window, model_config(ref), ref, WINDOW_FLAG)
     if tokenizer is not None:  # one tokenizer given for all: nothing to compare
         return
     for dec in decoders:
@@ -285,7 +249,7 @@ def _check_before_scoring(models, decoders: list[str], window: int, out, tokeniz
 
 def _load_decoder(ref: str, device, window: int):
     decoder = load_causal_lm(ref).to(device).eval()
-    check_fits_context(window, decoder, f"the decoder {ref}")
+    check_fits_context(window, decoder, f"the decoder {ref}", WINDOW_FLAG)
     return decoder, find_tokenizer(ref, decoder)
 
 
@@ -299,19 +263,17 @@ def _base_names(bases: list[str]) -> list[str]:
     return names
 
 
-def _checked_lambdas(memdec, ce_only, valid, datastore, index, knn_corpus, lmbda, knn_lmbda):
+def _checked_lambdas(memdec, ce_only, valid, knn: EvaluateKNN, lmbda, knn_lmbda):
     """The decoders' and kNN-LM's λ (None: swept on valid); refuses settings that leave a λ unknowable."""
-    if (datastore is None) != (index is None) or len(_as_list(datastore)) != len(_as_list(index)):
-        raise ValueError("kNN-LM needs one --index per --datastore (in the same order), or neither.")
     lmbda = None if lmbda is None else check_lmbda(lmbda)
     knn_lmbda = None if knn_lmbda is None else check_lmbda(knn_lmbda)
     if knn_lmbda is None and valid is None:
         knn_lmbda = lmbda
     decoders = memdec is not None or ce_only is not None
-    knn = datastore is not None or knn_corpus is not None
+    knn = knn.datastore is not None or knn.corpus is not None
     if valid is None and ((decoders and lmbda is None) or (knn and knn_lmbda is None)):
         raise ValueError(
-            "λ is neither given nor choosable: pass --lmbda (and --knn_lmbda), or --valid to sweep λ on it."
+            "λ is neither given nor choosable: pass --mix.lmbda (and --mix.knn_lmbda), or --valid to sweep λ on it."
         )
     return lmbda, knn_lmbda
 
@@ -331,7 +293,7 @@ def _datastores_by_model(datastore, index, refs: list[str]) -> dict[str, tuple[s
     return stores
 
 
-def _build_missing_stores(stores, models, corpus: str, root: Path, window: int, stride: int):
+def _build_missing_stores(stores, models, corpus: str, root: Path, scoring: Scoring):
     """A datastore + auto index from ``corpus`` for every model without one (reused when already built)."""
     from lightning_memdec.retrieval.faiss_index import build_index
     from lightning_memdec.stages.datastore import build_datastore
@@ -342,14 +304,15 @@ def _build_missing_stores(stores, models, corpus: str, root: Path, window: int, 
             continue
         store_dir, index_dir = root / f"{name}-datastore", root / f"{name}-index"
         if not (store_dir / "meta.json").is_file():
-            build_datastore(Path(corpus), ref, store_dir, window=window, stride=stride, accelerator="auto")
+            windows = Windows(window=scoring.window, stride=scoring.stride)  # batch_size: build_datastore's
+            build_datastore(Path(corpus), ref, store_dir, windows=windows, hardware=Hardware(accelerator="auto"))
         if not (index_dir / "meta.json").is_file():
-            build_index(store_dir, index_dir, factory="auto")
+            build_index(store_dir, index_dir, plan=IndexSettings(factory="auto"))
         stores[ref] = (str(store_dir), str(index_dir))
     return stores
 
 
-def _first_batch_latency(name, base, tokens, window, batch_size, vocab, mixed, knnlm, row, repeats, device):
+def _first_batch_latency(name, base, tokens, window, batch_size, vocab, mixed, knnlm, row, audit: Audit, device):
     """Forward-pass latency of base / + MemDec / + kNN-LM on the first test batch, each mixture at its chosen λ."""
     w = min(window, len(tokens) - 1)
     n_rows = max(1, min(batch_size, (len(tokens) - 1) // w))
@@ -362,7 +325,7 @@ def _first_batch_latency(name, base, tokens, window, batch_size, vocab, mixed, k
         "base": name,
         "input_shape": list(ids.shape),
         "device": str(device),
-        **model_latency(base, ids, vocab, mixed, knnlm, repeats=repeats),
+        **model_latency(base, ids, vocab, mixed, knnlm, repeats=audit.latency_repeats),
     }
 
 

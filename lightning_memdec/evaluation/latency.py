@@ -1,7 +1,7 @@
 """Wall-clock timing of inference: forward-pass latency of base / + MemDec / + kNN-LM, and greedy decoding speed.
 
 Runners are interleaved (A, B, C, A, B, C, …) and the median is reported, so a change in machine load during the
-measurement hits every runner alike. Used by ``memdec evaluate --latency`` and benchmarks/latency.py.
+measurement hits every runner alike. Used by ``memdec evaluate --audit.latency`` and benchmarks/latency.py.
 """
 
 from __future__ import annotations

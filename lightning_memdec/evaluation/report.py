@@ -102,7 +102,7 @@ def overlap_lines(report: dict[str, Any]) -> list[str]:
     """The overlap audit: per split, documents found verbatim and positions inside repeated n-gram spans."""
     audit = report.get("overlap")
     if not audit:
-        return ["## Overlap audit", "", "No training / datastore text was given (--overlap_with): not audited."]
+        return ["## Overlap audit", "", "No training / datastore text was given (--audit.overlap_with): not audited."]
     lines = ["## Overlap audit", "", f"Against: {', '.join(f'`{a}`' for a in audit['against'])}.", ""]
     lines += [
         "| split | documents | verbatim in training | positions | inside repeated spans | share |",

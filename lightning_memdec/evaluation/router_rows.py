@@ -1,4 +1,4 @@
-"""The router's part of ``memdec evaluate``: the base a ``--router`` belongs to, and its columns in that base's row."""
+"""The router's part of ``memdec evaluate``: the base a ``--mix.router`` belongs to, its columns in that base's row."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def router_by_base(router: str | None, memdec: str | None, models) -> dict:
     if router is None:
         return {}
     if memdec is None:
-        raise ValueError("--router weighs the Memory Decoder per token: pass the --memdec it was fitted for.")
+        raise ValueError("--mix.router weighs the Memory Decoder per token: pass the --memdec it was fitted for.")
     recorded = read_meta(router, kind="router")["base"]
     for ref in (ref for ref, _, role in models if role == "base"):
         if model_identity(ref)["model_sha256"] == recorded.get("model_sha256"):

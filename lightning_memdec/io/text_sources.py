@@ -9,7 +9,7 @@ What a document is:
 - text files (``--text``): documents are separated by blank lines (:func:`iter_documents`);
 - dataset rows: each non-blank row is one document (surrounding newlines dropped), or, with ``document_start``
   (a regular expression), a document runs from a row that matches it to the next one, its rows joined by newlines
-  (WikiText: one row per line, articles start at a level-1 heading: ``--document_start '^ = [^=].* = $'``).
+  (WikiText: one row per line, articles start at a level-1 heading: ``--dataset.document_start '^ = [^=].* = $'``).
 """
 
 from __future__ import annotations
@@ -51,19 +51,22 @@ def open_documents(
 
     Raises before returning when the source is unusable or holds no document, so a failed run leaves nothing behind.
     """
-    given = [flag for flag, value in (("--text", text), ("--dataset", dataset), ("--data_files", data_files)) if value]
+    flags = (("--text", text), ("--dataset.name", dataset), ("--dataset.files", data_files))
+    given = [flag for flag, value in flags if value]
     if len(given) != 1:
         raise ValueError(
-            f"give exactly one source of text: --text FILE (or embedded:<domain>/<split>), --dataset NAME, or "
-            f"--data_files FILE; got {given or 'none'}."
+            f"give exactly one source of text: --text FILE (or embedded:<domain>/<split>), --dataset.name NAME, or "
+            f"--dataset.files FILE; got {given or 'none'}."
         )
     if text and document_start is not None:
-        raise ValueError("--document_start splits dataset rows; text files' documents are separated by blank lines.")
+        raise ValueError(
+            "--dataset.document_start splits dataset rows; text files' documents are separated by blank lines."
+        )
     if text:
         paths = [resolve_text(t) for t in text]
         tables = [str(p) for p in paths if DATA_FILE_FORMATS.get(data_file_suffix(p), "text") != "text"]
         if tables:
-            raise ValueError(f"{tables} hold rows, not blank-line separated text: give them with --data_files.")
+            raise ValueError(f"{tables} hold rows, not blank-line separated text: give them with --dataset.files.")
         sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
         documents = (piece for p in paths for piece in iter_document_pieces(p))
         what = f"the input text {[str(p) for p in paths]}"
@@ -89,7 +92,7 @@ def open_rows(
     if not (dataset or data_files):
         raise ValueError(
             "--separation official reads dataset rows (WikiText: one line per row), as the official preprocessing "
-            "does: give --dataset or --data_files, not --text."
+            "does: give --dataset.name or --dataset.files, not --text."
         )
     parts = dataset_parts(dataset, dataset_config, split, data_files, text_field)
     sources = [{**provenance, "text_field": text_field, "separation": "official"} for _, provenance in parts]
@@ -115,7 +118,7 @@ def compile_document_start(document_start: str | None) -> re.Pattern | None:
     try:
         return re.compile(document_start)
     except re.error as err:
-        raise ValueError(f"--document_start {document_start!r} is not a regular expression: {err}.") from err
+        raise ValueError(f"--dataset.document_start {document_start!r} is not a regular expression: {err}.") from err
 
 
 def dataset_parts(
@@ -144,7 +147,7 @@ def streamed_rows(datasets, args: tuple, kwargs: dict, text_field: str, provenan
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         raise ValueError(
             f"cannot open {describe(provenance)}: {err}. A hub dataset needs a network connection (or the local "
-            f"cache); offline, give local files with --data_files."
+            f"cache); offline, give local files with --dataset.files."
         ) from err
     if check_text_field(rows.column_names, rows.features, text_field, provenance):
         rows = rows.select_columns([text_field])  # the other columns are never decoded
@@ -196,7 +199,8 @@ def check_text_field(columns: list[str] | None, features, text_field: str, prove
     dtype = getattr(features[text_field], "dtype", None) if features is not None else None
     if dtype is not None and dtype not in ("string", "large_string"):
         raise ValueError(
-            f"column {text_field!r} of {describe(provenance)} holds {dtype}, not text; choose another --text_field."
+            f"column {text_field!r} of {describe(provenance)} holds {dtype}, not text; choose another "
+            "--dataset.text_field."
         )
     return True
 
@@ -209,7 +213,8 @@ def describe(provenance: dict) -> str:
 
 def missing_column(text_field: str, columns: list[str], provenance: dict) -> ValueError:
     return ValueError(
-        f"{describe(provenance)} has no column {text_field!r}; its columns are {columns}: choose one with --text_field."
+        f"{describe(provenance)} has no column {text_field!r}; its columns are {columns}: choose one with "
+        "--dataset.text_field."
     )
 
 

@@ -26,6 +26,7 @@ from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.npy_rows import NpyAppender
 from lightning_memdec.io.official_preprocessing import official_groups
 from lightning_memdec.io.output_lock import exclusive_output
+from lightning_memdec.io.settings import DatasetRows
 from lightning_memdec.io.text_pieces import PIECE_CHARS, cuts_are_safe, safe_pieces
 from lightning_memdec.io.text_sources import open_documents, open_rows
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
@@ -112,12 +113,7 @@ def tokenize(
     max_tokens: int | None = None,
     batch_documents: int = 256,
     overwrite: bool = False,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    split: str = "train",
-    data_files: list[str] | None = None,
-    text_field: str = "text",
-    document_start: str | None = None,
+    dataset: DatasetRows = DatasetRows(),
     num_proc: int = 1,
     separation: str = "eos",
 ) -> Path:
@@ -134,15 +130,7 @@ def tokenize(
         max_tokens: keep only the first this many tokens (for quick experiments; reading stops there).
         batch_documents: documents tokenized per call of the fast tokenizer.
         overwrite: replace an existing output.
-        dataset: a Hugging Face hub dataset (e.g. wikitext), read with streaming=True; instead of ``text``.
-        dataset_config: the hub dataset's configuration (e.g. wikitext-103-raw-v1).
-        split: the hub dataset's split.
-        data_files: local dataset files instead of ``text`` (.parquet, .json, .jsonl, .arrow, .csv, .txt: one row
-            per line), read with streaming=True.
-        text_field: the dataset column holding the text.
-        document_start: dataset rows only: a regular expression; a document runs from a row matching it to the next
-            one, rows joined by newlines (WikiText articles: '^ = [^=].* = $'). Without it, each non-blank row is
-            a document.
+        dataset: dataset rows (a hub dataset or local files) instead of ``text``.
         num_proc: processes that encode batches (the output does not depend on it).
         separation: ``eos``: an EOS after each document; ``official``: the paper's preprocessing, whose datastores
             ``memdec import-official`` reads: every dataset row tokenized alone (with the tokenizer's own special
@@ -156,16 +144,16 @@ def tokenize(
         raise ValueError(f"num_proc and batch_documents must be at least 1, got {num_proc} and {batch_documents}.")
     if separation not in SEPARATIONS:
         raise ValueError(f"--separation must be one of {SEPARATIONS}, got {separation!r}.")
-    if separation == "official" and (text or document_start is not None):
-        raise ValueError("--separation official tokenizes dataset rows one by one: give --dataset or --data_files, "
-                         "and no --document_start (the official preprocessing splits no documents).")  # fmt: skip
+    rows = (dataset.name, dataset.config, dataset.split, dataset.files, dataset.text_field)
+    if separation == "official" and (text or dataset.document_start is not None):
+        raise ValueError("--separation official tokenizes dataset rows one by one: give --dataset.name or "
+                         "--dataset.files, and no --dataset.document_start (the official preprocessing splits no "
+                         "documents).")  # fmt: skip
     text = [text] if isinstance(text, str) else text
     if separation == "official":
-        documents, sources = open_rows(dataset, dataset_config, split, data_files, text_field)
+        documents, sources = open_rows(*rows)
     else:
-        documents, sources = open_documents(
-            text, dataset, dataset_config, split, data_files, text_field, document_start
-        )
+        documents, sources = open_documents(text, *rows, dataset.document_start)
     tok = load_tokenizer(tokenizer)
     if separation == "eos" and tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS token to separate documents; set tokenizer.eos_token.")
@@ -176,7 +164,7 @@ def tokenize(
     info = tokenizer_info(tok, tokenizer)
     start = time.perf_counter()
     if separation == "official":
-        num_rows = sum(1 for _ in open_rows(dataset, dataset_config, split, data_files, text_field)[0])
+        num_rows = sum(1 for _ in open_rows(*rows)[0])
         pieces = at_most(official_groups(encode_rows(documents, tok, batch_documents), num_rows), max_tokens)
     else:
         pieces = encode_stream(documents, tok, max_tokens, batch_documents, num_proc, token_dtype(info["vocab_size"]))

@@ -200,7 +200,7 @@ def check_search_budget(
     raise ValueError(
         f"exact search of {num_queries:,} queries × {candidates} candidates (k + re-ranking margin) × d={dim} needs "
         f"{(fixed + per_row) / 2**20:.1f} MiB before its first key block, over the {memory_bytes / 2**20:.1f} MiB "
-        f"budget; use chunk_size ≤ {max(0, fits):,} or search_memory_gb ≥ {(fixed + per_row) / 2**30:.4f}"
+        f"budget; use --search.chunk_size ≤ {max(0, fits):,} or --search.memory_gb ≥ {(fixed + per_row) / 2**30:.4f}"
         + (" (not even one query fits: lower k)." if fits < 1 else ".")
     )
 

@@ -19,6 +19,7 @@ from lightning_memdec.io.npy_rows import gather_rows, read_rows
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_finite_keys, check_index_matches
 from lightning_memdec.retrieval.index_plan import IndexPlan, gpu_pq_options, plan_index
+from lightning_memdec.retrieval.settings import IndexSettings
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,9 @@ def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
 def build_index(
     datastore: Path,
     out: Path,
-    factory: str = "auto",
-    train_size: int | None = None,
-    memory_gb: float = 8.0,
+    plan: IndexSettings = IndexSettings(),
     add_batch: int = 65_536,
-    nprobe: int = 32,
     use_gpu: bool = False,
-    seed: int = 0,
     recall_queries: int = 256,
     recall_k: int = 64,
     plan_only: bool = False,
@@ -93,15 +90,9 @@ def build_index(
     Args:
         datastore: datastore directory from `memdec build-datastore`.
         out: output index directory.
-        factory: FAISS index factory string ("Flat", "IVF1024,PQ32", ...) or "auto" (planned from N, d and the
-            memory budget: see :mod:`lightning_memdec.retrieval.index_plan`).
-        train_size: keys sampled (seeded, across the whole store) to train an IVF index; default: the plan's
-            39–256 per list within ``memory_gb``.
-        memory_gb: RAM budget for the training sample (read across the store, one bounded window at a time).
+        plan: what the index plan is made from (layout or auto, memory budget, nprobe), the training sample, seed.
         add_batch: keys read and added per step (read from the file, not mapped: resident memory stays one batch).
-        nprobe: IVF lists visited per query; stored in meta.json and applied on load.
         use_gpu: train and add on all visible GPUs (needs faiss-gpu); the saved index is a CPU index.
-        seed: sampling seed for training keys and recall queries.
         recall_queries: stored keys used as queries to measure recall@k against exact search (0: skip).
         recall_k: the k of that recall.
         plan_only: print the plan (index size, memory, training sample, search cost) and stop.
@@ -109,19 +100,18 @@ def build_index(
     """
     store = Datastore(datastore)
     n, d = len(store), store.dim
-    plan = plan_index(n, d, memory_gb=memory_gb, gpu=use_gpu, nprobe=nprobe, factory=factory)
+    spec = plan  # the settings; ``plan`` becomes the plan made from them
+    plan = plan_index(n, d, memory_gb=spec.memory_gb, gpu=use_gpu, nprobe=spec.nprobe, factory=spec.factory)
     print(plan.describe(), flush=True)
     if plan_only:
         return plan
-    train_size = plan.train_size if train_size is None else train_size
+    train_size, seed, nprobe = plan.train_size if spec.train_size is None else spec.train_size, spec.seed, spec.nprobe
     check_build_fits(plan, min(n, train_size) if plan.nlist else 0, use_gpu)
     check_recall_k(recall_queries, recall_k)
     try:
         index = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
     except RuntimeError as err:
         raise ValueError(f"invalid FAISS factory string {plan.factory!r} for dimension {d}: {err}") from err
-    if nprobe <= 0:
-        raise ValueError(f"nprobe must be positive, got {nprobe}.")
     run = {"datastore": store.identity(), "factory": plan.factory, "train_size": train_size, "seed": seed}
     work = start_work_dir(out, run, overwrite)
     if use_gpu:
@@ -176,13 +166,13 @@ def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:
     or when an IVF index gets fewer training keys than it has lists (FAISS's clustering fails on it)."""
     if plan.nlist and train_size < plan.nlist:
         raise ValueError(
-            f"--train_size gives {train_size} training keys, fewer than the {plan.nlist} lists of {plan.factory}; "
-            f"give --train_size {plan.nlist} or more (FAISS advises 39 per list), or a factory with fewer lists."
+            f"--plan.train_size gives {train_size} training keys, fewer than the {plan.nlist} lists of {plan.factory}; "
+            f"give --plan.train_size {plan.nlist} or more (FAISS advises 39 per list), or a factory with fewer lists."
         )
     needed = plan.index_bytes + train_size * plan.dim * 4
     fix = (
-        "pass --memory_gb lower (a smaller training sample, fewer lists) or --train_size, or a factory with fewer "
-        "PQ bytes per key (IVF…,PQ<m> with smaller m); a Flat index holds N × d × 4 bytes."
+        "pass --plan.memory_gb lower (a smaller training sample, fewer lists) or --plan.train_size, or a factory "
+        "with fewer PQ bytes per key (IVF…,PQ<m> with smaller m); a Flat index holds N × d × 4 bytes."
     )
     where = "GPU build, index copied back" if use_gpu else "in RAM"
     check_fits(needed, available_ram(), f"building {plan.factory} ({where}: index + training sample)", fix)

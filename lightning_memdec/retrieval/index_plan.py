@@ -168,6 +168,6 @@ def check_gpu_k(k: int, self_match: bool = False) -> None:
         extra = " (+ 1 for the query's own entry, searched for and dropped)" if self_match else ""
         raise ValueError(
             f"k={k}{extra} exceeds faiss-gpu's limit of {GPU_MAX_K} neighbours; use k ≤ {GPU_MAX_K - searched + k}, "
-            "search on the CPU (use_gpu false), or the exact backend (build-targets --search exact), which has no "
-            "such limit."
+            "search on the CPU (--search.use_gpu false), or the exact backend (build-targets --search.backend exact), "
+            "which has no such limit."
         )

@@ -40,6 +40,7 @@ from lightning_memdec.stages.chunked_predict import (
     mark_done,
     run_sharded_predict,
 )
+from lightning_memdec.stages.settings import Hardware, Windows
 
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 VALUES_BLOCK = 1 << 22  # tokens copied into values.npy at a time (16 MiB of int32)
@@ -155,13 +156,8 @@ def build_datastore(
     model: str,
     out: Path,
     layer: str | None = None,
-    window: int = 1024,
-    stride: int = 512,
-    batch_windows: int = 8,
-    accelerator: str = "auto",
-    devices: int | str = 1,
-    strategy: str = "auto",
-    num_nodes: int = 1,
+    windows: Windows = Windows(),
+    hardware: Hardware = Hardware(accelerator="auto"),
     precision: Literal["32", "bf16", "16"] = "32",
     overwrite: bool = False,
     callbacks: Sequence[L.Callback] = (),
@@ -174,13 +170,8 @@ def build_datastore(
         out: output datastore directory.
         layer: module path whose output is the key (integers index layer lists, -1 = last); default:
             the input of the last block's MLP for GPT-2, GPT-NeoX, Llama, Qwen2/3 and Mistral.
-        window: tokens per window (context length).
-        stride: new positions per window; each position gets >= window - stride + 1 tokens of context.
-        batch_windows: windows per forward pass; also the resumable chunk size.
-        accelerator: Lightning accelerator (cpu, gpu, auto).
-        devices: devices per node.
-        strategy: Lightning strategy (e.g. ddp for several devices).
-        num_nodes: nodes.
+        windows: the sliding windows keys are taken from; windows.batch_size is also the resumable chunk.
+        hardware: the ranks the windows are spread over.
         precision: weights and forward pass in float32 (``32``), ``bf16`` or ``16``. Keys are stored in fp16
             whatever the precision; bf16/fp16 halve the model's memory and run on tensor cores, at a key error of
             about 1e-2 relative (bf16 keeps 8 mantissa bits), small beside the neighbour distances it ranks.
@@ -190,11 +181,11 @@ def build_datastore(
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
     data = Corpus(corpus)
     lm_config = model_config(model)
-    check_fits_context(window, lm_config, f"base LM {model}")
+    check_fits_context(windows.window, lm_config, f"base LM {model}", "--windows.window")
     layer = layer or _default_layer_for(lm_config, model)
     _check_model_vocab(data, model, lm_config)
     _check_layer(lm_config, layer)
-    windows = position_windows(data.num_positions, window, stride)
+    spans = position_windows(data.num_positions, windows.window, windows.stride)
     check_disk(Path(out), data.num_positions, lm_config)
     model_sha256 = model_fingerprint(model)
     run_config = {  # a resume with the weights of another model (even at the same path) is refused
@@ -202,18 +193,29 @@ def build_datastore(
         "model": str(model),
         "model_sha256": model_sha256,
         "layer": layer,
-        "window": window,
-        "stride": stride,
-        "batch_windows": batch_windows,
+        "window": windows.window,
+        "stride": windows.stride,
+        "batch_windows": windows.batch_size,
         "precision": precision,
     }
     work = start_work_dir(out, run_config, overwrite)
-    extractor = KeyExtractor(str(model), layer, str(corpus), window, stride, batch_windows, str(work), precision)
+    extractor = KeyExtractor(
+        str(model), layer, str(corpus), windows.window, windows.stride, windows.batch_size, str(work), precision
+    )
     writer = KeyWriter(work, data.num_positions)
-    trainer = run_sharded_predict(extractor, writer, work, accelerator, devices, strategy, num_nodes, callbacks)
+    trainer = run_sharded_predict(
+        extractor,
+        writer,
+        work,
+        hardware.accelerator,
+        hardware.devices,
+        hardware.strategy,
+        hardware.num_nodes,
+        callbacks,
+    )
     if not trainer.is_global_zero:
         return Path(out)
-    num_chunks = -(-len(windows) // batch_windows)
+    num_chunks = -(-len(spans) // windows.batch_size)
     finish_chunks(work, num_chunks)
     dim = int(np.load(work / KEYS, mmap_mode="r").shape[1])
     write_values(work / VALUES, data)
@@ -228,8 +230,8 @@ def build_datastore(
         key_dtype="float16",
         precision=precision,
         num_entries=data.num_positions,
-        window=window,
-        stride=stride,
+        window=windows.window,
+        stride=windows.stride,
         corpus=str(Path(corpus).resolve()),
         corpus_sha256=data.meta["content_sha256"],
         tokenizer=data.tokenizer,

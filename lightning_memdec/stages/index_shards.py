@@ -34,6 +34,7 @@ from lightning_memdec.retrieval.faiss_index import (
     train_on_sample,
 )
 from lightning_memdec.retrieval.index_plan import plan_index
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.chunked_predict import (
     chunk_loader,
     drop_progress,
@@ -42,6 +43,7 @@ from lightning_memdec.stages.chunked_predict import (
     mark_done,
     run_sharded_predict,
 )
+from lightning_memdec.stages.settings import Hardware
 
 TRAINED = "trained.faissindex"
 SHARDS = "shards"
@@ -126,18 +128,11 @@ def is_flat(index: faiss.Index) -> bool:
 def build_index_sharded(
     datastore: Path,
     out: Path,
-    factory: str = "auto",
-    train_size: int | None = None,
-    memory_gb: float = 8.0,
+    plan: IndexSettings = IndexSettings(),
     chunk_keys: int = 65_536,
-    nprobe: int = 32,
-    seed: int = 0,
     recall_queries: int = 256,
     recall_k: int = 64,
-    accelerator: str = "cpu",
-    devices: int | str = 1,
-    strategy: str = "auto",
-    num_nodes: int = 1,
+    hardware: Hardware = Hardware(),
     overwrite: bool = False,
     callbacks: Sequence[L.Callback] = (),
 ) -> Path:
@@ -146,29 +141,30 @@ def build_index_sharded(
     Args:
         datastore: datastore directory from `memdec build-datastore`.
         out: output index directory (the layout and meta.json of `memdec build-index`).
-        factory, train_size, memory_gb, nprobe, seed, recall_queries, recall_k: as for `memdec build-index`.
+        plan, recall_queries, recall_k: as for `memdec build-index`.
         chunk_keys: consecutive keys per shard; also the resumable chunk.
-        accelerator: Lightning accelerator of the ranks (cpu: FAISS runs on the host either way).
-        devices: ranks per node.
-        strategy: Lightning strategy (ddp for several ranks).
-        num_nodes: nodes.
+        hardware: the ranks the shards are spread over (FAISS runs on the host whatever the accelerator).
         overwrite: replace an existing output / discard an unfinished run with other settings.
     """
     store = Datastore(datastore)
-    plan = plan_index(len(store), store.dim, memory_gb=memory_gb, nprobe=nprobe, factory=factory)
-    train_size = plan.train_size if train_size is None else train_size
+    spec = plan  # the settings; ``plan`` becomes the plan made from them
+    plan = plan_index(len(store), store.dim, memory_gb=spec.memory_gb, nprobe=spec.nprobe, factory=spec.factory)
+    train_size, seed, nprobe = plan.train_size if spec.train_size is None else spec.train_size, spec.seed, spec.nprobe
     check_build_fits(plan, min(len(store), train_size) if plan.nlist else 0, use_gpu=False)
     check_recall_k(recall_queries, recall_k)
     try:
         faiss.index_factory(store.dim, plan.factory, faiss.METRIC_L2)
     except RuntimeError as err:
         raise ValueError(f"invalid FAISS factory string {plan.factory!r} for dimension {store.dim}: {err}") from err
-    if nprobe <= 0 or chunk_keys <= 0:
-        raise ValueError(f"nprobe and chunk_keys must be positive, got {nprobe} and {chunk_keys}.")
+    if chunk_keys <= 0:
+        raise ValueError(f"--chunk_keys must be positive, got {chunk_keys}.")
     run = {"datastore": store.identity(), "factory": plan.factory, "train_size": train_size, "seed": seed}
     work = start_work_dir(out, run | {"chunk_keys": chunk_keys}, overwrite)
     adder = ShardAdder(str(datastore), str(work), plan.factory, train_size, seed, chunk_keys)
-    trainer = run_sharded_predict(adder, ShardWriter(work), work, accelerator, devices, strategy, num_nodes, callbacks)
+    hw = hardware
+    trainer = run_sharded_predict(
+        adder, ShardWriter(work), work, hw.accelerator, hw.devices, hw.strategy, hw.num_nodes, callbacks
+    )
     if not trainer.is_global_zero:
         return Path(out)
     num_chunks = -(-len(store) // chunk_keys)

@@ -54,6 +54,7 @@ from lightning_memdec.stages.chunked_predict import (
     is_idle,
     run_sharded_predict,
 )
+from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch
 from lightning_memdec.stages.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
 
 log = logging.getLogger(__name__)
@@ -205,21 +206,9 @@ def build_targets(
     index: Path | None = None,
     out: Path | None = None,
     queries: Path | None = None,
-    k: int = 1024,
-    temperature: float = 16.0,
-    exact_distances: bool = False,
-    max_support: int | None = None,
-    min_prob: float | None = None,
-    chunk_size: int = 4096,
-    nprobe: int | None = None,
-    use_gpu: bool = False,
-    search: str = "auto",
-    search_memory_gb: float | None = None,
-    shard_keys: bool = False,
-    accelerator: str = "cpu",
-    devices: int | str = 1,
-    strategy: str = "auto",
-    num_nodes: int = 1,
+    knn: KNNTargets = KNNTargets(),
+    search: TargetSearch = TargetSearch(),
+    hardware: Hardware = Hardware(),
     overwrite: bool = False,
     callbacks: Sequence[L.Callback] = (),
 ) -> Path:
@@ -228,38 +217,17 @@ def build_targets(
     Args:
         datastore: the datastore searched (its values are the predicted tokens).
         index: FAISS index over that datastore, from `memdec build-index`; not needed (and not read) with
-            ``search="exact"``.
+            ``--search.backend exact``.
         out: output targets directory (required).
         queries: datastore of the positions to build targets for (its keys are the queries); default: the
             searched datastore itself, with each position's own entry excluded by id. Use a datastore of
             the validation split to build validation targets.
-        k: neighbours per position (paper: 1024); capped at the store size with a warning.
-        temperature: T in softmax(−d/T) over squared L2 distances (paper: 16).
-        exact_distances: recompute exact fp32 distances from the stored keys (for IVF-PQ indexes).
-        max_support: keep at most this many tokens per position, then renormalise.
-        min_prob: drop tokens below this probability, then renormalise.
-        chunk_size: query positions per search call; also the resumable chunk.
-        nprobe: IVF lists visited per query (default: the index's meta.json).
-        use_gpu: FAISS search on GPU (faiss-gpu); under several devices each rank uses its own GPU.
-        search: "exact" (blocked matrix products over all keys on each rank's device, exact fp32 distances, no
-            FAISS), "faiss" (the index), or "auto": the rule of
-            :func:`~lightning_memdec.retrieval.exact_search.choose_search` (exact on a GPU, without an index, or when
-            N·d ≤ 2^25; else faiss).
-        search_memory_gb: memory one exact search may use per rank (default: half the free GPU memory; 1 GiB of
-            RAM on the CPU); sets the key block size, not the result.
-        shard_keys: with ``search="exact"`` on several ranks, each rank keeps only N/R of the keys (resident on its
-            GPU when they fit there) and searches every query chunk against them; the ranks all-gather their exact
-            top-k and merge (:mod:`lightning_memdec.retrieval.sharded_search`). For stores whose keys do not fit one
-            rank's device; the same targets as without it (ties aside), at R times the queries per rank.
-        accelerator: Lightning accelerator for spreading chunks over ranks.
-        devices: devices (ranks) per node.
-        strategy: Lightning strategy (e.g. ddp).
-        num_nodes: nodes.
+        knn: kNN search and pruning of each position's distribution (k is capped at the store size, with a warning).
+        search: how neighbours are searched (backend, device, memory; sharded keys for stores larger than a rank's
+            device) and the query chunks.
+        hardware: the ranks the query chunks are spread over.
         overwrite: replace an existing output / discard an unfinished run with other settings.
     """
-    check_target_settings(k, temperature, max_support, min_prob)
-    if chunk_size <= 0:
-        raise ValueError(f"--chunk_size must be a positive number of query positions per search, got {chunk_size}.")
     if out is None:
         raise ValueError("out (the targets directory to write) is required.")
     store = Datastore(datastore)
@@ -268,53 +236,57 @@ def build_targets(
     self_exclude = query_store.identity() == store.identity()
     if index is not None:  # checked whichever backend runs: an index over another store is a mistake
         check_index_matches(index, read_meta(index, kind="index"), store)
-    search = pick_search(search, index, store, accelerator)
-    if shard_keys and search != "exact":
-        raise ValueError(f"shard_keys needs search='exact' (the search ran would be {search!r}); pass --search exact.")
-    if search == "faiss" and use_gpu:
-        check_gpu_k(k, self_match=self_exclude)
+    backend = pick_search(search.backend, index, store, hardware.accelerator)
+    if search.shard_keys and backend != "exact":
+        raise ValueError(
+            f"--search.shard_keys needs the exact backend (the search ran would be {backend!r}); "
+            "pass --search.backend exact."
+        )
+    if backend == "faiss" and search.use_gpu:
+        check_gpu_k(knn.k, self_match=self_exclude)
     factory, index_nprobe = None, None
-    if search == "faiss":  # its meta.json only: the ranks load the index (a copy here would stay for the whole run)
+    if backend == "faiss":  # its meta.json only: the ranks load the index (a copy here would stay for the whole run)
         index_meta = read_meta(index, kind="index")
         factory, index_nprobe = index_meta["factory"], index_meta["nprobe"]
     available = len(store) - (1 if self_exclude else 0)
-    k = capped_k(k, available)
-    if shard_keys and str(devices).isdigit():  # up front where the rank count is known; else in each rank's setup
-        check_shards_hold_k(len(store), int(devices) * num_nodes, k, self_exclude)
-    memory = None if search_memory_gb is None else int(search_memory_gb * 2**30)
-    check_ranks_fit(search, index, store.dim, min(chunk_size, len(query_store)), k, available, memory,
-                    accelerator, devices, use_gpu)  # fmt: skip
-    check_disk(out, len(query_store), min(k, max_support or k))
+    k, hw = capped_k(knn.k, available), hardware
+    if search.shard_keys and str(hw.devices).isdigit():  # up front where the rank count is known; else in each rank
+        check_shards_hold_k(len(store), int(hw.devices) * hw.num_nodes, k, self_exclude)
+    memory = None if search.memory_gb is None else int(search.memory_gb * 2**30)
+    check_ranks_fit(backend, index, store.dim, min(search.chunk_size, len(query_store)), k, available, memory,
+                    hw, search.use_gpu)  # fmt: skip
+    check_disk(out, len(query_store), min(k, knn.max_support or k))
     run_config = {
         "queries": query_store.identity(),
         "datastore": store.identity(),
-        "search": search,
+        "search": backend,
         "index": factory,
         "k": k,
-        "temperature": temperature,
-        "exact_distances": exact_distances,
-        "max_support": max_support,
-        "min_prob": min_prob,
-        "chunk_size": chunk_size,
-        "nprobe": nprobe,
+        "temperature": knn.temperature,
+        "exact_distances": knn.exact_distances,
+        "max_support": knn.max_support,
+        "min_prob": knn.min_prob,
+        "chunk_size": search.chunk_size,
+        "nprobe": knn.nprobe,
     }
     work = start_work_dir(out, run_config, overwrite)
     paths = (str(query_store.dir), str(store.dir), str(index), str(work))
-    settings = (k, temperature, self_exclude, exact_distances, max_support, min_prob, chunk_size, nprobe, use_gpu)
-    searcher = KNNTargetSearcher(*paths, *settings, search, memory, shard_keys)
+    settings = (k, knn.temperature, self_exclude, knn.exact_distances, knn.max_support, knn.min_prob,
+                search.chunk_size, knn.nprobe, search.use_gpu)  # fmt: skip
+    searcher = KNNTargetSearcher(*paths, *settings, backend, memory, search.shard_keys)
     trainer = run_sharded_predict(
-        searcher, ChunkFileWriter(work), work, accelerator, devices, strategy, num_nodes, callbacks
+        searcher, ChunkFileWriter(work), work, hw.accelerator, hw.devices, hw.strategy, hw.num_nodes, callbacks
     )
     if not trainer.is_global_zero:
         return Path(out)
-    num_chunks = -(-len(query_store) // chunk_size)
+    num_chunks = -(-len(query_store) // search.chunk_size)
     finish_chunks(work, num_chunks)
     num_positions, nnz = merge_chunks(work, num_chunks)
     drop_progress(work)  # before the chunk files go: markers without their chunks would resume into nothing
     shutil.rmtree(work / CHUNKS)
     settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob")}
-    settings["exact_distances"] = exact_distances or search == "exact"
-    settings["nprobe"] = None if search == "exact" else nprobe or index_nprobe
+    settings["exact_distances"] = knn.exact_distances or backend == "exact"
+    settings["nprobe"] = None if backend == "exact" else knn.nprobe or index_nprobe
     return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
 
 
@@ -326,11 +298,13 @@ def capped_k(k: int, available: int) -> int:
 
 
 def pick_search(search: str, index: Path | None, store: Datastore, accelerator: str) -> str:
-    """The backend for ``build_targets(search=...)``; ``auto`` follows :func:`choose_search` for this accelerator."""
+    """The backend ``--search.backend`` names; ``auto`` follows :func:`choose_search` for this accelerator."""
     if search not in SEARCH_BACKENDS:
         raise ValueError(f"search must be one of {SEARCH_BACKENDS}, got {search!r}.")
     if search == "faiss" and index is None:
-        raise ValueError("search='faiss' needs an index (memdec build-index); or use search='exact', which needs none.")
+        raise ValueError(
+            "--search.backend faiss needs an index (memdec build-index); or use --search.backend exact (no index)."
+        )
     if search == "exact" and index is not None:
         log.info("search='exact' searches all keys directly; the index %s is not used.", index)
     if search != "auto":
@@ -347,12 +321,12 @@ def check_ranks_fit(
     k: int,
     available: int,
     memory: int | None,
-    accelerator: str,
-    devices: int | str,
+    hardware: Hardware,
     use_gpu: bool,
 ) -> None:
     """Before any search: each rank's exact-search budget must hold a chunk's queries and top-k, and on the host the
     ranks of this node together must fit the RAM (each holds its own FAISS index replica, or its exact budget)."""
+    accelerator, devices = hardware.accelerator, hardware.devices
     on_host = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     ranks = int(devices) if str(devices).isdigit() else 1
     if search == "exact" and (on_host or memory is not None):
@@ -360,7 +334,7 @@ def check_ranks_fit(
         budget = memory_budget("cpu", memory)
         check_search_budget(chunk, dim, min(available, k + rerank_margin(k, dtype)), budget, dtype)
         if on_host:
-            fix = "pass --devices lower or --search_memory_gb lower (smaller key blocks, same result)."
+            fix = "pass --hardware.devices lower or --search.memory_gb lower (smaller key blocks, same result)."
             check_fits(ranks * budget, available_ram(), f"{ranks} ranks' exact-search blocks on this host", fix)
     if search == "faiss" and not use_gpu:
         path, meta = Path(index) / INDEX, read_meta(index, kind="index")
@@ -368,8 +342,8 @@ def check_ranks_fit(
             raise ArtifactError(f"{path} is missing; rebuild the index.")
         replica = plan_index(meta["ntotal"], meta["dim"], factory=meta["factory"]).index_bytes  # loaded, with tables
         fix = (
-            "pass --devices lower (fewer ranks per node), search on GPUs (--use_gpu true, or --search exact on a "
-            "GPU), or build an index with fewer bytes per key (a smaller PQ m)."
+            "pass --hardware.devices lower (fewer ranks per node), search on GPUs (--search.use_gpu true, or "
+            "--search.backend exact on a GPU), or build an index with fewer bytes per key (a smaller PQ m)."
         )
         check_fits(ranks * replica, available_ram(), f"{ranks} ranks' FAISS index replicas in RAM", fix)
 
@@ -391,7 +365,7 @@ def check_disk(out: Path, num_positions: int, support: int) -> None:
         needed,
         free_disk(out),
         f"the targets for {num_positions:,} positions × up to {support} neighbours (chunk files + merged CSR) in {out}",
-        "free disk space, choose an --out on a larger file system, or lower --k or --max_support "
+        "free disk space, choose an --out on a larger file system, or lower --knn.k or --knn.max_support "
         "(each entry takes 6 bytes, twice while the chunks are merged).",
     )
 
@@ -403,18 +377,6 @@ def faiss_gpu_for_rank(trainer) -> int | None:
     if device.type == "cuda":
         return device.index or 0
     return trainer.local_rank if trainer.world_size > 1 else None
-
-
-def check_target_settings(k: int, temperature: float, max_support: int | None, min_prob: float | None) -> None:
-    """Refuse settings that cannot give distributions, before any search (``not x > 0`` also refuses NaN)."""
-    if not k > 0:
-        raise ValueError(f"k must be positive, got {k}.")
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}.")
-    if max_support is not None and not max_support > 0:
-        raise ValueError(f"max_support must be positive, got {max_support}.")
-    if min_prob is not None and not 0 <= min_prob < 1:
-        raise ValueError(f"min_prob must be in [0, 1), got {min_prob}.")
 
 
 def targets_meta(

@@ -1,0 +1,100 @@
+"""Typed argument groups of the stages: the hardware their ranks run on, sliding windows, kNN target settings.
+
+Frozen dataclasses: their fields' docstrings are the help of the nested flags (``--hardware.devices``,
+``--windows.stride``, ``--search.backend``, …) in every command that takes them, so a setting and its text exist
+once; their checks run when they are made, before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lightning_memdec.retrieval.exact_search import SEARCH_BACKENDS
+from lightning_memdec.retrieval.settings import KNNSearch
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Where a stage's ranks run: Lightning's accelerator, devices, strategy and nodes."""
+
+    accelerator: str = "cpu"
+    """Lightning accelerator (cpu, gpu, auto)"""
+    devices: int | str = 1
+    """devices (ranks) per node"""
+    strategy: str = "auto"
+    """Lightning strategy (e.g. ddp for several devices)"""
+    num_nodes: int = 1
+    """nodes"""
+
+    def __post_init__(self):
+        if not self.num_nodes >= 1:
+            raise ValueError(f"--hardware.num_nodes must be at least 1, got {self.num_nodes}.")
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Sliding windows over a token stream: their length, the new positions each adds, and how many per pass."""
+
+    window: int = 1024
+    """tokens of context per window (paper: 1024)"""
+    stride: int = 512
+    """new positions per window (paper: 512); each has >= window - stride + 1 tokens of context"""
+    batch_size: int = 8
+    """windows per forward pass"""
+    flag: ClassVar[str] = "--windows"  # the flag group's name in messages (a subclass's own where it is another)
+
+    def __post_init__(self):
+        if not 0 < self.stride <= self.window:
+            raise ValueError(
+                f"need 0 < stride <= window, got window={self.window}, stride={self.stride}; "
+                f"pass {self.flag}.stride at most {self.flag}.window."
+            )
+        if not self.batch_size > 0:
+            raise ValueError(f"{self.flag}.batch_size must be positive, got {self.batch_size}.")
+
+
+@dataclass(frozen=True)
+class KNNTargets(KNNSearch):
+    """kNN search for training targets, and how the neighbours' distribution is pruned."""
+
+    max_support: int | None = None
+    """keep at most this many tokens per position, then renormalise"""
+    min_prob: float | None = None
+    """drop tokens below this probability, then renormalise"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_support is not None and not self.max_support > 0:
+            raise ValueError(f"--knn.max_support must be positive, got {self.max_support}.")
+        if self.min_prob is not None and not 0 <= self.min_prob < 1:
+            raise ValueError(f"--knn.min_prob must be in [0, 1), got {self.min_prob}.")
+
+
+@dataclass(frozen=True)
+class TargetSearch:
+    """How the targets' neighbours are searched: the backend, its device and memory, and the chunks of queries."""
+
+    backend: str = "auto"
+    """exact (blocked matrix products over all keys on each rank's device, exact fp32 distances, no FAISS), faiss
+    (the index), or auto: exact on a GPU, without an index, or when N·d ≤ 2^25; else faiss"""
+    use_gpu: bool = False
+    """FAISS search on GPU (faiss-gpu); under several devices each rank uses its own GPU"""
+    memory_gb: float | None = None
+    """memory one exact search may use per rank (default: half the free GPU memory; 1 GiB of RAM on the CPU); sets
+    the key block size, not the result"""
+    shard_keys: bool = False
+    """with backend exact on several ranks, each rank keeps only N/R of the keys and the ranks merge their exact
+    top-k: for stores whose keys do not fit one rank's device; the same targets, at R times the queries per rank"""
+    chunk_size: int = 4096
+    """query positions per search call; also the resumable chunk"""
+
+    def __post_init__(self):
+        if self.backend not in SEARCH_BACKENDS:
+            raise ValueError(f"--search.backend must be one of {SEARCH_BACKENDS}, got {self.backend!r}.")
+        if not self.chunk_size > 0:
+            raise ValueError(
+                f"--search.chunk_size must be a positive number of query positions per search, got {self.chunk_size}."
+            )
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ValueError(f"--search.memory_gb must be positive (or omitted), got {self.memory_gb}.")
