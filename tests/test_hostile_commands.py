@@ -155,7 +155,9 @@ def test_two_downstream_runs_into_one_output_are_refused(tmp_path, monkeypatch, 
     out = tmp_path / "out"
     with OutputLock(out):
         with pytest.raises(ArtifactError, match="is being written by another process"):
-            ds.downstream([str(task_folder(tmp_path / "tasks"))], [str(tiny_gpt2)], out, device="cpu")
+            ds.downstream(
+                [str(task_folder(tmp_path / "tasks"))], [str(tiny_gpt2)], out, prompts=ds.Prompts(device="cpu")
+            )
 
 
 # -- serve ------------------------------------------------------------------------------------------------------------
@@ -225,13 +227,14 @@ def test_two_quickstarts_into_one_run_directory_are_refused(tmp_path, monkeypatc
     """quickstart took no lock: a second run into the same --out (or the default runs/quickstart) rebuilt the
     stages the first was writing, both with overwrite."""
     from lightning_memdec.apps.quickstart import quickstart
+    from lightning_memdec.apps.quickstart_stages import Budget
 
     no_quickstart_work(monkeypatch)
     monkeypatch.chdir(tmp_path)
     for given in ({"out": tmp_path / "q"}, {}):
         with OutputLock(given.get("out", Path("runs/quickstart"))):
             with pytest.raises(ArtifactError, match="is being written by another process"):
-                quickstart(base=[str(tiny_gpt2)], window=32, **given)
+                quickstart(base=[str(tiny_gpt2)], budget=Budget(window=32), **given)
     assert not (tmp_path / "q").exists() and not (tmp_path / "runs" / "quickstart").exists()
 
 
