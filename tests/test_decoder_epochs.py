@@ -57,3 +57,22 @@ def test_one_epoch_is_the_train_tokens_in_batches_of_windows_rounded_up(tmp_path
     corpus = tokenize([str(text)], tmp_path / "corpus", "gpt2", max_tokens=1_000)
     budget = Budget(window=32, batch_size=4)
     assert epoch_steps(corpus, budget) == math.ceil(Corpus(corpus).num_tokens / 128) == 8
+
+
+def test_baseline_decoder_reuses_only_a_decoder_whose_training_time_the_report_records(script, tmp_path):
+    """The E = 1 row reuses the baseline's decoder with the time its report.json records (under ``run``); a
+    decoder the baseline itself reused from an earlier run (time 0) is retrained, so no row shows a 0 s time."""
+    (tmp_path / "models" / "memdec").mkdir(parents=True)
+    (tmp_path / "models" / "memdec" / "meta.json").write_text("{}")
+    settings = {"memdec_steps": None}
+
+    def report(seconds):
+        run = {"seconds": {"train memdec": seconds}, "cpu_seconds": {"train memdec": 2 * seconds}}
+        (tmp_path / "report.json").write_text(json.dumps({"run": run}))
+
+    report(89.5)
+    model, times = script.baseline_decoder(tmp_path, settings, "memdec", 98)
+    assert model == tmp_path / "models" / "memdec" and times == {"seconds": 89.5, "cpu_seconds": 179.0}
+    report(0.0)
+    assert script.baseline_decoder(tmp_path, settings, "memdec", 98) is None
+    assert script.baseline_decoder(tmp_path, {"memdec_steps": 50}, "memdec", 98) is None

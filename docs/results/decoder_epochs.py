@@ -73,8 +73,11 @@ def baseline_decoder(baseline: Path, settings: dict, kind: str, steps: int) -> t
     model, report = baseline / "models" / kind, baseline / "report.json"
     if settings["memdec_steps"] not in (None, steps) or not done(model) or not report.is_file():
         return None
-    seconds = json.loads(report.read_text())
-    return model, {"seconds": seconds["seconds"][STAGE[kind]], "cpu_seconds": seconds["cpu_seconds"][STAGE[kind]]}
+    run = json.loads(report.read_text())["run"]
+    times = {"seconds": run["seconds"][STAGE[kind]], "cpu_seconds": run["cpu_seconds"][STAGE[kind]]}
+    if times["seconds"] == 0:  # the baseline reused this decoder from an earlier run: its time is not known here
+        return None
+    return model, times
 
 
 def trained_decoder(kind: str, epochs: int, ctx: dict) -> tuple[Path, dict]:
