@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 from conftest import save_tiny
@@ -84,7 +86,10 @@ def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
     from lightning_memdec.apps.serve import serve
 
     base = save_tiny(tmp_path / "b")
+    with socket.socket() as probe:  # a port that is free now (serve checks --port before the models)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     with pytest.raises(ValueError, match="--memdec .*nowhere.* not a model directory"):
-        serve(str(base), memdec=str(tmp_path / "nowhere"), port=1)
+        serve(str(base), memdec=str(tmp_path / "nowhere"), port=port)
     with pytest.raises(ValueError, match="lmbda|λ"):
-        serve(str(base), lmbda=1.5, port=1)
+        serve(str(base), lmbda=1.5, port=port)
