@@ -160,7 +160,11 @@ def time_lines(times: dict[str, dict], baseline: Path, ctx: dict) -> list[str]:
     report = baseline / "report.json"
     if not report.is_file():
         return lines + ["", "(no baseline report.json yet: no projection of the quickstart's total)", ""]
-    total = json.loads(report.read_text())["total_cpu_seconds"]
+    run = json.loads(report.read_text())["run"]
+    if not all(run["cpu_seconds"].values()):  # a stage the baseline reused (0 s): its total is not a whole run's
+        return lines + ["", "(the baseline reused stages from an earlier run, so its total is not a whole run's: "
+                        "no projection of the quickstart's total)", ""]  # fmt: skip
+    total = run["total_cpu_seconds"]
     lines += ["", f"baseline quickstart total CPU s: {total} (CPU s / 2: a lower bound of the wall clock on 2 "
               "unloaded cores)", "| E | projected quickstart CPU s | CPU min / 2 |", "|---:|---:|---:|"]  # fmt: skip
     epochs = sorted({int(k.rsplit("-e", 1)[1]) for k in times})
