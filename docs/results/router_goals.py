@@ -10,7 +10,7 @@ and general-test splits: the base alone, the best fixed λ (chosen on domain val
 quickstart chooses it) and the router, each with a 95 % bootstrap interval over documents (evaluation.intervals),
 and the paired interval of router − fixed.
 
-    nice -n 10 python docs/results/router_goals.py /work/runs/qs-biomed /work/runs/qs-law \
+    nice -n 15 python docs/results/router_goals.py /work/runs/final-biomed /work/runs/final-law \
         > docs/results/router_goals.txt
 """
 
