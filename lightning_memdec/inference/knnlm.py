@@ -152,6 +152,7 @@ class KNNLM(torch.nn.Module):
         self.values = np.asarray(self.store.values)  # int32, 4 bytes an entry: read once, gathered per query
         self.device_keys: torch.Tensor | None = None  # search="exact": the keys on the base's device, once
         self.device_norms: torch.Tensor | None = None  # and their ‖k‖²
+        self.device_values: torch.Tensor | None = None  # and the values, on an accelerator
 
     @staticmethod
     def _check_tokenizer(base_ref, base, tokenizer, meta: dict, where: str) -> int:
@@ -203,9 +204,21 @@ class KNNLM(torch.nn.Module):
         return vocab_logits(out.logits, self.vocab), cap.value
 
     def neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Squared L2 distances ``[n, k]`` float64 (+inf for a missing neighbour) and their tokens ``[n, k]``."""
+        """Squared L2 distances ``[n, k]`` float64 (+inf for a missing neighbour) and their tokens ``[n, k]``, on the
+        host (the gold-token scoring path, float64)."""
+        dist, tokens = self.device_neighbours(keys, torch.device("cpu"))
+        return dist.double().numpy(), tokens.numpy()
+
+    def device_neighbours(self, keys: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances ``[n, k]`` (float32 from a search on ``device``, float64 from FAISS; +inf for a missing
+        neighbour) and their tokens ``[n, k]`` int64, both on ``device``.
+
+        Exact search stays where it ran (the base's device): ids, values and distances never visit the host. A FAISS
+        search runs on the host; its results are moved once.
+        """
         if self.search == "exact":
-            return self._exact_neighbours(keys)
+            dist, ids = self._exact_neighbours(keys)
+            return dist.to(device), self._tokens_of(ids).to(device)
         queries = keys.detach().reshape(-1, keys.shape[-1]).float().cpu().numpy()
         dist, ids = self.key_index.search(queries, self.k)
         if self.exact_distances:
@@ -213,9 +226,19 @@ class KNNLM(torch.nn.Module):
 
             dist = exact_distances(torch.from_numpy(queries), self.store.keys, torch.from_numpy(ids)).numpy()
         dist = np.where(ids >= 0, dist.astype(np.float64), np.inf)
-        return dist, np.take(self.values, ids, mode="clip").astype(np.int64)
+        tokens = np.take(self.values, ids, mode="clip").astype(np.int64)
+        return torch.from_numpy(dist).to(device), torch.from_numpy(tokens).to(device)
 
-    def _exact_neighbours(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _tokens_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The values (next tokens) of datastore entries ``ids``, int64 on the ids' device. On an accelerator the
+        values (int32, 4 bytes an entry) are copied there once; on the CPU they are read from the store in place."""
+        if ids.device.type == "cpu":
+            return torch.from_numpy(np.take(self.values, ids.numpy()).astype(np.int64))
+        if self.device_values is None or self.device_values.device != ids.device:
+            self.device_values = torch.from_numpy(np.array(self.values, dtype=np.int32)).to(ids.device)
+        return self.device_values[ids].long()
+
+    def _exact_neighbours(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from lightning_memdec.retrieval.exact_search import exact_search, resident_keys, squared_norms
 
         if self.device_keys is None or self.device_keys.device != keys.device:
@@ -223,9 +246,7 @@ class KNNLM(torch.nn.Module):
             self.device_norms = None if self.device_keys is None else squared_norms(self.device_keys)
         stored = self.store.keys if self.device_keys is None else self.device_keys
         queries = keys.detach().reshape(-1, keys.shape[-1])
-        dist, ids = exact_search(queries, stored, self.k, device=keys.device, key_norms=self.device_norms)
-        ids = ids.cpu().numpy()
-        return dist.double().cpu().numpy(), np.take(self.values, ids).astype(np.int64)
+        return exact_search(queries, stored, self.k, device=keys.device, key_norms=self.device_norms)
 
     def knn_gold_log_probs(self, keys: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         """log p_kNN(gold) ``[n]`` float64: the weight of the neighbours whose value is the gold token (no [n, V])."""
@@ -233,11 +254,12 @@ class KNNLM(torch.nn.Module):
         return knn_gold_log_probs(dist, tokens == gold.reshape(-1, 1).cpu().numpy(), self.temperature)
 
     def knn_log_probs(self, keys: torch.Tensor) -> torch.Tensor:
-        """Dense log p_kNN ``[n, V]`` float32 (−inf off the neighbours' tokens)."""
-        dist, tokens = self.neighbours(keys)
-        weights = torch.softmax(torch.from_numpy(knn_scores(dist, self.temperature)), dim=-1)  # [n, k]
-        probs = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.float32)
-        probs.scatter_add_(1, torch.from_numpy(tokens), weights.float())
+        """Dense log p_kNN ``[n, V]`` float32 (−inf off the neighbours' tokens), built on the keys' device: on a GPU
+        the ``[n, V]`` row is never made on the host and copied (weights in float64, as on the host)."""
+        dist, tokens = self.device_neighbours(keys, keys.device)
+        weights = torch.softmax(knn_scores(dist.double(), self.temperature), dim=-1)  # [n, k]
+        probs = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.float32, device=keys.device)
+        probs.scatter_add_(1, tokens, weights.float())
         return probs.log_()
 
     # -- the mixture -----------------------------------------------------------------------------------------------
