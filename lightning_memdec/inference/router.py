@@ -33,7 +33,8 @@ def base_features(hidden: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor
 
 
 class Router(nn.Module):
-    """features → λ ∈ (0, 1): standardise, one hidden layer (GELU), sigmoid; under ``threshold`` λ becomes 0."""
+    """features → λ ∈ (0, 1): standardise, one hidden layer (GELU; none at ``width`` 0), sigmoid; under ``threshold`` λ
+    becomes 0."""
 
     def __init__(self, hidden_size: int, width: int = 64, threshold: float = 0.0):
         super().__init__()
@@ -42,7 +43,9 @@ class Router(nn.Module):
         self.threshold = check_lmbda(threshold)
         self.register_buffer("feature_mean", torch.zeros(inputs))
         self.register_buffer("feature_std", torch.ones(inputs))
-        self.net = nn.Sequential(nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, 1))
+        # width 0: no hidden layer, λ logistic in the standardised features
+        hidden = [nn.Linear(inputs, width), nn.GELU()] if width else []
+        self.net = nn.Sequential(*hidden, nn.Linear(width or inputs, 1))
 
     def set_standardisation(self, features: torch.Tensor) -> None:
         """Mean and std of each feature over ``[N, d + 2]`` training rows (std floored: a constant feature)."""
