@@ -16,13 +16,13 @@ from lightning_memdec.apps.router_training import RouterData, mixed_nll, train_r
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import check_fits_context, find_tokenizer, load_causal_lm, model_config, torch_device
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
-from lightning_memdec.inference.router import Router, router_scorer
+from lightning_memdec.inference.router import Router, check_threshold, router_scorer
 from lightning_memdec.inference.router_artifact import router_meta, save_router_weights
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, publish, start_work_dir
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
-from lightning_memdec.kernels.scoring import check_lmbda, perplexity, sweep_lambda
+from lightning_memdec.kernels.scoring import perplexity, sweep_lambda
 
 __all__ = ["fit_router", "held_out_summary"]
 
@@ -57,7 +57,7 @@ def fit_router(
         device: cpu, cuda, cuda:1, … or auto.
         overwrite: replace an existing ``out``.
     """
-    threshold = check_lmbda(threshold)
+    threshold = check_threshold(threshold)
     if window < 2:  # one context token and one scored: refused before the models load, not after
         raise ValueError(f"--window must be 2 or more tokens, got {window}.")
     check_writable_dir(out, "--out")

@@ -19,10 +19,21 @@ from torch import nn
 
 from lightning_memdec.kernels.scoring import check_lmbda, gold_log_probs, vocab_log_probs
 
-__all__ = ["FEATURES", "Router", "base_features", "router_scorer"]
+__all__ = ["FEATURES", "Router", "base_features", "check_threshold", "router_scorer"]
 
 #: What the router reads, in order; recorded in its meta.json.
 FEATURES = ("base_last_hidden_state", "base_entropy", "base_max_log_prob")
+
+
+def check_threshold(threshold: float) -> float:
+    """The skip threshold is a λ: a number in [0, 1]; refused naming the setting, not λ."""
+    try:
+        return check_lmbda(threshold)
+    except ValueError:
+        raise ValueError(
+            f"threshold (the router's λ under which the decoder is skipped) must be a number in [0, 1], got "
+            f"{threshold!r}; 0 never skips."
+        ) from None
 
 
 def base_features(hidden: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
@@ -40,7 +51,7 @@ class Router(nn.Module):
         super().__init__()
         inputs = hidden_size + 2
         self.hidden_size, self.width = hidden_size, width
-        self.threshold = check_lmbda(threshold)
+        self.threshold = check_threshold(threshold)
         self.register_buffer("feature_mean", torch.zeros(inputs))
         self.register_buffer("feature_std", torch.ones(inputs))
         # width 0: no hidden layer, λ logistic in the standardised features
