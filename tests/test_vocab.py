@@ -265,3 +265,18 @@ def test_sentencepiece_style_tokens_compare_by_bytes(tmp_path):
     mapping = vocab_mapping(gpt2, sp)
     va = gpt2.get_vocab()
     assert mapping.source == [50256, va["Ċ"], va["Ġthe"], va["Ġ"], va["the"], va["Ġcat"]]  # <unk> ↔ gpt2's unk
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch, gpt2_to_neox):
+    """`transfer-vocab --out FILE --overwrite true` loaded the decoder first and failed only when writing."""
+    import lightning_memdec.hf.loading as loading
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the --out file was refused")
+
+    monkeypatch.setattr(loading, "load_causal_lm", no_model)
+    target = tmp_path / "a-file"
+    target.write_text("kept")
+    with pytest.raises(ArtifactError, match="--out"):
+        transfer_vocab(str(gpt2_to_neox["src"]), "gpt-neox-20b", target, overwrite=True)
+    assert target.read_text() == "kept"

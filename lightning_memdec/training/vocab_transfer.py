@@ -23,7 +23,14 @@ from typing import Literal
 
 import torch
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
+from lightning_memdec.io.artifact_dirs import (
+    ArtifactError,
+    base_meta,
+    check_writable_dir,
+    publish,
+    read_meta,
+    start_work_dir,
+)
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
@@ -267,6 +274,7 @@ def transfer_vocab(
             f"cannot load the target tokenizer {tokenizer!r} ({err}); give a tokenizer directory, "
             "a shipped name (gpt2, gpt-neox-20b) or a reachable hub name."
         ) from err
+    check_writable_dir(out, "--out")  # a file there is refused now, not after the model has loaded
     if Path(out).exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
 
