@@ -119,8 +119,8 @@ def test_downstream_refuses_mistakes_before_loading_a_model(
     knn = ["--knn.datastore", str(biomed_datastore), "--knn.index", str(biomed_index)]
     for args, message in (
         (gpt2 + ["--out", str(afile)], f"--out {afile} is a file, but a directory is needed"),
-        (gpt2 + ["--out", str(tmp_path / "o"), "--prompts.max_length", "0"], "--prompts.max_length must be a positive"),
-        (gpt2 + ["--out", str(tmp_path / "o"), "--prompts.batch_size", "-1"], "--prompts.batch_size must be a"),
+        (gpt2 + ["--out", str(tmp_path / "o"), "--prompts.max_length", "0"], "--prompts.max_length must be positive"),
+        (gpt2 + ["--out", str(tmp_path / "o"), "--prompts.batch_size", "-1"], "--prompts.batch_size must be positive"),
         (gpt2 + knn + ["--out", str(tmp_path / "o"), "--knn.k", "0"], "--knn.k must be positive"),
         (["--bases", str(tmp_path / "gpt2-typo"), "--out", str(tmp_path / "o")], "gpt2-typo"),
         (gpt2 + ["--memdec", str(tmp_path / "memdec-typo"), "--out", str(tmp_path / "o")], "--memdec"),
@@ -214,9 +214,9 @@ def test_quickstart_refuses_bad_settings_before_any_work(tmp_path, monkeypatch, 
     run = ["quickstart", "--base", str(tiny_gpt2), "--budget.window", "32"]
     for args, message in (
         (["--out", str(afile)], f"--out {afile} is a file"),
-        (["--out", str(tmp_path / "q"), "--budget.k", "0"], "--budget.k must be a positive number"),
-        (["--out", str(tmp_path / "q"), "--budget.batch_size", "0"], "--budget.batch_size must be a positive number"),
-        (["--out", str(tmp_path / "q"), "--budget.decoder_lr", "-1"], "--budget.decoder_lr must be a positive number"),
+        (["--out", str(tmp_path / "q"), "--budget.k", "0"], "--budget.k must be positive"),
+        (["--out", str(tmp_path / "q"), "--budget.batch_size", "0"], "--budget.batch_size must be positive"),
+        (["--out", str(tmp_path / "q"), "--budget.decoder_lr", "-1"], "--budget.decoder_lr must be positive"),
         (["--out", str(tmp_path / "q"), "--budget.window", "100000"], "exceeds the context of"),
     ):
         assert message in refused(run + args, capsys)

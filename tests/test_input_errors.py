@@ -43,7 +43,7 @@ def test_non_utf8_text_is_named_with_the_fix(tmp_path):
 def test_chunk_size_zero_is_refused_before_any_work(tmp_path, biomed_datastore, biomed_index):
     from lightning_memdec.stages.targets import build_targets
 
-    with pytest.raises(ValueError, match="--search.chunk_size must be a positive number .* got 0"):
+    with pytest.raises(ValueError, match="--search.chunk_size must be positive .* got 0"):
         build_targets(
             biomed_datastore, biomed_index, tmp_path / "t", knn=KNNTargets(k=8), search=TargetSearch(chunk_size=0)
         )
@@ -97,3 +97,22 @@ def test_the_cli_prints_a_users_mistake_without_a_traceback_and_a_bug_with_one(t
         cli.main(["buggy"])
     with pytest.raises(ValueError, match="invalid literal"):  # a ValueError from outside the package's checks
         cli.main(["buggy", "--out", ""])
+
+
+def test_check_positive_is_the_one_rule_for_counts_and_sizes():
+    import numpy as np
+
+    from lightning_memdec.io.settings import check_positive
+
+    for value in (1, np.int64(3), 2**40):
+        check_positive("--x", value, whole=True)
+    for value in (0.5, 7, np.float32(1e-3)):
+        check_positive("--x", value)
+    check_positive("--x", None, whole=True, omitted="the default")
+    refused = [(0, True), (-1, True), (True, True), (2.0, True), (None, True), (0.0, False), (float("nan"), False),
+               (float("inf"), False), (True, False), ("3", False), (None, False)]  # fmt: skip
+    for value, whole in refused:
+        with pytest.raises(ValueError, match=r"^--x must be positive \(a (whole|finite) number\), got"):
+            check_positive("--x", value, whole=whole)
+    with pytest.raises(ValueError, match=r"or omitted for the default\), got -2"):
+        check_positive("--x", -2, whole=True, omitted="the default")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -18,6 +17,7 @@ from lightning_memdec.io.artifact_dirs import META, write_json_atomic
 from lightning_memdec.io.embedded import EMBEDDED_PREFIX
 from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.readers import Datastore
+from lightning_memdec.io.settings import check_positive
 from lightning_memdec.io.token_corpus import Corpus, tokenize
 from lightning_memdec.kernels.scoring import knn_gold_log_probs
 from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
@@ -79,13 +79,8 @@ class Budget:
 
     def __post_init__(self):
         for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:  # memdec_steps: one epoch
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"--budget.{f.name} must be a positive number, got {value!r}; raise it.")
-            if f.type in ("int", "int | None") and not isinstance(value, int):
-                raise ValueError(f"--budget.{f.name} must be a whole number, got {value!r}.")
+            omitted = "one epoch" if f.name == "memdec_steps" else None
+            check_positive(f"--budget.{f.name}", getattr(self, f.name), f.type in ("int", "int | None"), omitted)
 
     @property
     def stride(self) -> int:

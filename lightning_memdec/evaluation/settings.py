@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from lightning_memdec.evaluation.knn_temperature import check_temperatures
 from lightning_memdec.evaluation.overlap import NGRAM
+from lightning_memdec.io.settings import check_positive
 from lightning_memdec.kernels.scoring import check_lambda_grid, check_lmbda
 from lightning_memdec.retrieval.settings import KNNSearch
 from lightning_memdec.stages.settings import Windows
@@ -20,14 +21,6 @@ from lightning_memdec.stages.settings import Windows
 
 def _listed(value) -> list:
     return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
-def _check_positive(group: str, owner, names: tuple[str, ...]) -> None:
-    """Each named field that is given (not None) must be an integer ≥ 1; the error names its flag."""
-    for name in names:
-        value = getattr(owner, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"--{group}.{name} must be a positive integer, got {value!r}; give 1 or more.")
 
 
 def _checked(flag: str, check, value) -> None:
@@ -156,11 +149,8 @@ class Audit:
     """tokens of a span that counts as repeated text (see evaluation.overlap)"""
 
     def __post_init__(self):
-        if not self.latency_repeats > 0 or not self.overlap_ngram > 0:
-            raise ValueError(
-                f"--audit.latency_repeats and --audit.overlap_ngram must be positive, got {self.latency_repeats} "
-                f"and {self.overlap_ngram}."
-            )
+        check_positive("--audit.latency_repeats", self.latency_repeats, whole=True)
+        check_positive("--audit.overlap_ngram", self.overlap_ngram, whole=True)
 
 
 @dataclass(frozen=True)
@@ -184,7 +174,9 @@ class Prompts:
     """cpu, cuda, cuda:1, … or auto"""
 
     def __post_init__(self):
-        _check_positive("prompts", self, ("n_sample", "max_length", "batch_size"))
+        check_positive("--prompts.n_sample", self.n_sample, whole=True, omitted="every example")
+        check_positive("--prompts.max_length", self.max_length, whole=True)
+        check_positive("--prompts.batch_size", self.batch_size, whole=True)
 
 
 @dataclass(frozen=True)
@@ -197,7 +189,7 @@ class GeneralSplit:
     """score only the first this many tokens of it (default: all)"""
 
     def __post_init__(self):
-        _check_positive("general", self, ("tokens",))
+        check_positive("--general.tokens", self.tokens, whole=True, omitted="the whole text")
 
 
 @dataclass(frozen=True)

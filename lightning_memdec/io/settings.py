@@ -1,4 +1,5 @@
-"""Typed argument groups of io: where ``memdec tokenize`` reads dataset rows from.
+"""Typed argument groups of io: where ``memdec tokenize`` reads dataset rows from; and the one positive-number check
+every argument group's counts and sizes go through.
 
 A frozen dataclass: its fields' docstrings are the help of ``--dataset.name``, ``--dataset.files``, …, so a setting
 and its text exist once.
@@ -6,7 +7,21 @@ and its text exist once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
+
+
+def check_positive(flag: str, value, whole: bool = False, omitted: str | None = None) -> None:
+    """A count or size must be > 0: a whole number (not a bool) when ``whole``, else a finite number. ``omitted`` says
+    what leaving the setting out (None) gives, for settings that may be left out; the message names ``flag``."""
+    if value is None and omitted is not None:
+        return
+    number = not isinstance(value, bool) and isinstance(value, Integral if whole else Real)
+    if not (number and math.isfinite(value) and value > 0):
+        kind = "a whole number" if whole else "a finite number"
+        hint = f", or omitted for {omitted}" if omitted is not None else ""
+        raise ValueError(f"{flag} must be positive ({kind}{hint}), got {value!r}.")
 
 
 @dataclass(frozen=True)

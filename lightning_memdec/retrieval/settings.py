@@ -6,8 +6,9 @@ that takes them, so a setting and its text exist once; their checks run when the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from lightning_memdec.io.settings import check_positive
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,9 @@ class KNNSearch:
     """IVF lists visited per query (default: the index's meta.json)"""
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not self.k > 0:
-            raise ValueError(f"--knn.k must be positive (a whole number of neighbours), got {self.k!r}.")
-        if not self.temperature > 0 or math.isinf(self.temperature):
-            raise ValueError(f"--knn.temperature must be a positive finite number, got {self.temperature}.")
-        if self.nprobe is not None and not self.nprobe > 0:
-            raise ValueError(f"--knn.nprobe must be positive (or omitted for the index's own), got {self.nprobe}.")
+        check_positive("--knn.k", self.k, whole=True)
+        check_positive("--knn.temperature", self.temperature)
+        check_positive("--knn.nprobe", self.nprobe, whole=True, omitted="the index's own")
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,6 @@ class IndexSettings:
     """sampling seed for the training keys and the recall queries"""
 
     def __post_init__(self):
-        if not self.nprobe > 0:
-            raise ValueError(f"--plan.nprobe must be positive, got {self.nprobe}.")
-        if not self.memory_gb > 0:
-            raise ValueError(f"--plan.memory_gb must be positive, got {self.memory_gb}.")
-        if self.train_size is not None and not self.train_size > 0:
-            raise ValueError(f"--plan.train_size must be positive (or omitted for the plan's), got {self.train_size}.")
+        check_positive("--plan.nprobe", self.nprobe, whole=True)
+        check_positive("--plan.memory_gb", self.memory_gb)
+        check_positive("--plan.train_size", self.train_size, whole=True, omitted="the plan's")

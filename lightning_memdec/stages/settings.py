@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lightning_memdec.io.settings import check_positive
 from lightning_memdec.retrieval.exact_search import SEARCH_BACKENDS
 from lightning_memdec.retrieval.settings import KNNSearch
 
@@ -50,8 +51,7 @@ class Windows:
                 f"need 0 < stride <= window, got window={self.window}, stride={self.stride}; "
                 f"pass {self.flag}.stride at most {self.flag}.window."
             )
-        if not self.batch_size > 0:
-            raise ValueError(f"{self.flag}.batch_size must be positive, got {self.batch_size}.")
+        check_positive(f"{self.flag}.batch_size", self.batch_size, whole=True)
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,7 @@ class KNNTargets(KNNSearch):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.max_support is not None and not self.max_support > 0:
-            raise ValueError(f"--knn.max_support must be positive, got {self.max_support}.")
+        check_positive("--knn.max_support", self.max_support, whole=True, omitted="no cap")
         if self.min_prob is not None and not 0 <= self.min_prob < 1:
             raise ValueError(f"--knn.min_prob must be in [0, 1), got {self.min_prob}.")
 
@@ -92,9 +91,5 @@ class TargetSearch:
     def __post_init__(self):
         if self.backend not in SEARCH_BACKENDS:
             raise ValueError(f"--search.backend must be one of {SEARCH_BACKENDS}, got {self.backend!r}.")
-        if not self.chunk_size > 0:
-            raise ValueError(
-                f"--search.chunk_size must be a positive number of query positions per search, got {self.chunk_size}."
-            )
-        if self.memory_gb is not None and not self.memory_gb > 0:
-            raise ValueError(f"--search.memory_gb must be positive (or omitted), got {self.memory_gb}.")
+        check_positive("--search.chunk_size", self.chunk_size, whole=True)
+        check_positive("--search.memory_gb", self.memory_gb, omitted="the default budget")
