@@ -153,7 +153,7 @@ def test_sliding_perplexity_equals_token_loop(tiny_gpt2, models, knnlm, test_tok
 def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, biomed_index):
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
         KNNLM(tiny_gpt2, biomed_datastore, biomed_index, lmbda=1.5)
-    with pytest.raises(ValueError, match="k .* positive integer"):
+    with pytest.raises(ValueError, match=r"k \(neighbours per query\) must be positive \(a whole number\)"):
         KNNLM(tiny_gpt2, biomed_datastore, biomed_index, k=0)
     with pytest.raises(ValueError, match="search='faiss' needs index="):
         KNNLM(tiny_gpt2, biomed_datastore)

@@ -9,7 +9,6 @@ that the base LM is the one that built the datastore. Like interpolate.py it doe
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from lightning_memdec.hf.loading import (
     tokenizer_name,
 )
 from lightning_memdec.inference.sliding_window import ScoreFn
+from lightning_memdec.io.settings import check_positive
 from lightning_memdec.io.tokenizer_identity import (
     check_head_covers_vocab,
     check_same_tokenizer,
@@ -96,10 +96,8 @@ class KNNLM(torch.nn.Module):
         from lightning_memdec.hf.key_capture import KeyCapture
 
         self._lmbda = check_lmbda(lmbda)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise ValueError(f"k (neighbours per query) must be a positive integer, got {k!r}.")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+        check_positive("k (neighbours per query)", k, whole=True)
+        check_positive("temperature", temperature)
         base_ref = base
         base = causal_lm(base_ref, "base", **load_kwargs)
         from lightning_memdec.io.readers import Datastore
