@@ -154,6 +154,23 @@ def test_router_artefact_round_trip(tmp_path, pair):
         torch.testing.assert_close(lm(ids).logits, direct(ids).logits)
 
 
+def test_linear_router_is_logistic_in_the_standardised_features_and_round_trips(tmp_path, pair):
+    """width 0: no hidden layer, λ = sigmoid(w · z + b) with z the standardised features."""
+    torch.manual_seed(3)
+    router = Router(32, 0, threshold=0.2)
+    with torch.no_grad():
+        router.set_standardisation(torch.randn(50, 34) * 2 - 1)
+        router.net[0].weight.mul_(10.0)
+    features = torch.randn(4, 6, 34)
+    z = (features.double() - router.feature_mean.double()) / router.feature_std.double()
+    lam = torch.sigmoid(z @ router.net[0].weight.double()[0] + router.net[0].bias.double())
+    torch.testing.assert_close(router(features).double(), lam, atol=1e-6, rtol=1e-5)
+    expected = torch.where(lam < 0.2, torch.zeros_like(lam), lam)
+    torch.testing.assert_close(router.routed(features).double(), expected, atol=1e-6, rtol=1e-5)
+    loaded = load_router(saved_router(tmp_path, pair, router.eval()), str(pair["base"]), str(pair["memdec"]))
+    assert torch.equal(loaded.routed(features), router.routed(features))
+
+
 def test_router_of_another_base_decoder_or_tokenizer_is_refused(tmp_path, pair):
     path = saved_router(tmp_path, pair, spread_router())
     with pytest.raises(ArtifactError, match="fitted for base .* fit-router"):
