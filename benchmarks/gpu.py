@@ -259,8 +259,9 @@ def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, win
 
 
 def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int = 8) -> None:
-    """Where fit's time goes, side by side: the train loader alone (its workers, no model) and the training step alone
-    on one resident batch, with the Memory Decoder loss and with plain cross-entropy (no targets)."""
+    """Where fit's time goes, side by side: the train loader alone (its workers, no model; its batches hold CSR
+    targets), the targets' padding on the device, and the training step alone on one resident padded batch, with the
+    Memory Decoder loss and with plain cross-entropy (no targets)."""
     from lightning_memdec.kernels.memdec_loss import memdec_loss
     from lightning_memdec.training.datamodule import MemDecDataModule
     from lightning_memdec.training.lightning_module import MemoryDecoderModule
@@ -273,14 +274,20 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
     _, seconds = timed(lambda: [next(loader) for _ in range(batches)])
     tokens = batch["input_ids"].numel()
     report("fit_loader_tokens_per_s", batches * tokens / seconds)
-    report("fit_batch_mbytes", sum(t.numel() * t.element_size() for t in batch.values()) / 1e6)
+    report("fit_batch_mbytes", batch_mbytes(batch))  # what crosses the host-to-device copy: CSR targets
 
     dev = "cuda" if accelerator == "gpu" else "cpu"
     module = MemoryDecoderModule(config=config["model"]["config"])
     module.configure_model()
     model = module.decoder.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = {k: v.to(dev) for k, v in batch.items()}
+    batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    pad = lambda: module.on_after_batch_transfer(batch, 0)  # the targets padded on the device, as fit does
+    pad()
+    _, seconds = timed(lambda: [pad() for _ in range(steps)])
+    report("fit_pad_targets_ms", 1000 * seconds / steps)
+    batch = pad()
+    report("fit_padded_batch_mbytes", batch_mbytes(batch))  # what the loader moved before the targets were CSR
 
     def losses(logits, objective: str):
         if objective == "ce":
@@ -300,6 +307,10 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
         train_steps(objective)  # warm-up
         _, seconds = timed(lambda objective=objective: train_steps(objective))
         report(f"fit_step_{objective}_loss_tokens_per_s", steps * tokens / seconds)
+
+
+def batch_mbytes(batch: dict) -> float:
+    return sum(t.numel() * t.element_size() for t in batch.values() if isinstance(t, torch.Tensor)) / 1e6
 
 
 def load_decoder(path: Path):

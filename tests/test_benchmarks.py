@@ -122,3 +122,19 @@ def test_router_skip_benchmark_runs_tiny(tmp_path):
         assert float(lines[name]) > 0, name
     assert 0 < float(lines["decoder_skipped_share"]) < 1  # the planted threshold skips some steps, not all
     assert math.isfinite(float(lines["skip_speedup"])) and list(lines)[-1] == "skip_speedup"
+
+
+def test_loader_benchmark_runs_tiny(tmp_path):
+    """benchmarks/loader.py on tiny shapes, capped support, one worker: the host-padded and CSR batches agree (the
+    script checks), every figure present, the CSR batch no larger, the headline last."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--workdir", str(tmp_path), "--window", "32",
+           "--k", "64", "--batch", "2", "--windows", "8", "--max_support", "24", "--num_workers", "1", "--batches",
+           "2", "--repeats", "1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    for name in ("host_loader_batches_per_s", "csr_loader_batches_per_s", "pad_targets_ms"):
+        assert float(lines[name]) > 0, name
+    assert 0 < float(lines["csr_batch_mbytes"]) <= float(lines["host_batch_mbytes"])
+    assert 0 < int(lines["batch_support"]) <= 24 and float(lines["support_mean"]) > 1
+    assert math.isfinite(float(lines["loader_speedup"])) and list(lines)[-2:] == ["batch_bytes_ratio", "loader_speedup"]

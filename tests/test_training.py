@@ -21,6 +21,7 @@ from lightning_memdec.training.datamodule import (
     MemDecDataModule,
     WindowTargetsDataset,
     collate,
+    pad_targets,
 )
 from lightning_memdec.training.fit import fit, lightning_cli
 from lightning_memdec.training.lightning_module import MemoryDecoderModule, lr_lambda
@@ -39,6 +40,11 @@ def data_args(pair, window=64, batch_size=2):
     return args + ["--data.window", str(window), "--data.batch_size", str(batch_size), "--data.max_support", "16"]
 
 
+def padded(item: dict) -> dict:
+    """One window's targets as the loss reads them: ``[W, support]``, padded as on the device."""
+    return {k: v[0] for k, v in pad_targets(collate([item])).items()}
+
+
 def test_dataset_aligns_tokens_targets_and_mask(biomed_targets_pair):
     pair = biomed_targets_pair
     ds = WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], window=64, stride=48)
@@ -46,7 +52,7 @@ def test_dataset_aligns_tokens_targets_and_mask(biomed_targets_pair):
     win = position_windows(corpus.num_positions, 64, 48)
     assert len(ds) == len(win)
     for j in [0, 1, len(ds) - 1]:
-        item, s = ds[j], int(win.starts[j])
+        item, s = padded(ds[j]), int(win.starts[j])
         np.testing.assert_array_equal(item["input_ids"], corpus.tokens[s : s + 64])
         np.testing.assert_array_equal(item["labels"], corpus.tokens[s + 1 : s + 65])
         np.testing.assert_array_equal(item["loss_mask"], np.arange(64) >= win.score_from[j])
@@ -63,7 +69,10 @@ def test_dataset_aligns_tokens_targets_and_mask(biomed_targets_pair):
 def test_support_cap_keeps_top_tokens_renormalised(biomed_targets_pair):
     pair = biomed_targets_pair
     ds = WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], window=64, stride=64, max_support=2)
-    item = ds[3]
+    csr = ds[3]
+    assert csr["target_support"] == 2 and int(csr["target_counts"].max()) == 2  # only the kept entries travel
+    assert csr["target_flat_ids"].numel() == int(csr["target_counts"].sum())
+    item = padded(csr)
     assert item["target_ids"].shape[1] <= 2
     assert item["target_ids"].dtype == torch.int32 and item["target_probs"].dtype == torch.float16  # as stored
     # fp16 as stored: each row sums to 1 up to fp16 rounding of its (at most 2) entries
@@ -72,7 +81,7 @@ def test_support_cap_keeps_top_tokens_renormalised(biomed_targets_pair):
     assert item["target_ids"][5, 0] == ids[0]
     top2 = probs[:2].astype(np.float32)
     np.testing.assert_allclose(item["target_probs"][5, : len(top2)].float().numpy(), top2 / top2.sum(), rtol=1e-3)
-    batch = collate([ds[0], ds[1]])
+    batch = pad_targets(collate([ds[0], ds[1]]))
     assert batch["target_ids"].shape[:2] == (2, 64) and batch["input_ids"].dtype == torch.long
 
 
@@ -96,7 +105,7 @@ def test_mismatched_targets_are_refused(tmp_path, biomed_targets_pair):
 
 def test_without_targets_windows_carry_no_support(biomed_targets_pair):
     ds = WindowTargetsDataset(biomed_targets_pair["train_corpus"], None, window=64, stride=64)
-    item = ds[1]
+    item = padded(ds[1])
     assert float(item["target_probs"].sum()) == 0.0 and item["loss_mask"].all()
     np.testing.assert_array_equal(item["labels"][:-1], item["input_ids"][1:])
 
@@ -184,7 +193,7 @@ def test_nan_loss_fails_fast_with_batch_position(biomed_targets_pair):
     with torch.no_grad():
         module.decoder.lm_head.weight.fill_(float("nan"))
     ds = WindowTargetsDataset(biomed_targets_pair["train_corpus"], biomed_targets_pair["train_targets"], 64, 64)
-    batch = collate([ds[2], ds[5]])
+    batch = module.on_after_batch_transfer(collate([ds[2], ds[5]]), 0)
     with pytest.raises(FloatingPointError, match=r"positions \[128, 320\]"):
         module.training_step(batch, 7)
 

@@ -2,8 +2,9 @@
 
 A window of ``W`` positions starting at ``s`` holds input ids ``tokens[s:s+W]``, labels
 ``tokens[s+1:s+W+1]`` and the CSR target rows ``s..s+W-1``; only its new positions (``loss_mask``)
-carry loss. Batches pad the support to the largest row in the batch (capped by ``max_support``), so the
-dense ``[B, W, V]`` target tensor is never built.
+carry loss. Batches carry the targets as CSR (the kept entries and a count per position) to the device, where
+:func:`pad_targets` pads the support to the largest row in the batch (capped by ``max_support``), so the
+dense ``[B, W, V]`` target tensor is never built and no padding crosses the host-to-device copy.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class WindowTargetsDataset(Dataset):
             self._targets = None if self.targets_dir is None else Targets(self.targets_dir)
         return self._corpus, self._targets
 
-    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor | int]:
         corpus, targets = self._open()
         filler = j == PAD_WINDOW
         j = 0 if filler else j
@@ -72,49 +73,74 @@ class WindowTargetsDataset(Dataset):
             "loss_mask": torch.from_numpy(mask & (not filler)),
             "start": torch.tensor(-1 if filler else start),
         }
-        if targets is None:
-            empty = {"target_ids": torch.zeros(w, 1, dtype=torch.int32), "target_probs": torch.zeros(w, 1).half()}
-            return {**item, **empty}
-        ids, probs = self._target_rows(targets, start)
-        return {**item, "target_ids": torch.from_numpy(ids), "target_probs": torch.from_numpy(probs)}
+        if targets is None:  # an empty support, padded to one probability-0 entry of id 0
+            ids, probs, counts, support = np.zeros(0, np.int32), np.zeros(0, np.float16), np.zeros(w, np.int32), 1
+        else:
+            ids, probs, counts, support = self._target_rows(targets, start)
+        csr = {"target_flat_ids": ids, "target_flat_probs": probs, "target_counts": counts}
+        return {**item, **{k: torch.from_numpy(v) for k, v in csr.items()}, "target_support": support}
 
-    def _target_rows(self, targets: Targets, start: int) -> tuple[np.ndarray, np.ndarray]:
-        """CSR rows of positions [start, start + W) as padded [W, support] arrays."""
+    def _target_rows(self, targets: Targets, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """CSR rows of positions [start, start + W): their kept entries (flat int32 ids, fp16 probs), the count kept
+        per position and the window's support (the largest count, capped by ``max_support``).
+
+        Kept as stored, int32 ids and fp16 probs (the loss upcasts on the device): only the entries travel through
+        the workers, pinned memory and the host-to-device copy; :func:`pad_targets` pads them there.
+        """
         w = self.window
         offsets = np.asarray(targets.offsets[start : start + w + 1])
         lo, hi = int(offsets[0]), int(offsets[-1])
         counts = np.diff(offsets)
-        rows = np.repeat(np.arange(w), counts)
-        cols = np.arange(hi - lo) - np.repeat(offsets[:-1] - lo, counts)
+        ids, probs = np.array(targets.ids[lo:hi]), np.array(targets.probs[lo:hi])  # copies: the memmaps are read-only
         support = int(counts.max())
-        if self.max_support is not None:
-            support = min(support, self.max_support)
+        if self.max_support is None or support <= self.max_support:
+            return ids, probs, counts.astype(np.int32), support
+        # rows are sorted by prob: the cap keeps the top tokens, renormalised in fp32 and stored back in fp16. The
+        # sums are taken over the padded [W, support] rows, so their rounding is that of the padded batches before.
+        support = self.max_support
+        cols = np.arange(hi - lo) - np.repeat(offsets[:-1] - lo, counts)
         keep = cols < support
-        # int32 ids and fp16 probs as stored (the loss upcasts on the device): half the bytes of int64/fp32 through
-        # the workers, pinned memory and the host-to-device copy, with support up to k = 1024 per position.
-        ids = np.zeros((w, support), dtype=np.int32)
-        probs = np.zeros((w, support), dtype=np.float16)
-        ids[rows[keep], cols[keep]] = targets.ids[lo:hi][keep]
-        probs[rows[keep], cols[keep]] = targets.probs[lo:hi][keep]
-        if self.max_support is not None and support < counts.max():
-            # rows are sorted by prob: the cap keeps the top tokens; renormalised in fp32, stored back in fp16
-            p32 = probs.astype(np.float32)
-            probs = (p32 / p32.sum(1, keepdims=True)).astype(np.float16)
-        return ids, probs
+        rows, cols = np.repeat(np.arange(w), counts)[keep], cols[keep]
+        p32 = np.zeros((w, support), dtype=np.float32)
+        p32[rows, cols] = probs[keep]
+        renormalised = (p32 / p32.sum(1, keepdims=True)).astype(np.float16)
+        return ids[keep], renormalised[rows, cols], np.minimum(counts, support).astype(np.int32), support
 
 
-def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack windows, padding the support dimension with probability-0 entries."""
-    support = max(item["target_ids"].shape[1] for item in items)
-    pad = lambda t: torch.nn.functional.pad(t, (0, support - t.shape[1]))
+CSR_KEYS = ("target_flat_ids", "target_flat_probs", "target_counts", "target_support")
+
+
+def collate(items: list[dict[str, torch.Tensor | int]]) -> dict[str, torch.Tensor | int]:
+    """Stack windows; their targets stay CSR (entries concatenated, counts ``[B, W]``, the batch's support an int):
+    :func:`pad_targets` pads them on the device, to the dense rows the loss reads."""
+    stack = lambda key: torch.stack([i[key] for i in items])
+    cat = lambda key: torch.cat([i[key] for i in items])
     return {
-        "input_ids": torch.stack([i["input_ids"] for i in items]),
-        "labels": torch.stack([i["labels"] for i in items]),
-        "target_ids": torch.stack([pad(i["target_ids"]) for i in items]),
-        "target_probs": torch.stack([pad(i["target_probs"]) for i in items]),
-        "loss_mask": torch.stack([i["loss_mask"] for i in items]),
-        "start": torch.stack([i["start"] for i in items]),
+        "input_ids": stack("input_ids"),
+        "labels": stack("labels"),
+        "loss_mask": stack("loss_mask"),
+        "start": stack("start"),
+        "target_flat_ids": cat("target_flat_ids"),
+        "target_flat_probs": cat("target_flat_probs"),
+        "target_counts": stack("target_counts"),
+        "target_support": max(i["target_support"] for i in items),
     }
+
+
+def pad_targets(batch: dict) -> dict:
+    """A collated batch with its CSR targets as dense ``target_ids`` / ``target_probs`` ``[B, W, support]``: each
+    position's entries first, then probability-0 entries of id 0. Runs where the batch is (on the device, from
+    ``MemoryDecoderModule.on_after_batch_transfer``); a batch without CSR targets is returned as it is."""
+    if "target_counts" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k not in CSR_KEYS}
+    counts = batch["target_counts"]
+    keep = torch.arange(batch["target_support"], device=counts.device) < counts[..., None]  # [B, W, S]
+    # CSR order is row-major order: masked_scatter_ fills the kept slots with the entries in turn
+    out["target_ids"] = batch["target_flat_ids"].new_zeros(keep.shape).masked_scatter_(keep, batch["target_flat_ids"])
+    probs = batch["target_flat_probs"]
+    out["target_probs"] = probs.new_zeros(keep.shape).masked_scatter_(keep, probs)
+    return out
 
 
 class EvenShardSampler(DistributedSampler):
