@@ -263,7 +263,7 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
     targets), the targets' padding on the device, and the training step alone on one resident padded batch, with the
     Memory Decoder loss and with plain cross-entropy (no targets)."""
     from lightning_memdec.kernels.memdec_loss import memdec_loss
-    from lightning_memdec.training.datamodule import MemDecDataModule
+    from lightning_memdec.training.datamodule import MemDecDataModule, pad_targets
     from lightning_memdec.training.lightning_module import MemoryDecoderModule
 
     data = MemDecDataModule(**config["data"])
@@ -282,7 +282,7 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
     model = module.decoder.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    pad = lambda: module.on_after_batch_transfer(batch, 0)  # the targets padded on the device, as fit does
+    pad = lambda: pad_targets(batch)  # the targets padded on the device, as the module's loss does
     pad()
     _, seconds = timed(lambda: [pad() for _ in range(steps)])
     report("fit_pad_targets_ms", 1000 * seconds / steps)

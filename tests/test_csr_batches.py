@@ -1,5 +1,5 @@
-"""Batches carry their sparse targets as CSR and are padded on the device (``pad_targets``, run from the module's
-``on_after_batch_transfer``): the padded batch the loss reads is bit-identical to the batch the loader used to pad on
+"""Batches carry their sparse targets as CSR and are padded on the device (``pad_targets``, run by the module's loss
+on the batch its step receives): the padded batch the loss reads is bit-identical to the batch the loader used to pad on
 the host, kept below as the reference (``host_padded_item`` / ``host_padded_collate``: the code before the change)."""
 
 from types import SimpleNamespace
@@ -153,7 +153,7 @@ def test_training_step_loss_and_gradients_are_unchanged(biomed_targets_pair, max
     torch.manual_seed(0)
     module = MemoryDecoderModule(config=DECODER, beta=0.5)
     module.configure_model()
-    batch = module.on_after_batch_transfer(collate([ds[j] for j in indices]), 0)
+    batch = collate([ds[j] for j in indices])  # CSR: the step pads it
     got, got_grads = loss_and_grads(module, batch)
     want, want_grads = loss_and_grads(module, reference(ds, indices))
     assert torch.equal(got, want) and torch.isfinite(got)
@@ -168,7 +168,8 @@ class CheckBatches(L.Callback):
         self.seen = 0
 
     def _check(self, trainer, batch, dataset):
-        assert "target_counts" not in batch  # padded by the hook before any step or callback sees it
+        assert "target_counts" in batch  # still CSR on the device: the step's loss pads it
+        batch = pad_targets(batch)
         starts = batch["start"].tolist()
         index = {int(s): j for j, s in enumerate(dataset.windows.starts)}
         assert_same_batch(batch, reference(dataset, [PAD_WINDOW if s < 0 else index[s] for s in starts]))
@@ -181,7 +182,7 @@ class CheckBatches(L.Callback):
         self._check(trainer, batch, trainer.datamodule.val)
 
 
-def test_trainer_steps_receive_the_host_padded_batches(tmp_path, biomed_targets_pair):
+def test_trainer_steps_pad_to_the_host_padded_batches(tmp_path, biomed_targets_pair):
     pair = biomed_targets_pair
     data = MemDecDataModule(**pair, window=64, batch_size=2, max_support=6)
     check = CheckBatches()

@@ -193,7 +193,7 @@ def test_nan_loss_fails_fast_with_batch_position(biomed_targets_pair):
     with torch.no_grad():
         module.decoder.lm_head.weight.fill_(float("nan"))
     ds = WindowTargetsDataset(biomed_targets_pair["train_corpus"], biomed_targets_pair["train_targets"], 64, 64)
-    batch = module.on_after_batch_transfer(collate([ds[2], ds[5]]), 0)
+    batch = collate([ds[2], ds[5]])
     with pytest.raises(FloatingPointError, match=r"positions \[128, 320\]"):
         module.training_step(batch, 7)
 

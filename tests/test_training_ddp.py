@@ -131,7 +131,7 @@ def test_a_split_smaller_than_ranks_times_batch_leaves_no_rank_without_batches(s
     module = MemoryDecoderModule(config=DECODER)
     module.configure_model()
     module.log_dict = lambda *args, **kwargs: None  # no Trainer to log to
-    loss = module.training_step(module.on_after_batch_transfer(batches[2], 0), 0)
+    loss = module.training_step(batches[2], 0)
     loss.backward()
     assert loss.item() == 0.0 and all(float(p.grad.abs().max()) == 0.0 for p in module.parameters())
 

@@ -130,7 +130,7 @@ def collate(items: list[dict[str, torch.Tensor | int]]) -> dict[str, torch.Tenso
 def pad_targets(batch: dict) -> dict:
     """A collated batch with its CSR targets as dense ``target_ids`` / ``target_probs`` ``[B, W, support]``: each
     position's entries first, then probability-0 entries of id 0. Runs where the batch is (on the device, from
-    ``MemoryDecoderModule.on_after_batch_transfer``); a batch without CSR targets is returned as it is."""
+    ``MemoryDecoderModule``'s loss); a batch without CSR targets is returned as it is."""
     if "target_counts" not in batch:
         return batch
     out = {k: v for k, v in batch.items() if k not in CSR_KEYS}

@@ -9,7 +9,6 @@ in ``configure_model`` so FSDP can shard it as it is built.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -19,10 +18,6 @@ from torchmetrics import MeanMetric
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
 from lightning_memdec.kernels.memdec_loss import memdec_loss
 from lightning_memdec.training.datamodule import pad_targets
-
-# the module pads the targets on the device (on_after_batch_transfer) with any data source, MemDecDataModule included:
-# by design, not the mistake Lightning's warning suspects when a DataModule is also given
-warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule` but")
 
 
 class MemoryDecoderModule(L.LightningModule):
@@ -154,13 +149,10 @@ class MemoryDecoderModule(L.LightningModule):
         return self.decoder(input_ids=input_ids, use_cache=False).logits[..., : self.vocab_size]
 
     # -- steps -----------------------------------------------------------------------------------------
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """The batch's CSR targets padded to dense ``[B, W, support]`` rows on the device (each rank its own batch):
-        only the kept entries cross the host-to-device copy. A batch given to a step outside a Trainer goes
-        through here first (``module.on_after_batch_transfer(batch, 0)``)."""
-        return pad_targets(batch) if isinstance(batch, dict) else batch
-
     def _loss(self, batch: dict[str, torch.Tensor]):
+        """The loss of a batch whose CSR targets are padded here, on the device the step runs on (each rank its own
+        batch): only the kept entries crossed the host-to-device copy. Dense batches pass through."""
+        batch = pad_targets(batch)
         logits = self(batch["input_ids"])
         return memdec_loss(
             logits,
