@@ -40,9 +40,10 @@ class Budget:
 
     Measured (float32, the shipped bases; CPU seconds of all threads): the teacher (base-large) trains at ~200
     tokens per CPU-second and the small decoders at ~500-550, their 50,257-row LM head dominating; forward-only
-    datastore keys are several times cheaper. A default run costs ~1,750-1,850 CPU-seconds (biomed, law): at
-    least 15 minutes on 2 dedicated cores (CPU time / 2), so these defaults are at, or a little over, that target.
-    The domain budget is one epoch of each decoder (MemDec and CE-only); the
+    datastore keys are several times cheaper. Scoring 100k test tokens made the run longer than its 15-minute target
+    on 2 cores: a run with two decoder epochs took 1413 s by its stages (2548 CPU-seconds) on a shared machine
+    (docs/results/quickstart.md). The domain budget is one epoch of each decoder (MemDec and CE-only: more epochs
+    help both and narrow MemDec's lead, measured on valid in docs/results/decoder-epochs-biomed.txt); the
     teacher is fine-tuned on 82k of those tokens (40 steps of 8 x 256) at half the bases' peak
     pretraining learning rate, which already lowers its domain perplexity by ~50-60 %.
     λ and the kNN temperatures are only tuned on the valid split (``valid_tokens``); every reported domain figure
