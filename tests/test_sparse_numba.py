@@ -122,7 +122,9 @@ def test_kernel_adds_a_tokens_weights_in_column_order():
     tiny, half_ulp = 2.0**-53, 2.0**-24
     w = np.array([[1.0, half_ulp, tiny, tiny, 1 - half_ulp], [tiny, tiny, 1.0, half_ulp, 1 - half_ulp]], np.float32)
     tok = np.array([[7, 7, 7, 7, 3], [7, 7, 7, 7, 3]], np.int32)
-    counts, toks, probs = DenseRows(7)(w, tok)
+    rows = DenseRows(7, w.size)
+    rows(w, tok)
+    [(counts, toks, probs)] = rows.parts()
     # Row 0: ((1 + 2^-24) + 2^-53) + 2^-53 rounds to 1 + 2^-24, half of it is a float32 tie: p = 0.5 (to even).
     # Row 1: (2^-53 + 2^-53) + 1 + 2^-24 is exact and above the tie: p = 0.5 + 2^-24. Both totals round to 2.
     assert counts.tolist() == [2, 2] and toks.tolist() == [7, 3, 7, 3]
@@ -157,7 +159,9 @@ def test_large_token_ids_fall_back_to_the_sort_based_path(offset, monkeypatch):
     distances, ids, values, query_ids = random_rows(np.random.default_rng(12), n=30, width=24, vocab=30)
     values = (values.astype(np.int64) + offset).astype(np.int32)
     built = []
-    monkeypatch.setattr(sparse, "DenseRows", lambda max_token: built.append(max_token) or DenseRows(max_token))
+    monkeypatch.setattr(
+        sparse, "DenseRows", lambda max_token, size: built.append(max_token) or DenseRows(max_token, size)
+    )
     got = knn_distributions(distances, ids, values, 2.0, query_ids=query_ids, k=20)
     dense = values.max() <= DENSE_MAX_TOKEN
     assert built == ([int(values.max())] if dense else [])
@@ -166,4 +170,4 @@ def test_large_token_ids_fall_back_to_the_sort_based_path(offset, monkeypatch):
     counts, toks, probs = knn_distributions(distances, ids, small, 2.0, query_ids=query_ids, k=20)
     assert_same_bytes(got, (counts, toks + np.int32(offset), probs))
     with pytest.raises(ValueError, match="dense scratch"):
-        DenseRows(DENSE_MAX_TOKEN + 1)
+        DenseRows(DENSE_MAX_TOKEN + 1, 10)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
 
@@ -135,26 +134,16 @@ def _block(d, ids, qids, values, temperature, k, row0):
     if tok_min < 0 or tok_max > np.iinfo(np.int32).max:
         raise ValueError("values holds a token id outside [0, 2**31)")
     step = max(1, _CHUNK_ELEMENTS // ids.shape[1])
-    rows_of = DenseRows(tok_max) if tok_max <= _DENSE_MAX_TOKEN else partial(_sorted_rows, tok_max=tok_max)
-    return [
-        _chunk(
-            d[a : a + step],
-            ids[a : a + step],
-            None if qids is None else qids[a : a + step],
-            tok[a : a + step],
-            temperature,
-            k,
-            row0 + a,
-            id_min < 0,
-            rows_of,
-        )
-        for a in range(0, len(ids), step)
-    ]
+    rows_of = DenseRows(tok_max, tok.size) if tok_max <= _DENSE_MAX_TOKEN else _SortedRows(tok_max)
+    for a in range(0, len(ids), step):
+        qa = None if qids is None else qids[a : a + step]
+        _chunk(d[a : a + step], ids[a : a + step], qa, tok[a : a + step], temperature, k, row0 + a, id_min < 0, rows_of)
+    return rows_of.parts()
 
 
 def _chunk(d, ids, qids, tok, temperature, k, row0, padded, rows_of):
-    """One chunk of rows -> (counts, token ids, probs): untruncated CSR, rows sorted by prob (by `rows_of`, given
-    the weights and tokens: a :class:`DenseRows` or :func:`_sorted_rows`)."""
+    """One chunk of rows -> its weights and tokens, handed to `rows_of` (a :class:`DenseRows` or
+    :class:`_SortedRows`), which appends them as untruncated CSR rows sorted by prob."""
     d = np.asarray(d, dtype=np.float32)
     if padded or qids is not None:
         valid = ids >= 0
@@ -180,13 +169,21 @@ def _chunk(d, ids, qids, tok, temperature, k, row0, padded, rows_of):
     # token's sum, and a run of only them is dropped as zero-probability below.
     w = knn_scores(d, temperature, nearest=d_min)  # contiguous: numpy's SIMD exp does not vectorise a strided output
     np.exp(w, out=w)
-    return rows_of(w, tok)
+    rows_of(w, tok)
 
 
-def _sorted_rows(w, tok, tok_max):
-    """The sort-based path (token ids above the dense scratch's range): weights [rows, width] -> CSR rows."""
-    run_tok, sums, row_start = _token_runs(w, tok, tok_max)
-    return _by_prob(run_tok, sums, row_start)
+class _SortedRows:
+    """The sort-based path (token ids above the dense scratch's range), with :class:`DenseRows`' interface: each
+    call turns a chunk's weights and tokens [rows, width] into CSR rows; :meth:`parts` lists the chunks' pieces."""
+
+    def __init__(self, tok_max: int):
+        self.tok_max, self.pieces = tok_max, []
+
+    def __call__(self, w: np.ndarray, tok: np.ndarray) -> None:
+        self.pieces.append(_by_prob(*_token_runs(w, tok, self.tok_max)))
+
+    def parts(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return self.pieces
 
 
 def _token_runs(w, tok, tok_max):

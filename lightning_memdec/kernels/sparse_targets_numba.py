@@ -29,31 +29,40 @@ _PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: pairwise sums split above it
 
 
 class DenseRows:
-    """Turns chunks of rows (weights [rows, width] float32, tokens [rows, width] uint16/int32, every token at most
-    `max_token`) into CSR pieces (counts int64, token ids int32, probs float32), rows sorted by prob descending.
+    """A block's rows, built chunk by chunk: each call takes a chunk's weights [rows, width] float32 and tokens
+    [rows, width] (every token at most `max_token`) and appends its rows, sorted by prob descending, to the block's
+    CSR arrays; :meth:`parts` gives them as one (counts int64, token ids int32, probs float32) piece.
 
-    One instance per thread: it owns the scratch arrays (left all zero after every row) and the output buffers.
+    One instance per block, so per thread: it owns the scratch (left all zero after every row) and output buffers
+    for `capacity` entries (the block's rows times width: pages past the rows' support are never touched).
     """
 
-    def __init__(self, max_token: int):
+    def __init__(self, max_token: int, capacity: int):
         if not 0 <= max_token <= DENSE_MAX_TOKEN:
             raise ValueError(f"token ids up to {max_token} do not fit the dense scratch (at most {DENSE_MAX_TOKEN})")
         self.sums = np.zeros(max_token + 1, dtype=np.float64)
         self.level1 = np.zeros(max_token // 64 + 1, dtype=np.uint64)  # bit t: token t touched
         self.level2 = np.zeros(self.level1.size // 64 + 1, dtype=np.uint64)  # bit j: level1 word j nonzero
-        self.toks = np.empty(0, dtype=np.int32)
-        self.bits = np.empty(0, dtype=np.uint32)
+        self.toks, self.bits = np.empty(capacity, dtype=np.int32), np.empty(capacity, dtype=np.uint32)
+        self.counts: list[np.ndarray] = []
+        self.size = 0
 
-    def __call__(self, w: np.ndarray, tok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, w: np.ndarray, tok: np.ndarray) -> None:
         w = np.ascontiguousarray(w, dtype=np.float32)
         if tok.dtype != np.uint16:  # two compiled signatures at most: uint16 or int32 tokens
             tok = tok.astype(np.int32, copy=False)
         tok = np.ascontiguousarray(tok)
-        if self.toks.size < w.size:
-            self.toks, self.bits = np.empty(w.size, dtype=np.int32), np.empty(w.size, dtype=np.uint32)
+        if self.size + w.size > self.toks.size:
+            raise ValueError(f"{w.size} more entries overflow a block of {self.toks.size}")
         counts = np.empty(w.shape[0], dtype=np.int64)
-        m = _dense_rows(w, tok, self.sums, self.level1, self.level2, self.toks, self.bits, counts)
-        return counts, self.toks[:m].copy(), self.bits[:m].copy().view(np.float32)
+        args = (self.sums, self.level1, self.level2, self.toks[self.size :], self.bits[self.size :], counts)
+        self.size += _dense_rows(w, tok, *args)
+        self.counts.append(counts)
+
+    def parts(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The rows so far as one CSR piece (views of the output buffers)."""
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, dtype=np.int64)
+        return [(counts, self.toks[: self.size], self.bits[: self.size].view(np.float32))]
 
 
 @njit(nogil=True, cache=True)
