@@ -26,6 +26,7 @@ __all__ = ["DENSE_MAX_TOKEN", "DenseRows", "segment_sum"]
 DENSE_MAX_TOKEN = (1 << 22) - 1
 _P_INV = 0x7FFFFFFF  # inverted prob bits: larger prob -> smaller key
 _PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: pairwise sums split above it
+_SHORT_ROW = 32  # rows of at most this many tokens are sorted by insertion, not radix passes
 
 
 class DenseRows:
@@ -148,14 +149,16 @@ def _prob_keys(run_tok, run_sum, m, total, prob, keys, hist):
 def _radix_sort(keys, spare, n, hist, out_tok, out_bits):
     """Stable LSD radix sort of keys[:n] by their high 32 bits (inverted prob bits), 8 bits a pass, skipping a
     pass whose digit is the same for all keys; `hist` holds each digit's counts. Stability keeps token order
-    within equal probs. The last pass writes the tokens and prob bits to `out_tok` and `out_bits` [n]."""
-    if n == 0:
-        return
+    within equal probs (keys are unique: a short row is sorted by insertion on the whole key instead). The last pass
+    writes the tokens and prob bits to `out_tok` and `out_bits` [n]."""
     high = keys[0] >> np.uint64(32)
     last = -1  # the last pass needed
-    for p in range(4):
-        if hist[p, (high >> np.uint64(8 * p)) & np.uint64(255)] != n:
-            last = p
+    if n <= _SHORT_ROW:  # the passes' fixed cost (4 x 256 digits) outweighs an insertion sort's
+        _insertion_sort(keys, n)
+    else:
+        for p in range(4):
+            if hist[p, (high >> np.uint64(8 * p)) & np.uint64(255)] != n:
+                last = p
     src, dst = keys, spare
     for p in range(last):
         h = hist[p]
@@ -172,7 +175,7 @@ def _radix_sort(keys, spare, n, hist, out_tok, out_bits):
     if last >= 0:
         _offsets(h)
     shift = np.uint64(32 + 8 * max(last, 0))
-    for i in range(n):  # the last pass (or, with none needed, a copy in token order)
+    for i in range(n):  # the last pass (or, with none needed, a copy in order)
         key = src[i]
         j = i
         if last >= 0:
@@ -181,6 +184,18 @@ def _radix_sort(keys, spare, n, hist, out_tok, out_bits):
             h[d] += 1
         out_tok[j] = np.int32(key & np.uint64(0xFFFFFFFF))
         out_bits[j] = np.uint32(_P_INV) - np.uint32(key >> np.uint64(32))
+
+
+@njit(nogil=True, cache=True)
+def _insertion_sort(keys, n):
+    """keys[:n] in ascending order, in place."""
+    for i in range(1, n):
+        key = keys[i]
+        j = i - 1
+        while j >= 0 and keys[j] > key:
+            keys[j + 1] = keys[j]
+            j -= 1
+        keys[j + 1] = key
 
 
 @njit(nogil=True, cache=True)
