@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-from numba.cpython.unsafe.numbers import trailing_zeros
 
 __all__ = ["DENSE_MAX_TOKEN", "DenseRows", "segment_sum"]
 
@@ -27,6 +26,11 @@ DENSE_MAX_TOKEN = (1 << 22) - 1
 _P_INV = 0x7FFFFFFF  # inverted prob bits: larger prob -> smaller key
 _PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: pairwise sums split above it
 _SHORT_ROW = 32  # rows of at most this many tokens are sorted by insertion, not radix passes
+# The index of a uint64's lowest set bit by de Bruijn multiplication (public numba only, no intrinsic): the lowest bit
+# isolated, times the sequence, has a distinct top 6 bits for each of the 64 positions.
+_DE_BRUIJN = 0x03F79D71B4CB0A89
+_LOW_BIT_INDEX = np.zeros(64, dtype=np.int64)
+_LOW_BIT_INDEX[[((_DE_BRUIJN << i) & (2**64 - 1)) >> 58 for i in range(64)]] = np.arange(64)
 
 
 class DenseRows:
@@ -98,6 +102,13 @@ def _scatter(w, tok, sums, level1, level2):
 
 
 @njit(nogil=True, cache=True)
+def _lowest_bit(x):
+    """The position of the lowest set bit of a non-zero uint64 ``x``."""
+    low = x & (~x + np.uint64(1))  # the lowest set bit alone (two's complement negation, mod 2**64)
+    return _LOW_BIT_INDEX[(low * np.uint64(_DE_BRUIJN)) >> np.uint64(58)]
+
+
+@njit(nogil=True, cache=True)
 def _touched(sums, level1, level2, run_tok, run_sum):
     """The touched tokens in ascending order with their sums; resets those sums and the bitmap words to 0."""
     one = np.uint64(1)
@@ -108,12 +119,12 @@ def _touched(sums, level1, level2, run_tok, run_sum):
             continue
         level2[j] = 0
         while top:
-            i = j * 64 + np.int64(trailing_zeros(top))
+            i = j * 64 + _lowest_bit(top)
             top &= top - one
             word = level1[i]
             level1[i] = 0
             while word:
-                t = i * 64 + np.int64(trailing_zeros(word))
+                t = i * 64 + _lowest_bit(word)
                 word &= word - one
                 run_tok[m] = t
                 run_sum[m] = sums[t]
