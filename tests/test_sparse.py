@@ -349,6 +349,8 @@ def hard_rows(rng, n=64, k=40, vocab=50, offset=0):
 def test_both_key_widths_match_the_dense_scatter(settings, offset, monkeypatch):
     distances, ids, values, query_ids = hard_rows(np.random.default_rng(6), offset=offset)
     kw = {**settings, "query_ids": query_ids if settings.get("query_ids") else None}
+    default = knn_distributions(distances, ids, values, 3.0, **kw)  # the dense kernel where the token ids fit it
+    monkeypatch.setattr(sparse, "_DENSE_MAX_TOKEN", -1)  # from here on, the sort-based path
     chosen = []
     real = sparse.sort_key_dtype
     monkeypatch.setattr(sparse, "sort_key_dtype", lambda *a: chosen.append(real(*a)) or chosen[-1])
@@ -357,6 +359,8 @@ def test_both_key_widths_match_the_dense_scatter(settings, offset, monkeypatch):
     assert set(chosen) == {np.uint64 if wide else np.uint32}
     want = dense_reference(distances, ids, values, 3.0, **kw)
     assert_matches(got, want)
+    for a, b in zip(got, default):  # the same bytes as the default path
+        np.testing.assert_array_equal(a, b)
     if settings.get("k") != 1:  # the exact tie in row 3 is kept, smaller token first
         row = split_rows(*got)[3]
         assert [t for t, _ in row] == [offset + 5, offset + 7] and row[0][1] == row[1][1] == 0.5

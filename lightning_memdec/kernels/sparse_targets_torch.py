@@ -1,6 +1,6 @@
 """Neighbours -> sparse next-token distributions in torch, where the search ran (a GPU; CPU for the tests).
 
-The same rows as :func:`kernels.sparse_targets.knn_distributions` (the numpy kernel that follows a FAISS search on
+The same rows as :func:`kernels.sparse_targets.knn_distributions` (the CPU kernel that follows a FAISS search on
 the CPU): weights exp of :func:`kernels.scoring.knn_scores` (softmax over −d/T), summed per distinct token,
 sorted by probability (ties: smaller token id first), truncated by ``max_support`` then ``min_prob`` (each followed
 by renormalisation), zero-probability tokens dropped. Only the CSR pieces leave the device.

@@ -64,10 +64,10 @@ VALUES_BLOCK = 1 << 22  # values copied to the search device at a time (16 MiB o
 class KNNTargetSearcher(L.LightningModule):
     """Searches one chunk of query positions and turns the neighbours into sparse distributions.
 
-    ``search="faiss"``: the FAISS index (k + 1 neighbours when self-excluding), then the numpy kernel on the host.
+    ``search="faiss"``: the FAISS index (k + 1 neighbours when self-excluding), then the CPU kernel on the host.
     ``search="exact"``: :func:`~retrieval.exact_search.exact_search` on this rank's device (the own id masked
     inside its key block), then on a GPU :func:`~kernels.sparse_targets_torch.knn_distributions_torch` there, so
-    only the CSR pieces move to the host (on the CPU the numpy kernel).
+    only the CSR pieces move to the host (on a CPU device, the CPU kernel).
     """
 
     def __init__(
@@ -156,7 +156,7 @@ class KNNTargetSearcher(L.LightningModule):
         return merge_shards(self.all_gather(dist), self.all_gather(ids), self.k)
 
     def distributions(self, dist: torch.Tensor, ids: torch.Tensor):
-        """Exact-search neighbours -> sparse rows: the numpy kernel on the host, the torch one on a GPU."""
+        """Exact-search neighbours -> sparse rows: the CPU kernel on the host, the torch one on a GPU."""
         if dist.device.type == "cpu":
             return knn_distributions(
                 dist.numpy(),

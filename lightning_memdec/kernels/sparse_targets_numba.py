@@ -1,0 +1,276 @@
+"""The compiled (numba) row kernel of `kernels.sparse_targets.knn_distributions`: weights -> rows sorted by prob.
+
+Each row's weights are added into a dense float64 scratch array over the token ids, in ascending column order,
+and a two-level bitmap marks the tokens touched; reading the bitmap lists them in ascending token order and
+resets what was touched. That is O(k) per row (plus the bitmap words touched), instead of grouping equal tokens
+with a sort. The sums are bit-identical to numpy's sort-based path: each token's sum starts at 0.0 and adds its
+neighbours' float64 weights in ascending column order, as ``np.add.at`` does there, and a row's total is
+numpy's ``np.add.reduceat`` (its first run plus numpy's pairwise sum of the rest, in token order), replicated by
+:func:`segment_sum`. A stable LSD radix sort of the float32 probabilities' inverted bits then orders the row by
+prob descending, ties keeping the smaller token first.
+
+The scratch holds one float64 per token id: :data:`DENSE_MAX_TOKEN` bounds it (32 MiB); larger token ids take
+the sort-based path. Compiled functions are cached on disk (``cache=True``) and release the GIL, so the caller's
+threads run them in parallel. No recursion (numba's on-disk cache crashed on a recursive function here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["DENSE_MAX_TOKEN", "DenseRows", "segment_sum"]
+
+#: The largest token id the dense scratch is made for (2**22 float64 = 32 MiB per thread).
+DENSE_MAX_TOKEN = (1 << 22) - 1
+_P_INV = 0x7FFFFFFF  # inverted prob bits: larger prob -> smaller key
+_PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: pairwise sums split above it
+_SHORT_ROW = 32  # rows of at most this many tokens are sorted by insertion, not radix passes
+# The index of a uint64's lowest set bit by de Bruijn multiplication (public numba only, no intrinsic): the lowest bit
+# isolated, times the sequence, has a distinct top 6 bits for each of the 64 positions.
+_DE_BRUIJN = 0x03F79D71B4CB0A89
+_LOW_BIT_INDEX = np.zeros(64, dtype=np.int64)
+_LOW_BIT_INDEX[[((_DE_BRUIJN << i) & (2**64 - 1)) >> 58 for i in range(64)]] = np.arange(64)
+
+
+class DenseRows:
+    """A block's rows, built chunk by chunk: each call takes a chunk's weights [rows, width] float32 and tokens
+    [rows, width] (every token at most `max_token`) and appends its rows, sorted by prob descending, to the block's
+    CSR arrays; :meth:`parts` gives them as one (counts int64, token ids int32, probs float32) piece.
+
+    One instance per block, so per thread: it owns the scratch (left all zero after every row) and output buffers
+    for `capacity` entries (the block's rows times width: pages past the rows' support are never touched).
+    """
+
+    def __init__(self, max_token: int, capacity: int):
+        if not 0 <= max_token <= DENSE_MAX_TOKEN:
+            raise ValueError(f"token ids up to {max_token} do not fit the dense scratch (at most {DENSE_MAX_TOKEN})")
+        self.sums = np.zeros(max_token + 1, dtype=np.float64)
+        self.level1 = np.zeros(max_token // 64 + 1, dtype=np.uint64)  # bit t: token t touched
+        self.level2 = np.zeros(self.level1.size // 64 + 1, dtype=np.uint64)  # bit j: level1 word j nonzero
+        self.toks, self.bits = np.empty(capacity, dtype=np.int32), np.empty(capacity, dtype=np.uint32)
+        self.counts: list[np.ndarray] = []
+        self.size = 0
+
+    def __call__(self, w: np.ndarray, tok: np.ndarray) -> None:
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if tok.dtype != np.uint16:  # two compiled signatures at most: uint16 or int32 tokens
+            tok = tok.astype(np.int32, copy=False)
+        tok = np.ascontiguousarray(tok)
+        if self.size + w.size > self.toks.size:
+            raise ValueError(f"{w.size} more entries overflow a block of {self.toks.size}")
+        counts = np.empty(w.shape[0], dtype=np.int64)
+        args = (self.sums, self.level1, self.level2, self.toks[self.size :], self.bits[self.size :], counts)
+        self.size += _dense_rows(w, tok, *args)
+        self.counts.append(counts)
+
+    def parts(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The rows so far as one CSR piece (views of the output buffers)."""
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, dtype=np.int64)
+        return [(counts, self.toks[: self.size], self.bits[: self.size].view(np.float32))]
+
+
+@njit(nogil=True, cache=True)
+def _dense_rows(w, tok, sums, level1, level2, out_tok, out_bits, counts):
+    """All rows of a chunk: scatter, list the touched tokens, probs, sort; returns the entries written."""
+    width = w.shape[1]
+    run_tok, run_sum = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.float64)
+    prob, keys, spare = np.empty(width, np.float32), np.empty(width, np.uint64), np.empty(width, np.uint64)
+    hist = np.empty((4, 256), dtype=np.int32)
+    stack, partial = np.empty((64, 3), dtype=np.int64), np.empty(64, dtype=np.float64)  # for segment_sum
+    pos = 0
+    for r in range(w.shape[0]):
+        _scatter(w[r], tok[r], sums, level1, level2)
+        m = _touched(sums, level1, level2, run_tok, run_sum)
+        total = segment_sum(run_sum, 0, m, stack, partial)
+        n = _prob_keys(run_tok, run_sum, m, total, prob, keys, hist)
+        _radix_sort(keys, spare, n, hist, out_tok[pos : pos + n], out_bits[pos : pos + n])
+        counts[r] = n
+        pos += n
+    return pos
+
+
+@njit(nogil=True, cache=True)
+def _scatter(w, tok, sums, level1, level2):
+    """Add the row's weights into its tokens' sums, in ascending column order; mark the tokens in the bitmaps."""
+    one = np.uint64(1)
+    for c in range(tok.size):
+        t = np.int64(tok[c])
+        sums[t] += np.float64(w[c])
+        level1[t >> 6] |= one << np.uint64(t & 63)
+        level2[t >> 12] |= one << np.uint64((t >> 6) & 63)
+
+
+@njit(nogil=True, cache=True)
+def _lowest_bit(x):
+    """The position of the lowest set bit of a non-zero uint64 ``x``."""
+    low = x & (~x + np.uint64(1))  # the lowest set bit alone (two's complement negation, mod 2**64)
+    return _LOW_BIT_INDEX[(low * np.uint64(_DE_BRUIJN)) >> np.uint64(58)]
+
+
+@njit(nogil=True, cache=True)
+def _touched(sums, level1, level2, run_tok, run_sum):
+    """The touched tokens in ascending order with their sums; resets those sums and the bitmap words to 0."""
+    one = np.uint64(1)
+    m = 0
+    for j in range(level2.size):
+        top = level2[j]
+        if top == 0:
+            continue
+        level2[j] = 0
+        while top:
+            i = j * 64 + _lowest_bit(top)
+            top &= top - one
+            word = level1[i]
+            level1[i] = 0
+            while word:
+                t = i * 64 + _lowest_bit(word)
+                word &= word - one
+                run_tok[m] = t
+                run_sum[m] = sums[t]
+                sums[t] = 0.0
+                m += 1
+    return m
+
+
+@njit(nogil=True, cache=True)
+def _prob_keys(run_tok, run_sum, m, total, prob, keys, hist):
+    """The runs' probs as float32 (sum / row total, as numpy rounds them); keys ``inverted prob bits << 32 |
+    token`` of the nonzero ones, in token order, and the histograms of the keys' four radix digits. Returns how
+    many keys."""
+    for i in range(m):
+        prob[i] = np.float32(run_sum[i] / total)
+    bits = prob.view(np.uint32)
+    hist[:] = 0
+    n = 0
+    for i in range(m):
+        if bits[i] == 0:  # zero probability (only dropped or underflowed neighbours): not in the row
+            continue
+        inv = np.uint32(_P_INV) - bits[i]
+        keys[n] = (np.uint64(inv) << np.uint64(32)) | np.uint64(run_tok[i])
+        hist[0, inv & np.uint32(255)] += 1
+        hist[1, (inv >> np.uint32(8)) & np.uint32(255)] += 1
+        hist[2, (inv >> np.uint32(16)) & np.uint32(255)] += 1
+        hist[3, inv >> np.uint32(24)] += 1
+        n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _radix_sort(keys, spare, n, hist, out_tok, out_bits):
+    """Stable LSD radix sort of keys[:n] by their high 32 bits (inverted prob bits), 8 bits a pass, skipping a
+    pass whose digit is the same for all keys; `hist` holds each digit's counts. Stability keeps token order
+    within equal probs (keys are unique: a short row is sorted by insertion on the whole key instead). The last pass
+    writes the tokens and prob bits to `out_tok` and `out_bits` [n]."""
+    high = keys[0] >> np.uint64(32)
+    last = -1  # the last pass needed
+    if n <= _SHORT_ROW:  # the passes' fixed cost (4 x 256 digits) outweighs an insertion sort's
+        _insertion_sort(keys, n)
+    else:
+        for p in range(4):
+            if hist[p, (high >> np.uint64(8 * p)) & np.uint64(255)] != n:
+                last = p
+    src, dst = keys, spare
+    for p in range(last):
+        h = hist[p]
+        if h[(high >> np.uint64(8 * p)) & np.uint64(255)] == n:
+            continue
+        _offsets(h)
+        shift = np.uint64(32 + 8 * p)
+        for i in range(n):
+            d = (src[i] >> shift) & np.uint64(255)
+            dst[h[d]] = src[i]
+            h[d] += 1
+        src, dst = dst, src
+    h = hist[max(last, 0)]
+    if last >= 0:
+        _offsets(h)
+    shift = np.uint64(32 + 8 * max(last, 0))
+    for i in range(n):  # the last pass (or, with none needed, a copy in order)
+        key = src[i]
+        j = i
+        if last >= 0:
+            d = (key >> shift) & np.uint64(255)
+            j = h[d]
+            h[d] += 1
+        out_tok[j] = np.int32(key & np.uint64(0xFFFFFFFF))
+        out_bits[j] = np.uint32(_P_INV) - np.uint32(key >> np.uint64(32))
+
+
+@njit(nogil=True, cache=True)
+def _insertion_sort(keys, n):
+    """keys[:n] in ascending order, in place."""
+    for i in range(1, n):
+        key = keys[i]
+        j = i - 1
+        while j >= 0 and keys[j] > key:
+            keys[j + 1] = keys[j]
+            j -= 1
+        keys[j + 1] = key
+
+
+@njit(nogil=True, cache=True)
+def _offsets(h):
+    """Digit counts -> each digit's first output position (exclusive prefix sum), in place."""
+    acc = np.int32(0)
+    for b in range(h.size):
+        h[b], acc = acc, acc + h[b]
+
+
+@njit(nogil=True, cache=True)
+def segment_sum(a, lo, hi, stack, partial):
+    """``np.add.reduceat`` of float64 `a` for the segment [lo, hi), bit for bit: its first element plus numpy's
+    pairwise sum of the rest. `stack` int64 [64, 3] and `partial` float64 [64] are scratch space."""
+    return a[lo] + _pairwise_sum(a, lo + 1, hi - lo - 1, stack, partial)
+
+
+@njit(nogil=True, cache=True)
+def _pairwise_sum(a, lo, n, stack, partial):
+    """numpy's pairwise float64 sum of a[lo:lo + n] (``pairwise_sum_DOUBLE``, the add.reduce / reduceat inner
+    loop), bit for bit: blocks of at most 128 summed by 8 interleaved accumulators, split at n // 2 rounded down
+    to a multiple of 8 above that. The recursion runs on an explicit stack of (start, size, halves pushed) frames
+    [64, 3] (depth < 64 for any n), `partial` [64] holding the finished sums in order."""
+    if n <= _PW_BLOCK:
+        return _pairwise_block(a, lo, n)
+    stack[0, 0], stack[0, 1], stack[0, 2] = lo, n, 0
+    top, done = 1, 0
+    while top:
+        start, size, pushed = stack[top - 1, 0], stack[top - 1, 1], stack[top - 1, 2]
+        if size <= _PW_BLOCK:
+            partial[done] = _pairwise_block(a, start, size)
+            done, top = done + 1, top - 1
+            continue
+        half = size // 2
+        half -= half % 8
+        if pushed < 2:  # push the left half, then the right half
+            stack[top - 1, 2] = pushed + 1
+            stack[top, 0], stack[top, 1] = (start, half) if pushed == 0 else (start + half, size - half)
+            stack[top, 2] = 0
+            top += 1
+        else:  # both halves done: left + right
+            partial[done - 2] = partial[done - 2] + partial[done - 1]
+            done, top = done - 1, top - 1
+    return partial[0]
+
+
+@njit(nogil=True, cache=True)
+def _pairwise_block(a, lo, n):
+    """numpy's pairwise sum of at most 128 elements: plain below 8, else 8 accumulators then the tail."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = lo + 8
+    end = lo + n - n % 8
+    while i < end:
+        r0, r1, r2, r3 = r0 + a[i], r1 + a[i + 1], r2 + a[i + 2], r3 + a[i + 3]
+        r4, r5, r6, r7 = r4 + a[i + 4], r5 + a[i + 5], r6 + a[i + 6], r7 + a[i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < lo + n:
+        res += a[i]
+        i += 1
+    return res
