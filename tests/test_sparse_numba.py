@@ -174,10 +174,10 @@ def test_large_token_ids_fall_back_to_the_sort_based_path(offset, monkeypatch):
 
 
 def test_lowest_bit_by_de_bruijn_equals_the_bit_position():
-    from lightning_memdec.kernels.sparse_targets_numba import _lowest_bit
+    from lightning_memdec.kernels.sparse_targets_numba import lowest_set_bit
 
     rng = np.random.default_rng(0)
     for i in range(64):
         for high in (0, *rng.integers(0, 2**63, 3).tolist()):
             x = ((1 << i) | (high << (i + 1))) & (2**64 - 1)
-            assert _lowest_bit(np.uint64(x)) == i, (i, x)
+            assert lowest_set_bit(np.uint64(x)) == i, (i, x)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["DENSE_MAX_TOKEN", "DenseRows", "segment_sum"]
+__all__ = ["DENSE_MAX_TOKEN", "DenseRows", "lowest_set_bit", "segment_sum"]
 
 #: The largest token id the dense scratch is made for (2**22 float64 = 32 MiB per thread).
 DENSE_MAX_TOKEN = (1 << 22) - 1
@@ -102,7 +102,7 @@ def _scatter(w, tok, sums, level1, level2):
 
 
 @njit(nogil=True, cache=True)
-def _lowest_bit(x):
+def lowest_set_bit(x):
     """The position of the lowest set bit of a non-zero uint64 ``x``."""
     low = x & (~x + np.uint64(1))  # the lowest set bit alone (two's complement negation, mod 2**64)
     return _LOW_BIT_INDEX[(low * np.uint64(_DE_BRUIJN)) >> np.uint64(58)]
@@ -119,12 +119,12 @@ def _touched(sums, level1, level2, run_tok, run_sum):
             continue
         level2[j] = 0
         while top:
-            i = j * 64 + _lowest_bit(top)
+            i = j * 64 + lowest_set_bit(top)
             top &= top - one
             word = level1[i]
             level1[i] = 0
             while word:
-                t = i * 64 + _lowest_bit(word)
+                t = i * 64 + lowest_set_bit(word)
                 word &= word - one
                 run_tok[m] = t
                 run_sum[m] = sums[t]
