@@ -266,7 +266,7 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path,
     assert not (tmp_path / "router.lock").exists() and not (tmp_path / "router.partial").exists()
     for bad, message in (
         (args, "already exists"),
-        (args[:-6] + ["--threshold", "1.5", "--overwrite", "true"], "lmbda must be in"),
+        (args[:-6] + ["--threshold", "1.5", "--overwrite", "true"], "threshold (the router's λ under which"),
     ):
         with pytest.raises(SystemExit) as exit_:  # the CLI prints a user's mistake, without a traceback
             main(bad)
