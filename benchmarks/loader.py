@@ -32,7 +32,6 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import Targets
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.training.datamodule import (
-    PAD_WINDOW,
     EvenShardSampler,
     WindowTargetsDataset,
     collate,
@@ -76,19 +75,8 @@ class HostPaddedDataset(WindowTargetsDataset):
     """Before: a window's CSR rows padded on the host to ``[W, support]`` (the former ``__getitem__``)."""
 
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
-        corpus, targets = self._open()
-        filler = j == PAD_WINDOW
-        j = 0 if filler else j
-        start, w = int(self.windows.starts[j]), self.window
-        tokens = np.asarray(corpus.tokens[start : start + w + 1], dtype=np.int64)
-        mask = np.arange(w) >= self.windows.score_from[j]
-        item = {
-            "input_ids": torch.from_numpy(tokens[:-1]),
-            "labels": torch.from_numpy(tokens[1:]),
-            "loss_mask": torch.from_numpy(mask & (not filler)),
-            "start": torch.tensor(-1 if filler else start),
-        }
-        ids, probs = self.padded_rows(targets, start)
+        item, start = self.window_item(j)
+        ids, probs = self.padded_rows(self._open()[1], start)
         return {**item, "target_ids": torch.from_numpy(ids), "target_probs": torch.from_numpy(probs)}
 
     def padded_rows(self, targets: Targets, start: int) -> tuple[np.ndarray, np.ndarray]:

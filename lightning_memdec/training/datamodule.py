@@ -60,8 +60,10 @@ class WindowTargetsDataset(Dataset):
             self._targets = None if self.targets_dir is None else Targets(self.targets_dir)
         return self._corpus, self._targets
 
-    def __getitem__(self, j: int) -> dict[str, torch.Tensor | int]:
-        corpus, targets = self._open()
+    def window_item(self, j: int) -> tuple[dict[str, torch.Tensor], int]:
+        """Window ``j``'s tokens, labels, loss mask and start (a filler window: masked, start −1), and the corpus
+        position its target rows start at: everything of an item but its targets."""
+        corpus, _ = self._open()
         filler = j == PAD_WINDOW
         j = 0 if filler else j
         start, w = int(self.windows.starts[j]), self.window
@@ -73,6 +75,12 @@ class WindowTargetsDataset(Dataset):
             "loss_mask": torch.from_numpy(mask & (not filler)),
             "start": torch.tensor(-1 if filler else start),
         }
+        return item, start
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor | int]:
+        item, start = self.window_item(j)
+        _, targets = self._open()
+        w = self.window
         if targets is None:  # an empty support, padded to one probability-0 entry of id 0
             ids, probs, counts, support = np.zeros(0, np.int32), np.zeros(0, np.float16), np.zeros(w, np.int32), 1
         else:
