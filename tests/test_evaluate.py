@@ -147,6 +147,25 @@ def test_sliding_perplexity_equals_token_loop(tiny_gpt2, models, knnlm, test_tok
     assert perplexity(got) == pytest.approx(math.exp(-loop_dec.mean()), rel=1e-5)
 
 
+def test_knnlm_warns_only_when_the_base_is_not_the_datastore_model(tmp_path, tiny_gpt2, biomed_datastore):
+    """A store built with ``embedded:base-small`` queried by that model's directory is the same model: no warning."""
+    import shutil
+    import warnings
+
+    store = tmp_path / "ds"
+    shutil.copytree(biomed_datastore, store)
+    meta = json.loads((store / "meta.json").read_text())
+    (store / "meta.json").write_text(json.dumps({**meta, "model": "embedded:base-small"}))
+    same, other = tmp_path / "base-small", tmp_path / "other-base"
+    shutil.copytree(tiny_gpt2, same)
+    shutil.copytree(tiny_gpt2, other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KNNLM(same, store, search="exact")
+    with pytest.warns(UserWarning, match=r"built with embedded:base-small, but the base LM is .*other-base"):
+        KNNLM(other, store, search="exact")
+
+
 # -- bad inputs ---------------------------------------------------------------------------------------------------
 
 

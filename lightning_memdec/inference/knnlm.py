@@ -24,6 +24,7 @@ from lightning_memdec.hf.loading import (
     forward_params,
     output_rows,
     position_ids_from_mask,
+    resolve_model,
     tokenizer_name,
 )
 from lightning_memdec.inference.sliding_window import ScoreFn
@@ -137,7 +138,7 @@ class KNNLM(torch.nn.Module):
                 "built the datastore (or build a datastore with this base)."
             )
         name = str(getattr(base, "name_or_path", "") or "")
-        if name and Path(name).name != Path(str(meta["model"])).name:
+        if name and Path(name).name != Path(resolve_model(meta["model"])).name:  # embedded:base-small is base-small
             warnings.warn(
                 f"{where} was built with {meta['model']}, but the base LM is {name}: keys only match "
                 "when the weights do.",
