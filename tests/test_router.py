@@ -214,6 +214,25 @@ def test_fitted_router_beats_the_best_fixed_lambda_on_held_out_planted_text():
     assert info["epochs"] >= 1
 
 
+def test_router_holds_out_whole_documents():
+    """Documents of tokens [0, 40), [40, 85), [85, 101): 100 positions, position i predicts token i + 1. The cut
+    nearest 90 % falls at document 2's first position (84), so exactly document 2 is held out; one document alone
+    (or two documents split far from 90 %) falls back to the last 10 % of positions."""
+    n = 100
+    kind = RouterData(np.arange(n * 3, dtype=np.float32).reshape(n, 3), np.arange(n) * 1.0, -np.arange(n) * 1.0,
+                      offsets=np.array([0, 40, 85, 101]))  # fmt: skip
+    head, held = kind.split()
+    doc_of_gold = np.searchsorted(kind.offsets, np.arange(1, n + 1), side="right") - 1
+    assert np.array_equal(held.base, np.flatnonzero(doc_of_gold == 2) * 1.0)
+    assert np.array_equal(head.base, np.flatnonzero(doc_of_gold < 2) * 1.0)
+    assert np.array_equal(held.features, kind.features[84:]) and kind.held_out_documents() == 1
+    alone = RouterData(kind.features, kind.base, kind.memdec, offsets=np.array([0, 101]))
+    assert len(alone.split()[1].base) == 10 and alone.held_out_documents() == 0
+    uneven = RouterData(kind.features, kind.base, kind.memdec, offsets=np.array([0, 30, 101]))
+    assert len(uneven.split()[1].base) == 10 and uneven.held_out_documents() == 0
+    assert len(RouterData(kind.features, kind.base, kind.memdec).split()[1].base) == 10
+
+
 def test_served_batches_with_a_router_equal_each_prompt_alone(pair, tmp_path):
     """`memdec serve --router`'s worker: left-padded batches, skips decided for the whole batch, each row's greedy
     tokens equal to that prompt generated alone; a router of other models is refused before the server starts."""
@@ -262,6 +281,8 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path,
     meta = json.loads((out / "meta.json").read_text())
     assert meta["kind"] == "router" and meta["threshold"] == 0.2 and meta["base"]["name"] == str(pair["base"])
     assert meta["training"]["positions"] == {"domain": 299, "general": 299}
+    assert all(0 < n < 299 for n in meta["training"]["held_out_positions"])
+    assert len(meta["training"]["held_out_documents"]) == 2
     assert meta["training"]["domain"] == "embedded:biomed/valid" and (out / "router.safetensors").is_file()
     assert not (tmp_path / "router.lock").exists() and not (tmp_path / "router.partial").exists()
     for bad, message in (

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lightning_memdec.apps.router_training import RouterData, mixed_nll, train_router
+from lightning_memdec.evaluation.overlap import split_document_offsets
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import check_fits_context, find_tokenizer, load_causal_lm, model_config, torch_device
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
@@ -71,8 +72,8 @@ def fit_router(
     if tok is None:
         raise ValueError(f"--base {base} has no tokenizer saved with it; save its tokenizer into the directory.")
     vocab = mixture_vocab(base_model, memdec_model, tok, find_tokenizer(memdec, memdec_model))
-    kinds = [_scored(text_tokens(spec, tok, max_tokens), base_model, memdec_model, vocab, window) for spec in
-             (domain, general)]  # fmt: skip
+    kinds = [_scored(spec, text_tokens(spec, tok, max_tokens), tok.eos_token_id, (base_model, memdec_model), vocab,
+                     window) for spec in (domain, general)]  # fmt: skip
     router, training = train_router(kinds, WIDTH, threshold)
     settings = {"domain": str(domain), "general": str(general), "window": window, "max_tokens": max_tokens}
     training |= settings | {"positions": {"domain": len(kinds[0].base), "general": len(kinds[1].base)},
@@ -84,14 +85,16 @@ def fit_router(
     return publish(work, out, meta)
 
 
-def _scored(tokens: np.ndarray, base, memdec, vocab: int, window: int) -> RouterData:
-    """One text's router features and both models' gold log-probs, per position."""
+def _scored(spec: str, tokens: np.ndarray, eos_id: int, models: tuple, vocab: int, window: int) -> RouterData:
+    """One text's router features and both models' gold log-probs, per position, with its documents."""
+    base, memdec = models
     window = min(window, len(tokens) - 1)
     stride = max(1, window // 2)
     features, decoder = router_scorer(base, None, vocab, features=True), lm_scorer(memdec, vocab, "memdec")
     scored = sliding_gold_log_probs(tokens, window, stride, BATCH_WINDOWS, features, "base features")
     decoded = sliding_gold_log_probs(tokens, window, stride, BATCH_WINDOWS, decoder, "memdec")
-    return RouterData(scored["features"], scored["base"], decoded["memdec"])
+    offsets = split_document_offsets(spec, tokens, eos_id)
+    return RouterData(scored["features"], scored["base"], decoded["memdec"], offsets)
 
 
 @torch.no_grad()

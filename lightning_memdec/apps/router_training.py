@@ -2,8 +2,9 @@
 
 The loss is the mixture's own NLL, −log(λ·p_mem(gold) + (1 − λ)·p_base(gold)) through ``kernels.scoring``'s one
 mixture, so the router learns the λ that minimises each token's loss with no λ label to derive. Positions are
-weighted so that each kind of document (domain, general) counts as much as the other whatever their sizes. The
-last :data:`HELD_OUT` of each kind's positions is held out for early stopping.
+weighted so that each kind of document (domain, general) counts as much as the other whatever their sizes. About
+the last :data:`HELD_OUT` of each kind is held out for early stopping, as **whole documents** where the kind has
+more than one: a tail cut inside one long document (a contract) rewards fitting that document, not the domain.
 """
 
 from __future__ import annotations
@@ -28,16 +29,38 @@ PATIENCE = 3
 
 @dataclass
 class RouterData:
-    """One kind of document's per-position arrays: features ``[N, d + 2]``, gold log-probs of base and decoder."""
+    """One kind of document's per-position arrays: features ``[N, d + 2]``, gold log-probs of base and decoder,
+    and optionally its document token ``offsets`` (position ``i`` predicts token ``i + 1``, in that token's
+    document, as in :func:`evaluation.intervals.document_sums`)."""
 
     features: np.ndarray
     base: np.ndarray
     memdec: np.ndarray
+    offsets: np.ndarray | None = None
+
+    def held_out_start(self, held_out: float = HELD_OUT) -> int:
+        """First held-out position: the document start nearest ``1 − held_out`` of the positions among those that
+        hold out between half and twice that share, or the cut at ``1 − held_out`` itself where no document
+        boundary is that close (one long document, or a few uneven ones)."""
+        n = len(self.base)
+        cut = int(round(n * (1 - held_out)))
+        if self.offsets is None:
+            return cut
+        starts = np.asarray(self.offsets, dtype=np.int64)[1:-1] - 1  # first position of documents 1 … D − 1
+        share = (n - starts) / max(n, 1)
+        starts = starts[(share >= held_out / 2) & (share <= 2 * held_out)]
+        return cut if len(starts) == 0 else int(starts[np.argmin(np.abs(starts - cut))])
 
     def split(self, held_out: float = HELD_OUT) -> tuple[RouterData, RouterData]:
-        cut = int(round(len(self.base) * (1 - held_out)))
+        cut = self.held_out_start(held_out)
         head = RouterData(self.features[:cut], self.base[:cut], self.memdec[:cut])
         return head, RouterData(self.features[cut:], self.base[cut:], self.memdec[cut:])
+
+    def held_out_documents(self, held_out: float = HELD_OUT) -> int:
+        """How many whole documents :meth:`split` holds out (0: the cut falls inside the only document)."""
+        if self.offsets is None:
+            return 0
+        return int(np.sum(np.asarray(self.offsets)[:-1] - 1 >= self.held_out_start(held_out)))
 
 
 def mixed_nll(base: torch.Tensor, memdec: torch.Tensor, lmbda: torch.Tensor) -> torch.Tensor:
@@ -82,7 +105,7 @@ def _dataset(parts: list[RouterData]) -> TensorDataset:
 
 
 def train_router(kinds: list[RouterData], width: int, threshold: float, seed: int = 0) -> tuple[Router, dict]:
-    """A router fitted on the first 90 % of each kind, stopped early on the rest; and what training saw."""
+    """A router fitted on the first ~90 % of each kind, stopped early on the rest; and what training saw."""
     L.seed_everything(seed, verbose=False)
     fit, held = zip(*(kind.split() for kind in kinds))
     router = Router(kinds[0].features.shape[1] - 2, width, threshold)
@@ -96,4 +119,10 @@ def train_router(kinds: list[RouterData], width: int, threshold: float, seed: in
     train = DataLoader(_dataset(list(fit)), batch_size=BATCH, shuffle=True)
     valid = DataLoader(_dataset(list(held)), batch_size=BATCH)
     trainer.fit(module, train, valid)
-    return router.eval(), {"epochs": trainer.current_epoch, "held_out_fraction": HELD_OUT}
+    info = {
+        "epochs": trainer.current_epoch,
+        "held_out_fraction": HELD_OUT,
+        "held_out_positions": [len(h.base) for h in held],
+        "held_out_documents": [kind.held_out_documents() for kind in kinds],
+    }
+    return router.eval(), info
