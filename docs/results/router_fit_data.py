@@ -48,7 +48,7 @@ TOKENS = 100_000
 
 def texts(run: Path) -> dict[str, tuple[str, int | None]]:
     """Each text's spec and token cap (None: the whole corpus)."""
-    domain = json.loads((run / "quickstart_settings.json").read_text())["domain"]
+    domain = json.loads((run / "report.json").read_text())["run"]["domain"]  # the domain the quickstart resolved
     valid = f"{domain}/valid" if domain.startswith("embedded:") else str(Path(domain) / "valid.txt")
     corpora = run / "corpora"
     return {
