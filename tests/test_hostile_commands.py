@@ -160,6 +160,32 @@ def test_two_downstream_runs_into_one_output_are_refused(tmp_path, monkeypatch, 
             )
 
 
+def test_a_second_report_into_one_output_keeps_the_first(tmp_path, tiny_gpt2):
+    """downstream and evaluate wrote their report into an --out holding an earlier run's report, replacing its
+    figures without a word (hostile audit 2, "Remaining"). A rerun stays allowed (evaluate reuses the datastores
+    it built there), but the earlier files move to out/earlier/<time>/ byte for byte before the new ones land."""
+    import lightning_memdec.evaluation.downstream as ds
+    from lightning_memdec.evaluation.evaluate import evaluate
+    from lightning_memdec.evaluation.settings import EvaluateMixing, Scoring
+
+    tasks = str(task_folder(tmp_path / "tasks"))
+    runs = {
+        "downstream": lambda out: ds.downstream([tasks], [str(tiny_gpt2)], out, prompts=ds.Prompts(device="cpu")),
+        "evaluate": lambda out: evaluate([str(tiny_gpt2)], "embedded:biomed/test", out, mix=EvaluateMixing(lmbda=0.3),
+                                         scoring=Scoring(batch_size=4, window=32, stride=16, max_tokens=100)),
+    }  # fmt: skip
+    for name, run in runs.items():
+        out = tmp_path / name
+        run(out)
+        first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        assert "report.json" in first
+        with pytest.warns(UserWarning, match="held an earlier report: kept in"):
+            run(out)
+        (kept,) = (out / "earlier").iterdir()
+        assert {p.name: p.read_bytes() for p in kept.iterdir()} == first, name
+        assert (out / "report.json").is_file() and (out / "report.md").is_file()
+
+
 # -- serve ------------------------------------------------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ from lightning_memdec.hf.loading import (
 )
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM
+from lightning_memdec.io.artifact_dirs import keep_earlier_report
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
@@ -373,6 +374,7 @@ def downstream(
     run.add_other_base_controls(bases)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    keep_earlier_report(out, ("report.json", "report.md", "accuracy.png", "predictions.jsonl"))
     write_predictions(run.results, out / "predictions.jsonl")
     general_figures = None
     if general_split is not None:

@@ -35,7 +35,7 @@ from lightning_memdec.inference.interpolated_lm import InterpolatedLM, mixture_v
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.router import router_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
-from lightning_memdec.io.artifact_dirs import check_writable_dir
+from lightning_memdec.io.artifact_dirs import check_writable_dir, keep_earlier_report
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
@@ -143,6 +143,7 @@ def evaluate(
         "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report, "router": mix.router,
         "overlap": overlap_report(audits, overlap_refs),
     }  # fmt: skip
+    keep_earlier_report(out, ("report.json", "report.md", "lambda_curve.png"))
     write_report(report, Path(out))
     return report
 

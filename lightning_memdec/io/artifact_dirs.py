@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,26 @@ def check_writable_dir(path: str | Path, setting: str) -> None:
         raise ArtifactError(
             f"{setting} {path} cannot be written: {existing} is not a writable directory; choose another {setting}."
         )
+
+
+def keep_earlier_report(out: str | Path, names: tuple[str, ...]) -> Path | None:
+    """A report command (evaluate, downstream) may run again into its ``out`` (evaluate reuses the datastores it
+    built there): before it writes its new report, the earlier run's files ``names`` move to
+    ``out/earlier/<that report's UTC time>/``, so no figure is replaced without a copy. Returns that directory."""
+    out = Path(out)
+    if not (out / "report.json").is_file():
+        return None
+    stamp = datetime.fromtimestamp((out / "report.json").stat().st_mtime, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    keep = out / "earlier" / stamp
+    suffix = 1
+    while keep.exists():  # two reports within one second
+        keep, suffix = out / "earlier" / f"{stamp}-{suffix}", suffix + 1
+    keep.mkdir(parents=True)
+    for name in names:
+        if (out / name).exists():
+            (out / name).replace(keep / name)
+    warnings.warn(f"{out} held an earlier report: kept in {keep}.", stacklevel=2)
+    return keep
 
 
 def sha256_file(path: str | Path, limit: int | None = None) -> str:
