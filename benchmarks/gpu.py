@@ -14,10 +14,12 @@ depends on shapes, not on what the model knows.
    (a run of 2S steps minus a run of S steps, so set-up cancels) and model FLOPs utilisation ((6N + 12·L·T·d) ×
    tokens/s ÷ the card's dense bf16 peak); on a GPU with ``torch.compile``, fused AdamW and the vocabulary padded to
    64 (``--fast_fit false``: without; each of the three fit runs compiles, from inductor's cache after the first).
-4. **generation**: greedy decoding with a GPT2-large-shaped base (774 M) alone, + the GPT-2-small decoder
-   (``InterpolatedLM.generate``), and + kNN-LM (``KNNLM.generate_greedy`` over a datastore keyed by that base, FAISS
-   ``Flat`` on the host cores, and ``search="exact"``: the keys resident on the accelerator, searched by matrix
-   products): seconds per token and the overheads, MemDec against ``base.generate`` and kNN-LM against its own cached
+4. **generation**: greedy decoding with a GPT2-large-shaped base (774 M) alone and + the GPT-2-small decoder, each
+   through ``inference.static_generation.StaticGenerator`` (static KV caches, the per-token step compiled, CUDA
+   graphs on a GPU: the headline, MemDec against the base through the same generator) and through ``generate()``
+   eagerly (``generate_*_eager_ms_per_token``, ``memdec_eager_to_static_speedup``); and + kNN-LM
+   (``KNNLM.generate_greedy`` over a datastore keyed by that base, FAISS ``Flat`` on the host cores, and
+   ``search="exact"``: the keys resident on the accelerator, searched by matrix products) against its own cached
    loop without retrieval (paper: 1.28×, 2.17×); the headline uses the faster of the two kNN-LM searches.
 
 Each stage also prints its roofline: ``<stage>_bound`` (the rate the card's assumed peak allows: dense bf16 FLOP/s
@@ -328,6 +330,7 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
     from lightning_memdec.hf.loading import load_causal_lm
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
     from lightning_memdec.inference.knnlm import KNNLM
+    from lightning_memdec.inference.static_generation import StaticGenerator
     from lightning_memdec.retrieval.faiss_index import build_index
     from lightning_memdec.stages.datastore import build_datastore
 
@@ -358,18 +361,28 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
         lm.lmbda = lmbda  # λ = 0: the same cached loop without retrieval, kNN-LM's own baseline
         return lm.generate_greedy(prompt, new_tokens)
 
+    # static caches + one compiled step a token (CUDA graphs on a GPU); the same machinery for the base alone
+    length = prompt.shape[1] + new_tokens
+    static = {"base": StaticGenerator(base, max_length=length), "memdec": StaticGenerator.from_interpolated(mixed,
+              max_length=length)}  # fmt: skip
     runs = {
-        "base": lambda: base.generate(prompt, **kwargs),
-        "memdec": lambda: mixed.generate(prompt, **kwargs),
+        "base_eager": lambda: base.generate(prompt, **kwargs),
+        "memdec_eager": lambda: mixed.generate(prompt, **kwargs),
+        "base": lambda: static["base"].generate(prompt, new_tokens),
+        "memdec": lambda: static["memdec"].generate(prompt, new_tokens),
         "base_loop": lambda: knn_loop(knnlm, 0.0),
         "knnlm_faiss": lambda: knn_loop(knnlm, 0.25),
         "knnlm_exact": lambda: knn_loop(knnlm_exact, 0.25),
     }
     seconds = {}
     for name, run in runs.items():
-        run()  # warm-up: kernels, caches
+        run()  # warm-up: kernels, caches, compilation and CUDA-graph capture of the static steps
+        run()
         seconds[name] = min(timed(run)[1] for _ in range(2)) / new_tokens
         report(f"generate_{name}_ms_per_token", 1000 * seconds[name])
+    report("static_memdec_tokens_equal_eager", float(torch.equal(static["memdec"].generate(prompt, new_tokens),
+                                                                 mixed.generate(prompt, **kwargs))))  # fmt: skip
+    report("memdec_eager_to_static_speedup", seconds["memdec_eager"] / seconds["memdec"])
     memdec = seconds["memdec"] / seconds["base"]  # printed with the headline, last
     generation_rooflines(card, base, decoder, seconds)
     card.headline["memdec_ms_per_token"] = 1000 * seconds["memdec"]
