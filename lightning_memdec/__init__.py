@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 PUBLIC_API = {
     "InterpolatedLM": "lightning_memdec.inference.interpolated_lm",
     "KNNLM": "lightning_memdec.inference.knnlm",
+    "StaticGenerator": "lightning_memdec.inference.static_generation",
     "MemoryDecoderModule": "lightning_memdec.training.lightning_module",
     "MemDecDataModule": "lightning_memdec.training.datamodule",
     "CrossModelEval": "lightning_memdec.training.callbacks",
@@ -37,6 +38,7 @@ __all__ = [  # the public API; PUBLIC_API says where each name lives
     "__version__",
     "InterpolatedLM",
     "KNNLM",
+    "StaticGenerator",
     "MemoryDecoderModule",
     "MemDecDataModule",
     "CrossModelEval",
@@ -62,6 +64,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name loads laz
     from lightning_memdec.hf.loading import load_causal_lm
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
     from lightning_memdec.inference.knnlm import KNNLM
+    from lightning_memdec.inference.static_generation import StaticGenerator
     from lightning_memdec.io.token_corpus import tokenize
     from lightning_memdec.retrieval.faiss_index import build_index
     from lightning_memdec.stages.datastore import build_datastore
