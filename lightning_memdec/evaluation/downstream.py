@@ -26,7 +26,12 @@ from tqdm.auto import tqdm
 
 from lightning_memdec.evaluation.downstream_checks import check_downstream_inputs
 from lightning_memdec.evaluation.downstream_general import GeneralText
-from lightning_memdec.evaluation.downstream_report import accuracy_summary, write_downstream_report, write_predictions
+from lightning_memdec.evaluation.downstream_report import (
+    REPORT_FILES,
+    accuracy_summary,
+    write_downstream_report,
+    write_predictions,
+)
 from lightning_memdec.evaluation.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
 from lightning_memdec.evaluation.settings import Bootstrap, DownstreamMixing, GeneralSplit, KNNLMRows, Prompts
 from lightning_memdec.hf.left_padding import left_padded_batches
@@ -374,8 +379,8 @@ def downstream(
     run.add_other_base_controls(bases)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    keep_earlier_report(out, ("report.json", "report.md", "accuracy.png", "predictions.jsonl"))
-    write_predictions(run.results, out / "predictions.jsonl")
+    keep_earlier_report(out, REPORT_FILES)
+    write_predictions(run.results, out / REPORT_FILES[-1])
     general_figures = None
     if general_split is not None:
         general_figures = general_summary(general_split, run.results, decoders, bootstrap.resamples, bootstrap.seed)

@@ -159,8 +159,12 @@ def _general_lines(general: dict | None) -> list[str]:
     return lines
 
 
+REPORT_FILES = ("report.md", "report.json", "accuracy.png", "predictions.jsonl")  # what a downstream run writes
+
+
 def write_downstream_report(report: dict[str, Any], out: Path) -> None:
-    """report.md, report.json and accuracy.png under ``out``, each written to a temporary name, then moved."""
+    """report.md, report.json and accuracy.png under ``out`` (REPORT_FILES but the predictions), each written to a
+    temporary name, then moved."""
     out.mkdir(parents=True, exist_ok=True)
     controls = ", ".join(f"`{c}`" for c in report.get("controls") or []) or "none"
     lines = [
@@ -186,11 +190,12 @@ def write_downstream_report(report: dict[str, Any], out: Path) -> None:
         "![accuracy per task](accuracy.png)",
         "",
     ]
-    tmp = out / "report.md.tmp"
+    markdown, json_file, plot, _ = (out / name for name in REPORT_FILES)
+    tmp = markdown.with_name(markdown.name + ".tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out / "report.md")
-    write_json_atomic(out / "report.json", report)
-    plot_accuracy(report["accuracy"], report["systems"], out / "accuracy.png")
+    tmp.replace(markdown)
+    write_json_atomic(json_file, report)
+    plot_accuracy(report["accuracy"], report["systems"], plot)
 
 
 def plot_accuracy(acc: dict[str, dict], systems: list[str], path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_temperatures_scorer, settle_temperature
 from lightning_memdec.evaluation.latency import model_latency
-from lightning_memdec.evaluation.report import write_report
+from lightning_memdec.evaluation.report import REPORT_FILES, write_report
 from lightning_memdec.evaluation.report_rows import lambda_curve, report_row
 from lightning_memdec.evaluation.router_rows import router_by_base, router_columns
 from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
@@ -143,7 +143,7 @@ def evaluate(
         "lambda_grid": grid, "rows": rows, "curves": curves, "latency": latency_report, "router": mix.router,
         "overlap": overlap_report(audits, overlap_refs),
     }  # fmt: skip
-    keep_earlier_report(out, ("report.json", "report.md", "lambda_curve.png"))
+    keep_earlier_report(out, REPORT_FILES)
     write_report(report, Path(out))
     return report
 

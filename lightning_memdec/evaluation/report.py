@@ -205,8 +205,11 @@ def run_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+REPORT_FILES = ("report.md", "report.json", "lambda_curve.png")  # what write_report writes under ``out``
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
-    """report.md, report.json and lambda_curve.png under ``out``, each written to a temporary name, then moved."""
+    """REPORT_FILES under ``out``, each written to a temporary name, then moved."""
     out.mkdir(parents=True, exist_ok=True)
     stores = ", ".join(f"{m}: `{s}`" for m, s in report.get("datastores", {}).items()) or "none"
     lines = [
@@ -238,11 +241,12 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         for key, seconds in lat["seconds"].items():
             lines.append(f"| {key} | {seconds:.4f} | {lat['overhead'][key]:.3f} |")
     lines += ["", *_section(run_lines(report)), "![perplexity against λ](lambda_curve.png)", ""]
-    tmp = out / "report.md.tmp"
+    markdown, json_file, plot = (out / name for name in REPORT_FILES)
+    tmp = markdown.with_name(markdown.name + ".tmp")
     tmp.write_text("\n".join(lines))
-    tmp.replace(out / "report.md")
-    write_json_atomic(out / "report.json", finite_or_none(report))
-    plot_curves(report["curves"], out / "lambda_curve.png")
+    tmp.replace(markdown)
+    write_json_atomic(json_file, finite_or_none(report))
+    plot_curves(report["curves"], plot)
 
 
 def _section(lines: list[str]) -> list[str]:

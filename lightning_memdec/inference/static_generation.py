@@ -66,8 +66,10 @@ class StaticGenerator:
             compile = self.device.type == "cuda"
         if mode is None and self.device.type == "cuda" and backend == "inductor":
             mode = "reduce-overhead"
-        step = torch.compile(self._step, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
-        self._compiled_step = step if compile else self._step
+        # the per-token step (one token [B, 1] at one position [1] -> log-probs [B, V]) is the compiled part;
+        # the prompt's forward runs eagerly through the same _log_probs
+        step = torch.compile(self._log_probs, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
+        self._compiled_step = step if compile else self._log_probs
 
     @classmethod
     def from_interpolated(cls, lm, **kwargs) -> StaticGenerator:
@@ -91,10 +93,6 @@ class StaticGenerator:
         if len(log_probs) == 1:
             return log_probs[0]
         return mix_log_probs(log_probs[0], log_probs[1].to(log_probs[0].device), self.lmbda)
-
-    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """One generated token ``[B, 1]`` at ``position`` ``[1]`` → next log-probs ``[B, V]``: the compiled part."""
-        return self._log_probs(token, position)
 
     def _ready_caches(self, batch: int) -> None:
         """Static caches for ``batch`` rows, reused (same tensors, so a captured CUDA graph stays valid) and
