@@ -104,7 +104,7 @@ def test_rerun_reuses_finished_stages(micro_run):
             out / "models" / "teacher" / "model.safetensors",
             out / "targets" / "train" / "probs.npy",
             out / "stores" / "teacher-train" / "keys.npy",
-            out / "stores" / "base-large-test" / "keys.npy",
+            out / "scores" / "base-large-domain-test-keys.npy",
         ]
     }
     again = quickstart(out=out, budget=MICRO)

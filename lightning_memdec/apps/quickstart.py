@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from lightning_memdec.apps.quickstart_checks import check_quickstart_inputs
 from lightning_memdec.apps.quickstart_evaluation import GENERAL_TEST, evaluate_all
 from lightning_memdec.apps.quickstart_report import goals
@@ -35,9 +37,9 @@ from lightning_memdec.apps.quickstart_stages import (
     datastore,
     done,
     epoch_steps,
-    gold_log_probs,
     knn_gold_probs,
     parameters,
+    scores_and_keys,
     split_path,
     train_model,
 )
@@ -141,8 +143,11 @@ def teacher_targets(out: Path, t_model: Path, dt: Path, dv: Path, budget: Budget
         t_valid = datastore(t_model, dv, s / "teacher-valid", budget)
         t_index = build_or_reuse_index(t_store, s / "teacher-index")
     with clock("targets"):
-        t_gold_valid = gold_log_probs(t_model, dv, budget, out / "scores" / "teacher-domain-valid.npy")
-        t_choice = choose_temperature(*knn_gold_probs(t_store, t_index, t_valid, k), t_gold_valid)
+        # the teacher's valid keys, captured while scoring it, are the queries (evaluation reuses both)
+        cache = out / "scores" / "teacher-domain-valid.npy"
+        t_gold_valid, t_keys_valid = scores_and_keys(t_model, dv, budget, cache, keys=True)
+        gold_valid = np.asarray(Corpus(dv).tokens)[1:]
+        t_choice = choose_temperature(*knn_gold_probs(t_store, t_index, t_keys_valid, gold_valid, k), t_gold_valid)
         temperature = t_choice["temperature"]
         targets_train, targets_valid = out / "targets" / "train", out / "targets" / "valid"
         if not done(targets_train):

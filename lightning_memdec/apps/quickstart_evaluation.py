@@ -2,7 +2,8 @@
 into ``memdec evaluate``'s rows, λ curves, bootstrap intervals and overlap audit (one report schema, one writer).
 
 The quickstart scores its own tokenized corpora (cached ``.npy`` arrays, reused when rerun) instead of going through
-``evaluate``'s scorer, because its kNN-LM rows search the datastores it built anyway; from the arrays on, every
+``evaluate``'s scorer: one pass per model and split gives the gold log-probs and the kNN-LM's query keys, searched in
+the train datastores it built anyway; from the arrays on, every
 figure comes from the same functions as ``evaluate``'s (:mod:`evaluation.report_rows`, :mod:`evaluation.row_figures`,
 :mod:`evaluation.knn_temperature`).
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_memdec.apps.quickstart_stages import Budget, StageClock, gold_log_probs, knn_log_probs
+from lightning_memdec.apps.quickstart_stages import Budget, StageClock, gold_log_probs, knn_log_probs, scores_and_keys
 from lightning_memdec.evaluation.knn_temperature import settle_temperature
 from lightning_memdec.evaluation.overlap import NGRAM, split_document_offsets
 from lightning_memdec.evaluation.report_rows import lambda_curve, report_row
@@ -45,10 +46,11 @@ def evaluate_all(
     """
     clock = clock or StageClock()
     grid, temperatures = list(DEFAULT_LAMBDA_GRID), list(DEFAULT_TEMPERATURE_GRID)
+    scores = out / "scores"
 
     def gold(model, split: str, name: str) -> np.ndarray:
         with clock("score models"):
-            return gold_log_probs(model, corpora[split], budget, out / "scores" / f"{name}-{split}.npy")
+            return gold_log_probs(model, corpora[split], budget, scores / f"{name}-{split}.npy")
 
     decoded = {
         key: {s: gold(ref, f"domain-{s}", key.replace("_", "-")) for s in SPLITS} for key, ref in decoders.items()
@@ -57,9 +59,12 @@ def evaluate_all(
     models = [(name, ref, "base") for name, ref in bases.items()] + [(n, r, "teacher") for n, r in teacher.items()]
     rows, curves = [], {}
     for name, ref, role in models:
-        lp = {s: {"base": gold(ref, f"domain-{s}", name)} for s in SPLITS}
+        with clock("score models"):  # each split's kNN-LM queries are captured in the same pass
+            scored = {s: scores_and_keys(ref, corpora[f"domain-{s}"], budget, scores / f"{name}-domain-{s}.npy", True)
+                      for s in SPLITS}  # fmt: skip
+        lp = {s: {"base": scored[s][0]} for s in SPLITS}
         with clock("kNN-LM datastores + search"):
-            knn = knn_log_probs(ref, name, out, corpora, budget, temperatures)
+            knn = knn_log_probs(ref, name, out, corpora, budget, temperatures, {s: scored[s][1] for s in SPLITS})
         for s in SPLITS:
             lp[s] |= knn[s] | ({key: arrays[s] for key, arrays in decoded.items()} if role == "base" else {})
         choice = settle_temperature(lp, temperatures, grid, None)

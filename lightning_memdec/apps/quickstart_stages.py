@@ -211,11 +211,13 @@ def train_model(
     return fit(config)
 
 
-def knn_gold_probs(store: Path, index: Path, queries: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour distances [n, k] and whether each neighbour's value is the gold token, for every query position."""
-    ds, qs = Datastore(store), Datastore(queries)
-    dist, ids = KeyIndex(index).search(np.asarray(qs.keys, dtype=np.float32), k)
-    match = (np.asarray(ds.values)[np.maximum(ids, 0)] == np.asarray(qs.values)[:, None]) & (ids >= 0)
+def knn_gold_probs(
+    store: Path, index: Path, query_keys: np.ndarray, gold: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour distances [n, k] of the queries ``query_keys`` [n, d] in the train store, and whether each
+    neighbour's value is the query's ``gold`` [n] next token."""
+    dist, ids = KeyIndex(index).search(np.asarray(query_keys, dtype=np.float32), k)
+    match = (np.asarray(Datastore(store).values)[np.maximum(ids, 0)] == np.asarray(gold)[:, None]) & (ids >= 0)
     return dist, match
 
 
@@ -234,9 +236,20 @@ def choose_temperature(dist: np.ndarray, match: np.ndarray, base_valid: np.ndarr
 
 def gold_log_probs(model_dir: Path | str, corpus: Path, budget: Budget, cache: Path) -> np.ndarray:
     """Sliding-window gold-token log-probs of one LM over a corpus at the budget's window, cached as .npy."""
-    from lightning_memdec.inference.sliding_window import corpus_gold_log_probs
+    return scores_and_keys(model_dir, corpus, budget, cache)[0]
 
-    return corpus_gold_log_probs(model_dir, corpus, budget.window, stride=budget.stride, cache=cache)
+
+def scores_and_keys(
+    model_dir: Path | str, corpus: Path, budget: Budget, cache: Path, keys: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Gold-token log-probs ``[N]`` and, with ``keys``, the model's datastore keys ``[N, d]`` at every position (the
+    kNN-LM's queries), from one sliding-window pass at the budget's window; cached as ``cache`` and
+    ``<cache stem>-keys.npy``."""
+    from lightning_memdec.inference.sliding_window import corpus_scores
+
+    caches = {"lm": cache, "keys": cache.with_name(cache.stem + "-keys.npy")}
+    got = corpus_scores(model_dir, corpus, budget.window, stride=budget.stride, caches=caches, keys=keys)
+    return got["lm"], got.get("keys")
 
 
 def datastore(model: Path | str, corpus: Path, out: Path, budget: Budget, stride: int | None = None) -> Path:
@@ -265,17 +278,20 @@ def build_or_reuse_index(store: Path, out: Path) -> Path:
     return build_index(store, out, overwrite=True, plan=ivf)
 
 
-def knn_log_probs(model, name: str, out: Path, corpora: dict, budget: Budget, temperatures) -> dict:
+def knn_log_probs(
+    model, name: str, out: Path, corpora: dict, budget: Budget, temperatures, query_keys: dict[str, np.ndarray]
+) -> dict:
     """kNN-LM of ``model`` over its own datastore of the domain train split: log p_kNN(gold) per valid/test position
     at every candidate temperature (``{split: {knn_key(T): array}}``, as ``memdec evaluate``'s scorer gives them;
-    one search per split, the temperature only reweights the same distances)."""
+    one search per split, the temperature only reweights the same distances). ``query_keys`` are the model's keys
+    over each split, captured while scoring it."""
     s = out / "stores"
     store = datastore(model, corpora["domain-train"], s / f"{name}-train", budget, stride=budget.window)
     idx = build_or_reuse_index(store, s / f"{name}-index")
     lp = {}
     for split in ("valid", "test"):
-        queries = datastore(model, corpora[f"domain-{split}"], s / f"{name}-{split}", budget)
-        dist, match = knn_gold_probs(store, idx, queries, budget.k)
+        gold = np.asarray(Corpus(corpora[f"domain-{split}"]).tokens)[1:]
+        dist, match = knn_gold_probs(store, idx, query_keys[split], gold, budget.k)
         lp[split] = {knn_key(t): knn_gold_log_probs(dist, match, t).numpy() for t in temperatures}
     return lp
 

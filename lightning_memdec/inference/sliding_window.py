@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lightning_memdec.hf.key_capture import KeyCapture
 from lightning_memdec.hf.loading import load_causal_lm
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.kernels.scoring import gold_log_probs
@@ -58,13 +60,43 @@ def sliding_gold_log_probs(
 
 
 def lm_scorer(model, vocab: int, name: str = "lm") -> ScoreFn:
-    """Gold log-probs of one causal LM over the first ``vocab`` ids (a padded head is renormalised over them)."""
+    """Gold log-probs of one causal LM over the first ``vocab`` ids (a padded head is renormalised over them).
+
+    The LM head (for the small vocabulary-heavy models here, most of a forward's cost) runs only from the first
+    scored column of the batch on (``logits_to_keep``), where the model's forward takes it: a sliding window's
+    context prefix (a quarter of the quickstart's windows) is never projected onto the vocabulary.
+    """
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def score(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = model(input_ids=input_ids.to(model.device), use_cache=False).logits
-        return {name: gold_log_probs(logits, labels, vocab)}
+        first = first_scored_column(labels) if keeps_logits else 0
+        first = first if first < labels.shape[1] else 0  # nothing scored: keep the plain forward
+        kwargs = {"logits_to_keep": torch.arange(first, labels.shape[1])} if first else {}
+        logits = model(input_ids=input_ids.to(model.device), use_cache=False, **kwargs).logits  # [B, W - first, R]
+        lp = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)  # [B, W]; unscored columns 0
+        lp[:, first:] = gold_log_probs(logits, labels[:, first:], vocab)
+        return {name: lp}
 
     return score
+
+
+def first_scored_column(labels: torch.Tensor) -> int:
+    """The first column of ``labels`` ``[B, W]`` that any row scores (not −100); W when none does."""
+    scored = (labels != -100).any(dim=0)
+    return int(scored.int().argmax()) if bool(scored.any()) else labels.shape[1]
+
+
+def with_keys(score: ScoreFn, model, layer: str | None = None, name: str = "keys") -> ScoreFn:
+    """``score`` plus the datastore keys of ``model`` (its key layer's output, float16 as a datastore stores them)
+    under ``name``, ``[B, W, d]``, captured during the same forward: a kNN-LM's queries cost no second pass."""
+    capture = KeyCapture(model, layer)
+
+    def scored_with_keys(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with capture.capturing() as cap:
+            out = score(input_ids, labels)
+        return out | {name: cap.value.to(torch.float16)}
+
+    return scored_with_keys
 
 
 def corpus_gold_log_probs(
@@ -74,18 +106,41 @@ def corpus_gold_log_probs(
 
     ``stride`` defaults to half the window. With ``cache``, the array is saved there as .npy and a rerun loads it.
     """
-    if cache is not None and Path(cache).is_file():
-        return np.load(cache)
+    caches = None if cache is None else {"lm": Path(cache)}
+    return corpus_scores(model, corpus, window, stride, batch_size, caches)["lm"]
+
+
+def corpus_scores(
+    model,
+    corpus: Path,
+    window: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    caches: dict[str, Path] | None = None,
+    keys: bool = False,
+) -> dict[str, np.ndarray]:
+    """Gold log-probs (``lm``, float64 ``[N]``) and, with ``keys``, the model's datastore keys at every position
+    (``keys``, float16 ``[N, d]``: what ``memdec datastore`` would store over the same windows), from one
+    sliding-window pass. ``caches`` maps each output to a .npy file: written atomically, loaded when all exist."""
+    names = ("lm", "keys") if keys else ("lm",)
+    if caches is not None and all(Path(caches[n]).is_file() for n in names):
+        return {n: np.load(caches[n]) for n in names}
     name = Path(str(getattr(model, "name_or_path", model))).name
     if isinstance(model, (str, Path)):
         model = load_causal_lm(model)
     data = Corpus(corpus)
     scorer = lm_scorer(model.eval(), data.tokenizer["vocab_size"], "lm")
+    scorer = with_keys(scorer, model) if keys else scorer
     stride = window // 2 if stride is None else stride
-    lp = sliding_gold_log_probs(
+    out = sliding_gold_log_probs(
         np.asarray(data.tokens), window, stride, batch_size, scorer, desc=f"score {name} on {Path(corpus).name}"
-    )["lm"]
-    if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, lp)
-    return lp
+    )
+    if keys:
+        out["keys"] = out["keys"].astype(np.float16)  # exact: captured as float16
+    for n in names if caches is not None else ():
+        path = Path(caches[n])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, out[n])
+        tmp.replace(path)
+    return out
