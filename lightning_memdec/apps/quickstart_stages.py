@@ -42,10 +42,11 @@ class Budget:
     tokens per CPU-second and the small decoders at ~500-550, their 50,257-row LM head dominating; forward-only
     datastore keys are several times cheaper. Scoring 100k test tokens made the run longer than its 15-minute target
     on 2 cores: a run with two decoder epochs took 1413 s by its stages (2548 CPU-seconds) on a shared machine
-    (docs/results/quickstart.md). The domain budget is one epoch of each decoder (MemDec and CE-only: more epochs
-    help both and narrow MemDec's lead, measured on valid in docs/results/decoder-epochs-biomed.txt); the
-    teacher is fine-tuned on 82k of those tokens (40 steps of 8 x 256) at half the bases' peak
-    pretraining learning rate, which already lowers its domain perplexity by ~50-60 %.
+    (docs/results/quickstart.md); one-pass scoring then halved the evaluation, but one epoch still takes 18-22
+    minutes there (docs/results/quickstart-eval-speed). The domain budget is one epoch of each decoder (MemDec and
+    CE-only: more epochs help both and narrow MemDec's lead, measured on valid in
+    docs/results/decoder-epochs-biomed.txt); the teacher is fine-tuned on 82k of those tokens (40 steps of 8 x 256)
+    at half the bases' peak pretraining learning rate, which already lowers its domain perplexity by ~50-60 %.
     λ and the kNN temperatures are only tuned on the valid split (``valid_tokens``); every reported domain figure
     is on the test split, scored up to ``test_tokens`` (the whole de-duplicated biomed test split) so that its
     bootstrap intervals over documents are narrow enough to read.
