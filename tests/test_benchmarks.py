@@ -138,3 +138,16 @@ def test_loader_benchmark_runs_tiny(tmp_path):
     assert 0 < float(lines["csr_batch_mbytes"]) <= float(lines["host_batch_mbytes"])
     assert 0 < int(lines["batch_support"]) <= 24 and float(lines["support_mean"]) > 1
     assert math.isfinite(float(lines["loader_speedup"])) and list(lines)[-2:] == ["batch_bytes_ratio", "loader_speedup"]
+
+
+def test_scoring_benchmark_runs_tiny(tmp_path, tiny_gpt2):
+    """benchmarks/scoring.py on a tiny model and 2,000 tokens: both ways agree (the script checks log-probs and
+    keys), the log-probs within 1e-6, every figure present, the headline last."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "scoring.py"), "--model", str(tiny_gpt2), "--tokens", "2000",
+           "--window", "64", "--stride", "48"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert int(lines["positions"]) == 1999 and float(lines["max_abs_log_prob_difference"]) < 1e-6
+    assert float(lines["two_pass_seconds"]) > 0 and float(lines["one_pass_seconds"]) > 0
+    assert math.isfinite(float(lines["scoring_speedup"])) and list(lines)[-1] == "scoring_speedup"
