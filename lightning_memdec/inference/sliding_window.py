@@ -120,7 +120,7 @@ def corpus_scores(
     keys: bool = False,
 ) -> dict[str, np.ndarray]:
     """Gold log-probs (``lm``, float64 ``[N]``) and, with ``keys``, the model's datastore keys at every position
-    (``keys``, float16 ``[N, d]``: what ``memdec datastore`` would store over the same windows), from one
+    (``keys``, float16 ``[N, d]``: what ``memdec build-datastore`` would store over the same windows), from one
     sliding-window pass. ``caches`` maps each output to a .npy file: written atomically, loaded when all exist."""
     names = ("lm", "keys") if keys else ("lm",)
     if caches is not None and all(Path(caches[n]).is_file() for n in names):
