@@ -17,7 +17,7 @@ from lightning_memdec.hf.paired_generation import GENERATION_HOOKS, PairCache
 NOT_FORWARDED = {
     "update", "get_mask_sizes", "get_query_offset", "update_conv_state", "update_recurrent_state", "update_indexer",
     "get_conv_state", "get_recurrent_state", "has_previous_state", "is_recording_past",
-    "offload", "prefetch", "early_initialization",
+    "offload", "prefetch", "early_initialization", "increase_count",
 }  # fmt: skip
 
 
@@ -53,3 +53,29 @@ def test_model_outputs_carry_the_cache_under_the_name_interpolated_lm_uses():
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     assert "cache" in CausalLMOutputWithPast.__dataclass_fields__, "transformers renamed the output's cache field"
+
+
+def test_pair_cache_forwards_past_recording_to_both_caches():
+    """generate() (transformers >= 5.25) calls cache.activate_past_recording(recurrent_states_to_keep=
+    max(1, cache.get_recurrent_states_to_keep())) on a returned cache: both sub-caches get the call, and the count is
+    the larger of theirs, or one layer's (the base's layers first, then the decoder's, as in ``layers``)."""
+    seen = []
+
+    class Recording(DynamicCache):
+        def __init__(self, keep: int):
+            super().__init__()
+            self.keep = keep
+
+        def activate_past_recording(self, **kwargs):
+            seen.append((self.keep, kwargs))
+
+        def get_recurrent_states_to_keep(self, layer_idx=None):
+            return self.keep if layer_idx in (None, 0) else -1
+
+    pair = PairCache(Recording(1), Recording(3))
+    keys = torch.zeros(1, 2, 4, 5)
+    pair.base.update(keys, keys.clone(), layer_idx=0)  # the base has one layer: layer 1 of the pair is the decoder's 0
+    pair.activate_past_recording(recurrent_states_to_keep=2)
+    assert seen == [(1, {"recurrent_states_to_keep": 2}), (3, {"recurrent_states_to_keep": 2})]
+    assert pair.get_recurrent_states_to_keep() == 3
+    assert [pair.get_recurrent_states_to_keep(i) for i in (0, 1)] == [1, 3]

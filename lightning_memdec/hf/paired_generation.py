@@ -100,9 +100,19 @@ class PairCache(Cache):
             cache.batch_select_indices(indices)
         self._pending_apply(lambda t: t[indices])
 
-    def activate_past_recording(self) -> None:
-        for cache in self.caches:
-            cache.activate_past_recording()
+    def activate_past_recording(self, **kwargs) -> None:
+        for cache in self.caches:  # kwargs: recurrent_states_to_keep (transformers >= 5.25)
+            cache.activate_past_recording(**kwargs)
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """The most recurrent states either model records (``layer_idx`` None), or those of one layer of ``layers``
+        (the base's layers first, then the decoder's)."""
+        if layer_idx is None:
+            return max(cache.get_recurrent_states_to_keep() for cache in self.caches)
+        first = len(self.base.layers)
+        if layer_idx < first:
+            return self.base.get_recurrent_states_to_keep(layer_idx)
+        return self.memdec.get_recurrent_states_to_keep(layer_idx - first)
 
     @property
     def batch_size(self) -> int:
