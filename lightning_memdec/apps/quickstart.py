@@ -21,8 +21,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from lightning_memdec.apps.quickstart_checks import check_quickstart_inputs
 from lightning_memdec.apps.quickstart_evaluation import GENERAL_TEST, evaluate_all
 from lightning_memdec.apps.quickstart_report import goals
@@ -147,8 +145,7 @@ def teacher_targets(out: Path, t_model: Path, dt: Path, dv: Path, budget: Budget
         # the teacher's valid keys, captured while scoring it, are the queries (evaluation reuses both)
         cache = out / "scores" / "teacher-domain-valid.npy"
         t_gold_valid, t_keys_valid = scores_and_keys(t_model, dv, budget, cache, keys=True)
-        gold_valid = np.asarray(Corpus(dv).tokens)[1:]
-        t_choice = choose_temperature(*knn_gold_probs(t_store, t_index, t_keys_valid, gold_valid, k), t_gold_valid)
+        t_choice = choose_temperature(*knn_gold_probs(t_store, t_index, t_keys_valid, dv, k), t_gold_valid)
         temperature = t_choice["temperature"]
         targets_train, targets_valid = out / "targets" / "train", out / "targets" / "valid"
         if not done(targets_train):

@@ -60,8 +60,8 @@ def evaluate_all(
     rows, curves = [], {}
     for name, ref, role in models:
         with clock("score models"):  # each split's kNN-LM queries are captured in the same pass
-            scored = {s: scores_and_keys(ref, corpora[f"domain-{s}"], budget, scores / f"{name}-domain-{s}.npy", True)
-                      for s in SPLITS}  # fmt: skip
+            scored = {s: scores_and_keys(ref, corpora[f"domain-{s}"], budget, scores / f"{name}-domain-{s}.npy",
+                                         keys=True) for s in SPLITS}  # fmt: skip
         lp = {s: {"base": scored[s][0]} for s in SPLITS}
         with clock("kNN-LM datastores + search"):
             knn = knn_log_probs(ref, name, out, corpora, budget, temperatures, {s: scored[s][1] for s in SPLITS})

@@ -213,12 +213,13 @@ def train_model(
 
 
 def knn_gold_probs(
-    store: Path, index: Path, query_keys: np.ndarray, gold: np.ndarray, k: int
+    store: Path, index: Path, query_keys: np.ndarray, queries: Path, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour distances [n, k] of the queries ``query_keys`` [n, d] in the train store, and whether each
-    neighbour's value is the query's ``gold`` [n] next token."""
+    """Neighbour distances [n, k] of ``query_keys`` [n, d] (one per position of the tokenized corpus ``queries``) in
+    the train store, and whether each neighbour's value is that position's gold next token."""
+    gold = np.asarray(Corpus(queries).tokens)[1:]
     dist, ids = KeyIndex(index).search(np.asarray(query_keys, dtype=np.float32), k)
-    match = (np.asarray(Datastore(store).values)[np.maximum(ids, 0)] == np.asarray(gold)[:, None]) & (ids >= 0)
+    match = (np.asarray(Datastore(store).values)[np.maximum(ids, 0)] == gold[:, None]) & (ids >= 0)
     return dist, match
 
 
@@ -291,8 +292,7 @@ def knn_log_probs(
     idx = build_or_reuse_index(store, s / f"{name}-index")
     lp = {}
     for split in ("valid", "test"):
-        gold = np.asarray(Corpus(corpora[f"domain-{split}"]).tokens)[1:]
-        dist, match = knn_gold_probs(store, idx, query_keys[split], gold, budget.k)
+        dist, match = knn_gold_probs(store, idx, query_keys[split], corpora[f"domain-{split}"], budget.k)
         lp[split] = {knn_key(t): knn_gold_log_probs(dist, match, t).numpy() for t in temperatures}
     return lp
 
