@@ -9,7 +9,14 @@ import pytest
 import torch
 from conftest import save_tiny
 
-from lightning_memdec.apps.router_training import RouterData, train_router
+from lightning_memdec.apps.router_training import (
+    DOMAIN_WEIGHTS,
+    RouterData,
+    check_general_tolerance,
+    fit_within_general_budget,
+    held_out_ppls,
+    train_router,
+)
 from lightning_memdec.evaluation.settings import EvaluateMixing, Scoring
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.router import Router
@@ -214,6 +221,44 @@ def test_fitted_router_beats_the_best_fixed_lambda_on_held_out_planted_text():
     assert info["epochs"] >= 1
 
 
+def test_general_budget_keeps_the_best_domain_router_within_the_tolerance():
+    """Domain and general positions that a feature separates only in part: weighting the domain more lowers held-out
+    domain perplexity and raises general; the kept router is the lowest-domain one within the tolerance, checked
+    against each candidate's held-out figures computed here directly."""
+    rng = np.random.default_rng(1)
+
+    def overlapping(n, flag, memdec_better):
+        kind = planted_kind(rng, n, flag, memdec_better)
+        kind.features[:, 0] = flag + rng.normal(size=n)  # the kinds overlap: no router routes them apart exactly
+        return kind
+
+    kinds = [overlapping(1000, 0.5, True), overlapping(1000, -0.5, False)]
+    weights = (0.5, 0.95)
+    router, info = fit_within_general_budget(kinds, width=0, threshold=0.0, tolerance=1.0, weights=weights)
+    candidates = info["candidates"]
+    assert [c["domain_weight"] for c in candidates] == list(weights)
+    direct = []
+    for weight in weights:  # the same seeded training, held-out figures computed here
+        trained, _ = train_router(kinds, 0, 0.0, weight)
+        domain, general = held_out_ppls(trained, kinds[0]), held_out_ppls(trained, kinds[1])
+        direct.append((domain["router_ppl"], general["router_ppl"] / general["base_ppl"] - 1))
+    for c, (domain_ppl, rise) in zip(candidates, direct):
+        assert c["held_out_domain_ppl"] == pytest.approx(domain_ppl)
+        assert c["held_out_general_rise"] == pytest.approx(rise)
+    assert direct[1][0] < direct[0][0] and direct[1][1] > direct[0][1]  # more domain weight: domain down, general up
+    within = [i for i, (_, rise) in enumerate(direct) if rise <= 1.0]
+    assert within == [0], direct  # the tolerance binds: the domain-heavy router rises too far
+    chosen = min(within, key=lambda i: direct[i][0])
+    assert info["domain_weight"] == weights[chosen] and info["within_tolerance"]
+    assert held_out_ppls(router, kinds[0])["router_ppl"] == pytest.approx(direct[chosen][0])
+    # a tolerance no candidate meets: the least general rise, flagged
+    _, strict = fit_within_general_budget(kinds, 0, 0.0, tolerance=0.0, weights=(0.95,))
+    assert not strict["within_tolerance"] and strict["domain_weight"] == 0.95
+    for bad in (-0.1, float("nan"), "3 %", True):
+        with pytest.raises(ValueError, match="general_tolerance must be a fraction"):
+            check_general_tolerance(bad)
+
+
 def test_router_holds_out_whole_documents():
     """Documents of tokens [0, 40), [40, 85), [85, 101): 100 positions, position i predicts token i + 1. The cut
     nearest 90 % falls at document 2's first position (84), so exactly document 2 is held out; one document alone
@@ -284,10 +329,14 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path,
     assert all(0 < n < 299 for n in meta["training"]["held_out_positions"])
     assert len(meta["training"]["held_out_documents"]) == 2
     assert meta["training"]["domain"] == "embedded:biomed/valid" and (out / "router.safetensors").is_file()
+    training = meta["training"]  # the default general budget: one router per domain weight, one kept
+    assert training["general_tolerance"] == 0.03 and len(training["candidates"]) == len(DOMAIN_WEIGHTS)
+    assert training["domain_weight"] in DOMAIN_WEIGHTS
     assert not (tmp_path / "router.lock").exists() and not (tmp_path / "router.partial").exists()
     for bad, message in (
         (args, "already exists"),
         (args[:-6] + ["--threshold", "1.5", "--overwrite", "true"], "threshold (the router's λ under which"),
+        (args[:-6] + ["--general_tolerance", "-1", "--overwrite", "true"], "--general_tolerance must be a fraction"),
     ):
         with pytest.raises(SystemExit) as exit_:  # the CLI prints a user's mistake, without a traceback
             main(bad)

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_memdec.apps.router_training import RouterData, mixed_nll, train_router
+from lightning_memdec.apps.router_training import (
+    RouterData,
+    check_general_tolerance,
+    fit_within_general_budget,
+    held_out_ppls,
+    mixed_nll,
+    train_router,
+)
 from lightning_memdec.evaluation.overlap import split_document_offsets
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import check_fits_context, find_tokenizer, load_causal_lm, model_config, torch_device
@@ -23,7 +30,7 @@ from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_lo
 from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, publish, start_work_dir
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
-from lightning_memdec.kernels.scoring import perplexity, sweep_lambda
+from lightning_memdec.kernels.scoring import sweep_lambda
 
 __all__ = ["fit_router", "held_out_summary"]
 
@@ -41,6 +48,7 @@ def fit_router(
     general: str,
     out: Path,
     threshold: float = 0.05,
+    general_tolerance: float | None = 0.03,
     window: int = 1024,
     max_tokens: int | None = None,
     device: str = "auto",
@@ -55,12 +63,18 @@ def fit_router(
         general: held-out general text, same forms (e.g. embedded:general/valid).
         out: output directory.
         threshold: λ under this is set to 0 and the decoder skipped (generation saves its forward pass there).
+        general_tolerance: how much general perplexity may rise over the base's, as a fraction, on the held-out
+            general documents: routers are trained at domain weights 0.5–0.95 and the one with the lowest held-out
+            domain perplexity within this is kept. 0.03 leaves room under a 5 % goal for the held-out estimate's
+            noise. None: one router, domain and general weighted alike.
         window: tokens of context per window (scored with stride window / 2, as ``memdec evaluate``).
         max_tokens: use only the first this many tokens of each text.
         device: cpu, cuda, cuda:1, … or auto.
         overwrite: replace an existing ``out``.
     """
     threshold = check_threshold(threshold)
+    if general_tolerance is not None:  # refused before the models load
+        check_general_tolerance(general_tolerance)
     if window < 2:  # one context token and one scored: refused before the models load, not after
         raise ValueError(f"--window must be 2 or more tokens, got {window}.")
     check_writable_dir(out, "--out")
@@ -76,8 +90,12 @@ def fit_router(
     vocab = mixture_vocab(base_model, memdec_model, tok, find_tokenizer(memdec, memdec_model))
     kinds = [_scored(spec, text_tokens(spec, tok, max_tokens), tok.eos_token_id, (base_model, memdec_model), vocab,
                      window) for spec in (domain, general)]  # fmt: skip
-    router, training = train_router(kinds, WIDTH, threshold)
-    settings = {"domain": str(domain), "general": str(general), "window": window, "max_tokens": max_tokens}
+    if general_tolerance is None:
+        router, training = train_router(kinds, WIDTH, threshold)
+    else:
+        router, training = fit_within_general_budget(kinds, WIDTH, threshold, general_tolerance)
+    settings = {"domain": str(domain), "general": str(general), "window": window, "max_tokens": max_tokens,
+                "general_tolerance": general_tolerance}  # fmt: skip
     training |= settings | {"positions": {"domain": len(kinds[0].base), "general": len(kinds[1].base)},
                             "held_out": held_out_summary(router, kinds)}  # fmt: skip
     meta = router_meta(router, str(base), str(memdec), tokenizer_info(tok, str(base)), training)
@@ -107,13 +125,11 @@ def held_out_summary(router: Router, kinds: list[RouterData]) -> dict:
     both = lambda attr: np.concatenate([getattr(h, attr) for h in held])  # noqa: E731
     best_lambda = sweep_lambda(both("base"), both("memdec"))[0]
     out: dict = {"best_fixed_lambda": best_lambda}
-    for name, h in zip(("domain", "general"), held):
+    for name, kind, h in zip(("domain", "general"), kinds, held):
         base, mem = torch.as_tensor(h.base, dtype=torch.float64), torch.as_tensor(h.memdec, dtype=torch.float64)
         lmbda = router.routed(torch.as_tensor(h.features)).double()
-        out[name] = {
-            "base_ppl": perplexity(h.base),
+        out[name] = held_out_ppls(router, kind) | {
             "fixed_ppl": float(mixed_nll(base, mem, torch.full_like(base, best_lambda)).mean().exp()),
-            "router_ppl": float(mixed_nll(base, mem, lmbda).mean().exp()),
             "router_skip_fraction": float((lmbda == 0).double().mean()),
         }
     return out

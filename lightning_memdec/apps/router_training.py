@@ -2,9 +2,14 @@
 
 The loss is the mixture's own NLL, −log(λ·p_mem(gold) + (1 − λ)·p_base(gold)) through ``kernels.scoring``'s one
 mixture, so the router learns the λ that minimises each token's loss with no λ label to derive. Positions are
-weighted so that each kind of document (domain, general) counts as much as the other whatever their sizes. About
-the last :data:`HELD_OUT` of each kind is held out for early stopping, as **whole documents** where the kind has
-more than one: a tail cut inside one long document (a contract) rewards fitting that document, not the domain.
+weighted so that each kind of document (domain, general) counts as its share (``domain_weight`` and the rest)
+whatever their sizes. About the last :data:`HELD_OUT` of each kind is held out for early stopping, as **whole
+documents** where the kind has more than one: a tail cut inside one long document (a contract) rewards fitting that
+document, not the domain.
+
+Weighting the kinds alike is one trade-off between them; :func:`fit_within_general_budget` makes the trade-off the
+user's: of routers trained at several domain weights it keeps the one with the lowest held-out domain perplexity
+whose held-out general perplexity stays within a tolerance of the base's.
 """
 
 from __future__ import annotations
@@ -19,9 +24,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_memdec.inference.router import Router
 from lightning_memdec.kernels.scoring import mix_log_probs
 
-__all__ = ["HELD_OUT", "RouterData", "RouterModule", "train_router", "mixed_nll"]
+__all__ = [
+    "DOMAIN_WEIGHTS",
+    "HELD_OUT",
+    "RouterData",
+    "RouterModule",
+    "check_general_tolerance",
+    "fit_within_general_budget",
+    "held_out_ppls",
+    "mixed_nll",
+    "train_router",
+]
 
 HELD_OUT = 0.1
+#: the domain's share of the loss tried by :func:`fit_within_general_budget`, from the kinds alike towards domain only
+DOMAIN_WEIGHTS = (0.5, 0.7, 0.85, 0.95)
 BATCH = 512
 MAX_EPOCHS = 40
 PATIENCE = 3
@@ -92,9 +109,10 @@ class RouterModule(L.LightningModule):
         return torch.optim.AdamW(self.router.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def _dataset(parts: list[RouterData]) -> TensorDataset:
-    """Rows of every kind, each kind weighted 1 / its positions (the kinds count alike)."""
-    weights = [np.full(len(p.base), 1.0 / max(1, len(p.base)), dtype=np.float32) for p in parts]
+def _dataset(parts: list[RouterData], shares: list[float]) -> TensorDataset:
+    """Rows of every kind, each kind's rows weighted its share / its positions (a kind weighs its share whatever its
+    size)."""
+    weights = [np.full(len(p.base), share / max(1, len(p.base)), dtype=np.float32) for p, share in zip(parts, shares)]
     as_tensor = lambda arrays, dtype: torch.as_tensor(np.concatenate(arrays), dtype=dtype)  # noqa: E731
     return TensorDataset(
         as_tensor([p.features for p in parts], torch.float32),
@@ -104,8 +122,14 @@ def _dataset(parts: list[RouterData]) -> TensorDataset:
     )
 
 
-def train_router(kinds: list[RouterData], width: int, threshold: float, seed: int = 0) -> tuple[Router, dict]:
-    """A router fitted on the first ~90 % of each kind, stopped early on the rest; and what training saw."""
+def train_router(
+    kinds: list[RouterData], width: int, threshold: float, domain_weight: float = 0.5, seed: int = 0
+) -> tuple[Router, dict]:
+    """A router fitted on the first ~90 % of each kind, stopped early on the rest; and what training saw.
+    ``kinds`` is [domain, general]; ``domain_weight`` is the domain's share of the loss (0.5: the kinds alike)."""
+    if len(kinds) != 2 or not 0 < domain_weight < 1:
+        raise ValueError(f"train_router takes [domain, general] and a domain_weight in (0, 1), got {domain_weight}.")
+    shares = [domain_weight, 1 - domain_weight]
     L.seed_everything(seed, verbose=False)
     fit, held = zip(*(kind.split() for kind in kinds))
     router = Router(kinds[0].features.shape[1] - 2, width, threshold)
@@ -116,13 +140,62 @@ def train_router(kinds: list[RouterData], width: int, threshold: float, seed: in
         max_epochs=MAX_EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[stop], deterministic=True,
     )  # fmt: skip
-    train = DataLoader(_dataset(list(fit)), batch_size=BATCH, shuffle=True)
-    valid = DataLoader(_dataset(list(held)), batch_size=BATCH)
+    train = DataLoader(_dataset(list(fit), shares), batch_size=BATCH, shuffle=True)
+    valid = DataLoader(_dataset(list(held), shares), batch_size=BATCH)
     trainer.fit(module, train, valid)
     info = {
+        "domain_weight": domain_weight,
         "epochs": trainer.current_epoch,
         "held_out_fraction": HELD_OUT,
         "held_out_positions": [len(h.base) for h in held],
         "held_out_documents": [kind.held_out_documents() for kind in kinds],
     }
     return router.eval(), info
+
+
+def check_general_tolerance(tolerance: float) -> float:
+    """A rise of general perplexity, as a fraction: a number ≥ 0."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"--general_tolerance must be a fraction ≥ 0 (0.03: general perplexity at most 3 % above "
+                         f"the base's on held-out general text), got {tolerance!r}.")  # fmt: skip
+    return float(tolerance)
+
+
+@torch.no_grad()
+def held_out_ppls(router: Router, kind: RouterData) -> dict[str, float]:
+    """Perplexity of the base alone and of the routed mixture (threshold applied) on ``kind``'s held-out positions."""
+    held = kind.split()[1]
+    base, memdec = torch.as_tensor(held.base, dtype=torch.float64), torch.as_tensor(held.memdec, dtype=torch.float64)
+    lmbda = router.routed(torch.as_tensor(held.features)).double()
+    return {"base_ppl": float((-base).mean().exp()), "router_ppl": float(mixed_nll(base, memdec, lmbda).mean().exp())}
+
+
+def fit_within_general_budget(
+    kinds: list[RouterData], width: int, threshold: float, tolerance: float, weights: tuple = DOMAIN_WEIGHTS
+) -> tuple[Router, dict]:
+    """Of routers trained at each domain weight, the one with the lowest held-out domain perplexity among those whose
+    held-out general perplexity is at most ``(1 + tolerance)`` × the base's; where none is, the one with the lowest
+    general perplexity (and ``within_tolerance`` False). Each candidate's held-out figures are in the info."""
+    check_general_tolerance(tolerance)
+    candidates = []
+    for weight in weights:
+        router, info = train_router(kinds, width, threshold, weight)
+        domain, general = held_out_ppls(router, kinds[0]), held_out_ppls(router, kinds[1])
+        rise = general["router_ppl"] / general["base_ppl"] - 1
+        candidates.append((router, info, domain["router_ppl"], rise))
+    within = [c for c in candidates if c[3] <= tolerance]
+    router, info, _, _ = min(within, key=lambda c: c[2]) if within else min(candidates, key=lambda c: c[3])
+    info = info | {
+        "general_tolerance": tolerance,
+        "within_tolerance": bool(within),
+        "candidates": [
+            {
+                "domain_weight": c[1]["domain_weight"],
+                "epochs": c[1]["epochs"],
+                "held_out_domain_ppl": c[2],
+                "held_out_general_rise": c[3],
+            }
+            for c in candidates
+        ],  # fmt: skip
+    }
+    return router, info
