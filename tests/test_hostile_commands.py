@@ -295,12 +295,13 @@ def test_fit_router_refuses_a_window_under_two_before_loading_a_model(tmp_path, 
 
 
 def test_fit_router_names_the_threshold_it_refuses(tmp_path, monkeypatch, capsys, tiny_gpt2):
-    """--threshold 1.5 was refused as "lmbda must be in [0, 1]", a setting fit-router does not have."""
+    """--routing.threshold 1.5 was refused as "lmbda must be in [0, 1]", a setting fit-router does not have."""
     import lightning_memdec.apps.fit_router as fr
 
     no_model_loaded(monkeypatch, fr)
     args = ["fit-router", "--base", str(tiny_gpt2), "--memdec", str(tiny_gpt2), "--domain", "embedded:biomed/valid",
-            "--general", "embedded:general/valid", "--out", str(tmp_path / "r"), "--threshold", "1.5"]  # fmt: skip
+            "--general", "embedded:general/valid", "--out", str(tmp_path / "r")]  # fmt: skip
+    args += ["--routing.threshold", "1.5"]
     message = refused(args, capsys)
     assert "threshold" in message and "lmbda" not in message and "1.5" in message
     assert not (tmp_path / "r").exists()

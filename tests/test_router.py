@@ -321,7 +321,7 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path,
     out = tmp_path / "router"
     args = ["fit-router", "--base", str(pair["base"]), "--memdec", str(pair["memdec"]), "--domain",
             "embedded:biomed/valid", "--general", "embedded:general/valid", "--out", str(out), "--window", "32",
-            "--max_tokens", "300", "--threshold", "0.2", "--device", "cpu"]  # fmt: skip
+            "--max_tokens", "300", "--routing.threshold", "0.2", "--device", "cpu"]  # fmt: skip
     main(args)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["kind"] == "router" and meta["threshold"] == 0.2 and meta["base"]["name"] == str(pair["base"])
@@ -335,8 +335,11 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path,
     assert not (tmp_path / "router.lock").exists() and not (tmp_path / "router.partial").exists()
     for bad, message in (
         (args, "already exists"),
-        (args[:-6] + ["--threshold", "1.5", "--overwrite", "true"], "threshold (the router's λ under which"),
-        (args[:-6] + ["--general_tolerance", "-1", "--overwrite", "true"], "--general_tolerance must be a fraction"),
+        (args[:-6] + ["--routing.threshold", "1.5", "--overwrite", "true"], "--routing.threshold: the router's λ"),
+        (
+            args[:-6] + ["--routing.general_tolerance", "-1", "--overwrite", "true"],
+            "--routing.general_tolerance must be a fraction",
+        ),
     ):
         with pytest.raises(SystemExit) as exit_:  # the CLI prints a user's mistake, without a traceback
             main(bad)

@@ -14,7 +14,7 @@ import torch
 
 from lightning_memdec.apps.router_training import (
     RouterData,
-    check_general_tolerance,
+    Routing,
     fit_within_general_budget,
     held_out_ppls,
     mixed_nll,
@@ -24,7 +24,7 @@ from lightning_memdec.evaluation.overlap import split_document_offsets
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.hf.loading import check_fits_context, find_tokenizer, load_causal_lm, model_config, torch_device
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
-from lightning_memdec.inference.router import Router, check_threshold, router_scorer
+from lightning_memdec.inference.router import Router, router_scorer
 from lightning_memdec.inference.router_artifact import router_meta, save_router_weights
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, publish, start_work_dir
@@ -47,8 +47,7 @@ def fit_router(
     domain: str,
     general: str,
     out: Path,
-    threshold: float = 0.05,
-    general_tolerance: float | None = 0.03,
+    routing: Routing = Routing(),
     window: int = 1024,
     max_tokens: int | None = None,
     device: str = "auto",
@@ -62,19 +61,13 @@ def fit_router(
         domain: held-out domain text (a corpus directory, text file or embedded:<domain>/valid); not test text.
         general: held-out general text, same forms (e.g. embedded:general/valid).
         out: output directory.
-        threshold: λ under this is set to 0 and the decoder skipped (generation saves its forward pass there).
-        general_tolerance: how much general perplexity may rise over the base's, as a fraction, on the held-out
-            general documents: routers are trained at domain weights 0.5–0.95 and the one with the lowest held-out
-            domain perplexity within this is kept. 0.03 leaves room under a 5 % goal for the held-out estimate's
-            noise. None: one router, domain and general weighted alike.
+        routing: the skip threshold and how much general perplexity may rise (the router kept).
         window: tokens of context per window (scored with stride window / 2, as ``memdec evaluate``).
         max_tokens: use only the first this many tokens of each text.
         device: cpu, cuda, cuda:1, … or auto.
         overwrite: replace an existing ``out``.
     """
-    threshold = check_threshold(threshold)
-    if general_tolerance is not None:  # refused before the models load
-        check_general_tolerance(general_tolerance)
+    threshold, general_tolerance = routing.threshold, routing.general_tolerance
     if window < 2:  # one context token and one scored: refused before the models load, not after
         raise ValueError(f"--window must be 2 or more tokens, got {window}.")
     check_writable_dir(out, "--out")

@@ -15,13 +15,14 @@ whose held-out general perplexity stays within a tolerance of the base's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_memdec.inference.router import Router
+from lightning_memdec.inference.router import Router, check_threshold
 from lightning_memdec.kernels.scoring import mix_log_probs
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "HELD_OUT",
     "RouterData",
     "RouterModule",
+    "Routing",
     "check_general_tolerance",
     "fit_within_general_budget",
     "held_out_ppls",
@@ -42,6 +44,25 @@ DOMAIN_WEIGHTS = (0.5, 0.7, 0.85, 0.95)
 BATCH = 512
 MAX_EPOCHS = 40
 PATIENCE = 3
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a router is fitted to do: where it skips the decoder, and how much general text may lose to the domain."""
+
+    threshold: float = 0.05
+    """λ under this is set to 0 and the decoder skipped (generation saves its forward pass there)"""
+    general_tolerance: float | None = 0.03
+    """how much general perplexity may rise over the base's, as a fraction, on the held-out general documents:
+    routers are trained at domain weights 0.5–0.95 and the one with the lowest held-out domain perplexity within
+    this is kept (0.03 leaves room under a 5 % goal for the held-out estimate's noise); null: one router, domain and
+    general weighted alike"""
+    flag: ClassVar[str] = "--routing"
+
+    def __post_init__(self):  # refused as the flags are parsed, before a model loads
+        check_threshold(self.threshold)
+        if self.general_tolerance is not None:
+            check_general_tolerance(self.general_tolerance)
 
 
 @dataclass
@@ -156,8 +177,10 @@ def train_router(
 def check_general_tolerance(tolerance: float) -> float:
     """A rise of general perplexity, as a fraction: a number ≥ 0."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise ValueError(f"--general_tolerance must be a fraction ≥ 0 (0.03: general perplexity at most 3 % above "
-                         f"the base's on held-out general text), got {tolerance!r}.")  # fmt: skip
+        raise ValueError(
+            f"--routing.general_tolerance must be a fraction ≥ 0 (0.03: general perplexity at most 3 % above the "
+            f"base's on held-out general text), got {tolerance!r}."
+        )
     return float(tolerance)
 
 

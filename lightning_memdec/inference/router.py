@@ -31,8 +31,8 @@ def check_threshold(threshold: float) -> float:
         return check_lmbda(threshold)
     except ValueError:
         raise ValueError(
-            f"threshold (the router's λ under which the decoder is skipped) must be a number in [0, 1], got "
-            f"{threshold!r}; 0 never skips."
+            f"the threshold (--routing.threshold: the router's λ under which the decoder is skipped) must be a "
+            f"number in [0, 1], got {threshold!r}; 0 never skips."
         ) from None
 
 
