@@ -151,3 +151,16 @@ def test_scoring_benchmark_runs_tiny(tmp_path, tiny_gpt2):
     assert int(lines["positions"]) == 1999 and float(lines["max_abs_log_prob_difference"]) < 1e-6
     assert float(lines["two_pass_seconds"]) > 0 and float(lines["one_pass_seconds"]) > 0
     assert math.isfinite(float(lines["scoring_speedup"])) and list(lines)[-1] == "scoring_speedup"
+
+
+def test_router_features_benchmark_runs_tiny(tmp_path, tiny_gpt2):
+    """benchmarks/router_features.py on a tiny model and 2,000 tokens: both ways agree (the script checks gold
+    log-probs and features), every figure present, the headline last."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "router_features.py"), "--model", str(tiny_gpt2),
+           "--tokens", "2000", "--window", "64", "--stride", "48"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert int(lines["positions"]) == 1999 and float(lines["max_abs_feature_difference"]) < 1e-3
+    assert float(lines["full_width_seconds"]) > 0 and float(lines["one_pass_seconds"]) > 0
+    assert math.isfinite(float(lines["router_scoring_speedup"])) and list(lines)[-1] == "router_scoring_speedup"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -24,12 +26,13 @@ def test_scoring_projects_only_scored_columns_and_matches_full_logits(tiny_gpt2)
     seen = {}
     forward = model.forward
 
+    @functools.wraps(forward)  # keeps forward's signature, which says that it takes logits_to_keep
     def spy(*args, **kwargs):
         seen["keep"] = kwargs.get("logits_to_keep")
         return forward(*args, **kwargs)
 
-    score = lm_scorer(model, 50257)
     model.forward = spy
+    score = lm_scorer(model, 50257)
     got = score(ids, labels)["lm"]
     assert first_scored_column(labels) == 10 and seen["keep"].tolist() == list(range(10, 24))
     with torch.no_grad():

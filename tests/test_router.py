@@ -19,7 +19,7 @@ from lightning_memdec.apps.router_training import (
 )
 from lightning_memdec.evaluation.settings import EvaluateMixing, Scoring
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
-from lightning_memdec.inference.router import Router
+from lightning_memdec.inference.router import Router, router_scorer
 from lightning_memdec.inference.router_artifact import load_router, router_meta, save_router_weights
 from lightning_memdec.io.artifact_dirs import ArtifactError, publish, start_work_dir
 from lightning_memdec.io.embedded import load_tokenizer
@@ -83,6 +83,31 @@ def test_interpolated_lm_with_router_equals_direct_mixture(pair):
         b = lm.base(ids, output_hidden_states=True)
         expected = direct_mixture(b.logits, lm.memdec(ids).logits, direct_lambda(router, b.hidden_states[-1], b.logits))
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_router_scorer_equals_direct_computation_on_the_scored_columns(pair):
+    """Head from the first scored column on, one-pass entropy and max log-prob: the gold log-probs, features and λ
+    of a full float64 log-softmax over every column (unscored columns hold zeros)."""
+    router = spread_router(threshold=0.45)
+    base = InterpolatedLM(str(pair["base"]), str(pair["memdec"]), 0.3).base
+    ids = torch.randint(0, 50257, (3, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, 50257, (3, 16), generator=torch.Generator().manual_seed(4))
+    labels[:, :5] = -100  # a window's context prefix
+    labels[1, 5] = -100  # one more unscored position in a scored column
+    with torch.no_grad():
+        got = router_scorer(base, router, 50257, features=True)(ids, labels)
+        out = base(ids, output_hidden_states=True)
+        log_p = torch.log_softmax(out.logits.double(), -1)
+        gold = log_p.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(labels == -100, 0.0)
+        entropy = -(log_p.exp() * log_p).sum(-1, keepdim=True)
+        feats = torch.cat([out.hidden_states[-1].double(), entropy, log_p.max(-1, keepdim=True).values], -1)
+        lam = direct_lambda(router, out.hidden_states[-1], out.logits)
+    torch.testing.assert_close(got["base"][:, 5:].double(), gold[:, 5:], atol=2e-5, rtol=0)
+    torch.testing.assert_close(got["features"][:, 5:].double(), feats[:, 5:], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got["router_lambda"][:, 5:].double(), lam[:, 5:], atol=1e-5, rtol=0)
+    assert (got["router_lambda"][:, 5:] == 0).any() and (got["router_lambda"][:, 5:] > 0).any()
+    for name in ("base", "features", "router_lambda"):
+        assert not got[name][:, :5].any(), name
 
 
 def reference_greedy(lm, router, prompt: torch.Tensor, steps: int):

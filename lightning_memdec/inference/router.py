@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_memdec.kernels.scoring import check_lmbda, gold_log_probs, vocab_log_probs
+from lightning_memdec.inference.sliding_window import ScoreFn, scored_forward
+from lightning_memdec.kernels.scoring import check_lmbda, gold_log_probs, log_softmax_summary, vocab_log_probs
 
-__all__ = ["FEATURES", "Router", "base_features", "check_threshold", "router_scorer"]
+__all__ = ["FEATURES", "Router", "base_features", "check_threshold", "router_scorer", "stacked_features"]
 
 #: What the router reads, in order; recorded in its meta.json.
 FEATURES = ("base_last_hidden_state", "base_entropy", "base_max_log_prob")
@@ -36,11 +37,17 @@ def check_threshold(threshold: float) -> float:
         ) from None
 
 
-def base_features(hidden: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
-    """``[..., d + 2]`` float32: the base's last hidden state ``[..., d]``, then its entropy and max log-prob."""
-    entropy = torch.special.entr(log_probs.exp()).sum(-1, keepdim=True)
-    top = log_probs.max(-1, keepdim=True).values
-    return torch.cat([hidden.float(), entropy.float(), top.float()], dim=-1)
+def base_features(hidden: torch.Tensor, logits: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+    """``[..., d + 2]`` float32: the base's last hidden state ``[..., d]``, then the entropy and the largest
+    log-prob of its next-token distribution, the softmax of ``logits`` ``[..., R]`` (or log-probs) over the first
+    ``vocab`` ids (default: all)."""
+    _, entropy, top = log_softmax_summary(logits, vocab or logits.shape[-1])
+    return stacked_features(hidden, entropy, top)
+
+
+def stacked_features(hidden: torch.Tensor, entropy: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The feature rows in :data:`FEATURES` order: hidden ``[..., d]``, entropy and max log-prob ``[...]``."""
+    return torch.cat([hidden.float(), entropy[..., None].float(), top[..., None].float()], dim=-1)
 
 
 class Router(nn.Module):
@@ -85,17 +92,24 @@ def base_forward(base, input_ids: torch.Tensor, vocab: int, **kwargs):
     return vocab_log_probs(out.logits, vocab), out.hidden_states[-1], out
 
 
-def router_scorer(base, router: Router, vocab: int, features: bool = False):
+def router_scorer(base, router: Router | None, vocab: int, features: bool = False) -> ScoreFn:
     """A sliding-window ScoreFn: the base's gold log-probs ("base") and the router's λ ("router_lambda"), from one
-    forward of the base; with ``features``, also the features the router reads ("features", ``[B, W, d + 2]``)."""
+    forward of the base; with ``features``, also the features the router reads ("features", ``[B, W, d + 2]``).
+
+    The head runs from the first scored column on (:func:`scored_forward`) and the log-softmax is summarised in one
+    pass (:func:`log_softmax_summary`): no ``[B, W, V]`` log-prob tensor. Unscored columns hold zeros.
+    """
 
     def score(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        log_probs, hidden, out = base_forward(base, input_ids.to(base.device), vocab, use_cache=False)
-        result = {"base": gold_log_probs(out.logits, labels, vocab)}
+        first, out = scored_forward(base, input_ids, labels, output_hidden_states=True)
+        lse, entropy, top = log_softmax_summary(out.logits, vocab)  # [B, W - first] each
+        feats = stacked_features(out.hidden_states[-1][:, first:], entropy, top)  # [B, W - first, d + 2]
+        padded = lambda x: torch.cat([x.new_zeros((x.shape[0], first, *x.shape[2:])), x], dim=1)  # noqa: E731
+        result = {"base": padded(gold_log_probs(out.logits, labels[:, first:], vocab, lse))}
         if router is not None:
-            result["router_lambda"] = router.route(hidden, log_probs)
+            result["router_lambda"] = padded(router.routed(feats.to(router.feature_mean.device)).to(feats.device))
         if features:
-            result["features"] = base_features(hidden, log_probs)
+            result["features"] = padded(feats)
         return result
 
     return score

@@ -60,24 +60,30 @@ def sliding_gold_log_probs(
 
 
 def lm_scorer(model, vocab: int, name: str = "lm") -> ScoreFn:
-    """Gold log-probs of one causal LM over the first ``vocab`` ids (a padded head is renormalised over them).
-
-    The LM head (for the small vocabulary-heavy models here, most of a forward's cost) runs only from the first
-    scored column of the batch on (``logits_to_keep``), where the model's forward takes it: a sliding window's
-    context prefix (a quarter of the quickstart's windows) is never projected onto the vocabulary.
-    """
-    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    """Gold log-probs of one causal LM over the first ``vocab`` ids (a padded head is renormalised over them)."""
 
     def score(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        first = first_scored_column(labels) if keeps_logits else 0
-        first = first if first < labels.shape[1] else 0  # nothing scored: keep the plain forward
-        kwargs = {"logits_to_keep": torch.arange(first, labels.shape[1])} if first else {}
-        logits = model(input_ids=input_ids.to(model.device), use_cache=False, **kwargs).logits  # [B, W - first, R]
-        lp = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)  # [B, W]; unscored columns 0
-        lp[:, first:] = gold_log_probs(logits, labels[:, first:], vocab)
+        first, out = scored_forward(model, input_ids, labels)  # logits [B, W - first, R]
+        lp = torch.zeros(labels.shape, dtype=torch.float32, device=out.logits.device)  # [B, W]; unscored columns 0
+        lp[:, first:] = gold_log_probs(out.logits, labels[:, first:], vocab)
         return {name: lp}
 
     return score
+
+
+def scored_forward(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs):
+    """``(first, output)``: one forward of ``model`` whose logits cover the columns ``first:`` of the batch, from its
+    first scored one (``labels`` ≠ −100) on.
+
+    The LM head (for the small vocabulary-heavy models here, most of a forward's cost) runs only there, where the
+    model's forward takes ``logits_to_keep``: a sliding window's context prefix (a quarter of the quickstart's
+    windows) is never projected onto the vocabulary. Other outputs (hidden states) keep all ``W`` columns.
+    """
+    first = first_scored_column(labels) if "logits_to_keep" in inspect.signature(model.forward).parameters else 0
+    first = first if first < labels.shape[1] else 0  # nothing scored: keep the plain forward
+    if first:
+        kwargs["logits_to_keep"] = torch.arange(first, labels.shape[1])
+    return first, model(input_ids=input_ids.to(model.device), use_cache=False, return_dict=True, **kwargs)
 
 
 def first_scored_column(labels: torch.Tensor) -> int:

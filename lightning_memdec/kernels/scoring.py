@@ -26,6 +26,7 @@ __all__ = [
     "vocab_logits",
     "vocab_log_probs",
     "gold_log_probs",
+    "log_softmax_summary",
     "mix_log_probs",
     "perplexity",
     "mixed_perplexity",
@@ -90,16 +91,51 @@ def vocab_log_probs(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.log_softmax(vocab_logits(logits, vocab), dim=-1)
 
 
-def gold_log_probs(logits: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+def gold_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, vocab: int, logsumexp: torch.Tensor | None = None
+) -> torch.Tensor:
     """log p(label) ``[...]`` float32 from logits ``[..., R]``, normalised over the first ``vocab`` ids only.
 
     The head is sliced as :func:`vocab_logits` does; the gold entry minus logsumexp avoids a ``[..., vocab]``
-    log-prob tensor. Labels of −100 (not scored) give 0.
+    log-prob tensor (``logsumexp`` ``[...]`` passes one a caller already has). Labels of −100 (not scored) give 0.
     """
     logits = vocab_logits(logits, vocab)
     labels = labels.to(logits.device)
-    lp = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    if logsumexp is None:
+        logsumexp = torch.logsumexp(logits, dim=-1)
+    lp = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0] - logsumexp
     return lp.masked_fill(labels == -100, 0.0)
+
+
+#: Rows of ``[rows, V]`` fp32 temporaries per chunk in :func:`log_softmax_summary` (two of 32 MiB at V = 50,257).
+SUMMARY_CHUNK_ELEMENTS = 1 << 23
+
+
+def log_softmax_summary(logits: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logsumexp z, entropy of softmax z, max log-prob)``, each ``[...]`` float32, of logits ``[..., R]`` over
+    the first ``vocab`` ids, with one exp pass and no ``[..., vocab]`` log-prob tensor.
+
+    With ``d = z − max z``, ``e = exp d`` and ``s = Σ e``: logsumexp = max z + log s, the entropy
+    −Σ p log p = log s − Σ e·d / s, and the largest log-prob is −log s. Rows are processed in chunks, so the
+    temporaries stay small whatever the batch. Log-probs are valid logits too (their logsumexp is 0).
+    """
+    lead = logits.shape[:-1]
+    rows = logits.reshape(-1, logits.shape[-1])  # [N, R], a view where the layout allows
+    lse, entropy, top = (torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device) for _ in range(3))
+    step = max(1, SUMMARY_CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, rows.shape[0], step):
+        z = rows[start : start + step, :vocab].float()  # [r, vocab]
+        m = z.amax(-1)
+        m = torch.where(torch.isfinite(m), m, 0.0)  # an all −inf row: no NaN from −inf − (−inf)
+        d = z - m[:, None]  # [r, vocab], ≤ 0
+        e = d.exp()
+        s = e.sum(-1)
+        e_dot_d = d.nan_to_num_(neginf=0.0).mul_(e).sum(-1)  # Σ e·d in d's memory; e = 0 where d = −inf
+        log_s = s.log()
+        lse[start : start + step] = m + log_s
+        entropy[start : start + step] = log_s - e_dot_d / s
+        top[start : start + step] = -log_s
+    return lse.view(lead), entropy.view(lead), top.view(lead)
 
 
 # -- the mixture -------------------------------------------------------------------------------------------------------
