@@ -164,3 +164,16 @@ def test_router_features_benchmark_runs_tiny(tmp_path, tiny_gpt2):
     assert int(lines["positions"]) == 1999 and float(lines["max_abs_feature_difference"]) < 1e-3
     assert float(lines["full_width_seconds"]) > 0 and float(lines["one_pass_seconds"]) > 0
     assert math.isfinite(float(lines["router_scoring_speedup"])) and list(lines)[-1] == "router_scoring_speedup"
+
+
+def test_cpu_allocator_benchmark_runs_tiny(tmp_path):
+    """benchmarks/cpu_allocator.py with one child per setting and one timed step: both settings train to the same
+    losses (the script checks), every figure present, the headline last."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "cpu_allocator.py"), "--rounds", "1", "--steps", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    for name in ("score_seconds_thp_off", "train_seconds_thp_off", "score_seconds_thp_on", "train_seconds_thp_on"):
+        assert float(lines[name]) > 0, name
+    assert float(lines["peak_rss_mb_thp_off"]) > 100 and float(lines["peak_rss_mb_thp_on"]) > 100
+    assert list(lines)[-2:] == ["score_speedup", "train_step_speedup"]

@@ -24,6 +24,18 @@ def test_unknown_attribute_is_an_attribute_error():
         lightning_memdec.nope  # noqa: B018
 
 
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_importing_the_package_asks_torch_for_huge_pages_unless_the_user_said(preset):
+    """THP_MEM_ALLOC_ENABLE defaults to 1 (torch reads it at its first allocation, after this import); a value in the
+    environment is kept."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env |= {"THP_MEM_ALLOC_ENABLE": preset} if preset is not None else {}
+    code = "import os, lightning_memdec; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == (preset or "1")
+
 def test_importing_the_package_loads_no_torch():
     """`import lightning_memdec` (and so `memdec --help`) stays cheap: the API loads on first use."""
     code = "import sys, lightning_memdec; print('torch' in sys.modules)"
