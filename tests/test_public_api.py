@@ -36,6 +36,7 @@ def test_importing_the_package_asks_torch_for_huge_pages_unless_the_user_said(pr
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == (preset or "1")
 
+
 def test_importing_the_package_loads_no_torch():
     """`import lightning_memdec` (and so `memdec --help`) stays cheap: the API loads on first use."""
     code = "import sys, lightning_memdec; print('torch' in sys.modules)"
