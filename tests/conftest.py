@@ -12,6 +12,12 @@ from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, Windows
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # The xdist workers share the machine's cores: each gets its share of threads, and so do the processes its tests
+    # start (DDP ranks, the notebook's kernel), instead of every worker's OpenMP pool spinning on all of them.
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
