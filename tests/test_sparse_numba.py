@@ -173,7 +173,7 @@ def test_large_token_ids_fall_back_to_the_sort_based_path(offset, monkeypatch):
         DenseRows(DENSE_MAX_TOKEN + 1, 10)
 
 
-def test_lowest_bit_by_de_bruijn_equals_the_bit_position():
+def test_lowest_set_bit_equals_the_bit_position():
     from lightning_memdec.kernels.sparse_targets_numba import lowest_set_bit
 
     rng = np.random.default_rng(0)

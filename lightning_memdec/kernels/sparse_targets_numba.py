@@ -16,8 +16,10 @@ threads run them in parallel. No recursion (numba's on-disk cache crashed on a r
 
 from __future__ import annotations
 
+import llvmlite.ir as ir
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 __all__ = ["DENSE_MAX_TOKEN", "DenseRows", "lowest_set_bit", "segment_sum"]
 
@@ -26,11 +28,6 @@ DENSE_MAX_TOKEN = (1 << 22) - 1
 _P_INV = 0x7FFFFFFF  # inverted prob bits: larger prob -> smaller key
 _PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: pairwise sums split above it
 _SHORT_ROW = 32  # rows of at most this many tokens are sorted by insertion, not radix passes
-# The index of a uint64's lowest set bit by de Bruijn multiplication (public numba only, no intrinsic): the lowest bit
-# isolated, times the sequence, has a distinct top 6 bits for each of the 64 positions.
-_DE_BRUIJN = 0x03F79D71B4CB0A89
-_LOW_BIT_INDEX = np.zeros(64, dtype=np.int64)
-_LOW_BIT_INDEX[[((_DE_BRUIJN << i) & (2**64 - 1)) >> 58 for i in range(64)]] = np.arange(64)
 
 
 class DenseRows:
@@ -101,11 +98,24 @@ def _scatter(w, tok, sums, level1, level2):
         level2[t >> 12] |= one << np.uint64((t >> 6) & 63)
 
 
+@intrinsic
+def _count_trailing_zeros(typingctx, x):
+    """LLVM's ``cttz`` on a uint64: one ``tzcnt``/``bsf`` instruction (numba has no public function for it)."""
+    if x != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        cttz = builder.module.declare_intrinsic("llvm.cttz", [i64], ir.FunctionType(i64, [i64, ir.IntType(1)]))
+        return builder.call(cttz, [args[0], ir.Constant(ir.IntType(1), 0)])  # 0: defined (64) for x = 0
+
+    return types.uint64(types.uint64), codegen
+
+
 @njit(nogil=True, cache=True)
 def lowest_set_bit(x):
     """The position of the lowest set bit of a non-zero uint64 ``x``."""
-    low = x & (~x + np.uint64(1))  # the lowest set bit alone (two's complement negation, mod 2**64)
-    return _LOW_BIT_INDEX[(low * np.uint64(_DE_BRUIJN)) >> np.uint64(58)]
+    return np.int64(_count_trailing_zeros(x))
 
 
 @njit(nogil=True, cache=True)
