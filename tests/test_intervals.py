@@ -74,3 +74,39 @@ def test_a_document_with_zero_probability_makes_its_resamples_infinite(small):
     drawn = same_draws(len(offsets) - 1)
     np.testing.assert_array_equal(np.isinf(ppl), (drawn == 1).any(axis=1))
     assert interval(np.array([1.0, 2.0, 3.0]), 0.5) == [1.5, 2.5]
+
+
+def test_a_bound_next_to_an_infinite_resample_is_its_outer_order_statistic():
+    # Linear quantiles: position q·(n − 1) between sorted values; next to ∞ that is undefined (inf − inf).
+    values = np.array([3.0, np.inf, 1.0, 2.0, np.inf])  # sorted: 1, 2, 3, inf, inf
+    low, high = interval(values, 0.5)  # positions 1.0 and 3.0 of 0 … 4: exact order statistics
+    assert (low, high) == (2.0, np.inf)
+    low, high = interval(values, 0.6)  # positions 0.8 (between 1 and 2) and 3.2 (between inf and inf)
+    assert low == pytest.approx(1.8) and high == np.inf
+    low, high = interval(np.array([1.0, 2.0, np.inf, np.inf]), 0.5)  # positions 0.75 and 2.25: 1.75 and inf
+    assert low == pytest.approx(1.75) and high == np.inf
+    low, high = interval(np.array([1.0, np.inf, np.inf]), 0.0)  # position 1.0 both: inf (no interpolation)
+    assert (low, high) == (np.inf, np.inf)
+    low, high = interval(np.array([1.0, 5.0, np.inf]), 0.2)  # positions 0.8 and 1.2: 4.2, then 5..inf -> inf
+    assert low == pytest.approx(4.2) and high == np.inf
+    low, high = interval(np.array([np.inf, np.inf, np.inf]))  # every resample infinite: [inf, inf], not NaN
+    assert (low, high) == (np.inf, np.inf)
+    assert all(np.isnan(interval(np.array([1.0, np.nan, 2.0]))))  # NaN values (inf − inf differences) stay NaN
+
+
+def test_the_intervals_table_shows_infinite_bounds_and_says_why():
+    from lightning_memdec.evaluation.report import interval_table
+
+    offsets = np.array([0, 5, 9, 20, 26, 33, 40])
+    base = -np.random.default_rng(0).gamma(2.0, 1.5, size=39)
+    knn = base.copy()
+    knn[[3, 12]] = -np.inf  # p_kNN(gold) = 0 in documents 0 and 2
+    figures = row_intervals({"base_ppl": base, "knn_alone_ppl": knn}, offsets)
+    bounds = figures["intervals"]["knn_alone_ppl"]
+    assert bounds[1] == np.inf and not np.isnan(bounds[0])
+    row = {"base": "b", "base_ppl": float(np.exp(-base.mean())), "knn_alone_ppl": np.inf, "all_positions": figures}
+    text = "\n".join(interval_table({"rows": [row]}))
+    assert "| b | kNN alone | ∞ [" in text and "nan" not in text
+    assert "∞: p(gold) = 0 at some positions" in text
+    finite = {"base": "b", "base_ppl": row["base_ppl"], "all_positions": row_intervals({"base_ppl": base}, offsets)}
+    assert "∞" not in "\n".join(interval_table({"rows": [finite]}))

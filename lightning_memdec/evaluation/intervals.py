@@ -84,8 +84,19 @@ def _perplexities(counts: np.ndarray, nll: np.ndarray, positions: np.ndarray) ->
 
 
 def interval(values: np.ndarray, level: float = LEVEL) -> list[float]:
-    """The central ``level`` quantile range of bootstrap values (numpy's default, linear quantiles); NaN where an
-    infinite perplexity (p(gold) = 0 in a drawn document) leaves a bound undefined (report.json writes null)."""
+    """The central ``level`` quantile range of bootstrap values (numpy's default, linear quantiles).
+
+    Where a drawn document has p(gold) = 0 some values are infinite, and a linear quantile between a finite and an
+    infinite value is undefined (inf − inf); there that bound is the order statistic on its outer side (lower bound:
+    the lower one, upper bound: the higher), so the interval is ``[finite, ∞]`` or ``[∞, ∞]`` rather than NaN. NaN
+    remains only where the values hold NaN (the difference of two infinite perplexities). report.json writes both as
+    null.
+    """
     tail = (1.0 - level) / 2.0
     with np.errstate(invalid="ignore"):
-        return [float(q) for q in np.quantile(values, [tail, 1.0 - tail])]
+        low, high = (float(q) for q in np.quantile(values, [tail, 1.0 - tail]))
+        if np.isnan(low):  # an infinite neighbour (or NaN values, which stay NaN)
+            low = float(np.quantile(values, tail, method="lower"))
+        if np.isnan(high):
+            high = float(np.quantile(values, 1.0 - tail, method="higher"))
+    return [low, high]

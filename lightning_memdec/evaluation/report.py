@@ -134,6 +134,7 @@ def interval_table(report: dict[str, Any]) -> list[str]:
     head = "| model | figure | all positions | outside repeated spans |"
     lines = ["## Intervals (95 % bootstrap over documents)", "", head, "|---|---|---|---|"]
     diffs = ["", "| model | difference | all positions | outside repeated spans |", "|---|---|---|---|"]
+    infinite = False
     for r in report["rows"]:
         every, outside = r.get("all_positions", {}), r.get("outside_overlap", {})
         for key, label in FIGURES.items():
@@ -141,10 +142,14 @@ def interval_table(report: dict[str, Any]) -> list[str]:
                 continue
             out_cell = _with_interval(outside.get("ppl", {}).get(key), outside.get("intervals", {}).get(key))
             lines.append(f"| {r['base']} | {label} | {_with_interval(r[key], every['intervals'][key])} | {out_cell} |")
+            infinite = infinite or math.isinf(r[key]) or math.inf in every["intervals"][key]
         for name, d in every.get("differences", {}).items():
             o = outside.get("differences", {}).get(name)
             o_cell = _with_interval(o["difference"], o["interval"]) if o else "—"
             diffs.append(f"| {r['base']} | {name} | {_with_interval(d['difference'], d['interval'])} | {o_cell} |")
+    if infinite:
+        lines += ["", "∞: p(gold) = 0 at some positions (for kNN alone: no neighbour's value is the gold token), so the "
+                  "perplexity, and that of every resample drawing such a document, is infinite."]  # fmt: skip
     return lines + (diffs if len(diffs) > 3 else [])
 
 
