@@ -148,8 +148,8 @@ def interval_table(report: dict[str, Any]) -> list[str]:
             o_cell = _with_interval(o["difference"], o["interval"]) if o else "—"
             diffs.append(f"| {r['base']} | {name} | {_with_interval(d['difference'], d['interval'])} | {o_cell} |")
     if infinite:
-        lines += ["", "∞: p(gold) = 0 at some positions (for kNN alone: no neighbour's value is the gold token), so the "
-                  "perplexity, and that of every resample drawing such a document, is infinite."]  # fmt: skip
+        lines += ["", "∞: p(gold) = 0 at some positions (for kNN alone: no neighbour's value is the gold token), so "
+                  "the perplexity, and that of every resample drawing such a document, is infinite."]  # fmt: skip
     return lines + (diffs if len(diffs) > 3 else [])
 
 
