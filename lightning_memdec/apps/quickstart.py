@@ -79,8 +79,8 @@ def quickstart(
         teacher: the model fine-tuned on the domain as the teacher; default: the base with the most parameters.
         pretrain_bases: pretrain two tiny bases from scratch on the embedded general corpus instead of ``base``.
         tokenizer: tokenizer of the corpora; default: the bases' own (gpt2 with --pretrain_bases).
-        budget: token and step budgets of every stage (the defaults took 18-22 minutes on 2 CPU cores,
-            measured: docs/results/quickstart-eval-speed).
+        budget: token and step budgets of every stage (the defaults took 13-22 minutes on 2 CPU cores, as the
+            machine's host was quiet or busy: docs/results/quickstart-biomed-2026-12-04, quickstart-eval-speed).
         beta: KL weight of the Memory Decoder loss.
     """
     refs, tokenizer = checked_bases(base, teacher, pretrain_bases, tokenizer)  # refused before any work
