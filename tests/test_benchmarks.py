@@ -177,3 +177,16 @@ def test_cpu_allocator_benchmark_runs_tiny(tmp_path):
         assert float(lines[name]) > 0, name
     assert float(lines["peak_rss_mb_thp_off"]) > 100 and float(lines["peak_rss_mb_thp_on"]) > 100
     assert list(lines)[-2:] == ["score_speedup", "train_step_speedup"]
+
+
+def test_lm_head_benchmark_runs_tiny(tmp_path):
+    """benchmarks/lm_head.py on a small product: both layouts agree (the script checks), every figure present, the
+    headline last."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "lm_head.py"), "--rows", "64", "--dim", "16", "--vocab", "1000",
+           "--repeats", "2"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert (int(lines["rows"]), int(lines["dim"]), int(lines["vocab"])) == (64, 16, 1000)
+    assert float(lines["linear_seconds"]) > 0 and float(lines["transposed_seconds"]) > 0
+    assert math.isfinite(float(lines["transposed_head_speedup"])) and list(lines)[-1] == "transposed_head_speedup"
