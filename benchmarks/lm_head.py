@@ -8,11 +8,14 @@ numbers come out of ``W · hᵀ`` ``[V, N]`` (the transposed layout). BLAS libra
 differently, so their speed can differ on one CPU. This times, interleaved (median of ``repeats``), in one process:
 
 - ``linear``: ``torch.nn.functional.linear(h, W)``, what every HF causal LM's head does;
-- ``transposed``: ``torch.mm(W, h.T)``, the same product laid out ``[V, N]``.
+- ``transposed``: ``torch.mm(W, h.T)``, the same product laid out ``[V, N]``;
+- ``linear_logsumexp`` / ``transposed_logsumexp``: each followed by the log-sum-exp over the vocabulary that every
+  score and loss needs (over the last dim of ``[N, V]``, over the first of ``[V, N]``).
 
-Both results are checked equal (float32 rounding) first. Prints ``name: value`` lines: each way's seconds and GFLOP/s
-(2·N·d·V FLOPs), and the headline ``transposed_head_speedup`` = seconds(linear) / seconds(transposed) last. Nothing
-in the package uses the transposed layout yet: it would need the loss and the scorers to read ``[V, N]`` logits.
+Both layouts are checked equal (float32 rounding) first. Prints ``name: value`` lines: each way's seconds and the
+products' GFLOP/s (2·N·d·V FLOPs), ``transposed_head_speedup`` (the product alone), and the headline
+``transposed_with_logsumexp_speedup`` last: what a scorer or loss reading ``[V, N]`` logits could gain at most.
+Nothing in the package uses the transposed layout.
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ def main(rows: int = 2048, dim: int = 128, vocab: int = 50257, repeats: int = 5,
     linear = torch.nn.functional.linear(hidden, weight)  # [N, V]
     transposed = torch.mm(weight, hidden.T)  # [V, N]
     torch.testing.assert_close(transposed.T, linear, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(transposed.logsumexp(0), linear.logsumexp(-1), rtol=1e-5, atol=1e-5)
     del linear, transposed
     seconds = median_times(
         {
             "linear": lambda: torch.nn.functional.linear(hidden, weight),
             "transposed": lambda: torch.mm(weight, hidden.T),
+            "linear_logsumexp": lambda: torch.nn.functional.linear(hidden, weight).logsumexp(-1),
+            "transposed_logsumexp": lambda: torch.mm(weight, hidden.T).logsumexp(0),
         },
         repeats=repeats,
     )
@@ -57,6 +63,9 @@ def main(rows: int = 2048, dim: int = 128, vocab: int = 50257, repeats: int = 5,
         report(f"{way}_seconds", seconds[way])
         report(f"{way}_gflops", flops / seconds[way] / 1e9)
     report("transposed_head_speedup", seconds["linear"] / seconds["transposed"])
+    report("linear_logsumexp_seconds", seconds["linear_logsumexp"])
+    report("transposed_logsumexp_seconds", seconds["transposed_logsumexp"])
+    report("transposed_with_logsumexp_speedup", seconds["linear_logsumexp"] / seconds["transposed_logsumexp"])
 
 
 if __name__ == "__main__":

@@ -189,4 +189,6 @@ def test_lm_head_benchmark_runs_tiny(tmp_path):
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     assert (int(lines["rows"]), int(lines["dim"]), int(lines["vocab"])) == (64, 16, 1000)
     assert float(lines["linear_seconds"]) > 0 and float(lines["transposed_seconds"]) > 0
-    assert math.isfinite(float(lines["transposed_head_speedup"])) and list(lines)[-1] == "transposed_head_speedup"
+    assert math.isfinite(float(lines["transposed_head_speedup"]))
+    assert float(lines["linear_logsumexp_seconds"]) > 0 and float(lines["transposed_logsumexp_seconds"]) > 0
+    assert list(lines)[-1] == "transposed_with_logsumexp_speedup"
