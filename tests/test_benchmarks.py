@@ -17,12 +17,18 @@ TIMED = ["fit_tokens_per_s", "memdec_generation_overhead", "knnlm_generation_ove
 HEADLINE = ["exact_targets_qps", "fit_mfu", "memdec_ms_per_token", "memdec_generation_overhead"]
 
 
+def run_benchmark(cmd: list[str], cwd: Path, timeout: int = 600, skip_comments: bool = False) -> dict[str, str]:
+    """Run a benchmark command in ``cwd``; its ``name: value`` lines in print order (``#`` lines left out if asked)."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(line.split(": ", 1) for line in result.stdout.splitlines()
+                if ": " in line and not (skip_comments and line[0] == "#"))  # fmt: skip
+
+
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny", "true", "--workdir", str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
-    assert not [k for k in lines if k.endswith("_error")], result.stdout
+    lines = run_benchmark(cmd, tmp_path)
+    assert not [k for k in lines if k.endswith("_error")], lines
     for name in RATES:
         assert float(lines[name]) > 0, name
     for name in TIMED:  # present and finite is what CI can check without asserting on wall-clock time
@@ -53,9 +59,7 @@ def test_scale_benchmark_runs_tiny(tmp_path):
     """benchmarks/scale.py at n = 20,000 (Flat indexes): every figure present and finite, the ratio last."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--n", "20000", "--queries", "2000", "--workdir",
            str(tmp_path)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line and line[0] != "#")
+    lines = run_benchmark(cmd, tmp_path, timeout=900, skip_comments=True)
     for size in (20000, 80000):
         for name in ("index_entries_per_s", "recall_at_64", "targets_queries_per_s"):
             assert float(lines[f"n{size}_{name}"]) > 0, (size, name)
@@ -71,9 +75,7 @@ def test_latency_benchmark_runs_tiny_on_cpu(tmp_path):
     plot = tmp_path / "latency.png"
     cmd = [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--tiny", "true", "--workdir", str(tmp_path),
            "--plot", str(plot)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = run_benchmark(cmd, tmp_path)
     for n in (2000, 8000):
         for case in ("", "large_batch_"):
             for what in ("memdec_overhead", "knnlm_overhead", "search_ms"):
@@ -99,9 +101,7 @@ def test_index_build_benchmark_runs_tiny(tmp_path):
     """benchmarks/index_build.py at n = 20,000: the one-process and 2-rank indexes identical, the speed-up last."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "index_build.py"), "--n", "20000", "--dim", "64", "--factory",
            "IVF64,PQ8", "--train_size", "5000", "--chunk_keys", "4096", "--workdir", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = run_benchmark(cmd, tmp_path, timeout=900)
     assert lines["index_files_identical"] == "1" and int(lines["keys"]) == 20000
     assert float(lines["one_process_seconds"]) > 0 and float(lines["two_ranks_seconds"]) > 0
     assert float(lines["round0_two_ranks_seconds"]) == float(lines["two_ranks_seconds"])
@@ -115,9 +115,7 @@ def test_router_skip_benchmark_runs_tiny(tmp_path):
     base, memdec = save_tiny(tmp_path / "base"), save_tiny(tmp_path / "memdec", n_embd=16, n_layer=1, seed=1)
     cmd = [sys.executable, str(REPO / "benchmarks" / "router_skip.py"), "--base", str(base), "--memdec", str(memdec),
            "--prompt_tokens", "16", "--new_tokens", "8", "--repeats", "1"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = run_benchmark(cmd, tmp_path)
     for name in ("fixed_tokens_per_s", "router_no_skip_tokens_per_s", "router_skip_tokens_per_s"):
         assert float(lines[name]) > 0, name
     assert 0 < float(lines["decoder_skipped_share"]) < 1  # the planted threshold skips some steps, not all
@@ -130,9 +128,7 @@ def test_loader_benchmark_runs_tiny(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--workdir", str(tmp_path), "--window", "32",
            "--k", "64", "--batch", "2", "--windows", "8", "--max_support", "24", "--num_workers", "1", "--batches",
            "2", "--repeats", "1"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = run_benchmark(cmd, tmp_path)
     for name in ("host_loader_batches_per_s", "csr_loader_batches_per_s", "pad_targets_ms"):
         assert float(lines[name]) > 0, name
     assert 0 < float(lines["csr_batch_mbytes"]) <= float(lines["host_batch_mbytes"])
@@ -145,9 +141,7 @@ def test_scoring_benchmark_runs_tiny(tmp_path, tiny_gpt2):
     keys), the log-probs within 1e-6, every figure present, the headline last."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "scoring.py"), "--model", str(tiny_gpt2), "--tokens", "2000",
            "--window", "64", "--stride", "48"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = run_benchmark(cmd, tmp_path)
     assert int(lines["positions"]) == 1999 and float(lines["max_abs_log_prob_difference"]) < 1e-6
     assert float(lines["two_pass_seconds"]) > 0 and float(lines["one_pass_seconds"]) > 0
     assert math.isfinite(float(lines["scoring_speedup"])) and list(lines)[-1] == "scoring_speedup"
@@ -158,9 +152,7 @@ def test_router_features_benchmark_runs_tiny(tmp_path, tiny_gpt2):
     log-probs and features), every figure present, the headline last."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "router_features.py"), "--model", str(tiny_gpt2),
            "--tokens", "2000", "--window", "64", "--stride", "48"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = run_benchmark(cmd, tmp_path)
     assert int(lines["positions"]) == 1999 and float(lines["max_abs_feature_difference"]) < 1e-3
     assert float(lines["full_width_seconds"]) > 0 and float(lines["one_pass_seconds"]) > 0
     assert math.isfinite(float(lines["router_scoring_speedup"])) and list(lines)[-1] == "router_scoring_speedup"
@@ -170,9 +162,7 @@ def test_cpu_allocator_benchmark_runs_tiny(tmp_path):
     """benchmarks/cpu_allocator.py with one child per setting and one timed step: both settings train to the same
     losses (the script checks), every figure present, the headline last."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "cpu_allocator.py"), "--rounds", "1", "--steps", "1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = run_benchmark(cmd, tmp_path)
     for name in ("score_seconds_thp_off", "train_seconds_thp_off", "score_seconds_thp_on", "train_seconds_thp_on"):
         assert float(lines[name]) > 0, name
     assert float(lines["peak_rss_mb_thp_off"]) > 100 and float(lines["peak_rss_mb_thp_on"]) > 100
@@ -184,9 +174,7 @@ def test_lm_head_benchmark_runs_tiny(tmp_path):
     headline last."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "lm_head.py"), "--rows", "64", "--dim", "16", "--vocab", "1000",
            "--repeats", "2"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    lines = run_benchmark(cmd, tmp_path)
     assert (int(lines["rows"]), int(lines["dim"]), int(lines["vocab"])) == (64, 16, 1000)
     assert float(lines["linear_seconds"]) > 0 and float(lines["transposed_seconds"]) > 0
     assert math.isfinite(float(lines["transposed_head_speedup"]))
