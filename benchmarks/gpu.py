@@ -9,7 +9,8 @@ depends on shapes, not on what the model knows.
 2. **exact targets**: ``build_targets(search="exact")`` for the positions of a second, smaller corpus against that
    datastore (k = ``--k``, exact squared L2 from bf16 matrix products, top-k merged on the device): queries/s; then
    the search alone on resident keys (fp32-ranked and ``coarse`` bf16 scores, the key upload timed apart), and the
-   same search on the host cores (FAISS ``Flat`` when faiss is installed) for scale.
+   same search on the host cores (FAISS ``Flat`` when faiss is installed) for scale; where cuVS is installed
+   (``pip install -e ".[gpu]"``), the targets again from an IVF-PQ index cuVS builds and searches on the GPU.
 3. **fit**: ``train.fit`` of a GPT-2-small decoder on those targets in bf16-mixed: tokens/s of steady-state training
    (a run of 2S steps minus a run of S steps, so set-up cancels) and model FLOPs utilisation ((6N + 12·L·T·d) ×
    tokens/s ÷ the card's dense bf16 peak); on a GPU with ``torch.compile``, fused AdamW and the vocabulary padded to
@@ -19,8 +20,9 @@ depends on shapes, not on what the model knows.
    graphs on a GPU: the headline, MemDec against the base through the same generator) and through ``generate()``
    eagerly (``generate_*_eager_ms_per_token``, ``memdec_eager_to_static_speedup``); and + kNN-LM
    (``KNNLM.generate_greedy`` over a datastore keyed by that base, FAISS ``Flat`` on the host cores, and
-   ``search="exact"``: the keys resident on the accelerator, searched by matrix products) against its own cached
-   loop without retrieval (paper: 1.28×, 2.17×); the headline uses the faster of the two kNN-LM searches.
+   ``search="exact"``: the keys resident on the accelerator, searched by matrix products; with cuVS, also an IVF-PQ
+   index on the GPU) against its own cached loop without retrieval (paper: 1.28×, 2.17×); the headline uses the
+   fastest kNN-LM search.
 
 Each stage also prints its roofline: ``<stage>_bound`` (the rate the card's assumed peak allows: dense bf16 FLOP/s
 for products, HBM bytes/s for batch-1 decoding, printed as ``peak_flops``/``peak_bytes_per_s``) and
@@ -32,6 +34,8 @@ the rates. The last four lines, in this order, are the headline: ``exact_targets
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +187,43 @@ def targets_stage(card: Card, w: Path, base: Path, store: Path, queries: int, wi
     card.headline["exact_targets_qps"] = rate
     section("search", search_rates, store, qstore, k, bound)
     host_search_rate(store, qstore, k)
+    if cuvs_usable():
+        section("cuvs_targets", cuvs_targets_rate, w, store, qstore, k, accelerator)
     return corpus, out
+
+
+def cuvs_usable() -> bool:
+    """cuVS installed (``pip install -e ".[gpu]"``) and a GPU to run it on; else its rows are left out, said once."""
+    usable = importlib.util.find_spec("cuvs") is not None and torch.cuda.is_available()
+    if not usable:
+        report("cuvs", "not installed or no GPU: its IVF-PQ rows are left out")
+    return usable
+
+
+def cuvs_targets_rate(w: Path, store: Path, qstore: Path, k: int, accelerator: str) -> None:
+    """The same targets from an IVF-PQ index that cuVS builds and searches on the GPU (the plan ``auto`` gives for
+    this store): build seconds, its recall@64 against exact search, and queries/s of ``build_targets`` with it."""
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.stages.targets import build_targets
+
+    index, seconds = timed(lambda: build_index(store, w / "index-cuvs", overwrite=True, library="cuvs"))
+    meta = json.loads((index / "meta.json").read_text())
+    report("cuvs_index_factory", meta["factory"])
+    report("cuvs_index_build_s", seconds)
+    report("cuvs_index_recall_at_64", meta["recall"]["recall"])
+    _, seconds = timed(
+        lambda: build_targets(
+            store,
+            index,
+            w / "targets-cuvs",
+            queries=qstore,
+            overwrite=True,
+            knn=KNNTargets(k=k, temperature=16.0),
+            search=TargetSearch(backend="faiss"),
+            hardware=Hardware(accelerator=accelerator),
+        )
+    )
+    report("targets_cuvs_ivfpq_queries_per_s", len(Datastore(qstore)) / seconds)
 
 
 def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int = 4096) -> None:
@@ -374,6 +414,10 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
         "knnlm_faiss": lambda: knn_loop(knnlm, 0.25),
         "knnlm_exact": lambda: knn_loop(knnlm_exact, 0.25),
     }
+    if cuvs_usable():  # kNN-LM over an IVF-PQ index searched on the GPU by cuVS, the queries never on the host
+        cuvs_index = build_index(store, w / "index-large-cuvs", overwrite=True, library="cuvs", recall_queries=0)
+        knnlm_cuvs = KNNLM(base, store, cuvs_index, k=1024, temperature=16.0, lmbda=0.25)
+        runs["knnlm_cuvs"] = lambda: knn_loop(knnlm_cuvs, 0.25)
     seconds = {}
     for name, run in runs.items():
         run()  # warm-up: kernels, caches, compilation and CUDA-graph capture of the static steps
@@ -387,10 +431,11 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
     generation_rooflines(card, base, decoder, seconds)
     card.headline["memdec_ms_per_token"] = 1000 * seconds["memdec"]
     card.headline["memdec_generation_overhead"] = memdec
-    for search in ("faiss", "exact"):
-        report(f"knnlm_{search}_generation_overhead", seconds[f"knnlm_{search}"] / seconds["base_loop"])
-    # the headline compares with the faster kNN-LM search: the strongest baseline this machine allows
-    knn = min(seconds["knnlm_faiss"], seconds["knnlm_exact"]) / seconds["base_loop"]
+    searches = [name for name in seconds if name.startswith("knnlm_")]
+    for name in searches:
+        report(f"{name}_generation_overhead", seconds[name] / seconds["base_loop"])
+    # the headline compares with the fastest kNN-LM search: the strongest baseline this machine allows
+    knn = min(seconds[name] for name in searches) / seconds["base_loop"]
     report("knnlm_generation_overhead", knn)
     report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
 

@@ -174,4 +174,5 @@ def test_gpu_request_without_gpu_faiss_names_an_install_that_exists():
     with pytest.raises(RuntimeError, match="faiss-gpu.*search='exact'") as raised:
         to_gpu(faiss.IndexFlatL2(4), 0)
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert "[gpu]" not in str(raised.value) and "faiss-gpu" not in pyproject and "\ngpu = " not in pyproject
+    assert "[gpu]" not in str(raised.value) and "faiss-gpu" not in pyproject
+    assert '\ngpu = ["cuvs-cu13' in pyproject  # the GPU extra is cuVS (module cuvs): never a second faiss

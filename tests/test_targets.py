@@ -210,16 +210,16 @@ def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_
 def test_each_rank_puts_its_faiss_index_on_its_own_gpu():
     from types import SimpleNamespace
 
-    from lightning_memdec.stages.targets import faiss_gpu_for_rank
+    from lightning_memdec.stages.targets import index_gpu_for_rank
 
     def trainer(device: str, local_rank: int, world_size: int):
         strategy = SimpleNamespace(root_device=torch.device(device))
         return SimpleNamespace(strategy=strategy, local_rank=local_rank, world_size=world_size)
 
-    assert faiss_gpu_for_rank(trainer("cuda:3", 3, 8)) == 3
-    assert faiss_gpu_for_rank(trainer("cuda:0", 0, 8)) == 0
-    assert faiss_gpu_for_rank(trainer("cpu", 1, 2)) == 1  # CPU ranks sharing a GPU machine: one GPU each
-    assert faiss_gpu_for_rank(trainer("cpu", 0, 1)) is None  # a single process may shard over all GPUs
+    assert index_gpu_for_rank(trainer("cuda:3", 3, 8)) == 3
+    assert index_gpu_for_rank(trainer("cuda:0", 0, 8)) == 0
+    assert index_gpu_for_rank(trainer("cpu", 1, 2)) == 1  # CPU ranks sharing a GPU machine: one GPU each
+    assert index_gpu_for_rank(trainer("cpu", 0, 1)) is None  # a single process may shard over all GPUs
 
 
 def test_stored_rows_hold_no_zero_probabilities(tmp_path, biomed_datastore, biomed_index):

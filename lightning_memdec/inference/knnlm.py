@@ -73,9 +73,10 @@ class KNNLM(torch.nn.Module):
         exact_distances: recompute fp32 distances from the stored keys (IVF-PQ distances are approximate).
         tokenizer: the base's tokenizer, when its directory has none (checked against the datastore's).
         nprobe: IVF lists visited per query (default: the index's meta.json).
-        search: ``"faiss"`` (the index, on the host) or ``"exact"``: every key by blocked matrix products on the
-            base's device (:func:`~retrieval.exact_search.exact_search`), the keys resident there when they fit
-            (on a GPU the fast kNN-LM without faiss-gpu; on a CPU only for small stores); distances are exact.
+        search: ``"faiss"`` (the index: FAISS on the host, or a cuVS index on its GPU) or ``"exact"``: every key by
+            blocked matrix products on the base's device (:func:`~retrieval.exact_search.exact_search`), the keys
+            resident there when they fit (on a GPU the fast kNN-LM without any index; on a CPU only for small
+            stores); distances are exact.
         **load_kwargs: ``from_pretrained`` arguments for a base given by name/path.
     """
 
@@ -112,7 +113,8 @@ class KNNLM(torch.nn.Module):
         self.store = Datastore(datastore) if isinstance(datastore, (str, Path)) else datastore
         self.key_index = None
         if search == "faiss":
-            self.key_index = KeyIndex(index, nprobe=nprobe) if isinstance(index, (str, Path)) else index
+            on = base.device.index if base.device.type == "cuda" else None  # a cuVS index: the base's GPU
+            self.key_index = KeyIndex(index, nprobe=nprobe, device=on) if isinstance(index, (str, Path)) else index
         meta = self.store.meta
         where = f"datastore {self.store.dir}"
         if self.key_index is not None and self.key_index.meta.get("datastore_identity") != self.store.identity():
@@ -212,21 +214,20 @@ class KNNLM(torch.nn.Module):
         """Distances ``[n, k]`` (float32 from a search on ``device``, float64 from FAISS; +inf for a missing
         neighbour) and their tokens ``[n, k]`` int64, both on ``device``.
 
-        Exact search stays where it ran (the base's device): ids, values and distances never visit the host. A FAISS
-        search runs on the host; its results are moved once.
+        Exact search stays where it ran (the base's device), and so does a cuVS index's search (its GPU): ids, values
+        and distances never visit the host. A FAISS search runs on the host; its results are moved once.
         """
         if self.search == "exact":
             dist, ids = self._exact_neighbours(keys)
             return dist.to(device), self._tokens_of(ids).to(device)
-        queries = keys.detach().reshape(-1, keys.shape[-1]).float().cpu().numpy()
-        dist, ids = self.key_index.search(queries, self.k)
+        queries = keys.detach().reshape(-1, keys.shape[-1])
+        dist, ids = self.key_index.search_tensors(queries, self.k)  # on the index's device
         if self.exact_distances:
             from lightning_memdec.retrieval.exact_search import exact_distances
 
-            dist = exact_distances(torch.from_numpy(queries), self.store.keys, torch.from_numpy(ids)).numpy()
-        dist = np.where(ids >= 0, dist.astype(np.float64), np.inf)
-        tokens = np.take(self.values, ids, mode="clip").astype(np.int64)
-        return torch.from_numpy(dist).to(device), torch.from_numpy(tokens).to(device)
+            dist = exact_distances(queries.to(ids.device, torch.float32), self.store.keys, ids)
+        dist = dist.double().masked_fill_(ids < 0, float("inf"))  # FAISS's −1: no neighbour, weight 0
+        return dist.to(device), self._tokens_of(ids.clamp(min=0)).to(device)
 
     def _tokens_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The values (next tokens) of datastore entries ``ids``, int64 on the ids' device. On an accelerator the

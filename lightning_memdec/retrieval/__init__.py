@@ -1,1 +1,1 @@
-"""Nearest-neighbour search: FAISS indexes and their plan, exact search by blocked matrix products."""
+"""Nearest-neighbour search: FAISS and cuVS (GPU) indexes and their plan, exact search by blocked matrix products."""

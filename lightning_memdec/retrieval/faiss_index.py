@@ -1,7 +1,9 @@
-"""FAISS indexes over datastore keys: build from a factory string, load, search; GPU when asked for.
+"""Indexes over datastore keys: build from a factory string, load, search; FAISS, or cuVS on a GPU.
 
 Exact ``Flat`` search suits small stores; ``IVF<nlist>,PQ<m>`` compresses large ones (the paper's
-setting). ``auto`` picks by store size. Distances are squared L2 throughout.
+setting). ``auto`` picks by store size. Distances are squared L2 throughout. FAISS indexes are CPU files (searched on
+the host, or on GPUs by a faiss GPU build); ``library="cuvs"`` builds the same IVF-PQ plan with cuVS, trained, filled
+and searched on one GPU (:mod:`~lightning_memdec.retrieval.cuvs_index`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
@@ -18,10 +21,13 @@ from lightning_memdec.io.capacity import available_ram, check_fits
 from lightning_memdec.io.npy_rows import gather_rows, read_rows
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_finite_keys, check_index_matches
+from lightning_memdec.retrieval import cuvs_index
+from lightning_memdec.retrieval.cuvs_index import CUVS_INDEX, CuvsIVFPQ
 from lightning_memdec.retrieval.index_plan import IndexPlan, gpu_pq_options, plan_index
 from lightning_memdec.retrieval.settings import IndexSettings
 
 log = logging.getLogger(__name__)
+LIBRARIES = ("faiss", "cuvs")
 
 
 def auto_factory(num_entries: int, dim: int) -> str:
@@ -60,8 +66,11 @@ def pq_bytes(index: faiss.Index) -> int | None:
     return int(ivf.pq.M) if isinstance(ivf, faiss.IndexIVFPQ) else None
 
 
-def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
+def set_nprobe(index, nprobe: int | None) -> None:
     if nprobe is None:
+        return
+    if isinstance(index, CuvsIVFPQ):
+        index.nprobe = nprobe
         return
     try:
         faiss.extract_index_ivf(index).nprobe = nprobe
@@ -80,24 +89,31 @@ def build_index(
     plan: IndexSettings = IndexSettings(),
     add_batch: int = 65_536,
     use_gpu: bool = False,
+    library: str = "faiss",
     recall_queries: int = 256,
     recall_k: int = 64,
     plan_only: bool = False,
     overwrite: bool = False,
 ) -> Path | IndexPlan:
-    """Build a FAISS index over a datastore's keys; prints its plan first and records its measured recall.
+    """Build an index over a datastore's keys; prints its plan first and records its measured recall.
 
     Args:
         datastore: datastore directory from `memdec build-datastore`.
         out: output index directory.
         plan: what the index plan is made from (layout or auto, memory budget, nprobe), the training sample, seed.
         add_batch: keys read and added per step (read from the file, not mapped: resident memory stays one batch).
-        use_gpu: train and add on all visible GPUs (needs faiss-gpu); the saved index is a CPU index.
+        use_gpu: FAISS: train and add on all visible GPUs (needs a faiss GPU build); the saved index is a CPU index.
+        library: faiss (a CPU index file) or cuvs (an IVF-PQ trained, filled and searched on the current GPU by
+            cuVS, ``pip install -e ".[gpu]"``; searched on a GPU only).
         recall_queries: stored keys used as queries to measure recall@k against exact search (0: skip).
         recall_k: the k of that recall.
         plan_only: print the plan (index size, memory, training sample, search cost) and stop.
         overwrite: replace an existing output.
     """
+    if library not in LIBRARIES:
+        raise ValueError(f"--library must be one of {LIBRARIES}, got {library!r}.")
+    if library == "cuvs" and use_gpu:
+        raise ValueError("--use_gpu asks faiss-gpu to build; --library cuvs always builds on the GPU: drop --use_gpu.")
     store = Datastore(datastore)
     n, d = len(store), store.dim
     spec = plan  # the settings; ``plan`` becomes the plan made from them
@@ -108,11 +124,9 @@ def build_index(
     train_size, seed, nprobe = plan.train_size if spec.train_size is None else spec.train_size, spec.seed, spec.nprobe
     check_build_fits(plan, min(n, train_size) if plan.nlist else 0, use_gpu)
     check_recall_k(recall_queries, recall_k)
-    try:
-        index = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
-    except RuntimeError as err:
-        raise ValueError(f"invalid FAISS factory string {plan.factory!r} for dimension {d}: {err}") from err
-    run = {"datastore": store.identity(), "factory": plan.factory, "train_size": train_size, "seed": seed}
+    index = empty_index(library, d, plan.factory, nprobe)
+    run = {"datastore": store.identity(), "library": library, "factory": plan.factory, "train_size": train_size,
+           "seed": seed}  # fmt: skip
     work = start_work_dir(out, run, overwrite)
     if use_gpu:
         index = to_gpu(index)
@@ -127,8 +141,23 @@ def build_index(
     recall = measured_recall(index, store, recall_queries, recall_k, seed) if recall_queries > 0 else None
     if recall is not None:
         print(f"recall@{recall['k']} against exact search on {recall['queries']} stored keys: {recall['recall']:.4f}")
-    faiss.write_index(index, str(work / INDEX))
-    return publish(work, out, index_meta(index, plan, store, train_size, nprobe, recall))
+    if library == "cuvs":
+        index.save(work / CUVS_INDEX)
+    else:
+        faiss.write_index(index, str(work / INDEX))
+    return publish(work, out, index_meta(index, plan, store, train_size, nprobe, recall, library))
+
+
+def empty_index(library: str, d: int, factory: str, nprobe: int):
+    """The untrained index ``factory`` describes: a FAISS index, or a cuVS IVF-PQ on the current GPU (its
+    installation, the GPU and the layout checked here, before any work)."""
+    if library == "cuvs":
+        cuvs_index.ivf_pq_shape(factory), cuvs_index.cuvs_api()  # the layout, the install, then the GPU
+        return CuvsIVFPQ(d, factory, cuvs_index.cuvs_device(), nprobe)
+    try:
+        return faiss.index_factory(d, factory, faiss.METRIC_L2)
+    except RuntimeError as err:
+        raise ValueError(f"invalid FAISS factory string {factory!r} for dimension {d}: {err}") from err
 
 
 def train_on_sample(index: faiss.Index, store: Datastore, train_size: int, seed: int) -> None:
@@ -142,10 +171,13 @@ def train_on_sample(index: faiss.Index, store: Datastore, train_size: int, seed:
     index.train(np.ascontiguousarray(gather_rows(store.keys, sample), dtype=np.float32))
 
 
-def index_meta(index: faiss.Index, plan: IndexPlan, store: Datastore, train_size: int, nprobe: int, recall) -> dict:
-    """meta.json of an index directory: what it indexes, how it was built, its plan and measured recall."""
+def index_meta(
+    index, plan: IndexPlan, store: Datastore, train_size: int, nprobe: int, recall, library: str = "faiss"
+) -> dict:
+    """meta.json of an index directory: what it indexes, with which library, how it was built, its plan and recall."""
     return base_meta(
         "index",
+        library=library,
         factory=plan.factory,
         dim=store.dim,
         ntotal=int(index.ntotal),
@@ -200,28 +232,44 @@ def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) ->
 
 
 class KeyIndex:
-    """A built index directory, loaded for search (optionally moved to one GPU, ``device``, or to all of them)."""
+    """A built index directory, loaded for search: a FAISS index on the host (optionally moved to one GPU,
+    ``device``, or to all of them, by a faiss GPU build), or a cuVS index on GPU ``device`` (default: the current)."""
 
     def __init__(
         self, directory: str | Path, use_gpu: bool = False, nprobe: int | None = None, device: int | None = None
     ):
         self.dir = Path(directory)
         self.meta = read_meta(self.dir, kind="index")
-        path = self.dir / INDEX
+        self.library = self.meta.get("library", "faiss")  # indexes built before cuVS support are FAISS's
+        path = self.dir / (CUVS_INDEX if self.library == "cuvs" else INDEX)
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; rebuild the index.")
-        index = faiss.read_index(str(path))
+        if self.library == "cuvs":
+            index = CuvsIVFPQ.load(path, self.meta["factory"], cuvs_index.cuvs_device(device), self.meta["nprobe"])
+        else:
+            index = faiss.read_index(str(path))
         if index.ntotal != self.meta["ntotal"] or index.d != self.meta["dim"]:
             raise ArtifactError(
                 f"{path} holds {index.ntotal}×{index.d} keys but meta.json says "
                 f"{self.meta['ntotal']}×{self.meta['dim']}; rebuild it."
             )
-        self.index = to_gpu(index, device) if use_gpu else index
+        self.index = to_gpu(index, device) if use_gpu and self.library == "faiss" else index
         set_nprobe(self.index, nprobe or self.meta["nprobe"])
+        #: where search_tensors returns its results: a cuVS index's GPU; the host for FAISS (whose GPU search
+        #: takes and returns host arrays)
+        self.device = index.device if self.library == "cuvs" else torch.device("cpu")
 
     def check_datastore(self, store: Datastore) -> None:
         check_index_matches(self.dir, self.meta, store)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Squared-L2 distances [n, k] float32 and ids [n, k] int64 (-1 where fewer than k exist)."""
+        """Squared-L2 distances [n, k] float32 and ids [n, k] int64 (-1 where fewer than k exist), on the host."""
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def search_tensors(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`search`, tensors in and out, the results on :attr:`device`: a cuVS index reads the queries and
+        writes its results on its GPU (nothing visits the host); FAISS searches a host copy of the queries."""
+        if self.library == "cuvs":
+            return self.index.search_tensors(queries, k)
+        dist, ids = self.search(queries.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(dist), torch.from_numpy(ids)

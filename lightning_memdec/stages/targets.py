@@ -33,6 +33,7 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_compatible, check_index_matches
 from lightning_memdec.kernels.sparse_targets import knn_distributions, stored_rows
 from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
+from lightning_memdec.retrieval import cuvs_index
 from lightning_memdec.retrieval.exact_search import (
     SEARCH_BACKENDS,
     check_search_budget,
@@ -107,7 +108,8 @@ class KNNTargetSearcher(L.LightningModule):
         if self.search == "faiss":
             from lightning_memdec.retrieval.faiss_index import KeyIndex
 
-            gpu = faiss_gpu_for_rank(self.trainer) if self.use_gpu else None
+            # this rank's GPU: where a faiss GPU build copies the index (use_gpu), where a cuVS index is loaded
+            gpu = index_gpu_for_rank(self.trainer)
             self.index = KeyIndex(self.index_dir, use_gpu=self.use_gpu, nprobe=self.nprobe, device=gpu)
 
     def predict_dataloader(self):
@@ -127,7 +129,7 @@ class KNNTargetSearcher(L.LightningModule):
         rows = batch["rows"].cpu().numpy()
         queries = read_rows(self.query_store.keys, rows[0], rows[-1] + 1)  # not mapped: RSS stays one chunk
         if self.search == "faiss":
-            found = self.faiss_rows(queries, rows)
+            found = self.index_rows(queries, rows)
         else:
             neighbours = self.exact_neighbours(queries, rows)
             if self.key_shard is not None and int(batch["chunk"]) % self.trainer.world_size != self.global_rank:
@@ -170,12 +172,21 @@ class KNNTargetSearcher(L.LightningModule):
             )
         if self.device_values is None or self.device_values.device != dist.device:
             self.device_values = values_on(self.store.values, dist.device)
-        tokens = self.device_values[ids]
+        tokens = self.device_values[ids.clamp(min=0)]  # a missing neighbour (−1) has distance +inf: weight 0
         return knn_distributions_torch(dist, tokens, self.temperature, self.max_support, self.min_prob)
 
-    def faiss_rows(self, queries: np.ndarray, rows: np.ndarray):
+    def index_rows(self, queries: np.ndarray, rows: np.ndarray):
+        """The index's neighbours -> sparse rows: a FAISS search and the CPU kernel on the host; a cuVS search, the
+        own entry dropped and (on a GPU) the torch kernel, all where the index is."""
         queries = queries.astype(np.float32)
         search_k = self.k + 1 if self.self_exclude else self.k
+        if self.index.library == "cuvs":
+            dist, ids = self.index.search_tensors(torch.from_numpy(queries), search_k)
+            if self.exact:
+                dist = exact_distances(torch.from_numpy(queries).to(ids.device), self.store.keys, ids)
+            if self.self_exclude:
+                dist, ids = nearest_without_own(dist, ids, torch.from_numpy(rows).to(ids.device), self.k)
+            return self.distributions(dist, ids)
         dist, ids = self.index.search(queries, search_k)
         if self.exact:
             dist = exact_distances(torch.from_numpy(queries), self.store.keys, torch.from_numpy(ids)).numpy()
@@ -189,6 +200,14 @@ class KNNTargetSearcher(L.LightningModule):
             max_support=self.max_support,
             min_prob=self.min_prob,
         )
+
+
+def nearest_without_own(dist: torch.Tensor, ids: torch.Tensor, own: torch.Tensor, k: int):
+    """The nearest ``k`` neighbours [n, k] of each row other than the query's own datastore entry ``own`` [n] (by
+    id, wherever it sits; distance ties: earlier column first), on the device the search ran on."""
+    dist = dist.masked_fill(ids == own[:, None], float("inf"))
+    order = dist.argsort(dim=1, stable=True)[:, :k]
+    return dist.gather(1, order), ids.gather(1, order)
 
 
 def values_on(values: np.ndarray, device: torch.device, block: int = VALUES_BLOCK) -> torch.Tensor:
@@ -216,7 +235,8 @@ def build_targets(
 
     Args:
         datastore: the datastore searched (its values are the predicted tokens).
-        index: FAISS index over that datastore, from `memdec build-index`; not needed (and not read) with
+        index: index over that datastore, from `memdec build-index` (FAISS, or cuVS: searched on this rank's GPU,
+            its neighbours made into rows there); not needed (and not read) with
             ``--search.backend exact``.
         out: output targets directory (required).
         queries: datastore of the positions to build targets for (its keys are the queries); default: the
@@ -244,10 +264,7 @@ def build_targets(
         )
     if backend == "faiss" and search.use_gpu:
         check_gpu_k(knn.k, self_match=self_exclude)
-    factory, index_nprobe = None, None
-    if backend == "faiss":  # its meta.json only: the ranks load the index (a copy here would stay for the whole run)
-        index_meta = read_meta(index, kind="index")
-        factory, index_nprobe = index_meta["factory"], index_meta["nprobe"]
+    factory, index_nprobe = searched_index(index) if backend == "faiss" else (None, None)
     available = len(store) - (1 if self_exclude else 0)
     k, hw = capped_k(knn.k, available), hardware
     if search.shard_keys and str(hw.devices).isdigit():  # up front where the rank count is known; else in each rank
@@ -288,6 +305,15 @@ def build_targets(
     settings["exact_distances"] = knn.exact_distances or backend == "exact"
     settings["nprobe"] = None if backend == "exact" else knn.nprobe or index_nprobe
     return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
+
+
+def searched_index(index: Path) -> tuple[str, int]:
+    """Factory and nprobe of the index the ranks will search, from its meta.json only (the ranks load the index; a
+    copy here would stay for the whole run). A cuVS index needs cuVS and a GPU here: checked before any work."""
+    meta = read_meta(index, kind="index")
+    if meta.get("library") == "cuvs":
+        cuvs_index.cuvs_api(), cuvs_index.cuvs_device()
+    return meta["factory"], meta["nprobe"]
 
 
 def capped_k(k: int, available: int) -> int:
@@ -336,7 +362,7 @@ def check_ranks_fit(
         if on_host:
             fix = "pass --hardware.devices lower or --search.memory_gb lower (smaller key blocks, same result)."
             check_fits(ranks * budget, available_ram(), f"{ranks} ranks' exact-search blocks on this host", fix)
-    if search == "faiss" and not use_gpu:
+    if search == "faiss" and not use_gpu and read_meta(index, kind="index").get("library") != "cuvs":
         path, meta = Path(index) / INDEX, read_meta(index, kind="index")
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; rebuild the index.")
@@ -370,9 +396,10 @@ def check_disk(out: Path, num_positions: int, support: int) -> None:
     )
 
 
-def faiss_gpu_for_rank(trainer) -> int | None:
-    """The GPU a rank's FAISS index goes on: its own (the strategy's root device, else its local rank when several
-    ranks share the machine), so N ranks make N copies, not N²; None for one CPU process (the index may shard)."""
+def index_gpu_for_rank(trainer) -> int | None:
+    """The GPU a rank's index goes on (a faiss GPU copy, or a cuVS index): its own (the strategy's root device, else
+    its local rank when several ranks share the machine), so N ranks make N copies, not N²; None for one CPU process
+    (a FAISS index may shard over all GPUs, a cuVS index goes on the current one)."""
     device = trainer.strategy.root_device
     if device.type == "cuda":
         return device.index or 0
