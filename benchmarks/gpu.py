@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,9 +117,28 @@ def forward_flops_per_token(params: int, layers: int, context: int, width: int) 
     return 2 * params + 2 * layers * context * width
 
 
+class TimeLimitReached(Exception):
+    """Raised by SIGALRM in whatever stage is running when ``--time_limit_s`` is up."""
+
+
+def start_time_limit(seconds: float | None) -> None:
+    """Stop at ``seconds`` so the headline still prints inside a device's time; the command's own ``timeout`` would
+    kill the run before its last lines."""
+    if seconds is None:
+        return
+
+    def expire(*_):
+        raise TimeLimitReached(f"the time limit of {seconds:g} s was reached")
+
+    signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
 def section(name: str, fn, *args):
     try:
         return fn(*args)
+    except TimeLimitReached:
+        raise  # through every nested section, to main
     except Exception as err:  # report and go on: one broken stage should not hide the others' numbers
         traceback.print_exc()
         report(f"{name}_error", f"{type(err).__name__}: {err}".replace("\n", " ")[:300])
@@ -465,10 +485,12 @@ def main(
     knn_tokens: int = 500_000,
     new_tokens: int = 64,
     fast_fit: bool | None = None,
+    time_limit_s: float | None = None,
 ) -> None:
     """Run the four GPU stages and print their rates (``--tiny true``: small shapes on CPU, for CI).
 
-    ``fast_fit``: train with torch.compile, fused AdamW and a vocabulary padded to 64 (default: on a GPU)."""
+    ``fast_fit``: train with torch.compile, fused AdamW and a vocabulary padded to 64 (default: on a GPU).
+    ``time_limit_s``: stop the stage running then, skip the rest and print the headline (nan where not measured)."""
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     small, large = (TINY, TINY) if tiny else (GPT2_SMALL, GPT2_LARGE)
     if tiny:
@@ -479,11 +501,17 @@ def main(
     report("torch", torch.__version__)
     card = Card.this_device()
     fast = torch.cuda.is_available() if fast_fit is None else fast_fit
-    built = section("datastore", datastore_stage, card, w, small, tokens, window, accelerator)
-    made = built and section("targets", targets_stage, card, w, *built, queries, window, k, accelerator)
-    if made:
-        section("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
-    section("generation", generation_stage, card, w, large, small, knn_tokens, window, new_tokens, accelerator)
+    start_time_limit(time_limit_s)
+    try:
+        built = section("datastore", datastore_stage, card, w, small, tokens, window, accelerator)
+        made = built and section("targets", targets_stage, card, w, *built, queries, window, k, accelerator)
+        if made:
+            section("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
+        section("generation", generation_stage, card, w, large, small, knn_tokens, window, new_tokens, accelerator)
+    except TimeLimitReached as err:
+        report("time_limit", f"{err}: the stage running then and those after it are not measured")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     for name in HEADLINE:  # last, in this order, whatever failed above
         report(name, float(card.headline[name]))
 

@@ -25,6 +25,16 @@ def run_benchmark(cmd: list[str], cwd: Path, timeout: int = 600, skip_comments: 
                 if ": " in line and not (skip_comments and line[0] == "#"))  # fmt: skip
 
 
+def test_gpu_benchmark_time_limit_still_prints_the_headline(tmp_path):
+    """On a device lent for minutes: past --time_limit_s the running stage stops, the rest are skipped, and the
+    headline (nan where not measured) is still printed last, with a zero exit code."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny", "true", "--workdir", str(tmp_path),
+           "--time_limit_s", "0.5"]  # fmt: skip
+    lines = run_benchmark(cmd, tmp_path)
+    assert "time limit of 0.5 s was reached" in lines["time_limit"]
+    assert list(lines)[-4:] == HEADLINE and math.isnan(float(lines["memdec_generation_overhead"]))
+
+
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny", "true", "--workdir", str(tmp_path)]
     lines = run_benchmark(cmd, tmp_path)
