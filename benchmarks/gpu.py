@@ -22,7 +22,8 @@ depends on shapes, not on what the model knows.
    (``KNNLM.generate_greedy`` over a datastore keyed by that base, FAISS ``Flat`` on the host cores, and
    ``search="exact"``: the keys resident on the accelerator, searched by matrix products; with cuVS, also an IVF-PQ
    index on the GPU) against its own cached loop without retrieval (paper: 1.28×, 2.17×); the headline uses the
-   fastest kNN-LM search.
+   fastest kNN-LM search. Then kNN-LM's retrieval for one token at ``--scale_sizes`` entries (0.5 M, 5 M, 50 M:
+   the real store, then synthetic keys around its real ones): exact over resident keys, and cuVS IVF-PQ with cuVS.
 
 Each stage also prints its roofline: ``<stage>_bound`` (the rate the card's assumed peak allows: dense bf16 FLOP/s
 for products, HBM bytes/s for batch-1 decoding, printed as ``peak_flops``/``peak_bytes_per_s``) and
@@ -39,6 +40,7 @@ import json
 import signal
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -213,11 +215,8 @@ def targets_stage(card: Card, w: Path, base: Path, store: Path, queries: int, wi
 
 
 def cuvs_usable() -> bool:
-    """cuVS installed (``pip install -e ".[gpu]"``) and a GPU to run it on; else its rows are left out, said once."""
-    usable = importlib.util.find_spec("cuvs") is not None and torch.cuda.is_available()
-    if not usable:
-        report("cuvs", "not installed or no GPU: its IVF-PQ rows are left out")
-    return usable
+    """cuVS installed (``pip install -e ".[gpu]"``) and a GPU to run it on; else its rows are left out."""
+    return importlib.util.find_spec("cuvs") is not None and torch.cuda.is_available()
 
 
 def cuvs_targets_rate(w: Path, store: Path, qstore: Path, k: int, accelerator: str) -> None:
@@ -460,6 +459,65 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
     report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
 
 
+def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: float = 0.25, seed: int = 0) -> None:
+    """kNN-LM's retrieval for one generated token (batch 1) as the datastore grows: exact search over keys resident
+    on the device (``knn_search_exact_ms_at_<N>``) and, where cuVS is installed, its IVF-PQ with the plan ``auto``
+    gives for N (``knn_search_cuvs_ms_at_<N>``). A decoding step adds this to the base's step. Entries past the real
+    store's are synthetic, made on the device as ``latency_stores.synthetic_datastore`` makes them on disk: a real
+    key + Gaussian noise of ``noise_scale`` × the real keys' per-dimension std, in fp16. A size whose keys exceed
+    the resident share of free device memory is reported as not fitting (streaming them would time PCIe)."""
+    from lightning_memdec.retrieval.exact_search import RESIDENT_FRACTION, exact_search, squared_norms
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    real = torch.from_numpy(np.asarray(Datastore(store_dir).keys)).to(dev)  # [R, d] fp16
+    sigma = noise_scale * real.float().std(dim=0)
+    generator = torch.Generator(dev).manual_seed(seed)
+    query = real[:1].float() + sigma * torch.randn(1, real.shape[1], generator=generator, device=dev)
+    for n in sizes:
+        free = torch.cuda.mem_get_info()[0] if dev.type == "cuda" else available_bytes()
+        if n * real.shape[1] * 2 > RESIDENT_FRACTION * free:
+            report(f"knn_search_exact_ms_at_{n}", f"keys of {n * real.shape[1] * 2 / 1e9:.1f} GB do not fit "
+                   f"{RESIDENT_FRACTION:.0%} of the {free / 1e9:.1f} GB free")  # fmt: skip
+            continue
+        keys = torch.empty(n, real.shape[1], dtype=torch.float16, device=dev)
+        keys[: min(n, len(real))] = real[:n]
+        for start in range(len(real), n, 1 << 20):  # synthetic entries, a block at a time
+            rows = min(1 << 20, n - start)
+            source = torch.randint(0, len(real), (rows,), generator=generator, device=dev)
+            noise = torch.randn(rows, real.shape[1], generator=generator, device=dev)
+            keys[start : start + rows] = (real[source].float() + sigma * noise).half()
+        norms = squared_norms(keys)
+        searches = {"exact": partial(exact_search, query, keys, k, device=dev, key_norms=norms)}
+        if cuvs_usable():
+            searches["cuvs"] = cuvs_search(keys, k, query)
+        for name, search in searches.items():
+            search()  # warm-up
+            report(f"knn_search_{name}_ms_at_{n}", 1000 * float(np.median([timed(search)[1] for _ in range(5)])))
+        del keys, norms, searches  # before the next size's keys are made
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def cuvs_search(keys: torch.Tensor, k: int, query: torch.Tensor):
+    """A cuVS IVF-PQ over ``keys`` (on their GPU, the plan ``auto`` gives for their count) and a batch-1 search."""
+    from lightning_memdec.retrieval.cuvs_index import CuvsIVFPQ
+    from lightning_memdec.retrieval.index_plan import plan_index
+
+    plan = plan_index(len(keys), keys.shape[1])
+    index = CuvsIVFPQ(keys.shape[1], plan.factory, keys.device, nprobe=32)
+    sample = torch.randperm(len(keys), device=keys.device)[: plan.train_size].sort().values
+    index.train(keys[sample])
+    for start in range(0, len(keys), 1 << 20):
+        index.add(keys[start : start + (1 << 20)])
+    return lambda: index.search_tensors(query, k)
+
+
+def available_bytes() -> int:
+    from lightning_memdec.io.capacity import available_ram
+
+    return available_ram()
+
+
 def generation_rooflines(card: Card, base, decoder, seconds: dict) -> None:
     """Batch-1 decoding reads every weight once a token: the bound is the weights' bytes at the card's bandwidth;
     MemDec's overhead bound is 1 + FLOPs(decoder)/FLOPs(base) (issue 20), compared with the measured ratio."""
@@ -483,6 +541,7 @@ def main(
     fit_steps: int = 60,
     fit_batch: int = 8,
     knn_tokens: int = 500_000,
+    scale_sizes: tuple[int, ...] = (500_000, 5_000_000, 50_000_000),
     new_tokens: int = 64,
     fast_fit: bool | None = None,
     time_limit_s: float | None = None,
@@ -495,12 +554,14 @@ def main(
     small, large = (TINY, TINY) if tiny else (GPT2_SMALL, GPT2_LARGE)
     if tiny:
         tokens, queries, k, window, fit_steps, fit_batch, knn_tokens, new_tokens = 4000, 600, 16, 64, 2, 2, 3000, 4
+        scale_sizes = (3000, 20_000)
     w = Path(workdir)
     w.mkdir(parents=True, exist_ok=True)
     report("device", device_name())
     report("torch", torch.__version__)
     card = Card.this_device()
     fast = torch.cuda.is_available() if fast_fit is None else fast_fit
+    report("cuvs", "installed: its IVF-PQ rows follow" if cuvs_usable() else "not installed or no GPU: no cuVS rows")
     start_time_limit(time_limit_s)
     try:
         built = section("datastore", datastore_stage, card, w, small, tokens, window, accelerator)
@@ -508,6 +569,7 @@ def main(
         if made:
             section("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
         section("generation", generation_stage, card, w, large, small, knn_tokens, window, new_tokens, accelerator)
+        section("search_scale", search_scale_stage, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
     except TimeLimitReached as err:
         report("time_limit", f"{err}: the stage running then and those after it are not measured")
     finally:

@@ -46,6 +46,8 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert list(lines)[-4:] == HEADLINE  # the headline, last, in this order
     for name in HEADLINE:
         assert math.isfinite(float(lines[name])), name
+    for entries in (3000, 20000):  # kNN-LM's search per token as the store grows: the real store, then synthetic
+        assert float(lines[f"knn_search_exact_ms_at_{entries}"]) > 0
     assert float(lines["exact_targets_qps"]) == float(lines["targets_exact_queries_per_s"])
     # every rate has its roofline: bound = the assumed peak ÷ the work per item, fraction = rate ÷ bound
     peak_flops = float(lines["peak_flops"])

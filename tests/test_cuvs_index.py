@@ -77,6 +77,20 @@ def test_knnlm_over_a_cuvs_index_equals_brute_force(tmp_path, tiny_gpt2, biomed_
     np.testing.assert_allclose(lm.knn_log_probs(keys[0]).double().exp().numpy(), expected, rtol=1e-4, atol=1e-7)
 
 
+def test_index_takes_tensors_where_they_are(cuvs):
+    """Keys already on the device (benchmarks/gpu.py's synthetic stores) are trained on and added without a host
+    round trip; ids follow the order of the batches."""
+    keys = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)).half()
+    index = CuvsIVFPQ(16, "IVF4,PQ4", torch.device("cpu"), nprobe=4)
+    index.train(keys[::3])
+    for start in range(0, 300, 128):
+        index.add(keys[start : start + 128])
+    dist, ids = index.search_tensors(keys[:5], 3)
+    exact = torch.cdist(keys[:5].float(), keys.float()).square()
+    assert index.ntotal == 300 and ids[:, 0].tolist() == list(range(5))
+    torch.testing.assert_close(dist, exact.topk(3, largest=False).values, rtol=1e-4, atol=1e-3)
+
+
 def test_own_entry_dropped_wherever_it_sits():
     dist = torch.tensor([[0.0, 1.0, 1.0, 3.0], [2.0, 0.5, 0.0, 9.0], [1.0, 2.0, 3.0, 4.0]])
     ids = torch.tensor([[7, 3, 4, 5], [1, 2, 8, 6], [0, 1, -1, 2]])

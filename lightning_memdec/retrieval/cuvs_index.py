@@ -106,13 +106,13 @@ class CuvsIVFPQ:
     def search_params(self):
         return self.ivf_pq.SearchParams(n_probes=self.nprobe)
 
-    def train(self, sample: np.ndarray) -> None:
+    def train(self, sample: np.ndarray | torch.Tensor) -> None:
         """The coarse quantizer's ``nlist`` centroids and the PQ codebooks, from ``sample`` [n, d] (all of it)."""
         with device_scope(self.device):
             self.index = self.ivf_pq.build(self.index_params(), self.on_device(sample), resources=self.handle())
         self.ntotal = 0
 
-    def add(self, keys: np.ndarray) -> None:
+    def add(self, keys: np.ndarray | torch.Tensor) -> None:
         """Encode ``keys`` [n, d] into the lists, with ids ``ntotal … ntotal + n − 1`` (datastore rows)."""
         ids = torch.arange(self.ntotal, self.ntotal + len(keys), dtype=torch.int64, device=self.device)
         with device_scope(self.device):
@@ -141,8 +141,10 @@ class CuvsIVFPQ:
         with device_scope(self.device):
             self.ivf_pq.save(str(path), self.index)
 
-    def on_device(self, rows: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+    def on_device(self, rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Host rows or a tensor anywhere, as contiguous float32 on the index's device (copied only if needed)."""
+        rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
+        return rows.to(self.device, torch.float32).contiguous()
 
 
 def device_scope(device: torch.device):
