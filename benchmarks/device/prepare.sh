@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Before a device call (docs/gpu.md, "The prepared GPU run"), on this machine, from anywhere in the checkout:
+#  1. the wheels the device lacks, for its Python 3.12, into .whl/ (ignored by git): faiss-cpu (not in its image),
+#     transformers >= 5.24 (its 5.17 lacks the generation `cache` field InterpolatedLM reads; regex >= 2025.10.22 with
+#     it, checked at import), jsonargparse and omegaconf (the configs) with jsonargparse's signature helpers;
+#  2. the embedded base LMs (lightning_memdec/assets/models, 53 MB, not read by benchmarks/gpu.py) left out of what a
+#     call sends: the tracked tree is 68 MiB, a call sends at most 64 MiB. They are removed from git's index only
+#     (the files stay on disk) and ignored until benchmarks/device/restore.sh puts them back: run it before any commit.
+# Prints the size of what will travel.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+exclude=.git/info/exclude
+mkdir -p "$(dirname "$exclude")" && touch "$exclude"
+for pattern in /.whl/ /lightning_memdec/assets/models/; do
+    grep -qxF "$pattern" "$exclude" || echo "$pattern" >> "$exclude"
+done
+python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -q -d .whl \
+    faiss-cpu==1.15.1 transformers==5.24.0 regex==2026.11.19 jsonargparse==4.53.0 omegaconf==2.4.0 \
+    docstring-parser==0.18.0 typeshed-client==2.15.0
+git rm -r -q --cached lightning_memdec/assets/models
+tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | du -cb --files0-from=- | tail -1 | cut -f1)
+wheels=$(du -cb .whl/*.whl | tail -1 | cut -f1)
+echo "travels: tree $((tree / 1048576)) MiB + .whl $((wheels / 1048576)) MiB (limit 64 MiB);" \
+     "run benchmarks/device/restore.sh before committing"
