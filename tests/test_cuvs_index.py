@@ -58,7 +58,7 @@ def test_targets_from_a_cuvs_index_equal_brute_force(tmp_path, biomed_datastore,
     out = build_targets(biomed_datastore, index, tmp_path / "t", knn=knn, search=TargetSearch(backend="faiss"))
     store, targets = Datastore(biomed_datastore), Targets(out)
     keys = np.asarray(store.keys, dtype=np.float32)
-    assert targets.meta["self_excluded"] and len(targets) == len(store)
+    assert targets.meta["self_excluded"] and len(targets) == len(store) and targets.meta["index_library"] == "cuvs"
     for q in [0, 1, 500, 1234, len(store) - 1]:
         ids, probs = targets.row(q)
         ref = brute_force_row(keys, store.values, q, 16, 4.0, exclude=q)

@@ -264,7 +264,7 @@ def build_targets(
         )
     if backend == "faiss" and search.use_gpu:
         check_gpu_k(knn.k, self_match=self_exclude)
-    factory, index_nprobe = searched_index(index) if backend == "faiss" else (None, None)
+    factory, index_nprobe, library = searched_index(index) if backend == "faiss" else (None, None, None)
     available = len(store) - (1 if self_exclude else 0)
     k, hw = capped_k(knn.k, available), hardware
     if search.shard_keys and str(hw.devices).isdigit():  # up front where the rank count is known; else in each rank
@@ -304,16 +304,18 @@ def build_targets(
     settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob")}
     settings["exact_distances"] = knn.exact_distances or backend == "exact"
     settings["nprobe"] = None if backend == "exact" else knn.nprobe or index_nprobe
+    settings["index_library"] = library  # faiss or cuvs: which library searched the index (None: no index)
     return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
 
 
-def searched_index(index: Path) -> tuple[str, int]:
-    """Factory and nprobe of the index the ranks will search, from its meta.json only (the ranks load the index; a
-    copy here would stay for the whole run). A cuVS index needs cuVS and a GPU here: checked before any work."""
+def searched_index(index: Path) -> tuple[str, int, str]:
+    """Factory, nprobe and library of the index the ranks will search, from its meta.json only (the ranks load the
+    index; a copy here would stay for the whole run). A cuVS index needs cuVS and a GPU here: checked before work."""
     meta = read_meta(index, kind="index")
-    if meta.get("library") == "cuvs":
+    library = meta.get("library", "faiss")
+    if library == "cuvs":
         cuvs_index.cuvs_api(), cuvs_index.cuvs_device()
-    return meta["factory"], meta["nprobe"]
+    return meta["factory"], meta["nprobe"], library
 
 
 def capped_k(k: int, available: int) -> int:
