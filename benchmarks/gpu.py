@@ -467,6 +467,7 @@ def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: f
     store's are synthetic, made on the device as ``latency_stores.synthetic_datastore`` makes them on disk: a real
     key + Gaussian noise of ``noise_scale`` × the real keys' per-dimension std, in fp16. A size whose keys exceed
     the resident share of free device memory is reported as not fitting (streaming them would time PCIe)."""
+    from lightning_memdec.io.capacity import available_ram
     from lightning_memdec.retrieval.exact_search import RESIDENT_FRACTION, exact_search, squared_norms
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -475,7 +476,7 @@ def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: f
     generator = torch.Generator(dev).manual_seed(seed)
     query = real[:1].float() + sigma * torch.randn(1, real.shape[1], generator=generator, device=dev)
     for n in sizes:
-        free = torch.cuda.mem_get_info()[0] if dev.type == "cuda" else available_bytes()
+        free = torch.cuda.mem_get_info()[0] if dev.type == "cuda" else available_ram()
         if n * real.shape[1] * 2 > RESIDENT_FRACTION * free:
             report(f"knn_search_exact_ms_at_{n}", f"keys of {n * real.shape[1] * 2 / 1e9:.1f} GB do not fit "
                    f"{RESIDENT_FRACTION:.0%} of the {free / 1e9:.1f} GB free")  # fmt: skip
@@ -511,12 +512,6 @@ def cuvs_search(keys: torch.Tensor, k: int, query: torch.Tensor):
     for start in range(0, len(keys), 1 << 20):
         index.add(keys[start : start + (1 << 20)])
     return lambda: index.search_tensors(query, k)
-
-
-def available_bytes() -> int:
-    from lightning_memdec.io.capacity import available_ram
-
-    return available_ram()
 
 
 def generation_rooflines(card: Card, base, decoder, seconds: dict) -> None:
