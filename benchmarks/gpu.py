@@ -37,7 +37,6 @@ failed). A section that fails prints ``<section>_error: …`` and the rest still
 from __future__ import annotations
 
 import importlib.util
-import json
 import signal
 import traceback
 from dataclasses import dataclass, field
@@ -223,11 +222,12 @@ def cuvs_usable() -> bool:
 def cuvs_targets_rate(w: Path, store: Path, qstore: Path, k: int, accelerator: str) -> None:
     """The same targets from an IVF-PQ index that cuVS builds and searches on the GPU (the plan ``auto`` gives for
     this store): build seconds, its recall@64 against exact search, and queries/s of ``build_targets`` with it."""
+    from lightning_memdec.io.artifact_dirs import read_meta
     from lightning_memdec.retrieval.faiss_index import build_index
     from lightning_memdec.stages.targets import build_targets
 
     index, seconds = timed(lambda: build_index(store, w / "index-cuvs", overwrite=True, library="cuvs"))
-    meta = json.loads((index / "meta.json").read_text())
+    meta = read_meta(index, kind="index")
     report("cuvs_index_factory", meta["factory"])
     report("cuvs_index_build_s", seconds)
     report("cuvs_index_recall_at_64", meta["recall"]["recall"])
