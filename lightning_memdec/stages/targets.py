@@ -364,8 +364,9 @@ def check_ranks_fit(
         if on_host:
             fix = "pass --hardware.devices lower or --search.memory_gb lower (smaller key blocks, same result)."
             check_fits(ranks * budget, available_ram(), f"{ranks} ranks' exact-search blocks on this host", fix)
-    if search == "faiss" and not use_gpu and read_meta(index, kind="index").get("library") != "cuvs":
-        path, meta = Path(index) / INDEX, read_meta(index, kind="index")
+    meta = read_meta(index, kind="index") if search == "faiss" else {}
+    if search == "faiss" and not use_gpu and meta.get("library") != "cuvs":  # a cuVS index is on each rank's GPU
+        path = Path(index) / INDEX
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; rebuild the index.")
         replica = plan_index(meta["ntotal"], meta["dim"], factory=meta["factory"]).index_bytes  # loaded, with tables
