@@ -1,16 +1,19 @@
-"""StaticGenerator: static caches and a compiled step give generate()'s tokens (greedy and sampled)."""
+"""StaticGenerator: static caches and compiled steps give generate()'s tokens (greedy, sampled and beam)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import save_tiny
+from transformers import GenerationConfig
+from transformers.cache_utils import DynamicLayer
 
 from lightning_memdec.hf.loading import load_causal_lm
 from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.static_generation import StaticGenerator
 
 PROMPTS = [[464, 3290, 373, 257, 1310], [40, 588, 257, 1310, 286]]  # two rows of one length
+EOS = {"eos_token_id": [13, 11]}  # '.' and ','
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +76,97 @@ def test_requests_it_cannot_serve_are_refused(mixture, tiny_gpt2):
         gen.generate(torch.tensor(PROMPTS[:1]), 0)
     with pytest.raises(ValueError, match="pass pad_token_id with eos_token_id"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, eos_token_id=5)
+    with pytest.raises(ValueError, match="beam sampling is InterpolatedLM.generate"):
+        gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="early_stopping"):
+        gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2, early_stopping="sometimes")
+    with pytest.raises(ValueError, match="applies .*repetition_penalty.*InterpolatedLM.generate"):
+        gen.generate(torch.tensor(PROMPTS[:1]), 2, repetition_penalty=1.3)  # would be ignored: other tokens
+    with pytest.raises(ValueError, match="not GenerationConfig fields: \\['num_beam'\\]"):
+        gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beam=2)
     with pytest.raises(ValueError, match="exceeds the context of"):
         StaticGenerator(load_causal_lm(tiny_gpt2), max_length=600).generate(torch.tensor(PROMPTS[:1]), 590)
+    gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2)
+    gen._caches[0].layers[0] = DynamicLayer()  # as a model with recurrent or other per-row state would have
+    with pytest.raises(ValueError, match="reorders attention caches only; .* DynamicLayer"):
+        gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2)
     router_lm = InterpolatedLM(mixture.base, mixture.memdec, 0.4)
     router_lm.router = object()  # any router: skips are data-dependent
     with pytest.raises(ValueError, match="fixed λ"):
         StaticGenerator.from_interpolated(router_lm)
+
+
+@pytest.fixture(scope="module")
+def trained_mixture():
+    """The shipped base LMs as base and decoder: trained models whose beams really diverge and meet EOS (random
+    tiny models repeat one token on every beam)."""
+    return InterpolatedLM("embedded:base-large", "embedded:base-small", 0.4)
+
+
+@pytest.mark.parametrize("beams", [2, 4])
+@pytest.mark.parametrize("rows", [PROMPTS[:1], PROMPTS])
+def test_beam_search_tokens_equal_generate(trained_mixture, rows, beams):
+    prompt = torch.tensor(rows)
+    want = hf_tokens(trained_mixture, prompt, 10, num_beams=beams, do_sample=False)
+    gen = StaticGenerator.from_interpolated(trained_mixture, max_length=64)
+    got = gen.generate(prompt, 10, num_beams=beams)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, gen.generate(prompt, 10))  # the beams really search: greedy differs here
+    base_alone = StaticGenerator(trained_mixture.base, max_length=64).generate(prompt, 10, num_beams=beams)
+    assert torch.equal(base_alone, hf_tokens(trained_mixture.base, prompt, 10, num_beams=beams, do_sample=False))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"length_penalty": 0.0}, {"length_penalty": 2.0}, {"length_penalty": 2.0, "early_stopping": "never"},
+     {"early_stopping": True}, {"eos_token_id": [11]}, {"eos_token_id": [11], "early_stopping": True}],
+)  # fmt: skip
+def test_beam_hypotheses_that_end_at_eos_equal_generate(trained_mixture, settings):
+    """'.' and ',' end hypotheses: several lengths, scored with the length penalty, padded; generate() stops early
+    under some settings, and so must this (the same number of forwards)."""
+    prompt = torch.tensor(PROMPTS)
+    kwargs = {"num_beams": 3, "eos_token_id": [13, 11], "pad_token_id": 7, **settings}
+    forwards = []
+    hook = trained_mixture.base.register_forward_hook(lambda *_: forwards.append(1))
+    want = trained_mixture.generate(prompt, max_new_tokens=12, do_sample=False, **kwargs)
+    hf_forwards = len(forwards)
+    got = StaticGenerator.from_interpolated(trained_mixture, max_length=64).generate(prompt, 12, **kwargs)
+    hook.remove()
+    assert torch.equal(got, want)
+    assert len(forwards) - hf_forwards == hf_forwards
+
+
+def test_beam_search_covers_early_ends_and_padding(trained_mixture):
+    """The settings above really exercise what they claim: early stops and padded hypotheses."""
+    prompt = torch.tensor(PROMPTS)
+    gen = StaticGenerator.from_interpolated(trained_mixture, max_length=64)
+    ends = {"num_beams": 3, "eos_token_id": [13, 11], "pad_token_id": 7}
+    assert gen.generate(prompt, 12, early_stopping=True, **ends).shape[1] < prompt.shape[1] + 12
+    assert bool((gen.generate(prompt, 12, **ends) == 7).any())
+
+
+def test_a_generation_config_gives_what_its_fields_give(trained_mixture):
+    """The config generate() takes works here too (fields given as keywords win), a model's own included."""
+    prompt = torch.tensor(PROMPTS)
+    gen = StaticGenerator.from_interpolated(trained_mixture, max_length=64)
+    config = GenerationConfig(num_beams=3, length_penalty=0.0, eos_token_id=[13, 11], pad_token_id=7)
+    want = gen.generate(prompt, 12, num_beams=3, length_penalty=0.0, eos_token_id=[13, 11], pad_token_id=7)
+    assert torch.equal(gen.generate(prompt, 12, config), want)
+    assert torch.equal(
+        gen.generate(prompt, 12, config, num_beams=1), gen.generate(prompt, 12, **{**EOS, "pad_token_id": 7})
+    )
+    assert config.num_beams == 3  # the caller's config is not changed
+    model_config = trained_mixture.base.generation_config  # bos/eos ids and flags from generation_config.json
+    assert torch.equal(gen.generate(prompt, 12, model_config, pad_token_id=7), gen.generate(prompt, 12,
+               eos_token_id=model_config.eos_token_id, pad_token_id=7))  # fmt: skip
+
+
+def test_beam_step_reorders_in_place_and_compiles_into_one_graph(trained_mixture):
+    torch._dynamo.reset()
+    prompt = torch.tensor(PROMPTS)
+    compiled = StaticGenerator.from_interpolated(trained_mixture, max_length=64, compile=True, backend="eager")
+    got = compiled.generate(prompt, 8, num_beams=3)
+    addresses = [layer.keys.data_ptr() for cache in compiled._caches for layer in cache.layers]
+    assert torch.equal(got, hf_tokens(trained_mixture, prompt, 8, num_beams=3, do_sample=False))
+    assert torch.equal(compiled.generate(prompt, 8, num_beams=3), got)
+    assert [layer.keys.data_ptr() for cache in compiled._caches for layer in cache.layers] == addresses

@@ -7,27 +7,38 @@ fixed addresses), and the per-token step — both forwards and the log-space mix
 ``torch.compile`` turns into one graph; with ``mode="reduce-overhead"`` on CUDA that graph is replayed as a CUDA
 graph. The prompt is prefilled eagerly (its length varies).
 
-Scope, by design: greedy decoding and sampling (temperature, top-k, top-p, as transformers' warpers) at a fixed
-λ, for prompts of one length (batch 1, or equal-length rows: no padding). Beam search, padded batches and a router
-(whose skips are data-dependent) stay with ``InterpolatedLM.generate``. ``tests/test_static_generation.py`` checks
-greedy and sampled tokens against ``generate()``, and that the step traces into one graph (``fullgraph=True``).
+Scope, by design: greedy decoding, sampling (temperature, top-k, top-p, as transformers' warpers) and beam search
+(``generate()``'s rules, :mod:`~lightning_memdec.inference.beam_search`) at a fixed λ, for prompts of one length
+(batch 1, or equal-length rows: no padding). Beam search reorders the static caches in place, inside the compiled
+step, so their addresses (and a captured graph) stay valid. Beam sampling, padded batches and a router (whose skips
+are data-dependent) stay with ``InterpolatedLM.generate``. ``tests/test_static_generation.py`` checks greedy,
+sampled and beam tokens against ``generate()``, and that the steps trace into one graph (``fullgraph=True``).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from transformers import StaticCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import GenerationConfig, StaticCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from lightning_memdec.hf.loading import cache_arg_name, check_fits_context, context_length, output_rows
+from lightning_memdec.inference.beam_search import beam_search
 from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_log_probs
 
 __all__ = ["StaticGenerator", "DEFAULT_MAX_LENGTH"]
 
 DEFAULT_MAX_LENGTH = 2048  #: cache positions when max_length is not given (a 128k-context model would need GBs)
+# GenerationConfig fields generate() here applies; and those that change nothing here (ids and flags a model's own
+# generation_config.json often carries)
+_APPLIED = {"do_sample", "temperature", "top_k", "top_p", "num_beams", "length_penalty", "early_stopping",
+            "eos_token_id", "pad_token_id"}  # fmt: skip
+_INERT = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache"}
 
 
 class StaticGenerator:
-    """Greedy or sampled decoding of ``base`` (+ ``memdec`` at ``lmbda``) with static caches and a compiled step.
+    """Greedy, sampled or beam decoding of ``base`` (+ ``memdec`` at ``lmbda``) with static caches, compiled steps.
 
     Args:
         base: the base causal LM (a loaded ``PreTrainedModel``).
@@ -66,10 +77,14 @@ class StaticGenerator:
             compile = self.device.type == "cuda"
         if mode is None and self.device.type == "cuda" and backend == "inductor":
             mode = "reduce-overhead"
+
         # the per-token step (one token [B, 1] at one position [1] -> log-probs [B, V]) is the compiled part;
         # the prompt's forward runs eagerly through the same _log_probs
-        step = torch.compile(self._log_probs, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False)
-        self._compiled_step = step if compile else self._log_probs
+        def compiled(fn):
+            return torch.compile(fn, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False) if compile else fn
+
+        self._compiled_step = compiled(self._log_probs)
+        self._compiled_beam_step = compiled(self._reordered_log_probs)  # compiled on first use only
 
     @classmethod
     def from_interpolated(cls, lm, **kwargs) -> StaticGenerator:
@@ -94,6 +109,15 @@ class StaticGenerator:
             return log_probs[0]
         return mix_log_probs(log_probs[0], log_probs[1].to(log_probs[0].device), self.lmbda)
 
+    def _reordered_log_probs(self, ids: torch.Tensor, positions: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        """:meth:`_log_probs` after cache row ``r`` takes row ``parents[r]``'s states (``parents`` ``[B·K]``: the
+        beams each new beam extends), copied in place so the caches keep their addresses."""
+        for cache in self._caches:
+            for layer in cache.layers:
+                layer.keys.copy_(layer.keys.index_select(0, parents))  # [B·K, heads, positions, head dim]
+                layer.values.copy_(layer.values.index_select(0, parents))
+        return self._log_probs(ids, positions)
+
     def _ready_caches(self, batch: int) -> None:
         """Static caches for ``batch`` rows, reused (same tensors, so a captured CUDA graph stays valid) and
         zeroed while the batch size is unchanged."""
@@ -108,23 +132,27 @@ class StaticGenerator:
 
     @torch.no_grad()
     def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
+        self, input_ids: torch.Tensor, max_new_tokens: int, generation_config: GenerationConfig | None = None, **fields
     ) -> torch.Tensor:
-        """Prompt ``[B, T]`` + up to ``max_new_tokens`` tokens ``[B, T + n]``, as ``generate()`` returns them:
-        rows that reached EOS are padded with ``pad_token_id`` until every row has, then decoding stops."""
+        """Prompt ``[B, T]`` + up to ``max_new_tokens`` tokens ``[B, T + n]``, as ``generate()`` returns them.
+
+        Settings come as in ``generate()``: a ``GenerationConfig`` and/or its fields as keywords (these win):
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``num_beams``, ``length_penalty``, ``early_stopping``,
+        ``eos_token_id``, ``pad_token_id``. Rows that reached EOS are padded with ``pad_token_id`` until every row
+        has, then decoding stops; with ``num_beams`` > 1 each row's best beam is returned.
+        """
+        config = _decoding_settings(generation_config, fields)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = list(input_ids.shape)
             raise ValueError(f"input_ids must be [batch, prompt length ≥ 1] token ids, got shape {shape}.")
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+        do_sample, num_beams = bool(config.do_sample), config.num_beams or 1
+        if num_beams < 1 or (num_beams > 1 and do_sample):
+            raise ValueError(
+                f"num_beams must be ≥ 1 and beam search cannot sample here (got num_beams={num_beams}, do_sample="
+                f"{do_sample}); beam sampling is InterpolatedLM.generate(num_beams=..., do_sample=True)."
+            )
         batch, prompt = input_ids.shape
         total = prompt + max_new_tokens
         if total > self.max_length:
@@ -134,13 +162,20 @@ class StaticGenerator:
             )
         for model in self.models:
             check_fits_context(total, model, model.name_or_path or type(model).__name__, "prompt + max_new_tokens")
-        eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, device=self.device).reshape(-1)
+        eos = torch.as_tensor([] if config.eos_token_id is None else config.eos_token_id, device=self.device)
+        eos, pad_token_id = eos.reshape(-1), config.pad_token_id
         if eos.numel() and pad_token_id is None:
             raise ValueError("pass pad_token_id with eos_token_id: finished rows are padded with it.")
-        warpers = _warpers(temperature, top_k, top_p) if do_sample else None
-        self._ready_caches(batch)
-        ids = input_ids.to(self.device)
+        warpers = _warpers(config) if do_sample else None
+        ids = input_ids.to(self.device).repeat_interleave(num_beams, 0)  # [B·K, T]
+        self._ready_caches(len(ids))
+        if num_beams > 1:
+            self._check_reorderable()
         log_probs = self._log_probs(ids, torch.arange(prompt, device=self.device))  # the prompt, eagerly
+        if num_beams > 1:
+            length_penalty = 1.0 if config.length_penalty is None else config.length_penalty
+            return beam_search(input_ids.to(self.device), log_probs, self._beam_step, num_beams, max_new_tokens, eos,
+                               pad_token_id, length_penalty, config.early_stopping or False)  # fmt: skip
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             token = _next_token(ids, log_probs, warpers)  # [B]
@@ -155,16 +190,48 @@ class StaticGenerator:
             log_probs = self._compiled_step(token[:, None], position).clone()  # a replayed graph reuses its output
         return ids
 
+    def _beam_step(self, tokens: torch.Tensor, position: int, parents: torch.Tensor) -> torch.Tensor:
+        """beam_search's step: the caches reordered to ``parents`` and the next log-probs, in one compiled call."""
+        _mark_cudagraph_step()
+        positions = torch.tensor([position], device=self.device)
+        return self._compiled_beam_step(tokens, positions, parents).clone()  # a replayed graph reuses its output
 
-def _warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
+    def _check_reorderable(self) -> None:
+        """Beam search reorders keys and values in place: refuse cache layers holding other per-row state."""
+        for cache in self._caches:
+            for layer in cache.layers:
+                if type(layer) not in (StaticLayer, StaticSlidingWindowLayer):
+                    raise ValueError(
+                        f"StaticGenerator's beam search reorders attention caches only; this model's cache has a "
+                        f"{type(layer).__name__}: use InterpolatedLM.generate(num_beams=...)."
+                    )
+
+
+def _decoding_settings(generation_config: GenerationConfig | None, fields: dict) -> GenerationConfig:
+    """``generation_config`` (copied) updated with ``fields``; refuses settings this generator does not apply (a
+    repetition penalty silently ignored would give other tokens than ``generate()``)."""
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    unknown = config.update(**fields)
+    if unknown:
+        raise ValueError(f"not GenerationConfig fields: {sorted(unknown)}.")
+    other = {k: v for k, v in config.to_diff_dict().items() if k not in _APPLIED | _INERT and v}
+    if other:
+        raise ValueError(
+            f"StaticGenerator applies {sorted(_APPLIED)}; got {other}: generate with InterpolatedLM.generate for those."
+        )
+    return config
+
+
+def _warpers(config: GenerationConfig) -> list:
     """transformers' sampling warpers, in generate()'s order (temperature, top-k, top-p)."""
+    temperature = 1.0 if config.temperature is None else config.temperature
     if temperature <= 0:
         raise ValueError(f"temperature must be positive for sampling, got {temperature}; use do_sample=False.")
     warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-    if top_k is not None and top_k != 0:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(config.top_p))
     return warpers
 
 
