@@ -24,10 +24,12 @@ depends on shapes, not on what the model knows.
    index on the GPU) against its own cached loop without retrieval (paper: 1.28×, 2.17×); the headline uses the
    fastest kNN-LM search. Then kNN-LM's retrieval for one token at ``--scale_sizes`` entries (0.5 M, 5 M, 50 M:
    the real store, then synthetic keys around its real ones): exact over resident keys, and cuVS IVF-PQ with cuVS.
+   Last, beam search (4 beams) of base + MemDec: StaticGenerator's compiled step (its caches reordered in place
+   inside it) beside ``generate()``'s eager beam search, and whether their tokens agree on the card.
 
-They run in the order 1, 2, 4, 3, then the retrieval at scale: fit, whose compilations make it the likeliest to meet
-``--time_limit_s``, after generation. Each stage also prints its roofline: ``<stage>_bound`` (the rate the card's
-assumed peak allows: dense bf16 FLOP/s for products, HBM bytes/s for batch-1 decoding, printed as
+They run in the order 1, 2, 4, 3, then the retrieval at scale and beam search: fit, whose compilations make it the
+likeliest to meet ``--time_limit_s``, after generation. Each stage also prints its roofline: ``<stage>_bound`` (the
+rate the card's assumed peak allows: dense bf16 FLOP/s for products, HBM bytes/s for batch-1 decoding, printed as
 ``peak_flops``/``peak_bytes_per_s``) and ``<stage>_roofline_fraction`` (measured ÷ bound). Fixed costs (key upload,
 trainer start-up) are printed apart from the rates. The last four lines, in this order, are the headline:
 ``exact_targets_qps``, ``fit_mfu``, ``memdec_ms_per_token``, ``memdec_generation_overhead`` (nan where a stage
@@ -438,11 +440,8 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
         cuvs_index = build_index(store, w / "index-large-cuvs", overwrite=True, library="cuvs", recall_queries=0)
         knnlm_cuvs = KNNLM(base, store, cuvs_index, k=1024, temperature=16.0, lmbda=0.25)
         runs["knnlm_cuvs"] = lambda: knn_loop(knnlm_cuvs, 0.25)
-    seconds = {}
-    for name, run in runs.items():
-        run()  # warm-up: kernels, caches, compilation and CUDA-graph capture of the static steps
-        run()
-        seconds[name] = min(timed(run)[1] for _ in range(2)) / new_tokens
+    seconds = {name: seconds_per_token(run, new_tokens) for name, run in runs.items()}
+    for name in runs:
         report(f"generate_{name}_ms_per_token", 1000 * seconds[name])
     report("static_memdec_tokens_equal_eager", float(torch.equal(static["memdec"].generate(prompt, new_tokens),
                                                                  mixed.generate(prompt, **kwargs))))  # fmt: skip
@@ -458,6 +457,40 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
     knn = min(seconds[name] for name in searches) / seconds["base_loop"]
     report("knnlm_generation_overhead", knn)
     report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
+
+
+def seconds_per_token(run, new_tokens: int) -> float:
+    """Best of two timed runs of ``run`` (``new_tokens`` each), after two warm-ups: kernels, caches, compilation
+    and CUDA-graph capture of the static steps."""
+    run()
+    run()
+    return min(timed(run)[1] for _ in range(2)) / new_tokens
+
+
+def beam_stage(w: Path, large: dict, small: dict, new_tokens: int, beams: int = 4) -> None:
+    """Beam search of base + MemDec (the generation stage's models): StaticGenerator's compiled steps, the caches
+    reordered in place inside them, beside generate()'s eager beam search, and whether their tokens agree."""
+    from lightning_memdec.hf.loading import load_causal_lm
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+    from lightning_memdec.inference.static_generation import StaticGenerator
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_causal_lm(save_gpt2(w / "gpt2-large-base", **large, seed=2), dtype=dtype).to(dev).eval()
+    decoder = load_causal_lm(save_gpt2(w / "gpt2-small-decoder", **small, seed=3), dtype=dtype).to(dev).eval()
+    mixed = InterpolatedLM(base, decoder, 0.25)
+    prompt = torch.randint(0, 50256, (1, 32), device=dev)
+    static = StaticGenerator.from_interpolated(mixed, max_length=prompt.shape[1] + new_tokens)
+    settings = {"num_beams": beams, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    runs = {
+        "eager": lambda: mixed.generate(prompt, max_new_tokens=new_tokens, **settings),
+        "static": lambda: static.generate(prompt, new_tokens, **settings),
+    }
+    seconds = {name: seconds_per_token(run, new_tokens) for name, run in runs.items()}
+    for name in runs:
+        report(f"generate_memdec_beam{beams}_{name}_ms_per_token", 1000 * seconds[name])
+    report(f"static_memdec_beam{beams}_tokens_equal_eager", float(torch.equal(runs["static"](), runs["eager"]())))
+    report(f"memdec_beam{beams}_eager_to_static_speedup", seconds["eager"] / seconds["static"])
 
 
 def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: float = 0.25, seed: int = 0) -> None:
@@ -542,7 +575,7 @@ def main(
     fast_fit: bool | None = None,
     time_limit_s: float | None = None,
 ) -> None:
-    """Run the four GPU stages and print their rates (``--tiny true``: small shapes on CPU, for CI).
+    """Run the GPU stages and print their rates (``--tiny true``: small shapes on CPU, for CI).
 
     ``fast_fit``: train with torch.compile, fused AdamW and a vocabulary padded to 64 (default: on a GPU).
     ``time_limit_s``: stop the stage running then, skip the rest and print the headline (nan where not measured)."""
@@ -566,6 +599,7 @@ def main(
         if made:  # after generation: its compilations make it the stage most likely to meet the time limit
             section("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
         section("search_scale", search_scale_stage, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
+        section("beam", beam_stage, w, large, small, new_tokens)  # last: no headline figure depends on it
     except TimeLimitReached as err:
         report("time_limit", f"{err}: the stage running then and those after it are not measured")
     finally:
