@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import save_tiny
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
 from lightning_memdec.hf.loading import load_causal_lm
@@ -35,6 +35,16 @@ def test_greedy_tokens_equal_generate(mixture, rows):
     base_alone = StaticGenerator(mixture.base, max_length=64).generate(prompt, 12)
     assert torch.equal(base_alone, hf_tokens(mixture.base, prompt, 12, do_sample=False))
     assert not torch.equal(base_alone, got)  # the decoder changes the tokens: the mixture is really applied
+
+
+def test_default_sampling_is_generates_top_50(trained_mixture):
+    """Unset settings take generate()'s defaults (top-k 50 when sampling), not "no filter"."""
+    prompt = torch.tensor(PROMPTS)
+    torch.manual_seed(3)
+    want = hf_tokens(trained_mixture, prompt, 10, do_sample=True)
+    torch.manual_seed(3)
+    got = StaticGenerator.from_interpolated(trained_mixture, max_length=64).generate(prompt, 10, do_sample=True)
+    assert torch.equal(got, want)
 
 
 def test_sampled_tokens_equal_generate_under_one_seed(mixture):
@@ -76,12 +86,13 @@ def test_requests_it_cannot_serve_are_refused(mixture, tiny_gpt2):
         gen.generate(torch.tensor(PROMPTS[:1]), 0)
     with pytest.raises(ValueError, match="pass pad_token_id with eos_token_id"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, eos_token_id=5)
-    with pytest.raises(ValueError, match="beam sampling is InterpolatedLM.generate"):
+    with pytest.raises(ValueError, match="beam search here neither samples"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match="early_stopping"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2, early_stopping="sometimes")
     with pytest.raises(ValueError, match="applies .*repetition_penalty.*InterpolatedLM.generate"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, repetition_penalty=1.3)  # would be ignored: other tokens
+    gen.generate(torch.tensor(PROMPTS[:1]), 2, repetition_penalty=1.0, output_scores=False)  # generate()'s defaults
     with pytest.raises(ValueError, match="not GenerationConfig fields: \\['num_beam'\\]"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beam=2)
     with pytest.raises(ValueError, match="exceeds the context of"):
@@ -170,3 +181,66 @@ def test_beam_step_reorders_in_place_and_compiles_into_one_graph(trained_mixture
     assert torch.equal(got, hf_tokens(trained_mixture, prompt, 8, num_beams=3, do_sample=False))
     assert torch.equal(compiled.generate(prompt, 8, num_beams=3), got)
     assert [layer.keys.data_ptr() for cache in compiled._caches for layer in cache.layers] == addresses
+
+
+def padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    from lightning_memdec.hf.left_padding import left_pad
+
+    return left_pad(rows, pad)
+
+
+UNEVEN = [[464, 3290, 373, 257, 1310, 13, 383], [40, 588, 257], [1849, 11, 262, 995]]  # three lengths
+
+
+@pytest.mark.parametrize("settings", [{}, {"num_beams": 3}, {"eos_token_id": [13, 11], "pad_token_id": 7}])
+def test_left_padded_prompts_equal_generate_and_each_row_alone(trained_mixture, settings):
+    ids, mask = padded(UNEVEN)
+    gen = StaticGenerator.from_interpolated(trained_mixture, max_length=64)
+    got = gen.generate(ids, 10, attention_mask=mask, **settings)
+    base = {"pad_token_id": 0, "eos_token_id": None, **settings}
+    want = trained_mixture.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **base)
+    assert torch.equal(got, want)
+    alone = [gen.generate(torch.tensor([row]), 10, **settings)[0] for row in UNEVEN]
+    for row, prompt, one in zip(got, UNEVEN, alone):  # padding changes nothing a row generates
+        width = ids.shape[1] - len(prompt)
+        assert torch.equal(row[width : width + len(one)], one)
+
+
+def test_sampled_left_padded_prompts_equal_generate_under_one_seed(trained_mixture):
+    ids, mask = padded(UNEVEN)
+    settings = {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "pad_token_id": 0}
+    torch.manual_seed(5)
+    want = trained_mixture.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, **settings)
+    torch.manual_seed(5)
+    got = StaticGenerator.from_interpolated(trained_mixture, max_length=64).generate(ids, 8, attention_mask=mask,
+                                                                                     **settings)  # fmt: skip
+    assert torch.equal(got, want)
+
+
+def test_stopping_criteria_and_streamer_as_generate_uses_them(trained_mixture):
+    """Per-row budgets (the server's criterion) and a streamer see what they see in generate()."""
+    from lightning_memdec.inference.streamed_generation import RowBudgets, StepStreamer
+
+    ids, mask = padded(UNEVEN)
+    runs = []
+    for model in (trained_mixture, StaticGenerator.from_interpolated(trained_mixture, max_length=64)):
+        streamer = StepStreamer()
+        criteria = StoppingCriteriaList([RowBudgets(ids.shape[1], [3, 9, 5])])
+        out = model.generate(ids, max_new_tokens=12, attention_mask=mask, stopping_criteria=criteria,
+                             streamer=streamer, eos_token_id=[13], pad_token_id=0)  # fmt: skip
+        runs.append((out, list(iter(streamer.steps.get, None))))
+    (want, want_steps), (got, got_steps) = runs
+    assert torch.equal(got, want) and got_steps == want_steps
+    assert got.shape[1] == ids.shape[1] + 9  # stopped when the longest budget was spent, not at 12
+
+
+def test_bad_attention_masks_are_refused(trained_mixture):
+    gen = StaticGenerator.from_interpolated(trained_mixture, max_length=64)
+    ids, mask = padded(UNEVEN)
+    right = mask.flip(1)
+    with pytest.raises(ValueError, match="0 on left padding and 1 on every token after it"):
+        gen.generate(ids, 2, attention_mask=right)
+    with pytest.raises(ValueError, match="must have input_ids' shape"):
+        gen.generate(ids, 2, attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="a row of padding only"):
+        gen.generate(ids, 2, attention_mask=torch.cat([mask[:2], torch.zeros_like(mask[:1])]))

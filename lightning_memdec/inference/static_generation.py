@@ -8,20 +8,31 @@ fixed addresses), and the per-token step — both forwards and the log-space mix
 graph. The prompt is prefilled eagerly (its length varies).
 
 Scope, by design: greedy decoding, sampling (temperature, top-k, top-p, as transformers' warpers) and beam search
-(``generate()``'s rules, :mod:`~lightning_memdec.inference.beam_search`) at a fixed λ, for prompts of one length
-(batch 1, or equal-length rows: no padding). Beam search reorders the static caches in place, inside the compiled
-step, so their addresses (and a captured graph) stay valid. Beam sampling, padded batches and a router (whose skips
-are data-dependent) stay with ``InterpolatedLM.generate``. ``tests/test_static_generation.py`` checks greedy,
-sampled and beam tokens against ``generate()``, and that the steps trace into one graph (``fullgraph=True``).
+(``generate()``'s rules, :mod:`~lightning_memdec.inference.beam_search`) at a fixed λ, for equal-length or
+left-padded prompts (``attention_mask``: the mask stays one fixed-shape tensor, positions count real tokens), with
+``stopping_criteria`` and a ``streamer`` as ``generate()`` takes them. Beam search reorders the static caches in
+place, inside the compiled step, so their addresses (and a captured graph) stay valid. Beam sampling, other logits
+processors and a router (whose skips are data-dependent) stay with ``InterpolatedLM.generate``.
+``tests/test_static_generation.py`` checks greedy, sampled and beam tokens against ``generate()``, padded or not,
+and that the steps trace into one graph (``fullgraph=True``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
-from transformers import GenerationConfig, StaticCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    GenerationConfig,
+    StaticCache,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+from transformers.generation.streamers import BaseStreamer
 
 from lightning_memdec.hf.loading import cache_arg_name, check_fits_context, context_length, output_rows
 from lightning_memdec.inference.beam_search import beam_search
@@ -98,25 +109,32 @@ class StaticGenerator:
 
     # -- one forward ---------------------------------------------------------------------------------------------
 
-    def _log_probs(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _log_probs(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Next-token log-probs ``[B, V]`` (float32) of the mixture after ``ids`` ``[B, T]`` at cache ``positions``
-        ``[T]``, each model writing its keys and values into its static cache."""
+        ``[T]``, each model writing its keys and values into its static cache. ``mask`` ``[B, max_length]``: 0 on
+        left padding, else 1 (None: no padding); positions then count real tokens only, as ``generate()`` does."""
+        padding = {}
+        if mask is not None:
+            pads = mask.shape[1] - mask.sum(-1, keepdim=True)  # [B, 1]: every 0 is left padding
+            padding = {"attention_mask": mask, "position_ids": (positions[None, :] - pads).clamp(min=0)}  # [B, T]
         log_probs = []
         for model, cache, arg in zip(self.models, self._caches, self._cache_args):
-            out = model(input_ids=ids, cache_position=positions, use_cache=True, **{arg: cache})
+            out = model(input_ids=ids, cache_position=positions, use_cache=True, **padding, **{arg: cache})
             log_probs.append(vocab_log_probs(out.logits[:, -1], self.vocab_size))  # [B, V]
         if len(log_probs) == 1:
             return log_probs[0]
         return mix_log_probs(log_probs[0], log_probs[1].to(log_probs[0].device), self.lmbda)
 
-    def _reordered_log_probs(self, ids: torch.Tensor, positions: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    def _reordered_log_probs(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, parents: torch.Tensor
+    ) -> torch.Tensor:
         """:meth:`_log_probs` after cache row ``r`` takes row ``parents[r]``'s states (``parents`` ``[B·K]``: the
         beams each new beam extends), copied in place so the caches keep their addresses."""
         for cache in self._caches:
             for layer in cache.layers:
                 layer.keys.copy_(layer.keys.index_select(0, parents))  # [B·K, heads, positions, head dim]
                 layer.values.copy_(layer.values.index_select(0, parents))
-        return self._log_probs(ids, positions)
+        return self._log_probs(ids, positions, mask)
 
     def _ready_caches(self, batch: int) -> None:
         """Static caches for ``batch`` rows, reused (same tensors, so a captured CUDA graph stays valid) and
@@ -132,14 +150,23 @@ class StaticGenerator:
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int, generation_config: GenerationConfig | None = None, **fields
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        generation_config: GenerationConfig | None = None,
+        attention_mask: torch.Tensor | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer: BaseStreamer | None = None,
+        **fields,
     ) -> torch.Tensor:
         """Prompt ``[B, T]`` + up to ``max_new_tokens`` tokens ``[B, T + n]``, as ``generate()`` returns them.
 
         Settings come as in ``generate()``: a ``GenerationConfig`` and/or its fields as keywords (these win):
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``num_beams``, ``length_penalty``, ``early_stopping``,
-        ``eos_token_id``, ``pad_token_id``. Rows that reached EOS are padded with ``pad_token_id`` until every row
-        has, then decoding stops; with ``num_beams`` > 1 each row's best beam is returned.
+        ``eos_token_id``, ``pad_token_id``; and ``attention_mask`` (0 on left padding), ``stopping_criteria``
+        (each row stops where one says so) and a ``streamer`` (given the prompt, then each step's tokens), as
+        there. Rows that reached EOS are padded with ``pad_token_id`` until every row has stopped, then decoding
+        stops; with ``num_beams`` > 1 each row's best beam is returned.
         """
         config = _decoding_settings(generation_config, fields)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -147,13 +174,13 @@ class StaticGenerator:
             raise ValueError(f"input_ids must be [batch, prompt length ≥ 1] token ids, got shape {shape}.")
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
-        do_sample, num_beams = bool(config.do_sample), config.num_beams or 1
-        if num_beams < 1 or (num_beams > 1 and do_sample):
+        do_sample, num_beams = config.do_sample, config.num_beams
+        if num_beams < 1 or (num_beams > 1 and (do_sample or streamer is not None or stopping_criteria)):
             raise ValueError(
-                f"num_beams must be ≥ 1 and beam search cannot sample here (got num_beams={num_beams}, do_sample="
-                f"{do_sample}); beam sampling is InterpolatedLM.generate(num_beams=..., do_sample=True)."
+                f"num_beams must be ≥ 1, and beam search here neither samples, streams nor takes stopping_criteria "
+                f"(got num_beams={num_beams}, do_sample={do_sample}): use InterpolatedLM.generate for those."
             )
-        batch, prompt = input_ids.shape
+        prompt = input_ids.shape[1]
         total = prompt + max_new_tokens
         if total > self.max_length:
             raise ValueError(
@@ -163,38 +190,59 @@ class StaticGenerator:
         for model in self.models:
             check_fits_context(total, model, model.name_or_path or type(model).__name__, "prompt + max_new_tokens")
         eos = torch.as_tensor([] if config.eos_token_id is None else config.eos_token_id, device=self.device)
-        eos, pad_token_id = eos.reshape(-1), config.pad_token_id
-        if eos.numel() and pad_token_id is None:
+        eos = eos.reshape(-1)
+        if eos.numel() and config.pad_token_id is None:
             raise ValueError("pass pad_token_id with eos_token_id: finished rows are padded with it.")
         warpers = _warpers(config) if do_sample else None
+        mask = self._padding_mask(input_ids, attention_mask, num_beams)  # [B·K, max_length] or None
         ids = input_ids.to(self.device).repeat_interleave(num_beams, 0)  # [B·K, T]
         self._ready_caches(len(ids))
         if num_beams > 1:
             self._check_reorderable()
-        log_probs = self._log_probs(ids, torch.arange(prompt, device=self.device))  # the prompt, eagerly
+        log_probs = self._log_probs(ids, torch.arange(prompt, device=self.device), mask)  # the prompt, eagerly
         if num_beams > 1:
-            length_penalty = 1.0 if config.length_penalty is None else config.length_penalty
-            return beam_search(input_ids.to(self.device), log_probs, self._beam_step, num_beams, max_new_tokens, eos,
-                               pad_token_id, length_penalty, config.early_stopping or False)  # fmt: skip
-        unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
+            step = functools.partial(self._beam_step, mask=mask)
+            return beam_search(input_ids.to(self.device), log_probs, step, num_beams, max_new_tokens, eos,
+                               config.pad_token_id, config.length_penalty, config.early_stopping)  # fmt: skip
+        stops = _Stops(eos, config.pad_token_id, stopping_criteria, len(ids), self.device)
+        if streamer is not None:
+            streamer.put(ids.cpu())
         for step in range(max_new_tokens):
-            token = _next_token(ids, log_probs, warpers)  # [B]
-            if eos.numel():
-                token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
-                unfinished &= ~torch.isin(token, eos)
+            token = stops.pad_finished(_next_token(ids, log_probs, warpers))  # [B]
             ids = torch.cat([ids, token[:, None]], 1)
-            if step == max_new_tokens - 1 or (eos.numel() and not bool(unfinished.any())):
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if step == max_new_tokens - 1 or stops.all_stopped(ids, log_probs):
                 break
             _mark_cudagraph_step()
             position = torch.tensor([prompt + step], device=self.device)
-            log_probs = self._compiled_step(token[:, None], position).clone()  # a replayed graph reuses its output
+            log_probs = self._compiled_step(token[:, None], position, mask).clone()  # a replayed graph reuses it
+        if streamer is not None:
+            streamer.end()
         return ids
 
-    def _beam_step(self, tokens: torch.Tensor, position: int, parents: torch.Tensor) -> torch.Tensor:
+    def _padding_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, beams: int):
+        """``attention_mask`` ``[B, T]`` widened to the caches' ``[B·K, max_length]`` (1 past the prompt: later
+        positions are masked by causality), or None when nothing is padded. Only left padding is accepted."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        if attention_mask.shape != input_ids.shape:
+            shape, want = list(attention_mask.shape), list(input_ids.shape)
+            raise ValueError(f"attention_mask must have input_ids' shape {want}, got {shape}.")
+        mask = attention_mask.to(self.device, torch.long)
+        if not bool(((mask == 0) | (mask == 1)).all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError("attention_mask must be 0 on left padding and 1 on every token after it (no gaps).")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("attention_mask has a row of padding only: every row needs a prompt token.")
+        wide = torch.ones(len(mask), self.max_length, dtype=torch.long, device=self.device)
+        wide[:, : mask.shape[1]] = mask
+        return wide.repeat_interleave(beams, 0)
+
+    def _beam_step(self, tokens: torch.Tensor, position: int, parents: torch.Tensor, mask) -> torch.Tensor:
         """beam_search's step: the caches reordered to ``parents`` and the next log-probs, in one compiled call."""
         _mark_cudagraph_step()
         positions = torch.tensor([position], device=self.device)
-        return self._compiled_beam_step(tokens, positions, parents).clone()  # a replayed graph reuses its output
+        return self._compiled_beam_step(tokens, positions, mask, parents).clone()  # a replayed graph reuses it
 
     def _check_reorderable(self) -> None:
         """Beam search reorders keys and values in place: refuse cache layers holding other per-row state."""
@@ -207,24 +255,63 @@ class StaticGenerator:
                     )
 
 
+class _Stops:
+    """Which rows still run, by ``generate()``'s rules: a row stops at an EOS id or where ``stopping_criteria``
+    says; once stopped, its tokens become ``pad_token_id`` when EOS ids are given (else, as there, it goes on)."""
+
+    def __init__(self, eos: torch.Tensor, pad_token_id: int | None, criteria, rows: int, device):
+        self.eos, self.pad_token_id, self.criteria = eos, pad_token_id, criteria
+        self.running = torch.ones(rows, dtype=torch.bool, device=device)  # [B]
+
+    def pad_finished(self, token: torch.Tensor) -> torch.Tensor:
+        if not self.eos.numel():
+            return token
+        return torch.where(self.running, token, torch.full_like(token, self.pad_token_id))
+
+    def all_stopped(self, ids: torch.Tensor, scores: torch.Tensor) -> bool:
+        """Update with the tokens just chosen (the last column of ``ids``); True once no row runs."""
+        if not self.eos.numel() and not self.criteria:
+            return False
+        if self.eos.numel():
+            self.running &= ~torch.isin(ids[:, -1], self.eos)
+        if self.criteria:
+            self.running &= ~self.criteria(ids, scores).to(self.running.device)
+        return not bool(self.running.any())
+
+
 def _decoding_settings(generation_config: GenerationConfig | None, fields: dict) -> GenerationConfig:
-    """``generation_config`` (copied) updated with ``fields``; refuses settings this generator does not apply (a
+    """``generation_config`` (copied) updated with ``fields``, settings left unset filled with ``generate()``'s
+    defaults (e.g. sampling keeps the top 50 tokens there); refuses settings this generator does not apply (a
     repetition penalty silently ignored would give other tokens than ``generate()``)."""
     config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
     unknown = config.update(**fields)
     if unknown:
         raise ValueError(f"not GenerationConfig fields: {sorted(unknown)}.")
-    other = {k: v for k, v in config.to_diff_dict().items() if k not in _APPLIED | _INERT and v}
+    defaults = generate_defaults()
+    other = {
+        k: v
+        for k, v in config.to_diff_dict().items()
+        if k not in _APPLIED | _INERT and v and v != defaults.get(k)  # unset, off or generate()'s own default
+    }
     if other:
         raise ValueError(
             f"StaticGenerator applies {sorted(_APPLIED)}; got {other}: generate with InterpolatedLM.generate for those."
         )
+    for name in _APPLIED:
+        if getattr(config, name) is None and name in defaults:
+            setattr(config, name, defaults[name])
     return config
+
+
+def generate_defaults() -> dict:
+    """``generate()``'s values for settings neither the model's config nor the caller sets (transformers fills
+    them in before decoding; ``tests/test_static_generation.py`` checks this method still exists)."""
+    return GenerationConfig._get_default_generation_params()
 
 
 def _warpers(config: GenerationConfig) -> list:
     """transformers' sampling warpers, in generate()'s order (temperature, top-k, top-p)."""
-    temperature = 1.0 if config.temperature is None else config.temperature
+    temperature = config.temperature
     if temperature <= 0:
         raise ValueError(f"temperature must be positive for sampling, got {temperature}; use do_sample=False.")
     warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
