@@ -78,14 +78,44 @@ def test_rows_that_reach_eos_are_padded_and_decoding_stops(mixture):
     assert torch.equal(got, want)
 
 
+def test_unset_settings_come_from_the_models_generation_config(trained_mixture):
+    """As generate(): the model's EOS ids end rows, padded with its pad id (or, unset, the first EOS id)."""
+    prompt = torch.tensor(PROMPTS)
+    eos = trained_mixture.generation_config.eos_token_id
+    trained_mixture.generation_config.eos_token_id = [13]
+    try:
+        gen = StaticGenerator.from_interpolated(trained_mixture, max_length=64)
+        want = trained_mixture.generate(prompt, max_new_tokens=12, do_sample=False)
+        assert torch.equal(gen.generate(prompt, 12), want)
+        assert bool((want[:, -1] == trained_mixture.generation_config.pad_token_id).any())  # a row did end early
+        base = trained_mixture.base
+        alone = StaticGenerator(base, max_length=64).generate(prompt, 12, eos_token_id=[13])
+        assert base.generation_config.pad_token_id is None  # so generate() pads with the first EOS id
+        assert torch.equal(alone, base.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=[13]))
+    finally:
+        trained_mixture.generation_config.eos_token_id = eos
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_batch_rows_pads_every_batch_to_one_size_and_changes_no_token(trained_mixture, rows):
+    ids, mask = padded(UNEVEN[:rows])
+    settings = {"attention_mask": mask, "eos_token_id": [13, 11], "pad_token_id": 7}
+    fixed = StaticGenerator.from_interpolated(trained_mixture, max_length=64, batch_rows=4)
+    got = fixed.generate(ids, 10, **settings)
+    assert fixed._caches[0].layers[0].keys.shape[0] == 4  # the caches (and the compiled step) are 4 rows wide
+    assert torch.equal(
+        got, StaticGenerator.from_interpolated(trained_mixture, max_length=64).generate(ids, 10, **settings)
+    )
+    with pytest.raises(ValueError, match="5 prompts exceed the generator's batch_rows=4"):
+        fixed.generate(torch.tensor([UNEVEN[1]] * 5), 2)
+
+
 def test_requests_it_cannot_serve_are_refused(mixture, tiny_gpt2):
     gen = StaticGenerator.from_interpolated(mixture, max_length=16)
     with pytest.raises(ValueError, match="exceeds the static caches' 16 positions"):
         gen.generate(torch.tensor(PROMPTS[:1]), 12)
     with pytest.raises(ValueError, match="max_new_tokens must be positive"):
         gen.generate(torch.tensor(PROMPTS[:1]), 0)
-    with pytest.raises(ValueError, match="pass pad_token_id with eos_token_id"):
-        gen.generate(torch.tensor(PROMPTS[:1]), 2, eos_token_id=5)
     with pytest.raises(ValueError, match="beam search here neither samples"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match="early_stopping"):

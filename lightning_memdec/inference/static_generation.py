@@ -58,9 +58,16 @@ class StaticGenerator:
         max_length: prompt + new tokens the caches hold (default: the smaller context of the two models, at most
             :data:`DEFAULT_MAX_LENGTH`).
         vocab_size: the shared ids the mixture covers (default: the smaller head of the two models).
-        compile: compile the per-token step (default: on CUDA only; on CPU compiling costs more than it saves).
-        backend, mode, fullgraph: passed to ``torch.compile`` (default mode: ``reduce-overhead`` on CUDA, the CUDA
-            graph replay that removes the launch overhead).
+        compile: compile the per-token step (default: on CUDA only; on CPU compiling costs more than it saves),
+            as one graph (``fullgraph=True``: a graph break would split the CUDA-graph replay).
+        backend, mode: passed to ``torch.compile`` (default mode: ``reduce-overhead`` on CUDA, the CUDA graph replay
+            that removes the launch overhead).
+        batch_rows: decode every greedy or sampled batch of up to this many prompts as this many rows (the extra
+            rows are dropped from the output), so that one compiled graph serves them all, as a server wants;
+            default: each batch size compiles its own.
+
+    Unset settings of :meth:`generate` come from the base's ``generation_config`` (``from_interpolated``: the
+    mixture's), then ``generate()``'s defaults, as in ``generate()``.
     """
 
     def __init__(
@@ -73,7 +80,7 @@ class StaticGenerator:
         compile: bool | None = None,
         backend: str = "inductor",
         mode: str | None = None,
-        fullgraph: bool = True,
+        batch_rows: int | None = None,
     ):
         self.models = [m.eval() for m in (base, memdec) if m is not None]
         self.lmbda = check_lmbda(lmbda)
@@ -81,6 +88,10 @@ class StaticGenerator:
         self.max_length = int(max_length or min([*contexts, DEFAULT_MAX_LENGTH]))
         self.vocab_size = int(vocab_size or min(output_rows(m) for m in self.models))
         self.device = base.device
+        self.generation_config = copy.deepcopy(base.generation_config)
+        if batch_rows is not None and batch_rows < 1:
+            raise ValueError(f"batch_rows must be ≥ 1 (or None), got {batch_rows}.")
+        self.batch_rows = batch_rows
         self._cache_args = [cache_arg_name(m) for m in self.models]
         self._caches: list[StaticCache] | None = None
         self._batch = None
@@ -92,7 +103,7 @@ class StaticGenerator:
         # the per-token step (one token [B, 1] at one position [1] -> log-probs [B, V]) is the compiled part;
         # the prompt's forward runs eagerly through the same _log_probs
         def compiled(fn):
-            return torch.compile(fn, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=False) if compile else fn
+            return torch.compile(fn, backend=backend, mode=mode, fullgraph=True, dynamic=False) if compile else fn
 
         self._compiled_step = compiled(self._log_probs)
         self._compiled_beam_step = compiled(self._reordered_log_probs)  # compiled on first use only
@@ -105,7 +116,9 @@ class StaticGenerator:
                 "StaticGenerator decodes at a fixed λ; a router skips the decoder at data-dependent steps: generate "
                 "with InterpolatedLM.generate instead."
             )
-        return cls(lm.base, lm.memdec, lm.lmbda, vocab_size=lm.config.vocab_size, **kwargs)
+        generator = cls(lm.base, lm.memdec, lm.lmbda, vocab_size=lm.config.vocab_size, **kwargs)
+        generator.generation_config = copy.deepcopy(lm.generation_config)  # its pad and EOS ids, as generate() uses
+        return generator
 
     # -- one forward ---------------------------------------------------------------------------------------------
 
@@ -168,7 +181,7 @@ class StaticGenerator:
         there. Rows that reached EOS are padded with ``pad_token_id`` until every row has stopped, then decoding
         stops; with ``num_beams`` > 1 each row's best beam is returned.
         """
-        config = _decoding_settings(generation_config, fields)
+        config = _decoding_settings(generation_config or self.generation_config, fields)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = list(input_ids.shape)
             raise ValueError(f"input_ids must be [batch, prompt length ≥ 1] token ids, got shape {shape}.")
@@ -192,10 +205,16 @@ class StaticGenerator:
         eos = torch.as_tensor([] if config.eos_token_id is None else config.eos_token_id, device=self.device)
         eos = eos.reshape(-1)
         if eos.numel() and config.pad_token_id is None:
-            raise ValueError("pass pad_token_id with eos_token_id: finished rows are padded with it.")
+            config.pad_token_id = int(eos[0])  # as generate() pads finished rows
         warpers = _warpers(config) if do_sample else None
-        mask = self._padding_mask(input_ids, attention_mask, num_beams)  # [B·K, max_length] or None
+        batch, rows = len(input_ids), len(input_ids) * num_beams
+        if num_beams == 1 and self.batch_rows is not None:
+            if batch > self.batch_rows:
+                raise ValueError(f"{batch} prompts exceed the generator's batch_rows={self.batch_rows}.")
+            rows = self.batch_rows
+        mask = self._padding_mask(input_ids, attention_mask, num_beams, rows)  # [rows, max_length] or None
         ids = input_ids.to(self.device).repeat_interleave(num_beams, 0)  # [B·K, T]
+        ids = torch.cat([ids, ids[:1].expand(rows - len(ids), -1)])  # [rows, T]: spare rows repeat the first
         self._ready_caches(len(ids))
         if num_beams > 1:
             self._check_reorderable()
@@ -204,14 +223,14 @@ class StaticGenerator:
             step = functools.partial(self._beam_step, mask=mask)
             return beam_search(input_ids.to(self.device), log_probs, step, num_beams, max_new_tokens, eos,
                                config.pad_token_id, config.length_penalty, config.early_stopping)  # fmt: skip
-        stops = _Stops(eos, config.pad_token_id, stopping_criteria, len(ids), self.device)
+        stops = _Stops(eos, config.pad_token_id, stopping_criteria, batch, rows, self.device)
         if streamer is not None:
-            streamer.put(ids.cpu())
+            streamer.put(ids[:batch].cpu())
         for step in range(max_new_tokens):
-            token = stops.pad_finished(_next_token(ids, log_probs, warpers))  # [B]
+            token = stops.pad_finished(_next_token(ids, log_probs, warpers))  # [rows]
             ids = torch.cat([ids, token[:, None]], 1)
             if streamer is not None:
-                streamer.put(token.cpu())
+                streamer.put(token[:batch].cpu())
             if step == max_new_tokens - 1 or stops.all_stopped(ids, log_probs):
                 break
             _mark_cudagraph_step()
@@ -219,12 +238,15 @@ class StaticGenerator:
             log_probs = self._compiled_step(token[:, None], position, mask).clone()  # a replayed graph reuses it
         if streamer is not None:
             streamer.end()
-        return ids
+        return ids[:batch]
 
-    def _padding_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, beams: int):
-        """``attention_mask`` ``[B, T]`` widened to the caches' ``[B·K, max_length]`` (1 past the prompt: later
-        positions are masked by causality), or None when nothing is padded. Only left padding is accepted."""
-        if attention_mask is None or bool(attention_mask.all()):
+    def _padding_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, beams: int, rows: int):
+        """``attention_mask`` ``[B, T]`` widened to the caches' ``[rows, max_length]`` (each row K times for beams,
+        spare rows as the first; 1 past the prompt: later positions are masked by causality), or None when
+        nothing is padded and ``batch_rows`` is unset (with it, always a mask: one graph). Only left padding."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool(attention_mask.all()) and self.batch_rows is None:
             return None
         if attention_mask.shape != input_ids.shape:
             shape, want = list(attention_mask.shape), list(input_ids.shape)
@@ -236,7 +258,8 @@ class StaticGenerator:
             raise ValueError("attention_mask has a row of padding only: every row needs a prompt token.")
         wide = torch.ones(len(mask), self.max_length, dtype=torch.long, device=self.device)
         wide[:, : mask.shape[1]] = mask
-        return wide.repeat_interleave(beams, 0)
+        wide = wide.repeat_interleave(beams, 0)
+        return torch.cat([wide, wide[:1].expand(rows - len(wide), -1)])
 
     def _beam_step(self, tokens: torch.Tensor, position: int, parents: torch.Tensor, mask) -> torch.Tensor:
         """beam_search's step: the caches reordered to ``parents`` and the next log-probs, in one compiled call."""
@@ -257,11 +280,12 @@ class StaticGenerator:
 
 class _Stops:
     """Which rows still run, by ``generate()``'s rules: a row stops at an EOS id or where ``stopping_criteria``
-    says; once stopped, its tokens become ``pad_token_id`` when EOS ids are given (else, as there, it goes on)."""
+    says; once stopped, its tokens become ``pad_token_id`` when EOS ids are given (else, as there, it goes on).
+    Rows past the ``batch`` prompts (``batch_rows``' spares) never count as running."""
 
-    def __init__(self, eos: torch.Tensor, pad_token_id: int | None, criteria, rows: int, device):
-        self.eos, self.pad_token_id, self.criteria = eos, pad_token_id, criteria
-        self.running = torch.ones(rows, dtype=torch.bool, device=device)  # [B]
+    def __init__(self, eos: torch.Tensor, pad_token_id: int | None, criteria, batch: int, rows: int, device):
+        self.eos, self.pad_token_id, self.criteria, self.batch = eos, pad_token_id, criteria, batch
+        self.running = torch.arange(rows, device=device) < batch  # [rows]
 
     def pad_finished(self, token: torch.Tensor) -> torch.Tensor:
         if not self.eos.numel():
@@ -270,12 +294,14 @@ class _Stops:
 
     def all_stopped(self, ids: torch.Tensor, scores: torch.Tensor) -> bool:
         """Update with the tokens just chosen (the last column of ``ids``); True once no row runs."""
-        if not self.eos.numel() and not self.criteria:
+        if not self.eos.numel() and not self.criteria:  # nothing can stop a row
             return False
         if self.eos.numel():
             self.running &= ~torch.isin(ids[:, -1], self.eos)
         if self.criteria:
-            self.running &= ~self.criteria(ids, scores).to(self.running.device)
+            self.running[: self.batch] &= ~self.criteria(ids[: self.batch], scores[: self.batch]).to(
+                self.running.device
+            )
         return not bool(self.running.any())
 
 
