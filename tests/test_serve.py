@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
+@contextmanager
+def running_server(models, log_dir: Path, *options: str):
+    """``memdec serve`` of the tiny models with ``options`` on a free port: its URL while it runs."""
     port = free_port()
     cmd = [sys.executable, "-m", "lightning_memdec", "serve", "--base", str(models["base"]), "--memdec",
            str(models["memdec"]), "--lmbda", str(LMBDA), "--port", str(port), "--device", "cpu",
-           "--queue.max_batch_size", "8", "--queue.batch_timeout", "0.05", "--model_name", "tiny-mix"]  # fmt: skip
-    log = (tmp_path_factory.mktemp("serve-log") / "server.log").open("w")
+           "--queue.max_batch_size", "8", "--queue.batch_timeout", "0.05", "--model_name", "tiny-mix",
+           *options]  # fmt: skip
+    log = (log_dir / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -88,6 +91,12 @@ def server(models, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    with running_server(models, tmp_path_factory.mktemp("serve-log")) as url:
+        yield url
 
 
 def greedy(models, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -137,6 +146,22 @@ def test_concurrent_requests_each_equal_their_greedy_reference(server, models):
         ref = greedy(models, tokenizer(prompt).input_ids, budget)
         assert r.json()["choices"][0]["text"] == expected_text(models, ref), prompt
         assert r.json()["usage"]["completion_tokens"] == len(ref)
+
+
+def test_static_decoding_serves_the_same_tokens(models, tmp_path):
+    """--decoding static: StaticGenerator behind the same protocol; concurrent requests of several lengths and
+    budgets (one batch, padded to the queue's 8 rows) each equal their greedy reference."""
+    tokenizer = models["reference"].tokenizer
+    budgets = [3 + i for i in range(len(PROMPTS))]
+    with running_server(models, tmp_path, "--decoding", "static") as url:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            replies = list(pool.map(lambda pb: complete(url, prompt=pb[0], max_tokens=pb[1], temperature=0),
+                                    zip(PROMPTS, budgets)))  # fmt: skip
+    assert max(int(r.headers["x-batch-size"]) for r in replies) > 1
+    for prompt, budget, r in zip(PROMPTS, budgets, replies):
+        assert r.status_code == 200, r.text
+        ref = greedy(models, tokenizer(prompt).input_ids, budget)
+        assert r.json()["choices"][0]["text"] == expected_text(models, ref), prompt
 
 
 def test_sampled_and_greedy_requests_together(server, models):

@@ -81,6 +81,38 @@ def test_generate_steps_batches_greedy_and_sampled_jobs(tmp_path):
     assert 1 <= len(got[1]) <= 6
 
 
+def test_static_decoding_streams_what_eager_decoding_streams(tmp_path):
+    """The worker's --decoding static model: per-row budgets, EOS, padding and streaming as generate() has them,
+    every batch size as the queue's 4 rows."""
+    pytest.importorskip("litserve")
+    from lightning_memdec.apps.serve_worker import generate_steps, load_generator, static_generator
+    from lightning_memdec.inference.static_generation import StaticGenerator
+
+    eager = load_generator("embedded:base-large", "embedded:base-small", 0.3, torch.device("cpu"))
+    static = static_generator(eager, mixed=True, batch_rows=4)
+    assert isinstance(static, StaticGenerator) and static.batch_rows == 4
+    prompts = [[464, 3290, 373, 257, 1310, 13], [40, 588], [1849, 11, 262, 995]]
+    for rows in ([0], [0, 1, 2]):
+        jobs = [{"prompt_ids": prompts[r], "max_tokens": 5 + 2 * r, "sampling": {"do_sample": False}} for r in rows]
+        runs = [list(generate_steps(model, jobs, eos_token_ids={13, 11})) for model in (eager, static)]
+        assert runs[0] == runs[1] and len(runs[0]) > 1
+    base_alone = load_generator("embedded:base-small", None, 0.3, torch.device("cpu"))
+    jobs = [{"prompt_ids": p, "max_tokens": 6, "sampling": {"do_sample": False}} for p in prompts]
+    assert list(generate_steps(static_generator(base_alone, False, 4), jobs, {13})) == list(
+        generate_steps(base_alone, jobs, {13})
+    )
+
+
+def test_serve_refuses_static_decoding_with_a_router(tmp_path):
+    pytest.importorskip("litserve")
+    from lightning_memdec.apps.serve import serve
+
+    with pytest.raises(ValueError, match="--decoding static decodes at a fixed λ"):
+        serve(str(tmp_path), str(tmp_path), router=str(tmp_path), decoding="static")
+    with pytest.raises(ValueError, match="--decoding must be eager or static"):
+        serve(str(tmp_path), decoding="compiled")
+
+
 def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
     pytest.importorskip("litserve")
     from lightning_memdec.apps.serve import serve

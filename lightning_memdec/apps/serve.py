@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lightning_memdec.apps.openai_protocol import ServedModel
 
@@ -32,8 +33,9 @@ class RequestQueue:
             )
 
 
-def served_model(base: str, memdec: str | None, model_name: str | None) -> ServedModel:
-    """Name, tokenizer and context of what is served, read before any weights are loaded."""
+def served_model(base: str, memdec: str | None, model_name: str | None, decoding: str = "eager") -> ServedModel:
+    """Name, tokenizer and context of what is served, read before any weights are loaded (static decoding's
+    caches hold at most :data:`~lightning_memdec.inference.static_generation.DEFAULT_MAX_LENGTH` positions)."""
     from transformers import AutoConfig
 
     from lightning_memdec.hf.loading import context_length, find_tokenizer
@@ -46,6 +48,10 @@ def served_model(base: str, memdec: str | None, model_name: str | None) -> Serve
         except OSError as err:
             raise ValueError(f"{flag} {ref!r} is not a model directory or hub name ({err}).") from err
     contexts = [c for c in contexts if c]
+    if decoding == "static":
+        from lightning_memdec.inference.static_generation import DEFAULT_MAX_LENGTH
+
+        contexts.append(DEFAULT_MAX_LENGTH)
     tokenizer = find_tokenizer(base)
     if tokenizer is None:
         raise ValueError(f"--base {base!r} has no tokenizer saved with it; save its tokenizer into the directory.")
@@ -111,6 +117,7 @@ def serve(
     queue: RequestQueue = RequestQueue(),
     model_name: str | None = None,
     router: str | None = None,
+    decoding: Literal["eager", "static"] = "eager",
 ) -> None:
     """Serve base (+ Memory Decoder) over HTTP: OpenAI /v1/completions and /v1/chat/completions, streamed, batched.
 
@@ -125,10 +132,17 @@ def serve(
         model_name: the name clients send as ``model`` (default: the models' directory names joined by ``+``).
         router: a router directory (``memdec fit-router``) of this base and decoder: λ per token from it instead of
             --lmbda, the decoder skipped where it routes λ under its threshold.
+        decoding: ``eager``: ``generate()`` of the mixture; ``static``: the same tokens from static KV caches and
+            one compiled step a token (CUDA graphs on a GPU; every batch up to --queue.max_batch_size runs as one
+            graph; prompt + max_tokens within 2,048 positions); not with --router.
     """
     from lightning_memdec.kernels.scoring import check_lmbda
 
     check_lmbda(lmbda)
+    if decoding not in ("eager", "static"):
+        raise ValueError(f"--decoding must be eager or static, got {decoding!r}.")
+    if decoding == "static" and router is not None:
+        raise ValueError("--decoding static decodes at a fixed λ; a --router skips the decoder per token: use eager.")
     try:
         import litserve as ls
 
@@ -137,9 +151,9 @@ def serve(
     except ImportError as err:
         raise ImportError(f"memdec serve needs LitServe: pip install 'lightning_memdec[serve]' ({err}).") from err
     check_listen(host, port)
-    model = served_model(base, memdec, model_name)
+    model = served_model(base, memdec, model_name, decoding)
     check_router(router, base, memdec, model.tokenizer)
-    api = MixtureAPI(base, memdec, lmbda, device, OpenAICompletionsSpec(model), router=router,
+    api = MixtureAPI(base, memdec, lmbda, device, OpenAICompletionsSpec(model), router=router, decoding=decoding,
                      max_batch_size=queue.max_batch_size, batch_timeout=queue.batch_timeout)  # fmt: skip
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
     server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=queue.timeout)

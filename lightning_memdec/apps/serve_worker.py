@@ -1,7 +1,9 @@
 """The inference worker of ``memdec serve``: loads the model on its device, streams tokens for batches of jobs.
 
 LitServe starts it in its own process and hands it the batches it collects; each batch is generated through
-``generate()`` of :class:`InterpolatedLM` (or of the base alone) and every step's tokens go back as they come.
+``generate()`` of :class:`InterpolatedLM` (or of the base alone), or with ``decoding="static"`` through a
+:class:`StaticGenerator` of the same models (static caches, one compiled step a token for every batch size up to
+the queue's), and every step's tokens go back as they come.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from lightning_memdec.inference.streamed_generation import stream_generate
 class MixtureAPI(ls.LitAPI):
     """The inference worker: loads the model on its device and streams tokens for a batch of token jobs."""
 
-    def __init__(self, base: str, memdec: str | None, lmbda: float, device: str, spec, router=None, **batching):
+    def __init__(self, base: str, memdec: str | None, lmbda: float, device: str, spec, router=None,
+                 decoding: str = "eager", **batching):  # fmt: skip
         super().__init__(spec=spec, **batching)
         self.base, self.memdec, self.lmbda, self.requested_device = base, memdec, lmbda, device
-        self.router = router
+        self.router, self.decoding = router, decoding
 
     def setup(self, device: str) -> None:
         from lightning_memdec.hf.loading import torch_device
@@ -27,6 +30,8 @@ class MixtureAPI(ls.LitAPI):
         # LitServe picks "cuda:0" for accelerator "cuda"; a device the user named with its index wins
         chosen = self.requested_device if ":" in self.requested_device or self.requested_device == "cpu" else device
         self.model = load_generator(self.base, self.memdec, self.lmbda, torch_device(chosen), self.router)
+        if self.decoding == "static":
+            self.model = static_generator(self.model, self.memdec is not None, self.max_batch_size)
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
@@ -64,6 +69,16 @@ def generate_steps(model, jobs: list[dict], eos_token_ids: set[int]) -> Iterator
                 if token is not None:
                     out[row] = {"token": token, "end": token in eos_token_ids, "batch": len(rows)}
             yield out
+
+
+def static_generator(model, mixed: bool, batch_rows: int):
+    """A :class:`StaticGenerator` of ``model`` (an ``InterpolatedLM`` when ``mixed``, else the base): the same
+    ``generate()`` interface, every batch of up to ``batch_rows`` prompts decoded as that many rows (one graph)."""
+    from lightning_memdec.inference.static_generation import StaticGenerator
+
+    if mixed:
+        return StaticGenerator.from_interpolated(model, batch_rows=batch_rows)
+    return StaticGenerator(model, batch_rows=batch_rows)
 
 
 def load_generator(base: str, memdec: str | None, lmbda: float, device, router: str | None = None):
