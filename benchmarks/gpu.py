@@ -25,14 +25,15 @@ depends on shapes, not on what the model knows.
    fastest kNN-LM search. Then kNN-LM's retrieval for one token at ``--scale_sizes`` entries (0.5 M, 5 M, 50 M:
    the real store, then synthetic keys around its real ones): exact over resident keys, and cuVS IVF-PQ with cuVS.
    Last, beam search (4 beams) of base + MemDec: StaticGenerator's compiled step (its caches reordered in place
-   inside it) beside ``generate()``'s eager beam search, and whether their tokens agree on the card.
+   inside it) beside ``generate()``'s eager beam search; and a served batch (8 left-padded prompts, greedy, as
+   ``memdec serve --decoding static`` runs it) beside eager ``generate()``; each with whether the tokens agree.
 
-They run in the order 1, 2, 4, 3, then the retrieval at scale and beam search: fit, whose compilations make it the
-likeliest to meet ``--time_limit_s``, after generation. Each stage also prints its roofline: ``<stage>_bound`` (the
-rate the card's assumed peak allows: dense bf16 FLOP/s for products, HBM bytes/s for batch-1 decoding, printed as
-``peak_flops``/``peak_bytes_per_s``) and ``<stage>_roofline_fraction`` (measured ÷ bound). Fixed costs (key upload,
-trainer start-up) are printed apart from the rates. The last four lines, in this order, are the headline:
-``exact_targets_qps``, ``fit_mfu``, ``memdec_ms_per_token``, ``memdec_generation_overhead`` (nan where a stage
+They run in the order 1, 2, 4, 3, then the retrieval at scale, beam search and the served batch: fit, whose compilations
+make it the likeliest to meet ``--time_limit_s``, after generation. Each stage also prints its roofline:
+``<stage>_bound`` (the rate the card's assumed peak allows: dense bf16 FLOP/s for products, HBM bytes/s for batch-1
+decoding, printed as ``peak_flops``/``peak_bytes_per_s``) and ``<stage>_roofline_fraction`` (measured ÷ bound). Fixed
+costs (key upload, trainer start-up) are printed apart from the rates. The last four lines, in this order, are the
+headline: ``exact_targets_qps``, ``fit_mfu``, ``memdec_ms_per_token``, ``memdec_generation_overhead`` (nan where a stage
 failed). A section that fails prints ``<section>_error: …`` and the rest still run.
 """
 
@@ -466,19 +467,25 @@ def seconds_per_token(run, new_tokens: int) -> float:
     return min(timed(run)[1] for _ in range(2)) / new_tokens
 
 
-def beam_stage(w: Path, large: dict, small: dict, new_tokens: int, beams: int = 4) -> None:
-    """Beam search of base + MemDec (the generation stage's models): StaticGenerator's compiled steps, the caches
-    reordered in place inside them, beside generate()'s eager beam search, and whether their tokens agree."""
+def generation_models(w: Path, large: dict, small: dict):
+    """The generation stage's base and decoder (saved once, reused) as an ``InterpolatedLM`` on the device."""
     from lightning_memdec.hf.loading import load_causal_lm
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
-    from lightning_memdec.inference.static_generation import StaticGenerator
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_causal_lm(save_gpt2(w / "gpt2-large-base", **large, seed=2), dtype=dtype).to(dev).eval()
     decoder = load_causal_lm(save_gpt2(w / "gpt2-small-decoder", **small, seed=3), dtype=dtype).to(dev).eval()
-    mixed = InterpolatedLM(base, decoder, 0.25)
-    prompt = torch.randint(0, 50256, (1, 32), device=dev)
+    return InterpolatedLM(base, decoder, 0.25)
+
+
+def beam_stage(w: Path, large: dict, small: dict, new_tokens: int, beams: int = 4) -> None:
+    """Beam search of base + MemDec (the generation stage's models): StaticGenerator's compiled steps, the caches
+    reordered in place inside them, beside generate()'s eager beam search, and whether their tokens agree."""
+    from lightning_memdec.inference.static_generation import StaticGenerator
+
+    mixed = generation_models(w, large, small)
+    prompt = torch.randint(0, 50256, (1, 32), device=mixed.device)
     static = StaticGenerator.from_interpolated(mixed, max_length=prompt.shape[1] + new_tokens)
     settings = {"num_beams": beams, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
     runs = {
@@ -490,6 +497,29 @@ def beam_stage(w: Path, large: dict, small: dict, new_tokens: int, beams: int = 
         report(f"generate_memdec_beam{beams}_{name}_ms_per_token", 1000 * seconds[name])
     report(f"static_memdec_beam{beams}_tokens_equal_eager", float(torch.equal(runs["static"](), runs["eager"]())))
     report(f"memdec_beam{beams}_eager_to_static_speedup", seconds["eager"] / seconds["static"])
+
+
+def served_batch_stage(w: Path, large: dict, small: dict, new_tokens: int, rows: int = 8) -> None:
+    """What ``memdec serve`` decodes for ``rows`` concurrent requests of different lengths (left-padded, greedy):
+    StaticGenerator with ``batch_rows`` (``--decoding static``) beside generate() eagerly (``eager``): tokens/s of
+    the batch, and whether their tokens agree."""
+    from lightning_memdec.hf.left_padding import left_pad
+    from lightning_memdec.inference.static_generation import StaticGenerator
+
+    mixed = generation_models(w, large, small)
+    lengths = torch.linspace(8, 32, rows).int().tolist()
+    ids, mask = (t.to(mixed.device) for t in left_pad([torch.randint(0, 50256, (n,)).tolist() for n in lengths], 0))
+    static = StaticGenerator.from_interpolated(mixed, max_length=ids.shape[1] + new_tokens, batch_rows=rows)
+    settings = {"attention_mask": mask, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    runs = {
+        "eager": lambda: mixed.generate(ids, max_new_tokens=new_tokens, **settings),
+        "static": lambda: static.generate(ids, new_tokens, **settings),
+    }
+    seconds = {name: seconds_per_token(run, new_tokens) for name, run in runs.items()}
+    for name in runs:
+        report(f"served_batch{rows}_{name}_tokens_per_s", rows / seconds[name])
+    report(f"static_served_batch{rows}_tokens_equal_eager", float(torch.equal(runs["static"](), runs["eager"]())))
+    report(f"served_batch{rows}_eager_to_static_speedup", seconds["eager"] / seconds["static"])
 
 
 def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: float = 0.25, seed: int = 0) -> None:
@@ -598,7 +628,8 @@ def main(
         if made:  # after generation: its compilations make it the stage most likely to meet the time limit
             section("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
         section("search_scale", search_scale_stage, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
-        section("beam", beam_stage, w, large, small, new_tokens)  # last: no headline figure depends on it
+        section("beam", beam_stage, w, large, small, new_tokens)  # last: no headline figure depends on these
+        section("served_batch", served_batch_stage, w, large, small, new_tokens)
     except TimeLimitReached as err:
         report("time_limit", f"{err}: the stage running then and those after it are not measured")
     finally:
