@@ -274,3 +274,14 @@ def test_bad_attention_masks_are_refused(trained_mixture):
         gen.generate(ids, 2, attention_mask=mask[:, 1:])
     with pytest.raises(ValueError, match="a row of padding only"):
         gen.generate(ids, 2, attention_mask=torch.cat([mask[:2], torch.zeros_like(mask[:1])]))
+
+
+def test_the_padded_step_compiles_into_one_graph(trained_mixture):
+    """The served path (a mask and positions per row, spare rows) traces as one graph too."""
+    torch._dynamo.reset()
+    ids, mask = padded(UNEVEN)
+    compiled = StaticGenerator.from_interpolated(trained_mixture, max_length=64, compile=True, backend="eager",
+                                                 batch_rows=4)  # fmt: skip
+    got = compiled.generate(ids, 6, attention_mask=mask, eos_token_id=None)
+    want = trained_mixture.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert torch.equal(got, want)
