@@ -181,7 +181,7 @@ class StaticGenerator:
         there. Rows that reached EOS are padded with ``pad_token_id`` until every row has stopped, then decoding
         stops; with ``num_beams`` > 1 each row's best beam is returned.
         """
-        config = _decoding_settings(generation_config or self.generation_config, fields)
+        config = _decoding_settings(self.generation_config if generation_config is None else generation_config, fields)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             shape = list(input_ids.shape)
             raise ValueError(f"input_ids must be [batch, prompt length ≥ 1] token ids, got shape {shape}.")
@@ -313,7 +313,7 @@ def _decoding_settings(generation_config: GenerationConfig | None, fields: dict)
     unknown = config.update(**fields)
     if unknown:
         raise ValueError(f"not GenerationConfig fields: {sorted(unknown)}.")
-    defaults = generate_defaults()
+    defaults = _generate_defaults()
     other = {
         k: v
         for k, v in config.to_diff_dict().items()
@@ -329,9 +329,9 @@ def _decoding_settings(generation_config: GenerationConfig | None, fields: dict)
     return config
 
 
-def generate_defaults() -> dict:
+def _generate_defaults() -> dict:
     """``generate()``'s values for settings neither the model's config nor the caller sets (transformers fills
-    them in before decoding; ``tests/test_static_generation.py`` checks this method still exists)."""
+    them in before decoding; every decoding test calls this private transformers method, so a rename fails them)."""
     return GenerationConfig._get_default_generation_params()
 
 
