@@ -276,12 +276,23 @@ def test_bad_attention_masks_are_refused(trained_mixture):
         gen.generate(ids, 2, attention_mask=torch.cat([mask[:2], torch.zeros_like(mask[:1])]))
 
 
-def test_the_padded_step_compiles_into_one_graph(trained_mixture):
-    """The served path (a mask and positions per row, spare rows) traces as one graph too."""
+def test_the_padded_step_compiles_into_one_graph_for_every_batch_size(trained_mixture):
+    """The served path (a mask and positions per row, spare rows) traces as one graph, compiled once by warm_up:
+    batches of 3 and 1 prompts then reuse it (a backend that counts what dynamo hands it)."""
     torch._dynamo.reset()
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
     ids, mask = padded(UNEVEN)
-    compiled = StaticGenerator.from_interpolated(trained_mixture, max_length=64, compile=True, backend="eager",
+    compiled = StaticGenerator.from_interpolated(trained_mixture, max_length=64, compile=True, backend=counting,
                                                  batch_rows=4)  # fmt: skip
+    compiled.warm_up()
+    assert len(graphs) == 1
     got = compiled.generate(ids, 6, attention_mask=mask, eos_token_id=None)
     want = trained_mixture.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert torch.equal(got, want)
+    compiled.generate(torch.tensor(UNEVEN[:1]), 6, eos_token_id=None)
+    assert len(graphs) == 1

@@ -32,6 +32,7 @@ class MixtureAPI(ls.LitAPI):
         self.model = load_generator(self.base, self.memdec, self.lmbda, torch_device(chosen), self.router)
         if self.decoding == "static":
             self.model = static_generator(self.model, self.memdec is not None, self.max_batch_size)
+            self.model.warm_up()  # compiled before the first request, not during it
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 
 import torch
 from transformers import (
@@ -78,7 +79,7 @@ class StaticGenerator:
         max_length: int | None = None,
         vocab_size: int | None = None,
         compile: bool | None = None,
-        backend: str = "inductor",
+        backend: str | Callable = "inductor",
         mode: str | None = None,
         batch_rows: int | None = None,
     ):
@@ -119,6 +120,12 @@ class StaticGenerator:
         generator = cls(lm.base, lm.memdec, lm.lmbda, vocab_size=lm.config.vocab_size, **kwargs)
         generator.generation_config = copy.deepcopy(lm.generation_config)  # its pad and EOS ids, as generate() uses
         return generator
+
+    def warm_up(self) -> None:
+        """Compile (and on CUDA capture) the per-token step now, by decoding two tokens after a one-token prompt,
+        so that the first real request does not wait for it (with ``batch_rows`` one graph serves every batch)."""
+        prompt = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.generate(prompt, min(2, self.max_length - 1), eos_token_id=None, do_sample=False, num_beams=1)
 
     # -- one forward ---------------------------------------------------------------------------------------------
 
