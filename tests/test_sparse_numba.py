@@ -144,6 +144,23 @@ def test_segment_sum_is_numpys_reduceat(n):
     assert plain_differs or n < 128  # the order matters on these inputs: the test can tell
 
 
+@pytest.mark.parametrize("tied", [0, 40, 300])
+def test_rows_of_many_equal_probs_sort_as_the_sort_based_path(tied, monkeypatch):
+    """Long rows whose ``tied`` tokens share one probability (one neighbour each, at one distance) among spread
+    ones: one crowded bucket of the kernel's sort (over 64 keys: sorted by np.sort) or a few collisions mended by
+    insertion; the tied tokens in ascending order, as the sort-based path has them."""
+    rng = np.random.default_rng(tied)
+    width, vocab = 1024, 5000
+    values = rng.permutation(vocab).astype(np.int32)  # entry i holds a distinct token
+    ids = np.stack([rng.permutation(vocab)[:width] for _ in range(4)]).astype(np.int64)  # distinct tokens per row
+    distances = (rng.exponential(20.0, size=(4, width)) + 50.0).astype(np.float32)
+    distances[:, :tied] = 80.0  # equal distances: equal weights, equal probs
+    default, sort_based = both_paths(monkeypatch, distances, ids, values, 10.0)
+    assert_same_bytes(default, sort_based)
+    counts, _, probs = default
+    assert np.unique(probs[: counts[0]], return_counts=True)[1].max() >= max(tied, 1)  # the ties are there
+
+
 def test_chunks_blocks_and_threads_give_the_sort_based_bytes(monkeypatch):
     distances, ids, values, query_ids = random_rows(np.random.default_rng(11), n=90, width=40, vocab=30)
     monkeypatch.setattr(sparse, "_CHUNK_ELEMENTS", 3 * 40)

@@ -6,8 +6,10 @@ resets what was touched. That is O(k) per row (plus the bitmap words touched), i
 with a sort. The sums are bit-identical to numpy's sort-based path: each token's sum starts at 0.0 and adds its
 neighbours' float64 weights in ascending column order, as ``np.add.at`` does there, and a row's total is
 numpy's ``np.add.reduceat`` (its first run plus numpy's pairwise sum of the rest, in token order), replicated by
-:func:`segment_sum`. A stable LSD radix sort of the float32 probabilities' inverted bits then orders the row by
-prob descending, ties keeping the smaller token first.
+:func:`segment_sum`. The row is then ordered by prob descending, ties keeping the smaller token first, by sorting
+unique keys ``inverted prob bits << 32 | token``: one counting pass into about four buckets per key over the range
+of the row's prob bits (float bits are nearly logarithmic, so the buckets fill evenly), then one insertion sort
+mends the keys sharing a bucket (a crowded row, e.g. many equal probs, goes to ``np.sort`` instead).
 
 The scratch holds one float64 per token id: :data:`DENSE_MAX_TOKEN` bounds it (32 MiB); larger token ids take
 the sort-based path. Compiled functions are cached on disk (``cache=True``) and release the GIL, so the caller's
@@ -27,7 +29,8 @@ __all__ = ["DENSE_MAX_TOKEN", "DenseRows", "lowest_set_bit", "segment_sum"]
 DENSE_MAX_TOKEN = (1 << 22) - 1
 _P_INV = 0x7FFFFFFF  # inverted prob bits: larger prob -> smaller key
 _PW_BLOCK = 128  # numpy's PW_BLOCKSIZE: pairwise sums split above it
-_SHORT_ROW = 32  # rows of at most this many tokens are sorted by insertion, not radix passes
+_SMALL_ROW = 32  # rows of at most this many keys are sorted by insertion alone
+_CROWDED = 64  # a bucket of more keys than this: the row is sorted by np.sort instead
 
 
 class DenseRows:
@@ -73,15 +76,15 @@ def _dense_rows(w, tok, sums, level1, level2, out_tok, out_bits, counts):
     width = w.shape[1]
     run_tok, run_sum = np.empty(width, dtype=np.int64), np.empty(width, dtype=np.float64)
     prob, keys, spare = np.empty(width, np.float32), np.empty(width, np.uint64), np.empty(width, np.uint64)
-    hist = np.empty((4, 256), dtype=np.int32)
+    starts = np.empty(8 * width + 1, dtype=np.int64)  # bucket offsets: fewer than 8 buckets per key, plus the end
     stack, partial = np.empty((64, 3), dtype=np.int64), np.empty(64, dtype=np.float64)  # for segment_sum
     pos = 0
     for r in range(w.shape[0]):
         _scatter(w[r], tok[r], sums, level1, level2)
         m = _touched(sums, level1, level2, run_tok, run_sum)
         total = segment_sum(run_sum, 0, m, stack, partial)
-        n = _prob_keys(run_tok, run_sum, m, total, prob, keys, hist)
-        _radix_sort(keys, spare, n, hist, out_tok[pos : pos + n], out_bits[pos : pos + n])
+        n = _prob_keys(run_tok, run_sum, m, total, prob, keys)
+        _sort_keys(keys, spare, n, starts, out_tok[pos : pos + n], out_bits[pos : pos + n])
         counts[r] = n
         pos += n
     return pos
@@ -144,87 +147,82 @@ def _touched(sums, level1, level2, run_tok, run_sum):
 
 
 @njit(nogil=True, cache=True)
-def _prob_keys(run_tok, run_sum, m, total, prob, keys, hist):
+def _prob_keys(run_tok, run_sum, m, total, prob, keys):
     """The runs' probs as float32 (sum / row total, as numpy rounds them); keys ``inverted prob bits << 32 |
-    token`` of the nonzero ones, in token order, and the histograms of the keys' four radix digits. Returns how
-    many keys."""
+    token`` of the nonzero ones, in token order. Returns how many keys."""
     for i in range(m):
         prob[i] = np.float32(run_sum[i] / total)
     bits = prob.view(np.uint32)
-    hist[:] = 0
     n = 0
     for i in range(m):
         if bits[i] == 0:  # zero probability (only dropped or underflowed neighbours): not in the row
             continue
         inv = np.uint32(_P_INV) - bits[i]
         keys[n] = (np.uint64(inv) << np.uint64(32)) | np.uint64(run_tok[i])
-        hist[0, inv & np.uint32(255)] += 1
-        hist[1, (inv >> np.uint32(8)) & np.uint32(255)] += 1
-        hist[2, (inv >> np.uint32(16)) & np.uint32(255)] += 1
-        hist[3, inv >> np.uint32(24)] += 1
         n += 1
     return n
 
 
 @njit(nogil=True, cache=True)
-def _radix_sort(keys, spare, n, hist, out_tok, out_bits):
-    """Stable LSD radix sort of keys[:n] by their high 32 bits (inverted prob bits), 8 bits a pass, skipping a
-    pass whose digit is the same for all keys; `hist` holds each digit's counts. Stability keeps token order
-    within equal probs (keys are unique: a short row is sorted by insertion on the whole key instead). The last pass
-    writes the tokens and prob bits to `out_tok` and `out_bits` [n]."""
-    high = keys[0] >> np.uint64(32)
-    last = -1  # the last pass needed
-    if n <= _SHORT_ROW:  # the passes' fixed cost (4 x 256 digits) outweighs an insertion sort's
-        _insertion_sort(keys, n)
+def _sort_keys(keys, spare, n, starts, out_tok, out_bits):
+    """keys[:n] (unique) in ascending order, written out as tokens and prob bits to `out_tok`, `out_bits` [n].
+
+    A counting pass puts each key in bucket ``(high bits - lowest) >> shift``, with about four buckets per key
+    (`starts` holds their offsets), in `spare`: bucket order is key order, so one insertion sort then only mends the
+    few keys that share a bucket. A bucket holding more than :data:`_CROWDED` keys (e.g. many equal probs) would
+    make that quadratic: then ``np.sort`` sorts the whole row."""
+    if n <= _SMALL_ROW:
+        _insertion_sort(keys, 0, n)
+        _write_out(keys, n, out_tok, out_bits)
+        return
+    low = np.int64(keys[0] >> np.uint64(32))
+    high = low
+    for i in range(1, n):
+        h = np.int64(keys[i] >> np.uint64(32))
+        low, high = min(low, h), max(high, h)
+    buckets = 1
+    while buckets < 4 * n:
+        buckets *= 2
+    shift = 0
+    while ((high - low) >> shift) >= buckets:  # the span of high bits split into at most `buckets`
+        shift += 1
+    nb = ((high - low) >> shift) + 1
+    starts[: nb + 1] = 0
+    for i in range(n):
+        starts[((np.int64(keys[i] >> np.uint64(32)) - low) >> shift) + 1] += 1
+    crowded = False
+    for b in range(nb):
+        crowded |= starts[b + 1] > _CROWDED
+        starts[b + 1] += starts[b]
+    if crowded:
+        spare[:n] = np.sort(keys[:n])
     else:
-        for p in range(4):
-            if hist[p, (high >> np.uint64(8 * p)) & np.uint64(255)] != n:
-                last = p
-    src, dst = keys, spare
-    for p in range(last):
-        h = hist[p]
-        if h[(high >> np.uint64(8 * p)) & np.uint64(255)] == n:
-            continue
-        _offsets(h)
-        shift = np.uint64(32 + 8 * p)
-        for i in range(n):
-            d = (src[i] >> shift) & np.uint64(255)
-            dst[h[d]] = src[i]
-            h[d] += 1
-        src, dst = dst, src
-    h = hist[max(last, 0)]
-    if last >= 0:
-        _offsets(h)
-    shift = np.uint64(32 + 8 * max(last, 0))
-    for i in range(n):  # the last pass (or, with none needed, a copy in order)
-        key = src[i]
-        j = i
-        if last >= 0:
-            d = (key >> shift) & np.uint64(255)
-            j = h[d]
-            h[d] += 1
-        out_tok[j] = np.int32(key & np.uint64(0xFFFFFFFF))
-        out_bits[j] = np.uint32(_P_INV) - np.uint32(key >> np.uint64(32))
+        for i in range(n):  # stable scatter into the buckets
+            b = (np.int64(keys[i] >> np.uint64(32)) - low) >> shift
+            spare[starts[b]] = keys[i]
+            starts[b] += 1
+        _insertion_sort(spare, 0, n)
+    _write_out(spare, n, out_tok, out_bits)
 
 
 @njit(nogil=True, cache=True)
-def _insertion_sort(keys, n):
-    """keys[:n] in ascending order, in place."""
-    for i in range(1, n):
+def _write_out(keys, n, out_tok, out_bits):
+    """Sorted keys[:n] -> tokens (the low 32 bits) and prob bits (the high 32, un-inverted)."""
+    for i in range(n):
+        out_tok[i] = np.int32(keys[i] & np.uint64(0xFFFFFFFF))
+        out_bits[i] = np.uint32(_P_INV) - np.uint32(keys[i] >> np.uint64(32))
+
+
+@njit(nogil=True, cache=True)
+def _insertion_sort(keys, lo, hi):
+    """keys[lo:hi] in ascending order, in place."""
+    for i in range(lo + 1, hi):
         key = keys[i]
         j = i - 1
-        while j >= 0 and keys[j] > key:
+        while j >= lo and keys[j] > key:
             keys[j + 1] = keys[j]
             j -= 1
         keys[j + 1] = key
-
-
-@njit(nogil=True, cache=True)
-def _offsets(h):
-    """Digit counts -> each digit's first output position (exclusive prefix sum), in place."""
-    acc = np.int32(0)
-    for b in range(h.size):
-        h[b], acc = acc, acc + h[b]
 
 
 @njit(nogil=True, cache=True)
