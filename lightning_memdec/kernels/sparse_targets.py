@@ -4,7 +4,7 @@ The paper's code builds each target by scattering neighbour weights into a dense
 calling ``nonzero()``: O(V) work per query, in a Python loop. Here numpy computes a chunk of rows' weights at once,
 and a compiled kernel (:mod:`kernels.sparse_targets_numba`) builds each row in O(k): it adds the weights into a
 per-thread dense scratch over the token ids, lists the touched tokens from a bitmap (in token order, resetting only
-them), then orders the row by probability with a radix sort. Its sums are bit-identical to the sort-based path's
+them), then orders the row by probability (a bucket pass and an insertion sort). Its sums are bit-identical to the sort-based path's
 (each token's weights added in ascending column order, the row total as ``np.add.reduceat`` computes it), so the
 two paths give the same bytes; the kernel takes about half the CPU time (k = 1024 to 2048; less gain at k = 256).
 
