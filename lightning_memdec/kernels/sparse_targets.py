@@ -4,9 +4,10 @@ The paper's code builds each target by scattering neighbour weights into a dense
 calling ``nonzero()``: O(V) work per query, in a Python loop. Here numpy computes a chunk of rows' weights at once,
 and a compiled kernel (:mod:`kernels.sparse_targets_numba`) builds each row in O(k): it adds the weights into a
 per-thread dense scratch over the token ids, lists the touched tokens from a bitmap (in token order, resetting only
-them), then orders the row by probability (a bucket pass and an insertion sort). Its sums are bit-identical to the sort-based path's
-(each token's weights added in ascending column order, the row total as ``np.add.reduceat`` computes it), so the
-two paths give the same bytes; the kernel takes about half the CPU time (k = 1024 to 2048; less gain at k = 256).
+them), then orders the row by probability (a bucket pass and an insertion sort). Its sums are bit-identical to the
+sort-based path's (each token's weights added in ascending column order, the row total as ``np.add.reduceat``
+computes it), so the two paths give the same bytes; the kernel takes about half the CPU time (k = 1024 to 2048;
+less gain at k = 256).
 
 The sort-based path is kept for token ids above the scratch's range (:data:`DENSE_MAX_TOKEN`, 2**22 - 1): O(k log k)
 per row, one batched sort groups equal tokens, a segmented sum merges them, and a second sort orders each row by
