@@ -486,17 +486,14 @@ def beam_stage(w: Path, large: dict, small: dict, new_tokens: int, beams: int = 
 
     mixed = generation_models(w, large, small)
     prompt = torch.randint(0, 50256, (1, 32), device=mixed.device)
-    static = StaticGenerator.from_interpolated(mixed, max_length=prompt.shape[1] + new_tokens)
+    generator = StaticGenerator.from_interpolated(mixed, max_length=prompt.shape[1] + new_tokens)
     settings = {"num_beams": beams, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    runs = {
-        "eager": lambda: mixed.generate(prompt, max_new_tokens=new_tokens, **settings),
-        "static": lambda: static.generate(prompt, new_tokens, **settings),
-    }
-    seconds = {name: seconds_per_token(run, new_tokens) for name, run in runs.items()}
-    for name in runs:
-        report(f"generate_memdec_beam{beams}_{name}_ms_per_token", 1000 * seconds[name])
-    report(f"static_memdec_beam{beams}_tokens_equal_eager", float(torch.equal(runs["static"](), runs["eager"]())))
-    report(f"memdec_beam{beams}_eager_to_static_speedup", seconds["eager"] / seconds["static"])
+    static_beside_eager(
+        f"memdec_beam{beams}",
+        eager=lambda: mixed.generate(prompt, max_new_tokens=new_tokens, **settings),
+        static=lambda: generator.generate(prompt, new_tokens, **settings),
+        new_tokens=new_tokens,
+    )
 
 
 def served_batch_stage(w: Path, large: dict, small: dict, new_tokens: int, rows: int = 8) -> None:
@@ -509,17 +506,26 @@ def served_batch_stage(w: Path, large: dict, small: dict, new_tokens: int, rows:
     mixed = generation_models(w, large, small)
     lengths = torch.linspace(8, 32, rows).int().tolist()
     ids, mask = (t.to(mixed.device) for t in left_pad([torch.randint(0, 50256, (n,)).tolist() for n in lengths], 0))
-    static = StaticGenerator.from_interpolated(mixed, max_length=ids.shape[1] + new_tokens, batch_rows=rows)
+    generator = StaticGenerator.from_interpolated(mixed, max_length=ids.shape[1] + new_tokens, batch_rows=rows)
     settings = {"attention_mask": mask, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    runs = {
-        "eager": lambda: mixed.generate(ids, max_new_tokens=new_tokens, **settings),
-        "static": lambda: static.generate(ids, new_tokens, **settings),
-    }
-    seconds = {name: seconds_per_token(run, new_tokens) for name, run in runs.items()}
-    for name in runs:
-        report(f"served_batch{rows}_{name}_tokens_per_s", rows / seconds[name])
-    report(f"static_served_batch{rows}_tokens_equal_eager", float(torch.equal(runs["static"](), runs["eager"]())))
-    report(f"served_batch{rows}_eager_to_static_speedup", seconds["eager"] / seconds["static"])
+    static_beside_eager(
+        f"served_batch{rows}",
+        eager=lambda: mixed.generate(ids, max_new_tokens=new_tokens, **settings),
+        static=lambda: generator.generate(ids, new_tokens, **settings),
+        new_tokens=new_tokens,
+        rows=rows,
+    )
+
+
+def static_beside_eager(prefix: str, eager, static, new_tokens: int, rows: int = 1) -> None:
+    """Time two decodes of ``new_tokens`` (``rows`` at a time), generate() eagerly and StaticGenerator: per step
+    (and tokens/s), whether their tokens agree on this device, and the speed-up."""
+    seconds = {"eager": seconds_per_token(eager, new_tokens), "static": seconds_per_token(static, new_tokens)}
+    for name, step in seconds.items():
+        report(f"{prefix}_{name}_ms_per_step", 1000 * step)
+        report(f"{prefix}_{name}_tokens_per_s", rows / step)
+    report(f"{prefix}_static_tokens_equal_eager", float(torch.equal(static(), eager())))
+    report(f"{prefix}_eager_to_static_speedup", seconds["eager"] / seconds["static"])
 
 
 def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: float = 0.25, seed: int = 0) -> None:
