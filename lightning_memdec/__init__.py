@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from lightning_memdec import legacy_paths
@@ -89,3 +91,18 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lightning_memdec' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """This package's module object. Three public functions share their names with 0.1 module paths (``evaluate``,
+    ``quickstart``, ``downstream``: :mod:`legacy_paths`); importing such a path makes the import system set the
+    package's attribute to the module, after which ``lightning_memdec.evaluate`` was a module, not the function.
+    The public name wins (``from lightning_memdec.evaluate import X`` still works: it reads ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in PUBLIC_API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -3,7 +3,9 @@
 Each old name is an alias of the module that now holds its code, found by a meta-path finder, so old imports,
 old YAML ``class_path`` values and old checkpoints' hyper-parameters still resolve, with a DeprecationWarning
 naming the new path. Names that moved to a second module (e.g. ``scoring.sliding_gold_log_probs``, now in
-``inference.sliding_window``) are reachable from their new module only. Remove in 0.3.
+``inference.sliding_window``) are reachable from their new module only. Three old paths share their names with
+public functions (``evaluate``, ``quickstart``, ``downstream``): ``from lightning_memdec.evaluate import X`` works,
+but ``import lightning_memdec.evaluate as m`` binds the public function (the package attribute wins). Remove in 0.3.
 """
 
 from __future__ import annotations

@@ -53,6 +53,21 @@ def test_old_module_paths_alias_the_new_modules_with_a_warning(old):
     assert aliased is new
 
 
+@pytest.mark.parametrize("name", sorted(set(lightning_memdec.PUBLIC_API) & set(legacy_paths.OLD_TO_NEW)))
+def test_an_old_module_path_does_not_hide_the_public_function_of_its_name(name):
+    """`evaluate`, `quickstart`, `downstream`: importing the 0.1 module path of that name (as an old config or
+    checkpoint does) leaves `lightning_memdec.<name>` the public function; the old path still imports."""
+    public = getattr(importlib.import_module(lightning_memdec.PUBLIC_API[name]), name)
+    sys.modules.pop(f"lightning_memdec.{name}", None)
+    with pytest.warns(DeprecationWarning):
+        old = importlib.import_module(f"lightning_memdec.{name}")
+    assert getattr(old, name) is public
+    assert getattr(lightning_memdec, name) is public
+    from lightning_memdec import evaluate, quickstart  # noqa: F401 (a public name, after the old paths)
+
+    assert callable(evaluate) and callable(quickstart)
+
+
 def test_old_class_paths_in_configs_still_resolve():
     """A 0.1 YAML's `class_path: lightning_memdec.callbacks.CrossModelEval` loads the same class."""
     from jsonargparse import ArgumentParser
