@@ -488,12 +488,7 @@ def beam_stage(w: Path, large: dict, small: dict, new_tokens: int, beams: int = 
     prompt = torch.randint(0, 50256, (1, 32), device=mixed.device)
     generator = StaticGenerator.from_interpolated(mixed, max_length=prompt.shape[1] + new_tokens)
     settings = {"num_beams": beams, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    static_beside_eager(
-        f"memdec_beam{beams}",
-        eager=lambda: mixed.generate(prompt, max_new_tokens=new_tokens, **settings),
-        static=lambda: generator.generate(prompt, new_tokens, **settings),
-        new_tokens=new_tokens,
-    )
+    static_beside_eager(f"memdec_beam{beams}", mixed, generator, prompt, new_tokens, settings)
 
 
 def served_batch_stage(w: Path, large: dict, small: dict, new_tokens: int, rows: int = 8) -> None:
@@ -508,22 +503,24 @@ def served_batch_stage(w: Path, large: dict, small: dict, new_tokens: int, rows:
     ids, mask = (t.to(mixed.device) for t in left_pad([torch.randint(0, 50256, (n,)).tolist() for n in lengths], 0))
     generator = StaticGenerator.from_interpolated(mixed, max_length=ids.shape[1] + new_tokens, batch_rows=rows)
     settings = {"attention_mask": mask, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
-    static_beside_eager(
-        f"served_batch{rows}",
-        eager=lambda: mixed.generate(ids, max_new_tokens=new_tokens, **settings),
-        static=lambda: generator.generate(ids, new_tokens, **settings),
-        new_tokens=new_tokens,
-        rows=rows,
-    )
+    static_beside_eager(f"served_batch{rows}", mixed, generator, ids, new_tokens, settings)
 
 
-def static_beside_eager(prefix: str, eager, static, new_tokens: int, rows: int = 1) -> None:
-    """Time two decodes of ``new_tokens`` (``rows`` at a time), generate() eagerly and StaticGenerator: per step
-    (and tokens/s), whether their tokens agree on this device, and the speed-up."""
+def static_beside_eager(prefix: str, mixed, generator, ids: torch.Tensor, new_tokens: int, settings: dict) -> None:
+    """Decode ``new_tokens`` after the prompts ``ids`` [B, T] with the same settings through ``mixed.generate()``
+    (eagerly) and ``generator`` (a StaticGenerator of it): per step and tokens/s, whether their tokens agree on
+    this device, and the speed-up."""
+
+    def eager():
+        return mixed.generate(ids, max_new_tokens=new_tokens, **settings)
+
+    def static():
+        return generator.generate(ids, new_tokens, **settings)
+
     seconds = {"eager": seconds_per_token(eager, new_tokens), "static": seconds_per_token(static, new_tokens)}
     for name, step in seconds.items():
         report(f"{prefix}_{name}_ms_per_step", 1000 * step)
-        report(f"{prefix}_{name}_tokens_per_s", rows / step)
+        report(f"{prefix}_{name}_tokens_per_s", len(ids) / step)
     report(f"{prefix}_static_tokens_equal_eager", float(torch.equal(static(), eager())))
     report(f"{prefix}_eager_to_static_speedup", seconds["eager"] / seconds["static"])
 
