@@ -4,7 +4,8 @@ import pytest
 
 from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.readers import Datastore
-from lightning_memdec.retrieval.faiss_index import KeyIndex, auto_factory, build_index
+from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
+from lightning_memdec.retrieval.index_plan import plan_index
 from lightning_memdec.retrieval.settings import IndexSettings
 
 
@@ -41,11 +42,12 @@ def test_ivf_with_all_lists_probed_is_exact_and_pq_recalls(tmp_path, biomed_data
     assert pq.meta["factory"] == "IVF16,PQ8" and pq.meta["nprobe"] == 16
 
 
-def test_auto_factory_by_size():
-    assert auto_factory(10_000, 768) == "Flat"
-    assert auto_factory(1_000_000, 768) == "IVF4096,PQ64"
-    assert auto_factory(100_000_000, 896) == "IVF32768,PQ64"
-    assert auto_factory(1_000_000, 100) == "IVF4096,PQ50"
+def test_planned_factory_by_size():
+    """Flat below 200k entries; else IVF with ~4·sqrt(N) lists and PQ with the largest m ≤ 64 dividing d."""
+    assert plan_index(10_000, 768).factory == "Flat"
+    assert plan_index(1_000_000, 768).factory == "IVF4096,PQ64"
+    assert plan_index(100_000_000, 896).factory == "IVF32768,PQ64"
+    assert plan_index(1_000_000, 100).factory == "IVF4096,PQ50"
 
 
 def test_one_sizing_rule_with_the_quickstarts_numbers():
@@ -53,7 +55,7 @@ def test_one_sizing_rule_with_the_quickstarts_numbers():
     import math
 
     from lightning_memdec.apps.quickstart_stages import INDEX_NPROBE, INDEX_RULE
-    from lightning_memdec.retrieval.index_plan import IndexRule, plan_index
+    from lightning_memdec.retrieval.index_plan import IndexRule
 
     for n in (19_999, 20_000, 150_000, 199_999, 200_000, 1_000_000):
         plan = plan_index(n, 256, nprobe=INDEX_NPROBE, rule=INDEX_RULE)

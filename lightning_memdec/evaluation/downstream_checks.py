@@ -12,10 +12,6 @@ from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
 
 
-def as_list(value) -> list:
-    return [] if value is None else [value] if isinstance(value, (str, Path)) else list(value)
-
-
 def check_downstream_inputs(
     out: Path, models: dict[str, list[str]], stores: list[str], indexes: list[str], tokenizer: str | None
 ) -> None:

@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("faiss", "cuvs")
 
 
-def auto_factory(num_entries: int, dim: int) -> str:
-    """Flat below 200k entries; else IVF with ~4·sqrt(N) lists and PQ with the largest m ≤ 64 dividing d."""
-    return plan_index(num_entries, dim).factory
-
-
 def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
