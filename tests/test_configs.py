@@ -25,7 +25,7 @@ EXPERIMENTS = [name for name in packaged_configs() if name.startswith("experimen
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
 
 
-def test_every_yaml_ships_in_the_wheel(tmp_path):
+def test_the_wheel_ships_every_yaml_and_the_licences(tmp_path):
     subprocess.run(
         [
             sys.executable,
@@ -46,6 +46,9 @@ def test_every_yaml_ships_in_the_wheel(tmp_path):
     on_disk = {f"lightning_memdec/conf/{name}" for name in packaged_configs()}
     assert on_disk and on_disk <= names, f"configs missing from the wheel: {sorted(on_disk - names)}"
     assert "lightning_memdec/assets/models/base-small/model.safetensors" in names
+    # the Apache-2.0 text the metadata's license names, and the embedded data's origins and licences
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)[-8:]
+    assert "lightning_memdec/assets/NOTICE.md" in names
 
 
 def test_packaged_names_resolve_and_local_files_win(tmp_path, monkeypatch):
