@@ -114,8 +114,13 @@ def test_requests_it_cannot_serve_are_refused(mixture, tiny_gpt2):
     gen = StaticGenerator.from_interpolated(mixture, max_length=16)
     with pytest.raises(ValueError, match="exceeds the static caches' 16 positions"):
         gen.generate(torch.tensor(PROMPTS[:1]), 12)
-    with pytest.raises(ValueError, match="max_new_tokens must be positive"):
-        gen.generate(torch.tensor(PROMPTS[:1]), 0)
+    for bad in (0, -3, 5.0, None, True):
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            gen.generate(torch.tensor(PROMPTS[:1]), bad)
+    assert gen.generate(torch.tensor(PROMPTS[:1]), torch.tensor(2)).shape == (1, 7)  # any integer type
+    for ids in (torch.zeros(0, 5, dtype=torch.long), torch.tensor(PROMPTS, dtype=torch.float)):
+        with pytest.raises(ValueError, match="input_ids must be \\[batch ≥ 1, prompt length ≥ 1\\] token ids"):
+            gen.generate(ids, 2)
     with pytest.raises(ValueError, match="beam search here neither samples"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match="early_stopping"):
@@ -125,8 +130,11 @@ def test_requests_it_cannot_serve_are_refused(mixture, tiny_gpt2):
     gen.generate(torch.tensor(PROMPTS[:1]), 2, repetition_penalty=1.0, output_scores=False)  # generate()'s defaults
     with pytest.raises(ValueError, match="not GenerationConfig fields: \\['num_beam'\\]"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beam=2)
-    with pytest.raises(ValueError, match="exceeds the context of"):
-        StaticGenerator(load_causal_lm(tiny_gpt2), max_length=600).generate(torch.tensor(PROMPTS[:1]), 590)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="max_length must be a positive integer"):
+            StaticGenerator(mixture.base, max_length=bad)
+    with pytest.raises(ValueError, match="max_length=600 exceeds the models' context of 512 positions"):
+        StaticGenerator(load_causal_lm(tiny_gpt2), max_length=600)  # before any cache is allocated
     gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2)
     gen._caches[0].layers[0] = DynamicLayer()  # as a model with recurrent or other per-row state would have
     with pytest.raises(ValueError, match="reorders attention caches only; .* DynamicLayer"):
@@ -274,6 +282,10 @@ def test_bad_attention_masks_are_refused(trained_mixture):
         gen.generate(ids, 2, attention_mask=mask[:, 1:])
     with pytest.raises(ValueError, match="a row of padding only"):
         gen.generate(ids, 2, attention_mask=torch.cat([mask[:2], torch.zeros_like(mask[:1])]))
+    with pytest.raises(ValueError, match="must have input_ids' shape"):  # all ones, so nothing padded: still checked
+        gen.generate(ids, 2, attention_mask=torch.ones(len(ids), ids.shape[1] + 2))
+    with pytest.raises(ValueError, match="0 \\(left padding\\) and 1 \\(tokens\\) only"):
+        gen.generate(ids, 2, attention_mask=mask * 0.5 + 0.5)  # not read as padding by a cast to integers
 
 
 def test_the_padded_step_compiles_into_one_graph_for_every_batch_size(trained_mixture):
@@ -296,3 +308,49 @@ def test_the_padded_step_compiles_into_one_graph_for_every_batch_size(trained_mi
     assert torch.equal(got, want)
     compiled.generate(torch.tensor(UNEVEN[:1]), 6, eos_token_id=None)
     assert len(graphs) == 1
+
+
+def test_a_models_length_settings_leave_max_new_tokens_in_charge(tiny_gpt2):
+    """Llama's generation_config.json carries max_length: as in generate(), an explicit max_new_tokens wins over a
+    config's max_length or max_new_tokens (they were refused as unapplied settings)."""
+    base, prompt = load_causal_lm(tiny_gpt2), torch.tensor(PROMPTS)
+    want = hf_tokens(base, prompt, 5, do_sample=False)
+    for lengths in ({"max_length": 4096}, {"max_new_tokens": 2048}):
+        base.generation_config = GenerationConfig(**lengths)
+        assert torch.equal(StaticGenerator(base, max_length=64).generate(prompt, 5, eos_token_id=None), want)
+        config = GenerationConfig(do_sample=False, **lengths)
+        assert torch.equal(StaticGenerator(base, max_length=64).generate(prompt, 5, config), want)
+
+
+def test_two_models_of_two_tokenizers_are_refused_as_interpolated_lm_refuses_them(tmp_path, tiny_gpt2):
+    neox = save_tiny(tmp_path / "neox", arch="gpt_neox", vocab=50304, tokenizer="gpt-neox-20b")
+    with pytest.raises(ValueError, match="StaticGenerator\\(base, memdec\\): .* uses neox \\(vocab 50277"):
+        StaticGenerator(load_causal_lm(tiny_gpt2), load_causal_lm(neox), lmbda=0.5)
+    memdec = save_tiny(tmp_path / "memdec", seed=5)  # one tokenizer: the pair mixes as its InterpolatedLM does
+    direct = StaticGenerator(load_causal_lm(tiny_gpt2), load_causal_lm(memdec), lmbda=0.4, max_length=64)
+    lm = InterpolatedLM(str(tiny_gpt2), str(memdec), 0.4)
+    assert direct.vocab_size == lm.config.vocab_size == 50257
+    prompt = torch.tensor(PROMPTS)
+    assert torch.equal(direct.generate(prompt, 6, eos_token_id=None), hf_tokens(lm, prompt, 6, do_sample=False))
+
+
+def test_a_plain_list_of_stopping_criteria_works_as_in_generate(trained_mixture):
+    from transformers import MaxLengthCriteria
+
+    prompt = torch.tensor(PROMPTS)
+    gen = StaticGenerator.from_interpolated(trained_mixture, max_length=64)
+    got = gen.generate(prompt, 10, stopping_criteria=[MaxLengthCriteria(prompt.shape[1] + 4)], eos_token_id=None)
+    want = trained_mixture.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                    stopping_criteria=[MaxLengthCriteria(prompt.shape[1] + 4)])  # fmt: skip
+    assert torch.equal(got, want) and got.shape[1] == prompt.shape[1] + 4
+
+
+def test_spare_rows_draw_no_random_numbers(trained_mixture):
+    """With batch_rows, only the prompts' rows are sampled: under one seed the tokens are generate()'s."""
+    ids, mask = padded(UNEVEN[:2])
+    settings = {"attention_mask": mask, "do_sample": True, "top_k": 0, "eos_token_id": None}
+    torch.manual_seed(5)
+    want = trained_mixture.generate(ids, max_new_tokens=8, **settings)
+    torch.manual_seed(5)
+    got = StaticGenerator.from_interpolated(trained_mixture, max_length=64, batch_rows=4).generate(ids, 8, **settings)
+    assert torch.equal(got, want)

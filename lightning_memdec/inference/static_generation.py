@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 from collections.abc import Callable
 
 import torch
@@ -35,8 +36,9 @@ from transformers import (
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 from transformers.generation.streamers import BaseStreamer
 
-from lightning_memdec.hf.loading import cache_arg_name, check_fits_context, context_length, output_rows
+from lightning_memdec.hf.loading import cache_arg_name, check_fits_context, context_length, find_tokenizer, output_rows
 from lightning_memdec.inference.beam_search import beam_search
+from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_log_probs
 
 __all__ = ["StaticGenerator", "DEFAULT_MAX_LENGTH"]
@@ -47,6 +49,9 @@ DEFAULT_MAX_LENGTH = 2048  #: cache positions when max_length is not given (a 12
 _APPLIED = {"do_sample", "temperature", "top_k", "top_p", "num_beams", "length_penalty", "early_stopping",
             "eos_token_id", "pad_token_id"}  # fmt: skip
 _INERT = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache"}
+# lengths: the max_new_tokens argument decides, as an explicit max_new_tokens wins over both in generate() (Llama's
+# generation_config.json carries max_length)
+_OVERRIDDEN = {"max_length", "max_new_tokens"}
 
 
 class StaticGenerator:
@@ -57,8 +62,9 @@ class StaticGenerator:
         memdec: the Memory Decoder, or None for the base alone (the same machinery: a fair baseline).
         lmbda: the decoder's weight in the mixture.
         max_length: prompt + new tokens the caches hold (default: the smaller context of the two models, at most
-            :data:`DEFAULT_MAX_LENGTH`).
-        vocab_size: the shared ids the mixture covers (default: the smaller head of the two models).
+            :data:`DEFAULT_MAX_LENGTH`; at most that context).
+        vocab_size: the shared ids the mixture covers (default: the tokenizer's size, the pair checked as
+            ``InterpolatedLM`` checks it: the tokenizers found next to the models must be the same).
         compile: compile the per-token step (default: on CUDA only; on CPU compiling costs more than it saves),
             as one graph (``fullgraph=True``: a graph break would split the CUDA-graph replay).
         backend, mode: passed to ``torch.compile`` (default mode: ``reduce-overhead`` on CUDA, the CUDA graph replay
@@ -86,8 +92,18 @@ class StaticGenerator:
         self.models = [m.eval() for m in (base, memdec) if m is not None]
         self.lmbda = check_lmbda(lmbda)
         contexts = [c for c in (context_length(m) for m in self.models) if c is not None]
-        self.max_length = int(max_length or min([*contexts, DEFAULT_MAX_LENGTH]))
-        self.vocab_size = int(vocab_size or min(output_rows(m) for m in self.models))
+        if max_length is None:
+            self.max_length = min([*contexts, DEFAULT_MAX_LENGTH])
+        else:
+            self.max_length = _positive_count(max_length, "max_length")
+            if contexts and self.max_length > min(contexts):
+                raise ValueError(
+                    f"max_length={self.max_length} exceeds the models' context of {min(contexts)} positions; the "
+                    "static caches need not hold more than the models can attend to."
+                )
+        if vocab_size is None:
+            vocab_size = output_rows(base) if memdec is None else _shared_vocab(base, memdec)
+        self.vocab_size = int(vocab_size)
         self.device = base.device
         self.generation_config = copy.deepcopy(base.generation_config)
         if batch_rows is not None and batch_rows < 1:
@@ -186,14 +202,14 @@ class StaticGenerator:
         ``eos_token_id``, ``pad_token_id``; and ``attention_mask`` (0 on left padding), ``stopping_criteria``
         (each row stops where one says so) and a ``streamer`` (given the prompt, then each step's tokens), as
         there. Rows that reached EOS are padded with ``pad_token_id`` until every row has stopped, then decoding
-        stops; with ``num_beams`` > 1 each row's best beam is returned.
+        stops; with ``num_beams`` > 1 each row's best beam is returned. The length is ``max_new_tokens``'s: a
+        config's ``max_length`` / ``max_new_tokens`` give way to it, as to an explicit one in ``generate()``.
         """
         config = _decoding_settings(self.generation_config if generation_config is None else generation_config, fields)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            shape = list(input_ids.shape)
-            raise ValueError(f"input_ids must be [batch, prompt length ≥ 1] token ids, got shape {shape}.")
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+        if input_ids.dim() != 2 or 0 in input_ids.shape or input_ids.dtype.is_floating_point or input_ids.is_complex():
+            shape, dtype = list(input_ids.shape), input_ids.dtype
+            raise ValueError(f"input_ids must be [batch ≥ 1, prompt length ≥ 1] token ids, got {shape} {dtype}.")
+        max_new_tokens = _positive_count(max_new_tokens, "max_new_tokens")
         do_sample, num_beams = config.do_sample, config.num_beams
         if num_beams < 1 or (num_beams > 1 and (do_sample or streamer is not None or stopping_criteria)):
             raise ValueError(
@@ -230,11 +246,14 @@ class StaticGenerator:
             step = functools.partial(self._beam_step, mask=mask)
             return beam_search(input_ids.to(self.device), log_probs, step, num_beams, max_new_tokens, eos,
                                config.pad_token_id, config.length_penalty, config.early_stopping)  # fmt: skip
+        if stopping_criteria is not None and not isinstance(stopping_criteria, StoppingCriteriaList):
+            stopping_criteria = StoppingCriteriaList(stopping_criteria)  # generate() takes a plain list too
         stops = _Stops(eos, config.pad_token_id, stopping_criteria, batch, rows, self.device)
         if streamer is not None:
             streamer.put(ids[:batch].cpu())
         for step in range(max_new_tokens):
-            token = stops.pad_finished(_next_token(ids, log_probs, warpers))  # [rows]
+            token = _next_token(ids[:batch], log_probs[:batch], warpers)  # [B]: spare rows draw no random numbers
+            token = stops.pad_finished(torch.cat([token, token[:1].expand(rows - batch)]))  # [rows], spares as row 0
             ids = torch.cat([ids, token[:, None]], 1)
             if streamer is not None:
                 streamer.put(token[:batch].cpu())
@@ -253,13 +272,15 @@ class StaticGenerator:
         nothing is padded and ``batch_rows`` is unset (with it, always a mask: one graph). Only left padding."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if bool(attention_mask.all()) and self.batch_rows is None:
-            return None
         if attention_mask.shape != input_ids.shape:
             shape, want = list(attention_mask.shape), list(input_ids.shape)
             raise ValueError(f"attention_mask must have input_ids' shape {want}, got {shape}.")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold 0 (left padding) and 1 (tokens) only.")
+        if bool(attention_mask.all()) and self.batch_rows is None:
+            return None
         mask = attention_mask.to(self.device, torch.long)
-        if not bool(((mask == 0) | (mask == 1)).all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
             raise ValueError("attention_mask must be 0 on left padding and 1 on every token after it (no gaps).")
         if not bool(mask[:, -1].all()):
             raise ValueError("attention_mask has a row of padding only: every row needs a prompt token.")
@@ -324,7 +345,8 @@ def _decoding_settings(generation_config: GenerationConfig | None, fields: dict)
     other = {
         k: v
         for k, v in config.to_diff_dict().items()
-        if k not in _APPLIED | _INERT and v and v != defaults.get(k)  # unset, off or generate()'s own default
+        # kept: set, on, and not generate()'s own default
+        if k not in _APPLIED | _INERT | _OVERRIDDEN and v and v != defaults.get(k)
     }
     if other:
         raise ValueError(
@@ -334,6 +356,30 @@ def _decoding_settings(generation_config: GenerationConfig | None, fields: dict)
         if getattr(config, name) is None and name in defaults:
             setattr(config, name, defaults[name])
     return config
+
+
+def _shared_vocab(base, memdec) -> int:
+    """The ids ``base`` and ``memdec`` can be mixed over, checked as ``InterpolatedLM`` checks a pair (the
+    tokenizers found next to the models must be the same one)."""
+    tokenizers = find_tokenizer(base, base), find_tokenizer(memdec, memdec)
+    try:
+        return mixture_vocab(base, memdec, *tokenizers)
+    except ValueError as err:
+        where = "" if any(t is not None for t in tokenizers) else (
+            " (here: as InterpolatedLM(base, memdec, lmbda, tokenizer=...), then StaticGenerator.from_interpolated)"
+        )  # fmt: skip
+        raise ValueError(f"StaticGenerator(base, memdec): {err}{where}") from None
+
+
+def _positive_count(value, name: str) -> int:
+    """``value`` as an int ≥ 1 (a Python, numpy or 0-d torch integer), else a ValueError naming ``name``."""
+    try:
+        count = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return count
 
 
 def _generate_defaults() -> dict:
