@@ -148,6 +148,19 @@ def test_concurrent_requests_each_equal_their_greedy_reference(server, models):
         assert r.json()["usage"]["completion_tokens"] == len(ref)
 
 
+def test_requests_that_fit_alone_never_fail_together(server, models):
+    """A long prompt with a short budget beside a short prompt with a long one: each fits the 512-token context
+    alone; in one generate() call (left-padded to the longest prompt, run to the largest budget) they would not."""
+    short = models["reference"].tokenizer(PROMPTS[1]).input_ids
+    bodies = [{"prompt": [50] * 481, "max_tokens": 4}, {"prompt": short, "max_tokens": 200}] * 2
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: complete(server, temperature=0, **body), bodies))
+    for body, r in zip(bodies, replies):
+        assert r.status_code == 200, r.text
+        ref = greedy(models, body["prompt"], body["max_tokens"])
+        assert r.json()["choices"][0]["text"] == expected_text(models, ref)
+
+
 def test_static_decoding_serves_the_same_tokens(models, tmp_path):
     """--decoding static: StaticGenerator behind the same protocol; concurrent requests of several lengths and
     budgets (one batch, padded to the queue's 8 rows) each equal their greedy reference."""
@@ -230,6 +243,7 @@ def test_chat_completion_uses_the_chat_template(server, models):
         ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
         ({"prompt": "hi", "n": 2}, 400, "n"),
         ({"prompt": "hi", "stop": ["\n"]}, 400, "stop"),
+        ({"prompt": "hi", "logit_bias": {"262": -100}}, 400, "logit_bias"),
     ],
 )
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, param):

@@ -125,3 +125,108 @@ def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
         serve(str(base), memdec=str(tmp_path / "nowhere"), port=port)
     with pytest.raises(ValueError, match="lmbda|λ"):
         serve(str(base), lmbda=1.5, port=port)
+
+
+@pytest.mark.parametrize(
+    ("field", "asks_nothing", "refused"),
+    [
+        ("logit_bias", {}, {"262": -100}),
+        ("presence_penalty", 0.0, 0.5),
+        ("frequency_penalty", 0, -1.0),
+        ("seed", None, 0),
+        ("best_of", 1, 2),
+        ("stop", [], ["\n"]),
+        ("logprobs", False, 0),
+    ],
+)
+def test_fields_that_would_change_the_tokens_are_refused_unless_they_ask_for_nothing(served, field, asks_nothing,
+                                                                                    refused):  # fmt: skip
+    """An ignored logit bias or penalty gives other tokens than asked, an ignored seed no reproducibility."""
+    assert check_request({"prompt": "hi", field: asks_nothing}, served, chat=False).max_tokens == 16
+    with pytest.raises(RequestError, match=f"'{field}' is not supported") as err:
+        check_request({"prompt": "hi", field: refused}, served, chat=False)
+    assert err.value.status == 400 and err.value.param == field
+
+
+def test_the_context_refusal_names_what_sets_the_context():
+    static = ServedModel("m", load_tokenizer("gpt2"), 8, "the static caches' length (--decoding static)")
+    with pytest.raises(RequestError, match="more than the static caches' length .* of 8 tokens"):
+        check_request({"prompt": [1] * 6, "max_tokens": 3}, static, chat=False)
+
+
+def test_jobs_that_fit_alone_are_never_batched_past_the_context(tmp_path):
+    """Left padding widens every row to the longest prompt and the call runs to the largest budget: a short prompt
+    with a long budget beside a long prompt with a short one would overflow the context, failing both requests."""
+    pytest.importorskip("litserve")
+    from lightning_memdec.apps.serve_worker import generate_calls, generate_steps
+    from lightning_memdec.inference.interpolated_lm import InterpolatedLM
+
+    jobs = [
+        {"prompt_ids": [50] * 30, "max_tokens": 4, "sampling": {"do_sample": False}},
+        {"prompt_ids": [464, 5827, 373], "max_tokens": 20, "sampling": {"do_sample": False}},
+        {"prompt_ids": [40, 588], "max_tokens": 6, "sampling": {"do_sample": False}},
+    ]
+    assert [rows for rows, _ in generate_calls(jobs, context=40)] == [[0], [1, 2]]  # 30 + 20 > 40; 3 + 20 fits
+    assert [rows for rows, _ in generate_calls(jobs, context=None)] == [[0, 1, 2]]
+    model = InterpolatedLM(str(save_tiny(tmp_path / "b")), str(save_tiny(tmp_path / "m", n_embd=16, seed=1)), 0.3)
+    got: list[list[int]] = [[], [], []]
+    sizes = set()
+    for step in generate_steps(model, jobs, eos_token_ids=set(), context=40):
+        for row, out in enumerate(step):
+            if out:
+                got[row].append(out["token"])
+                sizes.add((row, out["batch"]))
+    assert sizes == {(0, 1), (1, 2), (2, 2)}
+    for job, tokens in zip(jobs, got):
+        prompt = torch.tensor([job["prompt_ids"]])
+        ref = model.generate(prompt, max_new_tokens=job["max_tokens"], min_new_tokens=job["max_tokens"],
+                             do_sample=False)  # fmt: skip
+        assert tokens == ref[0, prompt.shape[1] :].tolist()
+
+
+def test_a_failed_generate_call_fails_its_own_requests_with_a_message():
+    """Its jobs get {"error": message} (the HTTP side answers 500 naming it, not a pickled exception); the jobs
+    of other calls still run."""
+    pytest.importorskip("litserve")
+    from types import SimpleNamespace
+
+    from lightning_memdec.apps.serve_worker import generate_steps
+
+    class Failing:
+        generation_config, device = SimpleNamespace(pad_token_id=0), torch.device("cpu")
+
+        def generate(self, input_ids, **kwargs):
+            if kwargs.get("do_sample"):
+                raise RuntimeError("CUDA out of memory")
+            kwargs["streamer"].put(input_ids)
+            kwargs["streamer"].put(torch.full((len(input_ids),), 7))
+            kwargs["streamer"].end()
+
+    jobs = [
+        {"prompt_ids": [1, 2], "max_tokens": 1, "sampling": {"do_sample": True}},
+        {"prompt_ids": [3], "max_tokens": 1, "sampling": {"do_sample": False}},
+    ]
+    steps = list(generate_steps(Failing(), jobs, eos_token_ids=set()))
+    assert steps == [[{"error": "RuntimeError: CUDA out of memory"}, {}], [{}, {"token": 7, "end": False, "batch": 1}]]
+
+
+def test_an_error_step_becomes_a_500_naming_it(served):
+    pytest.importorskip("litserve")
+    import asyncio
+    import json
+
+    from litserve.utils import LitAPIStatus
+
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+
+    job = check_request({"prompt": "hi"}, served, chat=False)
+
+    async def steps():
+        yield json.dumps({"error": "RuntimeError: CUDA out of memory"}), LitAPIStatus.OK
+
+    async def pieces():
+        return [piece async for piece in OpenAICompletionsSpec(served).token_pieces(job, steps())]
+
+    with pytest.raises(RequestError, match="inference worker: RuntimeError: CUDA out of memory$") as err:
+        asyncio.run(pieces())
+    assert err.value.status == 500 and err.value.body()["error"]["type"] == "server_error"

@@ -12,7 +12,13 @@ import uuid
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-UNSUPPORTED = ("stop", "logprobs", "suffix", "tools", "echo", "best_of")  # refused rather than silently ignored
+# OpenAI fields not applied here, each with the values that ask for nothing: any other value is refused (400) rather
+# than silently ignored (a logit bias or a penalty ignored changes the tokens; an ignored seed breaks reproducibility)
+UNSUPPORTED = {
+    "stop": (None, "", []), "logprobs": (None, False), "suffix": (None, ""), "tools": (None, []), "echo": (None, False),
+    "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "seed": (None,),
+}  # fmt: skip
 
 
 class RequestError(Exception):
@@ -29,11 +35,13 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What requests are checked against: the served name, the shared tokenizer, the context in tokens."""
+    """What requests are checked against: the served name, the shared tokenizer, the context in tokens (and what
+    sets it, for the refusal's message)."""
 
     name: str
     tokenizer: object
     context: int | None
+    context_limit: str = "the model's context"
 
 
 @dataclass
@@ -69,8 +77,8 @@ def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
     if model is not None and model != served.name:
         raise RequestError(404, f"model {model!r} is not served here; this server serves {served.name!r}.",
                            "model", "model_not_found")  # fmt: skip
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False):
+    for name, no_op in UNSUPPORTED.items():
+        if not any(_asks_nothing(body.get(name), value) for value in no_op):
             raise RequestError(400, f"{name!r} is not supported by memdec serve; leave it out.", name, "unsupported")
     if body.get("n", 1) != 1:
         raise RequestError(400, "only n = 1 is supported; send n requests for n completions.", "n", "unsupported")
@@ -81,13 +89,24 @@ def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
         raise RequestError(400, f"max_tokens must be a positive integer, got {max_tokens!r}.", "max_tokens")
     if served.context is not None and len(prompt_ids) + max_tokens > served.context:
         raise RequestError(400, f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}, more than "
-                           f"the model's context of {served.context} tokens; shorten the prompt or lower max_tokens.",
+                           f"{served.context_limit} of {served.context} tokens; shorten the prompt or lower "
+                           "max_tokens.",
                            "max_tokens" if len(prompt_ids) < served.context else "prompt",
                            "context_length_exceeded")  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, f"stream must be true or false, got {stream!r}.", "stream")
     return Job(prompt_ids, max_tokens, sampling(body), stream, chat)
+
+
+def _asks_nothing(value, no_op) -> bool:
+    """``value`` equals ``no_op`` as JSON values compare: a number only to a number (``0`` and ``0.0`` alike),
+    ``false`` and ``null`` only to themselves."""
+    if isinstance(value, bool) or isinstance(no_op, bool) or value is None or no_op is None:
+        return value is no_op
+    if isinstance(value, (int, float)) != isinstance(no_op, (int, float)):
+        return False
+    return value == no_op
 
 
 def sampling(body: dict) -> dict:

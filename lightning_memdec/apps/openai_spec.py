@@ -100,6 +100,9 @@ class OpenAICompletionsSpec(LitSpec):
             if status == LitAPIStatus.ERROR:
                 raise RequestError(500, f"generation failed in the inference worker: {data}", code="server_error")
             step = json.loads(data) if data else {}
+            if "error" in step:
+                raise RequestError(500, f"generation failed in the inference worker: {step['error']}",
+                                   code="server_error")  # fmt: skip
             if "token" not in step:
                 continue
             job.batch_size = step["batch"]

@@ -48,16 +48,19 @@ def served_model(base: str, memdec: str | None, model_name: str | None, decoding
         except OSError as err:
             raise ValueError(f"{flag} {ref!r} is not a model directory or hub name ({err}).") from err
     contexts = [c for c in contexts if c]
+    limit = "the model's context"
     if decoding == "static":
         from lightning_memdec.inference.static_generation import DEFAULT_MAX_LENGTH
 
+        if not contexts or DEFAULT_MAX_LENGTH < min(contexts):
+            limit = "the static caches' length (--decoding static)"
         contexts.append(DEFAULT_MAX_LENGTH)
     tokenizer = find_tokenizer(base)
     if tokenizer is None:
         raise ValueError(f"--base {base!r} has no tokenizer saved with it; save its tokenizer into the directory.")
     check_decoder_tokenizer(memdec, tokenizer, base)
     names = [Path(str(ref).rstrip("/")).name for ref in (base, memdec) if ref]
-    return ServedModel(model_name or "+".join(names), tokenizer, min(contexts) if contexts else None)
+    return ServedModel(model_name or "+".join(names), tokenizer, min(contexts) if contexts else None, limit)
 
 
 def check_decoder_tokenizer(memdec: str | None, tokenizer, base: str) -> None:
@@ -154,7 +157,8 @@ def serve(
     model = served_model(base, memdec, model_name, decoding)
     check_router(router, base, memdec, model.tokenizer)
     api = MixtureAPI(base, memdec, lmbda, device, OpenAICompletionsSpec(model), router=router, decoding=decoding,
-                     max_batch_size=queue.max_batch_size, batch_timeout=queue.batch_timeout)  # fmt: skip
+                     context=model.context, max_batch_size=queue.max_batch_size,
+                     batch_timeout=queue.batch_timeout)  # fmt: skip
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
     server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=queue.timeout)
     server.run(host=host, port=port, generate_client_file=False)

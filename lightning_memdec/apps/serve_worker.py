@@ -19,10 +19,10 @@ class MixtureAPI(ls.LitAPI):
     """The inference worker: loads the model on its device and streams tokens for a batch of token jobs."""
 
     def __init__(self, base: str, memdec: str | None, lmbda: float, device: str, spec, router=None,
-                 decoding: str = "eager", **batching):  # fmt: skip
+                 decoding: str = "eager", context: int | None = None, **batching):  # fmt: skip
         super().__init__(spec=spec, **batching)
         self.base, self.memdec, self.lmbda, self.requested_device = base, memdec, lmbda, device
-        self.router, self.decoding = router, decoding
+        self.router, self.decoding, self.context = router, decoding, context
 
     def setup(self, device: str) -> None:
         from lightning_memdec.hf.loading import torch_device
@@ -44,32 +44,54 @@ class MixtureAPI(ls.LitAPI):
 
     def predict(self, jobs, **kwargs):
         batched = isinstance(jobs, list)  # max_batch_size 1: LitServe passes the job itself
-        for step in generate_steps(self.model, jobs if batched else [jobs], self.eos_token_ids):
+        for step in generate_steps(self.model, jobs if batched else [jobs], self.eos_token_ids, self.context):
             yield step if batched else step[0]
 
     def encode_response(self, output, **kwargs):
         yield from output
 
 
-def generate_steps(model, jobs: list[dict], eos_token_ids: set[int]) -> Iterator[list[dict]]:
+def generate_steps(
+    model, jobs: list[dict], eos_token_ids: set[int], context: int | None = None
+) -> Iterator[list[dict]]:
     """Per decoding step, one dict per job: ``{"token": id, "end": bool, "batch": rows in its generate() call}``
-    while it runs, else ``{}``.
+    while it runs, else ``{}``; ``{"error": message}`` for the jobs of a ``generate()`` call that failed (their
+    requests get a 500 naming it; the other calls still run).
 
-    Jobs with the same sampling settings share one ``generate()`` call; groups with different settings (greedy
-    beside sampled) run one after the other, since one call has one set of settings.
+    The jobs go in :func:`generate_calls`: those of one call are generated together, the calls one after another.
     """
+    for rows, settings in generate_calls(jobs, context):
+        prompts = [jobs[row]["prompt_ids"] for row in rows]
+        budgets = [jobs[row]["max_tokens"] for row in rows]
+        try:
+            for step in stream_generate(model, prompts, budgets, eos_token_ids, **settings):
+                out: list[dict] = [{} for _ in jobs]
+                for row, token in zip(rows, step):
+                    if token is not None:
+                        out[row] = {"token": token, "end": token in eos_token_ids, "batch": len(rows)}
+                yield out
+        except Exception as err:  # as a message, not the exception LitServe would pickle
+            yield [{"error": f"{type(err).__name__}: {err}"} if row in rows else {} for row in range(len(jobs))]
+
+
+def generate_calls(jobs: list[dict], context: int | None) -> Iterator[tuple[list[int], dict]]:
+    """The batch's jobs as ``generate()`` calls (rows, sampling settings): one call has one set of settings (greedy
+    and sampled jobs go apart), and its rows are left-padded to its longest prompt and decoded up to its largest
+    budget, which must fit the ``context`` (each request alone was checked to fit): a job that would overflow it
+    starts the next call."""
     groups: dict[tuple, list[int]] = {}
     for row, job in enumerate(jobs):
         groups.setdefault(tuple(sorted(job["sampling"].items())), []).append(row)
     for settings, rows in groups.items():
-        prompts = [jobs[row]["prompt_ids"] for row in rows]
-        budgets = [jobs[row]["max_tokens"] for row in rows]
-        for step in stream_generate(model, prompts, budgets, eos_token_ids, **dict(settings)):
-            out: list[dict] = [{} for _ in jobs]
-            for row, token in zip(rows, step):
-                if token is not None:
-                    out[row] = {"token": token, "end": token in eos_token_ids, "batch": len(rows)}
-            yield out
+        call, width, budget = [], 0, 0
+        for row in rows:
+            prompt, tokens = len(jobs[row]["prompt_ids"]), jobs[row]["max_tokens"]
+            if call and context is not None and max(width, prompt) + max(budget, tokens) > context:
+                yield call, dict(settings)
+                call, width, budget = [], 0, 0
+            call.append(row)
+            width, budget = max(width, prompt), max(budget, tokens)
+        yield call, dict(settings)
 
 
 def static_generator(model, mixed: bool, batch_rows: int):
