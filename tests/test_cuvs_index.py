@@ -108,8 +108,9 @@ def test_refused_before_any_work(tmp_path, biomed_datastore, monkeypatch):
         build_index(biomed_datastore, out, plan=PLAN, library="cuvs", use_gpu=True)
     monkeypatch.setitem(__import__("sys").modules, "cuvs", None)  # not installed
     monkeypatch.setattr(cuvs_index, "cuvs_device", lambda device=None: torch.device("cpu"))
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[gpu\]'"):
-        build_index(biomed_datastore, out, plan=PLAN, library="cuvs")
+    for plan in (PLAN, IndexSettings()):  # the default plan of a small store is Flat: the install is named first
+        with pytest.raises(ImportError, match=r"pip install -e '\.\[gpu\]'"):
+            build_index(biomed_datastore, out, plan=plan, library="cuvs")
     install(monkeypatch)
     with pytest.raises(ValueError, match="IVF-PQ indexes"):
         build_index(biomed_datastore, out, plan=IndexSettings(factory="Flat"), library="cuvs")

@@ -397,3 +397,13 @@ def test_fit_router_cli_publishes_a_router_that_evaluate_reports(pair, tmp_path,
             mix=EvaluateMixing(lmbda=0.3, router=str(out)),
             scoring=Scoring(batch_size=4, window=128, stride=64, max_tokens=100),
         )
+
+
+def test_fit_router_window_defaults_to_what_the_models_hold(pair, tmp_path):
+    """memdec evaluate's 1024 unless the models' context is shorter: the README's command, on the shipped bases of
+    512 positions, was refused for want of --window."""
+    from lightning_memdec.apps.fit_router import fit_router
+
+    fit_router(str(pair["base"]), str(pair["memdec"]), "embedded:biomed/valid", "embedded:general/valid",
+               tmp_path / "router", max_tokens=200, device="cpu")  # fmt: skip
+    assert json.loads((tmp_path / "router" / "meta.json").read_text())["training"]["window"] == 512

@@ -22,7 +22,14 @@ from lightning_memdec.apps.router_training import (
 )
 from lightning_memdec.evaluation.overlap import split_document_offsets
 from lightning_memdec.evaluation.split_tokens import text_tokens
-from lightning_memdec.hf.loading import check_fits_context, find_tokenizer, load_causal_lm, model_config, torch_device
+from lightning_memdec.hf.loading import (
+    check_fits_context,
+    context_length,
+    find_tokenizer,
+    load_causal_lm,
+    model_config,
+    torch_device,
+)
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.inference.router import Router, router_scorer
 from lightning_memdec.inference.router_artifact import router_meta, save_router_weights
@@ -38,6 +45,7 @@ __all__ = ["fit_router", "held_out_summary"]
 # all four cases of docs/results/router_fit_data.txt (the rule fixed before that run), and fits in seconds on CPU.
 WIDTH = 0
 BATCH_WINDOWS = 4
+DEFAULT_WINDOW = 1024  # as memdec evaluate's (paper: 1024), unless the models' context is shorter
 
 
 @exclusive_output
@@ -48,7 +56,7 @@ def fit_router(
     general: str,
     out: Path,
     routing: Routing = Routing(),
-    window: int = 1024,
+    window: int | None = None,
     max_tokens: int | None = None,
     device: str = "auto",
     overwrite: bool = False,
@@ -62,19 +70,23 @@ def fit_router(
         general: held-out general text, same forms (e.g. embedded:general/valid).
         out: output directory.
         routing: the skip threshold and how much general perplexity may rise (the router kept).
-        window: tokens of context per window (scored with stride window / 2, as ``memdec evaluate``).
+        window: tokens of context per window (scored with stride window / 2, as ``memdec evaluate``); default:
+            1024, or the models' context where it is shorter (the shipped bases: 512).
         max_tokens: use only the first this many tokens of each text.
         device: cpu, cuda, cuda:1, … or auto.
         overwrite: replace an existing ``out``.
     """
     threshold, general_tolerance = routing.threshold, routing.general_tolerance
+    configs = [model_config(ref) for ref in (base, memdec)]
+    if window is None:
+        window = min([DEFAULT_WINDOW, *(c for c in map(context_length, configs) if c is not None)])
     if window < 2:  # one context token and one scored: refused before the models load, not after
         raise ValueError(f"--window must be 2 or more tokens, got {window}.")
     check_writable_dir(out, "--out")
     if Path(out).exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
-    for ref in (base, memdec):
-        check_fits_context(window, model_config(ref), ref)
+    for ref, config in zip((base, memdec), configs):
+        check_fits_context(window, config, ref)
     dev = torch_device(device)
     base_model, memdec_model = (load_causal_lm(ref).to(dev).eval() for ref in (base, memdec))
     tok = find_tokenizer(base, base_model)

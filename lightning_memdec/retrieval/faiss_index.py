@@ -145,9 +145,9 @@ def build_index(
 
 def empty_index(library: str, d: int, factory: str, nprobe: int):
     """The untrained index ``factory`` describes: a FAISS index, or a cuVS IVF-PQ on the current GPU (its
-    installation, the GPU and the layout checked here, before any work)."""
+    installation, the layout and the GPU checked here, before any work)."""
     if library == "cuvs":
-        cuvs_index.ivf_pq_shape(factory), cuvs_index.cuvs_api()  # the layout, the install, then the GPU
+        cuvs_index.cuvs_api(), cuvs_index.ivf_pq_shape(factory)  # the install, the layout, then the GPU
         return CuvsIVFPQ(d, factory, cuvs_index.cuvs_device(), nprobe)
     try:
         return faiss.index_factory(d, factory, faiss.METRIC_L2)
