@@ -301,7 +301,7 @@ def test_fit_router_names_the_threshold_it_refuses(tmp_path, monkeypatch, capsys
     no_model_loaded(monkeypatch, fr)
     args = ["fit-router", "--base", str(tiny_gpt2), "--memdec", str(tiny_gpt2), "--domain", "embedded:biomed/valid",
             "--general", "embedded:general/valid", "--out", str(tmp_path / "r")]  # fmt: skip
-    args += ["--routing.threshold", "1.5"]
-    message = refused(args, capsys)
-    assert "threshold" in message and "lmbda" not in message and "1.5" in message
+    for threshold in ("1.5", "1"):  # 1: a router that skips the decoder at every token (audit 3), no warning
+        message = refused([*args, "--routing.threshold", threshold], capsys)
+        assert "threshold" in message and "lmbda" not in message and f"got {float(threshold)}" in message
     assert not (tmp_path / "r").exists()

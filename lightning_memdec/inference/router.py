@@ -27,13 +27,17 @@ FEATURES = ("base_last_hidden_state", "base_entropy", "base_max_log_prob")
 
 
 def check_threshold(threshold: float) -> float:
-    """The skip threshold is a λ: a number in [0, 1]; refused naming the setting, not λ."""
+    """The skip threshold is a λ below 1 (the router's λ, a sigmoid, is always below 1: a threshold of 1 would skip
+    the decoder at every token, a router that is the base alone); refused naming the setting, not λ."""
     try:
-        return check_lmbda(threshold)
+        threshold = check_lmbda(threshold)
+        if threshold >= 1:
+            raise ValueError
+        return threshold
     except ValueError:
         raise ValueError(
             f"the threshold (--routing.threshold: the router's λ under which the decoder is skipped) must be a "
-            f"number in [0, 1], got {threshold!r}; 0 never skips."
+            f"number in [0, 1), got {threshold!r}; 0 never skips, 1 would skip at every token."
         ) from None
 
 
