@@ -214,7 +214,12 @@ def test_model_identity_is_its_weights_not_its_path(tmp_path, biomed_corpus):
     save_tiny(tmp_path / "model", seed=2)  # another model, same path
     with pytest.raises(ArtifactError, match="different settings"):
         build_datastore(biomed_corpus, str(model), tmp_path / "ds2", **kwargs)
+    from lightning_memdec.inference.knnlm import KNNLM
+
+    with pytest.raises(ValueError, match=r"\(sha [0-9a-f]{16}\), but the base LM .* has other weights"):
+        KNNLM(str(model), store, search="exact")  # its queries would search the old model's keys (audit 4)
     build_datastore(biomed_corpus, str(model), store, overwrite=True, **kwargs)
+    KNNLM(str(model), store, search="exact")  # rebuilt with this model: accepted
     with pytest.raises(ArtifactError, match=f"index {index} was built over"):
         build_targets(store, index, tmp_path / "targets", knn=KNNTargets(k=8))
     assert not partial_dir(tmp_path / "targets").exists()

@@ -166,6 +166,7 @@ def checked_bases(base, teacher, pretrain_bases: bool, tokenizer: str | None) ->
     """The base references and the corpora's tokenizer, refusing contradictory or mismatched settings."""
     if pretrain_bases and base:
         raise ValueError("give either --base or --pretrain_bases true, not both.")
+    base = [base] if isinstance(base, (str, Path)) else base  # one base as a str (from Python): not its letters
     refs = [] if pretrain_bases else [str(b) for b in (base or SHIPPED_BASES)]
     if not pretrain_bases:
         tokenizer = base_tokenizers(refs + ([teacher] if teacher else []), tokenizer)

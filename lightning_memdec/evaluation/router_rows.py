@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_memdec.hf.loading import find_tokenizer, tokenizer_name
-from lightning_memdec.inference.router_artifact import load_router, model_identity
+from lightning_memdec.hf.loading import find_tokenizer, model_identity, tokenizer_name
+from lightning_memdec.inference.router_artifact import load_router
 from lightning_memdec.io.artifact_dirs import ArtifactError, read_meta
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 from lightning_memdec.kernels.scoring import mix_log_probs, perplexity

@@ -26,6 +26,7 @@ __all__ = [
     "position_ids_from_mask",
     "resolve_model",
     "model_fingerprint",
+    "model_identity",
     "context_length",
     "check_fits_context",
     "model_config",
@@ -40,8 +41,11 @@ def load_causal_lm(name_or_path: str | Path, **from_pretrained_kwargs):
     naming what was asked for when it is no model."""
     from transformers import AutoModelForCausalLM
 
+    ref = resolve_model(name_or_path)
+    if Path(ref).is_file():  # transformers would try to unpickle it as a checkpoint
+        raise ValueError(f"cannot load causal LM {str(name_or_path)!r}: it is a file; pass the model's directory.")
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **from_pretrained_kwargs)
+        return AutoModelForCausalLM.from_pretrained(ref, **from_pretrained_kwargs)
     except OSError as err:
         raise ValueError(
             f"cannot load causal LM {str(name_or_path)!r}: not a model directory or hub name ({err})."
@@ -76,10 +80,10 @@ def model_fingerprint(name_or_path: str | Path) -> str:
 
 def causal_lm(ref, what: str, **from_pretrained_kwargs):
     """A model passed in is used as is; a name/path is loaded (so callers take either form)."""
-    from transformers import AutoModelForCausalLM, PreTrainedModel
+    from transformers import PreTrainedModel
 
     if isinstance(ref, (str, Path)):
-        return AutoModelForCausalLM.from_pretrained(resolve_model(ref), **from_pretrained_kwargs)
+        return load_causal_lm(ref, **from_pretrained_kwargs)
     if not isinstance(ref, PreTrainedModel):
         raise TypeError(
             f"{what} must be a Hugging Face causal LM (PreTrainedModel) or a name/path, got {type(ref).__name__}."
@@ -161,8 +165,21 @@ def position_ids_from_mask(attention_mask, length: int):
     """
     if attention_mask is None or attention_mask.dim() != 2:
         return None
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):  # 2s would count twice, 0.5 as padding
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (tokens) only.")
     position_ids = attention_mask.long().cumsum(-1) - 1
     return position_ids.masked_fill(attention_mask == 0, 0)[:, -length:]
+
+
+def model_identity(model_or_ref) -> dict:
+    """``{"name", "model_sha256"}`` of a model (a path/name, or a loaded model through its ``name_or_path``);
+    the hash is None for a model that exists only in memory."""
+    ref = str(getattr(model_or_ref, "name_or_path", model_or_ref) or "")
+    try:
+        fingerprint = model_fingerprint(ref) if ref else None
+    except (ValueError, OSError):
+        fingerprint = None
+    return {"name": ref, "model_sha256": fingerprint}
 
 
 def context_length(model) -> int | None:

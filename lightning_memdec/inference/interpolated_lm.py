@@ -156,13 +156,19 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """``GenerationMixin.generate``, refused up front when prompt + new tokens exceed either model's context."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("InterpolatedLM mixes two models, each with its own embeddings: pass token ids, not "
+                             "inputs_embeds.")  # fmt: skip
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         config = generation_config or self.generation_config
         new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        total = kwargs.get("max_length", config.max_length) if new is None else prompt.shape[-1] + new
-        if prompt is not None and total is not None:
-            check_fits_context(total, self.base, "the base LM", "prompt + max_new_tokens")
-            check_fits_context(total, self.memdec, "the Memory Decoder", "prompt + max_new_tokens")
+        length = 1 if prompt is None else prompt.shape[-1]  # no prompt: generate() starts from the BOS token
+        total, setting = (kwargs.get("max_length", config.max_length), "max_length") if new is None else (
+            length + new, "prompt + max_new_tokens"
+        )  # fmt: skip
+        if total is not None:
+            check_fits_context(total, self.base, "the base LM", setting)
+            check_fits_context(total, self.memdec, "the Memory Decoder", setting)
         return super().generate(inputs, generation_config, **kwargs)
 
     # -- λ -------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from lightning_memdec.hf.loading import (
     check_fits_context,
     find_tokenizer,
     forward_params,
+    model_identity,
     output_rows,
     position_ids_from_mask,
     resolve_model,
@@ -138,6 +139,13 @@ class KNNLM(torch.nn.Module):
                 f"{meta['model']}, but that layer of "
                 f"the base LM {base.name_or_path or type(base).__name__} gives {dim}-dim keys; use the base that "
                 "built the datastore (or build a datastore with this base)."
+            )
+        recorded, actual = meta.get("model_sha256"), model_identity(base)["model_sha256"]
+        if recorded is not None and actual is not None and recorded != actual:
+            raise ValueError(
+                f"{where} was built with {meta['model']} (sha {recorded}), but the base LM "
+                f"{base.name_or_path} has other weights (sha {actual}): a model replaced at its path gives keys the "
+                "datastore's do not match; rebuild the datastore with this base, or load the model that built it."
             )
         name = str(getattr(base, "name_or_path", "") or "")
         if name and Path(name).name != Path(resolve_model(meta["model"])).name:  # embedded:base-small is base-small

@@ -13,24 +13,13 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from lightning_memdec.hf.loading import model_fingerprint
+from lightning_memdec.hf.loading import model_identity
 from lightning_memdec.inference.router import FEATURES, Router
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, read_meta
 
-__all__ = ["WEIGHTS", "model_identity", "router_meta", "save_router_weights", "load_router", "check_router_models"]
+__all__ = ["WEIGHTS", "router_meta", "save_router_weights", "load_router", "check_router_models"]
 
 WEIGHTS = "router.safetensors"
-
-
-def model_identity(model_or_ref) -> dict[str, Any]:
-    """``{"name", "model_sha256"}`` of a model (a path/name, or a loaded model through its ``name_or_path``);
-    the hash is None for a model that exists only in memory."""
-    ref = str(getattr(model_or_ref, "name_or_path", model_or_ref) or "")
-    try:
-        fingerprint = model_fingerprint(ref) if ref else None
-    except (ValueError, OSError):
-        fingerprint = None
-    return {"name": ref, "model_sha256": fingerprint}
 
 
 def router_meta(router: Router, base, memdec, tokenizer: dict, training: dict[str, Any]) -> dict[str, Any]:

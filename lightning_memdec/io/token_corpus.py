@@ -107,7 +107,7 @@ class Corpus:
 
 @exclusive_output
 def tokenize(
-    text: str | list[str] | None = None,
+    text: str | Path | list[str] | None = None,
     out: Path | None = None,
     tokenizer: str = "gpt2",
     max_tokens: int | None = None,
@@ -149,7 +149,7 @@ def tokenize(
         raise ValueError("--separation official tokenizes dataset rows one by one: give --dataset.name or "
                          "--dataset.files, and no --dataset.document_start (the official preprocessing splits no "
                          "documents).")  # fmt: skip
-    text = [text] if isinstance(text, str) else text
+    text = [text] if isinstance(text, (str, Path)) else text  # one file as a str or a Path
     if separation == "official":
         documents, sources = open_rows(*rows)
     else:

@@ -21,6 +21,7 @@ from lightning_memdec.io.capacity import available_ram, check_fits
 from lightning_memdec.io.npy_rows import gather_rows, read_rows
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_finite_keys, check_index_matches
+from lightning_memdec.io.settings import check_positive
 from lightning_memdec.retrieval import cuvs_index
 from lightning_memdec.retrieval.cuvs_index import CUVS_INDEX, CuvsIVFPQ
 from lightning_memdec.retrieval.index_plan import IndexPlan, gpu_pq_options, plan_index
@@ -109,6 +110,7 @@ def build_index(
         raise ValueError(f"--library must be one of {LIBRARIES}, got {library!r}.")
     if library == "cuvs" and use_gpu:
         raise ValueError("--use_gpu asks faiss-gpu to build; --library cuvs always builds on the GPU: drop --use_gpu.")
+    check_positive("--add_batch", add_batch, whole=True)  # -1 published an empty index, 0 failed mid-build
     store = Datastore(datastore)
     n, d = len(store), store.dim
     spec = plan  # the settings; ``plan`` becomes the plan made from them

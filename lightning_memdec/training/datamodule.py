@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_memdec.io.artifact_dirs import meta_sha256
 from lightning_memdec.io.readers import Targets, check_targets_match_corpus
+from lightning_memdec.io.settings import check_positive
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer
 
@@ -261,8 +262,12 @@ class MemDecDataModule(L.LightningDataModule):
             raise ValueError("test_targets needs test_corpus.")
         if (train_targets is None) != (val_targets is None) and val_corpus is not None:
             raise ValueError("give targets for both train and validation splits, or for neither.")
+        check_positive("window", window, whole=True)
+        check_positive("stride", stride, whole=True, omitted="the window (windows side by side)")
+        check_positive("batch_size", batch_size, whole=True)
+        check_positive("max_support", max_support, whole=True, omitted="every target token")  # 0 would drop the KL
         self.save_hyperparameters()
-        self.stride = stride or window
+        self.stride = window if stride is None else stride
         self.train: WindowTargetsDataset | None = None
         self.val: WindowTargetsDataset | None = None
         self.test: WindowTargetsDataset | None = None

@@ -7,6 +7,7 @@ started from YAML on the command line are the same run.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 import warnings
@@ -117,7 +118,8 @@ def lightning_cli(
             MemDecDataModule,
             args=args if isinstance(args, dict) else config_args(sys.argv[1:] if args is None else args),
             run=run,
-            parser_kwargs={"parser_mode": "omegaconf+"},
+            # from Python (a dict) a config mistake raises (see fit) instead of printing the usage and exiting
+            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": not isinstance(args, dict)},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             trainer_defaults={
@@ -140,6 +142,9 @@ def fit(config: dict[str, Any], ckpt_path: str | Path | None = None) -> Path:
     config = copy.deepcopy(config)  # the parser turns nested dicts into Namespaces in place
     if "model" not in config or "data" not in config:
         raise ValueError(f"a fit config needs 'model' and 'data' sections, got {sorted(config)}.")
-    cli = lightning_cli(config, run=False, ckpt_path=ckpt_path)
+    try:
+        cli = lightning_cli(config, run=False, ckpt_path=ckpt_path)
+    except argparse.ArgumentError as err:  # a misspelled key or a bad value, named by the parser
+        raise ValueError(f"the fit config: {err}") from None
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
     return cli.export_dir()

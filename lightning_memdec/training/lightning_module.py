@@ -68,6 +68,12 @@ class MemoryDecoderModule(L.LightningModule):
             raise ValueError(f"beta must be in [0, 1], got {beta}.")
         if pad_vocab_multiple < 1:
             raise ValueError(f"pad_vocab_multiple must be ≥ 1 (1: no padding), got {pad_vocab_multiple}.")
+        check_lr_schedule(lr_schedule)
+        if isinstance(config, dict) and "model_type" not in config:
+            raise ValueError(
+                f"config needs a model_type (e.g. 'gpt2') beside its fields, got keys {sorted(config)}; or give the "
+                "path of a config.json."
+            )
         self.save_hyperparameters()
         self.vocab_size: int | None = None  # the decoder's own output ids; the logits beyond are padding
         self.decoder = None
@@ -240,8 +246,12 @@ class MemoryDecoderModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
 def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
     """Multiplier of the peak learning rate at a step: linear warm-up, then cosine/linear/constant decay."""
+    check_lr_schedule(schedule)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -253,3 +263,9 @@ def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
         return min_ratio + (1 - min_ratio) * shape
 
     return factor
+
+
+def check_lr_schedule(schedule: str) -> None:
+    """A misspelled schedule would otherwise train with the linear one."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}.")
