@@ -122,8 +122,9 @@ def forward_flops_per_token(params: int, layers: int, context: int, width: int) 
     return 2 * params + 2 * layers * context * width
 
 
-class TimeLimitReached(Exception):
-    """Raised by SIGALRM in whatever stage is running when ``--time_limit_s`` is up."""
+class TimeLimitReached(BaseException):
+    """Raised by SIGALRM in whatever stage is running when ``--time_limit_s`` is up. A BaseException, as
+    KeyboardInterrupt is: library code's ``except Exception`` (a tokenizer probe, say) must not swallow it."""
 
 
 def start_time_limit(seconds: float | None) -> None:
@@ -133,13 +134,24 @@ def start_time_limit(seconds: float | None) -> None:
         return
 
     def expire(*_):
-        raise TimeLimitReached(f"the time limit of {seconds:g} s was reached")
+        expire.fired = True
+        raise TimeLimitReached(expire.message)
 
+    expire.fired, expire.message = False, f"the time limit of {seconds:g} s was reached"
     signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
+def check_time_limit() -> None:
+    """Raise if the limit has passed: its exception may have been lost where the signal landed (a finalizer's
+    exceptions are only printed), and then the next stage must not start."""
+    expire = signal.getsignal(signal.SIGALRM)
+    if getattr(expire, "fired", False):
+        raise TimeLimitReached(expire.message)
+
+
 def section(name: str, fn, *args):
+    check_time_limit()
     try:
         return fn(*args)
     except TimeLimitReached:
@@ -633,6 +645,7 @@ def main(
         section("search_scale", search_scale_stage, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
         section("beam", beam_stage, w, large, small, new_tokens)  # last: no headline figure depends on these
         section("served_batch", served_batch_stage, w, large, small, new_tokens)
+        check_time_limit()  # the last stage's signal may have been lost too
     except TimeLimitReached as err:
         report("time_limit", f"{err}: the stage running then and those after it are not measured")
     finally:

@@ -58,6 +58,24 @@ def _key_dim(model: PreTrainedModel, capture) -> int:
     return int(cap.value.shape[-1])
 
 
+def _check_same_weights(base, meta: dict, where: str) -> None:
+    """The base's weights must be those that built the datastore (its recorded ``model_sha256``): a model replaced
+    at the same path passes every name and shape check, but its queries would search another model's keys. A base
+    of another name is only warned about (the same weights may be saved elsewhere; a hash is not always known)."""
+    recorded, actual = meta.get("model_sha256"), model_identity(base)["model_sha256"]
+    if recorded is not None and actual is not None and recorded != actual:
+        raise ValueError(
+            f"{where} was built with {meta['model']} (sha {recorded}), but the base LM {base.name_or_path} has other "
+            f"weights (sha {actual}): rebuild the datastore with this base, or load the model that built it."
+        )
+    name = str(getattr(base, "name_or_path", "") or "")
+    if name and Path(name).name != Path(resolve_model(meta["model"])).name:  # embedded:base-small is base-small
+        warnings.warn(
+            f"{where} was built with {meta['model']}, but the base LM is {name}: keys only match when the weights do.",
+            stacklevel=3,
+        )
+
+
 class KNNLM(torch.nn.Module):
     """The kNN-LM baseline (Khandelwal et al., 2020) as the paper evaluates it: base LM + live datastore retrieval.
 
@@ -140,20 +158,7 @@ class KNNLM(torch.nn.Module):
                 f"the base LM {base.name_or_path or type(base).__name__} gives {dim}-dim keys; use the base that "
                 "built the datastore (or build a datastore with this base)."
             )
-        recorded, actual = meta.get("model_sha256"), model_identity(base)["model_sha256"]
-        if recorded is not None and actual is not None and recorded != actual:
-            raise ValueError(
-                f"{where} was built with {meta['model']} (sha {recorded}), but the base LM "
-                f"{base.name_or_path} has other weights (sha {actual}): a model replaced at its path gives keys the "
-                "datastore's do not match; rebuild the datastore with this base, or load the model that built it."
-            )
-        name = str(getattr(base, "name_or_path", "") or "")
-        if name and Path(name).name != Path(resolve_model(meta["model"])).name:  # embedded:base-small is base-small
-            warnings.warn(
-                f"{where} was built with {meta['model']}, but the base LM is {name}: keys only match "
-                "when the weights do.",
-                stacklevel=2,
-            )
+        _check_same_weights(base, meta, where)
         self.base = base.eval()
         self.k = int(min(k, meta["num_entries"]))
         self.temperature = float(temperature)
