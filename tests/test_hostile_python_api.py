@@ -93,3 +93,16 @@ def test_one_base_or_one_text_file_as_a_plain_value(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("The patient was given aspirin.\n\nA second document.\n")
     assert Corpus(tokenize(text, tmp_path / "corpus", "gpt2")).num_tokens > 5
+
+
+def test_one_dimensional_ids_and_negative_budgets_are_named(mixture, biomed_datastore, tiny_gpt2):
+    """1-D ids failed deep in the models with a bare IndexError; generate_greedy(ids, -3) returned the prompt."""
+    from lightning_memdec.inference.knnlm import KNNLM
+
+    knnlm = KNNLM(str(tiny_gpt2), biomed_datastore, search="exact", k=8)
+    for call in (lambda: mixture.log_probs(IDS[0]), lambda: knnlm.log_probs(IDS[0])):
+        with pytest.raises(ValueError, match=r"input_ids must be \[batch, time\] token ids, got shape \[6\]"):
+            call()
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number ≥ 0, got -3"):
+        knnlm.generate_greedy(IDS, -3)
+    assert torch.equal(knnlm.generate_greedy(IDS, 0).cpu(), IDS)

@@ -24,6 +24,7 @@ __all__ = [
     "forward_params",
     "cache_arg_name",
     "position_ids_from_mask",
+    "check_token_ids",
     "resolve_model",
     "model_fingerprint",
     "model_identity",
@@ -155,6 +156,13 @@ def cache_arg_name(model) -> str:
     """transformers 5 calls the cache ``cache``; older/remote-code models still say ``past_key_values``."""
     params = forward_params(model)
     return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
+
+
+def check_token_ids(input_ids) -> None:
+    """``input_ids`` must be ``[batch, time]``: a 1-D row failed deep in the models with a bare IndexError."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, time] token ids, got shape {list(input_ids.shape)}; add a batch "
+                         "dimension (ids[None]).")  # fmt: skip
 
 
 def position_ids_from_mask(attention_mask, length: int):

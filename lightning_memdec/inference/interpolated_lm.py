@@ -30,6 +30,7 @@ from lightning_memdec.hf.loading import (
     cache_arg_name,
     causal_lm,
     check_fits_context,
+    check_token_ids,
     find_tokenizer,
     forward_params,
     output_rows,
@@ -246,6 +247,7 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         count positions from the start of the row and would otherwise shift left-padded prompts.
         ``labels`` (shifted inside, -100 ignored) gives ``.loss``, the mixture's mean NLL.
         """
+        check_token_ids(input_ids)
         if cache is not None and not isinstance(cache, PairCache):
             raise TypeError(f"InterpolatedLM needs a PairCache (one cache per model), got {type(cache).__name__}.")
         if position_ids is None:

@@ -20,6 +20,7 @@ from lightning_memdec.hf.loading import (
     cache_arg_name,
     causal_lm,
     check_fits_context,
+    check_token_ids,
     find_tokenizer,
     forward_params,
     model_identity,
@@ -204,6 +205,7 @@ class KNNLM(torch.nn.Module):
     @torch.no_grad()
     def base_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Base logits ``[B, T, V]`` (sliced to the shared vocabulary) and query keys ``[B, T, d]`` in one pass."""
+        check_token_ids(input_ids)
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
@@ -301,6 +303,9 @@ class KNNLM(torch.nn.Module):
 
         Rows are continued independently (no padding, no early stop), as a latency baseline; λ = 0 skips retrieval.
         """
+        check_token_ids(input_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a whole number ≥ 0, got {max_new_tokens!r}.")
         check_fits_context(input_ids.shape[-1] + max_new_tokens, self.base, "the base LM", "prompt + max_new_tokens")
         cache_arg = cache_arg_name(self.base)
         # only the last position's logits, as generate() does: the prompt's pass would otherwise build [B, T, V]
