@@ -297,3 +297,20 @@ def test_a_kill_after_every_chunk_resumes_without_recomputing_them(
     assert counter.computed == 0
     for name in ("keys.npy", "values.npy"):
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()
+
+
+def test_a_models_weights_are_hashed_once_per_process_until_they_change(tmp_path, monkeypatch):
+    """KNNLM checks its base's hash against each datastore's, so its weights were read again for every KNNLM (the
+    GPU benchmark builds three over one base); a model rewritten at its path is still read again."""
+    import lightning_memdec.hf.loading as loading
+
+    reads = []
+    monkeypatch.setattr(loading, "sha256_file", lambda path: reads.append(path) or f"hash of {path}")
+    loading._file_sha256.cache_clear()
+    model = save_tiny(tmp_path / "model", seed=1)
+    first = loading.model_fingerprint(str(model))
+    assert loading.model_fingerprint(str(model)) == first and len(reads) == 2  # config.json and the weights
+    save_tiny(tmp_path / "model", seed=2)
+    loading.model_fingerprint(str(model))
+    assert len(reads) == 4
+    loading._file_sha256.cache_clear()
