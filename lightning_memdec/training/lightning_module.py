@@ -9,7 +9,7 @@ in ``configure_model`` so FSDP can shard it as it is built.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -18,6 +18,9 @@ from torchmetrics import MeanMetric
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
 from lightning_memdec.kernels.memdec_loss import memdec_loss
 from lightning_memdec.training.datamodule import pad_targets
+
+LRSchedule = Literal["cosine", "linear", "constant"]  # decay after warm-up
+LR_SCHEDULES = get_args(LRSchedule)
 
 
 class MemoryDecoderModule(L.LightningModule):
@@ -53,7 +56,7 @@ class MemoryDecoderModule(L.LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: float = 0.05,
-        lr_schedule: Literal["cosine", "linear", "constant"] = "cosine",
+        lr_schedule: LRSchedule = "cosine",
         min_lr_ratio: float = 0.1,
         fused_adamw: bool | None = None,
         compile: bool = False,
@@ -244,9 +247,6 @@ class MemoryDecoderModule(L.LightningModule):
         schedule = lr_lambda(total, warmup, h.lr_schedule, h.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-LR_SCHEDULES = ("cosine", "linear", "constant")
 
 
 def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
