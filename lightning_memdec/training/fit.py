@@ -11,10 +11,11 @@ import argparse
 import copy
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -130,14 +131,16 @@ def lightning_cli(
         )
 
 
-def fit(config: dict[str, Any], ckpt_path: str | Path | None = None) -> Path:
+def fit(config: dict[str, Any], ckpt_path: str | Path | None = None, callbacks: Sequence[Callback] = ()) -> Path:
     """Train the Memory Decoder (or any causal LM: ``model.beta: 0``) from a config dict; returns the export dir.
 
     ``config`` has the sections of a ``memdec fit`` YAML (``model``, ``data``, ``trainer``, and optionally
     ``checkpoint``, ``export``, ``lr_monitor``, ``budget_fraction``, ``seed_everything``); build it with
     :func:`lightning_memdec.io.packaged_configs.load_config` to start from shipped YAML files.
     ``ckpt_path`` resumes (``"last"``: ``last.ckpt`` of ``checkpoint.dirpath``, default
-    ``<trainer.default_root_dir>/checkpoints``; an error when there is none).
+    ``<trainer.default_root_dir>/checkpoints``; an error when there is none). ``callbacks``: instances added to the
+    Trainer's (a config names classes; these are objects the caller reads afterwards, e.g. a
+    :class:`~lightning_memdec.training.throughput.TrainingThroughput`).
     """
     config = copy.deepcopy(config)  # the parser turns nested dicts into Namespaces in place
     if "model" not in config or "data" not in config:
@@ -146,5 +149,6 @@ def fit(config: dict[str, Any], ckpt_path: str | Path | None = None) -> Path:
         cli = lightning_cli(config, run=False, ckpt_path=ckpt_path)
     except argparse.ArgumentError as err:  # a misspelled key or a bad value, named by the parser
         raise ValueError(f"the fit config: {err}") from None
+    cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
     return cli.export_dir()

@@ -1,0 +1,108 @@
+"""Training throughput (tokens/s) and model FLOPs utilisation of the steady state, as a Lightning callback.
+
+Why not Lightning's ``ThroughputMonitor``: it synchronises the device after every batch (which hides the overlap of
+the loader and the next step's launch that a real run has) and its table of peaks gives the H200's sparse bf16 figure.
+Here the device is synchronised only where a timed span starts and ends, the first optimizer steps (torch.compile's
+compilation, the allocator's growth, the loader's start) are left out, and the peak is the caller's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+__all__ = ["TrainingThroughput", "training_flops_per_token"]
+
+
+def training_flops_per_token(params: int, layers: int, context: int, width: int) -> float:
+    """Forward and backward FLOPs a token: 6 per weight (2 forward, 4 backward) plus attention's 12·L·T·d (scores and
+    their weighted sum over a context of T, forward and backward), as in the PaLM paper's MFU."""
+    return 6 * params + 12 * layers * context * width
+
+
+class TrainingThroughput(L.Callback):
+    """Logs ``train/tokens_per_s`` (this device's) and, given ``peak_flops``, ``train/mfu`` every
+    ``log_every_n_steps`` optimizer steps after ``warmup_steps``; at the end of fit :attr:`tokens_per_s` and
+    :attr:`mfu` hold the whole steady state's figures (None if no step was timed).
+
+    Tokens are the batches' ``input_ids`` elements, loader time included (a loader that cannot keep up shows).
+    FLOPs a token: :func:`training_flops_per_token` from the decoder's parameters and config and the batch's
+    sequence length.
+
+    Args:
+        warmup_steps: optimizer steps not timed (≥ 1: the first step's end is where timing can start).
+        log_every_n_steps: steps per logged span (default: the Trainer's ``log_every_n_steps``).
+        peak_flops: the device's dense peak FLOP/s in the training precision (e.g. 989e12 for bf16 on an H100/H200).
+        params: the decoder's parameter count (default: counted on this rank, which under FSDP holds a shard only).
+        clock: seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int = 10,
+        log_every_n_steps: int | None = None,
+        peak_flops: float | None = None,
+        params: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if warmup_steps < 1 or (log_every_n_steps is not None and log_every_n_steps < 1):
+            raise ValueError(
+                f"warmup_steps and log_every_n_steps must be ≥ 1, got {warmup_steps} and {log_every_n_steps}."
+            )
+        if peak_flops is not None and not peak_flops > 0:
+            raise ValueError(f"peak_flops must be positive (FLOP/s), got {peak_flops}.")
+        self.warmup_steps, self.every, self.peak_flops, self.clock = warmup_steps, log_every_n_steps, peak_flops, clock
+        self.params = params
+        self.tokens_per_s: float | None = None
+        self.mfu: float | None = None
+        self._start = self._span_start = None
+        self._tokens = self._span_tokens = 0
+        self._flops_per_token = None
+        self._logged_step = -1
+
+    def _now(self, pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # queued work belongs to the span it was launched in
+        return self.clock()
+
+    def _flops(self, pl_module: L.LightningModule, context: int) -> float:
+        model = getattr(pl_module, "decoder", pl_module)
+        config = model.config
+        params = self.params or sum(p.numel() for p in model.parameters())
+        return training_flops_per_token(params, config.num_hidden_layers, context, config.hidden_size)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.tokens_per_s = self.mfu = self._start = self._span_start = None
+        self._tokens = self._span_tokens = 0
+        self._logged_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._start is None:
+            if step >= self.warmup_steps:  # timing starts after this batch: the next ones are the steady state
+                self._start = self._span_start = self._now(pl_module)
+                self._logged_step = step
+            return
+        ids = batch["input_ids"]
+        self._tokens += ids.numel()
+        self._span_tokens += ids.numel()
+        if self._flops_per_token is None:
+            self._flops_per_token = self._flops(pl_module, ids.shape[-1])
+        every = self.every or trainer.log_every_n_steps
+        if step - self._logged_step >= every:
+            now = self._now(pl_module)
+            rate = self._span_tokens / (now - self._span_start)
+            pl_module.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, sync_dist=False)
+            if self.peak_flops is not None:
+                pl_module.log("train/mfu", rate * self._flops_per_token / self.peak_flops, on_step=True)
+            self._span_start, self._span_tokens, self._logged_step = now, 0, step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is None or self._tokens == 0:
+            return
+        self.tokens_per_s = self._tokens / (self._now(pl_module) - self._start)
+        if self.peak_flops is not None:
+            self.mfu = self.tokens_per_s * self._flops_per_token / self.peak_flops

@@ -1,0 +1,80 @@
+"""TrainingThroughput: the steady state's tokens/s and MFU, checked against a count of the batches' tokens over a
+clock the test controls (never wall-clock time)."""
+
+import itertools
+
+import pytest
+from test_training import TINY_CONFIG
+
+from lightning_memdec.io.packaged_configs import load_config
+from lightning_memdec.training.fit import lightning_cli
+from lightning_memdec.training.throughput import TrainingThroughput, training_flops_per_token
+
+
+class Ticks:
+    """A clock that moves 0.5 s a read, recording the reads."""
+
+    def __init__(self):
+        self.reads = itertools.count(0.0, 0.5)
+        self.times = []
+
+    def __call__(self) -> float:
+        self.times.append(next(self.reads))
+        return self.times[-1]
+
+
+def tiny_fit(tmp_path, pair, meter, steps: int, batch_size: int = 2, window: int = 32):
+    config = load_config(
+        "hardware/cpu.yaml",
+        {
+            "model": {"config": {**TINY_CONFIG, "n_positions": window}},
+            "data": {"train_corpus": pair["train_corpus"], "train_targets": pair["train_targets"], "window": window,
+                     "batch_size": batch_size},
+            "trainer": {"max_steps": steps, "limit_val_batches": 0, "enable_progress_bar": False,
+                        "default_root_dir": str(tmp_path / "run"), "log_every_n_steps": 1},
+            "export": {"dirpath": str(tmp_path / "hf")},
+            "checkpoint": {"save_top_k": 0, "save_last": False},
+        },
+    )  # fmt: skip
+    cli = lightning_cli(config, run=False)  # what fit(config, callbacks=[meter]) runs, with the Trainer kept
+    cli.trainer.callbacks.append(meter)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli.trainer
+
+
+def test_the_steady_state_rate_counts_the_tokens_after_the_warm_up_over_their_span(tmp_path, biomed_targets_pair):
+    clock = Ticks()
+    meter = TrainingThroughput(warmup_steps=2, log_every_n_steps=100, peak_flops=1e9, clock=clock)
+    tiny_fit(tmp_path, biomed_targets_pair, meter, steps=6)
+    # timed: steps 3..6, 2 windows of 32 tokens each; the clock read where timing starts and at the end only
+    assert clock.times == [0.0, 0.5]
+    assert meter.tokens_per_s == pytest.approx(4 * 2 * 32 / 0.5)
+    params = (
+        50257 * 32
+        + 32 * 32
+        + sum(  # wte, wpe, one block, ln_f (the LM head is tied to wte)
+            [2 * 32, 32 * 96 + 96, 32 * 32 + 32, 2 * 32, 32 * 128 + 128, 128 * 32 + 32, 2 * 32]  # ... ln_f
+        )
+    )
+    want_flops = 6 * params + 12 * 1 * 32 * 32
+    assert training_flops_per_token(params, 1, 32, 32) == want_flops
+    assert meter.mfu == pytest.approx(meter.tokens_per_s * want_flops / 1e9)
+
+
+def test_spans_are_logged_every_n_steps(tmp_path, biomed_targets_pair):
+    clock = Ticks()
+    meter = TrainingThroughput(warmup_steps=1, log_every_n_steps=2, peak_flops=1e9, clock=clock)
+    trainer = tiny_fit(tmp_path, biomed_targets_pair, meter, steps=5)
+    # reads: start after step 1, a span ending at step 3 and one at step 5, the end of fit
+    assert clock.times == [0.0, 0.5, 1.0, 1.5]
+    assert meter.tokens_per_s == pytest.approx(4 * 2 * 32 / 1.5)
+    # the last span logged: steps 4 and 5 (2 × 2 × 32 tokens) over 0.5 s
+    assert float(trainer.callback_metrics["train/tokens_per_s"]) == pytest.approx(2 * 2 * 32 / 0.5)
+    assert float(trainer.callback_metrics["train/mfu"]) == pytest.approx(256 * meter.mfu / meter.tokens_per_s)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="warmup_steps and log_every_n_steps must be ≥ 1"):
+        TrainingThroughput(warmup_steps=0)
+    with pytest.raises(ValueError, match="peak_flops must be positive"):
+        TrainingThroughput(peak_flops=0)
