@@ -40,7 +40,9 @@ failed). A section that fails prints ``<section>_error: …`` and the rest still
 from __future__ import annotations
 
 import importlib.util
+import math
 import signal
+import time
 import traceback
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,6 +56,7 @@ from latency_stores import save_gpt2
 
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import Datastore
+from lightning_memdec.retrieval.exact_search import smallest
 from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
@@ -150,8 +153,17 @@ def check_time_limit() -> None:
         raise TimeLimitReached(expire.message)
 
 
-def section(name: str, fn, *args):
+STAGES = ("datastore", "targets", "generation", "fit", "search_scale", "beam", "served_batch")
+
+
+def section(name: str, fn, *args, skipped: tuple[str, ...] = ()):
+    """Run one stage; its wall time (compilations, loads and all) is printed as ``<name>_stage_s`` so the next
+    device run can be planned, and a failure is reported instead of ending the run."""
     check_time_limit()
+    if name in skipped:
+        report(f"{name}_skipped", "--skip")
+        return None
+    start = time.perf_counter()
     try:
         return fn(*args)
     except TimeLimitReached:
@@ -160,6 +172,8 @@ def section(name: str, fn, *args):
         traceback.print_exc()
         report(f"{name}_error", f"{type(err).__name__}: {err}".replace("\n", " ")[:300])
         return None
+    finally:
+        report(f"{name}_stage_s", time.perf_counter() - start)
 
 
 def datastore_stage(card: Card, w: Path, shape: dict, tokens: int, window: int, accelerator: str):
@@ -277,6 +291,91 @@ def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int
         _, seconds = timed(search)
         report(f"{name}_queries_per_s", len(queries) / seconds)
         roofline(f"{name}_queries_per_s", len(queries) / seconds, bound)
+    section("search_breakdown", search_breakdown, keys, norms, queries, k)
+
+
+def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Tensor, k: int) -> None:
+    """Where exact search's time goes, per call of ``len(queries)`` queries over all keys, side by side: the score
+    products alone (one ``addmm`` a block, as exact_search writes them), the two-stage selection it uses, a one-stage
+    ``topk``, a threshold selection (a sampled threshold, one masking pass, a compaction; a candidate design, not
+    the library's), and the fp32 re-ranking; at the library's block size and at 1/8 of it."""
+    from lightning_memdec.retrieval.exact_search import (
+        block_rows,
+        default_compute_dtype,
+        exact_distances,
+        memory_budget,
+        rerank_margin,
+    )
+
+    dev, n = keys.device, len(queries)
+    dtype = default_compute_dtype(dev)
+    m = k + rerank_margin(k, dtype)
+    qc = queries.to(dtype)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the searches above left their blocks cached: the budget is read from free memory
+    full = block_rows(n, keys.shape[1], m, memory_budget(dev), dtype)
+    fp32_out = {"out_dtype": torch.float32} if dtype != torch.float32 and dev.type == "cuda" else {}
+
+    def scores(b0: int, size: int) -> torch.Tensor:
+        return torch.addmm(norms[b0 : b0 + size], qc, keys[b0 : b0 + size].to(dtype).T, alpha=-2, **fp32_out)
+
+    for label, size in (("", full), ("_eighth_block", max(1, full // 8))):
+        block_times(label, partial(scores, size=size), size, len(keys), m)
+    ids = torch.randint(0, len(keys), (n, m), device=dev)
+    _, seconds = timed(lambda: exact_distances(queries, keys, ids, memory_budget(dev)))
+    report("search_rerank_ms", 1000 * seconds)
+
+
+def block_times(label: str, scores, size: int, num_keys: int, m: int) -> None:
+    """search_breakdown's rows for one block size: all products, then each selection of one block scaled to them."""
+    starts = range(0, num_keys, size)
+    report(f"search{label}_block_keys", min(size, num_keys))
+
+    def products_only():
+        for b0 in starts:
+            scores(b0)  # each block's scores freed as the next is written, as in exact_search
+
+    products_only()  # warm-up
+    _, products = timed(products_only)
+    report(f"search{label}_products_ms", 1000 * products)
+    score = scores(0)
+    scale = num_keys / score.shape[1]  # one block's selection time, scaled to the whole store
+    selections = {
+        "two_stage": lambda: smallest(score, m, two_stage=True),
+        "one_stage": lambda: score.topk(m, dim=1, largest=False, sorted=False),
+        "threshold": lambda: threshold_select(score, m),
+    }
+    for name, select in selections.items():
+        select()
+        picked, seconds = timed(select)
+        report(f"search{label}_select_{name}_ms", 1000 * seconds * scale)
+    ref = score.topk(m, dim=1, largest=False).values  # the threshold design keeps the same values, or it is wrong
+    report(f"search{label}_select_threshold_equal", int(torch.equal(picked[0].sort(1).values, ref)))
+
+
+def threshold_select(score: torch.Tensor, m: int, stride: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` smallest per row (values, columns) without a selection over the full width: a threshold from every
+    ``stride``-th column (the 2·m/stride-th smallest of those, near the 2m-th of the row), the columns at or under it
+    gathered with one ``nonzero`` into [n, most kept] (+inf padded), then a ``topk`` over those. A row that kept
+    fewer than ``m`` falls back to a full ``topk`` (exact either way)."""
+    n, width = score.shape
+    sample = score[:, ::stride]
+    t = sample.topk(min(sample.shape[1], max(1, 2 * m // stride)), dim=1, largest=False).values[:, -1:]
+    mask = score <= t
+    counts = mask.sum(1)
+    rows, cols = mask.nonzero(as_tuple=True)
+    starts = counts.cumsum(0) - counts
+    slot = torch.arange(len(rows), device=score.device) - starts[rows]
+    cap = int(counts.max())
+    vals = torch.full((n, max(cap, m)), math.inf, device=score.device, dtype=score.dtype)
+    idx = torch.zeros((n, max(cap, m)), device=score.device, dtype=torch.int64)
+    vals[rows, slot], idx[rows, slot] = score[rows, cols], cols
+    best_v, pick = vals.topk(m, dim=1, largest=False, sorted=False)
+    best_i = idx.gather(1, pick)
+    short = (counts < m).nonzero().squeeze(1)
+    if len(short):
+        best_v[short], best_i[short] = score[short].topk(m, dim=1, largest=False, sorted=False)
+    return best_v, best_i
 
 
 def host_search_rate(store_dir: Path, qstore_dir: Path, k: int, n: int = 256) -> None:
@@ -301,6 +400,7 @@ def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, win
     """``fast``: the speed options (torch.compile, fused AdamW, vocabulary padded to 64; on by default on a GPU)."""
     from lightning_memdec.io.packaged_configs import load_config
     from lightning_memdec.training.fit import fit
+    from lightning_memdec.training.throughput import TrainingThroughput, training_flops_per_token
 
     config = load_config(
         {
@@ -314,24 +414,21 @@ def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, win
         }
     )  # fmt: skip
 
-    def run(max_steps: int, name: str):
-        cfg = dict(config, trainer={**config["trainer"], "max_steps": max_steps, "default_root_dir": str(w / name)})
-        # no checkpoints: with a split of a few batches, the default one per epoch (1.5 GB with AdamW's state) would be
-        # timed instead of training
-        cfg.update(export={"dirpath": str(w / name / "hf")}, checkpoint={"save_top_k": 0, "save_last": False})
-        return timed(lambda: fit(cfg))
-
-    run(3, "fit-warmup")  # kernels, allocator, dataloader workers
-    # set-up (trainer, model, workers) costs the same in both runs: the difference is steady-state training
-    export, short = run(steps, "fit-short")
-    _, long = run(2 * steps, "fit-long")
-    tokens_per_s = steps * batch * window / (long - short)
+    # one run, timed inside by the callback: the steps after the warm-up (compilation, allocator, loader start) at
+    # the steady state, with no Trainer set-up or export in the span
+    meter = TrainingThroughput(warmup_steps=max(1, min(10, steps // 3)), peak_flops=card.peak_flops)
+    cfg = dict(config, trainer={**config["trainer"], "default_root_dir": str(w / "fit")})
+    # no checkpoints: with a split of a few batches, the default one per epoch (1.5 GB with AdamW's state) would be
+    # timed instead of training
+    cfg.update(export={"dirpath": str(w / "fit" / "hf")}, checkpoint={"save_top_k": 0, "save_last": False})
+    export = fit(cfg, callbacks=[meter])
     params = sum(p.numel() for p in load_decoder(export).parameters())
     report("fit_decoder_params", params)
-    report("fit_tokens_per_s", tokens_per_s)
+    report("fit_timed_steps", steps - meter.warmup_steps)
+    report("fit_tokens_per_s", meter.tokens_per_s)
     report("fit_options", f"compile={fast} fused_adamw={fast} pad_vocab_multiple={64 if fast else 1}")
-    flops = 6 * params + 12 * shape["n_layer"] * window * shape["n_embd"]  # per token, attention included
-    card.headline["fit_mfu"] = roofline("fit_tokens_per_s", tokens_per_s, card.peak_flops / flops)
+    flops = training_flops_per_token(params, shape["n_layer"], window, shape["n_embd"])  # per token
+    card.headline["fit_mfu"] = roofline("fit_tokens_per_s", meter.tokens_per_s, card.peak_flops / flops)
     section("fit_breakdown", fit_breakdown, config, accelerator)
 
 
@@ -618,11 +715,17 @@ def main(
     new_tokens: int = 64,
     fast_fit: bool | None = None,
     time_limit_s: float | None = None,
+    skip: tuple[str, ...] = (),
 ) -> None:
     """Run the GPU stages and print their rates (``--tiny true``: small shapes on CPU, for CI).
 
     ``fast_fit``: train with torch.compile, fused AdamW and a vocabulary padded to 64 (default: on a GPU).
-    ``time_limit_s``: stop the stage running then, skip the rest and print the headline (nan where not measured)."""
+    ``time_limit_s``: stop the stage running then, skip the rest and print the headline (nan where not measured).
+    ``skip``: stages not to run (a device rerun of the others; fit needs datastore and targets, search_scale
+    generation's store)."""
+    unknown = set(skip) - set(STAGES)
+    if unknown:
+        raise ValueError(f"--skip names unknown stages {sorted(unknown)}; the stages are {list(STAGES)}")
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     small, large = (TINY, TINY) if tiny else (GPT2_SMALL, GPT2_LARGE)
     if tiny:
@@ -635,16 +738,17 @@ def main(
     card = Card.this_device()
     fast = torch.cuda.is_available() if fast_fit is None else fast_fit
     report("cuvs", "installed: its IVF-PQ rows follow" if cuvs_usable() else "not installed or no GPU: no cuVS rows")
+    run = partial(section, skipped=skip)
     start_time_limit(time_limit_s)
     try:
-        built = section("datastore", datastore_stage, card, w, small, tokens, window, accelerator)
-        made = built and section("targets", targets_stage, card, w, *built, queries, window, k, accelerator)
-        section("generation", generation_stage, card, w, large, small, knn_tokens, window, new_tokens, accelerator)
+        built = run("datastore", datastore_stage, card, w, small, tokens, window, accelerator)
+        made = built and run("targets", targets_stage, card, w, *built, queries, window, k, accelerator)
+        run("generation", generation_stage, card, w, large, small, knn_tokens, window, new_tokens, accelerator)
         if made:  # after generation: its compilations make it the stage most likely to meet the time limit
-            section("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
-        section("search_scale", search_scale_stage, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
-        section("beam", beam_stage, w, large, small, new_tokens)  # last: no headline figure depends on these
-        section("served_batch", served_batch_stage, w, large, small, new_tokens)
+            run("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
+        run("search_scale", search_scale_stage, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
+        run("beam", beam_stage, w, large, small, new_tokens)  # last: no headline figure depends on these
+        run("served_batch", served_batch_stage, w, large, small, new_tokens)
         check_time_limit()  # the last stage's signal may have been lost too
     except TimeLimitReached as err:
         report("time_limit", f"{err}: the stage running then and those after it are not measured")

@@ -43,6 +43,8 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         assert float(lines[name]) > 0, name
     for name in TIMED:  # present and finite is what CI can check without asserting on wall-clock time
         assert math.isfinite(float(lines[name])), name
+    for stage in ("datastore", "targets", "generation", "fit", "search_scale", "beam", "served_batch"):
+        assert float(lines[f"{stage}_stage_s"]) > 0, stage  # each stage's wall time, for planning device runs
     assert list(lines)[-4:] == HEADLINE  # the headline, last, in this order
     for name in HEADLINE:
         assert math.isfinite(float(lines[name])), name
@@ -218,3 +220,19 @@ def test_a_time_limit_whose_exception_was_lost_still_stops_the_next_stage(monkey
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_a_skipped_stage_does_not_run_and_an_unknown_one_is_refused(monkeypatch, capsys):
+    """A device rerun skips what the first run measured; a misspelled stage is named before any work."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu
+
+    ran = []
+    assert gpu.section("fit", lambda: ran.append("fit"), skipped=("fit",)) is None
+    assert gpu.section("beam", lambda: ran.append("beam") or "done", skipped=("fit",)) == "done"
+    assert ran == ["beam"]
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["fit_skipped"] == "--skip" and "fit_stage_s" not in lines and float(lines["beam_stage_s"]) >= 0
+    with pytest.raises(ValueError, match=r"unknown stages \['fitt'\]"):
+        gpu.main(workdir=REPO / "never-made", tiny=True, skip=("fitt",))
+    assert not (REPO / "never-made").exists()
