@@ -40,7 +40,6 @@ failed). A section that fails prints ``<section>_error: …`` and the rest still
 from __future__ import annotations
 
 import importlib.util
-import math
 import signal
 import time
 import traceback
@@ -53,10 +52,10 @@ import torch
 from common import report, timed  # benchmarks/ is the script's directory, first on sys.path
 from jsonargparse import CLI
 from latency_stores import save_gpt2
+from selection_designs import threshold_select, two_stage_select
 
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import Datastore
-from lightning_memdec.retrieval.exact_search import smallest
 from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
@@ -296,9 +295,9 @@ def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int
 
 def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Tensor, k: int) -> None:
     """Where exact search's time goes, per call of ``len(queries)`` queries over all keys, side by side: the score
-    products alone (one ``addmm`` a block, as exact_search writes them), the two-stage selection it uses, a one-stage
-    ``topk``, a threshold selection (a sampled threshold, one masking pass, a compaction; a candidate design, not
-    the library's), and the fp32 re-ranking; at the library's block size and at 1/8 of it."""
+    products alone (one ``addmm`` a block, as exact_search writes them; beside them plain products written in the
+    inputs' dtype, fp16 and bf16, which the library does not use), the selection it uses (one ``topk``) beside two
+    designs (benchmarks/selection_designs.py), and the fp32 re-ranking; at the library's block size and at 1/8."""
     from lightning_memdec.retrieval.exact_search import (
         block_rows,
         default_compute_dtype,
@@ -321,13 +320,18 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
 
     for label, size in (("", full), ("_eighth_block", max(1, full // 8))):
         block_times(label, partial(scores, size=size), size, len(keys), m)
+    for name, low in (("fp16_out", torch.float16), ("bf16_out", torch.bfloat16)):  # no fp32 output, no ‖k‖² added
+        if dev.type == "cuda":
+            plain = lambda b0, low=low: torch.mm(qc.to(low), keys[b0 : b0 + full].to(low).T)
+            block_times(f"_{name}", plain, full, len(keys), m, select=False)
     ids = torch.randint(0, len(keys), (n, m), device=dev)
     _, seconds = timed(lambda: exact_distances(queries, keys, ids, memory_budget(dev)))
     report("search_rerank_ms", 1000 * seconds)
 
 
-def block_times(label: str, scores, size: int, num_keys: int, m: int) -> None:
-    """search_breakdown's rows for one block size: all products, then each selection of one block scaled to them."""
+def block_times(label: str, scores, size: int, num_keys: int, m: int, select: bool = True) -> None:
+    """search_breakdown's rows for one block size: all products, then (``select``) each selection of one block scaled
+    to the whole store."""
     starts = range(0, num_keys, size)
     report(f"search{label}_block_keys", min(size, num_keys))
 
@@ -338,44 +342,21 @@ def block_times(label: str, scores, size: int, num_keys: int, m: int) -> None:
     products_only()  # warm-up
     _, products = timed(products_only)
     report(f"search{label}_products_ms", 1000 * products)
+    if not select:
+        return
     score = scores(0)
     scale = num_keys / score.shape[1]  # one block's selection time, scaled to the whole store
     selections = {
-        "two_stage": lambda: smallest(score, m, two_stage=True),
+        "two_stage": lambda: two_stage_select(score, m),
         "one_stage": lambda: score.topk(m, dim=1, largest=False, sorted=False),
         "threshold": lambda: threshold_select(score, m),
     }
-    for name, select in selections.items():
-        select()
-        picked, seconds = timed(select)
+    ref = score.topk(m, dim=1, largest=False).values  # sorted: what every selection must keep
+    for name, choose in selections.items():
+        choose()
+        picked, seconds = timed(choose)
         report(f"search{label}_select_{name}_ms", 1000 * seconds * scale)
-    ref = score.topk(m, dim=1, largest=False).values  # the threshold design keeps the same values, or it is wrong
-    report(f"search{label}_select_threshold_equal", int(torch.equal(picked[0].sort(1).values, ref)))
-
-
-def threshold_select(score: torch.Tensor, m: int, stride: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``m`` smallest per row (values, columns) without a selection over the full width: a threshold from every
-    ``stride``-th column (the 2·m/stride-th smallest of those, near the 2m-th of the row), the columns at or under it
-    gathered with one ``nonzero`` into [n, most kept] (+inf padded), then a ``topk`` over those. A row that kept
-    fewer than ``m`` falls back to a full ``topk`` (exact either way)."""
-    n, width = score.shape
-    sample = score[:, ::stride]
-    t = sample.topk(min(sample.shape[1], max(1, 2 * m // stride)), dim=1, largest=False).values[:, -1:]
-    mask = score <= t
-    counts = mask.sum(1)
-    rows, cols = mask.nonzero(as_tuple=True)
-    starts = counts.cumsum(0) - counts
-    slot = torch.arange(len(rows), device=score.device) - starts[rows]
-    cap = int(counts.max())
-    vals = torch.full((n, max(cap, m)), math.inf, device=score.device, dtype=score.dtype)
-    idx = torch.zeros((n, max(cap, m)), device=score.device, dtype=torch.int64)
-    vals[rows, slot], idx[rows, slot] = score[rows, cols], cols
-    best_v, pick = vals.topk(m, dim=1, largest=False, sorted=False)
-    best_i = idx.gather(1, pick)
-    short = (counts < m).nonzero().squeeze(1)
-    if len(short):
-        best_v[short], best_i[short] = score[short].topk(m, dim=1, largest=False, sorted=False)
-    return best_v, best_i
+        report(f"search{label}_select_{name}_equal", int(torch.equal(picked[0].sort(1).values, ref)))
 
 
 def host_search_rate(store_dir: Path, qstore_dir: Path, k: int, n: int = 256) -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.slow]  # each runs a benchmark script, tiny: 10-60 s
 REPO = Path(__file__).resolve().parents[1]
@@ -236,3 +237,25 @@ def test_a_skipped_stage_does_not_run_and_an_unknown_one_is_refused(monkeypatch,
     with pytest.raises(ValueError, match=r"unknown stages \['fitt'\]"):
         gpu.main(workdir=REPO / "never-made", tiny=True, skip=("fitt",))
     assert not (REPO / "never-made").exists()
+
+
+@pytest.mark.parametrize("design", ["two_stage_select", "threshold_select"])
+@pytest.mark.parametrize("width, m", [(10_000, 50), (9_000, 1), (4_000, 300), (300, 300), (20_000, 1096)])
+def test_selection_designs_equal_one_topk(monkeypatch, design, width, m):
+    """benchmarks/selection_designs.py against topk: several column groups plus a tail (10,000 = 4 × 2,048 + 1,808),
+    one group, m = the whole row; a tie in different groups; a row whose sampled threshold keeps too few (fallback)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import selection_designs
+
+    torch.manual_seed(0)
+    scores = torch.randn(5, width)
+    scores[0, 123] = scores[0, width - 7] = -100.0
+    scores[1, ::64] = 100.0  # every sampled column of row 1 is the row's worst: its threshold keeps everything
+    scores[2, 1::64] = -50.0  # row 2: the smallest values all sit between the sampled columns
+    scores[3, ::64] = -100.0 - torch.arange(len(scores[3, ::64]))  # row 3: the sample holds the smallest: it keeps
+    # fewer than m columns, and the row falls back to a full topk
+    values, cols = getattr(selection_designs, design)(scores, m)
+    want = scores.topk(m, dim=1, largest=False).values
+    torch.testing.assert_close(values.sort(1).values, want.sort(1).values, rtol=0, atol=0)
+    torch.testing.assert_close(scores.gather(1, cols), values, rtol=0, atol=0)  # the columns hold those values
+    assert all(len(set(row.tolist())) == m for row in cols)  # no column twice

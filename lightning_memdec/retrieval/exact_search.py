@@ -3,9 +3,9 @@
 Queries × key blocks go through one matrix product per block that writes the ranking score ‖k‖² − 2 q·k directly
 (``addmm`` onto the block's ‖k‖², computed once per block or passed in cached: no elementwise pass over the
 [queries × keys] scores; ‖q‖² is the same for a whole row, so it cannot change a ranking and is never added). Each
-block's best candidates are selected in two stages (the top of fixed-width column groups, then the top of those), so
-no full-width row is sorted, and a running top-k merges them into the best so far. Keys stream from the
-datastore's fp16 memmap in blocks sized to a memory budget (half the free device memory on a GPU,
+block's best candidates are selected by one unsorted ``topk`` (measured on an H200 against a two-stage and a
+threshold selection: benchmarks/selection_designs.py), and a running top-k merges them into the best so far. Keys
+stream from the datastore's fp16 memmap in blocks sized to a memory budget (half the free device memory on a GPU,
 :data:`DEFAULT_CPU_MEMORY` on the CPU), the next block read by a helper thread while the current one is searched.
 On a GPU the products run in fp16 (the keys' own precision) with an fp32 output where torch offers one, else in
 bf16; on the CPU in fp32. ``coarse=True`` writes the scores in bf16 (half
@@ -56,10 +56,6 @@ EXACT_CPU_MAX_ELEMENTS = 1 << 25
 # N·d up to which exact GPU search is chosen by `auto` (e.g. 11 M keys of d = 768, 5.4 M of d = 1600): 17 GB of fp16
 # keys, resident on an 80 GB card, 17 GFLOP a query (~1,100 queries/s at the H100's measured rate).
 EXACT_GPU_MAX_ELEMENTS = 1 << 33
-# Columns per group of the two-stage top-k, as a multiple of the candidates kept (at least SELECT_MIN_WIDTH): each
-# group keeps its best candidates, then one top-k runs over the groups' survivors (1/SELECT_WIDTH_FACTOR as wide).
-SELECT_WIDTH_FACTOR = 8
-SELECT_MIN_WIDTH = 2048
 _mm_out_dtype_ok: dict[str, bool] = {}
 
 
@@ -125,29 +121,6 @@ def squared_norms(keys: torch.Tensor) -> torch.Tensor:
     for b0 in range(0, keys.shape[0], 1 << 16):
         out[b0 : b0 + (1 << 16)] = keys[b0 : b0 + (1 << 16)].float().square().sum(1)
     return out
-
-
-def smallest(scores: torch.Tensor, m: int, two_stage: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, column ids) of the ``m`` smallest scores per row, unsorted; ``two_stage``: the ``m`` smallest of
-    each group of ``width`` columns, then the ``m`` smallest of those. On a GPU a selection over a very wide row (a
-    radix select makes several passes over it, with one row's work on few thread blocks) becomes one batched
-    selection over many narrow rows plus one over 1/:data:`SELECT_WIDTH_FACTOR` of the width. On the CPU, where
-    ``topk`` is one partial sort per row, one stage is faster (measured: 0.36 s against 1.38 s for 256 × 50,000)."""
-    n, width_all = scores.shape
-    m = min(m, width_all)
-    width = max(SELECT_MIN_WIDTH, SELECT_WIDTH_FACTOR * m)
-    groups = width_all // width
-    if groups < 2 or not two_stage:
-        return scores.topk(m, dim=1, largest=False, sorted=False)
-    head_v, head_i = scores[:, : groups * width].view(n, groups, width).topk(m, dim=2, largest=False, sorted=False)
-    head_i = head_i + torch.arange(0, groups * width, width, device=scores.device)[:, None]
-    vals, cols = [head_v.reshape(n, -1)], [head_i.reshape(n, -1)]
-    if groups * width < width_all:
-        tail_v, tail_i = scores[:, groups * width :].topk(min(m, width_all - groups * width), dim=1, largest=False)
-        vals.append(tail_v)
-        cols.append(tail_i + groups * width)
-    best_v, pick = torch.cat(vals, 1).topk(m, dim=1, largest=False, sorted=False)
-    return best_v, torch.cat(cols, 1).gather(1, pick)
 
 
 def memory_budget(device: torch.device | str, memory_bytes: int | None = None) -> int:
@@ -363,7 +336,9 @@ def _candidates(qc, blocks, own, candidates: int, coarse: bool, key_norms):
             inside = (local >= 0) & (local < len(kc))
             col = local.clamp(0, len(kc) - 1)[:, None]
             score.scatter_(1, col, torch.where(inside[:, None], math.inf, score.gather(1, col)))
-        top_d, top_i = smallest(score, candidates, two_stage=device.type == "cuda")
+        # one topk over the block's full rows: on an H200 it beat a two-stage selection (column groups, then their
+        # survivors) 99 ms to 163 ms a 4,096-query call over 2 M keys (benchmarks/gpu.py's search_breakdown)
+        top_d, top_i = score.topk(min(candidates, score.shape[1]), dim=1, largest=False, sorted=False)
         merged_d, merged_i = torch.cat([best_d, top_d.float()], 1), torch.cat([best_i, top_i + b0], 1)
         best_d, pick = merged_d.topk(candidates, dim=1, largest=False, sorted=False)
         best_i = merged_i.gather(1, pick)
