@@ -388,7 +388,7 @@ def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, win
             "model": {"config": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": window, **shape},
                       "compile": fast, "fused_adamw": fast, "pad_vocab_multiple": 64 if fast else 1},
             "data": {"train_corpus": str(corpus), "train_targets": str(targets), "window": window,
-                     "batch_size": batch, "num_workers": 4},
+                     "batch_size": batch, "num_workers": 4, "pad_last_batch": fast},
             "trainer": {"accelerator": accelerator, "devices": 1, "precision": "bf16-mixed", "max_steps": steps,
                         "limit_val_batches": 0, "enable_progress_bar": False,
                         },

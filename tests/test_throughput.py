@@ -78,3 +78,24 @@ def test_bad_settings_are_refused():
         TrainingThroughput(warmup_steps=0)
     with pytest.raises(ValueError, match="peak_flops must be positive"):
         TrainingThroughput(peak_flops=0)
+
+
+def test_filler_windows_are_not_counted():
+    """A padded last batch (data.pad_last_batch) holds masked fillers, start −1: computed, but no training tokens."""
+    from types import SimpleNamespace
+
+    import torch
+
+    clock = Ticks()
+    meter = TrainingThroughput(warmup_steps=1, log_every_n_steps=100, clock=clock)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50)
+    decoder = torch.nn.Linear(2, 2)
+    decoder.config = SimpleNamespace(num_hidden_layers=1, hidden_size=2)
+    module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder)
+    batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long), "start": torch.tensor([0, 8, -1, -1])}
+    meter.on_train_start(trainer, module)
+    for step in (1, 2, 3):  # step 1 ends the warm-up; steps 2 and 3 are timed, 2 real windows of 8 tokens each
+        trainer.global_step = step
+        meter.on_train_batch_end(trainer, module, None, batch, step - 1)
+    meter.on_train_end(trainer, module)
+    assert meter.tokens_per_s == pytest.approx(2 * 2 * 8 / 0.5)

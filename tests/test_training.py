@@ -1,4 +1,5 @@
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,46 @@ def test_even_shard_sampler_covers_each_window_once():
     first = list(sampler)
     sampler.set_epoch(1)
     assert sorted(list(sampler)) == sorted(first) and list(sampler) != first
+
+
+def test_padded_last_batches_have_one_shape_and_every_window_once(biomed_targets_pair):
+    """data.pad_last_batch: each rank's share filled up to whole batches with masked fillers (one batch shape for a
+    compiled decoder); every real window still once per epoch, across ranks; validation batches are not padded."""
+    dataset = list(range(11))
+    for ranks in (1, 3):
+        shards = [list(EvenShardSampler(dataset, ranks, r, seed=1, batch_size=4)) for r in range(ranks)]
+        assert {len(s) for s in shards} == {4 if ranks == 3 else 12}  # 11 → 12 = 3 batches; 11 → 3 ranks × 1 batch
+        assert sorted(i for s in shards for i in s if i != PAD_WINDOW) == list(range(11))
+    pair = biomed_targets_pair
+    data = MemDecDataModule(pair["train_corpus"], pair["train_targets"], pair["val_corpus"], pair["val_targets"],
+                            window=64, batch_size=3, pad_last_batch=True)  # fmt: skip
+    data.setup("fit")
+    assert len(data.train) % 3 and len(data.val) % 3  # both end on a partial batch unless padded
+    batches = list(data.train_dataloader())
+    assert {len(b["input_ids"]) for b in batches} == {3} and len(batches) == -(-len(data.train) // 3)
+    starts = torch.cat([b["start"] for b in batches])
+    masks = torch.cat([b["loss_mask"] for b in batches])
+    assert int((starts >= 0).sum()) == len(data.train) and not masks[starts < 0].any()  # fillers train nothing
+    assert len(list(data.val_dataloader())[-1]["input_ids"]) == len(data.val) % 3
+
+
+def test_compile_without_padded_batches_is_warned(tmp_path, biomed_targets_pair):
+    pair = biomed_targets_pair
+    config = load_config(
+        "hardware/cpu.yaml",
+        {
+            "model": {"config": TINY_CONFIG, "compile": True},
+            "data": {"train_corpus": pair["train_corpus"], "train_targets": pair["train_targets"], "window": 64},
+            "trainer": {"max_steps": 0, "limit_val_batches": 0, "default_root_dir": str(tmp_path)},
+            "checkpoint": {"save_top_k": 0, "save_last": False},
+        },
+    )
+    with pytest.warns(UserWarning, match="set data.pad_last_batch true"):
+        fit(config)
+    config["data"]["pad_last_batch"] = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*pad_last_batch")
+        fit(config)
 
 
 def test_mismatched_targets_are_refused(tmp_path, biomed_targets_pair):

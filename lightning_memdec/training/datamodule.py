@@ -162,9 +162,18 @@ class EvenShardSampler(DistributedSampler):
     trained on (:meth:`resume`).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int = 1,
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.num_samples = math.ceil(len(dataset) / num_replicas)
+        # ``batch_size`` > 1: each rank's share padded to whole batches too (every batch of one shape)
+        self.num_samples = math.ceil(len(dataset) / (num_replicas * batch_size)) * batch_size
         self.total_size = self.num_samples * num_replicas
         self._resume: tuple[int, int] | None = None  # (epoch, windows of this rank already done)
 
@@ -236,6 +245,10 @@ class MemDecDataModule(L.LightningDataModule):
         stride: new positions per window (= window: non-overlapping blocks, every position trained once).
         batch_size: windows per batch and device (R devices × b train like one device with R·b).
         max_support: cap on target tokens per position (the top ones, renormalised); None keeps all.
+        pad_last_batch: fill each epoch's last training batch up to ``batch_size`` with masked filler windows, so
+            every batch has one shape: a compiled decoder (``model.compile``) then compiles once, where a partial
+            batch compiles it again for its shape (and a third size once more, with a dynamic batch). Costs the
+            fillers' compute.
         num_workers: dataloader worker processes.
         seed: shuffling seed (the epoch is added each epoch).
     """
@@ -252,6 +265,7 @@ class MemDecDataModule(L.LightningDataModule):
         stride: int | None = None,
         batch_size: int = 8,
         max_support: int | None = None,
+        pad_last_batch: bool = False,
         num_workers: int = 0,
         seed: int = 0,
     ):
@@ -329,10 +343,13 @@ class MemDecDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         check_resume_data(state_dict.get("data_identity"), self.data_identity())
 
-    def _loader(self, dataset: WindowTargetsDataset, shuffle: bool, resumable: bool = False) -> DataLoader:
+    def _loader(
+        self, dataset: WindowTargetsDataset, shuffle: bool, resumable: bool = False, whole_batches: bool = False
+    ) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EvenShardSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed)
+        whole = self.hparams.batch_size if whole_batches else 1
+        sampler = EvenShardSampler(dataset, world, rank, shuffle=shuffle, seed=self.hparams.seed, batch_size=whole)
         extra = {"progress": self._training_progress} if resumable else {}
         return (ResumableLoader if resumable else DataLoader)(
             dataset,
@@ -353,7 +370,7 @@ class MemDecDataModule(L.LightningDataModule):
         return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True, resumable=True)
+        return self._loader(self.train, shuffle=True, resumable=True, whole_batches=self.hparams.pad_last_batch)
 
     def val_dataloader(self) -> DataLoader:
         if self.val is None:

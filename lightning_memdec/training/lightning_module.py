@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
@@ -41,7 +42,8 @@ class MemoryDecoderModule(L.LightningModule):
         fused_adamw: AdamW's fused kernel (one launch for all parameters); ``None``: on when the decoder is on a
             GPU, where per-parameter launches are a measurable share of a small decoder's step.
         compile: ``torch.compile`` the decoder in place (``nn.Module.compile``: state-dict keys unchanged, so
-            checkpoints and the exported model are the same); off by default, compilation takes minutes.
+            checkpoints and the exported model are the same); off by default, compilation takes minutes. Pair it
+            with ``data.pad_last_batch`` (one batch shape, one compilation; a warning says so).
         pad_vocab_multiple: pad the decoder's output ids to a multiple of this (64 on GPUs: tensor-core tiles
             of the [tokens × vocab] products); the padded ids are sliced off the logits before the loss, so the
             loss and its gradient are unchanged, and removed again before export. 1: no padding.
@@ -142,6 +144,11 @@ class MemoryDecoderModule(L.LightningModule):
         if max_pos is not None and datamodule.hparams.window > max_pos:
             raise ValueError(
                 f"data window {datamodule.hparams.window} exceeds the decoder's {max_pos} positions; lower data.window."
+            )
+        if stage == "fit" and self.hparams.compile and not datamodule.hparams.get("pad_last_batch", True):
+            rank_zero_warn(
+                "model.compile with data.pad_last_batch false: an epoch's last, partial batch compiles the decoder "
+                "again for its shape (about 30 s of a GPT-2-small fit on an H200); set data.pad_last_batch true."
             )
 
     def unpadded(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

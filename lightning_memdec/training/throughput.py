@@ -28,7 +28,8 @@ class TrainingThroughput(L.Callback):
     ``log_every_n_steps`` optimizer steps after ``warmup_steps``; at the end of fit :attr:`tokens_per_s` and
     :attr:`mfu` hold the whole steady state's figures (None if no step was timed).
 
-    Tokens are the batches' ``input_ids`` elements, loader time included (a loader that cannot keep up shows).
+    Tokens are the batches' ``input_ids`` elements (a batch's masked filler windows, ``start`` −1, left out: they
+    are computed but train nothing), loader time included (a loader that cannot keep up shows).
     FLOPs a token: :func:`training_flops_per_token` from the decoder's parameters and config and the batch's
     sequence length.
 
@@ -87,14 +88,16 @@ class TrainingThroughput(L.Callback):
                 self._logged_step = step
             return
         ids = batch["input_ids"]
-        self._tokens += ids.numel()
-        self._span_tokens += ids.numel()
+        # a device count where fillers may be (no host sync here); read where the span ends, after a sync
+        tokens = ids.shape[-1] * (batch["start"] >= 0).sum() if "start" in batch else ids.numel()
+        self._tokens += tokens
+        self._span_tokens += tokens
         if self._flops_per_token is None:
             self._flops_per_token = self._flops(pl_module, ids.shape[-1])
         every = self.every or trainer.log_every_n_steps
         if step - self._logged_step >= every:
             now = self._now(pl_module)
-            rate = self._span_tokens / (now - self._span_start)
+            rate = float(self._span_tokens) / (now - self._span_start)
             pl_module.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, sync_dist=False)
             if self.peak_flops is not None:
                 pl_module.log("train/mfu", rate * self._flops_per_token / self.peak_flops, on_step=True)
@@ -103,6 +106,6 @@ class TrainingThroughput(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is None or self._tokens == 0:
             return
-        self.tokens_per_s = self._tokens / (self._now(pl_module) - self._start)
+        self.tokens_per_s = float(self._tokens) / (self._now(pl_module) - self._start)
         if self.peak_flops is not None:
             self.mfu = self.tokens_per_s * self._flops_per_token / self.peak_flops
