@@ -611,8 +611,27 @@ def static_beside_eager(prefix: str, mixed, generator, ids: torch.Tensor, new_to
     for name, step in seconds.items():
         report(f"{prefix}_{name}_ms_per_step", 1000 * step)
         report(f"{prefix}_{name}_tokens_per_s", len(ids) / step)
-    report(f"{prefix}_static_tokens_equal_eager", float(torch.equal(static(), eager())))
+    fixed, free = static(), eager()
+    report(f"{prefix}_static_tokens_equal_eager", float(torch.equal(fixed, free)))
+    if fixed.shape == free.shape and not torch.equal(fixed, free):
+        divergence(prefix, mixed, fixed, free, ids.shape[1], settings.get("attention_mask"))
     report(f"{prefix}_eager_to_static_speedup", seconds["eager"] / seconds["static"])
+
+
+def divergence(prefix: str, mixed, fixed: torch.Tensor, free: torch.Tensor, prompt: int, mask) -> None:
+    """Where static and eager tokens first differ, and by how much the mixture preferred eager's token there (its
+    log-prob minus static's, nats, scored eagerly): near 0, a near-tie that rounding (bf16, other kernels) can flip;
+    large, a bug."""
+    differ = fixed[:, prompt:] != free[:, prompt:]
+    report(f"{prefix}_static_tokens_agree_fraction", 1 - differ.float().mean().item())
+    step = int(differ.any(0).nonzero()[0])  # the first step where some row differs
+    row = int(differ[:, step].nonzero()[0])
+    context = free[row : row + 1, : prompt + step]
+    row_mask = None if mask is None else torch.cat([mask[row : row + 1], context.new_ones(1, step)], 1)
+    log_probs = mixed.log_probs(context, row_mask)[0, -1].float()
+    report(f"{prefix}_first_divergence_step", step)
+    gap = log_probs[free[row, prompt + step]] - log_probs[fixed[row, prompt + step]]
+    report(f"{prefix}_divergence_logprob_gap", gap.item())
 
 
 def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: float = 0.25, seed: int = 0) -> None:

@@ -259,3 +259,28 @@ def test_selection_designs_equal_one_topk(monkeypatch, design, width, m):
     torch.testing.assert_close(values.sort(1).values, want.sort(1).values, rtol=0, atol=0)
     torch.testing.assert_close(scores.gather(1, cols), values, rtol=0, atol=0)  # the columns hold those values
     assert all(len(set(row.tolist())) == m for row in cols)  # no column twice
+
+
+def test_a_static_eager_divergence_is_located_and_scored(monkeypatch, capsys):
+    """Where static and eager decoding first differ, and the eager mixture's preference there (near 0: a near-tie)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu
+
+    seen = {}
+
+    class Mixture:
+        def log_probs(self, ids, mask):
+            seen["ids"], seen["mask"] = ids, mask
+            out = torch.zeros(1, ids.shape[1], 10)
+            out[0, -1, 7], out[0, -1, 3] = -0.5, -0.75  # eager's token 7, static's 3
+            return out
+
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    free = torch.tensor([[0, 5, 6, 1, 2, 7, 9], [4, 5, 6, 1, 2, 8, 8]])
+    fixed = free.clone()
+    fixed[0, 5:] = torch.tensor([3, 3])  # row 0 differs from its third new token on
+    gpu.divergence("x", Mixture(), fixed, free, 3, prompt_mask)
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert float(lines["x_static_tokens_agree_fraction"]) == pytest.approx(6 / 8)
+    assert lines["x_first_divergence_step"] == "2" and float(lines["x_divergence_logprob_gap"]) == pytest.approx(0.25)
+    assert torch.equal(seen["ids"], free[:1, :5]) and torch.equal(seen["mask"], torch.tensor([[0, 1, 1, 1, 1]]))
