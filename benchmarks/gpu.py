@@ -462,6 +462,32 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
         train_steps(objective)  # warm-up
         _, seconds = timed(lambda objective=objective: train_steps(objective))
         report(f"fit_step_{objective}_loss_tokens_per_s", steps * tokens / seconds)
+    step_parts(model, batch["input_ids"], lambda logits: losses(logits, "memdec"), dev, steps)
+
+
+def step_parts(model, input_ids: torch.Tensor, loss_fn, dev: str, steps: int) -> None:
+    """The eager step in parts, ms each: the forward alone (no graph kept), forward + loss + backward, and AdamW's
+    update alone, per-parameter (``foreach``) and fused: where the step's time goes before any compilation."""
+    autocast = lambda: torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
+
+    def forward():
+        with torch.no_grad(), autocast():
+            model(input_ids=input_ids, use_cache=False)
+
+    def backward():
+        with autocast():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+        loss_fn(logits).backward()
+
+    parts = {"forward": forward, "forward_backward": backward}
+    for fused in (False, True) if dev == "cuda" else (False,):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        parts[f"adamw{'_fused' if fused else ''}"] = optimizer.step
+    backward()  # gradients for the optimizers' steps
+    for name, part in parts.items():
+        part()  # warm-up (the optimizers' state)
+        _, seconds = timed(lambda part=part: [part() for _ in range(steps)])
+        report(f"fit_{name}_ms", 1000 * seconds / steps)
 
 
 def batch_mbytes(batch: dict) -> float:
