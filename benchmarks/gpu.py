@@ -320,13 +320,16 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
 
     for label, size in (("", full), ("_eighth_block", max(1, full // 8))):
         block_times(label, partial(scores, size=size), size, len(keys), m)
-    for name, low in (("fp16_out", torch.float16), ("bf16_out", torch.bfloat16)):  # no fp32 output, no ‖k‖² added
-        if dev.type == "cuda":
-            plain = lambda b0, low=low: torch.mm(qc.to(low), keys[b0 : b0 + full].to(low).T)
-            block_times(f"_{name}", plain, full, len(keys), m, select=False)
     ids = torch.randint(0, len(keys), (n, m), device=dev)
     _, seconds = timed(lambda: exact_distances(queries, keys, ids, memory_budget(dev)))
     report("search_rerank_ms", 1000 * seconds)
+    # last (an older torch may lack mm's out_dtype): plain products, no ‖k‖² added: fp32 output (the bias's
+    # share of the addmm), then written in the inputs' dtype
+    for name, low, out in (("fp32_out_no_bias", dtype, fp32_out), ("fp16_out", torch.float16, {}),
+                           ("bf16_out", torch.bfloat16, {})):  # fmt: skip
+        if dev.type == "cuda":
+            plain = lambda b0, low=low, out=out: torch.mm(qc.to(low), keys[b0 : b0 + full].to(low).T, **out)
+            block_times(f"_{name}", plain, full, len(keys), m, select=False)
 
 
 def block_times(label: str, scores, size: int, num_keys: int, m: int, select: bool = True) -> None:
