@@ -32,6 +32,7 @@ PUBLIC_API = {
     "MemDecDataModule": "lightning_memdec.training.datamodule",
     "CrossModelEval": "lightning_memdec.training.callbacks",
     "ExportHuggingFace": "lightning_memdec.training.callbacks",
+    "TrainingThroughput": "lightning_memdec.training.throughput",
     "fit": "lightning_memdec.training.fit",
     "transfer_vocab": "lightning_memdec.training.vocab_transfer",
     "tokenize": "lightning_memdec.io.token_corpus",
@@ -52,6 +53,7 @@ __all__ = [  # the public API; PUBLIC_API says where each name lives
     "MemDecDataModule",
     "CrossModelEval",
     "ExportHuggingFace",
+    "TrainingThroughput",
     "fit",
     "transfer_vocab",
     "tokenize",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name loads laz
     from lightning_memdec.training.datamodule import MemDecDataModule
     from lightning_memdec.training.fit import fit
     from lightning_memdec.training.lightning_module import MemoryDecoderModule
+    from lightning_memdec.training.throughput import TrainingThroughput
     from lightning_memdec.training.vocab_transfer import transfer_vocab
 
 

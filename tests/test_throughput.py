@@ -99,3 +99,13 @@ def test_filler_windows_are_not_counted():
         meter.on_train_batch_end(trainer, module, None, batch, step - 1)
     meter.on_train_end(trainer, module)
     assert meter.tokens_per_s == pytest.approx(2 * 2 * 8 / 0.5)
+
+
+def test_the_packaged_config_adds_it_and_takes_a_peak_from_the_command_line(tmp_path, biomed_targets_pair):
+    from test_training import TINY_DECODER, data_args
+
+    args = [*TINY_DECODER, *data_args(biomed_targets_pair), "--trainer.accelerator", "cpu"]  # run=False: no subcommand
+    args += ["--trainer.default_root_dir", str(tmp_path), "--config", "callbacks/throughput.yaml"]
+    cli = lightning_cli([*args, "--trainer.callbacks.init_args.peak_flops", "989e12"], run=False)
+    (meter,) = [c for c in cli.trainer.callbacks if isinstance(c, TrainingThroughput)]
+    assert meter.warmup_steps == 10 and meter.peak_flops == 989e12
