@@ -291,6 +291,26 @@ def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int
         report(f"{name}_queries_per_s", len(queries) / seconds)
         roofline(f"{name}_queries_per_s", len(queries) / seconds, bound)
     section("search_breakdown", search_breakdown, keys, norms, queries, k)
+    neighbours = exact_search(queries, keys, k, device=dev, key_norms=norms)
+    section("rows_breakdown", rows_breakdown, store, neighbours, k)
+
+
+def rows_breakdown(store: Datastore, neighbours: tuple[torch.Tensor, torch.Tensor], k: int) -> None:
+    """What build_targets does with one chunk's neighbours after the search, ms each: the sparse rows built where the
+    neighbours are (the torch kernel, host copy of the rows included) and their rounding to the stored fp16 form on
+    the host."""
+    from lightning_memdec.kernels.sparse_targets import stored_rows
+    from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
+    from lightning_memdec.stages.targets import values_on
+
+    dist, ids = neighbours
+    tokens = values_on(store.values, dist.device)[ids.clamp(min=0)]
+    rows = lambda: knn_distributions_torch(dist, tokens, 16.0)
+    rows()
+    found, seconds = timed(rows)
+    report("targets_rows_ms", 1000 * seconds)
+    _, seconds = timed(lambda: stored_rows(*found))
+    report("targets_stored_rows_ms", 1000 * seconds)
 
 
 def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Tensor, k: int) -> None:
