@@ -80,7 +80,7 @@ def test_bad_settings_are_refused():
         TrainingThroughput(peak_flops=0)
 
 
-def test_filler_windows_are_not_counted():
+def test_filler_windows_are_not_counted_and_a_resumed_run_warms_up_again():
     """A padded last batch (data.pad_last_batch) holds masked fillers, start −1: computed, but no training tokens."""
     from types import SimpleNamespace
 
@@ -93,12 +93,15 @@ def test_filler_windows_are_not_counted():
     decoder.config = SimpleNamespace(num_hidden_layers=1, hidden_size=2)
     module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder)
     batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long), "start": torch.tensor([0, 8, -1, -1])}
-    meter.on_train_start(trainer, module)
-    for step in (1, 2, 3):  # step 1 ends the warm-up; steps 2 and 3 are timed, 2 real windows of 8 tokens each
-        trainer.global_step = step
-        meter.on_train_batch_end(trainer, module, None, batch, step - 1)
-    meter.on_train_end(trainer, module)
-    assert meter.tokens_per_s == pytest.approx(2 * 2 * 8 / 0.5)
+    for first in (0, 100):  # a fresh run, then one resumed at step 100: its warm-up counts from there
+        clock.times.clear()
+        trainer.global_step = first
+        meter.on_train_start(trainer, module)
+        for step in (1, 2, 3):  # step 1 ends the warm-up; steps 2 and 3 are timed, 2 real windows of 8 tokens each
+            trainer.global_step = first + step
+            meter.on_train_batch_end(trainer, module, None, batch, step - 1)
+        meter.on_train_end(trainer, module)
+        assert len(clock.times) == 2 and meter.tokens_per_s == pytest.approx(2 * 2 * 8 / 0.5)
 
 
 def test_the_packaged_config_adds_it_and_takes_a_peak_from_the_command_line(tmp_path, biomed_targets_pair):

@@ -62,7 +62,7 @@ class TrainingThroughput(L.Callback):
         self._start = self._span_start = None
         self._tokens = self._span_tokens = 0
         self._flops_per_token = None
-        self._logged_step = -1
+        self._logged_step = self._first_step = 0
 
     def _now(self, pl_module: L.LightningModule) -> float:
         if pl_module.device.type == "cuda":
@@ -78,12 +78,12 @@ class TrainingThroughput(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.tokens_per_s = self.mfu = self._start = self._span_start = None
         self._tokens = self._span_tokens = 0
-        self._logged_step = -1
+        self._first_step = trainer.global_step  # a resumed run warms up (compiles) again: count from its start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if self._start is None:
-            if step >= self.warmup_steps:  # timing starts after this batch: the next ones are the steady state
+            if step - self._first_step >= self.warmup_steps:  # timed from after this batch: the steady state
                 self._start = self._span_start = self._now(pl_module)
                 self._logged_step = step
             return
