@@ -323,6 +323,7 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
         default_compute_dtype,
         exact_distances,
         memory_budget,
+        ranking_scores,
         rerank_margin,
     )
 
@@ -335,8 +336,8 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
     full = block_rows(n, keys.shape[1], m, memory_budget(dev), dtype)
     fp32_out = {"out_dtype": torch.float32} if dtype != torch.float32 and dev.type == "cuda" else {}
 
-    def scores(b0: int, size: int) -> torch.Tensor:
-        return torch.addmm(norms[b0 : b0 + size], qc, keys[b0 : b0 + size].to(dtype).T, alpha=-2, **fp32_out)
+    def scores(b0: int, size: int) -> torch.Tensor:  # what exact_search writes for one block
+        return ranking_scores(qc, keys[b0 : b0 + size].to(dtype), norms[b0 : b0 + size], coarse=False)
 
     for label, size in (("", full), ("_eighth_block", max(1, full // 8))):
         block_times(label, partial(scores, size=size), size, len(keys), m)

@@ -39,6 +39,7 @@ __all__ = [
     "default_compute_dtype",
     "memory_budget",
     "rerank_margin",
+    "ranking_scores",
     "block_rows",
     "check_search_budget",
     "exact_search",
@@ -101,7 +102,7 @@ def _mm_with_fp32_output(device: torch.device) -> bool:
     return _mm_out_dtype_ok[key]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, k_norm: torch.Tensor, coarse: bool) -> torch.Tensor:
+def ranking_scores(q: torch.Tensor, k: torch.Tensor, k_norm: torch.Tensor, coarse: bool) -> torch.Tensor:
     """‖k‖² − 2 q·kᵀ [n, B] from one ``addmm`` (the squared distance minus the row's constant ‖q‖²): fp32 where the
     inputs are fp32 or an fp32 output is offered; in the inputs' dtype when ``coarse``. Without an fp32 output and
     not coarse, the product alone is rounded and ‖k‖² added in fp32 (two passes, the rounding of the old search)."""
@@ -330,7 +331,7 @@ def _candidates(qc, blocks, own, candidates: int, coarse: bool, key_norms):
         exact_keys = kc if kc.dtype == torch.float32 else block.to(device)
         k_norm = squared_norms(exact_keys) if key_norms is None else key_norms[b0 : b0 + len(block)]
         max_norm = torch.maximum(max_norm, k_norm.max())
-        score = _scores(qc, kc, k_norm, coarse)
+        score = ranking_scores(qc, kc, k_norm, coarse)
         if own is not None:  # the query's own key, wherever it falls: +inf (no host sync)
             local = own - b0
             inside = (local >= 0) & (local < len(kc))
