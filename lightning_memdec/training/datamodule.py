@@ -245,12 +245,12 @@ class MemDecDataModule(L.LightningDataModule):
         stride: new positions per window (= window: non-overlapping blocks, every position trained once).
         batch_size: windows per batch and device (R devices × b train like one device with R·b).
         max_support: cap on target tokens per position (the top ones, renormalised); None keeps all.
+        num_workers: dataloader worker processes.
+        seed: shuffling seed (the epoch is added each epoch).
         pad_last_batch: fill each epoch's last training batch up to ``batch_size`` with masked filler windows, so
             every batch has one shape: a compiled decoder (``model.compile``) then compiles once, where a partial
             batch compiles it again for its shape (and a third size once more, with a dynamic batch). Costs the
             fillers' compute.
-        num_workers: dataloader worker processes.
-        seed: shuffling seed (the epoch is added each epoch).
     """
 
     def __init__(
@@ -265,9 +265,9 @@ class MemDecDataModule(L.LightningDataModule):
         stride: int | None = None,
         batch_size: int = 8,
         max_support: int | None = None,
-        pad_last_batch: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        pad_last_batch: bool = False,
     ):
         super().__init__()
         if val_targets is not None and val_corpus is None:
