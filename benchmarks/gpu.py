@@ -292,10 +292,10 @@ def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int
         roofline(f"{name}_queries_per_s", len(queries) / seconds, bound)
     section("search_breakdown", search_breakdown, keys, norms, queries, k)
     neighbours = exact_search(queries, keys, k, device=dev, key_norms=norms)
-    section("rows_breakdown", rows_breakdown, store, neighbours, k)
+    section("rows_breakdown", rows_breakdown, store, neighbours)
 
 
-def rows_breakdown(store: Datastore, neighbours: tuple[torch.Tensor, torch.Tensor], k: int) -> None:
+def rows_breakdown(store: Datastore, neighbours: tuple[torch.Tensor, torch.Tensor]) -> None:
     """What build_targets does with one chunk's neighbours after the search, ms each: the sparse rows built where the
     neighbours are (the torch kernel, host copy of the rows included) and their rounding to the stored fp16 form on
     the host."""
@@ -315,9 +315,10 @@ def rows_breakdown(store: Datastore, neighbours: tuple[torch.Tensor, torch.Tenso
 
 def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Tensor, k: int) -> None:
     """Where exact search's time goes, per call of ``len(queries)`` queries over all keys, side by side: the score
-    products alone (one ``addmm`` a block, as exact_search writes them; beside them plain products written in the
-    inputs' dtype, fp16 and bf16, which the library does not use), the selection it uses (one ``topk``) beside two
-    designs (benchmarks/selection_designs.py), and the fp32 re-ranking; at the library's block size and at 1/8."""
+    products alone (``ranking_scores`` a block, as exact_search writes them; beside them plain products without
+    the ‖k‖² term, written in fp32, fp16 and bf16, which the library does not use), the selection it uses (one
+    ``topk``) beside two designs (benchmarks/selection_designs.py), and the fp32 re-ranking; at the library's block
+    size and at 1/8."""
     from lightning_memdec.retrieval.exact_search import (
         block_rows,
         default_compute_dtype,
@@ -474,11 +475,14 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
         mask = batch["loss_mask"]
         return memdec_loss(logits, batch["labels"], batch["target_ids"], batch["target_probs"], mask).loss
 
+    def forward_backward(objective: str):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        losses(logits, objective).backward()
+
     def train_steps(objective: str):
         for _ in range(steps):
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-            losses(logits, objective).backward()
+            forward_backward(objective)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -486,28 +490,22 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
         train_steps(objective)  # warm-up
         _, seconds = timed(lambda objective=objective: train_steps(objective))
         report(f"fit_step_{objective}_loss_tokens_per_s", steps * tokens / seconds)
-    step_parts(model, batch["input_ids"], lambda logits: losses(logits, "memdec"), dev, steps)
+    step_parts(model, batch["input_ids"], partial(forward_backward, "memdec"), dev, steps)
 
 
-def step_parts(model, input_ids: torch.Tensor, loss_fn, dev: str, steps: int) -> None:
+def step_parts(model, input_ids: torch.Tensor, forward_backward, dev: str, steps: int) -> None:
     """The eager step in parts, ms each: the forward alone (no graph kept), forward + loss + backward, and AdamW's
     update alone, per-parameter (``foreach``) and fused: where the step's time goes before any compilation."""
-    autocast = lambda: torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
 
     def forward():
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
             model(input_ids=input_ids, use_cache=False)
 
-    def backward():
-        with autocast():
-            logits = model(input_ids=input_ids, use_cache=False).logits
-        loss_fn(logits).backward()
-
-    parts = {"forward": forward, "forward_backward": backward}
+    parts = {"forward": forward, "forward_backward": forward_backward}
     for fused in (False, True) if dev == "cuda" else (False,):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         parts[f"adamw{'_fused' if fused else ''}"] = optimizer.step
-    backward()  # gradients for the optimizers' steps
+    forward_backward()  # gradients for the optimizers' steps
     for name, part in parts.items():
         part()  # warm-up (the optimizers' state)
         _, seconds = timed(lambda part=part: [part() for _ in range(steps)])
