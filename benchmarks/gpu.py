@@ -39,6 +39,7 @@ failed). A section that fails prints ``<section>_error: …`` and the rest still
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import signal
 import time
@@ -55,7 +56,7 @@ from latency_stores import save_gpt2
 from selection_designs import threshold_select, two_stage_select
 
 from lightning_memdec.io.output_lock import exclusive_output
-from lightning_memdec.io.readers import Datastore
+from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 
@@ -153,6 +154,15 @@ def check_time_limit() -> None:
 
 
 STAGES = ("datastore", "targets", "generation", "fit", "search_scale", "beam", "served_batch")
+# the fused kernel's launches compared, as kernels.threshold_select_triton.Launch(tiles, warps, stages); the first
+# is the library's default
+TILE_CONFIGS = (
+    ((128, 128, 64), 8, 3),
+    ((128, 256, 64), 8, 3),
+    ((128, 128, 64), 4, 4),
+    ((64, 128, 64), 4, 4),
+    ((128, 64, 64), 4, 3),
+)
 
 
 def section(name: str, fn, *args, skipped: tuple[str, ...] = ()):
@@ -235,11 +245,36 @@ def targets_stage(card: Card, w: Path, base: Path, store: Path, queries: int, wi
     bound = card.peak_flops / (2 * keys.shape[0] * keys.shape[1])  # 2·N·d FLOPs a query
     roofline("targets_exact_queries_per_s", rate, bound)
     card.headline["exact_targets_qps"] = rate
+    section("targets_threshold", threshold_targets_rate, store, qstore, out, k, accelerator)
     section("search", search_rates, store, qstore, k, bound)
     host_search_rate(store, qstore, k)
     if cuvs_usable():
         section("cuvs_targets", cuvs_targets_rate, w, store, qstore, k, accelerator)
     return corpus, out
+
+
+def threshold_targets_rate(store: Path, qstore: Path, topk_targets: Path, k: int, accelerator: str) -> None:
+    """The same targets with ``--search.selection threshold``: queries/s, and whether the stored rows equal the
+    topk selection's (their bytes; else how many stored entries differ)."""
+    from lightning_memdec.stages.targets import build_targets
+
+    out, seconds = timed(
+        lambda: build_targets(
+            store,
+            None,
+            topk_targets.with_name("targets-threshold"),
+            queries=qstore,
+            overwrite=True,
+            knn=KNNTargets(k=k, temperature=16.0),
+            search=TargetSearch(backend="exact", selection="threshold"),
+            hardware=Hardware(accelerator=accelerator),
+        )
+    )
+    report("targets_exact_threshold_queries_per_s", len(Datastore(qstore)) / seconds)
+    got, want = Targets(out), Targets(topk_targets)
+    same = np.array_equal(got.offsets, want.offsets)
+    differ = int((got.ids != want.ids).sum() + (got.probs != want.probs).sum()) if same else -1
+    report("targets_threshold_entries_differing_from_topk", differ)  # −1: the rows' lengths differ
 
 
 def cuvs_usable() -> bool:
@@ -284,14 +319,19 @@ def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int
     (keys, norms), upload = timed(lambda: (lambda r: (r, squared_norms(r)))(resident_keys(store.keys, dev, 1 << 62)))
     report("search_key_upload_s", upload)
     queries = torch.from_numpy(np.asarray(qstore.keys[:n], dtype=np.float32)).to(dev)
-    for name, coarse in (("exact_search", False), ("exact_search_coarse", True)):
-        search = lambda coarse=coarse: exact_search(queries, keys, k, device=dev, coarse=coarse, key_norms=norms)
+    found = {}
+    for name, options in (("exact_search", {}), ("exact_search_coarse", {"coarse": True}),
+                          ("exact_search_threshold", {"selection": "threshold"})):  # fmt: skip
+        search = lambda options=options: exact_search(queries, keys, k, device=dev, key_norms=norms, **options)
         search()  # warm-up
-        _, seconds = timed(search)
+        found[name], seconds = timed(search)
         report(f"{name}_queries_per_s", len(queries) / seconds)
         roofline(f"{name}_queries_per_s", len(queries) / seconds, bound)
+    same = (found["exact_search_threshold"][1] == found["exact_search"][1]).all(1).float().mean().item()
+    report("exact_search_threshold_rows_equal_topk", same)
     section("search_breakdown", search_breakdown, keys, norms, queries, k)
-    neighbours = exact_search(queries, keys, k, device=dev, key_norms=norms)
+    section("threshold_breakdown", threshold_breakdown, keys, norms, queries, k)
+    neighbours = found["exact_search"]
     section("rows_breakdown", rows_breakdown, store, neighbours)
 
 
@@ -352,6 +392,68 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
         if dev.type == "cuda":
             plain = lambda b0, low=low, out=out: torch.mm(qc.to(low), keys[b0 : b0 + full].to(low).T, **out)
             block_times(f"_{name}", plain, full, len(keys), m, select=False)
+
+
+def threshold_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Tensor, k: int) -> None:
+    """The threshold selection's parts, per call of ``len(queries)`` queries, ms each: τ from the sample, then every
+    key under it collected in one call over all keys (the fused Triton kernel, at each launch in ``TILE_CONFIGS``;
+    without Triton, the torch path a block at a time), the buffer's top-k, and how well τ held (mean keys under
+    it, rows searched again)."""
+    from lightning_memdec.kernels.threshold_select import (
+        candidate_buffers,
+        collect_below,
+        needs_fallback,
+        threshold_plan,
+        triton_kernels,
+    )
+    from lightning_memdec.retrieval.exact_search import (
+        block_rows,
+        default_compute_dtype,
+        memory_budget,
+        ranking_scores,
+        rerank_margin,
+        sample_thresholds,
+    )
+
+    dev, n = keys.device, len(queries)
+    dtype = default_compute_dtype(dev)
+    m = k + rerank_margin(k, dtype)
+    plan, qc = threshold_plan(len(keys), m), queries.to(dtype)
+    if plan is None:
+        report("threshold_plan", "none: a store this small is searched by topk")
+        return
+    report("threshold_stride", plan.stride)
+    report("threshold_capacity", plan.capacity)
+    size = block_rows(n, keys.shape[1], m, memory_budget(dev), dtype)
+    sample = lambda: sample_thresholds(qc, keys, size, None, norms, plan)
+    sample()
+    tau, seconds = timed(sample)
+    report("threshold_sample_ms", 1000 * seconds)
+    kernels = triton_kernels(dev)
+
+    def torch_collect(buffers):  # no Triton: each block's scores, then the keys under τ
+        for b0 in range(0, len(keys), size):
+            score = ranking_scores(qc, keys[b0 : b0 + size].to(dtype), norms[b0 : b0 + size], False)
+            collect_below(score, tau, b0, buffers)
+
+    launches = {"torch": torch_collect}
+    if kernels is not None and dtype == torch.float16:
+        launches = {
+            "_".join(map(str, launch.tiles + (launch.num_warps, launch.num_stages))): partial(
+                kernels.collect_below_fused, qc, keys, norms, tau, None, 0, launch=launch
+            )
+            for launch in (kernels.Launch(*config) for config in TILE_CONFIGS)
+        }
+    for name, collect in launches.items():
+        collect(candidate_buffers(n, plan.capacity, dev))  # compiles
+        buffers = candidate_buffers(n, plan.capacity, dev)
+        _, seconds = timed(partial(collect, buffers))
+        report(f"threshold_collect_{name}_ms", 1000 * seconds)
+    scores, ids, counts = buffers
+    report("threshold_mean_keys_under_tau", counts.float().mean().item())
+    report("threshold_rows_searched_again", int(needs_fallback(counts, m, plan.capacity).sum()))
+    _, seconds = timed(lambda: scores.topk(m, dim=1, largest=False, sorted=False))
+    report("threshold_buffer_topk_ms", 1000 * seconds)
 
 
 def block_times(label: str, scores, size: int, num_keys: int, m: int, select: bool = True) -> None:
@@ -777,7 +879,7 @@ def main(
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     small, large = (TINY, TINY) if tiny else (GPT2_SMALL, GPT2_LARGE)
     if tiny:
-        tokens, queries, k, window, fit_steps, fit_batch, knn_tokens, new_tokens = 4000, 600, 16, 64, 2, 2, 3000, 4
+        tokens, queries, k, window, fit_steps, fit_batch, knn_tokens, new_tokens = 4000, 600, 96, 64, 2, 2, 3000, 4
         scale_sizes = (3000, 20_000)
     w = Path(workdir)
     w.mkdir(parents=True, exist_ok=True)
@@ -786,6 +888,8 @@ def main(
     card = Card.this_device()
     fast = torch.cuda.is_available() if fast_fit is None else fast_fit
     report("cuvs", "installed: its IVF-PQ rows follow" if cuvs_usable() else "not installed or no GPU: no cuVS rows")
+    triton = importlib.util.find_spec("triton") and importlib.metadata.version("triton")
+    report("triton", triton or "not installed: the threshold selection and re-ranking take their torch paths")
     run = partial(section, skipped=skip)
     start_time_limit(time_limit_s)
     try:

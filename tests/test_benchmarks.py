@@ -52,6 +52,13 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     for entries in (3000, 20000):  # kNN-LM's search per token as the store grows: the real store, then synthetic
         assert float(lines[f"knn_search_exact_ms_at_{entries}"]) > 0
     assert float(lines["exact_targets_qps"]) == float(lines["targets_exact_queries_per_s"])
+    # the threshold selection (its torch path here, k = 96 over 4,000 keys) ran and found topk's neighbours
+    assert int(lines["targets_threshold_entries_differing_from_topk"]) == 0
+    assert float(lines["exact_search_threshold_rows_equal_topk"]) == 1.0
+    assert (
+        math.isfinite(float(lines["threshold_collect_torch_ms"])) and int(lines["threshold_rows_searched_again"]) >= 0
+    )
+    assert 0 < float(lines["threshold_mean_keys_under_tau"]) <= int(lines["threshold_capacity"])
     # every rate has its roofline: bound = the assumed peak ÷ the work per item, fraction = rate ÷ bound
     peak_flops = float(lines["peak_flops"])
     bound = float(lines["targets_exact_queries_per_s_bound"])

@@ -4,7 +4,8 @@ Queries × key blocks go through one matrix product per block that writes the ra
 (``addmm`` onto the block's ‖k‖², computed once per block or passed in cached: no elementwise pass over the
 [queries × keys] scores; ‖q‖² is the same for a whole row, so it cannot change a ranking and is never added). Each
 block's best candidates are selected by one unsorted ``topk`` (measured on an H200 against a two-stage and a
-threshold selection: benchmarks/selection_designs.py), and a running top-k merges them into the best so far. Keys
+threshold selection: benchmarks/selection_designs.py), and a running top-k merges them into the best so far; or,
+with ``selection="threshold"``, the keys under a sampled per-query threshold are kept (kernels.threshold_select). Keys
 stream from the datastore's fp16 memmap in blocks sized to a memory budget (half the free device memory on a GPU,
 :data:`DEFAULT_CPU_MEMORY` on the CPU), the next block read by a helper thread while the current one is searched.
 On a GPU the products run in fp16 (the keys' own precision) with an fp32 output where torch offers one, else in
@@ -29,16 +30,26 @@ import numpy as np
 import torch
 
 from lightning_memdec.io.npy_rows import gather_rows, read_rows
+from lightning_memdec.kernels.threshold_select import (
+    ThresholdPlan,
+    candidate_buffers,
+    collect_below,
+    needs_fallback,
+    threshold_plan,
+    triton_kernels,
+)
 
 __all__ = [
     "DEFAULT_CPU_MEMORY",
     "EXACT_CPU_MAX_ELEMENTS",
     "EXACT_GPU_MAX_ELEMENTS",
     "SEARCH_BACKENDS",
+    "SELECTIONS",
     "choose_search",
     "default_compute_dtype",
     "memory_budget",
     "rerank_margin",
+    "sample_thresholds",
     "ranking_scores",
     "block_rows",
     "check_search_budget",
@@ -49,6 +60,7 @@ __all__ = [
 ]
 
 SEARCH_BACKENDS = ("exact", "faiss", "auto")
+SELECTIONS = ("topk", "threshold")  # how each key block's candidates are chosen: see exact_search
 DEFAULT_CPU_MEMORY = 1 << 30  # bytes of RAM one exact search may use on the CPU (per rank)
 GPU_MEMORY_FRACTION = 0.5  # of the device's free memory at the start of a search
 RESIDENT_FRACTION = 0.4  # of the device's free memory the whole key matrix may take to stay there between searches
@@ -228,10 +240,14 @@ def exact_distances(queries: torch.Tensor, keys, ids: torch.Tensor, memory_bytes
     approximate; matrix-product distances lose precision, see the module docstring).
 
     Keys are gathered from ``keys`` (a numpy memmap: each distinct row read once per query batch, in order, without
-    leaving the file mapped; or a torch tensor) in query batches sized to ``memory_bytes``.
+    leaving the file mapped; or a torch tensor) in query batches sized to ``memory_bytes``; keys on the queries' GPU
+    go through :func:`kernels.threshold_select_triton.gathered_sq_distances` where Triton is installed.
     """
     n, m = ids.shape
     d = queries.shape[1]
+    kernels = triton_kernels(queries.device) if isinstance(keys, torch.Tensor) else None
+    if kernels is not None and keys.device == queries.device:  # one pass over the gathered rows, no fp32 copy
+        return kernels.gathered_sq_distances(queries.float(), keys, ids.to(queries.device))
     out = torch.empty(n, m, dtype=torch.float32, device=queries.device)
     rows = max(1, memory_bytes // max(1, m * d * 10))
     for a in range(0, n, rows):
@@ -263,6 +279,7 @@ def exact_search(
     margin: int | None = None,
     coarse: bool = False,
     key_norms: torch.Tensor | None = None,
+    selection: str = "topk",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact k nearest keys of every query by squared L2.
 
@@ -279,10 +296,22 @@ def exact_search(
         coarse: scores written in bf16 (products in bf16 too): half the bytes, a wider margin; the re-ranking keeps
             the result exact up to candidates misranked by more than the margin (tested against brute force).
         key_norms: ‖k‖² [N] fp32 on ``device`` (:func:`squared_norms`), cached by callers with resident keys.
+        selection: ``"topk"``, one ``topk`` over each block's full score rows; or ``"threshold"``
+            (:mod:`kernels.threshold_select`): each query's keys under a threshold sampled from the store, found on a
+            GPU with Triton by a kernel that never writes the score block; rows the threshold cannot serve are
+            searched again by ``topk``, so both give the same neighbours (ties aside). Where the store is too small
+            for a sample to pay (:func:`~kernels.threshold_select.threshold_plan`) or the candidate buffers would take
+            over half the memory budget, ``topk``; not with ``coarse``.
 
     Returns (distances [n, k] float32, ids [n, k] int64) on ``device``, each row sorted by (distance, id);
     distances are Σ (q − k)² in fp32 over the gathered keys (see the module docstring).
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
+    if coarse and selection != "topk":
+        raise ValueError(
+            "coarse=True re-checks bf16 rows against the worst kept score of a topk: use selection='topk'."
+        )
     device = torch.device(device)
     compute_dtype = torch.bfloat16 if coarse else compute_dtype or default_compute_dtype(device)
     num_keys, dim = keys.shape
@@ -299,11 +328,19 @@ def exact_search(
         raise ValueError(f"queries must be [n, {dim}], got {tuple(q32.shape)}.")
     candidates = min(available, k + (rerank_margin(k, compute_dtype) if margin is None else margin))
     budget = memory_budget(device, memory_bytes)
+    plan = threshold_plan(num_keys, candidates) if selection == "threshold" else None
+    if plan is not None and n * plan.capacity * 12 > budget // 2:  # fp32 scores + int64 ids a slot
+        plan = None  # the candidate buffers would crowd out the key blocks: topk, which needs none
+    buffer_bytes = 0 if plan is None else n * plan.capacity * 12
     if block_size is None:  # the budget sets the blocks: it must hold their fixed part
-        check_search_budget(n, dim, candidates, budget, compute_dtype)
+        check_search_budget(n, dim, candidates, budget - buffer_bytes, compute_dtype)
     own = None if query_ids is None else torch.as_tensor(query_ids, dtype=torch.int64).to(device)
-    blocks = _host_blocks(keys, block_size or block_rows(n, dim, candidates, budget, compute_dtype))
-    coarse_d, best_i, max_norm = _candidates(q32.to(compute_dtype), blocks, own, candidates, coarse, key_norms)
+    size = block_size or block_rows(n, dim, candidates, budget - buffer_bytes, compute_dtype)
+    qc = q32.to(compute_dtype)
+    if plan is None:
+        coarse_d, best_i, max_norm = _candidates(qc, _host_blocks(keys, size), own, candidates, coarse, key_norms)
+    else:
+        coarse_d, best_i, max_norm = _threshold_candidates(qc, keys, size, own, candidates, key_norms, plan)
     exact = exact_distances(q32, keys, best_i, budget)
     by_id = best_i.argsort(dim=1, stable=True)  # then a stable sort by distance: ties by id
     best_i, exact = best_i.gather(1, by_id), exact.gather(1, by_id)
@@ -332,11 +369,7 @@ def _candidates(qc, blocks, own, candidates: int, coarse: bool, key_norms):
         k_norm = squared_norms(exact_keys) if key_norms is None else key_norms[b0 : b0 + len(block)]
         max_norm = torch.maximum(max_norm, k_norm.max())
         score = ranking_scores(qc, kc, k_norm, coarse)
-        if own is not None:  # the query's own key, wherever it falls: +inf (no host sync)
-            local = own - b0
-            inside = (local >= 0) & (local < len(kc))
-            col = local.clamp(0, len(kc) - 1)[:, None]
-            score.scatter_(1, col, torch.where(inside[:, None], math.inf, score.gather(1, col)))
+        _exclude_own(score, own, b0)
         # one topk over the block's full rows: on an H200 it beat a two-stage selection (column groups, then their
         # survivors) 99 ms to 163 ms a 4,096-query call over 2 M keys (benchmarks/gpu.py's search_breakdown)
         top_d, top_i = score.topk(min(candidates, score.shape[1]), dim=1, largest=False, sorted=False)
@@ -344,6 +377,66 @@ def _candidates(qc, blocks, own, candidates: int, coarse: bool, key_norms):
         best_d, pick = merged_d.topk(candidates, dim=1, largest=False, sorted=False)
         best_i = merged_i.gather(1, pick)
     return best_d, best_i, max_norm
+
+
+def _exclude_own(score: torch.Tensor, own: torch.Tensor | None, b0: int) -> None:
+    """The query's own key, wherever it falls in the block starting at ``b0``: +inf, in place (no host sync)."""
+    if own is None:
+        return
+    local = own - b0
+    inside = (local >= 0) & (local < score.shape[1])
+    col = local.clamp(0, score.shape[1] - 1)[:, None]
+    score.scatter_(1, col, torch.where(inside[:, None], math.inf, score.gather(1, col)))
+
+
+def _threshold_candidates(qc, keys, size: int, own, candidates: int, key_norms, plan: ThresholdPlan):
+    """:func:`_candidates` by threshold selection: every key under its query's τ (:func:`sample_thresholds`) goes
+    into a buffer, by the fused Triton kernel on a GPU (no score block), else from each block's scores; the
+    ``candidates`` best of the buffer, and rows it cannot serve searched again by :func:`_candidates`."""
+    n, device = qc.shape[0], qc.device
+    tau = sample_thresholds(qc, keys, size, own, key_norms, plan)
+    buffers = candidate_buffers(n, plan.capacity, device)
+    kernels = triton_kernels(device)
+    max_norm = torch.zeros((), device=device)
+    for b0, block in _host_blocks(keys, size):
+        kc = block.to(device, non_blocking=True).to(qc.dtype)
+        exact_keys = kc if kc.dtype == torch.float32 else block.to(device)
+        k_norm = squared_norms(exact_keys) if key_norms is None else key_norms[b0 : b0 + len(block)]
+        max_norm = torch.maximum(max_norm, k_norm.max())
+        if kernels is not None and qc.dtype == torch.float16:  # fp16: the dtype the kernel is tested in
+            kernels.collect_below_fused(qc, kc, k_norm, tau, own, b0, buffers)
+        else:
+            score = ranking_scores(qc, kc, k_norm, False)
+            _exclude_own(score, own, b0)
+            collect_below(score, tau, b0, buffers)
+    scores, ids, counts = buffers
+    best_d, pick = scores.topk(candidates, dim=1, largest=False, sorted=False)
+    best_i = ids.gather(1, pick)
+    redo = needs_fallback(counts, candidates, plan.capacity)
+    if redo.any():
+        rows = redo.nonzero().squeeze(1)
+        own_rows = None if own is None else own[rows]
+        best_d[rows], best_i[rows], _ = _candidates(
+            qc[rows], _host_blocks(keys, size), own_rows, candidates, False, key_norms
+        )
+    return best_d, best_i, max_norm
+
+
+def sample_thresholds(qc, keys, size: int, own, key_norms, plan: ThresholdPlan) -> torch.Tensor:
+    """τ [n]: each query's ``plan.rank``-th best score over every ``plan.stride``-th key (its own key left out), for
+    queries ``qc`` in the compute dtype, searched in blocks of ``size`` keys; ``key_norms`` as in exact_search."""
+    sample_ids = torch.arange(plan.offset, keys.shape[0], plan.stride)
+    if isinstance(keys, torch.Tensor):
+        sample = keys[sample_ids.to(keys.device)]
+    else:
+        sample = torch.from_numpy(gather_rows(keys, sample_ids.numpy()))
+    norms = None if key_norms is None else key_norms[sample_ids.to(key_norms.device)]
+    own_in_sample = None
+    if own is not None:  # the own key's index in the sample, or −1 (never inside a block) where it is not sampled
+        local = own - plan.offset
+        own_in_sample = torch.where(local % plan.stride == 0, local.div(plan.stride, rounding_mode="floor"), -1)
+    best, _, _ = _candidates(qc, _host_blocks(sample, size), own_in_sample, plan.rank, False, norms)
+    return best.max(1).values
 
 
 def _certified(q32: torch.Tensor, kth: torch.Tensor, cutoff: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:

@@ -30,14 +30,27 @@ def check_shards_hold_k(num_keys: int, world_size: int, k: int, self_exclude: bo
         )
 
 
-def shard_search(queries, shard_keys, lo: int, k: int, query_ids=None, device="cpu", memory_bytes=None, key_norms=None):
+def shard_search(
+    queries,
+    shard_keys,
+    lo: int,
+    k: int,
+    query_ids=None,
+    device="cpu",
+    memory_bytes=None,
+    key_norms=None,
+    selection="topk",
+):
     """The exact k nearest of ``shard_keys`` (rows ``lo`` onwards of the store) for every query, with store ids.
 
-    ``query_ids``: each query's own store id, excluded where it falls inside this shard.
+    ``query_ids``: each query's own store id, excluded where it falls inside this shard; ``selection``: as
+    :func:`~retrieval.exact_search.exact_search`'s.
     Returns (distances [n, k] float32, store ids [n, k] int64) on ``device``.
     """
     own = None if query_ids is None else torch.as_tensor(query_ids, dtype=torch.int64) - lo
-    dist, ids = exact_search(queries, shard_keys, k, own, device, memory_bytes, key_norms=key_norms)
+    dist, ids = exact_search(
+        queries, shard_keys, k, own, device, memory_bytes, key_norms=key_norms, selection=selection
+    )
     return dist, ids + lo
 
 

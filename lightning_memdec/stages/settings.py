@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lightning_memdec.io.settings import check_positive
-from lightning_memdec.retrieval.exact_search import SEARCH_BACKENDS
+from lightning_memdec.retrieval.exact_search import SEARCH_BACKENDS, SELECTIONS
 from lightning_memdec.retrieval.settings import KNNSearch
 
 
@@ -88,9 +88,15 @@ class TargetSearch:
     top-k: for stores whose keys do not fit one rank's device; the same targets, at R times the queries per rank"""
     chunk_size: int = 4096
     """query positions per search call; also the resumable chunk"""
+    selection: str = "topk"
+    """how the exact backend picks each query's candidates: topk (one topk over each key block's scores) or threshold
+    (the keys under a threshold sampled from the store; on a GPU with Triton a kernel that never writes the score
+    block); the same neighbours, ties aside"""
 
     def __post_init__(self):
         if self.backend not in SEARCH_BACKENDS:
             raise ValueError(f"--search.backend must be one of {SEARCH_BACKENDS}, got {self.backend!r}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"--search.selection must be one of {SELECTIONS}, got {self.selection!r}.")
         check_positive("--search.chunk_size", self.chunk_size, whole=True)
         check_positive("--search.memory_gb", self.memory_gb, omitted="the default budget")

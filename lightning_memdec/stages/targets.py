@@ -89,6 +89,7 @@ class KNNTargetSearcher(L.LightningModule):
         search: str = "faiss",
         search_memory: int | None = None,
         shard_keys: bool = False,
+        selection: str = "topk",
     ):
         super().__init__()
         self.queries_dir, self.store_dir, self.index_dir, self.work = queries, datastore, index, Path(work)
@@ -98,6 +99,7 @@ class KNNTargetSearcher(L.LightningModule):
         self.search, self.search_memory, self.device_values = search, search_memory, None
         self.device_keys = self.device_norms = None  # search="exact" on a GPU: the keys and their ‖k‖², once
         self.shard_keys, self.key_shard = shard_keys, None  # key_shard: this rank's [lo, hi) rows when sharded
+        self.selection = selection
 
     def setup(self, stage: str) -> None:
         self.query_store = Datastore(self.queries_dir)
@@ -152,9 +154,13 @@ class KNNTargetSearcher(L.LightningModule):
         own = rows.astype(np.int64) if self.self_exclude else None
         keys, norms = self.search_keys()
         if self.key_shard is None:
-            return exact_search(queries, keys, self.k, own, self.device, self.search_memory, key_norms=norms)
+            return exact_search(
+                queries, keys, self.k, own, self.device, self.search_memory, key_norms=norms, selection=self.selection
+            )
         lo = self.key_shard[0]
-        dist, ids = shard_search(queries, keys, lo, self.k, own, self.device, self.search_memory, key_norms=norms)
+        dist, ids = shard_search(
+            queries, keys, lo, self.k, own, self.device, self.search_memory, key_norms=norms, selection=self.selection
+        )
         return merge_shards(self.all_gather(dist), self.all_gather(ids), self.k)
 
     def distributions(self, dist: torch.Tensor, ids: torch.Tensor):
@@ -290,7 +296,7 @@ def build_targets(
     paths = (str(query_store.dir), str(store.dir), str(index), str(work))
     settings = (k, knn.temperature, self_exclude, knn.exact_distances, knn.max_support, knn.min_prob,
                 search.chunk_size, knn.nprobe, search.use_gpu)  # fmt: skip
-    searcher = KNNTargetSearcher(*paths, *settings, backend, memory, search.shard_keys)
+    searcher = KNNTargetSearcher(*paths, *settings, backend, memory, search.shard_keys, search.selection)
     trainer = run_sharded_predict(
         searcher, ChunkFileWriter(work), work, hw.accelerator, hw.devices, hw.strategy, hw.num_nodes, callbacks
     )

@@ -1,0 +1,111 @@
+"""Selection by a per-query threshold: the k best of a wide score block without a ``topk`` over its full rows.
+
+Why: on an H200 the exact search's one ``topk`` a block (1,096 of 1.25 M columns, 4,096 queries) took 99 ms, as
+long as the 12.9 TFLOP product before it, and the product itself ran at 12 % of peak because it writes a 20 GB fp32
+score block (benchmarks/results/gpu-h200-2026-12-04-fit-search.txt). If each query has a score τ that about
+``oversample`` × k keys beat, a key can be kept the moment its score is known (score ≤ τ): a GPU kernel then writes
+a few thousand candidates a query instead of every score, and a ``topk`` over that short buffer finishes the job.
+
+τ comes from a systematic sample (every ``stride``-th key): its ``rank``-th best score is beaten by about
+``rank × stride`` keys of the whole store, with a relative spread of about 1/√rank. The result stays exact whatever
+τ turns out to be: a query whose keys under τ number fewer than k (τ too tight) or more than the buffer holds (too
+loose) is searched again the ordinary way (:func:`needs_fallback`).
+
+This module holds the plan and the torch reference of the kernel (:func:`collect_below`): the semantics the Triton
+kernel (:mod:`kernels.threshold_select_triton`) must reproduce, and the path on devices without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ThresholdPlan",
+    "CandidateBuffers",
+    "threshold_plan",
+    "candidate_buffers",
+    "collect_below",
+    "needs_fallback",
+    "triton_kernels",
+]
+
+OVERSAMPLE = 3  # expected keys under τ, in multiples of the candidates wanted
+SAMPLE_RANK = 64  # τ = the sample's 64th best: keys under it vary by about 1/8 from query to query
+
+
+@dataclass(frozen=True)
+class ThresholdPlan:
+    """Every ``stride``-th key (from ``offset``) is sampled; τ is the sample's ``rank``-th best score; a query keeps
+    at most ``capacity`` keys under τ."""
+
+    stride: int
+    rank: int
+    capacity: int
+    offset: int
+
+
+def threshold_plan(num_keys: int, candidates: int, rank: int = SAMPLE_RANK) -> ThresholdPlan | None:
+    """The sampling for ``candidates`` of ``num_keys`` keys, or None where a sample would be nearly the whole store
+    (fewer than 4 keys a sample key, or a store under 8 × the expected keys under τ): plain selection is then as
+    cheap. The buffer holds twice the expected count, 8 spreads above it at ``rank`` = 64."""
+    expected = OVERSAMPLE * candidates
+    stride = expected // rank
+    if stride < 4 or num_keys < 8 * expected:
+        return None
+    capacity = -(-2 * expected // 128) * 128
+    return ThresholdPlan(stride=stride, rank=rank, capacity=capacity, offset=stride // 2)
+
+
+class CandidateBuffers(NamedTuple):
+    """What :func:`collect_below` and the Triton kernel append to, block after block: scores [n, capacity] fp32
+    (+inf where empty), ids [n, capacity] int64 (−1 where empty), counts [n] int32 (every key found under τ, also
+    those past the capacity, so that an overflow is seen)."""
+
+    scores: torch.Tensor
+    ids: torch.Tensor
+    counts: torch.Tensor
+
+
+def candidate_buffers(num_queries: int, capacity: int, device) -> CandidateBuffers:
+    """Empty :class:`CandidateBuffers` of ``capacity`` slots a query on ``device``."""
+    scores = torch.full((num_queries, capacity), math.inf, device=device)
+    ids = torch.full((num_queries, capacity), -1, dtype=torch.int64, device=device)
+    return CandidateBuffers(scores, ids, torch.zeros(num_queries, dtype=torch.int32, device=device))
+
+
+def collect_below(score: torch.Tensor, tau: torch.Tensor, key_offset: int, buffers: CandidateBuffers) -> None:
+    """Append each row's entries of ``score`` [n, B] that are ≤ τ [n] (their ids: column + ``key_offset``) to the
+    buffers, in place; an entry that must not be kept (the query's own key) must already be +inf. Order within a
+    row: by column here, by the kernel's scheduling in Triton; the buffers' sets are what matters."""
+    scores, ids, counts = buffers
+    capacity = scores.shape[1]
+    hit = score <= tau[:, None]
+    rows, cols = hit.nonzero(as_tuple=True)  # row-major: each row's hits in column order
+    per_row = hit.sum(1, dtype=torch.int32)
+    first = torch.cumsum(per_row, 0) - per_row  # index in (rows, cols) of each row's first hit
+    slot = counts[rows].long() + torch.arange(len(rows), device=score.device) - first[rows]
+    keep = slot < capacity
+    rows, cols, slot = rows[keep], cols[keep], slot[keep]
+    scores[rows, slot] = score[rows, cols].float()
+    ids[rows, slot] = cols + key_offset
+    counts += per_row
+
+
+def needs_fallback(counts: torch.Tensor, candidates: int, capacity: int) -> torch.Tensor:
+    """[n] bool: rows whose buffer cannot give their ``candidates`` best keys (fewer under τ, or some dropped)."""
+    return (counts < candidates) | (counts > capacity)
+
+
+def triton_kernels(device: torch.device):
+    """:mod:`kernels.threshold_select_triton` where ``device`` is a GPU and Triton is installed, else None (then the
+    torch path: the same results, the score block written)."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    from lightning_memdec.kernels import threshold_select_triton
+
+    return threshold_select_triton

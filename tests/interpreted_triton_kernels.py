@@ -1,0 +1,72 @@
+"""The Triton kernels of the GPU exact search, run on the CPU by Triton's interpreter, against the torch reference
+(kernels.threshold_select.collect_below over the addmm scores, retrieval.exact_search.exact_distances).
+
+Run by tests/test_threshold_select.py in a process of its own started with ``TRITON_INTERPRET=1``: Triton reads it
+when it is first imported (its own ``tl.sum``, ``tl.cumsum`` are Triton functions too), and Lightning imports Triton
+long before a test module could set it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from lightning_memdec.kernels import threshold_select_triton
+from lightning_memdec.kernels.threshold_select import candidate_buffers, collect_below
+from lightning_memdec.retrieval.exact_search import exact_distances, ranking_scores
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run with TRITON_INTERPRET=1 (tests/test_threshold_select.py does)", allow_module_level=True)
+
+
+def buffer_sets(scores, ids, counts):
+    """Per row, {id: score} of the filled slots (their order is the kernel's scheduling)."""
+    return [{i: s for i, s in zip(ids[r].tolist(), scores[r].tolist()) if i >= 0} for r in range(len(counts))]
+
+
+@pytest.mark.parametrize("tiles", [threshold_select_triton.Launch().tiles, (32, 64, 16)])
+@pytest.mark.parametrize("with_own", [False, True])
+def test_fused_product_and_selection_equal_the_torch_reference(with_own, tiles):
+    """150 queries × 700 keys of d = 80: partial tiles on every axis, a key offset (a later block), own keys inside
+    and outside the block, τ midway between two scores (so accumulation order cannot move a key across it), and a
+    buffer the wider rows overflow. fp16 only: the interpreter's bf16 products are wrong (2.7e10 off on 16 × 16
+    normal inputs, Triton 3.9), so exact_search calls the kernel with fp16 alone."""
+    torch.manual_seed(0)
+    n, num_keys, dim, offset = 150, 700, 80, 50
+    queries, keys = torch.randn(n, dim).half(), torch.randn(num_keys, dim).half()
+    norms = keys.float().square().sum(1)
+    score = ranking_scores(queries.float(), keys.float(), norms, False)
+    own = torch.randint(0, num_keys + 100, (n,)) + offset if with_own else None
+    if own is not None:
+        local = own - offset
+        inside = ((local >= 0) & (local < num_keys)).nonzero().squeeze(1)
+        score[inside, local[inside]] = math.inf
+    ranked = score.sort(1).values
+    wanted = torch.randint(5, 90, (n,))  # keys under τ per row; over 64 the buffer overflows
+    tau = (ranked.gather(1, wanted[:, None] - 1) + ranked.gather(1, wanted[:, None])).squeeze(1) / 2
+    want = candidate_buffers(n, 64, "cpu")
+    collect_below(score, tau, offset, want)
+    got = candidate_buffers(n, 64, "cpu")
+    launch = threshold_select_triton.Launch(tiles=tiles)
+    threshold_select_triton.collect_below_fused(queries, keys, norms, tau, own, offset, got, launch)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.counts, wanted.int())
+    for row, (g, w) in enumerate(zip(buffer_sets(*got), buffer_sets(*want))):
+        if want.counts[row] <= 64:  # an overflowing row keeps whichever 64 came first: only its count is defined
+            assert g.keys() == w.keys() and list(g.values()) == pytest.approx([w[i] for i in g], rel=1e-5, abs=1e-4), (
+                row
+            )
+        else:
+            assert len(g) == 64 and all(score[row, i - offset] <= tau[row] for i in g)
+
+
+def test_gathered_distances_equal_the_torch_rerank():
+    torch.manual_seed(1)
+    queries, keys = torch.randn(37, 100), torch.randn(500, 100).half()
+    ids = torch.randint(-1, 500, (37, 150))  # −1: a missing neighbour
+    got = threshold_select_triton.gathered_sq_distances(queries, keys, ids)
+    want = exact_distances(queries, keys, ids)
+    assert torch.equal(torch.isinf(got), ids < 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
