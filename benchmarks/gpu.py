@@ -383,8 +383,10 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
     for label, size in (("", full), ("_eighth_block", max(1, full // 8))):
         block_times(label, partial(scores, size=size), size, len(keys), m)
     ids = torch.randint(0, len(keys), (n, m), device=dev)
-    _, seconds = timed(lambda: exact_distances(queries, keys, ids, memory_budget(dev)))
-    report("search_rerank_ms", 1000 * seconds)
+    for name, fused in (("", False), ("_fused", True)):  # torch's gather, subtract, square, sum; the Triton kernel
+        exact_distances(queries, keys, ids, memory_budget(dev), fused)
+        _, seconds = timed(lambda fused=fused: exact_distances(queries, keys, ids, memory_budget(dev), fused))
+        report(f"search_rerank{name}_ms", 1000 * seconds)
     # last (an older torch may lack mm's out_dtype): plain products, no ‖k‖² added: fp32 output (the bias's
     # share of the addmm), then written in the inputs' dtype
     for name, low, out in (("fp32_out_no_bias", dtype, fp32_out), ("fp16_out", torch.float16, {}),

@@ -234,18 +234,21 @@ def resident_keys(keys, device: torch.device | str, max_bytes: int | None = None
     return out
 
 
-def exact_distances(queries: torch.Tensor, keys, ids: torch.Tensor, memory_bytes: int = 256 * 2**20) -> torch.Tensor:
+def exact_distances(
+    queries: torch.Tensor, keys, ids: torch.Tensor, memory_bytes: int = 256 * 2**20, fused: bool = False
+) -> torch.Tensor:
     """Σ (q − k_id)² in fp32 [n, m] for ids [n, m] (+inf where an id is −1, a neighbour FAISS did not find), on the
     queries' device, computed directly: the one exact re-ranking of both search backends (IVF-PQ distances are
     approximate; matrix-product distances lose precision, see the module docstring).
 
     Keys are gathered from ``keys`` (a numpy memmap: each distinct row read once per query batch, in order, without
-    leaving the file mapped; or a torch tensor) in query batches sized to ``memory_bytes``; keys on the queries' GPU
-    go through :func:`kernels.threshold_select_triton.gathered_sq_distances` where Triton is installed.
+    leaving the file mapped; or a torch tensor) in query batches sized to ``memory_bytes``. ``fused``: keys on the
+    queries' GPU go through :func:`kernels.threshold_select_triton.gathered_sq_distances` where Triton is installed
+    (one pass over the gathered rows; with the threshold selection until it is measured on a GPU).
     """
     n, m = ids.shape
     d = queries.shape[1]
-    kernels = triton_kernels(queries.device) if isinstance(keys, torch.Tensor) else None
+    kernels = triton_kernels(queries.device) if fused and isinstance(keys, torch.Tensor) else None
     if kernels is not None and keys.device == queries.device:  # one pass over the gathered rows, no fp32 copy
         return kernels.gathered_sq_distances(queries.float(), keys, ids.to(queries.device))
     out = torch.empty(n, m, dtype=torch.float32, device=queries.device)
@@ -341,7 +344,7 @@ def exact_search(
         coarse_d, best_i, max_norm = _candidates(qc, _host_blocks(keys, size), own, candidates, coarse, key_norms)
     else:
         coarse_d, best_i, max_norm = _threshold_candidates(qc, keys, size, own, candidates, key_norms, plan)
-    exact = exact_distances(q32, keys, best_i, budget)
+    exact = exact_distances(q32, keys, best_i, budget, fused=plan is not None)
     by_id = best_i.argsort(dim=1, stable=True)  # then a stable sort by distance: ties by id
     best_i, exact = best_i.gather(1, by_id), exact.gather(1, by_id)
     order = exact.argsort(dim=1, stable=True)[:, :k]
@@ -363,10 +366,7 @@ def _candidates(qc, blocks, own, candidates: int, coarse: bool, key_norms):
     best_d = torch.full((n, candidates), math.inf, device=device)
     best_i = torch.full((n, candidates), -1, dtype=torch.int64, device=device)
     max_norm = torch.zeros((), device=device)
-    for b0, block in blocks:
-        kc = block.to(device, non_blocking=True).to(qc.dtype)
-        exact_keys = kc if kc.dtype == torch.float32 else block.to(device)
-        k_norm = squared_norms(exact_keys) if key_norms is None else key_norms[b0 : b0 + len(block)]
+    for b0, kc, k_norm in _device_blocks(qc, blocks, key_norms):
         max_norm = torch.maximum(max_norm, k_norm.max())
         score = ranking_scores(qc, kc, k_norm, coarse)
         _exclude_own(score, own, b0)
@@ -377,6 +377,14 @@ def _candidates(qc, blocks, own, candidates: int, coarse: bool, key_norms):
         best_d, pick = merged_d.topk(candidates, dim=1, largest=False, sorted=False)
         best_i = merged_i.gather(1, pick)
     return best_d, best_i, max_norm
+
+
+def _device_blocks(qc, blocks, key_norms):
+    """(start, keys in the compute dtype, their fp32 ‖k‖²) of each host or device block, on the queries' device."""
+    for b0, block in blocks:
+        kc = block.to(qc.device, non_blocking=True).to(qc.dtype)
+        exact_keys = kc if kc.dtype == torch.float32 else block.to(qc.device)
+        yield b0, kc, squared_norms(exact_keys) if key_norms is None else key_norms[b0 : b0 + len(block)]
 
 
 def _exclude_own(score: torch.Tensor, own: torch.Tensor | None, b0: int) -> None:
@@ -393,16 +401,9 @@ def _threshold_candidates(qc, keys, size: int, own, candidates: int, key_norms, 
     """:func:`_candidates` by threshold selection: every key under its query's τ (:func:`sample_thresholds`) goes
     into a buffer, by the fused Triton kernel on a GPU (no score block), else from each block's scores; the
     ``candidates`` best of the buffer, and rows it cannot serve searched again by :func:`_candidates`."""
-    n, device = qc.shape[0], qc.device
     tau = sample_thresholds(qc, keys, size, own, key_norms, plan)
-    buffers = candidate_buffers(n, plan.capacity, device)
-    kernels = triton_kernels(device)
-    max_norm = torch.zeros((), device=device)
-    for b0, block in _host_blocks(keys, size):
-        kc = block.to(device, non_blocking=True).to(qc.dtype)
-        exact_keys = kc if kc.dtype == torch.float32 else block.to(device)
-        k_norm = squared_norms(exact_keys) if key_norms is None else key_norms[b0 : b0 + len(block)]
-        max_norm = torch.maximum(max_norm, k_norm.max())
+    buffers, kernels = candidate_buffers(len(qc), plan.capacity, qc.device), triton_kernels(qc.device)
+    for b0, kc, k_norm in _device_blocks(qc, _host_blocks(keys, size), key_norms):
         if kernels is not None and qc.dtype == torch.float16:  # fp16: the dtype the kernel is tested in
             kernels.collect_below_fused(qc, kc, k_norm, tau, own, b0, buffers)
         else:
@@ -416,20 +417,17 @@ def _threshold_candidates(qc, keys, size: int, own, candidates: int, key_norms, 
     if redo.any():
         rows = redo.nonzero().squeeze(1)
         own_rows = None if own is None else own[rows]
-        best_d[rows], best_i[rows], _ = _candidates(
-            qc[rows], _host_blocks(keys, size), own_rows, candidates, False, key_norms
-        )
-    return best_d, best_i, max_norm
+        found = _candidates(qc[rows], _host_blocks(keys, size), own_rows, candidates, False, key_norms)
+        best_d[rows], best_i[rows] = found[0], found[1]
+    return best_d, best_i, None  # no max ‖k‖²: only coarse search uses it
 
 
 def sample_thresholds(qc, keys, size: int, own, key_norms, plan: ThresholdPlan) -> torch.Tensor:
     """τ [n]: each query's ``plan.rank``-th best score over every ``plan.stride``-th key (its own key left out), for
     queries ``qc`` in the compute dtype, searched in blocks of ``size`` keys; ``key_norms`` as in exact_search."""
     sample_ids = torch.arange(plan.offset, keys.shape[0], plan.stride)
-    if isinstance(keys, torch.Tensor):
-        sample = keys[sample_ids.to(keys.device)]
-    else:
-        sample = torch.from_numpy(gather_rows(keys, sample_ids.numpy()))
+    tensor = isinstance(keys, torch.Tensor)
+    sample = keys[sample_ids.to(keys.device)] if tensor else torch.from_numpy(gather_rows(keys, sample_ids.numpy()))
     norms = None if key_norms is None else key_norms[sample_ids.to(key_norms.device)]
     own_in_sample = None
     if own is not None:  # the own key's index in the sample, or −1 (never inside a block) where it is not sampled
