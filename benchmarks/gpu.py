@@ -359,22 +359,10 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
     the ‖k‖² term, written in fp32, fp16 and bf16, which the library does not use), the selection it uses (one
     ``topk``) beside two designs (benchmarks/selection_designs.py), and the fp32 re-ranking; at the library's block
     size and at 1/8."""
-    from lightning_memdec.retrieval.exact_search import (
-        block_rows,
-        default_compute_dtype,
-        exact_distances,
-        memory_budget,
-        ranking_scores,
-        rerank_margin,
-    )
+    from lightning_memdec.retrieval.exact_search import exact_distances, memory_budget, ranking_scores
 
     dev, n = keys.device, len(queries)
-    dtype = default_compute_dtype(dev)
-    m = k + rerank_margin(k, dtype)
-    qc = queries.to(dtype)
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()  # the searches above left their blocks cached: the budget is read from free memory
-    full = block_rows(n, keys.shape[1], m, memory_budget(dev), dtype)
+    dtype, m, qc, full = search_call(keys, queries, k)
     fp32_out = {"out_dtype": torch.float32} if dtype != torch.float32 and dev.type == "cuda" else {}
 
     def scores(b0: int, size: int) -> torch.Tensor:  # what exact_search writes for one block
@@ -396,6 +384,19 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
             block_times(f"_{name}", plain, full, len(keys), m, select=False)
 
 
+def search_call(keys: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.dtype, int, torch.Tensor, int]:
+    """What exact_search picks for one call on the keys' device: (compute dtype, candidates k + margin, the queries
+    in that dtype, keys per block)."""
+    from lightning_memdec.retrieval.exact_search import block_rows, default_compute_dtype, memory_budget, rerank_margin
+
+    dev = keys.device
+    dtype = default_compute_dtype(dev)
+    m = k + rerank_margin(k, dtype)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the searches above left their blocks cached: the budget is read from free memory
+    return dtype, m, queries.to(dtype), block_rows(len(queries), keys.shape[1], m, memory_budget(dev), dtype)
+
+
 def threshold_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Tensor, k: int) -> None:
     """The threshold selection's parts, per call of ``len(queries)`` queries, ms each: τ from the sample, then every
     key under it collected in one call over all keys (the fused Triton kernel, at each launch in ``TILE_CONFIGS``;
@@ -408,25 +409,16 @@ def threshold_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.
         threshold_plan,
         triton_kernels,
     )
-    from lightning_memdec.retrieval.exact_search import (
-        block_rows,
-        default_compute_dtype,
-        memory_budget,
-        ranking_scores,
-        rerank_margin,
-        sample_thresholds,
-    )
+    from lightning_memdec.retrieval.exact_search import ranking_scores, sample_thresholds
 
     dev, n = keys.device, len(queries)
-    dtype = default_compute_dtype(dev)
-    m = k + rerank_margin(k, dtype)
-    plan, qc = threshold_plan(len(keys), m), queries.to(dtype)
+    dtype, m, qc, size = search_call(keys, queries, k)
+    plan = threshold_plan(len(keys), m)
     if plan is None:
         report("threshold_plan", "none: a store this small is searched by topk")
         return
     report("threshold_stride", plan.stride)
     report("threshold_capacity", plan.capacity)
-    size = block_rows(n, keys.shape[1], m, memory_budget(dev), dtype)
     sample = lambda: sample_thresholds(qc, keys, size, None, norms, plan)
     sample()
     tau, seconds = timed(sample)
