@@ -691,6 +691,21 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
     knn = min(seconds[name] for name in searches) / seconds["base_loop"]
     report("knnlm_generation_overhead", knn)
     report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
+    section("generation_overlap", overlap_rows, mixed, prompt, new_tokens, seconds["base"], runs["memdec_eager"]())
+
+
+def overlap_rows(mixed, prompt: torch.Tensor, new_tokens: int, base_seconds: float, eager: torch.Tensor) -> None:
+    """base + MemDec with the decoder's forward on a second CUDA stream beside the base's, one captured graph
+    (``StaticGenerator(overlap=True)``): ms a token, its overhead over the same static base, and whether its tokens
+    equal eager ``generate()``'s. A section of its own, so that a failure here leaves the headline measured."""
+    from lightning_memdec.inference.static_generation import StaticGenerator
+
+    generator = StaticGenerator.from_interpolated(mixed, max_length=prompt.shape[1] + new_tokens, overlap=True)
+    run = lambda: generator.generate(prompt, new_tokens, eos_token_id=None)
+    seconds = seconds_per_token(run, new_tokens)
+    report("generate_memdec_overlap_ms_per_token", 1000 * seconds)
+    report("memdec_overlap_generation_overhead", seconds / base_seconds)
+    report("static_memdec_overlap_tokens_equal_eager", float(torch.equal(run(), eager)))
 
 
 def seconds_per_token(run, new_tokens: int) -> float:

@@ -52,6 +52,9 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     for entries in (3000, 20000):  # kNN-LM's search per token as the store grows: the real store, then synthetic
         assert float(lines[f"knn_search_exact_ms_at_{entries}"]) > 0
     assert float(lines["exact_targets_qps"]) == float(lines["targets_exact_queries_per_s"])
+    # the decoder beside the base (in turn on the CPU, fp32): generate()'s tokens
+    assert float(lines["static_memdec_overlap_tokens_equal_eager"]) == 1.0
+    assert math.isfinite(float(lines["memdec_overlap_generation_overhead"]))
     # the threshold selection (its torch path here, k = 96 over 4,000 keys) ran and found topk's neighbours
     assert int(lines["targets_threshold_entries_differing_from_topk"]) == 0
     assert float(lines["exact_search_threshold_rows_equal_topk"]) == 1.0

@@ -39,6 +39,7 @@ from transformers.generation.streamers import BaseStreamer
 from lightning_memdec.hf.loading import cache_arg_name, check_fits_context, context_length, find_tokenizer, output_rows
 from lightning_memdec.inference.beam_search import beam_search
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
+from lightning_memdec.inference.overlapped_step import OverlappedStep
 from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_log_probs
 
 __all__ = ["StaticGenerator", "DEFAULT_MAX_LENGTH"]
@@ -72,6 +73,9 @@ class StaticGenerator:
         batch_rows: decode every greedy or sampled batch of up to this many prompts as this many rows (the extra
             rows are dropped from the output), so that one compiled graph serves them all, as a server wants;
             default: each batch size compiles its own.
+        overlap: run the decoder's forward on a second CUDA stream beside the base's, both captured in one CUDA
+            graph (:class:`~lightning_memdec.inference.overlapped_step.OverlappedStep`; each forward compiled
+            alone); greedy and sampled decoding (beam search keeps the one-stream step). Not yet measured on a GPU.
 
     Unset settings of :meth:`generate` come from the base's ``generation_config`` (``from_interpolated``: the
     mixture's), then ``generate()``'s defaults, as in ``generate()``.
@@ -88,8 +92,13 @@ class StaticGenerator:
         backend: str | Callable = "inductor",
         mode: str | None = None,
         batch_rows: int | None = None,
+        overlap: bool = False,
     ):
         self.models = [m.eval() for m in (base, memdec) if m is not None]
+        if overlap and (memdec is None or memdec.device != base.device):
+            raise ValueError(
+                "overlap runs the decoder's forward beside the base's: give a memdec on the base's device."
+            )
         self.lmbda = check_lmbda(lmbda)
         contexts = [c for c in (context_length(m) for m in self.models) if c is not None]
         if max_length is None:
@@ -124,6 +133,13 @@ class StaticGenerator:
 
         self._compiled_step = compiled(self._log_probs)
         self._compiled_beam_step = compiled(self._reordered_log_probs)  # compiled on first use only
+        if overlap:  # each forward compiled alone, without compile's CUDA graphs: OverlappedStep captures both
+            alone = functools.partial(torch.compile, backend=backend, fullgraph=True, dynamic=False)
+            no_graphs = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+            alone = alone(mode=no_graphs) if compile else (lambda fn: fn)
+            first, second = (alone(functools.partial(self._model_log_probs, i)) for i in range(2))
+            combine = functools.partial(mix_log_probs, lmbda=self.lmbda)
+            self._compiled_step = OverlappedStep(first, second, combine, self.device, self._write_counters)
 
     @classmethod
     def from_interpolated(cls, lm, **kwargs) -> StaticGenerator:
@@ -149,17 +165,30 @@ class StaticGenerator:
         """Next-token log-probs ``[B, V]`` (float32) of the mixture after ``ids`` ``[B, T]`` at cache ``positions``
         ``[T]``, each model writing its keys and values into its static cache. ``mask`` ``[B, max_length]``: 0 on
         left padding, else 1 (None: no padding); positions then count real tokens only, as ``generate()`` does."""
+        log_probs = [self._model_log_probs(i, ids, positions, mask) for i in range(len(self.models))]
+        if len(log_probs) == 1:
+            return log_probs[0]
+        return mix_log_probs(log_probs[0], log_probs[1].to(log_probs[0].device), self.lmbda)
+
+    def _model_log_probs(self, index: int, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
+        """Model ``index``'s (0: the base, 1: the decoder) next-token log-probs ``[B, V]``, as :meth:`_log_probs`."""
         padding = {}
         if mask is not None:
             pads = mask.shape[1] - mask.sum(-1, keepdim=True)  # [B, 1]: every 0 is left padding
             padding = {"attention_mask": mask, "position_ids": (positions[None, :] - pads).clamp(min=0)}  # [B, T]
-        log_probs = []
-        for model, cache, arg in zip(self.models, self._caches, self._cache_args):
-            out = model(input_ids=ids, cache_position=positions, use_cache=True, **padding, **{arg: cache})
-            log_probs.append(vocab_log_probs(out.logits[:, -1], self.vocab_size))  # [B, V]
-        if len(log_probs) == 1:
-            return log_probs[0]
-        return mix_log_probs(log_probs[0], log_probs[1].to(log_probs[0].device), self.lmbda)
+        model, cache, arg = self.models[index], self._caches[index], self._cache_args[index]
+        out = model(input_ids=ids, cache_position=positions, use_cache=True, **padding, **{arg: cache})
+        return vocab_log_probs(out.logits[:, -1], self.vocab_size)  # [B, V]
+
+    def _write_counters(self) -> list[torch.Tensor]:
+        """The static caches' per-layer counts of written positions (tensors each step advances in place). Only
+        full-attention layers: a sliding-window layer also counts in a Python int, which a replayed graph cannot
+        advance."""
+        layers = [layer for cache in self._caches for layer in cache.layers]
+        if any(type(layer) is not StaticLayer for layer in layers):
+            kinds = sorted({type(layer).__name__ for layer in layers} - {"StaticLayer"})
+            raise ValueError(f"overlap replays full-attention static caches only, not {kinds}: use overlap=False.")
+        return [layer.cumulative_length for layer in layers]
 
     def _reordered_log_probs(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, parents: torch.Tensor
