@@ -565,20 +565,20 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
     batch = pad()
     report("fit_padded_batch_mbytes", batch_mbytes(batch))  # what the loader moved before the targets were CSR
 
-    def losses(logits, objective: str):
+    def losses(logits, objective: str, rows: dict):
         if objective == "ce":
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
-        mask = batch["loss_mask"]
-        return memdec_loss(logits, batch["labels"], batch["target_ids"], batch["target_probs"], mask).loss
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows["labels"].flatten())
+        mask = rows["loss_mask"]
+        return memdec_loss(logits, rows["labels"], rows["target_ids"], rows["target_probs"], mask).loss
 
-    def forward_backward(objective: str):
+    def forward_backward(objective: str, rows: dict = batch):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-        losses(logits, objective).backward()
+            logits = model(input_ids=rows["input_ids"], use_cache=False).logits
+        losses(logits, objective, rows).backward()
 
-    def train_steps(objective: str):
+    def train_steps(objective: str, rows: dict = batch):
         for _ in range(steps):
-            forward_backward(objective)
+            forward_backward(objective, rows)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -587,6 +587,14 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
         _, seconds = timed(lambda objective=objective: train_steps(objective))
         report(f"fit_step_{objective}_loss_tokens_per_s", steps * tokens / seconds)
     step_parts(model, batch["input_ids"], partial(forward_backward, "memdec"), dev, steps)
+    used = ("input_ids", "labels", "loss_mask", "target_ids", "target_probs")
+    for factor in (2, 4):  # the same step on 2× and 4× the rows: how much a wider batch fills the card
+        wide = {key: torch.cat([batch[key]] * factor) for key in used}
+        train_steps("memdec", wide)  # warm-up
+        _, seconds = timed(partial(train_steps, "memdec", wide))
+        report(
+            f"fit_step_memdec_loss_tokens_per_s_at_batch_{len(wide['input_ids'])}", steps * factor * tokens / seconds
+        )
 
 
 def step_parts(model, input_ids: torch.Tensor, forward_backward, dev: str, steps: int) -> None:
