@@ -233,7 +233,7 @@ def targets_stage(card: Card, w: Path, base: Path, store: Path, queries: int, wi
             queries=qstore,
             overwrite=True,
             knn=KNNTargets(k=k, temperature=16.0),
-            search=TargetSearch(backend="exact"),
+            search=TargetSearch(backend="exact", selection="topk"),  # a GPU's default (auto), on the CPU too
             hardware=Hardware(accelerator=accelerator),
         )
     )
@@ -320,7 +320,7 @@ def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int
     report("search_key_upload_s", upload)
     queries = torch.from_numpy(np.asarray(qstore.keys[:n], dtype=np.float32)).to(dev)
     found = {}
-    for name, options in (("exact_search", {}), ("exact_search_coarse", {"coarse": True}),
+    for name, options in (("exact_search", {"selection": "topk"}), ("exact_search_coarse", {"coarse": True}),
                           ("exact_search_threshold", {"selection": "threshold"})):  # fmt: skip
         search = lambda options=options: exact_search(queries, keys, k, device=dev, key_norms=norms, **options)
         search()  # warm-up

@@ -17,9 +17,11 @@ from test_exact_search import assert_same_neighbours, brute_force
 
 from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.kernels.threshold_select import (
+    AUTO_MIN_QUERIES,
     OVERSAMPLE,
     SAMPLE_RANK,
     candidate_buffers,
+    choose_selection,
     collect_below,
     needs_fallback,
     threshold_plan,
@@ -145,6 +147,14 @@ def test_targets_by_threshold_selection_equal_targets_by_topk(tmp_path, biomed_d
     for i in range(len(built["topk"])):
         for got, want in zip(built["threshold"].row(i), built["topk"].row(i)):
             np.testing.assert_array_equal(got, want)
+
+
+def test_auto_takes_the_threshold_only_where_it_was_measured_faster():
+    assert choose_selection("auto", "cpu", AUTO_MIN_QUERIES) == "threshold"
+    assert choose_selection("auto", "cpu", AUTO_MIN_QUERIES - 1) == "topk"  # a few queries: the sample does not pay
+    assert choose_selection("auto", "cuda", 4096) == "topk"  # not yet measured on a GPU
+    assert choose_selection("topk", "cpu", 4096) == "topk" and choose_selection("threshold", "cuda", 1) == "threshold"
+    assert TargetSearch().selection == "auto"
 
 
 def test_selection_is_checked():

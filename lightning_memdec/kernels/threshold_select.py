@@ -25,9 +25,11 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "AUTO_MIN_QUERIES",
     "ThresholdPlan",
     "CandidateBuffers",
     "threshold_plan",
+    "choose_selection",
     "candidate_buffers",
     "collect_below",
     "needs_fallback",
@@ -36,6 +38,20 @@ __all__ = [
 
 OVERSAMPLE = 3  # expected keys under τ, in multiples of the candidates wanted
 SAMPLE_RANK = 64  # τ = the sample's 64th best: keys under it vary by about 1/8 from query to query
+
+
+# queries a CPU call needs for `auto` to pick the threshold selection: benchmarks/selection.py on 2 cores, k = 1,024,
+# 400 k keys of d = 256: 0.97x topk's speed at 1 query, 1.07x at 32, 1.28x at 256, 1.30x at 2,048
+AUTO_MIN_QUERIES = 256
+
+
+def choose_selection(selection: str, device_type: str, num_queries: int) -> str:
+    """The selection ``auto`` stands for: ``threshold`` on the CPU for calls of at least :data:`AUTO_MIN_QUERIES`
+    queries (measured faster there, benchmarks/results/selection-cpu-2026-12-04.txt), else ``topk`` (on a GPU until
+    the fused kernel is measured on one). ``topk`` and ``threshold`` are returned as given."""
+    if selection != "auto":
+        return selection
+    return "threshold" if device_type == "cpu" and num_queries >= AUTO_MIN_QUERIES else "topk"
 
 
 @dataclass(frozen=True)
@@ -84,9 +100,8 @@ def collect_below(score: torch.Tensor, tau: torch.Tensor, key_offset: int, buffe
     row: by column here, by the kernel's scheduling in Triton; the buffers' sets are what matters."""
     scores, ids, counts = buffers
     capacity = scores.shape[1]
-    hit = score <= tau[:, None]
-    rows, cols = hit.nonzero(as_tuple=True)  # row-major: each row's hits in column order
-    per_row = hit.sum(1, dtype=torch.int32)
+    rows, cols = (score <= tau[:, None]).nonzero(as_tuple=True)  # row-major: each row's hits in column order
+    per_row = torch.bincount(rows, minlength=len(score)).to(torch.int32)  # from the few hits, not the [n, B] mask
     first = torch.cumsum(per_row, 0) - per_row  # index in (rows, cols) of each row's first hit
     slot = counts[rows].long() + torch.arange(len(rows), device=score.device) - first[rows]
     keep = slot < capacity

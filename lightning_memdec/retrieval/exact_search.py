@@ -33,6 +33,7 @@ from lightning_memdec.io.npy_rows import gather_rows, read_rows
 from lightning_memdec.kernels.threshold_select import (
     ThresholdPlan,
     candidate_buffers,
+    choose_selection,
     collect_below,
     needs_fallback,
     threshold_plan,
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 SEARCH_BACKENDS = ("exact", "faiss", "auto")
-SELECTIONS = ("topk", "threshold")  # how each key block's candidates are chosen: see exact_search
+SELECTIONS = ("auto", "topk", "threshold")  # how each key block's candidates are chosen: see exact_search
 DEFAULT_CPU_MEMORY = 1 << 30  # bytes of RAM one exact search may use on the CPU (per rank)
 GPU_MEMORY_FRACTION = 0.5  # of the device's free memory at the start of a search
 RESIDENT_FRACTION = 0.4  # of the device's free memory the whole key matrix may take to stay there between searches
@@ -282,7 +283,7 @@ def exact_search(
     margin: int | None = None,
     coarse: bool = False,
     key_norms: torch.Tensor | None = None,
-    selection: str = "topk",
+    selection: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact k nearest keys of every query by squared L2.
 
@@ -299,22 +300,20 @@ def exact_search(
         coarse: scores written in bf16 (products in bf16 too): half the bytes, a wider margin; the re-ranking keeps
             the result exact up to candidates misranked by more than the margin (tested against brute force).
         key_norms: ‖k‖² [N] fp32 on ``device`` (:func:`squared_norms`), cached by callers with resident keys.
-        selection: ``"topk"``, one ``topk`` over each block's full score rows; or ``"threshold"``
-            (:mod:`kernels.threshold_select`): each query's keys under a threshold sampled from the store, found on a
-            GPU with Triton by a kernel that never writes the score block; rows the threshold cannot serve are
-            searched again by ``topk``, so both give the same neighbours (ties aside). Where the store is too small
-            for a sample to pay (:func:`~kernels.threshold_select.threshold_plan`) or the candidate buffers would take
-            over half the memory budget, ``topk``; not with ``coarse``.
+        selection: ``"topk"``, one ``topk`` over each block's full score rows; ``"threshold"``
+            (:mod:`kernels.threshold_select`), the keys under a per-query threshold sampled from the store (on a GPU
+            with Triton, found by a kernel that never writes the score block; rows it cannot serve searched again by
+            ``topk``: the same neighbours, ties aside; ``topk`` where the store is too small for a sample or the
+            buffers would take half the budget; not with ``coarse``); ``"auto"``: threshold on the CPU for calls of
+            ≥ 256 queries, measured faster there, else topk (:func:`~kernels.threshold_select.choose_selection`).
 
     Returns (distances [n, k] float32, ids [n, k] int64) on ``device``, each row sorted by (distance, id);
     distances are Σ (q − k)² in fp32 over the gathered keys (see the module docstring).
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
-    if coarse and selection != "topk":
-        raise ValueError(
-            "coarse=True re-checks bf16 rows against the worst kept score of a topk: use selection='topk'."
-        )
+    if coarse and selection == "threshold":
+        raise ValueError("coarse=True re-checks bf16 rows against the worst kept score of a topk: use 'topk'.")
     device = torch.device(device)
     compute_dtype = torch.bfloat16 if coarse else compute_dtype or default_compute_dtype(device)
     num_keys, dim = keys.shape
@@ -331,6 +330,7 @@ def exact_search(
         raise ValueError(f"queries must be [n, {dim}], got {tuple(q32.shape)}.")
     candidates = min(available, k + (rerank_margin(k, compute_dtype) if margin is None else margin))
     budget = memory_budget(device, memory_bytes)
+    selection = "topk" if coarse else choose_selection(selection, device.type, n)
     plan = threshold_plan(num_keys, candidates) if selection == "threshold" else None
     if plan is not None and n * plan.capacity * 12 > budget // 2:  # fp32 scores + int64 ids a slot
         plan = None  # the candidate buffers would crowd out the key blocks: topk, which needs none

@@ -39,7 +39,7 @@ def shard_search(
     device="cpu",
     memory_bytes=None,
     key_norms=None,
-    selection="topk",
+    selection="auto",
 ):
     """The exact k nearest of ``shard_keys`` (rows ``lo`` onwards of the store) for every query, with store ids.
 

@@ -88,10 +88,11 @@ class TargetSearch:
     top-k: for stores whose keys do not fit one rank's device; the same targets, at R times the queries per rank"""
     chunk_size: int = 4096
     """query positions per search call; also the resumable chunk"""
-    selection: str = "topk"
-    """how the exact backend picks each query's candidates: topk (one topk over each key block's scores) or threshold
+    selection: str = "auto"
+    """how the exact backend picks each query's candidates: topk (one topk over each key block's scores), threshold
     (the keys under a threshold sampled from the store; on a GPU with Triton a kernel that never writes the score
-    block); the same neighbours, ties aside"""
+    block), or auto (threshold on the CPU, where it was measured faster; topk on a GPU until measured there); the
+    same neighbours, ties aside"""
 
     def __post_init__(self):
         if self.backend not in SEARCH_BACKENDS:

@@ -89,7 +89,7 @@ class KNNTargetSearcher(L.LightningModule):
         search: str = "faiss",
         search_memory: int | None = None,
         shard_keys: bool = False,
-        selection: str = "topk",
+        selection: str = "auto",
     ):
         super().__init__()
         self.queries_dir, self.store_dir, self.index_dir, self.work = queries, datastore, index, Path(work)
