@@ -40,9 +40,10 @@ OVERSAMPLE = 3  # expected keys under τ, in multiples of the candidates wanted
 SAMPLE_RANK = 64  # τ = the sample's 64th best: keys under it vary by about 1/8 from query to query
 
 
-# queries a CPU call needs for `auto` to pick the threshold selection: benchmarks/selection.py on 2 cores, k = 1,024,
-# 400 k keys of d = 256: 0.97x topk's speed at 1 query, 1.07x at 32, 1.28x at 256, 1.30x at 2,048
-AUTO_MIN_QUERIES = 256
+# queries a CPU call needs for `auto` to pick the threshold selection (build_targets' chunks have 4,096): on 2 cores
+# at k = 1,024 it was no faster than topk up to a few hundred queries and faster from about a thousand
+# (benchmarks/results/selection-cpu-2026-12-04.txt)
+AUTO_MIN_QUERIES = 1024
 
 
 def choose_selection(selection: str, device_type: str, num_queries: int) -> str:

@@ -305,7 +305,7 @@ def exact_search(
             with Triton, found by a kernel that never writes the score block; rows it cannot serve searched again by
             ``topk``: the same neighbours, ties aside; ``topk`` where the store is too small for a sample or the
             buffers would take half the budget; not with ``coarse``); ``"auto"``: threshold on the CPU for calls of
-            ≥ 256 queries, measured faster there, else topk (:func:`~kernels.threshold_select.choose_selection`).
+            ≥ 1,024 queries, measured faster there, else topk (:func:`~kernels.threshold_select.choose_selection`).
 
     Returns (distances [n, k] float32, ids [n, k] int64) on ``device``, each row sorted by (distance, id);
     distances are Σ (q − k)² in fp32 over the gathered keys (see the module docstring).
