@@ -58,6 +58,19 @@ def test_overlapped_greedy_and_sampled_tokens_equal_generate(mixture, compile):
     assert torch.equal(gen.generate(prompt, 10, do_sample=True, **settings), want)
 
 
+def test_new_caches_drop_the_graphs_that_wrote_the_old_ones(mixture, monkeypatch):
+    """A captured graph writes the caches it was captured with: caches made for another batch size replace them,
+    so the step forgets its graphs then (on a GPU one would otherwise write the stale caches)."""
+    forgotten = []
+    forget = OverlappedStep.forget
+    monkeypatch.setattr(OverlappedStep, "forget", lambda step: (forgotten.append(len(step.graphs)), forget(step)))
+    gen = StaticGenerator.from_interpolated(mixture, max_length=64, overlap=True)
+    two, one = torch.tensor(PROMPTS), torch.tensor(PROMPTS[:1])
+    for prompt in (two, two, one, two):
+        assert torch.equal(gen.generate(prompt, 4), hf_tokens(mixture, prompt, 4, do_sample=False))
+    assert forgotten == [0, 1, 1]  # new caches at the first call and at each change of batch size, not in between
+
+
 def test_overlapped_left_padded_prompts_with_eos_equal_generate():
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 

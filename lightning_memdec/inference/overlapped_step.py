@@ -52,6 +52,11 @@ class OverlappedStep:
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.graphs: dict[tuple, tuple] = {}  # (ids shape, masked) -> (graph or None, static inputs, output)
 
+    def forget(self) -> None:
+        """Drop the captured graphs: call when the tensors the forwards write (the caches) are replaced, since a
+        graph keeps writing the ones it was captured with."""
+        self.graphs.clear()
+
     def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The step without a graph: on CUDA ``second`` forked onto the side stream and joined before combining."""
         if not self.cuda:

@@ -210,6 +210,8 @@ class StaticGenerator:
             return
         self._caches = [StaticCache(config=m.config, max_cache_len=self.max_length) for m in self.models]
         self._batch = batch
+        if isinstance(self._compiled_step, OverlappedStep):  # its graphs write the replaced caches
+            self._compiled_step.forget()
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
