@@ -332,9 +332,9 @@ def exact_search(
     budget = memory_budget(device, memory_bytes)
     selection = "topk" if coarse else choose_selection(selection, device.type, n)
     plan = threshold_plan(num_keys, candidates) if selection == "threshold" else None
-    if plan is not None and n * plan.capacity * 12 > budget // 2:  # fp32 scores + int64 ids a slot
-        plan = None  # the candidate buffers would crowd out the key blocks: topk, which needs none
-    buffer_bytes = 0 if plan is None else n * plan.capacity * 12
+    buffer_bytes = 0 if plan is None else n * plan.capacity * 12  # fp32 scores + int64 ids a slot
+    if buffer_bytes > budget // 2:
+        plan, buffer_bytes = None, 0  # the candidate buffers would crowd out the key blocks: topk, which needs none
     if block_size is None:  # the budget sets the blocks: it must hold their fixed part
         check_search_budget(n, dim, candidates, budget - buffer_bytes, compute_dtype)
     own = None if query_ids is None else torch.as_tensor(query_ids, dtype=torch.int64).to(device)
