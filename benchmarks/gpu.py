@@ -12,9 +12,10 @@ depends on shapes, not on what the model knows.
    same search on the host cores (FAISS ``Flat`` when faiss is installed) for scale; where cuVS is installed
    (``pip install -e ".[gpu]"``), the targets again from an IVF-PQ index cuVS builds and searches on the GPU.
 3. **fit**: ``train.fit`` of a GPT-2-small decoder on those targets in bf16-mixed: tokens/s of steady-state training
-   (a run of 2S steps minus a run of S steps, so set-up cancels) and model FLOPs utilisation ((6N + 12·L·T·d) ×
-   tokens/s ÷ the card's dense bf16 peak); on a GPU with ``torch.compile``, fused AdamW and the vocabulary padded to
-   64 (``--fast_fit false``: without; each of the three fit runs compiles, from inductor's cache after the first).
+   (timed inside one run by ``TrainingThroughput``, after its warm-up steps) and model FLOPs utilisation
+   ((6N + 12·L·T·d) × tokens/s ÷ the card's dense bf16 peak); on a GPU with ``torch.compile``, fused AdamW and the
+   vocabulary padded to 64 (``--fast_fit false``: without). Before it, the loss alone on logits of fit's shape with
+   each loss kernel (``chunked``, ``rows``); fit uses the faster where their gradients agree.
 4. **generation**: greedy decoding with a GPT2-large-shaped base (774 M) alone and + the GPT-2-small decoder, each
    through ``inference.static_generation.StaticGenerator`` (static KV caches, the per-token step compiled, CUDA
    graphs on a GPU: the headline, MemDec against the base through the same generator) and through ``generate()``
@@ -498,16 +499,19 @@ def host_search_rate(store_dir: Path, qstore_dir: Path, k: int, n: int = 256) ->
 
 
 def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, window: int, steps: int, batch: int,
-              accelerator: str, fast: bool):  # fmt: skip
+              k: int, accelerator: str, fast: bool):  # fmt: skip
     """``fast``: the speed options (torch.compile, fused AdamW, vocabulary padded to 64; on by default on a GPU)."""
     from lightning_memdec.io.packaged_configs import load_config
     from lightning_memdec.training.fit import fit
     from lightning_memdec.training.throughput import TrainingThroughput, training_flops_per_token
 
+    pad_multiple = 64 if fast else 1
+    kernel = section("fit_loss_kernels", loss_kernels, batch, window, k, pad_multiple, accelerator) or "chunked"
     config = load_config(
         {
             "model": {"config": {"model_type": "gpt2", "vocab_size": 50257, "n_positions": window, **shape},
-                      "compile": fast, "fused_adamw": fast, "pad_vocab_multiple": 64 if fast else 1},
+                      "compile": fast, "fused_adamw": fast, "pad_vocab_multiple": pad_multiple,
+                      "loss_kernel": kernel},
             "data": {"train_corpus": str(corpus), "train_targets": str(targets), "window": window,
                      "batch_size": batch, "num_workers": 4, "pad_last_batch": fast},
             "trainer": {"accelerator": accelerator, "devices": 1, "precision": "bf16-mixed", "max_steps": steps,
@@ -528,10 +532,50 @@ def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, win
     report("fit_decoder_params", params)
     report("fit_timed_steps", steps - meter.warmup_steps)
     report("fit_tokens_per_s", meter.tokens_per_s)
-    report("fit_options", f"compile={fast} fused_adamw={fast} pad_vocab_multiple={64 if fast else 1}")
+    report("fit_options", f"compile={fast} fused_adamw={fast} pad_vocab_multiple={pad_multiple} loss_kernel={kernel}")
     flops = training_flops_per_token(params, shape["n_layer"], window, shape["n_embd"])  # per token
     card.headline["fit_mfu"] = roofline("fit_tokens_per_s", meter.tokens_per_s, card.peak_flops / flops)
     section("fit_breakdown", fit_breakdown, config, accelerator)
+
+
+def loss_kernels(batch: int, window: int, support: int, pad_multiple: int, accelerator: str, steps: int = 10) -> str:
+    """The Memory Decoder loss alone, forward and backward, on bf16 logits shaped as fit's decoder gives them (a
+    padded vocabulary's slice) with ``support`` distinct target ids a position (a quarter to all of them kept): the
+    chunked kernel beside the row passes. Returns the faster where the two agree, else ``chunked``."""
+    from lightning_memdec.kernels.memdec_loss import memdec_loss
+
+    dev = "cuda" if accelerator == "gpu" else "cpu"
+    vocab, n = 50257, batch * window
+    padded = -(-vocab // pad_multiple) * pad_multiple
+    g = torch.Generator(device=dev).manual_seed(0)
+    wide = (2 * torch.randn(batch, window, padded, generator=g, device=dev)).bfloat16().requires_grad_(True)
+    ids = torch.rand(n, vocab, generator=g, device=dev).topk(support, dim=1).indices  # distinct a row
+    kept = torch.arange(support, device=dev) < torch.randint(support // 4, support + 1, (n, 1), generator=g, device=dev)
+    probs = torch.rand(n, support, generator=g, device=dev).pow(4) * kept
+    probs = (probs / probs.sum(1, keepdim=True)).view(batch, window, support)
+    ids = ids.masked_fill(~kept, 0).view(batch, window, support)
+    labels = torch.randint(0, vocab, (batch, window), generator=g, device=dev)
+
+    def loss_and_grad(kernel: str):
+        wide.grad = None
+        loss = memdec_loss(wide[..., :vocab], labels, ids, probs, kernel=kernel).loss
+        loss.backward()
+        return loss.detach(), wide.grad
+
+    results, ms = {}, {}
+    for kernel in ("chunked", "rows"):
+        loss, grad = loss_and_grad(kernel)  # warm-up (Triton's compilation), and the values compared
+        results[kernel] = (loss, grad.float())
+        _, seconds = timed(lambda kernel=kernel: [loss_and_grad(kernel) for _ in range(steps)])
+        ms[kernel] = 1000 * seconds / steps
+        report(f"loss_{kernel}_ms", ms[kernel])
+    (loss, grad), (want_loss, want_grad) = results["rows"], results["chunked"]
+    scale = want_grad.abs().max()
+    equal = bool(torch.isclose(loss, want_loss, rtol=1e-4)) and bool((grad - want_grad).abs().max() <= 1e-2 * scale)
+    report("loss_rows_grad_max_abs_diff_over_max", float((grad - want_grad).abs().max() / scale))
+    report("loss_rows_equal_chunked", int(equal))
+    report("loss_rows_speedup", ms["chunked"] / ms["rows"])
+    return "rows" if equal and ms["rows"] < ms["chunked"] else "chunked"
 
 
 def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int = 8) -> None:
@@ -569,7 +613,8 @@ def fit_breakdown(config: dict, accelerator: str, batches: int = 20, steps: int 
         if objective == "ce":
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows["labels"].flatten())
         mask = rows["loss_mask"]
-        return memdec_loss(logits, rows["labels"], rows["target_ids"], rows["target_probs"], mask).loss
+        kernel = config["model"]["loss_kernel"]
+        return memdec_loss(logits, rows["labels"], rows["target_ids"], rows["target_probs"], mask, kernel=kernel).loss
 
     def forward_backward(objective: str, rows: dict = batch):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
@@ -914,7 +959,7 @@ def main(
         made = built and run("targets", targets_stage, card, w, *built, queries, window, k, accelerator)
         run("generation", generation_stage, card, w, large, small, knn_tokens, window, new_tokens, accelerator)
         if made:  # after generation: its compilations make it the stage most likely to meet the time limit
-            run("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, accelerator, fast)
+            run("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, k, accelerator, fast)
         run("search_scale", search_scale_stage, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
         run("beam", beam_stage, w, large, small, new_tokens)  # last: no headline figure depends on these
         run("served_batch", served_batch_stage, w, large, small, new_tokens)

@@ -1,5 +1,6 @@
-"""The Triton kernels of the GPU exact search, run on the CPU by Triton's interpreter, against the torch reference
-(kernels.threshold_select.collect_below over the addmm scores, retrieval.exact_search.exact_distances).
+"""The Triton kernels, run on the CPU by Triton's interpreter, against their torch references: the GPU exact
+search's (kernels.threshold_select.collect_below over the addmm scores, retrieval.exact_search.exact_distances) and
+the loss's row passes (kernels.memdec_loss_rows.TORCH_ROW_OPS, and the whole loss against the chunked kernel).
 
 Run by tests/test_threshold_select.py in a process of its own started with ``TRITON_INTERPRET=1``: Triton reads it
 when it is first imported (its own ``tl.sum``, ``tl.cumsum`` are Triton functions too), and Lightning imports Triton
@@ -14,7 +15,9 @@ import os
 import pytest
 import torch
 
-from lightning_memdec.kernels import threshold_select_triton
+from lightning_memdec.kernels import memdec_loss_triton, threshold_select_triton
+from lightning_memdec.kernels.memdec_loss import memdec_loss
+from lightning_memdec.kernels.memdec_loss_rows import TORCH_ROW_OPS, RowOps, row_loss_terms, row_view
 from lightning_memdec.kernels.threshold_select import candidate_buffers, collect_below
 from lightning_memdec.retrieval.exact_search import exact_distances, ranking_scores
 
@@ -70,3 +73,56 @@ def test_gathered_distances_equal_the_torch_rerank():
     want = exact_distances(queries, keys, ids)
     assert torch.equal(torch.isinf(got), ids < 0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the NaN and −inf rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_passes_equal_the_torch_reference(dtype):
+    """Strided rows (a padded vocabulary's slice) over several blocks and a partial one; a NaN row and an all −inf row
+    whose coefficient is 0 get 0; elementwise only, so bf16 runs under the interpreter too."""
+    torch.manual_seed(2)
+    wide = (4 * torch.randn(9, 1000 + 24)).to(dtype)
+    wide[3] = float("nan")
+    wide[5] = float("-inf")
+    rows = row_view(wide[:, :1000])
+    got_lse = memdec_loss_triton.row_logsumexp(rows, block=256)
+    want_lse = TORCH_ROW_OPS.logsumexp(rows)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5, equal_nan=True)
+    coef = torch.rand(9)
+    coef[[3, 5]] = 0
+    got, want = torch.empty(9, 1000, dtype=dtype), torch.empty(9, 1000, dtype=dtype)
+    memdec_loss_triton.scaled_softmax(rows, want_lse, coef, got, block=256)
+    TORCH_ROW_OPS.scaled_softmax(rows, want_lse, coef, want)
+    assert (got[[3, 5]] == 0).all()
+    tolerance = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_with_the_triton_row_passes_equals_the_chunked_loss(dtype):
+    """The whole loss, the label sharing a support id and padding ids colliding, through the Triton passes."""
+    torch.manual_seed(3)
+    b, t, v, m = 3, 7, 700, 12
+    logits = (3 * torch.randn(b, t, v)).to(dtype)
+    labels = torch.randint(0, v, (b, t))
+    ids = torch.stack([torch.randperm(v)[:m] for _ in range(b * t)]).view(b, t, m)
+    labels.view(-1)[:5] = ids.view(-1, m)[:5, 3]
+    probs = torch.rand(b, t, m).masked_fill(torch.arange(m) >= m - 3, 0)
+    probs = probs / probs.sum(-1, keepdim=True)
+    ids = ids.masked_fill(probs == 0, 0)
+    mask = torch.rand(b, t) < 0.8
+    triton_ops = RowOps(memdec_loss_triton.row_logsumexp, memdec_loss_triton.scaled_softmax)
+    results = []
+    for run in ("triton", "chunked"):
+        x = logits.clone().requires_grad_(True)
+        if run == "triton":
+            kl, ce = row_loss_terms(x, mask, ids, probs, labels, triton_ops)
+            loss = 0.5 * kl + 0.5 * ce
+        else:
+            loss = memdec_loss(x, labels, ids, probs, mask).loss
+        loss.backward()
+        results.append((loss.detach(), x.grad.float()))
+    (loss, grad), (want_loss, want_grad) = results
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad, want_grad, rtol=tolerance, atol=1e-7)

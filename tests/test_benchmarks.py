@@ -62,6 +62,10 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         math.isfinite(float(lines["threshold_collect_torch_ms"])) and int(lines["threshold_rows_searched_again"]) >= 0
     )
     assert 0 < float(lines["threshold_mean_keys_under_tau"]) <= int(lines["threshold_capacity"])
+    # the loss kernels side by side (the row passes in torch here) agree, and fit says which one it trained with
+    assert int(lines["loss_rows_equal_chunked"]) == 1 and float(lines["loss_rows_grad_max_abs_diff_over_max"]) < 1e-2
+    faster = "rows" if float(lines["loss_rows_speedup"]) > 1 else "chunked"
+    assert lines["fit_options"].endswith(f"loss_kernel={faster}")
     # every rate has its roofline: bound = the assumed peak ÷ the work per item, fraction = rate ÷ bound
     peak_flops = float(lines["peak_flops"])
     bound = float(lines["targets_exact_queries_per_s_bound"])

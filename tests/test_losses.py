@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_memdec.kernels.memdec_loss import LossOutput, memdec_loss, next_token_ce, sparse_kl
+from lightning_memdec.kernels.memdec_loss import (
+    LOSS_KERNELS,
+    LossOutput,
+    memdec_loss,
+    next_token_ce,
+    sparse_kl,
+)
 
 B, T, V, M = 2, 5, 37, 6
 
@@ -48,10 +54,11 @@ def loss_and_grad(fn, logits, *args, **kw):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.3])
-def test_value_and_gradient_match_dense(beta):
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_value_and_gradient_match_dense(beta, kernel):
     logits, labels, ids, probs, mask = make_batch()
     ref, g_ref = loss_and_grad(dense_reference, logits, labels, ids, probs, mask, beta)
-    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask, beta=beta)
+    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask, beta=beta, kernel=kernel)
     assert isinstance(out, LossOutput)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -59,10 +66,11 @@ def test_value_and_gradient_match_dense(beta):
     assert torch.equal(out.loss, beta * out.kl + (1 - beta) * out.ce)
 
 
-def test_kl_and_ce_alone_and_their_gradients():
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_kl_and_ce_alone_and_their_gradients(kernel):
     logits, labels, ids, probs, mask = make_batch(seed=1)
-    kl, g_kl = loss_and_grad(sparse_kl, logits, ids, probs, mask)
-    ce, g_ce = loss_and_grad(next_token_ce, logits, labels, mask)
+    kl, g_kl = loss_and_grad(sparse_kl, logits, ids, probs, mask, kernel=kernel)
+    ce, g_ce = loss_and_grad(next_token_ce, logits, labels, mask, kernel=kernel)
     (_, ref_kl, _), g_ref_kl = loss_and_grad(lambda x: dense_reference(x, labels, ids, probs, mask, 1.0), logits)
     (_, _, ref_ce), g_ref_ce = loss_and_grad(lambda x: dense_reference(x, labels, ids, probs, mask, 0.0), logits)
     torch.testing.assert_close(kl, ref_kl, rtol=1e-5, atol=1e-6)
@@ -71,11 +79,12 @@ def test_kl_and_ce_alone_and_their_gradients():
     torch.testing.assert_close(g_ce, g_ref_ce, rtol=1e-5, atol=1e-7)
 
 
-def test_kl_and_ce_outputs_are_separately_differentiable():
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_kl_and_ce_outputs_are_separately_differentiable(kernel):
     """Backward through an arbitrary mix of the returned kl and ce matches the dense mix."""
     logits, labels, ids, probs, mask = make_batch(seed=2)
     x = logits.clone().requires_grad_(True)
-    out = memdec_loss(x, labels, ids, probs, mask)
+    out = memdec_loss(x, labels, ids, probs, mask, kernel=kernel)
     (2.0 * out.kl - 0.25 * out.ce).backward()
     y = logits.clone().requires_grad_(True)
     _, kl, ce = dense_reference(y, labels, ids, probs, mask, 0.5)
@@ -83,49 +92,55 @@ def test_kl_and_ce_outputs_are_separately_differentiable():
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_masked_positions_carry_no_loss_and_zero_gradient():
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_masked_positions_carry_no_loss_and_zero_gradient(kernel):
     logits, labels, ids, probs, mask = make_batch(seed=3)
     labels = labels.masked_fill(~mask, -100)  # ignore_index convention: never read off the mask
-    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask)
+    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask, kernel=kernel)
     assert (g[~mask] == 0).all()
     # Garbage (even inf/NaN) in masked-out rows changes neither the loss nor the other rows' gradient.
     junk = logits.clone()
     junk[~mask] = float("nan")
     junk[~mask, 0] = float("inf")
     ids2 = ids.masked_fill(~mask[..., None], 10**6)
-    out2, g2 = loss_and_grad(memdec_loss, junk, labels, ids2, probs.masked_fill(~mask[..., None], 0.3), mask)
+    out2, g2 = loss_and_grad(
+        memdec_loss, junk, labels, ids2, probs.masked_fill(~mask[..., None], 0.3), mask, kernel=kernel
+    )
     assert torch.equal(torch.stack(out), torch.stack(out2))
     assert torch.equal(g, g2)
 
 
-def test_padding_entries_do_not_matter():
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_padding_entries_do_not_matter(kernel):
     logits, labels, ids, probs, mask = make_batch(seed=4)
-    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask)
+    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask, kernel=kernel)
     pad = probs == 0
     for new_id in (1, V - 1, -1):  # other valid ids, and an invalid one: still ignored
-        out2, g2 = loss_and_grad(memdec_loss, logits, labels, ids.masked_fill(pad, new_id), probs, mask)
+        out2, g2 = loss_and_grad(memdec_loss, logits, labels, ids.masked_fill(pad, new_id), probs, mask, kernel=kernel)
         assert torch.equal(torch.stack(out), torch.stack(out2))
         assert torch.equal(g, g2)
     # A padded id pointing at a -inf logit must not turn 0 · (−inf) into NaN.
     x = torch.cat([logits, torch.full((B, T, 1), float("-inf"))], dim=-1)  # extra token V, never a target
-    out3, g3 = loss_and_grad(memdec_loss, x, labels, ids.masked_fill(pad, V), probs, mask)
+    out3, g3 = loss_and_grad(memdec_loss, x, labels, ids.masked_fill(pad, V), probs, mask, kernel=kernel)
     assert torch.equal(torch.stack(out), torch.stack(out3))
     assert torch.equal(g3[..., :V], g) and (g3[..., V] == 0).all()
 
 
-def test_empty_mask_gives_zero_with_graph():
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_empty_mask_gives_zero_with_graph(kernel):
     logits, labels, ids, probs, _ = make_batch(seed=5)
     mask = torch.zeros(B, T, dtype=torch.bool)
-    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask)
+    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask, kernel=kernel)
     assert out.loss.requires_grad
     assert torch.equal(torch.stack(out), torch.zeros(3))
     assert torch.equal(g, torch.zeros_like(logits))
 
 
-def test_bf16_logits():
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_bf16_logits(kernel):
     logits, labels, ids, probs, mask = make_batch(seed=6, dtype=torch.bfloat16)
     ref, g_ref = loss_and_grad(dense_reference, logits, labels, ids, probs, mask, 0.5)
-    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask)
+    out, g = loss_and_grad(memdec_loss, logits, labels, ids, probs, mask, kernel=kernel)
     assert out.loss.dtype == torch.float32 and g.dtype == torch.bfloat16
     torch.testing.assert_close(out.loss, ref[0], rtol=1e-5, atol=1e-6)  # fp32 math on the same bf16 inputs
     torch.testing.assert_close(g.float(), g_ref.float(), rtol=1e-2, atol=1e-4)
@@ -200,21 +215,23 @@ def test_fp32_gradient_is_the_forward_buffer_and_retain_graph_recomputes():
     torch.testing.assert_close(x.grad, 2 * g_ref, rtol=1e-5, atol=1e-7)
 
 
-def test_no_grad_forward_keeps_no_buffer_and_gives_same_values():
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_no_grad_forward_keeps_no_buffer_and_gives_same_values(kernel):
     logits, labels, ids, probs, _ = make_batch(seed=10)
     x = logits.clone().requires_grad_(True)
-    with_grad = memdec_loss(x, labels, ids, probs)
+    with_grad = memdec_loss(x, labels, ids, probs, kernel=kernel)
     with torch.no_grad():
-        without = memdec_loss(x, labels, ids, probs)
+        without = memdec_loss(x, labels, ids, probs, kernel=kernel)
     assert without.loss.grad_fn is None
     assert torch.equal(torch.stack(with_grad).detach(), torch.stack(without))
 
 
-def test_float64_logits_value_and_gradient_match_dense():
+@pytest.mark.parametrize("kernel", LOSS_KERNELS)
+def test_float64_logits_value_and_gradient_match_dense(kernel):
     """float64 logits (e.g. a model run in double for a gradient check) once crashed the backward's scatter."""
     logits, labels, ids, probs, mask = make_batch(seed=5, dtype=torch.float64)
     logits.requires_grad_(True)
-    out = memdec_loss(logits, labels, ids, probs, mask, beta=0.5)
+    out = memdec_loss(logits, labels, ids, probs, mask, beta=0.5, kernel=kernel)
     out.loss.backward()
     assert logits.grad.dtype == torch.float64
     ref_logits = logits.detach().clone().requires_grad_(True)

@@ -31,12 +31,20 @@ Values and gradients equal ``F.kl_div(log_softmax(z), p_dense, reduction="batchm
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-__all__ = ["LossOutput", "memdec_loss", "next_token_ce", "sparse_kl"]
+from lightning_memdec.kernels.memdec_loss_rows import row_loss_terms, row_view
+
+__all__ = ["LOSS_KERNELS", "LossKernel", "LossOutput", "memdec_loss", "next_token_ce", "sparse_kl"]
+
+#: how the terms are computed, same numbers: ``chunked`` (below: the selected rows only, fp32 temporaries in chunks;
+#: the fastest on CPU) or ``rows`` (:mod:`kernels.memdec_loss_rows`: every row, one pass forward and one backward,
+#: Triton kernels on a GPU, no host synchronisation). ``chunked`` stays the default until a GPU measures ``rows``.
+LossKernel = Literal["chunked", "rows"]
+LOSS_KERNELS = get_args(LossKernel)
 
 #: fp32 elements per chunk of rows (128 MiB) where temporaries are needed (bf16 logits, masks): bounds them
 #: independently of batch size while keeping kernel launches (and CPU thread-pool barriers) few.
@@ -60,7 +68,7 @@ class _Rows:
     """
 
     def __init__(self, logits: Tensor, mask: Tensor):
-        self.flat: Tensor | None = _row_view(logits)
+        self.flat: Tensor | None = row_view(logits)
         if self.flat is not None:
             self.idx = (mask.reshape(-1).nonzero().squeeze(1),)
             self.all = self.idx[0].numel() == self.flat.shape[0]
@@ -95,18 +103,6 @@ class _Rows:
         else:
             dst = grad.view(-1, grad.shape[-1]) if self.flat is not None else grad
             dst.index_put_(tuple(i[start:stop] for i in self.idx), rows.to(grad.dtype))
-
-
-def _row_view(logits: Tensor) -> Tensor | None:
-    """``logits`` as ``[N, V]`` rows without a copy, or None. Rows may be strided: ``logits[..., :V]`` of a
-    decoder whose vocabulary is padded (to a multiple of 64) is read in place, padding columns never touched."""
-    if logits.stride(-1) != 1:
-        return None
-    lead, strides = logits.shape[:-1], logits.stride()[:-1]
-    if any(strides[i] != lead[i + 1] * strides[i + 1] for i in range(len(lead) - 1)):
-        return None
-    row_stride = strides[-1] if lead else logits.shape[-1]
-    return logits.as_strided((lead.numel(), logits.shape[-1]), (row_stride, 1))
 
 
 def _prepare(logits: Tensor, mask: Tensor):
@@ -252,6 +248,15 @@ def _check(logits: Tensor, target_ids: Tensor | None, target_probs: Tensor | Non
     return mask
 
 
+def _terms(logits, mask, target_ids, target_probs, labels, chunk_elements, kernel) -> tuple[Tensor, Tensor]:
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"kernel must be one of {LOSS_KERNELS}, got {kernel!r}.")
+    if kernel == "rows":
+        return row_loss_terms(logits, mask, target_ids, target_probs, labels)
+    args = (logits, mask, target_ids, target_probs, labels, chunk_elements, _want_grad(logits))
+    return _SparseMemDecLoss.apply(*args)
+
+
 def memdec_loss(
     logits: Tensor,
     labels: Tensor,
@@ -260,6 +265,7 @@ def memdec_loss(
     mask: Tensor | None = None,
     beta: float = 0.5,
     chunk_elements: int | None = None,
+    kernel: LossKernel = "chunked",
 ) -> LossOutput:
     """β · KL(p_kNN ‖ softmax(logits)) + (1 − β) · CE(labels), each a mean over positions where ``mask``.
 
@@ -274,6 +280,7 @@ def memdec_loss(
         beta: weight of the KL term, in ``[0, 1]`` (the paper uses 0.5).
         chunk_elements: fp32 elements per chunk of rows where temporaries are needed (bf16 logits or a
             partial mask); ``None`` means :data:`CHUNK_ELEMENTS`.
+        kernel: ``chunked`` or ``rows`` (:data:`LossKernel`; ``rows`` needs logits with an [N, V] row view).
 
     Returns ``LossOutput(loss, kl, ce)``; with no masked-in position all three are 0 (with a graph and a
     zero gradient), never NaN.
@@ -281,7 +288,7 @@ def memdec_loss(
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     mask = _check(logits, target_ids, target_probs, labels, mask)
-    kl, ce = _SparseMemDecLoss.apply(logits, mask, target_ids, target_probs, labels, chunk_elements, _want_grad(logits))
+    kl, ce = _terms(logits, mask, target_ids, target_probs, labels, chunk_elements, kernel)
     return LossOutput(beta * kl + (1.0 - beta) * ce, kl, ce)
 
 
@@ -291,6 +298,7 @@ def sparse_kl(
     target_probs: Tensor,
     mask: Tensor | None = None,
     chunk_elements: int | None = None,
+    kernel: LossKernel = "chunked",
 ) -> Tensor:
     """Mean over masked positions of KL(p ‖ softmax(logits)) = Σ_m p_m (log p_m − z_{i_m} + logsumexp z).
 
@@ -298,14 +306,18 @@ def sparse_kl(
     :func:`memdec_loss`.
     """
     mask = _check(logits, target_ids, target_probs, None, mask)
-    kl, _ = _SparseMemDecLoss.apply(logits, mask, target_ids, target_probs, None, chunk_elements, _want_grad(logits))
+    kl, _ = _terms(logits, mask, target_ids, target_probs, None, chunk_elements, kernel)
     return kl
 
 
 def next_token_ce(
-    logits: Tensor, labels: Tensor, mask: Tensor | None = None, chunk_elements: int | None = None
+    logits: Tensor,
+    labels: Tensor,
+    mask: Tensor | None = None,
+    chunk_elements: int | None = None,
+    kernel: LossKernel = "chunked",
 ) -> Tensor:
     """Mean over masked positions of −log softmax(z)_y = logsumexp(z) − z_y (``F.cross_entropy`` on them)."""
     mask = _check(logits, None, None, labels, mask)
-    _, ce = _SparseMemDecLoss.apply(logits, mask, None, None, labels, chunk_elements, _want_grad(logits))
+    _, ce = _terms(logits, mask, None, None, labels, chunk_elements, kernel)
     return ce

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
-from lightning_memdec.kernels.memdec_loss import memdec_loss
+from lightning_memdec.kernels.memdec_loss import LOSS_KERNELS, LossKernel, memdec_loss
 from lightning_memdec.training.datamodule import pad_targets
 
 LRSchedule = Literal["cosine", "linear", "constant"]  # decay after warm-up
@@ -47,6 +47,9 @@ class MemoryDecoderModule(L.LightningModule):
         pad_vocab_multiple: pad the decoder's output ids to a multiple of this (64 on GPUs: tensor-core tiles
             of the [tokens × vocab] products); the padded ids are sliced off the logits before the loss, so the
             loss and its gradient are unchanged, and removed again before export. 1: no padding.
+        loss_kernel: how the loss is computed, same values and gradients (:data:`kernels.memdec_loss.LossKernel`):
+            ``chunked`` (the default; fastest on CPU) or ``rows`` (two passes over the logits, Triton kernels on a
+            GPU, no host synchronisation in the step).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class MemoryDecoderModule(L.LightningModule):
         fused_adamw: bool | None = None,
         compile: bool = False,
         pad_vocab_multiple: int = 1,
+        loss_kernel: LossKernel = "chunked",
     ):
         super().__init__()
         if (model is None) == (config is None):
@@ -74,6 +78,8 @@ class MemoryDecoderModule(L.LightningModule):
         if pad_vocab_multiple < 1:
             raise ValueError(f"pad_vocab_multiple must be ≥ 1 (1: no padding), got {pad_vocab_multiple}.")
         check_lr_schedule(lr_schedule)
+        if loss_kernel not in LOSS_KERNELS:
+            raise ValueError(f"loss_kernel must be one of {LOSS_KERNELS}, got {loss_kernel!r}.")
         if isinstance(config, dict) and "model_type" not in config:
             raise ValueError(
                 f"config needs a model_type (e.g. 'gpt2') beside its fields, got keys {sorted(config)}; or give the "
@@ -177,6 +183,7 @@ class MemoryDecoderModule(L.LightningModule):
             batch["target_probs"],
             batch["loss_mask"],
             beta=self.hparams.beta,
+            kernel=self.hparams.loss_kernel,
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
