@@ -540,8 +540,9 @@ def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, win
 
 def loss_kernels(batch: int, window: int, support: int, pad_multiple: int, accelerator: str, steps: int = 10) -> str:
     """The Memory Decoder loss alone, forward and backward, on bf16 logits shaped as fit's decoder gives them (a
-    padded vocabulary's slice) with ``support`` distinct target ids a position (a quarter to all of them kept): the
-    chunked kernel beside the row passes. Returns the faster where the two agree, else ``chunked``."""
+    padded vocabulary, ``vocab_size`` telling its columns) with ``support`` distinct target ids a position (a quarter
+    to all of them kept): the chunked kernel beside the row passes. Returns the faster where the two agree, else
+    ``chunked``."""
     from lightning_memdec.kernels.memdec_loss import memdec_loss
 
     dev = "cuda" if accelerator == "gpu" else "cpu"
@@ -558,7 +559,7 @@ def loss_kernels(batch: int, window: int, support: int, pad_multiple: int, accel
 
     def loss_and_grad(kernel: str):
         wide.grad = None
-        loss = memdec_loss(wide[..., :vocab], labels, ids, probs, kernel=kernel).loss
+        loss = memdec_loss(wide, labels, ids, probs, kernel=kernel, vocab_size=vocab).loss  # as the module calls it
         loss.backward()
         return loss.detach(), wide.grad
 

@@ -78,8 +78,9 @@ def test_gathered_distances_equal_the_torch_rerank():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the NaN and −inf rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_row_passes_equal_the_torch_reference(dtype):
-    """Strided rows (a padded vocabulary's slice) over several blocks and a partial one; a NaN row and an all −inf row
-    whose coefficient is 0 get 0; elementwise only, so bf16 runs under the interpreter too."""
+    """Strided rows (a padded vocabulary's slice) over several blocks and a partial one, written into the padded width
+    (0 past the vocabulary); a NaN row and an all −inf row whose coefficient is 0 get 0; elementwise only, so bf16
+    runs under the interpreter too."""
     torch.manual_seed(2)
     wide = (4 * torch.randn(9, 1000 + 24)).to(dtype)
     wide[3] = float("nan")
@@ -90,10 +91,10 @@ def test_row_passes_equal_the_torch_reference(dtype):
     torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5, equal_nan=True)
     coef = torch.rand(9)
     coef[[3, 5]] = 0
-    got, want = torch.empty(9, 1000, dtype=dtype), torch.empty(9, 1000, dtype=dtype)
+    got, want = torch.full((9, 1024), 7.0, dtype=dtype), torch.empty(9, 1024, dtype=dtype)  # a padded vocabulary's
     memdec_loss_triton.scaled_softmax(rows, want_lse, coef, got, block=256)
     TORCH_ROW_OPS.scaled_softmax(rows, want_lse, coef, want)
-    assert (got[[3, 5]] == 0).all()
+    assert (got[[3, 5]] == 0).all() and (got[:, 1000:] == 0).all()
     tolerance = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=1e-7)
 
@@ -115,8 +116,9 @@ def test_loss_with_the_triton_row_passes_equals_the_chunked_loss(dtype):
     results = []
     for run in ("triton", "chunked"):
         x = logits.clone().requires_grad_(True)
-        if run == "triton":
-            kl, ce = row_loss_terms(x, mask, ids, probs, labels, triton_ops)
+        if run == "triton":  # the logits given with a padded vocabulary's columns, as the module gives them
+            padded = torch.cat([x, torch.zeros(b, t, 36, dtype=dtype)], dim=-1)
+            kl, ce = row_loss_terms(padded, mask, ids, probs, labels, triton_ops, vocab_size=v)
             loss = 0.5 * kl + 0.5 * ce
         else:
             loss = memdec_loss(x, labels, ids, probs, mask).loss

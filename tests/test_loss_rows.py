@@ -49,6 +49,17 @@ def test_kl_alone_anchors_padding_on_the_first_support_id():
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
 
 
+def graph_nodes(fn) -> set[str]:
+    """The names of every autograd node reachable from ``fn``."""
+    seen, todo = set(), [fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in seen:
+            seen.add(node.name())
+            todo += [n for n, _ in node.next_functions]
+    return seen
+
+
 def test_strided_rows_of_a_padded_vocabulary_are_read_in_place():
     """``logits[..., :V]`` of a decoder whose vocabulary is padded: no copy, the padding columns get no gradient."""
     logits, labels, ids, probs, mask = make_batch(seed=12)
@@ -61,6 +72,24 @@ def test_strided_rows_of_a_padded_vocabulary_are_read_in_place():
     torch.testing.assert_close(out.loss, ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(wide.grad[..., :V], g_ref, rtol=1e-5, atol=1e-7)
     assert (wide.grad[..., V:] == 0).all()
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "rows"])
+def test_vocab_size_reads_the_padded_logits_whole(kernel):
+    """``vocab_size``: the padded logits given whole, the padding columns neither read nor given a gradient; with
+    ``rows`` the gradient is written whole by the loss, with no slice (and its zero-filled copy) in the graph."""
+    logits, labels, ids, probs, mask = make_batch(seed=16)
+    wide = torch.cat([logits, torch.full((B, T, 27), float("nan"))], dim=-1).requires_grad_(True)
+    out = memdec_loss(wide, labels, ids, probs, mask, kernel=kernel, vocab_size=V)
+    out.loss.backward()
+    ref, g_ref = loss_and_grad(dense_reference, logits, labels, ids, probs, mask, 0.5)
+    torch.testing.assert_close(out.loss, ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wide.grad[..., :V], g_ref, rtol=1e-5, atol=1e-7)
+    assert (wide.grad[..., V:] == 0).all()
+    assert ("SliceBackward0" in graph_nodes(out.loss.grad_fn)) == (kernel == "chunked")
+    for bad in (0, V + 28):
+        with pytest.raises(ValueError, match="vocab_size"):
+            memdec_loss(wide, labels, ids, probs, mask, kernel=kernel, vocab_size=bad)
 
 
 def test_only_the_logits_are_kept_for_backward():
@@ -118,7 +147,8 @@ def test_row_loss_terms_takes_the_passes_it_is_given():
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_the_module_trains_with_either_kernel_to_the_same_loss():
-    """MemoryDecoderModule(loss_kernel=...) on one batch: the same loss and the same decoder gradients."""
+    """MemoryDecoderModule(loss_kernel=...) on one batch, its vocabulary padded (37 → 40): the same loss and the same
+    decoder gradients."""
     torch.manual_seed(0)
     config = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": V, "n_positions": T}
     logits, labels, ids, probs, mask = make_batch(seed=15)
@@ -127,11 +157,12 @@ def test_the_module_trains_with_either_kernel_to_the_same_loss():
     grads = {}
     for kernel in ("chunked", "rows"):
         torch.manual_seed(1)
-        module = MemoryDecoderModule(config=config, loss_kernel=kernel)
+        module = MemoryDecoderModule(config=config, loss_kernel=kernel, pad_vocab_multiple=8)
         module.configure_model()
         module.decoder.eval()  # no dropout: both see the same forward
         loss = module.training_step(batch, 0)
         loss.backward()
+        assert module.decoder.get_output_embeddings().weight.shape[0] == 40
         grads[kernel] = (loss.detach(), [p.grad.clone() for p in module.decoder.parameters()])
     torch.testing.assert_close(grads["rows"][0], grads["chunked"][0], rtol=1e-6, atol=1e-7)
     for a, b in zip(grads["rows"][1], grads["chunked"][1]):

@@ -248,11 +248,15 @@ def _check(logits: Tensor, target_ids: Tensor | None, target_probs: Tensor | Non
     return mask
 
 
-def _terms(logits, mask, target_ids, target_probs, labels, chunk_elements, kernel) -> tuple[Tensor, Tensor]:
+def _terms(logits, mask, target_ids, target_probs, labels, chunk_elements, kernel, vocab_size=None):
     if kernel not in LOSS_KERNELS:
         raise ValueError(f"kernel must be one of {LOSS_KERNELS}, got {kernel!r}.")
     if kernel == "rows":
-        return row_loss_terms(logits, mask, target_ids, target_probs, labels)
+        return row_loss_terms(logits, mask, target_ids, target_probs, labels, vocab_size=vocab_size)
+    if vocab_size is not None:
+        if not 0 < vocab_size <= logits.shape[-1]:
+            raise ValueError(f"vocab_size {vocab_size} must be in [1, {logits.shape[-1]}] (the logits' last dim).")
+        logits = logits[..., :vocab_size]
     args = (logits, mask, target_ids, target_probs, labels, chunk_elements, _want_grad(logits))
     return _SparseMemDecLoss.apply(*args)
 
@@ -266,6 +270,7 @@ def memdec_loss(
     beta: float = 0.5,
     chunk_elements: int | None = None,
     kernel: LossKernel = "chunked",
+    vocab_size: int | None = None,
 ) -> LossOutput:
     """β · KL(p_kNN ‖ softmax(logits)) + (1 − β) · CE(labels), each a mean over positions where ``mask``.
 
@@ -281,6 +286,9 @@ def memdec_loss(
         chunk_elements: fp32 elements per chunk of rows where temporaries are needed (bf16 logits or a
             partial mask); ``None`` means :data:`CHUNK_ELEMENTS`.
         kernel: ``chunked`` or ``rows`` (:data:`LossKernel`; ``rows`` needs logits with an [N, V] row view).
+        vocab_size: the logits' first ``vocab_size`` columns are the vocabulary, the rest a padding with no
+            probability (a decoder's vocabulary padded to a multiple of 64); ``rows`` then writes the whole
+            gradient, zeros included, where a slice's backward would fill and copy it again. None: all columns.
 
     Returns ``LossOutput(loss, kl, ce)``; with no masked-in position all three are 0 (with a graph and a
     zero gradient), never NaN.
@@ -288,7 +296,7 @@ def memdec_loss(
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     mask = _check(logits, target_ids, target_probs, labels, mask)
-    kl, ce = _terms(logits, mask, target_ids, target_probs, labels, chunk_elements, kernel)
+    kl, ce = _terms(logits, mask, target_ids, target_probs, labels, chunk_elements, kernel, vocab_size)
     return LossOutput(beta * kl + (1.0 - beta) * ce, kl, ce)
 
 

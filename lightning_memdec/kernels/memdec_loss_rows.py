@@ -35,7 +35,8 @@ class RowOps(NamedTuple):
     """The two passes over ``rows`` [N, V] (any float dtype, rows possibly strided, columns contiguous).
 
     ``logsumexp(rows)`` → fp32 [N]; ``scaled_softmax(rows, lse, coef, out)`` writes ``exp(rows − lse) · coef`` into
-    ``out`` [N, V] (contiguous, its own dtype), and 0 in the rows whose ``coef`` is 0 whatever their logits."""
+    ``out`` [N, W ≥ V] (contiguous, its own dtype), 0 in the rows whose ``coef`` is 0 whatever their logits and in the
+    columns past V (a padded vocabulary's, whose gradient is 0)."""
 
     logsumexp: Callable[[Tensor], Tensor]
     scaled_softmax: Callable[[Tensor, Tensor, Tensor, Tensor], None]
@@ -47,7 +48,8 @@ def _torch_logsumexp(rows: Tensor) -> Tensor:
 
 def _torch_scaled_softmax(rows: Tensor, lse: Tensor, coef: Tensor, out: Tensor) -> None:
     scaled = torch.exp(rows.float() - lse[:, None]) * coef[:, None]
-    out.copy_(torch.where(coef[:, None] != 0, scaled, 0.0))
+    out[:, : rows.shape[1]] = torch.where(coef[:, None] != 0, scaled, 0.0)
+    out[:, rows.shape[1] :] = 0
 
 
 TORCH_ROW_OPS = RowOps(_torch_logsumexp, _torch_scaled_softmax)
@@ -78,7 +80,10 @@ class _RowLoss(torch.autograd.Function):
     """(kl, ce) means over the rows whose weight is 1, all rows processed (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, logits, rows, weight, target_ids, target_probs, labels, ops):
+    def forward(ctx, logits, vocab_size, weight, target_ids, target_probs, labels, ops):
+        # rows: [N, V] of logits [..., W ≥ V], made here so that the graph holds no view of the logits (the gradient
+        # is written whole, 0 past V)
+        rows = row_view(logits)[:, :vocab_size]
         count = weight.sum()
         inv_n = 1.0 / count.clamp(min=1.0)  # no row carries loss: 0, not 0/0
         lse = ops.logsumexp(rows)
@@ -94,25 +99,26 @@ class _RowLoss(torch.autograd.Function):
             lab = torch.where(weight > 0, labels.reshape(-1).long(), 0)
             nll = lse - rows.gather(1, lab[:, None]).squeeze(1).float()
             ce = torch.where(weight > 0, nll, 0.0).sum() * inv_n
-        ctx.ops, ctx.shape = ops, logits.shape
-        ctx.save_for_backward(rows, weight, inv_n, lse, ids, probs, lab)
+        ctx.ops, ctx.vocab_size = ops, vocab_size
+        ctx.save_for_backward(logits, weight, inv_n, lse, ids, probs, lab)
         return kl, ce
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_kl, g_ce):
-        rows, weight, inv_n, lse, ids, probs, lab = ctx.saved_tensors
+        logits, weight, inv_n, lse, ids, probs, lab = ctx.saved_tensors
+        rows = row_view(logits)[:, : ctx.vocab_size]
         zero = torch.zeros(len(rows), device=rows.device)
         w_kl = probs * (g_kl * inv_n) if probs is not None else None  # [N, M]
         w_ce = weight * (g_ce * inv_n) if lab is not None else zero  # [N]
         coef = (w_kl.sum(1) if w_kl is not None else zero) + w_ce  # of softmax(z), row by row
-        grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        grad = torch.empty((len(rows), logits.shape[-1]), dtype=rows.dtype, device=rows.device)
         ctx.ops.scaled_softmax(rows, lse, coef, grad)
         entry_ids, totals = _entry_weights(ids, w_kl, lab, w_ce)
         softmax = torch.exp(rows.gather(1, entry_ids).float() - lse[:, None])
         values = torch.where(coef[:, None] != 0, softmax * coef[:, None], 0.0) - totals
         grad.scatter_(1, entry_ids, values.to(grad.dtype))
-        return grad.view(ctx.shape), None, None, None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None, None
 
 
 def _entry_weights(ids: Tensor | None, w_kl: Tensor | None, lab: Tensor | None, w_ce: Tensor):
@@ -137,13 +143,19 @@ def row_loss_terms(
     target_probs: Tensor | None,
     labels: Tensor | None,
     ops: RowOps | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(kl, ce), each the mean over the positions where ``mask``, from logits ``[..., V]`` whose rows
+    """(kl, ce), each the mean over the positions where ``mask``, from logits ``[..., W]`` whose rows
     :func:`row_view` can address (shapes and meaning as in :func:`kernels.memdec_loss.memdec_loss`). ``ops``: the
-    row passes (default: :func:`row_ops` of the logits' device)."""
+    row passes (default: :func:`row_ops` of the logits' device). ``vocab_size``: only the first ``vocab_size`` of the
+    W columns are the vocabulary (a padded one's logits, read and given their 0 gradient in place: a slice of them
+    would cost its backward a zero-filled copy of the whole gradient); default: all W."""
     rows = row_view(logits)
     if rows is None:
         raise ValueError(f"logits of shape {tuple(logits.shape)}, strides {logits.stride()} have no [N, V] row view.")
+    width = rows.shape[1]
+    if vocab_size is not None and not 0 < vocab_size <= width:
+        raise ValueError(f"vocab_size {vocab_size} must be in [1, {width}] (the logits' last dim).")
     ops = ops or row_ops(logits.device)
     weight = mask.reshape(-1).float()
-    return _RowLoss.apply(logits, rows, weight, target_ids, target_probs, labels, ops)
+    return _RowLoss.apply(logits, vocab_size or width, weight, target_ids, target_probs, labels, ops)

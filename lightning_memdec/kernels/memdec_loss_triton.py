@@ -33,14 +33,13 @@ def _row_logsumexp_kernel(x_ptr, out_ptr, vocab, row_stride, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _scaled_softmax_kernel(x_ptr, lse_ptr, coef_ptr, out_ptr, vocab, row_stride, BLOCK: tl.constexpr):
+def _scaled_softmax_kernel(x_ptr, lse_ptr, coef_ptr, out_ptr, vocab, row_stride, width, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < vocab
     coef = tl.load(coef_ptr + row)
-    x = tl.load(x_ptr + row * row_stride + cols, mask=inside, other=float("-inf")).to(tl.float32)
-    y = tl.where(coef != 0.0, tl.exp(x - tl.load(lse_ptr + row)) * coef, 0.0)
-    tl.store(out_ptr + row * vocab + cols, y.to(out_ptr.dtype.element_ty), mask=inside)
+    x = tl.load(x_ptr + row * row_stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    y = tl.where(coef != 0.0, tl.exp(x - tl.load(lse_ptr + row)) * coef, 0.0)  # 0 past vocab: exp(−inf)
+    tl.store(out_ptr + row * width + cols, y.to(out_ptr.dtype.element_ty), mask=cols < width)
 
 
 def _check_rows(rows: torch.Tensor) -> None:
@@ -59,11 +58,12 @@ def row_logsumexp(rows: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
 def scaled_softmax(
     rows: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, out: torch.Tensor, block: int = BLOCK
 ) -> None:
-    """``out`` [N, V] (contiguous) ← ``exp(rows − lse) · coef`` row by row, 0 where ``coef`` is 0."""
+    """``out`` [N, W ≥ V] (contiguous) ← ``exp(rows − lse) · coef`` row by row, 0 where ``coef`` is 0 and past V."""
     _check_rows(rows)
-    if out.shape != rows.shape or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous {tuple(rows.shape)}, got {tuple(out.shape)} {out.stride()}.")
-    grid = (rows.shape[0], triton.cdiv(rows.shape[1], block))
+    if out.shape[0] != rows.shape[0] or out.shape[1] < rows.shape[1] or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous [{rows.shape[0]}, ≥ {rows.shape[1]}], got {tuple(out.shape)}.")
+    grid = (rows.shape[0], triton.cdiv(out.shape[1], block))
+    lse, coef = lse.contiguous(), coef.float().contiguous()
     _scaled_softmax_kernel[grid](
-        rows, lse.contiguous(), coef.float().contiguous(), out, rows.shape[1], rows.stride(0), BLOCK=block, num_warps=8
+        rows, lse, coef, out, rows.shape[1], rows.stride(0), out.shape[1], BLOCK=block, num_warps=8
     )

@@ -175,7 +175,7 @@ class MemoryDecoderModule(L.LightningModule):
         """The loss of a batch whose CSR targets are padded here, on the device the step runs on (each rank its own
         batch): only the kept entries crossed the host-to-device copy. Dense batches pass through."""
         batch = pad_targets(batch)
-        logits = self(batch["input_ids"])
+        logits = self.decoder(input_ids=batch["input_ids"], use_cache=False).logits  # the padding ids' columns too
         return memdec_loss(
             logits,
             batch["labels"],
@@ -184,6 +184,7 @@ class MemoryDecoderModule(L.LightningModule):
             batch["loss_mask"],
             beta=self.hparams.beta,
             kernel=self.hparams.loss_kernel,
+            vocab_size=self.vocab_size,
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
