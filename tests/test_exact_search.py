@@ -13,6 +13,7 @@ import torch
 from test_datastore import Interrupt, SimulatedKill
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.capacity import free_device_memory
 from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.kernels.sparse_targets import knn_distributions
 from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
@@ -23,6 +24,7 @@ from lightning_memdec.retrieval.exact_search import (
     choose_search,
     exact_distances,
     exact_search,
+    memory_budget,
     resident_keys,
     squared_norms,
 )
@@ -149,6 +151,19 @@ def test_memory_budget_sets_the_block_size(keys):
     assert block_rows(60, 24, 20, 1, torch.float32) == 1
     small = exact_search(keys[:10], keys, 5, query_ids=np.arange(10), memory_bytes=20_000)
     assert_same_neighbours(small, brute_force(keys[:10], keys, 5, exclude=np.arange(10)))
+
+
+def test_gpu_budget_counts_this_process_cached_memory_as_free(monkeypatch):
+    """A search's blocks stay in torch's cache after it: the next call's budget must count them free, or each chunk of
+    build_targets would search in smaller blocks than the last (e.g. 141 GB, 3 GB of resident keys, 61 GB of a first
+    search's blocks cached: the driver says 77 GB free, 138 GB are). Device queries stubbed: this machine has no GPU."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (77 * gib, 141 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 64 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)  # the resident keys
+    assert free_device_memory("cuda") == 138 * gib
+    assert memory_budget("cuda") == 69 * gib
+    assert memory_budget("cuda", 5) == 5
 
 
 def test_resident_keys_copy_in_blocks_and_only_when_they_fit(keys, tmp_path):

@@ -1,4 +1,5 @@
-"""What this machine has (available RAM, free disk) and the one check that a stage's planned bytes fit it.
+"""What this machine has (available RAM, free disk, free GPU memory) and the one check that a stage's planned bytes
+fit it.
 
 A paper-scale run that does not fit fails late and badly: a keys memmap on a full disk dies with SIGBUS hours in, and
 FAISS replicas that exceed RAM get a rank OOM-killed mid-search. Stages compute what they will need from N, d and
@@ -28,6 +29,16 @@ def available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_device_memory(device) -> int:
+    """Bytes a new allocation on CUDA ``device`` can get: the driver's free memory plus what this process's caching
+    allocator holds unused (reserved − allocated). The driver's figure alone shrinks after every large search, whose
+    blocks stay cached, so budgets taken from it would shrink call after call."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def free_disk(path: str | Path) -> int:

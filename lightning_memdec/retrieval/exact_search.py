@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from lightning_memdec.io.capacity import free_device_memory
 from lightning_memdec.io.npy_rows import gather_rows, read_rows
 from lightning_memdec.kernels.threshold_select import (
     ThresholdPlan,
@@ -138,16 +139,15 @@ def squared_norms(keys: torch.Tensor) -> torch.Tensor:
 
 
 def memory_budget(device: torch.device | str, memory_bytes: int | None = None) -> int:
-    """Bytes one search may use: ``memory_bytes`` if given, else half the free GPU memory, or
-    :data:`DEFAULT_CPU_MEMORY` on the CPU."""
+    """Bytes one search may use: ``memory_bytes`` if given, else half the free GPU memory (the cache of earlier
+    searches counted free: every chunk's search gets the same blocks), or :data:`DEFAULT_CPU_MEMORY` on the CPU."""
     if memory_bytes is not None:
         if memory_bytes <= 0:
             raise ValueError(f"memory budget must be positive, got {memory_bytes}.")
         return int(memory_bytes)
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_MEMORY_FRACTION)
+        return int(free_device_memory(device) * GPU_MEMORY_FRACTION)
     return DEFAULT_CPU_MEMORY
 
 
@@ -223,7 +223,7 @@ def resident_keys(keys, device: torch.device | str, max_bytes: int | None = None
     """
     device = torch.device(device)
     if max_bytes is None:
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else DEFAULT_CPU_MEMORY
+        free = free_device_memory(device) if device.type == "cuda" else DEFAULT_CPU_MEMORY
         max_bytes = int(free * RESIDENT_FRACTION) if device.type == "cuda" else free
     n, d = keys.shape
     if n * d * keys.dtype.itemsize > max_bytes:
