@@ -337,9 +337,10 @@ def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int
 
 
 def rows_breakdown(store: Datastore, neighbours: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """What build_targets does with one chunk's neighbours after the search, ms each: the sparse rows built where the
-    neighbours are (the torch kernel, host copy of the rows included) and their rounding to the stored fp16 form on
-    the host."""
+    """What build_targets does with one chunk's neighbours after the search, ms each, side by side: the sparse rows
+    built where the neighbours are (the torch kernel, host copy of the rows included) then rounded to the stored fp16
+    form on the host (``stored_rows``, numpy: what build_targets did until 2026-12-04), and the stored form made on
+    the device (``stored=True``, what it does now)."""
     from lightning_memdec.kernels.sparse_targets import stored_rows
     from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
     from lightning_memdec.stages.targets import values_on
@@ -350,8 +351,13 @@ def rows_breakdown(store: Datastore, neighbours: tuple[torch.Tensor, torch.Tenso
     rows()
     found, seconds = timed(rows)
     report("targets_rows_ms", 1000 * seconds)
-    _, seconds = timed(lambda: stored_rows(*found))
+    want, seconds = timed(lambda: stored_rows(*found))
     report("targets_stored_rows_ms", 1000 * seconds)
+    stored = lambda: knn_distributions_torch(dist, tokens, 16.0, stored=True)
+    stored()
+    got, seconds = timed(stored)
+    report("targets_rows_stored_on_device_ms", 1000 * seconds)
+    report("targets_rows_stored_on_device_equal", int(all(np.array_equal(g, w) for g, w in zip(got, want))))
 
 
 def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Tensor, k: int) -> None:

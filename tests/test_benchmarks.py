@@ -62,6 +62,8 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         math.isfinite(float(lines["threshold_collect_torch_ms"])) and int(lines["threshold_rows_searched_again"]) >= 0
     )
     assert 0 < float(lines["threshold_mean_keys_under_tau"]) <= int(lines["threshold_capacity"])
+    # the stored rows made on the device are the bytes stored_rows makes on the host
+    assert int(lines["targets_rows_stored_on_device_equal"]) == 1
     # the loss kernels side by side (the row passes in torch here) agree, and fit says which one it trained with
     assert int(lines["loss_rows_equal_chunked"]) == 1 and float(lines["loss_rows_grad_max_abs_diff_over_max"]) < 1e-2
     faster = "rows" if float(lines["loss_rows_speedup"]) > 1 else "chunked"

@@ -15,7 +15,7 @@ from test_datastore import Interrupt, SimulatedKill
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.capacity import free_device_memory
 from lightning_memdec.io.readers import Datastore, Targets
-from lightning_memdec.kernels.sparse_targets import knn_distributions
+from lightning_memdec.kernels.sparse_targets import knn_distributions, stored_rows
 from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
 from lightning_memdec.retrieval.exact_search import (
     EXACT_CPU_MAX_ELEMENTS,
@@ -200,6 +200,23 @@ def test_torch_rows_equal_the_numpy_kernel(truncation, temperature):
         bad = torch.from_numpy(dist).clone()
         bad[1, 0] = float("nan")
         knn_distributions_torch(bad, torch.from_numpy(values)[ids], temperature)
+
+
+def test_torch_rows_as_stored_equal_stored_rows_of_them():
+    """``stored=True`` makes on the device what ``stored_rows`` makes on the host, byte for byte: with tails that fp16
+    rounds to 0 (dropped, every row renormalised) and without (only cast)."""
+    rng = np.random.default_rng(3)
+    n, k, vocab = 300, 64, 1000
+    values = torch.from_numpy(rng.integers(0, vocab, size=5000).astype(np.int32))
+    tokens = values[torch.from_numpy(rng.integers(0, 5000, size=(n, k)))]
+    for spread in (400.0, 2.0):  # weights down to exp(−400/16): fp16 zeros; or all well inside fp16
+        dist = torch.from_numpy(np.sort(rng.uniform(0, spread, size=(n, k)).astype(np.float32), axis=1))
+        plain = knn_distributions_torch(dist, tokens, 16.0)
+        got = knn_distributions_torch(dist, tokens, 16.0, stored=True)
+        want = stored_rows(*plain)
+        assert (len(want[1]) < len(plain[1])) == (spread == 400.0)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and np.array_equal(g, w)
 
 
 def test_auto_rule():

@@ -26,13 +26,17 @@ def knn_distributions_torch(
     temperature: float,
     max_support: int | None = None,
     min_prob: float | None = None,
+    stored: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse rows p(y) = Σ_{j: tokens_j = y} softmax_j(−d_j / T) from ``distances`` [n, k] (squared L2, +inf for a
     neighbour to ignore) and ``tokens`` [n, k] (the neighbours' values), both on one device.
 
     Returns host CSR arrays like ``knn_distributions``: counts [n] int64, token ids [nnz] int32, probs [nnz]
     float32, each row sorted by prob descending (ties: smaller token id) and summing to 1. Raises ValueError for a
-    row whose nearest distance is NaN, -inf or +inf (no neighbour).
+    row whose nearest distance is NaN, -inf or +inf (no neighbour). ``stored``: the rows as
+    :func:`kernels.sparse_targets.stored_rows` makes them for the disk (fp16 probs, entries fp16 rounds to 0 dropped,
+    rows renormalised), made on the device: the host's numpy pass over every entry is left out of the chunk's serial
+    time, and half the bytes cross to the host.
     """
     if distances.ndim != 2 or tokens.shape != distances.shape:
         raise ValueError(f"distances and tokens must both be [n, k]; got {distances.shape} and {tokens.shape}")
@@ -76,8 +80,24 @@ def knn_distributions_torch(
     if max_support is not None or min_prob is not None:
         probs = torch.where(inside, probs, 0.0)
         probs /= probs.sum(1, keepdim=True)
+    if stored:
+        return _stored_rows(tok, probs, inside)
     return (
         keep_n.cpu().numpy().astype(np.int64),
         tok[inside].to(torch.int32).cpu().numpy(),
         probs[inside].cpu().numpy(),
+    )
+
+
+def _stored_rows(tok: torch.Tensor, probs: torch.Tensor, inside: torch.Tensor):
+    """``stored_rows``' rule on padded [n, k] rows: where any entry rounds to 0 in fp16, those entries go and every
+    row is divided by its kept sum (accumulated in float64, divided in fp32, as its numpy bincount does)."""
+    keep = inside & (probs.half() > 0)
+    if not torch.equal(keep, inside):
+        probs = torch.where(keep, probs, 0.0)
+        probs = probs / probs.double().sum(1, keepdim=True).float()
+    return (
+        keep.sum(1).cpu().numpy().astype(np.int64),
+        tok[keep].to(torch.int32).cpu().numpy(),
+        probs[keep].half().cpu().numpy(),
     )

@@ -137,7 +137,7 @@ class KNNTargetSearcher(L.LightningModule):
             if self.key_shard is not None and int(batch["chunk"]) % self.trainer.world_size != self.global_rank:
                 return None  # every rank found the same neighbours; the chunk's owner writes its rows
             found = self.distributions(*neighbours)
-        counts, tok, prob = stored_rows(*found)
+        counts, tok, prob = found
         return {"chunk": batch["chunk"], "counts": counts, "ids": tok, "probs": prob}
 
     def search_keys(self):
@@ -164,9 +164,9 @@ class KNNTargetSearcher(L.LightningModule):
         return merge_shards(self.all_gather(dist), self.all_gather(ids), self.k)
 
     def distributions(self, dist: torch.Tensor, ids: torch.Tensor):
-        """Exact-search neighbours -> sparse rows: the CPU kernel on the host, the torch one on a GPU."""
+        """Exact-search neighbours -> sparse rows as stored: the CPU kernel on the host, the torch one on a GPU."""
         if dist.device.type == "cpu":
-            return knn_distributions(
+            found = knn_distributions(
                 dist.numpy(),
                 ids.numpy(),
                 self.store.values,
@@ -176,14 +176,15 @@ class KNNTargetSearcher(L.LightningModule):
                 self.max_support,
                 self.min_prob,
             )
+            return stored_rows(*found)
         if self.device_values is None or self.device_values.device != dist.device:
             self.device_values = values_on(self.store.values, dist.device)
         tokens = self.device_values[ids.clamp(min=0)]  # a missing neighbour (−1) has distance +inf: weight 0
-        return knn_distributions_torch(dist, tokens, self.temperature, self.max_support, self.min_prob)
+        return knn_distributions_torch(dist, tokens, self.temperature, self.max_support, self.min_prob, stored=True)
 
     def index_rows(self, queries: np.ndarray, rows: np.ndarray):
-        """The index's neighbours -> sparse rows: a FAISS search and the CPU kernel on the host; a cuVS search, the
-        own entry dropped and (on a GPU) the torch kernel, all where the index is."""
+        """The index's neighbours -> sparse rows as stored: a FAISS search and the CPU kernel on the host; a cuVS
+        search, the own entry dropped and (on a GPU) the torch kernel, all where the index is."""
         queries = queries.astype(np.float32)
         search_k = self.k + 1 if self.self_exclude else self.k
         if self.index.library == "cuvs":
@@ -196,7 +197,7 @@ class KNNTargetSearcher(L.LightningModule):
         dist, ids = self.index.search(queries, search_k)
         if self.exact:
             dist = exact_distances(torch.from_numpy(queries), self.store.keys, torch.from_numpy(ids)).numpy()
-        return knn_distributions(
+        found = knn_distributions(
             dist,
             ids,
             self.store.values,
@@ -206,6 +207,7 @@ class KNNTargetSearcher(L.LightningModule):
             max_support=self.max_support,
             min_prob=self.min_prob,
         )
+        return stored_rows(*found)
 
 
 def nearest_without_own(dist: torch.Tensor, ids: torch.Tensor, own: torch.Tensor, k: int):
