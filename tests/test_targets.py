@@ -1,5 +1,7 @@
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from test_datastore import Interrupt, SimulatedKill
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.io.token_corpus import tokenize
+from lightning_memdec.stages.chunked_predict import done_chunks
 from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 from lightning_memdec.stages.targets import build_targets
@@ -123,15 +126,38 @@ def test_k_is_capped_at_store_size(tmp_path, biomed_datastore, biomed_index, cap
     assert "exceeds" in caplog.text
 
 
-def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, biomed_index, biomed_targets):
+def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, biomed_index, biomed_targets, monkeypatch):
     out = tmp_path / "t"
     kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))
+    save = np.save
+    monkeypatch.setattr(np, "save", lambda *a, **kw: time.sleep(0.5) or save(*a, **kw))  # saves still running...
     with pytest.raises(SimulatedKill):
         build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=2)], **kwargs)
     assert partial_dir(out).exists() and not out.exists()
+    assert done_chunks(partial_dir(out)) == {0, 1}  # ...when the run failed: it waited for them
+    monkeypatch.setattr(np, "save", save)
     build_targets(biomed_datastore, biomed_index, out, **kwargs)
     for name in ("offsets.npy", "ids.npy", "probs.npy"):
         assert (out / name).read_bytes() == (biomed_targets / name).read_bytes()
+
+
+def test_a_failed_chunk_save_on_the_writer_thread_fails_the_run(tmp_path, biomed_datastore, biomed_index, monkeypatch):
+    """The chunks are saved on a helper thread: its error must reach the run, not vanish with the thread."""
+
+    last = (len(Datastore(biomed_datastore)) - 1) // 512  # the last chunk's save fails: only the end's wait sees it
+    save = np.save
+
+    def disk_full_at_the_end(path, array):
+        if Path(path).name.startswith(f"{last:09d}."):
+            raise OSError("No space left on device")
+        save(path, array)
+
+    monkeypatch.setattr(np, "save", disk_full_at_the_end)
+    out = tmp_path / "t"
+    kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))
+    with pytest.raises(OSError, match="No space left"):
+        build_targets(biomed_datastore, biomed_index, out, **kwargs)
+    assert last >= 2 and done_chunks(partial_dir(out)) == set(range(last)) and not out.exists()
 
 
 @pytest.mark.multiprocess
