@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 
 import lightning as L
 import numpy as np
@@ -97,13 +98,20 @@ def test_custom_layer_path_and_unknown_layer(tmp_path, biomed_corpus, tiny_gpt2)
     assert not (tmp_path / "bad").exists() and not partial_dir(tmp_path / "bad").exists()
 
 
-def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
+def test_resume_after_kill_gives_identical_bytes(tmp_path, monkeypatch, biomed_corpus, tiny_gpt2, biomed_datastore):
+    """Killed while the writer's thread is still writing keys (slowed down): the run waits for them, so the five
+    chunks computed are all saved and marked, and the resumed run gives the same bytes."""
+    import lightning_memdec.stages.datastore as stage
+
     out = tmp_path / "ds"
     kwargs = dict(windows=Windows(window=64, stride=32, batch_size=4), hardware=Hardware(accelerator="cpu"))
+    write = stage.write_rows
+    monkeypatch.setattr(stage, "write_rows", lambda *a: time.sleep(0.05) or write(*a))
     with pytest.raises(SimulatedKill):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Interrupt(after=5)], **kwargs)
     assert not out.exists() and partial_dir(out).exists()
     assert len(list((partial_dir(out) / "progress").iterdir())) == 5
+    monkeypatch.undo()
     build_datastore(biomed_corpus, str(tiny_gpt2), out, **kwargs)
     for name in ("keys.npy", "values.npy"):
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()

@@ -8,18 +8,22 @@ marker file in ``<work>/progress``; a resumed run (with any number of ranks) ski
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_memdec.io.shared_filesystem import SharedFilesystemCheck
 
+log = logging.getLogger(__name__)
 PROGRESS = "progress"
 # A rank with no chunk left (fewer unfinished chunks than ranks) still runs one step, on this placeholder:
 # Lightning refuses a zero-length loader on one rank, and the collective start-up needs every rank anyway.
@@ -97,6 +101,55 @@ def chunk_loader(
     rank, ranks = (0, 1) if every_rank else (trainer.global_rank, trainer.world_size)
     chunks = pending_for_rank(num_chunks, work, rank, ranks) or [IDLE_CHUNK]
     return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, shuffle=False, num_workers=num_workers)
+
+
+class BackgroundWriter(BasePredictionWriter):
+    """A writer whose :meth:`save` of each chunk (its files, then its marker) runs on a helper thread while the next
+    chunk is computed: on a GPU the next forward or search waits for nothing on the host's writes.
+
+    Saves run one after another, in order; at most ``in_flight`` chunks wait (each holds its rows in memory). The end
+    of the run, and an exception in it, wait for them, so every chunk computed is saved and marked before the run
+    returns or fails (a kill of the process loses only chunks not yet saved, which a resumed run computes again); a
+    failed save fails the run.
+    """
+
+    def __init__(self, in_flight: int = 2):
+        super().__init__(write_interval="batch")
+        self.in_flight = in_flight
+        self.saver: ThreadPoolExecutor | None = None
+        self.pending: list[Future] = []
+
+    def save(self, pl_module: L.LightningModule, prediction: dict) -> None:
+        raise NotImplementedError
+
+    def on_predict_start(self, trainer, pl_module):
+        self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}-saver")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if prediction is None:  # an idle rank's placeholder step
+            return
+        while len(self.pending) >= self.in_flight:
+            self.pending.pop(0).result()  # a failed save raises here, in the run
+        self.pending.append(self.saver.submit(self.save, pl_module, prediction))
+
+    def wait(self) -> None:
+        """Every submitted chunk saved (the first failure raised once all have finished)."""
+        pending, self.pending = self.pending, []
+        errors = [e for e in (f.exception() for f in pending) if e is not None]
+        if self.saver is not None:
+            self.saver.shutdown(wait=True)
+            self.saver = None
+        if errors:
+            raise errors[0]
+
+    def on_predict_end(self, trainer, pl_module):
+        self.wait()
+
+    def on_exception(self, trainer, pl_module, exception):
+        try:
+            self.wait()  # the chunks computed before the failure are kept for a resumed run
+        except Exception as err:  # the run's own exception is the one raised; this chunk is computed again
+            log.warning("a chunk's save failed too (a resumed run computes it again): %s", err)
 
 
 def run_sharded_predict(

@@ -15,7 +15,6 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_memdec.hf.key_capture import KeyCapture, body
 from lightning_memdec.hf.loading import (
@@ -33,6 +32,7 @@ from lightning_memdec.io.readers import KEYS, VALUES, check_finite_keys
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab, check_same_tokenizer, tokenizer_info
 from lightning_memdec.stages.chunked_predict import (
+    BackgroundWriter,
     chunk_loader,
     drop_progress,
     finish_chunks,
@@ -107,8 +107,9 @@ class KeyExtractor(L.LightningModule):
         return batch
 
 
-class KeyWriter(BasePredictionWriter):
-    """Writes each chunk's scored keys at their global rows of the keys file, then marks it done.
+class KeyWriter(BackgroundWriter):
+    """Writes each chunk's scored keys at their global rows of the keys file, then marks it done (on a helper thread
+    while the next chunk's forward runs: see :class:`~stages.chunked_predict.BackgroundWriter`).
 
     Rank 0 creates the file (a sparse ``.npy`` of the final size); every rank then writes its rows with ``pwrite``
     rather than through a memory map, whose written pages would stay in the rank's resident set until the end
@@ -116,7 +117,7 @@ class KeyWriter(BasePredictionWriter):
     """
 
     def __init__(self, work: Path, num_entries: int):
-        super().__init__(write_interval="batch")
+        super().__init__()
         self.work, self.num_entries = work, num_entries
         self.fd = None
 
@@ -131,15 +132,24 @@ class KeyWriter(BasePredictionWriter):
         dim = np.load(path, mmap_mode="r").shape[1]
         self.offset, self.row_bytes = data_offset(path), dim * 2
         self.fd = os.open(path, os.O_RDWR)
+        super().on_predict_start(trainer, pl_module)
 
-    def on_predict_end(self, trainer, pl_module):
+    def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if prediction is None:  # an idle rank's placeholder step
-            return
+    def on_predict_end(self, trainer, pl_module):
+        try:
+            super().on_predict_end(trainer, pl_module)
+        finally:
+            self.close()
+
+    def on_exception(self, trainer, pl_module, exception):
+        super().on_exception(trainer, pl_module, exception)
+        self.close()
+
+    def save(self, pl_module, prediction: dict) -> None:
         keys = prediction["keys"]
         for row, (start, score_from) in enumerate(
             zip(prediction["starts"].tolist(), prediction["score_from"].tolist())

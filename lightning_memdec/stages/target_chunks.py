@@ -3,75 +3,38 @@ targets' offsets/ids/probs by rank 0."""
 
 from __future__ import annotations
 
-import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
 from lightning_memdec.io.npy_rows import NpyAppender
 from lightning_memdec.io.readers import IDS, OFFSETS, PROBS
-from lightning_memdec.stages.chunked_predict import mark_done
+from lightning_memdec.stages.chunked_predict import BackgroundWriter, mark_done
 
 CHUNKS = "chunks"
-log = logging.getLogger(__name__)
 
 
-class ChunkFileWriter(BasePredictionWriter):
-    """Saves each chunk's CSR pieces atomically, then marks the chunk done.
+class ChunkFileWriter(BackgroundWriter):
+    """Saves each chunk's CSR pieces atomically, then marks the chunk done (on a helper thread: see
+    :class:`~stages.chunked_predict.BackgroundWriter`)."""
 
-    The saves run on a helper thread, one chunk after another, while the next chunk is searched: on a GPU the search
-    waits for nothing on the host. At most ``in_flight`` chunks wait to be saved (each holds its rows in memory); the
-    end of the run, or an exception in it, waits for them, so every chunk searched is saved and marked (a kill of
-    the process loses only the chunks not yet saved, which a resumed run searches again)."""
-
-    def __init__(self, work: Path, in_flight: int = 2):
-        super().__init__(write_interval="batch")
-        self.dir, self.work, self.in_flight = work / CHUNKS, work, in_flight
-        self.saver: ThreadPoolExecutor | None = None
-        self.pending: list[Future] = []
+    def __init__(self, work: Path):
+        super().__init__()
+        self.dir = work / CHUNKS
 
     def on_predict_start(self, trainer, pl_module):
         self.dir.mkdir(exist_ok=True)
-        self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="targets-chunk-saver")
+        super().on_predict_start(trainer, pl_module)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if prediction is None:  # an idle rank's placeholder step
-            return
-        while len(self.pending) >= self.in_flight:
-            self.pending.pop(0).result()  # a failed save raises here, in the run
-        self.pending.append(self.saver.submit(self.save, prediction))
-
-    def save(self, prediction: dict) -> None:
+    def save(self, pl_module, prediction: dict) -> None:
         chunk = int(prediction["chunk"])
         for name in ("counts", "ids", "probs"):
             tmp = self.dir / f"{chunk:09d}.{name}.tmp.npy"
             np.save(tmp, prediction[name])
             os.replace(tmp, self.dir / f"{chunk:09d}.{name}.npy")
-        mark_done(self.work, chunk)
-
-    def wait(self) -> None:
-        """Every submitted chunk saved (the first failure raised after all have finished)."""
-        pending, self.pending = self.pending, []
-        errors = [f.exception() for f in pending]
-        if self.saver is not None:
-            self.saver.shutdown(wait=True)
-            self.saver = None
-        failed = [e for e in errors if e is not None]
-        if failed:
-            raise failed[0]
-
-    def on_predict_end(self, trainer, pl_module):
-        self.wait()
-
-    def on_exception(self, trainer, pl_module, exception):
-        try:
-            self.wait()  # the chunks searched before the failure are kept for a resumed run
-        except Exception as err:  # the run's own exception is the one raised; a failed save's chunk is searched again
-            log.warning("a chunk's save failed too (it will be searched again on resume): %s", err)
+        mark_done(pl_module.work, chunk)
 
 
 def merge_chunks(work: Path, num_chunks: int) -> tuple[int, int]:
