@@ -155,14 +155,15 @@ def check_time_limit() -> None:
 
 
 STAGES = ("datastore", "targets", "generation", "fit", "search_scale", "beam", "served_batch")
-# the fused kernel's launches compared, as kernels.threshold_select_triton.Launch(tiles, warps, stages); the first
-# is the library's default
+# the fused kernel's launches compared, as kernels.threshold_select_triton.Launch(tiles, warps, stages, append); the
+# first is the library's default, the last its other way of appending a tile's hits
 TILE_CONFIGS = (
-    ((128, 128, 64), 8, 3),
-    ((128, 256, 64), 8, 3),
-    ((128, 128, 64), 4, 4),
-    ((64, 128, 64), 4, 4),
-    ((128, 64, 64), 4, 3),
+    ((128, 128, 64), 8, 3, "scan"),
+    ((128, 256, 64), 8, 3, "scan"),
+    ((128, 128, 64), 4, 4, "scan"),
+    ((64, 128, 64), 4, 4, "scan"),
+    ((128, 64, 64), 4, 3, "scan"),
+    ((128, 128, 64), 8, 3, "atomic"),
 )
 
 
@@ -438,16 +439,23 @@ def threshold_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.
     launches = {"torch": torch_collect}
     if kernels is not None and dtype == torch.float16:
         launches = {
-            "_".join(map(str, launch.tiles + (launch.num_warps, launch.num_stages))): partial(
+            "_".join(map(str, launch.tiles + (launch.num_warps, launch.num_stages)))
+            + ("_atomic" if launch.append == "atomic" else ""): partial(
                 kernels.collect_below_fused, qc, keys, norms, tau, None, 0, launch=launch
             )
             for launch in (kernels.Launch(*config) for config in TILE_CONFIGS)
         }
+    buffers = None
     for name, collect in launches.items():
-        collect(candidate_buffers(n, plan.capacity, dev))  # compiles
-        buffers = candidate_buffers(n, plan.capacity, dev)
-        _, seconds = timed(partial(collect, buffers))
-        report(f"threshold_collect_{name}_ms", 1000 * seconds)
+        try:
+            collect(candidate_buffers(n, plan.capacity, dev))  # compiles
+            buffers = candidate_buffers(n, plan.capacity, dev)
+            _, seconds = timed(partial(collect, buffers))
+            report(f"threshold_collect_{name}_ms", 1000 * seconds)
+        except Exception as err:  # a launch this card cannot run (its shared memory, say): the others still measured
+            report(f"threshold_collect_{name}_error", f"{type(err).__name__}: {err}".replace("\n", " ")[:200])
+    if buffers is None:
+        return
     scores, ids, counts = buffers
     report("threshold_mean_keys_under_tau", counts.float().mean().item())
     report("threshold_rows_searched_again", int(needs_fallback(counts, m, plan.capacity).sum()))

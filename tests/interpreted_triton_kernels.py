@@ -30,9 +30,10 @@ def buffer_sets(scores, ids, counts):
     return [{i: s for i, s in zip(ids[r].tolist(), scores[r].tolist()) if i >= 0} for r in range(len(counts))]
 
 
+@pytest.mark.parametrize("append", threshold_select_triton.APPENDS)
 @pytest.mark.parametrize("tiles", [threshold_select_triton.Launch().tiles, (32, 64, 16)])
 @pytest.mark.parametrize("with_own", [False, True])
-def test_fused_product_and_selection_equal_the_torch_reference(with_own, tiles):
+def test_fused_product_and_selection_equal_the_torch_reference(with_own, tiles, append):
     """150 queries × 700 keys of d = 80: partial tiles on every axis, a key offset (a later block), own keys inside
     and outside the block, τ midway between two scores (so accumulation order cannot move a key across it), and a
     buffer the wider rows overflow. fp16 only: the interpreter's bf16 products are wrong (2.7e10 off on 16 × 16
@@ -53,7 +54,7 @@ def test_fused_product_and_selection_equal_the_torch_reference(with_own, tiles):
     want = candidate_buffers(n, 64, "cpu")
     collect_below(score, tau, offset, want)
     got = candidate_buffers(n, 64, "cpu")
-    launch = threshold_select_triton.Launch(tiles=tiles)
+    launch = threshold_select_triton.Launch(tiles=tiles, append=append)
     threshold_select_triton.collect_below_fused(queries, keys, norms, tau, own, offset, got, launch)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.counts, wanted.int())
     for row, (g, w) in enumerate(zip(buffer_sets(*got), buffer_sets(*want))):

@@ -20,7 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["Launch", "collect_below_fused", "gathered_sq_distances"]
+__all__ = ["APPENDS", "Launch", "collect_below_fused", "gathered_sq_distances"]
+
+
+#: how the hits of a tile find their buffer slots: ``scan``, one atomic add a row for its count, then a prefix sum
+#: over the tile's rows; ``atomic``, one atomic add a hit, whose old count is its slot (about 0.2 hits a row a tile at
+#: k = 1,024 over 2 M keys, so few atomics, but predicated over the whole tile). Same sets; which is faster is the
+#: GPU's to say (benchmarks/gpu.py's threshold_breakdown times both).
+APPENDS = ("scan", "atomic")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Launch:
     tiles: tuple[int, int, int] = (128, 128, 64)
     num_warps: int = 8
     num_stages: int = 3
+    append: str = "scan"  # how a tile's hits get their slots: see APPENDS
 
 
 @triton.jit
@@ -39,6 +47,7 @@ def _collect_below_kernel(
     q_ptr, k_ptr, norm_ptr, tau_ptr, own_ptr, out_score_ptr, out_id_ptr, count_ptr,
     n, num_keys, dim, k_stride, key_offset, capacity, query_tiles,
     HAS_OWN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    APPEND_ATOMIC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = (pid % query_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ]
@@ -61,8 +70,11 @@ def _collect_below_kernel(
     hits = hit.to(tl.int32)
     per_row = tl.sum(hits, axis=1)  # [BQ]
     if tl.max(per_row, axis=0) > 0:
-        start = tl.atomic_add(count_ptr + rows, per_row, mask=per_row > 0)  # this tile's first slot in each row
-        slot = start[:, None] + tl.cumsum(hits, axis=1) - 1
+        if APPEND_ATOMIC:  # each hit takes the next slot of its row
+            slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], (BLOCK_Q, BLOCK_K)), hits, mask=hit)
+        else:
+            start = tl.atomic_add(count_ptr + rows, per_row, mask=per_row > 0)  # this tile's first slot in each row
+            slot = start[:, None] + tl.cumsum(hits, axis=1) - 1
         keep = hit & (slot < capacity)
         where = rows.to(tl.int64)[:, None] * capacity + slot
         tl.store(out_score_ptr + where, score, mask=keep)
@@ -87,6 +99,8 @@ def collect_below_fused(
         raise ValueError(f"keys must be [B, {dim}] with unit column stride, got {tuple(keys.shape)} {keys.stride()}.")
     queries = queries.contiguous()
     scores, ids, counts = buffers
+    if launch.append not in APPENDS:
+        raise ValueError(f"launch.append must be one of {APPENDS}, got {launch.append!r}.")
     block_q, block_k, block_d = launch.tiles
     query_tiles = triton.cdiv(n, block_q)
     grid = (query_tiles * triton.cdiv(keys.shape[0], block_k),)
@@ -94,7 +108,7 @@ def collect_below_fused(
         queries, keys, key_norms, tau, counts if own is None else own, scores, ids, counts,
         n, keys.shape[0], dim, keys.stride(0), key_offset, scores.shape[1], query_tiles,
         HAS_OWN=own is not None, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        APPEND_ATOMIC=launch.append == "atomic", num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
 
 
