@@ -280,6 +280,23 @@ def test_nan_keys_are_refused_where_they_are_made_and_before_indexing(tmp_path, 
         build_index(store, tmp_path / "index", plan=IndexSettings(factory="Flat"))
 
 
+class HostOutputsOnly(L.Callback):
+    """Records whether every chunk's prediction holds host values only (what the writer's helper thread reads)."""
+
+    def __init__(self):
+        self.types = set()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.types |= {type(v) for v in (outputs or {}).values()}
+
+
+def test_predictions_hold_host_values_only(tmp_path, biomed_corpus, tiny_gpt2):
+    seen = HostOutputsOnly()
+    kwargs = dict(windows=Windows(window=64, stride=32, batch_size=4), hardware=Hardware(accelerator="cpu"))
+    build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "ds", callbacks=[seen], **kwargs)
+    assert seen.types == {int, np.ndarray}
+
+
 class CountComputed(L.Callback):
     def __init__(self):
         self.computed = 0

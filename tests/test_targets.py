@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny
-from test_datastore import Interrupt, SimulatedKill
+from test_datastore import HostOutputsOnly, Interrupt, SimulatedKill
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.readers import Datastore, Targets
@@ -139,6 +139,13 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, bio
     build_targets(biomed_datastore, biomed_index, out, **kwargs)
     for name in ("offsets.npy", "ids.npy", "probs.npy"):
         assert (out / name).read_bytes() == (biomed_targets / name).read_bytes()
+
+
+def test_predictions_hold_host_values_only(tmp_path, biomed_datastore, biomed_index):
+    seen = HostOutputsOnly()
+    kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))
+    build_targets(biomed_datastore, biomed_index, tmp_path / "t", callbacks=[seen], **kwargs)
+    assert seen.types == {int, np.ndarray}
 
 
 def test_a_failed_chunk_save_on_the_writer_thread_fails_the_run(tmp_path, biomed_datastore, biomed_index, monkeypatch):

@@ -110,7 +110,8 @@ class BackgroundWriter(BasePredictionWriter):
     Saves run one after another, in order; at most ``in_flight`` chunks wait (each holds its rows in memory). The end
     of the run, and an exception in it, wait for them, so every chunk computed is saved and marked before the run
     returns or fails (a kill of the process loses only chunks not yet saved, which a resumed run computes again); a
-    failed save fails the run.
+    failed save fails the run. Predictions must hold host values only: a device tensor read on the helper thread
+    would wait for the next chunk's work, queued on the same stream.
     """
 
     def __init__(self, in_flight: int = 2):

@@ -103,8 +103,14 @@ class KeyExtractor(L.LightningModule):
             return None
         with self.capture.capturing() as cap:
             body(self.lm)(input_ids=batch["input_ids"], use_cache=False)
-        batch["keys"] = cap.value.to(torch.float16).cpu().numpy()
-        return batch
+        # host values only: the writer's thread must not touch device tensors (a copy there would wait for the next
+        # chunk's forward, queued on the same stream)
+        return {
+            "chunk": int(batch["chunk"]),
+            "keys": cap.value.to(torch.float16).cpu().numpy(),
+            "starts": batch["starts"].cpu().numpy(),
+            "score_from": batch["score_from"].cpu().numpy(),
+        }
 
 
 class KeyWriter(BackgroundWriter):

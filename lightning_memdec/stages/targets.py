@@ -138,7 +138,7 @@ class KNNTargetSearcher(L.LightningModule):
                 return None  # every rank found the same neighbours; the chunk's owner writes its rows
             found = self.distributions(*neighbours)
         counts, tok, prob = found
-        return {"chunk": batch["chunk"], "counts": counts, "ids": tok, "probs": prob}
+        return {"chunk": int(batch["chunk"]), "counts": counts, "ids": tok, "probs": prob}
 
     def search_keys(self):
         """(keys, their ‖k‖² or None) this rank searches: all keys or its shard; resident on a GPU when they fit."""
