@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
 from lightning_memdec.kernels.memdec_loss import LOSS_KERNELS, LossKernel, memdec_loss
 from lightning_memdec.training.datamodule import pad_targets
+from lightning_memdec.training.finite_loss import FiniteLossCheck
 
 LRSchedule = Literal["cosine", "linear", "constant"]  # decay after warm-up
 LR_SCHEDULES = get_args(LRSchedule)
@@ -87,6 +88,7 @@ class MemoryDecoderModule(L.LightningModule):
             )
         self.save_hyperparameters()
         self.vocab_size: int | None = None  # the decoder's own output ids; the logits beyond are padding
+        self.finite_check = FiniteLossCheck()  # at once; deferred on a GPU from on_fit_start
         self.decoder = None
         # one set per evaluation stage, so `memdec test` never mixes with validation during fit
         self.eval_metrics = torch.nn.ModuleDict(
@@ -203,16 +205,29 @@ class MemoryDecoderModule(L.LightningModule):
         sums = self._sum_over_ranks(sums)
         count = sums[0].clamp(min=1)
         loss, kl, ce = sums[1:] / count
-        if not torch.isfinite(loss):  # the same verdict on every rank, so none is left waiting in an all-reduce
-            raise FloatingPointError(
+        step, starts, rank_loss = self.global_step, batch.get("start", torch.tensor([])), out.loss.detach()
+        self.finite_check.record(  # the same verdict on every rank, so none is left waiting in an all-reduce
+            loss,
+            lambda: (
                 f"non-finite training loss ({loss.item()}: kl={kl.item()}, ce={ce.item()}; this rank's "
-                f"{out.loss.item()}) at global step {self.global_step}, batch {batch_idx}, windows starting at corpus "
-                f"positions {batch['start'].tolist()}; lower the learning rate or check the targets there."
-            )
+                f"{rank_loss.item()}) at global step {step}, batch {batch_idx}, windows starting at corpus positions "
+                f"{starts.tolist()}; lower the learning rate or check the targets there."
+            ),
+        )
         n = batch["input_ids"].shape[0]
         self.log_dict({"train/loss": loss, "train/kl": kl, "train/ce": ce}, prog_bar=True, batch_size=n)
         world = self.trainer.world_size if self._trainer is not None else 1
         return out.loss * (tokens * world / count)
+
+    def on_fit_start(self) -> None:
+        # on a GPU the loss is checked one step late, so the host never waits for a forward pass to finish
+        self.finite_check = FiniteLossCheck(defer=self.device.type == "cuda")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.finite_check.raise_pending()  # no checkpoint of weights a non-finite step has updated
+
+    def on_train_end(self) -> None:
+        self.finite_check.raise_pending()  # the last step's, before the decoder is exported
 
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._trainer is None:  # called outside a Trainer (a test, a script): one process
