@@ -40,9 +40,9 @@ from lightning_memdec.kernels.memdec_loss_rows import row_loss_terms, row_view
 
 __all__ = ["LOSS_KERNELS", "LossKernel", "LossOutput", "memdec_loss", "next_token_ce", "sparse_kl"]
 
-#: how the terms are computed, same numbers: ``chunked`` (below: the selected rows only, fp32 temporaries in chunks;
-#: the fastest on CPU) or ``rows`` (:mod:`kernels.memdec_loss_rows`: every row, one pass forward and one backward,
-#: Triton kernels on a GPU, no host synchronisation). ``chunked`` stays the default until a GPU measures ``rows``.
+#: how the terms are computed, same numbers: ``chunked`` (below: the selected rows only, fp32 temporaries in chunks)
+#: or ``rows`` (:mod:`kernels.memdec_loss_rows`: every row, one pass forward and one backward, Triton kernels on a
+#: GPU, no host synchronisation). ``chunked`` stays the default until a GPU measures ``rows``.
 LossKernel = Literal["chunked", "rows"]
 LOSS_KERNELS = get_args(LossKernel)
 

@@ -49,7 +49,7 @@ class MemoryDecoderModule(L.LightningModule):
             of the [tokens × vocab] products); the padded ids are sliced off the logits before the loss, so the
             loss and its gradient are unchanged, and removed again before export. 1: no padding.
         loss_kernel: how the loss is computed, same values and gradients (:data:`kernels.memdec_loss.LossKernel`):
-            ``chunked`` (the default; fastest on CPU) or ``rows`` (two passes over the logits, Triton kernels on a
+            ``chunked`` (the default) or ``rows`` (two passes over the logits, Triton kernels on a
             GPU, no host synchronisation in the step).
     """
 
