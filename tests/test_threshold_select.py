@@ -5,6 +5,7 @@ must search again (buffer overflow) and real hidden states."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from lightning_memdec.kernels.threshold_select import (
     AUTO_MIN_QUERIES,
     OVERSAMPLE,
     SAMPLE_RANK,
+    CandidateBuffers,
+    best_in_buffers,
     candidate_buffers,
     choose_selection,
     collect_below,
@@ -180,3 +183,25 @@ def test_triton_kernels_equal_the_torch_reference_under_the_interpreter():
         timeout=600,
     )
     assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout + run.stderr
+
+
+def test_best_in_buffers_takes_smaller_ids_among_ties_whatever_the_slot_order():
+    """The fused kernel fills slots in its own scheduling order; the kept set must not depend on it. Against a direct
+    reference: each row's slots sorted by (score, id), empty slots (+inf, −1) last; negative, zero and tied scores."""
+    g = torch.Generator().manual_seed(4)
+    n, capacity, keep = 6, 40, 9
+    scores = torch.randint(-3, 4, (n, capacity), generator=g).float() * 0.5  # many exact ties, both signs, ±0
+    scores[0] = torch.tensor([-0.0] * 5 + [0.0] * 10 + [1.0] * 25)  # the 9 kept among 15 zeros of both signs
+    ids = torch.stack([torch.randperm(10_000, generator=g)[:capacity] for _ in range(n)])
+    scores[1, 30:], ids[1, 30:] = math.inf, -1  # a row not full
+    counts = torch.full((n,), capacity, dtype=torch.int32)
+    want = []
+    for row in range(n):
+        order = np.lexsort((ids[row].numpy() % 2**32, scores[row].numpy()))[:keep]
+        want.append(sorted(ids[row, order].tolist()))
+    for trial in range(3):
+        perm = torch.stack([torch.randperm(capacity, generator=g) for _ in range(n)])
+        buffers = CandidateBuffers(scores.gather(1, perm), ids.gather(1, perm), counts)
+        got_scores, got_ids = best_in_buffers(buffers, keep)
+        assert [sorted(r) for r in got_ids.tolist()] == want, trial
+        assert torch.equal(got_scores.sort(1).values, scores.sort(1).values[:, :keep])

@@ -32,6 +32,7 @@ __all__ = [
     "choose_selection",
     "candidate_buffers",
     "collect_below",
+    "best_in_buffers",
     "needs_fallback",
     "triton_kernels",
 ]
@@ -110,6 +111,19 @@ def collect_below(score: torch.Tensor, tau: torch.Tensor, key_offset: int, buffe
     scores[rows, slot] = score[rows, cols].float()
     ids[rows, slot] = cols + key_offset
     counts += per_row
+
+
+def best_in_buffers(buffers: CandidateBuffers, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, ids) [n, candidates] of each row's ``candidates`` best slots, equal scores by smaller id: the same
+    whatever order the slots were filled in (the Triton kernel's depends on its scheduling), so a rerun or a resumed
+    run keeps the same keys among exact ties. One ``topk`` over int64 keys packing the score's bits (made
+    order-preserving as signed integers) above the id: all distinct, so the choice is unique."""
+    scores, ids, _ = buffers
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0: −0.0 becomes +0.0, the same score
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)  # signed order = float order (no NaN here)
+    packed = ordered * 2**32 + (ids & 0xFFFFFFFF)  # an empty slot (id −1, score +inf) sorts last
+    pick = packed.topk(candidates, dim=1, largest=False, sorted=False).indices
+    return scores.gather(1, pick), ids.gather(1, pick)
 
 
 def needs_fallback(counts: torch.Tensor, candidates: int, capacity: int) -> torch.Tensor:

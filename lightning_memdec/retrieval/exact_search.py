@@ -33,6 +33,7 @@ from lightning_memdec.io.capacity import free_device_memory
 from lightning_memdec.io.npy_rows import gather_rows, read_rows
 from lightning_memdec.kernels.threshold_select import (
     ThresholdPlan,
+    best_in_buffers,
     candidate_buffers,
     choose_selection,
     collect_below,
@@ -410,10 +411,8 @@ def _threshold_candidates(qc, keys, size: int, own, candidates: int, key_norms, 
             score = ranking_scores(qc, kc, k_norm, False)
             _exclude_own(score, own, b0)
             collect_below(score, tau, b0, buffers)
-    scores, ids, counts = buffers
-    best_d, pick = scores.topk(candidates, dim=1, largest=False, sorted=False)
-    best_i = ids.gather(1, pick)
-    redo = needs_fallback(counts, candidates, plan.capacity)
+    best_d, best_i = best_in_buffers(buffers, candidates)
+    redo = needs_fallback(buffers.counts, candidates, plan.capacity)
     if redo.any():
         rows = redo.nonzero().squeeze(1)
         own_rows = None if own is None else own[rows]
