@@ -46,8 +46,8 @@ class MemoryDecoderModule(L.LightningModule):
             checkpoints and the exported model are the same); off by default, compilation takes minutes. Pair it
             with ``data.pad_last_batch`` (one batch shape, one compilation; a warning says so).
         pad_vocab_multiple: pad the decoder's output ids to a multiple of this (64 on GPUs: tensor-core tiles
-            of the [tokens × vocab] products); the padded ids are sliced off the logits before the loss, so the
-            loss and its gradient are unchanged, and removed again before export. 1: no padding.
+            of the [tokens × vocab] products); the loss leaves the padded ids' logits out (``vocab_size``), so the
+            loss and its gradient are unchanged, and they are removed again before export. 1: no padding.
         loss_kernel: how the loss is computed, same values and gradients (:data:`kernels.memdec_loss.LossKernel`):
             ``chunked`` (the default) or ``rows`` (two passes over the logits, Triton kernels on a
             GPU, no host synchronisation in the step).
