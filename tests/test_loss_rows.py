@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_losses import B, M, T, V, dense_reference, loss_and_grad, make_batch
+from test_training import TINY_DECODER, data_args
 
 from lightning_memdec.kernels.memdec_loss import memdec_loss, next_token_ce, sparse_kl
 from lightning_memdec.kernels.memdec_loss_rows import TORCH_ROW_OPS, row_loss_terms, row_ops, row_view
+from lightning_memdec.training.fit import lightning_cli
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
 
 
@@ -167,3 +169,21 @@ def test_the_module_trains_with_either_kernel_to_the_same_loss():
     torch.testing.assert_close(grads["rows"][0], grads["chunked"][0], rtol=1e-6, atol=1e-7)
     for a, b in zip(grads["rows"][1], grads["chunked"][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_memdec_fit_with_either_loss_kernel_trains_the_same_decoder(tmp_path, biomed_targets_pair):
+    """``memdec fit --model.loss_kernel rows`` as a user runs it (a padded vocabulary, dropout on, one seed): three
+    steps end at the same weights as with the default kernel."""
+    states = {}
+    for kernel in ("chunked", "rows"):
+        root = tmp_path / kernel
+        args = [*TINY_DECODER, *data_args(biomed_targets_pair), "--model.loss_kernel", kernel]
+        args += ["--model.pad_vocab_multiple", "64", "--seed_everything", "0", "--trainer.accelerator", "cpu"]
+        args += ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+        args += ["--trainer.limit_val_batches", "0", "--trainer.max_steps", "3", "--checkpoint.dirpath", str(root)]
+        cli = lightning_cli(["fit", *args])
+        assert cli.model.hparams.loss_kernel == kernel and cli.trainer.global_step == 3
+        states[kernel] = {k: v.clone() for k, v in cli.model.decoder.state_dict().items()}
+    for name, want in states["chunked"].items():
+        torch.testing.assert_close(states["rows"][name], want, rtol=1e-4, atol=1e-6, msg=name)
