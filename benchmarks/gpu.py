@@ -862,7 +862,8 @@ def divergence(prefix: str, mixed, fixed: torch.Tensor, free: torch.Tensor, prom
     report(f"{prefix}_divergence_logprob_gap", gap.item())
 
 
-def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: float = 0.25, seed: int = 0) -> None:
+def search_scale_stage(card: Card, store_dir: Path, sizes: list[int], k: int, noise_scale: float = 0.25,
+                       seed: int = 0) -> None:  # fmt: skip
     """kNN-LM's retrieval for one generated token (batch 1) as the datastore grows: exact search over keys resident
     on the device (``knn_search_exact_ms_at_<N>``) and, where cuVS is installed, its IVF-PQ with the plan ``auto``
     gives for N (``knn_search_cuvs_ms_at_<N>``). A decoding step adds this to the base's step. Entries past the real
@@ -870,9 +871,12 @@ def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: f
     key + Gaussian noise of ``noise_scale`` × the real keys' per-dimension std, in fp16. A size whose keys, their
     norms and 2 GiB of working room (the synthetic blocks, the search's) exceed 90 % of the free device memory is
     reported as not fitting (streaming them would time PCIe): 50 M × 1,280 fp16 keys are 128 GB, which an H200's
-    143,771 MiB can hold, where the 40 % build_targets leaves keys resident in could not."""
+    143,771 MiB can hold, where the 40 % build_targets leaves keys resident in could not. Beside each search, its
+    bound (``_bound``: the keys read once at the card's HBM rate) and, on a GPU, the same search replayed as one CUDA
+    graph (``knn_search_exact_graph_ms_at_<N>``, with whether its neighbours equal the eager call's): at batch 1 the
+    search's launches may cost more than its bytes, and kNN-LM deserves its fastest search."""
     from lightning_memdec.io.capacity import available_ram, free_device_memory
-    from lightning_memdec.retrieval.exact_search import exact_search, squared_norms
+    from lightning_memdec.retrieval.exact_search import exact_search, memory_budget, squared_norms
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     real = torch.from_numpy(np.asarray(Datastore(store_dir).keys)).to(dev)  # [R, d] fp16
@@ -893,15 +897,36 @@ def search_scale_stage(store_dir: Path, sizes: list[int], k: int, noise_scale: f
             noise = torch.randn(rows, real.shape[1], generator=generator, device=dev)
             keys[start : start + rows] = (real[source].float() + sigma * noise).half()
         norms = squared_norms(keys)
-        searches = {"exact": partial(exact_search, query, keys, k, device=dev, key_norms=norms)}
+        budget = memory_budget(dev)  # given, so that the graph's capture reads no device memory figures
+        searches = {"exact": partial(exact_search, query, keys, k, device=dev, key_norms=norms, memory_bytes=budget)}
         if cuvs_usable():
             searches["cuvs"] = cuvs_search(keys, k, query)
         for name, search in searches.items():
             search()  # warm-up
             report(f"knn_search_{name}_ms_at_{n}", 1000 * float(np.median([timed(search)[1] for _ in range(5)])))
+        report(f"knn_search_exact_ms_at_{n}_bound", 1000 * keys.numel() * keys.element_size() / card.peak_bytes_per_s)
+        if dev.type == "cuda":
+            section(f"knn_search_exact_graph_at_{n}", graph_rows, searches["exact"], n)
         del keys, norms, searches  # before the next size's keys are made
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def graph_rows(search, n: int) -> None:
+    """``search()`` captured once as a CUDA graph (after a warm-up on a side stream, as torch.cuda.graph asks) and
+    replayed: its ms (median of five) and whether its neighbours equal an eager call's."""
+    want = search()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        search()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = search()
+    graph.replay()
+    report(f"knn_search_exact_graph_equal_at_{n}", int(torch.equal(got[1], want[1])))
+    report(f"knn_search_exact_graph_ms_at_{n}", 1000 * float(np.median([timed(graph.replay)[1] for _ in range(5)])))
 
 
 def cuvs_search(keys: torch.Tensor, k: int, query: torch.Tensor):
@@ -978,7 +1003,7 @@ def main(
         run("generation", generation_stage, card, w, large, small, knn_tokens, window, new_tokens, accelerator)
         if made:  # after generation: its compilations make it the stage most likely to meet the time limit
             run("fit", fit_stage, card, w, small, *made, window, fit_steps, fit_batch, k, accelerator, fast)
-        run("search_scale", search_scale_stage, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
+        run("search_scale", search_scale_stage, card, w / "ds-large", scale_sizes, 1024)  # the kNN-LM rows' k
         run("beam", beam_stage, w, large, small, new_tokens)  # last: no headline figure depends on these
         run("served_batch", served_batch_stage, w, large, small, new_tokens)
         check_time_limit()  # the last stage's signal may have been lost too
