@@ -164,6 +164,12 @@ def test_gpu_budget_counts_this_process_cached_memory_as_free(monkeypatch):
     assert free_device_memory("cuda") == 138 * gib
     assert memory_budget("cuda") == 69 * gib
     assert memory_budget("cuda", 5) == 5
+    # keys stay resident within 40 % of the same figure (scaled down 2^20: 138 KiB free), refused before any copy
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (77 * gib // 2**20, 141 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 64 * gib // 2**20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib // 2**20)
+    too_many = np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), (int(55.3 * 2**10 / 2), 1), (0, 0))
+    assert resident_keys(too_many, "cuda") is None
 
 
 def test_resident_keys_copy_in_blocks_and_only_when_they_fit(keys, tmp_path):
