@@ -168,8 +168,10 @@ def test_gpu_budget_counts_this_process_cached_memory_as_free(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (77 * gib // 2**20, 141 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 64 * gib // 2**20)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib // 2**20)
-    too_many = np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), (int(55.3 * 2**10 / 2), 1), (0, 0))
-    assert resident_keys(too_many, "cuda") is None
+    keys_of = lambda kib: np.lib.stride_tricks.as_strided(np.zeros(1, np.float16), (int(kib * 2**10 / 2), 1), (0, 0))
+    assert resident_keys(keys_of(55.3), "cuda") is None
+    with pytest.raises((RuntimeError, AssertionError)):  # 40 KiB fit 40 % of 138 (not of 77): it goes on to allocate
+        resident_keys(keys_of(40), "cuda")
 
 
 def test_resident_keys_copy_in_blocks_and_only_when_they_fit(keys, tmp_path):
