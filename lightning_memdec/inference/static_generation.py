@@ -21,23 +21,16 @@ from __future__ import annotations
 
 import copy
 import functools
-import operator
 from collections.abc import Callable
 
 import torch
-from transformers import (
-    GenerationConfig,
-    StaticCache,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig, StaticCache, StoppingCriteriaList
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 from transformers.generation.streamers import BaseStreamer
 
 from lightning_memdec.hf.loading import cache_arg_name, check_fits_context, context_length, find_tokenizer, output_rows
 from lightning_memdec.inference.beam_search import beam_search
+from lightning_memdec.inference.decoding_settings import decoding_settings, next_token, positive_count, sampling_warpers
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.inference.overlapped_step import OverlappedStep
 from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_log_probs
@@ -45,14 +38,6 @@ from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_l
 __all__ = ["StaticGenerator", "DEFAULT_MAX_LENGTH"]
 
 DEFAULT_MAX_LENGTH = 2048  #: cache positions when max_length is not given (a 128k-context model would need GBs)
-# GenerationConfig fields generate() here applies; and those that change nothing here (ids and flags a model's own
-# generation_config.json often carries)
-_APPLIED = {"do_sample", "temperature", "top_k", "top_p", "num_beams", "length_penalty", "early_stopping",
-            "eos_token_id", "pad_token_id"}  # fmt: skip
-_INERT = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache"}
-# lengths: the max_new_tokens argument decides, as an explicit max_new_tokens wins over both in generate() (Llama's
-# generation_config.json carries max_length)
-_OVERRIDDEN = {"max_length", "max_new_tokens"}
 
 
 class StaticGenerator:
@@ -104,7 +89,7 @@ class StaticGenerator:
         if max_length is None:
             self.max_length = min([*contexts, DEFAULT_MAX_LENGTH])
         else:
-            self.max_length = _positive_count(max_length, "max_length")
+            self.max_length = positive_count(max_length, "max_length")
             if contexts and self.max_length > min(contexts):
                 raise ValueError(
                     f"max_length={self.max_length} exceeds the models' context of {min(contexts)} positions; the "
@@ -236,11 +221,11 @@ class StaticGenerator:
         stops; with ``num_beams`` > 1 each row's best beam is returned. The length is ``max_new_tokens``'s: a
         config's ``max_length`` / ``max_new_tokens`` give way to it, as to an explicit one in ``generate()``.
         """
-        config = _decoding_settings(self.generation_config if generation_config is None else generation_config, fields)
+        config = decoding_settings(self.generation_config if generation_config is None else generation_config, fields)
         if input_ids.dim() != 2 or 0 in input_ids.shape or input_ids.dtype.is_floating_point or input_ids.is_complex():
             shape, dtype = list(input_ids.shape), input_ids.dtype
             raise ValueError(f"input_ids must be [batch ≥ 1, prompt length ≥ 1] token ids, got {shape} {dtype}.")
-        max_new_tokens = _positive_count(max_new_tokens, "max_new_tokens")
+        max_new_tokens = positive_count(max_new_tokens, "max_new_tokens")
         do_sample, num_beams = config.do_sample, config.num_beams
         if num_beams < 1 or (num_beams > 1 and (do_sample or streamer is not None or stopping_criteria)):
             raise ValueError(
@@ -260,7 +245,7 @@ class StaticGenerator:
         eos = eos.reshape(-1)
         if eos.numel() and config.pad_token_id is None:
             config.pad_token_id = int(eos[0])  # as generate() pads finished rows
-        warpers = _warpers(config) if do_sample else None
+        warpers = sampling_warpers(config) if do_sample else None
         batch, rows = len(input_ids), len(input_ids) * num_beams
         if num_beams == 1 and self.batch_rows is not None:
             if batch > self.batch_rows:
@@ -283,7 +268,7 @@ class StaticGenerator:
         if streamer is not None:
             streamer.put(ids[:batch].cpu())
         for step in range(max_new_tokens):
-            token = _next_token(ids[:batch], log_probs[:batch], warpers)  # [B]: spare rows draw no random numbers
+            token = next_token(ids[:batch], log_probs[:batch], warpers)  # [B]: spare rows draw no random numbers
             token = stops.pad_finished(torch.cat([token, token[:1].expand(rows - batch)]))  # [rows], spares as row 0
             ids = torch.cat([ids, token[:, None]], 1)
             if streamer is not None:
@@ -364,31 +349,6 @@ class _Stops:
         return not bool(self.running.any())
 
 
-def _decoding_settings(generation_config: GenerationConfig | None, fields: dict) -> GenerationConfig:
-    """``generation_config`` (copied) updated with ``fields``, settings left unset filled with ``generate()``'s
-    defaults (e.g. sampling keeps the top 50 tokens there); refuses settings this generator does not apply (a
-    repetition penalty silently ignored would give other tokens than ``generate()``)."""
-    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
-    unknown = config.update(**fields)
-    if unknown:
-        raise ValueError(f"not GenerationConfig fields: {sorted(unknown)}.")
-    defaults = _generate_defaults()
-    other = {
-        k: v
-        for k, v in config.to_diff_dict().items()
-        # kept: set, on, and not generate()'s own default
-        if k not in _APPLIED | _INERT | _OVERRIDDEN and v and v != defaults.get(k)
-    }
-    if other:
-        raise ValueError(
-            f"StaticGenerator applies {sorted(_APPLIED)}; got {other}: generate with InterpolatedLM.generate for those."
-        )
-    for name in _APPLIED:
-        if getattr(config, name) is None and name in defaults:
-            setattr(config, name, defaults[name])
-    return config
-
-
 def _shared_vocab(base, memdec) -> int:
     """The ids ``base`` and ``memdec`` can be mixed over, checked as ``InterpolatedLM`` checks a pair (the
     tokenizers found next to the models must be the same one)."""
@@ -400,46 +360,6 @@ def _shared_vocab(base, memdec) -> int:
             " (here: as InterpolatedLM(base, memdec, lmbda, tokenizer=...), then StaticGenerator.from_interpolated)"
         )  # fmt: skip
         raise ValueError(f"StaticGenerator(base, memdec): {err}{where}") from None
-
-
-def _positive_count(value, name: str) -> int:
-    """``value`` as an int ≥ 1 (a Python, numpy or 0-d torch integer), else a ValueError naming ``name``."""
-    try:
-        count = operator.index(value) if not isinstance(value, bool) else None
-    except TypeError:
-        count = None
-    if count is None or count < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return count
-
-
-def _generate_defaults() -> dict:
-    """``generate()``'s values for settings neither the model's config nor the caller sets (transformers fills
-    them in before decoding; every decoding test calls this private transformers method, so a rename fails them)."""
-    return GenerationConfig._get_default_generation_params()
-
-
-def _warpers(config: GenerationConfig) -> list:
-    """transformers' sampling warpers, in generate()'s order (temperature, top-k, top-p)."""
-    temperature = config.temperature
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive for sampling, got {temperature}; use do_sample=False.")
-    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-    if config.top_k is not None and config.top_k != 0:
-        warpers.append(TopKLogitsWarper(config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(config.top_p))
-    return warpers
-
-
-def _next_token(ids: torch.Tensor, log_probs: torch.Tensor, warpers: list | None) -> torch.Tensor:
-    """Greedy (no warpers given and not sampling) or sampled next token ``[B]`` from log-probs ``[B, V]``."""
-    if warpers is None:
-        return log_probs.argmax(-1)
-    scores = log_probs.float()
-    for warp in warpers:
-        scores = warp(ids, scores)
-    return torch.multinomial(torch.softmax(scores, -1), num_samples=1)[:, 0]
 
 
 def _mark_cudagraph_step() -> None:
