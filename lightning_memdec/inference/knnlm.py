@@ -167,6 +167,7 @@ class KNNLM(torch.nn.Module):
         self.values = np.asarray(self.store.values)  # int32, 4 bytes an entry: read once, gathered per query
         self.device_keys: torch.Tensor | None = None  # search="exact": the keys on the base's device, once
         self.device_norms: torch.Tensor | None = None  # and their ‖k‖²
+        self.search_bytes: int | None = None  # and the exact search's memory budget, read once with them
         self.device_values: torch.Tensor | None = None  # and the values, on an accelerator
 
     @staticmethod
@@ -253,15 +254,28 @@ class KNNLM(torch.nn.Module):
             self.device_values = torch.from_numpy(np.array(self.values, dtype=np.int32)).to(ids.device)
         return self.device_values[ids].long()
 
-    def _exact_neighbours(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from lightning_memdec.retrieval.exact_search import exact_search, resident_keys, squared_norms
+    def place_keys(self, device: torch.device | str) -> bool:
+        """For exact search: the keys copied onto ``device`` once with their ‖k‖², if they fit there
+        (:func:`~lightning_memdec.retrieval.exact_search.resident_keys`); returns whether they are resident. The
+        search's memory budget is read then too: every token searches the same blocks, and a step captured as a
+        CUDA graph (``StaticGenerator.from_knnlm``) reads no device memory figures."""
+        from lightning_memdec.retrieval.exact_search import memory_budget, resident_keys, squared_norms
 
-        if self.device_keys is None or self.device_keys.device != keys.device:
-            self.device_keys = resident_keys(self.store.keys, keys.device)
+        device = torch.device(device)
+        if self.device_keys is None or self.device_keys.device != device:
+            self.device_keys = resident_keys(self.store.keys, device)
             self.device_norms = None if self.device_keys is None else squared_norms(self.device_keys)
-        stored = self.store.keys if self.device_keys is None else self.device_keys
+            self.search_bytes = memory_budget(device)
+        return self.device_keys is not None
+
+    def _exact_neighbours(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from lightning_memdec.retrieval.exact_search import exact_search
+
+        stored = self.device_keys if self.place_keys(keys.device) else self.store.keys  # else streamed from the host
         queries = keys.detach().reshape(-1, keys.shape[-1])
-        return exact_search(queries, stored, self.k, device=keys.device, key_norms=self.device_norms)
+        return exact_search(
+            queries, stored, self.k, device=keys.device, memory_bytes=self.search_bytes, key_norms=self.device_norms
+        )
 
     def knn_gold_log_probs(self, keys: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         """log p_kNN(gold) ``[n]`` float64: the weight of the neighbours whose value is the gold token (no [n, V])."""

@@ -30,6 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from lightning_memdec.hf.loading import cache_arg_name, check_fits_context, context_length, find_tokenizer, output_rows
 from lightning_memdec.inference.beam_search import beam_search
+from lightning_memdec.inference.captured_step import CapturedStep
 from lightning_memdec.inference.decoding_settings import decoding_settings, next_token, positive_count, sampling_warpers
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.inference.overlapped_step import OverlappedStep
@@ -61,6 +62,13 @@ class StaticGenerator:
         overlap: run the decoder's forward on a second CUDA stream beside the base's, both captured in one CUDA
             graph (:class:`~lightning_memdec.inference.overlapped_step.OverlappedStep`; each forward compiled
             alone); greedy and sampled decoding (beam search keeps the one-stream step). Not yet measured on a GPU.
+        retrieval: a kNN-LM (:class:`~lightning_memdec.inference.knnlm.KNNLM`, see :meth:`from_knnlm`) mixed in at
+            ``lmbda`` instead of a decoder: each step captures the base's key at its key layer and adds p_kNN of its
+            neighbours, so kNN-LM decodes on the same static, compiled base as the Memory Decoder. With exact search
+            (keys resident on the base's device, no host synchronisation) the whole step, search included, is one
+            replayed CUDA graph (:class:`~lightning_memdec.inference.captured_step.CapturedStep`; the base's
+            forward compiled alone); a FAISS or cuVS search runs after the base's forward each step. Greedy and
+            sampled decoding.
 
     Unset settings of :meth:`generate` come from the base's ``generation_config`` (``from_interpolated``: the
     mixture's), then ``generate()``'s defaults, as in ``generate()``.
@@ -78,12 +86,16 @@ class StaticGenerator:
         mode: str | None = None,
         batch_rows: int | None = None,
         overlap: bool = False,
+        retrieval=None,
     ):
         self.models = [m.eval() for m in (base, memdec) if m is not None]
         if overlap and (memdec is None or memdec.device != base.device):
             raise ValueError(
                 "overlap runs the decoder's forward beside the base's: give a memdec on the base's device."
             )
+        if retrieval is not None and (memdec is not None or retrieval.base is not base):
+            raise ValueError("retrieval mixes a kNN-LM's p_kNN into its own base: give its base and no memdec.")
+        self.retrieval = retrieval
         self.lmbda = check_lmbda(lmbda)
         contexts = [c for c in (context_length(m) for m in self.models) if c is not None]
         if max_length is None:
@@ -110,21 +122,32 @@ class StaticGenerator:
             compile = self.device.type == "cuda"
         if mode is None and self.device.type == "cuda" and backend == "inductor":
             mode = "reduce-overhead"
+        self._build_steps(compile, backend, mode, overlap)
 
-        # the per-token step (one token [B, 1] at one position [1] -> log-probs [B, V]) is the compiled part;
-        # the prompt's forward runs eagerly through the same _log_probs
+    def _build_steps(self, compile: bool, backend, mode: str | None, overlap: bool) -> None:
+        """The per-token steps (one token [B, 1] at one position [1] -> log-probs [B, V]), compiled as one graph
+        each; the prompt's forward runs eagerly through the same :meth:`_log_probs`. Steps captured here as a CUDA
+        graph (overlap, exact retrieval) compile each forward alone, without compile's own CUDA graphs."""
+
         def compiled(fn):
             return torch.compile(fn, backend=backend, mode=mode, fullgraph=True, dynamic=False) if compile else fn
 
+        def alone(fn):
+            no_graphs = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+            return torch.compile(fn, backend=backend, mode=no_graphs, fullgraph=True, dynamic=False) if compile else fn
+
         self._compiled_step = compiled(self._log_probs)
         self._compiled_beam_step = compiled(self._reordered_log_probs)  # compiled on first use only
-        if overlap:  # each forward compiled alone, without compile's CUDA graphs: OverlappedStep captures both
-            alone = functools.partial(torch.compile, backend=backend, fullgraph=True, dynamic=False)
-            no_graphs = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
-            alone = alone(mode=no_graphs) if compile else (lambda fn: fn)
+        if overlap:
             first, second = (alone(functools.partial(self._model_log_probs, i)) for i in range(2))
             combine = functools.partial(mix_log_probs, lmbda=self.lmbda)
             self._compiled_step = OverlappedStep(first, second, combine, self.device, self._write_counters)
+        if self.retrieval is not None:  # the search is no traceable graph: the base's forward compiled alone
+            step = functools.partial(self._retrieved_log_probs, alone(functools.partial(self._model_log_probs, 0)))
+            # a graph holds device work only: exact search over keys resident on the base's device, not a search
+            # streaming keys from the host, nor FAISS's on the host
+            capturable = self.retrieval.search == "exact" and self.retrieval.place_keys(self.device)
+            self._compiled_step = CapturedStep(step, self.device, self._write_counters) if capturable else step
 
     @classmethod
     def from_interpolated(cls, lm, **kwargs) -> StaticGenerator:
@@ -138,6 +161,13 @@ class StaticGenerator:
         generator.generation_config = copy.deepcopy(lm.generation_config)  # its pad and EOS ids, as generate() uses
         return generator
 
+    @classmethod
+    def from_knnlm(cls, knnlm, **kwargs) -> StaticGenerator:
+        """kNN-LM decoding (a :class:`~lightning_memdec.inference.knnlm.KNNLM`: its base, datastore, k, T and λ) with
+        a static cache for the base and, with exact search, the whole step replayed as one CUDA graph: kNN-LM's
+        fastest decoding, on the same machinery as base + MemDec's (``retrieval`` above); fixed λ only."""
+        return cls(knnlm.base, None, knnlm.lmbda, vocab_size=knnlm.vocab, retrieval=knnlm, **kwargs)
+
     def warm_up(self) -> None:
         """Compile (and on CUDA capture) the per-token step now, by decoding two tokens after a one-token prompt,
         so that the first real request does not wait for it (with ``batch_rows`` one graph serves every batch)."""
@@ -150,6 +180,8 @@ class StaticGenerator:
         """Next-token log-probs ``[B, V]`` (float32) of the mixture after ``ids`` ``[B, T]`` at cache ``positions``
         ``[T]``, each model writing its keys and values into its static cache. ``mask`` ``[B, max_length]``: 0 on
         left padding, else 1 (None: no padding); positions then count real tokens only, as ``generate()`` does."""
+        if self.retrieval is not None:
+            return self._retrieved_log_probs(functools.partial(self._model_log_probs, 0), ids, positions, mask)
         log_probs = [self._model_log_probs(i, ids, positions, mask) for i in range(len(self.models))]
         if len(log_probs) == 1:
             return log_probs[0]
@@ -165,6 +197,14 @@ class StaticGenerator:
         out = model(input_ids=ids, cache_position=positions, use_cache=True, **padding, **{arg: cache})
         return vocab_log_probs(out.logits[:, -1], self.vocab_size)  # [B, V]
 
+    def _retrieved_log_probs(self, forward, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
+        """The base's next-token log-probs (``forward``: :meth:`_model_log_probs` of the base, maybe compiled) mixed
+        with the kNN-LM's p_kNN of the base's key at the last position, ``[B, V]``."""
+        with self.retrieval.capture.capturing() as cap:
+            base = forward(ids, positions, mask)
+        knn = self.retrieval.knn_log_probs(cap.value[:, -1])  # [B, d] keys -> [B, V]
+        return mix_log_probs(base, knn.to(base.device), self.lmbda)
+
     def _write_counters(self) -> list[torch.Tensor]:
         """The static caches' per-layer counts of written positions (tensors each step advances in place). Only
         full-attention layers: a sliding-window layer also counts in a Python int, which a replayed graph cannot
@@ -172,7 +212,10 @@ class StaticGenerator:
         layers = [layer for cache in self._caches for layer in cache.layers]
         if any(type(layer) is not StaticLayer for layer in layers):
             kinds = sorted({type(layer).__name__ for layer in layers} - {"StaticLayer"})
-            raise ValueError(f"overlap replays full-attention static caches only, not {kinds}: use overlap=False.")
+            raise ValueError(
+                f"a captured step (overlap, or a kNN-LM's exact search) replays full-attention static caches only, "
+                f"not {kinds}: use overlap=False, or a kNN-LM over a FAISS index."
+            )
         return [layer.cumulative_length for layer in layers]
 
     def _reordered_log_probs(
@@ -195,7 +238,7 @@ class StaticGenerator:
             return
         self._caches = [StaticCache(config=m.config, max_cache_len=self.max_length) for m in self.models]
         self._batch = batch
-        if isinstance(self._compiled_step, OverlappedStep):  # its graphs write the replaced caches
+        if isinstance(self._compiled_step, CapturedStep):  # its graphs write the replaced caches
             self._compiled_step.forget()
 
     # -- decoding ------------------------------------------------------------------------------------------------
@@ -227,11 +270,7 @@ class StaticGenerator:
             raise ValueError(f"input_ids must be [batch ≥ 1, prompt length ≥ 1] token ids, got {shape} {dtype}.")
         max_new_tokens = positive_count(max_new_tokens, "max_new_tokens")
         do_sample, num_beams = config.do_sample, config.num_beams
-        if num_beams < 1 or (num_beams > 1 and (do_sample or streamer is not None or stopping_criteria)):
-            raise ValueError(
-                f"num_beams must be ≥ 1, and beam search here neither samples, streams nor takes stopping_criteria "
-                f"(got num_beams={num_beams}, do_sample={do_sample}): use InterpolatedLM.generate for those."
-            )
+        self._check_beams(num_beams, do_sample, streamer, stopping_criteria)
         prompt = input_ids.shape[1]
         total = prompt + max_new_tokens
         if total > self.max_length:
@@ -281,6 +320,18 @@ class StaticGenerator:
         if streamer is not None:
             streamer.end()
         return ids[:batch]
+
+    def _check_beams(self, num_beams: int, do_sample: bool, streamer, stopping_criteria) -> None:
+        """Beam search here neither samples, streams nor stops on criteria, and decodes no kNN-LM."""
+        if num_beams < 1 or (num_beams > 1 and (do_sample or streamer is not None or stopping_criteria)):
+            raise ValueError(
+                f"num_beams must be ≥ 1, and beam search here neither samples, streams nor takes stopping_criteria "
+                f"(got num_beams={num_beams}, do_sample={do_sample}): use InterpolatedLM.generate for those."
+            )
+        if num_beams > 1 and self.retrieval is not None:
+            raise ValueError(
+                f"a kNN-LM decodes greedily or by sampling here, not by beam search (num_beams={num_beams})."
+            )
 
     def _padding_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, beams: int, rows: int):
         """``attention_mask`` ``[B, T]`` widened to the caches' ``[rows, max_length]`` (each row K times for beams,
