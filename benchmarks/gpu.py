@@ -761,6 +761,7 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
     report("knnlm_generation_overhead", knn)
     report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
     section("generation_overlap", overlap_rows, mixed, prompt, new_tokens, seconds["base"], runs["memdec_eager"]())
+    section("generation_knnlm_static", static_knnlm_rows, knnlm_exact, prompt, new_tokens, seconds)
 
 
 def overlap_rows(mixed, prompt: torch.Tensor, new_tokens: int, base_seconds: float, eager: torch.Tensor) -> None:
@@ -775,6 +776,27 @@ def overlap_rows(mixed, prompt: torch.Tensor, new_tokens: int, base_seconds: flo
     report("generate_memdec_overlap_ms_per_token", 1000 * seconds)
     report("memdec_overlap_generation_overhead", seconds / base_seconds)
     report("static_memdec_overlap_tokens_equal_eager", float(torch.equal(run(), eager)))
+
+
+def static_knnlm_rows(knnlm, prompt: torch.Tensor, new_tokens: int, seconds: dict) -> None:
+    """kNN-LM on base + MemDec's machinery (``StaticGenerator.from_knnlm``: static cache, the base compiled, the
+    exact search over resident keys inside one captured CUDA graph): ms a token, its overhead over the same static
+    base (the eager loop's overhead is over the eager loop: ratios over different bases do not compare), whether its
+    tokens equal KNNLM's own loop's (bf16 near-ties aside), and kNN-LM's extra cost over MemDec's on that base."""
+    from lightning_memdec.inference.static_generation import StaticGenerator
+
+    knnlm.lmbda = 0.25
+    static = StaticGenerator.from_knnlm(knnlm, max_length=prompt.shape[1] + new_tokens)
+
+    def run():
+        return static.generate(prompt, new_tokens, eos_token_id=None)
+
+    ms = seconds_per_token(run, new_tokens)
+    report("generate_knnlm_static_ms_per_token", 1000 * ms)
+    report("static_knnlm_tokens_equal_loop", float(torch.equal(run(), knnlm.generate_greedy(prompt, new_tokens))))
+    overhead, memdec = ms / seconds["base"], seconds["memdec"] / seconds["base"]
+    report("knnlm_static_generation_overhead", overhead)
+    report("knnlm_static_to_memdec_generation_overhead", (overhead - 1) / max(memdec - 1, 1e-9))
 
 
 def seconds_per_token(run, new_tokens: int) -> float:

@@ -55,6 +55,9 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     # the decoder beside the base (in turn on the CPU, fp32): generate()'s tokens
     assert float(lines["static_memdec_overlap_tokens_equal_eager"]) == 1.0
     assert math.isfinite(float(lines["memdec_overlap_generation_overhead"]))
+    # kNN-LM on the same static base, its exact search in the captured step (run in turn on the CPU): its own tokens
+    assert float(lines["static_knnlm_tokens_equal_loop"]) == 1.0
+    assert math.isfinite(float(lines["knnlm_static_to_memdec_generation_overhead"]))
     # the threshold selection (its torch path here, k = 96 over 4,000 keys) ran and found topk's neighbours
     assert int(lines["targets_threshold_entries_differing_from_topk"]) == 0
     assert float(lines["exact_search_threshold_rows_equal_topk"]) == 1.0
