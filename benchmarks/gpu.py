@@ -46,7 +46,7 @@ import signal
 import time
 import traceback
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -280,9 +280,18 @@ def threshold_targets_rate(store: Path, qstore: Path, topk_targets: Path, k: int
     report("targets_threshold_entries_differing_from_topk", differ)  # −1: the rows' lengths differ
 
 
+@cache
 def cuvs_usable() -> bool:
-    """cuVS installed (``pip install -e ".[gpu]"``) and a GPU to run it on; else its rows are left out."""
-    return importlib.util.find_spec("cuvs") is not None and torch.cuda.is_available()
+    """cuVS importable with its libraries (``pip install -e ".[gpu]"``, or carried: docs/gpu.md) and a GPU to run it
+    on; else its rows are left out. Why not, printed once as ``cuvs_import_error``."""
+    if importlib.util.find_spec("cuvs") is None or not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("cuvs.neighbors.ivf_pq")  # loads libcuvs and the CUDA libraries it links
+    except Exception as err:  # an import error, or a library the loader could not find: the other rows go on
+        report("cuvs_import_error", f"{type(err).__name__}: {err}".replace("\n", " ")[:300])
+        return False
+    return True
 
 
 def cuvs_targets_rate(w: Path, store: Path, qstore: Path, k: int, accelerator: str) -> None:
@@ -740,10 +749,6 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
         "knnlm_faiss": lambda: knn_loop(knnlm, 0.25),
         "knnlm_exact": lambda: knn_loop(knnlm_exact, 0.25),
     }
-    if cuvs_usable():  # kNN-LM over an IVF-PQ index searched on the GPU by cuVS, the queries never on the host
-        cuvs_index = build_index(store, w / "index-large-cuvs", overwrite=True, library="cuvs", recall_queries=0)
-        knnlm_cuvs = KNNLM(base, store, cuvs_index, k=1024, temperature=16.0, lmbda=0.25)
-        runs["knnlm_cuvs"] = lambda: knn_loop(knnlm_cuvs, 0.25)
     seconds = {name: seconds_per_token(run, new_tokens) for name, run in runs.items()}
     for name in runs:
         report(f"generate_{name}_ms_per_token", 1000 * seconds[name])
@@ -762,6 +767,8 @@ def generation_stage(card: Card, w: Path, large: dict, small: dict, tokens: int,
     report("knnlm_to_memdec_generation_overhead", (knn - 1) / max(memdec - 1, 1e-9))
     section("generation_overlap", overlap_rows, mixed, prompt, new_tokens, seconds["base"], runs["memdec_eager"]())
     section("generation_knnlm_static", static_knnlm_rows, knnlm_exact, prompt, new_tokens, seconds)
+    if cuvs_usable():  # kNN-LM over an IVF-PQ index searched on the GPU by cuVS, the queries never on the host
+        section("generation_knnlm_cuvs", cuvs_knnlm_rows, w, base, store, knn_loop, new_tokens, seconds)
 
 
 def overlap_rows(mixed, prompt: torch.Tensor, new_tokens: int, base_seconds: float, eager: torch.Tensor) -> None:
@@ -776,6 +783,19 @@ def overlap_rows(mixed, prompt: torch.Tensor, new_tokens: int, base_seconds: flo
     report("generate_memdec_overlap_ms_per_token", 1000 * seconds)
     report("memdec_overlap_generation_overhead", seconds / base_seconds)
     report("static_memdec_overlap_tokens_equal_eager", float(torch.equal(run(), eager)))
+
+
+def cuvs_knnlm_rows(w: Path, base, store: Path, knn_loop, new_tokens: int, seconds: dict) -> None:
+    """kNN-LM's eager loop over an IVF-PQ index that cuVS builds and searches on the GPU: ms a token and its overhead
+    over the same loop without retrieval. A section of its own: a cuVS failure leaves the other rows measured."""
+    from lightning_memdec.inference.knnlm import KNNLM
+    from lightning_memdec.retrieval.faiss_index import build_index
+
+    cuvs_index = build_index(store, w / "index-large-cuvs", overwrite=True, library="cuvs", recall_queries=0)
+    knnlm_cuvs = KNNLM(base, store, cuvs_index, k=1024, temperature=16.0, lmbda=0.25)
+    ms = seconds_per_token(lambda: knn_loop(knnlm_cuvs, 0.25), new_tokens)
+    report("generate_knnlm_cuvs_ms_per_token", 1000 * ms)
+    report("knnlm_cuvs_generation_overhead", ms / seconds["base_loop"])
 
 
 def static_knnlm_rows(knnlm, prompt: torch.Tensor, new_tokens: int, seconds: dict) -> None:

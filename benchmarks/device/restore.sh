@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# After a device call: the embedded base LMs back in git's index (as in HEAD) and no longer ignored; .whl/ stays
-# ignored. Undoes benchmarks/device/prepare.sh's step 2.
+# After a device call: the embedded base LMs, corpora and GPT-NeoX tokenizer back in git's index (as in HEAD) and no
+# longer ignored; .whl/ and .cuvs/ stay ignored. Undoes benchmarks/device/prepare.sh's step 2.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-git reset -q -- lightning_memdec/assets/models
-sed -i '\#^/lightning_memdec/assets/models/$#d' .git/info/exclude
-git status --short lightning_memdec/assets/models
+left_out=(lightning_memdec/assets/models lightning_memdec/assets/corpora lightning_memdec/assets/tokenizers/gpt-neox-20b)
+git reset -q -- "${left_out[@]}"
+for path in "${left_out[@]}"; do
+    sed -i "\\#^/$path/\$#d" .git/info/exclude
+done
+git status --short "${left_out[@]}"
