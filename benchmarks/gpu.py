@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
 import signal
 import time
 import traceback
@@ -400,6 +401,28 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
         if dev.type == "cuda":
             plain = lambda b0, low=low, out=out: torch.mm(qc.to(low), keys[b0 : b0 + full].to(low).T, **out)
             block_times(f"_{name}", plain, full, len(keys), m, select=False)
+    # ‖k‖² folded into the product (two more key columns, its high and low parts): no bias pass, if that is its cost
+    folded_q, folded_keys = folded_norms(qc, keys, norms)
+    folded = lambda b0: torch.mm(folded_q, folded_keys[b0 : b0 + full].T, **fp32_out)
+    block_times("_folded_norms", folded, full, len(keys), m, select=False)
+    want = scores(0, full)
+    report("search_folded_norms_max_diff_over_max", float((folded(0) - want).abs().max() / want.abs().max()))
+
+
+def folded_norms(qc: torch.Tensor, keys: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q' [n, w], k' [N, w]) in ``qc``'s dtype with q'·k'ᵀ = ‖k‖² − 2 q·k in one product: q' = [−2q, s, s, 0…],
+    k' = [k, hi, lo, 0…], where hi + lo = ‖k‖²/s (hi rounded to the dtype, lo the rest rounded again: about twice
+    its bits) and s a power of two keeping ‖k‖²/s within fp16's range; w = d + 2 rounded up to a multiple of 8."""
+    n, d = qc.shape
+    width = -(-(d + 2) // 8) * 8
+    scale = 2.0 ** math.ceil(math.log2(max(float(norms.max()), 1e-30) / 2**14))
+    q = torch.zeros(n, width, dtype=qc.dtype, device=qc.device)
+    q[:, :d], q[:, d : d + 2] = -2 * qc, scale
+    k = torch.zeros(len(keys), width, dtype=qc.dtype, device=keys.device)
+    k[:, :d] = keys
+    hi = (norms / scale).to(qc.dtype)
+    k[:, d], k[:, d + 1] = hi, (norms / scale - hi.float()).to(qc.dtype)
+    return q, k
 
 
 def search_call(keys: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.dtype, int, torch.Tensor, int]:

@@ -65,6 +65,8 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         math.isfinite(float(lines["threshold_collect_torch_ms"])) and int(lines["threshold_rows_searched_again"]) >= 0
     )
     assert 0 < float(lines["threshold_mean_keys_under_tau"]) <= int(lines["threshold_capacity"])
+    # ‖k‖² folded into the product (two more key columns) gives exact_search's ranking scores
+    assert float(lines["search_folded_norms_max_diff_over_max"]) < 1e-5
     # the stored rows made on the device are the bytes stored_rows makes on the host
     assert int(lines["targets_rows_stored_on_device_equal"]) == 1
     # the loss kernels side by side (the row passes in torch here) agree, and fit says which one it trained with
