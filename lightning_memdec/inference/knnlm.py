@@ -168,7 +168,7 @@ class KNNLM(torch.nn.Module):
         self.device_keys: torch.Tensor | None = None  # search="exact": the keys on the base's device, once
         self.device_norms: torch.Tensor | None = None  # and their ‖k‖²
         self.search_bytes: int | None = None  # and the exact search's memory budget, read once with them
-        self.device_values: torch.Tensor | None = None  # and the values, on an accelerator
+        self.device_values: torch.Tensor | None = None  # the values as a tensor where the search runs
 
     @staticmethod
     def _check_tokenizer(base_ref, base, tokenizer, meta: dict, where: str) -> int:
@@ -246,12 +246,17 @@ class KNNLM(torch.nn.Module):
         return dist.to(device), self._tokens_of(ids.clamp(min=0)).to(device)
 
     def _tokens_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """The values (next tokens) of datastore entries ``ids``, int64 on the ids' device. On an accelerator the
-        values (int32, 4 bytes an entry) are copied there once; on the CPU they are read from the store in place."""
-        if ids.device.type == "cpu":
-            return torch.from_numpy(np.take(self.values, ids.numpy()).astype(np.int64))
+        """The values (next tokens) of datastore entries ``ids``, int64 on the ids' device, gathered by torch
+        indexing, so that a step never reads back to the host (a captured CUDA graph could not). On an accelerator
+        the values (int32, 4 bytes an entry) are copied there once; on the CPU they are the store's memmap itself,
+        paged in as read, never copied or written."""
         if self.device_values is None or self.device_values.device != ids.device:
-            self.device_values = torch.from_numpy(np.array(self.values, dtype=np.int32)).to(ids.device)
+            if ids.device.type == "cpu":
+                with warnings.catch_warnings():  # torch warns that the memmap is read-only: it is only read
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    self.device_values = torch.from_numpy(self.values)
+            else:
+                self.device_values = torch.from_numpy(np.array(self.values, dtype=np.int32)).to(ids.device)
         return self.device_values[ids].long()
 
     def place_keys(self, device: torch.device | str) -> bool:

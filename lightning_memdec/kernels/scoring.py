@@ -55,7 +55,9 @@ def knn_scores(distances: np.ndarray | torch.Tensor, temperature: float, nearest
     if isinstance(distances, torch.Tensor):
         if nearest is None:
             nearest = distances.amin(dim=1, keepdim=True)
-        divisor = torch.tensor(temperature, dtype=distances.dtype, device=distances.device)
+        # a 0-d tensor (true division, as numpy's), filled where it is used: no copy from the host, so a step
+        # captured as a CUDA graph can hold it
+        divisor = torch.full((), temperature, dtype=distances.dtype, device=distances.device)
         return (nearest - distances).div_(divisor)
     if nearest is None:
         nearest = distances.min(axis=1, keepdims=True)

@@ -159,7 +159,7 @@ def rerank_margin(k: int, compute_dtype: torch.dtype) -> int:
 
 def _block_bytes(num_queries: int, dim: int, candidates: int, compute_dtype: torch.dtype) -> tuple[int, int]:
     """(bytes per key row of a block, fixed bytes) of one search's working set: see :func:`block_rows`."""
-    c = torch.tensor([], dtype=compute_dtype).element_size()
+    c = compute_dtype.itemsize
     per_row = dim * (2 + 2 + c + 4) + 12 * num_queries
     fixed = num_queries * dim * (2 + 4 + c) + 48 * num_queries * candidates
     return per_row, fixed

@@ -1,0 +1,31 @@
+"""A dispatch mode recording the work a captured CUDA graph cannot hold, for tests of the captured steps on the CPU
+(the graphs themselves run on a GPU only)."""
+
+from __future__ import annotations
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class HostWork(TorchDispatchMode):
+    """Records the ops a captured CUDA graph cannot hold: a tensor made from host data (``torch.tensor``: a copy to
+    the device each step, which a replay would not redo) and a value read back to the host (a synchronisation)."""
+
+    OPS = {
+        "aten.lift_fresh.default",
+        "aten._local_scalar_dense.default",
+        "aten.is_nonzero.default",
+        "aten.equal.default",
+        "aten.nonzero.default",
+        "aten.masked_select.default",
+        "aten._unique2.default",
+        "aten.unique_consecutive.default",
+    }  # fmt: skip: the last four have shapes only the data decides
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in self.OPS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
