@@ -19,7 +19,7 @@ class HostWork(TorchDispatchMode):
         "aten.masked_select.default",
         "aten._unique2.default",
         "aten.unique_consecutive.default",
-    }  # fmt: skip: the last four have shapes only the data decides
+    }  # the last four: output shapes only the data decides
 
     def __init__(self):
         super().__init__()
