@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -29,3 +30,13 @@ class HostWork(TorchDispatchMode):
         if str(func) in self.OPS:
             self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def host_work_of_step(generator, prompt: torch.Tensor) -> list[str]:
+    """What ``generator``'s captured step (a ``CapturedStep``) does on the host, run as its capture runs it: after a
+    short decode that makes the caches and the step's static tensors, one step of the next token."""
+    generator.generate(prompt, 2)
+    token, position = prompt[:, :1].clone(), torch.tensor([prompt.shape[1] + 1])
+    with HostWork() as spy:
+        generator._compiled_step.run(token, position, None)
+    return spy.seen

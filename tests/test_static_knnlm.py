@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from host_work import HostWork
+from host_work import host_work_of_step
 from transformers import GenerationConfig
 
 from lightning_memdec.inference.captured_step import CapturedStep
@@ -103,10 +103,4 @@ def test_refusals(exact_knnlm, tiny_gpt2):
 def test_the_captured_step_holds_no_host_work(exact_knnlm):
     """The step StaticGenerator captures (base forward, exact search, p_kNN, mixture), run as the capture runs it:
     nothing made from host data, nothing read back."""
-    gen = StaticGenerator.from_knnlm(exact_knnlm, max_length=64)
-    prompt = torch.tensor(PROMPTS)
-    gen.generate(prompt, 2)  # the caches made and the step's static tensors in place, as before a capture
-    token, position = prompt[:, :1].clone(), torch.tensor([6])
-    with HostWork() as spy:
-        gen._compiled_step.run(token, position, None)
-    assert spy.seen == []
+    assert host_work_of_step(StaticGenerator.from_knnlm(exact_knnlm, max_length=64), torch.tensor(PROMPTS)) == []
