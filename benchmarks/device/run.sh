@@ -12,6 +12,9 @@ if [ -f .cuvs/cuvs-sm90.tar.xz ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/card.txt"
+# the CUDA libraries cuVS links against, as the image has them (cuvs_import_error, if any, is read against these)
+python3 -m pip show nvidia-nvjitlink nvidia-cublas cuda-bindings 2>/dev/null | grep -E '^(Name|Version):' \
+    | paste - - | tee -a "$OUT/card.txt"
 python3 -c "import faiss, jsonargparse, transformers, lightning_memdec; print('transformers', transformers.__version__)" \
     || exit 1
 python3 benchmarks/gpu.py --workdir /tmp/bench-gpu --time_limit_s "${1:-480}" "${@:2}" 2>"$OUT/gpu.err" | tee "$OUT/gpu.txt"
