@@ -28,8 +28,8 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
     omegaconf==2.4.0 docstring-parser==0.18.0 typeshed-client==2.15.0
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$scratch/site" --only-binary=:all: \
     --python-version 3.12 --implementation cp "${platforms[@]}" "$scratch"/wheels/*.whl
-rm -rf .whl && mkdir -p .whl
-tar -C "$scratch/site" -cf - . | xz -9 -T0 > .whl/site.tar.xz
+tar -C "$scratch/site" -cf - . | xz -9 -T0 > "$scratch/site.tar.xz"  # packed aside: a failure leaves .whl as it was
+rm -rf .whl && mkdir -p .whl && mv "$scratch/site.tar.xz" .whl/site.tar.xz
 git rm -r -q --cached "${left_out[@]}"
 tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | du -cb --files0-from=- | tail -1 | cut -f1)
 packed=$(du -b .whl/site.tar.xz | cut -f1)

@@ -27,8 +27,7 @@ find "$scratch/site" -name '*.a' -delete
 find "$scratch/site" -type f -size +1M -exec sha256sum {} + | sort | awk 'seen[$1]++ { print first[$1], $2; next } \
     { first[$1] = $2 }' | while read -r kept copy; do ln -f "$kept" "$copy"; done
 python3 benchmarks/device/keep_one_arch.py --arch 90 $(find "$scratch/site" -name '*.so' -size +1M)
-mkdir -p .cuvs
-tar -C "$scratch/site" -cf - . | xz -9 -T0 > .cuvs/cuvs-sm90.tar.xz.part
-mv .cuvs/cuvs-sm90.tar.xz.part .cuvs/cuvs-sm90.tar.xz
+tar -C "$scratch/site" -cf - . | xz -9 -T0 > "$scratch/cuvs-sm90.tar.xz"  # packed aside, as prepare.sh packs
+mkdir -p .cuvs && mv "$scratch/cuvs-sm90.tar.xz" .cuvs/cuvs-sm90.tar.xz
 echo "wheels $(du -cb "$scratch"/wheels/*.whl | tail -1 | cut -f1 | awk '{printf "%.1f", $1/1048576}') MiB," \
      "packed $(du -b .cuvs/cuvs-sm90.tar.xz | cut -f1 | awk '{printf "%.1f", $1/1048576}') MiB: .cuvs/cuvs-sm90.tar.xz"
