@@ -249,16 +249,19 @@ def targets_stage(card: Card, w: Path, base: Path, store: Path, queries: int, wi
     bound = card.peak_flops / (2 * keys.shape[0] * keys.shape[1])  # 2·N·d FLOPs a query
     roofline("targets_exact_queries_per_s", rate, bound)
     card.headline["exact_targets_qps"] = rate
-    section("targets_threshold", threshold_targets_rate, store, qstore, out, k, accelerator)
+    section("targets_threshold", selection_targets_rate, "threshold", store, qstore, out, k, accelerator)
     section("search", search_rates, store, qstore, k, bound)
     host_search_rate(store, qstore, k)
-    if cuvs_usable():
+    if cuvs_usable():  # cuVS's brute force choosing exact search's candidates, then its IVF-PQ
+        section("targets_cuvs_exact", selection_targets_rate, "cuvs", store, qstore, out, k, accelerator)
         section("cuvs_targets", cuvs_targets_rate, w, store, qstore, k, accelerator)
     return corpus, out
 
 
-def threshold_targets_rate(store: Path, qstore: Path, topk_targets: Path, k: int, accelerator: str) -> None:
-    """The same targets with ``--search.selection threshold``: queries/s, and whether the stored rows equal the
+def selection_targets_rate(
+    selection: str, store: Path, qstore: Path, topk_targets: Path, k: int, accelerator: str
+) -> None:
+    """The same targets with ``--search.selection <selection>``: queries/s, and whether the stored rows equal the
     topk selection's (their bytes; else how many stored entries differ)."""
     from lightning_memdec.stages.targets import build_targets
 
@@ -266,19 +269,19 @@ def threshold_targets_rate(store: Path, qstore: Path, topk_targets: Path, k: int
         lambda: build_targets(
             store,
             None,
-            topk_targets.with_name("targets-threshold"),
+            topk_targets.with_name(f"targets-{selection}"),
             queries=qstore,
             overwrite=True,
             knn=KNNTargets(k=k, temperature=16.0),
-            search=TargetSearch(backend="exact", selection="threshold"),
+            search=TargetSearch(backend="exact", selection=selection),
             hardware=Hardware(accelerator=accelerator),
         )
     )
-    report("targets_exact_threshold_queries_per_s", len(Datastore(qstore)) / seconds)
+    report(f"targets_exact_{selection}_queries_per_s", len(Datastore(qstore)) / seconds)
     got, want = Targets(out), Targets(topk_targets)
     same = np.array_equal(got.offsets, want.offsets)
     differ = int((got.ids != want.ids).sum() + (got.probs != want.probs).sum()) if same else -1
-    report("targets_threshold_entries_differing_from_topk", differ)  # −1: the rows' lengths differ
+    report(f"targets_{selection}_entries_differing_from_topk", differ)  # −1: the rows' lengths differ
 
 
 @cache
@@ -333,15 +336,19 @@ def search_rates(store_dir: Path, qstore_dir: Path, k: int, bound: float, n: int
     report("search_key_upload_s", upload)
     queries = torch.from_numpy(np.asarray(qstore.keys[:n], dtype=np.float32)).to(dev)
     found = {}
-    for name, options in (("exact_search", {"selection": "topk"}), ("exact_search_coarse", {"coarse": True}),
-                          ("exact_search_threshold", {"selection": "threshold"})):  # fmt: skip
+    selections = {"exact_search": {"selection": "topk"}, "exact_search_coarse": {"coarse": True},
+                  "exact_search_threshold": {"selection": "threshold"}}  # fmt: skip
+    if cuvs_usable():
+        selections["exact_search_cuvs"] = {"selection": "cuvs"}
+    for name, options in selections.items():
         search = lambda options=options: exact_search(queries, keys, k, device=dev, key_norms=norms, **options)
         search()  # warm-up
         found[name], seconds = timed(search)
         report(f"{name}_queries_per_s", len(queries) / seconds)
         roofline(f"{name}_queries_per_s", len(queries) / seconds, bound)
-    same = (found["exact_search_threshold"][1] == found["exact_search"][1]).all(1).float().mean().item()
-    report("exact_search_threshold_rows_equal_topk", same)
+    for name in [name for name in ("threshold", "cuvs") if f"exact_search_{name}" in found]:
+        same = (found[f"exact_search_{name}"][1] == found["exact_search"][1]).all(1).float().mean().item()
+        report(f"exact_search_{name}_rows_equal_topk", same)
     section("search_breakdown", search_breakdown, keys, norms, queries, k)
     section("threshold_breakdown", threshold_breakdown, keys, norms, queries, k)
     neighbours = found["exact_search"]
@@ -972,7 +979,8 @@ def search_scale_stage(card: Card, store_dir: Path, sizes: list[int], k: int, no
         report(f"knn_search_exact_ms_at_{n}_bound", 1000 * keys.numel() * keys.element_size() / card.peak_bytes_per_s)
         if dev.type == "cuda":
             section(f"knn_search_exact_graph_at_{n}", graph_rows, search, n)
-        if cuvs_usable():  # its own section: an index that does not fit beside the resident keys stops only its row
+        if cuvs_usable():  # own sections: an index that does not fit beside the resident keys stops only its row
+            section(f"knn_search_cuvs_exact_at_{n}", cuvs_exact_row, search, n)
             section(f"knn_search_cuvs_at_{n}", cuvs_scale_row, keys, k, query, n)
         del keys, norms, search  # before the next size's keys are made
         if dev.type == "cuda":
@@ -999,6 +1007,15 @@ def graph_rows(search, n: int) -> None:
 def median_ms(run, repeats: int = 5) -> float:
     """The median of ``repeats`` timed calls of ``run``, in ms."""
     return 1000 * float(np.median([timed(run)[1] for _ in range(repeats)]))
+
+
+def cuvs_exact_row(search, n: int) -> None:
+    """``knn_search_cuvs_exact_ms_at_<n>``: the same exact search with cuVS's brute force choosing the candidates,
+    and whether its neighbours equal the topk selection's."""
+    cuvs = partial(search, selection="cuvs")
+    want = search()[1]
+    report(f"knn_search_cuvs_exact_equal_at_{n}", int(torch.equal(cuvs()[1], want)))
+    report(f"knn_search_cuvs_exact_ms_at_{n}", median_ms(cuvs))
 
 
 def cuvs_scale_row(keys: torch.Tensor, k: int, query: torch.Tensor, n: int) -> None:

@@ -141,6 +141,17 @@ def biomed_targets_pair(tmp_path_factory, biomed_corpus, biomed_datastore, biome
     }
 
 
+@pytest.fixture
+def cuvs(monkeypatch):
+    """cuVS's API from the double (tests/cuvs_double.py), and its 'GPU' the CPU."""
+    from cuvs_double import install
+
+    from lightning_memdec.retrieval import cuvs_index
+
+    monkeypatch.setattr(cuvs_index, "cuvs_device", lambda device=None: torch.device("cpu"))
+    return install(monkeypatch)
+
+
 def pytest_collection_modifyitems(config, items):
     """Notebooks, run end to end by nbmake (``pytest tests notebooks --nbmake``), take a minute or more: slow.
     Each test records its registered markers as a ``markers`` property, which ``--junitxml`` writes and

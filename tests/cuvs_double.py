@@ -1,7 +1,9 @@
-"""A stand-in for cuVS's Python IVF-PQ API (``cuvs.neighbors.ivf_pq``, ``cuvs.common.Resources``) on the CPU.
+"""A stand-in for cuVS's Python IVF-PQ and brute-force APIs (``cuvs.neighbors.ivf_pq``, ``cuvs.neighbors.brute_force``,
+``cuvs.common.Resources``) on the CPU.
 
 It follows cuVS 26.10's documented signatures and input checks (dtypes, output shapes, keyword-only parameters,
-``len(index)``, ``index.dim``, the largest int64 for a slot it could not fill) but searches **exactly**, so a test
+``len(index)``, ``index.dim``, the largest int64 for a slot it could not fill) but IVF-PQ searches **exactly**, and
+brute force ranks by the expanded form ‖q‖² + ‖k‖² − 2 q·k in fp32 as cuVS's does (so near ties may swap), so a test
 can compare the package's cuVS code path (build, extend by batches, search into preallocated tensors, save/load, the
 targets and kNN-LM wiring) with brute force on a machine without a GPU. It says nothing about cuVS's own accuracy or
 speed: those are measured on a GPU (benchmarks/gpu.py).
@@ -124,18 +126,57 @@ def load(filename, resources=None):
     return index
 
 
+class BruteForceIndex:
+    """cuVS's brute-force index: a reference to the dataset (not a copy) and its squared norms."""
+
+    def __init__(self, dataset: torch.Tensor):
+        self.dataset, self.trained = dataset, True
+        self.norms = dataset.float().square().sum(1)
+
+
+def brute_force_build(dataset, metric="sqeuclidean", metric_arg=2.0, resources=None):
+    data = as_tensor(dataset, (torch.float32, torch.float16), "dataset")
+    if metric not in ("sqeuclidean", "euclidean", "inner_product", "cosine"):
+        raise ValueError(f"metric {metric!r}")
+    return BruteForceIndex(data)
+
+
+def brute_force_search(index, queries, k, neighbors=None, distances=None, resources=None, prefilter=None):
+    if not index.trained:
+        raise ValueError("Index needs to be built before calling search.")
+    q = as_tensor(queries, (torch.float32, torch.float16), "queries")
+    if q.dtype != index.dataset.dtype:  # the C API reads both as one element type
+        raise RuntimeError(f"queries of dtype {q.dtype} for an index of {index.dataset.dtype}")
+    n = len(q)
+    neighbors = torch.empty(n, k, dtype=torch.int64) if neighbors is None else neighbors
+    distances = torch.empty(n, k, dtype=torch.float32) if distances is None else distances
+    for out, dtype in ((neighbors, torch.int64), (distances, torch.float32)):
+        if as_tensor(out, (dtype,), "output").shape != (n, k):
+            raise ValueError(f"output of shape {tuple(out.shape)}, expected {(n, k)}")
+    qf, kf = q.float(), index.dataset.float()
+    d = qf.square().sum(1, keepdim=True) + index.norms - 2 * qf @ kf.T  # L2Expanded, in fp32
+    found = min(k, len(kf))
+    best, cols = d.topk(found, dim=1, largest=False)
+    distances[:, :found], neighbors[:, :found] = best, cols
+    distances[:, found:], neighbors[:, found:] = torch.finfo(torch.float32).min, -1  # as cuVS fills n < k
+    return distances, neighbors
+
+
 def install(monkeypatch) -> types.ModuleType:
-    """Make ``import cuvs.neighbors.ivf_pq`` / ``cuvs.common`` give this double for one test; returns ivf_pq."""
+    """Make ``import cuvs.neighbors.ivf_pq`` / ``.brute_force`` / ``cuvs.common`` give this double for one test;
+    returns ivf_pq."""
     ivf_pq = types.ModuleType("cuvs.neighbors.ivf_pq")
     for name in ("IndexParams", "SearchParams", "Index", "build", "extend", "search", "save", "load"):
         setattr(ivf_pq, name, globals()[name])
+    brute_force = types.ModuleType("cuvs.neighbors.brute_force")
+    brute_force.Index, brute_force.build, brute_force.search = BruteForceIndex, brute_force_build, brute_force_search
     common = types.ModuleType("cuvs.common")
     common.Resources = Resources
     neighbors = types.ModuleType("cuvs.neighbors")
-    neighbors.ivf_pq = ivf_pq
+    neighbors.ivf_pq, neighbors.brute_force = ivf_pq, brute_force
     root = types.ModuleType("cuvs")
     root.neighbors, root.common = neighbors, common
     for name, module in (("cuvs", root), ("cuvs.common", common), ("cuvs.neighbors", neighbors),
-                         ("cuvs.neighbors.ivf_pq", ivf_pq)):  # fmt: skip
+                         ("cuvs.neighbors.ivf_pq", ivf_pq), ("cuvs.neighbors.brute_force", brute_force)):  # fmt: skip
         monkeypatch.setitem(sys.modules, name, module)
     return ivf_pq

@@ -3,8 +3,10 @@
 import math
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -305,3 +307,37 @@ def test_a_static_eager_divergence_is_located_and_scored(monkeypatch, capsys):
     assert float(lines["x_static_tokens_agree_fraction"]) == pytest.approx(6 / 8)
     assert lines["x_first_divergence_step"] == "2" and float(lines["x_divergence_logprob_gap"]) == pytest.approx(0.25)
     assert torch.equal(seen["ids"], free[:1, :5]) and torch.equal(seen["mask"], torch.tensor([[0, 1, 1, 1, 1]]))
+
+
+def test_the_cuvs_exact_rows_run_through_the_double(monkeypatch, capsys, tmp_path, biomed_datastore, cuvs):
+    """gpu.py's rows for cuVS's brute force (only on a GPU with cuVS there), rehearsed on the CPU with the stand-in
+    for its API: the targets and the searches run, and find the topk selection's neighbours."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu
+
+    from lightning_memdec.retrieval.exact_search import exact_search
+    from lightning_memdec.stages.settings import KNNTargets, TargetSearch
+    from lightning_memdec.stages.targets import build_targets
+
+    monkeypatch.setattr(gpu, "cuvs_usable", lambda: True)
+    topk = build_targets(biomed_datastore, None, tmp_path / "targets", knn=KNNTargets(k=16, temperature=16.0),
+                         search=TargetSearch(backend="exact", selection="topk"))  # fmt: skip
+    gpu.section("targets_cuvs_exact", gpu.selection_targets_rate, "cuvs", biomed_datastore, biomed_datastore, topk,
+                16, "cpu")  # fmt: skip
+    keys = torch.from_numpy(np.array(gpu.Datastore(biomed_datastore).keys))
+    search = partial(exact_search, keys[:1].float(), keys, 16)
+    gpu.section("knn_search_cuvs_exact_at_3000", gpu.cuvs_exact_row, search, 3000)
+    monkeypatch.setattr(gpu, "search_breakdown", lambda *args: None)  # the rows below, not the breakdowns
+    monkeypatch.setattr(gpu, "threshold_breakdown", lambda *args: None)
+    monkeypatch.setattr(gpu, "rows_breakdown", lambda *args: None)
+    gpu.search_rates(biomed_datastore, biomed_datastore, 16, bound=1.0, n=256)
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    assert not [k for k in lines if k.endswith("_error")], lines
+    assert float(lines["targets_exact_cuvs_queries_per_s"]) > 0
+    assert int(lines["targets_cuvs_entries_differing_from_topk"]) == 0
+    assert (
+        int(lines["knn_search_cuvs_exact_equal_at_3000"]) == 1 and float(lines["knn_search_cuvs_exact_ms_at_3000"]) > 0
+    )
+    assert (
+        float(lines["exact_search_cuvs_queries_per_s"]) > 0 and float(lines["exact_search_cuvs_rows_equal_topk"]) == 1
+    )

@@ -24,13 +24,6 @@ from lightning_memdec.stages.targets import build_targets, nearest_without_own
 PLAN = IndexSettings(factory="IVF16,PQ8", nprobe=16, train_size=1000)
 
 
-@pytest.fixture
-def cuvs(monkeypatch):
-    """cuVS's API from the double, and its 'GPU' the CPU."""
-    monkeypatch.setattr(cuvs_index, "cuvs_device", lambda device=None: torch.device("cpu"))
-    return install(monkeypatch)
-
-
 def test_built_index_searches_like_brute_force_and_reports_missing_neighbours(tmp_path, biomed_datastore, cuvs):
     out = build_index(biomed_datastore, tmp_path / "idx", plan=PLAN, library="cuvs", add_batch=700, recall_queries=64)
     meta = json.loads((out / "meta.json").read_text())

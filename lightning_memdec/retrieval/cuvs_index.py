@@ -89,7 +89,7 @@ class CuvsIVFPQ:
         reads what cuVS wrote after, in stream order, with no host synchronisation."""
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
         if stream not in self.resources:
-            self.resources[stream] = self.resource_class(stream=stream) if stream is not None else self.resource_class()
+            self.resources[stream] = stream_resources(self.resource_class, self.device)
         return self.resources[stream]
 
     def index_params(self):
@@ -145,6 +145,14 @@ class CuvsIVFPQ:
         """Host rows or a tensor anywhere, as contiguous float32 on the index's device (copied only if needed)."""
         rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
         return rows.to(self.device, torch.float32).contiguous()
+
+
+def stream_resources(resource_class, device: torch.device):
+    """A cuVS resource handle (``resource_class``: ``cuvs.common.Resources``) on torch's current stream of ``device``:
+    cuVS then orders its work after what torch wrote and before what torch reads next, with no host wait."""
+    if device.type != "cuda":
+        return resource_class()
+    return resource_class(stream=torch.cuda.current_stream(device).cuda_stream)
 
 
 def device_scope(device: torch.device):

@@ -5,12 +5,13 @@ Queries × key blocks go through one matrix product per block that writes the ra
 [queries × keys] scores; ‖q‖² is the same for a whole row, so it cannot change a ranking and is never added). Each
 block's best candidates are selected by one unsorted ``topk`` (measured on an H200 against a two-stage and a
 threshold selection: benchmarks/selection_designs.py), and a running top-k merges them into the best so far; or,
-with ``selection="threshold"``, the keys under a sampled per-query threshold are kept (kernels.threshold_select). Keys
-stream from the datastore's fp16 memmap in blocks sized to a memory budget (half the free device memory on a GPU,
+with ``selection="threshold"``, the keys under a sampled per-query threshold are kept (kernels.threshold_select);
+or cuVS's brute force selects them (``selection="cuvs"``, resident keys on a GPU: retrieval.cuvs_exact). Keys stream
+from the datastore's fp16 memmap in blocks sized to a memory budget (half the free device memory on a GPU,
 :data:`DEFAULT_CPU_MEMORY` on the CPU), the next block read by a helper thread while the current one is searched.
 On a GPU the products run in fp16 (the keys' own precision) with an fp32 output where torch offers one, else in
-bf16; on the CPU in fp32. ``coarse=True`` writes the scores in bf16 (half
-the bytes of the widest tensor; inputs rounded to bf16 too) with the wider bf16 re-ranking margin.
+bf16; on the CPU in fp32. ``coarse=True`` writes the scores in bf16 (half the bytes of the widest tensor; inputs
+rounded to bf16 too) with the wider bf16 re-ranking margin.
 
 Why the matrix-product distances alone are not exact: the expansion subtracts large, nearly equal numbers. For a
 near neighbour ‖q − k‖² is much smaller than ‖q‖² + ‖k‖², so an error relative to the norms (fp32 accumulation
@@ -41,6 +42,7 @@ from lightning_memdec.kernels.threshold_select import (
     threshold_plan,
     triton_kernels,
 )
+from lightning_memdec.retrieval.cuvs_exact import brute_force_candidates
 
 __all__ = [
     "DEFAULT_CPU_MEMORY",
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 SEARCH_BACKENDS = ("exact", "faiss", "auto")
-SELECTIONS = ("auto", "topk", "threshold")  # how each key block's candidates are chosen: see exact_search
+SELECTIONS = ("auto", "topk", "threshold", "cuvs")  # how each query's candidates are chosen: see exact_search
 DEFAULT_CPU_MEMORY = 1 << 30  # bytes of RAM one exact search may use on the CPU (per rank)
 GPU_MEMORY_FRACTION = 0.5  # of the device's free memory at the start of a search
 RESIDENT_FRACTION = 0.4  # of the device's free memory the whole key matrix may take to stay there between searches
@@ -301,19 +303,19 @@ def exact_search(
         coarse: scores written in bf16 (products in bf16 too): half the bytes, a wider margin; the re-ranking keeps
             the result exact up to candidates misranked by more than the margin (tested against brute force).
         key_norms: ‖k‖² [N] fp32 on ``device`` (:func:`squared_norms`), cached by callers with resident keys.
-        selection: ``"topk"``, one ``topk`` over each block's full score rows; ``"threshold"``
-            (:mod:`kernels.threshold_select`), the keys under a per-query threshold sampled from the store (on a GPU
-            with Triton, found by a kernel that never writes the score block; rows it cannot serve searched again by
-            ``topk``: the same neighbours, ties aside; ``topk`` where the store is too small for a sample or the
-            buffers would take half the budget; not with ``coarse``); ``"auto"``: threshold on the CPU for calls of
-            ≥ 1,024 queries, measured faster there, else topk (:func:`~kernels.threshold_select.choose_selection`).
+        selection: ``"topk"``, one ``topk`` over each block's score rows; ``"threshold"`` (kernels.threshold_select),
+            the keys under a per-query threshold sampled from the store (on a GPU with Triton, by a kernel that never
+            writes the score block; rows it cannot serve searched again by ``topk``; ``topk`` where the store is too
+            small for a sample or the buffers would take half the budget); ``"cuvs"``: cuVS's brute force over keys
+            resident on ``device`` (retrieval.cuvs_exact); the same neighbours, ties aside, neither with ``coarse``;
+            ``"auto"``: threshold on the CPU for ≥ 1,024 queries, else topk (threshold_select.choose_selection).
 
     Returns (distances [n, k] float32, ids [n, k] int64) on ``device``, each row sorted by (distance, id);
     distances are Σ (q − k)² in fp32 over the gathered keys (see the module docstring).
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
-    if coarse and selection == "threshold":
+    if coarse and selection in ("threshold", "cuvs"):
         raise ValueError("coarse=True re-checks bf16 rows against the worst kept score of a topk: use 'topk'.")
     device = torch.device(device)
     compute_dtype = torch.bfloat16 if coarse else compute_dtype or default_compute_dtype(device)
@@ -341,7 +343,9 @@ def exact_search(
     own = None if query_ids is None else torch.as_tensor(query_ids, dtype=torch.int64).to(device)
     size = block_size or block_rows(n, dim, candidates, budget - buffer_bytes, compute_dtype)
     qc = q32.to(compute_dtype)
-    if plan is None:
+    if selection == "cuvs":  # never coarse, so no max ‖k‖² is needed
+        (coarse_d, best_i), max_norm = brute_force_candidates(q32, keys, own, candidates), None
+    elif plan is None:
         coarse_d, best_i, max_norm = _candidates(qc, _host_blocks(keys, size), own, candidates, coarse, key_norms)
     else:
         coarse_d, best_i, max_norm = _threshold_candidates(qc, keys, size, own, candidates, key_norms, plan)
@@ -371,8 +375,7 @@ def _candidates(qc, blocks, own, candidates: int, coarse: bool, key_norms):
         max_norm = torch.maximum(max_norm, k_norm.max())
         score = ranking_scores(qc, kc, k_norm, coarse)
         _exclude_own(score, own, b0)
-        # one topk over the block's full rows: on an H200 it beat a two-stage selection (column groups, then their
-        # survivors) 99 ms to 163 ms a 4,096-query call over 2 M keys (benchmarks/gpu.py's search_breakdown)
+        # one topk over the block's full rows: on an H200 99 ms a 4,096-query call over 2 M keys, a two-stage 163 ms
         top_d, top_i = score.topk(min(candidates, score.shape[1]), dim=1, largest=False, sorted=False)
         merged_d, merged_i = torch.cat([best_d, top_d.float()], 1), torch.cat([best_i, top_i + b0], 1)
         best_d, pick = merged_d.topk(candidates, dim=1, largest=False, sorted=False)

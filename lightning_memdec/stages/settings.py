@@ -91,8 +91,8 @@ class TargetSearch:
     selection: str = "auto"
     """how the exact backend picks each query's candidates: topk (one topk over each key block's scores), threshold
     (the keys under a threshold sampled from the store; on a GPU with Triton a kernel that never writes the score
-    block), or auto (threshold on the CPU, where it was measured faster; topk on a GPU until measured there); the
-    same neighbours, ties aside"""
+    block), cuvs (cuVS's brute force over the keys resident on the GPU: pip install -e '.[gpu]'), or auto (threshold
+    on the CPU, where it was measured faster; topk on a GPU until measured there); the same neighbours, ties aside"""
 
     def __post_init__(self):
         if self.backend not in SEARCH_BACKENDS:

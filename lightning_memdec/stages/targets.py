@@ -33,7 +33,7 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_compatible, check_index_matches
 from lightning_memdec.kernels.sparse_targets import knn_distributions, stored_rows
 from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
-from lightning_memdec.retrieval import cuvs_index
+from lightning_memdec.retrieval import cuvs_exact, cuvs_index
 from lightning_memdec.retrieval.exact_search import (
     SEARCH_BACKENDS,
     check_search_budget,
@@ -143,7 +143,8 @@ class KNNTargetSearcher(L.LightningModule):
     def search_keys(self):
         """(keys, their ‖k‖² or None) this rank searches: all keys or its shard; resident on a GPU when they fit."""
         keys = self.store.keys if self.key_shard is None else self.store.keys[slice(*self.key_shard)]
-        if self.device.type == "cuda" and self.device_keys is None:  # once per rank, when the keys fit its GPU
+        resident = self.device.type == "cuda" or self.selection == "cuvs"  # cuVS reads keys in place
+        if resident and self.device_keys is None:  # once per rank, when the keys fit its device
             self.device_keys = resident_keys(keys, self.device)
             self.device_norms = None if self.device_keys is None else squared_norms(self.device_keys)
             log.info("keys %s on %s", "resident" if self.device_keys is not None else "streamed per chunk", self.device)
@@ -273,6 +274,8 @@ def build_targets(
     if backend == "faiss" and search.use_gpu:
         check_gpu_k(knn.k, self_match=self_exclude)
     factory, index_nprobe, library = searched_index(index) if backend == "faiss" else (None, None, None)
+    if backend == "exact" and search.selection == "cuvs":  # cuVS and a GPU, before any work
+        cuvs_exact.brute_force_api(), cuvs_index.cuvs_device()
     available = len(store) - (1 if self_exclude else 0)
     k, hw = capped_k(knn.k, available), hardware
     if search.shard_keys and str(hw.devices).isdigit():  # up front where the rank count is known; else in each rank
