@@ -16,6 +16,7 @@ from test_exact_search import assert_same_neighbours, brute_force, exact_targets
 
 from lightning_memdec.io.readers import Targets
 from lightning_memdec.retrieval.exact_search import exact_search
+from lightning_memdec.retrieval.sharded_search import shard_search
 from lightning_memdec.stages.settings import KNNTargets, TargetSearch
 from lightning_memdec.stages.targets import build_targets
 
@@ -77,6 +78,18 @@ def test_the_own_entry_goes_wherever_it_sits_and_the_farthest_where_it_is_absent
 
     dist, ids = brute_force_candidates(line[[21, 21]], line, torch.tensor([21, 21]), 3)
     assert ids.tolist() == [[22, 20, 19], [20, 22, 19]] and dist.tolist() == [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+
+
+def test_a_key_shard_searched_by_cuvs_equals_topk(keys, searches):  # noqa: F811
+    """--search.shard_keys: a rank's shard of the keys, the queries' own ids inside, before or after it."""
+    shard = torch.from_numpy(keys[100:250])
+    queries, own = keys[[120, 30, 300]], np.array([120, 30, 300])
+    for k in (5, 60):
+        want = shard_search(queries, shard, 100, k, own, selection="topk")
+        got = shard_search(queries, shard, 100, k, own, selection="cuvs")
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        assert 120 not in got[1][0].tolist() and got[1].min() >= 100 and got[1].max() < 250
+    assert len(searches) == 2
 
 
 def test_refused_with_what_to_do(keys, cuvs, tmp_path, monkeypatch):  # noqa: F811
