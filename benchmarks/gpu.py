@@ -982,6 +982,7 @@ def search_scale_stage(card: Card, store_dir: Path, sizes: list[int], k: int, no
         if dev.type == "cuda":
             section(f"knn_search_exact_graph_at_{n}", graph_rows, search, n)
         if cuvs_usable():  # own sections: an index that does not fit beside the resident keys stops only its row
+            torch.cuda.empty_cache()  # cuVS allocates outside torch's cache (RMM): give it what the cache holds
             section(f"knn_search_cuvs_exact_at_{n}", cuvs_exact_row, search, n)
             section(f"knn_search_cuvs_at_{n}", cuvs_scale_row, keys, k, query, n)
         del keys, norms, search  # before the next size's keys are made
