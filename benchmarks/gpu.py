@@ -979,6 +979,7 @@ def search_scale_stage(card: Card, store_dir: Path, sizes: list[int], k: int, no
         search()  # warm-up
         report(f"knn_search_exact_ms_at_{n}", median_ms(search))
         report(f"knn_search_exact_ms_at_{n}_bound", 1000 * keys.numel() * keys.element_size() / card.peak_bytes_per_s)
+        section(f"knn_search_breakdown_at_{n}", batch1_breakdown, keys, norms, query, k, n)
         if dev.type == "cuda":
             section(f"knn_search_exact_graph_at_{n}", graph_rows, search, n)
         if cuvs_usable():  # own sections: an index that does not fit beside the resident keys stops only its row
@@ -988,6 +989,22 @@ def search_scale_stage(card: Card, store_dir: Path, sizes: list[int], k: int, no
         del keys, norms, search  # before the next size's keys are made
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def batch1_breakdown(keys: torch.Tensor, norms: torch.Tensor, query: torch.Tensor, k: int, n: int) -> None:
+    """Where a batch-1 search's time goes (kNN-LM's, each token), as search_breakdown's rows for one call at the
+    library's block size: the products over all keys (``search_batch1_at_<n>_products_ms``), then one block's
+    selection scaled to the store, the library's single-row ``topk`` (``..._select_one_stage_ms``) beside the two
+    designs. One row leaves most of the GPU idle in a ``topk`` over all of it, where the two-stage design's first
+    stage is a batched ``topk`` over many narrow rows: if it is faster here, calls of few queries should take it."""
+    from lightning_memdec.retrieval.exact_search import ranking_scores
+
+    dtype, m, qc, size = search_call(keys, query, k)
+
+    def scores(b0: int) -> torch.Tensor:  # what exact_search writes for one block
+        return ranking_scores(qc, keys[b0 : b0 + size].to(dtype), norms[b0 : b0 + size], coarse=False)
+
+    block_times(f"_batch1_at_{n}", scores, size, len(keys), m)
 
 
 def graph_rows(search, n: int) -> None:

@@ -53,6 +53,10 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         assert math.isfinite(float(lines[name])), name
     for entries in (3000, 20000):  # kNN-LM's search per token as the store grows: the real store, then synthetic
         assert float(lines[f"knn_search_exact_ms_at_{entries}"]) > 0
+        # and where its time goes: the products, the selections beside the library's, each finding topk's values
+        assert float(lines[f"search_batch1_at_{entries}_products_ms"]) > 0
+        assert all(int(lines[f"search_batch1_at_{entries}_select_{name}_equal"]) == 1
+                   for name in ("one_stage", "two_stage", "threshold"))  # fmt: skip
     assert float(lines["exact_targets_qps"]) == float(lines["targets_exact_queries_per_s"])
     # the decoder beside the base (in turn on the CPU, fp32): generate()'s tokens
     assert float(lines["static_memdec_overlap_tokens_equal_eager"]) == 1.0
