@@ -94,14 +94,20 @@ def extend(index, new_vectors, new_indices, resources=None):
     return index
 
 
-def search(search_params, index, queries, k, neighbors=None, distances=None, resources=None):
-    q = as_tensor(queries, DATA_DTYPES, "queries").float()
-    n = len(q)
+def search_outputs(n: int, k: int, neighbors, distances) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids [n, k] int64 and distances [n, k] float32 a search writes: those given (checked as cuVS checks
+    them), else new ones."""
     neighbors = torch.empty(n, k, dtype=torch.int64) if neighbors is None else neighbors
     distances = torch.empty(n, k, dtype=torch.float32) if distances is None else distances
     for out, dtype in ((neighbors, torch.int64), (distances, torch.float32)):
         if as_tensor(out, (dtype,), "output").shape != (n, k):
             raise ValueError(f"output of shape {tuple(out.shape)}, expected {(n, k)}")
+    return neighbors, distances
+
+
+def search(search_params, index, queries, k, neighbors=None, distances=None, resources=None):
+    q = as_tensor(queries, DATA_DTYPES, "queries").float()
+    neighbors, distances = search_outputs(len(q), k, neighbors, distances)
     d = torch.cdist(q.double().cpu(), index.vectors.double()).square()  # exact, float64
     found = min(k, len(index))
     best, cols = d.topk(found, dim=1, largest=False)
@@ -147,12 +153,7 @@ def brute_force_search(index, queries, k, neighbors=None, distances=None, resour
     q = as_tensor(queries, (torch.float32, torch.float16), "queries")
     if q.dtype != index.dataset.dtype:  # the C API reads both as one element type
         raise RuntimeError(f"queries of dtype {q.dtype} for an index of {index.dataset.dtype}")
-    n = len(q)
-    neighbors = torch.empty(n, k, dtype=torch.int64) if neighbors is None else neighbors
-    distances = torch.empty(n, k, dtype=torch.float32) if distances is None else distances
-    for out, dtype in ((neighbors, torch.int64), (distances, torch.float32)):
-        if as_tensor(out, (dtype,), "output").shape != (n, k):
-            raise ValueError(f"output of shape {tuple(out.shape)}, expected {(n, k)}")
+    neighbors, distances = search_outputs(len(q), k, neighbors, distances)
     qf, kf = q.float(), index.dataset.float()
     d = qf.square().sum(1, keepdim=True) + index.norms - 2 * qf @ kf.T  # L2Expanded, in fp32
     found = min(k, len(kf))
