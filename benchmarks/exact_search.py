@@ -18,7 +18,8 @@ from common import report  # benchmarks/ is the script's directory, first on sys
 from jsonargparse import CLI
 
 from lightning_memdec.evaluation.latency import median_times
-from lightning_memdec.retrieval.exact_search import exact_distances, exact_search, rerank_margin
+from lightning_memdec.retrieval.exact_search import exact_distances, exact_search
+from lightning_memdec.retrieval.search_budget import rerank_margin
 
 
 def previous_search(queries: np.ndarray, keys: np.ndarray, k: int, block: int):

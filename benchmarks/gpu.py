@@ -387,7 +387,8 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
     the ‖k‖² term, written in fp32, fp16 and bf16, which the library does not use), the selection it uses (one
     ``topk``) beside two designs (benchmarks/selection_designs.py), and the fp32 re-ranking; at the library's block
     size and at 1/8."""
-    from lightning_memdec.retrieval.exact_search import exact_distances, memory_budget, ranking_scores
+    from lightning_memdec.retrieval.exact_search import exact_distances, ranking_scores
+    from lightning_memdec.retrieval.search_budget import memory_budget
 
     dev, n = keys.device, len(queries)
     dtype, m, qc, full = search_call(keys, queries, k)
@@ -440,7 +441,8 @@ def folded_norms(qc: torch.Tensor, keys: torch.Tensor, norms: torch.Tensor) -> t
 def search_call(keys: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.dtype, int, torch.Tensor, int]:
     """What exact_search picks for one call on the keys' device: (compute dtype, candidates k + margin, the queries
     in that dtype, keys per block)."""
-    from lightning_memdec.retrieval.exact_search import block_rows, default_compute_dtype, memory_budget, rerank_margin
+    from lightning_memdec.retrieval.exact_search import default_compute_dtype
+    from lightning_memdec.retrieval.search_budget import block_rows, memory_budget, rerank_margin
 
     dev = keys.device
     dtype = default_compute_dtype(dev)
@@ -953,7 +955,8 @@ def search_scale_stage(card: Card, store_dir: Path, sizes: list[int], k: int, no
     graph (``knn_search_exact_graph_ms_at_<N>``, with whether its neighbours equal the eager call's): at batch 1 the
     search's launches may cost more than its bytes, and kNN-LM deserves its fastest search."""
     from lightning_memdec.io.capacity import available_ram, free_device_memory
-    from lightning_memdec.retrieval.exact_search import exact_search, memory_budget, squared_norms
+    from lightning_memdec.retrieval.exact_search import exact_search, squared_norms
+    from lightning_memdec.retrieval.search_budget import memory_budget
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     real = torch.from_numpy(np.asarray(Datastore(store_dir).keys)).to(dev)  # [R, d] fp16

@@ -17,7 +17,8 @@ from jsonargparse import CLI
 
 from lightning_memdec.evaluation.latency import median_times
 from lightning_memdec.kernels.threshold_select import threshold_plan
-from lightning_memdec.retrieval.exact_search import exact_search, rerank_margin
+from lightning_memdec.retrieval.exact_search import exact_search
+from lightning_memdec.retrieval.search_budget import rerank_margin
 
 
 def main(

@@ -20,14 +20,13 @@ from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torc
 from lightning_memdec.retrieval.exact_search import (
     EXACT_CPU_MAX_ELEMENTS,
     EXACT_GPU_MAX_ELEMENTS,
-    block_rows,
     choose_search,
     exact_distances,
     exact_search,
-    memory_budget,
     resident_keys,
     squared_norms,
 )
+from lightning_memdec.retrieval.search_budget import block_rows, memory_budget
 from lightning_memdec.stages.settings import KNNTargets, TargetSearch
 from lightning_memdec.stages.targets import build_targets
 

@@ -8,8 +8,8 @@ import torch
 
 from lightning_memdec.io.artifact_dirs import partial_dir
 from lightning_memdec.io.capacity import ResourceError, check_fits
-from lightning_memdec.retrieval.exact_search import block_rows, check_search_budget
 from lightning_memdec.retrieval.index_plan import check_gpu_k
+from lightning_memdec.retrieval.search_budget import block_rows, check_search_budget
 from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 

@@ -29,7 +29,8 @@ from lightning_memdec.kernels.threshold_select import (
     needs_fallback,
     threshold_plan,
 )
-from lightning_memdec.retrieval.exact_search import exact_search, rerank_margin
+from lightning_memdec.retrieval.exact_search import exact_search
+from lightning_memdec.retrieval.search_budget import rerank_margin
 from lightning_memdec.stages.settings import KNNTargets, TargetSearch
 from lightning_memdec.stages.targets import build_targets
 

@@ -264,7 +264,8 @@ class KNNLM(torch.nn.Module):
         (:func:`~lightning_memdec.retrieval.exact_search.resident_keys`); returns whether they are resident. The
         search's memory budget is read then too: every token searches the same blocks, and a step captured as a
         CUDA graph (``StaticGenerator.from_knnlm``) reads no device memory figures."""
-        from lightning_memdec.retrieval.exact_search import memory_budget, resident_keys, squared_norms
+        from lightning_memdec.retrieval.exact_search import resident_keys, squared_norms
+        from lightning_memdec.retrieval.search_budget import memory_budget
 
         device = torch.device(device)
         if self.device_keys is None or self.device_keys.device != device:

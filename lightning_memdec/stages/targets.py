@@ -36,17 +36,15 @@ from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torc
 from lightning_memdec.retrieval import cuvs_exact, cuvs_index
 from lightning_memdec.retrieval.exact_search import (
     SEARCH_BACKENDS,
-    check_search_budget,
     choose_search,
     default_compute_dtype,
     exact_distances,
     exact_search,
-    memory_budget,
-    rerank_margin,
     resident_keys,
     squared_norms,
 )
 from lightning_memdec.retrieval.index_plan import check_gpu_k, plan_index
+from lightning_memdec.retrieval.search_budget import check_search_budget, memory_budget, rerank_margin
 from lightning_memdec.retrieval.sharded_search import check_shards_hold_k, key_shard, merge_shards, shard_search
 from lightning_memdec.stages.chunked_predict import (
     chunk_loader,
