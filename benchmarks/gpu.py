@@ -364,7 +364,7 @@ def rows_breakdown(store: Datastore, neighbours: tuple[torch.Tensor, torch.Tenso
     the device (``stored=True``, what it does now)."""
     from lightning_memdec.kernels.sparse_targets import stored_rows
     from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
-    from lightning_memdec.stages.targets import values_on
+    from lightning_memdec.stages.target_searcher import values_on
 
     dist, ids = neighbours
     tokens = values_on(store.values, dist.device)[ids.clamp(min=0)]

@@ -92,7 +92,7 @@ def test_merge_streams_chunks_in_memory_of_one_chunk(tmp_path):
 
 def test_values_copied_in_blocks_equal_a_whole_copy(tmp_path):
     from lightning_memdec.stages.datastore import write_values
-    from lightning_memdec.stages.targets import values_on
+    from lightning_memdec.stages.target_searcher import values_on
 
     tokens = np.random.default_rng(0).integers(0, 50_000, 1_000_001).astype(np.uint16)
     np.save(tmp_path / "tokens.npy", tokens)

@@ -19,7 +19,8 @@ from lightning_memdec.retrieval.cuvs_index import CUVS_INDEX, CuvsIVFPQ, ivf_pq_
 from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
 from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import KNNTargets, TargetSearch
-from lightning_memdec.stages.targets import build_targets, nearest_without_own
+from lightning_memdec.stages.target_searcher import nearest_without_own
+from lightning_memdec.stages.targets import build_targets
 
 PLAN = IndexSettings(factory="IVF16,PQ8", nprobe=16, train_size=1000)
 

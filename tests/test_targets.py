@@ -243,7 +243,7 @@ def test_bad_arguments_and_mismatched_stores(tmp_path, biomed_datastore, biomed_
 def test_each_rank_puts_its_faiss_index_on_its_own_gpu():
     from types import SimpleNamespace
 
-    from lightning_memdec.stages.targets import index_gpu_for_rank
+    from lightning_memdec.stages.target_searcher import index_gpu_for_rank
 
     def trainer(device: str, local_rank: int, world_size: int):
         strategy = SimpleNamespace(root_device=torch.device(device))

@@ -122,7 +122,7 @@ def test_threshold_search_on_real_hidden_states(biomed_datastore):
 
 def test_targets_by_threshold_selection_equal_targets_by_topk(tmp_path, biomed_datastore, monkeypatch):
     """``--search.selection threshold`` reaches the search of every chunk and leaves the stored rows as they were."""
-    import lightning_memdec.stages.targets as targets_stage
+    import lightning_memdec.stages.target_searcher as targets_stage
 
     selections = []
 
