@@ -394,11 +394,8 @@ def search_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Ten
     dtype, m, qc, full = search_call(keys, queries, k)
     fp32_out = {"out_dtype": torch.float32} if dtype != torch.float32 and dev.type == "cuda" else {}
 
-    def scores(b0: int, size: int) -> torch.Tensor:  # what exact_search writes for one block
-        return ranking_scores(qc, keys[b0 : b0 + size].to(dtype), norms[b0 : b0 + size], coarse=False)
-
     for label, size in (("", full), ("_eighth_block", max(1, full // 8))):
-        block_times(label, partial(scores, size=size), size, len(keys), m)
+        block_times(label, partial(block_scores, qc, keys, norms, size), size, len(keys), m)
     ids = torch.randint(0, len(keys), (n, m), device=dev)
     for name, fused in (("", False), ("_fused", True)):  # torch's gather, subtract, square, sum; the Triton kernel
         exact_distances(queries, keys, ids, memory_budget(dev), fused)
@@ -450,6 +447,14 @@ def search_call(keys: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torc
     return dtype, m, queries.to(dtype), block_rows(len(queries), keys.shape[1], m, memory_budget(dev), dtype)
 
 
+def block_scores(qc: torch.Tensor, keys: torch.Tensor, norms: torch.Tensor, size: int, b0: int) -> torch.Tensor:
+    """What exact_search writes for the block of ``size`` keys from ``b0``: the ranking scores of the queries ``qc``
+    (in the compute dtype, as :func:`search_call` gives them)."""
+    from lightning_memdec.retrieval.exact_search import ranking_scores
+
+    return ranking_scores(qc, keys[b0 : b0 + size].to(qc.dtype), norms[b0 : b0 + size], coarse=False)
+
+
 def threshold_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.Tensor, k: int) -> None:
     """The threshold selection's parts, per call of ``len(queries)`` queries, ms each: τ from the sample, then every
     key under it collected in one call over all keys (the fused Triton kernel, at each launch in ``TILE_CONFIGS``;
@@ -463,7 +468,7 @@ def threshold_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.
         threshold_plan,
         triton_kernels,
     )
-    from lightning_memdec.retrieval.exact_search import ranking_scores, sample_thresholds
+    from lightning_memdec.retrieval.exact_search import sample_thresholds
 
     dev, n = keys.device, len(queries)
     dtype, m, qc, size = search_call(keys, queries, k)
@@ -481,7 +486,7 @@ def threshold_breakdown(keys: torch.Tensor, norms: torch.Tensor, queries: torch.
 
     def torch_collect(buffers):  # no Triton: each block's scores, then the keys under τ
         for b0 in range(0, len(keys), size):
-            score = ranking_scores(qc, keys[b0 : b0 + size].to(dtype), norms[b0 : b0 + size], False)
+            score = block_scores(qc, keys, norms, size, b0)
             collect_below(score, tau, b0, buffers)
 
     launches = {"torch": torch_collect}
@@ -1000,14 +1005,8 @@ def batch1_breakdown(keys: torch.Tensor, norms: torch.Tensor, query: torch.Tenso
     selection scaled to the store, the library's single-row ``topk`` (``..._select_one_stage_ms``) beside the two
     designs. One row leaves most of the GPU idle in a ``topk`` over all of it, where the two-stage design's first
     stage is a batched ``topk`` over many narrow rows: if it is faster here, calls of few queries should take it."""
-    from lightning_memdec.retrieval.exact_search import ranking_scores
-
-    dtype, m, qc, size = search_call(keys, query, k)
-
-    def scores(b0: int) -> torch.Tensor:  # what exact_search writes for one block
-        return ranking_scores(qc, keys[b0 : b0 + size].to(dtype), norms[b0 : b0 + size], coarse=False)
-
-    block_times(f"_batch1_at_{n}", scores, size, len(keys), m)
+    _, m, qc, size = search_call(keys, query, k)
+    block_times(f"_batch1_at_{n}", partial(block_scores, qc, keys, norms, size), size, len(keys), m)
 
 
 def graph_rows(search, n: int) -> None:
