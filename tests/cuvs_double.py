@@ -2,17 +2,19 @@
 ``cuvs.common.Resources``) on the CPU.
 
 It follows cuVS 26.10's documented signatures and input checks (dtypes, output shapes, keyword-only parameters,
-``len(index)``, ``index.dim``, the largest int64 for a slot it could not fill) but IVF-PQ searches **exactly**, and
-brute force ranks by the expanded form ‖q‖² + ‖k‖² − 2 q·k in fp32 as cuVS's does (so near ties may swap), so a test
-can compare the package's cuVS code path (build, extend by batches, search into preallocated tensors, save/load, the
-targets and kNN-LM wiring) with brute force on a machine without a GPU. It says nothing about cuVS's own accuracy or
-speed: those are measured on a GPU (benchmarks/gpu.py).
+``len(index)``, ``index.dim``, the largest int64 for a slot it could not fill) but IVF-PQ searches **exactly** (squared
+L2 only), and brute force ranks by its metric (squared L2 by the expanded form ‖q‖² + ‖k‖² − 2 q·k in fp32 as cuVS's
+does, so near ties may swap) and views the dataset without owning it, so a test can compare the package's cuVS code
+path (build, extend by batches, search into preallocated tensors, save/load, the targets and kNN-LM wiring) with brute
+force on a machine without a GPU. It says nothing about cuVS's own accuracy or speed: those are measured on a GPU
+(benchmarks/gpu.py).
 """
 
 from __future__ import annotations
 
 import sys
 import types
+import weakref
 
 import numpy as np
 import torch
@@ -106,6 +108,8 @@ def search_outputs(n: int, k: int, neighbors, distances) -> tuple[torch.Tensor, 
 
 
 def search(search_params, index, queries, k, neighbors=None, distances=None, resources=None):
+    if index.params.metric != "sqeuclidean":
+        raise NotImplementedError(f"the double's IVF-PQ ranks by sqeuclidean only, not {index.params.metric!r}")
     q = as_tensor(queries, DATA_DTYPES, "queries").float()
     neighbors, distances = search_outputs(len(q), k, neighbors, distances)
     d = torch.cdist(q.double().cpu(), index.vectors.double()).square()  # exact, float64
@@ -133,21 +137,34 @@ def load(filename, resources=None):
 
 
 class BruteForceIndex:
-    """cuVS's brute-force index: a reference to the dataset (not a copy) and its squared norms."""
+    """cuVS's brute-force index: the dataset's squared norms and a view of the dataset, which it does not own (the
+    C++ index holds a non-owning view): here a weak reference, so a search after the caller freed it fails, where
+    the real one would read freed memory."""
 
-    def __init__(self, dataset: torch.Tensor):
-        self.dataset, self.trained = dataset, True
+    def __init__(self, dataset: torch.Tensor, metric: str):
+        self.dataset_ref, self.metric, self.trained = weakref.ref(dataset), metric, True
         self.norms = dataset.float().square().sum(1)
+
+    @property
+    def dataset(self) -> torch.Tensor:
+        dataset = self.dataset_ref()
+        if dataset is None:
+            raise RuntimeError("the dataset this brute-force index views was freed: cuVS's index does not own it")
+        return dataset
 
 
 def brute_force_build(dataset, metric="sqeuclidean", metric_arg=2.0, resources=None):
     data = as_tensor(dataset, (torch.float32, torch.float16), "dataset")
     if metric not in ("sqeuclidean", "euclidean", "inner_product", "cosine"):
         raise ValueError(f"metric {metric!r}")
-    return BruteForceIndex(data)
+    if metric == "cosine":
+        raise NotImplementedError("the double ranks by sqeuclidean, euclidean and inner_product only")
+    return BruteForceIndex(data, metric)
 
 
 def brute_force_search(index, queries, k, neighbors=None, distances=None, resources=None, prefilter=None):
+    """The k best keys by the index's metric: the smallest distances (L2Expanded in fp32, as cuVS computes them) or,
+    for ``inner_product``, the largest products."""
     if not index.trained:
         raise ValueError("Index needs to be built before calling search.")
     q = as_tensor(queries, (torch.float32, torch.float16), "queries")
@@ -155,22 +172,46 @@ def brute_force_search(index, queries, k, neighbors=None, distances=None, resour
         raise RuntimeError(f"queries of dtype {q.dtype} for an index of {index.dataset.dtype}")
     neighbors, distances = search_outputs(len(q), k, neighbors, distances)
     qf, kf = q.float(), index.dataset.float()
-    d = qf.square().sum(1, keepdim=True) + index.norms - 2 * qf @ kf.T  # L2Expanded, in fp32
+    products = qf @ kf.T
+    if index.metric == "inner_product":
+        d = products
+    else:
+        d = qf.square().sum(1, keepdim=True) + index.norms - 2 * products  # L2Expanded, in fp32
+        d = d.clamp(min=0).sqrt() if index.metric == "euclidean" else d
     found = min(k, len(kf))
-    best, cols = d.topk(found, dim=1, largest=False)
+    best, cols = d.topk(found, dim=1, largest=index.metric == "inner_product")
     distances[:, :found], neighbors[:, :found] = best, cols
     distances[:, found:], neighbors[:, found:] = torch.finfo(torch.float32).min, -1  # as cuVS fills n < k
     return distances, neighbors
 
 
+def described(value):
+    """A tensor as its shape and dtype, anything else as it is: a record that keeps no tensor alive."""
+    return f"tensor{tuple(value.shape)}:{value.dtype}" if isinstance(value, torch.Tensor) else value
+
+
+def recorded(calls: list, name: str, function):
+    """``function``, each call appended to ``calls`` as (name, args, kwargs), tensors described: what the package
+    passed, to bind against the real cuVS's signatures where it is installed."""
+
+    def call(*args, **kwargs):
+        calls.append((name, tuple(map(described, args)), {key: described(v) for key, v in kwargs.items()}))
+        return function(*args, **kwargs)
+
+    return call
+
+
 def install(monkeypatch) -> types.ModuleType:
     """Make ``import cuvs.neighbors.ivf_pq`` / ``.brute_force`` / ``cuvs.common`` give this double for one test;
-    returns ivf_pq."""
+    returns ivf_pq. ``brute_force.calls`` records the brute-force calls made."""
     ivf_pq = types.ModuleType("cuvs.neighbors.ivf_pq")
     for name in ("IndexParams", "SearchParams", "Index", "build", "extend", "search", "save", "load"):
         setattr(ivf_pq, name, globals()[name])
     brute_force = types.ModuleType("cuvs.neighbors.brute_force")
-    brute_force.Index, brute_force.build, brute_force.search = BruteForceIndex, brute_force_build, brute_force_search
+    brute_force.calls = []
+    brute_force.Index = BruteForceIndex
+    brute_force.build = recorded(brute_force.calls, "build", brute_force_build)
+    brute_force.search = recorded(brute_force.calls, "search", brute_force_search)
     common = types.ModuleType("cuvs.common")
     common.Resources = Resources
     neighbors = types.ModuleType("cuvs.neighbors")

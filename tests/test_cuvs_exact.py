@@ -15,6 +15,7 @@ import torch
 from test_exact_search import assert_same_neighbours, brute_force, exact_targets, keys  # noqa: F401 (fixtures)
 
 from lightning_memdec.io.readers import Targets
+from lightning_memdec.retrieval import cuvs_index
 from lightning_memdec.retrieval.exact_search import exact_search
 from lightning_memdec.retrieval.sharded_search import shard_search
 from lightning_memdec.stages.settings import KNNTargets, TargetSearch
@@ -35,8 +36,22 @@ def searches(cuvs, monkeypatch):
     return calls
 
 
+@pytest.fixture
+def devices_asked(cuvs, monkeypatch):
+    """The devices the package asks ``cuvs_device`` for (the double's GPU is the CPU): the keys', never None, which
+    means the current GPU, another than the keys' on a second card."""
+    asked = []
+
+    def on_cpu(device=None):
+        asked.append(device)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(cuvs_index, "cuvs_device", on_cpu)
+    return asked
+
+
 @pytest.mark.parametrize("self_exclude", [False, True])
-def test_cuvs_candidates_equal_brute_force(keys, searches, self_exclude):  # noqa: F811
+def test_cuvs_candidates_equal_brute_force(keys, searches, devices_asked, self_exclude):  # noqa: F811
     resident = torch.from_numpy(keys)
     queries = keys[:60]
     own = np.arange(60) if self_exclude else None
@@ -47,6 +62,9 @@ def test_cuvs_candidates_equal_brute_force(keys, searches, self_exclude):  # noq
             assert not np.any(got[1].numpy() == own[:, None])
     # k + the fp32 re-ranking's margin (8 + k // 16) candidates, and one more for the own entry it drops
     assert searches == [c + self_exclude for c in (9, 20, 103)]
+    assert devices_asked == [resident.device] * 3
+    builds = [kwargs for name, _, kwargs in sys.modules["cuvs.neighbors.brute_force"].calls if name == "build"]
+    assert [kwargs["metric"] for kwargs in builds] == ["sqeuclidean"] * 3
 
 
 def test_foreign_queries_and_fp32_keys(searches):
@@ -139,9 +157,17 @@ def test_targets_refuse_cuvs_before_any_work(tmp_path, biomed_datastore, monkeyp
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cuvs") is None, reason="cuVS is not installed (pip install -e '.[gpu]')")
-def test_the_real_cuvs_brute_force_takes_the_arguments_passed():
-    """With cuVS installed (no GPU needed): its build and search bind the arguments brute_force_candidates passes."""
+def test_the_real_cuvs_brute_force_takes_the_arguments_passed(keys, monkeypatch):  # noqa: F811
+    """With cuVS installed (no GPU needed): the calls brute_force_candidates makes, recorded through the double,
+    bind to the real build's and search's signatures."""
     from cuvs.neighbors import brute_force
+    from cuvs_double import install
 
-    inspect.signature(brute_force.build).bind("keys", metric="sqeuclidean", resources="handle")
-    inspect.signature(brute_force.search).bind("index", "queries", 9, neighbors="ids", distances="d", resources="h")
+    real = {name: inspect.signature(getattr(brute_force, name)) for name in ("build", "search")}
+    install(monkeypatch)
+    monkeypatch.setattr(cuvs_index, "cuvs_device", lambda device=None: torch.device("cpu"))
+    exact_search(keys[:5], torch.from_numpy(keys), 4, query_ids=np.arange(5), selection="cuvs")
+    calls = sys.modules["cuvs.neighbors.brute_force"].calls
+    assert [name for name, _, _ in calls] == ["build", "search"]
+    for name, args, kwargs in calls:
+        real[name].bind(*args, **kwargs)
