@@ -91,9 +91,31 @@ def clustered_keys():
     return keys
 
 
+@pytest.fixture
+def threshold_path(monkeypatch):
+    """What exact search's threshold selection did: key blocks collected, rows searched again (by position)."""
+    import lightning_memdec.retrieval.exact_search as search
+
+    seen = {"blocks": 0, "searched_again": []}
+    collect, fallback = search.collect_below, search.needs_fallback
+
+    def counted_collect(*args, **kwargs):
+        seen["blocks"] += 1
+        return collect(*args, **kwargs)
+
+    def recorded_fallback(*args, **kwargs):
+        redo = fallback(*args, **kwargs)
+        seen["searched_again"] += redo.nonzero().squeeze(1).tolist()
+        return redo
+
+    monkeypatch.setattr(search, "collect_below", counted_collect)
+    monkeypatch.setattr(search, "needs_fallback", recorded_fallback)
+    return seen
+
+
 @pytest.mark.parametrize("block_size", [None, 3_000])
 @pytest.mark.parametrize("as_tensor", [False, True])
-def test_threshold_search_equals_brute_force_and_topk(clustered_keys, block_size, as_tensor):
+def test_threshold_search_equals_brute_force_and_topk(clustered_keys, block_size, as_tensor, threshold_path):
     rng = np.random.default_rng(1)
     k = 256
     candidates = k + rerank_margin(k, torch.float32)
@@ -104,6 +126,11 @@ def test_threshold_search_equals_brute_force_and_topk(clustered_keys, block_size
     keys = torch.from_numpy(clustered_keys) if as_tensor else clustered_keys
     got = exact_search(queries, keys, k, own, block_size=block_size, selection="threshold")
     assert_same_neighbours(got, brute_force(queries, clustered_keys, k, exclude=own))
+    # the threshold path ran, block by block; the rows the cluster overflowed were searched again (and the random
+    # rows whose τ lies beyond the cluster's key: 8 of 30 here), the others served from the buffer
+    assert threshold_path["blocks"] == (1 if block_size is None else -(-len(keys) // block_size))
+    searched_again = set(threshold_path["searched_again"])
+    assert searched_again >= set(range(30, 40)) and len(searched_again) < len(queries), sorted(searched_again)
     topk = exact_search(queries, keys, k, own, block_size=block_size)
     assert torch.equal(got[1], topk[1]) and torch.equal(got[0], topk[0])
     assert not np.any(got[1].numpy() == own[:, None])
