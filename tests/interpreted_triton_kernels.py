@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +66,38 @@ def test_fused_product_and_selection_equal_the_torch_reference(with_own, tiles, 
             )
         else:
             assert len(g) == 64 and all(score[row, i - offset] <= tau[row] for i in g)
+
+
+def test_exact_search_calls_the_fused_kernels_as_on_a_gpu(monkeypatch):
+    """exact_search's GPU branch, which the CPU never takes: the kernels handed to it here, fp16 products, five key
+    blocks (the last partial) with own ids in later ones; the neighbours are float64 brute force's and topk's."""
+    from test_exact_search import assert_same_neighbours, brute_force
+
+    import lightning_memdec.retrieval.exact_search as search
+
+    calls = {"collect_below_fused": 0, "gathered_sq_distances": 0}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return getattr(threshold_select_triton, name)(*args, **kwargs)
+
+        return call
+
+    kernels = SimpleNamespace(**{name: counted(name) for name in calls})
+    monkeypatch.setattr(search, "triton_kernels", lambda device: kernels)
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((4_000, 32)).astype(np.float16)
+    own = np.concatenate([rng.integers(0, 4_000, 20), [3_999, 2_100, 5]])
+    queries = keys[own].astype(np.float32) + 0.05 * rng.standard_normal((len(own), 32)).astype(np.float32)
+    k, resident = 100, torch.from_numpy(keys)
+    settings = {"compute_dtype": torch.float16, "block_size": 900}
+    got = search.exact_search(queries, resident, k, own, selection="threshold", **settings)
+    assert calls == {"collect_below_fused": 5, "gathered_sq_distances": 1}
+    assert_same_neighbours(got, brute_force(queries, keys, k, exclude=own))
+    topk = search.exact_search(queries, resident, k, own, selection="topk", **settings)
+    assert torch.equal(got[1], topk[1])  # the fused re-ranking sums in another order: distances to float rounding
+    torch.testing.assert_close(got[0], topk[0], rtol=1e-5, atol=1e-4)
 
 
 def test_gathered_distances_equal_the_torch_rerank():
