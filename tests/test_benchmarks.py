@@ -53,10 +53,12 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         assert math.isfinite(float(lines[name])), name
     for entries in (3000, 20000):  # kNN-LM's search per token as the store grows: the real store, then synthetic
         assert float(lines[f"knn_search_exact_ms_at_{entries}"]) > 0
-        # and where its time goes: the products, the selections beside the library's, each finding topk's values
+        # and where its time goes: the products, the selections beside the library's topk, each finding its values
         assert float(lines[f"search_batch1_at_{entries}_products_ms"]) > 0
-        assert all(int(lines[f"search_batch1_at_{entries}_select_{name}_equal"]) == 1
-                   for name in ("one_stage", "two_stage", "threshold"))  # fmt: skip
+        assert float(lines[f"search_batch1_at_{entries}_select_one_stage_ms"]) > 0
+        assert all(
+            int(lines[f"search_batch1_at_{entries}_select_{name}_equal"]) == 1 for name in ("two_stage", "threshold")
+        )
     assert float(lines["exact_targets_qps"]) == float(lines["targets_exact_queries_per_s"])
     # the decoder beside the base (in turn on the CPU, fp32): generate()'s tokens
     assert float(lines["static_memdec_overlap_tokens_equal_eager"]) == 1.0
@@ -248,6 +250,27 @@ def test_a_time_limit_whose_exception_was_lost_still_stops_the_next_stage(monkey
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_folded_norms_keep_the_low_half_of_the_norms_in_fp16(monkeypatch):
+    """gpu.py's folded-norms products in fp16, as on the device (the tiny CPU run multiplies in fp32, where the low
+    half is 0): q'·k'ᵀ, summed exactly from the fp16 columns (as the GPU's fp32 accumulation nearly does), equals
+    ‖k‖² − 2 q·k to about 2⁻²² of the largest norm; ‖k‖² in the high half alone is off by about 2⁻¹¹."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu
+
+    g = torch.Generator().manual_seed(0)
+    qc = torch.randn(17, 30, generator=g).half()
+    keys = (torch.randn(400, 30, generator=g) * torch.rand(400, 1, generator=g) * 4).half()
+    norms = keys.float().square().sum(1)
+    q, k = gpu.folded_norms(qc, keys, norms)
+    assert q.dtype == k.dtype == torch.float16 and q.shape == (17, 32) and k.shape == (400, 32)
+    folded = q.double() @ k.double().T
+    exact = norms.double() - 2 * qc.double() @ keys.double().T
+    error = float((folded - exact).abs().max() / norms.max())
+    assert error < 2**-19, error
+    k[:, 31] = 0  # the low half dropped
+    assert float(((q.double() @ k.double().T) - exact).abs().max() / norms.max()) > 2**-15
 
 
 def test_a_skipped_stage_does_not_run_and_an_unknown_one_is_refused(monkeypatch, capsys):
