@@ -104,6 +104,38 @@ def test_filler_windows_are_not_counted_and_a_resumed_run_warms_up_again():
         assert len(clock.times) == 2 and meter.tokens_per_s == pytest.approx(2 * 2 * 8 / 0.5)
 
 
+def test_validation_inside_fit_is_not_training_time():
+    """Validation every few steps took 10 s a run: it must not count against the tokens trained (a fit validating
+    every 5 steps was reported at 158.9 tokens/s where it trained 512)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    now = [0.0]
+    meter = TrainingThroughput(warmup_steps=1, log_every_n_steps=2, clock=lambda: now[0])
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50, sanity_checking=False)
+    decoder = torch.nn.Linear(2, 2)
+    decoder.config = SimpleNamespace(num_hidden_layers=1, hidden_size=2)
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder, log=lambda k, v, **_: logged.update({k: v}))
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
+    meter.on_validation_start(trainer, module)  # before timing starts: nothing to leave out
+    now[0] += 10.0
+    meter.on_validation_end(trainer, module)
+    meter.on_train_start(trainer, module)
+    for step in range(1, 6):  # 1 s of training a step; step 1 ends the warm-up, steps 2–5 are timed
+        now[0] += 1.0
+        trainer.global_step = step
+        meter.on_train_batch_end(trainer, module, None, batch, step - 1)
+        if step in (2, 4):  # a validation run inside the span of steps 2–3 and of steps 4–5
+            meter.on_validation_start(trainer, module)
+            now[0] += 10.0
+            meter.on_validation_end(trainer, module)
+    meter.on_train_end(trainer, module)
+    assert meter.tokens_per_s == pytest.approx(4 * 16 / 4.0)
+    assert logged["train/tokens_per_s"] == pytest.approx(2 * 16 / 2.0)
+
+
 def test_the_packaged_config_adds_it_and_takes_a_peak_from_the_command_line(tmp_path, biomed_targets_pair):
     from test_training import TINY_DECODER, data_args
 

@@ -29,7 +29,8 @@ class TrainingThroughput(L.Callback):
     :attr:`mfu` hold the whole steady state's figures (None if no step was timed).
 
     Tokens are the batches' ``input_ids`` elements (a batch's masked filler windows, ``start`` −1, left out: they
-    are computed but train nothing), loader time included (a loader that cannot keep up shows).
+    are computed but train nothing), loader time included (a loader that cannot keep up shows), the validation
+    loops inside fit left out (their time is not training's; a checkpoint written at a batch's end stays in).
     FLOPs a token: :func:`training_flops_per_token` from the decoder's parameters and config and the batch's
     sequence length.
 
@@ -63,6 +64,7 @@ class TrainingThroughput(L.Callback):
         self._tokens = self._span_tokens = 0
         self._flops_per_token = None
         self._logged_step = self._first_step = 0
+        self._paused_at: float | None = None
 
     def _now(self, pl_module: L.LightningModule) -> float:
         if pl_module.device.type == "cuda":
@@ -79,6 +81,15 @@ class TrainingThroughput(L.Callback):
         self.tokens_per_s = self.mfu = self._start = self._span_start = None
         self._tokens = self._span_tokens = 0
         self._first_step = trainer.global_step  # a resumed run warms up (compiles) again: count from its start
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._start is not None and not trainer.sanity_checking:
+            self._paused_at = self._now(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._paused_at is not None:  # the timed spans resume where they were: shifted by the validation's time
+            paused = self._now(pl_module) - self._paused_at
+            self._start, self._span_start, self._paused_at = self._start + paused, self._span_start + paused, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
