@@ -30,7 +30,7 @@ from lightning_memdec.kernels.threshold_select import (
     threshold_plan,
 )
 from lightning_memdec.retrieval.exact_search import exact_search
-from lightning_memdec.retrieval.search_budget import rerank_margin
+from lightning_memdec.retrieval.search_budget import rerank_margin, search_fits
 from lightning_memdec.stages.settings import KNNTargets, TargetSearch
 from lightning_memdec.stages.targets import build_targets
 
@@ -134,6 +134,26 @@ def test_threshold_search_equals_brute_force_and_topk(clustered_keys, block_size
     topk = exact_search(queries, keys, k, own, block_size=block_size)
     assert torch.equal(got[1], topk[1]) and torch.equal(got[0], topk[0])
     assert not np.any(got[1].numpy() == own[:, None])
+
+
+def test_a_budget_the_buffers_would_crowd_out_searches_by_topk(threshold_path):
+    """A budget that holds topk's working set but not with the threshold's candidate buffers beside it: topk, not a
+    refusal in the middle of build_targets naming a --search.memory_gb that was already met."""
+    rng = np.random.default_rng(5)
+    n, dim, k = 256, 1_024, 100
+    keys = torch.from_numpy(rng.standard_normal((6_000, dim)).astype(np.float16))
+    queries = rng.standard_normal((n, dim)).astype(np.float32)
+    candidates = k + rerank_margin(k, torch.float32)
+    buffers = n * threshold_plan(len(keys), candidates).capacity * 12
+    least = next(b for b in range(0, 1 << 30, 4_096) if search_fits(n, dim, candidates, b, torch.float32))
+    budget = least + buffers - 4_096  # topk's least and the buffers, less a little
+    assert buffers <= budget // 2  # not the other rule's case: buffers over half the budget
+    got = exact_search(queries, keys, k, memory_bytes=budget, selection="threshold")
+    assert threshold_path["blocks"] == 0
+    want = exact_search(queries, keys, k, selection="topk")
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    exact_search(queries, keys, k, memory_bytes=budget + 8_192, selection="threshold")
+    assert threshold_path["blocks"] > 0  # with room for both, the threshold path
 
 
 def test_threshold_search_on_real_hidden_states(biomed_datastore):

@@ -49,6 +49,7 @@ from lightning_memdec.retrieval.search_budget import (
     check_search_budget,
     memory_budget,
     rerank_margin,
+    search_fits,
 )
 
 __all__ = [
@@ -282,7 +283,8 @@ def exact_search(
     selection = "topk" if coarse else choose_selection(selection, device.type, n)
     plan = threshold_plan(num_keys, candidates) if selection == "threshold" else None
     buffer_bytes = 0 if plan is None else n * plan.capacity * 12  # fp32 scores + int64 ids a slot
-    if buffer_bytes > budget // 2:
+    crowded = not search_fits(n, dim, candidates, budget - buffer_bytes, compute_dtype)
+    if buffer_bytes > budget // 2 or (block_size is None and crowded):
         plan, buffer_bytes = None, 0  # the candidate buffers would crowd out the key blocks: topk, which needs none
     if block_size is None:  # the budget sets the blocks: it must hold their fixed part
         check_search_budget(n, dim, candidates, budget - buffer_bytes, compute_dtype)

@@ -16,6 +16,7 @@ __all__ = [
     "check_search_budget",
     "memory_budget",
     "rerank_margin",
+    "search_fits",
 ]
 
 DEFAULT_CPU_MEMORY = 1 << 30  # bytes of RAM one exact search may use on the CPU (per rank)
@@ -58,14 +59,20 @@ def block_rows(num_queries: int, dim: int, candidates: int, memory_bytes: int, c
     return max(1, (memory_bytes - fixed) // per_row)
 
 
+def search_fits(num_queries: int, dim: int, candidates: int, memory_bytes: int, compute_dtype: torch.dtype) -> bool:
+    """Whether ``memory_bytes`` hold the queries, the running top-``candidates`` and one key row."""
+    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
+    return fixed + per_row <= memory_bytes
+
+
 def check_search_budget(
     num_queries: int, dim: int, candidates: int, memory_bytes: int, compute_dtype: torch.dtype
 ) -> None:
     """Refuse, before any key is read, a budget that cannot hold the queries, the running top-``candidates`` and one
     key row: :func:`block_rows` would otherwise exceed it silently. The message gives the chunk size that fits."""
-    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
-    if fixed + per_row <= memory_bytes:
+    if search_fits(num_queries, dim, candidates, memory_bytes, compute_dtype):
         return
+    per_row, fixed = _block_bytes(num_queries, dim, candidates, compute_dtype)
     per_query = _block_bytes(1, dim, candidates, compute_dtype)[1] + 12  # what each query adds to fixed + per_row
     fits = (memory_bytes - _block_bytes(0, dim, candidates, compute_dtype)[0]) // per_query
     raise ValueError(
