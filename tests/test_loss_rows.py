@@ -74,6 +74,28 @@ def test_kl_alone_anchors_padding_on_the_first_support_id(scatter_order):
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kernel", ["chunked", "rows"])
+def test_masks_that_are_not_one_bool_a_position_are_refused_by_either_kernel(kernel):
+    """0/2 ints and 0/0.5 floats were read by the rows kernel as weights in the count and as 0/1 in the sums (a loss
+    of 1.59 or 6.37 for 3.19), a transposed mask of the same count as rows; the chunked kernel refused them."""
+    logits, labels, ids, probs, mask = make_batch(seed=13)
+    assert B != T  # so that the transposed mask has another shape
+    losses = {
+        "memdec_loss": lambda m: memdec_loss(logits, labels, ids, probs, m, kernel=kernel),
+        "sparse_kl": lambda m: sparse_kl(logits, ids, probs, m, kernel=kernel),
+        "next_token_ce": lambda m: next_token_ce(logits, labels, m, kernel=kernel),
+    }
+    for loss in losses.values():
+        for bad in (mask.long() * 2, mask.float() * 0.5):
+            with pytest.raises(ValueError, match="mask must be bool"):
+                loss(bad)
+        with pytest.raises(ValueError, match=r"mask \(\d+, \d+\) must match logits"):
+            loss(mask.T.contiguous())
+        loss(mask)  # a bool mask of the positions' shape: accepted
+    with pytest.raises(ValueError, match="mask must be bool"):
+        row_loss_terms(logits, mask.float(), ids, probs, labels)
+
+
 def graph_nodes(fn) -> set[str]:
     """The names of every autograd node reachable from ``fn``."""
     seen, todo = set(), [fn]

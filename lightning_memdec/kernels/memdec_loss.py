@@ -36,7 +36,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-from lightning_memdec.kernels.memdec_loss_rows import row_loss_terms, row_view
+from lightning_memdec.kernels.memdec_loss_rows import check_mask, row_loss_terms, row_view
 
 __all__ = ["LOSS_KERNELS", "LossKernel", "LossOutput", "memdec_loss", "next_token_ce", "sparse_kl"]
 
@@ -106,10 +106,7 @@ class _Rows:
 
 
 def _prepare(logits: Tensor, mask: Tensor):
-    if logits.dim() < 2 or mask.shape != logits.shape[:-1]:
-        raise ValueError(f"mask {tuple(mask.shape)} must match logits {tuple(logits.shape)} minus the vocab dim")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool, got {mask.dtype}")
+    check_mask(logits, mask)
     return _Rows(logits, mask)
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["RowOps", "TORCH_ROW_OPS", "row_ops", "row_view", "row_loss_terms"]
+__all__ = ["RowOps", "TORCH_ROW_OPS", "check_mask", "row_ops", "row_view", "row_loss_terms"]
 
 
 class RowOps(NamedTuple):
@@ -74,6 +74,15 @@ def row_view(logits: Tensor) -> Tensor | None:
         return None
     row_stride = strides[-1] if lead else logits.shape[-1]
     return logits.as_strided((lead.numel(), logits.shape[-1]), (row_stride, 1))
+
+
+def check_mask(logits: Tensor, mask: Tensor) -> None:
+    """Refuse a mask that is not one bool per position of ``logits`` [..., V]: either kernel would read other values
+    or another layout as something else (0/2 ints as weights, a transposed mask with the same count as rows)."""
+    if logits.dim() < 2 or mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} must match logits {tuple(logits.shape)} minus the vocab dim")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
 
 
 class _RowLoss(torch.autograd.Function):
@@ -150,6 +159,7 @@ def row_loss_terms(
     row passes (default: :func:`row_ops` of the logits' device). ``vocab_size``: only the first ``vocab_size`` of the
     W columns are the vocabulary (a padded one's logits, read and given their 0 gradient in place: a slice of them
     would cost its backward a zero-filled copy of the whole gradient); default: all W."""
+    check_mask(logits, mask)
     rows = row_view(logits)
     if rows is None:
         raise ValueError(f"logits of shape {tuple(logits.shape)}, strides {logits.stride()} have no [N, V] row view.")
