@@ -143,12 +143,15 @@ def biomed_targets_pair(tmp_path_factory, biomed_corpus, biomed_datastore, biome
 
 @pytest.fixture
 def cuvs(monkeypatch):
-    """cuVS's API from the double (tests/cuvs_double.py), and its 'GPU' the CPU."""
+    """cuVS's API from the double (tests/cuvs_double.py), and its 'GPU' the CPU (the stages' ranks on the CPU count
+    as on a GPU)."""
     from cuvs_double import install
 
     from lightning_memdec.retrieval import cuvs_index
+    from lightning_memdec.stages import targets
 
     monkeypatch.setattr(cuvs_index, "cuvs_device", lambda device=None: torch.device("cpu"))
+    monkeypatch.setattr(targets, "on_cuda", lambda accelerator: True)
     return install(monkeypatch)
 
 

@@ -153,7 +153,19 @@ def test_targets_refuse_cuvs_before_any_work(tmp_path, biomed_datastore, monkeyp
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             build_targets(biomed_datastore, None, tmp_path / "t", search=search)
+    # a GPU machine (simulated), the ranks left on the CPU (the default accelerator): cuVS would get host memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuvs_index, "cuvs_device", lambda device=None: torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="--hardware.accelerator cpu runs the search on the CPU"):
+        build_targets(biomed_datastore, None, tmp_path / "t", search=search)
     assert not (tmp_path / "t").exists()
+
+
+def test_cuvs_refuses_tensors_off_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="cuVS reads GPU memory, and these tensors are on cpu"):
+        cuvs_index.cuvs_device(torch.device("cpu"))
+    assert cuvs_index.cuvs_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cuvs") is None, reason="cuVS is not installed (pip install -e '.[gpu]')")

@@ -46,6 +46,8 @@ def cuvs_device(device: torch.device | int | None = None) -> torch.device:
             "(--library faiss) to search on the CPU."
         )
     if isinstance(device, torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"cuVS reads GPU memory, and these tensors are on {device}: move them to a CUDA device.")
         return device
     return torch.device("cuda", torch.cuda.current_device() if device is None else device)
 

@@ -98,6 +98,12 @@ def build_targets(
     factory, index_nprobe, library = searched_index(index) if backend == "faiss" else (None, None, None)
     if backend == "exact" and search.selection == "cuvs":  # cuVS and a GPU, before any work
         cuvs_exact.brute_force_api(), cuvs_index.cuvs_device()
+        if not on_cuda(hardware.accelerator):
+            raise ValueError(
+                f"--search.selection cuvs searches keys on a GPU, and --hardware.accelerator {hardware.accelerator} "
+                "runs the search on the CPU: pass --hardware.accelerator gpu, or use --search.selection topk or "
+                "threshold on the CPU."
+            )
     available = len(store) - (1 if self_exclude else 0)
     k, hw = capped_k(knn.k, available), hardware
     if search.shard_keys and str(hw.devices).isdigit():  # up front where the rank count is known; else in each rank
@@ -170,8 +176,13 @@ def pick_search(search: str, index: Path | None, store: Datastore, accelerator: 
         log.info("search='exact' searches all keys directly; the index %s is not used.", index)
     if search != "auto":
         return search
-    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return choose_search(len(store), store.dim, "cuda" if cuda else "cpu", have_index=index is not None)
+    device = "cuda" if on_cuda(accelerator) else "cpu"
+    return choose_search(len(store), store.dim, device, have_index=index is not None)
+
+
+def on_cuda(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` puts the ranks on CUDA devices here."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def check_ranks_fit(
