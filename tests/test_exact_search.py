@@ -145,6 +145,14 @@ def test_k_up_to_the_store_and_no_further(keys):
         exact_search(queries, keys, len(keys), query_ids=own)
 
 
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+def test_own_ids_must_be_one_a_query(keys, selection):
+    """Two own ids for five queries were taken: rows 2–4 then found their own key, at distance 0."""
+    for own in (np.arange(2), np.arange(10).reshape(5, 2), torch.arange(6)):
+        with pytest.raises(ValueError, match=r"query_ids must be \[5\], one own key id a query"):
+            exact_search(keys[:5], keys, 3, query_ids=own, selection=selection)
+
+
 def test_memory_budget_sets_the_block_size(keys):
     assert block_rows(60, 24, 20, 1 << 40, torch.float32) > len(keys)
     assert block_rows(60, 24, 20, 1, torch.float32) == 1

@@ -278,6 +278,8 @@ def exact_search(
     n = q32.shape[0]
     if q32.ndim != 2 or q32.shape[1] != dim:
         raise ValueError(f"queries must be [n, {dim}], got {tuple(q32.shape)}.")
+    if query_ids is not None and tuple(np.shape(query_ids)) != (n,):
+        raise ValueError(f"query_ids must be [{n}], one own key id a query; got shape {tuple(np.shape(query_ids))}.")
     candidates = min(available, k + (rerank_margin(k, compute_dtype) if margin is None else margin))
     budget = memory_budget(device, memory_bytes)
     selection = "topk" if coarse else choose_selection(selection, device.type, n)
