@@ -141,8 +141,12 @@ def test_k_up_to_the_store_and_no_further(keys):
     got = exact_search(queries, keys, len(keys) - 1, query_ids=own, block_size=64)
     assert_same_neighbours(got, brute_force(queries, keys, len(keys) - 1, exclude=own))
     assert_same_neighbours(exact_search(queries, keys, len(keys), block_size=64), brute_force(queries, keys, len(keys)))
-    with pytest.raises(ValueError, match="k must be in"):
+    with pytest.raises(ValueError, match="k must be a whole number in"):
         exact_search(queries, keys, len(keys), query_ids=own)
+    for bad in (3.0, True):  # were a TypeError from torch.full, and k = 1
+        with pytest.raises(ValueError, match=f"k must be a whole number in \\[1, 402\\] for 403 keys, got {bad}"):
+            exact_search(queries, keys, bad, query_ids=own)
+    assert exact_search(queries, keys, np.int64(3), query_ids=own)[1].shape == (5, 3)
 
 
 @pytest.mark.parametrize("selection", ["topk", "threshold"])

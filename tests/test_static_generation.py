@@ -121,6 +121,9 @@ def test_requests_it_cannot_serve_are_refused(mixture, tiny_gpt2):
     for ids in (torch.zeros(0, 5, dtype=torch.long), torch.tensor(PROMPTS, dtype=torch.float)):
         with pytest.raises(ValueError, match="input_ids must be \\[batch ≥ 1, prompt length ≥ 1\\] token ids"):
             gen.generate(ids, 2)
+    for bad in (-1, gen.vocab_size):  # were a bare IndexError in the embedding
+        with pytest.raises(ValueError, match=f"input_ids hold {bad}, not a token id of \\[0, {gen.vocab_size}\\)"):
+            gen.generate(torch.tensor([[5, bad, 7]]), 2)
     with pytest.raises(ValueError, match="beam search here neither samples"):
         gen.generate(torch.tensor(PROMPTS[:1]), 2, num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match="early_stopping"):

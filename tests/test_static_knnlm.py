@@ -11,6 +11,7 @@ from transformers import GenerationConfig
 
 from lightning_memdec.inference.captured_step import CapturedStep
 from lightning_memdec.inference.decoding_settings import next_token, sampling_warpers
+from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.static_generation import StaticGenerator
 
@@ -98,6 +99,10 @@ def test_refusals(exact_knnlm, tiny_gpt2):
         gen.generate(torch.tensor(PROMPTS), 4, num_beams=2)
     with pytest.raises(ValueError, match="its own base"):
         StaticGenerator(exact_knnlm.base, exact_knnlm.base, 0.5, retrieval=exact_knnlm)
+    with pytest.raises(TypeError, match="from_knnlm takes a KNNLM, got InterpolatedLM.*from_interpolated"):
+        StaticGenerator.from_knnlm(InterpolatedLM(exact_knnlm.base, exact_knnlm.base, 0.5))
+    with pytest.raises(ValueError, match="a kNN-LM has none: leave overlap off"):
+        StaticGenerator.from_knnlm(exact_knnlm, overlap=True)
 
 
 def test_the_captured_step_holds_no_host_work(exact_knnlm):

@@ -33,6 +33,7 @@ from lightning_memdec.inference.beam_search import beam_search
 from lightning_memdec.inference.captured_step import CapturedStep
 from lightning_memdec.inference.decoding_settings import decoding_settings, next_token, positive_count, sampling_warpers
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
+from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.overlapped_step import OverlappedStep
 from lightning_memdec.kernels.scoring import check_lmbda, mix_log_probs, vocab_log_probs
 
@@ -166,6 +167,12 @@ class StaticGenerator:
         """kNN-LM decoding (a :class:`~lightning_memdec.inference.knnlm.KNNLM`: its base, datastore, k, T and λ) with
         a static cache for the base and, with exact search, the whole step replayed as one CUDA graph: kNN-LM's
         fastest decoding, on the same machinery as base + MemDec's (``retrieval`` above); fixed λ only."""
+        if not isinstance(knnlm, KNNLM):
+            raise TypeError(
+                f"from_knnlm takes a KNNLM, got {type(knnlm).__name__}; an InterpolatedLM goes to from_interpolated."
+            )
+        if kwargs.get("overlap"):
+            raise ValueError("overlap runs a Memory Decoder beside the base; a kNN-LM has none: leave overlap off.")
         return cls(knnlm.base, None, knnlm.lmbda, vocab_size=knnlm.vocab, retrieval=knnlm, **kwargs)
 
     def warm_up(self) -> None:
@@ -268,6 +275,9 @@ class StaticGenerator:
         if input_ids.dim() != 2 or 0 in input_ids.shape or input_ids.dtype.is_floating_point or input_ids.is_complex():
             shape, dtype = list(input_ids.shape), input_ids.dtype
             raise ValueError(f"input_ids must be [batch ≥ 1, prompt length ≥ 1] token ids, got {shape} {dtype}.")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"input_ids hold {low if low < 0 else high}, not a token id of [0, {self.vocab_size}).")
         max_new_tokens = positive_count(max_new_tokens, "max_new_tokens")
         do_sample, num_beams = config.do_sample, config.num_beams
         self._check_beams(num_beams, do_sample, streamer, stopping_criteria)

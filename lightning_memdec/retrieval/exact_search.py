@@ -268,8 +268,8 @@ def exact_search(
     compute_dtype = torch.bfloat16 if coarse else compute_dtype or default_compute_dtype(device)
     num_keys, dim = keys.shape
     available = num_keys - (1 if query_ids is not None else 0)
-    if not 0 < k <= available:
-        raise ValueError(f"k must be in [1, {available}] for {num_keys} keys, got {k}.")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 < k <= available:
+        raise ValueError(f"k must be a whole number in [1, {available}] for {num_keys} keys, got {k!r}.")
     if key_norms is not None and tuple(key_norms.shape) != (num_keys,):
         raise ValueError(f"key_norms must be [{num_keys}] (one ‖k‖² per key), got {tuple(key_norms.shape)}.")
     if not isinstance(queries, torch.Tensor):
