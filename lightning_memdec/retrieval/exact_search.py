@@ -253,8 +253,9 @@ def exact_search(
         selection: ``"topk"``, one ``topk`` over each block's score rows; ``"threshold"`` (kernels.threshold_select),
             the keys under a per-query threshold sampled from the store (on a GPU with Triton, by a kernel that never
             writes the score block; rows it cannot serve searched again by ``topk``; ``topk`` where the store is too
-            small for a sample or the buffers would take half the budget); ``"cuvs"``: cuVS's brute force over keys
-            resident on ``device`` (retrieval.cuvs_exact); the same neighbours, ties aside, neither with ``coarse``;
+            small for a sample or the buffers would take half the budget or leave no room for a key block);
+            ``"cuvs"``: cuVS's brute force over keys resident on ``device`` (retrieval.cuvs_exact); the same
+            neighbours, ties aside, neither with ``coarse``;
             ``"auto"``: threshold on the CPU for ≥ 1,024 queries, else topk (threshold_select.choose_selection).
 
     Returns (distances [n, k] float32, ids [n, k] int64) on ``device``, each row sorted by (distance, id);
