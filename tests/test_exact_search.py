@@ -292,7 +292,13 @@ def test_exact_targets_equal_faiss_flat_targets(tmp_path, biomed_datastore, biom
         assert max(abs(g[t] - w[t]) for t in g) <= 1e-3, i  # fp16 rounding of probs from fp32 distances
 
 
-def test_auto_picks_exact_here_and_faiss_without_index_is_refused(tmp_path, biomed_datastore, biomed_index):
+def test_auto_picks_exact_here_and_faiss_without_index_is_refused(tmp_path, biomed_datastore, biomed_index, caplog):
+    with caplog.at_level("WARNING"):
+        search = TargetSearch(backend="faiss", selection="threshold")
+        build_targets(
+            biomed_datastore, biomed_index, tmp_path / "f", knn=KNNTargets(k=4, temperature=4.0), search=search
+        )
+    assert "--search.selection threshold chooses exact search's candidates; the faiss backend ignores it" in caplog.text
     out = build_targets(
         biomed_datastore,
         biomed_index,

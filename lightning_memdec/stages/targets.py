@@ -96,6 +96,9 @@ def build_targets(
     if backend == "faiss" and search.use_gpu:
         check_gpu_k(knn.k, self_match=self_exclude)
     factory, index_nprobe, library = searched_index(index) if backend == "faiss" else (None, None, None)
+    if backend != "exact" and search.selection != "auto":
+        log.warning("--search.selection %s chooses exact search's candidates; the %s backend ignores it.",
+                    search.selection, backend)  # fmt: skip
     if backend == "exact" and search.selection == "cuvs":  # cuVS and a GPU, before any work
         cuvs_exact.brute_force_api(), cuvs_index.cuvs_device()
         if not on_cuda(hardware.accelerator):
