@@ -96,17 +96,7 @@ def build_targets(
     if backend == "faiss" and search.use_gpu:
         check_gpu_k(knn.k, self_match=self_exclude)
     factory, index_nprobe, library = searched_index(index) if backend == "faiss" else (None, None, None)
-    if backend != "exact" and search.selection != "auto":
-        log.warning("--search.selection %s chooses exact search's candidates; the %s backend ignores it.",
-                    search.selection, backend)  # fmt: skip
-    if backend == "exact" and search.selection == "cuvs":  # cuVS and a GPU, before any work
-        cuvs_exact.brute_force_api(), cuvs_index.cuvs_device()
-        if not on_cuda(hardware.accelerator):
-            raise ValueError(
-                f"--search.selection cuvs searches keys on a GPU, and --hardware.accelerator {hardware.accelerator} "
-                "runs the search on the CPU: pass --hardware.accelerator gpu, or use --search.selection topk or "
-                "threshold on the CPU."
-            )
+    check_selection(search.selection, backend, hardware.accelerator)
     available = len(store) - (1 if self_exclude else 0)
     k, hw = capped_k(knn.k, available), hardware
     if search.shard_keys and str(hw.devices).isdigit():  # up front where the rank count is known; else in each rank
@@ -148,6 +138,21 @@ def build_targets(
     settings["nprobe"] = None if backend == "exact" else knn.nprobe or index_nprobe
     settings["index_library"] = library  # faiss or cuvs: which library searched the index (None: no index)
     return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
+
+
+def check_selection(selection: str, backend: str, accelerator: str) -> None:
+    """Before any work: a selection the backend ignores is said; ``cuvs`` needs cuVS, a GPU and the ranks on it."""
+    if backend != "exact" and selection != "auto":
+        log.warning("--search.selection %s chooses exact search's candidates; the %s backend ignores it.",
+                    selection, backend)  # fmt: skip
+    if backend == "exact" and selection == "cuvs":
+        cuvs_exact.brute_force_api(), cuvs_index.cuvs_device()
+        if not on_cuda(accelerator):
+            raise ValueError(
+                f"--search.selection cuvs searches keys on a GPU, and --hardware.accelerator {accelerator} runs the "
+                "search on the CPU: pass --hardware.accelerator gpu, or use --search.selection topk or threshold on "
+                "the CPU."
+            )
 
 
 def searched_index(index: Path) -> tuple[str, int, str]:
