@@ -33,13 +33,17 @@ def with_eos(*docs: np.ndarray) -> np.ndarray:
     return np.concatenate([np.append(d, EOS) for d in docs])
 
 
-def test_audit_equals_a_direct_loop_on_planted_duplicates():
+@pytest.mark.parametrize("streams", [1, 2])
+def test_audit_equals_a_direct_loop_on_planted_duplicates(streams):
+    """``streams`` 2: the training text in two streams (the kNN corpus and a datastore's, or --audit.overlap_with a b),
+    the copied span in the first and a verbatim document in the second: every stream is audited."""
     rng = np.random.default_rng(0)
     train_docs = [rng.integers(1, 50, size=int(m)) for m in rng.integers(20, 60, size=8)]
     fresh = [rng.integers(1, 50, size=30) for _ in range(3)]
     spliced = np.concatenate([fresh[0][:5], train_docs[2][3:15], fresh[1][:7]])  # a 12-token copied span
     test_docs = [train_docs[1], fresh[2], spliced, train_docs[5], fresh[0]]
-    tokens, training = with_eos(*test_docs), [with_eos(*train_docs)]
+    tokens = with_eos(*test_docs)
+    training = [with_eos(*train_docs)] if streams == 1 else [with_eos(*train_docs[:4]), with_eos(*train_docs[4:])]
     for n in (4, 8, 12, 13):
         audit = audit_overlap(tokens, document_offsets(tokens, EOS), training, EOS, n)
         np.testing.assert_array_equal(audit.inside, reference_inside(tokens, training, n))
