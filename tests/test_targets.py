@@ -112,6 +112,38 @@ def test_validation_queries_are_not_self_excluded(tmp_path, biomed_datastore, bi
     assert set(t.row(3)[0].tolist()) == set(store.values[nearest].tolist())
 
 
+def test_queries_of_another_store_keep_a_store_entry_equal_to_their_key(
+    tmp_path, biomed_corpus, biomed_datastore, biomed_index, tiny_gpt2
+):
+    """Queries from another store (here the same corpus in other windows: another identity, the first window's keys
+    the store's own) are not self-excluded: store entry q, at distance ~0 from query q, must stay among the
+    neighbours. Excluding entry q of the store for the q-th query of another store dropped an unrelated entry."""
+    vstore = build_datastore(
+        biomed_corpus,
+        str(tiny_gpt2),
+        tmp_path / "vds",
+        windows=Windows(window=64, stride=64, batch_size=4),
+        hardware=Hardware(accelerator="cpu"),
+    )
+    store, queries = Datastore(biomed_datastore), Datastore(vstore)
+    assert queries.identity() != store.identity()
+    t = Targets(build_targets(biomed_datastore, biomed_index, tmp_path / "t", queries=vstore, knn=KNNTargets(k=8)))
+    assert not t.meta["self_excluded"]
+    keys = np.asarray(store.keys, dtype=np.float32)
+    for q in (0, 5, 40, 63):
+        query = np.asarray(queries.keys[q], dtype=np.float32)
+        d = ((keys - query) ** 2).sum(-1).astype(np.float64)
+        assert d.argmin() == q  # the store's key for this position is this query's nearest
+        nn = np.argsort(d, kind="stable")[:8]
+        w = np.exp(-(d[nn] - d[nn].min()) / KNNTargets().temperature)
+        want = {}
+        for j, wj in zip(nn, w / w.sum()):
+            want[int(store.values[j])] = want.get(int(store.values[j]), 0.0) + wj
+        ids, probs = t.row(q)
+        got = dict(zip(ids.tolist(), probs.astype(np.float64).tolist()))
+        assert got.keys() == want.keys() and all(abs(got[i] - want[i]) < 2e-3 for i in want), q
+
+
 def test_k_is_capped_at_store_size(tmp_path, biomed_datastore, biomed_index, caplog):
     t = Targets(
         build_targets(
