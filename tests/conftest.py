@@ -32,12 +32,12 @@ def save_tiny(
 ) -> Path:
     """A randomly initialised causal LM built from a config and saved like a hub model."""
     from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
         GPT2Config,
         GPT2LMHeadModel,
         GPTNeoXConfig,
         GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
     )
 
     from lightning_memdec.io.embedded import load_tokenizer
@@ -56,18 +56,18 @@ def save_tiny(
                 max_position_embeddings=512,
             )
         )
-    elif arch == "llama":
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                num_hidden_layers=n_layer,
-                hidden_size=n_embd,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                intermediate_size=2 * n_embd,
-                vocab_size=vocab,
-                max_position_embeddings=512,
-            )
+    elif arch in ("llama", "qwen2", "qwen3", "mistral"):  # the Llama family: its blocks name their norms alike
+        config = AutoConfig.for_model(
+            arch,
+            num_hidden_layers=n_layer,
+            hidden_size=n_embd,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=2 * n_embd,
+            vocab_size=vocab,
+            max_position_embeddings=512,
         )
+        model = AutoModelForCausalLM.from_config(config)
     else:
         raise ValueError(arch)
     model.save_pretrained(path)

@@ -59,7 +59,11 @@ def test_keys_equal_the_last_mlp_input_and_values_are_next_tokens(biomed_datasto
         np.testing.assert_allclose(got, expected[pos - win.starts[j]], rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("arch,mlp", [("gpt_neox", "gpt_neox.layers.-1.mlp"), ("llama", "model.layers.-1.mlp")])
+@pytest.mark.parametrize(
+    "arch,mlp",
+    [("gpt_neox", "gpt_neox.layers.-1.mlp")]
+    + [(a, "model.layers.-1.mlp") for a in ("llama", "qwen2", "qwen3", "mistral")],
+)
 def test_default_layer_for_other_architectures(tmp_path, biomed_corpus, arch, mlp):
     model = save_tiny(tmp_path / arch, arch=arch)
     out = build_datastore(
