@@ -112,10 +112,19 @@ def test_knn_distribution_equals_brute_force(tiny_gpt2, biomed_datastore, biomed
     gold_lp = lm.knn_gold_log_probs(keys[0], gold).numpy()
     with np.errstate(divide="ignore"):
         np.testing.assert_allclose(np.exp(gold_lp), expected[np.arange(24), gold.numpy()], rtol=1e-4, atol=1e-9)
+    lm.lmbda = 0.3  # not 0.5, where the mixture is symmetric in its two models
     out = lm.gold_log_probs(ids, gold[None])
     dense = lm.log_probs(ids)[0].gather(-1, gold[:, None])[:, 0].double()
     torch.testing.assert_close(out["mix"][0], dense, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out["mix"][0], mix_log_probs(out["base"][0], torch.from_numpy(gold_lp), 0.5))
+    with np.errstate(divide="ignore"):
+        direct = np.log(0.7 * np.exp(out["base"][0].numpy()) + 0.3 * np.exp(gold_lp))  # λ·p_kNN + (1 − λ)·p_base
+    np.testing.assert_allclose(out["mix"][0].numpy(), direct, rtol=1e-9, atol=1e-9)
+    # positions the attention mask leaves out (padding) are not scored: 0 in every output
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    masked = lm.gold_log_probs(ids, gold[None], attention_mask=mask)
+    assert all(torch.all(masked[name][0, :5] == 0) for name in ("base", "knn", "mix"))
+    assert torch.all(masked["base"][0, 5:] < 0)  # the rest scored
 
 
 # -- perplexity ---------------------------------------------------------------------------------------------------
