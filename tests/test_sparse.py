@@ -276,6 +276,28 @@ def test_stored_rows_drop_fp16_zeros_and_renormalise():
     # nothing to drop: the same arrays, cast
     c2, i2, p2 = stored_rows(np.array([2]), np.array([3, 4]), np.array([0.5, 0.5], dtype=np.float32))
     assert c2.tolist() == [2] and p2.tolist() == [0.5, 0.5]
+    # a tail large enough for the renormalisation to show in fp16: 40,000 entries of 2.5e-8 (each 0 in fp16), 1e-3
+    # of the mass; 0.5 / 0.999 is the next fp16 above 0.5
+    tail = np.full(40_000, 2.5e-8, dtype=np.float32)
+    probs = np.concatenate([np.array([0.5, 0.499], dtype=np.float32), tail])
+    c3, i3, p3 = stored_rows(np.array([len(probs)]), np.arange(len(probs)), probs)
+    kept = probs[:2] / np.float32(probs[:2].astype(np.float64).sum())
+    assert c3.tolist() == [2] and p3.tolist() == kept.astype(np.float16).tolist() and p3[0] > np.float16(0.5)
+
+
+def test_min_prob_keeps_the_tokens_at_the_threshold():
+    """min_prob is inclusive, in the host kernel and the device one: 4 neighbours at one distance holding tokens
+    a, a, b, c give exactly 0.5, 0.25, 0.25, and min_prob 0.25 keeps all three."""
+    import torch
+
+    from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
+
+    distances, neighbours, values = np.zeros((1, 4), np.float32), np.arange(4)[None], np.array([7, 7, 3, 9])
+    counts, tokens, probs = knn_distributions(distances, neighbours, values, 1.0, min_prob=0.25)
+    assert counts.tolist() == [3] and tokens.tolist() == [7, 3, 9] and probs.tolist() == [0.5, 0.25, 0.25]
+    got = knn_distributions_torch(torch.from_numpy(distances), torch.from_numpy(values[None]), 1.0, min_prob=0.25)
+    assert got[0].tolist() == [3] and got[1].tolist() == [7, 3, 9] and got[2].tolist() == [0.5, 0.25, 0.25]
+    assert knn_distributions(distances, neighbours, values, 1.0, min_prob=0.26)[0].tolist() == [1]
 
 
 def dense_reference(distances, ids, values, temperature, query_ids=None, k=None, max_support=None, min_prob=None):
