@@ -16,6 +16,7 @@ from lightning_memdec.kernels.scoring import (
     mix_log_probs,
     perplexity,
     sweep_lambda,
+    sweep_temperature,
     vocab_log_probs,
 )
 
@@ -114,6 +115,9 @@ def test_lambda_sweep_picks_the_argmin():
     assert best == grid[int(np.argmin(direct))]
     with pytest.raises(ValueError, match="empty"):
         sweep_lambda(base, other, [])
+    # ties go to the first candidate, as documented: temperatures whose p_kNN are the same arrays
+    chosen = sweep_temperature(base, {8.0: other, 2.0: other.copy(), 4.0: other + 0.0}, grid)
+    assert chosen["temperature"] == 8.0
 
 
 @pytest.mark.parametrize("n_tokens, window, stride", [(50, 12, 5), (50, 12, 12), (9, 12, 4)])
