@@ -7,6 +7,7 @@ subcommand is a pipeline stage whose flags come from its function signature.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -101,6 +102,16 @@ def main(args: list[str] | None = None) -> None:
         if not raised_by_package(err):
             raise  # a bug, here or in a library: the whole traceback
         print(f"memdec {raw[0]}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(
+            f"memdec {raw[0]}: error: no space left on the device{where}. Free space and run the same command again "
+            "(build-datastore and build-targets resume from their last whole chunk).",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
 
 

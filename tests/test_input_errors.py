@@ -99,6 +99,34 @@ def test_the_cli_prints_a_users_mistake_without_a_traceback_and_a_bug_with_one(t
         cli.main(["buggy", "--out", ""])
 
 
+def test_a_full_disk_is_said_in_one_line_with_what_to_do(capsys, monkeypatch):
+    """A disk that fills mid-stage (a chunk's write, on the writer thread or not) ended in Python's traceback."""
+    import errno
+
+    import lightning_memdec.cli as cli
+
+    def full(out: str = "x"):
+        """A stage whose disk fills."""
+        raise OSError(errno.ENOSPC, "No space left on device", f"{out}.partial/chunk_00003/keys.npy")
+
+    monkeypatch.setattr(cli, "stage_functions", lambda: {"full": full})
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["full", "--out", "store"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert (
+        "memdec full: error: no space left on the device writing store.partial/chunk_00003/keys.npy. Free space" in err
+    )
+
+    def other(out: str = "x"):
+        """A stage with another OS error."""
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cli, "stage_functions", lambda: {"other": other})
+    with pytest.raises(OSError, match="Input/output error"):  # not a user's mistake: the whole traceback
+        cli.main(["other"])
+
+
 def test_check_positive_is_the_one_rule_for_counts_and_sizes():
     import numpy as np
 
