@@ -19,9 +19,11 @@ from lightning_memdec.stages.targets import build_targets
 
 
 def brute_force_row(keys, values, q, k, temperature, exclude):
-    """The paper's maths, written plainly for one query."""
-    d = ((keys - keys[q]) ** 2).sum(-1).astype(np.float64)
-    d[exclude] = np.inf
+    """The paper's maths, written plainly for one query: the store's key ``q``, or a key vector of another store."""
+    query = keys[q] if np.ndim(q) == 0 else q
+    d = ((keys - query) ** 2).sum(-1).astype(np.float64)
+    if exclude is not None:
+        d[exclude] = np.inf
     nn = np.argsort(d, kind="stable")[:k]
     w = np.exp(-(d[nn] - d[nn].min()) / temperature)
     w /= w.sum()
@@ -132,13 +134,8 @@ def test_queries_of_another_store_keep_a_store_entry_equal_to_their_key(
     keys = np.asarray(store.keys, dtype=np.float32)
     for q in (0, 5, 40, 63):
         query = np.asarray(queries.keys[q], dtype=np.float32)
-        d = ((keys - query) ** 2).sum(-1).astype(np.float64)
-        assert d.argmin() == q  # the store's key for this position is this query's nearest
-        nn = np.argsort(d, kind="stable")[:8]
-        w = np.exp(-(d[nn] - d[nn].min()) / KNNTargets().temperature)
-        want = {}
-        for j, wj in zip(nn, w / w.sum()):
-            want[int(store.values[j])] = want.get(int(store.values[j]), 0.0) + wj
+        assert ((keys - query) ** 2).sum(-1).argmin() == q  # the store's key for this position is this query's nearest
+        want = brute_force_row(keys, store.values, query, 8, KNNTargets().temperature, exclude=None)
         ids, probs = t.row(q)
         got = dict(zip(ids.tolist(), probs.astype(np.float64).tolist()))
         assert got.keys() == want.keys() and all(abs(got[i] - want[i]) < 2e-3 for i in want), q
