@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lightning_memdec.cli import main
+from lightning_memdec.io import packaged_configs as packaged_configs_module
 from lightning_memdec.io.packaged_configs import (
     CONFIG_ROOT,
     config_args,
@@ -73,6 +74,25 @@ def test_packaged_names_resolve_and_local_files_win(tmp_path, monkeypatch):
         resolve_config("hardware/nope.yaml")
     with pytest.raises(FileNotFoundError, match="split by concern; use --config hardware/cpu.yaml --config schedule/s"):
         resolve_config("trainer/cpu.yaml")
+
+
+def test_a_packaged_config_is_found_without_its_folder_or_extension(tmp_path, monkeypatch):
+    """``--config gpt2-wikitext103`` (docs/official.md) names experiments/gpt2-wikitext103.yaml; a short name that
+    several configs share is refused with all of them, and a local file still wins."""
+    experiment = CONFIG_ROOT / "experiments" / "gpt2-wikitext103.yaml"
+    for name in ("gpt2-wikitext103", "experiments/gpt2-wikitext103", "gpt2-wikitext103.yaml"):
+        assert resolve_config(name) == experiment
+    assert resolve_config("ddp") == CONFIG_ROOT / "hardware" / "ddp.yaml"  # not ddp_cpu.yaml
+    assert config_args(["fit", "--config", "gpt2-wikitext103"])[:2] == ["fit", "--config"]
+    monkeypatch.setattr(packaged_configs_module, "CONFIG_ROOT", tmp_path)
+    for group in ("a", "b"):
+        (tmp_path / group).mkdir()
+        (tmp_path / group / "x.yaml").write_text(f"# {group}\n")
+    with pytest.raises(FileNotFoundError, match=r"config x could be any of a/x.yaml, b/x.yaml; name one"):
+        resolve_config("x")
+    assert resolve_config("b/x") == tmp_path / "b" / "x.yaml"
+    monkeypatch.chdir(tmp_path / "a")
+    assert resolve_config("x.yaml") == Path("x.yaml")
 
 
 def test_groups_split_the_trainer_by_concern():

@@ -29,8 +29,16 @@ def packaged_configs() -> list[str]:
     return sorted(p.relative_to(CONFIG_ROOT).as_posix() for p in CONFIG_ROOT.rglob("*.yaml"))
 
 
+def packaged_named(name: str) -> list[str]:
+    """The shipped configs a short name stands for: ``gpt2-wikitext103`` or ``experiments/gpt2-wikitext103``
+    for ``experiments/gpt2-wikitext103.yaml`` (the folder and ``.yaml`` may be left out)."""
+    stem = name.removesuffix(".yaml")
+    return [c for c in packaged_configs() if c.removesuffix(".yaml") == stem or c.endswith(f"/{stem}.yaml")]
+
+
 def resolve_config(path: str | Path) -> Path:
-    """A local file when it exists, else the packaged config of that name (``conf/`` prefix optional)."""
+    """A local file when it exists, else the packaged config of that name (``conf/`` prefix optional; the folder
+    and ``.yaml`` too where the rest names one config)."""
     local = Path(path)
     if local.is_file():
         return local
@@ -38,6 +46,11 @@ def resolve_config(path: str | Path) -> Path:
     packaged = CONFIG_ROOT / name
     if packaged.is_file():
         return packaged
+    named = packaged_named(name)
+    if len(named) == 1:
+        return CONFIG_ROOT / named[0]
+    if named:
+        raise FileNotFoundError(f"config {path} could be any of {', '.join(named)}; name one of them.")
     if name in SPLIT_TRAINER_CONFIGS:
         instead = " ".join(f"--config {n}" for n in SPLIT_TRAINER_CONFIGS[name])
         raise FileNotFoundError(f"config {path} was split by concern; use {instead} (memdec configs lists them).")
