@@ -17,8 +17,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 LIGHTNING_COMMANDS = {
     "fit": "train the Memory Decoder (or a base LM with model.beta 0) with LightningCLI",
-    "validate": "validation loss/perplexity of a decoder checkpoint",
-    "test": "test loss/perplexity (data.test_corpus) of a decoder checkpoint",
+    "validate": "validation loss/perplexity of a decoder checkpoint (--ckpt_path)",
+    "test": "test loss/perplexity (data.test_corpus) of a decoder checkpoint (--ckpt_path)",
 }
 # list-valued flags users repeat (`--base a --base b`) or give several values (`--dataset.files a b`), per command;
 # jsonargparse appends with `--base+ a`

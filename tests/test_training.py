@@ -1,4 +1,5 @@
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -322,13 +323,23 @@ def test_fit_from_python_and_separate_test_metrics(tmp_path, biomed_targets_pair
     test_args += ["--trainer.default_root_dir", str(tmp_path / "test")]
     with pytest.raises(ValueError, match="needs data.test_corpus"):
         lightning_cli(test_args)
-    cli = lightning_cli([*test_args, "--data.test_corpus", pair["val_corpus"]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = lightning_cli([*test_args, "--data.test_corpus", pair["val_corpus"]])
+    assert not [w for w in caught if "without --ckpt_path" in str(w.message)]  # an export fit wrote: as intended
     metrics = cli.trainer.callback_metrics
     assert not any(name.startswith("val/") for name in metrics)
     # reference: non-overlapping 64-token windows of the test corpus, every position scored once
     want = perplexity(corpus_gold_log_probs(load_causal_lm(export), Path(pair["val_corpus"]), 64, stride=64))
     assert float(metrics["test/ppl"]) == pytest.approx(want, rel=1e-4)
     assert float(metrics["test/loss"]) == pytest.approx(float(metrics["test/ce"]), rel=1e-6)
+
+    # a plain Hugging Face model (no meta.json of fit's export) is a run's starting point: scoring it says so
+    plain = shutil.copytree(export, tmp_path / "plain")
+    (plain / "meta.json").unlink()
+    plain_args = [a if a != str(export) else str(plain) for a in test_args]
+    with pytest.warns(UserWarning, match="memdec test without --ckpt_path scores the decoder as model.model"):
+        lightning_cli([*plain_args, "--data.test_corpus", pair["val_corpus"]])
 
 
 def test_mid_epoch_resume_sees_exactly_the_windows_of_an_uninterrupted_run(tmp_path, biomed_targets_pair):

@@ -10,7 +10,7 @@ imports this module, so the package works without the extra). Its ``model_args``
     import lightning_memdec.evaluation.lm_eval_bridge  # registers "memdec"
 
     results = lm_eval.simple_evaluate(
-        model="memdec", model_args="base=embedded:base-large,decoder=runs/memdec/export,lmbda=0.3",
+        model="memdec", model_args="base=embedded:base-large,decoder=runs/memdec/hf_model,lmbda=0.3",
         tasks=["my_task"], task_manager=TaskManager(include_path="my_tasks/"),
     )
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_memdec.io.artifact_dirs import ArtifactError, read_meta
 from lightning_memdec.io.packaged_configs import config_args
 from lightning_memdec.training.callbacks import ExportHuggingFace
 from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO, resolve_resume
@@ -82,6 +83,8 @@ class MemDecCLI(LightningCLI):
                 cfg.ckpt_path = self.resume_from
             if self.subcommand in (None, "fit"):
                 cfg.trainer.logger = resumed_logger(cfg.trainer.logger, resume, cfg.trainer.default_root_dir)
+        if self.subcommand in ("validate", "test") and resume is None:
+            warn_if_untrained(self.subcommand, cfg.model.model)
         if self.subcommand in (None, "fit") and cfg.trainer.max_steps == -1:
             steps = budget_steps(cfg.model.model, cfg.budget_fraction)
             if steps is not None:
@@ -98,6 +101,22 @@ class MemDecCLI(LightningCLI):
         """Where the ExportHuggingFace callback writes the trained model."""
         export = next(c for c in self.trainer.callbacks if isinstance(c, ExportHuggingFace))
         return export.resolve_dir(self.trainer)
+
+
+def warn_if_untrained(subcommand: str, model: str | None) -> None:
+    """``memdec test`` without ``--ckpt_path`` scores ``model.model`` as it loads: a decoder ``fit`` exported, or,
+    easy to miss, the starting weights a run began from."""
+    if model is not None:
+        try:
+            read_meta(model, kind="memory_decoder")
+            return
+        except ArtifactError:
+            pass
+    rank_zero_warn(
+        f"memdec {subcommand} without --ckpt_path scores the decoder as model.model/model.config give it "
+        f"({model or 'built from model.config'}), which is not a decoder `memdec fit` exported: add --ckpt_path last "
+        "(the run's newest checkpoint) or --ckpt_path FILE.ckpt to score the trained decoder."
+    )
 
 
 def lightning_cli(
