@@ -7,8 +7,11 @@ subcommand is a pipeline stage whose flags come from its function signature.
 
 from __future__ import annotations
 
+import ast
 import errno
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -47,47 +50,52 @@ def repeatable(args: list[str]) -> list[str]:
     return out
 
 
-def stage_functions() -> dict:
-    from lightning_memdec.apps.fit_router import fit_router
-    from lightning_memdec.apps.pretrain_bases import pretrain_bases
-    from lightning_memdec.apps.quickstart import quickstart
-    from lightning_memdec.apps.serve import serve
-    from lightning_memdec.evaluation.downstream import downstream
-    from lightning_memdec.evaluation.evaluate import evaluate
-    from lightning_memdec.io.packaged_configs import configs
-    from lightning_memdec.io.token_corpus import tokenize
-    from lightning_memdec.retrieval.faiss_index import build_index
-    from lightning_memdec.stages.datastore import build_datastore
-    from lightning_memdec.stages.index_shards import build_index_sharded
-    from lightning_memdec.stages.official_import import import_official
-    from lightning_memdec.stages.targets import build_targets
-    from lightning_memdec.training.vocab_transfer import transfer_vocab
+# each pipeline command and the function behind it ("module:function"), imported only when the command runs: the
+# modules behind training and retrieval import Lightning and torch (seconds), which `memdec tokenize` or
+# `memdec configs` never need
+STAGES = {
+    "tokenize": "lightning_memdec.io.token_corpus:tokenize",
+    "build-datastore": "lightning_memdec.stages.datastore:build_datastore",
+    "build-index": "lightning_memdec.retrieval.faiss_index:build_index",
+    "build-index-sharded": "lightning_memdec.stages.index_shards:build_index_sharded",
+    "build-targets": "lightning_memdec.stages.targets:build_targets",
+    "import-official": "lightning_memdec.stages.official_import:import_official",
+    "quickstart": "lightning_memdec.apps.quickstart:quickstart",
+    "evaluate": "lightning_memdec.evaluation.evaluate:evaluate",
+    "fit-router": "lightning_memdec.apps.fit_router:fit_router",
+    "downstream": "lightning_memdec.evaluation.downstream:downstream",
+    "transfer-vocab": "lightning_memdec.training.vocab_transfer:transfer_vocab",
+    "pretrain-bases": "lightning_memdec.apps.pretrain_bases:pretrain_bases",
+    "serve": "lightning_memdec.apps.serve:serve",
+    "configs": "lightning_memdec.io.packaged_configs:configs",
+}
 
-    return {
-        "tokenize": tokenize,
-        "build-datastore": build_datastore,
-        "build-index": build_index,
-        "build-index-sharded": build_index_sharded,
-        "build-targets": build_targets,
-        "import-official": import_official,
-        "quickstart": quickstart,
-        "evaluate": evaluate,
-        "fit-router": fit_router,
-        "downstream": downstream,
-        "transfer-vocab": transfer_vocab,
-        "pretrain-bases": pretrain_bases,
-        "serve": serve,
-        "configs": configs,
-    }
+
+def stage_functions(*commands: str) -> dict[str, Callable]:
+    """The functions of the named pipeline commands (of all when none is named; unknown names are left out)."""
+    functions = {}
+    for command in commands or STAGES:
+        if command in STAGES:
+            module, _, name = STAGES[command].partition(":")
+            functions[command] = getattr(importlib.import_module(module), name)
+    return functions
+
+
+def summary(command: str) -> str:
+    """The first line of a command's docstring, read from its module's source without importing it."""
+    module, _, name = STAGES[command].partition(":")
+    source = PACKAGE_DIR.joinpath(*module.split(".")[1:]).with_suffix(".py")  # lightning_memdec.a.b: a/b.py
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name)
+    return (ast.get_docstring(function) or "").splitlines()[0]
 
 
 def print_help() -> None:
-    stages = stage_functions()
     lines = ["usage: memdec <command> [options]    (memdec <command> --help: the command's options)", ""]
     lines += ["training (LightningCLI; --config takes files or packaged configs, see `memdec configs`):"]
     lines += [f"  {name:<16} {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "pipeline stages and applications:"]
-    lines += [f"  {name:<16} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in stages.items()]
+    lines += [f"  {name:<16} {summary(name)}" for name in STAGES]
     print("\n".join(lines))
 
 
@@ -121,11 +129,15 @@ def run_command(raw: list[str]) -> None:
 
         lightning_cli(raw)
         return
+    functions = stage_functions(raw[0])
+    if not functions:
+        commands = ", ".join([*LIGHTNING_COMMANDS, *STAGES])
+        raise SystemExit(f"memdec: error: {raw[0]!r} is not a command; choose one of {commands} (memdec --help).")
     from jsonargparse import CLI, set_parsing_settings
 
     # the argument groups' field docstrings (``--knn.k``, ``--hardware.devices``, …) are their flags' help
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    CLI(stage_functions(), args=repeatable(raw), as_positional=False)
+    CLI(functions, args=repeatable(raw), as_positional=False)
 
 
 def raised_by_package(err: BaseException) -> bool:

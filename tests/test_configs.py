@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_memdec.cli import main
+from lightning_memdec.cli import main, stage_functions
 from lightning_memdec.io import packaged_configs as packaged_configs_module
 from lightning_memdec.io.packaged_configs import (
     CONFIG_ROOT,
@@ -160,6 +160,25 @@ def test_help_lists_training_and_stages(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "tokenize", "build-targets", "evaluate", "pretrain-bases", "configs"):
         assert f"\n  {command} " in out
+    # each stage's line is its function's docstring, read from the source without importing it
+    for command, function in stage_functions().items():
+        assert f"\n  {command:<16} {function.__doc__.strip().splitlines()[0]}\n" in f"{out}\n", command
+
+
+@pytest.mark.parametrize("args", [["--help"], ["configs"], ["tokenize", "--help"]])
+def test_help_and_light_commands_import_neither_torch_nor_lightning(args):
+    """`memdec --help`, `memdec configs` and `memdec tokenize` start in a fraction of a second: only the command's
+    own module is imported, not every stage's (training and retrieval import Lightning and torch: seconds)."""
+    code = "import sys\nfrom lightning_memdec.cli import main\n"
+    code += f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+    code += "print('loaded:', sorted({'torch', 'lightning'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "loaded: []"
+
+
+def test_an_unknown_command_is_refused_with_the_list_of_commands(capsys):
+    with pytest.raises(SystemExit, match=r"'build-idx' is not a command; choose one of fit, validate, test, tokenize"):
+        main(["build-idx", "--datastore", "ds"])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

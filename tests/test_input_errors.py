@@ -92,7 +92,7 @@ def test_the_cli_prints_a_users_mistake_without_a_traceback_and_a_bug_with_one(t
         """A stage with a bug."""
         return {}["missing"] if out else int("not a number")
 
-    monkeypatch.setattr(cli, "stage_functions", lambda: {"buggy": buggy})
+    monkeypatch.setattr(cli, "stage_functions", lambda *commands: {"buggy": buggy})
     with pytest.raises(KeyError):
         cli.main(["buggy"])
     with pytest.raises(ValueError, match="invalid literal"):  # a ValueError from outside the package's checks
@@ -109,7 +109,7 @@ def test_a_full_disk_is_said_in_one_line_with_what_to_do(capsys, monkeypatch):
         """A stage whose disk fills."""
         raise OSError(errno.ENOSPC, "No space left on device", f"{out}.partial/chunk_00003/keys.npy")
 
-    monkeypatch.setattr(cli, "stage_functions", lambda: {"full": full})
+    monkeypatch.setattr(cli, "stage_functions", lambda *commands: {"full": full})
     with pytest.raises(SystemExit) as exit_:
         cli.main(["full", "--out", "store"])
     err = capsys.readouterr().err
@@ -122,7 +122,7 @@ def test_a_full_disk_is_said_in_one_line_with_what_to_do(capsys, monkeypatch):
         """A stage with another OS error."""
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(cli, "stage_functions", lambda: {"other": other})
+    monkeypatch.setattr(cli, "stage_functions", lambda *commands: {"other": other})
     with pytest.raises(OSError, match="Input/output error"):  # not a user's mistake: the whole traceback
         cli.main(["other"])
 
