@@ -49,3 +49,19 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise RuntimeError(f"killed at step {self.step}")
+
+
+class RecordShards(L.Callback):
+    """Writes ``shards<r>.json`` at the start of training: for each decoder parameter, the elements this rank holds
+    and the whole parameter's (equal unless the strategy sharded it)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer, pl_module):
+        local = {
+            n: p.to_local().numel() if hasattr(p, "to_local") else p.numel() for n, p in pl_module.named_parameters()
+        }
+        whole = {n: p.numel() for n, p in pl_module.named_parameters()}
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / f"shards{trainer.global_rank}.json").write_text(json.dumps({"local": local, "whole": whole}))

@@ -118,6 +118,10 @@ class MemoryDecoderModule(L.LightningModule):
         self.vocab_size = self.decoder.config.vocab_size
         if h.pad_vocab_multiple > 1 and self.vocab_size % h.pad_vocab_multiple:
             self.decoder.resize_token_embeddings(self.vocab_size, pad_to_multiple_of=h.pad_vocab_multiple)
+        if self.device_mesh is not None:  # FSDP2Strategy (ModelParallelStrategy) shards here; FSDPStrategy wraps itself
+            from lightning_memdec.training.fsdp2 import shard_decoder
+
+            shard_decoder(self.decoder, self.device_mesh["data_parallel"])
         if h.compile:
             self.decoder.compile()
 
