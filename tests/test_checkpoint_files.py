@@ -77,6 +77,17 @@ def test_resume_falls_back_to_the_newest_whole_checkpoint(tmp_path, caplog):
         assert f"{name}: not a whole checkpoint" in str(err.value)
 
 
+def test_a_kill_between_a_step_file_and_last_ckpt_resumes_from_the_step_file(tmp_path, caplog):
+    """Killed after step6.ckpt was written and before last.ckpt was (still step 5): the later step resumes, with a
+    warning that says why last.ckpt was passed over (this raised a KeyError)."""
+    for step, name in [(5, "step5.ckpt"), (5, "last.ckpt"), (6, "step6.ckpt")]:
+        save(tmp_path / name, float(step))
+        os.utime(tmp_path / name, ns=(step * 10**9 + len(name), step * 10**9 + len(name)))
+    with caplog.at_level("WARNING"):
+        assert resumable_checkpoint(tmp_path) == tmp_path / "step6.ckpt"
+    assert f"{tmp_path / 'last.ckpt'} is whole but older than step6.ckpt; resuming from" in caplog.text
+
+
 def test_a_resume_pins_the_logger_to_the_checkpointed_version(tmp_path):
     from jsonargparse import Namespace
 

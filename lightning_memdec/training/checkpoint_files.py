@@ -93,10 +93,10 @@ def resumable_checkpoint(checkpoint_dir: str | Path) -> Path:
         problems[candidate] = checkpoint_problem(candidate)
         if problems[candidate] is None:
             if candidate.name != LAST:
-                log.warning(
-                    "--ckpt_path last: %s is %s; resuming from %s, the newest whole checkpoint.",
-                    checkpoint_dir / LAST, problems[checkpoint_dir / LAST], candidate,
-                )  # fmt: skip
+                last = checkpoint_dir / LAST  # damaged, or whole but older: a kill between two saves of one step
+                why = problems.get(last) or checkpoint_problem(last) or f"whole but older than {candidate.name}"
+                log.warning("--ckpt_path last: %s is %s; resuming from %s, the newest whole checkpoint.", last, why,
+                            candidate)  # fmt: skip
             return candidate
     listed = "; ".join(f"{p.name}: {why}" for p, why in problems.items())
     raise ValueError(
