@@ -95,6 +95,29 @@ def test_a_packaged_config_is_found_without_its_folder_or_extension(tmp_path, mo
     assert resolve_config("x.yaml") == Path("x.yaml")
 
 
+def test_local_files_win_and_a_compose_list_reads_beside_its_file(tmp_path, monkeypatch):
+    """A local NAME.yaml wins over the packaged short name NAME; ./NAME is local only; `-c` is `--config`; a
+    config's compose list names files beside it (from any working directory) before packaged ones, and a
+    packaged experiment composes packaged groups whatever the working directory holds."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "short.yaml").write_text("trainer:\n  max_steps: 777\n")
+    assert resolve_config("short") == Path("short.yaml")
+    with pytest.raises(FileNotFoundError, match=r"config ./gpu: no such file"):
+        resolve_config("./gpu")
+    assert config_args(["fit", "-c", "gpu"]) == ["fit", "--config", str(CONFIG_ROOT / "hardware" / "gpu.yaml")]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "exp.yaml").write_text("compose: [short.yaml, hardware/gpu.yaml]\n")
+    (tmp_path / "sub" / "short.yaml").write_text("trainer:\n  max_steps: 555\n")
+    for cwd in (tmp_path, tmp_path / "sub"):
+        monkeypatch.chdir(cwd)
+        files = [f for f, _ in config_layers(tmp_path / "sub" / "exp.yaml")]
+        assert files[:2] == [tmp_path / "sub" / "short.yaml", CONFIG_ROOT / "hardware" / "gpu.yaml"], cwd
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "ddp.yaml").write_text("trainer:\n  devices: 99\n")
+    monkeypatch.chdir(tmp_path)
+    assert config_layers("experiments/gpt2-wikitext103.yaml")[0][0] == CONFIG_ROOT / "hardware" / "ddp.yaml"
+
+
 def test_groups_split_the_trainer_by_concern():
     """Hardware, schedule, callbacks and logger each set their own trainer keys and nothing else."""
     concerns = {

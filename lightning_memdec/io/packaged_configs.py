@@ -36,13 +36,20 @@ def packaged_named(name: str) -> list[str]:
     return [c for c in packaged_configs() if c.removesuffix(".yaml") == stem or c.endswith(f"/{stem}.yaml")]
 
 
-def resolve_config(path: str | Path) -> Path:
+def resolve_config(path: str | Path, beside: Path | None = None) -> Path:
     """A local file when it exists, else the packaged config of that name (``conf/`` prefix optional; the folder
-    and ``.yaml`` too where the rest names one config)."""
-    local = Path(path)
-    if local.is_file():
-        return local
-    name = local.as_posix().removeprefix("conf/")
+    and ``.yaml`` too where the rest names one config).
+
+    Local means beside the config whose ``compose:`` list names ``path`` (``beside``: its folder), else in the
+    working directory; a local ``NAME.yaml`` wins over a packaged short name ``NAME``, and a path written ``./…``
+    or absolute is local only."""
+    local = Path(path) if beside is None else beside / path
+    for candidate in (local, local.with_name(f"{local.name}.yaml")):
+        if candidate.is_file():
+            return candidate
+    if Path(path).is_absolute() or str(path).startswith("."):
+        raise FileNotFoundError(f"config {path}: no such file ({local.resolve()}).")
+    name = Path(path).as_posix().removeprefix("conf/")
     packaged = CONFIG_ROOT / name
     if packaged.is_file():
         return packaged
@@ -68,13 +75,15 @@ def describe(name: str) -> str:
     return ""
 
 
-def config_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any] | None]]:
+def config_layers(
+    path: str | Path, seen: tuple[Path, ...] = (), beside: Path | None = None
+) -> list[tuple[Path, dict[str, Any] | None]]:
     """What a config stands for, in merge order: the groups its ``compose:`` list names (each expanded the
     same way), then itself. Each layer is (file, None) for a file to read as it is, or (file, its settings
     without ``compose``) for a file that composes others."""
     from omegaconf import OmegaConf
 
-    file = resolve_config(path)
+    file = resolve_config(path, beside)
     if file.resolve() in seen:
         raise ValueError(f"config {file} composes itself (via {' -> '.join(map(str, seen))}); remove the cycle.")
     own = OmegaConf.to_container(OmegaConf.load(file)) or {}
@@ -86,7 +95,7 @@ def config_layers(path: str | Path, seen: tuple[Path, ...] = ()) -> list[tuple[P
     layers = []
     for group in groups:
         try:
-            layers += config_layers(group, (*seen, file.resolve()))
+            layers += config_layers(group, (*seen, file.resolve()), beside=file.resolve().parent)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{file}, in its '{COMPOSE_KEY}' list: {err}") from err
     return [*layers, (file, own)]
@@ -106,7 +115,7 @@ def load_config(*sources: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 
 def config_args(args: list[str]) -> list[str]:
-    """A command line with each ``--config NAME`` (or ``--config=NAME``) replaced by what it stands for.
+    """A command line with each ``--config NAME`` (``-c NAME``, ``--config=NAME``) replaced by what it stands for.
 
     A packaged name becomes its path when no such local file exists; a config with a ``compose:`` list
     becomes one ``--config`` per composed group, then its own settings as YAML text (which the parser takes
@@ -117,7 +126,7 @@ def config_args(args: list[str]) -> list[str]:
     out: list[str] = []
     rest = iter(args)
     for arg in rest:
-        if arg == "--config":
+        if arg in ("--config", "-c"):
             name, joined = next(rest, None), False
         elif arg.startswith("--config="):
             name, joined = arg.split("=", 1)[1], True
