@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from test_training_ddp import BATCH, REPO, STEPS, WEIGHT_ATOL, fit, fit_args, records, small_pair, weights
 
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
@@ -45,6 +46,9 @@ def runs(tmp_path_factory, small_pair) -> dict[str, Path]:
 def test_two_fsdp2_processes_train_the_weights_and_losses_of_one_process(runs):
     w1, w2 = weights(runs["one"]), weights(runs["fsdp2"])
     assert w1.keys() == w2.keys()
+    # the same tensors on disk: the tied embedding saved once (the gathered state held it under both names)
+    saved = [safe_open(runs[run] / "hf" / "model.safetensors", "pt").keys() for run in ("one", "fsdp2")]
+    assert saved[1] == saved[0] and "lm_head.weight" not in saved[1]
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     print(f"max |Δw| 1 process vs 2 FSDP2 processes: {diff:.3g}")
     assert diff < WEIGHT_ATOL

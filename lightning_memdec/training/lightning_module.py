@@ -165,7 +165,11 @@ class MemoryDecoderModule(L.LightningModule):
 
     def unpadded(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The decoder's state dict (keys without the ``decoder.`` prefix) with the ``pad_vocab_multiple`` rows cut
-        from its input and output embeddings, as exported: a model of the tokenizer's own vocabulary."""
+        from its input and output embeddings, as exported: a model of the tokenizer's own vocabulary. Tied weights
+        are one tensor again (an FSDP2 gather gives each name its own copy), so they are saved once."""
+        first = {id(p): name for name, p in self.decoder.named_parameters()}
+        tied = {n: first[id(p)] for n, p in self.decoder.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+        state = {k: state[tied[k]] if tied.get(k) in state else v for k, v in state.items()}
         heads = {id(self.decoder.get_input_embeddings()), id(self.decoder.get_output_embeddings())}
         cut = {
             f"{name}.{p}" for name, mod in self.decoder.named_modules() if id(mod) in heads for p in ("weight", "bias")
