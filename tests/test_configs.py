@@ -221,7 +221,7 @@ def test_every_experiment_composes_into_a_fit_run(experiment, tmp_path):
     if "max_steps" in trainer:
         assert cli.trainer.max_steps == trainer["max_steps"]
     callbacks = {type(c).__name__ for c in cli.trainer.callbacks}
-    assert {"ModelCheckpoint", "ExportHuggingFace", "LearningRateMonitor"} <= callbacks
+    assert {"ModelCheckpoint", "ExportHuggingFace", "LearningRateLog"} <= callbacks
     for entry in trainer.get("callbacks", []):
         assert entry["class_path"].rsplit(".", 1)[1] in callbacks
 

@@ -342,6 +342,23 @@ def test_fit_from_python_and_separate_test_metrics(tmp_path, biomed_targets_pair
         lightning_cli([*plain_args, "--data.test_corpus", pair["val_corpus"]])
 
 
+def test_fit_without_a_logger_trains_and_exports(tmp_path, biomed_targets_pair):
+    """`--trainer.logger false`: the learning-rate monitor every fit carries stays idle (Lightning's raised
+    "Cannot use LearningRateMonitor callback with Trainer that has no logger" before the first step)."""
+    pair = biomed_targets_pair
+    data = {"train_corpus": pair["train_corpus"], "train_targets": pair["train_targets"], "window": 64, "batch_size": 2}
+    trainer = {"max_steps": 2, "limit_val_batches": 0, "enable_progress_bar": False, "logger": False}
+    config = load_config(
+        "hardware/cpu.yaml",
+        "schedule/short.yaml",
+        {"model": {"config": TINY_CONFIG}, "data": data, "trainer": trainer},
+        {"export": {"dirpath": str(tmp_path / "hf")}},
+        {"trainer": {"default_root_dir": str(tmp_path / "run")}},
+    )
+    assert json.loads((fit(config) / "meta.json").read_text())["global_step"] == 2
+    assert not (tmp_path / "run" / "lightning_logs").exists()
+
+
 def test_mid_epoch_resume_sees_exactly_the_windows_of_an_uninterrupted_run(tmp_path, biomed_targets_pair):
     """Killed after 3 steps of the first epoch (checkpoint every step), resumed: the same windows, in order."""
     pair = biomed_targets_pair

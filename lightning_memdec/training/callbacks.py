@@ -7,6 +7,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 from lightning_memdec.io.artifact_dirs import base_meta, write_json_atomic
 from lightning_memdec.io.embedded import load_tokenizer
@@ -72,6 +73,23 @@ class ExportHuggingFace(L.Callback):
             return None
         per_step = dm.hparams.batch_size * dm.hparams.window * trainer.world_size * trainer.accumulate_grad_batches
         return int(per_step * trainer.global_step)
+
+
+class LearningRateLog(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` (every ``memdec fit`` has one), idle when the trainer has no logger
+    (``--trainer.logger false``), where Lightning's own stops the run before its first step."""
+
+    def on_train_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

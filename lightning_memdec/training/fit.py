@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, read_meta
 from lightning_memdec.io.packaged_configs import config_args
-from lightning_memdec.training.callbacks import ExportHuggingFace
+from lightning_memdec.training.callbacks import ExportHuggingFace, LearningRateLog
 from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO, resolve_resume
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
@@ -56,7 +56,7 @@ class MemDecCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(ExportHuggingFace, "export")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(LearningRateLog, "lr_monitor")
         parser.add_argument(
             "--budget_fraction",
             type=float,
