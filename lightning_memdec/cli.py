@@ -82,20 +82,20 @@ def stage_functions(*commands: str) -> dict[str, Callable]:
 
 
 def summary(command: str) -> str:
-    """The first line of a command's docstring, read from its module's source without importing it."""
+    """The first paragraph of a command's docstring, read from its module's source without importing it."""
     module, _, name = STAGES[command].partition(":")
     source = PACKAGE_DIR.joinpath(*module.split(".")[1:]).with_suffix(".py")  # lightning_memdec.a.b: a/b.py
     tree = ast.parse(source.read_text(encoding="utf-8"))
     function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name)
-    return (ast.get_docstring(function) or "").splitlines()[0]
+    return " ".join((ast.get_docstring(function) or "").split("\n\n")[0].split())  # its first paragraph
 
 
 def print_help() -> None:
     lines = ["usage: memdec <command> [options]    (memdec <command> --help: the command's options)", ""]
     lines += ["training (LightningCLI; --config takes files or packaged configs, see `memdec configs`):"]
-    lines += [f"  {name:<16} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += [f"  {name:<20} {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "pipeline stages and applications:"]
-    lines += [f"  {name:<16} {summary(name)}" for name in STAGES]
+    lines += [f"  {name:<20} {summary(name)}" for name in STAGES]
     print("\n".join(lines))
 
 

@@ -1,5 +1,6 @@
 """Packaged configs: shipped in the wheel, addressable by name, and every experiment composes into a full fit run."""
 
+import inspect
 import subprocess
 import sys
 import zipfile
@@ -183,9 +184,10 @@ def test_help_lists_training_and_stages(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "tokenize", "build-targets", "evaluate", "pretrain-bases", "configs"):
         assert f"\n  {command} " in out
-    # each stage's line is its function's docstring, read from the source without importing it
+    # each stage's line is its function's docstring's first paragraph, read from the source without importing it
     for command, function in stage_functions().items():
-        assert f"\n  {command:<16} {function.__doc__.strip().splitlines()[0]}\n" in f"{out}\n", command
+        first = " ".join(inspect.getdoc(function).split("\n\n")[0].split())
+        assert f"\n  {command:<20} {first}\n" in f"{out}\n", command
 
 
 @pytest.mark.parametrize("args", [["--help"], ["configs"], ["tokenize", "--help"]])
