@@ -103,8 +103,9 @@ def test_local_files_win_and_a_compose_list_reads_beside_its_file(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "short.yaml").write_text("trainer:\n  max_steps: 777\n")
     assert resolve_config("short") == Path("short.yaml")
-    with pytest.raises(FileNotFoundError, match=r"config ./gpu: no such file"):
-        resolve_config("./gpu")
+    for anchored in ("./gpu", "."):
+        with pytest.raises(FileNotFoundError, match=rf"config {anchored}: no such file"):
+            resolve_config(anchored)
     assert config_args(["fit", "-c", "gpu"]) == ["fit", "--config", str(CONFIG_ROOT / "hardware" / "gpu.yaml")]
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "exp.yaml").write_text("compose: [short.yaml, hardware/gpu.yaml]\n")

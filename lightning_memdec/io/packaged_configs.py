@@ -44,7 +44,7 @@ def resolve_config(path: str | Path, beside: Path | None = None) -> Path:
     working directory; a local ``NAME.yaml`` wins over a packaged short name ``NAME``, and a path written ``./…``
     or absolute is local only."""
     local = Path(path) if beside is None else beside / path
-    for candidate in (local, local.with_name(f"{local.name}.yaml")):
+    for candidate in (local, local.with_name(f"{local.name}.yaml")) if local.name else (local,):
         if candidate.is_file():
             return candidate
     if Path(path).is_absolute() or str(path).startswith("."):
