@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from test_training_ddp import BATCH, REPO, STEPS, WEIGHT_ATOL, fit, fit_args, records, small_pair, weights
 
+from lightning_memdec.cli import main
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
 
 __all__ = ["small_pair"]  # the module-scoped fixture, imported from the DDP tests
@@ -96,3 +97,22 @@ def test_without_a_device_mesh_the_decoder_is_not_sharded():
     )
     module.configure_model()
     assert not any(hasattr(p, "to_local") for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    "hardware, says",
+    [
+        (["--config", "hardware/fsdp.yaml", "--trainer.accelerator", "cpu"], "The strategy `fsdp` requires a GPU"),
+        (["--config", "hardware/fsdp2.yaml"], "No supported gpu backend found"),  # accelerator: gpu, on a CPU machine
+    ],
+)
+def test_a_strategy_this_machine_cannot_run_is_one_error_line(hardware, says, capsys, monkeypatch):
+    """Lightning's refusal of the trainer settings reaches the user as `memdec fit: error: …`, no traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = json.dumps({"model_type": "gpt2", "vocab_size": 64, "n_embd": 8, "n_layer": 1, "n_head": 2})
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *hardware, f"--model.config={model}", "--data.train_corpus=c", "--trainer.devices=1"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("memdec fit: error: the trainer settings (--trainer.*, the hardware config) do not run here")
+    assert says in err and "Traceback" not in err

@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, read_meta
 from lightning_memdec.io.packaged_configs import config_args
@@ -92,6 +94,14 @@ class MemDecCLI(LightningCLI):
                     f"transferred decoder: trainer.max_steps = {steps} ({cfg.budget_fraction} of its source run)"
                 )
                 cfg.trainer.max_steps = steps
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning's refusal of a trainer setting (FSDP1 on a CPU, no GPU for ``accelerator: gpu``) as one error
+        line naming the settings, not a traceback."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as err:
+            raise ValueError(f"the trainer settings (--trainer.*, the hardware config) do not run here: {err}") from err
 
     def checkpoint_dir(self) -> Path:
         """Where ModelCheckpoint writes (``<trainer.default_root_dir>/checkpoints`` unless checkpoint.dirpath)."""
