@@ -91,7 +91,8 @@ def summary(command: str) -> str:
 
 
 def print_help() -> None:
-    lines = ["usage: memdec <command> [options]    (memdec <command> --help: the command's options)", ""]
+    lines = ["usage: memdec <command> [options]    (memdec <command> --help: the command's options; memdec --version)"]
+    lines += [""]
     lines += ["training (LightningCLI; --config takes files or packaged configs, see `memdec configs`):"]
     lines += [f"  {name:<20} {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "pipeline stages and applications:"]
@@ -103,6 +104,11 @@ def main(args: list[str] | None = None) -> None:
     raw = sys.argv[1:] if args is None else list(args)
     if not raw or raw[0] in ("-h", "--help"):
         print_help()
+        return
+    if raw[0] in ("-V", "--version"):
+        from lightning_memdec import __version__
+
+        print(f"memdec {__version__}")
         return
     try:
         run_command(raw)

@@ -1,5 +1,6 @@
 """Packaged configs: shipped in the wheel, addressable by name, and every experiment composes into a full fit run."""
 
+import importlib.metadata
 import inspect
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lightning_memdec
 from lightning_memdec.cli import main, stage_functions
 from lightning_memdec.io import packaged_configs as packaged_configs_module
 from lightning_memdec.io.packaged_configs import (
@@ -235,3 +237,10 @@ def test_logger_groups_write_under_the_run_root(logger, tmp_path):
     cli = lightning_cli([*args, "--trainer.default_root_dir", str(tmp_path)], run=False)
     expected = {"tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}[logger]
     assert type(cli.trainer.logger).__name__ == expected and cli.trainer.logger.save_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_is_the_installed_distributions(flag, capsys):
+    main([flag])
+    assert capsys.readouterr().out == f"memdec {lightning_memdec.__version__}\n"
+    assert importlib.metadata.version("lightning_memdec") == lightning_memdec.__version__  # pyproject reads it
