@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import errno
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -101,7 +102,15 @@ def print_help() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    raw = sys.argv[1:] if args is None else list(args)
+    try:
+        dispatch(sys.argv[1:] if args is None else list(args))
+    except BrokenPipeError:
+        # whoever read stdout has gone (`memdec --help | head -3`): stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        raise SystemExit(141) from None  # 128 + SIGPIPE, the shell's status for a tool the pipe stopped
+
+
+def dispatch(raw: list[str]) -> None:
     if not raw or raw[0] in ("-h", "--help"):
         print_help()
         return

@@ -244,3 +244,13 @@ def test_version_is_the_installed_distributions(flag, capsys):
     main([flag])
     assert capsys.readouterr().out == f"memdec {lightning_memdec.__version__}\n"
     assert importlib.metadata.version("lightning_memdec") == lightning_memdec.__version__  # pyproject reads it
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`memdec --help | head -1`: the reader is gone before the help is written; no BrokenPipeError traceback."""
+    memdec = subprocess.Popen(
+        [sys.executable, "-m", "lightning_memdec", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    memdec.stdout.close()  # before the interpreter has even started: its first write meets a closed pipe
+    assert memdec.stderr.read() == b""
+    assert memdec.wait() == 141
