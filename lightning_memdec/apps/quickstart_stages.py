@@ -201,8 +201,6 @@ def train_model(
                 "check_val_every_n_epoch": None,
                 "default_root_dir": str(run),
                 "enable_model_summary": False,
-                # tqdm rather than rich bars: rich's console proxy recurses when driven from a Jupyter kernel
-                "callbacks": [{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}],
             },
             "checkpoint": {"dirpath": str(run / "checkpoints")},
             "export": {"dirpath": str(export)},

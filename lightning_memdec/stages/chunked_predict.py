@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_memdec.io.shared_filesystem import SharedFilesystemCheck
@@ -166,7 +166,9 @@ def run_sharded_predict(
     """Run ``module`` over its chunks on the given devices; returns the trainer after all ranks finished.
 
     First (once the ranks are connected) every rank must see ``work``: a multi-node run needs it on a shared
-    filesystem (:mod:`lightning_memdec.io.shared_filesystem`)."""
+    filesystem (:mod:`lightning_memdec.io.shared_filesystem`). Its progress bar is tqdm's unless ``callbacks`` hold
+    one (Lightning would pick rich's where rich is installed: the stage's own bars are tqdm's)."""
+    tqdm_bar = [] if any(isinstance(c, ProgressBar) for c in callbacks) else [TQDMProgressBar()]
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -176,7 +178,7 @@ def run_sharded_predict(
         enable_checkpointing=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[SharedFilesystemCheck(progress_dir(work), "--out"), writer, *callbacks],
+        callbacks=[SharedFilesystemCheck(progress_dir(work), "--out"), writer, *callbacks, *tqdm_bar],
     )
     trainer.predict(module, return_predictions=False)
     trainer.strategy.barrier()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -97,7 +97,15 @@ class MemDecCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """Lightning's refusal of a trainer setting (FSDP1 on a CPU, no GPU for ``accelerator: gpu``) as one error
-        line naming the settings, not a traceback."""
+        line naming the settings, not a traceback.
+
+        Without a progress bar in the config, tqdm's: Lightning picks rich's wherever rich is installed (transformers
+        brings it), and rich's console proxy recurses inside a Jupyter kernel (RecursionError)."""
+        trainer = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
+        configured = trainer.callbacks or []
+        configured = configured if isinstance(configured, list) else [configured]  # YAML allows one callback alone
+        if trainer.enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            kwargs.setdefault("callbacks", [*configured, TQDMProgressBar()])
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:
