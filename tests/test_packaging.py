@@ -48,7 +48,10 @@ def test_the_wheel_carries_every_tracked_file_of_the_package(wheel):
     tracked = package_files()
     assert tracked - inside == set()
     assert {f"lightning_memdec/conf/{name}" for name in packaged_configs()} <= inside
-    assert any(name.startswith("lightning_memdec/assets/models/") for name in inside)
+    assert "lightning_memdec/assets/models/base-small/model.safetensors" in inside
+    # the Apache-2.0 text the metadata's license names, and the embedded data's origins and licences
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in inside)
+    assert "lightning_memdec/assets/NOTICE.md" in inside
     assert f"lightning_memdec-{lightning_memdec.__version__}-py3-none-any.whl" == wheel.name
 
 
