@@ -8,6 +8,7 @@ subcommand is a pipeline stage whose flags come from its function signature.
 from __future__ import annotations
 
 import ast
+import difflib
 import errno
 import importlib
 import os
@@ -146,13 +147,25 @@ def run_command(raw: list[str]) -> None:
         return
     functions = stage_functions(raw[0])
     if not functions:
-        commands = ", ".join([*LIGHTNING_COMMANDS, *STAGES])
-        raise SystemExit(f"memdec: error: {raw[0]!r} is not a command; choose one of {commands} (memdec --help).")
+        raise not_a_command(raw)
     from jsonargparse import CLI, set_parsing_settings
 
     # the argument groups' field docstrings (``--knn.k``, ``--hardware.devices``, …) are their flags' help
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     CLI(functions, args=repeatable(raw), as_positional=False)
+
+
+def not_a_command(raw: list[str]) -> SystemExit:
+    """The error for a first argument that is no command: the options put first, or a near miss, named."""
+    commands = [*LIGHTNING_COMMANDS, *STAGES]
+    later = [arg for arg in raw if arg in commands]
+    if raw[0].startswith("-") and later:  # `memdec --config x fit`
+        return SystemExit(f"memdec: error: the command comes first: memdec {later[0]} {raw[0]} … (memdec --help).")
+    close = [] if raw[0].startswith("-") else difflib.get_close_matches(raw[0], commands, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return SystemExit(
+        f"memdec: error: {raw[0]!r} is not a command; {hint}choose one of {', '.join(commands)} (memdec --help)."
+    )
 
 
 def raised_by_package(err: BaseException) -> bool:

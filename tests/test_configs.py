@@ -178,8 +178,16 @@ def test_help_and_light_commands_import_neither_torch_nor_lightning(args):
 
 
 def test_an_unknown_command_is_refused_with_the_list_of_commands(capsys):
-    with pytest.raises(SystemExit, match=r"'build-idx' is not a command; choose one of fit, validate, test, tokenize"):
+    with pytest.raises(
+        SystemExit, match=r"'build-idx' is not a command; did you mean 'build-index'\? choose one of fit, "
+    ):
         main(["build-idx", "--datastore", "ds"])
+    with pytest.raises(SystemExit, match=r"'zzz' is not a command; choose one of fit, validate, test, tokenize"):
+        main(["zzz"])
+    with pytest.raises(SystemExit, match=r"the command comes first: memdec fit --config …"):
+        main(["--config", "gpu", "fit"])
+    with pytest.raises(SystemExit, match=r"'--cfg' is not a command; choose one of fit, "):
+        main(["--cfg", "x"])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
