@@ -62,6 +62,26 @@ def keys():
     return keys
 
 
+@pytest.mark.parametrize("selection", ["topk", "threshold"])
+@pytest.mark.parametrize("coarse", [False, True])
+@pytest.mark.parametrize("block_size", [None, 64])
+def test_a_tie_wider_than_the_margin_keeps_the_lowest_ids(selection, coarse, block_size):
+    """60 copies of one key (a repeated context) tie across the k-th place, far more than the re-ranking margin: the
+    k kept are the lowest ids, as float64 brute force and FAISS keep them, not whichever the selection met first."""
+    rng = np.random.default_rng(1)
+    keys = rng.standard_normal((1500, 16)).astype(np.float16)
+    keys[700:760] = keys[5]
+    near = keys[[5] * 4].astype(np.float32) + rng.normal(0, 0.01, (4, 16)).astype(np.float32)
+    members = np.array([5, 700, 730, 759])  # queries that are copies themselves, their own id left out
+    for queries, own in ((near, None), (keys[members], members)):
+        for k in (30, 61):  # the copies fill the k-th place; with 61 (all of them and the original) the next key's too
+            mode = {"coarse": coarse, "selection": "topk" if coarse else selection, "block_size": block_size}
+            got_d, got_i = exact_search(queries, keys, k, query_ids=own, **mode)
+            want_d, want_i = brute_force(queries, keys, k, exclude=own)
+            np.testing.assert_array_equal(got_i.numpy(), want_i)
+            np.testing.assert_allclose(got_d.numpy(), want_d, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("block_size", [None, 50, 64, 7])
 @pytest.mark.parametrize("self_exclude", [False, True])
 def test_exact_equals_brute_force(keys, block_size, self_exclude):

@@ -279,9 +279,12 @@ class KNNLM(torch.nn.Module):
 
         stored = self.device_keys if self.place_keys(keys.device) else self.store.keys  # else streamed from the host
         queries = keys.detach().reshape(-1, keys.shape[-1])
+        # complete_ties off: a decoding step never reads back to the host (StaticGenerator captures it as a CUDA
+        # graph); keys tied at the k-th distance weigh the same, so only which of their tokens get it is arbitrary
         return exact_search(
-            queries, stored, self.k, device=keys.device, memory_bytes=self.search_bytes, key_norms=self.device_norms
-        )
+            queries, stored, self.k, device=keys.device, memory_bytes=self.search_bytes, key_norms=self.device_norms,
+            complete_ties=False,
+        )  # fmt: skip
 
     def knn_gold_log_probs(self, keys: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         """log p_kNN(gold) ``[n]`` float64: the weight of the neighbours whose value is the gold token (no [n, V])."""

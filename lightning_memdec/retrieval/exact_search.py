@@ -234,6 +234,7 @@ def exact_search(
     coarse: bool = False,
     key_norms: torch.Tensor | None = None,
     selection: str = "auto",
+    complete_ties: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact k nearest keys of every query by squared L2.
 
@@ -246,7 +247,8 @@ def exact_search(
         memory_bytes: budget for one block's working set (default :func:`memory_budget`).
         block_size: keys per block (default :func:`block_rows` from the budget).
         compute_dtype: dtype of the products (default :func:`default_compute_dtype`).
-        margin: extra candidates re-ranked exactly (default :func:`rerank_margin` of the coarsest dtype used).
+        margin: extra candidates re-ranked exactly (default :func:`rerank_margin` of the coarsest dtype used); with
+            0 and ``complete_ties`` every row is searched twice (the k-th is then always the last candidate).
         coarse: scores written in bf16 (products in bf16 too): half the bytes, a wider margin; the re-ranking keeps
             the result exact up to candidates misranked by more than the margin (tested against brute force).
         key_norms: ‖k‖² [N] fp32 on ``device`` (:func:`squared_norms`), cached by callers with resident keys.
@@ -257,6 +259,11 @@ def exact_search(
             ``"cuvs"``: cuVS's brute force over keys resident on ``device`` (retrieval.cuvs_exact); the same
             neighbours, ties aside, neither with ``coarse``;
             ``"auto"``: threshold on the CPU for ≥ 1,024 queries, else topk (threshold_select.choose_selection).
+        complete_ties: a tie at the k-th distance that fills every candidate may go on among the keys left out
+            (duplicate keys: a repeated context), where the selection kept arbitrary members of it; such rows are
+            searched again with twice the candidates until the tie ends inside them, so the k kept are the smallest
+            by (distance, id), as brute force and FAISS keep them. It reads back to the host: off in a step a CUDA
+            graph captures (kNN-LM).
 
     Returns (distances [n, k] float32, ids [n, k] int64) on ``device``, each row sorted by (distance, id);
     distances are Σ (q − k)² in fp32 over the gathered keys (see the module docstring).
@@ -303,8 +310,18 @@ def exact_search(
     exact = exact_distances(q32, keys, best_i, budget, fused=plan is not None)
     by_id = best_i.argsort(dim=1, stable=True)  # then a stable sort by distance: ties by id
     best_i, exact = best_i.gather(1, by_id), exact.gather(1, by_id)
-    order = exact.argsort(dim=1, stable=True)[:, :k]
-    dist, ids = exact.gather(1, order), best_i.gather(1, order)
+    order = exact.argsort(dim=1, stable=True)
+    exact, best_i = exact.gather(1, order), best_i.gather(1, order)
+    dist, ids = exact[:, :k], best_i[:, :k]
+    if complete_ties and candidates < available:
+        open_rows = (exact[:, -1] == dist[:, -1]).nonzero().squeeze(1)  # the k-th distance's tie fills them all
+        if len(open_rows):
+            own_rows = None if own is None else own[open_rows]
+            again = (q32[open_rows], keys, k, own_rows, device, memory_bytes, block_size)
+            dtype = None if coarse else compute_dtype
+            # twice the candidates (all the keys, at the most) by topk: few rows, each a pass over the store
+            redo = exact_search(*again, dtype, 2 * candidates - k, key_norms=key_norms, selection="topk")
+            dist[open_rows], ids[open_rows] = redo[0], redo[1]
     if coarse and candidates < available:  # rows bf16 cannot vouch for are searched again at full precision
         unsure = ~_certified(q32, dist[:, -1], coarse_d.max(1).values, max_norm)
         if unsure.any():
