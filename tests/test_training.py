@@ -333,6 +333,11 @@ def test_fit_from_python_and_separate_test_metrics(tmp_path, biomed_targets_pair
     want = perplexity(corpus_gold_log_probs(load_causal_lm(export), Path(pair["val_corpus"]), 64, stride=64))
     assert float(metrics["test/ppl"]) == pytest.approx(want, rel=1e-4)
     assert float(metrics["test/loss"]) == pytest.approx(float(metrics["test/ce"]), rel=1e-6)
+    # β > 0 without data.test_targets: no KL term, so no test/loss (it would be (1 − β)·CE); ce and ppl as before
+    half = [*test_args, "--data.test_corpus", pair["val_corpus"], "--model.beta", "0.5"]
+    half = lightning_cli([*half, "--data.train_targets", pair["train_targets"]])  # β > 0 trains on targets
+    assert set(half.trainer.callback_metrics) == {"test/ce", "test/ppl"}
+    assert float(half.trainer.callback_metrics["test/ppl"]) == pytest.approx(want, rel=1e-4)
 
     # a plain Hugging Face model (no meta.json of fit's export) is a run's starting point: scoring it says so
     plain = shutil.copytree(export, tmp_path / "plain")
@@ -426,6 +431,28 @@ def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, biomed_targets_p
     config["trainer"] = {"default_root_dir": str(tmp_path / "never-run")}
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         fit(config, ckpt_path="last")
+
+
+def test_a_missing_checkpoint_file_is_an_error_before_any_work(tmp_path, biomed_targets_pair):
+    root = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path .*lst.ckpt: no such file"):
+        lightning_cli([*resume_args(biomed_targets_pair, root), "--ckpt_path", str(tmp_path / "lst.ckpt")])
+    assert not root.exists()  # nothing loaded, no lightning_logs/version_0 left behind
+
+
+def test_the_final_step_is_checkpointed_between_validations(tmp_path, biomed_targets_pair):
+    """5 steps, a validation every 2: the checkpoints of steps 2 and 4, then the final step's, which last.ckpt holds
+    (the decoder fit exports), so `memdec test --ckpt_path last` scores the trained weights."""
+    args = resume_args(biomed_targets_pair, tmp_path)
+    every = args.index("--checkpoint.every_n_train_steps")
+    args = [*args[:every], *args[every + 2 :], "--trainer.max_steps", "5"]  # checkpoints at validations only
+    cli = lightning_cli([*args, "--export.dirpath", str(tmp_path / "hf")])
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 5 and (tmp_path / "checkpoints" / "step5.ckpt").is_file()
+    exported = load_causal_lm(tmp_path / "hf").state_dict()
+    for name, value in cli.model.decoder.state_dict().items():
+        torch.testing.assert_close(last["state_dict"][f"decoder.{name}"], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_resume_with_other_targets_is_refused(tmp_path, biomed_targets_pair, biomed_datastore, biomed_index):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,13 @@ def resumable_checkpoint(checkpoint_dir: str | Path) -> Path:
     )
 
 
+LIGHTNING_CHECKPOINT_NAMES = ("best", "hpc")  # --ckpt_path names Lightning itself resolves
+
+
 def resolve_resume(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> Path | None:
     """The checkpoint file a run resumes from: ``last`` resolved by :func:`resumable_checkpoint`, a file checked by
-    :func:`check_checkpoint`; None when not resuming, or for Lightning's other names (``best``, ``hpc``, ...)."""
+    :func:`check_checkpoint`; None when not resuming, or for what Lightning resolves (``best``, ``hpc``, a model
+    registry, a URL); a local path that is no file is an error before any work."""
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":
@@ -115,4 +120,24 @@ def resolve_resume(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> 
     if Path(ckpt_path).is_file():
         check_checkpoint(ckpt_path)
         return Path(ckpt_path)
-    return None
+    if str(ckpt_path) in LIGHTNING_CHECKPOINT_NAMES or str(ckpt_path).startswith("registry") or "://" in str(ckpt_path):
+        return None  # Lightning resolves these (a remote file through fsspec)
+    raise FileNotFoundError(
+        f"--ckpt_path {ckpt_path}: no such file. Give a checkpoint file, or 'last' (the newest whole checkpoint in "
+        f"{checkpoint_dir})."
+    )
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, and a save of the final step: a run whose last step falls between two
+    validations (or two ``every_n_train_steps`` saves) left ``last.ckpt`` behind the exported decoder, so ``memdec
+    test --ckpt_path last`` scored older weights and a longer run replayed the steps after it."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # steps taken since the last save
+            candidates = self._monitor_candidates(trainer)
+            if self.monitor is None:  # a monitored top-k would rank the final step by a stale validation score
+                self._save_topk_checkpoint(trainer, candidates)
+            if self.save_last:
+                self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)

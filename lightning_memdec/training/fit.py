@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_memdec.io.artifact_dirs import ArtifactError, read_meta
 from lightning_memdec.io.packaged_configs import config_args
 from lightning_memdec.training.callbacks import ExportHuggingFace, LearningRateLog
-from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO, resolve_resume
+from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO, RunCheckpoint, resolve_resume
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
 from lightning_memdec.training.resume_state import (
@@ -49,12 +49,15 @@ class MemDecCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "step{step}",
                 "checkpoint.auto_insert_metric_name": False,
+                # Lightning's own default (the working directory), stated so that configs can interpolate it
+                # (logger/tensorboard.yaml: save_dir: ${trainer.default_root_dir})
+                "trainer.default_root_dir": ".",
             }
         )
         parser.add_lightning_class_args(ExportHuggingFace, "export")

@@ -259,13 +259,18 @@ class MemoryDecoderModule(L.LightningModule):
         tokens = batch["loss_mask"].sum()
         if tokens > 0:  # token-weighted means, so ranks and batches of different sizes count what they hold
             self.eval_metrics[split]["ce"].update(out.ce, weight=tokens)
-            self.eval_metrics[split]["loss"].update(out.loss, weight=tokens)
+            # a split without kNN targets (`memdec test` without data.test_targets) has no KL term: its "loss" would
+            # be (1 − β)·CE, neither the objective nor comparable to val/loss; only its ce and ppl are logged
+            if self.hparams.beta == 0 or bool(batch["target_counts"].any()):
+                self.eval_metrics[split]["loss"].update(out.loss, weight=tokens)
 
     def _log_evaluation(self, split: str, prog_bar: bool) -> None:
         metrics = self.eval_metrics[split]
         ce = metrics["ce"].compute()
         # the metrics are already reduced over ranks; sync_dist only averages equal values (and tells Lightning so)
-        values = {f"{split}/loss": metrics["loss"].compute(), f"{split}/ce": ce, f"{split}/ppl": torch.exp(ce)}
+        values = {f"{split}/ce": ce, f"{split}/ppl": torch.exp(ce)}
+        if metrics["loss"].update_called:
+            values = {f"{split}/loss": metrics["loss"].compute(), **values}
         self.log_dict(values, prog_bar=prog_bar, sync_dist=True)
         for metric in metrics.values():
             metric.reset()
