@@ -102,6 +102,9 @@ def test_a_resume_pins_the_logger_to_the_checkpointed_version(tmp_path):
     assert resumed_logger(False, path, None) is False
     given = Namespace(class_path=tensorboard, init_args=Namespace(save_dir="logs", version=None))
     assert resumed_logger(given, path, None).init_args.version == 2
+    # as logger/tensorboard.yaml and logger/csv.yaml name them: the package's re-export of the same class
+    short = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace(version=None))
+    assert resumed_logger(short, path, None).init_args.version == 2
     chosen = Namespace(class_path=tensorboard, init_args=Namespace(save_dir="logs", version=7))
     assert resumed_logger(chosen, path, None).init_args.version == 7, "a version the user gives wins"
     other = Namespace(class_path="lightning.pytorch.loggers.csv_logs.CSVLogger", init_args=Namespace(version=None))

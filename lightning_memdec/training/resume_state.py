@@ -7,6 +7,7 @@ from are not, so :class:`RandomStateCheckpoint` stores them and puts them back b
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 from pathlib import Path
@@ -120,7 +121,21 @@ def resumed_logger(logger: Any, checkpoint: Path, root_dir: str | None) -> Any:
     if logger is None or logger is True:  # what Lightning builds by default, in the default place
         args = Namespace(save_dir=str(root_dir if root_dir is not None else os.getcwd()), version=saved["version"])
         return Namespace(class_path=saved["class_path"], init_args=args)
-    same_class = isinstance(logger, Namespace) and logger.get("class_path") == saved["class_path"]
+    same_class = isinstance(logger, Namespace) and full_class_path(logger.get("class_path")) == saved["class_path"]
     if same_class and logger.get("init_args.version") is None:
         logger["init_args.version"] = saved["version"]
     return logger
+
+
+def full_class_path(class_path: str | None) -> str | None:
+    """Where a config's class is defined (``lightning.pytorch.loggers.TensorBoardLogger`` is
+    ``lightning.pytorch.loggers.tensorboard.TensorBoardLogger``), as :class:`LoggerVersionCheckpoint` records it.
+    Only the config's own class is imported (the parser imports it anyway), never a name read from a checkpoint."""
+    if not class_path or "." not in class_path:
+        return class_path
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return class_path  # the parser will name it
+    return f"{cls.__module__}.{cls.__name__}"
