@@ -99,7 +99,13 @@ def test_groups_split_the_trainer_by_concern():
     """Hardware, schedule, callbacks and logger each set their own trainer keys and nothing else."""
     concerns = {
         "hardware": {"accelerator", "devices", "strategy", "precision", "gradient_clip_val"},
-        "schedule": {"max_steps", "val_check_interval", "log_every_n_steps", "default_root_dir"},
+        "schedule": {
+            "max_steps",
+            "check_val_every_n_epoch",
+            "val_check_interval",
+            "log_every_n_steps",
+            "default_root_dir",
+        },
         "callbacks": {"callbacks"},
         "logger": {"logger"},
     }
@@ -207,7 +213,7 @@ def test_every_experiment_composes_into_a_fit_run(experiment, tmp_path):
     if "max_steps" in trainer:
         assert cli.trainer.max_steps == trainer["max_steps"]
     callbacks = {type(c).__name__ for c in cli.trainer.callbacks}
-    assert {"ModelCheckpoint", "ExportHuggingFace", "LearningRateLog"} <= callbacks
+    assert {"RunCheckpoint", "ExportHuggingFace", "LearningRateLog"} <= callbacks
     for entry in trainer.get("callbacks", []):
         assert entry["class_path"].rsplit(".", 1)[1] in callbacks
 
@@ -235,3 +241,23 @@ def test_a_closed_pipe_ends_the_command_quietly():
     memdec.stdout.close()  # before the interpreter has even started: its first write meets a closed pipe
     assert memdec.stderr.read() == b""
     assert memdec.wait() == 141
+
+
+def test_callback_configs_add_up(tmp_path):
+    """Each config's trainer.callbacks join the others' (the parser, and an OmegaConf merge, kept the last list)."""
+    root = ["--trainer.default_root_dir", str(tmp_path)]
+    groups = ["--config", "callbacks/cross_model_eval.yaml", "-c", "callbacks/throughput.yaml"]
+    cli = lightning_cli(["--config", "experiments/gpt2-wikitext103.yaml", *groups, *ON_CPU, *root], run=False)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert names.count("CrossModelEval") == 2 and names.count("TrainingThroughput") == 1  # the experiment's, and one
+    bases = [c.bases for c in cli.trainer.callbacks if type(c).__name__ == "CrossModelEval"]
+    assert bases == [["gpt2-medium", "gpt2-large", "gpt2-xl"], ["gpt2-medium", "gpt2-large"]]  # in config order
+    config = load_config("callbacks/cross_model_eval.yaml", "callbacks/throughput.yaml", "callbacks/early_stopping")
+    assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]] == [
+        "CrossModelEval", "TrainingThroughput", "EarlyStopping",
+    ]  # fmt: skip
+    # one config with callbacks: passed as it is, by its path
+    assert config_args(["--config", "callbacks/throughput.yaml"]) == [
+        "--config",
+        str(CONFIG_ROOT / "callbacks/throughput.yaml"),
+    ]

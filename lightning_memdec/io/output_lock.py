@@ -18,7 +18,7 @@ from lightning_memdec.io.artifact_dirs import ArtifactError, is_secondary_rank
 
 
 def lock_path(out: str | Path) -> Path:
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." (a run root in the working directory) has no name of its own
     return out.with_name(out.name + ".lock")
 
 

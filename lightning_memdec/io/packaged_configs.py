@@ -111,7 +111,18 @@ def load_config(*sources: str | Path | dict[str, Any]) -> dict[str, Any]:
 
     layers = [[(None, s)] if isinstance(s, dict) else config_layers(s) for s in sources]
     parts = [OmegaConf.load(file) if own is None else OmegaConf.create(own) for group in layers for file, own in group]
-    return OmegaConf.to_container(OmegaConf.merge(*parts), resolve=True)
+    merged = OmegaConf.merge(*parts)
+    callbacks = [c for part in parts for c in layer_callbacks(OmegaConf.to_container(part))]
+    if callbacks:  # each layer's callbacks add up (a merge would keep the last layer's list alone)
+        merged.trainer.callbacks = callbacks
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def layer_callbacks(settings: dict[str, Any] | None) -> list:
+    """The ``trainer.callbacks`` a config layer sets (one callback alone counts as a list of one)."""
+    trainer = (settings or {}).get("trainer") or {}
+    callbacks = trainer.get("callbacks") or []
+    return callbacks if isinstance(callbacks, list) else [callbacks]
 
 
 def config_args(args: list[str]) -> list[str]:
@@ -119,11 +130,12 @@ def config_args(args: list[str]) -> list[str]:
 
     A packaged name becomes its path when no such local file exists; a config with a ``compose:`` list
     becomes one ``--config`` per composed group, then its own settings as YAML text (which the parser takes
-    in place of a path), so the ``--config`` and flags after it still win.
+    in place of a path), so the ``--config`` and flags after it still win. The ``trainer.callbacks`` of the
+    configs add up (``--config callbacks/cross_model_eval.yaml --config callbacks/throughput.yaml``: both), where
+    the parser would keep the last list alone; a ``--trainer.callbacks`` flag still replaces them.
     """
-    from omegaconf import OmegaConf
-
     out: list[str] = []
+    layers: list[tuple[int, Path, dict[str, Any] | None]] = []  # (where in out, file, settings) of each config
     rest = iter(args)
     for arg in rest:
         if arg in ("--config", "-c"):
@@ -137,8 +149,32 @@ def config_args(args: list[str]) -> list[str]:
             out.append(arg)
             break
         for file, own in config_layers(name):
-            value = str(file) if own is None else OmegaConf.to_yaml(OmegaConf.create(own))
-            out += [f"--config={value}"] if joined else ["--config", value]
+            layers.append((len(out), file, own))
+            out += ["--config="] if joined else ["--config", ""]  # the value: see config_values
+    return config_values(out, layers)
+
+
+def config_values(out: list[str], layers: list[tuple[int, Path, dict[str, Any] | None]]) -> list[str]:
+    """Fill in each config's value: its path, or its settings as YAML text; where several configs set
+    ``trainer.callbacks``, each goes without them, and all of them follow the last of those configs."""
+    from omegaconf import OmegaConf
+
+    settings = [OmegaConf.to_container(OmegaConf.load(file)) if own is None else own for _, file, own in layers]
+    with_callbacks = [i for i, layer in enumerate(settings) if layer_callbacks(layer)]
+    added_up = len(with_callbacks) > 1
+    for i, (at, file, own) in enumerate(layers):
+        if added_up and i in with_callbacks:
+            own = {**settings[i], "trainer": {k: v for k, v in settings[i]["trainer"].items() if k != "callbacks"}}
+        value = str(file) if own is None else OmegaConf.to_yaml(OmegaConf.create(own))
+        if out[at] == "--config=":
+            out[at] += value
+        else:
+            out[at + 1] = value
+    if added_up:
+        callbacks = [c for i in with_callbacks for c in layer_callbacks(settings[i])]
+        at = layers[with_callbacks[-1]][0]
+        last = at + (1 if out[at].startswith("--config=") else 2)
+        out[last:last] = ["--config", OmegaConf.to_yaml(OmegaConf.create({"trainer": {"callbacks": callbacks}}))]
     return out
 
 
