@@ -522,3 +522,20 @@ def test_resume_from_no_whole_checkpoint_is_an_error_before_any_work(tmp_path, b
     assert not (root / "lightning_logs").exists()
     with pytest.raises(ValueError, match=r"--ckpt_path .*last.ckpt is not a whole checkpoint"):
         lightning_cli([*resume_args(biomed_targets_pair, root), "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
+
+
+def test_packaged_groups_run_on_a_small_corpus_from_the_working_directory(tmp_path, biomed_targets_pair, monkeypatch):
+    """logger/tensorboard.yaml without a schedule (its save_dir interpolates trainer.default_root_dir, '.' unless
+    set), and schedule/short.yaml (a validation every 50 steps) on a corpus of fewer batches than that."""
+    monkeypatch.chdir(tmp_path)
+    pair = biomed_targets_pair
+    base = ["fit", *TINY_DECODER, *data_args(pair), "--config", "hardware/cpu.yaml", "--trainer.limit_val_batches", "1"]
+    base += ["--trainer.enable_progress_bar", "false"]
+    lightning_cli([*base, "--config", "logger/tensorboard.yaml", "--trainer.max_steps", "2"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and list(
+        tmp_path.glob("lightning_logs/version_0/events*")
+    )
+    epoch = len(WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], 64, 64)) // 2
+    assert epoch < 50, "the test needs an epoch shorter than short.yaml's validation interval"
+    cli = lightning_cli([*base, "--config", "schedule/short.yaml", "--trainer.max_steps", str(epoch + 2)])
+    assert cli.trainer.global_step == epoch + 2 and cli.trainer.current_epoch >= 1  # into the second epoch
