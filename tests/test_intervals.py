@@ -110,3 +110,28 @@ def test_the_intervals_table_shows_infinite_bounds_and_says_why():
     assert "∞: p(gold) = 0 at some positions" in text
     finite = {"base": "b", "base_ppl": row["base_ppl"], "all_positions": row_intervals({"base_ppl": base}, offsets)}
     assert "∞" not in "\n".join(interval_table({"rows": [finite]}))
+
+
+def test_one_document_gives_no_interval_and_no_goal_is_met_on_it():
+    """Every draw of one document is that document: a zero-width "95 % interval" would read as certainty."""
+    from lightning_memdec.apps.quickstart_report import goals
+    from lightning_memdec.evaluation.intervals import bootstrap_means
+    from lightning_memdec.evaluation.report import interval_table
+
+    rng = np.random.default_rng(0)
+    base, memdec = -rng.gamma(2.0, 1.5, size=30), -rng.gamma(2.0, 1.0, size=30)
+    one = np.array([0, 31])
+    draws = bootstrap_perplexities([document_sums(base, one), document_sums(memdec, one)])
+    assert draws.shape == (2, RESAMPLES) and np.isnan(draws).all()
+    assert np.isnan(interval(draws[1] - draws[0])).all()
+    assert np.isnan(bootstrap_means(np.ones((1, 3)))).all() and not np.isnan(bootstrap_means(np.ones((2, 3)))).any()
+    figures = row_intervals({"base_ppl": base, "memdec_ppl": memdec}, one)
+    row = {"base": "b", "base_ppl": float(np.exp(-base.mean())), "memdec_ppl": float(np.exp(-memdec.mean()))}
+    text = "\n".join(interval_table({"rows": [{**row, "all_positions": figures}]}))
+    assert " [—, —]" in text and "nan" not in text
+    ce = {"difference": -3.0, "interval": [float("nan")] * 2}
+    report = {
+        "lambda_grid": [0.0, 1.0],
+        "rows": [{**row, "all_positions": {"differences": {"memdec_ppl - ce_only_ppl": ce}}}],
+    }
+    assert not goals(report)["b"]["paired 95 % interval of MemDec − CE-only below zero"]["met"]

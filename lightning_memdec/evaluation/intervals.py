@@ -5,7 +5,8 @@ document: draw the split's documents with replacement, and the resampled perplex
 documents' positions, a document drawn twice counting twice). The interval is the 2.5 … 97.5 % quantile range of
 ``RESAMPLES`` draws with a fixed seed. A paired interval of a difference uses the same draws for both models, so
 what the two share (hard documents) cancels. A mean over examples (an accuracy) is resampled the same way, with
-the example as the unit (:func:`bootstrap_means`).
+the example as the unit (:func:`bootstrap_means`). Fewer than :data:`MIN_UNITS` units give no interval (NaN: every
+draw would be the one unit, a zero-width range that reads as certainty).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "RESAMPLES",
+    "MIN_UNITS",
     "SEED",
     "LEVEL",
     "document_sums",
@@ -24,6 +26,7 @@ __all__ = [
 ]
 
 RESAMPLES = 1000
+MIN_UNITS = 2
 SEED = 0
 LEVEL = 0.95
 _BLOCK = 100  # resamples per block: memory stays O(block × documents)
@@ -56,6 +59,8 @@ def resample_counts(documents: int, resamples: int = RESAMPLES, seed: int = SEED
 def bootstrap_perplexities(sums: list[tuple[np.ndarray, np.ndarray]], resamples: int = RESAMPLES, seed: int = SEED):
     """``[len(sums), resamples]`` perplexities, every row resampled with the same document draws (paired)."""
     documents = len(sums[0][0])
+    if documents < MIN_UNITS:
+        return np.full((len(sums), resamples), np.nan)
     out = []
     for counts in resample_counts(documents, resamples, seed):
         out.append(np.stack([_perplexities(counts, nll, n) for nll, n in sums]))
@@ -70,6 +75,8 @@ def bootstrap_means(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 
         raise ValueError(f"need values [units, columns] with at least one unit, got shape {values.shape}.")
     if resamples <= 0:
         raise ValueError(f"resamples must be positive, got {resamples}.")
+    if values.shape[0] < MIN_UNITS:
+        return np.full((values.shape[1], resamples), np.nan)
     blocks = [counts @ values / values.shape[0] for counts in resample_counts(values.shape[0], resamples, seed)]
     return np.concatenate(blocks, axis=0).T
 

@@ -44,7 +44,7 @@ def finite_or_none(obj):
 
 
 def _fmt(x, digits: int = 2) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):  # no figure (an interval over one document)
         return "—"
     if isinstance(x, float) and math.isinf(x):
         return "∞"
