@@ -266,3 +266,19 @@ def test_pretrain_bases_flag_trains_tiny_bases_from_scratch(tmp_path):
     assert report["run"]["teacher_start"].endswith("base-large")
     with pytest.raises(ValueError, match="either --base or --pretrain_bases"):
         quickstart(out=tmp_path / "x", pretrain_bases=True, base=["embedded:base-small"], budget=TINY)
+
+
+def test_domain_names_a_directory_or_a_shipped_corpus(tmp_path, monkeypatch):
+    from lightning_memdec.apps.quickstart_stages import split_path
+
+    monkeypatch.chdir(tmp_path)
+    assert [split_path(d, "test") for d in (None, "general", "embedded:law")] == [
+        "embedded:biomed/test", "embedded:general/test", "embedded:law/test",
+    ]  # fmt: skip
+    (tmp_path / "law").mkdir()  # a local directory of that name wins, and must hold the splits
+    with pytest.raises(FileNotFoundError, match=r"--domain law must hold train.txt.*or name a shipped corpus"):
+        split_path("law", "train")
+    (tmp_path / "law" / "train.txt").write_text("a\n")
+    assert split_path("law", "train") == "law/train.txt"
+    with pytest.raises(FileNotFoundError, match="the shipped corpora are general, biomed, law"):
+        split_path("embedded:finance", "train")

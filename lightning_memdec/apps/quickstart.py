@@ -72,8 +72,8 @@ def quickstart(
 
     Args:
         out: run directory; finished stages in it are reused when rerun.
-        domain: directory with train.txt, valid.txt, test.txt (documents separated by blank lines);
-            default: the embedded biomedical corpus.
+        domain: directory with train.txt, valid.txt, test.txt (documents separated by blank lines), or a
+            shipped corpus: biomed, law or general (``embedded:law``); default: the embedded biomedical corpus.
         base: base LMs (HF names, directories or embedded:base-small / embedded:base-large), all with the same
             tokenizer; default: the two shipped bases. The decoder starts from the smallest.
         teacher: the model fine-tuned on the domain as the teacher; default: the base with the most parameters.

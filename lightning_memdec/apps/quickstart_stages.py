@@ -14,7 +14,7 @@ import numpy as np
 
 from lightning_memdec.evaluation.knn_temperature import knn_key
 from lightning_memdec.io.artifact_dirs import META, write_json_atomic
-from lightning_memdec.io.embedded import EMBEDDED_PREFIX
+from lightning_memdec.io.embedded import EMBEDDED_DOMAINS, EMBEDDED_PREFIX
 from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.io.settings import check_positive
@@ -137,11 +137,19 @@ def done(path: Path) -> bool:
 
 
 def split_path(domain: str | None, split: str) -> str:
-    if domain is None:
-        return f"{EMBEDDED_PREFIX}biomed/{split}"
+    """A split's text: ``<domain>/<split>.txt``, or a shipped corpus's (``embedded:law``, or ``law`` where no such
+    directory exists; none: the biomedical one)."""
+    name = "biomed" if domain is None else domain.removeprefix(EMBEDDED_PREFIX)
+    if domain is None or domain.startswith(EMBEDDED_PREFIX) or (name in EMBEDDED_DOMAINS and not Path(name).exists()):
+        if name not in EMBEDDED_DOMAINS:
+            raise FileNotFoundError(f"--domain {domain}: the shipped corpora are {', '.join(EMBEDDED_DOMAINS)}.")
+        return f"{EMBEDDED_PREFIX}{name}/{split}"
     path = Path(domain) / f"{split}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"--domain {domain} must hold train.txt, valid.txt and test.txt; {path} is missing.")
+        raise FileNotFoundError(
+            f"--domain {domain} must hold train.txt, valid.txt and test.txt ({path} is missing), or name a shipped "
+            f"corpus: {', '.join(EMBEDDED_DOMAINS)}."
+        )
     return str(path)
 
 
