@@ -539,3 +539,14 @@ def test_packaged_groups_run_on_a_small_corpus_from_the_working_directory(tmp_pa
     assert epoch < 50, "the test needs an epoch shorter than short.yaml's validation interval"
     cli = lightning_cli([*base, "--config", "schedule/short.yaml", "--trainer.max_steps", str(epoch + 2)])
     assert cli.trainer.global_step == epoch + 2 and cli.trainer.current_epoch >= 1  # into the second epoch
+
+
+def test_a_callback_monitoring_validation_without_validation_data_is_refused_before_training(
+    tmp_path, biomed_targets_pair
+):
+    pair = {k: v for k, v in biomed_targets_pair.items() if k in ("train_corpus", "train_targets")}
+    args = ["fit", *TINY_DECODER, *data_args(pair), "--trainer.accelerator", "cpu", "--trainer.max_steps", "2"]
+    args += ["--config", "callbacks/early_stopping.yaml", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"EarlyStopping monitors val/ce, but this run has no validation data"):
+        lightning_cli(args)
+    assert not (tmp_path / "checkpoints").exists()

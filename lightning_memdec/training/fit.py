@@ -48,6 +48,11 @@ class MemDecCLI(LightningCLI):
         self.resume_from = ckpt_path
         super().__init__(*args, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: the decoder has no predict step, and ``memdec`` offers no predict command."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -114,6 +119,10 @@ class MemDecCLI(LightningCLI):
         except (ValueError, MisconfigurationException) as err:
             raise ValueError(f"the trainer settings (--trainer.*, the hardware config) do not run here: {err}") from err
 
+    def before_fit(self) -> None:
+        """Run by LightningCLI before ``trainer.fit`` (and by :func:`fit`)."""
+        check_monitored_metrics(self.trainer, self.datamodule)
+
     def checkpoint_dir(self) -> Path:
         """Where ModelCheckpoint writes (``<trainer.default_root_dir>/checkpoints`` unless checkpoint.dirpath)."""
         return Path(next(c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)).dirpath)
@@ -122,6 +131,19 @@ class MemDecCLI(LightningCLI):
         """Where the ExportHuggingFace callback writes the trained model."""
         export = next(c for c in self.trainer.callbacks if isinstance(c, ExportHuggingFace))
         return export.resolve_dir(self.trainer)
+
+
+def check_monitored_metrics(trainer: L.Trainer, datamodule: MemDecDataModule) -> None:
+    """A callback that monitors a validation metric (EarlyStopping, a ModelCheckpoint's top-k) in a run without
+    validation data failed after the first epoch, with nothing saved: refused before any work instead."""
+    validates = datamodule.hparams.val_corpus is not None and trainer.limit_val_batches != 0
+    for callback in trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if isinstance(monitor, str) and monitor.startswith("val/") and not validates:
+            raise ValueError(
+                f"{type(callback).__name__} monitors {monitor}, but this run has no validation data (data.val_corpus, "
+                "trainer.limit_val_batches): give a validation split or leave the callback out."
+            )
 
 
 def warn_if_untrained(subcommand: str, model: str | None) -> None:
@@ -190,5 +212,6 @@ def fit(config: dict[str, Any], ckpt_path: str | Path | None = None, callbacks: 
     except argparse.ArgumentError as err:  # a misspelled key or a bad value, named by the parser
         raise ValueError(f"the fit config: {err}") from None
     cli.trainer.callbacks.extend(callbacks)
+    cli.before_fit()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
     return cli.export_dir()
