@@ -171,10 +171,13 @@ def test_two_processes_give_the_weights_and_losses_of_one_process(runs):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_test_metrics_of_two_processes_are_those_of_one(runs, small_pair, tmp_path):
-    """`memdec test` on the training split: ranks get 86 and 64 positions; the metrics weigh positions, not ranks."""
+@pytest.mark.parametrize("with_targets", [True, False])
+def test_test_metrics_of_two_processes_are_those_of_one(runs, small_pair, tmp_path, with_targets):
+    """`memdec test` on the training split: ranks get 86 and 64 positions; the metrics weigh positions, not ranks.
+    Without test targets (no KL term: no test/loss) every rank still takes part in every metric's reduction."""
     pair = {"train_corpus": small_pair["train_corpus"], "train_targets": small_pair["train_targets"]}
-    pair |= {"test_corpus": small_pair["train_corpus"], "test_targets": small_pair["train_targets"]}
+    pair |= {"test_corpus": small_pair["train_corpus"]}
+    pair |= {"test_targets": small_pair["train_targets"]} if with_targets else {}
     got = []
     for devices in (1, 2):
         root = tmp_path / f"devices{devices}"
@@ -185,7 +188,7 @@ def test_test_metrics_of_two_processes_are_those_of_one(runs, small_pair, tmp_pa
         memdec("test", args, devices)
         got.append([json.loads((root / f"rank{r}.json").read_text())["test"][0] for r in range(devices)])
     (one,), (rank0, rank1) = got
-    assert set(one) == {"test/loss", "test/ce", "test/ppl"}
+    assert set(one) == {"test/loss", "test/ce", "test/ppl"} - (set() if with_targets else {"test/loss"})
     for key in one:
         assert rank0[key] == pytest.approx(one[key], rel=1e-6) and rank1[key] == rank0[key], key
 
@@ -201,3 +204,15 @@ def test_mid_epoch_resume_on_two_processes_is_exact(runs, small_pair, tmp_path):
     w_resumed, w_straight = weights(tmp_path), weights(runs[2])
     for name, value in w_straight.items():
         torch.testing.assert_close(w_resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_checkpoint_the_final_step_between_validations(small_pair, tmp_path):
+    """3 steps, a validation every 2, no per-step checkpoints: the final step's save is a collective on both ranks."""
+    args = [a for a in fit_args(small_pair, tmp_path, BATCH) if a != "--checkpoint.every_n_train_steps=1"]
+    memdec("fit", [*args, "--trainer.max_steps=3", "--trainer.val_check_interval=2"], devices=2)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 3
+    for name, value in weights(tmp_path).items():
+        torch.testing.assert_close(last["state_dict"][f"decoder.{name}"], value, rtol=0, atol=0, msg=name)

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
 from lightning_memdec.kernels.memdec_loss import LOSS_KERNELS, LossKernel, memdec_loss
@@ -92,7 +92,10 @@ class MemoryDecoderModule(L.LightningModule):
         self.decoder = None
         # one set per evaluation stage, so `memdec test` never mixes with validation during fit
         self.eval_metrics = torch.nn.ModuleDict(
-            {split: torch.nn.ModuleDict({"ce": MeanMetric(), "loss": MeanMetric()}) for split in ("val", "test")}
+            {
+                split: torch.nn.ModuleDict({"ce": MeanMetric(), "loss": MeanMetric(), "target_entries": SumMetric()})
+                for split in ("val", "test")
+            }
         )
 
     # -- model -----------------------------------------------------------------------------------------
@@ -259,18 +262,19 @@ class MemoryDecoderModule(L.LightningModule):
         tokens = batch["loss_mask"].sum()
         if tokens > 0:  # token-weighted means, so ranks and batches of different sizes count what they hold
             self.eval_metrics[split]["ce"].update(out.ce, weight=tokens)
-            # a split without kNN targets (`memdec test` without data.test_targets) has no KL term: its "loss" would
-            # be (1 − β)·CE, neither the objective nor comparable to val/loss; only its ce and ppl are logged
-            if self.hparams.beta == 0 or bool(batch["target_counts"].any()):
-                self.eval_metrics[split]["loss"].update(out.loss, weight=tokens)
+            self.eval_metrics[split]["loss"].update(out.loss, weight=tokens)
+            self.eval_metrics[split]["target_entries"].update(batch["target_counts"].sum())
 
     def _log_evaluation(self, split: str, prog_bar: bool) -> None:
         metrics = self.eval_metrics[split]
         ce = metrics["ce"].compute()
         # the metrics are already reduced over ranks; sync_dist only averages equal values (and tells Lightning so)
-        values = {f"{split}/ce": ce, f"{split}/ppl": torch.exp(ce)}
-        if metrics["loss"].update_called:
-            values = {f"{split}/loss": metrics["loss"].compute(), **values}
+        values = {f"{split}/loss": metrics["loss"].compute(), f"{split}/ce": ce, f"{split}/ppl": torch.exp(ce)}
+        # every rank computes every metric (each compute is a collective); a split without kNN targets (`memdec test`
+        # without data.test_targets) has no KL term: its "loss" would be (1 − β)·CE, neither the objective nor
+        # comparable to val/loss, so only its ce and ppl are logged
+        if self.hparams.beta > 0 and metrics["target_entries"].compute() == 0:
+            del values[f"{split}/loss"]
         self.log_dict(values, prog_bar=prog_bar, sync_dist=True)
         for metric in metrics.values():
             metric.reset()
