@@ -3,6 +3,7 @@ and equals a direct computation from the per-position arrays; reuse, --domain, -
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,7 @@ def test_micro_quickstart_reports_every_row(micro_run):
         assert md.count(section) == 1, section
     assert (out / "lambda_curve.png").stat().st_size > 1000
     assert list((out / "runs" / "memdec").rglob("events.out.tfevents*"))
+    assert not list((out / "runs").glob("*/checkpoints"))  # removed once each model is exported
     assert not (out / "models" / "base-small").exists()  # the shipped bases are used, never retrained
 
 
@@ -282,3 +284,21 @@ def test_domain_names_a_directory_or_a_shipped_corpus(tmp_path, monkeypatch):
     assert split_path("law", "train") == "law/train.txt"
     with pytest.raises(FileNotFoundError, match="the shipped corpora are general, biomed, law"):
         split_path("embedded:finance", "train")
+
+
+def test_a_training_stage_killed_before_its_export_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from lightning_memdec.apps import quickstart_stages
+
+    calls = []
+
+    def recorded_fit(config, ckpt_path=None):
+        calls.append(ckpt_path)
+        Path(config["export"]["dirpath"]).mkdir(parents=True)
+
+    monkeypatch.setattr(quickstart_stages, "fit", recorded_fit)
+    checkpoints = tmp_path / "runs" / "memdec" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"a killed run's")
+    stage = ("memdec", tmp_path, tmp_path / "train", tmp_path / "valid", MICRO, 4, "embedded:base-small", 0.5)
+    assert quickstart_stages.train_model(*stage) == tmp_path / "models" / "memdec"
+    assert calls == ["last"] and not checkpoints.exists()
