@@ -63,6 +63,7 @@ __all__ = [
     "ranking_scores",
     "exact_search",
     "exact_distances",
+    "by_distance_then_id",
     "resident_keys",
     "squared_norms",
 ]
@@ -308,29 +309,33 @@ def exact_search(
     else:
         coarse_d, best_i, max_norm = _threshold_candidates(qc, keys, size, own, candidates, key_norms, plan)
     exact = exact_distances(q32, keys, best_i, budget, fused=plan is not None)
-    by_id = best_i.argsort(dim=1, stable=True)  # then a stable sort by distance: ties by id
-    best_i, exact = best_i.gather(1, by_id), exact.gather(1, by_id)
-    order = exact.argsort(dim=1, stable=True)
-    exact, best_i = exact.gather(1, order), best_i.gather(1, order)
+    exact, best_i = by_distance_then_id(exact, best_i)
     dist, ids = exact[:, :k], best_i[:, :k]
+
+    def again(rows, **settings):  # these rows searched again
+        redo = exact_search(
+            q32[rows], keys, k, None if own is None else own[rows], device, memory_bytes, block_size, **settings
+        )
+        dist[rows], ids[rows] = redo
+
     if complete_ties and candidates < available:
         open_rows = (exact[:, -1] == dist[:, -1]).nonzero().squeeze(1)  # the k-th distance's tie fills them all
-        if len(open_rows):
-            own_rows = None if own is None else own[open_rows]
-            again = (q32[open_rows], keys, k, own_rows, device, memory_bytes, block_size)
+        if len(open_rows):  # with twice the candidates (all the keys, at the most) by topk: few rows, a pass each
             dtype = None if coarse else compute_dtype
-            # twice the candidates (all the keys, at the most) by topk: few rows, each a pass over the store
-            redo = exact_search(*again, dtype, 2 * candidates - k, key_norms=key_norms, selection="topk")
-            dist[open_rows], ids[open_rows] = redo[0], redo[1]
+            again(open_rows, compute_dtype=dtype, margin=2 * candidates - k, key_norms=key_norms, selection="topk")
     if coarse and candidates < available:  # rows bf16 cannot vouch for are searched again at full precision
         unsure = ~_certified(q32, dist[:, -1], coarse_d.max(1).values, max_norm)
         if unsure.any():
-            rows = unsure.nonzero().squeeze(1)
-            redo = exact_search(
-                q32[rows], keys, k, None if own is None else own[rows], device, memory_bytes, block_size, None, margin
-            )
-            dist[rows], ids[rows] = redo[0], redo[1]
+            again(unsure.nonzero().squeeze(1), margin=margin)
     return dist, ids
+
+
+def by_distance_then_id(dist: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of (distances, ids) [n, m] sorted by distance, ties by id: the order of every exact result."""
+    by_id = ids.argsort(dim=1, stable=True)  # then a stable sort by distance keeps the ids' order among ties
+    dist, ids = dist.gather(1, by_id), ids.gather(1, by_id)
+    order = dist.argsort(dim=1, stable=True)
+    return dist.gather(1, order), ids.gather(1, order)
 
 
 def _candidates(qc, blocks, own, candidates: int, coarse: bool, key_norms):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_memdec.retrieval.exact_search import exact_search
+from lightning_memdec.retrieval.exact_search import by_distance_then_id, exact_search
 
 
 def key_shard(num_keys: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -58,8 +58,5 @@ def merge_shards(dist: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.T
     """The best ``k`` of all shards' candidates: ``dist``, ``ids`` [R, n, c] (from an all-gather) -> [n, k] each,
     rows sorted by (distance, id) like :func:`~retrieval.exact_search.exact_search`."""
     n = dist.shape[1]
-    dist, ids = dist.permute(1, 0, 2).reshape(n, -1), ids.permute(1, 0, 2).reshape(n, -1)
-    by_id = ids.argsort(dim=1, stable=True)
-    dist, ids = dist.gather(1, by_id), ids.gather(1, by_id)
-    order = dist.argsort(dim=1, stable=True)[:, :k]
-    return dist.gather(1, order), ids.gather(1, order)
+    dist, ids = by_distance_then_id(dist.permute(1, 0, 2).reshape(n, -1), ids.permute(1, 0, 2).reshape(n, -1))
+    return dist[:, :k], ids[:, :k]
