@@ -3,6 +3,7 @@ every perplexity on all positions and outside the repeated spans, and warns when
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -102,3 +103,17 @@ def test_evaluate_reports_overlap_and_perplexities_outside_it(tmp_path, tiny_gpt
     assert outside["memdec_ppl"] == pytest.approx(perplexity(mixed[~inside]), rel=1e-6)
     assert outside["memdec_alone_ppl"] == pytest.approx(perplexity(d["lm"][~inside]), rel=1e-6)
     assert "Overlap audit" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_the_audit_reads_the_training_corpus_a_decoder_names(tmp_path, biomed_corpus, biomed_datastore):
+    """`memdec evaluate --memdec DIR` without a kNN datastore audited nothing ("not audited"), though the decoder's
+    meta.json (a `memdec fit` export) names the corpus its targets came from."""
+    from lightning_memdec.evaluation.row_figures import overlap_references
+
+    decoder = tmp_path / "memdec"
+    decoder.mkdir()
+    (decoder / "meta.json").write_text(json.dumps({"kind": "memory_decoder", "corpus": str(biomed_corpus)}))
+    assert overlap_references(None, None, [], [str(decoder), None, "gpt2"]) == [str(biomed_corpus)]
+    # once, beside a datastore of the same corpus; a given --audit.overlap_with wins
+    assert overlap_references(None, None, [str(biomed_datastore)], [str(decoder)]) == [str(biomed_corpus)]
+    assert overlap_references("x.txt", None, [], [str(decoder)]) == ["x.txt"]

@@ -102,7 +102,9 @@ def evaluate(
     temperatures = check_temperatures([knn.temperature] if valid is None else tried)
     scorer = _Scorer(splits, scoring, dev, temperatures)
     rows, curves, latency_report, audits, k_used = [], {}, None, {}, {}
-    overlap_refs = overlap_references(audit.overlap_with, knn_corpus, [s for s, _ in stores.values()])
+    overlap_refs = overlap_references(
+        audit.overlap_with, knn_corpus, [s for s, _ in stores.values()], [memdec, ce_only]
+    )
     for base_ref, name, role in models:
         base, tok = scorer.load(base_ref)
         knnlm = None

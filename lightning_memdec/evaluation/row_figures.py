@@ -75,14 +75,18 @@ def row_intervals(arrays: dict[str, np.ndarray], offsets: np.ndarray, keep: np.n
     return out
 
 
-def overlap_references(overlap_with, knn_corpus, datastores: list[str]) -> list[str]:
-    """The texts to audit against: the given ones, else the kNN corpus and the corpora of the datastores."""
+def overlap_references(overlap_with, knn_corpus, datastores: list[str], decoders: list[str] = ()) -> list[str]:
+    """The texts to audit against: the given ones, else the kNN corpus, the corpora of the datastores and the
+    training corpus a decoder's meta.json names (a `memdec fit` export trained on kNN targets)."""
     if overlap_with is not None:
         return [str(overlap_with)] if isinstance(overlap_with, (str, Path)) else [str(s) for s in overlap_with]
     refs = [] if knn_corpus is None else [str(knn_corpus)]
-    for store in datastores:
-        corpus = Path(str(read_meta(store, kind="datastore").get("corpus", "")))
-        if (corpus / "meta.json").is_file() and str(corpus) not in refs:
+    named = [read_meta(store, kind="datastore").get("corpus") for store in datastores]
+    for decoder in filter(None, decoders):
+        if (Path(decoder) / "meta.json").is_file():  # a hub name or a plain HF directory names none
+            named.append(read_meta(decoder).get("corpus"))
+    for corpus in named:
+        if corpus and (Path(corpus) / "meta.json").is_file() and str(corpus) not in refs:
             refs.append(str(corpus))
     return refs
 
