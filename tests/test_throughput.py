@@ -4,6 +4,7 @@ clock the test controls (never wall-clock time)."""
 import itertools
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_training import TINY_CONFIG
 
 from lightning_memdec.io.packaged_configs import load_config
@@ -64,13 +65,19 @@ def test_the_steady_state_rate_counts_the_tokens_after_the_warm_up_over_their_sp
 def test_spans_are_logged_every_n_steps(tmp_path, biomed_targets_pair):
     clock = Ticks()
     meter = TrainingThroughput(warmup_steps=1, log_every_n_steps=2, peak_flops=1e9, clock=clock)
-    trainer = tiny_fit(tmp_path, biomed_targets_pair, meter, steps=5)
+    tiny_fit(tmp_path, biomed_targets_pair, meter, steps=5)
     # reads: start after step 1, a span ending at step 3 and one at step 5, the end of fit
     assert clock.times == [0.0, 0.5, 1.0, 1.5]
     assert meter.tokens_per_s == pytest.approx(4 * 2 * 32 / 1.5)
-    # the last span logged: steps 4 and 5 (2 × 2 × 32 tokens) over 0.5 s
-    assert float(trainer.callback_metrics["train/tokens_per_s"]) == pytest.approx(2 * 2 * 32 / 0.5)
-    assert float(trainer.callback_metrics["train/mfu"]) == pytest.approx(256 * meter.mfu / meter.tokens_per_s)
+    # logged at the spans' ends only (steps 3 and 5), not again at the trainer's every-step logging in between;
+    # the last span: steps 4 and 5 (2 × 2 × 32 tokens) over 0.5 s
+    (events,) = (tmp_path / "run").rglob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+    for tag, per_token in (("train/tokens_per_s", 1.0), ("train/mfu", meter.mfu / meter.tokens_per_s)):
+        logged = [(e.step, e.value) for e in scalars.Scalars(tag)]
+        assert [step for step, _ in logged] == [3, 5], tag
+        assert logged[-1][1] == pytest.approx(2 * 2 * 32 / 0.5 * per_token, rel=1e-6), tag
+    assert meter.logged["train/tokens_per_s"] == pytest.approx(2 * 2 * 32 / 0.5)
 
 
 def test_bad_settings_are_refused():
@@ -88,7 +95,7 @@ def test_filler_windows_are_not_counted_and_a_resumed_run_warms_up_again():
 
     clock = Ticks()
     meter = TrainingThroughput(warmup_steps=1, log_every_n_steps=100, clock=clock)
-    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50, loggers=[])
     decoder = torch.nn.Linear(2, 2)
     decoder.config = SimpleNamespace(num_hidden_layers=1, hidden_size=2)
     module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder)
@@ -113,11 +120,12 @@ def test_validation_inside_fit_is_not_training_time():
 
     now = [0.0]
     meter = TrainingThroughput(warmup_steps=1, log_every_n_steps=2, clock=lambda: now[0])
-    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50, sanity_checking=False)
+    logged = {}
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update(metrics))
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50, sanity_checking=False, loggers=[logger])
     decoder = torch.nn.Linear(2, 2)
     decoder.config = SimpleNamespace(num_hidden_layers=1, hidden_size=2)
-    logged = {}
-    module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder, log=lambda k, v, **_: logged.update({k: v}))
+    module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder)
     batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
     meter.on_validation_start(trainer, module)  # before timing starts: nothing to leave out
     now[0] += 10.0

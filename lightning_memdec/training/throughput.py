@@ -60,6 +60,7 @@ class TrainingThroughput(L.Callback):
         self.params = params
         self.tokens_per_s: float | None = None
         self.mfu: float | None = None
+        self.logged: dict[str, float] = {}  # the last span's figures, as logged
         self._start = self._span_start = None
         self._tokens = self._span_tokens = 0
         self._flops_per_token = None
@@ -109,9 +110,13 @@ class TrainingThroughput(L.Callback):
         if step - self._logged_step >= every:
             now = self._now(pl_module)
             rate = float(self._span_tokens) / (now - self._span_start)
-            pl_module.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, sync_dist=False)
+            self.logged = {"train/tokens_per_s": rate}
             if self.peak_flops is not None:
-                pl_module.log("train/mfu", rate * self._flops_per_token / self.peak_flops, on_step=True)
+                self.logged["train/mfu"] = rate * self._flops_per_token / self.peak_flops
+            # to the loggers, at the span's end only: pl_module.log's on-step value would be logged again at every
+            # trainer logging step until the next span (with log_every_n_steps above the trainer's)
+            for logger in trainer.loggers:
+                logger.log_metrics(self.logged, step=step)
             self._span_start, self._span_tokens, self._logged_step = now, 0, step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
