@@ -52,7 +52,8 @@ def check_compatible(queries: Datastore, store: Datastore) -> None:
     """Queries and store must share tokenizer and key space; the message names both sides."""
     check_same_tokenizer(queries.tokenizer, f"query datastore {queries.dir}", store.tokenizer, f"datastore {store.dir}")
     both_hashed = "model_sha256" in queries.meta and "model_sha256" in store.meta  # 0.1 datastores have no hash
-    for field in ("dim", "model", "layer") + (("model_sha256",) if both_hashed else ()):
+    # the weights' hash names the model whatever path gave it (relative, absolute, a copy); 0.1's: the path only
+    for field in ("dim", "layer") + (("model_sha256",) if both_hashed else ("model",)):
         if queries.meta[field] != store.meta[field]:
             raise ArtifactError(
                 f"query datastore {queries.dir} has {field}={queries.meta[field]!r} but datastore {store.dir} has "
