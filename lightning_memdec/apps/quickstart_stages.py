@@ -198,6 +198,7 @@ def train_model(
     if targets is not None:
         data.update(train_targets=str(targets[0]), val_targets=str(targets[1]))
     run = out / "runs" / name
+    checkpoints = run / "checkpoints"
     config = load_config(
         "hardware/cpu.yaml",
         "schedule/short.yaml",
@@ -212,11 +213,10 @@ def train_model(
                 "default_root_dir": str(run),
                 "enable_model_summary": False,
             },
-            "checkpoint": {"dirpath": str(run / "checkpoints")},
+            "checkpoint": {"dirpath": str(checkpoints)},
             "export": {"dirpath": str(export)},
         },
     )
-    checkpoints = run / "checkpoints"
     resume = "last" if (checkpoints / "last.ckpt").is_file() else None  # a quickstart killed mid-training goes on
     log.info("training %s for %d steps%s", name, steps, " (resumed)" if resume else "")
     fit(config, ckpt_path=resume)

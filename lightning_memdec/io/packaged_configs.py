@@ -135,7 +135,7 @@ def config_args(args: list[str]) -> list[str]:
     the parser would keep the last list alone; a ``--trainer.callbacks`` flag still replaces them.
     """
     out: list[str] = []
-    layers: list[tuple[int, Path, dict[str, Any] | None]] = []  # (where in out, file, settings) of each config
+    layers: list[tuple[int, Path, dict[str, Any] | None]] = []  # (its value's slot in out, file, settings)
     rest = iter(args)
     for arg in rest:
         if arg in ("--config", "-c"):
@@ -149,8 +149,8 @@ def config_args(args: list[str]) -> list[str]:
             out.append(arg)
             break
         for file, own in config_layers(name):
-            layers.append((len(out), file, own))
-            out += ["--config="] if joined else ["--config", ""]  # the value: see config_values
+            out += ["--config="] if joined else ["--config", ""]  # the value goes on the last: see config_values
+            layers.append((len(out) - 1, file, own))
     return config_values(out, layers)
 
 
@@ -165,16 +165,11 @@ def config_values(out: list[str], layers: list[tuple[int, Path, dict[str, Any] |
     for i, (at, file, own) in enumerate(layers):
         if added_up and i in with_callbacks:
             own = {**settings[i], "trainer": {k: v for k, v in settings[i]["trainer"].items() if k != "callbacks"}}
-        value = str(file) if own is None else OmegaConf.to_yaml(OmegaConf.create(own))
-        if out[at] == "--config=":
-            out[at] += value
-        else:
-            out[at + 1] = value
+        out[at] += str(file) if own is None else OmegaConf.to_yaml(OmegaConf.create(own))
     if added_up:
         callbacks = [c for i in with_callbacks for c in layer_callbacks(settings[i])]
-        at = layers[with_callbacks[-1]][0]
-        last = at + (1 if out[at].startswith("--config=") else 2)
-        out[last:last] = ["--config", OmegaConf.to_yaml(OmegaConf.create({"trainer": {"callbacks": callbacks}}))]
+        after = layers[with_callbacks[-1]][0] + 1
+        out[after:after] = ["--config", OmegaConf.to_yaml(OmegaConf.create({"trainer": {"callbacks": callbacks}}))]
     return out
 
 
