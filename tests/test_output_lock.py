@@ -80,6 +80,32 @@ def test_a_second_fit_into_a_locked_root_is_refused(tmp_path, biomed_targets_pai
     assert (root / "checkpoints" / "last.ckpt").is_file() and not lock_path(root).exists()
 
 
+def test_a_second_fit_is_refused_before_its_classes_are_built(tmp_path, biomed_targets_pair):
+    """The refusal comes before the model loads (seconds to minutes for a real one): a setting the module's
+    constructor rejects (beta 2) is not reached while the root is locked; a failed fit from Python leaves the root
+    unlocked for the next one."""
+    from test_training import resume_args
+
+    from lightning_memdec.training.fit import fit, lightning_cli
+
+    root = tmp_path / "run"
+    bad_beta = [*resume_args(biomed_targets_pair, root), "--model.beta", "2"]
+    with OutputLock(root):
+        with pytest.raises(ArtifactError, match=rf"{root} is being written by another process"):
+            lightning_cli(bad_beta)
+    with pytest.raises(ValueError, match="beta must be in"):
+        lightning_cli(bad_beta)  # unlocked, the constructor runs and refuses
+    assert not lock_path(root).exists()
+    config = {
+        "model": {"config": {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2}, "beta": 2.0},
+        "data": {"train_corpus": "unused", "tokenizer": "gpt2"},
+        "trainer": {"default_root_dir": str(root)},
+    }
+    with pytest.raises(ValueError):
+        fit(config)
+    assert not lock_path(root).exists()
+
+
 def test_the_benchmarks_synthetic_artefacts_hold_the_output_lock(tmp_path, monkeypatch):
     """Synthetic corpora and datastores written by the benchmark scripts are outputs too: one writer at a time."""
     import importlib

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, read_meta
+from lightning_memdec.io.output_lock import OutputLock
 from lightning_memdec.io.packaged_configs import config_args
 from lightning_memdec.training.callbacks import ExportHuggingFace, LearningRateLog
 from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO, RunCheckpoint, resolve_resume
@@ -46,7 +47,12 @@ class MemDecCLI(LightningCLI):
 
     def __init__(self, *args, ckpt_path: str | Path | None = None, **kwargs) -> None:
         self.resume_from = ckpt_path
-        super().__init__(*args, **kwargs)
+        self.run_root_lock: OutputLock | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self.release_run_root()  # a notebook's next fit into this root must not find it locked
+            raise
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -85,6 +91,8 @@ class MemDecCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if cfg.checkpoint.dirpath is None:  # README: checkpoints in <root>/checkpoints, found again by a resume
             cfg.checkpoint.dirpath = str(default_checkpoint_dir(cfg.trainer.default_root_dir))
+        if self.subcommand in (None, "fit"):  # a second run into this root is refused before any model loads
+            self.run_root_lock = OutputLock(cfg.trainer.default_root_dir).acquire()
         asked = cfg.get("ckpt_path") if self.subcommand else self.resume_from
         resume = resolve_resume(asked, cfg.checkpoint.dirpath)  # "last": the newest whole checkpoint, or an error
         if resume is not None:
@@ -115,9 +123,18 @@ class MemDecCLI(LightningCLI):
         if trainer.enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in configured):
             kwargs.setdefault("callbacks", [*configured, TQDMProgressBar()])
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as err:
             raise ValueError(f"the trainer settings (--trainer.*, the hardware config) do not run here: {err}") from err
+        for callback in trainer.callbacks:
+            if isinstance(callback, ExclusiveRunRoot) and self.run_root_lock is not None:
+                callback.lock = self.run_root_lock  # held since before the models loaded; released when fit ends
+        return trainer
+
+    def release_run_root(self) -> None:
+        """Let go of the run root's lock (idempotent; the ExclusiveRunRoot callback shares it)."""
+        if self.run_root_lock is not None:
+            self.run_root_lock.release()
 
     def before_fit(self) -> None:
         """Run by LightningCLI before ``trainer.fit`` (and by :func:`fit`)."""
@@ -211,7 +228,10 @@ def fit(config: dict[str, Any], ckpt_path: str | Path | None = None, callbacks: 
         cli = lightning_cli(config, run=False, ckpt_path=ckpt_path)
     except argparse.ArgumentError as err:  # a misspelled key or a bad value, named by the parser
         raise ValueError(f"the fit config: {err}") from None
-    cli.trainer.callbacks.extend(callbacks)
-    cli.before_fit()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
+    try:
+        cli.trainer.callbacks.extend(callbacks)
+        cli.before_fit()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
+    finally:
+        cli.release_run_root()
     return cli.export_dir()
