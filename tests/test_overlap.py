@@ -30,6 +30,34 @@ def reference_inside(tokens: np.ndarray, training: list[np.ndarray], n: int) -> 
     return np.array([any(s in starts for s in range(i - n + 2, i + 1)) for i in range(len(tokens) - 1)])
 
 
+def reference_words(tokens: np.ndarray, tok) -> list[tuple[str, int, int]]:
+    """(word, first token, last token) of a token stream, char by char: words are runs of alphanumeric chars."""
+    out, word, first = [], "", None
+    for t, token in enumerate(np.asarray(tokens).tolist()):
+        for char in tok.decode([token]).lower():
+            if char.isalnum():
+                word, first = word + char, t if first is None else first
+                last = t
+            elif word:
+                out.append((word, first, last))
+                word, first = "", None
+    return out + ([(word, first, last)] if word else [])
+
+
+def reference_inside_words(tokens: np.ndarray, training: list[np.ndarray], tok, n: int, m: int) -> np.ndarray:
+    """Exact n-token spans or m-word spans (lower-cased, punctuation and whitespace dropped) found in training."""
+    inside = reference_inside(tokens, training, n)
+    grams = set()
+    for stream in training:
+        words = [w for w, _, _ in reference_words(stream, tok)]
+        grams |= {tuple(words[s : s + m]) for s in range(len(words) - m + 1)}
+    words = reference_words(tokens, tok)
+    for s in range(len(words) - m + 1):
+        if tuple(w for w, _, _ in words[s : s + m]) in grams:
+            inside[words[s][1] : words[s + m - 1][2]] = True  # positions predicting a token inside the span
+    return inside
+
+
 def with_eos(*docs: np.ndarray) -> np.ndarray:
     return np.concatenate([np.append(d, EOS) for d in docs])
 
@@ -52,6 +80,37 @@ def test_audit_equals_a_direct_loop_on_planted_duplicates(streams):
     assert audit_overlap(tokens, document_offsets(tokens, EOS), training, EOS, 12).inside.sum() > (
         audit.inside.sum()  # the 12-token span counts at n = 12, not at 13
     )
+
+
+def reformatted(text: str) -> str:
+    """The same words as ``text``, in other case, punctuation and whitespace: what exact token n-grams miss."""
+    words = [w.strip(".,;:()[]") for w in text.split()]
+    return "  ".join(w.upper() if i % 3 == 0 else w for i, w in enumerate(words))
+
+
+def test_near_duplicates_are_flagged_as_a_direct_word_loop_finds_them():
+    """Training text reformatted (case, punctuation, whitespace) inside a test document: the word spans flag it, as
+    a char-by-char reference does; exact token spans alone miss most of it; unrelated text is not flagged."""
+    from lightning_memdec.evaluation.overlap import normalised_pieces, words_for
+
+    tok = load_tokenizer("gpt2")
+    train_docs = read_documents(resolve_text("embedded:biomed/train"))[:6]
+    test_docs = read_documents(resolve_text("embedded:biomed/test"))[:3]
+    copied = reformatted(" ".join(train_docs[4].split()[:80]))
+    planted = [test_docs[0], f"{test_docs[1]} {copied} {test_docs[2]}"]
+    training = [with_eos(*(np.asarray(tok(d)["input_ids"]) for d in train_docs))]
+    tokens = with_eos(*(np.asarray(tok(d)["input_ids"]) for d in planted))
+    eos = tok.eos_token_id
+    offsets = document_offsets(tokens, eos)
+    n = 32
+    audit = audit_overlap(tokens, offsets, training, eos, n, normalised_pieces(tok))
+    assert audit.ngram_words == words_for(n) == 24
+    np.testing.assert_array_equal(audit.inside, reference_inside_words(tokens, training, tok, n, 24))
+    copy_tokens = len(tok(" " + copied)["input_ids"])
+    assert audit.inside.sum() >= 0.9 * copy_tokens  # the reformatted copy, nearly all of it
+    assert audit.inside.sum() <= copy_tokens + 2  # and nothing of the unrelated documents
+    exact_only = audit_overlap(tokens, offsets, training, eos, n)
+    assert exact_only.inside.sum() < 0.1 * copy_tokens and exact_only.ngram_words is None
 
 
 def test_ngram_hashes_are_equal_exactly_for_equal_ngrams():
@@ -85,12 +144,12 @@ def test_evaluate_reports_overlap_and_perplexities_outside_it(tmp_path, tiny_gpt
         )
     tok = load_tokenizer("gpt2")
     tokens = text_tokens(tmp_path / "test.txt", tok)
-    inside = reference_inside(tokens, [text_tokens(tmp_path / "train.txt", tok)], 32)
+    inside = reference_inside_words(tokens, [text_tokens(tmp_path / "train.txt", tok)], tok, 32, 24)
     audit = report["overlap"]["test"]
     assert audit["documents"] == 6 and audit["documents_verbatim"] == 3
     assert audit["positions_inside"] == inside.sum() and audit["positions"] == len(tokens) - 1
     assert audit["share_inside"] == pytest.approx(inside.mean()) and audit["warning"] is True
-    assert "repeat 32-token spans" in caplog.text
+    assert "repeat 32-token (or 24-word normalised) spans" in caplog.text
     # both perplexities of each row against the direct computation
     b = sliding_gold_log_probs(tokens, 32, 16, 4, lm_scorer(AutoModelForCausalLM.from_pretrained(tiny_gpt2), 50257))
     d = sliding_gold_log_probs(tokens, 32, 16, 4, lm_scorer(AutoModelForCausalLM.from_pretrained(decoder), 50257))

@@ -20,7 +20,7 @@ from lightning_memdec.evaluation.knn_temperature import settle_temperature
 from lightning_memdec.evaluation.overlap import NGRAM, split_document_offsets
 from lightning_memdec.evaluation.report_rows import lambda_curve, report_row
 from lightning_memdec.evaluation.row_figures import audit_splits, general_figures, overlap_report, row_figures
-from lightning_memdec.io.embedded import EMBEDDED_PREFIX
+from lightning_memdec.io.embedded import EMBEDDED_PREFIX, load_tokenizer
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, DEFAULT_TEMPERATURE_GRID
 
@@ -90,9 +90,9 @@ def overlap_audits(corpora: dict[str, Path]) -> dict[str, tuple]:
     """The overlap audit of the domain valid and test splits against the domain train text, which feeds the teacher,
     every datastore, the targets and both decoders (``{split: (document offsets, audit)}``, as evaluate's)."""
     train = Corpus(corpora["domain-train"])
-    eos = int(train.tokenizer["eos_token_id"])
+    tokenizer = load_tokenizer(train.tokenizer["name"])
     splits = {s: (corpora[f"domain-{s}"], np.asarray(Corpus(corpora[f"domain-{s}"]).tokens)) for s in SPLITS}
-    return audit_splits(splits, [np.asarray(train.tokens)], eos, NGRAM, [str(corpora["domain-train"])])
+    return audit_splits(splits, [np.asarray(train.tokens)], tokenizer, NGRAM, [str(corpora["domain-train"])])
 
 
 def general_report(rows: list[dict], bases: dict[str, str], memdec: Path, corpora: dict[str, Path], gold) -> dict:

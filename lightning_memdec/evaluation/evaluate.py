@@ -125,7 +125,7 @@ def evaluate(
             split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
             training = [text_tokens(ref, tok) for ref in overlap_refs]
             ngram = audit.overlap_ngram
-            audits[fingerprint] = audit_splits(split_tokens, training, tok.eos_token_id, ngram, overlap_refs)
+            audits[fingerprint] = audit_splits(split_tokens, training, tok, ngram, overlap_refs)
         rows[-1] |= row_figures(rows[-1], lp["test"], audits[fingerprint])
         curves[name] = lambda_curve(lp, grid)
         if audit.latency and latency_report is None:

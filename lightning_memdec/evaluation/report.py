@@ -112,9 +112,10 @@ def overlap_lines(report: dict[str, Any]) -> list[str]:
         if split == "against":
             continue
         warn = " ⚠" if a["warning"] else ""
+        words = f" or {a['ngram_words']}-word normalised" if a.get("ngram_words") else ""
         lines.append(
             f"| {split} | {a['documents']} | {a['documents_verbatim']} | {a['positions']} | {a['positions_inside']} "
-            f"({a['ngram']}-token spans) | {100 * a['share_inside']:.2f} %{warn} |"
+            f"({a['ngram']}-token{words} spans) | {100 * a['share_inside']:.2f} %{warn} |"
         )
     if any(a["warning"] for k, a in audit.items() if k != "against"):
         lines += [

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lightning_memdec.evaluation.intervals import bootstrap_perplexities, document_sums, interval
-from lightning_memdec.evaluation.overlap import WARN_SHARE, audit_overlap, split_document_offsets
+from lightning_memdec.evaluation.overlap import WARN_SHARE, audit_overlap, normalised_pieces, split_document_offsets
 from lightning_memdec.io.artifact_dirs import read_meta
 from lightning_memdec.kernels.scoring import mix_log_probs, perplexity
 
@@ -91,19 +91,25 @@ def overlap_references(overlap_with, knn_corpus, datastores: list[str], decoders
     return refs
 
 
-def audit_splits(splits: dict[str, tuple], training: list[np.ndarray], eos_id: int, ngram: int, refs: list[str]):
-    """Per split (``{split: (spec, tokens)}``): its document offsets and its audit (None without training text);
-    logs a warning for every split whose share of positions inside repeated spans exceeds :data:`WARN_SHARE`."""
+def audit_splits(
+    splits: dict[str, tuple], training: list[np.ndarray], tokenizer, ngram: int, refs: list[str]
+) -> dict[str, tuple]:
+    """Per split (``{split: (spec, tokens)}``): its document offsets and its audit (None without training text),
+    exact token spans and normalised word spans (near-duplicates); logs a warning for every split whose share of
+    positions inside repeated spans exceeds :data:`WARN_SHARE`."""
     out = {}
+    eos_id = tokenizer.eos_token_id
+    pieces = normalised_pieces(tokenizer) if training else None
     for split, (spec, tokens) in splits.items():
         offsets = split_document_offsets(spec, tokens, eos_id)
-        audit = audit_overlap(tokens, offsets, training, eos_id, ngram) if training else None
+        audit = audit_overlap(tokens, offsets, training, eos_id, ngram, pieces) if training else None
         if audit is not None and audit.share > WARN_SHARE:
             log.warning(
-                "%.1f %% of the %s positions (%d of %d; %d whole documents) repeat %d-token spans of the training / "
-                "datastore text %s: perplexities on them are inflated by memorisation and retrieval of the same text; "
-                "read the figures outside repeated spans, or de-duplicate the splits.",
-                100 * audit.share, split, audit.inside.sum(), audit.inside.size, audit.documents_verbatim, ngram, refs,
+                "%.1f %% of the %s positions (%d of %d; %d whole documents) repeat %d-token (or %d-word normalised) "
+                "spans of the training / datastore text %s: perplexities on them are inflated by memorisation and "
+                "retrieval of the same text; read the figures outside repeated spans, or de-duplicate the splits.",
+                100 * audit.share, split, audit.inside.sum(), audit.inside.size, audit.documents_verbatim, ngram,
+                audit.ngram_words, refs,
             )  # fmt: skip
         out[split] = (offsets, audit)
     return out
