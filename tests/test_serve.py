@@ -263,18 +263,57 @@ def test_malformed_json_gets_400(server):
 
 def test_models_lists_the_served_name(server):
     assert [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]] == ["tiny-mix"]
+    assert httpx.get(f"{server}/v1/models/tiny-mix").json()["id"] == "tiny-mix"  # openai's models.retrieve
+    assert httpx.get(f"{server}/v1/models/gpt-4").json()["error"]["code"] == "model_not_found"
 
 
-def test_serve_benchmark_prints_every_rate_and_the_overhead_last(models, tmp_path):
-    """benchmarks/serve.py on the tiny models: each rate present and positive, the 8-client overhead last."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py"
-    cmd = [sys.executable, str(script), "--base", str(models["base"]), "--memdec", str(models["memdec"]),
-           "--max_tokens", "3", "--requests_per_client", "1"]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
-    for system in ("base", "memdec"):
-        for n in (1, 8):
-            for rate in ("requests_per_s", "tokens_per_s"):
-                assert float(lines[f"{system}_c{n}_{rate}"]) > 0
-    assert list(lines)[-1] == "memdec_overhead_c8" and float(lines["memdec_overhead_c8"]) > 0
+def test_unknown_paths_and_methods_get_openai_error_bodies(server):
+    for response, status in ((httpx.get(f"{server}/v1/completions"), 405), (httpx.post(f"{server}/v2/x"), 404)):
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
+
+
+def test_a_stream_asking_for_usage_ends_with_it(server, models):
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+        events = sse_events(r)
+    prompt_tokens = len(models["reference"].tokenizer(PROMPTS[0]).input_ids)
+    made = len(greedy(models, models["reference"].tokenizer(PROMPTS[0]).input_ids, 4))
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": made,
+                                   "total_tokens": prompt_tokens + made}  # fmt: skip
+    assert all("usage" not in e for e in events[:-1])
+
+
+def children(pid: int | str) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").glob("*") for c in (task / "children").read_text().split()]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child not yet waited for)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_to_the_server_process_stops_all_of_it(models, tmp_path):
+    """`kill PID` left the HTTP process and the inference worker serving, orphaned, on the port."""
+    with running_server(models, tmp_path) as url:
+        port = url.rsplit(":", 1)[1].encode()  # not the module's server, which runs beside it
+        (pid,) = [
+            c for c in children("self") if b"\0--port\0" + port + b"\0" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        family, todo = [], [pid]
+        while todo:
+            family.append(todo.pop())
+            todo += children(family[-1])
+        assert len(family) >= 3  # the server, its HTTP process and its inference worker
+        os.kill(pid, signal.SIGTERM)  # the main process only, as `kill PID` or a supervisor sends it
+        deadline = time.monotonic() + 60
+        while any(map(running, family)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(map(running, family)), [Path(f"/proc/{p}/cmdline").read_bytes() for p in family if running(p)]
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health", timeout=2)

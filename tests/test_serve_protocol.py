@@ -35,7 +35,91 @@ def test_a_good_request_becomes_its_token_job(served):
     assert job.prompt_ids == served.tokenizer("Hello world").input_ids
     assert job.payload() == {"prompt_ids": job.prompt_ids, "max_tokens": 5, "sampling": {"do_sample": False}}
     sampled = check_request({"prompt": [1, 2], "temperature": 0.7, "top_p": 0.5}, served, chat=False)
-    assert sampled.max_tokens == 16 and sampled.sampling == {"do_sample": True, "temperature": 0.7, "top_p": 0.5}
+    assert sampled.sampling == {"do_sample": True, "temperature": 0.7, "top_p": 0.5, "top_k": 0}
+    assert sampled.max_tokens == 16 and sampled.request_id.startswith("cmpl-")
+
+
+def test_null_fields_mean_their_defaults(served):
+    """OpenAI's API takes null for "use the default"; clients that serialise unset options send it."""
+    nulls = {name: None for name in ("max_tokens", "temperature", "top_p", "stream", "n", "stop", "seed", "user")}
+    job = check_request({"prompt": "hi", **nulls}, served, chat=False)
+    assert job.max_tokens == 16 and not job.stream and job.sampling["do_sample"] and job.sampling["temperature"] == 1
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-300, 5e-324])
+def test_temperatures_too_small_to_sample_are_greedy(served, temperature):
+    """logits / 1e-300 overflow (the request failed with a 500); the argmax is what such a temperature samples."""
+    assert check_request({"prompt": "hi", "temperature": temperature}, served, chat=False).sampling == {
+        "do_sample": False
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("response_format", {"type": "json_object"}),
+        ("functions", [{"name": "f", "parameters": {}}]),
+        ("function_call", "auto"),
+        ("top_logprobs", 5),
+        ("tool_choice", "auto"),
+        ("lmbda", 0.5),  # not OpenAI's: ignored, it would leave λ as the server's without a word
+        ("top_k", 5),
+        ("stream_options", {"include_usage": True, "other": 1}),
+    ],
+)
+def test_fields_that_change_the_output_or_are_not_openai_s_are_refused(served, field, value):
+    with pytest.raises(RequestError) as err:
+        check_request({"messages": [{"role": "user", "content": "hi"}], field: value}, chat_served(), chat=True)
+    assert err.value.status == 400 and err.value.param == field
+    assert check_request({"prompt": "hi", "user": "u1", "store": False}, served, chat=False).max_tokens == 16
+
+
+def chat_served() -> ServedModel:
+    tokenizer = load_tokenizer("gpt2")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    return ServedModel("m", tokenizer, context=64)
+
+
+def test_chat_messages_as_openai_sends_them():
+    """Content as a list of text parts, an assistant's null content; another role or an image part refused; chat ids
+    are chatcmpl-; max_completion_tokens wins over the deprecated max_tokens; n: true is not n = 1."""
+    served = chat_served()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+             {"role": "assistant", "content": None}]  # fmt: skip
+    plain = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": ""}]
+    job = check_request({"messages": parts, "max_tokens": 3, "max_completion_tokens": 5}, served, chat=True)
+    assert job.prompt_ids == check_request({"messages": plain}, served, chat=True).prompt_ids
+    assert job.max_tokens == 5 and job.request_id.startswith("chatcmpl-")
+    image = {"type": "image_url", "image_url": {"url": "http://x"}}
+    for bad in ({"role": "wizard", "content": "hi"}, {"role": "user", "content": [image]}, {"role": "tool"}):
+        with pytest.raises(RequestError, match=r"messages\[0\]") as err:
+            check_request({"messages": [bad]}, served, chat=True)
+        assert err.value.status == 400
+    with pytest.raises(RequestError, match="only n = 1"):
+        check_request({"messages": plain, "n": True}, served, chat=True)
+
+
+def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing_it():
+    """Megabytes of prompt took the tokenizer seconds on the HTTP process before the context check refused it."""
+
+    class Untouchable:
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("tokenized")
+
+        def __len__(self):
+            return 50257
+
+    served = ServedModel("m", Untouchable(), context=64, longest_token_bytes=128)
+    with pytest.raises(RequestError, match="at least 65 tokens") as err:
+        check_request({"prompt": "a" * (65 * 128)}, served, chat=False)
+    assert err.value.code == "context_length_exceeded"
+    gpt2 = load_tokenizer("gpt2")
+    from lightning_memdec.apps.openai_protocol import longest_token_bytes
+
+    longest = longest_token_bytes(gpt2)
+    assert longest == max(len(gpt2.decode([i]).encode()) for i in range(len(gpt2)))
+    text = "word " * 10_000
+    assert len(text.encode()) // longest <= len(gpt2(text).input_ids)  # the bound is a lower bound
 
 
 @pytest.mark.parametrize("raw", [b"{", b"null", b'"text"', b"\x80"])
@@ -230,3 +314,63 @@ def test_an_error_step_becomes_a_500_naming_it(served):
     with pytest.raises(RequestError, match="inference worker: RuntimeError: CUDA out of memory$") as err:
         asyncio.run(pieces())
     assert err.value.status == 500 and err.value.body()["error"]["type"] == "server_error"
+
+
+def test_a_queue_timeout_is_a_504_not_a_generation_failure(served):
+    """LitServe answers a request that waited past --queue.timeout with HTTPException(504); it was passed on as a
+    500 "generation failed in the inference worker"."""
+    pytest.importorskip("litserve")
+    import asyncio
+
+    from fastapi import HTTPException
+    from litserve.utils import LitAPIStatus
+
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+
+    job = check_request({"prompt": "hi"}, served, chat=False)
+
+    async def steps():
+        yield HTTPException(504, "Request timed out"), LitAPIStatus.ERROR
+
+    async def pieces():
+        return [piece async for piece in OpenAICompletionsSpec(served).token_pieces(job, steps())]
+
+    with pytest.raises(RequestError, match="waited in the queue longer than .*--queue.timeout") as err:
+        asyncio.run(pieces())
+    assert err.value.status == 504 and err.value.code == "timeout"
+
+
+def test_sampled_requests_draw_from_the_whole_mixture(tmp_path):
+    """temperature 1, top_p 1 is OpenAI's plain sampling: generate() alone kept the top 50 tokens (its top_k default),
+    and a model's generation_config.json (top_k 20, a repetition penalty) applied too. On a near-uniform random
+    model, draws from the whole distribution mostly fall outside its top 50; with top-k 50 none would."""
+    pytest.importorskip("litserve")
+    from transformers import GenerationConfig
+
+    from lightning_memdec.apps.serve_worker import generate_steps, load_generator
+
+    base = save_tiny(tmp_path / "b")
+    GenerationConfig(top_k=20, repetition_penalty=1.3, temperature=0.6, do_sample=True).save_pretrained(base)
+    memdec = save_tiny(tmp_path / "m", n_embd=16, seed=1)
+    model = load_generator(str(base), str(memdec), 0.3, torch.device("cpu"))
+    served = ServedModel("m", load_tokenizer("gpt2"), context=64)
+    job = check_request({"prompt": [464, 5827], "max_tokens": 1, "temperature": 1, "top_p": 1}, served, chat=False)
+    torch.manual_seed(0)
+    draws = [step[row]["token"] for step in generate_steps(model, [job.payload()] * 40, set()) for row in range(40)]
+    with torch.no_grad():
+        p = model(torch.tensor([[464, 5827]])).logits[0, -1].softmax(-1)
+    ranks = (p[None, :] > p[torch.tensor(draws)][:, None]).sum(-1)  # tokens more likely than each draw
+    assert (ranks >= 50).sum() >= 30, ranks.tolist()
+
+
+def test_a_decoder_of_fewer_ids_without_a_saved_tokenizer_is_refused_before_serving(tmp_path):
+    """With no tokenizer saved beside it, only its config tells the decoder's vocabulary: it was refused in the
+    worker, after the server listened, with "One or more workers failed to start"."""
+    from lightning_memdec.apps.serve import served_model
+
+    base = save_tiny(tmp_path / "b")
+    small = save_tiny(tmp_path / "m", vocab=1000, tokenizer=None)
+    with pytest.raises(ValueError, match=r"--memdec .* has 1000 token ids .* fewer than the 50257"):
+        served_model(str(base), str(small), None)
+    padded = save_tiny(tmp_path / "p", vocab=50304, tokenizer=None)  # a head padded past the tokenizer is fine
+    assert served_model(str(base), str(padded), None).context == 512

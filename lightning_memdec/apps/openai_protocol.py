@@ -12,13 +12,21 @@ import uuid
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+GREEDY_BELOW = 1e-5  # a temperature under this samples the argmax anyway (and overflows fp32 logits near 0): greedy
 # OpenAI fields not applied here, each with the values that ask for nothing: any other value is refused (400) rather
 # than silently ignored (a logit bias or a penalty ignored changes the tokens; an ignored seed breaks reproducibility)
 UNSUPPORTED = {
     "stop": (None, "", []), "logprobs": (None, False), "suffix": (None, ""), "tools": (None, []), "echo": (None, False),
     "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "seed": (None,),
+    "seed": (None,), "top_logprobs": (None, 0), "functions": (None, []), "function_call": (None, "none"),
+    "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+    "audio": (None,), "prediction": (None,), "web_search_options": (None,),
 }  # fmt: skip
+# OpenAI fields that change nothing in the tokens (bookkeeping), accepted as they are
+BOOKKEEPING = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+               "safety_identifier", "reasoning_effort", "verbosity"}  # fmt: skip
+APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options"}
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 class RequestError(Exception):
@@ -42,6 +50,24 @@ class ServedModel:
     tokenizer: object
     context: int | None
     context_limit: str = "the model's context"
+    longest_token_bytes: int | None = None  # the most UTF-8 bytes one token decodes to (:func:`longest_token_bytes`)
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """The most bytes of text one token stands for: a prompt of B bytes has at least B / this many tokens, so a
+    prompt far beyond the context is refused without tokenizing it (megabytes take the tokenizer seconds)."""
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return max(1, *(len(piece.encode("utf-8")) for piece in pieces))
+
+
+def check_prompt_size(text_bytes: int, served: ServedModel) -> None:
+    if served.context is None or served.longest_token_bytes is None:
+        return
+    at_least = text_bytes // served.longest_token_bytes
+    if at_least > served.context:
+        raise RequestError(400, f"the prompt ({text_bytes} bytes) has at least {at_least} tokens, more than "
+                           f"{served.context_limit} of {served.context} tokens; shorten the prompt.", "prompt",
+                           "context_length_exceeded")  # fmt: skip
 
 
 @dataclass
@@ -54,6 +80,7 @@ class Job:
     stream: bool
     chat: bool
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
+    include_usage: bool = False  # streamed: a last chunk with the usage (stream_options.include_usage)
     batch_size: int = 0  # rows of the generate() call that served it, once known (the X-Batch-Size header)
 
     def payload(self) -> dict:
@@ -72,31 +99,50 @@ def parse_body(raw: bytes) -> dict:
 
 
 def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
-    """The job a request asks for, or a :class:`RequestError` naming the field at fault and what would do."""
+    """The job a request asks for, or a :class:`RequestError` naming the field at fault and what would do.
+    A field sent as ``null`` means its default, as in OpenAI's API."""
+    body = {name: value for name, value in body.items() if value is not None}
     model = body.get("model")
     if model is not None and model != served.name:
         raise RequestError(404, f"model {model!r} is not served here; this server serves {served.name!r}.",
                            "model", "model_not_found")  # fmt: skip
-    for name, no_op in UNSUPPORTED.items():
-        if not any(_asks_nothing(body.get(name), value) for value in no_op):
-            raise RequestError(400, f"{name!r} is not supported by memdec serve; leave it out.", name, "unsupported")
-    if body.get("n", 1) != 1:
+    check_fields(body, chat)
+    n = body.get("n", 1)
+    if isinstance(n, bool) or n != 1:
         raise RequestError(400, "only n = 1 is supported; send n requests for n completions.", "n", "unsupported")
     prompt_ids = chat_prompt(body, served) if chat else completion_prompt(body, served)
-    default = body.get("max_completion_tokens", DEFAULT_MAX_TOKENS) if chat else DEFAULT_MAX_TOKENS
-    max_tokens = body.get("max_tokens", default)
+    name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+    max_tokens = body.get(name, DEFAULT_MAX_TOKENS)  # chat: max_completion_tokens wins, max_tokens is deprecated
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-        raise RequestError(400, f"max_tokens must be a positive integer, got {max_tokens!r}.", "max_tokens")
+        raise RequestError(400, f"{name} must be a positive integer, got {max_tokens!r}.", name)
     if served.context is not None and len(prompt_ids) + max_tokens > served.context:
-        raise RequestError(400, f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}, more than "
+        raise RequestError(400, f"the prompt has {len(prompt_ids)} tokens and {name} is {max_tokens}, more than "
                            f"{served.context_limit} of {served.context} tokens; shorten the prompt or lower "
-                           "max_tokens.",
-                           "max_tokens" if len(prompt_ids) < served.context else "prompt",
+                           f"{name}.", name if len(prompt_ids) < served.context else "prompt",
                            "context_length_exceeded")  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, f"stream must be true or false, got {stream!r}.", "stream")
-    return Job(prompt_ids, max_tokens, sampling(body), stream, chat)
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    return Job(prompt_ids, max_tokens, sampling(body), stream, chat, request_id, include_usage)
+
+
+def check_fields(body: dict, chat: bool) -> None:
+    """Refuse a field that would change the tokens if applied (unless it asks for nothing) and a field OpenAI's API
+    does not have (``lmbda``, ``top_k``): ignored, either would change what the client gets without a word."""
+    for name, no_op in UNSUPPORTED.items():
+        if not any(_asks_nothing(body.get(name), value) for value in no_op):
+            raise RequestError(400, f"{name!r} is not supported by memdec serve; leave it out.", name, "unsupported")
+    known = APPLIED | BOOKKEEPING | set(UNSUPPORTED) | ({"messages", "max_completion_tokens"} if chat else {"prompt"})
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise RequestError(400, f"unrecognized request argument(s) {unknown}: not part of OpenAI's "
+                           f"{'chat completions' if chat else 'completions'} API; leave them out (λ is set per "
+                           "server, --lmbda).", unknown[0], "unrecognized_argument")  # fmt: skip
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise RequestError(400, f"stream_options takes only include_usage, got {options!r}.", "stream_options")
 
 
 def _asks_nothing(value, no_op) -> bool:
@@ -110,15 +156,16 @@ def _asks_nothing(value, no_op) -> bool:
 
 
 def sampling(body: dict) -> dict:
-    """``generate()`` arguments: temperature 0 is greedy decoding (``do_sample=False``), as OpenAI means it."""
+    """``generate()`` arguments: temperature 0 (or under :data:`GREEDY_BELOW`) is greedy decoding, as OpenAI means
+    it; sampling draws from the whole distribution (``top_k=0``: generate() would keep only the top 50 tokens)."""
     temperature, top_p = body.get("temperature", 1.0), body.get("top_p", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
         raise RequestError(400, f"temperature must be a number in [0, 2], got {temperature!r}.", "temperature")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise RequestError(400, f"top_p must be a number in (0, 1], got {top_p!r}.", "top_p")
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return {"do_sample": False}
-    return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
+    return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
 
 
 def completion_prompt(body: dict, served: ServedModel) -> list[int]:
@@ -126,6 +173,7 @@ def completion_prompt(body: dict, served: ServedModel) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
+        check_prompt_size(len(prompt.encode("utf-8", "surrogatepass")), served)
         return served.tokenizer(prompt).input_ids
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < len(served.tokenizer) for t in prompt):
@@ -140,13 +188,31 @@ def chat_prompt(body: dict, served: ServedModel) -> list[int]:
         raise RequestError(400, f"the tokenizer of {served.name!r} has no chat template, so chat completions are not "
                            "available; use /v1/completions with a prompt.", "messages", "no_chat_template")  # fmt: skip
     messages = body.get("messages")
-    well_formed = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    )  # fmt: skip
-    if not well_formed:
+    if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list of {'role': str, 'content': str}.", "messages")
+    messages = [chat_message(m, i) for i, m in enumerate(messages)]
+    check_prompt_size(sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages), served)
     ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)
+
+
+def chat_message(message, index: int) -> dict:
+    """``{"role", "content"}`` with the content as one string: OpenAI's list of text parts joined, an assistant's
+    ``null`` content as empty; another role, or a part that is not text, refused."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+        raise RequestError(400, f"{where} must be {{'role': one of {list(CHAT_ROLES)}, 'content': str}}; got "
+                           f"{message!r}.", "messages")  # fmt: skip
+    content = message.get("content")
+    if content is None and message["role"] == "assistant":
+        content = ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        if all(isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise RequestError(400, f"{where}.content must be a string or a list of text parts "
+                           f"({{'type': 'text', 'text': str}}); got {content!r}.", "messages")  # fmt: skip
+    return {"role": message["role"], "content": content}
 
 
 class Detokenizer:
@@ -175,9 +241,7 @@ def reply(job: Job, model: str, text: str, finish_reason: str, completion_tokens
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion_tokens,
-             "total_tokens": len(job.prompt_ids) + completion_tokens}  # fmt: skip
-    return {**envelope(job, model, streamed=False), "choices": [choice], "usage": usage}
+    return {**envelope(job, model, streamed=False), "choices": [choice], "usage": usage(job, completion_tokens)}
 
 
 def chunk(job: Job, model: str, text: str, finish_reason: str | None, first: bool = False) -> str:
@@ -188,6 +252,17 @@ def chunk(job: Job, model: str, text: str, finish_reason: str | None, first: boo
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     return f"data: {json.dumps({**envelope(job, model, streamed=True), 'choices': [choice]})}\n\n"
+
+
+def usage_chunk(job: Job, model: str, completion_tokens: int) -> str:
+    """The last event of a stream that asked for ``stream_options.include_usage``: no choices, the usage."""
+    body = {**envelope(job, model, streamed=True), "choices": [], "usage": usage(job, completion_tokens)}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def usage(job: Job, completion_tokens: int) -> dict:
+    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion_tokens,
+            "total_tokens": len(job.prompt_ids) + completion_tokens}  # fmt: skip
 
 
 def envelope(job: Job, model: str, streamed: bool) -> dict:

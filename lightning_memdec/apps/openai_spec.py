@@ -9,11 +9,13 @@ turns the worker's token stream into text, finish reasons and usage, streamed as
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -29,6 +31,7 @@ from lightning_memdec.apps.openai_protocol import (
     chunk,
     parse_body,
     reply,
+    usage_chunk,
 )
 
 COMPLETIONS_PATH = "/v1/completions"
@@ -47,10 +50,17 @@ class OpenAICompletionsSpec(LitSpec):
     def stream(self) -> bool:
         return True
 
+    @functools.cached_property
+    def tokenizing(self) -> ThreadPoolExecutor:
+        """Prompts are tokenized off the event loop (a long one stalled every other client), one at a time; made in
+        the HTTP process on first use (the spec is pickled into LitServe's processes before)."""
+        return ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+
     def pre_setup(self, lit_api) -> None:
         self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
+        self.add_endpoint("/v1/models/{model_id:path}", self.model, ["GET"])
 
     def decode_request(self, request, context_kwargs=None):
         return request
@@ -59,7 +69,17 @@ class OpenAICompletionsSpec(LitSpec):
         yield from output
 
     async def models(self):
-        return {"object": "list", "data": [{"id": self.served.name, "object": "model", "owned_by": "memdec"}]}
+        return {"object": "list", "data": [self.model_card()]}
+
+    async def model(self, model_id: str):
+        if model_id != self.served.name:
+            err = RequestError(404, f"model {model_id!r} is not served here; this server serves {self.served.name!r}.",
+                               "model", "model_not_found")  # fmt: skip
+            return JSONResponse(err.body(), status_code=err.status)
+        return self.model_card()
+
+    def model_card(self) -> dict:
+        return {"id": self.served.name, "object": "model", "created": 0, "owned_by": "memdec"}
 
     async def completions(self, request: Request):
         return await self.respond(request, chat=False)
@@ -68,8 +88,10 @@ class OpenAICompletionsSpec(LitSpec):
         return await self.respond(request, chat=True)
 
     async def respond(self, request: Request, chat: bool):
+        body = await request.body()
         try:
-            job = check_request(parse_body(await request.body()), self.served, chat)
+            loop = asyncio.get_running_loop()
+            job = await loop.run_in_executor(self.tokenizing, checked_job, body, self.served, chat)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         if job.stream:
@@ -97,6 +119,9 @@ class OpenAICompletionsSpec(LitSpec):
     async def token_pieces(self, job: Job, tokens: AsyncIterator):
         detokenizer, count = Detokenizer(self.served.tokenizer), 0
         async for data, status in tokens:
+            if status == LitAPIStatus.ERROR and getattr(data, "status_code", None) == 504:  # LitServe's queue timeout
+                raise RequestError(504, "the request waited in the queue longer than the server's --queue.timeout; "
+                                   "retry later.", code="timeout")  # fmt: skip
             if status == LitAPIStatus.ERROR:
                 raise RequestError(500, f"generation failed in the inference worker: {data}", code="server_error")
             step = json.loads(data) if data else {}
@@ -119,10 +144,18 @@ class OpenAICompletionsSpec(LitSpec):
 
     async def events(self, job: Job):
         yield chunk(job, self.served.name, "", None, first=True)
+        count = 0
         try:
-            async for piece, finish_reason, _ in self.pieces(job):
+            async for piece, finish_reason, made in self.pieces(job):
+                count = made
                 if piece or finish_reason:
                     yield chunk(job, self.served.name, piece, finish_reason)
         except RequestError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
+        if job.include_usage:
+            yield usage_chunk(job, self.served.name, count)
         yield "data: [DONE]\n\n"
+
+
+def checked_job(raw: bytes, served: ServedModel, chat: bool) -> Job:
+    return check_request(parse_body(raw), served, chat)

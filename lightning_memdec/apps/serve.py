@@ -7,6 +7,8 @@ LitServe runs the HTTP front end and the inference worker and batches concurrent
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,16 +40,17 @@ def served_model(base: str, memdec: str | None, model_name: str | None, decoding
     caches hold at most :data:`~lightning_memdec.inference.static_generation.DEFAULT_MAX_LENGTH` positions)."""
     from transformers import AutoConfig
 
+    from lightning_memdec.apps.openai_protocol import longest_token_bytes
     from lightning_memdec.hf.loading import context_length, find_tokenizer
     from lightning_memdec.io.embedded import resolve_model
 
-    contexts = []
+    configs = {}
     for flag, ref in (("--base", base), ("--memdec", memdec)):
         try:
-            contexts += [context_length(AutoConfig.from_pretrained(resolve_model(ref)))] if ref else []
+            configs |= {flag: AutoConfig.from_pretrained(resolve_model(ref))} if ref else {}
         except OSError as err:
             raise ValueError(f"{flag} {ref!r} is not a model directory or hub name ({err}).") from err
-    contexts = [c for c in contexts if c]
+    contexts = [c for c in map(context_length, configs.values()) if c]
     limit = "the model's context"
     if decoding == "static":
         from lightning_memdec.inference.static_generation import DEFAULT_MAX_LENGTH
@@ -59,8 +62,15 @@ def served_model(base: str, memdec: str | None, model_name: str | None, decoding
     if tokenizer is None:
         raise ValueError(f"--base {base!r} has no tokenizer saved with it; save its tokenizer into the directory.")
     check_decoder_tokenizer(memdec, tokenizer, base)
+    for flag, config in configs.items():  # a head with fewer rows than the tokenizer's ids fails in the worker
+        rows = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+        if rows is not None and rows < len(tokenizer):
+            raise ValueError(f"{flag} {memdec if flag == '--memdec' else base!r} has {rows} token ids "
+                             f"(config vocab_size), fewer than the {len(tokenizer)} of --base {base!r}'s tokenizer: "
+                             "serve models of one tokenizer.")  # fmt: skip
     names = [Path(str(ref).rstrip("/")).name for ref in (base, memdec) if ref]
-    return ServedModel(model_name or "+".join(names), tokenizer, min(contexts) if contexts else None, limit)
+    context = min(contexts) if contexts else None
+    return ServedModel(model_name or "+".join(names), tokenizer, context, limit, longest_token_bytes(tokenizer))
 
 
 def check_decoder_tokenizer(memdec: str | None, tokenizer, base: str) -> None:
@@ -161,4 +171,21 @@ def serve(
                      batch_timeout=queue.batch_timeout)  # fmt: skip
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
     server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=queue.timeout)
+    from starlette.exceptions import HTTPException
+
+    server.app.add_exception_handler(HTTPException, openai_error)
+    if threading.current_thread() is threading.main_thread():
+        # `kill PID` shuts the server down as Ctrl-C does: else its HTTP and inference processes live on, orphaned
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     server.run(host=host, port=port, generate_client_file=False)
+
+
+async def openai_error(request, exc):
+    """FastAPI's own refusals (unknown path 404, wrong method 405) in OpenAI's error body, as every other error."""
+    from fastapi.responses import JSONResponse
+
+    from lightning_memdec.apps.openai_protocol import RequestError
+
+    error = RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found"
+                         if exc.status_code == 404 else "http_error")  # fmt: skip
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))

@@ -111,4 +111,14 @@ def load_generator(base: str, memdec: str | None, lmbda: float, device, router: 
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
 
     model = load_causal_lm(base) if memdec is None else InterpolatedLM(base, memdec, lmbda, router=router)
+    model.generation_config = protocol_generation_config(model.generation_config)
     return model.to(device).eval()
+
+
+def protocol_generation_config(config):
+    """The model's generation config with only its token ids kept: a request's settings are OpenAI's and nothing
+    else, not the top-k, repetition penalty or temperature a model's generation_config.json may carry."""
+    from transformers import GenerationConfig
+
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return GenerationConfig(**{name: getattr(config, name, None) for name in ids})
