@@ -102,3 +102,21 @@ def test_rolling_and_generation(pair):
     assert ll == pytest.approx(first, rel=1e-4, abs=1e-4)
     [gen] = lm.generate_until([Request("The film", {"until": ["\n"], "max_gen_toks": 3})])
     assert isinstance(gen, str)
+
+
+def test_pairs_are_encoded_as_lm_evals_hf_model_encodes_them(pair):
+    """A context ending in a space was scored as [..., " "] + ["Paris"]; lm_eval moves the space onto the
+    continuation and splits the whole text's tokens ([...] + [" Paris"]). A one-token context with an empty
+    continuation crashed; a continuation longer than the window raised deep inside torch."""
+    base_dir, dec_dir = pair
+    lm = MemDecLM(str(base_dir), str(dec_dir), LMBDA, batch_size=2)
+    tok = load_tokenizer("gpt2")
+    base, dec = load_causal_lm(base_dir).eval(), load_causal_lm(dec_dir).eval()
+    (got, _), (same, _), (empty, greedy) = lm.loglikelihood(
+        [Request("The capital is ", "Paris"), Request("The capital is", " Paris"), Request("x", "")]
+    )
+    assert tok("The capital is ")["input_ids"][-1] == tok(" ")["input_ids"][0]  # the space is a token of its own
+    assert got == same == pytest.approx(own_log_likelihood(base, dec, tok, "The capital is", " Paris"), abs=1e-4)
+    assert (empty, greedy) == (0.0, True)
+    with pytest.raises(ValueError, match="continuation of 600 tokens is longer than the models' 512 positions"):
+        lm.loglikelihood([Request("a", " b" * 600)])

@@ -14,8 +14,9 @@ imports this module, so the package works without the extra). Its ``model_args``
         tasks=["my_task"], task_manager=TaskManager(include_path="my_tasks/"),
     )
 
-or :func:`run_lm_eval` for the same call. Requests are tokenized without special tokens; an empty context is
-the EOS token (as lm_eval's HF model does); contexts are cut on the left to the models' positions.
+or :func:`run_lm_eval` for the same call. Requests are encoded by lm_eval's ``TemplateLM`` as its HF model encodes
+them (a context's trailing whitespace moved onto the continuation, the pair tokenized whole and split; an empty
+context is the EOS token), without special tokens; contexts are cut on the left to the models' positions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
@@ -37,7 +38,7 @@ __all__ = ["MemDecLM", "run_lm_eval"]
 
 
 @register_model("memdec")
-class MemDecLM(LM):
+class MemDecLM(TemplateLM):
     """A base causal LM + Memory Decoder (same tokenizer) as an lm_eval model; ``lmbda`` = 0 is the base alone."""
 
     def __init__(
@@ -62,34 +63,40 @@ class MemDecLM(LM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.eos = self.tokenizer.eos_token_id
 
+    @property
+    def eot_token_id(self) -> int:
+        return self.eos
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tok_encode(text)
 
     # -- scoring -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def score_tokens(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Σ log p_mix(continuation | context) and whether it is the greedy continuation, for each (ctx, cont)."""
-        out: list[tuple[float, bool] | None] = [None] * len(rows)
-        inputs = [((ctx or [self.eos]) + cont)[-(self.max_length + 1) : -1] for ctx, cont in rows]
+        longest = max((len(cont) for _, cont in rows), default=0)
+        if longest > self.max_length:
+            raise ValueError(f"a continuation of {longest} tokens is longer than the models' {self.max_length} "
+                             "positions (max_length): it cannot be scored in one window; shorten the task's targets.")
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)  # an empty continuation has probability 1
+        scored = [i for i, (_, cont) in enumerate(rows) if cont]
+        inputs = [((rows[i][0] or [self.eos]) + rows[i][1])[-(self.max_length + 1) : -1] for i in scored]
         for batch, ids, mask in left_padded_batches(inputs, self.batch_size, self.eos):
             width = ids.shape[1]
             log_probs = self.model.log_probs(ids.to(self.model.device), mask.to(self.model.device)).cpu()
-            for r, i in enumerate(batch):
-                n = len(rows[i][1])
-                if n == 0:  # an empty continuation has probability 1
-                    out[i] = (0.0, True)
-                    continue
-                lp, cont = log_probs[r, width - n :], torch.as_tensor(rows[i][1])
-                out[i] = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
-        return out  # type: ignore[return-value]
+            for r, j in enumerate(batch):
+                cont = torch.as_tensor(rows[scored[j]][1])
+                lp = log_probs[r, width - len(cont) :]
+                out[scored[j]] = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
+        return out
 
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        rows = []
-        for req in tqdm(requests, desc="memdec tokenize", disable=disable_tqdm, leave=False):
-            context, continuation = req.args
-            rows.append((self.encode(context) if context else [], self.encode(continuation)))
-        return self.score_tokens(rows)
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """lm_eval's encoded requests ``((context, continuation), context ids, continuation ids)``, scored."""
+        return self.score_tokens([(context, continuation) for _, context, continuation in requests])
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Σ log p_mix of every token of the text after EOS, in disjoint windows of ``max_length`` positions."""
