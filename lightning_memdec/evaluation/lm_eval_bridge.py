@@ -80,8 +80,10 @@ class MemDecLM(TemplateLM):
         """Σ log p_mix(continuation | context) and whether it is the greedy continuation, for each (ctx, cont)."""
         longest = max((len(cont) for _, cont in rows), default=0)
         if longest > self.max_length:
-            raise ValueError(f"a continuation of {longest} tokens is longer than the models' {self.max_length} "
-                             "positions (max_length): it cannot be scored in one window; shorten the task's targets.")
+            raise ValueError(
+                f"a continuation of {longest} tokens is longer than the models' {self.max_length} "
+                "positions (max_length): it cannot be scored in one window; shorten the task's targets."
+            )
         out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)  # an empty continuation has probability 1
         scored = [i for i, (_, cont) in enumerate(rows) if cont]
         inputs = [((rows[i][0] or [self.eos]) + rows[i][1])[-(self.max_length + 1) : -1] for i in scored]
