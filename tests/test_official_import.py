@@ -209,6 +209,7 @@ def test_targets_import_is_the_same_csr_and_fit_accepts_it(imported, tmp_path, s
         np.testing.assert_array_equal(getattr(targets, name), getattr(source_targets, name))
     dataset = WindowTargetsDataset(str(biomed_corpus), str(out), window=64, stride=64)  # what fit reads
     assert len(dataset) > 0 and targets.meta["search"] == "official"
+    assert targets.meta["self_excluded"] is None  # the file does not say; saveKNNMulti.py keeps it by default
 
 
 @pytest.mark.slow

@@ -183,7 +183,8 @@ def import_targets(arrow: Path, datastore: Path, out: Path, overwrite: bool) -> 
         write_csr(files, schema, work, num_positions, nnz)
     settings = {"search": "official", "k": None, "temperature": None, "max_support": None, "min_prob": None}
     settings.update(exact_distances=False, nprobe=None, imported_from=[str(f.resolve()) for f in files])
-    return publish(work, out, targets_meta(store, store, None, num_positions, nnz, True, settings))
+    # unknown: the file does not say, and saveKNNMulti.py keeps each entry's own match unless --ignore_first
+    return publish(work, out, targets_meta(store, store, None, num_positions, nnz, None, settings))
 
 
 def scan_targets(files: list[Path], schema, store: Datastore) -> tuple[int, int]:

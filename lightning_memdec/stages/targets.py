@@ -257,7 +257,7 @@ def targets_meta(
     index_factory: str | None,
     num_positions: int,
     nnz: int,
-    self_excluded: bool,
+    self_excluded: bool | None,
     settings: dict,
 ) -> dict:
     """meta.json of a targets directory: what was searched, with which settings, for which corpus and tokenizer."""
