@@ -252,6 +252,22 @@ def test_sharded_index_build_equals_the_one_process_build(tmp_path, biomed_datas
     assert sorted(p.name for p in sharded.iterdir()) == [INDEX, "meta.json"]
 
 
+def test_the_sharded_build_prints_its_plan_and_recall_and_plans_only_when_asked(tmp_path, biomed_datastore, capsys):
+    """docs/scaling.md has users look at the plan before a large build: the sharded command printed none and had no
+    --plan_only, and its recall was only in meta.json."""
+    from lightning_memdec.io.artifact_dirs import read_meta
+    from lightning_memdec.retrieval.index_plan import IndexPlan
+    from lightning_memdec.stages.index_shards import build_index_sharded
+
+    settings = dict(plan=IndexSettings(factory="IVF8,Flat", train_size=800), recall_queries=64, recall_k=8)
+    plan = build_index_sharded(biomed_datastore, tmp_path / "planned", plan_only=True, **settings)
+    assert isinstance(plan, IndexPlan) and not (tmp_path / "planned").exists()
+    assert plan.describe() in capsys.readouterr().out
+    out = build_index_sharded(biomed_datastore, tmp_path / "built", chunk_keys=1000, **settings)
+    recall = read_meta(out)["recall"]
+    assert f"recall@8 against exact search on 64 stored keys: {recall['recall']:.4f}" in capsys.readouterr().out
+
+
 def test_other_ranks_leave_the_work_directory_to_rank_0(tmp_path, monkeypatch):
     """torchrun/srun start all ranks at once: a rank other than 0 that finds rank 0's .partial directory before its
     run config is written must neither refuse it as "other settings" nor create, clear or record anything."""

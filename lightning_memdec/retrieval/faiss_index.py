@@ -137,7 +137,7 @@ def build_index(
     set_nprobe(index, nprobe)
     recall = measured_recall(index, store, recall_queries, recall_k, seed) if recall_queries > 0 else None
     if recall is not None:
-        print(f"recall@{recall['k']} against exact search on {recall['queries']} stored keys: {recall['recall']:.4f}")
+        print(describe_recall(recall))
     if library == "cuvs":
         index.save(work / CUVS_INDEX)
     else:
@@ -211,6 +211,10 @@ def check_recall_k(recall_queries: int, recall_k: int) -> None:
     """The recall measured after the build needs k ≥ 1; refused before the build, not after it."""
     if recall_queries > 0 and recall_k < 1:
         raise ValueError(f"--recall_k must be 1 or more, got {recall_k}; or pass --recall_queries 0 to skip recall.")
+
+
+def describe_recall(recall: dict) -> str:
+    return f"recall@{recall['k']} against exact search on {recall['queries']} stored keys: {recall['recall']:.4f}"
 
 
 def measured_recall(index, store: Datastore, queries: int, k: int, seed: int) -> dict:

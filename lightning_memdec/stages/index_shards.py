@@ -21,19 +21,20 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
-from lightning_memdec.io.artifact_dirs import publish, start_work_dir
+from lightning_memdec.io.artifact_dirs import is_secondary_rank, publish, start_work_dir
 from lightning_memdec.io.npy_rows import read_rows
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_finite_keys
 from lightning_memdec.retrieval.faiss_index import (
     check_build_fits,
     check_recall_k,
+    describe_recall,
     index_meta,
     measured_recall,
     set_nprobe,
     train_on_sample,
 )
-from lightning_memdec.retrieval.index_plan import plan_index
+from lightning_memdec.retrieval.index_plan import IndexPlan, plan_index
 from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.chunked_predict import (
     chunk_loader,
@@ -133,9 +134,10 @@ def build_index_sharded(
     recall_queries: int = 256,
     recall_k: int = 64,
     hardware: Hardware = Hardware(),
+    plan_only: bool = False,
     overwrite: bool = False,
     callbacks: Sequence[L.Callback] = (),
-) -> Path:
+) -> Path | IndexPlan:
     """Build a FAISS index over a datastore's keys on several ranks (CPU FAISS): shared training, sharded adding.
 
     Args:
@@ -144,11 +146,16 @@ def build_index_sharded(
         plan, recall_queries, recall_k: as for `memdec build-index`.
         chunk_keys: consecutive keys per shard; also the resumable chunk.
         hardware: the ranks the shards are spread over (FAISS runs on the host whatever the accelerator).
+        plan_only: print the plan (index size, memory, training sample, search cost) and stop.
         overwrite: replace an existing output / discard an unfinished run with other settings.
     """
     store = Datastore(datastore)
     spec = plan  # the settings; ``plan`` becomes the plan made from them
     plan = plan_index(len(store), store.dim, memory_gb=spec.memory_gb, nprobe=spec.nprobe, factory=spec.factory)
+    if not is_secondary_rank():
+        print(plan.describe(), flush=True)
+    if plan_only:
+        return plan
     train_size, seed, nprobe = plan.train_size if spec.train_size is None else spec.train_size, spec.seed, spec.nprobe
     check_build_fits(plan, min(len(store), train_size) if plan.nlist else 0, use_gpu=False)
     check_recall_k(recall_queries, recall_k)
@@ -172,6 +179,8 @@ def build_index_sharded(
     index = merge_shards(work, num_chunks)
     set_nprobe(index, nprobe)
     recall = measured_recall(index, store, recall_queries, recall_k, seed) if recall_queries > 0 else None
+    if recall is not None:
+        print(describe_recall(recall), flush=True)
     faiss.write_index(index, str(work / INDEX))
     drop_progress(work)  # before the shards go: markers without their shards would resume into nothing
     shutil.rmtree(work / SHARDS)
