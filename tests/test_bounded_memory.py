@@ -176,3 +176,24 @@ def test_index_reads_keys_in_blocks_without_mapping_them(tmp_path, biomed_datast
     )
     assert len(peaks) > 10 and max(peaks) == 0
     assert (small / "index.faiss").read_bytes() == (whole / "index.faiss").read_bytes()
+
+
+def test_rows_come_from_the_file_opened_even_after_its_path_is_republished(tmp_path):
+    """`memdec tokenize --overwrite` publishing a new corpus while build-datastore read the old one: reads that
+    reopened the path mixed both into one datastore. Reads go to the file the stage opened."""
+    import os
+
+    from lightning_memdec.io.artifact_dirs import open_checked
+
+    old, new = np.arange(40, dtype=np.int32).reshape(10, 4), -np.arange(40, dtype=np.int32).reshape(10, 4)
+    for name, data in (("a", old), ("b", new)):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "rows.npy", data)
+    array = open_checked(tmp_path / "a", "rows.npy", (10, 4), "int32")
+    os.replace(tmp_path / "a", tmp_path / "a.old")  # what publish does: the old directory out, the new one in
+    os.replace(tmp_path / "b", tmp_path / "a")
+    np.testing.assert_array_equal(read_rows(array, 2, 7), old[2:7])
+    np.testing.assert_array_equal(gather_rows(array, [9, 0, 3, 3]), old[[9, 0, 3, 3]])
+    (tmp_path / "a.old" / "rows.npy").unlink()  # deleted too: the open file still reads
+    np.testing.assert_array_equal(read_rows(array, 0, 10), old)
+    np.testing.assert_array_equal(read_rows(open_checked(tmp_path / "a", "rows.npy", (10, 4), "int32"), 0, 3), new[:3])

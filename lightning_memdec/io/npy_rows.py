@@ -13,6 +13,10 @@ block the caller asked for:
   locks);
 - :class:`NpyAppender`: a new ``.npy`` written front to back in blocks, its length known or not.
 
+:func:`open_npy` maps a ``.npy`` and keeps its file open: the reads above go to that file, so a stage reads the
+input it started with even if another command publishes a new one at the same path meanwhile (reopening by path
+mixed two corpora into one datastore, labelled with the first one's hash).
+
 Arrays that are not top-level memmaps of a ``.npy`` file (plain arrays in tests, torch tensors) are indexed directly.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,30 @@ def _file_backed(array) -> bool:
     )
 
 
+def open_npy(path: str | Path) -> np.memmap:
+    """A read-only memmap of the ``.npy`` at ``path`` whose rows :func:`read_rows` and :func:`gather_rows` read from
+    the file opened here (``array.source``, closed with the array), not from whatever the path names later."""
+    file = open(path, "rb")
+    try:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(file)
+        if dtype.hasobject or fortran_order:
+            raise ValueError(f"{path} holds {'objects' if dtype.hasobject else 'a Fortran-ordered array'}")
+        array = np.memmap(file, dtype=dtype, mode="r", offset=file.tell(), shape=shape)
+    except BaseException:
+        file.close()
+        raise
+    array.source = file
+    weakref.finalize(array, file.close)
+    return array
+
+
+def _source_fd(array) -> int | None:
+    source = getattr(array, "source", None)
+    return None if source is None or source.closed else source.fileno()
+
+
 def _row_bytes(array) -> int:
     return int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
 
@@ -50,9 +79,19 @@ def read_rows(array, lo: int, hi: int) -> np.ndarray:
     lo, hi = max(0, lo), min(len(array), hi)
     if not _file_backed(array):
         return np.array(array[lo:hi])
-    count = max(0, hi - lo) * _row_bytes(array) // array.dtype.itemsize
-    flat = np.fromfile(array.filename, dtype=array.dtype, count=count, offset=array.offset + lo * _row_bytes(array))
-    return flat.reshape((max(0, hi - lo), *array.shape[1:]))
+    fd = _source_fd(array)
+    if fd is None:
+        count = max(0, hi - lo) * _row_bytes(array) // array.dtype.itemsize
+        flat = np.fromfile(array.filename, dtype=array.dtype, count=count, offset=array.offset + lo * _row_bytes(array))
+        return flat.reshape((max(0, hi - lo), *array.shape[1:]))
+    out = np.empty((max(0, hi - lo), *array.shape[1:]), dtype=array.dtype)
+    view, position = memoryview(out.reshape(-1).view(np.uint8)), array.offset + lo * _row_bytes(array)
+    while len(view):
+        got = os.preadv(fd, [view], position)  # positioned: threads and forked loader workers share the file
+        if got == 0:
+            raise ArtifactError(f"{array.filename} ends before row {hi}: the file is truncated; rebuild it.")
+        view, position = view[got:], position + got
+    return out
 
 
 def gather_rows(array, ids, window_bytes: int | None = None) -> np.ndarray:
@@ -72,8 +111,8 @@ def gather_rows(array, ids, window_bytes: int | None = None) -> np.ndarray:
         j = int(np.searchsorted(uniq, lo + span))
         hi = int(uniq[j - 1]) + 1
         window = np.memmap(
-            array.filename, dtype=array.dtype, mode="r", offset=array.offset + lo * _row_bytes(array),
-            shape=(hi - lo, *array.shape[1:]),
+            array.filename if _source_fd(array) is None else array.source, dtype=array.dtype, mode="r",
+            offset=array.offset + lo * _row_bytes(array), shape=(hi - lo, *array.shape[1:]),
         )  # fmt: skip
         rows[i:j] = window[uniq[i:j] - lo]
         del window  # unmapped here: its touched pages leave this process's RSS
