@@ -171,6 +171,8 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
     work = partial_dir(out)
     if out.exists() and not out.is_dir():  # --overwrite replaces artefact directories, never a user's file
         raise ArtifactError(f"{wrong_path(out, 'output', want_dir=True)}; remove it or choose another --out.")
+    if not is_secondary_rank() and finish_interrupted_publish(work, out) and not overwrite:
+        raise AlreadyPublished(out)
     if out.exists():
         if not overwrite:
             raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
@@ -194,28 +196,57 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
 def publish(work: Path, out: str | Path, meta: dict[str, Any]) -> Path:
     """Write meta.json into ``work`` and rename it to ``out`` (replacing an old ``out`` last)."""
     out = Path(out)
-    write_json_atomic(work / META, meta)
+    write_json_atomic(work / META, meta)  # from here on the work is finished: a rerun publishes it (see below)
     (work / RUN_CONFIG).unlink(missing_ok=True)
     _fsync_dir(work)
+    swap_in(work, out)
+    return out
+
+
+def swap_in(work: Path, out: Path) -> None:
+    """Rename ``work`` to ``out``; an old ``out`` is set aside as ``<out>.old`` first and deleted last."""
+    trash = out.with_name(out.name + ".old")
     if out.exists():
-        trash = out.with_name(out.name + ".old")
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(out, trash)
-        os.replace(work, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(work, out)
+    os.replace(work, out)
+    shutil.rmtree(trash, ignore_errors=True)
     _fsync_dir(out.parent)
-    return out
+
+
+class AlreadyPublished(ArtifactError):
+    """The output a stage was asked for is complete: an earlier run finished it and was stopped while publishing."""
+
+    def __init__(self, out: Path):
+        super().__init__(f"{out} is complete: the run that built it was stopped while publishing it; it is in place.")
+        self.out = out
+
+
+def finish_interrupted_publish(work: Path, out: Path) -> bool:
+    """Complete the publication of a run stopped inside :func:`publish`: a work directory holding meta.json is
+    finished (renamed into place, True); an old output set aside without a finished one to replace it is put back.
+    Without this a rerun called the finished work "an unfinished run with different settings", and the old output
+    stayed as ``<out>.old``, named nowhere."""
+    trash = out.with_name(out.name + ".old")
+    finished = (work / META).is_file()
+    if finished:
+        swap_in(work, out)
+    elif trash.is_dir() and not out.exists():
+        os.replace(trash, out)
+    elif trash.is_dir():
+        shutil.rmtree(trash)
+    return finished
 
 
 def open_checked(directory: str | Path, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """Open ``directory/name`` read-only as a memmap and check it against the shape meta.json promises."""
+    from lightning_memdec.io.npy_rows import open_npy  # npy_rows raises this module's ArtifactError
+
     path = Path(directory) / name
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; the artefact in {directory} is incomplete, rebuild it.")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = open_npy(path)  # read from this file to the end, even if the path is republished meanwhile
     except ValueError as err:  # numpy raises ValueError for truncated files
         raise ArtifactError(f"{path} is truncated or corrupt ({err}); rebuild {directory}.") from err
     if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):

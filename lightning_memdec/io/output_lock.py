@@ -11,10 +11,13 @@ from __future__ import annotations
 import fcntl
 import functools
 import inspect
+import logging
 import os
 from pathlib import Path
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, is_secondary_rank
+from lightning_memdec.io.artifact_dirs import AlreadyPublished, ArtifactError, is_secondary_rank
+
+log = logging.getLogger(__name__)
 
 
 def lock_path(out: str | Path) -> Path:
@@ -33,7 +36,12 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         if self.fd is not None or is_secondary_rank():
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:  # a parent of the output is a file
+            raise ArtifactError(
+                f"cannot write {self.out}: {err.filename} is a file, not a directory; choose another output path."
+            ) from None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,7 +95,11 @@ def exclusive_output(stage=None, *, replaces_out: bool = True):
         if replaces_out:
             check_not_an_input(out, {name: v for name, v in bound.arguments.items() if name != "out"})
         with OutputLock(out):
-            return stage(*args, **kwargs)
+            try:
+                return stage(*args, **kwargs)
+            except AlreadyPublished as done:  # the same command after a stop inside publish: now it is in place
+                log.warning("%s", done)
+                return done.out
 
     return locked
 

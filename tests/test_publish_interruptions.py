@@ -1,0 +1,75 @@
+"""A stage stopped inside its last step, the rename that publishes its output: the same command finishes the job,
+and an old output set aside for an --overwrite is never lost (audit 8 killed builds at each rename)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.readers import INDEX
+from lightning_memdec.retrieval.faiss_index import build_index
+from lightning_memdec.retrieval.settings import IndexSettings
+
+FLAT = IndexSettings(factory="Flat")
+
+
+KILLED_AT = """
+import os, signal, sys
+import lightning_memdec.io.artifact_dirs as artifact_dirs
+from lightning_memdec.retrieval.faiss_index import build_index
+from lightning_memdec.retrieval.settings import IndexSettings
+
+real = os.replace
+
+def replace(src, dst):  # SIGKILL at the rename named by argv[3]: the work dir into place, or the old output aside
+    if str(src).endswith(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+
+artifact_dirs.os.replace = replace
+build_index(sys.argv[1], sys.argv[2], plan=IndexSettings(factory="Flat"), recall_queries=0, overwrite=True)
+"""
+
+
+def killed_at_rename(datastore, out, source_suffix: str) -> None:
+    """Run build_index in a process killed (SIGKILL) at the rename of the path ending in ``source_suffix``."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", KILLED_AT, str(datastore), str(out), source_suffix])
+    assert done.returncode == -9
+
+
+def test_a_build_stopped_at_its_rename_is_published_by_the_same_command(tmp_path, biomed_datastore):
+    out = tmp_path / "index"
+    killed_at_rename(biomed_datastore, out, ".partial")
+    assert not out.exists() and (partial_dir(out) / "meta.json").is_file()
+    assert build_index(biomed_datastore, out, plan=FLAT, recall_queries=0) == out  # was: "different settings"
+    assert (out / INDEX).is_file() and not partial_dir(out).exists()
+
+
+def test_an_overwrite_stopped_between_its_renames_loses_nothing(tmp_path, biomed_datastore):
+    out = tmp_path / "index"
+    build_index(biomed_datastore, out, plan=FLAT, recall_queries=0)
+    old = (out / INDEX).read_bytes()
+    killed_at_rename(biomed_datastore, out, ".partial")  # the old output moved aside, the new one not in place
+    assert not out.exists() and out.with_name("index.old").is_dir()
+    assert build_index(biomed_datastore, out, plan=FLAT, recall_queries=0) == out
+    assert (out / INDEX).read_bytes() == old and not out.with_name("index.old").exists()
+
+
+def test_an_old_output_set_aside_comes_back_when_nothing_replaces_it(tmp_path, biomed_datastore):
+    out = tmp_path / "index"
+    build_index(biomed_datastore, out, plan=FLAT, recall_queries=0)
+    os.replace(out, out.with_name("index.old"))  # as a kill between the renames leaves it, the work dir then lost
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        build_index(biomed_datastore, out, plan=FLAT, recall_queries=0)
+    assert (out / INDEX).is_file() and not out.with_name("index.old").exists()
+
+
+def test_an_output_under_a_file_is_a_clear_error(tmp_path, biomed_datastore):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ArtifactError, match="afile is a file, not a directory; choose another output path"):
+        build_index(biomed_datastore, tmp_path / "afile" / "index", plan=FLAT)
