@@ -18,6 +18,8 @@ def test_check_fits_names_bytes_and_fix():
     check_fits(2**30, 2**30, "x", "fix")
     with pytest.raises(ResourceError, match=r"x needs 2.00 GiB but only 1.00 GiB is available; do less"):
         check_fits(2 * 2**30, 2**30, "x", "do less")
+    with pytest.raises(ResourceError, match=r"x needs 10.5 MiB but only 10.0 MiB is available"):  # both "0.01 GiB"
+        check_fits(11 * 2**20 - 2**19, 10 * 2**20, "x", "do less")
 
 
 def test_search_budget_error_gives_a_chunk_size_that_fits():

@@ -60,6 +60,9 @@ def allocated_bytes(path: str | Path) -> int:
 def check_fits(needed: int, available: int, what: str, fix: str) -> None:
     """Refuse before any work when ``needed`` bytes exceed ``available``, naming both and the setting that fits."""
     if needed > available:
-        raise ResourceError(
-            f"{what} needs {needed / GIB:.2f} GiB but only {available / GIB:.2f} GiB is available; {fix}"
-        )
+        raise ResourceError(f"{what} needs {size_text(needed)} but only {size_text(available)} is available; {fix}")
+
+
+def size_text(num_bytes: int) -> str:
+    """Bytes in GiB with two decimals, or in MiB below 1 GiB (0.01 GiB needed "but only 0.01 GiB available")."""
+    return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB else f"{num_bytes / (1 << 20):.1f} MiB"
