@@ -41,6 +41,7 @@ def test_a_second_process_is_refused_with_the_holders_pid_and_a_sigkill_releases
 def test_every_stage_is_refused_before_any_work_while_its_output_is_locked(
     tmp_path, biomed_corpus, biomed_datastore, biomed_index, tiny_gpt2
 ):
+    from lightning_memdec.evaluation.evaluate import evaluate
     from lightning_memdec.io.token_corpus import tokenize
     from lightning_memdec.retrieval.faiss_index import build_index
     from lightning_memdec.stages.datastore import build_datastore
@@ -55,6 +56,7 @@ def test_every_stage_is_refused_before_any_work_while_its_output_is_locked(
         "index": lambda out: build_index(biomed_datastore, out, plan=IndexSettings(factory="Flat")),
         "targets": lambda out: build_targets(biomed_datastore, biomed_index, out, knn=KNNTargets(k=8)),
         "transfer-vocab": lambda out: transfer_vocab(str(tiny_gpt2), "gpt2", out),
+        "evaluate": lambda out: evaluate([str(tiny_gpt2)], "embedded:biomed/test", out),
     }
     for name, stage in stages.items():
         out = tmp_path / name

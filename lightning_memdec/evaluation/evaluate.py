@@ -37,6 +37,7 @@ from lightning_memdec.inference.router import router_scorer
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import check_writable_dir, keep_earlier_report
 from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
 from lightning_memdec.kernels.scoring import (
@@ -52,6 +53,7 @@ __all__ = ["evaluate", "text_tokens"]
 WINDOW_FLAG = "--scoring.window"  # the flag named when a window exceeds a model's context
 
 
+@exclusive_output(replaces_out=False)  # two evaluations into one --out would interleave their report files
 def evaluate(
     bases: list[str],
     test: str,
