@@ -128,15 +128,23 @@ def dispatch(raw: list[str]) -> None:
         print(f"memdec {raw[0]}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as err:
-        if err.errno != errno.ENOSPC:
+        if err.errno not in DISK_LIMITS:
             raise
         where = f" writing {err.filename}" if err.filename else ""
         print(
-            f"memdec {raw[0]}: error: no space left on the device{where}. Free space and run the same command again "
-            "(build-datastore and build-targets resume from their last whole chunk).",
+            f"memdec {raw[0]}: error: {DISK_LIMITS[err.errno]}{where}. Free space (or raise the limit) and run the "
+            "same command again (build-datastore and build-targets resume from their last whole chunk).",
             file=sys.stderr,
         )
         raise SystemExit(1) from None
+
+
+# a write refused by the disk or a limit: what to tell the user (each ended in a raw traceback but ENOSPC)
+DISK_LIMITS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "a file would exceed the largest file size allowed (`ulimit -f`, or the file system's limit)",
+}
 
 
 def run_command(raw: list[str]) -> None:

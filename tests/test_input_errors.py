@@ -118,6 +118,17 @@ def test_a_full_disk_is_said_in_one_line_with_what_to_do(capsys, monkeypatch):
         "memdec full: error: no space left on the device writing store.partial/chunk_00003/keys.npy. Free space" in err
     )
 
+    def too_large(out: str = "x"):
+        """A stage under `ulimit -f`: numpy's write raised EFBIG, a raw traceback naming no file and no fix."""
+        raise OSError(errno.EFBIG, "File too large", f"{out}.partial/keys.npy")
+
+    monkeypatch.setattr(cli, "stage_functions", lambda *commands: {"big": too_large})
+    with pytest.raises(SystemExit):
+        cli.main(["big", "--out", "store"])
+    err = capsys.readouterr().err
+    assert "memdec big: error: a file would exceed the largest file size allowed (`ulimit -f`" in err
+    assert "writing store.partial/keys.npy" in err and "Traceback" not in err
+
     def other(out: str = "x"):
         """A stage with another OS error."""
         raise OSError(errno.EIO, "Input/output error")
