@@ -183,7 +183,7 @@ def test_rows_come_from_the_file_opened_even_after_its_path_is_republished(tmp_p
     reopened the path mixed both into one datastore. Reads go to the file the stage opened."""
     import os
 
-    from lightning_memdec.io.artifact_dirs import open_checked
+    from lightning_memdec.io.npy_rows import open_checked
 
     old, new = np.arange(40, dtype=np.int32).reshape(10, 4), -np.arange(40, dtype=np.int32).reshape(10, 4)
     for name, data in (("a", old), ("b", new)):

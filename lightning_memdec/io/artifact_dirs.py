@@ -16,8 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lightning_memdec import __version__
 
 META = "meta.json"
@@ -236,25 +234,6 @@ def finish_interrupted_publish(work: Path, out: Path) -> bool:
     elif trash.is_dir():
         shutil.rmtree(trash)
     return finished
-
-
-def open_checked(directory: str | Path, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """Open ``directory/name`` read-only as a memmap and check it against the shape meta.json promises."""
-    from lightning_memdec.io.npy_rows import open_npy  # npy_rows raises this module's ArtifactError
-
-    path = Path(directory) / name
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing; the artefact in {directory} is incomplete, rebuild it.")
-    try:
-        arr = open_npy(path)  # read from this file to the end, even if the path is republished meanwhile
-    except ValueError as err:  # numpy raises ValueError for truncated files
-        raise ArtifactError(f"{path} is truncated or corrupt ({err}); rebuild {directory}.") from err
-    if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
-        raise ArtifactError(
-            f"{path} has shape {tuple(arr.shape)} and dtype {arr.dtype}, but meta.json says {tuple(shape)} {dtype}; "
-            f"the file is corrupt or from another run, rebuild {directory}."
-        )
-    return arr
 
 
 def _jsonable(obj: Any) -> Any:

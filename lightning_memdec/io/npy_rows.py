@@ -65,6 +65,23 @@ def open_npy(path: str | Path) -> np.memmap:
     return array
 
 
+def open_checked(directory: str | Path, name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """Open ``directory/name`` read-only as a memmap and check it against the shape meta.json promises."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; the artefact in {directory} is incomplete, rebuild it.")
+    try:
+        arr = open_npy(path)  # read from this file to the end, even if the path is republished meanwhile
+    except ValueError as err:  # numpy raises ValueError for truncated files
+        raise ArtifactError(f"{path} is truncated or corrupt ({err}); rebuild {directory}.") from err
+    if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
+        raise ArtifactError(
+            f"{path} has shape {tuple(arr.shape)} and dtype {arr.dtype}, but meta.json says {tuple(shape)} {dtype}; "
+            f"the file is corrupt or from another run, rebuild {directory}."
+        )
+    return arr
+
+
 def _source_fd(array) -> int | None:
     source = getattr(array, "source", None)
     return None if source is None or source.closed else source.fileno()

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from lightning_memdec.io.artifact_dirs import AlreadyPublished, ArtifactError, is_secondary_rank
+from lightning_memdec.io.artifact_dirs import AlreadyPublished, ArtifactError, check_writable_dir, is_secondary_rank
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def exclusive_output(stage=None, *, replaces_out: bool = True):
             return stage(*args, **kwargs)
         if replaces_out:
             check_not_an_input(out, {name: v for name, v in bound.arguments.items() if name != "out"})
+        if not Path(out).exists():  # under a file, or in a directory this process cannot write: said as the flag
+            check_writable_dir(out, "--out")
         with OutputLock(out):
             try:
                 return stage(*args, **kwargs)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, open_checked, read_meta
+from lightning_memdec.io.artifact_dirs import ArtifactError, read_meta
+from lightning_memdec.io.npy_rows import open_checked
 from lightning_memdec.io.tokenizer_identity import check_same_tokenizer
 
 KEYS = "keys.npy"

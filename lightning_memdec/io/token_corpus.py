@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, open_checked, publish, read_meta, start_work_dir
+from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, read_meta, start_work_dir
 from lightning_memdec.io.embedded import load_tokenizer
-from lightning_memdec.io.npy_rows import NpyAppender
+from lightning_memdec.io.npy_rows import NpyAppender, open_checked
 from lightning_memdec.io.official_preprocessing import official_groups
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.settings import DatasetRows
