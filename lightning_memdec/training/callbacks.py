@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -9,30 +10,88 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from lightning_memdec.io.artifact_dirs import base_meta, write_json_atomic
+from lightning_memdec.io.artifact_dirs import (
+    ArtifactError,
+    base_meta,
+    check_writable_dir,
+    finish_interrupted_publish,
+    partial_dir,
+    publish,
+    read_meta,
+)
 from lightning_memdec.io.embedded import load_tokenizer
+from lightning_memdec.io.output_lock import OutputLock
+
+EXPORT_KINDS = ("memory_decoder", "base_lm")  # fit's export, and one `memdec pretrain-bases` has completed
 
 
 class ExportHuggingFace(L.Callback):
     """At the end of fit, save the decoder with ``save_pretrained`` + its tokenizer + meta.json.
 
     The directory loads with ``AutoModelForCausalLM.from_pretrained`` and plugs into any base LM of the
-    same tokenizer (``InterpolatedLM``). meta.json records which targets it was trained on.
+    same tokenizer (``InterpolatedLM``). meta.json records which targets it was trained on, and the run root
+    that trained it. The export is written to ``<dirpath>.partial`` and renamed into place, so a kill leaves the
+    previous export whole; one exported by another run root is refused before training unless ``overwrite``.
 
     Args:
         dirpath: output directory; default ``<log_dir>/hf_model``.
         dtype: store the weights in this dtype (``float16`` halves a shipped model); config.json keeps the
             training dtype, so ``from_pretrained`` still loads float32 weights by default.
+        overwrite: replace a decoder another run (another ``trainer.default_root_dir``) exported to ``dirpath``;
+            this run's own export (a resume, a later fit of the same root) is replaced without it.
     """
 
-    def __init__(self, dirpath: str | None = None, dtype: Literal["float32", "float16", "bfloat16"] | None = None):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        dtype: Literal["float32", "float16", "bfloat16"] | None = None,
+        overwrite: bool = False,
+    ):
         self.dirpath = dirpath
         self.dtype = dtype
+        self.overwrite = overwrite
+        self.lock: OutputLock | None = None
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         if self.dirpath is not None:
             return Path(self.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf_model"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the model loads and the first step: an export dir the run could not (or must not) write is refused
+        here, not after the whole training; a given one is locked, so two runs cannot export into it at once."""
+        if stage != "fit":
+            return
+        out = self.resolve_dir(trainer)  # log_dir is a collective call
+        root = export_run_root(trainer.default_root_dir)
+        problem = self.prepare(out, root) if trainer.is_global_zero else None
+        problem = trainer.strategy.broadcast(problem)  # every rank stops, not rank 0 alone
+        if problem is not None:
+            raise ArtifactError(problem)
+
+    def prepare(self, out: Path, run_root: str) -> str | None:
+        """On rank 0: lock a given export dir, finish an export stopped while it was renamed into place (the package's
+        ``publish`` convention), then check the dir; what is wrong with it, or None."""
+        try:
+            check_writable_dir(out, "--export.dirpath")
+            if self.dirpath is not None and self.lock is None:
+                self.lock = OutputLock(out).acquire()
+            finish_interrupted_publish(partial_dir(out), out)
+            check_export_dir(out, run_root, self.overwrite)
+        except ArtifactError as err:
+            return str(err)
+        return None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # every rank joins the state-dict gather (FSDP shards); rank 0 writes
@@ -44,26 +103,29 @@ class ExportHuggingFace(L.Callback):
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if self.dtype is not None:
             state = cast_state_dict(state, getattr(torch, self.dtype))
-        out.mkdir(parents=True, exist_ok=True)
+        work = partial_dir(out)  # a killed export's leftovers are discarded: the export is redone whole
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
         config = pl_module.decoder.config
         padded_vocab, config.vocab_size = config.vocab_size, pl_module.vocab_size  # export without the padding ids
         try:
-            pl_module.decoder.save_pretrained(out, state_dict=pl_module.unpadded(state))
+            pl_module.decoder.save_pretrained(work, state_dict=pl_module.unpadded(state))
         finally:
             config.vocab_size = padded_vocab
         datamodule = trainer.datamodule
         provenance = datamodule.provenance() if hasattr(datamodule, "provenance") else {}
         if hasattr(datamodule, "tokenizer_name"):
-            load_tokenizer(datamodule.tokenizer_name).save_pretrained(out)
+            load_tokenizer(datamodule.tokenizer_name).save_pretrained(work)
         meta = base_meta(
             "memory_decoder",
             global_step=trainer.global_step,
             tokens_seen=self.tokens_seen(trainer),
             beta=pl_module.hparams.beta,
             initialised_from=pl_module.hparams.model or "config",
+            run_root=export_run_root(trainer.default_root_dir),  # whose export this is (check_export_dir)
             **provenance,
         )
-        write_json_atomic(out / "meta.json", meta)
+        publish(work, out, meta)  # meta.json last, then renamed into place: the old export or the new, never a mix
 
     @staticmethod
     def tokens_seen(trainer: L.Trainer) -> int | None:
@@ -73,6 +135,37 @@ class ExportHuggingFace(L.Callback):
             return None
         per_step = dm.hparams.batch_size * dm.hparams.window * trainer.world_size * trainer.accumulate_grad_batches
         return int(per_step * trainer.global_step)
+
+
+def export_run_root(root_dir: str | Path | None) -> str:
+    """The run an export belongs to, as its meta.json records it: the absolute ``trainer.default_root_dir``."""
+    return str(Path(root_dir if root_dir is not None else Path.cwd()).resolve())
+
+
+def check_export_dir(out: str | Path, run_root: str, overwrite: bool) -> None:
+    """``out`` may take this run's export: absent or empty, or a decoder this run root exported (a resume, a later
+    fit of the same root), or another run's with ``overwrite``; anything else is refused, naming the fix."""
+    out = Path(out)
+    check_writable_dir(out, "--export.dirpath")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        meta = read_meta(out)
+    except ArtifactError:
+        meta = {}
+    if meta.get("kind") not in EXPORT_KINDS:
+        raise ArtifactError(
+            f"--export.dirpath {out} holds files that are not a decoder `memdec fit` exported (no meta.json of kind "
+            "memory_decoder), and the export replaces the whole directory: choose another --export.dirpath."
+        )
+    if meta.get("run_root") == run_root or overwrite:
+        return
+    owner = meta.get("run_root") or "unknown (an export of an earlier lightning_memdec)"
+    raise ArtifactError(
+        f"--export.dirpath {out} holds a decoder exported by another run (trainer.default_root_dir {owner}, global "
+        f"step {meta.get('global_step')}), and this run ({run_root}) would replace it at its end: choose another "
+        "--export.dirpath, or pass --export.overwrite true to replace it."
+    )
 
 
 class LearningRateLog(LearningRateMonitor):

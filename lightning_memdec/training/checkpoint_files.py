@@ -10,6 +10,7 @@ it, and :func:`resumable_checkpoint` falls back to the newest one that is whole.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import zipfile
@@ -40,6 +41,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:
+            full = disk_full_cause(err)
+            if full is None:
+                raise
+            raise CheckpointDiskFull(path, full) from err
         finally:
             tmp.unlink(missing_ok=True)
         directory = os.open(path.parent, os.O_RDONLY)
@@ -47,6 +53,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CheckpointDiskFull(OSError, ValueError):
+    """A checkpoint save that ran out of disk space. torch reports it as ``RuntimeError: [enforce fail at
+    inline_container.cc …] unexpected pos``, the ENOSPC buried mid-traceback; this says what happened and what to do
+    (a ValueError too, so ``memdec fit`` prints it as one error line)."""
+
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(
+            f"no space left on the device while saving checkpoint {path} ({cause}): free space and resume with "
+            f"--ckpt_path last (with no checkpoint in {path.parent} yet, run the same command again). The failed "
+            "save was removed; the checkpoints saved before it are whole."
+        )
+        self.errno = cause.errno  # a caller catching OSError reads ENOSPC; str() stays the message above
+
+
+def disk_full_cause(err: BaseException) -> OSError | None:
+    """The out-of-space OSError behind ``err`` (itself, or what torch's zip writer wrapped), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def checkpoint_problem(path: str | Path) -> str | None:

@@ -21,10 +21,15 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, read_meta
+from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, read_meta
 from lightning_memdec.io.output_lock import OutputLock
 from lightning_memdec.io.packaged_configs import config_args
-from lightning_memdec.training.callbacks import ExportHuggingFace, LearningRateLog
+from lightning_memdec.training.callbacks import (
+    ExportHuggingFace,
+    LearningRateLog,
+    check_export_dir,
+    export_run_root,
+)
 from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO, RunCheckpoint, resolve_resume
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
@@ -92,7 +97,14 @@ class MemDecCLI(LightningCLI):
         if cfg.checkpoint.dirpath is None:  # README: checkpoints in <root>/checkpoints, found again by a resume
             cfg.checkpoint.dirpath = str(default_checkpoint_dir(cfg.trainer.default_root_dir))
         if self.subcommand in (None, "fit"):  # a second run into this root is refused before any model loads
-            self.run_root_lock = OutputLock(cfg.trainer.default_root_dir).acquire()
+            check_writable_dir(cfg.trainer.default_root_dir, "--trainer.default_root_dir")
+            if cfg.export.dirpath is not None:  # and an export dir it could not, or must not, replace at its end
+                check_export_dir(
+                    cfg.export.dirpath, export_run_root(cfg.trainer.default_root_dir), cfg.export.overwrite
+                )
+            if self.subcommand == "fit":  # `memdec fit`; from Python (run=False) the callback locks at setup, as
+                # a lock taken here would outlive a CLI object that is never fitted
+                self.run_root_lock = OutputLock(cfg.trainer.default_root_dir).acquire()
         asked = cfg.get("ckpt_path") if self.subcommand else self.resume_from
         resume = resolve_resume(asked, cfg.checkpoint.dirpath)  # "last": the newest whole checkpoint, or an error
         if resume is not None:

@@ -237,6 +237,27 @@ class MemoryDecoderModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.finite_check.raise_pending()  # no checkpoint of weights a non-finite step has updated
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another decoder (another width, depth or vocabulary padding) is refused with the
+        mismatching shapes and the fix, not load_state_dict's "size mismatch" traceback."""
+        source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        check_checkpoint_fits(checkpoint.get("state_dict"), self.decoder_shapes(), source)
+
+    def decoder_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """``decoder.*`` state-dict names and shapes, as a checkpoint of this decoder holds them; None where the
+        strategy loads the weights itself, before ``on_load_checkpoint`` (FSDP's sharded parameters)."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if self.decoder is None or isinstance(
+            getattr(self._trainer, "strategy", None), (FSDPStrategy, ModelParallelStrategy)
+        ):
+            return None
+        named = [
+            *self.decoder.named_parameters(remove_duplicate=False),
+            *self.decoder.named_buffers(remove_duplicate=False),
+        ]
+        return {f"decoder.{name}": tuple(tensor.shape) for name, tensor in named}
+
     def on_train_end(self) -> None:
         self.finite_check.raise_pending()  # the last step's, before the decoder is exported
 
@@ -294,6 +315,28 @@ class MemoryDecoderModule(L.LightningModule):
         schedule = lr_lambda(total, warmup, h.lr_schedule, h.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_checkpoint_fits(state: dict | None, shapes: dict[str, tuple[int, ...]] | None, source: str) -> None:
+    """Refuse a checkpoint whose decoder weights are not this decoder's: the shapes that differ (or the names only
+    one side has) are named, with the fix."""
+    if not state or shapes is None:
+        return
+    saved = {name: tuple(value.shape) for name, value in state.items() if name.startswith("decoder.")}
+    differ = [
+        f"{n}: checkpoint {list(saved[n])}, model {list(shapes[n])}"
+        for n in saved
+        if n in shapes and saved[n] != shapes[n]
+    ]
+    differ += [f"{n}: only in the checkpoint" for n in saved if n not in shapes]
+    differ += [f"{n}: only in the model" for n in shapes if n not in saved and n.endswith(".weight")]
+    if differ:
+        shown = "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise ValueError(
+            f"{source} holds a decoder of another shape than this run's model ({shown}): resume with the model "
+            "settings the run was started with (model.model / model.config / model.pad_vocab_multiple), or start "
+            "a new run in another --trainer.default_root_dir."
+        )
 
 
 def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
