@@ -4,6 +4,8 @@ A long stage (datastore keys, kNN targets) is cut into numbered chunks whose con
 chunk number alone, never on which rank computes it or how many ranks there are, so a run on N devices,
 a run on one, and a killed-then-resumed run all produce the same bytes. Each finished chunk leaves a
 marker file in ``<work>/progress``; a resumed run (with any number of ranks) skips the marked chunks.
+SIGTERM (``timeout``, ``docker stop``, a scheduler's preemption) stops the run once the chunks in hand are saved
+(:class:`SigtermStop`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +24,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_memdec.io.shared_filesystem import SharedFilesystemCheck
 
@@ -47,6 +52,12 @@ def mark_done(work: Path, chunk: int) -> None:
     directory = progress_dir(work)
     directory.mkdir(exist_ok=True)
     (directory / f"{chunk:09d}").touch()
+
+
+def unmark(work: Path, chunks) -> None:
+    """Forget ``chunks``' markers, so a resumed run computes them again (their files were found damaged)."""
+    for chunk in chunks:
+        (progress_dir(work) / f"{chunk:09d}").unlink(missing_ok=True)
 
 
 def finish_chunks(work: Path, num_chunks: int) -> None:
@@ -92,15 +103,39 @@ def is_idle(batch: dict[str, Any]) -> bool:
     return int(batch["chunk"]) == IDLE_CHUNK
 
 
+class UntilStopped(Sampler[int]):
+    """The chunks' positions in order, until ``stop`` says to stop (asked as each chunk is fetched): the loop then
+    ends as after its last chunk, so every rank reaches the closing barrier (an exception would leave a rank that
+    already waits there waiting for ever)."""
+
+    def __init__(self, count: int, stop: SigtermStop | None):
+        self.count, self.stop = count, stop
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for i in range(self.count):
+            if self.stop is not None and self.stop.should_stop():
+                self.stop.cut_short = True
+                return
+            yield i
+
+
 def chunk_loader(
     module: L.LightningModule, num_chunks: int, work: Path, make_item, num_workers: int = 0, every_rank: bool = False
 ) -> DataLoader:
     """The unfinished chunks of this rank: a round-robin share, or all of them on ``every_rank`` (for jobs whose
-    ranks each do part of every chunk, such as a search over keys sharded by rank)."""
+    ranks each do part of every chunk, such as a search over keys sharded by rank: their steps must call
+    :func:`agree_to_stop`, so that all ranks stop on SIGTERM after the same chunk)."""
     trainer = module.trainer
     rank, ranks = (0, 1) if every_rank else (trainer.global_rank, trainer.world_size)
     chunks = pending_for_rank(num_chunks, work, rank, ranks) or [IDLE_CHUNK]
-    return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, shuffle=False, num_workers=num_workers)
+    stop = sigterm_stop(trainer)
+    if stop is not None:
+        stop.num_chunks, stop.collective = num_chunks, every_rank
+    sampler = UntilStopped(len(chunks), stop)
+    return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, sampler=sampler, num_workers=num_workers)
 
 
 class BackgroundWriter(BasePredictionWriter):
@@ -153,6 +188,94 @@ class BackgroundWriter(BasePredictionWriter):
             log.warning("a chunk's save failed too (a resumed run computes it again): %s", err)
 
 
+class Interrupted(SystemExit):
+    """SIGTERM stopped a chunked stage before its end. Exit status 143 (128 + SIGTERM): what ``timeout``, ``docker
+    stop`` and schedulers expect of a process their SIGTERM stopped; ``str()`` is the message printed."""
+
+    def __init__(self, message: str):
+        super().__init__(128 + signal.SIGTERM)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SigtermStop(L.Callback):
+    """Stops a chunked run on SIGTERM once the chunks in hand are saved; the run then raises :class:`Interrupted`.
+
+    Lightning's own handler only records SIGTERM (nothing in ``predict`` reads it), and it runs a collective inside
+    the handler, which hangs a rank whose peer already waits in a barrier. This handler only sets a flag and passes
+    the signal on to the ranks Lightning's launcher started, as Lightning's does; the loader (:class:`UntilStopped`)
+    then hands out no more chunks. It is in place from before the run to past its closing barrier (:meth:`install`):
+    a SIGTERM there (a signal sent to every rank and passed on by rank 0 too) must not kill a rank in the barrier.
+    Ranks whose steps run collectives decide together (:func:`agree_to_stop`): one rank stopping alone would leave
+    the others waiting in the next chunk's collective.
+    """
+
+    def __init__(self):
+        self.requested = False  # this rank received SIGTERM
+        self.agreed = False  # collective steps: some rank had received it at the last agreement
+        self.collective = False  # every rank does part of every chunk: only the agreed decision counts
+        self.cut_short = False  # the loader stopped before this rank's last chunk
+        self.num_chunks = 0
+        self.launcher = None
+        self.previous = None  # the handler :meth:`install` replaced, for :meth:`uninstall`
+        self.installed = False
+
+    def install(self, trainer: L.Trainer) -> None:
+        """This handler from here on (signals reach the main thread only: elsewhere, Lightning's stays in place)."""
+        self.launcher = trainer.strategy.launcher
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def uninstall(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+            self.installed = False
+
+    def on_predict_start(self, trainer, pl_module):
+        self.requested = self.requested or trainer.received_sigterm  # caught by Lightning's handler before this
+        if self.installed:  # Lightning's (with its collective) out; its teardown puts back the one it found: this
+            signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def on_sigterm(self, signum, frame) -> None:
+        if not self.requested and self.launcher is not None:
+            self.launcher.kill(signum)  # the other ranks, where this process started them
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        return self.agreed if self.collective else self.requested
+
+    def stopped(self) -> bool:
+        return self.requested or self.cut_short
+
+
+def sigterm_stop(trainer: L.Trainer) -> SigtermStop | None:
+    return next((c for c in trainer.callbacks if isinstance(c, SigtermStop)), None)
+
+
+def agree_to_stop(module: L.LightningModule) -> None:
+    """For steps where every rank does part of every chunk (collectives in each step): every rank learns whether any
+    received SIGTERM, at the same point of the same chunk, so all stop after the same chunk. Call it once per chunk,
+    on every rank."""
+    stop = sigterm_stop(module.trainer)
+    if stop is not None:
+        stop.agreed = module.trainer.strategy.reduce_boolean_decision(stop.requested, all=False)
+
+
+def interrupted(work: Path, num_chunks: int, trainer: L.Trainer) -> Interrupted:
+    """The error a stopped run raises (its message printed too: the exit status alone says nothing)."""
+    message = (
+        f"interrupted (SIGTERM) with {len(done_chunks(work))} of {num_chunks} chunks done: run the same command "
+        f"again to resume (the finished chunks are kept in {work})."
+    )
+    if trainer.world_size > 1:
+        message = f"rank {trainer.global_rank}: {message}"
+    print(message, file=sys.stderr, flush=True)
+    return Interrupted(message)
+
+
 def run_sharded_predict(
     module: L.LightningModule,
     writer: L.Callback,
@@ -167,8 +290,10 @@ def run_sharded_predict(
 
     First (once the ranks are connected) every rank must see ``work``: a multi-node run needs it on a shared
     filesystem (:mod:`lightning_memdec.io.shared_filesystem`). Its progress bar is tqdm's unless ``callbacks`` hold
-    one (Lightning would pick rich's where rich is installed: the stage's own bars are tqdm's)."""
+    one (Lightning would pick rich's where rich is installed: the stage's own bars are tqdm's). On SIGTERM every rank
+    stops after the chunks in hand and, past the closing barrier, raises :class:`Interrupted`."""
     tqdm_bar = [] if any(isinstance(c, ProgressBar) for c in callbacks) else [TQDMProgressBar()]
+    stop = SigtermStop()
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -178,8 +303,14 @@ def run_sharded_predict(
         enable_checkpointing=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[SharedFilesystemCheck(progress_dir(work), "--out"), writer, *callbacks, *tqdm_bar],
+        callbacks=[SharedFilesystemCheck(progress_dir(work), "--out"), writer, stop, *callbacks, *tqdm_bar],
     )
-    trainer.predict(module, return_predictions=False)
-    trainer.strategy.barrier()
+    stop.install(trainer)
+    try:
+        trainer.predict(module, return_predictions=False)
+        trainer.strategy.barrier()
+    finally:
+        stop.uninstall()
+    if stop.stopped():
+        raise interrupted(work, stop.num_chunks, trainer)
     return trainer

@@ -7,6 +7,7 @@ devices by :mod:`lightning_memdec.stages.chunked_predict`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from lightning_memdec.hf.loading import (
     model_config,
     model_fingerprint,
 )
-from lightning_memdec.io.artifact_dirs import base_meta, partial_dir, publish, start_work_dir
+from lightning_memdec.io.artifact_dirs import base_meta, is_secondary_rank, partial_dir, publish, start_work_dir
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
 from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
 from lightning_memdec.io.output_lock import exclusive_output
@@ -34,6 +35,7 @@ from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab, chec
 from lightning_memdec.stages.chunked_predict import (
     BackgroundWriter,
     chunk_loader,
+    done_chunks,
     drop_progress,
     finish_chunks,
     is_idle,
@@ -42,6 +44,7 @@ from lightning_memdec.stages.chunked_predict import (
 )
 from lightning_memdec.stages.settings import Hardware, Windows
 
+log = logging.getLogger(__name__)
 PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 VALUES_BLOCK = 1 << 22  # tokens copied into values.npy at a time (16 MiB of int32)
 FIX_BASE = "use a base LM of the corpus's tokenizer, or tokenize the corpus with the base's"
@@ -214,7 +217,7 @@ def build_datastore(
         "batch_windows": windows.batch_size,
         "precision": precision,
     }
-    work = start_work_dir(out, run_config, overwrite)
+    work = resumed_work_dir(out, run_config, overwrite, data.num_positions)
     extractor = KeyExtractor(
         str(model), layer, str(corpus), windows.window, windows.stride, windows.batch_size, str(work), precision
     )
@@ -253,6 +256,43 @@ def build_datastore(
         tokenizer=data.tokenizer,
     )
     return publish(work, out, meta)
+
+
+def resumed_work_dir(out: Path, run_config: dict, overwrite: bool, num_entries: int) -> Path:
+    """The work directory (:func:`~io.artifact_dirs.start_work_dir`), its keys file checked by the rank that
+    prepares it."""
+    work = start_work_dir(out, run_config, overwrite)
+    if not is_secondary_rank():
+        check_resumed_keys(work, num_entries)
+    return work
+
+
+def check_resumed_keys(work: Path, num_entries: int) -> None:
+    """At a resume, keys.npy must still hold the finished chunks' rows. Missing, the run would make a new file and
+    skip the marked chunks (their rows left zero); cut short, it would fail on it. Such damage comes from outside (a
+    disk error, a manual cleanup: a kill leaves none, the marker follows ``fdatasync``), and its rows cannot be told
+    apart, so every chunk is computed again, with a warning naming the file."""
+    done = done_chunks(work)
+    problem = keys_file_damage(work / KEYS, num_entries) if done else None
+    if problem is None:
+        return
+    log.warning("%s %s; its %d finished chunks are computed again.", work / KEYS, problem, len(done))
+    drop_progress(work)  # first: a kill here leaves no marker without its rows
+    (work / KEYS).unlink(missing_ok=True)
+
+
+def keys_file_damage(path: Path, num_entries: int) -> str | None:
+    """What is wrong with a work directory's keys file (None: a whole fp16 [num_entries, d] ``.npy``)."""
+    if not path.is_file():
+        return "is missing"
+    try:
+        keys = np.load(path, mmap_mode="r")
+    except (ValueError, EOFError, OSError) as err:  # numpy's errors for a cut or overwritten header
+        return f"is truncated or corrupt ({err})"
+    size, expected = path.stat().st_size, keys.offset + keys.nbytes
+    if keys.ndim != 2 or len(keys) != num_entries or keys.dtype != np.float16:
+        return f"holds {keys.dtype} {keys.shape}, not float16 [{num_entries}, d]"
+    return None if size == expected else f"has {size} bytes, its header promises {expected}"
 
 
 def write_values(path: Path, data: Corpus, block: int = VALUES_BLOCK) -> None:

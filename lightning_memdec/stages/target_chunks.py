@@ -3,6 +3,7 @@ targets' offsets/ids/probs by rank 0."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,9 +12,12 @@ from tqdm.auto import tqdm
 
 from lightning_memdec.io.npy_rows import NpyAppender
 from lightning_memdec.io.readers import IDS, OFFSETS, PROBS
-from lightning_memdec.stages.chunked_predict import BackgroundWriter, mark_done
+from lightning_memdec.stages.chunked_predict import BackgroundWriter, done_chunks, mark_done, unmark
 
+log = logging.getLogger(__name__)
 CHUNKS = "chunks"
+PIECES = {"counts": None, "ids": np.int32, "probs": np.float16}  # a chunk's files, and their dtypes (None: any int)
+SHOWN = 5  # damaged chunks named in the warning
 
 
 class ChunkFileWriter(BackgroundWriter):
@@ -63,3 +67,62 @@ def merge_chunks(work: Path, num_chunks: int) -> tuple[int, int]:
             ids.append(load(c, "ids"))
             probs.append(load(c, "probs"))
     return num_positions, nnz
+
+
+def chunk_file(work: Path, chunk: int, piece: str) -> Path:
+    return work / CHUNKS / f"{chunk:09d}.{piece}.npy"
+
+
+def npy_damage(path: Path, dtype) -> tuple[np.ndarray | None, str | None]:
+    """(the array's header as a read-only map, None) for a whole ``.npy``; (None, what is wrong) otherwise."""
+    if not path.is_file():
+        return None, f"{path.name} is missing"
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, EOFError, OSError) as err:  # numpy's errors for a cut or overwritten header
+        return None, f"{path.name} is truncated or corrupt ({err})"
+    size, expected = path.stat().st_size, array.offset + array.nbytes
+    if size != expected:
+        return None, f"{path.name} has {size} bytes, its header promises {expected}"
+    wanted = None if dtype is None else np.dtype(dtype)
+    if array.ndim != 1 or (array.dtype.kind not in "iu" if wanted is None else array.dtype != wanted):
+        return None, f"{path.name} is a {array.dtype} array of shape {array.shape}, not 1-D {wanted or 'integers'}"
+    return array, None
+
+
+def chunk_damage(work: Path, chunk: int, rows: int) -> str | None:
+    """What is wrong with a finished chunk's files (None: they are whole and agree with each other)."""
+    arrays = {}
+    for piece, dtype in PIECES.items():
+        arrays[piece], problem = npy_damage(chunk_file(work, chunk, piece), dtype)
+        if problem:
+            return problem
+    counts, ids, probs = (arrays[piece] for piece in PIECES)
+    if len(counts) != rows:
+        return f"its counts cover {len(counts)} positions, the chunk has {rows}"
+    if len(ids) != len(probs) or int(np.asarray(counts).sum(dtype=np.int64)) != len(ids):
+        return f"its counts sum to {int(np.asarray(counts).sum())} entries, its ids hold {len(ids)}, probs {len(probs)}"
+    return None
+
+
+def drop_damaged_chunks(work: Path, num_positions: int, chunk_size: int) -> list[int]:
+    """At a resume, each finished chunk's files are checked against its marker, before any search: a missing or
+    truncated file (damage from outside: a disk error, a manual cleanup; a kill leaves none, the marker is written
+    after the files) would otherwise be found by the merge, after the whole search. A damaged chunk loses its marker
+    and files, with a warning naming it, and the run computes it again. Returns the chunks dropped."""
+    damaged = {}
+    for chunk in sorted(done_chunks(work)):
+        rows = min(chunk_size, num_positions - chunk * chunk_size)
+        problem = chunk_damage(work, chunk, rows) if rows > 0 else "it is past the last chunk"
+        if problem:
+            damaged[chunk] = problem
+    if damaged:
+        named = "; ".join(f"chunk {c}: {problem}" for c, problem in list(damaged.items())[:SHOWN])
+        more = f"; and {len(damaged) - SHOWN} more" if len(damaged) > SHOWN else ""
+        log.warning("%d finished chunks in %s are damaged (%s%s); computing them again.",
+                    len(damaged), work / CHUNKS, named, more)  # fmt: skip
+        unmark(work, damaged)  # first: a kill here leaves no marker without its files
+        for chunk in damaged:
+            for piece in PIECES:
+                chunk_file(work, chunk, piece).unlink(missing_ok=True)
+    return sorted(damaged)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lightning_memdec.io.npy_rows import read_rows
-from lightning_memdec.io.readers import Datastore
+from lightning_memdec.io.readers import KEYS, Datastore
 from lightning_memdec.kernels.sparse_targets import knn_distributions, stored_rows
 from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
 from lightning_memdec.retrieval.exact_search import (
@@ -22,10 +22,8 @@ from lightning_memdec.retrieval.exact_search import (
     squared_norms,
 )
 from lightning_memdec.retrieval.sharded_search import check_shards_hold_k, key_shard, merge_shards, shard_search
-from lightning_memdec.stages.chunked_predict import (
-    chunk_loader,
-    is_idle,
-)
+from lightning_memdec.stages.chunked_predict import agree_to_stop, chunk_loader, is_idle
+from lightning_memdec.stages.target_inputs import check_finite_rows
 
 log = logging.getLogger(__name__)
 VALUES_BLOCK = 1 << 22  # values copied to the search device at a time (16 MiB of int32)
@@ -99,12 +97,16 @@ class KNNTargetSearcher(L.LightningModule):
             return None
         rows = batch["rows"].cpu().numpy()
         queries = read_rows(self.query_store.keys, rows[0], rows[-1] + 1)  # not mapped: RSS stays one chunk
+        what = "datastore" if self.self_exclude else "query datastore"  # a NaN query would fail the search unnamed
+        check_finite_rows(queries, int(rows[0]), f"{what} {self.queries_dir} ({KEYS})")
         if self.search == "faiss":
             found = self.index_rows(queries, rows)
         else:
             neighbours = self.exact_neighbours(queries, rows)
-            if self.key_shard is not None and int(batch["chunk"]) % self.trainer.world_size != self.global_rank:
-                return None  # every rank found the same neighbours; the chunk's owner writes its rows
+            if self.key_shard is not None:
+                agree_to_stop(self)  # every rank searches every chunk (collectives): all stop after the same one
+                if int(batch["chunk"]) % self.trainer.world_size != self.global_rank:
+                    return None  # every rank found the same neighbours; the chunk's owner writes its rows
             found = self.distributions(*neighbours)
         counts, tok, prob = found
         return {"chunk": int(batch["chunk"]), "counts": counts, "ids": tok, "probs": prob}

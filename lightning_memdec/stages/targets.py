@@ -21,6 +21,7 @@ import torch
 from lightning_memdec.io.artifact_dirs import (
     ArtifactError,
     base_meta,
+    is_secondary_rank,
     partial_dir,
     publish,
     read_meta,
@@ -44,7 +45,8 @@ from lightning_memdec.stages.chunked_predict import (
     run_sharded_predict,
 )
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch
-from lightning_memdec.stages.target_chunks import CHUNKS, ChunkFileWriter, merge_chunks
+from lightning_memdec.stages.target_chunks import CHUNKS, ChunkFileWriter, drop_damaged_chunks, merge_chunks
+from lightning_memdec.stages.target_inputs import check_finite_store_keys, check_values_in_vocab
 from lightning_memdec.stages.target_searcher import KNNTargetSearcher
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,8 @@ def build_targets(
         "chunk_size": search.chunk_size,
         "nprobe": knn.nprobe,
     }
-    work = start_work_dir(out, run_config, overwrite)
+    check_store(store, backend)
+    work = resumed_work_dir(out, run_config, overwrite, len(query_store), search.chunk_size)
     paths = (str(query_store.dir), str(store.dir), str(index), str(work))
     settings = (k, knn.temperature, self_exclude, knn.exact_distances, knn.max_support, knn.min_prob,
                 search.chunk_size, knn.nprobe, search.use_gpu)  # fmt: skip
@@ -138,6 +141,26 @@ def build_targets(
     settings["nprobe"] = None if backend == "exact" else knn.nprobe or index_nprobe
     settings["index_library"] = library  # faiss or cuvs: which library searched the index (None: no index)
     return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
+
+
+def check_store(store: Datastore, backend: str) -> None:
+    """Before any search: the values must be ids of the store's tokenizer, and the keys an exact search reads
+    finite (a FAISS index was built from finite keys: build-index checks them). One pass over the store's files, by
+    the rank that prepares the work directory."""
+    if is_secondary_rank():
+        return
+    check_values_in_vocab(store)
+    if backend == "exact":
+        check_finite_store_keys(store)
+
+
+def resumed_work_dir(out: Path, run_config: dict, overwrite: bool, num_positions: int, chunk_size: int) -> Path:
+    """The work directory (:func:`~io.artifact_dirs.start_work_dir`), the chunks of a resumed run checked by the rank
+    that prepares it (:func:`~stages.target_chunks.drop_damaged_chunks`)."""
+    work = start_work_dir(out, run_config, overwrite)
+    if not is_secondary_rank():
+        drop_damaged_chunks(work, num_positions, chunk_size)
+    return work
 
 
 def check_selection(selection: str, backend: str, accelerator: str) -> None:

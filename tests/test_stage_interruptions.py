@@ -1,0 +1,134 @@
+"""The chunked stages (build-datastore, build-targets) stopped by SIGTERM, resumed over damaged chunk files, and given
+a datastore whose values or keys are corrupt: each against an uninterrupted build or a clear error before any work."""
+
+import logging
+import os
+import shutil
+import signal
+
+import lightning as L
+import numpy as np
+import pytest
+from test_datastore import Interrupt, SimulatedKill
+
+from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.token_corpus import Corpus, position_windows
+from lightning_memdec.stages.chunked_predict import Interrupted, done_chunks
+from lightning_memdec.stages.datastore import build_datastore
+from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
+from lightning_memdec.stages.targets import build_targets
+
+TARGET_FILES = ("offsets.npy", "ids.npy", "probs.npy")
+STORE_FILES = ("keys.npy", "values.npy")
+TARGETS = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))
+EXACT = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512, backend="exact"))
+STORE = dict(windows=Windows(window=64, stride=32, batch_size=4), hardware=Hardware(accelerator="cpu"))
+
+
+class Sigterm(L.Callback):
+    """Sends this process SIGTERM (as ``timeout``, ``docker stop`` or a scheduler would) after ``after`` chunks."""
+
+    def __init__(self, after: int):
+        self.after, self.seen = after, 0
+
+    def on_predict_batch_end(self, *args, **kwargs):
+        self.seen += 1
+        if self.seen == self.after:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def reference_targets(tmp_path_factory, biomed_datastore, biomed_index):
+    """An uninterrupted build: what every interrupted-then-resumed build must equal byte for byte."""
+    return build_targets(biomed_datastore, biomed_index, tmp_path_factory.mktemp("ref") / "t", **TARGETS)
+
+
+def same_files(a, b, names) -> bool:
+    return all((a / name).read_bytes() == (b / name).read_bytes() for name in names)
+
+
+def corrupt_copy(store, tmp_path, name, rows, value):
+    """A copy of ``store`` whose ``name`` holds ``value`` at ``rows`` (its meta.json unchanged, as damage leaves it)."""
+    copy = shutil.copytree(store, tmp_path / "corrupt")
+    array = np.load(copy / name, mmap_mode="r+")
+    array[rows] = value
+    array.flush()
+    del array
+    return copy
+
+
+def test_sigterm_stops_build_targets_and_the_rerun_resumes(tmp_path, biomed_datastore, biomed_index,
+                                                          reference_targets, capsys):  # fmt: skip
+    out = tmp_path / "t"
+    with pytest.raises(Interrupted) as stopped:
+        build_targets(biomed_datastore, biomed_index, out, callbacks=[Sigterm(after=2)], **TARGETS)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM) with 2 of 6 chunks done: run the same command again to resume" in str(stopped.value)
+    assert "interrupted (SIGTERM)" in capsys.readouterr().err
+    assert done_chunks(partial_dir(out)) == {0, 1} and not out.exists()  # the chunks in hand saved, nothing published
+    build_targets(biomed_datastore, biomed_index, out, **TARGETS)
+    assert same_files(out, reference_targets, TARGET_FILES)
+
+
+@pytest.mark.parametrize("after", [2, -1])  # -1: after the last chunk, the signal in the run's closing steps
+def test_sigterm_stops_build_datastore_and_the_rerun_resumes(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore,
+                                                            after):  # fmt: skip
+    out = tmp_path / "ds"
+    windows = position_windows(Corpus(biomed_corpus).num_positions, 64, 32)
+    after = after if after > 0 else -(-len(windows) // 4)
+    with pytest.raises(Interrupted, match="run the same command again to resume"):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Sigterm(after)], **STORE)
+    assert len(done_chunks(partial_dir(out))) == after and not out.exists()
+    build_datastore(biomed_corpus, str(tiny_gpt2), out, **STORE)
+    assert same_files(out, biomed_datastore, STORE_FILES)
+
+
+def test_damaged_chunks_are_computed_again_at_resume(tmp_path, biomed_datastore, biomed_index, reference_targets,
+                                                     caplog):  # fmt: skip
+    out = tmp_path / "t"
+    with pytest.raises(SimulatedKill):
+        build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=4)], **TARGETS)
+    chunks = partial_dir(out) / "chunks"
+    (chunks / "000000000.probs.npy").unlink()  # a manual cleanup
+    os.truncate(chunks / "000000001.ids.npy", 100)  # a disk error
+    np.save(chunks / "000000002.probs.npy", np.zeros(1, np.float16))  # a file of the wrong length
+    with caplog.at_level(logging.WARNING):
+        build_targets(biomed_datastore, biomed_index, out, **TARGETS)
+    assert "3 finished chunks" in caplog.text and "chunk 1: 000000001.ids.npy is truncated" in caplog.text
+    assert same_files(out, reference_targets, TARGET_FILES)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_keys_file_is_computed_again_at_resume(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore,
+                                                         damage, caplog):  # fmt: skip
+    out = tmp_path / "ds"
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Interrupt(after=3)], **STORE)
+    keys = partial_dir(out) / "keys.npy"
+    keys.unlink() if damage == "missing" else os.truncate(keys, keys.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, **STORE)
+    assert same_files(out, biomed_datastore, STORE_FILES)  # missing: not the marked chunks' rows left zero
+    assert f"keys.npy is {damage}" in caplog.text and "its 3 finished chunks are computed again" in caplog.text
+
+
+def test_values_outside_the_vocabulary_are_refused_before_any_search(tmp_path, biomed_datastore):
+    store = corrupt_copy(biomed_datastore, tmp_path, "values.npy", slice(100, 200), 60000)
+    out = tmp_path / "t"
+    with pytest.raises(ArtifactError, match=r"values.npy holds token id 60000 at position 100 .*50257 ids.*rebuild"):
+        build_targets(store, out=out, **EXACT)
+    assert not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss"])
+def test_nan_keys_are_named_before_any_search(tmp_path, biomed_datastore, biomed_index, backend):
+    store = corrupt_copy(biomed_datastore, tmp_path, "keys.npy", [*range(100, 110), 300], np.inf)
+    keys = np.load(store / "keys.npy", mmap_mode="r+")
+    keys[100:110] = np.nan
+    keys.flush()
+    del keys
+    index = biomed_index if backend == "faiss" else None  # an index built before the damage: the queries are read
+    settings = dict(knn=EXACT["knn"], search=TargetSearch(chunk_size=512, backend=backend))
+    with pytest.raises(ArtifactError, match=r"keys.npy\): 11 keys are NaN or inf, the first at position 100;.*rebuild"):
+        build_targets(store, index, tmp_path / "t", **settings)
+    assert not (partial_dir(tmp_path / "t") / "chunks" / "000000000.ids.npy").exists()
