@@ -197,3 +197,16 @@ def test_rows_come_from_the_file_opened_even_after_its_path_is_republished(tmp_p
     (tmp_path / "a.old" / "rows.npy").unlink()  # deleted too: the open file still reads
     np.testing.assert_array_equal(read_rows(array, 0, 10), old)
     np.testing.assert_array_equal(read_rows(open_checked(tmp_path / "a", "rows.npy", (10, 4), "int32"), 0, 3), new[:3])
+
+
+def test_a_file_cut_short_after_it_was_opened_is_an_error_not_garbage(tmp_path):
+    import os
+
+    from lightning_memdec.io.artifact_dirs import ArtifactError
+    from lightning_memdec.io.npy_rows import open_checked
+
+    np.save(tmp_path / "rows.npy", np.arange(40, dtype=np.int32).reshape(10, 4))
+    array = open_checked(tmp_path, "rows.npy", (10, 4), "int32")
+    os.truncate(tmp_path / "rows.npy", (tmp_path / "rows.npy").stat().st_size - 16)
+    with pytest.raises(ArtifactError, match="ends before row 10: the file is truncated"):
+        read_rows(array, 0, 10)

@@ -144,3 +144,31 @@ def test_a_resume_with_a_model_of_another_width_names_the_shapes_and_the_fix(tmp
     assert "decoder.transformer.wte.weight: checkpoint [50257, 32], model [50257, 64]" in message
     assert "resume with the model settings the run was started with" in message
     assert "--trainer.default_root_dir" in message
+
+
+def test_an_export_of_an_earlier_version_is_not_taken_for_this_runs_own(tmp_path):
+    """An export without run_root (written before exports recorded their run) belongs to no known run: refused, the
+    files untouched; with overwrite it may be replaced."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    meta = {"kind": "memory_decoder", "global_step": 7}
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="unknown \\(an export of an earlier lightning_memdec\\), global step 7"):
+        callbacks.check_export_dir(out, str(tmp_path / "root"), overwrite=False)
+    assert json.loads((out / "meta.json").read_text()) == meta
+    callbacks.check_export_dir(out, str(tmp_path / "root"), overwrite=True)
+
+
+def test_an_export_stopped_at_its_rename_is_finished_before_the_next_run_checks_it(tmp_path):
+    """A kill between the renames left the finished export in <dir>.partial and the old one as <dir>.old: the next
+    run's setup puts the finished one in place (then finds it its own) instead of refusing or losing it."""
+    out, root = tmp_path / "hf", str(tmp_path / "root")
+    work = partial_dir(out)
+    work.mkdir()
+    (work / "meta.json").write_text(json.dumps({"kind": "memory_decoder", "global_step": 9, "run_root": root}))
+    out.with_name("hf.old").mkdir()
+    export = callbacks.ExportHuggingFace(dirpath=str(out))
+    assert export.prepare(out, root) is None
+    export.release()
+    assert json.loads((out / "meta.json").read_text())["global_step"] == 9
+    assert not work.exists() and not out.with_name("hf.old").exists()

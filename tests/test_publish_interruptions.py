@@ -73,3 +73,23 @@ def test_an_output_under_a_file_is_a_clear_error(tmp_path, biomed_datastore):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ArtifactError, match="--out .*afile/index cannot be written: .*afile is not a writable dir"):
         build_index(biomed_datastore, tmp_path / "afile" / "index", plan=FLAT)
+
+
+def test_an_overwrite_after_a_stop_at_the_rename_builds_what_it_is_asked(tmp_path, biomed_datastore):
+    """The finished work of the stopped run is published, then --overwrite with other settings replaces it."""
+    from lightning_memdec.io.artifact_dirs import read_meta
+
+    out = tmp_path / "index"
+    killed_at_rename(biomed_datastore, out, ".partial")
+    build_index(biomed_datastore, out, plan=IndexSettings(factory="IVF4,Flat"), recall_queries=0, overwrite=True)
+    assert read_meta(out)["factory"] == "IVF4,Flat" and not partial_dir(out).exists()
+
+
+def test_a_stale_set_aside_output_is_removed(tmp_path, biomed_datastore):
+    import shutil
+
+    out = tmp_path / "index"
+    build_index(biomed_datastore, out, plan=FLAT, recall_queries=0)
+    shutil.copytree(out, out.with_name("index.old"))  # a kill after the new output was in place, before the cleanup
+    build_index(biomed_datastore, out, plan=FLAT, recall_queries=0, overwrite=True)
+    assert not out.with_name("index.old").exists()

@@ -353,6 +353,9 @@ def test_sampled_requests_draw_from_the_whole_mixture(tmp_path):
     GenerationConfig(top_k=20, repetition_penalty=1.3, temperature=0.6, do_sample=True).save_pretrained(base)
     memdec = save_tiny(tmp_path / "m", n_embd=16, seed=1)
     model = load_generator(str(base), str(memdec), 0.3, torch.device("cpu"))
+    kept = model.generation_config  # the token ids stay (stopping at EOS), the decoding settings are generate()'s
+    assert kept.eos_token_id == 50256 and kept.pad_token_id is not None
+    assert kept.to_diff_dict().keys() <= {"bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"}
     served = ServedModel("m", load_tokenizer("gpt2"), context=64)
     job = check_request({"prompt": [464, 5827], "max_tokens": 1, "temperature": 1, "top_p": 1}, served, chat=False)
     torch.manual_seed(0)

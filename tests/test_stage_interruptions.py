@@ -112,10 +112,11 @@ def test_a_damaged_keys_file_is_computed_again_at_resume(tmp_path, biomed_corpus
     assert f"keys.npy is {damage}" in caplog.text and "its 3 finished chunks are computed again" in caplog.text
 
 
-def test_values_outside_the_vocabulary_are_refused_before_any_search(tmp_path, biomed_datastore):
-    store = corrupt_copy(biomed_datastore, tmp_path, "values.npy", slice(100, 200), 60000)
+@pytest.mark.parametrize("bad", [60000, 50257, -1])  # 50257: the first id past a vocabulary of 50,257
+def test_values_outside_the_vocabulary_are_refused_before_any_search(tmp_path, biomed_datastore, bad):
+    store = corrupt_copy(biomed_datastore, tmp_path, "values.npy", slice(100, 200), bad)
     out = tmp_path / "t"
-    with pytest.raises(ArtifactError, match=r"values.npy holds token id 60000 at position 100 .*50257 ids.*rebuild"):
+    with pytest.raises(ArtifactError, match=rf"values.npy holds token id {bad} at position 100 .*50257 ids.*rebuild"):
         build_targets(store, out=out, **EXACT)
     assert not partial_dir(out).exists()
 

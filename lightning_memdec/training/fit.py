@@ -240,10 +240,7 @@ def fit(config: dict[str, Any], ckpt_path: str | Path | None = None, callbacks: 
         cli = lightning_cli(config, run=False, ckpt_path=ckpt_path)
     except argparse.ArgumentError as err:  # a misspelled key or a bad value, named by the parser
         raise ValueError(f"the fit config: {err}") from None
-    try:
-        cli.trainer.callbacks.extend(callbacks)
-        cli.before_fit()
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)
-    finally:
-        cli.release_run_root()
+    cli.trainer.callbacks.extend(callbacks)
+    cli.before_fit()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)  # its callback locks the root
     return cli.export_dir()
