@@ -92,9 +92,25 @@ def test_damaged_chunks_are_computed_again_at_resume(tmp_path, biomed_datastore,
     (chunks / "000000000.probs.npy").unlink()  # a manual cleanup
     os.truncate(chunks / "000000001.ids.npy", 100)  # a disk error
     np.save(chunks / "000000002.probs.npy", np.zeros(1, np.float16))  # a file of the wrong length
+    with open(chunks / "000000003.ids.npy", "ab") as ids:  # bytes past what its header promises
+        ids.write(b"\0" * 8)
     with caplog.at_level(logging.WARNING):
         build_targets(biomed_datastore, biomed_index, out, **TARGETS)
-    assert "3 finished chunks" in caplog.text and "chunk 1: 000000001.ids.npy is truncated" in caplog.text
+    assert "4 finished chunks" in caplog.text and "chunk 1: 000000001.ids.npy is truncated" in caplog.text
+    assert "chunk 3: 000000003.ids.npy has" in caplog.text
+    assert same_files(out, reference_targets, TARGET_FILES)
+
+
+def test_whole_chunks_and_a_short_last_one_are_kept_at_resume(tmp_path, biomed_datastore, biomed_index,
+                                                              reference_targets, caplog):  # fmt: skip
+    """No false alarm: a resume after every chunk was done (the last one shorter) recomputes nothing."""
+    out = tmp_path / "t"
+    with pytest.raises(SimulatedKill):
+        build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=6)], **TARGETS)
+    assert done_chunks(partial_dir(out)) == set(range(6))  # 2,999 positions: five chunks of 512 and one of 439
+    with caplog.at_level(logging.WARNING):
+        build_targets(biomed_datastore, biomed_index, out, **TARGETS)
+    assert "damaged" not in caplog.text
     assert same_files(out, reference_targets, TARGET_FILES)
 
 
