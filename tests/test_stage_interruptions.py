@@ -114,18 +114,20 @@ def test_whole_chunks_and_a_short_last_one_are_kept_at_resume(tmp_path, biomed_d
     assert same_files(out, reference_targets, TARGET_FILES)
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "longer"])
 def test_a_damaged_keys_file_is_computed_again_at_resume(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore,
                                                          damage, caplog):  # fmt: skip
     out = tmp_path / "ds"
     with pytest.raises(SimulatedKill):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Interrupt(after=3)], **STORE)
     keys = partial_dir(out) / "keys.npy"
-    keys.unlink() if damage == "missing" else os.truncate(keys, keys.stat().st_size // 2)
+    size = keys.stat().st_size
+    keys.unlink() if damage == "missing" else os.truncate(keys, size // 2 if damage == "truncated" else size + 8)
     with caplog.at_level(logging.WARNING):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, **STORE)
     assert same_files(out, biomed_datastore, STORE_FILES)  # missing: not the marked chunks' rows left zero
-    assert f"keys.npy is {damage}" in caplog.text and "its 3 finished chunks are computed again" in caplog.text
+    said = {"missing": "is missing", "truncated": "is truncated", "longer": f"has {size + 8} bytes"}[damage]
+    assert f"keys.npy {said}" in caplog.text and "its 3 finished chunks are computed again" in caplog.text
 
 
 @pytest.mark.parametrize("bad", [60000, 50257, -1])  # 50257: the first id past a vocabulary of 50,257
