@@ -151,3 +151,13 @@ def test_nan_keys_are_named_before_any_search(tmp_path, biomed_datastore, biomed
     with pytest.raises(ArtifactError, match=r"keys.npy\): 11 keys are NaN or inf, the first at position 100;.*rebuild"):
         build_targets(store, index, tmp_path / "t", **settings)
     assert not (partial_dir(tmp_path / "t") / "chunks" / "000000000.ids.npy").exists()
+
+
+def test_nan_keys_past_the_first_block_are_named_at_their_position(tmp_path, biomed_datastore):
+    from lightning_memdec.io.readers import Datastore
+    from lightning_memdec.stages.target_inputs import check_finite_store_keys
+
+    store = corrupt_copy(biomed_datastore, tmp_path, "keys.npy", [1000, 1003], np.nan)
+    dim = Datastore(store).dim
+    with pytest.raises(ArtifactError, match=r"2 keys are NaN or inf, the first at position 1000"):
+        check_finite_store_keys(Datastore(store), block_bytes=64 * dim * 2)  # blocks of 64 keys: the 16th holds them
