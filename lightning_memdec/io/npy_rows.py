@@ -82,6 +82,21 @@ def open_checked(directory: str | Path, name: str, shape: tuple[int, ...], dtype
     return arr
 
 
+def npy_file_problem(path: Path) -> tuple[np.memmap | None, str | None]:
+    """(a read-only map of the ``.npy`` at ``path``, None) when it is whole; (None, what is wrong, naming the file)
+    when it is missing, its header cut or overwritten, or its size other than the header promises."""
+    if not path.is_file():
+        return None, f"{path.name} is missing"
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, EOFError, OSError) as err:  # numpy's errors for a cut or overwritten header
+        return None, f"{path.name} is truncated or corrupt ({err})"
+    size, expected = path.stat().st_size, array.offset + array.nbytes
+    if size != expected:
+        return None, f"{path.name} has {size} bytes, its header promises {expected}"
+    return array, None
+
+
 def _source_fd(array) -> int | None:
     source = getattr(array, "source", None)
     return None if source is None or source.closed else source.fileno()

@@ -27,7 +27,14 @@ from lightning_memdec.hf.loading import (
 )
 from lightning_memdec.io.artifact_dirs import base_meta, is_secondary_rank, partial_dir, publish, start_work_dir
 from lightning_memdec.io.capacity import allocated_bytes, check_fits, free_disk
-from lightning_memdec.io.npy_rows import NpyAppender, create_npy, data_offset, read_rows, write_rows
+from lightning_memdec.io.npy_rows import (
+    NpyAppender,
+    create_npy,
+    data_offset,
+    npy_file_problem,
+    read_rows,
+    write_rows,
+)
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import KEYS, VALUES, check_finite_keys
 from lightning_memdec.io.token_corpus import Corpus, position_windows
@@ -276,23 +283,17 @@ def check_resumed_keys(work: Path, num_entries: int) -> None:
     problem = keys_file_damage(work / KEYS, num_entries) if done else None
     if problem is None:
         return
-    log.warning("%s %s; its %d finished chunks are computed again.", work / KEYS, problem, len(done))
+    log.warning("%s: %s; its %d finished chunks are computed again.", work, problem, len(done))
     drop_progress(work)  # first: a kill here leaves no marker without its rows
     (work / KEYS).unlink(missing_ok=True)
 
 
 def keys_file_damage(path: Path, num_entries: int) -> str | None:
     """What is wrong with a work directory's keys file (None: a whole fp16 [num_entries, d] ``.npy``)."""
-    if not path.is_file():
-        return "is missing"
-    try:
-        keys = np.load(path, mmap_mode="r")
-    except (ValueError, EOFError, OSError) as err:  # numpy's errors for a cut or overwritten header
-        return f"is truncated or corrupt ({err})"
-    size, expected = path.stat().st_size, keys.offset + keys.nbytes
-    if keys.ndim != 2 or len(keys) != num_entries or keys.dtype != np.float16:
-        return f"holds {keys.dtype} {keys.shape}, not float16 [{num_entries}, d]"
-    return None if size == expected else f"has {size} bytes, its header promises {expected}"
+    keys, problem = npy_file_problem(path)
+    if problem or (keys.ndim == 2 and len(keys) == num_entries and keys.dtype == np.float16):
+        return problem
+    return f"{path.name} holds {keys.dtype} {keys.shape}, not float16 [{num_entries}, d]"
 
 
 def write_values(path: Path, data: Corpus, block: int = VALUES_BLOCK) -> None:

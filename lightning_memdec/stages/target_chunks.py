@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lightning_memdec.io.npy_rows import NpyAppender
+from lightning_memdec.io.npy_rows import NpyAppender, npy_file_problem
 from lightning_memdec.io.readers import IDS, OFFSETS, PROBS
 from lightning_memdec.stages.chunked_predict import BackgroundWriter, done_chunks, mark_done, unmark
 
@@ -74,16 +74,11 @@ def chunk_file(work: Path, chunk: int, piece: str) -> Path:
 
 
 def npy_damage(path: Path, dtype) -> tuple[np.ndarray | None, str | None]:
-    """(the array's header as a read-only map, None) for a whole ``.npy``; (None, what is wrong) otherwise."""
-    if not path.is_file():
-        return None, f"{path.name} is missing"
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (ValueError, EOFError, OSError) as err:  # numpy's errors for a cut or overwritten header
-        return None, f"{path.name} is truncated or corrupt ({err})"
-    size, expected = path.stat().st_size, array.offset + array.nbytes
-    if size != expected:
-        return None, f"{path.name} has {size} bytes, its header promises {expected}"
+    """(the array as a read-only map, None) for a whole 1-D ``.npy`` of ``dtype`` (None: any integers); (None, what
+    is wrong) otherwise."""
+    array, problem = npy_file_problem(path)
+    if problem:
+        return None, problem
     wanted = None if dtype is None else np.dtype(dtype)
     if array.ndim != 1 or (array.dtype.kind not in "iu" if wanted is None else array.dtype != wanted):
         return None, f"{path.name} is a {array.dtype} array of shape {array.shape}, not 1-D {wanted or 'integers'}"
