@@ -210,3 +210,14 @@ def test_a_file_cut_short_after_it_was_opened_is_an_error_not_garbage(tmp_path):
     os.truncate(tmp_path / "rows.npy", (tmp_path / "rows.npy").stat().st_size - 16)
     with pytest.raises(ArtifactError, match="ends before row 10: the file is truncated"):
         read_rows(array, 0, 10)
+
+
+def test_a_fortran_ordered_file_is_refused_not_read_as_rows(tmp_path):
+    """Rows are read as contiguous byte ranges; a Fortran-ordered file (never written here, but np.save writes one
+    for a transposed array) would give columns as rows."""
+    from lightning_memdec.io.artifact_dirs import ArtifactError
+    from lightning_memdec.io.npy_rows import open_checked
+
+    np.save(tmp_path / "rows.npy", np.asfortranarray(np.arange(40, dtype=np.int32).reshape(10, 4)))
+    with pytest.raises(ArtifactError, match="rows.npy is truncated or corrupt .*Fortran-ordered"):
+        open_checked(tmp_path, "rows.npy", (10, 4), "int32")

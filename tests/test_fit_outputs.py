@@ -15,7 +15,7 @@ import lightning_memdec.training.checkpoint_files as checkpoint_files
 from lightning_memdec.cli import main
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.training.checkpoint_files import checkpoint_problem
-from lightning_memdec.training.fit import lightning_cli
+from lightning_memdec.training.fit import MemDecCLI, lightning_cli
 
 
 def fit_args(pair, root, export=None, steps=2, *extra):
@@ -33,7 +33,7 @@ def checkpoint_weights(root) -> dict[str, torch.Tensor]:
 
 
 def test_an_export_of_another_run_is_refused_before_training_and_replaced_only_with_overwrite(
-    tmp_path, biomed_targets_pair
+    tmp_path, biomed_targets_pair, monkeypatch
 ):
     pair, export = biomed_targets_pair, tmp_path / "decoder"
     lightning_cli(fit_args(pair, tmp_path / "a", export, 2))
@@ -47,6 +47,10 @@ def test_an_export_of_another_run_is_refused_before_training_and_replaced_only_w
         lightning_cli(fit_args(pair, tmp_path / "b", export, 1))
     assert not (tmp_path / "b" / "checkpoints").exists(), "refused before the first step"
     assert exported(export)[0] == meta
+    with monkeypatch.context() as patched:  # and before any model loads: `memdec fit` checks before building classes
+        patched.setattr(MemDecCLI, "instantiate_classes", lambda cli: pytest.fail("models built before the check"))
+        with pytest.raises(ArtifactError, match=r"exported by another run"):
+            lightning_cli(fit_args(pair, tmp_path / "b", export, 1))
     lightning_cli(fit_args(pair, tmp_path / "b", export, 1, "--export.overwrite", "true"))
     assert exported(export)[0]["run_root"] == str((tmp_path / "b").resolve())
     assert exported(export)[0]["global_step"] == 1

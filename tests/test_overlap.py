@@ -83,9 +83,11 @@ def test_audit_equals_a_direct_loop_on_planted_duplicates(streams):
 
 
 def reformatted(text: str) -> str:
-    """The same words as ``text``, in other case, punctuation and whitespace: what exact token n-grams miss."""
+    """The same words as ``text``, in other case, punctuation and whitespace (some joined by underscores, as in
+    identifiers): what exact token n-grams miss."""
     words = [w.strip(".,;:()[]") for w in text.split()]
-    return "  ".join(w.upper() if i % 3 == 0 else w for i, w in enumerate(words))
+    cased = [w.upper() if i % 3 == 0 else w for i, w in enumerate(words)]
+    return "".join(w + ("_" if i % 5 == 4 else "  ") for i, w in enumerate(cased)).strip("_ ")
 
 
 def test_near_duplicates_are_flagged_as_a_direct_word_loop_finds_them():

@@ -70,6 +70,27 @@ def test_sigterm_stops_build_targets_and_the_rerun_resumes(tmp_path, biomed_data
     assert same_files(out, reference_targets, TARGET_FILES)
 
 
+def test_a_sigterm_just_before_prediction_starts_stops_before_any_chunk(tmp_path, biomed_datastore, biomed_index,
+                                                                        reference_targets, monkeypatch):  # fmt: skip
+    """SIGTERM while the loader is built: Lightning's own handler is in place then and only records it."""
+    from lightning_memdec.stages.target_searcher import KNNTargetSearcher
+
+    build_loader = KNNTargetSearcher.predict_dataloader
+
+    def sigterm_then_build(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build_loader(self)
+
+    monkeypatch.setattr(KNNTargetSearcher, "predict_dataloader", sigterm_then_build)
+    out = tmp_path / "t"
+    with pytest.raises(Interrupted, match="with 0 of 6 chunks done"):
+        build_targets(biomed_datastore, biomed_index, out, **TARGETS)
+    monkeypatch.undo()
+    assert done_chunks(partial_dir(out)) == set() and not out.exists()
+    build_targets(biomed_datastore, biomed_index, out, **TARGETS)
+    assert same_files(out, reference_targets, TARGET_FILES)
+
+
 @pytest.mark.parametrize("after", [2, -1])  # -1: after the last chunk, the signal in the run's closing steps
 def test_sigterm_stops_build_datastore_and_the_rerun_resumes(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore,
                                                             after):  # fmt: skip
@@ -87,17 +108,22 @@ def test_damaged_chunks_are_computed_again_at_resume(tmp_path, biomed_datastore,
                                                      caplog):  # fmt: skip
     out = tmp_path / "t"
     with pytest.raises(SimulatedKill):
-        build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=4)], **TARGETS)
+        build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=6)], **TARGETS)
     chunks = partial_dir(out) / "chunks"
     (chunks / "000000000.probs.npy").unlink()  # a manual cleanup
     os.truncate(chunks / "000000001.ids.npy", 100)  # a disk error
     np.save(chunks / "000000002.probs.npy", np.zeros(1, np.float16))  # a file of the wrong length
     with open(chunks / "000000003.ids.npy", "ab") as ids:  # bytes past what its header promises
         ids.write(b"\0" * 8)
+    counts = np.load(chunks / "000000004.counts.npy")  # one position too many, the entries still adding up
+    np.save(chunks / "000000004.counts.npy", np.append(counts, counts.dtype.type(0)))
+    np.save(chunks / "000000005.ids.npy", np.load(chunks / "000000005.ids.npy").astype(np.int64))  # ids widened
     with caplog.at_level(logging.WARNING):
         build_targets(biomed_datastore, biomed_index, out, **TARGETS)
-    assert "4 finished chunks" in caplog.text and "chunk 1: 000000001.ids.npy is truncated" in caplog.text
+    assert "6 finished chunks" in caplog.text and "chunk 1: 000000001.ids.npy is truncated" in caplog.text
     assert "chunk 3: 000000003.ids.npy has" in caplog.text
+    assert "chunk 4: its counts cover 513 positions, the chunk has 512" in caplog.text
+    assert "; and 1 more)" in caplog.text  # chunk 5, the widened ids: five are named
     assert same_files(out, reference_targets, TARGET_FILES)
 
 
