@@ -1,6 +1,8 @@
 """A callback for the distributed and resume tests: what each rank trained on and what it logged."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -49,6 +51,18 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise RuntimeError(f"killed at step {self.step}")
+
+
+class SigtermAtStep(L.Callback):
+    """Sends this process SIGTERM (as a scheduler's preemption or ``docker stop`` would) as training step ``step``
+    starts; Lightning's handler records it and the step runs to its end."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class RecordShards(L.Callback):

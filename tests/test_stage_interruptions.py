@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from test_datastore import Interrupt, SimulatedKill
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
+from lightning_memdec.io.artifact_dirs import ArtifactError, Interrupted, partial_dir
 from lightning_memdec.io.token_corpus import Corpus, position_windows
-from lightning_memdec.stages.chunked_predict import Interrupted, done_chunks
+from lightning_memdec.stages.chunked_predict import done_chunks
 from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 from lightning_memdec.stages.targets import build_targets

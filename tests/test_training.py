@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_memdec.hf.loading import load_causal_lm
 from lightning_memdec.inference.sliding_window import corpus_gold_log_probs
-from lightning_memdec.io.artifact_dirs import ArtifactError
+from lightning_memdec.io.artifact_dirs import ArtifactError, Interrupted
 from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.readers import Targets
 from lightning_memdec.io.token_corpus import Corpus, position_windows, tokenize
@@ -420,6 +420,28 @@ def test_readme_resume_is_bit_identical_to_an_uninterrupted_run_with_dropout(tmp
     assert cli.trainer.global_step == 6
     want, got = final_weights(straight), final_weights(killed)
     assert want.keys() == got.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_sigterm_saves_the_step_in_hand_exits_143_and_the_resume_is_bit_identical(tmp_path, biomed_targets_pair,
+                                                                                   capsys):  # fmt: skip
+    """A scheduler's SIGTERM during step 3 (of 0..5): Lightning's own stop exited 0 with the steps since the last
+    checkpoint lost. Here the step is saved, the exit is 143 with the resume named, and the resume ends as an
+    uninterrupted run does, weight for weight. No regular save comes between: every_n_train_steps is past the end."""
+    pair, rare = biomed_targets_pair, ["--checkpoint.every_n_train_steps", "100"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    lightning_cli([*resume_args(pair, straight), *rare])
+    sigterm = ["--trainer.callbacks+=recording.SigtermAtStep", "--trainer.callbacks.step=3"]
+    with pytest.raises(Interrupted) as interrupted:
+        lightning_cli([*resume_args(pair, stopped), *rare, *sigterm])
+    assert interrupted.value.code == 143
+    said = "training interrupted (SIGTERM) at step 4; step 4 is saved in"
+    assert said in str(interrupted.value) and said in capsys.readouterr().err
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    cli = lightning_cli([*resume_args(pair, stopped), *rare, "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6
+    want, got = final_weights(straight), final_weights(stopped)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
 

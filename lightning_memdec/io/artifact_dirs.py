@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,19 @@ RUN_CONFIG = "run_config.json"
 
 class ArtifactError(ValueError):
     """An input artefact is missing, inconsistent or corrupt; the message says what to fix."""
+
+
+class Interrupted(SystemExit):
+    """SIGTERM stopped a resumable command (a chunked stage, a training) before its end. Exit status 143 (128 +
+    SIGTERM): what ``timeout``, ``docker stop`` and schedulers expect of a process their SIGTERM stopped (Lightning's
+    own stop of a training exits 0, as if it had finished); ``str()`` is the message printed."""
+
+    def __init__(self, message: str):
+        super().__init__(128 + signal.SIGTERM)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ArtifactMeta(dict):

@@ -26,6 +26,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_memdec.io.artifact_dirs import Interrupted
 from lightning_memdec.io.shared_filesystem import SharedFilesystemCheck
 
 log = logging.getLogger(__name__)
@@ -186,18 +187,6 @@ class BackgroundWriter(BasePredictionWriter):
             self.wait()  # the chunks computed before the failure are kept for a resumed run
         except Exception as err:  # the run's own exception is the one raised; this chunk is computed again
             log.warning("a chunk's save failed too (a resumed run computes it again): %s", err)
-
-
-class Interrupted(SystemExit):
-    """SIGTERM stopped a chunked stage before its end. Exit status 143 (128 + SIGTERM): what ``timeout``, ``docker
-    stop`` and schedulers expect of a process their SIGTERM stopped; ``str()`` is the message printed."""
-
-    def __init__(self, message: str):
-        super().__init__(128 + signal.SIGTERM)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class SigtermStop(L.Callback):

@@ -165,13 +165,39 @@ def resolve_resume(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> 
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, and a save of the final step: a run whose last step falls between two
     validations (or two ``every_n_train_steps`` saves) left ``last.ckpt`` behind the exported decoder, so ``memdec
-    test --ckpt_path last`` scored older weights and a longer run replayed the steps after it."""
+    test --ckpt_path last`` scored older weights and a longer run replayed the steps after it.
+
+    On SIGTERM (a scheduler's preemption, ``docker stop``), the optimizer step in hand is saved too before Lightning
+    stops the run, at the point every ``every_n_train_steps`` save is made, so the resume goes on from that step.
+    On one rank only: on several, Lightning stops every rank at the start of the next step, where no callback runs,
+    and a save would need every rank; there the newest regular checkpoint is what a resume starts from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saved_at_sigterm = False  # this run's final checkpoint was saved on SIGTERM
+        self.step_seen = -1  # trainer.global_step at the last batch end: a batch that changed it ended a step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        ended_a_step, self.step_seen = trainer.global_step != self.step_seen, trainer.global_step
+        if trainer.received_sigterm and trainer.world_size == 1 and ended_a_step:  # not inside an accumulation
+            self.save_step(trainer)
+            self.saved_at_sigterm = True
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.save_step(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def save_step(self, trainer) -> None:
+        """Save the current step as this callback's schedule would (top-k by step when nothing is monitored, and
+        ``last.ckpt``), unless it is saved already."""
         if not self._should_skip_saving_checkpoint(trainer):  # steps taken since the last save
             candidates = self._monitor_candidates(trainer)
             if self.monitor is None:  # a monitored top-k would rank the final step by a stale validation score
                 self._save_topk_checkpoint(trainer, candidates)
             if self.save_last:
                 self._save_last_checkpoint(trainer, candidates)
-        super().on_train_end(trainer, pl_module)

@@ -19,9 +19,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, read_meta
+from lightning_memdec.io.artifact_dirs import ArtifactError, Interrupted, check_writable_dir, read_meta
 from lightning_memdec.io.output_lock import OutputLock
 from lightning_memdec.io.packaged_configs import config_args
 from lightning_memdec.training.callbacks import (
@@ -152,6 +152,15 @@ class MemDecCLI(LightningCLI):
         """Run by LightningCLI before ``trainer.fit`` (and by :func:`fit`)."""
         check_monitored_metrics(self.trainer, self.datamodule)
 
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit`` (LightningCLI runs this method for ``fit``), where a stop by SIGTERM is an exit 143 that
+        names the checkpoint to resume from: Lightning's own stop raises a SystemExit with no code, an exit 0 that
+        tells a scheduler, a shell's ``&&`` or ``memdec quickstart``'s caller that the training finished."""
+        try:
+            self.trainer.fit(**kwargs)
+        except SIGTERMException:
+            raise training_interrupted(self.trainer) from None
+
     def checkpoint_dir(self) -> Path:
         """Where ModelCheckpoint writes (``<trainer.default_root_dir>/checkpoints`` unless checkpoint.dirpath)."""
         return Path(next(c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)).dirpath)
@@ -160,6 +169,25 @@ class MemDecCLI(LightningCLI):
         """Where the ExportHuggingFace callback writes the trained model."""
         export = next(c for c in self.trainer.callbacks if isinstance(c, ExportHuggingFace))
         return export.resolve_dir(self.trainer)
+
+
+def training_interrupted(trainer: L.Trainer) -> Interrupted:
+    """The error a training stopped by SIGTERM raises, its message printed too (the exit status alone says nothing)."""
+    checkpoint = trainer.checkpoint_callback
+    newest = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
+    if getattr(checkpoint, "saved_at_sigterm", False):
+        kept = f"step {trainer.global_step} is saved in {newest}"
+    else:
+        kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
+    message = (
+        f"training interrupted (SIGTERM) at step {trainer.global_step}; {kept}. Run it again to resume from there "
+        "(`memdec fit`: the same arguments and --ckpt_path last; `memdec quickstart` and `pretrain-bases` resume by "
+        "themselves)."
+    )
+    if trainer.world_size > 1:
+        message = f"rank {trainer.global_rank}: {message}"
+    print(message, file=sys.stderr, flush=True)
+    return Interrupted(message)
 
 
 def check_monitored_metrics(trainer: L.Trainer, datamodule: MemDecDataModule) -> None:
@@ -242,5 +270,5 @@ def fit(config: dict[str, Any], ckpt_path: str | Path | None = None, callbacks: 
         raise ValueError(f"the fit config: {err}") from None
     cli.trainer.callbacks.extend(callbacks)
     cli.before_fit()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)  # its callback locks the root
+    cli.fit(model=cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from)  # its callback locks the root
     return cli.export_dir()
