@@ -256,3 +256,23 @@ def test_cli_stage_end_to_end(tmp_path, tiny_gpt2, tiny_decoder):
     assert report["accuracy"]["toy"][f"{tiny_gpt2} + MemDec"]["lmbda"] == 0.25
     assert report["accuracy"]["toy"][str(tiny_gpt2)]["n"] == 3
     assert len(read_predictions(out)) == 6
+
+
+def test_tied_class_scores_share_the_credit_whatever_order_the_classes_are_listed_in():
+    """p_kNN alone (λ = 1) gives both verbalizers no mass: every score is log(1e-10) − log(1e-10) = 0 exactly. argmax
+    gave every tie to the first-listed class, so the λ sweep picked λ = 1 whenever that class was dev's majority."""
+    from lightning_memdec.evaluation.downstream import choose_lambda
+    from lightning_memdec.evaluation.downstream_differences import credit
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(40) < 0.2).astype(int)  # 80 % class 0, the first listed
+    informative = np.where(labels[:, None] == np.arange(2), -1.0, -1.6) + rng.normal(0, 0.4, (40, 2))  # ~75 % right
+    dev = {"base_x": informative, "base_d": np.full(2, -1.3), "other_x": np.full((40, 2), -np.inf),
+           "other_d": np.full(2, -np.inf)}  # fmt: skip
+    want_base = float(np.mean(informative.argmax(axis=1) == labels))
+    for order in ([0, 1], [1, 0]):  # the task's classes as listed, and swapped
+        lmbda, curve = choose_lambda(dev, [[c] for c in order], np.array([order.index(y) for y in labels]), [0.0, 1.0])
+        assert curve == pytest.approx([want_base, 0.5]) and lmbda == 0.0
+    scores = np.array([[0.0, 0.0, -1.0], [2.0, 1.0, 2.0], [0.5, 3.0, 1.0], [1.0, 1.0, 1.0]])
+    direct = [1 / 2, 1 / 2, 0.0, 1 / 3]  # label 0 each time: 2-way tie, 2-way tie, wrong, 3-way tie
+    np.testing.assert_allclose(credit(scores, np.zeros(4, int)), direct)

@@ -8,7 +8,8 @@ task folder, "Scoring: DCPMI as kNN-Prompt's score.py computes it"):
 
     pmi(v)   = log(P_λ(v | x) + 1e-10) − log(P_λ(v | d) + 1e-10)
     score(c) = Σ_{v ∈ V_c} pmi(v)        (a sum of log-ratios over the class's single-token verbalizers)
-    pred     = argmax_c score(c)
+    pred     = argmax_c score(c)      (classes tied at the top share the credit: accuracy does not depend on
+                                       the order a task lists its classes in)
 
 Only the verbalizer tokens' log-probabilities are kept per prompt (``[N, K]``), so every λ of a sweep is array
 arithmetic, and the decoder's arrays are shared by every base (they share its tokenizer).
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lightning_memdec.evaluation.downstream_checks import check_downstream_inputs
+from lightning_memdec.evaluation.downstream_differences import credit
 from lightning_memdec.evaluation.downstream_general import GeneralText
 from lightning_memdec.evaluation.downstream_report import (
     REPORT_FILES,
@@ -112,11 +114,12 @@ def dcpmi_scores(
 
 
 def choose_lambda(dev: dict, class_columns, labels: np.ndarray, grid) -> tuple[float, list[float]]:
-    """The λ of ``grid`` with the best dev accuracy (the first on ties) and the accuracy at every λ."""
+    """The λ of ``grid`` with the best dev accuracy (the first on ties) and the accuracy at every λ (tied class
+    scores split the credit: :func:`~lightning_memdec.evaluation.downstream_differences.credit`)."""
     accs = []
     for lmbda in grid:
         scores = dcpmi_scores(dev["base_x"], dev["base_d"], class_columns, dev["other_x"], dev["other_d"], lmbda)
-        accs.append(float((scores.argmax(axis=1) == labels).mean()))
+        accs.append(float(credit(scores, labels).mean()))
     return grid[int(np.argmax(accs))], accs
 
 
@@ -181,19 +184,23 @@ class _Run:
         self.max_length, self.batch_size = scorer_args
         self.general: GeneralText | None = general
         self.decoded: dict[tuple, np.ndarray] = {}  # the decoders' arrays, shared by the bases of their tokenizer
-        self.base_test: dict[tuple[str, str], dict] = {}  # (base, task) -> its test arrays, for the other-base control
+        self.base_arrays: dict[tuple[str, str], dict] = {}  # (base, task) -> its arrays, for the other-base control
         self.results: list[dict[str, Any]] = []
 
     def fixed_lambda(self, task: Task, kind: str) -> tuple[float | None, str]:
-        if kind == "memdec" and task.name in self.lambdas["task"]:
+        """A λ fixed by the user for this mixture (None: tuned on dev). The decoder's λ settings hold for its
+        controls (the CE-only decoder, another base) too: every mixture but kNN-LM's is tuned, or fixed, alike."""
+        decoder_like = kind != "knn"
+        if decoder_like and task.name in self.lambdas["task"]:
             return check_lmbda(self.lambdas["task"][task.name]), "given for the task"
-        if kind == "memdec" and task.lmbda is not None:
+        if decoder_like and task.lmbda is not None:
             return check_lmbda(task.lmbda), "task file"
-        given = self.lambdas["memdec" if kind == "memdec" else "knn"]
+        given = self.lambdas["memdec" if decoder_like else "knn"]
         return (given, "given") if given is not None else (None, "")
 
     def score_base(self, name: str, model, tok, knnlm: KNNLM | None) -> None:
-        """Every task with one base: alone, + MemDec, + kNN-LM, + CE-only at MemDec's λ (other bases: later)."""
+        """Every task with one base: alone, + MemDec, + kNN-LM, + CE-only, each mixture's λ tuned on dev (the
+        other bases: later)."""
         decoders = list(self.decoders.values())
         vocab = len(tok)
         for decoder in decoders:  # refuses a decoder of another tokenizer, naming both
@@ -210,8 +217,7 @@ class _Run:
             column = {t: j for j, t in enumerate(token_ids)}
             columns = [[column[t] for t in cls] for cls in ids]
             kinds = [None] + [k for k in ("memdec", "knn", "ce_only") if k in self.decoders or k == "knn" and has_knn]
-            tuned = [k for k in kinds if k in ("memdec", "knn")]  # the controls take MemDec's λ
-            tune = any(self.fixed_lambda(task, k)[0] is None for k in tuned) and "dev" in task.splits
+            tune = any(self.fixed_lambda(task, k)[0] is None for k in [*kinds[1:], "memdec"]) and "dev" in task.splits
             arrays = {}
             for split in ["test"] + (["dev"] if tune else []):
                 prompts = [task.prompt(r) for r in task.splits[split]] + [task.domain_premise]
@@ -222,10 +228,10 @@ class _Run:
                         side = _lm_side(decoder, vocab, kind)
                         self.decoded[key] = scorer.run(prompts, side, token_ids, f"{kind} {task.name} {split}")[kind]
                     arrays[split][kind] = self.decoded[key]
-            self.base_test[(name, task.name)] = {"base": arrays["test"]["base"], "columns": columns, "vocab": vocab}
+            base_arrays = {split: {"base": a["base"]} for split, a in arrays.items()}
+            self.base_arrays[(name, task.name)] = {"arrays": base_arrays, "columns": columns, "vocab": vocab}
             for kind in kinds:
-                given = self._memdec_lambda(name, task) if kind == "ce_only" else None
-                self.results.append(self._system(name, task, kind, arrays, columns, given))
+                self.results.append(self._system(name, task, kind, arrays, columns))
 
     def _score_general(self, name: str, model, vocab: int, knnlm: KNNLM | None) -> None:
         """The general text's log p(gold) of this base (and its p_kNN), and of the decoders once."""
@@ -238,31 +244,24 @@ class _Run:
         for kind, decoder in self.decoders.items():
             self.general.score(SYSTEM_SUFFIX[kind].removeprefix(" + "), decoder, vocab)
 
-    def _memdec_lambda(self, base_name: str, task: Task) -> tuple[float, str]:
-        """MemDec's λ for this base and task, which its controls are mixed at."""
-        got = next(
-            r for r in self.results if r["base"] == base_name and r["task"] == task.name and r["kind"] == "memdec"
-        )
-        return got["lmbda"], f"MemDec's ({got['lmbda_from']})"
-
     def add_other_base_controls(self, bases: list[str]) -> None:
-        """base + another base at MemDec's λ of the base: does any second general model help as much?"""
+        """base + another base, its λ tuned as MemDec's is: does any second general model help as much?"""
         if "memdec" not in self.decoders:
             return
         for name in bases:
             for other in (b for b in bases if b != name):
                 for task in self.tasks:
-                    mine, theirs = self.base_test[(name, task.name)], self.base_test[(other, task.name)]
+                    mine, theirs = self.base_arrays[(name, task.name)], self.base_arrays[(other, task.name)]
                     if mine["columns"] != theirs["columns"] or mine["vocab"] != theirs["vocab"]:
                         raise ValueError(f"{name} and {other} score different verbalizer ids or vocabularies; "
                                          "the other-base control needs bases of one tokenizer.")  # fmt: skip
-                    arrays = {"test": {"base": mine["base"], other: theirs["base"]}}
-                    given = self._memdec_lambda(name, task)
-                    self.results.append(self._system(name, task, other, arrays, mine["columns"], given))
+                    arrays = {split: {"base": a["base"], other: theirs["arrays"][split]["base"]}
+                              for split, a in mine["arrays"].items()}  # fmt: skip
+                    self.results.append(self._system(name, task, other, arrays, mine["columns"]))
 
-    def _system(self, base_name: str, task: Task, kind, arrays: dict, columns, given=None) -> dict[str, Any]:
-        """One (task, system): its λ (``given`` as (λ, source), else given by flag, tuned on dev, or the fallback)
-        and its test scores. ``kind`` is None (the base alone), memdec, knn, ce_only or another base's name."""
+    def _system(self, base_name: str, task: Task, kind, arrays: dict, columns) -> dict[str, Any]:
+        """One (task, system): its λ (given by flag, tuned on dev, or the fallback) and its test scores. ``kind`` is
+        None (the base alone), memdec, knn, ce_only or another base's name."""
 
         def view(split):  # the last row of every array is the domain premise
             a = arrays[split]
@@ -271,9 +270,7 @@ class _Run:
             return x if other is None else {**x, "other_x": other[:-1], "other_d": other[-1]}
 
         lmbda, source, curve = 0.0, "", None
-        if given is not None:
-            lmbda, source = given
-        elif kind is not None:
+        if kind is not None:
             lmbda, source = self.fixed_lambda(task, kind)
             if lmbda is None and "dev" in arrays:
                 dev_labels = np.array([r["label"] for r in task.splits["dev"]])
@@ -311,21 +308,22 @@ def downstream(
     general: GeneralSplit = GeneralSplit(),
     bootstrap: Bootstrap = Bootstrap(),
 ) -> dict[str, Any]:
-    """Zero-shot classification (kNN-Prompt's DCPMI): each base alone, + MemDec, + kNN-LM, and the controls mixed at
-    MemDec's λ (+ the other bases, + the CE-only decoder); report with paired differences + predictions.
+    """Zero-shot classification (kNN-Prompt's DCPMI): each base alone, + MemDec, + kNN-LM, and the controls (+ the
+    other bases, + the CE-only decoder, each λ chosen as MemDec's); report with paired differences + predictions.
 
     Long by its report; the scoring is in :class:`_Run`.
     Class score = Σ over the class's single-token verbalizers of log(P(v|x)+1e-10) − log(P(v|domain)+1e-10), a sum
-    of log-ratios, not of probabilities, as kNN-Prompt's score.py; prediction = argmax. Tasks are validated, and
+    of log-ratios, not of probabilities, as kNN-Prompt's score.py; prediction = argmax (classes tied at the top share
+    the credit). Tasks are validated, and
     verbalizers filtered with each base's tokenizer, before any model is loaded.
 
     Args:
         tasks: task folders (tasks.json + <task>/test.jsonl [+ dev.jsonl]) and/or YAML task files.
         bases: base LMs (names, directories or embedded:base-small); each is scored alone and mixed. With a memdec
-            and two or more bases, each base is also mixed with every other base at MemDec's λ (a control).
+            and two or more bases, each base is also mixed with every other base (a control).
         out: output directory for predictions.jsonl, report.json, report.md and accuracy.png.
         memdec: the Memory Decoder (directory or name); omitted: no "+ MemDec" systems and no controls.
-        ce_only: the decoder trained with CE only (the paper's ablation), mixed at MemDec's λ (needs memdec).
+        ce_only: the decoder trained with CE only (the paper's ablation), a control of MemDec (needs memdec).
         knn: "+ kNN-LM" systems: datastores, one per base in the order of bases, with their indexes; the search.
         mix: the decoder's λ for every task (else a task's own: mix.task_lmbda, its YAML `lmbda`; else chosen on its
             dev split over mix.lambda_grid; else mix.fallback_lmbda), and kNN-LM's.
@@ -346,7 +344,7 @@ def downstream(
     if len(datastore) > len(bases):
         raise ValueError("give at most one --knn.datastore per base (in the bases' order).")
     if ce_only is not None and memdec is None:
-        raise ValueError("--ce_only is a control mixed at MemDec's λ; pass --memdec too (or drop --ce_only).")
+        raise ValueError("--ce_only is a control of MemDec; pass --memdec too (or drop --ce_only).")
     models = {"--bases": bases, "--memdec": [memdec] if memdec else [], "--ce_only": [ce_only] if ce_only else []}
     check_downstream_inputs(out, models, datastore, index, tokenizer)  # before any model loads
     task_list = load_tasks(tasks, prompts.task_names, prompts.verbalizers)

@@ -22,6 +22,7 @@ __all__ = [
     "MIXTURE_VS_BASE",
     "MEMDEC_VS_OTHER",
     "comparisons",
+    "credit",
     "task_draws",
     "paired_differences",
     "describe",
@@ -44,9 +45,18 @@ def comparisons(results: list[dict]) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def credit(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each example's share of a correct answer ``[N]``: 1 when its label alone scores highest, 1/m when it is one of
+    m classes tied at the top, else 0. The mean is the accuracy of argmax with ties broken at random, whatever order
+    a task lists its classes in: p_kNN alone (λ = 1) gives most verbalizers no mass, their scores tie at exactly 0,
+    and argmax's first-listed class would win every tie."""
+    top = scores == scores.max(axis=1, keepdims=True)  # [N, C]
+    return top[np.arange(len(labels)), labels] / top.sum(axis=1)
+
+
 def task_draws(results: list[dict], resamples: int, seed: int) -> dict[str, tuple[float, np.ndarray]]:
     """Per system of one task: its accuracy and ``resamples`` bootstrap accuracies, all systems on the same draws."""
-    correct = np.stack([r["scores"].argmax(axis=1) == r["labels"] for r in results], axis=1)
+    correct = np.stack([credit(r["scores"], r["labels"]) for r in results], axis=1)
     draws = bootstrap_means(correct, resamples, seed)
     return {r["system"]: (float(correct[:, i].mean()), draws[i]) for i, r in enumerate(results)}
 

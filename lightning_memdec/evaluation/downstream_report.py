@@ -108,8 +108,8 @@ def _difference_lines(report: dict) -> list[str]:
     tasks = list(report["accuracy"])
     lines = [
         "Paired differences in accuracy (points, first − second) with their 95 % paired bootstrap intervals over "
-        "examples; **bold**: the interval excludes 0; ⚠: a λ of the pair at an end of the λ grid. Controls and "
-        "MemDec share MemDec's λ of the base and task.",
+        "examples; **bold**: the interval excludes 0; ⚠: a λ of the pair at an end of the λ grid. Every mixture, "
+        "controls included, has its own λ, chosen as MemDec's is.",
         "",
         "| difference | what | " + " | ".join(tasks) + " | mean |",
         "|---|---|" + "---|" * (len(tasks) + 1),
@@ -172,7 +172,7 @@ def write_downstream_report(report: dict[str, Any], out: Path) -> None:
         "",
         f"- bases: {', '.join(f'`{b}`' for b in report['bases'])}; memdec: `{report['memdec']}`; "
         f"kNN-LM datastores: {', '.join(f'`{d}`' for d in report['datastores']) or 'none'}; "
-        f"controls mixed at MemDec's λ: {controls}",
+        f"controls (each with its own λ, chosen as MemDec's): {controls}",
         f"- score: {report['scoring']}; {report['verbalizers']} verbalizers",
         f"- accuracy in % with a 95% bootstrap interval ({report['bootstrap']['resamples']} resamples, "
         f"seed {report['bootstrap']['seed']} + the task's position); λ chosen on dev over {report['lambda_grid']}",
@@ -229,7 +229,9 @@ def plot_accuracy(acc: dict[str, dict], systems: list[str], path: Path) -> None:
 
 
 def write_predictions(results: list[dict], path: Path) -> None:
-    """predictions.jsonl: one line per task × system × example (task, id, system, scores per class, pred, label)."""
+    """predictions.jsonl: one line per task × system × example (task, id, system, scores per class, pred, label,
+    and ``tied``: how many classes share the top score; the accuracy gives such an example 1/tied when its label is
+    among them)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in results:
@@ -237,6 +239,7 @@ def write_predictions(results: list[dict], path: Path) -> None:
                 row = r["scores"][i]
                 scores = {name: float(s) for name, s in zip(r["class_names"], row)}
                 line = {"task": r["task"], "id": ex_id, "system": r["system"], "scores": scores,
-                        "pred": int(row.argmax()), "label": int(label)}  # fmt: skip
+                        "pred": int(row.argmax()), "label": int(label),
+                        "tied": int((row == row.max()).sum())}  # fmt: skip
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
     tmp.replace(path)
