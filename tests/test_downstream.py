@@ -127,9 +127,10 @@ def test_outputs_and_predictions_format(tmp_path, tiny_gpt2, tiny_decoder):
     preds = read_predictions(out)
     assert len(preds) == 2 * len(TEXTS)  # 1 task × 2 systems × 5 examples
     for p in preds:
-        assert set(p) == {"task", "id", "system", "scores", "pred", "label"}
+        assert set(p) == {"task", "id", "system", "scores", "pred", "label", "tied"}
         assert set(p["scores"]) == {"negative", "positive"}
-        assert p["pred"] == int(np.argmax([p["scores"]["negative"], p["scores"]["positive"]]))
+        scores = [p["scores"]["negative"], p["scores"]["positive"]]
+        assert p["pred"] == int(np.argmax(scores)) and p["tied"] == scores.count(max(scores))
     cell = report["accuracy"]["toy"][f"{tiny_gpt2} + MemDec"]
     assert cell["lmbda_from"] == "dev" and cell["lmbda"] in (0.1, 0.5, 0.9)
     assert len(cell["dev_accuracy_by_lambda"]) == 3
