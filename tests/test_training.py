@@ -3,6 +3,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -364,13 +365,25 @@ def test_fit_without_a_logger_trains_and_exports(tmp_path, biomed_targets_pair):
     assert not (tmp_path / "run" / "lightning_logs").exists()
 
 
-def test_mid_epoch_resume_sees_exactly_the_windows_of_an_uninterrupted_run(tmp_path, biomed_targets_pair):
-    """Killed after 3 steps of the first epoch (checkpoint every step), resumed: the same windows, in order."""
+@pytest.mark.parametrize(
+    "extra, batch, stop",
+    [
+        ([], 2, "mid first epoch"),
+        (["--trainer.max_epochs", "3"], 2, "mid first epoch"),
+        (["--data.num_workers", "2"], 8, "mid second epoch"),
+        (["--data.num_workers", "2"], 8, "end of first epoch"),
+    ],
+)
+def test_a_resume_sees_exactly_the_windows_of_an_uninterrupted_run(tmp_path, biomed_targets_pair, extra, batch, stop):
+    """Killed (checkpoint every step) and resumed: the same windows, in order. With ``max_epochs``, the LR schedule's
+    length was estimated by building Lightning's train loader before the resume restored its state, and with loader
+    workers the first iterator was made before the sampler knew the resumed epoch: either way the resumed epoch
+    started the first epoch's window order again."""
     pair = biomed_targets_pair
 
     def run(root: Path, steps: int, resume: bool = False) -> list[int]:
         args = [
-            "fit", *TINY_DECODER, *data_args(pair, window=32, batch_size=2), "--data.stride", "32",
+            "fit", *TINY_DECODER, *data_args(pair, window=32, batch_size=batch), "--data.stride", "32", *extra,
             "--trainer.accelerator", "cpu", "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
             "--checkpoint.dirpath", str(root / "ckpt"), "--checkpoint.every_n_train_steps", "1",
@@ -379,12 +392,46 @@ def test_mid_epoch_resume_sees_exactly_the_windows_of_an_uninterrupted_run(tmp_p
         lightning_cli(args + (["--ckpt_path", "last"] if resume else []))
         return json.loads((root / "seen" / "rank0.json").read_text())["starts"]
 
-    epoch = len(WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], 32, 32)) // 2
+    epoch = -(-len(WindowTargetsDataset(pair["train_corpus"], pair["train_targets"], 32, 32)) // batch)
     assert epoch > 6, "the test needs a resume point inside the first epoch"
-    straight = run(tmp_path / "straight", 6)
-    first = run(tmp_path / "killed", 3)
-    rest = run(tmp_path / "killed", 6, resume=True)
-    assert first + rest == straight and len(straight) == 6
+    killed_at = {"mid first epoch": 3, "mid second epoch": epoch + 2, "end of first epoch": epoch}[stop]
+    straight = run(tmp_path / "straight", killed_at + 3)
+    first = run(tmp_path / "killed", killed_at)
+    rest = run(tmp_path / "killed", killed_at + 3, resume=True)
+    assert first + rest == straight and len(straight) == killed_at + 3
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        {"max_epochs": 2},
+        {"max_epochs": 3, "limit_train_batches": 0.5, "accumulate_grad_batches": 3},
+        {"max_epochs": 3, "max_steps": 5, "limit_train_batches": 4},
+        {"max_steps": 7},
+    ],
+)
+def test_the_schedules_step_count_is_lightnings_estimate(tmp_path, biomed_targets_pair, trainer):
+    """The count the LR schedule is built with, without Lightning's train loader, against Lightning's own estimate
+    read once that loader exists (at the start of training)."""
+
+    class Counted(Exception):
+        pass
+
+    class Compare(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            raise Counted(trainer.datamodule.stepping_batches(), trainer.estimated_stepping_batches)
+
+    config = {
+        "model": {"config": json.loads(TINY_DECODER[1])},
+        "data": {**{k: biomed_targets_pair[k] for k in ("train_corpus", "train_targets")}, "window": 32,
+                 "batch_size": 3, "pad_last_batch": True},
+        "trainer": {"accelerator": "cpu", "limit_val_batches": 0, "enable_progress_bar": False, "max_steps": -1,
+                    "max_epochs": -1, "default_root_dir": str(tmp_path / "run"), **trainer},
+    }  # fmt: skip
+    with pytest.raises(Counted) as counted:  # no need to train
+        fit(config, callbacks=[Compare()])
+    ours, lightnings = counted.value.args
+    assert ours == lightnings
 
 
 def resume_args(pair: dict, root: Path, targets: str | None = None) -> list[str]:

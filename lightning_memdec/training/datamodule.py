@@ -178,6 +178,9 @@ class EvenShardSampler(DistributedSampler):
         self._resume: tuple[int, int] | None = None  # (epoch, windows of this rank already done)
 
     def resume(self, epoch: int, done: int) -> None:
+        """The next iterator is epoch ``epoch``'s order less this rank's first ``done`` windows. The epoch is set
+        here: with loader workers the iterator is made (and its order drawn) before Lightning sets the epoch."""
+        self.set_epoch(epoch)
         self._resume = (epoch, done)
 
     def __iter__(self):
@@ -217,8 +220,10 @@ class ResumableLoader(DataLoader):
                 f"run has {self.sampler.num_replicas} × {self.batch_size}; resume with the same devices and "
                 "data.batch_size (or start the epoch afresh from an end-of-epoch checkpoint)."
             )
-        if state["batches"] * self.batch_size < self.sampler.num_samples:  # an epoch-end state skips nothing
+        if state["batches"] * self.batch_size < self.sampler.num_samples:
             self.sampler.resume(state["epoch"], state["batches"] * self.batch_size)
+        else:  # an epoch-end state skips nothing: the run goes on with the next epoch's order
+            self.sampler.set_epoch(state["epoch"] + 1)
 
 
 def check_resume_data(saved: dict | None, current: dict) -> None:
@@ -371,6 +376,19 @@ class MemDecDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, shuffle=True, resumable=True, whole_batches=self.hparams.pad_last_batch)
+
+    def stepping_batches(self) -> int | float:
+        """``trainer.estimated_stepping_batches`` (Lightning's formula) without the fit loop's train loader. Lightning
+        builds that loader to estimate, and when the estimate comes first (the LR schedule's length, with
+        ``trainer.max_epochs`` set) the loader a resume restores is never handed its state (Lightning issue
+        #20550): a resumed epoch started its window order again. Counts a loader of this module, never iterated."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1 or trainer.overfit_batches:
+            return trainer.estimated_stepping_batches  # max_steps alone: Lightning builds no loader
+        length, limit = len(self.train_dataloader()), trainer.limit_train_batches
+        batches = int(length * limit) if isinstance(limit, float) else min(length, int(limit))
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     def val_dataloader(self) -> DataLoader:
         if self.val is None:

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
 from lightning_memdec.kernels.memdec_loss import LOSS_KERNELS, LossKernel, memdec_loss
-from lightning_memdec.training.datamodule import pad_targets
+from lightning_memdec.training.datamodule import MemDecDataModule, pad_targets
 from lightning_memdec.training.finite_loss import FiniteLossCheck
 
 LRSchedule = Literal["cosine", "linear", "constant"]  # decay after warm-up
@@ -310,7 +310,9 @@ class MemoryDecoderModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = h.fused_adamw if h.fused_adamw is not None else all(p.is_cuda for p in decay + no_decay)
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), fused=fused)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        data, trainer = self.trainer.datamodule, self.trainer
+        total = data.stepping_batches() if isinstance(data, MemDecDataModule) else trainer.estimated_stepping_batches
+        total = max(1, int(total))
         warmup = int(h.warmup_steps * total) if h.warmup_steps < 1 else int(h.warmup_steps)
         schedule = lr_lambda(total, warmup, h.lr_schedule, h.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
