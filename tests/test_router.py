@@ -407,3 +407,18 @@ def test_fit_router_window_defaults_to_what_the_models_hold(pair, tmp_path):
     fit_router(str(pair["base"]), str(pair["memdec"]), "embedded:biomed/valid", "embedded:general/valid",
                tmp_path / "router", max_tokens=200, device="cpu")  # fmt: skip
     assert json.loads((tmp_path / "router" / "meta.json").read_text())["training"]["window"] == 512
+
+
+@pytest.mark.parametrize("general", ["missing", "empty"])
+def test_fit_router_refuses_a_bad_general_text_before_any_model_loads(pair, tmp_path, monkeypatch, general):
+    """The general text was read only after both models had scored the whole domain text (minutes at full size)."""
+    import lightning_memdec.apps.fit_router as fit_router_module
+
+    monkeypatch.setattr(fit_router_module, "load_causal_lm", lambda ref: pytest.fail("a model was loaded"))
+    path = tmp_path / "general.txt"
+    if general == "empty":
+        path.write_text("\n\n")
+    error, said = (FileNotFoundError, "does not exist") if general == "missing" else (ValueError, "holds no text")
+    with pytest.raises(error, match=said):
+        fit_router_module.fit_router(str(pair["base"]), str(pair["memdec"]), "embedded:biomed/valid", str(path),
+                                     tmp_path / "router", max_tokens=200, device="cpu")  # fmt: skip

@@ -87,14 +87,15 @@ def fit_router(
         raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another --out.")
     for ref, config in zip((base, memdec), configs):
         check_fits_context(window, config, ref)
-    dev = torch_device(device)
-    base_model, memdec_model = (load_causal_lm(ref).to(dev).eval() for ref in (base, memdec))
-    tok = find_tokenizer(base, base_model)
+    tok = find_tokenizer(base)
     if tok is None:
         raise ValueError(f"--base {base} has no tokenizer saved with it; save its tokenizer into the directory.")
+    texts = [text_tokens(spec, tok, max_tokens) for spec in (domain, general)]  # a missing text: before any model
+    dev = torch_device(device)
+    base_model, memdec_model = (load_causal_lm(ref).to(dev).eval() for ref in (base, memdec))
     vocab = mixture_vocab(base_model, memdec_model, tok, find_tokenizer(memdec, memdec_model))
-    kinds = [_scored(spec, text_tokens(spec, tok, max_tokens), tok.eos_token_id, (base_model, memdec_model), vocab,
-                     window) for spec in (domain, general)]  # fmt: skip
+    kinds = [_scored(spec, tokens, tok.eos_token_id, (base_model, memdec_model), vocab, window)
+             for spec, tokens in zip((domain, general), texts)]  # fmt: skip
     if general_tolerance is None:
         router, training = train_router(kinds, WIDTH, threshold)
     else:
