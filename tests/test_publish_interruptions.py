@@ -93,3 +93,24 @@ def test_a_stale_set_aside_output_is_removed(tmp_path, biomed_datastore):
     shutil.copytree(out, out.with_name("index.old"))  # a kill after the new output was in place, before the cleanup
     build_index(biomed_datastore, out, plan=FLAT, recall_queries=0, overwrite=True)
     assert not out.with_name("index.old").exists()
+
+
+@pytest.mark.parametrize("state", ["publishing", "published", "unfinished", "absent"])
+def test_a_secondary_rank_never_starts_beside_a_publication_rank_0_completes(tmp_path, monkeypatch, state):
+    """Under torchrun rank 0 alone finished a stopped publication; rank 1 went on into the ranks' set-up and waited
+    there for a rank 0 that had exited (a hang), or, a moment later, failed with "already exists"."""
+    from lightning_memdec.io.artifact_dirs import META, AlreadyPublished, start_work_dir
+
+    out, work = tmp_path / "idx", partial_dir(tmp_path / "idx")
+    if state != "absent":
+        (out if state == "published" else work).mkdir()
+    if state == "publishing":
+        (work / META).write_text("{}")  # finished, not yet renamed
+    monkeypatch.setenv("RANK", "1")
+    if state in ("publishing", "published"):
+        with pytest.raises(AlreadyPublished, match="rank 0 says"):
+            start_work_dir(out, {"k": 1}, overwrite=False)
+        assert start_work_dir(out, {"k": 1}, overwrite=True) == work  # --overwrite: every rank rebuilds
+    else:
+        assert start_work_dir(out, {"k": 1}, overwrite=False) == work
+    assert not out.exists() or state == "published"  # a secondary rank moves nothing

@@ -183,6 +183,8 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
     work = partial_dir(out)
     if out.exists() and not out.is_dir():  # --overwrite replaces artefact directories, never a user's file
         raise ArtifactError(f"{wrong_path(out, 'output', want_dir=True)}; remove it or choose another --out.")
+    if is_secondary_rank() and not overwrite and ((work / META).is_file() or out.exists()):
+        raise AlreadyPublished(out, rank0_decides=True)  # what rank 0 finds here, this rank must not start without
     if not is_secondary_rank() and finish_interrupted_publish(work, out) and not overwrite:
         raise AlreadyPublished(out)
     if out.exists():
@@ -227,10 +229,18 @@ def swap_in(work: Path, out: Path) -> None:
 
 
 class AlreadyPublished(ArtifactError):
-    """The output a stage was asked for is complete: an earlier run finished it and was stopped while publishing."""
+    """The output a stage was asked for is complete: an earlier run finished it and was stopped while publishing.
 
-    def __init__(self, out: Path):
-        super().__init__(f"{out} is complete: the run that built it was stopped while publishing it; it is in place.")
+    ``rank0_decides``: on a secondary rank, which starts beside rank 0 and cannot tell a publication rank 0 is
+    completing from an output that was there before (rank 0 refuses that one): either way it does not go on into the
+    ranks' set-up, where it would wait for a rank 0 that has stopped (it hung there)."""
+
+    def __init__(self, out: Path, rank0_decides: bool = False):
+        if rank0_decides:
+            message = f"{out} is in place or being put in place; rank 0 says whether it is this run's, and exits."
+        else:
+            message = f"{out} is complete: the run that built it was stopped while publishing it; it is in place."
+        super().__init__(message)
         self.out = out
 
 
