@@ -1,5 +1,6 @@
-"""`memdec downstream`'s controls (the other base and the CE-only decoder, each λ tuned as MemDec's), paired intervals of the
-differences, edge-λ flags, the headline and the general perplexity, against direct computations on tiny models."""
+"""`memdec downstream`'s controls (the other base and the CE-only decoder, each λ tuned as MemDec's), paired intervals
+of the differences, edge-λ flags, the headline and the general perplexity, against direct computations on tiny
+models."""
 
 from __future__ import annotations
 

@@ -302,3 +302,32 @@ def test_a_training_stage_killed_before_its_export_resumes_from_its_checkpoint(t
     stage = ("memdec", tmp_path, tmp_path / "train", tmp_path / "valid", MICRO, 4, "embedded:base-small", 0.5)
     assert quickstart_stages.train_model(*stage) == tmp_path / "models" / "memdec"
     assert calls == ["last"] and not checkpoints.exists()
+
+
+def test_a_rerun_after_the_domain_text_changed_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Every finished stage was reused and the report scored the old text, though --domain's files had changed."""
+    import lightning_memdec.apps.quickstart as quickstart_module
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(quickstart_module, "tokenized_corpora", started)  # the first stage: stop there
+    domain = tmp_path / "domain"
+    domain.mkdir()
+    for split in ("train", "valid", "test"):
+        (domain / f"{split}.txt").write_text(f"The {split} text.\n")
+    with pytest.raises(Started):
+        quickstart(out=tmp_path / "run", domain=str(domain), budget=MICRO)
+    with pytest.raises(Started):  # the same text: the run goes on
+        quickstart(out=tmp_path / "run", domain=str(domain), budget=MICRO)
+    (domain / "test.txt").write_text("Other text.\n")
+    with pytest.raises(ArtifactError, match=r"other settings \(the text of test.txt differ\)"):
+        quickstart(out=tmp_path / "run", domain=str(domain), budget=MICRO)
+    settings = json.loads((tmp_path / "run" / "quickstart_settings.json").read_text())
+    del settings["texts"]  # a run of an earlier version: its text was not recorded, and is not compared
+    (tmp_path / "run" / "quickstart_settings.json").write_text(json.dumps(settings))
+    with pytest.raises(Started):
+        quickstart(out=tmp_path / "run", domain=str(domain), budget=MICRO)

@@ -42,6 +42,7 @@ from lightning_memdec.apps.quickstart_stages import (
     train_model,
 )
 from lightning_memdec.evaluation.report import write_report
+from lightning_memdec.io.artifact_dirs import sha256_file
 from lightning_memdec.io.embedded import EMBEDDED_PREFIX
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.token_corpus import Corpus
@@ -91,7 +92,8 @@ def quickstart(
     out.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
     settings = {"domain": domain, "base": refs, "teacher": teacher, "pretrain_bases": pretrain_bases}
-    check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget)})
+    texts = {Path(s).name: sha256_file(s) for s in splits if Path(s).is_file()}  # --domain DIR: its text, edited or not
+    check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget), "texts": texts})
     with clock("tokenize"):
         corpora = tokenized_corpora(out / "corpora", splits, tokenizer, budget, pretrain_bases)
     # 1. base LMs: given (default: the shipped ones), or pretrained on the general corpus

@@ -115,16 +115,23 @@ class StageClock:
         log.warning("quickstart stage %s: %.1f s (CPU %.1f s)", name, self.seconds[name], self.cpu_seconds[name])
 
 
+RECORDED_SINCE = ("texts",)  # settings runs of earlier versions did not record
+
+
 def check_same_settings(out: Path, settings: dict) -> None:
-    """Finished stages are reused by name, so a rerun must have the settings that produced them."""
+    """Finished stages are reused by name, so a rerun must have the settings that produced them, and the same
+    ``--domain`` text (``texts``: each split file's sha256; an edited split was scored as the old one)."""
     from lightning_memdec.io.artifact_dirs import ArtifactError
 
     path = out / "quickstart_settings.json"
     settings = json.loads(json.dumps(settings))
     if path.is_file():
         previous = json.loads(path.read_text())
+        previous |= {k: settings[k] for k in RECORDED_SINCE if k not in previous}  # not recorded: not compared
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            edited = [n for n, digest in settings["texts"].items() if previous["texts"].get(n) != digest]
+            changed = [f"the text of {', '.join(edited)}" if k == "texts" else k for k in changed]
             raise ArtifactError(
                 f"{out} holds a quickstart run with other settings ({', '.join(changed)} differ); "
                 f"use another --out, or delete {out} to start afresh."
