@@ -11,12 +11,13 @@ Every step is skipped when already done, and an interrupted training resumes fro
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning_memdec.io.artifact_dirs import read_meta, write_json_atomic
+from lightning_memdec.io.artifact_dirs import read_meta, sha256_file, write_json_atomic
 from lightning_memdec.io.embedded import EMBEDDED_PREFIX, resolve_text
 from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.token_corpus import tokenize
@@ -40,12 +41,13 @@ def general_corpora(out: Path, extra_text: list[str], tokenizer: str = "gpt2") -
     corpora = {}
     for split, text in texts.items():
         path = out / f"corpus-{split}"
-        if (path / "meta.json").is_file():
-            sources = [s["path"] for s in read_meta(path, kind="corpus")["sources"]]
+        if (path / "meta.json").is_file():  # the same text (by content: an installed package's paths move)
+            sources = read_meta(path, kind="corpus")["sources"]
             wanted = [resolve_text(t) if t.startswith(EMBEDDED_PREFIX) else Path(t) for t in text]
-            if [Path(s).name for s in sources] != [w.name for w in wanted]:
+            if [s.get("sha256") for s in sources] != [sha256_file(w) if w.is_file() else None for w in wanted]:
                 raise ValueError(
-                    f"{path} was tokenized from {sources}, not {text}; use another --out or delete {path}."
+                    f"{path} was tokenized from {[s['path'] for s in sources]}, not from the text of {text}; use "
+                    f"another --out or delete {path}."
                 )
         else:
             tokenize(text, path, tokenizer)
@@ -111,7 +113,9 @@ def pretrain_bases(
             overrides["trainer"]["max_time"] = max_time
         config = base_config(size, corpora, out, overrides)
         export = Path(config["export"]["dirpath"])
-        if not (export / "general_perplexity.json").is_file():
+        if (export / "general_perplexity.json").is_file():
+            check_same_recipe(export, config)
+        else:
             last = Path(config["checkpoint"]["dirpath"]) / "last.ckpt"
             fit(config, ckpt_path=last if last.is_file() else None)
             record_base(export, config, corpora)
@@ -119,6 +123,30 @@ def pretrain_bases(
         if install:
             install_base(export, size)
     return trained
+
+
+def check_same_recipe(export: Path, config: dict[str, Any]) -> None:
+    """A finished base is reused only for the recipe it was trained with: a rerun with another --max_steps (or
+    --max_time, devices, …) kept the old base without a word."""
+    recorded, asked = _dotted(read_meta(export)["recipe"]), _dotted(json.loads(json.dumps(config)))
+    differ = [f"{key}: trained with {recorded.get(key)}, asked {asked.get(key)}"
+              for key in sorted(set(recorded) | set(asked)) if recorded.get(key) != asked.get(key)]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"{export} is a base trained with another recipe ({'; '.join(differ)}); use another --out, or delete "
+            f"{export} and its run folder to train it anew."
+        )
+
+
+def _dotted(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"trainer.max_steps": 2, …}: a nested config's leaves by their dotted names."""
+    leaves = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            leaves |= _dotted(value, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
 
 
 def record_base(export: Path, config: dict[str, Any], corpora: dict[str, Path]) -> None:
