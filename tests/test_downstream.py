@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,17 @@ def test_tied_class_scores_share_the_credit_whatever_order_the_classes_are_liste
     scores = np.array([[0.0, 0.0, -1.0], [2.0, 1.0, 2.0], [0.5, 3.0, 1.0], [1.0, 1.0, 1.0]])
     direct = [1 / 2, 1 / 2, 0.0, 1 / 3]  # label 0 each time: 2-way tie, 2-way tie, wrong, 3-way tie
     np.testing.assert_allclose(credit(scores, np.zeros(4, int)), direct)
+
+
+def test_verbalizers_without_a_leading_space_after_a_prompt_without_one_are_named():
+    """A user's task with 'great' for ' great': each word was scored as the end of the prompt's last word."""
+    from lightning_memdec.evaluation.downstream_tasks import Task, single_token_verbalizers
+
+    tok = load_tokenizer("gpt2")
+    task = Task("t", "{text} It was", "It was", ["negative", "positive"], [["bad"], ["great"]])
+    with pytest.warns(UserWarning, match=r"2 verbalizers have no leading space \('bad', 'great'\)"):
+        single_token_verbalizers(task, tok)
+    spaced = Task("t", "{text} It was", "It was", ["negative", "positive"], [[" bad"], [" great"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        single_token_verbalizers(spaced, tok)

@@ -229,6 +229,14 @@ def single_token_verbalizers(task: Task, tokenizer, tokenizer_label: str = "the 
             f"(kNN-Prompt scores single tokens only): {', '.join(repr(w) for w in dropped)}",
             stacklevel=2,
         )
+    glued = [w for words in task.verbalizers for w in words if not w[:1].isspace()]
+    if glued and not task.template[-1:].isspace() and not task.domain_premise[-1:].isspace():
+        warnings.warn(
+            f"task {task.name!r}: {len(glued)} verbalizers have no leading space ({', '.join(map(repr, glued[:5]))}"
+            f"{', …' if len(glued) > 5 else ''}), and the prompts end without one: each is scored as the end of the "
+            "prompt's last word, not as a word of its own (kNN-Prompt's verbalizers start with a space).",
+            stacklevel=2,
+        )
     return ids
 
 
