@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -178,3 +179,6 @@ def test_the_audit_reads_the_training_corpus_a_decoder_names(tmp_path, biomed_co
     # once, beside a datastore of the same corpus; a given --audit.overlap_with wins
     assert overlap_references(None, None, [str(biomed_datastore)], [str(decoder)]) == [str(biomed_corpus)]
     assert overlap_references("x.txt", None, [], [str(decoder)]) == ["x.txt"]
+    # a relative --knn.corpus and the datastore's absolute path to the same corpus: audited once
+    relative = os.path.relpath(biomed_corpus)
+    assert overlap_references(None, relative, [str(biomed_datastore)], [str(decoder)]) == [relative]

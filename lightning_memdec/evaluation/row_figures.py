@@ -85,10 +85,14 @@ def overlap_references(overlap_with, knn_corpus, datastores: list[str], decoders
     for decoder in filter(None, decoders):
         if (Path(decoder) / "meta.json").is_file():  # a hub name or a plain HF directory names none
             named.append(read_meta(decoder).get("corpus"))
-    for corpus in named:
-        if corpus and (Path(corpus) / "meta.json").is_file() and str(corpus) not in refs:
+    for corpus in named:  # one corpus named twice (a relative --knn.corpus, a datastore's absolute path): once
+        if corpus and (Path(corpus) / "meta.json").is_file() and not any(_same_path(corpus, r) for r in refs):
             refs.append(str(corpus))
     return refs
+
+
+def _same_path(a, b) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def audit_splits(
