@@ -40,7 +40,8 @@ class Windows:
     window: int = 1024
     """tokens of context per window (paper: 1024)"""
     stride: int = 512
-    """new positions per window (paper: 512); each has >= window - stride + 1 tokens of context"""
+    """new positions per window (paper: 512); each has >= window - stride + 1 tokens of context, but the first
+    window's positions, which have what precedes them (windows run across document boundaries)"""
     batch_size: int = 8
     """windows per forward pass"""
     flag: ClassVar[str] = "--windows"  # the flag group's name in messages (a subclass's own where it is another)
