@@ -126,7 +126,8 @@ def _scored(spec: str, tokens: np.ndarray, eos_id: int, models: tuple, vocab: in
 @torch.no_grad()
 def held_out_summary(router: Router, kinds: list[RouterData]) -> dict:
     """Per kind, on the held-out positions: perplexity of the base, of the best fixed λ (chosen on both kinds'
-    held-out positions together), of the router, and the share of positions it skips."""
+    held-out positions together), of the router, and the share of positions it skips. Selection figures: early
+    stopping and the domain weight were chosen on these positions too; ``memdec evaluate`` compares on test."""
     held = [kind.split()[1] for kind in kinds]
     both = lambda attr: np.concatenate([getattr(h, attr) for h in held])  # noqa: E731
     best_lambda = sweep_lambda(both("base"), both("memdec"))[0]
