@@ -120,7 +120,8 @@ class MemoryDecoderModule(L.LightningModule):
             self.decoder = AutoModelForCausalLM.from_config(cfg)
         self.vocab_size = self.decoder.config.vocab_size
         if h.pad_vocab_multiple > 1 and self.vocab_size % h.pad_vocab_multiple:
-            self.decoder.resize_token_embeddings(self.vocab_size, pad_to_multiple_of=h.pad_vocab_multiple)
+            with torch.random.fork_rng():  # the new rows' random init draws nothing from the stream dropout uses
+                self.decoder.resize_token_embeddings(self.vocab_size, pad_to_multiple_of=h.pad_vocab_multiple)
         if self.device_mesh is not None:  # FSDP2Strategy (ModelParallelStrategy) shards here; FSDPStrategy wraps itself
             from lightning_memdec.training.fsdp2 import shard_decoder
 
