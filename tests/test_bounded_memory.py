@@ -221,3 +221,34 @@ def test_a_fortran_ordered_file_is_refused_not_read_as_rows(tmp_path):
     np.save(tmp_path / "rows.npy", np.asfortranarray(np.arange(40, dtype=np.int32).reshape(10, 4)))
     with pytest.raises(ArtifactError, match="rows.npy is truncated or corrupt .*Fortran-ordered"):
         open_checked(tmp_path, "rows.npy", (10, 4), "int32")
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float16).reshape(3, 4), np.arange(5, dtype=np.int64),
+                                   np.zeros((0, 3), np.float32), np.eye(4)[:, ::2]])  # fmt: skip
+def test_save_npy_writes_np_saves_bytes(tmp_path, array):
+    from lightning_memdec.io.npy_rows import save_npy
+
+    np.save(tmp_path / "want.npy", array)
+    save_npy(tmp_path / "got.npy", array)
+    assert (tmp_path / "got.npy").read_bytes() == (tmp_path / "want.npy").read_bytes()
+
+
+def test_a_write_the_file_size_limit_cuts_short_is_efbig_and_leaves_no_temporary_file(tmp_path):
+    """numpy's short write is an OSError with no errno, which the CLI showed as a traceback, not a disk error."""
+    import errno
+    import resource
+    import signal
+
+    from lightning_memdec.io.npy_rows import save_npy
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG, as under `ulimit -f`
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+    try:
+        with pytest.raises(OSError) as failed:
+            save_npy(tmp_path / "big.npy", np.zeros(10_000, np.float32))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert failed.value.errno == errno.EFBIG
+    assert list(tmp_path.iterdir()) == []

@@ -158,13 +158,15 @@ def test_k_is_capped_at_store_size(tmp_path, biomed_datastore, biomed_index, cap
 def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, biomed_index, biomed_targets, monkeypatch):
     out = tmp_path / "t"
     kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))
-    save = np.save
-    monkeypatch.setattr(np, "save", lambda *a, **kw: time.sleep(0.5) or save(*a, **kw))  # saves still running...
+    import lightning_memdec.stages.target_chunks as target_chunks
+
+    save = target_chunks.save_npy
+    monkeypatch.setattr(target_chunks, "save_npy", lambda *a: time.sleep(0.5) or save(*a))  # saves still running...
     with pytest.raises(SimulatedKill):
         build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=2)], **kwargs)
     assert partial_dir(out).exists() and not out.exists()
     assert done_chunks(partial_dir(out)) == {0, 1}  # ...when the run failed: it waited for them
-    monkeypatch.setattr(np, "save", save)
+    monkeypatch.setattr(target_chunks, "save_npy", save)
     build_targets(biomed_datastore, biomed_index, out, **kwargs)
     for name in ("offsets.npy", "ids.npy", "probs.npy"):
         assert (out / name).read_bytes() == (biomed_targets / name).read_bytes()
@@ -180,15 +182,17 @@ def test_predictions_hold_host_values_only(tmp_path, biomed_datastore, biomed_in
 def test_a_failed_chunk_save_on_the_writer_thread_fails_the_run(tmp_path, biomed_datastore, biomed_index, monkeypatch):
     """The chunks are saved on a helper thread: its error must reach the run, not vanish with the thread."""
 
+    import lightning_memdec.stages.target_chunks as target_chunks
+
     last = (len(Datastore(biomed_datastore)) - 1) // 512  # the last chunk's save fails: only the end's wait sees it
-    save = np.save
+    save = target_chunks.save_npy
 
     def disk_full_at_the_end(path, array):
         if Path(path).name.startswith(f"{last:09d}."):
             raise OSError("No space left on device")
         save(path, array)
 
-    monkeypatch.setattr(np, "save", disk_full_at_the_end)
+    monkeypatch.setattr(target_chunks, "save_npy", disk_full_at_the_end)
     out = tmp_path / "t"
     kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))
     with pytest.raises(OSError, match="No space left"):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from lightning_memdec.hf.key_capture import KeyCapture
 from lightning_memdec.hf.loading import load_causal_lm
+from lightning_memdec.io.npy_rows import save_npy
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.kernels.scoring import gold_log_probs
 
@@ -144,9 +145,6 @@ def corpus_scores(
     if keys:
         out["keys"] = out["keys"].astype(np.float16)  # exact: captured as float16
     for n in names if caches is not None else ():
-        path = Path(caches[n])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, out[n])
-        tmp.replace(path)
+        Path(caches[n]).parent.mkdir(parents=True, exist_ok=True)
+        save_npy(caches[n], out[n])
     return out

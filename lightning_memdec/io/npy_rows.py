@@ -228,3 +228,22 @@ class NpyAppender:
             self.close()
         else:
             self.file.close()
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """``np.save`` to ``path`` through ``<path>.tmp.npy`` and a rename, the same bytes (C order). numpy reports a
+    write the disk or ``ulimit -f`` cut short as an OSError with no errno ("153472 requested and 106432 written"),
+    which no caller can tell from a bug; Python's own write raises ENOSPC, EDQUOT or EFBIG. A failed write leaves no
+    temporary file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    array = np.ascontiguousarray(array)
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape}
+    try:
+        with open(tmp, "wb") as file:
+            np.lib.format.write_array_header_1_0(file, header)
+            file.write(memoryview(array.reshape(-1)).cast("B"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -4,13 +4,12 @@ targets' offsets/ids/probs by rank 0."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from lightning_memdec.io.npy_rows import NpyAppender, npy_file_problem
+from lightning_memdec.io.npy_rows import NpyAppender, npy_file_problem, save_npy
 from lightning_memdec.io.readers import IDS, OFFSETS, PROBS
 from lightning_memdec.stages.chunked_predict import BackgroundWriter, done_chunks, mark_done, unmark
 
@@ -35,9 +34,7 @@ class ChunkFileWriter(BackgroundWriter):
     def save(self, pl_module, prediction: dict) -> None:
         chunk = int(prediction["chunk"])
         for name in ("counts", "ids", "probs"):
-            tmp = self.dir / f"{chunk:09d}.{name}.tmp.npy"
-            np.save(tmp, prediction[name])
-            os.replace(tmp, self.dir / f"{chunk:09d}.{name}.npy")
+            save_npy(self.dir / f"{chunk:09d}.{name}.npy", prediction[name])
         mark_done(pl_module.work, chunk)
 
 
