@@ -130,7 +130,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_line_and_keeps_the_saved_check
     assert stop.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("memdec fit: error: no space left on the device while saving checkpoint ")
-    assert "resume with --ckpt_path last" in err
+    assert "(`memdec fit`: the same arguments and --ckpt_path last; `memdec quickstart` and" in err
     checkpoints = root / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step1.ckpt"]  # no .tmp left
     assert checkpoint_problem(checkpoints / "last.ckpt") is None

@@ -58,6 +58,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+# how a stopped training goes on: what each command that trains needs
+RESUME = (
+    "run it again to resume from there (`memdec fit`: the same arguments and --ckpt_path last; `memdec quickstart` "
+    "and `pretrain-bases` resume by themselves)"
+)
+
+
 class CheckpointDiskFull(OSError, ValueError):
     """A checkpoint save that ran out of disk space. torch reports it as ``RuntimeError: [enforce fail at
     inline_container.cc …] unexpected pos``, the ENOSPC buried mid-traceback; this says what happened and what to do
@@ -65,9 +72,9 @@ class CheckpointDiskFull(OSError, ValueError):
 
     def __init__(self, path: Path, cause: OSError):
         super().__init__(
-            f"no space left on the device while saving checkpoint {path} ({cause}): free space and resume with "
-            f"--ckpt_path last (with no checkpoint in {path.parent} yet, run the same command again). The failed "
-            "save was removed; the checkpoints saved before it are whole."
+            f"no space left on the device while saving checkpoint {path} ({cause}): free space and {RESUME} (with "
+            f"no checkpoint in {path.parent} yet, the same command starts afresh). The failed save was removed; the "
+            "checkpoints saved before it are whole."
         )
         self.errno = cause.errno  # a caller catching OSError reads ENOSPC; str() stays the message above
 

@@ -30,7 +30,7 @@ from lightning_memdec.training.callbacks import (
     check_export_dir,
     export_run_root,
 )
-from lightning_memdec.training.checkpoint_files import AtomicCheckpointIO, RunCheckpoint, resolve_resume
+from lightning_memdec.training.checkpoint_files import RESUME, AtomicCheckpointIO, RunCheckpoint, resolve_resume
 from lightning_memdec.training.datamodule import MemDecDataModule
 from lightning_memdec.training.lightning_module import MemoryDecoderModule
 from lightning_memdec.training.resume_state import (
@@ -179,11 +179,7 @@ def training_interrupted(trainer: L.Trainer) -> Interrupted:
         kept = f"step {trainer.global_step} is saved in {newest}"
     else:
         kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
-    message = (
-        f"training interrupted (SIGTERM) at step {trainer.global_step}; {kept}. Run it again to resume from there "
-        "(`memdec fit`: the same arguments and --ckpt_path last; `memdec quickstart` and `pretrain-bases` resume by "
-        "themselves)."
-    )
+    message = f"training interrupted (SIGTERM) at step {trainer.global_step}; {kept}: {RESUME}."
     if trainer.world_size > 1:
         message = f"rank {trainer.global_rank}: {message}"
     print(message, file=sys.stderr, flush=True)
