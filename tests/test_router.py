@@ -422,3 +422,18 @@ def test_fit_router_refuses_a_bad_general_text_before_any_model_loads(pair, tmp_
     with pytest.raises(error, match=said):
         fit_router_module.fit_router(str(pair["base"]), str(pair["memdec"]), "embedded:biomed/valid", str(path),
                                      tmp_path / "router", max_tokens=200, device="cpu")  # fmt: skip
+
+
+def test_a_sigterm_while_routers_train_exits_143_not_0(monkeypatch):
+    """Lightning's stop is a SystemExit with no code: fit-router exited 0 with nothing written."""
+    import os
+    import signal
+
+    from lightning_memdec.apps.router_training import RouterModule
+    from lightning_memdec.io.artifact_dirs import Interrupted
+
+    monkeypatch.setattr(RouterModule, "on_train_start", lambda self: os.kill(os.getpid(), signal.SIGTERM))
+    rng = np.random.default_rng(0)
+    with pytest.raises(Interrupted, match="fit-router interrupted") as stopped:
+        train_router([planted_kind(rng, 300, 1.0, True), planted_kind(rng, 300, -1.0, False)], 0, 0.0)
+    assert stopped.value.code == 143

@@ -14,15 +14,18 @@ whose held-out general perplexity stays within a tolerance of the base's.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memdec.inference.router import Router, check_threshold
+from lightning_memdec.io.artifact_dirs import Interrupted
 from lightning_memdec.kernels.scoring import mix_log_probs
 
 __all__ = [
@@ -163,7 +166,12 @@ def train_router(
     )  # fmt: skip
     train = DataLoader(_dataset(list(fit), shares), batch_size=BATCH, shuffle=True)
     valid = DataLoader(_dataset(list(held), shares), batch_size=BATCH)
-    trainer.fit(module, train, valid)
+    try:
+        trainer.fit(module, train, valid)
+    except SIGTERMException:  # Lightning's stop is a SystemExit with no code: exit 0, as if the router were written
+        message = "fit-router interrupted (SIGTERM) while training routers; nothing was written: run it again."
+        print(message, file=sys.stderr, flush=True)
+        raise Interrupted(message) from None
     info = {
         "domain_weight": domain_weight,
         "epochs": trainer.current_epoch,
