@@ -251,8 +251,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     tmp = markdown.with_name(markdown.name + ".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(markdown)
-    write_json_atomic(json_file, finite_or_none(report))
     plot_curves(report["curves"], plot)
+    write_json_atomic(json_file, finite_or_none(report))  # last: a report.json means the whole report is there
 
 
 def _section(lines: list[str]) -> list[str]:
