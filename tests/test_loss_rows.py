@@ -218,18 +218,22 @@ def test_the_module_trains_with_either_kernel_to_the_same_loss():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def three_steps(root, pair, *settings: str):
+    """``memdec fit`` for three steps as a user runs it: dropout on, one seed, no validation."""
+    args = [*TINY_DECODER, *data_args(pair), *settings, "--seed_everything", "0", "--trainer.accelerator", "cpu"]
+    args += ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.limit_val_batches", "0", "--trainer.max_steps", "3", "--checkpoint.dirpath", str(root)]
+    return lightning_cli(["fit", *args])
+
+
 @pytest.mark.slow
 def test_memdec_fit_with_either_loss_kernel_trains_the_same_decoder(tmp_path, biomed_targets_pair):
     """``memdec fit --model.loss_kernel rows`` as a user runs it (a padded vocabulary, dropout on, one seed): three
     steps end at the same weights as with the default kernel."""
     states = {}
     for kernel in ("chunked", "rows"):
-        root = tmp_path / kernel
-        args = [*TINY_DECODER, *data_args(biomed_targets_pair), "--model.loss_kernel", kernel]
-        args += ["--model.pad_vocab_multiple", "64", "--seed_everything", "0", "--trainer.accelerator", "cpu"]
-        args += ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
-        args += ["--trainer.limit_val_batches", "0", "--trainer.max_steps", "3", "--checkpoint.dirpath", str(root)]
-        cli = lightning_cli(["fit", *args])
+        settings = ["--model.loss_kernel", kernel, "--model.pad_vocab_multiple", "64"]
+        cli = three_steps(tmp_path / kernel, biomed_targets_pair, *settings)
         assert cli.model.hparams.loss_kernel == kernel and cli.trainer.global_step == 3
         states[kernel] = {k: v.clone() for k, v in cli.model.decoder.state_dict().items()}
     for name, want in states["chunked"].items():
@@ -241,12 +245,7 @@ def test_a_padded_vocabulary_trains_the_unpadded_run_with_dropout_on(tmp_path, b
     seed gave another run (val/ce 9.866944 vs 9.870936 after 52 steps, audit 9)."""
     states = {}
     for multiple in ("1", "64"):
-        root = tmp_path / multiple
-        args = [*TINY_DECODER, *data_args(biomed_targets_pair), "--model.pad_vocab_multiple", multiple]
-        args += ["--seed_everything", "0", "--trainer.accelerator", "cpu", "--trainer.max_steps", "3"]
-        args += ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
-        args += ["--trainer.limit_val_batches", "0", "--checkpoint.dirpath", str(root)]
-        cli = lightning_cli(["fit", *args])
+        cli = three_steps(tmp_path / multiple, biomed_targets_pair, "--model.pad_vocab_multiple", multiple)
         vocab = cli.model.vocab_size
         states[multiple] = {k: v[:vocab].clone() if "wte" in k or "lm_head" in k else v.clone()
                             for k, v in cli.model.decoder.state_dict().items()}  # fmt: skip
