@@ -120,7 +120,9 @@ class MemoryDecoderModule(L.LightningModule):
             self.decoder = AutoModelForCausalLM.from_config(cfg)
         self.vocab_size = self.decoder.config.vocab_size
         if h.pad_vocab_multiple > 1 and self.vocab_size % h.pad_vocab_multiple:
-            with torch.random.fork_rng():  # the new rows' random init draws nothing from the stream dropout uses
+            device = self.decoder.get_input_embeddings().weight.device
+            # the new rows' random init leaves the stream dropout draws from as it was (a padded run is the same run)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self.decoder.resize_token_embeddings(self.vocab_size, pad_to_multiple_of=h.pad_vocab_multiple)
         if self.device_mesh is not None:  # FSDP2Strategy (ModelParallelStrategy) shards here; FSDPStrategy wraps itself
             from lightning_memdec.training.fsdp2 import shard_decoder
