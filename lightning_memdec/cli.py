@@ -12,6 +12,7 @@ import difflib
 import errno
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -122,6 +123,9 @@ def dispatch(raw: list[str]) -> None:
         return
     try:
         run_command(raw)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not Python's traceback (what was finished is kept either way)
+        print(f"memdec {raw[0]}: interrupted (SIGINT).", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except USER_ERRORS as err:
         if not raised_by_package(err):
             raise  # a bug, here or in a library: the whole traceback

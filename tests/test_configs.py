@@ -261,3 +261,17 @@ def test_callback_configs_add_up(tmp_path):
         "--config",
         str(CONFIG_ROOT / "callbacks/throughput.yaml"),
     ]
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    """A SIGINT in quickstart, evaluate or downstream printed Python's KeyboardInterrupt traceback (exit 1)."""
+    import lightning_memdec.cli as cli
+
+    def interrupted(raw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_command", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", "--help-not-reached"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "memdec evaluate: interrupted (SIGINT).\n"
