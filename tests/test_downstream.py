@@ -185,6 +185,7 @@ def test_verbalizer_filtering_names_dropped_words_and_refuses_an_empty_class(tmp
         ("entry_field", r"tasks\.json: task 'toy' has no 'domain_premise'"),
         ("multi_token_class", r"class 1 \(positive\) has no single-token verbalizer"),
         ("bad_json", r"test\.jsonl:1: not a JSON object"),
+        ("repeated_id", r"test\.jsonl:2: id 0 is the id of line 1 too; ids must be unique"),
     ],
 )
 def test_bad_task_files_fail_before_any_model_is_loaded(tmp_path, monkeypatch, tiny_gpt2, case, match):
@@ -193,6 +194,8 @@ def test_bad_task_files_fail_before_any_model_is_loaded(tmp_path, monkeypatch, t
         records = [{"id": 0, "input": {"text": "ok"}, "label": 2 if case == "label_range" else 0}]
     if case == "template_field":
         records = [{"id": 0, "input": {"body": "ok"}, "label": 0}]
+    if case == "repeated_id":  # one example scored and counted twice
+        records = [{"id": 0, "input": {"text": "ok"}, "label": 0}, {"id": 0, "input": {"text": "ok"}, "label": 0}]
     if case == "entry_field":
         del entry["domain_premise"]
     if case == "multi_token_class":

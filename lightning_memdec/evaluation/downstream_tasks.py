@@ -88,10 +88,11 @@ def _check_entry(name: str, entry, where: str, verbalizer_set: str) -> dict:
 
 
 def read_records(path: Path, fields: set[str], n_classes: int) -> list[dict]:
-    """Every line of a task JSONL file, checked: JSON object, id/input/label present, label in range, fields there."""
+    """Every line of a task JSONL file, checked: JSON object, id/input/label present, label in range, fields there,
+    ids unique."""
     if not path.is_file():
         raise TaskError(f"{wrong_path(path, 'task file', want_dir=False)}.")
-    records = []
+    records, seen = [], {}  # id -> its line: a repeated id would be scored (and its example counted) twice
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -114,6 +115,10 @@ def read_records(path: Path, fields: set[str], n_classes: int) -> list[dict]:
             label = rec["label"]
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_classes:
                 raise TaskError(f"{where}: field 'label' is {label!r}, not a class index in 0..{n_classes - 1}.")
+            key = json.dumps(rec["id"])
+            if key in seen:
+                raise TaskError(f"{where}: id {rec['id']!r} is the id of line {seen[key]} too; ids must be unique.")
+            seen[key] = lineno
             records.append(rec)
     if not records:
         raise TaskError(f"task file {path} holds no records.")
