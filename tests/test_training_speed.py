@@ -90,7 +90,7 @@ def test_export_of_a_padded_decoder_is_the_tokenizers_vocabulary(tmp_path):
 
 
 def test_fused_adamw_on_request_and_the_same_steps():
-    stub = SimpleNamespace(estimated_stepping_batches=10)
+    stub = SimpleNamespace(estimated_stepping_batches=10, datamodule=None)
     optimizers = {}
     for fused in (None, True):
         mod = module(fused_adamw=fused)
