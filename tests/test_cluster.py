@@ -280,8 +280,8 @@ def test_other_ranks_leave_the_work_directory_to_rank_0(tmp_path, monkeypatch):
     assert start_work_dir(tmp_path / "other", {"a": 1}, overwrite=False) == partial_dir(tmp_path / "other")
     assert list(partial_dir(out).iterdir()) == [] and not partial_dir(tmp_path / "other").exists()
     out.mkdir()
-    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
-        start_work_dir(out, {"a": 1}, overwrite=False)  # the read-only checks still run on every rank
+    with pytest.raises(ArtifactError, match="rank 0 says whether it is this run's"):
+        start_work_dir(out, {"a": 1}, overwrite=False)  # an output in place: rank 0 refuses it (or it just published)
     out.rmdir()
     monkeypatch.setenv("RANK", "0")  # rank 0 still refuses a work directory it cannot match to these settings
     with pytest.raises(ArtifactError, match="unfinished run with different settings"):
