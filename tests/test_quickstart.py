@@ -331,3 +331,22 @@ def test_a_rerun_after_the_domain_text_changed_is_refused_before_any_work(tmp_pa
     (tmp_path / "run" / "quickstart_settings.json").write_text(json.dumps(settings))
     with pytest.raises(Started):
         quickstart(out=tmp_path / "run", domain=str(domain), budget=MICRO)
+
+
+def test_a_shipped_corpus_is_the_same_domain_however_it_is_spelled(tmp_path, monkeypatch):
+    """A run made with the default domain refused `--domain embedded:biomed` (the same corpus) as "domain differ"."""
+    import lightning_memdec.apps.quickstart as quickstart_module
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(quickstart_module, "tokenized_corpora", started)
+    monkeypatch.chdir(tmp_path)  # no folder named biomed here: the name is the shipped corpus
+    for domain in (None, "embedded:biomed", "biomed"):
+        with pytest.raises(Started):
+            quickstart(out=tmp_path / "run", domain=domain, budget=MICRO)
+    with pytest.raises(ArtifactError, match=r"other settings \(domain differ\)"):
+        quickstart(out=tmp_path / "run", domain="law", budget=MICRO)

@@ -128,6 +128,8 @@ def check_same_settings(out: Path, settings: dict) -> None:
     if path.is_file():
         previous = json.loads(path.read_text())
         previous |= {k: settings[k] for k in RECORDED_SINCE if k not in previous}  # not recorded: not compared
+        if "domain" in previous:  # a shipped corpus however it was spelled (none, biomed, embedded:biomed)
+            previous["domain"], settings["domain"] = map(shipped_domain, (previous["domain"], settings["domain"]))
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             edited = [n for n, digest in settings["texts"].items() if previous["texts"].get(n) != digest]
@@ -142,6 +144,15 @@ def check_same_settings(out: Path, settings: dict) -> None:
 
 def done(path: Path) -> bool:
     return (path / META).is_file()
+
+
+def shipped_domain(domain: str | None) -> str | None:
+    """``embedded:<name>`` where ``domain`` names a shipped corpus (as :func:`split_path` reads it), else as given."""
+    try:
+        train = split_path(domain, "train")
+    except FileNotFoundError:
+        return domain
+    return train.removesuffix("/train") if train.startswith(EMBEDDED_PREFIX) else domain
 
 
 def split_path(domain: str | None, split: str) -> str:
