@@ -6,7 +6,8 @@ bases (real GPT-2 tokenizer, tied embeddings, ≥ 4× apart in non-embedding par
 English by the package's own training path (:func:`lightning_memdec.training.fit.fit` with ``beta: 0``). The
 recipes are ``conf/experiments/embedded-base-{small,large}.yaml``; this stage tokenizes the text, trains
 each base, scores general valid/test perplexity and writes it into the exported model's ``meta.json``.
-Every step is skipped when already done, and an interrupted training resumes from its last checkpoint.
+Every step is skipped when already done, and an interrupted training resumes from its last checkpoint (removed once
+the base is recorded).
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ def pretrain_bases(
         if (export / "general_perplexity.json").is_file():
             check_same_recipe(export, config)
         else:
-            last = Path(config["checkpoint"]["dirpath"]) / "last.ckpt"
-            fit(config, ckpt_path=last if last.is_file() else None)
+            checkpoints = Path(config["checkpoint"]["dirpath"])
+            fit(config, ckpt_path="last" if (checkpoints / "last.ckpt").is_file() else None)
             record_base(export, config, corpora)
+            shutil.rmtree(checkpoints)  # they served a resume; the recorded base is the output (as in quickstart)
         trained[size] = export
         if install:
             install_base(export, size)
