@@ -14,7 +14,6 @@ whose held-out general perplexity stays within a tolerance of the base's.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -170,8 +169,7 @@ def train_router(
         trainer.fit(module, train, valid)
     except SIGTERMException:  # Lightning's stop is a SystemExit with no code: exit 0, as if the router were written
         message = "fit-router interrupted (SIGTERM) while training routers; nothing was written: run it again."
-        print(message, file=sys.stderr, flush=True)
-        raise Interrupted(message) from None
+        raise Interrupted.said(message) from None
     info = {
         "domain_weight": domain_weight,
         "epochs": trainer.current_epoch,

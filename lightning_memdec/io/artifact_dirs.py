@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,13 @@ class Interrupted(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+    @classmethod
+    def said(cls, message: str, rank: int = 0, world_size: int = 1) -> Interrupted:
+        """The error, its message printed first (the exit status alone says nothing), naming the rank on several."""
+        message = f"rank {rank}: {message}" if world_size > 1 else message
+        print(message, file=sys.stderr, flush=True)
+        return cls(message)
 
 
 class ArtifactMeta(dict):

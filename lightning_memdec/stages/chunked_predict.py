@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -254,15 +253,12 @@ def agree_to_stop(module: L.LightningModule) -> None:
 
 
 def interrupted(work: Path, num_chunks: int, trainer: L.Trainer) -> Interrupted:
-    """The error a stopped run raises (its message printed too: the exit status alone says nothing)."""
+    """The error a stopped run raises (:meth:`Interrupted.said`: its message printed too)."""
     message = (
         f"interrupted (SIGTERM) with {len(done_chunks(work))} of {num_chunks} chunks done: run the same command "
         f"again to resume (the finished chunks are kept in {work})."
     )
-    if trainer.world_size > 1:
-        message = f"rank {trainer.global_rank}: {message}"
-    print(message, file=sys.stderr, flush=True)
-    return Interrupted(message)
+    return Interrupted.said(message, trainer.global_rank, trainer.world_size)
 
 
 def run_sharded_predict(

@@ -172,7 +172,7 @@ class MemDecCLI(LightningCLI):
 
 
 def training_interrupted(trainer: L.Trainer) -> Interrupted:
-    """The error a training stopped by SIGTERM raises, its message printed too (the exit status alone says nothing)."""
+    """The error a training stopped by SIGTERM raises (:meth:`Interrupted.said`: its message printed too)."""
     checkpoint = trainer.checkpoint_callback
     newest = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
     if getattr(checkpoint, "saved_at_sigterm", False):
@@ -180,10 +180,7 @@ def training_interrupted(trainer: L.Trainer) -> Interrupted:
     else:
         kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was saved"
     message = f"training interrupted (SIGTERM) at step {trainer.global_step}; {kept}: {RESUME}."
-    if trainer.world_size > 1:
-        message = f"rank {trainer.global_rank}: {message}"
-    print(message, file=sys.stderr, flush=True)
-    return Interrupted(message)
+    return Interrupted.said(message, trainer.global_rank, trainer.world_size)
 
 
 def check_monitored_metrics(trainer: L.Trainer, datamodule: MemDecDataModule) -> None:
