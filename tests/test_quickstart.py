@@ -304,17 +304,22 @@ def test_a_training_stage_killed_before_its_export_resumes_from_its_checkpoint(t
     assert calls == ["last"] and not checkpoints.exists()
 
 
-def test_a_rerun_after_the_domain_text_changed_is_refused_before_any_work(tmp_path, monkeypatch):
-    """Every finished stage was reused and the report scored the old text, though --domain's files had changed."""
-    import lightning_memdec.apps.quickstart as quickstart_module
+class Started(Exception):
+    """Raised where quickstart's first stage would start: its settings checks have all run."""
 
-    class Started(Exception):
-        pass
+
+@pytest.fixture
+def stop_at_the_first_stage(monkeypatch):
+    import lightning_memdec.apps.quickstart as quickstart_module
 
     def started(*args, **kwargs):
         raise Started
 
-    monkeypatch.setattr(quickstart_module, "tokenized_corpora", started)  # the first stage: stop there
+    monkeypatch.setattr(quickstart_module, "tokenized_corpora", started)
+
+
+def test_a_rerun_after_the_domain_text_changed_is_refused_before_any_work(tmp_path, stop_at_the_first_stage):
+    """Every finished stage was reused and the report scored the old text, though --domain's files had changed."""
     domain = tmp_path / "domain"
     domain.mkdir()
     for split in ("train", "valid", "test"):
@@ -333,17 +338,8 @@ def test_a_rerun_after_the_domain_text_changed_is_refused_before_any_work(tmp_pa
         quickstart(out=tmp_path / "run", domain=str(domain), budget=MICRO)
 
 
-def test_a_shipped_corpus_is_the_same_domain_however_it_is_spelled(tmp_path, monkeypatch):
+def test_a_shipped_corpus_is_the_same_domain_however_it_is_spelled(tmp_path, monkeypatch, stop_at_the_first_stage):
     """A run made with the default domain refused `--domain embedded:biomed` (the same corpus) as "domain differ"."""
-    import lightning_memdec.apps.quickstart as quickstart_module
-
-    class Started(Exception):
-        pass
-
-    def started(*args, **kwargs):
-        raise Started
-
-    monkeypatch.setattr(quickstart_module, "tokenized_corpora", started)
     monkeypatch.chdir(tmp_path)  # no folder named biomed here: the name is the shipped corpus
     for domain in (None, "embedded:biomed", "biomed"):
         with pytest.raises(Started):
