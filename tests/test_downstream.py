@@ -15,10 +15,11 @@ from conftest import save_tiny
 
 import lightning_memdec.evaluation.downstream as ds
 from lightning_memdec.cli import main
-from lightning_memdec.evaluation.downstream import choose_lambda, dcpmi_scores, downstream
+from lightning_memdec.evaluation.dcpmi import choose_lambda, dcpmi_scores
+from lightning_memdec.evaluation.downstream import downstream
 from lightning_memdec.evaluation.downstream_report import bootstrap_interval
 from lightning_memdec.evaluation.downstream_tasks import TaskError, load_tasks, single_token_verbalizers
-from lightning_memdec.evaluation.settings import Bootstrap, DownstreamMixing, KNNLMRows, Prompts
+from lightning_memdec.evaluation.settings import Bootstrap, DownstreamMixing, GeneralSplit, KNNLMRows, Prompts
 from lightning_memdec.hf.loading import load_causal_lm
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.io.embedded import load_tokenizer
@@ -266,7 +267,6 @@ def test_cli_stage_end_to_end(tmp_path, tiny_gpt2, tiny_decoder):
 def test_tied_class_scores_share_the_credit_whatever_order_the_classes_are_listed_in():
     """p_kNN alone (λ = 1) gives both verbalizers no mass: every score is log(1e-10) − log(1e-10) = 0 exactly. argmax
     gave every tie to the first-listed class, so the λ sweep picked λ = 1 whenever that class was dev's majority."""
-    from lightning_memdec.evaluation.downstream import choose_lambda
     from lightning_memdec.evaluation.downstream_differences import credit
 
     rng = np.random.default_rng(0)
@@ -295,3 +295,85 @@ def test_verbalizers_without_a_leading_space_after_a_prompt_without_one_are_name
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         single_token_verbalizers(spaced, tok)
+
+
+@pytest.fixture(scope="module")
+def verbalizer_store(tmp_path_factory, tiny_gpt2) -> tuple[Path, Path]:
+    """A datastore (and Flat index) whose next tokens are the task's verbalizers after varied reviews, so that p_kNN
+    gives them mass and the temperature changes the scores (the biomedical store gives them none at any T)."""
+    from lightning_memdec.io.token_corpus import tokenize
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.retrieval.settings import IndexSettings
+    from lightning_memdec.stages.datastore import build_datastore
+    from lightning_memdec.stages.settings import Hardware, Windows
+
+    root = tmp_path_factory.mktemp("verbalizer-store")
+    words = [" terrible", " bad", " great", " good"]
+    docs = [f"{t} It was{words[(3 * i + j) % 4]}." for i, t in enumerate(TEXTS) for j in range(4)]
+    (root / "reviews.txt").write_text("\n\n".join(docs) + "\n")
+    corpus = tokenize([str(root / "reviews.txt")], root / "corpus", "gpt2")
+    store = build_datastore(corpus, str(tiny_gpt2), root / "ds", windows=Windows(window=64, stride=32, batch_size=4),
+                            hardware=Hardware(accelerator="cpu"))  # fmt: skip
+    return store, build_index(store, root / "flat", plan=IndexSettings(factory="Flat"))
+
+
+def test_knnlm_temperature_and_lambda_chosen_on_dev_by_hand(tmp_path, tiny_gpt2, verbalizer_store):
+    """kNN-LM's T is tuned on dev as its λ is (the strongest baseline, as `evaluate` tunes it): the (T, λ) with the
+    best dev accuracy, the first on ties, recomputed with KNNLM's own mixture on unpadded prompts; the test scores and
+    the general perplexity are those of the chosen pair."""
+    store, index = verbalizer_store
+    records = [{"id": i, "input": {"text": t}, "label": (i + i // 5) % 2} for i, t in enumerate(TEXTS * 3)]
+    tasks = write_task_folder(tmp_path / "tasks", records=records)
+    general = "The cat sat on the mat.\n\nA second document, a little longer than the first one.\n"
+    (tmp_path / "general.txt").write_text(general)
+    temperatures, lambdas = [0.5, 8.0, 512.0], [0.5, 1.0]  # λ = 0 (the base alone) would tie every T on dev
+    report = downstream(
+        [str(tasks)],
+        [str(tiny_gpt2)],
+        tmp_path / "out",
+        knn=KNNLMRows(datastore=[str(store)], index=[str(index)], k=8),
+        mix=DownstreamMixing(lambda_grid=lambdas, temperature_grid=temperatures),
+        general=GeneralSplit(text=str(tmp_path / "general.txt")),
+        prompts=Prompts(batch_size=4, device="cpu"),
+        bootstrap=Bootstrap(resamples=20),
+    )
+    tok = load_tokenizer("gpt2")
+    classes = [[tok(w)["input_ids"][0] for w in ENTRY["verbalizers"][0][:2]], [tok(" great")["input_ids"][0],
+               tok(" good")["input_ids"][0]]]  # fmt: skip
+    dev = records[::-1]
+
+    def scores(knnlm, rows):
+        def probs(text):
+            return knnlm.log_probs(torch.tensor([tok(text)["input_ids"]]))[0, -1].double().exp()
+
+        p_d = probs(" It was")
+        return np.array([direct_dcpmi(probs(r["input"]["text"] + " It was"), p_d, classes) for r in rows])
+
+    def credit(s, labels):  # 1 right, 1/m among m classes tied at the top
+        top = s == s.max(axis=1, keepdims=True)
+        return top[np.arange(len(labels)), labels] / top.sum(axis=1)
+
+    dev_labels = np.array([r["label"] for r in dev])
+    by_pair = {}
+    for t in temperatures:
+        for lmbda in lambdas:
+            knnlm = KNNLM(str(tiny_gpt2), store, index, k=8, temperature=t, lmbda=lmbda)
+            by_pair[t, lmbda] = credit(scores(knnlm, dev), dev_labels).mean()
+    best_t = {t: max(by_pair[t, lmbda] for lmbda in lambdas) for t in temperatures}
+    assert len(set(best_t.values())) > 1, "every T ties on dev: the choice would not be tested"
+    want_t = next(t for t in temperatures if best_t[t] == max(best_t.values()))
+    want_lmbda = next(lmbda for lmbda in lambdas if by_pair[want_t, lmbda] == best_t[want_t])
+    cell = report["accuracy"]["toy"][f"{tiny_gpt2} + kNN-LM"]
+    assert (cell["knn_temperature"], cell["knn_temperature_from"]) == (want_t, "dev")
+    assert (cell["lmbda"], cell["lmbda_from"]) == (want_lmbda, "dev")
+    assert cell["dev_accuracy_by_knn_temperature"] == pytest.approx({f"{t:g}": best_t[t] for t in temperatures})
+    chosen = KNNLM(str(tiny_gpt2), store, index, k=8, temperature=want_t, lmbda=want_lmbda)
+    want = scores(chosen, records)
+    got = [p["scores"] for p in read_predictions(tmp_path / "out") if p["system"].endswith("kNN-LM")]
+    np.testing.assert_allclose([[g["negative"], g["positive"]] for g in got], want, rtol=1e-4, atol=1e-4)
+    # general perplexity of the chosen mixture: one window holds the text, log p(gold) by the KNNLM itself
+    ids = torch.tensor([t for d in general.strip().split("\n\n") for t in tok(d)["input_ids"] + [tok.eos_token_id]])
+    gold = chosen.gold_log_probs(ids[None, :-1], ids[None, 1:])
+    mixed = torch.logaddexp(gold["base"][0] + math.log(1 - want_lmbda), gold["knn"][0] + math.log(want_lmbda))
+    entry = report["general"]["mixtures"][f"{tiny_gpt2} + kNN-LM"][f"{want_lmbda:g} at T={want_t:g}"]
+    assert entry["ppl"] == pytest.approx(math.exp(-mixed.mean().item()), rel=1e-5)

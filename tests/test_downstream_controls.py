@@ -157,7 +157,9 @@ def synthetic(task: str, system: str, base: str, kind: str, correct, lmbda) -> d
     correct = np.asarray(correct, dtype=bool)
     scores = np.stack([~correct, correct], axis=1).astype(float)  # argmax = 1 exactly where correct
     return {"task": task, "system": system, "base": base, "kind": kind, "lmbda": lmbda, "lmbda_from": "dev",
-            "dev_curve": None, "scores": scores, "labels": np.ones(len(correct), dtype=int)}  # fmt: skip
+            "dev_curve": None, "scores": scores, "labels": np.ones(len(correct), dtype=int), "knn_temperature": None,
+            "knn_temperature_from": None, "knn_temperature_at_edge": False,
+            "dev_accuracy_by_temperature": None}  # fmt: skip
 
 
 def test_edge_flags_mean_over_tasks_and_headline_by_hand():

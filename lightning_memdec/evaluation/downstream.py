@@ -1,33 +1,23 @@
 """``memdec downstream``: zero-shot classification with kNN-Prompt's domain-conditional PMI (Shi et al., 2022).
 
 Each base LM is scored alone, + Memory Decoder and, with a datastore of that base, + kNN-LM (the paper's Table 2).
-For a prompt ``x = template.format(**input)`` and the task's domain premise ``d``, the model's next-token
-distribution after each is the mixture ``P_λ(v | s) = λ·p_other(v | s) + (1 − λ)·p_base(v | s)``
-(:func:`lightning_memdec.kernels.scoring.mix_log_probs`), and, as kNN-Prompt's ``score.py`` does (README of the shared
-task folder, "Scoring: DCPMI as kNN-Prompt's score.py computes it"):
-
-    pmi(v)   = log(P_λ(v | x) + 1e-10) − log(P_λ(v | d) + 1e-10)
-    score(c) = Σ_{v ∈ V_c} pmi(v)        (a sum of log-ratios over the class's single-token verbalizers)
-    pred     = argmax_c score(c)      (classes tied at the top share the credit: accuracy does not depend on
-                                       the order a task lists its classes in)
-
-Only the verbalizer tokens' log-probabilities are kept per prompt (``[N, K]``), so every λ of a sweep is array
-arithmetic, and the decoder's arrays are shared by every base (they share its tokenizer).
+A prompt's class scores are kNN-Prompt's domain-conditional PMI (:mod:`evaluation.dcpmi`) under the mixture
+``P_λ = λ·p_other + (1 − λ)·p_base`` after the prompt and after the task's domain premise; the prediction is the
+argmax (classes tied at the top share the credit: accuracy does not depend on the order a task lists its classes in).
+Every mixture's λ, and kNN-LM's temperature, is chosen on the task's dev split; the decoder's arrays are shared by
+every base (they share its tokenizer).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
+from lightning_memdec.evaluation.dcpmi import PromptScorer, choose_lambda, dcpmi_scores, knn_side, lm_side
 from lightning_memdec.evaluation.downstream_checks import check_downstream_inputs
-from lightning_memdec.evaluation.downstream_differences import credit
-from lightning_memdec.evaluation.downstream_general import GeneralText
+from lightning_memdec.evaluation.downstream_general import GeneralText, knn_model_name
 from lightning_memdec.evaluation.downstream_report import (
     REPORT_FILES,
     accuracy_summary,
@@ -35,17 +25,9 @@ from lightning_memdec.evaluation.downstream_report import (
     write_predictions,
 )
 from lightning_memdec.evaluation.downstream_tasks import Task, knn_prompt_sample, load_tasks, single_token_verbalizers
+from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_key
 from lightning_memdec.evaluation.settings import Bootstrap, DownstreamMixing, GeneralSplit, KNNLMRows, Prompts
-from lightning_memdec.hf.left_padding import left_padded_batches
-from lightning_memdec.hf.loading import (
-    context_length,
-    find_tokenizer,
-    forward_params,
-    load_causal_lm,
-    model_config,
-    position_ids_from_mask,
-    torch_device,
-)
+from lightning_memdec.hf.loading import context_length, find_tokenizer, load_causal_lm, model_config, torch_device
 from lightning_memdec.inference.interpolated_lm import mixture_vocab
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.io.artifact_dirs import keep_earlier_report
@@ -54,132 +36,30 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 from lightning_memdec.kernels.scoring import (
     DEFAULT_LAMBDA_GRID,
+    DEFAULT_TEMPERATURE_GRID,
     check_lambda_grid,
     check_lmbda,
-    mix_log_probs,
-    vocab_log_probs,
+    lambda_at_edge,
 )
 
-__all__ = [
-    "downstream",
-    "next_token_log_probs",
-    "dcpmi_scores",
-    "choose_lambda",
-    "PromptScorer",
-    "general_text",
-    "general_summary",
-]
+__all__ = ["downstream", "general_text", "general_summary"]
 
-PMI_EPS = 1e-10  # score.py's log(p + 1e-10)
 SYSTEM_SUFFIX = {None: "", "memdec": " + MemDec", "knn": " + kNN-LM", "ce_only": " + CE-only"}
-
-
-# -- the maths ---------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def next_token_log_probs(model, vocab: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(next token | row) ``[B, vocab]`` float32 after the last position of left-padded rows.
-
-    Positions count real tokens only (GPT-2 would shift a left-padded row otherwise); the head is sliced to
-    ``vocab`` before normalising (:func:`~lightning_memdec.kernels.scoring.vocab_log_probs`), as everywhere.
-    """
-    inputs = {
-        "input_ids": input_ids.to(model.device),
-        "attention_mask": attention_mask.to(model.device),
-        "position_ids": position_ids_from_mask(attention_mask, input_ids.shape[1]).to(model.device),
-        "use_cache": False,
-    }
-    if "logits_to_keep" in forward_params(model):
-        inputs["logits_to_keep"] = 1
-    return vocab_log_probs(model(**inputs, return_dict=True).logits[:, -1], vocab)
-
-
-def dcpmi_scores(
-    base_x: np.ndarray, base_d: np.ndarray, class_columns: list[list[int]], other_x=None, other_d=None, lmbda=0.0
-) -> np.ndarray:
-    """Class scores ``[N, C]``: Σ over each class's verbalizers of log(P_λ(v|x) + 1e-10) − log(P_λ(v|d) + 1e-10).
-
-    ``base_x`` ``[N, K]`` and ``base_d`` ``[K]`` are log-probs of the K verbalizer tokens after the prompts and
-    after the domain premise; ``other_*`` the same for the decoder / p_kNN, mixed at ``lmbda`` (none: base alone).
-    ``class_columns[c]`` are the columns of class c's verbalizers.
-    """
-    x, d = torch.as_tensor(base_x, dtype=torch.float64), torch.as_tensor(base_d, dtype=torch.float64)
-    if other_x is not None:
-        x = mix_log_probs(x, torch.as_tensor(other_x, dtype=torch.float64), lmbda)
-        d = mix_log_probs(d, torch.as_tensor(other_d, dtype=torch.float64), lmbda)
-    eps = torch.tensor(math.log(PMI_EPS), dtype=torch.float64)
-    pmi = (torch.logaddexp(x, eps) - torch.logaddexp(d, eps)[None, :]).numpy()
-    return np.stack([pmi[:, cols].sum(axis=1) for cols in class_columns], axis=1)
-
-
-def choose_lambda(dev: dict, class_columns, labels: np.ndarray, grid) -> tuple[float, list[float]]:
-    """The λ of ``grid`` with the best dev accuracy (the first on ties) and the accuracy at every λ (tied class
-    scores split the credit: :func:`~lightning_memdec.evaluation.downstream_differences.credit`)."""
-    accs = []
-    for lmbda in grid:
-        scores = dcpmi_scores(dev["base_x"], dev["base_d"], class_columns, dev["other_x"], dev["other_d"], lmbda)
-        accs.append(float(credit(scores, labels).mean()))
-    return grid[int(np.argmax(accs))], accs
-
-
-# -- running models on prompts -----------------------------------------------------------------------------------------
-
-
-class PromptScorer:
-    """Tokenizes prompts (no special tokens, the last ``max_length`` tokens kept) and runs left-padded batches."""
-
-    def __init__(self, tokenizer, max_length: int, batch_size: int):
-        if max_length <= 0 or batch_size <= 0:
-            raise ValueError(f"max_length and batch_size must be positive, got {max_length}, {batch_size}.")
-        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = 0 if pad is None else int(pad)
-
-    def encode(self, prompts: list[str]) -> list[list[int]]:
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        empty = [i for i, row in enumerate(ids) if not row]
-        if empty:
-            raise ValueError(f"prompt {prompts[empty[0]]!r} has no tokens; a next-token score needs a context.")
-        return [row[-self.max_length :] for row in ids]
-
-    def run(self, prompts: list[str], sides, token_ids: list[int], desc: str) -> dict[str, np.ndarray]:
-        """``sides(input_ids, mask) -> {name: log-probs [B, V]}``; returns ``{name: [N, K]}`` at ``token_ids``."""
-        encoded = self.encode(prompts)
-        cols = torch.as_tensor(token_ids, dtype=torch.long)
-        out: dict[str, np.ndarray] = {}
-        batches = left_padded_batches(encoded, self.batch_size, self.pad_id)
-        total = math.ceil(len(encoded) / self.batch_size)
-        for rows, ids, mask in tqdm(batches, desc=desc, total=total, unit="batch", leave=False):
-            for name, lp in sides(ids, mask).items():
-                arr = out.setdefault(name, np.zeros((len(encoded), len(token_ids))))
-                arr[rows] = lp[:, cols.to(lp.device)].double().cpu().numpy()
-        return out
-
-
-def _lm_side(model, vocab: int, name: str):
-    return lambda ids, mask: {name: next_token_log_probs(model, vocab, ids, mask)}
-
-
-def _knn_side(knnlm: KNNLM):
-    """Base log-probs and p_kNN after the last position, from one base pass (retrieval at that position only)."""
-
-    def sides(ids, mask):
-        logits, keys = knnlm.base_forward(ids, mask)
-        return {"base": vocab_log_probs(logits[:, -1], knnlm.vocab), "knn": knnlm.knn_log_probs(keys[:, -1])}
-
-    return sides
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------------
 
 
 class _Run:
-    """What one ``downstream`` call scores with: tasks, verbalizer ids per base, λ settings, the decoders (MemDec and
-    the CE-only control, shared by the bases of their tokenizer) and, optionally, the general text to score."""
+    """What one ``downstream`` call scores with: tasks, verbalizer ids per base, λ settings, kNN-LM's temperatures
+    (tried on dev; ``given`` without one), the decoders (MemDec and the CE-only control, shared by the bases of their
+    tokenizer) and, optionally, the general text to score."""
 
-    def __init__(self, tasks, verbalizer_ids, lambdas, grid, decoders: dict, scorer_args: tuple, general=None):
+    def __init__(self, tasks, verbalizer_ids, lambdas, grid, temperatures: dict, decoders: dict, scorer_args: tuple,
+                 general=None):  # fmt: skip
         self.tasks, self.verbalizer_ids, self.lambdas, self.grid = tasks, verbalizer_ids, lambdas, grid
+        self.temperature_grid, self.given_temperature = temperatures["grid"], temperatures["given"]
+        self.scored_temperatures = list(dict.fromkeys([*self.temperature_grid, self.given_temperature]))
         self.decoders = {kind: model for kind, model in decoders.items() if model is not None}
         self.max_length, self.batch_size = scorer_args
         self.general: GeneralText | None = general
@@ -208,7 +88,7 @@ class _Run:
         limits = [self.max_length, context_length(model)] + [context_length(d) for d in decoders]
         scorer = PromptScorer(tok, min(x for x in limits if x), self.batch_size)
         fingerprint = tokenizer_info(tok, "base")["fingerprint"]
-        base_side = _knn_side(knnlm) if knnlm is not None else _lm_side(model, vocab, "base")
+        base_side = knn_side(knnlm, self.scored_temperatures) if knnlm is not None else lm_side(model, vocab, "base")
         self._score_general(name, model, vocab, knnlm)
         has_knn = knnlm is not None
         for task in self.tasks:
@@ -217,7 +97,11 @@ class _Run:
             column = {t: j for j, t in enumerate(token_ids)}
             columns = [[column[t] for t in cls] for cls in ids]
             kinds = [None] + [k for k in ("memdec", "knn", "ce_only") if k in self.decoders or k == "knn" and has_knn]
-            tune = any(self.fixed_lambda(task, k)[0] is None for k in [*kinds[1:], "memdec"]) and "dev" in task.splits
+            tune = "dev" in task.splits and (
+                any(self.fixed_lambda(task, k)[0] is None for k in [*kinds[1:], "memdec"])
+                or has_knn
+                and len(self.temperature_grid) > 1
+            )
             arrays = {}
             for split in ["test"] + (["dev"] if tune else []):
                 prompts = [task.prompt(r) for r in task.splits[split]] + [task.domain_premise]
@@ -225,7 +109,7 @@ class _Run:
                 for kind, decoder in self.decoders.items():
                     key = (kind, fingerprint, scorer.max_length, task.name, split)
                     if key not in self.decoded:
-                        side = _lm_side(decoder, vocab, kind)
+                        side = lm_side(decoder, vocab, kind)
                         self.decoded[key] = scorer.run(prompts, side, token_ids, f"{kind} {task.name} {split}")[kind]
                     arrays[split][kind] = self.decoded[key]
             base_arrays = {split: {"base": a["base"]} for split, a in arrays.items()}
@@ -238,7 +122,7 @@ class _Run:
         if self.general is None:
             return
         if knnlm is not None:
-            self.general.score_knn(name, f"kNN-LM of {name}", knnlm)
+            self.general.score_knn(name, knnlm, self.scored_temperatures)
         else:
             self.general.score(name, model, vocab)
         for kind, decoder in self.decoders.items():
@@ -259,33 +143,63 @@ class _Run:
                               for split, a in mine["arrays"].items()}  # fmt: skip
                     self.results.append(self._system(name, task, other, arrays, mine["columns"]))
 
+    def _knn_temperature(self, task: Task, arrays: dict, columns) -> dict[str, Any]:
+        """kNN-LM's T for a task: on dev, the grid's T whose best λ (or the fixed λ) has the best dev accuracy (the
+        first on ties), as λ itself is chosen; without a dev split (or with one T), the one given."""
+        if "dev" not in arrays or len(self.temperature_grid) == 1:
+            t = self.given_temperature if "dev" not in arrays else self.temperature_grid[0]
+            return {"temperature": t, "from": "given", "dev_accuracy": None}
+        lmbda = self.fixed_lambda(task, "knn")[0]
+        labels = np.array([r["label"] for r in task.splits["dev"]])
+        accuracy = {}
+        for t in self.temperature_grid:
+            view = _view(arrays["dev"], knn_key(t))
+            grid = self.grid if lmbda is None else [lmbda]
+            accuracy[t] = max(choose_lambda(view, columns, labels, grid)[1])
+        best = max(accuracy.values())
+        chosen = next(t for t, acc in accuracy.items() if acc == best)
+        return {"temperature": chosen, "from": "dev", "dev_accuracy": {f"{t:g}": a for t, a in accuracy.items()}}
+
     def _system(self, base_name: str, task: Task, kind, arrays: dict, columns) -> dict[str, Any]:
-        """One (task, system): its λ (given by flag, tuned on dev, or the fallback) and its test scores. ``kind`` is
-        None (the base alone), memdec, knn, ce_only or another base's name."""
-
-        def view(split):  # the last row of every array is the domain premise
-            a = arrays[split]
-            other = a[kind] if kind else None
-            x = {"base_x": a["base"][:-1], "base_d": a["base"][-1], "other_x": None, "other_d": None}
-            return x if other is None else {**x, "other_x": other[:-1], "other_d": other[-1]}
-
+        """One (task, system): its λ (given by flag, tuned on dev, or the fallback), kNN-LM's T, and its test scores.
+        ``kind`` is None (the base alone), memdec, knn, ce_only or another base's name."""
+        other_key, knn_t = kind, {"temperature": None, "from": None, "dev_accuracy": None}
+        if kind == "knn":
+            knn_t = self._knn_temperature(task, arrays, columns)
+            other_key = knn_key(knn_t["temperature"])
         lmbda, source, curve = 0.0, "", None
         if kind is not None:
             lmbda, source = self.fixed_lambda(task, kind)
             if lmbda is None and "dev" in arrays:
                 dev_labels = np.array([r["label"] for r in task.splits["dev"]])
-                lmbda, curve = choose_lambda(view("dev"), columns, dev_labels, self.grid)
+                lmbda, curve = choose_lambda(_view(arrays["dev"], other_key), columns, dev_labels, self.grid)
                 source = "dev"
             elif lmbda is None:
                 lmbda, source = self.lambdas["fallback"], "fallback (no dev split)"
         suffix = SYSTEM_SUFFIX.get(kind, f" + {kind}")
-        other = {None: None, "knn": f"kNN-LM of {base_name}"}.get(kind, suffix.removeprefix(" + "))
-        scores = dcpmi_scores(**view("test"), class_columns=columns, lmbda=lmbda)
+        other = suffix.removeprefix(" + ") if kind else None
+        if kind == "knn":
+            other = knn_model_name(base_name, knn_t["temperature"])
+        scores = dcpmi_scores(**_view(arrays["test"], other_key), class_columns=columns, lmbda=lmbda)
         kind_name = "base" if kind is None else kind if kind in SYSTEM_SUFFIX else "other base"
         return {"task": task.name, "system": base_name + suffix, "base": base_name, "kind": kind_name,
                 "other": other, "lmbda": lmbda if kind else None, "lmbda_from": source or None, "dev_curve": curve,
+                "knn_temperature": knn_t["temperature"], "knn_temperature_from": knn_t["from"],
+                "knn_temperature_at_edge": knn_t["from"] == "dev"
+                and lambda_at_edge(knn_t["temperature"], self.temperature_grid),
+                "dev_accuracy_by_temperature": knn_t["dev_accuracy"],
                 "scores": scores, "labels": np.array([r["label"] for r in task.splits["test"]]),
                 "ids": [r["id"] for r in task.splits["test"]], "class_names": task.labels}  # fmt: skip
+
+
+def _view(arrays: dict, other_key: str | None) -> dict:
+    """:func:`dcpmi_scores`' arguments from one split's arrays ``{name: [N + 1, K]}``, mixing the base with
+    ``arrays[other_key]`` (None: the base alone); the last row of every array is the domain premise."""
+    x = {"base_x": arrays["base"][:-1], "base_d": arrays["base"][-1], "other_x": None, "other_d": None}
+    if other_key is None:
+        return x
+    other = arrays[other_key]
+    return {**x, "other_x": other[:-1], "other_d": other[-1]}
 
 
 def _tokenizer_for(ref: str, tokenizer: str | None):
@@ -326,7 +240,8 @@ def downstream(
         ce_only: the decoder trained with CE only (the paper's ablation), a control of MemDec (needs memdec).
         knn: "+ kNN-LM" systems: datastores, one per base in the order of bases, with their indexes; the search.
         mix: the decoder's λ for every task (else a task's own: mix.task_lmbda, its YAML `lmbda`; else chosen on its
-            dev split over mix.lambda_grid; else mix.fallback_lmbda), and kNN-LM's.
+            dev split over mix.lambda_grid; else mix.fallback_lmbda), and kNN-LM's, whose temperature is chosen on
+            dev too (mix.temperature_grid; --knn.temperature without a dev split).
         prompts: the tasks and examples scored, and how prompts are cut, batched, tokenized and run.
         general: a general text on which the perplexity of every model and mixture used is reported.
         bootstrap: the 95% bootstrap intervals' resamples and seed.
@@ -360,7 +275,12 @@ def downstream(
     dev = torch_device(prompts.device)
     decoders = {name: load_causal_lm(ref).to(dev).eval() for name, ref in (("memdec", memdec), ("ce_only", ce_only))
                 if ref is not None}  # fmt: skip
-    run = _Run(task_list, verbalizer_ids, lambdas, grid, decoders, (max_length, batch_size), general_split)
+    temperatures = {
+        "grid": check_temperatures(DEFAULT_TEMPERATURE_GRID if mix.temperature_grid is None else mix.temperature_grid),
+        "given": knn.temperature,
+    }
+    scorer_args = (max_length, batch_size)
+    run = _Run(task_list, verbalizer_ids, lambdas, grid, temperatures, decoders, scorer_args, general_split)
     knn_args = {
         "k": knn.k,
         "temperature": knn.temperature,
@@ -389,6 +309,8 @@ def downstream(
         "controls": sorted({r["system"] for r in run.results if r["kind"] in ("ce_only", "other base")}),
         "scoring": "DCPMI: sum over single-token verbalizers of log(P(v|x)+1e-10) - log(P(v|domain)+1e-10)",
         "lambda_grid": grid, "n_sample": prompts.n_sample, "max_length": max_length,
+        "knn_temperature_grid": temperatures["grid"] if datastore else None,
+        "knn_temperature": knn.temperature if datastore else None,
         **accuracy_summary(run.results, bootstrap.resamples, bootstrap.seed, grid),
         "general": general_figures,
     }  # fmt: skip
@@ -414,5 +336,6 @@ def general_summary(general: GeneralText, results: list[dict], decoders: dict, r
     """Every model alone (bases, decoders) and every mixture at each λ its tasks used, on the general text."""
     alone = list(dict.fromkeys(r["base"] for r in results))
     alone += [SYSTEM_SUFFIX[kind].removeprefix(" + ") for kind in decoders]
-    mixtures = {(r["system"], r["base"], r["other"], r["lmbda"]) for r in results if r["kind"] != "base"}
-    return general.summary(alone, sorted(mixtures, key=lambda m: (m[0], m[3])), resamples, seed)
+    mixtures = {(r["system"], r["base"], r["other"], r["lmbda"], r["knn_temperature"])
+                for r in results if r["kind"] != "base"}  # fmt: skip
+    return general.summary(alone, sorted(mixtures, key=lambda m: (m[0], m[3], m[4] or 0)), resamples, seed)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from lightning_memdec.evaluation.downstream_differences import headline, paired_differences, task_draws
+from lightning_memdec.evaluation.downstream_general import mixture_label
 from lightning_memdec.evaluation.intervals import bootstrap_means, interval
 from lightning_memdec.io.artifact_dirs import write_json_atomic
 from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, lambda_at_edge
@@ -45,6 +46,10 @@ def accuracy_summary(results: list[dict], n_resamples: int = 1000, seed: int = 0
             "lmbda_from": r["lmbda_from"],
             "lmbda_at_edge": r["lmbda"] is not None and lambda_at_edge(r["lmbda"], grid),
             "dev_accuracy_by_lambda": r["dev_curve"],
+            "knn_temperature": r["knn_temperature"],
+            "knn_temperature_from": r["knn_temperature_from"],
+            "knn_temperature_at_edge": r["knn_temperature_at_edge"],
+            "dev_accuracy_by_knn_temperature": r["dev_accuracy_by_temperature"],
         }
     systems = list(dict.fromkeys(r["system"] for r in results))
     mean, mean_ci = {}, {}
@@ -87,10 +92,20 @@ def _difference_cell(c: dict | None) -> str:
     return (f"**{text}**" if c["outside"] else text) + (" ⚠" if c["lmbda_at_edge"] else "")
 
 
-def _general_ppl(report: dict, system: str, lmbda) -> str:
+def _general_ppl(report: dict, system: str, cell: dict) -> str:
     general = report.get("general")
-    entry = ((general or {}).get("mixtures", {}).get(system) or {}).get(f"{lmbda:g}")
+    label = mixture_label(cell["lmbda"], cell["knn_temperature"])
+    entry = ((general or {}).get("mixtures", {}).get(system) or {}).get(label)
     return "" if entry is None else f"; general ppl {entry['ppl']:.2f}"
+
+
+def _lambda_cell(report: dict, system: str, cell: dict) -> str:
+    """λ (where it came from), a kNN-LM's T (where it came from), each flagged at a grid edge, the general ppl."""
+    text = f"{cell['lmbda']:g} ({cell['lmbda_from']}){EDGE if cell['lmbda_at_edge'] else ''}"
+    if cell["knn_temperature"] is not None:
+        edge = EDGE if cell["knn_temperature_at_edge"] else ""
+        text += f", T={cell['knn_temperature']:g} ({cell['knn_temperature_from']}){edge}"
+    return text + _general_ppl(report, system, cell)
 
 
 def _accuracy_lines(report: dict) -> list[str]:
@@ -126,16 +141,10 @@ def _lambda_lines(report: dict) -> list[str]:
     if not mixed:
         return []
     where = " and that mixture's general perplexity" if report.get("general") else ""
-    lines = [f"λ per task (where it came from){where}:", "", "| task | " + " | ".join(mixed) + " |"]
+    lines = [f"λ (and kNN-LM's T) per task, where each came from{where}:", "", "| task | " + " | ".join(mixed) + " |"]
     lines.append("|---|" + "---|" * len(mixed))
     for task, cells in acc.items():
-        row = [
-            f"{cells[s]['lmbda']:g} ({cells[s]['lmbda_from']}){EDGE if cells[s]['lmbda_at_edge'] else ''}"
-            f"{_general_ppl(report, s, cells[s]['lmbda'])}"
-            if s in cells
-            else "—"
-            for s in mixed
-        ]
+        row = [_lambda_cell(report, s, cells[s]) if s in cells else "—" for s in mixed]
         lines.append(f"| {task} | " + " | ".join(row) + " |")
     return lines
 
@@ -148,15 +157,22 @@ def _general_lines(general: dict | None) -> list[str]:
         f"sliding windows of {general['window']}, stride {general['stride']}) with 95 % bootstrap intervals over "
         "documents; each mixture at every λ its tasks used:",
         "",
-        "| model or mixture | λ | general ppl [95 % interval] |",
+        "| model or mixture | λ (a kNN-LM's: at T) | general ppl [95 % interval] |",
         "|---|---|---|",
     ]
     for name, e in general["models"].items():
         lines.append(f"| {name} | | {e['ppl']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] |")
-    for system, by_lambda in general["mixtures"].items():
-        for lmbda, e in by_lambda.items():
-            lines.append(f"| {system} | {lmbda} | {e['ppl']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] |")
+    for system, by_label in general["mixtures"].items():
+        for label, e in by_label.items():
+            lines.append(f"| {system} | {label} | {e['ppl']:.2f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] |")
     return lines
+
+
+def _temperature_note(report: dict) -> str:
+    if not report.get("knn_temperature_grid"):
+        return ""
+    return (f"; kNN-LM's T with it over {report['knn_temperature_grid']} "
+            f"({report['knn_temperature']:g} for a task without dev)")  # fmt: skip
 
 
 REPORT_FILES = ("report.md", "report.json", "accuracy.png", "predictions.jsonl")  # what a downstream run writes
@@ -175,7 +191,8 @@ def write_downstream_report(report: dict[str, Any], out: Path) -> None:
         f"controls (each with its own λ, chosen as MemDec's): {controls}",
         f"- score: {report['scoring']}; {report['verbalizers']} verbalizers",
         f"- accuracy in % with a 95% bootstrap interval ({report['bootstrap']['resamples']} resamples, "
-        f"seed {report['bootstrap']['seed']} + the task's position); λ chosen on dev over {report['lambda_grid']}",
+        f"seed {report['bootstrap']['seed']} + the task's position); λ chosen on dev over {report['lambda_grid']}"
+        + _temperature_note(report),
         "",
         f"**Headline.** {report['headline']}",
         "",

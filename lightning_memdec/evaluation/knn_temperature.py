@@ -1,4 +1,5 @@
-"""The kNN-LM temperature of ``memdec evaluate``, chosen on valid as the quickstart chooses it.
+"""The kNN-LM temperature of ``memdec evaluate``, chosen on valid as the quickstart chooses it (``memdec downstream``
+chooses it on a task's dev split with the same scorer names).
 
 One base pass and one neighbour search per batch give log p_kNN(gold) at every candidate temperature (only the
 softmax over the same distances changes), so trying a grid of temperatures costs no extra model call or search.

@@ -100,12 +100,18 @@ class DownstreamMixing(Mixing):
     """the decoder's λ per task name, e.g. '{"sst2": 0.2}' (before a task file's own lmbda)"""
     fallback_lmbda: float = 0.3
     """λ for a task without a dev split when none is given (kNN-Prompt's fixed 0.3)"""
+    temperature_grid: list[float] | None = None
+    """kNN-LM's temperatures tried on a task's dev split, each with its best λ (or knn_lmbda): the best dev accuracy
+    wins, as λ is chosen (default: kernels.scoring.DEFAULT_TEMPERATURE_GRID, 1 … 64; one value fixes T); a task
+    without a dev split uses --knn.temperature"""
 
     def __post_init__(self):
         super().__post_init__()
         for name, value in (self.task_lmbda or {}).items():
             _checked(f"--mix.task_lmbda[{name}]", check_lmbda, value)
         _checked("--mix.fallback_lmbda", check_lmbda, self.fallback_lmbda)
+        if self.temperature_grid is not None:
+            _checked("--mix.temperature_grid", check_temperatures, self.temperature_grid)
 
 
 @dataclass(frozen=True)

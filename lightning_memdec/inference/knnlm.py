@@ -294,11 +294,18 @@ class KNNLM(torch.nn.Module):
     def knn_log_probs(self, keys: torch.Tensor) -> torch.Tensor:
         """Dense log p_kNN ``[n, V]`` float32 (−inf off the neighbours' tokens), built on the keys' device: on a GPU
         the ``[n, V]`` row is never made on the host and copied (weights in float64, as on the host)."""
+        return self.knn_log_probs_at(keys, [self.temperature])[0]
+
+    def knn_log_probs_at(self, keys: torch.Tensor, temperatures) -> list[torch.Tensor]:
+        """:meth:`knn_log_probs` at each of ``temperatures`` from one search: only the softmax over the same
+        distances changes, so choosing T on a dev split costs no extra search."""
         dist, tokens = self.device_neighbours(keys, keys.device)
-        weights = torch.softmax(knn_scores(dist.double(), self.temperature), dim=-1)  # [n, k]
-        probs = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.float32, device=keys.device)
-        probs.scatter_add_(1, tokens, weights.float())
-        return probs.log_()
+        out = []
+        for t in temperatures:
+            weights = torch.softmax(knn_scores(dist.double(), float(t)), dim=-1)  # [n, k]
+            probs = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.float32, device=keys.device)
+            out.append(probs.scatter_add_(1, tokens, weights.float()).log_())
+        return out
 
     # -- the mixture -----------------------------------------------------------------------------------------------
 
