@@ -367,6 +367,8 @@ def test_knnlm_temperature_and_lambda_chosen_on_dev_by_hand(tmp_path, tiny_gpt2,
     assert (cell["knn_temperature"], cell["knn_temperature_from"]) == (want_t, "dev")
     assert (cell["lmbda"], cell["lmbda_from"]) == (want_lmbda, "dev")
     assert cell["dev_accuracy_by_knn_temperature"] == pytest.approx({f"{t:g}": best_t[t] for t in temperatures})
+    assert cell["knn_temperature_at_edge"] is (want_t in (temperatures[0], temperatures[-1]) and
+                                               list(best_t.values()).count(best_t[want_t]) == 1)  # fmt: skip
     chosen = KNNLM(str(tiny_gpt2), store, index, k=8, temperature=want_t, lmbda=want_lmbda)
     want = scores(chosen, records)
     got = [p["scores"] for p in read_predictions(tmp_path / "out") if p["system"].endswith("kNN-LM")]
@@ -377,3 +379,26 @@ def test_knnlm_temperature_and_lambda_chosen_on_dev_by_hand(tmp_path, tiny_gpt2,
     mixed = torch.logaddexp(gold["base"][0] + math.log(1 - want_lmbda), gold["knn"][0] + math.log(want_lmbda))
     entry = report["general"]["mixtures"][f"{tiny_gpt2} + kNN-LM"][f"{want_lmbda:g} at T={want_t:g}"]
     assert entry["ppl"] == pytest.approx(math.exp(-mixed.mean().item()), rel=1e-5)
+
+
+@pytest.mark.parametrize("temperatures", [[0.5, 8.0], [8.0, 512.0]])
+def test_knnlm_temperature_at_an_end_of_its_grid_is_flagged_unless_another_ties(
+    tmp_path, tiny_gpt2, verbalizer_store, temperatures
+):
+    """On this dev split T = 8 and T = 512 tie (best λ), T = 0.5 is worse (the test above): T = 8 at the end of
+    [0.5, 8] may hide a better T beyond it (flagged); at the start of [8, 512], tied with 512, it says nothing."""
+    store, index = verbalizer_store
+    records = [{"id": i, "input": {"text": t}, "label": (i + i // 5) % 2} for i, t in enumerate(TEXTS * 3)]
+    report = downstream(
+        [str(write_task_folder(tmp_path / "tasks", records=records))],
+        [str(tiny_gpt2)],
+        tmp_path / "out",
+        knn=KNNLMRows(datastore=[str(store)], index=[str(index)], k=8),
+        mix=DownstreamMixing(lambda_grid=[0.5, 1.0], temperature_grid=temperatures),
+        prompts=Prompts(batch_size=8, device="cpu"),
+        bootstrap=Bootstrap(resamples=10),
+    )
+    cell = report["accuracy"]["toy"][f"{tiny_gpt2} + kNN-LM"]
+    assert cell["knn_temperature"] == 8.0
+    assert cell["knn_temperature_at_edge"] is (temperatures == [0.5, 8.0])
+    assert ("T=8 (dev) ⚠ at grid edge" in (tmp_path / "out" / "report.md").read_text()) is (temperatures == [0.5, 8.0])

@@ -145,10 +145,11 @@ class _Run:
 
     def _knn_temperature(self, task: Task, arrays: dict, columns) -> dict[str, Any]:
         """kNN-LM's T for a task: on dev, the grid's T whose best λ (or the fixed λ) has the best dev accuracy (the
-        first on ties), as λ itself is chosen; without a dev split (or with one T), the one given."""
+        first on ties), as λ itself is chosen; without a dev split (or with one T), the one given. ``at_edge``: an end
+        of the grid that no other T equals (the best T may lie beyond; a tie, e.g. at λ = 0, says nothing of T)."""
         if "dev" not in arrays or len(self.temperature_grid) == 1:
             t = self.given_temperature if "dev" not in arrays else self.temperature_grid[0]
-            return {"temperature": t, "from": "given", "dev_accuracy": None}
+            return {"temperature": t, "from": "given", "dev_accuracy": None, "at_edge": False}
         lmbda = self.fixed_lambda(task, "knn")[0]
         labels = np.array([r["label"] for r in task.splits["dev"]])
         accuracy = {}
@@ -158,12 +159,14 @@ class _Run:
             accuracy[t] = max(choose_lambda(view, columns, labels, grid)[1])
         best = max(accuracy.values())
         chosen = next(t for t, acc in accuracy.items() if acc == best)
-        return {"temperature": chosen, "from": "dev", "dev_accuracy": {f"{t:g}": a for t, a in accuracy.items()}}
+        at_edge = lambda_at_edge(chosen, self.temperature_grid) and list(accuracy.values()).count(best) == 1
+        return {"temperature": chosen, "from": "dev", "dev_accuracy": {f"{t:g}": a for t, a in accuracy.items()},
+                "at_edge": at_edge}  # fmt: skip
 
     def _system(self, base_name: str, task: Task, kind, arrays: dict, columns) -> dict[str, Any]:
         """One (task, system): its λ (given by flag, tuned on dev, or the fallback), kNN-LM's T, and its test scores.
         ``kind`` is None (the base alone), memdec, knn, ce_only or another base's name."""
-        other_key, knn_t = kind, {"temperature": None, "from": None, "dev_accuracy": None}
+        other_key, knn_t = kind, {"temperature": None, "from": None, "dev_accuracy": None, "at_edge": False}
         if kind == "knn":
             knn_t = self._knn_temperature(task, arrays, columns)
             other_key = knn_key(knn_t["temperature"])
@@ -185,8 +188,7 @@ class _Run:
         return {"task": task.name, "system": base_name + suffix, "base": base_name, "kind": kind_name,
                 "other": other, "lmbda": lmbda if kind else None, "lmbda_from": source or None, "dev_curve": curve,
                 "knn_temperature": knn_t["temperature"], "knn_temperature_from": knn_t["from"],
-                "knn_temperature_at_edge": knn_t["from"] == "dev"
-                and lambda_at_edge(knn_t["temperature"], self.temperature_grid),
+                "knn_temperature_at_edge": knn_t["at_edge"],
                 "dev_accuracy_by_temperature": knn_t["dev_accuracy"],
                 "scores": scores, "labels": np.array([r["label"] for r in task.splits["test"]]),
                 "ids": [r["id"] for r in task.splits["test"]], "class_names": task.labels}  # fmt: skip
