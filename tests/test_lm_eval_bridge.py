@@ -104,6 +104,22 @@ def test_rolling_and_generation(pair):
     assert isinstance(gen, str)
 
 
+def test_rolling_texts_shorter_than_the_context_are_one_window(pair):
+    """A text shorter than max_length raised `need 0 < stride <= window` (the window shrank to the text, the stride
+    stayed max_length): most documents of a task are shorter than 512 or 1,024 tokens. Empty text scores 0."""
+    base_dir, dec_dir = pair
+    lm = MemDecLM(str(base_dir), str(dec_dir), lmbda=LMBDA, max_length=64, batch_size=2)
+    tok = lm.tokenizer
+    texts = [TEXTS[1], TEXTS[2], ""]
+    got = lm.loglikelihood_rolling([Request(t) for t in texts])
+    base, dec = load_causal_lm(base_dir).eval(), load_causal_lm(dec_dir).eval()
+    for text, value in zip(texts[:2], got):
+        ids = tok(text)["input_ids"]
+        assert 0 < len(ids) < 64
+        assert value == pytest.approx(own_log_likelihood(base, dec, tok, [tok.eos_token_id], ids), rel=1e-4, abs=1e-4)
+    assert got[2] == 0.0
+
+
 def test_pairs_are_encoded_as_lm_evals_hf_model_encodes_them(pair):
     """A context ending in a space was scored as [..., " "] + ["Paris"]; lm_eval moves the space onto the
     continuation and splits the whole text's tokens ([...] + [" Paris"]). A one-token context with an empty

@@ -105,10 +105,15 @@ class MemDecLM(TemplateLM):
         results = []
         for req in tqdm(requests, desc="memdec rolling", disable=disable_tqdm, leave=False):
             tokens = [self.eos] + self.encode(req.args[0])
-            windows = position_windows(len(tokens) - 1, min(self.max_length, len(tokens) - 1), self.max_length)
+            n = len(tokens) - 1  # tokens scored; an empty text has none and scores 0 (log 1)
+            if n == 0:
+                results.append(0.0)
+                continue
+            window = min(self.max_length, n)  # a text shorter than the context is one window
+            windows = position_windows(n, window, window)
             rows = []
             for start, first in zip(windows.starts.tolist(), windows.score_from.tolist()):
-                end = min(start + self.max_length, len(tokens) - 1)
+                end = min(start + self.max_length, n)
                 rows.append((tokens[start : start + first + 1], tokens[start + first + 1 : end + 1]))
             results.append(sum(lp for lp, _ in self.score_tokens([r for r in rows if r[1]])))
         return results
