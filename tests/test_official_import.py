@@ -24,10 +24,11 @@ from lightning_memdec.training.datamodule import WindowTargetsDataset
 BATCH = 700  # rows per record batch: the files have several, the last one short
 
 
-def write_stream(path, schema, columns: dict, batch=BATCH):
-    """An Arrow IPC stream as the official scripts write it: pa.ipc.new_stream, one record batch per step."""
+def write_stream(path, schema, columns: dict, batch=BATCH, writer=None):
+    """An Arrow IPC stream as the official scripts write it: pa.ipc.new_stream, one record batch per step (``writer``
+    pa.ipc.new_file: an IPC file, which the import reads too)."""
     n = len(next(iter(columns.values())))
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with pa.OSFile(str(path), "wb") as sink, (writer or pa.ipc.new_stream)(sink, schema) as writer:
         for lo in range(0, n, batch):
             arrays = [pa.array(list(columns[f.name][lo : lo + batch]), type=f.type) for f in schema]
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
@@ -95,6 +96,16 @@ def test_datastore_import_from_a_directory_of_shards(tmp_path, biomed_datastore,
     official_datastore(shards / "data-00001-of-00002.arrow", source, source.keys[half:], source.values[half:])
     import_official(tmp_path / "ds", datastore=shards, corpus=biomed_corpus)
     np.testing.assert_array_equal(Datastore(tmp_path / "ds").keys, source.keys)
+
+
+def test_datastore_import_from_an_arrow_ipc_file(tmp_path, biomed_datastore, biomed_corpus):
+    """An IPC *file* (pa.ipc.new_file) passed the reader's fallback, then failed: its reader is not iterable."""
+    source = Datastore(biomed_datastore)
+    columns = {"keys": list(np.asarray(source.keys)), "vals": np.asarray(source.values)}
+    arrow = write_stream(tmp_path / "dstore.arrow", datastore_schema(source.dim), columns, writer=pa.ipc.new_file)
+    import_official(tmp_path / "ds", datastore=arrow, corpus=biomed_corpus)
+    np.testing.assert_array_equal(Datastore(tmp_path / "ds").keys, source.keys)
+    np.testing.assert_array_equal(Datastore(tmp_path / "ds").values, source.values)
 
 
 def test_datastore_import_with_the_base_records_its_key_layer(tmp_path, biomed_datastore, biomed_corpus, tiny_gpt2):
@@ -243,6 +254,8 @@ def test_targets_import_then_fit_runs(imported, tmp_path, source_targets, biomed
         ("wrong label", "row 9 has label .* but datastore .* has value"),
         ("rows missing", "have 2998 rows but datastore .* has 2999 entries"),
         ("id out of range", "token ids outside the tokenizer's 50257 ids"),
+        ("null inside token_id", "rows 0–700: null entries"),  # no row is null, one element is: a pyarrow traceback
+        ("null inside prob", "rows 700–1400: null entries"),
     ],
 )
 def test_malformed_targets_are_refused_and_nothing_written(imported, tmp_path, source_targets, case, match):
@@ -264,6 +277,11 @@ def test_malformed_targets_are_refused_and_nothing_written(imported, tmp_path, s
     elif case == "wrong label":
         labels[9] += 1
         official_targets(path, source_targets, labels)
+    elif case.startswith("null inside"):
+        ids, probs = [list(i) for i in ids], [list(p) for _, p in rows]
+        (ids if case.endswith("token_id") else probs)[5 if case.endswith("token_id") else 705][0] = None
+        columns = {"id_cnt": counts, "token_id": ids, "prob": probs, "label": labels}
+        write_stream(path, TARGETS_SCHEMA, columns)
     elif case == "rows missing":
         columns = {"id_cnt": counts, "token_id": ids, "prob": [p for _, p in rows], "label": labels}
         write_stream(path, TARGETS_SCHEMA, {k: v[:-1] for k, v in columns.items()})

@@ -193,7 +193,8 @@ def scan_targets(files: list[Path], schema, store: Datastore) -> tuple[int, int]
     rows, nnz, vocab = 0, 0, store.tokenizer["vocab_size"]
     for path, batch in record_batches(files, schema):
         where = f"{path}, rows {rows}–{rows + len(batch)}"
-        if any(batch.column(c).null_count for c in schema.names):
+        lists = [batch.column(c).flatten() for c in ("token_id", "prob")]  # a null inside a row is no row's null
+        if any(batch.column(c).null_count for c in schema.names) or any(v.null_count for v in lists):
             raise ArtifactError(f"{where}: null entries; the file is incomplete, re-export it.")
         counts = batch.column("id_cnt").to_numpy().astype(np.int64)
         for column in ("token_id", "prob"):
@@ -204,8 +205,7 @@ def scan_targets(files: list[Path], schema, store: Datastore) -> tuple[int, int]
                     f"{path}: row {rows + at} has id_cnt {counts[at]} but {lengths[at]} {column} entries (ragged "
                     "rows); the file is corrupt, re-export it."
                 )
-        ids = batch.column("token_id").flatten().to_numpy()
-        probs = batch.column("prob").flatten().to_numpy().astype(np.float32)
+        ids, probs = lists[0].to_numpy(), lists[1].to_numpy().astype(np.float32)
         if ((ids < 0) | (ids >= vocab)).any() or not (np.isfinite(probs) & (probs >= 0)).all():
             raise ArtifactError(
                 f"{where}: token ids outside the tokenizer's {vocab} ids or probabilities negative/NaN; the targets "
