@@ -99,6 +99,27 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
         )
 
 
+def test_cross_vocab_benchmark_runs_tiny(tmp_path):
+    """benchmarks/cross_vocab.py on tiny families: it read the quickstart report's budget where the report no longer
+    kept it (KeyError after both families' training); each recovery is the printed perplexities' ratio."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "cross_vocab.py"), "--workdir", str(tmp_path / "w"),
+           "--general_tokens", "6000", "--domain_tokens", "3000", "--eval_tokens", "400", "--window", "16",
+           "--batch_size", "4", "--base_steps", "2", "--teacher_steps", "1", "--memdec_steps", "10",
+           "--k", "4"]  # fmt: skip
+    lines = run_benchmark(cmd, tmp_path, timeout=900)
+    names = ("own_short", "random", "overlap")
+    assert list(lines)[0] == "transfer" and list(lines)[-3:] == [f"{n}_recovery" for n in names]
+    assert int(lines["transfer_steps"]) == 1 and int(lines["reference_steps"]) == 10
+    for name in names:
+        mean = []
+        for base in ("base-small", "base-large"):
+            ppl = {m: float(lines[f"{base}_{m}_ppl"]) for m in ("reference", name)}
+            want = (float(lines[f"{base}_ppl"]) - ppl[name]) / (float(lines[f"{base}_ppl"]) - ppl["reference"])
+            assert float(lines[f"{base}_{name}_recovery"]) == pytest.approx(want, abs=2e-3)  # from 2-decimal ppls
+            mean.append(float(lines[f"{base}_{name}_recovery"]))
+        assert float(lines[f"{name}_recovery"]) == pytest.approx(np.mean(mean), abs=1e-3)
+
+
 def test_scale_benchmark_runs_tiny(tmp_path):
     """benchmarks/scale.py at n = 20,000 (Flat indexes): every figure present and finite, the ratio last."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--n", "20000", "--queries", "2000", "--workdir",
