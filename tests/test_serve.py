@@ -193,6 +193,23 @@ def test_sampled_and_greedy_requests_together(server, models):
         assert 1 <= usage["completion_tokens"] <= 5
 
 
+def test_a_stop_string_cuts_the_greedy_text_streamed_or_not(server, models):
+    """The reply ends before the first stop string (OpenAI's `stop`), finish reason "stop", whether streamed or not."""
+    tokenizer = models["reference"].tokenizer
+    ref = expected_text(models, greedy(models, tokenizer(PROMPTS[1]).input_ids, 10))
+    at = next(k for k in range(1, len(ref) - 3) if ref.find(ref[k : k + 3]) == k)  # a stop first met inside the text
+    stop = ref[at : at + 3]
+    body = {"prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0, "stop": [stop, "never in it"]}
+    r = complete(server, **body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (ref[: ref.find(stop)], "stop")
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=120) as streamed:
+        events = sse_events(streamed)
+    assert "".join(e["choices"][0]["text"] for e in events) == ref[: ref.find(stop)]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def sse_events(response: httpx.Response) -> list:
     lines = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -242,7 +259,7 @@ def test_chat_completion_uses_the_chat_template(server, models):
         ({"prompt": "", "max_tokens": 3}, 400, "prompt"),
         ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
         ({"prompt": "hi", "n": 2}, 400, "n"),
-        ({"prompt": "hi", "stop": ["\n"]}, 400, "stop"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"prompt": "hi", "logit_bias": {"262": -100}}, 400, "logit_bias"),
     ],
 )

@@ -12,6 +12,7 @@ from lightning_memdec.apps.openai_protocol import (
     Detokenizer,
     RequestError,
     ServedModel,
+    StopText,
     check_request,
     parse_body,
 )
@@ -219,7 +220,6 @@ def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
         ("frequency_penalty", 0, -1.0),
         ("seed", None, 0),
         ("best_of", 1, 2),
-        ("stop", [], ["\n"]),
         ("logprobs", False, 0),
     ],
 )
@@ -377,3 +377,72 @@ def test_a_decoder_of_fewer_ids_without_a_saved_tokenizer_is_refused_before_serv
         served_model(str(base), str(small), None)
     padded = save_tiny(tmp_path / "p", vocab=50304, tokenizer=None)  # a head padded past the tokenizer is fine
     assert served_model(str(base), str(padded), None).context == 512
+
+
+def test_stop_strings_cut_the_text_before_the_first_of_them_however_it_arrives():
+    """Against text[: the first index of any stop string], for random splits of the text into pieces: the pieces sent
+    never carry a stop string's start (a streamed client cannot take it back)."""
+    import random
+
+    rng = random.Random(0)
+    text = "The cell membrane.\nProteins fold; the end is near. END of text\n\nNext"
+    cases = [["\n"], ["END"], ["fold;", "near"], ["\n\n", "zzz"], ["absent"], ["e", "en"], ["END of text\n\nNext"]]
+    for stops in cases:
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
+        want = text[: min(found)] if found else text
+        for _ in range(50):
+            cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, 12)))
+            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+            cut, sent, stopped = StopText(stops), "", False
+            for piece in pieces:
+                out, stopped = cut.add(piece)
+                sent += out
+                assert not any(sent.endswith(s[:k]) for s in stops for k in range(1, len(s) + 1)) or stopped
+                if stopped:
+                    break
+            sent += "" if stopped else cut.flush()
+            assert sent == want and stopped == bool(found), (stops, pieces)
+
+
+@pytest.mark.parametrize(
+    ("stop", "want"), [("\n", ["\n"]), (["a", "", "b"], ["a", "b"]), ("", []), ([], []), (None, [])]
+)
+def test_stop_is_a_string_or_up_to_four(served, stop, want):
+    assert check_request({"prompt": "hi", "stop": stop}, served, chat=False).stop == want
+
+
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [1], {"a": 1}, 3])
+def test_other_stops_are_refused(served, stop):
+    with pytest.raises(RequestError, match="stop must be a string or a list of at most 4 strings") as err:
+        check_request({"prompt": "hi", "stop": stop}, served, chat=False)
+    assert err.value.status == 400 and err.value.param == "stop"
+
+
+def test_a_stop_string_ends_the_reply_and_drops_the_rest_of_the_steps(served):
+    """The worker's steps of one job, as token_pieces reads them: the text ends before the stop string, finish reason
+    "stop", the tokens counted up to the one that completed it; later steps are not read."""
+    pytest.importorskip("litserve")
+    import asyncio
+    import json
+
+    from litserve.utils import LitAPIStatus
+
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+
+    tokens = served.tokenizer(" one two. three four").input_ids
+    job = check_request({"prompt": "hi", "stop": [". th"], "max_tokens": 16}, served, chat=False)
+    read = []
+
+    async def steps():
+        for t in tokens:
+            read.append(t)
+            yield json.dumps({"token": t, "end": False, "batch": 1}), LitAPIStatus.OK
+
+    async def pieces():
+        return [piece async for piece in OpenAICompletionsSpec(served).token_pieces(job, steps())]
+
+    got = asyncio.run(pieces())
+    text = served.tokenizer.decode(tokens)
+    assert "".join(p for p, _, _ in got) == text[: text.index(". th")]
+    at = next(i for i in range(len(tokens)) if ". th" in served.tokenizer.decode(tokens[: i + 1]))
+    assert got[-1][1:] == ("stop", at + 1) and read == tokens[: at + 1]

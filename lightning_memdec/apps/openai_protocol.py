@@ -16,7 +16,7 @@ GREEDY_BELOW = 1e-5  # a temperature under this samples the argmax anyway (and o
 # OpenAI fields not applied here, each with the values that ask for nothing: any other value is refused (400) rather
 # than silently ignored (a logit bias or a penalty ignored changes the tokens; an ignored seed breaks reproducibility)
 UNSUPPORTED = {
-    "stop": (None, "", []), "logprobs": (None, False), "suffix": (None, ""), "tools": (None, []), "echo": (None, False),
+    "logprobs": (None, False), "suffix": (None, ""), "tools": (None, []), "echo": (None, False),
     "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "seed": (None,), "top_logprobs": (None, 0), "functions": (None, []), "function_call": (None, "none"),
     "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
@@ -25,7 +25,8 @@ UNSUPPORTED = {
 # OpenAI fields that change nothing in the tokens (bookkeeping), accepted as they are
 BOOKKEEPING = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
                "safety_identifier", "reasoning_effort", "verbosity"}  # fmt: skip
-APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options"}
+APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop"}
+MAX_STOP_STRINGS = 4  # OpenAI's limit
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -81,6 +82,7 @@ class Job:
     chat: bool
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     include_usage: bool = False  # streamed: a last chunk with the usage (stream_options.include_usage)
+    stop: list[str] = field(default_factory=list)  # the text ends before the first of these (not sent to the worker)
     batch_size: int = 0  # rows of the generate() call that served it, once known (the X-Batch-Size header)
 
     def payload(self) -> dict:
@@ -125,7 +127,17 @@ def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
         raise RequestError(400, f"stream must be true or false, got {stream!r}.", "stream")
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-    return Job(prompt_ids, max_tokens, sampling(body), stream, chat, request_id, include_usage)
+    return Job(prompt_ids, max_tokens, sampling(body), stream, chat, request_id, include_usage, stop=stop_strings(body))
+
+
+def stop_strings(body: dict) -> list[str]:
+    """``stop``: a string or a list of at most 4 strings (OpenAI's API); empty ones ask for nothing."""
+    stop = body.get("stop", [])
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS or not all(isinstance(x, str) for x in stops):
+        raise RequestError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, got "
+                           f"{stop!r}.", "stop")  # fmt: skip
+    return [x for x in stops if x]
 
 
 def check_fields(body: dict, chat: bool) -> None:
@@ -233,6 +245,30 @@ class Detokenizer:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         piece, self.sent = text[len(self.sent) :], text
         return piece
+
+
+class StopText:
+    """A completion's text cut before the first of its stop strings, as pieces arrive: each call gives what can be
+    sent, holding back an end that may begin a stop string (a streamed client never sees a stop string's start)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held = stops, ""
+
+    def add(self, piece: str) -> tuple[str, bool]:
+        """(text to send, whether a stop string was reached: the completion ends there)."""
+        text = self.held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.held = ""
+            return text[: min(found)], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        """The held-back end, once no more text comes."""
+        held, self.held = self.held, ""
+        return held
 
 
 def reply(job: Job, model: str, text: str, finish_reason: str, completion_tokens: int) -> dict:

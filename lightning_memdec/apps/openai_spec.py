@@ -27,6 +27,7 @@ from lightning_memdec.apps.openai_protocol import (
     Job,
     RequestError,
     ServedModel,
+    StopText,
     check_request,
     chunk,
     parse_body,
@@ -117,7 +118,9 @@ class OpenAICompletionsSpec(LitSpec):
             self.response_buffer.pop(uid, None)
 
     async def token_pieces(self, job: Job, tokens: AsyncIterator):
-        detokenizer, count = Detokenizer(self.served.tokenizer), 0
+        """(text, finish reason, tokens so far) per token; the text ends before a stop string (reason "stop"): the
+        worker's remaining steps for the job are dropped."""
+        detokenizer, stop, count = Detokenizer(self.served.tokenizer), StopText(job.stop), 0
         async for data, status in tokens:
             if status == LitAPIStatus.ERROR and getattr(data, "status_code", None) == 504:  # LitServe's queue timeout
                 raise RequestError(504, "the request waited in the queue longer than the server's --queue.timeout; "
@@ -132,15 +135,19 @@ class OpenAICompletionsSpec(LitSpec):
                 continue
             job.batch_size = step["batch"]
             count += 1
-            if step["end"]:
-                yield detokenizer.flush(), "stop", count
+            if step["end"]:  # an end-of-sequence id: not part of the text
+                piece = detokenizer.flush()
+            else:
+                piece = detokenizer.add(step["token"]) + (detokenizer.flush() if count == job.max_tokens else "")
+            text, stopped = stop.add(piece)
+            if stopped:
+                yield text, "stop", count
                 return
-            piece = detokenizer.add(step["token"])
-            if count == job.max_tokens:
-                yield piece + detokenizer.flush(), "length", count
+            if step["end"] or count == job.max_tokens:
+                yield text + stop.flush(), "stop" if step["end"] else "length", count
                 return
-            yield piece, None, count
-        yield detokenizer.flush(), "length", count  # the worker ended the stream early (not expected)
+            yield text, None, count
+        yield stop.add(detokenizer.flush())[0] + stop.flush(), "length", count  # the worker ended early (not expected)
 
     async def events(self, job: Job):
         yield chunk(job, self.served.name, "", None, first=True)
