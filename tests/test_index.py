@@ -178,3 +178,26 @@ def test_gpu_request_without_gpu_faiss_names_an_install_that_exists():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert "[gpu]" not in str(raised.value) and "faiss-gpu" not in pyproject
     assert '\ngpu = ["cuvs-cu13' in pyproject  # the GPU extra is cuVS (module cuvs): never a second faiss
+
+
+@pytest.mark.parametrize("factory", ["PQ8", "SQ8", "OPQ8,IVF16,PQ8", "PCA16,Flat"])
+def test_trainable_factories_without_a_leading_ivf_get_a_training_sample(tmp_path, biomed_datastore, factory):
+    """Only a factory starting with IVF<n> got a sample: PQ, SQ, OPQ and PCA were trained on 0 keys and FAISS failed
+    with a traceback. Each now trains on a sample (FAISS's own is_trained decides) and searches close to brute force."""
+    keys = np.asarray(Datastore(biomed_datastore).keys, dtype=np.float32)
+    plan = plan_index(len(keys), keys.shape[1], factory=factory)
+    assert plan.train_size == min(len(keys), 256 * (plan.nlist or 256))
+    index = KeyIndex(build_index(biomed_datastore, tmp_path / "i", plan=IndexSettings(factory=factory, nprobe=16)))
+    assert index.meta["train_size"] == plan.train_size
+    queries = keys[::61]
+    _, ref_ids = brute_force(keys, queries, 10)
+    _, ids = index.search(queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref_ids)]) > 0.3
+
+
+def test_an_index_that_needs_no_training_gets_no_sample_and_too_small_a_sample_is_refused(tmp_path, biomed_datastore):
+    assert plan_index(3000, 32, factory="HNSW16").train_size == 0
+    with pytest.raises(ValueError, match="--plan.train_size gives 100 training keys, too few to train PQ8; give "
+                       "--plan.train_size 256 or more"):  # fmt: skip
+        build_index(biomed_datastore, tmp_path / "i", plan=IndexSettings(factory="PQ8", train_size=100))
+    assert not (tmp_path / "i").exists() and not (tmp_path / "i.partial").exists()

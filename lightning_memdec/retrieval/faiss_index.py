@@ -24,7 +24,13 @@ from lightning_memdec.io.readers import INDEX, Datastore, check_finite_keys, che
 from lightning_memdec.io.settings import check_positive
 from lightning_memdec.retrieval import cuvs_index
 from lightning_memdec.retrieval.cuvs_index import CUVS_INDEX, CuvsIVFPQ
-from lightning_memdec.retrieval.index_plan import IndexPlan, gpu_pq_options, plan_index
+from lightning_memdec.retrieval.index_plan import (
+    MIN_TRAIN_PER_LIST,
+    PQ_CENTROIDS,
+    IndexPlan,
+    gpu_pq_options,
+    plan_index,
+)
 from lightning_memdec.retrieval.settings import IndexSettings
 
 log = logging.getLogger(__name__)
@@ -119,7 +125,7 @@ def build_index(
     if plan_only:
         return plan
     train_size, seed, nprobe = plan.train_size if spec.train_size is None else spec.train_size, spec.seed, spec.nprobe
-    check_build_fits(plan, min(n, train_size) if plan.nlist else 0, use_gpu)
+    check_build_fits(plan, min(n, train_size) if plan.train_size else 0, use_gpu)
     check_recall_k(recall_queries, recall_k)
     index = empty_index(library, d, plan.factory, nprobe)
     run = {"datastore": store.identity(), "library": library, "factory": plan.factory, "train_size": train_size,
@@ -180,7 +186,7 @@ def index_meta(
         ntotal=int(index.ntotal),
         metric="squared_l2",
         nprobe=nprobe,
-        train_size=int(min(len(store), train_size)) if plan.nlist else 0,
+        train_size=int(min(len(store), train_size)) if plan.train_size else 0,
         plan={"index_bytes": plan.index_bytes, "flops_per_query": plan.flops_per_query, "notes": plan.notes},
         recall=recall,
         datastore=str(store.dir.resolve()),
@@ -197,6 +203,12 @@ def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:
         raise ValueError(
             f"--plan.train_size gives {train_size} training keys, fewer than the {plan.nlist} lists of {plan.factory}; "
             f"give --plan.train_size {plan.nlist} or more (FAISS advises 39 per list), or a factory with fewer lists."
+        )
+    minimum = PQ_CENTROIDS if plan.pq_m else 1  # k-means of PQ's 8-bit codebooks needs a key per centroid
+    if plan.train_size and not plan.nlist and train_size < minimum:
+        raise ValueError(
+            f"--plan.train_size gives {train_size} training keys, too few to train {plan.factory}; give "
+            f"--plan.train_size {minimum} or more (FAISS advises {MIN_TRAIN_PER_LIST} per PQ centroid)."
         )
     needed = plan.index_bytes + train_size * plan.dim * 4
     fix = (

@@ -98,7 +98,8 @@ def plan_index(
     ``factory="auto"`` applies ``rule`` (the default: paper scale, PQ codes); an IVF index's training sample is
     ``rule.train_per_list`` keys per list at most, 39 at least, within the budget.
 
-    ``factory`` other than ``auto`` is kept as given (its IVF list count, if any, still sets the training sample).
+    ``factory`` other than ``auto`` is kept as given: its IVF list count, if any, sets the training sample; another
+    index that FAISS must train (PQ, SQ, OPQ, PCA … without IVF) gets the sample of 256 lists, PQ's 8-bit codebooks.
     """
     if num_entries <= 0 or dim <= 0:
         raise ValueError(f"need a non-empty datastore, got {num_entries} keys × {dim} dims.")
@@ -121,15 +122,16 @@ def plan_index(
             notes.append("PQ with more than 48 code bytes needs float16 lookup tables on the GPU (useFloat16)")
         if gpu and precomputed:
             notes.append(f"{dim // m} dims per PQ sub-quantizer need precomputed tables on the GPU (usePrecomputed)")
-    found = re.match(r"IVF(\d+)", factory)
+    found = re.search(r"IVF(\d+)", factory)  # anywhere: OPQ16,IVF64,PQ16 has 64 lists
     nlist = int(found.group(1)) if found else None
     pq = re.search(r"PQ(\d+)", factory)
     m = int(pq.group(1)) if pq else None
     train = 0
-    if nlist is not None:
-        fits = max(MIN_TRAIN_PER_LIST * nlist, budget // (dim * FLOAT32))
-        train = min(num_entries, rule.train_per_list * nlist, fits)
-        if train < MIN_TRAIN_PER_LIST * nlist:
+    clusters = nlist if nlist is not None else PQ_CENTROIDS if needs_training(dim, factory) else None
+    if clusters is not None:
+        fits = max(MIN_TRAIN_PER_LIST * clusters, budget // (dim * FLOAT32))
+        train = min(num_entries, rule.train_per_list * clusters, fits)
+        if nlist is not None and train < MIN_TRAIN_PER_LIST * nlist:
             notes.append(f"only {train} training keys for {nlist} lists (FAISS wants ≥ {MIN_TRAIN_PER_LIST} each)")
     code = m if m is not None else dim * FLOAT32
     index_bytes = num_entries * (code + 8) + (nlist or 0) * dim * FLOAT32 + (PQ_CENTROIDS * dim * FLOAT32 if m else 0)
@@ -140,6 +142,17 @@ def plan_index(
     per_list = num_entries / nlist if nlist else num_entries
     flops = 2.0 * (nlist or 0) * dim + min(nprobe, nlist or 1) * per_list * (m or 2 * dim)
     return IndexPlan(factory, num_entries, dim, nlist, m, train, index_bytes, train * dim * FLOAT32, flops, notes)
+
+
+def needs_training(dim: int, factory: str) -> bool:
+    """Whether FAISS must train the index ``factory`` describes before keys are added (asked of FAISS itself, on an
+    empty index); an invalid string is left to the build's own check, which names it."""
+    import faiss
+
+    try:
+        return not faiss.index_factory(dim, factory, faiss.METRIC_L2).is_trained
+    except RuntimeError:
+        return False
 
 
 def precomputed_table_bytes(nlist: int | None, m: int | None) -> int:

@@ -157,7 +157,7 @@ def build_index_sharded(
     if plan_only:
         return plan
     train_size, seed, nprobe = plan.train_size if spec.train_size is None else spec.train_size, spec.seed, spec.nprobe
-    check_build_fits(plan, min(len(store), train_size) if plan.nlist else 0, use_gpu=False)
+    check_build_fits(plan, min(len(store), train_size) if plan.train_size else 0, use_gpu=False)
     check_recall_k(recall_queries, recall_k)
     try:
         faiss.index_factory(store.dim, plan.factory, faiss.METRIC_L2)
