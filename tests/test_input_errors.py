@@ -35,9 +35,41 @@ def test_a_file_given_for_a_directory_and_a_directory_for_a_file_say_so(tmp_path
 def test_non_utf8_text_is_named_with_the_fix(tmp_path):
     text = tmp_path / "latin1.txt"
     text.write_bytes("café au lait\n\nsecond document\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=rf"{text} is not UTF-8 text .*byte 0xe9.*iconv"):
+    with pytest.raises(ValueError, match=rf"{text} is not UTF-8 text: byte 3 \(0-based\) is 0xe9 .*iconv"):
         tokenize([str(text)], tmp_path / "corpus", "gpt2")
     assert not (tmp_path / "corpus").exists()
+
+
+@pytest.mark.parametrize("form", ["txt", "xz", "dataset file"])
+def test_a_bad_byte_late_in_a_file_is_refused_before_any_work_naming_its_offset(tmp_path, form):
+    """It was met only after everything before it was tokenized (a .partial left, refusing the corrected rerun as
+    "different settings"), its position an offset into a read buffer; through --dataset.files, a datasets traceback."""
+    import lzma
+
+    from lightning_memdec.io.settings import DatasetRows
+
+    good = "".join(f"Document {i} has a few words in it.\n\n" for i in range(5000)).encode()
+    data = good + "café".encode("latin-1") + b"\n"
+    path = tmp_path / ("text.txt.xz" if form == "xz" else "text.txt")
+    path.write_bytes(lzma.compress(data) if form == "xz" else data)
+    where = "of its decompressed text" if form == "xz" else r"\(0-based\)"
+    with pytest.raises(ValueError, match=rf"{path} is not UTF-8 text: byte {len(good) + 3:,} {where} is 0xe9"):
+        if form == "dataset file":
+            tokenize(None, tmp_path / "corpus", "gpt2", dataset=DatasetRows(files=[str(path)]))
+        else:
+            tokenize([str(path)], tmp_path / "corpus", "gpt2")
+    assert not (tmp_path / "corpus").exists() and not partial_dir(tmp_path / "corpus").exists()
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    from lightning_memdec.io.embedded import load_tokenizer
+    from lightning_memdec.io.token_corpus import Corpus
+
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello world.\n\nSecond.\n")
+    corpus = Corpus(tokenize([str(tmp_path / "bom.txt")], tmp_path / "corpus", "gpt2"))
+    tok = load_tokenizer("gpt2")
+    want = tok("Hello world.")["input_ids"] + [tok.eos_token_id] + tok("Second.")["input_ids"] + [tok.eos_token_id]
+    assert list(corpus.tokens) == want
 
 
 def test_chunk_size_zero_is_refused_before_any_work(tmp_path, biomed_datastore, biomed_index):

@@ -14,6 +14,7 @@ What a document is:
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import lzma
 import re
@@ -67,6 +68,8 @@ def open_documents(
         tables = [str(p) for p in paths if DATA_FILE_FORMATS.get(data_file_suffix(p), "text") != "text"]
         if tables:
             raise ValueError(f"{tables} hold rows, not blank-line separated text: give them with --dataset.files.")
+        for p in paths:  # a bad byte late in a large file was met only after all before it was tokenized
+            check_utf8(p)
         sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
         documents = (piece for p in paths for piece in iter_document_pieces(p))
         what = f"the input text {[str(p) for p in paths]}"
@@ -126,6 +129,9 @@ def dataset_parts(
 ) -> list[tuple[Iterable[dict], dict]]:
     """(batches of rows, provenance) for a hub dataset, or one per local data file, each checked for ``text_field``."""
     paths = [check_data_file(f) for f in data_files or []]  # every file checked before any is opened
+    for path in paths:
+        if DATA_FILE_FORMATS[data_file_suffix(path)] in ("text", "json", "csv"):  # read as UTF-8 by datasets
+            check_utf8(path)
     datasets = require_datasets()
     if not paths:
         provenance = {"dataset": dataset, "config": dataset_config, "split": split}
@@ -240,11 +246,36 @@ def row_documents(
 
 
 def open_text(path: str | Path):
-    """A text file (``.xz`` compressed or not) opened for reading in universal-newline text mode."""
+    """A text file (``.xz`` compressed or not) opened for reading in universal-newline text mode; a UTF-8 byte-order
+    mark at its start is not text (``utf-8-sig``: it would become three byte tokens of the first document)."""
     path = Path(path)
     if path.suffix == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return lzma.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def check_utf8(path: str | Path) -> None:
+    """Refuse a file that is not UTF-8, naming the offset of its first bad byte in the (decompressed) text, by one
+    streamed pass before any work."""
+    path = Path(path)
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            held_bytes = decoder.getstate()[0]  # the start of a character split across reads
+            held = len(held_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                at = offset - held + err.start
+                where = "of its decompressed text" if path.suffix == ".xz" else "(0-based)"
+                raise ValueError(
+                    f"{path} is not UTF-8 text: byte {at:,} {where} is 0x{(held_bytes + chunk)[err.start]:02x} "
+                    f"({err.reason}); convert the file, e.g. `iconv -f latin1 -t utf-8`."
+                ) from err
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def not_utf8(path: str | Path, err: UnicodeDecodeError) -> ValueError:
