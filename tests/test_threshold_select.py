@@ -18,6 +18,7 @@ from test_exact_search import assert_same_neighbours, brute_force
 
 from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.kernels.threshold_select import (
+    AUTO_MIN_KEYS_PER_CANDIDATE,
     AUTO_MIN_QUERIES,
     OVERSAMPLE,
     SAMPLE_RANK,
@@ -201,10 +202,13 @@ def test_targets_by_threshold_selection_equal_targets_by_topk(tmp_path, biomed_d
 
 
 def test_auto_takes_the_threshold_only_where_it_was_measured_faster():
-    assert choose_selection("auto", "cpu", AUTO_MIN_QUERIES) == "threshold"
-    assert choose_selection("auto", "cpu", AUTO_MIN_QUERIES - 1) == "topk"  # a few queries: the sample does not pay
-    assert choose_selection("auto", "cuda", 4096) == "topk"  # not yet measured on a GPU
-    assert choose_selection("topk", "cpu", 4096) == "topk" and choose_selection("threshold", "cuda", 1) == "threshold"
+    large = AUTO_MIN_KEYS_PER_CANDIDATE * 1100  # keys for k = 1,024 and its margin
+    assert choose_selection("auto", "cpu", AUTO_MIN_QUERIES, large, 1100) == "threshold"
+    assert choose_selection("auto", "cpu", AUTO_MIN_QUERIES - 1, large, 1100) == "topk"  # the sample does not pay
+    assert choose_selection("auto", "cpu", 4096, large - 1, 1100) == "topk"  # a small store: topk was faster
+    assert choose_selection("auto", "cuda", 4096, large, 1100) == "topk"  # not yet measured on a GPU
+    assert choose_selection("topk", "cpu", 4096, large, 1100) == "topk"
+    assert choose_selection("threshold", "cuda", 1, 10, 5) == "threshold"
     assert TargetSearch().selection == "auto"
 
 

@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "AUTO_MIN_QUERIES",
+    "AUTO_MIN_KEYS_PER_CANDIDATE",
     "ThresholdPlan",
     "CandidateBuffers",
     "threshold_plan",
@@ -45,15 +46,20 @@ SAMPLE_RANK = 64  # τ = the sample's 64th best: keys under it vary by about 1/8
 # at k = 1,024 it was no faster than topk up to a few hundred queries and faster from about a thousand
 # (benchmarks/results/selection-cpu-2026-12-04.txt)
 AUTO_MIN_QUERIES = 1024
+# keys per candidate wanted a store needs for it too: at 4,096 queries and k = 1,024 it ran at 0.74× topk's rate
+# with 30 k keys, 0.94–1.02× with 100 k, 1.07× with 200 k, 1.37–1.66× with 400 k
+# (benchmarks/results/selection-cpu-2026-12-05.txt)
+AUTO_MIN_KEYS_PER_CANDIDATE = 192
 
 
-def choose_selection(selection: str, device_type: str, num_queries: int) -> str:
+def choose_selection(selection: str, device_type: str, num_queries: int, num_keys: int, candidates: int) -> str:
     """The selection ``auto`` stands for: ``threshold`` on the CPU for calls of at least :data:`AUTO_MIN_QUERIES`
-    queries (measured faster there, benchmarks/results/selection-cpu-2026-12-04.txt), else ``topk`` (on a GPU until
-    the fused kernel is measured on one). ``topk`` and ``threshold`` are returned as given."""
+    queries over at least :data:`AUTO_MIN_KEYS_PER_CANDIDATE` keys per candidate (measured faster there), else
+    ``topk`` (on a GPU until the fused kernel is measured on one). ``topk`` and ``threshold`` are returned as given."""
     if selection != "auto":
         return selection
-    return "threshold" if device_type == "cpu" and num_queries >= AUTO_MIN_QUERIES else "topk"
+    large = num_queries >= AUTO_MIN_QUERIES and num_keys >= AUTO_MIN_KEYS_PER_CANDIDATE * candidates
+    return "threshold" if device_type == "cpu" and large else "topk"
 
 
 @dataclass(frozen=True)

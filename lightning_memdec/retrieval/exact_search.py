@@ -259,7 +259,8 @@ def exact_search(
             small for a sample or the buffers would take half the budget or leave no room for a key block);
             ``"cuvs"``: cuVS's brute force over keys resident on ``device`` (retrieval.cuvs_exact); the same
             neighbours, ties aside, neither with ``coarse``;
-            ``"auto"``: threshold on the CPU for ≥ 1,024 queries, else topk (threshold_select.choose_selection).
+            ``"auto"``: threshold on the CPU for ≥ 1,024 queries over ≥ 192 keys per candidate, else topk
+            (threshold_select.choose_selection).
         complete_ties: a tie at the k-th distance that fills every candidate may go on among the keys left out
             (duplicate keys: a repeated context), where the selection kept arbitrary members of it; such rows are
             searched again with twice the candidates until the tie ends inside them, so the k kept are the smallest
@@ -291,7 +292,7 @@ def exact_search(
         raise ValueError(f"query_ids must be [{n}], one own key id a query; got shape {tuple(np.shape(query_ids))}.")
     candidates = min(available, k + (rerank_margin(k, compute_dtype) if margin is None else margin))
     budget = memory_budget(device, memory_bytes)
-    selection = "topk" if coarse else choose_selection(selection, device.type, n)
+    selection = "topk" if coarse else choose_selection(selection, device.type, n, num_keys, candidates)
     plan = threshold_plan(num_keys, candidates) if selection == "threshold" else None
     buffer_bytes = 0 if plan is None else n * plan.capacity * 12  # fp32 scores + int64 ids a slot
     crowded = not search_fits(n, dim, candidates, budget - buffer_bytes, compute_dtype)
