@@ -165,3 +165,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         marks = sorted({mark.name for mark in item.iter_markers()} & registered)
         item.user_properties.append(("markers", ",".join(marks)))
+
+
+def knnlm_scorer(knnlm):
+    """The reference ScoreFn of a KNNLM for sliding_gold_log_probs: base and p_kNN gold log-probs from
+    KNNLM.gold_log_probs itself (one base pass, retrieval at the scored positions)."""
+
+    def score(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = knnlm.gold_log_probs(input_ids, labels)
+        return {"base": out["base"], "knn": out["knn"]}
+
+    return score

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny
+from conftest import knnlm_scorer, save_tiny
 from transformers import AutoModelForCausalLM
 
 from lightning_memdec.cli import main
 from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
 from lightning_memdec.evaluation.latency import generation_throughput, model_latency
 from lightning_memdec.evaluation.settings import Controls, EvaluateKNN, EvaluateMixing, Scoring
-from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
+from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.embedded import load_tokenizer

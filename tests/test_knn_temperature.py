@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import knnlm_scorer
 
 from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
 from lightning_memdec.evaluation.knn_temperature import check_temperatures, knn_key, knn_temperatures_scorer
 from lightning_memdec.evaluation.settings import EvaluateKNN, EvaluateMixing, Scoring
-from lightning_memdec.inference.knnlm import KNNLM, knnlm_scorer
+from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.sliding_window import sliding_gold_log_probs
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID, mixed_perplexity, sweep_lambda

@@ -29,7 +29,6 @@ from lightning_memdec.hf.loading import (
     resolve_model,
     tokenizer_name,
 )
-from lightning_memdec.inference.sliding_window import ScoreFn
 from lightning_memdec.io.settings import check_positive
 from lightning_memdec.io.tokenizer_identity import (
     check_head_covers_vocab,
@@ -47,7 +46,7 @@ from lightning_memdec.kernels.scoring import (
     vocab_logits,
 )
 
-__all__ = ["KNNLM", "knnlm_scorer"]
+__all__ = ["KNNLM"]
 
 
 def _key_dim(model: PreTrainedModel, capture) -> int:
@@ -300,9 +299,9 @@ class KNNLM(torch.nn.Module):
         """:meth:`knn_log_probs` at each of ``temperatures`` from one search: only the softmax over the same
         distances changes, so choosing T on a dev split costs no extra search."""
         dist, tokens = self.device_neighbours(keys, keys.device)
-        out = []
+        dist, out = dist.double(), []
         for t in temperatures:
-            weights = torch.softmax(knn_scores(dist.double(), float(t)), dim=-1)  # [n, k]
+            weights = torch.softmax(knn_scores(dist, float(t)), dim=-1)  # [n, k]
             probs = torch.zeros(tokens.shape[0], self.vocab, dtype=torch.float32, device=keys.device)
             out.append(probs.scatter_add_(1, tokens, weights.float()).log_())
         return out
@@ -376,13 +375,3 @@ class KNNLM(torch.nn.Module):
             knn[scored] = self.knn_gold_log_probs(keys[scored.to(keys.device)], labels.cpu()[scored])
         mix = mix_log_probs(base, knn, self.lmbda).masked_fill(~scored, 0.0)
         return {"base": base, "knn": knn, "mix": mix}
-
-
-def knnlm_scorer(knnlm: KNNLM) -> ScoreFn:
-    """Base and p_kNN gold log-probs from one base forward pass (retrieval only at scored positions)."""
-
-    def score(input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = knnlm.gold_log_probs(input_ids, labels)
-        return {"base": out["base"], "knn": out["knn"]}
-
-    return score
