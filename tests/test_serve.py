@@ -303,6 +303,74 @@ def test_a_stream_asking_for_usage_ends_with_it(server, models):
     assert all("usage" not in e for e in events[:-1])
 
 
+def test_echo_with_logprobs_scores_prompt_and_completion_as_the_mixture_does(server, models):
+    """OpenAI's scoring request (echo, logprobs, temperature 0): every token's log p is the mixture's, the prompt's
+    first has none, and the reply's text is prompt + completion."""
+    tokenizer, reference = models["reference"].tokenizer, models["reference"]
+    ids = tokenizer(PROMPTS[4]).input_ids
+    r = complete(server, prompt=ids, max_tokens=2, temperature=0, logprobs=2, echo=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    made = greedy(models, ids, 2)
+    assert choice["text"] == PROMPTS[4] + expected_text(models, made)
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == [tokenizer.decode([t]) for t in ids + made]
+    with torch.no_grad():
+        rows = reference.log_probs(torch.tensor([ids + made]))[0]  # [T, V]: log p(next | prefix)
+    want = [rows[t - 1, token].item() for t, token in enumerate(ids + made) if t > 0]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    assert all(len(top) in (2, 3) for top in logprobs["top_logprobs"][1:])
+    assert all(choice["text"][o:].startswith(t) for o, t in zip(logprobs["text_offset"], logprobs["tokens"]))
+
+
+def test_streamed_and_chat_logprobs_are_the_whole_reply_s(server, models):
+    """Streamed, each chunk carries the log-probs of its tokens (one held back with its text comes later): together
+    they are the non-streamed reply's. Chat's logprobs (true, top_logprobs 2) are the same numbers in chat's shape."""
+    body = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    whole = complete(server, **body).json()["choices"][0]["logprobs"]
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        events = sse_events(r)
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert len(parts) > 1 and {k: [x for p in parts for x in p[k]] for k in whole} == pytest.approx(whole)
+    messages = [{"role": "user", "content": "What is a protein?"}]
+    chat = {"messages": messages, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    r = httpx.post(f"{server}/v1/chat/completions", json=chat, timeout=120)
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    tokenizer = models["reference"].tokenizer
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    made = greedy(models, ids, 4)
+    with torch.no_grad():
+        rows = models["reference"].log_probs(torch.tensor([ids + made]))[0, len(ids) - 1 : -1]
+    assert [c["token"] for c in content] == [tokenizer.decode([t]) for t in made]
+    assert [c["logprob"] for c in content] == pytest.approx(rows.gather(1, torch.tensor([made]).T)[:, 0].tolist(),
+                                                            abs=1e-4)  # fmt: skip
+    assert all(len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] >= c["logprob"] - 1e-6 for c in content)
+
+
+def test_lm_evaluation_harness_local_completions_scores_as_memdec_lm_does(server, models):
+    """lm-eval's `local-completions` model (token-id prompts, two per request, echo + logprobs) against this server
+    gives the log-likelihoods and greedy flags of lm-eval's in-process `memdec` model, and its generations."""
+    pytest.importorskip("tenacity")  # lm-eval's API models need its [api] extra
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from lightning_memdec.evaluation.lm_eval_bridge import MemDecLM
+
+    pairs = [("The patient was", " given a"), ("In 1990", " the city"), ("x", " y z"), ("Proteins fold", " into")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    remote = LocalCompletionsAPI(model="tiny-mix", base_url=f"{server}/v1/completions", tokenizer=str(models["base"]),
+                                 tokenizer_backend="huggingface", batch_size=2, max_length=512)  # fmt: skip
+    local = MemDecLM(str(models["base"]), str(models["memdec"]), lmbda=LMBDA)
+    served, direct = remote.loglikelihood(requests), local.loglikelihood(requests)
+    assert [ll for ll, _ in served] == pytest.approx([ll for ll, _ in direct], abs=1e-3)
+    assert [greedy for _, greedy in served] == [greedy for _, greedy in direct]
+    assert len({ll for ll, _ in served}) == len(pairs)  # the guard: four different scores, not one repeated
+    until = Instance("generate_until", {}, (PROMPTS[0], {"until": ["\n\n"], "max_gen_toks": 6}), 0)
+    text = expected_text(models, greedy(models, models["reference"].tokenizer(PROMPTS[0]).input_ids, 6))
+    assert remote.generate_until([until]) == [text.split("\n\n")[0]]
+
+
 def children(pid: int | str) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").glob("*") for c in (task / "children").read_text().split()]
 

@@ -34,7 +34,8 @@ def test_chat_without_a_chat_template_is_a_400_naming_the_fix(served):
 def test_a_good_request_becomes_its_token_job(served):
     job = check_request({"prompt": "Hello world", "max_tokens": 5, "temperature": 0}, served, chat=False)
     assert job.prompt_ids == served.tokenizer("Hello world").input_ids
-    assert job.payload() == {"prompt_ids": job.prompt_ids, "max_tokens": 5, "sampling": {"do_sample": False}}
+    assert job.payload() == {"prompt_ids": job.prompt_ids, "max_tokens": 5, "sampling": {"do_sample": False},
+                             "logprobs": None, "echo": False}  # fmt: skip
     sampled = check_request({"prompt": [1, 2], "temperature": 0.7, "top_p": 0.5}, served, chat=False)
     assert sampled.sampling == {"do_sample": True, "temperature": 0.7, "top_p": 0.5, "top_k": 0}
     assert sampled.max_tokens == 16 and sampled.request_id.startswith("cmpl-")
@@ -61,7 +62,7 @@ def test_temperatures_too_small_to_sample_are_greedy(served, temperature):
         ("response_format", {"type": "json_object"}),
         ("functions", [{"name": "f", "parameters": {}}]),
         ("function_call", "auto"),
-        ("top_logprobs", 5),
+        ("echo", True),  # completions' only
         ("tool_choice", "auto"),
         ("lmbda", 0.5),  # not OpenAI's: ignored, it would leave λ as the server's without a word
         ("top_k", 5),
@@ -218,9 +219,8 @@ def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
         ("logit_bias", {}, {"262": -100}),
         ("presence_penalty", 0.0, 0.5),
         ("frequency_penalty", 0, -1.0),
-        ("seed", None, 0),
         ("best_of", 1, 2),
-        ("logprobs", False, 0),
+        ("top_logprobs", 0, 3),  # chat's; completions' is logprobs
     ],
 )
 def test_fields_that_would_change_the_tokens_are_refused_unless_they_ask_for_nothing(served, field, asks_nothing,
@@ -443,6 +443,6 @@ def test_a_stop_string_ends_the_reply_and_drops_the_rest_of_the_steps(served):
 
     got = asyncio.run(pieces())
     text = served.tokenizer.decode(tokens)
-    assert "".join(p for p, _, _ in got) == text[: text.index(". th")]
+    assert "".join(p.text for p in got) == text[: text.index(". th")]
     at = next(i for i in range(len(tokens)) if ". th" in served.tokenizer.decode(tokens[: i + 1]))
-    assert got[-1][1:] == ("stop", at + 1) and read == tokens[: at + 1]
+    assert got[-1][1:3] == ("stop", at + 1) and read == tokens[: at + 1]

@@ -1,32 +1,36 @@
-"""OpenAI's completions and chat completions wire format: requests checked into token jobs, tokens into replies.
+"""OpenAI's completions and chat completions requests, checked into token jobs; generated tokens into text.
 
-No model and no server here: what ``memdec serve`` accepts and answers, so that every bad request is refused with
-a 4xx before it reaches the batch of another, and the reply shapes are defined once.
+No model and no server here: what ``memdec serve`` accepts, so that every bad request is refused with a 4xx before
+it reaches the batch of another; the replies' shapes are :mod:`openai_replies`'.
 """
 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 GREEDY_BELOW = 1e-5  # a temperature under this samples the argmax anyway (and overflows fp32 logits near 0): greedy
 # OpenAI fields not applied here, each with the values that ask for nothing: any other value is refused (400) rather
-# than silently ignored (a logit bias or a penalty ignored changes the tokens; an ignored seed breaks reproducibility)
+# than silently ignored (a logit bias or a penalty ignored changes the tokens). `echo` and `top_logprobs` are applied by
+# one endpoint each (completions, chat) and refused by the other unless they ask for nothing.
 UNSUPPORTED = {
-    "logprobs": (None, False), "suffix": (None, ""), "tools": (None, []), "echo": (None, False),
-    "best_of": (None, 1), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "seed": (None,), "top_logprobs": (None, 0), "functions": (None, []), "function_call": (None, "none"),
-    "tool_choice": (None, "none"), "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
-    "audio": (None,), "prediction": (None,), "web_search_options": (None,),
+    "suffix": (None, ""), "tools": (None, []), "echo": (None, False), "best_of": (None, 1), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "top_logprobs": (None, 0),
+    "functions": (None, []), "function_call": (None, "none"), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "web_search_options": (None,),
 }  # fmt: skip
 # OpenAI fields that change nothing in the tokens (bookkeeping), accepted as they are
 BOOKKEEPING = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
                "safety_identifier", "reasoning_effort", "verbosity"}  # fmt: skip
-APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop"}
+APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "logprobs"}
+APPLIED_BY = {"completions": {"prompt", "echo"}, "chat": {"messages", "max_completion_tokens", "top_logprobs"}}
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits: completions' logprobs, chat's top_logprobs
+MAX_PROMPTS = 256  # prompts in one completions request (each is a job of its own)
+SEED_RANGE = (-(2**63), 2**64)  # the seeds torch.manual_seed takes
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -52,6 +56,7 @@ class ServedModel:
     context: int | None
     context_limit: str = "the model's context"
     longest_token_bytes: int | None = None  # the most UTF-8 bytes one token decodes to (:func:`longest_token_bytes`)
+    token_log_probs: bool = True  # whether the worker can send log-probabilities (not with static decoding)
 
 
 def longest_token_bytes(tokenizer) -> int:
@@ -83,11 +88,15 @@ class Job:
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     include_usage: bool = False  # streamed: a last chunk with the usage (stream_options.include_usage)
     stop: list[str] = field(default_factory=list)  # the text ends before the first of these (not sent to the worker)
+    logprobs: int | None = None  # each token's log p and this many most likely tokens with it; None: no log-probs
+    echo: bool = False  # the reply's text (and log-probs) begin with the prompt's
+    index: int = 0  # its prompt's place in the request (a completions request may send several)
     batch_size: int = 0  # rows of the generate() call that served it, once known (the X-Batch-Size header)
 
     def payload(self) -> dict:
         """What the inference worker needs (plain data: it crosses a process boundary)."""
-        return {"prompt_ids": self.prompt_ids, "max_tokens": self.max_tokens, "sampling": self.sampling}
+        return {"prompt_ids": self.prompt_ids, "max_tokens": self.max_tokens, "sampling": self.sampling,
+                "logprobs": self.logprobs, "echo": self.echo}  # fmt: skip
 
 
 def parse_body(raw: bytes) -> dict:
@@ -101,8 +110,16 @@ def parse_body(raw: bytes) -> dict:
 
 
 def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
-    """The job a request asks for, or a :class:`RequestError` naming the field at fault and what would do.
-    A field sent as ``null`` means its default, as in OpenAI's API."""
+    """The job of a one-prompt request (:func:`check_requests`)."""
+    jobs = check_requests(body, served, chat)
+    if len(jobs) != 1:
+        raise RequestError(400, f"send one prompt here, got {len(jobs)}.", "prompt")
+    return jobs[0]
+
+
+def check_requests(body: dict, served: ServedModel, chat: bool) -> list[Job]:
+    """The jobs a request asks for (one per prompt), or a :class:`RequestError` naming the field at fault and what
+    would do. A field sent as ``null`` means its default, as in OpenAI's API."""
     body = {name: value for name, value in body.items() if value is not None}
     model = body.get("model")
     if model is not None and model != served.name:
@@ -112,22 +129,60 @@ def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
     n = body.get("n", 1)
     if isinstance(n, bool) or n != 1:
         raise RequestError(400, "only n = 1 is supported; send n requests for n completions.", "n", "unsupported")
-    prompt_ids = chat_prompt(body, served) if chat else completion_prompt(body, served)
+    top, echo = requested_logprobs(body, chat), body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise RequestError(400, f"echo must be true or false, got {echo!r}.", "echo")
+    if (top is not None or echo) and not served.token_log_probs:
+        raise RequestError(400, "logprobs and echo need the server's --decoding eager (it decodes with static "
+                           "caches, which keep no log-probabilities); leave them out.", "logprobs",
+                           "unsupported")  # fmt: skip
+    prompts = [chat_prompt(body, served)] if chat else completion_prompts(body, served)
     name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     max_tokens = body.get(name, DEFAULT_MAX_TOKENS)  # chat: max_completion_tokens wins, max_tokens is deprecated
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-        raise RequestError(400, f"{name} must be a positive integer, got {max_tokens!r}.", name)
-    if served.context is not None and len(prompt_ids) + max_tokens > served.context:
-        raise RequestError(400, f"the prompt has {len(prompt_ids)} tokens and {name} is {max_tokens}, more than "
-                           f"{served.context_limit} of {served.context} tokens; shorten the prompt or lower "
-                           f"{name}.", name if len(prompt_ids) < served.context else "prompt",
-                           "context_length_exceeded")  # fmt: skip
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < (0 if echo else 1):
+        raise RequestError(400, f"{name} must be a positive integer (0 only with echo), got {max_tokens!r}.", name)
+    for i, prompt_ids in enumerate(prompts):
+        if served.context is not None and len(prompt_ids) + max_tokens > served.context:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            raise RequestError(400, f"{which} has {len(prompt_ids)} tokens and {name} is {max_tokens}, more than "
+                               f"{served.context_limit} of {served.context} tokens; shorten the prompt or lower "
+                               f"{name}.", name if len(prompt_ids) < served.context else "prompt",
+                               "context_length_exceeded")  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, f"stream must be true or false, got {stream!r}.", "stream")
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    if stream and len(prompts) > 1:
+        raise RequestError(400, f"a streamed request takes one prompt, got {len(prompts)}; stream them one per "
+                           "request, or leave stream out.", "prompt")  # fmt: skip
     include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-    return Job(prompt_ids, max_tokens, sampling(body), stream, chat, request_id, include_usage, stop=stop_strings(body))
+    settings, stops = sampling(body), stop_strings(body)
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    return [
+        Job(prompt_ids, max_tokens, settings, stream, chat, request_id, include_usage, stop=stops, logprobs=top,
+            echo=echo, index=i)
+        for i, prompt_ids in enumerate(prompts)
+    ]  # fmt: skip
+
+
+def requested_logprobs(body: dict, chat: bool) -> int | None:
+    """How many most likely tokens to list with each token's log-probability, or None for no log-probabilities:
+    completions' ``logprobs`` (an integer), chat's ``logprobs`` (true or false) with its ``top_logprobs``."""
+    endpoint = "chat" if chat else "completions"
+    limit, name = MAX_LOGPROBS[endpoint], "top_logprobs" if chat else "logprobs"
+    top = body.get(name, 0 if chat else None)
+    if top is False and not chat:  # completions' logprobs is an integer or null; false is read as null
+        top = None
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= limit):
+        raise RequestError(400, f"{name} must be an integer from 0 to {limit} (how many most likely tokens to list "
+                           f"with each token), got {top!r}.", name)  # fmt: skip
+    if not chat:
+        return top
+    wanted = body.get("logprobs", False)
+    if not isinstance(wanted, bool):
+        raise RequestError(400, f"logprobs must be true or false, got {wanted!r}.", "logprobs")
+    if top and not wanted:
+        raise RequestError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
+    return top if wanted else None
 
 
 def stop_strings(body: dict) -> list[str]:
@@ -143,10 +198,11 @@ def stop_strings(body: dict) -> list[str]:
 def check_fields(body: dict, chat: bool) -> None:
     """Refuse a field that would change the tokens if applied (unless it asks for nothing) and a field OpenAI's API
     does not have (``lmbda``, ``top_k``): ignored, either would change what the client gets without a word."""
+    applied = APPLIED | APPLIED_BY["chat" if chat else "completions"]
     for name, no_op in UNSUPPORTED.items():
-        if not any(_asks_nothing(body.get(name), value) for value in no_op):
+        if name not in applied and not any(_asks_nothing(body.get(name), value) for value in no_op):
             raise RequestError(400, f"{name!r} is not supported by memdec serve; leave it out.", name, "unsupported")
-    known = APPLIED | BOOKKEEPING | set(UNSUPPORTED) | ({"messages", "max_completion_tokens"} if chat else {"prompt"})
+    known = applied | BOOKKEEPING | set(UNSUPPORTED)
     unknown = sorted(set(body) - known)
     if unknown:
         raise RequestError(400, f"unrecognized request argument(s) {unknown}: not part of OpenAI's "
@@ -169,21 +225,36 @@ def _asks_nothing(value, no_op) -> bool:
 
 def sampling(body: dict) -> dict:
     """``generate()`` arguments: temperature 0 (or under :data:`GREEDY_BELOW`) is greedy decoding, as OpenAI means
-    it; sampling draws from the whole distribution (``top_k=0``: generate() would keep only the top 50 tokens)."""
+    it; sampling draws from the whole distribution (``top_k=0``: generate() would keep only the top 50 tokens), from
+    torch's generators seeded with ``seed`` first when one is sent (the worker generates such a job alone)."""
     temperature, top_p = body.get("temperature", 1.0), body.get("top_p", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
         raise RequestError(400, f"temperature must be a number in [0, 2], got {temperature!r}.", "temperature")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise RequestError(400, f"top_p must be a number in (0, 1], got {top_p!r}.", "top_p")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <
+                             SEED_RANGE[1]):  # fmt: skip
+        raise RequestError(400, f"seed must be an integer in [-2**63, 2**64), got {seed!r}.", "seed")
     if temperature < GREEDY_BELOW:
-        return {"do_sample": False}
-    return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+        return {"do_sample": False}  # greedy decoding draws nothing: a seed changes nothing
+    settings = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    return settings if seed is None else settings | {"seed": seed}
 
 
-def completion_prompt(body: dict, served: ServedModel) -> list[int]:
+def completion_prompts(body: dict, served: ServedModel) -> list[list[int]]:
+    """The prompts' token ids: ``prompt`` is a string, a list of token ids, or a list of either (several prompts, as
+    OpenAI's API and lm-evaluation-harness send them)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
+    several = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    prompts = prompt if several else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise RequestError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}; split them.",
+                           "prompt")  # fmt: skip
+    return [one_prompt(p, served) for p in prompts]
+
+
+def one_prompt(prompt, served: ServedModel) -> list[int]:
     if isinstance(prompt, str) and prompt:
         check_prompt_size(len(prompt.encode("utf-8", "surrogatepass")), served)
         return served.tokenizer(prompt).input_ids
@@ -191,8 +262,8 @@ def completion_prompt(body: dict, served: ServedModel) -> list[int]:
         if not all(0 <= t < len(served.tokenizer) for t in prompt):
             raise RequestError(400, f"prompt token ids must lie in [0, {len(served.tokenizer)}).", "prompt")
         return prompt
-    raise RequestError(400, "prompt must be a non-empty string or a non-empty list of token ids (one prompt).",
-                       "prompt")  # fmt: skip
+    raise RequestError(400, "prompt must be a non-empty string, a non-empty list of token ids, or a list of such "
+                       "prompts.", "prompt")  # fmt: skip
 
 
 def chat_prompt(body: dict, served: ServedModel) -> list[int]:
@@ -269,38 +340,3 @@ class StopText:
         """The held-back end, once no more text comes."""
         held, self.held = self.held, ""
         return held
-
-
-def reply(job: Job, model: str, text: str, finish_reason: str, completion_tokens: int) -> dict:
-    """The whole (non-streamed) response."""
-    if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {**envelope(job, model, streamed=False), "choices": [choice], "usage": usage(job, completion_tokens)}
-
-
-def chunk(job: Job, model: str, text: str, finish_reason: str | None, first: bool = False) -> str:
-    """One server-sent event of a streamed response."""
-    if job.chat:
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return f"data: {json.dumps({**envelope(job, model, streamed=True), 'choices': [choice]})}\n\n"
-
-
-def usage_chunk(job: Job, model: str, completion_tokens: int) -> str:
-    """The last event of a stream that asked for ``stream_options.include_usage``: no choices, the usage."""
-    body = {**envelope(job, model, streamed=True), "choices": [], "usage": usage(job, completion_tokens)}
-    return f"data: {json.dumps(body)}\n\n"
-
-
-def usage(job: Job, completion_tokens: int) -> dict:
-    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion_tokens,
-            "total_tokens": len(job.prompt_ids) + completion_tokens}  # fmt: skip
-
-
-def envelope(job: Job, model: str, streamed: bool) -> dict:
-    kind = ("chat.completion.chunk" if streamed else "chat.completion") if job.chat else "text_completion"
-    return {"id": job.request_id, "object": kind, "created": int(time.time()), "model": model}

@@ -3,7 +3,8 @@
 LitServe's own ``OpenAISpec`` serves chat only, answers a bad request from inside the inference worker (where one
 bad request fails its whole batch) and streams errors with status 200. This spec checks every request in the HTTP
 process first (:mod:`openai_protocol`: 4xx with an OpenAI error body, nothing queued), queues only token jobs, and
-turns the worker's token stream into text, finish reasons and usage, streamed as server-sent events or whole.
+turns the worker's token stream into text, finish reasons, usage and log-probabilities, streamed as server-sent
+events or whole.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -28,14 +30,22 @@ from lightning_memdec.apps.openai_protocol import (
     RequestError,
     ServedModel,
     StopText,
-    check_request,
-    chunk,
+    check_requests,
     parse_body,
-    reply,
-    usage_chunk,
 )
+from lightning_memdec.apps.openai_replies import Completion, TokenLogProb, chunk, prompt_offsets, reply, usage_chunk
 
 COMPLETIONS_PATH = "/v1/completions"
+
+
+class Piece(NamedTuple):
+    """A reply's next text, its finish reason once it ends, its tokens so far, and the log-probs of the tokens that
+    came with this piece (when asked)."""
+
+    text: str
+    finish_reason: str | None
+    count: int
+    log_probs: list[TokenLogProb]
 
 
 class OpenAICompletionsSpec(LitSpec):
@@ -92,22 +102,27 @@ class OpenAICompletionsSpec(LitSpec):
         body = await request.body()
         try:
             loop = asyncio.get_running_loop()
-            job = await loop.run_in_executor(self.tokenizing, checked_job, body, self.served, chat)
+            jobs = await loop.run_in_executor(self.tokenizing, checked_jobs, body, self.served, chat)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        if job.stream:
-            return StreamingResponse(self.events(job), media_type="text/event-stream")
+        if jobs[0].stream:  # a streamed request has one prompt
+            return StreamingResponse(self.events(jobs[0]), media_type="text/event-stream")
         try:
-            pieces = [item async for item in self.pieces(job)]
-            text, (_, finish_reason, count) = "".join(piece for piece, _, _ in pieces), pieces[-1]
+            done = await asyncio.gather(*(self.completion(job) for job in jobs))
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        headers = {"X-Batch-Size": str(job.batch_size)}  # how many requests were generated together with this one
-        return JSONResponse(reply(job, self.served.name, text, finish_reason, count), headers=headers)
+        # how many requests were generated together with this one (the most, for several prompts)
+        headers = {"X-Batch-Size": str(max(job.batch_size for job in jobs))}
+        return JSONResponse(reply(jobs, self.served, done), headers=headers)
+
+    async def completion(self, job: Job) -> Completion:
+        pieces = [piece async for piece in self.pieces(job)]
+        log_probs = [entry for piece in pieces for entry in piece.log_probs]
+        return Completion("".join(p.text for p in pieces), pieces[-1].finish_reason, pieces[-1].count, log_probs)
 
     async def pieces(self, job: Job):
-        """Queue the job for the inference workers, then (new text, finish reason, tokens so far) per generated
-        token; the reason is "stop" at an end-of-sequence id (not part of the text) and "length" at max_tokens."""
+        """Queue the job for the inference workers, then its :class:`Piece` per generated token; the finish reason
+        is "stop" at an end-of-sequence id (not part of the text) and "length" at max_tokens."""
         uid, queue, event = uuid.uuid4(), deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job.payload()))
@@ -118,9 +133,9 @@ class OpenAICompletionsSpec(LitSpec):
             self.response_buffer.pop(uid, None)
 
     async def token_pieces(self, job: Job, tokens: AsyncIterator):
-        """(text, finish reason, tokens so far) per token; the text ends before a stop string (reason "stop"): the
-        worker's remaining steps for the job are dropped."""
-        detokenizer, stop, count = Detokenizer(self.served.tokenizer), StopText(job.stop), 0
+        """A :class:`Piece` per token (an echoed prompt first, whole); the text ends before a stop string (reason
+        "stop"): the worker's remaining steps for the job are dropped."""
+        detokenizer, stop, count, start = Detokenizer(self.served.tokenizer), StopText(job.stop), 0, 0
         async for data, status in tokens:
             if status == LitAPIStatus.ERROR and getattr(data, "status_code", None) == 504:  # LitServe's queue timeout
                 raise RequestError(504, "the request waited in the queue longer than the server's --queue.timeout; "
@@ -131,32 +146,57 @@ class OpenAICompletionsSpec(LitSpec):
             if "error" in step:
                 raise RequestError(500, f"generation failed in the inference worker: {step['error']}",
                                    code="server_error")  # fmt: skip
+            if "prompt" in step:  # echo: the prompt's text and log-probs come first
+                job.batch_size = step["batch"]
+                piece = self.echoed(job, step["prompt"])
+                start = len(piece.text)
+                yield piece._replace(finish_reason="length") if job.max_tokens == 0 else piece
+                if job.max_tokens == 0:
+                    return
+                continue
             if "token" not in step:
                 continue
             job.batch_size = step["batch"]
             count += 1
+            entries = []
+            if job.logprobs is not None:
+                entries = [TokenLogProb(step["token"], step["logprob"], step["top"], start + len(detokenizer.sent))]
             if step["end"]:  # an end-of-sequence id: not part of the text
                 piece = detokenizer.flush()
             else:
                 piece = detokenizer.add(step["token"]) + (detokenizer.flush() if count == job.max_tokens else "")
             text, stopped = stop.add(piece)
             if stopped:
-                yield text, "stop", count
+                yield Piece(text, "stop", count, entries)
                 return
             if step["end"] or count == job.max_tokens:
-                yield text + stop.flush(), "stop" if step["end"] else "length", count
+                yield Piece(text + stop.flush(), "stop" if step["end"] else "length", count, entries)
                 return
-            yield text, None, count
-        yield stop.add(detokenizer.flush())[0] + stop.flush(), "length", count  # the worker ended early (not expected)
+            yield Piece(text, None, count, entries)
+        # the worker ended early (not expected)
+        yield Piece(stop.add(detokenizer.flush())[0] + stop.flush(), "length", count, [])
+
+    def echoed(self, job: Job, scored: list) -> Piece:
+        """The prompt as the reply's first piece: its text and (asked) its tokens' log-probs."""
+        tokenizer = self.served.tokenizer
+        text = tokenizer.decode(job.prompt_ids, skip_special_tokens=True)
+        entries = []
+        if job.logprobs is not None:
+            offsets = prompt_offsets(tokenizer, job.prompt_ids)
+            for token, score, offset in zip(job.prompt_ids, scored, offsets):
+                log_prob, top = score if score is not None else (None, None)
+                entries.append(TokenLogProb(token, log_prob, top, offset))
+        return Piece(text, None, 0, entries)
 
     async def events(self, job: Job):
-        yield chunk(job, self.served.name, "", None, first=True)
-        count = 0
+        yield chunk(job, self.served, "", None, first=True)
+        count, pending = 0, []
         try:
-            async for piece, finish_reason, made in self.pieces(job):
-                count = made
-                if piece or finish_reason:
-                    yield chunk(job, self.served.name, piece, finish_reason)
+            async for piece in self.pieces(job):
+                count, pending = piece.count, pending + piece.log_probs
+                if piece.text or piece.finish_reason:  # log-probs of tokens whose text was held back come later
+                    yield chunk(job, self.served, piece.text, piece.finish_reason, log_probs=pending)
+                    pending = []
         except RequestError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
         if job.include_usage:
@@ -164,5 +204,5 @@ class OpenAICompletionsSpec(LitSpec):
         yield "data: [DONE]\n\n"
 
 
-def checked_job(raw: bytes, served: ServedModel, chat: bool) -> Job:
-    return check_request(parse_body(raw), served, chat)
+def checked_jobs(raw: bytes, served: ServedModel, chat: bool) -> list[Job]:
+    return check_requests(parse_body(raw), served, chat)

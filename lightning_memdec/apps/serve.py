@@ -70,7 +70,8 @@ def served_model(base: str, memdec: str | None, model_name: str | None, decoding
                              "serve models of one tokenizer.")  # fmt: skip
     names = [Path(str(ref).rstrip("/")).name for ref in (base, memdec) if ref]
     context = min(contexts) if contexts else None
-    return ServedModel(model_name or "+".join(names), tokenizer, context, limit, longest_token_bytes(tokenizer))
+    return ServedModel(model_name or "+".join(names), tokenizer, context, limit, longest_token_bytes(tokenizer),
+                       token_log_probs=decoding == "eager")  # fmt: skip
 
 
 def check_decoder_tokenizer(memdec: str | None, tokenizer, base: str) -> None:
@@ -167,7 +168,7 @@ def serve(
     model = served_model(base, memdec, model_name, decoding)
     check_router(router, base, memdec, model.tokenizer)
     api = MixtureAPI(base, memdec, lmbda, device, OpenAICompletionsSpec(model), router=router, decoding=decoding,
-                     context=model.context, max_batch_size=queue.max_batch_size,
+                     context=model.context, vocab=len(model.tokenizer), max_batch_size=queue.max_batch_size,
                      batch_timeout=queue.batch_timeout)  # fmt: skip
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
     server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=queue.timeout)

@@ -3,7 +3,8 @@
 LitServe starts it in its own process and hands it the batches it collects; each batch is generated through
 ``generate()`` of :class:`InterpolatedLM` (or of the base alone), or with ``decoding="static"`` through a
 :class:`StaticGenerator` of the same models (static caches, one compiled step a token for every batch size up to
-the queue's), and every step's tokens go back as they come.
+the queue's), and every step's tokens go back as they come, with their log-probabilities where a request asks
+(eager decoding only) and, for ``echo``, its prompt's first.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import litserve as ls
+import torch
 
 from lightning_memdec.inference.streamed_generation import stream_generate
+from lightning_memdec.inference.token_log_probs import prompt_log_probs
 
 
 class MixtureAPI(ls.LitAPI):
     """The inference worker: loads the model on its device and streams tokens for a batch of token jobs."""
 
     def __init__(self, base: str, memdec: str | None, lmbda: float, device: str, spec, router=None,
-                 decoding: str = "eager", context: int | None = None, **batching):  # fmt: skip
+                 decoding: str = "eager", context: int | None = None, vocab: int | None = None,
+                 **batching):  # fmt: skip
         super().__init__(spec=spec, **batching)
         self.base, self.memdec, self.lmbda, self.requested_device = base, memdec, lmbda, device
-        self.router, self.decoding, self.context = router, decoding, context
+        self.router, self.decoding, self.context, self.vocab = router, decoding, context, vocab
 
     def setup(self, device: str) -> None:
         from lightning_memdec.hf.loading import torch_device
@@ -44,7 +48,8 @@ class MixtureAPI(ls.LitAPI):
 
     def predict(self, jobs, **kwargs):
         batched = isinstance(jobs, list)  # max_batch_size 1: LitServe passes the job itself
-        for step in generate_steps(self.model, jobs if batched else [jobs], self.eos_token_ids, self.context):
+        steps = generate_steps(self.model, jobs if batched else [jobs], self.eos_token_ids, self.context, self.vocab)
+        for step in steps:
             yield step if batched else step[0]
 
     def encode_response(self, output, **kwargs):
@@ -52,33 +57,60 @@ class MixtureAPI(ls.LitAPI):
 
 
 def generate_steps(
-    model, jobs: list[dict], eos_token_ids: set[int], context: int | None = None
+    model, jobs: list[dict], eos_token_ids: set[int], context: int | None = None, vocab: int | None = None
 ) -> Iterator[list[dict]]:
     """Per decoding step, one dict per job: ``{"token": id, "end": bool, "batch": rows in its generate() call}``
     while it runs, else ``{}``; ``{"error": message}`` for the jobs of a ``generate()`` call that failed (their
     requests get a 500 naming it; the other calls still run).
 
-    The jobs go in :func:`generate_calls`: those of one call are generated together, the calls one after another.
+    A job with ``"logprobs": k`` (not None) gets ``"logprob"`` and ``"top"`` (k ``[id, log p]``) with each token; one
+    with ``"echo"`` first gets ``{"prompt": [None, (log p, top), …], "batch": …}``, its prompt tokens scored
+    (:func:`~lightning_memdec.inference.token_log_probs.prompt_log_probs`), and may ask for no new tokens. The jobs
+    go in :func:`generate_calls`: those of one call are generated together, the calls one after another; a call
+    with a ``seed`` seeds torch's generators first.
     """
     for rows, settings in generate_calls(jobs, context):
-        prompts = [jobs[row]["prompt_ids"] for row in rows]
-        budgets = [jobs[row]["max_tokens"] for row in rows]
         try:
-            for step in stream_generate(model, prompts, budgets, eos_token_ids, **settings):
+            echoed = [row for row in rows if jobs[row].get("echo")]
+            if echoed:
                 out: list[dict] = [{} for _ in jobs]
-                for row, token in zip(rows, step):
-                    if token is not None:
-                        out[row] = {"token": token, "end": token in eos_token_ids, "batch": len(rows)}
+                for row in echoed:
+                    top = jobs[row].get("logprobs") or 0
+                    out[row] = {"prompt": prompt_log_probs(model, jobs[row]["prompt_ids"], top, vocab),
+                                "batch": len(rows)}  # fmt: skip
                 yield out
+            generating = [row for row in rows if jobs[row]["max_tokens"] > 0]  # echo may ask for no new tokens
+            if generating:
+                yield from generated_steps(model, jobs, generating, settings, eos_token_ids, vocab)
         except Exception as err:  # as a message, not the exception LitServe would pickle
             yield [{"error": f"{type(err).__name__}: {err}"} if row in rows else {} for row in range(len(jobs))]
+
+
+def generated_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab):
+    """The steps of one ``generate()`` call of ``rows`` (see :func:`generate_steps`)."""
+    settings = dict(settings)
+    seed = settings.pop("seed", None)
+    if seed is not None:  # the call holds this job alone (generate_calls): its draws are its seed's
+        torch.manual_seed(seed)
+    asked = [jobs[row].get("logprobs") for row in rows]
+    top = max((k for k in asked if k is not None), default=None)
+    prompts = [jobs[row]["prompt_ids"] for row in rows]
+    budgets = [jobs[row]["max_tokens"] for row in rows]
+    for step in stream_generate(model, prompts, budgets, eos_token_ids, top_logprobs=top, vocab=vocab, **settings):
+        out: list[dict] = [{} for _ in jobs]
+        for row, k, token in zip(rows, asked, step):
+            if token is not None:
+                out[row] = {"token": token.id, "end": token.id in eos_token_ids, "batch": len(rows)}
+                if k is not None:
+                    out[row] |= {"logprob": token.log_prob, "top": token.top[:k]}
+        yield out
 
 
 def generate_calls(jobs: list[dict], context: int | None) -> Iterator[tuple[list[int], dict]]:
     """The batch's jobs as ``generate()`` calls (rows, sampling settings): one call has one set of settings (greedy
     and sampled jobs go apart), and its rows are left-padded to its longest prompt and decoded up to its largest
     budget, which must fit the ``context`` (each request alone was checked to fit): a job that would overflow it
-    starts the next call."""
+    starts the next call. A seeded job is a call of its own: its draws depend on its seed alone."""
     groups: dict[tuple, list[int]] = {}
     for row, job in enumerate(jobs):
         groups.setdefault(tuple(sorted(job["sampling"].items())), []).append(row)
@@ -86,7 +118,8 @@ def generate_calls(jobs: list[dict], context: int | None) -> Iterator[tuple[list
         call, width, budget = [], 0, 0
         for row in rows:
             prompt, tokens = len(jobs[row]["prompt_ids"]), jobs[row]["max_tokens"]
-            if call and context is not None and max(width, prompt) + max(budget, tokens) > context:
+            overflows = context is not None and max(width, prompt) + max(budget, tokens) > context
+            if call and (overflows or "seed" in jobs[row]["sampling"]):
                 yield call, dict(settings)
                 call, width, budget = [], 0, 0
             call.append(row)

@@ -4,7 +4,8 @@ A server batches concurrent requests, and each wants its own number of new token
 ``generate()`` already does the work for any causal LM (base alone, :class:`InterpolatedLM`); this module only
 left-pads the prompts, stops each row at its own budget (a per-row stopping criterion) and hands every decoding
 step's new tokens out of the generating thread through a streamer. With ``do_sample=False`` a row's tokens are
-``model.generate(prompt, max_new_tokens=budget, do_sample=False)``'s for that prompt alone.
+``model.generate(prompt, max_new_tokens=budget, do_sample=False)``'s for that prompt alone. Asked, each token comes
+with its log-probability and the most likely tokens at its step (:mod:`token_log_probs`).
 """
 
 from __future__ import annotations
@@ -12,26 +13,44 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from lightning_memdec.hf.left_padding import left_pad
+from lightning_memdec.inference.token_log_probs import StepLogProbs, scored_tokens
+
+
+@dataclass(frozen=True)
+class StepToken:
+    """A row's new token; with log-probs asked, its log p and the ``top`` most likely ``[[id, log p], …]``."""
+
+    id: int
+    log_prob: float | None = None
+    top: list | None = None
 
 
 class StepStreamer(BaseStreamer):
-    """Receives ``generate()``'s new tokens (one per row per step) and queues them for another thread."""
+    """Receives ``generate()``'s new tokens (one per row per step) and queues them as :class:`StepToken` rows for
+    another thread; with a :class:`StepLogProbs` recorder, each with its log-probs at that step."""
 
-    def __init__(self):
+    def __init__(self, recorder: StepLogProbs | None = None, top: int = 0):
         self.steps: queue.Queue = queue.Queue()
         self.prompt_seen = False
+        self.recorder, self.top = recorder, top
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first puts the prompt itself
             self.prompt_seen = True
             return
-        self.steps.put(value.reshape(-1).tolist())
+        tokens = value.reshape(-1)
+        if self.recorder is None:
+            self.steps.put([StepToken(token) for token in tokens.tolist()])
+            return
+        scored = scored_tokens(self.recorder.last, tokens, self.top)  # the log-probs this step's tokens came from
+        self.steps.put([StepToken(t, lp, top) for t, (lp, top) in zip(tokens.tolist(), scored)])
 
     def end(self) -> None:
         self.steps.put(None)
@@ -50,19 +69,30 @@ class RowBudgets(StoppingCriteria):
 
 
 def stream_generate(
-    model, prompts: list[list[int]], budgets: list[int], eos_token_ids: set[int], **generate_kwargs
-) -> Iterator[list[int | None]]:
-    """Yield, per decoding step, each row's new token id, or None for a row already finished.
+    model,
+    prompts: list[list[int]],
+    budgets: list[int],
+    eos_token_ids: set[int],
+    top_logprobs: int | None = None,
+    vocab: int | None = None,
+    **generate_kwargs,
+) -> Iterator[list[StepToken | None]]:
+    """Yield, per decoding step, each row's new token, or None for a row already finished.
 
     A row finishes after an end-of-sequence id (which is yielded) or its budget of new tokens. ``generate_kwargs``
     (``do_sample``, ``temperature``, ``top_p`` …) go to ``model.generate`` unchanged, so they hold for every row.
+    ``top_logprobs`` (a count) gives each token its log-probability and that many most likely tokens, normalised
+    over the first ``vocab`` ids (the tokenizer's; all the head's when None).
     """
     if len(prompts) != len(budgets) or not prompts or min(budgets) < 1 or min(len(p) for p in prompts) < 1:
         raise ValueError(f"need one non-empty prompt and a budget ≥ 1 per row, got {len(prompts)} and {budgets}.")
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else next(iter(eos_token_ids))
     input_ids, attention_mask = (t.to(model.device) for t in left_pad(prompts, pad))
-    streamer, failure = StepStreamer(), []
+    recorder = None if top_logprobs is None else StepLogProbs(vocab)
+    if recorder is not None:
+        generate_kwargs["logits_processor"] = LogitsProcessorList([recorder])
+    streamer, failure = StepStreamer(recorder, top_logprobs or 0), []
 
     def run() -> None:
         try:
@@ -84,12 +114,12 @@ def stream_generate(
     worker.start()
     made, finished = [0] * len(prompts), [False] * len(prompts)
     while (step := streamer.steps.get()) is not None and not all(finished):
-        out: list[int | None] = []
+        out: list[StepToken | None] = []
         for row, token in enumerate(step):
             out.append(None if finished[row] else token)
             if not finished[row]:
                 made[row] += 1
-                finished[row] = token in eos_token_ids or made[row] >= budgets[row]
+                finished[row] = token.id in eos_token_ids or made[row] >= budgets[row]
         yield out
     worker.join()
     if failure:

@@ -1,0 +1,129 @@
+"""OpenAI's reply shapes for ``memdec serve``: whole responses, streamed chunks, usage and log-probabilities.
+
+No model and no server here: what a checked :class:`~lightning_memdec.apps.openai_protocol.Job` is answered with,
+defined once for both endpoints (completions and chat completions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from lightning_memdec.apps.openai_protocol import Job, ServedModel
+
+
+@dataclass(frozen=True)
+class TokenLogProb:
+    """One token of a reply's log-probabilities: its id, its log p (None for a prompt's first token, which has no
+    context), the most likely tokens at its step ``[[id, log p], …]``, and where its text begins in the choice's
+    text (in characters)."""
+
+    id: int
+    log_prob: float | None
+    top: list | None
+    offset: int
+
+
+@dataclass
+class Completion:
+    """What one job's reply holds once generated."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    log_probs: list[TokenLogProb] = field(default_factory=list)
+
+
+def token_text(tokenizer, token: int) -> str:
+    """A token as text, alone (a token that is part of a character shows as U+FFFD; a sentencepiece tokenizer drops
+    a word's leading space here)."""
+    return tokenizer.decode([token])
+
+
+def completion_logprobs(entries: list[TokenLogProb], tokenizer) -> dict:
+    """``/v1/completions``' logprobs: each token, its log p, the most likely tokens (as OpenAI: with the chosen
+    token added if it is not among them) and its offset in the text."""
+    tokens = [token_text(tokenizer, e.id) for e in entries]
+    tops = []
+    for text, e in zip(tokens, entries):
+        if e.log_prob is None:
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for token, log_prob in e.top:  # most likely first: two ids of one text keep the likelier's
+            top.setdefault(token_text(tokenizer, token), log_prob)
+        top.setdefault(text, e.log_prob)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [e.log_prob for e in entries], "top_logprobs": tops,
+            "text_offset": [e.offset for e in entries]}  # fmt: skip
+
+
+def chat_logprobs(entries: list[TokenLogProb], tokenizer) -> dict:
+    """``/v1/chat/completions``' logprobs: per token its text, log p, UTF-8 bytes and the most likely tokens."""
+
+    def described(token: int, log_prob: float) -> dict:
+        text = token_text(tokenizer, token)
+        return {"token": text, "logprob": log_prob, "bytes": list(text.encode("utf-8"))}
+
+    content = [described(e.id, e.log_prob) | {"top_logprobs": [described(*t) for t in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def logprobs_of(job: Job, entries: list[TokenLogProb], tokenizer) -> dict | None:
+    if job.logprobs is None:
+        return None
+    return chat_logprobs(entries, tokenizer) if job.chat else completion_logprobs(entries, tokenizer)
+
+
+def reply(jobs: list[Job], served: ServedModel, done: list[Completion]) -> dict:
+    """The whole (non-streamed) response: one choice per job (prompt), in the request's order."""
+    choices = []
+    for job, completion in zip(jobs, done):
+        logprobs = logprobs_of(job, completion.log_probs, served.tokenizer)
+        if job.chat:
+            message = {"role": "assistant", "content": completion.text}
+            choices.append({"index": 0, "message": message, "logprobs": logprobs,
+                            "finish_reason": completion.finish_reason})  # fmt: skip
+        else:
+            choices.append({"index": job.index, "text": completion.text, "logprobs": logprobs,
+                            "finish_reason": completion.finish_reason})  # fmt: skip
+    prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+    made = sum(completion.completion_tokens for completion in done)
+    return {**envelope(jobs[0], served.name, streamed=False), "choices": choices, "usage": usage(prompt_tokens, made)}
+
+
+def chunk(job: Job, served: ServedModel, text: str, finish_reason: str | None, first: bool = False,
+          log_probs: list[TokenLogProb] | None = None) -> str:  # fmt: skip
+    """One server-sent event of a streamed response; ``log_probs``: the tokens received since the previous one."""
+    logprobs = None if first else logprobs_of(job, log_probs or [], served.tokenizer)
+    if job.chat:
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return f"data: {json.dumps({**envelope(job, served.name, streamed=True), 'choices': [choice]})}\n\n"
+
+
+def usage_chunk(job: Job, model: str, completion_tokens: int) -> str:
+    """The last event of a stream that asked for ``stream_options.include_usage``: no choices, the usage."""
+    counts = usage(len(job.prompt_ids), completion_tokens)
+    body = {**envelope(job, model, streamed=True), "choices": [], "usage": counts}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def envelope(job: Job, model: str, streamed: bool) -> dict:
+    kind = ("chat.completion.chunk" if streamed else "chat.completion") if job.chat else "text_completion"
+    return {"id": job.request_id, "object": kind, "created": int(time.time()), "model": model}
+
+
+def prompt_offsets(tokenizer, ids: list[int]) -> list[int]:
+    """Where each prompt token's text begins in the prompt's text (as :class:`Detokenizer` counts: an incomplete
+    character not yet)."""
+    prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))], skip_special_tokens=True)
+    return [len(prefix.rstrip("\ufffd")) for prefix in prefixes]

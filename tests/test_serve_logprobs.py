@@ -1,0 +1,236 @@
+"""`memdec serve`'s log-probabilities, echo, seeds and several prompts, without a server: each log-probability the
+worker sends is checked against the mixture's own forward pass over the same tokens, each reply shape against the
+entries it was built from."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from conftest import save_tiny
+
+from lightning_memdec.apps.openai_protocol import RequestError, ServedModel, check_request, check_requests
+from lightning_memdec.apps.openai_replies import Completion, TokenLogProb, chat_logprobs, completion_logprobs, reply
+from lightning_memdec.io.embedded import load_tokenizer
+
+pytest.importorskip("litserve")
+TOP = 3
+
+
+@pytest.fixture(scope="module")
+def served() -> ServedModel:
+    return ServedModel("m", load_tokenizer("gpt2"), context=64)
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    from lightning_memdec.apps.serve_worker import load_generator
+
+    root = tmp_path_factory.mktemp("logprobs")
+    base, memdec = save_tiny(root / "b"), save_tiny(root / "m", n_embd=16, seed=1)
+    return load_generator(str(base), str(memdec), 0.3, torch.device("cpu"))
+
+
+def reference_log_probs(model, ids: list[int]) -> torch.Tensor:
+    """log p(· | ids[:t + 1]) ``[T, V]``: the mixture's forward pass over the whole row, no cache, no padding."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]), use_cache=False).logits[0].float().log_softmax(-1)
+
+
+def assert_scored(log_prob: float, top: list, reference: torch.Tensor, token: int) -> None:
+    """A token's log p and its top list, against the reference row ``[V]``."""
+    assert log_prob == pytest.approx(reference[token].item(), abs=1e-4)
+    assert [lp for _, lp in top] == pytest.approx(reference.topk(len(top)).values.tolist(), abs=1e-4)
+    assert [lp for _, lp in top] == pytest.approx([reference[i].item() for i, _ in top], abs=1e-4)
+
+
+def run_jobs(model, jobs: list[dict]) -> list[list[dict]]:
+    """Each job's non-empty steps from the worker."""
+    from lightning_memdec.apps.serve_worker import generate_steps
+
+    got: list[list[dict]] = [[] for _ in jobs]
+    for step in generate_steps(model, jobs, eos_token_ids={model.generation_config.eos_token_id}, vocab=50257):
+        for row, out in enumerate(step):
+            if out:
+                got[row].append(out)
+    return got
+
+
+def test_each_generated_token_carries_the_mixture_s_log_probs(mixture, served):
+    """Greedy and sampled jobs in one batch, left-padded: each token's log p and top list are those of the mixture
+    over the row alone, before temperature (a sampled job at temperature 0.5 reports the model's own log p)."""
+    bodies = [
+        {"prompt": [15496, 612, 11], "max_tokens": 4, "temperature": 0, "logprobs": TOP},
+        {"prompt": [87], "max_tokens": 5, "temperature": 0.5, "logprobs": 1},
+        {"prompt": [464, 5827, 373, 1813, 257], "max_tokens": 3, "temperature": 0},  # no log-probs asked
+    ]
+    jobs = [check_request(body, served, chat=False) for body in bodies]
+    got = run_jobs(mixture, [job.payload() for job in jobs])
+    for job, steps in zip(jobs, got):
+        assert len(steps) == job.max_tokens
+        if job.logprobs is None:
+            assert all("logprob" not in step for step in steps)
+            continue
+        tokens = [step["token"] for step in steps]
+        reference = reference_log_probs(mixture, job.prompt_ids + tokens)
+        for t, step in enumerate(steps):
+            assert len(step["top"]) == job.logprobs
+            assert_scored(step["logprob"], step["top"], reference[len(job.prompt_ids) - 1 + t], step["token"])
+        if not job.sampling["do_sample"]:  # greedy: the chosen token is the most likely one
+            assert all(step["token"] == step["top"][0][0] for step in steps)
+
+
+def test_the_base_alone_normalises_over_the_tokenizer_s_ids(tmp_path, served):
+    """Served without a decoder, a head padded past the tokenizer (50304 rows for 50257 ids) gives the padding no
+    mass: the log-probs are normalised over the tokenizer's ids, prompt and generated tokens alike."""
+    from lightning_memdec.apps.serve_worker import load_generator
+
+    base = load_generator(str(save_tiny(tmp_path / "b", vocab=50304)), None, 0.3, torch.device("cpu"))
+    job = check_request({"prompt": [464, 5827, 373], "max_tokens": 2, "temperature": 0, "logprobs": 2,
+                         "echo": True}, served, chat=False)  # fmt: skip
+    ((prompt, *steps),) = run_jobs(base, [job.payload()])
+    ids = job.prompt_ids + [step["token"] for step in steps]
+    with torch.no_grad():
+        reference = base(torch.tensor([ids])).logits[0, :, :50257].log_softmax(-1)
+    for t, (log_prob, top) in enumerate(prompt["prompt"][1:], start=1):
+        assert_scored(log_prob, top, reference[t - 1], ids[t])
+    for t, step in enumerate(steps, start=len(job.prompt_ids)):
+        assert_scored(step["logprob"], step["top"], reference[t - 1], step["token"])
+
+
+def test_echo_scores_the_prompt_and_may_ask_for_no_new_tokens(mixture, served):
+    prompt = [464, 5827, 373, 1813, 257]
+    only_prompt = check_request({"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": TOP}, served, False)
+    also_two = check_request({"prompt": prompt[:2], "max_tokens": 2, "echo": True, "logprobs": 0}, served, False)
+    (scored,), (first, *generated) = run_jobs(mixture, [only_prompt.payload(), also_two.payload()])
+    reference = reference_log_probs(mixture, prompt)
+    assert scored["prompt"][0] is None and len(scored["prompt"]) == len(prompt)
+    for t, (log_prob, top) in enumerate(scored["prompt"][1:], start=1):
+        assert_scored(log_prob, top, reference[t - 1], prompt[t])
+    assert first["prompt"][1][0] == pytest.approx(reference[0, prompt[1]].item(), abs=1e-4)
+    assert first["prompt"][1][1] == [] and len(generated) == 2
+
+
+def test_a_seeded_sampled_job_draws_the_same_tokens_whatever_it_is_batched_with(mixture, served):
+    body = {"prompt": [464, 5827], "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    seeded = check_request(body, served, chat=False).payload()
+    other = check_request({**body, "prompt": [87, 88], "seed": None}, served, chat=False).payload()
+    draws = [[s["token"] for s in steps] for steps in run_jobs(mixture, [seeded, other, seeded])]
+    alone = [s["token"] for s in run_jobs(mixture, [seeded])[0]]
+    assert draws[0] == draws[2] == alone
+    reseeded = check_request({**body, "seed": 8}, served, chat=False).payload()
+    assert [s["token"] for s in run_jobs(mixture, [reseeded])[0]] != alone  # the seed is what fixes the draws
+
+
+def test_completions_logprobs_false_is_none(served):
+    assert check_request({"prompt": "hi", "logprobs": False}, served, chat=False).logprobs is None
+
+
+def test_a_seed_asks_nothing_of_greedy_decoding(served):
+    assert check_request({"prompt": "hi", "temperature": 0, "seed": 3}, served, False).sampling == {"do_sample": False}
+    assert check_request({"prompt": "hi", "seed": -3}, served, False).sampling["seed"] == -3
+
+
+@pytest.mark.parametrize(
+    ("body", "chat", "param"),
+    [
+        ({"logprobs": 6}, False, "logprobs"),  # OpenAI's completions list at most 5
+        ({"logprobs": True}, False, "logprobs"),  # false is read as null, true is no count
+        ({"logprobs": 2}, True, "logprobs"),  # chat's is true or false
+        ({"top_logprobs": 2}, True, "top_logprobs"),  # needs logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, True, "top_logprobs"),
+        ({"echo": "yes"}, False, "echo"),
+        ({"max_tokens": 0}, False, "max_tokens"),  # no new tokens only with echo
+        ({"seed": 1.5}, False, "seed"),
+        ({"seed": True}, False, "seed"),
+        ({"seed": 2**64}, False, "seed"),
+        ({"prompt": ["a", "b"], "stream": True}, False, "prompt"),
+        ({"prompt": ["a", ""]}, False, "prompt"),
+        ({"prompt": ["a", 3]}, False, "prompt"),
+    ],
+)
+def test_bad_log_prob_echo_seed_and_prompt_settings_are_400s(served, body, chat, param):
+    start = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    with pytest.raises(RequestError) as err:
+        check_requests({**start, **body}, served, chat)
+    assert err.value.status == 400 and err.value.param == param, err.value.message
+
+
+def test_static_decoding_refuses_log_probs_and_echo_naming_the_fix():
+    static = ServedModel("m", load_tokenizer("gpt2"), 64, token_log_probs=False)
+    for asked in ({"logprobs": 0}, {"echo": True}):
+        with pytest.raises(RequestError, match="--decoding eager"):
+            check_request({"prompt": "hi", **asked}, static, chat=False)
+    assert check_request({"prompt": "hi"}, static, chat=False).logprobs is None
+
+
+def test_several_prompts_are_several_jobs_of_one_request(served):
+    jobs = check_requests({"prompt": ["Hello", [1, 2, 3], "x"], "max_tokens": 2, "logprobs": 1}, served, chat=False)
+    assert [job.index for job in jobs] == [0, 1, 2] and len({job.request_id for job in jobs}) == 1
+    assert jobs[1].prompt_ids == [1, 2, 3] and jobs[0].prompt_ids == served.tokenizer("Hello").input_ids
+    assert all(job.logprobs == 1 and job.max_tokens == 2 for job in jobs)
+    with pytest.raises(RequestError, match="at most"):
+        check_requests({"prompt": ["a"] * 257}, served, chat=False)
+    with pytest.raises(RequestError, match="prompt 1 has"):
+        check_requests({"prompt": [[1], [1] * 63], "max_tokens": 2}, served, chat=False)
+
+
+def test_completion_logprobs_are_openai_s_shape(served):
+    """The chosen token joins its top list when not in it; a prompt's first token has no log p; two ids of one text
+    keep the likelier's."""
+    tok = served.tokenizer
+    the, cat, dot = tok(" the").input_ids[0], tok(" cat").input_ids[0], tok(".").input_ids[0]
+    entries = [TokenLogProb(the, None, None, 0), TokenLogProb(cat, -2.0, [[dot, -0.5], [dot, -0.7]], 4)]
+    assert completion_logprobs(entries, tok) == {
+        "tokens": [" the", " cat"],
+        "token_logprobs": [None, -2.0],
+        "top_logprobs": [None, {".": -0.5, " cat": -2.0}],
+        "text_offset": [0, 4],
+    }
+    content = chat_logprobs([TokenLogProb(cat, -2.0, [[dot, -0.5]], 0)], tok)["content"]
+    assert content == [{"token": " cat", "logprob": -2.0, "bytes": list(b" cat"),
+                        "top_logprobs": [{"token": ".", "logprob": -0.5, "bytes": [46]}]}]  # fmt: skip
+
+
+def test_a_reply_of_several_prompts_has_a_choice_each_and_their_usage(served):
+    jobs = check_requests({"prompt": ["Hello there", "x"], "max_tokens": 2}, served, chat=False)
+    done = [Completion(" a", "length", 2), Completion("", "stop", 1)]
+    body = reply(jobs, served, done)
+    assert [(c["index"], c["text"], c["finish_reason"], c["logprobs"]) for c in body["choices"]] == [
+        (0, " a", "length", None),
+        (1, "", "stop", None),
+    ]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_echoed_pieces_give_the_prompt_then_the_tokens_with_their_offsets(served):
+    """What token_pieces makes of an echo job's steps: the prompt's text and log-probs, then each token's, every
+    offset pointing at where the token's text begins in the choice's text."""
+    from litserve.utils import LitAPIStatus
+
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+
+    tok = served.tokenizer
+    prompt, tokens = tok("The cat sat").input_ids, tok(" on the mat").input_ids
+    job = check_request({"prompt": prompt, "max_tokens": len(tokens), "echo": True, "logprobs": 1}, served, False)
+    scored = [None] + [(-1.0 * t, [[7, -0.1]]) for t in range(1, len(prompt))]
+
+    async def steps():
+        yield json.dumps({"prompt": scored, "batch": 1}), LitAPIStatus.OK
+        for t in tokens:
+            step = {"token": t, "end": False, "batch": 1, "logprob": -0.25, "top": [[t, -0.25]]}
+            yield json.dumps(step), LitAPIStatus.OK
+
+    async def pieces():
+        return [piece async for piece in OpenAICompletionsSpec(served).token_pieces(job, steps())]
+
+    got = asyncio.run(pieces())
+    text = "".join(p.text for p in got)
+    entries = [e for p in got for e in p.log_probs]
+    assert text == "The cat sat on the mat" and got[-1].finish_reason == "length"
+    assert [e.id for e in entries] == prompt + tokens
+    assert [e.log_prob for e in entries] == [None, -1.0, -2.0] + [-0.25] * len(tokens)
+    for e in entries:
+        assert text[e.offset :].startswith(tok.decode([e.id]))
