@@ -350,7 +350,8 @@ def test_streamed_and_chat_logprobs_are_the_whole_reply_s(server, models):
 
 def test_lm_evaluation_harness_local_completions_scores_as_memdec_lm_does(server, models):
     """lm-eval's `local-completions` model (token-id prompts, two per request, echo + logprobs) against this server
-    gives the log-likelihoods and greedy flags of lm-eval's in-process `memdec` model, and its generations."""
+    gives the log-likelihoods and greedy flags of lm-eval's in-process `memdec` model, and its generations. Given only
+    the URL, it finds the server's tokenizer endpoints and tokenizes through them."""
     pytest.importorskip("tenacity")  # lm-eval's API models need its [api] extra
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
@@ -359,8 +360,8 @@ def test_lm_evaluation_harness_local_completions_scores_as_memdec_lm_does(server
 
     pairs = [("The patient was", " given a"), ("In 1990", " the city"), ("x", " y z"), ("Proteins fold", " into")]
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
-    remote = LocalCompletionsAPI(model="tiny-mix", base_url=f"{server}/v1/completions", tokenizer=str(models["base"]),
-                                 tokenizer_backend="huggingface", batch_size=2, max_length=512)  # fmt: skip
+    remote = LocalCompletionsAPI(model="tiny-mix", base_url=f"{server}/v1/completions", batch_size=2, max_length=512)
+    assert remote.tokenizer_backend == "remote"
     local = MemDecLM(str(models["base"]), str(models["memdec"]), lmbda=LMBDA)
     served, direct = remote.loglikelihood(requests), local.loglikelihood(requests)
     assert [ll for ll, _ in served] == pytest.approx([ll for ll, _ in direct], abs=1e-3)

@@ -446,3 +446,23 @@ def test_a_stop_string_ends_the_reply_and_drops_the_rest_of_the_steps(served):
     assert "".join(p.text for p in got) == text[: text.index(". th")]
     at = next(i for i in range(len(tokens)) if ". th" in served.tokenizer.decode(tokens[: i + 1]))
     assert got[-1][1:3] == ("stop", at + 1) and read == tokens[: at + 1]
+
+
+def test_tokenizer_endpoints_answer_as_vllm_s(served):
+    """/tokenize, /detokenize and /tokenizer_info's bodies (what lm-eval's remote tokenizer reads), bad input a 400."""
+    from lightning_memdec.apps.tokenizer_endpoints import detokenize, tokenize, tokenizer_info
+
+    ids = served.tokenizer("Hello world").input_ids
+    assert tokenize({"prompt": "Hello world", "add_special_tokens": False}, served) == {
+        "tokens": ids, "count": len(ids), "max_model_len": 64,
+    }  # fmt: skip
+    assert detokenize({"tokens": ids + [50256]}, served) == {"prompt": "Hello world<|endoftext|>"}
+    assert detokenize({"tokens": []}, served) == {"prompt": ""}
+    info = tokenizer_info(served)
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 64 and info["vocab_size"] == 50257
+    for call, body, param in ((tokenize, {"prompt": 3}, "prompt"), (tokenize, {"prompt": "a", "add_special_tokens": 1},
+                              "add_special_tokens"), (detokenize, {"tokens": [1, 50257]}, "tokens"),
+                              (detokenize, {"tokens": "12"}, "tokens")):  # fmt: skip
+        with pytest.raises(RequestError) as err:
+            call(body, served)
+        assert err.value.status == 400 and err.value.param == param

@@ -34,6 +34,7 @@ from lightning_memdec.apps.openai_protocol import (
     parse_body,
 )
 from lightning_memdec.apps.openai_replies import Completion, TokenLogProb, chunk, prompt_offsets, reply, usage_chunk
+from lightning_memdec.apps.tokenizer_endpoints import detokenize, tokenize, tokenizer_info
 
 COMPLETIONS_PATH = "/v1/completions"
 
@@ -72,6 +73,9 @@ class OpenAICompletionsSpec(LitSpec):
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
         self.add_endpoint("/v1/models/{model_id:path}", self.model, ["GET"])
+        self.add_endpoint("/tokenize", self.tokenize, ["POST"])  # vLLM's: clients that tokenize on the server's side
+        self.add_endpoint("/detokenize", self.detokenize, ["POST"])
+        self.add_endpoint("/tokenizer_info", self.tokenizer_info, ["GET"])
 
     def decode_request(self, request, context_kwargs=None):
         return request
@@ -88,6 +92,24 @@ class OpenAICompletionsSpec(LitSpec):
                                "model", "model_not_found")  # fmt: skip
             return JSONResponse(err.body(), status_code=err.status)
         return self.model_card()
+
+    async def tokenize(self, request: Request):
+        return await self.tokenizer_reply(request, tokenize)
+
+    async def detokenize(self, request: Request):
+        return await self.tokenizer_reply(request, detokenize)
+
+    async def tokenizer_info(self):
+        return tokenizer_info(self.served)
+
+    async def tokenizer_reply(self, request: Request, endpoint):
+        """``endpoint(body, served)``'s reply, run on the tokenizing thread; a bad body is a 400."""
+        raw = await request.body()
+        try:
+            body = parse_body(raw)
+            return await asyncio.get_running_loop().run_in_executor(self.tokenizing, endpoint, body, self.served)
+        except RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
 
     def model_card(self) -> dict:
         return {"id": self.served.name, "object": "model", "created": 0, "owned_by": "memdec"}
