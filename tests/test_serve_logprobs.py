@@ -122,6 +122,11 @@ def test_a_seeded_sampled_job_draws_the_same_tokens_whatever_it_is_batched_with(
     assert draws[0] == draws[2] == alone
     reseeded = check_request({**body, "seed": 8}, served, chat=False).payload()
     assert [s["token"] for s in run_jobs(mixture, [reseeded])[0]] != alone  # the seed is what fixes the draws
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    run_jobs(mixture, [seeded])
+    assert torch.equal(torch.rand(3), before)  # the others' draws go on as if the seeded job had not run
 
 
 def test_completions_logprobs_false_is_none(served):

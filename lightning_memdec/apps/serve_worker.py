@@ -87,11 +87,19 @@ def generate_steps(
 
 
 def generated_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab):
-    """The steps of one ``generate()`` call of ``rows`` (see :func:`generate_steps`)."""
+    """The steps of one ``generate()`` call of ``rows`` (see :func:`generate_steps`); a seeded call draws from
+    generators seeded with it, and the others' draws go on as if it had not run."""
     settings = dict(settings)
     seed = settings.pop("seed", None)
-    if seed is not None:  # the call holds this job alone (generate_calls): its draws are its seed's
-        torch.manual_seed(seed)
+    on_gpu = seed is not None and model.device.type != "cpu"
+    devices, device_type = ([model.device.index or 0], model.device.type) if on_gpu else ([], None)
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None, device_type=device_type):
+        if seed is not None:  # the call holds this job alone (generate_calls): its draws are its seed's
+            torch.manual_seed(seed)
+        yield from call_steps(model, jobs, rows, settings, eos_token_ids, vocab)
+
+
+def call_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab):
     asked = [jobs[row].get("logprobs") for row in rows]
     top = max((k for k in asked if k is not None), default=None)
     prompts = [jobs[row]["prompt_ids"] for row in rows]
