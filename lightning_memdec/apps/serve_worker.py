@@ -35,7 +35,7 @@ class MixtureAPI(ls.LitAPI):
         chosen = self.requested_device if ":" in self.requested_device or self.requested_device == "cpu" else device
         self.model = load_generator(self.base, self.memdec, self.lmbda, torch_device(chosen), self.router)
         if self.decoding == "static":
-            self.model = static_generator(self.model, self.memdec is not None, self.max_batch_size)
+            self.model = static_generator(self.model, self.memdec is not None, self.max_batch_size, self.vocab)
             self.model.warm_up()  # compiled before the first request, not during it
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -135,14 +135,15 @@ def generate_calls(jobs: list[dict], context: int | None) -> Iterator[tuple[list
         yield call, dict(settings)
 
 
-def static_generator(model, mixed: bool, batch_rows: int):
-    """A :class:`StaticGenerator` of ``model`` (an ``InterpolatedLM`` when ``mixed``, else the base): the same
-    ``generate()`` interface, every batch of up to ``batch_rows`` prompts decoded as that many rows (one graph)."""
+def static_generator(model, mixed: bool, batch_rows: int, vocab: int | None = None):
+    """A :class:`StaticGenerator` of ``model`` (an ``InterpolatedLM`` when ``mixed``, else the base, decoding over
+    the tokenizer's ``vocab`` ids, not a padded head's): the same ``generate()`` interface, every batch of up to
+    ``batch_rows`` prompts decoded as that many rows (one graph)."""
     from lightning_memdec.inference.static_generation import StaticGenerator
 
     if mixed:
         return StaticGenerator.from_interpolated(model, batch_rows=batch_rows)
-    return StaticGenerator(model, batch_rows=batch_rows)
+    return StaticGenerator(model, batch_rows=batch_rows, vocab_size=vocab)
 
 
 def load_generator(base: str, memdec: str | None, lmbda: float, device, router: str | None = None):

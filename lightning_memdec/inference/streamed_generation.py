@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from lightning_memdec.hf.left_padding import left_pad
-from lightning_memdec.inference.token_log_probs import StepLogProbs, scored_tokens
+from lightning_memdec.hf.loading import output_rows
+from lightning_memdec.inference.token_log_probs import StepLogProbs, TokenizerIdsOnly, scored_tokens
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,10 @@ def stream_generate(
 
     A row finishes after an end-of-sequence id (which is yielded) or its budget of new tokens. ``generate_kwargs``
     (``do_sample``, ``temperature``, ``top_p`` …) go to ``model.generate`` unchanged, so they hold for every row.
-    ``top_logprobs`` (a count) gives each token its log-probability and that many most likely tokens, normalised
-    over the first ``vocab`` ids (the tokenizer's; all the head's when None).
+    With ``vocab`` (the tokenizer's size) a head padded past it draws no padding id (a ``StaticGenerator`` decodes
+    over its own ``vocab_size``). ``top_logprobs`` (a count) gives
+    each token its log-probability and that many most likely tokens, normalised over the first ``vocab`` ids (all
+    the head's when None).
     """
     if len(prompts) != len(budgets) or not prompts or min(budgets) < 1 or min(len(p) for p in prompts) < 1:
         raise ValueError(f"need one non-empty prompt and a budget ≥ 1 per row, got {len(prompts)} and {budgets}.")
@@ -90,8 +93,10 @@ def stream_generate(
     pad = pad if pad is not None else next(iter(eos_token_ids))
     input_ids, attention_mask = (t.to(model.device) for t in left_pad(prompts, pad))
     recorder = None if top_logprobs is None else StepLogProbs(vocab)
-    if recorder is not None:
-        generate_kwargs["logits_processor"] = LogitsProcessorList([recorder])
+    padded = vocab is not None and isinstance(model, PreTrainedModel) and output_rows(model) > vocab
+    processors = ([TokenizerIdsOnly(vocab)] if padded else []) + ([] if recorder is None else [recorder])
+    if processors:
+        generate_kwargs["logits_processor"] = LogitsProcessorList(processors)
     streamer, failure = StepStreamer(recorder, top_logprobs or 0), []
 
     def run() -> None:

@@ -28,6 +28,19 @@ def scored_tokens(log_probs: torch.Tensor, chosen: torch.Tensor, top: int) -> li
     ]
 
 
+class TokenizerIdsOnly(LogitsProcessor):
+    """Gives a head's rows past the tokenizer's ``vocab`` ids no probability: a padded head (Pythia, Qwen) keeps
+    some mass there, and a base decoded alone would otherwise draw ids that are no token."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] <= self.vocab:
+            return scores
+        return scores.index_fill(-1, torch.arange(self.vocab, scores.shape[-1], device=scores.device), -float("inf"))
+
+
 class StepLogProbs(LogitsProcessor):
     """A logits processor that changes nothing and keeps the step's log-probs ``[B, vocab]`` (float32): placed
     before generate()'s temperature and top-p warpers, it sees the model's own distribution."""
