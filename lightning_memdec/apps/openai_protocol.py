@@ -27,7 +27,7 @@ BOOKKEEPING = {"user", "store", "metadata", "service_tier", "parallel_tool_calls
                "safety_identifier", "reasoning_effort", "verbosity"}  # fmt: skip
 APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "logprobs"}
 APPLIED_BY = {"completions": {"prompt", "echo"}, "chat": {"messages", "max_completion_tokens", "top_logprobs"}}
-MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_STRINGS = 32  # OpenAI takes 4; lm-eval's tasks send up to 5 + the end-of-text (vLLM: no limit)
 MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits: completions' logprobs, chat's top_logprobs
 MAX_PROMPTS = 256  # prompts in one completions request (each is a job of its own)
 SEED_RANGE = (-(2**63), 2**64)  # the seeds torch.manual_seed takes
@@ -186,7 +186,7 @@ def requested_logprobs(body: dict, chat: bool) -> int | None:
 
 
 def stop_strings(body: dict) -> list[str]:
-    """``stop``: a string or a list of at most 4 strings (OpenAI's API); empty ones ask for nothing."""
+    """``stop``: a string or a list of at most :data:`MAX_STOP_STRINGS` strings; empty ones ask for nothing."""
     stop = body.get("stop", [])
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS or not all(isinstance(x, str) for x in stops):
