@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -80,6 +81,23 @@ def chat_served() -> ServedModel:
     tokenizer = load_tokenizer("gpt2")
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     return ServedModel("m", tokenizer, context=64)
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(served):
+    """JSON's "\\ud800" decodes to a lone surrogate, which the tokenizer fails on (a bare 500 with a traceback)."""
+    from lightning_memdec.apps.tokenizer_endpoints import tokenize
+
+    lone = json.loads('"a \\ud800 b"')
+    for call, param in ((lambda: check_request({"prompt": lone}, served, chat=False), "prompt"),
+                        (lambda: check_request({"prompt": ["ok", lone]}, served, chat=False), "prompt"),
+                        (lambda: check_request({"messages": [{"role": "user", "content": lone}]}, chat_served(),
+                                               chat=True), "messages"),
+                        (lambda: tokenize({"prompt": lone}, served), "prompt")):  # fmt: skip
+        with pytest.raises(RequestError, match="lone surrogate .* at character 2") as err:
+            call()
+        assert err.value.status == 400 and err.value.param == param
+    paired = json.loads('"\\ud83d\\ude00"')  # a surrogate pair is one character: text
+    assert check_request({"prompt": paired}, served, chat=False).prompt_ids == served.tokenizer("\U0001f600").input_ids
 
 
 def test_chat_messages_as_openai_sends_them():

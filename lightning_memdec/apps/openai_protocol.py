@@ -66,12 +66,23 @@ def longest_token_bytes(tokenizer) -> int:
     return max(1, *(len(piece.encode("utf-8")) for piece in pieces))
 
 
-def check_prompt_size(text_bytes: int, served: ServedModel) -> None:
+def text_bytes(text: str, param: str) -> bytes:
+    """``text`` as UTF-8, or a 400: JSON's ``\\ud800`` escapes can carry a lone surrogate, which is no text (the
+    tokenizer fails on it)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(400, f"{param} holds a lone surrogate ({text[err.start]!r} at character {err.start}), which "
+                           "is not text; send valid Unicode (a high surrogate escape followed by a low one).",
+                           param) from None  # fmt: skip
+
+
+def check_prompt_size(size: int, served: ServedModel) -> None:
     if served.context is None or served.longest_token_bytes is None:
         return
-    at_least = text_bytes // served.longest_token_bytes
+    at_least = size // served.longest_token_bytes
     if at_least > served.context:
-        raise RequestError(400, f"the prompt ({text_bytes} bytes) has at least {at_least} tokens, more than "
+        raise RequestError(400, f"the prompt ({size} bytes) has at least {at_least} tokens, more than "
                            f"{served.context_limit} of {served.context} tokens; shorten the prompt.", "prompt",
                            "context_length_exceeded")  # fmt: skip
 
@@ -256,7 +267,7 @@ def completion_prompts(body: dict, served: ServedModel) -> list[list[int]]:
 
 def one_prompt(prompt, served: ServedModel) -> list[int]:
     if isinstance(prompt, str) and prompt:
-        check_prompt_size(len(prompt.encode("utf-8", "surrogatepass")), served)
+        check_prompt_size(len(text_bytes(prompt, "prompt")), served)
         return served.tokenizer(prompt).input_ids
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < len(served.tokenizer) for t in prompt):
@@ -274,7 +285,7 @@ def chat_prompt(body: dict, served: ServedModel) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list of {'role': str, 'content': str}.", "messages")
     messages = [chat_message(m, i) for i, m in enumerate(messages)]
-    check_prompt_size(sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages), served)
+    check_prompt_size(sum(len(text_bytes(m["content"], "messages")) for m in messages), served)
     ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return list(ids)
 

@@ -110,6 +110,8 @@ class OpenAICompletionsSpec(LitSpec):
             return await asyncio.get_running_loop().run_in_executor(self.tokenizing, endpoint, body, self.served)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
+        except Exception as err:
+            return unforeseen(err)
 
     def model_card(self) -> dict:
         return {"id": self.served.name, "object": "model", "created": 0, "owned_by": "memdec"}
@@ -127,6 +129,8 @@ class OpenAICompletionsSpec(LitSpec):
             jobs = await loop.run_in_executor(self.tokenizing, checked_jobs, body, self.served, chat)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
+        except Exception as err:  # a request no check foresaw: still an OpenAI error body, not a bare 500
+            return unforeseen(err)
         if jobs[0].stream:  # a streamed request has one prompt
             return StreamingResponse(self.events(jobs[0]), media_type="text/event-stream")
         try:
@@ -226,6 +230,11 @@ class OpenAICompletionsSpec(LitSpec):
         if job.include_usage:
             yield usage_chunk(job, self.served.name, count)
         yield "data: [DONE]\n\n"
+
+
+def unforeseen(err: Exception) -> JSONResponse:
+    error = RequestError(500, f"the server failed on this request ({type(err).__name__}: {err}).", code="server_error")
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 def checked_jobs(raw: bytes, served: ServedModel, chat: bool) -> list[Job]:

@@ -6,7 +6,7 @@ and then needs no local copy of the tokenizer. The bodies are vLLM's; no model i
 
 from __future__ import annotations
 
-from lightning_memdec.apps.openai_protocol import RequestError, ServedModel, check_prompt_size
+from lightning_memdec.apps.openai_protocol import RequestError, ServedModel, check_prompt_size, text_bytes
 
 
 def tokenize(body: dict, served: ServedModel) -> dict:
@@ -16,7 +16,7 @@ def tokenize(body: dict, served: ServedModel) -> dict:
         raise RequestError(400, f"prompt must be a string, got {type(prompt).__name__}.", "prompt")
     if not isinstance(special, bool):
         raise RequestError(400, f"add_special_tokens must be true or false, got {special!r}.", "add_special_tokens")
-    check_prompt_size(len(prompt.encode("utf-8", "surrogatepass")), served)
+    check_prompt_size(len(text_bytes(prompt, "prompt")), served)
     tokens = served.tokenizer(prompt, add_special_tokens=special).input_ids
     return {"tokens": tokens, "count": len(tokens), "max_model_len": served.context}
 
