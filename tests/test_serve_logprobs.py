@@ -264,3 +264,18 @@ def test_echoed_pieces_give_the_prompt_then_the_tokens_with_their_offsets(served
     assert [e.log_prob for e in entries] == [None, -1.0, -2.0] + [-0.25] * len(tokens)
     for e in entries:
         assert text[e.offset :].startswith(tok.decode([e.id]))
+
+
+@pytest.mark.parametrize("prompt", ["a<|endoftext|>b", "and\ufffdx", "中文 text 😀 ok", "plain words"])
+def test_prompt_offsets_count_the_characters_before_each_token(served, prompt):
+    """Against the tokens' own bytes (GPT-2's byte-level alphabet): a token's offset is the number of whole
+    characters before it; the echoed text is the prompt, special tokens and a literal U+FFFD included."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from lightning_memdec.apps.openai_replies import prompt_offsets
+
+    tok, byte_of = served.tokenizer, {c: b for b, c in bytes_to_unicode().items()}
+    ids = tok(prompt).input_ids
+    pieces = [bytes(byte_of[c] for c in tok.convert_ids_to_tokens(i)) for i in ids]
+    want = [len(b"".join(pieces[:i]).decode("utf-8", errors="ignore")) for i in range(len(ids))]
+    assert tok.decode(ids) == prompt and prompt_offsets(tok, ids) == want

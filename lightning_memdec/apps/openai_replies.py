@@ -7,6 +7,7 @@ defined once for both endpoints (completions and chat completions).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -123,7 +124,9 @@ def envelope(job: Job, model: str, streamed: bool) -> dict:
 
 
 def prompt_offsets(tokenizer, ids: list[int]) -> list[int]:
-    """Where each prompt token's text begins in the prompt's text (as :class:`Detokenizer` counts: an incomplete
-    character not yet)."""
-    prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))], skip_special_tokens=True)
-    return [len(prefix.rstrip("\ufffd")) for prefix in prefixes]
+    """Where each prompt token's text begins in the prompt's text (``decode(ids)``, special tokens kept): the
+    length of the text before it, up to where it agrees with the whole (a token that ends inside a character
+    decodes with a U+FFFD the whole does not have; a U+FFFD the prompt holds is its own character)."""
+    text = tokenizer.decode(ids)
+    prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))])
+    return [len(p) if text.startswith(p) else len(os.path.commonprefix([p, text])) for p in prefixes]

@@ -207,7 +207,7 @@ class OpenAICompletionsSpec(LitSpec):
     def echoed(self, job: Job, scored: list) -> Piece:
         """The prompt as the reply's first piece: its text and (asked) its tokens' log-probs."""
         tokenizer = self.served.tokenizer
-        text = tokenizer.decode(job.prompt_ids, skip_special_tokens=True)
+        text = tokenizer.decode(job.prompt_ids)  # special tokens kept: the prompt as the model read it
         entries = []
         if job.logprobs is not None:
             offsets = prompt_offsets(tokenizer, job.prompt_ids)
