@@ -53,10 +53,11 @@ class OpenAICompletionsSpec(LitSpec):
     """Completions and chat completions for one served model; per step the worker streams ``{"token": id, "end":
     is it an end-of-sequence id, "batch": rows generated together}`` for each running request, ``{}`` for the others."""
 
-    def __init__(self, served: ServedModel):
+    def __init__(self, served: ServedModel, jobs_in_flight: int = 8):
         super().__init__()
         self.api_path = COMPLETIONS_PATH  # the request queue LitServe keys on; chat shares it (one model, one batch)
         self.served = served
+        self.jobs_in_flight = jobs_in_flight  # a request's prompts queued at once (the queue's batch size)
 
     @property
     def stream(self) -> bool:
@@ -133,8 +134,14 @@ class OpenAICompletionsSpec(LitSpec):
             return unforeseen(err)
         if jobs[0].stream:  # a streamed request has one prompt
             return StreamingResponse(self.events(jobs[0]), media_type="text/event-stream")
+        in_flight = asyncio.Semaphore(self.jobs_in_flight)
+
+        async def queued(job: Job) -> Completion:  # a batch's worth at a time: other clients' requests go between
+            async with in_flight:
+                return await self.completion(job)
+
         try:
-            done = await asyncio.gather(*(self.completion(job) for job in jobs))
+            done = await asyncio.gather(*(queued(job) for job in jobs))
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         # how many requests were generated together with this one (the most, for several prompts)

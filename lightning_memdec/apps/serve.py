@@ -167,8 +167,9 @@ def serve(
     check_listen(host, port)
     model = served_model(base, memdec, model_name, decoding)
     check_router(router, base, memdec, model.tokenizer)
-    api = MixtureAPI(base, memdec, lmbda, device, OpenAICompletionsSpec(model), router=router, decoding=decoding,
-                     context=model.context, vocab=len(model.tokenizer), max_batch_size=queue.max_batch_size,
+    spec = OpenAICompletionsSpec(model, jobs_in_flight=queue.max_batch_size)
+    api = MixtureAPI(base, memdec, lmbda, device, spec, router=router, decoding=decoding, context=model.context,
+                     vocab=len(model.tokenizer), max_batch_size=queue.max_batch_size,
                      batch_timeout=queue.batch_timeout)  # fmt: skip
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
     server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=queue.timeout)
