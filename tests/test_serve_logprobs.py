@@ -279,3 +279,24 @@ def test_prompt_offsets_count_the_characters_before_each_token(served, prompt):
     pieces = [bytes(byte_of[c] for c in tok.convert_ids_to_tokens(i)) for i in ids]
     want = [len(b"".join(pieces[:i]).decode("utf-8", errors="ignore")) for i in range(len(ids))]
     assert tok.decode(ids) == prompt and prompt_offsets(tok, ids) == want
+
+
+def test_chat_bytes_of_tokens_inside_a_character_rebuild_the_text(served):
+    """A token that is part of a character reads U+FFFD as text, but its bytes are its own: joined, the bytes of a
+    reply's tokens are the reply's text (GPT-2's byte-level tokens here; sentencepiece byte tokens below)."""
+    from lightning_memdec.apps.openai_replies import token_bytes
+
+    text = "中文 text 😀 ok"
+    ids = served.tokenizer(text).input_ids
+    assert any("\ufffd" in served.tokenizer.decode([i]) for i in ids)  # the guard: some tokens split a character
+    content = chat_logprobs([TokenLogProb(i, -1.0, [], 0) for i in ids], served.tokenizer)["content"]
+    assert b"".join(bytes(c["bytes"]) for c in content) == text.encode("utf-8")
+
+    class ByteFallback:  # a sentencepiece tokenizer's byte tokens, as HF's Llama tokenizer shows them
+        def decode(self, ids):
+            return "\ufffd"
+
+        def convert_ids_to_tokens(self, token):
+            return f"<0x{token:02X}>"
+
+    assert token_bytes(ByteFallback(), 0xE4) == b"\xe4"

@@ -6,8 +6,10 @@ defined once for both endpoints (completions and chat completions).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +44,31 @@ def token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (also Llama 3's, Qwen's): the character each byte is written as in a token."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    alphabet, stand_in = {}, 256
+    for byte in range(256):  # a printable byte is itself; the others take 256, 257, … in byte order
+        alphabet[chr(byte if byte in printable else stand_in)] = byte
+        stand_in += byte not in printable
+    return alphabet
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """A token's UTF-8 bytes: its text's, or, for a token that is part of a character (its text a U+FFFD), the bytes
+    it stands for (a byte-level BPE token's, a sentencepiece ``<0xNN>`` byte token's)."""
+    text = token_text(tokenizer, token)
+    if "\ufffd" not in text:
+        return text.encode("utf-8")
+    piece, alphabet = tokenizer.convert_ids_to_tokens(token) or "", byte_level_alphabet()
+    if (byte := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)) is not None:
+        return bytes([int(byte[1], 16)])
+    if piece and all(c in alphabet for c in piece):
+        return bytes(alphabet[c] for c in piece)
+    return text.encode("utf-8")
+
+
 def completion_logprobs(entries: list[TokenLogProb], tokenizer) -> dict:
     """``/v1/completions``' logprobs: each token, its log p, the most likely tokens (as OpenAI: with the chosen
     token added if it is not among them) and its offset in the text."""
@@ -64,8 +91,11 @@ def chat_logprobs(entries: list[TokenLogProb], tokenizer) -> dict:
     """``/v1/chat/completions``' logprobs: per token its text, log p, UTF-8 bytes and the most likely tokens."""
 
     def described(token: int, log_prob: float) -> dict:
-        text = token_text(tokenizer, token)
-        return {"token": text, "logprob": log_prob, "bytes": list(text.encode("utf-8"))}
+        return {
+            "token": token_text(tokenizer, token),
+            "logprob": log_prob,
+            "bytes": list(token_bytes(tokenizer, token)),
+        }
 
     content = [described(e.id, e.log_prob) | {"top_logprobs": [described(*t) for t in e.top]} for e in entries]
     return {"content": content, "refusal": None}
