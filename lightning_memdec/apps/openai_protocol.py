@@ -30,7 +30,7 @@ APPLIED_BY = {"completions": {"prompt", "echo"}, "chat": {"messages", "max_compl
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; lm-eval's tasks send up to 5 + the end-of-text (vLLM: no limit)
 MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits: completions' logprobs, chat's top_logprobs
 MAX_PROMPTS = 256  # prompts in one completions request (each is a job of its own)
-SEED_RANGE = (-(2**63), 2**64)  # the seeds torch.manual_seed takes
+SEED_RANGE = (-(2**63), 2**63)  # int64, as OpenAI's; torch.manual_seed reads them mod 2**64, so no two alias
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -246,7 +246,7 @@ def sampling(body: dict) -> dict:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <
                              SEED_RANGE[1]):  # fmt: skip
-        raise RequestError(400, f"seed must be an integer in [-2**63, 2**64), got {seed!r}.", "seed")
+        raise RequestError(400, f"seed must be an integer in [-2**63, 2**63), got {seed!r}.", "seed")
     if temperature < GREEDY_BELOW:
         return {"do_sample": False}  # greedy decoding draws nothing: a seed changes nothing
     settings = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
