@@ -234,6 +234,16 @@ def test_eos_stops_generation(cross, prompt_ids, gpt2_tok):
     assert out.shape[1] == prompt_ids.shape[1] + k + 1 and int(out[0, -1]) == eos
 
 
+def test_default_generation_length_stops_at_the_shorter_context(cross):
+    """Without max_new_tokens, generate() makes its default 20 new tokens capped at the context, as each model alone
+    does: the mixture ran past its 128 positions (an IndexError in GPT-2's embedding; Llama decoded on, unbounded)."""
+    prompt = torch.randint(0, 50000, (1, 119))
+    alone = cross.base.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False)
+    mixed = cross.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False)
+    assert cross.config.max_position_embeddings == 128
+    assert mixed.shape[1] == alone.shape[1] == 128  # the guard: 119 + 20 would pass the context
+
+
 def test_generate_returns_pair_cache(cross, prompt_ids):
     out = cross.generate(prompt_ids, max_new_tokens=3, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
     assert isinstance(out.cache, PairCache)

@@ -31,6 +31,7 @@ from lightning_memdec.hf.loading import (
     causal_lm,
     check_fits_context,
     check_token_ids,
+    context_length,
     find_tokenizer,
     forward_params,
     output_rows,
@@ -55,6 +56,7 @@ class InterpolatedLMConfig(PreTrainedConfig):
     lmbda: float = 0.0
     base_name_or_path: str | None = None
     memdec_name_or_path: str | None = None
+    max_position_embeddings: int | None = None  # the shorter context: generate()'s default length stops there
 
 
 class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
@@ -118,6 +120,7 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
             lmbda=lmbda,
             base_name_or_path=str(getattr(base, "name_or_path", "") or ""),
             memdec_name_or_path=str(getattr(memdec, "name_or_path", "") or ""),
+            max_position_embeddings=min((c for c in map(context_length, (base, memdec)) if c), default=None),
             bos_token_id=generation_config.bos_token_id,
             eos_token_id=generation_config.eos_token_id,
             pad_token_id=generation_config.pad_token_id,
