@@ -213,6 +213,24 @@ def test_a_generation_config_gives_what_its_fields_give(trained_mixture):
                eos_token_id=model_config.eos_token_id, pad_token_id=7))  # fmt: skip
 
 
+def test_a_generation_config_leaves_what_it_does_not_set_to_the_model_s(trained_mixture):
+    """As generate(): a config that sets only do_sample (or a temperature) keeps the model's EOS ids and top-k; they
+    were dropped for generate()'s global defaults (rows ran past the model's EOS, sampling kept the top 50)."""
+    prompt = torch.tensor(PROMPTS)
+    saved = trained_mixture.generation_config
+    trained_mixture.generation_config = GenerationConfig(eos_token_id=[13], pad_token_id=0, top_k=3)
+    try:
+        gen = StaticGenerator.from_interpolated(trained_mixture, max_length=64)
+        for config in (GenerationConfig(do_sample=False), GenerationConfig(do_sample=True, temperature=0.9)):
+            torch.manual_seed(7)
+            want = trained_mixture.generate(prompt, generation_config=config, max_new_tokens=12)
+            torch.manual_seed(7)
+            assert torch.equal(gen.generate(prompt, 12, config), want), config
+        assert bool((want[:, -1] == 0).any())  # the guard: a row ended at the model's EOS and was padded
+    finally:
+        trained_mixture.generation_config = saved
+
+
 def test_beam_step_reorders_in_place_and_compiles_into_one_graph(trained_mixture):
     torch._dynamo.reset()
     prompt = torch.tensor(PROMPTS)

@@ -22,11 +22,16 @@ _INERT = {"transformers_version", "_from_model_config", "bos_token_id", "use_cac
 _OVERRIDDEN = {"max_length", "max_new_tokens"}
 
 
-def decoding_settings(generation_config: GenerationConfig | None, fields: dict) -> GenerationConfig:
-    """``generation_config`` (copied) updated with ``fields``, settings left unset filled with ``generate()``'s
-    defaults (e.g. sampling keeps the top 50 tokens there); refuses settings this generator does not apply (a
-    repetition penalty silently ignored would give other tokens than ``generate()``)."""
-    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+def decoding_settings(
+    model_config: GenerationConfig | None, fields: dict, requested: GenerationConfig | None = None
+) -> GenerationConfig:
+    """The settings ``generate()`` decodes with, in its order: the ``requested`` config (copied), its unset
+    settings taken from the model's ``model_config``, then ``fields`` over both, and what is still unset from
+    ``generate()``'s defaults (e.g. sampling keeps the top 50 tokens there). Refuses settings this generator does
+    not apply (a repetition penalty silently ignored would give other tokens than ``generate()``)."""
+    config = copy.deepcopy(requested) if requested is not None else GenerationConfig()
+    if model_config is not None:  # the model's end-of-sequence id and top-k hold unless the request sets its own
+        config.update(**model_config.to_dict(), defaults_only=True, allow_custom_entries=True)
     unknown = config.update(**fields)
     if unknown:
         raise ValueError(f"not GenerationConfig fields: {sorted(unknown)}.")

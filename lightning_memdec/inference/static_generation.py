@@ -271,7 +271,7 @@ class StaticGenerator:
         stops; with ``num_beams`` > 1 each row's best beam is returned. The length is ``max_new_tokens``'s: a
         config's ``max_length`` / ``max_new_tokens`` give way to it, as to an explicit one in ``generate()``.
         """
-        config = decoding_settings(self.generation_config if generation_config is None else generation_config, fields)
+        config = decoding_settings(self.generation_config, fields, requested=generation_config)
         if input_ids.dim() != 2 or 0 in input_ids.shape or input_ids.dtype.is_floating_point or input_ids.is_complex():
             shape, dtype = list(input_ids.shape), input_ids.dtype
             raise ValueError(f"input_ids must be [batch ≥ 1, prompt length ≥ 1] token ids, got {shape} {dtype}.")
