@@ -244,6 +244,15 @@ def test_default_generation_length_stops_at_the_shorter_context(cross):
     assert mixed.shape[1] == alone.shape[1] == 128  # the guard: 119 + 20 would pass the context
 
 
+@pytest.mark.parametrize(("ids", "message"), [(torch.zeros(1, 0, dtype=torch.long), "time ≥ 1"),
+                                              (torch.tensor([1, 2]), "batch dimension"),
+                                              (torch.tensor([[1, 50300]]), "50300, not a token id")])  # fmt: skip
+def test_generate_refuses_ids_that_are_no_prompt_up_front(cross, ids, message):
+    """An empty or 1-D prompt or an id past the vocabulary failed deep in transformers (RuntimeError, IndexError)."""
+    with pytest.raises(ValueError, match=message):
+        cross.generate(ids, max_new_tokens=2)
+
+
 def test_generate_returns_pair_cache(cross, prompt_ids):
     out = cross.generate(prompt_ids, max_new_tokens=3, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
     assert isinstance(out.cache, PairCache)

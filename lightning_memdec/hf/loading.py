@@ -169,11 +169,16 @@ def cache_arg_name(model) -> str:
     return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
 
 
-def check_token_ids(input_ids) -> None:
-    """``input_ids`` must be ``[batch, time]``: a 1-D row failed deep in the models with a bare IndexError."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, time] token ids, got shape {list(input_ids.shape)}; add a batch "
-                         "dimension (ids[None]).")  # fmt: skip
+def check_token_ids(input_ids, vocab: int | None = None) -> None:
+    """``input_ids`` must be ``[batch, time ≥ 1]`` token ids (of ``[0, vocab)`` when given): a 1-D row, an empty one
+    or an id past the embeddings failed deep in the models with a bare IndexError or RuntimeError."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, time ≥ 1] token ids, got shape {list(input_ids.shape)}; add a "
+                         "batch dimension (ids[None]) to a single row.")  # fmt: skip
+    if vocab is not None and input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"input_ids hold {low if low < 0 else high}, not a token id of [0, {vocab}).")
 
 
 def position_ids_from_mask(attention_mask, length: int):

@@ -164,6 +164,8 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
             raise ValueError("InterpolatedLM mixes two models, each with its own embeddings: pass token ids, not "
                              "inputs_embeds.")  # fmt: skip
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is not None:
+            check_token_ids(prompt, self.config.vocab_size)
         config = generation_config or self.generation_config
         new = kwargs.get("max_new_tokens", config.max_new_tokens)
         length = 1 if prompt is None else prompt.shape[-1]  # no prompt: generate() starts from the BOS token
