@@ -148,6 +148,9 @@ def test_lmbda_is_validated(dirs, prompt_ids):
     lm = InterpolatedLM.from_pretrained(dirs["gpt2-base"], dirs["gpt2-memdec"], lmbda=0.25)
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
         lm.lmbda = 2
+    for bad in (True, "0.3"):  # read as 1.0 and 0.3, they hid a caller's mistake
+        with pytest.raises(ValueError, match=r"lmbda must be a number in \[0, 1\]"):
+            lm.lmbda = bad
     assert lm.lmbda == 0.25
     before = lm.log_probs(prompt_ids)
     lm.lmbda = 0.75

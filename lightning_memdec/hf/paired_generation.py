@@ -164,7 +164,8 @@ class PairCacheGeneration:
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(
                 f"InterpolatedLM supports only the dynamic cache, got cache_implementation="
-                f"{generation_config.cache_implementation!r}."
+                f"{generation_config.cache_implementation!r} (a model's generation_config.json may set it); pass "
+                "cache_implementation=None to generate(), or set lm.generation_config.cache_implementation = None."
             )
         model_kwargs["cache"] = PairCache(
             DynamicCache(config=self.base.config), DynamicCache(config=self.memdec.config)

@@ -144,8 +144,11 @@ def log_softmax_summary(logits: torch.Tensor, vocab: int) -> tuple[torch.Tensor,
 
 
 def check_lmbda(lmbda: float) -> float:
-    """λ is a mixture weight; anything outside [0, 1] (or NaN) is not a distribution, so refuse it early."""
+    """λ is a mixture weight; anything outside [0, 1] (or NaN) is not a distribution, so refuse it early; so is a
+    bool or a string (``True`` read as 1.0, ``"0.3"`` parsed, hid a caller's mistake)."""
     try:
+        if isinstance(lmbda, (bool, str, bytes)):
+            raise TypeError(type(lmbda).__name__)
         value = float(lmbda)
     except (TypeError, ValueError) as err:
         raise ValueError(f"lmbda must be a number in [0, 1] (the Memory Decoder's weight), got {lmbda!r}.") from err
