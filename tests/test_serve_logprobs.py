@@ -300,3 +300,25 @@ def test_chat_bytes_of_tokens_inside_a_character_rebuild_the_text(served):
             return f"<0x{token:02X}>"
 
     assert token_bytes(ByteFallback(), 0xE4) == b"\xe4"
+
+
+def test_a_request_s_prompts_are_queued_a_batch_s_worth_at_a_time(served):
+    """At most jobs_in_flight of one request's jobs wait in the queue at once, so another client's request queued
+    meanwhile is generated before the rest of them (a request of 256 prompts held everyone else until a 504)."""
+    from lightning_memdec.apps.openai_replies import Completion
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+
+    class Spec(OpenAICompletionsSpec):
+        queued, most = 0, 0
+
+        async def completion(self, job):
+            self.queued += 1
+            self.most = max(self.most, self.queued)
+            await asyncio.sleep(0.001)  # the worker generating it
+            self.queued -= 1
+            return Completion(str(job.index), "length", 1)
+
+    jobs = check_requests({"prompt": [[1]] * 20, "max_tokens": 1}, served, chat=False)
+    spec = Spec(served, jobs_in_flight=8)
+    done = asyncio.run(spec.queued_completions(jobs))
+    assert [c.text for c in done] == [str(i) for i in range(20)] and spec.most == 8

@@ -134,19 +134,24 @@ class OpenAICompletionsSpec(LitSpec):
             return unforeseen(err)
         if jobs[0].stream:  # a streamed request has one prompt
             return StreamingResponse(self.events(jobs[0]), media_type="text/event-stream")
-        in_flight = asyncio.Semaphore(self.jobs_in_flight)
-
-        async def queued(job: Job) -> Completion:  # a batch's worth at a time: other clients' requests go between
-            async with in_flight:
-                return await self.completion(job)
-
         try:
-            done = await asyncio.gather(*(queued(job) for job in jobs))
+            done = await self.queued_completions(jobs)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         # how many requests were generated together with this one (the most, for several prompts)
         headers = {"X-Batch-Size": str(max(job.batch_size for job in jobs))}
         return JSONResponse(reply(jobs, self.served, done), headers=headers)
+
+    async def queued_completions(self, jobs: list[Job]) -> list[Completion]:
+        """The jobs of one request, a batch's worth (``jobs_in_flight``) queued at a time: other clients' requests
+        are queued in between, rather than behind all of a request's prompts."""
+        in_flight = asyncio.Semaphore(self.jobs_in_flight)
+
+        async def queued(job: Job) -> Completion:
+            async with in_flight:
+                return await self.completion(job)
+
+        return await asyncio.gather(*(queued(job) for job in jobs))
 
     async def completion(self, job: Job) -> Completion:
         pieces = [piece async for piece in self.pieces(job)]
