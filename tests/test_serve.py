@@ -258,7 +258,8 @@ def test_chat_completion_uses_the_chat_template(server, models):
         ({"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
         ({"prompt": "", "max_tokens": 3}, 400, "prompt"),
         ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
-        ({"prompt": "hi", "n": 2}, 400, "n"),
+        ({"prompt": "hi", "n": 0}, 400, "n"),
+        ({"prompt": ["hi", "ho"], "n": 129}, 400, "n"),
         ({"prompt": "hi", "stop": ["a"] * 33}, 400, "stop"),
         ({"prompt": "hi", "logit_bias": {"262": -100}}, 400, "logit_bias"),
     ],
@@ -357,6 +358,41 @@ def test_a_request_of_many_prompts_gets_each_prompt_s_greedy_text(server, models
     tokenizer = models["reference"].tokenizer
     texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
     assert texts == [expected_text(models, greedy(models, tokenizer(p).input_ids, 12)) for p in prompts]
+
+
+def streamed_choices(events: list) -> dict:
+    """A streamed reply's choices by index: their texts joined, their last finish reason."""
+    texts, reasons = {}, {}
+    for event in events:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            reasons[choice["index"]] = choice["finish_reason"] or reasons.get(choice["index"])
+    return {i: (texts[i], reasons[i]) for i in sorted(texts)}
+
+
+def test_n_choices_seeded_reproducible_and_streamed_interleaved(server, models):
+    """n = 3 seeded: three choices that differ, the same again, the first the n = 1 reply's, and streamed the same
+    texts. Two prompts × n = 2 greedy, streamed: each choice's pieces join to its prompt's greedy text, and the usage
+    counts each prompt once."""
+    body = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 1.0, "seed": 3, "n": 3}
+    whole = [(c["index"], c["text"], c["finish_reason"]) for c in complete(server, **body).json()["choices"]]
+    assert [i for i, _, _ in whole] == [0, 1, 2] and len({text for _, text, _ in whole}) > 1
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in complete(server, **body).json()["choices"]] == whole
+    assert complete(server, **{**body, "n": 1}).json()["choices"][0]["text"] == whole[0][1]
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        assert streamed_choices(sse_events(r)) == {i: (text, reason) for i, text, reason in whole}
+    tokenizer = models["reference"].tokenizer
+    ids = [tokenizer(p).input_ids for p in PROMPTS[:2]]
+    made = [greedy(models, prompt, 6) for prompt in ids]
+    body = {"prompt": PROMPTS[:2], "n": 2, "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+        events = sse_events(r)
+    got = streamed_choices(events[:-1])
+    assert {i: text for i, (text, _) in got.items()} == {i: expected_text(models, made[i // 2]) for i in range(4)}
+    assert all(reason in ("stop", "length") for _, reason in got.values())
+    assert events[-1]["usage"]["prompt_tokens"] == len(ids[0]) + len(ids[1])
+    assert events[-1]["usage"]["completion_tokens"] == 2 * (len(made[0]) + len(made[1]))
 
 
 def test_lm_evaluation_harness_local_completions_scores_as_memdec_lm_does(server, models):

@@ -176,7 +176,6 @@ def test_a_seed_asks_nothing_of_greedy_decoding(served):
         ({"seed": 1.5}, False, "seed"),
         ({"seed": True}, False, "seed"),
         ({"seed": 2**63}, False, "seed"),  # int64: 2**64 - 1 would draw as -1 does
-        ({"prompt": ["a", "b"], "stream": True}, False, "prompt"),
         ({"prompt": ["a", ""]}, False, "prompt"),
         ({"prompt": ["a", 3]}, False, "prompt"),
     ],
@@ -233,6 +232,41 @@ def test_a_reply_of_several_prompts_has_a_choice_each_and_their_usage(served):
         (1, "", "stop", None),
     ]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_n_choices_per_prompt_are_jobs_in_openai_s_order_with_seeds_of_their_own(served):
+    """n = 3 over two prompts: six jobs, choice index prompt × n + choice; a seeded request's first choice keeps its
+    seed (so it is the n = 1 reply), the others get distinct int64 seeds derived from it, the same each time."""
+    body = {"prompt": ["Hello there", "x"], "max_tokens": 2, "n": 3, "seed": -5}
+    jobs = check_requests(body, served, chat=False)
+    assert [(j.index, j.choice, j.prompt_ids) for j in jobs] == [
+        (i * 3 + c, c, served.tokenizer(p).input_ids) for i, p in enumerate(body["prompt"]) for c in range(3)
+    ]
+    seeds = [j.sampling["seed"] for j in jobs]
+    assert seeds[0] == seeds[3] == -5 and len(set(seeds[:3])) == 3 and seeds[1:3] == seeds[4:6]
+    assert all(0 <= s < 2**63 for s in seeds[1:3])
+    assert [j.sampling["seed"] for j in check_requests(body, served, chat=False)] == seeds
+    assert check_requests({**body, "seed": 6}, served, chat=False)[1].sampling["seed"] != seeds[1]
+    unseeded = check_requests({"prompt": "x", "n": 2}, served, chat=False)
+    assert [j.sampling for j in unseeded] == [{"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}] * 2
+    done = [Completion(" a", "length", 2)] * 6
+    assert reply(jobs, served, done)["usage"] == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+    for bad in (0, 129, 2.0, True, "2"):
+        with pytest.raises(RequestError, match="n must be an integer from 1 to 128") as err:
+            check_requests({**body, "n": bad}, served, chat=False)
+        assert (err.value.status, err.value.param) == (400, "n")
+    with pytest.raises(RequestError, match="3 prompts × n = 100 make 300 completions") as err:
+        check_requests({"prompt": ["a", "b", "c"], "n": 100}, served, chat=False)
+    assert err.value.param == "n"
+
+
+def test_seeded_choices_draw_differently_and_the_first_as_the_n_1_request(mixture, served):
+    body = {"prompt": [464, 5827], "max_tokens": 8, "temperature": 1.0, "seed": 11}
+    choices = [job.payload() for job in check_requests({**body, "n": 3}, served, chat=False)]
+    draws = [[s["token"] for s in steps] for steps in run_jobs(mixture, choices)]
+    alone = [s["token"] for s in run_jobs(mixture, [check_request(body, served, chat=False).payload()])[0]]
+    assert draws[0] == alone and draws[1] != draws[0] and draws[2] not in draws[:2]
+    assert [[s["token"] for s in steps] for steps in run_jobs(mixture, choices[::-1])] == draws[::-1]
 
 
 def test_echoed_pieces_give_the_prompt_then_the_tokens_with_their_offsets(served):

@@ -15,8 +15,10 @@ from lightning_memdec.apps.openai_protocol import (
     ServedModel,
     StopText,
     check_request,
+    check_requests,
     parse_body,
 )
+from lightning_memdec.apps.openai_replies import Completion, reply
 from lightning_memdec.io.embedded import load_tokenizer
 
 
@@ -115,8 +117,12 @@ def test_chat_messages_as_openai_sends_them():
         with pytest.raises(RequestError, match=r"messages\[0\]") as err:
             check_request({"messages": [bad]}, served, chat=True)
         assert err.value.status == 400
-    with pytest.raises(RequestError, match="only n = 1"):
+    with pytest.raises(RequestError, match="n must be an integer from 1 to 128") as err:
         check_request({"messages": plain, "n": True}, served, chat=True)
+    assert err.value.param == "n"
+    jobs = check_requests({"messages": plain, "n": 2}, served, chat=True)
+    choices = reply(jobs, served, [Completion("a", "stop", 1), Completion("b", "stop", 1)])["choices"]
+    assert [(c["index"], c["message"]["content"]) for c in choices] == [(0, "a"), (1, "b")]
 
 
 def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing_it():

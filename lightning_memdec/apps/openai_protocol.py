@@ -10,6 +10,8 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+import numpy
+
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 GREEDY_BELOW = 1e-5  # a temperature under this samples the argmax anyway (and overflows fp32 logits near 0): greedy
 # OpenAI fields not applied here, each with the values that ask for nothing: any other value is refused (400) rather
@@ -29,7 +31,9 @@ APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream
 APPLIED_BY = {"completions": {"prompt", "echo"}, "chat": {"messages", "max_completion_tokens", "top_logprobs"}}
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; lm-eval's tasks send up to 5 + the end-of-text (vLLM: no limit)
 MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits: completions' logprobs, chat's top_logprobs
-MAX_PROMPTS = 256  # prompts in one completions request (each is a job of its own)
+MAX_PROMPTS = 256  # prompts in one completions request
+MAX_N = 128  # choices per prompt (OpenAI's limit)
+MAX_CHOICES = 256  # prompts × n: the jobs one request makes
 SEED_RANGE = (-(2**63), 2**63)  # int64, as OpenAI's; torch.manual_seed reads them mod 2**64, so no two alias
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
@@ -101,7 +105,8 @@ class Job:
     stop: list[str] = field(default_factory=list)  # the text ends before the first of these (not sent to the worker)
     logprobs: int | None = None  # each token's log p and this many most likely tokens with it; None: no log-probs
     echo: bool = False  # the reply's text (and log-probs) begin with the prompt's
-    index: int = 0  # its prompt's place in the request (a completions request may send several)
+    index: int = 0  # its choice's place in the reply: prompt × n + choice (a completions request may send several)
+    choice: int = 0  # which of its prompt's n choices (the first counts the prompt's tokens in the usage)
     batch_size: int = 0  # rows of the generate() call that served it, once known (the X-Batch-Size header)
 
     def payload(self) -> dict:
@@ -129,7 +134,7 @@ def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
 
 
 def check_requests(body: dict, served: ServedModel, chat: bool) -> list[Job]:
-    """The jobs a request asks for (one per prompt), or a :class:`RequestError` naming the field at fault and what
+    """The jobs a request asks for (n per prompt), or a :class:`RequestError` naming the field at fault and what
     would do. A field sent as ``null`` means its default, as in OpenAI's API."""
     body = {name: value for name, value in body.items() if value is not None}
     model = body.get("model")
@@ -138,8 +143,8 @@ def check_requests(body: dict, served: ServedModel, chat: bool) -> list[Job]:
                            "model", "model_not_found")  # fmt: skip
     check_fields(body, chat)
     n = body.get("n", 1)
-    if isinstance(n, bool) or n != 1:
-        raise RequestError(400, "only n = 1 is supported; send n requests for n completions.", "n", "unsupported")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise RequestError(400, f"n must be an integer from 1 to {MAX_N} (completions per prompt), got {n!r}.", "n")
     top, echo = requested_logprobs(body, chat), body.get("echo", False)
     if not isinstance(echo, bool):
         raise RequestError(400, f"echo must be true or false, got {echo!r}.", "echo")
@@ -159,20 +164,30 @@ def check_requests(body: dict, served: ServedModel, chat: bool) -> list[Job]:
                                f"{served.context_limit} of {served.context} tokens; shorten the prompt or lower "
                                f"{name}.", name if len(prompt_ids) < served.context else "prompt",
                                "context_length_exceeded")  # fmt: skip
+    if len(prompts) * n > MAX_CHOICES:
+        raise RequestError(400, f"{len(prompts)} prompts × n = {n} make {len(prompts) * n} completions, more than "
+                           f"{MAX_CHOICES} in one request; split the request.", "n")  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, f"stream must be true or false, got {stream!r}.", "stream")
-    if stream and len(prompts) > 1:
-        raise RequestError(400, f"a streamed request takes one prompt, got {len(prompts)}; stream them one per "
-                           "request, or leave stream out.", "prompt")  # fmt: skip
     include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
     settings, stops = sampling(body), stop_strings(body)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     return [
-        Job(prompt_ids, max_tokens, settings, stream, chat, request_id, include_usage, stop=stops, logprobs=top,
-            echo=echo, index=i)
+        Job(prompt_ids, max_tokens, choice_sampling(settings, choice), stream, chat, request_id, include_usage,
+            stop=stops, logprobs=top, echo=echo, index=i * n + choice, choice=choice)
         for i, prompt_ids in enumerate(prompts)
+        for choice in range(n)
     ]  # fmt: skip
+
+
+def choice_sampling(settings: dict, choice: int) -> dict:
+    """A choice's sampling: a seeded request's first choice draws from its seed (as with n = 1), each other from a
+    seed of its own derived from it (numpy's SeedSequence: n choices of one seed differ, and are reproducible)."""
+    if choice == 0 or "seed" not in settings:
+        return settings
+    state = numpy.random.SeedSequence(settings["seed"] % 2**64, spawn_key=(choice,)).generate_state(1, numpy.uint64)
+    return settings | {"seed": int(state[0] >> numpy.uint64(1))}  # in [0, 2**63): an int64 as the request's seeds
 
 
 def requested_logprobs(body: dict, chat: bool) -> int | None:

@@ -108,20 +108,19 @@ def logprobs_of(job: Job, entries: list[TokenLogProb], tokenizer) -> dict | None
 
 
 def reply(jobs: list[Job], served: ServedModel, done: list[Completion]) -> dict:
-    """The whole (non-streamed) response: one choice per job (prompt), in the request's order."""
+    """The whole (non-streamed) response: one choice per job (n per prompt), in the request's order."""
     choices = []
     for job, completion in zip(jobs, done):
         logprobs = logprobs_of(job, completion.log_probs, served.tokenizer)
         if job.chat:
             message = {"role": "assistant", "content": completion.text}
-            choices.append({"index": 0, "message": message, "logprobs": logprobs,
+            choices.append({"index": job.index, "message": message, "logprobs": logprobs,
                             "finish_reason": completion.finish_reason})  # fmt: skip
         else:
             choices.append({"index": job.index, "text": completion.text, "logprobs": logprobs,
                             "finish_reason": completion.finish_reason})  # fmt: skip
-    prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
     made = sum(completion.completion_tokens for completion in done)
-    return {**envelope(jobs[0], served.name, streamed=False), "choices": choices, "usage": usage(prompt_tokens, made)}
+    return {**envelope(jobs[0], served.name, streamed=False), "choices": choices, "usage": usage(jobs, made)}
 
 
 def chunk(job: Job, served: ServedModel, text: str, finish_reason: str | None, first: bool = False,
@@ -130,20 +129,21 @@ def chunk(job: Job, served: ServedModel, text: str, finish_reason: str | None, f
     logprobs = None if first else logprobs_of(job, log_probs or [], served.tokenizer)
     if job.chat:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": job.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return f"data: {json.dumps({**envelope(job, served.name, streamed=True), 'choices': [choice]})}\n\n"
 
 
-def usage_chunk(job: Job, model: str, completion_tokens: int) -> str:
+def usage_chunk(jobs: list[Job], model: str, completion_tokens: int) -> str:
     """The last event of a stream that asked for ``stream_options.include_usage``: no choices, the usage."""
-    counts = usage(len(job.prompt_ids), completion_tokens)
-    body = {**envelope(job, model, streamed=True), "choices": [], "usage": counts}
+    body = {**envelope(jobs[0], model, streamed=True), "choices": [], "usage": usage(jobs, completion_tokens)}
     return f"data: {json.dumps(body)}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(jobs: list[Job], completion_tokens: int) -> dict:
+    """OpenAI's usage: each prompt's tokens once, whatever its n; every choice's generated tokens."""
+    prompt_tokens = sum(len(job.prompt_ids) for job in jobs if job.choice == 0)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 

@@ -132,8 +132,8 @@ class OpenAICompletionsSpec(LitSpec):
             return JSONResponse(err.body(), status_code=err.status)
         except Exception as err:  # a request no check foresaw: still an OpenAI error body, not a bare 500
             return unforeseen(err)
-        if jobs[0].stream:  # a streamed request has one prompt
-            return StreamingResponse(self.events(jobs[0]), media_type="text/event-stream")
+        if jobs[0].stream:
+            return StreamingResponse(self.events(jobs), media_type="text/event-stream")
         try:
             done = await self.queued_completions(jobs)
         except RequestError as err:
@@ -228,24 +228,68 @@ class OpenAICompletionsSpec(LitSpec):
                 entries.append(TokenLogProb(token, log_prob, top, offset))
         return Piece(text, None, 0, entries)
 
-    async def events(self, job: Job):
-        yield chunk(job, self.served, "", None, first=True)
-        count, pending = 0, []
+    async def events(self, jobs: list[Job]):
+        """A streamed reply: each choice's first chunk, then each choice's pieces as they come (choices interleave,
+        told apart by their index), the usage if asked, ``[DONE]``."""
+        for job in jobs:
+            yield chunk(job, self.served, "", None, first=True)
+        counts, pending = {job.index: 0 for job in jobs}, {job.index: [] for job in jobs}
         try:
-            async for piece in self.pieces(job):
-                count, pending = piece.count, pending + piece.log_probs
+            async for job, piece in self.interleaved_pieces(jobs):
+                counts[job.index], pending[job.index] = piece.count, pending[job.index] + piece.log_probs
                 if piece.text or piece.finish_reason:  # log-probs of tokens whose text was held back come later
-                    yield chunk(job, self.served, piece.text, piece.finish_reason, log_probs=pending)
-                    pending = []
+                    yield chunk(job, self.served, piece.text, piece.finish_reason, log_probs=pending[job.index])
+                    pending[job.index] = []
         except RequestError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
-        if job.include_usage:
-            yield usage_chunk(job, self.served.name, count)
+        except Exception as err:  # the stream has begun (status 200): the error is its last event
+            yield f"data: {json.dumps(unforeseen_error(err).body())}\n\n"
+        if jobs[0].include_usage:
+            yield usage_chunk(jobs, self.served.name, sum(counts.values()))
         yield "data: [DONE]\n\n"
+
+    async def interleaved_pieces(self, jobs: list[Job]):
+        """``(job, piece)`` as each job's pieces come, a batch's worth of jobs queued at a time; the first error
+        (a :class:`RequestError`) ends them all."""
+        if len(jobs) == 1:  # the common case, without tasks
+            async for piece in self.pieces(jobs[0]):
+                yield jobs[0], piece
+            return
+        arrived, in_flight = asyncio.Queue(), asyncio.Semaphore(self.jobs_in_flight)
+
+        async def run(job: Job) -> None:
+            try:
+                async with in_flight:
+                    async for piece in self.pieces(job):
+                        arrived.put_nowait((job, piece))
+            except Exception as err:
+                arrived.put_nowait((job, err))
+            finally:
+                arrived.put_nowait((job, None))  # this job is done
+
+        tasks = [asyncio.create_task(run(job)) for job in jobs]
+        try:
+            running = len(jobs)
+            while running:
+                job, item = await arrived.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield job, item
+        finally:  # a client gone or an error: the other jobs stop too (their buffers are dropped)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def unforeseen_error(err: Exception) -> RequestError:
+    return RequestError(500, f"the server failed on this request ({type(err).__name__}: {err}).", code="server_error")
 
 
 def unforeseen(err: Exception) -> JSONResponse:
-    error = RequestError(500, f"the server failed on this request ({type(err).__name__}: {err}).", code="server_error")
+    error = unforeseen_error(err)
     return JSONResponse(error.body(), status_code=error.status)
 
 
