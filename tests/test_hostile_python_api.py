@@ -101,7 +101,7 @@ def test_one_dimensional_ids_and_negative_budgets_are_named(mixture, biomed_data
 
     knnlm = KNNLM(str(tiny_gpt2), biomed_datastore, search="exact", k=8)
     for call in (lambda: mixture.log_probs(IDS[0]), lambda: knnlm.log_probs(IDS[0])):
-        with pytest.raises(ValueError, match=r"input_ids must be \[batch, time ≥ 1\] token ids, got shape \[6\]"):
+        with pytest.raises(ValueError, match=r"must be \[batch ≥ 1, time ≥ 1\] integer token ids, got shape \[6\]"):
             call()
     with pytest.raises(ValueError, match="max_new_tokens must be a whole number ≥ 0, got -3"):
         knnlm.generate_greedy(IDS, -3)

@@ -119,7 +119,7 @@ def test_requests_it_cannot_serve_are_refused(mixture, tiny_gpt2):
             gen.generate(torch.tensor(PROMPTS[:1]), bad)
     assert gen.generate(torch.tensor(PROMPTS[:1]), torch.tensor(2)).shape == (1, 7)  # any integer type
     for ids in (torch.zeros(0, 5, dtype=torch.long), torch.tensor(PROMPTS, dtype=torch.float)):
-        with pytest.raises(ValueError, match="input_ids must be \\[batch ≥ 1, prompt length ≥ 1\\] token ids"):
+        with pytest.raises(ValueError, match="input_ids must be \\[batch ≥ 1, time ≥ 1\\] integer token ids"):
             gen.generate(ids, 2)
     for bad in (-1, gen.vocab_size):  # were a bare IndexError in the embedding
         with pytest.raises(ValueError, match=f"input_ids hold {bad}, not a token id of \\[0, {gen.vocab_size}\\)"):

@@ -170,12 +170,14 @@ def cache_arg_name(model) -> str:
 
 
 def check_token_ids(input_ids, vocab: int | None = None) -> None:
-    """``input_ids`` must be ``[batch, time ≥ 1]`` token ids (of ``[0, vocab)`` when given): a 1-D row, an empty one
-    or an id past the embeddings failed deep in the models with a bare IndexError or RuntimeError."""
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, time ≥ 1] token ids, got shape {list(input_ids.shape)}; add a "
-                         "batch dimension (ids[None]) to a single row.")  # fmt: skip
-    if vocab is not None and input_ids.numel():
+    """``input_ids`` must be ``[batch ≥ 1, time ≥ 1]`` integer token ids (of ``[0, vocab)`` when given): a 1-D row,
+    an empty one, float ids or an id past the embeddings failed deep in the models with a bare IndexError or
+    RuntimeError."""
+    if input_ids.dim() != 2 or 0 in input_ids.shape or input_ids.dtype.is_floating_point or input_ids.is_complex():
+        raise ValueError(f"input_ids must be [batch ≥ 1, time ≥ 1] integer token ids, got shape "
+                         f"{list(input_ids.shape)} {input_ids.dtype}; add a batch dimension (ids[None]) to a single "
+                         "row.")  # fmt: skip
+    if vocab is not None:
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= vocab:
             raise ValueError(f"input_ids hold {low if low < 0 else high}, not a token id of [0, {vocab}).")

@@ -28,7 +28,14 @@ from transformers import GenerationConfig, StaticCache, StoppingCriteriaList
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 from transformers.generation.streamers import BaseStreamer
 
-from lightning_memdec.hf.loading import cache_arg_name, check_fits_context, context_length, find_tokenizer, output_rows
+from lightning_memdec.hf.loading import (
+    cache_arg_name,
+    check_fits_context,
+    check_token_ids,
+    context_length,
+    find_tokenizer,
+    output_rows,
+)
 from lightning_memdec.inference.beam_search import beam_search
 from lightning_memdec.inference.captured_step import CapturedStep
 from lightning_memdec.inference.decoding_settings import decoding_settings, next_token, positive_count, sampling_warpers
@@ -272,12 +279,7 @@ class StaticGenerator:
         config's ``max_length`` / ``max_new_tokens`` give way to it, as to an explicit one in ``generate()``.
         """
         config = decoding_settings(self.generation_config, fields, requested=generation_config)
-        if input_ids.dim() != 2 or 0 in input_ids.shape or input_ids.dtype.is_floating_point or input_ids.is_complex():
-            shape, dtype = list(input_ids.shape), input_ids.dtype
-            raise ValueError(f"input_ids must be [batch ≥ 1, prompt length ≥ 1] token ids, got {shape} {dtype}.")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.vocab_size:
-            raise ValueError(f"input_ids hold {low if low < 0 else high}, not a token id of [0, {self.vocab_size}).")
+        check_token_ids(input_ids, self.vocab_size)
         max_new_tokens = positive_count(max_new_tokens, "max_new_tokens")
         do_sample, num_beams = config.do_sample, config.num_beams
         self._check_beams(num_beams, do_sample, streamer, stopping_criteria)
