@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_memdec.apps.openai_protocol import Job, ServedModel, check_requests
 from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, Windows
 
@@ -176,3 +177,9 @@ def knnlm_scorer(knnlm):
         return {"base": out["base"], "knn": out["knn"]}
 
     return score
+
+
+def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
+    """The one job of a one-prompt, n = 1 request (what `memdec serve` queues for it)."""
+    (job,) = check_requests(body, served, chat)
+    return job

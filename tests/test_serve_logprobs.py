@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import check_request, save_tiny
 
-from lightning_memdec.apps.openai_protocol import RequestError, ServedModel, check_request, check_requests
+from lightning_memdec.apps.openai_protocol import RequestError, ServedModel, check_requests
 from lightning_memdec.apps.openai_replies import Completion, TokenLogProb, chat_logprobs, completion_logprobs, reply
 from lightning_memdec.io.embedded import load_tokenizer
 

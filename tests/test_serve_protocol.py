@@ -7,14 +7,13 @@ import socket
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import check_request, save_tiny
 
 from lightning_memdec.apps.openai_protocol import (
     Detokenizer,
     RequestError,
     ServedModel,
     StopText,
-    check_request,
     check_requests,
     parse_body,
 )

@@ -125,14 +125,6 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
-    """The job of a one-prompt request (:func:`check_requests`)."""
-    jobs = check_requests(body, served, chat)
-    if len(jobs) != 1:
-        raise RequestError(400, f"send one prompt here, got {len(jobs)}.", "prompt")
-    return jobs[0]
-
-
 def check_requests(body: dict, served: ServedModel, chat: bool) -> list[Job]:
     """The jobs a request asks for (n per prompt), or a :class:`RequestError` naming the field at fault and what
     would do. A field sent as ``null`` means its default, as in OpenAI's API."""
