@@ -46,12 +46,13 @@ def assert_scored(log_prob: float, top: list, reference: torch.Tensor, token: in
     assert [lp for _, lp in top] == pytest.approx([reference[i].item() for i, _ in top], abs=1e-4)
 
 
-def run_jobs(model, jobs: list[dict]) -> list[list[dict]]:
+def run_jobs(model, jobs: list[dict], tokenizer=None) -> list[list[dict]]:
     """Each job's non-empty steps from the worker."""
     from lightning_memdec.apps.serve_worker import generate_steps
 
     got: list[list[dict]] = [[] for _ in jobs]
-    for step in generate_steps(model, jobs, eos_token_ids={model.generation_config.eos_token_id}, vocab=50257):
+    eos = {model.generation_config.eos_token_id}
+    for step in generate_steps(model, jobs, eos_token_ids=eos, vocab=50257, tokenizer=tokenizer):
         for row, out in enumerate(step):
             if out:
                 got[row].append(out)
@@ -232,6 +233,29 @@ def test_a_reply_of_several_prompts_has_a_choice_each_and_their_usage(served):
         (1, "", "stop", None),
     ]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_a_row_ends_where_its_text_meets_a_stop_string_and_its_batch_mates_go_on(mixture, served):
+    """The worker ends a job's row at the token whose text completes a stop string (the first prefix of the greedy
+    tokens whose whole-character text holds it), not at max_tokens; a row without stops in the same call is
+    unchanged, and a call whose rows all stopped ends there."""
+    from lightning_memdec.apps.serve_worker import generate_steps
+
+    tok = served.tokenizer
+    free = check_request({"prompt": [464, 5827], "max_tokens": 16, "temperature": 0}, served, False).payload()
+    ref = [s["token"] for s in run_jobs(mixture, [free])[0]]
+    prefixes = [tok.decode(ref[:t], skip_special_tokens=True) for t in range(len(ref) + 1)]
+    stop = prefixes[5][-4:]  # the end of the fifth token's text (met there, or earlier in a repeated text)
+    ends = next(t for t, d in enumerate(prefixes) if stop in d and not d.endswith("\ufffd"))
+    assert 0 < ends <= 5 and len(ref) == 16
+    stopped = {**free, "stop": ["never in it", stop]}
+    other = check_request({"prompt": [87, 88], "max_tokens": 16, "temperature": 0}, served, False).payload()
+    got = run_jobs(mixture, [stopped, other], tokenizer=tok)
+    assert [s["token"] for s in got[0]] == ref[:ends]
+    assert [s["token"] for s in got[1]] == [s["token"] for s in run_jobs(mixture, [other])[0]]
+    eos = {mixture.generation_config.eos_token_id}
+    assert len(list(generate_steps(mixture, [stopped], eos, vocab=50257, tokenizer=tok))) == ends
+    assert "stop strings needs the tokenizer" in run_jobs(mixture, [stopped])[0][0]["error"]
 
 
 def test_n_choices_per_prompt_are_jobs_in_openai_s_order_with_seeds_of_their_own(served):

@@ -37,7 +37,7 @@ def test_a_good_request_becomes_its_token_job(served):
     job = check_request({"prompt": "Hello world", "max_tokens": 5, "temperature": 0}, served, chat=False)
     assert job.prompt_ids == served.tokenizer("Hello world").input_ids
     assert job.payload() == {"prompt_ids": job.prompt_ids, "max_tokens": 5, "sampling": {"do_sample": False},
-                             "logprobs": None, "echo": False}  # fmt: skip
+                             "logprobs": None, "echo": False, "stop": []}  # fmt: skip
     sampled = check_request({"prompt": [1, 2], "temperature": 0.7, "top_p": 0.5}, served, chat=False)
     assert sampled.sampling == {"do_sample": True, "temperature": 0.7, "top_p": 0.5, "top_k": 0}
     assert sampled.max_tokens == 16 and sampled.request_id.startswith("cmpl-")

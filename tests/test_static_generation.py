@@ -277,20 +277,28 @@ def test_sampled_left_padded_prompts_equal_generate_under_one_seed(trained_mixtu
 
 
 def test_stopping_criteria_and_streamer_as_generate_uses_them(trained_mixture):
-    """Per-row budgets (the server's criterion) and a streamer see what they see in generate()."""
-    from lightning_memdec.inference.streamed_generation import RowBudgets, StepStreamer
+    """Per-row budgets and a per-row end test (the server's criterion: row 1 ends at its 4th token, as at a stop
+    string) and a streamer see what they see in generate()."""
+    from lightning_memdec.inference.streamed_generation import RowEnds, StepStreamer
 
     ids, mask = padded(UNEVEN)
     runs = []
     for model in (trained_mixture, StaticGenerator.from_interpolated(trained_mixture, max_length=64)):
-        streamer = StepStreamer()
-        criteria = StoppingCriteriaList([RowBudgets(ids.shape[1], [3, 9, 5])])
+        streamer, seen = StepStreamer(), []
+
+        def fourth(token: int, seen: list = seen) -> bool:
+            seen.append(token)
+            return len(seen) == 4
+
+        ends = RowEnds(ids.shape[1], [3, 9, 5], [None, fourth, None])
+        criteria = StoppingCriteriaList([ends])
         out = model.generate(ids, max_new_tokens=12, attention_mask=mask, stopping_criteria=criteria,
                              streamer=streamer, eos_token_id=[13], pad_token_id=0)  # fmt: skip
-        runs.append((out, list(iter(streamer.steps.get, None))))
-    (want, want_steps), (got, got_steps) = runs
+        runs.append((out, list(iter(streamer.steps.get, None)), ends.ended_at, seen))
+    (want, want_steps, want_ended, want_seen), (got, got_steps, got_ended, got_seen) = runs
     assert torch.equal(got, want) and got_steps == want_steps
-    assert got.shape[1] == ids.shape[1] + 9  # stopped when the longest budget was spent, not at 12
+    assert got.shape[1] == ids.shape[1] + 5  # stopped when row 1 ended and the longest other budget was spent
+    assert got_ended == want_ended == [None, 4, None] and got_seen == want_seen == want[1, ids.shape[1] :][:4].tolist()
 
 
 def test_bad_attention_masks_are_refused(trained_mixture):

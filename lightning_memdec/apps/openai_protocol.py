@@ -102,7 +102,7 @@ class Job:
     chat: bool
     request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     include_usage: bool = False  # streamed: a last chunk with the usage (stream_options.include_usage)
-    stop: list[str] = field(default_factory=list)  # the text ends before the first of these (not sent to the worker)
+    stop: list[str] = field(default_factory=list)  # the text ends before the first of these
     logprobs: int | None = None  # each token's log p and this many most likely tokens with it; None: no log-probs
     echo: bool = False  # the reply's text (and log-probs) begin with the prompt's
     index: int = 0  # its choice's place in the reply: prompt × n + choice (a completions request may send several)
@@ -110,9 +110,10 @@ class Job:
     batch_size: int = 0  # rows of the generate() call that served it, once known (the X-Batch-Size header)
 
     def payload(self) -> dict:
-        """What the inference worker needs (plain data: it crosses a process boundary)."""
+        """What the inference worker needs (plain data: it crosses a process boundary); the stop strings let it end
+        the row where the reply's text ends (:class:`CompletionText`), not at ``max_tokens``."""
         return {"prompt_ids": self.prompt_ids, "max_tokens": self.max_tokens, "sampling": self.sampling,
-                "logprobs": self.logprobs, "echo": self.echo}  # fmt: skip
+                "logprobs": self.logprobs, "echo": self.echo, "stop": self.stop}  # fmt: skip
 
 
 def parse_body(raw: bytes) -> dict:
@@ -358,3 +359,22 @@ class StopText:
         """The held-back end, once no more text comes."""
         held, self.held = self.held, ""
         return held
+
+
+class CompletionText:
+    """A completion's text as its tokens arrive (neither an end-of-sequence id nor a token past the budget): each
+    token's piece to send and whether a stop string ended the text there. The one rule for where a reply's text
+    ends, followed by the server's HTTP process (the reply) and its worker (which ends the row at that token)."""
+
+    def __init__(self, tokenizer, stops: list[str], max_tokens: int):
+        self.detokenizer, self.stop = Detokenizer(tokenizer), StopText(stops)
+        self.max_tokens, self.count = max_tokens, 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        self.count += 1
+        piece = self.detokenizer.add(token) + (self.detokenizer.flush() if self.count == self.max_tokens else "")
+        return self.stop.add(piece)
+
+    def ends_at(self, token: int) -> bool:
+        """Whether the text ends at ``token`` (a stop string met)."""
+        return self.add(token)[1]

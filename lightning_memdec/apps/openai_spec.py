@@ -25,11 +25,10 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from lightning_memdec.apps.openai_protocol import (
-    Detokenizer,
+    CompletionText,
     Job,
     RequestError,
     ServedModel,
-    StopText,
     check_requests,
     parse_body,
 )
@@ -173,7 +172,8 @@ class OpenAICompletionsSpec(LitSpec):
     async def token_pieces(self, job: Job, tokens: AsyncIterator):
         """A :class:`Piece` per token (an echoed prompt first, whole); the text ends before a stop string (reason
         "stop"): the worker's remaining steps for the job are dropped."""
-        detokenizer, stop, count, start = Detokenizer(self.served.tokenizer), StopText(job.stop), 0, 0
+        text_so_far, count, start = CompletionText(self.served.tokenizer, job.stop, job.max_tokens), 0, 0
+        detokenizer, stop = text_so_far.detokenizer, text_so_far.stop
         async for data, status in tokens:
             if status == LitAPIStatus.ERROR and getattr(data, "status_code", None) == 504:  # LitServe's queue timeout
                 raise RequestError(504, "the request waited in the queue longer than the server's --queue.timeout; "
@@ -202,10 +202,9 @@ class OpenAICompletionsSpec(LitSpec):
             if job.logprobs is not None:
                 entries = [TokenLogProb(step["token"], step["logprob"], step["top"], start + len(detokenizer.sent))]
             if step["end"]:  # an end-of-sequence id: not part of the text
-                piece = detokenizer.flush()
+                text, stopped = stop.add(detokenizer.flush())
             else:
-                piece = detokenizer.add(step["token"]) + (detokenizer.flush() if count == job.max_tokens else "")
-            text, stopped = stop.add(piece)
+                text, stopped = text_so_far.add(step["token"])
             if stopped:
                 yield Piece(text, "stop", count, entries)
                 return

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import litserve as ls
 import torch
 
+from lightning_memdec.apps.openai_protocol import CompletionText
 from lightning_memdec.inference.streamed_generation import stream_generate
 from lightning_memdec.inference.token_log_probs import prompt_log_probs
 
@@ -29,7 +30,7 @@ class MixtureAPI(ls.LitAPI):
         self.router, self.decoding, self.context, self.vocab = router, decoding, context, vocab
 
     def setup(self, device: str) -> None:
-        from lightning_memdec.hf.loading import torch_device
+        from lightning_memdec.hf.loading import find_tokenizer, torch_device
 
         # LitServe picks "cuda:0" for accelerator "cuda"; a device the user named with its index wins
         chosen = self.requested_device if ":" in self.requested_device or self.requested_device == "cpu" else device
@@ -39,6 +40,7 @@ class MixtureAPI(ls.LitAPI):
             self.model.warm_up()  # compiled before the first request, not during it
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.tokenizer = find_tokenizer(self.base)  # a row ends where its reply's text meets a stop string
 
     def decode_request(self, request, **kwargs):
         return request
@@ -48,7 +50,8 @@ class MixtureAPI(ls.LitAPI):
 
     def predict(self, jobs, **kwargs):
         batched = isinstance(jobs, list)  # max_batch_size 1: LitServe passes the job itself
-        steps = generate_steps(self.model, jobs if batched else [jobs], self.eos_token_ids, self.context, self.vocab)
+        steps = generate_steps(self.model, jobs if batched else [jobs], self.eos_token_ids, self.context, self.vocab,
+                               self.tokenizer)  # fmt: skip
         for step in steps:
             yield step if batched else step[0]
 
@@ -57,7 +60,12 @@ class MixtureAPI(ls.LitAPI):
 
 
 def generate_steps(
-    model, jobs: list[dict], eos_token_ids: set[int], context: int | None = None, vocab: int | None = None
+    model,
+    jobs: list[dict],
+    eos_token_ids: set[int],
+    context: int | None = None,
+    vocab: int | None = None,
+    tokenizer=None,
 ) -> Iterator[list[dict]]:
     """Per decoding step, one dict per job: ``{"token": id, "end": bool, "batch": rows in its generate() call}``
     while it runs, else ``{}``; ``{"error": message}`` for the jobs of a ``generate()`` call that failed (their
@@ -67,7 +75,9 @@ def generate_steps(
     with ``"echo"`` first gets ``{"prompt": [None, (log p, top), …], "batch": …}``, its prompt tokens scored
     (:func:`~lightning_memdec.inference.token_log_probs.prompt_log_probs`), and may ask for no new tokens. The jobs
     go in :func:`generate_calls`: those of one call are generated together, the calls one after another; a call
-    with a ``seed`` seeds torch's generators first.
+    with a ``seed`` seeds torch's generators first. A job's row ends at the token where its text meets one of its
+    ``"stop"`` strings (by ``tokenizer``, the reply's rule: :class:`CompletionText`), so the call goes on only while
+    some row's text does.
     """
     for rows, settings in generate_calls(jobs, context):
         try:
@@ -81,12 +91,13 @@ def generate_steps(
                 yield out
             generating = [row for row in rows if jobs[row]["max_tokens"] > 0]  # echo may ask for no new tokens
             if generating:
-                yield from generated_steps(model, jobs, generating, settings, eos_token_ids, vocab)
+                yield from generated_steps(model, jobs, generating, settings, eos_token_ids, vocab, tokenizer)
         except Exception as err:  # as a message, not the exception LitServe would pickle
             yield [{"error": f"{type(err).__name__}: {err}"} if row in rows else {} for row in range(len(jobs))]
 
 
-def generated_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab):
+def generated_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab,
+                    tokenizer=None):  # fmt: skip
     """The steps of one ``generate()`` call of ``rows`` (see :func:`generate_steps`); a seeded call draws from
     generators seeded with it, and the others' draws go on as if it had not run."""
     settings = dict(settings)
@@ -96,15 +107,18 @@ def generated_steps(model, jobs: list[dict], rows: list[int], settings: dict, eo
     with torch.random.fork_rng(devices=devices, enabled=seed is not None, device_type=device_type):
         if seed is not None:  # the call holds this job alone (generate_calls): its draws are its seed's
             torch.manual_seed(seed)
-        yield from call_steps(model, jobs, rows, settings, eos_token_ids, vocab)
+        yield from call_steps(model, jobs, rows, settings, eos_token_ids, vocab, tokenizer)
 
 
-def call_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab):
+def call_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab,
+               tokenizer=None):  # fmt: skip
     asked = [jobs[row].get("logprobs") for row in rows]
     top = max((k for k in asked if k is not None), default=None)
     prompts = [jobs[row]["prompt_ids"] for row in rows]
     budgets = [jobs[row]["max_tokens"] for row in rows]
-    for step in stream_generate(model, prompts, budgets, eos_token_ids, top_logprobs=top, vocab=vocab, **settings):
+    ends = [text_end(jobs[row], tokenizer) for row in rows]
+    for step in stream_generate(model, prompts, budgets, eos_token_ids, top_logprobs=top, vocab=vocab, ends=ends,
+                                **settings):  # fmt: skip
         out: list[dict] = [{} for _ in jobs]
         for row, k, token in zip(rows, asked, step):
             if token is not None:
@@ -112,6 +126,15 @@ def call_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_tok
                 if k is not None:
                     out[row] |= {"logprob": token.log_prob, "top": token.top[:k]}
         yield out
+
+
+def text_end(job: dict, tokenizer):
+    """The test that ends a job's row at the token where its text meets a stop string, or None (no stop strings)."""
+    if not job.get("stop"):
+        return None
+    if tokenizer is None:
+        raise ValueError("a job with stop strings needs the tokenizer (generate_steps' tokenizer=).")
+    return CompletionText(tokenizer, job["stop"], job["max_tokens"]).ends_at
 
 
 def generate_calls(jobs: list[dict], context: int | None) -> Iterator[tuple[list[int], dict]]:

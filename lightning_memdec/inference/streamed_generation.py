@@ -2,17 +2,18 @@
 
 A server batches concurrent requests, and each wants its own number of new tokens and its tokens as they come.
 ``generate()`` already does the work for any causal LM (base alone, :class:`InterpolatedLM`); this module only
-left-pads the prompts, stops each row at its own budget (a per-row stopping criterion) and hands every decoding
-step's new tokens out of the generating thread through a streamer. With ``do_sample=False`` a row's tokens are
-``model.generate(prompt, max_new_tokens=budget, do_sample=False)``'s for that prompt alone. Asked, each token comes
-with its log-probability and the most likely tokens at its step (:mod:`token_log_probs`).
+left-pads the prompts, stops each row at its own budget or where its own test says (a stop string met: a per-row
+stopping criterion) and hands every decoding step's new tokens out of the generating thread through a streamer.
+With ``do_sample=False`` a row's tokens are ``model.generate(prompt, max_new_tokens=budget, do_sample=False)``'s
+for that prompt alone. Asked, each token comes with its log-probability and the most likely tokens at its step
+(:mod:`token_log_probs`).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,16 +58,24 @@ class StepStreamer(BaseStreamer):
         self.steps.put(None)
 
 
-class RowBudgets(StoppingCriteria):
-    """Stops each row once it has ``budgets[row]`` new tokens (``generate()`` pads finished rows after that)."""
+class RowEnds(StoppingCriteria):
+    """Stops each row once it has ``budgets[row]`` new tokens or once ``ends[row]`` (fed each of its new tokens)
+    says so (``generate()`` pads finished rows after that); ``ended_at[row]``: its count of new tokens then."""
 
-    def __init__(self, prompt_width: int, budgets: list[int]):
-        self.prompt_width = prompt_width
+    def __init__(self, prompt_width: int, budgets: list[int], ends: list[Callable[[int], bool] | None]):
+        self.prompt_width, self.ends = prompt_width, ends
         self.budgets = torch.tensor(budgets)
+        self.ended_at: list[int | None] = [None] * len(budgets)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         made = input_ids.shape[1] - self.prompt_width
-        return made >= self.budgets.to(input_ids.device)
+        if any(self.ends):
+            tokens = input_ids[:, -1].tolist()
+            for row, end in enumerate(self.ends):
+                if end is not None and self.ended_at[row] is None and end(tokens[row]):
+                    self.ended_at[row] = made
+        ended = torch.tensor([at is not None for at in self.ended_at])
+        return ((made >= self.budgets) | ended).to(input_ids.device)
 
 
 def stream_generate(
@@ -76,11 +85,13 @@ def stream_generate(
     eos_token_ids: set[int],
     top_logprobs: int | None = None,
     vocab: int | None = None,
+    ends: list[Callable[[int], bool] | None] | None = None,
     **generate_kwargs,
 ) -> Iterator[list[StepToken | None]]:
     """Yield, per decoding step, each row's new token, or None for a row already finished.
 
-    A row finishes after an end-of-sequence id (which is yielded) or its budget of new tokens. ``generate_kwargs``
+    A row finishes after an end-of-sequence id (which is yielded), its budget of new tokens, or the token for which
+    ``ends[row]`` (called with each of the row's new tokens, in order) returns True (yielded too). ``generate_kwargs``
     (``do_sample``, ``temperature``, ``top_p`` …) go to ``model.generate`` unchanged, so they hold for every row.
     With ``vocab`` (the tokenizer's size) a head padded past it draws no padding id (a ``StaticGenerator`` decodes
     over its own ``vocab_size``). ``top_logprobs`` (a count) gives
@@ -98,6 +109,7 @@ def stream_generate(
     if processors:
         generate_kwargs["logits_processor"] = LogitsProcessorList(processors)
     streamer, failure = StepStreamer(recorder, top_logprobs or 0), []
+    row_ends = RowEnds(input_ids.shape[1], budgets, ends or [None] * len(prompts))
 
     def run() -> None:
         try:
@@ -106,7 +118,7 @@ def stream_generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     max_new_tokens=max(budgets),
-                    stopping_criteria=StoppingCriteriaList([RowBudgets(input_ids.shape[1], budgets)]),
+                    stopping_criteria=StoppingCriteriaList([row_ends]),
                     pad_token_id=pad,
                     streamer=streamer,
                     **generate_kwargs,
@@ -121,6 +133,9 @@ def stream_generate(
     while (step := streamer.steps.get()) is not None and not all(finished):
         out: list[StepToken | None] = []
         for row, token in enumerate(step):
+            # ended_at is set by the generating thread before it puts the next step (so before this one is read)
+            ended_at = row_ends.ended_at[row]
+            finished[row] = finished[row] or (ended_at is not None and made[row] >= ended_at)
             out.append(None if finished[row] else token)
             if not finished[row]:
                 made[row] += 1
