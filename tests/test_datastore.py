@@ -341,3 +341,16 @@ def test_a_models_weights_are_hashed_once_per_process_until_they_change(tmp_path
     save_tiny(tmp_path / "model", seed=2)
     loading.model_fingerprint(str(model))
     assert len(reads) == 4
+
+
+def test_a_lowered_window_alone_takes_half_of_it_as_stride(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
+    """`--windows.window 64` without a stride: the default stride follows the window (half of it, as the paper's
+    512 of 1024); it was a fixed 512 and refused any window under it."""
+    from lightning_memdec.cli import main
+
+    out = tmp_path / "ds"
+    main(["build-datastore", "--corpus", str(biomed_corpus), "--model", str(tiny_gpt2), "--out", str(out),
+          "--windows.window", "64", "--windows.batch_size", "4", "--hardware.accelerator", "cpu"])  # fmt: skip
+    for name in ("keys.npy", "values.npy"):
+        assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()  # built with stride 32
+    assert Windows(window=7).step == 3 and Windows(window=1).step == 1 and Windows().step == 512

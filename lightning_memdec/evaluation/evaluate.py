@@ -87,7 +87,7 @@ def evaluate(
     """
     ce_only, teacher = controls.ce_only, controls.teacher
     datastore, index, knn_corpus = knn.datastore, knn.index, knn.corpus
-    window, stride, batch_size = scoring.window, scoring.stride, scoring.batch_size
+    window, stride, batch_size = scoring.window, scoring.step, scoring.batch_size
     models = _models_to_score(bases, teacher)
     lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, knn, mix.lmbda, mix.knn_lmbda)
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if mix.lambda_grid is None else mix.lambda_grid)
@@ -165,7 +165,7 @@ class _Scorer:
         self.splits, self.window, self.stride, self.batch_size = (
             splits,
             scoring.window,
-            scoring.stride,
+            scoring.step,
             scoring.batch_size,
         )
         self.temperatures = temperatures  # kNN-LM: log p_kNN(gold) at each, from one search
@@ -309,7 +309,7 @@ def _build_missing_stores(stores, models, corpus: str, root: Path, scoring: Scor
             continue
         store_dir, index_dir = root / f"{name}-datastore", root / f"{name}-index"
         if not (store_dir / "meta.json").is_file():
-            windows = Windows(window=scoring.window, stride=scoring.stride)  # batch_size: build_datastore's
+            windows = Windows(window=scoring.window, stride=scoring.step)  # batch_size: build_datastore's
             build_datastore(Path(corpus), ref, store_dir, windows=windows, hardware=Hardware(accelerator="auto"))
         if not (index_dir / "meta.json").is_file():
             build_index(store_dir, index_dir, plan=IndexSettings(factory="auto"))

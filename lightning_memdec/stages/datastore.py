@@ -211,7 +211,7 @@ def build_datastore(
     layer = layer or _default_layer_for(lm_config, model)
     _check_model_vocab(data, model, lm_config)
     _check_layer(lm_config, layer)
-    spans = position_windows(data.num_positions, windows.window, windows.stride)
+    spans = position_windows(data.num_positions, windows.window, windows.step)
     check_disk(Path(out), data.num_positions, lm_config)
     model_sha256 = model_fingerprint(model)
     run_config = {  # a resume with the weights of another model (even at the same path) is refused
@@ -220,13 +220,13 @@ def build_datastore(
         "model_sha256": model_sha256,
         "layer": layer,
         "window": windows.window,
-        "stride": windows.stride,
+        "stride": windows.step,
         "batch_windows": windows.batch_size,
         "precision": precision,
     }
     work = resumed_work_dir(out, run_config, overwrite, data.num_positions)
     extractor = KeyExtractor(
-        str(model), layer, str(corpus), windows.window, windows.stride, windows.batch_size, str(work), precision
+        str(model), layer, str(corpus), windows.window, windows.step, windows.batch_size, str(work), precision
     )
     writer = KeyWriter(work, data.num_positions)
     trainer = run_sharded_predict(
@@ -257,7 +257,7 @@ def build_datastore(
         precision=precision,
         num_entries=data.num_positions,
         window=windows.window,
-        stride=windows.stride,
+        stride=windows.step,
         corpus=str(Path(corpus).resolve()),
         corpus_sha256=data.meta["content_sha256"],
         tokenizer=data.tokenizer,

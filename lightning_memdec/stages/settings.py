@@ -39,20 +39,29 @@ class Windows:
 
     window: int = 1024
     """tokens of context per window (paper: 1024)"""
-    stride: int = 512
-    """new positions per window (paper: 512); each has >= window - stride + 1 tokens of context, but the first
-    window's positions, which have what precedes them (windows run across document boundaries)"""
+    stride: int | None = None
+    """new positions per window (default: half the window, the paper's 512 of 1024); each has >= window - stride + 1
+    tokens of context, but the first window's positions, which have what precedes them (windows run across document
+    boundaries)"""
     batch_size: int = 8
     """windows per forward pass"""
     flag: ClassVar[str] = "--windows"  # the flag group's name in messages (a subclass's own where it is another)
 
     def __post_init__(self):
-        if not 0 < self.stride <= self.window:
+        check_positive(f"{self.flag}.window", self.window, whole=True)
+        if not 0 < self.step <= self.window:
             raise ValueError(
                 f"need 0 < stride <= window, got window={self.window}, stride={self.stride}; "
                 f"pass {self.flag}.stride at most {self.flag}.window."
             )
         check_positive(f"{self.flag}.batch_size", self.batch_size, whole=True)
+
+    @property
+    def step(self) -> int:
+        """The stride in effect: the one given, or half the window. Resolved here, not stored in ``stride``: the
+        command line starts from the default instance's fields, so a stored default would not follow a lowered
+        ``--windows.window``."""
+        return self.stride if self.stride is not None else max(1, self.window // 2)
 
 
 @dataclass(frozen=True)
