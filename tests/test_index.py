@@ -201,3 +201,12 @@ def test_an_index_that_needs_no_training_gets_no_sample_and_too_small_a_sample_i
                        "--plan.train_size 256 or more"):  # fmt: skip
         build_index(biomed_datastore, tmp_path / "i", plan=IndexSettings(factory="PQ8", train_size=100))
     assert not (tmp_path / "i").exists() and not (tmp_path / "i.partial").exists()
+    # 4-bit codes have 16 centroids per sub-quantizer: 20 keys train them (the 8-bit minimum of 256 refused them)
+    with pytest.raises(ValueError, match="gives 10 training keys, too few to train PQ8x4; give --plan.train_size 16"):
+        build_index(biomed_datastore, tmp_path / "i", plan=IndexSettings(factory="PQ8x4", train_size=10))
+    index = KeyIndex(build_index(biomed_datastore, tmp_path / "i", plan=IndexSettings(factory="PQ8x4", train_size=20)))
+    assert index.meta["train_size"] == 20 and index.index.pq.nbits == 4
+    plan = plan_index(3000, 32, factory="IVF4,PQ8x4")
+    assert (plan.pq_centroids, plan_index(3000, 32, factory="PQ8").pq_centroids) == (16, 256)
+    # codes (8 × 4 bits: 4 bytes) + ids, the lists' centroids, the codebooks, the precomputed table (4 × 8 × 16)
+    assert plan.index_bytes == 3000 * (4 + 8) + 4 * 32 * 4 + 16 * 32 * 4 + 4 * 8 * 16 * 4

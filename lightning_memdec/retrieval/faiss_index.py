@@ -26,7 +26,6 @@ from lightning_memdec.retrieval import cuvs_index
 from lightning_memdec.retrieval.cuvs_index import CUVS_INDEX, CuvsIVFPQ
 from lightning_memdec.retrieval.index_plan import (
     MIN_TRAIN_PER_LIST,
-    PQ_CENTROIDS,
     IndexPlan,
     gpu_pq_options,
     plan_index,
@@ -204,7 +203,7 @@ def check_build_fits(plan: IndexPlan, train_size: int, use_gpu: bool) -> None:
             f"--plan.train_size gives {train_size} training keys, fewer than the {plan.nlist} lists of {plan.factory}; "
             f"give --plan.train_size {plan.nlist} or more (FAISS advises 39 per list), or a factory with fewer lists."
         )
-    minimum = PQ_CENTROIDS if plan.pq_m else 1  # k-means of PQ's 8-bit codebooks needs a key per centroid
+    minimum = plan.pq_centroids or 1  # k-means of PQ's codebooks needs a key per centroid (256 for 8-bit codes)
     if plan.train_size and not plan.nlist and train_size < minimum:
         raise ValueError(
             f"--plan.train_size gives {train_size} training keys, too few to train {plan.factory}; give "

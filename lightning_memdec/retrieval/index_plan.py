@@ -26,7 +26,7 @@ GPU_MAX_K = 2048
 # dims per PQ sub-quantizer faiss-gpu's IVF-PQ scans without precomputed tables (its isSupportedNoPrecomputedSubDimSize)
 GPU_NO_PRECOMPUTED_SUBDIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 FLOAT32 = 4
-PQ_CENTROIDS = 256  # 8-bit codes
+PQ_CENTROIDS = 256  # 8-bit codes, FAISS's default (PQ<m>x<bits> has 2^bits)
 PRECOMPUTED_TABLE_MAX_BYTES = 2**31  # faiss's precomputed_table_max_bytes: larger IVF-PQ tables are not built
 
 
@@ -64,6 +64,7 @@ class IndexPlan:
     train_bytes: int
     flops_per_query: float
     notes: list[str] = field(default_factory=list)
+    pq_centroids: int | None = None  # per PQ sub-quantizer: 2^bits of PQ<m>x<bits>
 
     def describe(self) -> str:
         lines = [
@@ -124,24 +125,28 @@ def plan_index(
             notes.append(f"{dim // m} dims per PQ sub-quantizer need precomputed tables on the GPU (usePrecomputed)")
     found = re.search(r"IVF(\d+)", factory)  # anywhere: OPQ16,IVF64,PQ16 has 64 lists
     nlist = int(found.group(1)) if found else None
-    pq = re.search(r"PQ(\d+)", factory)
+    pq = re.search(r"PQ(\d+)(?:x(\d+))?", factory)
     m = int(pq.group(1)) if pq else None
+    bits = int(pq.group(2)) if pq and pq.group(2) else 8
+    centroids = 2**bits if m else None
     train = 0
-    clusters = nlist if nlist is not None else PQ_CENTROIDS if needs_training(dim, factory) else None
+    trained = nlist is None and needs_training(dim, factory)  # PQ, SQ, OPQ, PCA …: a codebook's or PQ's sample
+    clusters = nlist if nlist is not None else (centroids or PQ_CENTROIDS) if trained else None
     if clusters is not None:
         fits = max(MIN_TRAIN_PER_LIST * clusters, budget // (dim * FLOAT32))
         train = min(num_entries, rule.train_per_list * clusters, fits)
         if nlist is not None and train < MIN_TRAIN_PER_LIST * nlist:
             notes.append(f"only {train} training keys for {nlist} lists (FAISS wants ≥ {MIN_TRAIN_PER_LIST} each)")
-    code = m if m is not None else dim * FLOAT32
-    index_bytes = num_entries * (code + 8) + (nlist or 0) * dim * FLOAT32 + (PQ_CENTROIDS * dim * FLOAT32 if m else 0)
-    table = precomputed_table_bytes(nlist, m)
+    code = math.ceil(m * bits / 8) if m is not None else dim * FLOAT32
+    index_bytes = num_entries * (code + 8) + (nlist or 0) * dim * FLOAT32 + (centroids or 0) * dim * FLOAT32
+    table = precomputed_table_bytes(nlist, m, centroids or PQ_CENTROIDS)
     if table:
         notes.append(f"{table / 2**30:.2f} GiB of the index size is IVF-PQ's precomputed table, built when loaded")
     index_bytes += table
     per_list = num_entries / nlist if nlist else num_entries
     flops = 2.0 * (nlist or 0) * dim + min(nprobe, nlist or 1) * per_list * (m or 2 * dim)
-    return IndexPlan(factory, num_entries, dim, nlist, m, train, index_bytes, train * dim * FLOAT32, flops, notes)
+    return IndexPlan(factory, num_entries, dim, nlist, m, train, index_bytes, train * dim * FLOAT32, flops, notes,
+                     centroids)  # fmt: skip
 
 
 def needs_training(dim: int, factory: str) -> bool:
@@ -155,12 +160,12 @@ def needs_training(dim: int, factory: str) -> bool:
         return False
 
 
-def precomputed_table_bytes(nlist: int | None, m: int | None) -> int:
-    """The table an IVF-PQ index (L2, by residual) precomputes when loaded or trained: nlist × m × 256 floats, held in
-    RAM (or on the GPU) beside the codes; faiss skips it above :data:`PRECOMPUTED_TABLE_MAX_BYTES`."""
+def precomputed_table_bytes(nlist: int | None, m: int | None, centroids: int = PQ_CENTROIDS) -> int:
+    """The table an IVF-PQ index (L2, by residual) precomputes when loaded or trained: nlist × m × centroids floats,
+    held in RAM (or on the GPU) beside the codes; faiss skips it above :data:`PRECOMPUTED_TABLE_MAX_BYTES`."""
     if not nlist or not m:
         return 0
-    size = nlist * m * PQ_CENTROIDS * FLOAT32
+    size = nlist * m * centroids * FLOAT32
     return size if size <= PRECOMPUTED_TABLE_MAX_BYTES else 0
 
 
