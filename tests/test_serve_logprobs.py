@@ -5,6 +5,7 @@ entries it was built from."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 
 import pytest
@@ -380,3 +381,80 @@ def test_a_request_s_prompts_are_queued_a_batch_s_worth_at_a_time(served):
     spec = Spec(served, jobs_in_flight=8)
     done = asyncio.run(spec.queued_completions(jobs))
     assert [c.text for c in done] == [str(i) for i in range(20)] and spec.most == 8
+
+
+def test_the_log_prob_limits_are_openai_s_inclusive(served):
+    """completions' logprobs 0–5 and chat's top_logprobs 0–20 are accepted at their maxima and refused past them."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    chat_served = ServedModel("m", copy.deepcopy(served.tokenizer), context=64)
+    chat_served.tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert check_request({"prompt": "Hello", "logprobs": 5}, served, chat=False).logprobs == 5
+    assert check_request({**chat, "top_logprobs": 20}, chat_served, chat=True).logprobs == 20
+    for body, is_chat, name in (({"prompt": "Hello", "logprobs": 6}, False, "logprobs"),
+                                ({**chat, "top_logprobs": 21}, True, "top_logprobs")):  # fmt: skip
+        with pytest.raises(RequestError, match=f"{name} must be an integer from 0 to") as err:
+            check_request(body, chat_served, chat=is_chat)
+        assert err.value.param == name
+
+
+def test_a_streamed_reply_s_first_chunk_has_no_log_probs(served):
+    """The role chunk carries `logprobs: null`, as OpenAI's; the log-probs come with the tokens' chunks."""
+    from lightning_memdec.apps.openai_protocol import Job
+    from lightning_memdec.apps.openai_replies import chunk
+
+    for is_chat in (False, True):
+        job = Job([1, 2], 4, {"do_sample": False}, stream=True, chat=is_chat, logprobs=2)
+        first = json.loads(chunk(job, served, "", None, first=True)[len("data: ") :])
+        assert first["choices"][0]["logprobs"] is None
+        later = json.loads(chunk(job, served, " a", None, log_probs=[TokenLogProb(257, -1.0, [], 0)])[len("data: ") :])
+        assert later["choices"][0]["logprobs"] is not None
+
+
+def spec_pieces(served, job, steps: list[dict]):
+    """What the HTTP process makes of the worker's ``steps`` for ``job``: its :class:`Piece` list."""
+    from litserve.utils import LitAPIStatus
+
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+
+    async def stream():
+        for step in steps:
+            yield json.dumps(step), LitAPIStatus.OK
+
+    async def pieces():
+        return [piece async for piece in OpenAICompletionsSpec(served).token_pieces(job, stream())]
+
+    return asyncio.run(pieces())
+
+
+def test_an_echo_only_request_ends_with_length_and_a_cut_character_is_kept(served):
+    """lm-eval's scoring request (echo, max_tokens 0) ends with finish_reason "length" after the prompt; a reply cut by
+    max_tokens inside a character keeps the character's start (U+FFFD), so its text is the tokens' decode."""
+    tok = served.tokenizer
+    job = check_request({"prompt": "Hello world", "max_tokens": 0, "echo": True, "logprobs": 1}, served, chat=False)
+    scored = [None] + [[-1.0, [[1, -0.5]]] for _ in job.prompt_ids[1:]]
+    pieces = spec_pieces(served, job, [{"prompt": scored, "batch": 1}])
+    assert ("".join(p.text for p in pieces), pieces[-1].finish_reason) == ("Hello world", "length")
+    made = [tok.convert_tokens_to_ids("Ġa"), tok.convert_tokens_to_ids("ä")]  # ' a', then 0xE4: a character's start
+    job = check_request({"prompt": "Hello", "max_tokens": 2, "temperature": 0}, served, chat=False)
+    pieces = spec_pieces(served, job, [{"token": t, "end": False, "batch": 1} for t in made])
+    assert ("".join(p.text for p in pieces), pieces[-1].finish_reason) == (tok.decode(made), "length")
+    assert tok.decode(made).endswith("\ufffd")
+
+
+def test_a_row_past_its_end_of_sequence_streams_none():
+    """stream_generate's rows: the EOS id is the row's last token; after it, None (not generate()'s padding)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_memdec.inference.streamed_generation import stream_generate
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=8, n_layer=1, n_head=2)).eval()
+    with torch.no_grad():
+        first = [int(model(torch.tensor([p])).logits[0, -1].argmax()) for p in ([1, 2, 3], [4, 5, 6], [7, 8])]
+    eos = first[0]  # row 0's first greedy token, made the end-of-sequence id
+    other = [4, 5, 6] if first[1] != eos else [7, 8]
+    assert first[[1, 2][other == [7, 8]]] != eos
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, 0
+    steps = list(stream_generate(model, [[1, 2, 3], other], [4, 4], {eos}, do_sample=False))
+    assert [None if s[0] is None else s[0].id for s in steps] == [eos, None, None, None]
+    assert all(s[1] is not None for s in steps)

@@ -154,6 +154,17 @@ def test_malformed_bodies_are_400(raw):
     assert err.value.status == 400
 
 
+def test_prompt_token_ids_must_be_the_tokenizer_s(served):
+    """An id one past the tokenizer's last is refused with a 400 (in the worker it would fail its whole batch)."""
+    size = len(served.tokenizer)
+    last = [0, 1, size - 1]
+    assert check_request({"prompt": last, "max_tokens": 2}, served, chat=False).prompt_ids == last
+    for bad in (size, -1):
+        with pytest.raises(RequestError, match=rf"prompt token ids must lie in \[0, {size}\)") as err:
+            check_request({"prompt": [1, 2, bad], "max_tokens": 2}, served, chat=False)
+        assert (err.value.status, err.value.param) == (400, "prompt")
+
+
 def test_detokenizer_holds_back_a_split_character():
     tokenizer = load_tokenizer("gpt2")
     text = "naïve café ☕ done"
