@@ -146,6 +146,47 @@ def test_outputs_and_predictions_format(tmp_path, tiny_gpt2, tiny_decoder):
     assert not list(out.glob("*.tmp*"))
 
 
+def test_dcpmi_smooths_a_verbalizer_the_domain_premise_makes_unlikely():
+    """log(P(v|x) + 1e-10) − log(P(v|d) + 1e-10), by hand, where P(v|d) is 1e-12 or 0 (p_kNN at λ = 1 with no
+    neighbour on the verbalizer): finite, and the smoothing is what sets the score."""
+    x, d = np.array([[0.30, 0.20, 0.10]]), np.array([0.50, 1e-12, 0.0])
+    with np.errstate(divide="ignore"):
+        scores = dcpmi_scores(np.log(x), np.log(d), [[0], [1], [2]])
+    want = np.log(x[0] + 1e-10) - np.log(d + 1e-10)
+    np.testing.assert_allclose(scores[0], want, rtol=1e-12)
+    assert np.isfinite(scores).all()
+
+
+def test_a_prompt_longer_than_max_length_keeps_its_last_tokens():
+    """The template's end (what the verbalizer follows) stays; the start of a long text is cut."""
+    from lightning_memdec.evaluation.dcpmi import PromptScorer
+
+    tok = load_tokenizer("gpt2")
+    prompt = "A very long review that runs on and on before the template ends with It was"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert PromptScorer(tok, max_length=4, batch_size=1).encode([prompt]) == [ids[-4:]]
+    assert PromptScorer(tok, max_length=len(ids), batch_size=1).encode([prompt]) == [ids]
+
+
+def test_the_accuracy_figure_draws_each_interval_where_it_lies(tmp_path, monkeypatch):
+    """accuracy.png's error bars run from the interval's low to its high end (asymmetric near 0 % and 100 %)."""
+    import matplotlib.axes
+
+    from lightning_memdec.evaluation.downstream_report import plot_accuracy
+
+    drawn, bar = [], matplotlib.axes.Axes.bar
+
+    def spy(self, x, height, width=0.8, **kwargs):
+        below, above = kwargs["yerr"]
+        drawn.extend((h - b, h + a) for h, b, a in zip(height, below, above))
+        return bar(self, x, height, width, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy)
+    acc = {"t": {"S": {"accuracy": 0.6, "ci95": (0.5, 0.65)}, "R": {"accuracy": 0.95, "ci95": (0.9, 1.0)}}}
+    plot_accuracy(acc, ["S", "R"], tmp_path / "a.png")
+    assert drawn == [pytest.approx((50, 65)), pytest.approx((90, 100))]
+
+
 def test_choose_lambda_takes_the_best_dev_accuracy_first_on_ties():
     # two examples, one column per class: the other model flips example 1 to the right class once λ > 0.2
     base_x, base_d = np.log([[0.6, 0.4], [0.6, 0.4]]), np.log([0.5, 0.5])
