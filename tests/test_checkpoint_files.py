@@ -10,6 +10,7 @@ import torch
 import lightning_memdec.training.checkpoint_files as checkpoint_files
 from lightning_memdec.training.checkpoint_files import (
     AtomicCheckpointIO,
+    CheckpointDiskFull,
     check_checkpoint,
     checkpoint_problem,
     resumable_checkpoint,
@@ -39,6 +40,18 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatc
     loaded = torch.load(path, weights_only=True)
     assert loaded["global_step"] == 1 and torch.equal(loaded["w"], torch.ones(8))
     assert sorted(os.listdir(path.parent)) == ["last.ckpt"], "no temporary file is left behind"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])  # a full disk, or the user's quota (clusters)
+def test_a_save_out_of_space_or_quota_is_the_one_line_disk_full_error(tmp_path, monkeypatch, code):
+    def out_of_space(obj, f, *args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(checkpoint_files.torch, "save", out_of_space)
+    with pytest.raises(CheckpointDiskFull, match="no space left on the device while saving checkpoint") as err:
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    assert isinstance(err.value, ValueError) and err.value.errno == code
+    assert os.listdir(tmp_path) == []
 
 
 def test_checkpoint_problem_finds_truncated_and_flipped_bytes(tmp_path):
@@ -75,6 +88,16 @@ def test_resume_falls_back_to_the_newest_whole_checkpoint(tmp_path, caplog):
         resumable_checkpoint(tmp_path)
     for name in ("last.ckpt", "step1.ckpt", "step2.ckpt"):
         assert f"{name}: not a whole checkpoint" in str(err.value)
+
+
+def test_last_ckpt_wins_a_tie_of_modification_times(tmp_path):
+    """A file system with 1 s (or 2 s) timestamps, or two saves in one tick: last.ckpt (step 5) is still preferred
+    over the step file saved before it (step 4)."""
+    save(tmp_path / "step4.ckpt", 4.0)
+    save(tmp_path / "last.ckpt", 5.0)
+    for name in ("step4.ckpt", "last.ckpt"):
+        os.utime(tmp_path / name, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    assert resumable_checkpoint(tmp_path) == tmp_path / "last.ckpt"
 
 
 def test_a_kill_between_a_step_file_and_last_ckpt_resumes_from_the_step_file(tmp_path, caplog):
