@@ -116,6 +116,39 @@ def test_near_duplicates_are_flagged_as_a_direct_word_loop_finds_them():
     assert exact_only.inside.sum() < 0.1 * copy_tokens and exact_only.ngram_words is None
 
 
+def test_a_word_ending_on_a_token_s_first_character_ends_its_span_there():
+    """A toy vocabulary where "beta" is "bet" + "a.": the repeated run "x y beta" spans tokens 0..3, so the positions
+    predicting tokens 1, 2 and 3 are inside it (by hand)."""
+    pieces = np.array(["x ", "y ", "bet", "a.", " z", " w", "<eos>", "x", " y", " beta", " q"], dtype=object)
+    split = np.array([0, 1, 2, 3, 4, 5, 6])  # "x y beta. z w<eos>"
+    training = [np.array([7, 8, 9, 10, 6])]  # "x y beta q<eos>": the same three words, other tokens
+    audit = audit_overlap(split, document_offsets(split, 6), training, eos_id=6, n=4, pieces=pieces)
+    assert audit.inside.astype(int).tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_the_overlap_warning_is_for_a_share_above_its_threshold():
+    from lightning_memdec.evaluation.overlap import WARN_SHARE, OverlapAudit
+
+    inside = np.zeros(100, bool)
+    inside[0] = True  # 1 of 100 positions: a share of exactly 0.01
+    assert WARN_SHARE == 0.01 and OverlapAudit(inside, 1, 0, 32).summary()["warning"] is False
+    inside[1] = True
+    assert OverlapAudit(inside, 1, 0, 32).summary()["warning"] is True
+
+
+def test_a_whole_corpus_split_counts_its_documents(tmp_path):
+    """A corpus directory scored whole: its last offset is the split's length, which is no document boundary."""
+    from lightning_memdec.evaluation.overlap import split_document_offsets
+    from lightning_memdec.io.token_corpus import Corpus, tokenize
+
+    (tmp_path / "split.txt").write_text("First document here.\n\nSecond one, a little longer.\n\nThird.\n")
+    corpus = tokenize([str(tmp_path / "split.txt")], tmp_path / "corpus", "gpt2")
+    tokens = np.asarray(Corpus(corpus).tokens)
+    offsets = split_document_offsets(corpus, tokens, eos_id=50256)
+    assert offsets.tolist() == np.asarray(Corpus(corpus).doc_offsets).tolist()
+    assert audit_overlap(tokens, offsets, [], eos_id=50256, n=4).summary()["documents"] == 3
+
+
 def test_ngram_hashes_are_equal_exactly_for_equal_ngrams():
     tokens = np.array([5, 1, 2, 3, 5, 1, 2, 3, 9, 50000, 0, 1])
     h = ngram_hashes(tokens, 4)
