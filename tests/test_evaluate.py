@@ -332,6 +332,41 @@ def test_latency_helpers_report_every_variant(tiny_gpt2, knnlm, test_tokens):
 # -- the callback ----------------------------------------------------------------------------------------------------
 
 
+def test_cross_model_eval_scores_only_its_first_max_batches(monkeypatch):
+    """max_batches = 2 of a 4-batch validation epoch: the logged perplexities are the base's and the mixture's over
+    the first two batches, computed directly."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_memdec.training.callbacks import CrossModelEval
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    base, decoder = GPT2LMHeadModel(config).eval(), GPT2LMHeadModel(config).eval()
+    callback = CrossModelEval(["base"], lambdas=0.5, max_batches=2)
+    callback.models, callback.vocab = [base], 50
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder, log_dict=lambda m, **kw: logged.update(m))
+    trainer = SimpleNamespace(sanity_checking=False, strategy=SimpleNamespace(reduce=lambda x, reduce_op: x),
+                              precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))  # fmt: skip
+    callback.on_validation_epoch_start(trainer, module)
+    batches = []
+    for i in range(4):
+        ids = torch.randint(0, 50, (1, 9))
+        batches.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(1, 8)})
+        callback.on_validation_batch_end(trainer, module, None, batches[-1], i)
+    callback.on_validation_epoch_end(trainer, module)
+    with torch.no_grad():
+        ids, gold = torch.cat([b["input_ids"] for b in batches[:2]]), torch.cat([b["labels"] for b in batches[:2]])
+        p_base = base(ids).logits.double().softmax(-1).gather(-1, gold[..., None])
+        p_mem = decoder(ids).logits.double().softmax(-1).gather(-1, gold[..., None])
+    assert float(logged["val/ppl_base/base"]) == pytest.approx(float((-p_base.log().mean()).exp()), rel=1e-5)
+    mixed = (0.5 * p_base + 0.5 * p_mem).log().mean()
+    assert float(logged["val/ppl_mix/base"]) == pytest.approx(float((-mixed).exp()), rel=1e-5)
+
+
 def test_cross_model_eval_logs_mixture_perplexities(tmp_path, tiny_gpt2, biomed_targets_pair):
     config = tmp_path / "cross.yaml"
     config.write_text(

@@ -56,6 +56,15 @@ def test_an_export_of_another_run_is_refused_before_training_and_replaced_only_w
     assert exported(export)[0]["global_step"] == 1
 
 
+def test_an_export_counts_the_tokens_of_accumulated_batches(tmp_path, biomed_targets_pair):
+    """tokens_seen in meta.json: every window of every optimiser step, accumulated batches included (2 steps of 2
+    batches of 2 windows of 32 tokens)."""
+    export = tmp_path / "decoder"
+    lightning_cli(fit_args(biomed_targets_pair, tmp_path / "a", export, 2, "--trainer.accumulate_grad_batches", "2"))
+    meta, _ = exported(export)
+    assert (meta["global_step"], meta["tokens_seen"]) == (2, 2 * 2 * 2 * 32)
+
+
 def test_a_failure_during_the_export_leaves_the_previous_export_whole(tmp_path, biomed_targets_pair, monkeypatch):
     pair, root, export = biomed_targets_pair, tmp_path / "run", tmp_path / "decoder"
     lightning_cli(fit_args(pair, root, export, 2))
