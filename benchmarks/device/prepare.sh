@@ -5,16 +5,16 @@
 #     in its image), transformers >= 5.24 (its 5.17 lacks the generation `cache` field InterpolatedLM reads; regex >=
 #     2025.10.22 with it, checked at import), jsonargparse and omegaconf (the configs) with jsonargparse's signature
 #     helpers. 32 MiB of wheels pack into 14 MiB;
-#  2. the embedded base LMs, corpora and GPT-NeoX tokenizer (lightning_memdec/assets: 53 + 7.5 + 3.4 MiB, none read
-#     by benchmarks/gpu.py) left out of what a call sends: the tracked tree is 68 MiB, a call sends at most 64 MiB
-#     (6.6 MiB then, so a call also holds .whl and prepare_cuvs.sh's .cuvs). They are removed from git's index only
+#  2. the embedded base LMs, corpora and GPT-NeoX tokenizer (lightning_memdec/assets: 53 + 7.5 + 3.4 MiB) and docs/
+#     (6 MiB of results), none read by benchmarks/gpu.py, left out of what a call sends: the tracked tree is 74 MiB, a
+#     call sends at most 64 MiB (about 5 MiB then, so a call also holds .whl and prepare_cuvs.sh's .cuvs). They are removed from git's index only
 #     (the files stay on disk) and ignored until benchmarks/device/restore.sh puts them back: run it before any commit.
 # Prints the size of what will travel.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 exclude=.git/info/exclude
 mkdir -p "$(dirname "$exclude")" && touch "$exclude"
-left_out=(lightning_memdec/assets/models lightning_memdec/assets/corpora lightning_memdec/assets/tokenizers/gpt-neox-20b)
+left_out=(lightning_memdec/assets/models lightning_memdec/assets/corpora lightning_memdec/assets/tokenizers/gpt-neox-20b docs)
 for pattern in /.whl/ "${left_out[@]/#//}"; do
     pattern=${pattern%/}/
     grep -qxF "$pattern" "$exclude" || echo "$pattern" >> "$exclude"
