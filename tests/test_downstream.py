@@ -145,6 +145,10 @@ def test_outputs_and_predictions_format(tmp_path, tiny_gpt2, tiny_decoder):
         report["accuracy"]["toy"][str(tiny_gpt2)]["accuracy"]
     )
     assert "| toy | 5 |" in (out / "report.md").read_text()
+    low, high = cell["ci95"]
+    assert low <= cell["accuracy"] <= high
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| toy | 5 |"))
+    assert f"{100 * cell['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]" in row
     assert (out / "accuracy.png").stat().st_size > 0
     assert not list(out.glob("*.tmp*"))
 
@@ -188,6 +192,54 @@ def test_the_accuracy_figure_draws_each_interval_where_it_lies(tmp_path, monkeyp
     acc = {"t": {"S": {"accuracy": 0.6, "ci95": (0.5, 0.65)}, "R": {"accuracy": 0.95, "ci95": (0.9, 1.0)}}}
     plot_accuracy(acc, ["S", "R"], tmp_path / "a.png")
     assert drawn == [pytest.approx((50, 65)), pytest.approx((90, 100))]
+
+
+def test_each_task_is_resampled_with_its_own_seed():
+    """Task i's interval comes from draws seeded with seed + i (as report.json says): two tasks of equal outcomes get
+    the intervals a direct bootstrap with seeds 5 and 6 gives."""
+    from lightning_memdec.evaluation.downstream_report import accuracy_summary
+
+    correct = np.random.default_rng(0).random(30) < 0.6
+
+    def result(task: str) -> dict:
+        return {"task": task, "system": "B", "base": "B", "kind": "base", "lmbda": None, "lmbda_from": None,
+                "dev_curve": None, "scores": np.stack([~correct, correct], 1).astype(float),
+                "labels": np.ones(30, int), "knn_temperature": None, "knn_temperature_from": None,
+                "knn_temperature_at_edge": False, "dev_accuracy_by_temperature": None}  # fmt: skip
+
+    summary = accuracy_summary([result("t1"), result("t2")], n_resamples=200, seed=5)
+    for task, seed in (("t1", 5), ("t2", 6)):
+        draws = np.random.default_rng(seed).integers(0, 30, size=(200, 30))
+        want = np.percentile(correct[draws].mean(1), [2.5, 97.5])
+        assert summary["accuracy"][task]["B"]["ci95"] == pytest.approx(tuple(want))
+
+
+def test_a_prompt_longer_than_a_model_s_context_is_cut_to_it(tmp_path):
+    """A base of 32 positions and a ~60-token prompt with the default --prompts.max_length (1024): scored on its
+    last 32 tokens (it failed after loading the models with an IndexError when the cap was not the context)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32)).save_pretrained(tmp_path / "base")
+    load_tokenizer("gpt2").save_pretrained(tmp_path / "base")
+    long = " ".join(["a film that goes on"] * 12)
+    records = [{"id": 0, "input": {"text": long}, "label": 0}, {"id": 1, "input": {"text": "Fine."}, "label": 1}]
+    entry = {**ENTRY, "verbalizers": [[" bad"], [" good"]]}
+    tasks = write_task_folder(tmp_path / "tasks", entry, records, dev=False)
+    report = downstream([str(tasks)], [str(tmp_path / "base")], tmp_path / "out", prompts=Prompts(device="cpu"),
+                        bootstrap=Bootstrap(resamples=10))  # fmt: skip
+    scored = read_predictions(tmp_path / "out")
+    assert [p["id"] for p in scored] == [0, 1] and report["accuracy"]["toy"][str(tmp_path / "base")]["n"] == 2
+    base = load_causal_lm(str(tmp_path / "base")).eval()
+    tok = load_tokenizer("gpt2")
+    ids = tok(f"{long} It was", add_special_tokens=False)["input_ids"][-32:]
+    premise = tok(" It was", add_special_tokens=False)["input_ids"]
+    bad, good = tok(" bad")["input_ids"][0], tok(" good")["input_ids"][0]
+    with torch.no_grad():
+        x = base(torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
+        d = base(torch.tensor([premise])).logits[0, -1].double().log_softmax(-1)
+    want = dcpmi_scores(x[[bad, good]][None].numpy(), d[[bad, good]].numpy(), [[0], [1]])[0]
+    assert [scored[0]["scores"][n] for n in ("negative", "positive")] == pytest.approx(want.tolist(), abs=1e-4)
 
 
 def test_choose_lambda_takes_the_best_dev_accuracy_first_on_ties():
@@ -265,7 +317,10 @@ def test_yaml_tasks_and_knnlm_system(tmp_path, tiny_gpt2, biomed_datastore, biom
     )
     spec = tmp_path / "tasks.yaml"
     spec.write_text(
-        yaml.safe_dump({"mine": {**ENTRY, "verbalizers": [[" bad"], [" good"]], "test": "mine/test.jsonl"}})
+        # the task file's λ is the decoders'; kNN-LM's is its own (here the fallback: no dev split)
+        yaml.safe_dump(
+            {"mine": {**ENTRY, "verbalizers": [[" bad"], [" good"]], "test": "mine/test.jsonl", "lmbda": 0.3}}
+        )
     )
     out = tmp_path / "out"
     report = downstream(
