@@ -187,3 +187,17 @@ def test_check_positive_is_the_one_rule_for_counts_and_sizes():
             check_positive("--x", value, whole=whole)
     with pytest.raises(ValueError, match=r"or omitted for the default\), got -2"):
         check_positive("--x", -2, whole=True, omitted="the default")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_corpus_records_its_text_files_hashes_from_the_utf8_check(tmp_path, compressed):
+    """The UTF-8 check hashes a plain file in the same pass (it was read twice before tokenizing): the recorded
+    sha256 is still that of the file's bytes as stored."""
+    import hashlib
+    import lzma
+
+    data = "".join(f"Document {i}, café.\n\n" for i in range(30_000)).encode()  # > 1 MiB: several reads
+    path = tmp_path / ("text.txt.xz" if compressed else "text.txt")
+    path.write_bytes(lzma.compress(data) if compressed else data)
+    meta = read_meta(tokenize([str(path)], tmp_path / "corpus", "gpt2"))
+    assert meta["sources"] == [{"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]

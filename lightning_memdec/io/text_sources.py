@@ -15,6 +15,7 @@ What a document is:
 from __future__ import annotations
 
 import codecs
+import hashlib
 import itertools
 import lzma
 import re
@@ -68,9 +69,8 @@ def open_documents(
         tables = [str(p) for p in paths if DATA_FILE_FORMATS.get(data_file_suffix(p), "text") != "text"]
         if tables:
             raise ValueError(f"{tables} hold rows, not blank-line separated text: give them with --dataset.files.")
-        for p in paths:  # a bad byte late in a large file was met only after all before it was tokenized
-            check_utf8(p)
-        sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
+        # a bad byte late in a large file was met only after all before it was tokenized; checked and hashed in one pass
+        sources = [{"path": str(p), "sha256": check_utf8(p)} for p in paths]
         documents = (piece for p in paths for piece in iter_document_pieces(p))
         what = f"the input text {[str(p) for p in paths]}"
     else:
@@ -254,14 +254,18 @@ def open_text(path: str | Path):
     return open(path, encoding="utf-8-sig")
 
 
-def check_utf8(path: str | Path) -> None:
+def check_utf8(path: str | Path) -> str:
     """Refuse a file that is not UTF-8, naming the offset of its first bad byte in the (decompressed) text, by one
-    streamed pass before any work."""
+    streamed pass before any work; return the sha256 of the file's bytes as stored (:func:`sha256_file`'s), from the
+    same pass for a plain text file (an ``.xz`` file's compressed bytes are hashed apart: a fraction of its text)."""
     path = Path(path)
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with lzma.open(path, "rb") if path.suffix == ".xz" else open(path, "rb") as f:
+    compressed = path.suffix == ".xz"
+    decoder, offset, digest = codecs.getincrementaldecoder("utf-8")(), 0, hashlib.sha256()
+    with lzma.open(path, "rb") if compressed else open(path, "rb") as f:
         while True:
             chunk = f.read(1 << 20)
+            if not compressed:
+                digest.update(chunk)
             held_bytes = decoder.getstate()[0]  # the start of a character split across reads
             held = len(held_bytes)
             try:
@@ -274,7 +278,7 @@ def check_utf8(path: str | Path) -> None:
                     f"({err.reason}); convert the file, e.g. `iconv -f latin1 -t utf-8`."
                 ) from err
             if not chunk:
-                return
+                return sha256_file(path) if compressed else digest.hexdigest()
             offset += len(chunk)
 
 
