@@ -458,3 +458,40 @@ def test_a_row_past_its_end_of_sequence_streams_none():
     steps = list(stream_generate(model, [[1, 2, 3], other], [4, 4], {eos}, do_sample=False))
     assert [None if s[0] is None else s[0].id for s in steps] == [eos, None, None, None]
     assert all(s[1] is not None for s in steps)
+
+
+def test_a_failed_or_abandoned_request_queues_no_more_of_its_jobs(served):
+    """n = 8, two jobs in flight: once a job fails (a queue timeout) or the client is gone, the jobs not yet queued
+    never are (they kept the queue busy for a reply no one would read, and made later clients time out)."""
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+
+    spec = OpenAICompletionsSpec(served, jobs_in_flight=2)
+    jobs = check_requests({"prompt": "Hi", "n": 8, "max_tokens": 2}, served, chat=False)
+    started: list[int] = []
+
+    async def completion(job):
+        started.append(job.index)
+        if job.index == 0 and failing:
+            raise RequestError(504, "timed out in the queue", code="timeout")
+        await asyncio.sleep(0.2)
+        return Completion("x", "length", 2)
+
+    class GoneAfterFirstCheck:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def run(request) -> RequestError:
+        with pytest.raises(RequestError) as err:
+            await spec.queued_completions(jobs, request)
+        await asyncio.sleep(1.0)  # what is still queued would start and finish by now
+        return err.value
+
+    spec.completion = completion
+    failing = True
+    assert asyncio.run(run(None)).status == 504 and 0 in started and len(started) <= 3
+    started.clear()
+    failing = False
+    error = asyncio.run(run(GoneAfterFirstCheck()))
+    assert (error.status, error.code) == (499, "client_closed_request") and 0 < len(started) <= 4
+    started.clear()
+    assert len(asyncio.run(spec.queued_completions(jobs, None))) == 8 and sorted(started) == list(range(8))

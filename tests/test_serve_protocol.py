@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import socket
 
 import pytest
@@ -452,6 +453,29 @@ def test_other_stops_are_refused(served, stop):
     with pytest.raises(RequestError, match="stop must be a string or a list of at most 32 strings") as err:
         check_request({"prompt": "hi", "stop": stop}, served, chat=False)
     assert err.value.status == 400 and err.value.param == "stop"
+
+
+def test_a_stop_string_of_more_than_512_characters_is_refused(served):
+    """Every token's text is checked against the stop strings (in the HTTP process and the worker): 32 stops of
+    16,000 characters stalled the server for seconds a token."""
+    assert check_request({"prompt": "hi", "stop": ["a" * 512]}, served, chat=False).stop == ["a" * 512]
+    with pytest.raises(RequestError, match="a stop string has 513 characters, more than 512") as err:
+        check_request({"prompt": "hi", "stop": ["b", "a" * 513]}, served, chat=False)
+    assert (err.value.status, err.value.param) == (400, "stop")
+    with pytest.raises(RequestError, match="stop holds a lone surrogate") as err:
+        check_request({"prompt": "hi", "stop": [json.loads('"a\\ud800"')]}, served, chat=False)
+    assert (err.value.status, err.value.param) == (400, "stop")
+
+
+def test_the_held_back_end_is_the_longest_that_begins_a_stop_string():
+    """Against the direct search over every prefix of every stop, on random texts and stops of a small alphabet
+    (where prefixes repeat)."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = ["".join(rng.choices("abc", k=rng.randint(1, 8))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choices("abc", k=rng.randint(0, 12)))
+        want = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        assert StopText(stops).held_back(text) == want, (stops, text)
 
 
 def test_a_stop_string_ends_the_reply_and_drops_the_rest_of_the_steps(served):

@@ -30,6 +30,7 @@ BOOKKEEPING = {"user", "store", "metadata", "service_tier", "parallel_tool_calls
 APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "logprobs"}
 APPLIED_BY = {"completions": {"prompt", "echo"}, "chat": {"messages", "max_completion_tokens", "top_logprobs"}}
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; lm-eval's tasks send up to 5 + the end-of-text (vLLM: no limit)
+MAX_STOP_CHARS = 512  # characters of one stop string: each token's text is checked against them, in both processes
 MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits: completions' logprobs, chat's top_logprobs
 MAX_PROMPTS = 256  # prompts in one completions request
 MAX_N = 128  # choices per prompt (OpenAI's limit)
@@ -205,12 +206,19 @@ def requested_logprobs(body: dict, chat: bool) -> int | None:
 
 
 def stop_strings(body: dict) -> list[str]:
-    """``stop``: a string or a list of at most :data:`MAX_STOP_STRINGS` strings; empty ones ask for nothing."""
+    """``stop``: a string or a list of at most :data:`MAX_STOP_STRINGS` strings of at most :data:`MAX_STOP_CHARS`
+    characters; empty ones ask for nothing."""
     stop = body.get("stop", [])
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS or not all(isinstance(x, str) for x in stops):
         raise RequestError(400, f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings, got "
                            f"{stop!r}.", "stop")  # fmt: skip
+    for x in stops:  # a lone surrogate is no text: refused as in a prompt
+        text_bytes(x, "stop")
+    longest = max(map(len, stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise RequestError(400, f"a stop string has {longest} characters, more than {MAX_STOP_CHARS}; shorten it.",
+                           "stop")  # fmt: skip
     return [x for x in stops if x]
 
 
@@ -343,6 +351,14 @@ class StopText:
 
     def __init__(self, stops: list[str]):
         self.stops, self.held = stops, ""
+        # per stop, for each character c: the lengths k (longest first, k < len(stop)) whose prefix stop[:k] ends in c;
+        # a text can end with a stop's prefix only where its last character is that prefix's last
+        self.prefix_ends = []
+        for stop in stops:
+            ends: dict[str, list[int]] = {}
+            for k in range(len(stop) - 1, 0, -1):
+                ends.setdefault(stop[k - 1], []).append(k)
+            self.prefix_ends.append(ends)
 
     def add(self, piece: str) -> tuple[str, bool]:
         """(text to send, whether a stop string was reached: the completion ends there)."""
@@ -351,9 +367,21 @@ class StopText:
         if found:
             self.held = ""
             return text[: min(found)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        keep = self.held_back(text)
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep], False
+
+    def held_back(self, text: str) -> int:
+        """The length of the longest end of ``text`` that begins a stop string (0: none)."""
+        keep = 0
+        for stop, ends in zip(self.stops, self.prefix_ends):
+            for k in ends.get(text[-1:], ()):
+                if k <= keep:
+                    break
+                if text.endswith(stop[:k]):
+                    keep = k
+                    break
+        return keep
 
     def flush(self) -> str:
         """The held-back end, once no more text comes."""

@@ -36,6 +36,7 @@ from lightning_memdec.apps.openai_replies import Completion, TokenLogProb, chunk
 from lightning_memdec.apps.tokenizer_endpoints import detokenize, tokenize, tokenizer_info
 
 COMPLETIONS_PATH = "/v1/completions"
+DISCONNECT_POLL_S = 0.25  # how often a whole (non-streamed) reply's wait checks that its client is still there
 
 
 class Piece(NamedTuple):
@@ -134,23 +135,38 @@ class OpenAICompletionsSpec(LitSpec):
         if jobs[0].stream:
             return StreamingResponse(self.events(jobs), media_type="text/event-stream")
         try:
-            done = await self.queued_completions(jobs)
+            done = await self.queued_completions(jobs, request)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         # how many requests were generated together with this one (the most, for several prompts)
         headers = {"X-Batch-Size": str(max(job.batch_size for job in jobs))}
         return JSONResponse(reply(jobs, self.served, done), headers=headers)
 
-    async def queued_completions(self, jobs: list[Job]) -> list[Completion]:
+    async def queued_completions(self, jobs: list[Job], request: Request | None = None) -> list[Completion]:
         """The jobs of one request, a batch's worth (``jobs_in_flight``) queued at a time: other clients' requests
-        are queued in between, rather than behind all of a request's prompts."""
+        are queued in between, rather than behind all of a request's prompts. The first job that fails, or the
+        ``request``'s client going away, ends the others: those not yet queued never are (the rows already being
+        generated run to their end)."""
         in_flight = asyncio.Semaphore(self.jobs_in_flight)
 
         async def queued(job: Job) -> Completion:
             async with in_flight:
                 return await self.completion(job)
 
-        return await asyncio.gather(*(queued(job) for job in jobs))
+        tasks = [asyncio.create_task(queued(job)) for job in jobs]
+        gathered = asyncio.gather(*tasks)
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: asyncio would log an unread one
+        try:
+            while True:
+                done, _ = await asyncio.wait({gathered}, timeout=None if request is None else DISCONNECT_POLL_S)
+                if done:
+                    return gathered.result()
+                if await request.is_disconnected():
+                    raise RequestError(499, "the client closed the request.", code="client_closed_request")
+        finally:
+            for task in tasks:  # the jobs still running or waiting
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def completion(self, job: Job) -> Completion:
         pieces = [piece async for piece in self.pieces(job)]
