@@ -364,18 +364,17 @@ def test_chat_bytes_of_tokens_inside_a_character_rebuild_the_text(served):
 def test_a_request_s_prompts_are_queued_a_batch_s_worth_at_a_time(served):
     """At most jobs_in_flight of one request's jobs wait in the queue at once, so another client's request queued
     meanwhile is generated before the rest of them (a request of 256 prompts held everyone else until a 504)."""
-    from lightning_memdec.apps.openai_replies import Completion
-    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec, Piece
 
     class Spec(OpenAICompletionsSpec):
         queued, most = 0, 0
 
-        async def completion(self, job):
+        async def pieces(self, job):
             self.queued += 1
             self.most = max(self.most, self.queued)
             await asyncio.sleep(0.001)  # the worker generating it
             self.queued -= 1
-            return Completion(str(job.index), "length", 1)
+            yield Piece(str(job.index), "length", 1, [])
 
     jobs = check_requests({"prompt": [[1]] * 20, "max_tokens": 1}, served, chat=False)
     spec = Spec(served, jobs_in_flight=8)
@@ -463,18 +462,18 @@ def test_a_row_past_its_end_of_sequence_streams_none():
 def test_a_failed_or_abandoned_request_queues_no_more_of_its_jobs(served):
     """n = 8, two jobs in flight: once a job fails (a queue timeout) or the client is gone, the jobs not yet queued
     never are (they kept the queue busy for a reply no one would read, and made later clients time out)."""
-    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec, Piece
 
     spec = OpenAICompletionsSpec(served, jobs_in_flight=2)
     jobs = check_requests({"prompt": "Hi", "n": 8, "max_tokens": 2}, served, chat=False)
     started: list[int] = []
 
-    async def completion(job):
+    async def pieces(job):
         started.append(job.index)
         if job.index == 0 and failing:
             raise RequestError(504, "timed out in the queue", code="timeout")
         await asyncio.sleep(0.2)
-        return Completion("x", "length", 2)
+        yield Piece("x", "length", 2, [])
 
     class GoneAfterFirstCheck:
         async def is_disconnected(self) -> bool:
@@ -486,7 +485,7 @@ def test_a_failed_or_abandoned_request_queues_no_more_of_its_jobs(served):
         await asyncio.sleep(1.0)  # what is still queued would start and finish by now
         return err.value
 
-    spec.completion = completion
+    spec.pieces = pieces
     failing = True
     assert asyncio.run(run(None)).status == 504 and 0 in started and len(started) <= 3
     started.clear()

@@ -143,35 +143,25 @@ class OpenAICompletionsSpec(LitSpec):
         return JSONResponse(reply(jobs, self.served, done), headers=headers)
 
     async def queued_completions(self, jobs: list[Job], request: Request | None = None) -> list[Completion]:
-        """The jobs of one request, a batch's worth (``jobs_in_flight``) queued at a time: other clients' requests
-        are queued in between, rather than behind all of a request's prompts. The first job that fails, or the
-        ``request``'s client going away, ends the others: those not yet queued never are (the rows already being
-        generated run to their end)."""
-        in_flight = asyncio.Semaphore(self.jobs_in_flight)
-
-        async def queued(job: Job) -> Completion:
-            async with in_flight:
-                return await self.completion(job)
-
-        tasks = [asyncio.create_task(queued(job)) for job in jobs]
-        gathered = asyncio.gather(*tasks)
-        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: asyncio would log an unread one
+        """The jobs of one request, whole, queued as :meth:`interleaved_pieces` queues them; the ``request``'s
+        client going away ends them too (a 499): the jobs not yet queued never are."""
+        collecting = asyncio.ensure_future(self.collected(jobs))
         try:
             while True:
-                done, _ = await asyncio.wait({gathered}, timeout=None if request is None else DISCONNECT_POLL_S)
+                done, _ = await asyncio.wait({collecting}, timeout=None if request is None else DISCONNECT_POLL_S)
                 if done:
-                    return gathered.result()
+                    return collecting.result()
                 if await request.is_disconnected():
                     raise RequestError(499, "the client closed the request.", code="client_closed_request")
         finally:
-            for task in tasks:  # the jobs still running or waiting
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
 
-    async def completion(self, job: Job) -> Completion:
-        pieces = [piece async for piece in self.pieces(job)]
-        log_probs = [entry for piece in pieces for entry in piece.log_probs]
-        return Completion("".join(p.text for p in pieces), pieces[-1].finish_reason, pieces[-1].count, log_probs)
+    async def collected(self, jobs: list[Job]) -> list[Completion]:
+        pieces: dict[int, list[Piece]] = {job.index: [] for job in jobs}
+        async for job, piece in self.interleaved_pieces(jobs):
+            pieces[job.index].append(piece)
+        return [completion(pieces[job.index]) for job in jobs]
 
     async def pieces(self, job: Job):
         """Queue the job for the inference workers, then its :class:`Piece` per generated token; the finish reason
@@ -264,8 +254,10 @@ class OpenAICompletionsSpec(LitSpec):
         yield "data: [DONE]\n\n"
 
     async def interleaved_pieces(self, jobs: list[Job]):
-        """``(job, piece)`` as each job's pieces come, a batch's worth of jobs queued at a time; the first error
-        (a :class:`RequestError`) ends them all."""
+        """``(job, piece)`` as each job's pieces come. A batch's worth of a request's jobs (``jobs_in_flight``) are
+        queued at a time, so other clients' requests are queued in between rather than behind all of its prompts.
+        The first error (a :class:`RequestError`) ends them all: the jobs not yet queued never are (the rows already
+        being generated run to their end)."""
         if len(jobs) == 1:  # the common case, without tasks
             async for piece in self.pieces(jobs[0]):
                 yield jobs[0], piece
@@ -297,6 +289,12 @@ class OpenAICompletionsSpec(LitSpec):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def completion(pieces: list[Piece]) -> Completion:
+    """A whole reply from its pieces."""
+    log_probs = [entry for piece in pieces for entry in piece.log_probs]
+    return Completion("".join(p.text for p in pieces), pieces[-1].finish_reason, pieces[-1].count, log_probs)
 
 
 def unforeseen_error(err: Exception) -> RequestError:
