@@ -5,8 +5,11 @@ entries it was built from."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
+import os
+import uuid
 
 import pytest
 import torch
@@ -47,13 +50,13 @@ def assert_scored(log_prob: float, top: list, reference: torch.Tensor, token: in
     assert [lp for _, lp in top] == pytest.approx([reference[i].item() for i, _ in top], abs=1e-4)
 
 
-def run_jobs(model, jobs: list[dict], tokenizer=None) -> list[list[dict]]:
+def run_jobs(model, jobs: list[dict], tokenizer=None, abandoned=None) -> list[list[dict]]:
     """Each job's non-empty steps from the worker."""
     from lightning_memdec.apps.serve_worker import generate_steps
 
     got: list[list[dict]] = [[] for _ in jobs]
     eos = {model.generation_config.eos_token_id}
-    for step in generate_steps(model, jobs, eos_token_ids=eos, vocab=50257, tokenizer=tokenizer):
+    for step in generate_steps(model, jobs, eos_token_ids=eos, vocab=50257, tokenizer=tokenizer, abandoned=abandoned):
         for row, out in enumerate(step):
             if out:
                 got[row].append(out)
@@ -257,6 +260,80 @@ def test_a_row_ends_where_its_text_meets_a_stop_string_and_its_batch_mates_go_on
     eos = {mixture.generation_config.eos_token_id}
     assert len(list(generate_steps(mixture, [stopped], eos, vocab=50257, tokenizer=tok))) == ends
     assert "stop strings needs the tokenizer" in run_jobs(mixture, [stopped])[0][0]["error"]
+
+
+def test_an_abandoned_job_s_row_ends_at_its_next_token_and_its_batch_mates_go_on(mixture, served, tmp_path):
+    """A job whose client went away (its uid marked by the HTTP process) ends after the token being made, stop
+    strings or not, and its mark is taken; a batch-mate's tokens are unchanged; a call of abandoned rows ends."""
+    from lightning_memdec.apps.abandoned_jobs import AbandonedJobs
+    from lightning_memdec.apps.serve_worker import generate_steps
+
+    abandoned, gone, kept = AbandonedJobs(str(tmp_path)), str(uuid.uuid4()), str(uuid.uuid4())
+    free = check_request({"prompt": [464, 5827], "max_tokens": 16, "temperature": 0}, served, False).payload()
+    other = check_request({"prompt": [87, 88], "max_tokens": 16, "temperature": 0}, served, False).payload()
+    ref = [[s["token"] for s in steps] for steps in run_jobs(mixture, [free, other])]
+    assert len(ref[0]) == len(ref[1]) == 16
+    for stop in ([], ["never in it"]):
+        abandoned.mark(gone)
+        got = run_jobs(mixture, [free | {"uid": gone, "stop": stop}, other | {"uid": kept}], served.tokenizer,
+                       abandoned)  # fmt: skip
+        assert [[s["token"] for s in steps] for steps in got] == [ref[0][:1], ref[1]]
+        assert os.listdir(tmp_path) == []
+    abandoned.mark(gone)
+    eos = {mixture.generation_config.eos_token_id}
+    assert len(list(generate_steps(mixture, [free | {"uid": gone}], eos, vocab=50257, abandoned=abandoned))) == 1
+    assert [s["token"] for s in run_jobs(mixture, [free | {"uid": gone}], abandoned=abandoned)[0]] == ref[0]
+
+
+def test_a_job_left_before_its_last_piece_is_marked_abandoned_and_no_other(served, tmp_path):
+    """The HTTP process marks a job for the worker when its reply is left unfinished (the client gone, streamed or
+    not, or a sibling choice failed); a finished job and a failed one are not marked."""
+    from types import SimpleNamespace
+
+    from lightning_memdec.apps.abandoned_jobs import AbandonedJobs
+    from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec, Piece
+
+    spec = OpenAICompletionsSpec(served, abandoned=AbandonedJobs(str(tmp_path)))
+    queued: list[tuple] = []
+    spec.request_queue, spec.response_buffer, spec.response_queue_id = SimpleNamespace(put=queued.append), {}, 0
+    spec.data_streamer = lambda *args, **kwargs: None  # LitServe's reader of the worker's replies: none here
+
+    async def token_pieces(job, tokens):  # the worker: a job of 9 tokens fails, one of 2 ends, the others hang
+        yield Piece("a", None, 1, [])
+        if job.max_tokens == 9:
+            raise RequestError(500, "generation failed", code="server_error")
+        await asyncio.sleep(0 if job.max_tokens == 2 else 30)
+        yield Piece("b", "length", 2, [])
+
+    class Gone:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def streamed_then_gone(jobs):
+        events = spec.events(jobs)
+        for _ in range(len(jobs) + 1):  # the first chunks and one piece
+            await anext(events)
+        await events.aclose()
+        # marked as the stream closes, not when the event loop ends (the server's runs on)
+        assert all(os.path.exists(tmp_path / payload["uid"]) for *_, payload in queued)
+
+    def marked(run, body) -> list[bool]:
+        """Which of the request's jobs were marked."""
+        queued.clear()
+        for name in os.listdir(tmp_path):
+            os.unlink(tmp_path / name)
+        jobs = check_requests({"prompt": "Hi", **body}, served, chat=False)
+        with contextlib.suppress(RequestError):
+            asyncio.run(run(jobs))
+        return [os.path.exists(tmp_path / payload["uid"]) for *_, payload in queued]
+
+    spec.token_pieces = token_pieces
+    assert marked(lambda jobs: spec.queued_completions(jobs, Gone()), {"max_tokens": 5}) == [True]
+    assert marked(lambda jobs: spec.queued_completions(jobs, Gone()), {"max_tokens": 2}) == [False]
+    assert marked(lambda jobs: spec.queued_completions(jobs, None), {"max_tokens": 2, "n": 2}) == [False, False]
+    assert marked(lambda jobs: spec.queued_completions(jobs, None), {"max_tokens": 9}) == [False]
+    assert marked(streamed_then_gone, {"max_tokens": 5, "stream": True}) == [True]
+    assert marked(streamed_then_gone, {"max_tokens": 5, "stream": True, "n": 2}) == [True, True]
 
 
 def test_n_choices_per_prompt_are_jobs_in_openai_s_order_with_seeds_of_their_own(served):

@@ -17,6 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import NamedTuple
 
 from fastapi import Request
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
+from lightning_memdec.apps.abandoned_jobs import AbandonedJobs
 from lightning_memdec.apps.openai_protocol import (
     CompletionText,
     Job,
@@ -53,11 +55,12 @@ class OpenAICompletionsSpec(LitSpec):
     """Completions and chat completions for one served model; per step the worker streams ``{"token": id, "end":
     is it an end-of-sequence id, "batch": rows generated together}`` for each running request, ``{}`` for the others."""
 
-    def __init__(self, served: ServedModel, jobs_in_flight: int = 8):
+    def __init__(self, served: ServedModel, jobs_in_flight: int = 8, abandoned: AbandonedJobs | None = None):
         super().__init__()
         self.api_path = COMPLETIONS_PATH  # the request queue LitServe keys on; chat shares it (one model, one batch)
         self.served = served
         self.jobs_in_flight = jobs_in_flight  # a request's prompts queued at once (the queue's batch size)
+        self.abandoned = abandoned  # where a job whose client went away is marked for the worker to end its row
 
     @property
     def stream(self) -> bool:
@@ -159,21 +162,30 @@ class OpenAICompletionsSpec(LitSpec):
 
     async def collected(self, jobs: list[Job]) -> list[Completion]:
         pieces: dict[int, list[Piece]] = {job.index: [] for job in jobs}
-        async for job, piece in self.interleaved_pieces(jobs):
-            pieces[job.index].append(piece)
+        async with aclosing(self.interleaved_pieces(jobs)) as interleaved:
+            async for job, piece in interleaved:
+                pieces[job.index].append(piece)
         return [completion(pieces[job.index]) for job in jobs]
 
     async def pieces(self, job: Job):
         """Queue the job for the inference workers, then its :class:`Piece` per generated token; the finish reason
-        is "stop" at an end-of-sequence id (not part of the text) and "length" at max_tokens."""
+        is "stop" at an end-of-sequence id (not part of the text) and "length" at max_tokens. Left before its last
+        piece (its client gone, a sibling job failed), the job is marked abandoned: the worker ends its row."""
         uid, queue, event = uuid.uuid4(), deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=queue, event=event)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job.payload()))
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job.payload() | {"uid": str(uid)}))
+        ended = False
         try:
             async for item in self.token_pieces(job, self.data_streamer(queue, event, send_status=True)):
+                ended = item.finish_reason is not None
                 yield item
+        except RequestError:  # the worker failed it or LitServe timed it out: nothing left to end
+            ended = True
+            raise
         finally:  # the rest of the batch may still send this uid empty steps: they are dropped once it is gone
             self.response_buffer.pop(uid, None)
+            if not ended and self.abandoned is not None:
+                self.abandoned.mark(str(uid))
 
     async def token_pieces(self, job: Job, tokens: AsyncIterator):
         """A :class:`Piece` per token (an echoed prompt first, whole); the text ends before a stop string (reason
@@ -240,11 +252,12 @@ class OpenAICompletionsSpec(LitSpec):
             yield chunk(job, self.served, "", None, first=True)
         counts, pending = {job.index: 0 for job in jobs}, {job.index: [] for job in jobs}
         try:
-            async for job, piece in self.interleaved_pieces(jobs):
-                counts[job.index], pending[job.index] = piece.count, pending[job.index] + piece.log_probs
-                if piece.text or piece.finish_reason:  # log-probs of tokens whose text was held back come later
-                    yield chunk(job, self.served, piece.text, piece.finish_reason, log_probs=pending[job.index])
-                    pending[job.index] = []
+            async with aclosing(self.interleaved_pieces(jobs)) as interleaved:  # closed when the client goes
+                async for job, piece in interleaved:
+                    counts[job.index], pending[job.index] = piece.count, pending[job.index] + piece.log_probs
+                    if piece.text or piece.finish_reason:  # log-probs of tokens whose text was held back come later
+                        yield chunk(job, self.served, piece.text, piece.finish_reason, log_probs=pending[job.index])
+                        pending[job.index] = []
         except RequestError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
         except Exception as err:  # the stream has begun (status 200): the error is its last event
@@ -259,8 +272,9 @@ class OpenAICompletionsSpec(LitSpec):
         The first error (a :class:`RequestError`) ends them all: the jobs not yet queued never are (the rows already
         being generated run to their end)."""
         if len(jobs) == 1:  # the common case, without tasks
-            async for piece in self.pieces(jobs[0]):
-                yield jobs[0], piece
+            async with aclosing(self.pieces(jobs[0])) as pieces:
+                async for piece in pieces:
+                    yield jobs[0], piece
             return
         arrived, in_flight = asyncio.Queue(), asyncio.Semaphore(self.jobs_in_flight)
 

@@ -160,6 +160,7 @@ def serve(
     try:
         import litserve as ls
 
+        from lightning_memdec.apps.abandoned_jobs import AbandonedJobs
         from lightning_memdec.apps.openai_spec import OpenAICompletionsSpec
         from lightning_memdec.apps.serve_worker import MixtureAPI
     except ImportError as err:
@@ -167,9 +168,10 @@ def serve(
     check_listen(host, port)
     model = served_model(base, memdec, model_name, decoding)
     check_router(router, base, memdec, model.tokenizer)
-    spec = OpenAICompletionsSpec(model, jobs_in_flight=queue.max_batch_size)
+    abandoned = AbandonedJobs.temporary()  # jobs whose client went away, for the worker to end
+    spec = OpenAICompletionsSpec(model, jobs_in_flight=queue.max_batch_size, abandoned=abandoned)
     api = MixtureAPI(base, memdec, lmbda, device, spec, router=router, decoding=decoding, context=model.context,
-                     vocab=len(model.tokenizer), max_batch_size=queue.max_batch_size,
+                     vocab=len(model.tokenizer), abandoned=abandoned, max_batch_size=queue.max_batch_size,
                      batch_timeout=queue.batch_timeout)  # fmt: skip
     accelerator = "cpu" if device == "cpu" else ("auto" if device == "auto" else "cuda")
     server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=queue.timeout)
@@ -179,7 +181,10 @@ def serve(
     if threading.current_thread() is threading.main_thread():
         # `kill PID` shuts the server down as Ctrl-C does: else its HTTP and inference processes live on, orphaned
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server.run(host=host, port=port, generate_client_file=False)
+    try:
+        server.run(host=host, port=port, generate_client_file=False)
+    finally:
+        abandoned.remove()
 
 
 async def openai_error(request, exc):

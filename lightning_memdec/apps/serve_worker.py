@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import litserve as ls
 import torch
 
+from lightning_memdec.apps.abandoned_jobs import AbandonedJobs
 from lightning_memdec.apps.openai_protocol import CompletionText
 from lightning_memdec.inference.streamed_generation import stream_generate
 from lightning_memdec.inference.token_log_probs import prompt_log_probs
@@ -24,10 +25,11 @@ class MixtureAPI(ls.LitAPI):
 
     def __init__(self, base: str, memdec: str | None, lmbda: float, device: str, spec, router=None,
                  decoding: str = "eager", context: int | None = None, vocab: int | None = None,
-                 **batching):  # fmt: skip
+                 abandoned: AbandonedJobs | None = None, **batching):  # fmt: skip
         super().__init__(spec=spec, **batching)
         self.base, self.memdec, self.lmbda, self.requested_device = base, memdec, lmbda, device
         self.router, self.decoding, self.context, self.vocab = router, decoding, context, vocab
+        self.abandoned = abandoned
 
     def setup(self, device: str) -> None:
         from lightning_memdec.hf.loading import find_tokenizer, torch_device
@@ -51,7 +53,7 @@ class MixtureAPI(ls.LitAPI):
     def predict(self, jobs, **kwargs):
         batched = isinstance(jobs, list)  # max_batch_size 1: LitServe passes the job itself
         steps = generate_steps(self.model, jobs if batched else [jobs], self.eos_token_ids, self.context, self.vocab,
-                               self.tokenizer)  # fmt: skip
+                               self.tokenizer, self.abandoned)  # fmt: skip
         for step in steps:
             yield step if batched else step[0]
 
@@ -66,6 +68,7 @@ def generate_steps(
     context: int | None = None,
     vocab: int | None = None,
     tokenizer=None,
+    abandoned: AbandonedJobs | None = None,
 ) -> Iterator[list[dict]]:
     """Per decoding step, one dict per job: ``{"token": id, "end": bool, "batch": rows in its generate() call}``
     while it runs, else ``{}``; ``{"error": message}`` for the jobs of a ``generate()`` call that failed (their
@@ -76,8 +79,8 @@ def generate_steps(
     (:func:`~lightning_memdec.inference.token_log_probs.prompt_log_probs`), and may ask for no new tokens. The jobs
     go in :func:`generate_calls`: those of one call are generated together, the calls one after another; a call
     with a ``seed`` seeds torch's generators first. A job's row ends at the token where its text meets one of its
-    ``"stop"`` strings (by ``tokenizer``, the reply's rule: :class:`CompletionText`), so the call goes on only while
-    some row's text does.
+    ``"stop"`` strings (by ``tokenizer``, the reply's rule: :class:`CompletionText`), or once its ``"uid"`` is
+    marked in ``abandoned`` (its client went away), so the call goes on only while some row's reply does.
     """
     for rows, settings in generate_calls(jobs, context):
         try:
@@ -91,13 +94,14 @@ def generate_steps(
                 yield out
             generating = [row for row in rows if jobs[row]["max_tokens"] > 0]  # echo may ask for no new tokens
             if generating:
-                yield from generated_steps(model, jobs, generating, settings, eos_token_ids, vocab, tokenizer)
+                yield from generated_steps(model, jobs, generating, settings, eos_token_ids, vocab, tokenizer,
+                                           abandoned)  # fmt: skip
         except Exception as err:  # as a message, not the exception LitServe would pickle
             yield [{"error": f"{type(err).__name__}: {err}"} if row in rows else {} for row in range(len(jobs))]
 
 
 def generated_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab,
-                    tokenizer=None):  # fmt: skip
+                    tokenizer=None, abandoned: AbandonedJobs | None = None):  # fmt: skip
     """The steps of one ``generate()`` call of ``rows`` (see :func:`generate_steps`); a seeded call draws from
     generators seeded with it, and the others' draws go on as if it had not run."""
     settings = dict(settings)
@@ -107,16 +111,16 @@ def generated_steps(model, jobs: list[dict], rows: list[int], settings: dict, eo
     with torch.random.fork_rng(devices=devices, enabled=seed is not None, device_type=device_type):
         if seed is not None:  # the call holds this job alone (generate_calls): its draws are its seed's
             torch.manual_seed(seed)
-        yield from call_steps(model, jobs, rows, settings, eos_token_ids, vocab, tokenizer)
+        yield from call_steps(model, jobs, rows, settings, eos_token_ids, vocab, tokenizer, abandoned)
 
 
 def call_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_token_ids: set[int], vocab,
-               tokenizer=None):  # fmt: skip
+               tokenizer=None, abandoned: AbandonedJobs | None = None):  # fmt: skip
     asked = [jobs[row].get("logprobs") for row in rows]
     top = max((k for k in asked if k is not None), default=None)
     prompts = [jobs[row]["prompt_ids"] for row in rows]
     budgets = [jobs[row]["max_tokens"] for row in rows]
-    ends = [text_end(jobs[row], tokenizer) for row in rows]
+    ends = [row_end(jobs[row], tokenizer, abandoned) for row in rows]
     for step in stream_generate(model, prompts, budgets, eos_token_ids, top_logprobs=top, vocab=vocab, ends=ends,
                                 **settings):  # fmt: skip
         out: list[dict] = [{} for _ in jobs]
@@ -128,13 +132,18 @@ def call_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_tok
         yield out
 
 
-def text_end(job: dict, tokenizer):
-    """The test that ends a job's row at the token where its text meets a stop string, or None (no stop strings)."""
-    if not job.get("stop"):
-        return None
-    if tokenizer is None:
-        raise ValueError("a job with stop strings needs the tokenizer (generate_steps' tokenizer=).")
-    return CompletionText(tokenizer, job["stop"], job["max_tokens"]).ends_at
+def row_end(job: dict, tokenizer, abandoned: AbandonedJobs | None = None):
+    """The test that ends a job's row at the token where its text meets a stop string or once the job is marked
+    abandoned, or None (no stop strings, no marks to look for)."""
+    stop_end = None
+    if job.get("stop"):
+        if tokenizer is None:
+            raise ValueError("a job with stop strings needs the tokenizer (generate_steps' tokenizer=).")
+        stop_end = CompletionText(tokenizer, job["stop"], job["max_tokens"]).ends_at
+    uid = job.get("uid")
+    if abandoned is None or uid is None:
+        return stop_end
+    return lambda token: abandoned.take(uid) or (stop_end is not None and stop_end(token))
 
 
 def generate_calls(jobs: list[dict], context: int | None) -> Iterator[tuple[list[int], dict]]:
