@@ -248,6 +248,26 @@ def test_torch_rows_equal_the_numpy_kernel(truncation, temperature):
         knn_distributions_torch(bad, torch.from_numpy(values)[ids], temperature)
 
 
+def test_torch_rows_keep_the_top_token_and_a_token_at_the_threshold_as_the_numpy_kernel():
+    """min_prob's edges, as the numpy kernel has them: a row whose tokens all fall under it keeps its top token (a
+    position never loses its target), a token at exactly min_prob is kept; a row with no neighbour (+inf) or a −inf
+    distance is refused."""
+    dist = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, float("inf"), float("inf")]])  # p 0.25 ×4; p 0.5 ×2
+    tokens = torch.tensor([[3, 5, 7, 9], [3, 5, 3, 3]])
+    for min_prob in (0.5, 0.3):
+        got = knn_distributions_torch(dist, tokens, 16.0, min_prob=min_prob)
+        want = knn_distributions(dist.numpy(), np.arange(8).reshape(2, 4), tokens.flatten().numpy().astype(np.int32),
+                                 16.0, min_prob=min_prob)  # fmt: skip
+        assert got[0].tolist() == want[0].tolist() == [1, 2]
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-6)
+    for bad_distance in (float("inf"), float("-inf")):
+        bad = dist.clone()
+        bad[1, :2] = bad_distance
+        with pytest.raises(ValueError, match="row 1 has a NaN or -inf distance"):
+            knn_distributions_torch(bad, tokens, 16.0)
+
+
 def test_torch_rows_as_stored_equal_stored_rows_of_them():
     """``stored=True`` makes on the device what ``stored_rows`` makes on the host, byte for byte: with tails that fp16
     rounds to 0 (dropped, every row renormalised) and without (only cast)."""

@@ -165,7 +165,8 @@ def test_rows_refuse_logits_without_a_row_view_and_unknown_kernels_are_named():
 
 def test_torch_row_ops_are_the_contract_the_triton_kernels_follow():
     """On the CPU ``row_ops`` gives the torch passes; a row whose coefficient is 0 gets 0 even if its logits are NaN
-    (a filler window's), and an all −inf row's logsumexp is −inf."""
+    (a filler window's), an all −inf row's logsumexp is −inf, and the columns past the rows' width (a padded
+    vocabulary's) get 0 whatever ``out`` held."""
     assert row_ops(torch.device("cpu")) is TORCH_ROW_OPS
     rows = torch.randn(4, 50)
     rows[1] = float("nan")
@@ -173,11 +174,11 @@ def test_torch_row_ops_are_the_contract_the_triton_kernels_follow():
     lse = TORCH_ROW_OPS.logsumexp(rows)
     assert lse[2] == float("-inf")
     torch.testing.assert_close(lse[[0, 3]], torch.logsumexp(rows[[0, 3]], 1))
-    out = torch.empty(4, 50, dtype=torch.bfloat16)
+    out = torch.full((4, 64), float("nan"), dtype=torch.bfloat16)  # what a reused allocation may hold
     coef = torch.tensor([0.5, 0.0, 0.0, 2.0])
     TORCH_ROW_OPS.scaled_softmax(rows, lse, coef, out)
-    assert (out[1:3] == 0).all()
-    torch.testing.assert_close(out[3].float(), (2 * torch.softmax(rows[3], 0)).bfloat16().float())
+    assert (out[1:3] == 0).all() and (out[:, 50:] == 0).all()
+    torch.testing.assert_close(out[3, :50].float(), (2 * torch.softmax(rows[3], 0)).bfloat16().float())
 
 
 def test_row_loss_terms_takes_the_passes_it_is_given():
