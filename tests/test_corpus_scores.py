@@ -43,7 +43,8 @@ def test_scoring_projects_only_scored_columns_and_matches_full_logits(tiny_gpt2)
 
 def test_one_pass_keys_equal_the_datastore_over_the_same_windows(tmp_path, biomed_corpus, biomed_datastore, tiny_gpt2):
     """corpus_scores(keys=True) at the datastore's window and stride returns, for every position, the key the
-    datastore stored there (float16 both) and the same log-probs as scoring without keys; the caches round-trip."""
+    datastore stored there (float16 both) and the same log-probs as scoring without keys (at the default stride,
+    half the window); the caches round-trip."""
     corpus, store = Corpus(biomed_corpus), Datastore(biomed_datastore)
     caches = {"lm": tmp_path / "lm.npy", "keys": tmp_path / "keys.npy"}
     got = corpus_scores(str(tiny_gpt2), biomed_corpus, window=64, stride=32, batch_size=3, caches=caches, keys=True)
@@ -52,6 +53,6 @@ def test_one_pass_keys_equal_the_datastore_over_the_same_windows(tmp_path, biome
     assert got["keys"].dtype == np.float16 and got["keys"].shape == (corpus.num_positions, store.keys.shape[1])
     np.testing.assert_allclose(got["keys"].astype(np.float32), np.asarray(store.keys, np.float32), atol=2e-3, rtol=2e-3)
     assert position_windows(corpus.num_positions, 64, 32).score_from.max() > 0  # windows overlap: keep is exercised
-    plain = corpus_scores(str(tiny_gpt2), biomed_corpus, window=64, stride=32, batch_size=3)
+    plain = corpus_scores(str(tiny_gpt2), biomed_corpus, window=64, batch_size=3)  # stride: half the window
     np.testing.assert_allclose(got["lm"], plain["lm"], rtol=0, atol=1e-6)
     assert set(plain) == {"lm"}

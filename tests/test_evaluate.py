@@ -124,7 +124,9 @@ def test_knn_distribution_equals_brute_force(tiny_gpt2, biomed_datastore, biomed
     mask[0, :5] = 0
     masked = lm.gold_log_probs(ids, gold[None], attention_mask=mask)
     assert all(torch.all(masked[name][0, :5] == 0) for name in ("base", "knn", "mix"))
-    assert torch.all(masked["base"][0, 5:] < 0)  # the rest scored
+    alone = lm.gold_log_probs(ids[:, 5:], gold[None, 5:])  # the rest scored as the row without its left padding
+    for name in ("base", "knn", "mix"):
+        torch.testing.assert_close(masked[name][0, 5:], alone[name][0], atol=1e-5, rtol=1e-5)
 
 
 # -- perplexity ---------------------------------------------------------------------------------------------------
@@ -173,12 +175,15 @@ def test_knnlm_warns_only_when_the_base_is_not_the_datastore_model(tmp_path, tin
         KNNLM(same, store, search="exact")
     with pytest.warns(UserWarning, match=r"built with embedded:base-small, but the base LM is .*other-base"):
         KNNLM(other, store, search="exact")
+    retrained = save_tiny(tmp_path / "gpt2-tiny", seed=1)  # the same name and shapes, other weights: refused
+    with pytest.raises(ValueError, match=r"built with .* but the base LM .*gpt2-tiny has other weights"):
+        KNNLM(retrained, biomed_datastore, search="exact")
 
 
 # -- bad inputs ---------------------------------------------------------------------------------------------------
 
 
-def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, biomed_index):
+def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_corpus, biomed_datastore, biomed_index):
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
         KNNLM(tiny_gpt2, biomed_datastore, biomed_index, lmbda=1.5)
     with pytest.raises(ValueError, match=r"k \(neighbours per query\) must be positive \(a whole number\)"):
@@ -197,6 +202,8 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_datastore, b
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="holds no text"):
         text_tokens(empty, load_tokenizer("gpt2"))
+    with pytest.raises(ValueError, match=r"corpus .* uses tokenizer gpt2 .* but the base LM uses gpt-neox-20b"):
+        text_tokens(biomed_corpus, load_tokenizer("gpt-neox-20b"))  # a corpus directory of another tokenizer
     scoring = Scoring(max_tokens=200, window=32, stride=16, batch_size=4)
     common = dict(bases=[str(tiny_gpt2)], test="embedded:biomed/test", out=tmp_path / "r", scoring=scoring)
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):

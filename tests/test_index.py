@@ -31,10 +31,14 @@ def test_ivf_with_all_lists_probed_is_exact_and_pq_recalls(tmp_path, biomed_data
     keys = np.asarray(Datastore(biomed_datastore).keys, dtype=np.float32)
     queries = keys[::61]
     _, ref_ids = brute_force(keys, queries, 10)
-    ivf = KeyIndex(build_index(biomed_datastore, tmp_path / "ivf", plan=IndexSettings(factory="IVF16,Flat", nprobe=16)))
+    built = build_index(biomed_datastore, tmp_path / "ivf", plan=IndexSettings(factory="IVF16,Flat", nprobe=1))
+    ivf = KeyIndex(built, nprobe=16)  # the nprobe asked when opening wins over the one recorded
     dist, ids = ivf.search(queries, 10)
     ref_d, _ = brute_force(keys, queries, 10)
     np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
+    one_list = KeyIndex(built).search(queries, 10)[1]  # the recorded nprobe 1: approximate
+    one_recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(one_list, ref_ids)])
+    assert one_recall < 0.95, one_recall
     pq = KeyIndex(build_index(biomed_datastore, tmp_path / "pq", plan=IndexSettings(factory="IVF16,PQ8", nprobe=16)))
     _, pq_ids = pq.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(pq_ids, ref_ids)])

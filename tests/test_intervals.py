@@ -89,6 +89,8 @@ def test_a_bound_next_to_an_infinite_resample_is_its_outer_order_statistic():
     assert (low, high) == (np.inf, np.inf)
     low, high = interval(np.array([1.0, 5.0, np.inf]), 0.2)  # positions 0.8 and 1.2: 4.2, then 5..inf -> inf
     assert low == pytest.approx(4.2) and high == np.inf
+    low, high = interval(np.array([1.0, 5.0, np.inf]), 0.6)  # positions 0.4 and 1.6: 2.6, then 5..inf undefined
+    assert low == pytest.approx(2.6) and high == np.inf  # (numpy's lerp there is NaN: the order statistic above)
     low, high = interval(np.array([np.inf, np.inf, np.inf]))  # every resample infinite: [inf, inf], not NaN
     assert (low, high) == (np.inf, np.inf)
     assert all(np.isnan(interval(np.array([1.0, np.nan, 2.0]))))  # NaN values (inf − inf differences) stay NaN
@@ -125,6 +127,9 @@ def test_one_document_gives_no_interval_and_no_goal_is_met_on_it():
     assert draws.shape == (2, RESAMPLES) and np.isnan(draws).all()
     assert np.isnan(interval(draws[1] - draws[0])).all()
     assert np.isnan(bootstrap_means(np.ones((1, 3)))).all() and not np.isnan(bootstrap_means(np.ones((2, 3)))).any()
+    two = np.array([0, 12, 31])  # two documents are enough for an interval, the slow loop's
+    draws = bootstrap_perplexities([document_sums(memdec, two)])
+    np.testing.assert_allclose(draws[0], slow_bootstrap(memdec, two, same_draws(2)), rtol=1e-12)
     figures = row_intervals({"base_ppl": base, "memdec_ppl": memdec}, one)
     row = {"base": "b", "base_ppl": float(np.exp(-base.mean())), "memdec_ppl": float(np.exp(-memdec.mean()))}
     text = "\n".join(interval_table({"rows": [{**row, "all_positions": figures}]}))
