@@ -204,6 +204,7 @@ def test_bad_inputs_are_refused(tmp_path, tiny_gpt2, models, biomed_corpus, biom
         text_tokens(empty, load_tokenizer("gpt2"))
     with pytest.raises(ValueError, match=r"corpus .* uses tokenizer gpt2 .* but the base LM uses gpt-neox-20b"):
         text_tokens(biomed_corpus, load_tokenizer("gpt-neox-20b"))  # a corpus directory of another tokenizer
+    assert len(text_tokens("embedded:biomed/valid", load_tokenizer("gpt2"), max_tokens=100)) == 100  # capped
     scoring = Scoring(max_tokens=200, window=32, stride=16, batch_size=4)
     common = dict(bases=[str(tiny_gpt2)], test="embedded:biomed/test", out=tmp_path / "r", scoring=scoring)
     with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):

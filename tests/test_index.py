@@ -137,6 +137,12 @@ def test_build_index_records_measured_recall_and_plan_only(tmp_path, biomed_data
     )
     assert 0 < ivf.meta["recall"]["recall"] < 1.0  # one of eight lists probed misses some true neighbours
     assert ivf.meta["train_size"] == min(len(Datastore(biomed_datastore)), 256 * 8)
+    every_list = build_index(biomed_datastore, tmp_path / "all", recall_queries=50, recall_k=8,
+                             plan=IndexSettings(factory="IVF8,Flat", nprobe=8))  # fmt: skip
+    assert KeyIndex(every_list).meta["recall"]["recall"] == 1.0  # measured at the nprobe it records, not FAISS's 1
+    from lightning_memdec.retrieval.index_plan import plan_index
+
+    assert plan_index(1000, 32, factory="IVF8,Flat").train_size == 1000  # not 256 a list: more keys than the store
 
 
 def test_plan_counts_the_ivfpq_precomputed_table_faiss_builds(tmp_path, biomed_datastore):
