@@ -111,6 +111,32 @@ def test_windows_without_targets_pad_to_one_empty_entry(biomed_targets_pair):
         assert padded["target_ids"].shape == (len(indices), 64, 1) and not padded["target_probs"].any()
 
 
+def test_a_later_wider_window_sets_the_batch_s_support_and_every_row_keeps_its_own_entries():
+    """The batch's support is its widest window's, wherever it stands: each position's row holds its own CSR entries
+    then zeros (a support read off the first window cut the wider rows and shifted every later row's entries)."""
+    width = 4
+
+    def window(counts: list[int], first_id: int) -> dict:
+        ids = torch.arange(first_id, first_id + sum(counts), dtype=torch.int32)
+        probs = torch.cat([torch.full((c,), 1.0 / c) for c in counts]).half()
+        return {"input_ids": torch.zeros(width, dtype=torch.long), "labels": torch.zeros(width, dtype=torch.long),
+                "loss_mask": torch.ones(width, dtype=torch.bool), "start": torch.tensor(0), "target_flat_ids": ids,
+                "target_flat_probs": probs, "target_counts": torch.tensor(counts, dtype=torch.int32),
+                "target_support": max(counts)}  # fmt: skip
+
+    items = [window([2, 1, 2, 1], 100), window([5, 3, 4, 1], 200)]
+    dense = pad_targets(collate(items))
+    assert dense["target_ids"].shape == (2, width, 5)
+    for b, item in enumerate(items):
+        start = 0
+        for row, count in enumerate(item["target_counts"].tolist()):
+            own_ids = item["target_flat_ids"][start : start + count].tolist()
+            own_probs = item["target_flat_probs"][start : start + count].tolist()
+            assert dense["target_ids"][b, row].tolist() == own_ids + [0] * (5 - count)
+            assert dense["target_probs"][b, row].tolist() == own_probs + [0.0] * (5 - count)
+            start += count
+
+
 def test_a_batch_without_csr_targets_is_left_as_it_is():
     batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "target_ids": torch.zeros(1, 4, 2, dtype=torch.int32)}
     assert pad_targets(batch) is batch
