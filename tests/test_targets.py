@@ -335,14 +335,18 @@ def test_argument_groups_are_nested_flags_with_their_help(tmp_path, biomed_datas
 def test_query_datastores_are_matched_by_the_models_weights_not_their_paths(
     tmp_path, biomed_corpus, biomed_datastore, tiny_gpt2, monkeypatch
 ):
-    """Queries keyed by the store's model given by another path (relative here) are accepted; by other weights
-    under the same layer and width, refused."""
+    """Queries keyed by the store's model given by another path (relative here) are accepted, and the same text's
+    keys are the store's own: each position's own entry excluded, as without --queries (by path, a copy's would be
+    its nearest neighbour at distance 0, a leaked label); by other weights under the same layer and width, refused."""
     monkeypatch.chdir(tiny_gpt2.parent)
     windows, cpu = Windows(window=64, stride=32, batch_size=4), Hardware(accelerator="cpu")
     same = build_datastore(biomed_corpus, tiny_gpt2.name, tmp_path / "same", windows=windows, hardware=cpu)
     assert Datastore(same).meta["model"] != Datastore(biomed_datastore).meta["model"]  # the path as given
     knn = KNNTargets(k=4, temperature=4.0)
-    build_targets(biomed_datastore, out=tmp_path / "t-same", queries=same, knn=knn)
+    by_copy = Targets(build_targets(biomed_datastore, out=tmp_path / "t-same", queries=same, knn=knn))
+    own = Targets(build_targets(biomed_datastore, out=tmp_path / "t-own", knn=knn))
+    assert by_copy.meta["self_excluded"] and len(by_copy) == len(own)
+    assert all(np.array_equal(a, b) for i in range(len(own)) for a, b in zip(by_copy.row(i), own.row(i)))
     other_model = save_tiny(tmp_path / "other", seed=1)
     other = build_datastore(biomed_corpus, str(other_model), tmp_path / "other-ds", windows=windows, hardware=cpu)
     with pytest.raises(ArtifactError, match="has model_sha256=.*build both with the same base LM"):

@@ -48,6 +48,14 @@ class Datastore:
             identity["model_sha256"] = self.meta["model_sha256"]
         return identity
 
+    def same_entries(self, other: Datastore) -> bool:
+        """Whether ``other`` holds these very entries (the same text keyed by the same weights at the same layer,
+        window and stride), whatever path named the model: its keys are then these keys, each its own nearest."""
+        mine, theirs = self.identity(), other.identity()
+        if "model_sha256" in mine and "model_sha256" in theirs:  # the weights' hash, not the path that gave them
+            mine.pop("model"), theirs.pop("model")
+        return mine == theirs
+
 
 def check_compatible(queries: Datastore, store: Datastore) -> None:
     """Queries and store must share tokenizer and key space; the message names both sides."""

@@ -86,7 +86,7 @@ def build_targets(
     store = Datastore(datastore)
     query_store = Datastore(queries) if queries is not None else store
     check_compatible(query_store, store)
-    self_exclude = query_store.identity() == store.identity()
+    self_exclude = query_store.same_entries(store)
     if index is not None:  # checked whichever backend runs: an index over another store is a mistake
         check_index_matches(index, read_meta(index, kind="index"), store)
     backend = pick_search(search.backend, index, store, hardware.accelerator)
@@ -208,7 +208,9 @@ def pick_search(search: str, index: Path | None, store: Datastore, accelerator: 
     if search != "auto":
         return search
     device = "cuda" if on_cuda(accelerator) else "cpu"
-    return choose_search(len(store), store.dim, device, have_index=index is not None)
+    chosen = choose_search(len(store), store.dim, device, have_index=index is not None)
+    log.info("search: %s (--search.backend auto, %d keys of %d dims on the %s)", chosen, len(store), store.dim, device)
+    return chosen
 
 
 def on_cuda(accelerator: str) -> bool:
