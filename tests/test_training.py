@@ -7,7 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from lightning_memdec.hf.loading import load_causal_lm
 from lightning_memdec.inference.sliding_window import corpus_gold_log_probs
@@ -27,7 +27,12 @@ from lightning_memdec.training.datamodule import (
     pad_targets,
 )
 from lightning_memdec.training.fit import fit, lightning_cli
-from lightning_memdec.training.lightning_module import MemoryDecoderModule, lr_lambda
+from lightning_memdec.training.lightning_module import (
+    MemoryDecoderModule,
+    lr_lambda,
+    parameter_groups,
+    warmup_steps,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DECODER = [
@@ -159,6 +164,24 @@ def test_lr_schedule_shapes():
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     g = lr_lambda(total=100, warmup=0, schedule="linear", min_ratio=0.0)
     assert g(50) == pytest.approx(0.5)
+    warm = lr_lambda(total=100, warmup=4, schedule="constant", min_ratio=0.0)
+    assert [warm(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # the first step already trains
+    for schedule in ("cosine", "linear"):  # past the planned steps (an estimate outlived) the rate stays at its floor
+        h = lr_lambda(total=100, warmup=10, schedule=schedule, min_ratio=0.1)
+        assert [h(s) for s in (100, 150, 200)] == pytest.approx([0.1, 0.1, 0.1])
+    assert (warmup_steps(1, 100), warmup_steps(0.05, 100), warmup_steps(0, 100), warmup_steps(30, 100)) == (1, 5, 0, 30)
+
+
+def test_weight_decay_spares_biases_and_norms():
+    decoder = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    decay, no_decay = parameter_groups(decoder, 0.1)
+    named = {id(p): n for n, p in decoder.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    spared, decayed = ({named[id(p)] for p in group["params"]} for group in (no_decay, decay))
+    assert {"transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias", "transformer.ln_f.bias"} <= spared
+    assert all(n.endswith(".bias") or ".ln_" in n for n in spared)
+    assert {"transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight"} <= decayed and not spared & decayed
+    assert len(spared | decayed) == len(named)
 
 
 @pytest.mark.parametrize("speed", [[], ["--model.pad_vocab_multiple", "64", "--model.fused_adamw", "true"]])

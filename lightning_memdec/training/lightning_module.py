@@ -306,18 +306,14 @@ class MemoryDecoderModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------------------
     def configure_optimizers(self):
         h = self.hparams
-        decay, no_decay = [], []
-        for _, p in self.decoder.named_parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = h.fused_adamw if h.fused_adamw is not None else all(p.is_cuda for p in decay + no_decay)
+        groups = parameter_groups(self.decoder, h.weight_decay)
+        trained = [p for group in groups for p in group["params"]]
+        fused = h.fused_adamw if h.fused_adamw is not None else all(p.is_cuda for p in trained)
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.betas), fused=fused)
         data, trainer = self.trainer.datamodule, self.trainer
         total = data.stepping_batches() if isinstance(data, MemDecDataModule) else trainer.estimated_stepping_batches
         total = max(1, int(total))
-        warmup = int(h.warmup_steps * total) if h.warmup_steps < 1 else int(h.warmup_steps)
-        schedule = lr_lambda(total, warmup, h.lr_schedule, h.min_lr_ratio)
+        schedule = lr_lambda(total, warmup_steps(h.warmup_steps, total), h.lr_schedule, h.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -342,6 +338,20 @@ def check_checkpoint_fits(state: dict | None, shapes: dict[str, tuple[int, ...]]
             "settings the run was started with (model.model / model.config / model.pad_vocab_multiple), or start "
             "a new run in another --trainer.default_root_dir."
         )
+
+
+def parameter_groups(decoder: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups: weight decay on the matrices (≥ 2 dims), none on biases and norms."""
+    decay, no_decay = [], []
+    for _, p in decoder.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_steps(setting: float, total: int) -> int:
+    """``model.warmup_steps``: below 1, a fraction of the run's ``total`` steps; from 1 on, a count of steps."""
+    return int(setting * total) if setting < 1 else int(setting)
 
 
 def lr_lambda(total: int, warmup: int, schedule: str, min_ratio: float):
