@@ -19,6 +19,7 @@ from lightning_memdec.kernels.sparse_targets import knn_distributions, stored_ro
 from lightning_memdec.kernels.sparse_targets_torch import knn_distributions_torch
 from lightning_memdec.retrieval.exact_search import (
     EXACT_CPU_MAX_ELEMENTS,
+    EXACT_CPU_SELECTION_WIDTH,
     EXACT_GPU_MAX_ELEMENTS,
     choose_search,
     exact_distances,
@@ -292,8 +293,9 @@ def test_auto_rule():
     assert choose_search(103 * 10**6, 1600, "cuda") == "faiss"  # the paper's WikiText-103 / GPT2-xl store
     assert choose_search(103 * 10**6, 1600, "cuda", have_index=False) == "exact"
     assert choose_search(10**6, 1024, "cpu", have_index=False) == "exact"
-    assert choose_search(EXACT_CPU_MAX_ELEMENTS // 32, 32, "cpu") == "exact"
-    assert choose_search(EXACT_CPU_MAX_ELEMENTS // 32 + 1, 32, "cpu") == "faiss"
+    edge = EXACT_CPU_MAX_ELEMENTS // (32 + EXACT_CPU_SELECTION_WIDTH)  # the selection's cost counts, not d alone
+    assert choose_search(edge, 32, "cpu") == "exact" and choose_search(edge + 1, 32, "cpu") == "faiss"
+    assert choose_search(500_000, 64, "cpu") == "faiss"  # ~12× slower exact than its index (hostile audit 13)
     assert choose_search(10**6, 1024, "cpu") == "faiss"
 
 
@@ -346,7 +348,7 @@ def test_auto_picks_exact_here_and_faiss_without_index_is_refused(tmp_path, biom
         knn=KNNTargets(k=4, temperature=4.0),
         search=TargetSearch(chunk_size=2048),
     )
-    assert Targets(out).meta["search"] == "exact"  # a tiny store on the CPU: N·d ≤ 2^25
+    assert Targets(out).meta["search"] == "exact"  # a tiny store on the CPU: N·(d + 768) ≤ 2^26
     with pytest.raises(ValueError, match="needs an index"):
         build_targets(biomed_datastore, None, tmp_path / "b", search=TargetSearch(backend="faiss"))
     with pytest.raises(ValueError, match="--search.backend must be one of"):

@@ -93,14 +93,20 @@ def test_a_sigterm_just_before_prediction_starts_stops_before_any_chunk(tmp_path
 
 @pytest.mark.parametrize("after", [2, -1])  # -1: after the last chunk, the signal in the run's closing steps
 def test_sigterm_stops_build_datastore_and_the_rerun_resumes(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore,
-                                                            after):  # fmt: skip
+                                                            after, caplog):  # fmt: skip
+    """The rerun computes the chunks left, says how many were done (its progress bar counts only the rest), and
+    publishes the files of an uninterrupted run."""
     out = tmp_path / "ds"
     windows = position_windows(Corpus(biomed_corpus).num_positions, 64, 32)
     after = after if after > 0 else -(-len(windows) // 4)
     with pytest.raises(Interrupted, match="run the same command again to resume"):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Sigterm(after)], **STORE)
     assert len(done_chunks(partial_dir(out))) == after and not out.exists()
-    build_datastore(biomed_corpus, str(tiny_gpt2), out, **STORE)
+    with caplog.at_level(logging.INFO, logger="lightning_memdec.stages.chunked_predict"):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, **STORE)
+    chunks = -(-len(windows) // STORE["windows"].batch_size)
+    said = f"resuming with {after} of {chunks} chunks done; the progress bar counts the {chunks - after} left"
+    assert said in caplog.text
     assert same_files(out, biomed_datastore, STORE_FILES)
 
 

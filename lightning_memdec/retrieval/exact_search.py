@@ -54,6 +54,7 @@ from lightning_memdec.retrieval.search_budget import (
 
 __all__ = [
     "EXACT_CPU_MAX_ELEMENTS",
+    "EXACT_CPU_SELECTION_WIDTH",
     "EXACT_GPU_MAX_ELEMENTS",
     "SEARCH_BACKENDS",
     "SELECTIONS",
@@ -71,8 +72,13 @@ __all__ = [
 SEARCH_BACKENDS = ("exact", "faiss", "auto")
 SELECTIONS = ("auto", "topk", "threshold", "cuvs")  # how each query's candidates are chosen: see exact_search
 RESIDENT_FRACTION = 0.4  # of the device's free memory the whole key matrix may take to stay there between searches
-# N·d up to which exact CPU search is chosen by `auto` (e.g. 131k keys of d = 256, 32k of d = 1024).
-EXACT_CPU_MAX_ELEMENTS = 1 << 25
+# N·(d + EXACT_CPU_SELECTION_WIDTH) up to which exact CPU search is chosen by `auto` (e.g. 80k keys of d = 64, 65k
+# of d = 256, 37k of d = 1024): there it costs ≤ 2.5× the fastest FAISS index (benchmarks/search_backends.py).
+EXACT_CPU_MAX_ELEMENTS = 1 << 26
+# What choosing the nearest among a row of fp32 scores costs per score on the CPU, in multiply-adds of the product
+# (its memory traffic): at d = 64 the selection and the score writes cost ten times the product's 64 (measured by
+# benchmarks/search_backends.py), so N·d alone counted a 500k × 64 store as cheap where a query took 10 ms.
+EXACT_CPU_SELECTION_WIDTH = 768
 # N·d up to which exact GPU search is chosen by `auto` (e.g. 11 M keys of d = 768, 5.4 M of d = 1600): 17 GB of fp16
 # keys, resident on an 80 GB card, 17 GFLOP a query (~1,100 queries/s at the H100's measured rate).
 EXACT_GPU_MAX_ELEMENTS = 1 << 33
@@ -88,15 +94,17 @@ def choose_search(num_entries: int, dim: int, device_type: str, have_index: bool
       cost per query grows with N·d, so the work of a store's targets grows with N²·d: measured on an H100, 6,249
       queries/s at 2 M × 768; at the paper's 103 M × 1,600 it would be ~58 queries/s, 20 GPU-days (docs/scaling.md),
       where IVF-PQ does ~3,000× less work per query;
-    - on the CPU → exact when N·d ≤ :data:`EXACT_CPU_MAX_ELEMENTS` (2^25): a query then costs ≤ 2^26 flops
-      (under a second per thousand queries at ~100 GFLOP/s), less than training and probing an IVF index would save,
-      and the same work as a FAISS Flat index;
+    - on the CPU → exact when N·(d + :data:`EXACT_CPU_SELECTION_WIDTH`) ≤ :data:`EXACT_CPU_MAX_ELEMENTS` (2^26):
+      a query's product and its selection over N scores (the selection, not the product, dominates at small d)
+      then cost at most ~2.5× the fastest FAISS index at k = 1,024 (2.3 against 0.94 ms a query at d = 64 on
+      2 cores: benchmarks/search_backends.py), where N·d ≤ 2^25 alone let a 500k × 64 store run ~12× slower;
     - otherwise faiss (the given index: IVF-PQ visits a small fraction of the store per query).
     """
     if not have_index:
         return "exact"
-    limit = EXACT_GPU_MAX_ELEMENTS if device_type == "cuda" else EXACT_CPU_MAX_ELEMENTS
-    return "exact" if num_entries * dim <= limit else "faiss"
+    if device_type == "cuda":
+        return "exact" if num_entries * dim <= EXACT_GPU_MAX_ELEMENTS else "faiss"
+    return "exact" if num_entries * (dim + EXACT_CPU_SELECTION_WIDTH) <= EXACT_CPU_MAX_ELEMENTS else "faiss"
 
 
 def default_compute_dtype(device: torch.device | str) -> torch.dtype:

@@ -79,6 +79,9 @@ def pending_for_rank(num_chunks: int, work: Path, rank: int, world_size: int) ->
     """Chunks this rank still has to do: a round-robin share of the unfinished ones."""
     done = done_chunks(work)
     todo = [c for c in range(num_chunks) if c not in done]
+    if done and rank == 0:  # the progress bar counts only this run's chunks: say where the run stands
+        log.info("resuming with %d of %d chunks done; the progress bar counts the %d left", len(done), num_chunks,
+                 len(todo))  # fmt: skip
     return todo[rank::world_size]
 
 

@@ -87,7 +87,7 @@ class TargetSearch:
     backend: str = "auto"
     """exact (blocked matrix products over all keys on each rank's device, exact fp32 distances, no FAISS), faiss
     (the index: a FAISS one, or a cuVS one built with --library cuvs, searched on the GPU), or auto: exact on a GPU
-    up to N·d ≤ 2^33, without an index, or when N·d ≤ 2^25; else the index"""
+    up to N·d ≤ 2^33, without an index, or on the CPU when N·(d + 768) ≤ 2^26; else the index"""
     use_gpu: bool = False
     """FAISS search on GPU (faiss-gpu); under several devices each rank uses its own GPU"""
     memory_gb: float | None = None
