@@ -173,6 +173,19 @@ def test_index_build_benchmark_runs_tiny(tmp_path):
     assert list(lines)[-1] == "index_build_speedup"
 
 
+def test_search_backends_benchmark_runs_tiny(tmp_path):
+    """benchmarks/search_backends.py at d = 16: the store at auto's CPU edge, each backend timed, the ratio last."""
+    from lightning_memdec.retrieval.exact_search import EXACT_CPU_MAX_ELEMENTS, EXACT_CPU_SELECTION_WIDTH
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "search_backends.py"), "--dims", "[16]", "--queries", "8",
+           "--k", "8"]  # fmt: skip
+    lines = run_benchmark(cmd, tmp_path)
+    assert int(lines["keys_d16"]) == EXACT_CPU_MAX_ELEMENTS // (16 + EXACT_CPU_SELECTION_WIDTH)
+    assert lines["ivf_index_d16"].startswith("IVF") and float(lines["faiss_flat_ms_per_query_d16"]) > 0
+    assert list(lines)[-1] == "exact_over_faiss_at_the_edge"
+    assert float(lines["exact_over_faiss_at_the_edge"]) == float(lines["exact_over_fastest_faiss_d16"])
+
+
 def test_router_skip_benchmark_runs_tiny(tmp_path):
     """Tiny models, a planted router skipping about half the steps: every line, the headline speed-up last."""
     from conftest import save_tiny

@@ -73,7 +73,8 @@ SEARCH_BACKENDS = ("exact", "faiss", "auto")
 SELECTIONS = ("auto", "topk", "threshold", "cuvs")  # how each query's candidates are chosen: see exact_search
 RESIDENT_FRACTION = 0.4  # of the device's free memory the whole key matrix may take to stay there between searches
 # N·(d + EXACT_CPU_SELECTION_WIDTH) up to which exact CPU search is chosen by `auto` (e.g. 80k keys of d = 64, 65k
-# of d = 256, 37k of d = 1024): there it costs ≤ 2.5× the fastest FAISS index (benchmarks/results/search-backends-cpu-2026-12-06.txt).
+# of d = 256, 37k of d = 1024): there it costs ≤ 2.5× the fastest FAISS index
+# (benchmarks/results/search-backends-cpu-2026-12-06.txt).
 EXACT_CPU_MAX_ELEMENTS = 1 << 26
 # What choosing the nearest among a row of fp32 scores costs per score on the CPU, in multiply-adds of the product
 # (its memory traffic): at d = 64 the selection and the score writes cost ten times the product's 64 (measured by
@@ -97,7 +98,8 @@ def choose_search(num_entries: int, dim: int, device_type: str, have_index: bool
     - on the CPU → exact when N·(d + :data:`EXACT_CPU_SELECTION_WIDTH`) ≤ :data:`EXACT_CPU_MAX_ELEMENTS` (2^26):
       a query's product and its selection over N scores (the selection, not the product, dominates at small d)
       then cost at most ~2.5× the fastest FAISS index at k = 1,024 (2.3 against 0.94 ms a query at d = 64 on
-      2 cores: benchmarks/results/search-backends-cpu-2026-12-06.txt), where N·d ≤ 2^25 alone let a 500k × 64 store run ~12× slower;
+      2 cores: benchmarks/results/search-backends-cpu-2026-12-06.txt), where N·d ≤ 2^25 alone let a 500k × 64
+      store run ~12× slower;
     - otherwise faiss (the given index: IVF-PQ visits a small fraction of the store per query).
     """
     if not have_index:
