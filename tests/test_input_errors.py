@@ -1,5 +1,8 @@
 """Bad inputs a user types: each refused with an error naming the file or setting, before any output is written."""
 
+import contextlib
+
+import numpy as np
 import pytest
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir, read_meta
@@ -201,3 +204,31 @@ def test_a_corpus_records_its_text_files_hashes_from_the_utf8_check(tmp_path, co
     path.write_bytes(lzma.compress(data) if compressed else data)
     meta = read_meta(tokenize([str(path)], tmp_path / "corpus", "gpt2"))
     assert meta["sources"] == [{"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
+
+
+def test_the_disk_checks_ask_for_what_the_stages_write(tmp_path, biomed_datastore, monkeypatch):
+    """build-datastore's check asks for its keys and values files' bytes; build-targets' for twice the CSR it
+    publishes (the chunk files are all still on disk when the merge writes them again), measured on real outputs."""
+    from types import SimpleNamespace
+
+    from lightning_memdec.io.capacity import ResourceError
+    from lightning_memdec.io.readers import Datastore, Targets
+    from lightning_memdec.stages import datastore as datastore_stage
+    from lightning_memdec.stages import targets as targets_stage
+    from lightning_memdec.stages.settings import KNNTargets
+
+    def data_bytes(path) -> int:  # a .npy file without its header
+        return np.load(path, mmap_mode="r").nbytes
+
+    store = Datastore(biomed_datastore)
+    written = sum(data_bytes(biomed_datastore / name) for name in ("keys.npy", "values.npy"))
+    config = SimpleNamespace(hidden_size=store.dim)
+    for free, fits in ((written, True), (written - 1, False)):
+        monkeypatch.setattr(datastore_stage, "free_disk", lambda out, free=free: free)
+        with contextlib.nullcontext() if fits else pytest.raises(ResourceError, match="keys fp16 \\+ values int32"):
+            datastore_stage.check_disk(tmp_path / "ds", len(store), config)
+    support = 4  # every position has at least 4 neighbour tokens among its 16: each row holds exactly 4
+    out = targets_stage.build_targets(biomed_datastore, out=tmp_path / "t", knn=KNNTargets(k=16, max_support=support))
+    assert (np.diff(Targets(out).offsets) == support).all()
+    published = sum(data_bytes(out / name) for name in ("ids.npy", "probs.npy", "offsets.npy"))
+    assert targets_stage.targets_disk_bytes(len(store), support) == 2 * published
