@@ -199,6 +199,14 @@ def test_bf16_precision_keys_close_to_fp32_and_recorded(tmp_path, biomed_corpus,
     keys, want = np.asarray(store.keys, dtype=np.float32), np.asarray(ref.keys, dtype=np.float32)
     assert not np.array_equal(keys, want)  # the forward pass really ran in bf16
     np.testing.assert_allclose(keys, want, rtol=0.05, atol=0.05)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.bfloat16).eval()  # the first window by hand
+    seen = []
+    model.transformer.h[-1].ln_2.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        model(torch.as_tensor(np.asarray(Corpus(biomed_corpus).tokens[:64], dtype=np.int64))[None])
+    np.testing.assert_array_equal(store.keys[:64], seen[0][0].to(torch.float16).numpy())  # bf16's, not fp16's
     with pytest.raises(ValueError, match="precision must be one of"):
         build_datastore(biomed_corpus, str(tiny_gpt2), tmp_path / "bad", precision="fp8")
 
