@@ -351,3 +351,35 @@ def test_query_datastores_are_matched_by_the_models_weights_not_their_paths(
     other = build_datastore(biomed_corpus, str(other_model), tmp_path / "other-ds", windows=windows, hardware=cpu)
     with pytest.raises(ArtifactError, match="has model_sha256=.*build both with the same base LM"):
         build_targets(biomed_datastore, out=tmp_path / "t-other", queries=other, knn=knn)
+
+
+def test_a_datastore_s_identity_is_its_entries_and_the_model_is_its_weights():
+    """Queries are self-excluded, and an index accepted, only for the same entries: another layer, stride, window,
+    text, size or weights is another store (queries of another layer are refused outright); the model's path is not
+    part of it where both sides record the weights' hash."""
+    from lightning_memdec.io.readers import check_compatible, check_index_matches
+
+    tokenizer = {"name": "gpt2", "fingerprint": "f" * 64, "vocab_size": 50257}
+
+    def store(name: str, **changed) -> Datastore:
+        """A datastore of this meta.json (these checks read no keys)."""
+        made = Datastore.__new__(Datastore)
+        made.dir = Path(name)
+        made.meta = {"corpus_sha256": "c0ffee", "model": "/models/gpt2", "model_sha256": "ab12", "dim": 768,
+                     "layer": "transformer.h.-1.ln_2", "window": 1024, "stride": 512, "num_entries": 1000,
+                     "tokenizer": tokenizer} | changed  # fmt: skip
+        return made
+
+    a = store("a")
+    index_meta = {"datastore": "a", "datastore_identity": a.identity()}
+    same = store("copy", model="../models/gpt2")  # the same weights by another path
+    assert a.same_entries(same) and same.same_entries(a)
+    check_index_matches("index-of-a", index_meta, same)
+    for field, value in (("layer", "transformer.h.-1.ln_1"), ("stride", 256), ("window", 512),
+                         ("corpus_sha256", "0ther"), ("num_entries", 999), ("model_sha256", "cd34")):  # fmt: skip
+        other = store(f"other-{field}", **{field: value})
+        assert not a.same_entries(other) and not other.same_entries(a), field
+        with pytest.raises(ArtifactError, match="was built over datastore a, not over"):
+            check_index_matches("index-of-a", index_meta, other)
+    with pytest.raises(ArtifactError, match="has layer='transformer.h.-1.ln_1' but datastore a has layer="):
+        check_compatible(store("q", layer="transformer.h.-1.ln_1"), a)

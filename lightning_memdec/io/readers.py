@@ -52,9 +52,14 @@ class Datastore:
         """Whether ``other`` holds these very entries (the same text keyed by the same weights at the same layer,
         window and stride), whatever path named the model: its keys are then these keys, each its own nearest."""
         mine, theirs = self.identity(), other.identity()
-        if "model_sha256" in mine and "model_sha256" in theirs:  # the weights' hash, not the path that gave them
-            mine.pop("model"), theirs.pop("model")
-        return mine == theirs
+        return identities_match(mine, theirs) and identities_match(theirs, mine)
+
+
+def identities_match(recorded: dict, identity: dict) -> bool:
+    """Whether a datastore ``identity`` has every field a ``recorded`` one holds (one of 0.1 lacks some) equal; the
+    model compared by its weights' hash where both have one, not by the path that named it."""
+    by_hash = "model_sha256" in recorded and "model_sha256" in identity
+    return all(recorded[k] == identity.get(k) for k in recorded if not (by_hash and k == "model"))
 
 
 def check_compatible(queries: Datastore, store: Datastore) -> None:
@@ -72,8 +77,7 @@ def check_compatible(queries: Datastore, store: Datastore) -> None:
 
 def check_index_matches(index_dir: str | Path, index_meta: dict, store: Datastore) -> None:
     """An index (its meta.json; reading it needs no FAISS) must have been built over exactly this datastore."""
-    built_over, identity = index_meta["datastore_identity"], store.identity()
-    if any(built_over[k] != identity.get(k) for k in built_over):  # fields an 0.1 index lacks are not compared
+    if not identities_match(index_meta["datastore_identity"], store.identity()):
         raise ArtifactError(
             f"index {index_dir} was built over datastore {index_meta['datastore']}, not over {store.dir} "
             f"(their corpus/model weights/layer/size differ); rebuild the index or pass the matching datastore."
