@@ -341,14 +341,17 @@ def test_auto_picks_exact_here_and_faiss_without_index_is_refused(tmp_path, biom
             biomed_datastore, biomed_index, tmp_path / "f", knn=KNNTargets(k=4, temperature=4.0), search=search
         )
     assert "--search.selection threshold chooses exact search's candidates; the faiss backend ignores it" in caplog.text
-    out = build_targets(
-        biomed_datastore,
-        biomed_index,
-        tmp_path / "a",
-        knn=KNNTargets(k=4, temperature=4.0),
-        search=TargetSearch(chunk_size=2048),
-    )
+    with caplog.at_level("INFO", logger="lightning_memdec.stages.targets"):
+        out = build_targets(
+            biomed_datastore,
+            biomed_index,
+            tmp_path / "a",
+            knn=KNNTargets(k=4, temperature=4.0),
+            search=TargetSearch(chunk_size=2048),
+        )
     assert Targets(out).meta["search"] == "exact"  # a tiny store on the CPU: N·(d + 768) ≤ 2^26
+    assert "search: exact (--search.backend auto, 2999 keys of 32 dims on the cpu)" in caplog.text
+    assert KNNTargets().exact_distances is False and Targets(out).meta["exact_distances"] is True  # as searched
     with pytest.raises(ValueError, match="needs an index"):
         build_targets(biomed_datastore, None, tmp_path / "b", search=TargetSearch(backend="faiss"))
     with pytest.raises(ValueError, match="--search.backend must be one of"):
