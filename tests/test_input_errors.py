@@ -232,3 +232,15 @@ def test_the_disk_checks_ask_for_what_the_stages_write(tmp_path, biomed_datastor
     assert (np.diff(Targets(out).offsets) == support).all()
     published = sum(data_bytes(out / name) for name in ("ids.npy", "probs.npy", "offsets.npy"))
     assert targets_stage.targets_disk_bytes(len(store), support) == 2 * published
+
+
+def test_a_bad_byte_after_a_character_split_across_reads_is_named_at_its_offset(tmp_path):
+    """The check reads 1 MiB at a time; a character whose bytes straddle two reads must not shift the offset named."""
+    from lightning_memdec.io.text_sources import check_utf8
+
+    head = b"a" * ((1 << 20) - 1) + "é".encode()  # é's two bytes: the last of the first read, the first of the next
+    data = head + b" ok " + b"\xe9" + b"\n"
+    path = tmp_path / "split.txt"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"byte {len(head) + 4:,} \(0-based\) is 0xe9"):
+        check_utf8(path)
