@@ -362,3 +362,14 @@ def test_a_lowered_window_alone_takes_half_of_it_as_stride(tmp_path, biomed_corp
     for name in ("keys.npy", "values.npy"):
         assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()  # built with stride 32
     assert Windows(window=7).step == 3 and Windows(window=1).step == 1 and Windows().step == 512
+
+
+@pytest.mark.parametrize("block", [64, 100, 1 << 22])
+def test_values_are_the_next_tokens_whatever_the_copy_s_block(tmp_path, biomed_corpus, block):
+    """values.npy is copied a block of tokens at a time (4 Mi tokens: a real corpus spans several blocks, every test
+    corpus one); each block size gives tokens[1:] exactly."""
+    from lightning_memdec.stages.datastore import write_values
+
+    corpus = Corpus(biomed_corpus)
+    write_values(tmp_path / "values.npy", corpus, block=block)
+    np.testing.assert_array_equal(np.load(tmp_path / "values.npy"), np.asarray(corpus.tokens[1:], dtype=np.int32))
