@@ -61,6 +61,10 @@ def test_groups_continue_as_the_official_values():
     tokens = np.concatenate(groups)
     np.testing.assert_array_equal(tokens[1:], expected)
     assert len(groups) == 3 * 4  # 767/767/766 rows per shard, 4 batches of ≤ 200 each
+    rows = ["", " = Valkyria Chronicles III = \n", "", " Senjō no Valkyria 3 is a role-playing game .\n"]
+    expected = datasets_map_values(rows, tok, block=64, num_proc=4, batch_rows=200)  # the first group is empty
+    groups = list(official_groups((tok(r)["input_ids"] for r in rows), len(rows), 64, num_proc=4, batch_rows=200))
+    np.testing.assert_array_equal(np.concatenate(groups)[1:], expected)
 
 
 def test_shard_bounds_are_contiguous_and_never_more_than_rows():
