@@ -137,3 +137,18 @@ def test_official_corpus_is_accepted_by_import_and_the_eos_corpus_is_not(tmp_pat
     eos = tokenize(out=tmp_path / "eos", dataset=DatasetRows(files=[str(data)]))
     with pytest.raises(ArtifactError, match="entry \\d+ has value \\d+ but corpus .* has token"):
         import_official(tmp_path / "ds2", datastore=arrow, corpus=eos)
+
+
+def test_at_most_reads_no_piece_past_max_tokens():
+    """--max_tokens with --separation official: the groups (each a tokenizer call) stop being read once it is met."""
+    from lightning_memdec.io.token_corpus import at_most
+
+    pulled = []
+
+    def pieces():
+        for i in range(10):
+            pulled.append(i)
+            yield np.arange(3) if i != 1 else np.arange(0)  # an empty piece does not end the reading
+
+    assert [len(p) for p in at_most(pieces(), 7)] == [3, 3, 1] and pulled == [0, 1, 2, 3]
+    assert sum(len(p) for p in at_most(pieces(), None)) == 27

@@ -254,10 +254,11 @@ def at_most(pieces: Iterable[np.ndarray], max_tokens: int | None) -> Iterator[np
     for ids in pieces:
         if max_tokens is not None:
             ids = ids[: max_tokens - total]
-        if len(ids) == 0:
+        if len(ids):
+            total += len(ids)
+            yield ids
+        if max_tokens is not None and total >= max_tokens:
             return
-        total += len(ids)
-        yield ids
 
 
 def encode_rows(rows: Iterable[str], tok, batch_rows: int) -> Iterator[list[int]]:
