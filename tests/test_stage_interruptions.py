@@ -193,3 +193,16 @@ def test_nan_keys_past_the_first_block_are_named_at_their_position(tmp_path, bio
     dim = Datastore(store).dim
     with pytest.raises(ArtifactError, match=r"2 keys are NaN or inf, the first at position 1000"):
         check_finite_store_keys(Datastore(store), block_bytes=64 * dim * 2)  # blocks of 64 keys: the 16th holds them
+
+
+def test_a_keys_file_of_another_shape_or_dtype_is_damage(tmp_path):
+    """A resumed datastore takes its work directory's keys.npy only as a whole fp16 [entries, d] array."""
+    from lightning_memdec.stages.datastore import keys_file_damage
+
+    path = tmp_path / "keys.npy"
+    for keys, damaged in ((np.zeros((299, 8), np.float16), False), (np.zeros((100, 8), np.float16), True),
+                          (np.zeros((299, 8), np.float32), True), (np.zeros(299 * 8, np.float16), True)):  # fmt: skip
+        np.save(path, keys)
+        problem = keys_file_damage(path, 299)
+        assert (problem is not None) == damaged, (keys.shape, keys.dtype)
+        assert problem is None or f"holds {keys.dtype} {keys.shape}, not float16 [299, d]" in problem
