@@ -255,6 +255,7 @@ def test_targets_import_then_fit_runs(imported, tmp_path, source_targets, biomed
         ("rows missing", "have 2998 rows but datastore .* has 2999 entries"),
         ("id out of range", "token ids outside the tokenizer's 50257 ids"),
         ("negative prob", "probabilities negative/NaN"),
+        ("unsorted row", "row 8's probabilities are not sorted from the most likely down"),
         ("null inside token_id", "rows 0–700: null entries"),  # no row is null, one element is: a pyarrow traceback
         ("null inside prob", "rows 700–1400: null entries"),
     ],
@@ -286,9 +287,12 @@ def test_malformed_targets_are_refused_and_nothing_written(imported, tmp_path, s
     elif case == "rows missing":
         columns = {"id_cnt": counts, "token_id": ids, "prob": [p for _, p in rows], "label": labels}
         write_stream(path, TARGETS_SCHEMA, {k: v[:-1] for k, v in columns.items()})
-    elif case == "negative prob":
+    elif case in ("negative prob", "unsorted row"):
         probs = [p.copy() for _, p in rows]
-        probs[6][0] = -0.2
+        if case == "negative prob":
+            probs[6][0] = -0.2
+        else:
+            probs[8] = probs[8][::-1].copy()  # the least likely first
         write_stream(path, TARGETS_SCHEMA, {"id_cnt": counts, "token_id": ids, "prob": probs, "label": labels})
     else:
         ids[4][0] = 60000

@@ -189,7 +189,9 @@ def import_targets(arrow: Path, datastore: Path, out: Path, overwrite: bool) -> 
 
 def scan_targets(files: list[Path], schema, store: Datastore) -> tuple[int, int]:
     """Row and support counts; refuses nulls, ragged rows (``id_cnt`` vs the lists' lengths), ids outside the
-    vocabulary, negative or non-finite probabilities, labels that are not the datastore's values, a wrong row count."""
+    vocabulary, negative or non-finite probabilities, a row not sorted by probability (``--data.max_support`` keeps
+    each row's first entries as its most likely: saveKNNMulti.py sorts them), labels that are not the datastore's
+    values, a wrong row count."""
     rows, nnz, vocab = 0, 0, store.tokenizer["vocab_size"]
     for path, batch in record_batches(files, schema):
         where = f"{path}, rows {rows}–{rows + len(batch)}"
@@ -211,6 +213,7 @@ def scan_targets(files: list[Path], schema, store: Datastore) -> tuple[int, int]
                 f"{where}: token ids outside the tokenizer's {vocab} ids or probabilities negative/NaN; the targets "
                 f"are not for datastore {store.dir}, or corrupt."
             )
+        check_sorted_rows(probs, counts, rows, path)
         check_labels(batch.column("label").to_numpy(), rows, store, path)
         rows, nnz = rows + len(batch), nnz + int(counts.sum())
     if rows != len(store):
@@ -219,6 +222,18 @@ def scan_targets(files: list[Path], schema, store: Datastore) -> tuple[int, int]
             "targets built from that datastore."
         )
     return rows, nnz
+
+
+def check_sorted_rows(probs: np.ndarray, counts: np.ndarray, first: int, path: Path) -> None:
+    """Each row's probabilities (``probs`` flat, ``counts`` a row) must not increase along the row."""
+    row_of = np.repeat(np.arange(len(counts)), counts)  # [nnz]
+    rises = (np.diff(probs) > 0) & (np.diff(row_of) == 0)  # an entry more likely than the one before it, in a row
+    if rises.any():
+        row = first + int(row_of[rises.argmax()])
+        raise ArtifactError(
+            f"{path}: row {row}'s probabilities are not sorted from the most likely down (saveKNNMulti.py sorts "
+            "each row; --data.max_support keeps a row's first entries); sort each row by probability, re-export it."
+        )
 
 
 def check_labels(labels: np.ndarray, first: int, store: Datastore, path: Path) -> None:

@@ -112,7 +112,8 @@ class WindowTargetsDataset(Dataset):
         rows, cols = np.repeat(np.arange(w), counts)[keep], cols[keep]
         p32 = np.zeros((w, support), dtype=np.float32)
         p32[rows, cols] = probs[keep]
-        renormalised = (p32 / p32.sum(1, keepdims=True)).astype(np.float16)
+        sums = p32.sum(1, keepdims=True)  # 0 only for a row without entries, none of which is gathered below
+        renormalised = (p32 / np.where(sums > 0, sums, 1.0)).astype(np.float16)
         return ids[keep], renormalised[rows, cols], np.minimum(counts, support).astype(np.int32), support
 
 
