@@ -127,7 +127,8 @@ def tokenize(
             ``embedded:<domain>/<split>`` for a shipped corpus (domains general, biomed, law).
         out: output corpus directory.
         tokenizer: Hugging Face tokenizer name or path, or a shipped one (gpt2, gpt-neox-20b).
-        max_tokens: keep only the first this many tokens (for quick experiments; reading stops there).
+        max_tokens: keep only the first this many tokens (for quick experiments; reading stops there;
+            --separation official counts the rows first: its grouping depends on their number).
         batch_documents: documents tokenized per call of the fast tokenizer.
         overwrite: replace an existing output.
         dataset: dataset rows (a hub dataset or local files) instead of ``text``.
