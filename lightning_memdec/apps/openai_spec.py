@@ -269,8 +269,8 @@ class OpenAICompletionsSpec(LitSpec):
     async def interleaved_pieces(self, jobs: list[Job]):
         """``(job, piece)`` as each job's pieces come. A batch's worth of a request's jobs (``jobs_in_flight``) are
         queued at a time, so other clients' requests are queued in between rather than behind all of its prompts.
-        The first error (a :class:`RequestError`) ends them all: the jobs not yet queued never are (the rows already
-        being generated run to their end)."""
+        The first error (a :class:`RequestError`) ends them all: the jobs not yet queued never are, and those
+        queued are marked abandoned (:meth:`pieces`), so their rows end at their next token."""
         if len(jobs) == 1:  # the common case, without tasks
             async with aclosing(self.pieces(jobs[0])) as pieces:
                 async for piece in pieces:
