@@ -121,7 +121,7 @@ class KNNLM(torch.nn.Module):
         check_positive("temperature", temperature)
         base_ref = base
         base = causal_lm(base_ref, "base", **load_kwargs)
-        from lightning_memdec.io.readers import Datastore, identities_match
+        from lightning_memdec.io.readers import Datastore, check_index_matches
         from lightning_memdec.retrieval.faiss_index import KeyIndex
 
         if search not in ("faiss", "exact"):
@@ -136,12 +136,8 @@ class KNNLM(torch.nn.Module):
             self.key_index = KeyIndex(index, nprobe=nprobe, device=on) if isinstance(index, (str, Path)) else index
         meta = self.store.meta
         where = f"datastore {self.store.dir}"
-        built_over = None if self.key_index is None else self.key_index.meta.get("datastore_identity")
-        if self.key_index is not None and not (built_over and identities_match(built_over, self.store.identity())):
-            raise ValueError(
-                f"index {self.key_index.dir} was built over datastore {self.key_index.meta.get('datastore')}, not over "
-                f"{self.store.dir} (their corpus/model/layer/size differ); pass the index built for this datastore."
-            )
+        if self.key_index is not None:
+            check_index_matches(self.key_index.dir, self.key_index.meta, self.store)
         self.vocab = self._check_tokenizer(base_ref, base, tokenizer, meta, where)
         base_type = getattr(base.config, "model_type", None)
         if meta.get("model_type") is not None and base_type != meta["model_type"]:
