@@ -1,10 +1,10 @@
 """Jobs whose client went away, told to the inference worker so that it ends their rows.
 
 LitServe cannot take a queued job back: the row of a client that disconnected was decoded to its ``max_tokens``,
-holding its batch (and every request queued behind it) that long. The HTTP process marks such a job with an empty
-file named by the job's uid in a directory it shares with the worker; the worker's per-row end test looks for the
-file each step (one ``stat``) and removes it once seen. Marks the worker never sees (a job that ended meanwhile) go
-with the directory when the server stops.
+holding its batch (and every request queued behind it) that long. The HTTP process marks such a job with an empty file
+named by the job's uid in a directory it shares with the worker; the worker's per-row end test looks for the file each
+step (one ``unlink`` that finds nothing, mostly) and so removes it once seen. Marks the worker never sees (a job that
+ended meanwhile) go with the directory when the server stops.
 """
 
 from __future__ import annotations
