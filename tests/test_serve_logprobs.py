@@ -9,6 +9,7 @@ import contextlib
 import copy
 import json
 import os
+import time
 import uuid
 
 import pytest
@@ -283,6 +284,23 @@ def test_an_abandoned_job_s_row_ends_at_its_next_token_and_its_batch_mates_go_on
     eos = {mixture.generation_config.eos_token_id}
     assert len(list(generate_steps(mixture, [free | {"uid": gone}], eos, vocab=50257, abandoned=abandoned))) == 1
     assert [s["token"] for s in run_jobs(mixture, [free | {"uid": gone}], abandoned=abandoned)[0]] == ref[0]
+
+
+def test_a_mark_never_taken_is_removed_by_a_later_one_once_stale(tmp_path):
+    """A job that ended before its client's mark was written leaves a mark no worker takes: a later mark removes it
+    once older than STALE_AFTER_S, and keeps younger ones (a queued job's) and its own."""
+    from lightning_memdec.apps.abandoned_jobs import STALE_AFTER_S, AbandonedJobs
+
+    abandoned = AbandonedJobs(str(tmp_path))
+    stale, young, new = (str(uuid.uuid4()) for _ in range(3))
+    abandoned.mark(stale)
+    abandoned.mark(young)
+    now = time.time()
+    os.utime(tmp_path / stale, (now - STALE_AFTER_S - 60,) * 2)
+    os.utime(tmp_path / young, (now - STALE_AFTER_S + 60,) * 2)
+    abandoned.mark(new)
+    assert sorted(os.listdir(tmp_path)) == sorted([young, new])
+    assert abandoned.take(young) and abandoned.take(new) and not abandoned.take(stale)
 
 
 def test_a_job_left_before_its_last_piece_is_marked_abandoned_and_no_other(served, tmp_path):
