@@ -5,9 +5,9 @@ store has the most keys `choose_search` still searches exactly on the CPU (N·(d
 EXACT_CPU_MAX_ELEMENTS), drawn around 256 centres (a store's keys cluster), fp16 as a datastore holds them. Both sides
 end with the same exact re-ranking (:func:`~lightning_memdec.retrieval.exact_search.exact_distances`) of k + margin
 candidates, as ``build-targets`` runs them; the indexes are the Flat one ``build-index``'s auto plan gives a store of
-this size and the IVF-PQ one it plans past its Flat sizes, probed with the default nprobe. Prints, per d, milliseconds
-a query of each and their ratio; the last line, ``exact_over_faiss_at_the_edge``, is the largest ratio: what `auto`
-pays at most for exact neighbours.
+this size and the IVF one it plans past its Flat sizes (IVF-PQ, or IVF-Flat for narrow keys), probed with the
+default nprobe. Prints, per d, milliseconds a query of each and their ratio; the last line,
+``exact_over_faiss_at_the_edge``, is the largest ratio: what `auto` pays at most for exact neighbours.
 """
 
 from __future__ import annotations

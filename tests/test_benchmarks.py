@@ -186,6 +186,20 @@ def test_search_backends_benchmark_runs_tiny(tmp_path):
     assert float(lines["exact_over_faiss_at_the_edge"]) == float(lines["exact_over_fastest_faiss_d16"])
 
 
+def test_pq_size_benchmark_runs_tiny(tmp_path, biomed_datastore):
+    """benchmarks/pq_size.py on a tiny real datastore: each variant's lines; IVF-Flat's distances are exact (its p_kNN
+    the same re-ranked or not), the measured memory ratio last."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "pq_size.py"), "--datastore", str(biomed_datastore),
+           "--queries", "16", "--k", "16", "--sizes", "[4]"]  # fmt: skip
+    lines = run_benchmark(cmd, tmp_path)
+    largest = lines["plan"].split()[0]
+    for name in ("pq4", "flat"):
+        assert 0 <= float(lines[f"{name}_recall"]) <= 1 and float(lines[f"{name}_loaded_mib"]) >= 0
+    assert abs(float(lines["flat_tv"]) - float(lines["flat_tv_reranked"])) < 1e-6, largest
+    assert math.isfinite(float(lines["largest_pq_planned_over_flat_memory"]))
+    assert list(lines)[-1] == "largest_pq_over_flat_memory"
+
+
 def test_router_skip_benchmark_runs_tiny(tmp_path):
     """Tiny models, a planted router skipping about half the steps: every line, the headline speed-up last."""
     from conftest import save_tiny

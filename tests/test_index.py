@@ -5,7 +5,7 @@ import pytest
 from lightning_memdec.io.artifact_dirs import ArtifactError
 from lightning_memdec.io.readers import Datastore
 from lightning_memdec.retrieval.faiss_index import KeyIndex, build_index
-from lightning_memdec.retrieval.index_plan import plan_index
+from lightning_memdec.retrieval.index_plan import IndexRule, plan_index
 from lightning_memdec.retrieval.settings import IndexSettings
 
 
@@ -51,7 +51,22 @@ def test_planned_factory_by_size():
     assert plan_index(10_000, 768).factory == "Flat"
     assert plan_index(1_000_000, 768).factory == "IVF4096,PQ64"
     assert plan_index(100_000_000, 896).factory == "IVF32768,PQ64"
-    assert plan_index(1_000_000, 100).factory == "IVF4096,PQ50"
+    assert plan_index(10_000_000, 100).factory == "IVF16384,PQ50"
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256, 768])
+def test_narrow_keys_get_uncompressed_lists_where_pq_would_not_halve_the_memory(dim):
+    """IVF-PQ where its loaded bytes (codes + ids, PQ's precomputed table nlist × m × 256 floats, coarse centroids
+    and codebooks) are at most half IVF-Flat's (4d-byte keys + ids, centroids), else IVF-Flat, at every size."""
+    for n in (200_000, 300_000, 1_000_000, 3_000_000, 10_000_000, 100_000_000):
+        plan = plan_index(n, dim, memory_gb=64)
+        nlist, m = plan.nlist, min(64, dim)
+        pq_bytes = n * (m + 8) + nlist * m * 256 * 4 + nlist * dim * 4 + 256 * dim * 4
+        flat_bytes = n * (4 * dim + 8) + nlist * dim * 4
+        want = f"IVF{nlist},PQ{m}" if pq_bytes <= flat_bytes / 2 else f"IVF{nlist},Flat"
+        assert plan.factory == want, (n, dim, pq_bytes / flat_bytes)
+        assert ("IVF-Flat:" in " ".join(plan.notes)) == want.endswith("Flat")
+    assert plan_index(300_000, 128).factory == "IVF2048,Flat"  # embedded:base-small's keys (benchmarks/pq_size.py)
 
 
 def test_one_sizing_rule_with_the_quickstarts_numbers():
@@ -59,7 +74,6 @@ def test_one_sizing_rule_with_the_quickstarts_numbers():
     import math
 
     from lightning_memdec.apps.quickstart_stages import INDEX_NPROBE, INDEX_RULE
-    from lightning_memdec.retrieval.index_plan import IndexRule
 
     for n in (19_999, 20_000, 150_000, 199_999, 200_000, 1_000_000):
         plan = plan_index(n, 256, nprobe=INDEX_NPROBE, rule=INDEX_RULE)

@@ -8,6 +8,10 @@ an index whose training sample is too small for its lists or whose PQ layout a G
   code size the GPU kernels accept; 8-bit codes. Training takes 39–256 keys per list (FAISS warns below 39 and
   ignores more than 256), sampled across the whole store, within the stated memory budget; when even 39 per list
   does not fit, nlist is halved until it does.
+- **IVF<nlist>,Flat** instead where the IVF-PQ index would not take at most half its memory: narrow keys (below
+  0.35–0.65 M keys at d = 256, 1.5–3 M at d = 128), where PQ's precomputed table (nlist × m × 256 floats) outweighs
+  what the codes save; there IVF-Flat measured as small or twice the size, more accurate, faster to search and a
+  tenth of the build (benchmarks/pq_size.py).
 
 Those numbers are the default :class:`IndexRule`; a caller with other needs (the quickstart: small stores on a
 laptop CPU, exact distances within the probed lists) passes its own rule's numbers, not its own rule.
@@ -15,6 +19,7 @@ laptop CPU, exact distances within the probed lists) passes its own rule's numbe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -28,6 +33,9 @@ GPU_NO_PRECOMPUTED_SUBDIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 FLOAT32 = 4
 PQ_CENTROIDS = 256  # 8-bit codes, FAISS's default (PQ<m>x<bits> has 2^bits)
 PRECOMPUTED_TABLE_MAX_BYTES = 2**31  # faiss's precomputed_table_max_bytes: larger IVF-PQ tables are not built
+# the auto plan compresses only where IVF-PQ takes at most this fraction of IVF-Flat's memory: short of it, the codes'
+# approximate distances, slower scans and 10× build (benchmarks/pq_size.py) buy too little
+MAX_COMPRESSED_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,40 @@ def plan_index(
         while nlist > 1 and MIN_TRAIN_PER_LIST * nlist * dim * FLOAT32 > budget:
             nlist //= 2
             notes.append(f"nlist halved to {nlist} so that {MIN_TRAIN_PER_LIST} training keys per list fit")
-        m = pq_size(dim, gpu) if rule.compress else None
-        factory = f"IVF{nlist},PQ{m}" if rule.compress else f"IVF{nlist},Flat"
-        precomputed, half = gpu_pq_options(dim, m)
-        if gpu and half:
-            notes.append("PQ with more than 48 code bytes needs float16 lookup tables on the GPU (useFloat16)")
-        if gpu and precomputed:
-            notes.append(f"{dim // m} dims per PQ sub-quantizer need precomputed tables on the GPU (usePrecomputed)")
+        factory = f"IVF{nlist},Flat"
+        if rule.compress:
+            factory = compressed_lists(nlist, num_entries, dim, budget, gpu, nprobe, rule.train_per_list, notes)
+    plan = costed_plan(factory, num_entries, dim, budget, nprobe, rule.train_per_list)
+    return dataclasses.replace(plan, notes=notes + plan.notes)
+
+
+def compressed_lists(
+    nlist: int, num_entries: int, dim: int, budget: int, gpu: bool, nprobe: int, train_per_list: int, notes: list[str]
+) -> str:
+    """``IVF<nlist>,PQ<m>`` (m: :func:`pq_size`) where it takes at most :data:`MAX_COMPRESSED_FRACTION` of
+    ``IVF<nlist>,Flat``'s memory, else the latter (narrow keys: PQ's precomputed table outweighs what the codes
+    save); why goes to ``notes``, with what a GPU will need."""
+    m = pq_size(dim, gpu)
+    flat = costed_plan(f"IVF{nlist},Flat", num_entries, dim, budget, nprobe, train_per_list)
+    pq = costed_plan(f"IVF{nlist},PQ{m}", num_entries, dim, budget, nprobe, train_per_list)
+    if pq.index_bytes > MAX_COMPRESSED_FRACTION * flat.index_bytes:
+        notes.append(
+            f"IVF-Flat: {pq.factory} would take {pq.index_bytes / 2**30:.2f} GiB with its precomputed table, more "
+            f"than {MAX_COMPRESSED_FRACTION:g} of IVF-Flat's {flat.index_bytes / 2**30:.2f} GiB"
+        )
+        return flat.factory
+    precomputed, half = gpu_pq_options(dim, m)
+    if gpu and half:
+        notes.append("PQ with more than 48 code bytes needs float16 lookup tables on the GPU (useFloat16)")
+    if gpu and precomputed:
+        notes.append(f"{dim // m} dims per PQ sub-quantizer need precomputed tables on the GPU (usePrecomputed)")
+    return pq.factory
+
+
+def costed_plan(factory: str, num_entries: int, dim: int, budget: int, nprobe: int, train_per_list: int) -> IndexPlan:
+    """The costs of an IVF (or other trained) index ``factory``: training sample within ``budget`` bytes, index
+    bytes as loaded (codes, ids, centroids, IVF-PQ's precomputed table), float operations per query."""
+    notes: list[str] = []
     found = re.search(r"IVF(\d+)", factory)  # anywhere: OPQ16,IVF64,PQ16 has 64 lists
     nlist = int(found.group(1)) if found else None
     pq = re.search(r"PQ(\d+)(?:x(\d+))?", factory)
@@ -134,7 +169,7 @@ def plan_index(
     clusters = nlist if nlist is not None else (centroids or PQ_CENTROIDS) if trained else None
     if clusters is not None:
         fits = max(MIN_TRAIN_PER_LIST * clusters, budget // (dim * FLOAT32))
-        train = min(num_entries, rule.train_per_list * clusters, fits)
+        train = min(num_entries, train_per_list * clusters, fits)
         if nlist is not None and train < MIN_TRAIN_PER_LIST * nlist:
             notes.append(f"only {train} training keys for {nlist} lists (FAISS wants ≥ {MIN_TRAIN_PER_LIST} each)")
     code = math.ceil(m * bits / 8) if m is not None else dim * FLOAT32
