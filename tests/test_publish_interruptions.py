@@ -85,6 +85,36 @@ def test_an_overwrite_after_a_stop_at_the_rename_builds_what_it_is_asked(tmp_pat
     assert read_meta(out)["factory"] == "IVF4,Flat" and not partial_dir(out).exists()
 
 
+def test_a_run_of_other_settings_after_a_stop_at_the_rename_is_refused_not_called_done(tmp_path, biomed_datastore):
+    """The stopped run's finished work is put in place, but it is not this command's: without --overwrite it is
+    refused as any existing output is (it was reported done, with the other run's index); the same command is done."""
+    from lightning_memdec.io.artifact_dirs import RUN_CONFIG, read_meta
+
+    out = tmp_path / "index"
+    killed_at_rename(biomed_datastore, out, ".partial")
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        build_index(biomed_datastore, out, plan=IndexSettings(factory="IVF4,Flat"), recall_queries=0)
+    assert read_meta(out)["factory"] == "Flat" and not partial_dir(out).exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX, "meta.json"])  # its run's settings not published
+    assert not (out / RUN_CONFIG).exists()
+
+
+def test_an_overwrite_with_other_settings_discards_the_unfinished_run(tmp_path):
+    """--overwrite over an unfinished run of other settings starts afresh: its progress is gone, only the new
+    settings are recorded (a rerun must not resume chunks computed under the old ones)."""
+    import json
+
+    from lightning_memdec.io.artifact_dirs import RUN_CONFIG, start_work_dir
+
+    out = tmp_path / "out"
+    work = start_work_dir(out, {"window": 64}, overwrite=False)
+    (work / "progress").mkdir()
+    (work / "progress" / "000000000").write_text("chunk")
+    assert start_work_dir(out, {"window": 128}, overwrite=True) == work
+    assert [p.name for p in work.iterdir()] == [RUN_CONFIG]
+    assert json.loads((work / RUN_CONFIG).read_text()) == {"window": 128}
+
+
 def test_a_stale_set_aside_output_is_removed(tmp_path, biomed_datastore):
     import shutil
 

@@ -193,9 +193,11 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
         raise ArtifactError(f"{wrong_path(out, 'output', want_dir=True)}; remove it or choose another --out.")
     if is_secondary_rank() and not overwrite and ((work / META).is_file() or out.exists()):
         raise AlreadyPublished(out, rank0_decides=True)  # what rank 0 finds here, this rank must not start without
-    if not is_secondary_rank() and finish_interrupted_publish(work, out) and not overwrite:
-        raise AlreadyPublished(out)
-    if out.exists():
+    if not is_secondary_rank():
+        finished = finish_interrupted_publish(work, out)
+        if finished is not None and finished == _jsonable(run_config) and not overwrite:
+            raise AlreadyPublished(out)  # this very run, stopped while publishing: done
+    if out.exists():  # a run of other settings stopped while publishing is now in place too: refused alike
         if not overwrite:
             raise ArtifactError(f"{out} already exists; pass --overwrite to replace it, or choose another output.")
     if is_secondary_rank():  # under torchrun/srun all ranks start together: rank 0 alone prepares the directory
@@ -216,12 +218,14 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
 
 
 def publish(work: Path, out: str | Path, meta: dict[str, Any]) -> Path:
-    """Write meta.json into ``work`` and rename it to ``out`` (replacing an old ``out`` last)."""
+    """Write meta.json into ``work`` and rename it to ``out`` (replacing an old ``out`` last). The run's settings
+    stay in the work directory until it is in place: a run stopped in between is finished by the next, which must
+    know whether they were its own."""
     out = Path(out)
     write_json_atomic(work / META, meta)  # from here on the work is finished: a rerun publishes it (see below)
-    (work / RUN_CONFIG).unlink(missing_ok=True)
     _fsync_dir(work)
     swap_in(work, out)
+    (out / RUN_CONFIG).unlink(missing_ok=True)
     return out
 
 
@@ -252,20 +256,23 @@ class AlreadyPublished(ArtifactError):
         self.out = out
 
 
-def finish_interrupted_publish(work: Path, out: Path) -> bool:
+def finish_interrupted_publish(work: Path, out: Path) -> dict[str, Any] | None:
     """Complete the publication of a run stopped inside :func:`publish`: a work directory holding meta.json is
-    finished (renamed into place, True); an old output set aside without a finished one to replace it is put back.
-    Without this a rerun called the finished work "an unfinished run with different settings", and the old output
-    stayed as ``<out>.old``, named nowhere."""
+    finished (renamed into place; its run's settings returned, ``{}`` where none were recorded); an old output set
+    aside without a finished one to replace it is put back (None). Without this a rerun called the finished work
+    "an unfinished run with different settings", and the old output stayed as ``<out>.old``, named nowhere."""
     trash = out.with_name(out.name + ".old")
-    finished = (work / META).is_file()
-    if finished:
+    if (work / META).is_file():
+        recorded = work / RUN_CONFIG
+        settings = json.loads(recorded.read_text()) if recorded.is_file() else {}
         swap_in(work, out)
-    elif trash.is_dir() and not out.exists():
+        (out / RUN_CONFIG).unlink(missing_ok=True)
+        return settings
+    if trash.is_dir() and not out.exists():
         os.replace(trash, out)
     elif trash.is_dir():
         shutil.rmtree(trash)
-    return finished
+    return None
 
 
 def _jsonable(obj: Any) -> Any:
