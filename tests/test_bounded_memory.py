@@ -223,6 +223,25 @@ def test_a_fortran_ordered_file_is_refused_not_read_as_rows(tmp_path):
         open_checked(tmp_path, "rows.npy", (10, 4), "int32")
 
 
+def test_a_file_of_another_dtype_is_refused_though_its_shape_matches(tmp_path):
+    """values.npy written int64 where meta.json says int32 would be read as other numbers: refused, naming both."""
+    from lightning_memdec.io.artifact_dirs import ArtifactError
+    from lightning_memdec.io.npy_rows import open_checked
+
+    np.save(tmp_path / "values.npy", np.arange(10, dtype=np.int64))
+    with pytest.raises(ArtifactError, match=r"dtype int64, but meta.json says \(10,\) int32"):
+        open_checked(tmp_path, "values.npy", (10,), "int32")
+
+
+def test_a_stream_stopped_by_an_error_keeps_its_empty_header(tmp_path):
+    """An NpyAppender left by an exception must not look whole: its file still reads as 0 rows."""
+    with pytest.raises(RuntimeError, match="stopped"):
+        with NpyAppender(tmp_path / "cut.npy", np.float32, (4,), 10) as stream:
+            stream.append(np.ones((10, 4)))
+            raise RuntimeError("stopped")
+    assert np.load(tmp_path / "cut.npy").shape == (0, 4)
+
+
 @pytest.mark.parametrize("array", [np.arange(12, dtype=np.float16).reshape(3, 4), np.arange(5, dtype=np.int64),
                                    np.zeros((0, 3), np.float32), np.eye(4)[:, ::2]])  # fmt: skip
 def test_save_npy_writes_np_saves_bytes(tmp_path, array):

@@ -155,17 +155,19 @@ def test_nodes_that_do_not_share_the_output_are_refused_before_any_work(tmp_path
 
 
 class FakeStrategy:
-    """Rank 0 of 2 whose barrier stands in for rank 1: it writes rank 1's marker when ``rank1_shares`` is true."""
+    """Rank 0 of 2 whose barrier stands in for rank 1: it writes rank 1's marker when ``rank1_shares`` is true, and
+    rank 1 votes ``rank1_sees_all`` in the all-reduce (Lightning's meaning of ``all``: every rank, else any)."""
 
-    def __init__(self, directory: Path, rank1_shares: bool):
+    def __init__(self, directory: Path, rank1_shares: bool, rank1_sees_all: bool = True):
         self.world_size, self.global_rank, self.directory, self.rank1_shares = 2, 0, directory, rank1_shares
+        self.rank1_sees_all = rank1_sees_all
 
     def barrier(self, name: str) -> None:
         if name == "shared-filesystem-written" and self.rank1_shares:
             marker(self.directory, 1).touch()
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        return decision
+        return (decision and self.rank1_sees_all) if all else (decision or self.rank1_sees_all)
 
 
 def test_shared_directory_check_needs_every_ranks_marker_not_a_stale_one(tmp_path):
@@ -176,6 +178,9 @@ def test_shared_directory_check_needs_every_ranks_marker_not_a_stale_one(tmp_pat
     marker(directory, 1).touch()  # left by an earlier run: must not count as rank 1
     with pytest.raises(ArtifactError, match=r"rank 0 sees 1 of the 2 ranks.*--out\) must be on a filesystem every"):
         check_shared_directory(FakeStrategy(directory, rank1_shares=False), directory, "--out", wait_s=0)
+    blind = FakeStrategy(directory, rank1_shares=True, rank1_sees_all=False)  # rank 0 sees both, rank 1 does not
+    with pytest.raises(ArtifactError, match=r"rank 0 sees 2 of the 2 ranks.* \(some rank saw fewer\)"):
+        check_shared_directory(blind, directory, "--out", wait_s=0)
     single = SimpleNamespace(world_size=1)
     check_shared_directory(single, tmp_path / "never", "--out")  # one process: nothing to check, nothing written
     assert not (tmp_path / "never").exists()

@@ -59,6 +59,7 @@ def test_a_packaged_config_is_found_without_its_folder_or_extension(tmp_path, mo
     for name in ("gpt2-wikitext103", "experiments/gpt2-wikitext103", "gpt2-wikitext103.yaml"):
         assert resolve_config(name) == experiment
     assert resolve_config("ddp") == CONFIG_ROOT / "hardware" / "ddp.yaml"  # not ddp_cpu.yaml
+    assert resolve_config("cpu") == CONFIG_ROOT / "hardware" / "cpu.yaml"  # nor is ddp_cpu.yaml a "cpu" (a suffix)
     assert config_args(["fit", "--config", "gpt2-wikitext103"])[:2] == ["fit", "--config"]
     monkeypatch.setattr(packaged_configs_module, "CONFIG_ROOT", tmp_path)
     for group in ("a", "b"):

@@ -83,6 +83,7 @@ def test_an_overwrite_after_a_stop_at_the_rename_builds_what_it_is_asked(tmp_pat
     killed_at_rename(biomed_datastore, out, ".partial")
     build_index(biomed_datastore, out, plan=IndexSettings(factory="IVF4,Flat"), recall_queries=0, overwrite=True)
     assert read_meta(out)["factory"] == "IVF4,Flat" and not partial_dir(out).exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX, "meta.json"])  # the run's settings stay behind
 
 
 def test_a_run_of_other_settings_after_a_stop_at_the_rename_is_refused_not_called_done(tmp_path, biomed_datastore):

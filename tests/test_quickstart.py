@@ -346,3 +346,13 @@ def test_a_shipped_corpus_is_the_same_domain_however_it_is_spelled(tmp_path, mon
             quickstart(out=tmp_path / "run", domain=domain, budget=MICRO)
     with pytest.raises(ArtifactError, match=r"other settings \(domain differ\)"):
         quickstart(out=tmp_path / "run", domain="law", budget=MICRO)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_the_ends_of_beta_are_accepted_and_beyond_them_refused(tmp_path, beta):
+    """β = 0 is the CE-only decoder (the paper's control), β = 1 KL only: both valid; outside [0, 1] refused."""
+    from lightning_memdec.apps.quickstart_checks import check_quickstart_inputs
+
+    check_quickstart_inputs(tmp_path / "out", beta, 32, [])
+    with pytest.raises(ValueError, match=r"--beta .* must be in \[0, 1\]"):
+        check_quickstart_inputs(tmp_path / "out", beta + (0.01 if beta else -0.01), 32, [])

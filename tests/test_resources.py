@@ -128,3 +128,25 @@ def test_build_targets_refuses_a_full_disk_before_work(tmp_path, biomed_datastor
 
 def targets_disk_bytes_for(n: int, support: int) -> int:
     return 2 * (n * support * 6 + 8 * (n + 1))
+
+
+def test_available_ram_is_the_kernel_s_memavailable_in_bytes():
+    """The RAM checks compare bytes: MemAvailable is in KiB in /proc/meminfo (read here directly)."""
+    from lightning_memdec.io.capacity import available_ram
+
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    assert abs(available_ram() - kib * 1024) < 0.05 * kib * 1024  # memory moves a little between the two reads
+
+
+def test_allocated_bytes_count_what_a_sparse_file_holds_not_its_size(tmp_path):
+    """A resumed datastore's keys file is sparse: the disk check subtracts the blocks written, not the length."""
+    from lightning_memdec.io.capacity import allocated_bytes
+
+    sparse = tmp_path / "keys.npy"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)  # 1 GiB long, nothing written
+        f.seek(0)
+        f.write(b"x" * 4096)
+    assert 4096 <= allocated_bytes(sparse) < 1 << 20  # the written block, not the 1 GiB length
+    assert allocated_bytes(tmp_path / "absent") == 0
