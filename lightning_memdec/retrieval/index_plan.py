@@ -11,7 +11,7 @@ an index whose training sample is too small for its lists or whose PQ layout a G
 - **IVF<nlist>,Flat** instead where the IVF-PQ index would not take at most half its memory: narrow keys (below
   0.35–0.65 M keys at d = 256, 1.5–3 M at d = 128), where PQ's precomputed table (nlist × m × 256 floats) outweighs
   what the codes save; there IVF-Flat measured as small or twice the size, more accurate, faster to search and a
-  tenth of the build (benchmarks/pq_size.py).
+  eighth of the build (benchmarks/pq_size.py, docs/results/index-pq-size.md).
 
 Those numbers are the default :class:`IndexRule`; a caller with other needs (the quickstart: small stores on a
 laptop CPU, exact distances within the probed lists) passes its own rule's numbers, not its own rule.
@@ -34,7 +34,7 @@ FLOAT32 = 4
 PQ_CENTROIDS = 256  # 8-bit codes, FAISS's default (PQ<m>x<bits> has 2^bits)
 PRECOMPUTED_TABLE_MAX_BYTES = 2**31  # faiss's precomputed_table_max_bytes: larger IVF-PQ tables are not built
 # the auto plan compresses only where IVF-PQ takes at most this fraction of IVF-Flat's memory: short of it, the codes'
-# approximate distances, slower scans and 10× build (benchmarks/pq_size.py) buy too little
+# approximate distances, slower scans and 8× build (docs/results/index-pq-size.md) buy too little
 MAX_COMPRESSED_FRACTION = 0.5
 
 
