@@ -11,6 +11,7 @@ from conftest import save_tiny
 
 from lightning_memdec.apps.router_training import (
     DOMAIN_WEIGHTS,
+    HELD_OUT,
     RouterData,
     check_general_tolerance,
     fit_within_general_budget,
@@ -437,3 +438,245 @@ def test_a_sigterm_while_routers_train_exits_143_not_0(monkeypatch):
     with pytest.raises(Interrupted, match="fit-router interrupted") as stopped:
         train_router([planted_kind(rng, 300, 1.0, True), planted_kind(rng, 300, -1.0, False)], 0, 0.0)
     assert stopped.value.code == 143
+
+
+def linear_router(seed: int = 0, hidden: int = 8, threshold: float = 0.0, scale: float = 3.0) -> Router:
+    """A width-0 router with random weights large enough that λ spreads over (0, 1) on standard-normal features."""
+    torch.manual_seed(seed)
+    router = Router(hidden, 0, threshold)
+    with torch.no_grad():
+        router.net[0].weight.mul_(scale)
+    return router.eval()
+
+
+def direct_linear_lambda(router: Router, features) -> np.ndarray:
+    """A width-0 router's routed λ written out: sigmoid(w · z + b) of the standardised features, 0 under the
+    threshold."""
+    z = (torch.as_tensor(features).double() - router.feature_mean.double()) / router.feature_std.double()
+    lam = torch.sigmoid(z @ router.net[0].weight.detach().double()[0] + router.net[0].bias.detach().double())
+    return torch.where(lam < router.threshold, torch.zeros_like(lam), lam).numpy()
+
+
+def direct_ppl(base, memdec, lam) -> float:
+    """Perplexity of the per-position λ mixture of two gold log-prob arrays, in numpy."""
+    return float(np.exp(-np.mean(np.log((1 - lam) * np.exp(base) + lam * np.exp(memdec)))))
+
+
+def held_rows(kind: RouterData) -> slice:
+    """A kind without document offsets holds out its last HELD_OUT of positions."""
+    return slice(int(round(len(kind.base) * (1 - HELD_OUT))), None)
+
+
+def test_router_listing_its_features_in_another_order_is_refused(tmp_path, pair):
+    """Another version's feature order would feed the weights the wrong columns: λ silently meaningless."""
+    path = saved_router(tmp_path, pair, spread_router())
+    meta = json.loads((path / "meta.json").read_text())
+    meta["features"] = meta["features"][1:] + meta["features"][:1]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="reads features"):
+        load_router(path)
+    with pytest.raises(ArtifactError, match="reads features"):
+        load_router(path, str(pair["base"]), str(pair["memdec"]))
+
+
+def test_router_for_a_base_built_in_memory_warns_unverifiable_and_loads(tmp_path, pair):
+    """A model with no path has no content hash: nothing to compare, so a warning, not a refusal."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    router = spread_router(threshold=0.3)
+    path = saved_router(tmp_path, pair, router)
+    in_memory = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.warns(UserWarning, match="base cannot be verified"):
+        loaded = load_router(path, in_memory, str(pair["memdec"]))
+    features = torch.randn(2, 5, 34)
+    assert torch.equal(loaded.routed(features), router.routed(features))
+
+
+def test_router_of_another_base_is_refused_without_a_tokenizer_fingerprint(tmp_path, pair):
+    """A base saved without its tokenizer gives no fingerprint; the models' hashes must still be compared."""
+    path = saved_router(tmp_path, pair, spread_router())
+    with pytest.raises(ArtifactError, match="fitted for base"):
+        load_router(path, str(pair["other"]), str(pair["memdec"]))
+    with pytest.raises(ArtifactError, match="fitted for memdec"):
+        load_router(path, str(pair["base"]), str(pair["other"]))
+
+
+def test_a_feature_constant_over_the_training_rows_gives_finite_lambda():
+    """A dead hidden unit has std 0: it must standardise to 0 (no say in λ), not to NaN."""
+    torch.manual_seed(0)
+    rows = torch.randn(200, 10)
+    rows[:, 3] = 1.25
+    router = linear_router(threshold=0.1)
+    router.set_standardisation(rows)
+    features = torch.randn(4, 6, 10)
+    features[..., 3] = 1.25
+    keep = [i for i in range(10) if i != 3]  # λ written out without the constant feature
+    z = (features.double()[..., keep] - rows.double()[:, keep].mean(0)) / rows.double()[:, keep].std(0)
+    lam = torch.sigmoid(z @ router.net[0].weight.detach().double()[0, keep] + router.net[0].bias.detach().double())
+    expected = torch.where(lam < 0.1, torch.zeros_like(lam), lam)
+    got = router.routed(features).double()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_each_kind_weighs_its_share_whatever_its_row_count():
+    """The loss weights: a kind of 30 rows and one of 10 weigh 0.7 and 0.3 in all, each row alike within a kind."""
+    from lightning_memdec.apps.router_training import _dataset
+
+    rng = np.random.default_rng(0)
+    parts = [planted_kind(rng, 30, 1.0, True), planted_kind(rng, 10, -1.0, False)]
+    weight = _dataset(parts, [0.7, 0.3]).tensors[3].double().numpy()
+    np.testing.assert_allclose(weight[:30], np.full(30, 0.7 / 30), rtol=1e-6)
+    np.testing.assert_allclose(weight[30:], np.full(10, 0.3 / 10), rtol=1e-6)
+
+
+def test_router_standardises_with_the_training_rows_only():
+    """The held-out rows decide early stopping and the kept router: their features must not leak into its
+    standardisation (here they drift, as later documents do)."""
+    rng = np.random.default_rng(0)
+    kinds = [planted_kind(rng, 100, 1.0, True), planted_kind(rng, 60, -1.0, False)]
+    for kind in kinds:
+        kind.features[held_rows(kind)] += 5.0
+    router, _ = train_router(kinds, 0, 0.0)
+    fit = np.concatenate([kind.features[: held_rows(kind).start] for kind in kinds]).astype(np.float64)
+    np.testing.assert_allclose(router.feature_mean.double().numpy(), fit.mean(0), atol=1e-5)
+    np.testing.assert_allclose(router.feature_std.double().numpy(), fit.std(0, ddof=1), rtol=1e-5)
+
+
+def constant_router(lam: float, hidden: int = 8) -> Router:
+    """λ the same at every position: zero weights, bias logit(λ)."""
+    router = Router(hidden, 0, 0.0)
+    with torch.no_grad():
+        router.net[0].weight.zero_()
+        router.net[0].bias.fill_(float(np.log(lam / (1 - lam))))
+    return router.eval()
+
+
+def test_general_budget_keeps_the_lowest_domain_ppl_within_and_else_the_least_general_rise(monkeypatch):
+    """Three candidates of known λ (more domain weight, more λ: domain perplexity down, general up), so the rule is
+    checked where more than one candidate is within the tolerance, and where none is."""
+    import lightning_memdec.apps.router_training as training
+
+    rng = np.random.default_rng(2)
+    kinds = [planted_kind(rng, 200, 1.0, True), planted_kind(rng, 200, -1.0, False)]
+    lambdas = {0.5: 0.2, 0.7: 0.5, 0.95: 0.8}
+    routers = {w: constant_router(lam) for w, lam in lambdas.items()}
+    trained = lambda kinds, width, threshold, w: (routers[w], {"domain_weight": w, "epochs": 0})  # noqa: E731
+    monkeypatch.setattr(training, "train_router", trained)
+    (d, dh), (g, gh) = ((k, held_rows(k)) for k in kinds)
+    domain = {w: direct_ppl(d.base[dh], d.memdec[dh], lam) for w, lam in lambdas.items()}
+    base_ppl = float(np.exp(-np.mean(g.base[gh])))
+    rise = {w: direct_ppl(g.base[gh], g.memdec[gh], lam) / base_ppl - 1 for w, lam in lambdas.items()}
+    assert domain[0.5] > domain[0.7] > domain[0.95] and 0 < rise[0.5] < rise[0.7] < rise[0.95]
+    for tolerance, kept, within in (
+        (rise[0.95] + 1.0, 0.95, True),  # all within: the lowest domain perplexity
+        ((rise[0.7] + rise[0.95]) / 2, 0.7, True),  # two within: the lower domain perplexity of the two
+        (rise[0.5] / 2, 0.5, False),  # none within: the least general rise, flagged
+    ):
+        router, info = fit_within_general_budget(kinds, 0, 0.0, tolerance, weights=tuple(lambdas))
+        assert router is routers[kept] and info["domain_weight"] == kept and info["within_tolerance"] is within
+        for c in info["candidates"]:
+            assert c["held_out_domain_ppl"] == pytest.approx(domain[c["domain_weight"]], rel=1e-6)
+            assert c["held_out_general_rise"] == pytest.approx(rise[c["domain_weight"]], rel=1e-5)
+
+
+def test_held_out_ppls_mix_at_the_thresholded_lambda():
+    """What decides the kept router is the mixture generation runs: λ 0 (decoder skipped) under the threshold."""
+    rng = np.random.default_rng(3)
+    kind = planted_kind(rng, 400, 1.0, True)
+    router = linear_router(seed=1, threshold=0.4)
+    held = held_rows(kind)
+    lam = direct_linear_lambda(router, kind.features[held])
+    assert 0.1 < (lam == 0).mean() < 0.9  # the threshold skips some held-out positions, not all
+    got = held_out_ppls(router, kind)
+    assert got["base_ppl"] == pytest.approx(float(np.exp(-np.mean(kind.base[held]))), rel=1e-9)
+    assert got["router_ppl"] == pytest.approx(direct_ppl(kind.base[held], kind.memdec[held], lam), rel=1e-5)
+
+
+def test_held_out_summary_equals_direct_figures():
+    """The best fixed λ is swept on both kinds' held-out rows (base first: λ weighs the decoder), its perplexity and
+    the share of skipped positions (λ exactly 0) per kind."""
+    from lightning_memdec.apps.fit_router import held_out_summary
+
+    rng = np.random.default_rng(4)
+    kinds = []
+    for n in (300, 200):  # the decoder better on most positions: the best fixed λ is well above 0.5
+        features = rng.normal(size=(n, 10)).astype(np.float32)
+        kinds.append(RouterData(features, np.log(rng.uniform(0.01, 0.1, n)), np.log(rng.uniform(0.05, 0.5, n))))
+    router = linear_router(seed=2, threshold=0.3)
+    summary = held_out_summary(router, kinds)
+    held = [(k.base[held_rows(k)], k.memdec[held_rows(k)], k.features[held_rows(k)]) for k in kinds]
+    base, memdec = np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held])
+    grid = np.linspace(0, 1, 21)
+    best = grid[np.argmin([direct_ppl(base, memdec, lam) for lam in grid])]
+    assert best > 0.5 and summary["best_fixed_lambda"] == pytest.approx(best)
+    for name, (b, m, f) in zip(("domain", "general"), held):
+        lam = direct_linear_lambda(router, f)
+        assert 0 < (lam == 0).mean() < 0.5
+        assert summary[name]["router_skip_fraction"] == pytest.approx((lam == 0).mean())
+        assert summary[name]["fixed_ppl"] == pytest.approx(direct_ppl(b, m, best), rel=1e-9)
+        assert summary[name]["router_ppl"] == pytest.approx(direct_ppl(b, m, lam), rel=1e-5)
+
+
+def test_fit_router_scores_each_position_in_the_first_window_of_stride_half_the_window(pair):
+    """As memdec evaluate: windows every window / 2 tokens, each position scored by the first window covering it,
+    so every position past the first half window has at least half a window of context."""
+    from lightning_memdec.apps.fit_router import _scored
+    from lightning_memdec.hf.loading import load_causal_lm
+
+    models = tuple(load_causal_lm(str(pair[k])).eval() for k in ("base", "memdec"))
+    tokens = np.random.default_rng(5).integers(0, 50257, 40)
+    window = 16
+    kind = _scored("text", tokens, 50256, models, 50257, window)
+    n = len(tokens) - 1
+    starts = list(range(0, n - window + 1, window // 2))
+    starts += [n - window] if starts[-1] + window < n else []
+    expected = {"base": np.zeros(n), "memdec": np.zeros(n)}
+    first_covering = [next(s for s in starts if s + window > p) for p in range(n)]
+    with torch.no_grad():
+        for start in starts:
+            ids = torch.as_tensor(tokens[start : start + window])[None]
+            gold = torch.as_tensor(tokens[start + 1 : start + window + 1])
+            for name, model in zip(("base", "memdec"), models):
+                log_p = torch.log_softmax(model(ids).logits[0].double(), -1).gather(-1, gold[:, None])[:, 0]
+                for p in (p for p in range(start, start + window) if first_covering[p] == start):
+                    expected[name][p] = float(log_p[p - start])
+    np.testing.assert_allclose(kind.base, expected["base"], atol=2e-5)
+    np.testing.assert_allclose(kind.memdec, expected["memdec"], atol=2e-5)
+
+
+def test_fit_router_refuses_an_existing_out_before_any_model_loads(pair, tmp_path, monkeypatch):
+    """Refused at once, not after both models scored both texts (minutes at full size); the directory untouched."""
+    import lightning_memdec.apps.fit_router as fit_router_module
+
+    monkeypatch.setattr(fit_router_module, "load_causal_lm", lambda ref: pytest.fail("a model was loaded"))
+    out = tmp_path / "router"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match="already exists"):
+        fit_router_module.fit_router(str(pair["base"]), str(pair["memdec"]), "embedded:biomed/valid",
+                                     "embedded:general/valid", out, max_tokens=200, device="cpu")  # fmt: skip
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_evaluate_router_without_memdec_is_refused(tmp_path, pair):
+    """A router weighs the decoder: with no --memdec there is nothing to check it against, nor to mix."""
+    from lightning_memdec.evaluation.router_rows import router_by_base
+
+    path = saved_router(tmp_path, pair, spread_router())
+    with pytest.raises(ValueError, match="--memdec"):
+        router_by_base(str(path), None, [(str(pair["base"]), None, "base")])
+    assert router_by_base(None, None, []) == {}
+
+
+def test_router_columns_equal_direct_computation():
+    """Perplexity at the per-position λ, mean λ and the share of positions skipped (λ exactly 0, not merely small)."""
+    from lightning_memdec.evaluation.router_rows import router_columns
+
+    rng = np.random.default_rng(6)
+    lam = np.array([0.0, 0.0, 0.1, 0.3, 0.45, 0.7, 0.9, 0.0])
+    base, memdec = np.log(rng.uniform(0.01, 0.5, 8)), np.log(rng.uniform(0.01, 0.5, 8))
+    got = router_columns({"router_lambda": lam, "base": base, "memdec": memdec})
+    assert got["router_skip_fraction"] == pytest.approx(np.mean(lam == 0))
+    assert got["router_mean_lambda"] == pytest.approx(lam.mean())
+    assert got["router_ppl"] == pytest.approx(direct_ppl(base, memdec, lam), rel=1e-9)
