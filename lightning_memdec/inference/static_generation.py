@@ -324,7 +324,7 @@ class StaticGenerator:
             ids = torch.cat([ids, token[:, None]], 1)
             if streamer is not None:
                 streamer.put(token[:batch].cpu())
-            if step == max_new_tokens - 1 or stops.all_stopped(ids, log_probs):
+            if stops.all_stopped(ids, log_probs) or step == max_new_tokens - 1:  # the criteria see every token
                 break
             _mark_cudagraph_step()
             position = torch.tensor([prompt + step], device=self.device)
