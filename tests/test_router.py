@@ -34,12 +34,14 @@ def pair(tmp_path_factory, tiny_gpt2):
     return {"base": tiny_gpt2, "memdec": save_tiny(root / "memdec", seed=1), "other": save_tiny(root / "other", seed=2)}
 
 
-def spread_router(seed: int = 0, threshold: float = 0.0, hidden: int = 32, scale: float = 20.0) -> Router:
+def spread_router(
+    seed: int = 0, threshold: float = 0.0, hidden: int = 32, scale: float = 20.0, width: int = 8
+) -> Router:
     """A random router whose λ varies a lot between positions (a freshly initialised one stays near 0.5)."""
     torch.manual_seed(seed)
-    router = Router(hidden, 8, threshold)
+    router = Router(hidden, width, threshold)
     with torch.no_grad():
-        router.net[2].weight.mul_(scale)
+        router.net[-1].weight.mul_(scale)
     return router.eval()
 
 
@@ -440,15 +442,6 @@ def test_a_sigterm_while_routers_train_exits_143_not_0(monkeypatch):
     assert stopped.value.code == 143
 
 
-def linear_router(seed: int = 0, hidden: int = 8, threshold: float = 0.0, scale: float = 3.0) -> Router:
-    """A width-0 router with random weights large enough that λ spreads over (0, 1) on standard-normal features."""
-    torch.manual_seed(seed)
-    router = Router(hidden, 0, threshold)
-    with torch.no_grad():
-        router.net[0].weight.mul_(scale)
-    return router.eval()
-
-
 def direct_linear_lambda(router: Router, features) -> np.ndarray:
     """A width-0 router's routed λ written out: sigmoid(w · z + b) of the standardised features, 0 under the
     threshold."""
@@ -506,7 +499,7 @@ def test_a_feature_constant_over_the_training_rows_gives_finite_lambda():
     torch.manual_seed(0)
     rows = torch.randn(200, 10)
     rows[:, 3] = 1.25
-    router = linear_router(threshold=0.1)
+    router = spread_router(threshold=0.1, hidden=8, scale=3.0, width=0)
     router.set_standardisation(rows)
     features = torch.randn(4, 6, 10)
     features[..., 3] = 1.25
@@ -584,7 +577,7 @@ def test_held_out_ppls_mix_at_the_thresholded_lambda():
     """What decides the kept router is the mixture generation runs: λ 0 (decoder skipped) under the threshold."""
     rng = np.random.default_rng(3)
     kind = planted_kind(rng, 400, 1.0, True)
-    router = linear_router(seed=1, threshold=0.4)
+    router = spread_router(seed=1, threshold=0.4, hidden=8, scale=3.0, width=0)
     held = held_rows(kind)
     lam = direct_linear_lambda(router, kind.features[held])
     assert 0.1 < (lam == 0).mean() < 0.9  # the threshold skips some held-out positions, not all
@@ -603,7 +596,7 @@ def test_held_out_summary_equals_direct_figures():
     for n in (300, 200):  # the decoder better on most positions: the best fixed λ is well above 0.5
         features = rng.normal(size=(n, 10)).astype(np.float32)
         kinds.append(RouterData(features, np.log(rng.uniform(0.01, 0.1, n)), np.log(rng.uniform(0.05, 0.5, n))))
-    router = linear_router(seed=2, threshold=0.3)
+    router = spread_router(seed=2, threshold=0.3, hidden=8, scale=3.0, width=0)
     summary = held_out_summary(router, kinds)
     held = [(k.base[held_rows(k)], k.memdec[held_rows(k)], k.features[held_rows(k)]) for k in kinds]
     base, memdec = np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held])
