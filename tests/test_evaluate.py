@@ -337,6 +337,46 @@ def test_latency_helpers_report_every_variant(tiny_gpt2, knnlm, test_tokens):
     assert set(tps) == {"base", "mixed", "knnlm"} and all(v > 0 for v in tps.values())
 
 
+def test_median_times_reports_each_runner_s_median_of_its_timed_repeats(monkeypatch):
+    """A stubbed clock that each runner advances by a known duration: the report is statistics.median of the timed
+    repeats (4 here: the mean of the middle two), the warm-up call not counted."""
+    import statistics
+    from types import SimpleNamespace
+
+    import lightning_memdec.evaluation.latency as latency
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    durations = {"a": [10.0, 0.5, 0.1, 0.3, 0.9], "b": [10.0, 2.0, 4.0, 1.0, 3.0]}  # the warm-up's first
+
+    def runner(key):
+        left = iter(durations[key])
+        return lambda: setattr(clock, "now", clock.now + next(left))
+
+    got = latency.median_times({key: runner(key) for key in durations}, repeats=4, warmup=1)
+    assert got == pytest.approx({key: statistics.median(d[1:]) for key, d in durations.items()})
+
+
+def test_generation_throughput_counts_every_row_s_new_tokens(monkeypatch, tiny_gpt2):
+    """Tokens per second are all rows' new tokens: with the timing stubbed at 2 s per call, rows x new tokens of
+    what the runner really generated, / 2."""
+    import lightning_memdec.evaluation.latency as latency
+    from lightning_memdec.hf.loading import load_causal_lm
+
+    made = []
+
+    def timed(runners, repeats, warmup, device):
+        made.extend(fn() for fn in runners.values())
+        return {key: 2.0 for key in runners}
+
+    monkeypatch.setattr(latency, "median_times", timed)
+    ids = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(0))
+    tps = generation_throughput({"base": load_causal_lm(tiny_gpt2)}, ids, 4, repeats=1, warmup=0)
+    [out] = made
+    assert out.shape == (3, 10)  # the guard: every row made its 4 tokens
+    assert tps == {"base": pytest.approx(out.shape[0] * (out.shape[1] - ids.shape[1]) / 2.0)}
+
+
 # -- the callback ----------------------------------------------------------------------------------------------------
 
 

@@ -247,6 +247,21 @@ def test_default_generation_length_stops_at_the_shorter_context(cross):
     assert mixed.shape[1] == alone.shape[1] == 128  # the guard: 119 + 20 would pass the context
 
 
+def test_a_prompt_and_new_tokens_beyond_the_context_are_refused_up_front(cross):
+    """One prompt of 120 tokens + 10 new ones pass the 128 positions: refused before any forward pass (the length
+    counted is the prompt's, not the batch's 1), not an IndexError deep in GPT-2's position embedding."""
+    prompt = torch.randint(0, 50000, (1, 120), generator=torch.Generator().manual_seed(0))
+    forwards = []
+    hooks = [m.register_forward_hook(lambda *_: forwards.append(1)) for m in (cross.base, cross.memdec)]
+    try:
+        with pytest.raises(ValueError, match="prompt \\+ max_new_tokens = 130 exceeds the context"):
+            cross.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert forwards == []
+
+
 @pytest.mark.parametrize(("ids", "message"), [(torch.zeros(1, 0, dtype=torch.long), "time ≥ 1"),
                                               (torch.tensor([1, 2]), "batch dimension"),
                                               (torch.tensor([[1, 50300]]), "50300, not a token id")])  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -136,3 +137,67 @@ def test_pairs_are_encoded_as_lm_evals_hf_model_encodes_them(pair):
     assert (empty, greedy) == (0.0, True)
     with pytest.raises(ValueError, match="continuation of 600 tokens is longer than the models' 512 positions"):
         lm.loglikelihood([Request("a", " b" * 600)])
+
+
+def mixed_log_probs(base, dec, ids: list[int]) -> torch.Tensor:
+    """log((1 − λ)·p_base + λ·p_dec) at every position ``[T, V]``, straight from the two models (logaddexp)."""
+    with torch.no_grad():
+        lb, ld = (m(torch.tensor([ids])).logits[0].double().log_softmax(-1) for m in (base, dec))
+    return torch.logaddexp(lb + math.log(1 - LMBDA), ld + math.log(LMBDA))
+
+
+def greedy_reference(base, dec, ids: list[int], new: int) -> list[int]:
+    """``new`` tokens, each the argmax of the mixture after the ones before it (no cache, no padding)."""
+    out = list(ids)
+    for _ in range(new):
+        out.append(int(mixed_log_probs(base, dec, out)[-1].argmax()))
+    return out[len(ids) :]
+
+
+def test_is_greedy_only_when_every_continuation_token_is_the_mixture_s_argmax(pair):
+    """lm_eval's is_greedy: every token of the continuation is the argmax given the ones before it. Two-token
+    continuations greedy at the first token only, at the second only, and at both."""
+    base_dir, dec_dir = pair
+    lm = MemDecLM(str(base_dir), str(dec_dir), LMBDA, batch_size=3)
+    base, dec = load_causal_lm(base_dir).eval(), load_causal_lm(dec_dir).eval()
+    ctx = lm.tokenizer("The capital of France is")["input_ids"]
+
+    def ranked(ids: list[int], rank: int) -> int:  # the rank-th likeliest next token (0: the greedy one)
+        return int(mixed_log_probs(base, dec, ids)[-1].argsort(descending=True)[rank])
+
+    g, x = ranked(ctx, 0), ranked(ctx, 5)
+    continuations = [[g, ranked(ctx + [g], 0)], [g, ranked(ctx + [g], 5)], [x, ranked(ctx + [x], 0)]]
+    got = lm._loglikelihood_tokens([(("", ""), ctx, cont) for cont in continuations])
+    for (ll, greedy), cont in zip(got, continuations):
+        ref = mixed_log_probs(base, dec, ctx + cont)[len(ctx) - 1 : -1]  # the rows predicting the continuation
+        assert greedy == all(int(ref[i].argmax()) == t for i, t in enumerate(cont))
+        assert ll == pytest.approx(float(sum(ref[i, t] for i, t in enumerate(cont))), abs=1e-4)
+    assert [greedy for _, greedy in got] == [True, False, False]  # the guard: each case is what it claims
+
+
+def test_generate_until_is_the_greedy_continuation_of_the_context_s_last_tokens(pair):
+    """A context longer than max_length − max_gen_toks keeps its last tokens, so that context + new tokens fit the
+    models' positions; the text returned is the new tokens' only, decoded."""
+    base_dir, dec_dir = pair
+    lm = MemDecLM(str(base_dir), str(dec_dir), LMBDA, max_length=16, batch_size=2)
+    base, dec = load_causal_lm(base_dir).eval(), load_causal_lm(dec_dir).eval()
+    text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    ids = lm.tokenizer(text)["input_ids"]
+    assert len(ids) > 16 - 4  # the guard: the context must be cut
+    want = lm.tokenizer.decode(greedy_reference(base, dec, ids[-(16 - 4) :], 4))
+    assert lm.generate_until([Request(text, {"until": [], "max_gen_toks": 4})]) == [want]
+
+
+def test_generate_until_cuts_at_the_first_stop_and_top_k_1_sampling_is_greedy(pair):
+    """The text before the first occurrence of a stop string, not after it; a sampled request's top_k is applied
+    (top_k = 1 leaves the greedy token only)."""
+    base_dir, dec_dir = pair
+    lm = MemDecLM(str(base_dir), str(dec_dir), LMBDA, batch_size=2)
+    base, dec = load_causal_lm(base_dir).eval(), load_causal_lm(dec_dir).eval()
+    new = greedy_reference(base, dec, lm.tokenizer("The film")["input_ids"], 5)
+    greedy, stop = lm.tokenizer.decode(new), lm.tokenizer.decode(new[-1:])
+    assert stop in greedy and greedy.split(stop)[0] != greedy.split(stop)[-1]  # the guard: where it cuts matters
+    assert lm.generate_until([Request("The film", {"until": [stop], "max_gen_toks": 5})]) == [greedy.split(stop)[0]]
+    torch.manual_seed(0)
+    sampled = {"until": [], "max_gen_toks": 5, "do_sample": True, "top_k": 1}
+    assert lm.generate_until([Request("The film", sampled)] * 2) == [greedy, greedy]

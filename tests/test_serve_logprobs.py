@@ -108,18 +108,19 @@ def test_the_base_alone_normalises_over_the_tokenizer_s_ids(tmp_path, served):
 
 def test_the_base_alone_never_decodes_a_padded_head_s_rows(tmp_path, served):
     """A padded row made the likeliest next token: served alone (eager or static), the base decodes the likeliest
-    of the tokenizer's ids instead, and its log-probs are those ids' (the padded id had failed the request)."""
+    of the tokenizer's ids instead, and its log-probs are those ids' (the padded id had failed the request). The row
+    is the first padded one, id 50257 = the tokenizer's size: the boundary an off-by-one leaves open."""
     from transformers import GPT2LMHeadModel
 
     from lightning_memdec.apps.serve_worker import load_generator, static_generator
 
     path, prompt = save_tiny(tmp_path / "b", vocab=50304, seed=2), [464, 5827, 373]
     padded = GPT2LMHeadModel.from_pretrained(path)
-    with torch.no_grad():  # the head is tied to the embeddings: row 50300 aligned with the prompt's last state
+    with torch.no_grad():  # the head is tied to the embeddings: row 50257 aligned with the prompt's last state
         h = padded.transformer(torch.tensor([prompt])).last_hidden_state[0, -1]
-        padded.transformer.wte.weight[50300] = 30 * h / h.norm() ** 2
+        padded.transformer.wte.weight[50257] = 30 * h / h.norm() ** 2
         logits = padded(torch.tensor([prompt])).logits[0, -1]
-    assert logits.argmax() == 50300  # the guard: the padded row wins over the whole head
+    assert logits.argmax() == 50257  # the guard: the first padded row wins over the whole head
     padded.save_pretrained(path)
     base = load_generator(str(path), None, 0.3, torch.device("cpu"))
     job = check_request({"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1}, served, False)

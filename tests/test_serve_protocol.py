@@ -102,6 +102,24 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(served):
     assert check_request({"prompt": paired}, served, chat=False).prompt_ids == served.tokenizer("\U0001f600").input_ids
 
 
+def test_tokenize_adds_special_tokens_unless_the_body_says_not_to():
+    """vLLM's /tokenize adds the tokenizer's special tokens by default: a Llama-style tokenizer's BOS (here gpt2's
+    with a BOS post-processor) is counted, as in the prompt the model will see."""
+    from tokenizers.processors import TemplateProcessing
+
+    from lightning_memdec.apps.tokenizer_endpoints import tokenize
+
+    tokenizer = load_tokenizer("gpt2")
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                             special_tokens=[("<|endoftext|>", 50256)])  # fmt: skip
+    served = ServedModel("m", tokenizer, context=64)
+    with_bos, plain = tokenizer("Hello world").input_ids, tokenizer("Hello world", add_special_tokens=False).input_ids
+    assert with_bos == [50256, *plain]  # the guard: the tokenizer really adds a BOS token
+    got = tokenize({"prompt": "Hello world"}, served)
+    assert got["tokens"] == with_bos and got["count"] == len(with_bos)
+    assert tokenize({"prompt": "Hello world", "add_special_tokens": False}, served)["tokens"] == plain
+
+
 def test_chat_messages_as_openai_sends_them():
     """Content as a list of text parts, an assistant's null content; another role or an image part refused; chat ids
     are chatcmpl-; max_completion_tokens wins over the deprecated max_tokens; n: true is not n = 1."""

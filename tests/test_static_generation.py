@@ -383,3 +383,85 @@ def test_spare_rows_draw_no_random_numbers(trained_mixture):
     torch.manual_seed(5)
     got = StaticGenerator.from_interpolated(trained_mixture, max_length=64, batch_rows=4).generate(ids, 8, **settings)
     assert torch.equal(got, want)
+
+
+def test_two_eos_ids_and_no_pad_id_pad_ended_rows_with_the_first_as_generate(mixture):
+    """generate() pads a finished row with the first EOS id when no pad id is set, whichever EOS id ended it: here
+    row 0 ends on the second id."""
+    base, prompt = mixture.base, torch.tensor(PROMPTS)
+    assert base.generation_config.pad_token_id is None
+    e = int(StaticGenerator(base, max_length=64).generate(prompt, 1, eos_token_id=None)[0, -1])  # row 0's first token
+    eos = [99 if e != 99 else 98, e]
+    want = base.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=eos)
+    got = StaticGenerator(base, max_length=64).generate(prompt, 6, eos_token_id=eos)
+    assert torch.equal(got, want)
+    assert want[0, prompt.shape[1]] == e and bool((want[0, prompt.shape[1] + 1 :] == eos[0]).all())  # the guard
+    assert want.shape[1] > prompt.shape[1] + 1  # row 1 ran on, so row 0 really was padded
+
+
+def test_batch_rows_spare_rows_never_keep_decoding_past_a_stopping_criterion(mixture):
+    """The spare rows of batch_rows are no prompt's: once every prompt's row met the criterion, decoding stops, as
+    generate() stops."""
+    from transformers import MaxLengthCriteria
+
+    prompt = torch.tensor(PROMPTS)
+    stop = prompt.shape[1] + 3
+    want = mixture.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                            stopping_criteria=[MaxLengthCriteria(stop)])  # fmt: skip
+    gen = StaticGenerator.from_interpolated(mixture, max_length=64, batch_rows=4)
+    got = gen.generate(prompt, 8, eos_token_id=None, stopping_criteria=[MaxLengthCriteria(stop)])
+    assert torch.equal(got, want) and got.shape[1] == stop
+
+
+def test_max_length_may_be_the_models_whole_context(tiny_gpt2):
+    """A prompt + new tokens may fill every position the model attends to (512): such a generator was refused."""
+    from lightning_memdec.hf.loading import context_length
+
+    base = load_causal_lm(tiny_gpt2)
+    context = context_length(base)
+    gen = StaticGenerator(base, max_length=context)
+    prompt = torch.randint(0, 50257, (1, context - 4), generator=torch.Generator().manual_seed(0))
+    got = gen.generate(prompt, 4, eos_token_id=None)
+    assert got.shape[1] == context
+    assert torch.equal(got, hf_tokens(base, prompt, 4, do_sample=False))
+
+
+def test_beam_search_with_stopping_criteria_is_refused_not_ignored(mixture):
+    """Beam search here applies no stopping criteria: a criterion must be refused, not silently dropped (generate()
+    would stop at it)."""
+    from transformers import MaxLengthCriteria
+
+    gen = StaticGenerator.from_interpolated(mixture, max_length=32)
+    prompt = torch.tensor(PROMPTS[:1])
+    with pytest.raises(ValueError, match="nor takes stopping_criteria"):
+        gen.generate(prompt, 8, num_beams=2, stopping_criteria=[MaxLengthCriteria(prompt.shape[1] + 3)])
+
+
+def test_stopping_criteria_see_every_token_the_last_included_as_in_generate(mixture):
+    """generate() calls the criteria after every token, the last one too: a row whose end test is met by its last
+    budgeted token is recorded as ended there (the server reports it as a stop), and a recording criterion sees
+    max_new_tokens tokens."""
+    from transformers import StoppingCriteria
+
+    from lightning_memdec.inference.streamed_generation import RowEnds
+
+    class Seen(StoppingCriteria):
+        def __init__(self):
+            self.tokens = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.tokens.append(input_ids[:, -1].tolist())
+            return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+
+    prompt, new = torch.tensor(PROMPTS), 4
+    runs = []
+    for model in (mixture, StaticGenerator.from_interpolated(mixture, max_length=64)):
+        seen, fed = Seen(), []
+        ends = RowEnds(prompt.shape[1], [new, new], [None, lambda t, fed=fed: (fed.append(t), len(fed) == new)[1]])
+        out = model.generate(prompt, max_new_tokens=new, stopping_criteria=StoppingCriteriaList([seen, ends]),
+                             eos_token_id=None, pad_token_id=0, do_sample=False)  # fmt: skip
+        runs.append((out, seen.tokens, ends.ended_at))
+    (want, want_seen, want_ended), (got, got_seen, got_ended) = runs
+    assert torch.equal(got, want)
+    assert got_seen == want_seen == want[:, prompt.shape[1] :].T.tolist() and len(got_seen) == new
+    assert got_ended == want_ended == [None, new]
