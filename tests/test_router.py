@@ -652,6 +652,30 @@ def test_fit_router_refuses_an_existing_out_before_any_model_loads(pair, tmp_pat
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def test_fit_router_s_default_window_fits_the_shorter_of_the_two_contexts(pair, tmp_path, monkeypatch):
+    """A decoder of a shorter context than the base's: the default window is the shorter one (both models score
+    the same windows), not the base's alone, which the decoder would refuse."""
+    from transformers import GPT2Config
+
+    import lightning_memdec.apps.fit_router as fit_router_module
+    from lightning_memdec.hf.loading import context_length, model_config
+
+    short = tmp_path / "short-decoder"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64).save_pretrained(short)
+    windows = []
+
+    def stop_at_the_check(window, config, ref):
+        windows.append(window)
+        raise InterruptedError("checked")
+
+    monkeypatch.setattr(fit_router_module, "check_fits_context", stop_at_the_check)
+    with pytest.raises(InterruptedError, match="checked"):
+        fit_router_module.fit_router(str(pair["base"]), str(short), "embedded:biomed/valid",
+                                     "embedded:general/valid", tmp_path / "router", device="cpu")  # fmt: skip
+    contexts = [context_length(model_config(ref)) for ref in (str(pair["base"]), str(short))]
+    assert windows == [min(1024, *contexts)] and contexts[1] < contexts[0]
+
+
 def test_evaluate_router_without_memdec_is_refused(tmp_path, pair):
     """A router weighs the decoder: with no --memdec there is nothing to check it against, nor to mix."""
     from lightning_memdec.evaluation.router_rows import router_by_base
@@ -660,6 +684,20 @@ def test_evaluate_router_without_memdec_is_refused(tmp_path, pair):
     with pytest.raises(ValueError, match="--memdec"):
         router_by_base(str(path), None, [(str(pair["base"]), None, "base")])
     assert router_by_base(None, None, []) == {}
+
+
+def test_evaluate_refuses_a_router_fitted_with_another_tokenizer(tmp_path, pair):
+    """evaluate's router rows check the base's tokenizer, as InterpolatedLM does: a router fitted under another
+    tokenizer reads other token ids."""
+    from lightning_memdec.evaluation.router_rows import router_by_base
+
+    neox = saved_router(tmp_path, pair, spread_router(), tokenizer="gpt-neox-20b", name="neox")
+    with pytest.raises(ArtifactError, match="fitted with tokenizer"):
+        router_by_base(str(neox), str(pair["memdec"]), [(str(pair["base"]), None, "base")])
+    gpt2 = saved_router(tmp_path, pair, spread_router(), name="gpt2")
+    assert list(router_by_base(str(gpt2), str(pair["memdec"]), [(str(pair["base"]), None, "base")])) == [
+        str(pair["base"])
+    ]
 
 
 def test_router_columns_equal_direct_computation():
