@@ -514,11 +514,11 @@ def test_a_feature_constant_over_the_training_rows_gives_finite_lambda():
 
 def test_each_kind_weighs_its_share_whatever_its_row_count():
     """The loss weights: a kind of 30 rows and one of 10 weigh 0.7 and 0.3 in all, each row alike within a kind."""
-    from lightning_memdec.apps.router_training import _dataset
+    from lightning_memdec.apps.router_training import weighted_rows
 
     rng = np.random.default_rng(0)
     parts = [planted_kind(rng, 30, 1.0, True), planted_kind(rng, 10, -1.0, False)]
-    weight = _dataset(parts, [0.7, 0.3]).tensors[3].double().numpy()
+    weight = weighted_rows(parts, [0.7, 0.3]).tensors[3].double().numpy()
     np.testing.assert_allclose(weight[:30], np.full(30, 0.7 / 30), rtol=1e-6)
     np.testing.assert_allclose(weight[30:], np.full(10, 0.3 / 10), rtol=1e-6)
 
@@ -614,13 +614,13 @@ def test_held_out_summary_equals_direct_figures():
 def test_fit_router_scores_each_position_in_the_first_window_of_stride_half_the_window(pair):
     """As memdec evaluate: windows every window / 2 tokens, each position scored by the first window covering it,
     so every position past the first half window has at least half a window of context."""
-    from lightning_memdec.apps.fit_router import _scored
+    from lightning_memdec.apps.fit_router import text_positions
     from lightning_memdec.hf.loading import load_causal_lm
 
     models = tuple(load_causal_lm(str(pair[k])).eval() for k in ("base", "memdec"))
     tokens = np.random.default_rng(5).integers(0, 50257, 40)
     window = 16
-    kind = _scored("text", tokens, 50256, models, 50257, window)
+    kind = text_positions("text", tokens, 50256, models, 50257, window)
     n = len(tokens) - 1
     starts = list(range(0, n - window + 1, window // 2))
     starts += [n - window] if starts[-1] + window < n else []

@@ -39,7 +39,7 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
 from lightning_memdec.kernels.scoring import sweep_lambda
 
-__all__ = ["fit_router", "held_out_summary"]
+__all__ = ["fit_router", "held_out_summary", "text_positions"]
 
 # No hidden layer (λ logistic in the standardised features): it beat one hidden layer of 64 on held-out valid text in
 # all four cases of docs/results/router_fit_data.txt (the rule fixed before that run), and fits in seconds on CPU.
@@ -94,7 +94,7 @@ def fit_router(
     dev = torch_device(device)
     base_model, memdec_model = (load_causal_lm(ref).to(dev).eval() for ref in (base, memdec))
     vocab = mixture_vocab(base_model, memdec_model, tok, find_tokenizer(memdec, memdec_model))
-    kinds = [_scored(spec, tokens, tok.eos_token_id, (base_model, memdec_model), vocab, window)
+    kinds = [text_positions(spec, tokens, tok.eos_token_id, (base_model, memdec_model), vocab, window)
              for spec, tokens in zip((domain, general), texts)]  # fmt: skip
     if general_tolerance is None:
         router, training = train_router(kinds, WIDTH, threshold)
@@ -111,7 +111,7 @@ def fit_router(
     return publish(work, out, meta)
 
 
-def _scored(spec: str, tokens: np.ndarray, eos_id: int, models: tuple, vocab: int, window: int) -> RouterData:
+def text_positions(spec: str, tokens: np.ndarray, eos_id: int, models: tuple, vocab: int, window: int) -> RouterData:
     """One text's router features and both models' gold log-probs, per position, with its documents."""
     base, memdec = models
     window = min(window, len(tokens) - 1)

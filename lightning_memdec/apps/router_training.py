@@ -38,6 +38,7 @@ __all__ = [
     "held_out_ppls",
     "mixed_nll",
     "train_router",
+    "weighted_rows",
 ]
 
 HELD_OUT = 0.1
@@ -132,7 +133,7 @@ class RouterModule(L.LightningModule):
         return torch.optim.AdamW(self.router.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def _dataset(parts: list[RouterData], shares: list[float]) -> TensorDataset:
+def weighted_rows(parts: list[RouterData], shares: list[float]) -> TensorDataset:
     """Rows of every kind, each kind's rows weighted its share / its positions (a kind weighs its share whatever its
     size)."""
     weights = [np.full(len(p.base), share / max(1, len(p.base)), dtype=np.float32) for p, share in zip(parts, shares)]
@@ -163,8 +164,8 @@ def train_router(
         max_epochs=MAX_EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[stop], deterministic=True,
     )  # fmt: skip
-    train = DataLoader(_dataset(list(fit), shares), batch_size=BATCH, shuffle=True)
-    valid = DataLoader(_dataset(list(held), shares), batch_size=BATCH)
+    train = DataLoader(weighted_rows(list(fit), shares), batch_size=BATCH, shuffle=True)
+    valid = DataLoader(weighted_rows(list(held), shares), batch_size=BATCH)
     try:
         trainer.fit(module, train, valid)
     except SIGTERMException:  # Lightning's stop is a SystemExit with no code: exit 0, as if the router were written
