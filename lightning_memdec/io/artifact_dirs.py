@@ -225,17 +225,18 @@ def publish(work: Path, out: str | Path, meta: dict[str, Any]) -> Path:
     write_json_atomic(work / META, meta)  # from here on the work is finished: a rerun publishes it (see below)
     _fsync_dir(work)
     swap_in(work, out)
-    (out / RUN_CONFIG).unlink(missing_ok=True)
     return out
 
 
 def swap_in(work: Path, out: Path) -> None:
-    """Rename ``work`` to ``out``; an old ``out`` is set aside as ``<out>.old`` first and deleted last."""
+    """Rename ``work`` to ``out`` and drop the run's settings it kept until then (:func:`publish`); an old ``out``
+    is set aside as ``<out>.old`` first and deleted last."""
     trash = out.with_name(out.name + ".old")
     if out.exists():
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(out, trash)
     os.replace(work, out)
+    (out / RUN_CONFIG).unlink(missing_ok=True)
     shutil.rmtree(trash, ignore_errors=True)
     _fsync_dir(out.parent)
 
@@ -266,7 +267,6 @@ def finish_interrupted_publish(work: Path, out: Path) -> dict[str, Any] | None:
         recorded = work / RUN_CONFIG
         settings = json.loads(recorded.read_text()) if recorded.is_file() else {}
         swap_in(work, out)
-        (out / RUN_CONFIG).unlink(missing_ok=True)
         return settings
     if trash.is_dir() and not out.exists():
         os.replace(trash, out)
