@@ -10,7 +10,7 @@ an index whose training sample is too small for its lists or whose PQ layout a G
   does not fit, nlist is halved until it does.
 - **IVF<nlist>,Flat** instead where the IVF-PQ index would not take at most half its memory: narrow keys (below
   0.35–0.65 M keys at d = 256, 1.5–3 M at d = 128), where PQ's precomputed table (nlist × m × 256 floats) outweighs
-  what the codes save; there IVF-Flat measured as small or twice the size, more accurate, faster to search and a
+  what the codes save; there IVF-Flat measured as small or twice the size, more accurate, faster to search and an
   eighth of the build (benchmarks/pq_size.py, docs/results/index-pq-size.md).
 
 Those numbers are the default :class:`IndexRule`; a caller with other needs (the quickstart: small stores on a
@@ -124,18 +124,20 @@ def plan_index(
         while nlist > 1 and MIN_TRAIN_PER_LIST * nlist * dim * FLOAT32 > budget:
             nlist //= 2
             notes.append(f"nlist halved to {nlist} so that {MIN_TRAIN_PER_LIST} training keys per list fit")
-        factory = f"IVF{nlist},Flat"
         if rule.compress:
-            factory = compressed_lists(nlist, num_entries, dim, budget, gpu, nprobe, rule.train_per_list, notes)
-    plan = costed_plan(factory, num_entries, dim, budget, nprobe, rule.train_per_list)
+            plan = compressed_lists(nlist, num_entries, dim, budget, gpu, nprobe, rule.train_per_list, notes)
+        else:
+            plan = costed_plan(f"IVF{nlist},Flat", num_entries, dim, budget, nprobe, rule.train_per_list)
+    else:
+        plan = costed_plan(factory, num_entries, dim, budget, nprobe, rule.train_per_list)
     return dataclasses.replace(plan, notes=notes + plan.notes)
 
 
 def compressed_lists(
     nlist: int, num_entries: int, dim: int, budget: int, gpu: bool, nprobe: int, train_per_list: int, notes: list[str]
-) -> str:
-    """``IVF<nlist>,PQ<m>`` (m: :func:`pq_size`) where it takes at most :data:`MAX_COMPRESSED_FRACTION` of
-    ``IVF<nlist>,Flat``'s memory, else the latter (narrow keys: PQ's precomputed table outweighs what the codes
+) -> IndexPlan:
+    """The plan of ``IVF<nlist>,PQ<m>`` (m: :func:`pq_size`) where it takes at most :data:`MAX_COMPRESSED_FRACTION`
+    of ``IVF<nlist>,Flat``'s memory, else the latter's (narrow keys: PQ's precomputed table outweighs what the codes
     save); why goes to ``notes``, with what a GPU will need."""
     m = pq_size(dim, gpu)
     flat = costed_plan(f"IVF{nlist},Flat", num_entries, dim, budget, nprobe, train_per_list)
@@ -145,13 +147,13 @@ def compressed_lists(
             f"IVF-Flat: {pq.factory} would take {pq.index_bytes / 2**30:.2f} GiB with its precomputed table, more "
             f"than {MAX_COMPRESSED_FRACTION:g} of IVF-Flat's {flat.index_bytes / 2**30:.2f} GiB"
         )
-        return flat.factory
+        return flat
     precomputed, half = gpu_pq_options(dim, m)
     if gpu and half:
         notes.append("PQ with more than 48 code bytes needs float16 lookup tables on the GPU (useFloat16)")
     if gpu and precomputed:
         notes.append(f"{dim // m} dims per PQ sub-quantizer need precomputed tables on the GPU (usePrecomputed)")
-    return pq.factory
+    return pq
 
 
 def costed_plan(factory: str, num_entries: int, dim: int, budget: int, nprobe: int, train_per_list: int) -> IndexPlan:
