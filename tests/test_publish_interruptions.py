@@ -100,6 +100,37 @@ def test_a_run_of_other_settings_after_a_stop_at_the_rename_is_refused_not_calle
     assert not (out / RUN_CONFIG).exists()
 
 
+@pytest.mark.parametrize("rerun", [{"plan": IndexSettings(factory="Flat", nprobe=8)}, {"recall_queries": 16}])
+def test_a_rerun_after_a_stop_at_the_rename_that_differs_in_what_meta_records_is_refused(
+    tmp_path, biomed_datastore, rerun
+):
+    """nprobe and the recall measurement are in the published meta.json (nprobe is applied on load): a rerun that
+    differs only there is not the stopped run, and was called done with the stopped run's nprobe."""
+    from lightning_memdec.io.artifact_dirs import read_meta
+
+    out = tmp_path / "index"
+    killed_at_rename(biomed_datastore, out, ".partial")  # nprobe 32, no recall measured
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        build_index(biomed_datastore, out, **({"plan": FLAT, "recall_queries": 0} | rerun))
+    assert read_meta(out)["nprobe"] == 32 and read_meta(out)["recall"] is None
+
+
+def test_an_unfinished_run_of_other_settings_is_refused_naming_what_differs(tmp_path):
+    """The refusal names each setting that differs, the recorded value and this run's, so a user can resume with
+    the recorded ones rather than discard the progress."""
+    from lightning_memdec.io.artifact_dirs import RUN_CONFIG, start_work_dir
+
+    out = tmp_path / "out"
+    work = start_work_dir(out, {"window": 64, "seed": 0, "nprobe": 32, "store": {"n": 5}}, overwrite=False)
+    with pytest.raises(ArtifactError) as refused:
+        start_work_dir(out, {"window": 64, "seed": 0, "nprobe": 8, "store": {"n": 6}, "new": True}, overwrite=False)
+    differences = 'new: not set there, true here; nprobe: 32 there, 8 here; store: {"n": 5} there, {"n": 6} here'
+    assert f"different settings ({differences}); rerun with its settings" in str(refused.value)
+    (work / RUN_CONFIG).unlink()
+    with pytest.raises(ArtifactError, match=r"different settings \(its settings are not recorded\)"):
+        start_work_dir(out, {"window": 64}, overwrite=False)
+
+
 def test_an_overwrite_with_other_settings_discards_the_unfinished_run(tmp_path):
     """--overwrite over an unfinished run of other settings starts afresh: its progress is gone, only the new
     settings are recorded (a rerun must not resume chunks computed under the old ones)."""

@@ -204,17 +204,35 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
         return work
     if work.exists():
         previous = work / RUN_CONFIG
-        same = previous.is_file() and json.loads(previous.read_text()) == _jsonable(run_config)
-        if not same:
+        recorded = json.loads(previous.read_text()) if previous.is_file() else None
+        if recorded != _jsonable(run_config):
             if not overwrite:
+                differences = settings_differences(recorded, run_config)
                 raise ArtifactError(
-                    f"{work} holds an unfinished run with different settings; pass --overwrite to discard it."
+                    f"{work} holds an unfinished run with different settings ({differences}); rerun with its settings "
+                    "to resume it, or pass --overwrite to discard it."
                 )
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not (work / RUN_CONFIG).exists():
         write_json_atomic(work / RUN_CONFIG, run_config)
     return work
+
+
+def settings_differences(recorded: dict[str, Any] | None, run_config: dict[str, Any]) -> str:
+    """What an unfinished run's recorded settings and this run's differ in, named so a user can rerun with the
+    recorded ones (and keep the progress) rather than discard it: ``nprobe: 32 there, 8 here; seed: …``."""
+    if not isinstance(recorded, dict):
+        return "its settings are not recorded"
+    here = _jsonable(run_config)
+
+    def shown(settings: dict[str, Any], name: str) -> str:
+        return json.dumps(settings[name]) if name in settings else "not set"
+
+    names = sorted(set(recorded) | set(here))
+    return "; ".join(
+        f"{n}: {shown(recorded, n)} there, {shown(here, n)} here" for n in names if shown(recorded, n) != shown(here, n)
+    )
 
 
 def publish(work: Path, out: str | Path, meta: dict[str, Any]) -> Path:
