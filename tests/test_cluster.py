@@ -257,6 +257,33 @@ def test_sharded_index_build_equals_the_one_process_build(tmp_path, biomed_datas
     assert sorted(p.name for p in sharded.iterdir()) == [INDEX, "meta.json"]
 
 
+def test_a_sharded_build_stopped_before_publishing_resumes_only_with_its_nprobe(
+    tmp_path, biomed_datastore, monkeypatch
+):
+    """nprobe is recorded in meta.json and applied on load: a resume with another one is refused, naming it (the
+    shards are kept for a rerun with the recorded one), instead of publishing an index with the stopped run's."""
+    import lightning_memdec.stages.index_shards as index_shards
+    from lightning_memdec.io.artifact_dirs import read_meta
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    out, settings = tmp_path / "sharded", dict(recall_queries=0, chunk_keys=1000)
+    with monkeypatch.context() as patch:
+        patch.setattr(index_shards, "publish", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            index_shards.build_index_sharded(
+                biomed_datastore, out, plan=IndexSettings(factory="IVF16,Flat"), **settings
+            )
+    with pytest.raises(ArtifactError, match="different settings \\(nprobe: 32 there, 4 here\\)"):
+        index_shards.build_index_sharded(
+            biomed_datastore, out, plan=IndexSettings(factory="IVF16,Flat", nprobe=4), **settings
+        )
+    assert partial_dir(out).is_dir()
+    index_shards.build_index_sharded(biomed_datastore, out, plan=IndexSettings(factory="IVF16,Flat"), **settings)
+    assert read_meta(out)["nprobe"] == 32
+
+
 def test_the_sharded_build_prints_its_plan_and_recall_and_plans_only_when_asked(tmp_path, biomed_datastore, capsys):
     """docs/scaling.md has users look at the plan before a large build: the sharded command printed none and had no
     --plan_only, and its recall was only in meta.json."""

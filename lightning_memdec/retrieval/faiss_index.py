@@ -127,8 +127,15 @@ def build_index(
     check_build_fits(plan, min(n, train_size) if plan.train_size else 0, use_gpu)
     check_recall_k(recall_queries, recall_k)
     index = empty_index(library, d, plan.factory, nprobe)
-    run = {"datastore": store.identity(), "library": library, "factory": plan.factory, "train_size": train_size,
-           "seed": seed}  # fmt: skip
+    run = {
+        "datastore": store.identity(),
+        "library": library,
+        "factory": plan.factory,
+        "train_size": train_size,
+        "seed": seed,
+        "nprobe": nprobe,
+        "recall": [recall_queries, recall_k],
+    }  # all that its meta.json records
     work = start_work_dir(out, run, overwrite)
     if use_gpu:
         index = to_gpu(index)

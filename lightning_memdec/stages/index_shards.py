@@ -165,7 +165,14 @@ def build_index_sharded(
         raise ValueError(f"invalid FAISS factory string {plan.factory!r} for dimension {store.dim}: {err}") from err
     if chunk_keys <= 0:
         raise ValueError(f"--chunk_keys must be positive, got {chunk_keys}.")
-    run = {"datastore": store.identity(), "factory": plan.factory, "train_size": train_size, "seed": seed}
+    run = {
+        "datastore": store.identity(),
+        "factory": plan.factory,
+        "train_size": train_size,
+        "seed": seed,
+        "nprobe": nprobe,
+        "recall": [recall_queries, recall_k],
+    }  # all that its meta.json records
     work = start_work_dir(out, run | {"chunk_keys": chunk_keys}, overwrite)
     adder = ShardAdder(str(datastore), str(work), plan.factory, train_size, seed, chunk_keys)
     hw = hardware
