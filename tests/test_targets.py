@@ -12,6 +12,7 @@ from test_datastore import HostOutputsOnly, Interrupt, SimulatedKill
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.io.token_corpus import tokenize
+from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.chunked_predict import done_chunks
 from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
@@ -170,6 +171,24 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, bio
     build_targets(biomed_datastore, biomed_index, out, **kwargs)
     for name in ("offsets.npy", "ids.npy", "probs.npy"):
         assert (out / name).read_bytes() == (biomed_targets / name).read_bytes()
+
+
+def test_a_resume_against_a_rebuilt_index_is_refused_naming_it(tmp_path, biomed_datastore):
+    """The chunks of a stopped run came from the index then at that path: rebuilt in between (here: another nprobe,
+    applied on load), the rerun would mix two indexes' neighbours in one output. It is refused, saying so."""
+    from lightning_memdec.retrieval.faiss_index import build_index
+
+    index, out = tmp_path / "ivf", tmp_path / "t"
+    build_index(biomed_datastore, index, plan=IndexSettings(factory="IVF16,Flat", nprobe=2), recall_queries=0)
+    kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(backend="faiss", chunk_size=512))
+    with pytest.raises(SimulatedKill):
+        build_targets(biomed_datastore, index, out, callbacks=[Interrupt(after=1)], **kwargs)
+    build_index(biomed_datastore, index, plan=IndexSettings(factory="IVF16,Flat", nprobe=4), recall_queries=0,
+                overwrite=True)  # fmt: skip
+    with pytest.raises(ArtifactError, match="different settings \\(index: .*; nprobe: 2 there, 4 here\\)"):
+        build_targets(biomed_datastore, index, out, **kwargs)
+    assert done_chunks(partial_dir(out))  # kept for a rerun against the index they came from
+    assert build_targets(biomed_datastore, index, out, overwrite=True, **kwargs) == out
 
 
 def test_predictions_hold_host_values_only(tmp_path, biomed_datastore, biomed_index):

@@ -22,6 +22,7 @@ from lightning_memdec.io.artifact_dirs import (
     ArtifactError,
     base_meta,
     is_secondary_rank,
+    meta_sha256,
     partial_dir,
     publish,
     read_meta,
@@ -111,14 +112,14 @@ def build_targets(
         "queries": query_store.identity(),
         "datastore": store.identity(),
         "search": backend,
-        "index": factory,
+        "index": None if backend != "faiss" else {"factory": factory, "library": library, "meta": meta_sha256(index)},
         "k": k,
         "temperature": knn.temperature,
         "exact_distances": knn.exact_distances,
         "max_support": knn.max_support,
         "min_prob": knn.min_prob,
         "chunk_size": search.chunk_size,
-        "nprobe": knn.nprobe,
+        "nprobe": None if backend == "exact" else knn.nprobe or index_nprobe,  # a rebuilt index: another resume
     }
     check_store(store, backend)
     work = resumed_work_dir(out, run_config, overwrite, len(query_store), search.chunk_size)
@@ -138,7 +139,7 @@ def build_targets(
     shutil.rmtree(work / CHUNKS)
     settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob")}
     settings["exact_distances"] = knn.exact_distances or backend == "exact"
-    settings["nprobe"] = None if backend == "exact" else knn.nprobe or index_nprobe
+    settings["nprobe"] = run_config["nprobe"]
     settings["index_library"] = library  # faiss or cuvs: which library searched the index (None: no index)
     return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
 
