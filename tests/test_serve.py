@@ -134,6 +134,25 @@ def test_greedy_completion_equals_interpolated_lm_generate(server, models):
     assert body["choices"][0]["finish_reason"] == ("stop" if ref[-1] == tokenizer.eos_token_id else "length")
 
 
+def test_logit_bias_and_penalties_change_the_tokens_as_openai_defines_them(server, models):
+    """Over HTTP, beside a request without them in the same batch: each equals greedy decoding by hand."""
+    from test_logit_adjustments import adjusted_greedy
+
+    tokenizer = models["reference"].tokenizer
+    ids = tokenizer(PROMPTS[1]).input_ids
+    plain = adjusted_greedy(models["reference"], ids, 6, None)
+    body = {"logit_bias": {str(plain[0]): -100, "262": 4}, "frequency_penalty": 1.5, "presence_penalty": 0.5}
+    adjust = {"logit_bias": [[plain[0], -100], [262, 4]], "frequency_penalty": 1.5, "presence_penalty": 0.5}
+    expected = adjusted_greedy(models["reference"], ids, 6, adjust)
+    assert expected != plain  # the guard
+    with ThreadPoolExecutor(2) as pool:
+        adjusted = pool.submit(complete, server, prompt=ids, max_tokens=6, temperature=0, logprobs=0, **body)
+        alone = pool.submit(complete, server, prompt=ids, max_tokens=6, temperature=0, logprobs=0)
+    for r, tokens in ((adjusted.result(), expected), (alone.result(), plain)):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["logprobs"]["tokens"] == [tokenizer.decode([t]) for t in tokens]
+
+
 def test_concurrent_requests_each_equal_their_greedy_reference(server, models):
     tokenizer = models["reference"].tokenizer
     budgets = [3 + i for i in range(len(PROMPTS))]  # different lengths and budgets in one batch
@@ -261,7 +280,7 @@ def test_chat_completion_uses_the_chat_template(server, models):
         ({"prompt": "hi", "n": 0}, 400, "n"),
         ({"prompt": ["hi", "ho"], "n": 129}, 400, "n"),
         ({"prompt": "hi", "stop": ["a"] * 33}, 400, "stop"),
-        ({"prompt": "hi", "logit_bias": {"262": -100}}, 400, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"50257": -100}}, 400, "logit_bias"),  # past the tokenizer's ids
     ],
 )
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, param):

@@ -195,7 +195,7 @@ def test_bad_log_prob_echo_seed_and_prompt_settings_are_400s(served, body, chat,
 
 
 def test_static_decoding_refuses_log_probs_and_echo_naming_the_fix():
-    static = ServedModel("m", load_tokenizer("gpt2"), 64, token_log_probs=False)
+    static = ServedModel("m", load_tokenizer("gpt2"), 64, eager=False)
     for asked in ({"logprobs": 0}, {"echo": True}):
         with pytest.raises(RequestError, match="--decoding eager"):
             check_request({"prompt": "hi", **asked}, static, chat=False)

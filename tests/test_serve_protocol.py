@@ -38,7 +38,7 @@ def test_a_good_request_becomes_its_token_job(served):
     job = check_request({"prompt": "Hello world", "max_tokens": 5, "temperature": 0}, served, chat=False)
     assert job.prompt_ids == served.tokenizer("Hello world").input_ids
     assert job.payload() == {"prompt_ids": job.prompt_ids, "max_tokens": 5, "sampling": {"do_sample": False},
-                             "logprobs": None, "echo": False, "stop": []}  # fmt: skip
+                             "logprobs": None, "echo": False, "stop": [], "adjust": None}  # fmt: skip
     sampled = check_request({"prompt": [1, 2], "temperature": 0.7, "top_p": 0.5}, served, chat=False)
     assert sampled.sampling == {"do_sample": True, "temperature": 0.7, "top_p": 0.5, "top_k": 0}
     assert sampled.max_tokens == 16 and sampled.request_id.startswith("cmpl-")
@@ -46,9 +46,25 @@ def test_a_good_request_becomes_its_token_job(served):
 
 def test_null_fields_mean_their_defaults(served):
     """OpenAI's API takes null for "use the default"; clients that serialise unset options send it."""
-    nulls = {name: None for name in ("max_tokens", "temperature", "top_p", "stream", "n", "stop", "seed", "user")}
+    nulls = {
+        name: None
+        for name in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stream",
+            "n",
+            "stop",
+            "seed",
+            "user",
+            "logit_bias",
+            "presence_penalty",
+            "frequency_penalty",
+        )
+    }
     job = check_request({"prompt": "hi", **nulls}, served, chat=False)
     assert job.max_tokens == 16 and not job.stream and job.sampling["do_sample"] and job.sampling["temperature"] == 1
+    assert job.adjust is None
 
 
 @pytest.mark.parametrize("temperature", [1e-6, 1e-300, 5e-324])
@@ -269,9 +285,6 @@ def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
 @pytest.mark.parametrize(
     ("field", "asks_nothing", "refused"),
     [
-        ("logit_bias", {}, {"262": -100}),
-        ("presence_penalty", 0.0, 0.5),
-        ("frequency_penalty", 0, -1.0),
         ("best_of", 1, 2),
         ("top_logprobs", 0, 3),  # chat's; completions' is logprobs
     ],
@@ -283,6 +296,51 @@ def test_fields_that_would_change_the_tokens_are_refused_unless_they_ask_for_not
     with pytest.raises(RequestError, match=f"'{field}' is not supported") as err:
         check_request({"prompt": "hi", field: refused}, served, chat=False)
     assert err.value.status == 400 and err.value.param == field
+
+
+def test_logit_bias_and_penalties_become_the_job_s_adjustments(served):
+    """JSON's string keys become token ids, sorted; a zero bias or penalty asks for nothing and is left out."""
+    body = {"prompt": "hi", "logit_bias": {"50256": -100, "262": 2.5, "13": 0}, "frequency_penalty": 0.5,
+            "presence_penalty": 0}  # fmt: skip
+    job = check_request(body, served, chat=False)
+    assert job.adjust == {"logit_bias": [[262, 2.5], [50256, -100.0]], "frequency_penalty": 0.5}
+    assert job.payload()["adjust"] == job.adjust
+    chat = {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -2}
+    assert check_request(chat, chat_served(), chat=True).adjust == {"presence_penalty": -2.0}
+    for nothing in ({}, {"logit_bias": {}, "presence_penalty": 0.0, "frequency_penalty": 0}, {"logit_bias": None}):
+        assert check_request({"prompt": "hi", **nothing}, served, chat=False).adjust is None
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"logit_bias": [[262, 1]]}, "logit_bias"),
+        ({"logit_bias": {"50257": 1}}, "logit_bias"),  # past the tokenizer's ids
+        ({"logit_bias": {"-1": 1}}, "logit_bias"),
+        ({"logit_bias": {"a": 1}}, "logit_bias"),
+        ({"logit_bias": {"２６２": 1}}, "logit_bias"),  # digits, but not ASCII ones
+        ({"logit_bias": {"262": 100.5}}, "logit_bias"),
+        ({"logit_bias": {"262": True}}, "logit_bias"),
+        ({"logit_bias": {"262": "1"}}, "logit_bias"),
+        ({"logit_bias": {"262": float("nan")}}, "logit_bias"),
+        ({"presence_penalty": 2.01}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"frequency_penalty": "0.5"}, "frequency_penalty"),
+    ],
+)
+def test_bad_logit_bias_and_penalties_are_400s_naming_the_field(served, body, param):
+    with pytest.raises(RequestError) as err:
+        check_request({"prompt": "hi", **body}, served, chat=False)
+    assert err.value.status == 400 and err.value.param == param, err.value.message
+
+
+def test_static_decoding_refuses_logit_bias_and_penalties_naming_the_fix():
+    static = ServedModel("m", load_tokenizer("gpt2"), 64, eager=False)
+    for asked in ({"logit_bias": {"262": 1}}, {"presence_penalty": 1}, {"frequency_penalty": 0.1}):
+        with pytest.raises(RequestError, match="--decoding eager") as err:
+            check_request({"prompt": "hi", **asked}, static, chat=False)
+        assert err.value.param == next(iter(asked))
+    assert check_request({"prompt": "hi", "logit_bias": {"262": 0}}, static, chat=False).adjust is None
 
 
 def test_the_context_refusal_names_what_sets_the_context():

@@ -18,8 +18,7 @@ GREEDY_BELOW = 1e-5  # a temperature under this samples the argmax anyway (and o
 # than silently ignored (a logit bias or a penalty ignored changes the tokens). `echo` and `top_logprobs` are applied by
 # one endpoint each (completions, chat) and refused by the other unless they ask for nothing.
 UNSUPPORTED = {
-    "suffix": (None, ""), "tools": (None, []), "echo": (None, False), "best_of": (None, 1), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "top_logprobs": (None, 0),
+    "suffix": (None, ""), "tools": (None, []), "echo": (None, False), "best_of": (None, 1), "top_logprobs": (None, 0),
     "functions": (None, []), "function_call": (None, "none"), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "web_search_options": (None,),
@@ -27,10 +26,13 @@ UNSUPPORTED = {
 # OpenAI fields that change nothing in the tokens (bookkeeping), accepted as they are
 BOOKKEEPING = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
                "safety_identifier", "reasoning_effort", "verbosity"}  # fmt: skip
-APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "logprobs"}
+APPLIED = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "logprobs",
+           "logit_bias", "presence_penalty", "frequency_penalty"}  # fmt: skip
 APPLIED_BY = {"completions": {"prompt", "echo"}, "chat": {"messages", "max_completion_tokens", "top_logprobs"}}
 MAX_STOP_STRINGS = 32  # OpenAI takes 4; lm-eval's tasks send up to 5 + the end-of-text (vLLM: no limit)
 MAX_STOP_CHARS = 512  # characters of one stop string: each token's text is checked against them, in both processes
+LOGIT_BIAS_RANGE = (-100, 100)  # OpenAI's: -100 bans a token, 100 all but forces it
+PENALTY_RANGE = (-2, 2)  # OpenAI's, for presence_penalty and frequency_penalty
 MAX_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's limits: completions' logprobs, chat's top_logprobs
 MAX_PROMPTS = 256  # prompts in one completions request
 MAX_N = 128  # choices per prompt (OpenAI's limit)
@@ -61,7 +63,7 @@ class ServedModel:
     context: int | None
     context_limit: str = "the model's context"
     longest_token_bytes: int | None = None  # the most UTF-8 bytes one token decodes to (:func:`longest_token_bytes`)
-    token_log_probs: bool = True  # whether the worker can send log-probabilities (not with static decoding)
+    eager: bool = True  # the worker decodes with generate(): log-probs, echo, logit bias, penalties (not static)
 
 
 def longest_token_bytes(tokenizer) -> int:
@@ -109,12 +111,13 @@ class Job:
     index: int = 0  # its choice's place in the reply: prompt × n + choice (a completions request may send several)
     choice: int = 0  # which of its prompt's n choices (the first counts the prompt's tokens in the usage)
     batch_size: int = 0  # rows of the generate() call that served it, once known (the X-Batch-Size header)
+    adjust: dict | None = None  # logit bias and penalties (:func:`logit_adjustments`); None: the model's own logits
 
     def payload(self) -> dict:
         """What the inference worker needs (plain data: it crosses a process boundary); the stop strings let it end
         the row where the reply's text ends (:class:`CompletionText`), not at ``max_tokens``."""
         return {"prompt_ids": self.prompt_ids, "max_tokens": self.max_tokens, "sampling": self.sampling,
-                "logprobs": self.logprobs, "echo": self.echo, "stop": self.stop}  # fmt: skip
+                "logprobs": self.logprobs, "echo": self.echo, "stop": self.stop, "adjust": self.adjust}  # fmt: skip
 
 
 def parse_body(raw: bytes) -> dict:
@@ -142,10 +145,11 @@ def check_requests(body: dict, served: ServedModel, chat: bool) -> list[Job]:
     top, echo = requested_logprobs(body, chat), body.get("echo", False)
     if not isinstance(echo, bool):
         raise RequestError(400, f"echo must be true or false, got {echo!r}.", "echo")
-    if (top is not None or echo) and not served.token_log_probs:
+    if (top is not None or echo) and not served.eager:
         raise RequestError(400, "logprobs and echo need the server's --decoding eager (it decodes with static "
                            "caches, which keep no log-probabilities); leave them out.", "logprobs",
                            "unsupported")  # fmt: skip
+    adjust = logit_adjustments(body, served)
     prompts = [chat_prompt(body, served)] if chat else completion_prompts(body, served)
     name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     max_tokens = body.get(name, DEFAULT_MAX_TOKENS)  # chat: max_completion_tokens wins, max_tokens is deprecated
@@ -169,7 +173,7 @@ def check_requests(body: dict, served: ServedModel, chat: bool) -> list[Job]:
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     return [
         Job(prompt_ids, max_tokens, choice_sampling(settings, choice), stream, chat, request_id, include_usage,
-            stop=stops, logprobs=top, echo=echo, index=i * n + choice, choice=choice)
+            stop=stops, logprobs=top, echo=echo, index=i * n + choice, choice=choice, adjust=adjust)
         for i, prompt_ids in enumerate(prompts)
         for choice in range(n)
     ]  # fmt: skip
@@ -203,6 +207,44 @@ def requested_logprobs(body: dict, chat: bool) -> int | None:
     if top and not wanted:
         raise RequestError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
     return top if wanted else None
+
+
+def logit_adjustments(body: dict, served: ServedModel) -> dict | None:
+    """``logit_bias`` (token ids, as JSON's string keys, to a number in [-100, 100]) and ``presence_penalty`` /
+    ``frequency_penalty`` (numbers in [-2, 2]) as the worker applies them (plain JSON: ``logit_bias`` as sorted
+    ``[id, bias]`` pairs); those that ask for nothing left out, None when none is left."""
+    adjust: dict = {}
+    bias = body.get("logit_bias", {})
+    if not isinstance(bias, dict):
+        raise RequestError(400, f"logit_bias must be an object of token ids to biases, got {bias!r}.", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < len(served.tokenizer)):
+            raise RequestError(400, f"logit_bias keys must be token ids in [0, {len(served.tokenizer)}) written as "
+                               f"strings, got {key!r}.", "logit_bias")  # fmt: skip
+        if not _is_number_in(value, LOGIT_BIAS_RANGE):
+            raise RequestError(400, f"logit_bias values must be numbers in [{LOGIT_BIAS_RANGE[0]}, "
+                               f"{LOGIT_BIAS_RANGE[1]}], got {value!r} for token {key}.", "logit_bias")  # fmt: skip
+        if value != 0:
+            pairs.append([int(key), float(value)])
+    if pairs:
+        adjust["logit_bias"] = sorted(pairs)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = body.get(name, 0)
+        if not _is_number_in(value, PENALTY_RANGE):
+            raise RequestError(400, f"{name} must be a number in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]}], got "
+                               f"{value!r}.", name)  # fmt: skip
+        if value != 0:
+            adjust[name] = float(value)
+    if adjust and not served.eager:
+        raise RequestError(400, "logit_bias and the penalties need the server's --decoding eager (static decoding "
+                           "runs no logits processors); leave them out.", next(iter(adjust)),
+                           "unsupported")  # fmt: skip
+    return adjust or None
+
+
+def _is_number_in(value, bounds: tuple[float, float]) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and bounds[0] <= value <= bounds[1]
 
 
 def stop_strings(body: dict) -> list[str]:

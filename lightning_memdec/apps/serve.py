@@ -71,7 +71,7 @@ def served_model(base: str, memdec: str | None, model_name: str | None, decoding
     names = [Path(str(ref).rstrip("/")).name for ref in (base, memdec) if ref]
     context = min(contexts) if contexts else None
     return ServedModel(model_name or "+".join(names), tokenizer, context, limit, longest_token_bytes(tokenizer),
-                       token_log_probs=decoding == "eager")  # fmt: skip
+                       eager=decoding == "eager")  # fmt: skip
 
 
 def check_decoder_tokenizer(memdec: str | None, tokenizer, base: str) -> None:

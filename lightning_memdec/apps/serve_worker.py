@@ -74,13 +74,15 @@ def generate_steps(
     while it runs, else ``{}``; ``{"error": message}`` for the jobs of a ``generate()`` call that failed (their
     requests get a 500 naming it; the other calls still run).
 
-    A job with ``"logprobs": k`` (not None) gets ``"logprob"`` and ``"top"`` (k ``[id, log p]``) with each token; one
-    with ``"echo"`` first gets ``{"prompt": [None, (log p, top), …], "batch": …}``, its prompt tokens scored
-    (:func:`~lightning_memdec.inference.token_log_probs.prompt_log_probs`), and may ask for no new tokens. The jobs
-    go in :func:`generate_calls`: those of one call are generated together, the calls one after another; a call
-    with a ``seed`` seeds torch's generators first. A job's row ends at the token where its text meets one of its
-    ``"stop"`` strings (by ``tokenizer``, the reply's rule: :class:`CompletionText`), or once its ``"uid"`` is
-    marked in ``abandoned`` (its client went away), so the call goes on only while some row's reply does.
+    A job's ``"adjust"`` (OpenAI's logit bias and penalties, :func:`~openai_protocol.logit_adjustments`) changes its
+    row's choices alone. A job with ``"logprobs": k`` (not None) gets ``"logprob"`` and ``"top"`` (k ``[id, log
+    p]``) with each token; one with ``"echo"`` first gets ``{"prompt": [None, (log p, top), …], "batch": …}``, its
+    prompt tokens scored (:func:`~lightning_memdec.inference.token_log_probs.prompt_log_probs`), and may ask for no
+    new tokens. The jobs go in :func:`generate_calls`: those of one call are generated together, the calls one after
+    another; a call with a ``seed`` seeds torch's generators first. A job's row ends at the token where its text
+    meets one of its ``"stop"`` strings (by ``tokenizer``, the reply's rule: :class:`CompletionText`), or once its
+    ``"uid"`` is marked in ``abandoned`` (its client went away), so the call goes on only while some row's reply
+    does.
     """
     for rows, settings in generate_calls(jobs, context):
         try:
@@ -121,8 +123,9 @@ def call_steps(model, jobs: list[dict], rows: list[int], settings: dict, eos_tok
     prompts = [jobs[row]["prompt_ids"] for row in rows]
     budgets = [jobs[row]["max_tokens"] for row in rows]
     ends = [row_end(jobs[row], tokenizer, abandoned) for row in rows]
+    adjustments = [jobs[row].get("adjust") for row in rows]
     for step in stream_generate(model, prompts, budgets, eos_token_ids, top_logprobs=top, vocab=vocab, ends=ends,
-                                **settings):  # fmt: skip
+                                adjustments=adjustments, **settings):  # fmt: skip
         out: list[dict] = [{} for _ in jobs]
         for row, k, token in zip(rows, asked, step):
             if token is not None:

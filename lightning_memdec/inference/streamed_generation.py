@@ -22,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from lightning_memdec.hf.left_padding import left_pad
 from lightning_memdec.hf.loading import output_rows
+from lightning_memdec.inference.logit_adjustments import LogitAdjustments
 from lightning_memdec.inference.token_log_probs import StepLogProbs, TokenizerIdsOnly, scored_tokens
 
 
@@ -86,6 +87,7 @@ def stream_generate(
     top_logprobs: int | None = None,
     vocab: int | None = None,
     ends: list[Callable[[int], bool] | None] | None = None,
+    adjustments: list[dict | None] | None = None,
     **generate_kwargs,
 ) -> Iterator[list[StepToken | None]]:
     """Yield, per decoding step, each row's new token, or None for a row already finished.
@@ -96,7 +98,9 @@ def stream_generate(
     With ``vocab`` (the tokenizer's size) a head padded past it draws no padding id (a ``StaticGenerator`` decodes
     over its own ``vocab_size``). ``top_logprobs`` (a count) gives
     each token its log-probability and that many most likely tokens, normalised over the first ``vocab`` ids (all
-    the head's when None).
+    the head's when None). ``adjustments``: per row, OpenAI's logit bias and penalties
+    (:class:`~lightning_memdec.inference.logit_adjustments.LogitAdjustments`), applied after the log-probabilities
+    are taken: those are the model's own, as vLLM reports them.
     """
     if len(prompts) != len(budgets) or not prompts or min(budgets) < 1 or min(len(p) for p in prompts) < 1:
         raise ValueError(f"need one non-empty prompt and a budget ≥ 1 per row, got {len(prompts)} and {budgets}.")
@@ -106,6 +110,8 @@ def stream_generate(
     recorder = None if top_logprobs is None else StepLogProbs(vocab)
     padded = vocab is not None and isinstance(model, PreTrainedModel) and output_rows(model) > vocab
     processors = ([TokenizerIdsOnly(vocab)] if padded else []) + ([] if recorder is None else [recorder])
+    if adjustments is not None and any(adjustments):
+        processors.append(LogitAdjustments(input_ids.shape[1], adjustments))
     if processors:
         generate_kwargs["logits_processor"] = LogitsProcessorList(processors)
     streamer, failure = StepStreamer(recorder, top_logprobs or 0), []
