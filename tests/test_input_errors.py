@@ -216,6 +216,7 @@ def test_the_disk_checks_ask_for_what_the_stages_write(tmp_path, biomed_datastor
     from lightning_memdec.stages import datastore as datastore_stage
     from lightning_memdec.stages import targets as targets_stage
     from lightning_memdec.stages.settings import KNNTargets
+    from lightning_memdec.stages.targets_disk import targets_disk_bytes
 
     def data_bytes(path) -> int:  # a .npy file without its header
         return np.load(path, mmap_mode="r").nbytes
@@ -231,7 +232,7 @@ def test_the_disk_checks_ask_for_what_the_stages_write(tmp_path, biomed_datastor
     out = targets_stage.build_targets(biomed_datastore, out=tmp_path / "t", knn=KNNTargets(k=16, max_support=support))
     assert (np.diff(Targets(out).offsets) == support).all()
     published = sum(data_bytes(out / name) for name in ("ids.npy", "probs.npy", "offsets.npy"))
-    assert targets_stage.targets_disk_bytes(len(store), support) == 2 * published
+    assert targets_disk_bytes(len(store), support) == 2 * published
 
 
 def test_a_bad_byte_after_a_character_split_across_reads_is_named_at_its_offset(tmp_path):

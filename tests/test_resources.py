@@ -3,6 +3,7 @@ an error that names the bytes and the setting that fits."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from lightning_memdec.retrieval.index_plan import check_gpu_k
 from lightning_memdec.retrieval.search_budget import block_rows, check_search_budget
 from lightning_memdec.retrieval.settings import IndexSettings
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
+from lightning_memdec.stages.targets import build_targets
 
 
 def test_check_fits_names_bytes_and_fix():
@@ -100,30 +102,72 @@ def test_gpu_k_limit_counts_the_self_match():
         check_gpu_k(2048, self_match=True)
 
 
-def test_build_targets_refuses_a_full_disk_before_work(tmp_path, biomed_datastore, monkeypatch):
-    import lightning_memdec.stages.targets as targets
+def test_build_targets_refuses_a_disk_too_small_for_one_entry_a_position_before_work(tmp_path, biomed_datastore,
+                                                                                     monkeypatch):  # fmt: skip
+    import lightning_memdec.stages.targets_disk as targets_disk
     from lightning_memdec.io.readers import Datastore
 
-    n, k = len(Datastore(biomed_datastore)), 8
-    needed = targets_disk_bytes_for(n, k)  # chunk files and the merged CSR side by side, at most
-    assert targets.targets_disk_bytes(n, k) == needed
-    monkeypatch.setattr(targets, "free_disk", lambda path: needed - 1)
-    with pytest.raises(ResourceError, match=rf"targets for {n:,} positions × up to {k} neighbours.*lower --knn.k"):
-        targets.build_targets(
-            biomed_datastore, None, tmp_path / "t", knn=KNNTargets(k=k), search=TargetSearch(backend="exact")
-        )
+    n = len(Datastore(biomed_datastore))
+    assert targets_disk.targets_disk_bytes(n, 8) == targets_disk_bytes_for(n, 8)
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, 1) - 1)
+    with pytest.raises(ResourceError, match=rf"targets for {n:,} positions .* at one entry a position, needs"):
+        build_targets(biomed_datastore, None, tmp_path / "t", knn=KNNTargets(k=8), search=TargetSearch(backend="exact"))
     assert not partial_dir(tmp_path / "t").exists()
-    monkeypatch.setattr(targets, "free_disk", lambda path: targets_disk_bytes_for(n, 4) - 1)
-    with pytest.raises(ResourceError, match="up to 4 neighbours"):  # --max_support caps the entries per position
-        targets.build_targets(
-            biomed_datastore,
-            None,
-            tmp_path / "t",
-            knn=KNNTargets(k=k, max_support=4),
-            search=TargetSearch(backend="exact"),
-        )
-    monkeypatch.setattr(targets, "free_disk", lambda path: needed)
-    targets.check_disk(tmp_path / "t", n, k)  # exactly enough is enough
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, 1))
+    targets_disk.check_disk(tmp_path / "t", n, 1)  # exactly enough is enough
+
+
+def test_a_disk_short_of_the_worst_case_warns_and_the_measured_support_decides(tmp_path, biomed_datastore,
+                                                                               monkeypatch, caplog):  # fmt: skip
+    """k entries a position is the worst case, rarely the run's: short of it, the run goes on (a warning) and is
+    stopped after its first chunk when the support it measured says the rest will not fit; its chunk is kept, and
+    the same command with the space resumes to the targets of an uninterrupted run. Where the measured support fits,
+    it runs to the end."""
+    import lightning_memdec.stages.targets_disk as targets_disk
+    from lightning_memdec.io.readers import Datastore, Targets
+    from lightning_memdec.stages.chunked_predict import done_chunks
+
+    n, k = len(Datastore(biomed_datastore)), 16
+    settings = dict(knn=KNNTargets(k=k), search=TargetSearch(backend="exact", chunk_size=512))
+    reference = Targets(build_targets(biomed_datastore, None, tmp_path / "reference", **settings))
+    support = len(reference.ids) / n
+    assert 2 < support < k - 1  # the guard: the worst case is far from the run's
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, 2))
+    with pytest.raises(ResourceError, match=r"at the \d+\.\d entries a position measured over 512 positions, the rest"):
+        build_targets(biomed_datastore, None, tmp_path / "t", **settings)
+    assert "the run goes on, and stops (resumable)" in caplog.text
+    assert done_chunks(partial_dir(tmp_path / "t")) == {0}  # the chunk searched is saved, not lost
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, k - 1))
+    resumed = Targets(build_targets(biomed_datastore, None, tmp_path / "t", **settings))
+    for name in ("offsets", "ids", "probs"):
+        assert np.array_equal(getattr(resumed, name), getattr(reference, name))
+
+
+def test_the_disk_watch_projects_every_rank_s_chunks_left_and_the_merged_copy_at_the_measured_support(
+    tmp_path, monkeypatch
+):
+    """Rank r of 2, after its 4th of 10 chunks of 100 positions (2 more may still be saving): 6 + 2 chunks of its own
+    to come, as many of the other rank's, then the merged CSR of all 2,000 positions, at 2.5 entries a position."""
+    from types import SimpleNamespace
+
+    import lightning_memdec.stages.targets_disk as targets_disk
+
+    n, chunk = 2_000, 100
+    watch = targets_disk.TargetsDiskWatch(tmp_path, n, chunk, unsaved=2)
+    trainer = SimpleNamespace(num_predict_batches=[10], world_size=2)
+    counts = [np.full(chunk, 2), np.full(chunk, 3), np.full(chunk, 2), np.full(chunk, 3)]  # a mean of 2.5
+    left = (10 - 3 - 1 + 2) * 2 * chunk  # positions whose chunks are not on disk yet
+    needed = (left * 2.5 * 6 + 8 * (left + 1)) + (n * 2.5 * 6 + 8 * (n + 1))
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: 2 * needed)
+    for batch_idx, c in enumerate(counts[:3]):
+        watch.on_predict_batch_end(trainer, None, {"counts": c}, None, batch_idx)
+    watch.on_predict_batch_end(trainer, None, None, None, 3)  # an idle step measures nothing
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: needed)
+    watch.on_predict_batch_end(trainer, None, {"counts": counts[3]}, None, 3)  # exactly enough is enough
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: needed - 1)
+    watch.positions, watch.entries = 300, 700  # as before the 4th chunk
+    with pytest.raises(ResourceError, match="at the 2.5 entries a position measured over 400 positions"):
+        watch.on_predict_batch_end(trainer, None, {"counts": counts[3]}, None, 3)
 
 
 def targets_disk_bytes_for(n: int, support: int) -> int:

@@ -141,6 +141,9 @@ def chunk_loader(
     return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, sampler=sampler, num_workers=num_workers)
 
 
+IN_FLIGHT = 2  # chunks a BackgroundWriter may hold unsaved while the next is computed
+
+
 class BackgroundWriter(BasePredictionWriter):
     """A writer whose :meth:`save` of each chunk (its files, then its marker) runs on a helper thread while the next
     chunk is computed: on a GPU the next forward or search waits for nothing on the host's writes.
@@ -152,7 +155,7 @@ class BackgroundWriter(BasePredictionWriter):
     would wait for the next chunk's work, queued on the same stream.
     """
 
-    def __init__(self, in_flight: int = 2):
+    def __init__(self, in_flight: int = IN_FLIGHT):
         super().__init__(write_interval="batch")
         self.in_flight = in_flight
         self.saver: ThreadPoolExecutor | None = None

@@ -23,12 +23,11 @@ from lightning_memdec.io.artifact_dirs import (
     base_meta,
     is_secondary_rank,
     meta_sha256,
-    partial_dir,
     publish,
     read_meta,
     start_work_dir,
 )
-from lightning_memdec.io.capacity import allocated_bytes, available_ram, check_fits, free_disk
+from lightning_memdec.io.capacity import available_ram, check_fits
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_compatible, check_index_matches
 from lightning_memdec.retrieval import cuvs_exact, cuvs_index
@@ -49,6 +48,7 @@ from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch
 from lightning_memdec.stages.target_chunks import CHUNKS, ChunkFileWriter, drop_damaged_chunks, merge_chunks
 from lightning_memdec.stages.target_inputs import check_finite_store_keys, check_values_in_vocab
 from lightning_memdec.stages.target_searcher import KNNTargetSearcher
+from lightning_memdec.stages.targets_disk import TargetsDiskWatch, check_disk
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,9 @@ def build_targets(
     settings = (k, knn.temperature, self_exclude, knn.exact_distances, knn.max_support, knn.min_prob,
                 search.chunk_size, knn.nprobe, search.use_gpu)  # fmt: skip
     searcher = KNNTargetSearcher(*paths, *settings, backend, memory, search.shard_keys, search.selection)
-    trainer = run_sharded_predict(
-        searcher, ChunkFileWriter(work), work, hw.accelerator, hw.devices, hw.strategy, hw.num_nodes, callbacks
-    )
+    writer, disk_watch = ChunkFileWriter(work), TargetsDiskWatch(work, len(query_store), search.chunk_size)
+    trainer = run_sharded_predict(searcher, writer, work, hw.accelerator, hw.devices, hw.strategy, hw.num_nodes,
+                                  [disk_watch, *callbacks])  # fmt: skip
     if not trainer.is_global_zero:
         return Path(out)
     num_chunks = -(-len(query_store) // search.chunk_size)
@@ -137,10 +137,9 @@ def build_targets(
     num_positions, nnz = merge_chunks(work, num_chunks)
     drop_progress(work)  # before the chunk files go: markers without their chunks would resume into nothing
     shutil.rmtree(work / CHUNKS)
-    settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob")}
-    settings["exact_distances"] = knn.exact_distances or backend == "exact"
-    settings["nprobe"] = run_config["nprobe"]
-    settings["index_library"] = library  # faiss or cuvs: which library searched the index (None: no index)
+    settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob", "nprobe")}
+    # index_library: faiss or cuvs, which library searched the index (None: no index)
+    settings |= {"exact_distances": knn.exact_distances or backend == "exact", "index_library": library}
     return publish(work, out, targets_meta(store, query_store, factory, num_positions, nnz, self_exclude, settings))
 
 
@@ -253,28 +252,6 @@ def check_ranks_fit(
             "--search.backend exact on a GPU), or build an index with fewer bytes per key (a smaller PQ m)."
         )
         check_fits(ranks * replica, available_ram(), f"{ranks} ranks' FAISS index replicas in RAM", fix)
-
-
-def targets_disk_bytes(num_positions: int, support: int) -> int:
-    """Peak bytes on disk of a targets build, at most: every chunk's CSR pieces (ids int32 + probs fp16 per entry,
-    a count per position) are still there when the merge has written the same entries again into ids/probs/offsets."""
-    per_copy = num_positions * support * (4 + 2) + 8 * (num_positions + 1)
-    return 2 * per_copy
-
-
-def check_disk(out: Path, num_positions: int, support: int) -> None:
-    """The targets must fit the disk before any search (else ENOSPC hours in); a resumed run counts what it has."""
-    needed = targets_disk_bytes(num_positions, support)
-    work = partial_dir(out)
-    if work.is_dir():
-        needed -= sum(allocated_bytes(f) for f in work.rglob("*") if f.is_file())
-    check_fits(
-        needed,
-        free_disk(out),
-        f"the targets for {num_positions:,} positions × up to {support} neighbours (chunk files + merged CSR) in {out}",
-        "free disk space, choose an --out on a larger file system, or lower --knn.k or --knn.max_support "
-        "(each entry takes 6 bytes, twice while the chunks are merged).",
-    )
 
 
 def targets_meta(
