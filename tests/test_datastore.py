@@ -143,6 +143,23 @@ def test_resume_with_other_settings_is_refused(tmp_path, biomed_corpus, tiny_gpt
         )
 
 
+def test_a_resume_with_the_same_weights_by_another_path_resumes(tmp_path, biomed_corpus, tiny_gpt2, biomed_datastore):
+    """The weights' hash names the model: a copy of it (or an absolute path for a relative one) is the same model, so
+    its finished chunks are kept (the path string in the run settings refused it; the user lost every chunk)."""
+    import shutil
+
+    out, copy = tmp_path / "ds", shutil.copytree(tiny_gpt2, tmp_path / "copy-of-the-model")
+    kwargs = dict(windows=Windows(window=64, stride=32, batch_size=4), hardware=Hardware(accelerator="cpu"))
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Interrupt(after=3)], **kwargs)
+    counted = Interrupt(after=10**9)  # counts the chunks the resumed run computes
+    build_datastore(biomed_corpus, str(copy), out, callbacks=[counted], **kwargs)
+    chunks = -(-len(position_windows(Corpus(biomed_corpus).num_positions, 64, 32)) // 4)
+    assert chunks > 3 and counted.seen == chunks - 3  # the three finished chunks were kept
+    for name in ("keys.npy", "values.npy"):
+        assert (out / name).read_bytes() == (biomed_datastore / name).read_bytes()
+
+
 def test_tokenizer_mismatch_and_small_corpus_are_refused(tmp_path, tiny_gpt2):
     text = tmp_path / "a.txt"
     text.write_text("A short text about proteins and cells.\n\nAnother short one.")

@@ -191,6 +191,19 @@ def test_a_resume_against_a_rebuilt_index_is_refused_naming_it(tmp_path, biomed_
     assert build_targets(biomed_datastore, index, out, overwrite=True, **kwargs) == out
 
 
+def test_a_resume_against_a_datastore_rebuilt_in_another_precision_is_refused(tmp_path, biomed_corpus, tiny_gpt2):
+    """bf16 keys are other keys: the chunks searched in the fp32 store must not be merged with the bf16 store's."""
+    store, out = tmp_path / "ds", tmp_path / "t"
+    windows = dict(windows=Windows(window=64, stride=32, batch_size=4), hardware=Hardware(accelerator="cpu"))
+    build_datastore(biomed_corpus, str(tiny_gpt2), store, **windows)
+    kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(backend="exact", chunk_size=512))
+    with pytest.raises(SimulatedKill):
+        build_targets(store, None, out, callbacks=[Interrupt(after=1)], **kwargs)
+    build_datastore(biomed_corpus, str(tiny_gpt2), store, precision="bf16", overwrite=True, **windows)
+    with pytest.raises(ArtifactError, match='different settings .*"precision": "32"'):
+        build_targets(store, None, out, **kwargs)
+
+
 def test_predictions_hold_host_values_only(tmp_path, biomed_datastore, biomed_index):
     seen = HostOutputsOnly()
     kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))

@@ -42,10 +42,13 @@ class Datastore:
         return self.meta["num_entries"]
 
     def identity(self) -> dict:
-        """What makes two datastores the same entries: corpus content, model (path and weights) and key layer."""
+        """What makes two datastores the same entries: corpus content, model (path and weights), key layer, and the
+        precision of the forward pass (bf16 keys are other keys: a resume across a rebuild in another precision
+        mixed them)."""
         identity = {k: self.meta[k] for k in ("corpus_sha256", "model", "layer", "window", "stride", "num_entries")}
-        if "model_sha256" in self.meta:  # datastores of 0.1 have none
-            identity["model_sha256"] = self.meta["model_sha256"]
+        for optional in ("model_sha256", "precision"):  # datastores of 0.1 and imported ones lack some
+            if optional in self.meta:
+                identity[optional] = self.meta[optional]
         return identity
 
     def same_entries(self, other: Datastore) -> bool:

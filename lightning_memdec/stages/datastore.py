@@ -214,9 +214,8 @@ def build_datastore(
     spans = position_windows(data.num_positions, windows.window, windows.step)
     check_disk(Path(out), data.num_positions, lm_config)
     model_sha256 = model_fingerprint(model)
-    run_config = {  # a resume with the weights of another model (even at the same path) is refused
-        "corpus": data.meta["content_sha256"],
-        "model": str(model),
+    run_config = {  # a resume with the weights of another model (even at the same path) is refused; the same
+        "corpus": data.meta["content_sha256"],  # weights by another path (relative, absolute, a copy) resume
         "model_sha256": model_sha256,
         "layer": layer,
         "window": windows.window,
