@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -556,6 +557,46 @@ def test_resume_with_other_targets_is_refused(tmp_path, biomed_targets_pair, bio
     lightning_cli([*resume_args(pair, root), "--trainer.max_steps", "2"])
     with pytest.raises(ValueError, match="resume with the run's own data"):
         lightning_cli([*resume_args(pair, root, targets=str(other)), "--ckpt_path", "last"])
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        (["--data.seed", "1"], "seed: 0 there, 1 here"),
+        (["--data.window", "24"], "window: 32 there, 24 here"),
+        (["--data.max_support", "2"], "max_support: 16 there, 2 here"),
+        (["--model.beta", "0.9"], "model.beta: 0.5 there, 0.9 here"),
+        (["--model.learning_rate", "0.05"], "model.learning_rate: 0.0005 there, 0.05 here"),
+    ],
+)
+def test_a_resume_with_other_data_or_training_settings_is_refused_naming_them(tmp_path, biomed_targets_pair, changed,
+                                                                             named):  # fmt: skip
+    """Another seed or window trained some windows of the epoch twice and others never, other pruning other targets;
+    another β trains on with another objective, and a learning rate changed there is not applied (the optimiser's
+    state comes back) while the export would record it. Each was accepted."""
+    root = tmp_path / "run"
+    lightning_cli([*resume_args(biomed_targets_pair, root), "--trainer.max_steps", "2"])
+    with pytest.raises(ValueError, match=re.escape(named)):
+        lightning_cli([*resume_args(biomed_targets_pair, root), *changed, "--ckpt_path", "last"])
+
+
+def test_validating_a_checkpoint_may_use_other_windows_and_settings(tmp_path, biomed_targets_pair):
+    """Only a resumed fit continues the checkpoint's run: `memdec validate --ckpt_path` at another window or β
+    evaluates the weights as asked."""
+    root = tmp_path / "run"
+    lightning_cli([*resume_args(biomed_targets_pair, root), "--trainer.max_steps", "2"])
+    args = ["validate", *resume_args(biomed_targets_pair, root)[1:]]
+    cli = lightning_cli([*args, "--data.window", "24", "--model.beta", "0.9", "--ckpt_path", "last"])
+    assert cli.datamodule.hparams.window == 24 and cli.model.hparams.beta == 0.9
+
+
+def test_a_resume_may_change_what_the_steps_do_not_depend_on(tmp_path, biomed_targets_pair):
+    """The loss kernel and fused AdamW give the same steps: a resume with them changed goes on."""
+    root = tmp_path / "run"
+    lightning_cli([*resume_args(biomed_targets_pair, root), "--trainer.max_steps", "2"])
+    cli = lightning_cli([*resume_args(biomed_targets_pair, root), "--trainer.max_steps", "3", "--model.loss_kernel",
+                         "rows", "--model.fused_adamw", "false", "--ckpt_path", "last"])  # fmt: skip
+    assert cli.trainer.global_step == 3
 
 
 def test_fit_refuses_a_decoder_of_another_tokenizer(tmp_path, biomed_targets_pair):

@@ -9,6 +9,7 @@ dense ``[B, W, V]`` target tensor is never built and no padding crosses the host
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -228,12 +229,23 @@ class ResumableLoader(DataLoader):
 
 
 def check_resume_data(saved: dict | None, current: dict) -> None:
-    """A resume must train on the data of the checkpoint: the same corpus content and the same targets."""
-    if saved is not None and saved != current:
+    """A resume must train on the data of the checkpoint: the same corpus content and targets, cut into the same
+    windows, pruned alike and shuffled by the same seed (another seed or window trained some windows twice and others
+    never within the epoch). A checkpoint of an older version compares the fields it recorded."""
+    if saved is None:
+        return
+    differs = {name: value for name, value in saved.items() if _jsonable(current.get(name)) != _jsonable(value)}
+    if differs:
+        named = "; ".join(f"{name}: {saved[name]!r} there, {current.get(name)!r} here" for name in differs)
         raise ValueError(
-            f"the checkpoint was trained on data {saved}, but this run's data.train_corpus/data.train_targets are "
-            f"{current}; resume with the run's own data, or drop --ckpt_path to start a new run."
+            f"the checkpoint was trained on other data ({named}); resume with the run's own data settings "
+            "(data.train_corpus, data.train_targets, data.window, data.stride, data.max_support, data.seed), or drop "
+            "--ckpt_path to start a new run."
         )
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
 
 
 class MemDecDataModule(L.LightningDataModule):
@@ -339,15 +351,21 @@ class MemDecDataModule(L.LightningDataModule):
         }
 
     def data_identity(self) -> dict:
-        """What the run trains on: the training corpus's content hash and the hash of its targets' meta.json."""
-        targets = None if self.hparams.train_targets is None else meta_sha256(self.hparams.train_targets)
-        return {"train_corpus": self.train.meta["corpus"]["content_sha256"], "train_targets": targets}
+        """What the run trains on: the training corpus's content hash, the hash of its targets' meta.json, and how
+        they are cut, pruned and shuffled."""
+        h = self.hparams
+        targets = None if h.train_targets is None else meta_sha256(h.train_targets)
+        return {"train_corpus": self.train.meta["corpus"]["content_sha256"], "train_targets": targets,
+                "window": h.window, "stride": self.stride, "max_support": h.max_support, "seed": h.seed}  # fmt: skip
 
     def state_dict(self) -> dict:
         return {"data_identity": self.data_identity()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        check_resume_data(state_dict.get("data_identity"), self.data_identity())
+        saved = state_dict.get("data_identity")
+        if saved is not None and self.trainer is not None and self.trainer.state.fn != "fit":
+            saved = {k: v for k, v in saved.items() if k in ("train_corpus", "train_targets")}  # test/validate
+        check_resume_data(saved, self.data_identity())
 
     def _loader(
         self, dataset: WindowTargetsDataset, shuffle: bool, resumable: bool = False, whole_batches: bool = False

@@ -8,6 +8,7 @@ in ``configure_model`` so FSDP can shard it as it is built.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal, get_args
 
@@ -23,6 +24,29 @@ from lightning_memdec.training.finite_loss import FiniteLossCheck
 
 LRSchedule = Literal["cosine", "linear", "constant"]  # decay after warm-up
 LR_SCHEDULES = get_args(LRSchedule)
+
+
+# what the loss and the optimiser's steps depend on (the decoder's shape is checked against the checkpoint's; where
+# its weights first came from does not matter once they are the checkpoint's)
+RESUMED_SETTINGS = ("beta", "learning_rate", "weight_decay", "betas", "warmup_steps", "lr_schedule", "min_lr_ratio")
+
+
+def check_resume_settings(saved: dict, current: dict) -> None:
+    """A resumed fit continues the checkpoint's run: a loss weight changed there trains the rest with another
+    objective, and a learning rate or schedule changed there is not even applied (the optimiser's and the
+    schedule's states come back from the checkpoint), while the export would record the new values. Settings the
+    steps do not depend on (compile, the loss kernel, fused AdamW) may change."""
+    differs = [name for name in RESUMED_SETTINGS if name in saved and _plain(saved[name]) != _plain(current.get(name))]
+    if differs:
+        named = "; ".join(f"model.{name}: {saved[name]!r} there, {current.get(name)!r} here" for name in differs)
+        raise ValueError(
+            f"the checkpoint was trained with other model settings ({named}); resume with its settings, or start a "
+            "new run from its exported decoder (--model.model <the export>) to train on with new ones."
+        )
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # a tuple and a list of the same numbers alike
 
 
 class MemoryDecoderModule(L.LightningModule):
@@ -242,9 +266,12 @@ class MemoryDecoderModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another decoder (another width, depth or vocabulary padding) is refused with the
-        mismatching shapes and the fix, not load_state_dict's "size mismatch" traceback."""
+        mismatching shapes and the fix, not load_state_dict's "size mismatch" traceback; a resumed fit with other
+        training settings is refused too (:func:`check_resume_settings`)."""
         source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
         check_checkpoint_fits(checkpoint.get("state_dict"), self.decoder_shapes(), source)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            check_resume_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
 
     def decoder_shapes(self) -> dict[str, tuple[int, ...]] | None:
         """``decoder.*`` state-dict names and shapes, as a checkpoint of this decoder holds them; None where the
