@@ -356,3 +356,135 @@ def test_the_ends_of_beta_are_accepted_and_beyond_them_refused(tmp_path, beta):
     check_quickstart_inputs(tmp_path / "out", beta, 32, [])
     with pytest.raises(ValueError, match=r"--beta .* must be in \[0, 1\]"):
         check_quickstart_inputs(tmp_path / "out", beta + (0.01 if beta else -0.01), 32, [])
+
+
+def test_each_base_has_its_own_name_apart_from_the_quickstart_s_models():
+    """Two exports in folders of one name were one base (the first dropped); a base in a folder named teacher was
+    scored as the fine-tuned teacher (the caches go by name). Parent folders tell them apart, only where needed."""
+    from lightning_memdec.apps.quickstart_stages import base_names
+
+    assert base_names(["embedded:base-small", "embedded:base-large"]) == {
+        "base-small": "embedded:base-small", "base-large": "embedded:base-large"
+    }  # fmt: skip
+    assert base_names(["/r/small/model", "/r/large/model", "/r/big"]) == {
+        "small-model": "/r/small/model", "large-model": "/r/large/model", "big": "/r/big"
+    }  # fmt: skip
+    for reserved in ("teacher", "memdec", "ce-only"):
+        assert base_names(["embedded:base-small", f"/x/{reserved}"]) == {
+            "base-small": "embedded:base-small", f"x-{reserved}": f"/x/{reserved}"
+        }  # fmt: skip
+        with pytest.raises(ValueError, match="give each base once"):
+            base_names([reserved])
+
+
+def test_a_rerun_after_a_base_was_retrained_in_its_folder_is_refused(tmp_path, stop_at_the_first_stage):
+    """Every stage was reused and the report scored the old weights under the retrained base's name."""
+    small, large = save_tiny(tmp_path / "small", seed=0), save_tiny(tmp_path / "large", n_embd=64, seed=1)
+    bases = [str(small), str(large)]
+    for _ in range(2):  # the same bases: the run goes on
+        with pytest.raises(Started):
+            quickstart(out=tmp_path / "run", base=bases, budget=MICRO)
+    with pytest.raises(ArtifactError, match=r"other settings \(beta differ\)"):  # the decoder's loss, too
+        quickstart(out=tmp_path / "run", base=bases, budget=MICRO, beta=0.3)
+    save_tiny(large, n_embd=64, seed=2)
+    with pytest.raises(ArtifactError, match=rf"other settings \(the files of {large} differ\)"):
+        quickstart(out=tmp_path / "run", base=bases, budget=MICRO)
+    settings = json.loads((tmp_path / "run" / "quickstart_settings.json").read_text())
+    del settings["fingerprints"]  # a run of an earlier version: not recorded, not compared
+    (tmp_path / "run" / "quickstart_settings.json").write_text(json.dumps(settings))
+    with pytest.raises(Started):
+        quickstart(out=tmp_path / "run", base=bases, budget=MICRO)
+
+
+def test_the_given_teacher_is_the_one_fine_tuned(tmp_path, monkeypatch):
+    import lightning_memdec.apps.quickstart as quickstart_module
+
+    small, large = save_tiny(tmp_path / "small", seed=0), save_tiny(tmp_path / "large", n_embd=64, seed=1)
+    teacher = save_tiny(tmp_path / "teacher-model", n_embd=16, seed=3)  # the smallest: not the default choice
+    monkeypatch.setattr(quickstart_module, "tokenized_corpora", lambda *a: {"domain-train": "t", "domain-valid": "v"})
+    started = []
+
+    def first_training(name, out, train, valid, budget, steps, start, *args, **kwargs):
+        started.append((name, start))
+        raise Started
+
+    monkeypatch.setattr(quickstart_module, "train_model", first_training)
+    with pytest.raises(Started):
+        quickstart(out=tmp_path / "run", base=[str(small), str(large)], teacher=str(teacher), budget=MICRO)
+    assert started == [("teacher", str(teacher))]
+
+
+def test_two_bases_in_folders_of_one_name_are_both_run(tmp_path, monkeypatch):
+    """`memdec fit` exports into folders of one name (hf_model): two such bases were one, the first dropped."""
+    import lightning_memdec.apps.quickstart as quickstart_module
+
+    small, large = save_tiny(tmp_path / "a" / "hf_model", seed=0), save_tiny(tmp_path / "b" / "hf_model", seed=1)
+    monkeypatch.setattr(quickstart_module, "tokenized_corpora", lambda *a: {"domain-train": "t", "domain-valid": "v"})
+    sized = []
+    monkeypatch.setattr(quickstart_module, "parameters", lambda ref: sized.append(ref) or len(sized))
+    monkeypatch.setattr(quickstart_module, "train_model", lambda *a, **k: (_ for _ in ()).throw(Started))
+    with pytest.raises(Started):
+        quickstart(out=tmp_path / "run", base=[str(small), str(large)], budget=MICRO)
+    assert sized == [str(small), str(large)]
+
+
+def test_every_model_s_window_is_checked_before_any_work(tmp_path):
+    from lightning_memdec.apps.quickstart_checks import check_quickstart_inputs
+
+    fits = save_tiny(tmp_path / "fits")
+    short = tmp_path / "short"
+    save_tiny(short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps(config | {"n_positions": 16}))
+    check_quickstart_inputs(tmp_path / "out", 0.5, 32, [str(fits)])
+    with pytest.raises(ValueError, match="short"):
+        check_quickstart_inputs(tmp_path / "out", 0.5, 32, [str(fits), str(short)])
+
+
+def test_a_stage_run_twice_is_timed_as_both(monkeypatch):
+    """The scoring stage runs once per model: its time is the sum, not the last call's."""
+    from types import SimpleNamespace
+
+    import lightning_memdec.apps.quickstart_stages as stages
+
+    ticks = iter([0.0, 1.5, 10.0, 12.0])  # start, end of the first; start, end of the second
+    monkeypatch.setattr(stages, "time", SimpleNamespace(perf_counter=lambda: next(ticks), process_time=lambda: 0.0))
+    clock = stages.StageClock()
+    for _ in range(2):
+        with clock("score models"):
+            pass
+    assert clock.seconds == {"score models": 3.5}
+
+
+def test_a_budget_of_a_fraction_of_a_step_is_refused():
+    with pytest.raises(ValueError, match="memdec_steps"):
+        Budget(memdec_steps=2.5)
+
+
+def test_each_neighbour_is_matched_against_its_query_s_next_token(biomed_corpus, biomed_datastore, biomed_index):
+    """The store's own keys as queries: each position's nearest neighbour is itself, whose value is its next token."""
+    from lightning_memdec.apps.quickstart_stages import knn_gold_probs
+    from lightning_memdec.io.readers import Datastore
+
+    keys = np.asarray(Datastore(biomed_datastore).keys, dtype=np.float32)
+    dist, match = knn_gold_probs(biomed_datastore, biomed_index, keys, biomed_corpus, 8)
+    assert match.shape == (len(keys), 8) and (dist[:, 0] == 0).all() and match[:, 0].all()
+
+
+def test_an_ivf_index_of_the_quickstart_probes_its_lists(tmp_path, biomed_datastore):
+    """Above the flat size the quickstart's IVF index records the nprobe it plans with (the library's default
+    would be searched otherwise)."""
+    from numpy.lib.format import open_memmap
+
+    from lightning_memdec.apps.quickstart_stages import INDEX_NPROBE, INDEX_RULE, build_or_reuse_index
+    from lightning_memdec.io.artifact_dirs import read_meta
+
+    n, meta = INDEX_RULE.flat_below + 1000, read_meta(biomed_datastore)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "meta.json").write_text(json.dumps(meta | {"num_entries": n}))
+    rng = np.random.default_rng(0)
+    open_memmap(store / "keys.npy", "w+", np.float16, (n, meta["dim"]))[:] = rng.standard_normal((n, meta["dim"]))
+    open_memmap(store / "values.npy", "w+", np.int32, (n,))[:] = rng.integers(0, 50257, n)
+    index = read_meta(build_or_reuse_index(store, tmp_path / "index"))
+    assert index["factory"].startswith("IVF") and index["nprobe"] == INDEX_NPROBE

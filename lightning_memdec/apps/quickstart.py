@@ -27,6 +27,7 @@ from lightning_memdec.apps.quickstart_report import goals
 from lightning_memdec.apps.quickstart_stages import (
     Budget,
     StageClock,
+    base_names,
     base_tokenizers,
     build_or_reuse_index,
     check_same_settings,
@@ -35,6 +36,7 @@ from lightning_memdec.apps.quickstart_stages import (
     datastore,
     done,
     epoch_steps,
+    fingerprints,
     knn_gold_probs,
     parameters,
     scores_and_keys,
@@ -93,7 +95,9 @@ def quickstart(
     clock = StageClock()
     settings = {"domain": domain, "base": refs, "teacher": teacher, "pretrain_bases": pretrain_bases}
     texts = {Path(s).name: sha256_file(s) for s in splits if Path(s).is_file()}  # --domain DIR: its text, edited or not
-    check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget), "texts": texts})
+    models = fingerprints([*refs, *([teacher] if teacher else [])], tokenizer)  # retrained in place: other models
+    check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget), "texts": texts,
+                              "fingerprints": models})  # fmt: skip
     with clock("tokenize"):
         corpora = tokenized_corpora(out / "corpora", splits, tokenizer, budget, pretrain_bases)
     # 1. base LMs: given (default: the shipped ones), or pretrained on the general corpus
@@ -101,7 +105,7 @@ def quickstart(
         with clock("pretrain bases"):
             bases = pretrained_bases(out, corpora, budget)
     else:
-        bases = {Path(b.removeprefix(EMBEDDED_PREFIX)).name or b: b for b in refs}
+        bases = base_names(refs)
     sizes = {name: parameters(ref) for name, ref in bases.items()}
     start = bases[min(sizes, key=sizes.get)]
     teacher_start = teacher or bases[max(sizes, key=sizes.get)]

@@ -115,7 +115,8 @@ class StageClock:
         log.warning("quickstart stage %s: %.1f s (CPU %.1f s)", name, self.seconds[name], self.cpu_seconds[name])
 
 
-RECORDED_SINCE = ("texts",)  # settings runs of earlier versions did not record
+RECORDED_SINCE = ("texts", "fingerprints")  # settings runs of earlier versions did not record
+RESERVED_NAMES = ("teacher", "memdec", "ce-only")  # the quickstart's own models: their scores and stores' names
 
 
 def check_same_settings(out: Path, settings: dict) -> None:
@@ -132,14 +133,20 @@ def check_same_settings(out: Path, settings: dict) -> None:
             previous["domain"], settings["domain"] = map(shipped_domain, (previous["domain"], settings["domain"]))
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            edited = [n for n, digest in settings["texts"].items() if previous["texts"].get(n) != digest]
-            changed = [f"the text of {', '.join(edited)}" if k == "texts" else k for k in changed]
+            named = {"texts": f"the text of {changed_entries(previous, settings, 'texts')}",
+                     "fingerprints": f"the files of {changed_entries(previous, settings, 'fingerprints')}"}  # fmt: skip
+            changed = [named.get(k, k) for k in changed]
             raise ArtifactError(
                 f"{out} holds a quickstart run with other settings ({', '.join(changed)} differ); "
                 f"use another --out, or delete {out} to start afresh."
             )
     else:
         write_json_atomic(path, settings)
+
+
+def changed_entries(previous: dict, settings: dict, key: str) -> str:
+    """The entries of a recorded mapping (``texts``, ``fingerprints``) whose digest changed, named."""
+    return ", ".join(name for name, digest in settings[key].items() if previous[key].get(name) != digest)
 
 
 def done(path: Path) -> bool:
@@ -354,6 +361,38 @@ def base_tokenizers(refs: list[str], tokenizer: str | None) -> str:
         return tokenizer
     path = Path(found[refs[0]].name_or_path)
     return path.name if path.parent == ASSETS / "tokenizers" else str(path)
+
+
+def fingerprints(models: list[str], tokenizer: str) -> dict[str, str]:
+    """What the given models' weights and the tokenizer are, whatever their paths (a base retrained in its folder
+    was reused by every stage and scored as the old one): ``{ref: hash}``, the tokenizer as ``tokenizer <name>``."""
+    from lightning_memdec.hf.loading import model_fingerprint
+    from lightning_memdec.io.embedded import load_tokenizer
+    from lightning_memdec.io.tokenizer_identity import tokenizer_fingerprint
+
+    found = {ref: model_fingerprint(ref) for ref in models}
+    return found | {f"tokenizer {tokenizer}": tokenizer_fingerprint(load_tokenizer(tokenizer))}
+
+
+def base_names(refs: list[str]) -> dict[str, str]:
+    """``{name: ref}``: a base's name is its folder's (``base-large`` for ``embedded:base-large``), with as many
+    parent folders as it takes to tell it from the other bases and from the quickstart's own models (two exports in
+    ``…/a/hf_model`` and ``…/b/hf_model`` are ``a-hf_model`` and ``b-hf_model``): the report's rows and the cached
+    scores and stores go by these names, so two bases of one name were one (the first dropped, or a base named
+    ``teacher`` scored as the teacher)."""
+    parts = {ref: Path(ref.removeprefix(EMBEDDED_PREFIX)).parts or (ref,) for ref in refs}
+    depth = dict.fromkeys(refs, 1)
+    while True:
+        names = {ref: "-".join(parts[ref][-depth[ref] :]) for ref in refs}
+        clash = [ref for ref, name in names.items() if list(names.values()).count(name) > 1 or name in RESERVED_NAMES]
+        longer = [ref for ref in clash if depth[ref] < len(parts[ref])]
+        if not clash:
+            return {name: ref for ref, name in names.items()}
+        if not longer:
+            raise ValueError(f"--base {' '.join(refs)}: give each base once (and none in a folder named only "
+                             f"{' or '.join(RESERVED_NAMES)}).")  # fmt: skip
+        for ref in longer:
+            depth[ref] += 1
 
 
 def parameters(ref: str) -> int:
