@@ -183,3 +183,21 @@ def check_request(body: dict, served: ServedModel, chat: bool) -> Job:
     """The one job of a one-prompt, n = 1 request (what `memdec serve` queues for it)."""
     (job,) = check_requests(body, served, chat)
     return job
+
+
+class StoppedInsidePublish(Exception):
+    """The process 'died' inside publish: meta.json written and synced, the rename into place not done."""
+
+
+def stopped_inside_publish(monkeypatch, stage, *args, **kwargs) -> None:
+    """Run ``stage`` up to its rename into place and stop it there (as a kill inside publish leaves it: the finished
+    work in ``<out>.partial`` with meta.json and the run's settings), so the next run decides whether it is its own."""
+    import lightning_memdec.io.artifact_dirs as artifact_dirs
+
+    def stop(work, out):
+        raise StoppedInsidePublish(f"stopped before {work} became {out}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(artifact_dirs, "swap_in", stop)
+        with pytest.raises(StoppedInsidePublish):
+            stage(*args, **kwargs)

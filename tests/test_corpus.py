@@ -72,6 +72,31 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     assert Corpus(out).meta["num_documents"] == 1
 
 
+def test_a_rerun_with_another_tokenizer_at_the_same_path_after_a_stop_inside_publish_is_refused(tmp_path, monkeypatch):
+    """The run settings named the tokenizer by its path: a tokenizer saved there after a stop inside publish was
+    called done with the old tokenizer's ids. Its fingerprint tells them apart; the same command is still done."""
+    import shutil
+
+    from conftest import stopped_inside_publish
+
+    from lightning_memdec.io.artifact_dirs import partial_dir
+
+    text, tok = ["embedded:biomed/valid"], tmp_path / "tok"
+    load_tokenizer("gpt2").save_pretrained(tok)
+    for out in (tmp_path / "same", tmp_path / "changed"):
+        stopped_inside_publish(monkeypatch, tokenize, text, out, str(tok), max_tokens=500)
+        assert not out.exists() and (partial_dir(out) / "meta.json").is_file()
+    assert tokenize(text, tmp_path / "same", str(tok), max_tokens=500) == tmp_path / "same"  # done: in place
+    assert not partial_dir(tmp_path / "same").exists()
+    shutil.rmtree(tok)
+    load_tokenizer("gpt-neox-20b").save_pretrained(tok)  # another tokenizer at the same path
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        tokenize(text, tmp_path / "changed", str(tok), max_tokens=500)
+    assert Corpus(tmp_path / "changed").tokenizer["vocab_size"] == len(load_tokenizer("gpt2"))  # the stopped run's
+    out = tokenize(text, tmp_path / "changed", str(tok), max_tokens=500, overwrite=True)
+    assert Corpus(out).tokenizer["vocab_size"] == len(load_tokenizer("gpt-neox-20b"))
+
+
 def test_truncated_memmap_is_refused(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("some real words for a small corpus.\n\nand another document.")

@@ -377,3 +377,55 @@ def test_an_import_needs_one_thing_to_import(tmp_path):
     with pytest.raises(ValueError, match="cannot load model '.*not-a-model'"):
         import_official(tmp_path / "o", datastore=arrow, tokenizer="gpt2", model=str(tmp_path / "not-a-model"))
     assert_nothing_written(tmp_path / "o")
+
+
+@pytest.mark.parametrize("case", ["datastore", "model", "model added", "targets", "index"])
+def test_a_rerun_with_another_input_at_the_same_path_after_a_stop_inside_publish_is_refused(
+    imported, tmp_path, monkeypatch, source_targets, biomed_datastore, biomed_corpus, tiny_gpt2, case
+):
+    """The run settings named the official files (and the base) by their paths, and left out --model: a file
+    replaced at the same path (or --model added) after a stop inside publish was called done with the old file's
+    output. The files' size, mtime and inode, and the base's name and type, tell them apart; the same command is
+    still done."""
+    from conftest import save_tiny, stopped_inside_publish
+
+    from lightning_memdec.io.artifact_dirs import partial_dir, read_meta
+
+    source, store = Datastore(biomed_datastore), Datastore(imported / "ds")
+    keys, labels = np.asarray(store.keys, dtype=np.float32), np.asarray(store.values)
+    arrow, base = tmp_path / "dstore.arrow", save_tiny(tmp_path / "base")
+    official_datastore(arrow, source)
+    knn = official_targets(tmp_path / "knn.arrow", source_targets, labels)
+    index = tmp_path / "train.index"
+    faiss.write_index(official_ivfpq(keys, np.arange(len(keys))), str(index))
+    model = {"model": str(base)} if case == "model" else {}
+    imports = {
+        "datastore": dict(datastore=arrow, corpus=biomed_corpus, **model),
+        "targets": dict(datastore=imported / "ds", targets=knn),
+        "index": dict(datastore=imported / "ds", index=index),
+    }
+    kwargs = imports[case if case in imports else "datastore"]
+    for out in (tmp_path / "same", tmp_path / "changed"):
+        stopped_inside_publish(monkeypatch, import_official, out, **kwargs)
+        assert not out.exists() and (partial_dir(out) / "meta.json").is_file()
+    assert import_official(tmp_path / "same", **kwargs) == tmp_path / "same"  # done: in place
+    assert not partial_dir(tmp_path / "same").exists()
+    if case == "datastore":  # the official datastore rebuilt: other keys, the same values
+        official_datastore(arrow, source, keys=np.asarray(source.keys) / 2)
+    elif case == "model":  # another base saved at the same path: another key layer
+        save_tiny(base, arch="gpt_neox")
+    elif case == "model added":
+        kwargs = kwargs | {"model": str(base)}
+    elif case == "targets":  # the official targets rebuilt: other probabilities
+        rows = [source_targets.row(i) for i in range(len(source_targets))]
+        columns = {"id_cnt": [len(ids) for ids, _ in rows], "token_id": [ids for ids, _ in rows],
+                   "prob": [probs / 2 for _, probs in rows], "label": labels}  # fmt: skip
+        write_stream(knn, TARGETS_SCHEMA, columns)
+    else:  # the official index rebuilt as a flat one
+        index_ids = faiss.IndexIDMap(faiss.IndexFlatL2(keys.shape[1]))
+        index_ids.add_with_ids(keys, np.arange(len(keys)))
+        faiss.write_index(index_ids, str(index))
+    before = read_meta(partial_dir(tmp_path / "changed"))
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        import_official(tmp_path / "changed", **kwargs)
+    assert read_meta(tmp_path / "changed") == before  # the stopped run's output, left for --overwrite

@@ -711,3 +711,30 @@ def test_router_columns_equal_direct_computation():
     assert got["router_skip_fraction"] == pytest.approx(np.mean(lam == 0))
     assert got["router_mean_lambda"] == pytest.approx(lam.mean())
     assert got["router_ppl"] == pytest.approx(direct_ppl(base, memdec, lam), rel=1e-9)
+
+
+def test_a_rerun_with_another_text_at_the_same_path_after_a_stop_inside_publish_is_refused(pair, tmp_path, monkeypatch):
+    """The run settings named the domain and general texts by their paths: a text changed there after a stop inside
+    publish was called done with the router fitted on the old text. The hash of the token ids the texts gave tells
+    them apart; the same command is still done."""
+    from conftest import stopped_inside_publish
+
+    from lightning_memdec.apps.fit_router import fit_router
+    from lightning_memdec.io.artifact_dirs import partial_dir, read_meta
+    from lightning_memdec.io.embedded import resolve_text
+    from lightning_memdec.io.text_sources import read_documents
+
+    docs, domain = read_documents(resolve_text("embedded:biomed/valid")), tmp_path / "domain.txt"
+    domain.write_text("\n\n".join(docs[:40]))
+    models = (str(pair["base"]), str(pair["memdec"]))
+    settings = dict(window=64, max_tokens=300, device="cpu")
+    for out in (tmp_path / "same", tmp_path / "changed"):
+        stopped_inside_publish(monkeypatch, fit_router, *models, str(domain), "embedded:general/valid", out, **settings)
+        assert not out.exists() and (partial_dir(out) / "meta.json").is_file()
+    done = fit_router(*models, str(domain), "embedded:general/valid", tmp_path / "same", **settings)
+    assert done == tmp_path / "same" and not partial_dir(done).exists()  # done: in place
+    before = read_meta(partial_dir(tmp_path / "changed"))
+    domain.write_text("\n\n".join(docs[40:80]))  # other domain text at the same path
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        fit_router(*models, str(domain), "embedded:general/valid", tmp_path / "changed", **settings)
+    assert read_meta(tmp_path / "changed") == before  # the stopped run's router, left for --overwrite

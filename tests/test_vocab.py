@@ -280,3 +280,33 @@ def test_an_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monke
     with pytest.raises(ArtifactError, match="--out"):
         transfer_vocab(str(gpt2_to_neox["src"]), "gpt-neox-20b", target, overwrite=True)
     assert target.read_text() == "kept"
+
+
+@pytest.mark.parametrize("changed", ["decoder", "tokenizer"])
+def test_a_rerun_with_another_input_at_the_same_path_after_a_stop_inside_publish_is_refused(
+    tmp_path, monkeypatch, changed
+):
+    """The run settings named the decoder and tokenizer B by their paths: a decoder retrained (or a tokenizer saved)
+    there after a stop inside publish was called done with the old one's weights. The decoder's weights hash and B's
+    fingerprint tell them apart; the same command is still done."""
+    from conftest import stopped_inside_publish
+
+    from lightning_memdec.io.artifact_dirs import partial_dir, read_meta
+
+    src, tok_b = tmp_path / "src", tmp_path / "tok-b"
+    word_tokenizer(tok_b, B_VOCAB, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<pad>")
+    word_tokenizer(src, A_VOCAB, unk_token="[UNK]", eos_token="<eos>")
+    trained_decoder(src, arch="llama", vocab=len(A_VOCAB), tokenizer=None)
+    for out in (tmp_path / "same", tmp_path / "changed"):
+        stopped_inside_publish(monkeypatch, transfer_vocab, str(src), str(tok_b), out)
+        assert not out.exists() and (partial_dir(out) / "meta.json").is_file()
+    assert transfer_vocab(str(src), str(tok_b), tmp_path / "same") == tmp_path / "same"  # done: in place
+    assert not partial_dir(tmp_path / "same").exists()
+    if changed == "decoder":  # `memdec fit` exported a retrained decoder there
+        trained_decoder(src, global_step=300, arch="llama", vocab=len(A_VOCAB), tokenizer=None, seed=1)
+    else:  # B without its last token
+        word_tokenizer(tok_b, B_VOCAB[:-1], unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<pad>")
+    with pytest.raises(ArtifactError, match="already exists; pass --overwrite"):
+        transfer_vocab(str(src), str(tok_b), tmp_path / "changed")
+    assert read_meta(tmp_path / "changed")["source_global_step"] == 120  # the stopped run's, left for --overwrite
+    assert read_meta(tmp_path / "changed")["coverage"]["total"] == len(B_VOCAB)

@@ -7,6 +7,7 @@ a small artefact (:mod:`inference.router_artifact`). Use valid splits, never the
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -105,10 +106,17 @@ def fit_router(
     training |= settings | {"positions": {"domain": len(kinds[0].base), "general": len(kinds[1].base)},
                             "held_out": held_out_summary(router, kinds)}  # fmt: skip
     meta = router_meta(router, str(base), str(memdec), tokenizer_info(tok, str(base)), training)
-    work = start_work_dir(out, {"base": meta["base"], "memdec": meta["memdec"], "threshold": threshold, **settings},
-                          overwrite)  # fmt: skip
+    texts_used = {f"{kind}_tokens": tokens_sha256(tokens) for kind, tokens in zip(("domain", "general"), texts)}
+    work = start_work_dir(out, {"base": meta["base"], "memdec": meta["memdec"], "threshold": threshold, **settings,
+                                **texts_used}, overwrite)  # fmt: skip
     save_router_weights(router, work)
     return publish(work, out, meta)
+
+
+def tokens_sha256(tokens: np.ndarray) -> str:
+    """The token ids a text gave the router, hashed: its identity in the run settings, so a text changed at the same
+    path (or spec) after a stop inside publish is another run, refused, not called done with the old text's router."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
 def text_positions(spec: str, tokens: np.ndarray, eos_id: int, models: tuple, vocab: int, window: int) -> RouterData:

@@ -158,11 +158,11 @@ def tokenize(
     tok = load_tokenizer(tokenizer)
     if separation == "eos" and tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS token to separate documents; set tokenizer.eos_token.")
-    run_config = {"sources": sources, "tokenizer": tokenizer, "max_tokens": max_tokens}
+    info = tokenizer_info(tok, tokenizer)  # its vocabulary's fingerprint, not its name only: another tokenizer saved
+    run_config = {"sources": sources, "tokenizer": info, "max_tokens": max_tokens}  # at the same path is another run
     run_config.update({"separation": separation} if separation != "eos" else {})
     work = start_work_dir(out, run_config, overwrite)
 
-    info = tokenizer_info(tok, tokenizer)
     start = time.perf_counter()
     if separation == "official":
         num_rows = sum(1 for _ in open_rows(*rows)[0])

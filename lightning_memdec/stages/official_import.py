@@ -96,7 +96,12 @@ def import_datastore(
     info = data.tokenizer if data is not None else tokenizer_info(load_tokenizer(tokenizer), tokenizer)
     model_type = model_config(model).model_type if model is not None else None  # a wrong --model fails before the scan
     num_entries, values_sha256 = scan_values(files, schema, data, info["vocab_size"])
-    run_config = {"files": [str(f.resolve()) for f in files], "corpus": str(corpus), "tokenizer": info}
+    run_config = {
+        "files": [file_identity(f) for f in files],
+        "corpus": data.meta["content_sha256"] if data is not None else None,
+        "tokenizer": info,
+        "model": None if model is None else {"name": model, "model_type": model_type},  # what meta.json takes of it
+    }
     work = start_work_dir(out, run_config, overwrite)
     with discarded_on_error(work):
         write_entries(files, schema, work, num_entries, dim)
@@ -116,6 +121,16 @@ def import_datastore(
         imported_from=[{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
     )
     return publish(work, out, meta)
+
+
+def file_identity(path: Path) -> dict:
+    """An imported file in the run settings, so a file replaced at the same path after a stop inside publish is
+    another run (refused), not this one (called done with the old file's output): its path, size, mtime and inode,
+    not its sha256. The official datastore, targets and index are tens to hundreds of GB at paper scale: hashing
+    them would add minutes to every import (the scans read only some columns), while a file rewritten or replaced
+    gets a new mtime or inode (rewritten within one clock tick at the same size, it would not be told apart)."""
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
 
 
 def scan_values(files: list[Path], schema, data: Corpus | None, vocab_size: int) -> tuple[int, str]:
@@ -177,7 +192,7 @@ def import_targets(arrow: Path, datastore: Path, out: Path, overwrite: bool) -> 
     schema = targets_schema()
     check_schemas(files, schema)
     num_positions, nnz = scan_targets(files, schema, store)
-    run_config = {"files": [str(f.resolve()) for f in files], "datastore": store.identity()}
+    run_config = {"files": [file_identity(f) for f in files], "datastore": store.identity()}
     work = start_work_dir(out, run_config, overwrite)
     with discarded_on_error(work):
         write_csr(files, schema, work, num_positions, nnz)
@@ -277,7 +292,7 @@ def import_index(index_file: Path, datastore: Path, out: Path, overwrite: bool) 
         raise ArtifactError(f"--index {index_file} is not a FAISS index ({err}).") from err
     check_official_index(index, store, index_file)
     factory, nprobe = index_factory(index), index_nprobe(index)
-    work = start_work_dir(out, {"index": str(index_file.resolve()), "datastore": store.identity()}, overwrite)
+    work = start_work_dir(out, {"index": file_identity(index_file), "datastore": store.identity()}, overwrite)
     with discarded_on_error(work):
         shutil.copyfile(index_file, work / INDEX)
     plan = plan_index(index.ntotal, index.d, factory=factory, nprobe=nprobe)

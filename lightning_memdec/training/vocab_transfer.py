@@ -249,7 +249,7 @@ def transfer_vocab(
         seed: seed of the random initialisation (``init=random``).
         overwrite: replace an existing ``out``.
     """
-    from lightning_memdec.hf.loading import load_causal_lm
+    from lightning_memdec.hf.loading import load_causal_lm, model_fingerprint
 
     if init not in ("overlap", "random"):
         raise ValueError(f"init must be 'overlap' or 'random', got {init!r}.")
@@ -297,7 +297,9 @@ def transfer_vocab(
         tied_embeddings=tied,
         coverage=mapping.coverage(),
     )
-    run_config = {"decoder": str(Path(decoder).resolve()), "tokenizer": tokenizer, "init": init, "seed": seed}
+    # the decoder by its weights' hash and B by its fingerprint, not their paths: a decoder retrained (or a tokenizer
+    # saved) at the same path after a stop inside publish is another run, refused, not called done
+    run_config = {"decoder": model_fingerprint(decoder), "tokenizer": meta["tokenizer"], "init": init, "seed": seed}
     work = start_work_dir(out, run_config, overwrite)
     model.save_pretrained(work)
     tok_b.save_pretrained(work)
