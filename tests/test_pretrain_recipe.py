@@ -52,3 +52,24 @@ def test_the_recorded_stride_is_half_the_window_the_perplexity_was_scored_with(t
     recorded = read_meta(export, kind="base_lm")["general_perplexity"]
     assert scored == [96, 96]
     assert recorded == {"valid": 21.0, "test": 22.0, "window": 96, "stride": 96 // 2}
+
+
+def test_a_base_stopped_before_its_export_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """Hours of pretraining: a rerun after a stop continues from last.ckpt instead of starting over."""
+    calls = []
+
+    def fake_fit(config, ckpt_path=None):
+        calls.append(ckpt_path)
+        for folder in (config["checkpoint"]["dirpath"], config["export"]["dirpath"]):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+
+    corpora = {split: tmp_path / f"corpus-{split}" for split in ("train", "valid", "test")}
+    monkeypatch.setattr(pretrain_bases_module, "general_corpora", lambda out, extra: corpora)
+    monkeypatch.setattr(fit_module, "fit", fake_fit)
+    monkeypatch.setattr(pretrain_bases_module, "record_base", lambda export, config, corpora: None)
+    pretrain_bases_module.pretrain_bases(tmp_path / "fresh", sizes=["small"])
+    config = pretrain_bases_module.base_config("small", corpora, tmp_path / "stopped", {})
+    Path(config["checkpoint"]["dirpath"]).mkdir(parents=True)
+    (Path(config["checkpoint"]["dirpath"]) / "last.ckpt").write_bytes(b"a stopped run's")
+    pretrain_bases_module.pretrain_bases(tmp_path / "stopped", sizes=["small"])
+    assert calls == [None, "last"]

@@ -441,6 +441,14 @@ def test_every_model_s_window_is_checked_before_any_work(tmp_path):
         check_quickstart_inputs(tmp_path / "out", 0.5, 32, [str(fits), str(short)])
 
 
+def test_an_out_under_a_file_is_refused_before_any_work(tmp_path):
+    from lightning_memdec.apps.quickstart_checks import check_quickstart_inputs
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ArtifactError, match="--out .*afile/run cannot be written"):
+        check_quickstart_inputs(tmp_path / "afile" / "run", 0.5, 32, [])
+
+
 def test_a_stage_run_twice_is_timed_as_both(monkeypatch):
     """The scoring stage runs once per model: its time is the sum, not the last call's."""
     from types import SimpleNamespace

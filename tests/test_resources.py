@@ -194,3 +194,16 @@ def test_allocated_bytes_count_what_a_sparse_file_holds_not_its_size(tmp_path):
         f.write(b"x" * 4096)
     assert 4096 <= allocated_bytes(sparse) < 1 << 20  # the written block, not the 1 GiB length
     assert allocated_bytes(tmp_path / "absent") == 0
+
+
+def test_a_memory_budget_of_nothing_is_refused_and_bf16_keeps_the_wider_rerank_margin():
+    """A zero budget is no budget (refused, as a negative one); bf16 products are coarser than fp32's, so the exact
+    re-ranking keeps more candidates for them, at every k."""
+    from lightning_memdec.retrieval.search_budget import memory_budget, rerank_margin
+
+    for nothing in (0, -1):
+        with pytest.raises(ValueError, match="must be positive"):
+            memory_budget("cpu", nothing)
+    assert memory_budget("cpu", 1) == 1
+    for k in (1, 16, 64, 1024):
+        assert rerank_margin(k, torch.bfloat16) > rerank_margin(k, torch.float32) >= 1
