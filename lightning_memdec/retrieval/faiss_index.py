@@ -127,15 +127,7 @@ def build_index(
     check_build_fits(plan, min(n, train_size) if plan.train_size else 0, use_gpu)
     check_recall_k(recall_queries, recall_k)
     index = empty_index(library, d, plan.factory, nprobe)
-    run = {
-        "datastore": store.identity(),
-        "library": library,
-        "factory": plan.factory,
-        "train_size": train_size,
-        "seed": seed,
-        "nprobe": nprobe,
-        "recall": [recall_queries, recall_k],
-    }  # all that its meta.json records
+    run = index_run_settings(store, library, plan.factory, train_size, seed, nprobe, (recall_queries, recall_k))
     work = start_work_dir(out, run, overwrite)
     if use_gpu:
         index = to_gpu(index)
@@ -155,6 +147,14 @@ def build_index(
     else:
         faiss.write_index(index, str(work / INDEX))
     return publish(work, out, index_meta(index, plan, store, train_size, nprobe, recall, library))
+
+
+def index_run_settings(store: Datastore, library: str, factory: str, train_size: int, seed: int, nprobe: int,
+                       recall: tuple[int, int]) -> dict:  # fmt: skip
+    """An index build's run settings: all that its meta.json records (a rerun after a stop inside the publication
+    that differs in any of them is another run)."""
+    return {"datastore": store.identity(), "library": library, "factory": factory, "train_size": train_size,
+            "seed": seed, "nprobe": nprobe, "recall": list(recall)}  # fmt: skip
 
 
 def empty_index(library: str, d: int, factory: str, nprobe: int):

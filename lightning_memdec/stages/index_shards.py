@@ -30,6 +30,7 @@ from lightning_memdec.retrieval.faiss_index import (
     check_recall_k,
     describe_recall,
     index_meta,
+    index_run_settings,
     measured_recall,
     set_nprobe,
     train_on_sample,
@@ -165,14 +166,7 @@ def build_index_sharded(
         raise ValueError(f"invalid FAISS factory string {plan.factory!r} for dimension {store.dim}: {err}") from err
     if chunk_keys <= 0:
         raise ValueError(f"--chunk_keys must be positive, got {chunk_keys}.")
-    run = {
-        "datastore": store.identity(),
-        "factory": plan.factory,
-        "train_size": train_size,
-        "seed": seed,
-        "nprobe": nprobe,
-        "recall": [recall_queries, recall_k],
-    }  # all that its meta.json records
+    run = index_run_settings(store, "faiss", plan.factory, train_size, seed, nprobe, (recall_queries, recall_k))
     work = start_work_dir(out, run | {"chunk_keys": chunk_keys}, overwrite)
     adder = ShardAdder(str(datastore), str(work), plan.factory, train_size, seed, chunk_keys)
     hw = hardware
