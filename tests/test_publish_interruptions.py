@@ -131,6 +131,24 @@ def test_an_unfinished_run_of_other_settings_is_refused_naming_what_differs(tmp_
         start_work_dir(out, {"window": 64}, overwrite=False)
 
 
+def test_an_unfinished_run_of_an_earlier_version_resumes_unless_it_lacks_a_setting(tmp_path):
+    """A setting an earlier version recorded and this one does not (build-datastore's model path beside its
+    weights' hash) is not compared: the run resumes, where its progress was lost to --overwrite. One it did not
+    record is: refused, saying only that version can resume it."""
+    from lightning_memdec.io.artifact_dirs import RUN_CONFIG, start_work_dir
+
+    out = tmp_path / "out"
+    work = start_work_dir(out, {"model": "m", "model_sha256": "abc", "window": 64}, overwrite=False)
+    (work / "progress").mkdir()
+    assert start_work_dir(out, {"model_sha256": "abc", "window": 64}, overwrite=False) == work
+    assert (work / "progress").is_dir()
+    with pytest.raises(ArtifactError, match=r"different settings \(model_sha256: \"abc\" there, \"def\" here\)"):
+        start_work_dir(out, {"model_sha256": "def", "window": 64}, overwrite=False)
+    (work / RUN_CONFIG).write_text('{"window": 64}')  # recorded before the weights' hash was
+    with pytest.raises(ArtifactError, match="not set there, .* which alone can resume it"):
+        start_work_dir(out, {"model_sha256": "abc", "window": 64}, overwrite=False)
+
+
 def test_an_overwrite_with_other_settings_discards_the_unfinished_run(tmp_path):
     """--overwrite over an unfinished run of other settings starts afresh: its progress is gone, only the new
     settings are recorded (a rerun must not resume chunks computed under the old ones)."""

@@ -195,7 +195,7 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
         raise AlreadyPublished(out, rank0_decides=True)  # what rank 0 finds here, this rank must not start without
     if not is_secondary_rank():
         finished = finish_interrupted_publish(work, out)
-        if finished is not None and finished == _jsonable(run_config) and not overwrite:
+        if finished is not None and same_settings(finished, run_config) and not overwrite:
             raise AlreadyPublished(out)  # this very run, stopped while publishing: done
     if out.exists():  # a run of other settings stopped while publishing is now in place too: refused alike
         if not overwrite:
@@ -205,18 +205,29 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
     if work.exists():
         previous = work / RUN_CONFIG
         recorded = json.loads(previous.read_text()) if previous.is_file() else None
-        if recorded != _jsonable(run_config):
+        if not same_settings(recorded, run_config):
             if not overwrite:
                 differences = settings_differences(recorded, run_config)
+                earlier = " (a setting not set there was not recorded by the version that started it, which alone can "
+                earlier += "resume it)" if "not set there" in differences else ""
                 raise ArtifactError(
                     f"{work} holds an unfinished run with different settings ({differences}); rerun with its settings "
-                    "to resume it, or pass --overwrite to discard it."
+                    f"to resume it{earlier}, or pass --overwrite to discard it."
                 )
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not (work / RUN_CONFIG).exists():
         write_json_atomic(work / RUN_CONFIG, run_config)
     return work
+
+
+def same_settings(recorded: dict[str, Any] | None, run_config: dict[str, Any]) -> bool:
+    """Whether a run's recorded settings are ``run_config``'s. A setting an earlier version recorded that this one
+    does not is not compared: this version's output does not depend on it (build-datastore recorded the model's path
+    beside its weights' hash; a resume across the upgrade was refused, its progress lost to --overwrite). A setting
+    this version records that the record lacks is compared (and differs): what it was then is not known."""
+    here = _jsonable(run_config)
+    return isinstance(recorded, dict) and {name: value for name, value in recorded.items() if name in here} == here
 
 
 def settings_differences(recorded: dict[str, Any] | None, run_config: dict[str, Any]) -> str:
@@ -229,7 +240,7 @@ def settings_differences(recorded: dict[str, Any] | None, run_config: dict[str, 
     def shown(settings: dict[str, Any], name: str) -> str:
         return json.dumps(settings[name]) if name in settings else "not set"
 
-    names = sorted(set(recorded) | set(here))
+    names = sorted(here)  # what the record holds beyond these is not compared (:func:`same_settings`)
     return "; ".join(
         f"{n}: {shown(recorded, n)} there, {shown(here, n)} here" for n in names if shown(recorded, n) != shown(here, n)
     )

@@ -158,9 +158,9 @@ def tokenize(
     tok = load_tokenizer(tokenizer)
     if separation == "eos" and tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS token to separate documents; set tokenizer.eos_token.")
-    info = tokenizer_info(tok, tokenizer)  # its vocabulary's fingerprint, not its name only: another tokenizer saved
-    run_config = {"sources": sources, "tokenizer": info, "max_tokens": max_tokens}  # at the same path is another run
-    run_config.update({"separation": separation} if separation != "eos" else {})
+    info = tokenizer_info(tok, tokenizer)  # its vocabulary's fingerprint, not its name: another tokenizer at the path
+    # is another run; every setting always (one a record lacks is compared, one this run lacks is not: same_settings)
+    run_config = {"sources": sources, "tokenizer": info, "max_tokens": max_tokens, "separation": separation}
     work = start_work_dir(out, run_config, overwrite)
 
     start = time.perf_counter()
