@@ -14,7 +14,7 @@ from lightning_memdec.apps.quickstart import Budget, quickstart
 from lightning_memdec.apps.quickstart_report import goals
 from lightning_memdec.evaluation.intervals import LEVEL, RESAMPLES, SEED
 from lightning_memdec.io.artifact_dirs import ArtifactError
-from lightning_memdec.io.embedded import resolve_text
+from lightning_memdec.io.embedded import load_tokenizer, resolve_text
 from lightning_memdec.io.text_sources import read_documents
 from lightning_memdec.io.token_corpus import Corpus
 from lightning_memdec.kernels.scoring import DEFAULT_LAMBDA_GRID as LAMBDA_GRID
@@ -369,12 +369,26 @@ def test_each_base_has_its_own_name_apart_from_the_quickstart_s_models():
     assert base_names(["/r/small/model", "/r/large/model", "/r/big"]) == {
         "small-model": "/r/small/model", "large-model": "/r/large/model", "big": "/r/big"
     }  # fmt: skip
+    assert base_names(["/model", "/data/model"]) == {"model": "/model", "data-model": "/data/model"}  # no "/-model"
+    assert base_names(["org1/model", "org2/model"]) == {"org1-model": "org1/model", "org2-model": "org2/model"}
     for reserved in ("teacher", "memdec", "ce-only"):
         assert base_names(["embedded:base-small", f"/x/{reserved}"]) == {
             "base-small": "embedded:base-small", f"x-{reserved}": f"/x/{reserved}"
         }  # fmt: skip
         with pytest.raises(ValueError, match="give each base once"):
             base_names([reserved])
+
+
+def test_relative_folders_are_named_by_their_place(tmp_path, monkeypatch):
+    """`--base a/hf_model b/hf_model` from the working directory, or `./base-small` beside the shipped base-small."""
+    from lightning_memdec.apps.quickstart_stages import base_names
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("a/hf_model", "b/hf_model", "base-small"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert base_names(["a/hf_model", "b/hf_model"]) == {"a-hf_model": "a/hf_model", "b-hf_model": "b/hf_model"}
+    named = base_names(["embedded:base-small", "./base-small"])
+    assert named["base-small"] == "embedded:base-small" and named[f"{tmp_path.name}-base-small"] == "./base-small"
 
 
 def test_a_rerun_after_a_base_was_retrained_in_its_folder_is_refused(tmp_path, stop_at_the_first_stage):
@@ -389,6 +403,14 @@ def test_a_rerun_after_a_base_was_retrained_in_its_folder_is_refused(tmp_path, s
     save_tiny(large, n_embd=64, seed=2)
     with pytest.raises(ArtifactError, match=rf"other settings \(the files of {large} differ\)"):
         quickstart(out=tmp_path / "run", base=bases, budget=MICRO)
+    save_tiny(large, n_embd=64, seed=1)  # the base back as it was
+    tokenizer = tmp_path / "tok"
+    load_tokenizer("gpt2").save_pretrained(tokenizer)
+    with pytest.raises(Started):  # bases pretrained with a tokenizer of one's choice: that tokenizer's corpora
+        quickstart(out=tmp_path / "run2", pretrain_bases=True, tokenizer=str(tokenizer), budget=TINY)
+    load_tokenizer("gpt-neox-20b").save_pretrained(tokenizer)  # another tokenizer saved at the path
+    with pytest.raises(ArtifactError, match=rf"the files of tokenizer {tokenizer} differ"):
+        quickstart(out=tmp_path / "run2", pretrain_bases=True, tokenizer=str(tokenizer), budget=TINY)
     settings = json.loads((tmp_path / "run" / "quickstart_settings.json").read_text())
     del settings["fingerprints"]  # a run of an earlier version: not recorded, not compared
     (tmp_path / "run" / "quickstart_settings.json").write_text(json.dumps(settings))

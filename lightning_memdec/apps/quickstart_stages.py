@@ -380,7 +380,7 @@ def base_names(refs: list[str]) -> dict[str, str]:
     ``…/a/hf_model`` and ``…/b/hf_model`` are ``a-hf_model`` and ``b-hf_model``): the report's rows and the cached
     scores and stores go by these names, so two bases of one name were one (the first dropped, or a base named
     ``teacher`` scored as the teacher)."""
-    parts = {ref: Path(ref.removeprefix(EMBEDDED_PREFIX)).parts or (ref,) for ref in refs}
+    parts = {ref: folder_parts(ref) for ref in refs}
     depth = dict.fromkeys(refs, 1)
     while True:
         names = {ref: "-".join(parts[ref][-depth[ref] :]) for ref in refs}
@@ -393,6 +393,15 @@ def base_names(refs: list[str]) -> dict[str, str]:
                              f"{' or '.join(RESERVED_NAMES)}).")  # fmt: skip
         for ref in longer:
             depth[ref] += 1
+
+
+def folder_parts(ref: str) -> tuple[str, ...]:
+    """A model reference's path parts, without the root (a name never starts with ``/``): a local folder's whole
+    path (``./base-small`` is not ``embedded:base-small``), a hub name's or a shipped model's as written."""
+    path = Path(ref.removeprefix(EMBEDDED_PREFIX))
+    if not ref.startswith(EMBEDDED_PREFIX) and path.exists():
+        path = path.resolve()
+    return path.parts[1:] if path.is_absolute() else (path.parts or (ref,))
 
 
 def parameters(ref: str) -> int:
