@@ -4,6 +4,7 @@ and exact search with the keys sharded over ranks (docs/cluster.md)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -257,31 +258,38 @@ def test_sharded_index_build_equals_the_one_process_build(tmp_path, biomed_datas
     assert sorted(p.name for p in sharded.iterdir()) == [INDEX, "meta.json"]
 
 
-def test_a_sharded_build_stopped_before_publishing_resumes_only_with_its_nprobe(
+def test_a_sharded_build_stopped_before_publishing_resumes_only_with_its_nprobe_and_recall(
     tmp_path, biomed_datastore, monkeypatch
 ):
-    """nprobe is recorded in meta.json and applied on load: a resume with another one is refused, naming it (the
-    shards are kept for a rerun with the recorded one), instead of publishing an index with the stopped run's."""
+    """nprobe and the recall measurement are recorded in meta.json (nprobe applied on load): a resume with another
+    is refused, naming it (the shards are kept for a rerun with the recorded ones), instead of publishing an index
+    with the stopped run's. Without a recall measured, its k changes nothing and is not compared."""
     import lightning_memdec.stages.index_shards as index_shards
     from lightning_memdec.io.artifact_dirs import read_meta
+    from lightning_memdec.io.readers import Datastore
+    from lightning_memdec.retrieval.faiss_index import index_run_settings
 
     def stopped(*args):
         raise KeyboardInterrupt
 
-    out, settings = tmp_path / "sharded", dict(recall_queries=0, chunk_keys=1000)
+    ivf = IndexSettings(factory="IVF16,Flat")
+    out, settings = tmp_path / "sharded", dict(recall_queries=16, recall_k=8, chunk_keys=1000)
     with monkeypatch.context() as patch:
         patch.setattr(index_shards, "publish", stopped)
         with pytest.raises(KeyboardInterrupt):
-            index_shards.build_index_sharded(
-                biomed_datastore, out, plan=IndexSettings(factory="IVF16,Flat"), **settings
-            )
-    with pytest.raises(ArtifactError, match="different settings \\(nprobe: 32 there, 4 here\\)"):
-        index_shards.build_index_sharded(
-            biomed_datastore, out, plan=IndexSettings(factory="IVF16,Flat", nprobe=4), **settings
-        )
+            index_shards.build_index_sharded(biomed_datastore, out, plan=ivf, **settings)
+    with pytest.raises(ArtifactError, match=re.escape("different settings (nprobe: 32 there, 4 here)")):
+        index_shards.build_index_sharded(biomed_datastore, out, plan=IndexSettings(factory="IVF16,Flat", nprobe=4),
+                                         **settings)  # fmt: skip
+    with pytest.raises(ArtifactError, match=re.escape("different settings (recall: [16, 8] there, [16, 64] here)")):
+        index_shards.build_index_sharded(biomed_datastore, out, plan=ivf, **settings | {"recall_k": 64})
     assert partial_dir(out).is_dir()
-    index_shards.build_index_sharded(biomed_datastore, out, plan=IndexSettings(factory="IVF16,Flat"), **settings)
-    assert read_meta(out)["nprobe"] == 32
+    index_shards.build_index_sharded(biomed_datastore, out, plan=ivf, **settings)
+    assert read_meta(out)["nprobe"] == 32 and read_meta(out)["recall"]["k"] == 8
+    store = Datastore(biomed_datastore)
+    assert index_run_settings(store, "faiss", "Flat", 0, 0, 32, (0, 8)) == index_run_settings(
+        store, "faiss", "Flat", 0, 0, 32, (0, 64)
+    )
 
 
 def test_the_sharded_build_prints_its_plan_and_recall_and_plans_only_when_asked(tmp_path, biomed_datastore, capsys):

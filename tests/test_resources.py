@@ -110,7 +110,7 @@ def test_build_targets_refuses_a_disk_too_small_for_one_entry_a_position_before_
     n = len(Datastore(biomed_datastore))
     assert targets_disk.targets_disk_bytes(n, 8) == targets_disk_bytes_for(n, 8)
     monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, 1) - 1)
-    with pytest.raises(ResourceError, match=rf"targets for {n:,} positions .* at one entry a position, needs"):
+    with pytest.raises(ResourceError, match=rf"targets for {n:,} positions .* at 1 entry a position, needs"):
         build_targets(biomed_datastore, None, tmp_path / "t", knn=KNNTargets(k=8), search=TargetSearch(backend="exact"))
     assert not partial_dir(tmp_path / "t").exists()
     monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, 1))
@@ -137,6 +137,11 @@ def test_a_disk_short_of_the_worst_case_warns_and_the_measured_support_decides(t
         build_targets(biomed_datastore, None, tmp_path / "t", **settings)
     assert "the run goes on, and stops (resumable)" in caplog.text
     assert done_chunks(partial_dir(tmp_path / "t")) == {0}  # the chunk searched is saved, not lost
+    from lightning_memdec.io.capacity import allocated_bytes
+
+    written = sum(allocated_bytes(f) for f in partial_dir(tmp_path / "t").rglob("*") if f.is_file())
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, 1) - written)
+    targets_disk.check_disk(tmp_path / "t", n, k)  # what the stopped run wrote counts as written
     monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, k - 1))
     resumed = Targets(build_targets(biomed_datastore, None, tmp_path / "t", **settings))
     for name in ("offsets", "ids", "probs"):
@@ -207,3 +212,18 @@ def test_a_memory_budget_of_nothing_is_refused_and_bf16_keeps_the_wider_rerank_m
     assert memory_budget("cpu", 1) == 1
     for k in (1, 16, 64, 1024):
         assert rerank_margin(k, torch.bfloat16) > rerank_margin(k, torch.float32) >= 1
+
+
+def test_with_shard_keys_the_worst_case_must_fit_before_any_search(tmp_path, biomed_datastore, monkeypatch):
+    """With --search.shard_keys every rank searches every chunk together: one rank's stop would leave the others
+    waiting in the next chunk's collectives, so the run is not watched and the worst case is checked up front."""
+    import lightning_memdec.stages.targets_disk as targets_disk
+    from lightning_memdec.io.readers import Datastore
+
+    n, k = len(Datastore(biomed_datastore)), 8
+    monkeypatch.setattr(targets_disk, "free_disk", lambda path: targets_disk_bytes_for(n, k) - 1)
+    with pytest.raises(ResourceError, match=f"at {k} entries a position, needs .*lower --knn.max_support"):
+        build_targets(biomed_datastore, None, tmp_path / "t", knn=KNNTargets(k=k),
+                      search=TargetSearch(backend="exact", shard_keys=True))  # fmt: skip
+    assert not partial_dir(tmp_path / "t").exists()
+    targets_disk.check_disk(tmp_path / "t", n, k)  # watched, the same disk is enough to start

@@ -307,6 +307,8 @@ def test_logit_bias_and_penalties_become_the_job_s_adjustments(served):
     assert job.payload()["adjust"] == job.adjust
     chat = {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -2}
     assert check_request(chat, chat_served(), chat=True).adjust == {"presence_penalty": -2.0}
+    several = check_requests({"prompt": ["a", "b"], "n": 3, "logit_bias": {"262": -100}}, served, chat=False)
+    assert len(several) == 6 and all(j.adjust == {"logit_bias": [[262, -100.0]]} for j in several)  # every choice
     for nothing in ({}, {"logit_bias": {}, "presence_penalty": 0.0, "frequency_penalty": 0}, {"logit_bias": None}):
         assert check_request({"prompt": "hi", **nothing}, served, chat=False).adjust is None
 

@@ -204,6 +204,12 @@ def test_a_resume_against_a_datastore_rebuilt_in_another_precision_is_refused(tm
         build_targets(store, None, out, **kwargs)
 
 
+def test_exact_search_records_no_nprobe_whatever_was_passed(tmp_path, biomed_datastore):
+    """nprobe means nothing to exact search: an ignored --knn.nprobe is not recorded (nor compared at a resume)."""
+    kwargs = dict(knn=KNNTargets(k=16, nprobe=8), search=TargetSearch(backend="exact"))
+    assert Targets(build_targets(biomed_datastore, None, tmp_path / "t", **kwargs)).meta["nprobe"] is None
+
+
 def test_predictions_hold_host_values_only(tmp_path, biomed_datastore, biomed_index):
     seen = HostOutputsOnly()
     kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))

@@ -564,6 +564,7 @@ def test_resume_with_other_targets_is_refused(tmp_path, biomed_targets_pair, bio
     [
         (["--data.seed", "1"], "seed: 0 there, 1 here"),
         (["--data.window", "24"], "window: 32 there, 24 here"),
+        (["--data.stride", "16"], "stride: 32 there, 16 here"),
         (["--data.max_support", "2"], "max_support: 16 there, 2 here"),
         (["--model.beta", "0.9"], "model.beta: 0.5 there, 0.9 here"),
         (["--model.learning_rate", "0.05"], "model.learning_rate: 0.0005 there, 0.05 here"),

@@ -152,9 +152,9 @@ def build_index(
 def index_run_settings(store: Datastore, library: str, factory: str, train_size: int, seed: int, nprobe: int,
                        recall: tuple[int, int]) -> dict:  # fmt: skip
     """An index build's run settings: all that its meta.json records (a rerun after a stop inside the publication
-    that differs in any of them is another run)."""
+    that differs in any of them is another run); ``recall``: (queries, k), its k not recorded when none is measured."""
     return {"datastore": store.identity(), "library": library, "factory": factory, "train_size": train_size,
-            "seed": seed, "nprobe": nprobe, "recall": list(recall)}  # fmt: skip
+            "seed": seed, "nprobe": nprobe, "recall": list(recall) if recall[0] > 0 else None}  # fmt: skip
 
 
 def empty_index(library: str, d: int, factory: str, nprobe: int):

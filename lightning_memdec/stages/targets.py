@@ -107,7 +107,7 @@ def build_targets(
     memory = None if search.memory_gb is None else int(search.memory_gb * 2**30)
     check_ranks_fit(backend, index, store.dim, min(search.chunk_size, len(query_store)), k, available, memory,
                     hw, search.use_gpu)  # fmt: skip
-    check_disk(out, len(query_store), min(k, knn.max_support or k))
+    check_disk(out, len(query_store), min(k, knn.max_support or k), watched=not search.shard_keys)
     run_config = {
         "queries": query_store.identity(),
         "datastore": store.identity(),
@@ -127,9 +127,9 @@ def build_targets(
     settings = (k, knn.temperature, self_exclude, knn.exact_distances, knn.max_support, knn.min_prob,
                 search.chunk_size, knn.nprobe, search.use_gpu)  # fmt: skip
     searcher = KNNTargetSearcher(*paths, *settings, backend, memory, search.shard_keys, search.selection)
-    writer, disk_watch = ChunkFileWriter(work), TargetsDiskWatch(work, len(query_store), search.chunk_size)
-    trainer = run_sharded_predict(searcher, writer, work, hw.accelerator, hw.devices, hw.strategy, hw.num_nodes,
-                                  [disk_watch, *callbacks])  # fmt: skip
+    watch = [] if search.shard_keys else [TargetsDiskWatch(work, len(query_store), search.chunk_size)]
+    trainer = run_sharded_predict(searcher, ChunkFileWriter(work), work, hw.accelerator, hw.devices, hw.strategy,
+                                  hw.num_nodes, [*watch, *callbacks])  # fmt: skip
     if not trainer.is_global_zero:
         return Path(out)
     num_chunks = -(-len(query_store) // search.chunk_size)

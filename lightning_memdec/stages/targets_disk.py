@@ -34,18 +34,22 @@ def copy_bytes(num_positions: int, support: float) -> int:
     return round(num_positions * support * ENTRY_BYTES) + POSITION_BYTES * (num_positions + 1)
 
 
-def check_disk(out: Path, num_positions: int, support: int) -> None:
+def check_disk(out: Path, num_positions: int, support: int, watched: bool = True) -> None:
     """Before any search: refused when even one entry a position would not fit; a warning when ``support`` (k, or
     max_support) entries would not, as the run then depends on the support it measures (a resumed run counts what
-    it has written)."""
+    it has written). Not ``watched`` (the ranks search every chunk together, where one rank's stop would leave the
+    others waiting): refused on the worst case."""
     work = partial_dir(out)
     written = sum(allocated_bytes(f) for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0
     free = free_disk(out)
+    least = 1 if watched else support
     check_fits(
-        targets_disk_bytes(num_positions, 1) - written,
+        targets_disk_bytes(num_positions, least) - written,
         free,
-        f"the targets for {num_positions:,} positions (chunk files + merged CSR) in {out}, at one entry a position,",
-        "free disk space or choose an --out on a larger file system.",
+        f"the targets for {num_positions:,} positions (chunk files + merged CSR) in {out}, at {least} "
+        f"entr{'y' if least == 1 else 'ies'} a position,",
+        "free disk space or choose an --out on a larger file system"
+        + ("." if watched else ", or lower --knn.max_support (the run is not watched with --search.shard_keys)."),
     )
     worst = targets_disk_bytes(num_positions, support) - written
     if worst > free:
