@@ -96,6 +96,18 @@ def test_a_directory_named_like_a_shipped_tokenizer_does_not_give_an_empty_one(t
     assert not (tmp_path / "c").exists()
 
 
+def test_a_directory_with_only_a_tokenizer_config_is_no_tokenizer(tmp_path, monkeypatch, capsys):
+    """tokenizer_config.json alone passed the file check: transformers built its 1-token tokenizer (every text
+    encodes to nothing), and `memdec tokenize` wrote a corpus of end-of-text tokens only (hostile audit 16 C)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}')
+    args = ["tokenize", "--text", "embedded:biomed/valid", "--out", "c", "--tokenizer", "tok", "--max_tokens", "50"]
+    err = refused(args, capsys)
+    assert "'tok' has 1 token: its directory (tokenizer_config.json) holds no vocabulary" in err
+    assert not (tmp_path / "c").exists()
+
+
 # -- downstream -------------------------------------------------------------------------------------------------------
 
 

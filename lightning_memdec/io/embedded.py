@@ -23,7 +23,15 @@ def load_tokenizer(name_or_path: str):
     path = Path(name_or_path)
     if path.exists():
         check_tokenizer_files(path, name_or_path)
-        return tokenizer_from_directory(path)
+        tokenizer = tokenizer_from_directory(path)
+        if len(tokenizer) < 2:  # a tokenizer_config.json alone: transformers builds its empty one-token tokenizer
+            found = ", ".join(sorted(f.name for f in path.iterdir()))
+            raise ValueError(
+                f"tokenizer {name_or_path!r} has {len(tokenizer)} token: its directory ({found}) holds no vocabulary "
+                "(tokenizer.json, vocab.json, tokenizer.model or vocab.txt); save the whole tokenizer there "
+                "(tokenizer.save_pretrained)."
+            )
+        return tokenizer
     if name_or_path in SHIPPED_TOKENIZERS:
         return AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / name_or_path))
     try:
