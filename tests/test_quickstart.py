@@ -404,6 +404,12 @@ def test_a_rerun_after_a_base_was_retrained_in_its_folder_is_refused(tmp_path, s
     with pytest.raises(ArtifactError, match=rf"other settings \(the files of {large} differ\)"):
         quickstart(out=tmp_path / "run", base=bases, budget=MICRO)
     save_tiny(large, n_embd=64, seed=1)  # the base back as it was
+    teacher = save_tiny(tmp_path / "teacher-model", n_embd=64, seed=5)
+    with pytest.raises(Started):
+        quickstart(out=tmp_path / "run3", base=bases, teacher=str(teacher), budget=MICRO)
+    save_tiny(teacher, n_embd=64, seed=6)  # the teacher retrained in its folder
+    with pytest.raises(ArtifactError, match=rf"other settings \(the files of {teacher} differ\)"):
+        quickstart(out=tmp_path / "run3", base=bases, teacher=str(teacher), budget=MICRO)
     tokenizer = tmp_path / "tok"
     load_tokenizer("gpt2").save_pretrained(tokenizer)
     with pytest.raises(Started):  # bases pretrained with a tokenizer of one's choice: that tokenizer's corpora

@@ -568,6 +568,8 @@ def test_resume_with_other_targets_is_refused(tmp_path, biomed_targets_pair, bio
         (["--data.max_support", "2"], "max_support: 16 there, 2 here"),
         (["--model.beta", "0.9"], "model.beta: 0.5 there, 0.9 here"),
         (["--model.learning_rate", "0.05"], "model.learning_rate: 0.0005 there, 0.05 here"),
+        (["--model.lr_schedule", "linear"], "model.lr_schedule: 'cosine' there, 'linear' here"),
+        (["--model.betas", "[0.9, 0.99]"], "model.betas: "),
     ],
 )
 def test_a_resume_with_other_data_or_training_settings_is_refused_naming_them(tmp_path, biomed_targets_pair, changed,
