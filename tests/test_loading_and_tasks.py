@@ -164,3 +164,29 @@ def test_generation_with_a_static_cache_is_refused(tmp_path):
         lm = InterpolatedLM.from_pretrained(str(base), str(mem), lmbda=0.3)
         with pytest.raises(ValueError, match="static"):
             lm.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_a_yaml_task_reads_its_dev_split(tmp_path):
+    """λ is chosen on a task's dev split: a YAML task's `dev:` path was ignored, λ came from the fallback."""
+    import yaml
+
+    records = [{"id": i, "input": {"text": f"x{i}"}, "label": i % 2} for i in range(4)]
+    for split, recs in (("test", records), ("dev", records[:2])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text(yaml.safe_dump({"toy": dict(ENTRY, test="test.jsonl", dev="dev.jsonl")}))
+    [task] = load_tasks(spec)
+    assert task.splits["dev"] == records[:2] and task.splits["test"] == records
+
+
+def test_a_task_of_one_class_is_refused(tmp_path):
+    """Zero-shot classification needs two classes at least: one class scores every example correct."""
+    entry = dict(ENTRY, labels=["only"], verbalizers=[[" bad"]])
+    with pytest.raises(TaskError, match="labels"):
+        load_tasks(write_tasks(tmp_path / "t", {"toy": [{"id": 0, "input": {"text": "x"}, "label": 0}]}, entry))
+
+
+def test_a_sample_of_all_the_records_keeps_their_order():
+    """n_sample at the number of records samples nothing: predictions and intervals keep the file's order."""
+    records = [{"id": i} for i in range(7)]
+    assert knn_prompt_sample(records, 7) == records and knn_prompt_sample(records, None) == records
