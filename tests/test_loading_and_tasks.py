@@ -190,3 +190,22 @@ def test_a_sample_of_all_the_records_keeps_their_order():
     """n_sample at the number of records samples nothing: predictions and intervals keep the file's order."""
     records = [{"id": i} for i in range(7)]
     assert knn_prompt_sample(records, 7) == records and knn_prompt_sample(records, None) == records
+
+
+def test_the_decoder_s_skipped_tokens_wait_in_order_and_move_with_their_beams():
+    """Tokens a router let the decoder skip are handed over in the order they came, and a beam reorder (or a batch
+    expansion) moves them with their rows: else the decoder caught up on another beam's tokens, or on them reversed."""
+    from lightning_memdec.hf.paired_generation import PairCache
+
+    cache = PairCache()
+    first, second = torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5], [6]])  # [beams, tokens]
+    cache.defer(first, first + 100)
+    cache.defer(second, second + 100)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    ids, positions = cache.take_pending()
+    expected = torch.tensor([[3, 4, 6], [1, 2, 5]])  # each row's tokens in order, the rows swapped
+    assert torch.equal(ids, expected) and torch.equal(positions, expected + 100)
+    assert cache.take_pending() == (None, None)  # handed over once
+    cache.defer(torch.tensor([[7], [8]]), None)
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(cache.take_pending()[0], torch.tensor([[7], [7], [8], [8]]))
