@@ -209,3 +209,29 @@ def test_the_decoder_s_skipped_tokens_wait_in_order_and_move_with_their_beams():
     cache.defer(torch.tensor([[7], [8]]), None)
     cache.batch_repeat_interleave(2)
     assert torch.equal(cache.take_pending()[0], torch.tensor([[7], [7], [8], [8]]))
+
+
+def test_two_tasks_of_one_size_each_score_their_own_prompts(tmp_path):
+    """The decoder's scores are cached per task: two tasks with as many examples each must not share them (the
+    second task's + MemDec scores were the first's)."""
+    from lightning_memdec.evaluation.downstream import downstream
+    from lightning_memdec.evaluation.settings import Bootstrap, DownstreamMixing, Prompts
+
+    base, mem = save_tiny(tmp_path / "base", n_layer=1), save_tiny(tmp_path / "mem", n_layer=1, seed=1)
+    texts = {"alpha": ["A dull film.", "Great fun", "Fine.", "Bad plot"],
+             "beta": ["Warm and funny", "Boring", "Superb acting", "Awful"]}  # fmt: skip
+    folder = write_tasks(tmp_path / "t", {name: [{"id": i, "input": {"text": t}, "label": i % 2}
+                                                 for i, t in enumerate(ts)] for name, ts in texts.items()})  # fmt: skip
+
+    def memdec_scores(names, out):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            downstream([str(folder)], [str(base)], tmp_path / out, memdec=str(mem), mix=DownstreamMixing(lmbda=0.5),
+                       prompts=Prompts(batch_size=2, device="cpu", task_names=names),
+                       bootstrap=Bootstrap(resamples=10))  # fmt: skip
+        lines = (tmp_path / out / "predictions.jsonl").read_text().splitlines()
+        return {(p["task"], p["id"]): p["scores"] for p in map(json.loads, lines) if p["system"].endswith("+ MemDec")}
+
+    both, beta_alone = memdec_scores(None, "both"), memdec_scores(["beta"], "beta")
+    for i in range(4):
+        assert both[("beta", i)] == pytest.approx(beta_alone[("beta", i)], abs=1e-6)
