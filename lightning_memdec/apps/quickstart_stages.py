@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_memdec.evaluation.knn_temperature import knn_key
-from lightning_memdec.io.artifact_dirs import META, write_json_atomic
+from lightning_memdec.io.artifact_dirs import META, jsonable, write_json_atomic
 from lightning_memdec.io.embedded import EMBEDDED_DOMAINS, EMBEDDED_PREFIX
 from lightning_memdec.io.packaged_configs import load_config
 from lightning_memdec.io.readers import Datastore
@@ -125,7 +125,7 @@ def check_same_settings(out: Path, settings: dict) -> None:
     from lightning_memdec.io.artifact_dirs import ArtifactError
 
     path = out / "quickstart_settings.json"
-    settings = json.loads(json.dumps(settings))
+    settings = jsonable(settings)
     if path.is_file():
         previous = json.loads(path.read_text())
         previous |= {k: settings[k] for k in RECORDED_SINCE if k not in previous}  # not recorded: not compared

@@ -226,7 +226,7 @@ def same_settings(recorded: dict[str, Any] | None, run_config: dict[str, Any]) -
     does not is not compared: this version's output does not depend on it (build-datastore recorded the model's path
     beside its weights' hash; a resume across the upgrade was refused, its progress lost to --overwrite). A setting
     this version records that the record lacks is compared (and differs): what it was then is not known."""
-    here = _jsonable(run_config)
+    here = jsonable(run_config)
     return isinstance(recorded, dict) and {name: value for name, value in recorded.items() if name in here} == here
 
 
@@ -235,7 +235,7 @@ def settings_differences(recorded: dict[str, Any] | None, run_config: dict[str, 
     recorded ones (and keep the progress) rather than discard it: ``nprobe: 32 there, 8 here; seed: …``."""
     if not isinstance(recorded, dict):
         return "its settings are not recorded"
-    here = _jsonable(run_config)
+    here = jsonable(run_config)
 
     def shown(settings: dict[str, Any], name: str) -> str:
         return json.dumps(settings[name]) if name in settings else "not set"
@@ -304,7 +304,8 @@ def finish_interrupted_publish(work: Path, out: Path) -> dict[str, Any] | None:
     return None
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples as lists, keys as strings): settings compared as they are recorded."""
     return json.loads(json.dumps(obj, sort_keys=True))
 
 

@@ -9,7 +9,6 @@ dense ``[B, W, V]`` target tensor is never built and no padding crosses the host
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_memdec.io.artifact_dirs import meta_sha256
+from lightning_memdec.io.artifact_dirs import jsonable, meta_sha256
 from lightning_memdec.io.readers import Targets, check_targets_match_corpus
 from lightning_memdec.io.settings import check_positive
 from lightning_memdec.io.token_corpus import Corpus, position_windows
@@ -234,7 +233,7 @@ def check_resume_data(saved: dict | None, current: dict) -> None:
     never within the epoch). A checkpoint of an older version compares the fields it recorded."""
     if saved is None:
         return
-    differs = {name: value for name, value in saved.items() if _jsonable(current.get(name)) != _jsonable(value)}
+    differs = {name: value for name, value in saved.items() if jsonable(current.get(name)) != jsonable(value)}
     if differs:
         named = "; ".join(f"{name}: {saved[name]!r} there, {current.get(name)!r} here" for name in differs)
         raise ValueError(
@@ -242,10 +241,6 @@ def check_resume_data(saved: dict | None, current: dict) -> None:
             "(data.train_corpus, data.train_targets, data.window, data.stride, data.max_support, data.seed), or drop "
             "--ckpt_path to start a new run."
         )
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value))
 
 
 class MemDecDataModule(L.LightningDataModule):

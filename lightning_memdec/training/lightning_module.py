@@ -8,7 +8,6 @@ in ``configure_model`` so FSDP can shard it as it is built.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Literal, get_args
 
@@ -17,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 
+from lightning_memdec.io.artifact_dirs import jsonable
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab
 from lightning_memdec.kernels.memdec_loss import LOSS_KERNELS, LossKernel, memdec_loss
 from lightning_memdec.training.datamodule import MemDecDataModule, pad_targets
@@ -36,17 +36,13 @@ def check_resume_settings(saved: dict, current: dict) -> None:
     objective, and a learning rate or schedule changed there is not even applied (the optimiser's and the
     schedule's states come back from the checkpoint), while the export would record the new values. Settings the
     steps do not depend on (compile, the loss kernel, fused AdamW) may change."""
-    differs = [name for name in RESUMED_SETTINGS if name in saved and _plain(saved[name]) != _plain(current.get(name))]
+    differs = [n for n in RESUMED_SETTINGS if n in saved and jsonable(saved[n]) != jsonable(current.get(n))]
     if differs:
         named = "; ".join(f"model.{name}: {saved[name]!r} there, {current.get(name)!r} here" for name in differs)
         raise ValueError(
             f"the checkpoint was trained with other model settings ({named}); resume with its settings, or start a "
             "new run from its exported decoder (--model.model <the export>) to train on with new ones."
         )
-
-
-def _plain(value):
-    return json.loads(json.dumps(value))  # a tuple and a list of the same numbers alike
 
 
 class MemoryDecoderModule(L.LightningModule):
