@@ -125,7 +125,13 @@ def test_an_unfinished_run_of_other_settings_is_refused_naming_what_differs(tmp_
     with pytest.raises(ArtifactError) as refused:
         start_work_dir(out, {"window": 64, "seed": 0, "nprobe": 8, "store": {"n": 6}, "new": True}, overwrite=False)
     differences = 'new: not set there, true here; nprobe: 32 there, 8 here; store: {"n": 5} there, {"n": 6} here'
-    assert f"different settings ({differences}); rerun with its settings" in str(refused.value)
+    assert f"different settings ({differences}); rerun with its settings to resume it (a setting not set there" in str(
+        refused.value
+    )
+    with pytest.raises(ArtifactError) as refused:  # every setting recorded: nothing said of earlier versions
+        start_work_dir(out, {"window": 64, "seed": 0, "nprobe": 8, "store": {"n": 5}}, overwrite=False)
+    assert str(refused.value).endswith("(nprobe: 32 there, 8 here); rerun with its settings to resume it, or pass "
+                                       "--overwrite to discard it.")  # fmt: skip
     (work / RUN_CONFIG).unlink()
     with pytest.raises(ArtifactError, match=r"different settings \(its settings are not recorded\)"):
         start_work_dir(out, {"window": 64}, overwrite=False)

@@ -208,8 +208,13 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
         if not same_settings(recorded, run_config):
             if not overwrite:
                 differences = settings_differences(recorded, run_config)
-                earlier = " (a setting not set there was not recorded by the version that started it, which alone can "
-                earlier += "resume it)" if "not set there" in differences else ""
+                unrecorded = isinstance(recorded, dict) and any(name not in recorded for name in jsonable(run_config))
+                earlier = (
+                    " (a setting not set there was not recorded by the version that started it, which alone can "
+                    "resume it)"
+                    if unrecorded
+                    else ""
+                )
                 raise ArtifactError(
                     f"{work} holds an unfinished run with different settings ({differences}); rerun with its settings "
                     f"to resume it{earlier}, or pass --overwrite to discard it."
