@@ -41,6 +41,7 @@ from lightning_memdec.apps.quickstart_stages import (
     parameters,
     scores_and_keys,
     split_path,
+    tokenizer_encoding,
     train_model,
 )
 from lightning_memdec.evaluation.report import write_report
@@ -97,7 +98,7 @@ def quickstart(
     texts = {Path(s).name: sha256_file(s) for s in splits if Path(s).is_file()}  # --domain DIR: its text, edited or not
     models = fingerprints([*refs, *([teacher] if teacher else [])], tokenizer)  # retrained in place: other models
     check_same_settings(out, {**settings, "tokenizer": tokenizer, "beta": beta, **asdict(budget), "texts": texts,
-                              "fingerprints": models})  # fmt: skip
+                              "fingerprints": models, "encoding": tokenizer_encoding(tokenizer)})  # fmt: skip
     with clock("tokenize"):
         corpora = tokenized_corpora(out / "corpora", splits, tokenizer, budget, pretrain_bases)
     # 1. base LMs: given (default: the shipped ones), or pretrained on the general corpus

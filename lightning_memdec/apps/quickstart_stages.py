@@ -115,7 +115,7 @@ class StageClock:
         log.warning("quickstart stage %s: %.1f s (CPU %.1f s)", name, self.seconds[name], self.cpu_seconds[name])
 
 
-RECORDED_SINCE = ("texts", "fingerprints")  # settings runs of earlier versions did not record
+RECORDED_SINCE = ("texts", "fingerprints", "encoding")  # settings runs of earlier versions did not record
 RESERVED_NAMES = ("teacher", "memdec", "ce-only")  # the quickstart's own models: their scores and stores' names
 
 
@@ -134,7 +134,8 @@ def check_same_settings(out: Path, settings: dict) -> None:
         if previous != settings:
             changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             named = {"texts": f"the text of {changed_entries(previous, settings, 'texts')}",
-                     "fingerprints": f"the files of {changed_entries(previous, settings, 'fingerprints')}"}  # fmt: skip
+                     "fingerprints": f"the files of {changed_entries(previous, settings, 'fingerprints')}",
+                     "encoding": "how the tokenizer encodes text"}  # fmt: skip
             changed = [named.get(k, k) for k in changed]
             raise ArtifactError(
                 f"{out} holds a quickstart run with other settings ({', '.join(changed)} differ); "
@@ -372,6 +373,15 @@ def fingerprints(models: list[str], tokenizer: str) -> dict[str, str]:
 
     found = {ref: model_fingerprint(ref) for ref in models}
     return found | {f"tokenizer {tokenizer}": tokenizer_fingerprint(load_tokenizer(tokenizer))}
+
+
+def tokenizer_encoding(tokenizer: str) -> str:
+    """How the tokenizer turns the splits' text into ids (:func:`~io.tokenizer_identity.encoding_fingerprint`): a
+    tokenizer of the same vocabulary with another normaliser or BOS rule makes other corpora."""
+    from lightning_memdec.io.embedded import load_tokenizer
+    from lightning_memdec.io.tokenizer_identity import encoding_fingerprint
+
+    return encoding_fingerprint(load_tokenizer(tokenizer))
 
 
 def base_names(refs: list[str]) -> dict[str, str]:

@@ -33,7 +33,7 @@ from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.io.artifact_dirs import keep_earlier_report
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.output_lock import exclusive_output
-from lightning_memdec.io.tokenizer_identity import tokenizer_info
+from lightning_memdec.io.tokenizer_identity import encoding_fingerprint
 from lightning_memdec.kernels.scoring import (
     DEFAULT_LAMBDA_GRID,
     DEFAULT_TEMPERATURE_GRID,
@@ -87,7 +87,7 @@ class _Run:
             vocab = min(vocab, mixture_vocab(model, decoder, tok, find_tokenizer(decoder, decoder)))
         limits = [self.max_length, context_length(model)] + [context_length(d) for d in decoders]
         scorer = PromptScorer(tok, min(x for x in limits if x), self.batch_size)
-        fingerprint = tokenizer_info(tok, "base")["fingerprint"]
+        fingerprint = encoding_fingerprint(tok)  # the decoders' scores are of this encoding's prompt ids
         base_side = knn_side(knnlm, self.scored_temperatures) if knnlm is not None else lm_side(model, vocab, "base")
         self._score_general(name, model, vocab, knnlm)
         has_knn = knnlm is not None
@@ -325,10 +325,11 @@ def general_text(spec, max_tokens, tokenizers: dict, models: list[str], max_leng
     every model (read from their configs); every base must share the first base's tokenizer."""
     if spec is None:
         return None
-    fingerprints = {ref: tokenizer_info(tok, ref)["fingerprint"] for ref, tok in tokenizers.items()}
-    if len(set(fingerprints.values())) > 1:
+    encodings = {ref: encoding_fingerprint(tok) for ref, tok in tokenizers.items()}  # one token stream for all
+    if len(set(encodings.values())) > 1:
         raise ValueError(
-            f"--general.text needs bases of one tokenizer (fingerprints {fingerprints}); drop --general.text."
+            f"--general.text needs bases whose tokenizers encode text alike (encoding fingerprints {encodings}); "
+            "drop --general.text."
         )
     window = min([max_length] + [n for n in (context_length(model_config(m)) for m in models) if n])
     return GeneralText(spec, next(iter(tokenizers.values())), max_tokens, window, batch_size)

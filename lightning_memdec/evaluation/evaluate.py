@@ -39,7 +39,7 @@ from lightning_memdec.io.artifact_dirs import check_writable_dir, keep_earlier_r
 from lightning_memdec.io.embedded import load_tokenizer
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.token_corpus import Corpus
-from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, tokenizer_info
+from lightning_memdec.io.tokenizer_identity import check_same_tokenizer, encoding_fingerprint, tokenizer_info
 from lightning_memdec.kernels.scoring import (
     DEFAULT_LAMBDA_GRID,
     DEFAULT_TEMPERATURE_GRID,
@@ -122,7 +122,7 @@ def evaluate(
         rows.append(
             report_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) | router_columns(lp["test"]) | knn_choice
         )
-        fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
+        fingerprint = encoding_fingerprint(tok)  # what the splits' text became: their audit is the encoding's
         if fingerprint not in audits:
             split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
             training = [text_tokens(ref, tok) for ref in overlap_refs]
@@ -183,7 +183,7 @@ class _Scorer:
         return model, tok
 
     def tokens(self, tok, split: str) -> np.ndarray:
-        key = (tokenizer_info(tok, tokenizer_name(tok))["fingerprint"], split)
+        key = (encoding_fingerprint(tok), split)  # not the vocabulary's: another normaliser gives other ids
         if key not in self._tokens:
             self._tokens[key] = text_tokens(self.splits[split], tok, self.max_tokens)
             self.positions.setdefault(split, int(len(self._tokens[key]) - 1))
@@ -194,7 +194,7 @@ class _Scorer:
         router, its λ per position ("router_lambda", from the same base pass when there is no kNN-LM)."""
         for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
             mixture_vocab(model, decoder, tok, decoder_tok or tok)
-        fingerprint = tokenizer_info(tok, tokenizer_name(tok))["fingerprint"]
+        fingerprint = encoding_fingerprint(tok)  # the decoders scored the ids of this encoding
         lp: dict[str, dict[str, np.ndarray]] = {}
         for split, spec in self.splits.items():
             tokens = self.tokens(tok, split)

@@ -29,7 +29,7 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.settings import DatasetRows
 from lightning_memdec.io.text_pieces import PIECE_CHARS, cuts_are_safe, safe_pieces
 from lightning_memdec.io.text_sources import open_documents, open_rows
-from lightning_memdec.io.tokenizer_identity import tokenizer_info
+from lightning_memdec.io.tokenizer_identity import encoding_fingerprint, tokenizer_info
 
 SEPARATIONS = ("eos", "official")
 TOKENS = "tokens.npy"
@@ -159,8 +159,11 @@ def tokenize(
     if separation == "eos" and tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS token to separate documents; set tokenizer.eos_token.")
     info = tokenizer_info(tok, tokenizer)  # its vocabulary's fingerprint, not its name: another tokenizer at the path
-    # is another run; every setting always (one a record lacks is compared, one this run lacks is not: same_settings)
-    run_config = {"sources": sources, "tokenizer": info, "max_tokens": max_tokens, "separation": separation}
+    # is another run, and so is one of the same vocabulary that encodes text otherwise (a normaliser, a BOS rule); every
+    # setting always (one a record lacks is compared, one this run lacks is not: same_settings)
+    encoding = encoding_fingerprint(tok)
+    run_config = {"sources": sources, "tokenizer": info, "encoding": encoding, "max_tokens": max_tokens,
+                  "separation": separation}  # fmt: skip
     work = start_work_dir(out, run_config, overwrite)
 
     start = time.perf_counter()
@@ -170,7 +173,7 @@ def tokenize(
     else:
         pieces = encode_stream(documents, tok, max_tokens, batch_documents, num_proc, token_dtype(info["vocab_size"]))
     provenance = {"separation": separation} if separation != "eos" else {}
-    out = write_corpus(work, out, pieces, info, sources=sources, max_tokens=max_tokens, **provenance)
+    out = write_corpus(work, out, pieces, info, sources=sources, max_tokens=max_tokens, encoding=encoding, **provenance)
     meta, seconds = read_meta(out), time.perf_counter() - start
     print(
         f"tokenized {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {seconds:.1f} s: "
