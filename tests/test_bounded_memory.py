@@ -66,7 +66,8 @@ def test_rows_written_in_pieces_equal_one_save(tmp_path, rows_file):
 
 def test_merge_streams_chunks_in_memory_of_one_chunk(tmp_path):
     from lightning_memdec.io.readers import IDS, OFFSETS, PROBS
-    from lightning_memdec.stages.target_chunks import CHUNKS, merge_chunks
+    from lightning_memdec.stages.chunk_ranges import mark_done
+    from lightning_memdec.stages.target_chunks import CHUNKS, chunk_file, merge_chunks
 
     rng = np.random.default_rng(0)
     chunks = []
@@ -76,10 +77,11 @@ def test_merge_streams_chunks_in_memory_of_one_chunk(tmp_path):
         chunk = {"counts": counts, "ids": rng.integers(0, 50_000, counts.sum(), dtype=np.int32)}
         chunk["probs"] = rng.random(counts.sum()).astype(np.float16)
         for name, arr in chunk.items():
-            np.save(tmp_path / CHUNKS / f"{c:09d}.{name}.npy", arr)
+            np.save(chunk_file(tmp_path, (500 * c, 500 * c + 500), name), arr)
+        mark_done(tmp_path, 500 * c, 500 * c + 500)
         chunks.append(chunk)
     tracemalloc.start()
-    num_positions, nnz = merge_chunks(tmp_path, len(chunks))
+    num_positions, nnz = merge_chunks(tmp_path, 500 * len(chunks))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     counts = np.concatenate([c["counts"] for c in chunks])

@@ -125,7 +125,7 @@ def test_a_disk_short_of_the_worst_case_warns_and_the_measured_support_decides(t
     it runs to the end."""
     import lightning_memdec.stages.targets_disk as targets_disk
     from lightning_memdec.io.readers import Datastore, Targets
-    from lightning_memdec.stages.chunked_predict import done_chunks
+    from lightning_memdec.stages.chunk_ranges import done_ranges
 
     n, k = len(Datastore(biomed_datastore)), 16
     settings = dict(knn=KNNTargets(k=k), search=TargetSearch(backend="exact", chunk_size=512))
@@ -136,7 +136,7 @@ def test_a_disk_short_of_the_worst_case_warns_and_the_measured_support_decides(t
     with pytest.raises(ResourceError, match=r"at the \d+\.\d entries a position measured over 512 positions, the rest"):
         build_targets(biomed_datastore, None, tmp_path / "t", **settings)
     assert "the run goes on, and stops (resumable)" in caplog.text
-    assert done_chunks(partial_dir(tmp_path / "t")) == {0}  # the chunk searched is saved, not lost
+    assert done_ranges(partial_dir(tmp_path / "t")) == [(0, 512)]  # the chunk searched is saved, not lost
     from lightning_memdec.io.capacity import allocated_bytes
 
     written = sum(allocated_bytes(f) for f in partial_dir(tmp_path / "t").rglob("*") if f.is_file())

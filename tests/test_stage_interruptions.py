@@ -13,9 +13,10 @@ from test_datastore import Interrupt, SimulatedKill
 
 from lightning_memdec.io.artifact_dirs import ArtifactError, Interrupted, partial_dir
 from lightning_memdec.io.token_corpus import Corpus, position_windows
-from lightning_memdec.stages.chunked_predict import done_chunks
+from lightning_memdec.stages.chunk_ranges import done_ranges
 from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
+from lightning_memdec.stages.target_chunks import chunk_file
 from lightning_memdec.stages.targets import build_targets
 
 TARGET_FILES = ("offsets.npy", "ids.npy", "probs.npy")
@@ -63,9 +64,10 @@ def test_sigterm_stops_build_targets_and_the_rerun_resumes(tmp_path, biomed_data
     with pytest.raises(Interrupted) as stopped:
         build_targets(biomed_datastore, biomed_index, out, callbacks=[Sigterm(after=2)], **TARGETS)
     assert stopped.value.code == 128 + signal.SIGTERM
-    assert "interrupted (SIGTERM) with 2 of 6 chunks done: run the same command again to resume" in str(stopped.value)
+    said = "interrupted (SIGTERM) with 1,024 of 2,999 positions done: run the same command again to resume"
+    assert said in str(stopped.value)
     assert "interrupted (SIGTERM)" in capsys.readouterr().err
-    assert done_chunks(partial_dir(out)) == {0, 1} and not out.exists()  # the chunks in hand saved, nothing published
+    assert done_ranges(partial_dir(out)) == [(0, 512), (512, 1024)] and not out.exists()  # the chunks in hand saved
     build_targets(biomed_datastore, biomed_index, out, **TARGETS)
     assert same_files(out, reference_targets, TARGET_FILES)
 
@@ -83,10 +85,10 @@ def test_a_sigterm_just_before_prediction_starts_stops_before_any_chunk(tmp_path
 
     monkeypatch.setattr(KNNTargetSearcher, "predict_dataloader", sigterm_then_build)
     out = tmp_path / "t"
-    with pytest.raises(Interrupted, match="with 0 of 6 chunks done"):
+    with pytest.raises(Interrupted, match="with 0 of 2,999 positions done"):
         build_targets(biomed_datastore, biomed_index, out, **TARGETS)
     monkeypatch.undo()
-    assert done_chunks(partial_dir(out)) == set() and not out.exists()
+    assert done_ranges(partial_dir(out)) == [] and not out.exists()
     build_targets(biomed_datastore, biomed_index, out, **TARGETS)
     assert same_files(out, reference_targets, TARGET_FILES)
 
@@ -101,11 +103,13 @@ def test_sigterm_stops_build_datastore_and_the_rerun_resumes(tmp_path, biomed_co
     after = after if after > 0 else -(-len(windows) // 4)
     with pytest.raises(Interrupted, match="run the same command again to resume"):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Sigterm(after)], **STORE)
-    assert len(done_chunks(partial_dir(out))) == after and not out.exists()
+    assert len(done_ranges(partial_dir(out))) == after and not out.exists()
     with caplog.at_level(logging.INFO, logger="lightning_memdec.stages.chunked_predict"):
         build_datastore(biomed_corpus, str(tiny_gpt2), out, **STORE)
-    chunks = -(-len(windows) // STORE["windows"].batch_size)
-    said = f"resuming with {after} of {chunks} chunks done; the progress bar counts the {chunks - after} left"
+    size = STORE["windows"].batch_size
+    chunks, done = -(-len(windows) // size), min(after * size, len(windows))
+    left = f"the progress bar counts the {chunks - after} chunks left"
+    said = f"resuming with {done:,} of {len(windows):,} windows done; {left}"
     assert said in caplog.text
     assert same_files(out, biomed_datastore, STORE_FILES)
 
@@ -115,20 +119,22 @@ def test_damaged_chunks_are_computed_again_at_resume(tmp_path, biomed_datastore,
     out = tmp_path / "t"
     with pytest.raises(SimulatedKill):
         build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=6)], **TARGETS)
-    chunks = partial_dir(out) / "chunks"
-    (chunks / "000000000.probs.npy").unlink()  # a manual cleanup
-    os.truncate(chunks / "000000001.ids.npy", 100)  # a disk error
-    np.save(chunks / "000000002.probs.npy", np.zeros(1, np.float16))  # a file of the wrong length
-    with open(chunks / "000000003.ids.npy", "ab") as ids:  # bytes past what its header promises
+    work = partial_dir(out)
+    (chunk_file(work, (0, 512), "probs")).unlink()  # a manual cleanup
+    os.truncate(chunk_file(work, (512, 1024), "ids"), 100)  # a disk error
+    np.save(chunk_file(work, (1024, 1536), "probs"), np.zeros(1, np.float16))  # a file of the wrong length
+    with open(chunk_file(work, (1536, 2048), "ids"), "ab") as ids:  # bytes past what its header promises
         ids.write(b"\0" * 8)
-    counts = np.load(chunks / "000000004.counts.npy")  # one position too many, the entries still adding up
-    np.save(chunks / "000000004.counts.npy", np.append(counts, counts.dtype.type(0)))
-    np.save(chunks / "000000005.ids.npy", np.load(chunks / "000000005.ids.npy").astype(np.int64))  # ids widened
+    counts = np.load(chunk_file(work, (2048, 2560), "counts"))  # one position too many, the entries still adding up
+    np.save(chunk_file(work, (2048, 2560), "counts"), np.append(counts, counts.dtype.type(0)))
+    widened = np.load(chunk_file(work, (2560, 2999), "ids")).astype(np.int64)
+    np.save(chunk_file(work, (2560, 2999), "ids"), widened)  # ids widened
     with caplog.at_level(logging.WARNING):
         build_targets(biomed_datastore, biomed_index, out, **TARGETS)
-    assert "6 finished chunks" in caplog.text and "chunk 1: 000000001.ids.npy is truncated" in caplog.text
-    assert "chunk 3: 000000003.ids.npy has" in caplog.text
-    assert "chunk 4: its counts cover 513 positions, the chunk has 512" in caplog.text
+    truncated = f"positions 512-1024: {chunk_file(work, (512, 1024), 'ids').name} is truncated"
+    assert "6 finished chunks" in caplog.text and truncated in caplog.text
+    assert f"positions 1536-2048: {chunk_file(work, (1536, 2048), 'ids').name} has" in caplog.text
+    assert "positions 2048-2560: its counts cover 513 positions, the chunk has 512" in caplog.text
     assert "; and 1 more)" in caplog.text  # chunk 5, the widened ids: five are named
     assert same_files(out, reference_targets, TARGET_FILES)
 
@@ -139,7 +145,7 @@ def test_whole_chunks_and_a_short_last_one_are_kept_at_resume(tmp_path, biomed_d
     out = tmp_path / "t"
     with pytest.raises(SimulatedKill):
         build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=6)], **TARGETS)
-    assert done_chunks(partial_dir(out)) == set(range(6))  # 2,999 positions: five chunks of 512 and one of 439
+    assert done_ranges(partial_dir(out)) == [(lo, min(lo + 512, 2999)) for lo in range(0, 2999, 512)]  # last: 439
     with caplog.at_level(logging.WARNING):
         build_targets(biomed_datastore, biomed_index, out, **TARGETS)
     assert "damaged" not in caplog.text
@@ -182,7 +188,7 @@ def test_nan_keys_are_named_before_any_search(tmp_path, biomed_datastore, biomed
     settings = dict(knn=EXACT["knn"], search=TargetSearch(chunk_size=512, backend=backend))
     with pytest.raises(ArtifactError, match=r"keys.npy\): 11 keys are NaN or inf, the first at position 100;.*rebuild"):
         build_targets(store, index, tmp_path / "t", **settings)
-    assert not (partial_dir(tmp_path / "t") / "chunks" / "000000000.ids.npy").exists()
+    assert not list((partial_dir(tmp_path / "t") / "chunks").glob("*.ids.npy"))
 
 
 def test_nan_keys_past_the_first_block_are_named_at_their_position(tmp_path, biomed_datastore):

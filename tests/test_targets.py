@@ -13,7 +13,7 @@ from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.readers import Datastore, Targets
 from lightning_memdec.io.token_corpus import tokenize
 from lightning_memdec.retrieval.settings import IndexSettings
-from lightning_memdec.stages.chunked_predict import done_chunks
+from lightning_memdec.stages.chunk_ranges import done_ranges, range_name
 from lightning_memdec.stages.datastore import build_datastore
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch, Windows
 from lightning_memdec.stages.targets import build_targets
@@ -166,7 +166,7 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path, biomed_datastore, bio
     with pytest.raises(SimulatedKill):
         build_targets(biomed_datastore, biomed_index, out, callbacks=[Interrupt(after=2)], **kwargs)
     assert partial_dir(out).exists() and not out.exists()
-    assert done_chunks(partial_dir(out)) == {0, 1}  # ...when the run failed: it waited for them
+    assert done_ranges(partial_dir(out)) == [(0, 512), (512, 1024)]  # ...when the run failed: it waited for them
     monkeypatch.setattr(target_chunks, "save_npy", save)
     build_targets(biomed_datastore, biomed_index, out, **kwargs)
     for name in ("offsets.npy", "ids.npy", "probs.npy"):
@@ -187,7 +187,7 @@ def test_a_resume_against_a_rebuilt_index_is_refused_naming_it(tmp_path, biomed_
                 overwrite=True)  # fmt: skip
     with pytest.raises(ArtifactError, match="different settings \\(index: .*; nprobe: 2 there, 4 here\\)"):
         build_targets(biomed_datastore, index, out, **kwargs)
-    assert done_chunks(partial_dir(out))  # kept for a rerun against the index they came from
+    assert done_ranges(partial_dir(out))  # kept for a rerun against the index they came from
     assert build_targets(biomed_datastore, index, out, overwrite=True, **kwargs) == out
 
 
@@ -222,11 +222,12 @@ def test_a_failed_chunk_save_on_the_writer_thread_fails_the_run(tmp_path, biomed
 
     import lightning_memdec.stages.target_chunks as target_chunks
 
-    last = (len(Datastore(biomed_datastore)) - 1) // 512  # the last chunk's save fails: only the end's wait sees it
+    n = len(Datastore(biomed_datastore))
+    last = (n - 1) // 512  # the last chunk's save fails: only the end's wait sees it
     save = target_chunks.save_npy
 
     def disk_full_at_the_end(path, array):
-        if Path(path).name.startswith(f"{last:09d}."):
+        if Path(path).name.startswith(f"{range_name(last * 512, n)}."):
             raise OSError("No space left on device")
         save(path, array)
 
@@ -235,7 +236,8 @@ def test_a_failed_chunk_save_on_the_writer_thread_fails_the_run(tmp_path, biomed
     kwargs = dict(knn=KNNTargets(k=16, temperature=4.0), search=TargetSearch(chunk_size=512))
     with pytest.raises(OSError, match="No space left"):
         build_targets(biomed_datastore, biomed_index, out, **kwargs)
-    assert last >= 2 and done_chunks(partial_dir(out)) == set(range(last)) and not out.exists()
+    assert last >= 2 and done_ranges(partial_dir(out)) == [(c * 512, c * 512 + 512) for c in range(last)]
+    assert not out.exists()
 
 
 @pytest.mark.multiprocess

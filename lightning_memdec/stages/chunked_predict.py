@@ -1,9 +1,12 @@
 """Resumable, multi-device chunked jobs on top of Lightning's ``Trainer.predict``.
 
-A long stage (datastore keys, kNN targets) is cut into numbered chunks whose content depends on the
-chunk number alone, never on which rank computes it or how many ranks there are, so a run on N devices,
-a run on one, and a killed-then-resumed run all produce the same bytes. Each finished chunk leaves a
-marker file in ``<work>/progress``; a resumed run (with any number of ranks) skips the marked chunks.
+A long stage (datastore keys, kNN targets) is cut into chunks of consecutive items (windows, query positions) whose
+content depends on the chunk's item range alone, never on which rank computes it or how many ranks there are, so a
+run on N devices, a run on one, and a killed-then-resumed run with the same chunk size all produce the same bytes.
+Each finished chunk leaves a marker of its range in ``<work>/progress`` (:mod:`~stages.chunk_ranges`); a resumed run
+(with any number of ranks) cuts the items no marker covers into chunks of its own chunk size, so a resume with
+another size (the fix for a CUDA OOM in a chunk) keeps every finished chunk: its rows are then computed by batches
+of other shapes, equal to an uninterrupted run's within floating-point tolerance (BLAS may block differently).
 SIGTERM (``timeout``, ``docker stop``, a scheduler's preemption) stops the run once the chunks in hand are saved
 (:class:`SigtermStop`).
 """
@@ -11,8 +14,6 @@ SIGTERM (``timeout``, ``docker stop``, a scheduler's preemption) stops the run o
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
 import threading
 import warnings
@@ -27,68 +28,41 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_memdec.io.artifact_dirs import Interrupted
 from lightning_memdec.io.shared_filesystem import SharedFilesystemCheck
+from lightning_memdec.stages.chunk_ranges import Span, done_ranges, gaps, items_done, pending_chunks, progress_dir
 
 log = logging.getLogger(__name__)
-PROGRESS = "progress"
 # A rank with no chunk left (fewer unfinished chunks than ranks) still runs one step, on this placeholder:
 # Lightning refuses a zero-length loader on one rank, and the collective start-up needs every rank anyway.
-IDLE_CHUNK = -1
-# Chunks carry their own ids, so Lightning's batch-index bookkeeping is not needed.
+IDLE_CHUNK = (-1, -1)
+# Chunks carry their own ranges, so Lightning's batch-index bookkeeping is not needed.
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
 
 
-def progress_dir(work: Path) -> Path:
-    return Path(work) / PROGRESS
-
-
-def done_chunks(work: Path) -> set[int]:
-    directory = progress_dir(work)
-    if not directory.is_dir():
-        return set()
-    return {int(name) for name in os.listdir(directory) if name.isdigit()}
-
-
-def mark_done(work: Path, chunk: int) -> None:
-    directory = progress_dir(work)
-    directory.mkdir(exist_ok=True)
-    (directory / f"{chunk:09d}").touch()
-
-
-def unmark(work: Path, chunks) -> None:
-    """Forget ``chunks``' markers, so a resumed run computes them again (their files were found damaged)."""
-    for chunk in chunks:
-        (progress_dir(work) / f"{chunk:09d}").unlink(missing_ok=True)
-
-
-def finish_chunks(work: Path, num_chunks: int) -> None:
-    """Check every chunk is done. The markers stay until :func:`drop_progress`, so a kill in the final steps
-    (merge, values) resumes there instead of recomputing every chunk."""
-    missing = num_chunks - len(done_chunks(work))
+def finish_chunks(work: Path, total: int, unit: str = "items") -> None:
+    """Check every item is done. The markers stay until :func:`~stages.chunk_ranges.drop_progress`, so a kill in the
+    final steps (merge, values) resumes there instead of recomputing every chunk."""
+    missing = sum(b - a for a, b in gaps(done_ranges(work), total))
     if missing:
         raise RuntimeError(
-            f"{missing} of {num_chunks} chunks are unfinished in {work}; run the command again to resume."
+            f"{missing:,} of {total:,} {unit} are unfinished in {work}; run the command again to resume."
         )
 
 
-def drop_progress(work: Path) -> None:
-    """Remove the progress markers: the last step before the artefact is published."""
-    shutil.rmtree(progress_dir(work), ignore_errors=True)
-
-
-def pending_for_rank(num_chunks: int, work: Path, rank: int, world_size: int) -> list[int]:
-    """Chunks this rank still has to do: a round-robin share of the unfinished ones."""
-    done = done_chunks(work)
-    todo = [c for c in range(num_chunks) if c not in done]
+def pending_for_rank(total: int, chunk_size: int, work: Path, rank: int, world_size: int, unit: str = "items"):
+    """Chunks (item ranges) this rank still has to do: a round-robin share of the work left."""
+    done = done_ranges(work)
+    todo = pending_chunks(total, chunk_size, done)
     if done and rank == 0:  # the progress bar counts only this run's chunks: say where the run stands
-        log.info("resuming with %d of %d chunks done; the progress bar counts the %d left", len(done), num_chunks,
-                 len(todo))  # fmt: skip
+        log.info("resuming with %s of %s %s done; the progress bar counts the %d chunks left",
+                 f"{items_done(done, total):,}", f"{total:,}", unit, len(todo))  # fmt: skip
     return todo[rank::world_size]
 
 
 class ChunkDataset(Dataset):
-    """One item per chunk; ``make_item`` builds the whole chunk (batching is the chunk itself)."""
+    """One item per chunk: its items [``lo``, ``hi``), its place ``order`` in the loader, and what ``make_item(lo,
+    hi)`` builds of the whole chunk (batching is the chunk itself)."""
 
-    def __init__(self, chunks: Sequence[int], make_item: Callable[[int], dict[str, Any]]):
+    def __init__(self, chunks: Sequence[Span], make_item: Callable[[int, int], dict[str, Any]]):
         self.chunks = list(chunks)
         self.make_item = make_item
 
@@ -96,14 +70,15 @@ class ChunkDataset(Dataset):
         return len(self.chunks)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if self.chunks[i] == IDLE_CHUNK:
-            return {"chunk": IDLE_CHUNK}
-        return {"chunk": self.chunks[i], **self.make_item(self.chunks[i])}
+        lo, hi = self.chunks[i]
+        if (lo, hi) == IDLE_CHUNK:
+            return {"lo": lo, "hi": hi, "order": i}
+        return {"lo": lo, "hi": hi, "order": i, **self.make_item(lo, hi)}
 
 
 def is_idle(batch: dict[str, Any]) -> bool:
     """True for the placeholder step of a rank with nothing to do: predict_step returns None, writers skip it."""
-    return int(batch["chunk"]) == IDLE_CHUNK
+    return int(batch["lo"]) == IDLE_CHUNK[0]
 
 
 class UntilStopped(Sampler[int]):
@@ -126,19 +101,26 @@ class UntilStopped(Sampler[int]):
 
 
 def chunk_loader(
-    module: L.LightningModule, num_chunks: int, work: Path, make_item, num_workers: int = 0, every_rank: bool = False
+    module: L.LightningModule,
+    total: int,
+    chunk_size: int,
+    work: Path,
+    make_item,
+    every_rank: bool = False,
+    unit: str = "items",
 ) -> DataLoader:
-    """The unfinished chunks of this rank: a round-robin share, or all of them on ``every_rank`` (for jobs whose
-    ranks each do part of every chunk, such as a search over keys sharded by rank: their steps must call
-    :func:`agree_to_stop`, so that all ranks stop on SIGTERM after the same chunk)."""
+    """The unfinished chunks of ``total`` items (``unit``: what they are, in messages) of this rank, cut
+    ``chunk_size`` items at most: a round-robin share, or all of them on ``every_rank`` (for jobs whose ranks each
+    do part of every chunk, such as a search over keys sharded by rank: their steps must call :func:`agree_to_stop`,
+    so that all ranks stop on SIGTERM after the same chunk; the chunk's ``order`` says which rank owns it)."""
     trainer = module.trainer
     rank, ranks = (0, 1) if every_rank else (trainer.global_rank, trainer.world_size)
-    chunks = pending_for_rank(num_chunks, work, rank, ranks) or [IDLE_CHUNK]
+    chunks = pending_for_rank(total, chunk_size, work, rank, ranks, unit) or [IDLE_CHUNK]
     stop = sigterm_stop(trainer)
     if stop is not None:
-        stop.num_chunks, stop.collective = num_chunks, every_rank
+        stop.total, stop.unit, stop.collective = total, unit, every_rank
     sampler = UntilStopped(len(chunks), stop)
-    return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, sampler=sampler, num_workers=num_workers)
+    return DataLoader(ChunkDataset(chunks, make_item), batch_size=None, sampler=sampler)
 
 
 IN_FLIGHT = 2  # chunks a BackgroundWriter may hold unsaved while the next is computed
@@ -211,7 +193,7 @@ class SigtermStop(L.Callback):
         self.agreed = False  # collective steps: some rank had received it at the last agreement
         self.collective = False  # every rank does part of every chunk: only the agreed decision counts
         self.cut_short = False  # the loader stopped before this rank's last chunk
-        self.num_chunks = 0
+        self.total, self.unit = 0, "items"  # the job's items, for the message of a stopped run
         self.launcher = None
         self.previous = None  # the handler :meth:`install` replaced, for :meth:`uninstall`
         self.installed = False
@@ -258,10 +240,11 @@ def agree_to_stop(module: L.LightningModule) -> None:
         stop.agreed = module.trainer.strategy.reduce_boolean_decision(stop.requested, all=False)
 
 
-def interrupted(work: Path, num_chunks: int, trainer: L.Trainer) -> Interrupted:
+def interrupted(work: Path, stop: SigtermStop, trainer: L.Trainer) -> Interrupted:
     """The error a stopped run raises (:meth:`Interrupted.said`: its message printed too)."""
+    done = items_done(done_ranges(work), stop.total)
     message = (
-        f"interrupted (SIGTERM) with {len(done_chunks(work))} of {num_chunks} chunks done: run the same command "
+        f"interrupted (SIGTERM) with {done:,} of {stop.total:,} {stop.unit} done: run the same command "
         f"again to resume (the finished chunks are kept in {work})."
     )
     return Interrupted.said(message, trainer.global_rank, trainer.world_size)
@@ -303,5 +286,5 @@ def run_sharded_predict(
     finally:
         stop.uninstall()
     if stop.stopped():
-        raise interrupted(work, stop.num_chunks, trainer)
+        raise interrupted(work, stop, trainer)
     return trainer

@@ -2,7 +2,8 @@
 
 Entry ``i`` is position ``i`` of the corpus. Keys are computed over sliding windows so every entry has at
 least ``window - stride + 1`` tokens of context; batches of windows are the resumable chunks, spread over
-devices by :mod:`lightning_memdec.stages.chunked_predict`.
+devices by :mod:`lightning_memdec.stages.chunked_predict` and kept by their ranges of windows, so a resume may use
+another ``--windows.batch_size``. Each window's keys go to their global rows, whichever chunk computed them.
 """
 
 from __future__ import annotations
@@ -39,14 +40,18 @@ from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import KEYS, VALUES, check_finite_keys
 from lightning_memdec.io.token_corpus import Corpus, position_windows
 from lightning_memdec.io.tokenizer_identity import check_head_covers_vocab, check_same_tokenizer, tokenizer_info
+from lightning_memdec.stages.chunk_ranges import (
+    convert_number_markers,
+    done_ranges,
+    drop_progress,
+    mark_done,
+    recorded_setting,
+)
 from lightning_memdec.stages.chunked_predict import (
     BackgroundWriter,
     chunk_loader,
-    done_chunks,
-    drop_progress,
     finish_chunks,
     is_idle,
-    mark_done,
     run_sharded_predict,
 )
 from lightning_memdec.stages.settings import Hardware, Windows
@@ -92,10 +97,9 @@ class KeyExtractor(L.LightningModule):
     def predict_dataloader(self):
         corpus = Corpus(self.corpus_dir)
         windows = position_windows(corpus.num_positions, self.window, self.stride)
-        num_chunks = -(-len(windows) // self.batch_windows)
 
-        def make_item(chunk: int) -> dict:
-            sel = slice(chunk * self.batch_windows, (chunk + 1) * self.batch_windows)
+        def make_item(lo: int, hi: int) -> dict:
+            sel = slice(lo, hi)
             starts = windows.starts[sel]
             # read, not mapped: a rank's resident set would otherwise grow to the whole token file
             ids = np.stack([read_rows(corpus.tokens, s, s + self.window).astype(np.int64) for s in starts])
@@ -105,7 +109,7 @@ class KeyExtractor(L.LightningModule):
                 "score_from": torch.from_numpy(windows.score_from[sel]),
             }
 
-        return chunk_loader(self, num_chunks, self.work, make_item)
+        return chunk_loader(self, len(windows), self.batch_windows, self.work, make_item, unit="windows")
 
     @torch.inference_mode()
     def predict_step(self, batch, batch_idx):
@@ -116,7 +120,8 @@ class KeyExtractor(L.LightningModule):
         # host values only: the writer's thread must not touch device tensors (a copy there would wait for the next
         # chunk's forward, queued on the same stream)
         return {
-            "chunk": int(batch["chunk"]),
+            "lo": int(batch["lo"]),
+            "hi": int(batch["hi"]),
             "keys": cap.value.to(torch.float16).cpu().numpy(),
             "starts": batch["starts"].cpu().numpy(),
             "score_from": batch["score_from"].cpu().numpy(),
@@ -173,7 +178,7 @@ class KeyWriter(BackgroundWriter):
             check_finite_keys(keys[row, score_from:], start + score_from, f"base LM {pl_module.model_path}")
             write_rows(self.fd, self.offset, self.row_bytes, start + score_from, keys[row, score_from:])
         os.fdatasync(self.fd)
-        mark_done(self.work, int(prediction["chunk"]))
+        mark_done(self.work, int(prediction["lo"]), int(prediction["hi"]))
 
 
 @exclusive_output
@@ -196,7 +201,8 @@ def build_datastore(
         out: output datastore directory.
         layer: module path whose output is the key (integers index layer lists, -1 = last); default:
             the input of the last block's MLP for GPT-2, GPT-NeoX, Llama, Qwen2/3 and Mistral.
-        windows: the sliding windows keys are taken from; windows.batch_size is also the resumable chunk.
+        windows: the sliding windows keys are taken from; windows.batch_size is also the resumable chunk (a
+            resume may use another: its finished chunks are kept).
         hardware: the ranks the windows are spread over.
         precision: weights and forward pass in float32 (``32``), ``bf16`` or ``16``. Keys are stored in fp16
             whatever the precision; bf16/fp16 halve the model's memory and run on tensor cores, at a key error of
@@ -220,10 +226,9 @@ def build_datastore(
         "layer": layer,
         "window": windows.window,
         "stride": windows.step,
-        "batch_windows": windows.batch_size,
-        "precision": precision,
+        "precision": precision,  # not the batch size: a resume may use another (chunks are kept by their ranges)
     }
-    work = resumed_work_dir(out, run_config, overwrite, data.num_positions)
+    work = resumed_work_dir(out, run_config, overwrite, data.num_positions, len(spans))
     extractor = KeyExtractor(
         str(model), layer, str(corpus), windows.window, windows.step, windows.batch_size, str(work), precision
     )
@@ -240,8 +245,7 @@ def build_datastore(
     )
     if not trainer.is_global_zero:
         return Path(out)
-    num_chunks = -(-len(spans) // windows.batch_size)
-    finish_chunks(work, num_chunks)
+    finish_chunks(work, len(spans), "windows")
     dim = int(np.load(work / KEYS, mmap_mode="r").shape[1])
     write_values(work / VALUES, data)
     drop_progress(work)
@@ -264,11 +268,13 @@ def build_datastore(
     return publish(work, out, meta)
 
 
-def resumed_work_dir(out: Path, run_config: dict, overwrite: bool, num_entries: int) -> Path:
+def resumed_work_dir(out: Path, run_config: dict, overwrite: bool, num_entries: int, num_windows: int) -> Path:
     """The work directory (:func:`~io.artifact_dirs.start_work_dir`), its keys file checked by the rank that
-    prepares it."""
+    prepares it; the chunks of an earlier version, marked by number, first recorded by their ranges of windows, from
+    the batch size it recorded."""
     work = start_work_dir(out, run_config, overwrite)
     if not is_secondary_rank():
+        convert_number_markers(work, recorded_setting(work, "batch_windows"), num_windows)
         check_resumed_keys(work, num_entries)
     return work
 
@@ -278,7 +284,7 @@ def check_resumed_keys(work: Path, num_entries: int) -> None:
     skip the marked chunks (their rows left zero); cut short, it would fail on it. Such damage comes from outside (a
     disk error, a manual cleanup: a kill leaves none, the marker follows ``fdatasync``), and its rows cannot be told
     apart, so every chunk is computed again, with a warning naming the file."""
-    done = done_chunks(work)
+    done = done_ranges(work)
     problem = keys_file_damage(work / KEYS, num_entries) if done else None
     if problem is None:
         return

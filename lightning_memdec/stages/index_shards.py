@@ -21,7 +21,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from tqdm.auto import tqdm
 
-from lightning_memdec.io.artifact_dirs import is_secondary_rank, publish, start_work_dir
+from lightning_memdec.io.artifact_dirs import ArtifactError, is_secondary_rank, publish, start_work_dir
 from lightning_memdec.io.npy_rows import read_rows
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.readers import INDEX, Datastore, check_finite_keys
@@ -37,22 +37,36 @@ from lightning_memdec.retrieval.faiss_index import (
 )
 from lightning_memdec.retrieval.index_plan import IndexPlan, plan_index
 from lightning_memdec.retrieval.settings import IndexSettings
-from lightning_memdec.stages.chunked_predict import (
-    chunk_loader,
+from lightning_memdec.stages.chunk_ranges import (
+    Span,
+    convert_number_markers,
+    done_ranges,
     drop_progress,
-    finish_chunks,
-    is_idle,
     mark_done,
-    run_sharded_predict,
+    range_name,
+    tiling_problem,
 )
+from lightning_memdec.stages.chunked_predict import chunk_loader, finish_chunks, is_idle, run_sharded_predict
 from lightning_memdec.stages.settings import Hardware
 
 TRAINED = "trained.faissindex"
 SHARDS = "shards"
 
 
-def shard_path(work: Path, chunk: int) -> Path:
-    return Path(work) / SHARDS / f"{chunk:09d}.faissindex"
+def shard_path(work: Path, span: Span) -> Path:
+    return Path(work) / SHARDS / f"{range_name(*span)}.faissindex"
+
+
+def move_numbered_shard(work: Path):
+    """For :func:`~stages.chunk_ranges.convert_number_markers`: an earlier version's shard of chunk ``number``
+    renamed to its range's name (skipped once moved)."""
+
+    def move(number: int, start: int, stop: int) -> None:
+        old = Path(work) / SHARDS / f"{number:09d}.faissindex"
+        if old.exists():
+            os.replace(old, shard_path(work, (start, stop)))
+
+    return move
 
 
 class ShardAdder(L.LightningModule):
@@ -75,9 +89,7 @@ class ShardAdder(L.LightningModule):
         self.trained = faiss.read_index(str(trained))
 
     def predict_dataloader(self):
-        n = len(self.store)
-        make_item = lambda chunk: {"lo": chunk * self.chunk_keys, "hi": min(n, (chunk + 1) * self.chunk_keys)}
-        return chunk_loader(self, -(-n // self.chunk_keys), self.work, make_item)
+        return chunk_loader(self, len(self.store), self.chunk_keys, self.work, lambda lo, hi: {}, unit="keys")
 
     def predict_step(self, batch, batch_idx):
         if is_idle(batch):
@@ -87,7 +99,7 @@ class ShardAdder(L.LightningModule):
         check_finite_keys(rows, lo, f"datastore {self.store_dir}")
         shard = faiss.clone_index(self.trained)
         shard.add(np.ascontiguousarray(rows, dtype=np.float32))
-        return {"chunk": int(batch["chunk"]), "shard": shard}
+        return {"span": (lo, hi), "shard": shard}
 
 
 class ShardWriter(BasePredictionWriter):
@@ -103,17 +115,21 @@ class ShardWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if prediction is None:  # an idle rank's placeholder step
             return
-        path = shard_path(self.work, prediction["chunk"])
+        path = shard_path(self.work, prediction["span"])
         faiss.write_index(prediction["shard"], str(path.with_suffix(".tmp")))
         os.replace(path.with_suffix(".tmp"), path)
-        mark_done(self.work, prediction["chunk"])
+        mark_done(self.work, *prediction["span"])
 
 
-def merge_shards(work: Path, num_chunks: int) -> faiss.Index:
-    """The trained index with every chunk's shard appended in key order (ids stay global: chunk c's start + i)."""
+def merge_shards(work: Path) -> faiss.Index:
+    """The trained index with every chunk's shard appended in key order (ids stay global: the chunk's start + i)."""
+    spans = done_ranges(work)
+    problem = tiling_problem(spans, spans[-1][1] if spans else 0)
+    if problem:
+        raise ArtifactError(f"the shards in {work / SHARDS} overlap ({problem}); pass --overwrite to build afresh.")
     index = faiss.read_index(str(work / TRAINED))
-    for chunk in tqdm(range(num_chunks), desc="merge index shards", unit="shard"):
-        shard = faiss.read_index(str(shard_path(work, chunk)))
+    for span in tqdm(spans, desc="merge index shards", unit="shard"):
+        shard = faiss.read_index(str(shard_path(work, span)))
         index.merge_from(shard, 0 if is_flat(index) else index.ntotal)  # flat codes: ids are positions already
     return index
 
@@ -168,6 +184,8 @@ def build_index_sharded(
         raise ValueError(f"--chunk_keys must be positive, got {chunk_keys}.")
     run = index_run_settings(store, "faiss", plan.factory, train_size, seed, nprobe, (recall_queries, recall_k))
     work = start_work_dir(out, run | {"chunk_keys": chunk_keys}, overwrite)
+    if not is_secondary_rank():  # an earlier version's run marked its chunks by number
+        convert_number_markers(work, chunk_keys, len(store), move_numbered_shard(work))
     adder = ShardAdder(str(datastore), str(work), plan.factory, train_size, seed, chunk_keys)
     hw = hardware
     trainer = run_sharded_predict(
@@ -175,9 +193,8 @@ def build_index_sharded(
     )
     if not trainer.is_global_zero:
         return Path(out)
-    num_chunks = -(-len(store) // chunk_keys)
-    finish_chunks(work, num_chunks)
-    index = merge_shards(work, num_chunks)
+    finish_chunks(work, len(store), "keys")
+    index = merge_shards(work)
     set_nprobe(index, nprobe)
     recall = measured_recall(index, store, recall_queries, recall_k, seed) if recall_queries > 0 else None
     if recall is not None:

@@ -44,7 +44,7 @@ class Windows:
     tokens of context, but the first window's positions, which have what precedes them (windows run across document
     boundaries)"""
     batch_size: int = 8
-    """windows per forward pass"""
+    """windows per forward pass (build-datastore: also its resumable chunk; a resume may use another)"""
     flag: ClassVar[str] = "--windows"  # the flag group's name in messages (a subclass's own where it is another)
 
     def __post_init__(self):
@@ -97,7 +97,8 @@ class TargetSearch:
     """with backend exact on several ranks, each rank keeps only N/R of the keys and the ranks merge their exact
     top-k: for stores whose keys do not fit one rank's device; the same targets, at R times the queries per rank"""
     chunk_size: int = 4096
-    """query positions per search call; also the resumable chunk"""
+    """query positions per search call; also the resumable chunk (a resume may use another, e.g. lower after an
+    out-of-memory error: the finished chunks are kept)"""
     selection: str = "auto"
     """how the exact backend picks each query's candidates: topk (one topk over each key block's scores), threshold
     (the keys under a threshold sampled from the store; on a GPU with Triton a kernel that never writes the score

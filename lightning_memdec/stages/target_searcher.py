@@ -82,15 +82,11 @@ class KNNTargetSearcher(L.LightningModule):
             self.index = KeyIndex(self.index_dir, use_gpu=self.use_gpu, nprobe=self.nprobe, device=gpu)
 
     def predict_dataloader(self):
-        n = len(self.query_store)
-
-        def make_item(chunk: int) -> dict:
-            rows = np.arange(chunk * self.chunk_size, min(n, (chunk + 1) * self.chunk_size))
-            return {"rows": rows}
-
+        make_item = lambda lo, hi: {"rows": np.arange(lo, hi)}
         # sharded keys: every rank searches every chunk (against its own keys), so every rank gets every chunk
         every_rank = self.key_shard is not None
-        return chunk_loader(self, -(-n // self.chunk_size), self.work, make_item, every_rank=every_rank)
+        n = len(self.query_store)
+        return chunk_loader(self, n, self.chunk_size, self.work, make_item, every_rank=every_rank, unit="positions")
 
     def predict_step(self, batch, batch_idx):
         if is_idle(batch):
@@ -105,11 +101,11 @@ class KNNTargetSearcher(L.LightningModule):
             neighbours = self.exact_neighbours(queries, rows)
             if self.key_shard is not None:
                 agree_to_stop(self)  # every rank searches every chunk (collectives): all stop after the same one
-                if int(batch["chunk"]) % self.trainer.world_size != self.global_rank:
+                if int(batch["order"]) % self.trainer.world_size != self.global_rank:
                     return None  # every rank found the same neighbours; the chunk's owner writes its rows
             found = self.distributions(*neighbours)
         counts, tok, prob = found
-        return {"chunk": int(batch["chunk"]), "counts": counts, "ids": tok, "probs": prob}
+        return {"lo": int(batch["lo"]), "hi": int(batch["hi"]), "counts": counts, "ids": tok, "probs": prob}
 
     def search_keys(self):
         """(keys, their ‖k‖² or None) this rank searches: all keys or its shard; resident on a GPU when they fit."""

@@ -2,7 +2,8 @@
 
 p_kNN(y | x) = Σ_{j ∈ N(x), v_j = y} softmax_j(−d(x, k_j) / T), with d the squared L2 distance. Stored
 as CSR, position-aligned with the query corpus: row ``i`` is ``ids[offsets[i]:offsets[i+1]]`` with
-``probs`` (fp16) sorted by probability. Query chunks are spread over ranks like the datastore's windows;
+``probs`` (fp16) sorted by probability. Query chunks are spread over ranks like the datastore's windows, and kept
+by their ranges of positions, so a resume may use another ``--search.chunk_size`` (:mod:`~stages.chunked_predict`);
 each rank searches a replica of the FAISS index, or (``search="exact"``) all keys by blocked matrix products on its
 own device (:mod:`lightning_memdec.retrieval.exact_search`), building the sparse rows there too
 (:class:`~lightning_memdec.stages.target_searcher.KNNTargetSearcher`). Only the FAISS backend imports faiss.
@@ -39,13 +40,16 @@ from lightning_memdec.retrieval.exact_search import (
 from lightning_memdec.retrieval.index_plan import check_gpu_k, plan_index
 from lightning_memdec.retrieval.search_budget import check_search_budget, memory_budget, rerank_margin
 from lightning_memdec.retrieval.sharded_search import check_shards_hold_k
-from lightning_memdec.stages.chunked_predict import (
-    drop_progress,
-    finish_chunks,
-    run_sharded_predict,
-)
+from lightning_memdec.stages.chunk_ranges import convert_number_markers, drop_progress, recorded_setting
+from lightning_memdec.stages.chunked_predict import finish_chunks, run_sharded_predict
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch
-from lightning_memdec.stages.target_chunks import CHUNKS, ChunkFileWriter, drop_damaged_chunks, merge_chunks
+from lightning_memdec.stages.target_chunks import (
+    CHUNKS,
+    ChunkFileWriter,
+    drop_damaged_chunks,
+    merge_chunks,
+    move_numbered_files,
+)
 from lightning_memdec.stages.target_inputs import check_finite_store_keys, check_values_in_vocab
 from lightning_memdec.stages.target_searcher import KNNTargetSearcher
 from lightning_memdec.stages.targets_disk import TargetsDiskWatch, check_disk
@@ -117,12 +121,11 @@ def build_targets(
         "temperature": knn.temperature,
         "exact_distances": knn.exact_distances,
         "max_support": knn.max_support,
-        "min_prob": knn.min_prob,
-        "chunk_size": search.chunk_size,
+        "min_prob": knn.min_prob,  # not the chunk size: a resume may use another (chunks are kept by their ranges)
         "nprobe": None if backend == "exact" else knn.nprobe or index_nprobe,  # a rebuilt index: another resume
     }
     check_store(store, backend)
-    work = resumed_work_dir(out, run_config, overwrite, len(query_store), search.chunk_size)
+    work = resumed_work_dir(out, run_config, overwrite, len(query_store))
     paths = (str(query_store.dir), str(store.dir), str(index), str(work))
     settings = (k, knn.temperature, self_exclude, knn.exact_distances, knn.max_support, knn.min_prob,
                 search.chunk_size, knn.nprobe, search.use_gpu)  # fmt: skip
@@ -132,9 +135,8 @@ def build_targets(
                                   hw.num_nodes, [*watch, *callbacks])  # fmt: skip
     if not trainer.is_global_zero:
         return Path(out)
-    num_chunks = -(-len(query_store) // search.chunk_size)
-    finish_chunks(work, num_chunks)
-    num_positions, nnz = merge_chunks(work, num_chunks)
+    finish_chunks(work, len(query_store), "positions")
+    num_positions, nnz = merge_chunks(work, len(query_store))
     drop_progress(work)  # before the chunk files go: markers without their chunks would resume into nothing
     shutil.rmtree(work / CHUNKS)
     settings = {k_: run_config[k_] for k_ in ("search", "k", "temperature", "max_support", "min_prob", "nprobe")}
@@ -154,12 +156,15 @@ def check_store(store: Datastore, backend: str) -> None:
         check_finite_store_keys(store)
 
 
-def resumed_work_dir(out: Path, run_config: dict, overwrite: bool, num_positions: int, chunk_size: int) -> Path:
+def resumed_work_dir(out: Path, run_config: dict, overwrite: bool, num_positions: int) -> Path:
     """The work directory (:func:`~io.artifact_dirs.start_work_dir`), the chunks of a resumed run checked by the rank
-    that prepares it (:func:`~stages.target_chunks.drop_damaged_chunks`)."""
+    that prepares it (:func:`~stages.target_chunks.drop_damaged_chunks`); those of an earlier version, marked by
+    number, first recorded by their ranges, from the chunk size it recorded."""
     work = start_work_dir(out, run_config, overwrite)
     if not is_secondary_rank():
-        drop_damaged_chunks(work, num_positions, chunk_size)
+        chunk_size = recorded_setting(work, "chunk_size")
+        convert_number_markers(work, chunk_size, num_positions, move_numbered_files(work))
+        drop_damaged_chunks(work, num_positions)
     return work
 
 

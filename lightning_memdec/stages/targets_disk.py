@@ -64,7 +64,8 @@ class TargetsDiskWatch(L.Callback):
     """After each chunk a rank searches: the bytes still to come (its chunks not yet on disk, ``unsaved`` of them
     still being saved by its writer; the other ranks' alike; the merged copy), at the mean support this rank has
     measured, must fit the free disk; else the run stops with a :class:`~io.capacity.ResourceError` naming them,
-    its saved chunks kept (the same command resumes)."""
+    its saved chunks kept (the same command resumes). Each chunk left is counted as ``chunk_size`` positions: a
+    resume's gaps between finished ranges may leave shorter ones, so it is a bound, never short."""
 
     def __init__(self, work: Path, num_positions: int, chunk_size: int, unsaved: int = IN_FLIGHT):
         self.work, self.num_positions, self.chunk_size, self.unsaved = work, num_positions, chunk_size, unsaved
