@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_memdec.io.artifact_dirs import Interrupted
 from lightning_memdec.io.shared_filesystem import SharedFilesystemCheck
-from lightning_memdec.stages.chunk_ranges import Span, done_ranges, gaps, items_done, pending_chunks, progress_dir
+from lightning_memdec.stages.chunk_ranges import Span, done_ranges, items_done, pending_chunks, progress_dir
 
 log = logging.getLogger(__name__)
 # A rank with no chunk left (fewer unfinished chunks than ranks) still runs one step, on this placeholder:
@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
 def finish_chunks(work: Path, total: int, unit: str = "items") -> None:
     """Check every item is done. The markers stay until :func:`~stages.chunk_ranges.drop_progress`, so a kill in the
     final steps (merge, values) resumes there instead of recomputing every chunk."""
-    missing = sum(b - a for a, b in gaps(done_ranges(work), total))
+    missing = total - items_done(done_ranges(work), total)
     if missing:
         raise RuntimeError(
             f"{missing:,} of {total:,} {unit} are unfinished in {work}; run the command again to resume."
