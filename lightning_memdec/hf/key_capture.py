@@ -2,8 +2,11 @@
 
 The paper's code keys the datastore with the input of the last block's MLP: GPT-2's ``h[-1].ln_2``
 output, GPT-NeoX's ``layers[-1].post_attention_layernorm`` output, Llama/Qwen/Mistral's
-``layers[-1].post_attention_layernorm`` output. The same layer must serve the datastore and live kNN-LM
-queries, so both go through :class:`KeyCapture`.
+``layers[-1].post_attention_layernorm`` output. Any other decoder is keyed the same way without a table of its norms:
+the input of its last block's MLP module, captured by a pre-hook (a path ending in ``:input``), which is right for
+pre-norm blocks (Gemma 2/3's ``pre_feedforward_layernorm``), parallel ones (Phi, Falcon, GPT-J: the MLP reads the
+block's input norm), post-norm ones (OLMo 2: the MLP reads the residual stream) and mixtures of experts alike. The
+same layer must serve the datastore and live kNN-LM queries, so both go through :class:`KeyCapture`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+# The families whose datastores have recorded their pre-MLP norm's output since the first version (the same tensor
+# as their MLP's input); every other family: :func:`last_mlp_path` + INPUT.
 DEFAULT_KEY_LAYERS = {
     "gpt2": "transformer.h.-1.ln_2",
     "gpt_neox": "gpt_neox.layers.-1.post_attention_layernorm",
@@ -22,21 +27,52 @@ DEFAULT_KEY_LAYERS = {
     "qwen3": "model.layers.-1.post_attention_layernorm",
     "mistral": "model.layers.-1.post_attention_layernorm",
 }
+INPUT = ":input"  # a layer path ending so names the module's input, not its output
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")  # a block's MLP, as the families name it
 
 
 def default_key_layer(model: nn.Module) -> str:
+    """The key layer of ``model`` (weights or a meta-device skeleton): its family's entry in the table, else the input
+    of its last block's MLP."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_KEY_LAYERS:
+    if model_type in DEFAULT_KEY_LAYERS:
+        return DEFAULT_KEY_LAYERS[model_type]
+    mlp = last_mlp_path(model)
+    if mlp is None:
         raise ValueError(
-            f"no default key layer for model type {model_type!r}; pass --layer with a module path "
-            f"(e.g. 'model.layers.-1.post_attention_layernorm'). Known types: {sorted(DEFAULT_KEY_LAYERS)}."
+            f"no default key layer for model type {model_type!r}: no list of blocks with an MLP child named one of "
+            f"{MLP_NAMES}; pass --layer with a module path (its output is the key; end it in {INPUT!r} for its input, "
+            "e.g. 'model.layers.-1.mlp:input')."
         )
-    return DEFAULT_KEY_LAYERS[model_type]
+    return mlp + INPUT
+
+
+def default_key_layer_of_config(config) -> str:
+    """:func:`default_key_layer` from a config alone, on a weightless (meta-device) skeleton: no weights are read."""
+    if config.model_type in DEFAULT_KEY_LAYERS:
+        return DEFAULT_KEY_LAYERS[config.model_type]
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return default_key_layer(AutoModelForCausalLM.from_config(config))
+
+
+def last_mlp_path(model: nn.Module) -> str | None:
+    """``<blocks>.-1.<mlp>``: the first module list (in module order, so the decoder's blocks, not a block's experts)
+    whose last block has an MLP child; None if there is none."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            children = dict(module[-1].named_children())
+            found = next((child for child in MLP_NAMES if isinstance(children.get(child), nn.Module)), None)
+            if found is not None:
+                return f"{name}.-1.{found}"
+    return None
 
 
 def resolve_layer(model: nn.Module, path: str) -> nn.Module:
-    """The sub-module at a dotted ``path``; integer parts index module lists and may be negative."""
-    module = model
+    """The sub-module at a dotted ``path`` (its input: a path ending in ``:input``); integer parts index module lists
+    and may be negative."""
+    module, path = model, path.removesuffix(INPUT)
     for i, part in enumerate(path.split(".")):
         try:
             if part.lstrip("-").isdigit() and isinstance(module, (nn.ModuleList, nn.Sequential)):
@@ -56,7 +92,8 @@ def resolve_layer(model: nn.Module, path: str) -> nn.Module:
 
 
 class KeyCapture:
-    """Captures the output of one module during a forward pass (a forward hook, removed on exit)."""
+    """Captures the output of one module during a forward pass, or its input for a layer path ending in ``:input``
+    (a hook, removed on exit)."""
 
     def __init__(self, model: nn.Module, layer: str | None = None):
         self.layer = layer or default_key_layer(model)
@@ -66,9 +103,16 @@ class KeyCapture:
     def _hook(self, _module, _inputs, output):
         self.value = output[0] if isinstance(output, tuple) else output
 
+    def _input_hook(self, _module, args, kwargs):
+        # the hidden states: the first positional argument, or (called by keyword) the first tensor argument
+        self.value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
     @contextmanager
     def capturing(self) -> Iterator[KeyCapture]:
-        handle = self.module.register_forward_hook(self._hook)
+        if self.layer.endswith(INPUT):
+            handle = self.module.register_forward_pre_hook(self._input_hook, with_kwargs=True)
+        else:
+            handle = self.module.register_forward_hook(self._hook)
         try:
             yield self
         finally:

@@ -199,8 +199,9 @@ def build_datastore(
         corpus: corpus directory from `memdec tokenize`.
         model: base causal LM, Hugging Face name or local directory.
         out: output datastore directory.
-        layer: module path whose output is the key (integers index layer lists, -1 = last); default:
-            the input of the last block's MLP for GPT-2, GPT-NeoX, Llama, Qwen2/3 and Mistral.
+        layer: module path whose output is the key (integers index layer lists, -1 = last; ending in ``:input``:
+            the module's input); default: the input of the last block's MLP, for any decoder whose blocks have an
+            MLP child (GPT-2, GPT-NeoX, Llama, Qwen, Mistral by their norm's name, as earlier versions recorded).
         windows: the sliding windows keys are taken from; windows.batch_size is also the resumable chunk (a
             resume may use another: its finished chunks are kept).
         hardware: the ranks the windows are spread over.
@@ -325,13 +326,12 @@ def check_disk(out: Path, num_entries: int, config) -> None:
 
 
 def _default_layer_for(config, model: str) -> str:
-    from lightning_memdec.hf.key_capture import DEFAULT_KEY_LAYERS
+    from lightning_memdec.hf.key_capture import default_key_layer_of_config
 
-    if config.model_type not in DEFAULT_KEY_LAYERS:
-        raise ValueError(
-            f"no default key layer for {model!r} (model type {config.model_type!r}); pass --layer with a module path."
-        )
-    return DEFAULT_KEY_LAYERS[config.model_type]
+    try:
+        return default_key_layer_of_config(config)
+    except ValueError as err:
+        raise ValueError(f"{model!r}: {err}") from None
 
 
 def _check_model_vocab(data: Corpus, model: str, config) -> None:

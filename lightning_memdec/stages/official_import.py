@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_memdec.hf.key_capture import DEFAULT_KEY_LAYERS
+from lightning_memdec.hf.key_capture import default_key_layer_of_config
 from lightning_memdec.hf.loading import model_config
 from lightning_memdec.io.artifact_dirs import ArtifactError, base_meta, publish, start_work_dir
 from lightning_memdec.io.embedded import load_tokenizer
@@ -94,7 +94,8 @@ def import_datastore(
     check_schemas(files, schema)
     data = Corpus(corpus) if corpus is not None else None
     info = data.tokenizer if data is not None else tokenizer_info(load_tokenizer(tokenizer), tokenizer)
-    model_type = model_config(model).model_type if model is not None else None  # a wrong --model fails before the scan
+    config = model_config(model) if model is not None else None  # a wrong --model fails before the scan
+    model_type = config.model_type if config is not None else None
     num_entries, values_sha256 = scan_values(files, schema, data, info["vocab_size"])
     run_config = {
         "files": [file_identity(f) for f in files],
@@ -109,7 +110,7 @@ def import_datastore(
         "datastore",
         model=model or "official",
         model_type=model_type,
-        layer=DEFAULT_KEY_LAYERS.get(model_type, OFFICIAL_LAYER),
+        layer=official_key_layer(config),
         dim=dim,
         key_dtype="float16",
         num_entries=num_entries,
@@ -121,6 +122,17 @@ def import_datastore(
         imported_from=[{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
     )
     return publish(work, out, meta)
+
+
+def official_key_layer(config) -> str:
+    """The layer a kNN-LM over the imported store captures from the ``--model`` base: the input of its last block's
+    MLP, as the official keys are; without ``--model`` (or a model with no such block), a name no capture resolves."""
+    if config is None:
+        return OFFICIAL_LAYER
+    try:
+        return default_key_layer_of_config(config)
+    except ValueError:
+        return OFFICIAL_LAYER
 
 
 def file_identity(path: Path) -> dict:

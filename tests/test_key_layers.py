@@ -1,0 +1,132 @@
+"""The datastore key of any decoder family is the input of its last block's MLP (the paper's key), found without a
+table of each family's norms: checked against a pre-hook on the module a reader of each family's code names by hand,
+and against the norm whose output that input is, where the block has one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lightning_memdec.hf.key_capture import KeyCapture, default_key_layer, default_key_layer_of_config, resolve_layer
+from lightning_memdec.inference.knnlm import KNNLM
+from lightning_memdec.io.readers import Datastore
+from lightning_memdec.io.token_corpus import Corpus
+from lightning_memdec.stages.datastore import build_datastore
+from lightning_memdec.stages.official_import import OFFICIAL_LAYER, official_key_layer
+from lightning_memdec.stages.settings import Hardware, Windows
+
+SMALL = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=128,
+             max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+GPT_STYLE = dict(n_layer=2, n_embd=32, n_head=2, n_inner=64, n_positions=64)
+MOE = dict(num_key_value_heads=2, num_local_experts=2, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16)
+# model type, its config beyond SMALL, the module whose input the key is (by hand, from the family's code), and the
+# norm whose output that input is (None: post-norm, the MLP reads the residual stream)
+FAMILIES = [
+    ("gemma2", {"head_dim": 16, "num_key_value_heads": 2}, "model.layers.1.mlp",
+     "model.layers.1.pre_feedforward_layernorm"),
+    ("gemma3_text", {"head_dim": 16, "num_key_value_heads": 2}, "model.layers.1.mlp",
+     "model.layers.1.pre_feedforward_layernorm"),
+    ("phi", {}, "model.layers.1.mlp", "model.layers.1.input_layernorm"),  # parallel attention and MLP
+    ("phi3", {"num_key_value_heads": 2}, "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
+    ("mixtral", MOE, "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
+    ("qwen3_moe", MOE | {"head_dim": 16}, "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
+    ("olmo2", {"num_key_value_heads": 2}, "model.layers.1.mlp", None),
+    ("stablelm", {"use_parallel_residual": True, "num_key_value_heads": 2}, "model.layers.1.mlp",
+     "model.layers.1.input_layernorm"),
+    ("cohere", {"num_key_value_heads": 2}, "model.layers.1.mlp", "model.layers.1.input_layernorm"),
+    ("falcon", {"num_kv_heads": 2}, "transformer.h.1.mlp", "transformer.h.1.input_layernorm"),  # parallel
+    ("gptj", GPT_STYLE | {"rotary_dim": 8}, "transformer.h.1.mlp", "transformer.h.1.ln_1"),
+    ("bloom", {"n_layer": 2, "n_head": 2}, "transformer.h.1.mlp", "transformer.h.1.post_attention_layernorm"),
+    ("mpt", {"d_model": 32, "n_heads": 2, "n_layers": 2}, "transformer.blocks.1.ffn", "transformer.blocks.1.norm_2"),
+]  # fmt: skip
+
+
+def tiny(model_type: str, extra: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **SMALL, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def inputs_and_outputs(model, ids, input_of: str, output_of: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference: the named module's first input (a pre-hook) and the norm's output (a hook), by hand."""
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out=None):  # returns None: the module runs on its own arguments
+            seen[name] = args[0] if out is None else out
+
+        return hook
+
+    hooks = [resolve_layer(model, input_of).register_forward_pre_hook(keep("in"))]
+    if output_of is not None:
+        hooks.append(resolve_layer(model, output_of).register_forward_hook(keep("norm")))
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    return seen["in"], seen.get("norm")
+
+
+@pytest.mark.parametrize("model_type, extra, mlp, norm", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_the_default_key_of_a_family_without_a_table_entry_is_its_last_mlp_input(model_type, extra, mlp, norm):
+    model = tiny(model_type, extra)
+    layer = default_key_layer(model)
+    assert layer.endswith(":input") and default_key_layer_of_config(model.config) == layer  # weights or a skeleton
+    ids = torch.randint(3, 128, (2, 12))
+    capture = KeyCapture(model, layer)
+    with torch.no_grad(), capture.capturing():
+        model(ids)
+    expected, normed = inputs_and_outputs(model, ids, mlp, norm)
+    assert capture.value.shape == (2, 12, 32)
+    torch.testing.assert_close(capture.value, expected, rtol=0, atol=0)
+    if normed is not None:
+        torch.testing.assert_close(capture.value, normed, rtol=0, atol=0)
+
+
+def test_the_families_of_the_table_keep_their_norm_which_is_the_same_tensor():
+    """Earlier versions recorded GPT-2's and Llama's norm by name: kept (their datastores stay valid), and equal to the
+    generic capture of their MLP's input."""
+    ids = torch.randint(3, 128, (1, 10))
+    for model_type, extra, mlp in [("gpt2", GPT_STYLE, "transformer.h.-1.mlp:input"),
+                                   ("llama", {"num_key_value_heads": 2}, "model.layers.-1.mlp:input")]:  # fmt: skip
+        model = tiny(model_type, extra)
+        named, generic = KeyCapture(model), KeyCapture(model, mlp)
+        assert not named.layer.endswith(":input")
+        with torch.no_grad(), named.capturing(), generic.capturing():
+            model(ids)
+        torch.testing.assert_close(named.value, generic.value, rtol=0, atol=0)
+
+
+def test_a_model_without_blocks_of_an_mlp_is_refused_with_the_layer_syntax():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"pass --layer .* end it in ':input' for its input"):
+        default_key_layer(model)
+
+
+def test_official_import_records_the_layer_its_kNN_LM_can_capture():
+    olmo2 = AutoConfig.for_model("olmo2", **SMALL, num_key_value_heads=2)
+    assert official_key_layer(olmo2) == "model.layers.-1.mlp:input" and official_key_layer(None) == OFFICIAL_LAYER
+
+
+def test_a_post_norm_base_builds_a_datastore_and_a_knnlm_queries_it(tmp_path, biomed_corpus):
+    """OLMo 2 (post-norm: no norm's output is its MLP's input) end to end: keys are the MLP's input; kNN-LM hooks the
+    same layer and finds its dimension."""
+    from lightning_memdec.io.embedded import load_tokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("olmo2", **(SMALL | {"vocab_size": 50257}), num_key_value_heads=2)
+    model_dir = tmp_path / "olmo2"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    load_tokenizer("gpt2").save_pretrained(model_dir)
+    windows = Windows(window=64, stride=64, batch_size=4)
+    store = Datastore(build_datastore(biomed_corpus, str(model_dir), tmp_path / "ds", windows=windows,
+                                      hardware=Hardware(accelerator="cpu")))  # fmt: skip
+    assert store.meta["layer"] == "model.layers.-1.mlp:input"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.as_tensor(Corpus(biomed_corpus).window_ids(0, 64), dtype=torch.long)[None]
+    expected, _ = inputs_and_outputs(model, ids, "model.layers.1.mlp", None)
+    got = np.asarray(store.keys[:63], dtype=np.float32)
+    np.testing.assert_allclose(got, expected[0, :63].numpy(), rtol=2e-3, atol=2e-3)  # keys are stored in fp16
+    assert KNNLM(str(model_dir), store.dir, search="exact").capture.layer == store.meta["layer"]
