@@ -14,7 +14,7 @@ import shutil
 import signal
 import sys
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ def keep_earlier_report(out: str | Path, names: tuple[str, ...]) -> Path | None:
     out = Path(out)
     if not (out / "report.json").is_file():
         return None
-    stamp = datetime.fromtimestamp((out / "report.json").stat().st_mtime, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.fromtimestamp((out / "report.json").stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%SZ")
     keep = out / "earlier" / stamp
     suffix = 1
     while keep.exists():  # two reports within one second
