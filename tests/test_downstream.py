@@ -394,6 +394,19 @@ def test_verbalizers_without_a_leading_space_after_a_prompt_without_one_are_name
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         single_token_verbalizers(spaced, tok)
+        single_token_verbalizers(Task("t", "{text} It was ", "It was ", task.labels, task.verbalizers), tok)
+
+
+@pytest.mark.parametrize("template, premise, named", [("{text} It was", "It was ", "template"),
+                                                      ("{text} It was ", "It was", "domain premise")])  # fmt: skip
+def test_a_template_or_a_premise_alone_that_glues_the_verbalizers_is_named(template, premise, named):
+    """Either glues a verbalizer onto its last word: the template's prompts (p(y | x)) or the premise (PMI's
+    denominator); the warning came only when both did."""
+    from lightning_memdec.evaluation.downstream_tasks import Task, single_token_verbalizers
+
+    task = Task("t", template, premise, ["negative", "positive"], [["bad"], ["great"]])
+    with pytest.warns(UserWarning, match=rf"and the {named} end without one"):
+        single_token_verbalizers(task, load_tokenizer("gpt2"))
 
 
 @pytest.fixture(scope="module")

@@ -235,11 +235,15 @@ def single_token_verbalizers(task: Task, tokenizer, tokenizer_label: str = "the 
             stacklevel=2,
         )
     glued = [w for words in task.verbalizers for w in words if not w[:1].isspace()]
-    if glued and not task.template[-1:].isspace() and not task.domain_premise[-1:].isspace():
+    # either glues: the template's prompts give p(y | x), the premise's the PMI's denominator p(y | premise)
+    ends = [what for what, text in (("template", task.template), ("domain premise", task.domain_premise))
+            if not text[-1:].isspace()]  # fmt: skip
+    if glued and ends:
         warnings.warn(
             f"task {task.name!r}: {len(glued)} verbalizers have no leading space ({', '.join(map(repr, glued[:5]))}"
-            f"{', …' if len(glued) > 5 else ''}), and the prompts end without one: each is scored as the end of the "
-            "prompt's last word, not as a word of its own (kNN-Prompt's verbalizers start with a space).",
+            f"{', …' if len(glued) > 5 else ''}), and the {' and the '.join(ends)} end without one: each is scored "
+            "there as the end of the last word, not as a word of its own (kNN-Prompt's verbalizers start with a "
+            "space).",
             stacklevel=2,
         )
     return ids
