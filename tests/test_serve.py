@@ -352,7 +352,12 @@ def test_streamed_and_chat_logprobs_are_the_whole_reply_s(server, models):
     with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
         events = sse_events(r)
     parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
-    assert len(parts) > 1 and {k: [x for p in parts for x in p[k]] for k in whole} == pytest.approx(whole)
+    joined = {k: [x for p in parts for x in p[k]] for k in whole}
+    assert len(parts) > 1 and joined.keys() == whole.keys()
+    assert joined["tokens"] == whole["tokens"] and joined["text_offset"] == whole["text_offset"]
+    assert joined["token_logprobs"] == pytest.approx(whole["token_logprobs"])
+    assert [top.keys() for top in joined["top_logprobs"]] == [top.keys() for top in whole["top_logprobs"]]
+    assert all(a == pytest.approx(b) for a, b in zip(joined["top_logprobs"], whole["top_logprobs"], strict=True))
     messages = [{"role": "user", "content": "What is a protein?"}]
     chat = {"messages": messages, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 2}
     r = httpx.post(f"{server}/v1/chat/completions", json=chat, timeout=120)
