@@ -99,6 +99,40 @@ def test_the_families_of_the_table_keep_their_norm_which_is_the_same_tensor():
         torch.testing.assert_close(named.value, generic.value, rtol=0, atol=0)
 
 
+def test_an_image_text_model_is_keyed_in_its_language_model_not_its_vision_tower():
+    """Gemma 3's 4B-27B checkpoints load as an image-text model whose first list of blocks is the vision tower's,
+    which a text forward never runs (the datastore found no key); the key is the text decoder's last MLP input."""
+    from transformers import Gemma3Config
+
+    text = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+        sliding_window=32,
+    )
+    vision = dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
+    torch.manual_seed(0)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=120,
+                          boi_token_index=121, eoi_token_index=122)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layer = default_key_layer_of_config(config)
+    assert layer == default_key_layer(model) == "model.language_model.layers.-1.mlp:input"
+    ids = torch.randint(3, 110, (1, 10))
+    capture = KeyCapture(model, layer)
+    with torch.no_grad(), capture.capturing():
+        model(ids)
+    expected, normed = inputs_and_outputs(model, ids, "model.language_model.layers.1.mlp",
+                                          "model.language_model.layers.1.pre_feedforward_layernorm")  # fmt: skip
+    torch.testing.assert_close(capture.value, expected, rtol=0, atol=0)
+    torch.testing.assert_close(capture.value, normed, rtol=0, atol=0)
+
+
 def test_a_model_without_blocks_of_an_mlp_is_refused_with_the_layer_syntax():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"pass --layer .* end it in ':input' for its input"):

@@ -58,14 +58,17 @@ def default_key_layer_of_config(config) -> str:
 
 
 def last_mlp_path(model: nn.Module) -> str | None:
-    """``<blocks>.-1.<mlp>``: the first module list (in module order, so the decoder's blocks, not a block's experts)
-    whose last block has an MLP child; None if there is none."""
-    for name, module in model.named_modules():
+    """``<blocks>.-1.<mlp>``: in the text decoder (``get_decoder()``: an image-text model's language model, not its
+    vision tower, which a text forward never runs), the first module list (in module order, so the blocks, not a
+    block's experts) whose last block has an MLP child; None if there is none."""
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
+    prefix = next((f"{name}." if name else "" for name, module in model.named_modules() if module is decoder), "")
+    for name, module in decoder.named_modules():
         if isinstance(module, nn.ModuleList) and len(module):
             children = dict(module[-1].named_children())
             found = next((child for child in MLP_NAMES if isinstance(children.get(child), nn.Module)), None)
             if found is not None:
-                return f"{name}.-1.{found}"
+                return f"{prefix}{name}.-1.{found}"
     return None
 
 
