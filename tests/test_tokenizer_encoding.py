@@ -13,7 +13,7 @@ from tokenizers import normalizers
 from lightning_memdec.apps.quickstart_stages import check_same_settings
 from lightning_memdec.evaluation.downstream import general_text
 from lightning_memdec.evaluation.evaluate import evaluate
-from lightning_memdec.evaluation.settings import Scoring
+from lightning_memdec.evaluation.settings import EvaluateMixing, Scoring
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.embedded import load_tokenizer
@@ -42,6 +42,23 @@ def test_the_encoding_fingerprint_tells_apart_what_the_vocabulary_fingerprint_ca
     assert encoding_fingerprint(gpt2) == encoding_fingerprint(load_tokenizer("gpt2"))
 
 
+def test_the_encoding_fingerprint_is_the_pipeline_s_not_the_python_class_s(tmp_path):
+    """The same tokenizer.json loaded as GPT2Tokenizer (what a Hub GPT-2's config names) and as the shipped
+    TokenizersBackend encodes alike: one fingerprint (the class name made them two: --general.text refused the pair)."""
+    from lightning_memdec.io.embedded import ASSETS
+
+    shutil.copytree(ASSETS / "tokenizers" / "gpt2", tmp_path / "hub-like")
+    config = json.loads((tmp_path / "hub-like" / "tokenizer_config.json").read_text())
+    (tmp_path / "hub-like" / "tokenizer_config.json").write_text(
+        json.dumps(config | {"tokenizer_class": "GPT2Tokenizer"})
+    )
+    shipped, hub_like = load_tokenizer("gpt2"), load_tokenizer(str(tmp_path / "hub-like"))
+    assert type(shipped) is not type(hub_like)
+    text = " ".join(Corpus.__doc__.split()) + " Hello World, ÀÉÎ 123"
+    assert shipped(text)["input_ids"] == hub_like(text)["input_ids"]
+    assert encoding_fingerprint(shipped) == encoding_fingerprint(hub_like)
+
+
 def test_a_tokenize_rerun_with_a_tokenizer_of_the_same_vocabulary_that_encodes_otherwise_is_refused(
     tmp_path, monkeypatch
 ):
@@ -67,12 +84,44 @@ def test_evaluate_scores_each_base_on_its_own_encoding_of_the_text(tmp_path):
     lower = tmp_path / "lower"
     shutil.copytree(upper, lower)
     lowercasing_gpt2(lower)
+    decoder = save_tiny(tmp_path / "memdec", n_embd=16, n_layer=1, seed=1)
     scoring = Scoring(batch_size=4, window=32, stride=16, max_tokens=200)
-    common = {"test": "embedded:biomed/test", "scoring": scoring}
+    common = {
+        "test": "embedded:biomed/test",
+        "scoring": scoring,
+        "memdec": str(decoder),
+        "mix": EvaluateMixing(lmbda=0.4),
+    }
     both = evaluate(bases=[str(upper), str(lower)], out=tmp_path / "both", **common)
-    rows = {row["base"]: row["base_ppl"] for row in both["rows"]}
-    alone = evaluate(bases=[str(lower)], out=tmp_path / "alone", **common)["rows"][0]["base_ppl"]
-    assert rows["lower"] == pytest.approx(alone, rel=1e-9) and rows["lower"] != pytest.approx(rows["upper"], rel=1e-3)
+    rows = {row["base"]: row for row in both["rows"]}
+    alone = evaluate(bases=[str(lower)], out=tmp_path / "alone", **common)["rows"][0]
+    assert rows["lower"]["base_ppl"] != pytest.approx(rows["upper"]["base_ppl"], rel=1e-3)
+    # its own ids: the base's, the decoder's (cached per encoding) and the overlap audit's figures are the lone run's
+    assert json.dumps(rows["lower"], sort_keys=True) == json.dumps(alone, sort_keys=True)  # NaN intervals included
+
+
+def test_downstream_scores_each_base_s_decoder_column_on_its_own_encoding_of_the_prompts(tmp_path):
+    """The decoders' prompt scores were cached by the vocabulary: a second base behind a lowercasing tokenizer got
+    the first base's MemDec scores (of other ids). Its cells equal a run with it alone."""
+    from test_downstream import TEXTS, write_task_folder
+
+    from lightning_memdec.evaluation.downstream import downstream
+    from lightning_memdec.evaluation.settings import Bootstrap, Prompts
+
+    upper = save_tiny(tmp_path / "upper", n_embd=16, n_layer=1)
+    lower = tmp_path / "lower"
+    shutil.copytree(upper, lower)
+    lowercasing_gpt2(lower)
+    decoder = save_tiny(tmp_path / "memdec", n_embd=16, n_layer=1, seed=1)
+    entry = {"template": "{text} It was", "domain_premise": " It was", "labels": ["negative", "positive"],
+             "verbalizers": [[" terrible", " bad"], [" great", " good"]]}  # fmt: skip
+    records = [{"id": i, "input": {"text": t.upper()}, "label": i % 2} for i, t in enumerate(TEXTS)]
+    folder = write_task_folder(tmp_path / "tasks", entry, records, dev=False)
+    common = dict(memdec=str(decoder), prompts=Prompts(device="cpu"), bootstrap=Bootstrap(resamples=10))
+    both = downstream([str(folder)], [str(upper), str(lower)], tmp_path / "both", **common)["accuracy"]["toy"]
+    alone = downstream([str(folder)], [str(lower)], tmp_path / "alone", **common)["accuracy"]["toy"]
+    cell = f"{lower} + MemDec"
+    assert json.dumps(both[cell], sort_keys=True) == json.dumps(alone[cell], sort_keys=True)
 
 
 def test_general_text_needs_bases_that_encode_alike(tmp_path):

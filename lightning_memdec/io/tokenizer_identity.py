@@ -32,14 +32,14 @@ def encoding_fingerprint(tokenizer) -> str:
     (normaliser, pre-tokeniser, model with its merges, post-processor, added tokens), without the padding and
     truncation a call may leave set; for a tokenizer without that backend, its vocabulary, class and settings."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    if backend is not None:  # not the Python class: GPT2Tokenizer and TokenizersBackend over one file encode alike
         pipeline = json.loads(backend.to_str())
         pipeline.pop("padding", None), pipeline.pop("truncation", None)
     else:
         scalars = (str, int, float, bool, type(None))
         settings = {k: v for k, v in tokenizer.init_kwargs.items() if isinstance(v, scalars) and k not in PATH_SETTINGS}
-        pipeline = {"vocabulary": tokenizer_fingerprint(tokenizer), "settings": settings}
-    payload = json.dumps([type(tokenizer).__name__, pipeline], sort_keys=True, ensure_ascii=False)
+        pipeline = {"class": type(tokenizer).__name__, "vocabulary": tokenizer_fingerprint(tokenizer), **settings}
+    payload = json.dumps(pipeline, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
