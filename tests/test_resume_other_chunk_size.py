@@ -211,3 +211,40 @@ def test_a_resume_drops_a_range_overlapping_an_earlier_one_or_past_the_end(tmp_p
     assert "positions 20-40: it ends past the last position, 30" in caplog.text
     assert done_ranges(tmp_path) == [(0, 10), (10, 20)]
     assert not chunk_file(tmp_path, (5, 15), "ids").exists()
+
+
+def test_an_earlier_version_s_short_last_chunk_converts_to_its_range(tmp_path, caplog):
+    """Chunk c of size 512 is items [512c, min(512(c+1), N)): the last, short one ends at N, so it is kept, not
+    dropped as past the end and computed again."""
+    from lightning_memdec.stages.chunk_ranges import convert_number_markers
+
+    progress_dir(tmp_path).mkdir()
+    for number in range(6):
+        (progress_dir(tmp_path) / f"{number:09d}").touch()
+    with caplog.at_level(logging.WARNING):
+        convert_number_markers(tmp_path, 512, 2999)
+    assert done_ranges(tmp_path) == [(lo, min(lo + 512, 2999)) for lo in range(0, 2999, 512)]
+    assert sorted(os.listdir(progress_dir(tmp_path))) == [range_name(a, b) for a, b in done_ranges(tmp_path)]
+    assert "cannot be placed" not in caplog.text
+
+
+def test_a_sharded_index_build_an_earlier_version_started_resumes_to_the_one_process_index(tmp_path, biomed_datastore):
+    """Its shards and markers named by chunk number: renamed to their ranges, the rest added, the same index file
+    as `build-index`'s (a shard left under its number was not found by the merge)."""
+    from lightning_memdec.io.readers import INDEX
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.retrieval.settings import IndexSettings
+    from lightning_memdec.stages.index_shards import SHARDS, build_index_sharded, shard_path
+
+    settings = dict(plan=IndexSettings(factory="IVF16,Flat", train_size=800), recall_queries=16, recall_k=8)
+    out, chunk = tmp_path / "sharded", 700
+    with pytest.raises(SimulatedKill):
+        build_index_sharded(biomed_datastore, out, chunk_keys=chunk, callbacks=[Interrupt(after=2)], **settings)
+    work = partial_dir(out)
+    for start, stop in done_ranges(work):
+        os.replace(shard_path(work, (start, stop)), work / SHARDS / f"{start // chunk:09d}.faissindex")
+        (progress_dir(work) / range_name(start, stop)).rename(progress_dir(work) / f"{start // chunk:09d}")
+    assert sorted(os.listdir(progress_dir(work))) == ["000000000", "000000001"]
+    sharded = build_index_sharded(biomed_datastore, out, chunk_keys=chunk, **settings)
+    one = build_index(biomed_datastore, tmp_path / "one", **settings)
+    assert (sharded / INDEX).read_bytes() == (one / INDEX).read_bytes()
