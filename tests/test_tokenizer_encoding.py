@@ -13,7 +13,7 @@ from tokenizers import normalizers
 from lightning_memdec.apps.quickstart_stages import check_same_settings
 from lightning_memdec.evaluation.downstream import general_text
 from lightning_memdec.evaluation.evaluate import evaluate
-from lightning_memdec.evaluation.settings import EvaluateMixing, Scoring
+from lightning_memdec.evaluation.settings import Audit, EvaluateMixing, Scoring
 from lightning_memdec.evaluation.split_tokens import text_tokens
 from lightning_memdec.io.artifact_dirs import ArtifactError, partial_dir
 from lightning_memdec.io.embedded import load_tokenizer
@@ -91,6 +91,7 @@ def test_evaluate_scores_each_base_on_its_own_encoding_of_the_text(tmp_path):
         "scoring": scoring,
         "memdec": str(decoder),
         "mix": EvaluateMixing(lmbda=0.4),
+        "audit": Audit(overlap_with=["embedded:biomed/valid"], overlap_ngram=3),  # its figures: of each encoding
     }
     both = evaluate(bases=[str(upper), str(lower)], out=tmp_path / "both", **common)
     rows = {row["base"]: row for row in both["rows"]}
@@ -122,6 +123,12 @@ def test_downstream_scores_each_base_s_decoder_column_on_its_own_encoding_of_the
     alone = downstream([str(folder)], [str(lower)], tmp_path / "alone", **common)["accuracy"]["toy"]
     cell = f"{lower} + MemDec"
     assert json.dumps(both[cell], sort_keys=True) == json.dumps(alone[cell], sort_keys=True)
+
+    def scores(out) -> list[dict]:  # per example: the classes' DCPMI scores (the accuracy of 5 examples is coarse)
+        lines = (json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines())
+        return [line["scores"] for line in lines if line["system"] == cell]
+
+    assert scores(tmp_path / "both") == scores(tmp_path / "alone") != []
 
 
 def test_general_text_needs_bases_that_encode_alike(tmp_path):
