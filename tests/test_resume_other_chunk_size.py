@@ -248,3 +248,37 @@ def test_a_sharded_index_build_an_earlier_version_started_resumes_to_the_one_pro
     sharded = build_index_sharded(biomed_datastore, out, chunk_keys=chunk, **settings)
     one = build_index(biomed_datastore, tmp_path / "one", **settings)
     assert (sharded / INDEX).read_bytes() == (one / INDEX).read_bytes()
+
+
+def test_a_range_one_past_the_end_is_dropped_and_overlapping_markers_do_not_hide_a_gap(tmp_path):
+    """A range ending at N + 1 is past the end (the merge would refuse it); and two overlapping ranges whose lengths
+    sum to N leave items unfinished, which the stage's last check must see (not a count of marked items)."""
+    from lightning_memdec.stages.chunked_predict import finish_chunks
+
+    saved_chunks(tmp_path, [(0, 10), (10, 31)])
+    assert drop_damaged_chunks(tmp_path, 30) == [(10, 31)]
+    work = tmp_path / "overlapping"
+    work.mkdir()
+    for span in [(0, 700), (500, 1200)]:  # 1,400 marked items, 1,200 covered
+        mark_done(work, *span)
+    with pytest.raises(RuntimeError, match="200 of 1,400 positions are unfinished"):
+        finish_chunks(work, 1400, "positions")
+
+
+def test_a_damaged_chunk_of_an_earlier_version_s_run_is_computed_again(tmp_path, biomed_datastore, one_shot_targets,
+                                                                       caplog):  # fmt: skip
+    """Converted first, then checked: a truncated chunk file of the earlier version's run is found at the resume and
+    its positions searched again (not found by the merge, after the whole search)."""
+    out = tmp_path / "t"
+    with pytest.raises(SimulatedKill):
+        build_targets(biomed_datastore, None, out, callbacks=[Interrupt(after=3)], **targets_settings(SIZE))
+    work = partial_dir(out)
+    as_an_earlier_version_left_it(work, "chunk_size", SIZE, files=True)
+    damaged = work / "chunks" / "000000002.ids.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    counted = Interrupt(after=10**9)
+    with caplog.at_level(logging.WARNING):
+        build_targets(biomed_datastore, None, out, callbacks=[counted], **targets_settings(SIZE))
+    assert "positions 1024-1536" in caplog.text and "damaged" in caplog.text
+    assert counted.seen == len(pending_chunks(2999, SIZE, [(0, 1024)]))
+    assert_targets_match(out, one_shot_targets)
