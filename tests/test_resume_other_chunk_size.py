@@ -282,3 +282,31 @@ def test_a_damaged_chunk_of_an_earlier_version_s_run_is_computed_again(tmp_path,
     assert "positions 1024-1536" in caplog.text and "damaged" in caplog.text
     assert counted.seen == len(pending_chunks(2999, SIZE, [(0, 1024)]))
     assert_targets_match(out, one_shot_targets)
+
+
+def test_the_merge_refuses_a_chunk_whose_rows_are_not_its_range_s(tmp_path):
+    """Counts of 9 rows under a marker of 10 positions (a file replaced from outside): the row count is checked at
+    the merge too, before anything is written, naming the file."""
+    saved_chunks(tmp_path, [(0, 10), (10, 30)])
+    np.save(chunk_file(tmp_path, (0, 10), "counts"), np.ones(9, np.int64))
+    with pytest.raises(ArtifactError, match=r"000000000000-000000000010\.counts\.npy holds 9 rows, not 10"):
+        merge_chunks(tmp_path, 30)
+    assert not (tmp_path / "offsets.npy").exists()
+
+
+def test_a_damaged_keys_file_of_an_earlier_version_s_datastore_run_is_found_at_the_resume(tmp_path, biomed_corpus,
+                                                                                          tiny_gpt2, biomed_datastore,
+                                                                                          caplog):  # fmt: skip
+    """Its markers converted first, then the keys file checked: cut short, every chunk is computed again (with a
+    warning), not skipped with its rows left zero."""
+    out = tmp_path / "ds"
+    with pytest.raises(SimulatedKill):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, callbacks=[Interrupt(after=3)], **store_settings(4))
+    work = partial_dir(out)
+    as_an_earlier_version_left_it(work, "batch_windows", 4, files=False)
+    keys = work / "keys.npy"
+    keys.write_bytes(keys.read_bytes()[:-64])
+    with caplog.at_level(logging.WARNING):
+        build_datastore(biomed_corpus, str(tiny_gpt2), out, **store_settings(4))
+    assert "its 3 finished chunks are computed again" in caplog.text
+    assert_store_matches(out, biomed_datastore)
