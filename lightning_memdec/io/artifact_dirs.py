@@ -203,8 +203,7 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
     if is_secondary_rank():  # under torchrun/srun all ranks start together: rank 0 alone prepares the directory
         return work
     if work.exists():
-        previous = work / RUN_CONFIG
-        recorded = json.loads(previous.read_text()) if previous.is_file() else None
+        recorded = recorded_settings(work)
         if not same_settings(recorded, run_config):
             if not overwrite:
                 differences = settings_differences(recorded, run_config)
@@ -224,6 +223,12 @@ def start_work_dir(out: str | Path, run_config: dict[str, Any], overwrite: bool)
     if not (work / RUN_CONFIG).exists():
         write_json_atomic(work / RUN_CONFIG, run_config)
     return work
+
+
+def recorded_settings(work: Path) -> Any:
+    """The settings a run recorded in its work directory (None: none recorded)."""
+    path = Path(work) / RUN_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def same_settings(recorded: dict[str, Any] | None, run_config: dict[str, Any]) -> bool:
@@ -298,10 +303,9 @@ def finish_interrupted_publish(work: Path, out: Path) -> dict[str, Any] | None:
     "an unfinished run with different settings", and the old output stayed as ``<out>.old``, named nowhere."""
     trash = out.with_name(out.name + ".old")
     if (work / META).is_file():
-        recorded = work / RUN_CONFIG
-        settings = json.loads(recorded.read_text()) if recorded.is_file() else {}
+        settings = recorded_settings(work)
         swap_in(work, out)
-        return settings
+        return {} if settings is None else settings
     if trash.is_dir() and not out.exists():
         os.replace(trash, out)
     elif trash.is_dir():

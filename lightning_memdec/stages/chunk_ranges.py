@@ -9,15 +9,13 @@ turns them into ranges.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-from lightning_memdec.io.artifact_dirs import RUN_CONFIG
+from lightning_memdec.io.artifact_dirs import recorded_settings
 
 log = logging.getLogger(__name__)
 PROGRESS = "progress"
@@ -107,8 +105,7 @@ def tiling_problem(done: list[Span], total: int) -> str | None:
 
 def recorded_setting(work: Path, name: str):
     """A setting of the run recorded in ``work`` (None where not recorded)."""
-    path = Path(work) / RUN_CONFIG
-    recorded = json.loads(path.read_text()) if path.is_file() else None
+    recorded = recorded_settings(work)
     return recorded.get(name) if isinstance(recorded, dict) else None
 
 
@@ -118,13 +115,14 @@ def number_markers(work: Path) -> list[int]:
 
 
 def convert_number_markers(
-    work: Path, chunk_size: int | None, total: int, move: Callable[[int, int, int], None] = lambda *span: None
+    work: Path, chunk_size: int | None, total: int, files: Path | None = None, suffixes: tuple[str, ...] = ()
 ) -> list[Span]:
     """An unfinished run of an earlier version: its marker of chunk ``c`` (of its recorded ``chunk_size``) becomes
-    that of items [c·size, min((c+1)·size, total)). ``move(c, start, stop)`` first renames the chunk's files to the
-    range's names (it must skip a file already moved); the number marker goes last, so a kill at any step leaves it,
-    and the next resume finishes that chunk's conversion: nothing is lost. A number past the end, or without a
-    recorded size, cannot be placed: its marker goes (its chunk is computed again). Returns the ranges converted."""
+    that of items [c·size, min((c+1)·size, total)). Its files in ``files`` (``<c, 9 digits><suffix>``) are renamed
+    first to their range's names (``<start>-<stop><suffix>``; one already moved is skipped); the number marker goes
+    last, so a kill at any step leaves it, and the next resume finishes that chunk's conversion: nothing is lost. A
+    number past the end, or without a recorded size, cannot be placed: its marker goes (its chunk is computed again).
+    Returns the ranges converted."""
     converted = []
     for number in number_markers(work):
         marker = progress_dir(work) / f"{number:09d}"
@@ -133,7 +131,10 @@ def convert_number_markers(
         if start >= stop:
             log.warning("%s: chunk %d of an earlier version cannot be placed; it is computed again.", work, number)
         else:
-            move(number, start, stop)
+            for suffix in suffixes:
+                old = Path(files) / f"{number:09d}{suffix}"
+                if old.exists():
+                    os.replace(old, Path(files) / f"{range_name(start, stop)}{suffix}")
             mark_done(work, start, stop)
             converted.append((start, stop))
         marker.unlink(missing_ok=True)

@@ -51,22 +51,11 @@ from lightning_memdec.stages.settings import Hardware
 
 TRAINED = "trained.faissindex"
 SHARDS = "shards"
+SHARD_SUFFIX = ".faissindex"
 
 
 def shard_path(work: Path, span: Span) -> Path:
-    return Path(work) / SHARDS / f"{range_name(*span)}.faissindex"
-
-
-def move_numbered_shard(work: Path):
-    """For :func:`~stages.chunk_ranges.convert_number_markers`: an earlier version's shard of chunk ``number``
-    renamed to its range's name (skipped once moved)."""
-
-    def move(number: int, start: int, stop: int) -> None:
-        old = Path(work) / SHARDS / f"{number:09d}.faissindex"
-        if old.exists():
-            os.replace(old, shard_path(work, (start, stop)))
-
-    return move
+    return Path(work) / SHARDS / f"{range_name(*span)}{SHARD_SUFFIX}"
 
 
 class ShardAdder(L.LightningModule):
@@ -185,7 +174,7 @@ def build_index_sharded(
     run = index_run_settings(store, "faiss", plan.factory, train_size, seed, nprobe, (recall_queries, recall_k))
     work = start_work_dir(out, run | {"chunk_keys": chunk_keys}, overwrite)
     if not is_secondary_rank():  # an earlier version's run marked its chunks by number
-        convert_number_markers(work, chunk_keys, len(store), move_numbered_shard(work))
+        convert_number_markers(work, chunk_keys, len(store), work / SHARDS, (SHARD_SUFFIX,))
     adder = ShardAdder(str(datastore), str(work), plan.factory, train_size, seed, chunk_keys)
     hw = hardware
     trainer = run_sharded_predict(

@@ -5,8 +5,6 @@ offsets/ids/probs by rank 0."""
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,17 +87,7 @@ def chunk_file(work: Path, span: Span, piece: str) -> Path:
     return work / CHUNKS / f"{range_name(*span)}.{piece}.npy"
 
 
-def move_numbered_files(work: Path) -> Callable[[int, int, int], None]:
-    """For :func:`~stages.chunk_ranges.convert_number_markers`: an earlier version's chunk ``number`` files
-    (``<number>.<piece>.npy``) renamed to their range's names, each skipped once moved (a resumed conversion)."""
-
-    def move(number: int, start: int, stop: int) -> None:
-        for piece in PIECES:
-            old = work / CHUNKS / f"{number:09d}.{piece}.npy"
-            if old.exists():
-                os.replace(old, chunk_file(work, (start, stop), piece))
-
-    return move
+CHUNK_SUFFIXES = tuple(f".{piece}.npy" for piece in PIECES)  # a chunk's files: <range or number><suffix>
 
 
 def npy_damage(path: Path, dtype) -> tuple[np.ndarray | None, str | None]:

@@ -44,11 +44,11 @@ from lightning_memdec.stages.chunk_ranges import convert_number_markers, drop_pr
 from lightning_memdec.stages.chunked_predict import finish_chunks, run_sharded_predict
 from lightning_memdec.stages.settings import Hardware, KNNTargets, TargetSearch
 from lightning_memdec.stages.target_chunks import (
+    CHUNK_SUFFIXES,
     CHUNKS,
     ChunkFileWriter,
     drop_damaged_chunks,
     merge_chunks,
-    move_numbered_files,
 )
 from lightning_memdec.stages.target_inputs import check_finite_store_keys, check_values_in_vocab
 from lightning_memdec.stages.target_searcher import KNNTargetSearcher
@@ -163,7 +163,7 @@ def resumed_work_dir(out: Path, run_config: dict, overwrite: bool, num_positions
     work = start_work_dir(out, run_config, overwrite)
     if not is_secondary_rank():
         chunk_size = recorded_setting(work, "chunk_size")
-        convert_number_markers(work, chunk_size, num_positions, move_numbered_files(work))
+        convert_number_markers(work, chunk_size, num_positions, work / CHUNKS, CHUNK_SUFFIXES)
         drop_damaged_chunks(work, num_positions)
     return work
 
