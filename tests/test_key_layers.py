@@ -40,6 +40,16 @@ FAMILIES = [
     ("gptj", GPT_STYLE | {"rotary_dim": 8}, "transformer.h.1.mlp", "transformer.h.1.ln_1"),
     ("bloom", {"n_layer": 2, "n_head": 2}, "transformer.h.1.mlp", "transformer.h.1.post_attention_layernorm"),
     ("mpt", {"d_model": 32, "n_heads": 2, "n_layers": 2}, "transformer.blocks.1.ffn", "transformer.blocks.1.norm_2"),
+    ("recurrent_gemma", {"num_key_value_heads": 2, "lru_width": 32, "head_dim": 16, "attention_window_size": 16,
+                         "block_types": ["recurrent", "attention"]}, "model.layers.1.mlp_block",
+     "model.layers.1.channel_pre_norm"),
+    # get_decoder() is the LM head: the blocks are found in the whole model
+    ("modernbert-decoder", {"global_attn_every_n_layers": 1, "cls_token_id": 3, "sep_token_id": 4},
+     "model.layers.1.mlp", "model.layers.1.mlp_norm"),
+    # an inline MLP (fc1 -> activation -> fc2): its first projection's input
+    ("xglm", {"d_model": 32, "ffn_dim": 64, "num_layers": 2, "attention_heads": 2}, "model.layers.1.fc1",
+     "model.layers.1.final_layer_norm"),
+    ("biogpt", {}, "biogpt.layers.1.fc1", "biogpt.layers.1.final_layer_norm"),
 ]  # fmt: skip
 
 
@@ -83,6 +93,26 @@ def test_the_default_key_of_a_family_without_a_table_entry_is_its_last_mlp_input
     torch.testing.assert_close(capture.value, expected, rtol=0, atol=0)
     if normed is not None:
         torch.testing.assert_close(capture.value, normed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
+def test_opt_whose_mlp_reads_flattened_rows_is_keyed_by_position(norm_first):
+    """OPT flattens its hidden states to ``[B*T, d]`` before the MLP: the key is fc1's input viewed back as
+    ``[B, T, d]``, row b*T + t at position (b, t). Pre-norm (125m, 1.3b, ...): the final layer norm's output;
+    post-norm (350m): the attention's norm output, which is ``[B, T, d]`` itself."""
+    extra = {"ffn_dim": 64, "word_embed_proj_dim": 32, "do_layer_norm_before": norm_first}
+    model = tiny("opt", extra)
+    layer = default_key_layer(model)
+    assert layer == "model.decoder.layers.-1.fc1:input" == default_key_layer_of_config(model.config)
+    ids = torch.randint(3, 128, (3, 12))
+    capture = KeyCapture(model, layer)
+    with torch.no_grad(), capture.capturing():
+        model(ids)
+    norm = "final_layer_norm" if norm_first else "self_attn_layer_norm"
+    rows, normed = inputs_and_outputs(model, ids, "model.decoder.layers.1.fc1", f"model.decoder.layers.1.{norm}")
+    assert rows.shape == (36, 32) and capture.value.shape == (3, 12, 32)
+    torch.testing.assert_close(capture.value, rows.reshape(3, 12, 32), rtol=0, atol=0)
+    torch.testing.assert_close(capture.value, normed.reshape(3, 12, 32), rtol=0, atol=0)
 
 
 def test_the_families_of_the_table_keep_their_norm_which_is_the_same_tensor():
@@ -144,23 +174,37 @@ def test_official_import_records_the_layer_its_kNN_LM_can_capture():
     assert official_key_layer(olmo2) == "model.layers.-1.mlp:input" and official_key_layer(None) == OFFICIAL_LAYER
 
 
-def test_a_post_norm_base_builds_a_datastore_and_a_knnlm_queries_it(tmp_path, biomed_corpus):
-    """OLMo 2 (post-norm: no norm's output is its MLP's input) end to end: keys are the MLP's input; kNN-LM hooks the
-    same layer and finds its dimension."""
+END_TO_END = [  # model type, its config beyond SMALL, its key layer, the module whose input that is (its last block's)
+    ("olmo2", {"num_key_value_heads": 2}, "model.layers.-1.mlp:input", "model.layers.1.mlp"),  # post-norm
+    ("opt", {"ffn_dim": 64, "word_embed_proj_dim": 32}, "model.decoder.layers.-1.fc1:input",
+     "model.decoder.layers.1.fc1"),  # flattened rows
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type, extra, layer, module", END_TO_END, ids=[f[0] for f in END_TO_END])
+def test_a_base_keyed_without_a_norm_builds_a_datastore_and_a_knnlm_queries_it(
+    tmp_path, biomed_corpus, model_type, extra, layer, module
+):
+    """OLMo 2 (post-norm: no norm's output is its MLP's input) and OPT (its MLP reads ``[B*T, d]`` rows) end to end:
+    keys are the MLP's input at each position; kNN-LM hooks the same layer and finds its dimension."""
     from lightning_memdec.io.embedded import load_tokenizer
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("olmo2", **(SMALL | {"vocab_size": 50257}), num_key_value_heads=2)
-    model_dir = tmp_path / "olmo2"
+    config = AutoConfig.for_model(model_type, **(SMALL | {"vocab_size": 50257}), **extra)
+    model_dir = tmp_path / model_type
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     load_tokenizer("gpt2").save_pretrained(model_dir)
     windows = Windows(window=64, stride=64, batch_size=4)
     store = Datastore(build_datastore(biomed_corpus, str(model_dir), tmp_path / "ds", windows=windows,
                                       hardware=Hardware(accelerator="cpu")))  # fmt: skip
-    assert store.meta["layer"] == "model.layers.-1.mlp:input"
+    assert store.meta["layer"] == layer
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = torch.as_tensor(Corpus(biomed_corpus).window_ids(0, 64), dtype=torch.long)[None]
-    expected, _ = inputs_and_outputs(model, ids, "model.layers.1.mlp", None)
+    expected, _ = inputs_and_outputs(model, ids, module, None)
     got = np.asarray(store.keys[:63], dtype=np.float32)
-    np.testing.assert_allclose(got, expected[0, :63].numpy(), rtol=2e-3, atol=2e-3)  # keys are stored in fp16
-    assert KNNLM(str(model_dir), store.dir, search="exact").capture.layer == store.meta["layer"]
+    np.testing.assert_allclose(got, expected.reshape(64, 32)[:63].numpy(), rtol=2e-3, atol=2e-3)  # stored in fp16
+    knnlm = KNNLM(str(model_dir), store.dir, search="exact")
+    assert knnlm.capture.layer == store.meta["layer"]
+    with torch.no_grad(), knnlm.capture.capturing() as capture:
+        knnlm.base(ids)
+    assert capture.value.shape == (1, 64, 32)  # the queries of a live kNN-LM: one per position

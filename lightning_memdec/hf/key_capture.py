@@ -5,8 +5,10 @@ output, GPT-NeoX's ``layers[-1].post_attention_layernorm`` output, Llama/Qwen/Mi
 ``layers[-1].post_attention_layernorm`` output. Any other decoder is keyed the same way without a table of its norms:
 the input of its last block's MLP module, captured by a pre-hook (a path ending in ``:input``), which is right for
 pre-norm blocks (Gemma 2/3's ``pre_feedforward_layernorm``), parallel ones (Phi, Falcon, GPT-J: the MLP reads the
-block's input norm), post-norm ones (OLMo 2: the MLP reads the residual stream) and mixtures of experts alike. The
-same layer must serve the datastore and live kNN-LM queries, so both go through :class:`KeyCapture`.
+block's input norm), post-norm ones (OLMo 2: the MLP reads the residual stream) and mixtures of experts alike. Blocks
+whose MLP is inline (OPT, XGLM, BioGPT: ``fc1`` -> activation -> ``fc2``) are keyed by their first projection's input;
+OPT feeds it flattened rows ``[B*T, d]``, viewed back as the block's ``[B, T, d]``. The same layer must serve the
+datastore and live kNN-LM queries, so both go through :class:`KeyCapture`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ DEFAULT_KEY_LAYERS = {
     "mistral": "model.layers.-1.post_attention_layernorm",
 }
 INPUT = ":input"  # a layer path ending so names the module's input, not its output
-MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")  # a block's MLP, as the families name it
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "mlp_block")  # a block's MLP, as families name it
+INLINE_MLP_NAMES = ("fc1",)  # a block without an MLP module: its MLP's first projection (OPT, XGLM, BioGPT)
 
 
 def default_key_layer(model: nn.Module) -> str:
@@ -41,8 +44,8 @@ def default_key_layer(model: nn.Module) -> str:
     if mlp is None:
         raise ValueError(
             f"no default key layer for model type {model_type!r}: no list of blocks with an MLP child named one of "
-            f"{MLP_NAMES}; pass --layer with a module path (its output is the key; end it in {INPUT!r} for its input, "
-            "e.g. 'model.layers.-1.mlp:input')."
+            f"{MLP_NAMES + INLINE_MLP_NAMES}; pass --layer with a module path (its output is the key; end it in "
+            f"{INPUT!r} for its input, e.g. 'model.layers.-1.mlp:input')."
         )
     return mlp + INPUT
 
@@ -60,13 +63,24 @@ def default_key_layer_of_config(config) -> str:
 def last_mlp_path(model: nn.Module) -> str | None:
     """``<blocks>.-1.<mlp>``: in the text decoder (``get_decoder()``: an image-text model's language model, not its
     vision tower, which a text forward never runs), the first module list (in module order, so the blocks, not a
-    block's experts) whose last block has an MLP child; None if there is none."""
+    block's experts) whose last block has an MLP child, else (an inline MLP) its first projection; None if there is
+    none."""
     decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
-    prefix = next((f"{name}." if name else "" for name, module in model.named_modules() if module is decoder), "")
-    for name, module in decoder.named_modules():
+    # some models' get_decoder() is their LM head (ModernBERT's decoder): then the blocks are the whole model's
+    for root in (decoder, model):
+        for names in (MLP_NAMES, INLINE_MLP_NAMES):
+            found = _last_block_child(model, root, names)
+            if found is not None:
+                return found
+    return None
+
+
+def _last_block_child(model: nn.Module, root: nn.Module, names: tuple[str, ...]) -> str | None:
+    prefix = next((f"{name}." if name else "" for name, module in model.named_modules() if module is root), "")
+    for name, module in root.named_modules():
         if isinstance(module, nn.ModuleList) and len(module):
             children = dict(module[-1].named_children())
-            found = next((child for child in MLP_NAMES if isinstance(children.get(child), nn.Module)), None)
+            found = next((child for child in names if isinstance(children.get(child), nn.Module)), None)
             if found is not None:
                 return f"{prefix}{name}.-1.{found}"
     return None
@@ -96,30 +110,50 @@ def resolve_layer(model: nn.Module, path: str) -> nn.Module:
 
 class KeyCapture:
     """Captures the output of one module during a forward pass, or its input for a layer path ending in ``:input``
-    (a hook, removed on exit)."""
+    (hooks, removed on exit). A module fed flattened rows (OPT's ``fc1``: ``[B*T, d]``) yields its value in the shape
+    of its parent block's hidden states, ``[B, T, d]``, as every consumer indexes keys by batch and position."""
 
     def __init__(self, model: nn.Module, layer: str | None = None):
         self.layer = layer or default_key_layer(model)
         self.module = resolve_layer(model, self.layer)
+        path = self.layer.removesuffix(INPUT)
+        self.block = resolve_layer(model, path.rsplit(".", 1)[0]) if "." in path else None
         self.value: torch.Tensor | None = None
+        self._block_shape: torch.Size | None = None
+
+    def _keep(self, value: torch.Tensor) -> None:
+        shape = self._block_shape
+        if value.dim() == 2 and shape is not None and len(shape) == 3 and value.shape[0] == shape[0] * shape[1]:
+            value = value.view(shape[0], shape[1], value.shape[-1])  # [B*T, d] -> [B, T, d]
+        self.value = value
 
     def _hook(self, _module, _inputs, output):
-        self.value = output[0] if isinstance(output, tuple) else output
+        self._keep(output[0] if isinstance(output, tuple) else output)
 
     def _input_hook(self, _module, args, kwargs):
-        # the hidden states: the first positional argument, or (called by keyword) the first tensor argument
-        self.value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        self._keep(first_tensor(args, kwargs))
+
+    def _block_hook(self, _module, args, kwargs):
+        self._block_shape = first_tensor(args, kwargs).shape
 
     @contextmanager
     def capturing(self) -> Iterator[KeyCapture]:
         if self.layer.endswith(INPUT):
-            handle = self.module.register_forward_pre_hook(self._input_hook, with_kwargs=True)
+            handles = [self.module.register_forward_pre_hook(self._input_hook, with_kwargs=True)]
         else:
-            handle = self.module.register_forward_hook(self._hook)
+            handles = [self.module.register_forward_hook(self._hook)]
+        if self.block is not None:
+            handles.append(self.block.register_forward_pre_hook(self._block_hook, with_kwargs=True))
         try:
             yield self
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+
+
+def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module's hidden states: its first positional argument, or (called by keyword) its first tensor argument."""
+    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
 
 def body(model: nn.Module) -> nn.Module:
