@@ -109,32 +109,32 @@ def evaluate(
     )
     for base_ref, name, role in models:
         base, tok = scorer.load(base_ref)
+        encoding = encoding_fingerprint(tok)  # what the splits' text becomes; keys their caches and their audit
         knnlm = None
         if base_ref in stores:
             store_dir, index_dir = stores[base_ref]
             knnlm = KNNLM(base, store_dir, index_dir, lmbda=0.25 if knn_lmbda is None else knn_lmbda, tokenizer=tok,
                           **search)  # fmt: skip
             k_used[name] = knnlm.k  # k is capped at the datastore's size
-        lp = scorer.score(name, base, tok, knnlm, decoders if role == "base" else {}, routers.get(base_ref))
+        lp = scorer.score(name, base, tok, encoding, knnlm, decoders if role == "base" else {}, routers.get(base_ref))
         knn_choice = settle_temperature(lp, temperatures, grid, knn_lmbda) if knnlm is not None else {}
         if knnlm is not None:
             knnlm.temperature = knn_choice["knnlm_temperature"]
         rows.append(
             report_row(name, base_ref, role, lp, lmbda, knn_lmbda, grid) | router_columns(lp["test"]) | knn_choice
         )
-        fingerprint = encoding_fingerprint(tok)  # what the splits' text became: their audit is the encoding's
-        if fingerprint not in audits:
-            split_tokens = {split: (spec, scorer.tokens(tok, split)) for split, spec in splits.items()}
+        if encoding not in audits:
+            split_tokens = {split: (spec, scorer.tokens(tok, encoding, split)) for split, spec in splits.items()}
             training = [text_tokens(ref, tok) for ref in overlap_refs]
             ngram = audit.overlap_ngram
-            audits[fingerprint] = audit_splits(split_tokens, training, tok, ngram, overlap_refs)
-        rows[-1] |= row_figures(rows[-1], lp["test"], audits[fingerprint])
+            audits[encoding] = audit_splits(split_tokens, training, tok, ngram, overlap_refs)
+        rows[-1] |= row_figures(rows[-1], lp["test"], audits[encoding])
         curves[name] = lambda_curve(lp, grid)
         if audit.latency and latency_report is None:
             mixed = (
                 InterpolatedLM(base, decoders["memdec"][0], 0.5, base_tokenizer=tok) if "memdec" in decoders else None
             )
-            latency_report = _first_batch_latency(name, base, scorer.tokens(tok, "test"), window, batch_size,
+            latency_report = _first_batch_latency(name, base, scorer.tokens(tok, encoding, "test"), window, batch_size,
                                                   len(tok), mixed, knnlm, rows[-1], audit, dev)  # fmt: skip
         del base, knnlm
     report = {
@@ -182,22 +182,23 @@ class _Scorer:
             raise ValueError(f"{ref} has no tokenizer in its directory; pass --scoring.tokenizer NAME_OR_DIR.")
         return model, tok
 
-    def tokens(self, tok, split: str) -> np.ndarray:
-        key = (encoding_fingerprint(tok), split)  # not the vocabulary's: another normaliser gives other ids
+    def tokens(self, tok, encoding: str, split: str) -> np.ndarray:
+        """``split``'s ids under ``tok``, whose :func:`encoding_fingerprint` is ``encoding`` (not the vocabulary's:
+        another normaliser gives other ids)."""
+        key = (encoding, split)
         if key not in self._tokens:
             self._tokens[key] = text_tokens(self.splits[split], tok, self.max_tokens)
             self.positions.setdefault(split, int(len(self._tokens[key]) - 1))
         return self._tokens[key]
 
-    def score(self, name, model, tok, knnlm, decoders, router=None) -> dict[str, dict[str, np.ndarray]]:
+    def score(self, name, model, tok, encoding, knnlm, decoders, router=None) -> dict[str, dict[str, np.ndarray]]:
         """Per split: log p(gold) of the model ("base"), its kNN-LM at each temperature, each decoder and, with a
         router, its λ per position ("router_lambda", from the same base pass when there is no kNN-LM)."""
         for decoder, decoder_tok in decoders.values():  # refuses a decoder of another tokenizer, naming both
             mixture_vocab(model, decoder, tok, decoder_tok or tok)
-        fingerprint = encoding_fingerprint(tok)  # the decoders scored the ids of this encoding
         lp: dict[str, dict[str, np.ndarray]] = {}
         for split, spec in self.splits.items():
-            tokens = self.tokens(tok, split)
+            tokens = self.tokens(tok, encoding, split)
             if knnlm is not None:
                 _warn_if_datastore_text(tokens, knnlm.store.meta, split, spec)
             if knnlm is not None:
@@ -211,10 +212,10 @@ class _Scorer:
                 routed = router_scorer(model, router.to(model.device), len(tok))
                 lp[split]["router_lambda"] = self._sliding(tokens, routed, f"{name} router {split}")["router_lambda"]
             for key, (decoder, _) in decoders.items():
-                if (fingerprint, split, key) not in self._decoded:
+                if (encoding, split, key) not in self._decoded:  # the decoders scored the ids of this encoding
                     scored = self._sliding(tokens, lm_scorer(decoder, len(tok), key), f"{key} {split}")
-                    self._decoded[fingerprint, split, key] = scored[key]
-                lp[split][key] = self._decoded[fingerprint, split, key]
+                    self._decoded[encoding, split, key] = scored[key]
+                lp[split][key] = self._decoded[encoding, split, key]
         return lp
 
     def _sliding(self, tokens, score, desc):
