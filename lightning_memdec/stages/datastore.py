@@ -201,7 +201,8 @@ def build_datastore(
         out: output datastore directory.
         layer: module path whose output is the key (integers index layer lists, -1 = last; ending in ``:input``:
             the module's input); default: the input of the last block's MLP, for any decoder whose blocks have an
-            MLP child (GPT-2, GPT-NeoX, Llama, Qwen, Mistral by their norm's name, as earlier versions recorded).
+            MLP child (GPT-2, GPT-NeoX, Llama, Qwen, Mistral by their norm's name, as earlier versions recorded) or
+            an inline one (OPT, XGLM, BioGPT: ``fc1``'s input).
         windows: the sliding windows keys are taken from; windows.batch_size is also the resumable chunk (a
             resume may use another: its finished chunks are kept).
         hardware: the ranks the windows are spread over.
