@@ -227,6 +227,23 @@ def test_logger_groups_write_under_the_run_root(logger, tmp_path):
     assert type(cli.trainer.logger).__name__ == expected and cli.trainer.logger.save_dir == str(tmp_path)
 
 
+def test_configs_interpolating_a_fit_default_load_from_python_as_on_the_command_line(tmp_path, monkeypatch):
+    """``${data.window}`` and ``${trainer.default_root_dir}`` name settings these configs leave at the fit command's
+    defaults: load_config must not fail on them, and fit's parse of its dict must equal ``memdec fit``'s."""
+    monkeypatch.chdir(tmp_path)
+    groups = ["hardware/cpu.yaml", "model/tiny-gpt2-scratch.yaml", "logger/tensorboard.yaml"]
+    data = {"train_corpus": "corpus-train", "train_targets": "targets-train"}
+    config = load_config(*groups, {"data": data})
+    from_python = lightning_cli(config, run=False)
+    args = [arg for name in groups for arg in ("--config", name)]
+    from_cli = lightning_cli([*args, *(f"--data.{key}={value}" for key, value in data.items())], run=False)
+    window = from_cli.datamodule.hparams["window"]
+    assert from_python.datamodule.hparams["window"] == window
+    assert from_python.model.hparams["config"]["n_positions"] == from_cli.model.hparams["config"]["n_positions"]
+    assert from_cli.model.hparams["config"]["n_positions"] == window
+    assert from_python.trainer.logger.save_dir == from_cli.trainer.logger.save_dir == "."
+
+
 @pytest.mark.parametrize("flag", ["--version", "-V"])
 def test_version_is_the_installed_distributions(flag, capsys):
     main([flag])

@@ -106,8 +106,12 @@ def load_config(*sources: str | Path | dict[str, Any]) -> dict[str, Any]:
 
     ``load_config("hardware/cpu.yaml", "model/gpt2-small.yaml", {"data": {"train_corpus": ...}})`` gives the
     dict that ``memdec fit --config … --config … --data.train_corpus …`` parses, for :func:`training.fit.fit`.
+    Where an interpolation names a setting no source gives (``${data.window}``, ``${trainer.default_root_dir}``:
+    the fit command's defaults), the interpolations stay as written; :func:`training.fit.fit` resolves them against
+    those defaults, as ``memdec fit`` does.
     """
     from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError
 
     layers = [[(None, s)] if isinstance(s, dict) else config_layers(s) for s in sources]
     parts = [OmegaConf.load(file) if own is None else OmegaConf.create(own) for group in layers for file, own in group]
@@ -115,7 +119,10 @@ def load_config(*sources: str | Path | dict[str, Any]) -> dict[str, Any]:
     callbacks = [c for part in parts for c in layer_callbacks(OmegaConf.to_container(part))]
     if callbacks:  # each layer's callbacks add up (a merge would keep the last layer's list alone)
         merged.trainer.callbacks = callbacks
-    return OmegaConf.to_container(merged, resolve=True)
+    try:
+        return OmegaConf.to_container(merged, resolve=True)
+    except InterpolationKeyError:  # a default of the fit command's: fit() resolves it
+        return OmegaConf.to_container(merged, resolve=False)
 
 
 def layer_callbacks(settings: dict[str, Any] | None) -> list:

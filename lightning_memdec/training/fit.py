@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -87,6 +88,8 @@ class MemDecCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, dict):  # from Python: interpolations of settings left at their defaults resolved here
+            args = resolved_with_defaults(args, parser.get_defaults())
         super().parse_arguments(parser, args)
         asked = self.config.get(f"{self.config.get('subcommand')}.ckpt_path")
         if asked is not None and str(asked) != "last":  # before LightningCLI reads the file's hyperparameters
@@ -210,6 +213,25 @@ def warn_if_untrained(subcommand: str, model: str | None) -> None:
         f"({model or 'built from model.config'}), which is not a decoder `memdec fit` exported: add --ckpt_path last "
         "(the run's newest checkpoint) or --ckpt_path FILE.ckpt to score the trained decoder."
     )
+
+
+INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")  # ${section.key}, as the shipped configs interpolate settings
+
+
+def resolved_with_defaults(config: dict[str, Any], defaults) -> dict[str, Any]:
+    """``config`` with its interpolations resolved, those naming a setting it leaves out taking the parser's
+    ``defaults`` (``${data.window}``: the DataModule's window); as the command line's YAML, where the parser
+    resolves them after its defaults. A config without interpolations is returned as it is."""
+    from omegaconf import OmegaConf
+
+    named = set(INTERPOLATION.findall(repr(config)))
+    if not named:
+        return config
+    merged = OmegaConf.create(config)
+    for key in sorted(named):
+        if OmegaConf.select(merged, key, default=None) is None and defaults.get(key) is not None:
+            OmegaConf.update(merged, key, defaults.get(key), force_add=True)
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def lightning_cli(
