@@ -69,13 +69,16 @@ def test_spans_are_logged_every_n_steps(tmp_path, biomed_targets_pair):
     # reads: start after step 1, a span ending at step 3 and one at step 5, the end of fit
     assert clock.times == [0.0, 0.5, 1.0, 1.5]
     assert meter.tokens_per_s == pytest.approx(4 * 2 * 32 / 1.5)
-    # logged at the spans' ends only (steps 3 and 5), not again at the trainer's every-step logging in between;
+    # logged at the spans' ends only (steps 3 and 5), not again at the trainer's every-step logging in between,
+    # each at the x of its batch's train/loss (Lightning's: the batches stepped before it, 0 for step 1's);
     # the last span: steps 4 and 5 (2 × 2 × 32 tokens) over 0.5 s
     (events,) = (tmp_path / "run").rglob("events.out.tfevents.*")
     scalars = EventAccumulator(str(events)).Reload()
+    loss_steps = [e.step for e in scalars.Scalars("train/loss")]
+    assert len(loss_steps) == 5  # one a step (log_every_n_steps 1): the i-th is global step i + 1's
     for tag, per_token in (("train/tokens_per_s", 1.0), ("train/mfu", meter.mfu / meter.tokens_per_s)):
         logged = [(e.step, e.value) for e in scalars.Scalars(tag)]
-        assert [step for step, _ in logged] == [3, 5], tag
+        assert [step for step, _ in logged] == [loss_steps[3 - 1], loss_steps[5 - 1]], tag
         assert logged[-1][1] == pytest.approx(2 * 2 * 32 / 0.5 * per_token, rel=1e-6), tag
     assert meter.logged["train/tokens_per_s"] == pytest.approx(2 * 2 * 32 / 0.5)
 
@@ -122,7 +125,9 @@ def test_validation_inside_fit_is_not_training_time():
     meter = TrainingThroughput(warmup_steps=1, log_every_n_steps=2, clock=lambda: now[0])
     logged = {}
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update(metrics))
-    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50, sanity_checking=False, loggers=[logger])
+    fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=0))
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50, sanity_checking=False, loggers=[logger],
+                              fit_loop=fit_loop)  # fmt: skip
     decoder = torch.nn.Linear(2, 2)
     decoder.config = SimpleNamespace(num_hidden_layers=1, hidden_size=2)
     module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder)

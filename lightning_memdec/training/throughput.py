@@ -114,9 +114,11 @@ class TrainingThroughput(L.Callback):
             if self.peak_flops is not None:
                 self.logged["train/mfu"] = rate * self._flops_per_token / self.peak_flops
             # to the loggers, at the span's end only: pl_module.log's on-step value would be logged again at every
-            # trainer logging step until the next span (with log_every_n_steps above the trainer's)
+            # trainer logging step until the next span (with log_every_n_steps above the trainer's); on the x-axis
+            # of this batch's own scalars (train/loss), the batches stepped before it, as Lightning's
+            # LearningRateMonitor logs (global_step is one more here, past the run's last step at its end)
             for logger in trainer.loggers:
-                logger.log_metrics(self.logged, step=step)
+                logger.log_metrics(self.logged, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
             self._span_start, self._span_tokens, self._logged_step = now, 0, step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
