@@ -212,9 +212,12 @@ def test_fast_dev_run_fit_and_export(tmp_path, biomed_targets_pair, speed):
         ]
     )
     metrics = cli.trainer.callback_metrics
-    for name in ["train/loss", "train/kl", "train/ce", "val/loss", "val/ppl"]:
+    for name in ["train/loss", "train/kl", "train/ce", "val/loss", "val/kl", "val/ppl"]:
         assert name in metrics and torch.isfinite(metrics[name])
     assert float(metrics["val/ppl"]) == pytest.approx(float(torch.exp(metrics["val/ce"])), rel=1e-5)
+    beta = cli.model.hparams.beta  # the logged parts add up to the objective, in validation as in training
+    want = beta * float(metrics["val/kl"]) + (1 - beta) * float(metrics["val/ce"])
+    assert float(metrics["val/loss"]) == pytest.approx(want, rel=1e-5)
     exported = AutoModelForCausalLM.from_pretrained(root / "hf")
     assert exported.config.vocab_size == exported.get_output_embeddings().weight.shape[0] == 50257
     meta = json.loads((root / "hf" / "meta.json").read_text())
@@ -338,10 +341,17 @@ def test_fit_from_python_and_separate_test_metrics(tmp_path, biomed_targets_pair
             "trainer": {"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 2, "enable_progress_bar": False},
             "export": {"dirpath": str(tmp_path / "hf")},
         },
-        {"trainer": {"default_root_dir": str(tmp_path / "run")}},
+        {"trainer": {"default_root_dir": str(tmp_path / "run"), "log_every_n_steps": 1}},
     )
     export = fit(config)
     assert export == tmp_path / "hf" and json.loads((export / "meta.json").read_text())["global_step"] == 2
+    # trained on next tokens alone (no data.train_targets): no KL was computed, so none is logged (a 0 would read
+    # as perfect imitation)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "run").rglob("events.out.tfevents*")
+    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert {"train/loss", "train/ce", "val/ce", "val/loss"} <= tags and not {"train/kl", "val/kl"} & tags
 
     test_args = ["test", "--model.model", str(export), "--model.beta", "0", "--data.train_corpus", pair["train_corpus"]]
     test_args += ["--data.window", "64", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
@@ -353,7 +363,7 @@ def test_fit_from_python_and_separate_test_metrics(tmp_path, biomed_targets_pair
         cli = lightning_cli([*test_args, "--data.test_corpus", pair["val_corpus"]])
     assert not [w for w in caught if "without --ckpt_path" in str(w.message)]  # an export fit wrote: as intended
     metrics = cli.trainer.callback_metrics
-    assert not any(name.startswith("val/") for name in metrics)
+    assert not any(name.startswith("val/") for name in metrics) and "test/kl" not in metrics
     # reference: non-overlapping 64-token windows of the test corpus, every position scored once
     want = perplexity(corpus_gold_log_probs(load_causal_lm(export), Path(pair["val_corpus"]), 64, stride=64))
     assert float(metrics["test/ppl"]) == pytest.approx(want, rel=1e-4)

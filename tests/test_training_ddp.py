@@ -188,7 +188,9 @@ def test_test_metrics_of_two_processes_are_those_of_one(runs, small_pair, tmp_pa
         memdec("test", args, devices)
         got.append([json.loads((root / f"rank{r}.json").read_text())["test"][0] for r in range(devices)])
     (one,), (rank0, rank1) = got
-    assert set(one) == {"test/loss", "test/ce", "test/ppl"} - (set() if with_targets else {"test/loss"})
+    assert set(one) == {"test/loss", "test/kl", "test/ce", "test/ppl"} - (
+        set() if with_targets else {"test/loss", "test/kl"}
+    )
     for key in one:
         assert rank0[key] == pytest.approx(one[key], rel=1e-6) and rank1[key] == rank0[key], key
 

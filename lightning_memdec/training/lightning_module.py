@@ -113,7 +113,9 @@ class MemoryDecoderModule(L.LightningModule):
         # one set per evaluation stage, so `memdec test` never mixes with validation during fit
         self.eval_metrics = torch.nn.ModuleDict(
             {
-                split: torch.nn.ModuleDict({"ce": MeanMetric(), "loss": MeanMetric(), "target_entries": SumMetric()})
+                split: torch.nn.ModuleDict(
+                    {"ce": MeanMetric(), "kl": MeanMetric(), "loss": MeanMetric(), "target_entries": SumMetric()}
+                )
                 for split in ("val", "test")
             }
         )
@@ -249,13 +251,23 @@ class MemoryDecoderModule(L.LightningModule):
             ),
         )
         n = batch["input_ids"].shape[0]
-        self.log_dict({"train/loss": loss, "train/kl": kl, "train/ce": ce}, prog_bar=True, batch_size=n)
+        logged = {"train/loss": loss, "train/kl": kl, "train/ce": ce}
+        if not self.trains_on_targets:
+            del logged["train/kl"]
+        self.log_dict(logged, prog_bar=True, batch_size=n)
         world = self.trainer.world_size if self._trainer is not None else 1
         return out.loss * (tokens * world / count)
 
     def on_fit_start(self) -> None:
         # on a GPU the loss is checked one step late, so the host never waits for a forward pass to finish
         self.finite_check = FiniteLossCheck(defer=self.device.type == "cuda")
+
+    @property
+    def trains_on_targets(self) -> bool:
+        """False when the DataModule has no training targets (``data.train_targets: null``, CE alone): then there is
+        no KL to log (its 0 would read as perfect imitation). Other data sources are taken to have them."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        return getattr(datamodule, "hparams", {}).get("train_targets", True) is not None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.finite_check.raise_pending()  # no checkpoint of weights a non-finite step has updated
@@ -309,6 +321,7 @@ class MemoryDecoderModule(L.LightningModule):
         tokens = batch["loss_mask"].sum()
         if tokens > 0:  # token-weighted means, so ranks and batches of different sizes count what they hold
             self.eval_metrics[split]["ce"].update(out.ce, weight=tokens)
+            self.eval_metrics[split]["kl"].update(out.kl, weight=tokens)
             self.eval_metrics[split]["loss"].update(out.loss, weight=tokens)
             self.eval_metrics[split]["target_entries"].update(batch["target_counts"].sum())
 
@@ -316,12 +329,15 @@ class MemoryDecoderModule(L.LightningModule):
         metrics = self.eval_metrics[split]
         ce = metrics["ce"].compute()
         # the metrics are already reduced over ranks; sync_dist only averages equal values (and tells Lightning so)
-        values = {f"{split}/loss": metrics["loss"].compute(), f"{split}/ce": ce, f"{split}/ppl": torch.exp(ce)}
+        values = {f"{split}/loss": metrics["loss"].compute(), f"{split}/kl": metrics["kl"].compute(),
+                  f"{split}/ce": ce, f"{split}/ppl": torch.exp(ce)}  # fmt: skip
         # every rank computes every metric (each compute is a collective); a split without kNN targets (`memdec test`
         # without data.test_targets) has no KL term: its "loss" would be (1 − β)·CE, neither the objective nor
         # comparable to val/loss, so only its ce and ppl are logged
-        if self.hparams.beta > 0 and metrics["target_entries"].compute() == 0:
-            del values[f"{split}/loss"]
+        if metrics["target_entries"].compute() == 0:
+            del values[f"{split}/kl"]
+            if self.hparams.beta > 0:
+                del values[f"{split}/loss"]
         self.log_dict(values, prog_bar=prog_bar, sync_dist=True)
         for metric in metrics.values():
             metric.reset()
