@@ -164,7 +164,8 @@ def run_command(raw: list[str]) -> None:
 
     # the argument groups' field docstrings (``--knn.k``, ``--hardware.devices``, …) are their flags' help
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    CLI(functions, args=repeatable(raw), as_positional=False)
+    # one function, not a subcommand: the usage reads `memdec tokenize [--config CONFIG] …`, as it is typed
+    CLI(functions[raw[0]], args=repeatable(raw)[1:], as_positional=False, prog=f"memdec {raw[0]}")
 
 
 def not_a_command(raw: list[str]) -> SystemExit:

@@ -173,6 +173,16 @@ def test_help_lists_training_and_stages(capsys):
         assert f"\n  {command:<20} {first}\n" in f"{out}\n", command
 
 
+@pytest.mark.parametrize("command", ["tokenize", "build-targets", "evaluate"])
+def test_a_stage_usage_reads_as_it_is_typed(command, capsys):
+    """``memdec tokenize [--config CONFIG] …``: options after the command, as the dispatcher requires (a subcommand
+    parser's ``memdec [options] tokenize`` told users to put options first, which is refused)."""
+    with pytest.raises(SystemExit) as stopped:
+        main([command, "--help"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: memdec {command} [--config CONFIG]")
+
+
 @pytest.mark.parametrize("args", [["--help"], ["configs"], ["tokenize", "--help"]])
 def test_help_and_light_commands_import_neither_torch_nor_lightning(args):
     """`memdec --help`, `memdec configs` and `memdec tokenize` start in a fraction of a second: only the command's
