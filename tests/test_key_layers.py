@@ -208,3 +208,24 @@ def test_a_base_keyed_without_a_norm_builds_a_datastore_and_a_knnlm_queries_it(
     with torch.no_grad(), knnlm.capture.capturing() as capture:
         knnlm.base(ids)
     assert capture.value.shape == (1, 64, 32)  # the queries of a live kNN-LM: one per position
+
+
+@pytest.mark.parametrize(
+    "model_type, extra, layer",
+    [("gpt2", GPT_STYLE, "transformer.h.-1.attn"), ("llama", {"num_key_value_heads": 2}, "model.layers.-1.self_attn")],
+    ids=["gpt2", "llama"],
+)
+def test_a_hand_layer_whose_module_returns_a_tuple_captures_its_first_element(model_type, extra, layer):
+    """An attention module returns (hidden states, weights, ...): a --layer naming it keys the datastore with its
+    hidden states, ``[B, T, d]``, as a forward hook on that module sees them by hand, not with the whole tuple."""
+    model = tiny(model_type, extra)
+    ids = torch.randint(3, 128, (2, 7))
+    seen = {}
+    hook = resolve_layer(model, layer).register_forward_hook(lambda module, args, out: seen.setdefault("out", out))
+    capture = KeyCapture(model, layer)
+    with torch.no_grad(), capture.capturing():
+        model(ids)
+    hook.remove()
+    assert isinstance(seen["out"], tuple)  # the case under test: the module's output is a tuple
+    assert torch.is_tensor(capture.value) and capture.value.shape == (2, 7, 32)
+    torch.testing.assert_close(capture.value, seen["out"][0], rtol=0, atol=0)
