@@ -465,3 +465,37 @@ def test_stopping_criteria_see_every_token_the_last_included_as_in_generate(mixt
     assert torch.equal(got, want)
     assert got_seen == want_seen == want[:, prompt.shape[1] :].T.tolist() and len(got_seen) == new
     assert got_ended == want_ended == [None, new]
+
+
+def test_top_k_filters_before_top_p_as_in_generate(mixture):
+    """generate() applies top-k, then top-p over the k survivors. At temperature 3 the distribution is flat: the 0.5
+    nucleus of the whole vocabulary is far wider than k=3, so top-p first and then top-k would sample among 3 tokens,
+    where generate() samples among the one or two tokens of the nucleus of the renormalised top 3."""
+    prompt = torch.tensor(PROMPTS)
+    settings = {"temperature": 3.0, "top_k": 3, "top_p": 0.5}
+    torch.manual_seed(7)
+    want = hf_tokens(mixture, prompt, 12, do_sample=True, **settings)
+    torch.manual_seed(7)
+    got = StaticGenerator.from_interpolated(mixture, max_length=64).generate(prompt, 12, do_sample=True, **settings)
+    assert torch.equal(got, want)
+
+
+def test_a_stopping_criterion_without_eos_ids_lets_the_row_run_on_as_generate(mixture):
+    """generate() pads a stopped row only when EOS ids are given: with none (and a pad id set), a row a criterion
+    stopped goes on generating its own tokens while another row runs, and so must StaticGenerator's."""
+    from transformers import StoppingCriteria
+
+    class FirstRowAfterThree(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+            done[0] = input_ids.shape[1] - len(PROMPTS[0]) >= 3
+            return done
+
+    base, prompt = mixture.base, torch.tensor(PROMPTS)
+    settings = {"eos_token_id": None, "pad_token_id": 0}
+    want = base.generate(
+        prompt, max_new_tokens=8, do_sample=False, stopping_criteria=[FirstRowAfterThree()], **settings
+    )
+    got = StaticGenerator(base, max_length=64).generate(prompt, 8, stopping_criteria=[FirstRowAfterThree()], **settings)
+    assert torch.equal(got, want)
+    assert want.shape[1] == prompt.shape[1] + 8 and bool((want[0, prompt.shape[1] + 3 :] != 0).any())  # the guard
