@@ -41,6 +41,21 @@ def test_each_row_gets_its_own_bias_and_penalties_over_its_generated_tokens_only
     assert torch.equal(got[1], scores[1])  # a row that asks nothing keeps the model's scores
 
 
+@pytest.mark.parametrize("adjust", [{"frequency_penalty": 1.5}, {"frequency_penalty": 1.5, "logit_bias": [[2, 1.0]]}])
+def test_a_frequency_penalty_alone_applies(adjust):
+    """A batch whose rows ask a frequency_penalty and no presence_penalty is still penalised (count·f per token): the
+    frequency penalty must not depend on a presence penalty being asked too."""
+    torch.manual_seed(1)
+    prompts, generated = torch.tensor([[4, 4], [6, 1]]), [[5, 5, 7], [1, 8, 8]]
+    input_ids = torch.cat([prompts, torch.tensor(generated)], dim=1)
+    scores = torch.randn(2, 10)
+    got = LogitAdjustments(2, [adjust, adjust])(input_ids, scores)
+    for row in range(2):
+        expected = openai_formula(scores[row], generated[row], adjust)
+        torch.testing.assert_close(got[row].double(), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(got[0, 5], scores[0, 5])  # the guard: token 5, generated twice, really lost 2·f
+
+
 def test_before_any_token_only_the_bias_applies_and_scores_are_not_changed_in_place():
     scores = torch.zeros(2, 5)
     adjustments = LogitAdjustments(3, [{"logit_bias": [[4, 2.0]], "presence_penalty": 1.0}, None])
