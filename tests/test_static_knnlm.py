@@ -93,6 +93,23 @@ def test_sampled_tokens_equal_a_loop_over_knnlms_mixture(exact_knnlm):
     assert torch.equal(gen.generate(prompt, 8, do_sample=True, top_p=1.0, **settings), want)
 
 
+def test_an_uneven_lambda_weighs_p_knn_by_lambda_as_knnlm_does(tiny_gpt2, biomed_datastore):
+    """log p = logaddexp(log(1−λ) + log p_base, log λ + log p_kNN): at λ = 0.2 (where swapping the two terms changes
+    the mixture, unlike at 0.5) the greedy tokens are KNNLM's own loop's and sampled ones, under one seed, those of
+    sampling each step from KNNLM.log_probs of the whole sequence."""
+    knnlm = KNNLM(tiny_gpt2, biomed_datastore, k=16, temperature=4.0, lmbda=0.2, search="exact")
+    prompt, settings = torch.tensor(PROMPTS), {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    gen = StaticGenerator.from_knnlm(knnlm, max_length=64)
+    assert torch.equal(gen.generate(prompt, 8), knnlm.generate_greedy(prompt, 8))
+    warpers = sampling_warpers(GenerationConfig(do_sample=True, **settings))
+    torch.manual_seed(9)
+    want = prompt
+    for _ in range(8):
+        want = torch.cat([want, next_token(want, knnlm.log_probs(want)[:, -1], warpers)[:, None]], 1)
+    torch.manual_seed(9)
+    assert torch.equal(gen.generate(prompt, 8, do_sample=True, **settings), want)
+
+
 def test_refusals(exact_knnlm, tiny_gpt2):
     gen = StaticGenerator.from_knnlm(exact_knnlm, max_length=64)
     with pytest.raises(ValueError, match="not by beam search"):
