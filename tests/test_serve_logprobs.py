@@ -555,6 +555,26 @@ def test_a_row_past_its_end_of_sequence_streams_none():
     assert all(s[1] is not None for s in steps)
 
 
+def test_each_row_streams_exactly_its_own_budget():
+    """stream_generate's rows of budgets 2 and 5 (the server's max_tokens per prompt): row 0 streams generate()'s
+    first 2 greedy tokens, then None, row 1 its first 5; no row streams a token past its budget."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_memdec.inference.streamed_generation import stream_generate
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=8, n_layer=1, n_head=2)).eval()
+    prompts, budgets = [[1, 2, 3], [4, 5, 6]], [2, 5]
+    want = model.generate(torch.tensor(prompts), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    eos = min(set(range(50)) - set(want[:, 3:].flatten().tolist()))  # an id neither row makes: only budgets end
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, 0
+    steps = list(stream_generate(model, prompts, budgets, {eos}, do_sample=False))
+    for row, budget in enumerate(budgets):
+        streamed = [s[row].id for s in steps if s[row] is not None]
+        assert streamed == want[row, 3 : 3 + budget].tolist()
+    assert [s[0] is None for s in steps] == [step >= budgets[0] for step in range(budgets[1])]
+
+
 def test_a_failed_or_abandoned_request_queues_no_more_of_its_jobs(served):
     """n = 8, two jobs in flight: once a job fails (a queue timeout) or the client is gone, the jobs not yet queued
     never are (they kept the queue busy for a reply no one would read, and made later clients time out)."""
