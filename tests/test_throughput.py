@@ -157,3 +157,44 @@ def test_the_packaged_config_adds_it_and_takes_a_peak_from_the_command_line(tmp_
     cli = lightning_cli([*args, "--trainer.callbacks.init_args.peak_flops", "989e12"], run=False)
     (meter,) = [c for c in cli.trainer.callbacks if isinstance(c, TrainingThroughput)]
     assert meter.warmup_steps == 10 and meter.peak_flops == 989e12
+
+
+def stub_run(meter: TrainingThroughput, first: int, seconds: list[float], now: list[float]) -> None:
+    """Drive ``meter`` as a Trainer does over ``len(seconds)`` steps from global step ``first`` (a resumed run:
+    first > 0), step i taking ``seconds[i]`` on the clock ``now``, each batch 4 windows of 8 tokens."""
+    from types import SimpleNamespace
+
+    import torch
+
+    trainer = SimpleNamespace(global_step=first, log_every_n_steps=50, loggers=[])
+    decoder = torch.nn.Linear(2, 2)
+    decoder.config = SimpleNamespace(num_hidden_layers=1, hidden_size=2)
+    module = SimpleNamespace(device=torch.device("cpu"), decoder=decoder)
+    meter.on_train_start(trainer, module)
+    for step, spent in enumerate(seconds, 1):
+        now[0] += spent
+        trainer.global_step = first + step
+        meter.on_train_batch_end(trainer, module, None, {"input_ids": torch.zeros(4, 8, dtype=torch.long)}, step - 1)
+    now[0] += 0.1  # the end of fit, after the last step
+    meter.on_train_end(trainer, module)
+
+
+def test_a_run_resumed_at_step_100_leaves_out_its_own_first_warmup_steps():
+    """A resumed run compiles again: its warm-up counts from the step it resumed at, not from step 0 (then it would
+    be over at once and the 5 s compiling steps would be timed). Steps 1-3 of 10 take 5 s, the rest 0.5 s: timed
+    from the end of step 3, 7 steps of 32 tokens over 7 × 0.5 s (+ the 0.1 s to the end of fit)."""
+    now = [0.0]
+    meter = TrainingThroughput(warmup_steps=3, log_every_n_steps=100, clock=lambda: now[0])
+    stub_run(meter, 100, [5.0] * 3 + [0.5] * 7, now)
+    assert meter.tokens_per_s == pytest.approx(7 * 32 / (7 * 0.5 + 0.1))
+
+
+def test_a_fit_no_longer_than_its_warm_up_times_nothing():
+    """A fit of exactly warmup_steps steps has no timed step: tokens_per_s and mfu stay None (as documented), not a
+    rate of 0 tokens over the time to the end of fit."""
+    now = [0.0]
+    meter = TrainingThroughput(warmup_steps=3, log_every_n_steps=100, clock=lambda: now[0])
+    stub_run(meter, 0, [1.0] * 3, now)
+    assert meter.tokens_per_s is None and meter.mfu is None
+    stub_run(meter, 0, [1.0] * 4, now)  # one step more is timed: the guard that the set-up can time at all
+    assert meter.tokens_per_s == pytest.approx(32 / (1.0 + 0.1))  # step 4 and the time to the end of fit
