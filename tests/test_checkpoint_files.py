@@ -54,6 +54,37 @@ def test_a_save_out_of_space_or_quota_is_the_one_line_disk_full_error(tmp_path, 
     assert os.listdir(tmp_path) == []
 
 
+def test_a_disk_filling_up_inside_torch_s_zip_writer_is_the_disk_full_error(tmp_path, monkeypatch):
+    """The disk fills up mid-save: the file's write raises ENOSPC after 4 KiB, inside torch.save's zip writer, which
+    re-raises it as a RuntimeError (the OSError its context, not its cause). The user still gets CheckpointDiskFull
+    (errno ENOSPC), the earlier checkpoint whole and no temporary file left."""
+    import builtins
+    import io
+
+    class FillsUp(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(data)
+
+    checkpoint = {"global_step": 2, "w": torch.randn(10_000)}
+    with FillsUp(tmp_path / "raw.pt", "wb") as f, pytest.raises(RuntimeError) as raw:  # the guard: torch wraps
+        torch.save(checkpoint, f)  # the OSError, as on a real full disk
+    assert not isinstance(raw.value, OSError) and raw.value.__cause__ is None
+    (tmp_path / "raw.pt").unlink()
+    path = tmp_path / "ckpt" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+
+    def fills_up(file, mode="r", *args, **kwargs):
+        return FillsUp(file, mode) if "w" in mode else builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_files, "open", fills_up, raising=False)
+    with pytest.raises(CheckpointDiskFull, match="no space left on the device while saving checkpoint") as err:
+        AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    assert err.value.errno == errno.ENOSPC
+    assert os.listdir(path.parent) == ["last.ckpt"] and torch.load(path, weights_only=True) == {"global_step": 1}
+
+
 def test_checkpoint_problem_finds_truncated_and_flipped_bytes(tmp_path):
     whole, cut, flipped = tmp_path / "a.ckpt", tmp_path / "b.ckpt", tmp_path / "c.ckpt"
     for path in (whole, cut, flipped):
@@ -88,6 +119,15 @@ def test_resume_falls_back_to_the_newest_whole_checkpoint(tmp_path, caplog):
         resumable_checkpoint(tmp_path)
     for name in ("last.ckpt", "step1.ckpt", "step2.ckpt"):
         assert f"{name}: not a whole checkpoint" in str(err.value)
+
+
+def test_step_files_without_a_last_ckpt_are_not_resumed_silently(tmp_path):
+    """checkpoint.save_last false leaves step files only: --ckpt_path last is then the documented error (no last.ckpt,
+    nothing to resume), never a silent pick of a step file, however whole it is."""
+    save(tmp_path / "step1.ckpt", 1.0)
+    assert checkpoint_problem(tmp_path / "step1.ckpt") is None  # a whole checkpoint a fallback could have taken
+    with pytest.raises(FileNotFoundError, match="there is no last.ckpt in .*nothing to resume"):
+        resumable_checkpoint(tmp_path)
 
 
 def test_last_ckpt_wins_a_tie_of_modification_times(tmp_path):
