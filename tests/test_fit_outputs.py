@@ -185,3 +185,24 @@ def test_an_export_stopped_at_its_rename_is_finished_before_the_next_run_checks_
     export.release()
     assert json.loads((out / "meta.json").read_text())["global_step"] == 9
     assert not work.exists() and not out.with_name("hf.old").exists()
+
+
+def test_a_float16_export_keeps_tied_weights_one_tensor_saved_once(tmp_path):
+    """export.dtype casts the decoder's weights; GPT-2's LM head is tied to its embedding (one tensor, two names):
+    the cast keeps them one tensor, so the export holds the embedding once, as the float32 save does, and not a
+    second 50k-row copy."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=500, n_positions=32))
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()  # tied: the case
+    cast = callbacks.cast_state_dict(state, torch.float16)
+    assert cast["lm_head.weight"] is cast["transformer.wte.weight"]
+    for name, tensor in state.items():
+        assert torch.equal(cast[name], tensor.to(torch.float16) if tensor.is_floating_point() else tensor), name
+    model.save_pretrained(tmp_path / "fp32")
+    model.save_pretrained(tmp_path / "fp16", state_dict=cast)
+    saved = {name: load_file(tmp_path / name / "model.safetensors") for name in ("fp32", "fp16")}
+    assert saved["fp16"].keys() == saved["fp32"].keys()
+    assert {t.dtype for t in saved["fp16"].values() if t.is_floating_point()} == {torch.float16}
