@@ -527,6 +527,27 @@ def test_sigterm_saves_the_step_in_hand_exits_143_and_the_resume_is_bit_identica
         torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_a_sigterm_inside_an_accumulation_window_saves_no_half_step(tmp_path, biomed_targets_pair):
+    """Two batches a step: SIGTERM as step 4's first batch starts stops the run after that batch, its gradients
+    accumulated but no optimizer step taken. A save there would record step 3 with the loader one batch into the
+    window and its gradients lost, and a resume would step on the second batch alone. Nothing is saved: the resume
+    starts from the step-2 checkpoint and ends with an uninterrupted run's exact weights."""
+    pair = biomed_targets_pair
+    extra = ["--trainer.accumulate_grad_batches", "2", "--checkpoint.every_n_train_steps", "2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    lightning_cli([*resume_args(pair, straight), *extra])
+    sigterm = ["--trainer.callbacks+=recording.SigtermAtStep", "--trainer.callbacks.step=3"]
+    with pytest.raises(Interrupted) as interrupted:
+        lightning_cli([*resume_args(pair, stopped), *extra, *sigterm])
+    assert interrupted.value.code == 143 and "the newest checkpoint is" in str(interrupted.value)
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    cli = lightning_cli([*resume_args(pair, stopped), *extra, "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6
+    want, got = final_weights(straight), final_weights(stopped)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, biomed_targets_pair):
     with pytest.raises(FileNotFoundError, match="no last.ckpt in .*checkpoints"):
         lightning_cli([*resume_args(biomed_targets_pair, tmp_path / "never-run"), "--ckpt_path", "last"])
@@ -556,6 +577,35 @@ def test_the_final_step_is_checkpointed_between_validations(tmp_path, biomed_tar
     for name, value in cli.model.decoder.state_dict().items():
         torch.testing.assert_close(last["state_dict"][f"decoder.{name}"], value, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_monitored_top_k_ranks_validated_steps_only_and_the_final_step_goes_to_last_ckpt(
+    tmp_path, biomed_targets_pair
+):
+    """checkpoint.monitor val/loss, every checkpoint kept (save_top_k -1), 5 steps, a validation every 2: the ranked
+    step files are the validated steps' (2 and 4), each with its own validation's score. The final step 5 has no
+    score of its own (val/loss is still step 4's): it is saved as last.ckpt only, never ranked by a stale score."""
+    args = resume_args(biomed_targets_pair, tmp_path)
+    every = args.index("--checkpoint.every_n_train_steps")
+    # without the subcommand (run=False) and every_n_train_steps: checkpoints at validations only
+    args = [*args[1:every], *args[every + 2 :], "--trainer.max_steps", "5"]
+    scores = {}  # the validated steps' checkpoint names: their val/loss
+
+    class ValLoss(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                scores[f"step{trainer.global_step}.ckpt"] = float(trainer.callback_metrics["val/loss"])
+
+    cli = lightning_cli([*args, "--checkpoint.monitor", "val/loss", "--checkpoint.save_top_k", "-1"], run=False)
+    cli.trainer.callbacks.append(ValLoss())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert sorted(scores) == ["step2.ckpt", "step4.ckpt"]  # the validated steps
+    files = {p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")}
+    assert files == {*scores, "last.ckpt"}
+    ranked = {Path(path).name: float(score) for path, score in cli.trainer.checkpoint_callback.best_k_models.items()}
+    assert ranked == pytest.approx(scores)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 5
 
 
 def test_resume_with_other_targets_is_refused(tmp_path, biomed_targets_pair, biomed_datastore, biomed_index):
@@ -694,5 +744,18 @@ def test_a_callback_monitoring_validation_without_validation_data_is_refused_bef
     args = ["fit", *TINY_DECODER, *data_args(pair), "--trainer.accelerator", "cpu", "--trainer.max_steps", "2"]
     args += ["--config", "callbacks/early_stopping.yaml", "--trainer.default_root_dir", str(tmp_path)]
     with pytest.raises(ValueError, match=r"EarlyStopping monitors val/ce, but this run has no validation data"):
+        lightning_cli(args)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_checkpoint_monitoring_val_loss_in_a_run_that_never_validates_is_refused_before_training(
+    tmp_path, biomed_targets_pair
+):
+    """Validation data given but trainer.limit_val_batches 0: no validation runs, so val/loss is never logged and a
+    checkpoint ranked by it would fail after the first epoch; refused before any work, as without validation data."""
+    args = ["fit", *TINY_DECODER, *data_args(biomed_targets_pair), "--trainer.accelerator", "cpu"]
+    args += ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "val/loss"]
+    args += ["--checkpoint.save_top_k", "1", "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match=r"RunCheckpoint monitors val/loss, but this run has no validation data"):
         lightning_cli(args)
     assert not (tmp_path / "checkpoints").exists()
