@@ -249,6 +249,27 @@ def test_fitted_router_beats_the_best_fixed_lambda_on_held_out_planted_text():
     assert info["epochs"] >= 1
 
 
+def test_training_a_router_leaves_the_process_as_it_was_and_repeats_under_its_seed(monkeypatch):
+    """fit_router from Python, then evaluation or generation in the same process: the caller's random state, the
+    deterministic-algorithms flag and the environment are as before (seed_everything and a deterministic Trainer
+    changed them for the whole process), and the same seed trains the same router."""
+    import os
+
+    for name in ("PL_GLOBAL_SEED", "CUBLAS_WORKSPACE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    rng = np.random.default_rng(0)
+    kinds = [planted_kind(rng, 300, 1.0, True), planted_kind(rng, 300, -1.0, False)]
+    torch.manual_seed(12345)
+    state, environment = torch.random.get_rng_state(), dict(os.environ)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    first, _ = train_router(kinds, width=4, threshold=0.0, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state) and dict(os.environ) == environment
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    again, _ = train_router(kinds, width=4, threshold=0.0, seed=7)
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_general_budget_keeps_the_best_domain_router_within_the_tolerance():
     """Domain and general positions that a feature separates only in part: weighting the domain more lowers held-out
     domain perplexity and raises general; the kept router is the lowest-domain one within the tolerance, checked

@@ -154,23 +154,27 @@ def train_router(
     if len(kinds) != 2 or not 0 < domain_weight < 1:
         raise ValueError(f"train_router takes [domain, general] and a domain_weight in (0, 1), got {domain_weight}.")
     shares = [domain_weight, 1 - domain_weight]
-    L.seed_everything(seed, verbose=False)
-    fit, held = zip(*(kind.split() for kind in kinds))
-    router = Router(kinds[0].features.shape[1] - 2, width, threshold)
-    router.set_standardisation(torch.as_tensor(np.concatenate([k.features for k in fit]), dtype=torch.float32))
-    module = RouterModule(router)
-    stop = L.pytorch.callbacks.EarlyStopping("val_nll", patience=PATIENCE)
-    trainer = L.Trainer(
-        max_epochs=MAX_EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[stop], deterministic=True,
-    )  # fmt: skip
-    train = DataLoader(weighted_rows(list(fit), shares), batch_size=BATCH, shuffle=True)
-    valid = DataLoader(weighted_rows(list(held), shares), batch_size=BATCH)
-    try:
-        trainer.fit(module, train, valid)
-    except SIGTERMException:  # Lightning's stop is a SystemExit with no code: exit 0, as if the router were written
-        message = "fit-router interrupted (SIGTERM) while training routers; nothing was written: run it again."
-        raise Interrupted.said(message) from None
+    # seeded inside a fork of torch's generator: the same router for the same seed, and the caller's random state,
+    # deterministic-algorithms flag and environment as they were (seed_everything and Trainer(deterministic=True)
+    # set them for the whole process; on the CPU this small network trains deterministically without them)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fit, held = zip(*(kind.split() for kind in kinds))
+        router = Router(kinds[0].features.shape[1] - 2, width, threshold)
+        router.set_standardisation(torch.as_tensor(np.concatenate([k.features for k in fit]), dtype=torch.float32))
+        module = RouterModule(router)
+        stop = L.pytorch.callbacks.EarlyStopping("val_nll", patience=PATIENCE)
+        trainer = L.Trainer(
+            max_epochs=MAX_EPOCHS, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[stop],
+        )  # fmt: skip
+        train = DataLoader(weighted_rows(list(fit), shares), batch_size=BATCH, shuffle=True)
+        valid = DataLoader(weighted_rows(list(held), shares), batch_size=BATCH)
+        try:
+            trainer.fit(module, train, valid)
+        except SIGTERMException:  # Lightning's stop is a SystemExit with no code: exit 0, as if the router were written
+            message = "fit-router interrupted (SIGTERM) while training routers; nothing was written: run it again."
+            raise Interrupted.said(message) from None
     info = {
         "domain_weight": domain_weight,
         "epochs": trainer.current_epoch,
