@@ -77,6 +77,21 @@ def test_a_model_directory_with_only_a_tokenizer_config_has_no_tokenizer(tmp_pat
         assert find_tokenizer(str(tmp_path)) is None
 
 
+def test_a_model_directory_whose_tokenizer_files_do_not_load_is_an_error_not_another_tokenizer(tmp_path):
+    """A truncated tokenizer.json beside a model whose meta.json names a shipped tokenizer: the shipped one was
+    returned in silence (another vocabulary: 50,257 ids where the saved tokenizer had 50,258), or, without meta.json,
+    None ("no tokenizer saved"). The error names the directory and what failed."""
+    tok = load_tokenizer("gpt2")
+    tok.add_tokens(["<my_domain_token>"])
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer": {"name": "gpt2"}}))
+    assert len(find_tokenizer(str(tmp_path))) == 50258
+    whole = (tmp_path / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=rf"the tokenizer files in {tmp_path} do not load \(JSONDecodeError"):
+        find_tokenizer(str(tmp_path))
+
+
 def test_same_size_tokenizers_with_swapped_ids_are_told_apart(tmp_path):
     """Equal vocabulary sizes are not equal tokenizers: GPT-2 with two ids swapped maps text to other ids."""
     gpt2 = load_tokenizer("gpt2")

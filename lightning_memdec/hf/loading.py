@@ -122,10 +122,19 @@ def find_tokenizer(ref, model=None):
         # transformers 5 builds an empty 1-token tokenizer from a directory without tokenizer files: don't let it in
         if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
             continue
-        try:
-            tokenizer = tokenizer_from_directory(path) if path.is_dir() else AutoTokenizer.from_pretrained(candidate)
-        except Exception:  # no tokenizer there; errors differ by version and source
-            continue
+        if path.is_dir():  # its tokenizer files are there: one that does not load is an error, not another tokenizer
+            try:
+                tokenizer = tokenizer_from_directory(path)
+            except Exception as err:
+                raise ValueError(
+                    f"the tokenizer files in {path} do not load ({type(err).__name__}: {err}); repair or remove them "
+                    "(save the model's tokenizer there again with tokenizer.save_pretrained)."
+                ) from err
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(candidate)
+            except Exception:  # no tokenizer on the hub or in its cache; errors differ by version and source
+                continue
         if len(tokenizer) > 1:
             return tokenizer
     for candidate in candidates:  # a package export without tokenizer files names a shipped tokenizer in meta.json

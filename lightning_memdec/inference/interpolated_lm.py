@@ -102,8 +102,10 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         memdec = causal_lm(memdec_ref, "memdec", **load_kwargs)
         # A side's own tokenizer (given, or found next to the model) wins over the shared one, so that a shared
         # tokenizer= is checked against what the model directories say rather than trusted blindly.
-        base_tokenizer = _first_not_none(base_tokenizer, find_tokenizer(base_ref, base), tokenizer)
-        memdec_tokenizer = _first_not_none(memdec_tokenizer, find_tokenizer(memdec_ref, memdec), tokenizer)
+        if base_tokenizer is None:  # looked up only when not given: the files there are then not read at all
+            base_tokenizer = _first_not_none(find_tokenizer(base_ref, base), tokenizer)
+        if memdec_tokenizer is None:
+            memdec_tokenizer = _first_not_none(find_tokenizer(memdec_ref, memdec), tokenizer)
         vocab = mixture_vocab(base, memdec, base_tokenizer, memdec_tokenizer, tokenizer)
 
         base_gen = getattr(base, "generation_config", None) or GenerationConfig.from_model_config(base.config)
