@@ -141,6 +141,17 @@ def test_labels_give_the_mixture_nll(cross, prompt_ids):
     assert math.isclose(out.loss.item(), expected.item(), rel_tol=1e-5)
 
 
+def test_return_dict_false_gives_a_tuple_as_a_hugging_face_model_does(cross, prompt_ids):
+    """``return_dict=False`` was accepted and ignored: a caller unpacking ``loss, logits = model(...)`` as with any
+    Hugging Face model got the output object. Now its fields as a tuple, equal to the object's."""
+    whole = cross(prompt_ids, labels=prompt_ids)
+    loss, logits = cross(prompt_ids, labels=prompt_ids, return_dict=False)
+    torch.testing.assert_close(loss, whole.loss, rtol=0, atol=0)
+    torch.testing.assert_close(logits, whole.logits, rtol=0, atol=0)
+    (alone,) = cross(prompt_ids, return_dict=False)  # no labels, no cache: the logits alone
+    torch.testing.assert_close(alone, whole.logits, rtol=0, atol=0)
+
+
 def test_lmbda_is_validated(dirs, prompt_ids):
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):

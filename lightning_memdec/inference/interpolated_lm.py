@@ -252,7 +252,8 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
 
         Positions are derived from a 2-D ``attention_mask`` when not given, because some architectures (GPT-2)
         count positions from the start of the row and would otherwise shift left-padded prompts.
-        ``labels`` (shifted inside, -100 ignored) gives ``.loss``, the mixture's mean NLL.
+        ``labels`` (shifted inside, -100 ignored) gives ``.loss``, the mixture's mean NLL. ``return_dict=False``:
+        the output's fields as a tuple (``(loss, logits, cache)`` without the ones that are None).
         """
         check_token_ids(input_ids)
         if cache is not None and not isinstance(cache, PairCache):
@@ -266,7 +267,13 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.router is not None:
             mixed, new_cache = self._routed(tensors, cache, use_cache, logits_to_keep, kwargs)
-            return CausalLMOutputWithPast(loss=_mixture_loss(mixed, labels), logits=mixed, cache=new_cache)
+        else:
+            mixed, new_cache = self._mixed(tensors, cache, use_cache, logits_to_keep, kwargs)
+        out = CausalLMOutputWithPast(loss=_mixture_loss(mixed, labels), logits=mixed, cache=new_cache)
+        return out if return_dict is not False else out.to_tuple()  # a tuple, as a Hugging Face model gives
+
+    def _mixed(self, tensors: dict, cache: PairCache | None, use_cache, logits_to_keep, kwargs):
+        """The fixed-λ mixture: both models on the same inputs, and the pair's cache."""
         base_cache, memdec_cache = (cache.base, cache.memdec) if cache is not None else (None, None)
         base_lp, base_cache, _ = self._run("base", tensors, base_cache, use_cache, logits_to_keep, kwargs)
         memdec_lp, memdec_cache, _ = self._run("memdec", tensors, memdec_cache, use_cache, logits_to_keep, kwargs)
@@ -275,7 +282,7 @@ class InterpolatedLM(PairCacheGeneration, PreTrainedModel, GenerationMixin):
         new_cache = None
         if use_cache and base_cache is not None and memdec_cache is not None:
             new_cache = cache if cache is not None else PairCache(base_cache, memdec_cache)
-        return CausalLMOutputWithPast(loss=_mixture_loss(mixed, labels), logits=mixed, cache=new_cache)
+        return mixed, new_cache
 
     @torch.no_grad()
     def log_probs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
