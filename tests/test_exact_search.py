@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,6 +333,23 @@ def test_exact_targets_equal_faiss_flat_targets(tmp_path, biomed_datastore, biom
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.keys() == w.keys(), i
         assert max(abs(g[t] - w[t]) for t in g) <= 1e-3, i  # fp16 rounding of probs from fp32 distances
+
+
+def test_index_settings_that_exact_search_ignores_are_said(tmp_path, biomed_datastore, caplog):
+    """--search.use_gpu and --knn.nprobe set an index search; with the exact backend they changed nothing, in silence
+    (the same bytes, meta nprobe None): a user who set them is told, and the run is as without them."""
+    knn, search = KNNTargets(k=4, temperature=4.0, nprobe=3), TargetSearch(backend="exact", use_gpu=True)
+    with caplog.at_level("WARNING", logger="lightning_memdec.stages.targets"):
+        told = build_targets(biomed_datastore, None, tmp_path / "told", knn=knn, search=search)
+    assert "--search.use_gpu searches a FAISS index on the GPU; exact search runs on" in caplog.text
+    assert "--knn.nprobe 3 sets the IVF lists an index search visits; exact search visits every key" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_memdec.stages.targets"):
+        plain = build_targets(biomed_datastore, None, tmp_path / "plain", knn=KNNTargets(k=4, temperature=4.0),
+                              search=TargetSearch(backend="exact"))  # fmt: skip
+    assert "ignores it" not in caplog.text
+    for name in ("ids.npy", "probs.npy", "offsets.npy"):
+        assert (Path(told) / name).read_bytes() == (Path(plain) / name).read_bytes(), name
 
 
 def test_auto_picks_exact_here_and_faiss_without_index_is_refused(tmp_path, biomed_datastore, biomed_index, caplog):

@@ -104,6 +104,7 @@ def build_targets(
         check_gpu_k(knn.k, self_match=self_exclude)
     factory, index_nprobe, library = searched_index(index) if backend == "faiss" else (None, None, None)
     check_selection(search.selection, backend, hardware.accelerator)
+    warn_index_settings_ignored(backend, search.use_gpu, knn.nprobe)
     available = len(store) - (1 if self_exclude else 0)
     k, hw = capped_k(knn.k, available), hardware
     if search.shard_keys and str(hw.devices).isdigit():  # up front where the rank count is known; else in each rank
@@ -181,6 +182,19 @@ def check_selection(selection: str, backend: str, accelerator: str) -> None:
                 "search on the CPU: pass --hardware.accelerator gpu, or use --search.selection topk or threshold on "
                 "the CPU."
             )
+
+
+def warn_index_settings_ignored(backend: str, use_gpu: bool, nprobe: int | None) -> None:
+    """Before any work: the index's settings that exact search ignores are said (the run, and its targets, are
+    the same with or without them; a user who set them expected otherwise)."""
+    if backend != "exact":
+        return
+    if use_gpu:
+        log.warning("--search.use_gpu searches a FAISS index on the GPU; exact search runs on --hardware.accelerator's "
+                    "device and ignores it.")  # fmt: skip
+    if nprobe is not None:
+        log.warning("--knn.nprobe %d sets the IVF lists an index search visits; exact search visits every key and "
+                    "ignores it.", nprobe)  # fmt: skip
 
 
 def searched_index(index: Path) -> tuple[str, int, str]:
