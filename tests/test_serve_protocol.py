@@ -278,8 +278,13 @@ def test_serve_refuses_a_missing_decoder_before_starting(tmp_path):
         port = probe.getsockname()[1]
     with pytest.raises(ValueError, match="--memdec .*nowhere.* not a model directory"):
         serve(str(base), memdec=str(tmp_path / "nowhere"), port=port)
-    with pytest.raises(ValueError, match="lmbda|λ"):
-        serve(str(base), lmbda=1.5, port=port)
+    with pytest.raises(ValueError, match=r"lmbda must be in \[0, 1\]"):
+        serve(str(base), memdec=str(base), lmbda=1.5, port=port)
+    # a --lmbda that would change nothing: no decoder to weigh, or a router giving λ per token
+    with pytest.raises(ValueError, match="--lmbda 0.5 weighs the Memory Decoder, and none is served"):
+        serve(str(base), lmbda=0.5, port=port)
+    with pytest.raises(ValueError, match="--lmbda 0.5 is a fixed λ, and --router gives λ per token"):
+        serve(str(base), memdec=str(base), router=str(tmp_path), lmbda=0.5, port=port)
 
 
 @pytest.mark.parametrize(

@@ -121,10 +121,25 @@ def check_router(router: str | None, base: str, memdec: str | None, tokenizer) -
     check_router_models(read_meta(router, kind="router"), router, base, memdec, fingerprint)
 
 
+DEFAULT_LMBDA = 0.3  # the decoder's weight when --memdec is served without --lmbda
+
+
+def served_lmbda(lmbda: float | None, memdec: str | None, router: str | None) -> float:
+    """The fixed λ served: --lmbda, or the default; a --lmbda that would change nothing is refused (no decoder to
+    weigh, or a router giving λ per token), as a user who set it expects it to matter."""
+    if lmbda is not None and memdec is None:
+        raise ValueError(
+            f"--lmbda {lmbda} weighs the Memory Decoder, and none is served: pass --memdec, or drop --lmbda."
+        )
+    if lmbda is not None and router is not None:
+        raise ValueError(f"--lmbda {lmbda} is a fixed λ, and --router gives λ per token: drop one of them.")
+    return DEFAULT_LMBDA if lmbda is None else lmbda
+
+
 def serve(
     base: str,
     memdec: str | None = None,
-    lmbda: float = 0.3,
+    lmbda: float | None = None,
     port: int = 8000,
     host: str = "127.0.0.1",
     device: str = "auto",
@@ -138,7 +153,7 @@ def serve(
     Args:
         base: the base LM (name, path or ``embedded:base-small``); its tokenizer must be saved with it.
         memdec: the trained Memory Decoder directory; omitted, the base is served alone.
-        lmbda: the decoder's weight λ in the mixture.
+        lmbda: the decoder's weight λ in the mixture (default 0.3); only with --memdec, and not with --router.
         port: the port to listen on.
         host: the interface to listen on (``0.0.0.0`` for every interface).
         device: ``auto`` (the GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -152,7 +167,7 @@ def serve(
     """
     from lightning_memdec.kernels.scoring import check_lmbda
 
-    check_lmbda(lmbda)
+    lmbda = check_lmbda(served_lmbda(lmbda, memdec, router))
     if decoding not in ("eager", "static"):
         raise ValueError(f"--decoding must be eager or static, got {decoding!r}.")
     if decoding == "static" and router is not None:
