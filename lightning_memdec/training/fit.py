@@ -241,10 +241,11 @@ def lightning_cli(
 
     ``--config`` takes files or packaged config names, and expands an experiment's ``compose:`` groups.
     """
-    from jsonargparse import set_parsing_settings
+    if run:  # the command line: configs say ${data.window}, and under the fit/validate/test subcommands that path is
+        # relative; a process-wide setting, so not made for a parse without subcommands (fit() from Python)
+        from jsonargparse import set_parsing_settings
 
-    # configs say ${data.window}; under the fit/validate/test subcommands that path is relative
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     with warnings.catch_warnings():
         # args are passed on purpose (packaged configs resolved, or a dict from Python), not by mistake
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
