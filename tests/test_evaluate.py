@@ -580,3 +580,35 @@ def test_evaluate_checks_out_and_every_bases_tokenizer_before_scoring(tmp_path, 
     with pytest.raises(ArtifactError, match=r"decoder .*memdec uses tokenizer .* but base .*neox uses neox"):
         evaluate(bases=[str(tiny_gpt2), str(models["neox"])], memdec=str(models["memdec"]), out=out, **common)
     assert not out.exists()
+
+
+def test_every_split_is_checked_before_any_datastore_is_built(tmp_path, tiny_gpt2, biomed_corpus):
+    """A missing or mistyped --test/--valid, a directory that is no corpus, or a corpus of another tokenizer is refused
+    with the reader's own message before the --knn.corpus datastore is built or any split is scored."""
+    from lightning_memdec.io.token_corpus import tokenize
+
+    neox_corpus = tokenize(["embedded:law/valid"], tmp_path / "neox-corpus", "gpt-neox-20b", max_tokens=200)
+    not_a_corpus = tmp_path / "not-a-corpus"
+    not_a_corpus.mkdir()
+    common = dict(
+        bases=[str(tiny_gpt2)],
+        knn=EvaluateKNN(corpus=str(biomed_corpus), k=8),
+        mix=EvaluateMixing(knn_lmbda=0.3),
+        scoring=Scoring(window=32, stride=16, max_tokens=64, batch_size=4),
+    )
+    refused = [
+        ({"valid": str(tmp_path / "valid.txt")}, FileNotFoundError, r"valid\.txt"),
+        ({"valid": "embedded:biomed/vaild"}, ValueError, "no embedded corpus biomed/vaild"),
+        ({"valid": str(not_a_corpus)}, ArtifactError, r"not-a-corpus has no meta\.json"),
+        (
+            {"valid": str(neox_corpus)},
+            ValueError,
+            r"corpus .*neox-corpus uses tokenizer gpt-neox-20b .* base LM uses gpt2",
+        ),
+        ({"test": str(tmp_path / "test.txt"), "valid": None}, FileNotFoundError, r"test\.txt"),
+    ]
+    for i, (splits, error, message) in enumerate(refused):
+        out = tmp_path / f"r{i}"
+        with pytest.raises(error, match=message):
+            evaluate(**{"test": "embedded:biomed/test", **splits}, out=out, **common)
+        assert not out.exists(), f"{splits}: a datastore was built (or a report written) before the split was read"

@@ -22,7 +22,7 @@ from lightning_memdec.evaluation.report_rows import lambda_curve, report_row
 from lightning_memdec.evaluation.router_rows import router_by_base, router_columns
 from lightning_memdec.evaluation.row_figures import audit_splits, overlap_references, overlap_report, row_figures
 from lightning_memdec.evaluation.settings import Audit, Controls, EvaluateKNN, EvaluateMixing, Scoring
-from lightning_memdec.evaluation.split_tokens import text_tokens
+from lightning_memdec.evaluation.split_tokens import text_source, text_tokens
 from lightning_memdec.hf.loading import (
     check_fits_context,
     find_tokenizer,
@@ -92,13 +92,14 @@ def evaluate(
     lmbda, knn_lmbda = _checked_lambdas(memdec, ce_only, valid, knn, mix.lmbda, mix.knn_lmbda)
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if mix.lambda_grid is None else mix.lambda_grid)
     _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, scoring.tokenizer)
+    splits = {"test": test, **({"valid": valid} if valid is not None else {})}
+    _check_splits(splits, models, scoring.tokenizer)
     routers = router_by_base(mix.router, memdec, models)
     dev = torch_device(scoring.device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
     if knn_corpus is not None:
         stores = _build_missing_stores(stores, models, knn_corpus, Path(out) / "stores", scoring)
     decoders = {key: _load_decoder(ref, dev, window) for key, ref in (("memdec", memdec), ("ce_only", ce_only)) if ref}
-    splits = {"test": test, **({"valid": valid} if valid is not None else {})}
     search = {"k": knn.k, "temperature": knn.temperature, "exact_distances": knn.exact_distances, "nprobe": knn.nprobe}
     tried = DEFAULT_TEMPERATURE_GRID if mix.temperature_grid is None else mix.temperature_grid
     temperatures = check_temperatures([knn.temperature] if valid is None else tried)
@@ -251,6 +252,19 @@ def _check_before_scoring(models, decoders: list[str], window: int, out, tokeniz
                     tokenizer_info(dec_tok, tokenizer_name(dec_tok, dec)), f"decoder {dec}",
                     tokenizer_info(base_tok, tokenizer_name(base_tok, ref)), f"base {ref}",
                 )  # fmt: skip
+
+
+def _check_splits(splits: dict[str, str], models, tokenizer: str | None) -> None:
+    """Every split's text exists (a corpus directory: finished, of each model's tokenizer) before any model loads or
+    datastore is built: read only when scored, a typo in --valid cost the whole scoring of the test split first."""
+    sources = {split: text_source(spec) for split, spec in splits.items()}
+    corpora = [spec for split, spec in splits.items() if isinstance(sources[split], Corpus)]
+    if not corpora:
+        return
+    for ref, _, _ in models:
+        tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(ref)
+        for spec in corpora if tok is not None else []:  # none found: _Scorer.load names the missing tokenizer
+            text_source(spec, tok)
 
 
 def _load_decoder(ref: str, device, window: int):

@@ -21,18 +21,30 @@ def text_tokens(spec: str | Path, tokenizer, max_tokens: int | None = None, batc
     """
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2 (one scored position), got {max_tokens}.")
-    info = tokenizer_info(tokenizer, tokenizer_name(tokenizer))
-    path = Path(str(spec))
-    if path.is_dir():
-        corpus = Corpus(path)
-        check_same_tokenizer(corpus.tokenizer, f"corpus {path}", info, "the base LM")
-        tokens = np.asarray(corpus.tokens[:max_tokens], dtype=np.int64)
+    source = text_source(spec, tokenizer)
+    if isinstance(source, Corpus):
+        tokens = np.asarray(source.tokens[:max_tokens], dtype=np.int64)
     else:
-        docs = read_documents(resolve_text(spec))
+        docs = read_documents(source)
         if tokenizer.eos_token_id is None:
+            info = tokenizer_info(tokenizer, tokenizer_name(tokenizer))
             raise ValueError(f"tokenizer {describe_tokenizer(info)} has no EOS token to separate documents.")
         pieces = encode_documents(docs, tokenizer, max_tokens, batch_documents)
         tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     if len(tokens) < 2:
         raise ValueError(f"{spec} holds no text to score (fewer than 2 tokens); give a non-empty text or corpus.")
     return tokens
+
+
+def text_source(spec: str | Path, tokenizer=None) -> Corpus | Path:
+    """The corpus directory or text file ``spec`` names, refused when it is neither (or a corpus of another tokenizer
+    than ``tokenizer``, when given): one check, run on every split before any model loads and again when it is read.
+    """
+    path = Path(str(spec))
+    if not path.is_dir():
+        return resolve_text(spec)
+    corpus = Corpus(path)
+    if tokenizer is not None:
+        info = tokenizer_info(tokenizer, tokenizer_name(tokenizer))
+        check_same_tokenizer(corpus.tokenizer, f"corpus {path}", info, "the base LM")
+    return corpus
