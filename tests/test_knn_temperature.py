@@ -81,3 +81,43 @@ def test_evaluate_chooses_the_temperature_on_valid(tmp_path, tiny_gpt2, biomed_d
     assert fixed["rows"][0]["knnlm_temperature"] == 4.0 and fixed["rows"][0]["knnlm_temperature_from"] == "given"
     knn = lp["test", 4.0]
     assert fixed["rows"][0]["knnlm_ppl"] == pytest.approx(mixed_perplexity(knn["base"], knn["knn"], 0.3), rel=1e-9)
+
+
+def test_evaluate_warns_when_a_set_temperature_option_is_ignored(tmp_path, tiny_gpt2, biomed_datastore, biomed_index):
+    """With --valid T comes from --mix.temperature_grid, without it from --knn.temperature: setting the other one
+    warns, naming the option used instead; which one is used does not change, and options left alone warn nothing."""
+    import warnings
+
+    stores = dict(datastore=[str(biomed_datastore)], index=[str(biomed_index)], k=16)
+    common = dict(
+        bases=[str(tiny_gpt2)],
+        test="embedded:biomed/test",
+        scoring=Scoring(window=32, stride=16, batch_size=4, max_tokens=64),
+    )
+    with pytest.warns(UserWarning, match=r"--knn.temperature 4 is ignored: .*--valid .*--mix.temperature_grid \[1"):
+        chosen = evaluate(
+            out=tmp_path / "v",
+            valid="embedded:law/valid",
+            knn=EvaluateKNN(temperature=4.0, **stores),
+            mix=EvaluateMixing(temperature_grid=[1.0, 64.0]),
+            **common,
+        )
+    row = chosen["rows"][0]
+    assert row["knnlm_temperature_from"] == "valid" and row["knnlm_temperature"] in (1.0, 64.0)
+    with pytest.warns(UserWarning, match=r"--mix.temperature_grid \[1.0, 64.0\] is ignored: .*--knn.temperature 4 is"):
+        given = evaluate(
+            out=tmp_path / "g",
+            knn=EvaluateKNN(temperature=4.0, **stores),
+            mix=EvaluateMixing(knn_lmbda=0.3, temperature_grid=[1.0, 64.0]),
+            **common,
+        )
+    assert given["rows"][0]["knnlm_temperature"] == 4.0 and given["rows"][0]["knnlm_temperature_from"] == "given"
+    unset = [
+        dict(valid="embedded:law/valid", knn=EvaluateKNN(**stores), mix=EvaluateMixing(temperature_grid=[1.0, 64.0])),
+        dict(knn=EvaluateKNN(temperature=4.0, **stores), mix=EvaluateMixing(knn_lmbda=0.3)),
+    ]
+    for i, options in enumerate(unset):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluate(out=tmp_path / f"u{i}", **options, **common)
+        assert not [w for w in caught if "ignored" in str(w.message)], [str(w.message) for w in caught]

@@ -9,6 +9,7 @@ of the same tokenizer (cross-model evaluation). The report is written by :mod:`l
 from __future__ import annotations
 
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ def evaluate(
     _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, scoring.tokenizer)
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
     _check_splits(splits, models, scoring.tokenizer)
+    _warn_if_temperature_ignored(knn, mix, valid)
     routers = router_by_base(mix.router, memdec, models)
     dev = torch_device(scoring.device)
     stores = _datastores_by_model(datastore, index, [ref for ref, _, _ in models])
@@ -265,6 +267,31 @@ def _check_splits(splits: dict[str, str], models, tokenizer: str | None) -> None
         tok = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(ref)
         for spec in corpora if tok is not None else []:  # none found: _Scorer.load names the missing tokenizer
             text_source(spec, tok)
+
+
+def _warn_if_temperature_ignored(knn: EvaluateKNN, mix: EvaluateMixing, valid: str | None) -> None:
+    """With --valid the kNN temperature is chosen from --mix.temperature_grid, without it --knn.temperature is used:
+    a user who set the other one (to anything but its default) is told it does nothing, not left to find out."""
+    if knn.datastore is None and knn.corpus is None:  # no kNN-LM row: neither is used
+        return
+    if valid is not None and knn.temperature != _default(knn, "temperature"):
+        tried = DEFAULT_TEMPERATURE_GRID if mix.temperature_grid is None else mix.temperature_grid
+        warnings.warn(
+            f"--knn.temperature {knn.temperature:g} is ignored: with --valid the kNN temperature is chosen on it from "
+            f"--mix.temperature_grid {list(tried)}; pass --mix.temperature_grid [{knn.temperature:g}] to fix T.",
+            stacklevel=4,  # the caller of evaluate, past its output lock
+        )
+    elif valid is None and mix.temperature_grid != _default(mix, "temperature_grid"):
+        warnings.warn(
+            f"--mix.temperature_grid {list(mix.temperature_grid)} is ignored: without --valid there is nothing to "
+            f"choose T on, so --knn.temperature {knn.temperature:g} is used; pass --valid to choose among the grid.",
+            stacklevel=4,  # the caller of evaluate, past its output lock
+        )
+
+
+def _default(settings, name: str):
+    """A settings field's default: what it holds when the user did not set it."""
+    return next(f.default for f in fields(settings) if f.name == name)
 
 
 def _load_decoder(ref: str, device, window: int):
