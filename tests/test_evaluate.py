@@ -612,3 +612,37 @@ def test_every_split_is_checked_before_any_datastore_is_built(tmp_path, tiny_gpt
         with pytest.raises(error, match=message):
             evaluate(**{"test": "embedded:biomed/test", **splits}, out=out, **common)
         assert not out.exists(), f"{splits}: a datastore was built (or a report written) before the split was read"
+
+
+def test_a_datastore_is_paired_with_its_base_by_weights_not_by_folder_name(
+    tmp_path, tiny_gpt2, biomed_datastore, biomed_index
+):
+    """A copy of the base in a folder of another name gets the datastore's kNN-LM row (the same row as the base
+    itself); another model in a folder of the base's name is refused; a datastore that recorded no weights' hash (an
+    earlier version's) is still paired by the folder name."""
+    import shutil
+
+    from lightning_memdec.retrieval.faiss_index import build_index
+    from lightning_memdec.retrieval.settings import IndexSettings
+
+    copy = tmp_path / "copies" / "my-base"
+    shutil.copytree(tiny_gpt2, copy)
+    impostor = save_tiny(tmp_path / "other" / tiny_gpt2.name, seed=1)  # the base's folder name, other weights
+    common = dict(test="embedded:biomed/test", scoring=Scoring(window=32, stride=16, batch_size=4, max_tokens=64))
+    knn = EvaluateKNN(datastore=[str(biomed_datastore)], index=[str(biomed_index)], k=8)
+    mix = EvaluateMixing(knn_lmbda=0.3)
+    by_copy = evaluate(bases=[str(copy)], out=tmp_path / "copy", knn=knn, mix=mix, **common)
+    by_base = evaluate(bases=[str(tiny_gpt2)], out=tmp_path / "base", knn=knn, mix=mix, **common)
+    assert by_copy["datastores"] == {"my-base": str(biomed_datastore)}
+    assert by_copy["rows"][0]["knnlm_ppl"] == pytest.approx(by_base["rows"][0]["knnlm_ppl"], rel=1e-9)
+    with pytest.raises(ValueError, match=rf"was built with .*{tiny_gpt2.name}, which is none of the bases .*other"):
+        evaluate(bases=[str(impostor)], out=tmp_path / "impostor", knn=knn, mix=mix, **common)
+    old = tmp_path / "old-store"
+    shutil.copytree(biomed_datastore, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["model_sha256"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    flat = build_index(old, tmp_path / "old-index", plan=IndexSettings(factory="Flat"))
+    old_knn = EvaluateKNN(datastore=[str(old)], index=[str(flat)], k=8)
+    by_name = evaluate(bases=[str(tiny_gpt2)], out=tmp_path / "old", knn=old_knn, mix=mix, **common)
+    assert by_name["rows"][0]["knnlm_ppl"] == pytest.approx(by_base["rows"][0]["knnlm_ppl"], rel=1e-9)

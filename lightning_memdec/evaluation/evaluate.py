@@ -29,6 +29,7 @@ from lightning_memdec.hf.loading import (
     find_tokenizer,
     load_causal_lm,
     model_config,
+    model_identity,
     tokenizer_name,
     torch_device,
 )
@@ -397,20 +398,27 @@ def _short_name(ref: str) -> str:
 
 
 def _datastore_base(datastore: str, bases: list[str]) -> str:
-    """The base that built the datastore (kNN-LM queries must come from it)."""
+    """The base that built the datastore (kNN-LM queries must come from it): the one with the weights' hash the
+    datastore recorded, in whatever folder (as a router's base is found), not another model in a folder of its name;
+    by path or folder name only where no hash is known (a datastore of an earlier version, a model not hashable)."""
     from lightning_memdec.io.artifact_dirs import read_meta
 
-    built_with = str(read_meta(datastore, kind="datastore")["model"])
+    meta = read_meta(datastore, kind="datastore")
+    built_with, recorded = str(meta["model"]), meta.get("model_sha256")
 
     def same(ref: str) -> bool:
+        actual = None if recorded is None else model_identity(ref)["model_sha256"]
+        if actual is not None:
+            return actual == recorded
         if Path(ref).exists() and Path(built_with).exists():
             return Path(ref).resolve() == Path(built_with).resolve()
         return ref == built_with or _short_name(ref) == _short_name(built_with)
 
     matches = [b for b in bases if same(b)]
     if not matches:
+        weights = "" if recorded is None else f" (none has its weights, sha {recorded})"
         raise ValueError(
-            f"datastore {datastore} was built with {built_with}, which is none of the bases {bases}; kNN-LM needs the "
-            "base that built its datastore, so add it to --bases (or build a datastore with one of them)."
+            f"datastore {datastore} was built with {built_with}, which is none of the bases {bases}{weights}; kNN-LM "
+            "needs the base that built its datastore, so add it to --bases (or build a datastore with one of them)."
         )
     return matches[0]
