@@ -18,7 +18,6 @@ from lightning_memdec.apps.router_training import (
     Routing,
     fit_within_general_budget,
     held_out_ppls,
-    mixed_nll,
     train_router,
 )
 from lightning_memdec.evaluation.overlap import split_document_offsets
@@ -38,7 +37,7 @@ from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_lo
 from lightning_memdec.io.artifact_dirs import ArtifactError, check_writable_dir, publish, start_work_dir
 from lightning_memdec.io.output_lock import exclusive_output
 from lightning_memdec.io.tokenizer_identity import tokenizer_info
-from lightning_memdec.kernels.scoring import sweep_lambda
+from lightning_memdec.kernels.scoring import mixed_perplexity, sweep_lambda
 
 __all__ = ["fit_router", "held_out_summary", "text_positions"]
 
@@ -144,7 +143,7 @@ def held_out_summary(router: Router, kinds: list[RouterData]) -> dict:
         base, mem = torch.as_tensor(h.base, dtype=torch.float64), torch.as_tensor(h.memdec, dtype=torch.float64)
         lmbda = router.routed(torch.as_tensor(h.features)).double()
         out[name] = held_out_ppls(router, kind) | {
-            "fixed_ppl": float(mixed_nll(base, mem, torch.full_like(base, best_lambda)).mean().exp()),
+            "fixed_ppl": mixed_perplexity(base, mem, best_lambda),
             "router_skip_fraction": float((lmbda == 0).double().mean()),
         }
     return out

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memdec.inference.router import Router, check_threshold
 from lightning_memdec.io.artifact_dirs import Interrupted
-from lightning_memdec.kernels.scoring import mix_log_probs
+from lightning_memdec.kernels.scoring import mix_log_probs, perplexity
 
 __all__ = [
     "DOMAIN_WEIGHTS",
@@ -201,7 +201,7 @@ def held_out_ppls(router: Router, kind: RouterData) -> dict[str, float]:
     held = kind.split()[1]
     base, memdec = torch.as_tensor(held.base, dtype=torch.float64), torch.as_tensor(held.memdec, dtype=torch.float64)
     lmbda = router.routed(torch.as_tensor(held.features)).double()
-    return {"base_ppl": float((-base).mean().exp()), "router_ppl": float(mixed_nll(base, memdec, lmbda).mean().exp())}
+    return {"base_ppl": perplexity(base), "router_ppl": perplexity(mix_log_probs(base, memdec, lmbda))}
 
 
 def fit_within_general_budget(
