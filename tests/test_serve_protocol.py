@@ -386,9 +386,9 @@ def test_jobs_that_fit_alone_are_never_batched_past_the_context(tmp_path):
         assert tokens == ref[0, prompt.shape[1] :].tolist()
 
 
-def test_a_failed_generate_call_fails_its_own_requests_with_a_message():
+def test_a_failed_generate_call_fails_its_own_requests_with_a_message(caplog):
     """Its jobs get {"error": message} (the HTTP side answers 500 naming it, not a pickled exception); the jobs
-    of other calls still run."""
+    of other calls still run; the traceback is in the server's log, for the operator."""
     pytest.importorskip("litserve")
     from types import SimpleNamespace
 
@@ -408,8 +408,27 @@ def test_a_failed_generate_call_fails_its_own_requests_with_a_message():
         {"prompt_ids": [1, 2], "max_tokens": 1, "sampling": {"do_sample": True}},
         {"prompt_ids": [3], "max_tokens": 1, "sampling": {"do_sample": False}},
     ]
-    steps = list(generate_steps(Failing(), jobs, eos_token_ids=set()))
+    with caplog.at_level("ERROR", logger="lightning_memdec.apps.serve_worker"):
+        steps = list(generate_steps(Failing(), jobs, eos_token_ids=set()))
     assert steps == [[{"error": "RuntimeError: CUDA out of memory"}, {}], [{}, {"token": 7, "end": False, "batch": 1}]]
+    (record,) = caplog.records
+    assert "generation failed for a batch of 1: RuntimeError: CUDA out of memory" in record.getMessage()
+    assert record.exc_info is not None and "in generate" in caplog.text  # the traceback, down to the failing call
+
+
+def test_an_unforeseen_request_failure_is_logged_with_its_traceback(caplog):
+    """The client gets a 500 body with the message; the operator's log gets the traceback (nothing was logged)."""
+    pytest.importorskip("litserve")
+    from lightning_memdec.apps.openai_spec import unforeseen_error
+
+    try:
+        {}["missing"]
+    except KeyError as err:
+        with caplog.at_level("ERROR", logger="lightning_memdec.apps.openai_spec"):
+            error = unforeseen_error(err)
+    assert error.status == 500 and "KeyError" in error.body()["error"]["message"]
+    (record,) = caplog.records
+    assert "a request failed: KeyError" in record.getMessage() and 'test_serve_protocol.py", line' in caplog.text
 
 
 def test_an_error_step_becomes_a_500_naming_it(served):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 import uuid
 from collections import deque
@@ -36,6 +37,8 @@ from lightning_memdec.apps.openai_protocol import (
 )
 from lightning_memdec.apps.openai_replies import Completion, TokenLogProb, chunk, prompt_offsets, reply, usage_chunk
 from lightning_memdec.apps.tokenizer_endpoints import detokenize, tokenize, tokenizer_info
+
+log = logging.getLogger(__name__)
 
 COMPLETIONS_PATH = "/v1/completions"
 DISCONNECT_POLL_S = 0.25  # how often a whole (non-streamed) reply's wait checks that its client is still there
@@ -312,6 +315,9 @@ def completion(pieces: list[Piece]) -> Completion:
 
 
 def unforeseen_error(err: Exception) -> RequestError:
+    """A failure no check foresaw, as the client's 500 body; its traceback goes to the server's log, for the
+    operator (the client sees only its message)."""
+    log.error("a request failed: %s: %s", type(err).__name__, err, exc_info=err)
     return RequestError(500, f"the server failed on this request ({type(err).__name__}: {err}).", code="server_error")
 
 

@@ -9,6 +9,7 @@ the queue's), and every step's tokens go back as they come, with their log-proba
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import litserve as ls
@@ -18,6 +19,8 @@ from lightning_memdec.apps.abandoned_jobs import AbandonedJobs
 from lightning_memdec.apps.openai_protocol import CompletionText
 from lightning_memdec.inference.streamed_generation import stream_generate
 from lightning_memdec.inference.token_log_probs import prompt_log_probs
+
+log = logging.getLogger(__name__)
 
 
 class MixtureAPI(ls.LitAPI):
@@ -98,7 +101,8 @@ def generate_steps(
             if generating:
                 yield from generated_steps(model, jobs, generating, settings, eos_token_ids, vocab, tokenizer,
                                            abandoned)  # fmt: skip
-        except Exception as err:  # as a message, not the exception LitServe would pickle
+        except Exception as err:  # as a message, not the exception LitServe would pickle; the traceback is logged
+            log.error("generation failed for a batch of %d: %s: %s", len(rows), type(err).__name__, err, exc_info=err)
             yield [{"error": f"{type(err).__name__}: {err}"} if row in rows else {} for row in range(len(jobs))]
 
 
