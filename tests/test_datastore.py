@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import time
@@ -260,6 +261,27 @@ def test_model_identity_is_its_weights_not_its_path(tmp_path, biomed_corpus):
     with pytest.raises(ArtifactError, match=f"index {index} was built over"):
         build_targets(store, index, tmp_path / "targets", knn=KNNTargets(k=8))
     assert not partial_dir(tmp_path / "targets").exists()
+
+
+def test_a_copy_of_the_base_in_another_folder_is_taken_without_a_warning(tmp_path, biomed_datastore, tiny_gpt2):
+    """The datastore's recorded hash vouches for a copy of its base saved elsewhere (evaluate pairs such a copy by
+    that hash): no "keys only match when the weights do" warning; a model of other weights is refused as before."""
+    import shutil
+    import warnings
+
+    from lightning_memdec.inference.knnlm import KNNLM
+
+    copy = shutil.copytree(tiny_gpt2, tmp_path / "my-base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        KNNLM(str(copy), biomed_datastore, search="exact")
+    meta = json.loads((biomed_datastore / "meta.json").read_text())
+    unhashed = shutil.copytree(biomed_datastore, tmp_path / "earlier")  # an earlier version's store: no hash
+    (unhashed / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "model_sha256"}))
+    with pytest.warns(UserWarning, match="but the base LM is .*my-base: keys only match when the weights do"):
+        KNNLM(str(copy), unhashed, search="exact")
+    with pytest.raises(ValueError, match="has other weights"):
+        KNNLM(str(save_tiny(tmp_path / "other", seed=3)), biomed_datastore, search="exact")
 
 
 def test_window_past_the_model_context_is_refused_before_any_work(tmp_path, biomed_corpus, tiny_gpt2):

@@ -61,13 +61,15 @@ def _key_dim(model: PreTrainedModel, capture) -> int:
 def _check_same_weights(base, meta: dict, where: str) -> None:
     """The base's weights must be those that built the datastore (its recorded ``model_sha256``): a model replaced
     at the same path passes every name and shape check, but its queries would search another model's keys. A base
-    of another name is only warned about (the same weights may be saved elsewhere; a hash is not always known)."""
+    of another name is only warned about where no hash vouches for it (the same weights may be saved elsewhere)."""
     recorded, actual = meta.get("model_sha256"), model_identity(base)["model_sha256"]
     if recorded is not None and actual is not None and recorded != actual:
         raise ValueError(
             f"{where} was built with {meta['model']} (sha {recorded}), but the base LM {base.name_or_path} has other "
             f"weights (sha {actual}): rebuild the datastore with this base, or load the model that built it."
         )
+    if recorded is not None and actual == recorded:  # the same weights, in whatever folder: nothing to warn about
+        return
     name = str(getattr(base, "name_or_path", "") or "")
     if name and Path(name).name != Path(resolve_model(meta["model"])).name:  # embedded:base-small is base-small
         warnings.warn(
