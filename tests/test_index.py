@@ -91,6 +91,11 @@ def test_bad_factory_and_existing_output(tmp_path, biomed_datastore, biomed_inde
     with pytest.raises(ValueError, match="invalid FAISS factory string"):
         build_index(biomed_datastore, tmp_path / "x", plan=IndexSettings(factory="NotAnIndex"))
     assert not (tmp_path / "x").exists()
+    # a layout FAISS refuses whose cost the plan can still compute (2^99 centroids a sub-quantizer): named as what
+    # it is, not as a memory error asking for 10^22 GiB
+    with pytest.raises(ValueError, match=r"invalid FAISS factory string 'IVF8,PQ4x99'"):
+        build_index(biomed_datastore, tmp_path / "x", plan=IndexSettings(factory="IVF8,PQ4x99"))
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ArtifactError, match="already exists"):
         build_index(biomed_datastore, biomed_index, plan=IndexSettings(factory="Flat"))
     with pytest.raises(ArtifactError, match="does not exist"):

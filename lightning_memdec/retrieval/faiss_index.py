@@ -124,9 +124,9 @@ def build_index(
     if plan_only:
         return plan
     train_size, seed, nprobe = plan.train_size if spec.train_size is None else spec.train_size, spec.seed, spec.nprobe
+    index = empty_index(library, d, plan.factory, nprobe)  # an invalid factory named before its costs are checked
     check_build_fits(plan, min(n, train_size) if plan.train_size else 0, use_gpu)
     check_recall_k(recall_queries, recall_k)
-    index = empty_index(library, d, plan.factory, nprobe)
     run = index_run_settings(store, library, plan.factory, train_size, seed, nprobe, (recall_queries, recall_k))
     work = start_work_dir(out, run, overwrite)
     if use_gpu:
