@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from lightning_memdec.cli import main
 from lightning_memdec.evaluation.evaluate import evaluate, text_tokens
 from lightning_memdec.evaluation.latency import generation_throughput, model_latency
-from lightning_memdec.evaluation.settings import Controls, EvaluateKNN, EvaluateMixing, Scoring
+from lightning_memdec.evaluation.settings import Audit, Controls, EvaluateKNN, EvaluateMixing, Scoring
 from lightning_memdec.inference.knnlm import KNNLM
 from lightning_memdec.inference.sliding_window import lm_scorer, sliding_gold_log_probs
 from lightning_memdec.io.artifact_dirs import ArtifactError
@@ -583,8 +583,9 @@ def test_evaluate_checks_out_and_every_bases_tokenizer_before_scoring(tmp_path, 
 
 
 def test_every_split_is_checked_before_any_datastore_is_built(tmp_path, tiny_gpt2, biomed_corpus):
-    """A missing or mistyped --test/--valid, a directory that is no corpus, or a corpus of another tokenizer is refused
-    with the reader's own message before the --knn.corpus datastore is built or any split is scored."""
+    """A missing or mistyped --test/--valid (or --audit.overlap_with), a directory that is no corpus, or a corpus of
+    another tokenizer is refused with the reader's own message before the --knn.corpus datastore is built or any split
+    is scored."""
     from lightning_memdec.io.token_corpus import tokenize
 
     neox_corpus = tokenize(["embedded:law/valid"], tmp_path / "neox-corpus", "gpt-neox-20b", max_tokens=200)
@@ -606,6 +607,8 @@ def test_every_split_is_checked_before_any_datastore_is_built(tmp_path, tiny_gpt
             r"corpus .*neox-corpus uses tokenizer gpt-neox-20b .* base LM uses gpt2",
         ),
         ({"test": str(tmp_path / "test.txt"), "valid": None}, FileNotFoundError, r"test\.txt"),
+        # the overlap audit's training text, read only after every model was scored
+        ({"audit": Audit(overlap_with=[str(tmp_path / "train.txt")])}, FileNotFoundError, r"train\.txt"),
     ]
     for i, (splits, error, message) in enumerate(refused):
         out = tmp_path / f"r{i}"

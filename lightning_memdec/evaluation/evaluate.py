@@ -95,7 +95,9 @@ def evaluate(
     grid = check_lambda_grid(DEFAULT_LAMBDA_GRID if mix.lambda_grid is None else mix.lambda_grid)
     _check_before_scoring(models, [ref for ref in (memdec, ce_only) if ref], window, out, scoring.tokenizer)
     splits = {"test": test, **({"valid": valid} if valid is not None else {})}
-    _check_splits(splits, models, scoring.tokenizer)
+    given = overlap_references(audit.overlap_with, None, []) if audit.overlap_with is not None else []
+    # the overlap audit's texts too: read only after every model is scored
+    _check_splits(splits | {f"--audit.overlap_with {ref}": ref for ref in given}, models, scoring.tokenizer)
     _warn_if_temperature_ignored(knn, mix, valid)
     routers = router_by_base(mix.router, memdec, models)
     dev = torch_device(scoring.device)
