@@ -122,11 +122,6 @@ def roofline(stage: str, rate: float, bound: float) -> float:
     return rate / bound
 
 
-def forward_flops_per_token(params: int, layers: int, context: int, width: int) -> float:
-    """2 FLOPs per weight plus attention's 2·L·T·d (scores and their weighted sum over a context of T, causal)."""
-    return 2 * params + 2 * layers * context * width
-
-
 class TimeLimitReached(BaseException):
     """Raised by SIGALRM in whatever stage is running when ``--time_limit_s`` is up. A BaseException, as
     KeyboardInterrupt is: library code's ``except Exception`` (a tokenizer probe, say) must not swallow it."""
@@ -210,8 +205,9 @@ def datastore_stage(card: Card, w: Path, shape: dict, tokens: int, window: int, 
     )
     report("datastore_entries", tokens - 1)
     report("datastore_entries_per_s", (tokens - 1) / seconds)
-    params = sum(p.numel() for p in load_decoder(base).parameters())
-    flops = forward_flops_per_token(params, shape["n_layer"], window, shape["n_embd"])
+    from lightning_memdec.training.throughput import forward_flops_per_token, model_params
+
+    flops = forward_flops_per_token(model_params(load_decoder(base)), shape["n_layer"], window, shape["n_embd"])
     roofline("datastore_entries_per_s", (tokens - 1) / seconds, card.peak_flops / flops)
     return base, out
 
@@ -570,7 +566,7 @@ def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, win
     """``fast``: the speed options (torch.compile, fused AdamW, vocabulary padded to 64; on by default on a GPU)."""
     from lightning_memdec.io.packaged_configs import load_config
     from lightning_memdec.training.fit import fit
-    from lightning_memdec.training.throughput import TrainingThroughput, training_flops_per_token
+    from lightning_memdec.training.throughput import TrainingThroughput
 
     pad_multiple = 64 if fast else 1
     kernel = section("fit_loss_kernels", loss_kernels, batch, window, k, pad_multiple, accelerator) or "chunked"
@@ -600,8 +596,8 @@ def fit_stage(card: Card, w: Path, shape: dict, corpus: Path, targets: Path, win
     report("fit_timed_steps", steps - meter.warmup_steps)
     report("fit_tokens_per_s", meter.tokens_per_s)
     report("fit_options", f"compile={fast} fused_adamw={fast} pad_vocab_multiple={pad_multiple} loss_kernel={kernel}")
-    flops = training_flops_per_token(params, shape["n_layer"], window, shape["n_embd"])  # per token
-    card.headline["fit_mfu"] = roofline("fit_tokens_per_s", meter.tokens_per_s, card.peak_flops / flops)
+    # the meter's own model FLOPs a token (the padded vocabulary's rows left out): fit_mfu is the train/mfu logged
+    card.headline["fit_mfu"] = roofline("fit_tokens_per_s", meter.tokens_per_s, card.peak_flops / meter.flops_per_token)
     section("fit_breakdown", fit_breakdown, config, accelerator)
 
 

@@ -62,6 +62,23 @@ def test_the_steady_state_rate_counts_the_tokens_after_the_warm_up_over_their_sp
     assert meter.mfu == pytest.approx(meter.tokens_per_s * want_flops / 1e9)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_flops_leave_out_a_padded_vocabulary_s_rows(tied):
+    """pad_vocab_multiple's rows are computed but used by no token: MFU counts the model the tokenizer needs, the
+    parameters of the same decoder unpadded (the export's), tied or not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_memdec.training.throughput import model_params
+
+    config = GPT2Config(vocab_size=1000, n_positions=32, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=tied)
+    unpadded = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
+    padded = GPT2LMHeadModel(config)
+    padded.resize_token_embeddings(1024)
+    assert sum(p.numel() for p in padded.parameters()) == unpadded + 24 * 16 * (1 if tied else 2)
+    assert model_params(padded, 1000) == unpadded
+    assert model_params(padded) == model_params(padded, 1024) == unpadded + 24 * 16 * (1 if tied else 2)
+
+
 def test_spans_are_logged_every_n_steps(tmp_path, biomed_targets_pair):
     clock = Ticks()
     meter = TrainingThroughput(warmup_steps=1, log_every_n_steps=2, peak_flops=1e9, clock=clock)

@@ -14,13 +14,29 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
-__all__ = ["TrainingThroughput", "training_flops_per_token"]
+__all__ = ["TrainingThroughput", "forward_flops_per_token", "model_params", "training_flops_per_token"]
+
+
+def forward_flops_per_token(params: int, layers: int, context: int, width: int) -> float:
+    """Forward FLOPs a token, as the PaLM paper's MFU counts them: 2 per weight, plus attention's 4·L·T·d (scores and
+    their weighted sum over a context of T)."""
+    return 2 * params + 4 * layers * context * width
 
 
 def training_flops_per_token(params: int, layers: int, context: int, width: int) -> float:
-    """Forward and backward FLOPs a token: 6 per weight (2 forward, 4 backward) plus attention's 12·L·T·d (scores and
-    their weighted sum over a context of T, forward and backward), as in the PaLM paper's MFU."""
-    return 6 * params + 12 * layers * context * width
+    """Forward and backward: 3 × the forward's (the backward costs two forwards), PaLM's 6N + 12·L·T·d."""
+    return 3 * forward_flops_per_token(params, layers, context, width)
+
+
+def model_params(model: torch.nn.Module, vocab_size: int | None = None) -> int:
+    """The parameters model FLOPs count: all but the rows an embedding or LM head holds past ``vocab_size``
+    (``pad_vocab_multiple``'s padding: computed, but no token of the tokenizer uses them)."""
+    params = sum(p.numel() for p in model.parameters())
+    if vocab_size is None:
+        return params
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    weights = {id(layer.weight): layer.weight for layer in layers if layer is not None}  # a tied pair counts once
+    return params - sum((w.shape[0] - vocab_size) * w.shape[1] for w in weights.values() if w.shape[0] > vocab_size)
 
 
 class TrainingThroughput(L.Callback):
@@ -31,8 +47,8 @@ class TrainingThroughput(L.Callback):
     Tokens are the batches' ``input_ids`` elements (a batch's masked filler windows, ``start`` −1, left out: they
     are computed but train nothing), loader time included (a loader that cannot keep up shows), the validation
     loops inside fit left out (their time is not training's; a checkpoint written at a batch's end stays in).
-    FLOPs a token: :func:`training_flops_per_token` from the decoder's parameters and config and the batch's
-    sequence length.
+    FLOPs a token (:attr:`flops_per_token`): :func:`training_flops_per_token` from the decoder's parameters
+    (:func:`model_params`: a padded vocabulary's extra rows left out), config and the batch's sequence length.
 
     Args:
         warmup_steps: optimizer steps not timed (≥ 1: the first step's end is where timing can start).
@@ -63,7 +79,7 @@ class TrainingThroughput(L.Callback):
         self.logged: dict[str, float] = {}  # the last span's figures, as logged
         self._start = self._span_start = None
         self._tokens = self._span_tokens = 0
-        self._flops_per_token = None
+        self.flops_per_token: float | None = None  # model FLOPs a trained token, from the first timed batch
         self._logged_step = self._first_step = 0
         self._paused_at: float | None = None
 
@@ -75,7 +91,7 @@ class TrainingThroughput(L.Callback):
     def _flops(self, pl_module: L.LightningModule, context: int) -> float:
         model = getattr(pl_module, "decoder", pl_module)
         config = model.config
-        params = self.params or sum(p.numel() for p in model.parameters())
+        params = self.params or model_params(model, getattr(pl_module, "vocab_size", None))
         return training_flops_per_token(params, config.num_hidden_layers, context, config.hidden_size)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -104,15 +120,15 @@ class TrainingThroughput(L.Callback):
         tokens = ids.shape[-1] * (batch["start"] >= 0).sum() if "start" in batch else ids.numel()
         self._tokens += tokens
         self._span_tokens += tokens
-        if self._flops_per_token is None:
-            self._flops_per_token = self._flops(pl_module, ids.shape[-1])
+        if self.flops_per_token is None:
+            self.flops_per_token = self._flops(pl_module, ids.shape[-1])
         every = self.every or trainer.log_every_n_steps
         if step - self._logged_step >= every:
             now = self._now(pl_module)
             rate = float(self._span_tokens) / (now - self._span_start)
             self.logged = {"train/tokens_per_s": rate}
             if self.peak_flops is not None:
-                self.logged["train/mfu"] = rate * self._flops_per_token / self.peak_flops
+                self.logged["train/mfu"] = rate * self.flops_per_token / self.peak_flops
             # to the loggers, at the span's end only: pl_module.log's on-step value would be logged again at every
             # trainer logging step until the next span (with log_every_n_steps above the trainer's); on the x-axis
             # of this batch's own scalars (train/loss), the batches stepped before it, as Lightning's
@@ -126,4 +142,4 @@ class TrainingThroughput(L.Callback):
             return
         self.tokens_per_s = float(self._tokens) / (self._now(pl_module) - self._start)
         if self.peak_flops is not None:
-            self.mfu = self.tokens_per_s * self._flops_per_token / self.peak_flops
+            self.mfu = self.tokens_per_s * self.flops_per_token / self.peak_flops
