@@ -35,6 +35,7 @@ Prints ``name: value`` lines; per size ``size_{N}_memdec_overhead`` / ``size_{N}
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -181,6 +182,12 @@ def plot_overheads(results: dict, floor: float, large_batch: int, path: Path, ti
     print(f"plot: {path}", flush=True)
 
 
+def tiny_settings(settings: dict) -> dict:
+    """--tiny's values for the settings left at their defaults: one given on the command line (--k 32) is kept."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(main).parameters.items()}
+    return {name: value for name, value in TINY.items() if settings[name] == defaults[name]}
+
+
 def main(
     workdir: Path = Path("/tmp/memdec-latency-bench"),
     sizes: list[int] = [200_000, 1_000_000, 4_000_000],  # noqa: B006  (jsonargparse reads the default)
@@ -231,6 +238,7 @@ def main(
         seed: weight initialisation and synthetic-key seed.
         plot: write the overhead-vs-size figure here (PNG).
     """
+    settings = dict(locals())  # the arguments alone: taken before the imports below add names
     import faiss
 
     from lightning_memdec.evaluation.evaluate import text_tokens
@@ -238,7 +246,7 @@ def main(
     from lightning_memdec.inference.interpolated_lm import InterpolatedLM
     from lightning_memdec.io.embedded import load_tokenizer
 
-    cfg = dict(locals(), **(TINY if tiny else {}))
+    cfg = settings | (tiny_settings(settings) if tiny else {})
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report("threads", f"torch {torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}")

@@ -416,3 +416,17 @@ def test_the_cuvs_exact_rows_run_through_the_double(monkeypatch, capsys, tmp_pat
     assert (
         float(lines["exact_search_cuvs_queries_per_s"]) > 0 and float(lines["exact_search_cuvs_rows_equal_topk"]) == 1
     )
+
+
+def test_tiny_latency_settings_keep_what_the_command_line_gave(monkeypatch):
+    """--tiny true --k 32: the tiny run at k 32 (it overrode every given setting with its own, k 64, in silence)."""
+    import inspect
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import latency
+
+    defaults = {name: p.default for name, p in inspect.signature(latency.main).parameters.items()}
+    given = defaults | {"tiny": True, "k": 32}
+    tiny = latency.tiny_settings(given)
+    assert "k" not in tiny and tiny["sizes"] == latency.TINY["sizes"]
+    assert given | tiny == defaults | latency.TINY | {"tiny": True, "k": 32}
