@@ -47,13 +47,22 @@ def test_default_sampling_is_generates_top_50(trained_mixture):
     assert torch.equal(got, want)
 
 
-def test_sampled_tokens_equal_generate_under_one_seed(mixture):
+SAMPLING = [
+    ({"temperature": 0.7, "top_k": 40, "top_p": 0.9}, 11, 10),
+    # generate() applies top-k, then top-p over the k survivors. At temperature 3 the distribution is flat: the 0.5
+    # nucleus of the whole vocabulary is far wider than k=3, so top-p first and then top-k would sample among 3
+    # tokens, where generate() samples among the one or two tokens of the nucleus of the renormalised top 3
+    ({"temperature": 3.0, "top_k": 3, "top_p": 0.5}, 7, 12),
+]
+
+
+@pytest.mark.parametrize("settings, seed, steps", SAMPLING, ids=["default-like", "top-k-before-top-p"])
+def test_sampled_tokens_equal_generate_under_one_seed(mixture, settings, seed, steps):
     prompt = torch.tensor(PROMPTS)
-    settings = {"temperature": 0.7, "top_k": 40, "top_p": 0.9}
-    torch.manual_seed(11)
-    want = hf_tokens(mixture, prompt, 10, do_sample=True, **settings)
-    torch.manual_seed(11)
-    got = StaticGenerator.from_interpolated(mixture, max_length=64).generate(prompt, 10, do_sample=True, **settings)
+    torch.manual_seed(seed)
+    want = hf_tokens(mixture, prompt, steps, do_sample=True, **settings)
+    torch.manual_seed(seed)
+    got = StaticGenerator.from_interpolated(mixture, max_length=64).generate(prompt, steps, do_sample=True, **settings)
     assert torch.equal(got, want)
 
 
@@ -465,19 +474,6 @@ def test_stopping_criteria_see_every_token_the_last_included_as_in_generate(mixt
     assert torch.equal(got, want)
     assert got_seen == want_seen == want[:, prompt.shape[1] :].T.tolist() and len(got_seen) == new
     assert got_ended == want_ended == [None, new]
-
-
-def test_top_k_filters_before_top_p_as_in_generate(mixture):
-    """generate() applies top-k, then top-p over the k survivors. At temperature 3 the distribution is flat: the 0.5
-    nucleus of the whole vocabulary is far wider than k=3, so top-p first and then top-k would sample among 3 tokens,
-    where generate() samples among the one or two tokens of the nucleus of the renormalised top 3."""
-    prompt = torch.tensor(PROMPTS)
-    settings = {"temperature": 3.0, "top_k": 3, "top_p": 0.5}
-    torch.manual_seed(7)
-    want = hf_tokens(mixture, prompt, 12, do_sample=True, **settings)
-    torch.manual_seed(7)
-    got = StaticGenerator.from_interpolated(mixture, max_length=64).generate(prompt, 12, do_sample=True, **settings)
-    assert torch.equal(got, want)
 
 
 def test_a_stopping_criterion_without_eos_ids_lets_the_row_run_on_as_generate(mixture):

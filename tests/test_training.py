@@ -485,6 +485,17 @@ def final_weights(root: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
+def assert_resume_ends_as(straight: Path, pair: dict, stopped: Path, extra: list[str]) -> None:
+    """``memdec fit ... --ckpt_path last`` on the stopped run ends at step 6 with the uninterrupted run's exact
+    weights."""
+    cli = lightning_cli([*resume_args(pair, stopped), *extra, "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6
+    want, got = final_weights(straight), final_weights(stopped)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_readme_resume_is_bit_identical_to_an_uninterrupted_run_with_dropout(tmp_path, biomed_targets_pair):
     """`memdec fit ... --ckpt_path last` after a kill at step 3 ends with the uninterrupted run's exact weights."""
     pair = biomed_targets_pair
@@ -497,12 +508,7 @@ def test_readme_resume_is_bit_identical_to_an_uninterrupted_run_with_dropout(tmp
             [*resume_args(pair, killed), "--trainer.callbacks+=recording.KillAtStep", "--trainer.callbacks.step=3"]
         )
     assert (killed / "checkpoints" / "last.ckpt").is_file(), "checkpoints go where the README says"
-    cli = lightning_cli([*resume_args(pair, killed), "--ckpt_path", "last"])
-    assert cli.trainer.global_step == 6
-    want, got = final_weights(straight), final_weights(killed)
-    assert want.keys() == got.keys()
-    for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+    assert_resume_ends_as(straight, pair, killed, [])
 
 
 def test_sigterm_saves_the_step_in_hand_exits_143_and_the_resume_is_bit_identical(tmp_path, biomed_targets_pair,
@@ -520,11 +526,7 @@ def test_sigterm_saves_the_step_in_hand_exits_143_and_the_resume_is_bit_identica
     said = "training interrupted (SIGTERM) at step 4; step 4 is saved in"
     assert said in str(interrupted.value) and said in capsys.readouterr().err
     assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    cli = lightning_cli([*resume_args(pair, stopped), *rare, "--ckpt_path", "last"])
-    assert cli.trainer.global_step == 6
-    want, got = final_weights(straight), final_weights(stopped)
-    for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+    assert_resume_ends_as(straight, pair, stopped, rare)
 
 
 def test_a_sigterm_inside_an_accumulation_window_saves_no_half_step(tmp_path, biomed_targets_pair):
@@ -541,11 +543,7 @@ def test_a_sigterm_inside_an_accumulation_window_saves_no_half_step(tmp_path, bi
         lightning_cli([*resume_args(pair, stopped), *extra, *sigterm])
     assert interrupted.value.code == 143 and "the newest checkpoint is" in str(interrupted.value)
     assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    cli = lightning_cli([*resume_args(pair, stopped), *extra, "--ckpt_path", "last"])
-    assert cli.trainer.global_step == 6
-    want, got = final_weights(straight), final_weights(stopped)
-    for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+    assert_resume_ends_as(straight, pair, stopped, extra)
 
 
 def test_resume_last_without_a_checkpoint_is_an_error(tmp_path, biomed_targets_pair):
