@@ -103,8 +103,8 @@ def build_targets(
     if backend == "faiss" and search.use_gpu:
         check_gpu_k(knn.k, self_match=self_exclude)
     factory, index_nprobe, library = searched_index(index) if backend == "faiss" else (None, None, None)
+    warn_ignored_settings(search, knn.nprobe, backend)
     check_selection(search.selection, backend, hardware.accelerator)
-    warn_index_settings_ignored(backend, search.use_gpu, knn.nprobe)
     available = len(store) - (1 if self_exclude else 0)
     k, hw = capped_k(knn.k, available), hardware
     if search.shard_keys and str(hw.devices).isdigit():  # up front where the rank count is known; else in each rank
@@ -169,11 +169,23 @@ def resumed_work_dir(out: Path, run_config: dict, overwrite: bool, num_positions
     return work
 
 
-def check_selection(selection: str, backend: str, accelerator: str) -> None:
-    """Before any work: a selection the backend ignores is said; ``cuvs`` needs cuVS, a GPU and the ranks on it."""
-    if backend != "exact" and selection != "auto":
+def warn_ignored_settings(search: TargetSearch, nprobe: int | None, backend: str) -> None:
+    """Before any work: a setting the chosen backend ignores is said (the run, and its targets, are the same with
+    or without it; a user who set it expected otherwise): exact search's selection under an index, an index's device
+    and lists under exact search."""
+    if backend != "exact" and search.selection != "auto":
         log.warning("--search.selection %s chooses exact search's candidates; the %s backend ignores it.",
-                    selection, backend)  # fmt: skip
+                    search.selection, backend)  # fmt: skip
+    if backend == "exact" and search.use_gpu:
+        log.warning("--search.use_gpu searches a FAISS index on the GPU; exact search runs on --hardware.accelerator's "
+                    "device and ignores it.")  # fmt: skip
+    if backend == "exact" and nprobe is not None:
+        log.warning("--knn.nprobe %d sets the IVF lists an index search visits; exact search visits every key and "
+                    "ignores it.", nprobe)  # fmt: skip
+
+
+def check_selection(selection: str, backend: str, accelerator: str) -> None:
+    """Before any work: exact search's ``cuvs`` selection needs cuVS, a GPU and the ranks on it."""
     if backend == "exact" and selection == "cuvs":
         cuvs_exact.brute_force_api(), cuvs_index.cuvs_device()
         if not on_cuda(accelerator):
@@ -182,19 +194,6 @@ def check_selection(selection: str, backend: str, accelerator: str) -> None:
                 "search on the CPU: pass --hardware.accelerator gpu, or use --search.selection topk or threshold on "
                 "the CPU."
             )
-
-
-def warn_index_settings_ignored(backend: str, use_gpu: bool, nprobe: int | None) -> None:
-    """Before any work: the index's settings that exact search ignores are said (the run, and its targets, are
-    the same with or without them; a user who set them expected otherwise)."""
-    if backend != "exact":
-        return
-    if use_gpu:
-        log.warning("--search.use_gpu searches a FAISS index on the GPU; exact search runs on --hardware.accelerator's "
-                    "device and ignores it.")  # fmt: skip
-    if nprobe is not None:
-        log.warning("--knn.nprobe %d sets the IVF lists an index search visits; exact search visits every key and "
-                    "ignores it.", nprobe)  # fmt: skip
 
 
 def searched_index(index: Path) -> tuple[str, int, str]:
